@@ -1,0 +1,16 @@
+# Warnings and sanitizers applied to every TokenLake target through tokenlake_options.
+add_library(tokenlake_options INTERFACE)
+target_compile_options(tokenlake_options INTERFACE
+  $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wpedantic -Wshadow=local -Wnon-virtual-dtor
+    -Wno-missing-field-initializers>)
+if(TOKENLAKE_WERROR)
+  target_compile_options(tokenlake_options INTERFACE $<$<COMPILE_LANGUAGE:CXX>:-Werror>)
+endif()
+if(TOKENLAKE_ASAN)
+  target_compile_options(tokenlake_options INTERFACE
+    $<$<COMPILE_LANGUAGE:CXX>:-fsanitize=address,undefined -fno-omit-frame-pointer
+      -fno-sanitize-recover=undefined>)
+  target_link_options(tokenlake_options INTERFACE -fsanitize=address,undefined)
+endif()
+target_include_directories(tokenlake_options INTERFACE
+  ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/include)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs TokenLake's build and test dependencies from Debian's packages, when missing.
+# Idempotent: does nothing (and needs no root) when everything is already installed.
+set -euo pipefail
+
+packages=(
+  cmake ninja-build g++ make pkg-config git python3
+  libgtest-dev libgmock-dev libbenchmark-dev
+  libabsl-dev libcli11-dev nlohmann-json3-dev libxxhash-dev libspdlog-dev libfmt-dev
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+
+echo "install-deps: installing ${missing[*]}" >&2
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  SUDO="sudo"
+fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,32 @@
+// Status propagation macros used across TokenLake.
+//
+//   TOKENLAKE_RETURN_IF_ERROR(expr);            // returns expr's status if it is not OK
+//   TOKENLAKE_ASSIGN_OR_RETURN(auto x, expr);   // x = *expr, or returns expr.status()
+//
+// Both work in functions returning absl::Status or absl::StatusOr<T>.
+#ifndef TOKENLAKE_BASE_STATUS_MACROS_H_
+#define TOKENLAKE_BASE_STATUS_MACROS_H_
+
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+#define TOKENLAKE_RETURN_IF_ERROR(expr)                  \
+  do {                                                   \
+    ::absl::Status tokenlake_status_ = (expr);           \
+    if (!tokenlake_status_.ok()) return tokenlake_status_; \
+  } while (0)
+
+#define TOKENLAKE_STATUS_CONCAT_INNER_(a, b) a##b
+#define TOKENLAKE_STATUS_CONCAT_(a, b) TOKENLAKE_STATUS_CONCAT_INNER_(a, b)
+
+#define TOKENLAKE_ASSIGN_OR_RETURN(lhs, expr) \
+  TOKENLAKE_ASSIGN_OR_RETURN_IMPL_(TOKENLAKE_STATUS_CONCAT_(tokenlake_statusor_, __LINE__), lhs, expr)
+
+#define TOKENLAKE_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, expr) \
+  auto statusor = (expr);                                     \
+  if (!statusor.ok()) return std::move(statusor).status();    \
+  lhs = std::move(statusor).value()
+
+#endif  // TOKENLAKE_BASE_STATUS_MACROS_H_
