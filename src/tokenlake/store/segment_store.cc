@@ -1,0 +1,330 @@
+#include "tokenlake/store/segment_store.h"
+
+#include <sstream>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_format.h"
+#include "tokenlake/base/check.h"
+
+namespace tokenlake::store {
+namespace {
+
+std::string Str(SegmentId id) {
+  std::ostringstream os;
+  os << id;
+  return os.str();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// SlotPin
+
+SlotPin::SlotPin(SlotPin&& other) noexcept
+    : store_(std::exchange(other.store_, nullptr)), segment_(other.segment_), slot_(other.slot_) {}
+
+SlotPin& SlotPin::operator=(SlotPin&& other) noexcept {
+  if (this != &other) {
+    Reset();
+    store_ = std::exchange(other.store_, nullptr);
+    segment_ = other.segment_;
+    slot_ = other.slot_;
+  }
+  return *this;
+}
+
+absl::Span<std::byte> SlotPin::data() const {
+  if (store_ == nullptr) return {};
+  return store_->SlotData(slot_);
+}
+
+void SlotPin::Reset() {
+  if (store_ == nullptr) return;
+  std::exchange(store_, nullptr)->Unpin(slot_);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SegmentStore
+
+absl::StatusOr<std::unique_ptr<SegmentStore>> SegmentStore::Create(const Options& options) {
+  if (options.num_slots < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("SegmentStore::Create: num_slots must be >= 0, got %d", options.num_slots));
+  }
+  int64_t capacity = options.num_slots;
+  if (options.arena != nullptr) {
+    if (options.slot_bytes == 0) {
+      return absl::InvalidArgumentError(
+          "SegmentStore::Create: slot_bytes must be > 0 when an arena is given");
+    }
+    const size_t fit = options.arena_bytes / options.slot_bytes;
+    if (fit > static_cast<size_t>(INT32_MAX)) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("SegmentStore::Create: %d slots of %d bytes do not fit a 32-bit slot id",
+                          fit, options.slot_bytes));
+    }
+    if (options.num_slots == 0) {
+      capacity = static_cast<int64_t>(fit);
+    } else if (static_cast<size_t>(options.num_slots) > fit) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "SegmentStore::Create: num_slots %d of %d bytes do not fit an arena of %d bytes",
+          options.num_slots, options.slot_bytes, options.arena_bytes));
+    }
+  }
+  if (capacity <= 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "SegmentStore::Create: the store has no slot (arena_bytes %d, slot_bytes %d, num_slots "
+        "%d, arena %s)",
+        options.arena_bytes, options.slot_bytes, options.num_slots,
+        options.arena == nullptr ? "null" : "set"));
+  }
+  return std::unique_ptr<SegmentStore>(new SegmentStore(options, static_cast<int32_t>(capacity)));
+}
+
+SegmentStore::SegmentStore(const Options& options, int32_t capacity)
+    : options_(options), capacity_(capacity) {
+  absl::MutexLock lock(&mu_);
+  slots_.resize(static_cast<size_t>(capacity));
+  free_list_.reserve(static_cast<size_t>(capacity));
+  // Hand out low slot numbers first.
+  for (int32_t i = capacity - 1; i >= 0; --i) free_list_.push_back(i);
+}
+
+SegmentStore::~SegmentStore() {
+  absl::MutexLock lock(&mu_);
+  TOKENLAKE_CHECK(live_pins_ == 0, "SegmentStore destroyed while SlotPins are alive");
+}
+
+void SegmentStore::LruUnlink(int32_t slot) {
+  SlotState& s = slots_[slot];
+  TOKENLAKE_DCHECK(s.in_lru);
+  if (s.lru_prev != kNone) {
+    slots_[s.lru_prev].lru_next = s.lru_next;
+  } else {
+    lru_head_ = s.lru_next;
+  }
+  if (s.lru_next != kNone) {
+    slots_[s.lru_next].lru_prev = s.lru_prev;
+  } else {
+    lru_tail_ = s.lru_prev;
+  }
+  s.lru_prev = s.lru_next = kNone;
+  s.in_lru = false;
+}
+
+void SegmentStore::LruPushBack(int32_t slot) {
+  SlotState& s = slots_[slot];
+  TOKENLAKE_DCHECK(!s.in_lru);
+  s.lru_prev = lru_tail_;
+  s.lru_next = kNone;
+  if (lru_tail_ != kNone) {
+    slots_[lru_tail_].lru_next = slot;
+  } else {
+    lru_head_ = slot;
+  }
+  lru_tail_ = slot;
+  s.in_lru = true;
+}
+
+absl::StatusOr<SlotId> SegmentStore::Allocate(SegmentId segment) {
+  if (!segment.valid()) {
+    return absl::InvalidArgumentError("SegmentStore::Allocate: the segment id is invalid");
+  }
+  absl::MutexLock lock(&mu_);
+  if (auto it = by_segment_.find(segment); it != by_segment_.end()) {
+    return absl::AlreadyExistsError(
+        absl::StrFormat("SegmentStore::Allocate: %s is already stored in slot %d on instance %d",
+                        Str(segment), it->second, options_.instance.value()));
+  }
+  if (free_list_.empty()) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "SegmentStore::Allocate: no free slot for %s on instance %d (%d slots, %d pinned)",
+        Str(segment), options_.instance.value(), capacity_, num_pinned_));
+  }
+  const int32_t slot = free_list_.back();
+  free_list_.pop_back();
+  slots_[slot].segment = segment;
+  slots_[slot].pin_count = 0;
+  LruPushBack(slot);
+  by_segment_.emplace(segment, slot);
+  return SlotId(slot);
+}
+
+std::optional<SlotId> SegmentStore::Find(SegmentId segment) const {
+  absl::MutexLock lock(&mu_);
+  auto it = by_segment_.find(segment);
+  if (it == by_segment_.end()) return std::nullopt;
+  return SlotId(it->second);
+}
+
+absl::Span<std::byte> SegmentStore::SlotData(SlotId slot) const {
+  if (options_.arena == nullptr || !slot.valid() || slot.value() < 0 || slot.value() >= capacity_) {
+    return {};
+  }
+  auto* base = static_cast<std::byte*>(options_.arena);
+  return absl::Span<std::byte>(base + static_cast<size_t>(slot.value()) * options_.slot_bytes,
+                               options_.slot_bytes);
+}
+
+absl::Status SegmentStore::Free(SegmentId segment) {
+  absl::MutexLock lock(&mu_);
+  auto it = by_segment_.find(segment);
+  if (it == by_segment_.end()) {
+    return absl::NotFoundError(
+        absl::StrFormat("SegmentStore::Free: %s is not stored on instance %d", Str(segment),
+                        options_.instance.value()));
+  }
+  const int32_t slot = it->second;
+  SlotState& s = slots_[slot];
+  if (s.pin_count > 0) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("SegmentStore::Free: %s in slot %d on instance %d is pinned (%d pins)",
+                        Str(segment), slot, options_.instance.value(), s.pin_count));
+  }
+  LruUnlink(slot);
+  s.segment = SegmentId();
+  by_segment_.erase(it);
+  free_list_.push_back(slot);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<SlotPin> SegmentStore::Pin(SegmentId segment) {
+  absl::MutexLock lock(&mu_);
+  auto it = by_segment_.find(segment);
+  if (it == by_segment_.end()) {
+    return absl::NotFoundError(absl::StrFormat("SegmentStore::Pin: %s is not stored on instance %d",
+                                               Str(segment), options_.instance.value()));
+  }
+  const int32_t slot = it->second;
+  SlotState& s = slots_[slot];
+  if (s.pin_count++ == 0) {
+    LruUnlink(slot);
+    ++num_pinned_;
+  }
+  ++live_pins_;
+  return SlotPin(this, segment, SlotId(slot));
+}
+
+void SegmentStore::Unpin(SlotId slot) {
+  absl::MutexLock lock(&mu_);
+  SlotState& s = slots_[slot.value()];
+  TOKENLAKE_CHECK(s.pin_count > 0, "SlotPin released twice");
+  --live_pins_;
+  if (--s.pin_count == 0) {
+    LruPushBack(slot.value());
+    --num_pinned_;
+  }
+}
+
+int32_t SegmentStore::PinCount(SegmentId segment) const {
+  absl::MutexLock lock(&mu_);
+  auto it = by_segment_.find(segment);
+  return it == by_segment_.end() ? 0 : slots_[it->second].pin_count;
+}
+
+absl::Status SegmentStore::Touch(SegmentId segment) {
+  absl::MutexLock lock(&mu_);
+  auto it = by_segment_.find(segment);
+  if (it == by_segment_.end()) {
+    return absl::NotFoundError(
+        absl::StrFormat("SegmentStore::Touch: %s is not stored on instance %d", Str(segment),
+                        options_.instance.value()));
+  }
+  const int32_t slot = it->second;
+  if (slots_[slot].in_lru) {
+    LruUnlink(slot);
+    LruPushBack(slot);
+  }
+  return absl::OkStatus();
+}
+
+std::optional<SegmentId> SegmentStore::LruUnpinned() const {
+  absl::MutexLock lock(&mu_);
+  if (lru_head_ == kNone) return std::nullopt;
+  return slots_[lru_head_].segment;
+}
+
+std::vector<SegmentId> SegmentStore::EvictionCandidates(int32_t n) const {
+  absl::MutexLock lock(&mu_);
+  std::vector<SegmentId> out;
+  for (int32_t s = lru_head_; s != kNone && static_cast<int32_t>(out.size()) < n;
+       s = slots_[s].lru_next) {
+    out.push_back(slots_[s].segment);
+  }
+  return out;
+}
+
+std::vector<SegmentId> SegmentStore::Segments() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<SegmentId> out;
+  out.reserve(by_segment_.size());
+  for (const auto& [segment, slot] : by_segment_) out.push_back(segment);
+  return out;
+}
+
+int32_t SegmentStore::used() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int32_t>(by_segment_.size());
+}
+
+int32_t SegmentStore::free() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int32_t>(free_list_.size());
+}
+
+int32_t SegmentStore::num_pinned() const {
+  absl::MutexLock lock(&mu_);
+  return num_pinned_;
+}
+
+absl::Status SegmentStore::CheckIntegrity() const {
+  absl::MutexLock lock(&mu_);
+  auto fail = [](const std::string& what) {
+    return absl::InternalError("SegmentStore::CheckIntegrity: " + what);
+  };
+  if (by_segment_.size() + free_list_.size() != static_cast<size_t>(capacity_)) {
+    return fail(absl::StrFormat("used %d + free %d != capacity %d", by_segment_.size(),
+                                free_list_.size(), capacity_));
+  }
+  std::vector<char> is_free(slots_.size(), 0);
+  for (int32_t slot : free_list_) {
+    if (slot < 0 || slot >= capacity_ || is_free[slot]) {
+      return fail(absl::StrFormat("free list holds bad or duplicate slot %d", slot));
+    }
+    is_free[slot] = 1;
+    if (slots_[slot].segment.valid())
+      return fail(absl::StrFormat("free slot %d is occupied", slot));
+  }
+  int32_t pinned = 0, pins = 0, unpinned = 0;
+  for (const auto& [segment, slot] : by_segment_) {
+    if (slot < 0 || slot >= capacity_ || is_free[slot] || slots_[slot].segment != segment) {
+      return fail(Str(segment) + " maps to a slot that does not hold it");
+    }
+    const SlotState& s = slots_[slot];
+    if (s.pin_count < 0) return fail(Str(segment) + " has a negative pin count");
+    if ((s.pin_count == 0) != s.in_lru) {
+      return fail(Str(segment) + " is in the LRU order iff it is unpinned: violated");
+    }
+    pins += s.pin_count;
+    if (s.pin_count > 0)
+      ++pinned;
+    else
+      ++unpinned;
+  }
+  if (pinned != num_pinned_) return fail("num_pinned counter is wrong");
+  if (pins != live_pins_) return fail("live pin counter is wrong");
+  int32_t walked = 0, prev = kNone;
+  for (int32_t s = lru_head_; s != kNone; s = slots_[s].lru_next) {
+    if (++walked > capacity_) return fail("the LRU list has a cycle");
+    if (slots_[s].lru_prev != prev || !slots_[s].in_lru) return fail("broken LRU links");
+    prev = s;
+  }
+  if (prev != lru_tail_) return fail("LRU tail is wrong");
+  if (walked != unpinned) {
+    return fail(absl::StrFormat("LRU list has %d entries, %d unpinned segments", walked, unpinned));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace tokenlake::store
