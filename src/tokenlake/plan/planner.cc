@@ -1,0 +1,379 @@
+#include "tokenlake/plan/planner.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+#include "tokenlake/base/status_macros.h"
+
+namespace tokenlake::plan {
+
+absl::StatusOr<std::unique_ptr<Planner>> Planner::Create(const PlannerOptions& options,
+                                                         const balance::Balancer* balancer) {
+  if (balancer == nullptr) return absl::InvalidArgumentError("Planner: balancer is null");
+  TOKENLAKE_RETURN_IF_ERROR(options.shape.Validate());
+  if (options.segment_tokens <= 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PlannerOptions.segment_tokens must be > 0, got %d", options.segment_tokens));
+  }
+  if (!(options.compute_slack >= 0)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PlannerOptions.compute_slack must be >= 0, got %g", options.compute_slack));
+  }
+  if (!(options.holder_slack >= 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PlannerOptions.holder_slack must be >= 0, got %g", options.holder_slack));
+  }
+  return std::unique_ptr<Planner>(new Planner(options, balancer));
+}
+
+namespace {
+
+absl::Status ValidateInstances(absl::Span<const balance::InstanceState> instances) {
+  if (instances.empty()) return absl::InvalidArgumentError("Planner: no instances");
+  for (size_t i = 0; i < instances.size(); ++i) {
+    if (instances[i].id != InstanceId(static_cast<int32_t>(i))) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("Planner: instances must be dense and ordered; instances[%d] has id %d",
+                          i, instances[i].id.value()));
+    }
+    if (instances[i].used_slots < 0 || instances[i].used_slots > instances[i].capacity_slots) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("Planner: instance %d has used_slots=%d, capacity_slots=%d", i,
+                          instances[i].used_slots, instances[i].capacity_slots));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status Planner::ValidateRequests(absl::Span<const PlanRequest> requests,
+                                       int32_t num_instances, int32_t batch) const {
+  for (size_t r = 0; r < requests.size(); ++r) {
+    const PlanRequest& req = requests[r];
+    if (req.new_tokens < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("batch %d request %d (id %d): new_tokens must be >= 0, got %d", batch, r,
+                          req.request.value(), req.new_tokens));
+    }
+    for (size_t s = 0; s < req.cached.size(); ++s) {
+      const CachedSegment& seg = req.cached[s];
+      if (seg.num_tokens <= 0) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("batch %d request %d cached segment %d: num_tokens must be > 0, got %d",
+                            batch, r, s, seg.num_tokens));
+      }
+      if (seg.replicas.empty()) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("batch %d request %d cached segment %d (id %d) has no replica", batch,
+                            r, s, seg.segment.value()));
+      }
+      for (InstanceId rep : seg.replicas) {
+        if (!rep.valid() || rep.value() < 0 || rep.value() >= num_instances) {
+          return absl::InvalidArgumentError(absl::StrFormat(
+              "batch %d request %d cached segment %d: unknown instance %d (pool has %d)", batch, r,
+              s, rep.value(), num_instances));
+        }
+      }
+    }
+    for (size_t s = 0; s < req.new_segments.size(); ++s) {
+      if (req.new_segments[s].num_tokens <= 0 ||
+          req.new_segments[s].num_tokens > options_.segment_tokens) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("batch %d request %d new segment %d: num_tokens %d not in [1, %d]",
+                            batch, r, s, req.new_segments[s].num_tokens, options_.segment_tokens));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
+    absl::Span<const PlanBatch> batches, absl::Span<const balance::InstanceState> instances) const {
+  TOKENLAKE_RETURN_IF_ERROR(ValidateInstances(instances));
+  const int32_t n = static_cast<int32_t>(instances.size());
+  for (size_t b = 0; b < batches.size(); ++b) {
+    if (batches[b].dop < 1 || batches[b].dop > n) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "batch %d: dop %d is outside [1, %d] (the number of instances)", b, batches[b].dop, n));
+    }
+    TOKENLAKE_RETURN_IF_ERROR(ValidateRequests(batches[b].requests, n, static_cast<int32_t>(b)));
+  }
+  const ModelShape& shape = options_.shape;
+  std::vector<balance::InstanceState> state(instances.begin(), instances.end());
+  std::vector<double> holder_work(n, 0.0);  // work assigned by the plans of this call
+  double plan_work_total = 0;
+  std::vector<double> held(n), held_r(n);
+  std::vector<char> in_group(n);
+  std::vector<int64_t> assigned_q(n);
+  std::vector<int32_t> order(n);
+  std::vector<BatchPlan> plans;
+  plans.reserve(batches.size());
+
+  for (size_t b = 0; b < batches.size(); ++b) {
+    const PlanBatch& batch = batches[b];
+    const auto& reqs = batch.requests;
+    BatchPlan plan;
+    plan.batch_index = static_cast<int32_t>(b);
+    plan.dop = batch.dop;
+
+    // 1. Instance group.
+    std::fill(held.begin(), held.end(), 0.0);
+    double batch_work = 0;
+    for (const PlanRequest& r : reqs) {
+      for (const CachedSegment& s : r.cached) {
+        const double share = static_cast<double>(s.num_tokens) / s.replicas.size();
+        for (InstanceId rep : s.replicas) held[rep.value()] += share;
+        batch_work += static_cast<double>(r.new_tokens) * s.num_tokens;
+      }
+    }
+    double mean_load = 0;
+    for (const auto& st : state) mean_load += st.load;
+    mean_load /= n;
+    std::vector<double> score(n);
+    for (int32_t i = 0; i < n; ++i) {
+      const double over = mean_load > 0 ? std::max(0.0, state[i].load / mean_load - 1) : 0.0;
+      score[i] = held[i] / (1 + over);
+    }
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t c) {
+      if (score[a] != score[c]) return score[a] > score[c];
+      if (state[a].load != state[c].load) return state[a].load < state[c].load;
+      return a < c;
+    });
+    std::fill(in_group.begin(), in_group.end(), 0);
+    for (int32_t k = 0; k < batch.dop; ++k) {
+      plan.instance_group.push_back(InstanceId(order[k]));
+      in_group[order[k]] = 1;
+    }
+
+    // 2. Computing instances.
+    std::vector<int32_t> compute(reqs.size(), -1);
+    {
+      int64_t total_q = 0, max_q = 0;
+      for (const PlanRequest& r : reqs) {
+        total_q += r.new_tokens;
+        max_q = std::max(max_q, r.new_tokens);
+      }
+      const int64_t q_cap = std::max<int64_t>(
+          max_q, static_cast<int64_t>(std::ceil(static_cast<double>(total_q) / batch.dop *
+                                                (1 + options_.compute_slack))));
+      std::fill(assigned_q.begin(), assigned_q.end(), 0);
+      std::vector<int32_t> by_q(reqs.size());
+      std::iota(by_q.begin(), by_q.end(), 0);
+      std::stable_sort(by_q.begin(), by_q.end(), [&](int32_t a, int32_t c) {
+        return reqs[a].new_tokens > reqs[c].new_tokens;
+      });
+      for (int32_t ri : by_q) {
+        const PlanRequest& r = reqs[ri];
+        int32_t chosen = -1;
+        const InstanceId pref = r.preferred_instance;
+        if (pref.valid() && pref.value() >= 0 && pref.value() < n && in_group[pref.value()] &&
+            assigned_q[pref.value()] + r.new_tokens <= q_cap) {
+          chosen = pref.value();
+        }
+        if (chosen < 0) {
+          for (const InstanceId g : plan.instance_group) held_r[g.value()] = 0;
+          for (const CachedSegment& s : r.cached) {
+            for (InstanceId rep : s.replicas) {
+              if (in_group[rep.value()]) held_r[rep.value()] += s.num_tokens;
+            }
+          }
+          for (const InstanceId g : plan.instance_group) {
+            const int32_t i = g.value();
+            if (assigned_q[i] + r.new_tokens > q_cap) continue;
+            if (chosen < 0 || held_r[i] > held_r[chosen] ||
+                (held_r[i] == held_r[chosen] && assigned_q[i] < assigned_q[chosen])) {
+              chosen = i;
+            }
+          }
+        }
+        if (chosen < 0) {
+          for (const InstanceId g : plan.instance_group) {
+            if (chosen < 0 || assigned_q[g.value()] < assigned_q[chosen]) chosen = g.value();
+          }
+        }
+        compute[ri] = chosen;
+        assigned_q[chosen] += r.new_tokens;
+      }
+    }
+
+    // 3-4. Query plans.
+    plan_work_total += batch_work;
+    const double work_cap = (1 + options_.holder_slack) * plan_work_total / n;
+    plan.requests.reserve(reqs.size());
+    for (size_t ri = 0; ri < reqs.size(); ++ri) {
+      const PlanRequest& r = reqs[ri];
+      RequestPlan rp;
+      rp.request = r.request;
+      rp.compute_instance = InstanceId(compute[ri]);
+      rp.new_tokens = r.new_tokens;
+      rp.segments.reserve(r.cached.size());
+      const double q = static_cast<double>(r.new_tokens);
+      for (const CachedSegment& s : r.cached) {
+        const double w = q * s.num_tokens;
+        int32_t pick = -1;
+        auto fits = [&](int32_t i) { return holder_work[i] + w <= work_cap + 1e-9; };
+        // (a) the computing instance.
+        for (InstanceId rep : s.replicas) {
+          if (rep.value() == compute[ri] && fits(rep.value())) pick = rep.value();
+        }
+        // (b) a holder this request already uses.
+        if (pick < 0 && s.replicas.size() > 1) {
+          for (const HolderPlan& h : rp.holders) {
+            for (InstanceId rep : s.replicas) {
+              if (pick < 0 && rep == h.holder && fits(rep.value())) pick = rep.value();
+            }
+          }
+        }
+        // (c) the replica with the least plan work (fitting first).
+        if (pick < 0) {
+          int32_t best_fit = -1, best_any = -1;
+          for (InstanceId rep : s.replicas) {
+            const int32_t i = rep.value();
+            auto better = [&](int32_t cur) {
+              return cur < 0 || holder_work[i] < holder_work[cur] ||
+                     (holder_work[i] == holder_work[cur] && i < cur);
+            };
+            if (fits(i) && better(best_fit)) best_fit = i;
+            if (better(best_any)) best_any = i;
+          }
+          pick = best_fit >= 0 ? best_fit : best_any;
+        }
+        holder_work[pick] += w;
+        rp.segments.push_back(
+            SegmentAssignment{s.segment, s.num_tokens, InstanceId(pick), HolderAction::kLocal});
+        rp.cached_tokens += s.num_tokens;
+        auto it = std::find_if(rp.holders.begin(), rp.holders.end(),
+                               [&](const HolderPlan& h) { return h.holder.value() == pick; });
+        if (it == rp.holders.end()) {
+          rp.holders.push_back(HolderPlan{InstanceId(pick), HolderAction::kLocal, 0, 0, 0});
+          it = rp.holders.end() - 1;
+        }
+        it->num_segments += 1;
+        it->cached_tokens += s.num_tokens;
+      }
+      rp.attention_flops = AttentionFlops(shape, r.new_tokens, rp.cached_tokens);
+      for (HolderPlan& h : rp.holders) {
+        if (h.holder == rp.compute_instance) continue;
+        if (PreferMoveQueries(shape, r.new_tokens, h.cached_tokens)) {
+          h.action = HolderAction::kMoveQueries;
+          h.bytes = MoveQueriesBytes(shape, r.new_tokens);
+        } else {
+          h.action = HolderAction::kPullKv;
+          h.bytes = KvBytes(shape, h.cached_tokens);
+        }
+      }
+      for (SegmentAssignment& a : rp.segments) {
+        for (const HolderPlan& h : rp.holders) {
+          if (h.holder == a.holder) a.action = h.action;
+        }
+      }
+      // Transfers of this request, holder by holder.
+      TransferPlan& tp = plan.transfer;
+      for (const HolderPlan& h : rp.holders) {
+        if (h.action == HolderAction::kMoveQueries) {
+          const int64_t out = QueryBytes(shape, r.new_tokens);
+          const int64_t back = PartialResultBytes(shape, r.new_tokens);
+          tp.transfers.push_back(Transfer{TransferKind::kQueries, r.request, SegmentId(),
+                                          rp.compute_instance, h.holder, out});
+          tp.transfers.push_back(Transfer{TransferKind::kPartialResults, r.request, SegmentId(),
+                                          h.holder, rp.compute_instance, back});
+          tp.query_bytes += out + back;
+        } else if (h.action == HolderAction::kPullKv) {
+          for (const SegmentAssignment& a : rp.segments) {
+            if (a.holder != h.holder) continue;
+            const int64_t bytes = KvBytes(shape, a.num_tokens);
+            tp.transfers.push_back(Transfer{TransferKind::kSegmentKv, r.request, a.segment,
+                                            h.holder, rp.compute_instance, bytes});
+            tp.kv_pull_bytes += bytes;
+          }
+        }
+      }
+      plan.requests.push_back(std::move(rp));
+    }
+
+    // 5. New segments.
+    for (size_t ri = 0; ri < reqs.size(); ++ri) {
+      const PlanRequest& r = reqs[ri];
+      const InstanceId source(compute[ri]);
+      SegmentId parent = r.cached.empty() ? SegmentId() : r.cached.back().segment;
+      for (const index::SegmentKey& key : r.new_segments) {
+        TOKENLAKE_ASSIGN_OR_RETURN(std::optional<InstanceId> placed,
+                                   balancer_->PlaceNewSegment(source, state));
+        const InstanceId target = placed.value_or(source);
+        auto& st = state[target.value()];
+        if (st.used_slots < st.capacity_slots) st.used_slots += 1;
+        plan.transfer.new_segments.push_back(
+            NewSegmentPlacement{r.request, key.id, parent, key.num_tokens, source, target});
+        if (target != source) {
+          const int64_t bytes = KvBytes(shape, key.num_tokens);
+          plan.transfer.transfers.push_back(
+              Transfer{TransferKind::kNewSegmentKv, r.request, key.id, source, target, bytes});
+          plan.transfer.new_segment_bytes += bytes;
+        }
+        parent = key.id;
+      }
+    }
+    plan.transfer.total_bytes =
+        plan.transfer.query_bytes + plan.transfer.kv_pull_bytes + plan.transfer.new_segment_bytes;
+    // This batch's work now loads its holders for the next batch's decisions.
+    for (const RequestPlan& rp : plan.requests) {
+      for (const SegmentAssignment& a : rp.segments) {
+        state[a.holder.value()].load += static_cast<double>(rp.new_tokens) * a.num_tokens;
+      }
+    }
+    plans.push_back(std::move(plan));
+  }
+  return plans;
+}
+
+absl::StatusOr<std::vector<InstanceCacheLoad>> Planner::GetCacheLoad(
+    absl::Span<const PlanRequest> requests,
+    absl::Span<const balance::InstanceState> instances) const {
+  TOKENLAKE_RETURN_IF_ERROR(ValidateInstances(instances));
+  const int32_t n = static_cast<int32_t>(instances.size());
+  TOKENLAKE_RETURN_IF_ERROR(ValidateRequests(requests, n, 0));
+  const ModelShape& shape = options_.shape;
+  const int64_t slot_bytes = KvBytes(shape, options_.segment_tokens);
+  std::vector<InstanceCacheLoad> out(n);
+  for (int32_t i = 0; i < n; ++i) {
+    out[i].instance = InstanceId(i);
+    out[i].memory_used_bytes = instances[i].used_slots * slot_bytes;
+    out[i].memory_free_bytes = (instances[i].capacity_slots - instances[i].used_slots) * slot_bytes;
+  }
+  std::vector<double> held(n);
+  for (const PlanRequest& r : requests) {
+    std::fill(held.begin(), held.end(), 0.0);
+    for (const CachedSegment& s : r.cached) {
+      const double reps = static_cast<double>(s.replicas.size());
+      const double flops = AttentionFlops(shape, r.new_tokens, s.num_tokens) / reps;
+      const double kv = static_cast<double>(KvBytes(shape, s.num_tokens)) / reps;
+      const double units = static_cast<double>(r.new_tokens) * s.num_tokens / reps;
+      for (InstanceId rep : s.replicas) {
+        InstanceCacheLoad& l = out[rep.value()];
+        l.attention_flops += flops;
+        l.kv_read_bytes += kv;
+        l.cached_tokens += s.num_tokens / reps;
+        l.load_units += units;
+        held[rep.value()] += s.num_tokens;
+      }
+    }
+    int32_t home = 0;
+    for (int32_t i = 1; i < n; ++i) {
+      if (held[i] > held[home] ||
+          (held[i] == held[home] && held[i] == 0 && instances[i].load < instances[home].load)) {
+        home = i;
+      }
+    }
+    for (const index::SegmentKey& key : r.new_segments) {
+      out[home].new_memory_bytes += KvBytes(shape, key.num_tokens);
+    }
+  }
+  return out;
+}
+
+}  // namespace tokenlake::plan

@@ -1,0 +1,337 @@
+#include "tokenlake/plan/planner.h"
+
+#include <iostream>
+#include <map>
+#include <set>
+
+#include "gtest/gtest.h"
+#include "tokenlake/base/random.h"
+
+namespace tokenlake::plan {
+namespace {
+
+using balance::InstanceState;
+
+ModelShape OneLayer() { return ModelShape{1, 32, 8, 128, 2}; }
+
+class PlannerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    balancer_ = *balance::Balancer::Create({});
+    PlannerOptions o;
+    o.shape = OneLayer();
+    o.segment_tokens = 512;
+    planner_ = *Planner::Create(o, balancer_.get());
+  }
+  static std::vector<InstanceState> Instances(int n, int64_t cap = 100, int64_t used = 10) {
+    std::vector<InstanceState> v;
+    for (int i = 0; i < n; ++i) v.push_back({InstanceId(i), cap, used, 0});
+    return v;
+  }
+  static CachedSegment Seg(uint64_t id, std::vector<int> reps, int32_t tokens = 512) {
+    CachedSegment s;
+    s.segment = SegmentId(id);
+    s.num_tokens = tokens;
+    for (int r : reps) s.replicas.push_back(InstanceId(r));
+    return s;
+  }
+  std::unique_ptr<balance::Balancer> balancer_;
+  std::unique_ptr<Planner> planner_;
+};
+
+TEST_F(PlannerTest, GroupIsTheInstancesHoldingTheBatchPrefix) {
+  PlanBatch b;
+  b.dop = 2;
+  PlanRequest r;
+  r.request = RequestId(1);
+  r.new_tokens = 16;
+  r.cached = {Seg(1, {2}), Seg(2, {3}), Seg(3, {2})};
+  b.requests.push_back(r);
+  auto plans = *planner_->GenPlans({b}, Instances(4));
+  ASSERT_EQ(plans.size(), 1u);
+  EXPECT_EQ(plans[0].instance_group, (std::vector<InstanceId>{InstanceId(2), InstanceId(3)}));
+  EXPECT_EQ(plans[0].requests[0].compute_instance, InstanceId(2));  // holds 1024 of 1536
+}
+
+TEST_F(PlannerTest, LocalSegmentsNeedNoTransfer) {
+  PlanBatch b;
+  PlanRequest r;
+  r.request = RequestId(1);
+  r.new_tokens = 100;
+  r.cached = {Seg(1, {1}), Seg(2, {1})};
+  b.requests.push_back(r);
+  auto plans = *planner_->GenPlans({b}, Instances(3));
+  const RequestPlan& rp = plans[0].requests[0];
+  EXPECT_EQ(rp.compute_instance, InstanceId(1));
+  ASSERT_EQ(rp.holders.size(), 1u);
+  EXPECT_EQ(rp.holders[0].action, HolderAction::kLocal);
+  EXPECT_EQ(rp.cached_tokens, 1024);
+  EXPECT_TRUE(plans[0].transfer.transfers.empty());
+  EXPECT_EQ(plans[0].transfer.total_bytes, 0);
+}
+
+TEST_F(PlannerTest, RemoteHolderChoiceFlipsBetweenPullAndMoveQueriesAtBreakEven) {
+  // dop 1; the group is instance 0 (holds 1 segment of 512 tokens + most tokens); instance 1
+  // holds a part-segment of T tokens. q = 128: break-even T = 516 (see cost_model_test).
+  for (int32_t t : {515, 516}) {
+    PlanBatch b;
+    PlanRequest r;
+    r.request = RequestId(9);
+    r.new_tokens = 128;
+    r.cached = {Seg(1, {0}), Seg(2, {0}), Seg(3, {1}, t)};
+    b.requests.push_back(r);
+    auto plans = *planner_->GenPlans({b}, Instances(2));
+    const RequestPlan& rp = plans[0].requests[0];
+    ASSERT_EQ(rp.compute_instance, InstanceId(0));
+    ASSERT_EQ(rp.holders.size(), 2u);
+    const HolderPlan& remote = rp.holders[1];
+    EXPECT_EQ(remote.holder, InstanceId(1));
+    if (t == 515) {
+      EXPECT_EQ(remote.action, HolderAction::kPullKv);
+      EXPECT_EQ(remote.bytes, 4096 * 515);
+      EXPECT_EQ(plans[0].transfer.kv_pull_bytes, 4096 * 515);
+      ASSERT_EQ(plans[0].transfer.transfers.size(), 1u);
+      EXPECT_EQ(plans[0].transfer.transfers[0].kind, TransferKind::kSegmentKv);
+      EXPECT_EQ(plans[0].transfer.transfers[0].segment, SegmentId(3));
+    } else {
+      EXPECT_EQ(remote.action, HolderAction::kMoveQueries);
+      EXPECT_EQ(remote.bytes, 16512 * 128);
+      EXPECT_EQ(plans[0].transfer.query_bytes, 16512 * 128);
+      ASSERT_EQ(plans[0].transfer.transfers.size(), 2u);
+      EXPECT_EQ(plans[0].transfer.transfers[0].kind, TransferKind::kQueries);
+      EXPECT_EQ(plans[0].transfer.transfers[0].bytes, 8192 * 128);
+      EXPECT_EQ(plans[0].transfer.transfers[1].kind, TransferKind::kPartialResults);
+      EXPECT_EQ(plans[0].transfer.transfers[1].bytes, 8320 * 128);
+    }
+    EXPECT_EQ(rp.segments[2].action, remote.action);
+  }
+}
+
+TEST_F(PlannerTest, HeavyHitterQueriesAreSpreadOverItsReplicas) {
+  PlanBatch b;
+  b.dop = 1;
+  for (int i = 0; i < 16; ++i) {
+    PlanRequest r;
+    r.request = RequestId(i);
+    r.new_tokens = 64;
+    r.cached = {Seg(100, {0, 1, 2, 3})};
+    b.requests.push_back(r);
+  }
+  auto plans = *planner_->GenPlans({b}, Instances(4));
+  std::map<InstanceId, int> per_holder;
+  for (const RequestPlan& rp : plans[0].requests) per_holder[rp.segments[0].holder]++;
+  EXPECT_EQ(per_holder.size(), 4u);
+  for (auto& [h, c] : per_holder) EXPECT_LE(c, 5) << h;  // 16 / 4 x 1.25
+}
+
+TEST_F(PlannerTest, ComputeInstancesAreBalancedWithinTheGroup) {
+  PlanBatch b;
+  b.dop = 2;
+  for (int i = 0; i < 8; ++i) {
+    PlanRequest r;
+    r.request = RequestId(i);
+    r.new_tokens = 100;
+    r.cached = {Seg(1, {0, 1})};
+    b.requests.push_back(r);
+  }
+  auto plans = *planner_->GenPlans({b}, Instances(3));
+  std::map<InstanceId, int> per;
+  for (const RequestPlan& rp : plans[0].requests) per[rp.compute_instance]++;
+  EXPECT_EQ(per[InstanceId(0)], 4);
+  EXPECT_EQ(per[InstanceId(1)], 4);
+}
+
+TEST_F(PlannerTest, NewSegmentsStayWhereComputedUnlessThatInstanceIsFull) {
+  PlanBatch b;
+  PlanRequest r;
+  r.request = RequestId(5);
+  r.new_tokens = 600;
+  r.cached = {Seg(1, {1})};
+  r.new_segments = {index::SegmentKey{SegmentId(2), 512}, index::SegmentKey{SegmentId(3), 88}};
+  b.requests.push_back(r);
+  auto instances = Instances(3, 10, 2);
+  auto plans = *planner_->GenPlans({b}, instances);
+  const auto& ns = plans[0].transfer.new_segments;
+  ASSERT_EQ(ns.size(), 2u);
+  EXPECT_EQ(ns[0].target, InstanceId(1));
+  EXPECT_EQ(ns[0].parent, SegmentId(1));
+  EXPECT_EQ(ns[1].parent, SegmentId(2));
+  EXPECT_EQ(ns[1].target, InstanceId(1));
+  EXPECT_EQ(plans[0].transfer.new_segment_bytes, 0);
+  // Now instance 1 is full: the new segments go elsewhere and their KV moves.
+  instances[1].used_slots = 10;
+  plans = *planner_->GenPlans({b}, instances);
+  for (const auto& n : plans[0].transfer.new_segments) {
+    EXPECT_EQ(n.source, InstanceId(1));
+    EXPECT_NE(n.target, InstanceId(1));
+  }
+  EXPECT_EQ(plans[0].transfer.new_segment_bytes, 4096 * (512 + 88));
+}
+
+TEST_F(PlannerTest, BadInputIsAnErrorNamingWhere) {
+  PlanBatch b;
+  b.dop = 5;
+  auto r = planner_->GenPlans({b}, Instances(4));
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("dop 5"), std::string::npos);
+  b.dop = 0;
+  EXPECT_FALSE(planner_->GenPlans({b}, Instances(4)).ok());
+  b.dop = 1;
+  PlanRequest req;
+  req.cached = {Seg(1, {7})};
+  b.requests.push_back(req);
+  r = planner_->GenPlans({b}, Instances(4));
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("unknown instance 7"), std::string::npos);
+  b.requests[0].cached = {Seg(1, {})};
+  EXPECT_FALSE(planner_->GenPlans({b}, Instances(4)).ok());
+  b.requests[0].cached = {Seg(1, {0})};
+  b.requests[0].new_tokens = -1;
+  EXPECT_FALSE(planner_->GenPlans({b}, Instances(4)).ok());
+  EXPECT_FALSE(planner_->GenPlans({b}, {}).ok());
+  EXPECT_FALSE(Planner::Create({}, nullptr).ok());
+  PlannerOptions bad;
+  bad.segment_tokens = 0;
+  EXPECT_FALSE(Planner::Create(bad, balancer_.get()).ok());
+}
+
+TEST_F(PlannerTest, CacheLoadSplitsWorkOverReplicas) {
+  PlanRequest r;
+  r.request = RequestId(1);
+  r.new_tokens = 10;
+  r.cached = {Seg(1, {0, 1}), Seg(2, {1})};
+  r.new_segments = {index::SegmentKey{SegmentId(3), 512}};
+  auto loads = *planner_->GetCacheLoad({r}, Instances(3, 100, 10));
+  ASSERT_EQ(loads.size(), 3u);
+  EXPECT_DOUBLE_EQ(loads[0].load_units, 10 * 256);
+  EXPECT_DOUBLE_EQ(loads[1].load_units, 10 * 256 + 10 * 512);
+  EXPECT_DOUBLE_EQ(loads[2].load_units, 0);
+  EXPECT_DOUBLE_EQ(loads[1].attention_flops, 4.0 * 10 * 768 * 32 * 128);
+  EXPECT_DOUBLE_EQ(loads[0].kv_read_bytes, 4096.0 * 256);
+  EXPECT_EQ(loads[1].new_memory_bytes, 4096 * 512);  // instance 1 holds most of the prefix
+  EXPECT_EQ(loads[0].memory_used_bytes, 10 * 4096 * 512);
+  EXPECT_EQ(loads[0].memory_free_bytes, 90 * 4096 * 512);
+}
+
+// Randomised: structural properties of every plan (checked against the inputs, not the planner).
+class PlannerPropertyTest : public ::testing::TestWithParam<std::tuple<int, int>> {};
+
+TEST_P(PlannerPropertyTest, PlansAreConsistentAndDeterministic) {
+  const auto [num_instances, num_requests] = GetParam();
+  const uint64_t seed = 4242 + num_instances * 100 + num_requests;
+  SCOPED_TRACE(testing::Message() << "seed=" << seed);
+  std::cout << "seed=" << seed << "\n";
+  Rng rng(seed);
+  auto balancer = *balance::Balancer::Create({});
+  PlannerOptions o;
+  o.shape = ModelShape{4, 32, 8, 128, 2};
+  auto planner = *Planner::Create(o, balancer.get());
+  for (int round = 0; round < 20; ++round) {
+    std::vector<InstanceState> inst;
+    for (int i = 0; i < num_instances; ++i) {
+      const int64_t cap = rng.UniformInt(1, 50);
+      inst.push_back({InstanceId(i), cap, rng.UniformInt(0, cap), rng.UniformDouble() * 1000});
+    }
+    std::vector<PlanBatch> batches(rng.UniformInt(1, 3));
+    uint64_t next_id = 1;
+    for (PlanBatch& b : batches) {
+      b.dop = static_cast<int32_t>(rng.UniformInt(1, num_instances));
+      const int nreq = static_cast<int>(rng.UniformInt(0, num_requests));
+      for (int k = 0; k < nreq; ++k) {
+        PlanRequest r;
+        r.request = RequestId(next_id++);
+        r.new_tokens = rng.UniformInt(0, 2000);
+        const int nseg = static_cast<int>(rng.UniformInt(0, 12));
+        for (int s = 0; s < nseg; ++s) {
+          std::set<int> reps;
+          const int nrep = static_cast<int>(rng.UniformInt(1, num_instances));
+          while (static_cast<int>(reps.size()) < nrep) {
+            reps.insert(static_cast<int>(rng.UniformInt(0, num_instances - 1)));
+          }
+          CachedSegment seg;
+          seg.segment = SegmentId(next_id++);
+          seg.num_tokens = static_cast<int32_t>(rng.UniformInt(1, 512));
+          for (int rep : reps) seg.replicas.push_back(InstanceId(rep));
+          r.cached.push_back(seg);
+        }
+        const int nnew = static_cast<int>(rng.UniformInt(0, 3));
+        for (int s = 0; s < nnew; ++s) {
+          r.new_segments.push_back({SegmentId(next_id++), 512});
+        }
+        if (rng.Bernoulli(0.3)) {
+          r.preferred_instance = InstanceId(rng.UniformInt(0, num_instances - 1));
+        }
+        b.requests.push_back(r);
+      }
+    }
+    auto plans = *planner->GenPlans(batches, inst);
+    auto again = *planner->GenPlans(batches, inst);
+    ASSERT_EQ(plans, again) << "plans are not deterministic";
+    ASSERT_EQ(plans.size(), batches.size());
+    for (size_t b = 0; b < plans.size(); ++b) {
+      const BatchPlan& p = plans[b];
+      std::set<InstanceId> group(p.instance_group.begin(), p.instance_group.end());
+      ASSERT_EQ(static_cast<int>(group.size()), batches[b].dop);
+      ASSERT_EQ(p.requests.size(), batches[b].requests.size());
+      int64_t q_bytes = 0, pull_bytes = 0, new_bytes = 0;
+      for (const Transfer& t : p.transfer.transfers) {
+        ASSERT_NE(t.src, t.dst);
+        if (t.kind == TransferKind::kQueries || t.kind == TransferKind::kPartialResults) {
+          q_bytes += t.bytes;
+        } else if (t.kind == TransferKind::kSegmentKv) {
+          pull_bytes += t.bytes;
+        } else {
+          new_bytes += t.bytes;
+        }
+      }
+      ASSERT_EQ(q_bytes, p.transfer.query_bytes);
+      ASSERT_EQ(pull_bytes, p.transfer.kv_pull_bytes);
+      ASSERT_EQ(new_bytes, p.transfer.new_segment_bytes);
+      ASSERT_EQ(p.transfer.total_bytes, q_bytes + pull_bytes + new_bytes);
+      size_t new_count = 0;
+      for (size_t ri = 0; ri < p.requests.size(); ++ri) {
+        const RequestPlan& rp = p.requests[ri];
+        const PlanRequest& in = batches[b].requests[ri];
+        ASSERT_EQ(rp.request, in.request);
+        ASSERT_TRUE(group.count(rp.compute_instance));
+        ASSERT_EQ(rp.segments.size(), in.cached.size());
+        int64_t tokens = 0;
+        std::map<InstanceId, int64_t> by_holder;
+        for (size_t s = 0; s < in.cached.size(); ++s) {
+          const SegmentAssignment& a = rp.segments[s];
+          ASSERT_EQ(a.segment, in.cached[s].segment);
+          const auto& reps = in.cached[s].replicas;
+          ASSERT_NE(std::find(reps.begin(), reps.end(), a.holder), reps.end())
+              << "segment served by an instance without a replica";
+          ASSERT_EQ(a.action == HolderAction::kLocal, a.holder == rp.compute_instance);
+          tokens += a.num_tokens;
+          by_holder[a.holder] += a.num_tokens;
+        }
+        ASSERT_EQ(rp.cached_tokens, tokens);
+        ASSERT_EQ(rp.holders.size(), by_holder.size());
+        for (const HolderPlan& h : rp.holders) {
+          ASSERT_EQ(h.cached_tokens, by_holder[h.holder]);
+          if (h.action == HolderAction::kMoveQueries) {
+            ASSERT_LE(MoveQueriesBytes(o.shape, in.new_tokens), KvBytes(o.shape, h.cached_tokens));
+          } else if (h.action == HolderAction::kPullKv) {
+            ASSERT_GT(MoveQueriesBytes(o.shape, in.new_tokens), KvBytes(o.shape, h.cached_tokens));
+          }
+        }
+        for (size_t k = 0; k < in.new_segments.size(); ++k) {
+          const NewSegmentPlacement& n = p.transfer.new_segments[new_count++];
+          ASSERT_EQ(n.segment, in.new_segments[k].id);
+          ASSERT_EQ(n.source, rp.compute_instance);
+          ASSERT_TRUE(n.target.valid() && n.target.value() < num_instances);
+        }
+      }
+      ASSERT_EQ(new_count, p.transfer.new_segments.size());
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Sizes, PlannerPropertyTest,
+                         ::testing::Values(std::make_tuple(1, 4), std::make_tuple(4, 16),
+                                           std::make_tuple(16, 64)));
+
+}  // namespace
+}  // namespace tokenlake::plan
