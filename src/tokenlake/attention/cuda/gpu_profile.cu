@@ -1,0 +1,358 @@
+// Implementation of gpu_profile.h.
+#include "tokenlake/attention/cuda/gpu_profile.h"
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+#include "tokenlake/attention/cuda/paged_attention.h"
+
+namespace tokenlake::attention::cuda {
+namespace {
+
+absl::Status CudaStatus(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return absl::OkStatus();
+  if (err == cudaErrorMemoryAllocation) {
+    return absl::ResourceExhaustedError(absl::StrFormat("%s: %s", what, cudaGetErrorString(err)));
+  }
+  return absl::InternalError(absl::StrFormat("%s: %s", what, cudaGetErrorString(err)));
+}
+
+#define TL_CUDA(expr)                                                 \
+  do {                                                                \
+    if (absl::Status s_ = CudaStatus((expr), #expr); !s_.ok()) return s_; \
+  } while (0)
+
+#define TL_OK(expr)                                   \
+  do {                                                \
+    if (absl::Status s_ = (expr); !s_.ok()) return s_; \
+  } while (0)
+
+// A device allocation freed at scope exit.
+class DeviceMem {
+ public:
+  DeviceMem() = default;
+  ~DeviceMem() { cudaFree(ptr_); }
+  DeviceMem(const DeviceMem&) = delete;
+  DeviceMem& operator=(const DeviceMem&) = delete;
+  absl::Status Allocate(size_t bytes) {
+    if (bytes == 0) return absl::OkStatus();
+    return CudaStatus(cudaMalloc(&ptr_, bytes), "cudaMalloc");
+  }
+  template <typename T = void>
+  T* get() const {
+    return static_cast<T*>(ptr_);
+  }
+
+ private:
+  void* ptr_ = nullptr;
+};
+
+// Stream + events; times enqueued work.
+class Timer {
+ public:
+  ~Timer() {
+    for (cudaEvent_t e : events_) cudaEventDestroy(e);
+    if (stream_ != nullptr) cudaStreamDestroy(stream_);
+  }
+  absl::Status Init(int repeats) {
+    TL_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    events_.resize(2 * repeats);
+    for (cudaEvent_t& e : events_) TL_CUDA(cudaEventCreate(&e));
+    return absl::OkStatus();
+  }
+  cudaStream_t stream() const { return stream_; }
+
+  // Runs `warmup` untimed calls, then `repeats` timed calls (call index passed in), returns the
+  // median in microseconds.
+  absl::StatusOr<double> MedianUs(const std::function<absl::Status(int)>& fn, int warmup) {
+    const int repeats = static_cast<int>(events_.size() / 2);
+    for (int i = 0; i < warmup; ++i) TL_OK(fn(i));
+    for (int i = 0; i < repeats; ++i) {
+      TL_CUDA(cudaEventRecord(events_[2 * i], stream_));
+      TL_OK(fn(i));
+      TL_CUDA(cudaEventRecord(events_[2 * i + 1], stream_));
+    }
+    TL_CUDA(cudaStreamSynchronize(stream_));
+    TL_CUDA(cudaGetLastError());
+    std::vector<double> us(repeats);
+    for (int i = 0; i < repeats; ++i) {
+      float ms = 0;
+      TL_CUDA(cudaEventElapsedTime(&ms, events_[2 * i], events_[2 * i + 1]));
+      us[i] = 1000.0 * ms;
+    }
+    std::nth_element(us.begin(), us.begin() + repeats / 2, us.end());
+    return us[repeats / 2];
+  }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  std::vector<cudaEvent_t> events_;
+};
+
+__global__ void FillRandomBf16Kernel(uint16_t* p, size_t n, uint64_t seed, float scale) {
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    uint64_t x = seed + 0x9e3779b97f4a7c15ull * (i + 1);
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    x ^= x >> 31;
+    const float u = static_cast<float>(x >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+    const __nv_bfloat16 b = __float2bfloat16_rn((2.f * u - 1.f) * scale);
+    p[i] = *reinterpret_cast<const uint16_t*>(&b);
+  }
+}
+
+absl::Status CublasStatus(cublasStatus_t s, const char* what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  return absl::InternalError(absl::StrFormat("%s: cuBLAS status %d", what, static_cast<int>(s)));
+}
+
+class Cublas {
+ public:
+  ~Cublas() {
+    if (handle_ != nullptr) cublasDestroy(handle_);
+  }
+  absl::Status Init(cudaStream_t stream, void* workspace, size_t workspace_bytes) {
+    TL_OK(CublasStatus(cublasCreate(&handle_), "cublasCreate"));
+    TL_OK(CublasStatus(cublasSetStream(handle_, stream), "cublasSetStream"));
+    if (workspace != nullptr) {
+      TL_OK(CublasStatus(cublasSetWorkspace(handle_, workspace, workspace_bytes),
+                         "cublasSetWorkspace"));
+    }
+    return absl::OkStatus();
+  }
+  // Row-major Y[m][n] = X[m][k] * W^T where W is [n][k] (a Linear layer's weight), bf16.
+  absl::Status Linear(const void* x, const void* w, void* y, int64_t m, int64_t n, int64_t k) {
+    const float alpha = 1.f, beta = 0.f;
+    // Column-major: Y^T (n x m) = W (n x k, stored as k x n col-major, transposed) * X^T.
+    return CublasStatus(
+        cublasGemmEx(handle_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
+                     static_cast<int>(k), &alpha, w, CUDA_R_16BF, static_cast<int>(k), x,
+                     CUDA_R_16BF, static_cast<int>(k), &beta, y, CUDA_R_16BF, static_cast<int>(n),
+                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        "cublasGemmEx");
+  }
+
+ private:
+  cublasHandle_t handle_ = nullptr;
+};
+
+}  // namespace
+
+absl::Status FillRandomBf16(void* ptr, size_t n, uint64_t seed, float scale, cudaStream_t stream) {
+  if (n == 0) return absl::OkStatus();
+  const size_t blocks = std::min<size_t>((n + 255) / 256, 65536);
+  FillRandomBf16Kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      static_cast<uint16_t*>(ptr), n, seed, scale);
+  return CudaStatus(cudaGetLastError(), "FillRandomBf16 launch");
+}
+
+absl::StatusOr<DeviceDescription> DescribeDevice() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    cudaGetLastError();
+    return absl::FailedPreconditionError("no CUDA device");
+  }
+  int device = 0;
+  TL_CUDA(cudaGetDevice(&device));
+  cudaDeviceProp prop;
+  TL_CUDA(cudaGetDeviceProperties(&prop, device));
+  DeviceDescription d;
+  d.name = prop.name;
+  d.memory_bytes = static_cast<int64_t>(prop.totalGlobalMem);
+  d.num_sms = prop.multiProcessorCount;
+  d.cc_major = prop.major;
+  d.cc_minor = prop.minor;
+  return d;
+}
+
+absl::StatusOr<double> MeasureCopyGbps(size_t bytes, int repeats) {
+  Timer timer;
+  TL_OK(timer.Init(repeats));
+  DeviceMem src, dst;
+  TL_OK(src.Allocate(bytes));
+  TL_OK(dst.Allocate(bytes));
+  TL_OK(FillRandomBf16(src.get(), bytes / 2, 1, 1.f, timer.stream()));
+  absl::StatusOr<double> us = timer.MedianUs(
+      [&](int) {
+        return CudaStatus(cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice,
+                                          timer.stream()),
+                          "cudaMemcpyAsync");
+      },
+      3);
+  if (!us.ok()) return us.status();
+  return 2.0 * static_cast<double>(bytes) / (*us * 1e3);
+}
+
+absl::StatusOr<double> MeasureGemmTflops(int64_t m, int64_t n, int64_t k, int repeats) {
+  Timer timer;
+  TL_OK(timer.Init(repeats));
+  DeviceMem x, w, y, ws;
+  TL_OK(x.Allocate(m * k * 2));
+  TL_OK(w.Allocate(n * k * 2));
+  TL_OK(y.Allocate(m * n * 2));
+  TL_OK(ws.Allocate(32 << 20));
+  TL_OK(FillRandomBf16(x.get(), m * k, 2, 1.f, timer.stream()));
+  TL_OK(FillRandomBf16(w.get(), n * k, 3, 0.05f, timer.stream()));
+  Cublas blas;
+  TL_OK(blas.Init(timer.stream(), ws.get(), 32 << 20));
+  absl::StatusOr<double> us =
+      timer.MedianUs([&](int) { return blas.Linear(x.get(), w.get(), y.get(), m, n, k); }, 3);
+  if (!us.ok()) return us.status();
+  return 2.0 * m * n * k / (*us * 1e6);
+}
+
+absl::StatusOr<std::vector<DensePoint>> MeasureDenseLayers(const DenseModelShape& s,
+                                                           const std::vector<int64_t>& tokens,
+                                                           int repeats) {
+  const int64_t qkv_n = s.num_heads * s.head_dim + 2 * s.num_kv_heads * s.head_dim;
+  const int64_t o_k = s.num_heads * s.head_dim;
+  // Two layers' weights, alternated, so that small-batch runs read weights from HBM as in a
+  // real model (one layer's weights can nearly fit in L2 on an H200).
+  constexpr int kLayerSets = 2;
+  const int64_t w_elems =
+      qkv_n * s.hidden + s.hidden * o_k + 2 * s.intermediate * s.hidden + s.hidden * s.intermediate;
+  const int64_t max_t = tokens.empty() ? 1 : *std::max_element(tokens.begin(), tokens.end());
+  Timer timer;
+  TL_OK(timer.Init(repeats));
+  DeviceMem w, x, big, out, ws;
+  TL_OK(w.Allocate(kLayerSets * w_elems * 2));
+  TL_OK(x.Allocate(max_t * std::max(s.hidden, o_k) * 2));
+  TL_OK(big.Allocate(max_t * std::max(2 * s.intermediate, qkv_n) * 2));
+  TL_OK(out.Allocate(max_t * std::max(s.hidden, s.intermediate) * 2));
+  TL_OK(ws.Allocate(32 << 20));
+  TL_OK(FillRandomBf16(w.get(), kLayerSets * w_elems, 5, 0.02f, timer.stream()));
+  TL_OK(FillRandomBf16(x.get(), max_t * std::max(s.hidden, o_k), 6, 1.f, timer.stream()));
+  TL_OK(FillRandomBf16(out.get(), max_t * std::max(s.hidden, s.intermediate), 7, 1.f,
+                       timer.stream()));
+  Cublas blas;
+  TL_OK(blas.Init(timer.stream(), ws.get(), 32 << 20));
+  std::vector<DensePoint> points;
+  for (int64_t t : tokens) {
+    auto layer = [&](int i) -> absl::Status {
+      const uint16_t* wl = w.get<uint16_t>() + (i % kLayerSets) * w_elems;
+      const uint16_t* w_qkv = wl;
+      const uint16_t* w_o = w_qkv + qkv_n * s.hidden;
+      const uint16_t* w_gu = w_o + s.hidden * o_k;
+      const uint16_t* w_down = w_gu + 2 * s.intermediate * s.hidden;
+      TL_OK(blas.Linear(x.get(), w_qkv, big.get(), t, qkv_n, s.hidden));
+      TL_OK(blas.Linear(x.get(), w_o, big.get(), t, s.hidden, o_k));
+      TL_OK(blas.Linear(x.get(), w_gu, big.get(), t, 2 * s.intermediate, s.hidden));
+      // down reads the [t][intermediate] activation (random data in `out`).
+      return blas.Linear(out.get(), w_down, x.get(), t, s.hidden, s.intermediate);
+    };
+    absl::StatusOr<double> us = timer.MedianUs(layer, 3);
+    if (!us.ok()) return us.status();
+    DensePoint p;
+    p.tokens = t;
+    p.ms = *us * s.num_layers / 1000.0;
+    p.tflops = 2.0 * t * w_elems / (*us * 1e6);
+    points.push_back(p);
+  }
+  return points;
+}
+
+absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape& s, int repeats) {
+  if (s.segment_tokens <= 0 || s.kv_tokens <= 0 || s.num_q_tokens <= 0) {
+    return absl::InvalidArgumentError("MeasurePagedAttention: sizes must be > 0");
+  }
+  const int64_t num_segments = (s.kv_tokens + s.segment_tokens - 1) / s.segment_tokens;
+  const int64_t block_elems = static_cast<int64_t>(s.segment_tokens) * s.num_kv_heads * s.head_dim;
+  // Two KV sets (two layers) in one pooled arena; slots shuffled so segments are scattered.
+  constexpr int kSets = 2;
+  const int64_t num_slots = kSets * num_segments;
+  Timer timer;
+  TL_OK(timer.Init(repeats));
+  DeviceMem arena, q, out, lse, out2, lse2, blocks;
+  TL_OK(arena.Allocate(num_slots * 2 * block_elems * 2));
+  TL_OK(FillRandomBf16(arena.get(), num_slots * 2 * block_elems, 11, 1.f, timer.stream()));
+  const int64_t q_elems = static_cast<int64_t>(s.num_q_tokens) * s.num_heads * s.head_dim;
+  const int64_t rows = static_cast<int64_t>(s.num_q_tokens) * s.num_heads;
+  TL_OK(q.Allocate(q_elems * 2));
+  TL_OK(FillRandomBf16(q.get(), q_elems, 12, 1.f, timer.stream()));
+  TL_OK(out.Allocate(q_elems * 4));
+  TL_OK(lse.Allocate(rows * 4));
+  TL_OK(out2.Allocate(q_elems * 4));
+  TL_OK(lse2.Allocate(rows * 4));
+  std::vector<int64_t> perm(num_slots);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), std::mt19937_64(13));
+  std::vector<DeviceKvBlock> host_blocks(num_slots);
+  for (int64_t i = 0; i < num_slots; ++i) {
+    const uint16_t* slot = arena.get<uint16_t>() + perm[i] * 2 * block_elems;
+    host_blocks[i].k = slot;
+    host_blocks[i].v = slot + block_elems;
+    const int64_t seg = i % num_segments;
+    host_blocks[i].num_tokens = static_cast<int32_t>(
+        std::min<int64_t>(s.segment_tokens, s.kv_tokens - seg * s.segment_tokens));
+  }
+  TL_OK(blocks.Allocate(num_slots * sizeof(DeviceKvBlock)));
+  TL_CUDA(cudaMemcpy(blocks.get(), host_blocks.data(), num_slots * sizeof(DeviceKvBlock),
+                     cudaMemcpyHostToDevice));
+  PagedAttentionParams p;
+  p.q = q.get();
+  p.num_q_tokens = s.num_q_tokens;
+  p.num_blocks = static_cast<int32_t>(num_segments);
+  p.max_block_tokens = s.segment_tokens;
+  p.num_heads = s.num_heads;
+  p.num_kv_heads = s.num_kv_heads;
+  p.head_dim = s.head_dim;
+  p.causal = s.causal;
+  p.out = out.get<float>();
+  p.lse = lse.get<float>();
+  p.num_splits = s.num_splits;
+  p.prefill_warps = s.prefill_warps;
+  const auto kernel = static_cast<AttentionKernel>(s.kernel);
+  absl::StatusOr<size_t> ws_bytes = PagedAttentionWorkspaceBytes(p, kernel);
+  if (!ws_bytes.ok()) return ws_bytes.status();
+  DeviceMem ws;
+  TL_OK(ws.Allocate(*ws_bytes));
+  p.workspace = ws.get();
+  p.workspace_bytes = *ws_bytes;
+  absl::StatusOr<double> us = timer.MedianUs(
+      [&](int i) {
+        PagedAttentionParams pi = p;
+        pi.blocks = blocks.get<DeviceKvBlock>() + (i % kSets) * num_segments;
+        return PagedAttention(pi, kernel, timer.stream());
+      },
+      5);
+  if (!us.ok()) return us.status();
+  // A second output to merge with (any valid partial will do).
+  TL_CUDA(cudaMemcpyAsync(out2.get(), out.get(), q_elems * 4, cudaMemcpyDeviceToDevice,
+                          timer.stream()));
+  TL_CUDA(cudaMemcpyAsync(lse2.get(), lse.get(), rows * 4, cudaMemcpyDeviceToDevice,
+                          timer.stream()));
+  absl::StatusOr<double> merge_us = timer.MedianUs(
+      [&](int) {
+        return MergePartials(out.get<float>(), lse.get<float>(), out2.get<float>(),
+                             lse2.get<float>(), rows, s.head_dim, timer.stream());
+      },
+      3);
+  if (!merge_us.ok()) return merge_us.status();
+  AttentionTiming t;
+  t.us = *us;
+  t.merge_us = *merge_us;
+  double pairs = static_cast<double>(s.num_q_tokens) * static_cast<double>(s.kv_tokens);
+  if (s.causal) {
+    // Query i sees keys 0..i (q_start_pos = 0), capped at kv_tokens.
+    pairs = 0;
+    for (int64_t i = 0; i < s.num_q_tokens; ++i) pairs += std::min<int64_t>(i + 1, s.kv_tokens);
+  }
+  t.tflops = 4.0 * pairs * s.num_heads * s.head_dim / (t.us * 1e6);
+  const double kv_bytes = 2.0 * s.kv_tokens * s.num_kv_heads * s.head_dim * 2;
+  t.kv_gbps = kv_bytes / (t.us * 1e3);
+  return t;
+}
+
+}  // namespace tokenlake::attention::cuda

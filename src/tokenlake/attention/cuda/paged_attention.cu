@@ -1,0 +1,1124 @@
+// CUDA kernels of paged_attention.h. See the header for shapes and conventions.
+//
+// Numerics: scores are kept in the log2 domain (s2 = s * scale * log2(e)) so that exp2f does the
+// exponentials; the natural-log LSE written out is (m2 + log2(l)) * ln(2).
+#include "tokenlake/attention/cuda/paged_attention.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+
+namespace tokenlake::attention::cuda {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -INFINITY;
+
+// ---------------------------------------------------------------------------------------------
+// Device properties, read once per device.
+struct DeviceInfo {
+  int num_sms = 0;
+  int max_smem_optin = 0;
+};
+
+absl::StatusOr<DeviceInfo> GetDeviceInfo() {
+  static std::mutex mu;
+  static std::vector<DeviceInfo> cache;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) {
+    return absl::InternalError(absl::StrFormat("cudaGetDevice: %s", cudaGetErrorString(err)));
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  if (static_cast<int>(cache.size()) <= device) cache.resize(device + 1);
+  if (cache[device].num_sms == 0) {
+    DeviceInfo info;
+    err = cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) {
+      err = cudaDeviceGetAttribute(&info.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                   device);
+    }
+    if (err != cudaSuccess) {
+      return absl::InternalError(
+          absl::StrFormat("cudaDeviceGetAttribute: %s", cudaGetErrorString(err)));
+    }
+    cache[device] = info;
+  }
+  return cache[device];
+}
+
+absl::Status LaunchStatus(const char* what) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    return absl::InternalError(absl::StrFormat("%s launch: %s", what, cudaGetErrorString(err)));
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small device helpers.
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared; src_bytes 0 zero-fills the destination.
+__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t addr, uint32_t& r0, uint32_t& r1,
+                                           uint32_t& r2, uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t addr, uint32_t& r0, uint32_t& r1,
+                                                uint32_t& r2, uint32_t& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+// d += a * b, m16n8k16, bf16 inputs, f32 accumulators.
+__device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                        uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo (low 16 bits), .y = hi
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float Bf16Lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float Bf16Hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+
+// Number of keys in the blocks before `block` (for causal masking).
+__device__ __forceinline__ int64_t KeysBefore(const DeviceKvBlock* blocks, int block) {
+  int64_t sum = 0;
+  for (int b = 0; b < block; ++b) sum += blocks[b].num_tokens;
+  return sum;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill: flash-attention-2 with mma.sync.
+//
+// Thread block: NW warps, 16 query rows per warp (Br = 16 * NW rows of one query head), keys in
+// tiles of kBc = 64 rows double-buffered in shared memory (K and V, XOR-swizzled 16-byte chunks
+// so ldmatrix is conflict-free). Grid: x = query tiles, y = query heads, z = splits of the block
+// list. With one split the kernel writes `out`/`lse`; otherwise partial results go to the
+// workspace `[split][q][head][D]` / `[split][q][head]` and MergeSplitsKernel combines them.
+
+constexpr int kBc = 64;
+
+struct PrefillArgs {
+  const uint16_t* q;
+  const DeviceKvBlock* blocks;
+  int num_blocks;
+  int num_q;
+  int num_heads;
+  int num_kv_heads;
+  int group;
+  float scale_log2;
+  int causal;
+  int q_start_pos;
+  int blocks_per_split;
+  float* out;  // [splits?][num_q][num_heads][D]
+  float* lse;  // [splits?][num_q][num_heads]
+};
+
+template <int D>
+__device__ __forceinline__ int SwizzledOffset(int row, int chunk) {
+  return row * D + ((chunk ^ (row & 7)) << 3);
+}
+
+// Copies one kBc x D tile (rows [t0, t0 + valid) of a block; the rest zero-filled) into smem.
+template <int D, int NT>
+__device__ __forceinline__ void LoadTile(uint16_t* smem, const uint16_t* base, int t0, int valid,
+                                         int row_stride, int tid) {
+  constexpr int kChunks = D / 8;
+  const uint32_t smem_base = SmemAddr(smem);
+  static_assert((kBc * kChunks) % NT == 0);
+#pragma unroll
+  for (int it = 0; it < kBc * kChunks / NT; ++it) {
+    const int i = tid + it * NT;
+    const int row = i / kChunks;
+    const int chunk = i % kChunks;
+    const bool ok = row < valid;
+    const uint16_t* src = ok ? base + static_cast<int64_t>(t0 + row) * row_stride + chunk * 8 : base;
+    CpAsync16(smem_base + SwizzledOffset<D>(row, chunk) * 2, src, ok ? 16 : 0);
+  }
+}
+
+template <int D, int NW>
+__global__ void __launch_bounds__(NW * 32)
+    PrefillKernel(const PrefillArgs args) {
+  constexpr int NT = NW * 32;
+  constexpr int kBr = 16 * NW;
+  constexpr int kKSteps = D / 16;    // k-steps of QK^T
+  constexpr int kSTiles = kBc / 8;   // n-tiles of S
+  constexpr int kOTiles = D / 8;     // n-tiles of O
+  constexpr int kTileElems = kBc * D;
+
+  extern __shared__ __align__(128) uint16_t smem[];
+  uint16_t* ks = smem;                    // [2][kBc][D]
+  uint16_t* vs = smem + 2 * kTileElems;   // [2][kBc][D]
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int g = lane >> 2;
+  const int tig = lane & 3;
+  const int head = blockIdx.y;
+  const int kv_head = head / args.group;
+  const int split = blockIdx.z;
+  const int q_tile0 = blockIdx.x * kBr;
+  const int row0 = q_tile0 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
+  const int row1 = row0 + 8;
+  const int kv_row_stride = args.num_kv_heads * D;
+  const int q_row_stride = args.num_heads * D;
+
+  const int b_begin = split * args.blocks_per_split;
+  const int b_end = min(args.num_blocks, b_begin + args.blocks_per_split);
+
+  // Q fragments (A operand), rows beyond num_q are zero.
+  uint32_t qa[kKSteps][4];
+  {
+    const uint16_t* q0 = args.q + static_cast<int64_t>(row0) * q_row_stride + head * D;
+    const uint16_t* q1 = args.q + static_cast<int64_t>(row1) * q_row_stride + head * D;
+    const bool ok0 = row0 < args.num_q;
+    const bool ok1 = row1 < args.num_q;
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      const int c = kk * 16 + tig * 2;
+      qa[kk][0] = ok0 ? *reinterpret_cast<const uint32_t*>(q0 + c) : 0u;
+      qa[kk][1] = ok1 ? *reinterpret_cast<const uint32_t*>(q1 + c) : 0u;
+      qa[kk][2] = ok0 ? *reinterpret_cast<const uint32_t*>(q0 + c + 8) : 0u;
+      qa[kk][3] = ok1 ? *reinterpret_cast<const uint32_t*>(q1 + c + 8) : 0u;
+    }
+  }
+
+  float o[kOTiles][4];
+#pragma unroll
+  for (int n = 0; n < kOTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m0 = kNegInf, m1 = kNegInf;  // running max (log2 domain) of rows row0, row1
+  float l0 = 0.f, l1 = 0.f;          // lane-partial sums of exp2
+
+  // Tile iterator over (block, t0). Skips empty blocks.
+  int cur_b = b_begin, cur_t0 = 0;
+  while (cur_b < b_end && args.blocks[cur_b].num_tokens <= 0) ++cur_b;
+  int64_t cur_key0 = 0;  // key number of the current tile's first row
+  if (args.causal && cur_b < b_end) cur_key0 = KeysBefore(args.blocks, cur_b);
+  // Causal: the largest query position in this tile; keys beyond it are invisible to all rows.
+  const int64_t max_qpos = static_cast<int64_t>(args.q_start_pos) +
+                           min(q_tile0 + kBr, args.num_q) - 1;
+
+  auto tile_active = [&](int b, int64_t key0) {
+    return b < b_end && !(args.causal && key0 > max_qpos);
+  };
+
+  if (tile_active(cur_b, cur_key0)) {
+    const DeviceKvBlock blk = args.blocks[cur_b];
+    LoadTile<D, NT>(ks, static_cast<const uint16_t*>(blk.k) + kv_head * D, 0,
+                    min(kBc, blk.num_tokens), kv_row_stride, tid);
+  }
+  CpAsyncCommit();
+
+  int stage = 0;
+  while (tile_active(cur_b, cur_key0)) {
+    const DeviceKvBlock blk = args.blocks[cur_b];
+    const int valid = min(kBc, blk.num_tokens - cur_t0);
+    // V of this tile.
+    LoadTile<D, NT>(vs + stage * kTileElems, static_cast<const uint16_t*>(blk.v) + kv_head * D,
+                    cur_t0, valid, kv_row_stride, tid);
+    CpAsyncCommit();
+    // Next tile.
+    int nb = cur_b, nt0 = cur_t0 + kBc;
+    int64_t nkey0 = cur_key0 + valid;
+    if (nt0 >= blk.num_tokens) {
+      nt0 = 0;
+      ++nb;
+      while (nb < b_end && args.blocks[nb].num_tokens <= 0) ++nb;
+    }
+    CpAsyncWait<1>();  // K of this tile has landed
+    __syncthreads();
+
+    // S = Q K^T for this warp's 16 rows x 64 keys.
+    float s[kSTiles][4];
+#pragma unroll
+    for (int j = 0; j < kSTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    const uint16_t* kst = ks + stage * kTileElems;
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+#pragma unroll
+      for (int j = 0; j < kSTiles; j += 2) {
+        const int mi = lane >> 3;
+        const int key = 8 * (j + (mi >> 1)) + (lane & 7);
+        const int chunk = 2 * kk + (mi & 1);
+        uint32_t b0, b1, b2, b3;
+        LdMatrixX4(SmemAddr(kst + SwizzledOffset<D>(key, chunk)), b0, b1, b2, b3);
+        MmaBf16(s[j], qa[kk], b0, b1);
+        MmaBf16(s[j + 1], qa[kk], b2, b3);
+      }
+    }
+
+    // Prefetch the next K tile into the other stage (its last reader finished before the
+    // __syncthreads above).
+    const bool has_next = tile_active(nb, nkey0);
+    if (has_next) {
+      const DeviceKvBlock nblk = args.blocks[nb];
+      LoadTile<D, NT>(ks + (stage ^ 1) * kTileElems,
+                      static_cast<const uint16_t*>(nblk.k) + kv_head * D, nt0,
+                      min(kBc, nblk.num_tokens - nt0), kv_row_stride, tid);
+    }
+    CpAsyncCommit();
+
+    // Mask, scale and online softmax.
+    const bool need_mask =
+        valid < kBc || (args.causal && cur_key0 + kBc - 1 > args.q_start_pos + q_tile0);
+    const int64_t qpos0 = static_cast<int64_t>(args.q_start_pos) + row0;
+    const int64_t qpos1 = qpos0 + 8;
+    float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+    for (int j = 0; j < kSTiles; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float v = s[j][e] * args.scale_log2;
+        if (need_mask) {
+          const int col = 8 * j + 2 * tig + (e & 1);
+          const int64_t key = cur_key0 + col;
+          const int64_t qp = (e < 2) ? qpos0 : qpos1;
+          if (col >= valid || (args.causal && key > qp)) v = kNegInf;
+        }
+        s[j][e] = v;
+      }
+      mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+      mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+    const float nm0 = fmaxf(m0, mx0);
+    const float nm1 = fmaxf(m1, mx1);
+    const float use0 = nm0 == kNegInf ? 0.f : nm0;
+    const float use1 = nm1 == kNegInf ? 0.f : nm1;
+    const float corr0 = exp2f(m0 - use0);
+    const float corr1 = exp2f(m1 - use1);
+    m0 = nm0;
+    m1 = nm1;
+    float sum0 = 0.f, sum1 = 0.f;
+    uint32_t pa[kBc / 16][4];
+#pragma unroll
+    for (int j = 0; j < kSTiles; ++j) {
+      const float p0 = exp2f(s[j][0] - use0);
+      const float p1 = exp2f(s[j][1] - use0);
+      const float p2 = exp2f(s[j][2] - use1);
+      const float p3 = exp2f(s[j][3] - use1);
+      sum0 += p0 + p1;
+      sum1 += p2 + p3;
+      // A fragment of P for k-step j/2: tile 2kk -> regs 0,1; tile 2kk+1 -> regs 2,3.
+      pa[j >> 1][(j & 1) * 2 + 0] = PackBf16(p0, p1);
+      pa[j >> 1][(j & 1) * 2 + 1] = PackBf16(p2, p3);
+    }
+    l0 = l0 * corr0 + sum0;
+    l1 = l1 * corr1 + sum1;
+#pragma unroll
+    for (int n = 0; n < kOTiles; ++n) {
+      o[n][0] *= corr0;
+      o[n][1] *= corr0;
+      o[n][2] *= corr1;
+      o[n][3] *= corr1;
+    }
+
+    CpAsyncWait<1>();  // V of this tile has landed
+    __syncthreads();
+
+    // O += P V.
+    const uint16_t* vst = vs + stage * kTileElems;
+#pragma unroll
+    for (int kk = 0; kk < kBc / 16; ++kk) {
+#pragma unroll
+      for (int n = 0; n < kOTiles; n += 2) {
+        const int mi = lane >> 3;
+        const int key = 16 * kk + 8 * (mi & 1) + (lane & 7);
+        const int chunk = n + (mi >> 1);
+        uint32_t b0, b1, b2, b3;
+        LdMatrixX4Trans(SmemAddr(vst + SwizzledOffset<D>(key, chunk)), b0, b1, b2, b3);
+        MmaBf16(o[n], pa[kk], b0, b1);
+        MmaBf16(o[n + 1], pa[kk], b2, b3);
+      }
+    }
+
+    cur_b = nb;
+    cur_t0 = nt0;
+    cur_key0 = nkey0;
+    stage ^= 1;
+  }
+  CpAsyncWait<0>();
+
+  // Finish: full row sums, normalise, write.
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
+  const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+  const int64_t split_rows = static_cast<int64_t>(split) * args.num_q * args.num_heads;
+  if (row0 < args.num_q) {
+    float* dst = args.out + ((split_rows + static_cast<int64_t>(row0) * args.num_heads + head) * D);
+#pragma unroll
+    for (int n = 0; n < kOTiles; ++n) {
+      *reinterpret_cast<float2*>(dst + 8 * n + 2 * tig) = make_float2(o[n][0] * inv0, o[n][1] * inv0);
+    }
+    if (tig == 0) {
+      args.lse[split_rows + static_cast<int64_t>(row0) * args.num_heads + head] =
+          l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : kNegInf;
+    }
+  }
+  if (row1 < args.num_q) {
+    float* dst = args.out + ((split_rows + static_cast<int64_t>(row1) * args.num_heads + head) * D);
+#pragma unroll
+    for (int n = 0; n < kOTiles; ++n) {
+      *reinterpret_cast<float2*>(dst + 8 * n + 2 * tig) = make_float2(o[n][2] * inv1, o[n][3] * inv1);
+    }
+    if (tig == 0) {
+      args.lse[split_rows + static_cast<int64_t>(row1) * args.num_heads + head] =
+          l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : kNegInf;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode: split-KV over (block, chunk) work items on CUDA cores.
+//
+// Thread block of kDecodeThreads threads handles one work item (a chunk of one block), one KV
+// head, G query heads of its group and one query token. D/8 lanes share a token (each holds 8
+// dims as one 16-byte load); the kDecodeThreads / (D/8) token groups walk the chunk, U tokens
+// per step each, with an online softmax per group; groups combine through shared memory. Grid:
+// x = work items, y = num_kv_heads * (group / G), z = query tokens. Writes either out/lse (one
+// work item) or the workspace partials `[q][head][item][D]` / `[q][head][item]`.
+
+constexpr int kDecodeThreads = 128;
+constexpr int kDecodeUnroll = 4;
+
+struct DecodeArgs {
+  const uint16_t* q;
+  const DeviceKvBlock* blocks;
+  int num_blocks;
+  int chunks_per_block;
+  int chunk_tokens;
+  int num_items;
+  int num_q;
+  int num_heads;
+  int num_kv_heads;
+  int group;
+  float scale_log2;
+  int causal;
+  int q_start_pos;
+  float* out;  // final [q][H][D] if num_items == 1, else partial [q][H][items][D]
+  float* lse;  // final [q][H] if num_items == 1, else partial [q][H][items]
+};
+
+template <int D, int G>
+__global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs args) {
+  constexpr int kLanes = D / 8;                       // lanes per token
+  constexpr int kGroups = kDecodeThreads / kLanes;    // token groups per thread block
+  constexpr int U = kDecodeUnroll;
+  __shared__ float sm_m[kGroups][G];
+  __shared__ float sm_l[kGroups][G];
+  __shared__ float sm_acc[kGroups][G][D];
+
+  const int tid = threadIdx.x;
+  const int sub = tid % kLanes;  // which 8 dims
+  const int grp = tid / kLanes;
+  const int item = blockIdx.x;
+  const int heads_per_cta_group = args.group / G;
+  const int kv_head = blockIdx.y / heads_per_cta_group;
+  const int head0 = kv_head * args.group + (blockIdx.y % heads_per_cta_group) * G;
+  const int qi = blockIdx.z;
+  const int block = item / args.chunks_per_block;
+  const int chunk = item % args.chunks_per_block;
+  const DeviceKvBlock blk = args.blocks[block];
+  const int t_begin = chunk * args.chunk_tokens;
+  const int t_end = min(blk.num_tokens, t_begin + args.chunk_tokens);
+  int64_t key0 = 0;  // key number of token t_begin
+  if (args.causal) key0 = KeysBefore(args.blocks, block) + t_begin;
+  const int64_t qpos = static_cast<int64_t>(args.q_start_pos) + qi;
+
+  // Query slice in float32.
+  float qf[G][8];
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(
+        args.q + (static_cast<int64_t>(qi) * args.num_heads + head0 + h) * D + sub * 8);
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      qf[h][2 * i] = Bf16Lo(w[i]) * args.scale_log2;
+      qf[h][2 * i + 1] = Bf16Hi(w[i]) * args.scale_log2;
+    }
+  }
+
+  float m[G], l[G], acc[G][8];
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    m[h] = kNegInf;
+    l[h] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[h][i] = 0.f;
+  }
+
+  const int row_stride = args.num_kv_heads * D;
+  const uint16_t* kbase = static_cast<const uint16_t*>(blk.k) + kv_head * D + sub * 8;
+  const uint16_t* vbase = static_cast<const uint16_t*>(blk.v) + kv_head * D + sub * 8;
+
+  for (int t = t_begin + grp; t < t_end; t += kGroups * U) {
+    uint4 kr[U], vr[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int tt = t + u * kGroups;
+      if (tt < t_end) {
+        kr[u] = __ldg(reinterpret_cast<const uint4*>(kbase + static_cast<int64_t>(tt) * row_stride));
+        vr[u] = __ldg(reinterpret_cast<const uint4*>(vbase + static_cast<int64_t>(tt) * row_stride));
+      } else {
+        kr[u] = make_uint4(0, 0, 0, 0);
+        vr[u] = make_uint4(0, 0, 0, 0);
+      }
+    }
+    float s[U][G];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const uint32_t w[4] = {kr[u].x, kr[u].y, kr[u].z, kr[u].w};
+      float kf[8];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        kf[2 * i] = Bf16Lo(w[i]);
+        kf[2 * i + 1] = Bf16Hi(w[i]);
+      }
+#pragma unroll
+      for (int h = 0; h < G; ++h) {
+        float d = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) d = fmaf(qf[h][i], kf[i], d);
+        s[u][h] = d;
+      }
+    }
+#pragma unroll
+    for (int off = kLanes / 2; off > 0; off >>= 1) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int h = 0; h < G; ++h) s[u][h] += __shfl_xor_sync(0xffffffffu, s[u][h], off);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int tt = t + u * kGroups;
+      const bool visible =
+          tt < t_end && !(args.causal && key0 + (tt - t_begin) > qpos);
+      if (!visible) {
+#pragma unroll
+        for (int h = 0; h < G; ++h) s[u][h] = kNegInf;
+      }
+    }
+    float vf[U][8];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const uint32_t w[4] = {vr[u].x, vr[u].y, vr[u].z, vr[u].w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        vf[u][2 * i] = Bf16Lo(w[i]);
+        vf[u][2 * i + 1] = Bf16Hi(w[i]);
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      float mx = s[0][h];
+#pragma unroll
+      for (int u = 1; u < U; ++u) mx = fmaxf(mx, s[u][h]);
+      const float nm = fmaxf(m[h], mx);
+      const float use = nm == kNegInf ? 0.f : nm;
+      const float corr = exp2f(m[h] - use);
+      m[h] = nm;
+      float p[U];
+      float psum = 0.f;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        p[u] = exp2f(s[u][h] - use);
+        psum += p[u];
+      }
+      l[h] = l[h] * corr + psum;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        float a = acc[h][i] * corr;
+#pragma unroll
+        for (int u = 0; u < U; ++u) a = fmaf(p[u], vf[u][i], a);
+        acc[h][i] = a;
+      }
+    }
+  }
+
+  // Combine the token groups.
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    if (sub == 0) {
+      sm_m[grp][h] = m[h];
+      sm_l[grp][h] = l[h];
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sm_acc[grp][h][sub * 8 + i] = acc[h][i];
+  }
+  __syncthreads();
+  const bool final_out = args.num_items == 1;
+  for (int idx = tid; idx < G * D; idx += kDecodeThreads) {
+    const int h = idx / D;
+    const int d = idx % D;
+    float mm = kNegInf;
+#pragma unroll
+    for (int gi = 0; gi < kGroups; ++gi) mm = fmaxf(mm, sm_m[gi][h]);
+    const float use = mm == kNegInf ? 0.f : mm;
+    float ll = 0.f, oo = 0.f;
+#pragma unroll
+    for (int gi = 0; gi < kGroups; ++gi) {
+      const float w = exp2f(sm_m[gi][h] - use);
+      ll = fmaf(sm_l[gi][h], w, ll);
+      oo = fmaf(sm_acc[gi][h][d], w, oo);
+    }
+    const float out_v = ll > 0.f ? oo / ll : 0.f;
+    const float lse_v = ll > 0.f ? (mm + log2f(ll)) * kLn2 : kNegInf;
+    const int64_t row = static_cast<int64_t>(qi) * args.num_heads + head0 + h;
+    if (final_out) {
+      args.out[row * D + d] = out_v;
+      if (d == 0) args.lse[row] = lse_v;
+    } else {
+      args.out[(row * args.num_items + item) * D + d] = out_v;
+      if (d == 0) args.lse[row * args.num_items + item] = lse_v;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Merges. MergeSplitsKernel: one thread block per row; partial p of row r at
+// o + p * o_part_stride + r * o_row_stride (D contiguous floats) and lse + p * l_part_stride +
+// r * l_row_stride. 256 threads: D/4 float4 lanes x (256 / (D/4)) partial groups.
+
+constexpr int kMergeThreads = 256;
+
+template <int D>
+__global__ void __launch_bounds__(kMergeThreads)
+    MergeSplitsKernel(const float* __restrict__ o, int64_t o_part_stride, int64_t o_row_stride,
+                      const float* __restrict__ lse, int64_t l_part_stride, int64_t l_row_stride,
+                      int num_parts, float* __restrict__ out, float* __restrict__ lse_out) {
+  constexpr int kLanes = D / 4;
+  constexpr int kPGroups = kMergeThreads / kLanes;
+  __shared__ float red[kMergeThreads / 32];
+  __shared__ float4 acc_sm[kPGroups][kLanes];
+  __shared__ float w_sm[kPGroups];
+  const int64_t row = blockIdx.x;
+  const int tid = threadIdx.x;
+  const float* lrow = lse + row * l_row_stride;
+
+  // Max LSE over the parts.
+  float mx = kNegInf;
+  for (int p = tid; p < num_parts; p += kMergeThreads) mx = fmaxf(mx, lrow[p * l_part_stride]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  if ((tid & 31) == 0) red[tid >> 5] = mx;
+  __syncthreads();
+  mx = red[0];
+#pragma unroll
+  for (int i = 1; i < kMergeThreads / 32; ++i) mx = fmaxf(mx, red[i]);
+  const float use = mx == kNegInf ? 0.f : mx;
+
+  const int lane4 = tid % kLanes;
+  const int pg = tid / kLanes;
+  float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+  float wsum = 0.f;
+  const float* orow = o + row * o_row_stride + lane4 * 4;
+#pragma unroll 4
+  for (int p = pg; p < num_parts; p += kPGroups) {
+    const float w = __expf(lrow[p * l_part_stride] - use);
+    const float4 v = *reinterpret_cast<const float4*>(orow + p * o_part_stride);
+    a.x = fmaf(w, v.x, a.x);
+    a.y = fmaf(w, v.y, a.y);
+    a.z = fmaf(w, v.z, a.z);
+    a.w = fmaf(w, v.w, a.w);
+    wsum += w;
+  }
+  acc_sm[pg][lane4] = a;
+  if (lane4 == 0) w_sm[pg] = wsum;
+  __syncthreads();
+  if (pg == 0) {
+    float ws = 0.f;
+    float4 t = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int i = 0; i < kPGroups; ++i) {
+      const float4 v = acc_sm[i][lane4];
+      t.x += v.x;
+      t.y += v.y;
+      t.z += v.z;
+      t.w += v.w;
+      ws += w_sm[i];
+    }
+    const float inv = ws > 0.f ? 1.f / ws : 0.f;
+    *reinterpret_cast<float4*>(out + row * D + lane4 * 4) =
+        make_float4(t.x * inv, t.y * inv, t.z * inv, t.w * inv);
+    if (lane4 == 0) lse_out[row] = ws > 0.f ? use + logf(ws) : kNegInf;
+  }
+}
+
+// Generic-D n-way merge for head dims other than 64/128 (one thread per output element).
+__global__ void MergeNGenericKernel(const float* __restrict__ o, const float* __restrict__ lse,
+                                    int num_parts, int64_t num_rows, int d_size,
+                                    float* __restrict__ out, float* __restrict__ lse_out) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= num_rows * d_size) return;
+  const int64_t row = idx / d_size;
+  const int d = static_cast<int>(idx % d_size);
+  float mx = kNegInf;
+  for (int p = 0; p < num_parts; ++p) mx = fmaxf(mx, lse[p * num_rows + row]);
+  const float use = mx == kNegInf ? 0.f : mx;
+  float ws = 0.f, acc = 0.f;
+  for (int p = 0; p < num_parts; ++p) {
+    const float w = __expf(lse[p * num_rows + row] - use);
+    ws += w;
+    acc = fmaf(w, o[(p * num_rows + row) * d_size + d], acc);
+  }
+  out[idx] = ws > 0.f ? acc / ws : 0.f;
+  if (d == 0) lse_out[row] = ws > 0.f ? use + logf(ws) : kNegInf;
+}
+
+// In-place two-way merge: a <- merge(a, b). One thread per 4 elements; a row's threads are in
+// one warp (D/4 <= 32 divides 32) or a row spans whole warps with a barrier-free layout where
+// only lane 0 of the row's first warp writes the LSE after every reader of that row has read it.
+__global__ void Merge2Kernel(float* __restrict__ out_a, float* __restrict__ lse_a,
+                             const float* __restrict__ out_b, const float* __restrict__ lse_b,
+                             int64_t num_rows, int d4) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool active = idx < num_rows * d4;
+  const int64_t row = active ? idx / d4 : 0;
+  const int c = active ? static_cast<int>(idx % d4) : 0;
+  float la = kNegInf, lb = kNegInf;
+  if (active) {
+    la = lse_a[row];
+    lb = lse_b[row];
+  }
+  const float mx = fmaxf(la, lb);
+  const float use = mx == kNegInf ? 0.f : mx;
+  const float wa = __expf(la - use);
+  const float wb = __expf(lb - use);
+  const float ws = wa + wb;
+  const float inv = ws > 0.f ? 1.f / ws : 0.f;
+  if (active) {
+    float4* pa = reinterpret_cast<float4*>(out_a + row * d4 * 4) + c;
+    const float4 va = *pa;
+    const float4 vb = reinterpret_cast<const float4*>(out_b + row * d4 * 4)[c];
+    *pa = make_float4((wa * va.x + wb * vb.x) * inv, (wa * va.y + wb * vb.y) * inv,
+                      (wa * va.z + wb * vb.z) * inv, (wa * va.w + wb * vb.w) * inv);
+  }
+  __syncthreads();  // every thread of the block has read its rows' lse_a
+  if (active && c == 0) lse_a[row] = ws > 0.f ? use + logf(ws) : kNegInf;
+}
+
+// Fills out with 0 and lse with -inf (a partial over no keys).
+__global__ void FillEmptyKernel(float* out, float* lse, int64_t num_rows, int d_size) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx < num_rows * d_size) out[idx] = 0.f;
+  if (idx < num_rows) lse[idx] = kNegInf;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side: validation, configuration, launches.
+
+absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
+  if (p.num_q_tokens < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PagedAttention: num_q_tokens = %d < 0", p.num_q_tokens));
+  }
+  if (p.num_blocks < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PagedAttention: num_blocks = %d < 0", p.num_blocks));
+  }
+  if (p.num_kv_heads <= 0 || p.num_heads <= 0 || p.num_heads % p.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: num_heads = %d must be a positive multiple of num_kv_heads = %d",
+        p.num_heads, p.num_kv_heads));
+  }
+  if (p.head_dim != 64 && p.head_dim != 128) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PagedAttention: head_dim = %d, supported: 64, 128", p.head_dim));
+  }
+  if (p.num_blocks > 0 && p.max_block_tokens <= 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: max_block_tokens = %d must be > 0", p.max_block_tokens));
+  }
+  if (p.q_start_pos < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PagedAttention: q_start_pos = %d < 0", p.q_start_pos));
+  }
+  if (p.num_q_tokens > 65535 && kernel == AttentionKernel::kDecode) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: num_q_tokens = %d > 65535 with the decode kernel", p.num_q_tokens));
+  }
+  if (p.prefill_warps != 0 && p.prefill_warps != 4 && p.prefill_warps != 8) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: prefill_warps = %d, supported: 0 (auto), 4, 8", p.prefill_warps));
+  }
+  if (p.num_splits < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PagedAttention: num_splits = %d < 0", p.num_splits));
+  }
+  if (p.num_q_tokens > 0) {
+    if (p.out == nullptr || p.lse == nullptr) {
+      return absl::InvalidArgumentError("PagedAttention: out and lse must not be null");
+    }
+    if (p.num_blocks > 0 && (p.q == nullptr || p.blocks == nullptr)) {
+      return absl::InvalidArgumentError("PagedAttention: q and blocks must not be null");
+    }
+  }
+  return absl::OkStatus();
+}
+
+struct Config {
+  AttentionKernel kernel = AttentionKernel::kPrefill;
+  int prefill_warps = 4;
+  int splits = 1;           // prefill: splits of the block list
+  int chunks_per_block = 1; // decode
+  int chunk_tokens = 0;     // decode
+  int items = 1;            // decode: num_blocks * chunks_per_block
+  int decode_g = 1;         // decode: query heads per thread block
+  size_t workspace_bytes = 0;
+};
+
+template <int D, int NW>
+int PrefillSmemBytes() {
+  return 4 * kBc * D * static_cast<int>(sizeof(uint16_t));
+}
+
+template <int D, int NW>
+absl::Status PreparePrefill() {
+  // Raise the dynamic shared memory limit once per process (per device would be more exact; all
+  // devices we target are the same kind).
+  static const cudaError_t err = cudaFuncSetAttribute(
+      PrefillKernel<D, NW>, cudaFuncAttributeMaxDynamicSharedMemorySize, PrefillSmemBytes<D, NW>());
+  if (err != cudaSuccess) {
+    return absl::InternalError(
+        absl::StrFormat("cudaFuncSetAttribute(prefill): %s", cudaGetErrorString(err)));
+  }
+  return absl::OkStatus();
+}
+
+template <int D, int NW>
+absl::StatusOr<int> PrefillBlocksPerSmT() {
+  if (absl::Status s = PreparePrefill<D, NW>(); !s.ok()) return s;
+  static int blocks = -1;
+  static cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &blocks, PrefillKernel<D, NW>, NW * 32, PrefillSmemBytes<D, NW>());
+  if (err != cudaSuccess) {
+    return absl::InternalError(
+        absl::StrFormat("cudaOccupancyMaxActiveBlocksPerMultiprocessor: %s",
+                        cudaGetErrorString(err)));
+  }
+  return blocks;
+}
+
+absl::StatusOr<int> PrefillBlocksPerSm(int d, int nw) {
+  if (d == 128) return nw == 8 ? PrefillBlocksPerSmT<128, 8>() : PrefillBlocksPerSmT<128, 4>();
+  return nw == 8 ? PrefillBlocksPerSmT<64, 8>() : PrefillBlocksPerSmT<64, 4>();
+}
+
+absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKernel kernel) {
+  if (absl::Status s = Validate(p, kernel); !s.ok()) return s;
+  Config c;
+  if (p.num_q_tokens == 0 || p.num_blocks == 0) return c;
+  absl::StatusOr<DeviceInfo> info = GetDeviceInfo();
+  if (!info.ok()) return info.status();
+  const int num_sms = std::max(1, info->num_sms);
+  if (kernel == AttentionKernel::kAuto) {
+    kernel = p.num_q_tokens <= kDecodeMaxQueryTokens ? AttentionKernel::kDecode
+                                                    : AttentionKernel::kPrefill;
+  }
+  c.kernel = kernel;
+  const int group = p.num_heads / p.num_kv_heads;
+  if (kernel == AttentionKernel::kPrefill) {
+    c.prefill_warps = p.prefill_warps != 0 ? p.prefill_warps : (p.num_q_tokens >= 512 ? 8 : 4);
+    const int br = 16 * c.prefill_warps;
+    const int64_t ctas = static_cast<int64_t>((p.num_q_tokens + br - 1) / br) * p.num_heads;
+    absl::StatusOr<int> per_sm = PrefillBlocksPerSm(p.head_dim, c.prefill_warps);
+    if (!per_sm.ok()) return per_sm.status();
+    const int64_t slots = static_cast<int64_t>(num_sms) * std::max(1, *per_sm);
+    int splits = p.num_splits;
+    if (splits == 0) {
+      // Pick the split count with the best wave efficiency, preferring fewer splits.
+      double best = 0.0;
+      splits = 1;
+      for (int s = 1; s <= 8; ++s) {
+        const double waves = static_cast<double>(ctas * s) / static_cast<double>(slots);
+        const double eff = waves / std::ceil(waves) - 0.02 * (s - 1);
+        if (eff > best + 1e-9) {
+          best = eff;
+          splits = s;
+        }
+      }
+    }
+    splits = std::max(1, std::min(splits, p.num_blocks));
+    const int bps = (p.num_blocks + splits - 1) / splits;
+    c.splits = (p.num_blocks + bps - 1) / bps;
+    if (c.splits > 1) {
+      const int64_t rows = static_cast<int64_t>(p.num_q_tokens) * p.num_heads;
+      c.workspace_bytes = static_cast<size_t>(c.splits) * rows * (p.head_dim + 1) * sizeof(float);
+      c.workspace_bytes = (c.workspace_bytes + 255) / 256 * 256;
+    }
+  } else {
+    c.decode_g = group % 8 == 0 ? 8 : group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
+    const int64_t base_ctas = static_cast<int64_t>(p.num_blocks) * p.num_kv_heads *
+                              (group / c.decode_g) * p.num_q_tokens;
+    const int64_t target = static_cast<int64_t>(num_sms) * 8;
+    int cpb = 1;
+    if (p.num_splits > 0) {
+      cpb = std::max(1, p.num_splits / std::max(1, p.num_blocks));
+    } else if (base_ctas < target) {
+      cpb = static_cast<int>((target + base_ctas - 1) / base_ctas);
+    }
+    // Chunks of at least 64 tokens, multiples of 16.
+    int chunk = (p.max_block_tokens + cpb - 1) / cpb;
+    chunk = std::max(64, (chunk + 15) / 16 * 16);
+    chunk = std::min(chunk, p.max_block_tokens);
+    c.chunk_tokens = chunk;
+    c.chunks_per_block = (p.max_block_tokens + chunk - 1) / chunk;
+    c.items = p.num_blocks * c.chunks_per_block;
+    if (c.items > 1) {
+      const int64_t rows = static_cast<int64_t>(p.num_q_tokens) * p.num_heads;
+      c.workspace_bytes = static_cast<size_t>(c.items) * rows * (p.head_dim + 1) * sizeof(float);
+      c.workspace_bytes = (c.workspace_bytes + 255) / 256 * 256;
+    }
+  }
+  return c;
+}
+
+template <int D, int NW>
+absl::Status LaunchPrefill(const PagedAttentionParams& p, const Config& c, float scale_log2,
+                           float* out, float* lse, cudaStream_t stream) {
+  if (absl::Status s = PreparePrefill<D, NW>(); !s.ok()) return s;
+  PrefillArgs a;
+  a.q = static_cast<const uint16_t*>(p.q);
+  a.blocks = p.blocks;
+  a.num_blocks = p.num_blocks;
+  a.num_q = p.num_q_tokens;
+  a.num_heads = p.num_heads;
+  a.num_kv_heads = p.num_kv_heads;
+  a.group = p.num_heads / p.num_kv_heads;
+  a.scale_log2 = scale_log2;
+  a.causal = p.causal ? 1 : 0;
+  a.q_start_pos = p.q_start_pos;
+  a.blocks_per_split = (p.num_blocks + c.splits - 1) / c.splits;
+  a.out = out;
+  a.lse = lse;
+  const dim3 grid((p.num_q_tokens + 16 * NW - 1) / (16 * NW), p.num_heads, c.splits);
+  PrefillKernel<D, NW><<<grid, NW * 32, PrefillSmemBytes<D, NW>(), stream>>>(a);
+  return LaunchStatus("prefill attention");
+}
+
+template <int D, int G>
+absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float scale_log2,
+                          float* out, float* lse, cudaStream_t stream) {
+  DecodeArgs a;
+  a.q = static_cast<const uint16_t*>(p.q);
+  a.blocks = p.blocks;
+  a.num_blocks = p.num_blocks;
+  a.chunks_per_block = c.chunks_per_block;
+  a.chunk_tokens = c.chunk_tokens;
+  a.num_items = c.items;
+  a.num_q = p.num_q_tokens;
+  a.num_heads = p.num_heads;
+  a.num_kv_heads = p.num_kv_heads;
+  a.group = p.num_heads / p.num_kv_heads;
+  a.scale_log2 = scale_log2;
+  a.causal = p.causal ? 1 : 0;
+  a.q_start_pos = p.q_start_pos;
+  a.out = out;
+  a.lse = lse;
+  const dim3 grid(c.items, p.num_kv_heads * (a.group / G), p.num_q_tokens);
+  DecodeKernel<D, G><<<grid, kDecodeThreads, 0, stream>>>(a);
+  return LaunchStatus("decode attention");
+}
+
+template <int D>
+absl::Status LaunchDecodeD(const PagedAttentionParams& p, const Config& c, float scale_log2,
+                           float* out, float* lse, cudaStream_t stream) {
+  switch (c.decode_g) {
+    case 8:
+      return LaunchDecode<D, 8>(p, c, scale_log2, out, lse, stream);
+    case 4:
+      return LaunchDecode<D, 4>(p, c, scale_log2, out, lse, stream);
+    case 2:
+      return LaunchDecode<D, 2>(p, c, scale_log2, out, lse, stream);
+    default:
+      return LaunchDecode<D, 1>(p, c, scale_log2, out, lse, stream);
+  }
+}
+
+absl::Status LaunchMergeSplits(const float* o, int64_t o_part_stride, int64_t o_row_stride,
+                               const float* l, int64_t l_part_stride, int64_t l_row_stride,
+                               int parts, int64_t rows, int d, float* out, float* lse,
+                               cudaStream_t stream) {
+  if (rows == 0) return absl::OkStatus();
+  if (d == 128) {
+    MergeSplitsKernel<128><<<rows, kMergeThreads, 0, stream>>>(
+        o, o_part_stride, o_row_stride, l, l_part_stride, l_row_stride, parts, out, lse);
+  } else {
+    MergeSplitsKernel<64><<<rows, kMergeThreads, 0, stream>>>(
+        o, o_part_stride, o_row_stride, l, l_part_stride, l_row_stride, parts, out, lse);
+  }
+  return LaunchStatus("merge splits");
+}
+
+}  // namespace
+
+absl::StatusOr<size_t> PagedAttentionWorkspaceBytes(const PagedAttentionParams& params,
+                                                    AttentionKernel kernel) {
+  absl::StatusOr<Config> c = ChooseConfig(params, kernel);
+  if (!c.ok()) return c.status();
+  return c->workspace_bytes;
+}
+
+absl::Status PagedAttention(const PagedAttentionParams& p, AttentionKernel kernel,
+                            cudaStream_t stream) {
+  absl::StatusOr<Config> cfg = ChooseConfig(p, kernel);
+  if (!cfg.ok()) return cfg.status();
+  const Config& c = *cfg;
+  if (p.num_q_tokens == 0) return absl::OkStatus();
+  const int64_t rows = static_cast<int64_t>(p.num_q_tokens) * p.num_heads;
+  if (p.num_blocks == 0) {
+    const int64_t n = rows * p.head_dim;
+    FillEmptyKernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(p.out, p.lse, rows,
+                                                                                p.head_dim);
+    return LaunchStatus("fill empty partial");
+  }
+  if (c.workspace_bytes > 0 && (p.workspace == nullptr || p.workspace_bytes < c.workspace_bytes)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: workspace_bytes = %u, needs %u (see PagedAttentionWorkspaceBytes)",
+        p.workspace_bytes, c.workspace_bytes));
+  }
+  const float scale = p.softmax_scale > 0.f ? p.softmax_scale
+                                            : 1.0f / std::sqrt(static_cast<float>(p.head_dim));
+  const float scale_log2 = scale * kLog2e;
+  const int d = p.head_dim;
+  if (c.kernel == AttentionKernel::kPrefill) {
+    float* out = p.out;
+    float* lse = p.lse;
+    if (c.splits > 1) {
+      out = static_cast<float*>(p.workspace);
+      lse = out + static_cast<int64_t>(c.splits) * rows * d;
+    }
+    absl::Status s;
+    if (d == 128) {
+      s = c.prefill_warps == 8 ? LaunchPrefill<128, 8>(p, c, scale_log2, out, lse, stream)
+                               : LaunchPrefill<128, 4>(p, c, scale_log2, out, lse, stream);
+    } else {
+      s = c.prefill_warps == 8 ? LaunchPrefill<64, 8>(p, c, scale_log2, out, lse, stream)
+                               : LaunchPrefill<64, 4>(p, c, scale_log2, out, lse, stream);
+    }
+    if (!s.ok() || c.splits == 1) return s;
+    // Partials are [split][row][D] and [split][row].
+    return LaunchMergeSplits(out, rows * d, d, lse, rows, 1, c.splits, rows, d, p.out, p.lse,
+                             stream);
+  }
+  float* out = p.out;
+  float* lse = p.lse;
+  if (c.items > 1) {
+    out = static_cast<float*>(p.workspace);
+    lse = out + static_cast<int64_t>(c.items) * rows * d;
+  }
+  absl::Status s = d == 128 ? LaunchDecodeD<128>(p, c, scale_log2, out, lse, stream)
+                            : LaunchDecodeD<64>(p, c, scale_log2, out, lse, stream);
+  if (!s.ok() || c.items == 1) return s;
+  // Partials are [row][item][D] and [row][item].
+  return LaunchMergeSplits(out, d, static_cast<int64_t>(c.items) * d, lse, 1, c.items, c.items,
+                           rows, d, p.out, p.lse, stream);
+}
+
+absl::Status MergePartials(float* out_a, float* lse_a, const float* out_b, const float* lse_b,
+                           int64_t num_rows, int32_t head_dim, cudaStream_t stream) {
+  if (num_rows < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("MergePartials: num_rows = %d < 0", num_rows));
+  }
+  if (head_dim <= 0 || head_dim % 4 != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "MergePartials: head_dim = %d must be a positive multiple of 4", head_dim));
+  }
+  if (num_rows == 0) return absl::OkStatus();
+  if (out_a == nullptr || lse_a == nullptr || out_b == nullptr || lse_b == nullptr) {
+    return absl::InvalidArgumentError("MergePartials: a pointer is null");
+  }
+  const int d4 = head_dim / 4;
+  const int64_t n = num_rows * d4;
+  // A row's threads must sit in one thread block (the LSE is written after a block barrier).
+  const int threads = d4 <= 256 ? 256 / d4 * d4 : d4;
+  if (threads > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("MergePartials: head_dim = %d > 4096 is not supported", head_dim));
+  }
+  Merge2Kernel<<<static_cast<unsigned>((n + threads - 1) / threads), threads, 0, stream>>>(
+      out_a, lse_a, out_b, lse_b, num_rows, d4);
+  return LaunchStatus("merge partials");
+}
+
+absl::Status MergePartialsN(const float* outs, const float* lses, int32_t num_partials,
+                            int64_t num_rows, int32_t head_dim, float* out, float* lse,
+                            cudaStream_t stream) {
+  if (num_partials < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("MergePartialsN: num_partials = %d < 0", num_partials));
+  }
+  if (num_rows < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("MergePartialsN: num_rows = %d < 0", num_rows));
+  }
+  if (head_dim <= 0 || head_dim % 4 != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "MergePartialsN: head_dim = %d must be a positive multiple of 4", head_dim));
+  }
+  if (num_rows == 0) return absl::OkStatus();
+  if (out == nullptr || lse == nullptr || (num_partials > 0 && (outs == nullptr || lses == nullptr))) {
+    return absl::InvalidArgumentError("MergePartialsN: a pointer is null");
+  }
+  if (num_partials == 0) {
+    const int64_t n = num_rows * head_dim;
+    FillEmptyKernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(out, lse, num_rows,
+                                                                                head_dim);
+    return LaunchStatus("fill empty partial");
+  }
+  if (head_dim == 128 || head_dim == 64) {
+    return LaunchMergeSplits(outs, num_rows * head_dim, head_dim, lses, num_rows, 1, num_partials,
+                             num_rows, head_dim, out, lse, stream);
+  }
+  const int64_t n = num_rows * head_dim;
+  MergeNGenericKernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
+      outs, lses, num_partials, num_rows, head_dim, out, lse);
+  return LaunchStatus("merge partials n-way");
+}
+
+}  // namespace tokenlake::attention::cuda

@@ -1,0 +1,147 @@
+// CUDA partial attention over paged segment blocks, and the merge of partials (sm_90, bf16 KV).
+//
+// This is the GPU twin of the CPU kernels in attention/attention.h and follows the SAME
+// conventions (see /work/shared/design/TOKENLAKE.md section 4.5 and the attention module):
+//
+// KV layout. A segment of S tokens keeps, per layer, a K block and a V block, each
+//   `[S][num_kv_heads][head_dim]` bfloat16 (raw uint16 bits, RNE), row-major, token stride
+//   num_kv_heads * head_dim elements. A `DeviceKvBlock` points at one layer's K and V block of one
+//   segment (device memory, 16-byte aligned) and says how many leading token rows are valid
+//   (a part-segment uses the first num_tokens rows).
+// Keys. The keys of a call are the concatenation of its blocks' valid rows, in order, numbered
+//   0, 1, ... (so a part-segment in the middle of the list is allowed).
+// Queries. `q` is `[num_q_tokens][num_heads][head_dim]` bfloat16 bits, row-major (device).
+//   GQA: query head h reads KV head h / (num_heads / num_kv_heads).
+// Scores. s = softmax_scale * <q, k>; softmax_scale <= 0 means 1/sqrt(head_dim).
+// Causal. With causal = true, key j is visible to query i iff j <= q_start_pos + i. Partials over
+//   cached segments use causal = false; the partial over the new tokens' own KV uses causal = true
+//   and q_start_pos = 0.
+// Output of a partial. `out` is `[num_q_tokens][num_heads][head_dim]` float32, normalised within
+//   the partial; `lse` is `[num_q_tokens][num_heads]` float32, NATURAL log:
+//   lse = m + log(sum_j exp(s_j - m)). A query with no visible key gets out = 0 and lse = -inf.
+// Arithmetic. bf16 operands, float32 accumulation (tensor cores for prefill), float32 softmax.
+//   Results match a float64 reference to a relative L2 error of about 1e-3 (bf16 rounding of the
+//   softmax probabilities before the P*V product, as flash-attention does).
+//
+// Kernels. Two implementations of the same function:
+//   - prefill: flash-attention-2 tiling, mma.sync m16n8k16 bf16 tensor cores, 64-key tiles
+//     double-buffered through cp.async, optional split over the block list with a merge;
+//     for many query tokens.
+//   - decode: split-KV, CUDA cores, 16-byte loads, every (segment chunk, KV head) in its own
+//     thread block serving all query heads of the group, then a merge; memory-bandwidth bound;
+//     for a few query tokens.
+//   kAuto picks decode for num_q_tokens <= kDecodeMaxQueryTokens, else prefill.
+//
+// Thread-safety: every function is thread-safe; calls on one stream run in stream order. No
+// function synchronises the stream; errors of the asynchronous kernels show at the caller's next
+// synchronisation. All pointers are device pointers and are borrowed for the duration of the
+// enqueued work.
+#ifndef TOKENLAKE_ATTENTION_CUDA_PAGED_ATTENTION_H_
+#define TOKENLAKE_ATTENTION_CUDA_PAGED_ATTENTION_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace tokenlake::attention::cuda {
+
+// One layer's K and V block of one segment, in device memory. 24 bytes, trivially copyable: the
+// caller builds an array of these and copies it to the device.
+struct DeviceKvBlock {
+  // `[max_block_tokens][num_kv_heads][head_dim]` bf16 bits, 16-byte aligned, device memory.
+  const void* k = nullptr;
+  // Same shape, layout and dtype as k.
+  const void* v = nullptr;
+  // Valid leading token rows, 0 <= num_tokens <= max_block_tokens.
+  int32_t num_tokens = 0;
+  int32_t reserved = 0;
+};
+static_assert(sizeof(DeviceKvBlock) == 24);
+
+// Which kernel computes a partial.
+enum class AttentionKernel { kAuto, kPrefill, kDecode };
+
+// kAuto uses the decode kernel up to this many query tokens.
+inline constexpr int32_t kDecodeMaxQueryTokens = 8;
+
+// The arguments of one partial attention: one request's query tokens over one list of blocks.
+struct PagedAttentionParams {
+  // `[num_q_tokens][num_heads][head_dim]` bf16 bits, device, 4-byte aligned.
+  const void* q = nullptr;
+  // Number of query tokens (>= 0; 0 enqueues nothing).
+  int32_t num_q_tokens = 0;
+  // Device array `[num_blocks]` of block descriptors.
+  const DeviceKvBlock* blocks = nullptr;
+  // Number of blocks (>= 0; 0 gives out = 0, lse = -inf everywhere).
+  int32_t num_blocks = 0;
+  // S: the capacity of every block in tokens; every blocks[i].num_tokens <= S.
+  int32_t max_block_tokens = 0;
+  // Query heads; a multiple of num_kv_heads.
+  int32_t num_heads = 32;
+  // KV heads.
+  int32_t num_kv_heads = 8;
+  // Elements per head: 64 or 128.
+  int32_t head_dim = 128;
+  // Score scale; <= 0 means 1/sqrt(head_dim).
+  float softmax_scale = 0.0f;
+  // Causal masking over the concatenated keys (see the file comment).
+  bool causal = false;
+  // Position of query 0 in key numbering, for causal masking (>= 0).
+  int32_t q_start_pos = 0;
+  // Output `[num_q_tokens][num_heads][head_dim]` float32, device. Fully written.
+  float* out = nullptr;
+  // Output `[num_q_tokens][num_heads]` float32 natural-log LSE, device. Fully written.
+  float* lse = nullptr;
+  // Caller-owned device scratch of at least PagedAttentionWorkspaceBytes(*this, kernel) bytes,
+  // 16-byte aligned; may be null when that size is 0. Not used across calls.
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  // Number of KV splits (thread blocks along the block list) for each query tile; 0 = choose
+  // from the device's multiprocessor count. Values above the number of work items are clamped.
+  int32_t num_splits = 0;
+  // Prefill tuning: warps per thread block (16 query rows each), 4 or 8; 0 = choose by
+  // num_q_tokens.
+  int32_t prefill_warps = 0;
+};
+
+// Returns the scratch size that PagedAttention(params, kernel) needs on the current device.
+// Errors: InvalidArgument when params' shape is invalid (see PagedAttention), Internal on a
+// CUDA error while reading the device properties.
+absl::StatusOr<size_t> PagedAttentionWorkspaceBytes(const PagedAttentionParams& params,
+                                                    AttentionKernel kernel = AttentionKernel::kAuto);
+
+// Enqueues the partial attention described by `params` on `stream`.
+// Errors (nothing is enqueued): InvalidArgument naming the field when a size is negative,
+// num_heads is not a positive multiple of num_kv_heads, head_dim is not 64 or 128, a needed
+// pointer is null, or the workspace is too small; Internal when a launch fails.
+// REQUIRES: the device memory the pointers name is as documented above (the kernels cannot
+// check device contents: a block with num_tokens > max_block_tokens reads out of bounds).
+absl::Status PagedAttention(const PagedAttentionParams& params,
+                            AttentionKernel kernel = AttentionKernel::kAuto,
+                            cudaStream_t stream = nullptr);
+
+// In-place merge of two partials over disjoint key sets: (out_a, lse_a) <- merge(a, b).
+// out_* are `[num_rows][head_dim]` float32, lse_* `[num_rows]` float32 natural log (a row is
+// one (query token, head) pair). lse = log(exp(lse_a) + exp(lse_b)) from the max;
+// out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b; a -inf partial contributes nothing; two
+// -inf partials give out 0 and lse -inf.
+// Errors: InvalidArgument for num_rows < 0, head_dim not a positive multiple of 4, or a null
+// pointer with num_rows > 0; Internal when the launch fails.
+absl::Status MergePartials(float* out_a, float* lse_a, const float* out_b, const float* lse_b,
+                           int64_t num_rows, int32_t head_dim, cudaStream_t stream = nullptr);
+
+// N-way merge: `outs` is `[num_partials][num_rows][head_dim]` float32 and `lses`
+// `[num_partials][num_rows]`; writes the merged `[num_rows][head_dim]` and `[num_rows]` to
+// out and lse (which must not alias the inputs). num_partials == 0 gives out 0, lse -inf.
+// Errors as MergePartials, plus InvalidArgument for num_partials < 0.
+absl::Status MergePartialsN(const float* outs, const float* lses, int32_t num_partials,
+                            int64_t num_rows, int32_t head_dim, float* out, float* lse,
+                            cudaStream_t stream = nullptr);
+
+}  // namespace tokenlake::attention::cuda
+
+#endif  // TOKENLAKE_ATTENTION_CUDA_PAGED_ATTENTION_H_

@@ -1,0 +1,436 @@
+// GPU tests of paged_attention.h against the naive CPU reference (attention_reference.h).
+// Every check draws fresh random inputs, poisons the outputs with NaN before the run, and
+// requires every output element to be written. Skips cleanly when no GPU is present.
+#include "tokenlake/attention/cuda/paged_attention.h"
+
+#include <cuda_runtime_api.h>
+
+#include <cmath>
+#include <cstdint>
+#include <iostream>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "gtest/gtest.h"
+#include "tokenlake/attention/attention.h"
+#include "tokenlake/attention/attention_reference.h"
+#include "tokenlake/attention/bf16.h"
+
+namespace tokenlake::attention::cuda {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+bool HaveGpu() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return count > 0;
+}
+
+#define SKIP_WITHOUT_GPU() \
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device"
+
+#define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << cudaGetErrorString(cudaGetLastError())
+
+// A device buffer freed at scope exit.
+struct DeviceBuffer {
+  void* ptr = nullptr;
+  explicit DeviceBuffer(size_t bytes) {
+    if (bytes > 0 && cudaMalloc(&ptr, bytes) != cudaSuccess) ptr = nullptr;
+  }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr);
+  }
+};
+
+struct Shape {
+  int num_heads;
+  int num_kv_heads;
+  int head_dim;
+  int block_tokens;
+};
+
+std::string ShapeName(const ::testing::TestParamInfo<Shape>& info) {
+  const Shape& s = info.param;
+  return absl::StrFormat("H%d_KV%d_D%d_S%d", s.num_heads, s.num_kv_heads, s.head_dim,
+                         s.block_tokens);
+}
+
+struct Case {
+  Shape shape;
+  std::vector<int> block_lens;
+  int num_q = 1;
+  bool causal = false;
+  int q_start_pos = 0;
+  AttentionKernel kernel = AttentionKernel::kAuto;
+  int num_splits = 0;
+  float softmax_scale = 0.f;
+};
+
+std::string Describe(const Case& c) {
+  std::string lens;
+  for (int l : c.block_lens) lens += absl::StrFormat("%d,", l);
+  return absl::StrFormat("q=%d causal=%d q_start=%d kernel=%d splits=%d blocks=[%s]", c.num_q,
+                         c.causal, c.q_start_pos, static_cast<int>(c.kernel), c.num_splits, lens);
+}
+
+// Runs one case on the GPU and on the reference; checks every element.
+void RunAndCompare(const Case& c, std::mt19937_64& rng) {
+  SCOPED_TRACE(Describe(c));
+  const Shape& s = c.shape;
+  const int nb = static_cast<int>(c.block_lens.size());
+  const size_t block_elems = static_cast<size_t>(s.block_tokens) * s.num_kv_heads * s.head_dim;
+  const size_t row_elems = static_cast<size_t>(s.num_kv_heads) * s.head_dim;
+  std::normal_distribution<float> normal(0.f, 1.f);
+
+  // K and V of all blocks in one host array [block][kv][S][kv_head][D]; rows past num_tokens are
+  // filled with huge values so that reading them would show.
+  std::vector<uint16_t> kv(2 * block_elems * nb);
+  for (int b = 0; b < nb; ++b) {
+    for (int kvi = 0; kvi < 2; ++kvi) {
+      uint16_t* blk = kv.data() + (2 * b + kvi) * block_elems;
+      for (size_t i = 0; i < block_elems; ++i) {
+        const bool used = i / row_elems < static_cast<size_t>(c.block_lens[b]);
+        blk[i] = FloatToBf16(used ? normal(rng) : 3.0e4f);
+      }
+    }
+  }
+  const size_t q_elems = static_cast<size_t>(c.num_q) * s.num_heads * s.head_dim;
+  std::vector<uint16_t> q_bf16(q_elems);
+  std::vector<float> q_f32(q_elems);
+  for (size_t i = 0; i < q_elems; ++i) {
+    q_bf16[i] = FloatToBf16(normal(rng) * 1.5f);
+    q_f32[i] = Bf16ToFloat(q_bf16[i]);
+  }
+
+  // Reference (float64 inside).
+  std::vector<KvBlock> host_blocks(nb);
+  for (int b = 0; b < nb; ++b) {
+    host_blocks[b].k = kv.data() + (2 * b) * block_elems;
+    host_blocks[b].v = kv.data() + (2 * b + 1) * block_elems;
+    host_blocks[b].num_tokens = c.block_lens[b];
+  }
+  AttentionParams ap;
+  ap.num_heads = s.num_heads;
+  ap.num_kv_heads = s.num_kv_heads;
+  ap.head_dim = s.head_dim;
+  ap.kv_dtype = KvDtype::kBFloat16;
+  ap.softmax_scale = c.softmax_scale;
+  ap.causal = c.causal;
+  ap.q_start_pos = c.q_start_pos;
+  const size_t rows = static_cast<size_t>(c.num_q) * s.num_heads;
+  std::vector<float> ref_out(q_elems), ref_lse(rows);
+  ASSERT_TRUE(
+      ReferencePartialAttention(ap, c.num_q, q_f32, host_blocks, absl::MakeSpan(ref_out),
+                                absl::MakeSpan(ref_lse))
+          .ok());
+
+  // Device.
+  DeviceBuffer d_kv(kv.size() * 2 + 16), d_q(q_elems * 2 + 16),
+      d_blocks(sizeof(DeviceKvBlock) * nb + 16), d_out(q_elems * 4 + 16), d_lse(rows * 4 + 16);
+  ASSERT_NE(d_kv.ptr, nullptr);
+  CUDA_OK(cudaMemcpy(d_kv.ptr, kv.data(), kv.size() * 2, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(d_q.ptr, q_bf16.data(), q_elems * 2, cudaMemcpyHostToDevice));
+  std::vector<DeviceKvBlock> dev_blocks(nb);
+  for (int b = 0; b < nb; ++b) {
+    dev_blocks[b].k = d_kv.as<uint16_t>() + (2 * b) * block_elems;
+    dev_blocks[b].v = d_kv.as<uint16_t>() + (2 * b + 1) * block_elems;
+    dev_blocks[b].num_tokens = c.block_lens[b];
+  }
+  CUDA_OK(cudaMemcpy(d_blocks.ptr, dev_blocks.data(), sizeof(DeviceKvBlock) * nb,
+                     cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemset(d_out.ptr, 0xff, q_elems * 4));  // NaN poison
+  CUDA_OK(cudaMemset(d_lse.ptr, 0xff, rows * 4));
+
+  PagedAttentionParams p;
+  p.q = d_q.ptr;
+  p.num_q_tokens = c.num_q;
+  p.blocks = d_blocks.as<DeviceKvBlock>();
+  p.num_blocks = nb;
+  p.max_block_tokens = s.block_tokens;
+  p.num_heads = s.num_heads;
+  p.num_kv_heads = s.num_kv_heads;
+  p.head_dim = s.head_dim;
+  p.softmax_scale = c.softmax_scale;
+  p.causal = c.causal;
+  p.q_start_pos = c.q_start_pos;
+  p.out = d_out.as<float>();
+  p.lse = d_lse.as<float>();
+  p.num_splits = c.num_splits;
+  absl::StatusOr<size_t> ws = PagedAttentionWorkspaceBytes(p, c.kernel);
+  ASSERT_TRUE(ws.ok()) << ws.status();
+  DeviceBuffer d_ws(*ws);
+  p.workspace = d_ws.ptr;
+  p.workspace_bytes = *ws;
+  const absl::Status st = PagedAttention(p, c.kernel);
+  ASSERT_TRUE(st.ok()) << st;
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<float> out(q_elems), lse(rows);
+  CUDA_OK(cudaMemcpy(out.data(), d_out.ptr, q_elems * 4, cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(lse.data(), d_lse.ptr, rows * 4, cudaMemcpyDeviceToHost));
+
+  double err2 = 0, ref2 = 0;
+  for (size_t i = 0; i < q_elems; ++i) {
+    ASSERT_FALSE(std::isnan(out[i])) << "out[" << i << "] not written or NaN";
+    const double d = static_cast<double>(out[i]) - ref_out[i];
+    err2 += d * d;
+    ref2 += static_cast<double>(ref_out[i]) * ref_out[i];
+  }
+  for (size_t r = 0; r < rows; ++r) {
+    ASSERT_FALSE(std::isnan(lse[r])) << "lse[" << r << "] not written or NaN";
+    if (ref_lse[r] == -kInf) {
+      ASSERT_EQ(lse[r], -kInf) << "row " << r;
+      for (int d = 0; d < s.head_dim; ++d) ASSERT_EQ(out[r * s.head_dim + d], 0.f);
+    } else {
+      ASSERT_NEAR(lse[r], ref_lse[r], 2e-3 * std::max(1.0f, std::fabs(ref_lse[r]))) << "row " << r;
+    }
+  }
+  if (ref2 > 0) {
+    const double rel = std::sqrt(err2 / ref2);
+    EXPECT_LT(rel, 1e-2) << "relative L2 error of out";
+  } else {
+    EXPECT_EQ(err2, 0.0);
+  }
+}
+
+class PagedAttentionGpuTest : public ::testing::TestWithParam<Shape> {};
+
+// Random block lists (part-segments and empty segments anywhere), random query counts, causal
+// and not, both kernels, several split counts.
+TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
+  SKIP_WITHOUT_GPU();
+  const Shape shape = GetParam();
+  const uint64_t seed = 1234567 + shape.num_heads * 1000 + shape.head_dim * 10 + shape.block_tokens;
+  SCOPED_TRACE(::testing::Message() << "seed=" << seed);
+  std::cout << "seed=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  for (int trial = 0; trial < 8; ++trial) {
+    Case c;
+    c.shape = shape;
+    const int nb = 1 + static_cast<int>(rng() % 6);
+    for (int b = 0; b < nb; ++b) {
+      const int r = static_cast<int>(rng() % 4);
+      c.block_lens.push_back(r == 0   ? static_cast<int>(rng() % (shape.block_tokens + 1))
+                             : r == 1 ? 0
+                                      : shape.block_tokens);
+    }
+    static constexpr int kQ[] = {1, 2, 5, 8, 17, 64, 130};
+    c.num_q = kQ[rng() % 7];
+    c.causal = rng() % 2 == 0;
+    int total = 0;
+    for (int l : c.block_lens) total += l;
+    c.q_start_pos = c.causal ? static_cast<int>(rng() % (total + 2)) : 0;
+    c.softmax_scale = rng() % 3 == 0 ? 0.05f : 0.f;
+    for (AttentionKernel k : {AttentionKernel::kAuto, AttentionKernel::kPrefill,
+                              AttentionKernel::kDecode}) {
+      for (int splits : {0, 1, 2, 5}) {
+        c.kernel = k;
+        c.num_splits = splits;
+        RunAndCompare(c, rng);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
+// The two shapes the engine uses: cached prefix (not causal) and the new tokens' own KV (causal
+// from 0), over many full segments.
+TEST_P(PagedAttentionGpuTest, CachedAndNewTokenPartialsMatchReference) {
+  SKIP_WITHOUT_GPU();
+  const Shape shape = GetParam();
+  const uint64_t seed = 99 + shape.num_heads + shape.head_dim + shape.block_tokens;
+  SCOPED_TRACE(::testing::Message() << "seed=" << seed);
+  std::mt19937_64 rng(seed);
+  Case cached;
+  cached.shape = shape;
+  cached.block_lens.assign(std::max(1, 512 / shape.block_tokens), shape.block_tokens);
+  cached.num_q = 96;
+  RunAndCompare(cached, rng);
+  Case fresh = cached;
+  fresh.block_lens.assign((96 + shape.block_tokens - 1) / shape.block_tokens, shape.block_tokens);
+  fresh.block_lens.back() = 96 - shape.block_tokens * (static_cast<int>(fresh.block_lens.size()) - 1);
+  fresh.causal = true;
+  fresh.q_start_pos = 0;
+  RunAndCompare(fresh, rng);
+  Case decode = cached;
+  decode.num_q = 1;
+  RunAndCompare(decode, rng);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, PagedAttentionGpuTest,
+                         ::testing::Values(Shape{4, 4, 64, 16}, Shape{8, 2, 128, 64},
+                                           Shape{32, 8, 128, 100}, Shape{8, 1, 64, 256},
+                                           Shape{12, 4, 128, 64}),
+                         ShapeName);
+
+TEST(PagedAttentionGpuTest, NoBlocksGivesEmptyPartial) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(7);
+  Case c;
+  c.shape = Shape{8, 2, 128, 64};
+  c.num_q = 20;
+  RunAndCompare(c, rng);  // zero blocks
+  c.block_lens = {0, 0, 0};
+  RunAndCompare(c, rng);  // only empty blocks
+  c.kernel = AttentionKernel::kDecode;
+  RunAndCompare(c, rng);
+}
+
+// Merge kernels against the CPU merge of attention.h, with -inf rows mixed in.
+TEST(PagedAttentionGpuTest, MergesMatchCpuMerge) {
+  SKIP_WITHOUT_GPU();
+  const uint64_t seed = 4242;
+  SCOPED_TRACE(::testing::Message() << "seed=" << seed);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  for (int d : {64, 128, 12}) {
+    for (int parts : {1, 2, 3, 9}) {
+      const int num_q = 7, heads = 5;
+      const int64_t rows = num_q * heads;
+      std::vector<float> outs(parts * rows * d), lses(parts * rows);
+      for (float& v : outs) v = normal(rng);
+      for (float& v : lses) v = rng() % 4 == 0 ? -kInf : normal(rng) * 5.f;
+      for (int p = 0; p < parts; ++p) lses[p * rows + 3] = -kInf;  // one all-empty row
+      // CPU: fold with MergePartialsInPlace.
+      PartialShape shape{num_q, heads, d};
+      std::vector<float> acc_o(outs.begin(), outs.begin() + rows * d);
+      std::vector<float> acc_l(lses.begin(), lses.begin() + rows);
+      std::vector<PartialView> others;
+      for (int p = 1; p < parts; ++p) {
+        others.push_back({absl::MakeConstSpan(outs).subspan(p * rows * d, rows * d),
+                          absl::MakeConstSpan(lses).subspan(p * rows, rows)});
+      }
+      ASSERT_TRUE(MergePartialsInPlace(shape, {absl::MakeSpan(acc_o), absl::MakeSpan(acc_l)},
+                                       others)
+                      .ok());
+      DeviceBuffer d_outs(outs.size() * 4), d_lses(lses.size() * 4), d_o(rows * d * 4),
+          d_l(rows * 4);
+      CUDA_OK(cudaMemcpy(d_outs.ptr, outs.data(), outs.size() * 4, cudaMemcpyHostToDevice));
+      CUDA_OK(cudaMemcpy(d_lses.ptr, lses.data(), lses.size() * 4, cudaMemcpyHostToDevice));
+      CUDA_OK(cudaMemset(d_o.ptr, 0xff, rows * d * 4));
+      CUDA_OK(cudaMemset(d_l.ptr, 0xff, rows * 4));
+      ASSERT_TRUE(MergePartialsN(d_outs.as<float>(), d_lses.as<float>(), parts, rows, d,
+                                 d_o.as<float>(), d_l.as<float>())
+                      .ok());
+      std::vector<float> o(rows * d), l(rows);
+      CUDA_OK(cudaMemcpy(o.data(), d_o.ptr, o.size() * 4, cudaMemcpyDeviceToHost));
+      CUDA_OK(cudaMemcpy(l.data(), d_l.ptr, l.size() * 4, cudaMemcpyDeviceToHost));
+      for (int64_t r = 0; r < rows; ++r) {
+        SCOPED_TRACE(absl::StrFormat("d=%d parts=%d row=%d", d, parts, r));
+        if (acc_l[r] == -kInf) {
+          ASSERT_EQ(l[r], -kInf);
+        } else {
+          ASSERT_NEAR(l[r], acc_l[r], 1e-4f * std::max(1.f, std::fabs(acc_l[r])));
+        }
+        for (int i = 0; i < d; ++i) ASSERT_NEAR(o[r * d + i], acc_o[r * d + i], 1e-4f);
+      }
+      if (parts == 2) {
+        // In-place two-way merge: a <- merge(a, b).
+        CUDA_OK(cudaMemcpy(d_o.ptr, outs.data(), rows * d * 4, cudaMemcpyHostToDevice));
+        CUDA_OK(cudaMemcpy(d_l.ptr, lses.data(), rows * 4, cudaMemcpyHostToDevice));
+        ASSERT_TRUE(MergePartials(d_o.as<float>(), d_l.as<float>(),
+                                  d_outs.as<float>() + rows * d, d_lses.as<float>() + rows, rows,
+                                  d)
+                        .ok());
+        CUDA_OK(cudaMemcpy(o.data(), d_o.ptr, o.size() * 4, cudaMemcpyDeviceToHost));
+        CUDA_OK(cudaMemcpy(l.data(), d_l.ptr, l.size() * 4, cudaMemcpyDeviceToHost));
+        for (int64_t r = 0; r < rows; ++r) {
+          if (acc_l[r] == -kInf) {
+            ASSERT_EQ(l[r], -kInf);
+          } else {
+            ASSERT_NEAR(l[r], acc_l[r], 1e-4f * std::max(1.f, std::fabs(acc_l[r])));
+          }
+          for (int i = 0; i < d; ++i) ASSERT_NEAR(o[r * d + i], acc_o[r * d + i], 1e-4f);
+        }
+      }
+    }
+  }
+}
+
+// Bad input is a clear InvalidArgument before any GPU work (runs without a GPU).
+TEST(PagedAttentionArgsTest, RejectsBadShapesWithClearErrors) {
+  PagedAttentionParams p;
+  p.num_q_tokens = 4;
+  p.num_blocks = 1;
+  p.max_block_tokens = 16;
+  float dummy = 0;
+  p.out = &dummy;
+  p.lse = &dummy;
+  p.q = &dummy;
+  p.blocks = reinterpret_cast<const DeviceKvBlock*>(&dummy);
+
+  auto expect_invalid = [](const PagedAttentionParams& params, const std::string& field) {
+    const absl::Status s = PagedAttention(params);
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_NE(s.message().find(field), std::string::npos) << s;
+    EXPECT_EQ(PagedAttentionWorkspaceBytes(params).status().code(),
+              absl::StatusCode::kInvalidArgument);
+  };
+  PagedAttentionParams bad = p;
+  bad.head_dim = 96;
+  expect_invalid(bad, "head_dim");
+  bad = p;
+  bad.num_heads = 10;
+  bad.num_kv_heads = 4;
+  expect_invalid(bad, "num_heads");
+  bad = p;
+  bad.num_q_tokens = -1;
+  expect_invalid(bad, "num_q_tokens");
+  bad = p;
+  bad.num_blocks = -2;
+  expect_invalid(bad, "num_blocks");
+  bad = p;
+  bad.max_block_tokens = 0;
+  expect_invalid(bad, "max_block_tokens");
+  bad = p;
+  bad.out = nullptr;
+  expect_invalid(bad, "out");
+  bad = p;
+  bad.q_start_pos = -3;
+  expect_invalid(bad, "q_start_pos");
+
+  EXPECT_EQ(MergePartials(nullptr, nullptr, nullptr, nullptr, -1, 128).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(MergePartials(&dummy, &dummy, &dummy, &dummy, 1, 6).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(MergePartialsN(nullptr, nullptr, -1, 1, 128, &dummy, &dummy).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(MergePartialsN(nullptr, nullptr, 2, 1, 128, &dummy, &dummy).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(PagedAttentionGpuTest, TooSmallWorkspaceIsInvalidArgument) {
+  SKIP_WITHOUT_GPU();
+  PagedAttentionParams p;
+  p.num_q_tokens = 1;
+  p.num_blocks = 64;
+  p.max_block_tokens = 512;
+  float* dummy = nullptr;
+  ASSERT_EQ(cudaMalloc(&dummy, 1 << 20), cudaSuccess);
+  p.q = dummy;
+  p.blocks = reinterpret_cast<const DeviceKvBlock*>(dummy);
+  p.out = dummy;
+  p.lse = dummy;
+  absl::StatusOr<size_t> ws = PagedAttentionWorkspaceBytes(p);
+  ASSERT_TRUE(ws.ok());
+  ASSERT_GT(*ws, 0u);
+  p.workspace = dummy;
+  p.workspace_bytes = *ws - 1;
+  const absl::Status s = PagedAttention(p);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_NE(s.message().find("workspace"), std::string::npos);
+  cudaFree(dummy);
+}
+
+}  // namespace
+}  // namespace tokenlake::attention::cuda
