@@ -9,6 +9,18 @@
 
 namespace tokenlake::balance {
 
+void DecayingCounter::Add(double delta, int64_t now_us) {
+  if (!std::isfinite(delta)) return;
+  value_ = std::max(0.0, Value(now_us) + delta);
+  updated_us_ = std::max(updated_us_, now_us);
+}
+
+double DecayingCounter::Value(int64_t now_us) const {
+  if (now_us <= updated_us_ || value_ == 0) return value_;
+  return value_ *
+         std::exp2(-static_cast<double>(now_us - updated_us_) / static_cast<double>(half_life_us_));
+}
+
 absl::StatusOr<std::unique_ptr<HeavyHitterTracker>> HeavyHitterTracker::Create(
     const HeavyHitterOptions& options, const Clock* clock) {
   if (clock == nullptr) return absl::InvalidArgumentError("HeavyHitterTracker: clock is null");

@@ -62,6 +62,22 @@ struct SegmentLoad {
   bool heavy = false;
 };
 
+// One exponentially decaying value (same decay law as the tracker's counters). Used by the
+// Lake for per-instance cache load. Add may be negative (a load share moving away); the value
+// never goes below 0. Not thread-safe.
+class DecayingCounter {
+ public:
+  // REQUIRES: half_life_us > 0.
+  explicit DecayingCounter(int64_t half_life_us = 10'000'000) : half_life_us_(half_life_us) {}
+  void Add(double delta, int64_t now_us);
+  double Value(int64_t now_us) const;
+
+ private:
+  int64_t half_life_us_;
+  double value_ = 0;
+  int64_t updated_us_ = 0;
+};
+
 class HeavyHitterTracker {
  public:
   // Returns InvalidArgument naming the field when an option is out of range.

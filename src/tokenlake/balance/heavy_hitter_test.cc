@@ -185,3 +185,20 @@ INSTANTIATE_TEST_SUITE_P(Sizes, HeavyHitterModelTest, ::testing::Values(1, 5, 40
 
 }  // namespace
 }  // namespace tokenlake::balance
+
+namespace tokenlake::balance {
+namespace {
+
+TEST(DecayingCounterTest, DecaysAndNeverGoesNegative) {
+  DecayingCounter c(100);
+  c.Add(64, 0);
+  EXPECT_DOUBLE_EQ(c.Value(0), 64);
+  EXPECT_NEAR(c.Value(200), 16, 1e-12);
+  c.Add(-10, 200);
+  EXPECT_NEAR(c.Value(200), 6, 1e-12);
+  c.Add(-100, 300);
+  EXPECT_EQ(c.Value(300), 0);
+}
+
+}  // namespace
+}  // namespace tokenlake::balance

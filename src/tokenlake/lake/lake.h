@@ -1,0 +1,309 @@
+// Lake: TokenLake's unified segment-level prefix cache pool, control plane (design doc 3-4).
+//
+// The Lake owns the cluster-wide PrefixTree, one metadata-only SegmentStore per instance (slot
+// accounting; capacities may differ per instance), the heavy-hitter tracker, the balancer and the
+// planner. The scheduler-facing interface is declarative: callers say WHAT they need (match a
+// prompt, the cache load of some requests, plans for batches with their DoPs, admit / commit /
+// release an iteration) and never choose placements: placement decisions only appear as plan data.
+//
+// Lifecycle of one request iteration (the simulator and the engine follow it):
+//   1. Match(keys)                  - how much of the prompt is cached (optional, read-only).
+//   2. GenPlans({{requests, dop}})  - instance group, query plan and transfer plan per batch.
+//                                     Pure with respect to the pool (only statistics change).
+//   3. Admit(request)               - pins the request's matched prefix so nothing it reads is
+//                                     evicted while it runs. Counts hit statistics.
+//   4. (the data plane executes the plan)
+//   5. Commit(request, placements)  - the iteration's new segments become visible in the tree,
+//                                     stored where the transfer plan said (or, if that instance
+//                                     is full, where the balancer says; evicting cluster-wide if
+//                                     the whole pool is full). They stay pinned by the request.
+//   6. Release(request)             - unpins everything the request pinned, records accesses
+//                                     (LRU recency) and the heavy-hitter load of its matched
+//                                     segments (new_tokens x segment tokens each).
+//   Periodically: Rebalance()       - drops replicas of cooled heavy hitters, replicates heavy
+//                                     hitters, moves a few warm segments to fix load imbalance.
+// A request id may be admitted again after Release (next iteration, e.g. decode).
+//
+// Segments and keys: a request is described by the chained keys of its sequence (see
+// index/segment_id.h: full segments of segment_tokens, the last one may be a part-segment).
+// The longest run of keys found in the tree is its cached prefix; the remaining keys are the
+// segments this iteration produces (new segments), which Commit stores.
+//
+// Eviction (design doc 4.3), cluster-wide and only when no instance has a free slot:
+//   1. an extra replica of a cooled heavy hitter (replicas > desired, unpinned), coolest first;
+//   2. the least-recently-used unpinned leaf of the whole tree (all its replicas);
+//   never a pinned segment. If nothing can be evicted, the segment is reported not stored.
+//
+// Load accounting: a segment's heavy-hitter load is recorded at Release; each instance's
+// decayed cache load gets the segment's load divided evenly among its replicas.
+//
+// Errors (absl::Status, never a crash): InvalidArgument for invalid options (zero instances,
+// segment_tokens 0, slot counts, model shape...), for an unknown instance, a DoP outside
+// [1, num_instances], keys with bad lengths, negative new_tokens; AlreadyExists for admitting an
+// active request; NotFound for committing/releasing a request that is not active.
+//
+// Thread-safety: every public method is thread-safe (one internal mutex). prefix_tree() returns a
+// reference to the live tree: reading it while another thread calls a mutating method
+// (Admit, Commit, Release, Rebalance) is a data race, so single-threaded callers (the
+// simulator, the scheduler loop) may use it freely; others should use Match().
+#ifndef TOKENLAKE_LAKE_LAKE_H_
+#define TOKENLAKE_LAKE_LAKE_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/types/span.h"
+#include "tokenlake/balance/balancer.h"
+#include "tokenlake/balance/heavy_hitter.h"
+#include "tokenlake/base/clock.h"
+#include "tokenlake/base/ids.h"
+#include "tokenlake/index/prefix_tree.h"
+#include "tokenlake/index/segment_id.h"
+#include "tokenlake/plan/cost_model.h"
+#include "tokenlake/plan/plan_types.h"
+#include "tokenlake/plan/planner.h"
+#include "tokenlake/store/segment_store.h"
+
+namespace tokenlake::lake {
+
+struct LakeOptions {
+  // Number of instances (InstanceIds 0 .. num_instances-1). Must be >= 1.
+  int32_t num_instances = 4;
+  // Tokens per full segment (S). Must be >= 1.
+  int32_t segment_tokens = 512;
+  // Segment slots per instance, used when instance_slots is empty. Must be >= 1.
+  int32_t slots_per_instance = 1024;
+  // Optional per-instance slot counts (size must equal num_instances, each >= 1); overrides
+  // slots_per_instance.
+  std::vector<int32_t> instance_slots;
+  // The model's shape (bytes and FLOPs of every plan figure).
+  plan::ModelShape model;
+  // Heavy-hitter detection knobs (num_instances is taken from this struct's num_instances).
+  balance::HeavyHitterOptions heavy_hitter;
+  // Placement and rebalancing knobs.
+  balance::BalancerOptions balancer;
+  // Planner slacks (its shape and segment_tokens are taken from this struct).
+  plan::PlannerOptions planner;
+  // Nodes to reserve in the prefix tree up front (0 = grow on demand). Must be >= 0.
+  int64_t reserve_segments = 0;
+};
+
+// One request (one iteration of it) as the scheduler describes it.
+struct LakeRequest {
+  RequestId id;
+  // The chained keys of the request's sequence up to the end of this iteration, in order.
+  // Full segments have segment_tokens tokens; only the last may be shorter (a part-segment).
+  std::vector<index::SegmentKey> keys;
+  // Query tokens computed in this iteration (prefill: the uncached prompt tokens; decode: 1).
+  // Must be >= 0.
+  int64_t new_tokens = 0;
+  // Optional: the instance that should compute it if it is in the batch's group (e.g. where it
+  // ran last). Invalid = no preference.
+  InstanceId preferred_instance;
+  // Whether Admit counts this iteration in the hit statistics (true for a prefill, false for
+  // later decode iterations of the same request).
+  bool count_hits = true;
+};
+
+struct Batch {
+  std::vector<LakeRequest> requests;
+  // Degree of parallelism: instances in the group. Must be in [1, num_instances].
+  int32_t dop = 1;
+};
+
+struct AdmitResult {
+  int32_t matched_segments = 0;
+  int64_t matched_tokens = 0;  // the request's cached prefix (its hit)
+};
+
+struct StoredReplica {
+  SegmentId segment;
+  InstanceId instance;
+  friend bool operator==(const StoredReplica&, const StoredReplica&) = default;
+};
+
+struct CommitResult {
+  // New segments now stored, with where (may differ from the plan's target when that instance
+  // filled up in the meantime).
+  std::vector<StoredReplica> stored;
+  // Segments that were already stored (another request committed them first): nothing stored.
+  std::vector<SegmentId> deduplicated;
+  // Segments that could not be stored: the pool is full of pinned segments, or their parent is
+  // not stored. Not an error: the request just does not leave this cache behind.
+  std::vector<SegmentId> not_stored;
+  // Replicas evicted to make room (a segment evicted whole appears once per replica).
+  std::vector<StoredReplica> evicted;
+  // Bytes of new segments stored away from their source instance.
+  int64_t moved_bytes = 0;
+};
+
+struct RebalanceResult {
+  // The actions applied, in order.
+  std::vector<balance::BalanceAction> actions;
+  // KV bytes copied by replicate and move actions.
+  int64_t bytes_moved = 0;
+};
+
+struct InstanceStats {
+  InstanceId instance;
+  int64_t capacity_slots = 0;
+  int64_t used_slots = 0;
+  int64_t free_slots = 0;
+  double load = 0;  // decayed cache load (query tokens x cached tokens)
+};
+
+struct LakeStats {
+  int64_t segments = 0;         // distinct segments stored
+  int64_t replicas = 0;         // stored copies (>= segments)
+  double redundancy = 0;        // replicas / segments (0 when empty)
+  int64_t stored_tokens = 0;    // distinct tokens cached
+  int64_t pinned_segments = 0;  // segments pinned by running requests
+  int64_t heavy_hitters = 0;    // currently heavy segments (warm set)
+  std::vector<InstanceStats> instances;
+  // Plans generated so far: bytes their transfers move (query, pull, new segment) and in total.
+  int64_t plan_query_bytes = 0;
+  int64_t plan_kv_pull_bytes = 0;
+  int64_t plan_new_segment_bytes = 0;
+  int64_t plan_total_bytes = 0;
+  // Bytes moved by Commit (new segments stored off their source) and by Rebalance.
+  int64_t commit_moved_bytes = 0;
+  int64_t rebalance_bytes = 0;
+  // Hit statistics over admitted iterations with count_hits.
+  int64_t admitted_requests = 0;
+  int64_t prompt_tokens = 0;
+  int64_t hit_tokens = 0;
+  double hit_rate = 0;  // hit_tokens / prompt_tokens (0 when none)
+  // Eviction and dedup counters.
+  int64_t evicted_replicas = 0;
+  int64_t evicted_segments = 0;  // nodes erased from the tree by eviction
+  int64_t deduplicated_segments = 0;
+  int64_t not_stored_segments = 0;
+  int64_t active_requests = 0;
+};
+
+class Lake {
+ public:
+  // Errors: InvalidArgument naming the bad option. REQUIRES: clock outlives the Lake.
+  static absl::StatusOr<std::unique_ptr<Lake>> Create(const LakeOptions& options, Clock* clock);
+  ~Lake();
+  Lake(const Lake&) = delete;
+  Lake& operator=(const Lake&) = delete;
+
+  // ---- Read-only views ----
+
+  // The live prefix tree (see the thread-safety note in the file comment).
+  const index::PrefixTree& prefix_tree() const { return *tree_; }
+  // The request's cached prefix (a miss is {0, 0, invalid}). Does not change recency.
+  index::MatchResult Match(absl::Span<const index::SegmentKey> keys) const;
+
+  // Per-instance estimated cache work and memory of serving `requests` (index i = instance i).
+  // Errors: InvalidArgument for bad keys or negative new_tokens.
+  absl::StatusOr<std::vector<plan::InstanceCacheLoad>> GetCacheLoad(
+      absl::Span<const LakeRequest> requests) const;
+
+  // One plan per batch (plan/planner.h says how). Deterministic for the same pool state.
+  // Errors: InvalidArgument for a DoP outside [1, num_instances] (naming the batch), bad keys,
+  // negative new_tokens, an invalid preferred instance outside the pool.
+  absl::StatusOr<std::vector<plan::BatchPlan>> GenPlans(absl::Span<const Batch> batches);
+
+  // ---- Request lifecycle ----
+
+  // Pins the request's matched prefix. Errors: AlreadyExists (id active), InvalidArgument (bad
+  // keys / new_tokens / invalid id).
+  absl::StatusOr<AdmitResult> Admit(const LakeRequest& request);
+
+  // Stores the request's new segments where `placements` say (normally the plan's
+  // transfer.new_segments entries whose request is this one; entries for other requests are
+  // an error). Placements must continue the request's chain: each one's parent must be stored
+  // (or invalid for a root child). Stored and deduplicated segments become pinned by the
+  // request until Release.
+  // Errors: NotFound (request not active), InvalidArgument (a placement for another request,
+  // an unknown target/source instance, a bad num_tokens). Nothing is changed on error.
+  absl::StatusOr<CommitResult> Commit(RequestId request,
+                                      absl::Span<const plan::NewSegmentPlacement> placements);
+
+  // Convenience: Commit the request's keys beyond its matched prefix, produced on `producer`
+  // (placed as the balancer says). Errors as Commit, plus InvalidArgument for a bad producer.
+  absl::StatusOr<CommitResult> CommitKeys(RequestId request,
+                                          absl::Span<const index::SegmentKey> keys,
+                                          InstanceId producer);
+
+  // Unpins everything the request pinned, records accesses and heavy-hitter load.
+  // Errors: NotFound (request not active).
+  absl::Status Release(RequestId request);
+
+  // ---- Maintenance ----
+
+  // Rebalances (balance/balancer.h) and applies the actions.
+  absl::StatusOr<RebalanceResult> Rebalance();
+
+  // The instance is lost: its replicas disappear (segments whose only copy it held are erased
+  // with their subtrees). Errors: InvalidArgument (unknown instance).
+  absl::Status DropInstance(InstanceId instance);
+
+  // ---- Introspection ----
+
+  LakeStats Stats() const;
+  // The tree's integrity, every store's integrity, and that each store holds exactly the
+  // tree's replicas on its instance. OK or Internal naming the first violation. O(n).
+  absl::Status CheckIntegrity() const;
+  // Whether `segment` is currently heavy, and its decayed load.
+  bool IsHeavyHitter(SegmentId segment) const;
+  double SegmentLoad(SegmentId segment) const;
+
+  int32_t num_instances() const { return options_.num_instances; }
+  const LakeOptions& options() const { return options_; }
+
+ private:
+  struct Active {
+    std::vector<SegmentId> pinned;           // every pin this request holds
+    std::vector<index::SegmentKey> matched;  // its matched prefix at Admit
+    int64_t new_tokens = 0;
+  };
+  explicit Lake(const LakeOptions& options, Clock* clock);
+
+  absl::Status ValidateKeys(absl::Span<const index::SegmentKey> keys) const;
+  absl::Status ValidateRequest(const LakeRequest& request) const;
+  std::vector<balance::InstanceState> InstanceStatesLocked() const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  plan::PlanRequest ToPlanRequestLocked(const LakeRequest& request) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::vector<balance::SegmentState> ReplicatedStatesLocked() const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Frees one slot somewhere (eviction order in the file comment). False when nothing can go.
+  bool EvictOneLocked(std::vector<StoredReplica>* evicted) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Bookkeeping after the tree dropped replicas (frees store slots, updates sets and loads).
+  void OnReplicasFreedLocked(SegmentId segment, bool node_erased,
+                             absl::Span<const InstanceId> freed_on,
+                             std::vector<StoredReplica>* evicted)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<CommitResult> CommitLocked(RequestId request,
+                                            absl::Span<const plan::NewSegmentPlacement> placements)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RefreshReplicatedLocked(SegmentId segment) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  const LakeOptions options_;
+  Clock* const clock_;
+
+  mutable absl::Mutex mu_;
+  std::unique_ptr<index::PrefixTree> tree_;  // guarded by mu_ (see prefix_tree())
+  std::vector<std::unique_ptr<store::SegmentStore>> stores_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<balance::HeavyHitterTracker> tracker_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<balance::Balancer> balancer_;
+  std::unique_ptr<plan::Planner> planner_;
+  std::vector<balance::DecayingCounter> instance_load_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_set<SegmentId> replicated_ ABSL_GUARDED_BY(mu_);  // nodes with >= 2 replicas
+  absl::flat_hash_map<RequestId, Active> active_ ABSL_GUARDED_BY(mu_);
+  LakeStats counters_ ABSL_GUARDED_BY(mu_);  // the cumulative counters of Stats()
+};
+
+}  // namespace tokenlake::lake
+
+#endif  // TOKENLAKE_LAKE_LAKE_H_
