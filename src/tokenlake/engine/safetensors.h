@@ -1,0 +1,101 @@
+// SafetensorsFile: a reader for the Hugging Face safetensors format.
+//
+// Format: an 8-byte little-endian unsigned header length N, then N bytes of JSON (an object:
+// tensor name -> {"dtype": "F32" | "BF16" | ..., "shape": [d0, d1, ...], "data_offsets":
+// [begin, end]}, plus an optional "__metadata__" object of strings), then the data section;
+// data_offsets are byte offsets into the data section, little-endian, row-major.
+//
+// Open reads the whole file into memory and validates everything up front: header length within
+// the file, valid JSON, every entry's dtype known, shape non-negative, offsets in bounds and
+// matching shape x dtype size, no two tensors overlapping. After a successful Open every accessor
+// is safe. Errors name the file and the tensor or field.
+//
+// Thread-safety: immutable after Open; every const method is safe from any thread.
+#ifndef TOKENLAKE_ENGINE_SAFETENSORS_H_
+#define TOKENLAKE_ENGINE_SAFETENSORS_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+
+namespace tokenlake::engine {
+
+// Element types of the format. Conversion to float32 is supported for kF32, kBF16 and kF16.
+enum class TensorDtype : uint8_t { kF64, kF32, kF16, kBF16, kI64, kI32, kI16, kI8, kU8, kBool };
+
+// Bytes per element of `dtype`.
+int64_t TensorDtypeBytes(TensorDtype dtype);
+// The format's name of `dtype` ("F32", "BF16", ...).
+const char* TensorDtypeName(TensorDtype dtype);
+
+struct TensorInfo {
+  std::string name;
+  TensorDtype dtype = TensorDtype::kF32;
+  std::vector<int64_t> shape;
+  // Byte range [begin, end) inside the data section.
+  int64_t begin = 0;
+  int64_t end = 0;
+
+  int64_t num_elements() const;
+};
+
+class SafetensorsFile {
+ public:
+  // Reads and validates `path`.
+  // Errors: NotFound (cannot open the file), DataLoss (file shorter than its header says, or a
+  //   read error), InvalidArgument (bad header: length, JSON, an entry's dtype / shape /
+  //   data_offsets; the message names the file and the tensor).
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
+
+  // As Open, over bytes already in memory; `source_name` is used in messages.
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> FromBytes(std::string bytes,
+                                                                    std::string source_name);
+
+  // The tensor called `name`, or nullptr.
+  const TensorInfo* Find(const std::string& name) const;
+  // All tensors, sorted by name.
+  const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
+  // The "__metadata__" strings (empty when absent).
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  // The raw bytes of `tensor`. REQUIRES: tensor came from this file.
+  absl::Span<const std::byte> Data(const TensorInfo& tensor) const;
+
+  // Returns tensor `name` converted to float32 (row-major), after checking its shape.
+  // Errors: NotFound (no such tensor; names file and tensor), InvalidArgument (shape differs
+  //   from expected_shape: both are printed), Unimplemented (dtype not F32/BF16/F16).
+  absl::StatusOr<std::vector<float>> ReadFloat32(const std::string& name,
+                                                 absl::Span<const int64_t> expected_shape) const;
+
+  const std::string& source_name() const { return source_name_; }
+
+ private:
+  SafetensorsFile() = default;
+  absl::Status Parse();
+
+  std::string source_name_;
+  std::string bytes_;
+  int64_t data_begin_ = 0;  // offset of the data section in bytes_
+  std::map<std::string, TensorInfo> tensors_;
+  std::map<std::string, std::string> metadata_;
+};
+
+// Builds a safetensors file image (for tests and tools): tensors in the given order, each with
+// its dtype, shape and raw little-endian bytes. REQUIRES: bytes sizes match shape x dtype.
+struct TensorToWrite {
+  std::string name;
+  TensorDtype dtype = TensorDtype::kF32;
+  std::vector<int64_t> shape;
+  std::string bytes;
+};
+std::string SerializeSafetensors(const std::vector<TensorToWrite>& tensors,
+                                 const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace tokenlake::engine
+
+#endif  // TOKENLAKE_ENGINE_SAFETENSORS_H_
