@@ -1,0 +1,264 @@
+// `tokenlake sim`: the trace-driven cluster simulator. Runs the policies (round-robin,
+// cache-aware, pd-disagg, tokenlake; least-load on request) over a trace or a built-in
+// workload on one cost model, prints a comparison table, and optionally writes JSON and an
+// HTML/SVG report. Bad flags or values: a message on stderr and exit code 2.
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "command.h"
+#include "nlohmann/json.hpp"
+#include "tokenlake/sim/cost_model.h"
+#include "tokenlake/sim/experiment.h"
+#include "tokenlake/sim/report.h"
+#include "tokenlake/sim/workload.h"
+
+namespace tokenlake::cli {
+namespace {
+
+struct SimFlags {
+  std::string trace;
+  std::string workload = "chat";
+  std::string requests = "2000";
+  std::string instances = "16";
+  std::string model = "llama-3-8b";
+  std::string gpu = "h100";
+  std::string policies = "round-robin,cache-aware,pd-disagg,tokenlake";
+  std::string rate;
+  bool max_rate = false;
+  std::string slo_ttft = "5";
+  std::string slo_tpot = "0.2";
+  std::string seed = "1";
+  std::string json;
+  std::string report;
+  bool progress = false;
+  std::string token_budget = "8192";
+  std::string intra_gbps = "300";
+  std::string inter_gbps = "50";
+  std::string gpus_per_node = "8";
+  std::string pd_prefill_fraction = "0.75";
+  std::string kv_gb;
+  bool verbose = false;
+};
+
+int Usage(const std::string& message) {
+  std::cerr << "tokenlake sim: " << message << "\n(see tokenlake sim --help)\n";
+  return 2;
+}
+
+bool ParsePositive(const std::string& text, const char* flag, double* out, std::string* error) {
+  double v = 0;
+  if (!absl::SimpleAtod(text, &v) || !std::isfinite(v) || v <= 0) {
+    *error = absl::StrFormat("%s must be a number > 0, got '%s'", flag, text);
+    return false;
+  }
+  *out = v;
+  return true;
+}
+
+bool ParseCount(const std::string& text, const char* flag, int64_t lo, int64_t hi, int64_t* out,
+                std::string* error) {
+  int64_t v = 0;
+  if (!absl::SimpleAtoi(text, &v) || v < lo || v > hi) {
+    *error = absl::StrFormat("%s must be an integer in [%d, %d], got '%s'", flag, lo, hi, text);
+    return false;
+  }
+  *out = v;
+  return true;
+}
+
+void DrawProgress(double share) {
+  const int width = 40;
+  const int filled = static_cast<int>(share * width);
+  std::fprintf(stderr, "\r[%s%s] %3.0f%%", std::string(filled, '#').c_str(),
+               std::string(width - filled, ' ').c_str(), share * 100);
+  if (share >= 1) std::fprintf(stderr, "\n");
+  std::fflush(stderr);
+}
+
+int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
+  if (!extras.empty()) return Usage("unexpected argument '" + extras.front() + "'");
+  std::string error;
+  sim::ExperimentOptions eo;
+  int64_t instances = 0, requests = 0, seed = 0, budget = 0, gpn = 0;
+  double slo_ttft = 0, slo_tpot = 0, intra = 0, inter = 0, frac = 0;
+  if (!ParseCount(f.instances, "--instances", 1, 4096, &instances, &error) ||
+      !ParseCount(f.requests, "--requests", 1, 10'000'000, &requests, &error) ||
+      !ParseCount(f.seed, "--seed", 0, INT64_MAX, &seed, &error) ||
+      !ParseCount(f.token_budget, "--token-budget", 1, 1 << 24, &budget, &error) ||
+      !ParseCount(f.gpus_per_node, "--gpus-per-node", 1, 1024, &gpn, &error) ||
+      !ParsePositive(f.slo_ttft, "--slo-ttft", &slo_ttft, &error) ||
+      !ParsePositive(f.slo_tpot, "--slo-tpot", &slo_tpot, &error) ||
+      !ParsePositive(f.intra_gbps, "--intra-gbps", &intra, &error) ||
+      !ParsePositive(f.inter_gbps, "--inter-gbps", &inter, &error) ||
+      !ParsePositive(f.pd_prefill_fraction, "--pd-prefill-fraction", &frac, &error)) {
+    return Usage(error);
+  }
+  if (frac >= 1) return Usage("--pd-prefill-fraction must be in (0, 1)");
+  if (!f.rate.empty() && !ParsePositive(f.rate, "--rate", &eo.rate_rps, &error)) {
+    return Usage(error);
+  }
+  if (!f.rate.empty() && f.max_rate) return Usage("--rate and --max-rate are exclusive");
+  double kv_gb = 0;
+  if (!f.kv_gb.empty() && !ParsePositive(f.kv_gb, "--kv-gb", &kv_gb, &error)) return Usage(error);
+  eo.policies.clear();
+  for (absl::string_view p : absl::StrSplit(f.policies, ',', absl::SkipWhitespace())) {
+    eo.policies.emplace_back(p);
+    auto made = sim::MakePolicy(eo.policies.back());
+    if (!made.ok() && !absl::IsUnimplemented(made.status())) {
+      return Usage(std::string(made.status().message()));
+    }
+    if (!made.ok()) {
+      std::cerr << "tokenlake sim: " << made.status().message() << "\n";
+      return 1;
+    }
+  }
+  if (eo.policies.empty()) return Usage("--policies is empty");
+  auto model = sim::LoadModelSpec(f.model);
+  if (!model.ok()) return Usage(std::string(model.status().message()));
+  auto gpu = sim::LoadGpuProfile(f.gpu);
+  if (!gpu.ok()) return Usage(std::string(gpu.status().message()));
+  sim::InterconnectSpec net;
+  net.intra_node_gbps = intra;
+  net.inter_node_gbps = inter;
+  net.gpus_per_node = gpn;
+  const sim::CostModel cost(*model, *gpu, net);
+
+  sim::Workload workload;
+  if (!f.trace.empty()) {
+    auto w = sim::ReadMooncakeTrace(f.trace);
+    if (!w.ok()) {
+      std::cerr << "tokenlake sim: " << w.status().message() << "\n";
+      return absl::IsNotFound(w.status()) ? 2 : 1;
+    }
+    workload = *std::move(w);
+  } else {
+    auto kind = sim::ParseWorkloadKind(f.workload);
+    if (!kind.ok()) return Usage(std::string(kind.status().message()));
+    sim::GeneratorOptions g;
+    g.kind = *kind;
+    g.num_requests = requests;
+    g.seed = static_cast<uint64_t>(seed);
+    auto w = sim::GenerateWorkload(g);
+    if (!w.ok()) return Usage(std::string(w.status().message()));
+    workload = *std::move(w);
+  }
+  if (workload.requests.empty()) return Usage("the workload has no requests");
+
+  eo.sim.num_instances = static_cast<int>(instances);
+  eo.sim.token_budget = budget;
+  eo.sim.slo_ttft_s = slo_ttft;
+  eo.sim.slo_tpot_s = slo_tpot;
+  eo.sim.pd_prefill_fraction = frac;
+  eo.sim.kv_capacity_bytes = static_cast<int64_t>(kv_gb * 1e9);
+  eo.max_rate = f.max_rate;
+  const bool show_progress = f.progress || isatty(STDERR_FILENO);
+  if (show_progress) eo.sim.progress = DrawProgress;
+  if (f.verbose) eo.log = [](const std::string& line) { std::cerr << line << "\n"; };
+  if (eo.sim.num_instances < 2) {
+    for (const auto& p : eo.policies) {
+      if (p == "pd-disagg") return Usage("pd-disagg needs --instances >= 2");
+    }
+  }
+
+  nlohmann::json config;
+  config["workload"] = workload.name;
+  config["requests"] = workload.requests.size();
+  config["native_rate_rps"] = sim::MeanRateRps(workload);
+  config["instances"] = eo.sim.num_instances;
+  config["model"] = model->name;
+  config["gpu"] = gpu->name;
+  config["token_budget"] = eo.sim.token_budget;
+  config["max_running"] = eo.sim.max_running;
+  config["slo_ttft_s"] = eo.sim.slo_ttft_s;
+  config["slo_tpot_s"] = eo.sim.slo_tpot_s;
+  config["intra_node_gbps"] = net.intra_node_gbps;
+  config["inter_node_gbps"] = net.inter_node_gbps;
+  config["gpus_per_node"] = net.gpus_per_node;
+  config["pd_prefill_fraction"] = eo.sim.pd_prefill_fraction;
+  config["kv_cache_tier"] = "GPU memory only";
+  config["seed"] = seed;
+
+  std::cout << absl::StrFormat(
+      "workload %s: %d requests, %.3f rps native%s; %d x %s, %s; SLO P90 TTFT <= %gs, P90 "
+      "TPOT <= %gs\n",
+      workload.name, workload.requests.size(), sim::MeanRateRps(workload),
+      eo.rate_rps > 0 ? absl::StrFormat(", offered %.3f rps", eo.rate_rps) : "",
+      eo.sim.num_instances, gpu->name, model->name, slo_ttft, slo_tpot);
+  auto runs = sim::RunExperiment(workload, cost, eo);
+  if (!runs.ok()) {
+    std::cerr << "tokenlake sim: " << runs.status().message() << "\n";
+    return absl::IsInvalidArgument(runs.status()) ? 2 : 1;
+  }
+  std::cout << sim::FormatTable(*runs);
+  if (!f.json.empty()) {
+    std::ofstream out(f.json);
+    out << sim::ResultsJson(*runs, config).dump(2) << "\n";
+    out.close();
+    if (!out) {
+      std::cerr << "tokenlake sim: cannot write '" << f.json << "'\n";
+      return 1;
+    }
+  }
+  if (!f.report.empty()) {
+    absl::Status s = sim::WriteReport(f.report, workload.name, *runs, config);
+    if (!s.ok()) {
+      std::cerr << "tokenlake sim: " << s.message() << "\n";
+      return 1;
+    }
+    std::cout << "report: " << f.report << "/index.html\n";
+  }
+  return 0;
+}
+
+void SetUpSim(CLI::App& app, int* exit_code) {
+  auto flags = std::make_shared<SimFlags>();
+  CLI::App* cmd = app.add_subcommand(
+      "sim", "Trace-driven cluster simulation: TokenLake against its baselines on one cost model");
+  cmd->allow_extras();
+  auto* trace = cmd->add_option("--trace", flags->trace, "Mooncake JSON-lines trace file");
+  cmd->add_option("--workload", flags->workload,
+                  "built-in workload when no --trace: chat, agent or docqa (default chat)")
+      ->excludes(trace);
+  cmd->add_option("--requests", flags->requests, "requests of a built-in workload (default 2000)");
+  cmd->add_option("--instances", flags->instances, "serving instances / GPUs (default 16)");
+  cmd->add_option("--model", flags->model, "llama-3-8b or a model JSON file");
+  cmd->add_option("--gpu", flags->gpu, "h100 or a GPU profile JSON file (cost_model.h schema)");
+  cmd->add_option("--policies", flags->policies,
+                  "comma-separated: round-robin, least-load, cache-aware, pd-disagg, tokenlake");
+  cmd->add_option("--rate", flags->rate, "offered requests/s (arrivals scaled; default native)");
+  cmd->add_flag("--max-rate", flags->max_rate,
+                "search each policy's highest rate meeting the P90 TTFT and TPOT SLOs");
+  cmd->add_option("--slo-ttft", flags->slo_ttft, "P90 TTFT SLO in seconds (default 5)");
+  cmd->add_option("--slo-tpot", flags->slo_tpot, "P90 TPOT SLO in seconds (default 0.2)");
+  cmd->add_option("--seed", flags->seed, "seed of the built-in workloads (default 1)");
+  cmd->add_option("--json", flags->json, "write the results as JSON to this file");
+  cmd->add_option("--report", flags->report, "write SVG plots and index.html into this folder");
+  cmd->add_flag("--progress", flags->progress, "progress bar on stderr even when not a TTY");
+  cmd->add_option("--token-budget", flags->token_budget,
+                  "tokens per iteration (chunked prefill budget, default 8192)");
+  cmd->add_option("--intra-gbps", flags->intra_gbps, "GB/s between GPUs of a node (default 300)");
+  cmd->add_option("--inter-gbps", flags->inter_gbps, "GB/s between nodes (default 50)");
+  cmd->add_option("--gpus-per-node", flags->gpus_per_node, "GPUs per node (default 8)");
+  cmd->add_option("--pd-prefill-fraction", flags->pd_prefill_fraction,
+                  "pd-disagg: share of instances that prefill (default 0.75)");
+  cmd->add_option("--kv-gb", flags->kv_gb,
+                  "KV cache GB per instance (default: GPU memory x 0.9 - weights - 4 GiB)");
+  cmd->add_flag("--verbose", flags->verbose, "log every simulation run (with --max-rate)");
+  cmd->callback([flags, cmd, exit_code] { *exit_code = RunSim(*flags, cmd->remaining()); });
+}
+
+}  // namespace
+}  // namespace tokenlake::cli
+
+TOKENLAKE_REGISTER_COMMAND(sim, tokenlake::cli::SetUpSim);

@@ -1,0 +1,311 @@
+#include "tokenlake/sim/baselines.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "tokenlake/base/check.h"
+
+namespace tokenlake::sim {
+namespace {
+
+int64_t BlocksFor(int64_t tokens) { return (tokens + kBlockTokens - 1) / kBlockTokens; }
+
+// Prompt tokens covered by the first `blocks` blocks of `r`.
+int64_t TokensOf(const Request& r, int64_t blocks) {
+  return std::min(r.input_tokens, blocks * kBlockTokens);
+}
+
+}  // namespace
+
+void LocalCachePolicy::OnArrival(Simulator& sim, int64_t request) {
+  const int instance = Route(sim, request);
+  Job* job = sim.NewJob(request, instance);
+  sim.record(request).instance = instance;
+  sim.Deliver(job, sim.now());
+}
+
+bool LocalCachePolicy::Admit(Simulator& sim, Job& job) {
+  BlockCache& cache = *sim.instances()[job.instance].cache;
+  const Request& r = *job.r;
+  const int64_t total_blocks = BlocksFor(r.input_tokens + r.output_tokens);
+  if (job.decode_only) {
+    if (!cache.AllocatePrivate(total_blocks)) return false;
+    job.private_blocks = total_blocks;
+    return true;
+  }
+  const int64_t matched = cache.Match(r.block_ids);
+  cache.Acquire(r.block_ids, matched);
+  if (!cache.AllocatePrivate(total_blocks - matched)) {
+    cache.Release(absl::MakeConstSpan(r.block_ids).first(static_cast<size_t>(matched)));
+    return false;
+  }
+  job.held_ids.assign(r.block_ids.begin(), r.block_ids.begin() + matched);
+  job.private_blocks = total_blocks - matched;
+  // At least one prompt token is computed, to produce the first output token.
+  job.cached_tokens = std::min(TokensOf(r, matched), r.input_tokens - 1);
+  sim.record(job.request).cached_tokens = job.cached_tokens;
+  return true;
+}
+
+void LocalCachePolicy::OnPrefillDone(Simulator& sim, Job& job) {
+  BlockCache& cache = *sim.instances()[job.instance].cache;
+  // The prompt's newly computed blocks become cached (shareable) blocks.
+  for (size_t i = job.held_ids.size(); i < job.r->block_ids.size(); ++i) {
+    if (job.private_blocks == 0) break;
+    if (cache.Promote(job.r->block_ids[i])) {
+      job.held_ids.push_back(job.r->block_ids[i]);
+      --job.private_blocks;
+    }
+  }
+}
+
+int RoundRobinPolicy::Route(Simulator& sim, int64_t request) {
+  (void)request;
+  const int i = next_;
+  next_ = (next_ + 1) % sim.options().num_instances;
+  return i;
+}
+
+int LeastLoadPolicy::Route(Simulator& sim, int64_t request) {
+  (void)request;
+  int best = 0;
+  for (const Instance& inst : sim.instances()) {
+    if (inst.in_flight < sim.instances()[best].in_flight) best = inst.id;
+  }
+  return best;
+}
+
+void CacheAwarePolicy::Init(Simulator& sim) {
+  trees_.assign(static_cast<size_t>(sim.options().num_instances), Tree{});
+  next_eviction_s_ = options_.eviction_interval_s;
+}
+
+void CacheAwarePolicy::Trim(Tree& tree) {
+  if (tree.tokens <= options_.max_tree_size) return;
+  std::vector<std::pair<double, uint64_t>> order;
+  order.reserve(tree.nodes.size());
+  for (const auto& [id, v] : tree.nodes) order.emplace_back(v.first, id);
+  std::sort(order.begin(), order.end());
+  for (const auto& [t, id] : order) {
+    if (tree.tokens <= options_.max_tree_size) break;
+    auto it = tree.nodes.find(id);
+    tree.tokens -= it->second.second;
+    tree.nodes.erase(it);
+  }
+}
+
+void CacheAwarePolicy::OnSample(Simulator& sim) {
+  if (sim.now() < next_eviction_s_) return;
+  next_eviction_s_ = sim.now() + options_.eviction_interval_s;
+  for (Tree& tree : trees_) Trim(tree);
+}
+
+int CacheAwarePolicy::Route(Simulator& sim, int64_t request) {
+  const Request& r = sim.workload().requests[request];
+  auto& insts = sim.instances();
+  int64_t max_load = std::numeric_limits<int64_t>::min();
+  int64_t min_load = std::numeric_limits<int64_t>::max();
+  int least = 0;
+  for (const Instance& inst : insts) {
+    max_load = std::max(max_load, inst.in_flight);
+    if (inst.in_flight < min_load) {
+      min_load = inst.in_flight;
+      least = inst.id;
+    }
+  }
+  int chosen;
+  const bool imbalanced = max_load - min_load > options_.balance_abs_threshold &&
+                          static_cast<double>(max_load) >
+                              static_cast<double>(min_load) * options_.balance_rel_threshold;
+  if (imbalanced) {
+    chosen = least;
+  } else {
+    int best = 0;
+    int64_t best_match = -1;
+    for (size_t w = 0; w < trees_.size(); ++w) {
+      int64_t m = 0;
+      while (m < static_cast<int64_t>(r.block_ids.size()) &&
+             trees_[w].nodes.contains(r.block_ids[m])) {
+        ++m;
+      }
+      const int64_t tokens = TokensOf(r, m);
+      if (tokens > best_match) {
+        best_match = tokens;
+        best = static_cast<int>(w);
+      }
+    }
+    const double ratio = static_cast<double>(best_match) / static_cast<double>(r.input_tokens);
+    if (ratio > options_.cache_threshold) {
+      chosen = best;
+    } else {
+      chosen = 0;
+      for (size_t w = 1; w < trees_.size(); ++w) {
+        if (trees_[w].tokens < trees_[chosen].tokens) chosen = static_cast<int>(w);
+      }
+    }
+  }
+  Tree& tree = trees_[chosen];
+  for (size_t i = 0; i < r.block_ids.size(); ++i) {
+    auto [it, inserted] = tree.nodes.try_emplace(r.block_ids[i], sim.now(), r.BlockTokens(i));
+    if (inserted) {
+      tree.tokens += r.BlockTokens(i);
+    } else {
+      it->second.first = sim.now();
+    }
+  }
+  return chosen;
+}
+
+void PdDisaggPolicy::Init(Simulator& sim) {
+  const int n = sim.options().num_instances;
+  TOKENLAKE_CHECK(n >= 2, "pd-disagg needs at least 2 instances");
+  num_prefill_ =
+      std::clamp(static_cast<int>(std::lround(n * sim.options().pd_prefill_fraction)), 1, n - 1);
+  plans_.assign(sim.workload().requests.size(), Plan{});
+}
+
+void PdDisaggPolicy::OnArrival(Simulator& sim, int64_t request) {
+  const Request& r = sim.workload().requests[request];
+  const CostModel& cost = sim.cost();
+  const SimOptions& o = sim.options();
+  auto& insts = sim.instances();
+  const int64_t kv_block_bytes = cost.model().KvBytesPerToken() * kBlockTokens;
+  const int gpus_per_node = static_cast<int>(cost.net().gpus_per_node);
+  std::vector<int64_t> own(static_cast<size_t>(num_prefill_));
+  int64_t best_blocks = 0;
+  int holder = -1;
+  for (int i = 0; i < num_prefill_; ++i) {
+    own[i] = insts[i].cache->Match(r.block_ids);
+    if (own[i] > best_blocks) {
+      best_blocks = own[i];
+      holder = i;
+    }
+  }
+  double best_ttft = std::numeric_limits<double>::infinity();
+  int chosen = 0;
+  int64_t chosen_fetch = 0;
+  for (int i = 0; i < num_prefill_; ++i) {
+    int64_t prefix_blocks = own[i];
+    double transfer_s = 0;
+    int64_t fetch = 0;
+    if (static_cast<double>(best_blocks) > static_cast<double>(own[i]) * o.pd_balance_ratio) {
+      fetch = best_blocks - own[i];
+      prefix_blocks = best_blocks;
+      transfer_s =
+          cost.TransferSeconds(fetch * kv_block_bytes, i / gpus_per_node == holder / gpus_per_node);
+    }
+    const int64_t cached = std::min(TokensOf(r, prefix_blocks), r.input_tokens - 1);
+    const double ttft = transfer_s + insts[i].pending_prefill_s +
+                        cost.PrefillSeconds(r.input_tokens - cached, cached, o.token_budget);
+    if (ttft < best_ttft) {
+      best_ttft = ttft;
+      chosen = i;
+      chosen_fetch = fetch;
+    }
+  }
+  // Decode instance: least estimated TBT with this request added.
+  int decode = -1;
+  double best_tbt = std::numeric_limits<double>::infinity();
+  const double rate = cost.DecodeSecondsPerContextToken();
+  for (int d = num_prefill_; d < o.num_instances; ++d) {
+    int64_t batch = 1;
+    int64_t context = r.input_tokens + r.output_tokens / 2;
+    for (const Job* j : insts[d].running) {
+      ++batch;
+      context += j->Context();
+    }
+    for (const Job* j : insts[d].waiting) {
+      ++batch;
+      context += j->Context();
+    }
+    const double tbt = cost.DenseSeconds(batch) + rate * static_cast<double>(context + batch);
+    if (tbt < best_tbt) {
+      best_tbt = tbt;
+      decode = d;
+    }
+  }
+  sim.record(request).instance = chosen;
+  if (best_ttft > o.slo_ttft_s || best_tbt > o.slo_tpot_s) {
+    sim.Reject(request);
+    return;
+  }
+  Plan& plan = plans_[request];
+  plan.decode = decode;
+  plan.holder = chosen_fetch > 0 ? holder : -1;
+  plan.fetch_blocks = chosen_fetch;
+  double ready = sim.now();
+  if (chosen_fetch > 0) {
+    const bool same_node = chosen / gpus_per_node == holder / gpus_per_node;
+    ready += cost.TransferSeconds(chosen_fetch * kv_block_bytes, same_node);
+  }
+  Job* job = sim.NewJob(request, chosen);
+  job->prefill_only = true;
+  const int64_t cached = std::min(TokensOf(r, own[chosen] + chosen_fetch), r.input_tokens - 1);
+  job->est_prefill_s = cost.PrefillSeconds(r.input_tokens - cached, cached, o.token_budget);
+  insts[chosen].pending_prefill_s += job->est_prefill_s;
+  sim.Deliver(job, ready);
+}
+
+bool PdDisaggPolicy::Admit(Simulator& sim, Job& job) {
+  if (job.decode_only) return LocalCachePolicy::Admit(sim, job);
+  BlockCache& cache = *sim.instances()[job.instance].cache;
+  const Request& r = *job.r;
+  const Plan& plan = plans_[job.request];
+  const int64_t total_blocks = BlocksFor(r.input_tokens + r.output_tokens);
+  const int64_t matched = cache.Match(r.block_ids);
+  int64_t fetched = 0;
+  if (plan.holder >= 0) {
+    // What the holder still has beyond our own match (it was read at routing time).
+    const int64_t holder_has = sim.instances()[plan.holder].cache->Match(r.block_ids);
+    fetched = std::max<int64_t>(0, std::min(holder_has, matched + plan.fetch_blocks) - matched);
+  }
+  cache.Acquire(r.block_ids, matched);
+  if (!cache.AllocatePrivate(total_blocks - matched)) {
+    cache.Release(absl::MakeConstSpan(r.block_ids).first(static_cast<size_t>(matched)));
+    return false;
+  }
+  job.held_ids.assign(r.block_ids.begin(), r.block_ids.begin() + matched);
+  job.private_blocks = total_blocks - matched;
+  for (int64_t i = matched; i < matched + fetched; ++i) {
+    if (!cache.Promote(r.block_ids[i])) break;
+    job.held_ids.push_back(r.block_ids[i]);
+    --job.private_blocks;
+  }
+  const int64_t have = static_cast<int64_t>(job.held_ids.size());
+  sim.AddBytesMoved((have - matched) * sim.cost().model().KvBytesPerToken() * kBlockTokens);
+  job.cached_tokens = std::min(TokensOf(r, have), r.input_tokens - 1);
+  sim.record(job.request).cached_tokens = job.cached_tokens;
+  return true;
+}
+
+void PdDisaggPolicy::OnPrefillDone(Simulator& sim, Job& job) {
+  LocalCachePolicy::OnPrefillDone(sim, job);
+  Instance& inst = sim.instances()[job.instance];
+  inst.pending_prefill_s = std::max(0.0, inst.pending_prefill_s - job.est_prefill_s);
+  const Request& r = *job.r;
+  if (r.output_tokens <= 1) return;
+  const Plan& plan = plans_[job.request];
+  Job* decode = sim.NewJob(job.request, plan.decode);
+  decode->decode_only = true;
+  decode->cached_tokens = r.input_tokens;
+  decode->decoded = 1;
+  const int64_t bytes = r.input_tokens * sim.cost().model().KvBytesPerToken();
+  sim.AddBytesMoved(bytes);
+  const int gpn = static_cast<int>(sim.cost().net().gpus_per_node);
+  const double transfer =
+      sim.cost().TransferSeconds(bytes, job.instance / gpn == plan.decode / gpn);
+  // Streamed layer by layer during the prefill: only the excess delays the decode.
+  const double hidden = sim.now() - job.prefill_start_s;
+  sim.Deliver(decode, sim.now() + std::max(sim.cost().net().latency_us * 1e-6, transfer - hidden));
+}
+
+std::unique_ptr<Policy> MakeBaselinePolicy(const std::string& name) {
+  if (name == "round-robin") return std::make_unique<RoundRobinPolicy>();
+  if (name == "least-load") return std::make_unique<LeastLoadPolicy>();
+  if (name == "cache-aware") return std::make_unique<CacheAwarePolicy>();
+  if (name == "pd-disagg") return std::make_unique<PdDisaggPolicy>();
+  return nullptr;
+}
+
+}  // namespace tokenlake::sim

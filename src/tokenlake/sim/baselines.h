@@ -1,0 +1,137 @@
+// The baseline policies, each as published (TOKENLAKE.md 5.2), on the shared Simulator:
+//
+// - RoundRobinPolicy / LeastLoadPolicy: route in turn / to the instance with the fewest
+//   requests in flight; each instance caches prefixes itself (vLLM automatic prefix caching:
+//   BlockCache with LRU eviction).
+// - CacheAwarePolicy: SGLang router's `cache_aware` policy: an approximate prefix tree per
+//   worker of what was sent there (kept at block granularity: a chained block id stands for
+//   its whole prefix), load = requests in flight; imbalance (max - min > balance_abs and
+//   max > min * balance_rel) -> least loaded; else longest match if match ratio >
+//   cache_threshold, else the worker with the smallest tree. Trees are trimmed by LRU to
+//   max_tree_size every eviction_interval. Workers cache with their own BlockCache.
+// - PdDisaggPolicy: Mooncake's conductor (FAST'25 section 4, Algorithm 1) over separate
+//   prefill and decode pools; see the class comment.
+//
+// Thread-safety: not thread-safe (driven by one Simulator).
+#ifndef TOKENLAKE_SIM_BASELINES_H_
+#define TOKENLAKE_SIM_BASELINES_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "tokenlake/sim/simulator.h"
+
+namespace tokenlake::sim {
+
+// A policy whose instances each keep their own vLLM-style prefix cache.
+class LocalCachePolicy : public Policy {
+ public:
+  void Init(Simulator& sim) override { (void)sim; }
+  bool Admit(Simulator& sim, Job& job) override;
+  void OnPrefillDone(Simulator& sim, Job& job) override;
+  void OnJobDone(Simulator& sim, Job& job) override { sim.ReleaseLocal(job); }
+
+ protected:
+  // Routes `request` to an instance (the subclass's rule).
+  virtual int Route(Simulator& sim, int64_t request) = 0;
+  void OnArrival(Simulator& sim, int64_t request) override;
+};
+
+class RoundRobinPolicy final : public LocalCachePolicy {
+ public:
+  std::string name() const override { return "round-robin"; }
+
+ protected:
+  int Route(Simulator& sim, int64_t request) override;
+
+ private:
+  int next_ = 0;
+};
+
+class LeastLoadPolicy final : public LocalCachePolicy {
+ public:
+  std::string name() const override { return "least-load"; }
+
+ protected:
+  int Route(Simulator& sim, int64_t request) override;
+};
+
+struct CacheAwareOptions {
+  // Route by prefix when matched / request tokens exceeds this.
+  double cache_threshold = 0.3;
+  // Imbalanced when max - min load exceeds this (requests in flight)...
+  int64_t balance_abs_threshold = 64;
+  // ... and max load exceeds min load times this.
+  double balance_rel_threshold = 1.5;
+  // How often trees are trimmed, seconds.
+  double eviction_interval_s = 60;
+  // Trim each tree to this many tokens (LRU first).
+  int64_t max_tree_size = int64_t{1} << 26;
+};
+
+class CacheAwarePolicy final : public LocalCachePolicy {
+ public:
+  explicit CacheAwarePolicy(CacheAwareOptions options = {}) : options_(options) {}
+  std::string name() const override { return "cache-aware"; }
+  void Init(Simulator& sim) override;
+  void OnSample(Simulator& sim) override;
+
+ protected:
+  int Route(Simulator& sim, int64_t request) override;
+
+ private:
+  struct Tree {
+    absl::flat_hash_map<uint64_t, std::pair<double, int64_t>> nodes;  // id -> (last use, tokens)
+    int64_t tokens = 0;
+  };
+  void Trim(Tree& tree);
+  CacheAwareOptions options_;
+  std::vector<Tree> trees_;
+  double next_eviction_s_ = 0;
+};
+
+// Mooncake's cache-centric PD disaggregation. The first round(N x pd_prefill_fraction)
+// instances prefill, the rest decode. For each request the conductor computes, for every
+// prefill instance, its own prefix match and the best match over all prefill instances
+// (best_len); when best_len > own x pd_balance_ratio the instance would first fetch the
+// difference from the holder (network bandwidth; the fetched blocks then stay there: hot-block
+// replication). Estimated TTFT = transfer + queue (sum of estimated prefill times queued
+// there) + prefill of the uncached part; the instance of least TTFT wins. The decode instance
+// is the one with the least estimated TBT. The request is rejected when the estimated TTFT or
+// TBT exceeds its SLO. After prefill the prompt's KV moves to the decode instance (streamed
+// layer by layer: only the part of the transfer longer than the prefill adds delay).
+class PdDisaggPolicy final : public LocalCachePolicy {
+ public:
+  std::string name() const override { return "pd-disagg"; }
+  void Init(Simulator& sim) override;
+  bool Admit(Simulator& sim, Job& job) override;
+  void OnPrefillDone(Simulator& sim, Job& job) override;
+  int num_prefill() const { return num_prefill_; }
+
+ protected:
+  int Route(Simulator& sim, int64_t request) override {
+    (void)sim, (void)request;
+    return 0;
+  }
+  void OnArrival(Simulator& sim, int64_t request) override;
+
+ private:
+  struct Plan {
+    int decode = -1;
+    int holder = -1;           // fetch source, or -1
+    int64_t fetch_blocks = 0;  // blocks [own, own + fetch) come from the holder
+  };
+  int num_prefill_ = 1;
+  std::vector<Plan> plans_;
+};
+
+// Creates a policy by name: round-robin, least-load, cache-aware, pd-disagg. (tokenlake is
+// created by MakeTokenLakePolicy in tokenlake_policy.h.) Null for an unknown name.
+std::unique_ptr<Policy> MakeBaselinePolicy(const std::string& name);
+
+}  // namespace tokenlake::sim
+
+#endif  // TOKENLAKE_SIM_BASELINES_H_

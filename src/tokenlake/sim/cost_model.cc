@@ -1,0 +1,242 @@
+#include "tokenlake/sim/cost_model.h"
+
+#include <algorithm>
+#include <fstream>
+#include <sstream>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+#include "nlohmann/json.hpp"
+#include "tokenlake/base/check.h"
+
+namespace tokenlake::sim {
+
+int64_t ModelSpec::DenseParamCount() const {
+  const int64_t qkv = hidden * (num_heads + 2 * num_kv_heads) * head_dim;
+  const int64_t o = num_heads * head_dim * hidden;
+  const int64_t mlp = 3 * hidden * intermediate;
+  return num_layers * (qkv + o + mlp);
+}
+
+int64_t ModelSpec::ParamCount() const { return DenseParamCount() + 2 * vocab * hidden; }
+
+namespace {
+
+template <typename T>
+absl::Status Get(const nlohmann::json& j, const char* key, T* out, const std::string& source,
+                 bool positive = true) {
+  auto it = j.find(key);
+  if (it == j.end()) return absl::OkStatus();  // keep the default
+  if (!it->is_number()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: field '%s' must be a number", source, key));
+  }
+  const double v = it->get<double>();
+  if (positive ? !(v > 0) : !(v >= 0)) {
+    return absl::InvalidArgumentError(absl::StrFormat("%s: field '%s' must be %s, got %g", source,
+                                                      key, positive ? "> 0" : ">= 0", v));
+  }
+  *out = static_cast<T>(v);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<nlohmann::json> ParseObject(const std::string& text, const std::string& source) {
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) {
+    return absl::InvalidArgumentError(absl::StrFormat("%s: not a JSON object", source));
+  }
+  return j;
+}
+
+absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrFormat("cannot open '%s'", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+#define TL_GET(...)                     \
+  do {                                  \
+    absl::Status s_ = Get(__VA_ARGS__); \
+    if (!s_.ok()) return s_;            \
+  } while (0)
+
+absl::StatusOr<ModelSpec> ParseModelSpec(const std::string& text, const std::string& source) {
+  auto j = ParseObject(text, source);
+  if (!j.ok()) return j.status();
+  ModelSpec m;
+  if (j->contains("name") && (*j)["name"].is_string()) m.name = (*j)["name"];
+  TL_GET(*j, "num_layers", &m.num_layers, source);
+  TL_GET(*j, "num_heads", &m.num_heads, source);
+  TL_GET(*j, "num_kv_heads", &m.num_kv_heads, source);
+  TL_GET(*j, "head_dim", &m.head_dim, source);
+  TL_GET(*j, "hidden", &m.hidden, source);
+  TL_GET(*j, "intermediate", &m.intermediate, source);
+  TL_GET(*j, "vocab", &m.vocab, source);
+  TL_GET(*j, "dtype_bytes", &m.dtype_bytes, source);
+  if (m.num_heads % m.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: num_heads (%d) must be a multiple of num_kv_heads (%d)", source,
+                        m.num_heads, m.num_kv_heads));
+  }
+  return m;
+}
+
+absl::StatusOr<GpuProfile> ParseGpuProfile(const std::string& text, const std::string& source) {
+  auto j = ParseObject(text, source);
+  if (!j.ok()) return j.status();
+  GpuProfile g;
+  if (j->contains("name") && (*j)["name"].is_string()) g.name = (*j)["name"];
+  TL_GET(*j, "memory_bytes", &g.memory_bytes, source);
+  TL_GET(*j, "memory_utilization", &g.memory_utilization, source);
+  TL_GET(*j, "activation_reserve_bytes", &g.activation_reserve_bytes, source, false);
+  TL_GET(*j, "copy_gbps", &g.copy_gbps, source);
+  TL_GET(*j, "gemm_tflops", &g.gemm_tflops, source);
+  TL_GET(*j, "attn_prefill_tflops", &g.attn_prefill_tflops, source);
+  TL_GET(*j, "attn_decode_gbps", &g.attn_decode_gbps, source);
+  if (g.memory_utilization > 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: field 'memory_utilization' must be in (0, 1]", source));
+  }
+  if (auto it = j->find("dense_ms"); it != j->end()) {
+    if (!it->is_array() || it->empty()) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s: field 'dense_ms' must be a non-empty array of [tokens, ms]", source));
+    }
+    g.dense_ms.clear();
+    for (size_t i = 0; i < it->size(); ++i) {
+      const auto& p = (*it)[i];
+      if (!p.is_array() || p.size() != 2 || !p[0].is_number() || !p[1].is_number() ||
+          p[0].get<double>() < 1 || p[1].get<double>() <= 0 ||
+          (!g.dense_ms.empty() && p[0].get<double>() <= g.dense_ms.back().first)) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "%s: field 'dense_ms' element %d must be [tokens >= 1, ms > 0] with tokens "
+            "increasing",
+            source, i));
+      }
+      g.dense_ms.emplace_back(p[0].get<double>(), p[1].get<double>());
+    }
+  }
+  return g;
+}
+
+std::string GpuProfileToJson(const GpuProfile& g) {
+  nlohmann::json j;
+  j["name"] = g.name;
+  j["memory_bytes"] = g.memory_bytes;
+  j["memory_utilization"] = g.memory_utilization;
+  j["activation_reserve_bytes"] = g.activation_reserve_bytes;
+  j["copy_gbps"] = g.copy_gbps;
+  j["gemm_tflops"] = g.gemm_tflops;
+  j["attn_prefill_tflops"] = g.attn_prefill_tflops;
+  j["attn_decode_gbps"] = g.attn_decode_gbps;
+  j["dense_ms"] = nlohmann::json::array();
+  for (auto [t, ms] : g.dense_ms) j["dense_ms"].push_back({t, ms});
+  return j.dump(2);
+}
+
+absl::StatusOr<ModelSpec> LoadModelSpec(const std::string& name_or_path) {
+  if (name_or_path == "llama-3-8b" || name_or_path.empty()) return ModelSpec{};
+  auto text = ReadFile(name_or_path);
+  if (!text.ok()) {
+    return absl::NotFoundError(absl::StrFormat(
+        "model '%s' is neither a built-in model (llama-3-8b) nor a readable JSON file",
+        name_or_path));
+  }
+  return ParseModelSpec(*text, name_or_path);
+}
+
+absl::StatusOr<GpuProfile> LoadGpuProfile(const std::string& name_or_path) {
+  if (name_or_path == "h100" || name_or_path.empty()) return GpuProfile{};
+  auto text = ReadFile(name_or_path);
+  if (!text.ok()) {
+    return absl::NotFoundError(absl::StrFormat(
+        "gpu '%s' is neither a built-in profile (h100) nor a readable JSON file", name_or_path));
+  }
+  return ParseGpuProfile(*text, name_or_path);
+}
+
+CostModel::CostModel(ModelSpec model, GpuProfile gpu, InterconnectSpec net)
+    : model_(std::move(model)), gpu_(std::move(gpu)), net_(net) {
+  TOKENLAKE_CHECK(!gpu_.dense_ms.empty());
+  dense_scale_ = static_cast<double>(model_.DenseParamCount()) /
+                 static_cast<double>(ModelSpec{}.DenseParamCount());
+}
+
+int64_t CostModel::KvCapacityBytes() const {
+  const double usable = static_cast<double>(gpu_.memory_bytes) * gpu_.memory_utilization;
+  const double weights = static_cast<double>(model_.ParamCount() * model_.dtype_bytes);
+  return std::max<int64_t>(0,
+                           static_cast<int64_t>(usable - weights) - gpu_.activation_reserve_bytes);
+}
+
+double CostModel::DenseSeconds(int64_t tokens) const {
+  if (tokens <= 0) return 0;
+  const auto& p = gpu_.dense_ms;
+  const double x = static_cast<double>(tokens);
+  double ms;
+  if (p.size() == 1) {
+    ms = p[0].second * x / p[0].first;
+  } else if (x <= p.front().first) {
+    ms = p.front().second;
+  } else {
+    size_t i = 1;
+    while (i + 1 < p.size() && x > p[i].first) ++i;
+    const auto [x0, y0] = p[i - 1];
+    const auto [x1, y1] = p[i];
+    ms = y0 + (y1 - y0) * (x - x0) / (x1 - x0);
+  }
+  return ms * 1e-3 * dense_scale_;
+}
+
+double CostModel::AttentionSeconds(int64_t new_tokens, int64_t context_tokens) const {
+  if (new_tokens <= 0) return 0;
+  const double q = static_cast<double>(new_tokens);
+  const double keys = static_cast<double>(context_tokens) + (q + 1) / 2;  // causal average
+  const double flops =
+      4.0 * q * keys * static_cast<double>(model_.num_heads * model_.head_dim * model_.num_layers);
+  const double kv_bytes =
+      (static_cast<double>(context_tokens) + q) * static_cast<double>(model_.KvBytesPerToken());
+  return std::max(flops / (gpu_.attn_prefill_tflops * 1e12),
+                  kv_bytes / (gpu_.attn_decode_gbps * 1e9));
+}
+
+double CostModel::DecodeSecondsPerContextToken() const {
+  const double flops =
+      4.0 * static_cast<double>(model_.num_heads * model_.head_dim * model_.num_layers);
+  return std::max(flops / (gpu_.attn_prefill_tflops * 1e12),
+                  static_cast<double>(model_.KvBytesPerToken()) / (gpu_.attn_decode_gbps * 1e9));
+}
+
+double CostModel::IterationSeconds(const std::vector<SeqWork>& batch) const {
+  int64_t tokens = 0;
+  double attn = 0;
+  for (const SeqWork& s : batch) {
+    tokens += s.new_tokens;
+    attn += AttentionSeconds(s.new_tokens, s.context_tokens);
+  }
+  return tokens == 0 ? 0 : DenseSeconds(tokens) + attn;
+}
+
+double CostModel::PrefillSeconds(int64_t new_tokens, int64_t cached_tokens,
+                                 int64_t chunk_tokens) const {
+  double t = 0;
+  int64_t done = 0;
+  while (done < new_tokens) {
+    const int64_t q = std::min(chunk_tokens, new_tokens - done);
+    t += DenseSeconds(q) + AttentionSeconds(q, cached_tokens + done);
+    done += q;
+  }
+  return t;
+}
+
+double CostModel::TransferSeconds(int64_t bytes, bool same_node) const {
+  if (bytes <= 0) return 0;
+  const double gbps = same_node ? net_.intra_node_gbps : net_.inter_node_gbps;
+  return net_.latency_us * 1e-6 + static_cast<double>(bytes) / (gbps * 1e9);
+}
+
+}  // namespace tokenlake::sim

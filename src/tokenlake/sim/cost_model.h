@@ -1,0 +1,133 @@
+// The simulator's cost model: model shapes, a GPU profile, the interconnect, and the time of
+// one continuous-batching iteration. Every policy is charged through this one model.
+//
+// GPU profile JSON schema (what `tokenlake profile` writes; `--gpu FILE` reads it):
+//   {
+//     "name": "H100-80GB",                  // free text
+//     "memory_bytes": 85899345920,          // device memory
+//     "memory_utilization": 0.9,            // share usable by the engine (vLLM's default 0.9)
+//     "activation_reserve_bytes": 4294967296, // kept for activations/workspace
+//     "copy_gbps": 2964,                    // device copy bandwidth, GB/s (read + write)
+//     "gemm_tflops": 791,                   // dense bf16 GEMM
+//     "attn_prefill_tflops": 590,           // flash attention prefill (GQA), TFLOP/s
+//     "attn_decode_gbps": 2900,             // flash attention decode, KV bytes read per s, GB/s
+//     "dense_ms": [[1, 6.7], [1024, 19.8], [4096, 73], [16384, 312]]
+//                                           // model's dense layers (all of them) per iteration,
+//                                           // by batch tokens; linear interpolation between
+//                                           // points, linear extrapolation past the last two
+//   }
+// Model JSON schema (`--model FILE`): {"name", "num_layers", "num_heads", "num_kv_heads",
+//   "head_dim", "hidden", "intermediate", "vocab", "dtype_bytes"}; "dense_ms" in the GPU
+//   profile belongs to the model it was measured with (for other models it is rescaled by
+//   the ratio of dense parameters).
+//
+// Thread-safety: immutable after construction; safe to share.
+#ifndef TOKENLAKE_SIM_COST_MODEL_H_
+#define TOKENLAKE_SIM_COST_MODEL_H_
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace tokenlake::sim {
+
+struct ModelSpec {
+  std::string name = "llama-3-8b";
+  int64_t num_layers = 32;
+  int64_t num_heads = 32;
+  int64_t num_kv_heads = 8;
+  int64_t head_dim = 128;
+  int64_t hidden = 4096;
+  int64_t intermediate = 14336;
+  int64_t vocab = 128256;
+  int64_t dtype_bytes = 2;  // bf16
+
+  // K and V of one token over all layers.
+  int64_t KvBytesPerToken() const { return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes; }
+  // Parameters (embedding and LM head included).
+  int64_t ParamCount() const;
+  // Parameters of the per-layer dense matmuls (qkv, o, gate-up, down), all layers.
+  int64_t DenseParamCount() const;
+};
+
+struct GpuProfile {
+  std::string name = "H100-80GB";
+  int64_t memory_bytes = 80LL << 30;
+  double memory_utilization = 0.9;
+  int64_t activation_reserve_bytes = 4LL << 30;
+  double copy_gbps = 2964;
+  double gemm_tflops = 791;
+  double attn_prefill_tflops = 590;
+  double attn_decode_gbps = 2900;
+  // (batch tokens, ms) for the default model, increasing in tokens.
+  std::vector<std::pair<double, double>> dense_ms = {
+      {1, 6.7}, {1024, 19.8}, {4096, 73}, {16384, 312}};
+};
+
+struct InterconnectSpec {
+  // Bandwidth between instances of one node (NVLink), GB/s per direction.
+  double intra_node_gbps = 300;
+  // Bandwidth between nodes (per GPU RDMA NIC, 400 Gb/s), GB/s.
+  double inter_node_gbps = 50;
+  // GPUs per node.
+  int64_t gpus_per_node = 8;
+  // Latency of one transfer, microseconds.
+  double latency_us = 10;
+};
+
+absl::StatusOr<ModelSpec> ParseModelSpec(const std::string& json_text, const std::string& source);
+absl::StatusOr<GpuProfile> ParseGpuProfile(const std::string& json_text, const std::string& source);
+std::string GpuProfileToJson(const GpuProfile& gpu);
+// Reads a model by built-in name ("llama-3-8b") or from a JSON file path.
+absl::StatusOr<ModelSpec> LoadModelSpec(const std::string& name_or_path);
+// Reads a GPU profile by built-in name ("h100") or from a JSON file path.
+absl::StatusOr<GpuProfile> LoadGpuProfile(const std::string& name_or_path);
+
+// One sequence's work in an iteration.
+struct SeqWork {
+  // New tokens processed for it this iteration (1 for decode).
+  int64_t new_tokens = 0;
+  // Tokens already in its context before these new tokens (cached or computed earlier) whose
+  // attention runs locally.
+  int64_t context_tokens = 0;
+};
+
+class CostModel {
+ public:
+  CostModel(ModelSpec model, GpuProfile gpu, InterconnectSpec net);
+
+  const ModelSpec& model() const { return model_; }
+  const GpuProfile& gpu() const { return gpu_; }
+  const InterconnectSpec& net() const { return net_; }
+
+  // KV cache capacity of one instance in bytes: memory x utilization - weights - activations.
+  int64_t KvCapacityBytes() const;
+  // Dense layers' time for a batch of `tokens` tokens (> 0), seconds.
+  double DenseSeconds(int64_t tokens) const;
+  // Attention time of `new_tokens` queries over `context_tokens` earlier tokens plus the causal
+  // part among themselves, seconds: max(FLOPs at prefill efficiency, KV bytes at decode
+  // bandwidth).
+  double AttentionSeconds(int64_t new_tokens, int64_t context_tokens) const;
+  // Attention seconds per context token of one decode query: AttentionSeconds(1, c) equals
+  // DecodeSecondsPerContextToken() * (c + 1) exactly.
+  double DecodeSecondsPerContextToken() const;
+  // One iteration: dense over all new tokens + each sequence's attention. 0 for an empty batch.
+  double IterationSeconds(const std::vector<SeqWork>& batch) const;
+  // Prefill of `new_tokens` after `cached_tokens`, alone, chunked by `chunk_tokens`.
+  double PrefillSeconds(int64_t new_tokens, int64_t cached_tokens, int64_t chunk_tokens) const;
+  // Moving `bytes` between two instances (same node or not), seconds, latency included.
+  double TransferSeconds(int64_t bytes, bool same_node) const;
+
+ private:
+  ModelSpec model_;
+  GpuProfile gpu_;
+  InterconnectSpec net_;
+  double dense_scale_;
+};
+
+}  // namespace tokenlake::sim
+
+#endif  // TOKENLAKE_SIM_COST_MODEL_H_

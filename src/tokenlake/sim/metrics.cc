@@ -1,0 +1,93 @@
+#include "tokenlake/sim/metrics.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace tokenlake::sim {
+
+double Percentile(std::vector<double> values, double p) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  const double rank = std::ceil(p / 100.0 * static_cast<double>(values.size()));
+  const size_t index =
+      static_cast<size_t>(std::clamp(rank, 1.0, static_cast<double>(values.size()))) - 1;
+  return values[index];
+}
+
+Summary Summarize(const SimResult& r, double offered_rps) {
+  Summary s;
+  s.policy = r.policy;
+  s.offered_rps = offered_rps;
+  const double inf = std::numeric_limits<double>::infinity();
+  std::vector<double> ttft, tpot;
+  ttft.reserve(r.records.size());
+  tpot.reserve(r.records.size());
+  int64_t prompt = 0, cached = 0;
+  for (const RequestRecord& rec : r.records) {
+    const bool finished = rec.finish_s >= 0 && !rec.rejected;
+    if (rec.rejected) ++s.rejected;
+    if (finished) ++s.completed;
+    ttft.push_back(rec.first_token_s >= 0 && !rec.rejected ? rec.first_token_s - rec.arrival_s
+                                                           : inf);
+    if (rec.output_tokens > 1) {
+      tpot.push_back(finished ? (rec.finish_s - rec.first_token_s) /
+                                    static_cast<double>(rec.output_tokens - 1)
+                              : inf);
+    }
+    if (!rec.rejected) {
+      prompt += rec.input_tokens;
+      cached += rec.cached_tokens;
+    }
+  }
+  s.ttft_p50_s = Percentile(ttft, 50);
+  s.ttft_p90_s = Percentile(ttft, 90);
+  s.tpot_p50_s = Percentile(tpot, 50);
+  s.tpot_p90_s = Percentile(tpot, 90);
+  s.hit_rate = prompt > 0 ? static_cast<double>(cached) / static_cast<double>(prompt) : 0;
+  s.throughput_rps = r.makespan_s > 0 ? static_cast<double>(s.completed) / r.makespan_s : 0;
+  s.bytes_moved = r.bytes_moved;
+  s.redundancy = r.mean_redundancy;
+  double max_busy = 0, sum_busy = 0;
+  for (double b : r.busy_s) {
+    max_busy = std::max(max_busy, b);
+    sum_busy += b;
+  }
+  s.load_imbalance =
+      sum_busy > 0 ? max_busy / (sum_busy / static_cast<double>(r.busy_s.size())) : 1;
+  s.kv_capacity_bytes_per_instance = r.kv_capacity_bytes_per_instance;
+  s.kv_capacity_bytes_total =
+      r.kv_capacity_bytes_per_instance * static_cast<int64_t>(r.busy_s.size());
+  return s;
+}
+
+bool MeetsSlo(const Summary& s, double slo_ttft_s, double slo_tpot_s) {
+  return s.ttft_p90_s <= slo_ttft_s && s.tpot_p90_s <= slo_tpot_s;
+}
+
+nlohmann::json ToJson(const Summary& s) {
+  auto num = [](double v) -> nlohmann::json {
+    if (!std::isfinite(v)) return nullptr;
+    return v;
+  };
+  nlohmann::json j;
+  j["policy"] = s.policy;
+  j["offered_rps"] = num(s.offered_rps);
+  j["throughput_rps"] = num(s.throughput_rps);
+  if (s.max_rate_rps) j["max_rate_rps"] = num(*s.max_rate_rps);
+  j["hit_rate"] = num(s.hit_rate);
+  j["ttft_p50_s"] = num(s.ttft_p50_s);
+  j["ttft_p90_s"] = num(s.ttft_p90_s);
+  j["tpot_p50_s"] = num(s.tpot_p50_s);
+  j["tpot_p90_s"] = num(s.tpot_p90_s);
+  j["bytes_moved"] = s.bytes_moved;
+  j["redundancy"] = num(s.redundancy);
+  j["load_imbalance"] = num(s.load_imbalance);
+  j["completed"] = s.completed;
+  j["rejected"] = s.rejected;
+  j["kv_capacity_bytes_per_instance"] = s.kv_capacity_bytes_per_instance;
+  j["kv_capacity_bytes_total"] = s.kv_capacity_bytes_total;
+  return j;
+}
+
+}  // namespace tokenlake::sim

@@ -1,0 +1,223 @@
+// The trace-driven cluster simulator: an event loop over simulated time that runs one
+// continuous-batching engine per instance (chunked prefill, vLLM-V1-style scheduling) and asks
+// a Policy where each request goes, how much of its prompt is cached, and what memory and
+// communication it costs. Every policy runs on the same engine and the same CostModel.
+//
+// Scheduling per instance and iteration (stated defaults, SimOptions): a budget of
+// `token_budget` (8192) tokens per iteration; running decodes first (1 token each), then
+// running prefills (chunks), then waiting requests first-come-first-served while the budget,
+// `max_running` (256) and memory allow (Policy::Admit). Memory for a request (prompt + output)
+// is reserved at admission, so there is no preemption. Decode-only stretches are simulated in
+// bulk (exact: a decode iteration's time is linear in the batch's context) and cut at the
+// iteration boundary when new work reaches the instance.
+//
+// Thread-safety: not thread-safe; one Simulator per thread.
+#ifndef TOKENLAKE_SIM_SIMULATOR_H_
+#define TOKENLAKE_SIM_SIMULATOR_H_
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <queue>
+#include <string>
+#include <vector>
+
+#include "tokenlake/sim/block_cache.h"
+#include "tokenlake/sim/cost_model.h"
+#include "tokenlake/sim/workload.h"
+
+namespace tokenlake::sim {
+
+struct SimOptions {
+  // Serving instances (GPUs), each a full model replica.
+  int num_instances = 16;
+  // Max tokens batched in one iteration (chunked prefill budget).
+  int64_t token_budget = 8192;
+  // Max requests running on one instance.
+  int max_running = 256;
+  // TTFT SLO (seconds) for --max-rate and PD admission.
+  double slo_ttft_s = 5.0;
+  // TPOT SLO (seconds) for --max-rate and PD admission.
+  double slo_tpot_s = 0.2;
+  // pd-disagg: share of instances in the prefill pool (the rest decode), at least one each.
+  double pd_prefill_fraction = 0.75;
+  // pd-disagg: fetch from the best holder when best_len / own_len exceeds this ratio.
+  double pd_balance_ratio = 1.5;
+  // Sampling period of per-instance load and pool statistics, seconds.
+  double sample_period_s = 10.0;
+  // KV bytes each instance may use; 0 = CostModel::KvCapacityBytes().
+  int64_t kv_capacity_bytes = 0;
+  // Called with the share of requests arrived so far (0..1), at most ~200 times; may be null.
+  std::function<void(double)> progress;
+};
+
+enum class Phase { kQueued, kPrefill, kDecode, kDone };
+
+// One request's work on one instance (a PD request has a prefill job and a decode job).
+struct Job {
+  int64_t request = 0;  // index into the workload
+  const Request* r = nullptr;
+  int instance = -1;
+  Phase phase = Phase::kQueued;
+  bool prefill_only = false;  // PD prefill: hand over after the first token
+  bool decode_only = false;   // PD decode: the prompt's KV arrives by transfer
+  int64_t cached_tokens = 0;  // prompt tokens whose KV is reused (set by Admit)
+  int64_t prefilled = 0;      // prompt tokens computed so far, beyond cached_tokens
+  int64_t decoded = 0;        // output tokens produced
+  // Context tokens whose attention runs elsewhere (TokenLake holders); not in local attention.
+  int64_t remote_context_tokens = 0;
+  double prefill_start_s = -1;
+  // Memory held (baselines): referenced cached block ids and private blocks.
+  std::vector<uint64_t> held_ids;
+  int64_t private_blocks = 0;
+  double est_prefill_s = 0;  // PD: the estimate added to its instance's queue
+  int64_t policy_tag = 0;    // free for the policy
+
+  int64_t PromptNew() const { return r->input_tokens - cached_tokens; }
+  int64_t Context() const { return cached_tokens + prefilled + decoded - remote_context_tokens; }
+};
+
+struct Instance {
+  int id = 0;
+  std::unique_ptr<BlockCache> cache;  // baselines' per-instance prefix cache
+  std::deque<Job*> waiting;
+  std::vector<Job*> running;
+  int64_t in_flight = 0;         // requests routed here and not finished
+  double pending_prefill_s = 0;  // PD queue estimate
+  double extra_s = 0;            // work charged by others, added to the next iteration
+  // Current step (one iteration, or k decode iterations in bulk).
+  bool busy = false;
+  uint64_t generation = 0;
+  double step_start_s = 0;
+  int64_t step_iters = 1;
+  bool step_decode_only = false;
+  double step_a_s = 0, step_b_s = 0;  // decode bulk: iteration j (0-based) takes a + b*j
+  double step_extra_s = 0;            // decode bulk: charged work done before the iterations
+  double accounted_s = 0;             // busy time is attributed to windows up to here
+  std::vector<int64_t> step_tokens;   // per running job: tokens processed this step (1 iteration)
+  double busy_s = 0;                  // total busy time
+  double window_busy_s = 0;           // busy time in the current sampling window
+};
+
+struct RequestRecord {
+  double arrival_s = 0;
+  int64_t input_tokens = 0;
+  int64_t output_tokens = 0;
+  double first_token_s = -1;
+  double finish_s = -1;
+  int64_t cached_tokens = 0;
+  bool rejected = false;
+  int instance = -1;
+};
+
+class Simulator;
+
+// A serving policy: routing, caching and the costs only it knows about.
+class Policy {
+ public:
+  virtual ~Policy() = default;
+  virtual std::string name() const = 0;
+  // Called once before the run.
+  virtual void Init(Simulator& sim) = 0;
+  // A request arrived: create a job and Simulator::Deliver it, or Simulator::Reject it.
+  virtual void OnArrival(Simulator& sim, int64_t request) = 0;
+  // May `job` start on its instance now? Sets job.cached_tokens and takes memory. False: it
+  // waits (retried at later iterations).
+  virtual bool Admit(Simulator& sim, Job& job) = 0;
+  // The job's prompt is fully computed (its first token was just produced).
+  virtual void OnPrefillDone(Simulator& sim, Job& job) = 0;
+  // The job finished on its instance (last token, or hand-over for a prefill-only job).
+  virtual void OnJobDone(Simulator& sim, Job& job) = 0;
+  // Extra seconds the iteration of `inst` with these jobs and tokens takes (communication not
+  // hidden by compute). Default none.
+  virtual double ExtraIterationSeconds(Simulator& sim, Instance& inst,
+                                       const std::vector<Job*>& jobs,
+                                       const std::vector<int64_t>& tokens) {
+    (void)sim, (void)inst, (void)jobs, (void)tokens;
+    return 0;
+  }
+  // Periodic hook (every sample period).
+  virtual void OnSample(Simulator& sim) { (void)sim; }
+  // Pool statistics at this moment: stored block copies and distinct blocks.
+  virtual void PoolStats(Simulator& sim, int64_t* copies, int64_t* distinct);
+};
+
+struct SimResult {
+  std::string policy;
+  std::vector<RequestRecord> records;
+  double makespan_s = 0;
+  int64_t bytes_moved = 0;
+  double mean_redundancy = 1.0;           // time-averaged copies / distinct blocks
+  std::vector<double> busy_s;             // per instance
+  std::vector<std::vector<double>> load;  // [sample][instance] busy share in the window
+  double sample_period_s = 0;
+  int64_t kv_capacity_bytes_per_instance = 0;
+  int64_t iterations = 0;
+};
+
+class Simulator {
+ public:
+  // `workload`, `cost` and `policy` must outlive the simulator.
+  Simulator(const SimOptions& options, const Workload& workload, const CostModel& cost,
+            Policy& policy);
+  SimResult Run();
+
+  // --- for policies ---
+  double now() const { return now_s_; }
+  const SimOptions& options() const { return options_; }
+  const CostModel& cost() const { return cost_; }
+  const Workload& workload() const { return workload_; }
+  std::vector<Instance>& instances() { return instances_; }
+  int64_t kv_capacity_blocks() const { return capacity_blocks_; }
+  RequestRecord& record(int64_t request) { return records_[request]; }
+  // A new job for `request` on `instance`; owned by the simulator.
+  Job* NewJob(int64_t request, int instance);
+  // Makes `job` visible to its instance at `ready_s` (>= now), waking the instance.
+  void Deliver(Job* job, double ready_s);
+  void Reject(int64_t request);
+  // Adds work (seconds) to `instance`'s next iteration, waking it.
+  void ChargeExtra(int instance, double seconds);
+  void AddBytesMoved(int64_t bytes) { bytes_moved_ += bytes; }
+  // Releases a finished job's memory (baselines).
+  void ReleaseLocal(Job& job);
+
+ private:
+  struct Event {
+    double t;
+    uint64_t seq;
+    int kind;  // 0 step done, 1 deliver
+    int instance;
+    uint64_t generation;
+    Job* job;
+    bool operator>(const Event& o) const { return t != o.t ? t > o.t : seq > o.seq; }
+  };
+  void Push(double t, int kind, int instance, uint64_t generation, Job* job);
+  void Wake(Instance& inst);
+  void StartStep(Instance& inst);
+  void FinishStep(Instance& inst);
+  double StepEnd(const Instance& inst, int64_t iters) const;
+  void Sample();
+
+  SimOptions options_;
+  const Workload& workload_;
+  const CostModel& cost_;
+  Policy& policy_;
+  double now_s_ = 0;
+  uint64_t seq_ = 0;
+  int64_t capacity_blocks_ = 0;
+  int64_t bytes_moved_ = 0;
+  int64_t iterations_ = 0;
+  std::vector<Instance> instances_;
+  std::vector<RequestRecord> records_;
+  std::deque<Job> jobs_;
+  std::priority_queue<Event, std::vector<Event>, std::greater<>> events_;
+  double next_sample_s_ = 0;
+  std::vector<std::vector<double>> load_;
+  double redundancy_sum_ = 0;
+  int64_t redundancy_samples_ = 0;
+};
+
+}  // namespace tokenlake::sim
+
+#endif  // TOKENLAKE_SIM_SIMULATOR_H_
