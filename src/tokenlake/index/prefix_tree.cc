@@ -506,6 +506,10 @@ absl::StatusOr<DropInstanceResult> PrefixTree::DropInstance(InstanceId instance)
   std::sort(order.begin(), order.end(), std::greater<>());
   for (const auto& [depth, id] : order) EraseLeafNode(id);
   result.erased_segments = static_cast<int64_t>(order.size());
+  std::sort(result.freed_elsewhere.begin(), result.freed_elsewhere.end(),
+            [](const FreedReplica& a, const FreedReplica& b) {
+              return std::pair(a.segment, a.instance) < std::pair(b.segment, b.instance);
+            });
   return result;
 }
 

@@ -96,6 +96,7 @@ struct FreedReplica {
 struct DropInstanceResult {
   // Copies freed on OTHER instances because their segment lost an ancestor (the subtree under a
   // segment whose only copy was on the dropped instance is no longer reachable by Match).
+  // Sorted by (segment, instance), so the result is deterministic.
   std::vector<FreedReplica> freed_elsewhere;
   // Number of nodes erased from the tree.
   int64_t erased_segments = 0;
@@ -233,7 +234,9 @@ class PrefixTree {
   // The node of `id`, or nullptr. Valid until the next mutating call.
   const Node* Find(SegmentId id) const;
   bool Contains(SegmentId id) const { return Find(id) != nullptr; }
-  // Calls fn for every node, in unspecified order. fn must not mutate the tree.
+  // Calls fn for every node, in unspecified order: the order may differ between processes (the
+  // hash is seeded per process), so sort what you collect if you need determinism (the
+  // simulator does). fn must not mutate the tree.
   void ForEachNode(absl::FunctionRef<void(const Node&)> fn) const;
 
   int64_t num_segments() const { return static_cast<int64_t>(nodes_.size()); }

@@ -1,5 +1,6 @@
 #include "tokenlake/store/segment_store.h"
 
+#include <algorithm>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -260,6 +261,7 @@ std::vector<SegmentId> SegmentStore::Segments() const {
   std::vector<SegmentId> out;
   out.reserve(by_segment_.size());
   for (const auto& [segment, slot] : by_segment_) out.push_back(segment);
+  std::sort(out.begin(), out.end());
   return out;
 }
 

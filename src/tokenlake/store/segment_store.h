@@ -133,7 +133,7 @@ class SegmentStore {
   // Up to n unpinned segments, least recently used first.
   std::vector<SegmentId> EvictionCandidates(int32_t n) const;
 
-  // All stored segments (a snapshot, unspecified order).
+  // All stored segments (a snapshot), sorted by id so that callers are deterministic.
   std::vector<SegmentId> Segments() const;
 
   int32_t capacity() const { return capacity_; }

@@ -9,6 +9,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tokenlake/base/check.h"
 #include "tokenlake/base/random.h"
 
 namespace tokenlake::store {
@@ -167,6 +168,26 @@ TEST(SegmentStoreTest, EvictionOrderIsLruOfUnpinnedSegments) {
   // Releasing the last pin makes the segment most recent.
   EXPECT_THAT(store->EvictionCandidates(10), ElementsAre(Seg(3), Seg(4), Seg(1), Seg(2)));
   EXPECT_TRUE(store->EvictionCandidates(0).empty());
+}
+
+TEST(SegmentStoreTest, SegmentsListsStoredIdsInOrder) {
+  auto store = MetaStore(4);
+  for (uint64_t i : {9, 2, 7}) ASSERT_TRUE(store->Allocate(Seg(i)).ok());
+  ASSERT_TRUE(store->Free(Seg(7)).ok());
+  EXPECT_THAT(store->Segments(), ElementsAre(Seg(2), Seg(9)));
+}
+
+TEST(SegmentStoreDeathTest, DestroyingTheStoreWhilePinsAreAliveIsAProgrammerError) {
+  EXPECT_DEATH(
+      {
+        auto store = MetaStore(1);
+        TOKENLAKE_CHECK_OK(store->Allocate(Seg(1)).status());
+        auto pin = store->Pin(Seg(1));
+        SlotPin leaked = *std::move(pin);
+        store.reset();
+        leaked = SlotPin();
+      },
+      "SlotPins are alive");
 }
 
 TEST(SegmentStoreTest, FullyPinnedStoreOffersNothingToEvict) {
