@@ -216,16 +216,30 @@ absl::Status PartialAttention(const AttentionParams& params, int32_t num_q_token
   problem.blocks = blocks;
   problem.block_start = block_start.data();
 
-  // Work items: (token tile, KV head, head chunk within the group) x KV chunk.
+  // Work items: (token tile, head tile) x KV chunk. With several query tokens a tile is a few
+  // tokens x the heads of one KV group (each K/V row is reused by tokens x group rows from L1).
+  // With few tokens (decode) a tile is one token x many heads (all KV heads of a key are one
+  // contiguous run, so the tile streams memory sequentially) and the keys are split over the
+  // threads instead (split-K, merged below).
   const int32_t group = params.num_heads / params.num_kv_heads;
-  const int32_t heads_per_tile = std::min<int32_t>(group, internal::kMaxTileRows);
-  const int32_t tokens_per_tile = std::max<int32_t>(1, internal::kMaxTileRows / heads_per_tile);
-  const int32_t head_chunks = (group + heads_per_tile - 1) / heads_per_tile;
+  int32_t heads_per_tile;
+  int32_t tokens_per_tile;
+  if (num_q_tokens >= 4) {
+    heads_per_tile = std::min<int32_t>(group, internal::kMaxTileRows / 2);
+    tokens_per_tile = std::max<int32_t>(1, internal::kMaxTileRows / 2 / heads_per_tile);
+  } else {
+    heads_per_tile =
+        group >= internal::kMaxTileRows
+            ? internal::kMaxTileRows
+            : std::min<int32_t>(params.num_heads, internal::kMaxTileRows / group * group);
+    tokens_per_tile = std::max<int32_t>(1, internal::kMaxTileRows / heads_per_tile);
+  }
+  const int64_t head_tiles = (params.num_heads + heads_per_tile - 1) / heads_per_tile;
   const int64_t token_tiles = (num_q_tokens + tokens_per_tile - 1) / tokens_per_tile;
-  const int64_t tiles = token_tiles * params.num_kv_heads * head_chunks;
+  const int64_t tiles = token_tiles * head_tiles;
   const int threads = pool == nullptr ? 1 : pool->num_threads();
   int64_t num_chunks = 1;
-  if (tiles < 2 * threads) {
+  if (threads > 1 && tiles < 2 * threads) {
     num_chunks = std::min<int64_t>((2 * threads + tiles - 1) / tiles,
                                    std::max<int64_t>(1, total_keys / kMinChunkKeys));
   }
@@ -240,16 +254,14 @@ absl::Status PartialAttention(const AttentionParams& params, int32_t num_q_token
 
   auto run_item = [&](int64_t item) {
     const int64_t chunk = item / tiles;
-    int64_t rest = item % tiles;
-    const int32_t head_chunk = static_cast<int32_t>(rest % head_chunks);
-    rest /= head_chunks;
-    const int32_t kv_head = static_cast<int32_t>(rest % params.num_kv_heads);
-    const int64_t token_tile = rest / params.num_kv_heads;
+    const int64_t rest = item % tiles;
+    const int64_t head_tile = rest % head_tiles;
+    const int64_t token_tile = rest / head_tiles;
     internal::TileRange tile;
     tile.token_begin = static_cast<int32_t>(token_tile * tokens_per_tile);
     tile.token_end = std::min<int32_t>(num_q_tokens, tile.token_begin + tokens_per_tile);
-    tile.head_begin = kv_head * group + head_chunk * heads_per_tile;
-    tile.head_end = std::min<int32_t>((kv_head + 1) * group, tile.head_begin + heads_per_tile);
+    tile.head_begin = static_cast<int32_t>(head_tile * heads_per_tile);
+    tile.head_end = std::min<int32_t>(params.num_heads, tile.head_begin + heads_per_tile);
     tile.key_begin = total_keys * chunk / num_chunks;
     tile.key_end = total_keys * (chunk + 1) / num_chunks;
     float* o = out.data();

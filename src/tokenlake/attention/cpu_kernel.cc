@@ -31,7 +31,9 @@ typedef uint16_t v8h __attribute__((vector_size(16)));
 constexpr int kKeyTile = 32;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-TL_INLINE v8f Splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+// A broadcast written as a shuffle so GCC emits vbroadcastss (the initializer-list form was
+// lowered to a chain of vinsertps).
+TL_INLINE v8f Splat(float x) { return __builtin_shuffle(v8f{x}, v8i{0, 0, 0, 0, 0, 0, 0, 0}); }
 TL_INLINE v8f Load8(const float* p) {
   v8f v;
   std::memcpy(&v, p, sizeof(v));
@@ -68,62 +70,98 @@ TL_INLINE v8f Exp8(v8f x) {
   return underflow ? Splat(0.0f) : y;
 }
 
-// Widens n bf16 values to float.
-TL_INLINE void WidenBf16(const uint16_t* src, float* dst, int n) {
-  int i = 0;
-  for (; i + 8 <= n; i += 8) {
+template <typename T>
+TL_INLINE v8f LoadKv(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Load8(p);
+  } else {
     v8h h;
-    std::memcpy(&h, src + i, sizeof(h));
+    std::memcpy(&h, p, sizeof(h));
     const v8u w = __builtin_convertvector(h, v8u) << 16;
-    std::memcpy(dst + i, &w, sizeof(w));
+    v8f f;
+    std::memcpy(&f, &w, sizeof(f));
+    return f;
   }
-  for (; i < n; ++i) dst[i] = Bf16ToFloat(src[i]);
 }
 
-// s[a][j] = dot(qa, k[j]), s[b][j] = dot(qb, k[j]) for 4 keys.
-TL_INLINE void Dot2x4(const float* qa, const float* qb, const float* const* k, int d, float* sa,
-                      float* sb) {
+template <typename T>
+TL_INLINE float KvElem(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return *p;
+  } else {
+    return Bf16ToFloat(*p);
+  }
+}
+
+// Returns [sum(a0), sum(a1), sum(a2), sum(a3), sum(b0), sum(b1), sum(b2), sum(b3)] with in-lane
+// shuffles (unpck / shufps) and one cross-lane step, instead of 8 scalar horizontal sums.
+TL_INLINE v8f Reduce4x2(v8f a0, v8f a1, v8f a2, v8f a3, v8f b0, v8f b1, v8f b2, v8f b3) {
+  const v8i lo = {0, 8, 1, 9, 4, 12, 5, 13};
+  const v8i hi = {2, 10, 3, 11, 6, 14, 7, 15};
+  const v8f ta01 = __builtin_shuffle(a0, a1, lo) + __builtin_shuffle(a0, a1, hi);
+  const v8f ta23 = __builtin_shuffle(a2, a3, lo) + __builtin_shuffle(a2, a3, hi);
+  const v8f tb01 = __builtin_shuffle(b0, b1, lo) + __builtin_shuffle(b0, b1, hi);
+  const v8f tb23 = __builtin_shuffle(b2, b3, lo) + __builtin_shuffle(b2, b3, hi);
+  const v8i even = {0, 1, 8, 9, 4, 5, 12, 13};
+  const v8i odd = {2, 3, 10, 11, 6, 7, 14, 15};
+  const v8f ua = __builtin_shuffle(ta01, ta23, even) + __builtin_shuffle(ta01, ta23, odd);
+  const v8f ub = __builtin_shuffle(tb01, tb23, even) + __builtin_shuffle(tb01, tb23, odd);
+  return __builtin_shuffle(ua, ub, v8i{0, 1, 2, 3, 8, 9, 10, 11}) +
+         __builtin_shuffle(ua, ub, v8i{4, 5, 6, 7, 12, 13, 14, 15});
+}
+
+// sa[j] = dot(qa, ka[j]), sb[j] = dot(qb, kb[j]) for 4 keys j. kShared: ka == kb (rows of one
+// KV group), so each K chunk is loaded once for both rows.
+template <typename T, bool kShared>
+TL_INLINE void Dot2x4(const float* qa, const float* qb, const T* const* ka, const T* const* kb,
+                      int d, float* sa, float* sb) {
   v8f a0 = Splat(0), a1 = Splat(0), a2 = Splat(0), a3 = Splat(0);
   v8f b0 = Splat(0), b1 = Splat(0), b2 = Splat(0), b3 = Splat(0);
-  const float* k0 = k[0];
-  const float* k1 = k[1];
-  const float* k2 = k[2];
-  const float* k3 = k[3];
   int c = 0;
   for (; c + 8 <= d; c += 8) {
     const v8f x = Load8(qa + c);
     const v8f y = Load8(qb + c);
-    const v8f w0 = Load8(k0 + c);
-    const v8f w1 = Load8(k1 + c);
-    const v8f w2 = Load8(k2 + c);
-    const v8f w3 = Load8(k3 + c);
+    const v8f w0 = LoadKv(ka[0] + c);
+    const v8f w1 = LoadKv(ka[1] + c);
+    const v8f w2 = LoadKv(ka[2] + c);
+    const v8f w3 = LoadKv(ka[3] + c);
     a0 += x * w0;
     a1 += x * w1;
     a2 += x * w2;
     a3 += x * w3;
-    b0 += y * w0;
-    b1 += y * w1;
-    b2 += y * w2;
-    b3 += y * w3;
+    if constexpr (kShared) {
+      b0 += y * w0;
+      b1 += y * w1;
+      b2 += y * w2;
+      b3 += y * w3;
+    } else {
+      b0 += y * LoadKv(kb[0] + c);
+      b1 += y * LoadKv(kb[1] + c);
+      b2 += y * LoadKv(kb[2] + c);
+      b3 += y * LoadKv(kb[3] + c);
+    }
   }
-  float ta[4] = {HSum(a0), HSum(a1), HSum(a2), HSum(a3)};
-  float tb[4] = {HSum(b0), HSum(b1), HSum(b2), HSum(b3)};
+  const v8f r = Reduce4x2(a0, a1, a2, a3, b0, b1, b2, b3);
+  float t[8];
+  Store8(t, r);
   for (; c < d; ++c) {
     for (int j = 0; j < 4; ++j) {
-      ta[j] += qa[c] * k[j][c];
-      tb[j] += qb[c] * k[j][c];
+      t[j] += qa[c] * KvElem(ka[j] + c);
+      t[4 + j] += qb[c] * KvElem(kb[j] + c);
     }
   }
   for (int j = 0; j < 4; ++j) {
-    sa[j] = ta[j];
-    sb[j] = tb[j];
+    sa[j] = t[j];
+    sb[j] = t[4 + j];
   }
 }
 
-// acc_a = acc_a * alpha_a + sum_j pa[j] v[j]; same for b (a and b may be the same row).
+// acc_a = acc_a * alpha_a + sum_j pa[j] va[j]; same for b (a and b may be the same row, then
+// va == vb). kShared: va == vb, each V chunk is loaded once.
+template <typename T, bool kShared>
 TL_INLINE void AccumulatePv2(float* acc_a, float* acc_b, float alpha_a, float alpha_b,
-                             const float* pa, const float* pb, const float* const* v, int nk,
-                             int d) {
+                             const float* pa, const float* pb, const T* const* va,
+                             const T* const* vb, int nk, int d) {
   int c = 0;
   const v8f sa = Splat(alpha_a);
   const v8f sb = Splat(alpha_b);
@@ -133,18 +171,26 @@ TL_INLINE void AccumulatePv2(float* acc_a, float* acc_b, float alpha_a, float al
     v8f b0 = Load8(acc_b + c) * sb, b1 = Load8(acc_b + c + 8) * sb;
     v8f b2 = Load8(acc_b + c + 16) * sb, b3 = Load8(acc_b + c + 24) * sb;
     for (int j = 0; j < nk; ++j) {
-      const float* vj = v[j] + c;
+      const T* vj = va[j] + c;
       const v8f x = Splat(pa[j]);
       const v8f y = Splat(pb[j]);
-      const v8f w0 = Load8(vj), w1 = Load8(vj + 8), w2 = Load8(vj + 16), w3 = Load8(vj + 24);
+      const v8f w0 = LoadKv(vj), w1 = LoadKv(vj + 8), w2 = LoadKv(vj + 16), w3 = LoadKv(vj + 24);
       a0 += x * w0;
       a1 += x * w1;
       a2 += x * w2;
       a3 += x * w3;
-      b0 += y * w0;
-      b1 += y * w1;
-      b2 += y * w2;
-      b3 += y * w3;
+      if constexpr (kShared) {
+        b0 += y * w0;
+        b1 += y * w1;
+        b2 += y * w2;
+        b3 += y * w3;
+      } else {
+        const T* wj = vb[j] + c;
+        b0 += y * LoadKv(wj);
+        b1 += y * LoadKv(wj + 8);
+        b2 += y * LoadKv(wj + 16);
+        b3 += y * LoadKv(wj + 24);
+      }
     }
     Store8(acc_a + c, a0);
     Store8(acc_a + c + 8, a1);
@@ -159,9 +205,8 @@ TL_INLINE void AccumulatePv2(float* acc_a, float* acc_b, float alpha_a, float al
     v8f a = Load8(acc_a + c) * sa;
     v8f b = Load8(acc_b + c) * sb;
     for (int j = 0; j < nk; ++j) {
-      const v8f w = Load8(v[j] + c);
-      a += Splat(pa[j]) * w;
-      b += Splat(pb[j]) * w;
+      a += Splat(pa[j]) * LoadKv(va[j] + c);
+      b += Splat(pb[j]) * LoadKv(vb[j] + c);
     }
     Store8(acc_a + c, a);
     Store8(acc_b + c, b);
@@ -170,8 +215,8 @@ TL_INLINE void AccumulatePv2(float* acc_a, float* acc_b, float alpha_a, float al
     float a = acc_a[c] * alpha_a;
     float b = acc_b[c] * alpha_b;
     for (int j = 0; j < nk; ++j) {
-      a += pa[j] * v[j][c];
-      b += pb[j] * v[j][c];
+      a += pa[j] * KvElem(va[j] + c);
+      b += pb[j] * KvElem(vb[j] + c);
     }
     acc_a[c] = a;
     acc_b[c] = b;
@@ -182,22 +227,22 @@ template <typename T>
 TL_INLINE void RunTileImpl(const KernelProblem& pb, const TileRange& tile, float* out, float* lse) {
   const int d = pb.head_dim;
   const int group = pb.num_heads / pb.num_kv_heads;
-  const int kv_head = tile.head_begin / group;
   const int nh = tile.head_end - tile.head_begin;
   const int rows = (tile.token_end - tile.token_begin) * nh;
+  const int kv_first = tile.head_begin / group;
+  const int kv_count = (tile.head_end - 1) / group - kv_first + 1;
   const int64_t row_stride = static_cast<int64_t>(pb.num_kv_heads) * d;
 
   thread_local std::vector<float> scratch;
-  const size_t need = static_cast<size_t>(2 * rows + 2 * kKeyTile) * d;
+  const size_t need = static_cast<size_t>(2 * rows) * d;
   if (scratch.size() < need) scratch.resize(need);
   float* qs = scratch.data();
   float* acc = qs + static_cast<size_t>(rows) * d;
-  float* kbuf = acc + static_cast<size_t>(rows) * d;
-  float* vbuf = kbuf + static_cast<size_t>(kKeyTile) * d;
 
   float m[kMaxTileRows];
   float l[kMaxTileRows];
   int64_t qpos[kMaxTileRows];
+  int row_kv[kMaxTileRows];
   for (int r = 0; r < rows; ++r) {
     const int t = tile.token_begin + r / nh;
     const int h = tile.head_begin + r % nh;
@@ -207,48 +252,74 @@ TL_INLINE void RunTileImpl(const KernelProblem& pb, const TileRange& tile, float
     m[r] = kNegInf;
     l[r] = 0.0f;
     qpos[r] = pb.q_start_pos + t;
+    row_kv[r] = h / group - kv_first;
   }
 
   int64_t key_end = tile.key_end;
   if (pb.causal) key_end = std::min<int64_t>(key_end, pb.q_start_pos + tile.token_end);
-  // First block that holds key_begin (blocks with no rows are skipped by the advance loop).
+  // First block that holds key_begin (blocks with no rows are skipped by the advance loops).
   size_t b = static_cast<size_t>(
       std::upper_bound(pb.block_start, pb.block_start + pb.blocks.size() + 1, tile.key_begin) -
       pb.block_start);
   b = b == 0 ? 0 : b - 1;
 
-  const float* kp[kKeyTile];
-  const float* vp[kKeyTile];
+  // Software prefetch of the next tile's rows (the tile's KV heads of each key are one
+  // contiguous run; consecutive keys are a token stride apart).
+  const int64_t run_bytes = static_cast<int64_t>(kv_count) * d * static_cast<int64_t>(sizeof(T));
+  size_t pf_b = b;
+  auto prefetch_key = [&](int64_t pf_key) {
+    while (pf_key >= pb.block_start[pf_b + 1]) ++pf_b;
+    const int64_t offset =
+        (pf_key - pb.block_start[pf_b]) * row_stride + static_cast<int64_t>(kv_first) * d;
+    const char* kr = static_cast<const char*>(
+        static_cast<const void*>(static_cast<const T*>(pb.blocks[pf_b].k) + offset));
+    const char* vr = static_cast<const char*>(
+        static_cast<const void*>(static_cast<const T*>(pb.blocks[pf_b].v) + offset));
+    for (int64_t off = 0; off < run_bytes; off += 64) {
+      __builtin_prefetch(kr + off);
+      __builtin_prefetch(vr + off);
+    }
+  };
+
+  // kp[g][j] / vp[g][j]: the K / V row of key j of the tile for the tile's KV head kv_first + g.
+  const T* kp[kMaxTileRows][kKeyTile];
+  const T* vp[kMaxTileRows][kKeyTile];
   alignas(32) float s[kMaxTileRows][kKeyTile];
   alignas(32) float p[kMaxTileRows][kKeyTile];
   float alpha[kMaxTileRows];
 
   for (int64_t key = tile.key_begin; key < key_end; key += kKeyTile) {
     const int nk = static_cast<int>(std::min<int64_t>(kKeyTile, key_end - key));
+    const int64_t pf_end = std::min<int64_t>(key_end, key + 2 * kKeyTile);
+    for (int64_t pf_key = key + kKeyTile; pf_key < pf_end; ++pf_key) prefetch_key(pf_key);
     for (int j = 0; j < nk; ++j) {
       while (key + j >= pb.block_start[b + 1]) ++b;
       const int64_t offset =
-          (key + j - pb.block_start[b]) * row_stride + static_cast<int64_t>(kv_head) * d;
+          (key + j - pb.block_start[b]) * row_stride + static_cast<int64_t>(kv_first) * d;
       const T* krow = static_cast<const T*>(pb.blocks[b].k) + offset;
       const T* vrow = static_cast<const T*>(pb.blocks[b].v) + offset;
-      if constexpr (std::is_same_v<T, float>) {
-        kp[j] = krow;
-        vp[j] = vrow;
-      } else {
-        WidenBf16(krow, kbuf + static_cast<size_t>(j) * d, d);
-        WidenBf16(vrow, vbuf + static_cast<size_t>(j) * d, d);
-        kp[j] = kbuf + static_cast<size_t>(j) * d;
-        vp[j] = vbuf + static_cast<size_t>(j) * d;
+      for (int g = 0; g < kv_count; ++g) {
+        kp[g][j] = krow + static_cast<int64_t>(g) * d;
+        vp[g][j] = vrow + static_cast<int64_t>(g) * d;
       }
     }
     const int nk4 = (nk + 3) & ~3;
-    for (int j = nk; j < nk4; ++j) kp[j] = kp[0];  // padding keys, masked below.
+    for (int g = 0; g < kv_count; ++g) {
+      for (int j = nk; j < nk4; ++j) kp[g][j] = kp[g][0];  // padding keys, masked below.
+    }
 
     for (int r = 0; r < rows; r += 2) {
       const int r2 = std::min(r + 1, rows - 1);
+      const float* qa = qs + static_cast<size_t>(r) * d;
+      const float* qb = qs + static_cast<size_t>(r2) * d;
+      const int ga = row_kv[r];
+      const int gb = row_kv[r2];
       for (int j = 0; j < nk4; j += 4) {
-        Dot2x4(qs + static_cast<size_t>(r) * d, qs + static_cast<size_t>(r2) * d, kp + j, d,
-               &s[r][j], &s[r2][j]);
+        if (ga == gb) {
+          Dot2x4<T, true>(qa, qb, &kp[ga][j], &kp[ga][j], d, &s[r][j], &s[r2][j]);
+        } else {
+          Dot2x4<T, false>(qa, qb, &kp[ga][j], &kp[gb][j], d, &s[r][j], &s[r2][j]);
+        }
       }
     }
 
@@ -282,8 +353,17 @@ TL_INLINE void RunTileImpl(const KernelProblem& pb, const TileRange& tile, float
 
     for (int r = 0; r < rows; r += 2) {
       const int r2 = std::min(r + 1, rows - 1);
-      AccumulatePv2(acc + static_cast<size_t>(r) * d, acc + static_cast<size_t>(r2) * d, alpha[r],
-                    alpha[r2], p[r], p[r2], vp, nk, d);
+      const int ga = row_kv[r];
+      const int gb = row_kv[r2];
+      float* acc_a = acc + static_cast<size_t>(r) * d;
+      float* acc_b = acc + static_cast<size_t>(r2) * d;
+      if (ga == gb) {
+        AccumulatePv2<T, true>(acc_a, acc_b, alpha[r], alpha[r2], p[r], p[r2], vp[ga], vp[ga], nk,
+                               d);
+      } else {
+        AccumulatePv2<T, false>(acc_a, acc_b, alpha[r], alpha[r2], p[r], p[r2], vp[ga], vp[gb], nk,
+                                d);
+      }
     }
   }
 

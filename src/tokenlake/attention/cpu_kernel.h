@@ -13,7 +13,7 @@
 namespace tokenlake::attention::internal {
 
 // Maximum (token, head) rows one tile processes together.
-inline constexpr int kMaxTileRows = 16;
+inline constexpr int kMaxTileRows = 32;
 
 // A validated problem: the shapes and pointers of one PartialAttention call.
 struct KernelProblem {
@@ -30,8 +30,8 @@ struct KernelProblem {
 };
 
 // One unit of work: query tokens [token_begin, token_end) x query heads [head_begin, head_end)
-// (all in one KV group, at most kMaxTileRows rows in all) over keys [key_begin, key_end) of the
-// concatenated key list.
+// (any contiguous head range, possibly spanning several KV groups; at most kMaxTileRows rows in
+// all) over keys [key_begin, key_end) of the concatenated key list.
 struct TileRange {
   int32_t token_begin = 0;
   int32_t token_end = 0;
