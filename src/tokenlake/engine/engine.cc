@@ -1,15 +1,77 @@
 #include "tokenlake/engine/engine.h"
 
+#include <algorithm>
+#include <cstring>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_format.h"
+#include "tokenlake/attention/bf16.h"
+#include "tokenlake/base/check.h"
+#include "tokenlake/base/clock.h"
 #include "tokenlake/base/status_macros.h"
 #include "tokenlake/engine/local_backend.h"
 #include "tokenlake/engine/ops.h"
+#include "tokenlake/engine/pool_backend.h"
+#include "tokenlake/index/segment_id.h"
+#include "tokenlake/plan/plan_types.h"
 
 namespace tokenlake::engine {
 
-class Engine::PoolState {};
+class Engine::PoolState {
+ public:
+  std::unique_ptr<InstancePool> pool;
+  std::unique_ptr<lake::Lake> lake;
+  ManualClock clock{1};
+  uint64_t salt = 0;
+  uint64_t next_request = 1;
+};
+
+namespace {
+
+// The keys of the full segments of tokens[0, end).
+absl::StatusOr<std::vector<index::SegmentKey>> FullKeys(uint64_t salt,
+                                                        absl::Span<const int32_t> tokens,
+                                                        int64_t end, int32_t segment_tokens) {
+  const int64_t full = end / segment_tokens * segment_tokens;
+  return index::ComputeSegmentKeys(salt, tokens.subspan(0, static_cast<size_t>(full)),
+                                   segment_tokens);
+}
+
+// Drops the first `rows` token rows of every layer of the tail.
+void DropTailRows(SequenceTail& tail, int64_t rows, int64_t row_elems) {
+  for (size_t l = 0; l < tail.k.size(); ++l) {
+    tail.k[l].erase(tail.k[l].begin(), tail.k[l].begin() + rows * row_elems);
+    tail.v[l].erase(tail.v[l].begin(), tail.v[l].begin() + rows * row_elems);
+  }
+}
+
+// One segment's slot image from tail rows [first_row, first_row + S).
+std::vector<std::byte> BuildSlot(const SequenceTail& tail, int64_t first_row,
+                                 const attention::KvSlotLayout& layout) {
+  std::vector<std::byte> slot(static_cast<size_t>(layout.SlotBytes()));
+  const int64_t row_elems = int64_t{layout.num_kv_heads} * layout.head_dim;
+  const int64_t elems = row_elems * layout.segment_tokens;
+  for (int32_t l = 0; l < layout.num_layers; ++l) {
+    for (int kv = 0; kv < 2; ++kv) {
+      const float* src =
+          (kv == 0 ? tail.k : tail.v)[static_cast<size_t>(l)].data() + first_row * row_elems;
+      std::byte* dst = slot.data() + layout.BlockOffsetBytes(l, kv);
+      if (layout.dtype == attention::KvDtype::kFloat32) {
+        std::memcpy(dst, src, static_cast<size_t>(elems) * sizeof(float));
+      } else {
+        for (int64_t i = 0; i < elems; ++i) {
+          const uint16_t bits = attention::FloatToBf16(src[i]);
+          std::memcpy(dst + 2 * i, &bits, 2);
+        }
+      }
+    }
+  }
+  return slot;
+}
+
+}  // namespace
 
 Engine::Engine(const LlamaModel* model, const EngineOptions& options)
     : model_(model), options_(options) {}
@@ -32,6 +94,33 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const LlamaModel* model,
         "Engine: slots_per_instance must be >= 1, got %d", options.slots_per_instance));
   }
   std::unique_ptr<Engine> engine(new Engine(model, options));
+  if (options.use_pool) {
+    const LlamaConfig& c = model->config();
+    auto state = std::make_unique<PoolState>();
+    const attention::KvSlotLayout layout{.num_layers = c.num_layers,
+                                         .segment_tokens = options.segment_tokens,
+                                         .num_kv_heads = c.num_kv_heads,
+                                         .head_dim = c.head_dim,
+                                         .dtype = options.kv_dtype};
+    TOKENLAKE_ASSIGN_OR_RETURN(
+        state->pool, InstancePool::Create({.num_instances = options.num_instances,
+                                           .layout = layout,
+                                           .num_heads = c.num_heads,
+                                           .slots_per_instance = options.slots_per_instance}));
+    lake::LakeOptions lo;
+    lo.num_instances = options.num_instances;
+    lo.segment_tokens = options.segment_tokens;
+    lo.slots_per_instance = options.slots_per_instance;
+    lo.model = plan::ModelShape{
+        .num_layers = c.num_layers,
+        .num_heads = c.num_heads,
+        .num_kv_heads = c.num_kv_heads,
+        .head_dim = c.head_dim,
+        .dtype_bytes = static_cast<int32_t>(attention::KvDtypeBytes(options.kv_dtype))};
+    TOKENLAKE_ASSIGN_OR_RETURN(state->lake, lake::Lake::Create(lo, &state->clock));
+    state->salt = index::NamespaceSalt(options.namespace_name);
+    engine->pool_ = std::move(state);
+  }
   return engine;
 }
 
@@ -50,7 +139,169 @@ absl::StatusOr<GenerateResult> Engine::Generate(absl::Span<const int32_t> prompt
                           prompt[i], i, vocab));
     }
   }
-  return GenerateLocal(prompt, max_new_tokens);
+  if (pool_ == nullptr) return GenerateLocal(prompt, max_new_tokens);
+  return GeneratePooled(prompt, max_new_tokens);
+}
+
+const lake::Lake* Engine::lake() const { return pool_ == nullptr ? nullptr : pool_->lake.get(); }
+
+const InstancePool* Engine::instance_pool() const {
+  return pool_ == nullptr ? nullptr : pool_->pool.get();
+}
+
+absl::StatusOr<GenerateResult> Engine::GeneratePooled(absl::Span<const int32_t> prompt,
+                                                      int32_t max_new_tokens) {
+  const LlamaConfig& c = model_->config();
+  const int32_t s = options_.segment_tokens;
+  const int64_t row_elems = int64_t{c.num_kv_heads} * c.head_dim;
+  InstancePool& pool = *pool_->pool;
+  lake::Lake& lake = *pool_->lake;
+  const RequestId request(pool_->next_request++);
+  const InstanceId preferred =
+      options_.rotate_compute_instance
+          ? InstanceId(static_cast<int32_t>(request.value() % options_.num_instances))
+          : InstanceId();
+
+  GenerateResult result;
+  PoolTraffic traffic;
+  std::vector<int32_t> seq(prompt.begin(), prompt.end());
+  SequenceTail tail;
+  tail.k.resize(static_cast<size_t>(c.num_layers));
+  tail.v.resize(static_cast<size_t>(c.num_layers));
+  int64_t pooled = 0;    // tokens of the sequence's prefix held by the pool (multiple of S)
+  int64_t computed = 0;  // tokens whose KV exists (pool prefix + tail); tail = [pooled, computed)
+  InstanceId last_compute = preferred;
+  std::vector<float> logits;
+  for (int32_t step = 0;; ++step) {
+    const bool prefill = step == 0;
+    const int64_t end = static_cast<int64_t>(seq.size());
+    // Segments that may be served from the pool: only those before the first token to compute.
+    const int64_t first_new = prefill ? end - 1 : computed;
+    const int64_t allowed = first_new / s;
+    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<index::SegmentKey> keys,
+                               FullKeys(pool_->salt, seq, end, s));
+    index::MatchResult match = lake.Match(keys);
+    if (match.matched_segments > allowed) {
+      keys.resize(static_cast<size_t>(allowed));
+      match = lake.Match(keys);
+    }
+    const int64_t cached = int64_t{match.matched_segments} * s;
+    if (cached < pooled) {
+      return absl::InternalError(
+          absl::StrFormat("Generate: request %d lost pooled segments (matched %d tokens, had %d)",
+                          request.value(), cached, pooled));
+    }
+    if (prefill) {
+      computed = cached;
+      result.cached_tokens = cached;
+    } else {
+      // Tokens in [pooled, cached) are in the tail and (identically: same ids, same prefix) in
+      // the pool, committed by another request or an earlier iteration: drop them here.
+      DropTailRows(tail, cached - pooled, row_elems);
+    }
+    pooled = cached;
+    const int64_t new_tokens = end - computed;
+    TOKENLAKE_CHECK(new_tokens >= 1);
+
+    lake::LakeRequest lr{.id = request,
+                         .keys = keys,
+                         .new_tokens = new_tokens,
+                         .preferred_instance = prefill ? preferred : last_compute,
+                         .count_hits = prefill};
+    pool_->clock.AdvanceUs(1000);
+    TOKENLAKE_ASSIGN_OR_RETURN(
+        std::vector<plan::BatchPlan> plans,
+        lake.GenPlans({lake::Batch{.requests = {lr}, .dop = options_.num_instances}}));
+    if (plans.size() != 1 || plans[0].requests.size() != 1) {
+      return absl::InternalError("Generate: the lake returned no plan for the request");
+    }
+    const plan::RequestPlan& rp = plans[0].requests[0];
+    if (rp.cached_tokens != cached) {
+      return absl::InternalError(absl::StrFormat("Generate: plan caches %d tokens, match said %d",
+                                                 rp.cached_tokens, cached));
+    }
+    TOKENLAKE_ASSIGN_OR_RETURN(lake::AdmitResult admitted, lake.Admit(lr));
+    (void)admitted;
+    const InstanceId compute = rp.compute_instance;
+    last_compute = compute;
+
+    // Executes the plan; on any error the request is released before returning.
+    auto run_iteration = [&]() -> absl::Status {
+      std::vector<RemoteHolder> remote;
+      std::vector<SegmentRef> local;
+      std::vector<PulledSegment> pulled;
+      for (const plan::SegmentAssignment& a : rp.segments) {
+        const SegmentRef ref{a.segment, a.num_tokens};
+        if (a.holder == compute) {
+          local.push_back(ref);
+        } else if (a.action == plan::HolderAction::kPullKv) {
+          TOKENLAKE_ASSIGN_OR_RETURN(std::vector<std::byte> slot,
+                                     pool.PullSegment(compute, a.holder, a.segment));
+          pulled.push_back({ref, std::move(slot)});
+          ++result.pulled_segments;
+        } else {
+          auto it = std::find_if(remote.begin(), remote.end(),
+                                 [&](const RemoteHolder& r) { return r.holder == a.holder; });
+          if (it == remote.end()) {
+            remote.push_back({a.holder, {}});
+            it = remote.end() - 1;
+          }
+          it->segments.push_back(ref);
+        }
+      }
+      PoolBackend backend(&pool, c, compute, std::move(remote), std::move(local), std::move(pulled),
+                          &tail, &traffic);
+      TOKENLAKE_ASSIGN_OR_RETURN(
+          logits, model_->Forward(absl::MakeConstSpan(seq).subspan(static_cast<size_t>(computed)),
+                                  computed, backend));
+      computed = end;
+
+      // Store the segments this iteration completed where the lake says, then publish them.
+      std::vector<plan::NewSegmentPlacement> placements;
+      for (const plan::NewSegmentPlacement& p : plans[0].transfer.new_segments) {
+        if (p.request == request) placements.push_back(p);
+      }
+      TOKENLAKE_ASSIGN_OR_RETURN(lake::CommitResult commit, lake.Commit(request, placements));
+      for (const lake::StoredReplica& e : commit.evicted) {
+        TOKENLAKE_RETURN_IF_ERROR(pool.FreeSegment(compute, e.instance, e.segment));
+      }
+      absl::flat_hash_map<SegmentId, InstanceId> stored_on;
+      for (const lake::StoredReplica& st : commit.stored) stored_on[st.segment] = st.instance;
+      absl::flat_hash_set<SegmentId> dedup(commit.deduplicated.begin(), commit.deduplicated.end());
+      int64_t now_pooled = pooled;
+      bool contiguous = true;
+      for (size_t j = static_cast<size_t>(pooled / s); j < keys.size(); ++j) {
+        const SegmentId id = keys[j].id;
+        auto it = stored_on.find(id);
+        if (it != stored_on.end()) {
+          const int64_t first_row = static_cast<int64_t>(j) * s - pooled;
+          const std::vector<std::byte> slot = BuildSlot(tail, first_row, pool.layout());
+          TOKENLAKE_RETURN_IF_ERROR(pool.StoreSegment(compute, it->second, id, slot));
+          ++result.stored_segments;
+          if (it->second != compute) ++result.remote_stored_segments;
+        } else if (!dedup.contains(id)) {
+          contiguous = false;
+        }
+        if (contiguous) now_pooled = static_cast<int64_t>(j + 1) * s;
+      }
+      DropTailRows(tail, now_pooled - pooled, row_elems);
+      pooled = now_pooled;
+      return absl::OkStatus();
+    };
+    absl::Status status = run_iteration();
+    absl::Status released = lake.Release(request);
+    TOKENLAKE_RETURN_IF_ERROR(status);
+    TOKENLAKE_RETURN_IF_ERROR(released);
+
+    if (prefill) result.last_logits = logits;
+    const int32_t next = Argmax(logits);
+    result.tokens.push_back(next);
+    if (static_cast<int32_t>(result.tokens.size()) == max_new_tokens) break;
+    seq.push_back(next);
+  }
+  result.decode_logits = std::move(logits);
+  result.remote_attend_calls = traffic.remote_attend_calls;
+  return result;
 }
 
 absl::StatusOr<GenerateResult> Engine::GenerateLocal(absl::Span<const int32_t> prompt,

@@ -34,7 +34,9 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "tokenlake/attention/attention.h"
+#include "tokenlake/engine/instance_pool.h"
 #include "tokenlake/engine/llama_model.h"
+#include "tokenlake/lake/lake.h"
 
 namespace tokenlake::engine {
 
@@ -51,6 +53,11 @@ struct EngineOptions {
   attention::KvDtype kv_dtype = attention::KvDtype::kFloat32;
   // Namespace of the segment ids (a different model must use a different one).
   std::string namespace_name = "tokenlake-engine";
+  // Prefer computing request k on instance k mod num_instances (the lake still decides; the
+  // preference only applies when it is in the group and under its cap). Spreads the computing
+  // instances so that cached segments are often served by other instances (exercises query
+  // movement and KV pulls). false = no preference (the lake picks where most of the prefix is).
+  bool rotate_compute_instance = false;
 };
 
 struct GenerateResult {
@@ -92,10 +99,17 @@ class Engine {
 
   class PoolState;  // the pool path's state (instances, lake); defined in engine.cc
 
+  // The pool's control plane (null without the pool). For tests and statistics.
+  const lake::Lake* lake() const;
+  // The pool's data plane (null without the pool).
+  const InstancePool* instance_pool() const;
+
  private:
   Engine(const LlamaModel* model, const EngineOptions& options);
   absl::StatusOr<GenerateResult> GenerateLocal(absl::Span<const int32_t> prompt,
                                                int32_t max_new_tokens);
+  absl::StatusOr<GenerateResult> GeneratePooled(absl::Span<const int32_t> prompt,
+                                                int32_t max_new_tokens);
 
   const LlamaModel* model_;
   EngineOptions options_;

@@ -72,12 +72,14 @@ struct Case {
   bool use_pool;
   int32_t num_instances;
   int32_t segment_tokens;
+  bool rotate = false;
 };
 
 std::string CaseName(const testing::TestParamInfo<Case>& info) {
   const Case& c = info.param;
   if (!c.use_pool) return c.model + "_NoPool";
-  return absl::StrFormat("%s_Pool%dInstances_S%d", c.model, c.num_instances, c.segment_tokens);
+  return absl::StrFormat("%s_Pool%dInstances_S%d%s", c.model, c.num_instances, c.segment_tokens,
+                         c.rotate ? "_Rotating" : "");
 }
 
 class EngineFixtureTest : public testing::TestWithParam<Case> {};
@@ -91,7 +93,8 @@ TEST_P(EngineFixtureTest, MatchesTransformersGreedyTokensAndLogits) {
   EngineOptions options{.use_pool = c.use_pool,
                         .num_instances = c.num_instances,
                         .segment_tokens = c.segment_tokens,
-                        .slots_per_instance = 256};
+                        .slots_per_instance = 256,
+                        .rotate_compute_instance = c.rotate};
   auto engine = Engine::Create(model->get(), options);
   ASSERT_TRUE(engine.ok()) << engine.status();
   const json& exp = fx.expected["models"][c.model];
@@ -99,6 +102,7 @@ TEST_P(EngineFixtureTest, MatchesTransformersGreedyTokensAndLogits) {
   std::vector<std::vector<int32_t>> histories;
   int64_t total_cached = 0;
   float worst_last = 0, worst_dec = 0;
+  int64_t remote_attends = 0, pulls = 0, stored = 0, remote_stored = 0;
   for (size_t i = 0; i < fx.prompts.size(); ++i) {
     SCOPED_TRACE(testing::Message() << "prompt " << i);
     const auto& prompt = fx.prompts[i];
@@ -124,21 +128,42 @@ TEST_P(EngineFixtureTest, MatchesTransformersGreedyTokensAndLogits) {
       EXPECT_EQ(result->cached_tokens, 0);
     }
     total_cached += result->cached_tokens;
+    remote_attends += result->remote_attend_calls;
+    pulls += result->pulled_segments;
+    stored += result->stored_segments;
+    remote_stored += result->remote_stored_segments;
     std::vector<int32_t> h = prompt;
     h.insert(h.end(), result->tokens.begin(), result->tokens.end() - 1);
     histories.push_back(std::move(h));
   }
   if (c.use_pool) {
     EXPECT_GT(total_cached, 0);
+    EXPECT_GT(stored, 0);
+    EXPECT_TRUE((*engine)->lake()->CheckIntegrity().ok()) << (*engine)->lake()->CheckIntegrity();
+    // The data plane's stores hold exactly the lake's replicas.
+    int64_t data_segments = 0;
+    for (int32_t i = 0; i < c.num_instances; ++i) {
+      data_segments += (*engine)->instance_pool()->store(InstanceId(i)).used();
+    }
+    EXPECT_EQ(data_segments, (*engine)->lake()->Stats().replicas);
+  }
+  if (c.rotate && c.num_instances > 1) {
+    EXPECT_GT(remote_attends + pulls, 0) << "cached segments were never served by another instance";
   }
   std::cout << CaseName({c, 0}) << ": worst |logit - transformers| last " << worst_last
-            << " decode " << worst_dec << ", cached tokens " << total_cached << "\n";
+            << " decode " << worst_dec << ", cached tokens " << total_cached
+            << ", remote attend calls " << remote_attends << ", pulled segments " << pulls
+            << ", stored segments " << stored << " (" << remote_stored << " remote)\n";
 }
 
 std::vector<Case> Cases() {
   std::vector<Case> cases;
   for (const char* m : {"model", "tied_bf16"}) {
     cases.push_back({m, false, 1, 16});
+    for (int n : {1, 2, 4}) cases.push_back({m, true, n, 16});
+    cases.push_back({m, true, 3, 5});
+    cases.push_back({m, true, 2, 16, true});
+    cases.push_back({m, true, 4, 8, true});
   }
   return cases;
 }

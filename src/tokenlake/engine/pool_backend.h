@@ -1,0 +1,75 @@
+// PoolBackend: the attention backend of one iteration of one request served from the TokenLake
+// pool, on its computing instance. Built from the iteration's query plan:
+//   - remote kMoveQueries holders: per layer, the queries go to the holder (InstancePool::
+//     StartAttend), which returns the partial over its segments;
+//   - local segments (held by the computing instance): partial over its own store;
+//   - pulled segments (kPullKv): partial over the KV copied at the start of the iteration;
+//   - the tail (the sequence's tokens after the pooled prefix, float32, kept by the computing
+//     instance) plus the new tokens: causal partial (q_start_pos = tail length before them).
+// All partials are merged with log-sum-exp (attention::MergePartialsInPlace).
+//
+// Thread-safety: not thread-safe (the driver thread of the computing instance).
+#ifndef TOKENLAKE_ENGINE_POOL_BACKEND_H_
+#define TOKENLAKE_ENGINE_POOL_BACKEND_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "tokenlake/base/ids.h"
+#include "tokenlake/engine/instance_pool.h"
+#include "tokenlake/engine/llama_config.h"
+#include "tokenlake/engine/llama_model.h"
+
+namespace tokenlake::engine {
+
+// The sequence's KV after its pooled prefix, per layer [tokens][num_kv_heads][head_dim] float32.
+struct SequenceTail {
+  std::vector<std::vector<float>> k;
+  std::vector<std::vector<float>> v;
+};
+
+// Segments served by one remote holder for the queries of one request.
+struct RemoteHolder {
+  InstanceId holder;
+  std::vector<SegmentRef> segments;
+};
+
+// A segment whose KV was pulled to the computing instance for this iteration.
+struct PulledSegment {
+  SegmentRef ref;
+  std::vector<std::byte> slot;  // one whole slot (layout of the pool)
+};
+
+// Counters of the data-plane work of one request.
+struct PoolTraffic {
+  int64_t remote_attend_calls = 0;
+  int64_t local_attend_calls = 0;
+};
+
+class PoolBackend final : public AttentionBackend {
+ public:
+  // Borrowed: pool, tail, traffic (must outlive the backend). REQUIRES: tail has num_layers
+  // entries with the same token count.
+  PoolBackend(InstancePool* pool, const LlamaConfig& config, InstanceId compute,
+              std::vector<RemoteHolder> remote, std::vector<SegmentRef> local,
+              std::vector<PulledSegment> pulled, SequenceTail* tail, PoolTraffic* traffic);
+
+  absl::Status Attend(int32_t layer, int32_t num_tokens, absl::Span<const float> q,
+                      absl::Span<const float> k, absl::Span<const float> v,
+                      absl::Span<float> out) override;
+
+ private:
+  InstancePool* pool_;
+  LlamaConfig config_;
+  InstanceId compute_;
+  std::vector<RemoteHolder> remote_;
+  std::vector<SegmentRef> local_;
+  std::vector<PulledSegment> pulled_;
+  SequenceTail* tail_;
+  PoolTraffic* traffic_;
+};
+
+}  // namespace tokenlake::engine
+
+#endif  // TOKENLAKE_ENGINE_POOL_BACKEND_H_
