@@ -1,6 +1,4 @@
 // Implementation of gpu_profile.h.
-#include "tokenlake/attention/cuda/gpu_profile.h"
-
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -15,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
+#include "tokenlake/attention/cuda/gpu_profile.h"
 #include "tokenlake/attention/cuda/paged_attention.h"
 
 namespace tokenlake::attention::cuda {
@@ -28,13 +27,13 @@ absl::Status CudaStatus(cudaError_t err, const char* what) {
   return absl::InternalError(absl::StrFormat("%s: %s", what, cudaGetErrorString(err)));
 }
 
-#define TL_CUDA(expr)                                                 \
-  do {                                                                \
+#define TL_CUDA(expr)                                                     \
+  do {                                                                    \
     if (absl::Status s_ = CudaStatus((expr), #expr); !s_.ok()) return s_; \
   } while (0)
 
-#define TL_OK(expr)                                   \
-  do {                                                \
+#define TL_OK(expr)                                    \
+  do {                                                 \
     if (absl::Status s_ = (expr); !s_.ok()) return s_; \
   } while (0)
 
@@ -186,9 +185,9 @@ absl::StatusOr<double> MeasureCopyGbps(size_t bytes, int repeats) {
   TL_OK(FillRandomBf16(src.get(), bytes / 2, 1, 1.f, timer.stream()));
   absl::StatusOr<double> us = timer.MedianUs(
       [&](int) {
-        return CudaStatus(cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice,
-                                          timer.stream()),
-                          "cudaMemcpyAsync");
+        return CudaStatus(
+            cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice, timer.stream()),
+            "cudaMemcpyAsync");
       },
       3);
   if (!us.ok()) return us.status();
@@ -331,8 +330,8 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
   // A second output to merge with (any valid partial will do).
   TL_CUDA(cudaMemcpyAsync(out2.get(), out.get(), q_elems * 4, cudaMemcpyDeviceToDevice,
                           timer.stream()));
-  TL_CUDA(cudaMemcpyAsync(lse2.get(), lse.get(), rows * 4, cudaMemcpyDeviceToDevice,
-                          timer.stream()));
+  TL_CUDA(
+      cudaMemcpyAsync(lse2.get(), lse.get(), rows * 4, cudaMemcpyDeviceToDevice, timer.stream()));
   absl::StatusOr<double> merge_us = timer.MedianUs(
       [&](int) {
         return MergePartials(out.get<float>(), lse.get<float>(), out2.get<float>(),

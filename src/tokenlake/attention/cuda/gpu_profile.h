@@ -47,7 +47,7 @@ absl::StatusOr<double> MeasureGemmTflops(int64_t m, int64_t n, int64_t k, int re
 // o [T, hidden] x [hidden, hidden], gate-up [T, hidden] x [hidden, 2 * intermediate], down
 // [T, intermediate] x [intermediate, hidden], all bf16 via cuBLAS; times num_layers.
 struct DenseModelShape {
-  int64_t num_layers = 32;       // Llama-3-8B
+  int64_t num_layers = 32;  // Llama-3-8B
   int64_t hidden = 4096;
   int64_t num_heads = 32;
   int64_t num_kv_heads = 8;
@@ -78,10 +78,10 @@ struct AttentionBenchShape {
   int kernel = 0;             // 0 auto, 1 prefill, 2 decode (AttentionKernel order)
 };
 struct AttentionTiming {
-  double us = 0;          // median time of one call (kernel(s) + internal merge)
-  double tflops = 0;      // 4 * q * visible keys * heads * head_dim / time
-  double kv_gbps = 0;     // KV bytes read once / time
-  double merge_us = 0;    // median time of MergePartials of two partials of this output shape
+  double us = 0;        // median time of one call (kernel(s) + internal merge)
+  double tflops = 0;    // 4 * q * visible keys * heads * head_dim / time
+  double kv_gbps = 0;   // KV bytes read once / time
+  double merge_us = 0;  // median time of MergePartials of two partials of this output shape
 };
 absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape& shape,
                                                       int repeats = 50);

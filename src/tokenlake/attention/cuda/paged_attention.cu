@@ -2,8 +2,6 @@
 //
 // Numerics: scores are kept in the log2 domain (s2 = s * scale * log2(e)) so that exp2f does the
 // exponentials; the natural-log LSE written out is (m2 + log2(l)) * ln(2).
-#include "tokenlake/attention/cuda/paged_attention.h"
-
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -15,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
+#include "tokenlake/attention/cuda/paged_attention.h"
 
 namespace tokenlake::attention::cuda {
 namespace {
@@ -82,8 +81,8 @@ __device__ __forceinline__ void CpAsyncWait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-__device__ __forceinline__ void LdMatrixX4(uint32_t addr, uint32_t& r0, uint32_t& r1,
-                                           uint32_t& r2, uint32_t& r3) {
+__device__ __forceinline__ void LdMatrixX4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2,
+                                           uint32_t& r3) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
                : "r"(addr));
@@ -165,24 +164,24 @@ __device__ __forceinline__ void LoadTile(uint16_t* smem, const uint16_t* base, i
     const int row = i / kChunks;
     const int chunk = i % kChunks;
     const bool ok = row < valid;
-    const uint16_t* src = ok ? base + static_cast<int64_t>(t0 + row) * row_stride + chunk * 8 : base;
+    const uint16_t* src =
+        ok ? base + static_cast<int64_t>(t0 + row) * row_stride + chunk * 8 : base;
     CpAsync16(smem_base + SwizzledOffset<D>(row, chunk) * 2, src, ok ? 16 : 0);
   }
 }
 
 template <int D, int NW>
-__global__ void __launch_bounds__(NW * 32)
-    PrefillKernel(const PrefillArgs args) {
+__global__ void __launch_bounds__(NW * 32) PrefillKernel(const PrefillArgs args) {
   constexpr int NT = NW * 32;
   constexpr int kBr = 16 * NW;
-  constexpr int kKSteps = D / 16;    // k-steps of QK^T
-  constexpr int kSTiles = kBc / 8;   // n-tiles of S
-  constexpr int kOTiles = D / 8;     // n-tiles of O
+  constexpr int kKSteps = D / 16;   // k-steps of QK^T
+  constexpr int kSTiles = kBc / 8;  // n-tiles of S
+  constexpr int kOTiles = D / 8;    // n-tiles of O
   constexpr int kTileElems = kBc * D;
 
   extern __shared__ __align__(128) uint16_t smem[];
-  uint16_t* ks = smem;                    // [2][kBc][D]
-  uint16_t* vs = smem + 2 * kTileElems;   // [2][kBc][D]
+  uint16_t* ks = smem;                   // [2][kBc][D]
+  uint16_t* vs = smem + 2 * kTileElems;  // [2][kBc][D]
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
@@ -230,8 +229,8 @@ __global__ void __launch_bounds__(NW * 32)
   int64_t cur_key0 = 0;  // key number of the current tile's first row
   if (args.causal && cur_b < b_end) cur_key0 = KeysBefore(args.blocks, cur_b);
   // Causal: the largest query position in this tile; keys beyond it are invisible to all rows.
-  const int64_t max_qpos = static_cast<int64_t>(args.q_start_pos) +
-                           min(q_tile0 + kBr, args.num_q) - 1;
+  const int64_t max_qpos =
+      static_cast<int64_t>(args.q_start_pos) + min(q_tile0 + kBr, args.num_q) - 1;
 
   auto tile_active = [&](int b, int64_t key0) {
     return b < b_end && !(args.causal && key0 > max_qpos);
@@ -389,7 +388,8 @@ __global__ void __launch_bounds__(NW * 32)
     float* dst = args.out + ((split_rows + static_cast<int64_t>(row0) * args.num_heads + head) * D);
 #pragma unroll
     for (int n = 0; n < kOTiles; ++n) {
-      *reinterpret_cast<float2*>(dst + 8 * n + 2 * tig) = make_float2(o[n][0] * inv0, o[n][1] * inv0);
+      *reinterpret_cast<float2*>(dst + 8 * n + 2 * tig) =
+          make_float2(o[n][0] * inv0, o[n][1] * inv0);
     }
     if (tig == 0) {
       args.lse[split_rows + static_cast<int64_t>(row0) * args.num_heads + head] =
@@ -400,7 +400,8 @@ __global__ void __launch_bounds__(NW * 32)
     float* dst = args.out + ((split_rows + static_cast<int64_t>(row1) * args.num_heads + head) * D);
 #pragma unroll
     for (int n = 0; n < kOTiles; ++n) {
-      *reinterpret_cast<float2*>(dst + 8 * n + 2 * tig) = make_float2(o[n][2] * inv1, o[n][3] * inv1);
+      *reinterpret_cast<float2*>(dst + 8 * n + 2 * tig) =
+          make_float2(o[n][2] * inv1, o[n][3] * inv1);
     }
     if (tig == 0) {
       args.lse[split_rows + static_cast<int64_t>(row1) * args.num_heads + head] =
@@ -442,8 +443,8 @@ struct DecodeArgs {
 
 template <int D, int G>
 __global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs args) {
-  constexpr int kLanes = D / 8;                       // lanes per token
-  constexpr int kGroups = kDecodeThreads / kLanes;    // token groups per thread block
+  constexpr int kLanes = D / 8;                     // lanes per token
+  constexpr int kGroups = kDecodeThreads / kLanes;  // token groups per thread block
   constexpr int U = kDecodeUnroll;
   __shared__ float sm_m[kGroups][G];
   __shared__ float sm_l[kGroups][G];
@@ -499,8 +500,10 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs 
     for (int u = 0; u < U; ++u) {
       const int tt = t + u * kGroups;
       if (tt < t_end) {
-        kr[u] = __ldg(reinterpret_cast<const uint4*>(kbase + static_cast<int64_t>(tt) * row_stride));
-        vr[u] = __ldg(reinterpret_cast<const uint4*>(vbase + static_cast<int64_t>(tt) * row_stride));
+        kr[u] =
+            __ldg(reinterpret_cast<const uint4*>(kbase + static_cast<int64_t>(tt) * row_stride));
+        vr[u] =
+            __ldg(reinterpret_cast<const uint4*>(vbase + static_cast<int64_t>(tt) * row_stride));
       } else {
         kr[u] = make_uint4(0, 0, 0, 0);
         vr[u] = make_uint4(0, 0, 0, 0);
@@ -535,8 +538,7 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs 
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int tt = t + u * kGroups;
-      const bool visible =
-          tt < t_end && !(args.causal && key0 + (tt - t_begin) > qpos);
+      const bool visible = tt < t_end && !(args.causal && key0 + (tt - t_begin) > qpos);
       if (!visible) {
 #pragma unroll
         for (int h = 0; h < G; ++h) s[u][h] = kNegInf;
@@ -770,8 +772,8 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
         absl::StrFormat("PagedAttention: head_dim = %d, supported: 64, 128", p.head_dim));
   }
   if (p.num_blocks > 0 && p.max_block_tokens <= 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "PagedAttention: max_block_tokens = %d must be > 0", p.max_block_tokens));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PagedAttention: max_block_tokens = %d must be > 0", p.max_block_tokens));
   }
   if (p.q_start_pos < 0) {
     return absl::InvalidArgumentError(
@@ -803,11 +805,11 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
 struct Config {
   AttentionKernel kernel = AttentionKernel::kPrefill;
   int prefill_warps = 4;
-  int splits = 1;           // prefill: splits of the block list
-  int chunks_per_block = 1; // decode
-  int chunk_tokens = 0;     // decode
-  int items = 1;            // decode: num_blocks * chunks_per_block
-  int decode_g = 1;         // decode: query heads per thread block
+  int splits = 1;            // prefill: splits of the block list
+  int chunks_per_block = 1;  // decode
+  int chunk_tokens = 0;      // decode
+  int items = 1;             // decode: num_blocks * chunks_per_block
+  int decode_g = 1;          // decode: query heads per thread block
   size_t workspace_bytes = 0;
 };
 
@@ -836,9 +838,8 @@ absl::StatusOr<int> PrefillBlocksPerSmT() {
   static cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       &blocks, PrefillKernel<D, NW>, NW * 32, PrefillSmemBytes<D, NW>());
   if (err != cudaSuccess) {
-    return absl::InternalError(
-        absl::StrFormat("cudaOccupancyMaxActiveBlocksPerMultiprocessor: %s",
-                        cudaGetErrorString(err)));
+    return absl::InternalError(absl::StrFormat("cudaOccupancyMaxActiveBlocksPerMultiprocessor: %s",
+                                               cudaGetErrorString(err)));
   }
   return blocks;
 }
@@ -857,7 +858,7 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
   const int num_sms = std::max(1, info->num_sms);
   if (kernel == AttentionKernel::kAuto) {
     kernel = p.num_q_tokens <= kDecodeMaxQueryTokens ? AttentionKernel::kDecode
-                                                    : AttentionKernel::kPrefill;
+                                                     : AttentionKernel::kPrefill;
   }
   c.kernel = kernel;
   const int group = p.num_heads / p.num_kv_heads;
@@ -892,8 +893,8 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
     }
   } else {
     c.decode_g = group % 8 == 0 ? 8 : group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
-    const int64_t base_ctas = static_cast<int64_t>(p.num_blocks) * p.num_kv_heads *
-                              (group / c.decode_g) * p.num_q_tokens;
+    const int64_t base_ctas =
+        static_cast<int64_t>(p.num_blocks) * p.num_kv_heads * (group / c.decode_g) * p.num_q_tokens;
     const int64_t target = static_cast<int64_t>(num_sms) * 8;
     int cpb = 1;
     if (p.num_splits > 0) {
@@ -1021,8 +1022,8 @@ absl::Status PagedAttention(const PagedAttentionParams& p, AttentionKernel kerne
         "PagedAttention: workspace_bytes = %u, needs %u (see PagedAttentionWorkspaceBytes)",
         p.workspace_bytes, c.workspace_bytes));
   }
-  const float scale = p.softmax_scale > 0.f ? p.softmax_scale
-                                            : 1.0f / std::sqrt(static_cast<float>(p.head_dim));
+  const float scale =
+      p.softmax_scale > 0.f ? p.softmax_scale : 1.0f / std::sqrt(static_cast<float>(p.head_dim));
   const float scale_log2 = scale * kLog2e;
   const int d = p.head_dim;
   if (c.kernel == AttentionKernel::kPrefill) {
@@ -1066,8 +1067,8 @@ absl::Status MergePartials(float* out_a, float* lse_a, const float* out_b, const
         absl::StrFormat("MergePartials: num_rows = %d < 0", num_rows));
   }
   if (head_dim <= 0 || head_dim % 4 != 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "MergePartials: head_dim = %d must be a positive multiple of 4", head_dim));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("MergePartials: head_dim = %d must be a positive multiple of 4", head_dim));
   }
   if (num_rows == 0) return absl::OkStatus();
   if (out_a == nullptr || lse_a == nullptr || out_b == nullptr || lse_b == nullptr) {
@@ -1102,7 +1103,8 @@ absl::Status MergePartialsN(const float* outs, const float* lses, int32_t num_pa
         "MergePartialsN: head_dim = %d must be a positive multiple of 4", head_dim));
   }
   if (num_rows == 0) return absl::OkStatus();
-  if (out == nullptr || lse == nullptr || (num_partials > 0 && (outs == nullptr || lses == nullptr))) {
+  if (out == nullptr || lse == nullptr ||
+      (num_partials > 0 && (outs == nullptr || lses == nullptr))) {
     return absl::InvalidArgumentError("MergePartialsN: a pointer is null");
   }
   if (num_partials == 0) {

@@ -111,8 +111,8 @@ struct PagedAttentionParams {
 // Returns the scratch size that PagedAttention(params, kernel) needs on the current device.
 // Errors: InvalidArgument when params' shape is invalid (see PagedAttention), Internal on a
 // CUDA error while reading the device properties.
-absl::StatusOr<size_t> PagedAttentionWorkspaceBytes(const PagedAttentionParams& params,
-                                                    AttentionKernel kernel = AttentionKernel::kAuto);
+absl::StatusOr<size_t> PagedAttentionWorkspaceBytes(
+    const PagedAttentionParams& params, AttentionKernel kernel = AttentionKernel::kAuto);
 
 // Enqueues the partial attention described by `params` on `stream`.
 // Errors (nothing is enqueued): InvalidArgument naming the field when a size is negative,

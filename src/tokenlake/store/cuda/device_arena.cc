@@ -21,9 +21,9 @@ absl::StatusOr<std::unique_ptr<DeviceArena>> DeviceArena::Create(const Options& 
   cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess || count == 0) {
     cudaGetLastError();  // clear the sticky-free error state
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "DeviceArena: no CUDA device (%s)", err == cudaSuccess ? "0 devices"
-                                                               : cudaGetErrorString(err)));
+    return absl::FailedPreconditionError(
+        absl::StrFormat("DeviceArena: no CUDA device (%s)",
+                        err == cudaSuccess ? "0 devices" : cudaGetErrorString(err)));
   }
   if (options.device >= count) {
     return absl::FailedPreconditionError(absl::StrFormat(
@@ -40,9 +40,9 @@ absl::StatusOr<std::unique_ptr<DeviceArena>> DeviceArena::Create(const Options& 
   cudaSetDevice(previous);
   if (err == cudaErrorMemoryAllocation) {
     cudaGetLastError();
-    return absl::ResourceExhaustedError(absl::StrFormat(
-        "DeviceArena: cudaMalloc(%u bytes) on device %d: out of memory", options.bytes,
-        options.device));
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("DeviceArena: cudaMalloc(%u bytes) on device %d: out of memory",
+                        options.bytes, options.device));
   }
   if (err != cudaSuccess) {
     return absl::InternalError(

@@ -106,7 +106,8 @@ TEST_P(DeviceArenaStoreTest, SlotsAreDisjointDeviceRangesUnderRandomChurn) {
         ASSERT_EQ(cudaMemcpy(host.data(), data.data(), slot_bytes, cudaMemcpyDeviceToHost),
                   cudaSuccess);
         for (size_t i = 0; i < host.size(); ++i) {
-          ASSERT_EQ(host[i], pattern ^ static_cast<uint32_t>(i)) << "segment " << id << " word " << i;
+          ASSERT_EQ(host[i], pattern ^ static_cast<uint32_t>(i))
+              << "segment " << id << " word " << i;
         }
       }
     }

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device session: GPU tests, our kernel benchmark, PyTorch SDPA on the same shapes, the
+# `tokenlake profile` JSON, and the comparison. Binaries are built on the workstation
+# (cmake --preset cuda -B build/cuda) and carried with their non-system libraries in
+# build/cuda/devlibs (see bench/pack_devlibs.sh). Results go to $OUT (default ./out).
+set -u -o pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+B=build/cuda/bin
+cuda_lib=$(dirname "$(ls /usr/local/cuda/lib64/libcublas.so.13 2>/dev/null ||
+  find / -name 'libcublas.so.13' -not -path '*/proc/*' 2>/dev/null | head -1)")
+export LD_LIBRARY_PATH="$PWD/build/cuda/devlibs:$cuda_lib:${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit \
+  --format=csv | tee "$OUT/device.txt"
+echo "== tests"
+$B/paged_attention_test --gtest_brief=1 2>&1 | tee "$OUT/test.log" | tail -25
+$B/device_arena_test --gtest_brief=1 2>&1 | tee -a "$OUT/test.log" | tail -5
+echo "== ours"
+$B/gpu_attention_bench "$OUT/tokenlake_bench.json" 2>&1 | tee "$OUT/bench.log"
+echo "== sdpa"
+PYTHONUNBUFFERED=1 python3 bench/sdpa_bench.py "$OUT/sdpa.json" 2>&1 | tee "$OUT/sdpa.log"
+if [ "${SKIP_PROFILE:-0}" != 1 ]; then
+  echo "== profile"
+  $B/tokenlake profile --json "$OUT/gpu_profile.json" > "$OUT/profile.log" 2>&1 ||
+    tail -5 "$OUT/profile.log"
+fi
+echo "== report"
+python3 bench/gpu_report.py "$OUT/tokenlake_bench.json" "$OUT/sdpa.json" | tee "$OUT/report.txt"
+[ -f "$OUT/gpu_profile.json" ] && cat "$OUT/gpu_profile.json"

@@ -1,0 +1,101 @@
+// GPU benchmark of the paged attention kernels (attention/cuda/) on the shapes of the TokenLake
+// evaluation: GQA 32 query / 8 KV heads, head_dim 128, bf16, a 32K-token pooled prefix in
+// scattered segment slots. Prints a table and writes JSON (argv[1], default
+// gpu_attention_bench.json). bench/gpu_attention.sh runs it beside PyTorch SDPA (sdpa_bench.py)
+// in the same device session and bench/gpu_report.py compares the two.
+//
+// Timings: CUDA events around each call, median of 50 after 5 warm-ups; two KV sets alternate.
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "nlohmann/json.hpp"
+#include "tokenlake/attention/cuda/gpu_profile.h"
+
+namespace tl = tokenlake::attention::cuda;
+
+int main(int argc, char** argv) {
+  const std::string out_path = argc > 1 ? argv[1] : "gpu_attention_bench.json";
+  nlohmann::json j;
+  auto dev = tl::DescribeDevice();
+  if (!dev.ok()) {
+    std::fprintf(stderr, "gpu_attention_bench: %s\n", dev.status().ToString().c_str());
+    return 1;
+  }
+  j["device"] = dev->name;
+  j["num_sms"] = dev->num_sms;
+  auto copy = tl::MeasureCopyGbps(size_t{1} << 30, 20);
+  if (!copy.ok()) {
+    std::fprintf(stderr, "copy: %s\n", copy.status().ToString().c_str());
+    return 1;
+  }
+  j["copy_gbps"] = *copy;
+  std::printf("device %s (%d SMs); D2D copy %.0f GB/s (read+write)\n", dev->name.c_str(),
+              dev->num_sms, *copy);
+
+  struct Run {
+    std::string name;
+    tl::AttentionBenchShape shape;
+  };
+  std::vector<Run> runs;
+  for (int seg : {512, 256, 64}) {
+    for (int splits : {0, 64, 128, 256, 512}) {
+      tl::AttentionBenchShape s;
+      s.num_q_tokens = 1;
+      s.segment_tokens = seg;
+      s.kernel = 2;
+      s.num_splits = splits;
+      runs.push_back({"decode", s});
+    }
+  }
+  for (int warps : {4, 8}) {
+    for (int splits : {0, 1, 2, 3, 4}) {
+      tl::AttentionBenchShape s;
+      s.num_q_tokens = 1024;
+      s.segment_tokens = 512;
+      s.kernel = 1;
+      s.num_splits = splits;
+      s.prefill_warps = warps;
+      runs.push_back({"prefill_cached", s});
+    }
+  }
+  {
+    tl::AttentionBenchShape s;
+    s.num_q_tokens = 1024;
+    s.kv_tokens = 1024;
+    s.segment_tokens = 512;
+    s.causal = true;
+    s.kernel = 1;
+    runs.push_back({"prefill_new_causal", s});
+  }
+  std::printf("%-20s %6s %6s %6s %6s %10s %9s %9s %9s\n", "run", "q", "kv", "seg", "split", "us",
+              "TFLOP/s", "KV GB/s", "merge us");
+  for (const Run& r : runs) {
+    auto t = tl::MeasurePagedAttention(r.shape, 50);
+    if (!t.ok()) {
+      std::fprintf(stderr, "%s: %s\n", r.name.c_str(), t.status().ToString().c_str());
+      return 1;
+    }
+    const auto& s = r.shape;
+    std::printf("%-20s %6d %6ld %6d %3d/%-2d %10.1f %9.1f %9.0f %9.1f\n", r.name.c_str(),
+                s.num_q_tokens, static_cast<long>(s.kv_tokens), s.segment_tokens, s.num_splits,
+                s.prefill_warps, t->us, t->tflops, t->kv_gbps, t->merge_us);
+    j["runs"].push_back({{"name", r.name},
+                         {"num_q_tokens", s.num_q_tokens},
+                         {"kv_tokens", s.kv_tokens},
+                         {"segment_tokens", s.segment_tokens},
+                         {"num_heads", s.num_heads},
+                         {"num_kv_heads", s.num_kv_heads},
+                         {"head_dim", s.head_dim},
+                         {"causal", s.causal},
+                         {"num_splits", s.num_splits},
+                         {"prefill_warps", s.prefill_warps},
+                         {"us", t->us},
+                         {"tflops", t->tflops},
+                         {"kv_gbps", t->kv_gbps},
+                         {"merge_us", t->merge_us}});
+  }
+  std::ofstream(out_path) << j.dump(2) << "\n";
+  return 0;
+}

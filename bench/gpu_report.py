@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Compares gpu_attention_bench.json (ours) with sdpa.json (PyTorch SDPA, same session).
+
+Usage: gpu_report.py OURS.json SDPA.json. Prints the figures docs/results-gpu.md records.
+"""
+import json
+import sys
+
+
+def main():
+    ours = json.load(open(sys.argv[1]))
+    sdpa = json.load(open(sys.argv[2]))
+    copy = ours["copy_gbps"]
+    runs = ours["runs"]
+    print(f"device: {ours['device']} ({ours['num_sms']} SMs); torch {sdpa['torch']}")
+    print(f"D2D copy: {copy:.0f} GB/s (cudaMemcpy, ours); {sdpa['copy_gbps']:.0f} GB/s (torch)")
+
+    def best(name, key, **filt):
+        c = [r for r in runs if r["name"] == name and all(r[k] == v for k, v in filt.items())]
+        return min(c, key=lambda r: r["us"]) if c else None
+
+    def auto(name, **filt):
+        c = [r for r in runs if r["name"] == name and r["num_splits"] == 0 and
+             all(r[k] == v for k, v in filt.items())]
+        return c[0] if c else None
+
+    print("\nDecode, 1 token over a 32K-token pooled prefix (GQA 32/8, d=128, bf16):")
+    for seg in sorted({r["segment_tokens"] for r in runs if r["name"] == "decode"}, reverse=True):
+        a, b = auto("decode", segment_tokens=seg), best("decode", "us", segment_tokens=seg)
+        print(f"  segment {seg:4d}: auto {a['us']:7.1f} us {a['kv_gbps']:6.0f} GB/s = "
+              f"{100 * a['kv_gbps'] / copy:5.1f}% of copy; best (splits {b['num_splits']}) "
+              f"{b['us']:7.1f} us {b['kv_gbps']:6.0f} GB/s = {100 * b['kv_gbps'] / copy:5.1f}%; "
+              f"merge of two partials {a['merge_us']:.1f} us = "
+              f"{100 * a['merge_us'] / a['us']:.1f}% of decode")
+    sd = sdpa["decode"]
+    if sd.get("best"):
+        print(f"  SDPA ({sd['best']}): {sd['best_us']:7.1f} us {sd['kv_gbps']:6.0f} GB/s = "
+              f"{100 * sd['kv_gbps'] / copy:5.1f}% of copy")
+
+    print("\nPrefill, 1024 new tokens over 32K cached (not causal), segments of 512:")
+    sp = sdpa["prefill_cached"]
+    for w in (4, 8):
+        a = auto("prefill_cached", prefill_warps=w)
+        b = best("prefill_cached", "us", prefill_warps=w)
+        if not a:
+            continue
+        print(f"  {w} warps: auto {a['us']:8.1f} us {a['tflops']:6.1f} TFLOP/s; best (splits "
+              f"{b['num_splits']}) {b['us']:8.1f} us {b['tflops']:6.1f} TFLOP/s"
+              + (f" = {100 * b['tflops'] / sp['tflops']:.1f}% of SDPA" if sp.get("best") else ""))
+    b = best("prefill_cached", "us")
+    if sp.get("best"):
+        print(f"  SDPA ({sp['best']}): {sp['best_us']:8.1f} us {sp['tflops']:6.1f} TFLOP/s;"
+              f" ours best = {100 * b['tflops'] / sp['tflops']:.1f}% of SDPA")
+    print(f"  merge of two [1024 x 32 x 128] partials: {b['merge_us']:.1f} us = "
+          f"{100 * b['merge_us'] / b['us']:.2f}% of the prefill partial")
+    n = best("prefill_new_causal", "us")
+    sn = sdpa["prefill_new_causal"]
+    if n:
+        print(f"\nNew tokens' own KV, 1024 x 1024 causal: {n['us']:.1f} us {n['tflops']:.1f} TFLOP/s"
+              + (f"; SDPA ({sn['best']}) {sn['best_us']:.1f} us {sn['tflops']:.1f} TFLOP/s"
+                 if sn.get("best") else ""))
+        total = b["us"] + n["us"] + b["merge_us"]
+        print(f"Whole prefill step (cached + new + merge): {total:.1f} us; merge = "
+              f"{100 * b['merge_us'] / total:.2f}%")
+
+
+if __name__ == "__main__":
+    main()
