@@ -1,6 +1,7 @@
 #include "tokenlake/index/prefix_tree.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <iostream>
 #include <map>
 #include <set>
@@ -494,7 +495,10 @@ struct ModelParams {
 class PrefixTreeModelTest : public ::testing::TestWithParam<ModelParams> {};
 
 TEST_P(PrefixTreeModelTest, RandomOperationsMatchReferenceModel) {
-  const ModelParams p = GetParam();
+  ModelParams p = GetParam();
+  // TOKENLAKE_TEST_SEED=<n> replays or explores other seeds with the same sizes.
+  if (const char* env = std::getenv("TOKENLAKE_TEST_SEED"))
+    p.seed += std::strtoull(env, nullptr, 10);
   SCOPED_TRACE(::testing::Message() << "seed=" << p.seed << " instances=" << p.num_instances
                                     << " S=" << p.segment_tokens);
   std::cout << "seed=" << p.seed << "\n";

@@ -1,6 +1,7 @@
 #include "tokenlake/store/segment_store.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <iostream>
 #include <list>
 #include <map>
@@ -237,7 +238,10 @@ struct StoreParams {
 class SegmentStoreModelTest : public ::testing::TestWithParam<StoreParams> {};
 
 TEST_P(SegmentStoreModelTest, RandomOperationsMatchReferenceModel) {
-  const StoreParams p = GetParam();
+  StoreParams p = GetParam();
+  // TOKENLAKE_TEST_SEED=<n> replays or explores other seeds with the same sizes.
+  if (const char* env = std::getenv("TOKENLAKE_TEST_SEED"))
+    p.seed += std::strtoull(env, nullptr, 10);
   SCOPED_TRACE(::testing::Message() << "seed=" << p.seed << " capacity=" << p.capacity);
   std::cout << "seed=" << p.seed << "\n";
   Rng rng(p.seed);
