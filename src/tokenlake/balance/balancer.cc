@@ -32,6 +32,11 @@ absl::StatusOr<std::unique_ptr<Balancer>> Balancer::Create(const BalancerOptions
     return absl::InvalidArgumentError(
         absl::StrFormat("BalancerOptions.memory_slack must be >= 0, got %g", options.memory_slack));
   }
+  if (!(options.memory_high_watermark >= 0) || options.memory_high_watermark > 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("BalancerOptions.memory_high_watermark must be in [0, 1], got %g",
+                        options.memory_high_watermark));
+  }
   if (!(options.load_slack >= 0)) {
     return absl::InvalidArgumentError(
         absl::StrFormat("BalancerOptions.load_slack must be >= 0, got %g", options.load_slack));
@@ -76,8 +81,9 @@ absl::StatusOr<std::optional<InstanceId>> Balancer::PlaceNewSegment(
   }
   mean_util /= instances.size();
   mean_load /= instances.size();
-  if (HasFree(*prod) && Utilisation(*prod) <= mean_util + options_.memory_slack + 1e-12 &&
-      prod->load <= mean_load * (1 + options_.load_slack) + 1e-12) {
+  const bool memory_ok = Utilisation(*prod) < options_.memory_high_watermark ||
+                         Utilisation(*prod) <= mean_util + options_.memory_slack + 1e-12;
+  if (HasFree(*prod) && memory_ok && prod->load <= mean_load * (1 + options_.load_slack) + 1e-12) {
     return std::optional<InstanceId>(producer);
   }
   // Otherwise the instance with a free slot that minimises (utilisation, load share, id).

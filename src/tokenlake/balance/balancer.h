@@ -3,8 +3,9 @@
 //
 // - PlaceNewSegment: where a newly produced segment is stored. The producer (the instance that
 //   computed it) is preferred so most new caches do not move, unless it is full, or its memory
-//   use is more than `memory_slack` above the mean, or its cache load is more than `load_slack`
-//   above the mean. Never a full instance when another has a free slot.
+//   is under pressure (utilisation >= memory_high_watermark) and more than `memory_slack` above
+//   the mean, or its cache load is more than `load_slack` above the mean. Never a full instance
+//   when another has a free slot.
 // - Rebalance: a short list of actions (drop, replicate, move), in this order:
 //     1. drop extra replicas of segments that have more replicas than desired (cooled heavy
 //        hitters first), from the most loaded holders;
@@ -37,9 +38,13 @@
 namespace tokenlake::balance {
 
 struct BalancerOptions {
-  // The producer keeps a new segment unless its memory utilisation (used / capacity) exceeds
-  // the mean utilisation of the pool by more than this (absolute fraction). Must be >= 0.
+  // The producer keeps a new segment unless its memory utilisation (used / capacity) is at
+  // least memory_high_watermark AND exceeds the mean utilisation of the pool by more than
+  // memory_slack (absolute fraction). Must be >= 0.
   double memory_slack = 0.10;
+  // See memory_slack: below this utilisation memory balance never overrides the producer.
+  // Must be in [0, 1].
+  double memory_high_watermark = 0.9;
   // ... or its cache load exceeds (1 + load_slack) x the mean instance load. Must be >= 0.
   double load_slack = 0.5;
   // Rebalance moves segments only while max load > (1 + imbalance_threshold) x mean load.

@@ -45,8 +45,11 @@ TEST(BalancerTest, NewSegmentLeavesAProducerFarAboveMeanMemory) {
   // Mean utilisation 0.4; producer at 0.9 > 0.5.
   std::vector<InstanceState> s = {Inst(0, 10, 9, 0), Inst(1, 10, 1, 0), Inst(2, 10, 2, 0)};
   EXPECT_EQ(**b->PlaceNewSegment(InstanceId(0), s), InstanceId(1));
-  // At 0.5 (mean 0.333 + 0.1 = 0.433) it still moves; at 0.4 with mean 0.333 it stays.
-  s = {Inst(0, 10, 4, 0), Inst(1, 10, 3, 0), Inst(2, 10, 3, 0)};
+  // Below the high watermark (0.9) memory imbalance alone never moves it: 0.8 vs mean 0.33.
+  s = {Inst(0, 10, 8, 0), Inst(1, 10, 1, 0), Inst(2, 10, 1, 0)};
+  EXPECT_EQ(**b->PlaceNewSegment(InstanceId(0), s), InstanceId(0));
+  // Above the watermark but within the slack of the mean it stays: 0.9 vs mean 0.9.
+  s = {Inst(0, 10, 9, 0), Inst(1, 10, 9, 0), Inst(2, 10, 9, 0)};
   EXPECT_EQ(**b->PlaceNewSegment(InstanceId(0), s), InstanceId(0));
 }
 

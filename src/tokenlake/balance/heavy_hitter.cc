@@ -139,6 +139,15 @@ std::vector<SegmentLoad> HeavyHitterTracker::HeavyHitters() {
   return warm;
 }
 
+int64_t HeavyHitterTracker::CountHeavy() const {
+  const double fair = FairShare();
+  int64_t n = 0;
+  for (SegmentId s : warm_) {
+    if (IsHeavyLoad(Load(s), fair)) ++n;
+  }
+  return n;
+}
+
 void HeavyHitterTracker::Forget(SegmentId segment) {
   counters_.erase(segment);
   warm_.erase(segment);

@@ -107,6 +107,9 @@ class HeavyHitterTracker {
   // The heavy hitters, same order. Prunes like CollectWarm.
   std::vector<SegmentLoad> HeavyHitters();
 
+  // Number of warm segments that are heavy now (no pruning; O(warm set)).
+  int64_t CountHeavy() const;
+
   // Drops `segment`'s counter (it was evicted from the pool). No-op if unknown.
   void Forget(SegmentId segment);
 

@@ -1,0 +1,647 @@
+#include "tokenlake/lake/lake.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+#include "tokenlake/base/check.h"
+#include "tokenlake/base/status_macros.h"
+
+namespace tokenlake::lake {
+
+namespace {
+
+absl::Status Invalid(const std::string& message) { return absl::InvalidArgumentError(message); }
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Lake>> Lake::Create(const LakeOptions& options, Clock* clock) {
+  if (clock == nullptr) return Invalid("LakeOptions: clock is null");
+  if (options.num_instances < 1) {
+    return Invalid(
+        absl::StrFormat("LakeOptions.num_instances must be >= 1, got %d", options.num_instances));
+  }
+  if (options.segment_tokens < 1) {
+    return Invalid(
+        absl::StrFormat("LakeOptions.segment_tokens must be >= 1, got %d", options.segment_tokens));
+  }
+  if (options.instance_slots.empty()) {
+    if (options.slots_per_instance < 1) {
+      return Invalid(absl::StrFormat("LakeOptions.slots_per_instance must be >= 1, got %d",
+                                     options.slots_per_instance));
+    }
+  } else {
+    if (static_cast<int32_t>(options.instance_slots.size()) != options.num_instances) {
+      return Invalid(
+          absl::StrFormat("LakeOptions.instance_slots has %d entries, num_instances is %d",
+                          options.instance_slots.size(), options.num_instances));
+    }
+    for (size_t i = 0; i < options.instance_slots.size(); ++i) {
+      if (options.instance_slots[i] < 1) {
+        return Invalid(absl::StrFormat("LakeOptions.instance_slots[%d] must be >= 1, got %d", i,
+                                       options.instance_slots[i]));
+      }
+    }
+  }
+  if (options.reserve_segments < 0) {
+    return Invalid(absl::StrFormat("LakeOptions.reserve_segments must be >= 0, got %d",
+                                   options.reserve_segments));
+  }
+  if (absl::Status s = options.model.Validate(); !s.ok()) {
+    return Invalid(absl::StrFormat("LakeOptions.model: %s", s.message()));
+  }
+  std::unique_ptr<Lake> lake(new Lake(options, clock));
+
+  index::PrefixTree::Options tree_options;
+  tree_options.segment_tokens = options.segment_tokens;
+  tree_options.num_instances = options.num_instances;
+  tree_options.reserve_segments = options.reserve_segments;
+  TOKENLAKE_ASSIGN_OR_RETURN(lake->tree_, index::PrefixTree::Create(tree_options));
+
+  const int64_t slot_bytes = plan::KvBytes(options.model, options.segment_tokens);
+  for (int32_t i = 0; i < options.num_instances; ++i) {
+    store::SegmentStore::Options so;
+    so.num_slots =
+        options.instance_slots.empty() ? options.slots_per_instance : options.instance_slots[i];
+    so.slot_bytes = static_cast<size_t>(slot_bytes);
+    so.instance = InstanceId(i);
+    TOKENLAKE_ASSIGN_OR_RETURN(auto store, store::SegmentStore::Create(so));
+    lake->stores_.push_back(std::move(store));
+    lake->instance_load_.emplace_back(
+        options.heavy_hitter.half_life_us > 0 ? options.heavy_hitter.half_life_us : 1);
+  }
+  balance::HeavyHitterOptions hh = options.heavy_hitter;
+  hh.num_instances = options.num_instances;
+  TOKENLAKE_ASSIGN_OR_RETURN(lake->tracker_, balance::HeavyHitterTracker::Create(hh, clock));
+  TOKENLAKE_ASSIGN_OR_RETURN(lake->balancer_, balance::Balancer::Create(options.balancer));
+  plan::PlannerOptions po = options.planner;
+  po.shape = options.model;
+  po.segment_tokens = options.segment_tokens;
+  TOKENLAKE_ASSIGN_OR_RETURN(lake->planner_, plan::Planner::Create(po, lake->balancer_.get()));
+  return lake;
+}
+
+Lake::Lake(const LakeOptions& options, Clock* clock) : options_(options), clock_(clock) {}
+
+Lake::~Lake() = default;
+
+// ---------------------------------------------------------------------------------------------
+// Validation and views
+
+absl::Status Lake::ValidateKeys(absl::Span<const index::SegmentKey> keys) const {
+  for (size_t i = 0; i < keys.size(); ++i) {
+    if (!keys[i].id.valid()) return Invalid(absl::StrFormat("key %d has an invalid segment id", i));
+    if (keys[i].num_tokens < 1 || keys[i].num_tokens > options_.segment_tokens) {
+      return Invalid(absl::StrFormat("key %d has num_tokens %d, not in [1, %d]", i,
+                                     keys[i].num_tokens, options_.segment_tokens));
+    }
+    if (keys[i].num_tokens < options_.segment_tokens && i + 1 != keys.size()) {
+      return Invalid(
+          absl::StrFormat("key %d is a part-segment (%d tokens) but is not the last of %d keys", i,
+                          keys[i].num_tokens, keys.size()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Lake::ValidateRequest(const LakeRequest& r) const {
+  if (absl::Status s = ValidateKeys(r.keys); !s.ok()) {
+    return Invalid(absl::StrFormat("request %d: %s", r.id.value(), s.message()));
+  }
+  if (r.new_tokens < 0) {
+    return Invalid(
+        absl::StrFormat("request %d: new_tokens must be >= 0, got %d", r.id.value(), r.new_tokens));
+  }
+  if (r.preferred_instance.valid() &&
+      (r.preferred_instance.value() < 0 || r.preferred_instance.value() >= num_instances())) {
+    return Invalid(absl::StrFormat("request %d: unknown preferred instance %d (pool has %d)",
+                                   r.id.value(), r.preferred_instance.value(), num_instances()));
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+// The cached prefix of `keys` in `tree`: the longest run of keys stored as a path from the root
+// (PrefixTree::Match, which prefetches). A stored id always has the length it was inserted with
+// (Insert rejects a second length), so lengths need no re-check here. Returns the count.
+size_t MatchedPrefix(const index::PrefixTree& tree, absl::Span<const index::SegmentKey> keys) {
+  return static_cast<size_t>(tree.Match(keys).matched_segments);
+}
+
+}  // namespace
+
+index::MatchResult Lake::Match(absl::Span<const index::SegmentKey> keys) const {
+  absl::MutexLock lock(&mu_);
+  return tree_->Match(keys);
+}
+
+std::vector<balance::InstanceState> Lake::InstanceStatesLocked() const {
+  const int64_t now = clock_->NowUs();
+  std::vector<balance::InstanceState> out;
+  out.reserve(stores_.size());
+  for (size_t i = 0; i < stores_.size(); ++i) {
+    out.push_back(balance::InstanceState{InstanceId(static_cast<int32_t>(i)),
+                                         stores_[i]->capacity(), stores_[i]->used(),
+                                         instance_load_[i].Value(now)});
+  }
+  return out;
+}
+
+plan::PlanRequest Lake::ToPlanRequestLocked(const LakeRequest& r) const {
+  plan::PlanRequest p;
+  p.request = r.id;
+  p.new_tokens = r.new_tokens;
+  p.preferred_instance = r.preferred_instance;
+  // One probe per key: walk while each key is stored under the previous one.
+  SegmentId parent;
+  size_t n = 0;
+  p.cached.reserve(r.keys.size());
+  for (; n < r.keys.size(); ++n) {
+    const index::PrefixTree::Node* node = tree_->Find(r.keys[n].id);
+    if (node == nullptr || node->parent != parent) break;
+    parent = node->id;
+    plan::CachedSegment seg;
+    seg.segment = node->id;
+    seg.num_tokens = node->num_tokens;
+    seg.replicas.assign(node->replicas.begin(), node->replicas.end());
+    p.cached.push_back(std::move(seg));
+  }
+  p.new_segments.assign(r.keys.begin() + n, r.keys.end());
+  return p;
+}
+
+absl::StatusOr<std::vector<plan::InstanceCacheLoad>> Lake::GetCacheLoad(
+    absl::Span<const LakeRequest> requests) const {
+  for (const LakeRequest& r : requests) TOKENLAKE_RETURN_IF_ERROR(ValidateRequest(r));
+  absl::MutexLock lock(&mu_);
+  std::vector<plan::PlanRequest> prs;
+  prs.reserve(requests.size());
+  for (const LakeRequest& r : requests) prs.push_back(ToPlanRequestLocked(r));
+  return planner_->GetCacheLoad(prs, InstanceStatesLocked());
+}
+
+absl::StatusOr<std::vector<plan::BatchPlan>> Lake::GenPlans(absl::Span<const Batch> batches) {
+  for (size_t b = 0; b < batches.size(); ++b) {
+    if (batches[b].dop < 1 || batches[b].dop > num_instances()) {
+      return Invalid(
+          absl::StrFormat("batch %d: dop %d is outside [1, %d] (more instances than the pool has?)",
+                          b, batches[b].dop, num_instances()));
+    }
+    for (const LakeRequest& r : batches[b].requests) {
+      if (absl::Status s = ValidateRequest(r); !s.ok()) {
+        return Invalid(absl::StrFormat("batch %d: %s", b, s.message()));
+      }
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  std::vector<plan::PlanBatch> pbs(batches.size());
+  for (size_t b = 0; b < batches.size(); ++b) {
+    pbs[b].dop = batches[b].dop;
+    pbs[b].requests.reserve(batches[b].requests.size());
+    for (const LakeRequest& r : batches[b].requests) {
+      pbs[b].requests.push_back(ToPlanRequestLocked(r));
+    }
+  }
+  TOKENLAKE_ASSIGN_OR_RETURN(std::vector<plan::BatchPlan> plans,
+                             planner_->GenPlans(pbs, InstanceStatesLocked()));
+  for (const plan::BatchPlan& p : plans) {
+    counters_.plan_query_bytes += p.transfer.query_bytes;
+    counters_.plan_kv_pull_bytes += p.transfer.kv_pull_bytes;
+    counters_.plan_new_segment_bytes += p.transfer.new_segment_bytes;
+    counters_.plan_total_bytes += p.transfer.total_bytes;
+  }
+  return plans;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request lifecycle
+
+absl::StatusOr<AdmitResult> Lake::Admit(const LakeRequest& request) {
+  if (!request.id.valid()) return Invalid("Admit: invalid request id");
+  TOKENLAKE_RETURN_IF_ERROR(ValidateRequest(request));
+  absl::MutexLock lock(&mu_);
+  if (active_.contains(request.id)) {
+    return absl::AlreadyExistsError(
+        absl::StrFormat("Admit: request %d is already active", request.id.value()));
+  }
+  const size_t n = MatchedPrefix(*tree_, request.keys);
+  Active a;
+  a.new_tokens = request.new_tokens;
+  a.matched.assign(request.keys.begin(), request.keys.begin() + n);
+  a.pinned.reserve(n);
+  AdmitResult result;
+  result.matched_segments = static_cast<int32_t>(n);
+  for (const index::SegmentKey& k : a.matched) {
+    a.pinned.push_back(k.id);
+    result.matched_tokens += k.num_tokens;
+  }
+  TOKENLAKE_CHECK_OK(tree_->Pin(a.pinned));
+  if (request.count_hits) {
+    counters_.admitted_requests += 1;
+    for (const index::SegmentKey& k : request.keys) counters_.prompt_tokens += k.num_tokens;
+    counters_.hit_tokens += result.matched_tokens;
+  }
+  active_.emplace(request.id, std::move(a));
+  return result;
+}
+
+void Lake::RefreshReplicatedLocked(SegmentId segment) {
+  const index::PrefixTree::Node* node = tree_->Find(segment);
+  if (node != nullptr && node->replicas.size() >= 2) {
+    replicated_.insert(segment);
+  } else {
+    replicated_.erase(segment);
+  }
+}
+
+void Lake::OnReplicasFreedLocked(SegmentId segment, bool node_erased,
+                                 absl::Span<const InstanceId> freed_on,
+                                 std::vector<StoredReplica>* evicted) {
+  for (InstanceId i : freed_on) {
+    TOKENLAKE_CHECK_OK(stores_[i.value()]->Free(segment));
+    if (evicted != nullptr) {
+      evicted->push_back({segment, i});
+      counters_.evicted_replicas += 1;
+    }
+  }
+  if (node_erased) {
+    tracker_->Forget(segment);
+    replicated_.erase(segment);
+    if (evicted != nullptr) counters_.evicted_segments += 1;
+  } else {
+    RefreshReplicatedLocked(segment);
+  }
+}
+
+std::vector<balance::SegmentState> Lake::ReplicatedStatesLocked() const {
+  std::vector<balance::SegmentState> out;
+  out.reserve(replicated_.size());
+  for (SegmentId s : replicated_) {
+    const index::PrefixTree::Node* node = tree_->Find(s);
+    if (node == nullptr) continue;
+    balance::SegmentState st;
+    st.segment = s;
+    st.load = tracker_->Load(s);
+    st.desired_replicas = tracker_->DesiredReplicas(s, num_instances());
+    st.replicas.assign(node->replicas.begin(), node->replicas.end());
+    st.pinned = node->is_pinned();
+    out.push_back(std::move(st));
+  }
+  // Deterministic order regardless of hash-set iteration.
+  std::sort(out.begin(), out.end(),
+            [](const auto& a, const auto& b) { return a.segment < b.segment; });
+  return out;
+}
+
+bool Lake::EvictOneLocked(std::vector<StoredReplica>* evicted) {
+  const std::vector<balance::SegmentState> replicated = ReplicatedStatesLocked();
+  if (!replicated.empty()) {
+    const std::optional<balance::BalanceAction> pick =
+        balancer_->PickExtraReplicaToEvict(replicated, InstanceStatesLocked());
+    if (pick.has_value()) {
+      absl::StatusOr<index::EvictResult> r = tree_->RemoveReplica(pick->segment, pick->from);
+      TOKENLAKE_CHECK_OK(r.status());
+      OnReplicasFreedLocked(pick->segment, r->node_erased, r->freed_on, evicted);
+      return true;
+    }
+  }
+  const std::optional<SegmentId> leaf = tree_->LruEvictableLeaf();
+  if (!leaf.has_value()) return false;
+  absl::StatusOr<index::EvictResult> r = tree_->Evict(*leaf);
+  TOKENLAKE_CHECK_OK(r.status());
+  OnReplicasFreedLocked(*leaf, r->node_erased, r->freed_on, evicted);
+  return true;
+}
+
+absl::StatusOr<CommitResult> Lake::Commit(RequestId request,
+                                          absl::Span<const plan::NewSegmentPlacement> placements) {
+  for (size_t i = 0; i < placements.size(); ++i) {
+    const plan::NewSegmentPlacement& p = placements[i];
+    if (p.request != request) {
+      return Invalid(absl::StrFormat("Commit: placement %d is for request %d, not %d", i,
+                                     p.request.value(), request.value()));
+    }
+    if (!p.segment.valid()) return Invalid(absl::StrFormat("Commit: placement %d: invalid id", i));
+    if (p.num_tokens < 1 || p.num_tokens > options_.segment_tokens) {
+      return Invalid(absl::StrFormat("Commit: placement %d: num_tokens %d not in [1, %d]", i,
+                                     p.num_tokens, options_.segment_tokens));
+    }
+    for (InstanceId inst : {p.source, p.target}) {
+      if (!inst.valid() || inst.value() < 0 || inst.value() >= num_instances()) {
+        return Invalid(absl::StrFormat("Commit: placement %d: unknown instance %d (pool has %d)", i,
+                                       inst.value(), num_instances()));
+      }
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  return CommitLocked(request, placements);
+}
+
+absl::StatusOr<CommitResult> Lake::CommitKeys(RequestId request,
+                                              absl::Span<const index::SegmentKey> keys,
+                                              InstanceId producer) {
+  if (!producer.valid() || producer.value() < 0 || producer.value() >= num_instances()) {
+    return Invalid(absl::StrFormat("CommitKeys: unknown producer instance %d (pool has %d)",
+                                   producer.value(), num_instances()));
+  }
+  if (absl::Status s = ValidateKeys(keys); !s.ok()) {
+    return Invalid(absl::StrFormat("CommitKeys: %s", s.message()));
+  }
+  absl::MutexLock lock(&mu_);
+  if (!active_.contains(request)) {
+    return absl::NotFoundError(
+        absl::StrFormat("CommitKeys: request %d is not active", request.value()));
+  }
+  const size_t n = MatchedPrefix(*tree_, keys);
+  std::vector<balance::InstanceState> states = InstanceStatesLocked();
+  std::vector<plan::NewSegmentPlacement> placements;
+  SegmentId parent = n > 0 ? keys[n - 1].id : SegmentId();
+  for (size_t i = n; i < keys.size(); ++i) {
+    TOKENLAKE_ASSIGN_OR_RETURN(std::optional<InstanceId> placed,
+                               balancer_->PlaceNewSegment(producer, states));
+    const InstanceId target = placed.value_or(producer);
+    auto& st = states[target.value()];
+    if (st.used_slots < st.capacity_slots) st.used_slots += 1;
+    placements.push_back({request, keys[i].id, parent, keys[i].num_tokens, producer, target});
+    parent = keys[i].id;
+  }
+  return CommitLocked(request, placements);
+}
+
+absl::StatusOr<CommitResult> Lake::CommitLocked(
+    RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) {
+  auto it = active_.find(request);
+  if (it == active_.end()) {
+    return absl::NotFoundError(
+        absl::StrFormat("Commit: request %d is not active", request.value()));
+  }
+  Active& active = it->second;
+  CommitResult result;
+  const int64_t now = clock_->NowUs();
+  for (const plan::NewSegmentPlacement& p : placements) {
+    if (const index::PrefixTree::Node* node = tree_->Find(p.segment); node != nullptr) {
+      if (node->parent == p.parent && node->num_tokens == p.num_tokens) {
+        TOKENLAKE_CHECK_OK(tree_->Pin({p.segment}));
+        active.pinned.push_back(p.segment);
+        result.deduplicated.push_back(p.segment);
+        counters_.deduplicated_segments += 1;
+      } else {
+        result.not_stored.push_back(p.segment);
+        counters_.not_stored_segments += 1;
+      }
+      continue;
+    }
+    if (p.parent.valid() && !tree_->Contains(p.parent)) {
+      result.not_stored.push_back(p.segment);
+      counters_.not_stored_segments += 1;
+      continue;
+    }
+    // Where: the plan's target if it has room, else where the balancer says, else evict.
+    InstanceId where = p.target;
+    if (stores_[where.value()]->free() == 0) {
+      where = InstanceId();
+      while (true) {
+        absl::StatusOr<std::optional<InstanceId>> placed =
+            balancer_->PlaceNewSegment(p.target, InstanceStatesLocked());
+        TOKENLAKE_CHECK_OK(placed.status());
+        if (placed->has_value()) {
+          where = **placed;
+          break;
+        }
+        if (!EvictOneLocked(&result.evicted)) break;
+        // The segment's parent may have been an unpinned leaf that just went.
+        if (p.parent.valid() && !tree_->Contains(p.parent)) break;
+      }
+    }
+    if (!where.valid() || (p.parent.valid() && !tree_->Contains(p.parent))) {
+      result.not_stored.push_back(p.segment);
+      counters_.not_stored_segments += 1;
+      continue;
+    }
+    absl::StatusOr<index::InsertResult> ins =
+        tree_->Insert(p.parent, index::SegmentKey{p.segment, p.num_tokens}, where, now);
+    if (!ins.ok()) {  // e.g. the parent is a part-segment
+      result.not_stored.push_back(p.segment);
+      counters_.not_stored_segments += 1;
+      continue;
+    }
+    TOKENLAKE_CHECK_OK(stores_[where.value()]->Allocate(p.segment).status());
+    TOKENLAKE_CHECK_OK(tree_->Pin({p.segment}));
+    active.pinned.push_back(p.segment);
+    result.stored.push_back({p.segment, where});
+    if (where != p.source) {
+      const int64_t bytes = plan::KvBytes(options_.model, p.num_tokens);
+      result.moved_bytes += bytes;
+      counters_.commit_moved_bytes += bytes;
+    }
+  }
+  return result;
+}
+
+absl::Status Lake::Release(RequestId request) {
+  absl::MutexLock lock(&mu_);
+  auto it = active_.find(request);
+  if (it == active_.end()) {
+    return absl::NotFoundError(
+        absl::StrFormat("Release: request %d is not active", request.value()));
+  }
+  Active& a = it->second;
+  const int64_t now = clock_->NowUs();
+  // Pins of segments lost with an instance (DropInstance) are gone with them.
+  std::vector<SegmentId> live;
+  live.reserve(a.pinned.size());
+  for (SegmentId s : a.pinned) {
+    if (tree_->Contains(s)) live.push_back(s);
+  }
+  TOKENLAKE_CHECK_OK(tree_->Unpin(live));
+  tree_->Touch(live, now);
+  for (const index::SegmentKey& k : a.matched) {
+    const double load = static_cast<double>(a.new_tokens) * k.num_tokens;
+    if (!(load > 0)) continue;
+    tracker_->Record(k.id, load);
+    const index::PrefixTree::Node* node = tree_->Find(k.id);
+    if (node == nullptr) continue;
+    const double share = load / static_cast<double>(node->replicas.size());
+    for (InstanceId r : node->replicas) instance_load_[r.value()].Add(share, now);
+  }
+  active_.erase(it);
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Maintenance
+
+absl::StatusOr<RebalanceResult> Lake::Rebalance() {
+  absl::MutexLock lock(&mu_);
+  const int64_t now = clock_->NowUs();
+  std::vector<balance::SegmentState> segments;
+  absl::flat_hash_set<SegmentId> seen;
+  for (const balance::SegmentLoad& w : tracker_->CollectWarm()) {
+    const index::PrefixTree::Node* node = tree_->Find(w.segment);
+    if (node == nullptr) {
+      tracker_->Forget(w.segment);
+      continue;
+    }
+    balance::SegmentState st;
+    st.segment = w.segment;
+    st.load = w.load;
+    st.desired_replicas = tracker_->DesiredReplicas(w.segment, num_instances());
+    st.replicas.assign(node->replicas.begin(), node->replicas.end());
+    st.pinned = node->is_pinned();
+    segments.push_back(std::move(st));
+    seen.insert(w.segment);
+  }
+  for (balance::SegmentState& st : ReplicatedStatesLocked()) {
+    if (!seen.contains(st.segment)) segments.push_back(std::move(st));
+  }
+  const std::vector<balance::BalanceAction> actions =
+      balancer_->Rebalance(segments, InstanceStatesLocked());
+  RebalanceResult result;
+  for (const balance::BalanceAction& a : actions) {
+    const index::PrefixTree::Node* node = tree_->Find(a.segment);
+    if (node == nullptr) {
+      return absl::InternalError(
+          absl::StrFormat("Rebalance: %s names a segment not stored", balance::ToString(a)));
+    }
+    const double load = tracker_->Load(a.segment);
+    const double r = static_cast<double>(node->replicas.size());
+    const int32_t tokens = node->num_tokens;
+    std::vector<InstanceId> others(node->replicas.begin(), node->replicas.end());
+    switch (a.kind) {
+      case balance::ActionKind::kDrop: {
+        TOKENLAKE_ASSIGN_OR_RETURN(index::EvictResult e, tree_->RemoveReplica(a.segment, a.from));
+        OnReplicasFreedLocked(a.segment, e.node_erased, e.freed_on, nullptr);
+        instance_load_[a.from.value()].Add(-load / r, now);
+        for (InstanceId o : others) {
+          if (o != a.from) instance_load_[o.value()].Add(load / (r - 1) - load / r, now);
+        }
+        break;
+      }
+      case balance::ActionKind::kReplicate: {
+        TOKENLAKE_RETURN_IF_ERROR(stores_[a.to.value()]->Allocate(a.segment).status());
+        TOKENLAKE_RETURN_IF_ERROR(tree_->AddReplica(a.segment, a.to));
+        for (InstanceId o : others) instance_load_[o.value()].Add(load / (r + 1) - load / r, now);
+        instance_load_[a.to.value()].Add(load / (r + 1), now);
+        result.bytes_moved += plan::KvBytes(options_.model, tokens);
+        break;
+      }
+      case balance::ActionKind::kMove: {
+        TOKENLAKE_RETURN_IF_ERROR(stores_[a.to.value()]->Allocate(a.segment).status());
+        TOKENLAKE_RETURN_IF_ERROR(tree_->AddReplica(a.segment, a.to));
+        TOKENLAKE_ASSIGN_OR_RETURN(index::EvictResult e, tree_->RemoveReplica(a.segment, a.from));
+        OnReplicasFreedLocked(a.segment, e.node_erased, e.freed_on, nullptr);
+        instance_load_[a.from.value()].Add(-load / r, now);
+        instance_load_[a.to.value()].Add(load / r, now);
+        result.bytes_moved += plan::KvBytes(options_.model, tokens);
+        break;
+      }
+    }
+    RefreshReplicatedLocked(a.segment);
+    result.actions.push_back(a);
+  }
+  counters_.rebalance_bytes += result.bytes_moved;
+  return result;
+}
+
+absl::Status Lake::DropInstance(InstanceId instance) {
+  if (!instance.valid() || instance.value() < 0 || instance.value() >= num_instances()) {
+    return Invalid(absl::StrFormat("DropInstance: unknown instance %d (pool has %d)",
+                                   instance.value(), num_instances()));
+  }
+  absl::MutexLock lock(&mu_);
+  TOKENLAKE_ASSIGN_OR_RETURN(index::DropInstanceResult r, tree_->DropInstance(instance));
+  store::SegmentStore& s = *stores_[instance.value()];
+  for (SegmentId seg : s.Segments()) TOKENLAKE_RETURN_IF_ERROR(s.Free(seg));
+  for (const index::FreedReplica& f : r.freed_elsewhere) {
+    TOKENLAKE_RETURN_IF_ERROR(stores_[f.instance.value()]->Free(f.segment));
+  }
+  std::vector<SegmentId> replicated(replicated_.begin(), replicated_.end());
+  for (SegmentId seg : replicated) RefreshReplicatedLocked(seg);
+  const int64_t now = clock_->NowUs();
+  instance_load_[instance.value()].Add(-instance_load_[instance.value()].Value(now), now);
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Introspection
+
+LakeStats Lake::Stats() const {
+  absl::MutexLock lock(&mu_);
+  LakeStats s = counters_;
+  s.segments = tree_->num_segments();
+  s.replicas = tree_->num_replicas();
+  s.redundancy = s.segments > 0 ? static_cast<double>(s.replicas) / s.segments : 0.0;
+  s.stored_tokens = tree_->num_tokens();
+  s.pinned_segments = tree_->num_pinned();
+  s.hit_rate = s.prompt_tokens > 0 ? static_cast<double>(s.hit_tokens) / s.prompt_tokens : 0.0;
+  s.active_requests = static_cast<int64_t>(active_.size());
+  s.heavy_hitters = tracker_->CountHeavy();
+  for (const balance::InstanceState& st : InstanceStatesLocked()) {
+    s.instances.push_back(InstanceStats{st.id, st.capacity_slots, st.used_slots,
+                                        st.capacity_slots - st.used_slots, st.load});
+  }
+  return s;
+}
+
+absl::Status Lake::CheckIntegrity() const {
+  absl::MutexLock lock(&mu_);
+  TOKENLAKE_RETURN_IF_ERROR(tree_->CheckIntegrity());
+  for (size_t i = 0; i < stores_.size(); ++i) {
+    TOKENLAKE_RETURN_IF_ERROR(stores_[i]->CheckIntegrity());
+    const InstanceId inst(static_cast<int32_t>(i));
+    if (stores_[i]->used() != tree_->SegmentsOn(inst)) {
+      return absl::InternalError(
+          absl::StrFormat("Lake: instance %d store holds %d segments, tree says %d", i,
+                          stores_[i]->used(), tree_->SegmentsOn(inst)));
+    }
+    for (SegmentId seg : stores_[i]->Segments()) {
+      const index::PrefixTree::Node* node = tree_->Find(seg);
+      if (node == nullptr || !node->HasReplicaOn(inst)) {
+        return absl::InternalError(absl::StrFormat(
+            "Lake: instance %d stores segment %d, which the tree does not place there", i,
+            seg.value()));
+      }
+    }
+  }
+  absl::Status status = absl::OkStatus();
+  int64_t multi = 0;
+  tree_->ForEachNode([&](const index::PrefixTree::Node& node) {
+    if (node.replicas.size() >= 2) {
+      ++multi;
+      if (!replicated_.contains(node.id) && status.ok()) {
+        status = absl::InternalError(
+            absl::StrFormat("Lake: segment %d has %d replicas but is not tracked as replicated",
+                            node.id.value(), node.replicas.size()));
+      }
+    }
+  });
+  TOKENLAKE_RETURN_IF_ERROR(status);
+  if (multi != static_cast<int64_t>(replicated_.size())) {
+    return absl::InternalError(absl::StrFormat(
+        "Lake: %d replicated segments tracked, %d in the tree", replicated_.size(), multi));
+  }
+  for (const auto& [id, a] : active_) {
+    for (SegmentId seg : a.pinned) {
+      const index::PrefixTree::Node* node = tree_->Find(seg);
+      if (node != nullptr && !node->is_pinned()) {
+        return absl::InternalError(absl::StrFormat(
+            "Lake: request %d pins segment %d, which is not pinned", id.value(), seg.value()));
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+bool Lake::IsHeavyHitter(SegmentId segment) const {
+  absl::MutexLock lock(&mu_);
+  return tracker_->IsHeavy(segment);
+}
+
+double Lake::SegmentLoad(SegmentId segment) const {
+  absl::MutexLock lock(&mu_);
+  return tracker_->Load(segment);
+}
+
+}  // namespace tokenlake::lake

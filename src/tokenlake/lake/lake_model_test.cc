@@ -1,0 +1,195 @@
+// Randomised model test of the Lake: random admits, plans, commits, releases, rebalances and
+// clock steps, against a naive reference model built ONLY from what the Lake reported (stored,
+// evicted, rebalance actions). After every step:
+//   - the Lake's integrity check passes (tree invariants, stores match the tree);
+//   - the reference model's replica map equals the tree's (reports are complete and exact);
+//   - stored + free == capacity on every instance, and used == the model's count;
+//   - every segment pinned by an active request is still stored (pinned is never evicted);
+//   - replicas <= instances for every segment; every stored segment's parent is stored.
+#include <iostream>
+#include <map>
+#include <set>
+#include <tuple>
+
+#include "gtest/gtest.h"
+#include "tokenlake/base/clock.h"
+#include "tokenlake/base/random.h"
+#include "tokenlake/lake/lake.h"
+
+namespace tokenlake::lake {
+namespace {
+
+using index::SegmentKey;
+
+constexpr int32_t kS = 8;
+
+struct Params {
+  int32_t instances;
+  int32_t slots;
+  int32_t documents;
+  int32_t steps;
+};
+
+class LakeModelTest : public ::testing::TestWithParam<Params> {};
+
+TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
+  const Params p = GetParam();
+  const uint64_t seed = 9001 + p.instances * 131 + p.slots * 7 + p.documents;
+  SCOPED_TRACE(testing::Message() << "seed=" << seed);
+  std::cout << "seed=" << seed << "\n";
+  Rng rng(seed);
+  ManualClock clock(1);
+  LakeOptions o;
+  o.num_instances = p.instances;
+  o.segment_tokens = kS;
+  o.instance_slots.resize(p.instances);
+  for (int32_t i = 0; i < p.instances; ++i) {
+    o.instance_slots[i] = static_cast<int32_t>(rng.UniformInt(std::max(1, p.slots / 2), p.slots));
+  }
+  o.model = plan::ModelShape{2, 8, 2, 16, 2};
+  o.heavy_hitter.half_life_us = 50'000;
+  o.heavy_hitter.min_heavy_load = 0;
+  auto lake_or = Lake::Create(o, &clock);
+  ASSERT_TRUE(lake_or.ok()) << lake_or.status();
+  Lake& lake = **lake_or;
+
+  // Documents: chains sharing prefixes (document d's segment k has id d*1000+k, and documents
+  // 0..3 share a two-segment "system prompt" 1, 2). A request takes a prefix of a document.
+  auto make_keys = [&](int32_t doc, int32_t len) {
+    std::vector<SegmentKey> keys;
+    uint64_t parent = 0;
+    for (int32_t k = 0; k < len; ++k) {
+      uint64_t id = (doc < 4 && k < 2) ? static_cast<uint64_t>(k + 1)
+                                       : (parent * 1'000'003ULL + 7919ULL * (doc + 1) + k + 11);
+      keys.push_back({SegmentId(id), kS});
+      parent = id;
+    }
+    if (rng.Bernoulli(0.2) && !keys.empty()) keys.back().num_tokens = 1 + rng.UniformInt(0, kS - 2);
+    return keys;
+  };
+
+  std::map<uint64_t, std::set<int32_t>> model;         // segment -> instances (from reports only)
+  std::map<uint64_t, std::vector<SegmentKey>> active;  // request -> keys
+  std::map<uint64_t, std::vector<SegmentId>> active_pins;
+  std::map<uint64_t, std::vector<plan::NewSegmentPlacement>> pending;  // admitted, not committed
+  uint64_t next_request = 1;
+  int64_t rebalance_actions = 0;
+
+  auto check = [&](int step) {
+    absl::Status integrity = lake.CheckIntegrity();
+    ASSERT_TRUE(integrity.ok()) << "step " << step << ": " << integrity;
+    const index::PrefixTree& tree = lake.prefix_tree();
+    ASSERT_EQ(tree.num_segments(), static_cast<int64_t>(model.size())) << "step " << step;
+    std::vector<int64_t> per_instance(p.instances, 0);
+    for (const auto& [seg, holders] : model) {
+      const auto* node = tree.Find(SegmentId(seg));
+      ASSERT_NE(node, nullptr) << "step " << step << ": model has " << seg;
+      std::set<int32_t> actual;
+      for (InstanceId r : node->replicas) actual.insert(r.value());
+      ASSERT_EQ(actual, holders) << "step " << step << " segment " << seg;
+      ASSERT_LE(static_cast<int32_t>(holders.size()), p.instances);
+      if (node->parent.valid()) {
+        ASSERT_TRUE(model.count(node->parent.value()));
+      }
+      for (int32_t h : holders) per_instance[h]++;
+    }
+    LakeStats s = lake.Stats();
+    for (int32_t i = 0; i < p.instances; ++i) {
+      ASSERT_EQ(s.instances[i].used_slots + s.instances[i].free_slots, o.instance_slots[i]);
+      ASSERT_EQ(s.instances[i].used_slots, per_instance[i]) << "instance " << i;
+    }
+    for (const auto& [req, pins] : active_pins) {
+      for (SegmentId seg : pins) {
+        ASSERT_TRUE(model.count(seg.value()))
+            << "pinned segment " << seg << " of request " << req << " was evicted at step " << step;
+      }
+    }
+  };
+
+  for (int step = 0; step < p.steps; ++step) {
+    const double dice = rng.UniformDouble();
+    const bool crowded = static_cast<int32_t>(active.size()) > p.slots / 2;
+    if (dice < 0.3 && !pending.empty()) {
+      // Commit a pending request's planned new segments.
+      auto it = pending.begin();
+      std::advance(it, rng.UniformInt(0, static_cast<int64_t>(pending.size()) - 1));
+      const uint64_t id = it->first;
+      auto c = lake.Commit(RequestId(id), it->second);
+      pending.erase(it);
+      ASSERT_TRUE(c.ok()) << c.status();
+      for (const StoredReplica& e : c->evicted) {
+        ASSERT_TRUE(model[e.segment.value()].erase(e.instance.value())) << "step " << step;
+        if (model[e.segment.value()].empty()) model.erase(e.segment.value());
+      }
+      for (const StoredReplica& st : c->stored) {
+        ASSERT_FALSE(model.count(st.segment.value()));
+        model[st.segment.value()].insert(st.instance.value());
+        active_pins[id].push_back(st.segment);
+      }
+      for (SegmentId d : c->deduplicated) active_pins[id].push_back(d);
+    } else if ((dice < 0.6 && !crowded) || active.empty()) {
+      // A new request: plan and admit; its commit comes later.
+      LakeRequest r;
+      r.id = RequestId(next_request++);
+      const int32_t doc = static_cast<int32_t>(rng.UniformInt(0, p.documents - 1));
+      r.keys = make_keys(doc, static_cast<int32_t>(rng.UniformInt(1, 6)));
+      r.new_tokens = rng.UniformInt(1, 4 * kS);
+      const int32_t dop = static_cast<int32_t>(rng.UniformInt(1, p.instances));
+      auto plans = lake.GenPlans({Batch{{r}, dop}});
+      ASSERT_TRUE(plans.ok()) << plans.status();
+      auto admitted = lake.Admit(r);
+      ASSERT_TRUE(admitted.ok()) << admitted.status();
+      std::vector<SegmentId> pins;
+      for (int32_t k = 0; k < admitted->matched_segments; ++k) pins.push_back(r.keys[k].id);
+      pending[r.id.value()] = (*plans)[0].transfer.new_segments;
+      active[r.id.value()] = r.keys;
+      active_pins[r.id.value()] = pins;
+    } else if (dice < 0.88) {
+      // Release a random active request.
+      auto it = active.begin();
+      std::advance(it, rng.UniformInt(0, static_cast<int64_t>(active.size()) - 1));
+      ASSERT_TRUE(lake.Release(RequestId(it->first)).ok());
+      active_pins.erase(it->first);
+      pending.erase(it->first);
+      active.erase(it);
+    } else if (dice < 0.95) {
+      auto rb = lake.Rebalance();
+      ASSERT_TRUE(rb.ok()) << rb.status();
+      rebalance_actions += static_cast<int64_t>(rb->actions.size());
+      for (const balance::BalanceAction& a : rb->actions) {
+        auto& holders = model[a.segment.value()];
+        ASSERT_TRUE(holders.count(a.from.value())) << balance::ToString(a);
+        if (a.kind == balance::ActionKind::kDrop) {
+          holders.erase(a.from.value());
+        } else if (a.kind == balance::ActionKind::kReplicate) {
+          ASSERT_TRUE(holders.insert(a.to.value()).second) << balance::ToString(a);
+        } else {
+          holders.erase(a.from.value());
+          ASSERT_TRUE(holders.insert(a.to.value()).second) << balance::ToString(a);
+        }
+        ASSERT_FALSE(holders.empty()) << "last replica dropped by " << balance::ToString(a);
+      }
+    } else {
+      clock.AdvanceUs(rng.UniformInt(0, 100'000));
+    }
+    clock.AdvanceUs(rng.UniformInt(0, 2'000));
+    check(step);
+    if (HasFatalFailure()) return;
+  }
+  for (const auto& [req, keys] : active) ASSERT_TRUE(lake.Release(RequestId(req)).ok());
+  const LakeStats s = lake.Stats();
+  EXPECT_EQ(s.pinned_segments, 0);
+  std::cout << "evicted_replicas=" << s.evicted_replicas << " dedup=" << s.deduplicated_segments
+            << " not_stored=" << s.not_stored_segments << " rebalance_actions=" << rebalance_actions
+            << " hit_rate=" << s.hit_rate << "\n";
+  // The scenario must exercise eviction (the pool is small) and hits.
+  EXPECT_GT(s.evicted_replicas, 0);
+  EXPECT_GT(s.hit_tokens, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Sizes, LakeModelTest,
+                         ::testing::Values(Params{1, 4, 3, 300}, Params{2, 6, 6, 400},
+                                           Params{4, 10, 12, 600}, Params{8, 24, 40, 800}));
+
+}  // namespace
+}  // namespace tokenlake::lake
