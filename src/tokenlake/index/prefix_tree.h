@@ -271,8 +271,8 @@ class PrefixTree {
   // Removes / adds `node` from / to every eviction index it belongs to, given its current state.
   void Unindex(const Node& node);
   void Index(const Node& node);
-  // Erases a node with no children; updates the parent (re-indexing it). Does not touch the
-  // per-instance replica counters of `node` (callers do).
+  // Erases a node with no children (ignoring pins), releasing all its replicas from the
+  // counters, and updates the parent (re-indexing it).
   void EraseLeafNode(SegmentId id);
 
   Options options_;

@@ -123,8 +123,8 @@ class SegmentStore {
   // Number of live pins on `segment` (0 if not stored).
   int32_t PinCount(SegmentId segment) const;
 
-  // Makes `segment` the most recently used. A pinned segment is not in the LRU order; touching it
-  // only records nothing (it becomes most recent when its last pin goes).
+  // Makes `segment` the most recently used unpinned segment. Touching a pinned segment changes
+  // nothing (it is not in the LRU order; it becomes most recent when its last pin goes).
   // Errors: NotFound (not stored).
   absl::Status Touch(SegmentId segment);
 
