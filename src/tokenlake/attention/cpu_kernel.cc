@@ -1,13 +1,18 @@
-// The tile kernel: for up to kMaxTileRows (token, head) rows of one KV group, one pass over the
-// keys in tiles of kKeyTile with an online softmax (running max m, running sum l, unnormalised
-// accumulator acc rescaled when m grows). Written with GCC vector extensions (8 x float, lowered
-// to SSE2 pairs in the baseline clone and to AVX2 in the avx2+fma clone, picked at run time).
+// The tile kernel: for up to kMaxTileRows (token, head) rows (a contiguous head range, possibly
+// spanning KV groups), one pass over the keys in tiles of kKeyTile with an online softmax
+// (running max m, running sum l, unnormalised accumulator acc rescaled when m grows). Written with
+// GCC vector extensions (8 x float, lowered to SSE2 pairs in the baseline clone and to AVX2 in
+// the avx2+fma clone, picked at run time).
 //
 // Inner loops:
-//   scores: 2 rows x 4 keys per step, 8 independent accumulators over head_dim (one load of each
-//           K row chunk serves 2 rows); bf16 K/V rows of a tile are widened once into scratch.
+//   scores: 2 rows x 4 keys per step, 8 independent accumulators over head_dim (when both rows
+//           use the same KV head, each K chunk is loaded once for both); the 8 dot products are
+//           reduced with in-register shuffles. bf16 K/V are widened in registers (zero-extend +
+//           shift), never copied.
 //   exp:    an 8-wide exp (Cody-Waite reduction + degree-6 polynomial, ~1 ulp on [-87, 0]).
 //   p.V:    2 rows x 32 dims per step, the acc rescale fused into the load.
+//   memory: the rows of the next key tile are prefetched (each key's K/V rows for the tile's KV
+//           heads are one short contiguous run at a token stride).
 #include "tokenlake/attention/cpu_kernel.h"
 
 #include <algorithm>
