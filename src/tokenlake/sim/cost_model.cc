@@ -204,6 +204,15 @@ double CostModel::AttentionSeconds(int64_t new_tokens, int64_t context_tokens) c
                   kv_bytes / (gpu_.attn_decode_gbps * 1e9));
 }
 
+double CostModel::CachedAttentionSeconds(int64_t new_tokens, int64_t cached_tokens) const {
+  if (new_tokens <= 0 || cached_tokens <= 0) return 0;
+  const double flops = 4.0 * static_cast<double>(new_tokens) * static_cast<double>(cached_tokens) *
+                       static_cast<double>(model_.num_heads * model_.head_dim * model_.num_layers);
+  const double bytes =
+      static_cast<double>(cached_tokens) * static_cast<double>(model_.KvBytesPerToken());
+  return std::max(flops / (gpu_.attn_prefill_tflops * 1e12), bytes / (gpu_.attn_decode_gbps * 1e9));
+}
+
 double CostModel::DecodeSecondsPerContextToken() const {
   const double flops =
       4.0 * static_cast<double>(model_.num_heads * model_.head_dim * model_.num_layers);

@@ -111,6 +111,9 @@ class CostModel {
   // part among themselves, seconds: max(FLOPs at prefill efficiency, KV bytes at decode
   // bandwidth).
   double AttentionSeconds(int64_t new_tokens, int64_t context_tokens) const;
+  // Attention of `new_tokens` queries over `cached_tokens` tokens held elsewhere (no causal
+  // part): max(FLOPs at prefill efficiency, their KV bytes at decode bandwidth).
+  double CachedAttentionSeconds(int64_t new_tokens, int64_t cached_tokens) const;
   // Attention seconds per context token of one decode query: AttentionSeconds(1, c) equals
   // DecodeSecondsPerContextToken() * (c + 1) exactly.
   double DecodeSecondsPerContextToken() const;

@@ -65,7 +65,7 @@ void Simulator::ChargeExtra(int instance, double seconds) {
   if (seconds <= 0) return;
   Instance& inst = instances_[instance];
   inst.extra_s += seconds;
-  Wake(inst);
+  if (!inst.busy) StartStep(inst);
 }
 
 void Simulator::ReleaseLocal(Job& job) {
@@ -161,13 +161,14 @@ void Simulator::StartStep(Instance& inst) {
       context += job->Context();
     }
     k = std::clamp<int64_t>(k, 1, 256);
-    const double per_iter_extra = policy_.ExtraIterationSeconds(*this, inst, inst.running, tokens);
     const double rate = cost_.DecodeSecondsPerContextToken();
     const double b = static_cast<double>(inst.running.size());
+    const double compute = cost_.DenseSeconds(total) + rate * (static_cast<double>(context) + b);
+    const double per_iter_extra =
+        policy_.ExtraIterationSeconds(*this, inst, inst.running, tokens, compute, k);
     inst.step_decode_only = true;
     inst.step_iters = k;
-    inst.step_a_s =
-        cost_.DenseSeconds(total) + rate * (static_cast<double>(context) + b) + per_iter_extra;
+    inst.step_a_s = compute + per_iter_extra;
     inst.step_b_s = rate * b;
     inst.step_extra_s = extra;  // the charged work runs first
     Push(StepEnd(inst, k), 0, inst.id, inst.generation, nullptr);
@@ -182,8 +183,10 @@ void Simulator::StartStep(Instance& inst) {
   }
   inst.step_decode_only = false;
   inst.step_iters = 1;
-  const double duration = cost_.IterationSeconds(work) + extra +
-                          policy_.ExtraIterationSeconds(*this, inst, inst.running, tokens);
+  const double compute = cost_.IterationSeconds(work);
+  const double duration =
+      compute + extra +
+      policy_.ExtraIterationSeconds(*this, inst, inst.running, tokens, compute, 1);
   Push(now_s_ + duration, 0, inst.id, inst.generation, nullptr);
 }
 
@@ -192,7 +195,8 @@ void Simulator::FinishStep(Instance& inst) {
   inst.window_busy_s += std::max(0.0, now_s_ - std::max(inst.step_start_s, inst.accounted_s));
   inst.accounted_s = now_s_;
   iterations_ += inst.step_iters;
-  inst.busy = false;
+  // Stays busy while the finished jobs are processed (policies may deliver new work here,
+  // which the StartStep at the end picks up).
   const int64_t iters = inst.step_iters;
   std::vector<Job*> still;
   still.reserve(inst.running.size());
@@ -206,7 +210,7 @@ void Simulator::FinishStep(Instance& inst) {
       if (job->prefilled >= job->PromptNew()) {
         job->decoded = 1;
         job->phase = Phase::kDecode;
-        if (rec.first_token_s < 0) rec.first_token_s = now_s_;
+        if (job->owns_record && rec.first_token_s < 0) rec.first_token_s = now_s_;
         policy_.OnPrefillDone(*this, *job);
         done = job->prefill_only || job->decoded >= job->r->output_tokens;
       }
@@ -215,7 +219,7 @@ void Simulator::FinishStep(Instance& inst) {
       done = job->decoded >= job->r->output_tokens;
     }
     if (done) {
-      if (job->decoded >= job->r->output_tokens) rec.finish_s = now_s_;
+      if (job->owns_record && job->decoded >= job->r->output_tokens) rec.finish_s = now_s_;
       job->phase = Phase::kDone;
       --inst.in_flight;
       policy_.OnJobDone(*this, *job);
@@ -224,6 +228,7 @@ void Simulator::FinishStep(Instance& inst) {
     }
   }
   inst.running.swap(still);
+  inst.busy = false;
   StartStep(inst);
 }
 

@@ -63,10 +63,16 @@ struct Job {
   bool prefill_only = false;  // PD prefill: hand over after the first token
   bool decode_only = false;   // PD decode: the prompt's KV arrives by transfer
   int64_t cached_tokens = 0;  // prompt tokens whose KV is reused (set by Admit)
+  int64_t prompt_end = -1;    // this job prefills the prompt up to here (-1: the whole prompt)
   int64_t prefilled = 0;      // prompt tokens computed so far, beyond cached_tokens
   int64_t decoded = 0;        // output tokens produced
   // Context tokens whose attention runs elsewhere (TokenLake holders); not in local attention.
   int64_t remote_context_tokens = 0;
+  // (holder instance, cached tokens it serves) for those remote tokens.
+  std::vector<std::pair<int, int64_t>> remote_holders;
+  // False when the policy records the first token and the finish itself (parallel prefill
+  // parts of one request).
+  bool owns_record = true;
   double prefill_start_s = -1;
   // Memory held (baselines): referenced cached block ids and private blocks.
   std::vector<uint64_t> held_ids;
@@ -74,7 +80,9 @@ struct Job {
   double est_prefill_s = 0;  // PD: the estimate added to its instance's queue
   int64_t policy_tag = 0;    // free for the policy
 
-  int64_t PromptNew() const { return r->input_tokens - cached_tokens; }
+  int64_t PromptNew() const {
+    return (prompt_end < 0 ? r->input_tokens : prompt_end) - cached_tokens;
+  }
   int64_t Context() const { return cached_tokens + prefilled + decoded - remote_context_tokens; }
 };
 
@@ -129,12 +137,14 @@ class Policy {
   virtual void OnPrefillDone(Simulator& sim, Job& job) = 0;
   // The job finished on its instance (last token, or hand-over for a prefill-only job).
   virtual void OnJobDone(Simulator& sim, Job& job) = 0;
-  // Extra seconds the iteration of `inst` with these jobs and tokens takes (communication not
-  // hidden by compute). Default none.
+  // Extra seconds each of the `iters` iterations of `inst` with these jobs and tokens takes
+  // (communication not hidden by `compute_s`, the iteration's own compute time). It may also
+  // charge work to other instances (Simulator::ChargeExtra). Default none.
   virtual double ExtraIterationSeconds(Simulator& sim, Instance& inst,
                                        const std::vector<Job*>& jobs,
-                                       const std::vector<int64_t>& tokens) {
-    (void)sim, (void)inst, (void)jobs, (void)tokens;
+                                       const std::vector<int64_t>& tokens, double compute_s,
+                                       int64_t iters) {
+    (void)sim, (void)inst, (void)jobs, (void)tokens, (void)compute_s, (void)iters;
     return 0;
   }
   // Periodic hook (every sample period).
@@ -176,7 +186,7 @@ class Simulator {
   // Makes `job` visible to its instance at `ready_s` (>= now), waking the instance.
   void Deliver(Job* job, double ready_s);
   void Reject(int64_t request);
-  // Adds work (seconds) to `instance`'s next iteration, waking it.
+  // Adds work (seconds) to `instance`'s next iteration, starting one if it is idle.
   void ChargeExtra(int instance, double seconds);
   void AddBytesMoved(int64_t bytes) { bytes_moved_ += bytes; }
   // Releases a finished job's memory (baselines).

@@ -1,4 +1,27 @@
-// The `tokenlake` policy: the simulator driving the real TokenLake pool (lake::Lake).
+// The `tokenlake` policy: the simulator driving the real TokenLake pool (lake::Lake, the same
+// index, balancer and planner code as production) on simulated time (a ManualClock).
+//
+// What the simulated scheduler does (the part TokenLake leaves to "any scheduler"):
+// - Each arriving request's cached prefix is its pool-wide match (Lake::Match: one copy of a
+//   segment anywhere serves every instance).
+// - DoP: a prefill of q uncached tokens gets ceil(q / dop_tokens) instances (at most max_dop);
+//   the Lake picks that instance group (GenPlans with that dop) and the prompt is split into
+//   contiguous parts, one per member (sequence parallelism). A DoP-1 request runs on the
+//   instance with the fewest requests in flight (ties: the one holding most of its prefix),
+//   passed as the preferred instance of a plan over the whole pool, so the Lake's query plan
+//   and transfer plan are used as produced.
+// - The query plan is charged: for each remote holder that the plan serves by moving queries,
+//   the holder's attention over its segments is added to the holder's next iteration, the
+//   query and partial-result bytes count as moved, and the computing instance's iteration
+//   waits for max(holder attention + transfer) beyond its own compute. Pulled KV is charged as
+//   a transfer before the prefill. New segments are committed (Lake::Commit) where the
+//   transfer plan says when the prefill ends; the request's decode then runs on its computing
+//   instance with a decode plan (q = 1) from GenPlans. Lake::Release at the end.
+// - Lake::Rebalance runs every sample period; its bytes count as moved.
+// - Memory: each instance's KV memory minus decode_reserve_fraction is pool slots; the reserve
+//   holds running requests' generated tokens (which are not shared).
+//
+// Thread-safety: not thread-safe (driven by one Simulator).
 #ifndef TOKENLAKE_SIM_TOKENLAKE_POLICY_H_
 #define TOKENLAKE_SIM_TOKENLAKE_POLICY_H_
 
@@ -9,7 +32,16 @@
 
 namespace tokenlake::sim {
 
-absl::StatusOr<std::unique_ptr<Policy>> MakeTokenLakePolicy();
+struct TokenLakePolicyOptions {
+  // A prefill of more uncached tokens than this is spread over several instances.
+  int64_t dop_tokens = 16384;
+  // Largest instance group for one prefill.
+  int max_dop = 4;
+  // Share of each instance's KV memory kept out of the pool for generated tokens.
+  double decode_reserve_fraction = 0.1;
+};
+
+absl::StatusOr<std::unique_ptr<Policy>> MakeTokenLakePolicy(TokenLakePolicyOptions options = {});
 
 }  // namespace tokenlake::sim
 

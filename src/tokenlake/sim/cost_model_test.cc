@@ -1,0 +1,105 @@
+#include "tokenlake/sim/cost_model.h"
+
+#include "absl/status/status.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace tokenlake::sim {
+namespace {
+
+using ::testing::HasSubstr;
+
+CostModel Default() { return CostModel(ModelSpec{}, GpuProfile{}, InterconnectSpec{}); }
+
+TEST(CostModelTest, Llama3KvBytesAndCapacity) {
+  const CostModel c = Default();
+  // 2 (K, V) x 32 layers x 8 KV heads x 128 x 2 bytes.
+  EXPECT_EQ(c.model().KvBytesPerToken(), 131072);
+  // Llama-3-8B: 32 x (qkv 4096 x 6144 + o 4096^2 + mlp 3 x 4096 x 14336) + 2 x 128256 x 4096
+  // (embeddings and head; the 266k norm weights are left out).
+  EXPECT_EQ(c.model().ParamCount(), 8029995008);
+  // 80 GiB x 0.9 - 2 bytes x params - 4 GiB.
+  const double expect = 80.0 * (1 << 30) * 0.9 - 2.0 * 8029995008 - 4.0 * (1 << 30);
+  EXPECT_NEAR(static_cast<double>(c.KvCapacityBytes()), expect, 1.0);
+}
+
+TEST(CostModelTest, DenseInterpolatesTheMeasuredProfile) {
+  const CostModel c = Default();
+  EXPECT_NEAR(c.DenseSeconds(1), 6.7e-3, 1e-12);
+  EXPECT_NEAR(c.DenseSeconds(1024), 19.8e-3, 1e-12);
+  EXPECT_NEAR(c.DenseSeconds(4096), 73e-3, 1e-12);
+  EXPECT_NEAR(c.DenseSeconds(16384), 312e-3, 1e-12);
+  EXPECT_NEAR(c.DenseSeconds(2560), (19.8e-3 + 73e-3) / 2, 1e-12);
+  // Past the last point: the last segment's slope, (312 - 73) / 12288 ms per token.
+  EXPECT_NEAR(c.DenseSeconds(16384 + 12288), 551e-3, 1e-9);
+  EXPECT_EQ(c.DenseSeconds(0), 0);
+}
+
+TEST(CostModelTest, AttentionIsComputeBoundInPrefillAndBandwidthBoundInDecode) {
+  const CostModel c = Default();
+  // Prefill of 1024 new tokens, no context: 4 x 1024 x (1025 / 2) x (32 x 128 x 32) FLOPs at
+  // 590 TFLOP/s.
+  EXPECT_NEAR(c.AttentionSeconds(1024, 0), 4.0 * 1024 * 512.5 * 131072 / 590e12, 1e-12);
+  // Decode over 9999 context tokens: 10000 tokens of KV (128 KiB each) at 2900 GB/s.
+  EXPECT_NEAR(c.AttentionSeconds(1, 9999), 10000.0 * 131072 / 2900e9, 1e-12);
+  EXPECT_NEAR(c.DecodeSecondsPerContextToken() * 10000, c.AttentionSeconds(1, 9999), 1e-15);
+  // Held elsewhere: 8 queries over 4096 cached tokens, bandwidth bound.
+  EXPECT_NEAR(c.CachedAttentionSeconds(8, 4096), 4096.0 * 131072 / 2900e9, 1e-12);
+}
+
+TEST(CostModelTest, IterationAddsDenseOverAllTokensAndEachSequencesAttention) {
+  const CostModel c = Default();
+  const double t = c.IterationSeconds({{1024, 0}, {1, 9999}});
+  EXPECT_NEAR(
+      t, c.DenseSeconds(1025) + 4.0 * 1024 * 512.5 * 131072 / 590e12 + 10000.0 * 131072 / 2900e9,
+      1e-12);
+  EXPECT_EQ(c.IterationSeconds({}), 0);
+}
+
+TEST(CostModelTest, TransferUsesTheLinkOfTheNode) {
+  const CostModel c = Default();
+  EXPECT_NEAR(c.TransferSeconds(50'000'000'000, false), 1.0 + 10e-6, 1e-12);
+  EXPECT_NEAR(c.TransferSeconds(300'000'000'000, true), 1.0 + 10e-6, 1e-12);
+  EXPECT_EQ(c.TransferSeconds(0, false), 0);
+}
+
+TEST(GpuProfileTest, JsonRoundTripsAndOverridesDefaults) {
+  GpuProfile g;
+  g.name = "test";
+  g.copy_gbps = 1000;
+  g.dense_ms = {{1, 1}, {100, 2}};
+  auto back = ParseGpuProfile(GpuProfileToJson(g), "x.json");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->name, "test");
+  EXPECT_EQ(back->copy_gbps, 1000);
+  EXPECT_EQ(back->dense_ms, g.dense_ms);
+  auto partial = ParseGpuProfile(R"({"attn_decode_gbps": 100})", "p.json");
+  ASSERT_TRUE(partial.ok());
+  EXPECT_EQ(partial->attn_decode_gbps, 100);
+  EXPECT_EQ(partial->gemm_tflops, GpuProfile{}.gemm_tflops);
+}
+
+TEST(GpuProfileTest, BadFieldsNameFileAndField) {
+  auto a = ParseGpuProfile(R"({"copy_gbps": -3})", "gpu.json");
+  EXPECT_EQ(a.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(a.status().message()), HasSubstr("gpu.json"));
+  EXPECT_THAT(std::string(a.status().message()), HasSubstr("copy_gbps"));
+  auto b = ParseGpuProfile(R"({"dense_ms": [[10, 1], [5, 2]]})", "gpu.json");
+  EXPECT_THAT(std::string(b.status().message()), HasSubstr("dense_ms"));
+  auto c = ParseGpuProfile("[1, 2]", "gpu.json");
+  EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(LoadGpuProfile("/nonexistent.json").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(ModelSpecTest, ParsesAndValidates) {
+  auto m = ParseModelSpec(R"({"name": "m", "num_layers": 2, "num_heads": 4, "num_kv_heads": 2})",
+                          "m.json");
+  ASSERT_TRUE(m.ok());
+  EXPECT_EQ(m->KvBytesPerToken(), 2 * 2 * 2 * 128 * 2);
+  auto bad = ParseModelSpec(R"({"num_heads": 6, "num_kv_heads": 4})", "m.json");
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("num_kv_heads"));
+  EXPECT_TRUE(LoadModelSpec("llama-3-8b").ok());
+}
+
+}  // namespace
+}  // namespace tokenlake::sim

@@ -1,0 +1,272 @@
+// Hand-computed scenarios per policy, and conservation checks of whole runs.
+#include "tokenlake/sim/simulator.h"
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "tokenlake/sim/baselines.h"
+#include "tokenlake/sim/experiment.h"
+#include "tokenlake/sim/metrics.h"
+
+namespace tokenlake::sim {
+namespace {
+
+Request Req(double t, int64_t input, int64_t output, std::vector<uint64_t> ids) {
+  Request r;
+  r.arrival_s = t;
+  r.input_tokens = input;
+  r.output_tokens = output;
+  r.block_ids = std::move(ids);
+  return r;
+}
+
+SimResult RunPolicy(const std::string& policy, const Workload& w, SimOptions o) {
+  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  auto p = MakePolicy(policy);
+  EXPECT_TRUE(p.ok()) << p.status();
+  Simulator sim(o, w, cost, **p);
+  return sim.Run();
+}
+
+TEST(SimulatorTest, LoneRequestTimesMatchTheProfileByHand) {
+  Workload w;
+  w.requests.push_back(Req(0, 1024, 3, {1, 2}));
+  SimOptions o;
+  o.num_instances = 1;
+  const SimResult r = RunPolicy("round-robin", w, o);
+  const RequestRecord& rec = r.records[0];
+  // Prefill: dense 19.8 ms (1024 tokens) + attention 4 x 1024 x 512.5 x 131072 FLOPs at
+  // 590 TFLOP/s.
+  const double prefill = 19.8e-3 + 4.0 * 1024 * 512.5 * 131072 / 590e12;
+  EXPECT_NEAR(rec.first_token_s, prefill, 1e-9);
+  // Two decode iterations: dense 6.7 ms + (1024 + 1 + 1) then (1024 + 2 + 1) tokens of KV at
+  // 2900 GB/s.
+  const double decode = 2 * 6.7e-3 + (1026.0 + 1027.0) * 131072 / 2900e9;
+  EXPECT_NEAR(rec.finish_s, prefill + decode, 1e-9);
+  EXPECT_EQ(rec.cached_tokens, 0);
+}
+
+TEST(SimulatorTest, ChunkedPrefillSplitsAtTheTokenBudget) {
+  Workload w;
+  w.requests.push_back(Req(0, 1500, 1, {1, 2, 3}));
+  SimOptions o;
+  o.num_instances = 1;
+  o.token_budget = 1000;
+  const SimResult r = RunPolicy("round-robin", w, o);
+  // Chunk 1: 1000 tokens, no context; chunk 2: 500 tokens over 1000.
+  const double dense1000 = 6.7e-3 + (19.8e-3 - 6.7e-3) * 999.0 / 1023.0;
+  const double dense500 = 6.7e-3 + (19.8e-3 - 6.7e-3) * 499.0 / 1023.0;
+  const double attn1 = 4.0 * 1000 * 500.5 * 131072 / 590e12;
+  const double attn2 = 4.0 * 500 * (1000 + 250.5) * 131072 / 590e12;
+  EXPECT_NEAR(r.records[0].first_token_s, dense1000 + attn1 + dense500 + attn2, 1e-9);
+  EXPECT_NEAR(r.records[0].finish_s, r.records[0].first_token_s, 1e-12);
+}
+
+// Two requests sharing a two-block (1024-token) prefix, 10 s apart on 2 instances.
+Workload SharedPrefixPair() {
+  Workload w;
+  w.requests.push_back(Req(0, 1536, 2, {1, 2, 3}));
+  w.requests.push_back(Req(10, 1536, 2, {1, 2, 4}));
+  return w;
+}
+
+TEST(PolicyScenarioTest, RoundRobinSendsTheSecondRequestElsewhereAndMisses) {
+  SimOptions o;
+  o.num_instances = 2;
+  const SimResult r = RunPolicy("round-robin", SharedPrefixPair(), o);
+  EXPECT_EQ(r.records[0].instance, 0);
+  EXPECT_EQ(r.records[1].instance, 1);
+  EXPECT_EQ(r.records[1].cached_tokens, 0);
+}
+
+TEST(PolicyScenarioTest, LeastLoadPicksTheFirstIdleInstanceAndHits) {
+  SimOptions o;
+  o.num_instances = 2;
+  const SimResult r = RunPolicy("least-load", SharedPrefixPair(), o);
+  EXPECT_EQ(r.records[1].instance, 0);  // both idle at t = 10: lowest id
+  EXPECT_EQ(r.records[1].cached_tokens, 1024);
+}
+
+TEST(PolicyScenarioTest, CacheAwareFollowsThePrefixAboveThreshold) {
+  SimOptions o;
+  o.num_instances = 2;
+  const SimResult r = RunPolicy("cache-aware", SharedPrefixPair(), o);
+  // First: no match anywhere -> the smallest tree (both empty: worker 0). Second: match
+  // 1024 / 1536 = 0.67 > 0.3 on worker 0.
+  EXPECT_EQ(r.records[0].instance, 0);
+  EXPECT_EQ(r.records[1].instance, 0);
+  EXPECT_EQ(r.records[1].cached_tokens, 1024);
+}
+
+TEST(PolicyScenarioTest, CacheAwareBelowThresholdGoesToTheSmallestTree) {
+  Workload w;
+  w.requests.push_back(Req(0, 1536, 2, {1, 2, 3}));
+  w.requests.push_back(Req(10, 2048, 2, {1, 7, 8, 9}));  // match 512 / 2048 = 0.25 <= 0.3
+  SimOptions o;
+  o.num_instances = 2;
+  const SimResult r = RunPolicy("cache-aware", w, o);
+  EXPECT_EQ(r.records[1].instance, 1);
+  EXPECT_EQ(r.records[1].cached_tokens, 0);
+}
+
+TEST(PolicyScenarioTest, CacheAwareRebalancesPastBothThresholds) {
+  // 70 requests with one shared prefix at t = 0, none finishing before the last arrives.
+  // Request k sees worker 0 with k in flight, the others 0: imbalanced once k - 0 > 64 (and
+  // k > 0 x 1.5), so requests 0..64 go to worker 0, request 65 to worker 1 (least loaded,
+  // lowest id), request 66 to worker 2.
+  Workload w;
+  for (int k = 0; k < 70; ++k) w.requests.push_back(Req(0, 1024, 500, {1, 100 + k}));
+  SimOptions o;
+  o.num_instances = 4;
+  const SimResult r = RunPolicy("cache-aware", w, o);
+  for (int k = 0; k <= 64; ++k) EXPECT_EQ(r.records[k].instance, 0) << k;
+  EXPECT_EQ(r.records[65].instance, 1);
+  EXPECT_EQ(r.records[66].instance, 2);
+}
+
+TEST(PolicyScenarioTest, PdDisaggHitsOnThePrefillPoolAndMovesTheKvToDecode) {
+  SimOptions o;
+  o.num_instances = 2;  // 1 prefill + 1 decode
+  const SimResult r = RunPolicy("pd-disagg", SharedPrefixPair(), o);
+  EXPECT_EQ(r.records[0].instance, 0);
+  EXPECT_EQ(r.records[1].instance, 0);
+  EXPECT_EQ(r.records[1].cached_tokens, 1024);
+  // Each request's whole prompt KV (1536 tokens x 128 KiB) moves prefill -> decode.
+  EXPECT_EQ(r.bytes_moved, 2 * 1536 * 131072);
+  EXPECT_GT(r.records[1].finish_s, r.records[1].first_token_s);
+}
+
+TEST(PolicyScenarioTest, PdDisaggFetchesFromTheBestHolderAboveTheRatio) {
+  // 3 prefill instances (4 x 0.75) + 1 decode, all on one node. r0 (3 blocks A) prefills on
+  // instance 0 (all idle: lowest id) and is done by t = 1. r1 (16384 tokens, no shared
+  // blocks) at t = 1 goes to instance 0 again (all queues empty). r2 (A + 1 block) at
+  // t = 1.01: instance 0 holds A but has r1's ~0.4 s prefill queued; instances 1 and 2 hold
+  // nothing, and best_len 3 > own 0 x 1.5, so they would fetch A (3 x 64 MiB over NVLink,
+  // ~0.7 ms): instance 1 wins, fetches A and hits 1536 tokens.
+  Workload w;
+  w.requests.push_back(Req(0, 1536, 2, {1000, 1001, 1002}));
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 32; ++i) ids.push_back(2000 + i);
+  w.requests.push_back(Req(1, 16384, 2, ids));
+  w.requests.push_back(Req(1.01, 2048, 2, {1000, 1001, 1002, 7}));
+  SimOptions o;
+  o.num_instances = 4;
+  const SimResult r = RunPolicy("pd-disagg", w, o);
+  EXPECT_EQ(r.records[0].instance, 0);
+  EXPECT_EQ(r.records[1].instance, 0);
+  EXPECT_EQ(r.records[2].instance, 1);
+  EXPECT_EQ(r.records[2].cached_tokens, 1536);
+  // Moved: every prompt's KV to the decode instance, plus the 3 fetched blocks.
+  EXPECT_EQ(r.bytes_moved, (1536 + 16384 + 2048) * 131072LL + 3 * 512 * 131072LL);
+}
+
+TEST(PolicyScenarioTest, PdDisaggRejectsWhatCannotMeetTheTtftSlo) {
+  Workload w;
+  w.requests.push_back(Req(0, 1024, 2, {1, 2}));
+  SimOptions o;
+  o.num_instances = 2;
+  o.slo_ttft_s = 0.01;  // the prefill alone takes 20.3 ms
+  const SimResult r = RunPolicy("pd-disagg", w, o);
+  EXPECT_TRUE(r.records[0].rejected);
+  const Summary s = Summarize(r, 1);
+  EXPECT_EQ(s.rejected, 1);
+  EXPECT_EQ(s.completed, 0);
+}
+
+TEST(PolicyScenarioTest, TokenLakeHitsPoolWideWhereRoundRobinMisses) {
+  // Four requests sharing a 2-block prefix, 10 s apart, on 4 instances. Round-robin puts each
+  // on a fresh instance: no hits. TokenLake's pool serves the prefix to whichever instance
+  // computes: 1024 cached tokens for requests 1-3.
+  Workload w;
+  for (int k = 0; k < 4; ++k) {
+    w.requests.push_back(Req(10.0 * k, 1536, 2, {1, 2, static_cast<uint64_t>(10 + k)}));
+  }
+  SimOptions o;
+  o.num_instances = 4;
+  const SimResult rr = RunPolicy("round-robin", w, o);
+  const SimResult tl = RunPolicy("tokenlake", w, o);
+  for (int k = 0; k < 4; ++k) {
+    EXPECT_EQ(rr.records[k].instance, k);
+    EXPECT_EQ(rr.records[k].cached_tokens, 0);
+    EXPECT_EQ(tl.records[k].cached_tokens, k == 0 ? 0 : 1024) << k;
+    EXPECT_GT(tl.records[k].finish_s, 0);
+  }
+  // Hit rate: 3 x 1024 / (4 x 1536) = 0.5.
+  EXPECT_DOUBLE_EQ(Summarize(tl, 1).hit_rate, 0.5);
+  EXPECT_DOUBLE_EQ(Summarize(rr, 1).hit_rate, 0.0);
+}
+
+TEST(PolicyScenarioTest, TokenLakeSplitsALongPrefillOverAnInstanceGroup) {
+  // 40000 uncached tokens > 16384 per instance: DoP ceil(40000 / 16384) = 3.
+  Workload w;
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 79; ++i) ids.push_back(500 + i);
+  w.requests.push_back(Req(0, 40000, 2, ids));
+  SimOptions o;
+  o.num_instances = 4;
+  const SimResult tl = RunPolicy("tokenlake", w, o);
+  const SimResult rr = RunPolicy("round-robin", w, o);
+  int busy = 0;
+  for (double b : tl.busy_s) busy += b > 0 ? 1 : 0;
+  EXPECT_EQ(busy, 3);
+  EXPECT_LT(tl.records[0].first_token_s, rr.records[0].first_token_s * 0.6);
+}
+
+// Conservation over whole runs of every policy: every request finishes or is rejected, times
+// are ordered, hits are bounded, and the baselines' caches hold no leaked references.
+class ConservationTest : public ::testing::TestWithParam<std::tuple<std::string, int>> {};
+
+TEST_P(ConservationTest, EveryRequestAccountedAndNoMemoryLeaks) {
+  const auto& [policy, instances] = GetParam();
+  for (WorkloadKind kind : {WorkloadKind::kChat, WorkloadKind::kAgent, WorkloadKind::kDocQa}) {
+    const uint64_t seed = 11 + static_cast<uint64_t>(kind);
+    SCOPED_TRACE(::testing::Message() << "seed=" << seed << " workload=" << WorkloadKindName(kind)
+                                      << " policy=" << policy);
+    GeneratorOptions g;
+    g.kind = kind;
+    g.num_requests = 300;
+    g.rate_rps = 6;
+    g.seed = seed;
+    auto w = GenerateWorkload(g);
+    ASSERT_TRUE(w.ok());
+    const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+    auto p = MakePolicy(policy);
+    ASSERT_TRUE(p.ok());
+    SimOptions o;
+    o.num_instances = instances;
+    o.kv_capacity_bytes = int64_t{8} << 30;  // small: eviction happens
+    Simulator sim(o, *w, cost, **p);
+    const SimResult r = sim.Run();
+    for (size_t i = 0; i < r.records.size(); ++i) {
+      const RequestRecord& rec = r.records[i];
+      const Request& req = w->requests[i];
+      if (rec.rejected) continue;
+      ASSERT_GE(rec.first_token_s, rec.arrival_s) << i;
+      ASSERT_GE(rec.finish_s, rec.first_token_s) << i;
+      ASSERT_LE(rec.cached_tokens, req.input_tokens - 1) << i;
+      ASSERT_GE(rec.cached_tokens, 0) << i;
+    }
+    for (Instance& inst : sim.instances()) {
+      ASSERT_TRUE(inst.cache->CheckInvariants().ok());
+      EXPECT_EQ(inst.cache->private_blocks(), 0) << inst.id;
+      EXPECT_EQ(inst.cache->evictable_blocks(), inst.cache->cached_blocks()) << inst.id;
+      EXPECT_EQ(inst.in_flight, 0) << inst.id;
+      EXPECT_TRUE(inst.running.empty() && inst.waiting.empty());
+    }
+    const Summary s = Summarize(r, 6);
+    EXPECT_EQ(s.completed + s.rejected, 300);
+    EXPECT_GE(s.hit_rate, 0);
+    EXPECT_LE(s.hit_rate, 1);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Policies, ConservationTest,
+                         ::testing::Combine(::testing::Values("round-robin", "least-load",
+                                                              "cache-aware", "pd-disagg",
+                                                              "tokenlake"),
+                                            ::testing::Values(2, 5)));
+
+}  // namespace
+}  // namespace tokenlake::sim
