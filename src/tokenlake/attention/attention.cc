@@ -225,8 +225,8 @@ absl::Status PartialAttention(const AttentionParams& params, int32_t num_q_token
   int32_t heads_per_tile;
   int32_t tokens_per_tile;
   if (num_q_tokens >= 4) {
-    heads_per_tile = std::min<int32_t>(group, internal::kMaxTileRows / 2);
-    tokens_per_tile = std::max<int32_t>(1, internal::kMaxTileRows / 2 / heads_per_tile);
+    heads_per_tile = std::min<int32_t>(group, internal::kMaxTileRows);
+    tokens_per_tile = std::max<int32_t>(1, internal::kMaxTileRows / heads_per_tile);
   } else {
     heads_per_tile =
         group >= internal::kMaxTileRows
