@@ -348,6 +348,11 @@ absl::Status InstancePool::StoreSegment(InstanceId compute, InstanceId target, S
   if (!InRange(compute) || !InRange(target)) {
     return absl::InvalidArgumentError("StoreSegment: instance out of range");
   }
+  if (static_cast<int64_t>(slot_bytes.size()) != options_.layout.SlotBytes()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("StoreSegment: %d bytes for segment %d, a slot holds %d", slot_bytes.size(),
+                        segment.value(), options_.layout.SlotBytes()));
+  }
   if (compute == target) return LocalStore(target, segment, slot_bytes);
   WireWriter w;
   w.Put<uint64_t>(segment.value());

@@ -1,0 +1,314 @@
+// The pool path against the no-pool reference on a random tiny model: randomised multi-turn and
+// shared-prefix workloads over 1-4 instances, with and without eviction, checking after every
+// request the outputs against the reference and the pool's conservation invariants (the data
+// plane's stores hold exactly the lake's replicas, nothing stays pinned, the hits are what a
+// naive model of the cache predicts).
+#include "tokenlake/engine/engine.h"
+
+#include <cstring>
+#include <iostream>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "gtest/gtest.h"
+#include "tokenlake/engine/llama_model.h"
+#include "tokenlake/engine/safetensors.h"
+
+namespace tokenlake::engine {
+namespace {
+
+LlamaConfig TinyConfig(bool tied) {
+  return LlamaConfig{.vocab_size = 64,
+                     .hidden_size = 32,
+                     .intermediate_size = 48,
+                     .num_layers = 2,
+                     .num_heads = 4,
+                     .num_kv_heads = 2,
+                     .head_dim = 8,
+                     .rms_norm_eps = 1e-5f,
+                     .rope_theta = 10000.0,
+                     .max_position_embeddings = 512,
+                     .tie_word_embeddings = tied};
+}
+
+// Random weights as a safetensors image (exercises the loader too).
+std::string RandomCheckpoint(const LlamaConfig& c, uint32_t seed, const std::string& skip = "") {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-0.3f, 0.3f);
+  std::vector<TensorToWrite> tensors;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, bool norm = false) {
+    if (name == skip) return;
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    std::vector<float> v(static_cast<size_t>(n));
+    for (float& x : v) x = norm ? 1.0f + u(rng) : u(rng);
+    std::string bytes(v.size() * 4, '\0');
+    std::memcpy(bytes.data(), v.data(), bytes.size());
+    tensors.push_back({name, TensorDtype::kF32, std::move(shape), std::move(bytes)});
+  };
+  const int64_t h = c.hidden_size, qd = c.num_heads * c.head_dim, kvd = c.num_kv_heads * c.head_dim;
+  add("model.embed_tokens.weight", {c.vocab_size, h});
+  for (int l = 0; l < c.num_layers; ++l) {
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    add(p + "input_layernorm.weight", {h}, true);
+    add(p + "self_attn.q_proj.weight", {qd, h});
+    add(p + "self_attn.k_proj.weight", {kvd, h});
+    add(p + "self_attn.v_proj.weight", {kvd, h});
+    add(p + "self_attn.o_proj.weight", {h, qd});
+    add(p + "post_attention_layernorm.weight", {h}, true);
+    add(p + "mlp.gate_proj.weight", {c.intermediate_size, h});
+    add(p + "mlp.up_proj.weight", {c.intermediate_size, h});
+    add(p + "mlp.down_proj.weight", {h, c.intermediate_size});
+  }
+  add("model.norm.weight", {h}, true);
+  if (!c.tie_word_embeddings) add("lm_head.weight", {c.vocab_size, h});
+  return SerializeSafetensors(tensors);
+}
+
+std::unique_ptr<LlamaModel> TinyModel(bool tied, uint32_t seed) {
+  const LlamaConfig c = TinyConfig(tied);
+  auto file = SafetensorsFile::FromBytes(RandomCheckpoint(c, seed), "tiny");
+  EXPECT_TRUE(file.ok()) << file.status();
+  auto model = LlamaModel::FromSafetensors(c, **file);
+  EXPECT_TRUE(model.ok()) << model.status();
+  return *std::move(model);
+}
+
+// Naive cache model: the distinct full-segment prefixes of every computed history.
+struct NaiveCache {
+  int32_t s;
+  std::set<std::vector<int32_t>> segments;  // each entry: the whole prefix up to a segment end
+
+  void Add(const std::vector<int32_t>& history) {
+    for (size_t end = static_cast<size_t>(s); end <= history.size();
+         end += static_cast<size_t>(s)) {
+      segments.insert(std::vector<int32_t>(history.begin(), history.begin() + end));
+    }
+  }
+  // Cached prefix of `prompt`: whole segments, at least one token left to compute.
+  int64_t Hit(const std::vector<int32_t>& prompt) const {
+    int64_t hit = 0;
+    for (size_t end = static_cast<size_t>(s); end < prompt.size(); end += static_cast<size_t>(s)) {
+      if (!segments.contains(std::vector<int32_t>(prompt.begin(), prompt.begin() + end))) break;
+      hit = static_cast<int64_t>(end);
+    }
+    return hit;
+  }
+};
+
+struct PoolCase {
+  int32_t num_instances;
+  int32_t segment_tokens;
+  int32_t slots_per_instance;
+  bool rotate;
+  bool tied;
+};
+
+class EnginePoolRandomTest : public testing::TestWithParam<PoolCase> {};
+
+TEST_P(EnginePoolRandomTest, MatchesNoPoolReferenceAndKeepsThePoolConsistent) {
+  const PoolCase pc = GetParam();
+  const uint32_t seed =
+      20250 + static_cast<uint32_t>(pc.num_instances * 1000 + pc.segment_tokens * 100 +
+                                    pc.slots_per_instance + (pc.rotate ? 7 : 0));
+  SCOPED_TRACE(testing::Message() << "seed=" << seed);
+  std::cout << "seed=" << seed << "\n";
+  auto model = TinyModel(pc.tied, seed);
+  auto ref = Engine::Create(model.get(), {.use_pool = false});
+  ASSERT_TRUE(ref.ok());
+  auto eng = Engine::Create(model.get(), {.use_pool = true,
+                                          .num_instances = pc.num_instances,
+                                          .segment_tokens = pc.segment_tokens,
+                                          .slots_per_instance = pc.slots_per_instance,
+                                          .rotate_compute_instance = pc.rotate});
+  ASSERT_TRUE(eng.ok()) << eng.status();
+  const bool evicting = pc.slots_per_instance < 64;
+  std::mt19937 rng(seed);
+  auto tok = [&] { return static_cast<int32_t>(rng() % 64); };
+  std::vector<std::vector<int32_t>> docs(3);
+  for (auto& d : docs) {
+    d.resize(10 + rng() % 20);
+    for (int32_t& t : d) t = tok();
+  }
+  NaiveCache naive{pc.segment_tokens, {}};
+  std::vector<std::vector<int32_t>> histories;
+  int64_t total_hit = 0, remote_attends = 0;
+  for (int step = 0; step < 24; ++step) {
+    SCOPED_TRACE(testing::Message() << "request " << step);
+    std::vector<int32_t> prompt;
+    const int kind = static_cast<int>(rng() % 4);
+    if (kind == 0 || histories.empty()) {  // fresh
+      prompt.resize(1 + rng() % 12);
+      for (int32_t& t : prompt) t = tok();
+    } else if (kind == 1) {  // a document prefix + question
+      const auto& d = docs[rng() % docs.size()];
+      prompt.assign(d.begin(), d.begin() + static_cast<long>(1 + rng() % d.size()));
+      for (uint32_t i = 0, n = rng() % 6; i < n; ++i) prompt.push_back(tok());
+    } else if (kind == 2) {  // next turn of an earlier conversation
+      prompt = histories[rng() % histories.size()];
+      prompt.resize(std::min<size_t>(prompt.size(), 40));
+      for (uint32_t i = 0, n = 1 + rng() % 5; i < n; ++i) prompt.push_back(tok());
+    } else {  // exact repeat of an earlier prompt's history
+      prompt = histories[rng() % histories.size()];
+      prompt.resize(std::min<size_t>(prompt.size(), 40));
+    }
+    const int32_t max_new = 1 + static_cast<int32_t>(rng() % 4);
+    auto want = (*ref)->Generate(prompt, max_new);
+    ASSERT_TRUE(want.ok()) << want.status();
+    auto got = (*eng)->Generate(prompt, max_new);
+    ASSERT_TRUE(got.ok()) << got.status();
+
+    EXPECT_EQ(got->tokens, want->tokens);
+    for (size_t v = 0; v < want->last_logits.size(); ++v) {
+      ASSERT_NEAR(got->last_logits[v], want->last_logits[v], 1e-4) << v;
+      ASSERT_NEAR(got->decode_logits[v], want->decode_logits[v], 1e-4) << v;
+    }
+    // Hits: whole segments, never the whole prompt; exactly the naive model's without eviction.
+    EXPECT_EQ(got->cached_tokens % pc.segment_tokens, 0);
+    EXPECT_LT(got->cached_tokens, static_cast<int64_t>(prompt.size()));
+    if (evicting) {
+      EXPECT_LE(got->cached_tokens, naive.Hit(prompt));
+    } else {
+      EXPECT_EQ(got->cached_tokens, naive.Hit(prompt));
+    }
+    total_hit += got->cached_tokens;
+    remote_attends += got->remote_attend_calls + got->pulled_segments;
+    std::vector<int32_t> history = prompt;
+    history.insert(history.end(), got->tokens.begin(), got->tokens.end() - 1);
+    naive.Add(history);
+    histories.push_back(history);
+
+    // Conservation after every request.
+    const lake::Lake& lk = *(*eng)->lake();
+    ASSERT_TRUE(lk.CheckIntegrity().ok()) << lk.CheckIntegrity();
+    const lake::LakeStats stats = lk.Stats();
+    EXPECT_EQ(stats.pinned_segments, 0);
+    EXPECT_EQ(stats.active_requests, 0);
+    if (!evicting) {
+      EXPECT_EQ(stats.segments, static_cast<int64_t>(naive.segments.size()));
+    }
+    std::vector<std::set<uint64_t>> lake_on(static_cast<size_t>(pc.num_instances));
+    lk.prefix_tree().ForEachNode([&](const index::PrefixTree::Node& node) {
+      for (InstanceId r : node.replicas)
+        lake_on[static_cast<size_t>(r.value())].insert(node.id.value());
+    });
+    for (int32_t i = 0; i < pc.num_instances; ++i) {
+      const store::SegmentStore& st = (*eng)->instance_pool()->store(InstanceId(i));
+      std::set<uint64_t> data_on;
+      for (SegmentId id : st.Segments()) data_on.insert(id.value());
+      EXPECT_EQ(data_on, lake_on[static_cast<size_t>(i)]) << "instance " << i;
+      EXPECT_EQ(st.num_pinned(), 0);
+      EXPECT_LE(st.used(), pc.slots_per_instance);
+    }
+  }
+  EXPECT_GT(total_hit, 0);
+  const lake::LakeStats stats = (*eng)->lake()->Stats();
+  std::cout << "hit tokens " << total_hit << ", segments " << stats.segments
+            << ", evicted replicas " << stats.evicted_replicas << ", not stored "
+            << stats.not_stored_segments << ", remote attends " << remote_attends << "\n";
+  if (evicting) {
+    EXPECT_GT(stats.evicted_replicas, 0);
+  }
+  if (pc.rotate) {
+    EXPECT_GT(remote_attends, 0);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Pools, EnginePoolRandomTest,
+    testing::Values(PoolCase{1, 4, 512, false, false}, PoolCase{2, 3, 512, true, false},
+                    PoolCase{4, 8, 512, true, true}, PoolCase{3, 4, 6, true, false},
+                    PoolCase{2, 2, 5, false, true}, PoolCase{4, 1, 4, true, false}),
+    [](const testing::TestParamInfo<PoolCase>& param_info) {
+      const PoolCase& c = param_info.param;
+      return absl::StrFormat("N%d_S%d_Slots%d%s%s", c.num_instances, c.segment_tokens,
+                             c.slots_per_instance, c.rotate ? "_Rotate" : "",
+                             c.tied ? "_Tied" : "");
+    });
+
+TEST(EngineTest, BfloatPoolStaysCloseToTheFloatReference) {
+  auto model = TinyModel(false, 5);
+  auto ref = Engine::Create(model.get(), {.use_pool = false});
+  auto eng = Engine::Create(model.get(), {.use_pool = true,
+                                          .num_instances = 2,
+                                          .segment_tokens = 4,
+                                          .kv_dtype = attention::KvDtype::kBFloat16,
+                                          .rotate_compute_instance = true});
+  ASSERT_TRUE(ref.ok() && eng.ok());
+  const std::vector<int32_t> base = {5, 9, 13, 2, 44, 17, 8, 1, 60, 33, 21, 7, 3};
+  ASSERT_TRUE((*eng)->Generate(base, 2).ok());
+  std::vector<int32_t> longer = base;
+  longer.insert(longer.end(), {11, 12, 13});
+  auto want = (*ref)->Generate(longer, 1);
+  auto got = (*eng)->Generate(longer, 1);
+  ASSERT_TRUE(want.ok() && got.ok());
+  EXPECT_EQ(got->cached_tokens, 12);
+  float worst = 0;
+  for (size_t v = 0; v < want->last_logits.size(); ++v) {
+    worst = std::max(worst, std::abs(got->last_logits[v] - want->last_logits[v]));
+  }
+  EXPECT_GT(worst, 0.0f);   // the cached KV really was rounded to bf16 ...
+  EXPECT_LT(worst, 5e-2f);  // ... and that costs little
+}
+
+TEST(EngineTest, RejectsBadInputWithClearErrors) {
+  auto model = TinyModel(false, 9);
+  for (bool pool : {false, true}) {
+    auto eng = Engine::Create(model.get(), {.use_pool = pool, .num_instances = 2});
+    ASSERT_TRUE(eng.ok());
+    auto empty = (*eng)->Generate({}, 1);
+    EXPECT_EQ(empty.status().code(), absl::StatusCode::kInvalidArgument);
+    const std::vector<int32_t> bad = {1, 2, 64};
+    auto oov = (*eng)->Generate(bad, 1);
+    EXPECT_EQ(oov.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(oov.status().message().find("index 2"), std::string::npos) << oov.status();
+    const std::vector<int32_t> neg = {-1};
+    EXPECT_EQ((*eng)->Generate(neg, 1).status().code(), absl::StatusCode::kInvalidArgument);
+    const std::vector<int32_t> ok = {1, 2, 3};
+    EXPECT_EQ((*eng)->Generate(ok, 0).status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_TRUE((*eng)->Generate(ok, 1).ok());  // still usable after the errors
+  }
+  EXPECT_EQ(Engine::Create(nullptr, {}).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Engine::Create(model.get(), {.num_instances = 0}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Engine::Create(model.get(), {.segment_tokens = 0}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Engine::Create(model.get(), {.slots_per_instance = 0}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(EngineTest, LoaderNamesTheMissingOrMisshapenTensor) {
+  const LlamaConfig c = TinyConfig(false);
+  auto file = SafetensorsFile::FromBytes(
+      RandomCheckpoint(c, 1, "model.layers.1.mlp.up_proj.weight"), "ckpt.safetensors");
+  ASSERT_TRUE(file.ok());
+  auto m = LlamaModel::FromSafetensors(c, **file);
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(m.status().message().find("model.layers.1.mlp.up_proj.weight"), std::string::npos);
+  EXPECT_NE(m.status().message().find("ckpt.safetensors"), std::string::npos);
+  LlamaConfig wider = c;
+  wider.intermediate_size = 50;
+  file = SafetensorsFile::FromBytes(RandomCheckpoint(c, 1), "ckpt.safetensors");
+  ASSERT_TRUE(file.ok());
+  m = LlamaModel::FromSafetensors(wider, **file);
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(m.status().message().find("model.layers.0.mlp.gate_proj.weight"), std::string::npos)
+      << m.status();
+  // Tied config, untied file: fine (lm_head is ignored); untied config, tied file: lm_head missing.
+  LlamaConfig tied = c;
+  tied.tie_word_embeddings = true;
+  EXPECT_TRUE(LlamaModel::FromSafetensors(tied, **file).ok());
+  auto tied_file = SafetensorsFile::FromBytes(RandomCheckpoint(tied, 1), "tied.safetensors");
+  ASSERT_TRUE(tied_file.ok());
+  m = LlamaModel::FromSafetensors(c, **tied_file);
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(m.status().message().find("lm_head.weight"), std::string::npos);
+  EXPECT_EQ(LlamaModel::Load("/nonexistent").status().code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace tokenlake::engine

@@ -1,0 +1,201 @@
+#include "tokenlake/engine/instance_pool.h"
+
+#include <cmath>
+#include <cstring>
+#include <iostream>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "tokenlake/attention/attention_reference.h"
+#include "tokenlake/attention/bf16.h"
+
+namespace tokenlake::engine {
+namespace {
+
+using attention::KvDtype;
+
+attention::KvSlotLayout Layout(KvDtype dtype) {
+  return {.num_layers = 2, .segment_tokens = 4, .num_kv_heads = 2, .head_dim = 8, .dtype = dtype};
+}
+
+std::unique_ptr<InstancePool> MakePool(int32_t n, KvDtype dtype, int32_t slots = 8) {
+  auto pool = InstancePool::Create(
+      {.num_instances = n, .layout = Layout(dtype), .num_heads = 4, .slots_per_instance = slots});
+  EXPECT_TRUE(pool.ok()) << pool.status();
+  return *std::move(pool);
+}
+
+// A slot image of random values (exactly representable in bf16 so both dtypes hold them).
+std::vector<std::byte> RandomSlot(const attention::KvSlotLayout& layout, std::mt19937& rng) {
+  std::vector<std::byte> slot(static_cast<size_t>(layout.SlotBytes()));
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  const size_t elems = slot.size() / attention::KvDtypeBytes(layout.dtype);
+  for (size_t i = 0; i < elems; ++i) {
+    const uint16_t bits = attention::FloatToBf16(u(rng));
+    if (layout.dtype == KvDtype::kFloat32) {
+      const float f = attention::Bf16ToFloat(bits);
+      std::memcpy(slot.data() + 4 * i, &f, 4);
+    } else {
+      std::memcpy(slot.data() + 2 * i, &bits, 2);
+    }
+  }
+  return slot;
+}
+
+TEST(InstancePoolTest, CreateRejectsBadOptions) {
+  EXPECT_EQ(InstancePool::Create({.num_instances = 0, .layout = Layout(KvDtype::kFloat32)})
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  attention::KvSlotLayout bad = Layout(KvDtype::kFloat32);
+  bad.segment_tokens = 0;
+  EXPECT_EQ(InstancePool::Create({.num_instances = 1, .layout = bad}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(InstancePool::Create(
+                {.num_instances = 1, .layout = Layout(KvDtype::kFloat32), .num_heads = 3})
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(InstancePool::Create({.num_instances = 1,
+                                  .layout = Layout(KvDtype::kFloat32),
+                                  .num_heads = 4,
+                                  .slots_per_instance = 0})
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+class InstancePoolAttendTest : public testing::TestWithParam<std::tuple<KvDtype, int>> {};
+
+// Segments stored on every instance (from local and remote drivers); the partial attention a
+// holder returns over the transport equals its local computation and the naive reference over
+// an independent copy of the KV; pulls return the stored bytes.
+TEST_P(InstancePoolAttendTest, RemoteAttendEqualsLocalAndReference) {
+  const auto [dtype, num_q] = GetParam();
+  const uint32_t seed = 777u + static_cast<uint32_t>(num_q) * 3 + static_cast<uint32_t>(dtype);
+  SCOPED_TRACE(testing::Message() << "seed=" << seed);
+  std::mt19937 rng(seed);
+  const int32_t n = 3;
+  auto pool = MakePool(n, dtype);
+  const attention::KvSlotLayout layout = pool->layout();
+  // Instance i holds segments 10*i + 1 .. 10*i + 3, each stored by driver (i + j) % n.
+  std::vector<std::vector<std::pair<SegmentRef, std::vector<std::byte>>>> held(n);
+  for (int32_t i = 0; i < n; ++i) {
+    for (int32_t j = 1; j <= 3; ++j) {
+      const SegmentRef ref{SegmentId(10 * i + j), 1 + (j + i) % layout.segment_tokens};
+      auto slot = RandomSlot(layout, rng);
+      ASSERT_TRUE(pool->StoreSegment(InstanceId((i + j) % n), InstanceId(i), ref.id, slot).ok());
+      held[i].push_back({ref, std::move(slot)});
+    }
+  }
+  for (int32_t i = 0; i < n; ++i) EXPECT_EQ(pool->store(InstanceId(i)).used(), 3);
+
+  std::vector<float> q(static_cast<size_t>(num_q) * 4 * 8);
+  std::uniform_real_distribution<float> u(-2.0f, 2.0f);
+  for (float& x : q) x = u(rng);
+  const size_t out_size = q.size(), lse_size = static_cast<size_t>(num_q) * 4;
+  for (int32_t layer = 0; layer < layout.num_layers; ++layer) {
+    for (int32_t holder = 0; holder < n; ++holder) {
+      std::vector<SegmentRef> refs;
+      std::vector<attention::KvBlock> blocks;
+      for (const auto& [ref, slot] : held[holder]) {
+        refs.push_back(ref);
+        auto block = attention::SlotLayerBlock(layout, slot.data(), layer, ref.num_tokens);
+        ASSERT_TRUE(block.ok());
+        blocks.push_back(*block);
+      }
+      std::vector<float> ref_out(out_size), ref_lse(lse_size);
+      ASSERT_TRUE(attention::ReferencePartialAttention(
+                      {.num_heads = 4, .num_kv_heads = 2, .head_dim = 8, .kv_dtype = dtype}, num_q,
+                      q, blocks, absl::MakeSpan(ref_out), absl::MakeSpan(ref_lse))
+                      .ok());
+      const InstanceId compute((holder + 1) % n);
+      auto ticket = pool->StartAttend(compute, InstanceId(holder), layer, refs, num_q, q);
+      ASSERT_TRUE(ticket.ok()) << ticket.status();
+      std::vector<float> out(out_size), lse(lse_size), lout(out_size), llse(lse_size);
+      ASSERT_TRUE(
+          pool->AwaitAttend(compute, *ticket, absl::MakeSpan(out), absl::MakeSpan(lse)).ok());
+      ASSERT_TRUE(pool->LocalAttend(InstanceId(holder), layer, refs, num_q, q, absl::MakeSpan(lout),
+                                    absl::MakeSpan(llse))
+                      .ok());
+      EXPECT_EQ(out, lout);
+      EXPECT_EQ(lse, llse);
+      for (size_t k = 0; k < out_size; ++k) ASSERT_NEAR(out[k], ref_out[k], 1e-5) << k;
+      for (size_t k = 0; k < lse_size; ++k) ASSERT_NEAR(lse[k], ref_lse[k], 1e-5) << k;
+    }
+  }
+  for (int32_t i = 0; i < n; ++i) {
+    for (const auto& [ref, slot] : held[i]) {
+      for (int32_t c = 0; c < n; ++c) {
+        auto pulled = pool->PullSegment(InstanceId(c), InstanceId(i), ref.id);
+        ASSERT_TRUE(pulled.ok()) << pulled.status();
+        EXPECT_EQ(*pulled, slot);
+      }
+    }
+  }
+  for (int32_t i = 0; i < n; ++i) {
+    EXPECT_EQ(pool->store(InstanceId(i)).num_pinned(), 0);
+    EXPECT_TRUE(pool->store(InstanceId(i)).CheckIntegrity().ok());
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(DtypesAndQueries, InstancePoolAttendTest,
+                         testing::Combine(testing::Values(KvDtype::kFloat32, KvDtype::kBFloat16),
+                                          testing::Values(1, 5)));
+
+TEST(InstancePoolTest, ErrorsComeBackAsStatusesNamingTheInstance) {
+  auto pool = MakePool(2, KvDtype::kFloat32, /*slots=*/1);
+  std::mt19937 rng(1);
+  const auto slot = RandomSlot(pool->layout(), rng);
+  const std::vector<float> q(4 * 8, 0.5f);
+  // Unknown segment, remotely and locally.
+  const SegmentRef missing{SegmentId(42), 4};
+  auto ticket = pool->StartAttend(InstanceId(0), InstanceId(1), 0, {&missing, 1}, 1, q);
+  ASSERT_TRUE(ticket.ok());
+  std::vector<float> out(32), lse(4);
+  absl::Status s =
+      pool->AwaitAttend(InstanceId(0), *ticket, absl::MakeSpan(out), absl::MakeSpan(lse));
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
+  EXPECT_NE(s.message().find("instance 1"), std::string::npos) << s;
+  EXPECT_EQ(pool->PullSegment(InstanceId(0), InstanceId(1), SegmentId(42)).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(pool->PullSegment(InstanceId(1), InstanceId(1), SegmentId(42)).status().code(),
+            absl::StatusCode::kNotFound);
+  // Bad sizes and ranges.
+  EXPECT_EQ(pool->StoreSegment(InstanceId(0), InstanceId(1), SegmentId(1),
+                               absl::MakeConstSpan(slot).subspan(1))
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(pool->StoreSegment(InstanceId(0), InstanceId(2), SegmentId(1), slot).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(pool->StartAttend(InstanceId(0), InstanceId(1), 0, {&missing, 1}, 2, q).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(pool->StartAttend(InstanceId(0), InstanceId(1), 0, {}, 1, q).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  // A full instance.
+  ASSERT_TRUE(pool->StoreSegment(InstanceId(0), InstanceId(1), SegmentId(1), slot).ok());
+  EXPECT_EQ(pool->StoreSegment(InstanceId(0), InstanceId(1), SegmentId(2), slot).code(),
+            absl::StatusCode::kResourceExhausted);
+  // Storing again overwrites in place.
+  EXPECT_TRUE(pool->StoreSegment(InstanceId(1), InstanceId(1), SegmentId(1), slot).ok());
+  // A layer out of range.
+  const SegmentRef one{SegmentId(1), 4};
+  ticket = pool->StartAttend(InstanceId(0), InstanceId(1), 7, {&one, 1}, 1, q);
+  ASSERT_TRUE(ticket.ok());
+  EXPECT_EQ(
+      pool->AwaitAttend(InstanceId(0), *ticket, absl::MakeSpan(out), absl::MakeSpan(lse)).code(),
+      absl::StatusCode::kInvalidArgument);
+  // Free, then it is gone.
+  EXPECT_TRUE(pool->FreeSegment(InstanceId(0), InstanceId(1), SegmentId(1)).ok());
+  EXPECT_EQ(pool->FreeSegment(InstanceId(0), InstanceId(1), SegmentId(1)).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(pool->store(InstanceId(1)).used(), 0);
+  // Only remote operations that passed the driver-side checks used the transport: driver 0 sent
+  // 2 attends, 1 pull, 2 stores and 2 frees; driver 1 worked only on itself (no messages).
+  EXPECT_EQ(pool->transport().messages_sent(pool->DriverEndpoint(InstanceId(0))), 7);
+  EXPECT_EQ(pool->transport().messages_sent(pool->DriverEndpoint(InstanceId(1))), 0);
+}
+
+}  // namespace
+}  // namespace tokenlake::engine
