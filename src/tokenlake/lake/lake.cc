@@ -154,19 +154,15 @@ plan::PlanRequest Lake::ToPlanRequestLocked(const LakeRequest& r) const {
   p.request = r.id;
   p.new_tokens = r.new_tokens;
   p.preferred_instance = r.preferred_instance;
-  // One probe per key: walk while each key is stored under the previous one.
-  SegmentId parent;
-  size_t n = 0;
-  p.cached.reserve(r.keys.size());
-  for (; n < r.keys.size(); ++n) {
-    const index::PrefixTree::Node* node = tree_->Find(r.keys[n].id);
-    if (node == nullptr || node->parent != parent) break;
-    parent = node->id;
-    plan::CachedSegment seg;
+  // Match first: it prefetches the chain's nodes, so the Find calls below hit the cache.
+  const size_t n = MatchedPrefix(*tree_, r.keys);
+  p.cached.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    const index::PrefixTree::Node* node = tree_->Find(r.keys[i].id);
+    plan::CachedSegment& seg = p.cached[i];
     seg.segment = node->id;
     seg.num_tokens = node->num_tokens;
     seg.replicas.assign(node->replicas.begin(), node->replicas.end());
-    p.cached.push_back(std::move(seg));
   }
   p.new_segments.assign(r.keys.begin() + n, r.keys.end());
   return p;

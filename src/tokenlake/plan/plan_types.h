@@ -95,7 +95,9 @@ struct NewSegmentPlacement {
 
 struct TransferPlan {
   std::vector<NewSegmentPlacement> new_segments;
-  // Every inter-instance transfer, grouped by request in request order.
+  // Every inter-instance transfer, grouped by request in request order; within a request:
+  // queries/results holder by holder, then pulled segments in prefix order, and new-segment
+  // moves (after all requests).
   std::vector<Transfer> transfers;
   int64_t query_bytes = 0;        // kQueries + kPartialResults
   int64_t kv_pull_bytes = 0;      // kSegmentKv

@@ -110,6 +110,8 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
   std::vector<char> in_group(n);
   std::vector<int64_t> assigned_q(n);
   std::vector<int32_t> order(n);
+  std::vector<int32_t> seg_holder;
+  std::vector<int32_t> holder_slot(n, -1);  // instance -> index in rp.holders (-1: none yet)
   std::vector<BatchPlan> plans;
   plans.reserve(batches.size());
 
@@ -124,11 +126,17 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
     std::fill(held.begin(), held.end(), 0.0);
     double batch_work = 0;
     for (const PlanRequest& r : reqs) {
+      int64_t tokens = 0;
       for (const CachedSegment& s : r.cached) {
+        tokens += s.num_tokens;
+        if (s.replicas.size() == 1) {
+          held[s.replicas[0].value()] += s.num_tokens;
+          continue;
+        }
         const double share = static_cast<double>(s.num_tokens) / s.replicas.size();
         for (InstanceId rep : s.replicas) held[rep.value()] += share;
-        batch_work += static_cast<double>(r.new_tokens) * s.num_tokens;
       }
+      batch_work += static_cast<double>(r.new_tokens) * static_cast<double>(tokens);
     }
     double mean_load = 0;
     for (const auto& st : state) mean_load += st.load;
@@ -212,50 +220,61 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
       rp.compute_instance = InstanceId(compute[ri]);
       rp.new_tokens = r.new_tokens;
       rp.segments.reserve(r.cached.size());
+      rp.holders.reserve(4);
       const double q = static_cast<double>(r.new_tokens);
+      size_t last_holder = 0;  // index in rp.holders of the previous segment's holder
+      seg_holder.clear();      // index in rp.holders of each segment's holder
       for (const CachedSegment& s : r.cached) {
         const double w = q * s.num_tokens;
         int32_t pick = -1;
-        auto fits = [&](int32_t i) { return holder_work[i] + w <= work_cap + 1e-9; };
-        // (a) the computing instance.
-        for (InstanceId rep : s.replicas) {
-          if (rep.value() == compute[ri] && fits(rep.value())) pick = rep.value();
-        }
-        // (b) a holder this request already uses.
-        if (pick < 0 && s.replicas.size() > 1) {
-          for (const HolderPlan& h : rp.holders) {
-            for (InstanceId rep : s.replicas) {
-              if (pick < 0 && rep == h.holder && fits(rep.value())) pick = rep.value();
+        if (s.replicas.size() == 1) {
+          pick = s.replicas[0].value();
+        } else {
+          auto fits = [&](int32_t i) { return holder_work[i] + w <= work_cap + 1e-9; };
+          // (a) the computing instance.
+          for (InstanceId rep : s.replicas) {
+            if (rep.value() == compute[ri] && fits(rep.value())) pick = rep.value();
+          }
+          // (b) a holder this request already uses.
+          if (pick < 0) {
+            for (const HolderPlan& h : rp.holders) {
+              for (InstanceId rep : s.replicas) {
+                if (pick < 0 && rep == h.holder && fits(rep.value())) pick = rep.value();
+              }
             }
           }
-        }
-        // (c) the replica with the least plan work (fitting first).
-        if (pick < 0) {
-          int32_t best_fit = -1, best_any = -1;
-          for (InstanceId rep : s.replicas) {
-            const int32_t i = rep.value();
-            auto better = [&](int32_t cur) {
-              return cur < 0 || holder_work[i] < holder_work[cur] ||
-                     (holder_work[i] == holder_work[cur] && i < cur);
-            };
-            if (fits(i) && better(best_fit)) best_fit = i;
-            if (better(best_any)) best_any = i;
+          // (c) the replica with the least plan work (fitting first).
+          if (pick < 0) {
+            int32_t best_fit = -1, best_any = -1;
+            for (InstanceId rep : s.replicas) {
+              const int32_t i = rep.value();
+              auto better = [&](int32_t cur) {
+                return cur < 0 || holder_work[i] < holder_work[cur] ||
+                       (holder_work[i] == holder_work[cur] && i < cur);
+              };
+              if (fits(i) && better(best_fit)) best_fit = i;
+              if (better(best_any)) best_any = i;
+            }
+            pick = best_fit >= 0 ? best_fit : best_any;
           }
-          pick = best_fit >= 0 ? best_fit : best_any;
         }
         holder_work[pick] += w;
         rp.segments.push_back(
             SegmentAssignment{s.segment, s.num_tokens, InstanceId(pick), HolderAction::kLocal});
         rp.cached_tokens += s.num_tokens;
-        auto it = std::find_if(rp.holders.begin(), rp.holders.end(),
-                               [&](const HolderPlan& h) { return h.holder.value() == pick; });
-        if (it == rp.holders.end()) {
-          rp.holders.push_back(HolderPlan{InstanceId(pick), HolderAction::kLocal, 0, 0, 0});
-          it = rp.holders.end() - 1;
+        if (last_holder >= rp.holders.size() || rp.holders[last_holder].holder.value() != pick) {
+          if (holder_slot[pick] < 0) {
+            holder_slot[pick] = static_cast<int32_t>(rp.holders.size());
+            rp.holders.push_back(HolderPlan{InstanceId(pick), HolderAction::kLocal, 0, 0, 0});
+          }
+          last_holder = static_cast<size_t>(holder_slot[pick]);
         }
-        it->num_segments += 1;
-        it->cached_tokens += s.num_tokens;
+        seg_holder.push_back(static_cast<int32_t>(last_holder));
+        HolderPlan& h = rp.holders[last_holder];
+        h.num_segments += 1;
+        h.cached_tokens += s.num_tokens;
       }
+      for (const HolderPlan& h : rp.holders) holder_slot[h.holder.value()] = -1;
       rp.attention_flops = AttentionFlops(shape, r.new_tokens, rp.cached_tokens);
       for (HolderPlan& h : rp.holders) {
         if (h.holder == rp.compute_instance) continue;
@@ -267,13 +286,16 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
           h.bytes = KvBytes(shape, h.cached_tokens);
         }
       }
-      for (SegmentAssignment& a : rp.segments) {
-        for (const HolderPlan& h : rp.holders) {
-          if (h.holder == a.holder) a.action = h.action;
+      if (rp.holders.size() > 1 ||
+          (rp.holders.size() == 1 && rp.holders[0].holder != rp.compute_instance)) {
+        for (size_t k = 0; k < rp.segments.size(); ++k) {
+          rp.segments[k].action = rp.holders[seg_holder[k]].action;
         }
       }
-      // Transfers of this request, holder by holder.
+      // Transfers of this request: queries and results holder by holder, then pulled segments
+      // in prefix order.
       TransferPlan& tp = plan.transfer;
+      bool any_pull = false;
       for (const HolderPlan& h : rp.holders) {
         if (h.action == HolderAction::kMoveQueries) {
           const int64_t out = QueryBytes(shape, r.new_tokens);
@@ -284,13 +306,16 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
                                           h.holder, rp.compute_instance, back});
           tp.query_bytes += out + back;
         } else if (h.action == HolderAction::kPullKv) {
-          for (const SegmentAssignment& a : rp.segments) {
-            if (a.holder != h.holder) continue;
-            const int64_t bytes = KvBytes(shape, a.num_tokens);
-            tp.transfers.push_back(Transfer{TransferKind::kSegmentKv, r.request, a.segment,
-                                            h.holder, rp.compute_instance, bytes});
-            tp.kv_pull_bytes += bytes;
-          }
+          any_pull = true;
+        }
+      }
+      if (any_pull) {
+        for (const SegmentAssignment& a : rp.segments) {
+          if (a.action != HolderAction::kPullKv) continue;
+          const int64_t bytes = KvBytes(shape, a.num_tokens);
+          tp.transfers.push_back(Transfer{TransferKind::kSegmentKv, r.request, a.segment, a.holder,
+                                          rp.compute_instance, bytes});
+          tp.kv_pull_bytes += bytes;
         }
       }
       plan.requests.push_back(std::move(rp));
@@ -322,8 +347,9 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
         plan.transfer.query_bytes + plan.transfer.kv_pull_bytes + plan.transfer.new_segment_bytes;
     // This batch's work now loads its holders for the next batch's decisions.
     for (const RequestPlan& rp : plan.requests) {
-      for (const SegmentAssignment& a : rp.segments) {
-        state[a.holder.value()].load += static_cast<double>(rp.new_tokens) * a.num_tokens;
+      for (const HolderPlan& h : rp.holders) {
+        state[h.holder.value()].load +=
+            static_cast<double>(rp.new_tokens) * static_cast<double>(h.cached_tokens);
       }
     }
     plans.push_back(std::move(plan));

@@ -1,0 +1,304 @@
+// `tokenlake bench control-plane --json FILE`: control-plane latency of the TokenLake pool.
+//
+// Builds a pool of about --segments segments (default 1M) over --instances instances (default
+// 16): documents of 256 segments x 512 tokens (128K tokens) sharing an 8-segment system prompt,
+// each produced on one instance (round robin). Then measures, single-threaded, with
+// std::chrono::steady_clock around each call:
+//   match_128k:      Lake::Match of a random document's whole 128K-token chain (256 keys);
+//   gen_plans_256:   Lake::GenPlans for one batch (DoP 4) of 256 requests, each a random prefix of
+//                    1..64 segments (up to 32K tokens) of a random document plus one new segment,
+//                    half decoding (1 new token) and half prefilling (64..2048 new tokens);
+//   gen_plans_256_long: the same with every request's prefix a whole 128K-token document.
+// Writes percentiles (µs), the build time of the pool, the commit (git describe at run time) and
+// machine info as JSON.
+#include <sched.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "CLI/CLI.hpp"
+#include "command.h"
+#include "nlohmann/json.hpp"
+#include "tokenlake/base/clock.h"
+#include "tokenlake/base/hash.h"
+#include "tokenlake/base/random.h"
+#include "tokenlake/lake/lake.h"
+
+namespace tokenlake::cli {
+namespace {
+
+constexpr int32_t kSegmentTokens = 512;
+constexpr int32_t kDocSegments = 256;
+constexpr int32_t kPromptSegments = 8;
+
+struct BenchFlags {
+  std::string json_path;
+  int64_t segments = 1 << 20;
+  int32_t instances = 16;
+  int32_t match_iterations = 20000;
+  int32_t plan_iterations = 300;
+  uint64_t seed = 1;
+  bool pin_cpu = true;
+};
+
+std::vector<index::SegmentKey> DocKeys(int32_t doc, int32_t len) {
+  std::vector<index::SegmentKey> keys;
+  keys.reserve(len + 1);
+  uint64_t parent = 0x5eed;
+  for (int32_t k = 0; k < len; ++k) {
+    const uint64_t id = HashCombine(parent, k < kPromptSegments ? 0 : doc + 1);
+    keys.push_back({SegmentId(id), kSegmentTokens});
+    parent = id;
+  }
+  return keys;
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t i = std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5));
+  return v[i];
+}
+
+std::string RunText(const char* cmd) {
+  std::string out;
+  FILE* f = popen(cmd, "r");
+  if (f == nullptr) return out;
+  std::array<char, 256> buf;
+  while (fgets(buf.data(), buf.size(), f) != nullptr) out += buf.data();
+  pclose(f);
+  while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
+  return out;
+}
+
+nlohmann::json MachineInfo(bool pinned) {
+  nlohmann::json m;
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  m["hostname"] = host;
+  m["hardware_threads"] = std::thread::hardware_concurrency();
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(cpuinfo, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      m["cpu"] = line.substr(line.find(':') + 2);
+      break;
+    }
+  }
+  m["compiler"] = __VERSION__;
+#ifdef NDEBUG
+  m["build"] = "release";
+#else
+  m["build"] = "debug";
+#endif
+  m["pinned_to_one_cpu"] = pinned;
+  const std::string load = RunText("cat /proc/loadavg 2>/dev/null");
+  if (!load.empty()) m["loadavg"] = load;
+  return m;
+}
+
+nlohmann::json Summary(const std::vector<double>& us) {
+  return {{"p50_us", Percentile(us, 0.5)},
+          {"p90_us", Percentile(us, 0.9)},
+          {"p99_us", Percentile(us, 0.99)},
+          {"samples", us.size()}};
+}
+
+int RunControlPlane(const BenchFlags& f) {
+  bool pinned = false;
+  if (f.pin_cpu) {
+    cpu_set_t current;
+    CPU_ZERO(&current);
+    if (sched_getaffinity(0, sizeof(current), &current) == 0) {
+      for (int c = 0; c < CPU_SETSIZE; ++c) {
+        if (CPU_ISSET(c, &current)) {
+          cpu_set_t one;
+          CPU_ZERO(&one);
+          CPU_SET(c, &one);
+          pinned = sched_setaffinity(0, sizeof(one), &one) == 0;
+          break;
+        }
+      }
+    }
+  }
+  using Steady = std::chrono::steady_clock;
+  auto us_since = [](Steady::time_point t0) {
+    return std::chrono::duration<double, std::micro>(Steady::now() - t0).count();
+  };
+  ManualClock clock(1);
+  lake::LakeOptions o;
+  o.num_instances = f.instances;
+  o.segment_tokens = kSegmentTokens;
+  const int32_t num_docs =
+      static_cast<int32_t>(std::max<int64_t>(1, f.segments / (kDocSegments - kPromptSegments)));
+  const int64_t total = kPromptSegments + int64_t{num_docs} * (kDocSegments - kPromptSegments);
+  o.slots_per_instance = static_cast<int32_t>(total / f.instances * 5 / 4 + 1024);
+  o.reserve_segments = total + 1024;
+  auto lake_or = lake::Lake::Create(o, &clock);
+  if (!lake_or.ok()) {
+    std::cerr << "bench: " << lake_or.status() << "\n";
+    return 2;
+  }
+  lake::Lake& pool = **lake_or;
+  const auto build_start = Steady::now();
+  for (int32_t d = 0; d < num_docs; ++d) {
+    lake::LakeRequest r;
+    r.id = RequestId(d);
+    r.keys = DocKeys(d, kDocSegments);
+    r.new_tokens = 1;
+    auto admitted = pool.Admit(r);
+    auto committed = pool.CommitKeys(r.id, r.keys, InstanceId(d % f.instances));
+    absl::Status released = pool.Release(r.id);
+    if (!admitted.ok() || !committed.ok() || !released.ok()) {
+      std::cerr << "bench: building the pool failed at document " << d << "\n";
+      return 1;
+    }
+    clock.AdvanceUs(1);
+  }
+  const double build_s = us_since(build_start) / 1e6;
+  const lake::LakeStats stats = pool.Stats();
+  std::cout << "pool: " << stats.segments << " segments on " << f.instances
+            << " instances, built in " << build_s << " s\n";
+
+  Rng rng(f.seed);
+  // match_128k.
+  std::vector<std::vector<index::SegmentKey>> prompts;
+  for (int i = 0; i < 256; ++i) {
+    prompts.push_back(DocKeys(static_cast<int32_t>(rng.UniformInt(0, num_docs - 1)), kDocSegments));
+  }
+  std::vector<double> match_us;
+  match_us.reserve(f.match_iterations);
+  int64_t matched_check = 0;
+  for (int i = 0; i < f.match_iterations; ++i) {
+    const auto& keys = prompts[rng.UniformInt(0, static_cast<int64_t>(prompts.size()) - 1)];
+    const auto t0 = Steady::now();
+    const index::MatchResult m = pool.Match(keys);
+    match_us.push_back(us_since(t0));
+    matched_check += m.matched_tokens;
+  }
+  if (matched_check != int64_t{f.match_iterations} * kDocSegments * kSegmentTokens) {
+    std::cerr << "bench: a 128K prompt did not fully match\n";
+    return 1;
+  }
+
+  // gen_plans_256 and gen_plans_256_long.
+  auto make_batches = [&](bool long_prefix) {
+    std::vector<lake::Batch> batches(16);
+    uint64_t next = 1;
+    for (lake::Batch& b : batches) {
+      b.dop = std::min(4, f.instances);
+      for (int k = 0; k < 256; ++k) {
+        lake::LakeRequest r;
+        r.id = RequestId(next++);
+        const int32_t len =
+            long_prefix ? kDocSegments : static_cast<int32_t>(rng.UniformInt(1, 64));
+        r.keys = DocKeys(static_cast<int32_t>(rng.UniformInt(0, num_docs - 1)), len);
+        r.keys.push_back({SegmentId(HashCombine(r.keys.back().id.value(), next)), kSegmentTokens});
+        r.new_tokens = rng.Bernoulli(0.5) ? 1 : rng.UniformInt(64, 2048);
+        b.requests.push_back(std::move(r));
+      }
+    }
+    return batches;
+  };
+  auto time_plans = [&](const std::vector<lake::Batch>& batches, int iterations,
+                        int64_t* bytes) -> std::vector<double> {
+    std::vector<double> us;
+    for (int i = 0; i < iterations; ++i) {
+      const lake::Batch& b = batches[i % batches.size()];
+      const auto t0 = Steady::now();
+      auto plans = pool.GenPlans({&b, 1});
+      us.push_back(us_since(t0));
+      if (!plans.ok()) {
+        std::cerr << "bench: GenPlans failed: " << plans.status() << "\n";
+        return {};
+      }
+      *bytes = (*plans)[0].transfer.total_bytes;
+    }
+    return us;
+  };
+  int64_t plan_bytes = 0, long_plan_bytes = 0;
+  const std::vector<double> plan_us =
+      time_plans(make_batches(false), f.plan_iterations, &plan_bytes);
+  const std::vector<double> long_us =
+      time_plans(make_batches(true), std::max(10, f.plan_iterations / 10), &long_plan_bytes);
+  if (plan_us.empty() || long_us.empty()) return 1;
+
+  nlohmann::json j;
+  j["benchmark"] = "control-plane";
+  j["commit"] = [] {
+    std::string c = RunText("git describe --always --dirty 2>/dev/null");
+    return c.empty() ? std::string("unknown") : c;
+  }();
+  j["machine"] = MachineInfo(pinned);
+  j["pool"] = {{"segments", stats.segments},
+               {"instances", f.instances},
+               {"segment_tokens", kSegmentTokens},
+               {"documents", num_docs},
+               {"document_tokens", kDocSegments * kSegmentTokens},
+               {"build_s", build_s}};
+  j["match_128k_p50_us"] = Percentile(match_us, 0.5);
+  j["match_128k_p90_us"] = Percentile(match_us, 0.9);
+  j["match_128k"] = Summary(match_us);
+  j["gen_plans_256_p50_us"] = Percentile(plan_us, 0.5);
+  j["gen_plans_256_p90_us"] = Percentile(plan_us, 0.9);
+  j["gen_plans_256"] = Summary(plan_us);
+  j["gen_plans_256"]["prefix_segments"] = "uniform 1..64 (+1 new)";
+  j["gen_plans_256"]["dop"] = std::min(4, f.instances);
+  j["gen_plans_256"]["last_plan_total_bytes"] = plan_bytes;
+  j["gen_plans_256_long"] = Summary(long_us);
+  j["gen_plans_256_long"]["prefix_segments"] = "256 (128K tokens, +1 new)";
+  j["gen_plans_256_long"]["last_plan_total_bytes"] = long_plan_bytes;
+  j["targets"] = {{"match_128k_p50_us", 20}, {"gen_plans_256_p50_us", 1000}};
+
+  std::cout << "match_128k     p50 " << Percentile(match_us, 0.5) << " us, p90 "
+            << Percentile(match_us, 0.9) << " us\n";
+  std::cout << "gen_plans_256  p50 " << Percentile(plan_us, 0.5) << " us, p90 "
+            << Percentile(plan_us, 0.9) << " us\n";
+  std::cout << "gen_plans_256_long p50 " << Percentile(long_us, 0.5) << " us, p90 "
+            << Percentile(long_us, 0.9) << " us\n";
+  if (!f.json_path.empty()) {
+    std::ofstream out(f.json_path);
+    if (!out) {
+      std::cerr << "bench: cannot write " << f.json_path << "\n";
+      return 1;
+    }
+    out << j.dump(2) << "\n";
+    std::cout << "wrote " << f.json_path << "\n";
+  }
+  return 0;
+}
+
+void SetUpBench(CLI::App& app, int* exit_code) {
+  CLI::App* bench = app.add_subcommand("bench", "Micro-benchmarks of TokenLake components");
+  bench->require_subcommand(1);
+  auto flags = std::make_shared<BenchFlags>();
+  CLI::App* cp = bench->add_subcommand(
+      "control-plane", "Match and GenPlans latency over a large pool (default 1M segments)");
+  cp->add_option("--json", flags->json_path, "Write the results as JSON to this file");
+  cp->add_option("--segments", flags->segments, "Approximate pool size in segments")
+      ->check(CLI::Range(int64_t{256}, int64_t{1} << 26));
+  cp->add_option("--instances", flags->instances, "Number of instances")
+      ->check(CLI::Range(1, 4096));
+  cp->add_option("--match-iterations", flags->match_iterations, "Match calls to time")
+      ->check(CLI::Range(1, 10'000'000));
+  cp->add_option("--plan-iterations", flags->plan_iterations, "GenPlans calls to time")
+      ->check(CLI::Range(1, 1'000'000));
+  cp->add_option("--seed", flags->seed, "Seed of the request mix");
+  cp->add_flag("!--no-pin", flags->pin_cpu, "Do not pin the process to one CPU");
+  cp->callback([flags, exit_code] { *exit_code = RunControlPlane(*flags); });
+}
+
+}  // namespace
+
+TOKENLAKE_REGISTER_COMMAND(bench, SetUpBench);
+
+}  // namespace tokenlake::cli
