@@ -3,6 +3,7 @@
 //   BM_MemoryCopy/threads     memcpy of a 256 MiB buffer: this machine's copy bandwidth
 //                             (counter read_Bps counts the bytes read, copy_Bps read + write).
 //   BM_MemoryRead/threads     a vectorised sum over a 256 MiB buffer: read bandwidth.
+//   BM_FmaPeak                one core's AVX2 FMA throughput (FLOPs, 2 per lane per FMA).
 //   BM_Decode/dtype/threads   1 query token, 32 heads / 8 KV heads, d = 128, over 32K cached
 //                             tokens in 64-token segments; kv_Bps = KV bytes read per second.
 //   BM_Prefill/dtype/threads  512 new tokens over 8K cached tokens (non-causal partial, as in
@@ -74,6 +75,34 @@ void BM_MemoryRead(benchmark::State& state) {
       static_cast<double>(kBufferBytes) * state.iterations(), benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_MemoryRead)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// The per-core FMA peak of the AVX2 path: 12 independent 8-wide FMA chains, no memory traffic.
+// FLOPs counts 2 per lane per FMA, so the prefill FLOPs above can be read against it.
+typedef float v8f_bench __attribute__((vector_size(32)));
+__attribute__((target("avx2,fma"), noinline)) float FmaLoop(int64_t n, float x) {
+  v8f_bench acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = v8f_bench{} + (x + static_cast<float>(i));
+  const v8f_bench a = v8f_bench{} + 0.999f;
+  const v8f_bench b = v8f_bench{} + 0.001f;
+  for (int64_t k = 0; k < n; ++k) {
+    for (int i = 0; i < 12; ++i) acc[i] = acc[i] * a + b;
+  }
+  float s = 0;
+  for (int i = 0; i < 12; ++i) s += acc[i][0] + acc[i][7];
+  return s;
+}
+
+void BM_FmaPeak(benchmark::State& state) {
+  const int64_t n = 1 << 20;
+  for (auto _ : state) {
+    int64_t m = n;  // opaque to the optimiser, so the (pure) call is not hoisted.
+    benchmark::DoNotOptimize(m);
+    benchmark::DoNotOptimize(FmaLoop(m, 1.0f));
+  }
+  state.counters["FLOPs"] = benchmark::Counter(
+      static_cast<double>(n) * 12 * 8 * 2 * state.iterations(), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_FmaPeak)->Unit(benchmark::kMillisecond);
 
 // KV for `num_tokens` tokens in segments of `segment_tokens`, one layer.
 struct KvData {
