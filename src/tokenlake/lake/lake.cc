@@ -555,6 +555,11 @@ absl::Status Lake::DropInstance(InstanceId instance) {
   }
   std::vector<SegmentId> replicated(replicated_.begin(), replicated_.end());
   for (SegmentId seg : replicated) RefreshReplicatedLocked(seg);
+  // Pins on erased segments are gone: forget them now, so that a later re-insertion of the same
+  // id by another request is never unpinned by this one.
+  for (auto& [id, a] : active_) {
+    std::erase_if(a.pinned, [&](SegmentId seg) { return !tree_->Contains(seg); });
+  }
   const int64_t now = clock_->NowUs();
   instance_load_[instance.value()].Add(-instance_load_[instance.value()].Value(now), now);
   return absl::OkStatus();

@@ -293,8 +293,16 @@ TEST_F(LakeTest, DroppingAnInstanceLosesOnlyItsSegments) {
   ASSERT_TRUE(lake_->DropInstance(InstanceId(0)).ok());
   EXPECT_EQ(lake_->Match(Chain({1, 2})).matched_segments, 0);
   EXPECT_EQ(lake_->Match(Chain({5, 6})).matched_segments, 2);
+  // Another request stores segment 1 again (elsewhere) and releases it: request 1's old pin
+  // must not touch the new copy.
+  ASSERT_TRUE(lake_->Admit(Req(3, Chain({1}), kS)).ok());
+  ASSERT_TRUE(lake_->CommitKeys(RequestId(3), Chain({1}), InstanceId(2)).ok());
+  ASSERT_TRUE(lake_->Release(RequestId(3)).ok());
+  EXPECT_TRUE(lake_->CheckIntegrity().ok()) << lake_->CheckIntegrity();
   EXPECT_TRUE(lake_->Release(RequestId(1)).ok());  // its pins went with the instance
   EXPECT_TRUE(lake_->Release(RequestId(2)).ok());
+  EXPECT_EQ(lake_->Match(Chain({1})).matched_segments, 1);
+  EXPECT_EQ(lake_->Stats().pinned_segments, 0);
   EXPECT_TRUE(lake_->CheckIntegrity().ok()) << lake_->CheckIntegrity();
 }
 
