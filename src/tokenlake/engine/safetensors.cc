@@ -244,7 +244,7 @@ absl::StatusOr<std::vector<float>> SafetensorsFile::ReadFloat32(
   std::vector<float> out(static_cast<size_t>(n));
   switch (info->dtype) {
     case TensorDtype::kF32:
-      std::memcpy(out.data(), data.data(), static_cast<size_t>(n) * 4);
+      if (n > 0) std::memcpy(out.data(), data.data(), static_cast<size_t>(n) * 4);
       break;
     case TensorDtype::kBF16:
     case TensorDtype::kF16:
