@@ -1,0 +1,73 @@
+// The HTTP front end's request and response formats (OpenAI-style `POST /v1/completions` with
+// token ids), kept apart from any server so that they are unit-tested and fuzzed on their own.
+//
+// Request body (JSON object; any other field is rejected so that typos are not silently
+// ignored):
+//   "prompt":      non-empty array of token ids (integers in [0, vocab_size)), required;
+//   "max_tokens":  integer in [1, limits.max_tokens_limit], default 16;
+//   "model":       string (informational);
+//   "temperature": number, must be 0 (greedy decoding only);
+//   "stream":      boolean, must be false.
+// The prompt plus max_tokens must fit the model's context (limits.context_tokens).
+//
+// Thread-safety: pure functions.
+#ifndef TOKENLAKE_SERVICE_COMPLETION_API_H_
+#define TOKENLAKE_SERVICE_COMPLETION_API_H_
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace tokenlake::service {
+
+struct CompletionLimits {
+  // Token ids must be in [0, vocab_size). >= 1.
+  int32_t vocab_size = 1;
+  // prompt tokens + max_tokens must be <= context_tokens. >= 2.
+  int64_t context_tokens = 2;
+  // Largest max_tokens accepted. >= 1.
+  int32_t max_tokens_limit = 256;
+  // Default max_tokens when the field is absent.
+  int32_t default_max_tokens = 16;
+};
+
+struct CompletionRequest {
+  std::vector<int32_t> prompt;
+  int32_t max_tokens = 0;
+};
+
+struct CompletionResult {
+  // Generated token ids (max_tokens of them).
+  std::vector<int32_t> tokens;
+  // Prompt tokens served from the cache pool.
+  int64_t cached_tokens = 0;
+  // Instance that computed the request.
+  int32_t instance = -1;
+  // Attempts it took (1 = no failover).
+  int32_t attempts = 1;
+};
+
+// Parses and validates a request body. Errors: InvalidArgument whose message names the field
+// and, for a prompt element, its index (e.g. "prompt[3] = 9000 is outside the vocabulary
+// [0, 512)"). Never crashes on any input.
+absl::StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view body,
+                                                         const CompletionLimits& limits);
+
+// The response body for a completed request.
+std::string CompletionResponseJson(const CompletionRequest& request, const CompletionResult& result,
+                                   uint64_t id);
+
+// The error body: {"error": {"message": ..., "type": ..., "code": <http status>}}.
+std::string ErrorJson(const absl::Status& status);
+
+// The HTTP status for an error: InvalidArgument/OutOfRange 400, NotFound 404,
+// ResourceExhausted 429, Unavailable 503, DeadlineExceeded 504, others 500; OK is 200.
+int HttpStatusFor(const absl::Status& status);
+
+}  // namespace tokenlake::service
+
+#endif  // TOKENLAKE_SERVICE_COMPLETION_API_H_

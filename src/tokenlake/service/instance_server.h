@@ -1,0 +1,77 @@
+// InstanceServer: one TokenLake instance process's serving loop. It owns an engine shard
+// (engine::Engine over its own segment store: the instance's part of the pool), registers with
+// the coordinator over gRPC, heartbeats its state (every segment it holds) and serves the
+// coordinator's generate messages that arrive over the host transport (TcpTransport).
+//
+// After a coordinator restart its heartbeat is refused (NOT_FOUND) and it registers again with
+// everything it holds, which rebuilds the coordinator's prefix tree. A request whose deadline
+// has passed when it is dequeued is answered DeadlineExceeded without being computed.
+//
+// Thread-safety: thread-safe; Shutdown (or the destructor) stops its threads.
+#ifndef TOKENLAKE_SERVICE_INSTANCE_SERVER_H_
+#define TOKENLAKE_SERVICE_INSTANCE_SERVER_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "tokenlake/engine/engine.h"
+#include "tokenlake/engine/llama_model.h"
+
+namespace tokenlake::service {
+
+struct InstanceServerOptions {
+  // Stable name (a restarted instance reuses its coordinator slot), non-empty.
+  std::string name = "instance-0";
+  // Instance id asked of the coordinator (-1 = any free one).
+  int32_t preferred_id = -1;
+  // The coordinator's gRPC port on 127.0.0.1, in [1, 65535].
+  int32_t coordinator_port = 0;
+  // Port of this instance's host transport on 127.0.0.1 (0 = any free port).
+  int32_t transport_port = 0;
+  // Segment size and namespace (must match the coordinator's).
+  int32_t segment_tokens = 16;
+  std::string namespace_name = "tokenlake";
+  // Segment slots of this instance's store, >= 1.
+  int32_t slots = 1024;
+  // Element type of the stored KV.
+  attention::KvDtype kv_dtype = attention::KvDtype::kFloat32;
+  // How often to retry registration while the coordinator is unreachable.
+  absl::Duration register_retry = absl::Milliseconds(100);
+};
+
+class InstanceServer {
+ public:
+  // `model` is borrowed and must outlive the server. Starts the transport and the threads;
+  // registration proceeds in the background (see registered()).
+  // Errors: InvalidArgument naming a bad option; errors creating the engine or transport.
+  static absl::StatusOr<std::unique_ptr<InstanceServer>> Create(
+      const engine::LlamaModel* model, const InstanceServerOptions& options);
+  ~InstanceServer();
+  InstanceServer(const InstanceServer&) = delete;
+  InstanceServer& operator=(const InstanceServer&) = delete;
+
+  int32_t transport_port() const;
+  // The id the coordinator gave (-1 before the first registration).
+  int32_t instance_id() const;
+  // Registrations so far (grows after a coordinator restart).
+  int64_t registrations() const;
+  // Requests computed so far.
+  int64_t requests_served() const;
+  // Segments this instance holds.
+  int64_t segments() const;
+
+  void Shutdown();
+
+  class Impl;
+
+ private:
+  explicit InstanceServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tokenlake::service
+
+#endif  // TOKENLAKE_SERVICE_INSTANCE_SERVER_H_

@@ -1,0 +1,2 @@
+// Cluster tests: written in the next commit.
+#include "gtest/gtest.h"
