@@ -26,6 +26,7 @@ class Engine::PoolState {
   ManualClock clock{1};
   uint64_t salt = 0;
   uint64_t next_request = 1;
+  int64_t rebalance_actions = 0;
 };
 
 namespace {
@@ -111,6 +112,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const LlamaModel* model,
     lo.num_instances = options.num_instances;
     lo.segment_tokens = options.segment_tokens;
     lo.slots_per_instance = options.slots_per_instance;
+    lo.heavy_hitter = options.heavy_hitter;
+    lo.heavy_hitter.num_instances = options.num_instances;
+    lo.balancer = options.balancer;
     lo.model = plan::ModelShape{
         .num_layers = c.num_layers,
         .num_heads = c.num_heads,
@@ -140,7 +144,42 @@ absl::StatusOr<GenerateResult> Engine::Generate(absl::Span<const int32_t> prompt
     }
   }
   if (pool_ == nullptr) return GenerateLocal(prompt, max_new_tokens);
-  return GeneratePooled(prompt, max_new_tokens);
+  absl::StatusOr<GenerateResult> result = GeneratePooled(prompt, max_new_tokens);
+  if (result.ok() && options_.rebalance_every_requests > 0 &&
+      (pool_->next_request - 1) % static_cast<uint64_t>(options_.rebalance_every_requests) == 0) {
+    TOKENLAKE_RETURN_IF_ERROR(RebalancePool());
+  }
+  return result;
+}
+
+int64_t Engine::rebalance_actions() const {
+  return pool_ == nullptr ? 0 : pool_->rebalance_actions;
+}
+
+absl::Status Engine::RebalancePool() {
+  InstancePool& pool = *pool_->pool;
+  TOKENLAKE_ASSIGN_OR_RETURN(lake::RebalanceResult r, pool_->lake->Rebalance());
+  // The lake applied the actions in order; replaying them in the same order on the data plane
+  // always finds the source copy in place. Copies are driven by the receiving instance.
+  for (const balance::BalanceAction& a : r.actions) {
+    switch (a.kind) {
+      case balance::ActionKind::kDrop:
+        TOKENLAKE_RETURN_IF_ERROR(pool.FreeSegment(a.from, a.from, a.segment));
+        break;
+      case balance::ActionKind::kReplicate:
+      case balance::ActionKind::kMove: {
+        TOKENLAKE_ASSIGN_OR_RETURN(std::vector<std::byte> slot,
+                                   pool.PullSegment(a.to, a.from, a.segment));
+        TOKENLAKE_RETURN_IF_ERROR(pool.StoreSegment(a.to, a.to, a.segment, slot));
+        if (a.kind == balance::ActionKind::kMove) {
+          TOKENLAKE_RETURN_IF_ERROR(pool.FreeSegment(a.to, a.from, a.segment));
+        }
+        break;
+      }
+    }
+    ++pool_->rebalance_actions;
+  }
+  return absl::OkStatus();
 }
 
 const lake::Lake* Engine::lake() const { return pool_ == nullptr ? nullptr : pool_->lake.get(); }

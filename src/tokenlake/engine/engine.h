@@ -20,7 +20,9 @@
 //      into a slot on the instance the transfer plan names, then commits the segments to the
 //      lake (they become visible to later requests).
 // The part-segment tail stays on the computing instance (float32) until it completes a segment.
-// At the end of the request its segments are released (unpinned).
+// At the end of the request its segments are released (unpinned). Optionally, every few requests
+// the lake rebalances (heavy-hitter replicas, moves) and the engine copies or frees the KV to
+// match.
 //
 // Thread-safety: not thread-safe; one Generate at a time.
 #ifndef TOKENLAKE_ENGINE_ENGINE_H_
@@ -34,6 +36,8 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "tokenlake/attention/attention.h"
+#include "tokenlake/balance/balancer.h"
+#include "tokenlake/balance/heavy_hitter.h"
 #include "tokenlake/engine/instance_pool.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/lake/lake.h"
@@ -58,6 +62,14 @@ struct EngineOptions {
   // instances so that cached segments are often served by other instances (exercises query
   // movement and KV pulls). false = no preference (the lake picks where most of the prefix is).
   bool rotate_compute_instance = false;
+  // Run the lake's Rebalance (replicate heavy hitters, drop cooled replicas, move warm segments)
+  // after every this many requests and copy / free the KV on the data plane accordingly.
+  // 0 = never.
+  int32_t rebalance_every_requests = 0;
+  // Heavy-hitter detection and placement knobs handed to the lake (num_instances is set from
+  // this struct).
+  balance::HeavyHitterOptions heavy_hitter;
+  balance::BalancerOptions balancer;
 };
 
 struct GenerateResult {
@@ -103,6 +115,8 @@ class Engine {
   const lake::Lake* lake() const;
   // The pool's data plane (null without the pool).
   const InstancePool* instance_pool() const;
+  // Rebalance actions applied so far (pool path).
+  int64_t rebalance_actions() const;
 
  private:
   Engine(const LlamaModel* model, const EngineOptions& options);
@@ -110,6 +124,8 @@ class Engine {
                                                int32_t max_new_tokens);
   absl::StatusOr<GenerateResult> GeneratePooled(absl::Span<const int32_t> prompt,
                                                 int32_t max_new_tokens);
+  // Runs lake::Rebalance and mirrors its actions on the instances' stores.
+  absl::Status RebalancePool();
 
   const LlamaModel* model_;
   EngineOptions options_;

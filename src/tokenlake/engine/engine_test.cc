@@ -106,6 +106,7 @@ struct PoolCase {
   int32_t slots_per_instance;
   bool rotate;
   bool tied;
+  int32_t rebalance_every = 0;
 };
 
 class EnginePoolRandomTest : public testing::TestWithParam<PoolCase> {};
@@ -124,7 +125,16 @@ TEST_P(EnginePoolRandomTest, MatchesNoPoolReferenceAndKeepsThePoolConsistent) {
                                           .num_instances = pc.num_instances,
                                           .segment_tokens = pc.segment_tokens,
                                           .slots_per_instance = pc.slots_per_instance,
-                                          .rotate_compute_instance = pc.rotate});
+                                          .rotate_compute_instance = pc.rotate,
+                                          .rebalance_every_requests = pc.rebalance_every,
+                                          // Small thresholds so that the tiny workload has
+                                          // heavy hitters and imbalance to fix.
+                                          .heavy_hitter = {.half_life_us = 20'000,
+                                                           .heavy_fraction = 0.2,
+                                                           .replica_target_fraction = 0.2,
+                                                           .track_fraction = 0.01,
+                                                           .min_heavy_load = 0},
+                                          .balancer = {.imbalance_threshold = 0.1}});
   ASSERT_TRUE(eng.ok()) << eng.status();
   const bool evicting = pc.slots_per_instance < 64;
   std::mt19937 rng(seed);
@@ -209,7 +219,11 @@ TEST_P(EnginePoolRandomTest, MatchesNoPoolReferenceAndKeepsThePoolConsistent) {
   const lake::LakeStats stats = (*eng)->lake()->Stats();
   std::cout << "hit tokens " << total_hit << ", segments " << stats.segments
             << ", evicted replicas " << stats.evicted_replicas << ", not stored "
-            << stats.not_stored_segments << ", remote attends " << remote_attends << "\n";
+            << stats.not_stored_segments << ", remote attends " << remote_attends << ", redundancy "
+            << stats.redundancy << ", rebalance actions " << (*eng)->rebalance_actions() << "\n";
+  if (pc.rebalance_every > 0) {
+    EXPECT_GT((*eng)->rebalance_actions(), 0);
+  }
   if (evicting) {
     EXPECT_GT(stats.evicted_replicas, 0);
   }
@@ -222,12 +236,13 @@ INSTANTIATE_TEST_SUITE_P(
     Pools, EnginePoolRandomTest,
     testing::Values(PoolCase{1, 4, 512, false, false}, PoolCase{2, 3, 512, true, false},
                     PoolCase{4, 8, 512, true, true}, PoolCase{3, 4, 6, true, false},
-                    PoolCase{2, 2, 5, false, true}, PoolCase{4, 1, 4, true, false}),
+                    PoolCase{2, 2, 5, false, true}, PoolCase{4, 1, 4, true, false},
+                    PoolCase{4, 4, 512, true, false, 2}, PoolCase{3, 2, 8, false, true, 1}),
     [](const testing::TestParamInfo<PoolCase>& param_info) {
       const PoolCase& c = param_info.param;
-      return absl::StrFormat("N%d_S%d_Slots%d%s%s", c.num_instances, c.segment_tokens,
-                             c.slots_per_instance, c.rotate ? "_Rotate" : "",
-                             c.tied ? "_Tied" : "");
+      return absl::StrFormat("N%d_S%d_Slots%d%s%s%s", c.num_instances, c.segment_tokens,
+                             c.slots_per_instance, c.rotate ? "_Rotate" : "", c.tied ? "_Tied" : "",
+                             c.rebalance_every > 0 ? "_Rebalance" : "");
     });
 
 TEST(EngineTest, BfloatPoolStaysCloseToTheFloatReference) {
