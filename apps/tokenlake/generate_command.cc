@@ -35,6 +35,7 @@ struct GenerateFlags {
   int slots_per_instance = 1024;
   std::string kv_dtype = "f32";
   bool rotate = false;
+  int rebalance_every = 0;
 };
 
 int Fail(const std::string& message) {
@@ -45,7 +46,7 @@ int Fail(const std::string& message) {
 int RunGenerate(const GenerateFlags& f) {
   if (f.instances < 1 || f.max_new_tokens < 1 || f.segment_tokens < 1 || f.slots_per_instance < 1) {
     std::cerr << "tokenlake generate: --instances, --max-new-tokens, --segment-tokens and "
-                 "--slots-per-instance must be >= 1\n";
+                 "--slots-per-instance must be >= 1, --rebalance-every >= 0\n";
     return 2;
   }
   if (f.kv_dtype != "f32" && f.kv_dtype != "bf16") {
@@ -72,7 +73,8 @@ int RunGenerate(const GenerateFlags& f) {
                                 .kv_dtype = f.kv_dtype == "bf16" ? attention::KvDtype::kBFloat16
                                                                  : attention::KvDtype::kFloat32,
                                 .namespace_name = f.model,
-                                .rotate_compute_instance = f.rotate};
+                                .rotate_compute_instance = f.rotate,
+                                .rebalance_every_requests = f.rebalance_every};
   auto eng = engine::Engine::Create(model->get(), options);
   if (!eng.ok()) return Fail(std::string(eng.status().message()));
 
@@ -121,7 +123,9 @@ int RunGenerate(const GenerateFlags& f) {
                    {"plan_kv_pull_bytes", s.plan_kv_pull_bytes},
                    {"plan_new_segment_bytes", s.plan_new_segment_bytes},
                    {"evicted_replicas", s.evicted_replicas},
-                   {"deduplicated_segments", s.deduplicated_segments}};
+                   {"deduplicated_segments", s.deduplicated_segments},
+                   {"redundancy", s.redundancy},
+                   {"rebalance_actions", (*eng)->rebalance_actions()}};
   }
   std::ofstream os(f.json_out);
   if (!os) return Fail(f.json_out + ": cannot open for writing");
@@ -158,6 +162,9 @@ void SetUpGenerate(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_flag("--rotate-compute", flags->rotate,
                 "Prefer computing request k on instance k mod N (spreads the work)");
+  cmd->add_option("--rebalance-every", flags->rebalance_every,
+                  "Rebalance the pool after every N requests (0 = never)")
+      ->capture_default_str();
   cmd->callback([flags, exit_code] { *exit_code = RunGenerate(*flags); });
 }
 
