@@ -28,7 +28,7 @@ namespace {
 
 struct SimFlags {
   std::string trace;
-  std::string workload = "chat";
+  std::string workload;  // empty: chat
   std::string requests = "2000";
   std::string instances = "16";
   std::string model = "llama-3-8b";
@@ -48,6 +48,9 @@ struct SimFlags {
   std::string gpus_per_node = "8";
   std::string pd_prefill_fraction = "0.75";
   std::string kv_gb;
+  std::string tl_dop_tokens = "16384";
+  std::string tl_max_dop = "4";
+  std::string tl_decode_reserve = "0.25";
   bool verbose = false;
 };
 
@@ -105,6 +108,17 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
     return Usage(error);
   }
   if (frac >= 1) return Usage("--pd-prefill-fraction must be in (0, 1)");
+  int64_t tl_dop_tokens = 0, tl_max_dop = 0;
+  double tl_reserve = 0;
+  if (!ParseCount(f.tl_dop_tokens, "--tl-dop-tokens", 1, INT64_MAX, &tl_dop_tokens, &error) ||
+      !ParseCount(f.tl_max_dop, "--tl-max-dop", 1, 4096, &tl_max_dop, &error) ||
+      !ParsePositive(f.tl_decode_reserve, "--tl-decode-reserve", &tl_reserve, &error)) {
+    return Usage(error);
+  }
+  if (tl_reserve >= 1) return Usage("--tl-decode-reserve must be in (0, 1)");
+  eo.tokenlake.dop_tokens = tl_dop_tokens;
+  eo.tokenlake.max_dop = static_cast<int>(tl_max_dop);
+  eo.tokenlake.decode_reserve_fraction = tl_reserve;
   if (!f.rate.empty() && !ParsePositive(f.rate, "--rate", &eo.rate_rps, &error)) {
     return Usage(error);
   }
@@ -135,15 +149,18 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
   const sim::CostModel cost(*model, *gpu, net);
 
   sim::Workload workload;
+  if (!f.trace.empty() && !f.workload.empty()) {
+    return Usage("--trace and --workload are exclusive");
+  }
   if (!f.trace.empty()) {
     auto w = sim::ReadMooncakeTrace(f.trace);
     if (!w.ok()) {
       std::cerr << "tokenlake sim: " << w.status().message() << "\n";
-      return absl::IsNotFound(w.status()) ? 2 : 1;
+      return absl::IsNotFound(w.status()) || absl::IsInvalidArgument(w.status()) ? 2 : 1;
     }
     workload = *std::move(w);
   } else {
-    auto kind = sim::ParseWorkloadKind(f.workload);
+    auto kind = sim::ParseWorkloadKind(f.workload.empty() ? "chat" : f.workload);
     if (!kind.ok()) return Usage(std::string(kind.status().message()));
     sim::GeneratorOptions g;
     g.kind = *kind;
@@ -188,6 +205,9 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
   config["pd_prefill_fraction"] = eo.sim.pd_prefill_fraction;
   config["kv_cache_tier"] = "GPU memory only";
   config["seed"] = seed;
+  config["tokenlake_dop_tokens"] = eo.tokenlake.dop_tokens;
+  config["tokenlake_max_dop"] = eo.tokenlake.max_dop;
+  config["tokenlake_decode_reserve"] = eo.tokenlake.decode_reserve_fraction;
 
   std::cout << absl::StrFormat(
       "workload %s: %d requests, %.3f rps native%s; %d x %s, %s; SLO P90 TTFT <= %gs, P90 "
@@ -226,10 +246,9 @@ void SetUpSim(CLI::App& app, int* exit_code) {
   CLI::App* cmd = app.add_subcommand(
       "sim", "Trace-driven cluster simulation: TokenLake against its baselines on one cost model");
   cmd->allow_extras();
-  auto* trace = cmd->add_option("--trace", flags->trace, "Mooncake JSON-lines trace file");
+  cmd->add_option("--trace", flags->trace, "Mooncake JSON-lines trace file");
   cmd->add_option("--workload", flags->workload,
-                  "built-in workload when no --trace: chat, agent or docqa (default chat)")
-      ->excludes(trace);
+                  "built-in workload when no --trace: chat, agent or docqa (default chat)");
   cmd->add_option("--requests", flags->requests, "requests of a built-in workload (default 2000)");
   cmd->add_option("--instances", flags->instances, "serving instances / GPUs (default 16)");
   cmd->add_option("--model", flags->model, "llama-3-8b or a model JSON file");
@@ -254,6 +273,11 @@ void SetUpSim(CLI::App& app, int* exit_code) {
                   "pd-disagg: share of instances that prefill (default 0.75)");
   cmd->add_option("--kv-gb", flags->kv_gb,
                   "KV cache GB per instance (default: GPU memory x 0.9 - weights - 4 GiB)");
+  cmd->add_option("--tl-dop-tokens", flags->tl_dop_tokens,
+                  "tokenlake: uncached prompt tokens per instance of a prefill's group (16384)");
+  cmd->add_option("--tl-max-dop", flags->tl_max_dop, "tokenlake: largest prefill group (4)");
+  cmd->add_option("--tl-decode-reserve", flags->tl_decode_reserve,
+                  "tokenlake: share of KV memory kept out of the pool for generated tokens (0.25)");
   cmd->add_flag("--verbose", flags->verbose, "log every simulation run (with --max-rate)");
   cmd->callback([flags, cmd, exit_code] { *exit_code = RunSim(*flags, cmd->remaining()); });
 }

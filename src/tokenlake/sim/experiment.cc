@@ -16,8 +16,9 @@ const std::vector<std::string>& AllPolicyNames() {
   return *names;
 }
 
-absl::StatusOr<std::unique_ptr<Policy>> MakePolicy(const std::string& name) {
-  if (name == "tokenlake") return MakeTokenLakePolicy();
+absl::StatusOr<std::unique_ptr<Policy>> MakePolicy(const std::string& name,
+                                                   const TokenLakePolicyOptions& tokenlake) {
+  if (name == "tokenlake") return MakeTokenLakePolicy(tokenlake);
   if (auto p = MakeBaselinePolicy(name)) return p;
   return absl::InvalidArgumentError(absl::StrFormat(
       "unknown policy '%s' (expected round-robin, least-load, cache-aware, pd-disagg or "
@@ -28,8 +29,9 @@ absl::StatusOr<std::unique_ptr<Policy>> MakePolicy(const std::string& name) {
 namespace {
 
 absl::StatusOr<SimResult> RunOnce(const Workload& workload, const CostModel& cost,
-                                  const SimOptions& sim_options, const std::string& policy_name) {
-  auto policy = MakePolicy(policy_name);
+                                  const SimOptions& sim_options, const std::string& policy_name,
+                                  const TokenLakePolicyOptions& tokenlake) {
+  auto policy = MakePolicy(policy_name, tokenlake);
   if (!policy.ok()) return policy.status();
   Simulator sim(sim_options, workload, cost, **policy);
   return sim.Run();
@@ -45,7 +47,7 @@ absl::StatusOr<std::vector<PolicyRun>> RunExperiment(const Workload& workload,
     return absl::InvalidArgumentError("rate must be > 0");
   }
   for (const std::string& name : o.policies) {
-    auto p = MakePolicy(name);
+    auto p = MakePolicy(name, o.tokenlake);
     if (!p.ok()) return p.status();
     if (name == "pd-disagg" && o.sim.num_instances < 2) {
       return absl::InvalidArgumentError("pd-disagg needs at least 2 instances");
@@ -58,7 +60,7 @@ absl::StatusOr<std::vector<PolicyRun>> RunExperiment(const Workload& workload,
     SimOptions sim_options = o.sim;
     auto run_at = [&](double scale) -> absl::StatusOr<std::pair<Summary, SimResult>> {
       const Workload scaled = ScaleArrivals(workload, scale);
-      auto result = RunOnce(scaled, cost, sim_options, name);
+      auto result = RunOnce(scaled, cost, sim_options, name, o.tokenlake);
       if (!result.ok()) return result.status();
       Summary s = Summarize(*result, native_rps * scale);
       if (o.log) {

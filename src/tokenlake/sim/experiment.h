@@ -14,6 +14,7 @@
 #include "tokenlake/sim/cost_model.h"
 #include "tokenlake/sim/metrics.h"
 #include "tokenlake/sim/simulator.h"
+#include "tokenlake/sim/tokenlake_policy.h"
 #include "tokenlake/sim/workload.h"
 
 namespace tokenlake::sim {
@@ -23,11 +24,14 @@ const std::vector<std::string>& AllPolicyNames();
 
 // Creates a policy by name (round-robin, least-load, cache-aware, pd-disagg, tokenlake).
 // InvalidArgument for an unknown name.
-absl::StatusOr<std::unique_ptr<Policy>> MakePolicy(const std::string& name);
+absl::StatusOr<std::unique_ptr<Policy>> MakePolicy(const std::string& name,
+                                                   const TokenLakePolicyOptions& tokenlake = {});
 
 struct ExperimentOptions {
   // Engine and policy parameters shared by every policy.
   SimOptions sim;
+  // The tokenlake policy's scheduler knobs.
+  TokenLakePolicyOptions tokenlake;
   // Policies to run, by name.
   std::vector<std::string> policies = AllPolicyNames();
   // Offered request rate (arrivals scaled); 0 = the workload's own arrival times.

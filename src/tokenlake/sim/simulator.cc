@@ -52,7 +52,11 @@ void Simulator::Deliver(Job* job, double ready_s) {
   Instance& inst = instances_[job->instance];
   ++inst.in_flight;
   if (ready_s <= now_s_) {
-    inst.waiting.push_back(job);
+    if (job->continuation) {
+      inst.waiting.push_front(job);
+    } else {
+      inst.waiting.push_back(job);
+    }
     Wake(inst);
   } else {
     Push(ready_s, 1, job->instance, 0, job);
@@ -165,7 +169,7 @@ void Simulator::StartStep(Instance& inst) {
     const double b = static_cast<double>(inst.running.size());
     const double compute = cost_.DenseSeconds(total) + rate * (static_cast<double>(context) + b);
     const double per_iter_extra =
-        policy_.ExtraIterationSeconds(*this, inst, inst.running, tokens, compute, k);
+        policy_.ExtraIterationSeconds(*this, inst, inst.running, tokens, compute);
     inst.step_decode_only = true;
     inst.step_iters = k;
     inst.step_a_s = compute + per_iter_extra;
@@ -185,8 +189,7 @@ void Simulator::StartStep(Instance& inst) {
   inst.step_iters = 1;
   const double compute = cost_.IterationSeconds(work);
   const double duration =
-      compute + extra +
-      policy_.ExtraIterationSeconds(*this, inst, inst.running, tokens, compute, 1);
+      compute + extra + policy_.ExtraIterationSeconds(*this, inst, inst.running, tokens, compute);
   Push(now_s_ + duration, 0, inst.id, inst.generation, nullptr);
 }
 
@@ -198,6 +201,7 @@ void Simulator::FinishStep(Instance& inst) {
   // Stays busy while the finished jobs are processed (policies may deliver new work here,
   // which the StartStep at the end picks up).
   const int64_t iters = inst.step_iters;
+  policy_.OnIterationsDone(*this, inst, inst.running, inst.step_tokens, iters);
   std::vector<Job*> still;
   still.reserve(inst.running.size());
   for (size_t i = 0; i < inst.running.size(); ++i) {
@@ -288,7 +292,11 @@ SimResult Simulator::Run() {
     if (e.kind == 0) {
       if (e.generation == inst.generation && inst.busy) FinishStep(inst);
     } else {
-      inst.waiting.push_back(e.job);
+      if (e.job->continuation) {
+        inst.waiting.push_front(e.job);
+      } else {
+        inst.waiting.push_back(e.job);
+      }
       Wake(inst);
     }
   }

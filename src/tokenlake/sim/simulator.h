@@ -62,6 +62,7 @@ struct Job {
   Phase phase = Phase::kQueued;
   bool prefill_only = false;  // PD prefill: hand over after the first token
   bool decode_only = false;   // PD decode: the prompt's KV arrives by transfer
+  bool continuation = false;  // continues a request already running here: queued first
   int64_t cached_tokens = 0;  // prompt tokens whose KV is reused (set by Admit)
   int64_t prompt_end = -1;    // this job prefills the prompt up to here (-1: the whole prompt)
   int64_t prefilled = 0;      // prompt tokens computed so far, beyond cached_tokens
@@ -137,15 +138,21 @@ class Policy {
   virtual void OnPrefillDone(Simulator& sim, Job& job) = 0;
   // The job finished on its instance (last token, or hand-over for a prefill-only job).
   virtual void OnJobDone(Simulator& sim, Job& job) = 0;
-  // Extra seconds each of the `iters` iterations of `inst` with these jobs and tokens takes
-  // (communication not hidden by `compute_s`, the iteration's own compute time). It may also
-  // charge work to other instances (Simulator::ChargeExtra). Default none.
+  // Extra seconds each iteration of `inst` with these jobs and tokens takes (communication
+  // and remote work not hidden by `compute_s`, the iteration's own compute time). Called when
+  // a step starts; must not change the simulation. Default none.
   virtual double ExtraIterationSeconds(Simulator& sim, Instance& inst,
                                        const std::vector<Job*>& jobs,
-                                       const std::vector<int64_t>& tokens, double compute_s,
-                                       int64_t iters) {
-    (void)sim, (void)inst, (void)jobs, (void)tokens, (void)compute_s, (void)iters;
+                                       const std::vector<int64_t>& tokens, double compute_s) {
+    (void)sim, (void)inst, (void)jobs, (void)tokens, (void)compute_s;
     return 0;
+  }
+  // `iters` iterations of `inst` with these jobs and tokens (per iteration) just completed,
+  // before the jobs' progress is applied: the policy may charge work they caused to other
+  // instances (Simulator::ChargeExtra) and count bytes. Default none.
+  virtual void OnIterationsDone(Simulator& sim, Instance& inst, const std::vector<Job*>& jobs,
+                                const std::vector<int64_t>& tokens, int64_t iters) {
+    (void)sim, (void)inst, (void)jobs, (void)tokens, (void)iters;
   }
   // Periodic hook (every sample period).
   virtual void OnSample(Simulator& sim) { (void)sim; }

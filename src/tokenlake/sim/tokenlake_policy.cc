@@ -44,6 +44,7 @@ class TokenLakePolicy final : public Policy {
     lo.model.num_kv_heads = static_cast<int32_t>(m.num_kv_heads);
     lo.model.head_dim = static_cast<int32_t>(m.head_dim);
     lo.model.dtype_bytes = static_cast<int32_t>(m.dtype_bytes);
+    shape_ = lo.model;
     auto lake = lake::Lake::Create(lo, &clock_);
     TOKENLAKE_CHECK_OK(lake.status());
     lake_ = *std::move(lake);
@@ -63,9 +64,13 @@ class TokenLakePolicy final : public Policy {
     const int64_t cached = std::min(match.matched_tokens, r.input_tokens - 1);
     const int64_t new_tokens = r.input_tokens - cached;
     const int n = sim.options().num_instances;
+    // Elastic DoP: spread a long prefill only over capacity that is idle now (at most as many
+    // instances as have nothing in flight), so that splitting never queues parts behind others.
+    int idle = 0;
+    for (const Instance& inst : sim.instances()) idle += inst.in_flight == 0 ? 1 : 0;
     const int dop = static_cast<int>(
         std::clamp<int64_t>((new_tokens + options_.dop_tokens - 1) / options_.dop_tokens, 1,
-                            std::min(options_.max_dop, n)));
+                            std::max(1, std::min({options_.max_dop, n, idle}))));
 
     lake::LakeRequest lr;
     lr.id = RequestId(static_cast<uint64_t>(request));
@@ -128,6 +133,7 @@ class TokenLakePolicy final : public Policy {
       job->prompt_end = cached + offset + q;
       job->remote_holders = remote;
       job->remote_context_tokens = remote_tokens;
+      job->policy_tag = j == 0 ? 1 : 0;  // part 0 runs on the computing instance
       offset += q;
       sim.Deliver(job, ready);
     }
@@ -135,14 +141,17 @@ class TokenLakePolicy final : public Policy {
 
   bool Admit(Simulator& sim, Job& job) override {
     (void)sim;
-    if (!job.decode_only) return true;  // the prompt's KV lives in the pool
+    // The prompt's KV lives in the pool. The computing part reserves the generated tokens'
+    // memory on its instance (held until the request finishes), like the baselines reserve
+    // prompt + output at admission; the decode continuation already holds it.
+    if (job.decode_only || job.policy_tag != 1) return true;
     const int64_t blocks = (job.r->output_tokens + kBlockTokens - 1) / kBlockTokens + 1;
     if (reserve_used_[job.instance] + blocks > reserve_blocks_) {
       // A request needing more than the whole reserve runs alone.
       if (!(reserve_used_[job.instance] == 0 && blocks > reserve_blocks_)) return false;
     }
     reserve_used_[job.instance] += blocks;
-    job.private_blocks = blocks;
+    state_[job.request].reserved_blocks = blocks;
     return true;
   }
 
@@ -176,6 +185,7 @@ class TokenLakePolicy final : public Policy {
     decode->decode_only = true;
     decode->cached_tokens = r.input_tokens;
     decode->decoded = 1;
+    decode->continuation = true;
     auto plans = lake_->GenPlans(absl::MakeConstSpan(&batch, 1));
     if (Ok(plans.status())) {
       for (const plan::HolderPlan& h : (*plans)[0].requests[0].holders) {
@@ -192,35 +202,41 @@ class TokenLakePolicy final : public Policy {
   void OnJobDone(Simulator& sim, Job& job) override {
     (void)sim;
     if (!job.decode_only) return;
-    reserve_used_[job.instance] -= job.private_blocks;
-    job.private_blocks = 0;
     Finish(job.request);
   }
 
   double ExtraIterationSeconds(Simulator& sim, Instance& inst, const std::vector<Job*>& jobs,
-                               const std::vector<int64_t>& tokens, double compute_s,
-                               int64_t iters) override {
+                               const std::vector<int64_t>& tokens, double compute_s) override {
+    // The computing instance merges the holders' partials: it waits for the slowest holder's
+    // attention plus the query/partial transfer, beyond its own compute (overlapped).
     double worst = 0;
     const CostModel& cost = sim.cost();
     const int gpn = static_cast<int>(cost.net().gpus_per_node);
-    plan::ModelShape shape;
-    shape.num_layers = static_cast<int32_t>(cost.model().num_layers);
-    shape.num_heads = static_cast<int32_t>(cost.model().num_heads);
-    shape.num_kv_heads = static_cast<int32_t>(cost.model().num_kv_heads);
-    shape.head_dim = static_cast<int32_t>(cost.model().head_dim);
-    shape.dtype_bytes = static_cast<int32_t>(cost.model().dtype_bytes);
     for (size_t i = 0; i < jobs.size() && i < tokens.size(); ++i) {
       const int64_t t = tokens[i];
       if (t <= 0) continue;
       for (const auto& [holder, held] : jobs[i]->remote_holders) {
         const double attn = cost.CachedAttentionSeconds(t, held);
-        sim.ChargeExtra(holder, attn * static_cast<double>(iters));
-        const int64_t bytes = plan::MoveQueriesBytes(shape, t);
-        sim.AddBytesMoved(bytes * iters);
+        const int64_t bytes = plan::MoveQueriesBytes(shape_, t);
         worst = std::max(worst, attn + cost.TransferSeconds(bytes, holder / gpn == inst.id / gpn));
       }
     }
     return std::max(0.0, worst - compute_s);
+  }
+
+  void OnIterationsDone(Simulator& sim, Instance& inst, const std::vector<Job*>& jobs,
+                        const std::vector<int64_t>& tokens, int64_t iters) override {
+    (void)inst;
+    const CostModel& cost = sim.cost();
+    for (size_t i = 0; i < jobs.size() && i < tokens.size(); ++i) {
+      const int64_t t = tokens[i];
+      if (t <= 0) continue;
+      for (const auto& [holder, held] : jobs[i]->remote_holders) {
+        // The holder computed the partial attention of these queries over its segments.
+        sim.ChargeExtra(holder, cost.CachedAttentionSeconds(t, held) * static_cast<double>(iters));
+        sim.AddBytesMoved(plan::MoveQueriesBytes(shape_, t) * iters);
+      }
+    }
   }
 
   void OnSample(Simulator& sim) override {
@@ -242,6 +258,7 @@ class TokenLakePolicy final : public Policy {
     std::vector<plan::NewSegmentPlacement> placements;
     int compute = -1;
     int parts_left = 0;
+    int64_t reserved_blocks = 0;  // generated tokens' memory held on `compute`
     bool admitted = false;
   };
 
@@ -258,6 +275,8 @@ class TokenLakePolicy final : public Policy {
 
   void Finish(int64_t request) {
     RequestState& st = state_[request];
+    if (st.compute >= 0) reserve_used_[st.compute] -= st.reserved_blocks;
+    st.reserved_blocks = 0;
     if (st.admitted) Ok(lake_->Release(RequestId(static_cast<uint64_t>(request))));
     st.admitted = false;
     st.keys.clear();
@@ -291,6 +310,7 @@ class TokenLakePolicy final : public Policy {
   ManualClock clock_;
   std::unique_ptr<lake::Lake> lake_;
   uint64_t salt_ = 0;
+  plan::ModelShape shape_;
   int64_t reserve_blocks_ = 0;
   std::vector<int64_t> reserve_used_;
   std::vector<RequestState> state_;

@@ -4,7 +4,8 @@
 // What the simulated scheduler does (the part TokenLake leaves to "any scheduler"):
 // - Each arriving request's cached prefix is its pool-wide match (Lake::Match: one copy of a
 //   segment anywhere serves every instance).
-// - DoP: a prefill of q uncached tokens gets ceil(q / dop_tokens) instances (at most max_dop);
+// - DoP: a prefill of q uncached tokens gets ceil(q / dop_tokens) instances (at most max_dop,
+//   and at most the number of instances with nothing in flight: spread only over idle capacity);
 //   the Lake picks that instance group (GenPlans with that dop) and the prompt is split into
 //   contiguous parts, one per member (sequence parallelism). A DoP-1 request runs on the
 //   instance with the fewest requests in flight (ties: the one holding most of its prefix),
@@ -38,7 +39,7 @@ struct TokenLakePolicyOptions {
   // Largest instance group for one prefill.
   int max_dop = 4;
   // Share of each instance's KV memory kept out of the pool for generated tokens.
-  double decode_reserve_fraction = 0.1;
+  double decode_reserve_fraction = 0.25;
 };
 
 absl::StatusOr<std::unique_ptr<Policy>> MakeTokenLakePolicy(TokenLakePolicyOptions options = {});
