@@ -1,6 +1,7 @@
 #include "tokenlake/lake/lake.h"
 
 #include <set>
+#include <thread>
 
 #include "gtest/gtest.h"
 #include "tokenlake/base/clock.h"
@@ -317,6 +318,35 @@ TEST_F(LakeTest, CacheLoadCountsWorkWhereTheSegmentsLive) {
   EXPECT_EQ((*load)[0].load_units, 0);
   EXPECT_DOUBLE_EQ((*load)[1].load_units, 10.0 * 2 * kS);
   EXPECT_EQ((*load)[1].new_memory_bytes, plan::KvBytes(SmallOptions().model, kS));
+}
+
+TEST_F(LakeTest, ConcurrentCallersKeepThePoolConsistent) {
+  Make(SmallOptions(4, 16));
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([this, t] {
+      for (int i = 0; i < 200; ++i) {
+        const uint64_t id = 1 + t * 1000 + i;
+        // Shared prefix {1, 2} plus a per-thread tail, so threads race on the same segments.
+        LakeRequest r = Req(id, Chain({1, 2, 100 + static_cast<uint64_t>(t * 1000 + i % 7)}), 4);
+        auto plans = lake_->GenPlans({Batch{{r}, 2}});
+        ASSERT_TRUE(plans.ok()) << plans.status();
+        ASSERT_TRUE(lake_->Admit(r).ok());
+        ASSERT_TRUE(lake_->Commit(r.id, (*plans)[0].transfer.new_segments).ok());
+        ASSERT_TRUE(lake_->Release(r.id).ok());
+        if (i % 50 == 0) {
+          ASSERT_TRUE(lake_->Rebalance().ok());
+        }
+      }
+    });
+  }
+  for (std::thread& th : threads) th.join();
+  EXPECT_TRUE(lake_->CheckIntegrity().ok()) << lake_->CheckIntegrity();
+  LakeStats s = lake_->Stats();
+  EXPECT_EQ(s.active_requests, 0);
+  EXPECT_EQ(s.pinned_segments, 0);
+  EXPECT_EQ(s.admitted_requests, 800);
+  for (const InstanceStats& i : s.instances) EXPECT_EQ(i.used_slots + i.free_slots, 16);
 }
 
 }  // namespace

@@ -182,7 +182,8 @@ json ToJson(const BatchPlan& p) {
                          {"action", HolderActionName(h.action)},
                          {"num_segments", h.num_segments},
                          {"cached_tokens", h.cached_tokens},
-                         {"bytes", h.bytes}});
+                         {"bytes", h.bytes},
+                         {"attention_flops", h.attention_flops}});
     }
     jr["holders"] = std::move(holders);
     reqs.push_back(std::move(jr));
@@ -260,6 +261,7 @@ absl::StatusOr<BatchPlan> BatchPlanFromJson(const json& j) {
       TOKENLAKE_RETURN_IF_ERROR(GetInt((*holders)[k], "num_segments", w, &h.num_segments));
       TOKENLAKE_RETURN_IF_ERROR(GetInt((*holders)[k], "cached_tokens", w, &h.cached_tokens));
       TOKENLAKE_RETURN_IF_ERROR(GetInt((*holders)[k], "bytes", w, &h.bytes));
+      TOKENLAKE_RETURN_IF_ERROR(GetDouble((*holders)[k], "attention_flops", w, &h.attention_flops));
       r.holders.push_back(h);
     }
     p.requests.push_back(std::move(r));

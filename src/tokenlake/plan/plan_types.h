@@ -45,6 +45,9 @@ struct HolderPlan {
   int32_t num_segments = 0;
   int64_t cached_tokens = 0;  // tokens of the request's segments served by this holder
   int64_t bytes = 0;          // traffic this choice costs (0 for kLocal), all layers
+  // Attention FLOPs of the request's queries over these tokens (all layers). They run on the
+  // holder for kLocal / kMoveQueries and on the computing instance for kPullKv.
+  double attention_flops = 0;
   friend bool operator==(const HolderPlan&, const HolderPlan&) = default;
 };
 

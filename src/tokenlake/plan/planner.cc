@@ -277,6 +277,7 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
       for (const HolderPlan& h : rp.holders) holder_slot[h.holder.value()] = -1;
       rp.attention_flops = AttentionFlops(shape, r.new_tokens, rp.cached_tokens);
       for (HolderPlan& h : rp.holders) {
+        h.attention_flops = AttentionFlops(shape, r.new_tokens, h.cached_tokens);
         if (h.holder == rp.compute_instance) continue;
         if (PreferMoveQueries(shape, r.new_tokens, h.cached_tokens)) {
           h.action = HolderAction::kMoveQueries;

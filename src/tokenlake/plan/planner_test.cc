@@ -309,6 +309,10 @@ TEST_P(PlannerPropertyTest, PlansAreConsistentAndDeterministic) {
         }
         ASSERT_EQ(rp.cached_tokens, tokens);
         ASSERT_EQ(rp.holders.size(), by_holder.size());
+        double flops = 0;
+        for (const HolderPlan& h : rp.holders) flops += h.attention_flops;
+        ASSERT_NEAR(flops, 4.0 * o.shape.num_layers * in.new_tokens * tokens * 32 * 128,
+                    1e-6 * (1 + flops));
         for (const HolderPlan& h : rp.holders) {
           ASSERT_EQ(h.cached_tokens, by_holder[h.holder]);
           if (h.action == HolderAction::kMoveQueries) {
