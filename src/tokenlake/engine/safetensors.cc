@@ -1,9 +1,14 @@
 #include "tokenlake/engine/safetensors.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <bit>
+#include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <limits>
 #include <utility>
 
@@ -73,50 +78,71 @@ int64_t TensorInfo::num_elements() const {
 }
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open safetensors file"));
-  in.seekg(0, std::ios::end);
-  const std::streamoff size = in.tellg();
-  if (size < 0) return absl::DataLossError(absl::StrCat(path, ": cannot determine file size"));
-  in.seekg(0, std::ios::beg);
-  std::string bytes(static_cast<size_t>(size), '\0');
-  if (size > 0 && !in.read(bytes.data(), size)) {
-    return absl::DataLossError(absl::StrCat(path, ": read error"));
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    return absl::NotFoundError(
+        absl::StrCat(path, ": cannot open safetensors file: ", std::strerror(errno)));
   }
-  return FromBytes(std::move(bytes), path);
+  struct stat st;
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return absl::DataLossError(absl::StrCat(path, ": not a regular file"));
+  }
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->source_name_ = path;
+  if (st.st_size > 0) {
+    void* m = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE, fd, 0);
+    if (m == MAP_FAILED) {
+      const int err = errno;
+      ::close(fd);
+      return absl::DataLossError(absl::StrCat(path, ": cannot map the file: ", std::strerror(err)));
+    }
+    file->mapping_ = m;
+    file->mapping_bytes_ = static_cast<size_t>(st.st_size);
+    file->base_ = static_cast<const char*>(m);
+    file->size_ = file->mapping_bytes_;
+  }
+  ::close(fd);
+  TOKENLAKE_RETURN_IF_ERROR(file->Parse());
+  return file;
 }
 
 absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromBytes(
     std::string bytes, std::string source_name) {
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
-  file->bytes_ = std::move(bytes);
+  file->owned_ = std::move(bytes);
+  file->base_ = file->owned_.data();
+  file->size_ = file->owned_.size();
   file->source_name_ = std::move(source_name);
   TOKENLAKE_RETURN_IF_ERROR(file->Parse());
   return file;
 }
 
+SafetensorsFile::~SafetensorsFile() {
+  if (mapping_ != nullptr) ::munmap(mapping_, mapping_bytes_);
+}
+
 absl::Status SafetensorsFile::Parse() {
   const std::string& src = source_name_;
-  if (bytes_.size() < 8) {
+  if (size_ < 8) {
     return absl::InvalidArgumentError(absl::StrFormat(
-        "%s: file of %d bytes is too short for the 8-byte header length", src, bytes_.size()));
+        "%s: file of %d bytes is too short for the 8-byte header length", src, size_));
   }
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) {
-    header_len = (header_len << 8) | static_cast<uint8_t>(bytes_[static_cast<size_t>(i)]);
+    header_len = (header_len << 8) | static_cast<uint8_t>(base_[i]);
   }
   if (header_len > kMaxHeaderBytes) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "%s: header length %d exceeds the limit of %d bytes", src, header_len, kMaxHeaderBytes));
   }
-  if (header_len > bytes_.size() - 8) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%s: header length %d runs past the end of the file (%d bytes)", src,
-                        header_len, bytes_.size()));
+  if (header_len > size_ - 8) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: header length %d runs past the end of the file (%d bytes)", src, header_len, size_));
   }
   data_begin_ = 8 + static_cast<int64_t>(header_len);
-  const int64_t data_size = static_cast<int64_t>(bytes_.size()) - data_begin_;
-  const json header = json::parse(bytes_.begin() + 8, bytes_.begin() + data_begin_, nullptr, false);
+  const int64_t data_size = static_cast<int64_t>(size_) - data_begin_;
+  const json header = json::parse(base_ + 8, base_ + data_begin_, nullptr, false);
   if (header.is_discarded()) {
     return absl::InvalidArgumentError(absl::StrCat(src, ": header is not valid JSON"));
   }
@@ -222,7 +248,7 @@ const TensorInfo* SafetensorsFile::Find(const std::string& name) const {
 }
 
 absl::Span<const std::byte> SafetensorsFile::Data(const TensorInfo& tensor) const {
-  const auto* base = reinterpret_cast<const std::byte*>(bytes_.data()) + data_begin_;
+  const auto* base = reinterpret_cast<const std::byte*>(base_) + data_begin_;
   return absl::Span<const std::byte>(base + tensor.begin,
                                      static_cast<size_t>(tensor.end - tensor.begin));
 }

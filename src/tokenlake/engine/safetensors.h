@@ -5,7 +5,8 @@
 // [begin, end]}, plus an optional "__metadata__" object of strings), then the data section;
 // data_offsets are byte offsets into the data section, little-endian, row-major.
 //
-// Open reads the whole file into memory and validates everything up front: header length within
+// Open maps the file read-only (mmap; the OS pages it in on demand, nothing is copied) and
+// validates everything up front: header length within
 // the file, valid JSON, every entry's dtype known, shape non-negative, offsets in bounds and
 // matching shape x dtype size, no two tensors overlapping. After a successful Open every accessor
 // is safe. Errors name the file and the tensor or field.
@@ -47,15 +48,19 @@ struct TensorInfo {
 
 class SafetensorsFile {
  public:
-  // Reads and validates `path`.
-  // Errors: NotFound (cannot open the file), DataLoss (file shorter than its header says, or a
-  //   read error), InvalidArgument (bad header: length, JSON, an entry's dtype / shape /
+  // Maps and validates `path`.
+  // Errors: NotFound (cannot open the file), DataLoss (not a regular file, or it cannot be
+  //   mapped), InvalidArgument (bad header: length, JSON, an entry's dtype / shape /
   //   data_offsets; the message names the file and the tensor).
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
 
   // As Open, over bytes already in memory; `source_name` is used in messages.
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> FromBytes(std::string bytes,
                                                                     std::string source_name);
+
+  ~SafetensorsFile();
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
 
   // The tensor called `name`, or nullptr.
   const TensorInfo* Find(const std::string& name) const;
@@ -79,8 +84,12 @@ class SafetensorsFile {
   absl::Status Parse();
 
   std::string source_name_;
-  std::string bytes_;
-  int64_t data_begin_ = 0;  // offset of the data section in bytes_
+  std::string owned_;        // the image, for FromBytes
+  void* mapping_ = nullptr;  // the mmap of the file, for Open (nullptr if none)
+  size_t mapping_bytes_ = 0;
+  const char* base_ = nullptr;  // the image: owned_ or the mapping
+  size_t size_ = 0;
+  int64_t data_begin_ = 0;  // offset of the data section in the image
   std::map<std::string, TensorInfo> tensors_;
   std::map<std::string, std::string> metadata_;
 };

@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <limits>
 #include <string>
 #include <vector>
@@ -172,6 +173,22 @@ TEST(SafetensorsTest, OpenReportsMissingFileAndReadsTheFixture) {
   EXPECT_EQ(embed->dtype, TensorDtype::kBF16);
   EXPECT_EQ(embed->shape, (std::vector<int64_t>{512, 64}));
   EXPECT_EQ((*file)->Find("lm_head.weight"), nullptr);  // tied
+  // A file on disk goes through the same validation as bytes in memory.
+  const std::string empty_path = testing::TempDir() + "/empty.safetensors";
+  { std::ofstream(empty_path, std::ios::binary); }
+  auto empty = SafetensorsFile::Open(empty_path);
+  EXPECT_EQ(empty.status().code(), absl::StatusCode::kInvalidArgument) << empty.status();
+  EXPECT_NE(empty.status().message().find(empty_path), std::string::npos);
+  const std::string bad_path = testing::TempDir() + "/bad.safetensors";
+  {
+    std::ofstream out(bad_path, std::ios::binary);
+    out << WithHeader(R"({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})", "1234");
+  }
+  auto bad = SafetensorsFile::Open(bad_path);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("out of bounds"), std::string::npos) << bad.status();
+  EXPECT_EQ(SafetensorsFile::Open(testing::TempDir()).status().code(),
+            absl::StatusCode::kDataLoss);  // a directory
 }
 
 }  // namespace
