@@ -7,6 +7,10 @@ packages=(
   cmake ninja-build g++ make pkg-config git python3
   libgtest-dev libgmock-dev libbenchmark-dev
   libabsl-dev libcli11-dev nlohmann-json3-dev libxxhash-dev libspdlog-dev libfmt-dev
+  # service: gRPC control plane, HTTP front end (cpp-httplib is built with brotli support),
+  # libFuzzer targets (clang 14)
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libcpp-httplib-dev
+  libbrotli-dev clang-14 libclang-rt-14-dev
 )
 
 missing=()

@@ -1,0 +1,137 @@
+// `tokenlake coordinator`: the control process of a TokenLake cluster (service/coordinator.h):
+// membership by heartbeats, the cluster-wide prefix tree, routing, and the HTTP front end
+// (POST /v1/completions, GET /metrics, GET /healthz) on 127.0.0.1. Runs until SIGTERM/SIGINT.
+// With --port-file it writes {"http_port", "grpc_port", "transport_port"} once listening.
+//
+// Exit codes: 0 after a signal, 1 for a runtime error (unreadable model config, port in use),
+// 2 for bad flags.
+#include <signal.h>
+#include <sys/prctl.h>
+
+#include <cstdio>
+#include <iostream>
+#include <string>
+
+#include "CLI/CLI.hpp"
+#include "absl/strings/str_format.h"
+#include "command.h"
+#include "tokenlake/engine/llama_config.h"
+#include "tokenlake/service/coordinator.h"
+#include "tokenlake/service/process.h"
+
+namespace tokenlake::cli {
+namespace {
+
+struct CoordinatorFlags {
+  std::string model;
+  std::string namespace_name = "tokenlake";
+  int segment_tokens = 16;
+  int http_port = 0;
+  int grpc_port = 0;
+  int transport_port = 0;
+  std::string port_file;
+  int heartbeat_ms = 200;
+  int dead_after_ms = 1000;
+  int request_timeout_ms = 30000;
+  int attempt_timeout_ms = 10000;
+  int max_tokens_limit = 256;
+  double fault_drop = 0;
+  int fault_delay_ms = 0;
+  bool exit_with_parent = false;
+};
+
+int RunCoordinator(const CoordinatorFlags& f) {
+  if (f.exit_with_parent) ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+  auto config = engine::LoadLlamaConfig(f.model + "/config.json");
+  if (!config.ok()) {
+    std::cerr << "tokenlake coordinator: " << config.status().message() << "\n";
+    return 1;
+  }
+  service::CoordinatorOptions o;
+  o.limits = {.vocab_size = config->vocab_size,
+              .context_tokens = config->max_position_embeddings > 0
+                                    ? config->max_position_embeddings
+                                    : int64_t{1} << 20,
+              .max_tokens_limit = f.max_tokens_limit,
+              .default_max_tokens = std::min(16, f.max_tokens_limit)};
+  o.segment_tokens = f.segment_tokens;
+  o.namespace_name = f.namespace_name;
+  o.http_port = f.http_port;
+  o.grpc_port = f.grpc_port;
+  o.transport_port = f.transport_port;
+  o.heartbeat_interval = absl::Milliseconds(f.heartbeat_ms);
+  o.dead_after = absl::Milliseconds(f.dead_after_ms);
+  o.request_timeout = absl::Milliseconds(f.request_timeout_ms);
+  o.attempt_timeout = absl::Milliseconds(f.attempt_timeout_ms);
+  o.faults.drop_probability = f.fault_drop;
+  o.faults.delay = absl::Milliseconds(f.fault_delay_ms);
+
+  // Signals are taken synchronously by this thread; every thread started below inherits the mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  auto coordinator = service::Coordinator::Create(o);
+  if (!coordinator.ok()) {
+    std::cerr << "tokenlake coordinator: " << coordinator.status().message() << "\n";
+    return coordinator.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  const std::string ports = absl::StrFormat(
+      "{\"http_port\": %d, \"grpc_port\": %d, \"transport_port\": %d}\n",
+      (*coordinator)->http_port(), (*coordinator)->grpc_port(), (*coordinator)->transport_port());
+  if (!f.port_file.empty()) {
+    if (absl::Status s = service::WriteFileAtomically(f.port_file, ports); !s.ok()) {
+      std::cerr << "tokenlake coordinator: " << s.message() << "\n";
+      return 1;
+    }
+  }
+  std::fprintf(stderr, "tokenlake coordinator: http://127.0.0.1:%d grpc 127.0.0.1:%d %s",
+               (*coordinator)->http_port(), (*coordinator)->grpc_port(), ports.c_str());
+  int sig = 0;
+  sigwait(&signals, &sig);
+  std::fprintf(stderr, "tokenlake coordinator: signal %d, shutting down\n", sig);
+  (*coordinator)->Shutdown();
+  return 0;
+}
+
+void SetUpCoordinator(CLI::App& app, int* exit_code) {
+  auto f = std::make_shared<CoordinatorFlags>();
+  CLI::App* cmd = app.add_subcommand(
+      "coordinator", "Cluster coordinator: membership, prefix tree, routing, HTTP front end");
+  cmd->add_option("--model", f->model, "Checkpoint directory (its config.json sets the limits)")
+      ->required();
+  cmd->add_option("--namespace", f->namespace_name, "Segment-id namespace (same on instances)")
+      ->capture_default_str();
+  cmd->add_option("--segment-tokens", f->segment_tokens, "Tokens per segment (same on instances)")
+      ->capture_default_str();
+  cmd->add_option("--http-port", f->http_port, "HTTP port on 127.0.0.1 (0 = any)")
+      ->capture_default_str();
+  cmd->add_option("--grpc-port", f->grpc_port, "gRPC port on 127.0.0.1 (0 = any)")
+      ->capture_default_str();
+  cmd->add_option("--transport-port", f->transport_port, "Host-transport port (0 = any)")
+      ->capture_default_str();
+  cmd->add_option("--port-file", f->port_file, "Write the chosen ports (JSON) to this file");
+  cmd->add_option("--heartbeat-ms", f->heartbeat_ms, "Heartbeat period asked of instances")
+      ->capture_default_str();
+  cmd->add_option("--dead-after-ms", f->dead_after_ms, "Silence after which an instance is dead")
+      ->capture_default_str();
+  cmd->add_option("--request-timeout-ms", f->request_timeout_ms, "Deadline of one request")
+      ->capture_default_str();
+  cmd->add_option("--attempt-timeout-ms", f->attempt_timeout_ms, "Deadline of one attempt")
+      ->capture_default_str();
+  cmd->add_option("--max-tokens-limit", f->max_tokens_limit, "Largest max_tokens accepted")
+      ->capture_default_str();
+  cmd->add_option("--fault-drop", f->fault_drop, "Drop probability on the host transport (tests)")
+      ->capture_default_str();
+  cmd->add_option("--fault-delay-ms", f->fault_delay_ms, "Delay on the host transport (tests)")
+      ->capture_default_str();
+  cmd->add_flag("--exit-with-parent", f->exit_with_parent, "Exit when the parent process dies");
+  cmd->callback([f, exit_code] { *exit_code = RunCoordinator(*f); });
+}
+
+}  // namespace
+}  // namespace tokenlake::cli
+
+TOKENLAKE_REGISTER_COMMAND(coordinator, tokenlake::cli::SetUpCoordinator);

@@ -1,0 +1,98 @@
+// `tokenlake instance`: one TokenLake instance process (service/instance_server.h): an engine
+// shard over its own segment store, registered with the coordinator, serving generate requests
+// over the host transport. Runs until SIGTERM/SIGINT.
+//
+// Exit codes: 0 after a signal, 1 for a runtime error (bad model), 2 for bad flags.
+#include <signal.h>
+#include <sys/prctl.h>
+
+#include <cstdio>
+#include <iostream>
+#include <string>
+
+#include "CLI/CLI.hpp"
+#include "command.h"
+#include "tokenlake/engine/llama_model.h"
+#include "tokenlake/service/instance_server.h"
+
+namespace tokenlake::cli {
+namespace {
+
+struct InstanceFlags {
+  std::string model;
+  std::string name;
+  int id = -1;
+  int coordinator_port = 0;
+  int transport_port = 0;
+  std::string namespace_name = "tokenlake";
+  int segment_tokens = 16;
+  int slots = 1024;
+  std::string kv_dtype = "f32";
+  bool exit_with_parent = false;
+};
+
+int RunInstance(const InstanceFlags& f) {
+  if (f.exit_with_parent) ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+  if (f.kv_dtype != "f32" && f.kv_dtype != "bf16") {
+    std::cerr << "tokenlake instance: --kv-dtype must be f32 or bf16\n";
+    return 2;
+  }
+  auto model = engine::LlamaModel::Load(f.model);
+  if (!model.ok()) {
+    std::cerr << "tokenlake instance: " << model.status().message() << "\n";
+    return 1;
+  }
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  service::InstanceServerOptions o;
+  o.name = f.name.empty() ? "instance-" + std::to_string(f.id) : f.name;
+  o.preferred_id = f.id;
+  o.coordinator_port = f.coordinator_port;
+  o.transport_port = f.transport_port;
+  o.namespace_name = f.namespace_name;
+  o.segment_tokens = f.segment_tokens;
+  o.slots = f.slots;
+  o.kv_dtype = f.kv_dtype == "bf16" ? attention::KvDtype::kBFloat16 : attention::KvDtype::kFloat32;
+  auto server = service::InstanceServer::Create(model->get(), o);
+  if (!server.ok()) {
+    std::cerr << "tokenlake instance: " << server.status().message() << "\n";
+    return server.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  std::fprintf(stderr, "tokenlake instance %s: transport 127.0.0.1:%d, coordinator 127.0.0.1:%d\n",
+               o.name.c_str(), (*server)->transport_port(), f.coordinator_port);
+  int sig = 0;
+  sigwait(&signals, &sig);
+  (*server)->Shutdown();
+  return 0;
+}
+
+void SetUpInstance(CLI::App& app, int* exit_code) {
+  auto f = std::make_shared<InstanceFlags>();
+  CLI::App* cmd = app.add_subcommand(
+      "instance",
+      "One TokenLake instance: engine shard and segment store, serving the coordinator");
+  cmd->add_option("--model", f->model, "Checkpoint directory (config.json, model.safetensors)")
+      ->required();
+  cmd->add_option("--coordinator-port", f->coordinator_port, "Coordinator gRPC port on 127.0.0.1")
+      ->required();
+  cmd->add_option("--name", f->name, "Stable instance name (default instance-<id>)");
+  cmd->add_option("--id", f->id, "Preferred instance id (-1 = any)")->capture_default_str();
+  cmd->add_option("--transport-port", f->transport_port, "Host-transport port (0 = any)")
+      ->capture_default_str();
+  cmd->add_option("--namespace", f->namespace_name, "Segment-id namespace (as the coordinator)")
+      ->capture_default_str();
+  cmd->add_option("--segment-tokens", f->segment_tokens, "Tokens per segment (as the coordinator)")
+      ->capture_default_str();
+  cmd->add_option("--slots", f->slots, "Segment slots of this instance")->capture_default_str();
+  cmd->add_option("--kv-dtype", f->kv_dtype, "KV dtype: f32 or bf16")->capture_default_str();
+  cmd->add_flag("--exit-with-parent", f->exit_with_parent, "Exit when the parent process dies");
+  cmd->callback([f, exit_code] { *exit_code = RunInstance(*f); });
+}
+
+}  // namespace
+}  // namespace tokenlake::cli
+
+TOKENLAKE_REGISTER_COMMAND(instance, tokenlake::cli::SetUpInstance);

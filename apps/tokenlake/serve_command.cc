@@ -1,0 +1,112 @@
+// `tokenlake serve`: a whole local TokenLake cluster on loopback: one coordinator process and N
+// instance processes (children of this one; each dies with it), the embedded default.
+// Prints the HTTP address, supervises the instances (one that exits is restarted and rejoins
+// empty), and stops everything on SIGTERM/SIGINT or after --duration-s.
+//
+// Exit codes: 0 after a signal or the duration, 1 when the cluster does not start, 2 for bad
+// flags.
+#include <signal.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <string>
+
+#include "CLI/CLI.hpp"
+#include "absl/time/clock.h"
+#include "command.h"
+#include "tokenlake/service/local_cluster.h"
+
+namespace tokenlake::cli {
+namespace {
+
+struct ServeFlags {
+  std::string model;
+  int instances = 2;
+  int port = 0;
+  int segment_tokens = 16;
+  int slots = 1024;
+  int heartbeat_ms = 200;
+  int dead_after_ms = 1000;
+  double duration_s = 0;
+  std::string log_dir = "/tmp";
+  std::string port_file;
+};
+
+int RunServe(const ServeFlags& f) {
+  if (f.instances < 1 || f.instances > 64 || f.port < 0 || f.port > 65535) {
+    std::cerr << "tokenlake serve: --instances must be in [1, 64] and --port in [0, 65535]\n";
+    return 2;
+  }
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  service::LocalClusterOptions o;
+  o.binary = service::SelfExecutable();
+  o.model = std::filesystem::absolute(f.model).string();
+  o.instances = f.instances;
+  o.http_port = f.port;
+  o.segment_tokens = f.segment_tokens;
+  o.slots = f.slots;
+  o.heartbeat_ms = f.heartbeat_ms;
+  o.dead_after_ms = f.dead_after_ms;
+  o.work_dir = f.log_dir;
+  auto cluster = service::LocalCluster::Start(o);
+  if (!cluster.ok()) {
+    std::cerr << "tokenlake serve: " << cluster.status().message() << "\n";
+    return 1;
+  }
+  std::fprintf(stderr,
+               "tokenlake serve: http://127.0.0.1:%d (coordinator + %d instance processes; "
+               "logs in %s)\n",
+               (*cluster)->http_port(), f.instances, f.log_dir.c_str());
+  std::printf("%d\n", (*cluster)->http_port());
+  std::fflush(stdout);
+  if (!f.port_file.empty()) {
+    service::WriteFileAtomically(f.port_file, std::to_string((*cluster)->http_port()) + "\n")
+        .IgnoreError();
+  }
+  const absl::Time end =
+      f.duration_s > 0 ? absl::Now() + absl::Seconds(f.duration_s) : absl::InfiniteFuture();
+  while (absl::Now() < end) {
+    timespec ts{.tv_sec = 0, .tv_nsec = 200'000'000};
+    if (sigtimedwait(&signals, nullptr, &ts) > 0) break;
+    if (const int32_t n = (*cluster)->RestartExitedInstances(); n > 0) {
+      std::fprintf(stderr, "tokenlake serve: restarted %d instance(s)\n", n);
+    }
+  }
+  std::fprintf(stderr, "tokenlake serve: stopping\n");
+  (*cluster)->Stop();
+  return 0;
+}
+
+void SetUpServe(CLI::App& app, int* exit_code) {
+  auto f = std::make_shared<ServeFlags>();
+  CLI::App* cmd = app.add_subcommand(
+      "serve", "A local TokenLake cluster on loopback: coordinator + N instance processes");
+  cmd->add_option("--model", f->model, "Checkpoint directory (config.json, model.safetensors)")
+      ->required();
+  cmd->add_option("--instances", f->instances, "Instance processes")->capture_default_str();
+  cmd->add_option("--port", f->port, "HTTP port on 127.0.0.1 (0 = any, printed)")
+      ->capture_default_str();
+  cmd->add_option("--segment-tokens", f->segment_tokens, "Tokens per segment")
+      ->capture_default_str();
+  cmd->add_option("--slots", f->slots, "Segment slots per instance")->capture_default_str();
+  cmd->add_option("--heartbeat-ms", f->heartbeat_ms, "Instance heartbeat period")
+      ->capture_default_str();
+  cmd->add_option("--dead-after-ms", f->dead_after_ms, "Silence after which an instance is dead")
+      ->capture_default_str();
+  cmd->add_option("--duration-s", f->duration_s, "Stop after this many seconds (0 = on signal)")
+      ->capture_default_str();
+  cmd->add_option("--log-dir", f->log_dir, "Directory for the processes' logs")
+      ->capture_default_str();
+  cmd->add_option("--port-file", f->port_file, "Write the HTTP port to this file");
+  cmd->callback([f, exit_code] { *exit_code = RunServe(*f); });
+}
+
+}  // namespace
+}  // namespace tokenlake::cli
+
+TOKENLAKE_REGISTER_COMMAND(serve, tokenlake::cli::SetUpServe);
