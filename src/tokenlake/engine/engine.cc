@@ -182,6 +182,26 @@ absl::Status Engine::RebalancePool() {
   return absl::OkStatus();
 }
 
+absl::StatusOr<int64_t> Engine::DropInstance(InstanceId instance) {
+  if (pool_ == nullptr) return absl::FailedPreconditionError("DropInstance: no pool");
+  TOKENLAKE_RETURN_IF_ERROR(pool_->lake->DropInstance(instance));
+  // Reconcile the data plane with the lake: free every slot whose replica the lake dropped.
+  std::vector<absl::flat_hash_set<SegmentId>> listed(static_cast<size_t>(options_.num_instances));
+  pool_->lake->prefix_tree().ForEachNode([&](const index::PrefixTree::Node& node) {
+    for (InstanceId r : node.replicas) listed[static_cast<size_t>(r.value())].insert(node.id);
+  });
+  int64_t freed = 0;
+  for (int32_t i = 0; i < options_.num_instances; ++i) {
+    store::SegmentStore& st = pool_->pool->store(InstanceId(i));
+    for (SegmentId id : st.Segments()) {
+      if (listed[static_cast<size_t>(i)].contains(id)) continue;
+      TOKENLAKE_RETURN_IF_ERROR(pool_->pool->FreeSegment(InstanceId(i), InstanceId(i), id));
+      ++freed;
+    }
+  }
+  return freed;
+}
+
 const lake::Lake* Engine::lake() const { return pool_ == nullptr ? nullptr : pool_->lake.get(); }
 
 const InstancePool* Engine::instance_pool() const {

@@ -118,6 +118,13 @@ class Engine {
   // Rebalance actions applied so far (pool path).
   int64_t rebalance_actions() const;
 
+  // Simulates the loss of `instance` (its memory is gone): the lake drops its replicas (and the
+  // subtrees that lose their last copy), and every instance's store frees what the lake no
+  // longer lists. The instance stays in the pool, empty, and keeps serving. Later requests
+  // recompute what was lost; outputs do not change. Returns the number of slots freed.
+  // Errors: FailedPrecondition without the pool; InvalidArgument for an unknown instance.
+  absl::StatusOr<int64_t> DropInstance(InstanceId instance);
+
  private:
   Engine(const LlamaModel* model, const EngineOptions& options);
   absl::StatusOr<GenerateResult> GenerateLocal(absl::Span<const int32_t> prompt,

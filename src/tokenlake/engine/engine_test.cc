@@ -245,6 +245,58 @@ INSTANTIATE_TEST_SUITE_P(
                              c.rebalance_every > 0 ? "_Rebalance" : "");
     });
 
+TEST(EngineTest, LosingAnInstanceLosesItsCacheButNeverCorrectness) {
+  auto model = TinyModel(false, 11);
+  auto ref = Engine::Create(model.get(), {.use_pool = false});
+  auto eng = Engine::Create(
+      model.get(),
+      {.use_pool = true, .num_instances = 3, .segment_tokens = 4, .rotate_compute_instance = true});
+  ASSERT_TRUE(ref.ok() && eng.ok());
+  std::mt19937 rng(3);
+  std::vector<int32_t> doc(30);
+  for (int32_t& t : doc) t = static_cast<int32_t>(rng() % 64);
+  auto ask = [&](int32_t q) {
+    std::vector<int32_t> p = doc;
+    p.push_back(q);
+    auto want = (*ref)->Generate(p, 3);
+    auto got = (*eng)->Generate(p, 3);
+    EXPECT_TRUE(want.ok() && got.ok());
+    EXPECT_EQ(got->tokens, want->tokens);
+    for (size_t v = 0; v < want->last_logits.size(); ++v) {
+      EXPECT_NEAR(got->last_logits[v], want->last_logits[v], 1e-4);
+    }
+    return got->cached_tokens;
+  };
+  EXPECT_EQ(ask(1), 0);
+  EXPECT_EQ(ask(2), 28);
+  const int64_t before = (*eng)->lake()->Stats().replicas;
+  ASSERT_GT((*eng)->instance_pool()->store(InstanceId(0)).used() +
+                (*eng)->instance_pool()->store(InstanceId(1)).used(),
+            0);
+  // Drop the instance holding the first segment: the whole chain behind it becomes unreachable.
+  const index::PrefixTree::Node* first = nullptr;
+  (*eng)->lake()->prefix_tree().ForEachNode([&](const index::PrefixTree::Node& n) {
+    if (n.depth == 0) first = &n;
+  });
+  ASSERT_NE(first, nullptr);
+  const InstanceId victim = first->replicas[0];
+  auto freed = (*eng)->DropInstance(victim);
+  ASSERT_TRUE(freed.ok()) << freed.status();
+  EXPECT_EQ(*freed, before);  // every segment hangs off the first one
+  EXPECT_EQ((*eng)->lake()->Stats().replicas, 0);
+  for (int32_t i = 0; i < 3; ++i) {
+    EXPECT_EQ((*eng)->instance_pool()->store(InstanceId(i)).used(), 0);
+  }
+  EXPECT_EQ(ask(3), 0);   // recomputed, same answer
+  EXPECT_EQ(ask(4), 28);  // and cached again
+  EXPECT_TRUE((*eng)->lake()->CheckIntegrity().ok());
+  EXPECT_EQ((*eng)->DropInstance(InstanceId(7)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  auto no_pool = Engine::Create(model.get(), {.use_pool = false});
+  EXPECT_EQ((*no_pool)->DropInstance(InstanceId(0)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
 TEST(EngineTest, BfloatPoolStaysCloseToTheFloatReference) {
   auto model = TinyModel(false, 5);
   auto ref = Engine::Create(model.get(), {.use_pool = false});
