@@ -18,6 +18,7 @@
 #include "nlohmann/json.hpp"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/engine/engine.h"
+#include "tokenlake/engine/instance_pool.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/engine/prompts.h"
 
@@ -126,6 +127,24 @@ int RunGenerate(const GenerateFlags& f) {
                    {"deduplicated_segments", s.deduplicated_segments},
                    {"redundancy", s.redundancy},
                    {"rebalance_actions", (*eng)->rebalance_actions()}};
+  }
+  if (const engine::InstancePool* ip = (*eng)->instance_pool(); ip != nullptr) {
+    // What really crossed the loopback transport, per instance: sent by its server (replies)
+    // and by its driver (queries, pulls, stores), in messages and payload bytes.
+    nlohmann::json per_instance = nlohmann::json::array();
+    int64_t total_bytes = 0;
+    for (int32_t i = 0; i < ip->num_instances(); ++i) {
+      const InstanceId server(i);
+      const InstanceId driver = ip->DriverEndpoint(server);
+      const int64_t bytes = ip->transport().bytes_sent(server) + ip->transport().bytes_sent(driver);
+      total_bytes += bytes;
+      per_instance.push_back({{"instance", i},
+                              {"messages_sent", ip->transport().messages_sent(server) +
+                                                    ip->transport().messages_sent(driver)},
+                              {"bytes_sent", bytes},
+                              {"stored_segments", ip->store(server).used()}});
+    }
+    out["transport"] = {{"bytes_sent", total_bytes}, {"instances", per_instance}};
   }
   std::ofstream os(f.json_out);
   if (!os) return Fail(f.json_out + ": cannot open for writing");
