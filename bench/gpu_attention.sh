@@ -12,17 +12,25 @@ cuda_lib=$(dirname "$(ls /usr/local/cuda/lib64/libcublas.so.13 2>/dev/null ||
 export LD_LIBRARY_PATH="$PWD/build/cuda/devlibs:$cuda_lib:${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit \
   --format=csv | tee "$OUT/device.txt"
+T=${STEP_TIMEOUT:-150}
 echo "== tests"
-$B/paged_attention_test --gtest_brief=1 2>&1 | tee "$OUT/test.log" | tail -25
-$B/device_arena_test --gtest_brief=1 2>&1 | tee -a "$OUT/test.log" | tail -5
+timeout "$T" $B/paged_attention_test ${TEST_FILTER:+--gtest_filter=$TEST_FILTER} \
+  > "$OUT/test.log" 2>&1
+echo "paged_attention_test rc=$?"
+grep -E "FAILED|PASSED|SKIPPED|Failure|error|seed=" "$OUT/test.log" | sort | uniq -c | head -20
+timeout 60 $B/device_arena_test > "$OUT/arena_test.log" 2>&1
+echo "device_arena_test rc=$?"; tail -3 "$OUT/arena_test.log"
 echo "== ours"
-$B/gpu_attention_bench "$OUT/tokenlake_bench.json" 2>&1 | tee "$OUT/bench.log"
+timeout "$T" $B/gpu_attention_bench "$OUT/tokenlake_bench.json" > "$OUT/bench.log" 2>&1
+echo "gpu_attention_bench rc=$?"; cat "$OUT/bench.log"
 echo "== sdpa"
-PYTHONUNBUFFERED=1 python3 bench/sdpa_bench.py "$OUT/sdpa.json" 2>&1 | tee "$OUT/sdpa.log"
+PYTHONUNBUFFERED=1 timeout "$T" python3 bench/sdpa_bench.py "$OUT/sdpa.json" > "$OUT/sdpa.log" 2>&1
+echo "sdpa rc=$?"; cat "$OUT/sdpa.log"
 if [ "${SKIP_PROFILE:-0}" != 1 ]; then
   echo "== profile"
-  $B/tokenlake profile --json "$OUT/gpu_profile.json" > "$OUT/profile.log" 2>&1 ||
-    tail -5 "$OUT/profile.log"
+  # Same code as `tokenlake profile --json` (the CLI binary needs gRPC libraries not carried).
+  timeout "$T" $B/gpu_attention_bench --profile-json "$OUT/gpu_profile.json" > "$OUT/profile.log" 2>&1
+  echo "profile rc=$?"; tail -5 "$OUT/profile.log"
 fi
 echo "== report"
 python3 bench/gpu_report.py "$OUT/tokenlake_bench.json" "$OUT/sdpa.json" | tee "$OUT/report.txt"

@@ -17,6 +17,18 @@ namespace tl = tokenlake::attention::cuda;
 
 int main(int argc, char** argv) {
   const std::string out_path = argc > 1 ? argv[1] : "gpu_attention_bench.json";
+  if (out_path == "--profile-json" && argc > 2) {
+    // The same measurement as `tokenlake profile --json FILE` (for machines where only this
+    // binary is carried).
+    auto json = tl::MeasureGpuProfileJson({1, 64, 256, 1024, 4096, 16384}, 10);
+    if (!json.ok()) {
+      std::fprintf(stderr, "profile: %s\n", json.status().ToString().c_str());
+      return 1;
+    }
+    std::ofstream(argv[2]) << *json << "\n";
+    std::printf("%s\n", json->c_str());
+    return 0;
+  }
   nlohmann::json j;
   auto dev = tl::DescribeDevice();
   if (!dev.ok()) {
@@ -40,17 +52,20 @@ int main(int argc, char** argv) {
   };
   std::vector<Run> runs;
   for (int seg : {512, 256, 64}) {
-    for (int splits : {0, 64, 128, 256, 512}) {
-      tl::AttentionBenchShape s;
-      s.num_q_tokens = 1;
-      s.segment_tokens = seg;
-      s.kernel = 2;
-      s.num_splits = splits;
-      runs.push_back({"decode", s});
+    for (int unroll : {2, 4}) {
+      for (int splits : {0, 32, 64, 128}) {
+        tl::AttentionBenchShape s;
+        s.num_q_tokens = 1;
+        s.segment_tokens = seg;
+        s.kernel = 2;
+        s.num_splits = splits;
+        s.decode_unroll = unroll;
+        runs.push_back({"decode", s});
+      }
     }
   }
   for (int warps : {4, 8}) {
-    for (int splits : {0, 1, 2, 3, 4}) {
+    for (int splits : {0, 1, 2}) {
       tl::AttentionBenchShape s;
       s.num_q_tokens = 1024;
       s.segment_tokens = 512;
@@ -69,8 +84,8 @@ int main(int argc, char** argv) {
     s.kernel = 1;
     runs.push_back({"prefill_new_causal", s});
   }
-  std::printf("%-20s %6s %6s %6s %6s %10s %9s %9s %9s\n", "run", "q", "kv", "seg", "split", "us",
-              "TFLOP/s", "KV GB/s", "merge us");
+  std::printf("%-20s %6s %6s %6s %9s %10s %9s %9s %9s\n", "run", "q", "kv", "seg",
+              "split/w/u", "us", "TFLOP/s", "KV GB/s", "merge us");
   for (const Run& r : runs) {
     auto t = tl::MeasurePagedAttention(r.shape, 50);
     if (!t.ok()) {
@@ -78,9 +93,9 @@ int main(int argc, char** argv) {
       return 1;
     }
     const auto& s = r.shape;
-    std::printf("%-20s %6d %6ld %6d %3d/%-2d %10.1f %9.1f %9.0f %9.1f\n", r.name.c_str(),
+    std::printf("%-20s %6d %6ld %6d %3d/%d/%d %10.1f %9.1f %9.0f %9.2f\n", r.name.c_str(),
                 s.num_q_tokens, static_cast<long>(s.kv_tokens), s.segment_tokens, s.num_splits,
-                s.prefill_warps, t->us, t->tflops, t->kv_gbps, t->merge_us);
+                s.prefill_warps, s.decode_unroll, t->us, t->tflops, t->kv_gbps, t->merge_us);
     j["runs"].push_back({{"name", r.name},
                          {"num_q_tokens", s.num_q_tokens},
                          {"kv_tokens", s.kv_tokens},
@@ -91,6 +106,7 @@ int main(int argc, char** argv) {
                          {"causal", s.causal},
                          {"num_splits", s.num_splits},
                          {"prefill_warps", s.prefill_warps},
+                         {"decode_unroll", s.decode_unroll},
                          {"us", t->us},
                          {"tflops", t->tflops},
                          {"kv_gbps", t->kv_gbps},

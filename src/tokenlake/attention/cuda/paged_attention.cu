@@ -421,14 +421,14 @@ __global__ void __launch_bounds__(NW * 32) PrefillKernel(const PrefillArgs args)
 // work item) or the workspace partials `[q][head][item][D]` / `[q][head][item]`.
 
 constexpr int kDecodeThreads = 128;
-constexpr int kDecodeUnroll = 4;
 
 struct DecodeArgs {
   const uint16_t* q;
   const DeviceKvBlock* blocks;
   int num_blocks;
-  int chunks_per_block;
+  int chunks_per_block;  // > 1: an item is one chunk of one block
   int chunk_tokens;
+  int blocks_per_item;  // > 1: an item is a run of whole blocks
   int num_items;
   int num_q;
   int num_heads;
@@ -441,11 +441,10 @@ struct DecodeArgs {
   float* lse;  // final [q][H] if num_items == 1, else partial [q][H][items]
 };
 
-template <int D, int G>
+template <int D, int G, int U>
 __global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs args) {
   constexpr int kLanes = D / 8;                     // lanes per token
   constexpr int kGroups = kDecodeThreads / kLanes;  // token groups per thread block
-  constexpr int U = kDecodeUnroll;
   __shared__ float sm_m[kGroups][G];
   __shared__ float sm_l[kGroups][G];
   __shared__ float sm_acc[kGroups][G][D];
@@ -458,13 +457,11 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs 
   const int kv_head = blockIdx.y / heads_per_cta_group;
   const int head0 = kv_head * args.group + (blockIdx.y % heads_per_cta_group) * G;
   const int qi = blockIdx.z;
-  const int block = item / args.chunks_per_block;
+  // This item's key range: blocks [b_first, b_last) (blocks_per_item > 1, whole blocks), or
+  // token rows [chunk * chunk_tokens, +chunk_tokens) of one block (chunks_per_block > 1).
+  const int b_first = (item / args.chunks_per_block) * args.blocks_per_item;
+  const int b_last = min(args.num_blocks, b_first + args.blocks_per_item);
   const int chunk = item % args.chunks_per_block;
-  const DeviceKvBlock blk = args.blocks[block];
-  const int t_begin = chunk * args.chunk_tokens;
-  const int t_end = min(blk.num_tokens, t_begin + args.chunk_tokens);
-  int64_t key0 = 0;  // key number of token t_begin
-  if (args.causal) key0 = KeysBefore(args.blocks, block) + t_begin;
   const int64_t qpos = static_cast<int64_t>(args.q_start_pos) + qi;
 
   // Query slice in float32.
@@ -491,94 +488,116 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs 
   }
 
   const int row_stride = args.num_kv_heads * D;
-  const uint16_t* kbase = static_cast<const uint16_t*>(blk.k) + kv_head * D + sub * 8;
-  const uint16_t* vbase = static_cast<const uint16_t*>(blk.v) + kv_head * D + sub * 8;
+  constexpr int kStep = kGroups * U;  // tokens per thread-block step
+  int64_t key_base = 0;               // key number of the current block's row 0 (causal only)
+  if (args.causal) key_base = KeysBefore(args.blocks, b_first);
 
-  for (int t = t_begin + grp; t < t_end; t += kGroups * U) {
-    uint4 kr[U], vr[U];
+  for (int b = b_first; b < b_last; ++b) {
+    const DeviceKvBlock blk = args.blocks[b];
+    const int t_begin = args.chunks_per_block > 1 ? chunk * args.chunk_tokens : 0;
+    const int t_end = args.chunks_per_block > 1 ? min(blk.num_tokens, t_begin + args.chunk_tokens)
+                                                : blk.num_tokens;
+    const uint16_t* kbase = static_cast<const uint16_t*>(blk.k) + kv_head * D + sub * 8;
+    const uint16_t* vbase = static_cast<const uint16_t*>(blk.v) + kv_head * D + sub * 8;
+    auto load = [&](int t_base, uint4(&kr)[U], uint4(&vr)[U]) {
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int tt = t + u * kGroups;
-      if (tt < t_end) {
-        kr[u] =
-            __ldg(reinterpret_cast<const uint4*>(kbase + static_cast<int64_t>(tt) * row_stride));
-        vr[u] =
-            __ldg(reinterpret_cast<const uint4*>(vbase + static_cast<int64_t>(tt) * row_stride));
-      } else {
-        kr[u] = make_uint4(0, 0, 0, 0);
-        vr[u] = make_uint4(0, 0, 0, 0);
+      for (int u = 0; u < U; ++u) {
+        const int tt = t_base + grp + u * kGroups;
+        if (tt < t_end) {
+          kr[u] =
+              __ldg(reinterpret_cast<const uint4*>(kbase + static_cast<int64_t>(tt) * row_stride));
+          vr[u] =
+              __ldg(reinterpret_cast<const uint4*>(vbase + static_cast<int64_t>(tt) * row_stride));
+        } else {
+          kr[u] = make_uint4(0, 0, 0, 0);
+          vr[u] = make_uint4(0, 0, 0, 0);
+        }
       }
-    }
-    float s[U][G];
+    };
+    uint4 kr[U], vr[U];
+    if (t_begin < t_end) load(t_begin, kr, vr);
+    // The trip count is the same for every thread (the shuffles below need the whole warp);
+    // tokens past t_end are masked. Loads of the next step are issued before this step's math.
+    for (int t_base = t_begin; t_base < t_end; t_base += kStep) {
+      uint4 kn[U], vn[U];
+      if (t_base + kStep < t_end) load(t_base + kStep, kn, vn);
+      float s[U][G];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const uint32_t w[4] = {kr[u].x, kr[u].y, kr[u].z, kr[u].w};
-      float kf[8];
+      for (int u = 0; u < U; ++u) {
+        const uint32_t w[4] = {kr[u].x, kr[u].y, kr[u].z, kr[u].w};
+        float kf[8];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        kf[2 * i] = Bf16Lo(w[i]);
-        kf[2 * i + 1] = Bf16Hi(w[i]);
+        for (int i = 0; i < 4; ++i) {
+          kf[2 * i] = Bf16Lo(w[i]);
+          kf[2 * i + 1] = Bf16Hi(w[i]);
+        }
+#pragma unroll
+        for (int h = 0; h < G; ++h) {
+          float d = 0.f;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) d = fmaf(qf[h][i], kf[i], d);
+          s[u][h] = d;
+        }
+      }
+#pragma unroll
+      for (int off = kLanes / 2; off > 0; off >>= 1) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+          for (int h = 0; h < G; ++h) s[u][h] += __shfl_xor_sync(0xffffffffu, s[u][h], off);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int tt = t_base + grp + u * kGroups;
+        const bool visible = tt < t_end && !(args.causal && key_base + tt > qpos);
+        if (!visible) {
+#pragma unroll
+          for (int h = 0; h < G; ++h) s[u][h] = kNegInf;
+        }
+      }
+      float vf[U][8];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const uint32_t w[4] = {vr[u].x, vr[u].y, vr[u].z, vr[u].w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          vf[u][2 * i] = Bf16Lo(w[i]);
+          vf[u][2 * i + 1] = Bf16Hi(w[i]);
+        }
       }
 #pragma unroll
       for (int h = 0; h < G; ++h) {
-        float d = 0.f;
+        float mx = s[0][h];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) d = fmaf(qf[h][i], kf[i], d);
-        s[u][h] = d;
+        for (int u = 1; u < U; ++u) mx = fmaxf(mx, s[u][h]);
+        const float nm = fmaxf(m[h], mx);
+        const float use = nm == kNegInf ? 0.f : nm;
+        const float corr = exp2f(m[h] - use);
+        m[h] = nm;
+        float p[U];
+        float psum = 0.f;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          p[u] = exp2f(s[u][h] - use);
+          psum += p[u];
+        }
+        l[h] = l[h] * corr + psum;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          float acc_v = acc[h][i] * corr;
+#pragma unroll
+          for (int u = 0; u < U; ++u) acc_v = fmaf(p[u], vf[u][i], acc_v);
+          acc[h][i] = acc_v;
+        }
       }
-    }
-#pragma unroll
-    for (int off = kLanes / 2; off > 0; off >>= 1) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-#pragma unroll
-        for (int h = 0; h < G; ++h) s[u][h] += __shfl_xor_sync(0xffffffffu, s[u][h], off);
+        kr[u] = kn[u];
+        vr[u] = vn[u];
       }
     }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int tt = t + u * kGroups;
-      const bool visible = tt < t_end && !(args.causal && key0 + (tt - t_begin) > qpos);
-      if (!visible) {
-#pragma unroll
-        for (int h = 0; h < G; ++h) s[u][h] = kNegInf;
-      }
-    }
-    float vf[U][8];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const uint32_t w[4] = {vr[u].x, vr[u].y, vr[u].z, vr[u].w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        vf[u][2 * i] = Bf16Lo(w[i]);
-        vf[u][2 * i + 1] = Bf16Hi(w[i]);
-      }
-    }
-#pragma unroll
-    for (int h = 0; h < G; ++h) {
-      float mx = s[0][h];
-#pragma unroll
-      for (int u = 1; u < U; ++u) mx = fmaxf(mx, s[u][h]);
-      const float nm = fmaxf(m[h], mx);
-      const float use = nm == kNegInf ? 0.f : nm;
-      const float corr = exp2f(m[h] - use);
-      m[h] = nm;
-      float p[U];
-      float psum = 0.f;
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        p[u] = exp2f(s[u][h] - use);
-        psum += p[u];
-      }
-      l[h] = l[h] * corr + psum;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        float a = acc[h][i] * corr;
-#pragma unroll
-        for (int u = 0; u < U; ++u) a = fmaf(p[u], vf[u][i], a);
-        acc[h][i] = a;
-      }
-    }
+    if (args.causal) key_base += blk.num_tokens;
   }
 
   // Combine the token groups.
@@ -787,6 +806,10 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: prefill_warps = %d, supported: 0 (auto), 4, 8", p.prefill_warps));
   }
+  if (p.decode_unroll != 0 && p.decode_unroll != 2 && p.decode_unroll != 4) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: decode_unroll = %d, supported: 0 (auto), 2, 4", p.decode_unroll));
+  }
   if (p.num_splits < 0) {
     return absl::InvalidArgumentError(
         absl::StrFormat("PagedAttention: num_splits = %d < 0", p.num_splits));
@@ -809,7 +832,9 @@ struct Config {
   int chunks_per_block = 1;  // decode
   int chunk_tokens = 0;      // decode
   int items = 1;             // decode: num_blocks * chunks_per_block
-  int decode_g = 1;          // decode: query heads per thread block
+  int decode_g = 1;
+  int blocks_per_item = 1;  // decode
+  int decode_unroll = 4;    // decode: tokens per token group per step
   size_t workspace_bytes = 0;
 };
 
@@ -842,6 +867,35 @@ absl::StatusOr<int> PrefillBlocksPerSmT() {
                                                cudaGetErrorString(err)));
   }
   return blocks;
+}
+
+template <int D, int G, int U>
+absl::StatusOr<int> DecodeBlocksPerSmT() {
+  static int blocks = -1;
+  static cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &blocks, DecodeKernel<D, G, U>, kDecodeThreads, 0);
+  if (err != cudaSuccess) {
+    return absl::InternalError(absl::StrFormat("cudaOccupancyMaxActiveBlocksPerMultiprocessor: %s",
+                                               cudaGetErrorString(err)));
+  }
+  return blocks;
+}
+
+template <int D, int U>
+absl::StatusOr<int> DecodeBlocksPerSmDU(int g) {
+  switch (g) {
+    case 4:
+      return DecodeBlocksPerSmT<D, 4, U>();
+    case 2:
+      return DecodeBlocksPerSmT<D, 2, U>();
+    default:
+      return DecodeBlocksPerSmT<D, 1, U>();
+  }
+}
+
+absl::StatusOr<int> DecodeBlocksPerSm(int d, int g, int u) {
+  if (d == 128) return u == 2 ? DecodeBlocksPerSmDU<128, 2>(g) : DecodeBlocksPerSmDU<128, 4>(g);
+  return u == 2 ? DecodeBlocksPerSmDU<64, 2>(g) : DecodeBlocksPerSmDU<64, 4>(g);
 }
 
 absl::StatusOr<int> PrefillBlocksPerSm(int d, int nw) {
@@ -892,15 +946,22 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
       c.workspace_bytes = (c.workspace_bytes + 255) / 256 * 256;
     }
   } else {
-    c.decode_g = group % 8 == 0 ? 8 : group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
-    const int64_t base_ctas =
-        static_cast<int64_t>(p.num_blocks) * p.num_kv_heads * (group / c.decode_g) * p.num_q_tokens;
-    const int64_t target = static_cast<int64_t>(num_sms) * 8;
-    int cpb = 1;
-    if (p.num_splits > 0) {
-      cpb = std::max(1, p.num_splits / std::max(1, p.num_blocks));
-    } else if (base_ctas < target) {
-      cpb = static_cast<int>((target + base_ctas - 1) / base_ctas);
+    // (G = 8 would spill registers: a group of 8 uses two thread blocks of 4 heads.)
+    c.decode_g = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
+    c.decode_unroll = p.decode_unroll != 0 ? p.decode_unroll : 4;
+    const int64_t ctas_per_item =
+        static_cast<int64_t>(p.num_kv_heads) * (group / c.decode_g) * p.num_q_tokens;
+    absl::StatusOr<int> per_sm = DecodeBlocksPerSm(p.head_dim, c.decode_g, c.decode_unroll);
+    if (!per_sm.ok()) return per_sm.status();
+    // About one wave of thread blocks: splitting further only adds partials to merge.
+    const int64_t wave = static_cast<int64_t>(num_sms) * std::max(1, *per_sm);
+    const int64_t target_items =
+        p.num_splits > 0 ? p.num_splits : std::max<int64_t>(1, wave / ctas_per_item);
+    int cpb = 1, bpi = 1;
+    if (target_items >= p.num_blocks) {
+      cpb = static_cast<int>(std::min<int64_t>(target_items / p.num_blocks, 1 << 16));
+    } else {
+      bpi = static_cast<int>((p.num_blocks + target_items - 1) / target_items);
     }
     // Chunks of at least 64 tokens, multiples of 16.
     int chunk = (p.max_block_tokens + cpb - 1) / cpb;
@@ -908,7 +969,8 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
     chunk = std::min(chunk, p.max_block_tokens);
     c.chunk_tokens = chunk;
     c.chunks_per_block = (p.max_block_tokens + chunk - 1) / chunk;
-    c.items = p.num_blocks * c.chunks_per_block;
+    c.blocks_per_item = bpi;
+    c.items = ((p.num_blocks + bpi - 1) / bpi) * c.chunks_per_block;
     if (c.items > 1) {
       const int64_t rows = static_cast<int64_t>(p.num_q_tokens) * p.num_heads;
       c.workspace_bytes = static_cast<size_t>(c.items) * rows * (p.head_dim + 1) * sizeof(float);
@@ -941,7 +1003,7 @@ absl::Status LaunchPrefill(const PagedAttentionParams& p, const Config& c, float
   return LaunchStatus("prefill attention");
 }
 
-template <int D, int G>
+template <int D, int G, int U>
 absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float scale_log2,
                           float* out, float* lse, cudaStream_t stream) {
   DecodeArgs a;
@@ -950,6 +1012,7 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
   a.num_blocks = p.num_blocks;
   a.chunks_per_block = c.chunks_per_block;
   a.chunk_tokens = c.chunk_tokens;
+  a.blocks_per_item = c.blocks_per_item;
   a.num_items = c.items;
   a.num_q = p.num_q_tokens;
   a.num_heads = p.num_heads;
@@ -961,23 +1024,28 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
   a.out = out;
   a.lse = lse;
   const dim3 grid(c.items, p.num_kv_heads * (a.group / G), p.num_q_tokens);
-  DecodeKernel<D, G><<<grid, kDecodeThreads, 0, stream>>>(a);
+  DecodeKernel<D, G, U><<<grid, kDecodeThreads, 0, stream>>>(a);
   return LaunchStatus("decode attention");
+}
+
+template <int D, int U>
+absl::Status LaunchDecodeDU(const PagedAttentionParams& p, const Config& c, float scale_log2,
+                            float* out, float* lse, cudaStream_t stream) {
+  switch (c.decode_g) {
+    case 4:
+      return LaunchDecode<D, 4, U>(p, c, scale_log2, out, lse, stream);
+    case 2:
+      return LaunchDecode<D, 2, U>(p, c, scale_log2, out, lse, stream);
+    default:
+      return LaunchDecode<D, 1, U>(p, c, scale_log2, out, lse, stream);
+  }
 }
 
 template <int D>
 absl::Status LaunchDecodeD(const PagedAttentionParams& p, const Config& c, float scale_log2,
                            float* out, float* lse, cudaStream_t stream) {
-  switch (c.decode_g) {
-    case 8:
-      return LaunchDecode<D, 8>(p, c, scale_log2, out, lse, stream);
-    case 4:
-      return LaunchDecode<D, 4>(p, c, scale_log2, out, lse, stream);
-    case 2:
-      return LaunchDecode<D, 2>(p, c, scale_log2, out, lse, stream);
-    default:
-      return LaunchDecode<D, 1>(p, c, scale_log2, out, lse, stream);
-  }
+  return c.decode_unroll == 2 ? LaunchDecodeDU<D, 2>(p, c, scale_log2, out, lse, stream)
+                              : LaunchDecodeDU<D, 4>(p, c, scale_log2, out, lse, stream);
 }
 
 absl::Status LaunchMergeSplits(const float* o, int64_t o_part_stride, int64_t o_row_stride,

@@ -70,7 +70,7 @@ inline constexpr int32_t kDecodeMaxQueryTokens = 8;
 
 // The arguments of one partial attention: one request's query tokens over one list of blocks.
 struct PagedAttentionParams {
-  // `[num_q_tokens][num_heads][head_dim]` bf16 bits, device, 4-byte aligned.
+  // `[num_q_tokens][num_heads][head_dim]` bf16 bits, device, 16-byte aligned.
   const void* q = nullptr;
   // Number of query tokens (>= 0; 0 enqueues nothing).
   int32_t num_q_tokens = 0;
@@ -106,6 +106,8 @@ struct PagedAttentionParams {
   // Prefill tuning: warps per thread block (16 query rows each), 4 or 8; 0 = choose by
   // num_q_tokens.
   int32_t prefill_warps = 0;
+  // Decode tuning: tokens each token group loads per step (2 or 4); 0 = default (4).
+  int32_t decode_unroll = 0;
 };
 
 // Returns the scratch size that PagedAttention(params, kernel) needs on the current device.

@@ -74,14 +74,16 @@ struct Case {
   int q_start_pos = 0;
   AttentionKernel kernel = AttentionKernel::kAuto;
   int num_splits = 0;
+  int decode_unroll = 0;
   float softmax_scale = 0.f;
 };
 
 std::string Describe(const Case& c) {
   std::string lens;
   for (int l : c.block_lens) lens += absl::StrFormat("%d,", l);
-  return absl::StrFormat("q=%d causal=%d q_start=%d kernel=%d splits=%d blocks=[%s]", c.num_q,
-                         c.causal, c.q_start_pos, static_cast<int>(c.kernel), c.num_splits, lens);
+  return absl::StrFormat("q=%d causal=%d q_start=%d kernel=%d splits=%d unroll=%d blocks=[%s]",
+                         c.num_q, c.causal, c.q_start_pos, static_cast<int>(c.kernel), c.num_splits,
+                         c.decode_unroll, lens);
 }
 
 // Runs one case on the GPU and on the reference; checks every element.
@@ -166,6 +168,7 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng) {
   p.out = d_out.as<float>();
   p.lse = d_lse.as<float>();
   p.num_splits = c.num_splits;
+  p.decode_unroll = c.decode_unroll;
   absl::StatusOr<size_t> ws = PagedAttentionWorkspaceBytes(p, c.kernel);
   ASSERT_TRUE(ws.ok()) << ws.status();
   DeviceBuffer d_ws(*ws);
@@ -235,7 +238,8 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
          {AttentionKernel::kAuto, AttentionKernel::kPrefill, AttentionKernel::kDecode}) {
       c.kernel = k;
       c.num_splits = k == AttentionKernel::kAuto ? 0 : kSplits[rng() % 4];
-      RunAndCompare(c, rng);  // fresh random inputs each time
+      c.decode_unroll = static_cast<int>(rng() % 3) * 2;  // 0 (default), 2, 4
+      RunAndCompare(c, rng);                              // fresh random inputs each time
       if (HasFatalFailure()) return;
     }
   }
