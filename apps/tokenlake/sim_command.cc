@@ -4,6 +4,7 @@
 // HTML/SVG report. Bad flags or values: a message on stderr and exit code 2.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -188,7 +189,19 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
     }
   }
 
+  double mean_in = 0, mean_out = 0;
+  int64_t max_in = 0;
+  for (const sim::Request& r : workload.requests) {
+    mean_in += static_cast<double>(r.input_tokens);
+    mean_out += static_cast<double>(r.output_tokens);
+    max_in = std::max(max_in, r.input_tokens);
+  }
+  mean_in /= static_cast<double>(workload.requests.size());
+  mean_out /= static_cast<double>(workload.requests.size());
   nlohmann::json config;
+  config["mean_input_tokens"] = mean_in;
+  config["max_input_tokens"] = max_in;
+  config["mean_output_tokens"] = mean_out;
   config["workload"] = workload.name;
   config["requests"] = workload.requests.size();
   config["native_rate_rps"] = sim::MeanRateRps(workload);
@@ -210,9 +223,10 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
   config["tokenlake_decode_reserve"] = eo.tokenlake.decode_reserve_fraction;
 
   std::cout << absl::StrFormat(
-      "workload %s: %d requests, %.3f rps native%s; %d x %s, %s; SLO P90 TTFT <= %gs, P90 "
-      "TPOT <= %gs\n",
-      workload.name, workload.requests.size(), sim::MeanRateRps(workload),
+      "workload %s: %d requests (mean input %.0f tokens, max %d, mean output %.0f), %.3f rps "
+      "native%s; %d x %s, %s; SLO P90 TTFT <= %gs, P90 TPOT <= %gs\n",
+      workload.name, workload.requests.size(), mean_in, max_in, mean_out,
+      sim::MeanRateRps(workload),
       eo.rate_rps > 0 ? absl::StrFormat(", offered %.3f rps", eo.rate_rps) : "",
       eo.sim.num_instances, gpu->name, model->name, slo_ttft, slo_tpot);
   auto runs = sim::RunExperiment(workload, cost, eo);

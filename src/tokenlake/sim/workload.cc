@@ -159,6 +159,9 @@ std::vector<uint64_t> BlockIdsOf(const std::vector<Piece>& pieces) {
   return ids;
 }
 
+// Llama-3.1's context window: generated sessions stop before it.
+constexpr int64_t kMaxContextTokens = 131072;
+
 int64_t Total(const std::vector<Piece>& pieces) {
   int64_t n = 0;
   for (const Piece& p : pieces) n += p.tokens;
@@ -251,6 +254,8 @@ absl::StatusOr<Workload> GenerateWorkload(const GeneratorOptions& o) {
         prompt.push_back(
             {next_content++, chat ? rng.UniformInt(50, 1000) : rng.UniformInt(500, 4000)});
         const int64_t output = chat ? rng.UniformInt(100, 600) : rng.UniformInt(50, 300);
+        // A session ends when its context would pass the model's 128k-token window.
+        if (Total(prompt) + output > kMaxContextTokens) break;
         emit(t, prompt, output);
         prompt.push_back({next_content++, output});
         t += chat ? 5.0 + rng.Exponential(30.0) : 1.0 + rng.Exponential(5.0);

@@ -55,7 +55,7 @@ absl::StatusOr<Workload> ReadMooncakeTrace(const std::string& path);
 // Built-in generator shapes.
 enum class WorkloadKind {
   kChat,   // multi-turn chat sessions sharing a few system prompts
-  kAgent,  // agents whose tool histories grow long, turn after turn
+  kAgent,  // agents whose tool histories grow long, turn after turn (up to 128k tokens)
   kDocQa,  // questions over long documents, popularity Zipf-distributed
 };
 
