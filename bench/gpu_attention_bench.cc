@@ -52,15 +52,18 @@ int main(int argc, char** argv) {
   };
   std::vector<Run> runs;
   for (int seg : {512, 256, 64}) {
-    for (int unroll : {2, 4}) {
-      for (int splits : {0, 32, 64, 128}) {
-        tl::AttentionBenchShape s;
-        s.num_q_tokens = 1;
-        s.segment_tokens = seg;
-        s.kernel = 2;
-        s.num_splits = splits;
-        s.decode_unroll = unroll;
-        runs.push_back({"decode", s});
+    for (int pipeline : {1, 2}) {
+      for (int unroll : {2, 4}) {
+        for (int splits : {0, 32, 64}) {
+          tl::AttentionBenchShape s;
+          s.num_q_tokens = 1;
+          s.segment_tokens = seg;
+          s.kernel = 2;
+          s.num_splits = splits;
+          s.decode_unroll = unroll;
+          s.decode_pipeline = pipeline;
+          runs.push_back({"decode", s});
+        }
       }
     }
   }
@@ -84,8 +87,8 @@ int main(int argc, char** argv) {
     s.kernel = 1;
     runs.push_back({"prefill_new_causal", s});
   }
-  std::printf("%-20s %6s %6s %6s %9s %10s %9s %9s %9s\n", "run", "q", "kv", "seg",
-              "split/w/u", "us", "TFLOP/s", "KV GB/s", "merge us");
+  std::printf("%-20s %6s %6s %6s %11s %10s %9s %9s %9s\n", "run", "q", "kv", "seg", "split/w/u/p",
+              "us", "TFLOP/s", "KV GB/s", "merge us");
   for (const Run& r : runs) {
     auto t = tl::MeasurePagedAttention(r.shape, 50);
     if (!t.ok()) {
@@ -93,9 +96,10 @@ int main(int argc, char** argv) {
       return 1;
     }
     const auto& s = r.shape;
-    std::printf("%-20s %6d %6ld %6d %3d/%d/%d %10.1f %9.1f %9.0f %9.2f\n", r.name.c_str(),
+    std::printf("%-20s %6d %6ld %6d %3d/%d/%d/%d %10.1f %9.1f %9.0f %9.2f\n", r.name.c_str(),
                 s.num_q_tokens, static_cast<long>(s.kv_tokens), s.segment_tokens, s.num_splits,
-                s.prefill_warps, s.decode_unroll, t->us, t->tflops, t->kv_gbps, t->merge_us);
+                s.prefill_warps, s.decode_unroll, s.decode_pipeline, t->us, t->tflops, t->kv_gbps,
+                t->merge_us);
     j["runs"].push_back({{"name", r.name},
                          {"num_q_tokens", s.num_q_tokens},
                          {"kv_tokens", s.kv_tokens},
@@ -107,6 +111,7 @@ int main(int argc, char** argv) {
                          {"num_splits", s.num_splits},
                          {"prefill_warps", s.prefill_warps},
                          {"decode_unroll", s.decode_unroll},
+                         {"decode_pipeline", s.decode_pipeline},
                          {"us", t->us},
                          {"tflops", t->tflops},
                          {"kv_gbps", t->kv_gbps},

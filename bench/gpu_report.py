@@ -22,7 +22,8 @@ def main():
     def auto(name, **filt):
         # Library defaults: automatic splits, decode unroll 4 (or unset), prefill warps as given.
         c = [r for r in runs if r["name"] == name and r["num_splits"] == 0 and
-             r.get("decode_unroll", 0) in (0, 4) and all(r[k] == v for k, v in filt.items())]
+             r.get("decode_unroll", 0) in (0, 4) and
+             r.get("decode_pipeline", 0) in (0, 2) and all(r[k] == v for k, v in filt.items())]
         return c[0] if c else None
 
     print("\nDecode, 1 token over a 32K-token pooled prefix (GQA 32/8, d=128, bf16):")
@@ -30,7 +31,7 @@ def main():
         a, b = auto("decode", segment_tokens=seg), best("decode", "us", segment_tokens=seg)
         print(f"  segment {seg:4d}: auto {a['us']:7.1f} us {a['kv_gbps']:6.0f} GB/s = "
               f"{100 * a['kv_gbps'] / copy:5.1f}% of copy; best (splits {b['num_splits']}, unroll "
-              f"{b.get('decode_unroll', 0)}) "
+              f"{b.get('decode_unroll', 0)}, pipeline {b.get('decode_pipeline', 0)}) "
               f"{b['us']:7.1f} us {b['kv_gbps']:6.0f} GB/s = {100 * b['kv_gbps'] / copy:5.1f}%; "
               f"merge of two partials {a['merge_us']:.1f} us = "
               f"{100 * a['merge_us'] / a['us']:.1f}% of decode")

@@ -639,6 +639,262 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs 
   }
 }
 
+// Decode with a shared-memory pipeline: the same work split and math as DecodeKernel, but K and
+// V steps (kStep tokens) stream through kDecodeStages shared-memory buffers with cp.async, so
+// several steps of loads are in flight without holding them in registers. Dynamic shared memory:
+// DecodeSmemBytes<D, U>() (the combine arrays reuse it after the loop).
+constexpr int kDecodeStages = 4;
+
+template <int D, int U>
+__host__ __device__ constexpr int DecodeStepTokens() {
+  return (kDecodeThreads / (D / 8)) * U;
+}
+template <int D, int U>
+__host__ __device__ constexpr int DecodeSmemBytes() {
+  return kDecodeStages * DecodeStepTokens<D, U>() * D * 2 * 2;
+}
+
+template <int D, int G, int U>
+__global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeArgs args) {
+  constexpr int kLanes = D / 8;
+  constexpr int kGroups = kDecodeThreads / kLanes;
+  constexpr int kStep = kGroups * U;
+  constexpr int kStageElems = kStep * D;  // one of K or V
+  constexpr int kChunks = kStep * D / 8;  // 16-byte chunks per K (or V) step
+  static_assert(kChunks % kDecodeThreads == 0);
+  static_assert(kGroups * G * (D + 2) * 4 <= DecodeSmemBytes<D, U>());
+  extern __shared__ __align__(128) uint16_t dsmem[];  // [stage][K, V][kStep][D]
+
+  const int tid = threadIdx.x;
+  const int sub = tid % kLanes;
+  const int grp = tid / kLanes;
+  const int item = blockIdx.x;
+  const int heads_per_cta_group = args.group / G;
+  const int kv_head = blockIdx.y / heads_per_cta_group;
+  const int head0 = kv_head * args.group + (blockIdx.y % heads_per_cta_group) * G;
+  const int qi = blockIdx.z;
+  const int b_first = (item / args.chunks_per_block) * args.blocks_per_item;
+  const int b_last = min(args.num_blocks, b_first + args.blocks_per_item);
+  const bool chunked = args.chunks_per_block > 1;
+  const int chunk_begin = (item % args.chunks_per_block) * args.chunk_tokens;
+  const int64_t qpos = static_cast<int64_t>(args.q_start_pos) + qi;
+  const int row_stride = args.num_kv_heads * D;
+
+  float qf[G][8];
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(
+        args.q + (static_cast<int64_t>(qi) * args.num_heads + head0 + h) * D + sub * 8);
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      qf[h][2 * i] = Bf16Lo(w[i]) * args.scale_log2;
+      qf[h][2 * i + 1] = Bf16Hi(w[i]) * args.scale_log2;
+    }
+  }
+  float m[G], l[G], acc[G][8];
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    m[h] = kNegInf;
+    l[h] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[h][i] = 0.f;
+  }
+
+  // A cursor over this item's steps: block b, rows [tb, min(tb + kStep, tend)); key0 is the key
+  // number of row 0 of block b. Uniform across the thread block.
+  struct Cursor {
+    int b;
+    int tb;
+    int tend;
+    int64_t key0;
+  };
+  auto settle = [&](Cursor& c) {  // moves to the first non-empty range at or after c.b
+    while (c.b < b_last) {
+      const int n = args.blocks[c.b].num_tokens;
+      c.tend = chunked ? min(n, chunk_begin + args.chunk_tokens) : n;
+      if (c.tb < c.tend) return;
+      c.key0 += n;
+      ++c.b;
+      c.tb = chunked ? chunk_begin : 0;
+    }
+  };
+  auto advance = [&](Cursor& c) {
+    c.tb += kStep;
+    if (c.tb >= c.tend) {
+      if (chunked) {
+        c.b = b_last;
+        return;
+      }
+      c.key0 += args.blocks[c.b].num_tokens;
+      ++c.b;
+      c.tb = 0;
+      settle(c);
+    }
+  };
+  auto issue = [&](const Cursor& c, int stage) {
+    const DeviceKvBlock blk = args.blocks[c.b];
+    const int valid = min(kStep, c.tend - c.tb);
+    const uint16_t* kb = static_cast<const uint16_t*>(blk.k) + kv_head * D;
+    const uint16_t* vb = static_cast<const uint16_t*>(blk.v) + kv_head * D;
+    const uint32_t base = SmemAddr(dsmem + stage * 2 * kStageElems);
+#pragma unroll
+    for (int it = 0; it < kChunks / kDecodeThreads; ++it) {
+      const int i = tid + it * kDecodeThreads;
+      const int row = i / (D / 8);
+      const int ch = i % (D / 8);
+      const bool ok = row < valid;
+      const int64_t off = ok ? static_cast<int64_t>(c.tb + row) * row_stride + ch * 8 : 0;
+      CpAsync16(base + (row * D + ch * 8) * 2, kb + off, ok ? 16 : 0);
+      CpAsync16(base + (kStageElems + row * D + ch * 8) * 2, vb + off, ok ? 16 : 0);
+    }
+  };
+
+  Cursor start{b_first, chunked ? chunk_begin : 0, 0, 0};
+  if (args.causal) start.key0 = KeysBefore(args.blocks, b_first);
+  settle(start);
+  Cursor load = start;
+#pragma unroll
+  for (int st = 0; st < kDecodeStages - 1; ++st) {
+    if (load.b < b_last) {
+      issue(load, st);
+      advance(load);
+    }
+    CpAsyncCommit();
+  }
+  Cursor comp = start;
+  int stage = 0;
+  while (comp.b < b_last) {
+    CpAsyncWait<kDecodeStages - 2>();
+    __syncthreads();
+    if (load.b < b_last) {
+      issue(load, (stage + kDecodeStages - 1) % kDecodeStages);
+      advance(load);
+    }
+    CpAsyncCommit();
+
+    const uint16_t* ks = dsmem + stage * 2 * kStageElems;
+    const uint16_t* vs = ks + kStageElems;
+    float s[U][G];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const uint4 kr = *reinterpret_cast<const uint4*>(ks + (grp + u * kGroups) * D + sub * 8);
+      const uint32_t w[4] = {kr.x, kr.y, kr.z, kr.w};
+      float kf[8];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        kf[2 * i] = Bf16Lo(w[i]);
+        kf[2 * i + 1] = Bf16Hi(w[i]);
+      }
+#pragma unroll
+      for (int h = 0; h < G; ++h) {
+        float d = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) d = fmaf(qf[h][i], kf[i], d);
+        s[u][h] = d;
+      }
+    }
+#pragma unroll
+    for (int off = kLanes / 2; off > 0; off >>= 1) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int h = 0; h < G; ++h) s[u][h] += __shfl_xor_sync(0xffffffffu, s[u][h], off);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int tt = comp.tb + grp + u * kGroups;
+      const bool visible = tt < comp.tend && !(args.causal && comp.key0 + tt > qpos);
+      if (!visible) {
+#pragma unroll
+        for (int h = 0; h < G; ++h) s[u][h] = kNegInf;
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      float mx = s[0][h];
+#pragma unroll
+      for (int u = 1; u < U; ++u) mx = fmaxf(mx, s[u][h]);
+      const float nm = fmaxf(m[h], mx);
+      const float use = nm == kNegInf ? 0.f : nm;
+      const float corr = exp2f(m[h] - use);
+      m[h] = nm;
+      float p[U];
+      float psum = 0.f;
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        p[u] = exp2f(s[u][h] - use);
+        psum += p[u];
+      }
+      l[h] = l[h] * corr + psum;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[h][i] *= corr;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const uint4 vr = *reinterpret_cast<const uint4*>(vs + (grp + u * kGroups) * D + sub * 8);
+      const uint32_t w[4] = {vr.x, vr.y, vr.z, vr.w};
+      float vf[8];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        vf[2 * i] = Bf16Lo(w[i]);
+        vf[2 * i + 1] = Bf16Hi(w[i]);
+      }
+#pragma unroll
+      for (int h = 0; h < G; ++h) {
+        const float pu = exp2f(s[u][h] - (m[h] == kNegInf ? 0.f : m[h]));
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[h][i] = fmaf(pu, vf[i], acc[h][i]);
+      }
+    }
+    advance(comp);
+    stage = (stage + 1) % kDecodeStages;
+  }
+  CpAsyncWait<0>();
+  __syncthreads();  // the stage buffers become the combine arrays
+
+  float* sm_m = reinterpret_cast<float*>(dsmem);  // [kGroups][G]
+  float* sm_l = sm_m + kGroups * G;               // [kGroups][G]
+  float* sm_acc = sm_l + kGroups * G;             // [kGroups][G][D]
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    if (sub == 0) {
+      sm_m[grp * G + h] = m[h];
+      sm_l[grp * G + h] = l[h];
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sm_acc[(grp * G + h) * D + sub * 8 + i] = acc[h][i];
+  }
+  __syncthreads();
+  const bool final_out = args.num_items == 1;
+  for (int idx = tid; idx < G * D; idx += kDecodeThreads) {
+    const int h = idx / D;
+    const int d = idx % D;
+    float mm = kNegInf;
+#pragma unroll
+    for (int gi = 0; gi < kGroups; ++gi) mm = fmaxf(mm, sm_m[gi * G + h]);
+    const float use = mm == kNegInf ? 0.f : mm;
+    float ll = 0.f, oo = 0.f;
+#pragma unroll
+    for (int gi = 0; gi < kGroups; ++gi) {
+      const float w = exp2f(sm_m[gi * G + h] - use);
+      ll = fmaf(sm_l[gi * G + h], w, ll);
+      oo = fmaf(sm_acc[(gi * G + h) * D + d], w, oo);
+    }
+    const float out_v = ll > 0.f ? oo / ll : 0.f;
+    const float lse_v = ll > 0.f ? (mm + log2f(ll)) * kLn2 : kNegInf;
+    const int64_t row = static_cast<int64_t>(qi) * args.num_heads + head0 + h;
+    if (final_out) {
+      args.out[row * D + d] = out_v;
+      if (d == 0) args.lse[row] = lse_v;
+    } else {
+      args.out[(row * args.num_items + item) * D + d] = out_v;
+      if (d == 0) args.lse[row * args.num_items + item] = lse_v;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Merges. MergeSplitsKernel: one thread block per row; partial p of row r at
 // o + p * o_part_stride + r * o_row_stride (D contiguous floats) and lse + p * l_part_stride +
@@ -810,6 +1066,10 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: decode_unroll = %d, supported: 0 (auto), 2, 4", p.decode_unroll));
   }
+  if (p.decode_pipeline < 0 || p.decode_pipeline > 2) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: decode_pipeline = %d, supported: 0 (auto), 1, 2", p.decode_pipeline));
+  }
   if (p.num_splits < 0) {
     return absl::InvalidArgumentError(
         absl::StrFormat("PagedAttention: num_splits = %d < 0", p.num_splits));
@@ -835,6 +1095,7 @@ struct Config {
   int decode_g = 1;
   int blocks_per_item = 1;  // decode
   int decode_unroll = 4;    // decode: tokens per token group per step
+  bool decode_smem = true;  // decode: shared-memory pipeline kernel
   size_t workspace_bytes = 0;
 };
 
@@ -870,10 +1131,24 @@ absl::StatusOr<int> PrefillBlocksPerSmT() {
 }
 
 template <int D, int G, int U>
+cudaError_t PrepareDecodeSmem() {
+  static const cudaError_t err =
+      cudaFuncSetAttribute(DecodeSmemKernel<D, G, U>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           DecodeSmemBytes<D, U>());
+  return err;
+}
+
+template <int D, int G, int U, bool kSmem>
 absl::StatusOr<int> DecodeBlocksPerSmT() {
   static int blocks = -1;
-  static cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &blocks, DecodeKernel<D, G, U>, kDecodeThreads, 0);
+  static cudaError_t err =
+      kSmem
+          ? (PrepareDecodeSmem<D, G, U>() != cudaSuccess
+                 ? PrepareDecodeSmem<D, G, U>()
+                 : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                       &blocks, DecodeSmemKernel<D, G, U>, kDecodeThreads, DecodeSmemBytes<D, U>()))
+          : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, DecodeKernel<D, G, U>,
+                                                          kDecodeThreads, 0);
   if (err != cudaSuccess) {
     return absl::InternalError(absl::StrFormat("cudaOccupancyMaxActiveBlocksPerMultiprocessor: %s",
                                                cudaGetErrorString(err)));
@@ -881,21 +1156,28 @@ absl::StatusOr<int> DecodeBlocksPerSmT() {
   return blocks;
 }
 
-template <int D, int U>
+template <int D, int U, bool kSmem>
 absl::StatusOr<int> DecodeBlocksPerSmDU(int g) {
   switch (g) {
     case 4:
-      return DecodeBlocksPerSmT<D, 4, U>();
+      return DecodeBlocksPerSmT<D, 4, U, kSmem>();
     case 2:
-      return DecodeBlocksPerSmT<D, 2, U>();
+      return DecodeBlocksPerSmT<D, 2, U, kSmem>();
     default:
-      return DecodeBlocksPerSmT<D, 1, U>();
+      return DecodeBlocksPerSmT<D, 1, U, kSmem>();
   }
 }
 
-absl::StatusOr<int> DecodeBlocksPerSm(int d, int g, int u) {
-  if (d == 128) return u == 2 ? DecodeBlocksPerSmDU<128, 2>(g) : DecodeBlocksPerSmDU<128, 4>(g);
-  return u == 2 ? DecodeBlocksPerSmDU<64, 2>(g) : DecodeBlocksPerSmDU<64, 4>(g);
+template <bool kSmem>
+absl::StatusOr<int> DecodeBlocksPerSmS(int d, int g, int u) {
+  if (d == 128) {
+    return u == 2 ? DecodeBlocksPerSmDU<128, 2, kSmem>(g) : DecodeBlocksPerSmDU<128, 4, kSmem>(g);
+  }
+  return u == 2 ? DecodeBlocksPerSmDU<64, 2, kSmem>(g) : DecodeBlocksPerSmDU<64, 4, kSmem>(g);
+}
+
+absl::StatusOr<int> DecodeBlocksPerSm(int d, int g, int u, bool smem) {
+  return smem ? DecodeBlocksPerSmS<true>(d, g, u) : DecodeBlocksPerSmS<false>(d, g, u);
 }
 
 absl::StatusOr<int> PrefillBlocksPerSm(int d, int nw) {
@@ -949,9 +1231,11 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
     // (G = 8 would spill registers: a group of 8 uses two thread blocks of 4 heads.)
     c.decode_g = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
     c.decode_unroll = p.decode_unroll != 0 ? p.decode_unroll : 4;
+    c.decode_smem = p.decode_pipeline != 1;
     const int64_t ctas_per_item =
         static_cast<int64_t>(p.num_kv_heads) * (group / c.decode_g) * p.num_q_tokens;
-    absl::StatusOr<int> per_sm = DecodeBlocksPerSm(p.head_dim, c.decode_g, c.decode_unroll);
+    absl::StatusOr<int> per_sm =
+        DecodeBlocksPerSm(p.head_dim, c.decode_g, c.decode_unroll, c.decode_smem);
     if (!per_sm.ok()) return per_sm.status();
     // About one wave of thread blocks: splitting further only adds partials to merge.
     const int64_t wave = static_cast<int64_t>(num_sms) * std::max(1, *per_sm);
@@ -1024,7 +1308,15 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
   a.out = out;
   a.lse = lse;
   const dim3 grid(c.items, p.num_kv_heads * (a.group / G), p.num_q_tokens);
-  DecodeKernel<D, G, U><<<grid, kDecodeThreads, 0, stream>>>(a);
+  if (c.decode_smem) {
+    if (cudaError_t err = PrepareDecodeSmem<D, G, U>(); err != cudaSuccess) {
+      return absl::InternalError(
+          absl::StrFormat("cudaFuncSetAttribute(decode): %s", cudaGetErrorString(err)));
+    }
+    DecodeSmemKernel<D, G, U><<<grid, kDecodeThreads, DecodeSmemBytes<D, U>(), stream>>>(a);
+  } else {
+    DecodeKernel<D, G, U><<<grid, kDecodeThreads, 0, stream>>>(a);
+  }
   return LaunchStatus("decode attention");
 }
 

@@ -108,6 +108,9 @@ struct PagedAttentionParams {
   int32_t prefill_warps = 0;
   // Decode tuning: tokens each token group loads per step (2 or 4); 0 = default (4).
   int32_t decode_unroll = 0;
+  // Decode tuning: 1 = loads through registers (one step prefetched), 2 = cp.async pipeline
+  // through shared memory (4 stages); 0 = default (2).
+  int32_t decode_pipeline = 0;
 };
 
 // Returns the scratch size that PagedAttention(params, kernel) needs on the current device.

@@ -75,6 +75,7 @@ struct Case {
   AttentionKernel kernel = AttentionKernel::kAuto;
   int num_splits = 0;
   int decode_unroll = 0;
+  int decode_pipeline = 0;
   float softmax_scale = 0.f;
 };
 
@@ -169,6 +170,7 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng) {
   p.lse = d_lse.as<float>();
   p.num_splits = c.num_splits;
   p.decode_unroll = c.decode_unroll;
+  p.decode_pipeline = c.decode_pipeline;
   absl::StatusOr<size_t> ws = PagedAttentionWorkspaceBytes(p, c.kernel);
   ASSERT_TRUE(ws.ok()) << ws.status();
   DeviceBuffer d_ws(*ws);
@@ -239,6 +241,7 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
       c.kernel = k;
       c.num_splits = k == AttentionKernel::kAuto ? 0 : kSplits[rng() % 4];
       c.decode_unroll = static_cast<int>(rng() % 3) * 2;  // 0 (default), 2, 4
+      c.decode_pipeline = static_cast<int>(rng() % 3);    // 0 (default), 1, 2
       RunAndCompare(c, rng);                              // fresh random inputs each time
       if (HasFatalFailure()) return;
     }
