@@ -66,9 +66,10 @@ struct EngineOptions {
   // after every this many requests and copy / free the KV on the data plane accordingly.
   // 0 = never.
   int32_t rebalance_every_requests = 0;
-  // Heavy-hitter detection and placement knobs handed to the lake (num_instances is set from
-  // this struct).
+  // Heavy-hitter detection knobs handed to the lake (its num_instances is set from this
+  // struct).
   balance::HeavyHitterOptions heavy_hitter;
+  // Placement and rebalancing knobs handed to the lake.
   balance::BalancerOptions balancer;
 };
 
