@@ -197,6 +197,45 @@ TEST_F(LakeTest, HotSystemPromptIsReplicatedAndItsExtraReplicasDropFirstWhenItCo
   ASSERT_TRUE(lake_->CheckIntegrity().ok());
 }
 
+TEST_F(LakeTest, LoadImbalanceIsFixedByMovingWarmSegments) {
+  Make(SmallOptions(2, 8));
+  // Six documents of one segment each, all produced on instance 0, then read equally often.
+  for (uint64_t d = 1; d <= 6; ++d) {
+    ASSERT_TRUE(lake_->Admit(Req(d, Chain({d}), kS)).ok());
+    ASSERT_TRUE(lake_->CommitKeys(RequestId(d), Chain({d}), InstanceId(0)).ok());
+    ASSERT_TRUE(lake_->Release(RequestId(d)).ok());
+  }
+  uint64_t id = 100;
+  for (int round = 0; round < 10; ++round) {
+    for (uint64_t d = 1; d <= 6; ++d) {
+      ASSERT_TRUE(lake_->Admit(Req(id, Chain({d, 1000 + id}), 4)).ok());
+      ASSERT_TRUE(lake_->Release(RequestId(id++)).ok());
+    }
+  }
+  LakeStats before = lake_->Stats();
+  EXPECT_GT(before.instances[0].load, 0);
+  EXPECT_EQ(before.instances[1].load, 0);
+  for (uint64_t d = 1; d <= 6; ++d) EXPECT_FALSE(lake_->IsHeavyHitter(SegmentId(d)));
+  auto rb = lake_->Rebalance();
+  ASSERT_TRUE(rb.ok());
+  // Each segment carries 1/6 of the load: three moves balance the two instances exactly.
+  ASSERT_EQ(rb->actions.size(), 3u);
+  for (const auto& a : rb->actions) {
+    EXPECT_EQ(a.kind, balance::ActionKind::kMove);
+    EXPECT_EQ(a.from, InstanceId(0));
+    EXPECT_EQ(a.to, InstanceId(1));
+  }
+  EXPECT_EQ(rb->bytes_moved, 3 * plan::KvBytes(SmallOptions().model, kS));
+  LakeStats after = lake_->Stats();
+  EXPECT_NEAR(after.instances[0].load, after.instances[1].load, 1e-6 * before.instances[0].load);
+  EXPECT_EQ(after.instances[0].used_slots, 3);
+  EXPECT_EQ(after.instances[1].used_slots, 3);
+  EXPECT_EQ(after.rebalance_bytes, rb->bytes_moved);
+  // Balanced now: a second call changes nothing.
+  EXPECT_TRUE(lake_->Rebalance()->actions.empty());
+  EXPECT_TRUE(lake_->CheckIntegrity().ok());
+}
+
 TEST_F(LakeTest, FullPoolEvictsLruUnpinnedLeavesAndNeverPinnedOnes) {
   Make(SmallOptions(2, 2));  // 4 slots in all
   RunIteration(Req(1, Chain({1, 2}), 2 * kS));
