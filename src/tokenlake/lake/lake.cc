@@ -162,7 +162,11 @@ plan::PlanRequest Lake::ToPlanRequestLocked(const LakeRequest& r) const {
     plan::CachedSegment& seg = p.cached[i];
     seg.segment = node->id;
     seg.num_tokens = node->num_tokens;
-    seg.replicas.assign(node->replicas.begin(), node->replicas.end());
+    if (node->replicas.size() == 1) {
+      seg.replicas.push_back(node->replicas[0]);  // the common case, without the generic assign
+    } else {
+      seg.replicas.assign(node->replicas.begin(), node->replicas.end());
+    }
   }
   p.new_segments.assign(r.keys.begin() + n, r.keys.end());
   return p;
