@@ -52,30 +52,27 @@ int main(int argc, char** argv) {
   };
   std::vector<Run> runs;
   for (int seg : {512, 256, 64}) {
-    for (int pipeline : {1, 2}) {
-      for (int unroll : {2, 4}) {
-        for (int splits : {0, 32, 64}) {
-          tl::AttentionBenchShape s;
-          s.num_q_tokens = 1;
-          s.segment_tokens = seg;
-          s.kernel = 2;
-          s.num_splits = splits;
-          s.decode_unroll = unroll;
-          s.decode_pipeline = pipeline;
-          runs.push_back({"decode", s});
-        }
-      }
+    for (int splits : {0, 32}) {
+      tl::AttentionBenchShape s;
+      s.num_q_tokens = 1;
+      s.segment_tokens = seg;
+      s.kernel = 2;
+      s.num_splits = splits;
+      runs.push_back({"decode", s});
     }
   }
-  for (int warps : {4, 8}) {
-    for (int splits : {0, 1, 2}) {
-      tl::AttentionBenchShape s;
-      s.num_q_tokens = 1024;
-      s.segment_tokens = 512;
-      s.kernel = 1;
-      s.num_splits = splits;
-      s.prefill_warps = warps;
-      runs.push_back({"prefill_cached", s});
+  for (int rows : {16, 32}) {
+    for (int warps : {4, 8}) {
+      for (int splits : {0, 1}) {
+        tl::AttentionBenchShape s;
+        s.num_q_tokens = 1024;
+        s.segment_tokens = 512;
+        s.kernel = 1;
+        s.num_splits = splits;
+        s.prefill_warps = warps;
+        s.prefill_rows_per_warp = rows;
+        runs.push_back({rows == 16 ? "prefill_cached" : "prefill_cached_r32", s});
+      }
     }
   }
   {
@@ -86,6 +83,9 @@ int main(int argc, char** argv) {
     s.causal = true;
     s.kernel = 1;
     runs.push_back({"prefill_new_causal", s});
+    s.prefill_rows_per_warp = 32;
+    s.prefill_warps = 4;
+    runs.push_back({"prefill_new_causal_r32", s});
   }
   std::printf("%-20s %6s %6s %6s %11s %10s %9s %9s %9s\n", "run", "q", "kv", "seg", "split/w/u/p",
               "us", "TFLOP/s", "KV GB/s", "merge us");
@@ -112,6 +112,7 @@ int main(int argc, char** argv) {
                          {"prefill_warps", s.prefill_warps},
                          {"decode_unroll", s.decode_unroll},
                          {"decode_pipeline", s.decode_pipeline},
+                         {"prefill_rows_per_warp", s.prefill_rows_per_warp},
                          {"us", t->us},
                          {"tflops", t->tflops},
                          {"kv_gbps", t->kv_gbps},

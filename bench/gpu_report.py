@@ -42,21 +42,22 @@ def main():
 
     print("\nPrefill, 1024 new tokens over 32K cached (not causal), segments of 512:")
     sp = sdpa["prefill_cached"]
-    for w in (4, 8):
-        a = auto("prefill_cached", prefill_warps=w)
-        b = best("prefill_cached", "us", prefill_warps=w)
+    for name, w in [(n, w) for n in ("prefill_cached", "prefill_cached_r32") for w in (4, 8)]:
+        a = auto(name, prefill_warps=w)
+        b = best(name, "us", prefill_warps=w)
         if not a:
             continue
-        print(f"  {w} warps: auto {a['us']:8.1f} us {a['tflops']:6.1f} TFLOP/s; best (splits "
+        print(f"  {name} {w} warps: auto {a['us']:8.1f} us {a['tflops']:6.1f} TFLOP/s; best (splits "
               f"{b['num_splits']}) {b['us']:8.1f} us {b['tflops']:6.1f} TFLOP/s"
               + (f" = {100 * b['tflops'] / sp['tflops']:.1f}% of SDPA" if sp.get("best") else ""))
-    b = best("prefill_cached", "us")
+    b = min([r for r in runs if r["name"].startswith("prefill_cached")], key=lambda r: r["us"])
     if sp.get("best"):
         print(f"  SDPA ({sp['best']}): {sp['best_us']:8.1f} us {sp['tflops']:6.1f} TFLOP/s;"
               f" ours best = {100 * b['tflops'] / sp['tflops']:.1f}% of SDPA")
     print(f"  merge of two [1024 x 32 x 128] partials: {b['merge_us']:.1f} us = "
           f"{100 * b['merge_us'] / b['us']:.2f}% of the prefill partial")
-    n = best("prefill_new_causal", "us")
+    n = min([r for r in runs if r["name"].startswith("prefill_new_causal")],
+            key=lambda r: r["us"], default=None)
     sn = sdpa["prefill_new_causal"]
     if n:
         print(f"\nNew tokens' own KV, 1024 x 1024 causal: {n['us']:.1f} us {n['tflops']:.1f} TFLOP/s"

@@ -316,6 +316,7 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
   p.prefill_warps = s.prefill_warps;
   p.decode_unroll = s.decode_unroll;
   p.decode_pipeline = s.decode_pipeline;
+  p.prefill_rows_per_warp = s.prefill_rows_per_warp;
   p.blocks = blocks.get<DeviceKvBlock>();
   const auto kernel = static_cast<AttentionKernel>(s.kernel);
   absl::StatusOr<size_t> ws_bytes = PagedAttentionWorkspaceBytes(p, kernel);

@@ -73,11 +73,12 @@ struct AttentionBenchShape {
   int32_t num_kv_heads = 8;
   int32_t head_dim = 128;
   bool causal = false;
-  int32_t num_splits = 0;       // 0 = auto
-  int32_t prefill_warps = 0;    // 0 = auto
-  int32_t decode_unroll = 0;    // 0 = auto
-  int32_t decode_pipeline = 0;  // 0 = auto, 1 registers, 2 shared memory
-  int kernel = 0;               // 0 auto, 1 prefill, 2 decode (AttentionKernel order)
+  int32_t num_splits = 0;             // 0 = auto
+  int32_t prefill_warps = 0;          // 0 = auto
+  int32_t decode_unroll = 0;          // 0 = auto
+  int32_t decode_pipeline = 0;        // 0 = auto, 1 registers, 2 shared memory
+  int32_t prefill_rows_per_warp = 0;  // 0 = auto, 16, 32
+  int kernel = 0;                     // 0 auto, 1 prefill, 2 decode (AttentionKernel order)
 };
 struct AttentionTiming {
   double us = 0;        // median time of one call (kernel(s) + internal merge)

@@ -76,6 +76,7 @@ struct Case {
   int num_splits = 0;
   int decode_unroll = 0;
   int decode_pipeline = 0;
+  int prefill_rows_per_warp = 0;
   float softmax_scale = 0.f;
 };
 
@@ -171,6 +172,7 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng) {
   p.num_splits = c.num_splits;
   p.decode_unroll = c.decode_unroll;
   p.decode_pipeline = c.decode_pipeline;
+  p.prefill_rows_per_warp = c.prefill_rows_per_warp;
   absl::StatusOr<size_t> ws = PagedAttentionWorkspaceBytes(p, c.kernel);
   ASSERT_TRUE(ws.ok()) << ws.status();
   DeviceBuffer d_ws(*ws);
@@ -240,9 +242,10 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
          {AttentionKernel::kAuto, AttentionKernel::kPrefill, AttentionKernel::kDecode}) {
       c.kernel = k;
       c.num_splits = k == AttentionKernel::kAuto ? 0 : kSplits[rng() % 4];
-      c.decode_unroll = static_cast<int>(rng() % 3) * 2;  // 0 (default), 2, 4
-      c.decode_pipeline = static_cast<int>(rng() % 3);    // 0 (default), 1, 2
-      RunAndCompare(c, rng);                              // fresh random inputs each time
+      c.decode_unroll = static_cast<int>(rng() % 3) * 2;           // 0 (default), 2, 4
+      c.decode_pipeline = static_cast<int>(rng() % 3);             // 0 (default), 1, 2
+      c.prefill_rows_per_warp = static_cast<int>(rng() % 3) * 16;  // 0 (default), 16, 32
+      RunAndCompare(c, rng);                                       // fresh random inputs each time
       if (HasFatalFailure()) return;
     }
   }
@@ -261,6 +264,9 @@ TEST_P(PagedAttentionGpuTest, CachedAndNewTokenPartialsMatchReference) {
   cached.block_lens.assign(std::max(1, 512 / shape.block_tokens), shape.block_tokens);
   cached.num_q = 96;
   RunAndCompare(cached, rng);
+  cached.prefill_rows_per_warp = 32;
+  RunAndCompare(cached, rng);
+  cached.prefill_rows_per_warp = 0;
   Case fresh = cached;
   fresh.block_lens.assign((96 + shape.block_tokens - 1) / shape.block_tokens, shape.block_tokens);
   fresh.block_lens.back() =
@@ -268,6 +274,13 @@ TEST_P(PagedAttentionGpuTest, CachedAndNewTokenPartialsMatchReference) {
   fresh.causal = true;
   fresh.q_start_pos = 0;
   RunAndCompare(fresh, rng);
+  fresh.prefill_rows_per_warp = 32;
+  fresh.num_q = 300;  // more than one 128-row tile, a partial last tile
+  fresh.block_lens.assign((300 + shape.block_tokens - 1) / shape.block_tokens, shape.block_tokens);
+  fresh.block_lens.back() =
+      300 - shape.block_tokens * (static_cast<int>(fresh.block_lens.size()) - 1);
+  RunAndCompare(fresh, rng);
+  fresh.prefill_rows_per_warp = 0;
   Case decode = cached;
   decode.num_q = 1;
   RunAndCompare(decode, rng);
