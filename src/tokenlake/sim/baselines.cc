@@ -273,7 +273,8 @@ bool PdDisaggPolicy::Admit(Simulator& sim, Job& job) {
     --job.private_blocks;
   }
   const int64_t have = static_cast<int64_t>(job.held_ids.size());
-  sim.AddBytesMoved((have - matched) * sim.cost().model().KvBytesPerToken() * kBlockTokens);
+  sim.AddBytesMoved((have - matched) * sim.cost().model().KvBytesPerToken() * kBlockTokens,
+                    "kv_fetch");
   job.cached_tokens = std::min(TokensOf(r, have), r.input_tokens - 1);
   sim.record(job.request).cached_tokens = job.cached_tokens;
   return true;
@@ -291,7 +292,7 @@ void PdDisaggPolicy::OnPrefillDone(Simulator& sim, Job& job) {
   decode->cached_tokens = r.input_tokens;
   decode->decoded = 1;
   const int64_t bytes = r.input_tokens * sim.cost().model().KvBytesPerToken();
-  sim.AddBytesMoved(bytes);
+  sim.AddBytesMoved(bytes, "kv_to_decode");
   const int gpn = static_cast<int>(sim.cost().net().gpus_per_node);
   const double transfer =
       sim.cost().TransferSeconds(bytes, job.instance / gpn == plan.decode / gpn);

@@ -47,6 +47,7 @@ Summary Summarize(const SimResult& r, double offered_rps) {
   s.hit_rate = prompt > 0 ? static_cast<double>(cached) / static_cast<double>(prompt) : 0;
   s.throughput_rps = r.makespan_s > 0 ? static_cast<double>(s.completed) / r.makespan_s : 0;
   s.bytes_moved = r.bytes_moved;
+  s.bytes_by_kind = r.bytes_by_kind;
   s.redundancy = r.mean_redundancy;
   double max_busy = 0, sum_busy = 0;
   for (double b : r.busy_s) {
@@ -81,6 +82,8 @@ nlohmann::json ToJson(const Summary& s) {
   j["tpot_p50_s"] = num(s.tpot_p50_s);
   j["tpot_p90_s"] = num(s.tpot_p90_s);
   j["bytes_moved"] = s.bytes_moved;
+  j["bytes_moved_by_kind"] = nlohmann::json::object();
+  for (const auto& [kind, bytes] : s.bytes_by_kind) j["bytes_moved_by_kind"][kind] = bytes;
   j["redundancy"] = num(s.redundancy);
   j["load_imbalance"] = num(s.load_imbalance);
   j["completed"] = s.completed;

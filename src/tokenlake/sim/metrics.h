@@ -15,6 +15,7 @@
 #define TOKENLAKE_SIM_METRICS_H_
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -33,6 +34,7 @@ struct Summary {
   double ttft_p50_s = 0, ttft_p90_s = 0;
   double tpot_p50_s = 0, tpot_p90_s = 0;
   int64_t bytes_moved = 0;
+  std::map<std::string, int64_t> bytes_by_kind;
   double redundancy = 1;
   double load_imbalance = 1;
   int64_t completed = 0;

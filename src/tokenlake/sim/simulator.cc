@@ -310,6 +310,7 @@ SimResult Simulator::Run() {
   }
   result.makespan_s = last > first ? last - first : 0;
   result.bytes_moved = bytes_moved_;
+  result.bytes_by_kind = bytes_by_kind_;
   result.mean_redundancy =
       redundancy_samples_ > 0 ? redundancy_sum_ / static_cast<double>(redundancy_samples_) : 1.0;
   for (const Instance& inst : instances_) result.busy_s.push_back(inst.busy_s);

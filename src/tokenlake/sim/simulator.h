@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <queue>
 #include <string>
@@ -165,9 +166,10 @@ struct SimResult {
   std::vector<RequestRecord> records;
   double makespan_s = 0;
   int64_t bytes_moved = 0;
-  double mean_redundancy = 1.0;           // time-averaged copies / distinct blocks
-  std::vector<double> busy_s;             // per instance
-  std::vector<std::vector<double>> load;  // [sample][instance] busy share in the window
+  std::map<std::string, int64_t> bytes_by_kind;  // bytes_moved split by what moved
+  double mean_redundancy = 1.0;                  // time-averaged copies / distinct blocks
+  std::vector<double> busy_s;                    // per instance
+  std::vector<std::vector<double>> load;         // [sample][instance] busy share in the window
   double sample_period_s = 0;
   int64_t kv_capacity_bytes_per_instance = 0;
   int64_t iterations = 0;
@@ -195,7 +197,11 @@ class Simulator {
   void Reject(int64_t request);
   // Adds work (seconds) to `instance`'s next iteration, starting one if it is idle.
   void ChargeExtra(int instance, double seconds);
-  void AddBytesMoved(int64_t bytes) { bytes_moved_ += bytes; }
+  // Counts `bytes` moved between instances, under `kind` (e.g. "kv_to_decode").
+  void AddBytesMoved(int64_t bytes, const std::string& kind) {
+    bytes_moved_ += bytes;
+    bytes_by_kind_[kind] += bytes;
+  }
   // Releases a finished job's memory (baselines).
   void ReleaseLocal(Job& job);
 
@@ -224,6 +230,7 @@ class Simulator {
   uint64_t seq_ = 0;
   int64_t capacity_blocks_ = 0;
   int64_t bytes_moved_ = 0;
+  std::map<std::string, int64_t> bytes_by_kind_;
   int64_t iterations_ = 0;
   std::vector<Instance> instances_;
   std::vector<RequestRecord> records_;

@@ -117,7 +117,7 @@ class TokenLakePolicy final : public Policy {
     remote_tokens = std::min(remote_tokens, cached);
     double ready = sim.now();
     if (pull_bytes > 0) {
-      sim.AddBytesMoved(pull_bytes);
+      sim.AddBytesMoved(pull_bytes, "kv_pull");
       ready += sim.cost().TransferSeconds(pull_bytes, /*same_node=*/false);
     }
     // Split the uncached prompt into `group.size()` contiguous parts.
@@ -164,7 +164,7 @@ class TokenLakePolicy final : public Policy {
     rec.first_token_s = sim.now();
     const RequestId id(static_cast<uint64_t>(job.request));
     auto committed = lake_->Commit(id, st.placements);
-    if (Ok(committed.status())) sim.AddBytesMoved(committed->moved_bytes);
+    if (Ok(committed.status())) sim.AddBytesMoved(committed->moved_bytes, "new_segments");
     st.placements.clear();
     if (r.output_tokens <= 1) {
       rec.finish_s = sim.now();
@@ -234,7 +234,8 @@ class TokenLakePolicy final : public Policy {
       for (const auto& [holder, held] : jobs[i]->remote_holders) {
         // The holder computed the partial attention of these queries over its segments.
         sim.ChargeExtra(holder, cost.CachedAttentionSeconds(t, held) * static_cast<double>(iters));
-        sim.AddBytesMoved(plan::MoveQueriesBytes(shape_, t) * iters);
+        sim.AddBytesMoved(plan::MoveQueriesBytes(shape_, t) * iters,
+                          jobs[i]->decode_only ? "decode_queries" : "prefill_queries");
       }
     }
   }
@@ -242,7 +243,7 @@ class TokenLakePolicy final : public Policy {
   void OnSample(Simulator& sim) override {
     Tick(sim);
     auto rebalanced = lake_->Rebalance();
-    if (Ok(rebalanced.status())) sim.AddBytesMoved(rebalanced->bytes_moved);
+    if (Ok(rebalanced.status())) sim.AddBytesMoved(rebalanced->bytes_moved, "rebalance");
   }
 
   void PoolStats(Simulator& sim, int64_t* copies, int64_t* distinct) override {
