@@ -1,0 +1,80 @@
+#include "tokenlake/sim/report.h"
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tokenlake/sim/svg.h"
+
+namespace tokenlake::sim {
+namespace {
+
+using ::testing::HasSubstr;
+
+int Count(const std::string& s, const std::string& needle) {
+  int n = 0;
+  for (size_t p = s.find(needle); p != std::string::npos; p = s.find(needle, p + 1)) ++n;
+  return n;
+}
+
+TEST(SvgTest, BarChartDrawsOneBarPerValueAndEscapesLabels) {
+  const std::string s = svg::BarChart("T<1>", "rps", {{"a&b", 1.5}, {"c", 3}, {"d", 0}});
+  EXPECT_EQ(s.rfind("<svg", 0), 0u);
+  EXPECT_THAT(s, HasSubstr("</svg>"));
+  EXPECT_THAT(s, HasSubstr("T&lt;1&gt;"));
+  EXPECT_THAT(s, HasSubstr("a&amp;b"));
+  EXPECT_EQ(Count(s, "<rect x="), 3);  // the background rect has no x
+  EXPECT_THAT(s, HasSubstr(">1.5<"));
+}
+
+TEST(SvgTest, LineChartSkipsNonFiniteAndNonPositiveLogPoints) {
+  svg::Series a{"a", {0.0, 1, 10, std::numeric_limits<double>::infinity()}, {0.1, 0.2, 0.5, 1}};
+  svg::LineOptions o;
+  o.log_x = true;
+  const std::string s = svg::LineChart("cdf", {a}, o);
+  EXPECT_EQ(Count(s, "<polyline"), 1);
+  const size_t p = s.find("points=\"");
+  ASSERT_NE(p, std::string::npos);
+  const std::string points = s.substr(p + 8, s.find('"', p + 8) - p - 8);
+  EXPECT_EQ(Count(points, ","), 2);  // only x = 1 and x = 10 are drawable
+}
+
+TEST(SvgTest, HeatmapHasOneCellPerValue) {
+  const std::string s = svg::Heatmap("load", {{0, 0.5, 1}, {1, 1, 1}}, {"g0", "g1"}, "t", 30);
+  EXPECT_EQ(Count(s, "<rect x="), 6);
+  EXPECT_THAT(s, HasSubstr("g1"));
+}
+
+TEST(ReportTest, WritesPlotsAndIndexAndFailsCleanlyOnABadPath) {
+  PolicyRun run;
+  run.summary.policy = "round-robin";
+  run.summary.max_rate_rps = 2.5;
+  run.result.busy_s = {1, 2};
+  run.result.load = {{0.1, 0.9}, {0.5, 0.5}};
+  run.result.sample_period_s = 10;
+  RequestRecord rec;
+  rec.arrival_s = 0;
+  rec.first_token_s = 0.5;
+  run.result.records = {rec};
+  const std::string dir =
+      (std::filesystem::temp_directory_path() / "tokenlake_report_test").string();
+  std::filesystem::remove_all(dir);
+  ASSERT_TRUE(WriteReport(dir, "unit", {run}, nlohmann::json::object()).ok());
+  for (const char* f : {"index.html", "max_rate.svg", "ttft_cdf.svg", "hit_rate.svg",
+                        "bytes_moved.svg", "load_round-robin.svg"}) {
+    EXPECT_TRUE(std::filesystem::exists(std::filesystem::path(dir) / f)) << f;
+  }
+  std::ifstream in(std::filesystem::path(dir) / "index.html");
+  std::stringstream html;
+  html << in.rdbuf();
+  EXPECT_THAT(html.str(), HasSubstr("max_rate.svg"));
+  EXPECT_THAT(FormatTable({run}), HasSubstr("2.500"));
+  EXPECT_FALSE(WriteReport("/proc/no/such/dir", "x", {run}, {}).ok());
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace tokenlake::sim
