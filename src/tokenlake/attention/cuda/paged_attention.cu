@@ -1476,7 +1476,12 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
   const int group = p.num_heads / p.num_kv_heads;
   if (kernel == AttentionKernel::kPrefill) {
     c.prefill_warps = p.prefill_warps != 0 ? p.prefill_warps : (p.num_q_tokens >= 512 ? 8 : 4);
-    c.prefill_mt = p.prefill_rows_per_warp == 32 ? 2 : 1;
+    // Two m-tiles per warp (32 rows) measured 11% faster on an H100 for 1024 x 32K
+    // (docs/results-gpu.md); with few query tokens the larger tile wastes rows.
+    c.prefill_mt =
+        p.prefill_rows_per_warp == 32 || (p.prefill_rows_per_warp == 0 && p.num_q_tokens >= 512)
+            ? 2
+            : 1;
     const int br = 16 * c.prefill_mt * c.prefill_warps;
     const int64_t ctas = static_cast<int64_t>((p.num_q_tokens + br - 1) / br) * p.num_heads;
     absl::StatusOr<int> per_sm = PrefillBlocksPerSm(p.head_dim, c.prefill_warps, c.prefill_mt);

@@ -107,7 +107,7 @@ struct PagedAttentionParams {
   // num_q_tokens.
   int32_t prefill_warps = 0;
   // Prefill tuning: query rows per warp, 16 (Q in registers) or 32 (two m-tiles, Q in shared
-  // memory); 0 = default (16).
+  // memory); 0 = default (32 from 512 query tokens, else 16).
   int32_t prefill_rows_per_warp = 0;
   // Decode tuning: tokens each token group loads per step (2 or 4); 0 = default (4).
   int32_t decode_unroll = 0;
