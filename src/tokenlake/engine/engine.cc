@@ -107,7 +107,9 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const LlamaModel* model,
         state->pool, InstancePool::Create({.num_instances = options.num_instances,
                                            .layout = layout,
                                            .num_heads = c.num_heads,
-                                           .slots_per_instance = options.slots_per_instance}));
+                                           .slots_per_instance = options.slots_per_instance,
+                                           .reply_timeout = options.reply_timeout,
+                                           .wrap_transport = options.wrap_transport}));
     lake::LakeOptions lo;
     lo.num_instances = options.num_instances;
     lo.segment_tokens = options.segment_tokens;

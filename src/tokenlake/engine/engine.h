@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "tokenlake/attention/attention.h"
 #include "tokenlake/balance/balancer.h"
@@ -71,6 +72,10 @@ struct EngineOptions {
   balance::HeavyHitterOptions heavy_hitter;
   // Placement and rebalancing knobs handed to the lake.
   balance::BalancerOptions balancer;
+  // How long the computing instance waits for a holder's reply (DeadlineExceeded after).
+  absl::Duration reply_timeout = absl::Seconds(60);
+  // Optional wrapper of the instances' loopback transport (e.g. a fault-injecting decorator).
+  InstancePool::TransportWrapper wrap_transport;
 };
 
 struct GenerateResult {

@@ -17,6 +17,7 @@
 #include "gtest/gtest.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/engine/safetensors.h"
+#include "tokenlake/transport/fault_transport.h"
 
 namespace tokenlake::engine {
 namespace {
@@ -295,6 +296,50 @@ TEST(EngineTest, LosingAnInstanceLosesItsCacheButNeverCorrectness) {
   auto no_pool = Engine::Create(model.get(), {.use_pool = false});
   EXPECT_EQ((*no_pool)->DropInstance(InstanceId(0)).status().code(),
             absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(EngineTest, DelayedTransportChangesNothingAndLostRepliesAreDeadlineErrors) {
+  auto model = TinyModel(true, 13);
+  auto ref = Engine::Create(model.get(), {.use_pool = false});
+  transport::FaultTransport* fault = nullptr;
+  auto eng =
+      Engine::Create(model.get(), {.use_pool = true,
+                                   .num_instances = 3,
+                                   .segment_tokens = 4,
+                                   .rotate_compute_instance = true,
+                                   .reply_timeout = absl::Milliseconds(300),
+                                   .wrap_transport = [&fault](transport::Transport* inner)
+                                       -> absl::StatusOr<std::unique_ptr<transport::Transport>> {
+                                     auto f = transport::FaultTransport::Create(
+                                         inner, {.delay = absl::Milliseconds(1)});
+                                     if (!f.ok()) return f.status();
+                                     fault = f->get();
+                                     return std::unique_ptr<transport::Transport>(*std::move(f));
+                                   }});
+  ASSERT_TRUE(ref.ok() && eng.ok()) << eng.status();
+  ASSERT_NE(fault, nullptr);
+  std::vector<int32_t> doc = {3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4};
+  for (int32_t q = 0; q < 4; ++q) {
+    std::vector<int32_t> p = doc;
+    p.push_back(q);
+    auto want = (*ref)->Generate(p, 3);
+    auto got = (*eng)->Generate(p, 3);
+    ASSERT_TRUE(want.ok() && got.ok()) << got.status();
+    EXPECT_EQ(got->tokens, want->tokens);
+    for (size_t v = 0; v < want->last_logits.size(); ++v) {
+      ASSERT_NEAR(got->last_logits[v], want->last_logits[v], 1e-4);
+    }
+  }
+  EXPECT_GT(fault->delayed(), 0);
+  // Every message lost: the request fails with a deadline error instead of hanging.
+  ASSERT_TRUE(fault->SetDropProbability(1.0).ok());
+  doc.push_back(42);
+  const absl::Time start = absl::Now();
+  auto lost = (*eng)->Generate(doc, 2);
+  EXPECT_EQ(lost.status().code(), absl::StatusCode::kDeadlineExceeded) << lost.status();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  EXPECT_GT(fault->dropped(), 0);
+  EXPECT_EQ((*eng)->lake()->Stats().active_requests, 0);  // released despite the failure
 }
 
 TEST(EngineTest, BfloatPoolStaysCloseToTheFloatReference) {

@@ -67,8 +67,18 @@ absl::StatusOr<std::unique_ptr<InstancePool>> InstancePool::Create(const Options
         "InstancePool: slots_per_instance must be >= 1, got %d", options.slots_per_instance));
   }
   std::unique_ptr<InstancePool> pool(new InstancePool(options));
-  TOKENLAKE_ASSIGN_OR_RETURN(pool->transport_, transport::LoopbackTransport::Create(
-                                                   {.num_endpoints = 2 * options.num_instances}));
+  TOKENLAKE_ASSIGN_OR_RETURN(pool->loopback_, transport::LoopbackTransport::Create(
+                                                  {.num_endpoints = 2 * options.num_instances}));
+  pool->transport_ = pool->loopback_.get();
+  if (options.wrap_transport) {
+    TOKENLAKE_ASSIGN_OR_RETURN(pool->wrapper_, options.wrap_transport(pool->loopback_.get()));
+    if (pool->wrapper_ == nullptr ||
+        pool->wrapper_->num_endpoints() != pool->loopback_->num_endpoints()) {
+      return absl::InvalidArgumentError(
+          "InstancePool: wrap_transport returned no transport or one with other endpoints");
+    }
+    pool->transport_ = pool->wrapper_.get();
+  }
   const size_t slot_bytes = static_cast<size_t>(options.layout.SlotBytes());
   for (int32_t i = 0; i < options.num_instances; ++i) {
     auto inst = std::make_unique<Instance>();
@@ -91,6 +101,7 @@ absl::StatusOr<std::unique_ptr<InstancePool>> InstancePool::Create(const Options
 
 InstancePool::~InstancePool() {
   if (transport_ != nullptr) transport_->Shutdown();
+  if (loopback_ != nullptr) loopback_->Shutdown();
   for (auto& inst : instances_) {
     if (inst->server.joinable()) inst->server.join();
   }

@@ -23,6 +23,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -48,6 +49,11 @@ struct SegmentRef {
 
 class InstancePool {
  public:
+  // Wraps the pool's own loopback transport in another Transport over the same endpoints (e.g.
+  // transport::FaultTransport, to test deadlines and faults). `inner` outlives the result.
+  using TransportWrapper =
+      std::function<absl::StatusOr<std::unique_ptr<transport::Transport>>(transport::Transport*)>;
+
   struct Options {
     // Number of instances N, >= 1.
     int32_t num_instances = 1;
@@ -59,6 +65,9 @@ class InstancePool {
     int32_t slots_per_instance = 256;
     // How long a driver waits for a reply before giving up (DeadlineExceeded).
     absl::Duration reply_timeout = absl::Seconds(60);
+    // Optional: every message goes through the transport this returns (empty = the loopback
+    // itself).
+    TransportWrapper wrap_transport;
   };
 
   // Allocates the arenas, creates the stores and the transport, starts the server threads.
@@ -74,8 +83,8 @@ class InstancePool {
   const attention::KvSlotLayout& layout() const { return options_.layout; }
   // The store of instance `i`. REQUIRES: 0 <= i < N.
   store::SegmentStore& store(InstanceId i) const;
-  // The transport (for traffic counters).
-  const transport::LoopbackTransport& transport() const { return *transport_; }
+  // The loopback under any wrapper (for its traffic counters: what reached it).
+  const transport::LoopbackTransport& transport() const { return *loopback_; }
   // Endpoint of the driver of computing instance `c`.
   InstanceId DriverEndpoint(InstanceId c) const { return InstanceId(num_instances() + c.value()); }
 
@@ -140,7 +149,9 @@ class InstancePool {
   absl::StatusOr<transport::Message> AwaitReply(InstanceId compute, uint64_t ticket);
 
   const Options options_;
-  std::unique_ptr<transport::LoopbackTransport> transport_;
+  std::unique_ptr<transport::LoopbackTransport> loopback_;
+  std::unique_ptr<transport::Transport> wrapper_;  // null without wrap_transport
+  transport::Transport* transport_ = nullptr;      // wrapper_ or loopback_
   std::vector<std::unique_ptr<Instance>> instances_;
   std::vector<std::unique_ptr<Driver>> drivers_;
 };
