@@ -145,8 +145,19 @@ absl::Status WriteReport(const std::string& dir, const std::string& title,
     std::vector<std::vector<double>> rows(n_inst);
     std::vector<std::string> labels;
     for (size_t i = 0; i < n_inst; ++i) labels.push_back(absl::StrFormat("gpu %d", i));
-    for (const auto& sample : r.result.load) {
-      for (size_t i = 0; i < n_inst && i < sample.size(); ++i) rows[i].push_back(sample[i]);
+    // At most kMaxColumns columns: consecutive samples are averaged.
+    constexpr size_t kMaxColumns = 150;
+    const size_t samples = r.result.load.size();
+    const size_t group = std::max<size_t>(1, (samples + kMaxColumns - 1) / kMaxColumns);
+    for (size_t start = 0; start < samples; start += group) {
+      const size_t end = std::min(samples, start + group);
+      for (size_t i = 0; i < n_inst; ++i) {
+        double sum = 0;
+        for (size_t k = start; k < end; ++k) {
+          if (i < r.result.load[k].size()) sum += r.result.load[k][i];
+        }
+        rows[i].push_back(sum / static_cast<double>(end - start));
+      }
     }
     absl::Status s = write(
         "load_" + r.summary.policy + ".svg",
