@@ -25,10 +25,11 @@
 //
 // Kernels. Two implementations of the same function:
 //   - prefill: flash-attention-2 tiling, mma.sync m16n8k16 bf16 tensor cores, 64-key tiles
-//     double-buffered through cp.async, optional split over the block list with a merge;
-//     for many query tokens.
-//   - decode: split-KV, CUDA cores, 16-byte loads, every (segment chunk, KV head) in its own
-//     thread block serving all query heads of the group, then a merge; memory-bandwidth bound;
+//     double-buffered through cp.async, 16 or 32 query rows per warp, optional split over the
+//     block list with a merge; for many query tokens.
+//   - decode: split-KV, CUDA cores, every (run of segments or segment chunk, KV head) in its own
+//     thread block serving up to 4 query heads of the group, K/V streamed through a 4-stage
+//     cp.async shared-memory pipeline, then a merge of the splits; memory-bandwidth bound;
 //     for a few query tokens.
 //   kAuto picks decode for num_q_tokens <= kDecodeMaxQueryTokens, else prefill.
 //
@@ -103,8 +104,8 @@ struct PagedAttentionParams {
   // Number of KV splits (thread blocks along the block list) for each query tile; 0 = choose
   // from the device's multiprocessor count. Values above the number of work items are clamped.
   int32_t num_splits = 0;
-  // Prefill tuning: warps per thread block (16 query rows each), 4 or 8; 0 = choose by
-  // num_q_tokens.
+  // Prefill tuning: warps per thread block, 4 or 8 (each warp takes prefill_rows_per_warp query
+  // rows); 0 = choose by num_q_tokens (8 from 512 tokens, else 4).
   int32_t prefill_warps = 0;
   // Prefill tuning: query rows per warp, 16 (Q in registers) or 32 (two m-tiles, Q in shared
   // memory); 0 = default (32 from 512 query tokens, else 16).
