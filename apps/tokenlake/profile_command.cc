@@ -13,7 +13,6 @@
 
 #include "CLI/CLI.hpp"
 #include "command.h"
-#include "nlohmann/json.hpp"
 
 #ifdef TOKENLAKE_HAVE_CUDA
 #include "tokenlake/attention/cuda/gpu_profile.h"
@@ -29,66 +28,21 @@ struct ProfileFlags {
 
 #ifdef TOKENLAKE_HAVE_CUDA
 int RunProfile(const ProfileFlags& flags) {
-  namespace tl = tokenlake::attention::cuda;
-  auto fail = [](const char* what, const absl::Status& s) {
-    std::fprintf(stderr, "tokenlake profile: %s: %s\n", what, s.ToString().c_str());
+  absl::StatusOr<std::string> json =
+      tokenlake::attention::cuda::MeasureGpuProfileJson(flags.dense_tokens, flags.repeats);
+  if (!json.ok()) {
+    std::fprintf(stderr, "tokenlake profile: %s\n", json.status().ToString().c_str());
     return 1;
-  };
-  auto dev = tl::DescribeDevice();
-  if (!dev.ok()) return fail("device", dev.status());
-  std::fprintf(stderr, "profiling %s (%d SMs, %.1f GiB)\n", dev->name.c_str(), dev->num_sms,
-               dev->memory_bytes / double(1 << 30));
-  auto copy = tl::MeasureCopyGbps(size_t{1} << 30, 20);
-  if (!copy.ok()) return fail("copy bandwidth", copy.status());
-  auto gemm = tl::MeasureGemmTflops(8192, 8192, 8192, 20);
-  if (!gemm.ok()) return fail("gemm", gemm.status());
-  auto dense = tl::MeasureDenseLayers(tl::DenseModelShape{}, flags.dense_tokens, flags.repeats);
-  if (!dense.ok()) return fail("dense layers", dense.status());
-  tl::AttentionBenchShape prefill;
-  prefill.num_q_tokens = 1024;
-  prefill.kernel = 1;
-  auto pre = tl::MeasurePagedAttention(prefill, 20);
-  if (!pre.ok()) return fail("attention prefill", pre.status());
-  tl::AttentionBenchShape decode;
-  decode.num_q_tokens = 1;
-  decode.kernel = 2;
-  auto dec = tl::MeasurePagedAttention(decode, 50);
-  if (!dec.ok()) return fail("attention decode", dec.status());
-
-  nlohmann::json j;
-  j["name"] = dev->name;
-  j["device"] = dev->name;
-  j["memory_bytes"] = dev->memory_bytes;
-  j["memory_utilization"] = 0.9;
-  j["activation_reserve_bytes"] = int64_t{4} << 30;
-  j["copy_gbps"] = *copy;
-  j["gemm_tflops"] = *gemm;
-  j["attn_prefill_tflops"] = pre->tflops;
-  j["attn_decode_gbps"] = dec->kv_gbps;
-  nlohmann::json dense_ms = nlohmann::json::array();
-  nlohmann::json dense_tflops = nlohmann::json::array();
-  for (const auto& p : *dense) {
-    dense_ms.push_back({p.tokens, p.ms});
-    dense_tflops.push_back({p.tokens, p.tflops});
   }
-  j["dense_ms"] = dense_ms;
-  j["dense_ms_by_tokens"] = dense_ms;
-  j["measured"] = {{"model", "llama-3-8b dense layers (qkv, o, gate-up, down) x 32, cuBLAS bf16"},
-                   {"dense_tflops_by_tokens", dense_tflops},
-                   {"gemm_shape", "8192x8192x8192 bf16"},
-                   {"attention_shape",
-                    "GQA 32/8, head_dim 128, bf16, 32768 cached tokens in 512-token segments; "
-                    "prefill 1024 new tokens (not causal over the cache), decode 1 token"},
-                   {"attn_prefill_us", pre->us},
-                   {"attn_decode_us", dec->us}};
   std::ofstream out(flags.json_path);
+  out << *json << "\n";
+  out.close();
   if (!out) {
     std::fprintf(stderr, "tokenlake profile: cannot write '%s'\n", flags.json_path.c_str());
     return 1;
   }
-  out << j.dump(2) << "\n";
-  std::printf("%s\n", j.dump(2).c_str());
-  return out.good() ? 0 : 1;
+  std::printf("%s\n", json->c_str());
+  return 0;
 }
 #else
 int RunProfile(const ProfileFlags&) {
