@@ -262,6 +262,25 @@ TEST(ServiceClusterTest, BadInputGetsAClear4xxAndDoesNotDisturbOtherRequests) {
       ::testing::Not(HasSubstr("200 OK")));
   background.join();
   EXPECT_EQ(good_ok.load(), 5);
+  // Many slow clients at once (more than httplib's default 8 workers) do not block a request.
+  std::vector<int> slow_fds;
+  for (int i = 0; i < 12; ++i) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(static_cast<uint16_t>(c->http_port()));
+    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    const std::string partial = "POST /v1/completions HTTP/1.1\r\nHost: x";
+    ::send(fd, partial.data(), partial.size(), MSG_NOSIGNAL);
+    slow_fds.push_back(fd);
+  }
+  absl::SleepFor(absl::Milliseconds(100));
+  const absl::Time fast_start = absl::Now();
+  Answer during = Complete(*c, good);
+  EXPECT_EQ(during.status, 200) << during.body;
+  EXPECT_LT(absl::Now() - fast_start, absl::Milliseconds(1500));
+  for (int fd : slow_fds) ::close(fd);
   Answer after = Complete(*c, good);
   EXPECT_EQ(after.status, 200) << after.body;
   EXPECT_EQ(after.tokens, expected);

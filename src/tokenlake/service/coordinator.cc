@@ -73,6 +73,7 @@ absl::Status CheckOptions(const CoordinatorOptions& o) {
     return bad("heavy_hitter_min_requests and heavy_hitter_replicas must be >= 1");
   }
   if (o.max_body_bytes < 64) return bad("max_body_bytes must be >= 64");
+  if (o.http_threads < 1) return bad("http_threads must be >= 1");
   return absl::OkStatus();
 }
 
@@ -476,6 +477,8 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   // ---- HTTP ----
 
   void SetUpHttp() {
+    const size_t threads = static_cast<size_t>(options_.http_threads);
+    http_->new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
     http_->set_payload_max_length(static_cast<size_t>(options_.max_body_bytes));
     http_->set_read_timeout(absl::ToChronoSeconds(options_.http_read_timeout) +
                             std::chrono::duration_cast<std::chrono::microseconds>(

@@ -68,6 +68,8 @@ struct CoordinatorOptions {
   // HTTP limits: largest request body (413 beyond) and how long a request may take to arrive.
   int64_t max_body_bytes = int64_t{1} << 20;
   absl::Duration http_read_timeout = absl::Seconds(2);
+  // HTTP worker threads (each slow client holds one until http_read_timeout), >= 1.
+  int32_t http_threads = 32;
   // Faults injected on the coordinator's host transport (tests).
   transport::FaultTransport::Options faults;
 };
