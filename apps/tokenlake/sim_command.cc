@@ -49,6 +49,8 @@ struct SimFlags {
   std::string gpus_per_node = "8";
   std::string pd_prefill_fraction = "0.75";
   std::string kv_gb;
+  std::string pd_dram_gb = "0";
+  std::string pd_dram_gbps = "25";
   std::string tl_dop_tokens = "16384";
   std::string tl_max_dop = "4";
   std::string tl_decode_reserve = "0.25";
@@ -109,6 +111,14 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
     return Usage(error);
   }
   if (frac >= 1) return Usage("--pd-prefill-fraction must be in (0, 1)");
+  double pd_dram_gb = 0, pd_dram_gbps = 0;
+  if (!absl::SimpleAtod(f.pd_dram_gb, &pd_dram_gb) || !(pd_dram_gb >= 0) ||
+      !std::isfinite(pd_dram_gb)) {
+    return Usage("--pd-dram-gb must be a number >= 0, got '" + f.pd_dram_gb + "'");
+  }
+  if (!ParsePositive(f.pd_dram_gbps, "--pd-dram-gbps", &pd_dram_gbps, &error)) return Usage(error);
+  eo.sim.pd_dram_bytes = static_cast<int64_t>(pd_dram_gb * 1e9);
+  eo.sim.pd_dram_gbps = pd_dram_gbps;
   int64_t tl_dop_tokens = 0, tl_max_dop = 0;
   double tl_reserve = 0;
   if (!ParseCount(f.tl_dop_tokens, "--tl-dop-tokens", 1, INT64_MAX, &tl_dop_tokens, &error) ||
@@ -216,7 +226,14 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
   config["inter_node_gbps"] = net.inter_node_gbps;
   config["gpus_per_node"] = net.gpus_per_node;
   config["pd_prefill_fraction"] = eo.sim.pd_prefill_fraction;
-  config["kv_cache_tier"] = "GPU memory only";
+  const std::string tier =
+      eo.sim.pd_dram_bytes > 0
+          ? absl::StrFormat(
+                "GPU memory; pd-disagg also uses a host-DRAM KV store of %g GB per "
+                "prefill instance at %g GB/s",
+                pd_dram_gb, pd_dram_gbps)
+          : std::string("GPU memory only, for every policy");
+  config["kv_cache_tier"] = tier;
   config["seed"] = seed;
   config["tokenlake_dop_tokens"] = eo.tokenlake.dop_tokens;
   config["tokenlake_max_dop"] = eo.tokenlake.max_dop;
@@ -234,7 +251,7 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
     std::cerr << "tokenlake sim: " << runs.status().message() << "\n";
     return absl::IsInvalidArgument(runs.status()) ? 2 : 1;
   }
-  std::cout << sim::FormatTable(*runs);
+  std::cout << sim::FormatTable(*runs) << "KV cache tier: " << tier << "\n";
   if (!f.json.empty()) {
     std::ofstream out(f.json);
     out << sim::ResultsJson(*runs, config).dump(2) << "\n";
@@ -285,6 +302,10 @@ void SetUpSim(CLI::App& app, int* exit_code) {
   cmd->add_option("--gpus-per-node", flags->gpus_per_node, "GPUs per node (default 8)");
   cmd->add_option("--pd-prefill-fraction", flags->pd_prefill_fraction,
                   "pd-disagg: share of instances that prefill (default 0.75)");
+  cmd->add_option("--pd-dram-gb", flags->pd_dram_gb,
+                  "pd-disagg: Mooncake host-DRAM KV store, GB per prefill instance (0 = off)");
+  cmd->add_option("--pd-dram-gbps", flags->pd_dram_gbps,
+                  "pd-disagg: DRAM store <-> GPU bandwidth, GB/s (default 25)");
   cmd->add_option("--kv-gb", flags->kv_gb,
                   "KV cache GB per instance (default: GPU memory x 0.9 - weights - 4 GiB)");
   cmd->add_option("--tl-dop-tokens", flags->tl_dop_tokens,

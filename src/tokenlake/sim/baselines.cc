@@ -163,6 +163,10 @@ void PdDisaggPolicy::Init(Simulator& sim) {
   num_prefill_ =
       std::clamp(static_cast<int>(std::lround(n * sim.options().pd_prefill_fraction)), 1, n - 1);
   plans_.assign(sim.workload().requests.size(), Plan{});
+  if (sim.options().pd_dram_bytes > 0) {
+    const int64_t block_bytes = sim.cost().model().KvBytesPerToken() * kBlockTokens;
+    dram_ = std::make_unique<BlockCache>(sim.options().pd_dram_bytes / block_bytes * num_prefill_);
+  }
 }
 
 void PdDisaggPolicy::OnArrival(Simulator& sim, int64_t request) {
@@ -182,26 +186,40 @@ void PdDisaggPolicy::OnArrival(Simulator& sim, int64_t request) {
       holder = i;
     }
   }
+  const int64_t dram_blocks = dram_ ? dram_->Match(r.block_ids) : 0;
   double best_ttft = std::numeric_limits<double>::infinity();
   int chosen = 0;
   int64_t chosen_fetch = 0;
+  int chosen_source = -1;
   for (int i = 0; i < num_prefill_; ++i) {
-    int64_t prefix_blocks = own[i];
-    double transfer_s = 0;
-    int64_t fetch = 0;
+    // Candidates: own match; fetch from the best GPU holder; load from the DRAM store.
+    struct Option {
+      int source;
+      int64_t blocks;
+      double transfer_s;
+    };
+    std::vector<Option> options = {{-1, own[i], 0.0}};
     if (static_cast<double>(best_blocks) > static_cast<double>(own[i]) * o.pd_balance_ratio) {
-      fetch = best_blocks - own[i];
-      prefix_blocks = best_blocks;
-      transfer_s =
-          cost.TransferSeconds(fetch * kv_block_bytes, i / gpus_per_node == holder / gpus_per_node);
+      options.push_back({holder, best_blocks,
+                         cost.TransferSeconds((best_blocks - own[i]) * kv_block_bytes,
+                                              i / gpus_per_node == holder / gpus_per_node)});
     }
-    const int64_t cached = std::min(TokensOf(r, prefix_blocks), r.input_tokens - 1);
-    const double ttft = transfer_s + insts[i].pending_prefill_s +
-                        cost.PrefillSeconds(r.input_tokens - cached, cached, o.token_budget);
-    if (ttft < best_ttft) {
-      best_ttft = ttft;
-      chosen = i;
-      chosen_fetch = fetch;
+    if (static_cast<double>(dram_blocks) > static_cast<double>(own[i]) * o.pd_balance_ratio) {
+      options.push_back({kDram, dram_blocks,
+                         cost.net().latency_us * 1e-6 +
+                             static_cast<double>((dram_blocks - own[i]) * kv_block_bytes) /
+                                 (o.pd_dram_gbps * 1e9)});
+    }
+    for (const Option& opt : options) {
+      const int64_t cached = std::min(TokensOf(r, opt.blocks), r.input_tokens - 1);
+      const double ttft = opt.transfer_s + insts[i].pending_prefill_s +
+                          cost.PrefillSeconds(r.input_tokens - cached, cached, o.token_budget);
+      if (ttft < best_ttft) {
+        best_ttft = ttft;
+        chosen = i;
+        chosen_fetch = opt.blocks - own[i];
+        chosen_source = opt.source;
+      }
     }
   }
   // Decode instance: least estimated TBT with this request added.
@@ -232,10 +250,13 @@ void PdDisaggPolicy::OnArrival(Simulator& sim, int64_t request) {
   }
   Plan& plan = plans_[request];
   plan.decode = decode;
-  plan.holder = chosen_fetch > 0 ? holder : -1;
+  plan.holder = chosen_fetch > 0 ? chosen_source : -1;
   plan.fetch_blocks = chosen_fetch;
   double ready = sim.now();
-  if (chosen_fetch > 0) {
+  if (chosen_fetch > 0 && chosen_source == kDram) {
+    ready += cost.net().latency_us * 1e-6 +
+             static_cast<double>(chosen_fetch * kv_block_bytes) / (o.pd_dram_gbps * 1e9);
+  } else if (chosen_fetch > 0) {
     const bool same_node = chosen / gpus_per_node == holder / gpus_per_node;
     ready += cost.TransferSeconds(chosen_fetch * kv_block_bytes, same_node);
   }
@@ -255,9 +276,11 @@ bool PdDisaggPolicy::Admit(Simulator& sim, Job& job) {
   const int64_t total_blocks = BlocksFor(r.input_tokens + r.output_tokens);
   const int64_t matched = cache.Match(r.block_ids);
   int64_t fetched = 0;
-  if (plan.holder >= 0) {
-    // What the holder still has beyond our own match (it was read at routing time).
-    const int64_t holder_has = sim.instances()[plan.holder].cache->Match(r.block_ids);
+  if (plan.holder >= 0 || plan.holder == kDram) {
+    // What the source still has beyond our own match (it was read at routing time).
+    const int64_t holder_has = plan.holder == kDram
+                                   ? dram_->Match(r.block_ids)
+                                   : sim.instances()[plan.holder].cache->Match(r.block_ids);
     fetched = std::max<int64_t>(0, std::min(holder_has, matched + plan.fetch_blocks) - matched);
   }
   cache.Acquire(r.block_ids, matched);
@@ -274,7 +297,7 @@ bool PdDisaggPolicy::Admit(Simulator& sim, Job& job) {
   }
   const int64_t have = static_cast<int64_t>(job.held_ids.size());
   sim.AddBytesMoved((have - matched) * sim.cost().model().KvBytesPerToken() * kBlockTokens,
-                    "kv_fetch");
+                    plan.holder == kDram ? "kv_from_dram" : "kv_fetch");
   job.cached_tokens = std::min(TokensOf(r, have), r.input_tokens - 1);
   sim.record(job.request).cached_tokens = job.cached_tokens;
   return true;
@@ -285,6 +308,22 @@ void PdDisaggPolicy::OnPrefillDone(Simulator& sim, Job& job) {
   Instance& inst = sim.instances()[job.instance];
   inst.pending_prefill_s = std::max(0.0, inst.pending_prefill_s - job.est_prefill_s);
   const Request& r = *job.r;
+  if (dram_) {
+    // Incremental prefill: the prompt's blocks are stored in the DRAM pool (an LRU touch for
+    // the ones already there).
+    const int64_t have = dram_->Match(r.block_ids);
+    dram_->Acquire(r.block_ids, have);
+    dram_->Release(absl::MakeConstSpan(r.block_ids).first(static_cast<size_t>(have)));
+    int64_t written = 0;
+    for (size_t i = static_cast<size_t>(have); i < r.block_ids.size(); ++i) {
+      if (dram_->Contains(r.block_ids[i])) continue;
+      if (!dram_->AllocatePrivate(1)) break;
+      dram_->Promote(r.block_ids[i]);
+      dram_->Release(absl::MakeConstSpan(&r.block_ids[i], 1));
+      ++written;
+    }
+    sim.AddBytesMoved(written * sim.cost().model().KvBytesPerToken() * kBlockTokens, "kv_to_dram");
+  }
   if (r.output_tokens <= 1) return;
   const Plan& plan = plans_[job.request];
   Job* decode = sim.NewJob(job.request, plan.decode);

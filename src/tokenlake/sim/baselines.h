@@ -103,6 +103,10 @@ class CacheAwarePolicy final : public LocalCachePolicy {
 // is the one with the least estimated TBT. The request is rejected when the estimated TTFT or
 // TBT exceeds its SLO. After prefill the prompt's KV moves to the decode instance (streamed
 // layer by layer: only the part of the transfer longer than the prefill adds delay).
+// Optionally (SimOptions::pd_dram_bytes > 0) Mooncake's host-DRAM store: every prefilled
+// prompt block is written there (LRU, pd_dram_bytes per prefill instance in total), and a
+// prefill instance may load a prefix longer than its own from it at pd_dram_gbps (the same
+// ratio rule and TTFT estimate as a fetch from another instance).
 class PdDisaggPolicy final : public LocalCachePolicy {
  public:
   std::string name() const override { return "pd-disagg"; }
@@ -121,11 +125,13 @@ class PdDisaggPolicy final : public LocalCachePolicy {
  private:
   struct Plan {
     int decode = -1;
-    int holder = -1;           // fetch source, or -1
+    int holder = -1;           // fetch source: an instance, kDram, or -1
     int64_t fetch_blocks = 0;  // blocks [own, own + fetch) come from the holder
   };
+  static constexpr int kDram = -2;
   int num_prefill_ = 1;
   std::vector<Plan> plans_;
+  std::unique_ptr<BlockCache> dram_;  // the host-DRAM store (all prefill nodes), or null
 };
 
 // Creates a policy by name: round-robin, least-load, cache-aware, pd-disagg. (tokenlake is

@@ -45,6 +45,12 @@ struct SimOptions {
   double pd_prefill_fraction = 0.75;
   // pd-disagg: fetch from the best holder when best_len / own_len exceeds this ratio.
   double pd_balance_ratio = 1.5;
+  // pd-disagg: Mooncake's host-DRAM KV store, bytes per prefill instance (0 = off, the
+  // default: every policy caches in GPU memory only). Prefilled prompt blocks are written to
+  // it; a prefill instance may load a longer prefix from it at pd_dram_gbps.
+  int64_t pd_dram_bytes = 0;
+  // pd-disagg: bandwidth between the DRAM store and a GPU, GB/s.
+  double pd_dram_gbps = 25;
   // Sampling period of per-instance load and pool statistics, seconds.
   double sample_period_s = 10.0;
   // KV bytes each instance may use; 0 = CostModel::KvCapacityBytes().

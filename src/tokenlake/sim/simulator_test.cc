@@ -162,6 +162,28 @@ TEST(PolicyScenarioTest, PdDisaggFetchesFromTheBestHolderAboveTheRatio) {
   EXPECT_EQ(r.bytes_moved, (1536 + 16384 + 2048) * 131072LL + 3 * 512 * 131072LL);
 }
 
+TEST(PolicyScenarioTest, PdDisaggDramStoreServesWhatTheGpuCacheEvicted) {
+  // 1 prefill + 1 decode instance with 8 blocks of KV memory each. r0 (blocks A0-A2) is
+  // prefilled and cached; r1 (7 blocks + output: 8 blocks) evicts A from the prefill GPU; r2
+  // (A + 1 block) then misses on the GPU. With the DRAM store (on by option) it loads the 3
+  // blocks from DRAM instead: 1536 cached tokens and 3 x 64 MiB from DRAM.
+  Workload w;
+  w.requests.push_back(Req(0, 1536, 2, {1000, 1001, 1002}));
+  w.requests.push_back(Req(1, 3584, 2, {1, 2, 3, 4, 5, 6, 7}));
+  w.requests.push_back(Req(2, 2048, 2, {1000, 1001, 1002, 9}));
+  SimOptions o;
+  o.num_instances = 2;
+  o.kv_capacity_bytes = 8LL * 512 * 131072;
+  const SimResult gpu_only = RunPolicy("pd-disagg", w, o);
+  EXPECT_EQ(gpu_only.records[2].cached_tokens, 0);
+  o.pd_dram_bytes = 1LL << 34;
+  const SimResult dram = RunPolicy("pd-disagg", w, o);
+  EXPECT_EQ(dram.records[2].cached_tokens, 1536);
+  EXPECT_EQ(dram.bytes_by_kind.at("kv_from_dram"), 3LL * 512 * 131072);
+  // Every prefilled prompt block was written to DRAM once: 3 + 7 + 1 blocks.
+  EXPECT_EQ(dram.bytes_by_kind.at("kv_to_dram"), 11LL * 512 * 131072);
+}
+
 TEST(PolicyScenarioTest, PdDisaggRejectsWhatCannotMeetTheTtftSlo) {
   Workload w;
   w.requests.push_back(Req(0, 1024, 2, {1, 2}));
