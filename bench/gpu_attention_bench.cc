@@ -51,8 +51,21 @@ int main(int argc, char** argv) {
     tl::AttentionBenchShape shape;
   };
   std::vector<Run> runs;
+  // Decode: the split merge fused into the kernel (default) against the separate merge kernel,
+  // then the fused kernel over a sweep of split counts (16: one thread block per SM; 32: ~2;
+  // 48: ~3 where the segment count allows; 64).
   for (int seg : {512, 256, 64}) {
-    for (int splits : {0, 32}) {
+    for (int merge : {0, 1}) {
+      tl::AttentionBenchShape s;
+      s.num_q_tokens = 1;
+      s.segment_tokens = seg;
+      s.kernel = 2;
+      s.decode_merge = merge;
+      runs.push_back({merge == 0 ? "decode" : "decode_sep_merge", s});
+    }
+  }
+  for (int seg : {512, 256}) {
+    for (int splits : {16, 24, 32, 48, 64}) {
       tl::AttentionBenchShape s;
       s.num_q_tokens = 1;
       s.segment_tokens = seg;
@@ -113,6 +126,7 @@ int main(int argc, char** argv) {
                          {"decode_unroll", s.decode_unroll},
                          {"decode_pipeline", s.decode_pipeline},
                          {"prefill_rows_per_warp", s.prefill_rows_per_warp},
+                         {"decode_merge", s.decode_merge},
                          {"us", t->us},
                          {"tflops", t->tflops},
                          {"kv_gbps", t->kv_gbps},

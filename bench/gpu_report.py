@@ -35,6 +35,11 @@ def main():
               f"{b['us']:7.1f} us {b['kv_gbps']:6.0f} GB/s = {100 * b['kv_gbps'] / copy:5.1f}%; "
               f"merge of two partials {a['merge_us']:.1f} us = "
               f"{100 * a['merge_us'] / a['us']:.1f}% of decode")
+        sep = auto("decode_sep_merge", segment_tokens=seg)
+        if sep:
+            print(f"                separate split-merge kernel {sep['us']:7.1f} us; fused saves "
+                  f"{sep['us'] - a['us']:.1f} us = {100 * (sep['us'] - a['us']) / sep['us']:.1f}% "
+                  f"of the separate-merge call")
     sd = sdpa["decode"]
     if sd.get("best"):
         print(f"  SDPA ({sd['best']}): {sd['best_us']:7.1f} us {sd['kv_gbps']:6.0f} GB/s = "

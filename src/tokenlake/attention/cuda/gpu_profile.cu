@@ -317,12 +317,15 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
   p.decode_unroll = s.decode_unroll;
   p.decode_pipeline = s.decode_pipeline;
   p.prefill_rows_per_warp = s.prefill_rows_per_warp;
+  p.decode_merge = s.decode_merge;
   p.blocks = blocks.get<DeviceKvBlock>();
   const auto kernel = static_cast<AttentionKernel>(s.kernel);
   absl::StatusOr<size_t> ws_bytes = PagedAttentionWorkspaceBytes(p, kernel);
   if (!ws_bytes.ok()) return ws_bytes.status();
   DeviceMem ws;
   TL_OK(ws.Allocate(*ws_bytes));
+  // The counter bytes at the front must start at zero (paged_attention.h); calls keep them so.
+  if (*ws_bytes > 0) TL_CUDA(cudaMemsetAsync(ws.get(), 0, *ws_bytes, timer.stream()));
   p.workspace = ws.get();
   p.workspace_bytes = *ws_bytes;
   absl::StatusOr<double> us = timer.MedianUs(

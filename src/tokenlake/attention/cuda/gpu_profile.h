@@ -78,6 +78,7 @@ struct AttentionBenchShape {
   int32_t decode_unroll = 0;          // 0 = auto
   int32_t decode_pipeline = 0;        // 0 = auto, 1 registers, 2 shared memory
   int32_t prefill_rows_per_warp = 0;  // 0 = auto, 16, 32
+  int32_t decode_merge = 0;           // 0 = fused into the decode kernel, 1 = separate kernel
   int kernel = 0;                     // 0 auto, 1 prefill, 2 decode (AttentionKernel order)
 };
 struct AttentionTiming {

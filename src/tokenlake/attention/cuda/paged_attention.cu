@@ -690,7 +690,62 @@ struct DecodeArgs {
   int q_start_pos;
   float* out;  // final [q][H][D] if num_items == 1, else partial [q][H][items][D]
   float* lse;  // final [q][H] if num_items == 1, else partial [q][H][items]
+  // Fused split merge (num_items > 1 only): counters[qi * gridDim.y + blockIdx.y], zero on entry
+  // and left zero; the last thread block to finish merges into final_out / final_lse. Null: the
+  // partials stay in out/lse for a separate merge kernel.
+  unsigned int* counters;
+  float* final_out;  // [q][H][D]
+  float* final_lse;  // [q][H]
 };
+
+// The fused split merge, run by every decode thread block after it wrote its partial of heads
+// [head0, head0 + G) of query token qi: the last block of the (qi, blockIdx.y) group to finish
+// merges the num_items partials of those heads into final_out / final_lse and resets the
+// counter. Partials are read with ld.global.cg (L2; they were written by other multiprocessors).
+template <int D, int G>
+__device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi, int head0) {
+  __shared__ int sm_last;
+  __threadfence();  // this thread's partial stores are visible device-wide before the count
+  __syncthreads();
+  const int tid = threadIdx.x;
+  unsigned int* counter = args.counters + static_cast<int64_t>(qi) * gridDim.y + blockIdx.y;
+  if (tid == 0) {
+    const unsigned int ticket = atomicAdd(counter, 1u);
+    sm_last = ticket == static_cast<unsigned int>(args.num_items - 1) ? 1 : 0;
+  }
+  __syncthreads();
+  if (sm_last == 0) return;
+  __threadfence();  // the other blocks' partials (fenced before their counts) are visible
+  constexpr int kLanes4 = D / 4;
+  const int n = args.num_items;
+  for (int idx = tid; idx < G * kLanes4; idx += blockDim.x) {
+    const int h = idx / kLanes4;
+    const int c = idx % kLanes4;
+    const int64_t row = static_cast<int64_t>(qi) * args.num_heads + head0 + h;
+    const float* lrow = args.lse + row * n;
+    float mx = kNegInf;
+    for (int p = 0; p < n; ++p) mx = fmaxf(mx, __ldcg(lrow + p));
+    const float use = mx == kNegInf ? 0.f : mx;
+    const float4* orow = reinterpret_cast<const float4*>(args.out + row * n * D) + c;
+    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+    float ws = 0.f;
+#pragma unroll 8
+    for (int p = 0; p < n; ++p) {
+      const float w = __expf(__ldcg(lrow + p) - use);
+      const float4 v = __ldcg(orow + static_cast<int64_t>(p) * kLanes4);
+      a.x = fmaf(w, v.x, a.x);
+      a.y = fmaf(w, v.y, a.y);
+      a.z = fmaf(w, v.z, a.z);
+      a.w = fmaf(w, v.w, a.w);
+      ws += w;
+    }
+    const float inv = ws > 0.f ? 1.f / ws : 0.f;
+    reinterpret_cast<float4*>(args.final_out + row * D)[c] =
+        make_float4(a.x * inv, a.y * inv, a.z * inv, a.w * inv);
+    if (c == 0) args.final_lse[row] = ws > 0.f ? use + logf(ws) : kNegInf;
+  }
+  if (tid == 0) *counter = 0u;  // ready for the next call on this workspace
+}
 
 template <int D, int G, int U>
 __global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs args) {
@@ -888,6 +943,7 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs 
       if (d == 0) args.lse[row * args.num_items + item] = lse_v;
     }
   }
+  if (!final_out && args.counters != nullptr) DecodeFusedMerge<D, G>(args, qi, head0);
 }
 
 // Decode with a shared-memory pipeline: the same work split and math as DecodeKernel, but K and
@@ -1144,6 +1200,7 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeA
       if (d == 0) args.lse[row * args.num_items + item] = lse_v;
     }
   }
+  if (!final_out && args.counters != nullptr) DecodeFusedMerge<D, G>(args, qi, head0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1327,6 +1384,11 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
         absl::StrFormat("PagedAttention: prefill_rows_per_warp = %d, supported: 0 (auto), 16, 32",
                         p.prefill_rows_per_warp));
   }
+  if (p.decode_merge < 0 || p.decode_merge > 1) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: decode_merge = %d, supported: 0 (fused), 1 (separate kernel)",
+        p.decode_merge));
+  }
   if (p.num_splits < 0) {
     return absl::InvalidArgumentError(
         absl::StrFormat("PagedAttention: num_splits = %d < 0", p.num_splits));
@@ -1351,10 +1413,11 @@ struct Config {
   int chunk_tokens = 0;      // decode
   int items = 1;             // decode: num_blocks * chunks_per_block
   int decode_g = 1;
-  int blocks_per_item = 1;  // decode
-  int decode_unroll = 4;    // decode: tokens per token group per step
-  bool decode_smem = true;  // decode: shared-memory pipeline kernel
-  size_t workspace_bytes = 0;
+  int blocks_per_item = 1;     // decode
+  int decode_unroll = 4;       // decode: tokens per token group per step
+  bool decode_smem = true;     // decode: shared-memory pipeline kernel
+  bool decode_fused = false;   // decode: splits merged inside the decode kernel
+  size_t workspace_bytes = 0;  // kPagedAttentionCounterBytes + partials, or 0
 };
 
 // MT = query m-tiles of 16 rows per warp: 1 -> PrefillKernel, 2 -> PrefillKernel2.
@@ -1507,7 +1570,7 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
     if (c.splits > 1) {
       const int64_t rows = static_cast<int64_t>(p.num_q_tokens) * p.num_heads;
       c.workspace_bytes = static_cast<size_t>(c.splits) * rows * (p.head_dim + 1) * sizeof(float);
-      c.workspace_bytes = (c.workspace_bytes + 255) / 256 * 256;
+      c.workspace_bytes = kPagedAttentionCounterBytes + (c.workspace_bytes + 255) / 256 * 256;
     }
   } else {
     // (G = 8 would spill registers: a group of 8 uses two thread blocks of 4 heads.)
@@ -1542,7 +1605,10 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
     if (c.items > 1) {
       const int64_t rows = static_cast<int64_t>(p.num_q_tokens) * p.num_heads;
       c.workspace_bytes = static_cast<size_t>(c.items) * rows * (p.head_dim + 1) * sizeof(float);
-      c.workspace_bytes = (c.workspace_bytes + 255) / 256 * 256;
+      c.workspace_bytes = kPagedAttentionCounterBytes + (c.workspace_bytes + 255) / 256 * 256;
+      const int64_t counters = ctas_per_item;  // one per (query token, head group)
+      c.decode_fused = p.decode_merge == 0 && counters * static_cast<int64_t>(sizeof(uint32_t)) <=
+                                                  static_cast<int64_t>(kPagedAttentionCounterBytes);
     }
   }
   return c;
@@ -1603,6 +1669,10 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
   a.q_start_pos = p.q_start_pos;
   a.out = out;
   a.lse = lse;
+  a.counters = nullptr;
+  a.final_out = p.out;
+  a.final_lse = p.lse;
+  if (c.items > 1 && c.decode_fused) a.counters = static_cast<unsigned int*>(p.workspace);
   const dim3 grid(c.items, p.num_kv_heads * (a.group / G), p.num_q_tokens);
   if (c.decode_smem) {
     if (cudaError_t err = PrepareDecodeSmem<D, G, U>(); err != cudaSuccess) {
@@ -1686,7 +1756,7 @@ absl::Status PagedAttention(const PagedAttentionParams& p, AttentionKernel kerne
     float* out = p.out;
     float* lse = p.lse;
     if (c.splits > 1) {
-      out = static_cast<float*>(p.workspace);
+      out = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + kPagedAttentionCounterBytes);
       lse = out + static_cast<int64_t>(c.splits) * rows * d;
     }
     absl::Status s;
@@ -1700,12 +1770,12 @@ absl::Status PagedAttention(const PagedAttentionParams& p, AttentionKernel kerne
   float* out = p.out;
   float* lse = p.lse;
   if (c.items > 1) {
-    out = static_cast<float*>(p.workspace);
+    out = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + kPagedAttentionCounterBytes);
     lse = out + static_cast<int64_t>(c.items) * rows * d;
   }
   absl::Status s = d == 128 ? LaunchDecodeD<128>(p, c, scale_log2, out, lse, stream)
                             : LaunchDecodeD<64>(p, c, scale_log2, out, lse, stream);
-  if (!s.ok() || c.items == 1) return s;
+  if (!s.ok() || c.items == 1 || c.decode_fused) return s;
   // Partials are [row][item][D] and [row][item].
   return LaunchMergeSplits(out, d, static_cast<int64_t>(c.items) * d, lse, 1, c.items, c.items,
                            rows, d, p.out, p.lse, stream);

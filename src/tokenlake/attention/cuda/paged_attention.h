@@ -29,8 +29,9 @@
 //     block list with a merge; for many query tokens.
 //   - decode: split-KV, CUDA cores, every (run of segments or segment chunk, KV head) in its own
 //     thread block serving up to 4 query heads of the group, K/V streamed through a 4-stage
-//     cp.async shared-memory pipeline, then a merge of the splits; memory-bandwidth bound;
-//     for a few query tokens.
+//     cp.async shared-memory pipeline; the splits are merged inside the same kernel by the last
+//     thread block of each (query token, head group) to finish (an atomic counter in the
+//     workspace), or by a second kernel; memory-bandwidth bound; for a few query tokens.
 //   kAuto picks decode for num_q_tokens <= kDecodeMaxQueryTokens, else prefill.
 //
 // Thread-safety: every function is thread-safe; calls on one stream run in stream order. No
@@ -69,6 +70,13 @@ enum class AttentionKernel { kAuto, kPrefill, kDecode };
 // kAuto uses the decode kernel up to this many query tokens.
 inline constexpr int32_t kDecodeMaxQueryTokens = 8;
 
+// Every non-empty workspace begins with this many bytes of completion counters (uint32) used by
+// the decode kernel's fused split merge; partial results follow them. These bytes must be zero
+// before a call that uses the workspace, and every call that completes leaves them zero again.
+// So: zero a workspace once after allocating it (e.g. cudaMemsetAsync(ws, 0, bytes)) and reuse
+// it in stream order without clearing. (Nothing else in the workspace needs initialising.)
+inline constexpr size_t kPagedAttentionCounterBytes = 4096;
+
 // The arguments of one partial attention: one request's query tokens over one list of blocks.
 struct PagedAttentionParams {
   // `[num_q_tokens][num_heads][head_dim]` bf16 bits, device, 16-byte aligned.
@@ -98,7 +106,10 @@ struct PagedAttentionParams {
   // Output `[num_q_tokens][num_heads]` float32 natural-log LSE, device. Fully written.
   float* lse = nullptr;
   // Caller-owned device scratch of at least PagedAttentionWorkspaceBytes(*this, kernel) bytes,
-  // 16-byte aligned; may be null when that size is 0. Not used across calls.
+  // 16-byte aligned; may be null when that size is 0. Its first kPagedAttentionCounterBytes
+  // bytes must be zero on entry and are zero again when the call's work completes (see
+  // kPagedAttentionCounterBytes); the rest is scratch. Calls sharing one workspace must be
+  // ordered (one stream).
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
   // Number of KV splits (thread blocks along the block list) for each query tile; 0 = choose
@@ -115,6 +126,12 @@ struct PagedAttentionParams {
   // Decode tuning: 1 = loads through registers (one step prefetched), 2 = cp.async pipeline
   // through shared memory (4 stages); 0 = default (2).
   int32_t decode_pipeline = 0;
+  // Decode: how the KV splits are merged. 0 = default: inside the decode kernel (the last thread
+  // block of each query token and head group to finish merges; no second launch), unless the
+  // counters do not fit in kPagedAttentionCounterBytes (num_q_tokens * num_heads / G > 1024,
+  // G = 4 heads per block for a group size divisible by 4), then as 1; 1 = a separate merge
+  // kernel after the decode kernel.
+  int32_t decode_merge = 0;
 };
 
 // Returns the scratch size that PagedAttention(params, kernel) needs on the current device.
@@ -125,8 +142,9 @@ absl::StatusOr<size_t> PagedAttentionWorkspaceBytes(
 
 // Enqueues the partial attention described by `params` on `stream`.
 // Errors (nothing is enqueued): InvalidArgument naming the field when a size is negative,
-// num_heads is not a positive multiple of num_kv_heads, head_dim is not 64 or 128, a needed
-// pointer is null, or the workspace is too small; Internal when a launch fails.
+// num_heads is not a positive multiple of num_kv_heads, head_dim is not 64 or 128, a tuning
+// field is out of range, a needed pointer is null, or the workspace is too small; Internal when
+// a launch fails.
 // REQUIRES: the device memory the pointers name is as documented above (the kernels cannot
 // check device contents: a block with num_tokens > max_block_tokens reads out of bounds).
 absl::Status PagedAttention(const PagedAttentionParams& params,

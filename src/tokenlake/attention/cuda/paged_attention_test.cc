@@ -77,19 +77,40 @@ struct Case {
   int decode_unroll = 0;
   int decode_pipeline = 0;
   int prefill_rows_per_warp = 0;
+  int decode_merge = 0;
   float softmax_scale = 0.f;
 };
 
 std::string Describe(const Case& c) {
   std::string lens;
   for (int l : c.block_lens) lens += absl::StrFormat("%d,", l);
-  return absl::StrFormat("q=%d causal=%d q_start=%d kernel=%d splits=%d unroll=%d blocks=[%s]",
-                         c.num_q, c.causal, c.q_start_pos, static_cast<int>(c.kernel), c.num_splits,
-                         c.decode_unroll, lens);
+  return absl::StrFormat(
+      "q=%d causal=%d q_start=%d kernel=%d splits=%d unroll=%d pipeline=%d merge=%d blocks=[%s]",
+      c.num_q, c.causal, c.q_start_pos, static_cast<int>(c.kernel), c.num_splits, c.decode_unroll,
+      c.decode_pipeline, c.decode_merge, lens);
 }
 
-// Runs one case on the GPU and on the reference; checks every element.
-void RunAndCompare(const Case& c, std::mt19937_64& rng) {
+// A workspace as the header asks for: counter bytes zero, the rest poisoned with NaN (so a
+// partial read before it is written shows).
+void PrepareWorkspace(void* ws, size_t bytes) {
+  if (bytes == 0) return;
+  ASSERT_GE(bytes, kPagedAttentionCounterBytes);
+  CUDA_OK(cudaMemset(ws, 0, kPagedAttentionCounterBytes));
+  CUDA_OK(cudaMemset(static_cast<char*>(ws) + kPagedAttentionCounterBytes, 0xff,
+                     bytes - kPagedAttentionCounterBytes));
+}
+
+// Expects the workspace's counter bytes to be zero again after a call.
+void ExpectCountersZero(const void* ws, size_t bytes) {
+  if (bytes == 0) return;
+  std::vector<uint32_t> counters(kPagedAttentionCounterBytes / 4);
+  CUDA_OK(cudaMemcpy(counters.data(), ws, kPagedAttentionCounterBytes, cudaMemcpyDeviceToHost));
+  for (size_t i = 0; i < counters.size(); ++i) ASSERT_EQ(counters[i], 0u) << "counter " << i;
+}
+
+// Runs one case on the GPU and on the reference; checks every element. With `ws` (a prepared
+// workspace of ws_bytes, reused across calls) the call uses it instead of a fresh one.
+void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size_t ws_bytes = 0) {
   SCOPED_TRACE(Describe(c));
   const Shape& s = c.shape;
   const int nb = static_cast<int>(c.block_lens.size());
@@ -173,14 +194,24 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng) {
   p.decode_unroll = c.decode_unroll;
   p.decode_pipeline = c.decode_pipeline;
   p.prefill_rows_per_warp = c.prefill_rows_per_warp;
-  absl::StatusOr<size_t> ws = PagedAttentionWorkspaceBytes(p, c.kernel);
-  ASSERT_TRUE(ws.ok()) << ws.status();
-  DeviceBuffer d_ws(*ws);
-  p.workspace = d_ws.ptr;
-  p.workspace_bytes = *ws;
+  p.decode_merge = c.decode_merge;
+  absl::StatusOr<size_t> need = PagedAttentionWorkspaceBytes(p, c.kernel);
+  ASSERT_TRUE(need.ok()) << need.status();
+  DeviceBuffer d_ws(ws == nullptr ? *need : 0);
+  if (ws == nullptr) {
+    ws = d_ws.ptr;
+    ws_bytes = *need;
+    PrepareWorkspace(ws, ws_bytes);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  ASSERT_GE(ws_bytes, *need);
+  p.workspace = ws;
+  p.workspace_bytes = ws_bytes;
   const absl::Status st = PagedAttention(p, c.kernel);
   ASSERT_TRUE(st.ok()) << st;
   CUDA_OK(cudaDeviceSynchronize());
+  ExpectCountersZero(ws, ws_bytes);
+  if (::testing::Test::HasFatalFailure()) return;
   std::vector<float> out(q_elems), lse(rows);
   CUDA_OK(cudaMemcpy(out.data(), d_out.ptr, q_elems * 4, cudaMemcpyDeviceToHost));
   CUDA_OK(cudaMemcpy(lse.data(), d_lse.ptr, rows * 4, cudaMemcpyDeviceToHost));
@@ -245,6 +276,7 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
       c.decode_unroll = static_cast<int>(rng() % 3) * 2;           // 0 (default), 2, 4
       c.decode_pipeline = static_cast<int>(rng() % 3);             // 0 (default), 1, 2
       c.prefill_rows_per_warp = static_cast<int>(rng() % 3) * 16;  // 0 (default), 16, 32
+      c.decode_merge = static_cast<int>(rng() % 2);                // fused, separate kernel
       RunAndCompare(c, rng);                                       // fresh random inputs each time
       if (HasFatalFailure()) return;
     }
@@ -284,6 +316,47 @@ TEST_P(PagedAttentionGpuTest, CachedAndNewTokenPartialsMatchReference) {
   Case decode = cached;
   decode.num_q = 1;
   RunAndCompare(decode, rng);
+}
+
+// Decode with many splits, the split merge fused into the kernel and as a separate kernel, one
+// workspace reused by every call (its counters must come back to zero and its partials must be
+// rewritten each time), random part-segments and empty segments, causal and not.
+TEST_P(PagedAttentionGpuTest, FusedSplitMergeMatchesReferenceWithReusedWorkspace) {
+  SKIP_WITHOUT_GPU();
+  const Shape shape = GetParam();
+  const uint64_t seed = 777 + shape.num_heads * 31 + shape.head_dim + shape.block_tokens;
+  SCOPED_TRACE(::testing::Message() << "seed=" << seed);
+  std::cout << "seed=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  constexpr size_t kWsBytes = 8 << 20;
+  DeviceBuffer ws(kWsBytes);
+  ASSERT_NE(ws.ptr, nullptr);
+  PrepareWorkspace(ws.ptr, kWsBytes);
+  for (int trial = 0; trial < 8; ++trial) {
+    Case c;
+    c.shape = shape;
+    const int nb = 1 + static_cast<int>(rng() % 24);
+    for (int b = 0; b < nb; ++b) {
+      const int r = static_cast<int>(rng() % 5);
+      c.block_lens.push_back(r == 0   ? static_cast<int>(rng() % (shape.block_tokens + 1))
+                             : r == 1 ? 0
+                                      : shape.block_tokens);
+    }
+    c.num_q = 1 + static_cast<int>(rng() % 4);
+    c.causal = rng() % 3 == 0;
+    int total = 0;
+    for (int l : c.block_lens) total += l;
+    c.q_start_pos = c.causal ? static_cast<int>(rng() % (total + 2)) : 0;
+    c.kernel = AttentionKernel::kDecode;
+    static constexpr int kSplits[] = {0, 3, 16, 40, 100};
+    c.num_splits = kSplits[rng() % 5];
+    c.decode_pipeline = static_cast<int>(rng() % 3);
+    for (int merge : {0, 1}) {
+      c.decode_merge = merge;
+      RunAndCompare(c, rng, ws.ptr, kWsBytes);  // fresh random inputs each time
+      if (HasFatalFailure()) return;
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, PagedAttentionGpuTest,
@@ -415,6 +488,9 @@ TEST(PagedAttentionArgsTest, RejectsBadShapesWithClearErrors) {
   bad = p;
   bad.q_start_pos = -3;
   expect_invalid(bad, "q_start_pos");
+  bad = p;
+  bad.decode_merge = 2;
+  expect_invalid(bad, "decode_merge");
 
   EXPECT_EQ(MergePartials(nullptr, nullptr, nullptr, nullptr, -1, 128).code(),
             absl::StatusCode::kInvalidArgument);
