@@ -183,6 +183,18 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
                           absl::StrFormat("the cluster is full (%d instances)", kMaxInstances));
     }
     Member& m = members_[id];
+    if (m.registered && m.name == request->name()) {
+      // A new incarnation of a known instance (it restarted, possibly before it was declared
+      // dead): what was sent to the old one will never be answered; fail it over now.
+      ++rejoins_;
+      for (auto& [ticket, p] : pending_) {
+        if (p.instance == id && !p.done) {
+          p.done = true;
+          p.status = absl::UnavailableError(
+              absl::StrFormat("instance %d ('%s') restarted", id, request->name()));
+        }
+      }
+    }
     m.name = request->name();
     m.registered = true;
     m.alive = true;
@@ -596,6 +608,9 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     w.Sample("tokenlake_failovers_total", {}, static_cast<double>(failovers_));
     w.Family("tokenlake_instance_deaths_total", "counter", "Instances declared dead.");
     w.Sample("tokenlake_instance_deaths_total", {}, static_cast<double>(deaths_));
+    w.Family("tokenlake_instance_rejoins_total", "counter",
+             "Registrations of an instance name already known (restarts).");
+    w.Sample("tokenlake_instance_rejoins_total", {}, static_cast<double>(rejoins_));
     w.Family("tokenlake_heavy_hitter_replications_total", "counter",
              "Requests routed to replicate a heavy-hitter prefix.");
     w.Sample("tokenlake_heavy_hitter_replications_total", {},
@@ -642,6 +657,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   int64_t bytes_received_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t failovers_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t deaths_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t rejoins_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t heavy_hitter_replications_ ABSL_GUARDED_BY(mu_) = 0;
   Histogram latency_;
   const uint64_t epoch_;
