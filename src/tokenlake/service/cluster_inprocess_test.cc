@@ -1,0 +1,183 @@
+// The coordinator and instance servers in one process (real gRPC, HTTP and TCP on 127.0.0.1,
+// no child processes), so that the daemons' code also runs under ASan/UBSan in CI (the
+// process-level tests in tests/service_cluster_test.cc are labelled slow).
+#include <memory>
+#include <vector>
+
+#include "absl/time/clock.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tokenlake/engine/engine.h"
+#include "tokenlake/engine/llama_model.h"
+#include "tokenlake/service/coordinator.h"
+#include "tokenlake/service/instance_server.h"
+#include "tokenlake/service/local_cluster.h"
+
+namespace tokenlake::service {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::string ModelDir() {
+  const char* d = std::getenv("TOKENLAKE_SOURCE_DIR");
+  return std::string(d != nullptr ? d : ".") + "/tests/fixtures/llama_tiny/model";
+}
+
+class InProcessClusterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto m = engine::LlamaModel::Load(ModelDir());
+    ASSERT_TRUE(m.ok()) << m.status();
+    model_ = std::move(*m);
+    auto ref = engine::Engine::Create(model_.get(), {.use_pool = false});
+    ASSERT_TRUE(ref.ok());
+    reference_ = std::move(*ref);
+    options_.limits = {.vocab_size = 512, .context_tokens = 4096, .max_tokens_limit = 64};
+    options_.heartbeat_interval = absl::Milliseconds(50);
+    options_.dead_after = absl::Milliseconds(400);
+    options_.attempt_timeout = absl::Seconds(2);
+    StartCoordinator();
+    for (int i = 0; i < 2; ++i) {
+      auto s = InstanceServer::Create(model_.get(), {.name = "in-process-" + std::to_string(i),
+                                                     .preferred_id = i,
+                                                     .coordinator_port = coordinator_->grpc_port(),
+                                                     .slots = 256});
+      ASSERT_TRUE(s.ok()) << s.status();
+      instances_.push_back(std::move(*s));
+    }
+    WaitForLive(2);
+  }
+
+  void StartCoordinator() {
+    auto c = Coordinator::Create(options_);
+    ASSERT_TRUE(c.ok()) << c.status();
+    coordinator_ = std::move(*c);
+  }
+
+  void WaitForLive(int32_t n) {
+    const absl::Time deadline = absl::Now() + absl::Seconds(20);
+    while (coordinator_->LiveInstances() != n && absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    ASSERT_EQ(coordinator_->LiveInstances(), n);
+  }
+
+  std::vector<int32_t> Prompt(int seed) {
+    std::vector<int32_t> p;
+    for (int i = 0; i < 40; ++i) p.push_back((i * 37 + 11) % 512);  // shared prefix
+    for (int i = 0; i < 7; ++i) p.push_back((seed * 101 + i * 13) % 512);
+    return p;
+  }
+
+  std::vector<int32_t> Expected(const std::vector<int32_t>& prompt, int32_t n) {
+    auto r = reference_->Generate(prompt, n);
+    EXPECT_TRUE(r.ok());
+    return r.ok() ? r->tokens : std::vector<int32_t>{};
+  }
+
+  std::unique_ptr<engine::LlamaModel> model_;
+  std::unique_ptr<engine::Engine> reference_;
+  CoordinatorOptions options_;
+  std::unique_ptr<Coordinator> coordinator_;
+  std::vector<std::unique_ptr<InstanceServer>> instances_;
+};
+
+TEST_F(InProcessClusterTest, ServesCorrectAnswersAndHitsThePool) {
+  int64_t cached = 0;
+  for (int i = 0; i < 6; ++i) {
+    auto r = coordinator_->Complete({.prompt = Prompt(i), .max_tokens = 3});
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->tokens, Expected(Prompt(i), 3));
+    cached += r->cached_tokens;
+  }
+  // Every request after the first hits the 32-token shared prefix, except the one routed to the
+  // other instance to replicate the prefix once it became a heavy hitter (after 4 requests).
+  EXPECT_EQ(cached, 32 * 4);
+  const std::string metrics = coordinator_->MetricsText();
+  EXPECT_THAT(metrics, HasSubstr("tokenlake_requests_total{code=\"200\"} 6"));
+  EXPECT_THAT(metrics, HasSubstr("tokenlake_instance_segments{instance=\"0\"}"));
+  auto health = HttpGet(coordinator_->http_port(), "/healthz");
+  ASSERT_TRUE(health.ok()) << health.status();
+  EXPECT_EQ(health->first, 200);
+  auto post = HttpPost(coordinator_->http_port(), "/v1/completions", "{\"prompt\": [1, 2, 3]}");
+  ASSERT_TRUE(post.ok());
+  EXPECT_EQ(post->first, 200) << post->second;
+  auto bad = HttpPost(coordinator_->http_port(), "/v1/completions", "{\"prompt\": [1, 2, 3");
+  ASSERT_TRUE(bad.ok());
+  EXPECT_EQ(bad->first, 400);
+}
+
+TEST_F(InProcessClusterTest, RejectsBadRequestsBeforeRouting) {
+  EXPECT_EQ(coordinator_->Complete({.prompt = {}, .max_tokens = 1}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(coordinator_->Complete({.prompt = {1, 600}, .max_tokens = 1}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(coordinator_->Complete({.prompt = {1}, .max_tokens = 65}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Coordinator::Create({.segment_tokens = 0}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(InstanceServer::Create(model_.get(), {.coordinator_port = 0}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(InProcessClusterTest, LostInstanceFailsOverAndIsDeclaredDead) {
+  ASSERT_TRUE(coordinator_->Complete({.prompt = Prompt(1), .max_tokens = 2}).ok());
+  instances_[0]->Shutdown();
+  instances_[1]->Shutdown();
+  // Both gone: a clear Unavailable within the deadline, never a hang.
+  const absl::Time start = absl::Now();
+  auto none = coordinator_->Complete({.prompt = Prompt(2), .max_tokens = 2});
+  EXPECT_FALSE(none.ok());
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  WaitForLive(0);
+  instances_.clear();
+  auto s = InstanceServer::Create(model_.get(), {.name = "in-process-1",
+                                                 .preferred_id = 1,
+                                                 .coordinator_port = coordinator_->grpc_port(),
+                                                 .slots = 256});
+  ASSERT_TRUE(s.ok());
+  instances_.push_back(std::move(*s));
+  WaitForLive(1);
+  auto r = coordinator_->Complete({.prompt = Prompt(3), .max_tokens = 2});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->tokens, Expected(Prompt(3), 2));
+  EXPECT_EQ(r->cached_tokens, 0);  // the new instance rejoined empty
+  EXPECT_THAT(coordinator_->MetricsText(), HasSubstr("tokenlake_instance_deaths_total 2"));
+}
+
+TEST_F(InProcessClusterTest, CoordinatorRestartRebuildsTheTreeFromInstances) {
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(coordinator_->Complete({.prompt = Prompt(i), .max_tokens = 2}).ok());
+  }
+  const int64_t segments = coordinator_->DistinctSegments();
+  ASSERT_GT(segments, 0);
+  options_.grpc_port = coordinator_->grpc_port();
+  options_.transport_port = coordinator_->transport_port();
+  coordinator_.reset();
+  StartCoordinator();
+  WaitForLive(2);
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (coordinator_->DistinctSegments() != segments && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(coordinator_->DistinctSegments(), segments);
+  auto r = coordinator_->Complete({.prompt = Prompt(0), .max_tokens = 2});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_GE(r->cached_tokens, 32);
+}
+
+TEST_F(InProcessClusterTest, DroppedMessagesFailWithinTheDeadline) {
+  ASSERT_TRUE(coordinator_->faults()->SetDropProbability(1.0).ok());
+  const absl::Time start = absl::Now();
+  auto r = coordinator_->Complete({.prompt = Prompt(1), .max_tokens = 2});
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(r.status().message(), HasSubstr("did not answer within"));
+  EXPECT_LT(absl::Now() - start, options_.request_timeout + absl::Seconds(2));
+  ASSERT_TRUE(coordinator_->faults()->SetDropProbability(0).ok());
+  auto ok = coordinator_->Complete({.prompt = Prompt(1), .max_tokens = 2});
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->tokens, Expected(Prompt(1), 2));
+}
+
+}  // namespace
+}  // namespace tokenlake::service
