@@ -45,15 +45,24 @@ int main(int argc, char** argv) {
   j["copy_gbps"] = *copy;
   std::printf("device %s (%d SMs); D2D copy %.0f GB/s (read+write)\n", dev->name.c_str(),
               dev->num_sms, *copy);
+  for (size_t mb : {size_t{134}, size_t{1024}}) {
+    auto read = tl::MeasureReadGbps(mb << 20, 20);
+    if (!read.ok()) {
+      std::fprintf(stderr, "read: %s\n", read.status().ToString().c_str());
+      return 1;
+    }
+    j[mb == 1024 ? "read_gbps" : "read_134mib_gbps"] = *read;
+    std::printf("read-only stream over %zu MiB: %.0f GB/s\n", mb, *read);
+  }
 
   struct Run {
     std::string name;
     tl::AttentionBenchShape shape;
   };
   std::vector<Run> runs;
-  // Decode: the split merge fused into the kernel (default) against the separate merge kernel,
-  // then the fused kernel over a sweep of split counts (16: one thread block per SM; 32: ~2;
-  // 48: ~3 where the segment count allows; 64).
+  // Decode: the split merge fused into the kernel (default) against the separate merge kernel;
+  // several KV heads per thread block (whole contiguous row runs per copy; separate merge, as
+  // they use more splits than the fused merge takes); splits for ~3 blocks per SM.
   for (int seg : {512, 256, 64}) {
     for (int merge : {0, 1}) {
       tl::AttentionBenchShape s;
@@ -65,7 +74,16 @@ int main(int argc, char** argv) {
     }
   }
   for (int seg : {512, 256}) {
-    for (int splits : {16, 24, 32, 48, 64}) {
+    for (int kvh : {2, 4, 8}) {
+      tl::AttentionBenchShape s;
+      s.num_q_tokens = 1;
+      s.segment_tokens = seg;
+      s.kernel = 2;
+      s.decode_merge = 1;
+      s.decode_kv_heads = kvh;
+      runs.push_back({"decode_kvh" + std::to_string(kvh), s});
+    }
+    for (int splits : {24, 48}) {
       tl::AttentionBenchShape s;
       s.num_q_tokens = 1;
       s.segment_tokens = seg;
@@ -127,6 +145,7 @@ int main(int argc, char** argv) {
                          {"decode_pipeline", s.decode_pipeline},
                          {"prefill_rows_per_warp", s.prefill_rows_per_warp},
                          {"decode_merge", s.decode_merge},
+                         {"decode_kv_heads", s.decode_kv_heads},
                          {"us", t->us},
                          {"tflops", t->tflops},
                          {"kv_gbps", t->kv_gbps},

@@ -14,6 +14,9 @@ def main():
     runs = ours["runs"]
     print(f"device: {ours['device']} ({ours['num_sms']} SMs); torch {sdpa['torch']}")
     print(f"D2D copy: {copy:.0f} GB/s (cudaMemcpy, ours); {sdpa['copy_gbps']:.0f} GB/s (torch)")
+    if "read_gbps" in ours:
+        print(f"read-only stream: {ours['read_gbps']:.0f} GB/s over 1 GiB, "
+              f"{ours.get('read_134mib_gbps', 0):.0f} GB/s over 134 MiB (the decode's KV size)")
 
     def best(name, key, **filt):
         c = [r for r in runs if r["name"] == name and all(r[k] == v for k, v in filt.items())]
@@ -35,6 +38,11 @@ def main():
               f"{b['us']:7.1f} us {b['kv_gbps']:6.0f} GB/s = {100 * b['kv_gbps'] / copy:5.1f}%; "
               f"merge of two partials {a['merge_us']:.1f} us = "
               f"{100 * a['merge_us'] / a['us']:.1f}% of decode")
+        v = min([r for r in runs if r["name"].startswith("decode") and
+                 r["segment_tokens"] == seg], key=lambda r: r["us"])
+        print(f"                best of all decode variants: {v['name']} (splits "
+              f"{v['num_splits']}, kv heads/block {v.get('decode_kv_heads', 0)}) {v['us']:7.1f} us "
+              f"{v['kv_gbps']:6.0f} GB/s = {100 * v['kv_gbps'] / copy:5.1f}% of copy")
         sep = auto("decode_sep_merge", segment_tokens=seg)
         if sep:
             print(f"                separate split-merge kernel {sep['us']:7.1f} us; fused saves "

@@ -114,6 +114,33 @@ __global__ void FillRandomBf16Kernel(uint16_t* p, size_t n, uint64_t seed, float
   }
 }
 
+// Reads n16 16-byte words (4 independent loads per thread per iteration), XORs them, writes
+// one word per thread block (so the loads cannot be dropped).
+__global__ void __launch_bounds__(256)
+    ReadKernel(const uint4* __restrict__ p, size_t n16, uint32_t* __restrict__ sink) {
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  uint32_t x = 0;
+  for (; i + 3 * stride < n16; i += 4 * stride) {
+    const uint4 a = __ldcs(p + i);
+    const uint4 b = __ldcs(p + i + stride);
+    const uint4 c = __ldcs(p + i + 2 * stride);
+    const uint4 d = __ldcs(p + i + 3 * stride);
+    x ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^
+         d.w;
+  }
+  for (; i < n16; i += stride) {
+    const uint4 a = __ldcs(p + i);
+    x ^= a.x ^ a.y ^ a.z ^ a.w;
+  }
+  __shared__ uint32_t red;
+  if (threadIdx.x == 0) red = 0;
+  __syncthreads();
+  atomicXor(&red, x);
+  __syncthreads();
+  if (threadIdx.x == 0) sink[blockIdx.x] = red;
+}
+
 absl::Status CublasStatus(cublasStatus_t s, const char* what) {
   if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
   return absl::InternalError(absl::StrFormat("%s: cuBLAS status %d", what, static_cast<int>(s)));
@@ -194,6 +221,28 @@ absl::StatusOr<double> MeasureCopyGbps(size_t bytes, int repeats) {
       3);
   if (!us.ok()) return us.status();
   return 2.0 * static_cast<double>(bytes) / (*us * 1e3);
+}
+
+absl::StatusOr<double> MeasureReadGbps(size_t bytes, int repeats) {
+  Timer timer;
+  TL_OK(timer.Init(repeats));
+  int device = 0, sms = 0;
+  TL_CUDA(cudaGetDevice(&device));
+  TL_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int blocks = 8 * std::max(1, sms);  // 8 x 256 threads per SM: full occupancy
+  DeviceMem src, sink;
+  TL_OK(src.Allocate(bytes));
+  TL_OK(sink.Allocate(blocks * sizeof(uint32_t)));
+  TL_OK(FillRandomBf16(src.get(), bytes / 2, 21, 1.f, timer.stream()));
+  absl::StatusOr<double> us = timer.MedianUs(
+      [&](int) {
+        ReadKernel<<<blocks, 256, 0, timer.stream()>>>(src.get<const uint4>(), bytes / 16,
+                                                       sink.get<uint32_t>());
+        return CudaStatus(cudaGetLastError(), "ReadKernel launch");
+      },
+      3);
+  if (!us.ok()) return us.status();
+  return static_cast<double>(bytes) / (*us * 1e3);
 }
 
 absl::StatusOr<double> MeasureGemmTflops(int64_t m, int64_t n, int64_t k, int repeats) {
@@ -318,6 +367,7 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
   p.decode_pipeline = s.decode_pipeline;
   p.prefill_rows_per_warp = s.prefill_rows_per_warp;
   p.decode_merge = s.decode_merge;
+  p.decode_kv_heads_per_block = s.decode_kv_heads;
   p.blocks = blocks.get<DeviceKvBlock>();
   const auto kernel = static_cast<AttentionKernel>(s.kernel);
   absl::StatusOr<size_t> ws_bytes = PagedAttentionWorkspaceBytes(p, kernel);

@@ -40,6 +40,11 @@ absl::StatusOr<DeviceDescription> DescribeDevice();
 // plus bytes written (2 * bytes / time).
 absl::StatusOr<double> MeasureCopyGbps(size_t bytes = size_t{1} << 30, int repeats = 20);
 
+// A read-only streaming kernel over `bytes` of device memory (16-byte loads, grid-stride, a few
+// loads in flight per thread, one word written per thread block), median of `repeats`; GB/s of
+// bytes read. The read-side ceiling for memory-bound kernels such as decode attention.
+absl::StatusOr<double> MeasureReadGbps(size_t bytes = size_t{1} << 30, int repeats = 20);
+
 // One bf16 GEMM (cuBLAS, float32 accumulation) of m x k times k x n; TFLOP/s (2mnk / time).
 absl::StatusOr<double> MeasureGemmTflops(int64_t m, int64_t n, int64_t k, int repeats = 20);
 
@@ -79,6 +84,7 @@ struct AttentionBenchShape {
   int32_t decode_pipeline = 0;        // 0 = auto, 1 registers, 2 shared memory
   int32_t prefill_rows_per_warp = 0;  // 0 = auto, 16, 32
   int32_t decode_merge = 0;           // 0 = fused into the decode kernel, 1 = separate kernel
+  int32_t decode_kv_heads = 0;        // decode: KV heads per thread block, 0 = auto
   int kernel = 0;                     // 0 auto, 1 prefill, 2 decode (AttentionKernel order)
 };
 struct AttentionTiming {

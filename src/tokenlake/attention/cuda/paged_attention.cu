@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -672,6 +673,8 @@ __global__ void __launch_bounds__(NW * 32) PrefillKernel2(const PrefillArgs args
 // work item) or the workspace partials `[q][head][item][D]` / `[q][head][item]`.
 
 constexpr int kDecodeThreads = 128;
+// The fused split merge handles at most this many splits (more: a separate merge kernel).
+constexpr int kMaxFusedItems = 64;
 
 struct DecodeArgs {
   const uint16_t* q;
@@ -698,13 +701,21 @@ struct DecodeArgs {
   float* final_lse;  // [q][H]
 };
 
-// The fused split merge, run by every decode thread block after it wrote its partial of heads
-// [head0, head0 + G) of query token qi: the last block of the (qi, blockIdx.y) group to finish
-// merges the num_items partials of those heads into final_out / final_lse and resets the
-// counter. Partials are read with ld.global.cg (L2; they were written by other multiprocessors).
-template <int D, int G>
-__device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi, int head0) {
+// The fused split merge, run by every decode thread block after it wrote its partials of query
+// token qi, heads (kv_head0 + k) * group + hoff + h for k < KVH, h < G: the last block of the
+// (qi, blockIdx.y) group to finish merges the num_items (<= kMaxFusedItems) partials of those
+// heads into final_out / final_lse and resets the counter. All partial LSEs are loaded at once
+// into shared memory (one L2 round trip), turned into weights by one warp per head, then the
+// partial outputs are summed with many loads in flight. Partials are read with ld.global.cg
+// (L2; they were written by other multiprocessors).
+template <int D, int G, int KVH>
+__device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi, int kv_head0,
+                                                 int hoff) {
+  constexpr int kRows = KVH * G;
   __shared__ int sm_last;
+  __shared__ float sm_w[kRows][kMaxFusedItems];
+  __shared__ float sm_inv[kRows];
+  __shared__ float sm_lse[kRows];
   __threadfence();  // this thread's partial stores are visible device-wide before the count
   __syncthreads();
   const int tid = threadIdx.x;
@@ -716,33 +727,57 @@ __device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi,
   __syncthreads();
   if (sm_last == 0) return;
   __threadfence();  // the other blocks' partials (fenced before their counts) are visible
-  constexpr int kLanes4 = D / 4;
   const int n = args.num_items;
-  for (int idx = tid; idx < G * kLanes4; idx += blockDim.x) {
-    const int h = idx / kLanes4;
-    const int c = idx % kLanes4;
-    const int64_t row = static_cast<int64_t>(qi) * args.num_heads + head0 + h;
-    const float* lrow = args.lse + row * n;
-    float mx = kNegInf;
-    for (int p = 0; p < n; ++p) mx = fmaxf(mx, __ldcg(lrow + p));
+  auto row_of = [&](int r) {
+    return static_cast<int64_t>(qi) * args.num_heads + (kv_head0 + r / G) * args.group + hoff +
+           r % G;
+  };
+  for (int i = tid; i < kRows * n; i += blockDim.x) {
+    sm_w[i / n][i % n] = __ldcg(args.lse + row_of(i / n) * n + i % n);
+  }
+  __syncthreads();
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  for (int r = warp; r < kRows; r += blockDim.x / 32) {
+    const float l0 = lane < n ? sm_w[r][lane] : kNegInf;
+    const float l1 = lane + 32 < n ? sm_w[r][lane + 32] : kNegInf;
+    float mx = fmaxf(l0, l1);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
     const float use = mx == kNegInf ? 0.f : mx;
+    const float w0 = __expf(l0 - use);
+    const float w1 = __expf(l1 - use);
+    if (lane < n) sm_w[r][lane] = w0;
+    if (lane + 32 < n) sm_w[r][lane + 32] = w1;
+    float sum = w0 + w1;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane == 0) {
+      sm_inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+      sm_lse[r] = sum > 0.f ? use + logf(sum) : kNegInf;
+    }
+  }
+  __syncthreads();
+  constexpr int kLanes4 = D / 4;
+  for (int idx = tid; idx < kRows * kLanes4; idx += blockDim.x) {
+    const int r = idx / kLanes4;
+    const int c = idx % kLanes4;
+    const int64_t row = row_of(r);
     const float4* orow = reinterpret_cast<const float4*>(args.out + row * n * D) + c;
     float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-    float ws = 0.f;
-#pragma unroll 8
+#pragma unroll 16
     for (int p = 0; p < n; ++p) {
-      const float w = __expf(__ldcg(lrow + p) - use);
+      const float w = sm_w[r][p];
       const float4 v = __ldcg(orow + static_cast<int64_t>(p) * kLanes4);
       a.x = fmaf(w, v.x, a.x);
       a.y = fmaf(w, v.y, a.y);
       a.z = fmaf(w, v.z, a.z);
       a.w = fmaf(w, v.w, a.w);
-      ws += w;
     }
-    const float inv = ws > 0.f ? 1.f / ws : 0.f;
+    const float inv = sm_inv[r];
     reinterpret_cast<float4*>(args.final_out + row * D)[c] =
         make_float4(a.x * inv, a.y * inv, a.z * inv, a.w * inv);
-    if (c == 0) args.final_lse[row] = ws > 0.f ? use + logf(ws) : kNegInf;
+    if (c == 0) args.final_lse[row] = sm_lse[r];
   }
   if (tid == 0) *counter = 0u;  // ready for the next call on this workspace
 }
@@ -943,7 +978,9 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs 
       if (d == 0) args.lse[row * args.num_items + item] = lse_v;
     }
   }
-  if (!final_out && args.counters != nullptr) DecodeFusedMerge<D, G>(args, qi, head0);
+  if (!final_out && args.counters != nullptr) {
+    DecodeFusedMerge<D, G, 1>(args, qi, kv_head, head0 - kv_head * args.group);
+  }
 }
 
 // Decode with a shared-memory pipeline: the same work split and math as DecodeKernel, but K and
@@ -961,24 +998,37 @@ __host__ __device__ constexpr int DecodeSmemBytes() {
   return kDecodeStages * DecodeStepTokens<D, U>() * D * 2 * 2;
 }
 
-template <int D, int G, int U>
+//
+// KVH > 1: one thread block serves KVH adjacent KV heads (the token groups are split among
+// them: kGroups / KVH token groups per head), so every step copies whole contiguous runs of
+// KVH * D elements per token row instead of one head's D; same bytes per step, same per-thread
+// work. Grid y = (num_kv_heads / KVH) * (group / G).
+template <int D, int G, int U, int KVH>
 __global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeArgs args) {
   constexpr int kLanes = D / 8;
   constexpr int kGroups = kDecodeThreads / kLanes;
-  constexpr int kStep = kGroups * U;
-  constexpr int kStageElems = kStep * D;  // one of K or V
-  constexpr int kChunks = kStep * D / 8;  // 16-byte chunks per K (or V) step
+  static_assert(kGroups % KVH == 0);
+  constexpr int kTg = kGroups / KVH;         // token groups per KV head
+  constexpr int kStep = kTg * U;             // token rows per step
+  constexpr int kRow = KVH * D;              // elements per staged row (KVH heads)
+  constexpr int kStageElems = kStep * kRow;  // one of K or V
+  constexpr int kChunks = kStageElems / 8;   // 16-byte chunks per K (or V) step
   static_assert(kChunks % kDecodeThreads == 0);
+  static_assert(kStageElems == DecodeStepTokens<D, U>() * D);
   static_assert(kGroups * G * (D + 2) * 4 <= DecodeSmemBytes<D, U>());
-  extern __shared__ __align__(128) uint16_t dsmem[];  // [stage][K, V][kStep][D]
+  extern __shared__ __align__(128) uint16_t dsmem[];  // [stage][K, V][kStep][KVH * D]
 
   const int tid = threadIdx.x;
   const int sub = tid % kLanes;
   const int grp = tid / kLanes;
+  const int hk = grp / kTg;  // which of the block's KV heads
+  const int tg = grp % kTg;  // token group within that head
   const int item = blockIdx.x;
   const int heads_per_cta_group = args.group / G;
-  const int kv_head = blockIdx.y / heads_per_cta_group;
-  const int head0 = kv_head * args.group + (blockIdx.y % heads_per_cta_group) * G;
+  const int kv_head0 = (blockIdx.y / heads_per_cta_group) * KVH;
+  const int kv_head = kv_head0 + hk;
+  const int hoff = (blockIdx.y % heads_per_cta_group) * G;
+  const int head0 = kv_head * args.group + hoff;
   const int qi = blockIdx.z;
   const int b_first = (item / args.chunks_per_block) * args.blocks_per_item;
   const int b_last = min(args.num_blocks, b_first + args.blocks_per_item);
@@ -1042,18 +1092,18 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeA
   auto issue = [&](const Cursor& c, int stage) {
     const DeviceKvBlock blk = args.blocks[c.b];
     const int valid = min(kStep, c.tend - c.tb);
-    const uint16_t* kb = static_cast<const uint16_t*>(blk.k) + kv_head * D;
-    const uint16_t* vb = static_cast<const uint16_t*>(blk.v) + kv_head * D;
+    const uint16_t* kb = static_cast<const uint16_t*>(blk.k) + kv_head0 * D;
+    const uint16_t* vb = static_cast<const uint16_t*>(blk.v) + kv_head0 * D;
     const uint32_t base = SmemAddr(dsmem + stage * 2 * kStageElems);
 #pragma unroll
     for (int it = 0; it < kChunks / kDecodeThreads; ++it) {
       const int i = tid + it * kDecodeThreads;
-      const int row = i / (D / 8);
-      const int ch = i % (D / 8);
+      const int row = i / (kRow / 8);
+      const int ch = i % (kRow / 8);
       const bool ok = row < valid;
       const int64_t off = ok ? static_cast<int64_t>(c.tb + row) * row_stride + ch * 8 : 0;
-      CpAsync16(base + (row * D + ch * 8) * 2, kb + off, ok ? 16 : 0);
-      CpAsync16(base + (kStageElems + row * D + ch * 8) * 2, vb + off, ok ? 16 : 0);
+      CpAsync16(base + (row * kRow + ch * 8) * 2, kb + off, ok ? 16 : 0);
+      CpAsync16(base + (kStageElems + row * kRow + ch * 8) * 2, vb + off, ok ? 16 : 0);
     }
   };
 
@@ -1085,7 +1135,8 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeA
     float s[U][G];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const uint4 kr = *reinterpret_cast<const uint4*>(ks + (grp + u * kGroups) * D + sub * 8);
+      const uint4 kr =
+          *reinterpret_cast<const uint4*>(ks + (tg + u * kTg) * kRow + hk * D + sub * 8);
       const uint32_t w[4] = {kr.x, kr.y, kr.z, kr.w};
       float kf[8];
 #pragma unroll
@@ -1111,7 +1162,7 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeA
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int tt = comp.tb + grp + u * kGroups;
+      const int tt = comp.tb + tg + u * kTg;
       const bool visible = tt < comp.tend && !(args.causal && comp.key0 + tt > qpos);
       if (!visible) {
 #pragma unroll
@@ -1127,12 +1178,11 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeA
       const float use = nm == kNegInf ? 0.f : nm;
       const float corr = exp2f(m[h] - use);
       m[h] = nm;
-      float p[U];
       float psum = 0.f;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        p[u] = exp2f(s[u][h] - use);
-        psum += p[u];
+        s[u][h] = exp2f(s[u][h] - use);  // s becomes the probability p
+        psum += s[u][h];
       }
       l[h] = l[h] * corr + psum;
 #pragma unroll
@@ -1140,7 +1190,8 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeA
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const uint4 vr = *reinterpret_cast<const uint4*>(vs + (grp + u * kGroups) * D + sub * 8);
+      const uint4 vr =
+          *reinterpret_cast<const uint4*>(vs + (tg + u * kTg) * kRow + hk * D + sub * 8);
       const uint32_t w[4] = {vr.x, vr.y, vr.z, vr.w};
       float vf[8];
 #pragma unroll
@@ -1150,9 +1201,8 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeA
       }
 #pragma unroll
       for (int h = 0; h < G; ++h) {
-        const float pu = exp2f(s[u][h] - (m[h] == kNegInf ? 0.f : m[h]));
 #pragma unroll
-        for (int i = 0; i < 8; ++i) acc[h][i] = fmaf(pu, vf[i], acc[h][i]);
+        for (int i = 0; i < 8; ++i) acc[h][i] = fmaf(s[u][h], vf[i], acc[h][i]);
       }
     }
     advance(comp);
@@ -1175,23 +1225,27 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeA
   }
   __syncthreads();
   const bool final_out = args.num_items == 1;
-  for (int idx = tid; idx < G * D; idx += kDecodeThreads) {
-    const int h = idx / D;
+  // Token groups hk * kTg .. hk * kTg + kTg - 1 hold KV head kv_head0 + hk.
+  for (int idx = tid; idx < KVH * G * D; idx += kDecodeThreads) {
+    const int ck = idx / (G * D);
+    const int h = (idx / D) % G;
     const int d = idx % D;
     float mm = kNegInf;
 #pragma unroll
-    for (int gi = 0; gi < kGroups; ++gi) mm = fmaxf(mm, sm_m[gi * G + h]);
+    for (int t = 0; t < kTg; ++t) mm = fmaxf(mm, sm_m[(ck * kTg + t) * G + h]);
     const float use = mm == kNegInf ? 0.f : mm;
     float ll = 0.f, oo = 0.f;
 #pragma unroll
-    for (int gi = 0; gi < kGroups; ++gi) {
+    for (int t = 0; t < kTg; ++t) {
+      const int gi = ck * kTg + t;
       const float w = exp2f(sm_m[gi * G + h] - use);
       ll = fmaf(sm_l[gi * G + h], w, ll);
       oo = fmaf(sm_acc[(gi * G + h) * D + d], w, oo);
     }
     const float out_v = ll > 0.f ? oo / ll : 0.f;
     const float lse_v = ll > 0.f ? (mm + log2f(ll)) * kLn2 : kNegInf;
-    const int64_t row = static_cast<int64_t>(qi) * args.num_heads + head0 + h;
+    const int64_t row =
+        static_cast<int64_t>(qi) * args.num_heads + (kv_head0 + ck) * args.group + hoff + h;
     if (final_out) {
       args.out[row * D + d] = out_v;
       if (d == 0) args.lse[row] = lse_v;
@@ -1200,7 +1254,9 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeA
       if (d == 0) args.lse[row * args.num_items + item] = lse_v;
     }
   }
-  if (!final_out && args.counters != nullptr) DecodeFusedMerge<D, G>(args, qi, head0);
+  if (!final_out && args.counters != nullptr) {
+    DecodeFusedMerge<D, G, KVH>(args, qi, kv_head0, hoff);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1384,6 +1440,19 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
         absl::StrFormat("PagedAttention: prefill_rows_per_warp = %d, supported: 0 (auto), 16, 32",
                         p.prefill_rows_per_warp));
   }
+  if (p.decode_kv_heads_per_block != 0 && p.decode_kv_heads_per_block != 1 &&
+      p.decode_kv_heads_per_block != 2 && p.decode_kv_heads_per_block != 4 &&
+      p.decode_kv_heads_per_block != 8) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: decode_kv_heads_per_block = %d, supported: 0 (auto), 1, 2, 4, 8",
+        p.decode_kv_heads_per_block));
+  }
+  if (p.decode_kv_heads_per_block > 1 && p.num_kv_heads > 0 &&
+      p.num_kv_heads % p.decode_kv_heads_per_block != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: decode_kv_heads_per_block = %d does not divide num_kv_heads = %d",
+        p.decode_kv_heads_per_block, p.num_kv_heads));
+  }
   if (p.decode_merge < 0 || p.decode_merge > 1) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: decode_merge = %d, supported: 0 (fused), 1 (separate kernel)",
@@ -1417,6 +1486,7 @@ struct Config {
   int decode_unroll = 4;       // decode: tokens per token group per step
   bool decode_smem = true;     // decode: shared-memory pipeline kernel
   bool decode_fused = false;   // decode: splits merged inside the decode kernel
+  int decode_kvh = 1;          // decode: KV heads per thread block (shared-memory kernel only)
   size_t workspace_bytes = 0;  // kPagedAttentionCounterBytes + partials, or 0
 };
 
@@ -1462,25 +1532,24 @@ absl::StatusOr<int> PrefillBlocksPerSmT() {
   return blocks;
 }
 
-template <int D, int G, int U>
+template <int D, int G, int U, int KVH = 1>
 cudaError_t PrepareDecodeSmem() {
   static const cudaError_t err =
-      cudaFuncSetAttribute(DecodeSmemKernel<D, G, U>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           DecodeSmemBytes<D, U>());
+      cudaFuncSetAttribute(DecodeSmemKernel<D, G, U, KVH>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, DecodeSmemBytes<D, U>());
   return err;
 }
 
 template <int D, int G, int U, bool kSmem>
 absl::StatusOr<int> DecodeBlocksPerSmT() {
   static int blocks = -1;
-  static cudaError_t err =
-      kSmem
-          ? (PrepareDecodeSmem<D, G, U>() != cudaSuccess
-                 ? PrepareDecodeSmem<D, G, U>()
-                 : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                       &blocks, DecodeSmemKernel<D, G, U>, kDecodeThreads, DecodeSmemBytes<D, U>()))
-          : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, DecodeKernel<D, G, U>,
-                                                          kDecodeThreads, 0);
+  static cudaError_t err = kSmem ? (PrepareDecodeSmem<D, G, U>() != cudaSuccess
+                                        ? PrepareDecodeSmem<D, G, U>()
+                                        : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                                              &blocks, DecodeSmemKernel<D, G, U, 1>, kDecodeThreads,
+                                              DecodeSmemBytes<D, U>()))
+                                 : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                                       &blocks, DecodeKernel<D, G, U>, kDecodeThreads, 0);
   if (err != cudaSuccess) {
     return absl::InternalError(absl::StrFormat("cudaOccupancyMaxActiveBlocksPerMultiprocessor: %s",
                                                cudaGetErrorString(err)));
@@ -1577,8 +1646,11 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
     c.decode_g = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
     c.decode_unroll = p.decode_unroll != 0 ? p.decode_unroll : 4;
     c.decode_smem = p.decode_pipeline != 1;
+    c.decode_kvh =
+        c.decode_smem && p.decode_kv_heads_per_block > 1 ? p.decode_kv_heads_per_block : 1;
+    if (c.decode_kvh > 1) c.decode_unroll = 4;  // (instantiated with 4 tokens per step only)
     const int64_t ctas_per_item =
-        static_cast<int64_t>(p.num_kv_heads) * (group / c.decode_g) * p.num_q_tokens;
+        static_cast<int64_t>(p.num_kv_heads / c.decode_kvh) * (group / c.decode_g) * p.num_q_tokens;
     absl::StatusOr<int> per_sm =
         DecodeBlocksPerSm(p.head_dim, c.decode_g, c.decode_unroll, c.decode_smem);
     if (!per_sm.ok()) return per_sm.status();
@@ -1607,8 +1679,9 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
       c.workspace_bytes = static_cast<size_t>(c.items) * rows * (p.head_dim + 1) * sizeof(float);
       c.workspace_bytes = kPagedAttentionCounterBytes + (c.workspace_bytes + 255) / 256 * 256;
       const int64_t counters = ctas_per_item;  // one per (query token, head group)
-      c.decode_fused = p.decode_merge == 0 && counters * static_cast<int64_t>(sizeof(uint32_t)) <=
-                                                  static_cast<int64_t>(kPagedAttentionCounterBytes);
+      c.decode_fused = p.decode_merge == 0 && c.items <= kMaxFusedItems &&
+                       counters * static_cast<int64_t>(sizeof(uint32_t)) <=
+                           static_cast<int64_t>(kPagedAttentionCounterBytes);
     }
   }
   return c;
@@ -1673,13 +1746,30 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
   a.final_out = p.out;
   a.final_lse = p.lse;
   if (c.items > 1 && c.decode_fused) a.counters = static_cast<unsigned int*>(p.workspace);
-  const dim3 grid(c.items, p.num_kv_heads * (a.group / G), p.num_q_tokens);
+  const dim3 grid(c.items, (p.num_kv_heads / c.decode_kvh) * (a.group / G), p.num_q_tokens);
   if (c.decode_smem) {
-    if (cudaError_t err = PrepareDecodeSmem<D, G, U>(); err != cudaSuccess) {
-      return absl::InternalError(
-          absl::StrFormat("cudaFuncSetAttribute(decode): %s", cudaGetErrorString(err)));
+    auto launch = [&](auto kvh_constant) -> absl::Status {
+      constexpr int KVH = decltype(kvh_constant)::value;
+      if (cudaError_t err = PrepareDecodeSmem<D, G, U, KVH>(); err != cudaSuccess) {
+        return absl::InternalError(
+            absl::StrFormat("cudaFuncSetAttribute(decode): %s", cudaGetErrorString(err)));
+      }
+      DecodeSmemKernel<D, G, U, KVH><<<grid, kDecodeThreads, DecodeSmemBytes<D, U>(), stream>>>(a);
+      return LaunchStatus("decode attention");
+    };
+    if constexpr (U == 4) {
+      switch (c.decode_kvh) {
+        case 8:
+          return launch(std::integral_constant<int, 8>());
+        case 4:
+          return launch(std::integral_constant<int, 4>());
+        case 2:
+          return launch(std::integral_constant<int, 2>());
+        default:
+          break;
+      }
     }
-    DecodeSmemKernel<D, G, U><<<grid, kDecodeThreads, DecodeSmemBytes<D, U>(), stream>>>(a);
+    return launch(std::integral_constant<int, 1>());
   } else {
     DecodeKernel<D, G, U><<<grid, kDecodeThreads, 0, stream>>>(a);
   }

@@ -127,11 +127,16 @@ struct PagedAttentionParams {
   // through shared memory (4 stages); 0 = default (2).
   int32_t decode_pipeline = 0;
   // Decode: how the KV splits are merged. 0 = default: inside the decode kernel (the last thread
-  // block of each query token and head group to finish merges; no second launch), unless the
-  // counters do not fit in kPagedAttentionCounterBytes (num_q_tokens * num_heads / G > 1024,
-  // G = 4 heads per block for a group size divisible by 4), then as 1; 1 = a separate merge
+  // block of each query token and head group to finish merges; no second launch), unless there
+  // are more than 64 splits or the counters do not fit in kPagedAttentionCounterBytes (one per
+  // query token and thread-block head group, at most 1024), then as 1; 1 = a separate merge
   // kernel after the decode kernel.
   int32_t decode_merge = 0;
+  // Decode tuning (shared-memory pipeline only; ignored with decode_pipeline = 1): KV heads each
+  // thread block serves, 1, 2, 4 or 8 (must divide num_kv_heads); with more than one, each
+  // pipeline step copies KVH * head_dim contiguous elements per token row instead of
+  // head_dim, and the step uses 4 tokens per token group. 0 = default (1).
+  int32_t decode_kv_heads_per_block = 0;
 };
 
 // Returns the scratch size that PagedAttention(params, kernel) needs on the current device.

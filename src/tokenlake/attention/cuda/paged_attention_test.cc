@@ -78,6 +78,7 @@ struct Case {
   int decode_pipeline = 0;
   int prefill_rows_per_warp = 0;
   int decode_merge = 0;
+  int decode_kvh = 0;
   float softmax_scale = 0.f;
 };
 
@@ -85,9 +86,10 @@ std::string Describe(const Case& c) {
   std::string lens;
   for (int l : c.block_lens) lens += absl::StrFormat("%d,", l);
   return absl::StrFormat(
-      "q=%d causal=%d q_start=%d kernel=%d splits=%d unroll=%d pipeline=%d merge=%d blocks=[%s]",
+      "q=%d causal=%d q_start=%d kernel=%d splits=%d unroll=%d pipeline=%d merge=%d kvh=%d "
+      "blocks=[%s]",
       c.num_q, c.causal, c.q_start_pos, static_cast<int>(c.kernel), c.num_splits, c.decode_unroll,
-      c.decode_pipeline, c.decode_merge, lens);
+      c.decode_pipeline, c.decode_merge, c.decode_kvh, lens);
 }
 
 // A workspace as the header asks for: counter bytes zero, the rest poisoned with NaN (so a
@@ -195,6 +197,7 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   p.decode_pipeline = c.decode_pipeline;
   p.prefill_rows_per_warp = c.prefill_rows_per_warp;
   p.decode_merge = c.decode_merge;
+  p.decode_kv_heads_per_block = c.decode_kvh;
   absl::StatusOr<size_t> need = PagedAttentionWorkspaceBytes(p, c.kernel);
   ASSERT_TRUE(need.ok()) << need.status();
   DeviceBuffer d_ws(ws == nullptr ? *need : 0);
@@ -240,6 +243,15 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   }
 }
 
+// 0 (default) or a supported decode_kv_heads_per_block that divides the shape's KV heads.
+int RandomKvHeadsPerBlock(const Shape& s, std::mt19937_64& rng) {
+  std::vector<int> options = {0};
+  for (int k : {1, 2, 4, 8}) {
+    if (s.num_kv_heads % k == 0) options.push_back(k);
+  }
+  return options[rng() % options.size()];
+}
+
 class PagedAttentionGpuTest : public ::testing::TestWithParam<Shape> {};
 
 // Random block lists (part-segments and empty segments anywhere), random query counts, causal
@@ -277,7 +289,8 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
       c.decode_pipeline = static_cast<int>(rng() % 3);             // 0 (default), 1, 2
       c.prefill_rows_per_warp = static_cast<int>(rng() % 3) * 16;  // 0 (default), 16, 32
       c.decode_merge = static_cast<int>(rng() % 2);                // fused, separate kernel
-      RunAndCompare(c, rng);                                       // fresh random inputs each time
+      c.decode_kvh = RandomKvHeadsPerBlock(shape, rng);
+      RunAndCompare(c, rng);  // fresh random inputs each time
       if (HasFatalFailure()) return;
     }
   }
@@ -353,6 +366,7 @@ TEST_P(PagedAttentionGpuTest, FusedSplitMergeMatchesReferenceWithReusedWorkspace
     c.decode_pipeline = static_cast<int>(rng() % 3);
     for (int merge : {0, 1}) {
       c.decode_merge = merge;
+      c.decode_kvh = RandomKvHeadsPerBlock(shape, rng);
       RunAndCompare(c, rng, ws.ptr, kWsBytes);  // fresh random inputs each time
       if (HasFatalFailure()) return;
     }
@@ -491,6 +505,14 @@ TEST(PagedAttentionArgsTest, RejectsBadShapesWithClearErrors) {
   bad = p;
   bad.decode_merge = 2;
   expect_invalid(bad, "decode_merge");
+  bad = p;
+  bad.decode_kv_heads_per_block = 3;
+  expect_invalid(bad, "decode_kv_heads_per_block");
+  bad = p;
+  bad.num_heads = 8;
+  bad.num_kv_heads = 4;
+  bad.decode_kv_heads_per_block = 8;
+  expect_invalid(bad, "does not divide num_kv_heads");
 
   EXPECT_EQ(MergePartials(nullptr, nullptr, nullptr, nullptr, -1, 128).code(),
             absl::StatusCode::kInvalidArgument);
