@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
 #include "tokenlake/attention/cuda/gpu_profile.h"
 
@@ -45,14 +46,18 @@ int main(int argc, char** argv) {
   j["copy_gbps"] = *copy;
   std::printf("device %s (%d SMs); D2D copy %.0f GB/s (read+write)\n", dev->name.c_str(),
               dev->num_sms, *copy);
-  for (size_t mb : {size_t{134}, size_t{1024}}) {
-    auto read = tl::MeasureReadGbps(mb << 20, 20);
-    if (!read.ok()) {
-      std::fprintf(stderr, "read: %s\n", read.status().ToString().c_str());
-      return 1;
+  // 128 MiB = the decode's KV bytes (2 x 32768 x 8 x 128 x 2 B).
+  for (size_t mb : {size_t{128}, size_t{1024}}) {
+    for (int batch : {1, 10}) {
+      auto read = tl::MeasureReadGbps(mb << 20, 20, batch);
+      if (!read.ok()) {
+        std::fprintf(stderr, "read: %s\n", read.status().ToString().c_str());
+        return 1;
+      }
+      j[absl::StrFormat("read_%dmib_x%d_gbps", mb, batch)] = *read;
+      std::printf("read-only stream over %zu MiB, %d launch(es) per sample: %.0f GB/s\n", mb, batch,
+                  *read);
     }
-    j[mb == 1024 ? "read_gbps" : "read_134mib_gbps"] = *read;
-    std::printf("read-only stream over %zu MiB: %.0f GB/s\n", mb, *read);
   }
 
   struct Run {
@@ -118,8 +123,8 @@ int main(int argc, char** argv) {
     s.prefill_warps = 4;
     runs.push_back({"prefill_new_causal_r32", s});
   }
-  std::printf("%-20s %6s %6s %6s %11s %10s %9s %9s %9s\n", "run", "q", "kv", "seg", "split/w/u/p",
-              "us", "TFLOP/s", "KV GB/s", "merge us");
+  std::printf("%-20s %6s %6s %6s %11s %10s %9s %9s %9s %9s %9s\n", "run", "q", "kv", "seg",
+              "split/w/u/p", "us", "TFLOP/s", "KV GB/s", "merge us", "b2b us", "b2b GB/s");
   for (const Run& r : runs) {
     auto t = tl::MeasurePagedAttention(r.shape, 50);
     if (!t.ok()) {
@@ -127,10 +132,10 @@ int main(int argc, char** argv) {
       return 1;
     }
     const auto& s = r.shape;
-    std::printf("%-20s %6d %6ld %6d %3d/%d/%d/%d %10.1f %9.1f %9.0f %9.2f\n", r.name.c_str(),
-                s.num_q_tokens, static_cast<long>(s.kv_tokens), s.segment_tokens, s.num_splits,
-                s.prefill_warps, s.decode_unroll, s.decode_pipeline, t->us, t->tflops, t->kv_gbps,
-                t->merge_us);
+    std::printf("%-20s %6d %6ld %6d %3d/%d/%d/%d %10.1f %9.1f %9.0f %9.2f %9.1f %9.0f\n",
+                r.name.c_str(), s.num_q_tokens, static_cast<long>(s.kv_tokens), s.segment_tokens,
+                s.num_splits, s.prefill_warps, s.decode_unroll, s.decode_pipeline, t->us, t->tflops,
+                t->kv_gbps, t->merge_us, t->batched_us, t->batched_kv_gbps);
     j["runs"].push_back({{"name", r.name},
                          {"num_q_tokens", s.num_q_tokens},
                          {"kv_tokens", s.kv_tokens},
@@ -149,7 +154,9 @@ int main(int argc, char** argv) {
                          {"us", t->us},
                          {"tflops", t->tflops},
                          {"kv_gbps", t->kv_gbps},
-                         {"merge_us", t->merge_us}});
+                         {"merge_us", t->merge_us},
+                         {"batched_us", t->batched_us},
+                         {"batched_kv_gbps", t->batched_kv_gbps}});
   }
   std::ofstream(out_path) << j.dump(2) << "\n";
   return 0;

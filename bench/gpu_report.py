@@ -14,9 +14,12 @@ def main():
     runs = ours["runs"]
     print(f"device: {ours['device']} ({ours['num_sms']} SMs); torch {sdpa['torch']}")
     print(f"D2D copy: {copy:.0f} GB/s (cudaMemcpy, ours); {sdpa['copy_gbps']:.0f} GB/s (torch)")
-    if "read_gbps" in ours:
-        print(f"read-only stream: {ours['read_gbps']:.0f} GB/s over 1 GiB, "
-              f"{ours.get('read_134mib_gbps', 0):.0f} GB/s over 134 MiB (the decode's KV size)")
+    for mb in (128, 1024):
+        if f"read_{mb}mib_x1_gbps" in ours:
+            r1, r10 = ours[f"read_{mb}mib_x1_gbps"], ours[f"read_{mb}mib_x10_gbps"]
+            print(f"read-only stream over {mb} MiB: {r1:.0f} GB/s one launch per sample "
+                  f"({100 * r1 / copy:.1f}% of copy), {r10:.0f} GB/s 10 back to back "
+                  f"({100 * r10 / copy:.1f}%)")
 
     def best(name, key, **filt):
         c = [r for r in runs if r["name"] == name and all(r[k] == v for k, v in filt.items())]
@@ -43,6 +46,15 @@ def main():
         print(f"                best of all decode variants: {v['name']} (splits "
               f"{v['num_splits']}, kv heads/block {v.get('decode_kv_heads', 0)}) {v['us']:7.1f} us "
               f"{v['kv_gbps']:6.0f} GB/s = {100 * v['kv_gbps'] / copy:5.1f}% of copy")
+        if "batched_us" in a:
+            r1 = ours.get("read_128mib_x1_gbps")
+            r10 = ours.get("read_128mib_x10_gbps")
+            print(f"                10 calls back to back: {a['batched_us']:7.1f} us per call "
+                  f"{a['batched_kv_gbps']:6.0f} GB/s = {100 * a['batched_kv_gbps'] / copy:5.1f}% "
+                  f"of copy" + (f"; vs the 128 MiB read-only stream: "
+                                f"{100 * a['kv_gbps'] / r1:.1f}% (one call), "
+                                f"{100 * a['batched_kv_gbps'] / r10:.1f}% (back to back)"
+                                if r1 and r10 else ""))
         sep = auto("decode_sep_merge", segment_tokens=seg)
         if sep:
             print(f"                separate split-merge kernel {sep['us']:7.1f} us; fused saves "

@@ -223,26 +223,30 @@ absl::StatusOr<double> MeasureCopyGbps(size_t bytes, int repeats) {
   return 2.0 * static_cast<double>(bytes) / (*us * 1e3);
 }
 
-absl::StatusOr<double> MeasureReadGbps(size_t bytes, int repeats) {
+absl::StatusOr<double> MeasureReadGbps(size_t bytes, int repeats, int batch) {
+  if (batch < 1) return absl::InvalidArgumentError("MeasureReadGbps: batch must be >= 1");
   Timer timer;
   TL_OK(timer.Init(repeats));
   int device = 0, sms = 0;
   TL_CUDA(cudaGetDevice(&device));
   TL_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int blocks = 8 * std::max(1, sms);  // 8 x 256 threads per SM: full occupancy
+  // Two buffers alternated, so that back-to-back reads do not find the last one's tail in L2.
   DeviceMem src, sink;
-  TL_OK(src.Allocate(bytes));
+  TL_OK(src.Allocate(2 * bytes));
   TL_OK(sink.Allocate(blocks * sizeof(uint32_t)));
-  TL_OK(FillRandomBf16(src.get(), bytes / 2, 21, 1.f, timer.stream()));
+  TL_OK(FillRandomBf16(src.get(), bytes, 21, 1.f, timer.stream()));
   absl::StatusOr<double> us = timer.MedianUs(
-      [&](int) {
-        ReadKernel<<<blocks, 256, 0, timer.stream()>>>(src.get<const uint4>(), bytes / 16,
-                                                       sink.get<uint32_t>());
+      [&](int i) {
+        for (int k = 0; k < batch; ++k) {
+          const uint4* buf = src.get<const uint4>() + ((i * batch + k) % 2) * (bytes / 16);
+          ReadKernel<<<blocks, 256, 0, timer.stream()>>>(buf, bytes / 16, sink.get<uint32_t>());
+        }
         return CudaStatus(cudaGetLastError(), "ReadKernel launch");
       },
       3);
   if (!us.ok()) return us.status();
-  return static_cast<double>(bytes) / (*us * 1e3);
+  return static_cast<double>(bytes) * batch / (*us * 1e3);
 }
 
 absl::StatusOr<double> MeasureGemmTflops(int64_t m, int64_t n, int64_t k, int repeats) {
@@ -386,6 +390,20 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
       },
       5);
   if (!us.ok()) return us.status();
+  // Back to back, as an engine issues one call per layer: kBatch calls (the KV sets alternated)
+  // between two events.
+  constexpr int kBatch = 10;
+  absl::StatusOr<double> batched_us = timer.MedianUs(
+      [&](int i) {
+        for (int k = 0; k < kBatch; ++k) {
+          PagedAttentionParams pi = p;
+          pi.blocks = blocks.get<DeviceKvBlock>() + ((i * kBatch + k) % kSets) * num_segments;
+          TL_OK(PagedAttention(pi, kernel, timer.stream()));
+        }
+        return absl::OkStatus();
+      },
+      1);
+  if (!batched_us.ok()) return batched_us.status();
   // A second output to merge with (any valid partial will do). Merges are timed in batches of
   // kMergeBatch back-to-back launches (a lone tiny launch measures the event overhead).
   constexpr int kMergeBatch = 20;
@@ -405,6 +423,7 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
   if (!merge_us.ok()) return merge_us.status();
   AttentionTiming t;
   t.us = *us;
+  t.batched_us = *batched_us / kBatch;
   t.merge_us = *merge_us / kMergeBatch;
   double pairs = static_cast<double>(s.num_q_tokens) * static_cast<double>(s.kv_tokens);
   if (s.causal) {
@@ -415,6 +434,7 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
   t.tflops = 4.0 * pairs * s.num_heads * s.head_dim / (t.us * 1e6);
   const double kv_bytes = 2.0 * s.kv_tokens * s.num_kv_heads * s.head_dim * 2;
   t.kv_gbps = kv_bytes / (t.us * 1e3);
+  t.batched_kv_gbps = kv_bytes / (t.batched_us * 1e3);
   return t;
 }
 

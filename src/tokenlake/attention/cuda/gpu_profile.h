@@ -42,8 +42,11 @@ absl::StatusOr<double> MeasureCopyGbps(size_t bytes = size_t{1} << 30, int repea
 
 // A read-only streaming kernel over `bytes` of device memory (16-byte loads, grid-stride, a few
 // loads in flight per thread, one word written per thread block), median of `repeats`; GB/s of
-// bytes read. The read-side ceiling for memory-bound kernels such as decode attention.
-absl::StatusOr<double> MeasureReadGbps(size_t bytes = size_t{1} << 30, int repeats = 20);
+// bytes read. The read-side ceiling for memory-bound kernels such as decode attention. With
+// batch > 1, each timed sample is `batch` launches back to back (two buffers alternated) and the
+// rate counts all of them. Errors: InvalidArgument for batch < 1; CUDA errors.
+absl::StatusOr<double> MeasureReadGbps(size_t bytes = size_t{1} << 30, int repeats = 20,
+                                       int batch = 1);
 
 // One bf16 GEMM (cuBLAS, float32 accumulation) of m x k times k x n; TFLOP/s (2mnk / time).
 absl::StatusOr<double> MeasureGemmTflops(int64_t m, int64_t n, int64_t k, int repeats = 20);
@@ -88,10 +91,12 @@ struct AttentionBenchShape {
   int kernel = 0;                     // 0 auto, 1 prefill, 2 decode (AttentionKernel order)
 };
 struct AttentionTiming {
-  double us = 0;        // median time of one call (kernel(s) + internal merge)
-  double tflops = 0;    // 4 * q * visible keys * heads * head_dim / time
-  double kv_gbps = 0;   // KV bytes read once / time
-  double merge_us = 0;  // median time of MergePartials of two partials of this output shape
+  double us = 0;               // median time of one call (kernel(s) + internal merge)
+  double tflops = 0;           // 4 * q * visible keys * heads * head_dim / time
+  double kv_gbps = 0;          // KV bytes read once / time
+  double merge_us = 0;         // median time of MergePartials of two partials of this output shape
+  double batched_us = 0;       // per call, 10 calls back to back between two events (median)
+  double batched_kv_gbps = 0;  // KV bytes read once / batched_us
 };
 absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape& shape,
                                                       int repeats = 50);
