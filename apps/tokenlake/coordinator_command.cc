@@ -5,6 +5,8 @@
 //
 // Exit codes: 0 after a signal, 1 for a runtime error (unreadable model config, port in use),
 // 2 for bad flags.
+// Built only with the service module (gRPC, protobuf, cpp-httplib installed).
+#ifdef TOKENLAKE_HAVE_SERVICE
 #include <signal.h>
 #include <sys/prctl.h>
 
@@ -135,3 +137,5 @@ void SetUpCoordinator(CLI::App& app, int* exit_code) {
 }  // namespace tokenlake::cli
 
 TOKENLAKE_REGISTER_COMMAND(coordinator, tokenlake::cli::SetUpCoordinator);
+
+#endif  // TOKENLAKE_HAVE_SERVICE

@@ -3,6 +3,8 @@
 // over the host transport. Runs until SIGTERM/SIGINT.
 //
 // Exit codes: 0 after a signal, 1 for a runtime error (bad model), 2 for bad flags.
+// Built only with the service module (gRPC, protobuf, cpp-httplib installed).
+#ifdef TOKENLAKE_HAVE_SERVICE
 #include <signal.h>
 #include <sys/prctl.h>
 
@@ -96,3 +98,5 @@ void SetUpInstance(CLI::App& app, int* exit_code) {
 }  // namespace tokenlake::cli
 
 TOKENLAKE_REGISTER_COMMAND(instance, tokenlake::cli::SetUpInstance);
+
+#endif  // TOKENLAKE_HAVE_SERVICE

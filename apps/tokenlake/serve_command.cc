@@ -5,6 +5,8 @@
 //
 // Exit codes: 0 after a signal or the duration, 1 when the cluster does not start, 2 for bad
 // flags.
+// Built only with the service module (gRPC, protobuf, cpp-httplib installed).
+#ifdef TOKENLAKE_HAVE_SERVICE
 #include <signal.h>
 
 #include <cstdio>
@@ -110,3 +112,5 @@ void SetUpServe(CLI::App& app, int* exit_code) {
 }  // namespace tokenlake::cli
 
 TOKENLAKE_REGISTER_COMMAND(serve, tokenlake::cli::SetUpServe);
+
+#endif  // TOKENLAKE_HAVE_SERVICE
