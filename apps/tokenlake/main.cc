@@ -35,8 +35,17 @@ int main(int argc, char** argv) {
   for (const auto& [name, setup] : tokenlake::cli::Registry()) setup(app, &exit_code);
   try {
     app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
+  } catch (const CLI::CallForHelp& e) {
     return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    // Bad usage (unknown flag, missing or malformed value): CLI11 prints the message and a
+    // hint; we exit 2, the convention for usage errors, whatever CLI11's internal code is.
+    app.exit(e);
+    return 2;
   }
   return exit_code;
 }

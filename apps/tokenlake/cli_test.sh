@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# End-to-end checks of the `tokenlake` CLI's contract: exit codes, error messages, JSON output.
+# Usage: cli_test.sh PATH/TO/tokenlake
+set -u
+bin="$1"
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+failures=0
+passes=0
+
+# expect NAME WANT_CODE PATTERN -- COMMAND...: runs COMMAND, checks its exit code and that its
+# combined output matches the extended regex PATTERN.
+expect() {
+  local name="$1" want="$2" pattern="$3"
+  shift 4
+  local out code
+  out="$("$@" 2>&1)"
+  code=$?
+  if [ "$code" -ne "$want" ] || ! grep -Eq -- "$pattern" <<<"$out"; then
+    echo "FAIL: $name: exit $code (want $want), output:"
+    head -n 20 <<<"$out" | sed 's/^/  | /'
+    failures=$((failures + 1))
+  else
+    echo "ok: $name"
+    passes=$((passes + 1))
+  fi
+}
+
+expect "help exits 0" 0 "Subcommands" -- "$bin" --help
+expect "unknown flag is a usage error" 2 "bogus" -- "$bin" sim --bogus
+expect "malformed value is a usage error" 2 "rate" -- "$bin" sim --rate abc
+expect "missing trace names the file" 2 "no-such-trace.jsonl" -- \
+  "$bin" sim --trace "$tmp/no-such-trace.jsonl"
+printf '{"timestamp": 0, "input_length": 10, "output_length": 5, "hash_ids": [0]}\n{"timestamp": 1, "input_length": "x"}\n' \
+  >"$tmp/bad.jsonl"
+expect "malformed trace line names file, line and field" 2 "bad.jsonl:2.*input_length" -- \
+  "$bin" sim --trace "$tmp/bad.jsonl"
+expect "sim writes JSON for the four policies" 0 "tokenlake" -- \
+  "$bin" sim --requests 60 --json "$tmp/out.json"
+if python3 - "$tmp/out.json" <<'PY'
+import json, sys
+results = json.load(open(sys.argv[1]))["results"]
+names = [r["policy"] for r in results]
+assert names == ["round-robin", "cache-aware", "pd-disagg", "tokenlake"], names
+keys = {"policy", "throughput_rps", "hit_rate", "ttft_p50_s", "ttft_p90_s", "tpot_p50_s",
+        "tpot_p90_s", "bytes_moved", "redundancy", "load_imbalance"}
+for r in results:
+    missing = keys - r.keys()
+    assert not missing, (r["policy"], missing)
+PY
+then
+  echo "ok: sim JSON schema"
+  passes=$((passes + 1))
+else
+  echo "FAIL: sim JSON schema"
+  failures=$((failures + 1))
+fi
+
+echo "cli: $passes passed, $failures failed"
+[ "$failures" -eq 0 ]
