@@ -1,2 +1,0 @@
-// Cluster tests: written in the next commit.
-#include "gtest/gtest.h"
