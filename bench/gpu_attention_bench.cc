@@ -78,6 +78,23 @@ int main(int argc, char** argv) {
       runs.push_back({merge == 0 ? "decode" : "decode_sep_merge", s});
     }
   }
+  // The dynamic schedule (blocks take 64-row chunks from a work counter): automatic splits (~2
+  // blocks per SM), ~3 per SM (49 per head group) and 1 per SM; fused and separate merge.
+  for (int seg : {512, 256, 64}) {
+    for (int splits : {0, 49, 16}) {
+      for (int merge : {0, 1}) {
+        if (merge == 1 && splits != 0) continue;
+        tl::AttentionBenchShape s;
+        s.num_q_tokens = 1;
+        s.segment_tokens = seg;
+        s.kernel = 2;
+        s.num_splits = splits;
+        s.decode_merge = merge;
+        s.decode_schedule = 1;
+        runs.push_back({merge == 0 ? "decode_dyn" : "decode_dyn_sep_merge", s});
+      }
+    }
+  }
   for (int seg : {512, 256}) {
     for (int kvh : {2, 4, 8}) {
       tl::AttentionBenchShape s;
@@ -151,6 +168,7 @@ int main(int argc, char** argv) {
                          {"prefill_rows_per_warp", s.prefill_rows_per_warp},
                          {"decode_merge", s.decode_merge},
                          {"decode_kv_heads", s.decode_kv_heads},
+                         {"decode_schedule", s.decode_schedule},
                          {"us", t->us},
                          {"tflops", t->tflops},
                          {"kv_gbps", t->kv_gbps},

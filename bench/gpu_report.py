@@ -55,6 +55,12 @@ def main():
                                 f"{100 * a['kv_gbps'] / r1:.1f}% (one call), "
                                 f"{100 * a['batched_kv_gbps'] / r10:.1f}% (back to back)"
                                 if r1 and r10 else ""))
+        dyn = auto("decode_dyn", segment_tokens=seg)
+        if dyn:
+            print(f"                dynamic schedule: {dyn['us']:7.1f} us {dyn['kv_gbps']:6.0f} GB/s = "
+                  f"{100 * dyn['kv_gbps'] / copy:5.1f}% of copy; back to back "
+                  f"{dyn['batched_us']:7.1f} us {dyn['batched_kv_gbps']:6.0f} GB/s = "
+                  f"{100 * dyn['batched_kv_gbps'] / copy:5.1f}%")
         sep = auto("decode_sep_merge", segment_tokens=seg)
         if sep:
             print(f"                separate split-merge kernel {sep['us']:7.1f} us; fused saves "

@@ -88,6 +88,7 @@ struct AttentionBenchShape {
   int32_t prefill_rows_per_warp = 0;  // 0 = auto, 16, 32
   int32_t decode_merge = 0;           // 0 = fused into the decode kernel, 1 = separate kernel
   int32_t decode_kv_heads = 0;        // decode: KV heads per thread block, 0 = auto
+  int32_t decode_schedule = 0;        // decode: 0 static, 1 dynamic (work counter)
   int kernel = 0;                     // 0 auto, 1 prefill, 2 decode (AttentionKernel order)
 };
 struct AttentionTiming {

@@ -675,6 +675,8 @@ __global__ void __launch_bounds__(NW * 32) PrefillKernel2(const PrefillArgs args
 constexpr int kDecodeThreads = 128;
 // The fused split merge handles at most this many splits (more: a separate merge kernel).
 constexpr int kMaxFusedItems = 64;
+// Rows per chunk of the dynamic decode schedule (two 32-row steps of the default kernel).
+constexpr int kDynChunkTokens = 64;
 
 struct DecodeArgs {
   const uint16_t* q;
@@ -699,7 +701,21 @@ struct DecodeArgs {
   unsigned int* counters;
   float* final_out;  // [q][H][D]
   float* final_lse;  // [q][H]
+  // 1: the last block merges (counters set); 0: it only resets the counters (dynamic schedule
+  // with a separate merge kernel).
+  int merge_in_kernel;
+  // Dynamic schedule (shared-memory kernel, not causal): the num_items blocks of a (query token,
+  // head group) take chunks of dyn_chunk_tokens rows (dyn_chunks_per_block per block, chunk k =
+  // rows [(k % per_block) * tokens, +tokens) of block k / per_block) from the work counter
+  // counters[kQueueOffset + qi * gridDim.y + blockIdx.y] (zero on entry, reset by the last
+  // block) until all num_blocks * dyn_chunks_per_block chunks are taken.
+  int dynamic;
+  int dyn_chunk_tokens;
+  int dyn_chunks_per_block;
 };
+
+// Work counters of the dynamic decode schedule follow the merge counters (in uint32 words).
+constexpr int kQueueOffset = static_cast<int>(kPagedAttentionCounterBytes / 8);
 
 // The fused split merge, run by every decode thread block after it wrote its partials of query
 // token qi, heads (kv_head0 + k) * group + hoff + h for k < KVH, h < G: the last block of the
@@ -726,6 +742,13 @@ __device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi,
   }
   __syncthreads();
   if (sm_last == 0) return;
+  if (!args.merge_in_kernel) {
+    if (tid == 0) {
+      *counter = 0u;
+      if (args.dynamic) counter[kQueueOffset] = 0u;
+    }
+    return;
+  }
   __threadfence();  // the other blocks' partials (fenced before their counts) are visible
   const int n = args.num_items;
   auto row_of = [&](int r) {
@@ -779,7 +802,10 @@ __device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi,
         make_float4(a.x * inv, a.y * inv, a.z * inv, a.w * inv);
     if (c == 0) args.final_lse[row] = sm_lse[r];
   }
-  if (tid == 0) *counter = 0u;  // ready for the next call on this workspace
+  if (tid == 0) {  // ready for the next call on this workspace
+    *counter = 0u;
+    if (args.dynamic) counter[kQueueOffset] = 0u;
+  }
 }
 
 template <int D, int G, int U>
@@ -1066,6 +1092,37 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeA
     int tend;
     int64_t key0;
   };
+  // Dynamic schedule: thread 0 keeps the next chunk number (its atomicAdd issued one grab
+  // ahead, so its latency overlaps a chunk of work) and hands it out through shared memory.
+  __shared__ unsigned int sm_grab;
+  unsigned int grab_next = 0;
+  unsigned int* queue = nullptr;
+  const bool dynamic = args.dynamic != 0;
+  const unsigned int total_chunks =
+      static_cast<unsigned int>(args.num_blocks) * args.dyn_chunks_per_block;
+  if (dynamic) {
+    queue = args.counters + kQueueOffset + static_cast<int64_t>(qi) * gridDim.y + blockIdx.y;
+    if (tid == 0) grab_next = atomicAdd(queue, 1u);
+  }
+  auto grab = [&](Cursor& c) {  // uniform; moves c to the next non-empty chunk or to the end
+    while (true) {
+      if (tid == 0) {
+        sm_grab = grab_next;
+        grab_next = atomicAdd(queue, 1u);
+      }
+      __syncthreads();
+      const unsigned int k = sm_grab;
+      __syncthreads();
+      if (k >= total_chunks) {
+        c.b = b_last;
+        return;
+      }
+      c.b = static_cast<int>(k / args.dyn_chunks_per_block);
+      c.tb = static_cast<int>(k % args.dyn_chunks_per_block) * args.dyn_chunk_tokens;
+      c.tend = min(args.blocks[c.b].num_tokens, c.tb + args.dyn_chunk_tokens);
+      if (c.tb < c.tend) return;
+    }
+  };
   auto settle = [&](Cursor& c) {  // moves to the first non-empty range at or after c.b
     while (c.b < b_last) {
       const int n = args.blocks[c.b].num_tokens;
@@ -1079,6 +1136,10 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeA
   auto advance = [&](Cursor& c) {
     c.tb += kStep;
     if (c.tb >= c.tend) {
+      if (dynamic) {
+        grab(c);
+        return;
+      }
       if (chunked) {
         c.b = b_last;
         return;
@@ -1089,7 +1150,16 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeA
       settle(c);
     }
   };
+  // Where each stage's rows come from (written by thread 0 at issue, read by compute).
+  __shared__ int sm_desc_tb[kDecodeStages];
+  __shared__ int sm_desc_tend[kDecodeStages];
+  __shared__ int64_t sm_desc_key0[kDecodeStages];
   auto issue = [&](const Cursor& c, int stage) {
+    if (tid == 0) {
+      sm_desc_tb[stage] = c.tb;
+      sm_desc_tend[stage] = c.tend;
+      sm_desc_key0[stage] = c.key0;
+    }
     const DeviceKvBlock blk = args.blocks[c.b];
     const int valid = min(kStep, c.tend - c.tb);
     const uint16_t* kb = static_cast<const uint16_t*>(blk.k) + kv_head0 * D;
@@ -1107,26 +1177,36 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeA
     }
   };
 
-  Cursor start{b_first, chunked ? chunk_begin : 0, 0, 0};
-  if (args.causal) start.key0 = KeysBefore(args.blocks, b_first);
-  settle(start);
-  Cursor load = start;
+  Cursor load{b_first, chunked ? chunk_begin : 0, 0, 0};
+  if (dynamic) {
+    grab(load);
+  } else {
+    if (args.causal) load.key0 = KeysBefore(args.blocks, b_first);
+    settle(load);
+  }
+  int issued = 0;  // steps issued (uniform)
 #pragma unroll
   for (int st = 0; st < kDecodeStages - 1; ++st) {
     if (load.b < b_last) {
       issue(load, st);
       advance(load);
+      ++issued;
     }
     CpAsyncCommit();
   }
-  Cursor comp = start;
   int stage = 0;
-  while (comp.b < b_last) {
+  for (int computed = 0; computed < issued; ++computed) {
     CpAsyncWait<kDecodeStages - 2>();
     __syncthreads();
+    struct {
+      int tb;
+      int tend;
+      int64_t key0;
+    } comp = {sm_desc_tb[stage], sm_desc_tend[stage], sm_desc_key0[stage]};
     if (load.b < b_last) {
       issue(load, (stage + kDecodeStages - 1) % kDecodeStages);
       advance(load);
+      ++issued;
     }
     CpAsyncCommit();
 
@@ -1205,9 +1285,9 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeA
         for (int i = 0; i < 8; ++i) acc[h][i] = fmaf(s[u][h], vf[i], acc[h][i]);
       }
     }
-    advance(comp);
     stage = (stage + 1) % kDecodeStages;
   }
+  if (dynamic && tid == 0) sm_grab = grab_next;  // waits for the last (unused) grab to land
   CpAsyncWait<0>();
   __syncthreads();  // the stage buffers become the combine arrays
 
@@ -1453,6 +1533,11 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
         "PagedAttention: decode_kv_heads_per_block = %d does not divide num_kv_heads = %d",
         p.decode_kv_heads_per_block, p.num_kv_heads));
   }
+  if (p.decode_schedule < 0 || p.decode_schedule > 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PagedAttention: decode_schedule = %d, supported: 0 (static), 1 (dynamic)",
+                        p.decode_schedule));
+  }
   if (p.decode_merge < 0 || p.decode_merge > 1) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: decode_merge = %d, supported: 0 (fused), 1 (separate kernel)",
@@ -1482,12 +1567,15 @@ struct Config {
   int chunk_tokens = 0;      // decode
   int items = 1;             // decode: num_blocks * chunks_per_block
   int decode_g = 1;
-  int blocks_per_item = 1;     // decode
-  int decode_unroll = 4;       // decode: tokens per token group per step
-  bool decode_smem = true;     // decode: shared-memory pipeline kernel
-  bool decode_fused = false;   // decode: splits merged inside the decode kernel
-  int decode_kvh = 1;          // decode: KV heads per thread block (shared-memory kernel only)
-  size_t workspace_bytes = 0;  // kPagedAttentionCounterBytes + partials, or 0
+  int blocks_per_item = 1;       // decode
+  int decode_unroll = 4;         // decode: tokens per token group per step
+  bool decode_smem = true;       // decode: shared-memory pipeline kernel
+  bool decode_fused = false;     // decode: splits merged inside the decode kernel
+  bool decode_dynamic = false;   // decode: blocks take chunks from a work counter
+  int dyn_chunk_tokens = 0;      // decode, dynamic: rows per chunk
+  int dyn_chunks_per_block = 1;  // decode, dynamic
+  int decode_kvh = 1;            // decode: KV heads per thread block (shared-memory kernel only)
+  size_t workspace_bytes = 0;    // kPagedAttentionCounterBytes + partials, or 0
 };
 
 // MT = query m-tiles of 16 rows per warp: 1 -> PrefillKernel, 2 -> PrefillKernel2.
@@ -1674,14 +1762,27 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
     c.chunks_per_block = (p.max_block_tokens + chunk - 1) / chunk;
     c.blocks_per_item = bpi;
     c.items = ((p.num_blocks + bpi - 1) / bpi) * c.chunks_per_block;
+    // One merge counter (and, dynamic, one work counter) per (query token, head group).
+    const int64_t counters = ctas_per_item;
+    const bool counters_fit = counters <= kQueueOffset;
+    const int dyn_chunk = std::min(kDynChunkTokens, p.max_block_tokens);
+    const int dyn_per_block = (p.max_block_tokens + dyn_chunk - 1) / dyn_chunk;
+    const int64_t dyn_total = static_cast<int64_t>(p.num_blocks) * dyn_per_block;
+    if (p.decode_schedule == 1 && c.decode_smem && !p.causal && counters_fit &&
+        std::min<int64_t>(target_items, dyn_total) > 1) {
+      // Dynamic: target_items blocks per head group take kDynChunkTokens-row chunks.
+      c.decode_dynamic = true;
+      c.dyn_chunk_tokens = dyn_chunk;
+      c.dyn_chunks_per_block = dyn_per_block;
+      c.items = static_cast<int>(std::min<int64_t>(target_items, dyn_total));
+      c.chunks_per_block = 1;
+      c.blocks_per_item = p.num_blocks;
+    }
     if (c.items > 1) {
       const int64_t rows = static_cast<int64_t>(p.num_q_tokens) * p.num_heads;
       c.workspace_bytes = static_cast<size_t>(c.items) * rows * (p.head_dim + 1) * sizeof(float);
       c.workspace_bytes = kPagedAttentionCounterBytes + (c.workspace_bytes + 255) / 256 * 256;
-      const int64_t counters = ctas_per_item;  // one per (query token, head group)
-      c.decode_fused = p.decode_merge == 0 && c.items <= kMaxFusedItems &&
-                       counters * static_cast<int64_t>(sizeof(uint32_t)) <=
-                           static_cast<int64_t>(kPagedAttentionCounterBytes);
+      c.decode_fused = p.decode_merge == 0 && c.items <= kMaxFusedItems && counters_fit;
     }
   }
   return c;
@@ -1745,7 +1846,13 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
   a.counters = nullptr;
   a.final_out = p.out;
   a.final_lse = p.lse;
-  if (c.items > 1 && c.decode_fused) a.counters = static_cast<unsigned int*>(p.workspace);
+  a.merge_in_kernel = c.decode_fused ? 1 : 0;
+  a.dynamic = c.decode_dynamic ? 1 : 0;
+  a.dyn_chunk_tokens = c.dyn_chunk_tokens;
+  a.dyn_chunks_per_block = c.dyn_chunks_per_block;
+  if (c.items > 1 && (c.decode_fused || c.decode_dynamic)) {
+    a.counters = static_cast<unsigned int*>(p.workspace);
+  }
   const dim3 grid(c.items, (p.num_kv_heads / c.decode_kvh) * (a.group / G), p.num_q_tokens);
   if (c.decode_smem) {
     auto launch = [&](auto kvh_constant) -> absl::Status {

@@ -129,7 +129,7 @@ struct PagedAttentionParams {
   // Decode: how the KV splits are merged. 0 = default: inside the decode kernel (the last thread
   // block of each query token and head group to finish merges; no second launch), unless there
   // are more than 64 splits or the counters do not fit in kPagedAttentionCounterBytes (one per
-  // query token and thread-block head group, at most 1024), then as 1; 1 = a separate merge
+  // query token and thread-block head group, at most 512), then as 1; 1 = a separate merge
   // kernel after the decode kernel.
   int32_t decode_merge = 0;
   // Decode tuning (shared-memory pipeline only; ignored with decode_pipeline = 1): KV heads each
@@ -137,6 +137,13 @@ struct PagedAttentionParams {
   // pipeline step copies KVH * head_dim contiguous elements per token row instead of
   // head_dim, and the step uses 4 tokens per token group. 0 = default (1).
   int32_t decode_kv_heads_per_block = 0;
+  // Decode: how rows are shared among the thread blocks of a head group. 0 = static (each block
+  // a fixed run of segments or a fixed chunk); 1 = dynamic: blocks take 64-row chunks from an
+  // atomic work counter in the workspace until none is left, so blocks that run faster take more
+  // (the order in which a block's rows are summed, and so the rounding, then varies from run to
+  // run). Dynamic applies to the shared-memory pipeline, not causal, with at most 512 (query
+  // token, head group) pairs; otherwise static.
+  int32_t decode_schedule = 0;
 };
 
 // Returns the scratch size that PagedAttention(params, kernel) needs on the current device.
