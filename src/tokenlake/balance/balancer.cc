@@ -103,6 +103,24 @@ absl::StatusOr<std::optional<InstanceId>> Balancer::PlaceNewSegment(
   return std::optional<InstanceId>(best->id);
 }
 
+bool Balancer::PrefersProducer(InstanceId producer,
+                               absl::Span<const InstanceState> instances) const {
+  const InstanceState* prod = nullptr;
+  double mean_util = 0, mean_load = 0;
+  for (const InstanceState& s : instances) {
+    if (s.capacity_slots < 0 || s.used_slots < 0 || s.used_slots > s.capacity_slots) return false;
+    if (s.id == producer) prod = &s;
+    mean_util += Utilisation(s);
+    mean_load += s.load;
+  }
+  if (prod == nullptr) return false;
+  mean_util /= instances.size();
+  mean_load /= instances.size();
+  const bool memory_ok = Utilisation(*prod) < options_.memory_high_watermark ||
+                         Utilisation(*prod) <= mean_util + options_.memory_slack + 1e-12;
+  return memory_ok && prod->load <= mean_load * (1 + options_.load_slack) + 1e-12;
+}
+
 std::vector<BalanceAction> Balancer::Rebalance(absl::Span<const SegmentState> segments,
                                                absl::Span<const InstanceState> instances) const {
   std::vector<BalanceAction> actions;

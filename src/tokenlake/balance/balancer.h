@@ -96,6 +96,12 @@ class Balancer {
   absl::StatusOr<std::optional<InstanceId>> PlaceNewSegment(
       InstanceId producer, absl::Span<const InstanceState> instances) const;
 
+  // Whether a new segment produced on `producer` should stay there by the memory and load rules
+  // of PlaceNewSegment, ignoring whether it has a free slot (the Lake then frees one there by
+  // evicting locally rather than storing the segment elsewhere). False when `producer` is not
+  // one of `instances` or a state is inconsistent.
+  bool PrefersProducer(InstanceId producer, absl::Span<const InstanceState> instances) const;
+
   // The actions that fix most of the imbalance (see the file comment). `instances` and
   // `segments` are not modified; the caller applies the actions in order. Deterministic.
   // Actions only reference instances in `instances`; a replicate/move target always has a free

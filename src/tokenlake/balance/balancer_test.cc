@@ -53,6 +53,24 @@ TEST(BalancerTest, NewSegmentLeavesAProducerFarAboveMeanMemory) {
   EXPECT_EQ(**b->PlaceNewSegment(InstanceId(0), s), InstanceId(0));
 }
 
+TEST(BalancerTest, PrefersProducerIgnoresFullnessButKeepsTheMemoryAndLoadRules) {
+  auto b = Make();  // watermark 0.9, memory slack 0.1, load slack 0.5
+  // A full pool with even memory: a full producer is still preferred (the Lake evicts there).
+  std::vector<InstanceState> s = {Inst(0, 10, 10, 1), Inst(1, 10, 10, 1), Inst(2, 10, 10, 1)};
+  EXPECT_TRUE(b->PrefersProducer(InstanceId(0), s));
+  // Full producer while the mean utilisation is (10 + 5 + 5) / 30 = 0.67: 1.0 > 0.77.
+  s = {Inst(0, 10, 10, 1), Inst(1, 10, 5, 1), Inst(2, 10, 5, 1)};
+  EXPECT_FALSE(b->PrefersProducer(InstanceId(0), s));
+  // Load 100 against a mean of 40: above 1.5 x mean.
+  s = {Inst(0, 10, 10, 100), Inst(1, 10, 10, 10), Inst(2, 10, 10, 10)};
+  EXPECT_FALSE(b->PrefersProducer(InstanceId(0), s));
+  EXPECT_TRUE(b->PrefersProducer(InstanceId(1), s));
+  // Not in the pool, or an inconsistent state: false.
+  EXPECT_FALSE(b->PrefersProducer(InstanceId(7), s));
+  s = {Inst(0, 10, 11, 0)};
+  EXPECT_FALSE(b->PrefersProducer(InstanceId(0), s));
+}
+
 TEST(BalancerTest, NewSegmentLeavesAProducerWithTooMuchCacheLoad) {
   auto b = Make();  // load_slack 0.5
   std::vector<InstanceState> s = {Inst(0, 10, 3, 100), Inst(1, 10, 3, 10), Inst(2, 10, 3, 10)};
