@@ -54,6 +54,7 @@ struct SimFlags {
   std::string tl_dop_tokens = "16384";
   std::string tl_max_dop = "4";
   std::string tl_decode_reserve = "0.25";
+  std::string tl_local_evict = "0.5";
   bool verbose = false;
 };
 
@@ -127,6 +128,13 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
     return Usage(error);
   }
   if (tl_reserve >= 1) return Usage("--tl-decode-reserve must be in (0, 1)");
+  double tl_local_evict = 0;
+  if (!absl::SimpleAtod(f.tl_local_evict, &tl_local_evict) || !(tl_local_evict >= 0) ||
+      !std::isfinite(tl_local_evict)) {
+    return Usage(
+        absl::StrFormat("--tl-local-evict must be a number >= 0, got '%s'", f.tl_local_evict));
+  }
+  eo.tokenlake.local_eviction_min_age_ratio = tl_local_evict;
   eo.tokenlake.dop_tokens = tl_dop_tokens;
   eo.tokenlake.max_dop = static_cast<int>(tl_max_dop);
   eo.tokenlake.decode_reserve_fraction = tl_reserve;
@@ -238,6 +246,7 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
   config["tokenlake_dop_tokens"] = eo.tokenlake.dop_tokens;
   config["tokenlake_max_dop"] = eo.tokenlake.max_dop;
   config["tokenlake_decode_reserve"] = eo.tokenlake.decode_reserve_fraction;
+  config["tokenlake_local_evict"] = eo.tokenlake.local_eviction_min_age_ratio;
 
   std::cout << absl::StrFormat(
       "workload %s: %d requests (mean input %.0f tokens, max %d, mean output %.0f), %.3f rps "
@@ -313,6 +322,9 @@ void SetUpSim(CLI::App& app, int* exit_code) {
   cmd->add_option("--tl-max-dop", flags->tl_max_dop, "tokenlake: largest prefill group (4)");
   cmd->add_option("--tl-decode-reserve", flags->tl_decode_reserve,
                   "tokenlake: share of KV memory kept out of the pool for generated tokens (0.25)");
+  cmd->add_option("--tl-local-evict", flags->tl_local_evict,
+                  "tokenlake: a full producer evicts its own LRU leaf for a new segment when that "
+                  "leaf's age is >= this x the pool's LRU leaf's (0.5; > 1: pool-wide LRU only)");
   cmd->add_flag("--verbose", flags->verbose, "log every simulation run (with --max-rate)");
   cmd->callback([flags, cmd, exit_code] { *exit_code = RunSim(*flags, cmd->remaining()); });
 }

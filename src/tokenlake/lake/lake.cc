@@ -44,6 +44,10 @@ absl::StatusOr<std::unique_ptr<Lake>> Lake::Create(const LakeOptions& options, C
       }
     }
   }
+  if (!(options.local_eviction_min_age_ratio >= 0)) {
+    return Invalid(absl::StrFormat("LakeOptions.local_eviction_min_age_ratio must be >= 0, got %g",
+                                   options.local_eviction_min_age_ratio));
+  }
   if (options.reserve_segments < 0) {
     return Invalid(absl::StrFormat("LakeOptions.reserve_segments must be >= 0, got %d",
                                    options.reserve_segments));
@@ -68,6 +72,7 @@ absl::StatusOr<std::unique_ptr<Lake>> Lake::Create(const LakeOptions& options, C
     so.instance = InstanceId(i);
     TOKENLAKE_ASSIGN_OR_RETURN(auto store, store::SegmentStore::Create(so));
     lake->stores_.push_back(std::move(store));
+    lake->total_slots_ += so.num_slots;
     lake->instance_load_.emplace_back(
         options.heavy_hitter.half_life_us > 0 ? options.heavy_hitter.half_life_us : 1);
   }
@@ -226,6 +231,34 @@ absl::StatusOr<AdmitResult> Lake::Admit(const LakeRequest& request) {
     return absl::AlreadyExistsError(
         absl::StrFormat("Admit: request %d is already active", request.id.value()));
   }
+  return AdmitLocked(request, /*reserve_slots=*/0);
+}
+
+absl::StatusOr<std::optional<AdmitResult>> Lake::TryAdmit(const LakeRequest& request) {
+  if (!request.id.valid()) return Invalid("TryAdmit: invalid request id");
+  TOKENLAKE_RETURN_IF_ERROR(ValidateRequest(request));
+  absl::MutexLock lock(&mu_);
+  if (active_.contains(request.id)) {
+    return absl::AlreadyExistsError(
+        absl::StrFormat("TryAdmit: request %d is already active", request.id.value()));
+  }
+  const size_t n = MatchedPrefix(*tree_, request.keys);
+  const int64_t new_segments = static_cast<int64_t>(request.keys.size() - n);
+  // Matched segments not pinned yet stop being evictable once this request pins them.
+  int64_t newly_pinned = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const index::PrefixTree::Node* node = tree_->Find(request.keys[i].id);
+    if (!node->is_pinned()) newly_pinned += static_cast<int64_t>(node->replicas.size());
+  }
+  if (new_segments + newly_pinned > AvailableSlotsLocked()) {
+    counters_.admissions_deferred += 1;
+    return std::optional<AdmitResult>();
+  }
+  TOKENLAKE_ASSIGN_OR_RETURN(AdmitResult result, AdmitLocked(request, new_segments));
+  return std::optional<AdmitResult>(result);
+}
+
+absl::StatusOr<AdmitResult> Lake::AdmitLocked(const LakeRequest& request, int64_t reserve_slots) {
   const size_t n = MatchedPrefix(*tree_, request.keys);
   Active a;
   a.new_tokens = request.new_tokens;
@@ -236,8 +269,11 @@ absl::StatusOr<AdmitResult> Lake::Admit(const LakeRequest& request) {
   for (const index::SegmentKey& k : a.matched) {
     a.pinned.push_back(k.id);
     result.matched_tokens += k.num_tokens;
+    PinOneLocked(k.id);
   }
-  TOKENLAKE_CHECK_OK(tree_->Pin(a.pinned));
+  a.reserved_slots = reserve_slots;
+  reserved_slots_ += reserve_slots;
+  result.reserved_slots = reserve_slots;
   if (request.count_hits) {
     counters_.admitted_requests += 1;
     for (const index::SegmentKey& k : request.keys) counters_.prompt_tokens += k.num_tokens;
@@ -245,6 +281,35 @@ absl::StatusOr<AdmitResult> Lake::Admit(const LakeRequest& request) {
   }
   active_.emplace(request.id, std::move(a));
   return result;
+}
+
+int64_t Lake::AvailableSlots() const {
+  absl::MutexLock lock(&mu_);
+  return AvailableSlotsLocked();
+}
+
+int64_t Lake::AvailableSlotsLocked() const {
+  return total_slots_ - pinned_replicas_ - reserved_slots_;
+}
+
+void Lake::PinOneLocked(SegmentId segment) {
+  TOKENLAKE_CHECK_OK(tree_->Pin({segment}));
+  const index::PrefixTree::Node* node = tree_->Find(segment);
+  if (node->pin_count == 1) pinned_replicas_ += static_cast<int64_t>(node->replicas.size());
+}
+
+void Lake::UnpinOneLocked(SegmentId segment) {
+  TOKENLAKE_CHECK_OK(tree_->Unpin({segment}));
+  const index::PrefixTree::Node* node = tree_->Find(segment);
+  if (node->pin_count == 0) pinned_replicas_ -= static_cast<int64_t>(node->replicas.size());
+}
+
+int64_t Lake::CountPinnedReplicasLocked() const {
+  int64_t count = 0;
+  tree_->ForEachNode([&](const index::PrefixTree::Node& node) {
+    if (node.is_pinned()) count += static_cast<int64_t>(node.replicas.size());
+  });
+  return count;
 }
 
 void Lake::RefreshReplicatedLocked(SegmentId segment) {
@@ -315,6 +380,38 @@ bool Lake::EvictOneLocked(std::vector<StoredReplica>* evicted) {
   return true;
 }
 
+bool Lake::EvictOnProducerLocked(InstanceId producer, std::vector<StoredReplica>* evicted) {
+  if (options_.local_eviction_min_age_ratio > 1) return false;
+  const std::vector<balance::InstanceState> states = InstanceStatesLocked();
+  if (!balancer_->PrefersProducer(producer, states)) return false;
+  // 1. A cooled heavy hitter's extra replica on the producer.
+  const std::vector<balance::SegmentState> replicated = ReplicatedStatesLocked();
+  if (!replicated.empty()) {
+    const std::optional<balance::BalanceAction> pick =
+        balancer_->PickExtraReplicaToEvict(replicated, states, producer);
+    if (pick.has_value()) {
+      absl::StatusOr<index::EvictResult> r = tree_->RemoveReplica(pick->segment, pick->from);
+      TOKENLAKE_CHECK_OK(r.status());
+      OnReplicasFreedLocked(pick->segment, r->node_erased, r->freed_on, evicted);
+      return stores_[producer.value()]->free() > 0;
+    }
+  }
+  // 2. The producer's LRU last-copy leaf, unless it is much more recent than the global one.
+  const std::optional<SegmentId> local = tree_->LruLastCopyLeafOn(producer);
+  const std::optional<SegmentId> global = tree_->LruEvictableLeaf();
+  if (!local.has_value() || !global.has_value()) return false;
+  const int64_t now = clock_->NowUs();
+  const double local_age = static_cast<double>(now - tree_->Find(*local)->last_access_us);
+  const double global_age = static_cast<double>(now - tree_->Find(*global)->last_access_us);
+  if (*local != *global && local_age < options_.local_eviction_min_age_ratio * global_age) {
+    return false;
+  }
+  absl::StatusOr<index::EvictResult> r = tree_->Evict(*local);
+  TOKENLAKE_CHECK_OK(r.status());
+  OnReplicasFreedLocked(*local, r->node_erased, r->freed_on, evicted);
+  return stores_[producer.value()]->free() > 0;
+}
+
 absl::StatusOr<CommitResult> Lake::Commit(RequestId request,
                                           absl::Span<const plan::NewSegmentPlacement> placements) {
   for (size_t i = 0; i < placements.size(); ++i) {
@@ -381,9 +478,15 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
   CommitResult result;
   const int64_t now = clock_->NowUs();
   for (const plan::NewSegmentPlacement& p : placements) {
+    // Each placement consumes one reserved slot (TryAdmit): from here on the segment is either
+    // pinned (stored or deduplicated) or not stored.
+    if (active.reserved_slots > 0) {
+      active.reserved_slots -= 1;
+      reserved_slots_ -= 1;
+    }
     if (const index::PrefixTree::Node* node = tree_->Find(p.segment); node != nullptr) {
       if (node->parent == p.parent && node->num_tokens == p.num_tokens) {
-        TOKENLAKE_CHECK_OK(tree_->Pin({p.segment}));
+        PinOneLocked(p.segment);
         active.pinned.push_back(p.segment);
         result.deduplicated.push_back(p.segment);
         counters_.deduplicated_segments += 1;
@@ -410,6 +513,11 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
           where = **placed;
           break;
         }
+        if (EvictOnProducerLocked(p.target, &result.evicted)) {
+          where = p.target;
+          counters_.local_evictions += 1;
+          break;
+        }
         if (!EvictOneLocked(&result.evicted)) break;
         // The segment's parent may have been an unpinned leaf that just went.
         if (p.parent.valid() && !tree_->Contains(p.parent)) break;
@@ -428,7 +536,7 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
       continue;
     }
     TOKENLAKE_CHECK_OK(stores_[where.value()]->Allocate(p.segment).status());
-    TOKENLAKE_CHECK_OK(tree_->Pin({p.segment}));
+    PinOneLocked(p.segment);
     active.pinned.push_back(p.segment);
     result.stored.push_back({p.segment, where});
     if (where != p.source) {
@@ -455,8 +563,10 @@ absl::Status Lake::Release(RequestId request) {
   for (SegmentId s : a.pinned) {
     if (tree_->Contains(s)) live.push_back(s);
   }
-  TOKENLAKE_CHECK_OK(tree_->Unpin(live));
+  for (SegmentId seg : live) UnpinOneLocked(seg);
   tree_->Touch(live, now);
+  reserved_slots_ -= a.reserved_slots;
+  a.reserved_slots = 0;
   for (const index::SegmentKey& k : a.matched) {
     const double load = static_cast<double>(a.new_tokens) * k.num_tokens;
     if (!(load > 0)) continue;
@@ -505,6 +615,11 @@ absl::StatusOr<RebalanceResult> Lake::Rebalance() {
       return absl::InternalError(
           absl::StrFormat("Rebalance: %s names a segment not stored", balance::ToString(a)));
     }
+    const bool pinned = node->is_pinned();
+    if (pinned && a.kind == balance::ActionKind::kReplicate && AvailableSlotsLocked() <= 0) {
+      continue;  // the free slot is promised to an admitted request's new segment
+    }
+    const int64_t pinned_before = pinned ? static_cast<int64_t>(node->replicas.size()) : 0;
     const double load = tracker_->Load(a.segment);
     const double r = static_cast<double>(node->replicas.size());
     const int32_t tokens = node->num_tokens;
@@ -538,6 +653,11 @@ absl::StatusOr<RebalanceResult> Lake::Rebalance() {
         break;
       }
     }
+    if (pinned) {
+      const index::PrefixTree::Node* after = tree_->Find(a.segment);
+      pinned_replicas_ +=
+          (after != nullptr ? static_cast<int64_t>(after->replicas.size()) : 0) - pinned_before;
+    }
     RefreshReplicatedLocked(a.segment);
     result.actions.push_back(a);
   }
@@ -564,6 +684,7 @@ absl::Status Lake::DropInstance(InstanceId instance) {
   for (auto& [id, a] : active_) {
     std::erase_if(a.pinned, [&](SegmentId seg) { return !tree_->Contains(seg); });
   }
+  pinned_replicas_ = CountPinnedReplicasLocked();
   const int64_t now = clock_->NowUs();
   instance_load_[instance.value()].Add(-instance_load_[instance.value()].Value(now), now);
   return absl::OkStatus();
@@ -582,6 +703,9 @@ LakeStats Lake::Stats() const {
   s.pinned_segments = tree_->num_pinned();
   s.hit_rate = s.prompt_tokens > 0 ? static_cast<double>(s.hit_tokens) / s.prompt_tokens : 0.0;
   s.active_requests = static_cast<int64_t>(active_.size());
+  s.pinned_replicas = pinned_replicas_;
+  s.reserved_slots = reserved_slots_;
+  s.available_slots = AvailableSlotsLocked();
   s.heavy_hitters = tracker_->CountHeavy();
   for (const balance::InstanceState& st : InstanceStatesLocked()) {
     s.instances.push_back(InstanceStats{st.id, st.capacity_slots, st.used_slots,
@@ -626,6 +750,17 @@ absl::Status Lake::CheckIntegrity() const {
   if (multi != static_cast<int64_t>(replicated_.size())) {
     return absl::InternalError(absl::StrFormat(
         "Lake: %d replicated segments tracked, %d in the tree", replicated_.size(), multi));
+  }
+  if (const int64_t pinned = CountPinnedReplicasLocked(); pinned != pinned_replicas_) {
+    return absl::InternalError(
+        absl::StrFormat("Lake: %d replicas of pinned segments, %d counted for admission", pinned,
+                        pinned_replicas_));
+  }
+  int64_t reserved = 0;
+  for (const auto& [id, a] : active_) reserved += a.reserved_slots;
+  if (reserved != reserved_slots_) {
+    return absl::InternalError(
+        absl::StrFormat("Lake: requests reserve %d slots, %d counted", reserved, reserved_slots_));
   }
   for (const auto& [id, a] : active_) {
     for (SegmentId seg : a.pinned) {

@@ -29,10 +29,24 @@
 // The longest run of keys found in the tree is its cached prefix; the remaining keys are the
 // segments this iteration produces (new segments), which Commit stores.
 //
-// Eviction (design doc 4.3), cluster-wide and only when no instance has a free slot:
-//   1. an extra replica of a cooled heavy hitter (replicas > desired, unpinned), coolest first;
-//   2. the least-recently-used unpinned leaf of the whole tree (all its replicas);
+// Eviction (design doc 4.3), only when no instance has a free slot:
+//   1. an extra replica of a cooled heavy hitter (replicas > desired, unpinned), coolest first,
+//      preferring one on the producer (the placement's target);
+//   2. locality first: the producer's own least-recently-used unpinned last-copy leaf, when the
+//      balancer would keep the segment on the producer (Balancer::PrefersProducer) and that
+//      leaf is not much more recent than the cluster-wide LRU leaf (its age since last access
+//      is at least local_eviction_min_age_ratio x the global one's), so that the new segment
+//      is stored where it was computed and does not move;
+//   3. otherwise the least-recently-used unpinned leaf of the whole tree (all its replicas);
 //   never a pinned segment. If nothing can be evicted, the segment is reported not stored.
+//
+// Memory admission (TryAdmit): pinned replicas are never evictable, so the slots that can still
+// take a new segment are AvailableSlots() = total slots - replicas of pinned segments - slots
+// reserved by admitted requests for their not yet committed new segments. TryAdmit admits a
+// request only if its new segments (keys beyond its match) fit in that, and reserves them
+// until its Commit (each placement consumes one) or Release. As long as every request is
+// admitted with TryAdmit, every committed segment finds a slot (never not_stored for lack of
+// memory). Rebalance never replicates a pinned segment into a slot that a reservation needs.
 //
 // Load accounting: a segment's heavy-hitter load is recorded at Release; each instance's
 // decayed cache load gets the segment's load divided evenly among its replicas.
@@ -51,6 +65,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -91,6 +106,12 @@ struct LakeOptions {
   balance::BalancerOptions balancer;
   // Planner slacks (its shape and segment_tokens are taken from this struct).
   plan::PlannerOptions planner;
+  // Locality of new segments when the pool is full (eviction step 2 in the file comment): the
+  // producer's own LRU leaf is evicted instead of the cluster-wide one when its age is at least
+  // this ratio of the cluster-wide LRU leaf's age. 0 = always evict on the producer when it has
+  // a candidate; > 1 = never (cluster-wide LRU only, the behaviour before this option).
+  // Must be >= 0.
+  double local_eviction_min_age_ratio = 0.5;
   // Nodes to reserve in the prefix tree up front (0 = grow on demand). Must be >= 0.
   int64_t reserve_segments = 0;
 };
@@ -121,6 +142,8 @@ struct Batch {
 struct AdmitResult {
   int32_t matched_segments = 0;
   int64_t matched_tokens = 0;  // the request's cached prefix (its hit)
+  // TryAdmit only: slots reserved for the request's new segments (keys beyond the match).
+  int64_t reserved_slots = 0;
 };
 
 struct StoredReplica {
@@ -186,6 +209,15 @@ struct LakeStats {
   int64_t deduplicated_segments = 0;
   int64_t not_stored_segments = 0;
   int64_t active_requests = 0;
+  // Memory admission (see TryAdmit): replicas of pinned segments, slots reserved by admitted
+  // requests for new segments not yet committed, and AvailableSlots() (capacity - both).
+  int64_t pinned_replicas = 0;
+  int64_t reserved_slots = 0;
+  int64_t available_slots = 0;
+  // TryAdmit calls that found too little memory (the request must wait).
+  int64_t admissions_deferred = 0;
+  // Placements stored on their producer by evicting there (eviction step 2).
+  int64_t local_evictions = 0;
 };
 
 class Lake {
@@ -218,6 +250,19 @@ class Lake {
   // Pins the request's matched prefix. Errors: AlreadyExists (id active), InvalidArgument (bad
   // keys / new_tokens / invalid id).
   absl::StatusOr<AdmitResult> Admit(const LakeRequest& request);
+
+  // Admit with memory admission: if the pool can hold the request's new segments (the keys
+  // beyond its current match) on top of everything pinned and reserved, counting the matched
+  // segments it is about to pin, pins its prefix and reserves that many slots (until Commit
+  // consumes them or Release) and returns the AdmitResult (reserved_slots set). Otherwise
+  // returns nullopt and changes nothing (no pin, no hit statistics): the caller should retry
+  // once memory is released. A request with more keys than the whole pool's slots never fits.
+  // Errors: as Admit.
+  absl::StatusOr<std::optional<AdmitResult>> TryAdmit(const LakeRequest& request);
+
+  // Slots that can still take a new segment: total slots - replicas of pinned segments -
+  // reserved slots (may be negative if plain Admit over-subscribed the pool). O(1).
+  int64_t AvailableSlots() const;
 
   // Stores the request's new segments where `placements` say (normally the plan's
   // transfer.new_segments entries whose request is this one; entries for other requests are
@@ -266,6 +311,7 @@ class Lake {
     std::vector<SegmentId> pinned;           // every pin this request holds
     std::vector<index::SegmentKey> matched;  // its matched prefix at Admit
     int64_t new_tokens = 0;
+    int64_t reserved_slots = 0;  // TryAdmit's reservation not yet consumed by Commit
   };
   explicit Lake(const LakeOptions& options, Clock* clock);
 
@@ -288,6 +334,17 @@ class Lake {
                                             absl::Span<const plan::NewSegmentPlacement> placements)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RefreshReplicatedLocked(SegmentId segment) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Pin / unpin one segment, keeping pinned_replicas_ (replicas of pinned nodes) current.
+  void PinOneLocked(SegmentId segment) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void UnpinOneLocked(SegmentId segment) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<AdmitResult> AdmitLocked(const LakeRequest& request, int64_t reserve_slots)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int64_t AvailableSlotsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Frees one slot on `producer` for a new segment when locality allows (eviction steps 1-2
+  // restricted to the producer). False when it does not apply or nothing there can go.
+  bool EvictOnProducerLocked(InstanceId producer, std::vector<StoredReplica>* evicted)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int64_t CountPinnedReplicasLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const LakeOptions options_;
   Clock* const clock_;
@@ -301,7 +358,10 @@ class Lake {
   std::vector<balance::DecayingCounter> instance_load_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_set<SegmentId> replicated_ ABSL_GUARDED_BY(mu_);  // nodes with >= 2 replicas
   absl::flat_hash_map<RequestId, Active> active_ ABSL_GUARDED_BY(mu_);
-  LakeStats counters_ ABSL_GUARDED_BY(mu_);  // the cumulative counters of Stats()
+  LakeStats counters_ ABSL_GUARDED_BY(mu_);           // the cumulative counters of Stats()
+  int64_t total_slots_ = 0;                           // sum of the instances' capacities
+  int64_t pinned_replicas_ ABSL_GUARDED_BY(mu_) = 0;  // replicas of nodes with pin_count > 0
+  int64_t reserved_slots_ ABSL_GUARDED_BY(mu_) = 0;   // sum of Active::reserved_slots
 };
 
 }  // namespace tokenlake::lake

@@ -2,6 +2,7 @@
 
 #include <set>
 #include <thread>
+#include <tuple>
 
 #include "gtest/gtest.h"
 #include "tokenlake/base/clock.h"
@@ -86,6 +87,11 @@ TEST_F(LakeTest, InvalidOptionsAreErrorsNamingTheField) {
   o = SmallOptions();
   o.heavy_hitter.half_life_us = -1;
   EXPECT_FALSE(Lake::Create(o, &clock_).ok());
+  o = SmallOptions();
+  o.local_eviction_min_age_ratio = -0.5;
+  r = Lake::Create(o, &clock_);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("local_eviction_min_age_ratio"), std::string::npos);
   EXPECT_FALSE(Lake::Create(SmallOptions(), nullptr).ok());
 }
 
@@ -267,6 +273,165 @@ TEST_F(LakeTest, FullPoolEvictsLruUnpinnedLeavesAndNeverPinnedOnes) {
   EXPECT_EQ(s.not_stored_segments, 1);
   for (const InstanceStats& i : s.instances) EXPECT_EQ(i.used_slots + i.free_slots, 2);
   for (uint64_t r : {2, 3, 4}) ASSERT_TRUE(lake_->Release(RequestId(r)).ok());
+}
+
+TEST_F(LakeTest, TryAdmitReservesNewSegmentsAndDefersWhatDoesNotFit) {
+  Make(SmallOptions(2, 2));  // 4 slots in all
+  EXPECT_EQ(lake_->AvailableSlots(), 4);
+  RunIteration(Req(1, Chain({1, 2}), 2 * kS));  // 1, 2 stored, unpinned (evictable)
+  EXPECT_EQ(lake_->AvailableSlots(), 4);
+  clock_.AdvanceUs(10);
+  // A: matches 1, 2 (pins their 2 replicas) and needs 2 new slots: 2 + 2 <= 4.
+  auto a = lake_->TryAdmit(Req(2, Chain({1, 2, 7, 8}), 2 * kS));
+  ASSERT_TRUE(a.ok()) << a.status();
+  ASSERT_TRUE(a->has_value());
+  EXPECT_EQ((*a)->matched_segments, 2);
+  EXPECT_EQ((*a)->reserved_slots, 2);
+  EXPECT_EQ(lake_->AvailableSlots(), 0);  // 4 - 2 pinned - 2 reserved
+  // B needs one slot: none is available, so it is deferred and nothing changes.
+  const LakeStats before = lake_->Stats();
+  auto b = lake_->TryAdmit(Req(3, Chain({9}), kS));
+  ASSERT_TRUE(b.ok());
+  EXPECT_FALSE(b->has_value());
+  LakeStats s = lake_->Stats();
+  EXPECT_EQ(s.admissions_deferred, 1);
+  EXPECT_EQ(s.admitted_requests, before.admitted_requests);
+  EXPECT_EQ(s.active_requests, 1);
+  // C is fully cached in pinned segments: it needs nothing and is admitted.
+  auto c = lake_->TryAdmit(Req(4, Chain({1, 2}), 1));
+  ASSERT_TRUE(c.ok() && c->has_value());
+  EXPECT_EQ((*c)->reserved_slots, 0);
+  // A commits: its 2 reserved slots become 2 pinned replicas (the 2 free slots).
+  auto commit = lake_->CommitKeys(RequestId(2), Chain({1, 2, 7, 8}), InstanceId(0));
+  ASSERT_TRUE(commit.ok()) << commit.status();
+  EXPECT_EQ(commit->stored.size(), 2u);
+  EXPECT_TRUE(commit->not_stored.empty());
+  s = lake_->Stats();
+  EXPECT_EQ(s.pinned_replicas, 4);
+  EXPECT_EQ(s.reserved_slots, 0);
+  EXPECT_EQ(s.available_slots, 0);
+  EXPECT_TRUE(lake_->CheckIntegrity().ok()) << lake_->CheckIntegrity();
+  // Releasing A leaves 1, 2 pinned by C: 7, 8 become evictable, B fits.
+  ASSERT_TRUE(lake_->Release(RequestId(2)).ok());
+  EXPECT_EQ(lake_->AvailableSlots(), 2);
+  b = lake_->TryAdmit(Req(3, Chain({9}), kS));
+  ASSERT_TRUE(b.ok() && b->has_value());
+  EXPECT_EQ(lake_->AvailableSlots(), 1);
+  commit = lake_->CommitKeys(RequestId(3), Chain({9}), InstanceId(1));
+  ASSERT_TRUE(commit.ok());
+  EXPECT_EQ(commit->stored.size(), 1u);  // by evicting the LRU unpinned leaf (8)
+  ASSERT_EQ(commit->evicted.size(), 1u);
+  EXPECT_EQ(commit->evicted[0].segment, SegmentId(8));
+  EXPECT_TRUE(lake_->CheckIntegrity().ok()) << lake_->CheckIntegrity();
+  for (uint64_t r : {3, 4}) ASSERT_TRUE(lake_->Release(RequestId(r)).ok());
+  s = lake_->Stats();
+  EXPECT_EQ(s.pinned_replicas, 0);
+  EXPECT_EQ(s.reserved_slots, 0);
+  EXPECT_EQ(s.available_slots, 4);
+  EXPECT_EQ(s.not_stored_segments, 0);
+}
+
+TEST_F(LakeTest, TryAdmitNeverFitsARequestLargerThanThePoolAndReleaseReturnsReservations) {
+  Make(SmallOptions(2, 2));
+  auto big = lake_->TryAdmit(Req(1, Chain({1, 2, 3, 4, 5}), 5 * kS));
+  ASSERT_TRUE(big.ok());
+  EXPECT_FALSE(big->has_value());
+  auto r = lake_->TryAdmit(Req(2, Chain({1, 2, 3}), 3 * kS));
+  ASSERT_TRUE(r.ok() && r->has_value());
+  EXPECT_EQ(lake_->AvailableSlots(), 1);
+  // Released without committing (e.g. cancelled): the reservation comes back.
+  ASSERT_TRUE(lake_->Release(RequestId(2)).ok());
+  EXPECT_EQ(lake_->AvailableSlots(), 4);
+  EXPECT_TRUE(lake_->CheckIntegrity().ok()) << lake_->CheckIntegrity();
+  // Errors as Admit.
+  EXPECT_EQ(lake_->TryAdmit(Req(5, {SegmentKey{SegmentId(1), 0}}, 1)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(lake_->TryAdmit(Req(5, Chain({1}), -1)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(lake_->TryAdmit(Req(3, Chain({1}), 1)).ok());
+  EXPECT_EQ(lake_->TryAdmit(Req(3, Chain({1}), 1)).status().code(),
+            absl::StatusCode::kAlreadyExists);
+}
+
+// A full pool: instance 0 holds leaves Y1 (last access t0+50) and Y2 (t0+60), instance 1 holds
+// X1 (t0+100) and X2 (t0+110); at t0+200 instance 1 produces a new segment. The global LRU
+// leaf is Y1 (age 150), instance 1's is X1 (age 100).
+class LocalEvictionTest : public LakeTest,
+                          public ::testing::WithParamInterface<std::tuple<double, bool>> {};
+
+TEST_P(LocalEvictionTest, FullProducerEvictsItsOwnLruLeafUnlessMuchMoreRecent) {
+  const auto [ratio, local] = GetParam();
+  LakeOptions o = SmallOptions(2, 2);
+  o.local_eviction_min_age_ratio = ratio;
+  Make(o);
+  const int64_t t0 = clock_.NowUs();
+  const std::vector<std::tuple<uint64_t, int32_t, int64_t>> setup = {
+      {11, 0, 50}, {12, 0, 60}, {21, 1, 100}, {22, 1, 110}};
+  uint64_t id = 1;
+  for (const auto& [seg, inst, t] : setup) {
+    clock_.SetUs(t0 + t);
+    ASSERT_TRUE(lake_->Admit(Req(id, Chain({seg}), kS)).ok());
+    auto c = lake_->CommitKeys(RequestId(id), Chain({seg}), InstanceId(inst));
+    ASSERT_TRUE(c.ok());
+    ASSERT_EQ(c->stored, (std::vector<StoredReplica>{{SegmentId(seg), InstanceId(inst)}}));
+    ASSERT_TRUE(lake_->Release(RequestId(id)).ok());
+    ++id;
+  }
+  clock_.SetUs(t0 + 200);
+  ASSERT_TRUE(lake_->Admit(Req(9, Chain({99}), kS)).ok());
+  auto c = lake_->CommitKeys(RequestId(9), Chain({99}), InstanceId(1));
+  ASSERT_TRUE(c.ok());
+  ASSERT_EQ(c->evicted.size(), 1u);
+  ASSERT_EQ(c->stored.size(), 1u);
+  if (local) {  // age 100 >= ratio x 150
+    EXPECT_EQ(c->evicted[0], (StoredReplica{SegmentId(21), InstanceId(1)}));
+    EXPECT_EQ(c->stored[0].instance, InstanceId(1));
+    EXPECT_EQ(c->moved_bytes, 0);
+    EXPECT_EQ(lake_->Stats().local_evictions, 1);
+  } else {
+    EXPECT_EQ(c->evicted[0], (StoredReplica{SegmentId(11), InstanceId(0)}));
+    EXPECT_EQ(c->stored[0].instance, InstanceId(0));
+    EXPECT_EQ(c->moved_bytes, plan::KvBytes(o.model, kS));
+    EXPECT_EQ(lake_->Stats().local_evictions, 0);
+  }
+  ASSERT_TRUE(lake_->Release(RequestId(9)).ok());
+  EXPECT_TRUE(lake_->CheckIntegrity().ok()) << lake_->CheckIntegrity();
+}
+
+// 100 / 150 = 0.67: local at ratios 0 and 0.5, global at 0.8 and (the old behaviour) 2.
+INSTANTIATE_TEST_SUITE_P(Ratios, LocalEvictionTest,
+                         ::testing::Values(std::make_tuple(0.0, true), std::make_tuple(0.5, true),
+                                           std::make_tuple(0.8, false),
+                                           std::make_tuple(2.0, false)));
+
+TEST_F(LakeTest, FullProducerWithTooMuchLoadStoresElsewhere) {
+  // Same full pool, but instance 1 serves all the cache load: the balancer does not prefer it,
+  // so the global LRU leaf goes and the new segment moves.
+  LakeOptions o = SmallOptions(2, 2);
+  o.local_eviction_min_age_ratio = 0;
+  Make(o);
+  const int64_t t0 = clock_.NowUs();
+  uint64_t id = 1;
+  for (const auto& [seg, inst, t] : std::vector<std::tuple<uint64_t, int32_t, int64_t>>{
+           {11, 0, 50}, {12, 0, 60}, {21, 1, 100}, {22, 1, 110}}) {
+    clock_.SetUs(t0 + t);
+    ASSERT_TRUE(lake_->Admit(Req(id, Chain({seg}), kS)).ok());
+    ASSERT_TRUE(lake_->CommitKeys(RequestId(id), Chain({seg}), InstanceId(inst)).ok());
+    ASSERT_TRUE(lake_->Release(RequestId(id)).ok());
+    ++id;
+  }
+  // A request reading X2 (on instance 1) with many query tokens loads instance 1.
+  clock_.SetUs(t0 + 150);
+  ASSERT_TRUE(lake_->Admit(Req(8, Chain({22}), 1000)).ok());
+  ASSERT_TRUE(lake_->Release(RequestId(8)).ok());
+  clock_.SetUs(t0 + 200);
+  ASSERT_TRUE(lake_->Admit(Req(9, Chain({99}), kS)).ok());
+  auto c = lake_->CommitKeys(RequestId(9), Chain({99}), InstanceId(1));
+  ASSERT_TRUE(c.ok());
+  ASSERT_EQ(c->evicted.size(), 1u);
+  EXPECT_EQ(c->evicted[0], (StoredReplica{SegmentId(11), InstanceId(0)}));
+  EXPECT_EQ(c->stored[0].instance, InstanceId(0));
+  ASSERT_TRUE(lake_->Release(RequestId(9)).ok());
 }
 
 TEST_F(LakeTest, ConcurrentCommitOfTheSameSegmentIsDeduplicated) {

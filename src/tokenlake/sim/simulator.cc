@@ -319,6 +319,7 @@ SimResult Simulator::Run() {
   result.kv_capacity_bytes_per_instance =
       capacity_blocks_ * cost_.model().KvBytesPerToken() * kBlockTokens;
   result.iterations = iterations_;
+  result.unstored_segments = policy_.UnstoredSegments();
   return result;
 }
 

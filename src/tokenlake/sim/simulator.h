@@ -165,6 +165,9 @@ class Policy {
   virtual void OnSample(Simulator& sim) { (void)sim; }
   // Pool statistics at this moment: stored block copies and distinct blocks.
   virtual void PoolStats(Simulator& sim, int64_t* copies, int64_t* distinct);
+  // Prompt segments of requests that ran although their KV could not be stored (no memory);
+  // a faithful policy keeps this 0 by making requests wait. Default 0.
+  virtual int64_t UnstoredSegments() const { return 0; }
 };
 
 struct SimResult {
@@ -179,6 +182,7 @@ struct SimResult {
   double sample_period_s = 0;
   int64_t kv_capacity_bytes_per_instance = 0;
   int64_t iterations = 0;
+  int64_t unstored_segments = 0;  // Policy::UnstoredSegments() at the end of the run
 };
 
 class Simulator {

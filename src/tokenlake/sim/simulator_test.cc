@@ -236,6 +236,44 @@ TEST(PolicyScenarioTest, TokenLakeSplitsALongPrefillOverAnInstanceGroup) {
   EXPECT_LT(tl.records[0].first_token_s, rr.records[0].first_token_s * 0.6);
 }
 
+// Memory admission (hand-computed pool arithmetic). 2 instances with 4 blocks of KV memory each:
+// the decode reserve is 25% = 1 block per instance, so the pool has 3 + 3 = 6 slots. A
+// (4 segments) starts at t = 0 and reserves 4 slots, leaving 2. B arrives with it:
+// - with 4 new segments it does not fit (4 > 2): it waits until A finishes and unpins its
+//   segments (6 evictable), then runs alone: its first token comes one lone 2048-token prefill
+//   after A's finish, exactly as long as A's own (both run on an idle instance, nothing cached);
+// - with 2 new segments it fits (2 <= 2) and runs at once, beside A;
+// - C, with 8 segments (> 6 slots in the whole pool), can never be stored and is rejected.
+// In every case no running request's segment is left unstored.
+TEST(PolicyScenarioTest, TokenLakeRequestsWaitForPoolMemoryInsteadOfRunningUnstored) {
+  SimOptions o;
+  o.num_instances = 2;
+  o.kv_capacity_bytes = 4 * kBlockTokens * int64_t{131072};  // 4 blocks of Llama-3-8B KV
+  for (const int b_segments : {4, 2}) {
+    SCOPED_TRACE(::testing::Message() << "B segments=" << b_segments);
+    Workload w;
+    w.requests.push_back(Req(0, 2048, 3, {1, 2, 3, 4}));
+    std::vector<uint64_t> b_ids = {11, 12, 13, 14};
+    b_ids.resize(static_cast<size_t>(b_segments));
+    w.requests.push_back(Req(0, 512 * b_segments, 3, b_ids));
+    w.requests.push_back(Req(0, 4096, 3, {21, 22, 23, 24, 25, 26, 27, 28}));
+    const SimResult r = RunPolicy("tokenlake", w, o);
+    const RequestRecord& a = r.records[0];
+    const RequestRecord& b = r.records[1];
+    EXPECT_TRUE(r.records[2].rejected);
+    ASSERT_FALSE(a.rejected);
+    ASSERT_FALSE(b.rejected);
+    EXPECT_EQ(r.unstored_segments, 0);
+    EXPECT_EQ(b.cached_tokens, 0);
+    if (b_segments == 4) {
+      EXPECT_NEAR(b.first_token_s, a.finish_s + (a.first_token_s - a.arrival_s), 1e-9);
+    } else {
+      EXPECT_LT(b.first_token_s, a.first_token_s);  // 1024 tokens beside A's 2048, from t = 0
+      EXPECT_NE(b.instance, a.instance);
+    }
+  }
+}
+
 // Conservation over whole runs of every policy: every request finishes or is rejected, times
 // are ordered, hits are bounded, and the baselines' caches hold no leaked references.
 class ConservationTest : public ::testing::TestWithParam<std::tuple<std::string, int>> {};
@@ -277,6 +315,8 @@ TEST_P(ConservationTest, EveryRequestAccountedAndNoMemoryLeaks) {
       EXPECT_EQ(inst.in_flight, 0) << inst.id;
       EXPECT_TRUE(inst.running.empty() && inst.waiting.empty());
     }
+    // Every running request's prompt KV had memory (TokenLake: none committed unstored).
+    EXPECT_EQ(r.unstored_segments, 0);
     const Summary s = Summarize(r, 6);
     EXPECT_EQ(s.completed + s.rejected, 300);
     EXPECT_GE(s.hit_rate, 0);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <iostream>
 #include <limits>
 
@@ -20,6 +21,10 @@ class TokenLakePolicy final : public Policy {
  public:
   explicit TokenLakePolicy(TokenLakePolicyOptions options) : options_(options) {}
   ~TokenLakePolicy() override {
+    if (not_stored_ > 0) {
+      std::cerr << "tokenlake policy: " << not_stored_
+                << " segment(s) of running requests could not be stored\n";
+    }
     if (lake_errors_ > 0) {
       std::cerr << "tokenlake policy: " << lake_errors_
                 << " lake call(s) failed; first: " << first_error_ << "\n";
@@ -29,6 +34,7 @@ class TokenLakePolicy final : public Policy {
   std::string name() const override { return "tokenlake"; }
 
   void Init(Simulator& sim) override {
+    sim_ = &sim;
     const int n = sim.options().num_instances;
     reserve_blocks_ = static_cast<int64_t>(static_cast<double>(sim.kv_capacity_blocks()) *
                                            options_.decode_reserve_fraction);
@@ -36,6 +42,7 @@ class TokenLakePolicy final : public Policy {
     lake::LakeOptions lo;
     lo.num_instances = n;
     lo.segment_tokens = static_cast<int32_t>(kBlockTokens);
+    lo.local_eviction_min_age_ratio = options_.local_eviction_min_age_ratio;
     lo.slots_per_instance =
         static_cast<int32_t>(std::max<int64_t>(1, sim.kv_capacity_blocks() - reserve_blocks_));
     const ModelSpec& m = sim.cost().model();
@@ -45,6 +52,7 @@ class TokenLakePolicy final : public Policy {
     lo.model.head_dim = static_cast<int32_t>(m.head_dim);
     lo.model.dtype_bytes = static_cast<int32_t>(m.dtype_bytes);
     shape_ = lo.model;
+    pool_slots_ = static_cast<int64_t>(lo.slots_per_instance) * n;
     auto lake = lake::Lake::Create(lo, &clock_);
     TOKENLAKE_CHECK_OK(lake.status());
     lake_ = *std::move(lake);
@@ -60,6 +68,30 @@ class TokenLakePolicy final : public Policy {
                                            r.input_tokens);
     if (!Ok(keys.status())) return sim.Reject(request);
     st.keys = *std::move(keys);
+    // A prompt with more segments than the whole pool can never be stored: like a baseline's
+    // request larger than an instance's memory, it is rejected.
+    if (static_cast<int64_t>(st.keys.size()) > pool_slots_) {
+      st.keys.clear();
+      return sim.Reject(request);
+    }
+    pending_.push_back(request);
+    Drain(sim);
+  }
+
+  // Starts waiting requests in arrival order while the pool can hold their new segments.
+  void Drain(Simulator& sim) {
+    if (draining_) return;
+    draining_ = true;
+    while (!pending_.empty() && Start(sim, pending_.front())) pending_.pop_front();
+    draining_ = false;
+  }
+
+  // Admits `request` to the pool (Lake::TryAdmit: its matched prefix pinned and its new
+  // segments' slots reserved) and delivers its prefill part(s). False when the pool cannot
+  // hold its new segments now (nothing changed: it keeps waiting).
+  bool Start(Simulator& sim, int64_t request) {
+    const Request& r = sim.workload().requests[request];
+    RequestState& st = state_[request];
     const index::MatchResult match = lake_->Match(st.keys);
     const int64_t cached = std::min(match.matched_tokens, r.input_tokens - 1);
     const int64_t new_tokens = r.input_tokens - cached;
@@ -84,18 +116,26 @@ class TokenLakePolicy final : public Policy {
       batch.dop = dop;
     }
     batch.requests.push_back(lr);
+    auto admitted = lake_->TryAdmit(lr);
+    if (!Ok(admitted.status())) {
+      sim.Reject(request);
+      return true;
+    }
+    if (!admitted->has_value()) return false;  // waits for memory
+    st.admitted = true;
     auto plans = lake_->GenPlans(absl::MakeConstSpan(&batch, 1));
-    if (!Ok(plans.status())) return sim.Reject(request);
+    if (!Ok(plans.status())) {
+      sim.Reject(request);
+      Finish(request);
+      return true;
+    }
     const plan::BatchPlan& plan = (*plans)[0];
     const plan::RequestPlan& rp = plan.requests[0];
-    auto admitted = lake_->Admit(lr);
-    if (!Ok(admitted.status())) return sim.Reject(request);
-    st.admitted = true;
     st.compute = rp.compute_instance.value();
     st.placements = plan.transfer.new_segments;
     RequestRecord& rec = sim.record(request);
     rec.instance = st.compute;
-    rec.cached_tokens = std::min(admitted->matched_tokens, r.input_tokens - 1);
+    rec.cached_tokens = std::min((*admitted)->matched_tokens, r.input_tokens - 1);
 
     std::vector<int> group = {st.compute};
     if (dop > 1) {
@@ -137,6 +177,7 @@ class TokenLakePolicy final : public Policy {
       offset += q;
       sim.Deliver(job, ready);
     }
+    return true;
   }
 
   bool Admit(Simulator& sim, Job& job) override {
@@ -164,8 +205,12 @@ class TokenLakePolicy final : public Policy {
     rec.first_token_s = sim.now();
     const RequestId id(static_cast<uint64_t>(job.request));
     auto committed = lake_->Commit(id, st.placements);
-    if (Ok(committed.status())) sim.AddBytesMoved(committed->moved_bytes, "new_segments");
+    if (Ok(committed.status())) {
+      sim.AddBytesMoved(committed->moved_bytes, "new_segments");
+      not_stored_ += static_cast<int64_t>(committed->not_stored.size());
+    }
     st.placements.clear();
+    Drain(sim);  // deduplicated placements gave back their reservations
     if (r.output_tokens <= 1) {
       rec.finish_s = sim.now();
       Finish(job.request);
@@ -244,7 +289,10 @@ class TokenLakePolicy final : public Policy {
     Tick(sim);
     auto rebalanced = lake_->Rebalance();
     if (Ok(rebalanced.status())) sim.AddBytesMoved(rebalanced->bytes_moved, "rebalance");
+    Drain(sim);
   }
+
+  int64_t UnstoredSegments() const override { return not_stored_; }
 
   void PoolStats(Simulator& sim, int64_t* copies, int64_t* distinct) override {
     (void)sim;
@@ -282,6 +330,7 @@ class TokenLakePolicy final : public Policy {
     st.admitted = false;
     st.keys.clear();
     st.keys.shrink_to_fit();
+    Drain(*sim_);
   }
 
   // The instance with the fewest requests in flight; ties: most of the prefix held, lower id.
@@ -308,7 +357,12 @@ class TokenLakePolicy final : public Policy {
   }
 
   TokenLakePolicyOptions options_;
+  Simulator* sim_ = nullptr;
   ManualClock clock_;
+  int64_t pool_slots_ = 0;
+  std::deque<int64_t> pending_;  // arrived, waiting for pool memory (arrival order)
+  bool draining_ = false;
+  int64_t not_stored_ = 0;  // segments of running requests that Commit could not store
   std::unique_ptr<lake::Lake> lake_;
   uint64_t salt_ = 0;
   plan::ModelShape shape_;
@@ -323,7 +377,7 @@ class TokenLakePolicy final : public Policy {
 
 absl::StatusOr<std::unique_ptr<Policy>> MakeTokenLakePolicy(TokenLakePolicyOptions options) {
   if (options.dop_tokens < 1 || options.max_dop < 1 || options.decode_reserve_fraction < 0 ||
-      options.decode_reserve_fraction >= 1) {
+      options.decode_reserve_fraction >= 1 || !(options.local_eviction_min_age_ratio >= 0)) {
     return absl::InvalidArgumentError("bad TokenLakePolicyOptions");
   }
   return std::unique_ptr<Policy>(new TokenLakePolicy(options));

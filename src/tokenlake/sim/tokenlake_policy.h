@@ -21,6 +21,14 @@
 // - Lake::Rebalance runs every sample period; its bytes count as moved.
 // - Memory: each instance's KV memory minus decode_reserve_fraction is pool slots; the reserve
 //   holds running requests' generated tokens (which are not shared).
+// - Memory admission: an arriving request starts (Lake::TryAdmit, then GenPlans and its
+//   prefill parts) only when the pool can hold its new segments: free slots plus slots that
+//   eviction may free, minus what admitted but not yet committed requests were promised.
+//   Otherwise it waits in a pool-wide FIFO queue (arrival order, head-of-line), retried when a
+//   request finishes or commits and at every sample; like the baselines' requests waiting for
+//   memory. So every running request's prompt KV has memory (UnstoredSegments() stays 0). A
+//   prompt with more segments than the whole pool is rejected. The match, the plan and the hit
+//   are those at the start, not at arrival; TTFT includes the wait.
 //
 // Thread-safety: not thread-safe (driven by one Simulator).
 #ifndef TOKENLAKE_SIM_TOKENLAKE_POLICY_H_
@@ -40,6 +48,10 @@ struct TokenLakePolicyOptions {
   int max_dop = 4;
   // Share of each instance's KV memory kept out of the pool for generated tokens.
   double decode_reserve_fraction = 0.25;
+  // lake::LakeOptions::local_eviction_min_age_ratio: when the producer of a new segment is
+  // full, it evicts its own LRU leaf (the segment stays local) if that leaf's age is at least
+  // this ratio of the pool's LRU leaf's age; > 1 = pool-wide LRU only. Must be >= 0.
+  double local_eviction_min_age_ratio = 0.5;
 };
 
 absl::StatusOr<std::unique_ptr<Policy>> MakeTokenLakePolicy(TokenLakePolicyOptions options = {});
