@@ -3,7 +3,7 @@
 JOBS ?= $(shell nproc)
 CTEST_ARGS ?=
 
-.PHONY: all deps build demo test asan-test dev bench format clean
+.PHONY: all deps build demo test asan-test dev bench fuzz format clean
 
 all: build
 
@@ -31,6 +31,10 @@ dev: deps
 
 bench: build
 	./build/release/bin/tokenlake bench control-plane --json build/release/control_plane.json
+
+FUZZ_SECONDS ?= 20
+fuzz: deps
+	bash fuzz/run.sh $(FUZZ_SECONDS)
 
 format:
 	find src apps tests -name '*.h' -o -name '*.cc' -o -name '*.cu' -o -name '*.cuh' | xargs clang-format -i

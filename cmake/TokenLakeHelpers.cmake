@@ -3,7 +3,7 @@
 #   tokenlake_cc_library(NAME index SRCS prefix_tree.cc HDRS prefix_tree.h DEPS tokenlake::base)
 #     -> target tokenlake_index, alias tokenlake::index
 #   tokenlake_cc_test(NAME prefix_tree_test SRCS prefix_tree_test.cc DEPS tokenlake::index
-#                     [LABELS unit slow])
+#                     [LABELS slow])  # one of unit (default), slow, gpu, net
 #   tokenlake_cc_benchmark(NAME prefix_tree_benchmark SRCS prefix_tree_benchmark.cc
 #                          DEPS tokenlake::index)
 
@@ -27,6 +27,12 @@ function(tokenlake_cc_test)
   cmake_parse_arguments(TL "" "NAME;TIMEOUT" "SRCS;DEPS;LABELS" ${ARGN})
   if(NOT TL_LABELS)
     set(TL_LABELS unit)
+  endif()
+  # CMake 3.25's gtest_discover_tests flattens list-valued properties, so a second label would
+  # silently become a bogus property: one label per test (unit, slow, gpu or net).
+  list(LENGTH TL_LABELS num_labels)
+  if(num_labels GREATER 1)
+    message(FATAL_ERROR "tokenlake_cc_test(${TL_NAME}): give one label, not '${TL_LABELS}'")
   endif()
   if(NOT TL_TIMEOUT)
     set(TL_TIMEOUT 600)
