@@ -78,6 +78,18 @@ int main(int argc, char** argv) {
       runs.push_back({merge == 0 ? "decode" : "decode_sep_merge", s});
     }
   }
+  // 256 threads per block (2 tokens per token group per step): twice the warps per SM.
+  for (int seg : {512, 256, 64}) {
+    for (int splits : {0, 48}) {
+      tl::AttentionBenchShape s;
+      s.num_q_tokens = 1;
+      s.segment_tokens = seg;
+      s.kernel = 2;
+      s.num_splits = splits;
+      s.decode_threads = 256;
+      runs.push_back({"decode_t256", s});
+    }
+  }
   // The dynamic schedule (blocks take 64-row chunks from a work counter): automatic splits (~2
   // blocks per SM), ~3 per SM (49 per head group) and 1 per SM; fused and separate merge.
   for (int seg : {512, 256, 64}) {
@@ -169,6 +181,7 @@ int main(int argc, char** argv) {
                          {"decode_merge", s.decode_merge},
                          {"decode_kv_heads", s.decode_kv_heads},
                          {"decode_schedule", s.decode_schedule},
+                         {"decode_threads", s.decode_threads},
                          {"us", t->us},
                          {"tflops", t->tflops},
                          {"kv_gbps", t->kv_gbps},

@@ -55,6 +55,12 @@ def main():
                                 f"{100 * a['kv_gbps'] / r1:.1f}% (one call), "
                                 f"{100 * a['batched_kv_gbps'] / r10:.1f}% (back to back)"
                                 if r1 and r10 else ""))
+        t256 = auto("decode_t256", segment_tokens=seg)
+        if t256:
+            print(f"                256 threads/block: {t256['us']:7.1f} us {t256['kv_gbps']:6.0f} GB/s = "
+                  f"{100 * t256['kv_gbps'] / copy:5.1f}% of copy; back to back "
+                  f"{t256['batched_us']:7.1f} us {t256['batched_kv_gbps']:6.0f} GB/s = "
+                  f"{100 * t256['batched_kv_gbps'] / copy:5.1f}%")
         dyn = auto("decode_dyn", segment_tokens=seg)
         if dyn:
             print(f"                dynamic schedule: {dyn['us']:7.1f} us {dyn['kv_gbps']:6.0f} GB/s = "

@@ -373,6 +373,7 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
   p.decode_merge = s.decode_merge;
   p.decode_kv_heads_per_block = s.decode_kv_heads;
   p.decode_schedule = s.decode_schedule;
+  p.decode_threads_per_block = s.decode_threads;
   p.blocks = blocks.get<DeviceKvBlock>();
   const auto kernel = static_cast<AttentionKernel>(s.kernel);
   absl::StatusOr<size_t> ws_bytes = PagedAttentionWorkspaceBytes(p, kernel);

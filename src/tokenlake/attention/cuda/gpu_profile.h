@@ -89,6 +89,7 @@ struct AttentionBenchShape {
   int32_t decode_merge = 0;           // 0 = fused into the decode kernel, 1 = separate kernel
   int32_t decode_kv_heads = 0;        // decode: KV heads per thread block, 0 = auto
   int32_t decode_schedule = 0;        // decode: 0 static, 1 dynamic (work counter)
+  int32_t decode_threads = 0;         // decode: threads per block, 0 = auto, 128, 256
   int kernel = 0;                     // 0 auto, 1 prefill, 2 decode (AttentionKernel order)
 };
 struct AttentionTiming {

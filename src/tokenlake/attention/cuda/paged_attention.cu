@@ -1015,13 +1015,13 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs 
 // DecodeSmemBytes<D, U>() (the combine arrays reuse it after the loop).
 constexpr int kDecodeStages = 4;
 
-template <int D, int U>
+template <int D, int U, int T = kDecodeThreads>
 __host__ __device__ constexpr int DecodeStepTokens() {
-  return (kDecodeThreads / (D / 8)) * U;
+  return (T / (D / 8)) * U;
 }
-template <int D, int U>
+template <int D, int U, int T = kDecodeThreads>
 __host__ __device__ constexpr int DecodeSmemBytes() {
-  return kDecodeStages * DecodeStepTokens<D, U>() * D * 2 * 2;
+  return kDecodeStages * DecodeStepTokens<D, U, T>() * D * 2 * 2;
 }
 
 //
@@ -1029,19 +1029,20 @@ __host__ __device__ constexpr int DecodeSmemBytes() {
 // them: kGroups / KVH token groups per head), so every step copies whole contiguous runs of
 // KVH * D elements per token row instead of one head's D; same bytes per step, same per-thread
 // work. Grid y = (num_kv_heads / KVH) * (group / G).
-template <int D, int G, int U, int KVH>
-__global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeArgs args) {
+// T = threads per block (128, or 256 for more warps per SM at the same shared memory with U=2).
+template <int D, int G, int U, int KVH, int T = kDecodeThreads>
+__global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
   constexpr int kLanes = D / 8;
-  constexpr int kGroups = kDecodeThreads / kLanes;
+  constexpr int kGroups = T / kLanes;
   static_assert(kGroups % KVH == 0);
   constexpr int kTg = kGroups / KVH;         // token groups per KV head
   constexpr int kStep = kTg * U;             // token rows per step
   constexpr int kRow = KVH * D;              // elements per staged row (KVH heads)
   constexpr int kStageElems = kStep * kRow;  // one of K or V
   constexpr int kChunks = kStageElems / 8;   // 16-byte chunks per K (or V) step
-  static_assert(kChunks % kDecodeThreads == 0);
-  static_assert(kStageElems == DecodeStepTokens<D, U>() * D);
-  static_assert(kGroups * G * (D + 2) * 4 <= DecodeSmemBytes<D, U>());
+  static_assert(kChunks % T == 0);
+  static_assert(kStageElems == DecodeStepTokens<D, U, T>() * D);
+  static_assert(kGroups * G * (D + 2) * 4 <= DecodeSmemBytes<D, U, T>());
   extern __shared__ __align__(128) uint16_t dsmem[];  // [stage][K, V][kStep][KVH * D]
 
   const int tid = threadIdx.x;
@@ -1166,8 +1167,8 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeA
     const uint16_t* vb = static_cast<const uint16_t*>(blk.v) + kv_head0 * D;
     const uint32_t base = SmemAddr(dsmem + stage * 2 * kStageElems);
 #pragma unroll
-    for (int it = 0; it < kChunks / kDecodeThreads; ++it) {
-      const int i = tid + it * kDecodeThreads;
+    for (int it = 0; it < kChunks / T; ++it) {
+      const int i = tid + it * T;
       const int row = i / (kRow / 8);
       const int ch = i % (kRow / 8);
       const bool ok = row < valid;
@@ -1306,7 +1307,7 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeA
   __syncthreads();
   const bool final_out = args.num_items == 1;
   // Token groups hk * kTg .. hk * kTg + kTg - 1 hold KV head kv_head0 + hk.
-  for (int idx = tid; idx < KVH * G * D; idx += kDecodeThreads) {
+  for (int idx = tid; idx < KVH * G * D; idx += T) {
     const int ck = idx / (G * D);
     const int h = (idx / D) % G;
     const int d = idx % D;
@@ -1533,6 +1534,12 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
         "PagedAttention: decode_kv_heads_per_block = %d does not divide num_kv_heads = %d",
         p.decode_kv_heads_per_block, p.num_kv_heads));
   }
+  if (p.decode_threads_per_block != 0 && p.decode_threads_per_block != 128 &&
+      p.decode_threads_per_block != 256) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: decode_threads_per_block = %d, supported: 0 (auto), 128, 256",
+        p.decode_threads_per_block));
+  }
   if (p.decode_schedule < 0 || p.decode_schedule > 1) {
     return absl::InvalidArgumentError(
         absl::StrFormat("PagedAttention: decode_schedule = %d, supported: 0 (static), 1 (dynamic)",
@@ -1575,7 +1582,8 @@ struct Config {
   int dyn_chunk_tokens = 0;      // decode, dynamic: rows per chunk
   int dyn_chunks_per_block = 1;  // decode, dynamic
   int decode_kvh = 1;            // decode: KV heads per thread block (shared-memory kernel only)
-  size_t workspace_bytes = 0;    // kPagedAttentionCounterBytes + partials, or 0
+  int decode_threads = kDecodeThreads;  // decode, shared-memory kernel: threads per block
+  size_t workspace_bytes = 0;           // kPagedAttentionCounterBytes + partials, or 0
 };
 
 // MT = query m-tiles of 16 rows per warp: 1 -> PrefillKernel, 2 -> PrefillKernel2.
@@ -1620,11 +1628,11 @@ absl::StatusOr<int> PrefillBlocksPerSmT() {
   return blocks;
 }
 
-template <int D, int G, int U, int KVH = 1>
+template <int D, int G, int U, int KVH = 1, int T = kDecodeThreads>
 cudaError_t PrepareDecodeSmem() {
   static const cudaError_t err =
-      cudaFuncSetAttribute(DecodeSmemKernel<D, G, U, KVH>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, DecodeSmemBytes<D, U>());
+      cudaFuncSetAttribute(DecodeSmemKernel<D, G, U, KVH, T>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, DecodeSmemBytes<D, U, T>());
   return err;
 }
 
@@ -1737,6 +1745,10 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
     c.decode_kvh =
         c.decode_smem && p.decode_kv_heads_per_block > 1 ? p.decode_kv_heads_per_block : 1;
     if (c.decode_kvh > 1) c.decode_unroll = 4;  // (instantiated with 4 tokens per step only)
+    if (c.decode_smem && c.decode_kvh == 1 && p.decode_threads_per_block == 256) {
+      c.decode_threads = 256;  // same shared memory per block as 128 threads x 4 tokens
+      c.decode_unroll = 2;
+    }
     const int64_t ctas_per_item =
         static_cast<int64_t>(p.num_kv_heads / c.decode_kvh) * (group / c.decode_g) * p.num_q_tokens;
     absl::StatusOr<int> per_sm =
@@ -1855,28 +1867,35 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
   }
   const dim3 grid(c.items, (p.num_kv_heads / c.decode_kvh) * (a.group / G), p.num_q_tokens);
   if (c.decode_smem) {
-    auto launch = [&](auto kvh_constant) -> absl::Status {
+    auto launch = [&](auto kvh_constant, auto threads_constant) -> absl::Status {
       constexpr int KVH = decltype(kvh_constant)::value;
-      if (cudaError_t err = PrepareDecodeSmem<D, G, U, KVH>(); err != cudaSuccess) {
+      constexpr int T = decltype(threads_constant)::value;
+      if (cudaError_t err = PrepareDecodeSmem<D, G, U, KVH, T>(); err != cudaSuccess) {
         return absl::InternalError(
             absl::StrFormat("cudaFuncSetAttribute(decode): %s", cudaGetErrorString(err)));
       }
-      DecodeSmemKernel<D, G, U, KVH><<<grid, kDecodeThreads, DecodeSmemBytes<D, U>(), stream>>>(a);
+      DecodeSmemKernel<D, G, U, KVH, T><<<grid, T, DecodeSmemBytes<D, U, T>(), stream>>>(a);
       return LaunchStatus("decode attention");
     };
+    using T128 = std::integral_constant<int, kDecodeThreads>;
+    if constexpr (U == 2) {
+      if (c.decode_threads == 256) {
+        return launch(std::integral_constant<int, 1>(), std::integral_constant<int, 256>());
+      }
+    }
     if constexpr (U == 4) {
       switch (c.decode_kvh) {
         case 8:
-          return launch(std::integral_constant<int, 8>());
+          return launch(std::integral_constant<int, 8>(), T128());
         case 4:
-          return launch(std::integral_constant<int, 4>());
+          return launch(std::integral_constant<int, 4>(), T128());
         case 2:
-          return launch(std::integral_constant<int, 2>());
+          return launch(std::integral_constant<int, 2>(), T128());
         default:
           break;
       }
     }
-    return launch(std::integral_constant<int, 1>());
+    return launch(std::integral_constant<int, 1>(), T128());
   } else {
     DecodeKernel<D, G, U><<<grid, kDecodeThreads, 0, stream>>>(a);
   }

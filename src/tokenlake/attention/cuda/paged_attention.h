@@ -144,6 +144,10 @@ struct PagedAttentionParams {
   // run). Dynamic applies to the shared-memory pipeline, not causal, with at most 512 (query
   // token, head group) pairs; otherwise static.
   int32_t decode_schedule = 0;
+  // Decode tuning (shared-memory pipeline with one KV head per block only): threads per thread
+  // block, 128 or 256; 256 takes 2 tokens per token group per step (the same shared memory per
+  // block, twice the warps). 0 = default (128).
+  int32_t decode_threads_per_block = 0;
 };
 
 // Returns the scratch size that PagedAttention(params, kernel) needs on the current device.

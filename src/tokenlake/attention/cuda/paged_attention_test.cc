@@ -80,6 +80,7 @@ struct Case {
   int decode_merge = 0;
   int decode_kvh = 0;
   int decode_schedule = 0;
+  int decode_threads = 0;
   float softmax_scale = 0.f;
 };
 
@@ -88,9 +89,9 @@ std::string Describe(const Case& c) {
   for (int l : c.block_lens) lens += absl::StrFormat("%d,", l);
   return absl::StrFormat(
       "q=%d causal=%d q_start=%d kernel=%d splits=%d unroll=%d pipeline=%d merge=%d kvh=%d "
-      "schedule=%d blocks=[%s]",
+      "schedule=%d threads=%d blocks=[%s]",
       c.num_q, c.causal, c.q_start_pos, static_cast<int>(c.kernel), c.num_splits, c.decode_unroll,
-      c.decode_pipeline, c.decode_merge, c.decode_kvh, c.decode_schedule, lens);
+      c.decode_pipeline, c.decode_merge, c.decode_kvh, c.decode_schedule, c.decode_threads, lens);
 }
 
 // A workspace as the header asks for: counter bytes zero, the rest poisoned with NaN (so a
@@ -200,6 +201,7 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   p.decode_merge = c.decode_merge;
   p.decode_kv_heads_per_block = c.decode_kvh;
   p.decode_schedule = c.decode_schedule;
+  p.decode_threads_per_block = c.decode_threads;
   absl::StatusOr<size_t> need = PagedAttentionWorkspaceBytes(p, c.kernel);
   ASSERT_TRUE(need.ok()) << need.status();
   DeviceBuffer d_ws(ws == nullptr ? *need : 0);
@@ -292,8 +294,9 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
       c.prefill_rows_per_warp = static_cast<int>(rng() % 3) * 16;  // 0 (default), 16, 32
       c.decode_merge = static_cast<int>(rng() % 2);                // fused, separate kernel
       c.decode_kvh = RandomKvHeadsPerBlock(shape, rng);
-      c.decode_schedule = static_cast<int>(rng() % 2);  // static, dynamic
-      RunAndCompare(c, rng);                            // fresh random inputs each time
+      c.decode_schedule = static_cast<int>(rng() % 2);       // static, dynamic
+      c.decode_threads = static_cast<int>(rng() % 3) * 128;  // default, 128, 256
+      RunAndCompare(c, rng);                                 // fresh random inputs each time
       if (HasFatalFailure()) return;
     }
   }
@@ -370,8 +373,9 @@ TEST_P(PagedAttentionGpuTest, FusedSplitMergeMatchesReferenceWithReusedWorkspace
     for (int merge : {0, 1}) {
       c.decode_merge = merge;
       c.decode_kvh = RandomKvHeadsPerBlock(shape, rng);
-      c.decode_schedule = static_cast<int>(rng() % 2);  // static, dynamic
-      RunAndCompare(c, rng, ws.ptr, kWsBytes);          // fresh random inputs each time
+      c.decode_schedule = static_cast<int>(rng() % 2);       // static, dynamic
+      c.decode_threads = static_cast<int>(rng() % 3) * 128;  // default, 128, 256
+      RunAndCompare(c, rng, ws.ptr, kWsBytes);               // fresh random inputs each time
       if (HasFatalFailure()) return;
     }
   }
@@ -509,6 +513,9 @@ TEST(PagedAttentionArgsTest, RejectsBadShapesWithClearErrors) {
   bad = p;
   bad.decode_merge = 2;
   expect_invalid(bad, "decode_merge");
+  bad = p;
+  bad.decode_threads_per_block = 192;
+  expect_invalid(bad, "decode_threads_per_block");
   bad = p;
   bad.decode_schedule = 2;
   expect_invalid(bad, "decode_schedule");
