@@ -35,5 +35,7 @@ fi
 echo "== report"
 python3 bench/gpu_report.py "$OUT/tokenlake_bench.json" "$OUT/sdpa.json" | tee "$OUT/report.txt"
 [ -f "$OUT/gpu_profile.json" ] && cat "$OUT/gpu_profile.json"
-# At most 8 files come back from the device tool: keep the logs that matter.
-rm -f "$OUT/device.txt" "$OUT/arena_test.log"
+# At most 8 files come back from the device tool: keep the logs that matter, the secondary ones
+# in one archive.
+(cd "$OUT" && tar czf logs.tgz device.txt arena_test.log sdpa.log $( [ -f profile.log ] && echo profile.log) &&
+  rm -f device.txt arena_test.log sdpa.log profile.log)
