@@ -78,6 +78,19 @@ int main(int argc, char** argv) {
       runs.push_back({merge == 0 ? "decode" : "decode_sep_merge", s});
     }
   }
+  // Batched decode: R requests of 32K / R tokens each in one call, against one request of
+  // 32K / R tokens alone (times R for R separate calls).
+  for (int req : {8, 32}) {
+    tl::AttentionBenchShape s;
+    s.num_q_tokens = 1;
+    s.segment_tokens = 256;
+    s.kernel = 2;
+    s.num_requests = req;
+    runs.push_back({"decode_batch" + std::to_string(req), s});
+    s.num_requests = 1;
+    s.kv_tokens = 32768 / req;
+    runs.push_back({"decode_single_of_" + std::to_string(req), s});
+  }
   // 256 threads per block (2 tokens per token group per step): twice the warps per SM.
   for (int seg : {512, 256, 64}) {
     for (int splits : {0, 48}) {
@@ -182,6 +195,7 @@ int main(int argc, char** argv) {
                          {"decode_kv_heads", s.decode_kv_heads},
                          {"decode_schedule", s.decode_schedule},
                          {"decode_threads", s.decode_threads},
+                         {"num_requests", s.num_requests},
                          {"us", t->us},
                          {"tflops", t->tflops},
                          {"kv_gbps", t->kv_gbps},

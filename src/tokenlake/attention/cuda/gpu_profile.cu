@@ -322,6 +322,13 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
     return absl::InvalidArgumentError("MeasurePagedAttention: sizes must be > 0");
   }
   const int64_t num_segments = (s.kv_tokens + s.segment_tokens - 1) / s.segment_tokens;
+  const int num_requests = std::max(1, s.num_requests);
+  if (num_requests > 1 && (s.num_q_tokens != 1 || num_segments % num_requests != 0)) {
+    return absl::InvalidArgumentError(
+        "MeasurePagedAttention: a batched decode needs num_q_tokens = 1 and segments divisible "
+        "by num_requests");
+  }
+  const int32_t q_tokens = num_requests > 1 ? num_requests : s.num_q_tokens;
   const int64_t block_elems = static_cast<int64_t>(s.segment_tokens) * s.num_kv_heads * s.head_dim;
   // Two KV sets (two layers) in one pooled arena; slots shuffled so segments are scattered.
   constexpr int kSets = 2;
@@ -331,8 +338,8 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
   DeviceMem arena, q, out, lse, out2, lse2, blocks;
   TL_OK(arena.Allocate(num_slots * 2 * block_elems * 2));
   TL_OK(FillRandomBf16(arena.get(), num_slots * 2 * block_elems, 11, 1.f, timer.stream()));
-  const int64_t q_elems = static_cast<int64_t>(s.num_q_tokens) * s.num_heads * s.head_dim;
-  const int64_t rows = static_cast<int64_t>(s.num_q_tokens) * s.num_heads;
+  const int64_t q_elems = static_cast<int64_t>(q_tokens) * s.num_heads * s.head_dim;
+  const int64_t rows = static_cast<int64_t>(q_tokens) * s.num_heads;
   TL_OK(q.Allocate(q_elems * 2));
   TL_OK(FillRandomBf16(q.get(), q_elems, 12, 1.f, timer.stream()));
   TL_OK(out.Allocate(q_elems * 4));
@@ -356,7 +363,7 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
                      cudaMemcpyHostToDevice));
   PagedAttentionParams p;
   p.q = q.get();
-  p.num_q_tokens = s.num_q_tokens;
+  p.num_q_tokens = q_tokens;
   p.num_blocks = static_cast<int32_t>(num_segments);
   p.max_block_tokens = s.segment_tokens;
   p.num_heads = s.num_heads;
@@ -375,6 +382,17 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
   p.decode_schedule = s.decode_schedule;
   p.decode_threads_per_block = s.decode_threads;
   p.blocks = blocks.get<DeviceKvBlock>();
+  DeviceMem offsets;
+  if (num_requests > 1) {
+    std::vector<int32_t> off(num_requests + 1);
+    for (int r = 0; r <= num_requests; ++r) {
+      off[r] = static_cast<int32_t>(r * (num_segments / num_requests));
+    }
+    TL_OK(offsets.Allocate(off.size() * sizeof(int32_t)));
+    TL_CUDA(cudaMemcpy(offsets.get(), off.data(), off.size() * sizeof(int32_t),
+                       cudaMemcpyHostToDevice));
+    p.q_block_offsets = offsets.get<const int32_t>();
+  }
   const auto kernel = static_cast<AttentionKernel>(s.kernel);
   absl::StatusOr<size_t> ws_bytes = PagedAttentionWorkspaceBytes(p, kernel);
   if (!ws_bytes.ok()) return ws_bytes.status();
@@ -428,6 +446,7 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
   t.batched_us = *batched_us / kBatch;
   t.merge_us = *merge_us / kMergeBatch;
   double pairs = static_cast<double>(s.num_q_tokens) * static_cast<double>(s.kv_tokens);
+  // (A batched decode: each request's token sees its own share, kv_tokens in all.)
   if (s.causal) {
     // Query i sees keys 0..i (q_start_pos = 0), capped at kv_tokens.
     pairs = 0;

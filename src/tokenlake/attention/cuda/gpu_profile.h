@@ -90,7 +90,10 @@ struct AttentionBenchShape {
   int32_t decode_kv_heads = 0;        // decode: KV heads per thread block, 0 = auto
   int32_t decode_schedule = 0;        // decode: 0 static, 1 dynamic (work counter)
   int32_t decode_threads = 0;         // decode: threads per block, 0 = auto, 128, 256
-  int kernel = 0;                     // 0 auto, 1 prefill, 2 decode (AttentionKernel order)
+  // > 1: a batched decode of this many requests, one query token each (num_q_tokens must be 1),
+  // request r owning the r-th equal share of the kv_tokens' segments, in one call.
+  int32_t num_requests = 1;
+  int kernel = 0;  // 0 auto, 1 prefill, 2 decode (AttentionKernel order)
 };
 struct AttentionTiming {
   double us = 0;               // median time of one call (kernel(s) + internal merge)

@@ -712,6 +712,10 @@ struct DecodeArgs {
   int dynamic;
   int dyn_chunk_tokens;
   int dyn_chunks_per_block;
+  // Batched decode (shared-memory kernel, static schedule, chunks_per_block == 1): query token qi
+  // attends to blocks [q_block_offsets[qi], q_block_offsets[qi + 1]) only, and item i of it to
+  // the i-th run of ceil(n / num_items) of them. Null: every token sees all num_blocks blocks.
+  const int32_t* q_block_offsets;
 };
 
 // Work counters of the dynamic decode schedule follow the merge counters (in uint32 words).
@@ -1057,8 +1061,18 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
   const int hoff = (blockIdx.y % heads_per_cta_group) * G;
   const int head0 = kv_head * args.group + hoff;
   const int qi = blockIdx.z;
-  const int b_first = (item / args.chunks_per_block) * args.blocks_per_item;
-  const int b_last = min(args.num_blocks, b_first + args.blocks_per_item);
+  // This token's blocks: all of them, or its own run in a batched decode.
+  const DeviceKvBlock* blocks = args.blocks;
+  int num_blocks = args.num_blocks;
+  int blocks_per_item = args.blocks_per_item;
+  if (args.q_block_offsets != nullptr) {
+    const int first = args.q_block_offsets[qi];
+    blocks += first;
+    num_blocks = args.q_block_offsets[qi + 1] - first;
+    blocks_per_item = max(1, (num_blocks + args.num_items - 1) / args.num_items);
+  }
+  const int b_first = (item / args.chunks_per_block) * blocks_per_item;
+  const int b_last = min(num_blocks, b_first + blocks_per_item);
   const bool chunked = args.chunks_per_block > 1;
   const int chunk_begin = (item % args.chunks_per_block) * args.chunk_tokens;
   const int64_t qpos = static_cast<int64_t>(args.q_start_pos) + qi;
@@ -1100,7 +1114,7 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
   unsigned int* queue = nullptr;
   const bool dynamic = args.dynamic != 0;
   const unsigned int total_chunks =
-      static_cast<unsigned int>(args.num_blocks) * args.dyn_chunks_per_block;
+      static_cast<unsigned int>(num_blocks) * args.dyn_chunks_per_block;
   if (dynamic) {
     queue = args.counters + kQueueOffset + static_cast<int64_t>(qi) * gridDim.y + blockIdx.y;
     if (tid == 0) grab_next = atomicAdd(queue, 1u);
@@ -1120,13 +1134,13 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
       }
       c.b = static_cast<int>(k / args.dyn_chunks_per_block);
       c.tb = static_cast<int>(k % args.dyn_chunks_per_block) * args.dyn_chunk_tokens;
-      c.tend = min(args.blocks[c.b].num_tokens, c.tb + args.dyn_chunk_tokens);
+      c.tend = min(blocks[c.b].num_tokens, c.tb + args.dyn_chunk_tokens);
       if (c.tb < c.tend) return;
     }
   };
   auto settle = [&](Cursor& c) {  // moves to the first non-empty range at or after c.b
     while (c.b < b_last) {
-      const int n = args.blocks[c.b].num_tokens;
+      const int n = blocks[c.b].num_tokens;
       c.tend = chunked ? min(n, chunk_begin + args.chunk_tokens) : n;
       if (c.tb < c.tend) return;
       c.key0 += n;
@@ -1145,7 +1159,7 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
         c.b = b_last;
         return;
       }
-      c.key0 += args.blocks[c.b].num_tokens;
+      c.key0 += blocks[c.b].num_tokens;
       ++c.b;
       c.tb = 0;
       settle(c);
@@ -1161,7 +1175,7 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
       sm_desc_tend[stage] = c.tend;
       sm_desc_key0[stage] = c.key0;
     }
-    const DeviceKvBlock blk = args.blocks[c.b];
+    const DeviceKvBlock blk = blocks[c.b];
     const int valid = min(kStep, c.tend - c.tb);
     const uint16_t* kb = static_cast<const uint16_t*>(blk.k) + kv_head0 * D;
     const uint16_t* vb = static_cast<const uint16_t*>(blk.v) + kv_head0 * D;
@@ -1182,7 +1196,7 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
   if (dynamic) {
     grab(load);
   } else {
-    if (args.causal) load.key0 = KeysBefore(args.blocks, b_first);
+    if (args.causal) load.key0 = KeysBefore(blocks, b_first);
     settle(load);
   }
   int issued = 0;  // steps issued (uniform)
@@ -1534,6 +1548,20 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
         "PagedAttention: decode_kv_heads_per_block = %d does not divide num_kv_heads = %d",
         p.decode_kv_heads_per_block, p.num_kv_heads));
   }
+  if (p.q_block_offsets != nullptr) {
+    if (p.causal) {
+      return absl::InvalidArgumentError(
+          "PagedAttention: q_block_offsets (batched decode) with causal = true is not supported");
+    }
+    if (kernel == AttentionKernel::kPrefill) {
+      return absl::InvalidArgumentError(
+          "PagedAttention: q_block_offsets (batched decode) needs the decode kernel, not prefill");
+    }
+    if (p.num_q_tokens > 65535) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "PagedAttention: num_q_tokens = %d > 65535 with q_block_offsets", p.num_q_tokens));
+    }
+  }
   if (p.decode_threads_per_block != 0 && p.decode_threads_per_block != 128 &&
       p.decode_threads_per_block != 256) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -1697,8 +1725,9 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
   if (!info.ok()) return info.status();
   const int num_sms = std::max(1, info->num_sms);
   if (kernel == AttentionKernel::kAuto) {
-    kernel = p.num_q_tokens <= kDecodeMaxQueryTokens ? AttentionKernel::kDecode
-                                                     : AttentionKernel::kPrefill;
+    kernel = p.num_q_tokens <= kDecodeMaxQueryTokens || p.q_block_offsets != nullptr
+                 ? AttentionKernel::kDecode
+                 : AttentionKernel::kPrefill;
   }
   c.kernel = kernel;
   const int group = p.num_heads / p.num_kv_heads;
@@ -1741,7 +1770,8 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
     // (G = 8 would spill registers: a group of 8 uses two thread blocks of 4 heads.)
     c.decode_g = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
     c.decode_unroll = p.decode_unroll != 0 ? p.decode_unroll : 4;
-    c.decode_smem = p.decode_pipeline != 1;
+    const bool batched = p.q_block_offsets != nullptr;
+    c.decode_smem = p.decode_pipeline != 1 || batched;
     c.decode_kvh =
         c.decode_smem && p.decode_kv_heads_per_block > 1 ? p.decode_kv_heads_per_block : 1;
     if (c.decode_kvh > 1) c.decode_unroll = 4;  // (instantiated with 4 tokens per step only)
@@ -1761,7 +1791,10 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
     const int64_t target_items =
         p.num_splits > 0 ? p.num_splits : std::max<int64_t>(1, wave / ctas_per_item);
     int cpb = 1, bpi = 1;
-    if (target_items >= p.num_blocks) {
+    if (batched) {
+      // Each request splits its own blocks into `items` runs (in the kernel); no chunks.
+      bpi = 1;
+    } else if (target_items >= p.num_blocks) {
       cpb = static_cast<int>(std::min<int64_t>(target_items / p.num_blocks, 1 << 16));
     } else {
       bpi = static_cast<int>((p.num_blocks + target_items - 1) / target_items);
@@ -1774,13 +1807,20 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
     c.chunks_per_block = (p.max_block_tokens + chunk - 1) / chunk;
     c.blocks_per_item = bpi;
     c.items = ((p.num_blocks + bpi - 1) / bpi) * c.chunks_per_block;
+    if (batched) {
+      c.chunk_tokens = p.max_block_tokens;
+      c.chunks_per_block = 1;
+      c.blocks_per_item = 0;  // per request, in the kernel
+      c.items =
+          static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(target_items, p.num_blocks)));
+    }
     // One merge counter (and, dynamic, one work counter) per (query token, head group).
     const int64_t counters = ctas_per_item;
     const bool counters_fit = counters <= kQueueOffset;
     const int dyn_chunk = std::min(kDynChunkTokens, p.max_block_tokens);
     const int dyn_per_block = (p.max_block_tokens + dyn_chunk - 1) / dyn_chunk;
     const int64_t dyn_total = static_cast<int64_t>(p.num_blocks) * dyn_per_block;
-    if (p.decode_schedule == 1 && c.decode_smem && !p.causal && counters_fit &&
+    if (p.decode_schedule == 1 && !batched && c.decode_smem && !p.causal && counters_fit &&
         std::min<int64_t>(target_items, dyn_total) > 1) {
       // Dynamic: target_items blocks per head group take kDynChunkTokens-row chunks.
       c.decode_dynamic = true;
@@ -1862,6 +1902,7 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
   a.dynamic = c.decode_dynamic ? 1 : 0;
   a.dyn_chunk_tokens = c.dyn_chunk_tokens;
   a.dyn_chunks_per_block = c.dyn_chunks_per_block;
+  a.q_block_offsets = p.q_block_offsets;
   if (c.items > 1 && (c.decode_fused || c.decode_dynamic)) {
     a.counters = static_cast<unsigned int*>(p.workspace);
   }

@@ -148,6 +148,15 @@ struct PagedAttentionParams {
   // block, 128 or 256; 256 takes 2 tokens per token group per step (the same shared memory per
   // block, twice the warps). 0 = default (128).
   int32_t decode_threads_per_block = 0;
+  // Batched decode: null (every query token sees all blocks), or a device array of
+  // num_q_tokens + 1 ascending offsets into `blocks`: query token i (one request's token) then
+  // attends to blocks [q_block_offsets[i], q_block_offsets[i + 1]) only, so one launch serves
+  // many requests, each with its own block list (q, out and lse rows are the requests). Uses the
+  // decode kernel (shared-memory pipeline, static schedule) whatever num_q_tokens is; each
+  // request's blocks are cut into the same number of splits. Not with causal (InvalidArgument).
+  // REQUIRES: 0 <= offsets[0] <= ... <= offsets[num_q_tokens] <= num_blocks (device contents
+  // are not checked).
+  const int32_t* q_block_offsets = nullptr;
 };
 
 // Returns the scratch size that PagedAttention(params, kernel) needs on the current device.

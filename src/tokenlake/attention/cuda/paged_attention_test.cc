@@ -381,6 +381,145 @@ TEST_P(PagedAttentionGpuTest, FusedSplitMergeMatchesReferenceWithReusedWorkspace
   }
 }
 
+// Batched decode: many requests, each one query token over its own random block list (empty
+// lists, part-segments and empty segments included), in one launch through q_block_offsets;
+// every request compared with the reference run on its blocks alone.
+TEST_P(PagedAttentionGpuTest, BatchedDecodeMatchesPerRequestReference) {
+  SKIP_WITHOUT_GPU();
+  const Shape s = GetParam();
+  const uint64_t seed = 4321 + s.num_heads * 7 + s.head_dim + s.block_tokens;
+  SCOPED_TRACE(::testing::Message() << "seed=" << seed);
+  std::cout << "seed=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  const size_t block_elems = static_cast<size_t>(s.block_tokens) * s.num_kv_heads * s.head_dim;
+  const size_t row_elems = static_cast<size_t>(s.num_kv_heads) * s.head_dim;
+  for (int trial = 0; trial < 6; ++trial) {
+    const int num_req = 1 + static_cast<int>(rng() % 12);
+    std::vector<int> lens;  // all requests' blocks, concatenated
+    std::vector<int32_t> offsets = {0};
+    for (int r = 0; r < num_req; ++r) {
+      const int nb = static_cast<int>(rng() % 7);
+      for (int b = 0; b < nb; ++b) {
+        const int k = static_cast<int>(rng() % 4);
+        lens.push_back(k == 0   ? static_cast<int>(rng() % (s.block_tokens + 1))
+                       : k == 1 ? 0
+                                : s.block_tokens);
+      }
+      offsets.push_back(static_cast<int32_t>(lens.size()));
+    }
+    const int nb = static_cast<int>(lens.size());
+    std::vector<uint16_t> kv(2 * block_elems * std::max(nb, 1));
+    for (int b = 0; b < nb; ++b) {
+      for (int kvi = 0; kvi < 2; ++kvi) {
+        uint16_t* blk = kv.data() + (2 * b + kvi) * block_elems;
+        for (size_t i = 0; i < block_elems; ++i) {
+          const bool used = i / row_elems < static_cast<size_t>(lens[b]);
+          blk[i] = FloatToBf16(used ? normal(rng) : 3.0e4f);
+        }
+      }
+    }
+    const size_t q_elems = static_cast<size_t>(num_req) * s.num_heads * s.head_dim;
+    std::vector<uint16_t> q_bf16(q_elems);
+    std::vector<float> q_f32(q_elems);
+    for (size_t i = 0; i < q_elems; ++i) {
+      q_bf16[i] = FloatToBf16(normal(rng) * 1.5f);
+      q_f32[i] = Bf16ToFloat(q_bf16[i]);
+    }
+    AttentionParams ap;
+    ap.num_heads = s.num_heads;
+    ap.num_kv_heads = s.num_kv_heads;
+    ap.head_dim = s.head_dim;
+    ap.kv_dtype = KvDtype::kBFloat16;
+    const size_t req_q = static_cast<size_t>(s.num_heads) * s.head_dim;
+    std::vector<float> ref_out(q_elems), ref_lse(static_cast<size_t>(num_req) * s.num_heads);
+    for (int r = 0; r < num_req; ++r) {
+      std::vector<KvBlock> hb;
+      for (int b = offsets[r]; b < offsets[r + 1]; ++b) {
+        hb.push_back(KvBlock{kv.data() + (2 * b) * block_elems,
+                             kv.data() + (2 * b + 1) * block_elems, lens[b]});
+      }
+      ASSERT_TRUE(
+          ReferencePartialAttention(ap, 1, absl::MakeConstSpan(q_f32).subspan(r * req_q, req_q), hb,
+                                    absl::MakeSpan(ref_out).subspan(r * req_q, req_q),
+                                    absl::MakeSpan(ref_lse).subspan(r * s.num_heads, s.num_heads))
+              .ok());
+    }
+    DeviceBuffer d_kv(kv.size() * 2 + 16), d_q(q_elems * 2 + 16),
+        d_blocks(sizeof(DeviceKvBlock) * std::max(nb, 1) + 16), d_off(offsets.size() * 4 + 16),
+        d_out(q_elems * 4 + 16), d_lse(ref_lse.size() * 4 + 16);
+    CUDA_OK(cudaMemcpy(d_kv.ptr, kv.data(), kv.size() * 2, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemcpy(d_q.ptr, q_bf16.data(), q_elems * 2, cudaMemcpyHostToDevice));
+    std::vector<DeviceKvBlock> dev_blocks(nb);
+    for (int b = 0; b < nb; ++b) {
+      dev_blocks[b].k = d_kv.as<uint16_t>() + (2 * b) * block_elems;
+      dev_blocks[b].v = d_kv.as<uint16_t>() + (2 * b + 1) * block_elems;
+      dev_blocks[b].num_tokens = lens[b];
+    }
+    if (nb > 0) {
+      CUDA_OK(cudaMemcpy(d_blocks.ptr, dev_blocks.data(), sizeof(DeviceKvBlock) * nb,
+                         cudaMemcpyHostToDevice));
+    }
+    CUDA_OK(cudaMemcpy(d_off.ptr, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemset(d_out.ptr, 0xff, q_elems * 4));  // NaN poison
+    CUDA_OK(cudaMemset(d_lse.ptr, 0xff, ref_lse.size() * 4));
+    PagedAttentionParams p;
+    p.q = d_q.ptr;
+    p.num_q_tokens = num_req;
+    p.blocks = d_blocks.as<DeviceKvBlock>();
+    p.num_blocks = nb;
+    p.max_block_tokens = s.block_tokens;
+    p.num_heads = s.num_heads;
+    p.num_kv_heads = s.num_kv_heads;
+    p.head_dim = s.head_dim;
+    p.out = d_out.as<float>();
+    p.lse = d_lse.as<float>();
+    p.q_block_offsets = d_off.as<int32_t>();
+    static constexpr int kSplits[] = {0, 1, 2, 5, 64};
+    p.num_splits = kSplits[rng() % 5];
+    p.decode_merge = static_cast<int>(rng() % 2);
+    p.decode_threads_per_block = static_cast<int>(rng() % 3) * 128;
+    SCOPED_TRACE(absl::StrFormat("requests=%d blocks=%d splits=%d merge=%d threads=%d", num_req, nb,
+                                 p.num_splits, p.decode_merge, p.decode_threads_per_block));
+    absl::StatusOr<size_t> need = PagedAttentionWorkspaceBytes(p);
+    ASSERT_TRUE(need.ok()) << need.status();
+    DeviceBuffer d_ws(*need);
+    PrepareWorkspace(d_ws.ptr, *need);
+    p.workspace = d_ws.ptr;
+    p.workspace_bytes = *need;
+    const absl::Status st = PagedAttention(p);
+    ASSERT_TRUE(st.ok()) << st;
+    CUDA_OK(cudaDeviceSynchronize());
+    ExpectCountersZero(d_ws.ptr, *need);
+    std::vector<float> out(q_elems), lse(ref_lse.size());
+    CUDA_OK(cudaMemcpy(out.data(), d_out.ptr, q_elems * 4, cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(lse.data(), d_lse.ptr, lse.size() * 4, cudaMemcpyDeviceToHost));
+    for (int r = 0; r < num_req; ++r) {
+      SCOPED_TRACE(::testing::Message() << "request " << r);
+      double err2 = 0, ref2 = 0;
+      for (size_t i = r * req_q; i < (r + 1) * req_q; ++i) {
+        ASSERT_FALSE(std::isnan(out[i])) << "out[" << i << "] not written or NaN";
+        err2 += (out[i] - ref_out[i]) * static_cast<double>(out[i] - ref_out[i]);
+        ref2 += static_cast<double>(ref_out[i]) * ref_out[i];
+      }
+      for (int h = 0; h < s.num_heads; ++h) {
+        const size_t row = static_cast<size_t>(r) * s.num_heads + h;
+        ASSERT_FALSE(std::isnan(lse[row]));
+        if (ref_lse[row] == -kInf) {
+          ASSERT_EQ(lse[row], -kInf);
+        } else {
+          ASSERT_NEAR(lse[row], ref_lse[row], 2e-3 * std::max(1.0f, std::fabs(ref_lse[row])));
+        }
+      }
+      if (ref2 > 0) {
+        EXPECT_LT(std::sqrt(err2 / ref2), 1e-2);
+      } else {
+        EXPECT_EQ(err2, 0.0);
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, PagedAttentionGpuTest,
                          ::testing::Values(Shape{4, 4, 64, 16}, Shape{8, 2, 128, 64},
                                            Shape{32, 8, 128, 100}, Shape{8, 1, 64, 256},
@@ -513,6 +652,10 @@ TEST(PagedAttentionArgsTest, RejectsBadShapesWithClearErrors) {
   bad = p;
   bad.decode_merge = 2;
   expect_invalid(bad, "decode_merge");
+  bad = p;
+  bad.causal = true;
+  bad.q_block_offsets = reinterpret_cast<const int32_t*>(&dummy);
+  expect_invalid(bad, "q_block_offsets");
   bad = p;
   bad.decode_threads_per_block = 192;
   expect_invalid(bad, "decode_threads_per_block");
