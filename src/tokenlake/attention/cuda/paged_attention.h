@@ -32,7 +32,10 @@
 //     cp.async shared-memory pipeline; the splits are merged inside the same kernel by the last
 //     thread block of each (query token, head group) to finish (an atomic counter in the
 //     workspace), or by a second kernel; memory-bandwidth bound; for a few query tokens.
-//   kAuto picks decode for num_q_tokens <= kDecodeMaxQueryTokens, else prefill.
+//   kAuto picks decode for num_q_tokens <= kDecodeMaxQueryTokens or a batched decode
+//   (q_block_offsets), else prefill.
+//   The decode tuning fields below other than the defaults were all measured slower on an H100
+//   for one token over 32K pooled tokens (docs/results-gpu.md); they stay for experiments.
 //
 // Thread-safety: every function is thread-safe; calls on one stream run in stream order. No
 // function synchronises the stream; errors of the asynchronous kernels show at the caller's next
