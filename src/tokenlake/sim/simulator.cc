@@ -65,6 +65,11 @@ void Simulator::Deliver(Job* job, double ready_s) {
 
 void Simulator::Reject(int64_t request) { records_[request].rejected = true; }
 
+void Simulator::Poke(int instance) {
+  Instance& inst = instances_[instance];
+  if (!inst.busy && !inst.waiting.empty()) StartStep(inst);
+}
+
 void Simulator::ChargeExtra(int instance, double seconds) {
   if (seconds <= 0) return;
   Instance& inst = instances_[instance];
@@ -123,7 +128,7 @@ void Simulator::StartStep(Instance& inst) {
          static_cast<int>(inst.running.size()) < options_.max_running) {
     Job* job = inst.waiting.front();
     if (!policy_.Admit(*this, *job)) {
-      if (inst.running.empty()) {
+      if (inst.running.empty() && !policy_.WaitsForMemory(*this, *job)) {
         // Nothing running can ever free memory here: the request does not fit at all.
         inst.waiting.pop_front();
         --inst.in_flight;

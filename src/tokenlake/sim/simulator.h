@@ -165,6 +165,13 @@ class Policy {
   virtual void OnSample(Simulator& sim) { (void)sim; }
   // Pool statistics at this moment: stored block copies and distinct blocks.
   virtual void PoolStats(Simulator& sim, int64_t* copies, int64_t* distinct);
+  // `job` (a prefill whose Admit just said no) is at the head of an instance with nothing
+  // running. False (the default): nothing here can ever free its memory, so it is rejected.
+  // True: memory elsewhere will be released (the policy then calls Simulator::Poke), it waits.
+  virtual bool WaitsForMemory(Simulator& sim, const Job& job) {
+    (void)sim, (void)job;
+    return false;
+  }
   // Prompt segments of requests that ran although their KV could not be stored (no memory);
   // a faithful policy keeps this 0 by making requests wait. Default 0.
   virtual int64_t UnstoredSegments() const { return 0; }
@@ -212,6 +219,8 @@ class Simulator {
     bytes_moved_ += bytes;
     bytes_by_kind_[kind] += bytes;
   }
+  // An idle instance with waiting jobs tries to admit them now (memory was freed elsewhere).
+  void Poke(int instance);
   // Releases a finished job's memory (baselines).
   void ReleaseLocal(Job& job);
 

@@ -239,9 +239,10 @@ TEST(PolicyScenarioTest, TokenLakeSplitsALongPrefillOverAnInstanceGroup) {
 // Memory admission (hand-computed pool arithmetic). 2 instances with 4 blocks of KV memory each:
 // the decode reserve is 25% = 1 block per instance, so the pool has 3 + 3 = 6 slots. A
 // (4 segments) starts at t = 0 and reserves 4 slots, leaving 2. B arrives with it:
-// - with 4 new segments it does not fit (4 > 2): it waits until A finishes and unpins its
-//   segments (6 evictable), then runs alone: its first token comes one lone 2048-token prefill
-//   after A's finish, exactly as long as A's own (both run on an idle instance, nothing cached);
+// - with 4 new segments it does not fit (4 > 2): it waits in its instance's queue until A
+//   finishes and unpins its segments (6 evictable), then runs alone: its first token comes one
+//   lone 2048-token prefill after A's finish (plus the holder work below), exactly as long as
+//   A's own (both run on an idle instance, nothing cached);
 // - with 2 new segments it fits (2 <= 2) and runs at once, beside A;
 // - C, with 8 segments (> 6 slots in the whole pool), can never be stored and is rejected.
 // In every case no running request's segment is left unstored.
@@ -266,7 +267,13 @@ TEST(PolicyScenarioTest, TokenLakeRequestsWaitForPoolMemoryInsteadOfRunningUnsto
     EXPECT_EQ(r.unstored_segments, 0);
     EXPECT_EQ(b.cached_tokens, 0);
     if (b_segments == 4) {
-      EXPECT_NEAR(b.first_token_s, a.finish_s + (a.first_token_s - a.arrival_s), 1e-9);
+      // B waited on instance 1 (fewest in flight at its arrival). Instance 0 has 3 slots, so
+      // A's 4th segment is stored on instance 1, which computes A's decode attention over it:
+      // A's 2 decode iterations (bulk) charge instance 1 2 x 512 x 131072 B / 2900 GB/s at
+      // A's finish, before B's prefill starts there.
+      const double holder_s = 2.0 * 512 * 131072 / 2900e9;
+      EXPECT_EQ(b.instance, 1);
+      EXPECT_NEAR(b.first_token_s, a.finish_s + holder_s + (a.first_token_s - a.arrival_s), 1e-9);
     } else {
       EXPECT_LT(b.first_token_s, a.first_token_s);  // 1024 tokens beside A's 2048, from t = 0
       EXPECT_NE(b.instance, a.instance);

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <deque>
 #include <iostream>
 #include <limits>
 
@@ -74,22 +73,26 @@ class TokenLakePolicy final : public Policy {
       st.keys.clear();
       return sim.Reject(request);
     }
-    pending_.push_back(request);
-    Drain(sim);
+    if (StartSplit(sim, request)) return;
+    // DoP 1: the request queues at the instance with the fewest requests in flight; it is
+    // matched, planned and admitted to the pool when that instance admits it (Admit).
+    const index::MatchResult match = lake_->Match(st.keys);
+    const int inst = LeastLoaded(sim, st.keys, match.matched_segments);
+    st.deferred = true;
+    st.compute = inst;
+    sim.record(request).instance = inst;
+    Job* job = sim.NewJob(request, inst);
+    job->prefill_only = true;
+    job->owns_record = false;
+    job->policy_tag = 1;
+    sim.Deliver(job, sim.now());
   }
 
-  // Starts waiting requests in arrival order while the pool can hold their new segments.
-  void Drain(Simulator& sim) {
-    if (draining_) return;
-    draining_ = true;
-    while (!pending_.empty() && Start(sim, pending_.front())) pending_.pop_front();
-    draining_ = false;
-  }
-
-  // Admits `request` to the pool (Lake::TryAdmit: its matched prefix pinned and its new
-  // segments' slots reserved) and delivers its prefill part(s). False when the pool cannot
-  // hold its new segments now (nothing changed: it keeps waiting).
-  bool Start(Simulator& sim, int64_t request) {
+  // A long prefill over idle instances (elastic DoP > 1): admits `request` to the pool now
+  // (Lake::TryAdmit: its matched prefix pinned and its new segments' slots reserved) and
+  // delivers its parts, first in their instances' queues (they only go to idle instances).
+  // False when the DoP is 1 or the pool cannot hold its new segments now (nothing changed).
+  bool StartSplit(Simulator& sim, int64_t request) {
     const Request& r = sim.workload().requests[request];
     RequestState& st = state_[request];
     const index::MatchResult match = lake_->Match(st.keys);
@@ -104,25 +107,22 @@ class TokenLakePolicy final : public Policy {
         std::clamp<int64_t>((new_tokens + options_.dop_tokens - 1) / options_.dop_tokens, 1,
                             std::max(1, std::min({options_.max_dop, n, idle}))));
 
+    if (dop == 1) return false;
     lake::LakeRequest lr;
     lr.id = RequestId(static_cast<uint64_t>(request));
     lr.keys = st.keys;
     lr.new_tokens = new_tokens;
     lake::Batch batch;
-    if (dop == 1) {
-      lr.preferred_instance = InstanceId(LeastLoaded(sim, st.keys, match.matched_segments));
-      batch.dop = n;
-    } else {
-      batch.dop = dop;
-    }
+    batch.dop = dop;
     batch.requests.push_back(lr);
     auto admitted = lake_->TryAdmit(lr);
     if (!Ok(admitted.status())) {
       sim.Reject(request);
       return true;
     }
-    if (!admitted->has_value()) return false;  // waits for memory
+    if (!admitted->has_value()) return false;  // queues with DoP 1 instead
     st.admitted = true;
+    ++active_requests_;
     auto plans = lake_->GenPlans(absl::MakeConstSpan(&batch, 1));
     if (!Ok(plans.status())) {
       sim.Reject(request);
@@ -138,10 +138,8 @@ class TokenLakePolicy final : public Policy {
     rec.cached_tokens = std::min((*admitted)->matched_tokens, r.input_tokens - 1);
 
     std::vector<int> group = {st.compute};
-    if (dop > 1) {
-      for (InstanceId g : plan.instance_group) {
-        if (g.value() != st.compute) group.push_back(g.value());
-      }
+    for (InstanceId g : plan.instance_group) {
+      if (g.value() != st.compute) group.push_back(g.value());
     }
     // Remote holders (queries move there) and pulled KV (moved here first).
     std::vector<std::pair<int, int64_t>> remote;
@@ -174,6 +172,7 @@ class TokenLakePolicy final : public Policy {
       job->remote_holders = remote;
       job->remote_context_tokens = remote_tokens;
       job->policy_tag = j == 0 ? 1 : 0;  // part 0 runs on the computing instance
+      job->continuation = true;          // never queued behind a request waiting for memory
       offset += q;
       sim.Deliver(job, ready);
     }
@@ -191,8 +190,68 @@ class TokenLakePolicy final : public Policy {
       // A request needing more than the whole reserve runs alone.
       if (!(reserve_used_[job.instance] == 0 && blocks > reserve_blocks_)) return false;
     }
+    RequestState& st = state_[job.request];
+    if (st.deferred && !st.admitted && !AdmitToPool(sim, job)) return false;
     reserve_used_[job.instance] += blocks;
     state_[job.request].reserved_blocks = blocks;
+    return true;
+  }
+
+  bool WaitsForMemory(Simulator& sim, const Job& job) override {
+    (void)sim, (void)job;
+    // Pool memory is shared: while any request holds pool memory, its release lets this one in.
+    return active_requests_ > 0;
+  }
+
+  // A DoP-1 request at the head of its instance's queue: matches and plans it now, and admits
+  // it to the pool if the pool can hold its new segments (Lake::TryAdmit). False: it waits.
+  bool AdmitToPool(Simulator& sim, Job& job) {
+    Tick(sim);
+    const Request& r = *job.r;
+    RequestState& st = state_[job.request];
+    const index::MatchResult match = lake_->Match(st.keys);
+    const int64_t cached = std::min(match.matched_tokens, r.input_tokens - 1);
+    lake::LakeRequest lr;
+    lr.id = RequestId(static_cast<uint64_t>(job.request));
+    lr.keys = st.keys;
+    lr.new_tokens = r.input_tokens - cached;
+    lr.preferred_instance = InstanceId(job.instance);
+    auto admitted = lake_->TryAdmit(lr);
+    if (!Ok(admitted.status())) return false;
+    if (!admitted->has_value()) return false;
+    st.admitted = true;
+    ++active_requests_;
+    lake::Batch batch;
+    batch.dop = sim.options().num_instances;
+    batch.requests.push_back(lr);
+    auto plans = lake_->GenPlans(absl::MakeConstSpan(&batch, 1));
+    st.parts_left = 1;
+    job.cached_tokens = std::min((*admitted)->matched_tokens, r.input_tokens - 1);
+    job.prompt_end = r.input_tokens;
+    RequestRecord& rec = sim.record(job.request);
+    rec.cached_tokens = job.cached_tokens;
+    if (!Ok(plans.status())) return true;  // runs without a plan: all local, nothing stored
+    const plan::BatchPlan& plan = (*plans)[0];
+    const plan::RequestPlan& rp = plan.requests[0];
+    // The planner computes a lone request on its preferred instance (planner.h, step 2), so
+    // the plan's holders and placements are this instance's.
+    st.placements = plan.transfer.new_segments;
+    int64_t remote_tokens = 0, pull_bytes = 0;
+    for (const plan::HolderPlan& h : rp.holders) {
+      if (h.action == plan::HolderAction::kMoveQueries) {
+        job.remote_holders.emplace_back(h.holder.value(), h.cached_tokens);
+        remote_tokens += h.cached_tokens;
+      } else if (h.action == plan::HolderAction::kPullKv) {
+        pull_bytes += h.bytes;
+      }
+    }
+    job.remote_context_tokens = std::min(remote_tokens, job.cached_tokens);
+    if (pull_bytes > 0) {
+      // The pulled KV arrives before the prefill computes: this instance's iteration waits.
+      sim.AddBytesMoved(pull_bytes, "kv_pull");
+      sim.instances()[job.instance].extra_s +=
+          sim.cost().TransferSeconds(pull_bytes, /*same_node=*/false);
+    }
     return true;
   }
 
@@ -210,7 +269,7 @@ class TokenLakePolicy final : public Policy {
       not_stored_ += static_cast<int64_t>(committed->not_stored.size());
     }
     st.placements.clear();
-    Drain(sim);  // deduplicated placements gave back their reservations
+    PokeAll(sim);  // deduplicated placements gave back their reservations
     if (r.output_tokens <= 1) {
       rec.finish_s = sim.now();
       Finish(job.request);
@@ -289,7 +348,7 @@ class TokenLakePolicy final : public Policy {
     Tick(sim);
     auto rebalanced = lake_->Rebalance();
     if (Ok(rebalanced.status())) sim.AddBytesMoved(rebalanced->bytes_moved, "rebalance");
-    Drain(sim);
+    PokeAll(sim);
   }
 
   int64_t UnstoredSegments() const override { return not_stored_; }
@@ -308,7 +367,8 @@ class TokenLakePolicy final : public Policy {
     int compute = -1;
     int parts_left = 0;
     int64_t reserved_blocks = 0;  // generated tokens' memory held on `compute`
-    bool admitted = false;
+    bool admitted = false;        // admitted to the pool (Lake) and not yet released
+    bool deferred = false;        // DoP 1: admitted to the pool when its instance admits it
   };
 
   void Tick(Simulator& sim) {
@@ -326,11 +386,21 @@ class TokenLakePolicy final : public Policy {
     RequestState& st = state_[request];
     if (st.compute >= 0) reserve_used_[st.compute] -= st.reserved_blocks;
     st.reserved_blocks = 0;
-    if (st.admitted) Ok(lake_->Release(RequestId(static_cast<uint64_t>(request))));
+    if (st.admitted) {
+      Ok(lake_->Release(RequestId(static_cast<uint64_t>(request))));
+      --active_requests_;
+    }
     st.admitted = false;
     st.keys.clear();
     st.keys.shrink_to_fit();
-    Drain(*sim_);
+    PokeAll(*sim_);
+  }
+
+  // Pool memory was released: idle instances retry their waiting requests.
+  void PokeAll(Simulator& sim) {
+    for (Instance& inst : sim.instances()) {
+      if (!inst.busy && !inst.waiting.empty()) sim.Poke(inst.id);
+    }
   }
 
   // The instance with the fewest requests in flight; ties: most of the prefix held, lower id.
@@ -360,9 +430,8 @@ class TokenLakePolicy final : public Policy {
   Simulator* sim_ = nullptr;
   ManualClock clock_;
   int64_t pool_slots_ = 0;
-  std::deque<int64_t> pending_;  // arrived, waiting for pool memory (arrival order)
-  bool draining_ = false;
-  int64_t not_stored_ = 0;  // segments of running requests that Commit could not store
+  int64_t active_requests_ = 0;  // requests admitted to the pool and not yet released
+  int64_t not_stored_ = 0;       // segments of running requests that Commit could not store
   std::unique_ptr<lake::Lake> lake_;
   uint64_t salt_ = 0;
   plan::ModelShape shape_;

@@ -2,8 +2,8 @@
 // index, balancer and planner code as production) on simulated time (a ManualClock).
 //
 // What the simulated scheduler does (the part TokenLake leaves to "any scheduler"):
-// - Each arriving request's cached prefix is its pool-wide match (Lake::Match: one copy of a
-//   segment anywhere serves every instance).
+// - A request's cached prefix is its pool-wide match when it is admitted (Lake::Match: one
+//   copy of a segment anywhere serves every instance).
 // - DoP: a prefill of q uncached tokens gets ceil(q / dop_tokens) instances (at most max_dop,
 //   and at most the number of instances with nothing in flight: spread only over idle capacity);
 //   the Lake picks that instance group (GenPlans with that dop) and the prompt is split into
@@ -15,20 +15,24 @@
 //   the holder's attention over its segments is added to the holder's next iteration, the
 //   query and partial-result bytes count as moved, and the computing instance's iteration
 //   waits for max(holder attention + transfer) beyond its own compute. Pulled KV is charged as
-//   a transfer before the prefill. New segments are committed (Lake::Commit) where the
+//   a transfer before the prefill (see below). New segments are committed (Lake::Commit) where the
 //   transfer plan says when the prefill ends; the request's decode then runs on its computing
 //   instance with a decode plan (q = 1) from GenPlans. Lake::Release at the end.
 // - Lake::Rebalance runs every sample period; its bytes count as moved.
 // - Memory: each instance's KV memory minus decode_reserve_fraction is pool slots; the reserve
 //   holds running requests' generated tokens (which are not shared).
-// - Memory admission: an arriving request starts (Lake::TryAdmit, then GenPlans and its
-//   prefill parts) only when the pool can hold its new segments: free slots plus slots that
-//   eviction may free, minus what admitted but not yet committed requests were promised.
-//   Otherwise it waits in a pool-wide FIFO queue (arrival order, head-of-line), retried when a
-//   request finishes or commits and at every sample; like the baselines' requests waiting for
-//   memory. So every running request's prompt KV has memory (UnstoredSegments() stays 0). A
-//   prompt with more segments than the whole pool is rejected. The match, the plan and the hit
-//   are those at the start, not at arrival; TTFT includes the wait.
+// - Memory admission and when a request is matched: a DoP-1 request is routed at arrival
+//   (fewest requests in flight) and waits in that instance's queue; when the instance admits
+//   it (Policy::Admit), it is matched and planned then (like the baselines, which match at
+//   admission) and admitted to the pool with Lake::TryAdmit, which succeeds only when the pool
+//   can hold its new segments: free slots plus slots that eviction may free, minus what
+//   admitted but not yet committed requests were promised. Otherwise it waits, like the
+//   baselines' requests waiting for memory (WaitsForMemory: it is not rejected while any
+//   request holds pool memory), and idle instances retry when pool memory is released. A split
+//   prefill (DoP > 1, only over idle instances) is admitted at arrival, or falls back to DoP 1.
+//   So every running request's prompt KV has memory (UnstoredSegments() stays 0). A prompt with
+//   more segments than the whole pool is rejected. Pulled KV delays the computing instance's
+//   first iteration of the request.
 //
 // Thread-safety: not thread-safe (driven by one Simulator).
 #ifndef TOKENLAKE_SIM_TOKENLAKE_POLICY_H_
