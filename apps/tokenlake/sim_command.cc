@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -271,7 +272,9 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
     }
   }
   if (!f.report.empty()) {
-    absl::Status s = sim::WriteReport(f.report, workload.name, *runs, config);
+    // Plot titles name the trace file, not its whole path.
+    const std::string title = std::filesystem::path(workload.name).filename().string();
+    absl::Status s = sim::WriteReport(f.report, title, *runs, config);
     if (!s.ok()) {
       std::cerr << "tokenlake sim: " << s.message() << "\n";
       return 1;

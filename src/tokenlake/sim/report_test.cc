@@ -30,6 +30,15 @@ TEST(SvgTest, BarChartDrawsOneBarPerValueAndEscapesLabels) {
   EXPECT_THAT(s, HasSubstr(">1.5<"));
 }
 
+TEST(SvgTest, LongTitlesShrinkToFitTheWidthAndShortOnesKeepTheirSize) {
+  EXPECT_THAT(svg::BarChart("Short", "rps", {{"a", 1}}),
+              HasSubstr("font-size=\"15.0\" font-weight=\"bold\">Short<"));
+  // 100 characters at 0.6 em each must fit in 640 - 20 px: 620 / 60 = 10.3 px.
+  const std::string long_title(100, 'x');
+  EXPECT_THAT(svg::BarChart(long_title, "rps", {{"a", 1}}),
+              HasSubstr("font-size=\"10.3\" font-weight=\"bold\">" + long_title + "<"));
+}
+
 TEST(SvgTest, LineChartSkipsNonFiniteAndNonPositiveLogPoints) {
   svg::Series a{"a", {0.0, 1, 10, std::numeric_limits<double>::infinity()}, {0.1, 0.2, 0.5, 1}};
   svg::LineOptions o;

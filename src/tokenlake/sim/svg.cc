@@ -36,13 +36,17 @@ std::string Escape(const std::string& s) {
 }
 
 std::string Header(const std::string& title) {
+  // Bold sans-serif glyphs average about 0.6 em: shrink a long title so that it fits the width.
+  const double fit_px =
+      (kWidth - 20) / (0.6 * static_cast<double>(std::max<size_t>(title.size(), 1)));
+  const double font_px = std::clamp(fit_px, 8.0, 15.0);
   return absl::StrFormat(
       "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" "
       "viewBox=\"0 0 %.0f %.0f\" font-family=\"sans-serif\" font-size=\"12\">\n"
       "<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n"
-      "<text x=\"%.0f\" y=\"22\" text-anchor=\"middle\" font-size=\"15\" "
+      "<text x=\"%.0f\" y=\"22\" text-anchor=\"middle\" font-size=\"%.1f\" "
       "font-weight=\"bold\">%s</text>\n",
-      kWidth, kHeight, kWidth, kHeight, kWidth / 2, Escape(title));
+      kWidth, kHeight, kWidth, kHeight, kWidth / 2, font_px, Escape(title));
 }
 
 // A "nice" step for about `n` ticks over [lo, hi].
