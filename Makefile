@@ -3,7 +3,7 @@
 JOBS ?= $(shell nproc)
 CTEST_ARGS ?=
 
-.PHONY: all deps build demo test asan-test dev bench fuzz format clean
+.PHONY: all deps build demo test asan-test dev bench fuzz cuda format clean
 
 all: build
 
@@ -31,6 +31,16 @@ dev: deps
 
 bench: build
 	./build/release/bin/tokenlake bench control-plane --json build/release/control_plane.json
+
+# The CUDA data plane (sm_90a): builds the kernels and their tests with nvcc and runs the tests,
+# which skip themselves where no GPU is present. Needs /usr/local/cuda.
+NVCC ?= /usr/local/cuda/bin/nvcc
+cuda: deps
+	@test -x $(NVCC) || { echo "make cuda: $(NVCC) not found (CUDA 13 is expected under /usr/local/cuda)"; exit 1; }
+	cmake --preset cuda -DTOKENLAKE_BUILD_BENCHMARKS=OFF
+	cmake --build --preset cuda -j $(JOBS) --target tokenlake_attention_cuda tokenlake_store_cuda \
+	  paged_attention_test device_arena_test
+	ctest --test-dir build/cuda -L gpu --output-on-failure
 
 FUZZ_SECONDS ?= 20
 fuzz: deps
