@@ -113,6 +113,54 @@ __device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
 __device__ __forceinline__ float Bf16Lo(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float Bf16Hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
 
+// Eight bfloat16 values packed in 16 bytes (one 128-bit load) -> float32, in order.
+__device__ __forceinline__ void Bf16x8ToFloat(const uint4 r, float (&f)[8]) {
+  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = Bf16Lo(w[i]);
+    f[2 * i + 1] = Bf16Hi(w[i]);
+  }
+}
+
+// The same, each value multiplied by `scale` (queries, pre-scaled for exp2).
+__device__ __forceinline__ void Bf16x8ToFloatScaled(const uint4 r, float scale, float (&f)[8]) {
+  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = Bf16Lo(w[i]) * scale;
+    f[2 * i + 1] = Bf16Hi(w[i]) * scale;
+  }
+}
+
+// Decode: this lane's 8-dim share of the scores of one key row against G query heads.
+template <int G>
+__device__ __forceinline__ void LaneScores(const float (&qf)[G][8], const uint4 kr, float (&s)[G]) {
+  float kf[8];
+  Bf16x8ToFloat(kr, kf);
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    float d = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) d = fmaf(qf[h][i], kf[i], d);
+    s[h] = d;
+  }
+}
+
+// Decode: sums the lanes' shares over the kLanes lanes that hold one key row (xor butterfly;
+// every lane ends with the full scores). The whole warp must call it.
+template <int kLanes, int U, int G>
+__device__ __forceinline__ void SumLaneScores(float (&s)[U][G]) {
+#pragma unroll
+  for (int off = kLanes / 2; off > 0; off >>= 1) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int h = 0; h < G; ++h) s[u][h] += __shfl_xor_sync(0xffffffffu, s[u][h], off);
+    }
+  }
+}
+
 // Number of keys in the blocks before `block` (for causal masking).
 __device__ __forceinline__ int64_t KeysBefore(const DeviceKvBlock* blocks, int block) {
   int64_t sum = 0;
@@ -841,12 +889,7 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs 
   for (int h = 0; h < G; ++h) {
     const uint4 raw = *reinterpret_cast<const uint4*>(
         args.q + (static_cast<int64_t>(qi) * args.num_heads + head0 + h) * D + sub * 8);
-    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      qf[h][2 * i] = Bf16Lo(w[i]) * args.scale_log2;
-      qf[h][2 * i + 1] = Bf16Hi(w[i]) * args.scale_log2;
-    }
+    Bf16x8ToFloatScaled(raw, args.scale_log2, qf[h]);
   }
 
   float m[G], l[G], acc[G][8];
@@ -894,30 +937,8 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs 
       if (t_base + kStep < t_end) load(t_base + kStep, kn, vn);
       float s[U][G];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const uint32_t w[4] = {kr[u].x, kr[u].y, kr[u].z, kr[u].w};
-        float kf[8];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          kf[2 * i] = Bf16Lo(w[i]);
-          kf[2 * i + 1] = Bf16Hi(w[i]);
-        }
-#pragma unroll
-        for (int h = 0; h < G; ++h) {
-          float d = 0.f;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) d = fmaf(qf[h][i], kf[i], d);
-          s[u][h] = d;
-        }
-      }
-#pragma unroll
-      for (int off = kLanes / 2; off > 0; off >>= 1) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-#pragma unroll
-          for (int h = 0; h < G; ++h) s[u][h] += __shfl_xor_sync(0xffffffffu, s[u][h], off);
-        }
-      }
+      for (int u = 0; u < U; ++u) LaneScores<G>(qf, kr[u], s[u]);
+      SumLaneScores<kLanes, U, G>(s);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int tt = t_base + grp + u * kGroups;
@@ -929,14 +950,7 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs 
       }
       float vf[U][8];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const uint32_t w[4] = {vr[u].x, vr[u].y, vr[u].z, vr[u].w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          vf[u][2 * i] = Bf16Lo(w[i]);
-          vf[u][2 * i + 1] = Bf16Hi(w[i]);
-        }
-      }
+      for (int u = 0; u < U; ++u) Bf16x8ToFloat(vr[u], vf[u]);
 #pragma unroll
       for (int h = 0; h < G; ++h) {
         float mx = s[0][h];
@@ -1083,12 +1097,7 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
   for (int h = 0; h < G; ++h) {
     const uint4 raw = *reinterpret_cast<const uint4*>(
         args.q + (static_cast<int64_t>(qi) * args.num_heads + head0 + h) * D + sub * 8);
-    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      qf[h][2 * i] = Bf16Lo(w[i]) * args.scale_log2;
-      qf[h][2 * i + 1] = Bf16Hi(w[i]) * args.scale_log2;
-    }
+    Bf16x8ToFloatScaled(raw, args.scale_log2, qf[h]);
   }
   float m[G], l[G], acc[G][8];
 #pragma unroll
@@ -1232,29 +1241,9 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
     for (int u = 0; u < U; ++u) {
       const uint4 kr =
           *reinterpret_cast<const uint4*>(ks + (tg + u * kTg) * kRow + hk * D + sub * 8);
-      const uint32_t w[4] = {kr.x, kr.y, kr.z, kr.w};
-      float kf[8];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        kf[2 * i] = Bf16Lo(w[i]);
-        kf[2 * i + 1] = Bf16Hi(w[i]);
-      }
-#pragma unroll
-      for (int h = 0; h < G; ++h) {
-        float d = 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) d = fmaf(qf[h][i], kf[i], d);
-        s[u][h] = d;
-      }
+      LaneScores<G>(qf, kr, s[u]);
     }
-#pragma unroll
-    for (int off = kLanes / 2; off > 0; off >>= 1) {
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-#pragma unroll
-        for (int h = 0; h < G; ++h) s[u][h] += __shfl_xor_sync(0xffffffffu, s[u][h], off);
-      }
-    }
+    SumLaneScores<kLanes, U, G>(s);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int tt = comp.tb + tg + u * kTg;
@@ -1287,13 +1276,8 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
     for (int u = 0; u < U; ++u) {
       const uint4 vr =
           *reinterpret_cast<const uint4*>(vs + (tg + u * kTg) * kRow + hk * D + sub * 8);
-      const uint32_t w[4] = {vr.x, vr.y, vr.z, vr.w};
       float vf[8];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        vf[2 * i] = Bf16Lo(w[i]);
-        vf[2 * i + 1] = Bf16Hi(w[i]);
-      }
+      Bf16x8ToFloat(vr, vf);
 #pragma unroll
       for (int h = 0; h < G; ++h) {
 #pragma unroll
