@@ -96,7 +96,8 @@ struct PagedAttentionParams {
   int32_t num_heads = 32;
   // KV heads.
   int32_t num_kv_heads = 8;
-  // Elements per head: 64 or 128.
+  // Elements per head: 64 or 128 (the tuned kernels), or 16 or 32 (a plain CUDA-core kernel,
+  // one warp per query token and head, for small test models; no workspace, tuning ignored).
   int32_t head_dim = 128;
   // Score scale; <= 0 means 1/sqrt(head_dim).
   float softmax_scale = 0.0f;
@@ -170,7 +171,7 @@ absl::StatusOr<size_t> PagedAttentionWorkspaceBytes(
 
 // Enqueues the partial attention described by `params` on `stream`.
 // Errors (nothing is enqueued): InvalidArgument naming the field when a size is negative,
-// num_heads is not a positive multiple of num_kv_heads, head_dim is not 64 or 128, a tuning
+// num_heads is not a positive multiple of num_kv_heads, head_dim is not 16, 32, 64 or 128, a tuning
 // field is out of range, a needed pointer is null, or the workspace is too small; Internal when
 // a launch fails.
 // REQUIRES: the device memory the pointers name is as documented above (the kernels cannot
