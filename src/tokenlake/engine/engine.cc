@@ -21,8 +21,15 @@ namespace tokenlake::engine {
 
 class Engine::PoolState {
  public:
-  std::unique_ptr<InstancePool> pool;
+  // In-process (Create): the owned pool, lake and its control plane.
+  std::unique_ptr<InstancePool> own_pool;
   std::unique_ptr<lake::Lake> lake;
+  std::unique_ptr<LocalControlPlane> local_control_plane;
+  // What the iterations run over (the owned ones or CreateOverPool's).
+  InstancePool* pool = nullptr;
+  ControlPlane* control_plane = nullptr;
+  // Valid over an external pool: the instance that computes every request.
+  InstanceId fixed_compute;
   ManualClock clock{1};
   uint64_t salt = 0;
   uint64_t next_request = 1;
@@ -104,12 +111,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const LlamaModel* model,
                                          .head_dim = c.head_dim,
                                          .dtype = options.kv_dtype};
     TOKENLAKE_ASSIGN_OR_RETURN(
-        state->pool, InstancePool::Create({.num_instances = options.num_instances,
-                                           .layout = layout,
-                                           .num_heads = c.num_heads,
-                                           .slots_per_instance = options.slots_per_instance,
-                                           .reply_timeout = options.reply_timeout,
-                                           .wrap_transport = options.wrap_transport}));
+        state->own_pool, InstancePool::Create({.num_instances = options.num_instances,
+                                               .layout = layout,
+                                               .num_heads = c.num_heads,
+                                               .slots_per_instance = options.slots_per_instance,
+                                               .reply_timeout = options.reply_timeout,
+                                               .wrap_transport = options.wrap_transport}));
     lake::LakeOptions lo;
     lo.num_instances = options.num_instances;
     lo.segment_tokens = options.segment_tokens;
@@ -124,13 +131,61 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const LlamaModel* model,
         .head_dim = c.head_dim,
         .dtype_bytes = static_cast<int32_t>(attention::KvDtypeBytes(options.kv_dtype))};
     TOKENLAKE_ASSIGN_OR_RETURN(state->lake, lake::Lake::Create(lo, &state->clock));
+    state->local_control_plane =
+        std::make_unique<LocalControlPlane>(state->lake.get(), &state->clock);
+    state->pool = state->own_pool.get();
+    state->control_plane = state->local_control_plane.get();
     state->salt = index::NamespaceSalt(options.namespace_name);
     engine->pool_ = std::move(state);
   }
   return engine;
 }
 
+absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateOverPool(const LlamaModel* model,
+                                                               const EngineOptions& options,
+                                                               const ExternalPool& external) {
+  if (model == nullptr || external.control_plane == nullptr || external.pool == nullptr) {
+    return absl::InvalidArgumentError("Engine: model, control plane and pool must not be null");
+  }
+  if (!external.pool->hosts(external.compute_instance)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "Engine: computing instance %d is not hosted by the pool",
+        external.compute_instance.valid() ? external.compute_instance.value() : -1));
+  }
+  if (external.control_plane->num_instances() != external.pool->num_instances()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("Engine: the control plane has %d instances, the pool %d",
+                        external.control_plane->num_instances(), external.pool->num_instances()));
+  }
+  const LlamaConfig& c = model->config();
+  const attention::KvSlotLayout& l = external.pool->layout();
+  if (l.num_layers != c.num_layers || l.num_kv_heads != c.num_kv_heads ||
+      l.head_dim != c.head_dim || l.segment_tokens != options.segment_tokens) {
+    return absl::InvalidArgumentError(
+        "Engine: the pool's slot layout does not match the model and segment_tokens");
+  }
+  EngineOptions o = options;
+  o.use_pool = true;
+  o.num_instances = external.pool->num_instances();
+  o.kv_dtype = l.dtype;
+  o.rotate_compute_instance = false;
+  o.rebalance_every_requests = 0;
+  std::unique_ptr<Engine> engine(new Engine(model, o));
+  auto state = std::make_unique<PoolState>();
+  state->pool = external.pool;
+  state->control_plane = external.control_plane;
+  state->fixed_compute = external.compute_instance;
+  state->salt = index::NamespaceSalt(options.namespace_name);
+  engine->pool_ = std::move(state);
+  return engine;
+}
+
 absl::StatusOr<GenerateResult> Engine::Generate(absl::Span<const int32_t> prompt,
+                                                int32_t max_new_tokens) {
+  return Generate(RequestId(), prompt, max_new_tokens);
+}
+
+absl::StatusOr<GenerateResult> Engine::Generate(RequestId request, absl::Span<const int32_t> prompt,
                                                 int32_t max_new_tokens) {
   if (prompt.empty()) return absl::InvalidArgumentError("Generate: empty prompt");
   if (max_new_tokens < 1) {
@@ -146,8 +201,9 @@ absl::StatusOr<GenerateResult> Engine::Generate(absl::Span<const int32_t> prompt
     }
   }
   if (pool_ == nullptr) return GenerateLocal(prompt, max_new_tokens);
-  absl::StatusOr<GenerateResult> result = GeneratePooled(prompt, max_new_tokens);
-  if (result.ok() && options_.rebalance_every_requests > 0 &&
+  if (!request.valid()) request = RequestId(pool_->next_request++);
+  absl::StatusOr<GenerateResult> result = GeneratePooled(request, prompt, max_new_tokens);
+  if (result.ok() && options_.rebalance_every_requests > 0 && pool_->lake != nullptr &&
       (pool_->next_request - 1) % static_cast<uint64_t>(options_.rebalance_every_requests) == 0) {
     TOKENLAKE_RETURN_IF_ERROR(RebalancePool());
   }
@@ -159,6 +215,7 @@ int64_t Engine::rebalance_actions() const {
 }
 
 absl::Status Engine::RebalancePool() {
+  if (pool_->lake == nullptr) return absl::FailedPreconditionError("RebalancePool: no own lake");
   InstancePool& pool = *pool_->pool;
   TOKENLAKE_ASSIGN_OR_RETURN(lake::RebalanceResult r, pool_->lake->Rebalance());
   // The lake applied the actions in order; replaying them in the same order on the data plane
@@ -170,9 +227,10 @@ absl::Status Engine::RebalancePool() {
         break;
       case balance::ActionKind::kReplicate:
       case balance::ActionKind::kMove: {
+        StoredMeta meta;
         TOKENLAKE_ASSIGN_OR_RETURN(std::vector<std::byte> slot,
-                                   pool.PullSegment(a.to, a.from, a.segment));
-        TOKENLAKE_RETURN_IF_ERROR(pool.StoreSegment(a.to, a.to, a.segment, slot));
+                                   pool.PullSegment(a.to, a.from, a.segment, &meta));
+        TOKENLAKE_RETURN_IF_ERROR(pool.StoreSegment(a.to, a.to, a.segment, slot, meta));
         if (a.kind == balance::ActionKind::kMove) {
           TOKENLAKE_RETURN_IF_ERROR(pool.FreeSegment(a.to, a.from, a.segment));
         }
@@ -185,7 +243,9 @@ absl::Status Engine::RebalancePool() {
 }
 
 absl::StatusOr<int64_t> Engine::DropInstance(InstanceId instance) {
-  if (pool_ == nullptr) return absl::FailedPreconditionError("DropInstance: no pool");
+  if (pool_ == nullptr || pool_->lake == nullptr) {
+    return absl::FailedPreconditionError("DropInstance: no pool of its own");
+  }
   TOKENLAKE_RETURN_IF_ERROR(pool_->lake->DropInstance(instance));
   // Reconcile the data plane with the lake: free every slot whose replica the lake dropped.
   std::vector<absl::flat_hash_set<SegmentId>> listed(static_cast<size_t>(options_.num_instances));
@@ -207,19 +267,21 @@ absl::StatusOr<int64_t> Engine::DropInstance(InstanceId instance) {
 const lake::Lake* Engine::lake() const { return pool_ == nullptr ? nullptr : pool_->lake.get(); }
 
 const InstancePool* Engine::instance_pool() const {
-  return pool_ == nullptr ? nullptr : pool_->pool.get();
+  return pool_ == nullptr ? nullptr : pool_->pool;
 }
 
-absl::StatusOr<GenerateResult> Engine::GeneratePooled(absl::Span<const int32_t> prompt,
+absl::StatusOr<GenerateResult> Engine::GeneratePooled(RequestId request,
+                                                      absl::Span<const int32_t> prompt,
                                                       int32_t max_new_tokens) {
   const LlamaConfig& c = model_->config();
   const int32_t s = options_.segment_tokens;
   const int64_t row_elems = int64_t{c.num_kv_heads} * c.head_dim;
   InstancePool& pool = *pool_->pool;
-  lake::Lake& lake = *pool_->lake;
-  const RequestId request(pool_->next_request++);
+  ControlPlane& control = *pool_->control_plane;
+  const bool external = pool_->fixed_compute.valid();
   const InstanceId preferred =
-      options_.rotate_compute_instance
+      external ? pool_->fixed_compute
+      : options_.rotate_compute_instance
           ? InstanceId(static_cast<int32_t>(request.value() % options_.num_instances))
           : InstanceId();
 
@@ -238,66 +300,58 @@ absl::StatusOr<GenerateResult> Engine::GeneratePooled(absl::Span<const int32_t> 
     const int64_t end = static_cast<int64_t>(seq.size());
     // Segments that may be served from the pool: only those before the first token to compute.
     const int64_t first_new = prefill ? end - 1 : computed;
-    const int64_t allowed = first_new / s;
     TOKENLAKE_ASSIGN_OR_RETURN(std::vector<index::SegmentKey> keys,
                                FullKeys(pool_->salt, seq, end, s));
-    index::MatchResult match = lake.Match(keys);
-    if (match.matched_segments > allowed) {
-      keys.resize(static_cast<size_t>(allowed));
-      match = lake.Match(keys);
-    }
-    const int64_t cached = int64_t{match.matched_segments} * s;
-    if (cached < pooled) {
-      return absl::InternalError(
-          absl::StrFormat("Generate: request %d lost pooled segments (matched %d tokens, had %d)",
-                          request.value(), cached, pooled));
-    }
-    if (prefill) {
-      computed = cached;
-      result.cached_tokens = cached;
-    } else {
-      // Tokens in [pooled, cached) are in the tail and (identically: same ids, same prefix) in
-      // the pool, committed by another request or an earlier iteration: drop them here.
-      DropTailRows(tail, cached - pooled, row_elems);
-    }
-    pooled = cached;
-    const int64_t new_tokens = end - computed;
-    TOKENLAKE_CHECK(new_tokens >= 1);
-
-    lake::LakeRequest lr{.id = request,
-                         .keys = keys,
-                         .new_tokens = new_tokens,
-                         .preferred_instance = prefill ? preferred : last_compute,
-                         .count_hits = prefill};
-    pool_->clock.AdvanceUs(1000);
+    // 1. Match, plan and admit in one call to the control plane.
     TOKENLAKE_ASSIGN_OR_RETURN(
-        std::vector<plan::BatchPlan> plans,
-        lake.GenPlans({lake::Batch{.requests = {lr}, .dop = options_.num_instances}}));
-    if (plans.size() != 1 || plans[0].requests.size() != 1) {
-      return absl::InternalError("Generate: the lake returned no plan for the request");
-    }
-    const plan::RequestPlan& rp = plans[0].requests[0];
-    if (rp.cached_tokens != cached) {
-      return absl::InternalError(absl::StrFormat("Generate: plan caches %d tokens, match said %d",
-                                                 rp.cached_tokens, cached));
-    }
-    TOKENLAKE_ASSIGN_OR_RETURN(lake::AdmitResult admitted, lake.Admit(lr));
-    (void)admitted;
-    const InstanceId compute = rp.compute_instance;
+        IterationPlan ip,
+        control.PlanIteration({.request = request,
+                               .keys = keys,
+                               .max_cached_segments = static_cast<int32_t>(first_new / s),
+                               .end_tokens = end,
+                               .prefill = prefill,
+                               .computed_tokens = computed,
+                               .preferred_instance = prefill ? preferred : last_compute,
+                               .count_hits = prefill}));
+    keys.resize(static_cast<size_t>(ip.num_keys));
+    const int64_t cached = ip.cached_tokens;
+    const InstanceId compute = external ? pool_->fixed_compute : ip.compute_instance;
     last_compute = compute;
 
     // Executes the plan; on any error the request is released before returning.
     auto run_iteration = [&]() -> absl::Status {
+      if (cached < pooled) {
+        return absl::InternalError(
+            absl::StrFormat("Generate: request %d lost pooled segments (matched %d tokens, had %d)",
+                            request.value(), cached, pooled));
+      }
+      if (prefill) {
+        computed = cached;
+        result.cached_tokens = cached;
+      } else {
+        // Tokens in [pooled, cached) are in the tail and (identically: same ids, same prefix)
+        // in the pool, committed by another request or an earlier iteration: drop them here.
+        DropTailRows(tail, cached - pooled, row_elems);
+      }
+      pooled = cached;
+      if (end - computed != ip.new_tokens || ip.new_tokens < 1) {
+        return absl::InternalError(
+            absl::StrFormat("Generate: plan computes %d tokens, the request has %d", ip.new_tokens,
+                            end - computed));
+      }
+
+      // 2. Segments by holder: local, pulled (KV copied here now), or queries sent per layer.
       std::vector<RemoteHolder> remote;
       std::vector<SegmentRef> local;
       std::vector<PulledSegment> pulled;
-      for (const plan::SegmentAssignment& a : rp.segments) {
+      for (const plan::SegmentAssignment& a : ip.segments) {
         const SegmentRef ref{a.segment, a.num_tokens};
         if (a.holder == compute) {
           local.push_back(ref);
         } else if (a.action == plan::HolderAction::kPullKv) {
           TOKENLAKE_ASSIGN_OR_RETURN(std::vector<std::byte> slot,
                                      pool.PullSegment(compute, a.holder, a.segment));
+          result.pulled_bytes += static_cast<int64_t>(slot.size());
           pulled.push_back({ref, std::move(slot)});
           ++result.pulled_segments;
         } else {
@@ -310,6 +364,7 @@ absl::StatusOr<GenerateResult> Engine::GeneratePooled(absl::Span<const int32_t> 
           it->segments.push_back(ref);
         }
       }
+      // 3. The model, attention merged over all of them.
       PoolBackend backend(&pool, c, compute, std::move(remote), std::move(local), std::move(pulled),
                           &tail, &traffic);
       TOKENLAKE_ASSIGN_OR_RETURN(
@@ -317,14 +372,14 @@ absl::StatusOr<GenerateResult> Engine::GeneratePooled(absl::Span<const int32_t> 
                                   computed, backend));
       computed = end;
 
-      // Store the segments this iteration completed where the lake says, then publish them.
-      std::vector<plan::NewSegmentPlacement> placements;
-      for (const plan::NewSegmentPlacement& p : plans[0].transfer.new_segments) {
-        if (p.request == request) placements.push_back(p);
-      }
-      TOKENLAKE_ASSIGN_OR_RETURN(lake::CommitResult commit, lake.Commit(request, placements));
+      // 4. Store the segments this iteration completed where the lake says, then publish them.
+      TOKENLAKE_ASSIGN_OR_RETURN(lake::CommitResult commit,
+                                 control.Commit(request, ip.new_segments));
       for (const lake::StoredReplica& e : commit.evicted) {
-        TOKENLAKE_RETURN_IF_ERROR(pool.FreeSegment(compute, e.instance, e.segment));
+        absl::Status freed = pool.FreeSegment(compute, e.instance, e.segment);
+        // Over an external pool the stores are reconciled with the lake by the cluster: a copy
+        // already gone (or on an instance that died) is not this request's failure.
+        if (!external) TOKENLAKE_RETURN_IF_ERROR(freed);
       }
       absl::flat_hash_map<SegmentId, InstanceId> stored_on;
       for (const lake::StoredReplica& st : commit.stored) stored_on[st.segment] = st.instance;
@@ -337,9 +392,13 @@ absl::StatusOr<GenerateResult> Engine::GeneratePooled(absl::Span<const int32_t> 
         if (it != stored_on.end()) {
           const int64_t first_row = static_cast<int64_t>(j) * s - pooled;
           const std::vector<std::byte> slot = BuildSlot(tail, first_row, pool.layout());
-          TOKENLAKE_RETURN_IF_ERROR(pool.StoreSegment(compute, it->second, id, slot));
+          const StoredMeta meta{j > 0 ? keys[j - 1].id : SegmentId(), keys[j].num_tokens};
+          TOKENLAKE_RETURN_IF_ERROR(pool.StoreSegment(compute, it->second, id, slot, meta));
           ++result.stored_segments;
-          if (it->second != compute) ++result.remote_stored_segments;
+          if (it->second != compute) {
+            ++result.remote_stored_segments;
+            result.remote_stored_bytes += static_cast<int64_t>(slot.size());
+          }
         } else if (!dedup.contains(id)) {
           contiguous = false;
         }
@@ -350,7 +409,7 @@ absl::StatusOr<GenerateResult> Engine::GeneratePooled(absl::Span<const int32_t> 
       return absl::OkStatus();
     };
     absl::Status status = run_iteration();
-    absl::Status released = lake.Release(request);
+    absl::Status released = control.Release(request);
     TOKENLAKE_RETURN_IF_ERROR(status);
     TOKENLAKE_RETURN_IF_ERROR(released);
 
@@ -362,6 +421,8 @@ absl::StatusOr<GenerateResult> Engine::GeneratePooled(absl::Span<const int32_t> 
   }
   result.decode_logits = std::move(logits);
   result.remote_attend_calls = traffic.remote_attend_calls;
+  result.query_bytes_out = traffic.query_bytes_out;
+  result.partial_bytes_back = traffic.partial_bytes_back;
   return result;
 }
 

@@ -24,6 +24,18 @@
 // the lake rebalances (heavy-hitter replicas, moves) and the engine copies or frees the KV to
 // match.
 //
+// Control plane and data plane (control_plane.h, instance_pool.h). Engine::Create builds both
+// in-process: a lake::Lake behind a LocalControlPlane and an InstancePool of N instance threads
+// over a loopback. Engine::CreateOverPool runs the SAME iteration loop over an external
+// ControlPlane (in the cluster: the coordinator's lake over gRPC) and an external InstancePool
+// that hosts only some instances (in the cluster: this process's instance, on a TcpTransport,
+// the others being remote endpoints), with a fixed computing instance: an instance computes its
+// own requests. When the lake's plan names another computing instance, the engine still
+// computes on its own and treats every cached segment by its holder (local store, remote
+// attend or pull), which gives the same answer. In that mode the caller assigns the request
+// ids (unique across the cluster), frees of segments already gone are not errors (the cluster
+// reconciles stores asynchronously), and rebalancing / DropInstance are the caller's business.
+//
 // Thread-safety: not thread-safe; one Generate at a time.
 #ifndef TOKENLAKE_ENGINE_ENGINE_H_
 #define TOKENLAKE_ENGINE_ENGINE_H_
@@ -39,6 +51,7 @@
 #include "tokenlake/attention/attention.h"
 #include "tokenlake/balance/balancer.h"
 #include "tokenlake/balance/heavy_hitter.h"
+#include "tokenlake/engine/control_plane.h"
 #include "tokenlake/engine/instance_pool.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/lake/lake.h"
@@ -93,6 +106,23 @@ struct GenerateResult {
   int64_t pulled_segments = 0;
   int64_t stored_segments = 0;
   int64_t remote_stored_segments = 0;
+  // Bytes of that traffic: query tensors sent to holders, partial results back, KV pulled,
+  // KV stored on other instances.
+  int64_t query_bytes_out = 0;
+  int64_t partial_bytes_back = 0;
+  int64_t pulled_bytes = 0;
+  int64_t remote_stored_bytes = 0;
+};
+
+// What Engine::CreateOverPool runs over (all borrowed, must outlive the engine).
+struct ExternalPool {
+  // The lake's calls (e.g. service::RemoteControlPlane).
+  ControlPlane* control_plane = nullptr;
+  // The data plane; must host compute_instance and have control_plane->num_instances()
+  // instances with the model's slot layout.
+  InstancePool* pool = nullptr;
+  // The instance that computes every request of this engine.
+  InstanceId compute_instance;
 };
 
 class Engine {
@@ -101,6 +131,14 @@ class Engine {
   // Errors: InvalidArgument naming a bad option; errors creating the pool.
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const LlamaModel* model,
                                                         const EngineOptions& options);
+  // An engine over an external control plane and data plane (see the file comment). Of
+  // `options`, segment_tokens, namespace_name and kv_dtype must match the pool and the
+  // control plane; use_pool, num_instances, slots_per_instance, rotate_compute_instance,
+  // rebalance_every_requests, the lake knobs and wrap_transport are ignored.
+  // Errors: InvalidArgument (null pointers, compute_instance not hosted, layout mismatch).
+  static absl::StatusOr<std::unique_ptr<Engine>> CreateOverPool(const LlamaModel* model,
+                                                                const EngineOptions& options,
+                                                                const ExternalPool& external);
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
@@ -112,12 +150,19 @@ class Engine {
   //   ResourceExhausted (the pool cannot hold the request's segments); internal data-plane
   //   errors.
   absl::StatusOr<GenerateResult> Generate(absl::Span<const int32_t> prompt, int32_t max_new_tokens);
+  // The same with the control plane's request id chosen by the caller (required over an
+  // external pool, where ids must be unique across the cluster; an invalid id = the engine's
+  // next own id). Errors: as Generate, plus the control plane's (AlreadyExists for an id in
+  // use, Unavailable when it cannot be reached).
+  absl::StatusOr<GenerateResult> Generate(RequestId request, absl::Span<const int32_t> prompt,
+                                          int32_t max_new_tokens);
 
   const EngineOptions& options() const { return options_; }
 
   class PoolState;  // the pool path's state (instances, lake); defined in engine.cc
 
-  // The pool's control plane (null without the pool). For tests and statistics.
+  // The pool's own lake (null without the pool or over an external pool). For tests and
+  // statistics.
   const lake::Lake* lake() const;
   // The pool's data plane (null without the pool).
   const InstancePool* instance_pool() const;
@@ -135,7 +180,7 @@ class Engine {
   Engine(const LlamaModel* model, const EngineOptions& options);
   absl::StatusOr<GenerateResult> GenerateLocal(absl::Span<const int32_t> prompt,
                                                int32_t max_new_tokens);
-  absl::StatusOr<GenerateResult> GeneratePooled(absl::Span<const int32_t> prompt,
+  absl::StatusOr<GenerateResult> GeneratePooled(RequestId request, absl::Span<const int32_t> prompt,
                                                 int32_t max_new_tokens);
   // Runs lake::Rebalance and mirrors its actions on the instances' stores.
   absl::Status RebalancePool();

@@ -18,6 +18,7 @@
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/engine/safetensors.h"
 #include "tokenlake/transport/fault_transport.h"
+#include "tokenlake/transport/loopback.h"
 
 namespace tokenlake::engine {
 namespace {
@@ -420,6 +421,99 @@ TEST(EngineTest, LoaderNamesTheMissingOrMisshapenTensor) {
   EXPECT_EQ(m.status().code(), absl::StatusCode::kNotFound);
   EXPECT_NE(m.status().message().find("lm_head.weight"), std::string::npos);
   EXPECT_EQ(LlamaModel::Load("/nonexistent").status().code(), absl::StatusCode::kNotFound);
+}
+
+// The cluster's shape in one process: one lake behind a LocalControlPlane, two InstancePools
+// each hosting one instance on a shared transport, one engine per instance with a fixed
+// computing instance. Requests alternate between the engines with caller-chosen ids; every
+// answer equals the no-pool reference, and queries / KV really cross between the pools.
+TEST(EngineOverPoolTest, EnginesOnSeparatePoolsShareOneLakeAndMatchTheReference) {
+  const uint32_t seed = 777;
+  SCOPED_TRACE(testing::Message() << "seed=" << seed);
+  auto model = TinyModel(false, seed);
+  const LlamaConfig& c = model->config();
+  auto ref = Engine::Create(model.get(), {.use_pool = false});
+  ASSERT_TRUE(ref.ok());
+  const int32_t s = 4;
+  ManualClock clock(1);
+  lake::LakeOptions lo;
+  lo.num_instances = 2;
+  lo.segment_tokens = s;
+  lo.slots_per_instance = 64;
+  lo.heavy_hitter.num_instances = 2;
+  lo.model = plan::ModelShape{.num_layers = c.num_layers,
+                              .num_heads = c.num_heads,
+                              .num_kv_heads = c.num_kv_heads,
+                              .head_dim = c.head_dim,
+                              .dtype_bytes = 4};
+  auto lk = lake::Lake::Create(lo, &clock);
+  ASSERT_TRUE(lk.ok()) << lk.status();
+  LocalControlPlane control(lk->get(), &clock);
+  auto shared = transport::LoopbackTransport::Create({.num_endpoints = 5 + 4});
+  ASSERT_TRUE(shared.ok());
+  const attention::KvSlotLayout layout{.num_layers = c.num_layers,
+                                       .segment_tokens = s,
+                                       .num_kv_heads = c.num_kv_heads,
+                                       .head_dim = c.head_dim,
+                                       .dtype = attention::KvDtype::kFloat32};
+  std::vector<std::unique_ptr<InstancePool>> pools;
+  std::vector<std::unique_ptr<Engine>> engines;
+  for (int32_t i = 0; i < 2; ++i) {
+    InstancePool::Options po{.num_instances = 2,
+                             .layout = layout,
+                             .num_heads = c.num_heads,
+                             .slots_per_instance = 64,
+                             .external_transport = shared->get(),
+                             .endpoint_base = 5};
+    po.hosted = {InstanceId(i)};
+    auto pool = InstancePool::Create(po);
+    ASSERT_TRUE(pool.ok()) << pool.status();
+    pools.push_back(*std::move(pool));
+    auto eng = Engine::CreateOverPool(
+        model.get(), {.segment_tokens = s},
+        {.control_plane = &control, .pool = pools.back().get(), .compute_instance = InstanceId(i)});
+    ASSERT_TRUE(eng.ok()) << eng.status();
+    engines.push_back(*std::move(eng));
+  }
+  // Bad wiring is refused: an instance the pool does not host.
+  EXPECT_EQ(
+      Engine::CreateOverPool(
+          model.get(), {.segment_tokens = s},
+          {.control_plane = &control, .pool = pools[0].get(), .compute_instance = InstanceId(1)})
+          .status()
+          .code(),
+      absl::StatusCode::kInvalidArgument);
+  std::mt19937 rng(seed);
+  std::vector<int32_t> doc(23);
+  for (int32_t& t : doc) t = static_cast<int32_t>(rng() % 64);
+  int64_t remote = 0, moved = 0, cached = 0;
+  for (int32_t k = 0; k < 12; ++k) {
+    SCOPED_TRACE(testing::Message() << "request " << k);
+    std::vector<int32_t> prompt(doc.begin(), doc.begin() + 9 + rng() % 14);
+    for (uint32_t i = 0, n = rng() % 4; i < n; ++i)
+      prompt.push_back(static_cast<int32_t>(rng() % 64));
+    const int32_t max_new = 1 + static_cast<int32_t>(rng() % 3);
+    auto want = (*ref)->Generate(prompt, max_new);
+    ASSERT_TRUE(want.ok());
+    auto got = engines[static_cast<size_t>(k % 2)]->Generate(RequestId(100 + k), prompt, max_new);
+    ASSERT_TRUE(got.ok()) << got.status();
+    EXPECT_EQ(got->tokens, want->tokens);
+    remote += got->remote_attend_calls;
+    moved += got->pulled_segments + got->remote_stored_segments;
+    cached += got->cached_tokens;
+    ASSERT_TRUE((*lk)->CheckIntegrity().ok());
+  }
+  EXPECT_GT(cached, 0);
+  EXPECT_GT(remote + moved, 0);
+  // Every replica the lake lists is in the store of the pool that hosts it.
+  (*lk)->prefix_tree().ForEachNode([&](const index::PrefixTree::Node& node) {
+    for (InstanceId r : node.replicas) {
+      EXPECT_TRUE(pools[static_cast<size_t>(r.value())]->store(r).Find(node.id).has_value());
+    }
+  });
+  engines.clear();
+  pools.clear();
+  (*shared)->Shutdown();
 }
 
 }  // namespace

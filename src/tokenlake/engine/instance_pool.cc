@@ -37,16 +37,16 @@ transport::Message ErrorReply(const transport::Message& request, const absl::Sta
                             .payload = w.Take()};
 }
 
-absl::Status DecodeError(const transport::Message& reply) {
+absl::Status DecodeError(const transport::Message& reply, int32_t endpoint_base) {
   WireReader r(reply.payload);
   int32_t code = 0;
   std::vector<char> text;
   if (!r.Get(&code, "error code").ok() || !r.GetArray(&text, "error message").ok()) {
     return absl::DataLossError("malformed error reply");
   }
-  return absl::Status(
-      static_cast<absl::StatusCode>(code),
-      absl::StrCat("instance ", reply.from.value(), ": ", std::string(text.begin(), text.end())));
+  return absl::Status(static_cast<absl::StatusCode>(code),
+                      absl::StrCat("instance ", reply.from.value() - endpoint_base, ": ",
+                                   std::string(text.begin(), text.end())));
 }
 
 }  // namespace
@@ -66,11 +66,41 @@ absl::StatusOr<std::unique_ptr<InstancePool>> InstancePool::Create(const Options
     return absl::InvalidArgumentError(absl::StrFormat(
         "InstancePool: slots_per_instance must be >= 1, got %d", options.slots_per_instance));
   }
+  if (options.endpoint_base < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("InstancePool: endpoint_base must be >= 0, got %d", options.endpoint_base));
+  }
+  std::vector<bool> hosted(static_cast<size_t>(options.num_instances), options.hosted.empty());
+  for (InstanceId h : options.hosted) {
+    if (!h.valid() || h.value() < 0 || h.value() >= options.num_instances ||
+        hosted[static_cast<size_t>(h.value())]) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "InstancePool: hosted instance %d is out of range or listed twice", h.value()));
+    }
+    hosted[static_cast<size_t>(h.value())] = true;
+  }
+  if (options.external_transport == nullptr &&
+      (!options.hosted.empty() &&
+       static_cast<int32_t>(options.hosted.size()) != options.num_instances)) {
+    return absl::InvalidArgumentError(
+        "InstancePool: hosting a subset of the instances needs an external_transport");
+  }
+  const int64_t endpoints_needed = int64_t{options.endpoint_base} + 2 * options.num_instances;
   std::unique_ptr<InstancePool> pool(new InstancePool(options));
-  TOKENLAKE_ASSIGN_OR_RETURN(pool->loopback_, transport::LoopbackTransport::Create(
-                                                  {.num_endpoints = 2 * options.num_instances}));
-  pool->transport_ = pool->loopback_.get();
-  if (options.wrap_transport) {
+  if (options.external_transport != nullptr) {
+    if (options.external_transport->num_endpoints() < endpoints_needed) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("InstancePool: external transport has %d endpoints, the pool needs %d",
+                          options.external_transport->num_endpoints(), endpoints_needed));
+    }
+    pool->transport_ = options.external_transport;
+  } else {
+    TOKENLAKE_ASSIGN_OR_RETURN(pool->loopback_,
+                               transport::LoopbackTransport::Create(
+                                   {.num_endpoints = static_cast<int32_t>(endpoints_needed)}));
+    pool->transport_ = pool->loopback_.get();
+  }
+  if (options.external_transport == nullptr && options.wrap_transport) {
     TOKENLAKE_ASSIGN_OR_RETURN(pool->wrapper_, options.wrap_transport(pool->loopback_.get()));
     if (pool->wrapper_ == nullptr ||
         pool->wrapper_->num_endpoints() != pool->loopback_->num_endpoints()) {
@@ -81,6 +111,11 @@ absl::StatusOr<std::unique_ptr<InstancePool>> InstancePool::Create(const Options
   }
   const size_t slot_bytes = static_cast<size_t>(options.layout.SlotBytes());
   for (int32_t i = 0; i < options.num_instances; ++i) {
+    if (!hosted[static_cast<size_t>(i)]) {
+      pool->instances_.push_back(nullptr);
+      pool->drivers_.push_back(nullptr);
+      continue;
+    }
     auto inst = std::make_unique<Instance>();
     inst->arena.resize(slot_bytes * static_cast<size_t>(options.slots_per_instance));
     TOKENLAKE_ASSIGN_OR_RETURN(inst->store,
@@ -93,6 +128,7 @@ absl::StatusOr<std::unique_ptr<InstancePool>> InstancePool::Create(const Options
     pool->drivers_.push_back(std::make_unique<Driver>());
   }
   for (int32_t i = 0; i < options.num_instances; ++i) {
+    if (!hosted[static_cast<size_t>(i)]) continue;
     pool->instances_[static_cast<size_t>(i)]->server =
         std::thread([p = pool.get(), i] { p->ServeLoop(InstanceId(i)); });
   }
@@ -100,22 +136,61 @@ absl::StatusOr<std::unique_ptr<InstancePool>> InstancePool::Create(const Options
 }
 
 InstancePool::~InstancePool() {
-  if (transport_ != nullptr) transport_->Shutdown();
-  if (loopback_ != nullptr) loopback_->Shutdown();
+  stopping_.store(true);
+  // An external transport belongs to the caller: the servers notice stopping_ within their
+  // receive timeout instead.
+  if (options_.external_transport == nullptr) {
+    if (transport_ != nullptr) transport_->Shutdown();
+    if (loopback_ != nullptr) loopback_->Shutdown();
+  }
   for (auto& inst : instances_) {
-    if (inst->server.joinable()) inst->server.join();
+    if (inst != nullptr && inst->server.joinable()) inst->server.join();
   }
 }
 
 store::SegmentStore& InstancePool::store(InstanceId i) const {
-  TOKENLAKE_CHECK(InRange(i));
+  TOKENLAKE_CHECK(hosts(i));
   return *instances_[static_cast<size_t>(i.value())]->store;
 }
 
+std::vector<HeldSegmentInfo> InstancePool::Held(InstanceId i) const {
+  TOKENLAKE_CHECK(hosts(i));
+  const Instance& inst = *instances_[static_cast<size_t>(i.value())];
+  std::vector<HeldSegmentInfo> out;
+  absl::MutexLock lock(&inst.meta_mu);
+  for (SegmentId id : inst.store->Segments()) {
+    auto it = inst.meta.find(id);
+    out.push_back({id, it == inst.meta.end() ? StoredMeta{} : it->second});
+  }
+  return out;
+}
+
+StoredMeta InstancePool::MetaOf(InstanceId holder, SegmentId segment) const {
+  const Instance& inst = *instances_[static_cast<size_t>(holder.value())];
+  absl::MutexLock lock(&inst.meta_mu);
+  auto it = inst.meta.find(segment);
+  return it == inst.meta.end() ? StoredMeta{} : it->second;
+}
+
+absl::Status InstancePool::CheckDriver(InstanceId compute, InstanceId other,
+                                       const char* what) const {
+  if (!hosts(compute) || !InRange(other)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: instance out of range or computing instance %d not hosted here", what,
+                        compute.valid() ? compute.value() : -1));
+  }
+  return absl::OkStatus();
+}
+
 void InstancePool::ServeLoop(InstanceId self) {
-  while (true) {
-    absl::StatusOr<transport::Message> m = transport_->Receive(self, absl::InfiniteDuration());
-    if (!m.ok()) return;  // Cancelled: shut down.
+  const bool external = options_.external_transport != nullptr;
+  while (!stopping_.load()) {
+    absl::StatusOr<transport::Message> m = transport_->Receive(
+        ServerEndpoint(self), external ? absl::Milliseconds(100) : absl::InfiniteDuration());
+    if (!m.ok()) {
+      if (m.status().code() == absl::StatusCode::kDeadlineExceeded) continue;
+      return;  // Cancelled: shut down.
+    }
     transport::Message reply = Handle(*m);
     // A failed reply send means the pool is shutting down; nothing else to do.
     (void)transport_->Send(std::move(reply));
@@ -123,11 +198,11 @@ void InstancePool::ServeLoop(InstanceId self) {
 }
 
 transport::Message InstancePool::Handle(const transport::Message& request) {
-  const InstanceId self = request.to;
+  const InstanceId self(request.to.value() - options_.endpoint_base);
   WireReader r(request.payload);
   WireWriter w;
   auto reply = [&](uint32_t tag) {
-    return transport::Message{.from = self,
+    return transport::Message{.from = request.to,
                               .to = request.from,
                               .tag = tag,
                               .correlation_id = request.correlation_id,
@@ -165,21 +240,29 @@ transport::Message InstancePool::Handle(const transport::Message& request) {
       if (!pin.ok()) return ErrorReply(request, pin.status());
       const absl::Span<std::byte> data = pin->data();
       w.PutArray<std::byte>(data);
+      const StoredMeta meta = MetaOf(self, SegmentId(id));
+      w.Put<uint64_t>(meta.parent.value());
+      w.Put<int32_t>(meta.num_tokens);
       return reply(kPullReply);
     }
     case kStoreRequest: {
-      uint64_t id = 0;
+      uint64_t id = 0, parent = 0;
+      int32_t tokens = 0;
       std::vector<std::byte> bytes;
       absl::Status s = r.Get(&id, "segment id");
       if (s.ok()) s = r.GetArray(&bytes, "slot bytes");
-      if (s.ok()) s = LocalStore(self, SegmentId(id), bytes);
+      if (s.ok()) s = r.Get(&parent, "parent id");
+      if (s.ok()) s = r.Get(&tokens, "segment tokens");
+      if (s.ok()) {
+        s = LocalStore(self, SegmentId(id), bytes, StoredMeta{SegmentId(parent), tokens});
+      }
       if (!s.ok()) return ErrorReply(request, s);
       return reply(kStoreReply);
     }
     case kFreeRequest: {
       uint64_t id = 0;
       absl::Status s = r.Get(&id, "segment id");
-      if (s.ok()) s = store(self).Free(SegmentId(id));
+      if (s.ok()) s = LocalFree(self, SegmentId(id));
       if (!s.ok()) return ErrorReply(request, s);
       return reply(kFreeReply);
     }
@@ -193,7 +276,7 @@ absl::Status InstancePool::LocalAttend(InstanceId holder, int32_t layer,
                                        absl::Span<const SegmentRef> segments, int32_t num_q,
                                        absl::Span<const float> q, absl::Span<float> out,
                                        absl::Span<float> lse) const {
-  if (!InRange(holder)) {
+  if (!hosts(holder)) {
     return absl::InvalidArgumentError(
         absl::StrFormat("attend: holder %d out of range", static_cast<int64_t>(holder.value())));
   }
@@ -221,9 +304,18 @@ absl::Status InstancePool::LocalAttend(InstanceId holder, int32_t layer,
   return attention::PartialAttention(params, num_q, q, blocks, out, lse);
 }
 
+absl::Status InstancePool::LocalFree(InstanceId target, SegmentId segment) const {
+  TOKENLAKE_RETURN_IF_ERROR(store(target).Free(segment));
+  Instance& inst = *instances_[static_cast<size_t>(target.value())];
+  absl::MutexLock lock(&inst.meta_mu);
+  inst.meta.erase(segment);
+  return absl::OkStatus();
+}
+
 absl::Status InstancePool::LocalStore(InstanceId target, SegmentId segment,
-                                      absl::Span<const std::byte> slot_bytes) const {
-  if (!InRange(target)) {
+                                      absl::Span<const std::byte> slot_bytes,
+                                      StoredMeta meta) const {
+  if (!hosts(target)) {
     return absl::InvalidArgumentError(
         absl::StrFormat("store: instance %d out of range", static_cast<int64_t>(target.value())));
   }
@@ -241,6 +333,9 @@ absl::Status InstancePool::LocalStore(InstanceId target, SegmentId segment,
   const absl::Span<std::byte> data = st.SlotData(*slot);
   TOKENLAKE_CHECK(data.size() == slot_bytes.size());
   std::memcpy(data.data(), slot_bytes.data(), slot_bytes.size());
+  Instance& inst = *instances_[static_cast<size_t>(target.value())];
+  absl::MutexLock lock(&inst.meta_mu);
+  inst.meta[segment] = meta;
   return absl::OkStatus();
 }
 
@@ -253,7 +348,7 @@ absl::StatusOr<uint64_t> InstancePool::Send(InstanceId compute, InstanceId targe
     ticket = d.next_ticket++;
   }
   TOKENLAKE_RETURN_IF_ERROR(transport_->Send(transport::Message{.from = DriverEndpoint(compute),
-                                                                .to = target,
+                                                                .to = ServerEndpoint(target),
                                                                 .tag = tag,
                                                                 .correlation_id = ticket,
                                                                 .payload = std::move(payload)}));
@@ -268,7 +363,7 @@ absl::StatusOr<transport::Message> InstancePool::AwaitReply(InstanceId compute, 
     if (it != d.stash.end()) {
       transport::Message m = std::move(it->second);
       d.stash.erase(it);
-      if (m.tag == kErrorReply) return DecodeError(m);
+      if (m.tag == kErrorReply) return DecodeError(m, options_.endpoint_base);
       return m;
     }
   }
@@ -277,7 +372,7 @@ absl::StatusOr<transport::Message> InstancePool::AwaitReply(InstanceId compute, 
     TOKENLAKE_ASSIGN_OR_RETURN(
         transport::Message m, transport_->Receive(DriverEndpoint(compute), deadline - absl::Now()));
     if (m.correlation_id == ticket) {
-      if (m.tag == kErrorReply) return DecodeError(m);
+      if (m.tag == kErrorReply) return DecodeError(m, options_.endpoint_base);
       return m;
     }
     absl::MutexLock lock(&d.mu);
@@ -289,9 +384,7 @@ absl::StatusOr<uint64_t> InstancePool::StartAttend(InstanceId compute, InstanceI
                                                    int32_t layer,
                                                    absl::Span<const SegmentRef> segments,
                                                    int32_t num_q, absl::Span<const float> q) {
-  if (!InRange(compute) || !InRange(holder)) {
-    return absl::InvalidArgumentError("StartAttend: instance out of range");
-  }
+  TOKENLAKE_RETURN_IF_ERROR(CheckDriver(compute, holder, "StartAttend"));
   if (segments.empty()) return absl::InvalidArgumentError("StartAttend: no segments");
   if (num_q < 0 || q.size() != static_cast<size_t>(num_q) * options_.num_heads *
                                    static_cast<size_t>(options_.layout.head_dim)) {
@@ -332,13 +425,13 @@ absl::Status InstancePool::AwaitAttend(InstanceId compute, uint64_t ticket, absl
 
 absl::StatusOr<std::vector<std::byte>> InstancePool::PullSegment(InstanceId compute,
                                                                  InstanceId holder,
-                                                                 SegmentId segment) {
-  if (!InRange(compute) || !InRange(holder)) {
-    return absl::InvalidArgumentError("PullSegment: instance out of range");
-  }
+                                                                 SegmentId segment,
+                                                                 StoredMeta* meta) {
+  TOKENLAKE_RETURN_IF_ERROR(CheckDriver(compute, holder, "PullSegment"));
   if (compute == holder) {
     TOKENLAKE_ASSIGN_OR_RETURN(store::SlotPin pin, store(holder).Pin(segment));
     const absl::Span<std::byte> data = pin.data();
+    if (meta != nullptr) *meta = MetaOf(holder, segment);
     return std::vector<std::byte>(data.begin(), data.end());
   }
   WireWriter w;
@@ -351,32 +444,35 @@ absl::StatusOr<std::vector<std::byte>> InstancePool::PullSegment(InstanceId comp
   if (static_cast<int64_t>(bytes.size()) != options_.layout.SlotBytes()) {
     return absl::DataLossError("PullSegment: reply is not one slot");
   }
+  uint64_t parent = 0;
+  int32_t tokens = 0;
+  TOKENLAKE_RETURN_IF_ERROR(r.Get(&parent, "parent id"));
+  TOKENLAKE_RETURN_IF_ERROR(r.Get(&tokens, "segment tokens"));
+  if (meta != nullptr) *meta = StoredMeta{SegmentId(parent), tokens};
   return bytes;
 }
 
 absl::Status InstancePool::StoreSegment(InstanceId compute, InstanceId target, SegmentId segment,
-                                        absl::Span<const std::byte> slot_bytes) {
-  if (!InRange(compute) || !InRange(target)) {
-    return absl::InvalidArgumentError("StoreSegment: instance out of range");
-  }
+                                        absl::Span<const std::byte> slot_bytes, StoredMeta meta) {
+  TOKENLAKE_RETURN_IF_ERROR(CheckDriver(compute, target, "StoreSegment"));
   if (static_cast<int64_t>(slot_bytes.size()) != options_.layout.SlotBytes()) {
     return absl::InvalidArgumentError(
         absl::StrFormat("StoreSegment: %d bytes for segment %d, a slot holds %d", slot_bytes.size(),
                         segment.value(), options_.layout.SlotBytes()));
   }
-  if (compute == target) return LocalStore(target, segment, slot_bytes);
+  if (compute == target) return LocalStore(target, segment, slot_bytes, meta);
   WireWriter w;
   w.Put<uint64_t>(segment.value());
   w.PutArray<std::byte>(slot_bytes);
+  w.Put<uint64_t>(meta.parent.value());
+  w.Put<int32_t>(meta.num_tokens);
   TOKENLAKE_ASSIGN_OR_RETURN(uint64_t ticket, Send(compute, target, kStoreRequest, w.Take()));
   return AwaitReply(compute, ticket).status();
 }
 
 absl::Status InstancePool::FreeSegment(InstanceId compute, InstanceId target, SegmentId segment) {
-  if (!InRange(compute) || !InRange(target)) {
-    return absl::InvalidArgumentError("FreeSegment: instance out of range");
-  }
-  if (compute == target) return store(target).Free(segment);
+  TOKENLAKE_RETURN_IF_ERROR(CheckDriver(compute, target, "FreeSegment"));
+  if (compute == target) return LocalFree(target, segment);
   WireWriter w;
   w.Put<uint64_t>(segment.value());
   TOKENLAKE_ASSIGN_OR_RETURN(uint64_t ticket, Send(compute, target, kFreeRequest, w.Take()));

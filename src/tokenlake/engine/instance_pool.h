@@ -16,11 +16,24 @@
 // The driver-side calls below send those messages and wait for the replies. When the target
 // instance is the caller's own instance, the work is done directly on its store (no message).
 //
+// Hosting a subset (the multi-process cluster): with Options::external_transport (e.g. a
+// TcpTransport shared with other processes) the pool creates no loopback, hosts only the
+// instances in Options::hosted (their stores, server threads and driver endpoints) and treats
+// every other instance as a remote endpoint reached through the transport. Endpoints are then
+// offset by Options::endpoint_base (server of i = base + i, driver of c = base + N + c), so
+// that the pool can share a transport with other traffic. Driver calls may only name a hosted
+// computing instance; store(i) only a hosted instance.
+//
+// Segment metadata: each hosted instance remembers, for every segment it stores, its parent
+// in the chain and its token count (sent with the store message), so that it can report what
+// it holds in a form the control plane can rebuild its prefix tree from (Held()).
+//
 // Thread-safety: thread-safe. Each driver endpoint (computing instance) must be used by one
 // thread at a time; different computing instances may drive concurrently.
 #ifndef TOKENLAKE_ENGINE_INSTANCE_POOL_H_
 #define TOKENLAKE_ENGINE_INSTANCE_POOL_H_
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -35,6 +48,7 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "tokenlake/attention/attention.h"
+#include "tokenlake/base/check.h"
 #include "tokenlake/base/ids.h"
 #include "tokenlake/store/segment_store.h"
 #include "tokenlake/transport/loopback.h"
@@ -45,6 +59,19 @@ namespace tokenlake::engine {
 struct SegmentRef {
   SegmentId id;
   int32_t num_tokens = 0;
+};
+
+// What a store message says about the segment besides its KV: its parent in the chain
+// (invalid for a root child) and its token count (0 = unknown).
+struct StoredMeta {
+  SegmentId parent;
+  int32_t num_tokens = 0;
+};
+
+// One segment a hosted instance stores, with its metadata.
+struct HeldSegmentInfo {
+  SegmentId id;
+  StoredMeta meta;
 };
 
 class InstancePool {
@@ -66,8 +93,17 @@ class InstancePool {
     // How long a driver waits for a reply before giving up (DeadlineExceeded).
     absl::Duration reply_timeout = absl::Seconds(60);
     // Optional: every message goes through the transport this returns (empty = the loopback
-    // itself).
+    // itself). Ignored with external_transport.
     TransportWrapper wrap_transport;
+    // Optional (borrowed, must outlive the pool): use this transport instead of an own
+    // loopback. Its endpoint space must hold endpoint_base + 2 N endpoints and it must host
+    // (receive for) the server and driver endpoints of every instance in `hosted`.
+    transport::Transport* external_transport = nullptr;
+    // Instances hosted by this pool (stores, servers, drivers); empty = all N. Only with
+    // external_transport may this be a strict subset.
+    std::vector<InstanceId> hosted;
+    // First endpoint of the pool in the transport's endpoint space, >= 0.
+    int32_t endpoint_base = 0;
   };
 
   // Allocates the arenas, creates the stores and the transport, starts the server threads.
@@ -81,12 +117,28 @@ class InstancePool {
 
   int32_t num_instances() const { return options_.num_instances; }
   const attention::KvSlotLayout& layout() const { return options_.layout; }
-  // The store of instance `i`. REQUIRES: 0 <= i < N.
+  // Whether instance `i` is hosted by this pool.
+  bool hosts(InstanceId i) const {
+    return InRange(i) && instances_[static_cast<size_t>(i.value())] != nullptr;
+  }
+  // The store of instance `i`. REQUIRES: hosts(i).
   store::SegmentStore& store(InstanceId i) const;
+  // The segments hosted instance `i` stores, with their metadata (parent, tokens; zero when a
+  // store message did not carry them). REQUIRES: hosts(i).
+  std::vector<HeldSegmentInfo> Held(InstanceId i) const;
   // The loopback under any wrapper (for its traffic counters: what reached it).
-  const transport::LoopbackTransport& transport() const { return *loopback_; }
-  // Endpoint of the driver of computing instance `c`.
-  InstanceId DriverEndpoint(InstanceId c) const { return InstanceId(num_instances() + c.value()); }
+  // REQUIRES: no external_transport.
+  const transport::LoopbackTransport& transport() const {
+    TOKENLAKE_CHECK(loopback_ != nullptr);
+    return *loopback_;
+  }
+  // Endpoint of the server of instance `i` and of the driver of computing instance `c`.
+  InstanceId ServerEndpoint(InstanceId i) const {
+    return InstanceId(options_.endpoint_base + i.value());
+  }
+  InstanceId DriverEndpoint(InstanceId c) const {
+    return InstanceId(options_.endpoint_base + num_instances() + c.value());
+  }
 
   // ---- Driver side. `compute` is the calling driver's computing instance. ----
 
@@ -110,14 +162,16 @@ class InstancePool {
 
   // Copies the whole slot of `segment` from `holder` (slot_bytes bytes).
   // Errors: NotFound (not stored there), transport errors.
+  // With `meta`, also returns the holder's metadata of the segment.
   absl::StatusOr<std::vector<std::byte>> PullSegment(InstanceId compute, InstanceId holder,
-                                                     SegmentId segment);
+                                                     SegmentId segment, StoredMeta* meta = nullptr);
 
   // Writes `slot_bytes` (exactly layout().SlotBytes()) as the KV of `segment` on `target`,
   // allocating a slot unless `segment` already has one there.
   // Errors: InvalidArgument (size), ResourceExhausted (no free slot on target), transport errors.
+  // `meta` is remembered by the target with the segment (see Held()).
   absl::Status StoreSegment(InstanceId compute, InstanceId target, SegmentId segment,
-                            absl::Span<const std::byte> slot_bytes);
+                            absl::Span<const std::byte> slot_bytes, StoredMeta meta = {});
 
   // Frees `segment`'s slot on `target`. Errors: NotFound, FailedPrecondition (pinned).
   absl::Status FreeSegment(InstanceId compute, InstanceId target, SegmentId segment);
@@ -127,6 +181,8 @@ class InstancePool {
     std::vector<std::byte> arena;
     std::unique_ptr<store::SegmentStore> store;
     std::thread server;
+    mutable absl::Mutex meta_mu;
+    absl::flat_hash_map<SegmentId, StoredMeta> meta ABSL_GUARDED_BY(meta_mu);
   };
   struct Driver {
     absl::Mutex mu;
@@ -142,7 +198,10 @@ class InstancePool {
   void ServeLoop(InstanceId self);
   transport::Message Handle(const transport::Message& request);
   absl::Status LocalStore(InstanceId target, SegmentId segment,
-                          absl::Span<const std::byte> slot_bytes) const;
+                          absl::Span<const std::byte> slot_bytes, StoredMeta meta) const;
+  absl::Status LocalFree(InstanceId target, SegmentId segment) const;
+  StoredMeta MetaOf(InstanceId holder, SegmentId segment) const;
+  absl::Status CheckDriver(InstanceId compute, InstanceId other, const char* what) const;
   absl::StatusOr<uint64_t> Send(InstanceId compute, InstanceId target, uint32_t tag,
                                 std::vector<std::byte> payload);
   // Waits for the reply to `ticket`; converts error replies into their status.
@@ -150,10 +209,11 @@ class InstancePool {
 
   const Options options_;
   std::unique_ptr<transport::LoopbackTransport> loopback_;
-  std::unique_ptr<transport::Transport> wrapper_;  // null without wrap_transport
-  transport::Transport* transport_ = nullptr;      // wrapper_ or loopback_
-  std::vector<std::unique_ptr<Instance>> instances_;
-  std::vector<std::unique_ptr<Driver>> drivers_;
+  std::unique_ptr<transport::Transport> wrapper_;     // null without wrap_transport
+  transport::Transport* transport_ = nullptr;         // wrapper_ or loopback_
+  std::vector<std::unique_ptr<Instance>> instances_;  // null for an instance not hosted here
+  std::vector<std::unique_ptr<Driver>> drivers_;      // null for an instance not hosted here
+  std::atomic<bool> stopping_{false};
 };
 
 }  // namespace tokenlake::engine

@@ -197,5 +197,71 @@ TEST(InstancePoolTest, ErrorsComeBackAsStatusesNamingTheInstance) {
   EXPECT_EQ(pool->transport().messages_sent(pool->DriverEndpoint(InstanceId(1))), 0);
 }
 
+// Two pools in one process, each hosting one of the two instances, over one shared transport
+// (as two instance processes share the endpoint space of their TcpTransports): stores, pulls,
+// attends and frees cross between them with the segments' metadata.
+TEST(InstancePoolTest, PoolsHostingDisjointInstancesTalkOverASharedTransport) {
+  auto shared = transport::LoopbackTransport::Create({.num_endpoints = 3 + 4});
+  ASSERT_TRUE(shared.ok());
+  InstancePool::Options o{.num_instances = 2,
+                          .layout = Layout(KvDtype::kFloat32),
+                          .num_heads = 4,
+                          .slots_per_instance = 4,
+                          .external_transport = shared->get(),
+                          .endpoint_base = 3};
+  o.hosted = {InstanceId(0)};
+  auto a = InstancePool::Create(o);
+  ASSERT_TRUE(a.ok()) << a.status();
+  o.hosted = {InstanceId(1)};
+  auto b = InstancePool::Create(o);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_TRUE((*a)->hosts(InstanceId(0)));
+  EXPECT_FALSE((*a)->hosts(InstanceId(1)));
+  std::mt19937 rng(7);
+  const std::vector<std::byte> slot = RandomSlot(Layout(KvDtype::kFloat32), rng);
+  const StoredMeta meta{SegmentId(11), 3};
+  ASSERT_TRUE((*a)->StoreSegment(InstanceId(0), InstanceId(1), SegmentId(12), slot, meta).ok());
+  ASSERT_EQ((*b)->Held(InstanceId(1)).size(), 1u);
+  EXPECT_EQ((*b)->Held(InstanceId(1))[0].meta.parent, SegmentId(11));
+  EXPECT_EQ((*b)->Held(InstanceId(1))[0].meta.num_tokens, 3);
+  StoredMeta pulled_meta;
+  auto pulled = (*a)->PullSegment(InstanceId(0), InstanceId(1), SegmentId(12), &pulled_meta);
+  ASSERT_TRUE(pulled.ok()) << pulled.status();
+  EXPECT_EQ(*pulled, slot);
+  EXPECT_EQ(pulled_meta.parent, SegmentId(11));
+  EXPECT_EQ(pulled_meta.num_tokens, 3);
+  // Remote attend from instance 0 to 1 equals instance 1's own computation.
+  const int32_t num_q = 2;
+  std::vector<float> q(static_cast<size_t>(num_q) * 4 * 8, 0.25f);
+  std::vector<float> out(q.size()), lse(num_q * 4), ref_out(q.size()), ref_lse(num_q * 4);
+  const SegmentRef ref{SegmentId(12), 3};
+  auto ticket = (*a)->StartAttend(InstanceId(0), InstanceId(1), 1, {&ref, 1}, num_q, q);
+  ASSERT_TRUE(ticket.ok()) << ticket.status();
+  ASSERT_TRUE(
+      (*a)->AwaitAttend(InstanceId(0), *ticket, absl::MakeSpan(out), absl::MakeSpan(lse)).ok());
+  ASSERT_TRUE((*b)->LocalAttend(InstanceId(1), 1, {&ref, 1}, num_q, q, absl::MakeSpan(ref_out),
+                                absl::MakeSpan(ref_lse))
+                  .ok());
+  EXPECT_EQ(out, ref_out);
+  EXPECT_EQ(lse, ref_lse);
+  // A driver call from an instance this pool does not host is refused, not crashed.
+  EXPECT_EQ((*a)->PullSegment(InstanceId(1), InstanceId(1), SegmentId(12)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE((*a)->FreeSegment(InstanceId(0), InstanceId(1), SegmentId(12)).ok());
+  EXPECT_TRUE((*b)->Held(InstanceId(1)).empty());
+  // Hosting a subset without an external transport is an error.
+  InstancePool::Options bad = o;
+  bad.external_transport = nullptr;
+  EXPECT_EQ(InstancePool::Create(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  // So is a transport with too few endpoints.
+  auto small = transport::LoopbackTransport::Create({.num_endpoints = 4});
+  ASSERT_TRUE(small.ok());
+  bad.external_transport = small->get();
+  EXPECT_EQ(InstancePool::Create(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  b->reset();
+  a->reset();
+  (*shared)->Shutdown();
+}
+
 }  // namespace
 }  // namespace tokenlake::engine

@@ -40,6 +40,8 @@ absl::Status PoolBackend::Attend(int32_t layer, int32_t num_tokens, absl::Span<c
         uint64_t ticket, pool_->StartAttend(compute_, r.holder, layer, r.segments, num_tokens, q));
     tickets.push_back(ticket);
     ++traffic_->remote_attend_calls;
+    traffic_->query_bytes_out += static_cast<int64_t>(q.size() * sizeof(float));
+    traffic_->partial_bytes_back += static_cast<int64_t>((out_size + lse_size) * sizeof(float));
   }
 
   // 2. Own causal partial over the tail plus the new tokens.

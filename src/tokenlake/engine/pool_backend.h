@@ -45,6 +45,9 @@ struct PulledSegment {
 struct PoolTraffic {
   int64_t remote_attend_calls = 0;
   int64_t local_attend_calls = 0;
+  // Bytes of the remote attend calls: query tensors sent, partial results (out, lse) back.
+  int64_t query_bytes_out = 0;
+  int64_t partial_bytes_back = 0;
 };
 
 class PoolBackend final : public AttentionBackend {

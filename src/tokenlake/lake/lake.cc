@@ -690,6 +690,86 @@ absl::Status Lake::DropInstance(InstanceId instance) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<RestoreResult> Lake::RestoreReplicas(InstanceId instance,
+                                                    absl::Span<const HeldSegment> held) {
+  if (!instance.valid() || instance.value() < 0 || instance.value() >= num_instances()) {
+    return Invalid(absl::StrFormat("RestoreReplicas: unknown instance %d (pool has %d)",
+                                   instance.value(), num_instances()));
+  }
+  absl::MutexLock lock(&mu_);
+  RestoreResult result;
+  store::SegmentStore& st = *stores_[instance.value()];
+  const int64_t now = clock_->NowUs();
+  // Passes over what is left until one makes no progress: a segment can go in once its parent
+  // is in the tree, so parents always go first whatever the order of `held`.
+  std::vector<HeldSegment> pending(held.begin(), held.end());
+  while (!pending.empty()) {
+    std::vector<HeldSegment> next;
+    for (const HeldSegment& h : pending) {
+      const index::PrefixTree::Node* node = tree_->Find(h.id);
+      if (node != nullptr) {
+        if (node->parent != h.parent || node->num_tokens != h.num_tokens) {
+          result.rejected.push_back(h.id);
+        } else if (node->HasReplicaOn(instance)) {
+          ++result.already_listed;
+        } else if (st.free() == 0) {
+          result.rejected.push_back(h.id);
+        } else {
+          TOKENLAKE_RETURN_IF_ERROR(tree_->AddReplica(h.id, instance));
+          TOKENLAKE_CHECK_OK(st.Allocate(h.id).status());
+          RefreshReplicatedLocked(h.id);
+          ++result.restored_replicas;
+        }
+        continue;
+      }
+      if (h.parent.valid() && !tree_->Contains(h.parent)) {
+        next.push_back(h);  // maybe later in this report
+        continue;
+      }
+      if (!h.id.valid() || h.num_tokens < 1 || h.num_tokens > options_.segment_tokens ||
+          st.free() == 0) {
+        result.rejected.push_back(h.id);
+        continue;
+      }
+      absl::StatusOr<index::InsertResult> ins =
+          tree_->Insert(h.parent, index::SegmentKey{h.id, h.num_tokens}, instance, now);
+      if (!ins.ok()) {  // e.g. the parent is a part-segment
+        result.rejected.push_back(h.id);
+        continue;
+      }
+      TOKENLAKE_CHECK_OK(st.Allocate(h.id).status());
+      ++result.restored_replicas;
+      ++result.new_segments;
+    }
+    if (next.size() == pending.size()) {
+      for (const HeldSegment& h : next) result.rejected.push_back(h.id);  // orphans
+      break;
+    }
+    pending = std::move(next);
+  }
+  return result;
+}
+
+absl::Status Lake::DropReplica(SegmentId segment, InstanceId instance) {
+  if (!instance.valid() || instance.value() < 0 || instance.value() >= num_instances()) {
+    return Invalid(absl::StrFormat("DropReplica: unknown instance %d (pool has %d)",
+                                   instance.value(), num_instances()));
+  }
+  absl::MutexLock lock(&mu_);
+  const index::PrefixTree::Node* node = tree_->Find(segment);
+  if (node == nullptr || !node->HasReplicaOn(instance)) {
+    return absl::NotFoundError(absl::StrFormat("DropReplica: segment %d has no copy on instance %d",
+                                               segment.value(), instance.value()));
+  }
+  if (node->is_pinned()) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("DropReplica: segment %d is pinned by a running request", segment.value()));
+  }
+  TOKENLAKE_ASSIGN_OR_RETURN(index::EvictResult r, tree_->RemoveReplica(segment, instance));
+  OnReplicasFreedLocked(segment, r.node_erased, r.freed_on, nullptr);
+  return absl::OkStatus();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Introspection
 

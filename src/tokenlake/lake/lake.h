@@ -174,6 +174,27 @@ struct RebalanceResult {
   int64_t bytes_moved = 0;
 };
 
+// One segment an instance reports holding (RestoreReplicas): its id, its parent in the chain
+// (invalid for a root child) and its token count.
+struct HeldSegment {
+  SegmentId id;
+  SegmentId parent;
+  int32_t num_tokens = 0;
+};
+
+struct RestoreResult {
+  // Replicas added on the instance (new nodes and extra copies of known nodes).
+  int64_t restored_replicas = 0;
+  // Of those, nodes created in the tree.
+  int64_t new_segments = 0;
+  // Reported segments already listed on the instance (nothing to do).
+  int64_t already_listed = 0;
+  // Segments not restored: their parent is neither in the tree nor restorable from the report
+  // (orphans), their id is known with another parent or length, their length is invalid, or the
+  // instance has no free slot. The instance should free them.
+  std::vector<SegmentId> rejected;
+};
+
 struct InstanceStats {
   InstanceId instance;
   int64_t capacity_slots = 0;
@@ -292,6 +313,24 @@ class Lake {
   // The instance is lost: its replicas disappear (segments whose only copy it held are erased
   // with their subtrees). Errors: InvalidArgument (unknown instance).
   absl::Status DropInstance(InstanceId instance);
+
+  // Rebuilds the instance's part of the pool from what it reports holding (e.g. after a
+  // coordinator restart, when instances re-register): every reported segment whose parent is in
+  // the tree (or is itself restorable from `held`, which may be in any order: parents are
+  // inserted first) becomes a replica on `instance`; a segment the tree already lists with the
+  // same parent and length gets an extra replica. Orphans (parent unknown), conflicting ids,
+  // bad lengths and segments beyond the instance's free slots are reported as rejected and
+  // change nothing. Restored segments are unpinned, last accessed now.
+  // Errors: InvalidArgument (unknown instance). O(|held| x depth) worst case.
+  absl::StatusOr<RestoreResult> RestoreReplicas(InstanceId instance,
+                                                absl::Span<const HeldSegment> held);
+
+  // Drops the copy of `segment` on `instance` (the instance lost it, e.g. heartbeat
+  // reconciliation). Removing the last copy erases the node, allowed only for an unpinned leaf.
+  // Errors: InvalidArgument (unknown instance), NotFound (no such replica), FailedPrecondition
+  // (the segment is pinned by a running request, or it is the last copy of an interior node:
+  // use DropInstance). Nothing is changed on error.
+  absl::Status DropReplica(SegmentId segment, InstanceId instance);
 
   // ---- Introspection ----
 

@@ -1,0 +1,76 @@
+#include "tokenlake/engine/control_plane.h"
+
+#include <utility>
+
+#include "absl/strings/str_format.h"
+#include "tokenlake/base/status_macros.h"
+
+namespace tokenlake::engine {
+
+absl::StatusOr<IterationPlan> PlanIterationOnLake(lake::Lake& lake, ManualClock* clock,
+                                                  const IterationRequest& request) {
+  if (request.max_cached_segments < 0 || request.end_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PlanIteration: max_cached_segments %d and end_tokens %d must be >= 0 and >= 1",
+        request.max_cached_segments, request.end_tokens));
+  }
+  std::vector<index::SegmentKey> keys = request.keys;
+  index::MatchResult match = lake.Match(keys);
+  if (match.matched_segments > request.max_cached_segments) {
+    keys.resize(static_cast<size_t>(request.max_cached_segments));
+    match = lake.Match(keys);
+  }
+  IterationPlan out;
+  out.num_keys = static_cast<int32_t>(keys.size());
+  out.cached_tokens = match.matched_tokens;
+  out.new_tokens =
+      request.end_tokens - (request.prefill ? out.cached_tokens : request.computed_tokens);
+  if (out.new_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PlanIteration: request %d computes %d tokens (end %d, computed %d)",
+        request.request.value(), out.new_tokens, request.end_tokens, request.computed_tokens));
+  }
+  lake::LakeRequest lr{.id = request.request,
+                       .keys = std::move(keys),
+                       .new_tokens = out.new_tokens,
+                       .preferred_instance = request.preferred_instance,
+                       .count_hits = request.count_hits};
+  if (lr.preferred_instance.valid() && (lr.preferred_instance.value() < 0 ||
+                                        lr.preferred_instance.value() >= lake.num_instances())) {
+    lr.preferred_instance = InstanceId();
+  }
+  if (clock != nullptr) clock->AdvanceUs(1000);
+  TOKENLAKE_ASSIGN_OR_RETURN(
+      std::vector<plan::BatchPlan> plans,
+      lake.GenPlans({lake::Batch{.requests = {lr}, .dop = lake.num_instances()}}));
+  if (plans.size() != 1 || plans[0].requests.size() != 1) {
+    return absl::InternalError("PlanIteration: the lake returned no plan for the request");
+  }
+  const plan::RequestPlan& rp = plans[0].requests[0];
+  if (rp.cached_tokens != out.cached_tokens) {
+    return absl::InternalError(
+        absl::StrFormat("PlanIteration: plan caches %d tokens, match said %d", rp.cached_tokens,
+                        out.cached_tokens));
+  }
+  TOKENLAKE_ASSIGN_OR_RETURN(lake::AdmitResult admitted, lake.Admit(lr));
+  (void)admitted;
+  out.compute_instance = rp.compute_instance;
+  out.segments = rp.segments;
+  for (const plan::NewSegmentPlacement& p : plans[0].transfer.new_segments) {
+    if (p.request == request.request) out.new_segments.push_back(p);
+  }
+  return out;
+}
+
+absl::StatusOr<IterationPlan> LocalControlPlane::PlanIteration(const IterationRequest& request) {
+  return PlanIterationOnLake(*lake_, clock_, request);
+}
+
+absl::StatusOr<lake::CommitResult> LocalControlPlane::Commit(
+    RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) {
+  return lake_->Commit(request, placements);
+}
+
+absl::Status LocalControlPlane::Release(RequestId request) { return lake_->Release(request); }
+
+}  // namespace tokenlake::engine

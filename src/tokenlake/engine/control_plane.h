@@ -1,0 +1,114 @@
+// ControlPlane: the engine's per-iteration calls to TokenLake's control plane (the lake), so
+// that the same engine loop (engine.cc) runs in one process over a lake::Lake it owns
+// (LocalControlPlane) and in the multi-process cluster over the coordinator's lake through gRPC
+// (service::RemoteControlPlane).
+//
+// One iteration of one request (engine.h, the pool path) makes three calls:
+//   PlanIteration  match the sequence's full segments against the prefix tree (at most
+//                  max_cached_segments of them may be served from the pool), generate the plan
+//                  for the iteration alone (lake::GenPlans, DoP = the pool's instances) and admit
+//                  it (pins the matched prefix): cached prefix, computing instance, per cached
+//                  segment its serving replica and action, where the new segments go;
+//   Commit         the iteration's completed segments become visible (lake::Commit): stored
+//                  where, deduplicated, evicted replicas (which the caller frees);
+//   Release        unpins what the iteration pinned (lake::Release). Always called after a
+//                  successful PlanIteration, also when the iteration failed.
+//
+// Errors are those of the lake (InvalidArgument for bad keys, AlreadyExists for an active id,
+// NotFound for an unknown request) plus, remotely, Unavailable / DeadlineExceeded when the
+// control plane cannot be reached.
+//
+// Thread-safety: implementations are thread-safe (several requests may run concurrently, each
+// with its own RequestId).
+#ifndef TOKENLAKE_ENGINE_CONTROL_PLANE_H_
+#define TOKENLAKE_ENGINE_CONTROL_PLANE_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "tokenlake/base/ids.h"
+#include "tokenlake/index/segment_id.h"
+#include "tokenlake/lake/lake.h"
+#include "tokenlake/plan/plan_types.h"
+
+namespace tokenlake::engine {
+
+struct IterationRequest {
+  // Unique among the requests active in the control plane.
+  RequestId request;
+  // The chained keys of the full segments of the sequence up to the end of this iteration.
+  std::vector<index::SegmentKey> keys;
+  // At most this many leading segments may be served from the pool (those before the first
+  // token computed in the iteration), >= 0. Keys are cut to this length if more match.
+  int32_t max_cached_segments = 0;
+  // Tokens of the sequence at the end of this iteration, >= 1.
+  int64_t end_tokens = 0;
+  // Prefill: the iteration computes every token after the cached prefix. Otherwise it computes
+  // end_tokens - computed_tokens tokens.
+  bool prefill = true;
+  int64_t computed_tokens = 0;
+  // Preferred computing instance (invalid = none), as lake::LakeRequest.
+  InstanceId preferred_instance;
+  // Count the iteration in the hit statistics (the prefill).
+  bool count_hits = true;
+};
+
+struct IterationPlan {
+  // The keys the plan is about: IterationRequest::keys, cut to max_cached_segments when more
+  // of them matched (the segments that complete in this iteration are the ones after the
+  // cached prefix).
+  int32_t num_keys = 0;
+  // Tokens served from the pool (a multiple of the segment size).
+  int64_t cached_tokens = 0;
+  // Query tokens of the iteration (end_tokens - cached_tokens on a prefill).
+  int64_t new_tokens = 0;
+  // The plan's computing instance.
+  InstanceId compute_instance;
+  // Every cached segment in prefix order, with its serving replica and action.
+  std::vector<plan::SegmentAssignment> segments;
+  // Where the request's new segments are to be stored (to pass to Commit).
+  std::vector<plan::NewSegmentPlacement> new_segments;
+};
+
+class ControlPlane {
+ public:
+  virtual ~ControlPlane() = default;
+  // Number of instances of the pool (instance ids are [0, num_instances())).
+  virtual int32_t num_instances() const = 0;
+  // Match + plan + admit. On error nothing stays admitted.
+  virtual absl::StatusOr<IterationPlan> PlanIteration(const IterationRequest& request) = 0;
+  virtual absl::StatusOr<lake::CommitResult> Commit(
+      RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) = 0;
+  virtual absl::Status Release(RequestId request) = 0;
+};
+
+// The control plane of one process: a borrowed lake::Lake. A ManualClock it owns advances by
+// 1 ms per PlanIteration (the lake's recency and heavy-hitter decay run on iterations).
+class LocalControlPlane final : public ControlPlane {
+ public:
+  // `lake` is borrowed and must outlive this object; `clock` is the lake's clock (advanced by
+  // 1 ms per PlanIteration; may be null to leave time alone).
+  LocalControlPlane(lake::Lake* lake, ManualClock* clock) : lake_(lake), clock_(clock) {}
+
+  int32_t num_instances() const override { return lake_->num_instances(); }
+  absl::StatusOr<IterationPlan> PlanIteration(const IterationRequest& request) override;
+  absl::StatusOr<lake::CommitResult> Commit(
+      RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) override;
+  absl::Status Release(RequestId request) override;
+
+ private:
+  lake::Lake* lake_;
+  ManualClock* clock_;
+};
+
+// The PlanIteration logic over a lake (shared by LocalControlPlane and the coordinator's gRPC
+// service). `clock` as above.
+absl::StatusOr<IterationPlan> PlanIterationOnLake(lake::Lake& lake, ManualClock* clock,
+                                                  const IterationRequest& request);
+
+}  // namespace tokenlake::engine
+
+#endif  // TOKENLAKE_ENGINE_CONTROL_PLANE_H_
