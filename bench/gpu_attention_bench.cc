@@ -6,6 +6,7 @@
 //
 // Timings: CUDA events around each call, median of 50 after 5 warm-ups; two KV sets alternate.
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -153,6 +154,16 @@ int main(int argc, char** argv) {
       }
     }
   }
+  // The Hopper wgmma prefill kernel (prefill_sm90.cu): automatic, 1 and 2 splits.
+  for (int splits : {0, 1, 2}) {
+    tl::AttentionBenchShape s;
+    s.num_q_tokens = 1024;
+    s.segment_tokens = 512;
+    s.kernel = 1;
+    s.num_splits = splits;
+    s.prefill_kernel = 2;
+    runs.push_back({"prefill_cached_sm90", s});
+  }
   {
     tl::AttentionBenchShape s;
     s.num_q_tokens = 1024;
@@ -164,6 +175,14 @@ int main(int argc, char** argv) {
     s.prefill_rows_per_warp = 32;
     s.prefill_warps = 4;
     runs.push_back({"prefill_new_causal_r32", s});
+    s.prefill_rows_per_warp = 0;
+    s.prefill_warps = 0;
+    s.prefill_kernel = 2;
+    runs.push_back({"prefill_new_causal_sm90", s});
+  }
+  // TL_BENCH_ONLY=prefix keeps only the runs whose name starts with it (quick device checks).
+  if (const char* only = std::getenv("TL_BENCH_ONLY"); only != nullptr && *only != '\0') {
+    std::erase_if(runs, [&](const Run& r) { return r.name.rfind(only, 0) != 0; });
   }
   std::printf("%-20s %6s %6s %6s %11s %10s %9s %9s %9s %9s %9s\n", "run", "q", "kv", "seg",
               "split/w/u/p", "us", "TFLOP/s", "KV GB/s", "merge us", "b2b us", "b2b GB/s");
@@ -191,6 +210,7 @@ int main(int argc, char** argv) {
                          {"decode_unroll", s.decode_unroll},
                          {"decode_pipeline", s.decode_pipeline},
                          {"prefill_rows_per_warp", s.prefill_rows_per_warp},
+                         {"prefill_kernel", s.prefill_kernel},
                          {"decode_merge", s.decode_merge},
                          {"decode_kv_heads", s.decode_kv_heads},
                          {"decode_schedule", s.decode_schedule},

@@ -377,6 +377,7 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
   p.decode_unroll = s.decode_unroll;
   p.decode_pipeline = s.decode_pipeline;
   p.prefill_rows_per_warp = s.prefill_rows_per_warp;
+  p.prefill_kernel = s.prefill_kernel;
   p.decode_merge = s.decode_merge;
   p.decode_kv_heads_per_block = s.decode_kv_heads;
   p.decode_schedule = s.decode_schedule;

@@ -15,6 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
 #include "tokenlake/attention/cuda/paged_attention.h"
+#include "tokenlake/attention/cuda/prefill_sm90.h"
 
 namespace tokenlake::attention::cuda {
 namespace {
@@ -1586,6 +1587,11 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: num_q_tokens = %d > 65535 with the decode kernel", p.num_q_tokens));
   }
+  if (p.prefill_kernel < 0 || p.prefill_kernel > 2) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: prefill_kernel = %d, supported: 0 (auto), 1 (mma.sync), 2 (sm90 wgmma)",
+        p.prefill_kernel));
+  }
   if (p.prefill_warps != 0 && p.prefill_warps != 4 && p.prefill_warps != 8) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: prefill_warps = %d, supported: 0 (auto), 4, 8", p.prefill_warps));
@@ -1665,11 +1671,12 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
 struct Config {
   AttentionKernel kernel = AttentionKernel::kPrefill;
   int prefill_warps = 4;
-  int prefill_mt = 1;        // prefill: 16-row m-tiles per warp
-  int splits = 1;            // prefill: splits of the block list
-  int chunks_per_block = 1;  // decode
-  int chunk_tokens = 0;      // decode
-  int items = 1;             // decode: num_blocks * chunks_per_block
+  int prefill_mt = 1;         // prefill: 16-row m-tiles per warp
+  int splits = 1;             // prefill: splits of the block list
+  bool prefill_sm90 = false;  // prefill: the wgmma kernel of prefill_sm90.cu
+  int chunks_per_block = 1;   // decode
+  int chunk_tokens = 0;       // decode
+  int items = 1;              // decode: num_blocks * chunks_per_block
   int decode_g = 1;
   int blocks_per_item = 1;       // decode
   int decode_unroll = 4;         // decode: tokens per token group per step
@@ -1810,8 +1817,13 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
             ? 2
             : 1;
     const int br = 16 * c.prefill_mt * c.prefill_warps;
-    const int64_t ctas = static_cast<int64_t>((p.num_q_tokens + br - 1) / br) * p.num_heads;
-    absl::StatusOr<int> per_sm = PrefillBlocksPerSm(p.head_dim, c.prefill_warps, c.prefill_mt);
+    // The wgmma kernel only when asked for (prefill_kernel = 2) and the shape is supported.
+    c.prefill_sm90 = p.prefill_kernel == 2 && internal::Sm90PrefillSupports(p);
+    const int64_t ctas = c.prefill_sm90
+                             ? internal::Sm90PrefillBlocksPerSplit(p)
+                             : static_cast<int64_t>((p.num_q_tokens + br - 1) / br) * p.num_heads;
+    absl::StatusOr<int> per_sm =
+        c.prefill_sm90 ? 1 : PrefillBlocksPerSm(p.head_dim, c.prefill_warps, c.prefill_mt);
     if (!per_sm.ok()) return per_sm.status();
     const int64_t slots = static_cast<int64_t>(num_sms) * std::max(1, *per_sm);
     int splits = p.num_splits;
@@ -2102,8 +2114,12 @@ absl::Status PagedAttention(const PagedAttentionParams& p, AttentionKernel kerne
       lse = out + static_cast<int64_t>(c.splits) * rows * d;
     }
     absl::Status s;
-    s = c.prefill_mt == 2 ? LaunchPrefillM<2>(p, c, scale_log2, out, lse, stream)
-                          : LaunchPrefillM<1>(p, c, scale_log2, out, lse, stream);
+    if (c.prefill_sm90) {
+      s = internal::LaunchSm90Prefill(p, c.splits, scale_log2, out, lse, stream);
+    } else {
+      s = c.prefill_mt == 2 ? LaunchPrefillM<2>(p, c, scale_log2, out, lse, stream)
+                            : LaunchPrefillM<1>(p, c, scale_log2, out, lse, stream);
+    }
     if (!s.ok() || c.splits == 1) return s;
     // Partials are [split][row][D] and [split][row].
     return LaunchMergeSplits(out, rows * d, d, lse, rows, 1, c.splits, rows, d, p.out, p.lse,

@@ -32,6 +32,9 @@
 //     cp.async shared-memory pipeline; the splits are merged inside the same kernel by the last
 //     thread block of each (query token, head group) to finish (an atomic counter in the
 //     workspace), or by a second kernel; memory-bandwidth bound; for a few query tokens.
+//   - prefill on Hopper (prefill_sm90.cu): wgmma (warpgroup MMA) with 128 rows of (query token,
+//     query head of one KV head's group) per thread block, 128-key tiles in a 3-stage cp.async
+//     pipeline; head_dim 128. Chosen with prefill_kernel = 2 (see that field).
 //   kAuto picks decode for num_q_tokens <= kDecodeMaxQueryTokens or a batched decode
 //   (q_block_offsets), else prefill.
 //   The decode tuning fields below other than the defaults were all measured slower on an H100
@@ -125,6 +128,11 @@ struct PagedAttentionParams {
   // Prefill tuning: query rows per warp, 16 (Q in registers) or 32 (two m-tiles, Q in shared
   // memory); 0 = default (32 from 512 query tokens, else 16).
   int32_t prefill_rows_per_warp = 0;
+  // Prefill implementation: 0 = auto (see kAuto in the file comment), 1 = the mma.sync kernel
+  // above (prefill_warps / prefill_rows_per_warp apply), 2 = the Hopper wgmma kernel
+  // (prefill_sm90.cu: head_dim 128 and a head group of at most 128 only; other shapes use the
+  // mma.sync kernel whatever this says).
+  int32_t prefill_kernel = 0;
   // Decode tuning: tokens each token group loads per step (2 or 4); 0 = default (4).
   int32_t decode_unroll = 0;
   // Decode tuning: 1 = loads through registers (one step prefetched), 2 = cp.async pipeline

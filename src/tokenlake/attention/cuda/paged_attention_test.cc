@@ -77,6 +77,7 @@ struct Case {
   int decode_unroll = 0;
   int decode_pipeline = 0;
   int prefill_rows_per_warp = 0;
+  int prefill_kernel = 0;  // 0 auto, 1 mma.sync, 2 sm90 wgmma
   int decode_merge = 0;
   int decode_kvh = 0;
   int decode_schedule = 0;
@@ -88,10 +89,11 @@ std::string Describe(const Case& c) {
   std::string lens;
   for (int l : c.block_lens) lens += absl::StrFormat("%d,", l);
   return absl::StrFormat(
-      "q=%d causal=%d q_start=%d kernel=%d splits=%d unroll=%d pipeline=%d merge=%d kvh=%d "
-      "schedule=%d threads=%d blocks=[%s]",
-      c.num_q, c.causal, c.q_start_pos, static_cast<int>(c.kernel), c.num_splits, c.decode_unroll,
-      c.decode_pipeline, c.decode_merge, c.decode_kvh, c.decode_schedule, c.decode_threads, lens);
+      "q=%d causal=%d q_start=%d kernel=%d prefill_kernel=%d splits=%d unroll=%d pipeline=%d "
+      "merge=%d kvh=%d schedule=%d threads=%d blocks=[%s]",
+      c.num_q, c.causal, c.q_start_pos, static_cast<int>(c.kernel), c.prefill_kernel, c.num_splits,
+      c.decode_unroll, c.decode_pipeline, c.decode_merge, c.decode_kvh, c.decode_schedule,
+      c.decode_threads, lens);
 }
 
 // A workspace as the header asks for: counter bytes zero, the rest poisoned with NaN (so a
@@ -198,6 +200,7 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   p.decode_unroll = c.decode_unroll;
   p.decode_pipeline = c.decode_pipeline;
   p.prefill_rows_per_warp = c.prefill_rows_per_warp;
+  p.prefill_kernel = c.prefill_kernel;
   p.decode_merge = c.decode_merge;
   p.decode_kv_heads_per_block = c.decode_kvh;
   p.decode_schedule = c.decode_schedule;
@@ -299,6 +302,50 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
       RunAndCompare(c, rng);                                 // fresh random inputs each time
       if (HasFatalFailure()) return;
     }
+    // The same case on the Hopper wgmma prefill kernel (head_dim 128; other shapes fall back to
+    // the mma.sync kernel), with a random forced split count.
+    c.kernel = AttentionKernel::kPrefill;
+    c.prefill_kernel = 2;
+    c.num_splits = kSplits[rng() % 4];
+    RunAndCompare(c, rng);
+    if (HasFatalFailure()) return;
+    c.prefill_kernel = 0;
+  }
+}
+
+// The Hopper wgmma prefill kernel on the shapes it is for: several 128-row M tiles (a partial
+// last one), tiles of 128 keys with part-segments and empty segments anywhere, causal with
+// q_start_pos and not, automatic and forced splits (merged partials).
+TEST_P(PagedAttentionGpuTest, Sm90PrefillMatchesReferenceOnRandomInputs) {
+  SKIP_WITHOUT_GPU();
+  const Shape shape = GetParam();
+  const uint64_t seed = 777 + shape.num_heads * 1000 + shape.head_dim * 10 + shape.block_tokens;
+  SCOPED_TRACE(::testing::Message() << "seed=" << seed);
+  std::cout << "seed=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  for (int trial = 0; trial < 6; ++trial) {
+    Case c;
+    c.shape = shape;
+    const int nb = 1 + static_cast<int>(rng() % 8);
+    for (int b = 0; b < nb; ++b) {
+      const int r = static_cast<int>(rng() % 4);
+      c.block_lens.push_back(r == 0   ? static_cast<int>(rng() % (shape.block_tokens + 1))
+                             : r == 1 ? 0
+                                      : shape.block_tokens);
+    }
+    static constexpr int kQ[] = {9, 33, 100, 257};
+    c.num_q = kQ[rng() % 4];
+    c.causal = rng() % 2 == 0;
+    int total = 0;
+    for (int l : c.block_lens) total += l;
+    c.q_start_pos = c.causal ? static_cast<int>(rng() % (total + 2)) : 0;
+    c.softmax_scale = rng() % 3 == 0 ? 0.05f : 0.f;
+    c.kernel = rng() % 2 == 0 ? AttentionKernel::kPrefill : AttentionKernel::kAuto;
+    c.prefill_kernel = 2;
+    static constexpr int kSplits[] = {0, 1, 2, 3, 7};
+    c.num_splits = kSplits[rng() % 5];
+    RunAndCompare(c, rng);
+    if (HasFatalFailure()) return;
   }
 }
 
@@ -318,6 +365,9 @@ TEST_P(PagedAttentionGpuTest, CachedAndNewTokenPartialsMatchReference) {
   cached.prefill_rows_per_warp = 32;
   RunAndCompare(cached, rng);
   cached.prefill_rows_per_warp = 0;
+  cached.prefill_kernel = 2;
+  RunAndCompare(cached, rng);
+  cached.prefill_kernel = 0;
   Case fresh = cached;
   fresh.block_lens.assign((96 + shape.block_tokens - 1) / shape.block_tokens, shape.block_tokens);
   fresh.block_lens.back() =
@@ -325,6 +375,9 @@ TEST_P(PagedAttentionGpuTest, CachedAndNewTokenPartialsMatchReference) {
   fresh.causal = true;
   fresh.q_start_pos = 0;
   RunAndCompare(fresh, rng);
+  fresh.prefill_kernel = 2;
+  RunAndCompare(fresh, rng);
+  fresh.prefill_kernel = 0;
   fresh.prefill_rows_per_warp = 32;
   fresh.num_q = 300;  // more than one 128-row tile, a partial last tile
   fresh.block_lens.assign((300 + shape.block_tokens - 1) / shape.block_tokens, shape.block_tokens);
@@ -332,6 +385,9 @@ TEST_P(PagedAttentionGpuTest, CachedAndNewTokenPartialsMatchReference) {
       300 - shape.block_tokens * (static_cast<int>(fresh.block_lens.size()) - 1);
   RunAndCompare(fresh, rng);
   fresh.prefill_rows_per_warp = 0;
+  fresh.prefill_kernel = 2;
+  RunAndCompare(fresh, rng);
+  fresh.prefill_kernel = 0;
   Case decode = cached;
   decode.num_q = 1;
   RunAndCompare(decode, rng);
@@ -653,6 +709,9 @@ TEST(PagedAttentionArgsTest, RejectsBadShapesWithClearErrors) {
   bad = p;
   bad.q_start_pos = -3;
   expect_invalid(bad, "q_start_pos");
+  bad = p;
+  bad.prefill_kernel = 3;
+  expect_invalid(bad, "prefill_kernel");
   bad = p;
   bad.decode_merge = 2;
   expect_invalid(bad, "decode_merge");
