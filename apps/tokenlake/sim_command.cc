@@ -295,7 +295,9 @@ void SetUpSim(CLI::App& app, int* exit_code) {
   cmd->add_option("--requests", flags->requests, "requests of a built-in workload (default 2000)");
   cmd->add_option("--instances", flags->instances, "serving instances / GPUs (default 16)");
   cmd->add_option("--model", flags->model, "llama-3-8b or a model JSON file");
-  cmd->add_option("--gpu", flags->gpu, "h100 or a GPU profile JSON file (cost_model.h schema)");
+  cmd->add_option("--gpu", flags->gpu,
+                  "h100 (measured, the default), h100-paper or a GPU profile JSON file "
+                  "(cost_model.h schema)");
   cmd->add_option("--policies", flags->policies,
                   "comma-separated: round-robin, least-load, cache-aware, pd-disagg, tokenlake");
   cmd->add_option("--rate", flags->rate, "offered requests/s (arrivals scaled; default native)");

@@ -149,12 +149,28 @@ absl::StatusOr<ModelSpec> LoadModelSpec(const std::string& name_or_path) {
   return ParseModelSpec(*text, name_or_path);
 }
 
+GpuProfile PaperH100Profile() {
+  GpuProfile g;
+  g.name = "H100-80GB";
+  g.memory_bytes = 80LL << 30;
+  g.memory_utilization = 0.9;
+  g.activation_reserve_bytes = 4LL << 30;
+  g.copy_gbps = 2964;
+  g.gemm_tflops = 791;
+  g.attn_prefill_tflops = 590;
+  g.attn_decode_gbps = 2900;
+  g.dense_ms = {{1, 6.7}, {1024, 19.8}, {4096, 73}, {16384, 312}};
+  return g;
+}
+
 absl::StatusOr<GpuProfile> LoadGpuProfile(const std::string& name_or_path) {
   if (name_or_path == "h100" || name_or_path.empty()) return GpuProfile{};
+  if (name_or_path == "h100-paper") return PaperH100Profile();
   auto text = ReadFile(name_or_path);
   if (!text.ok()) {
     return absl::NotFoundError(absl::StrFormat(
-        "gpu '%s' is neither a built-in profile (h100) nor a readable JSON file", name_or_path));
+        "gpu '%s' is neither a built-in profile (h100, h100-paper) nor a readable JSON file",
+        name_or_path));
   }
   return ParseGpuProfile(*text, name_or_path);
 }

@@ -4,14 +4,14 @@
 // GPU profile JSON schema (what `tokenlake profile` writes; `--gpu FILE` reads it):
 //   {
 //     "name": "H100-80GB",                  // free text
-//     "memory_bytes": 85899345920,          // device memory
+//     "memory_bytes": 85017493504,          // device memory
 //     "memory_utilization": 0.9,            // share usable by the engine (vLLM's default 0.9)
 //     "activation_reserve_bytes": 4294967296, // kept for activations/workspace
-//     "copy_gbps": 2964,                    // device copy bandwidth, GB/s (read + write)
-//     "gemm_tflops": 791,                   // dense bf16 GEMM
-//     "attn_prefill_tflops": 590,           // flash attention prefill (GQA), TFLOP/s
-//     "attn_decode_gbps": 2900,             // flash attention decode, KV bytes read per s, GB/s
-//     "dense_ms": [[1, 6.7], [1024, 19.8], [4096, 73], [16384, 312]]
+//     "copy_gbps": 3002,                    // device copy bandwidth, GB/s (read + write)
+//     "gemm_tflops": 780,                   // dense bf16 GEMM
+//     "attn_prefill_tflops": 308,           // attention prefill (GQA), TFLOP/s
+//     "attn_decode_gbps": 2334,             // attention decode, KV bytes read per s, GB/s
+//     "dense_ms": [[1, 5.6], [1024, 18.7], [4096, 78.6], [16384, 315.9]]
 //                                           // model's dense layers (all of them) per iteration,
 //                                           // by batch tokens; linear interpolation between
 //                                           // points, linear extrapolation past the last two
@@ -53,19 +53,45 @@ struct ModelSpec {
   int64_t DenseParamCount() const;
 };
 
+// A GPU's costs as the cost model uses them. The defaults are the built-in "h100" profile: the
+// H100 MEASURED by `tokenlake profile` (our own profiler, attention/cuda/gpu_profile.cu):
+//   device   NVIDIA H100 80GB HBM3 (132 SMs, 79.2 GiB), driver 580.159.04, CUDA 13.0
+//   date     2026-11-25 06:02 UTC
+//   command  tokenlake profile --json h100.json
+//                --dense-tokens 1 16 64 128 256 512 1024 2048 4096 8192 16384
+//   commit   789e75f (the `cuda` preset; the file and its logs are
+//            bench/results/h100-profile-cli/h100.json, profile.log, README.md)
+// The values below are that file's, digit for digit (cost_model_test checks it).
+// Attention: the figures are those of OUR kernels (attention/cuda/paged_attention.h), because
+// they are what TokenLake's data plane runs: prefill = the mma.sync kernel, 1,024 new tokens over
+// 32K cached tokens in 512-token segments (GQA 32/8, d = 128, bf16, not causal); decode = the
+// split-KV decode kernel, one token over the same 32K tokens, one call (KV bytes read once / time).
+// Every policy is charged with them alike. (On the same shapes PyTorch's SDPA/cuDNN ran prefill at
+// about 690 TFLOP/s and decode at about 2,440 GB/s: docs/results-gpu.md.)
+// The paper-derived profile that was the default before (TOKENLAKE.md 5.3) is PaperH100Profile(),
+// built-in name "h100-paper".
 struct GpuProfile {
-  std::string name = "H100-80GB";
-  int64_t memory_bytes = 80LL << 30;
+  std::string name = "H100-80GB-HBM3 (measured)";
+  int64_t memory_bytes = 85017493504;  // what the device reports (79.2 GiB)
   double memory_utilization = 0.9;
   int64_t activation_reserve_bytes = 4LL << 30;
-  double copy_gbps = 2964;
-  double gemm_tflops = 791;
-  double attn_prefill_tflops = 590;
-  double attn_decode_gbps = 2900;
+  double copy_gbps = 3001.693603160187;
+  double gemm_tflops = 780.3710819709211;
+  double attn_prefill_tflops = 307.60181172109316;
+  double attn_decode_gbps = 2334.059057032235;
   // (batch tokens, ms) for the default model, increasing in tokens.
   std::vector<std::pair<double, double>> dense_ms = {
-      {1, 6.7}, {1024, 19.8}, {4096, 73}, {16384, 312}};
+      {1, 5.599232196807861},    {16, 5.662720203399658},    {64, 5.695487976074219},
+      {128, 5.975039958953857},  {256, 6.67033576965332},    {512, 9.90617561340332},
+      {1024, 18.68390464782715}, {2048, 36.79539108276367},  {4096, 78.6145248413086},
+      {8192, 166.6150360107422}, {16384, 315.89068603515625}};
 };
+
+// The paper-derived H100 profile (TOKENLAKE.md 5.3), the default before the measured one:
+// "H100-80GB", 80 GiB, copy 2,964 GB/s, GEMM 791 TFLOP/s, attention prefill 590 TFLOP/s
+// (flash-attention class), decode 2,900 GB/s, dense 6.7 / 19.8 / 73 / 312 ms at
+// 1 / 1,024 / 4,096 / 16,384 tokens. Built-in name "h100-paper".
+GpuProfile PaperH100Profile();
 
 struct InterconnectSpec {
   // Bandwidth between instances of one node (NVLink), GB/s per direction.
@@ -83,7 +109,10 @@ absl::StatusOr<GpuProfile> ParseGpuProfile(const std::string& json_text, const s
 std::string GpuProfileToJson(const GpuProfile& gpu);
 // Reads a model by built-in name ("llama-3-8b") or from a JSON file path.
 absl::StatusOr<ModelSpec> LoadModelSpec(const std::string& name_or_path);
-// Reads a GPU profile by built-in name ("h100") or from a JSON file path.
+// Reads a GPU profile by built-in name ("h100": the measured GpuProfile{}; "h100-paper":
+// PaperH100Profile()) or from a JSON file path (fields it lacks keep GpuProfile{}'s values).
+// Errors: NotFound when the name is no built-in and no readable file; InvalidArgument (naming the
+// file and field) for a bad file.
 absl::StatusOr<GpuProfile> LoadGpuProfile(const std::string& name_or_path);
 
 // One sequence's work in an iteration.

@@ -1,5 +1,10 @@
 #include "tokenlake/sim/cost_model.h"
 
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
+
 #include "absl/status/status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -9,7 +14,9 @@ namespace {
 
 using ::testing::HasSubstr;
 
-CostModel Default() { return CostModel(ModelSpec{}, GpuProfile{}, InterconnectSpec{}); }
+// The hand-computed expectations below were written for the paper-derived profile: they use it
+// explicitly (the default is now the measured H100, tested separately below).
+CostModel Default() { return CostModel(ModelSpec{}, PaperH100Profile(), InterconnectSpec{}); }
 
 TEST(CostModelTest, Llama3KvBytesAndCapacity) {
   const CostModel c = Default();
@@ -61,6 +68,63 @@ TEST(CostModelTest, TransferUsesTheLinkOfTheNode) {
   EXPECT_NEAR(c.TransferSeconds(50'000'000'000, false), 1.0 + 10e-6, 1e-12);
   EXPECT_NEAR(c.TransferSeconds(300'000'000'000, true), 1.0 + 10e-6, 1e-12);
   EXPECT_EQ(c.TransferSeconds(0, false), 0);
+}
+
+TEST(GpuProfileTest, BuiltInH100IsTheMeasuredProfileFileFieldForField) {
+  const char* src = std::getenv("TOKENLAKE_SOURCE_DIR");
+  if (src == nullptr) GTEST_SKIP() << "TOKENLAKE_SOURCE_DIR not set";
+  const std::string path = std::string(src) + "/bench/results/h100-profile-cli/h100.json";
+  std::ifstream in(path);
+  ASSERT_TRUE(in.good()) << "missing " << path;
+  std::stringstream text;
+  text << in.rdbuf();
+  auto file = ParseGpuProfile(text.str(), path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  auto builtin = LoadGpuProfile("h100");
+  ASSERT_TRUE(builtin.ok());
+  EXPECT_EQ(builtin->name, "H100-80GB-HBM3 (measured)");
+  EXPECT_EQ(file->name, "NVIDIA H100 80GB HBM3");
+  EXPECT_EQ(builtin->memory_bytes, file->memory_bytes);
+  EXPECT_EQ(builtin->memory_utilization, file->memory_utilization);
+  EXPECT_EQ(builtin->activation_reserve_bytes, file->activation_reserve_bytes);
+  EXPECT_EQ(builtin->copy_gbps, file->copy_gbps);
+  EXPECT_EQ(builtin->gemm_tflops, file->gemm_tflops);
+  EXPECT_EQ(builtin->attn_prefill_tflops, file->attn_prefill_tflops);
+  EXPECT_EQ(builtin->attn_decode_gbps, file->attn_decode_gbps);
+  EXPECT_EQ(builtin->dense_ms, file->dense_ms);
+  EXPECT_EQ(builtin->dense_ms.size(), 11u);
+}
+
+TEST(GpuProfileTest, PaperProfileKeepsTheOldDefaults) {
+  auto paper = LoadGpuProfile("h100-paper");
+  ASSERT_TRUE(paper.ok());
+  EXPECT_EQ(paper->name, "H100-80GB");
+  EXPECT_EQ(paper->memory_bytes, int64_t{80} << 30);
+  EXPECT_EQ(paper->copy_gbps, 2964);
+  EXPECT_EQ(paper->gemm_tflops, 791);
+  EXPECT_EQ(paper->attn_prefill_tflops, 590);
+  EXPECT_EQ(paper->attn_decode_gbps, 2900);
+  const std::vector<std::pair<double, double>> dense = {
+      {1, 6.7}, {1024, 19.8}, {4096, 73}, {16384, 312}};
+  EXPECT_EQ(paper->dense_ms, dense);
+  auto missing = LoadGpuProfile("h200");
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(missing.status().message()), HasSubstr("h100-paper"));
+}
+
+TEST(CostModelTest, MeasuredDefaultProfileByHand) {
+  const CostModel c(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  // 85017493504 B x 0.9 - 2 bytes x params - 4 GiB.
+  EXPECT_NEAR(static_cast<double>(c.KvCapacityBytes()),
+              85017493504.0 * 0.9 - 2.0 * 8029995008 - 4.0 * (1 << 30), 1.0);
+  EXPECT_NEAR(c.DenseSeconds(1024), 18.68390464782715e-3, 1e-12);
+  // Between the 2048 and 4096 points.
+  EXPECT_NEAR(c.DenseSeconds(3072), (36.79539108276367e-3 + 78.6145248413086e-3) / 2, 1e-12);
+  // Prefill of 1024 tokens (no context) at the measured 307.6 TFLOP/s of our prefill kernel.
+  EXPECT_NEAR(c.AttentionSeconds(1024, 0), 4.0 * 1024 * 512.5 * 131072 / 307.60181172109316e12,
+              1e-12);
+  // Decode over 9999 context tokens at the measured 2,334 GB/s of our decode kernel.
+  EXPECT_NEAR(c.AttentionSeconds(1, 9999), 10000.0 * 131072 / 2334.059057032235e9, 1e-12);
 }
 
 TEST(GpuProfileTest, JsonRoundTripsAndOverridesDefaults) {

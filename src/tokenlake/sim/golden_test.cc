@@ -1,5 +1,6 @@
 // Golden test: the four policies on a 200-request excerpt of the Mooncake conversation trace
-// (tests/fixtures/sim_conversation_200.jsonl), 4 instances, fixed options. The JSON must equal
+// (tests/fixtures/sim_conversation_200.jsonl), 4 instances, fixed options, the built-in (measured)
+// H100 profile (GpuProfile{}). The JSON must equal
 // tests/fixtures/sim_golden.json byte for byte, and two runs must give identical bytes.
 // Regenerate after an intended change with TOKENLAKE_UPDATE_GOLDEN=1 (and say why in the commit).
 #include <cstdlib>

@@ -22,8 +22,11 @@ Request Req(double t, int64_t input, int64_t output, std::vector<uint64_t> ids) 
   return r;
 }
 
-SimResult RunPolicy(const std::string& policy, const Workload& w, SimOptions o) {
-  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+// `gpu` defaults to the built-in (measured) H100; tests whose expectations were computed by hand
+// from the paper-derived profile's numbers pass PaperH100Profile().
+SimResult RunPolicy(const std::string& policy, const Workload& w, SimOptions o,
+                    const GpuProfile& gpu = GpuProfile{}) {
+  const CostModel cost(ModelSpec{}, gpu, InterconnectSpec{});
   auto p = MakePolicy(policy);
   EXPECT_TRUE(p.ok()) << p.status();
   Simulator sim(o, w, cost, **p);
@@ -35,7 +38,7 @@ TEST(SimulatorTest, LoneRequestTimesMatchTheProfileByHand) {
   w.requests.push_back(Req(0, 1024, 3, {1, 2}));
   SimOptions o;
   o.num_instances = 1;
-  const SimResult r = RunPolicy("round-robin", w, o);
+  const SimResult r = RunPolicy("round-robin", w, o, PaperH100Profile());
   const RequestRecord& rec = r.records[0];
   // Prefill: dense 19.8 ms (1024 tokens) + attention 4 x 1024 x 512.5 x 131072 FLOPs at
   // 590 TFLOP/s.
@@ -54,7 +57,7 @@ TEST(SimulatorTest, ChunkedPrefillSplitsAtTheTokenBudget) {
   SimOptions o;
   o.num_instances = 1;
   o.token_budget = 1000;
-  const SimResult r = RunPolicy("round-robin", w, o);
+  const SimResult r = RunPolicy("round-robin", w, o, PaperH100Profile());
   // Chunk 1: 1000 tokens, no context; chunk 2: 500 tokens over 1000.
   const double dense1000 = 6.7e-3 + (19.8e-3 - 6.7e-3) * 999.0 / 1023.0;
   const double dense500 = 6.7e-3 + (19.8e-3 - 6.7e-3) * 499.0 / 1023.0;
@@ -258,7 +261,7 @@ TEST(PolicyScenarioTest, TokenLakeRequestsWaitForPoolMemoryInsteadOfRunningUnsto
     b_ids.resize(static_cast<size_t>(b_segments));
     w.requests.push_back(Req(0, 512 * b_segments, 3, b_ids));
     w.requests.push_back(Req(0, 4096, 3, {21, 22, 23, 24, 25, 26, 27, 28}));
-    const SimResult r = RunPolicy("tokenlake", w, o);
+    const SimResult r = RunPolicy("tokenlake", w, o, PaperH100Profile());
     const RequestRecord& a = r.records[0];
     const RequestRecord& b = r.records[1];
     EXPECT_TRUE(r.records[2].rejected);
