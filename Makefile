@@ -39,7 +39,8 @@ cuda: deps
 	@test -x $(NVCC) || { echo "make cuda: $(NVCC) not found (CUDA 13 is expected under /usr/local/cuda)"; exit 1; }
 	cmake --preset cuda -DTOKENLAKE_BUILD_BENCHMARKS=OFF
 	cmake --build --preset cuda -j $(JOBS) --target tokenlake_attention_cuda tokenlake_store_cuda \
-	  paged_attention_test device_arena_test
+	  paged_attention_test device_arena_test tokenlake_transport_nccl nccl_channel_test \
+	  nccl_attention_test
 	ctest --test-dir build/cuda -L gpu --output-on-failure
 
 FUZZ_SECONDS ?= 20
