@@ -1,0 +1,151 @@
+// GpuEngine: greedy generation for a Llama model on one GPU with its KV cache in a TokenLake
+// pool of N instances that share that GPU (the same-device path of the data plane).
+//
+// Data plane. Every instance owns a store::DeviceArena (cudaMalloc'd) with a store::SegmentStore
+// slot allocator over it; a slot holds one segment's KV for all layers in bf16, laid out as
+// attention::KvSlotLayout says ([layer][kv][token][kv_head][head_dim]). Control plane: the real
+// lake::Lake (prefix tree, planner, balancer) behind engine::LocalControlPlane, per iteration:
+// PlanIteration (match, GenPlans, Admit), run, Commit, Release (pool_steps.h).
+//
+// One iteration (prefill, then one per decoded token) on the computing instance the plan names:
+//   - segments the computing instance holds, and kPullKv segments (their slot is first copied
+//     device-to-device, cudaMemcpyAsync, into a scratch slot of the computing instance: "pulling
+//     KV" on a shared device), are one partial: the paged attention kernel over those slots;
+//   - each kMoveQueries holder is one partial: the kernel runs over the holder's own slots
+//     directly ("moving queries" on a shared device is reading them where they are);
+//   - the sequence's tail (tokens after its pooled prefix, bf16, kept by the request) plus the
+//     new tokens is one causal partial;
+//   - the partials are merged by log-sum-exp (attention::cuda::MergePartialsN).
+// Segments the iteration completes are copied from the tail into a slot on the instance the
+// plan's placement names, then committed (visible to later requests). The counters of
+// GpuGenerateResult say how many attend calls, pulls and stores (and bytes) this took.
+//
+// Thread-safety: not thread-safe; one Generate at a time. The model is borrowed and must outlive
+// the engine (and must not be used by anyone else meanwhile: the engine runs on its stream).
+#ifndef TOKENLAKE_ENGINE_CUDA_GPU_ENGINE_H_
+#define TOKENLAKE_ENGINE_CUDA_GPU_ENGINE_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "tokenlake/attention/attention.h"
+#include "tokenlake/base/clock.h"
+#include "tokenlake/base/ids.h"
+#include "tokenlake/engine/control_plane.h"
+#include "tokenlake/engine/cuda/device_buffer.h"
+#include "tokenlake/engine/cuda/gpu_llama.h"
+#include "tokenlake/lake/lake.h"
+#include "tokenlake/store/cuda/device_arena.h"
+#include "tokenlake/store/segment_store.h"
+
+namespace tokenlake::engine::cuda {
+
+struct GpuEngineOptions {
+  // Instances sharing the GPU, >= 1.
+  int32_t num_instances = 1;
+  // Tokens per segment (S), >= 1.
+  int32_t segment_tokens = 16;
+  // Segment slots per instance, >= 1 (each a cudaMalloc'd range of the instance's arena).
+  int32_t slots_per_instance = 256;
+  // Namespace of the segment ids (a different model must use a different one).
+  std::string namespace_name = "tokenlake-gpu-engine";
+  // Prefer computing request k on instance k mod num_instances (as EngineOptions): cached
+  // segments are then often served by other instances (query movement and KV pulls).
+  bool rotate_compute_instance = false;
+};
+
+struct GpuGenerateResult {
+  // The greedy tokens (argmax at every step), max_new_tokens of them.
+  std::vector<int32_t> tokens;
+  // Prompt tokens served from the pool (not recomputed).
+  int64_t cached_tokens = 0;
+  // Logits at the last prompt position [vocab_size].
+  std::vector<float> last_logits;
+  // Logits at the last fed position (that produced tokens.back()) [vocab_size].
+  std::vector<float> decode_logits;
+  // Data-plane work of this request, summed over its iterations and layers: partials computed
+  // over another instance's slots (moved queries), partials over the computing instance's own
+  // (and pulled) slots, segments pulled (D2D copies into scratch) and their bytes, segments
+  // stored (D2D copies from the tail into a slot) anywhere and away from the computing
+  // instance, and the bytes stored.
+  int64_t remote_attend_calls = 0;
+  int64_t local_attend_calls = 0;
+  int64_t pulled_segments = 0;
+  int64_t pulled_bytes = 0;
+  int64_t stored_segments = 0;
+  int64_t remote_stored_segments = 0;
+  int64_t stored_bytes = 0;
+  // Wall time of every iteration in microseconds (control plane, data plane and the forward;
+  // index 0 = prefill).
+  std::vector<double> iteration_us;
+};
+
+class GpuEngine {
+ public:
+  // `model` is borrowed and must outlive the engine.
+  // Errors: InvalidArgument naming a bad option (num_instances, segment_tokens,
+  //   slots_per_instance) or a null model; errors creating the arenas (ResourceExhausted...)
+  //   or the lake.
+  static absl::StatusOr<std::unique_ptr<GpuEngine>> Create(GpuLlamaModel* model,
+                                                           const GpuEngineOptions& options);
+  ~GpuEngine();
+  GpuEngine(const GpuEngine&) = delete;
+  GpuEngine& operator=(const GpuEngine&) = delete;
+
+  // Greedy generation of max_new_tokens (>= 1) tokens after `prompt` (non-empty, ids in the
+  // vocabulary). With `force_tokens` non-empty (teacher forcing, for tests), step i feeds
+  // force_tokens[i] instead of its argmax (result.tokens still holds the argmaxes); it then
+  // needs at least max_new_tokens - 1 entries, all in the vocabulary. The request's full
+  // segments stay in the pool for later requests.
+  // Errors: InvalidArgument (empty prompt, a bad token naming its index, max_new_tokens < 1,
+  //   force_tokens too short or with a bad token); ResourceExhausted (device memory); Internal
+  //   (CUDA errors, a lake inconsistency).
+  absl::StatusOr<GpuGenerateResult> Generate(absl::Span<const int32_t> prompt,
+                                             int32_t max_new_tokens,
+                                             absl::Span<const int32_t> force_tokens = {});
+
+  const GpuEngineOptions& options() const { return options_; }
+  // The control plane, for tests and statistics.
+  const lake::Lake& lake() const { return *lake_; }
+  // Instance i's slot allocator (device slots). REQUIRES: 0 <= i < num_instances.
+  const store::SegmentStore& store(InstanceId instance) const;
+  // The slot layout of the pool.
+  const attention::KvSlotLayout& layout() const { return layout_; }
+
+  class Backend;  // the per-iteration attention backend (gpu_engine.cc)
+
+ private:
+  struct Instance {
+    std::unique_ptr<store::DeviceArena> arena;
+    std::unique_ptr<store::SegmentStore> store;
+  };
+  GpuEngine(GpuLlamaModel* model, const GpuEngineOptions& options);
+  // Device pointer to `segment`'s slot on `instance`, or Internal if it is not there.
+  absl::StatusOr<std::byte*> SlotPointer(InstanceId instance, SegmentId segment) const;
+
+  GpuLlamaModel* model_;
+  GpuEngineOptions options_;
+  attention::KvSlotLayout layout_;
+  std::vector<Instance> instances_;
+  ManualClock clock_{1};
+  std::unique_ptr<lake::Lake> lake_;
+  std::unique_ptr<LocalControlPlane> control_;  // over lake_
+  uint64_t salt_ = 0;
+  uint64_t next_request_ = 1;
+  // Device scratch reused by every iteration.
+  DeviceBuffer tail_;  // [layer][kv][tail_capacity_][kv_heads][head_dim] bf16
+  int64_t tail_capacity_ = 0;
+  DeviceBuffer pulled_;      // pulled slots
+  DeviceBuffer blocks_;      // DeviceKvBlock descriptors of an iteration
+  DeviceBuffer partials_;    // [partial][n][heads][head_dim] f32, then [partial][n][heads] f32
+  DeviceBuffer merged_lse_;  // [n][heads] f32
+  DeviceBuffer workspace_;   // paged attention workspace (counters zeroed once)
+};
+
+}  // namespace tokenlake::engine::cuda
+
+#endif  // TOKENLAKE_ENGINE_CUDA_GPU_ENGINE_H_

@@ -1,0 +1,311 @@
+// The GPU engine against the CPU engine (engine::Engine, float32, no pool) on random small
+// Llama configs with random weights (head_dim 64 and 16, GQA ratios 1, 2, 4), random prompts
+// with shared prefixes run in sequence through a pool of 1 to 3 instances sharing the GPU;
+// repeated prefixes served from the pool; bad arguments. GPU tests skip without a device.
+#include "tokenlake/engine/cuda/gpu_engine.h"
+
+#include <cstring>
+#include <iostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "gtest/gtest.h"
+#include "tokenlake/engine/cuda/gpu_llama.h"
+#include "tokenlake/engine/cuda/gpu_test_util.h"
+#include "tokenlake/engine/engine.h"
+#include "tokenlake/engine/llama_model.h"
+#include "tokenlake/engine/safetensors.h"
+
+namespace tokenlake::engine::cuda {
+namespace {
+
+using namespace testing_util;  // NOLINT
+
+#define SKIP_WITHOUT_GPU() \
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device"
+
+// Random weights as a safetensors image: uniform in [-a, a] with a = sqrt(3 / fan_in) (unit
+// variance outputs for unit inputs), RMSNorm weights 1 + uniform(-0.2, 0.2).
+std::string RandomCheckpoint(const LlamaConfig& c, uint64_t seed, const std::string& skip = "") {
+  std::mt19937_64 rng(seed);
+  std::vector<TensorToWrite> tensors;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, bool norm = false) {
+    if (name == skip) return;
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    const float a = norm ? 0.2f : std::sqrt(3.0f / static_cast<float>(shape.back()));
+    std::uniform_real_distribution<float> u(-a, a);
+    std::vector<float> v(static_cast<size_t>(n));
+    for (float& x : v) x = norm ? 1.0f + u(rng) : u(rng);
+    std::string bytes(v.size() * 4, '\0');
+    std::memcpy(bytes.data(), v.data(), bytes.size());
+    tensors.push_back({name, TensorDtype::kF32, std::move(shape), std::move(bytes)});
+  };
+  const int64_t h = c.hidden_size, qd = c.num_heads * c.head_dim, kvd = c.num_kv_heads * c.head_dim;
+  add("model.embed_tokens.weight", {c.vocab_size, h});
+  for (int l = 0; l < c.num_layers; ++l) {
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    add(p + "input_layernorm.weight", {h}, true);
+    add(p + "self_attn.q_proj.weight", {qd, h});
+    add(p + "self_attn.k_proj.weight", {kvd, h});
+    add(p + "self_attn.v_proj.weight", {kvd, h});
+    add(p + "self_attn.o_proj.weight", {h, qd});
+    add(p + "post_attention_layernorm.weight", {h}, true);
+    add(p + "mlp.gate_proj.weight", {c.intermediate_size, h});
+    add(p + "mlp.up_proj.weight", {c.intermediate_size, h});
+    add(p + "mlp.down_proj.weight", {h, c.intermediate_size});
+  }
+  add("model.norm.weight", {h}, true);
+  if (!c.tie_word_embeddings) add("lm_head.weight", {c.vocab_size, h});
+  return SerializeSafetensors(tensors);
+}
+
+LlamaConfig RandomConfig(std::mt19937_64& rng) {
+  static constexpr int kHeadDims[] = {16, 64};
+  static constexpr int kGroups[] = {1, 2, 4};
+  LlamaConfig c;
+  c.head_dim = kHeadDims[rng() % 2];
+  c.num_kv_heads = 1 + static_cast<int32_t>(rng() % 2);
+  c.num_heads = c.num_kv_heads * kGroups[rng() % 3];
+  c.hidden_size = c.head_dim == 16 ? 64 : 128;
+  c.intermediate_size = c.hidden_size + 32 * static_cast<int32_t>(rng() % 3);
+  c.num_layers = 1 + static_cast<int32_t>(rng() % 3);
+  c.vocab_size = 128 + 64 * static_cast<int32_t>(rng() % 4);
+  c.rms_norm_eps = 1e-5f;
+  c.rope_theta = rng() % 2 == 0 ? 10000.0 : 500000.0;
+  c.max_position_embeddings = 4096;
+  c.tie_word_embeddings = rng() % 2 == 0;
+  return c;
+}
+
+struct Models {
+  std::unique_ptr<LlamaModel> cpu;
+  std::unique_ptr<GpuLlamaModel> gpu;
+};
+
+Models MakeModels(const LlamaConfig& c, uint64_t seed) {
+  Models m;
+  auto file = SafetensorsFile::FromBytes(RandomCheckpoint(c, seed), "random");
+  EXPECT_TRUE(file.ok()) << file.status();
+  if (!file.ok()) return m;
+  auto cpu = LlamaModel::FromSafetensors(c, **file);
+  EXPECT_TRUE(cpu.ok()) << cpu.status();
+  auto gpu = GpuLlamaModel::FromSafetensors(c, **file, {});
+  EXPECT_TRUE(gpu.ok()) << gpu.status();
+  if (cpu.ok()) m.cpu = *std::move(cpu);
+  if (gpu.ok()) m.gpu = *std::move(gpu);
+  return m;
+}
+
+// Prompts sharing prefixes: a few random "documents", each prompt a document's prefix of
+// random length plus a random question; some prompts repeat.
+std::vector<std::vector<int32_t>> RandomPrompts(std::mt19937_64& rng, int32_t vocab, int count) {
+  std::vector<std::vector<int32_t>> docs(3);
+  for (auto& d : docs) {
+    d.resize(20 + rng() % 100);
+    for (int32_t& t : d) t = static_cast<int32_t>(rng() % vocab);
+  }
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < count; ++i) {
+    if (!prompts.empty() && rng() % 5 == 0) {
+      prompts.push_back(prompts[rng() % prompts.size()]);
+      continue;
+    }
+    const auto& d = docs[rng() % docs.size()];
+    std::vector<int32_t> p(d.begin(), d.begin() + 1 + rng() % d.size());
+    const int q = static_cast<int>(rng() % 12);
+    for (int k = 0; k < q; ++k) p.push_back(static_cast<int32_t>(rng() % vocab));
+    prompts.push_back(std::move(p));
+  }
+  return prompts;
+}
+
+class GpuEngineRandomTest : public testing::TestWithParam<uint64_t> {};
+
+TEST_P(GpuEngineRandomTest, MatchesCpuEngineWithinBf16Tolerance) {
+  SKIP_WITHOUT_GPU();
+  const uint64_t seed = GetParam();
+  SCOPED_TRACE(testing::Message() << "seed=" << seed);
+  std::cout << "seed=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  const LlamaConfig c = RandomConfig(rng);
+  const int32_t num_instances = 1 + static_cast<int32_t>(rng() % 3);
+  const int32_t s = rng() % 2 == 0 ? 4 : 16;
+  std::cout << absl::StrFormat(
+      "config: layers %d hidden %d inter %d heads %d/%d head_dim %d vocab %d tied %d; pool %d "
+      "instances, S %d\n",
+      c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim,
+      c.vocab_size, c.tie_word_embeddings, num_instances, s);
+  Models m = MakeModels(c, seed);
+  ASSERT_TRUE(m.cpu != nullptr && m.gpu != nullptr);
+  auto cpu = Engine::Create(m.cpu.get(), {.use_pool = false});
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  auto gpu = GpuEngine::Create(m.gpu.get(), {.num_instances = num_instances,
+                                             .segment_tokens = s,
+                                             .slots_per_instance = 512,
+                                             .rotate_compute_instance = true});
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  const auto prompts = RandomPrompts(rng, c.vocab_size, 8);
+  std::vector<std::vector<int32_t>> histories;
+  int64_t total_cached = 0;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    SCOPED_TRACE(testing::Message() << "prompt " << i << " (" << prompts[i].size() << " tokens)");
+    const int32_t max_new = 1 + static_cast<int32_t>(rng() % 6);
+    auto want = (*cpu)->Generate(prompts[i], max_new);
+    ASSERT_TRUE(want.ok()) << want.status();
+    const std::vector<int32_t> force(want->tokens.begin(), want->tokens.end() - 1);
+    auto got = (*gpu)->Generate(prompts[i], max_new, force);
+    ASSERT_TRUE(got.ok()) << got.status();
+    const float tol_last = Bf16Tolerance(want->last_logits);
+    const float tol_dec = Bf16Tolerance(want->decode_logits);
+    const float err_last = MaxAbsDiff(got->last_logits, want->last_logits);
+    const float err_dec = MaxAbsDiff(got->decode_logits, want->decode_logits);
+    EXPECT_LE(err_last, tol_last);
+    EXPECT_LE(err_dec, tol_dec);
+    if (TopMargin(want->last_logits) > 2 * tol_last) {
+      EXPECT_EQ(got->tokens[0], want->tokens[0]);
+    }
+    if (TopMargin(want->decode_logits) > 2 * tol_dec) {
+      EXPECT_EQ(got->tokens.back(), want->tokens.back());
+    }
+    EXPECT_EQ(got->cached_tokens, ExpectedCachedTokens(prompts[i], histories, s));
+    std::cout << absl::StrFormat("prompt %d: %d tokens, cached %d, max|d| %.5f / %.5f (tol %.4f)\n",
+                                 i, prompts[i].size(), got->cached_tokens, err_last, err_dec,
+                                 tol_last);
+    total_cached += got->cached_tokens;
+    std::vector<int32_t> h = prompts[i];
+    h.insert(h.end(), force.begin(), force.end());
+    histories.push_back(std::move(h));
+    // Conservation after every request: the data plane holds exactly the lake's replicas.
+    int64_t data_segments = 0;
+    for (int32_t k = 0; k < num_instances; ++k) {
+      data_segments += (*gpu)->store(InstanceId(k)).used();
+      EXPECT_TRUE((*gpu)->store(InstanceId(k)).CheckIntegrity().ok());
+    }
+    EXPECT_EQ(data_segments, (*gpu)->lake().Stats().replicas);
+    EXPECT_TRUE((*gpu)->lake().CheckIntegrity().ok()) << (*gpu)->lake().CheckIntegrity();
+  }
+  EXPECT_GT(total_cached, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Seeds, GpuEngineRandomTest,
+                         testing::Values(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12));
+
+LlamaConfig FixedConfig() {
+  return LlamaConfig{.vocab_size = 256,
+                     .hidden_size = 128,
+                     .intermediate_size = 192,
+                     .num_layers = 2,
+                     .num_heads = 4,
+                     .num_kv_heads = 2,
+                     .head_dim = 64,
+                     .rms_norm_eps = 1e-5f,
+                     .rope_theta = 10000.0,
+                     .max_position_embeddings = 4096,
+                     .tie_word_embeddings = false};
+}
+
+// A repeated prompt is served from the pool (all full segments before its last token), on one
+// instance and with the second request computed on another instance (same-device path), and
+// gives the same logits as computing it (bf16 KV read back from the slots it was written to).
+TEST(GpuEngineTest, RepeatedPromptIsServedFromThePool) {
+  SKIP_WITHOUT_GPU();
+  Models m = MakeModels(FixedConfig(), 77);
+  ASSERT_TRUE(m.gpu != nullptr);
+  std::mt19937_64 rng(5);
+  std::vector<int32_t> prompt(70);
+  for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % 256);
+  for (int32_t instances : {1, 2}) {
+    SCOPED_TRACE(testing::Message() << instances << " instances");
+    auto engine = GpuEngine::Create(m.gpu.get(), {.num_instances = instances,
+                                                  .segment_tokens = 16,
+                                                  .slots_per_instance = 64,
+                                                  .rotate_compute_instance = true});
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    auto first = (*engine)->Generate(prompt, 3);
+    ASSERT_TRUE(first.ok()) << first.status();
+    EXPECT_EQ(first->cached_tokens, 0);
+    EXPECT_EQ(first->stored_segments, 4);  // 72 computed tokens: 4 full segments of 16
+    auto second = (*engine)->Generate(prompt, 3);
+    ASSERT_TRUE(second.ok()) << second.status();
+    EXPECT_EQ(second->cached_tokens, 64);
+    EXPECT_EQ(second->stored_segments, 0);  // nothing new: the same tokens follow
+    const float tol = 1e-3f * MaxAbs(first->last_logits) + 1e-3f;
+    EXPECT_LE(MaxAbsDiff(first->last_logits, second->last_logits), tol);
+    EXPECT_LE(MaxAbsDiff(first->decode_logits, second->decode_logits), tol);
+    EXPECT_EQ(first->tokens, second->tokens);
+    // The cached segments were attended (own, pulled or on their holder).
+    EXPECT_GT(second->remote_attend_calls + second->pulled_segments + second->local_attend_calls,
+              0);
+    if (instances == 1) {
+      EXPECT_EQ(second->remote_attend_calls + second->pulled_segments, 0);
+    }
+  }
+}
+
+TEST(GpuEngineTest, BadArgumentsNameTheField) {
+  auto null_model = GpuEngine::Create(nullptr, {});
+  EXPECT_EQ(null_model.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(null_model.status().message().find("model"), std::string::npos);
+
+  LlamaConfig odd = FixedConfig();
+  odd.head_dim = 8;
+  odd.hidden_size = 32;
+  auto odd_file = SafetensorsFile::FromBytes(RandomCheckpoint(odd, 1), "odd.safetensors");
+  ASSERT_TRUE(odd_file.ok());
+  auto odd_model = GpuLlamaModel::FromSafetensors(odd, **odd_file, {});
+  EXPECT_EQ(odd_model.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(odd_model.status().message().find("head_dim"), std::string::npos);
+
+  SKIP_WITHOUT_GPU();
+  const LlamaConfig c = FixedConfig();
+  auto missing = SafetensorsFile::FromBytes(
+      RandomCheckpoint(c, 1, "model.layers.1.mlp.up_proj.weight"), "ckpt.safetensors");
+  ASSERT_TRUE(missing.ok());
+  auto no_tensor = GpuLlamaModel::FromSafetensors(c, **missing, {});
+  EXPECT_EQ(no_tensor.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(no_tensor.status().message().find("model.layers.1.mlp.up_proj.weight"),
+            std::string::npos);
+  auto bad_device = GpuLlamaModel::FromSafetensors(c, **missing, {.device = 1000});
+  EXPECT_EQ(bad_device.status().code(), absl::StatusCode::kFailedPrecondition);
+
+  Models m = MakeModels(c, 3);
+  ASSERT_TRUE(m.gpu != nullptr);
+  struct BadOption {
+    GpuEngineOptions options;
+    const char* field;
+  };
+  for (const BadOption& b : {BadOption{{.num_instances = 0}, "num_instances"},
+                             BadOption{{.segment_tokens = 0}, "segment_tokens"},
+                             BadOption{{.slots_per_instance = 0}, "slots_per_instance"}}) {
+    auto e = GpuEngine::Create(m.gpu.get(), b.options);
+    EXPECT_EQ(e.status().code(), absl::StatusCode::kInvalidArgument) << b.field;
+    EXPECT_NE(e.status().message().find(b.field), std::string::npos) << e.status();
+  }
+  auto engine = GpuEngine::Create(m.gpu.get(), {});
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  struct BadCall {
+    std::vector<int32_t> prompt;
+    int32_t max_new;
+    std::vector<int32_t> force;
+    const char* needle;
+  };
+  for (const BadCall& b :
+       {BadCall{{}, 2, {}, "empty prompt"}, BadCall{{1, 2, 999}, 2, {}, "index 2"},
+        BadCall{{1, -1}, 2, {}, "index 1"}, BadCall{{1, 2}, 0, {}, "max_new_tokens"},
+        BadCall{{1, 2}, 4, {5}, "force_tokens"}, BadCall{{1, 2}, 2, {256}, "force_tokens[0]"}}) {
+    auto r = (*engine)->Generate(b.prompt, b.max_new, b.force);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << b.needle;
+    EXPECT_NE(r.status().message().find(b.needle), std::string::npos) << r.status();
+  }
+  // The engine still works after the rejected calls, and nothing leaked into the lake.
+  auto ok = (*engine)->Generate({1, 2, 3}, 2);
+  EXPECT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ((*engine)->lake().Stats().active_requests, 0);
+}
+
+}  // namespace
+}  // namespace tokenlake::engine::cuda

@@ -1,0 +1,505 @@
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "tokenlake/attention/bf16.h"
+#include "tokenlake/base/status_macros.h"
+#include "tokenlake/engine/cuda/gpu_llama.h"
+#include "tokenlake/engine/ops.h"
+
+namespace tokenlake::engine::cuda {
+
+struct GpuLlamaModel::Layer {
+  DeviceBuffer input_norm;  // [hidden] f32
+  DeviceBuffer wqkv;        // [qd + 2 kvd][hidden] bf16 (q_proj, k_proj, v_proj rows)
+  DeviceBuffer wo;          // [hidden][qd] bf16
+  DeviceBuffer post_norm;   // [hidden] f32
+  DeviceBuffer wgu;         // [2 inter][hidden] bf16 (gate_proj, up_proj rows)
+  DeviceBuffer wdown;       // [hidden][inter] bf16
+};
+
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float Bf16Bits(uint16_t bits) {
+  return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+}
+__device__ __forceinline__ uint16_t ToBf16Bits(float x) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+
+__global__ void EmbedKernel(const int32_t* __restrict__ tokens, const uint16_t* __restrict__ embed,
+                            int hidden, float* __restrict__ x) {
+  const int t = blockIdx.x;
+  const uint16_t* row = embed + static_cast<int64_t>(tokens[t]) * hidden;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+    x[static_cast<int64_t>(t) * hidden + i] = Bf16Bits(row[i]);
+  }
+}
+
+// y = w * (x / sqrt(mean(x^2) + eps)), one thread block per row; y rounded to bf16.
+__global__ void RmsNormKernel(const float* __restrict__ x, const float* __restrict__ w, float eps,
+                              int hidden, uint16_t* __restrict__ y) {
+  const int64_t r = blockIdx.x;
+  const float* xr = x + r * hidden;
+  float sum = 0.f;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) sum += xr[i] * xr[i];
+  __shared__ float partial[kThreads / 32];
+  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
+  __syncthreads();
+  float total = 0.f;
+  for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) total += partial[i];
+  const float inv = 1.0f / sqrtf(total / static_cast<float>(hidden) + eps);
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+    y[r * hidden + i] = ToBf16Bits(w[i] * (xr[i] * inv));
+  }
+}
+
+// qkv [n][qd + 2 kvd] f32 -> q [n][qd], k [n][kvd] (RoPE, rotate-half) and v [n][kvd], bf16.
+__global__ void RopeSplitKernel(const float* __restrict__ qkv, const float* __restrict__ inv_freq,
+                                int64_t start_pos, int num_heads, int num_kv_heads, int head_dim,
+                                uint16_t* __restrict__ q, uint16_t* __restrict__ k,
+                                uint16_t* __restrict__ v) {
+  const int t = blockIdx.x;
+  const int half = head_dim / 2;
+  const int qd = num_heads * head_dim;
+  const int kvd = num_kv_heads * head_dim;
+  const float* row = qkv + static_cast<int64_t>(t) * (qd + 2 * kvd);
+  const float pos = static_cast<float>(start_pos + t);
+  const int pairs = (num_heads + num_kv_heads) * half;
+  for (int idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
+    const int head = idx / half;  // q heads first, then k heads
+    const int i = idx % half;
+    const float angle = pos * inv_freq[i];
+    const float c = static_cast<float>(cos(static_cast<double>(angle)));
+    const float s = static_cast<float>(sin(static_cast<double>(angle)));
+    const float* src = row + head * head_dim;  // k heads follow q heads in qkv
+    const float a = src[i];
+    const float b = src[i + half];
+    uint16_t* dst = head < num_heads
+                        ? q + static_cast<int64_t>(t) * qd + head * head_dim
+                        : k + static_cast<int64_t>(t) * kvd + (head - num_heads) * head_dim;
+    dst[i] = ToBf16Bits(a * c - b * s);
+    dst[i + half] = ToBf16Bits(b * c + a * s);
+  }
+  for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
+    v[static_cast<int64_t>(t) * kvd + i] = ToBf16Bits(row[qd + kvd + i]);
+  }
+}
+
+// gate_up [n][2 inter] f32 -> silu(gate) * up [n][inter] bf16.
+__global__ void SiluMulKernel(const float* __restrict__ gate_up, int64_t n, int inter,
+                              uint16_t* __restrict__ out) {
+  const int64_t total = n * inter;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = idx / inter;
+    const int64_t j = idx % inter;
+    const float g = gate_up[t * 2 * inter + j];
+    const float u = gate_up[t * 2 * inter + inter + j];
+    out[idx] = ToBf16Bits(g / (1.0f + expf(-g)) * u);
+  }
+}
+
+__global__ void ToBf16Kernel(const float* __restrict__ in, int64_t n, uint16_t* __restrict__ out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = ToBf16Bits(in[i]);
+  }
+}
+
+// The first index of the maximum (as engine::Argmax). One thread block of kThreads.
+__global__ void ArgmaxKernel(const float* __restrict__ x, int n, int32_t* __restrict__ out) {
+  float best = -INFINITY;
+  int best_i = n;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    if (x[i] > best || (x[i] == best && i < best_i)) {
+      best = x[i];
+      best_i = i;
+    }
+  }
+  __shared__ float sv[kThreads];
+  __shared__ int si[kThreads];
+  sv[threadIdx.x] = best;
+  si[threadIdx.x] = best_i;
+  __syncthreads();
+  for (int off = kThreads / 2; off > 0; off >>= 1) {
+    if (static_cast<int>(threadIdx.x) < off) {
+      const float ov = sv[threadIdx.x + off];
+      const int oi = si[threadIdx.x + off];
+      if (ov > sv[threadIdx.x] || (ov == sv[threadIdx.x] && oi < si[threadIdx.x])) {
+        sv[threadIdx.x] = ov;
+        si[threadIdx.x] = oi;
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[0] = si[0] < n ? si[0] : 0;
+}
+
+__device__ __forceinline__ float HashUniform(uint64_t seed, uint64_t i) {
+  uint64_t z = seed + 0x9E3779B97F4A7C15ull * (i + 1);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<float>(z >> 40) * (2.0f / 16777216.0f) - 1.0f;  // [-1, 1)
+}
+
+__global__ void RandomBf16Kernel(uint16_t* out, int64_t n, uint64_t seed, float scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = ToBf16Bits(scale * HashUniform(seed, static_cast<uint64_t>(i)));
+  }
+}
+
+__global__ void RandomNormKernel(float* out, int64_t n, uint64_t seed, float scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[i] = 1.0f + scale * HashUniform(seed, static_cast<uint64_t>(i));
+  }
+}
+
+unsigned GridFor(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < 4096 ? (blocks > 0 ? blocks : 1) : 4096);
+}
+
+absl::Status CublasStatus(cublasStatus_t st, const char* what) {
+  if (st == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
+  return absl::InternalError(absl::StrFormat("%s: cuBLAS status %d", what, static_cast<int>(st)));
+}
+
+absl::Status LaunchCheck(const char* what) { return CudaStatus(cudaGetLastError(), what); }
+
+// y[n][out] (f32) = x[n][in] (bf16) * w[out][in]^T (bf16) + beta * y. Row-major on our side is
+// column-major transposed on cuBLAS's: y^T (out x n) = w (out x in, ld in)^T... see below.
+absl::Status Gemm(cublasHandle_t h, const void* w, const void* x, float* y, int n, int in, int out,
+                  float beta) {
+  const float alpha = 1.0f;
+  // Column-major: W is (in x out) with ld in, X is (in x n) with ld in, Y is (out x n), ld out.
+  // Y = W^T X.
+  return CublasStatus(cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, out, n, in, &alpha, w, CUDA_R_16BF,
+                                   in, x, CUDA_R_16BF, in, &beta, y, CUDA_R_32F, out,
+                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                      "cublasGemmEx");
+}
+
+// Host float32 tensors -> one bf16 device buffer (concatenated in order).
+absl::Status UploadBf16(const std::vector<const std::vector<float>*>& parts, DeviceBuffer* dst) {
+  size_t total = 0;
+  for (const auto* p : parts) total += p->size();
+  std::vector<uint16_t> bits(total);
+  size_t at = 0;
+  for (const auto* p : parts) {
+    for (float f : *p) bits[at++] = attention::FloatToBf16(f);
+  }
+  TOKENLAKE_RETURN_IF_ERROR(dst->Allocate(total * sizeof(uint16_t)));
+  return CudaStatus(
+      cudaMemcpy(dst->get(), bits.data(), total * sizeof(uint16_t), cudaMemcpyHostToDevice),
+      "cudaMemcpy(weights)");
+}
+
+absl::Status UploadF32(const std::vector<float>& v, DeviceBuffer* dst) {
+  TOKENLAKE_RETURN_IF_ERROR(dst->Allocate(v.size() * sizeof(float)));
+  return CudaStatus(
+      cudaMemcpy(dst->get(), v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice),
+      "cudaMemcpy(weights)");
+}
+
+absl::Status CheckConfig(const LlamaConfig& c) {
+  if (c.vocab_size <= 0 || c.hidden_size <= 0 || c.intermediate_size <= 0 || c.num_layers <= 0 ||
+      c.num_heads <= 0 || c.num_kv_heads <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("GpuLlamaModel: config sizes must be > 0 (vocab_size %d, hidden_size %d, "
+                        "intermediate_size %d, num_layers %d, num_heads %d, num_kv_heads %d)",
+                        c.vocab_size, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads,
+                        c.num_kv_heads));
+  }
+  if (c.num_heads % c.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("GpuLlamaModel: num_heads %d is not a multiple of num_kv_heads %d",
+                        c.num_heads, c.num_kv_heads));
+  }
+  if (c.head_dim != 16 && c.head_dim != 32 && c.head_dim != 64 && c.head_dim != 128) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "GpuLlamaModel: head_dim %d is not supported on the GPU (16, 32, 64 or 128)", c.head_dim));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+GpuLlamaModel::GpuLlamaModel(const LlamaConfig& config, int device)
+    : config_(config), device_(device) {}
+
+GpuLlamaModel::~GpuLlamaModel() {
+  if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  if (cublas_ != nullptr) cublasDestroy(static_cast<cublasHandle_t>(cublas_));
+  if (stream_ != nullptr) cudaStreamDestroy(stream_);
+}
+
+absl::Status GpuLlamaModel::Init() {
+  TOKENLAKE_RETURN_IF_ERROR(CheckConfig(config_));
+  if (device_ < 0) {
+    return absl::InvalidArgumentError(absl::StrFormat("GpuLlamaModel: device %d < 0", device_));
+  }
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    cudaGetLastError();
+    return absl::FailedPreconditionError("GpuLlamaModel: no CUDA device");
+  }
+  if (device_ >= count) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("GpuLlamaModel: device %d, but only %d CUDA devices", device_, count));
+  }
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(device_), "cudaSetDevice"));
+  TOKENLAKE_RETURN_IF_ERROR(
+      CudaStatus(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate"));
+  cublasHandle_t h = nullptr;
+  TOKENLAKE_RETURN_IF_ERROR(CublasStatus(cublasCreate(&h), "cublasCreate"));
+  cublas_ = h;
+  TOKENLAKE_RETURN_IF_ERROR(CublasStatus(cublasSetStream(h, stream_), "cublasSetStream"));
+  layers_.resize(static_cast<size_t>(config_.num_layers));
+  TOKENLAKE_RETURN_IF_ERROR(
+      UploadF32(RopeInvFreq(config_.head_dim, config_.rope_theta), &inv_freq_));
+  return argmax_.Allocate(sizeof(int32_t));
+}
+
+absl::StatusOr<std::unique_ptr<GpuLlamaModel>> GpuLlamaModel::Load(const std::string& dir,
+                                                                   const Options& options) {
+  TOKENLAKE_ASSIGN_OR_RETURN(LlamaConfig config, LoadLlamaConfig(dir + "/config.json"));
+  TOKENLAKE_ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(dir + "/model.safetensors"));
+  return FromSafetensors(config, *file, options);
+}
+
+absl::StatusOr<std::unique_ptr<GpuLlamaModel>> GpuLlamaModel::FromSafetensors(
+    const LlamaConfig& config, const SafetensorsFile& file, const Options& options) {
+  std::unique_ptr<GpuLlamaModel> m(new GpuLlamaModel(config, options.device));
+  TOKENLAKE_RETURN_IF_ERROR(m->Init());
+  const int64_t h = config.hidden_size;
+  const int64_t qd = int64_t{config.num_heads} * config.head_dim;
+  const int64_t kvd = int64_t{config.num_kv_heads} * config.head_dim;
+  const int64_t inter = config.intermediate_size;
+  const int64_t vocab = config.vocab_size;
+  {
+    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> e,
+                               file.ReadFloat32("model.embed_tokens.weight", {vocab, h}));
+    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&e}, &m->embed_));
+  }
+  for (int32_t l = 0; l < config.num_layers; ++l) {
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    Layer& w = m->layers_[static_cast<size_t>(l)];
+    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> in_norm,
+                               file.ReadFloat32(p + "input_layernorm.weight", {h}));
+    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> wq,
+                               file.ReadFloat32(p + "self_attn.q_proj.weight", {qd, h}));
+    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> wk,
+                               file.ReadFloat32(p + "self_attn.k_proj.weight", {kvd, h}));
+    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> wv,
+                               file.ReadFloat32(p + "self_attn.v_proj.weight", {kvd, h}));
+    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> wo,
+                               file.ReadFloat32(p + "self_attn.o_proj.weight", {h, qd}));
+    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> post,
+                               file.ReadFloat32(p + "post_attention_layernorm.weight", {h}));
+    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> wg,
+                               file.ReadFloat32(p + "mlp.gate_proj.weight", {inter, h}));
+    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> wu,
+                               file.ReadFloat32(p + "mlp.up_proj.weight", {inter, h}));
+    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> wd,
+                               file.ReadFloat32(p + "mlp.down_proj.weight", {h, inter}));
+    TOKENLAKE_RETURN_IF_ERROR(UploadF32(in_norm, &w.input_norm));
+    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&wq, &wk, &wv}, &w.wqkv));
+    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&wo}, &w.wo));
+    TOKENLAKE_RETURN_IF_ERROR(UploadF32(post, &w.post_norm));
+    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&wg, &wu}, &w.wgu));
+    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&wd}, &w.wdown));
+  }
+  TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> fnorm, file.ReadFloat32("model.norm.weight", {h}));
+  TOKENLAKE_RETURN_IF_ERROR(UploadF32(fnorm, &m->final_norm_));
+  if (!config.tie_word_embeddings) {
+    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> head,
+                               file.ReadFloat32("lm_head.weight", {vocab, h}));
+    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&head}, &m->lm_head_));
+  }
+  return m;
+}
+
+absl::StatusOr<std::unique_ptr<GpuLlamaModel>> GpuLlamaModel::CreateRandom(
+    const LlamaConfig& config, uint64_t seed, float scale, const Options& options) {
+  std::unique_ptr<GpuLlamaModel> m(new GpuLlamaModel(config, options.device));
+  TOKENLAKE_RETURN_IF_ERROR(m->Init());
+  const int64_t h = config.hidden_size;
+  const int64_t qd = int64_t{config.num_heads} * config.head_dim;
+  const int64_t kvd = int64_t{config.num_kv_heads} * config.head_dim;
+  const int64_t inter = config.intermediate_size;
+  const int64_t vocab = config.vocab_size;
+  uint64_t stream_id = 0;
+  auto bf16 = [&](DeviceBuffer* b, int64_t n) -> absl::Status {
+    TOKENLAKE_RETURN_IF_ERROR(b->Allocate(static_cast<size_t>(n) * 2));
+    RandomBf16Kernel<<<GridFor(n), kThreads, 0, m->stream_>>>(b->as<uint16_t>(), n,
+                                                              seed * 1000003 + ++stream_id, scale);
+    return LaunchCheck("random weights");
+  };
+  auto norm = [&](DeviceBuffer* b, int64_t n) -> absl::Status {
+    TOKENLAKE_RETURN_IF_ERROR(b->Allocate(static_cast<size_t>(n) * 4));
+    RandomNormKernel<<<GridFor(n), kThreads, 0, m->stream_>>>(b->as<float>(), n,
+                                                              seed * 1000003 + ++stream_id, 0.1f);
+    return LaunchCheck("random weights");
+  };
+  TOKENLAKE_RETURN_IF_ERROR(bf16(&m->embed_, vocab * h));
+  for (Layer& w : m->layers_) {
+    TOKENLAKE_RETURN_IF_ERROR(norm(&w.input_norm, h));
+    TOKENLAKE_RETURN_IF_ERROR(bf16(&w.wqkv, (qd + 2 * kvd) * h));
+    TOKENLAKE_RETURN_IF_ERROR(bf16(&w.wo, h * qd));
+    TOKENLAKE_RETURN_IF_ERROR(norm(&w.post_norm, h));
+    TOKENLAKE_RETURN_IF_ERROR(bf16(&w.wgu, 2 * inter * h));
+    TOKENLAKE_RETURN_IF_ERROR(bf16(&w.wdown, h * inter));
+  }
+  TOKENLAKE_RETURN_IF_ERROR(norm(&m->final_norm_, h));
+  if (!config.tie_word_embeddings) TOKENLAKE_RETURN_IF_ERROR(bf16(&m->lm_head_, vocab * h));
+  TOKENLAKE_RETURN_IF_ERROR(
+      CudaStatus(cudaStreamSynchronize(m->stream_), "CreateRandom: synchronize"));
+  return m;
+}
+
+absl::Status GpuLlamaModel::EnsureActivations(int32_t n) {
+  if (n <= act_tokens_) return absl::OkStatus();
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "synchronize"));
+  const size_t h = static_cast<size_t>(config_.hidden_size);
+  const size_t qd = static_cast<size_t>(config_.num_heads) * config_.head_dim;
+  const size_t kvd = static_cast<size_t>(config_.num_kv_heads) * config_.head_dim;
+  const size_t inter = static_cast<size_t>(config_.intermediate_size);
+  const size_t nn = static_cast<size_t>(n);
+  TOKENLAKE_RETURN_IF_ERROR(tokens_.Allocate(nn * 4));
+  TOKENLAKE_RETURN_IF_ERROR(x_.Allocate(nn * h * 4));
+  TOKENLAKE_RETURN_IF_ERROR(normed_.Allocate(nn * h * 2));
+  TOKENLAKE_RETURN_IF_ERROR(qkv_.Allocate(nn * (qd + 2 * kvd) * 4));
+  TOKENLAKE_RETURN_IF_ERROR(q_.Allocate(nn * qd * 2));
+  TOKENLAKE_RETURN_IF_ERROR(k_.Allocate(nn * kvd * 2));
+  TOKENLAKE_RETURN_IF_ERROR(v_.Allocate(nn * kvd * 2));
+  TOKENLAKE_RETURN_IF_ERROR(attn_.Allocate(nn * qd * 4));
+  TOKENLAKE_RETURN_IF_ERROR(attn16_.Allocate(nn * qd * 2));
+  TOKENLAKE_RETURN_IF_ERROR(gate_up_.Allocate(nn * 2 * inter * 4));
+  TOKENLAKE_RETURN_IF_ERROR(act16_.Allocate(nn * inter * 2));
+  if (logits_.size_bytes() == 0) {
+    TOKENLAKE_RETURN_IF_ERROR(logits_.Allocate(static_cast<size_t>(config_.vocab_size) * 4));
+  }
+  act_tokens_ = n;
+  return absl::OkStatus();
+}
+
+absl::Status GpuLlamaModel::Enqueue(absl::Span<const int32_t> tokens, int64_t start_pos,
+                                    GpuAttentionBackend& backend) {
+  const LlamaConfig& c = config_;
+  if (tokens.empty()) return absl::InvalidArgumentError("GpuLlamaModel::Forward: no tokens");
+  if (start_pos < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("GpuLlamaModel::Forward: start_pos %d < 0", start_pos));
+  }
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i] < 0 || tokens[i] >= c.vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("GpuLlamaModel::Forward: token %d at index %d is outside the "
+                          "vocabulary [0, %d)",
+                          tokens[i], i, c.vocab_size));
+    }
+  }
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(device_), "cudaSetDevice"));
+  const int32_t n = static_cast<int32_t>(tokens.size());
+  TOKENLAKE_RETURN_IF_ERROR(EnsureActivations(n));
+  const int h = c.hidden_size;
+  const int qd = c.num_heads * c.head_dim;
+  const int kvd = c.num_kv_heads * c.head_dim;
+  const int inter = c.intermediate_size;
+  auto* blas = static_cast<cublasHandle_t>(cublas_);
+  // Pageable source: cudaMemcpyAsync stages it before returning.
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpyAsync(tokens_.get(), tokens.data(), n * 4, cudaMemcpyHostToDevice, stream_),
+      "cudaMemcpyAsync(tokens)"));
+  EmbedKernel<<<n, kThreads, 0, stream_>>>(tokens_.as<int32_t>(), embed_.as<uint16_t>(), h,
+                                           x_.as<float>());
+  TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("embedding"));
+  for (int32_t l = 0; l < c.num_layers; ++l) {
+    const Layer& w = layers_[static_cast<size_t>(l)];
+    RmsNormKernel<<<n, kThreads, 0, stream_>>>(x_.as<float>(), w.input_norm.as<float>(),
+                                               c.rms_norm_eps, h, normed_.as<uint16_t>());
+    TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
+    TOKENLAKE_RETURN_IF_ERROR(
+        Gemm(blas, w.wqkv.get(), normed_.get(), qkv_.as<float>(), n, h, qd + 2 * kvd, 0.f));
+    RopeSplitKernel<<<n, kThreads, 0, stream_>>>(
+        qkv_.as<float>(), inv_freq_.as<float>(), start_pos, c.num_heads, c.num_kv_heads, c.head_dim,
+        q_.as<uint16_t>(), k_.as<uint16_t>(), v_.as<uint16_t>());
+    TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rope"));
+    TOKENLAKE_RETURN_IF_ERROR(backend.Attend(l, n, q_.as<uint16_t>(), k_.as<uint16_t>(),
+                                             v_.as<uint16_t>(), attn_.as<float>(), stream_));
+    const int64_t attn_elems = int64_t{n} * qd;
+    ToBf16Kernel<<<GridFor(attn_elems), kThreads, 0, stream_>>>(attn_.as<float>(), attn_elems,
+                                                                attn16_.as<uint16_t>());
+    TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("to bf16"));
+    // x += attn * Wo^T
+    TOKENLAKE_RETURN_IF_ERROR(Gemm(blas, w.wo.get(), attn16_.get(), x_.as<float>(), n, qd, h, 1.f));
+    RmsNormKernel<<<n, kThreads, 0, stream_>>>(x_.as<float>(), w.post_norm.as<float>(),
+                                               c.rms_norm_eps, h, normed_.as<uint16_t>());
+    TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
+    TOKENLAKE_RETURN_IF_ERROR(
+        Gemm(blas, w.wgu.get(), normed_.get(), gate_up_.as<float>(), n, h, 2 * inter, 0.f));
+    const int64_t act_elems = int64_t{n} * inter;
+    SiluMulKernel<<<GridFor(act_elems), kThreads, 0, stream_>>>(gate_up_.as<float>(), n, inter,
+                                                                act16_.as<uint16_t>());
+    TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("silu"));
+    // x += act * Wdown^T
+    TOKENLAKE_RETURN_IF_ERROR(
+        Gemm(blas, w.wdown.get(), act16_.get(), x_.as<float>(), n, inter, h, 1.f));
+  }
+  // The last token only.
+  RmsNormKernel<<<1, kThreads, 0, stream_>>>(x_.as<float>() + int64_t{n - 1} * h,
+                                             final_norm_.as<float>(), c.rms_norm_eps, h,
+                                             normed_.as<uint16_t>());
+  TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
+  const DeviceBuffer& head = lm_head_.size_bytes() > 0 ? lm_head_ : embed_;
+  return Gemm(blas, head.get(), normed_.get(), logits_.as<float>(), 1, h, c.vocab_size, 0.f);
+}
+
+absl::StatusOr<std::vector<float>> GpuLlamaModel::Forward(absl::Span<const int32_t> tokens,
+                                                          int64_t start_pos,
+                                                          GpuAttentionBackend& backend) {
+  absl::Status s = Enqueue(tokens, start_pos, backend);
+  if (!s.ok()) {
+    cudaStreamSynchronize(stream_);  // nothing enqueued may outlive the caller's buffers
+    return s;
+  }
+  std::vector<float> logits(static_cast<size_t>(config_.vocab_size));
+  TOKENLAKE_RETURN_IF_ERROR(
+      CudaStatus(cudaMemcpyAsync(logits.data(), logits_.get(), logits.size() * 4,
+                                 cudaMemcpyDeviceToHost, stream_),
+                 "cudaMemcpyAsync(logits)"));
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "Forward: synchronize"));
+  return logits;
+}
+
+absl::StatusOr<int32_t> GpuLlamaModel::ForwardArgmax(absl::Span<const int32_t> tokens,
+                                                     int64_t start_pos,
+                                                     GpuAttentionBackend& backend) {
+  absl::Status s = Enqueue(tokens, start_pos, backend);
+  if (!s.ok()) {
+    cudaStreamSynchronize(stream_);
+    return s;
+  }
+  ArgmaxKernel<<<1, kThreads, 0, stream_>>>(logits_.as<float>(), config_.vocab_size,
+                                            argmax_.as<int32_t>());
+  TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("argmax"));
+  int32_t best = 0;
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpyAsync(&best, argmax_.get(), 4, cudaMemcpyDeviceToHost, stream_), "argmax copy"));
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "Forward: synchronize"));
+  return best;
+}
+
+}  // namespace tokenlake::engine::cuda

@@ -1,0 +1,139 @@
+// GpuLlamaModel: the Llama forward pass of engine::LlamaModel on one CUDA device.
+//
+// Weights are uploaded once as bfloat16 (RNE from the checkpoint's values; RMSNorm weights stay
+// float32). Dense layers run on cuBLAS (cublasGemmEx: bf16 inputs, float32 accumulation and
+// float32 output; the q/k/v and the gate/up projections are each one GEMM over concatenated
+// weights; o_proj and down_proj accumulate into the float32 residual stream with beta = 1).
+// Small kernels do the rest: embedding gather, RMSNorm (float32 statistics, bf16 output for the
+// next GEMM), RoPE (the conventions of engine/ops.cc: rotate-half, inverse frequencies from
+// engine::RopeInvFreq, angle = position * inv_freq in float32, cos/sin in double), SiLU(gate) *
+// up. The residual stream x is float32; GEMM inputs (normed activations, attention output,
+// SiLU*up) are rounded to bf16. Queries and the new tokens' K and V are bf16 (the KV is stored
+// as bf16 in the pool). Only the last token's logits are computed and copied to the host.
+//
+// Attention is delegated to a GpuAttentionBackend (the pool: see gpu_engine.h).
+//
+// Thread-safety: not thread-safe; one Forward at a time. All device work runs on the model's
+// stream (stream()); Forward returns after that stream has finished its work.
+#ifndef TOKENLAKE_ENGINE_CUDA_GPU_LLAMA_H_
+#define TOKENLAKE_ENGINE_CUDA_GPU_LLAMA_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "tokenlake/engine/cuda/device_buffer.h"
+#include "tokenlake/engine/llama_config.h"
+#include "tokenlake/engine/safetensors.h"
+
+namespace tokenlake::engine::cuda {
+
+// Attention of one forward pass on the device (stream order: enqueue on `stream`).
+class GpuAttentionBackend {
+ public:
+  virtual ~GpuAttentionBackend() = default;
+  // Attention of the `num_tokens` new tokens at layer `layer`. Device pointers: q
+  // [num_tokens][num_heads][head_dim] bf16 bits (RoPE applied), k and v
+  // [num_tokens][num_kv_heads][head_dim] bf16 bits (RoPE on k). The backend keeps k and v as
+  // the sequence's KV of this layer (copying them before returning or in stream order) and
+  // writes out [num_tokens][num_heads][head_dim] float32: softmax(q K^T / sqrt(head_dim)) V over
+  // all earlier tokens of the sequence and, causally, the new ones. q, k, v are valid until the
+  // work enqueued on `stream` by this call has run.
+  virtual absl::Status Attend(int32_t layer, int32_t num_tokens, const uint16_t* q,
+                              const uint16_t* k, const uint16_t* v, float* out,
+                              cudaStream_t stream) = 0;
+};
+
+class GpuLlamaModel {
+ public:
+  struct Options {
+    // CUDA device ordinal, >= 0.
+    int device = 0;
+  };
+
+  // Reads `dir`/config.json and `dir`/model.safetensors and uploads the weights.
+  // Errors: those of LoadLlamaConfig / SafetensorsFile::Open / FromSafetensors.
+  static absl::StatusOr<std::unique_ptr<GpuLlamaModel>> Load(const std::string& dir,
+                                                             const Options& options);
+
+  // Uploads the checkpoint's tensors (the names and shapes engine::LlamaModel reads).
+  // Errors: NotFound / InvalidArgument / Unimplemented for a missing or mis-shaped tensor (as
+  //   engine::LlamaModel::FromSafetensors), InvalidArgument for a config the GPU path does not
+  //   run (head_dim odd or not in {16, 32, 64, 128}, see attention/cuda/paged_attention.h),
+  //   FailedPrecondition (no CUDA device), ResourceExhausted (device memory), Internal (CUDA or
+  //   cuBLAS error).
+  static absl::StatusOr<std::unique_ptr<GpuLlamaModel>> FromSafetensors(const LlamaConfig& config,
+                                                                        const SafetensorsFile& file,
+                                                                        const Options& options);
+
+  // A model with random weights drawn on the device (uniform in [-scale, scale], RMSNorm
+  // weights 1 + uniform), for timing larger shapes without a checkpoint. Errors as
+  // FromSafetensors (config checks, device, memory).
+  static absl::StatusOr<std::unique_ptr<GpuLlamaModel>> CreateRandom(const LlamaConfig& config,
+                                                                     uint64_t seed, float scale,
+                                                                     const Options& options);
+
+  ~GpuLlamaModel();
+  GpuLlamaModel(const GpuLlamaModel&) = delete;
+  GpuLlamaModel& operator=(const GpuLlamaModel&) = delete;
+
+  const LlamaConfig& config() const { return config_; }
+  int device() const { return device_; }
+  // The stream every kernel and copy of this model (and its backend) runs on.
+  cudaStream_t stream() const { return stream_; }
+
+  // Runs `tokens` (positions start_pos, start_pos + 1, ...) through the model with attention on
+  // `backend`, and returns the float32 logits [vocab_size] of the last token (host).
+  // Errors: InvalidArgument (empty tokens, a token id outside [0, vocab_size) naming its index,
+  //   start_pos < 0); any backend error; Internal on a CUDA / cuBLAS error.
+  absl::StatusOr<std::vector<float>> Forward(absl::Span<const int32_t> tokens, int64_t start_pos,
+                                             GpuAttentionBackend& backend);
+
+  // Like Forward, without copying the logits back: the argmax of the last token's logits is
+  // computed on the device and only it returns (4 bytes). Errors as Forward.
+  absl::StatusOr<int32_t> ForwardArgmax(absl::Span<const int32_t> tokens, int64_t start_pos,
+                                        GpuAttentionBackend& backend);
+
+ private:
+  struct Layer;
+  GpuLlamaModel(const LlamaConfig& config, int device);
+  absl::Status Init();
+  absl::Status EnsureActivations(int32_t num_tokens);
+  // Enqueues the whole forward; leaves the logits of the last token in logits_.
+  absl::Status Enqueue(absl::Span<const int32_t> tokens, int64_t start_pos,
+                       GpuAttentionBackend& backend);
+
+  const LlamaConfig config_;
+  const int device_;
+  cudaStream_t stream_ = nullptr;
+  void* cublas_ = nullptr;  // cublasHandle_t
+  std::vector<Layer> layers_;
+  DeviceBuffer embed_;       // [vocab][hidden] bf16
+  DeviceBuffer lm_head_;     // [vocab][hidden] bf16 (empty when tied)
+  DeviceBuffer final_norm_;  // [hidden] f32
+  DeviceBuffer inv_freq_;    // [head_dim / 2] f32
+  // Activations, sized for act_tokens_ tokens.
+  int32_t act_tokens_ = 0;
+  DeviceBuffer tokens_;   // [n] int32
+  DeviceBuffer x_;        // [n][hidden] f32 residual stream
+  DeviceBuffer normed_;   // [n][hidden] bf16
+  DeviceBuffer qkv_;      // [n][qd + 2 kvd] f32
+  DeviceBuffer q_;        // [n][qd] bf16
+  DeviceBuffer k_;        // [n][kvd] bf16
+  DeviceBuffer v_;        // [n][kvd] bf16
+  DeviceBuffer attn_;     // [n][qd] f32
+  DeviceBuffer attn16_;   // [n][qd] bf16
+  DeviceBuffer gate_up_;  // [n][2 inter] f32
+  DeviceBuffer act16_;    // [n][inter] bf16
+  DeviceBuffer logits_;   // [vocab] f32
+  DeviceBuffer argmax_;   // [1] int32
+};
+
+}  // namespace tokenlake::engine::cuda
+
+#endif  // TOKENLAKE_ENGINE_CUDA_GPU_LLAMA_H_
