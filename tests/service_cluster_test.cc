@@ -7,7 +7,11 @@
 // other requests; kill -9 of an instance during load (failover, recompute, replicated heavy
 // hitters still hit, dead within the timeout, rejoins empty); a coordinator restart (instances
 // re-register and the prefix tree is rebuilt); a lossy or slow transport (correct answer or a
-// clear error, nothing past the deadline).
+// clear error, nothing past the deadline). The cluster runs TokenLake: the coordinator's lake
+// plans every iteration of every instance's engine, and with rotated computing instances the
+// query tensors and the KV really cross between the instance processes (remote attend calls,
+// KV pulls and remote stores counted on /metrics), with every answer still equal to the
+// single-process reference.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -287,23 +291,40 @@ TEST(ServiceClusterTest, BadInputGetsAClear4xxAndDoesNotDisturbOtherRequests) {
   EXPECT_GE(Metric(*c, "tokenlake_requests_total{code=\"400\"}"), 11);
 }
 
-TEST(ServiceClusterTest, KillNineDuringLoadKeepsAnswersCorrectAndReplicasHit) {
-  LocalClusterOptions o = Options(3);
-  auto c = StartCluster(o);
-  ASSERT_NE(c, nullptr);
-  // Make the shared prefix a heavy hitter: after 4 requests it is replicated on 2 instances.
-  for (uint64_t i = 0; i < 6; ++i) {
-    Answer a = Complete(*c, Prompt(100 + i));
-    ASSERT_EQ(a.status, 200) << a.body;
-    ASSERT_EQ(a.tokens, Reference::Get().Answer(Prompt(100 + i), kMaxTokens));
-  }
+// Instances the lake lists as holding at least `tokens` tokens (e.g. the shared prefix).
+std::vector<int> Holders(const LocalCluster& c, int instances, int tokens) {
   std::vector<int> holders;
-  for (int i = 0; i < 3; ++i) {
-    if (Metric(*c, absl::StrFormat("tokenlake_instance_tokens{instance=\"%d\"}", i)) >= 48) {
+  for (int i = 0; i < instances; ++i) {
+    if (Metric(c, absl::StrFormat("tokenlake_instance_tokens{instance=\"%d\"}", i)) >= tokens) {
       holders.push_back(i);
     }
   }
+  return holders;
+}
+
+TEST(ServiceClusterTest, KillNineDuringLoadKeepsAnswersCorrectAndReplicasHit) {
+  LocalClusterOptions o = Options(3);
+  o.coordinator_flags = {"--rebalance-every", "2"};
+  auto c = StartCluster(o);
+  ASSERT_NE(c, nullptr);
+  // Make the shared prefix a heavy hitter: the lake's rebalancing replicates it (the receiving
+  // instance pulls its KV from the holder over the data plane).
+  std::vector<int> holders;
+  for (uint64_t i = 0; i < 40 && holders.size() < 2; ++i) {
+    Answer a = Complete(*c, Prompt(100 + i));
+    ASSERT_EQ(a.status, 200) << a.body;
+    ASSERT_EQ(a.tokens, Reference::Get().Answer(Prompt(100 + i), kMaxTokens));
+    if (i >= 3) holders = Holders(*c, 3, 48);
+  }
   ASSERT_GE(holders.size(), 2u) << "the heavy hitter was not replicated";
+  EXPECT_GT(Metric(*c, "tokenlake_rebalance_actions_total"), 0);
+  // The copies are real: the receiving instances pulled the KV (reported with heartbeats).
+  absl::Time until = absl::Now() + absl::Seconds(5);
+  while (Metric(*c, "tokenlake_data_plane_bytes_total{kind=\"rebalance_copy\"}") <= 0 &&
+         absl::Now() < until) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  EXPECT_GT(Metric(*c, "tokenlake_data_plane_bytes_total{kind=\"rebalance_copy\"}"), 0);
   const int victim = holders[0];
 
   // Load: 4 clients x 10 requests with the shared prefix; kill -9 a holder in the middle.
@@ -410,11 +431,21 @@ TEST(ServiceClusterTest, InstanceRestartedBeforeItIsDeclaredDeadFailsOverAtOnce)
 }
 
 TEST(ServiceClusterTest, CoordinatorRestartRebuildsThePrefixTreeFromTheInstances) {
-  auto c = StartCluster(Options(2));
+  LocalClusterOptions o = Options(2);
+  // Computing instances alternate, so a chain's segments are spread over both instances
+  // (children stored on one instance under parents held by the other): the rebuild must put
+  // parents first whatever the order in which the instances re-register.
+  o.coordinator_flags = {"--rotate-compute", "--rebalance-interval-ms", "0"};
+  auto c = StartCluster(o);
   ASSERT_NE(c, nullptr);
-  for (uint64_t i = 0; i < 3; ++i) ASSERT_EQ(Complete(*c, Prompt(200 + i)).status, 200);
+  for (uint64_t i = 0; i < 4; ++i) {
+    ASSERT_EQ(Complete(*c, Prompt(200 + i, 48, 9 + 16 * static_cast<int>(i))).status, 200);
+  }
   const double segments = Metric(*c, "tokenlake_pool_segments");
+  const double replicas = Metric(*c, "tokenlake_pool_replicas");
   ASSERT_GT(segments, 0);
+  ASSERT_GT(Metric(*c, "tokenlake_instance_segments{instance=\"0\"}"), 0);
+  ASSERT_GT(Metric(*c, "tokenlake_instance_segments{instance=\"1\"}"), 0);
   const int32_t port = c->http_port();
   ASSERT_TRUE(c->RestartCoordinator().ok());
   EXPECT_EQ(c->http_port(), port);
@@ -424,10 +455,45 @@ TEST(ServiceClusterTest, CoordinatorRestartRebuildsThePrefixTreeFromTheInstances
     absl::SleepFor(absl::Milliseconds(20));
   }
   EXPECT_EQ(Metric(*c, "tokenlake_pool_segments"), segments);
-  Answer a = Complete(*c, Prompt(200));
-  ASSERT_EQ(a.status, 200) << a.body;
-  EXPECT_EQ(a.tokens, Reference::Get().Answer(Prompt(200), kMaxTokens));
-  EXPECT_GE(a.cached_tokens, 48);  // routed to the instance that holds it
+  EXPECT_EQ(Metric(*c, "tokenlake_pool_replicas"), replicas);
+  for (uint64_t i = 0; i < 4; ++i) {
+    const std::vector<int32_t> p = Prompt(200 + i, 48, 9 + 16 * static_cast<int>(i));
+    Answer a = Complete(*c, p);
+    ASSERT_EQ(a.status, 200) << a.body;
+    EXPECT_EQ(a.tokens, Reference::Get().Answer(p, kMaxTokens));
+    // The whole prompt but its last part-segment was pooled before the restart.
+    EXPECT_EQ(a.cached_tokens, static_cast<int64_t>((p.size() - 1) / 16 * 16));
+  }
+}
+
+TEST(ServiceClusterTest, RotatedComputeInstancesMoveQueriesAndKvBetweenProcesses) {
+  LocalClusterOptions o = Options(2);
+  o.coordinator_flags = {"--rotate-compute"};
+  auto c = StartCluster(o);
+  ASSERT_NE(c, nullptr);
+  int64_t cached = 0;
+  for (uint64_t i = 0; i < 10; ++i) {
+    // Prompts that share the 48-token prefix, some long enough to pull rather than move
+    // queries, some re-using an earlier prompt whole.
+    const std::vector<int32_t> p = Prompt(800 + i % 6, 48, 9 + 20 * static_cast<int>(i % 3));
+    Answer a = Complete(*c, p);
+    ASSERT_EQ(a.status, 200) << a.body;
+    EXPECT_EQ(a.tokens, Reference::Get().Answer(p, kMaxTokens)) << "request " << i;
+    cached += a.cached_tokens;
+  }
+  EXPECT_GT(cached, 0);
+  const double remote_attends = Metric(*c, "tokenlake_remote_attend_calls_total");
+  const double pulled = Metric(*c, "tokenlake_kv_pulled_segments_total");
+  const double stored_remote = Metric(*c, "tokenlake_kv_stored_remote_segments_total");
+  std::cout << "rotated compute: remote attend calls " << remote_attends << ", KV pulls " << pulled
+            << ", remote stores " << stored_remote << ", query bytes "
+            << Metric(*c, "tokenlake_data_plane_bytes_total{kind=\"query_out\"}") << "\n";
+  EXPECT_GT(remote_attends, 0);
+  EXPECT_GT(pulled + stored_remote, 0);
+  EXPECT_GT(Metric(*c, "tokenlake_data_plane_bytes_total{kind=\"query_out\"}"), 0);
+  EXPECT_GT(Metric(*c, "tokenlake_data_plane_bytes_total{kind=\"partial_back\"}"), 0);
+  EXPECT_GT(Metric(*c, "tokenlake_lake_plan_iterations_total"), 0);
+  EXPECT_GT(Metric(*c, "tokenlake_lake_hit_rate"), 0);
 }
 
 TEST(ServiceClusterTest, LossyTransportGivesCorrectAnswersOrClearErrorsWithinTheDeadline) {

@@ -1,5 +1,6 @@
 // `tokenlake coordinator`: the control process of a TokenLake cluster (service/coordinator.h):
-// membership by heartbeats, the cluster-wide prefix tree, routing, and the HTTP front end
+// the cluster's lake (prefix tree, heavy hitters, balancer, planner) serving the instances'
+// engines over gRPC, membership by heartbeats, rebalancing, routing, and the HTTP front end
 // (POST /v1/completions, GET /metrics, GET /healthz) on 127.0.0.1. Runs until SIGTERM/SIGINT.
 // With --port-file it writes {"http_port", "grpc_port", "transport_port"} once listening.
 //
@@ -28,6 +29,12 @@ struct CoordinatorFlags {
   std::string model;
   std::string namespace_name = "tokenlake";
   int segment_tokens = 16;
+  int instances = 4;
+  int slots = 1024;
+  std::string kv_dtype = "f32";
+  int rebalance_interval_ms = 1000;
+  int rebalance_every = 0;
+  bool rotate_compute = false;
   int http_port = 0;
   int grpc_port = 0;
   int transport_port = 0;
@@ -58,6 +65,20 @@ int RunCoordinator(const CoordinatorFlags& f) {
               .default_max_tokens = std::min(16, f.max_tokens_limit)};
   o.segment_tokens = f.segment_tokens;
   o.namespace_name = f.namespace_name;
+  if (f.kv_dtype != "f32" && f.kv_dtype != "bf16") {
+    std::cerr << "tokenlake coordinator: --kv-dtype must be f32 or bf16\n";
+    return 2;
+  }
+  o.lake_instances = f.instances;
+  o.slots_per_instance = f.slots;
+  o.model = plan::ModelShape{.num_layers = config->num_layers,
+                             .num_heads = config->num_heads,
+                             .num_kv_heads = config->num_kv_heads,
+                             .head_dim = config->head_dim,
+                             .dtype_bytes = f.kv_dtype == "bf16" ? 2 : 4};
+  o.rebalance_interval = absl::Milliseconds(f.rebalance_interval_ms);
+  o.rebalance_every_requests = f.rebalance_every;
+  o.rotate_compute_instance = f.rotate_compute;
   o.http_port = f.http_port;
   o.grpc_port = f.grpc_port;
   o.transport_port = f.transport_port;
@@ -108,6 +129,21 @@ void SetUpCoordinator(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--segment-tokens", f->segment_tokens, "Tokens per segment (same on instances)")
       ->capture_default_str();
+  cmd->add_option("--instances", f->instances,
+                  "Instances of the lake (ids 0..N-1; run that many `tokenlake instance`)")
+      ->capture_default_str();
+  cmd->add_option("--slots", f->slots, "Segment slots per instance (instances need >= this)")
+      ->capture_default_str();
+  cmd->add_option("--kv-dtype", f->kv_dtype, "KV dtype of the instances (plan costs): f32, bf16")
+      ->capture_default_str();
+  cmd->add_option("--rebalance-interval-ms", f->rebalance_interval_ms,
+                  "Run the lake's rebalancing this often (0 = never)")
+      ->capture_default_str();
+  cmd->add_option("--rebalance-every", f->rebalance_every,
+                  "Also rebalance after every this many served requests (0 = never)")
+      ->capture_default_str();
+  cmd->add_flag("--rotate-compute", f->rotate_compute,
+                "Live instances take turns computing (forces cross-process KV / query traffic)");
   cmd->add_option("--http-port", f->http_port, "HTTP port on 127.0.0.1 (0 = any)")
       ->capture_default_str();
   cmd->add_option("--grpc-port", f->grpc_port, "gRPC port on 127.0.0.1 (0 = any)")

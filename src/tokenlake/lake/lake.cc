@@ -770,6 +770,62 @@ absl::Status Lake::DropReplica(SegmentId segment, InstanceId instance) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::vector<StoredReplica>> Lake::LoseReplica(SegmentId segment,
+                                                             InstanceId instance) {
+  if (!instance.valid() || instance.value() < 0 || instance.value() >= num_instances()) {
+    return Invalid(absl::StrFormat("LoseReplica: unknown instance %d (pool has %d)",
+                                   instance.value(), num_instances()));
+  }
+  absl::MutexLock lock(&mu_);
+  const index::PrefixTree::Node* node = tree_->Find(segment);
+  if (node == nullptr || !node->HasReplicaOn(instance)) {
+    return absl::NotFoundError(absl::StrFormat("LoseReplica: segment %d has no copy on instance %d",
+                                               segment.value(), instance.value()));
+  }
+  std::vector<StoredReplica> freed_elsewhere;
+  if (node->replicas.size() > 1) {
+    TOKENLAKE_ASSIGN_OR_RETURN(index::EvictResult r, tree_->RemoveReplica(segment, instance));
+    OnReplicasFreedLocked(segment, r.node_erased, r.freed_on, nullptr);
+    pinned_replicas_ = CountPinnedReplicasLocked();
+    return freed_elsewhere;
+  }
+  // The last copy: the segment and everything under it become unreachable. Erase the subtree
+  // leaves first, unpinning as it goes (the requests' pin lists are fixed below).
+  std::vector<std::pair<int32_t, SegmentId>> doomed;  // (depth, id)
+  tree_->ForEachNode([&](const index::PrefixTree::Node& n) {
+    for (SegmentId cur = n.id; cur.valid();) {
+      if (cur == segment) {
+        doomed.push_back({n.depth, n.id});
+        break;
+      }
+      const index::PrefixTree::Node* up = tree_->Find(cur);
+      cur = up == nullptr ? SegmentId() : up->parent;
+    }
+  });
+  std::sort(doomed.begin(), doomed.end(), [](const auto& a, const auto& b) {
+    return a.first != b.first ? a.first > b.first : a.second < b.second;
+  });
+  for (const auto& [depth, id] : doomed) {
+    const index::PrefixTree::Node* d = tree_->Find(id);
+    if (d == nullptr) continue;
+    if (d->pin_count > 0) {
+      const std::vector<SegmentId> pins(static_cast<size_t>(d->pin_count), id);
+      TOKENLAKE_RETURN_IF_ERROR(tree_->Unpin(pins));
+    }
+    const std::vector<InstanceId> holders(d->replicas.begin(), d->replicas.end());
+    for (InstanceId h : holders) {
+      TOKENLAKE_ASSIGN_OR_RETURN(index::EvictResult r, tree_->RemoveReplica(id, h));
+      OnReplicasFreedLocked(id, r.node_erased, r.freed_on, nullptr);
+      if (h != instance) freed_elsewhere.push_back({id, h});
+    }
+  }
+  for (auto& [id, a] : active_) {
+    std::erase_if(a.pinned, [&](SegmentId seg) { return !tree_->Contains(seg); });
+  }
+  pinned_replicas_ = CountPinnedReplicasLocked();
+  return freed_elsewhere;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Introspection
 

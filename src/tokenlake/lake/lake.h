@@ -332,6 +332,14 @@ class Lake {
   // use DropInstance). Nothing is changed on error.
   absl::Status DropReplica(SegmentId segment, InstanceId instance);
 
+  // The copy of `segment` on `instance` is gone (the instance reported, repeatedly, that it does
+  // not hold it): like DropInstance for one copy, pins do not protect it. A non-last copy is
+  // removed; the last copy erases the segment and its whole subtree (their copies elsewhere are
+  // freed and returned, for the caller to free on those instances), and running requests lose
+  // their pins on the erased segments. Returns the copies freed on other instances.
+  // Errors: InvalidArgument (unknown instance), NotFound (no such copy).
+  absl::StatusOr<std::vector<StoredReplica>> LoseReplica(SegmentId segment, InstanceId instance);
+
   // ---- Introspection ----
 
   LakeStats Stats() const;

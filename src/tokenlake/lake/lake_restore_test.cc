@@ -119,6 +119,45 @@ TEST(LakeRestoreTest, DropReplicaKeepsPinnedAndInteriorLastCopies) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(LakeRestoreTest, LoseReplicaErasesAPinnedSubtreeAndItsCopiesElsewhere) {
+  ManualClock clock(1);
+  auto lake = Lake::Create(Options(2, 8), &clock);
+  ASSERT_TRUE(lake.ok());
+  // 1 <- 2 <- 3 on instance 0; 3 also on instance 1; 1 also on instance 1.
+  ASSERT_TRUE((*lake)
+                  ->RestoreReplicas(InstanceId(0), {{{SegmentId(1), SegmentId(), kS},
+                                                     {SegmentId(2), SegmentId(1), kS},
+                                                     {SegmentId(3), SegmentId(2), kS}}})
+                  .ok());
+  ASSERT_TRUE((*lake)
+                  ->RestoreReplicas(InstanceId(1), {{{SegmentId(1), SegmentId(), kS},
+                                                     {SegmentId(3), SegmentId(2), kS}}})
+                  .ok());
+  LakeRequest req{
+      .id = RequestId(1),
+      .keys = {{SegmentId(1), kS}, {SegmentId(2), kS}, {SegmentId(3), kS}, {SegmentId(9), 1}},
+      .new_tokens = 1};
+  ASSERT_TRUE((*lake)->Admit(req).ok());
+  // A non-last copy goes even though pinned.
+  auto a = (*lake)->LoseReplica(SegmentId(1), InstanceId(1));
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_TRUE(a->empty());
+  // The last copy of the interior, pinned segment 2: 2 and 3 go, 3's copy on 1 is reported.
+  auto b = (*lake)->LoseReplica(SegmentId(2), InstanceId(0));
+  ASSERT_TRUE(b.ok()) << b.status();
+  ASSERT_EQ(b->size(), 1u);
+  EXPECT_EQ((*b)[0], (StoredReplica{SegmentId(3), InstanceId(1)}));
+  EXPECT_EQ((*lake)->Stats().segments, 1);
+  EXPECT_TRUE((*lake)->CheckIntegrity().ok()) << (*lake)->CheckIntegrity();
+  // The request's remaining pin (segment 1) is released normally.
+  EXPECT_TRUE((*lake)->Release(RequestId(1)).ok());
+  EXPECT_EQ((*lake)->Stats().pinned_segments, 0);
+  EXPECT_EQ((*lake)->LoseReplica(SegmentId(2), InstanceId(0)).status().code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ((*lake)->LoseReplica(SegmentId(1), InstanceId(7)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 struct Params {
   int32_t instances;
   int32_t segments;

@@ -19,9 +19,12 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "tokenlake/base/clock.h"
+#include "tokenlake/engine/control_plane.h"
 #include "tokenlake/index/segment_id.h"
+#include "tokenlake/lake/lake.h"
+#include "tokenlake/service/lake_rpc.h"
 #include "tokenlake/service/metrics.h"
-#include "tokenlake/service/segment_directory.h"
 #include "tokenlake/transport/tcp_transport.h"
 #include "tokenlake/v1/tokenlake.grpc.pb.h"
 
@@ -37,6 +40,12 @@ struct Member {
   bool registered = false;
   bool alive = false;
   int32_t transport_port = 0;
+  // Data-plane port (0 until the instance built its data plane): routable when alive and > 0.
+  int32_t data_port = 0;
+  // Replicas the lake lists on the instance that its last heartbeats did not report, with the
+  // number of heartbeats in a row that missed them.
+  absl::flat_hash_map<SegmentId, int32_t> missing;
+  v1::InstanceTraffic traffic;
   absl::Time last_heartbeat;
   int64_t in_flight = 0;
   int64_t routed = 0;
@@ -69,9 +78,13 @@ absl::Status CheckOptions(const CoordinatorOptions& o) {
   }
   if (o.max_attempts < 1) return bad("max_attempts must be >= 1");
   if (o.balance_abs_threshold < 0) return bad("balance_abs_threshold must be >= 0");
-  if (o.heavy_hitter_min_requests < 1 || o.heavy_hitter_replicas < 1) {
-    return bad("heavy_hitter_min_requests and heavy_hitter_replicas must be >= 1");
+  if (o.lake_instances < 1 || o.lake_instances > kMaxInstances) {
+    return bad(
+        absl::StrFormat("lake_instances %d outside [1, %d]", o.lake_instances, kMaxInstances));
   }
+  if (o.slots_per_instance < 1) return bad("slots_per_instance must be >= 1");
+  if (o.rebalance_every_requests < 0) return bad("rebalance_every_requests must be >= 0");
+  if (o.retry_backoff < absl::ZeroDuration()) return bad("retry_backoff must be >= 0");
   if (o.max_body_bytes < 64) return bad("max_body_bytes must be >= 64");
   if (o.http_threads < 1) return bad("http_threads must be >= 1");
   return absl::OkStatus();
@@ -84,14 +97,54 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   explicit Impl(const CoordinatorOptions& options)
       : options_(options),
         salt_(index::NamespaceSalt(options.namespace_name)),
-        directory_(options.segment_tokens, kMaxInstances),
         members_(kMaxInstances),
         latency_(LatencyBoundsSeconds()),
-        epoch_(std::random_device{}() | (uint64_t{std::random_device{}()} << 32)) {}
+        epoch_(std::random_device{}() | (uint64_t{std::random_device{}()} << 32)),
+        started_(absl::Now()),
+        lake_service_(this) {
+    // Request ids differ across coordinator incarnations (an instance may still finish a
+    // request of the previous one).
+    next_request_id_ = ((epoch_ & 0xffff) << 40) + 1;
+  }
 
   ~Impl() override { Shutdown(); }
 
+  // The engines' per-iteration calls (service Lake), forwarded to the Impl.
+  class LakeService final : public v1::Lake::Service {
+   public:
+    explicit LakeService(Impl* impl) : impl_(impl) {}
+    grpc::Status PlanIteration(grpc::ServerContext*, const v1::PlanIterationRequest* request,
+                               v1::PlanIterationReply* reply) override {
+      return impl_->PlanIteration(*request, reply);
+    }
+    grpc::Status Commit(grpc::ServerContext*, const v1::CommitRequest* request,
+                        v1::CommitReply* reply) override {
+      return impl_->CommitIteration(*request, reply);
+    }
+    grpc::Status Release(grpc::ServerContext*, const v1::ReleaseRequest* request,
+                         v1::ReleaseReply*) override {
+      absl::MutexLock lock(&impl_->lake_mu_);
+      return ToGrpc(impl_->lake_->Release(RequestId(request->request_id())));
+    }
+
+   private:
+    Impl* impl_;
+  };
+
   absl::Status Start() {
+    lake::LakeOptions lo;
+    lo.num_instances = options_.lake_instances;
+    lo.segment_tokens = options_.segment_tokens;
+    lo.slots_per_instance = options_.slots_per_instance;
+    lo.model = options_.model;
+    lo.heavy_hitter = options_.heavy_hitter;
+    lo.heavy_hitter.num_instances = options_.lake_instances;
+    lo.balancer = options_.balancer;
+    auto lk = lake::Lake::Create(lo, &lake_clock_);
+    if (!lk.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("Coordinator: ", lk.status().message()));
+    }
+    lake_ = std::move(*lk);
     auto tcp = transport::TcpTransport::Create({.num_endpoints = kMaxInstances + 1,
                                                 .local_endpoints = {InstanceId(0)},
                                                 .port = options_.transport_port});
@@ -105,6 +158,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     builder.AddListeningPort(absl::StrCat("127.0.0.1:", options_.grpc_port),
                              grpc::InsecureServerCredentials(), &grpc_port_);
     builder.RegisterService(this);
+    builder.RegisterService(&lake_service_);
     grpc_server_ = builder.BuildAndStart();
     if (grpc_server_ == nullptr || grpc_port_ == 0) {
       return absl::UnavailableError(
@@ -125,6 +179,9 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     http_thread_ = std::thread([this] { http_->listen_after_bind(); });
     receiver_ = std::thread([this] { ReceiveLoop(); });
     reaper_ = std::thread([this] { ReapLoop(); });
+    if (options_.rebalance_interval > absl::ZeroDuration()) {
+      rebalancer_ = std::thread([this] { RebalanceLoop(); });
+    }
     return absl::OkStatus();
   }
 
@@ -145,6 +202,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     if (fault_ != nullptr) fault_->Shutdown();
     if (receiver_.joinable()) receiver_.join();
     if (reaper_.joinable()) reaper_.join();
+    if (rebalancer_.joinable()) rebalancer_.join();
   }
 
   // ---- gRPC ----
@@ -160,27 +218,37 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
                           request->name(), request->namespace_name(), request->segment_tokens(),
                           options_.namespace_name, options_.segment_tokens));
     }
+    if (request->state().capacity_slots() > 0 &&
+        request->state().capacity_slots() < options_.slots_per_instance) {
+      return grpc::Status(
+          grpc::StatusCode::FAILED_PRECONDITION,
+          absl::StrFormat("instance '%s' has %d slots; the lake counts %d per instance",
+                          request->name(), request->state().capacity_slots(),
+                          options_.slots_per_instance));
+    }
     if (request->transport_port() < 1 || request->transport_port() > 65535) {
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "transport_port outside [1, 65535]");
     }
+    absl::MutexLock lake_lock(&lake_mu_);
     absl::MutexLock lock(&mu_);
+    const int32_t n = options_.lake_instances;
     int32_t id = -1;
-    for (int32_t i = 0; i < kMaxInstances; ++i) {
+    for (int32_t i = 0; i < n; ++i) {
       if (members_[i].registered && members_[i].name == request->name()) id = i;
     }
     if (id < 0) {
       const int32_t preferred = request->preferred_id();
-      if (preferred >= 0 && preferred < kMaxInstances && !members_[preferred].registered) {
+      if (preferred >= 0 && preferred < n && !members_[preferred].registered) {
         id = preferred;
       } else {
-        for (int32_t i = 0; i < kMaxInstances && id < 0; ++i) {
+        for (int32_t i = 0; i < n && id < 0; ++i) {
           if (!members_[i].registered) id = i;
         }
       }
     }
     if (id < 0) {
       return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                          absl::StrFormat("the cluster is full (%d instances)", kMaxInstances));
+                          absl::StrFormat("the cluster is full (%d instances)", n));
     }
     Member& m = members_[id];
     if (m.registered && m.name == request->name()) {
@@ -199,36 +267,93 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     m.registered = true;
     m.alive = true;
     m.transport_port = request->transport_port();
+    m.data_port = 0;  // until this incarnation reports its own
     m.last_heartbeat = absl::Now();
+    m.missing.clear();
     ++m.incarnations;
     if (!tcp_->SetPeer(InstanceId(id + 1), m.transport_port).ok()) {
       return grpc::Status(grpc::StatusCode::INTERNAL, "cannot route to the instance");
     }
-    if (absl::Status s = ApplyStateLocked(id, request->state()); !s.ok()) {
-      m.registered = false;
-      m.alive = false;
-      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::string(s.message()));
-    }
+    // What the lake had on this id is replaced by what the instance reports now (empty after a
+    // restart; everything it holds after a coordinator restart).
+    if (absl::Status s = lake_->DropInstance(InstanceId(id)); !s.ok()) return ToGrpc(s);
+    std::vector<uint64_t> to_free;
+    ApplyStateLocked(id, request->state(), /*reconcile=*/false, &to_free);
     reply->set_instance_id(id);
     reply->set_endpoint(id + 1);
     reply->set_coordinator_transport_port(tcp_->port());
     reply->set_heartbeat_interval_ms(absl::ToInt64Milliseconds(options_.heartbeat_interval));
     reply->set_coordinator_epoch(epoch_);
+    reply->set_lake_instances(n);
+    AddPeersLocked(reply->mutable_peers());
+    for (uint64_t seg : to_free) reply->add_free_segments(seg);
     return grpc::Status::OK;
   }
 
   grpc::Status Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* request,
-                         v1::HeartbeatReply*) override {
+                         v1::HeartbeatReply* reply) override {
+    absl::MutexLock lake_lock(&lake_mu_);
     absl::MutexLock lock(&mu_);
     const int32_t id = request->instance_id();
-    if (request->coordinator_epoch() != epoch_ || id < 0 || id >= kMaxInstances ||
+    if (request->coordinator_epoch() != epoch_ || id < 0 || id >= options_.lake_instances ||
         !members_[id].registered || !members_[id].alive) {
       return grpc::Status(grpc::StatusCode::NOT_FOUND, "unknown instance: register again");
     }
     members_[id].last_heartbeat = absl::Now();
-    if (absl::Status s = ApplyStateLocked(id, request->state()); !s.ok()) {
-      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::string(s.message()));
+    std::vector<uint64_t> to_free;
+    ApplyStateLocked(id, request->state(), /*reconcile=*/true, &to_free);
+    AddPeersLocked(reply->mutable_peers());
+    for (uint64_t seg : to_free) reply->add_free_segments(seg);
+    return grpc::Status::OK;
+  }
+
+  void AddPeersLocked(google::protobuf::RepeatedPtrField<v1::Peer>* peers) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    for (int32_t i = 0; i < options_.lake_instances; ++i) {
+      if (!Routable(i)) continue;
+      v1::Peer* p = peers->Add();
+      p->set_instance_id(i);
+      p->set_data_port(members_[i].data_port);
     }
+  }
+
+  bool Routable(int32_t i) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return i >= 0 && i < options_.lake_instances && members_[i].alive && members_[i].data_port > 0;
+  }
+
+  // ---- the lake's per-iteration calls ----
+
+  grpc::Status PlanIteration(const v1::PlanIterationRequest& request,
+                             v1::PlanIterationReply* reply) {
+    engine::IterationRequest in = FromProto(request);
+    absl::MutexLock lake_lock(&lake_mu_);
+    absl::StatusOr<engine::IterationPlan> plan =
+        engine::PlanIterationOnLake(*lake_, &lake_clock_, in);
+    if (!plan.ok()) return ToGrpc(plan.status());
+    // New segments go where the plan says, unless that instance is not live: then to the
+    // computing instance (the caller), which holds their KV.
+    {
+      absl::MutexLock lock(&mu_);
+      ++plan_iterations_;
+      const int32_t caller = InstanceToWire(in.preferred_instance);
+      for (plan::NewSegmentPlacement& p : plan->new_segments) {
+        if (!Routable(InstanceToWire(p.target)) && Routable(caller)) {
+          p.target = InstanceId(caller);
+        }
+      }
+    }
+    ToProto(*plan, reply);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status CommitIteration(const v1::CommitRequest& request, v1::CommitReply* reply) {
+    const RequestId id(request.request_id());
+    std::vector<plan::NewSegmentPlacement> placements;
+    for (const v1::Placement& p : request.placements()) placements.push_back(FromProto(p, id));
+    absl::MutexLock lake_lock(&lake_mu_);
+    absl::StatusOr<lake::CommitResult> r = lake_->Commit(id, placements);
+    if (!r.ok()) return ToGrpc(r.status());
+    ToProto(*r, reply);
     return grpc::Status::OK;
   }
 
@@ -278,26 +403,30 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     v1::GenerateRequest message;
     message.mutable_prompt()->Add(request.prompt.begin(), request.prompt.end());
     message.set_max_tokens(request.max_tokens);
+    const int64_t prompt_tokens = static_cast<int64_t>(request.prompt.size());
     for (int32_t attempt = 1; attempt <= options_.max_attempts; ++attempt) {
       const absl::Time now = absl::Now();
       if (now >= deadline) break;
       const absl::Time attempt_deadline = std::min(deadline, now + options_.attempt_timeout);
       message.set_deadline_unix_ms(absl::ToUnixMillis(attempt_deadline));
-      absl::StatusOr<int32_t> target = Route(*keys, excluded);
+      absl::StatusOr<int32_t> target = Route(*keys, prompt_tokens, excluded);
       if (!target.ok()) {
         if (failures.empty()) return target.status();
         break;
       }
       const int32_t id = *target;
       uint64_t ticket;
+      RequestId lake_request;
       {
         absl::MutexLock lock(&mu_);
         ticket = next_ticket_++;
+        lake_request = RequestId(next_request_id_++);
         pending_[ticket].instance = id;
         ++members_[id].in_flight;
         ++members_[id].routed;
         if (attempt > 1) ++failovers_;
       }
+      message.set_request_id(lake_request.value());
       std::string bytes = message.SerializeAsString();
       transport::Message m;
       m.from = InstanceId(0);
@@ -327,18 +456,20 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
         pending_.erase(ticket);
         --members_[id].in_flight;
       }
+      bool answered_with_error = false;
       if (result.status.ok()) {
         const v1::GenerateReply& reply = result.reply;
+        AddTraffic(reply.traffic());
         if (reply.status_code() != 0) {
           absl::Status s(static_cast<absl::StatusCode>(reply.status_code()),
                          absl::StrCat("instance ", id, ": ", reply.error_message()));
-          // The instance judged the request itself: retrying elsewhere would not help, except
-          // for an instance that ran out of time or room.
-          if (s.code() != absl::StatusCode::kDeadlineExceeded &&
-              s.code() != absl::StatusCode::kResourceExhausted) {
+          // The instance judged the request itself: retrying would not help.
+          if (s.code() == absl::StatusCode::kInvalidArgument) {
+            ReleaseQuietly(lake_request);
             return s;
           }
           result.status = s;
+          answered_with_error = true;
         } else {
           CompletionResult out;
           out.tokens.assign(reply.tokens().begin(), reply.tokens().end());
@@ -350,12 +481,24 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
                 absl::StrFormat("instance %d returned %d tokens, expected %d", id,
                                 out.tokens.size(), request.max_tokens));
           }
+          MaybeRebalanceAfterRequest();
           return out;
         }
       }
-      excluded.insert(id);
+      // The attempt failed: its pins in the lake go (the instance may have died holding them).
+      ReleaseQuietly(lake_request);
       absl::StrAppend(&failures, failures.empty() ? "" : "; ", "attempt ", attempt, " on instance ",
                       id, ": ", result.status.message());
+      if (answered_with_error) {
+        // The computing instance is alive; something its plan needed was not (a holder died,
+        // a replica is not there yet). Retry after a pause, by when the membership and the
+        // lake have caught up.
+        const absl::Duration pause =
+            std::min(options_.retry_backoff * attempt, deadline - absl::Now());
+        if (pause > absl::ZeroDuration()) absl::SleepFor(pause);
+      } else {
+        excluded.insert(id);
+      }
     }
     if (absl::Now() >= deadline) {
       return absl::DeadlineExceededError(
@@ -365,14 +508,31 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     return absl::UnavailableError(absl::StrCat("request failed on every attempt: ", failures));
   }
 
-  // Picks the instance for a request (see the file comment of coordinator.h).
-  absl::StatusOr<int32_t> Route(absl::Span<const index::SegmentKey> keys,
+  void ReleaseQuietly(RequestId request) {
+    absl::MutexLock lake_lock(&lake_mu_);
+    lake_->Release(request).IgnoreError();  // NotFound: the instance released it already
+  }
+
+  void AddTraffic(const v1::InstanceTraffic& t) {
+    absl::MutexLock lock(&mu_);
+    remote_attend_calls_ += t.remote_attend_calls();
+    query_bytes_out_ += t.query_bytes_out();
+    partial_bytes_back_ += t.partial_bytes_back();
+    pulled_segments_ += t.pulled_segments();
+    pulled_bytes_ += t.pulled_bytes();
+    remote_stored_segments_ += t.remote_stored_segments();
+    remote_stored_bytes_ += t.remote_stored_bytes();
+  }
+
+  // Picks the computing instance of a request (see the file comment of coordinator.h).
+  absl::StatusOr<int32_t> Route(absl::Span<const index::SegmentKey> keys, int64_t prompt_tokens,
                                 const absl::flat_hash_set<int32_t>& excluded) {
+    absl::MutexLock lake_lock(&lake_mu_);
     absl::MutexLock lock(&mu_);
     std::vector<int32_t> live;
     int64_t min_load = INT64_MAX;
-    for (int32_t i = 0; i < kMaxInstances; ++i) {
-      if (members_[i].alive && !excluded.contains(i)) {
+    for (int32_t i = 0; i < options_.lake_instances; ++i) {
+      if (Routable(i) && !excluded.contains(i)) {
         live.push_back(i);
         min_load = std::min(min_load, members_[i].in_flight);
       }
@@ -381,41 +541,109 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       return absl::UnavailableError(absl::StrFormat(
           "no live instance to serve the request (%d excluded after failures)", excluded.size()));
     }
-    struct Candidate {
-      int32_t id;
-      int64_t matched;
-      int64_t load;
-      int64_t routed;
-    };
-    std::vector<Candidate> candidates;
-    for (int32_t i : live) {
-      if (members_[i].in_flight > min_load + options_.balance_abs_threshold) continue;
-      candidates.push_back(
-          {i, directory_.MatchedTokens(i, keys), members_[i].in_flight, members_[i].routed});
-    }
-    auto better = [](const Candidate& a, const Candidate& b) {
-      if (a.matched != b.matched) return a.matched > b.matched;
-      if (a.load != b.load) return a.load < b.load;
-      if (a.routed != b.routed) return a.routed < b.routed;
-      return a.id < b.id;
-    };
-    std::sort(candidates.begin(), candidates.end(), better);
-    if (!keys.empty()) {
-      const SegmentId head = keys.front().id;
-      const int64_t seen = ++head_requests_[head];
-      const int32_t want =
-          std::min<int32_t>(options_.heavy_hitter_replicas, static_cast<int32_t>(live.size()));
-      if (seen >= options_.heavy_hitter_min_requests && directory_.ReplicaCount(head) < want) {
-        // Replicate the heavy hitter: the least loaded candidate that lacks it.
-        for (const Candidate& c : candidates) {
-          if (c.matched == 0 && c.load == min_load) {
-            ++heavy_hitter_replications_;
-            return c.id;
-          }
+    auto least_busy = [&]() {
+      int32_t best = live.front();
+      for (int32_t i : live) {
+        const Member& a = members_[i];
+        const Member& b = members_[best];
+        if (a.in_flight < b.in_flight || (a.in_flight == b.in_flight && a.routed < b.routed)) {
+          best = i;
         }
       }
+      return best;
+    };
+    if (options_.rotate_compute_instance) {
+      return live[static_cast<size_t>(rotation_++ % live.size())];
     }
-    return candidates.front().id;
+    // The lake's plan for the prefill (not admitted: nothing is pinned or counted).
+    const index::MatchResult match = lake_->Match(keys);
+    lake::LakeRequest lr{.id = RequestId(next_request_id_),
+                         .keys = std::vector<index::SegmentKey>(keys.begin(), keys.end()),
+                         .new_tokens = std::max<int64_t>(1, prompt_tokens - match.matched_tokens)};
+    absl::StatusOr<std::vector<plan::BatchPlan>> plans =
+        lake_->GenPlans({lake::Batch{.requests = {lr}, .dop = options_.lake_instances}});
+    int32_t chosen = -1;
+    if (plans.ok() && plans->size() == 1 && (*plans)[0].requests.size() == 1) {
+      chosen = InstanceToWire((*plans)[0].requests[0].compute_instance);
+    }
+    if (chosen < 0 || !Routable(chosen) || excluded.contains(chosen) ||
+        members_[chosen].in_flight > min_load + options_.balance_abs_threshold) {
+      chosen = least_busy();
+      ++routing_overrides_;
+    }
+    return chosen;
+  }
+
+  // ---- rebalancing ----
+
+  void MaybeRebalanceAfterRequest() {
+    if (options_.rebalance_every_requests <= 0) return;
+    bool due;
+    {
+      absl::MutexLock lock(&mu_);
+      due = ++served_since_rebalance_ >= options_.rebalance_every_requests;
+      if (due) served_since_rebalance_ = 0;
+    }
+    if (due) RebalanceNow().IgnoreError();
+  }
+
+  void RebalanceLoop() {
+    while (!stopping_.load()) {
+      const absl::Time next = absl::Now() + options_.rebalance_interval;
+      while (!stopping_.load() && absl::Now() < next) absl::SleepFor(absl::Milliseconds(20));
+      if (!stopping_.load()) RebalanceNow().IgnoreError();
+    }
+  }
+
+  absl::StatusOr<int64_t> RebalanceNow() {
+    absl::MutexLock lake_lock(&lake_mu_);
+    absl::StatusOr<lake::RebalanceResult> r = lake_->Rebalance();
+    if (!r.ok()) return r.status();
+    absl::MutexLock lock(&mu_);
+    std::map<int32_t, v1::RebalanceOrder> orders;
+    absl::flat_hash_set<int32_t> not_routable;
+    for (const balance::BalanceAction& a : r->actions) {
+      const int32_t from = InstanceToWire(a.from), to = InstanceToWire(a.to);
+      v1::RebalanceAction* x = nullptr;
+      switch (a.kind) {
+        case balance::ActionKind::kDrop:
+          if (!Routable(from)) break;  // a dead instance holds nothing anyway
+          x = orders[from].add_actions();
+          x->set_kind(0);
+          break;
+        case balance::ActionKind::kReplicate:
+        case balance::ActionKind::kMove:
+          if (!Routable(from) || !Routable(to)) {
+            if (!Routable(to)) not_routable.insert(to);
+            break;
+          }
+          x = orders[to].add_actions();
+          x->set_kind(a.kind == balance::ActionKind::kReplicate ? 1 : 2);
+          break;
+      }
+      if (x == nullptr) continue;
+      x->set_segment(a.segment.value());
+      x->set_from(from);
+      x->set_to(to);
+      ++rebalance_actions_;
+    }
+    // The lake may have placed copies on an instance that is not running: take them back.
+    for (int32_t i : not_routable) {
+      if (i >= 0 && i < options_.lake_instances) lake_->DropInstance(InstanceId(i)).IgnoreError();
+    }
+    for (auto& [instance, order] : orders) {
+      const std::string bytes = order.SerializeAsString();
+      transport::Message m;
+      m.from = InstanceId(0);
+      m.to = InstanceId(instance + 1);
+      m.tag = kRebalanceTag;
+      m.payload.resize(bytes.size());
+      std::memcpy(m.payload.data(), bytes.data(), bytes.size());
+      // Not through the fault injector: a lost order is repaired by heartbeat reconciliation,
+      // but the request-path fault tests should see only their own faults.
+      tcp_->Send(std::move(m)).IgnoreError();
+    }
+    return static_cast<int64_t>(r->actions.size());
   }
 
   void ReceiveLoop() {
@@ -434,7 +662,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       bytes_received_ += static_cast<int64_t>(m->payload.size());
       const int32_t from = m->from.value() - 1;
       if (parsed && from >= 0 && from < kMaxInstances && members_[from].alive) {
-        ApplyStateLocked(from, reply.state()).IgnoreError();
+        UpdateMemberLocked(from, reply.state());
       }
       auto it = pending_.find(m->correlation_id);
       if (it == pending_.end() || it->second.done || it->second.instance != from) continue;
@@ -450,14 +678,24 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   void ReapLoop() {
     while (!stopping_.load()) {
       absl::SleepFor(std::min(options_.heartbeat_interval / 2, absl::Milliseconds(50)));
+      absl::MutexLock lake_lock(&lake_mu_);
       absl::MutexLock lock(&mu_);
       const absl::Time now = absl::Now();
-      for (int32_t i = 0; i < kMaxInstances; ++i) {
+      for (int32_t i = 0; i < options_.lake_instances; ++i) {
         Member& m = members_[i];
-        if (!m.alive || now - m.last_heartbeat <= options_.dead_after) continue;
+        if (!m.alive) {
+          // Nothing may stay listed on an instance that is not running (e.g. a Commit that
+          // fell back to it): its copies leave the lake.
+          if (lake_->prefix_tree().SegmentsOn(InstanceId(i)) > 0) {
+            lake_->DropInstance(InstanceId(i)).IgnoreError();
+          }
+          continue;
+        }
+        if (now - m.last_heartbeat <= options_.dead_after) continue;
         m.alive = false;
+        m.data_port = 0;
         ++deaths_;
-        directory_.DropInstance(i);
+        lake_->DropInstance(InstanceId(i)).IgnoreError();
         m.used_slots = 0;
         for (auto& [ticket, p] : pending_) {
           if (p.instance == i && !p.done) {
@@ -471,19 +709,73 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     }
   }
 
-  absl::Status ApplyStateLocked(int32_t id, const v1::InstanceState& state)
+  void UpdateMemberLocked(int32_t id, const v1::InstanceState& state)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    std::vector<SegmentRecord> records;
-    records.reserve(state.segments_size());
-    for (const v1::Segment& s : state.segments()) {
-      records.push_back({SegmentId(s.id()), s.num_tokens()});
-    }
-    if (absl::Status s = directory_.ReplaceInstance(id, records); !s.ok()) return s;
     Member& m = members_[id];
     m.used_slots = state.used_slots();
     m.capacity_slots = state.capacity_slots();
     m.slot_bytes = state.slot_bytes();
-    return absl::OkStatus();
+    if (state.data_port() > 0 && state.data_port() <= 65535) m.data_port = state.data_port();
+    m.traffic = state.traffic();
+  }
+
+  // Takes the instance's report into the lake: restores what it holds that the lake does not
+  // list (at registration, and on heartbeats during restore_window) or tells it to free that;
+  // with `reconcile`, drops from the lake the replicas it did not report in kMissesToDrop
+  // heartbeats in a row (Lake::DropReplica: not while pinned), or in kMissesToLose heartbeats in
+  // a row even if pinned (Lake::LoseReplica: under load a popular segment is always pinned, and
+  // every request that reads the missing copy fails).
+  void ApplyStateLocked(int32_t id, const v1::InstanceState& state, bool reconcile,
+                        std::vector<uint64_t>* to_free)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(lake_mu_, mu_) {
+    UpdateMemberLocked(id, state);
+    Member& m = members_[id];
+    const InstanceId inst(id);
+    absl::flat_hash_set<SegmentId> listed;
+    lake_->prefix_tree().ForEachNode([&](const index::PrefixTree::Node& node) {
+      if (node.HasReplicaOn(inst)) listed.insert(node.id);
+    });
+    absl::flat_hash_set<SegmentId> held;
+    std::vector<lake::HeldSegment> unlisted;
+    for (const v1::Segment& seg : state.segments()) {
+      held.insert(SegmentId(seg.id()));
+      if (!listed.contains(SegmentId(seg.id()))) {
+        unlisted.push_back({SegmentId(seg.id()), SegmentId(seg.parent()), seg.num_tokens()});
+      }
+    }
+    const bool in_window = absl::Now() - started_ < options_.restore_window;
+    if (!unlisted.empty()) {
+      if (!reconcile || in_window) {
+        absl::StatusOr<lake::RestoreResult> r = lake_->RestoreReplicas(inst, unlisted);
+        if (r.ok()) {
+          restored_replicas_ += r->restored_replicas;
+          if (!in_window) {
+            for (SegmentId seg : r->rejected) to_free->push_back(seg.value());
+          }
+        }
+      } else {
+        for (const lake::HeldSegment& h : unlisted) to_free->push_back(h.id.value());
+      }
+    }
+    reconcile_frees_ += static_cast<int64_t>(to_free->size());
+    if (!reconcile) return;
+    constexpr int32_t kMissesToDrop = 2, kMissesToLose = 4;
+    absl::flat_hash_map<SegmentId, int32_t> missing;
+    for (SegmentId seg : listed) {
+      if (held.contains(seg)) continue;
+      auto it = m.missing.find(seg);
+      const int32_t misses = 1 + (it == m.missing.end() ? 0 : it->second);
+      if (misses >= kMissesToDrop && lake_->DropReplica(seg, inst).ok()) {
+        ++reconcile_drops_;
+        continue;
+      }
+      if (misses >= kMissesToLose && lake_->LoseReplica(seg, inst).ok()) {
+        ++reconcile_drops_;
+        continue;
+      }
+      missing[seg] = misses;
+    }
+    m.missing = std::move(missing);
   }
 
   // ---- HTTP ----
@@ -546,6 +838,17 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
 
   std::string MetricsText() const {
     PrometheusWriter w;
+    absl::MutexLock lake_lock(&lake_mu_);
+    const lake::LakeStats stats = lake_->Stats();
+    std::vector<int64_t> segments_on(static_cast<size_t>(options_.lake_instances), 0);
+    std::vector<int64_t> tokens_on(static_cast<size_t>(options_.lake_instances), 0);
+    lake_->prefix_tree().ForEachNode([&](const index::PrefixTree::Node& node) {
+      for (InstanceId r : node.replicas) {
+        if (r.value() < 0 || r.value() >= options_.lake_instances) continue;
+        segments_on[static_cast<size_t>(r.value())] += 1;
+        tokens_on[static_cast<size_t>(r.value())] += node.num_tokens;
+      }
+    });
     absl::MutexLock lock(&mu_);
     w.Family("tokenlake_requests_total", "counter", "Completion requests by HTTP status.");
     for (const auto& [code, n] : requests_by_code_) {
@@ -563,17 +866,24 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     w.Family("tokenlake_hit_rate", "gauge", "cached_tokens_total / prompt_tokens_total.");
     w.Sample("tokenlake_hit_rate", {},
              prompt_tokens_ > 0 ? static_cast<double>(cached_tokens_) / prompt_tokens_ : 0.0);
-    w.Family("tokenlake_pool_segments", "gauge", "Distinct segments in the cluster prefix tree.");
-    w.Sample("tokenlake_pool_segments", {}, static_cast<double>(directory_.distinct_segments()));
-    w.Family("tokenlake_pool_replicas", "gauge", "Stored segment copies in the cluster.");
-    w.Sample("tokenlake_pool_replicas", {}, static_cast<double>(directory_.total_replicas()));
-    int64_t pooled_bytes = 0;
-    for (int32_t i = 0; i < kMaxInstances; ++i) {
-      if (members_[i].alive) pooled_bytes += members_[i].used_slots * members_[i].slot_bytes;
+    w.Family("tokenlake_lake_hit_rate", "gauge",
+             "The lake's hit rate: cached / prompt tokens over admitted prefills.");
+    w.Sample("tokenlake_lake_hit_rate", {}, stats.hit_rate);
+    w.Family("tokenlake_pool_segments", "gauge", "Distinct segments in the lake's prefix tree.");
+    w.Sample("tokenlake_pool_segments", {}, static_cast<double>(stats.segments));
+    w.Family("tokenlake_pool_replicas", "gauge", "Stored segment copies in the lake.");
+    w.Sample("tokenlake_pool_replicas", {}, static_cast<double>(stats.replicas));
+    w.Family("tokenlake_pool_heavy_hitters", "gauge", "Segments the lake counts as heavy.");
+    w.Sample("tokenlake_pool_heavy_hitters", {}, static_cast<double>(stats.heavy_hitters));
+    w.Family("tokenlake_pool_pinned_segments", "gauge", "Segments pinned by running iterations.");
+    w.Sample("tokenlake_pool_pinned_segments", {}, static_cast<double>(stats.pinned_segments));
+    int64_t slot_bytes = 0;
+    for (int32_t i = 0; i < options_.lake_instances; ++i) {
+      slot_bytes = std::max(slot_bytes, members_[i].slot_bytes);
     }
     w.Family("tokenlake_pool_bytes", "gauge",
-             "KV bytes held in the pool (used slots x slot bytes).");
-    w.Sample("tokenlake_pool_bytes", {}, static_cast<double>(pooled_bytes));
+             "KV bytes held in the pool (the lake's replicas x slot bytes).");
+    w.Sample("tokenlake_pool_bytes", {}, static_cast<double>(stats.replicas * slot_bytes));
     w.Family("tokenlake_instance_alive", "gauge", "1 if the instance is alive.");
     for (int32_t i = 0; i < kMaxInstances; ++i) {
       if (!members_[i].registered) continue;
@@ -588,10 +898,17 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
         w.Sample(name, {{"instance", absl::StrCat(i)}}, static_cast<double>(value(i)));
       }
     };
-    per_instance("tokenlake_instance_segments", "gauge", "Segments (replicas) held per instance.",
-                 [&](int32_t i) { return directory_.SegmentsOn(i); });
-    per_instance("tokenlake_instance_tokens", "gauge", "Cached tokens held per instance.",
-                 [&](int32_t i) { return directory_.TokensOn(i); });
+    auto on = [](const std::vector<int64_t>& v, int32_t i) {
+      return i < static_cast<int32_t>(v.size()) ? v[static_cast<size_t>(i)] : 0;
+    };
+    per_instance("tokenlake_instance_segments", "gauge",
+                 "Segment replicas the lake lists per instance.",
+                 [&](int32_t i) { return on(segments_on, i); });
+    per_instance("tokenlake_instance_tokens", "gauge", "Cached tokens the lake lists per instance.",
+                 [&](int32_t i) { return on(tokens_on, i); });
+    per_instance("tokenlake_instance_rebalance_copies_total", "counter",
+                 "Segments the instance copied for rebalancing (this incarnation).",
+                 [&](int32_t i) { return members_[i].traffic.rebalance_copies(); });
     per_instance("tokenlake_instance_used_bytes", "gauge", "KV bytes held per instance.",
                  [&](int32_t i) { return members_[i].used_slots * members_[i].slot_bytes; });
     per_instance("tokenlake_instance_in_flight", "gauge", "Requests in flight per instance.",
@@ -611,23 +928,71 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     w.Family("tokenlake_instance_rejoins_total", "counter",
              "Registrations of an instance name already known (restarts).");
     w.Sample("tokenlake_instance_rejoins_total", {}, static_cast<double>(rejoins_));
-    w.Family("tokenlake_heavy_hitter_replications_total", "counter",
-             "Requests routed to replicate a heavy-hitter prefix.");
-    w.Sample("tokenlake_heavy_hitter_replications_total", {},
-             static_cast<double>(heavy_hitter_replications_));
+    w.Family("tokenlake_remote_attend_calls_total", "counter",
+             "Attend calls a computing instance sent to another instance (queries moved).");
+    w.Sample("tokenlake_remote_attend_calls_total", {}, static_cast<double>(remote_attend_calls_));
+    w.Family("tokenlake_data_plane_bytes_total", "counter",
+             "Bytes moved between instances by served requests and rebalancing, by kind.");
+    const std::pair<const char*, int64_t> kinds[] = {{"query_out", query_bytes_out_},
+                                                     {"partial_back", partial_bytes_back_},
+                                                     {"kv_pulled", pulled_bytes_},
+                                                     {"kv_stored_remote", remote_stored_bytes_}};
+    for (const auto& [kind, value] : kinds) {
+      w.Sample("tokenlake_data_plane_bytes_total", {{"kind", kind}}, static_cast<double>(value));
+    }
+    int64_t rebalance_bytes = 0;
+    for (int32_t i = 0; i < options_.lake_instances; ++i) {
+      rebalance_bytes += members_[i].traffic.rebalance_copy_bytes();
+    }
+    w.Sample("tokenlake_data_plane_bytes_total", {{"kind", "rebalance_copy"}},
+             static_cast<double>(rebalance_bytes));
+    w.Family("tokenlake_kv_pulled_segments_total", "counter", "Segments pulled by requests.");
+    w.Sample("tokenlake_kv_pulled_segments_total", {}, static_cast<double>(pulled_segments_));
+    w.Family("tokenlake_kv_stored_remote_segments_total", "counter",
+             "New segments stored on another instance than their computing one.");
+    w.Sample("tokenlake_kv_stored_remote_segments_total", {},
+             static_cast<double>(remote_stored_segments_));
+    w.Family("tokenlake_lake_plan_iterations_total", "counter",
+             "Iterations planned by the lake for the instances' engines.");
+    w.Sample("tokenlake_lake_plan_iterations_total", {}, static_cast<double>(plan_iterations_));
+    w.Family("tokenlake_rebalance_actions_total", "counter",
+             "Rebalance actions sent to instances (replicate, move, drop).");
+    w.Sample("tokenlake_rebalance_actions_total", {}, static_cast<double>(rebalance_actions_));
+    w.Family("tokenlake_routing_overrides_total", "counter",
+             "Requests not computed where the lake's plan said (instance not live or too busy).");
+    w.Sample("tokenlake_routing_overrides_total", {}, static_cast<double>(routing_overrides_));
+    w.Family("tokenlake_reconcile_total", "counter",
+             "Heartbeat reconciliation: segments freed on instances (the lake did not list them), "
+             "replicas dropped from the lake (the instance did not hold them), replicas restored.");
+    w.Sample("tokenlake_reconcile_total", {{"kind", "freed_on_instance"}},
+             static_cast<double>(reconcile_frees_));
+    w.Sample("tokenlake_reconcile_total", {{"kind", "dropped_from_lake"}},
+             static_cast<double>(reconcile_drops_));
+    w.Sample("tokenlake_reconcile_total", {{"kind", "restored"}},
+             static_cast<double>(restored_replicas_));
     return w.text();
   }
 
   int32_t LiveInstances() const {
     absl::MutexLock lock(&mu_);
     int32_t n = 0;
-    for (const Member& m : members_) n += m.alive ? 1 : 0;
+    for (int32_t i = 0; i < options_.lake_instances; ++i) n += Routable(i) ? 1 : 0;
     return n;
   }
 
   int64_t DistinctSegments() const {
-    absl::MutexLock lock(&mu_);
-    return directory_.distinct_segments();
+    absl::MutexLock lock(&lake_mu_);
+    return lake_->prefix_tree().num_segments();
+  }
+
+  std::vector<int32_t> ReplicasOf(uint64_t segment) const {
+    absl::MutexLock lock(&lake_mu_);
+    std::vector<int32_t> out;
+    const index::PrefixTree::Node* node = lake_->prefix_tree().Find(SegmentId(segment));
+    if (node != nullptr) {
+      for (InstanceId r : node->replicas) out.push_back(r.value());
+    }
+    return out;
   }
 
   const CoordinatorOptions options_;
@@ -638,17 +1003,23 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   std::unique_ptr<transport::FaultTransport> fault_;
   std::unique_ptr<grpc::Server> grpc_server_;
   std::unique_ptr<httplib::Server> http_;
-  std::thread http_thread_, receiver_, reaper_;
+  std::thread http_thread_, receiver_, reaper_, rebalancer_;
   std::atomic<bool> stopping_{false};
   std::atomic<uint64_t> next_response_id_{1};
 
+  // Lock order: lake_mu_ before mu_. lake_mu_ serialises every use of the lake (its methods are
+  // thread-safe, but reading its prefix tree is not while another thread mutates it).
+  mutable absl::Mutex lake_mu_;
+  ManualClock lake_clock_{1};  // advanced 1 ms per planned iteration (engine/control_plane.h)
+  std::unique_ptr<lake::Lake> lake_;  // guarded by lake_mu_ (set once in Start)
+
   mutable absl::Mutex mu_;
-  SegmentDirectory directory_ ABSL_GUARDED_BY(mu_);
   std::vector<Member> members_ ABSL_GUARDED_BY(mu_);
   // A std::map: a waiter's Pending* stays valid while other requests come and go.
   std::map<uint64_t, Pending> pending_ ABSL_GUARDED_BY(mu_);
   uint64_t next_ticket_ ABSL_GUARDED_BY(mu_) = 1;
-  absl::flat_hash_map<SegmentId, int64_t> head_requests_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_request_id_ ABSL_GUARDED_BY(mu_) = 1;
+  uint64_t rotation_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<int, int64_t> requests_by_code_ ABSL_GUARDED_BY(mu_);
   int64_t prompt_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t cached_tokens_ ABSL_GUARDED_BY(mu_) = 0;
@@ -658,9 +1029,24 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   int64_t failovers_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t deaths_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t rejoins_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t heavy_hitter_replications_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t remote_attend_calls_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t query_bytes_out_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t partial_bytes_back_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t pulled_segments_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t pulled_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t remote_stored_segments_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t remote_stored_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t plan_iterations_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t rebalance_actions_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t routing_overrides_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t reconcile_frees_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t reconcile_drops_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t restored_replicas_ ABSL_GUARDED_BY(mu_) = 0;
+  int32_t served_since_rebalance_ ABSL_GUARDED_BY(mu_) = 0;
   Histogram latency_;
   const uint64_t epoch_;
+  const absl::Time started_;
+  LakeService lake_service_;
 };
 
 absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(
@@ -683,6 +1069,10 @@ std::string Coordinator::MetricsText() const { return impl_->MetricsText(); }
 int32_t Coordinator::LiveInstances() const { return impl_->LiveInstances(); }
 int64_t Coordinator::DistinctSegments() const { return impl_->DistinctSegments(); }
 transport::FaultTransport* Coordinator::faults() { return impl_->fault_.get(); }
+std::vector<int32_t> Coordinator::ReplicasOf(uint64_t segment) const {
+  return impl_->ReplicasOf(segment);
+}
+absl::StatusOr<int64_t> Coordinator::RebalanceNow() { return impl_->RebalanceNow(); }
 void Coordinator::Shutdown() { impl_->Shutdown(); }
 
 }  // namespace tokenlake::service

@@ -1,20 +1,40 @@
 // Coordinator: the control process of a TokenLake cluster.
 //
+//   - the control plane of the pool: the coordinator owns the cluster's one lake::Lake (prefix
+//     tree, heavy-hitter tracker, balancer, planner) over `lake_instances` instances, and serves
+//     the engines' per-iteration calls over gRPC (service Lake: PlanIteration = match + plan +
+//     admit, Commit, Release; engine/control_plane.h). Every instance's engine runs the lake's
+//     plans over the cluster-wide pool: queries go to remote holders, KV is pulled or stored
+//     across processes on the instances' data-plane transports (design note below);
 //   - membership: instances Register and Heartbeat over gRPC (proto/tokenlake/v1/
-//     tokenlake.proto); an instance without a heartbeat for `dead_after` is marked dead, its
-//     segments leave the cluster-wide prefix tree and the requests waiting on it fail over;
-//     a restarted instance rejoins (empty) under its name;
-//   - the cluster-wide prefix tree (SegmentDirectory), rebuilt from the instances' reports, so a
-//     coordinator restart loses nothing the instances still hold;
-//   - routing: each request goes to the live instance holding the longest cached prefix of its
-//     prompt, unless that instance is busier than the least busy one by more than
-//     balance_abs_threshold requests; a heavy-hitter prefix (its first segment seen in
-//     heavy_hitter_min_requests requests) is replicated by routing to an instance that lacks it
-//     until heavy_hitter_replicas live instances hold it (replication by recompute);
-//   - the data path: the request goes to the chosen instance over the host transport
-//     (TcpTransport, wrapped in a FaultTransport so tests can drop, delay or cut), with a
-//     deadline; a lost instance or a missed deadline fails over to another instance, up to
-//     max_attempts; generation is deterministic, so a retried request gets the same answer;
+//     tokenlake.proto); an instance without a heartbeat for `dead_after` is marked dead and
+//     Lake::DropInstance removes its replicas (segments whose last copy it held leave the tree
+//     with their subtrees), requests waiting on it fail over; a restarted instance rejoins empty
+//     under its name. Register / Heartbeat replies carry the data-plane ports of the live
+//     instances (peers), so that instances route attend / pull / store / free to each other;
+//   - rebuild: after a coordinator restart the instances re-register with what they hold
+//     (each segment with its parent and token count) and Lake::RestoreReplicas rebuilds the tree
+//     (parents first; orphans are retried while restore_window lasts, then freed);
+//   - reconciliation on every heartbeat: segments an instance holds that the lake does not list
+//     are freed on the instance (reply free_segments); replicas the lake lists that the
+//     instance did not report in two heartbeats in a row are dropped from the lake
+//     (Lake::DropReplica; never a pinned one);
+//   - rebalancing: every rebalance_interval (and/or every rebalance_every_requests requests)
+//     Lake::Rebalance runs and its actions are sent to the instances that carry them out
+//     (replicate / move: the receiving instance pulls the KV from the source over the data
+//     plane and stores it; drop: free), so heavy hitters get real replicas;
+//   - routing: the computing instance of a request is the one the lake's plan for its prefill
+//     names (GenPlans, not admitted), unless it is not live or busier than the least busy live
+//     instance by more than balance_abs_threshold requests (then the least busy one); with
+//     rotate_compute_instance, live instances take turns instead (forces cross-process traffic);
+//   - the data path: the request (with a lake request id the coordinator assigns, unique across
+//     instances) goes to the computing instance over the host transport (TcpTransport, wrapped
+//     in a FaultTransport so tests can drop, delay or cut), with a deadline. An instance that
+//     does not answer is excluded and the request fails over; an instance that answers with an
+//     error (e.g. a holder of the plan died: unreachable or past its deadline) is retried after
+//     retry_backoff x attempt (by then the dead holder is usually marked dead), up to
+//     max_attempts within request_timeout. The coordinator releases the failed attempt's pins.
+//     Generation is deterministic, so a retried request gets the same answer;
 //   - the HTTP front end (cpp-httplib): POST /v1/completions, GET /metrics (Prometheus text),
 //     GET /healthz. Bad input gets a 4xx with a JSON error naming the problem.
 //
@@ -27,9 +47,13 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "tokenlake/balance/balancer.h"
+#include "tokenlake/balance/heavy_hitter.h"
+#include "tokenlake/plan/cost_model.h"
 #include "tokenlake/service/completion_api.h"
 #include "tokenlake/transport/fault_transport.h"
 
@@ -41,6 +65,7 @@ inline constexpr int32_t kMaxInstances = 64;
 // Host-transport message tags.
 inline constexpr uint32_t kGenerateRequestTag = 1;
 inline constexpr uint32_t kGenerateReplyTag = 2;
+inline constexpr uint32_t kRebalanceTag = 3;
 
 struct CoordinatorOptions {
   // Request limits (vocabulary, context, max_tokens) checked before anything is routed.
@@ -48,6 +73,31 @@ struct CoordinatorOptions {
   // Tokens per segment and the segment-id namespace; instances must use the same.
   int32_t segment_tokens = 16;
   std::string namespace_name = "tokenlake";
+  // The lake: number of instances (ids [0, lake_instances), in [1, kMaxInstances]; run that
+  // many instances), slots per instance (instances must have at least as many), the model's
+  // shape (plan costs; must validate) and the heavy-hitter / balancer knobs.
+  int32_t lake_instances = 4;
+  int32_t slots_per_instance = 1024;
+  plan::ModelShape model{
+      .num_layers = 1, .num_heads = 1, .num_kv_heads = 1, .head_dim = 1, .dtype_bytes = 4};
+  // Heavy hitters: the lake's clock advances 1 ms per planned iteration, so half_life_us counts
+  // iterations x 1000. The defaults suit a small cluster (replicate a prefix shared by a few
+  // recent requests).
+  balance::HeavyHitterOptions heavy_hitter{.half_life_us = 50'000,
+                                           .heavy_fraction = 0.2,
+                                           .replica_target_fraction = 0.2,
+                                           .track_fraction = 0.01,
+                                           .min_heavy_load = 0};
+  balance::BalancerOptions balancer;
+  // Run Lake::Rebalance every this often (zero = never) and/or after every this many served
+  // requests (0 = never).
+  absl::Duration rebalance_interval = absl::Seconds(1);
+  int32_t rebalance_every_requests = 0;
+  // Routing: live instances take turns computing (instead of the lake's plan).
+  bool rotate_compute_instance = false;
+  // After a restart, segments an instance reports whose parent is unknown are kept (and retried
+  // on its heartbeats) for this long, while other instances re-register; later they are freed.
+  absl::Duration restore_window = absl::Seconds(5);
   // Ports on 127.0.0.1 (0 = any free port).
   int32_t http_port = 0;
   int32_t grpc_port = 0;
@@ -59,12 +109,12 @@ struct CoordinatorOptions {
   // Deadline of one request (all attempts) and of one attempt.
   absl::Duration request_timeout = absl::Seconds(30);
   absl::Duration attempt_timeout = absl::Seconds(10);
-  // Attempts per request (instances tried), >= 1.
-  int32_t max_attempts = 3;
+  // Attempts per request, >= 1, and the pause before retrying an attempt that an instance
+  // answered with an error (x the attempt number).
+  int32_t max_attempts = 4;
+  absl::Duration retry_backoff = absl::Milliseconds(250);
   // Routing (see the file comment).
   int32_t balance_abs_threshold = 2;
-  int32_t heavy_hitter_min_requests = 4;
-  int32_t heavy_hitter_replicas = 2;
   // HTTP limits: largest request body (413 beyond) and how long a request may take to arrive.
   int64_t max_body_bytes = int64_t{1} << 20;
   absl::Duration http_read_timeout = absl::Seconds(2);
@@ -99,6 +149,12 @@ class Coordinator {
   int32_t LiveInstances() const;
   // Distinct segments in the cluster-wide prefix tree.
   int64_t DistinctSegments() const;
+  // The instances holding a copy of the lake's segment
+  // `segment` (empty when unknown). For tests.
+  std::vector<int32_t> ReplicasOf(uint64_t segment) const;
+  // Runs Lake::Rebalance now and sends the actions to the instances. Returns the number of
+  // actions. Errors: the lake's.
+  absl::StatusOr<int64_t> RebalanceNow();
   // The fault injector on the host transport (never null while running).
   transport::FaultTransport* faults();
 

@@ -9,15 +9,39 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "tokenlake/engine/instance_pool.h"
 #include "tokenlake/service/coordinator.h"
+#include "tokenlake/service/lake_rpc.h"
 #include "tokenlake/transport/tcp_transport.h"
 #include "tokenlake/v1/tokenlake.grpc.pb.h"
 
 namespace tokenlake::service {
+namespace {
+
+// This instance's part of the pool, built once its id and the lake's size are known.
+struct DataPlane {
+  int32_t id = -1;
+  int32_t lake_instances = 0;
+  std::unique_ptr<transport::TcpTransport> tcp;
+  std::unique_ptr<engine::InstancePool> pool;
+  std::unique_ptr<RemoteControlPlane> control;
+  std::unique_ptr<engine::Engine> engine;  // used by the worker thread only
+  absl::Mutex peers_mu;
+  absl::flat_hash_map<int32_t, int32_t> peers ABSL_GUARDED_BY(peers_mu);  // id -> data port
+
+  ~DataPlane() {
+    engine.reset();
+    if (tcp != nullptr) tcp->Shutdown();
+    pool.reset();  // joins its server thread (it polls with a timeout)
+  }
+};
+
+}  // namespace
 
 class InstanceServer::Impl {
  public:
@@ -26,15 +50,6 @@ class InstanceServer::Impl {
   ~Impl() { Shutdown(); }
 
   absl::Status Start() {
-    engine::EngineOptions eo{.use_pool = true,
-                             .num_instances = 1,
-                             .segment_tokens = options_.segment_tokens,
-                             .slots_per_instance = options_.slots,
-                             .kv_dtype = options_.kv_dtype,
-                             .namespace_name = options_.namespace_name};
-    auto eng = engine::Engine::Create(model_, eo);
-    if (!eng.ok()) return eng.status();
-    engine_ = std::move(*eng);
     std::vector<InstanceId> endpoints;
     for (int32_t i = 1; i <= kMaxInstances; ++i) endpoints.push_back(InstanceId(i));
     auto tcp = transport::TcpTransport::Create({.num_endpoints = kMaxInstances + 1,
@@ -42,6 +57,13 @@ class InstanceServer::Impl {
                                                 .port = options_.transport_port});
     if (!tcp.ok()) return tcp.status();
     tcp_ = std::move(*tcp);
+    const engine::LlamaConfig& c = model_->config();
+    layout_ = attention::KvSlotLayout{.num_layers = c.num_layers,
+                                      .segment_tokens = options_.segment_tokens,
+                                      .num_kv_heads = c.num_kv_heads,
+                                      .head_dim = c.head_dim,
+                                      .dtype = options_.kv_dtype};
+    if (absl::Status s = layout_.Validate(); !s.ok()) return s;
     RefreshState();
     channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", options_.coordinator_port),
                                    grpc::InsecureChannelCredentials());
@@ -56,24 +78,116 @@ class InstanceServer::Impl {
     if (tcp_ != nullptr) tcp_->Shutdown();
     if (control_.joinable()) control_.join();
     if (worker_.joinable()) worker_.join();
+    absl::MutexLock lock(&mu_);
+    data_.reset();
   }
 
-  // The engine's segments and slot use (called by the worker thread, or before it starts).
+  std::shared_ptr<DataPlane> Data() const {
+    absl::MutexLock lock(&mu_);
+    return data_;
+  }
+
+  // (Re)builds the data plane for instance `id` of a lake of `n` instances.
+  absl::Status BuildDataPlane(int32_t id, int32_t n) {
+    auto dp = std::make_shared<DataPlane>();
+    dp->id = id;
+    dp->lake_instances = n;
+    auto tcp = transport::TcpTransport::Create(
+        {.num_endpoints = 2 * n, .local_endpoints = {InstanceId(id), InstanceId(n + id)}});
+    if (!tcp.ok()) return tcp.status();
+    dp->tcp = std::move(*tcp);
+    engine::InstancePool::Options po{.num_instances = n,
+                                     .layout = layout_,
+                                     .num_heads = model_->config().num_heads,
+                                     .slots_per_instance = options_.slots,
+                                     .reply_timeout = options_.data_timeout,
+                                     .external_transport = dp->tcp.get(),
+                                     .endpoint_base = 0};
+    po.hosted = {InstanceId(id)};
+    auto pool = engine::InstancePool::Create(po);
+    if (!pool.ok()) return pool.status();
+    dp->pool = std::move(*pool);
+    auto control = RemoteControlPlane::Create({.coordinator_port = options_.coordinator_port,
+                                               .num_instances = n,
+                                               .call_timeout = options_.control_timeout});
+    if (!control.ok()) return control.status();
+    dp->control = std::move(*control);
+    auto eng = engine::Engine::CreateOverPool(
+        model_,
+        {.segment_tokens = options_.segment_tokens, .namespace_name = options_.namespace_name},
+        {.control_plane = dp->control.get(),
+         .pool = dp->pool.get(),
+         .compute_instance = InstanceId(id)});
+    if (!eng.ok()) return eng.status();
+    dp->engine = std::move(*eng);
+    {
+      absl::MutexLock lock(&mu_);
+      data_ = std::move(dp);
+    }
+    RefreshState();
+    return absl::OkStatus();
+  }
+
+  // Routes the data plane to the live instances' data ports (and forgets the others).
+  void ApplyPeers(const google::protobuf::RepeatedPtrField<v1::Peer>& peers) {
+    std::shared_ptr<DataPlane> dp = Data();
+    if (dp == nullptr) return;
+    const int32_t n = dp->lake_instances;
+    absl::flat_hash_map<int32_t, int32_t> next;
+    for (const v1::Peer& p : peers) {
+      if (p.instance_id() < 0 || p.instance_id() >= n || p.instance_id() == dp->id) continue;
+      next[p.instance_id()] = p.data_port();
+    }
+    absl::MutexLock lock(&dp->peers_mu);
+    for (const auto& [id, port] : dp->peers) {
+      if (!next.contains(id)) {
+        dp->tcp->ClearPeer(InstanceId(id));
+        dp->tcp->ClearPeer(InstanceId(n + id));
+      }
+    }
+    for (const auto& [id, port] : next) {
+      auto it = dp->peers.find(id);
+      if (it != dp->peers.end() && it->second == port) continue;
+      dp->tcp->SetPeer(InstanceId(id), port).IgnoreError();
+      dp->tcp->SetPeer(InstanceId(n + id), port).IgnoreError();
+    }
+    dp->peers = std::move(next);
+  }
+
+  void FreeSegments(const google::protobuf::RepeatedField<uint64_t>& segments) {
+    std::shared_ptr<DataPlane> dp = Data();
+    if (dp == nullptr) return;
+    for (uint64_t seg : segments) {
+      // A pinned copy (being read right now) stays; the next heartbeat asks again.
+      if (dp->pool->FreeSegment(InstanceId(dp->id), InstanceId(dp->id), SegmentId(seg)).ok()) {
+        reconcile_frees_.fetch_add(1);
+      }
+    }
+  }
+
+  // What this instance holds (with parents and token counts), its slot use and its traffic.
   void RefreshState() {
     v1::InstanceState state;
-    const lake::Lake* lk = engine_->lake();
-    lk->prefix_tree().ForEachNode([&](const index::PrefixTree::Node& node) {
-      v1::Segment* s = state.add_segments();
-      s->set_id(node.id.value());
-      s->set_num_tokens(node.num_tokens);
-    });
-    const lake::LakeStats stats = lk->Stats();
-    if (!stats.instances.empty()) {
-      state.set_used_slots(stats.instances[0].used_slots);
-      state.set_capacity_slots(stats.instances[0].capacity_slots);
+    std::shared_ptr<DataPlane> dp = Data();
+    if (dp != nullptr) {
+      const InstanceId self(dp->id);
+      for (const engine::HeldSegmentInfo& h : dp->pool->Held(self)) {
+        v1::Segment* s = state.add_segments();
+        s->set_id(h.id.value());
+        s->set_num_tokens(h.meta.num_tokens);
+        s->set_parent(h.meta.parent.value());
+      }
+      state.set_used_slots(dp->pool->store(self).used());
+      state.set_data_port(dp->tcp->port());
     }
-    state.set_slot_bytes(engine_->instance_pool()->layout().SlotBytes());
+    state.set_capacity_slots(options_.slots);
+    state.set_slot_bytes(layout_.SlotBytes());
     state.set_requests_served(served_.load());
+    {
+      absl::MutexLock lock(&traffic_mu_);
+      *state.mutable_traffic() = traffic_;
+    }
+    state.mutable_traffic()->set_reconcile_frees(reconcile_frees_.load());
     absl::MutexLock lock(&mu_);
     state_ = std::move(state);
   }
@@ -84,6 +198,7 @@ class InstanceServer::Impl {
   }
 
   bool RegisterOnce() {
+    RefreshState();
     v1::RegisterRequest request;
     request.set_name(options_.name);
     request.set_preferred_id(options_.preferred_id);
@@ -97,13 +212,25 @@ class InstanceServer::Impl {
     grpc::Status s = stub_->Register(&ctx, request, &reply);
     if (!s.ok()) {
       if (s.error_code() == grpc::StatusCode::FAILED_PRECONDITION ||
-          s.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
+          s.error_code() == grpc::StatusCode::INVALID_ARGUMENT ||
+          s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
         std::fprintf(stderr, "tokenlake instance %s: registration refused: %s\n",
                      options_.name.c_str(), s.error_message().c_str());
       }
       return false;
     }
     if (!tcp_->SetPeer(InstanceId(0), reply.coordinator_transport_port()).ok()) return false;
+    std::shared_ptr<DataPlane> dp = Data();
+    if (dp == nullptr || dp->id != reply.instance_id() ||
+        dp->lake_instances != reply.lake_instances()) {
+      if (absl::Status b = BuildDataPlane(reply.instance_id(), reply.lake_instances()); !b.ok()) {
+        std::fprintf(stderr, "tokenlake instance %s: cannot build the data plane: %s\n",
+                     options_.name.c_str(), std::string(b.message()).c_str());
+        return false;
+      }
+    }
+    ApplyPeers(reply.peers());
+    FreeSegments(reply.free_segments());
     absl::MutexLock lock(&mu_);
     id_ = reply.instance_id();
     epoch_ = reply.coordinator_epoch();
@@ -114,10 +241,12 @@ class InstanceServer::Impl {
 
   void ControlLoop() {
     bool registered = false;
+    bool first_after_register = false;
     while (!stopping_.load()) {
       if (!registered) {
         registered = RegisterOnce();
         if (!registered) absl::SleepFor(options_.register_retry);
+        first_after_register = registered;
         continue;
       }
       absl::Duration interval;
@@ -128,13 +257,21 @@ class InstanceServer::Impl {
         request.set_instance_id(id_);
         request.set_coordinator_epoch(epoch_);
       }
-      absl::SleepFor(interval);
+      // The first heartbeat right away: it tells the coordinator the data port.
+      if (!first_after_register) absl::SleepFor(interval);
+      first_after_register = false;
+      RefreshState();
       *request.mutable_state() = State();
       v1::HeartbeatReply reply;
       grpc::ClientContext ctx;
       ctx.set_deadline(absl::ToChronoTime(absl::Now() + interval));
       grpc::Status s = stub_->Heartbeat(&ctx, request, &reply);
-      if (s.error_code() == grpc::StatusCode::NOT_FOUND) registered = false;
+      if (s.ok()) {
+        ApplyPeers(reply.peers());
+        FreeSegments(reply.free_segments());
+      } else if (s.error_code() == grpc::StatusCode::NOT_FOUND) {
+        registered = false;
+      }
       // Other errors (coordinator down): keep heartbeating; a restarted coordinator answers
       // NOT_FOUND and we register again.
     }
@@ -157,6 +294,10 @@ class InstanceServer::Impl {
         if (m.status().code() == absl::StatusCode::kCancelled) return;
         continue;
       }
+      if (m->tag == kRebalanceTag) {
+        ApplyRebalance(*m);
+        continue;
+      }
       if (m->tag != kGenerateRequestTag) continue;
       v1::GenerateReply reply = Serve(*m);
       std::string bytes = reply.SerializeAsString();
@@ -169,6 +310,37 @@ class InstanceServer::Impl {
       std::memcpy(out.payload.data(), bytes.data(), bytes.size());
       tcp_->Send(std::move(out)).IgnoreError();  // the coordinator's deadline covers a loss
     }
+  }
+
+  // Carries out the coordinator's rebalance actions (errors are repaired by reconciliation).
+  void ApplyRebalance(const transport::Message& m) {
+    v1::RebalanceOrder order;
+    std::shared_ptr<DataPlane> dp = Data();
+    if (dp == nullptr ||
+        !order.ParseFromArray(m.payload.data(), static_cast<int>(m.payload.size()))) {
+      return;
+    }
+    engine::InstancePool& pool = *dp->pool;
+    const InstanceId self(dp->id);
+    for (const v1::RebalanceAction& a : order.actions()) {
+      const SegmentId seg(a.segment());
+      const InstanceId from = InstanceFromWire(a.from());
+      if (a.kind() == 0) {
+        pool.FreeSegment(self, self, seg).IgnoreError();
+        continue;
+      }
+      engine::StoredMeta meta;
+      absl::StatusOr<std::vector<std::byte>> slot = pool.PullSegment(self, from, seg, &meta);
+      if (!slot.ok() || !pool.StoreSegment(self, self, seg, *slot, meta).ok()) continue;
+      {
+        absl::MutexLock lock(&traffic_mu_);
+        traffic_.set_rebalance_copies(traffic_.rebalance_copies() + 1);
+        traffic_.set_rebalance_copy_bytes(traffic_.rebalance_copy_bytes() +
+                                          static_cast<int64_t>(slot->size()));
+      }
+      if (a.kind() == 2) pool.FreeSegment(self, from, seg).IgnoreError();
+    }
+    RefreshState();
   }
 
   v1::GenerateReply Serve(const transport::Message& m) {
@@ -194,10 +366,35 @@ class InstanceServer::Impl {
           "prompt of %d tokens with max_tokens %d does not fit the context of %d",
           request.prompt_size(), request.max_tokens(), config.max_position_embeddings)));
     }
+    if (request.request_id() == 0) {
+      return fail(absl::InvalidArgumentError("generate request without a lake request id"));
+    }
+    std::shared_ptr<DataPlane> dp = Data();
+    if (dp == nullptr) return fail(absl::UnavailableError("the data plane is not ready yet"));
     const absl::Time start = absl::Now();
     std::vector<int32_t> prompt(request.prompt().begin(), request.prompt().end());
-    absl::StatusOr<engine::GenerateResult> r = engine_->Generate(prompt, request.max_tokens());
+    absl::StatusOr<engine::GenerateResult> r =
+        dp->engine->Generate(RequestId(request.request_id()), prompt, request.max_tokens());
     served_.fetch_add(1);
+    if (r.ok()) {
+      v1::InstanceTraffic* t = reply.mutable_traffic();
+      t->set_remote_attend_calls(r->remote_attend_calls);
+      t->set_query_bytes_out(r->query_bytes_out);
+      t->set_partial_bytes_back(r->partial_bytes_back);
+      t->set_pulled_segments(r->pulled_segments);
+      t->set_pulled_bytes(r->pulled_bytes);
+      t->set_remote_stored_segments(r->remote_stored_segments);
+      t->set_remote_stored_bytes(r->remote_stored_bytes);
+      absl::MutexLock lock(&traffic_mu_);
+      traffic_.set_remote_attend_calls(traffic_.remote_attend_calls() + r->remote_attend_calls);
+      traffic_.set_query_bytes_out(traffic_.query_bytes_out() + r->query_bytes_out);
+      traffic_.set_partial_bytes_back(traffic_.partial_bytes_back() + r->partial_bytes_back);
+      traffic_.set_pulled_segments(traffic_.pulled_segments() + r->pulled_segments);
+      traffic_.set_pulled_bytes(traffic_.pulled_bytes() + r->pulled_bytes);
+      traffic_.set_remote_stored_segments(traffic_.remote_stored_segments() +
+                                          r->remote_stored_segments);
+      traffic_.set_remote_stored_bytes(traffic_.remote_stored_bytes() + r->remote_stored_bytes);
+    }
     RefreshState();
     if (!r.ok()) return fail(r.status());
     reply.mutable_tokens()->Add(r->tokens.begin(), r->tokens.end());
@@ -209,15 +406,20 @@ class InstanceServer::Impl {
 
   const engine::LlamaModel* model_;
   const InstanceServerOptions options_;
-  std::unique_ptr<engine::Engine> engine_;  // used by the worker thread only (after Start)
+  attention::KvSlotLayout layout_;
   std::unique_ptr<transport::TcpTransport> tcp_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Coordinator::Stub> stub_;
   std::thread control_, worker_;
   std::atomic<bool> stopping_{false};
   std::atomic<int64_t> served_{0};
+  std::atomic<int64_t> reconcile_frees_{0};
+
+  absl::Mutex traffic_mu_;
+  v1::InstanceTraffic traffic_ ABSL_GUARDED_BY(traffic_mu_);
 
   mutable absl::Mutex mu_;
+  std::shared_ptr<DataPlane> data_ ABSL_GUARDED_BY(mu_);
   v1::InstanceState state_ ABSL_GUARDED_BY(mu_);
   int32_t id_ ABSL_GUARDED_BY(mu_) = -1;
   uint64_t epoch_ ABSL_GUARDED_BY(mu_) = 0;

@@ -1,11 +1,26 @@
-// InstanceServer: one TokenLake instance process's serving loop. It owns an engine shard
-// (engine::Engine over its own segment store: the instance's part of the pool), registers with
-// the coordinator over gRPC, heartbeats its state (every segment it holds) and serves the
-// coordinator's generate messages that arrive over the host transport (TcpTransport).
+// InstanceServer: one TokenLake instance process's serving loop. It registers with the
+// coordinator over gRPC, heartbeats its state (every segment it holds, with its parent and
+// token count) and serves the coordinator's generate messages that arrive over the host
+// transport (TcpTransport).
+//
+// Its part of the pool (design: coordinator.h): once registered (its instance id and the lake's
+// size known), it builds its data plane: an engine::InstancePool that hosts only this instance
+// (its segment store, its server thread, its driver endpoint) on a second TcpTransport (the
+// data port it reports), the other instances being remote endpoints routed with the peers the
+// coordinator sends in every Register / Heartbeat reply; and an engine::Engine over that pool
+// and a RemoteControlPlane (the coordinator's lake over gRPC), computing every request on this
+// instance. Each iteration's plan comes from the cluster-wide lake: cached segments held here
+// are read locally, the others by sending the queries to their holder or pulling their KV,
+// and new segments are stored where the lake says, possibly on another instance.
+//
+// Heartbeat replies may also name segments to free (the lake no longer lists them here);
+// rebalance orders (host-transport tag kRebalanceTag) make it copy a segment from another
+// instance (pull + store here), move it (copy, then free at the source) or drop it.
 //
 // After a coordinator restart its heartbeat is refused (NOT_FOUND) and it registers again with
 // everything it holds, which rebuilds the coordinator's prefix tree. A request whose deadline
-// has passed when it is dequeued is answered DeadlineExceeded without being computed.
+// has passed when it is dequeued is answered DeadlineExceeded without being computed. If a
+// later registration gives it another id or lake size, it rebuilds its data plane empty.
 //
 // Thread-safety: thread-safe; Shutdown (or the destructor) stops its threads.
 #ifndef TOKENLAKE_SERVICE_INSTANCE_SERVER_H_
@@ -40,6 +55,10 @@ struct InstanceServerOptions {
   attention::KvDtype kv_dtype = attention::KvDtype::kFloat32;
   // How often to retry registration while the coordinator is unreachable.
   absl::Duration register_retry = absl::Milliseconds(100);
+  // How long the engine waits for another instance's data-plane reply (attend, pull, store).
+  absl::Duration data_timeout = absl::Seconds(5);
+  // Deadline of one call to the coordinator's lake.
+  absl::Duration control_timeout = absl::Seconds(5);
 };
 
 class InstanceServer {

@@ -1,0 +1,190 @@
+#include "tokenlake/service/lake_rpc.h"
+
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+
+namespace tokenlake::service {
+
+void ToProto(const engine::IterationRequest& in, v1::PlanIterationRequest* out) {
+  out->set_request_id(in.request.value());
+  for (const index::SegmentKey& k : in.keys) {
+    v1::SegmentKey* key = out->add_keys();
+    key->set_id(k.id.value());
+    key->set_num_tokens(k.num_tokens);
+  }
+  out->set_max_cached_segments(in.max_cached_segments);
+  out->set_end_tokens(in.end_tokens);
+  out->set_prefill(in.prefill);
+  out->set_computed_tokens(in.computed_tokens);
+  out->set_preferred_instance(InstanceToWire(in.preferred_instance));
+  out->set_count_hits(in.count_hits);
+}
+
+engine::IterationRequest FromProto(const v1::PlanIterationRequest& in) {
+  engine::IterationRequest out;
+  out.request = RequestId(in.request_id());
+  out.keys.reserve(static_cast<size_t>(in.keys_size()));
+  for (const v1::SegmentKey& k : in.keys()) {
+    out.keys.push_back({SegmentId(k.id()), k.num_tokens()});
+  }
+  out.max_cached_segments = in.max_cached_segments();
+  out.end_tokens = in.end_tokens();
+  out.prefill = in.prefill();
+  out.computed_tokens = in.computed_tokens();
+  out.preferred_instance = InstanceFromWire(in.preferred_instance());
+  out.count_hits = in.count_hits();
+  return out;
+}
+
+void ToProto(const plan::NewSegmentPlacement& in, v1::Placement* out) {
+  out->set_segment(in.segment.value());
+  out->set_parent(in.parent.value());
+  out->set_num_tokens(in.num_tokens);
+  out->set_source(InstanceToWire(in.source));
+  out->set_target(InstanceToWire(in.target));
+}
+
+plan::NewSegmentPlacement FromProto(const v1::Placement& in, RequestId request) {
+  return plan::NewSegmentPlacement{.request = request,
+                                   .segment = SegmentId(in.segment()),
+                                   .parent = SegmentId(in.parent()),
+                                   .num_tokens = in.num_tokens(),
+                                   .source = InstanceFromWire(in.source()),
+                                   .target = InstanceFromWire(in.target())};
+}
+
+void ToProto(const engine::IterationPlan& in, v1::PlanIterationReply* out) {
+  out->set_num_keys(in.num_keys);
+  out->set_cached_tokens(in.cached_tokens);
+  out->set_new_tokens(in.new_tokens);
+  out->set_compute_instance(InstanceToWire(in.compute_instance));
+  for (const plan::SegmentAssignment& a : in.segments) {
+    v1::SegmentAssignment* s = out->add_segments();
+    s->set_segment(a.segment.value());
+    s->set_num_tokens(a.num_tokens);
+    s->set_holder(InstanceToWire(a.holder));
+    s->set_action(static_cast<int32_t>(a.action));
+  }
+  for (const plan::NewSegmentPlacement& p : in.new_segments) ToProto(p, out->add_new_segments());
+}
+
+engine::IterationPlan FromProto(const v1::PlanIterationReply& in, RequestId request) {
+  engine::IterationPlan out;
+  out.num_keys = in.num_keys();
+  out.cached_tokens = in.cached_tokens();
+  out.new_tokens = in.new_tokens();
+  out.compute_instance = InstanceFromWire(in.compute_instance());
+  for (const v1::SegmentAssignment& s : in.segments()) {
+    plan::HolderAction action = plan::HolderAction::kMoveQueries;
+    if (s.action() == static_cast<int32_t>(plan::HolderAction::kLocal)) {
+      action = plan::HolderAction::kLocal;
+    } else if (s.action() == static_cast<int32_t>(plan::HolderAction::kPullKv)) {
+      action = plan::HolderAction::kPullKv;
+    }
+    out.segments.push_back({.segment = SegmentId(s.segment()),
+                            .num_tokens = s.num_tokens(),
+                            .holder = InstanceFromWire(s.holder()),
+                            .action = action});
+  }
+  for (const v1::Placement& p : in.new_segments()) {
+    out.new_segments.push_back(FromProto(p, request));
+  }
+  return out;
+}
+
+void ToProto(const lake::CommitResult& in, v1::CommitReply* out) {
+  for (const lake::StoredReplica& r : in.stored) {
+    v1::Replica* x = out->add_stored();
+    x->set_segment(r.segment.value());
+    x->set_instance(InstanceToWire(r.instance));
+  }
+  for (SegmentId s : in.deduplicated) out->add_deduplicated(s.value());
+  for (SegmentId s : in.not_stored) out->add_not_stored(s.value());
+  for (const lake::StoredReplica& r : in.evicted) {
+    v1::Replica* x = out->add_evicted();
+    x->set_segment(r.segment.value());
+    x->set_instance(InstanceToWire(r.instance));
+  }
+  out->set_moved_bytes(in.moved_bytes);
+}
+
+lake::CommitResult FromProto(const v1::CommitReply& in) {
+  lake::CommitResult out;
+  for (const v1::Replica& r : in.stored()) {
+    out.stored.push_back({SegmentId(r.segment()), InstanceFromWire(r.instance())});
+  }
+  for (uint64_t s : in.deduplicated()) out.deduplicated.push_back(SegmentId(s));
+  for (uint64_t s : in.not_stored()) out.not_stored.push_back(SegmentId(s));
+  for (const v1::Replica& r : in.evicted()) {
+    out.evicted.push_back({SegmentId(r.segment()), InstanceFromWire(r.instance())});
+  }
+  out.moved_bytes = in.moved_bytes();
+  return out;
+}
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+absl::Status FromGrpc(const grpc::Status& s, const char* call) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()),
+                      absl::StrCat("lake ", call, " on the coordinator: ", s.error_message()));
+}
+
+absl::StatusOr<std::unique_ptr<RemoteControlPlane>> RemoteControlPlane::Create(
+    const Options& options) {
+  if (options.coordinator_port < 1 || options.coordinator_port > 65535) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "RemoteControlPlane: coordinator_port %d outside [1, 65535]", options.coordinator_port));
+  }
+  if (options.num_instances < 1) {
+    return absl::InvalidArgumentError("RemoteControlPlane: num_instances must be >= 1");
+  }
+  std::unique_ptr<RemoteControlPlane> cp(new RemoteControlPlane(options));
+  cp->channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", options.coordinator_port),
+                                     grpc::InsecureChannelCredentials());
+  cp->stub_ = v1::Lake::NewStub(cp->channel_);
+  return cp;
+}
+
+absl::StatusOr<engine::IterationPlan> RemoteControlPlane::PlanIteration(
+    const engine::IterationRequest& request) {
+  v1::PlanIterationRequest in;
+  ToProto(request, &in);
+  v1::PlanIterationReply out;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
+  if (absl::Status s = FromGrpc(stub_->PlanIteration(&ctx, in, &out), "PlanIteration"); !s.ok()) {
+    return s;
+  }
+  return FromProto(out, request.request);
+}
+
+absl::StatusOr<lake::CommitResult> RemoteControlPlane::Commit(
+    RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) {
+  v1::CommitRequest in;
+  in.set_request_id(request.value());
+  for (const plan::NewSegmentPlacement& p : placements) ToProto(p, in.add_placements());
+  v1::CommitReply out;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
+  if (absl::Status s = FromGrpc(stub_->Commit(&ctx, in, &out), "Commit"); !s.ok()) return s;
+  return FromProto(out);
+}
+
+absl::Status RemoteControlPlane::Release(RequestId request) {
+  v1::ReleaseRequest in;
+  in.set_request_id(request.value());
+  v1::ReleaseReply out;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
+  return FromGrpc(stub_->Release(&ctx, in, &out), "Release");
+}
+
+}  // namespace tokenlake::service

@@ -1,0 +1,72 @@
+// The lake's per-iteration calls over gRPC (proto/tokenlake/v1/tokenlake.proto, service Lake):
+// conversions between the engine's control-plane types (engine/control_plane.h) and their
+// messages, and RemoteControlPlane, the engine::ControlPlane of an instance process, which calls
+// the coordinator that owns the cluster's one lake::Lake.
+//
+// Conversions never fail on well-formed messages; instance ids travel as int32 (-1 = none) and
+// segment ids as fixed64 (SegmentId's invalid value = none). Range checks are the lake's
+// (coordinator side) and the data plane's (instance side): a bad value gives an
+// InvalidArgument there, never a crash.
+//
+// Thread-safety: the functions are pure; RemoteControlPlane is thread-safe (gRPC stubs are).
+#ifndef TOKENLAKE_SERVICE_LAKE_RPC_H_
+#define TOKENLAKE_SERVICE_LAKE_RPC_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "tokenlake/engine/control_plane.h"
+#include "tokenlake/v1/tokenlake.grpc.pb.h"
+
+namespace tokenlake::service {
+
+inline int32_t InstanceToWire(InstanceId i) { return i.valid() ? i.value() : -1; }
+inline InstanceId InstanceFromWire(int32_t v) { return v < 0 ? InstanceId() : InstanceId(v); }
+
+void ToProto(const engine::IterationRequest& in, v1::PlanIterationRequest* out);
+engine::IterationRequest FromProto(const v1::PlanIterationRequest& in);
+void ToProto(const engine::IterationPlan& in, v1::PlanIterationReply* out);
+engine::IterationPlan FromProto(const v1::PlanIterationReply& in, RequestId request);
+void ToProto(const plan::NewSegmentPlacement& in, v1::Placement* out);
+plan::NewSegmentPlacement FromProto(const v1::Placement& in, RequestId request);
+void ToProto(const lake::CommitResult& in, v1::CommitReply* out);
+lake::CommitResult FromProto(const v1::CommitReply& in);
+
+// absl::StatusCode and grpc::StatusCode share their numbering.
+grpc::Status ToGrpc(const absl::Status& s);
+absl::Status FromGrpc(const grpc::Status& s, const char* call);
+
+class RemoteControlPlane final : public engine::ControlPlane {
+ public:
+  struct Options {
+    // The coordinator's gRPC port on 127.0.0.1, in [1, 65535].
+    int32_t coordinator_port = 0;
+    // Instances of the coordinator's lake (from RegisterReply), >= 1.
+    int32_t num_instances = 1;
+    // Deadline of one call (DeadlineExceeded after).
+    absl::Duration call_timeout = absl::Seconds(5);
+  };
+  // Errors: InvalidArgument naming a bad option.
+  static absl::StatusOr<std::unique_ptr<RemoteControlPlane>> Create(const Options& options);
+
+  int32_t num_instances() const override { return options_.num_instances; }
+  absl::StatusOr<engine::IterationPlan> PlanIteration(
+      const engine::IterationRequest& request) override;
+  absl::StatusOr<lake::CommitResult> Commit(
+      RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) override;
+  absl::Status Release(RequestId request) override;
+
+ private:
+  explicit RemoteControlPlane(const Options& options) : options_(options) {}
+  const Options options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::Lake::Stub> stub_;
+};
+
+}  // namespace tokenlake::service
+
+#endif  // TOKENLAKE_SERVICE_LAKE_RPC_H_
