@@ -40,7 +40,8 @@ cuda: deps
 	cmake --preset cuda -DTOKENLAKE_BUILD_BENCHMARKS=OFF
 	cmake --build --preset cuda -j $(JOBS) --target tokenlake_attention_cuda tokenlake_store_cuda \
 	  paged_attention_test device_arena_test tokenlake_transport_nccl nccl_channel_test \
-	  nccl_attention_test tokenlake_engine_cuda gpu_engine_test gpu_engine_fixture_test
+	  nccl_attention_test tokenlake_engine_cuda gpu_engine_test gpu_engine_fixture_test \
+	  pool_steps_test
 	ctest --test-dir build/cuda -L gpu --output-on-failure
 
 FUZZ_SECONDS ?= 20
