@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
@@ -153,19 +154,40 @@ __device__ __forceinline__ void WgmmaRS(float (&d)[64], const uint32_t (&a)[4], 
 
 #endif  // TOKENLAKE_SM90A
 
-// Copies rows [t0, t0 + valid) of one block's K or V (this KV head's columns) into a tile; the
-// other rows are zero-filled (so masked keys contribute exact zeros to P V).
+// Copies rows [t0, t0 + valid) of one block's K or V (this KV head's columns) into a tile with
+// NT threads; the other rows are zero-filled (so masked keys contribute exact zeros to P V).
+template <int NT>
 __device__ __forceinline__ void LoadKvTile(uint32_t tile, const uint16_t* base, int t0, int valid,
                                            int row_stride, int tid) {
 #pragma unroll
-  for (int it = 0; it < kN * 16 / kThreads; ++it) {
-    const int i = tid + it * kThreads;
+  for (int it = 0; it < kN * 16 / NT; ++it) {
+    const int i = tid + it * NT;
     const int row = i >> 4;
     const int chunk = i & 15;
     const bool ok = row < valid;
     const uint16_t* src =
         ok ? base + static_cast<int64_t>(t0 + row) * row_stride + chunk * 8 : base;
     CpAsync16(tile + TileOffset(row, chunk), src, ok ? 16 : 0);
+  }
+}
+
+// Copies the block tile's Q rows with NT threads: row r = (token tok0 + r / group, head
+// kv_head * group + r % group); unused rows (past rows_used or num_q) are zero.
+template <int NT>
+__device__ __forceinline__ void LoadQTile(uint32_t q_smem, const Args& args, int tok0, int kv_head,
+                                          int tid) {
+  const int rows_used = args.tile_tokens * args.group;
+#pragma unroll 4
+  for (int it = 0; it < kM * 16 / NT; ++it) {
+    const int i = tid + it * NT;
+    const int row = i >> 4;
+    const int chunk = i & 15;
+    const int tok = tok0 + row / args.group;
+    const int head = kv_head * args.group + row % args.group;
+    const bool ok = row < rows_used && tok < args.num_q;
+    const uint16_t* src =
+        ok ? args.q + (static_cast<int64_t>(tok) * args.num_heads + head) * kD + chunk * 8 : args.q;
+    CpAsync16(q_smem + TileOffset(row, chunk), src, ok ? 16 : 0);
   }
 }
 
@@ -188,6 +210,151 @@ __device__ __forceinline__ void Advance(TileIt& it, const DeviceKvBlock* blocks,
   }
 }
 
+// The first tile of a split (key0 counted only when causal needs it).
+__device__ __forceinline__ TileIt FirstTile(const Args& args, int b_begin, int b_end) {
+  TileIt it{b_begin, 0, 0};
+  while (it.b < b_end && args.blocks[it.b].num_tokens <= 0) ++it.b;
+  if (args.causal) {
+    for (int b = 0; b < it.b; ++b) it.key0 += args.blocks[b].num_tokens;
+  }
+  return it;
+}
+
+#ifdef TOKENLAKE_SM90A
+// S = Q K^T for one warpgroup's 64 rows (q_desc_base: its first Q row) over one K tile.
+__device__ __forceinline__ void IssueS(float (&s)[64], uint32_t q_desc_base, uint32_t kt) {
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk) {
+    const uint32_t off = (kk >> 2) * kHalfBytes + (kk & 3) * 32;
+    WgmmaSS(s, Desc(q_desc_base + off, 16, 1024), Desc(kt + off, 16, 1024), kk > 0 ? 1 : 0);
+  }
+}
+
+// O += P V over one V tile (P in registers).
+__device__ __forceinline__ void IssuePV(float (&o)[64], const uint32_t (&pa)[8][4], uint32_t vt) {
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk) {
+    WgmmaRS(o, pa[kk], Desc(vt + kk * 2048, kHalfBytes, 1024));
+  }
+}
+#endif  // TOKENLAKE_SM90A
+
+// Online-softmax state of this thread's two rows (r0: s[4i], s[4i+1]; r1: s[4i+2], s[4i+3]).
+struct RowState {
+  float m0 = kNegInf, m1 = kNegInf;  // running max, log2 domain
+  float l0 = 0.f, l1 = 0.f;          // this thread's share of the sums of exp2
+};
+
+// 2^x (MUFU.EX2, flush-to-zero; 2^-inf = 0).
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Masks S of one tile (raw scores; the scale is positive, so the max commutes with it), updates
+// the running max (log2 domain) and sums, replaces s by exp2(s * scale - max) (one FFMA and one
+// EX2 per element), and returns the factors by which O must be rescaled (corr0, corr1).
+__device__ __forceinline__ void Softmax(float (&s)[64], RowState& st, const Args& args,
+                                        const TileIt& it, int64_t min_qpos, int64_t qpos0,
+                                        int64_t qpos1, int t, float& corr0, float& corr1) {
+  const int valid = min(kN, args.blocks[it.b].num_tokens - it.t0);
+  const bool need_mask = valid < kN || (args.causal && it.key0 + kN - 1 > min_qpos);
+  if (need_mask) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = 8 * i + 2 * t + (e & 1);
+        const int64_t key = it.key0 + col;
+        const int64_t qp = e < 2 ? qpos0 : qpos1;
+        if (col >= valid || (args.causal && key > qp)) s[4 * i + e] = kNegInf;
+      }
+    }
+  }
+  float mx0 = kNegInf, mx1 = kNegInf;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
+    mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
+  }
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+  const float scale = args.scale_log2;
+  const float nm0 = fmaxf(st.m0, mx0 * scale);
+  const float nm1 = fmaxf(st.m1, mx1 * scale);
+  const float use0 = nm0 == kNegInf ? 0.f : nm0;
+  const float use1 = nm1 == kNegInf ? 0.f : nm1;
+  corr0 = Exp2(st.m0 - use0);
+  corr1 = Exp2(st.m1 - use1);
+  st.m0 = nm0;
+  st.m1 = nm1;
+  float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    s[4 * i] = Exp2(fmaf(s[4 * i], scale, -use0));
+    s[4 * i + 1] = Exp2(fmaf(s[4 * i + 1], scale, -use0));
+    s[4 * i + 2] = Exp2(fmaf(s[4 * i + 2], scale, -use1));
+    s[4 * i + 3] = Exp2(fmaf(s[4 * i + 3], scale, -use1));
+    sum0 += s[4 * i] + s[4 * i + 1];
+    sum1 += s[4 * i + 2] + s[4 * i + 3];
+  }
+  st.l0 = st.l0 * corr0 + sum0;
+  st.l1 = st.l1 * corr1 + sum1;
+}
+
+// O *= corr per row; P (bf16 A fragments) from the probabilities in s.
+__device__ __forceinline__ void RescaleAndPack(float (&o)[64], const float (&s)[64],
+                                               uint32_t (&pa)[8][4], float corr0, float corr1) {
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    o[4 * i] *= corr0;
+    o[4 * i + 1] *= corr0;
+    o[4 * i + 2] *= corr1;
+    o[4 * i + 3] *= corr1;
+  }
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    pa[kk][0] = PackBf16(s[8 * kk], s[8 * kk + 1]);
+    pa[kk][1] = PackBf16(s[8 * kk + 2], s[8 * kk + 3]);
+    pa[kk][2] = PackBf16(s[8 * kk + 4], s[8 * kk + 5]);
+    pa[kk][3] = PackBf16(s[8 * kk + 6], s[8 * kk + 7]);
+  }
+}
+
+// Normalises and writes this thread's two rows (r0 = wg_row0 + g, r1 = r0 + 8) of O and LSE.
+__device__ __forceinline__ void WriteRows(const float (&o)[64], RowState st, const Args& args,
+                                          int tok0, int kv_head, int split, int r0, int t) {
+  st.l0 += __shfl_xor_sync(0xffffffffu, st.l0, 1);
+  st.l0 += __shfl_xor_sync(0xffffffffu, st.l0, 2);
+  st.l1 += __shfl_xor_sync(0xffffffffu, st.l1, 1);
+  st.l1 += __shfl_xor_sync(0xffffffffu, st.l1, 2);
+  const int rows_used = args.tile_tokens * args.group;
+  const int64_t split_rows = static_cast<int64_t>(split) * args.num_q * args.num_heads;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = r0 + 8 * half;
+    const float l = half == 0 ? st.l0 : st.l1;
+    const float m = half == 0 ? st.m0 : st.m1;
+    const int tok = tok0 + r / args.group;
+    if (r >= rows_used || tok >= args.num_q) continue;
+    const int head = kv_head * args.group + r % args.group;
+    const int64_t row = split_rows + static_cast<int64_t>(tok) * args.num_heads + head;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float* dst = args.out + row * kD;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      *reinterpret_cast<float2*>(dst + 8 * i + 2 * t) =
+          make_float2(o[4 * i + 2 * half] * inv, o[4 * i + 2 * half + 1] * inv);
+    }
+    if (t == 0) args.lse[row] = l > 0.f ? (m + log2f(l)) * kLn2 : kNegInf;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Variant 1: every thread loads and computes; one __syncthreads per tile.
 __global__ void __launch_bounds__(kThreads, 1)
     PrefillSm90Kernel(const __grid_constant__ Args args) {
 #ifdef TOKENLAKE_SM90A
@@ -207,74 +374,48 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kv_head = blockIdx.y;
   const int split = blockIdx.z;
   const int tok0 = blockIdx.x * args.tile_tokens;
-  const int rows_used = args.tile_tokens * args.group;
   const int kv_row_stride = args.num_kv_heads * kD;
-
   const int b_begin = split * args.blocks_per_split;
   const int b_end = min(args.num_blocks, b_begin + args.blocks_per_split);
   const int last_tok = min(tok0 + args.tile_tokens, args.num_q) - 1;
   const int64_t max_qpos = static_cast<int64_t>(args.q_start_pos) + last_tok;
   const int64_t min_qpos = static_cast<int64_t>(args.q_start_pos) + tok0;
 
-  // Q: row r = (token tok0 + r / group, head kv_head * group + r % group); unused rows zero.
-#pragma unroll
-  for (int it = 0; it < kM * 16 / kThreads; ++it) {
-    const int i = tid + it * kThreads;
-    const int row = i >> 4;
-    const int chunk = i & 15;
-    const int tok = tok0 + row / args.group;
-    const int head = kv_head * args.group + row % args.group;
-    const bool ok = row < rows_used && tok < args.num_q;
-    const uint16_t* src =
-        ok ? args.q + (static_cast<int64_t>(tok) * args.num_heads + head) * kD + chunk * 8 : args.q;
-    CpAsync16(q_smem + TileOffset(row, chunk), src, ok ? 16 : 0);
-  }
-
-  TileIt it_s{b_begin, 0, 0};
-  while (it_s.b < b_end && args.blocks[it_s.b].num_tokens <= 0) ++it_s.b;
-  if (args.causal) {
-    for (int b = 0; b < it_s.b; ++b) it_s.key0 += args.blocks[b].num_tokens;
-  }
+  LoadQTile<kThreads>(q_smem, args, tok0, kv_head, tid);
+  TileIt it_s = FirstTile(args, b_begin, b_end);
   auto active = [&](const TileIt& it) {
     return it.b < b_end && !(args.causal && it.key0 > max_qpos);
   };
-  auto load_k = [&](const TileIt& it, int stage) {
+  auto load = [&](const TileIt& it, uint32_t ring, bool v, int stage) {
     const DeviceKvBlock blk = args.blocks[it.b];
-    LoadKvTile(k_smem + stage * kTileBytes, static_cast<const uint16_t*>(blk.k) + kv_head * kD,
-               it.t0, min(kN, blk.num_tokens - it.t0), kv_row_stride, tid);
-  };
-  auto load_v = [&](const TileIt& it, int stage) {
-    const DeviceKvBlock blk = args.blocks[it.b];
-    LoadKvTile(v_smem + stage * kTileBytes, static_cast<const uint16_t*>(blk.v) + kv_head * kD,
-               it.t0, min(kN, blk.num_tokens - it.t0), kv_row_stride, tid);
+    LoadKvTile<kThreads>(ring + stage * kTileBytes,
+                         static_cast<const uint16_t*>(v ? blk.v : blk.k) + kv_head * kD, it.t0,
+                         min(kN, blk.num_tokens - it.t0), kv_row_stride, tid);
   };
 
   // Prologue: group {Q, K0}, group {K1, V0}. Iteration j needs K_j and V_{j-1}, and issues
   // {K_{j+2}, V_{j+1}}.
   TileIt it_v = it_s;  // tile j + 1 at iteration j
   TileIt it_k = it_s;  // tile j + 2 at iteration j
-  if (active(it_k)) load_k(it_k, 0);
+  if (active(it_k)) load(it_k, k_smem, false, 0);
   CpAsyncCommit();
   Advance(it_k, args.blocks, b_end);
-  if (active(it_k)) load_k(it_k, 1);
-  if (active(it_v)) load_v(it_v, 0);
+  if (active(it_k)) load(it_k, k_smem, false, 1);
+  if (active(it_v)) load(it_v, v_smem, true, 0);
   CpAsyncCommit();
   Advance(it_k, args.blocks, b_end);
   Advance(it_v, args.blocks, b_end);
 
-  // This thread's rows in the block tile: r0 and r0 + 8.
   const int r0 = wg * 64 + warp * 16 + g;
-  const int r1 = r0 + 8;
   const int64_t qpos0 = static_cast<int64_t>(args.q_start_pos) + tok0 + r0 / args.group;
-  const int64_t qpos1 = static_cast<int64_t>(args.q_start_pos) + tok0 + r1 / args.group;
+  const int64_t qpos1 = static_cast<int64_t>(args.q_start_pos) + tok0 + (r0 + 8) / args.group;
 
   float o[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) o[i] = 0.f;
   float s[64];
   uint32_t pa[8][4];
-  float m0 = kNegInf, m1 = kNegInf, l0 = 0.f, l1 = 0.f;
-
+  RowState st;
   const uint32_t q_desc_base = q_smem + wg * 64 * 128;
   int j = 0;
   int stage = 0;  // j % kStages
@@ -285,99 +426,28 @@ __global__ void __launch_bounds__(kThreads, 1)
     {
       const int st_k = stage == 0 ? kStages - 1 : stage - 1;  // (j + 2) % 3
       const int st_v = stage == kStages - 1 ? 0 : stage + 1;  // (j + 1) % 3
-      if (active(it_k)) load_k(it_k, st_k);
-      if (active(it_v)) load_v(it_v, st_v);
+      if (active(it_k)) load(it_k, k_smem, false, st_k);
+      if (active(it_v)) load(it_v, v_smem, true, st_v);
       CpAsyncCommit();
     }
-    // S_j = Q K_j^T.
     FenceRegs(o);
     FenceRegs(s);
     WgmmaFence();
-    const uint32_t kt = k_smem + stage * kTileBytes;
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t off = (kk >> 2) * kHalfBytes + (kk & 3) * 32;
-      WgmmaSS(s, Desc(q_desc_base + off, 16, 1024), Desc(kt + off, 16, 1024), kk > 0 ? 1 : 0);
-    }
+    IssueS(s, q_desc_base, k_smem + stage * kTileBytes);
     WgmmaCommit();
     if (j > 0) {
-      // O += P_{j-1} V_{j-1}.
-      const uint32_t vt = v_smem + (stage == 0 ? kStages - 1 : stage - 1) * kTileBytes;
-#pragma unroll
-      for (int kk = 0; kk < kN / 16; ++kk) {
-        WgmmaRS(o, pa[kk], Desc(vt + kk * 2048, kHalfBytes, 1024));
-      }
+      IssuePV(o, pa, v_smem + (stage == 0 ? kStages - 1 : stage - 1) * kTileBytes);
       WgmmaCommit();
       WgmmaWait<1>();
     } else {
       WgmmaWait<0>();
     }
     FenceRegs(s);
-
-    // Mask, scale, online softmax of S_j (rows r0: s[4i], s[4i+1]; r1: s[4i+2], s[4i+3]).
-    const int blk_tokens = args.blocks[it_s.b].num_tokens;
-    const int valid = min(kN, blk_tokens - it_s.t0);
-    const bool need_mask = valid < kN || (args.causal && it_s.key0 + kN - 1 > min_qpos);
-    float mx0 = kNegInf, mx1 = kNegInf;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float v = s[4 * i + e] * args.scale_log2;
-        if (need_mask) {
-          const int col = 8 * i + 2 * t + (e & 1);
-          const int64_t key = it_s.key0 + col;
-          const int64_t qp = e < 2 ? qpos0 : qpos1;
-          if (col >= valid || (args.causal && key > qp)) v = kNegInf;
-        }
-        s[4 * i + e] = v;
-      }
-      mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
-      mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
-    }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float nm0 = fmaxf(m0, mx0);
-    const float nm1 = fmaxf(m1, mx1);
-    const float use0 = nm0 == kNegInf ? 0.f : nm0;
-    const float use1 = nm1 == kNegInf ? 0.f : nm1;
-    const float corr0 = exp2f(m0 - use0);
-    const float corr1 = exp2f(m1 - use1);
-    m0 = nm0;
-    m1 = nm1;
-    float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      s[4 * i] = exp2f(s[4 * i] - use0);
-      s[4 * i + 1] = exp2f(s[4 * i + 1] - use0);
-      s[4 * i + 2] = exp2f(s[4 * i + 2] - use1);
-      s[4 * i + 3] = exp2f(s[4 * i + 3] - use1);
-      sum0 += s[4 * i] + s[4 * i + 1];
-      sum1 += s[4 * i + 2] + s[4 * i + 3];
-    }
-    l0 = l0 * corr0 + sum0;
-    l1 = l1 * corr1 + sum1;
-
-    // P_{j-1} V_{j-1} complete: rescale O, then P_j may overwrite pa.
-    WgmmaWait<0>();
+    float corr0, corr1;
+    Softmax(s, st, args, it_s, min_qpos, qpos0, qpos1, t, corr0, corr1);
+    WgmmaWait<0>();  // P_{j-1} V_{j-1} complete: O may be rescaled, pa overwritten
     FenceRegs(o);
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      o[4 * i] *= corr0;
-      o[4 * i + 1] *= corr0;
-      o[4 * i + 2] *= corr1;
-      o[4 * i + 3] *= corr1;
-    }
-#pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
-      pa[kk][0] = PackBf16(s[8 * kk], s[8 * kk + 1]);
-      pa[kk][1] = PackBf16(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = PackBf16(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = PackBf16(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-
+    RescaleAndPack(o, s, pa, corr0, corr1);
     Advance(it_s, args.blocks, b_end);
     Advance(it_v, args.blocks, b_end);
     Advance(it_k, args.blocks, b_end);
@@ -385,49 +455,253 @@ __global__ void __launch_bounds__(kThreads, 1)
     stage = stage == kStages - 1 ? 0 : stage + 1;
   }
   if (j > 0) {
-    // O += P_last V_last.
     CpAsyncWait<0>();
     FenceProxyAsync();
     __syncthreads();
-    const uint32_t vt = v_smem + (stage == 0 ? kStages - 1 : stage - 1) * kTileBytes;
     FenceRegs(o);
     WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kN / 16; ++kk) {
-      WgmmaRS(o, pa[kk], Desc(vt + kk * 2048, kHalfBytes, 1024));
-    }
+    IssuePV(o, pa, v_smem + (stage == 0 ? kStages - 1 : stage - 1) * kTileBytes);
     WgmmaCommit();
     WgmmaWait<0>();
     FenceRegs(o);
   }
   CpAsyncWait<0>();
-
-  // Finish: full row sums, normalise, write rows that exist.
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  const int64_t split_rows = static_cast<int64_t>(split) * args.num_q * args.num_heads;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int r = half == 0 ? r0 : r1;
-    const float l = half == 0 ? l0 : l1;
-    const float m = half == 0 ? m0 : m1;
-    const int tok = tok0 + r / args.group;
-    if (r >= rows_used || tok >= args.num_q) continue;
-    const int head = kv_head * args.group + r % args.group;
-    const int64_t row = split_rows + static_cast<int64_t>(tok) * args.num_heads + head;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    float* dst = args.out + row * kD;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      *reinterpret_cast<float2*>(dst + 8 * i + 2 * t) =
-          make_float2(o[4 * i + 2 * half] * inv, o[4 * i + 2 * half + 1] * inv);
-    }
-    if (t == 0) args.lse[row] = l > 0.f ? (m + log2f(l)) * kLn2 : kNegInf;
-  }
+  WriteRows(o, st, args, tok0, kv_head, split, r0, t);
 #else
   __trap();  // built without sm_90a: the host never launches this (see LaunchSm90Prefill)
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Variant 2: warp-specialised. Warpgroup 0 = producer (cp.async of Q, then K_0, V_0, K_1, ...
+// into the stage rings, signalling per-stage "full" mbarriers; it waits on "empty" mbarriers
+// before overwriting a stage), warpgroups 1 and 2 = consumers (64 rows each), with no block-wide
+// barrier in the loop. setmaxnreg moves registers from the producer to the consumers.
+constexpr int kWsThreads = 384;
+constexpr int kProducerThreads = 128;
+constexpr int kProducerLag = 2;  // load units in flight per producer thread before it signals
+
+__device__ __forceinline__ void MbarInit(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void MbarArrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.release.cta.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nWAIT_%=:\n"
+      "mbarrier.try_wait.parity.acquire.cta.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra WAIT_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+// Named barriers 1 and 2 (0 is __syncthreads) between the two consumer warpgroups (256 threads:
+// one warpgroup syncs, the other arrives).
+__device__ __forceinline__ void NamedBarrierSync(int id) {
+  asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
+}
+__device__ __forceinline__ void NamedBarrierArrive(int id) {
+  asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
+}
+
+// mbarriers (8 bytes each) after the tiles: q_full, full_k[3], full_v[3], empty_k[3], empty_v[3].
+constexpr int kBarBytes = 16 * 8;
+constexpr int kWsSmemBytes = kSmemBytes + kBarBytes;
+
+// kOverlap: the S wgmma of tile j is issued before the P V wgmma of tile j - 1 (as variant 1);
+// else each is waited for in turn (fewer live registers). kPingPong (with kOverlap): the two
+// consumer warpgroups take turns to issue their wgmmas (named barriers 1 and 2), so that one's
+// softmax runs while the other's matrix products do.
+template <bool kOverlap, bool kPingPong>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    PrefillSm90WsKernel(const __grid_constant__ Args args) {
+#ifdef TOKENLAKE_SM90A
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t smem0 =
+      (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
+  const uint32_t q_smem = smem0;
+  const uint32_t k_smem = smem0 + kQBytes;
+  const uint32_t v_smem = k_smem + kStages * kTileBytes;
+  const uint32_t bars = v_smem + kStages * kTileBytes;
+  const uint32_t q_full = bars;
+  const uint32_t full_k = bars + 8;
+  const uint32_t full_v = full_k + 8 * kStages;
+  const uint32_t empty_k = full_v + 8 * kStages;
+  const uint32_t empty_v = empty_k + 8 * kStages;
+
+  const int tid = threadIdx.x;
+  const int kv_head = blockIdx.y;
+  const int split = blockIdx.z;
+  const int tok0 = blockIdx.x * args.tile_tokens;
+  const int b_begin = split * args.blocks_per_split;
+  const int b_end = min(args.num_blocks, b_begin + args.blocks_per_split);
+  const int last_tok = min(tok0 + args.tile_tokens, args.num_q) - 1;
+  const int64_t max_qpos = static_cast<int64_t>(args.q_start_pos) + last_tok;
+  const int64_t min_qpos = static_cast<int64_t>(args.q_start_pos) + tok0;
+  auto active = [&](const TileIt& it) {
+    return it.b < b_end && !(args.causal && it.key0 > max_qpos);
+  };
+
+  if (tid == 0) {
+    MbarInit(q_full, kProducerThreads);
+    for (int i = 0; i < kStages; ++i) {
+      MbarInit(full_k + 8 * i, kProducerThreads);
+      MbarInit(full_v + 8 * i, kProducerThreads);
+      MbarInit(empty_k + 8 * i, 8);  // one arrival per consumer warp (8)
+      MbarInit(empty_v + 8 * i, 8);
+    }
+  }
+  __syncthreads();
+
+  // (Warp-uniform in the compiler's eyes, as setmaxnreg needs.)
+  const int wg_idx = __shfl_sync(0xffffffffu, tid / 128, 0);
+  if (wg_idx == 0) {
+    // ---------------- producer ----------------
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 72;\n" ::: "memory");
+    const int ptid = tid;
+    const int kv_row_stride = args.num_kv_heads * kD;
+    // Unit u: 0 = Q, 2j + 1 = K_j, 2j + 2 = V_j. Signals the unit's full barrier once this
+    // thread's copies of it have landed (kProducerLag units later, or at the end).
+    auto full_bar = [&](int u) -> uint32_t {
+      if (u == 0) return q_full;
+      const int j = (u - 1) >> 1;
+      return ((u - 1) & 1 ? full_v : full_k) + 8 * (j % kStages);
+    };
+    LoadQTile<kProducerThreads>(q_smem, args, tok0, kv_head, ptid);
+    CpAsyncCommit();
+    int u = 1;  // next unit
+    TileIt it = FirstTile(args, b_begin, b_end);
+    int j = 0;
+    while (active(it)) {
+      const DeviceKvBlock blk = args.blocks[it.b];
+      const int valid = min(kN, blk.num_tokens - it.t0);
+      const int stage = j % kStages;
+      const uint32_t parity = ((j / kStages) + 1) & 1;  // completion of use j / 3 - 1
+#pragma unroll
+      for (int kv = 0; kv < 2; ++kv) {
+        if (j >= kStages) MbarWait((kv ? empty_v : empty_k) + 8 * stage, parity);
+        LoadKvTile<kProducerThreads>(
+            (kv ? v_smem : k_smem) + stage * kTileBytes,
+            static_cast<const uint16_t*>(kv ? blk.v : blk.k) + kv_head * kD, it.t0, valid,
+            kv_row_stride, ptid);
+        CpAsyncCommit();
+        ++u;
+        if (u - 1 - kProducerLag >= 0) {
+          CpAsyncWait<kProducerLag>();
+          FenceProxyAsync();
+          MbarArrive(full_bar(u - 1 - kProducerLag));
+        }
+      }
+      Advance(it, args.blocks, b_end);
+      ++j;
+    }
+    CpAsyncWait<0>();
+    FenceProxyAsync();
+    for (int w = max(0, u - kProducerLag); w < u; ++w) MbarArrive(full_bar(w));
+  } else {
+    // ---------------- consumers ----------------
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
+    const int ctid = tid - kProducerThreads;
+    const int wg = ctid >> 7;
+    const int warp = (ctid >> 5) & 3;
+    const int lane = ctid & 31;
+    const int g = lane >> 2;
+    const int t = lane & 3;
+    const int r0 = wg * 64 + warp * 16 + g;
+    const int64_t qpos0 = static_cast<int64_t>(args.q_start_pos) + tok0 + r0 / args.group;
+    const int64_t qpos1 = static_cast<int64_t>(args.q_start_pos) + tok0 + (r0 + 8) / args.group;
+    float o[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) o[i] = 0.f;
+    float s[64];
+    uint32_t pa[8][4];
+    RowState st;
+    const uint32_t q_desc_base = q_smem + wg * 64 * 128;
+    TileIt it = FirstTile(args, b_begin, b_end);
+    MbarWait(q_full, 0);
+    int j = 0;
+    int stage = 0;       // j % 3
+    int prev_stage = 0;  // (j - 1) % 3
+    while (!kOverlap && active(it)) {
+      // S_j; softmax; O += P_j V_j, each waited for (the other consumer warpgroup fills the
+      // tensor cores meanwhile).
+      MbarWait(full_k + 8 * stage, (j / kStages) & 1);
+      FenceRegs(o);
+      FenceRegs(s);
+      WgmmaFence();
+      IssueS(s, q_desc_base, k_smem + stage * kTileBytes);
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceRegs(s);
+      __syncwarp();
+      if (lane == 0) MbarArrive(empty_k + 8 * stage);
+      float corr0, corr1;
+      Softmax(s, st, args, it, min_qpos, qpos0, qpos1, t, corr0, corr1);
+      RescaleAndPack(o, s, pa, corr0, corr1);
+      MbarWait(full_v + 8 * stage, (j / kStages) & 1);
+      FenceRegs(o);
+      WgmmaFence();
+      IssuePV(o, pa, v_smem + stage * kTileBytes);
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceRegs(o);
+      __syncwarp();
+      if (lane == 0) MbarArrive(empty_v + 8 * stage);
+      Advance(it, args.blocks, b_end);
+      ++j;
+      stage = stage == kStages - 1 ? 0 : stage + 1;
+    }
+    // Ping-pong: warpgroup 1 lets warpgroup 0 go first.
+    if (kPingPong && wg == 1) NamedBarrierArrive(1);
+    while (kOverlap && active(it)) {
+      MbarWait(full_k + 8 * stage, (j / kStages) & 1);
+      if (j > 0) MbarWait(full_v + 8 * prev_stage, ((j - 1) / kStages) & 1);
+      if (kPingPong) NamedBarrierSync(1 + wg);  // my turn
+      FenceRegs(o);
+      FenceRegs(s);
+      WgmmaFence();
+      IssueS(s, q_desc_base, k_smem + stage * kTileBytes);
+      WgmmaCommit();
+      if (j > 0) {
+        IssuePV(o, pa, v_smem + prev_stage * kTileBytes);
+        WgmmaCommit();
+        if (kPingPong) NamedBarrierArrive(2 - wg);  // the other warpgroup's turn
+        WgmmaWait<1>();
+      } else {
+        if (kPingPong) NamedBarrierArrive(2 - wg);
+        WgmmaWait<0>();
+      }
+      FenceRegs(s);
+      __syncwarp();
+      if (lane == 0) MbarArrive(empty_k + 8 * stage);  // K_j read by this warp's wgmma
+      float corr0, corr1;
+      Softmax(s, st, args, it, min_qpos, qpos0, qpos1, t, corr0, corr1);
+      WgmmaWait<0>();
+      FenceRegs(o);
+      if (j > 0) {
+        __syncwarp();
+        if (lane == 0) MbarArrive(empty_v + 8 * prev_stage);
+      }
+      RescaleAndPack(o, s, pa, corr0, corr1);
+      Advance(it, args.blocks, b_end);
+      prev_stage = stage;
+      ++j;
+      stage = stage == kStages - 1 ? 0 : stage + 1;
+    }
+    if (kOverlap && j > 0) {
+      MbarWait(full_v + 8 * prev_stage, ((j - 1) / kStages) & 1);
+      FenceRegs(o);
+      WgmmaFence();
+      IssuePV(o, pa, v_smem + prev_stage * kTileBytes);
+      WgmmaCommit();
+      WgmmaWait<0>();
+      FenceRegs(o);
+    }
+    WriteRows(o, st, args, tok0, kv_head, split, r0, t);
+  }
+#else
+  __trap();
 #endif
 }
 
@@ -445,8 +719,25 @@ int64_t Sm90PrefillBlocksPerSplit(const PagedAttentionParams& p) {
 
 absl::Status LaunchSm90Prefill(const PagedAttentionParams& p, int splits, float scale_log2,
                                float* out, float* lse, cudaStream_t stream) {
-  static const cudaError_t attr_err = cudaFuncSetAttribute(
-      PrefillSm90Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  // (Development: TOKENLAKE_SM90_VARIANT = 1 all-threads, 2 warp-specialised with overlap,
+  // 3 warp-specialised without, 4 (default) warp-specialised with overlap and ping-pong.)
+  static const int variant = [] {
+    const char* v = std::getenv("TOKENLAKE_SM90_VARIANT");
+    return v == nullptr ? 4 : std::atoi(v);
+  }();
+  static const cudaError_t attr_err = [] {
+    cudaError_t e = cudaFuncSetAttribute(PrefillSm90Kernel,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (e != cudaSuccess) return e;
+    e = cudaFuncSetAttribute(PrefillSm90WsKernel<true, false>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, kWsSmemBytes);
+    if (e != cudaSuccess) return e;
+    e = cudaFuncSetAttribute(PrefillSm90WsKernel<true, true>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, kWsSmemBytes);
+    if (e != cudaSuccess) return e;
+    return cudaFuncSetAttribute(PrefillSm90WsKernel<false, false>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, kWsSmemBytes);
+  }();
   if (attr_err != cudaSuccess) {
     return absl::InternalError(
         absl::StrFormat("cudaFuncSetAttribute(prefill sm90): %s", cudaGetErrorString(attr_err)));
@@ -467,7 +758,15 @@ absl::Status LaunchSm90Prefill(const PagedAttentionParams& p, int splits, float 
   a.out = out;
   a.lse = lse;
   const dim3 grid((p.num_q_tokens + a.tile_tokens - 1) / a.tile_tokens, p.num_kv_heads, splits);
-  PrefillSm90Kernel<<<grid, kThreads, kSmemBytes, stream>>>(a);
+  if (variant == 4) {
+    PrefillSm90WsKernel<true, true><<<grid, kWsThreads, kWsSmemBytes, stream>>>(a);
+  } else if (variant == 2) {
+    PrefillSm90WsKernel<true, false><<<grid, kWsThreads, kWsSmemBytes, stream>>>(a);
+  } else if (variant == 3) {
+    PrefillSm90WsKernel<false, false><<<grid, kWsThreads, kWsSmemBytes, stream>>>(a);
+  } else {
+    PrefillSm90Kernel<<<grid, kThreads, kSmemBytes, stream>>>(a);
+  }
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
     return absl::InternalError(
