@@ -202,6 +202,28 @@ void MakeRanks(Ranks* ranks) {
   }
 }
 
+// Runs without a device: the byte sizes and shape errors that every Add* checks first.
+TEST(NcclTensorBytesTest, SizesByHandAndShapeErrorsNameTheField) {
+  EXPECT_EQ(*QueryTensorBytes({nullptr, QueryDtype::kBFloat16, 3, 32, 128}), 3 * 32 * 128 * 2);
+  EXPECT_EQ(*QueryTensorBytes({nullptr, QueryDtype::kFloat32, 3, 32, 128}), 3 * 32 * 128 * 4);
+  EXPECT_EQ(*QueryTensorBytes({nullptr, QueryDtype::kFloat32, 0, 32, 128}), 0);
+  PartialTensor p{nullptr, nullptr, 5, 8, 64};
+  EXPECT_EQ(*PartialOutBytes(p), 5 * 8 * 64 * 4);
+  EXPECT_EQ(*PartialLseBytes(p), 5 * 8 * 4);
+  auto expect_invalid = [](const absl::Status& status, const std::string& field) {
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+    EXPECT_THAT(std::string(status.message()), HasSubstr(field));
+  };
+  expect_invalid(QueryTensorBytes({nullptr, QueryDtype::kFloat32, -1, 8, 64}).status(),
+                 "queries.num_tokens");
+  expect_invalid(QueryTensorBytes({nullptr, QueryDtype::kFloat32, 1, 0, 64}).status(),
+                 "queries.num_heads");
+  expect_invalid(QueryTensorBytes({nullptr, static_cast<QueryDtype>(9), 1, 8, 64}).status(),
+                 "queries.dtype");
+  expect_invalid(PartialOutBytes({nullptr, nullptr, 1, 8, -64}).status(), "partial.head_dim");
+  expect_invalid(PartialLseBytes({nullptr, nullptr, int64_t{1} << 62, 8, 64}).status(), "overflow");
+}
+
 TEST(NcclChannelTest, RandomTensorsArriveByteExactBetweenEveryPairOfRanks) {
   SKIP_WITHOUT_GPU();
   Ranks ranks;
