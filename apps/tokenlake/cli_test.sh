@@ -56,5 +56,16 @@ else
   failures=$((failures + 1))
 fi
 
+# The cluster daemons (only when built with the service module): bad lake flags are usage errors.
+if "$bin" --help 2>&1 | grep -q coordinator; then
+  model="$(cd "$(dirname "$0")/../.." && pwd)/tests/fixtures/llama_tiny/model"
+  expect "coordinator rejects a lake of 0 instances" 2 "lake_instances 0" -- \
+    "$bin" coordinator --model "$model" --instances 0
+  expect "coordinator rejects more instances than the cluster holds" 2 "lake_instances 65" -- \
+    "$bin" coordinator --model "$model" --instances 65
+  expect "coordinator rejects a bad KV dtype" 2 "kv-dtype" -- \
+    "$bin" coordinator --model "$model" --kv-dtype f16
+fi
+
 echo "cli: $passes passed, $failures failed"
 [ "$failures" -eq 0 ]

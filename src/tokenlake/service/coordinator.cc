@@ -596,11 +596,36 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   }
 
   absl::StatusOr<int64_t> RebalanceNow() {
-    absl::MutexLock lake_lock(&lake_mu_);
+    std::map<int32_t, v1::RebalanceOrder> orders;
+    int64_t actions = 0;
+    {
+      absl::MutexLock lake_lock(&lake_mu_);
+      absl::StatusOr<int64_t> n = RebalanceLocked(&orders);
+      if (!n.ok()) return n.status();
+      actions = *n;
+    }
+    // Sent without the locks (a send may wait for a connection).
+    for (auto& [instance, order] : orders) {
+      const std::string bytes = order.SerializeAsString();
+      transport::Message m;
+      m.from = InstanceId(0);
+      m.to = InstanceId(instance + 1);
+      m.tag = kRebalanceTag;
+      m.payload.resize(bytes.size());
+      std::memcpy(m.payload.data(), bytes.data(), bytes.size());
+      // Not through the fault injector: a lost order is repaired by heartbeat reconciliation,
+      // but the request-path fault tests should see only their own faults.
+      tcp_->Send(std::move(m)).IgnoreError();
+    }
+    return actions;
+  }
+
+  // Runs Lake::Rebalance and turns its actions into one order per executing instance.
+  absl::StatusOr<int64_t> RebalanceLocked(std::map<int32_t, v1::RebalanceOrder>* orders)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(lake_mu_) {
     absl::StatusOr<lake::RebalanceResult> r = lake_->Rebalance();
     if (!r.ok()) return r.status();
     absl::MutexLock lock(&mu_);
-    std::map<int32_t, v1::RebalanceOrder> orders;
     absl::flat_hash_set<int32_t> not_routable;
     for (const balance::BalanceAction& a : r->actions) {
       const int32_t from = InstanceToWire(a.from), to = InstanceToWire(a.to);
@@ -608,7 +633,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       switch (a.kind) {
         case balance::ActionKind::kDrop:
           if (!Routable(from)) break;  // a dead instance holds nothing anyway
-          x = orders[from].add_actions();
+          x = (*orders)[from].add_actions();
           x->set_kind(0);
           break;
         case balance::ActionKind::kReplicate:
@@ -617,7 +642,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
             if (!Routable(to)) not_routable.insert(to);
             break;
           }
-          x = orders[to].add_actions();
+          x = (*orders)[to].add_actions();
           x->set_kind(a.kind == balance::ActionKind::kReplicate ? 1 : 2);
           break;
       }
@@ -630,18 +655,6 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     // The lake may have placed copies on an instance that is not running: take them back.
     for (int32_t i : not_routable) {
       if (i >= 0 && i < options_.lake_instances) lake_->DropInstance(InstanceId(i)).IgnoreError();
-    }
-    for (auto& [instance, order] : orders) {
-      const std::string bytes = order.SerializeAsString();
-      transport::Message m;
-      m.from = InstanceId(0);
-      m.to = InstanceId(instance + 1);
-      m.tag = kRebalanceTag;
-      m.payload.resize(bytes.size());
-      std::memcpy(m.payload.data(), bytes.data(), bytes.size());
-      // Not through the fault injector: a lost order is repaired by heartbeat reconciliation,
-      // but the request-path fault tests should see only their own faults.
-      tcp_->Send(std::move(m)).IgnoreError();
     }
     return static_cast<int64_t>(r->actions.size());
   }

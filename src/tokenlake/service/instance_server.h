@@ -55,8 +55,10 @@ struct InstanceServerOptions {
   attention::KvDtype kv_dtype = attention::KvDtype::kFloat32;
   // How often to retry registration while the coordinator is unreachable.
   absl::Duration register_retry = absl::Milliseconds(100);
-  // How long the engine waits for another instance's data-plane reply (attend, pull, store).
-  absl::Duration data_timeout = absl::Seconds(5);
+  // How long the engine waits for another instance's data-plane reply (attend, pull, store);
+  // a holder that died after accepting the message costs the request this much before it is
+  // retried.
+  absl::Duration data_timeout = absl::Seconds(2);
   // Deadline of one call to the coordinator's lake.
   absl::Duration control_timeout = absl::Seconds(5);
 };

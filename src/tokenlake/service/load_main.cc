@@ -4,7 +4,9 @@
 // or targets a running one (--port), computes the reference answer of every prompt with a
 // single-instance engine in this process, then runs C concurrent HTTP clients sending M
 // requests in all, checks every answer against the reference, and prints throughput, latency
-// percentiles and the cluster's hit rate (JSON with --json).
+// percentiles, the cluster's hit rate and the data-plane traffic between the instances
+// (remote attend calls, bytes of queries / partials / pulled KV / remote stores / rebalance
+// copies, from /metrics) (JSON with --json).
 //
 // Prompts: `groups` shared prefixes of `shared_tokens` (system prompts / documents, Zipf-like
 // popularity: group k chosen with weight 1/(k+1)) followed by `suffix_tokens` random tokens.
@@ -48,6 +50,8 @@ struct Flags {
   int suffix_tokens = 32;
   int segment_tokens = 16;
   uint64_t seed = 1;
+  bool rotate_compute = false;
+  int rebalance_interval_ms = 1000;
   std::string json_out;
   std::string work_dir = "/tmp";
 };
@@ -125,6 +129,8 @@ int Run(const Flags& f) {
     o.segment_tokens = f.segment_tokens;
     o.slots = 4096;
     o.work_dir = f.work_dir;
+    o.coordinator_flags = {"--rebalance-interval-ms", std::to_string(f.rebalance_interval_ms)};
+    if (f.rotate_compute) o.coordinator_flags.push_back("--rotate-compute");
     auto c = tokenlake::service::LocalCluster::Start(o);
     if (!c.ok()) {
       std::cerr << "service_load: " << c.status().message() << "\n";
@@ -174,28 +180,46 @@ int Run(const Flags& f) {
     cached_tokens += cached[c];
   }
   for (const auto& p : prompts) prompt_tokens += static_cast<int64_t>(p.size());
-  json out = {{"instances", f.port == 0 ? f.instances : -1},
-              {"clients", f.clients},
-              {"requests", f.requests},
-              {"max_tokens", f.max_tokens},
-              {"prompt_tokens", prompt_tokens},
-              {"groups", f.groups},
-              {"shared_tokens", f.shared_tokens},
-              {"suffix_tokens", f.suffix_tokens},
-              {"wrong", wrong.load()},
-              {"failed", failed.load()},
-              {"seconds", seconds},
-              {"requests_per_s", f.requests / seconds},
-              {"generated_tokens_per_s", f.requests * f.max_tokens / seconds},
-              {"latency_ms",
-               {{"p50", Percentile(all, 0.5)},
-                {"p90", Percentile(all, 0.9)},
-                {"p99", Percentile(all, 0.99)},
-                {"max", Percentile(all, 1.0)}}},
-              {"hit_rate", static_cast<double>(cached_tokens) / prompt_tokens},
-              {"pool_replicas", ScrapeMetric(port, "tokenlake_pool_replicas")},
-              {"pool_segments", ScrapeMetric(port, "tokenlake_pool_segments")},
-              {"reference_single_instance_seconds", ref_seconds}};
+  json out = {
+      {"instances", f.port == 0 ? f.instances : -1},
+      {"clients", f.clients},
+      {"requests", f.requests},
+      {"max_tokens", f.max_tokens},
+      {"prompt_tokens", prompt_tokens},
+      {"groups", f.groups},
+      {"shared_tokens", f.shared_tokens},
+      {"suffix_tokens", f.suffix_tokens},
+      {"wrong", wrong.load()},
+      {"failed", failed.load()},
+      {"seconds", seconds},
+      {"requests_per_s", f.requests / seconds},
+      {"generated_tokens_per_s", f.requests * f.max_tokens / seconds},
+      {"latency_ms",
+       {{"p50", Percentile(all, 0.5)},
+        {"p90", Percentile(all, 0.9)},
+        {"p99", Percentile(all, 0.99)},
+        {"max", Percentile(all, 1.0)}}},
+      {"hit_rate", static_cast<double>(cached_tokens) / prompt_tokens},
+      {"pool_replicas", ScrapeMetric(port, "tokenlake_pool_replicas")},
+      {"pool_segments", ScrapeMetric(port, "tokenlake_pool_segments")},
+      {"rotate_compute", f.rotate_compute},
+      {"lake_hit_rate", ScrapeMetric(port, "tokenlake_lake_hit_rate")},
+      {"remote_attend_calls", ScrapeMetric(port, "tokenlake_remote_attend_calls_total")},
+      {"kv_pulled_segments", ScrapeMetric(port, "tokenlake_kv_pulled_segments_total")},
+      {"kv_stored_remote_segments",
+       ScrapeMetric(port, "tokenlake_kv_stored_remote_segments_total")},
+      {"rebalance_actions", ScrapeMetric(port, "tokenlake_rebalance_actions_total")},
+      {"failovers", ScrapeMetric(port, "tokenlake_failovers_total")},
+      {"bytes_moved",
+       {{"query_out", ScrapeMetric(port, "tokenlake_data_plane_bytes_total{kind=\"query_out\"}")},
+        {"partial_back",
+         ScrapeMetric(port, "tokenlake_data_plane_bytes_total{kind=\"partial_back\"}")},
+        {"kv_pulled", ScrapeMetric(port, "tokenlake_data_plane_bytes_total{kind=\"kv_pulled\"}")},
+        {"kv_stored_remote",
+         ScrapeMetric(port, "tokenlake_data_plane_bytes_total{kind=\"kv_stored_remote\"}")},
+        {"rebalance_copy",
+         ScrapeMetric(port, "tokenlake_data_plane_bytes_total{kind=\"rebalance_copy\"}")}}},
+      {"reference_single_instance_seconds", ref_seconds}};
   std::cout << out.dump(1) << "\n";
   if (!f.json_out.empty()) std::ofstream(f.json_out) << out.dump(1) << "\n";
   if (cluster != nullptr) cluster->Stop();
@@ -222,6 +246,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--segment-tokens", f.segment_tokens, "Tokens per segment")->capture_default_str();
   app.add_option("--seed", f.seed, "Seed of the prompts")->capture_default_str();
+  app.add_flag("--rotate-compute", f.rotate_compute,
+               "Instances take turns computing (forces queries and KV across processes)");
+  app.add_option("--rebalance-interval-ms", f.rebalance_interval_ms,
+                 "The coordinator's rebalancing period (0 = never)")
+      ->capture_default_str();
   app.add_option("--json", f.json_out, "Write the result here");
   app.add_option("--work-dir", f.work_dir, "Logs of the cluster processes")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
