@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_format.h"
 #include "gtest/gtest.h"
 #include "tokenlake/attention/attention.h"
 #include "tokenlake/attention/attention_reference.h"
@@ -240,9 +241,16 @@ TEST_P(NcclAttentionTest, PartialComputedOnTheHolderMatchesTheCpuReference) {
   cudaStreamDestroy(s1);
 }
 
+std::string CaseName(const ::testing::TestParamInfo<Case>& info) {
+  const Case& c = info.param;
+  return absl::StrFormat("Q%d_B%d_S%d_H%d_KV%d_D%d", c.num_q, c.num_blocks, c.block_tokens,
+                         c.num_heads, c.num_kv_heads, c.head_dim);
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, NcclAttentionTest,
                          ::testing::Values(Case{1, 6, 64, 32, 8, 128}, Case{3, 5, 32, 8, 8, 64},
-                                           Case{40, 4, 64, 32, 8, 128}));
+                                           Case{40, 4, 64, 32, 8, 128}),
+                         CaseName);
 
 }  // namespace
 }  // namespace tokenlake::transport::nccl
