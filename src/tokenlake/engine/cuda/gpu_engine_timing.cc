@@ -112,6 +112,36 @@ int Run(const char* json_path) {
         std::cout << row.dump() << std::endl;
         out["runs"].push_back(row);
       }
+      if (instances == 1 && layers == 4) {
+        // Device time by phase (CUDA events around the phases of every forward): a prefill
+        // alone (1 new token), and prefill + 16 decode steps of a prompt of the same length;
+        // decode = the difference / 16.
+        GpuLlamaModel& gm = **model;
+        for (int n : {1024, 4096}) {
+          gm.SetProfiling(true);
+          auto p1 = (*engine)->Generate(random_tokens(n), 1);
+          const auto prefill_phases = gm.phase_ms();
+          gm.SetProfiling(true);
+          auto p17 = (*engine)->Generate(random_tokens(n), 17);
+          const auto all_phases = gm.phase_ms();
+          gm.SetProfiling(false);
+          if (!p1.ok() || !p17.ok()) {
+            std::cerr << "profiling run failed\n";
+            return 1;
+          }
+          static const char* kNames[] = {"gemm", "attention", "other", "embed_head"};
+          nlohmann::json ph{{"layers", layers}, {"prompt_tokens", n}};
+          for (int k = 0; k < GpuLlamaModel::kNumPhases; ++k) {
+            const double per = k == GpuLlamaModel::kPhaseEnds ? 1.0 : layers;
+            ph[std::string("prefill_") + kNames[k] + "_ms" + (per > 1 ? "_per_layer" : "")] =
+                prefill_phases[k] / per;
+            ph[std::string("decode_") + kNames[k] + "_ms" + (per > 1 ? "_per_layer" : "")] =
+                (all_phases[k] - prefill_phases[k]) / 16 / per;
+          }
+          std::cout << ph.dump() << std::endl;
+          out["phases"].push_back(ph);
+        }
+      }
     }
   }
   // Per layer: (4-layer time - 2-layer time) / 2, single instance.

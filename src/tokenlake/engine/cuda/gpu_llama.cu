@@ -241,6 +241,7 @@ GpuLlamaModel::GpuLlamaModel(const LlamaConfig& config, int device)
 
 GpuLlamaModel::~GpuLlamaModel() {
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  for (auto& m : marks_) cudaEventDestroy(m.first);
   if (cublas_ != nullptr) cublasDestroy(static_cast<cublasHandle_t>(cublas_));
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
@@ -423,48 +424,101 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const int32_t> tokens, int64_t st
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
       cudaMemcpyAsync(tokens_.get(), tokens.data(), n * 4, cudaMemcpyHostToDevice, stream_),
       "cudaMemcpyAsync(tokens)"));
+  Mark(kPhaseEnds);
   EmbedKernel<<<n, kThreads, 0, stream_>>>(tokens_.as<int32_t>(), embed_.as<uint16_t>(), h,
                                            x_.as<float>());
   TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("embedding"));
   for (int32_t l = 0; l < c.num_layers; ++l) {
     const Layer& w = layers_[static_cast<size_t>(l)];
+    Mark(kPhaseOther);
     RmsNormKernel<<<n, kThreads, 0, stream_>>>(x_.as<float>(), w.input_norm.as<float>(),
                                                c.rms_norm_eps, h, normed_.as<uint16_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
+    Mark(kPhaseGemm);
     TOKENLAKE_RETURN_IF_ERROR(
         Gemm(blas, w.wqkv.get(), normed_.get(), qkv_.as<float>(), n, h, qd + 2 * kvd, 0.f));
+    Mark(kPhaseOther);
     RopeSplitKernel<<<n, kThreads, 0, stream_>>>(
         qkv_.as<float>(), inv_freq_.as<float>(), start_pos, c.num_heads, c.num_kv_heads, c.head_dim,
         q_.as<uint16_t>(), k_.as<uint16_t>(), v_.as<uint16_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rope"));
+    Mark(kPhaseAttention);
     TOKENLAKE_RETURN_IF_ERROR(backend.Attend(l, n, q_.as<uint16_t>(), k_.as<uint16_t>(),
                                              v_.as<uint16_t>(), attn_.as<float>(), stream_));
+    Mark(kPhaseOther);
     const int64_t attn_elems = int64_t{n} * qd;
     ToBf16Kernel<<<GridFor(attn_elems), kThreads, 0, stream_>>>(attn_.as<float>(), attn_elems,
                                                                 attn16_.as<uint16_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("to bf16"));
     // x += attn * Wo^T
+    Mark(kPhaseGemm);
     TOKENLAKE_RETURN_IF_ERROR(Gemm(blas, w.wo.get(), attn16_.get(), x_.as<float>(), n, qd, h, 1.f));
+    Mark(kPhaseOther);
     RmsNormKernel<<<n, kThreads, 0, stream_>>>(x_.as<float>(), w.post_norm.as<float>(),
                                                c.rms_norm_eps, h, normed_.as<uint16_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
+    Mark(kPhaseGemm);
     TOKENLAKE_RETURN_IF_ERROR(
         Gemm(blas, w.wgu.get(), normed_.get(), gate_up_.as<float>(), n, h, 2 * inter, 0.f));
+    Mark(kPhaseOther);
     const int64_t act_elems = int64_t{n} * inter;
     SiluMulKernel<<<GridFor(act_elems), kThreads, 0, stream_>>>(gate_up_.as<float>(), n, inter,
                                                                 act16_.as<uint16_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("silu"));
     // x += act * Wdown^T
+    Mark(kPhaseGemm);
     TOKENLAKE_RETURN_IF_ERROR(
         Gemm(blas, w.wdown.get(), act16_.get(), x_.as<float>(), n, inter, h, 1.f));
   }
   // The last token only.
+  Mark(kPhaseEnds);
   RmsNormKernel<<<1, kThreads, 0, stream_>>>(x_.as<float>() + int64_t{n - 1} * h,
                                              final_norm_.as<float>(), c.rms_norm_eps, h,
                                              normed_.as<uint16_t>());
   TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
   const DeviceBuffer& head = lm_head_.size_bytes() > 0 ? lm_head_ : embed_;
-  return Gemm(blas, head.get(), normed_.get(), logits_.as<float>(), 1, h, c.vocab_size, 0.f);
+  TOKENLAKE_RETURN_IF_ERROR(
+      Gemm(blas, head.get(), normed_.get(), logits_.as<float>(), 1, h, c.vocab_size, 0.f));
+  Mark(-1);
+  return absl::OkStatus();
+}
+
+void GpuLlamaModel::Mark(int phase) {
+  if (!profiling_) return;
+  if (marks_used_ == marks_.size()) {
+    cudaEvent_t e = nullptr;
+    if (cudaEventCreate(&e) != cudaSuccess) {
+      cudaGetLastError();
+      profiling_ = false;  // give up profiling rather than fail the forward
+      return;
+    }
+    marks_.push_back({e, 0});
+  }
+  marks_[marks_used_].second = phase;
+  cudaEventRecord(marks_[marks_used_].first, stream_);
+  ++marks_used_;
+}
+
+void GpuLlamaModel::CollectMarks() {
+  if (marks_used_ == 0) return;
+  cudaEventSynchronize(marks_[marks_used_ - 1].first);
+  for (size_t i = 0; i + 1 < marks_used_; ++i) {
+    const int phase = marks_[i].second;
+    if (phase < 0 || phase >= kNumPhases) continue;
+    float ms = 0.f;
+    if (cudaEventElapsedTime(&ms, marks_[i].first, marks_[i + 1].first) == cudaSuccess) {
+      phase_ms_[static_cast<size_t>(phase)] += ms;
+    } else {
+      cudaGetLastError();
+    }
+  }
+  marks_used_ = 0;
+}
+
+void GpuLlamaModel::SetProfiling(bool on) {
+  profiling_ = on;
+  marks_used_ = 0;
+  phase_ms_.fill(0.0);
 }
 
 absl::StatusOr<std::vector<float>> GpuLlamaModel::Forward(absl::Span<const int32_t> tokens,
@@ -473,6 +527,7 @@ absl::StatusOr<std::vector<float>> GpuLlamaModel::Forward(absl::Span<const int32
   absl::Status s = Enqueue(tokens, start_pos, backend);
   if (!s.ok()) {
     cudaStreamSynchronize(stream_);  // nothing enqueued may outlive the caller's buffers
+    marks_used_ = 0;
     return s;
   }
   std::vector<float> logits(static_cast<size_t>(config_.vocab_size));
@@ -481,6 +536,7 @@ absl::StatusOr<std::vector<float>> GpuLlamaModel::Forward(absl::Span<const int32
                                  cudaMemcpyDeviceToHost, stream_),
                  "cudaMemcpyAsync(logits)"));
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "Forward: synchronize"));
+  CollectMarks();
   return logits;
 }
 
@@ -490,6 +546,7 @@ absl::StatusOr<int32_t> GpuLlamaModel::ForwardArgmax(absl::Span<const int32_t> t
   absl::Status s = Enqueue(tokens, start_pos, backend);
   if (!s.ok()) {
     cudaStreamSynchronize(stream_);
+    marks_used_ = 0;
     return s;
   }
   ArgmaxKernel<<<1, kThreads, 0, stream_>>>(logits_.as<float>(), config_.vocab_size,
@@ -499,6 +556,7 @@ absl::StatusOr<int32_t> GpuLlamaModel::ForwardArgmax(absl::Span<const int32_t> t
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
       cudaMemcpyAsync(&best, argmax_.get(), 4, cudaMemcpyDeviceToHost, stream_), "argmax copy"));
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "Forward: synchronize"));
+  CollectMarks();
   return best;
 }
 

@@ -20,9 +20,11 @@
 
 #include <cuda_runtime_api.h>
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -94,6 +96,20 @@ class GpuLlamaModel {
   absl::StatusOr<std::vector<float>> Forward(absl::Span<const int32_t> tokens, int64_t start_pos,
                                              GpuAttentionBackend& backend);
 
+  // Phase timing, for performance analysis (off by default): with profiling on, every forward
+  // records CUDA events around its phases and adds their device time (ms) to phase_ms():
+  // kPhaseGemm = the layers' dense GEMMs, kPhaseAttention = the backend's Attend (tail KV copy,
+  // partials, merge), kPhaseOther = the layers' other kernels (RMSNorm, RoPE, SiLU*up, bf16
+  // conversion), kPhaseEnds = embedding, final norm and LM head. The events themselves add a
+  // little time. SetProfiling resets the sums.
+  static constexpr int kPhaseGemm = 0;
+  static constexpr int kPhaseAttention = 1;
+  static constexpr int kPhaseOther = 2;
+  static constexpr int kPhaseEnds = 3;
+  static constexpr int kNumPhases = 4;
+  void SetProfiling(bool on);
+  const std::array<double, kNumPhases>& phase_ms() const { return phase_ms_; }
+
   // Like Forward, without copying the logits back: the argmax of the last token's logits is
   // computed on the device and only it returns (4 bytes). Errors as Forward.
   absl::StatusOr<int32_t> ForwardArgmax(absl::Span<const int32_t> tokens, int64_t start_pos,
@@ -107,6 +123,10 @@ class GpuLlamaModel {
   // Enqueues the whole forward; leaves the logits of the last token in logits_.
   absl::Status Enqueue(absl::Span<const int32_t> tokens, int64_t start_pos,
                        GpuAttentionBackend& backend);
+  // Records a profiling event starting phase `phase` (-1: the end) when profiling is on.
+  void Mark(int phase);
+  // After the stream synchronised: adds the marked intervals to phase_ms_.
+  void CollectMarks();
 
   const LlamaConfig config_;
   const int device_;
@@ -132,6 +152,11 @@ class GpuLlamaModel {
   DeviceBuffer act16_;    // [n][inter] bf16
   DeviceBuffer logits_;   // [vocab] f32
   DeviceBuffer argmax_;   // [1] int32
+  // Profiling.
+  bool profiling_ = false;
+  std::vector<std::pair<cudaEvent_t, int>> marks_;  // events (reused) and the phase each starts
+  size_t marks_used_ = 0;
+  std::array<double, kNumPhases> phase_ms_{};
 };
 
 }  // namespace tokenlake::engine::cuda
