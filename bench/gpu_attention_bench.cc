@@ -150,11 +150,13 @@ int main(int argc, char** argv) {
         s.num_splits = splits;
         s.prefill_warps = warps;
         s.prefill_rows_per_warp = rows;
+        s.prefill_kernel = 1;  // the mma.sync kernel
         runs.push_back({rows == 16 ? "prefill_cached" : "prefill_cached_r32", s});
       }
     }
   }
-  // The Hopper wgmma prefill kernel (prefill_sm90.cu): automatic, 1 and 2 splits.
+  // The Hopper wgmma prefill kernel (prefill_sm90.cu, the library's default on Hopper):
+  // automatic, 1 and 2 splits.
   for (int splits : {0, 1, 2}) {
     tl::AttentionBenchShape s;
     s.num_q_tokens = 1024;
@@ -171,6 +173,7 @@ int main(int argc, char** argv) {
     s.segment_tokens = 512;
     s.causal = true;
     s.kernel = 1;
+    s.prefill_kernel = 1;
     runs.push_back({"prefill_new_causal", s});
     s.prefill_rows_per_warp = 32;
     s.prefill_warps = 4;

@@ -87,6 +87,12 @@ def main():
         print(f"  {name} {w} warps: auto {a['us']:8.1f} us {a['tflops']:6.1f} TFLOP/s; best (splits "
               f"{b['num_splits']}) {b['us']:8.1f} us {b['tflops']:6.1f} TFLOP/s"
               + (f" = {100 * b['tflops'] / sp['tflops']:.1f}% of SDPA" if sp.get("best") else ""))
+    h, hb = auto("prefill_cached_sm90"), best("prefill_cached_sm90", "us")
+    if h:
+        print(f"  prefill_cached_sm90 (wgmma; the default on Hopper): auto {h['us']:8.1f} us "
+              f"{h['tflops']:6.1f} TFLOP/s"
+              + (f" = {100 * h['tflops'] / sp['tflops']:.1f}% of SDPA" if sp.get("best") else "")
+              + f"; best (splits {hb['num_splits']}) {hb['us']:8.1f} us {hb['tflops']:6.1f} TFLOP/s")
     b = min([r for r in runs if r["name"].startswith("prefill_cached")], key=lambda r: r["us"])
     if sp.get("best"):
         print(f"  SDPA ({sp['best']}): {sp['best_us']:8.1f} us {sp['tflops']:6.1f} TFLOP/s;"
@@ -96,6 +102,8 @@ def main():
     n = min([r for r in runs if r["name"].startswith("prefill_new_causal")],
             key=lambda r: r["us"], default=None)
     sn = sdpa["prefill_new_causal"]
+    for r in [r for r in runs if r["name"].startswith("prefill_new_causal")]:
+        print(f"\n  {r['name']}: {r['us']:.1f} us {r['tflops']:.1f} TFLOP/s", end="")
     if n:
         print(f"\nNew tokens' own KV, 1024 x 1024 causal: {n['us']:.1f} us {n['tflops']:.1f} TFLOP/s"
               + (f"; SDPA ({sn['best']}) {sn['best_us']:.1f} us {sn['tflops']:.1f} TFLOP/s"

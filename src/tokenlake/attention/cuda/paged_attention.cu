@@ -29,6 +29,7 @@ constexpr float kNegInf = -INFINITY;
 struct DeviceInfo {
   int num_sms = 0;
   int max_smem_optin = 0;
+  int cc_major = 0;  // compute capability (9 = Hopper: the wgmma prefill kernel can run)
 };
 
 absl::StatusOr<DeviceInfo> GetDeviceInfo() {
@@ -47,6 +48,9 @@ absl::StatusOr<DeviceInfo> GetDeviceInfo() {
     if (err == cudaSuccess) {
       err = cudaDeviceGetAttribute(&info.max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                    device);
+    }
+    if (err == cudaSuccess) {
+      err = cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, device);
     }
     if (err != cudaSuccess) {
       return absl::InternalError(
@@ -1817,8 +1821,11 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
             ? 2
             : 1;
     const int br = 16 * c.prefill_mt * c.prefill_warps;
-    // The wgmma kernel only when asked for (prefill_kernel = 2) and the shape is supported.
-    c.prefill_sm90 = p.prefill_kernel == 2 && internal::Sm90PrefillSupports(p);
+    // The wgmma kernel (prefill_sm90.cu) on Hopper for the shapes it supports, unless the
+    // mma.sync kernel is asked for (prefill_kernel = 1): 994 us vs 1763 us on an H100 for 1024
+    // new tokens over 32K cached (docs/results-gpu.md).
+    c.prefill_sm90 =
+        p.prefill_kernel != 1 && info->cc_major == 9 && internal::Sm90PrefillSupports(p);
     const int64_t ctas = c.prefill_sm90
                              ? internal::Sm90PrefillBlocksPerSplit(p)
                              : static_cast<int64_t>((p.num_q_tokens + br - 1) / br) * p.num_heads;

@@ -32,11 +32,14 @@
 //     cp.async shared-memory pipeline; the splits are merged inside the same kernel by the last
 //     thread block of each (query token, head group) to finish (an atomic counter in the
 //     workspace), or by a second kernel; memory-bandwidth bound; for a few query tokens.
-//   - prefill on Hopper (prefill_sm90.cu): wgmma (warpgroup MMA) with 128 rows of (query token,
-//     query head of one KV head's group) per thread block, 128-key tiles in a 3-stage cp.async
-//     pipeline; head_dim 128. Chosen with prefill_kernel = 2 (see that field).
+//   - prefill on Hopper (prefill_sm90.cu): wgmma (warpgroup MMA), warp-specialised (a producer
+//     warpgroup streams K/V with cp.async into 3 shared-memory stages, two consumer warpgroups
+//     compute), 128 rows of (query token, query head of one KV head's group) per thread block,
+//     128-key tiles; head_dim 128 and head groups up to 128.
 //   kAuto picks decode for num_q_tokens <= kDecodeMaxQueryTokens or a batched decode
-//   (q_block_offsets), else prefill.
+//   (q_block_offsets), else prefill; prefill uses the Hopper kernel on a compute-capability-9
+//   device for the shapes it supports (1.77x the mma.sync kernel on an H100 for 1024 new tokens
+//   over 32K cached; docs/results-gpu.md), else the mma.sync kernel (see prefill_kernel).
 //   The decode tuning fields below other than the defaults were all measured slower on an H100
 //   for one token over 32K pooled tokens (docs/results-gpu.md); they stay for experiments.
 //
@@ -128,10 +131,11 @@ struct PagedAttentionParams {
   // Prefill tuning: query rows per warp, 16 (Q in registers) or 32 (two m-tiles, Q in shared
   // memory); 0 = default (32 from 512 query tokens, else 16).
   int32_t prefill_rows_per_warp = 0;
-  // Prefill implementation: 0 = auto (see kAuto in the file comment), 1 = the mma.sync kernel
-  // above (prefill_warps / prefill_rows_per_warp apply), 2 = the Hopper wgmma kernel
-  // (prefill_sm90.cu: head_dim 128 and a head group of at most 128 only; other shapes use the
-  // mma.sync kernel whatever this says).
+  // Prefill implementation: 0 = auto (the Hopper wgmma kernel where it applies, see kAuto in the
+  // file comment), 1 = the mma.sync kernel (prefill_warps / prefill_rows_per_warp apply only to
+  // it), 2 = the Hopper kernel (the same as 0 today; head_dim 128, a head group of at most 128
+  // and a compute-capability-9 device only: other shapes and devices use the mma.sync kernel
+  // whatever this says).
   int32_t prefill_kernel = 0;
   // Decode tuning: tokens each token group loads per step (2 or 4); 0 = default (4).
   int32_t decode_unroll = 0;

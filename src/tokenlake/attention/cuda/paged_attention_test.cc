@@ -291,6 +291,9 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
     for (AttentionKernel k :
          {AttentionKernel::kAuto, AttentionKernel::kPrefill, AttentionKernel::kDecode}) {
       c.kernel = k;
+      // kPrefill here forces the mma.sync prefill kernel (kAuto takes the Hopper one where it
+      // applies; it also runs on its own below).
+      c.prefill_kernel = k == AttentionKernel::kPrefill ? 1 : 0;
       c.num_splits = k == AttentionKernel::kAuto ? 0 : kSplits[rng() % 4];
       c.decode_unroll = static_cast<int>(rng() % 3) * 2;           // 0 (default), 2, 4
       c.decode_pipeline = static_cast<int>(rng() % 3);             // 0 (default), 1, 2
@@ -361,12 +364,12 @@ TEST_P(PagedAttentionGpuTest, CachedAndNewTokenPartialsMatchReference) {
   cached.shape = shape;
   cached.block_lens.assign(std::max(1, 512 / shape.block_tokens), shape.block_tokens);
   cached.num_q = 96;
+  RunAndCompare(cached, rng);  // default prefill kernel (Hopper's where it applies)
+  cached.prefill_kernel = 1;   // the mma.sync kernel, 16 and 32 rows per warp
   RunAndCompare(cached, rng);
   cached.prefill_rows_per_warp = 32;
   RunAndCompare(cached, rng);
   cached.prefill_rows_per_warp = 0;
-  cached.prefill_kernel = 2;
-  RunAndCompare(cached, rng);
   cached.prefill_kernel = 0;
   Case fresh = cached;
   fresh.block_lens.assign((96 + shape.block_tokens - 1) / shape.block_tokens, shape.block_tokens);
@@ -375,19 +378,18 @@ TEST_P(PagedAttentionGpuTest, CachedAndNewTokenPartialsMatchReference) {
   fresh.causal = true;
   fresh.q_start_pos = 0;
   RunAndCompare(fresh, rng);
-  fresh.prefill_kernel = 2;
+  fresh.prefill_kernel = 1;
   RunAndCompare(fresh, rng);
-  fresh.prefill_kernel = 0;
   fresh.prefill_rows_per_warp = 32;
+  fresh.prefill_kernel = 1;
   fresh.num_q = 300;  // more than one 128-row tile, a partial last tile
   fresh.block_lens.assign((300 + shape.block_tokens - 1) / shape.block_tokens, shape.block_tokens);
   fresh.block_lens.back() =
       300 - shape.block_tokens * (static_cast<int>(fresh.block_lens.size()) - 1);
   RunAndCompare(fresh, rng);
   fresh.prefill_rows_per_warp = 0;
-  fresh.prefill_kernel = 2;
-  RunAndCompare(fresh, rng);
   fresh.prefill_kernel = 0;
+  RunAndCompare(fresh, rng);
   Case decode = cached;
   decode.num_q = 1;
   RunAndCompare(decode, rng);

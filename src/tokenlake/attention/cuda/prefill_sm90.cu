@@ -1,13 +1,16 @@
 // The sm_90a prefill kernel of PagedAttention (see prefill_sm90.h for the design).
 //
-// Numerics as paged_attention.cu: scores in the log2 domain (exp2f), float32 softmax, P rounded
-// to bf16 before P V, natural-log LSE = (m2 + log2(l)) * ln(2).
+// Numerics as paged_attention.cu: scores in the log2 domain (ex2.approx), float32 softmax, P
+// rounded to bf16 before P V, natural-log LSE = (m2 + log2(l)) * ln(2).
+//
+// Measured on an H100 (bench/results/h100-prefill-sm90/NOTES.md): each step of the design below
+// paid: warp specialisation (producer warpgroup + mbarriers) over all threads loading with one
+// __syncthreads per tile, issuing S_j before P V_{j-1}, a one-FFMA softmax, and the ping-pong.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
@@ -19,18 +22,21 @@ namespace {
 constexpr int kD = 128;               // head_dim
 constexpr int kM = kSm90PrefillRows;  // rows of M per thread block (two warpgroups of 64)
 constexpr int kN = 128;               // keys per tile
-constexpr int kThreads = 256;
+constexpr int kThreads = 384;         // producer warpgroup + two consumer warpgroups
 constexpr int kStages = 3;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -INFINITY;
 
-// Shared memory (1024-byte aligned base): Q, then kStages K tiles, then kStages V tiles. Every
+// Shared memory (1024-byte aligned base): Q, then kStages K tiles, then kStages V tiles, then the
+// mbarriers. Every
 // tile is two 64-column halves, each [rows][64] bf16 = 128-byte rows, 16-byte chunk c of row r at
 // chunk c ^ (r & 7) (the 128-byte swizzle of wgmma descriptors).
 constexpr int kHalfBytes = kN * 128;        // one 64-column half of a 128-row tile
 constexpr int kTileBytes = 2 * kHalfBytes;  // 32 KB
 constexpr int kQBytes = kTileBytes;         // kM == kN
-constexpr int kSmemBytes = kQBytes + 2 * kStages * kTileBytes + 1024;  // + alignment slack
+// mbarriers after the tiles: q_full, full_k[3], full_v[3], empty_k[3], empty_v[3] (8 bytes each).
+constexpr int kBarBytes = 16 * 8;
+constexpr int kSmemBytes = kQBytes + 2 * kStages * kTileBytes + kBarBytes + 1024;  // + alignment
 static_assert(kM == kN);
 
 struct Args {
@@ -354,130 +360,15 @@ __device__ __forceinline__ void WriteRows(const float (&o)[64], RowState st, con
 }
 
 // ---------------------------------------------------------------------------------------------
-// Variant 1: every thread loads and computes; one __syncthreads per tile.
-__global__ void __launch_bounds__(kThreads, 1)
-    PrefillSm90Kernel(const __grid_constant__ Args args) {
-#ifdef TOKENLAKE_SM90A
-  extern __shared__ uint8_t smem_raw[];
-  const uint32_t smem0 =
-      (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
-  const uint32_t q_smem = smem0;
-  const uint32_t k_smem = smem0 + kQBytes;
-  const uint32_t v_smem = k_smem + kStages * kTileBytes;
-
-  const int tid = threadIdx.x;
-  const int wg = tid >> 7;
-  const int warp = (tid >> 5) & 3;  // warp within the warpgroup
-  const int lane = tid & 31;
-  const int g = lane >> 2;
-  const int t = lane & 3;
-  const int kv_head = blockIdx.y;
-  const int split = blockIdx.z;
-  const int tok0 = blockIdx.x * args.tile_tokens;
-  const int kv_row_stride = args.num_kv_heads * kD;
-  const int b_begin = split * args.blocks_per_split;
-  const int b_end = min(args.num_blocks, b_begin + args.blocks_per_split);
-  const int last_tok = min(tok0 + args.tile_tokens, args.num_q) - 1;
-  const int64_t max_qpos = static_cast<int64_t>(args.q_start_pos) + last_tok;
-  const int64_t min_qpos = static_cast<int64_t>(args.q_start_pos) + tok0;
-
-  LoadQTile<kThreads>(q_smem, args, tok0, kv_head, tid);
-  TileIt it_s = FirstTile(args, b_begin, b_end);
-  auto active = [&](const TileIt& it) {
-    return it.b < b_end && !(args.causal && it.key0 > max_qpos);
-  };
-  auto load = [&](const TileIt& it, uint32_t ring, bool v, int stage) {
-    const DeviceKvBlock blk = args.blocks[it.b];
-    LoadKvTile<kThreads>(ring + stage * kTileBytes,
-                         static_cast<const uint16_t*>(v ? blk.v : blk.k) + kv_head * kD, it.t0,
-                         min(kN, blk.num_tokens - it.t0), kv_row_stride, tid);
-  };
-
-  // Prologue: group {Q, K0}, group {K1, V0}. Iteration j needs K_j and V_{j-1}, and issues
-  // {K_{j+2}, V_{j+1}}.
-  TileIt it_v = it_s;  // tile j + 1 at iteration j
-  TileIt it_k = it_s;  // tile j + 2 at iteration j
-  if (active(it_k)) load(it_k, k_smem, false, 0);
-  CpAsyncCommit();
-  Advance(it_k, args.blocks, b_end);
-  if (active(it_k)) load(it_k, k_smem, false, 1);
-  if (active(it_v)) load(it_v, v_smem, true, 0);
-  CpAsyncCommit();
-  Advance(it_k, args.blocks, b_end);
-  Advance(it_v, args.blocks, b_end);
-
-  const int r0 = wg * 64 + warp * 16 + g;
-  const int64_t qpos0 = static_cast<int64_t>(args.q_start_pos) + tok0 + r0 / args.group;
-  const int64_t qpos1 = static_cast<int64_t>(args.q_start_pos) + tok0 + (r0 + 8) / args.group;
-
-  float o[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) o[i] = 0.f;
-  float s[64];
-  uint32_t pa[8][4];
-  RowState st;
-  const uint32_t q_desc_base = q_smem + wg * 64 * 128;
-  int j = 0;
-  int stage = 0;  // j % kStages
-  while (active(it_s)) {
-    CpAsyncWait<1>();  // K_j and V_{j-1} (and Q) have landed for this thread
-    FenceProxyAsync();
-    __syncthreads();  // ... for every thread; and every wgmma of iteration j - 1 is complete
-    {
-      const int st_k = stage == 0 ? kStages - 1 : stage - 1;  // (j + 2) % 3
-      const int st_v = stage == kStages - 1 ? 0 : stage + 1;  // (j + 1) % 3
-      if (active(it_k)) load(it_k, k_smem, false, st_k);
-      if (active(it_v)) load(it_v, v_smem, true, st_v);
-      CpAsyncCommit();
-    }
-    FenceRegs(o);
-    FenceRegs(s);
-    WgmmaFence();
-    IssueS(s, q_desc_base, k_smem + stage * kTileBytes);
-    WgmmaCommit();
-    if (j > 0) {
-      IssuePV(o, pa, v_smem + (stage == 0 ? kStages - 1 : stage - 1) * kTileBytes);
-      WgmmaCommit();
-      WgmmaWait<1>();
-    } else {
-      WgmmaWait<0>();
-    }
-    FenceRegs(s);
-    float corr0, corr1;
-    Softmax(s, st, args, it_s, min_qpos, qpos0, qpos1, t, corr0, corr1);
-    WgmmaWait<0>();  // P_{j-1} V_{j-1} complete: O may be rescaled, pa overwritten
-    FenceRegs(o);
-    RescaleAndPack(o, s, pa, corr0, corr1);
-    Advance(it_s, args.blocks, b_end);
-    Advance(it_v, args.blocks, b_end);
-    Advance(it_k, args.blocks, b_end);
-    ++j;
-    stage = stage == kStages - 1 ? 0 : stage + 1;
-  }
-  if (j > 0) {
-    CpAsyncWait<0>();
-    FenceProxyAsync();
-    __syncthreads();
-    FenceRegs(o);
-    WgmmaFence();
-    IssuePV(o, pa, v_smem + (stage == 0 ? kStages - 1 : stage - 1) * kTileBytes);
-    WgmmaCommit();
-    WgmmaWait<0>();
-    FenceRegs(o);
-  }
-  CpAsyncWait<0>();
-  WriteRows(o, st, args, tok0, kv_head, split, r0, t);
-#else
-  __trap();  // built without sm_90a: the host never launches this (see LaunchSm90Prefill)
-#endif
-}
-
-// ---------------------------------------------------------------------------------------------
-// Variant 2: warp-specialised. Warpgroup 0 = producer (cp.async of Q, then K_0, V_0, K_1, ...
-// into the stage rings, signalling per-stage "full" mbarriers; it waits on "empty" mbarriers
-// before overwriting a stage), warpgroups 1 and 2 = consumers (64 rows each), with no block-wide
-// barrier in the loop. setmaxnreg moves registers from the producer to the consumers.
-constexpr int kWsThreads = 384;
+// The kernel, warp-specialised. Warpgroup 0 = producer: cp.async of Q, then K_0, V_0, K_1, ...
+// into the stage rings; a unit's "full" mbarrier is signalled once the producer's copies of it
+// have landed (checked kProducerLag units later, then fence.proxy.async so that the wgmma async
+// proxy sees them); it waits on the stage's "empty" mbarrier before overwriting it. Warpgroups 1
+// and 2 = consumers (64 rows each): per tile j, wait K_j (and V_{j-1}); on their turn (ping-pong
+// on named barriers 1 and 2) issue S_j = Q K_j^T then O += P_{j-1} V_{j-1}; hand the turn over;
+// wait S_j, release K_j, softmax; wait P V, release V_{j-1}; rescale O, pack P_j. No block-wide
+// barrier in the loop. setmaxnreg gives the consumers 216 registers, the producer 72 (40 would
+// spill its address arithmetic).
 constexpr int kProducerThreads = 128;
 constexpr int kProducerLag = 2;  // load units in flight per producer thread before it signals
 
@@ -505,17 +396,8 @@ __device__ __forceinline__ void NamedBarrierArrive(int id) {
   asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
 }
 
-// mbarriers (8 bytes each) after the tiles: q_full, full_k[3], full_v[3], empty_k[3], empty_v[3].
-constexpr int kBarBytes = 16 * 8;
-constexpr int kWsSmemBytes = kSmemBytes + kBarBytes;
-
-// kOverlap: the S wgmma of tile j is issued before the P V wgmma of tile j - 1 (as variant 1);
-// else each is waited for in turn (fewer live registers). kPingPong (with kOverlap): the two
-// consumer warpgroups take turns to issue their wgmmas (named barriers 1 and 2), so that one's
-// softmax runs while the other's matrix products do.
-template <bool kOverlap, bool kPingPong>
-__global__ void __launch_bounds__(kWsThreads, 1)
-    PrefillSm90WsKernel(const __grid_constant__ Args args) {
+__global__ void __launch_bounds__(kThreads, 1)
+    PrefillSm90Kernel(const __grid_constant__ Args args) {
 #ifdef TOKENLAKE_SM90A
   extern __shared__ uint8_t smem_raw[];
   const uint32_t smem0 =
@@ -623,41 +505,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     int j = 0;
     int stage = 0;       // j % 3
     int prev_stage = 0;  // (j - 1) % 3
-    while (!kOverlap && active(it)) {
-      // S_j; softmax; O += P_j V_j, each waited for (the other consumer warpgroup fills the
-      // tensor cores meanwhile).
-      MbarWait(full_k + 8 * stage, (j / kStages) & 1);
-      FenceRegs(o);
-      FenceRegs(s);
-      WgmmaFence();
-      IssueS(s, q_desc_base, k_smem + stage * kTileBytes);
-      WgmmaCommit();
-      WgmmaWait<0>();
-      FenceRegs(s);
-      __syncwarp();
-      if (lane == 0) MbarArrive(empty_k + 8 * stage);
-      float corr0, corr1;
-      Softmax(s, st, args, it, min_qpos, qpos0, qpos1, t, corr0, corr1);
-      RescaleAndPack(o, s, pa, corr0, corr1);
-      MbarWait(full_v + 8 * stage, (j / kStages) & 1);
-      FenceRegs(o);
-      WgmmaFence();
-      IssuePV(o, pa, v_smem + stage * kTileBytes);
-      WgmmaCommit();
-      WgmmaWait<0>();
-      FenceRegs(o);
-      __syncwarp();
-      if (lane == 0) MbarArrive(empty_v + 8 * stage);
-      Advance(it, args.blocks, b_end);
-      ++j;
-      stage = stage == kStages - 1 ? 0 : stage + 1;
-    }
     // Ping-pong: warpgroup 1 lets warpgroup 0 go first.
-    if (kPingPong && wg == 1) NamedBarrierArrive(1);
-    while (kOverlap && active(it)) {
+    if (wg == 1) NamedBarrierArrive(1);
+    while (active(it)) {
       MbarWait(full_k + 8 * stage, (j / kStages) & 1);
       if (j > 0) MbarWait(full_v + 8 * prev_stage, ((j - 1) / kStages) & 1);
-      if (kPingPong) NamedBarrierSync(1 + wg);  // my turn
+      NamedBarrierSync(1 + wg);  // my turn
       FenceRegs(o);
       FenceRegs(s);
       WgmmaFence();
@@ -666,10 +519,10 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       if (j > 0) {
         IssuePV(o, pa, v_smem + prev_stage * kTileBytes);
         WgmmaCommit();
-        if (kPingPong) NamedBarrierArrive(2 - wg);  // the other warpgroup's turn
+        NamedBarrierArrive(2 - wg);  // the other warpgroup's turn
         WgmmaWait<1>();
       } else {
-        if (kPingPong) NamedBarrierArrive(2 - wg);
+        NamedBarrierArrive(2 - wg);
         WgmmaWait<0>();
       }
       FenceRegs(s);
@@ -689,7 +542,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       ++j;
       stage = stage == kStages - 1 ? 0 : stage + 1;
     }
-    if (kOverlap && j > 0) {
+    if (j > 0) {
       MbarWait(full_v + 8 * prev_stage, ((j - 1) / kStages) & 1);
       FenceRegs(o);
       WgmmaFence();
@@ -719,25 +572,8 @@ int64_t Sm90PrefillBlocksPerSplit(const PagedAttentionParams& p) {
 
 absl::Status LaunchSm90Prefill(const PagedAttentionParams& p, int splits, float scale_log2,
                                float* out, float* lse, cudaStream_t stream) {
-  // (Development: TOKENLAKE_SM90_VARIANT = 1 all-threads, 2 warp-specialised with overlap,
-  // 3 warp-specialised without, 4 (default) warp-specialised with overlap and ping-pong.)
-  static const int variant = [] {
-    const char* v = std::getenv("TOKENLAKE_SM90_VARIANT");
-    return v == nullptr ? 4 : std::atoi(v);
-  }();
-  static const cudaError_t attr_err = [] {
-    cudaError_t e = cudaFuncSetAttribute(PrefillSm90Kernel,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-    if (e != cudaSuccess) return e;
-    e = cudaFuncSetAttribute(PrefillSm90WsKernel<true, false>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, kWsSmemBytes);
-    if (e != cudaSuccess) return e;
-    e = cudaFuncSetAttribute(PrefillSm90WsKernel<true, true>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, kWsSmemBytes);
-    if (e != cudaSuccess) return e;
-    return cudaFuncSetAttribute(PrefillSm90WsKernel<false, false>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, kWsSmemBytes);
-  }();
+  static const cudaError_t attr_err = cudaFuncSetAttribute(
+      PrefillSm90Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (attr_err != cudaSuccess) {
     return absl::InternalError(
         absl::StrFormat("cudaFuncSetAttribute(prefill sm90): %s", cudaGetErrorString(attr_err)));
@@ -758,15 +594,7 @@ absl::Status LaunchSm90Prefill(const PagedAttentionParams& p, int splits, float 
   a.out = out;
   a.lse = lse;
   const dim3 grid((p.num_q_tokens + a.tile_tokens - 1) / a.tile_tokens, p.num_kv_heads, splits);
-  if (variant == 4) {
-    PrefillSm90WsKernel<true, true><<<grid, kWsThreads, kWsSmemBytes, stream>>>(a);
-  } else if (variant == 2) {
-    PrefillSm90WsKernel<true, false><<<grid, kWsThreads, kWsSmemBytes, stream>>>(a);
-  } else if (variant == 3) {
-    PrefillSm90WsKernel<false, false><<<grid, kWsThreads, kWsSmemBytes, stream>>>(a);
-  } else {
-    PrefillSm90Kernel<<<grid, kThreads, kSmemBytes, stream>>>(a);
-  }
+  PrefillSm90Kernel<<<grid, kThreads, kSmemBytes, stream>>>(a);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
     return absl::InternalError(

@@ -4,15 +4,17 @@
 // paged_attention.h holds: paged blocks with part-segments anywhere, causal with q_start_pos,
 // out = 0 / lse = -inf for rows with no visible key, natural-log LSE), computed with warpgroup
 // MMAs (wgmma.mma_async, bf16 in, f32 accumulate):
-//   - one thread block = two warpgroups = 128 rows of M, where a row is one (query token, query
-//     head) pair of ONE KV head's head group (GQA packing: the group's query heads of
-//     floor(128 / group) tokens share a tile, so each K/V tile is read once per group);
+//   - one thread block = 128 rows of M, where a row is one (query token, query head) pair of ONE
+//     KV head's head group (GQA packing: the group's query heads of floor(128 / group) tokens
+//     share a tile, so each K/V tile is read once per group);
+//   - warp-specialised: a producer warpgroup copies Q and the K/V tiles with cp.async into three
+//     shared-memory stages each, 128-byte swizzled (the layout the wgmma descriptors name),
+//     signalling per-stage mbarriers; two consumer warpgroups (64 rows each) compute;
 //   - keys in tiles of 128 rows that never cross a block (a part-segment's last tile is masked);
-//   - K and V tiles copied with cp.async into three shared-memory stages each, 128-byte swizzled
-//     (the layout the wgmma descriptors name), two tiles ahead;
-//   - S = Q K^T with Q and K from shared memory; online softmax in registers; O += P V with P
-//     from registers (the A operand) and V from shared memory (transposed B); the S wgmma of tile
-//     j is issued before the P V wgmma of tile j - 1 so that the softmax of tile j overlaps it.
+//   - S = Q K^T with Q and K from shared memory; online softmax in registers (one FFMA and one
+//     ex2 per score); O += P V with P from registers (the A operand) and V from shared memory
+//     (transposed B); the S wgmma of tile j is issued before the P V wgmma of tile j - 1, and the
+//     two consumer warpgroups take turns to issue (ping-pong), so softmax overlaps the MMAs.
 // Grid: x = M tiles, y = KV heads, z = splits of the block list (partials merged by the caller).
 // Only head_dim 128; every group size from 1 to 128.
 //
