@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <random>
@@ -341,6 +342,14 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
           p.target = InstanceId(caller);
         }
       }
+      // A copy the rebalancer just ordered may not be there yet: read from its source.
+      for (plan::SegmentAssignment& a : plan->segments) {
+        auto it = fresh_.find({a.segment.value(), InstanceToWire(a.holder)});
+        if (it == fresh_.end() || !Routable(it->second.source)) continue;
+        a.holder = InstanceId(it->second.source);
+        if (a.action == plan::HolderAction::kLocal) a.action = plan::HolderAction::kMoveQueries;
+        ++fresh_redirects_;
+      }
     }
     ToProto(*plan, reply);
     return grpc::Status::OK;
@@ -487,6 +496,9 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       }
       // The attempt failed: its pins in the lake go (the instance may have died holding them).
       ReleaseQuietly(lake_request);
+      std::fprintf(stderr, "tokenlake coordinator: attempt %d of request %llu on instance %d: %s\n",
+                   attempt, static_cast<unsigned long long>(lake_request.value()), id,
+                   std::string(result.status.message()).c_str());
       absl::StrAppend(&failures, failures.empty() ? "" : "; ", "attempt ", attempt, " on instance ",
                       id, ": ", result.status.message());
       if (answered_with_error) {
@@ -644,6 +656,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
           }
           x = (*orders)[to].add_actions();
           x->set_kind(a.kind == balance::ActionKind::kReplicate ? 1 : 2);
+          fresh_[{a.segment.value(), to}] = Fresh{.source = from, .since = absl::Now()};
           break;
       }
       if (x == nullptr) continue;
@@ -748,10 +761,33 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     lake_->prefix_tree().ForEachNode([&](const index::PrefixTree::Node& node) {
       if (node.HasReplicaOn(inst)) listed.insert(node.id);
     });
+    // Rebalance copies: confirmed once the receiver reports the segment (or the lake no longer
+    // lists it there); while pending, the source keeps its copy (a move's source is no longer
+    // listed, but plans read from it until the copy is confirmed).
+    absl::flat_hash_set<SegmentId> protected_sources;
+    const absl::Time now = absl::Now();
+    for (auto it = fresh_.begin(); it != fresh_.end();) {
+      auto cur = it++;
+      if (now - cur->second.since > absl::Seconds(10)) {
+        fresh_.erase(cur);
+      } else if (cur->second.source == id) {
+        protected_sources.insert(SegmentId(cur->first.first));
+      }
+    }
+    absl::flat_hash_set<SegmentId> reported;
+    for (const v1::Segment& seg : state.segments()) reported.insert(SegmentId(seg.id()));
+    for (auto it = fresh_.begin(); it != fresh_.end();) {
+      auto cur = it++;
+      const SegmentId seg(cur->first.first);
+      if (cur->first.second == id && (reported.contains(seg) || !listed.contains(seg))) {
+        fresh_.erase(cur);
+      }
+    }
     absl::flat_hash_set<SegmentId> held;
     std::vector<lake::HeldSegment> unlisted;
     for (const v1::Segment& seg : state.segments()) {
       held.insert(SegmentId(seg.id()));
+      if (protected_sources.contains(SegmentId(seg.id()))) continue;
       if (!listed.contains(SegmentId(seg.id()))) {
         unlisted.push_back({SegmentId(seg.id()), SegmentId(seg.parent()), seg.num_tokens()});
       }
@@ -983,6 +1019,9 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
              static_cast<double>(reconcile_drops_));
     w.Sample("tokenlake_reconcile_total", {{"kind", "restored"}},
              static_cast<double>(restored_replicas_));
+    w.Family("tokenlake_rebalance_redirects_total", "counter",
+             "Planned reads of a rebalance copy not yet confirmed, served by its source instead.");
+    w.Sample("tokenlake_rebalance_redirects_total", {}, static_cast<double>(fresh_redirects_));
     return w.text();
   }
 
@@ -1056,6 +1095,13 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   int64_t reconcile_drops_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t restored_replicas_ ABSL_GUARDED_BY(mu_) = 0;
   int32_t served_since_rebalance_ ABSL_GUARDED_BY(mu_) = 0;
+  // Rebalance copies ordered but not yet confirmed: (segment, receiving instance) -> source.
+  struct Fresh {
+    int32_t source = -1;
+    absl::Time since;
+  };
+  absl::flat_hash_map<std::pair<uint64_t, int32_t>, Fresh> fresh_ ABSL_GUARDED_BY(mu_);
+  int64_t fresh_redirects_ ABSL_GUARDED_BY(mu_) = 0;
   Histogram latency_;
   const uint64_t epoch_;
   const absl::Time started_;

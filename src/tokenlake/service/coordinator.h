@@ -22,7 +22,10 @@
 //   - rebalancing: every rebalance_interval (and/or every rebalance_every_requests requests)
 //     Lake::Rebalance runs and its actions are sent to the instances that carry them out
 //     (replicate / move: the receiving instance pulls the KV from the source over the data
-//     plane and stores it; drop: free), so heavy hitters get real replicas;
+//     plane and stores it; drop: free), so heavy hitters get real replicas. Until the
+//     receiver's heartbeat reports the new copy, plans that name it read from the source
+//     instead, and the source keeps its copy (for a move it is freed afterwards by
+//     reconciliation);
 //   - routing: the computing instance of a request is the one the lake's plan for its prefill
 //     names (GenPlans, not admitted), unless it is not live or busier than the least busy live
 //     instance by more than balance_abs_threshold requests (then the least busy one); with

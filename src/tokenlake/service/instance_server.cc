@@ -338,7 +338,8 @@ class InstanceServer::Impl {
         traffic_.set_rebalance_copy_bytes(traffic_.rebalance_copy_bytes() +
                                           static_cast<int64_t>(slot->size()));
       }
-      if (a.kind() == 2) pool.FreeSegment(self, from, seg).IgnoreError();
+      // A move's source keeps its copy until the coordinator has seen this one (plans read
+      // from the source meanwhile); heartbeat reconciliation frees it there afterwards.
     }
     RefreshState();
   }
