@@ -117,14 +117,14 @@ TEST(CostModelTest, MeasuredDefaultProfileByHand) {
   // 85017493504 B x 0.9 - 2 bytes x params - 4 GiB.
   EXPECT_NEAR(static_cast<double>(c.KvCapacityBytes()),
               85017493504.0 * 0.9 - 2.0 * 8029995008 - 4.0 * (1 << 30), 1.0);
-  EXPECT_NEAR(c.DenseSeconds(1024), 18.68390464782715e-3, 1e-12);
+  EXPECT_NEAR(c.DenseSeconds(1024), 18.151424407958984e-3, 1e-12);
   // Between the 2048 and 4096 points.
-  EXPECT_NEAR(c.DenseSeconds(3072), (36.79539108276367e-3 + 78.6145248413086e-3) / 2, 1e-12);
-  // Prefill of 1024 tokens (no context) at the measured 307.6 TFLOP/s of our prefill kernel.
-  EXPECT_NEAR(c.AttentionSeconds(1024, 0), 4.0 * 1024 * 512.5 * 131072 / 307.60181172109316e12,
+  EXPECT_NEAR(c.DenseSeconds(3072), (35.74476623535156e-3 + 70.71846771240234e-3) / 2, 1e-12);
+  // Prefill of 1024 tokens (no context) at the measured 541.8 TFLOP/s of our prefill kernel.
+  EXPECT_NEAR(c.AttentionSeconds(1024, 0), 4.0 * 1024 * 512.5 * 131072 / 541.832062031939e12,
               1e-12);
-  // Decode over 9999 context tokens at the measured 2,334 GB/s of our decode kernel.
-  EXPECT_NEAR(c.AttentionSeconds(1, 9999), 10000.0 * 131072 / 2334.059057032235e9, 1e-12);
+  // Decode over 9999 context tokens at the measured 2,339 GB/s of our decode kernel.
+  EXPECT_NEAR(c.AttentionSeconds(1, 9999), 10000.0 * 131072 / 2339.2659925765574e9, 1e-12);
 }
 
 TEST(GpuProfileTest, JsonRoundTripsAndOverridesDefaults) {
