@@ -160,16 +160,39 @@ std::vector<HeldSegmentInfo> InstancePool::Held(InstanceId i) const {
   absl::MutexLock lock(&inst.meta_mu);
   for (SegmentId id : inst.store->Segments()) {
     auto it = inst.meta.find(id);
-    out.push_back({id, it == inst.meta.end() ? StoredMeta{} : it->second});
+    out.push_back({id, it == inst.meta.end() ? StoredMeta{} : it->second.meta});
   }
   return out;
+}
+
+uint64_t InstancePool::StoreGeneration(InstanceId i) const {
+  TOKENLAKE_CHECK(hosts(i));
+  const Instance& inst = *instances_[static_cast<size_t>(i.value())];
+  absl::MutexLock lock(&inst.meta_mu);
+  return inst.generation;
+}
+
+absl::Status InstancePool::FreeIfUnchangedSince(InstanceId i, SegmentId segment,
+                                                uint64_t generation) {
+  TOKENLAKE_CHECK(hosts(i));
+  Instance& inst = *instances_[static_cast<size_t>(i.value())];
+  absl::MutexLock lock(&inst.meta_mu);
+  auto it = inst.meta.find(segment);
+  if (it != inst.meta.end() && it->second.generation > generation) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("free: segment %d was stored again on instance %d since generation %d",
+                        segment.value(), i.value(), generation));
+  }
+  TOKENLAKE_RETURN_IF_ERROR(inst.store->Free(segment));
+  inst.meta.erase(segment);
+  return absl::OkStatus();
 }
 
 StoredMeta InstancePool::MetaOf(InstanceId holder, SegmentId segment) const {
   const Instance& inst = *instances_[static_cast<size_t>(holder.value())];
   absl::MutexLock lock(&inst.meta_mu);
   auto it = inst.meta.find(segment);
-  return it == inst.meta.end() ? StoredMeta{} : it->second;
+  return it == inst.meta.end() ? StoredMeta{} : it->second.meta;
 }
 
 absl::Status InstancePool::CheckDriver(InstanceId compute, InstanceId other,
@@ -305,9 +328,9 @@ absl::Status InstancePool::LocalAttend(InstanceId holder, int32_t layer,
 }
 
 absl::Status InstancePool::LocalFree(InstanceId target, SegmentId segment) const {
-  TOKENLAKE_RETURN_IF_ERROR(store(target).Free(segment));
   Instance& inst = *instances_[static_cast<size_t>(target.value())];
   absl::MutexLock lock(&inst.meta_mu);
+  TOKENLAKE_RETURN_IF_ERROR(store(target).Free(segment));
   inst.meta.erase(segment);
   return absl::OkStatus();
 }
@@ -325,6 +348,10 @@ absl::Status InstancePool::LocalStore(InstanceId target, SegmentId segment,
                         segment.value(), options_.layout.SlotBytes()));
   }
   store::SegmentStore& st = store(target);
+  Instance& inst = *instances_[static_cast<size_t>(target.value())];
+  // Under meta_mu: a local free (LocalFree, FreeIfUnchangedSince) never drops the slot while it
+  // is being written, and the copy's generation is stamped with it.
+  absl::MutexLock lock(&inst.meta_mu);
   std::optional<SlotId> slot = st.Find(segment);
   if (!slot.has_value()) {
     TOKENLAKE_ASSIGN_OR_RETURN(SlotId allocated, st.Allocate(segment));
@@ -333,9 +360,7 @@ absl::Status InstancePool::LocalStore(InstanceId target, SegmentId segment,
   const absl::Span<std::byte> data = st.SlotData(*slot);
   TOKENLAKE_CHECK(data.size() == slot_bytes.size());
   std::memcpy(data.data(), slot_bytes.data(), slot_bytes.size());
-  Instance& inst = *instances_[static_cast<size_t>(target.value())];
-  absl::MutexLock lock(&inst.meta_mu);
-  inst.meta[segment] = meta;
+  inst.meta[segment] = Instance::Entry{.meta = meta, .generation = ++inst.generation};
   return absl::OkStatus();
 }
 

@@ -126,6 +126,15 @@ class InstancePool {
   // The segments hosted instance `i` stores, with their metadata (parent, tokens; zero when a
   // store message did not carry them). REQUIRES: hosts(i).
   std::vector<HeldSegmentInfo> Held(InstanceId i) const;
+  // Store generations of hosted instance `i`: every store (new or overwrite) of a segment
+  // stamps it with the next generation. StoreGeneration returns the latest one given;
+  // FreeIfUnchangedSince frees `segment` only if its copy was stored at or before `generation`
+  // (so that a free decided from an older report of what `i` held never drops a copy stored
+  // since). Errors: NotFound (not stored), FailedPrecondition (stored again since, or pinned).
+  // REQUIRES: hosts(i).
+  uint64_t StoreGeneration(InstanceId i) const;
+  absl::Status FreeIfUnchangedSince(InstanceId i, SegmentId segment, uint64_t generation);
+
   // The loopback under any wrapper (for its traffic counters: what reached it).
   // REQUIRES: no external_transport.
   const transport::LoopbackTransport& transport() const {
@@ -182,7 +191,12 @@ class InstancePool {
     std::unique_ptr<store::SegmentStore> store;
     std::thread server;
     mutable absl::Mutex meta_mu;
-    absl::flat_hash_map<SegmentId, StoredMeta> meta ABSL_GUARDED_BY(meta_mu);
+    struct Entry {
+      StoredMeta meta;
+      uint64_t generation = 0;
+    };
+    absl::flat_hash_map<SegmentId, Entry> meta ABSL_GUARDED_BY(meta_mu);
+    uint64_t generation ABSL_GUARDED_BY(meta_mu) = 0;
   };
   struct Driver {
     absl::Mutex mu;

@@ -263,5 +263,27 @@ TEST(InstancePoolTest, PoolsHostingDisjointInstancesTalkOverASharedTransport) {
   (*shared)->Shutdown();
 }
 
+
+// A free decided from an older report never drops a copy stored since (store generations).
+TEST(InstancePoolTest, FreeIfUnchangedSinceSparesACopyStoredAgain) {
+  auto pool = MakePool(1, KvDtype::kFloat32, 4);
+  std::mt19937 rng(3);
+  const std::vector<std::byte> slot = RandomSlot(Layout(KvDtype::kFloat32), rng);
+  const InstanceId i(0);
+  ASSERT_TRUE(pool->StoreSegment(i, i, SegmentId(1), slot).ok());
+  const uint64_t reported = pool->StoreGeneration(i);
+  ASSERT_TRUE(pool->StoreSegment(i, i, SegmentId(2), slot).ok());
+  ASSERT_TRUE(pool->StoreSegment(i, i, SegmentId(1), slot).ok());  // stored again since
+  EXPECT_GT(pool->StoreGeneration(i), reported);
+  EXPECT_EQ(pool->FreeIfUnchangedSince(i, SegmentId(1), reported).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(pool->store(i).Find(SegmentId(1)).has_value());
+  EXPECT_TRUE(pool->FreeIfUnchangedSince(i, SegmentId(1), pool->StoreGeneration(i)).ok());
+  EXPECT_FALSE(pool->store(i).Find(SegmentId(1)).has_value());
+  EXPECT_EQ(pool->FreeIfUnchangedSince(i, SegmentId(1), pool->StoreGeneration(i)).code(),
+            absl::StatusCode::kNotFound);
+  EXPECT_EQ(pool->Held(i).size(), 1u);
+}
+
 }  // namespace
 }  // namespace tokenlake::engine

@@ -43,6 +43,10 @@ struct Member {
   int32_t transport_port = 0;
   // Data-plane port (0 until the instance built its data plane): routable when alive and > 0.
   int32_t data_port = 0;
+  // Membership versions (Impl::membership_version_): the one at which this instance became
+  // routable with its current data port, and the latest one it was sent the peers of.
+  int64_t since_version = 0;
+  int64_t seen_version = 0;
   // Replicas the lake lists on the instance that its last heartbeats did not report, with the
   // number of heartbeats in a row that missed them.
   absl::flat_hash_map<SegmentId, int32_t> missing;
@@ -269,6 +273,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     m.alive = true;
     m.transport_port = request->transport_port();
     m.data_port = 0;  // until this incarnation reports its own
+    ++membership_version_;
     m.last_heartbeat = absl::Now();
     m.missing.clear();
     ++m.incarnations;
@@ -286,7 +291,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     reply->set_heartbeat_interval_ms(absl::ToInt64Milliseconds(options_.heartbeat_interval));
     reply->set_coordinator_epoch(epoch_);
     reply->set_lake_instances(n);
-    AddPeersLocked(reply->mutable_peers());
+    AddPeersLocked(id, reply->mutable_peers());
     for (uint64_t seg : to_free) reply->add_free_segments(seg);
     return grpc::Status::OK;
   }
@@ -303,13 +308,14 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     members_[id].last_heartbeat = absl::Now();
     std::vector<uint64_t> to_free;
     ApplyStateLocked(id, request->state(), /*reconcile=*/true, &to_free);
-    AddPeersLocked(reply->mutable_peers());
+    AddPeersLocked(id, reply->mutable_peers());
     for (uint64_t seg : to_free) reply->add_free_segments(seg);
     return grpc::Status::OK;
   }
 
-  void AddPeersLocked(google::protobuf::RepeatedPtrField<v1::Peer>* peers) const
+  void AddPeersLocked(int32_t to, google::protobuf::RepeatedPtrField<v1::Peer>* peers)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    members_[to].seen_version = membership_version_;
     for (int32_t i = 0; i < options_.lake_instances; ++i) {
       if (!Routable(i)) continue;
       v1::Peer* p = peers->Add();
@@ -320,6 +326,16 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
 
   bool Routable(int32_t i) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     return i >= 0 && i < options_.lake_instances && members_[i].alive && members_[i].data_port > 0;
+  }
+
+  // Routable, and every routable instance has been told its data port (so whoever it sends
+  // queries to can reply): only then does it get requests.
+  bool Ready(int32_t i) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!Routable(i)) return false;
+    for (int32_t j = 0; j < options_.lake_instances; ++j) {
+      if (Routable(j) && members_[j].seen_version < members_[i].since_version) return false;
+    }
+    return true;
   }
 
   // ---- the lake's per-iteration calls ----
@@ -544,7 +560,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     std::vector<int32_t> live;
     int64_t min_load = INT64_MAX;
     for (int32_t i = 0; i < options_.lake_instances; ++i) {
-      if (Routable(i) && !excluded.contains(i)) {
+      if (Ready(i) && !excluded.contains(i)) {
         live.push_back(i);
         min_load = std::min(min_load, members_[i].in_flight);
       }
@@ -578,7 +594,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     if (plans.ok() && plans->size() == 1 && (*plans)[0].requests.size() == 1) {
       chosen = InstanceToWire((*plans)[0].requests[0].compute_instance);
     }
-    if (chosen < 0 || !Routable(chosen) || excluded.contains(chosen) ||
+    if (chosen < 0 || !Ready(chosen) || excluded.contains(chosen) ||
         members_[chosen].in_flight > min_load + options_.balance_abs_threshold) {
       chosen = least_busy();
       ++routing_overrides_;
@@ -644,9 +660,10 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       v1::RebalanceAction* x = nullptr;
       switch (a.kind) {
         case balance::ActionKind::kDrop:
-          if (!Routable(from)) break;  // a dead instance holds nothing anyway
-          x = (*orders)[from].add_actions();
-          x->set_kind(0);
+          // No order: the copy is no longer listed, so the instance's next heartbeat frees it
+          // (guarded by its store generation, so a copy placed there again meanwhile stays;
+          // an order queued behind a long request could not tell).
+          ++rebalance_actions_;
           break;
         case balance::ActionKind::kReplicate:
         case balance::ActionKind::kMove:
@@ -720,6 +737,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
         if (now - m.last_heartbeat <= options_.dead_after) continue;
         m.alive = false;
         m.data_port = 0;
+        ++membership_version_;
         ++deaths_;
         lake_->DropInstance(InstanceId(i)).IgnoreError();
         m.used_slots = 0;
@@ -741,7 +759,10 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     m.used_slots = state.used_slots();
     m.capacity_slots = state.capacity_slots();
     m.slot_bytes = state.slot_bytes();
-    if (state.data_port() > 0 && state.data_port() <= 65535) m.data_port = state.data_port();
+    if (state.data_port() > 0 && state.data_port() <= 65535 && state.data_port() != m.data_port) {
+      m.data_port = state.data_port();
+      m.since_version = ++membership_version_;
+    }
     m.traffic = state.traffic();
   }
 
@@ -1028,7 +1049,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   int32_t LiveInstances() const {
     absl::MutexLock lock(&mu_);
     int32_t n = 0;
-    for (int32_t i = 0; i < options_.lake_instances; ++i) n += Routable(i) ? 1 : 0;
+    for (int32_t i = 0; i < options_.lake_instances; ++i) n += Ready(i) ? 1 : 0;
     return n;
   }
 
@@ -1071,6 +1092,8 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   std::map<uint64_t, Pending> pending_ ABSL_GUARDED_BY(mu_);
   uint64_t next_ticket_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_request_id_ ABSL_GUARDED_BY(mu_) = 1;
+  // Bumped whenever an instance's data port appears, changes or goes (see Ready()).
+  int64_t membership_version_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t rotation_ ABSL_GUARDED_BY(mu_) = 0;
   std::map<int, int64_t> requests_by_code_ ABSL_GUARDED_BY(mu_);
   int64_t prompt_tokens_ ABSL_GUARDED_BY(mu_) = 0;

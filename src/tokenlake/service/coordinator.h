@@ -16,13 +16,15 @@
 //     (each segment with its parent and token count) and Lake::RestoreReplicas rebuilds the tree
 //     (parents first; orphans are retried while restore_window lasts, then freed);
 //   - reconciliation on every heartbeat: segments an instance holds that the lake does not list
-//     are freed on the instance (reply free_segments); replicas the lake lists that the
+//     are freed on the instance (reply free_segments; the instance frees only copies it has not
+//     stored again since that report: store generations); replicas the lake lists that the
 //     instance did not report in two heartbeats in a row are dropped from the lake
 //     (Lake::DropReplica; never a pinned one);
 //   - rebalancing: every rebalance_interval (and/or every rebalance_every_requests requests)
 //     Lake::Rebalance runs and its actions are sent to the instances that carry them out
 //     (replicate / move: the receiving instance pulls the KV from the source over the data
-//     plane and stores it; drop: free), so heavy hitters get real replicas. Until the
+//     plane and stores it; a dropped copy is freed by reconciliation), so heavy hitters get
+//     real replicas. Until the
 //     receiver's heartbeat reports the new copy, plans that name it read from the source
 //     instead, and the source keeps its copy (for a move it is freed afterwards by
 //     reconciliation);

@@ -154,12 +154,15 @@ class InstanceServer::Impl {
     dp->peers = std::move(next);
   }
 
-  void FreeSegments(const google::protobuf::RepeatedField<uint64_t>& segments) {
+  // Frees what the coordinator found unlisted in the report taken at store generation
+  // `generation` (a copy stored since, e.g. the same segment placed here again, stays).
+  void FreeSegments(const google::protobuf::RepeatedField<uint64_t>& segments,
+                    uint64_t generation) {
     std::shared_ptr<DataPlane> dp = Data();
     if (dp == nullptr) return;
     for (uint64_t seg : segments) {
       // A pinned copy (being read right now) stays; the next heartbeat asks again.
-      if (dp->pool->FreeSegment(InstanceId(dp->id), InstanceId(dp->id), SegmentId(seg)).ok()) {
+      if (dp->pool->FreeIfUnchangedSince(InstanceId(dp->id), SegmentId(seg), generation).ok()) {
         reconcile_frees_.fetch_add(1);
       }
     }
@@ -168,9 +171,11 @@ class InstanceServer::Impl {
   // What this instance holds (with parents and token counts), its slot use and its traffic.
   void RefreshState() {
     v1::InstanceState state;
+    uint64_t generation = 0;
     std::shared_ptr<DataPlane> dp = Data();
     if (dp != nullptr) {
       const InstanceId self(dp->id);
+      generation = dp->pool->StoreGeneration(self);  // before the list: see FreeSegments
       for (const engine::HeldSegmentInfo& h : dp->pool->Held(self)) {
         v1::Segment* s = state.add_segments();
         s->set_id(h.id.value());
@@ -190,11 +195,18 @@ class InstanceServer::Impl {
     state.mutable_traffic()->set_reconcile_frees(reconcile_frees_.load());
     absl::MutexLock lock(&mu_);
     state_ = std::move(state);
+    state_generation_ = generation;
   }
 
   v1::InstanceState State() const {
     absl::MutexLock lock(&mu_);
     return state_;
+  }
+
+  // The latest report and the store generation it was taken at.
+  std::pair<v1::InstanceState, uint64_t> StateAndGeneration() const {
+    absl::MutexLock lock(&mu_);
+    return {state_, state_generation_};
   }
 
   bool RegisterOnce() {
@@ -203,7 +215,8 @@ class InstanceServer::Impl {
     request.set_name(options_.name);
     request.set_preferred_id(options_.preferred_id);
     request.set_transport_port(tcp_->port());
-    *request.mutable_state() = State();
+    auto [state, generation] = StateAndGeneration();
+    *request.mutable_state() = std::move(state);
     request.set_namespace_name(options_.namespace_name);
     request.set_segment_tokens(options_.segment_tokens);
     v1::RegisterReply reply;
@@ -230,7 +243,8 @@ class InstanceServer::Impl {
       }
     }
     ApplyPeers(reply.peers());
-    FreeSegments(reply.free_segments());
+    // A rebuilt data plane holds nothing the report could name.
+    if (Data() == dp) FreeSegments(reply.free_segments(), generation);
     absl::MutexLock lock(&mu_);
     id_ = reply.instance_id();
     epoch_ = reply.coordinator_epoch();
@@ -261,14 +275,15 @@ class InstanceServer::Impl {
       if (!first_after_register) absl::SleepFor(interval);
       first_after_register = false;
       RefreshState();
-      *request.mutable_state() = State();
+      auto [state, generation] = StateAndGeneration();
+      *request.mutable_state() = std::move(state);
       v1::HeartbeatReply reply;
       grpc::ClientContext ctx;
       ctx.set_deadline(absl::ToChronoTime(absl::Now() + interval));
       grpc::Status s = stub_->Heartbeat(&ctx, request, &reply);
       if (s.ok()) {
         ApplyPeers(reply.peers());
-        FreeSegments(reply.free_segments());
+        FreeSegments(reply.free_segments(), generation);
       } else if (s.error_code() == grpc::StatusCode::NOT_FOUND) {
         registered = false;
       }
@@ -422,6 +437,7 @@ class InstanceServer::Impl {
   mutable absl::Mutex mu_;
   std::shared_ptr<DataPlane> data_ ABSL_GUARDED_BY(mu_);
   v1::InstanceState state_ ABSL_GUARDED_BY(mu_);
+  uint64_t state_generation_ ABSL_GUARDED_BY(mu_) = 0;
   int32_t id_ ABSL_GUARDED_BY(mu_) = -1;
   uint64_t epoch_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t registrations_ ABSL_GUARDED_BY(mu_) = 0;

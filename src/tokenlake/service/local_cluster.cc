@@ -4,6 +4,8 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
@@ -87,7 +89,7 @@ absl::Status LocalCluster::StartCoordinator(bool reuse_ports) {
                                    "--instances",
                                    absl::StrCat(options_.instances),
                                    "--slots",
-                                   absl::StrCat(options_.slots),
+                                   absl::StrCat(LakeSlots(options_.slots)),
                                    "--heartbeat-ms",
                                    absl::StrCat(options_.heartbeat_ms),
                                    "--dead-after-ms",
@@ -120,6 +122,10 @@ absl::Status LocalCluster::StartCoordinator(bool reuse_ports) {
   grpc_port_ = j["grpc_port"].get<int32_t>();
   transport_port_ = j["transport_port"].get<int32_t>();
   return absl::OkStatus();
+}
+
+int32_t LakeSlots(int32_t instance_slots) {
+  return std::max(1, instance_slots - std::max(1, instance_slots / 64));
 }
 
 absl::Status LocalCluster::StartInstance(int32_t i) {

@@ -27,7 +27,9 @@ struct LocalClusterOptions {
   int32_t instances = 2;
   // HTTP port of the coordinator (0 = any free port).
   int32_t http_port = 0;
-  // Segment size, slots per instance.
+  // Segment size, slots per instance (each instance's store). The coordinator's lake counts
+  // LakeSlots(slots) per instance: a few slots of headroom, so that frees still in flight (or
+  // deferred while a copy is being read) never make a store refuse a segment the lake placed.
   int32_t segment_tokens = 16;
   int32_t slots = 1024;
   // Membership timing (see CoordinatorOptions).
@@ -42,6 +44,9 @@ struct LocalClusterOptions {
   // How long Start / restarts wait for the cluster to become ready.
   absl::Duration ready_timeout = absl::Seconds(60);
 };
+
+// The slots per instance the lake counts for stores of `instance_slots` slots (1/64 less).
+int32_t LakeSlots(int32_t instance_slots);
 
 class LocalCluster {
  public:
