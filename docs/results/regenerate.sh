@@ -24,6 +24,12 @@ for w in chat agent docqa; do
   timed docs/results/${w}_paper_gpu.txt $B sim --workload $w --requests 10000 --max-rate --gpu h100-paper --json docs/results/${w}_paper_gpu.json
 done
 timed docs/results/conversation_paper_gpu.txt $B sim --trace $T --max-rate --gpu h100-paper --json docs/results/conversation_paper_gpu.json
+# The same four with the first measured profile, whose prefill figure is the mma.sync kernel's.
+M=bench/results/h100-profile-cli/mma-sync/h100.json
+for w in chat agent docqa; do
+  timed docs/results/${w}_mma_sync_gpu.txt $B sim --workload $w --requests 10000 --max-rate --gpu $M --json docs/results/${w}_mma_sync_gpu.json
+done
+timed docs/results/conversation_mma_sync_gpu.txt $B sim --trace $T --max-rate --gpu $M --json docs/results/conversation_mma_sync_gpu.json
 # Mooncake with its host-DRAM store.
 timed docs/results/conversation_pd_dram.txt $B sim --trace $T --max-rate --policies pd-disagg --pd-dram-gb 200 --json docs/results/conversation_pd_dram.json
 timed docs/results/docqa_pd_dram.txt $B sim --workload docqa --requests 10000 --max-rate --policies pd-disagg --pd-dram-gb 200 --json docs/results/docqa_pd_dram.json
@@ -52,4 +58,4 @@ extra() {
 extra --trace $T --rate 16 --policies pd-disagg
 extra --trace $T --policies tokenlake --tl-local-evict 0 --json /tmp/tl_local_evict0.json
 python3 -c "import json; r=json.load(open('/tmp/tl_local_evict0.json'))['results'][0]; print('bytes_moved_by_kind (TB):', {k: round(v / 1e12, 2) for k, v in r['bytes_moved_by_kind'].items()})" >>docs/results/extra.txt
-extra --trace $T --rate 19.5 --policies cache-aware,tokenlake
+extra --trace $T --rate 23 --policies cache-aware,tokenlake
