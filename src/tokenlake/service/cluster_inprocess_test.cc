@@ -9,6 +9,7 @@
 #include "gtest/gtest.h"
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/llama_model.h"
+#include "tokenlake/index/segment_id.h"
 #include "tokenlake/service/coordinator.h"
 #include "tokenlake/service/instance_server.h"
 #include "tokenlake/service/local_cluster.h"
@@ -185,6 +186,70 @@ TEST_F(InProcessClusterTest, DroppedMessagesFailWithinTheDeadline) {
   auto ok = coordinator_->Complete({.prompt = Prompt(1), .max_tokens = 2});
   ASSERT_TRUE(ok.ok()) << ok.status();
   EXPECT_EQ(ok->tokens, Expected(Prompt(1), 2));
+}
+
+// The value of an unlabelled sample `name v` in the metrics text (-1 if absent).
+double MetricValue(const std::string& text, const std::string& name) {
+  const size_t pos = text.find("\n" + name + " ");
+  if (pos == std::string::npos) return -1;
+  return std::stod(text.substr(pos + name.size() + 2));
+}
+
+TEST_F(InProcessClusterTest, RotatedComputeMovesQueriesAndKvBetweenInstances) {
+  // Restart the coordinator with computing instances taking turns.
+  options_.rotate_compute_instance = true;
+  options_.grpc_port = coordinator_->grpc_port();
+  options_.transport_port = coordinator_->transport_port();
+  coordinator_.reset();
+  StartCoordinator();
+  WaitForLive(2);
+  int64_t cached = 0;
+  for (int i = 0; i < 6; ++i) {
+    auto r = coordinator_->Complete({.prompt = Prompt(i % 3), .max_tokens = 3});
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->tokens, Expected(Prompt(i % 3), 3)) << "request " << i;
+    cached += r->cached_tokens;
+  }
+  EXPECT_GT(cached, 0);
+  const std::string m = coordinator_->MetricsText();
+  EXPECT_GT(MetricValue(m, "tokenlake_remote_attend_calls_total"), 0) << m;
+  EXPECT_GT(MetricValue(m, "tokenlake_lake_plan_iterations_total"), 0);
+}
+
+TEST_F(InProcessClusterTest, RebalancedHeavyHitterSurvivesTheLossOfAHolder) {
+  // The shared prefix's two segments (the fixture's Prompt: 40 shared tokens, 16-token
+  // segments).
+  auto keys = index::ComputeSegmentKeys(index::NamespaceSalt(options_.namespace_name),
+                                        absl::MakeConstSpan(Prompt(0)).subspan(0, 32), 16);
+  ASSERT_TRUE(keys.ok());
+  auto replicated = [&] {
+    for (const index::SegmentKey& k : *keys) {
+      if (coordinator_->ReplicasOf(k.id.value()).size() < 2) return false;
+    }
+    return true;
+  };
+  for (int i = 0; i < 40 && !replicated(); ++i) {
+    auto r = coordinator_->Complete({.prompt = Prompt(i), .max_tokens = 2});
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->tokens, Expected(Prompt(i), 2));
+    if (i >= 2) ASSERT_TRUE(coordinator_->RebalanceNow().ok());
+  }
+  ASSERT_TRUE(replicated()) << "the heavy prefix was not replicated";
+  // The copies are real: wait until both instances report them (heartbeats), then lose one.
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (absl::Now() < deadline &&
+         (instances_[0]->segments() < 2 || instances_[1]->segments() < 2)) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  instances_[0]->Shutdown();
+  WaitForLive(1);
+  for (const index::SegmentKey& k : *keys) {
+    EXPECT_EQ(coordinator_->ReplicasOf(k.id.value()), std::vector<int32_t>{1});
+  }
+  auto r = coordinator_->Complete({.prompt = Prompt(77), .max_tokens = 3});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->tokens, Expected(Prompt(77), 3));
+  EXPECT_EQ(r->cached_tokens, 32);  // served by the surviving replica
 }
 
 }  // namespace
