@@ -263,7 +263,6 @@ TEST(InstancePoolTest, PoolsHostingDisjointInstancesTalkOverASharedTransport) {
   (*shared)->Shutdown();
 }
 
-
 // A free decided from an older report never drops a copy stored since (store generations).
 TEST(InstancePoolTest, FreeIfUnchangedSinceSparesACopyStoredAgain) {
   auto pool = MakePool(1, KvDtype::kFloat32, 4);
