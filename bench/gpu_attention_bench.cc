@@ -79,6 +79,40 @@ int main(int argc, char** argv) {
       runs.push_back({merge == 0 ? "decode" : "decode_sep_merge", s});
     }
   }
+  // The tensor-core decode kernel (decode_kernel = 2): default 3 stages per warp, also 2 and 4
+  // stages, and 48 / 64 splits (~3 / 4 blocks per SM with 2 stages), beside the rows above.
+  for (int seg : {512, 256, 64}) {
+    for (int stages : {0, 2, 4}) {
+      tl::AttentionBenchShape s;
+      s.num_q_tokens = 1;
+      s.segment_tokens = seg;
+      s.kernel = 2;
+      s.decode_kernel = 2;
+      s.decode_mma_stages = stages;
+      runs.push_back({"decode_tc_s" + std::to_string(stages == 0 ? 3 : stages), s});
+    }
+  }
+  for (int seg : {512, 256}) {
+    for (int splits : {48, 64}) {
+      tl::AttentionBenchShape s;
+      s.num_q_tokens = 1;
+      s.segment_tokens = seg;
+      s.kernel = 2;
+      s.decode_kernel = 2;
+      s.decode_mma_stages = 2;
+      s.num_splits = splits;
+      runs.push_back({"decode_tc_s2", s});
+    }
+  }
+  for (int req : {8, 32}) {
+    tl::AttentionBenchShape s;
+    s.num_q_tokens = 1;
+    s.segment_tokens = 256;
+    s.kernel = 2;
+    s.decode_kernel = 2;
+    s.num_requests = req;
+    runs.push_back({"decode_tc_batch" + std::to_string(req), s});
+  }
   // Batched decode: R requests of 32K / R tokens each in one call, against one request of
   // 32K / R tokens alone (times R for R separate calls).
   for (int req : {8, 32}) {
@@ -218,6 +252,8 @@ int main(int argc, char** argv) {
                          {"decode_kv_heads", s.decode_kv_heads},
                          {"decode_schedule", s.decode_schedule},
                          {"decode_threads", s.decode_threads},
+                         {"decode_kernel", s.decode_kernel},
+                         {"decode_mma_stages", s.decode_mma_stages},
                          {"num_requests", s.num_requests},
                          {"us", t->us},
                          {"tflops", t->tflops},

@@ -382,6 +382,8 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
   p.decode_kv_heads_per_block = s.decode_kv_heads;
   p.decode_schedule = s.decode_schedule;
   p.decode_threads_per_block = s.decode_threads;
+  p.decode_kernel = s.decode_kernel;
+  p.decode_mma_stages = s.decode_mma_stages;
   p.blocks = blocks.get<DeviceKvBlock>();
   DeviceMem offsets;
   if (num_requests > 1) {

@@ -1344,6 +1344,272 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Decode on tensor cores (decode_kernel = 2): the G (<= 8) query heads of one KV head's group
+// are the rows of one m16n8k16 tile (rows G..15 zero), so S = Q K^T and O += P V are mma.sync
+// over 16 keys at a time and the per-key CUDA-core dot products, shuffles and softmax of the
+// kernels above disappear (per 16 keys and warp: 16 + 16 mma, 2 max shuffles, 4 exp2).
+// Thread block: kDecodeMmaWarps warps, one (work item, KV head, query token) as above; every
+// warp streams its own 16-key slice of each 16 * kDecodeMmaWarps-key step through its own
+// S-stage cp.async pipeline in shared memory (XOR-swizzled rows, so ldmatrix is conflict-free)
+// and keeps its own online softmax, so the main loop has no block-wide barrier; the warps
+// combine through shared memory at the end, then the fused split merge runs as above.
+constexpr int kDecodeMmaWarps = 4;
+constexpr int kDecodeMmaKeys = 16;  // keys per warp per step
+
+template <int D, int S>
+__host__ __device__ constexpr int DecodeMmaSmemBytes() {
+  return kDecodeMmaWarps * S * 2 * kDecodeMmaKeys * D * 2;
+}
+
+template <int D, int G, int S>
+__global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const DecodeArgs args) {
+  static_assert(G >= 1 && G <= 8);
+  constexpr int NW = kDecodeMmaWarps;
+  constexpr int kStep = NW * kDecodeMmaKeys;      // key rows per block step
+  constexpr int kWarpElems = kDecodeMmaKeys * D;  // one warp's K (or V) slice of a stage
+  constexpr int kChunksPerRow = D / 8;            // 16-byte chunks per key row
+  constexpr int kCopies = kDecodeMmaKeys * kChunksPerRow / 32;  // per lane, of K (and of V)
+  constexpr int kKSteps = D / 16;                               // k-steps of Q K^T
+  constexpr int kOTiles = D / 8;                                // n-tiles of O
+  static_assert(NW * G * D * 4 + 2 * NW * G * 4 <= DecodeMmaSmemBytes<D, S>());
+  extern __shared__ __align__(128) uint16_t dsmem[];  // [warp][stage][K, V][16][D]
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int r = lane / 4;  // fragment row = query head of the group (valid when r < G)
+  const int qd = lane % 4;
+  const int item = blockIdx.x;
+  const int kv_head = blockIdx.y;
+  const int head0 = kv_head * G;  // group == G
+  const int qi = blockIdx.z;
+  const DeviceKvBlock* blocks = args.blocks;
+  int num_blocks = args.num_blocks;
+  int blocks_per_item = args.blocks_per_item;
+  if (args.q_block_offsets != nullptr) {
+    const int first = args.q_block_offsets[qi];
+    blocks += first;
+    num_blocks = args.q_block_offsets[qi + 1] - first;
+    blocks_per_item = max(1, (num_blocks + args.num_items - 1) / args.num_items);
+  }
+  const int b_first = (item / args.chunks_per_block) * blocks_per_item;
+  const int b_last = min(num_blocks, b_first + blocks_per_item);
+  const bool chunked = args.chunks_per_block > 1;
+  const int chunk_begin = (item % args.chunks_per_block) * args.chunk_tokens;
+  const int64_t qpos = static_cast<int64_t>(args.q_start_pos) + qi;
+  const int row_stride = args.num_kv_heads * D;
+
+  // Q as the A fragments (rows r and r + 8; rows >= G and the upper half are zero).
+  uint32_t qa[kKSteps][2];
+#pragma unroll
+  for (int kk = 0; kk < kKSteps; ++kk) {
+    qa[kk][0] = qa[kk][1] = 0u;
+    if (r < G) {
+      const uint32_t* qrow = reinterpret_cast<const uint32_t*>(
+          args.q + (static_cast<int64_t>(qi) * args.num_heads + head0 + r) * D + 16 * kk + 2 * qd);
+      qa[kk][0] = qrow[0];
+      qa[kk][1] = qrow[4];  // dims + 8
+    }
+  }
+  float o[kOTiles][4];
+#pragma unroll
+  for (int n = 0; n < kOTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m = kNegInf;  // row r's running max (log2 domain)
+  float l = 0.f;      // this lane's share of row r's sum
+
+  struct Cursor {
+    int b;
+    int tb;
+    int tend;
+    int64_t key0;
+  };
+  auto settle = [&](Cursor& c) {
+    while (c.b < b_last) {
+      const int n = blocks[c.b].num_tokens;
+      c.tend = chunked ? min(n, chunk_begin + args.chunk_tokens) : n;
+      if (c.tb < c.tend) return;
+      c.key0 += n;
+      ++c.b;
+      c.tb = chunked ? chunk_begin : 0;
+    }
+  };
+  auto advance = [&](Cursor& c) {
+    c.tb += kStep;
+    if (c.tb >= c.tend) {
+      if (chunked) {
+        c.b = b_last;
+        return;
+      }
+      c.key0 += blocks[c.b].num_tokens;
+      ++c.b;
+      c.tb = 0;
+      settle(c);
+    }
+  };
+  uint16_t* wsmem = dsmem + warp * S * 2 * kWarpElems;
+  auto issue = [&](const Cursor& c, int stage) {
+    const DeviceKvBlock blk = blocks[c.b];
+    const int row0 = c.tb + warp * kDecodeMmaKeys;
+    const int valid = min(kDecodeMmaKeys, c.tend - row0);  // may be <= 0
+    const uint16_t* kb = static_cast<const uint16_t*>(blk.k) + kv_head * D;
+    const uint16_t* vb = static_cast<const uint16_t*>(blk.v) + kv_head * D;
+    const uint32_t base = SmemAddr(wsmem + stage * 2 * kWarpElems);
+#pragma unroll
+    for (int it = 0; it < kCopies; ++it) {
+      const int i = lane + it * 32;
+      const int row = i / kChunksPerRow;
+      const int ch = i % kChunksPerRow;
+      const bool ok = row < valid;
+      const int64_t off = ok ? static_cast<int64_t>(row0 + row) * row_stride + ch * 8 : 0;
+      const uint32_t dst = base + SwizzledOffset<D>(row, ch) * 2;
+      CpAsync16(dst, kb + off, ok ? 16 : 0);
+      CpAsync16(dst + kWarpElems * 2, vb + off, ok ? 16 : 0);
+    }
+  };
+
+  Cursor load{b_first, chunked ? chunk_begin : 0, 0, 0};
+  if (args.causal) load.key0 = KeysBefore(blocks, b_first);
+  settle(load);
+  Cursor comp = load;
+  int issued = 0;
+#pragma unroll
+  for (int st = 0; st < S - 1; ++st) {
+    if (load.b < b_last) {
+      issue(load, st);
+      advance(load);
+      ++issued;
+    }
+    CpAsyncCommit();
+  }
+  int stage = 0;
+  for (int computed = 0; computed < issued; ++computed) {
+    CpAsyncWait<S - 2>();
+    __syncwarp();  // every lane's copies of this stage landed; the stage refilled below is free
+    if (load.b < b_last) {
+      issue(load, (stage + S - 1) % S);
+      advance(load);
+      ++issued;
+    }
+    CpAsyncCommit();
+
+    const int row0 = comp.tb + warp * kDecodeMmaKeys;
+    if (row0 < comp.tend) {  // (uniform per warp) some of this warp's 16 rows are keys
+      const uint16_t* kst = wsmem + stage * 2 * kWarpElems;
+      const uint16_t* vst = kst + kWarpElems;
+      float s[2][4];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk) {
+        const int mi = lane >> 3;
+        const int key = 8 * (mi >> 1) + (lane & 7);
+        const int chunk = 2 * kk + (mi & 1);
+        uint32_t b0, b1, b2, b3;
+        LdMatrixX4(SmemAddr(kst + SwizzledOffset<D>(key, chunk)), b0, b1, b2, b3);
+        const uint32_t a[4] = {qa[kk][0], 0u, qa[kk][1], 0u};
+        MmaBf16(s[0], a, b0, b1);
+        MmaBf16(s[1], a, b2, b3);
+      }
+      const int valid = comp.tend - row0;
+      const bool need_mask =
+          valid < kDecodeMmaKeys || (args.causal && comp.key0 + row0 + kDecodeMmaKeys - 1 > qpos);
+      float mx = kNegInf;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float v = s[j][e] * args.scale_log2;
+          if (need_mask) {
+            const int col = 8 * j + 2 * qd + e;
+            if (col >= valid || (args.causal && comp.key0 + row0 + col > qpos)) v = kNegInf;
+          }
+          s[j][e] = v;
+          mx = fmaxf(mx, v);
+        }
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float nm = fmaxf(m, mx);
+      const float use = nm == kNegInf ? 0.f : nm;
+      const float corr = exp2f(m - use);
+      m = nm;
+      const float p00 = exp2f(s[0][0] - use);
+      const float p01 = exp2f(s[0][1] - use);
+      const float p10 = exp2f(s[1][0] - use);
+      const float p11 = exp2f(s[1][1] - use);
+      l = l * corr + ((p00 + p01) + (p10 + p11));
+      const uint32_t pa[4] = {PackBf16(p00, p01), 0u, PackBf16(p10, p11), 0u};
+#pragma unroll
+      for (int n = 0; n < kOTiles; ++n) {
+        o[n][0] *= corr;
+        o[n][1] *= corr;
+      }
+#pragma unroll
+      for (int n = 0; n < kOTiles; n += 2) {
+        const int mi = lane >> 3;
+        const int key = 8 * (mi & 1) + (lane & 7);
+        const int chunk = n + (mi >> 1);
+        uint32_t b0, b1, b2, b3;
+        LdMatrixX4Trans(SmemAddr(vst + SwizzledOffset<D>(key, chunk)), b0, b1, b2, b3);
+        MmaBf16(o[n], pa, b0, b1);
+        MmaBf16(o[n + 1], pa, b2, b3);
+      }
+    }
+    advance(comp);
+    stage = (stage + 1) % S;
+  }
+  CpAsyncWait<0>();
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  __syncthreads();  // every warp is done with its stages: they become the combine arrays
+
+  float* sm_o = reinterpret_cast<float*>(dsmem);  // [NW][G][D]
+  float* sm_m = sm_o + NW * G * D;                // [NW][G]
+  float* sm_l = sm_m + NW * G;                    // [NW][G]
+  if (r < G) {
+#pragma unroll
+    for (int n = 0; n < kOTiles; ++n) {
+      *reinterpret_cast<float2*>(sm_o + (warp * G + r) * D + 8 * n + 2 * qd) =
+          make_float2(o[n][0], o[n][1]);
+    }
+    if (qd == 0) {
+      sm_m[warp * G + r] = m;
+      sm_l[warp * G + r] = l;
+    }
+  }
+  __syncthreads();
+  const bool final_out = args.num_items == 1;
+  for (int idx = tid; idx < G * D; idx += NW * 32) {
+    const int h = idx / D;
+    const int d = idx % D;
+    float mm = kNegInf;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) mm = fmaxf(mm, sm_m[w * G + h]);
+    const float use = mm == kNegInf ? 0.f : mm;
+    float ll = 0.f, oo = 0.f;
+#pragma unroll
+    for (int w = 0; w < NW; ++w) {
+      const float wt = exp2f(sm_m[w * G + h] - use);
+      ll = fmaf(sm_l[w * G + h], wt, ll);
+      oo = fmaf(sm_o[(w * G + h) * D + d], wt, oo);
+    }
+    const float out_v = ll > 0.f ? oo / ll : 0.f;
+    const float lse_v = ll > 0.f ? (mm + log2f(ll)) * kLn2 : kNegInf;
+    const int64_t row = static_cast<int64_t>(qi) * args.num_heads + head0 + h;
+    if (final_out) {
+      args.out[row * D + d] = out_v;
+      if (d == 0) args.lse[row] = lse_v;
+    } else {
+      args.out[(row * args.num_items + item) * D + d] = out_v;
+      if (d == 0) args.lse[row * args.num_items + item] = lse_v;
+    }
+  }
+  if (!final_out && args.counters != nullptr) {
+    DecodeFusedMerge<D, G, 1>(args, qi, kv_head, 0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Merges. MergeSplitsKernel: one thread block per row; partial p of row r at
 // o + p * o_part_stride + r * o_row_stride (D contiguous floats) and lse + p * l_part_stride +
 // r * l_row_stride. 256 threads: D/4 float4 lanes x (256 / (D/4)) partial groups.
@@ -1652,6 +1918,17 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
         absl::StrFormat("PagedAttention: decode_schedule = %d, supported: 0 (static), 1 (dynamic)",
                         p.decode_schedule));
   }
+  if (p.decode_kernel < 0 || p.decode_kernel > 2) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: decode_kernel = %d, supported: 0 (auto), 1 (CUDA cores), 2 (tensor "
+        "cores)",
+        p.decode_kernel));
+  }
+  if (p.decode_mma_stages != 0 && (p.decode_mma_stages < 2 || p.decode_mma_stages > 4)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PagedAttention: decode_mma_stages = %d, supported: 0 (auto), 2, 3, 4",
+                        p.decode_mma_stages));
+  }
   if (p.decode_merge < 0 || p.decode_merge > 1) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: decode_merge = %d, supported: 0 (fused), 1 (separate kernel)",
@@ -1691,6 +1968,8 @@ struct Config {
   int dyn_chunks_per_block = 1;  // decode, dynamic
   int decode_kvh = 1;            // decode: KV heads per thread block (shared-memory kernel only)
   int decode_threads = kDecodeThreads;  // decode, shared-memory kernel: threads per block
+  bool decode_mma = false;              // decode: the tensor-core kernel (DecodeMmaKernel)
+  int decode_mma_stages = 3;            // decode, tensor-core kernel: pipeline stages per warp
   size_t workspace_bytes = 0;           // kPagedAttentionCounterBytes + partials, or 0
 };
 
@@ -1785,6 +2064,68 @@ absl::StatusOr<int> DecodeBlocksPerSm(int d, int g, int u, bool smem) {
   return smem ? DecodeBlocksPerSmS<true>(d, g, u) : DecodeBlocksPerSmS<false>(d, g, u);
 }
 
+// The tensor-core decode kernel: shapes it serves (else the CUDA-core kernels run).
+bool DecodeMmaSupports(const PagedAttentionParams& p) {
+  const int group = p.num_heads / p.num_kv_heads;
+  return (p.head_dim == 128 || p.head_dim == 64) &&
+         (group == 1 || group == 2 || group == 4 || group == 8);
+}
+
+template <int D, int G, int S>
+cudaError_t PrepareDecodeMma() {
+  static const cudaError_t err =
+      cudaFuncSetAttribute(DecodeMmaKernel<D, G, S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           DecodeMmaSmemBytes<D, S>());
+  return err;
+}
+
+template <int D, int G, int S>
+absl::StatusOr<int> DecodeMmaBlocksPerSmT() {
+  static int blocks = 0;
+  static const cudaError_t err = PrepareDecodeMma<D, G, S>() != cudaSuccess
+                                     ? PrepareDecodeMma<D, G, S>()
+                                     : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                                           &blocks, DecodeMmaKernel<D, G, S>, kDecodeMmaWarps * 32,
+                                           DecodeMmaSmemBytes<D, S>());
+  if (err != cudaSuccess) {
+    return absl::InternalError(
+        absl::StrFormat("decode (tensor cores) occupancy: %s", cudaGetErrorString(err)));
+  }
+  return blocks;
+}
+
+// Calls f(std::integral_constant<int, D>, ..G.., ..S..) for the kernel's supported shapes.
+template <typename F>
+auto DispatchDecodeMma(int d, int g, int stages, F&& f) {
+  using std::integral_constant;
+  auto with_s = [&](auto dc, auto gc) {
+    if constexpr (decltype(dc)::value == 128) {
+      if (stages == 2) return f(dc, gc, integral_constant<int, 2>());
+      if (stages == 4) return f(dc, gc, integral_constant<int, 4>());
+    }
+    return f(dc, gc, integral_constant<int, 3>());
+  };
+  auto with_g = [&](auto dc) {
+    switch (g) {
+      case 8:
+        return with_s(dc, integral_constant<int, 8>());
+      case 4:
+        return with_s(dc, integral_constant<int, 4>());
+      case 2:
+        return with_s(dc, integral_constant<int, 2>());
+      default:
+        return with_s(dc, integral_constant<int, 1>());
+    }
+  };
+  return d == 128 ? with_g(integral_constant<int, 128>()) : with_g(integral_constant<int, 64>());
+}
+
+absl::StatusOr<int> DecodeMmaBlocksPerSm(int d, int g, int stages) {
+  return DispatchDecodeMma(d, g, stages, [](auto dc, auto gc, auto sc) {
+    return DecodeMmaBlocksPerSmT<decltype(dc)::value, decltype(gc)::value, decltype(sc)::value>();
+  });
+}
+
 template <int MT>
 absl::StatusOr<int> PrefillBlocksPerSmM(int d, int nw) {
   if (d == 128) {
@@ -1868,10 +2209,22 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
       c.decode_threads = 256;  // same shared memory per block as 128 threads x 4 tokens
       c.decode_unroll = 2;
     }
+    // The tensor-core kernel when asked for (decode_kernel = 2) and the shape suits it.
+    c.decode_mma = p.decode_kernel == 2 && DecodeMmaSupports(p);
+    if (c.decode_mma) {
+      c.decode_g = group;  // one thread block serves the whole group of a KV head
+      c.decode_kvh = 1;    // (the CUDA-core kernels' tuning does not apply)
+      c.decode_threads = kDecodeThreads;
+      c.decode_unroll = 4;
+      c.decode_smem = true;
+      c.decode_mma_stages = p.decode_mma_stages != 0 ? p.decode_mma_stages : 3;
+      if (p.head_dim != 128) c.decode_mma_stages = 3;  // (other depths instantiated for 128)
+    }
     const int64_t ctas_per_item =
         static_cast<int64_t>(p.num_kv_heads / c.decode_kvh) * (group / c.decode_g) * p.num_q_tokens;
     absl::StatusOr<int> per_sm =
-        DecodeBlocksPerSm(p.head_dim, c.decode_g, c.decode_unroll, c.decode_smem);
+        c.decode_mma ? DecodeMmaBlocksPerSm(p.head_dim, c.decode_g, c.decode_mma_stages)
+                     : DecodeBlocksPerSm(p.head_dim, c.decode_g, c.decode_unroll, c.decode_smem);
     if (!per_sm.ok()) return per_sm.status();
     // About two thread blocks per multiprocessor (capped by occupancy): measured on an H100
     // (docs/results-gpu.md) this beat both a full occupancy wave and finer splits, which only
@@ -1909,8 +2262,8 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
     const int dyn_chunk = std::min(kDynChunkTokens, p.max_block_tokens);
     const int dyn_per_block = (p.max_block_tokens + dyn_chunk - 1) / dyn_chunk;
     const int64_t dyn_total = static_cast<int64_t>(p.num_blocks) * dyn_per_block;
-    if (p.decode_schedule == 1 && !batched && c.decode_smem && !p.causal && counters_fit &&
-        std::min<int64_t>(target_items, dyn_total) > 1) {
+    if (p.decode_schedule == 1 && !c.decode_mma && !batched && c.decode_smem && !p.causal &&
+        counters_fit && std::min<int64_t>(target_items, dyn_total) > 1) {
       // Dynamic: target_items blocks per head group take kDynChunkTokens-row chunks.
       c.decode_dynamic = true;
       c.dyn_chunk_tokens = dyn_chunk;
@@ -1995,6 +2348,23 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
   if (c.items > 1 && (c.decode_fused || c.decode_dynamic)) {
     a.counters = static_cast<unsigned int*>(p.workspace);
   }
+  if constexpr (G == 1 && U == 4) {  // (LaunchDecodeD routes the tensor-core kernel here)
+    if (c.decode_mma) {
+      return DispatchDecodeMma(D, a.group, c.decode_mma_stages, [&](auto dc, auto gc, auto sc) {
+        constexpr int kD = decltype(dc)::value;
+        constexpr int kG = decltype(gc)::value;
+        constexpr int kS = decltype(sc)::value;
+        if (cudaError_t err = PrepareDecodeMma<kD, kG, kS>(); err != cudaSuccess) {
+          return absl::InternalError(absl::StrFormat(
+              "cudaFuncSetAttribute(decode tensor cores): %s", cudaGetErrorString(err)));
+        }
+        const dim3 grid(c.items, p.num_kv_heads, p.num_q_tokens);
+        DecodeMmaKernel<kD, kG, kS>
+            <<<grid, kDecodeMmaWarps * 32, DecodeMmaSmemBytes<kD, kS>(), stream>>>(a);
+        return LaunchStatus("decode attention (tensor cores)");
+      });
+    }
+  }
   const dim3 grid(c.items, (p.num_kv_heads / c.decode_kvh) * (a.group / G), p.num_q_tokens);
   if (c.decode_smem) {
     auto launch = [&](auto kvh_constant, auto threads_constant) -> absl::Status {
@@ -2048,6 +2418,7 @@ absl::Status LaunchDecodeDU(const PagedAttentionParams& p, const Config& c, floa
 template <int D>
 absl::Status LaunchDecodeD(const PagedAttentionParams& p, const Config& c, float scale_log2,
                            float* out, float* lse, cudaStream_t stream) {
+  if (c.decode_mma) return LaunchDecode<D, 1, 4>(p, c, scale_log2, out, lse, stream);
   return c.decode_unroll == 2 ? LaunchDecodeDU<D, 2>(p, c, scale_log2, out, lse, stream)
                               : LaunchDecodeDU<D, 4>(p, c, scale_log2, out, lse, stream);
 }

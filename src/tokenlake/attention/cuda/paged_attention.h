@@ -164,6 +164,17 @@ struct PagedAttentionParams {
   // block, 128 or 256; 256 takes 2 tokens per token group per step (the same shared memory per
   // block, twice the warps). 0 = default (128).
   int32_t decode_threads_per_block = 0;
+  // Decode implementation: 0 = auto (today the CUDA-core kernels), 1 = the CUDA-core kernels
+  // (the decode tuning fields above and below apply to them), 2 = the tensor-core kernel
+  // (mma.sync: the group's query heads are the rows of one 16-row tile; every warp streams its
+  // own 16-key slices through its own cp.async pipeline; static schedule; head_dim 64 or 128 and
+  // a group (num_heads / num_kv_heads) of 1, 2, 4 or 8 only: other shapes use the CUDA-core
+  // kernels whatever this says; decode_unroll, decode_pipeline, decode_kv_heads_per_block,
+  // decode_schedule and decode_threads_per_block are ignored by it).
+  int32_t decode_kernel = 0;
+  // Decode, tensor-core kernel: cp.async pipeline stages per warp (16 keys of K and V each),
+  // 2, 3 or 4 (head_dim 128; 3 for head_dim 64); 0 = default (3).
+  int32_t decode_mma_stages = 0;
   // Batched decode: null (every query token sees all blocks), or a device array of
   // num_q_tokens + 1 ascending offsets into `blocks`: query token i (one request's token) then
   // attends to blocks [q_block_offsets[i], q_block_offsets[i + 1]) only, so one launch serves

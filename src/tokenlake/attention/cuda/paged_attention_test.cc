@@ -82,6 +82,8 @@ struct Case {
   int decode_kvh = 0;
   int decode_schedule = 0;
   int decode_threads = 0;
+  int decode_kernel = 0;  // 0 auto, 1 CUDA cores, 2 tensor cores
+  int decode_mma_stages = 0;
   float softmax_scale = 0.f;
 };
 
@@ -90,10 +92,10 @@ std::string Describe(const Case& c) {
   for (int l : c.block_lens) lens += absl::StrFormat("%d,", l);
   return absl::StrFormat(
       "q=%d causal=%d q_start=%d kernel=%d prefill_kernel=%d splits=%d unroll=%d pipeline=%d "
-      "merge=%d kvh=%d schedule=%d threads=%d blocks=[%s]",
+      "merge=%d kvh=%d schedule=%d threads=%d decode_kernel=%d mma_stages=%d blocks=[%s]",
       c.num_q, c.causal, c.q_start_pos, static_cast<int>(c.kernel), c.prefill_kernel, c.num_splits,
       c.decode_unroll, c.decode_pipeline, c.decode_merge, c.decode_kvh, c.decode_schedule,
-      c.decode_threads, lens);
+      c.decode_threads, c.decode_kernel, c.decode_mma_stages, lens);
 }
 
 // A workspace as the header asks for: counter bytes zero, the rest poisoned with NaN (so a
@@ -205,6 +207,8 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   p.decode_kv_heads_per_block = c.decode_kvh;
   p.decode_schedule = c.decode_schedule;
   p.decode_threads_per_block = c.decode_threads;
+  p.decode_kernel = c.decode_kernel;
+  p.decode_mma_stages = c.decode_mma_stages;
   absl::StatusOr<size_t> need = PagedAttentionWorkspaceBytes(p, c.kernel);
   ASSERT_TRUE(need.ok()) << need.status();
   DeviceBuffer d_ws(ws == nullptr ? *need : 0);
@@ -313,6 +317,18 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
     RunAndCompare(c, rng);
     if (HasFatalFailure()) return;
     c.prefill_kernel = 0;
+    // The same case on the tensor-core decode kernel (head_dim 64/128 and groups of 1, 2, 4 or 8;
+    // other shapes fall back to the CUDA-core kernels), random splits, stages and merge.
+    c.kernel = AttentionKernel::kDecode;
+    c.decode_kernel = 2;
+    c.num_splits = kSplits[rng() % 4];
+    static constexpr int kStages[] = {0, 2, 3, 4};  // default, 2, 3, 4
+    c.decode_mma_stages = kStages[rng() % 4];
+    c.decode_merge = static_cast<int>(rng() % 2);
+    RunAndCompare(c, rng);
+    if (HasFatalFailure()) return;
+    c.decode_kernel = 0;
+    c.decode_mma_stages = 0;
   }
 }
 
@@ -433,8 +449,12 @@ TEST_P(PagedAttentionGpuTest, FusedSplitMergeMatchesReferenceWithReusedWorkspace
       c.decode_kvh = RandomKvHeadsPerBlock(shape, rng);
       c.decode_schedule = static_cast<int>(rng() % 2);       // static, dynamic
       c.decode_threads = static_cast<int>(rng() % 3) * 128;  // default, 128, 256
-      RunAndCompare(c, rng, ws.ptr, kWsBytes);               // fresh random inputs each time
-      if (HasFatalFailure()) return;
+      for (int dk : {1, 2}) {  // CUDA cores, tensor cores (random pipeline depth 2, 3, 4)
+        c.decode_kernel = dk;
+        c.decode_mma_stages = dk == 2 ? 2 + static_cast<int>(rng() % 3) : 0;
+        RunAndCompare(c, rng, ws.ptr, kWsBytes);  // fresh random inputs each time
+        if (HasFatalFailure()) return;
+      }
     }
   }
 }
@@ -537,8 +557,10 @@ TEST_P(PagedAttentionGpuTest, BatchedDecodeMatchesPerRequestReference) {
     p.num_splits = kSplits[rng() % 5];
     p.decode_merge = static_cast<int>(rng() % 2);
     p.decode_threads_per_block = static_cast<int>(rng() % 3) * 128;
-    SCOPED_TRACE(absl::StrFormat("requests=%d blocks=%d splits=%d merge=%d threads=%d", num_req, nb,
-                                 p.num_splits, p.decode_merge, p.decode_threads_per_block));
+    p.decode_kernel = static_cast<int>(rng() % 3);  // auto, CUDA cores, tensor cores
+    SCOPED_TRACE(absl::StrFormat("requests=%d blocks=%d splits=%d merge=%d threads=%d kernel=%d",
+                                 num_req, nb, p.num_splits, p.decode_merge,
+                                 p.decode_threads_per_block, p.decode_kernel));
     absl::StatusOr<size_t> need = PagedAttentionWorkspaceBytes(p);
     ASSERT_TRUE(need.ok()) << need.status();
     DeviceBuffer d_ws(*need);
@@ -727,6 +749,12 @@ TEST(PagedAttentionArgsTest, RejectsBadShapesWithClearErrors) {
   bad = p;
   bad.decode_schedule = 2;
   expect_invalid(bad, "decode_schedule");
+  bad = p;
+  bad.decode_kernel = 3;
+  expect_invalid(bad, "decode_kernel");
+  bad = p;
+  bad.decode_mma_stages = 5;
+  expect_invalid(bad, "decode_mma_stages");
   bad = p;
   bad.decode_kv_heads_per_block = 3;
   expect_invalid(bad, "decode_kv_heads_per_block");
