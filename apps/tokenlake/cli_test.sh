@@ -65,6 +65,8 @@ if "$bin" --help 2>&1 | grep -q coordinator; then
     "$bin" coordinator --model "$model" --instances 65
   expect "coordinator rejects a bad KV dtype" 2 "kv-dtype" -- \
     "$bin" coordinator --model "$model" --kv-dtype f16
+  expect "instance rejects a zero data-plane timeout" 2 "data-timeout-ms" -- \
+    "$bin" instance --model "$model" --coordinator-port 1 --data-timeout-ms 0
 fi
 
 echo "cli: $passes passed, $failures failed"

@@ -1,6 +1,7 @@
-// `tokenlake instance`: one TokenLake instance process (service/instance_server.h): an engine
-// shard over its own segment store, registered with the coordinator, serving generate requests
-// over the host transport. Runs until SIGTERM/SIGINT.
+// `tokenlake instance`: one TokenLake instance process (service/instance_server.h): its part of
+// the cluster's pool (its segment store, served to the other instances over TCP) and an engine
+// that runs the coordinator's lake plans over the whole pool, registered with the coordinator,
+// serving generate requests over the host transport. Runs until SIGTERM/SIGINT.
 //
 // Exit codes: 0 after a signal, 1 for a runtime error (bad model), 2 for bad flags.
 // Built only with the service module (gRPC, protobuf, cpp-httplib installed).
@@ -13,6 +14,7 @@
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "absl/time/time.h"
 #include "command.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/service/instance_server.h"
@@ -30,6 +32,7 @@ struct InstanceFlags {
   int segment_tokens = 16;
   int slots = 1024;
   std::string kv_dtype = "f32";
+  int data_timeout_ms = 2000;
   bool exit_with_parent = false;
 };
 
@@ -58,6 +61,11 @@ int RunInstance(const InstanceFlags& f) {
   o.segment_tokens = f.segment_tokens;
   o.slots = f.slots;
   o.kv_dtype = f.kv_dtype == "bf16" ? attention::KvDtype::kBFloat16 : attention::KvDtype::kFloat32;
+  if (f.data_timeout_ms < 1) {
+    std::cerr << "tokenlake instance: --data-timeout-ms must be >= 1\n";
+    return 2;
+  }
+  o.data_timeout = absl::Milliseconds(f.data_timeout_ms);
   auto server = service::InstanceServer::Create(model->get(), o);
   if (!server.ok()) {
     std::cerr << "tokenlake instance: " << server.status().message() << "\n";
@@ -90,6 +98,9 @@ void SetUpInstance(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--slots", f->slots, "Segment slots of this instance")->capture_default_str();
   cmd->add_option("--kv-dtype", f->kv_dtype, "KV dtype: f32 or bf16")->capture_default_str();
+  cmd->add_option("--data-timeout-ms", f->data_timeout_ms,
+                  "How long to wait for another instance's data-plane reply")
+      ->capture_default_str();
   cmd->add_flag("--exit-with-parent", f->exit_with_parent, "Exit when the parent process dies");
   cmd->callback([f, exit_code] { *exit_code = RunInstance(*f); });
 }
