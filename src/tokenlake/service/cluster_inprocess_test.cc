@@ -232,7 +232,9 @@ TEST_F(InProcessClusterTest, RebalancedHeavyHitterSurvivesTheLossOfAHolder) {
     auto r = coordinator_->Complete({.prompt = Prompt(i), .max_tokens = 2});
     ASSERT_TRUE(r.ok()) << r.status();
     EXPECT_EQ(r->tokens, Expected(Prompt(i), 2));
-    if (i >= 2) ASSERT_TRUE(coordinator_->RebalanceNow().ok());
+    if (i >= 2) {
+      ASSERT_TRUE(coordinator_->RebalanceNow().ok());
+    }
   }
   ASSERT_TRUE(replicated()) << "the heavy prefix was not replicated";
   // The copies are real: wait until both instances report them (heartbeats), then lose one.
