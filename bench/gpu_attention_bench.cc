@@ -76,11 +76,14 @@ int main(int argc, char** argv) {
       s.segment_tokens = seg;
       s.kernel = 2;
       s.decode_merge = merge;
-      runs.push_back({merge == 0 ? "decode" : "decode_sep_merge", s});
+      runs.push_back({merge == 0 ? "decode" : "decode_sep_merge", s});  // the default kernel
+      s.decode_kernel = 1;  // the CUDA-core kernels (the default before the tensor-core one)
+      runs.push_back({merge == 0 ? "decode_cc" : "decode_cc_sep_merge", s});
     }
   }
-  // The tensor-core decode kernel (decode_kernel = 2): default 3 stages per warp, also 2 and 4
-  // stages, and 48 / 64 splits (~3 / 4 blocks per SM with 2 stages), beside the rows above.
+  // The tensor-core decode kernel (decode_kernel = 2, the default): 3, 2 and 4 pipeline stages
+  // per warp (the default is 4 for 512- and 256-token segments, 2 for 64), and 2 stages with 48
+  // splits (~3 blocks per SM), beside the rows above.
   for (int seg : {512, 256, 64}) {
     for (int stages : {0, 2, 4}) {
       tl::AttentionBenchShape s;
@@ -93,25 +96,14 @@ int main(int argc, char** argv) {
     }
   }
   for (int seg : {512, 256}) {
-    for (int splits : {48, 64}) {
-      tl::AttentionBenchShape s;
-      s.num_q_tokens = 1;
-      s.segment_tokens = seg;
-      s.kernel = 2;
-      s.decode_kernel = 2;
-      s.decode_mma_stages = 2;
-      s.num_splits = splits;
-      runs.push_back({"decode_tc_s2", s});
-    }
-  }
-  for (int req : {8, 32}) {
     tl::AttentionBenchShape s;
     s.num_q_tokens = 1;
-    s.segment_tokens = 256;
+    s.segment_tokens = seg;
     s.kernel = 2;
     s.decode_kernel = 2;
-    s.num_requests = req;
-    runs.push_back({"decode_tc_batch" + std::to_string(req), s});
+    s.decode_mma_stages = 2;
+    s.num_splits = 48;
+    runs.push_back({"decode_tc_s2", s});
   }
   // Batched decode: R requests of 32K / R tokens each in one call, against one request of
   // 32K / R tokens alone (times R for R separate calls).
@@ -122,9 +114,14 @@ int main(int argc, char** argv) {
     s.kernel = 2;
     s.num_requests = req;
     runs.push_back({"decode_batch" + std::to_string(req), s});
+    s.decode_kernel = 1;  // the CUDA-core kernels
+    runs.push_back({"decode_cc_batch" + std::to_string(req), s});
+    s.decode_kernel = 0;
     s.num_requests = 1;
     s.kv_tokens = 32768 / req;
     runs.push_back({"decode_single_of_" + std::to_string(req), s});
+    s.decode_kernel = 1;
+    runs.push_back({"decode_cc_single_of_" + std::to_string(req), s});
   }
   // 256 threads per block (2 tokens per token group per step): twice the warps per SM.
   for (int seg : {512, 256, 64}) {
@@ -135,6 +132,7 @@ int main(int argc, char** argv) {
       s.kernel = 2;
       s.num_splits = splits;
       s.decode_threads = 256;
+      s.decode_kernel = 1;  // the CUDA-core kernels
       runs.push_back({"decode_t256", s});
     }
   }
@@ -151,6 +149,7 @@ int main(int argc, char** argv) {
         s.num_splits = splits;
         s.decode_merge = merge;
         s.decode_schedule = 1;
+        s.decode_kernel = 1;  // the CUDA-core kernels
         runs.push_back({merge == 0 ? "decode_dyn" : "decode_dyn_sep_merge", s});
       }
     }
@@ -163,6 +162,7 @@ int main(int argc, char** argv) {
       s.kernel = 2;
       s.decode_merge = 1;
       s.decode_kv_heads = kvh;
+      s.decode_kernel = 1;  // the CUDA-core kernels
       runs.push_back({"decode_kvh" + std::to_string(kvh), s});
     }
     for (int splits : {24, 48}) {
@@ -171,7 +171,8 @@ int main(int argc, char** argv) {
       s.segment_tokens = seg;
       s.kernel = 2;
       s.num_splits = splits;
-      runs.push_back({"decode", s});
+      s.decode_kernel = 1;  // the CUDA-core kernels
+      runs.push_back({"decode_cc", s});
     }
   }
   for (int rows : {16, 32}) {

@@ -5,7 +5,7 @@
 # racecheck on tests that run the new kernel, and ncu of one tensor-core decode launch.
 # Binaries from build/f-cuda (cmake --preset cuda -B build/f-cuda -DTOKENLAKE_BUILD_BENCHMARKS=OFF;
 # bash bench/pack_devlibs.sh build/f-cuda). Results go to $OUT.
-#   bash bench/results/h100-decode2/device_run.sh [SANITIZER_FILTER] [NCU=1]
+#   [REPEAT=N] bash bench/results/h100-decode2/device_run.sh [SANITIZER_FILTER] [NCU=1]
 set -u -o pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -22,21 +22,26 @@ grep -E "^\[  (FAILED|PASSED|SKIPPED) |Failure|relative|Which is|error" "$OUT/te
 echo "== bench (decode rows)"
 TL_BENCH_ONLY=decode timeout 110 $B/gpu_attention_bench "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 echo "gpu_attention_bench rc=$?"; cat "$OUT/bench.log"
+# REPEAT=N: the decode rows N - 1 more times (the spread between runs of one session).
+for i in $(seq 2 "${REPEAT:-1}"); do
+  TL_BENCH_ONLY=decode timeout 110 $B/gpu_attention_bench "$OUT/bench$i.json" > "$OUT/bench$i.log" 2>&1
+  echo "gpu_attention_bench ($i) rc=$?"; grep -E "^decode(_tc_s[0-9]|_cc)? " "$OUT/bench$i.log"
+done
 echo "== sdpa"
 PYTHONUNBUFFERED=1 timeout 60 python3 bench/sdpa_bench.py "$OUT/sdpa.json" > "$OUT/sdpa.log" 2>&1
 echo "sdpa rc=$?"; grep -E "copy|q=1 " "$OUT/sdpa.log"
 if [ -n "${1:-}" ]; then
   echo "== memcheck / racecheck ($1)"
-  timeout 50 compute-sanitizer --tool memcheck $B/paged_attention_test --gtest_filter="$1" \
+  timeout 80 compute-sanitizer --tool memcheck $B/paged_attention_test --gtest_filter="$1" \
     > "$OUT/memcheck.log" 2>&1; echo "memcheck rc=$?"; tail -3 "$OUT/memcheck.log"
-  timeout 50 compute-sanitizer --tool racecheck $B/paged_attention_test --gtest_filter="$1" \
+  timeout 80 compute-sanitizer --tool racecheck $B/paged_attention_test --gtest_filter="$1" \
     > "$OUT/racecheck.log" 2>&1; echo "racecheck rc=$?"; tail -3 "$OUT/racecheck.log"
 fi
 if [ "${2:-0}" = 1 ]; then
-  echo "== ncu (tensor-core decode, 512-token segments)"
-  TL_BENCH_ONLY=decode_tc_s3 timeout 40 ncu --kernel-name regex:DecodeMma --launch-skip 5 \
+  echo "== ncu (the default decode kernel, tensor cores, 512-token segments)"
+  TL_BENCH_ONLY=decode timeout 40 ncu --kernel-name regex:DecodeMma --launch-skip 5 \
     --launch-count 1 --section SpeedOfLight --section Occupancy --section WarpStateStats \
     --section LaunchStats $B/gpu_attention_bench /tmp/ncu.json > "$OUT/ncu.txt" 2>&1
   echo "ncu rc=$?"; grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occ|Registers|Issued Warp|No Eligible|Warp Cycles Per Issued|Block Limit" "$OUT/ncu.txt" | head -20
 fi
-(cd "$OUT" && tar czf logs.tgz device.txt sdpa.log sdpa.json $(ls memcheck.log racecheck.log ncu.txt 2>/dev/null) && rm -f device.txt sdpa.log sdpa.json memcheck.log racecheck.log ncu.txt)
+(cd "$OUT" && tar czf logs.tgz device.txt sdpa.log sdpa.json $(ls memcheck.log racecheck.log ncu.txt bench[0-9]*.json 2>/dev/null) && rm -f device.txt sdpa.log sdpa.json memcheck.log racecheck.log ncu.txt bench[0-9]*.json)

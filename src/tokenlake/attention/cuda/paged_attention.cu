@@ -776,19 +776,16 @@ constexpr int kQueueOffset = static_cast<int>(kPagedAttentionCounterBytes / 8);
 
 // The fused split merge, run by every decode thread block after it wrote its partials of query
 // token qi, heads (kv_head0 + k) * group + hoff + h for k < KVH, h < G: the last block of the
-// (qi, blockIdx.y) group to finish merges the num_items (<= kMaxFusedItems) partials of those
-// heads into final_out / final_lse and resets the counter. All partial LSEs are loaded at once
-// into shared memory (one L2 round trip), turned into weights by one warp per head, then the
-// partial outputs are summed with many loads in flight. Partials are read with ld.global.cg
-// (L2; they were written by other multiprocessors).
+// (qi, blockIdx.y) group to finish merges the num_items partials of those heads into final_out /
+// final_lse and resets the counter. Each thread owns 4 dims of one row and folds the partials in
+// with an online max, loading every partial's LSE and output slice together (the loads of 8
+// partials in flight at once), so the merge costs about one L2 round trip per 8 partials after
+// the counter. Partials are read with ld.global.cg (L2; other multiprocessors wrote them).
 template <int D, int G, int KVH>
 __device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi, int kv_head0,
                                                  int hoff) {
   constexpr int kRows = KVH * G;
   __shared__ int sm_last;
-  __shared__ float sm_w[kRows][kMaxFusedItems];
-  __shared__ float sm_inv[kRows];
-  __shared__ float sm_lse[kRows];
   __threadfence();  // this thread's partial stores are visible device-wide before the count
   __syncthreads();
   const int tid = threadIdx.x;
@@ -808,56 +805,36 @@ __device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi,
   }
   __threadfence();  // the other blocks' partials (fenced before their counts) are visible
   const int n = args.num_items;
-  auto row_of = [&](int r) {
-    return static_cast<int64_t>(qi) * args.num_heads + (kv_head0 + r / G) * args.group + hoff +
-           r % G;
-  };
-  for (int i = tid; i < kRows * n; i += blockDim.x) {
-    sm_w[i / n][i % n] = __ldcg(args.lse + row_of(i / n) * n + i % n);
-  }
-  __syncthreads();
-  const int warp = tid / 32;
-  const int lane = tid % 32;
-  for (int r = warp; r < kRows; r += blockDim.x / 32) {
-    const float l0 = lane < n ? sm_w[r][lane] : kNegInf;
-    const float l1 = lane + 32 < n ? sm_w[r][lane + 32] : kNegInf;
-    float mx = fmaxf(l0, l1);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    const float use = mx == kNegInf ? 0.f : mx;
-    const float w0 = __expf(l0 - use);
-    const float w1 = __expf(l1 - use);
-    if (lane < n) sm_w[r][lane] = w0;
-    if (lane + 32 < n) sm_w[r][lane + 32] = w1;
-    float sum = w0 + w1;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    if (lane == 0) {
-      sm_inv[r] = sum > 0.f ? 1.f / sum : 0.f;
-      sm_lse[r] = sum > 0.f ? use + logf(sum) : kNegInf;
-    }
-  }
-  __syncthreads();
   constexpr int kLanes4 = D / 4;
   for (int idx = tid; idx < kRows * kLanes4; idx += blockDim.x) {
     const int r = idx / kLanes4;
     const int c = idx % kLanes4;
-    const int64_t row = row_of(r);
+    const int64_t row =
+        static_cast<int64_t>(qi) * args.num_heads + (kv_head0 + r / G) * args.group + hoff + r % G;
+    const float* lrow = args.lse + row * n;
     const float4* orow = reinterpret_cast<const float4*>(args.out + row * n * D) + c;
+    float mx = kNegInf;
+    float sum = 0.f;
     float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 16
+#pragma unroll 8
     for (int p = 0; p < n; ++p) {
-      const float w = sm_w[r][p];
+      const float lp = __ldcg(lrow + p);
       const float4 v = __ldcg(orow + static_cast<int64_t>(p) * kLanes4);
-      a.x = fmaf(w, v.x, a.x);
-      a.y = fmaf(w, v.y, a.y);
-      a.z = fmaf(w, v.z, a.z);
-      a.w = fmaf(w, v.w, a.w);
+      const float nm = fmaxf(mx, lp);
+      const float use = nm == kNegInf ? 0.f : nm;  // (all -inf so far: weights 0, no NaN)
+      const float sc = __expf(mx - use);
+      const float w = __expf(lp - use);
+      sum = fmaf(sum, sc, w);
+      a.x = fmaf(w, v.x, a.x * sc);
+      a.y = fmaf(w, v.y, a.y * sc);
+      a.z = fmaf(w, v.z, a.z * sc);
+      a.w = fmaf(w, v.w, a.w * sc);
+      mx = nm;
     }
-    const float inv = sm_inv[r];
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
     reinterpret_cast<float4*>(args.final_out + row * D)[c] =
         make_float4(a.x * inv, a.y * inv, a.z * inv, a.w * inv);
-    if (c == 0) args.final_lse[row] = sm_lse[r];
+    if (c == 0) args.final_lse[row] = sum > 0.f ? mx + logf(sum) : kNegInf;
   }
   if (tid == 0) {  // ready for the next call on this workspace
     *counter = 0u;
@@ -2209,15 +2186,22 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
       c.decode_threads = 256;  // same shared memory per block as 128 threads x 4 tokens
       c.decode_unroll = 2;
     }
-    // The tensor-core kernel when asked for (decode_kernel = 2) and the shape suits it.
-    c.decode_mma = p.decode_kernel == 2 && DecodeMmaSupports(p);
+    // The tensor-core kernel unless the CUDA-core kernels are asked for (decode_kernel = 1), for
+    // the shapes it supports: 53-54 us against 57 us for one token over 32K pooled tokens on an
+    // H100 (docs/results-gpu.md).
+    c.decode_mma = p.decode_kernel != 1 && DecodeMmaSupports(p);
     if (c.decode_mma) {
       c.decode_g = group;  // one thread block serves the whole group of a KV head
       c.decode_kvh = 1;    // (the CUDA-core kernels' tuning does not apply)
       c.decode_threads = kDecodeThreads;
       c.decode_unroll = 4;
       c.decode_smem = true;
-      c.decode_mma_stages = p.decode_mma_stages != 0 ? p.decode_mma_stages : 3;
+      // Default depth: 4 stages (one 128 KiB block per SM) for segments of 256 rows or more, else
+      // 2 (up to three 64 KiB blocks per SM: more warps to cover the per-segment descriptor
+      // reads), the best of 2-4 on an H100 for 512- / 256- / 64-token segments.
+      c.decode_mma_stages = p.decode_mma_stages != 0    ? p.decode_mma_stages
+                            : p.max_block_tokens >= 256 ? 4
+                                                        : 2;
       if (p.head_dim != 128) c.decode_mma_stages = 3;  // (other depths instantiated for 128)
     }
     const int64_t ctas_per_item =

@@ -27,6 +27,11 @@
 //   - prefill: flash-attention-2 tiling, mma.sync m16n8k16 bf16 tensor cores, 64-key tiles
 //     double-buffered through cp.async, 16 or 32 query rows per warp, optional split over the
 //     block list with a merge; for many query tokens.
+//   - decode on tensor cores (the default for head_dim 64/128 and groups of 1, 2, 4 or 8): split-KV
+//     as below, but the group's query heads are the rows of one mma.sync m16n8k16 tile (S = Q K^T
+//     and O += P V on tensor cores, 16 keys at a time), and every warp of a thread block streams
+//     its own 16-key slices through its own cp.async pipeline (no block barrier in the loop);
+//     the splits are merged in the kernel as below. See decode_kernel.
 //   - decode: split-KV, CUDA cores, every (run of segments or segment chunk, KV head) in its own
 //     thread block serving up to 4 query heads of the group, K/V streamed through a 4-stage
 //     cp.async shared-memory pipeline; the splits are merged inside the same kernel by the last
@@ -40,8 +45,9 @@
 //   (q_block_offsets), else prefill; prefill uses the Hopper kernel on a compute-capability-9
 //   device for the shapes it supports (1.77x the mma.sync kernel on an H100 for 1024 new tokens
 //   over 32K cached; docs/results-gpu.md), else the mma.sync kernel (see prefill_kernel).
-//   The decode tuning fields below other than the defaults were all measured slower on an H100
-//   for one token over 32K pooled tokens (docs/results-gpu.md); they stay for experiments.
+//   The decode tuning fields below other than the defaults (they tune the CUDA-core decode
+//   kernels) were all measured slower on an H100 for one token over 32K pooled tokens
+//   (docs/results-gpu.md); they stay for experiments.
 //
 // Thread-safety: every function is thread-safe; calls on one stream run in stream order. No
 // function synchronises the stream; errors of the asynchronous kernels show at the caller's next
@@ -164,8 +170,9 @@ struct PagedAttentionParams {
   // block, 128 or 256; 256 takes 2 tokens per token group per step (the same shared memory per
   // block, twice the warps). 0 = default (128).
   int32_t decode_threads_per_block = 0;
-  // Decode implementation: 0 = auto (today the CUDA-core kernels), 1 = the CUDA-core kernels
-  // (the decode tuning fields above and below apply to them), 2 = the tensor-core kernel
+  // Decode implementation: 0 = auto (the tensor-core kernel where it applies, else the CUDA-core
+  // kernels), 1 = the CUDA-core kernels (the decode tuning fields above and below apply to
+  // them), 2 = the tensor-core kernel (the same as 0 today)
   // (mma.sync: the group's query heads are the rows of one 16-row tile; every warp streams its
   // own 16-key slices through its own cp.async pipeline; static schedule; head_dim 64 or 128 and
   // a group (num_heads / num_kv_heads) of 1, 2, 4 or 8 only: other shapes use the CUDA-core
@@ -173,7 +180,8 @@ struct PagedAttentionParams {
   // decode_schedule and decode_threads_per_block are ignored by it).
   int32_t decode_kernel = 0;
   // Decode, tensor-core kernel: cp.async pipeline stages per warp (16 keys of K and V each),
-  // 2, 3 or 4 (head_dim 128; 3 for head_dim 64); 0 = default (3).
+  // 2, 3 or 4 (head_dim 128; always 3 for head_dim 64); 0 = default (4 when max_block_tokens >=
+  // 256, else 2: measured best on an H100).
   int32_t decode_mma_stages = 0;
   // Batched decode: null (every query token sees all blocks), or a device array of
   // num_q_tokens + 1 ascending offsets into `blocks`: query token i (one request's token) then

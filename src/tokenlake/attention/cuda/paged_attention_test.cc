@@ -306,7 +306,10 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
       c.decode_kvh = RandomKvHeadsPerBlock(shape, rng);
       c.decode_schedule = static_cast<int>(rng() % 2);       // static, dynamic
       c.decode_threads = static_cast<int>(rng() % 3) * 128;  // default, 128, 256
-      RunAndCompare(c, rng);                                 // fresh random inputs each time
+      // kDecode: the CUDA-core decode kernels with the random tuning above; kAuto: the default
+      // decode kernel (tensor cores where they apply). The tensor-core kernel also runs below.
+      c.decode_kernel = k == AttentionKernel::kDecode ? 1 : 0;
+      RunAndCompare(c, rng);  // fresh random inputs each time
       if (HasFatalFailure()) return;
     }
     // The same case on the Hopper wgmma prefill kernel (head_dim 128; other shapes fall back to
