@@ -93,6 +93,10 @@ int main(int argc, char** argv) {
       s.decode_kernel = 2;
       s.decode_mma_stages = stages;
       runs.push_back({"decode_tc_s" + std::to_string(stages == 0 ? 3 : stages), s});
+      // The same without the shared-memory descriptor cache (descriptors read from global
+      // memory at every segment).
+      s.decode_mma_descriptors = 2;
+      runs.push_back({"decode_tc_glob_s" + std::to_string(stages == 0 ? 3 : stages), s});
     }
   }
   for (int seg : {512, 256}) {
@@ -255,6 +259,7 @@ int main(int argc, char** argv) {
                          {"decode_threads", s.decode_threads},
                          {"decode_kernel", s.decode_kernel},
                          {"decode_mma_stages", s.decode_mma_stages},
+                         {"decode_mma_descriptors", s.decode_mma_descriptors},
                          {"num_requests", s.num_requests},
                          {"us", t->us},
                          {"tflops", t->tflops},

@@ -384,6 +384,7 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
   p.decode_threads_per_block = s.decode_threads;
   p.decode_kernel = s.decode_kernel;
   p.decode_mma_stages = s.decode_mma_stages;
+  p.decode_mma_descriptors = s.decode_mma_descriptors;
   p.blocks = blocks.get<DeviceKvBlock>();
   DeviceMem offsets;
   if (num_requests > 1) {

@@ -81,18 +81,19 @@ struct AttentionBenchShape {
   int32_t num_kv_heads = 8;
   int32_t head_dim = 128;
   bool causal = false;
-  int32_t num_splits = 0;             // 0 = auto
-  int32_t prefill_warps = 0;          // 0 = auto
-  int32_t decode_unroll = 0;          // 0 = auto
-  int32_t decode_pipeline = 0;        // 0 = auto, 1 registers, 2 shared memory
-  int32_t prefill_rows_per_warp = 0;  // 0 = auto, 16, 32
-  int32_t decode_merge = 0;           // 0 = fused into the decode kernel, 1 = separate kernel
-  int32_t decode_kv_heads = 0;        // decode: KV heads per thread block, 0 = auto
-  int32_t decode_schedule = 0;        // decode: 0 static, 1 dynamic (work counter)
-  int32_t decode_threads = 0;         // decode: threads per block, 0 = auto, 128, 256
-  int32_t prefill_kernel = 0;         // prefill: 0 = auto, 1 = mma.sync, 2 = sm90 wgmma
-  int32_t decode_kernel = 0;          // decode: 0 = auto, 1 = CUDA cores, 2 = tensor cores
-  int32_t decode_mma_stages = 0;      // decode, tensor cores: stages per warp, 0 = auto, 2-4
+  int32_t num_splits = 0;              // 0 = auto
+  int32_t prefill_warps = 0;           // 0 = auto
+  int32_t decode_unroll = 0;           // 0 = auto
+  int32_t decode_pipeline = 0;         // 0 = auto, 1 registers, 2 shared memory
+  int32_t prefill_rows_per_warp = 0;   // 0 = auto, 16, 32
+  int32_t decode_merge = 0;            // 0 = fused into the decode kernel, 1 = separate kernel
+  int32_t decode_kv_heads = 0;         // decode: KV heads per thread block, 0 = auto
+  int32_t decode_schedule = 0;         // decode: 0 static, 1 dynamic (work counter)
+  int32_t decode_threads = 0;          // decode: threads per block, 0 = auto, 128, 256
+  int32_t prefill_kernel = 0;          // prefill: 0 = auto, 1 = mma.sync, 2 = sm90 wgmma
+  int32_t decode_kernel = 0;           // decode: 0 = auto, 1 = CUDA cores, 2 = tensor cores
+  int32_t decode_mma_stages = 0;       // decode, tensor cores: stages per warp, 0 = auto, 2-4
+  int32_t decode_mma_descriptors = 0;  // decode, tensor cores: 0 auto, 1 smem cache, 2 global
   // > 1: a batched decode of this many requests, one query token each (num_q_tokens must be 1),
   // request r owning the r-th equal share of the kv_tokens' segments, in one call.
   int32_t num_requests = 1;

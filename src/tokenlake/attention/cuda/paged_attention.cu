@@ -1338,7 +1338,13 @@ __host__ __device__ constexpr int DecodeMmaSmemBytes() {
   return kDecodeMmaWarps * S * 2 * kDecodeMmaKeys * D * 2;
 }
 
-template <int D, int G, int S>
+// The first kDecodeMmaDescCache block descriptors of a thread block's run are copied into shared
+// memory at the start (kDescCache), so moving to the next segment in the load loop costs no
+// dependent global load (measured: each such load stalls the warp that issues the copies for
+// an L2 round trip under full memory traffic).
+constexpr int kDecodeMmaDescCache = 64;
+
+template <int D, int G, int S, bool kDescCache = true>
 __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const DecodeArgs args) {
   static_assert(G >= 1 && G <= 8);
   constexpr int NW = kDecodeMmaWarps;
@@ -1376,6 +1382,24 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
   const int64_t qpos = static_cast<int64_t>(args.q_start_pos) + qi;
   const int row_stride = args.num_kv_heads * D;
 
+  // Descriptors of blocks [b_first, b_first + kDecodeMmaDescCache) in shared memory.
+  __shared__ const void* sm_dk[kDescCache ? kDecodeMmaDescCache : 1];
+  __shared__ const void* sm_dv[kDescCache ? kDecodeMmaDescCache : 1];
+  __shared__ int sm_dn[kDescCache ? kDecodeMmaDescCache : 1];
+  if constexpr (kDescCache) {
+    const int n_cached = min(kDecodeMmaDescCache, b_last - b_first);
+    for (int i = tid; i < n_cached; i += NW * 32) {
+      const DeviceKvBlock d = blocks[b_first + i];
+      sm_dk[i] = d.k;
+      sm_dv[i] = d.v;
+      sm_dn[i] = d.num_tokens;
+    }
+    __syncthreads();
+  }
+  // (b >= b_first for every cursor position below.)
+  auto cached = [&](int b) { return kDescCache && b - b_first < kDecodeMmaDescCache; };
+  auto num_tokens_of = [&](int b) { return cached(b) ? sm_dn[b - b_first] : blocks[b].num_tokens; };
+
   // Q as the A fragments (rows r and r + 8; rows >= G and the upper half are zero).
   uint32_t qa[kKSteps][2];
 #pragma unroll
@@ -1402,7 +1426,7 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
   };
   auto settle = [&](Cursor& c) {
     while (c.b < b_last) {
-      const int n = blocks[c.b].num_tokens;
+      const int n = num_tokens_of(c.b);
       c.tend = chunked ? min(n, chunk_begin + args.chunk_tokens) : n;
       if (c.tb < c.tend) return;
       c.key0 += n;
@@ -1417,7 +1441,7 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
         c.b = b_last;
         return;
       }
-      c.key0 += blocks[c.b].num_tokens;
+      c.key0 += num_tokens_of(c.b);
       ++c.b;
       c.tb = 0;
       settle(c);
@@ -1425,11 +1449,13 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
   };
   uint16_t* wsmem = dsmem + warp * S * 2 * kWarpElems;
   auto issue = [&](const Cursor& c, int stage) {
-    const DeviceKvBlock blk = blocks[c.b];
+    const bool in_cache = cached(c.b);
+    const void* kp = in_cache ? sm_dk[c.b - b_first] : blocks[c.b].k;
+    const void* vp = in_cache ? sm_dv[c.b - b_first] : blocks[c.b].v;
     const int row0 = c.tb + warp * kDecodeMmaKeys;
     const int valid = min(kDecodeMmaKeys, c.tend - row0);  // may be <= 0
-    const uint16_t* kb = static_cast<const uint16_t*>(blk.k) + kv_head * D;
-    const uint16_t* vb = static_cast<const uint16_t*>(blk.v) + kv_head * D;
+    const uint16_t* kb = static_cast<const uint16_t*>(kp) + kv_head * D;
+    const uint16_t* vb = static_cast<const uint16_t*>(vp) + kv_head * D;
     const uint32_t base = SmemAddr(wsmem + stage * 2 * kWarpElems);
 #pragma unroll
     for (int it = 0; it < kCopies; ++it) {
@@ -1906,6 +1932,11 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
         absl::StrFormat("PagedAttention: decode_mma_stages = %d, supported: 0 (auto), 2, 3, 4",
                         p.decode_mma_stages));
   }
+  if (p.decode_mma_descriptors < 0 || p.decode_mma_descriptors > 2) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: decode_mma_descriptors = %d, supported: 0 (auto), 1 (cached), 2 (global)",
+        p.decode_mma_descriptors));
+  }
   if (p.decode_merge < 0 || p.decode_merge > 1) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: decode_merge = %d, supported: 0 (fused), 1 (separate kernel)",
@@ -1947,6 +1978,7 @@ struct Config {
   int decode_threads = kDecodeThreads;  // decode, shared-memory kernel: threads per block
   bool decode_mma = false;              // decode: the tensor-core kernel (DecodeMmaKernel)
   int decode_mma_stages = 3;            // decode, tensor-core kernel: pipeline stages per warp
+  bool decode_mma_desc_cache = true;    // decode, tensor-core kernel: descriptors in smem
   size_t workspace_bytes = 0;           // kPagedAttentionCounterBytes + partials, or 0
 };
 
@@ -2048,22 +2080,22 @@ bool DecodeMmaSupports(const PagedAttentionParams& p) {
          (group == 1 || group == 2 || group == 4 || group == 8);
 }
 
-template <int D, int G, int S>
+template <int D, int G, int S, bool C>
 cudaError_t PrepareDecodeMma() {
   static const cudaError_t err =
-      cudaFuncSetAttribute(DecodeMmaKernel<D, G, S>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      cudaFuncSetAttribute(DecodeMmaKernel<D, G, S, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            DecodeMmaSmemBytes<D, S>());
   return err;
 }
 
-template <int D, int G, int S>
+template <int D, int G, int S, bool C>
 absl::StatusOr<int> DecodeMmaBlocksPerSmT() {
   static int blocks = 0;
-  static const cudaError_t err = PrepareDecodeMma<D, G, S>() != cudaSuccess
-                                     ? PrepareDecodeMma<D, G, S>()
+  static const cudaError_t err = PrepareDecodeMma<D, G, S, C>() != cudaSuccess
+                                     ? PrepareDecodeMma<D, G, S, C>()
                                      : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                                           &blocks, DecodeMmaKernel<D, G, S>, kDecodeMmaWarps * 32,
-                                           DecodeMmaSmemBytes<D, S>());
+                                           &blocks, DecodeMmaKernel<D, G, S, C>,
+                                           kDecodeMmaWarps * 32, DecodeMmaSmemBytes<D, S>());
   if (err != cudaSuccess) {
     return absl::InternalError(
         absl::StrFormat("decode (tensor cores) occupancy: %s", cudaGetErrorString(err)));
@@ -2071,16 +2103,24 @@ absl::StatusOr<int> DecodeMmaBlocksPerSmT() {
   return blocks;
 }
 
-// Calls f(std::integral_constant<int, D>, ..G.., ..S..) for the kernel's supported shapes.
+// Calls f(std::integral_constant<int, D>, ..G.., ..S.., std::bool_constant<descriptor cache>)
+// for the kernel's supported shapes (without the descriptor cache: head_dim 128, group 4 only).
 template <typename F>
-auto DispatchDecodeMma(int d, int g, int stages, F&& f) {
+auto DispatchDecodeMma(int d, int g, int stages, bool desc_cache, F&& f) {
   using std::integral_constant;
   auto with_s = [&](auto dc, auto gc) {
     if constexpr (decltype(dc)::value == 128) {
-      if (stages == 2) return f(dc, gc, integral_constant<int, 2>());
-      if (stages == 4) return f(dc, gc, integral_constant<int, 4>());
+      if constexpr (decltype(gc)::value == 4) {
+        if (!desc_cache) {
+          if (stages == 2) return f(dc, gc, integral_constant<int, 2>(), std::false_type());
+          if (stages == 4) return f(dc, gc, integral_constant<int, 4>(), std::false_type());
+          return f(dc, gc, integral_constant<int, 3>(), std::false_type());
+        }
+      }
+      if (stages == 2) return f(dc, gc, integral_constant<int, 2>(), std::true_type());
+      if (stages == 4) return f(dc, gc, integral_constant<int, 4>(), std::true_type());
     }
-    return f(dc, gc, integral_constant<int, 3>());
+    return f(dc, gc, integral_constant<int, 3>(), std::true_type());
   };
   auto with_g = [&](auto dc) {
     switch (g) {
@@ -2097,9 +2137,10 @@ auto DispatchDecodeMma(int d, int g, int stages, F&& f) {
   return d == 128 ? with_g(integral_constant<int, 128>()) : with_g(integral_constant<int, 64>());
 }
 
-absl::StatusOr<int> DecodeMmaBlocksPerSm(int d, int g, int stages) {
-  return DispatchDecodeMma(d, g, stages, [](auto dc, auto gc, auto sc) {
-    return DecodeMmaBlocksPerSmT<decltype(dc)::value, decltype(gc)::value, decltype(sc)::value>();
+absl::StatusOr<int> DecodeMmaBlocksPerSm(int d, int g, int stages, bool desc_cache) {
+  return DispatchDecodeMma(d, g, stages, desc_cache, [](auto dc, auto gc, auto sc, auto cc) {
+    return DecodeMmaBlocksPerSmT<decltype(dc)::value, decltype(gc)::value, decltype(sc)::value,
+                                 decltype(cc)::value>();
   });
 }
 
@@ -2203,11 +2244,13 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
                             : p.max_block_tokens >= 256 ? 4
                                                         : 2;
       if (p.head_dim != 128) c.decode_mma_stages = 3;  // (other depths instantiated for 128)
+      c.decode_mma_desc_cache = p.decode_mma_descriptors != 2;
     }
     const int64_t ctas_per_item =
         static_cast<int64_t>(p.num_kv_heads / c.decode_kvh) * (group / c.decode_g) * p.num_q_tokens;
     absl::StatusOr<int> per_sm =
-        c.decode_mma ? DecodeMmaBlocksPerSm(p.head_dim, c.decode_g, c.decode_mma_stages)
+        c.decode_mma ? DecodeMmaBlocksPerSm(p.head_dim, c.decode_g, c.decode_mma_stages,
+                                            c.decode_mma_desc_cache)
                      : DecodeBlocksPerSm(p.head_dim, c.decode_g, c.decode_unroll, c.decode_smem);
     if (!per_sm.ok()) return per_sm.status();
     // About two thread blocks per multiprocessor (capped by occupancy): measured on an H100
@@ -2334,19 +2377,22 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
   }
   if constexpr (G == 1 && U == 4) {  // (LaunchDecodeD routes the tensor-core kernel here)
     if (c.decode_mma) {
-      return DispatchDecodeMma(D, a.group, c.decode_mma_stages, [&](auto dc, auto gc, auto sc) {
-        constexpr int kD = decltype(dc)::value;
-        constexpr int kG = decltype(gc)::value;
-        constexpr int kS = decltype(sc)::value;
-        if (cudaError_t err = PrepareDecodeMma<kD, kG, kS>(); err != cudaSuccess) {
-          return absl::InternalError(absl::StrFormat(
-              "cudaFuncSetAttribute(decode tensor cores): %s", cudaGetErrorString(err)));
-        }
-        const dim3 grid(c.items, p.num_kv_heads, p.num_q_tokens);
-        DecodeMmaKernel<kD, kG, kS>
-            <<<grid, kDecodeMmaWarps * 32, DecodeMmaSmemBytes<kD, kS>(), stream>>>(a);
-        return LaunchStatus("decode attention (tensor cores)");
-      });
+      return DispatchDecodeMma(
+          D, a.group, c.decode_mma_stages, c.decode_mma_desc_cache,
+          [&](auto dc, auto gc, auto sc, auto cc) {
+            constexpr int kD = decltype(dc)::value;
+            constexpr int kG = decltype(gc)::value;
+            constexpr int kS = decltype(sc)::value;
+            constexpr bool kC = decltype(cc)::value;
+            if (cudaError_t err = PrepareDecodeMma<kD, kG, kS, kC>(); err != cudaSuccess) {
+              return absl::InternalError(absl::StrFormat(
+                  "cudaFuncSetAttribute(decode tensor cores): %s", cudaGetErrorString(err)));
+            }
+            const dim3 grid(c.items, p.num_kv_heads, p.num_q_tokens);
+            DecodeMmaKernel<kD, kG, kS, kC>
+                <<<grid, kDecodeMmaWarps * 32, DecodeMmaSmemBytes<kD, kS>(), stream>>>(a);
+            return LaunchStatus("decode attention (tensor cores)");
+          });
     }
   }
   const dim3 grid(c.items, (p.num_kv_heads / c.decode_kvh) * (a.group / G), p.num_q_tokens);

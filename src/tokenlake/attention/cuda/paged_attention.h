@@ -183,6 +183,11 @@ struct PagedAttentionParams {
   // 2, 3 or 4 (head_dim 128; always 3 for head_dim 64); 0 = default (4 when max_block_tokens >=
   // 256, else 2: measured best on an H100).
   int32_t decode_mma_stages = 0;
+  // Decode, tensor-core kernel: where the block descriptors are read in the load loop. 0 =
+  // default (1); 1 = the first 64 of each thread block's run copied into shared memory at the
+  // start; 2 = from global memory at every segment (an experiment: head_dim 128 and a group of 4
+  // only, other shapes use 1).
+  int32_t decode_mma_descriptors = 0;
   // Batched decode: null (every query token sees all blocks), or a device array of
   // num_q_tokens + 1 ascending offsets into `blocks`: query token i (one request's token) then
   // attends to blocks [q_block_offsets[i], q_block_offsets[i + 1]) only, so one launch serves

@@ -84,6 +84,7 @@ struct Case {
   int decode_threads = 0;
   int decode_kernel = 0;  // 0 auto, 1 CUDA cores, 2 tensor cores
   int decode_mma_stages = 0;
+  int decode_mma_descriptors = 0;  // 0 auto, 1 shared-memory cache, 2 global
   float softmax_scale = 0.f;
 };
 
@@ -92,10 +93,11 @@ std::string Describe(const Case& c) {
   for (int l : c.block_lens) lens += absl::StrFormat("%d,", l);
   return absl::StrFormat(
       "q=%d causal=%d q_start=%d kernel=%d prefill_kernel=%d splits=%d unroll=%d pipeline=%d "
-      "merge=%d kvh=%d schedule=%d threads=%d decode_kernel=%d mma_stages=%d blocks=[%s]",
+      "merge=%d kvh=%d schedule=%d threads=%d decode_kernel=%d mma_stages=%d mma_desc=%d "
+      "blocks=[%s]",
       c.num_q, c.causal, c.q_start_pos, static_cast<int>(c.kernel), c.prefill_kernel, c.num_splits,
       c.decode_unroll, c.decode_pipeline, c.decode_merge, c.decode_kvh, c.decode_schedule,
-      c.decode_threads, c.decode_kernel, c.decode_mma_stages, lens);
+      c.decode_threads, c.decode_kernel, c.decode_mma_stages, c.decode_mma_descriptors, lens);
 }
 
 // A workspace as the header asks for: counter bytes zero, the rest poisoned with NaN (so a
@@ -209,6 +211,7 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   p.decode_threads_per_block = c.decode_threads;
   p.decode_kernel = c.decode_kernel;
   p.decode_mma_stages = c.decode_mma_stages;
+  p.decode_mma_descriptors = c.decode_mma_descriptors;
   absl::StatusOr<size_t> need = PagedAttentionWorkspaceBytes(p, c.kernel);
   ASSERT_TRUE(need.ok()) << need.status();
   DeviceBuffer d_ws(ws == nullptr ? *need : 0);
@@ -327,11 +330,13 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
     c.num_splits = kSplits[rng() % 4];
     static constexpr int kStages[] = {0, 2, 3, 4};  // default, 2, 3, 4
     c.decode_mma_stages = kStages[rng() % 4];
+    c.decode_mma_descriptors = static_cast<int>(rng() % 3);  // default, cached, global
     c.decode_merge = static_cast<int>(rng() % 2);
     RunAndCompare(c, rng);
     if (HasFatalFailure()) return;
     c.decode_kernel = 0;
     c.decode_mma_stages = 0;
+    c.decode_mma_descriptors = 0;
   }
 }
 
@@ -455,6 +460,7 @@ TEST_P(PagedAttentionGpuTest, FusedSplitMergeMatchesReferenceWithReusedWorkspace
       for (int dk : {1, 2}) {  // CUDA cores, tensor cores (random pipeline depth 2, 3, 4)
         c.decode_kernel = dk;
         c.decode_mma_stages = dk == 2 ? 2 + static_cast<int>(rng() % 3) : 0;
+        c.decode_mma_descriptors = dk == 2 ? static_cast<int>(rng() % 3) : 0;
         RunAndCompare(c, rng, ws.ptr, kWsBytes);  // fresh random inputs each time
         if (HasFatalFailure()) return;
       }
@@ -758,6 +764,9 @@ TEST(PagedAttentionArgsTest, RejectsBadShapesWithClearErrors) {
   bad = p;
   bad.decode_mma_stages = 5;
   expect_invalid(bad, "decode_mma_stages");
+  bad = p;
+  bad.decode_mma_descriptors = 3;
+  expect_invalid(bad, "decode_mma_descriptors");
   bad = p;
   bad.decode_kv_heads_per_block = 3;
   expect_invalid(bad, "decode_kv_heads_per_block");
