@@ -223,13 +223,14 @@ absl::Status Engine::RebalancePool() {
   for (const balance::BalanceAction& a : r.actions) {
     switch (a.kind) {
       case balance::ActionKind::kDrop:
-        TOKENLAKE_RETURN_IF_ERROR(pool.FreeSegment(a.from, a.from, a.segment));
+        TOKENLAKE_RETURN_IF_ERROR(pool.FreeSegment(a.from, a.from, a.segment, r.sequence));
         break;
       case balance::ActionKind::kReplicate:
       case balance::ActionKind::kMove: {
         StoredMeta meta;
         TOKENLAKE_ASSIGN_OR_RETURN(std::vector<std::byte> slot,
                                    pool.PullSegment(a.to, a.from, a.segment, &meta));
+        meta.placement_sequence = r.sequence;
         TOKENLAKE_RETURN_IF_ERROR(pool.StoreSegment(a.to, a.to, a.segment, slot, meta));
         if (a.kind == balance::ActionKind::kMove) {
           TOKENLAKE_RETURN_IF_ERROR(pool.FreeSegment(a.to, a.from, a.segment));
@@ -376,7 +377,9 @@ absl::StatusOr<GenerateResult> Engine::GeneratePooled(RequestId request,
       TOKENLAKE_ASSIGN_OR_RETURN(lake::CommitResult commit,
                                  control.Commit(request, ip.new_segments));
       for (const lake::StoredReplica& e : commit.evicted) {
-        absl::Status freed = pool.FreeSegment(compute, e.instance, e.segment);
+        // Only the evicted copy: the same segment placed there again since (a later change of
+        // the lake) stays.
+        absl::Status freed = pool.FreeSegment(compute, e.instance, e.segment, commit.sequence);
         // Over an external pool the stores are reconciled with the lake by the cluster: a copy
         // already gone (or on an instance that died) is not this request's failure.
         if (!external) TOKENLAKE_RETURN_IF_ERROR(freed);
@@ -392,7 +395,8 @@ absl::StatusOr<GenerateResult> Engine::GeneratePooled(RequestId request,
         if (it != stored_on.end()) {
           const int64_t first_row = static_cast<int64_t>(j) * s - pooled;
           const std::vector<std::byte> slot = BuildSlot(tail, first_row, pool.layout());
-          const StoredMeta meta{j > 0 ? keys[j - 1].id : SegmentId(), keys[j].num_tokens};
+          const StoredMeta meta{j > 0 ? keys[j - 1].id : SegmentId(), keys[j].num_tokens,
+                                commit.sequence};
           TOKENLAKE_RETURN_IF_ERROR(pool.StoreSegment(compute, it->second, id, slot, meta));
           ++result.stored_segments;
           if (it->second != compute) {

@@ -266,26 +266,29 @@ transport::Message InstancePool::Handle(const transport::Message& request) {
       const StoredMeta meta = MetaOf(self, SegmentId(id));
       w.Put<uint64_t>(meta.parent.value());
       w.Put<int32_t>(meta.num_tokens);
+      w.Put<uint64_t>(meta.placement_sequence);
       return reply(kPullReply);
     }
     case kStoreRequest: {
-      uint64_t id = 0, parent = 0;
+      uint64_t id = 0, parent = 0, sequence = 0;
       int32_t tokens = 0;
       std::vector<std::byte> bytes;
       absl::Status s = r.Get(&id, "segment id");
       if (s.ok()) s = r.GetArray(&bytes, "slot bytes");
       if (s.ok()) s = r.Get(&parent, "parent id");
       if (s.ok()) s = r.Get(&tokens, "segment tokens");
+      if (s.ok()) s = r.Get(&sequence, "placement sequence");
       if (s.ok()) {
-        s = LocalStore(self, SegmentId(id), bytes, StoredMeta{SegmentId(parent), tokens});
+        s = LocalStore(self, SegmentId(id), bytes, StoredMeta{SegmentId(parent), tokens, sequence});
       }
       if (!s.ok()) return ErrorReply(request, s);
       return reply(kStoreReply);
     }
     case kFreeRequest: {
-      uint64_t id = 0;
+      uint64_t id = 0, evicted_at = 0;
       absl::Status s = r.Get(&id, "segment id");
-      if (s.ok()) s = LocalFree(self, SegmentId(id));
+      if (s.ok()) s = r.Get(&evicted_at, "evicted at");
+      if (s.ok()) s = LocalFree(self, SegmentId(id), evicted_at);
       if (!s.ok()) return ErrorReply(request, s);
       return reply(kFreeReply);
     }
@@ -327,9 +330,18 @@ absl::Status InstancePool::LocalAttend(InstanceId holder, int32_t layer,
   return attention::PartialAttention(params, num_q, q, blocks, out, lse);
 }
 
-absl::Status InstancePool::LocalFree(InstanceId target, SegmentId segment) const {
+absl::Status InstancePool::LocalFree(InstanceId target, SegmentId segment,
+                                     uint64_t evicted_at) const {
   Instance& inst = *instances_[static_cast<size_t>(target.value())];
   absl::MutexLock lock(&inst.meta_mu);
+  if (evicted_at > 0) {
+    auto it = inst.meta.find(segment);
+    if (it != inst.meta.end() && it->second.meta.placement_sequence > evicted_at) {
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "free: segment %d on instance %d was placed again (change %d) after its eviction (%d)",
+          segment.value(), target.value(), it->second.meta.placement_sequence, evicted_at));
+    }
+  }
   TOKENLAKE_RETURN_IF_ERROR(store(target).Free(segment));
   inst.meta.erase(segment);
   return absl::OkStatus();
@@ -469,11 +481,12 @@ absl::StatusOr<std::vector<std::byte>> InstancePool::PullSegment(InstanceId comp
   if (static_cast<int64_t>(bytes.size()) != options_.layout.SlotBytes()) {
     return absl::DataLossError("PullSegment: reply is not one slot");
   }
-  uint64_t parent = 0;
+  uint64_t parent = 0, sequence = 0;
   int32_t tokens = 0;
   TOKENLAKE_RETURN_IF_ERROR(r.Get(&parent, "parent id"));
   TOKENLAKE_RETURN_IF_ERROR(r.Get(&tokens, "segment tokens"));
-  if (meta != nullptr) *meta = StoredMeta{SegmentId(parent), tokens};
+  TOKENLAKE_RETURN_IF_ERROR(r.Get(&sequence, "placement sequence"));
+  if (meta != nullptr) *meta = StoredMeta{SegmentId(parent), tokens, sequence};
   return bytes;
 }
 
@@ -491,15 +504,18 @@ absl::Status InstancePool::StoreSegment(InstanceId compute, InstanceId target, S
   w.PutArray<std::byte>(slot_bytes);
   w.Put<uint64_t>(meta.parent.value());
   w.Put<int32_t>(meta.num_tokens);
+  w.Put<uint64_t>(meta.placement_sequence);
   TOKENLAKE_ASSIGN_OR_RETURN(uint64_t ticket, Send(compute, target, kStoreRequest, w.Take()));
   return AwaitReply(compute, ticket).status();
 }
 
-absl::Status InstancePool::FreeSegment(InstanceId compute, InstanceId target, SegmentId segment) {
+absl::Status InstancePool::FreeSegment(InstanceId compute, InstanceId target, SegmentId segment,
+                                       uint64_t evicted_at) {
   TOKENLAKE_RETURN_IF_ERROR(CheckDriver(compute, target, "FreeSegment"));
-  if (compute == target) return LocalFree(target, segment);
+  if (compute == target) return LocalFree(target, segment, evicted_at);
   WireWriter w;
   w.Put<uint64_t>(segment.value());
+  w.Put<uint64_t>(evicted_at);
   TOKENLAKE_ASSIGN_OR_RETURN(uint64_t ticket, Send(compute, target, kFreeRequest, w.Take()));
   return AwaitReply(compute, ticket).status();
 }

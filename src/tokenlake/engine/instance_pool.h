@@ -62,10 +62,13 @@ struct SegmentRef {
 };
 
 // What a store message says about the segment besides its KV: its parent in the chain
-// (invalid for a root child) and its token count (0 = unknown).
+// (invalid for a root child), its token count (0 = unknown) and the control plane's change
+// sequence number of the call that placed this copy (lake::CommitResult::sequence; 0 =
+// unknown).
 struct StoredMeta {
   SegmentId parent;
   int32_t num_tokens = 0;
+  uint64_t placement_sequence = 0;
 };
 
 // One segment a hosted instance stores, with its metadata.
@@ -182,8 +185,12 @@ class InstancePool {
   absl::Status StoreSegment(InstanceId compute, InstanceId target, SegmentId segment,
                             absl::Span<const std::byte> slot_bytes, StoredMeta meta = {});
 
-  // Frees `segment`'s slot on `target`. Errors: NotFound, FailedPrecondition (pinned).
-  absl::Status FreeSegment(InstanceId compute, InstanceId target, SegmentId segment);
+  // Frees `segment`'s slot on `target`. With `evicted_at` > 0 (the change sequence number of
+  // the call that evicted the copy), a copy placed by a later call (placement_sequence >
+  // evicted_at: the same segment placed there again meanwhile) is kept.
+  // Errors: NotFound, FailedPrecondition (pinned, or placed again since).
+  absl::Status FreeSegment(InstanceId compute, InstanceId target, SegmentId segment,
+                           uint64_t evicted_at = 0);
 
  private:
   struct Instance {
@@ -213,7 +220,7 @@ class InstancePool {
   transport::Message Handle(const transport::Message& request);
   absl::Status LocalStore(InstanceId target, SegmentId segment,
                           absl::Span<const std::byte> slot_bytes, StoredMeta meta) const;
-  absl::Status LocalFree(InstanceId target, SegmentId segment) const;
+  absl::Status LocalFree(InstanceId target, SegmentId segment, uint64_t evicted_at) const;
   StoredMeta MetaOf(InstanceId holder, SegmentId segment) const;
   absl::Status CheckDriver(InstanceId compute, InstanceId other, const char* what) const;
   absl::StatusOr<uint64_t> Send(InstanceId compute, InstanceId target, uint32_t tag,

@@ -284,5 +284,28 @@ TEST(InstancePoolTest, FreeIfUnchangedSinceSparesACopyStoredAgain) {
   EXPECT_EQ(pool->Held(i).size(), 1u);
 }
 
+// A free for an evicted copy keeps the same segment placed there again by a later change of
+// the lake (placement sequence numbers), locally and through the transport.
+TEST(InstancePoolTest, FreeOfAnEvictedCopySparesTheSegmentPlacedAgain) {
+  auto pool = MakePool(2, KvDtype::kFloat32, 4);
+  std::mt19937 rng(5);
+  const std::vector<std::byte> slot = RandomSlot(Layout(KvDtype::kFloat32), rng);
+  for (const InstanceId from : {InstanceId(1), InstanceId(0)}) {
+    SCOPED_TRACE(testing::Message() << "freed from instance " << from.value());
+    const InstanceId target(1);
+    // Placed by change 7, evicted by change 5 (a stale free): kept.
+    ASSERT_TRUE(pool->StoreSegment(from, target, SegmentId(9), slot, {SegmentId(), 4, 7}).ok());
+    EXPECT_EQ(pool->FreeSegment(from, target, SegmentId(9), 5).code(),
+              absl::StatusCode::kFailedPrecondition);
+    EXPECT_TRUE(pool->store(target).Find(SegmentId(9)).has_value());
+    StoredMeta meta;
+    ASSERT_TRUE(pool->PullSegment(from, target, SegmentId(9), &meta).ok());
+    EXPECT_EQ(meta.placement_sequence, 7u);
+    // Evicted by change 8 (after the placement): freed.
+    EXPECT_TRUE(pool->FreeSegment(from, target, SegmentId(9), 8).ok());
+    EXPECT_FALSE(pool->store(target).Find(SegmentId(9)).has_value());
+  }
+}
+
 }  // namespace
 }  // namespace tokenlake::engine

@@ -476,6 +476,7 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
   }
   Active& active = it->second;
   CommitResult result;
+  result.sequence = ++sequence_;
   const int64_t now = clock_->NowUs();
   for (const plan::NewSegmentPlacement& p : placements) {
     // Each placement consumes one reserved slot (TryAdmit): from here on the segment is either
@@ -609,6 +610,7 @@ absl::StatusOr<RebalanceResult> Lake::Rebalance() {
   const std::vector<balance::BalanceAction> actions =
       balancer_->Rebalance(segments, InstanceStatesLocked());
   RebalanceResult result;
+  result.sequence = ++sequence_;
   for (const balance::BalanceAction& a : actions) {
     const index::PrefixTree::Node* node = tree_->Find(a.segment);
     if (node == nullptr) {

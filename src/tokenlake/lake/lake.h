@@ -165,6 +165,10 @@ struct CommitResult {
   std::vector<StoredReplica> evicted;
   // Bytes of new segments stored away from their source instance.
   int64_t moved_bytes = 0;
+  // The lake's change sequence number of this call (every Commit and Rebalance takes the next
+  // one): a copy placed by a later call has a larger number, so a data plane that remembers
+  // each copy's number can tell an evicted copy from the same segment placed there again.
+  uint64_t sequence = 0;
 };
 
 struct RebalanceResult {
@@ -172,6 +176,8 @@ struct RebalanceResult {
   std::vector<balance::BalanceAction> actions;
   // KV bytes copied by replicate and move actions.
   int64_t bytes_moved = 0;
+  // The lake's change sequence number of this call (see CommitResult::sequence).
+  uint64_t sequence = 0;
 };
 
 // One segment an instance reports holding (RestoreReplicas): its id, its parent in the chain
@@ -409,6 +415,7 @@ class Lake {
   int64_t total_slots_ = 0;                           // sum of the instances' capacities
   int64_t pinned_replicas_ ABSL_GUARDED_BY(mu_) = 0;  // replicas of nodes with pin_count > 0
   int64_t reserved_slots_ ABSL_GUARDED_BY(mu_) = 0;   // sum of Active::reserved_slots
+  uint64_t sequence_ ABSL_GUARDED_BY(mu_) = 0;        // last Commit / Rebalance sequence
 };
 
 }  // namespace tokenlake::lake

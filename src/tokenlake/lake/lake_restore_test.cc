@@ -158,6 +158,26 @@ TEST(LakeRestoreTest, LoseReplicaErasesAPinnedSubtreeAndItsCopiesElsewhere) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST(LakeRestoreTest, CommitsAndRebalancesTakeIncreasingSequenceNumbers) {
+  ManualClock clock(1);
+  auto lake = Lake::Create(Options(2, 8), &clock);
+  ASSERT_TRUE(lake.ok());
+  uint64_t last = 0;
+  for (uint64_t r = 1; r <= 3; ++r) {
+    LakeRequest req{.id = RequestId(r), .keys = {{SegmentId(r), kS}}, .new_tokens = kS};
+    ASSERT_TRUE((*lake)->Admit(req).ok());
+    auto c = (*lake)->CommitKeys(RequestId(r), req.keys, InstanceId(0));
+    ASSERT_TRUE(c.ok()) << c.status();
+    EXPECT_GT(c->sequence, last);
+    last = c->sequence;
+    ASSERT_TRUE((*lake)->Release(RequestId(r)).ok());
+    auto b = (*lake)->Rebalance();
+    ASSERT_TRUE(b.ok());
+    EXPECT_GT(b->sequence, last);
+    last = b->sequence;
+  }
+}
+
 struct Params {
   int32_t instances;
   int32_t segments;

@@ -50,6 +50,9 @@ struct Member {
   // Replicas the lake lists on the instance that its last heartbeats did not report, with the
   // number of heartbeats in a row that missed them.
   absl::flat_hash_map<SegmentId, int32_t> missing;
+  // Reported segments registration could not restore yet (orphans), retried on heartbeats
+  // while the coordinator's restore_window lasts.
+  absl::flat_hash_set<SegmentId> pending_restore;
   v1::InstanceTraffic traffic;
   absl::Time last_heartbeat;
   int64_t in_flight = 0;
@@ -276,6 +279,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     ++membership_version_;
     m.last_heartbeat = absl::Now();
     m.missing.clear();
+    m.pending_restore.clear();
     ++m.incarnations;
     if (!tcp_->SetPeer(InstanceId(id + 1), m.transport_port).ok()) {
       return grpc::Status(grpc::StatusCode::INTERNAL, "cannot route to the instance");
@@ -680,6 +684,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       x->set_segment(a.segment.value());
       x->set_from(from);
       x->set_to(to);
+      x->set_sequence(r->sequence);
       ++rebalance_actions_;
     }
     // The lake may have placed copies on an instance that is not running: take them back.
@@ -814,17 +819,30 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       }
     }
     const bool in_window = absl::Now() - started_ < options_.restore_window;
-    if (!unlisted.empty()) {
-      if (!reconcile || in_window) {
-        absl::StatusOr<lake::RestoreResult> r = lake_->RestoreReplicas(inst, unlisted);
-        if (r.ok()) {
-          restored_replicas_ += r->restored_replicas;
-          if (!in_window) {
-            for (SegmentId seg : r->rejected) to_free->push_back(seg.value());
+    if (!in_window) m.pending_restore.clear();
+    // At registration everything unlisted is restored; on heartbeats only what registration
+    // could not place yet (orphans whose parent is on an instance that had not re-registered):
+    // any other unlisted copy is one the lake dropped or evicted, to be freed.
+    std::vector<lake::HeldSegment> restore;
+    for (const lake::HeldSegment& h : unlisted) {
+      if (!reconcile || m.pending_restore.contains(h.id)) {
+        restore.push_back(h);
+      } else {
+        to_free->push_back(h.id.value());
+      }
+    }
+    if (!restore.empty()) {
+      absl::StatusOr<lake::RestoreResult> r = lake_->RestoreReplicas(inst, restore);
+      if (r.ok()) {
+        restored_replicas_ += r->restored_replicas;
+        m.pending_restore.clear();
+        for (SegmentId seg : r->rejected) {
+          if (in_window) {
+            m.pending_restore.insert(seg);  // retried on the next heartbeats
+          } else {
+            to_free->push_back(seg.value());
           }
         }
-      } else {
-        for (const lake::HeldSegment& h : unlisted) to_free->push_back(h.id.value());
       }
     }
     reconcile_frees_ += static_cast<int64_t>(to_free->size());

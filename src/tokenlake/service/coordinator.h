@@ -14,7 +14,8 @@
 //     instances (peers), so that instances route attend / pull / store / free to each other;
 //   - rebuild: after a coordinator restart the instances re-register with what they hold
 //     (each segment with its parent and token count) and Lake::RestoreReplicas rebuilds the tree
-//     (parents first; orphans are retried while restore_window lasts, then freed);
+//     (parents first; orphans are retried on heartbeats while restore_window lasts, then
+//     freed);
 //   - reconciliation on every heartbeat: segments an instance holds that the lake does not list
 //     are freed on the instance (reply free_segments; the instance frees only copies it has not
 //     stored again since that report: store generations); replicas the lake lists that the

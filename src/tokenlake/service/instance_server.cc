@@ -346,6 +346,7 @@ class InstanceServer::Impl {
       }
       engine::StoredMeta meta;
       absl::StatusOr<std::vector<std::byte>> slot = pool.PullSegment(self, from, seg, &meta);
+      meta.placement_sequence = a.sequence();
       if (!slot.ok() || !pool.StoreSegment(self, self, seg, *slot, meta).ok()) continue;
       {
         absl::MutexLock lock(&traffic_mu_);

@@ -110,6 +110,7 @@ void ToProto(const lake::CommitResult& in, v1::CommitReply* out) {
     x->set_instance(InstanceToWire(r.instance));
   }
   out->set_moved_bytes(in.moved_bytes);
+  out->set_sequence(in.sequence);
 }
 
 lake::CommitResult FromProto(const v1::CommitReply& in) {
@@ -123,6 +124,7 @@ lake::CommitResult FromProto(const v1::CommitReply& in) {
     out.evicted.push_back({SegmentId(r.segment()), InstanceFromWire(r.instance())});
   }
   out.moved_bytes = in.moved_bytes();
+  out.sequence = in.sequence();
   return out;
 }
 

@@ -70,6 +70,7 @@ TEST(LakeRpcTest, PlanAndCommitRoundTrip) {
   c.not_stored = {SegmentId(6)};
   c.evicted = {{SegmentId(7), InstanceId(2)}};
   c.moved_bytes = 4096;
+  c.sequence = 12345678901ULL;
   v1::CommitReply cw;
   ToProto(c, &cw);
   const lake::CommitResult cb = FromProto(cw);
@@ -78,6 +79,7 @@ TEST(LakeRpcTest, PlanAndCommitRoundTrip) {
   EXPECT_EQ(cb.not_stored, c.not_stored);
   EXPECT_EQ(cb.evicted, c.evicted);
   EXPECT_EQ(cb.moved_bytes, 4096);
+  EXPECT_EQ(cb.sequence, 12345678901ULL);
 }
 
 TEST(LakeRpcTest, StatusCodesMapBothWays) {
