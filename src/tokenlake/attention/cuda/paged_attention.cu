@@ -2237,13 +2237,19 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
       c.decode_threads = kDecodeThreads;
       c.decode_unroll = 4;
       c.decode_smem = true;
-      // Default depth: 4 stages (one 128 KiB block per SM) for segments of 256 rows or more, else
-      // 2 (up to three 64 KiB blocks per SM: more warps to cover the per-segment descriptor
-      // reads), the best of 2-4 on an H100 for 512- / 256- / 64-token segments.
-      c.decode_mma_stages = p.decode_mma_stages != 0    ? p.decode_mma_stages
-                            : p.max_block_tokens >= 256 ? 4
-                                                        : 2;
+      // Default depth (measured on an H100, one token over 32K pooled tokens, 2-4 stages with and
+      // without the descriptor cache in one session; docs/results-gpu.md): 4 stages (one
+      // 128 KiB block per SM) for segments of 256 rows or more, else 2 (up to three 64 KiB blocks
+      // per SM: more warps to cover the per-segment descriptor reads); 3 (two blocks per SM)
+      // where the thread blocks of one split would not fit one per SM (batched decode of many
+      // requests: 32 x 1K tokens took two waves with 4 stages).
+      const int64_t mma_ctas = static_cast<int64_t>(p.num_kv_heads) * p.num_q_tokens;
+      c.decode_mma_stages = p.decode_mma_stages != 0   ? p.decode_mma_stages
+                            : p.max_block_tokens < 256 ? 2
+                            : mma_ctas > num_sms       ? 3
+                                                       : 4;
       if (p.head_dim != 128) c.decode_mma_stages = 3;  // (other depths instantiated for 128)
+      // (Decided below for the default; the occupancy does not depend on it.)
       c.decode_mma_desc_cache = p.decode_mma_descriptors != 2;
     }
     const int64_t ctas_per_item =
@@ -2304,6 +2310,12 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
       c.workspace_bytes = static_cast<size_t>(c.items) * rows * (p.head_dim + 1) * sizeof(float);
       c.workspace_bytes = kPagedAttentionCounterBytes + (c.workspace_bytes + 255) / 256 * 256;
       c.decode_fused = p.decode_merge == 0 && c.items <= kMaxFusedItems && counters_fit;
+    }
+    if (c.decode_mma && p.decode_mma_descriptors == 0) {
+      // The descriptor cache paid off only with 4 stages (4 warps per SM) and runs of more than
+      // 4 segments per thread block (256-token segments: 52.6 vs 53.1 us back to back; 64: 53.4
+      // vs 56.1); with 4 segments per block (512) or 2 stages (8 warps per SM) it cost 0.5 us.
+      c.decode_mma_desc_cache = c.decode_mma_stages == 4 && c.blocks_per_item > 4;
     }
   }
   return c;

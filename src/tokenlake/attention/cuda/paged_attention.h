@@ -180,13 +180,15 @@ struct PagedAttentionParams {
   // decode_schedule and decode_threads_per_block are ignored by it).
   int32_t decode_kernel = 0;
   // Decode, tensor-core kernel: cp.async pipeline stages per warp (16 keys of K and V each),
-  // 2, 3 or 4 (head_dim 128; always 3 for head_dim 64); 0 = default (4 when max_block_tokens >=
-  // 256, else 2: measured best on an H100).
+  // 2, 3 or 4 (head_dim 128; always 3 for head_dim 64); 0 = default: 2 when max_block_tokens <
+  // 256, else 4 (one thread block per multiprocessor), or 3 (two per multiprocessor) when
+  // num_kv_heads * num_q_tokens exceeds the multiprocessor count (measured best on an H100).
   int32_t decode_mma_stages = 0;
   // Decode, tensor-core kernel: where the block descriptors are read in the load loop. 0 =
-  // default (1); 1 = the first 64 of each thread block's run copied into shared memory at the
-  // start; 2 = from global memory at every segment (an experiment: head_dim 128 and a group of 4
-  // only, other shapes use 1).
+  // default: 1 with 4 stages and more than 4 segments per thread block, else 2 (measured on an
+  // H100); 1 = the first 64 of each thread block's run copied into shared memory at the start;
+  // 2 = from global memory at every segment (head_dim 128 and a group of 4 only: other shapes
+  // use 1 whatever this says).
   int32_t decode_mma_descriptors = 0;
   // Batched decode: null (every query token sees all blocks), or a device array of
   // num_q_tokens + 1 ascending offsets into `blocks`: query token i (one request's token) then
