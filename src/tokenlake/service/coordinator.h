@@ -32,7 +32,9 @@
 //   - routing: the computing instance of a request is the one the lake's plan for its prefill
 //     names (GenPlans, not admitted), unless it is not live or busier than the least busy live
 //     instance by more than balance_abs_threshold requests (then the least busy one); with
-//     rotate_compute_instance, live instances take turns instead (forces cross-process traffic);
+//     rotate_compute_instance, live instances take turns instead (forces cross-process traffic).
+//     An instance gets requests only once every live instance has been sent its data port
+//     (membership versions), so that every holder can answer it;
 //   - the data path: the request (with a lake request id the coordinator assigns, unique across
 //     instances) goes to the computing instance over the host transport (TcpTransport, wrapped
 //     in a FaultTransport so tests can drop, delay or cut), with a deadline. An instance that
