@@ -109,6 +109,27 @@ int main(int argc, char** argv) {
     s.num_splits = 48;
     runs.push_back({"decode_tc_s2", s});
   }
+  // Token split (decode_mma_token_split = 1): the splits are equal runs of 16-row units across
+  // segment boundaries, so 2 or 3 stages (2 thread blocks per SM) fill all 264 slots of an H100
+  // with 33 splits per head group (runs of whole segments: 32 splits, 256 slots); with and
+  // without the descriptor cache.
+  for (int seg : {512, 256, 64}) {
+    for (int stages : {2, 3}) {
+      for (int desc : {1, 2}) {
+        tl::AttentionBenchShape s;
+        s.num_q_tokens = 1;
+        s.segment_tokens = seg;
+        s.kernel = 2;
+        s.decode_kernel = 2;
+        s.decode_mma_stages = stages;
+        s.decode_mma_descriptors = desc;
+        s.decode_mma_token_split = 1;
+        runs.push_back({std::string(desc == 1 ? "decode_tc_ts_s" : "decode_tc_ts_glob_s") +
+                            std::to_string(stages),
+                        s});
+      }
+    }
+  }
   // Batched decode: R requests of 32K / R tokens each in one call, against one request of
   // 32K / R tokens alone (times R for R separate calls).
   for (int req : {8, 32}) {
@@ -260,6 +281,7 @@ int main(int argc, char** argv) {
                          {"decode_kernel", s.decode_kernel},
                          {"decode_mma_stages", s.decode_mma_stages},
                          {"decode_mma_descriptors", s.decode_mma_descriptors},
+                         {"decode_mma_token_split", s.decode_mma_token_split},
                          {"num_requests", s.num_requests},
                          {"us", t->us},
                          {"tflops", t->tflops},

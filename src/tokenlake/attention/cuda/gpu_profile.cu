@@ -385,6 +385,7 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
   p.decode_kernel = s.decode_kernel;
   p.decode_mma_stages = s.decode_mma_stages;
   p.decode_mma_descriptors = s.decode_mma_descriptors;
+  p.decode_mma_token_split = s.decode_mma_token_split;
   p.blocks = blocks.get<DeviceKvBlock>();
   DeviceMem offsets;
   if (num_requests > 1) {

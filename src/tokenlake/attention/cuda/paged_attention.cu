@@ -769,6 +769,12 @@ struct DecodeArgs {
   // attends to blocks [q_block_offsets[qi], q_block_offsets[qi + 1]) only, and item i of it to
   // the i-th run of ceil(n / num_items) of them. Null: every token sees all num_blocks blocks.
   const int32_t* q_block_offsets;
+  // Tensor-core kernel, token split (chunks_per_block == 1, no q_block_offsets): > 0: item i
+  // covers the 16-row units [i * U / num_items, (i + 1) * U / num_items) of the U = num_blocks *
+  // units_per_block units (block b's rows [16 u, 16 u + 16) = unit b * units_per_block + u), so
+  // runs split inside segments and every item gets the same rows (+-16) whatever the segment
+  // size; 0: items are runs of blocks_per_item whole blocks or chunks, as above.
+  int units_per_block;
 };
 
 // Work counters of the dynamic decode schedule follow the merge counters (in uint32 words).
@@ -781,7 +787,9 @@ constexpr int kQueueOffset = static_cast<int>(kPagedAttentionCounterBytes / 8);
 // with an online max, loading every partial's LSE and output slice together (the loads of 8
 // partials in flight at once), so the merge costs about one L2 round trip per 8 partials after
 // the counter. Partials are read with ld.global.cg (L2; other multiprocessors wrote them).
-template <int D, int G, int KVH>
+// U = partials whose loads are in flight at once (8; 16 for the tensor-core kernel, so its 16
+// splits cost one round trip).
+template <int D, int G, int KVH, int U = 8>
 __device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi, int kv_head0,
                                                  int hoff) {
   constexpr int kRows = KVH * G;
@@ -816,7 +824,7 @@ __device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi,
     float mx = kNegInf;
     float sum = 0.f;
     float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
+#pragma unroll U
     for (int p = 0; p < n; ++p) {
       const float lp = __ldcg(lrow + p);
       const float4 v = __ldcg(orow + static_cast<int64_t>(p) * kLanes4);
@@ -1344,8 +1352,12 @@ __host__ __device__ constexpr int DecodeMmaSmemBytes() {
 // an L2 round trip under full memory traffic).
 constexpr int kDecodeMmaDescCache = 64;
 
-template <int D, int G, int S, bool kDescCache = true>
+// kDesc = PagedAttentionParams::decode_mma_descriptors (1 cache, 2 global). (Measured and
+// dropped, 2026-11-25: the next segment's descriptor prefetched into registers one segment ahead,
+// 0.2-1 us slower than both.)
+template <int D, int G, int S, int kDesc = 1>
 __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const DecodeArgs args) {
+  constexpr bool kDescCache = kDesc == 1;
   static_assert(G >= 1 && G <= 8);
   constexpr int NW = kDecodeMmaWarps;
   constexpr int kStep = NW * kDecodeMmaKeys;      // key rows per block step
@@ -1375,12 +1387,24 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
     num_blocks = args.q_block_offsets[qi + 1] - first;
     blocks_per_item = max(1, (num_blocks + args.num_items - 1) / args.num_items);
   }
-  const int b_first = (item / args.chunks_per_block) * blocks_per_item;
-  const int b_last = min(num_blocks, b_first + blocks_per_item);
+  int b_first = (item / args.chunks_per_block) * blocks_per_item;
+  int b_last = min(num_blocks, b_first + blocks_per_item);
   const bool chunked = args.chunks_per_block > 1;
   const int chunk_begin = (item % args.chunks_per_block) * args.chunk_tokens;
   const int64_t qpos = static_cast<int64_t>(args.q_start_pos) + qi;
   const int row_stride = args.num_kv_heads * D;
+  int t_first = chunked ? chunk_begin : 0;  // first row of block b_first
+  int b_stop = -1, t_stop = 0;              // token split: block b_stop ends at row t_stop
+  if (args.units_per_block > 0) {
+    const int64_t units = static_cast<int64_t>(num_blocks) * args.units_per_block;
+    const int64_t u0 = units * item / args.num_items;
+    const int64_t u1 = units * (item + 1) / args.num_items;
+    b_first = static_cast<int>(u0 / args.units_per_block);
+    t_first = static_cast<int>(u0 % args.units_per_block) * kDecodeMmaKeys;
+    b_stop = static_cast<int>(u1 / args.units_per_block);
+    t_stop = static_cast<int>(u1 % args.units_per_block) * kDecodeMmaKeys;
+    b_last = min(num_blocks, t_stop > 0 ? b_stop + 1 : b_stop);
+  }
 
   // Descriptors of blocks [b_first, b_first + kDecodeMmaDescCache) in shared memory.
   __shared__ const void* sm_dk[kDescCache ? kDecodeMmaDescCache : 1];
@@ -1400,18 +1424,6 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
   auto cached = [&](int b) { return kDescCache && b - b_first < kDecodeMmaDescCache; };
   auto num_tokens_of = [&](int b) { return cached(b) ? sm_dn[b - b_first] : blocks[b].num_tokens; };
 
-  // Q as the A fragments (rows r and r + 8; rows >= G and the upper half are zero).
-  uint32_t qa[kKSteps][2];
-#pragma unroll
-  for (int kk = 0; kk < kKSteps; ++kk) {
-    qa[kk][0] = qa[kk][1] = 0u;
-    if (r < G) {
-      const uint32_t* qrow = reinterpret_cast<const uint32_t*>(
-          args.q + (static_cast<int64_t>(qi) * args.num_heads + head0 + r) * D + 16 * kk + 2 * qd);
-      qa[kk][0] = qrow[0];
-      qa[kk][1] = qrow[4];  // dims + 8
-    }
-  }
   float o[kOTiles][4];
 #pragma unroll
   for (int n = 0; n < kOTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
@@ -1428,6 +1440,7 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
     while (c.b < b_last) {
       const int n = num_tokens_of(c.b);
       c.tend = chunked ? min(n, chunk_begin + args.chunk_tokens) : n;
+      if (c.b == b_stop) c.tend = min(c.tend, t_stop);  // (the run's last block)
       if (c.tb < c.tend) return;
       c.key0 += n;
       ++c.b;
@@ -1441,7 +1454,7 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
         c.b = b_last;
         return;
       }
-      c.key0 += num_tokens_of(c.b);
+      c.key0 += c.tend;  // (not chunked: the block's token count, or the run ends here)
       ++c.b;
       c.tb = 0;
       settle(c);
@@ -1470,7 +1483,7 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
     }
   };
 
-  Cursor load{b_first, chunked ? chunk_begin : 0, 0, 0};
+  Cursor load{b_first, t_first, 0, 0};
   if (args.causal) load.key0 = KeysBefore(blocks, b_first);
   settle(load);
   Cursor comp = load;
@@ -1483,6 +1496,19 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
       ++issued;
     }
     CpAsyncCommit();
+  }
+  // Q as the A fragments (loaded after the first stages' copies went out):
+  // rows r and r + 8; rows >= G and the upper half are zero.
+  uint32_t qa[kKSteps][2];
+#pragma unroll
+  for (int kk = 0; kk < kKSteps; ++kk) {
+    qa[kk][0] = qa[kk][1] = 0u;
+    if (r < G) {
+      const uint32_t* qrow = reinterpret_cast<const uint32_t*>(
+          args.q + (static_cast<int64_t>(qi) * args.num_heads + head0 + r) * D + 16 * kk + 2 * qd);
+      qa[kk][0] = qrow[0];
+      qa[kk][1] = qrow[4];  // dims + 8
+    }
   }
   int stage = 0;
   for (int computed = 0; computed < issued; ++computed) {
@@ -1608,7 +1634,8 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
     }
   }
   if (!final_out && args.counters != nullptr) {
-    DecodeFusedMerge<D, G, 1>(args, qi, kv_head, 0);
+    // (16 partials' loads in flight: 0.1-0.4 us faster than 8 per call, measured on an H100.)
+    DecodeFusedMerge<D, G, 1, 16>(args, qi, kv_head, 0);
   }
 }
 
@@ -1932,6 +1959,10 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
         absl::StrFormat("PagedAttention: decode_mma_stages = %d, supported: 0 (auto), 2, 3, 4",
                         p.decode_mma_stages));
   }
+  if (p.decode_mma_token_split < 0 || p.decode_mma_token_split > 1) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: decode_mma_token_split = %d, supported: 0, 1", p.decode_mma_token_split));
+  }
   if (p.decode_mma_descriptors < 0 || p.decode_mma_descriptors > 2) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: decode_mma_descriptors = %d, supported: 0 (auto), 1 (cached), 2 (global)",
@@ -1978,8 +2009,9 @@ struct Config {
   int decode_threads = kDecodeThreads;  // decode, shared-memory kernel: threads per block
   bool decode_mma = false;              // decode: the tensor-core kernel (DecodeMmaKernel)
   int decode_mma_stages = 3;            // decode, tensor-core kernel: pipeline stages per warp
-  bool decode_mma_desc_cache = true;    // decode, tensor-core kernel: descriptors in smem
-  size_t workspace_bytes = 0;           // kPagedAttentionCounterBytes + partials, or 0
+  int decode_mma_desc = 1;  // decode, tensor-core kernel: decode_mma_descriptors (1-2, resolved)
+  int units_per_block = 0;  // decode, tensor-core kernel, token split: DecodeArgs::units_per_block
+  size_t workspace_bytes = 0;  // kPagedAttentionCounterBytes + partials, or 0
 };
 
 // MT = query m-tiles of 16 rows per warp: 1 -> PrefillKernel, 2 -> PrefillKernel2.
@@ -2080,7 +2112,7 @@ bool DecodeMmaSupports(const PagedAttentionParams& p) {
          (group == 1 || group == 2 || group == 4 || group == 8);
 }
 
-template <int D, int G, int S, bool C>
+template <int D, int G, int S, int C>
 cudaError_t PrepareDecodeMma() {
   static const cudaError_t err =
       cudaFuncSetAttribute(DecodeMmaKernel<D, G, S, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -2088,7 +2120,7 @@ cudaError_t PrepareDecodeMma() {
   return err;
 }
 
-template <int D, int G, int S, bool C>
+template <int D, int G, int S, int C>
 absl::StatusOr<int> DecodeMmaBlocksPerSmT() {
   static int blocks = 0;
   static const cudaError_t err = PrepareDecodeMma<D, G, S, C>() != cudaSuccess
@@ -2103,24 +2135,28 @@ absl::StatusOr<int> DecodeMmaBlocksPerSmT() {
   return blocks;
 }
 
-// Calls f(std::integral_constant<int, D>, ..G.., ..S.., std::bool_constant<descriptor cache>)
-// for the kernel's supported shapes (without the descriptor cache: head_dim 128, group 4 only).
+// Calls f(std::integral_constant<int, D>, ..G.., ..S.., ..descriptor mode..) for the kernel's
+// supported shapes (descriptor modes other than 1, the cache: head_dim 128, group 4 only).
 template <typename F>
-auto DispatchDecodeMma(int d, int g, int stages, bool desc_cache, F&& f) {
+auto DispatchDecodeMma(int d, int g, int stages, int desc_mode, F&& f) {
   using std::integral_constant;
+  auto with_c = [&](auto dc, auto gc, auto sc) {
+    if constexpr (decltype(dc)::value == 128 && decltype(gc)::value == 4) {
+      switch (desc_mode) {
+        case 2:
+          return f(dc, gc, sc, integral_constant<int, 2>());
+        default:
+          break;
+      }
+    }
+    return f(dc, gc, sc, integral_constant<int, 1>());
+  };
   auto with_s = [&](auto dc, auto gc) {
     if constexpr (decltype(dc)::value == 128) {
-      if constexpr (decltype(gc)::value == 4) {
-        if (!desc_cache) {
-          if (stages == 2) return f(dc, gc, integral_constant<int, 2>(), std::false_type());
-          if (stages == 4) return f(dc, gc, integral_constant<int, 4>(), std::false_type());
-          return f(dc, gc, integral_constant<int, 3>(), std::false_type());
-        }
-      }
-      if (stages == 2) return f(dc, gc, integral_constant<int, 2>(), std::true_type());
-      if (stages == 4) return f(dc, gc, integral_constant<int, 4>(), std::true_type());
+      if (stages == 2) return with_c(dc, gc, integral_constant<int, 2>());
+      if (stages == 4) return with_c(dc, gc, integral_constant<int, 4>());
     }
-    return f(dc, gc, integral_constant<int, 3>(), std::true_type());
+    return with_c(dc, gc, integral_constant<int, 3>());
   };
   auto with_g = [&](auto dc) {
     switch (g) {
@@ -2137,8 +2173,8 @@ auto DispatchDecodeMma(int d, int g, int stages, bool desc_cache, F&& f) {
   return d == 128 ? with_g(integral_constant<int, 128>()) : with_g(integral_constant<int, 64>());
 }
 
-absl::StatusOr<int> DecodeMmaBlocksPerSm(int d, int g, int stages, bool desc_cache) {
-  return DispatchDecodeMma(d, g, stages, desc_cache, [](auto dc, auto gc, auto sc, auto cc) {
+absl::StatusOr<int> DecodeMmaBlocksPerSm(int d, int g, int stages, int desc_mode) {
+  return DispatchDecodeMma(d, g, stages, desc_mode, [](auto dc, auto gc, auto sc, auto cc) {
     return DecodeMmaBlocksPerSmT<decltype(dc)::value, decltype(gc)::value, decltype(sc)::value,
                                  decltype(cc)::value>();
   });
@@ -2250,14 +2286,14 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
                                                        : 4;
       if (p.head_dim != 128) c.decode_mma_stages = 3;  // (other depths instantiated for 128)
       // (Decided below for the default; the occupancy does not depend on it.)
-      c.decode_mma_desc_cache = p.decode_mma_descriptors != 2;
+      c.decode_mma_desc = p.decode_mma_descriptors != 0 ? p.decode_mma_descriptors : 1;
     }
     const int64_t ctas_per_item =
         static_cast<int64_t>(p.num_kv_heads / c.decode_kvh) * (group / c.decode_g) * p.num_q_tokens;
     absl::StatusOr<int> per_sm =
-        c.decode_mma ? DecodeMmaBlocksPerSm(p.head_dim, c.decode_g, c.decode_mma_stages,
-                                            c.decode_mma_desc_cache)
-                     : DecodeBlocksPerSm(p.head_dim, c.decode_g, c.decode_unroll, c.decode_smem);
+        c.decode_mma
+            ? DecodeMmaBlocksPerSm(p.head_dim, c.decode_g, c.decode_mma_stages, c.decode_mma_desc)
+            : DecodeBlocksPerSm(p.head_dim, c.decode_g, c.decode_unroll, c.decode_smem);
     if (!per_sm.ok()) return per_sm.status();
     // About two thread blocks per multiprocessor (capped by occupancy): measured on an H100
     // (docs/results-gpu.md) this beat both a full occupancy wave and finer splits, which only
@@ -2289,6 +2325,17 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
       c.items =
           static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(target_items, p.num_blocks)));
     }
+    if (c.decode_mma && !batched && p.decode_mma_token_split == 1) {
+      // Items are equal runs of 16-row units across segment boundaries (DecodeArgs).
+      const int upb = (p.max_block_tokens + kDecodeMmaKeys - 1) / kDecodeMmaKeys;
+      const int64_t units = static_cast<int64_t>(p.num_blocks) * upb;
+      c.units_per_block = upb;
+      c.chunks_per_block = 1;
+      c.chunk_tokens = p.max_block_tokens;
+      c.items = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(target_items, units)));
+      // (The most blocks one item touches: for the descriptor-cache default below.)
+      c.blocks_per_item = (p.num_blocks + c.items - 1) / c.items + 1;
+    }
     // One merge counter (and, dynamic, one work counter) per (query token, head group).
     const int64_t counters = ctas_per_item;
     const bool counters_fit = counters <= kQueueOffset;
@@ -2315,7 +2362,7 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
       // The descriptor cache paid off only with 4 stages (4 warps per SM) and runs of more than
       // 4 segments per thread block (256-token segments: 52.6 vs 53.1 us back to back; 64: 53.4
       // vs 56.1); with 4 segments per block (512) or 2 stages (8 warps per SM) it cost 0.5 us.
-      c.decode_mma_desc_cache = c.decode_mma_stages == 4 && c.blocks_per_item > 4;
+      c.decode_mma_desc = c.decode_mma_stages == 4 && c.blocks_per_item > 4 ? 1 : 2;
     }
   }
   return c;
@@ -2384,18 +2431,19 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
   a.dyn_chunk_tokens = c.dyn_chunk_tokens;
   a.dyn_chunks_per_block = c.dyn_chunks_per_block;
   a.q_block_offsets = p.q_block_offsets;
+  a.units_per_block = c.units_per_block;
   if (c.items > 1 && (c.decode_fused || c.decode_dynamic)) {
     a.counters = static_cast<unsigned int*>(p.workspace);
   }
   if constexpr (G == 1 && U == 4) {  // (LaunchDecodeD routes the tensor-core kernel here)
     if (c.decode_mma) {
       return DispatchDecodeMma(
-          D, a.group, c.decode_mma_stages, c.decode_mma_desc_cache,
+          D, a.group, c.decode_mma_stages, c.decode_mma_desc,
           [&](auto dc, auto gc, auto sc, auto cc) {
             constexpr int kD = decltype(dc)::value;
             constexpr int kG = decltype(gc)::value;
             constexpr int kS = decltype(sc)::value;
-            constexpr bool kC = decltype(cc)::value;
+            constexpr int kC = decltype(cc)::value;
             if (cudaError_t err = PrepareDecodeMma<kD, kG, kS, kC>(); err != cudaSuccess) {
               return absl::InternalError(absl::StrFormat(
                   "cudaFuncSetAttribute(decode tensor cores): %s", cudaGetErrorString(err)));

@@ -190,6 +190,12 @@ struct PagedAttentionParams {
   // 2 = from global memory at every segment (head_dim 128 and a group of 4 only: other shapes
   // use 1 whatever this says).
   int32_t decode_mma_descriptors = 0;
+  // Decode, tensor-core kernel, one request (no q_block_offsets): 1 = token split: the splits of
+  // a head group are equal runs of 16-row units that may start and end inside a segment (so
+  // 33 splits of 64 512-token segments are 62-63 units each, not 2 or 1 segments); 0 = the
+  // splits are runs of whole segments (or chunks of one segment when there are more splits
+  // than segments).
+  int32_t decode_mma_token_split = 0;
   // Batched decode: null (every query token sees all blocks), or a device array of
   // num_q_tokens + 1 ascending offsets into `blocks`: query token i (one request's token) then
   // attends to blocks [q_block_offsets[i], q_block_offsets[i + 1]) only, so one launch serves

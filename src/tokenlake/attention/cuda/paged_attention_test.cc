@@ -85,6 +85,7 @@ struct Case {
   int decode_kernel = 0;  // 0 auto, 1 CUDA cores, 2 tensor cores
   int decode_mma_stages = 0;
   int decode_mma_descriptors = 0;  // 0 auto, 1 shared-memory cache, 2 global
+  int decode_mma_token_split = 0;  // 1: splits of 16-row units across segments
   float softmax_scale = 0.f;
 };
 
@@ -94,10 +95,11 @@ std::string Describe(const Case& c) {
   return absl::StrFormat(
       "q=%d causal=%d q_start=%d kernel=%d prefill_kernel=%d splits=%d unroll=%d pipeline=%d "
       "merge=%d kvh=%d schedule=%d threads=%d decode_kernel=%d mma_stages=%d mma_desc=%d "
-      "blocks=[%s]",
+      "token_split=%d blocks=[%s]",
       c.num_q, c.causal, c.q_start_pos, static_cast<int>(c.kernel), c.prefill_kernel, c.num_splits,
       c.decode_unroll, c.decode_pipeline, c.decode_merge, c.decode_kvh, c.decode_schedule,
-      c.decode_threads, c.decode_kernel, c.decode_mma_stages, c.decode_mma_descriptors, lens);
+      c.decode_threads, c.decode_kernel, c.decode_mma_stages, c.decode_mma_descriptors,
+      c.decode_mma_token_split, lens);
 }
 
 // A workspace as the header asks for: counter bytes zero, the rest poisoned with NaN (so a
@@ -212,6 +214,7 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   p.decode_kernel = c.decode_kernel;
   p.decode_mma_stages = c.decode_mma_stages;
   p.decode_mma_descriptors = c.decode_mma_descriptors;
+  p.decode_mma_token_split = c.decode_mma_token_split;
   absl::StatusOr<size_t> need = PagedAttentionWorkspaceBytes(p, c.kernel);
   ASSERT_TRUE(need.ok()) << need.status();
   DeviceBuffer d_ws(ws == nullptr ? *need : 0);
@@ -331,12 +334,14 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
     static constexpr int kStages[] = {0, 2, 3, 4};  // default, 2, 3, 4
     c.decode_mma_stages = kStages[rng() % 4];
     c.decode_mma_descriptors = static_cast<int>(rng() % 3);  // default, cached, global
+    c.decode_mma_token_split = static_cast<int>(rng() % 2);
     c.decode_merge = static_cast<int>(rng() % 2);
     RunAndCompare(c, rng);
     if (HasFatalFailure()) return;
     c.decode_kernel = 0;
     c.decode_mma_stages = 0;
     c.decode_mma_descriptors = 0;
+    c.decode_mma_token_split = 0;
   }
 }
 
@@ -461,6 +466,7 @@ TEST_P(PagedAttentionGpuTest, FusedSplitMergeMatchesReferenceWithReusedWorkspace
         c.decode_kernel = dk;
         c.decode_mma_stages = dk == 2 ? 2 + static_cast<int>(rng() % 3) : 0;
         c.decode_mma_descriptors = dk == 2 ? static_cast<int>(rng() % 3) : 0;
+        c.decode_mma_token_split = dk == 2 ? static_cast<int>(rng() % 2) : 0;
         RunAndCompare(c, rng, ws.ptr, kWsBytes);  // fresh random inputs each time
         if (HasFatalFailure()) return;
       }
@@ -471,6 +477,60 @@ TEST_P(PagedAttentionGpuTest, FusedSplitMergeMatchesReferenceWithReusedWorkspace
 // Batched decode: many requests, each one query token over its own random block list (empty
 // lists, part-segments and empty segments included), in one launch through q_block_offsets;
 // every request compared with the reference run on its blocks alone.
+// The tensor-core decode kernel's work splits: runs of whole segments and the token split
+// (equal runs of 16-row units that start and end inside segments), with the descriptor cache and
+// without, at every pipeline depth, on every shape the kernel takes: many segments with
+// part-segments and empty ones anywhere (a run may start or end in a short or empty segment, or
+// hold no keys at all), splits from 1 to 40 (33: the token split's H100 default), causal or not,
+// one reused workspace (counters back to zero after every call).
+TEST_P(PagedAttentionGpuTest, DecodeMmaSplitsMatchReference) {
+  SKIP_WITHOUT_GPU();
+  const Shape shape = GetParam();
+  const int group = shape.num_heads / shape.num_kv_heads;
+  if ((shape.head_dim != 64 && shape.head_dim != 128) ||
+      (group != 1 && group != 2 && group != 4 && group != 8)) {
+    GTEST_SKIP() << "not a shape of the tensor-core decode kernel";
+  }
+  const uint64_t seed = 4242 + shape.num_heads * 7 + shape.head_dim + shape.block_tokens;
+  SCOPED_TRACE(::testing::Message() << "seed=" << seed);
+  std::cout << "seed=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  constexpr size_t kWsBytes = 8 << 20;
+  DeviceBuffer ws(kWsBytes);
+  ASSERT_NE(ws.ptr, nullptr);
+  PrepareWorkspace(ws.ptr, kWsBytes);
+  for (int token_split : {0, 1}) {
+    for (int desc : {1, 2}) {
+      for (int stages = 2; stages <= 4; ++stages) {
+        Case c;
+        c.shape = shape;
+        const int nb = 1 + static_cast<int>(rng() % 40);
+        for (int b = 0; b < nb; ++b) {
+          const int r = static_cast<int>(rng() % 5);
+          c.block_lens.push_back(r == 0   ? static_cast<int>(rng() % (shape.block_tokens + 1))
+                                 : r == 1 ? 0
+                                          : shape.block_tokens);
+        }
+        c.num_q = 1 + static_cast<int>(rng() % 3);
+        c.causal = rng() % 2 == 0;
+        int total = 0;
+        for (int l : c.block_lens) total += l;
+        c.q_start_pos = c.causal ? static_cast<int>(rng() % (total + 2)) : 0;
+        c.kernel = AttentionKernel::kDecode;
+        static constexpr int kSplits[] = {0, 1, 3, 16, 33, 40};
+        c.num_splits = kSplits[rng() % 6];
+        c.decode_merge = static_cast<int>(rng() % 2);
+        c.decode_kernel = 2;
+        c.decode_mma_stages = stages;
+        c.decode_mma_descriptors = desc;
+        c.decode_mma_token_split = token_split;
+        RunAndCompare(c, rng, ws.ptr, kWsBytes);
+        if (HasFatalFailure()) return;
+      }
+    }
+  }
+}
+
 TEST_P(PagedAttentionGpuTest, BatchedDecodeMatchesPerRequestReference) {
   SKIP_WITHOUT_GPU();
   const Shape s = GetParam();
@@ -767,6 +827,9 @@ TEST(PagedAttentionArgsTest, RejectsBadShapesWithClearErrors) {
   bad = p;
   bad.decode_mma_descriptors = 3;
   expect_invalid(bad, "decode_mma_descriptors");
+  bad = p;
+  bad.decode_mma_token_split = 2;
+  expect_invalid(bad, "decode_mma_token_split");
   bad = p;
   bad.decode_kv_heads_per_block = 3;
   expect_invalid(bad, "decode_kv_heads_per_block");
