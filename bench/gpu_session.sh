@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The whole GPU evidence in one device session, on the code as committed:
+#   1. every GPU test (the ctest label `gpu`: paged attention, device arena, NCCL transport, the
+#      engine on the GPU against the transformers fixture and against the CPU engine);
+#   2. bench/gpu_attention.sh: our kernels, PyTorch SDPA on the same shapes in the same run,
+#      and the comparison report (its own profile step is skipped: 3. is the real CLI);
+#   3. `tokenlake profile --json` (the simulator's GPU profile) and a `tokenlake sim --gpu`
+#      smoke run on it.
+# Build on the workstation (nvcc; no GPU needed), then carry build/cuda/bin and
+# build/cuda/devlibs to the GPU machine:
+#   cmake --preset cuda -DTOKENLAKE_BUILD_BENCHMARKS=OFF
+#   cmake --build --preset cuda -j2 --target tokenlake paged_attention_test device_arena_test \
+#     gpu_attention_bench nccl_channel_test nccl_attention_test gpu_engine_test \
+#     gpu_engine_fixture_test pool_steps_test
+#   bash bench/pack_devlibs.sh build/cuda
+# Results go to $OUT (default ./out): at most 8 files come back from the device tool, so the
+# secondary logs are packed into one archive.
+set -u -o pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+B=build/cuda/bin
+export LD_LIBRARY_PATH="$PWD/build/cuda/devlibs:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+mkdir -p "$OUT/extra"
+git_rev=$(cat build/cuda/REVISION 2>/dev/null || echo unknown)
+echo "revision: $git_rev" | tee "$OUT/extra/revision.txt"
+
+echo "== GPU tests"
+for t in paged_attention_test device_arena_test nccl_channel_test nccl_attention_test \
+  pool_steps_test gpu_engine_test gpu_engine_fixture_test; do
+  timeout 150 "$B/$t" > "$OUT/extra/$t.log" 2>&1
+  rc=$?
+  echo "$t rc=$rc $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/extra/$t.log" | tr '\n' ' ')"
+done
+
+echo "== kernels beside SDPA"
+OUT="$OUT/extra/attn" SKIP_PROFILE=1 STEP_TIMEOUT=150 TEST_FILTER='-*' bash bench/gpu_attention.sh \
+  > "$OUT/extra/gpu_attention.log" 2>&1
+echo "gpu_attention.sh rc=$?"
+cp "$OUT/extra/attn/report.txt" "$OUT/report.txt"
+cp "$OUT/extra/attn/bench.log" "$OUT/bench.log"
+cp "$OUT/extra/attn/tokenlake_bench.json" "$OUT/tokenlake_bench.json"
+cp "$OUT/extra/attn/sdpa.json" "$OUT/sdpa.json"
+cat "$OUT/report.txt"
+
+echo "== tokenlake profile"
+timeout 200 "$B/tokenlake" profile --json "$OUT/h100.json" \
+  --dense-tokens 1 16 64 128 256 512 1024 2048 4096 8192 16384 > "$OUT/extra/profile.log" 2>&1
+echo "profile rc=$?"
+tail -5 "$OUT/extra/profile.log"
+timeout 60 "$B/tokenlake" sim --gpu "$OUT/h100.json" > "$OUT/extra/sim.log" 2>&1
+echo "sim rc=$?"
+tail -8 "$OUT/extra/sim.log"
+
+(cd "$OUT" && tar czf logs.tgz extra && rm -rf extra)
