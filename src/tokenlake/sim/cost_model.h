@@ -7,11 +7,11 @@
 //     "memory_bytes": 85017493504,          // device memory
 //     "memory_utilization": 0.9,            // share usable by the engine (vLLM's default 0.9)
 //     "activation_reserve_bytes": 4294967296, // kept for activations/workspace
-//     "copy_gbps": 3005,                    // device copy bandwidth, GB/s (read + write)
-//     "gemm_tflops": 804,                   // dense bf16 GEMM
-//     "attn_prefill_tflops": 542,           // attention prefill (GQA), TFLOP/s
-//     "attn_decode_gbps": 2339,             // attention decode, KV bytes read per s, GB/s
-//     "dense_ms": [[1, 5.5], [1024, 18.2], [4096, 70.7], [16384, 312.7]]
+//     "copy_gbps": 3003,                    // device copy bandwidth, GB/s (read + write)
+//     "gemm_tflops": 779,                   // dense bf16 GEMM
+//     "attn_prefill_tflops": 547,           // attention prefill (GQA), TFLOP/s
+//     "attn_decode_gbps": 2500,             // attention decode, KV bytes read per s, GB/s
+//     "dense_ms": [[1, 5.5], [1024, 18.7], [4096, 81.4], [16384, 316.1]]
 //                                           // model's dense layers (all of them) per iteration,
 //                                           // by batch tokens; linear interpolation between
 //                                           // points, linear extrapolation past the last two
@@ -54,22 +54,29 @@ struct ModelSpec {
 };
 
 // A GPU's costs as the cost model uses them. The defaults are the built-in "h100" profile: the
-// H100 MEASURED by `tokenlake profile` (our own profiler, attention/cuda/gpu_profile.cu):
-//   device   NVIDIA H100 80GB HBM3 (132 SMs, 79.2 GiB), driver 580.159.04, CUDA 13.0
-//   date     2026-11-25 06:23 UTC
-//   command  tokenlake profile --json h100.json
+// H100 MEASURED by `tokenlake profile` (our own profiler, attention/cuda/gpu_profile.cu) in the
+// final GPU session:
+//   device   NVIDIA H100 80GB HBM3 (132 SMs, 79.2 GiB), driver 580.159.04
+//   date     2026-11-25, about 07:10 UTC (device tool `nvidia-h100-x1`)
+//   command  bench/gpu_session.sh, whose profile step is
+//              tokenlake profile --json h100.json
 //                --dense-tokens 1 16 64 128 256 512 1024 2048 4096 8192 16384
-//   commit   8293061 (the `cuda` preset; the file and its logs are
-//            bench/results/h100-profile-cli/h100.json, profile.log, README.md)
+//   commit   75dad69 (the `cuda` preset; the file and its logs are
+//            bench/results/h100-final-2026-11-25/h100.json, session.log, logs.tgz, README.md)
 // The values below are that file's, digit for digit (cost_model_test checks it).
 // Attention: the figures are those of OUR kernels (attention/cuda/paged_attention.h), because
 // they are what TokenLake's data plane runs (kAuto's choices at that commit): prefill = the sm90
 // wgmma kernel (prefill_sm90.cu), 1,024 new tokens over 32K cached tokens in 512-token segments
-// (GQA 32/8, d = 128, bf16, not causal); decode = the split-KV decode kernel, one token over the
-// same 32K tokens, one call (KV bytes read once / time). Every policy is charged with them alike.
-// (On the same shapes PyTorch's SDPA/cuDNN ran prefill at about 690 TFLOP/s and decode at about
-// 2,440 GB/s: docs/results-gpu.md. The first profile run, with the mma.sync prefill kernel at
-// 307.6 TFLOP/s, is bench/results/h100-profile-cli/mma-sync/h100.json.)
+// (GQA 32/8, d = 128, bf16, not causal); decode = the tensor-core (mma.sync) split-KV decode
+// kernel with its fused merge, one token over the same 32K tokens, one call (KV bytes read once /
+// time). Every policy is charged with them alike. (On the same shapes in the same session
+// PyTorch's SDPA/cuDNN ran prefill at 685.5 TFLOP/s and decode at 1,963 GB/s:
+// bench/results/h100-final-2026-11-25/report.txt.) The dense point at 4,096 tokens moves by
+// about 10% between runs (81.4 ms here; 70.7, 72.1, 73.1, 76.6 and 78.6 ms in earlier runs).
+// Earlier measured profiles, kept as files for the sensitivity runs: 06:23 UTC, commit 8293061
+// (decode 2,339 GB/s, the CUDA-core decode kernel): bench/results/h100-profile-cli/h100.json;
+// the first run, with the mma.sync prefill kernel at 307.6 TFLOP/s:
+// bench/results/h100-profile-cli/mma-sync/h100.json.
 // The paper-derived profile that was the default before (TOKENLAKE.md 5.3) is PaperH100Profile(),
 // built-in name "h100-paper".
 struct GpuProfile {
@@ -77,16 +84,16 @@ struct GpuProfile {
   int64_t memory_bytes = 85017493504;  // what the device reports (79.2 GiB)
   double memory_utilization = 0.9;
   int64_t activation_reserve_bytes = 4LL << 30;
-  double copy_gbps = 3005.188566570108;
-  double gemm_tflops = 803.9246498435994;
-  double attn_prefill_tflops = 541.832062031939;
-  double attn_decode_gbps = 2339.2659925765574;
+  double copy_gbps = 3003.3054984635755;
+  double gemm_tflops = 779.273762443103;
+  double attn_prefill_tflops = 546.9902184358677;
+  double attn_decode_gbps = 2499.585263052424;
   // (batch tokens, ms) for the default model, increasing in tokens.
   std::vector<std::pair<double, double>> dense_ms = {
-      {1, 5.541888236999512},     {16, 5.625855922698975},   {64, 5.7190399169921875},
-      {128, 5.966847896575928},   {256, 6.704127788543701},  {512, 9.578495979309082},
-      {1024, 18.151424407958984}, {2048, 35.74476623535156}, {4096, 70.71846771240234},
-      {8192, 166.67340087890625}, {16384, 312.700927734375}};
+      {1, 5.478400230407715},     {16, 5.582848072052002},    {64, 5.683199882507324},
+      {128, 6.007808208465576},   {256, 6.639616012573242},   {512, 9.92255973815918},
+      {1024, 18.734079360961914}, {2048, 36.915199279785156}, {4096, 81.364990234375},
+      {8192, 158.86233520507813}, {16384, 316.08831787109375}};
 };
 
 // The paper-derived H100 profile (TOKENLAKE.md 5.3), the default before the measured one:

@@ -73,7 +73,7 @@ TEST(CostModelTest, TransferUsesTheLinkOfTheNode) {
 TEST(GpuProfileTest, BuiltInH100IsTheMeasuredProfileFileFieldForField) {
   const char* src = std::getenv("TOKENLAKE_SOURCE_DIR");
   if (src == nullptr) GTEST_SKIP() << "TOKENLAKE_SOURCE_DIR not set";
-  const std::string path = std::string(src) + "/bench/results/h100-profile-cli/h100.json";
+  const std::string path = std::string(src) + "/bench/results/h100-final-2026-11-25/h100.json";
   std::ifstream in(path);
   ASSERT_TRUE(in.good()) << "missing " << path;
   std::stringstream text;
@@ -117,14 +117,14 @@ TEST(CostModelTest, MeasuredDefaultProfileByHand) {
   // 85017493504 B x 0.9 - 2 bytes x params - 4 GiB.
   EXPECT_NEAR(static_cast<double>(c.KvCapacityBytes()),
               85017493504.0 * 0.9 - 2.0 * 8029995008 - 4.0 * (1 << 30), 1.0);
-  EXPECT_NEAR(c.DenseSeconds(1024), 18.151424407958984e-3, 1e-12);
+  EXPECT_NEAR(c.DenseSeconds(1024), 18.734079360961914e-3, 1e-12);
   // Between the 2048 and 4096 points.
-  EXPECT_NEAR(c.DenseSeconds(3072), (35.74476623535156e-3 + 70.71846771240234e-3) / 2, 1e-12);
-  // Prefill of 1024 tokens (no context) at the measured 541.8 TFLOP/s of our prefill kernel.
-  EXPECT_NEAR(c.AttentionSeconds(1024, 0), 4.0 * 1024 * 512.5 * 131072 / 541.832062031939e12,
+  EXPECT_NEAR(c.DenseSeconds(3072), (36.915199279785156e-3 + 81.364990234375e-3) / 2, 1e-12);
+  // Prefill of 1024 tokens (no context) at the measured 547.0 TFLOP/s of our prefill kernel.
+  EXPECT_NEAR(c.AttentionSeconds(1024, 0), 4.0 * 1024 * 512.5 * 131072 / 546.9902184358677e12,
               1e-12);
-  // Decode over 9999 context tokens at the measured 2,339 GB/s of our decode kernel.
-  EXPECT_NEAR(c.AttentionSeconds(1, 9999), 10000.0 * 131072 / 2339.2659925765574e9, 1e-12);
+  // Decode over 9999 context tokens at the measured 2,500 GB/s of our decode kernel.
+  EXPECT_NEAR(c.AttentionSeconds(1, 9999), 10000.0 * 131072 / 2499.585263052424e9, 1e-12);
 }
 
 TEST(GpuProfileTest, JsonRoundTripsAndOverridesDefaults) {
