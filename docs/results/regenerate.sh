@@ -14,7 +14,7 @@ timed() {  # timed OUT.txt CMD...: stdout + stderr and the wall/user time into O
   cat /tmp/tl_time.$$ >>"$out"
   rm -f /tmp/tl_time.$$
 }
-# Main results (the default, measured H100 profile).
+# Main results (the default: the H100 measured in the final GPU session, commit 75dad69).
 timed docs/results/conversation.txt $B sim --trace $T --max-rate --json docs/results/conversation.json --report docs/results/conversation
 timed docs/results/chat.txt  $B sim --workload chat  --requests 10000 --max-rate --json docs/results/chat.json  --report docs/results/chat
 timed docs/results/agent.txt $B sim --workload agent --requests 10000 --max-rate --json docs/results/agent.json --report docs/results/agent
@@ -24,6 +24,13 @@ for w in chat agent docqa; do
   timed docs/results/${w}_paper_gpu.txt $B sim --workload $w --requests 10000 --max-rate --gpu h100-paper --json docs/results/${w}_paper_gpu.json
 done
 timed docs/results/conversation_paper_gpu.txt $B sim --trace $T --max-rate --gpu h100-paper --json docs/results/conversation_paper_gpu.json
+# The same four with the measured profile that was the default before the final GPU session
+# (06:23 UTC, commit 8293061: decode 2,339 GB/s with the CUDA-core decode kernel).
+P=bench/results/h100-profile-cli/h100.json
+for w in chat agent docqa; do
+  timed docs/results/${w}_0623_gpu.txt $B sim --workload $w --requests 10000 --max-rate --gpu $P --json docs/results/${w}_0623_gpu.json
+done
+timed docs/results/conversation_0623_gpu.txt $B sim --trace $T --max-rate --gpu $P --json docs/results/conversation_0623_gpu.json
 # The same four with the first measured profile, whose prefill figure is the mma.sync kernel's.
 M=bench/results/h100-profile-cli/mma-sync/h100.json
 for w in chat agent docqa; do
