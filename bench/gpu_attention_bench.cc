@@ -130,6 +130,47 @@ int main(int argc, char** argv) {
       }
     }
   }
+  // Two KV heads per thread block (decode_mma_kv_heads = 2; decode4): 8 warps over the same
+  // rows, each copy step reads 512 contiguous bytes per key row instead of 256; 2 or 3 stages
+  // (one 128 or 192 KiB block per SM), whole-segment runs (32 splits per head pair: 128 blocks)
+  // or the token split (33: 132 blocks, every SM).
+  for (int seg : {512, 256, 64}) {
+    for (int stages : {2, 3}) {
+      for (int ts : {0, 1}) {
+        tl::AttentionBenchShape s;
+        s.num_q_tokens = 1;
+        s.segment_tokens = seg;
+        s.kernel = 2;
+        s.decode_kernel = 2;
+        s.decode_mma_stages = stages;
+        s.decode_mma_kv_heads = 2;
+        s.decode_mma_token_split = ts;
+        runs.push_back({std::string(ts == 0 ? "decode_tc_kvh2_s" : "decode_tc_kvh2_ts_s") +
+                            std::to_string(stages),
+                        s});
+      }
+    }
+  }
+  // The dynamic schedule (decode_mma_schedule = 2; decode4): the default's thread blocks, every
+  // warp taking 64-row chunks from a work counter after its first two, at 2-4 stages; and the
+  // static schedule explicitly.
+  for (int seg : {512, 256, 64}) {
+    for (int stages : {0, 2, 3, 4}) {
+      for (int sched : {1, 2}) {
+        if (sched == 1 && stages != 0) continue;
+        tl::AttentionBenchShape s;
+        s.num_q_tokens = 1;
+        s.segment_tokens = seg;
+        s.kernel = 2;
+        s.decode_kernel = 2;
+        s.decode_mma_stages = stages;
+        s.decode_mma_schedule = sched;
+        runs.push_back({sched == 1 ? std::string("decode_tc_static")
+                                   : "decode_tc_dyn_s" + std::to_string(stages),
+                        s});
+      }
+    }
+  }
   // Batched decode: R requests of 32K / R tokens each in one call, against one request of
   // 32K / R tokens alone (times R for R separate calls).
   for (int req : {8, 32}) {
@@ -243,9 +284,26 @@ int main(int argc, char** argv) {
     s.prefill_kernel = 2;
     runs.push_back({"prefill_new_causal_sm90", s});
   }
-  // TL_BENCH_ONLY=prefix keeps only the runs whose name starts with it (quick device checks).
+  // TL_BENCH_ONLY=prefix[,prefix...] keeps only the runs whose name starts with one of them
+  // (quick device checks); a prefix ending in '$' matches the whole name only.
   if (const char* only = std::getenv("TL_BENCH_ONLY"); only != nullptr && *only != '\0') {
-    std::erase_if(runs, [&](const Run& r) { return r.name.rfind(only, 0) != 0; });
+    std::vector<std::string> keep(1);
+    for (const char* c = only; *c != '\0'; ++c) {
+      if (*c == ',') {
+        keep.emplace_back();
+      } else {
+        keep.back() += *c;
+      }
+    }
+    std::erase_if(runs, [&](const Run& r) {
+      for (const std::string& k : keep) {
+        if (!k.empty() && k.back() == '$' ? r.name == k.substr(0, k.size() - 1)
+                                          : r.name.rfind(k, 0) == 0) {
+          return false;
+        }
+      }
+      return true;
+    });
   }
   std::printf("%-20s %6s %6s %6s %11s %10s %9s %9s %9s %9s %9s\n", "run", "q", "kv", "seg",
               "split/w/u/p", "us", "TFLOP/s", "KV GB/s", "merge us", "b2b us", "b2b GB/s");
@@ -282,6 +340,8 @@ int main(int argc, char** argv) {
                          {"decode_mma_stages", s.decode_mma_stages},
                          {"decode_mma_descriptors", s.decode_mma_descriptors},
                          {"decode_mma_token_split", s.decode_mma_token_split},
+                         {"decode_mma_kv_heads", s.decode_mma_kv_heads},
+                         {"decode_mma_schedule", s.decode_mma_schedule},
                          {"num_requests", s.num_requests},
                          {"us", t->us},
                          {"tflops", t->tflops},

@@ -1341,9 +1341,11 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
 constexpr int kDecodeMmaWarps = 4;
 constexpr int kDecodeMmaKeys = 16;  // keys per warp per step
 
-template <int D, int S>
+// KVH = KV heads per thread block (PagedAttentionParams::decode_mma_kv_heads): kDecodeMmaWarps
+// warps per KV head.
+template <int D, int S, int KVH = 1>
 __host__ __device__ constexpr int DecodeMmaSmemBytes() {
-  return kDecodeMmaWarps * S * 2 * kDecodeMmaKeys * D * 2;
+  return KVH * kDecodeMmaWarps * S * 2 * kDecodeMmaKeys * D * 2;
 }
 
 // The first kDecodeMmaDescCache block descriptors of a thread block's run are copied into shared
@@ -1355,18 +1357,33 @@ constexpr int kDecodeMmaDescCache = 64;
 // kDesc = PagedAttentionParams::decode_mma_descriptors (1 cache, 2 global). (Measured and
 // dropped, 2026-11-25: the next segment's descriptor prefetched into registers one segment ahead,
 // 0.2-1 us slower than both.)
-template <int D, int G, int S, int kDesc = 1>
-__global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const DecodeArgs args) {
+// KVH > 1: the block serves KV heads blockIdx.y * KVH + k, k < KVH, over the same rows, warps
+// [k * kDecodeMmaWarps, (k + 1) * kDecodeMmaWarps) for head k (so the block's copies of one key
+// row are KVH * D contiguous elements); each head combines its own warps, and the fused merge
+// merges all KVH heads' partials.
+// kDesc = 3: the dynamic schedule (PagedAttentionParams::decode_mma_schedule = 2; not causal,
+// one request, KVH 1): every warp takes its own 64-row chunks (chunk k = rows [64 (k % per),
+// 64 (k % per) + 64) of block k / per, per = args.dyn_chunks_per_block): its first two chunks
+// statically (w and w + W for warp w of the W = num_items * kDecodeMmaWarps warps of the head
+// group), then W * 2 + the next value of the head group's work counter (counters[kQueueOffset
+// + ...], zero on entry, reset by the last block), each taken, and its descriptor read, one
+// chunk ahead of its use, so a warp that is served faster streams more rows and the blocks
+// end together.
+template <int D, int G, int S, int kDesc = 1, int KVH = 1>
+__global__ void __launch_bounds__(KVH* kDecodeMmaWarps * 32)
+    DecodeMmaKernel(const DecodeArgs args) {
   constexpr bool kDescCache = kDesc == 1;
+  constexpr bool kDyn = kDesc == 3;
+  static_assert(!kDyn || KVH == 1);
   static_assert(G >= 1 && G <= 8);
-  constexpr int NW = kDecodeMmaWarps;
-  constexpr int kStep = NW * kDecodeMmaKeys;      // key rows per block step
-  constexpr int kWarpElems = kDecodeMmaKeys * D;  // one warp's K (or V) slice of a stage
-  constexpr int kChunksPerRow = D / 8;            // 16-byte chunks per key row
+  constexpr int NW = KVH * kDecodeMmaWarps;                // warps of the block
+  constexpr int kStep = kDecodeMmaWarps * kDecodeMmaKeys;  // key rows per block step (per head)
+  constexpr int kWarpElems = kDecodeMmaKeys * D;           // one warp's K (or V) slice of a stage
+  constexpr int kChunksPerRow = D / 8;                     // 16-byte chunks per key row
   constexpr int kCopies = kDecodeMmaKeys * kChunksPerRow / 32;  // per lane, of K (and of V)
   constexpr int kKSteps = D / 16;                               // k-steps of Q K^T
   constexpr int kOTiles = D / 8;                                // n-tiles of O
-  static_assert(NW * G * D * 4 + 2 * NW * G * 4 <= DecodeMmaSmemBytes<D, S>());
+  static_assert(NW * G * D * 4 + 2 * NW * G * 4 <= DecodeMmaSmemBytes<D, S, KVH>());
   extern __shared__ __align__(128) uint16_t dsmem[];  // [warp][stage][K, V][16][D]
 
   const int tid = threadIdx.x;
@@ -1374,8 +1391,9 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
   const int lane = tid % 32;
   const int r = lane / 4;  // fragment row = query head of the group (valid when r < G)
   const int qd = lane % 4;
+  const int wl = warp % kDecodeMmaWarps;  // the warp's 16-row slice of a step
   const int item = blockIdx.x;
-  const int kv_head = blockIdx.y;
+  const int kv_head = blockIdx.y * KVH + warp / kDecodeMmaWarps;
   const int head0 = kv_head * G;  // group == G
   const int qi = blockIdx.z;
   const DeviceKvBlock* blocks = args.blocks;
@@ -1465,7 +1483,7 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
     const bool in_cache = cached(c.b);
     const void* kp = in_cache ? sm_dk[c.b - b_first] : blocks[c.b].k;
     const void* vp = in_cache ? sm_dv[c.b - b_first] : blocks[c.b].v;
-    const int row0 = c.tb + warp * kDecodeMmaKeys;
+    const int row0 = c.tb + wl * kDecodeMmaKeys;
     const int valid = min(kDecodeMmaKeys, c.tend - row0);  // may be <= 0
     const uint16_t* kb = static_cast<const uint16_t*>(kp) + kv_head * D;
     const uint16_t* vb = static_cast<const uint16_t*>(vp) + kv_head * D;
@@ -1483,46 +1501,26 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
     }
   };
 
-  Cursor load{b_first, t_first, 0, 0};
-  if (args.causal) load.key0 = KeysBefore(blocks, b_first);
-  settle(load);
-  Cursor comp = load;
-  int issued = 0;
-#pragma unroll
-  for (int st = 0; st < S - 1; ++st) {
-    if (load.b < b_last) {
-      issue(load, st);
-      advance(load);
-      ++issued;
-    }
-    CpAsyncCommit();
-  }
-  // Q as the A fragments (loaded after the first stages' copies went out):
+  // Q as the A fragments (loaded after the first stages' copies went out: load_q):
   // rows r and r + 8; rows >= G and the upper half are zero.
   uint32_t qa[kKSteps][2];
+  auto load_q = [&]() {
 #pragma unroll
-  for (int kk = 0; kk < kKSteps; ++kk) {
-    qa[kk][0] = qa[kk][1] = 0u;
-    if (r < G) {
-      const uint32_t* qrow = reinterpret_cast<const uint32_t*>(
-          args.q + (static_cast<int64_t>(qi) * args.num_heads + head0 + r) * D + 16 * kk + 2 * qd);
-      qa[kk][0] = qrow[0];
-      qa[kk][1] = qrow[4];  // dims + 8
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      qa[kk][0] = qa[kk][1] = 0u;
+      if (r < G) {
+        const uint32_t* qrow = reinterpret_cast<const uint32_t*>(
+            args.q + (static_cast<int64_t>(qi) * args.num_heads + head0 + r) * D + 16 * kk +
+            2 * qd);
+        qa[kk][0] = qrow[0];
+        qa[kk][1] = qrow[4];  // dims + 8
+      }
     }
-  }
-  int stage = 0;
-  for (int computed = 0; computed < issued; ++computed) {
-    CpAsyncWait<S - 2>();
-    __syncwarp();  // every lane's copies of this stage landed; the stage refilled below is free
-    if (load.b < b_last) {
-      issue(load, (stage + S - 1) % S);
-      advance(load);
-      ++issued;
-    }
-    CpAsyncCommit();
-
-    const int row0 = comp.tb + warp * kDecodeMmaKeys;
-    if (row0 < comp.tend) {  // (uniform per warp) some of this warp's 16 rows are keys
+  };
+  // One 16-row slice of this warp in stage `stage`: `valid` rows are keys (> 0), the first at
+  // key position key_at (causal only).
+  auto compute = [&](int stage, int valid, int64_t key_at) {
+    {
       const uint16_t* kst = wsmem + stage * 2 * kWarpElems;
       const uint16_t* vst = kst + kWarpElems;
       float s[2][4];
@@ -1539,9 +1537,8 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
         MmaBf16(s[0], a, b0, b1);
         MmaBf16(s[1], a, b2, b3);
       }
-      const int valid = comp.tend - row0;
       const bool need_mask =
-          valid < kDecodeMmaKeys || (args.causal && comp.key0 + row0 + kDecodeMmaKeys - 1 > qpos);
+          valid < kDecodeMmaKeys || (args.causal && key_at + kDecodeMmaKeys - 1 > qpos);
       float mx = kNegInf;
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
@@ -1550,7 +1547,7 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
           float v = s[j][e] * args.scale_log2;
           if (need_mask) {
             const int col = 8 * j + 2 * qd + e;
-            if (col >= valid || (args.causal && comp.key0 + row0 + col > qpos)) v = kNegInf;
+            if (col >= valid || (args.causal && key_at + col > qpos)) v = kNegInf;
           }
           s[j][e] = v;
           mx = fmaxf(mx, v);
@@ -1584,8 +1581,132 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
         MmaBf16(o[n + 1], pa, b2, b3);
       }
     }
-    advance(comp);
-    stage = (stage + 1) % S;
+  };
+  if constexpr (kDyn) {
+    // Per-warp 64-row chunks (see above); sm_valid[warp][stage] = the valid rows of the slice in
+    // that stage (written by lane 0 at issue, read after the __syncwarp that follows its wait).
+    __shared__ int sm_valid[kDyn ? NW * S : 1];
+    constexpr int kChunk = kDynChunkTokens;
+    const int per = args.dyn_chunks_per_block;
+    const int total = num_blocks * per;
+    const int warps_total = args.num_items * NW;
+    unsigned int* queue = args.counters + kQueueOffset + qi * gridDim.y + blockIdx.y;
+    struct Chunk {
+      int id;  // >= total: none
+      int tb;
+      int n;  // the block's rows
+      const uint16_t* k;
+      const uint16_t* v;
+    };
+    auto fetch = [&](int id) {
+      Chunk ch{id, 0, 0, nullptr, nullptr};
+      if (id < total) {
+        const int b = id / per;
+        ch.tb = (id % per) * kChunk;
+        ch.n = blocks[b].num_tokens;
+        ch.k = static_cast<const uint16_t*>(blocks[b].k) + kv_head * D;
+        ch.v = static_cast<const uint16_t*>(blocks[b].v) + kv_head * D;
+      }
+      return ch;
+    };
+    Chunk cur = fetch(item * NW + wl);
+    Chunk nxt = fetch(item * NW + wl + warps_total);
+    unsigned int pend = 0;  // lane 0: the counter value taken for the chunk after nxt
+    if (lane == 0 && nxt.id < total) pend = atomicAdd(queue, 1u);
+    int j = 0;  // cur's next 16-row slice
+    auto next_chunk = [&]() {
+      cur = nxt;
+      j = 0;
+      if (nxt.id < total) {
+        const int id = 2 * warps_total + static_cast<int>(__shfl_sync(0xffffffffu, pend, 0));
+        nxt = fetch(id);
+        if (lane == 0 && id < total) pend = atomicAdd(queue, 1u);
+      } else {
+        nxt.id = total;
+      }
+    };
+    // Moves to a slice with keys, or to cur.id >= total (done).
+    auto settle_dyn = [&]() {
+      while (cur.id < total && (j == kChunk / kDecodeMmaKeys || cur.tb + 16 * j >= cur.n)) {
+        next_chunk();
+      }
+    };
+    auto issue_dyn = [&](int stage) {
+      const int row0 = cur.tb + kDecodeMmaKeys * j;
+      const int valid = min(kDecodeMmaKeys, cur.n - row0);  // > 0 (settled)
+      if (lane == 0) sm_valid[warp * S + stage] = valid;
+      const uint32_t base = SmemAddr(wsmem + stage * 2 * kWarpElems);
+#pragma unroll
+      for (int it = 0; it < kCopies; ++it) {
+        const int i = lane + it * 32;
+        const int row = i / kChunksPerRow;
+        const int ch = i % kChunksPerRow;
+        const bool ok = row < valid;
+        const int64_t off = ok ? static_cast<int64_t>(row0 + row) * row_stride + ch * 8 : 0;
+        const uint32_t dst = base + SwizzledOffset<D>(row, ch) * 2;
+        CpAsync16(dst, cur.k + off, ok ? 16 : 0);
+        CpAsync16(dst + kWarpElems * 2, cur.v + off, ok ? 16 : 0);
+      }
+      ++j;
+      settle_dyn();
+    };
+    settle_dyn();
+    int issued = 0;
+#pragma unroll
+    for (int st = 0; st < S - 1; ++st) {
+      if (cur.id < total) {
+        issue_dyn(st);
+        ++issued;
+      }
+      CpAsyncCommit();
+    }
+    load_q();
+    int stage = 0;
+    for (int computed = 0; computed < issued; ++computed) {
+      CpAsyncWait<S - 2>();
+      __syncwarp();  // every lane's copies (and lane 0's sm_valid) of this stage are visible
+      const int valid = sm_valid[warp * S + stage];
+      if (cur.id < total) {
+        issue_dyn((stage + S - 1) % S);
+        ++issued;
+      }
+      CpAsyncCommit();
+      compute(stage, valid, 0);
+      stage = (stage + 1) % S;
+    }
+  } else {
+    Cursor load{b_first, t_first, 0, 0};
+    if (args.causal) load.key0 = KeysBefore(blocks, b_first);
+    settle(load);
+    Cursor comp = load;
+    int issued = 0;
+#pragma unroll
+    for (int st = 0; st < S - 1; ++st) {
+      if (load.b < b_last) {
+        issue(load, st);
+        advance(load);
+        ++issued;
+      }
+      CpAsyncCommit();
+    }
+    load_q();
+    int stage = 0;
+    for (int computed = 0; computed < issued; ++computed) {
+      CpAsyncWait<S - 2>();
+      __syncwarp();  // every lane's copies of this stage landed; the stage refilled below is free
+      if (load.b < b_last) {
+        issue(load, (stage + S - 1) % S);
+        advance(load);
+        ++issued;
+      }
+      CpAsyncCommit();
+      const int row0 = comp.tb + wl * kDecodeMmaKeys;
+      if (row0 < comp.tend) {  // (uniform per warp) some of this warp's 16 rows are keys
+        compute(stage, comp.tend - row0, comp.key0 + row0);
+      }
+      advance(comp);
+      stage = (stage + 1) % S;
+    }
   }
   CpAsyncWait<0>();
   l += __shfl_xor_sync(0xffffffffu, l, 1);
@@ -1608,23 +1729,25 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
   }
   __syncthreads();
   const bool final_out = args.num_items == 1;
-  for (int idx = tid; idx < G * D; idx += NW * 32) {
-    const int h = idx / D;
+  for (int idx = tid; idx < KVH * G * D; idx += NW * 32) {
+    const int k = idx / (G * D);  // the block's k-th KV head: warps k * kDecodeMmaWarps + w
+    const int h = (idx / D) % G;
     const int d = idx % D;
+    const int w0 = k * kDecodeMmaWarps;
     float mm = kNegInf;
 #pragma unroll
-    for (int w = 0; w < NW; ++w) mm = fmaxf(mm, sm_m[w * G + h]);
+    for (int w = w0; w < w0 + kDecodeMmaWarps; ++w) mm = fmaxf(mm, sm_m[w * G + h]);
     const float use = mm == kNegInf ? 0.f : mm;
     float ll = 0.f, oo = 0.f;
 #pragma unroll
-    for (int w = 0; w < NW; ++w) {
+    for (int w = w0; w < w0 + kDecodeMmaWarps; ++w) {
       const float wt = exp2f(sm_m[w * G + h] - use);
       ll = fmaf(sm_l[w * G + h], wt, ll);
       oo = fmaf(sm_o[(w * G + h) * D + d], wt, oo);
     }
     const float out_v = ll > 0.f ? oo / ll : 0.f;
     const float lse_v = ll > 0.f ? (mm + log2f(ll)) * kLn2 : kNegInf;
-    const int64_t row = static_cast<int64_t>(qi) * args.num_heads + head0 + h;
+    const int64_t row = static_cast<int64_t>(qi) * args.num_heads + (blockIdx.y * KVH + k) * G + h;
     if (final_out) {
       args.out[row * D + d] = out_v;
       if (d == 0) args.lse[row] = lse_v;
@@ -1635,7 +1758,7 @@ __global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const De
   }
   if (!final_out && args.counters != nullptr) {
     // (16 partials' loads in flight: 0.1-0.4 us faster than 8 per call, measured on an H100.)
-    DecodeFusedMerge<D, G, 1, 16>(args, qi, kv_head, 0);
+    DecodeFusedMerge<D, G, KVH, 16>(args, qi, blockIdx.y * KVH, 0);
   }
 }
 
@@ -1775,10 +1898,11 @@ __global__ void FillEmptyKernel(float* out, float* lse, int64_t num_rows, int d_
 // kernels above need head_dim >= 64). Same conventions as the other kernels (causal,
 // q_block_offsets, out/lse).
 template <int D>
-__global__ void __launch_bounds__(32) SmallHeadKernel(
-    const uint16_t* __restrict__ q, const DeviceKvBlock* __restrict__ blocks, int num_blocks,
-    const int32_t* __restrict__ q_block_offsets, int num_heads, int num_kv_heads, float scale,
-    int causal, int q_start_pos, float* __restrict__ out, float* __restrict__ lse) {
+__global__ void __launch_bounds__(32)
+    SmallHeadKernel(const uint16_t* __restrict__ q, const DeviceKvBlock* __restrict__ blocks,
+                    int num_blocks, const int32_t* __restrict__ q_block_offsets, int num_heads,
+                    int num_kv_heads, float scale, int causal, int q_start_pos,
+                    float* __restrict__ out, float* __restrict__ lse) {
   const int i = blockIdx.x;  // query token
   const int h = blockIdx.y;  // query head
   const int lane = threadIdx.x;
@@ -1963,6 +2087,16 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: decode_mma_token_split = %d, supported: 0, 1", p.decode_mma_token_split));
   }
+  if (p.decode_mma_schedule < 0 || p.decode_mma_schedule > 2) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: decode_mma_schedule = %d, supported: 0 (auto), 1 (static), 2 (dynamic)",
+        p.decode_mma_schedule));
+  }
+  if (p.decode_mma_kv_heads < 0 || p.decode_mma_kv_heads > 2) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PagedAttention: decode_mma_kv_heads = %d, supported: 0 (auto), 1, 2",
+                        p.decode_mma_kv_heads));
+  }
   if (p.decode_mma_descriptors < 0 || p.decode_mma_descriptors > 2) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: decode_mma_descriptors = %d, supported: 0 (auto), 1 (cached), 2 (global)",
@@ -1998,14 +2132,14 @@ struct Config {
   int chunk_tokens = 0;       // decode
   int items = 1;              // decode: num_blocks * chunks_per_block
   int decode_g = 1;
-  int blocks_per_item = 1;       // decode
-  int decode_unroll = 4;         // decode: tokens per token group per step
-  bool decode_smem = true;       // decode: shared-memory pipeline kernel
-  bool decode_fused = false;     // decode: splits merged inside the decode kernel
-  bool decode_dynamic = false;   // decode: blocks take chunks from a work counter
-  int dyn_chunk_tokens = 0;      // decode, dynamic: rows per chunk
-  int dyn_chunks_per_block = 1;  // decode, dynamic
-  int decode_kvh = 1;            // decode: KV heads per thread block (shared-memory kernel only)
+  int blocks_per_item = 1;              // decode
+  int decode_unroll = 4;                // decode: tokens per token group per step
+  bool decode_smem = true;              // decode: shared-memory pipeline kernel
+  bool decode_fused = false;            // decode: splits merged inside the decode kernel
+  bool decode_dynamic = false;          // decode: blocks take chunks from a work counter
+  int dyn_chunk_tokens = 0;             // decode, dynamic: rows per chunk
+  int dyn_chunks_per_block = 1;         // decode, dynamic
+  int decode_kvh = 1;                   // decode: KV heads per thread block (shared-memory or mma)
   int decode_threads = kDecodeThreads;  // decode, shared-memory kernel: threads per block
   bool decode_mma = false;              // decode: the tensor-core kernel (DecodeMmaKernel)
   int decode_mma_stages = 3;            // decode, tensor-core kernel: pipeline stages per warp
@@ -2112,22 +2246,23 @@ bool DecodeMmaSupports(const PagedAttentionParams& p) {
          (group == 1 || group == 2 || group == 4 || group == 8);
 }
 
-template <int D, int G, int S, int C>
+template <int D, int G, int S, int C, int KVH>
 cudaError_t PrepareDecodeMma() {
-  static const cudaError_t err =
-      cudaFuncSetAttribute(DecodeMmaKernel<D, G, S, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           DecodeMmaSmemBytes<D, S>());
+  static const cudaError_t err = cudaFuncSetAttribute(DecodeMmaKernel<D, G, S, C, KVH>,
+                                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                      DecodeMmaSmemBytes<D, S, KVH>());
   return err;
 }
 
-template <int D, int G, int S, int C>
+template <int D, int G, int S, int C, int KVH>
 absl::StatusOr<int> DecodeMmaBlocksPerSmT() {
   static int blocks = 0;
-  static const cudaError_t err = PrepareDecodeMma<D, G, S, C>() != cudaSuccess
-                                     ? PrepareDecodeMma<D, G, S, C>()
-                                     : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                                           &blocks, DecodeMmaKernel<D, G, S, C>,
-                                           kDecodeMmaWarps * 32, DecodeMmaSmemBytes<D, S>());
+  static const cudaError_t err =
+      PrepareDecodeMma<D, G, S, C, KVH>() != cudaSuccess
+          ? PrepareDecodeMma<D, G, S, C, KVH>()
+          : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, DecodeMmaKernel<D, G, S, C, KVH>,
+                                                          KVH * kDecodeMmaWarps * 32,
+                                                          DecodeMmaSmemBytes<D, S, KVH>());
   if (err != cudaSuccess) {
     return absl::InternalError(
         absl::StrFormat("decode (tensor cores) occupancy: %s", cudaGetErrorString(err)));
@@ -2135,21 +2270,36 @@ absl::StatusOr<int> DecodeMmaBlocksPerSmT() {
   return blocks;
 }
 
-// Calls f(std::integral_constant<int, D>, ..G.., ..S.., ..descriptor mode..) for the kernel's
-// supported shapes (descriptor modes other than 1, the cache: head_dim 128, group 4 only).
+// True where DispatchDecodeMma instantiates two KV heads per thread block (head_dim 128, group
+// 4, 2 or 3 stages, descriptors from global memory), given num_kv_heads is even.
+bool DecodeMmaKvh2Supported(int d, int g, int stages, int num_kv_heads) {
+  return d == 128 && g == 4 && (stages == 2 || stages == 3) && num_kv_heads % 2 == 0;
+}
+
+// Calls f(std::integral_constant<int, D>, ..G.., ..S.., ..descriptor mode.., ..KV heads per
+// block..) for the kernel's supported shapes (descriptor modes other than 1, the cache: head_dim
+// 128, group 4 only; 3 = the dynamic schedule; kvh 2: where DecodeMmaKvh2Supported, with descriptor
+// mode 2 whatever desc_mode says).
 template <typename F>
-auto DispatchDecodeMma(int d, int g, int stages, int desc_mode, F&& f) {
+auto DispatchDecodeMma(int d, int g, int stages, int desc_mode, int kvh, F&& f) {
   using std::integral_constant;
   auto with_c = [&](auto dc, auto gc, auto sc) {
     if constexpr (decltype(dc)::value == 128 && decltype(gc)::value == 4) {
+      if constexpr (decltype(sc)::value == 2 || decltype(sc)::value == 3) {
+        if (kvh == 2) {
+          return f(dc, gc, sc, integral_constant<int, 2>(), integral_constant<int, 2>());
+        }
+      }
       switch (desc_mode) {
         case 2:
-          return f(dc, gc, sc, integral_constant<int, 2>());
+          return f(dc, gc, sc, integral_constant<int, 2>(), integral_constant<int, 1>());
+        case 3:
+          return f(dc, gc, sc, integral_constant<int, 3>(), integral_constant<int, 1>());
         default:
           break;
       }
     }
-    return f(dc, gc, sc, integral_constant<int, 1>());
+    return f(dc, gc, sc, integral_constant<int, 1>(), integral_constant<int, 1>());
   };
   auto with_s = [&](auto dc, auto gc) {
     if constexpr (decltype(dc)::value == 128) {
@@ -2173,11 +2323,12 @@ auto DispatchDecodeMma(int d, int g, int stages, int desc_mode, F&& f) {
   return d == 128 ? with_g(integral_constant<int, 128>()) : with_g(integral_constant<int, 64>());
 }
 
-absl::StatusOr<int> DecodeMmaBlocksPerSm(int d, int g, int stages, int desc_mode) {
-  return DispatchDecodeMma(d, g, stages, desc_mode, [](auto dc, auto gc, auto sc, auto cc) {
-    return DecodeMmaBlocksPerSmT<decltype(dc)::value, decltype(gc)::value, decltype(sc)::value,
-                                 decltype(cc)::value>();
-  });
+absl::StatusOr<int> DecodeMmaBlocksPerSm(int d, int g, int stages, int desc_mode, int kvh) {
+  return DispatchDecodeMma(
+      d, g, stages, desc_mode, kvh, [](auto dc, auto gc, auto sc, auto cc, auto kc) {
+        return DecodeMmaBlocksPerSmT<decltype(dc)::value, decltype(gc)::value, decltype(sc)::value,
+                                     decltype(cc)::value, decltype(kc)::value>();
+      });
 }
 
 template <int MT>
@@ -2287,13 +2438,22 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
       if (p.head_dim != 128) c.decode_mma_stages = 3;  // (other depths instantiated for 128)
       // (Decided below for the default; the occupancy does not depend on it.)
       c.decode_mma_desc = p.decode_mma_descriptors != 0 ? p.decode_mma_descriptors : 1;
+      // Two KV heads per thread block (decode_mma_kv_heads = 2) where instantiated; 4 stages
+      // (256 KiB per block) do not fit, so 3.
+      if (p.decode_mma_kv_heads == 2) {
+        if (c.decode_mma_stages == 4) c.decode_mma_stages = 3;
+        if (DecodeMmaKvh2Supported(p.head_dim, group, c.decode_mma_stages, p.num_kv_heads)) {
+          c.decode_kvh = 2;
+          c.decode_mma_desc = 2;
+        }
+      }
     }
     const int64_t ctas_per_item =
         static_cast<int64_t>(p.num_kv_heads / c.decode_kvh) * (group / c.decode_g) * p.num_q_tokens;
     absl::StatusOr<int> per_sm =
-        c.decode_mma
-            ? DecodeMmaBlocksPerSm(p.head_dim, c.decode_g, c.decode_mma_stages, c.decode_mma_desc)
-            : DecodeBlocksPerSm(p.head_dim, c.decode_g, c.decode_unroll, c.decode_smem);
+        c.decode_mma ? DecodeMmaBlocksPerSm(p.head_dim, c.decode_g, c.decode_mma_stages,
+                                            c.decode_mma_desc, c.decode_kvh)
+                     : DecodeBlocksPerSm(p.head_dim, c.decode_g, c.decode_unroll, c.decode_smem);
     if (!per_sm.ok()) return per_sm.status();
     // About two thread blocks per multiprocessor (capped by occupancy): measured on an H100
     // (docs/results-gpu.md) this beat both a full occupancy wave and finer splits, which only
@@ -2358,11 +2518,24 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
       c.workspace_bytes = kPagedAttentionCounterBytes + (c.workspace_bytes + 255) / 256 * 256;
       c.decode_fused = p.decode_merge == 0 && c.items <= kMaxFusedItems && counters_fit;
     }
-    if (c.decode_mma && p.decode_mma_descriptors == 0) {
+    if (c.decode_mma && p.decode_mma_descriptors == 0 && c.decode_kvh == 1) {
       // The descriptor cache paid off only with 4 stages (4 warps per SM) and runs of more than
       // 4 segments per thread block (256-token segments: 52.6 vs 53.1 us back to back; 64: 53.4
       // vs 56.1); with 4 segments per block (512) or 2 stages (8 warps per SM) it cost 0.5 us.
       c.decode_mma_desc = c.decode_mma_stages == 4 && c.blocks_per_item > 4 ? 1 : 2;
+    }
+    if (c.decode_mma && p.decode_mma_schedule == 2 && c.decode_kvh == 1 && !batched && !p.causal &&
+        p.decode_mma_token_split == 0 && p.head_dim == 128 && group == 4 && c.items > 1 &&
+        counters_fit) {
+      // Dynamic (DecodeMmaKernel, kDesc 3): the same thread blocks; each warp takes 64-row
+      // chunks, its first two statically, then from the head group's work counter.
+      c.decode_dynamic = true;
+      c.decode_mma_desc = 3;
+      c.dyn_chunk_tokens = kDynChunkTokens;
+      c.dyn_chunks_per_block = (p.max_block_tokens + kDynChunkTokens - 1) / kDynChunkTokens;
+      c.chunks_per_block = 1;
+      c.chunk_tokens = p.max_block_tokens;
+      c.blocks_per_item = p.num_blocks;
     }
   }
   return c;
@@ -2438,19 +2611,20 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
   if constexpr (G == 1 && U == 4) {  // (LaunchDecodeD routes the tensor-core kernel here)
     if (c.decode_mma) {
       return DispatchDecodeMma(
-          D, a.group, c.decode_mma_stages, c.decode_mma_desc,
-          [&](auto dc, auto gc, auto sc, auto cc) {
+          D, a.group, c.decode_mma_stages, c.decode_mma_desc, c.decode_kvh,
+          [&](auto dc, auto gc, auto sc, auto cc, auto kc) {
             constexpr int kD = decltype(dc)::value;
             constexpr int kG = decltype(gc)::value;
             constexpr int kS = decltype(sc)::value;
             constexpr int kC = decltype(cc)::value;
-            if (cudaError_t err = PrepareDecodeMma<kD, kG, kS, kC>(); err != cudaSuccess) {
+            constexpr int kK = decltype(kc)::value;
+            if (cudaError_t err = PrepareDecodeMma<kD, kG, kS, kC, kK>(); err != cudaSuccess) {
               return absl::InternalError(absl::StrFormat(
                   "cudaFuncSetAttribute(decode tensor cores): %s", cudaGetErrorString(err)));
             }
-            const dim3 grid(c.items, p.num_kv_heads, p.num_q_tokens);
-            DecodeMmaKernel<kD, kG, kS, kC>
-                <<<grid, kDecodeMmaWarps * 32, DecodeMmaSmemBytes<kD, kS>(), stream>>>(a);
+            const dim3 grid(c.items, p.num_kv_heads / kK, p.num_q_tokens);
+            DecodeMmaKernel<kD, kG, kS, kC, kK>
+                <<<grid, kK * kDecodeMmaWarps * 32, DecodeMmaSmemBytes<kD, kS, kK>(), stream>>>(a);
             return LaunchStatus("decode attention (tensor cores)");
           });
     }

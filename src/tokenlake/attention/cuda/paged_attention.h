@@ -196,6 +196,21 @@ struct PagedAttentionParams {
   // splits are runs of whole segments (or chunks of one segment when there are more splits
   // than segments).
   int32_t decode_mma_token_split = 0;
+  // Decode, tensor-core kernel: KV heads per thread block. 0 = default (1); 1; 2 = two KV heads
+  // over the same rows (8 warps; each copy step reads 2 * head_dim contiguous elements per key
+  // row; half the head groups, so twice the splits per group for the same grid), with 2 or 3
+  // stages (4 is taken as 3) and descriptors from global memory, for head_dim 128, a group of 4
+  // and an even num_kv_heads only: other shapes use 1 whatever this says. (0.4-2.5 us slower
+  // than the default on an H100: docs/results-gpu.md, Decode4.)
+  int32_t decode_mma_kv_heads = 0;
+  // Decode, tensor-core kernel: how rows are shared among the thread blocks of a head group. 0 =
+  // default (1); 1 = static (decode_mma_token_split says how); 2 = dynamic: every warp takes
+  // 64-row chunks, its first two statically, then from an atomic work counter in the workspace,
+  // so warps served faster by memory take more (the summation order, so the rounding, varies
+  // from run to run). Dynamic applies to head_dim 128, a group of 4, not causal, one request
+  // (no q_block_offsets), no token split, one KV head per block and more than one split;
+  // otherwise static. (1.3-4 us slower than static on an H100: docs/results-gpu.md, Decode4.)
+  int32_t decode_mma_schedule = 0;
   // Batched decode: null (every query token sees all blocks), or a device array of
   // num_q_tokens + 1 ascending offsets into `blocks`: query token i (one request's token) then
   // attends to blocks [q_block_offsets[i], q_block_offsets[i + 1]) only, so one launch serves

@@ -86,6 +86,8 @@ struct Case {
   int decode_mma_stages = 0;
   int decode_mma_descriptors = 0;  // 0 auto, 1 shared-memory cache, 2 global
   int decode_mma_token_split = 0;  // 1: splits of 16-row units across segments
+  int decode_mma_kv_heads = 0;     // 0 auto, 1, 2 KV heads per thread block
+  int decode_mma_schedule = 0;     // 0 auto, 1 static, 2 dynamic
   float softmax_scale = 0.f;
 };
 
@@ -95,11 +97,11 @@ std::string Describe(const Case& c) {
   return absl::StrFormat(
       "q=%d causal=%d q_start=%d kernel=%d prefill_kernel=%d splits=%d unroll=%d pipeline=%d "
       "merge=%d kvh=%d schedule=%d threads=%d decode_kernel=%d mma_stages=%d mma_desc=%d "
-      "token_split=%d blocks=[%s]",
+      "token_split=%d mma_kvh=%d mma_schedule=%d blocks=[%s]",
       c.num_q, c.causal, c.q_start_pos, static_cast<int>(c.kernel), c.prefill_kernel, c.num_splits,
       c.decode_unroll, c.decode_pipeline, c.decode_merge, c.decode_kvh, c.decode_schedule,
       c.decode_threads, c.decode_kernel, c.decode_mma_stages, c.decode_mma_descriptors,
-      c.decode_mma_token_split, lens);
+      c.decode_mma_token_split, c.decode_mma_kv_heads, c.decode_mma_schedule, lens);
 }
 
 // A workspace as the header asks for: counter bytes zero, the rest poisoned with NaN (so a
@@ -215,6 +217,8 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   p.decode_mma_stages = c.decode_mma_stages;
   p.decode_mma_descriptors = c.decode_mma_descriptors;
   p.decode_mma_token_split = c.decode_mma_token_split;
+  p.decode_mma_kv_heads = c.decode_mma_kv_heads;
+  p.decode_mma_schedule = c.decode_mma_schedule;
   absl::StatusOr<size_t> need = PagedAttentionWorkspaceBytes(p, c.kernel);
   ASSERT_TRUE(need.ok()) << need.status();
   DeviceBuffer d_ws(ws == nullptr ? *need : 0);
@@ -335,6 +339,8 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
     c.decode_mma_stages = kStages[rng() % 4];
     c.decode_mma_descriptors = static_cast<int>(rng() % 3);  // default, cached, global
     c.decode_mma_token_split = static_cast<int>(rng() % 2);
+    c.decode_mma_kv_heads = static_cast<int>(rng() % 3);  // default, 1, 2
+    c.decode_mma_schedule = static_cast<int>(rng() % 3);  // default, static, dynamic
     c.decode_merge = static_cast<int>(rng() % 2);
     RunAndCompare(c, rng);
     if (HasFatalFailure()) return;
@@ -342,6 +348,8 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
     c.decode_mma_stages = 0;
     c.decode_mma_descriptors = 0;
     c.decode_mma_token_split = 0;
+    c.decode_mma_kv_heads = 0;
+    c.decode_mma_schedule = 0;
   }
 }
 
@@ -467,6 +475,8 @@ TEST_P(PagedAttentionGpuTest, FusedSplitMergeMatchesReferenceWithReusedWorkspace
         c.decode_mma_stages = dk == 2 ? 2 + static_cast<int>(rng() % 3) : 0;
         c.decode_mma_descriptors = dk == 2 ? static_cast<int>(rng() % 3) : 0;
         c.decode_mma_token_split = dk == 2 ? static_cast<int>(rng() % 2) : 0;
+        c.decode_mma_kv_heads = dk == 2 ? static_cast<int>(rng() % 3) : 0;
+        c.decode_mma_schedule = dk == 2 ? static_cast<int>(rng() % 3) : 0;
         RunAndCompare(c, rng, ws.ptr, kWsBytes);  // fresh random inputs each time
         if (HasFatalFailure()) return;
       }
@@ -500,7 +510,10 @@ TEST_P(PagedAttentionGpuTest, DecodeMmaSplitsMatchReference) {
   ASSERT_NE(ws.ptr, nullptr);
   PrepareWorkspace(ws.ptr, kWsBytes);
   for (int token_split : {0, 1}) {
-    for (int desc : {1, 2}) {
+    // desc 3 stands for two KV heads per thread block (decode_mma_kv_heads = 2: global
+    // descriptors, 4 stages taken as 3; other shapes fall back to one head per block), desc 4
+    // for the dynamic schedule (decode_mma_schedule = 2; static when causal or token split).
+    for (int desc : {1, 2, 3, 4}) {
       for (int stages = 2; stages <= 4; ++stages) {
         Case c;
         c.shape = shape;
@@ -522,7 +535,14 @@ TEST_P(PagedAttentionGpuTest, DecodeMmaSplitsMatchReference) {
         c.decode_merge = static_cast<int>(rng() % 2);
         c.decode_kernel = 2;
         c.decode_mma_stages = stages;
-        c.decode_mma_descriptors = desc;
+        c.decode_mma_descriptors = desc >= 3 ? 0 : desc;
+        c.decode_mma_kv_heads = desc == 3 ? 2 : 0;
+        c.decode_mma_schedule = desc == 4 ? 2 : 0;
+        if (desc == 4 && token_split == 1) {  // (the dynamic schedule is not causal: both)
+          c.decode_mma_token_split = 0;
+          c.causal = false;
+          c.q_start_pos = 0;
+        }
         c.decode_mma_token_split = token_split;
         RunAndCompare(c, rng, ws.ptr, kWsBytes);
         if (HasFatalFailure()) return;
@@ -830,6 +850,12 @@ TEST(PagedAttentionArgsTest, RejectsBadShapesWithClearErrors) {
   bad = p;
   bad.decode_mma_token_split = 2;
   expect_invalid(bad, "decode_mma_token_split");
+  bad.decode_mma_token_split = 0;
+  bad.decode_mma_kv_heads = 3;
+  expect_invalid(bad, "decode_mma_kv_heads");
+  bad.decode_mma_kv_heads = 0;
+  bad.decode_mma_schedule = 3;
+  expect_invalid(bad, "decode_mma_schedule");
   bad = p;
   bad.decode_kv_heads_per_block = 3;
   expect_invalid(bad, "decode_kv_heads_per_block");
