@@ -8,7 +8,9 @@
 // prefixes, alternated, so that no run reads K/V another left in L2).
 //   decode:  1 query token; the instance's own partial over the prefix (PagedAttention, kAuto),
 //            then merged with K partials from other instances ([1 x 32 x 128] each):
-//            K = 1 by MergePartials, K = 3 by MergePartialsN over 4 partials.
+//            K = 1 by MergePartials, K = 3 by MergePartialsN over 4 partials; and the same K
+//            partials fused into the decode kernel's own split merge (PagedAttentionParams::
+//            num_extra = K: no merge launch).
 //   prefill: 1,024 new tokens; the partial over the cached prefix plus the causal partial over
 //            the new tokens' own KV (1,024 keys), merged by MergePartials.
 // Each variant is a graph; one sample = 10 graph launches back to back between two events; the
@@ -39,23 +41,21 @@ namespace tl = tokenlake::attention::cuda;
 
 namespace {
 
-#define CHECK_CUDA(expr)                                                                 \
-  do {                                                                                   \
-    const cudaError_t e_ = (expr);                                                       \
-    if (e_ != cudaSuccess) {                                                             \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr,                  \
-                   cudaGetErrorString(e_));                                              \
-      std::exit(1);                                                                      \
-    }                                                                                    \
+#define CHECK_CUDA(expr)                                                                         \
+  do {                                                                                           \
+    const cudaError_t e_ = (expr);                                                               \
+    if (e_ != cudaSuccess) {                                                                     \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                              \
+    }                                                                                            \
   } while (0)
-#define CHECK_OK(expr)                                                                   \
-  do {                                                                                   \
-    const absl::Status s_ = (expr);                                                      \
-    if (!s_.ok()) {                                                                      \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr,                  \
-                   s_.ToString().c_str());                                               \
-      std::exit(1);                                                                      \
-    }                                                                                    \
+#define CHECK_OK(expr)                                                                          \
+  do {                                                                                          \
+    const absl::Status s_ = (expr);                                                             \
+    if (!s_.ok()) {                                                                             \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, s_.ToString().c_str()); \
+      std::exit(1);                                                                             \
+    }                                                                                           \
   } while (0)
 
 constexpr int kHeads = 32;
@@ -210,8 +210,8 @@ int main(int argc, char** argv) {
     // Remote partials: 3 of [1][H][D] with finite LSEs (any valid partial will do: the output of
     // the own partial, copied before timing).
     auto run_own = [&](int set) {
-      tl::PagedAttentionParams p = Params(own, 1, prefix.blocks[set], kSegments, kSegmentTokens,
-                                          false);
+      tl::PagedAttentionParams p =
+          Params(own, 1, prefix.blocks[set], kSegments, kSegmentTokens, false);
       p.workspace = own.ws;
       p.workspace_bytes = own.ws_bytes;
       CHECK_OK(tl::PagedAttention(p, tl::AttentionKernel::kAuto, stream));
@@ -222,8 +222,8 @@ int main(int argc, char** argv) {
     auto* outs = static_cast<float*>(DeviceAlloc(4 * out_elems * 4));
     auto* lses = static_cast<float*>(DeviceAlloc(4 * rows * 4));
     for (int k = 0; k < 4; ++k) {
-      CHECK_CUDA(cudaMemcpy(outs + k * out_elems, own.out, out_elems * 4,
-                            cudaMemcpyDeviceToDevice));
+      CHECK_CUDA(
+          cudaMemcpy(outs + k * out_elems, own.out, out_elems * 4, cudaMemcpyDeviceToDevice));
       CHECK_CUDA(cudaMemcpy(lses + k * rows, own.lse, rows * 4, cudaMemcpyDeviceToDevice));
     }
     auto* merged = static_cast<float*>(DeviceAlloc(out_elems * 4));
@@ -242,6 +242,21 @@ int main(int argc, char** argv) {
       CHECK_CUDA(cudaMemcpyAsync(lses, own.lse, rows * 4, cudaMemcpyDeviceToDevice, stream));
       CHECK_OK(tl::MergePartialsN(outs, lses, 4, rows, kHeadDim, merged, merged_lse, stream));
     });
+    // The remote partials fused into the decode call (num_extra; slots 1..K of outs / lses).
+    auto run_fused = [&](int set, int k) {
+      tl::PagedAttentionParams p =
+          Params(own, 1, prefix.blocks[set], kSegments, kSegmentTokens, false);
+      p.workspace = own.ws;
+      p.workspace_bytes = own.ws_bytes;
+      p.num_extra = k;
+      p.extra_out = outs + out_elems;
+      p.extra_lse = lses + rows;
+      CHECK_OK(tl::PagedAttention(p, tl::AttentionKernel::kAuto, stream));
+    };
+    const double fused_one = GraphUs(stream, [&](int set) { run_fused(set, 1); });
+    const double fused_three = GraphUs(stream, [&](int set) { run_fused(set, 3); });
+    const double f1 = fused_one - alone;
+    const double f3 = fused_three - alone;
     const double m1 = with_one - alone;
     const double m3 = with_three - alone;
     std::printf("%s, %s\n", dev->name.c_str(), j["shape"].get<std::string>().c_str());
@@ -252,10 +267,15 @@ int main(int argc, char** argv) {
                 with_one, m1, 100 * m1 / alone);
     std::printf("  + 2 copies + 4-way merge (3 remote)   %7.2f us  -> merge %5.2f us = %4.1f%%\n",
                 with_three, m3, 100 * m3 / alone);
-    j["decode"] = {{"attention_us", alone},        {"with_merge1_us", with_one},
-                   {"merge1_us", m1},              {"merge1_share", m1 / alone},
-                   {"with_merge3_us", with_three}, {"merge3_us", m3},
-                   {"merge3_share", m3 / alone}};
+    std::printf("  decode with 1 extra fused             %7.2f us  -> merge %5.2f us = %4.1f%%\n",
+                fused_one, f1, 100 * f1 / alone);
+    std::printf("  decode with 3 extras fused            %7.2f us  -> merge %5.2f us = %4.1f%%\n",
+                fused_three, f3, 100 * f3 / alone);
+    j["decode"] = {{"attention_us", alone},      {"with_merge1_us", with_one},    {"merge1_us", m1},
+                   {"merge1_share", m1 / alone}, {"with_merge3_us", with_three},  {"merge3_us", m3},
+                   {"merge3_share", m3 / alone}, {"with_fused1_us", fused_one},   {"fused1_us", f1},
+                   {"fused1_share", f1 / alone}, {"with_fused3_us", fused_three}, {"fused3_us", f3},
+                   {"fused3_share", f3 / alone}};
   }
 
   // ---- prefill: cached partial + causal partial over the new tokens, merged.
@@ -276,8 +296,8 @@ int main(int argc, char** argv) {
     CHECK_CUDA(cudaMemcpy(fresh.q, cached.q, size_t{kNew} * kHeads * kHeadDim * 2,
                           cudaMemcpyDeviceToDevice));
     auto run_both = [&](int set) {
-      tl::PagedAttentionParams a = Params(cached, kNew, prefix.blocks[set], kSegments,
-                                          kSegmentTokens, false);
+      tl::PagedAttentionParams a =
+          Params(cached, kNew, prefix.blocks[set], kSegments, kSegmentTokens, false);
       a.workspace = cached.ws;
       a.workspace_bytes = cached.ws_bytes;
       CHECK_OK(tl::PagedAttention(a, tl::AttentionKernel::kAuto, stream));

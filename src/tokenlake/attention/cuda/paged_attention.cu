@@ -775,7 +775,37 @@ struct DecodeArgs {
   // runs split inside segments and every item gets the same rows (+-16) whatever the segment
   // size; 0: items are runs of blocks_per_item whole blocks or chunks, as above.
   int units_per_block;
+  // Extra partials folded into the final merge (PagedAttentionParams::num_extra): extra e of row
+  // r at extra_out[(e * extra_rows + r) * D] / extra_lse[e * extra_rows + r]; num_extra 0 = none.
+  const float* extra_out;
+  const float* extra_lse;
+  int num_extra;
+  int64_t extra_rows;  // num_q * num_heads
 };
+
+// Folds the extra partials of row `row` into one output element (out_v, lse_v) of the merge
+// (element d of the row): every thread of the row computes the row's merged LSE itself (the
+// extras' LSEs are a few L2 loads), so no barrier is needed. -inf partials contribute nothing.
+template <int D>
+__device__ __forceinline__ void FoldExtrasElement(const DecodeArgs& args, int64_t row, int d,
+                                                  float& out_v, float& lse_v) {
+  float mx = lse_v;
+  for (int e = 0; e < args.num_extra; ++e) {
+    mx = fmaxf(mx, __ldg(args.extra_lse + e * args.extra_rows + row));
+  }
+  const float use = mx == kNegInf ? 0.f : mx;
+  float w = __expf(lse_v - use);
+  float sum = w;
+  float acc = w * out_v;
+  for (int e = 0; e < args.num_extra; ++e) {
+    const int64_t er = e * args.extra_rows + row;
+    w = __expf(__ldg(args.extra_lse + er) - use);
+    sum += w;
+    acc = fmaf(w, __ldg(args.extra_out + er * D + d), acc);
+  }
+  out_v = sum > 0.f ? acc / sum : 0.f;
+  lse_v = sum > 0.f ? use + logf(sum) : kNegInf;
+}
 
 // Work counters of the dynamic decode schedule follow the merge counters (in uint32 words).
 constexpr int kQueueOffset = static_cast<int>(kPagedAttentionCounterBytes / 8);
@@ -830,6 +860,21 @@ __device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi,
       const float4 v = __ldcg(orow + static_cast<int64_t>(p) * kLanes4);
       const float nm = fmaxf(mx, lp);
       const float use = nm == kNegInf ? 0.f : nm;  // (all -inf so far: weights 0, no NaN)
+      const float sc = __expf(mx - use);
+      const float w = __expf(lp - use);
+      sum = fmaf(sum, sc, w);
+      a.x = fmaf(w, v.x, a.x * sc);
+      a.y = fmaf(w, v.y, a.y * sc);
+      a.z = fmaf(w, v.z, a.z * sc);
+      a.w = fmaf(w, v.w, a.w * sc);
+      mx = nm;
+    }
+    for (int e = 0; e < args.num_extra; ++e) {  // other instances' partials (num_extra)
+      const int64_t er = e * args.extra_rows + row;
+      const float lp = __ldg(args.extra_lse + er);
+      const float4 v = __ldg(reinterpret_cast<const float4*>(args.extra_out + er * D) + c);
+      const float nm = fmaxf(mx, lp);
+      const float use = nm == kNegInf ? 0.f : nm;
       const float sc = __expf(mx - use);
       const float w = __expf(lp - use);
       sum = fmaf(sum, sc, w);
@@ -1001,10 +1046,11 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs 
       ll = fmaf(sm_l[gi][h], w, ll);
       oo = fmaf(sm_acc[gi][h][d], w, oo);
     }
-    const float out_v = ll > 0.f ? oo / ll : 0.f;
-    const float lse_v = ll > 0.f ? (mm + log2f(ll)) * kLn2 : kNegInf;
+    float out_v = ll > 0.f ? oo / ll : 0.f;
+    float lse_v = ll > 0.f ? (mm + log2f(ll)) * kLn2 : kNegInf;
     const int64_t row = static_cast<int64_t>(qi) * args.num_heads + head0 + h;
     if (final_out) {
+      if (args.num_extra > 0) FoldExtrasElement<D>(args, row, d, out_v, lse_v);
       args.out[row * D + d] = out_v;
       if (d == 0) args.lse[row] = lse_v;
     } else {
@@ -1311,11 +1357,12 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
       ll = fmaf(sm_l[gi * G + h], w, ll);
       oo = fmaf(sm_acc[(gi * G + h) * D + d], w, oo);
     }
-    const float out_v = ll > 0.f ? oo / ll : 0.f;
-    const float lse_v = ll > 0.f ? (mm + log2f(ll)) * kLn2 : kNegInf;
+    float out_v = ll > 0.f ? oo / ll : 0.f;
+    float lse_v = ll > 0.f ? (mm + log2f(ll)) * kLn2 : kNegInf;
     const int64_t row =
         static_cast<int64_t>(qi) * args.num_heads + (kv_head0 + ck) * args.group + hoff + h;
     if (final_out) {
+      if (args.num_extra > 0) FoldExtrasElement<D>(args, row, d, out_v, lse_v);
       args.out[row * D + d] = out_v;
       if (d == 0) args.lse[row] = lse_v;
     } else {
@@ -1745,10 +1792,11 @@ __global__ void __launch_bounds__(KVH* kDecodeMmaWarps * 32)
       ll = fmaf(sm_l[w * G + h], wt, ll);
       oo = fmaf(sm_o[(w * G + h) * D + d], wt, oo);
     }
-    const float out_v = ll > 0.f ? oo / ll : 0.f;
-    const float lse_v = ll > 0.f ? (mm + log2f(ll)) * kLn2 : kNegInf;
+    float out_v = ll > 0.f ? oo / ll : 0.f;
+    float lse_v = ll > 0.f ? (mm + log2f(ll)) * kLn2 : kNegInf;
     const int64_t row = static_cast<int64_t>(qi) * args.num_heads + (blockIdx.y * KVH + k) * G + h;
     if (final_out) {
+      if (args.num_extra > 0) FoldExtrasElement<D>(args, row, d, out_v, lse_v);
       args.out[row * D + d] = out_v;
       if (d == 0) args.lse[row] = lse_v;
     } else {
@@ -1773,7 +1821,11 @@ template <int D>
 __global__ void __launch_bounds__(kMergeThreads)
     MergeSplitsKernel(const float* __restrict__ o, int64_t o_part_stride, int64_t o_row_stride,
                       const float* __restrict__ lse, int64_t l_part_stride, int64_t l_row_stride,
-                      int num_parts, float* __restrict__ out, float* __restrict__ lse_out) {
+                      int num_parts, float* __restrict__ out, float* __restrict__ lse_out,
+                      const float* __restrict__ xo, const float* __restrict__ xl, int num_extra,
+                      int64_t x_rows) {
+  // Partials num_parts .. num_parts + num_extra - 1 are the extras (PagedAttentionParams::
+  // num_extra): extra e of this row at xo + (e * x_rows + row) * D and xl + e * x_rows + row.
   constexpr int kLanes = D / 4;
   constexpr int kPGroups = kMergeThreads / kLanes;
   __shared__ float red[kMergeThreads / 32];
@@ -1786,6 +1838,7 @@ __global__ void __launch_bounds__(kMergeThreads)
   // Max LSE over the parts.
   float mx = kNegInf;
   for (int p = tid; p < num_parts; p += kMergeThreads) mx = fmaxf(mx, lrow[p * l_part_stride]);
+  for (int e = tid; e < num_extra; e += kMergeThreads) mx = fmaxf(mx, xl[e * x_rows + row]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
   if ((tid & 31) == 0) red[tid >> 5] = mx;
@@ -1804,6 +1857,16 @@ __global__ void __launch_bounds__(kMergeThreads)
   for (int p = pg; p < num_parts; p += kPGroups) {
     const float w = __expf(lrow[p * l_part_stride] - use);
     const float4 v = *reinterpret_cast<const float4*>(orow + p * o_part_stride);
+    a.x = fmaf(w, v.x, a.x);
+    a.y = fmaf(w, v.y, a.y);
+    a.z = fmaf(w, v.z, a.z);
+    a.w = fmaf(w, v.w, a.w);
+    wsum += w;
+  }
+  for (int e = pg; e < num_extra; e += kPGroups) {
+    const int64_t er = e * x_rows + row;
+    const float w = __expf(xl[er] - use);
+    const float4 v = *reinterpret_cast<const float4*>(xo + er * D + lane4 * 4);
     a.x = fmaf(w, v.x, a.x);
     a.y = fmaf(w, v.y, a.y);
     a.z = fmaf(w, v.z, a.z);
@@ -1883,6 +1946,44 @@ __global__ void Merge2Kernel(float* __restrict__ out_a, float* __restrict__ lse_
   }
   __syncthreads();  // every thread of the block has read its rows' lse_a
   if (active && c == 0) lse_a[row] = ws > 0.f ? use + logf(ws) : kNegInf;
+}
+
+// In-place merge of extra partials into out / lse: (out, lse) <- merge(out, extras), extra e of
+// row r at xo + (e * num_rows + r) * d4 * 4 and xl + e * num_rows + r. Layout as Merge2Kernel: one
+// thread per 4 elements, a row's threads in one thread block, the LSE written after a barrier.
+__global__ void MergeExtrasKernel(float* __restrict__ out, float* __restrict__ lse,
+                                  const float* __restrict__ xo, const float* __restrict__ xl,
+                                  int num_extra, int64_t num_rows, int d4) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool active = idx < num_rows * d4;
+  const int64_t row = active ? idx / d4 : 0;
+  const int c = active ? static_cast<int>(idx % d4) : 0;
+  float ws = 0.f, use = 0.f;
+  if (active) {
+    const float l0 = lse[row];
+    float mx = l0;
+    for (int e = 0; e < num_extra; ++e) mx = fmaxf(mx, xl[e * num_rows + row]);
+    use = mx == kNegInf ? 0.f : mx;
+    float4* po = reinterpret_cast<float4*>(out + row * d4 * 4) + c;
+    float w = __expf(l0 - use);
+    const float4 v0 = *po;
+    float4 a = make_float4(w * v0.x, w * v0.y, w * v0.z, w * v0.w);
+    ws = w;
+    for (int e = 0; e < num_extra; ++e) {
+      const int64_t er = e * num_rows + row;
+      w = __expf(xl[er] - use);
+      const float4 v = reinterpret_cast<const float4*>(xo + er * d4 * 4)[c];
+      a.x = fmaf(w, v.x, a.x);
+      a.y = fmaf(w, v.y, a.y);
+      a.z = fmaf(w, v.z, a.z);
+      a.w = fmaf(w, v.w, a.w);
+      ws += w;
+    }
+    const float inv = ws > 0.f ? 1.f / ws : 0.f;
+    *po = make_float4(a.x * inv, a.y * inv, a.z * inv, a.w * inv);
+  }
+  __syncthreads();  // every thread of the block has read its rows' lse
+  if (active && c == 0) lse[row] = ws > 0.f ? use + logf(ws) : kNegInf;
 }
 
 // Fills out with 0 and lse with -inf (a partial over no keys).
@@ -2110,6 +2211,18 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
   if (p.num_splits < 0) {
     return absl::InvalidArgumentError(
         absl::StrFormat("PagedAttention: num_splits = %d < 0", p.num_splits));
+  }
+  if (p.num_extra < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PagedAttention: num_extra = %d < 0", p.num_extra));
+  }
+  if (p.num_extra > 0 && p.num_q_tokens > 0 && p.extra_out == nullptr) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: extra_out must not be null with num_extra = %d", p.num_extra));
+  }
+  if (p.num_extra > 0 && p.num_q_tokens > 0 && p.extra_lse == nullptr) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: extra_lse must not be null with num_extra = %d", p.num_extra));
   }
   if (p.num_q_tokens > 0) {
     if (p.out == nullptr || p.lse == nullptr) {
@@ -2605,6 +2718,10 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
   a.dyn_chunks_per_block = c.dyn_chunks_per_block;
   a.q_block_offsets = p.q_block_offsets;
   a.units_per_block = c.units_per_block;
+  a.extra_out = p.extra_out;
+  a.extra_lse = p.extra_lse;
+  a.num_extra = p.num_extra;
+  a.extra_rows = static_cast<int64_t>(p.num_q_tokens) * p.num_heads;
   if (c.items > 1 && (c.decode_fused || c.decode_dynamic)) {
     a.counters = static_cast<unsigned int*>(p.workspace);
   }
@@ -2690,16 +2807,31 @@ absl::Status LaunchDecodeD(const PagedAttentionParams& p, const Config& c, float
 absl::Status LaunchMergeSplits(const float* o, int64_t o_part_stride, int64_t o_row_stride,
                                const float* l, int64_t l_part_stride, int64_t l_row_stride,
                                int parts, int64_t rows, int d, float* out, float* lse,
-                               cudaStream_t stream) {
+                               cudaStream_t stream, const float* extra_out = nullptr,
+                               const float* extra_lse = nullptr, int num_extra = 0) {
   if (rows == 0) return absl::OkStatus();
   if (d == 128) {
     MergeSplitsKernel<128><<<rows, kMergeThreads, 0, stream>>>(
-        o, o_part_stride, o_row_stride, l, l_part_stride, l_row_stride, parts, out, lse);
+        o, o_part_stride, o_row_stride, l, l_part_stride, l_row_stride, parts, out, lse, extra_out,
+        extra_lse, num_extra, rows);
   } else {
     MergeSplitsKernel<64><<<rows, kMergeThreads, 0, stream>>>(
-        o, o_part_stride, o_row_stride, l, l_part_stride, l_row_stride, parts, out, lse);
+        o, o_part_stride, o_row_stride, l, l_part_stride, l_row_stride, parts, out, lse, extra_out,
+        extra_lse, num_extra, rows);
   }
   return LaunchStatus("merge splits");
+}
+
+// Merges p's extra partials (num_extra > 0) into p.out / p.lse in place (paths that do not fold
+// them into their own merge).
+absl::Status LaunchMergeExtras(const PagedAttentionParams& p, int64_t rows, cudaStream_t stream) {
+  if (p.num_extra == 0 || rows == 0) return absl::OkStatus();
+  const int d4 = p.head_dim / 4;  // (head_dim is 16, 32, 64 or 128: d4 divides 256)
+  const int threads = 256 / d4 * d4;
+  const int64_t n = rows * d4;
+  MergeExtrasKernel<<<static_cast<unsigned>((n + threads - 1) / threads), threads, 0, stream>>>(
+      p.out, p.lse, p.extra_out, p.extra_lse, p.num_extra, rows, d4);
+  return LaunchStatus("merge extra partials");
 }
 
 absl::Status LaunchSmallHead(const PagedAttentionParams& p, float scale, cudaStream_t stream) {
@@ -2736,7 +2868,8 @@ absl::Status PagedAttention(const PagedAttentionParams& p, AttentionKernel kerne
     const int64_t n = rows * p.head_dim;
     FillEmptyKernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(p.out, p.lse, rows,
                                                                                 p.head_dim);
-    return LaunchStatus("fill empty partial");
+    if (absl::Status s = LaunchStatus("fill empty partial"); !s.ok()) return s;
+    return LaunchMergeExtras(p, rows, stream);
   }
   if (c.workspace_bytes > 0 && (p.workspace == nullptr || p.workspace_bytes < c.workspace_bytes)) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -2745,7 +2878,10 @@ absl::Status PagedAttention(const PagedAttentionParams& p, AttentionKernel kerne
   }
   const float scale =
       p.softmax_scale > 0.f ? p.softmax_scale : 1.0f / std::sqrt(static_cast<float>(p.head_dim));
-  if (p.head_dim < 64) return LaunchSmallHead(p, scale, stream);
+  if (p.head_dim < 64) {
+    if (absl::Status s = LaunchSmallHead(p, scale, stream); !s.ok()) return s;
+    return LaunchMergeExtras(p, rows, stream);
+  }
   const float scale_log2 = scale * kLog2e;
   const int d = p.head_dim;
   if (c.kernel == AttentionKernel::kPrefill) {
@@ -2762,10 +2898,11 @@ absl::Status PagedAttention(const PagedAttentionParams& p, AttentionKernel kerne
       s = c.prefill_mt == 2 ? LaunchPrefillM<2>(p, c, scale_log2, out, lse, stream)
                             : LaunchPrefillM<1>(p, c, scale_log2, out, lse, stream);
     }
-    if (!s.ok() || c.splits == 1) return s;
-    // Partials are [split][row][D] and [split][row].
+    if (!s.ok()) return s;
+    if (c.splits == 1) return LaunchMergeExtras(p, rows, stream);
+    // Partials are [split][row][D] and [split][row]; the extras join the split merge.
     return LaunchMergeSplits(out, rows * d, d, lse, rows, 1, c.splits, rows, d, p.out, p.lse,
-                             stream);
+                             stream, p.extra_out, p.extra_lse, p.num_extra);
   }
   float* out = p.out;
   float* lse = p.lse;
@@ -2776,9 +2913,9 @@ absl::Status PagedAttention(const PagedAttentionParams& p, AttentionKernel kerne
   absl::Status s = d == 128 ? LaunchDecodeD<128>(p, c, scale_log2, out, lse, stream)
                             : LaunchDecodeD<64>(p, c, scale_log2, out, lse, stream);
   if (!s.ok() || c.items == 1 || c.decode_fused) return s;
-  // Partials are [row][item][D] and [row][item].
+  // Partials are [row][item][D] and [row][item]; the extras join the split merge.
   return LaunchMergeSplits(out, d, static_cast<int64_t>(c.items) * d, lse, 1, c.items, c.items,
-                           rows, d, p.out, p.lse, stream);
+                           rows, d, p.out, p.lse, stream, p.extra_out, p.extra_lse, p.num_extra);
 }
 
 absl::Status MergePartials(float* out_a, float* lse_a, const float* out_b, const float* lse_b,

@@ -220,6 +220,20 @@ struct PagedAttentionParams {
   // REQUIRES: 0 <= offsets[0] <= ... <= offsets[num_q_tokens] <= num_blocks (device contents
   // are not checked).
   const int32_t* q_block_offsets = nullptr;
+  // Extra partials to merge into the result (e.g. other instances' partials of the same query
+  // tokens over other keys): 0 = none. With num_extra = N > 0, out / lse are the LSE merge of
+  // this call's partial over `blocks` and the N extras, exactly what MergePartialsN over the N + 1
+  // partials gives (an extra with lse -inf contributes nothing; all -inf: out 0, lse -inf).
+  // The decode kernels fold the extras into their own merge (the fused split merge, the
+  // separate split-merge kernel, or the single-split epilogue: no extra launch); prefill, the
+  // small-head kernel and num_blocks == 0 add one merge launch after the kernel.
+  int32_t num_extra = 0;
+  // `[num_extra][num_q_tokens][num_heads][head_dim]` float32, device, 16-byte aligned; required
+  // when num_extra > 0. Must not overlap out, lse or the workspace.
+  const float* extra_out = nullptr;
+  // `[num_extra][num_q_tokens][num_heads]` float32 natural-log LSE, device; required when
+  // num_extra > 0. Must not overlap out, lse or the workspace.
+  const float* extra_lse = nullptr;
 };
 
 // Returns the scratch size that PagedAttention(params, kernel) needs on the current device.

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <iostream>
@@ -89,6 +90,7 @@ struct Case {
   int decode_mma_kv_heads = 0;     // 0 auto, 1, 2 KV heads per thread block
   int decode_mma_schedule = 0;     // 0 auto, 1 static, 2 dynamic
   float softmax_scale = 0.f;
+  int num_extra = 0;  // extra partials merged into the result (PagedAttentionParams::num_extra)
 };
 
 std::string Describe(const Case& c) {
@@ -97,11 +99,11 @@ std::string Describe(const Case& c) {
   return absl::StrFormat(
       "q=%d causal=%d q_start=%d kernel=%d prefill_kernel=%d splits=%d unroll=%d pipeline=%d "
       "merge=%d kvh=%d schedule=%d threads=%d decode_kernel=%d mma_stages=%d mma_desc=%d "
-      "token_split=%d mma_kvh=%d mma_schedule=%d blocks=[%s]",
+      "token_split=%d mma_kvh=%d mma_schedule=%d extras=%d blocks=[%s]",
       c.num_q, c.causal, c.q_start_pos, static_cast<int>(c.kernel), c.prefill_kernel, c.num_splits,
       c.decode_unroll, c.decode_pipeline, c.decode_merge, c.decode_kvh, c.decode_schedule,
       c.decode_threads, c.decode_kernel, c.decode_mma_stages, c.decode_mma_descriptors,
-      c.decode_mma_token_split, c.decode_mma_kv_heads, c.decode_mma_schedule, lens);
+      c.decode_mma_token_split, c.decode_mma_kv_heads, c.decode_mma_schedule, c.num_extra, lens);
 }
 
 // A workspace as the header asks for: counter bytes zero, the rest poisoned with NaN (so a
@@ -120,6 +122,52 @@ void ExpectCountersZero(const void* ws, size_t bytes) {
   std::vector<uint32_t> counters(kPagedAttentionCounterBytes / 4);
   CUDA_OK(cudaMemcpy(counters.data(), ws, kPagedAttentionCounterBytes, cudaMemcpyDeviceToHost));
   for (size_t i = 0; i < counters.size(); ++i) ASSERT_EQ(counters[i], 0u) << "counter " << i;
+}
+
+// Draws `num_extra` extra partials for `rows` rows of head_dim (PagedAttentionParams::
+// num_extra layout: extra_out [e][row][d], extra_lse [e][row]): random outputs, LSEs near the
+// reference's (so both weigh in) or -inf (a third of them; a row may have every partial -inf),
+// and replaces (ref_out, ref_lse) by the LSE merge of the reference partial and the extras,
+// computed in float64 from the merge's definition.
+void AddRandomExtras(int num_extra, size_t rows, int head_dim, std::mt19937_64& rng,
+                     std::vector<float>& extra_out, std::vector<float>& extra_lse,
+                     std::vector<float>& ref_out, std::vector<float>& ref_lse) {
+  const size_t ne = static_cast<size_t>(num_extra);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  extra_out.assign(ne * rows * head_dim, 0.f);
+  extra_lse.assign(ne * rows, 0.f);
+  if (ne == 0) return;
+  for (float& v : extra_out) v = normal(rng);
+  for (size_t e = 0; e < ne; ++e) {
+    for (size_t r = 0; r < rows; ++r) {
+      const bool neg_inf = rng() % 3 == 0;
+      const float base = ref_lse[r] == -kInf ? 2.f : ref_lse[r];
+      extra_lse[e * rows + r] = neg_inf ? -kInf : base + 2.f * normal(rng);
+    }
+  }
+  std::vector<double> acc(head_dim);
+  for (size_t r = 0; r < rows; ++r) {
+    double m = ref_lse[r];
+    for (size_t e = 0; e < ne; ++e) m = std::max(m, static_cast<double>(extra_lse[e * rows + r]));
+    if (std::isinf(m)) {  // every partial -inf: out 0, lse -inf
+      for (int d = 0; d < head_dim; ++d) ref_out[r * head_dim + d] = 0.f;
+      ref_lse[r] = -kInf;
+      continue;
+    }
+    double sum = 0;
+    std::fill(acc.begin(), acc.end(), 0.0);
+    auto fold = [&](double l, const float* o) {
+      const double w = std::exp(l - m);  // exp(-inf) = 0: a -inf partial adds nothing
+      sum += w;
+      for (int d = 0; d < head_dim; ++d) acc[d] += w * o[d];
+    };
+    fold(ref_lse[r], ref_out.data() + r * head_dim);
+    for (size_t e = 0; e < ne; ++e) {
+      fold(extra_lse[e * rows + r], extra_out.data() + (e * rows + r) * head_dim);
+    }
+    for (int d = 0; d < head_dim; ++d) ref_out[r * head_dim + d] = static_cast<float>(acc[d] / sum);
+    ref_lse[r] = static_cast<float>(m + std::log(sum));
+  }
 }
 
 // Runs one case on the GPU and on the reference; checks every element. With `ws` (a prepared
@@ -172,6 +220,16 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   ASSERT_TRUE(ReferencePartialAttention(ap, c.num_q, q_f32, host_blocks, absl::MakeSpan(ref_out),
                                         absl::MakeSpan(ref_lse))
                   .ok());
+  const size_t ne = static_cast<size_t>(c.num_extra);
+  std::vector<float> extra_out, extra_lse;
+  AddRandomExtras(c.num_extra, rows, s.head_dim, rng, extra_out, extra_lse, ref_out, ref_lse);
+  DeviceBuffer d_extra_out(extra_out.size() * 4), d_extra_lse(extra_lse.size() * 4);
+  if (ne > 0) {
+    CUDA_OK(cudaMemcpy(d_extra_out.ptr, extra_out.data(), extra_out.size() * 4,
+                       cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMemcpy(d_extra_lse.ptr, extra_lse.data(), extra_lse.size() * 4,
+                       cudaMemcpyHostToDevice));
+  }
 
   // Device.
   DeviceBuffer d_kv(kv.size() * 2 + 16), d_q(q_elems * 2 + 16),
@@ -219,6 +277,9 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   p.decode_mma_token_split = c.decode_mma_token_split;
   p.decode_mma_kv_heads = c.decode_mma_kv_heads;
   p.decode_mma_schedule = c.decode_mma_schedule;
+  p.num_extra = c.num_extra;
+  p.extra_out = d_extra_out.as<float>();
+  p.extra_lse = d_extra_lse.as<float>();
   absl::StatusOr<size_t> need = PagedAttentionWorkspaceBytes(p, c.kernel);
   ASSERT_TRUE(need.ok()) << need.status();
   DeviceBuffer d_ws(ws == nullptr ? *need : 0);
@@ -551,6 +612,71 @@ TEST_P(PagedAttentionGpuTest, DecodeMmaSplitsMatchReference) {
   }
 }
 
+// Extra partials (other instances' partials, num_extra 0..4, random finite or -inf LSEs, rows
+// where every partial is -inf) merged into the result on every path: the decode kernels' fused
+// split merge (CUDA cores and tensor cores), their single-split epilogue, the separate split-merge
+// kernel, prefill (mma.sync and Hopper, with and without splits), the small-head kernel (head_dim
+// 16/32 shapes) and no keys at all; the decode calls share one reused workspace (counters back
+// to zero after every call).
+TEST_P(PagedAttentionGpuTest, ExtraPartialsMergeIntoTheResultOnEveryPath) {
+  SKIP_WITHOUT_GPU();
+  const Shape shape = GetParam();
+  const uint64_t seed = 9090 + shape.num_heads * 13 + shape.head_dim + shape.block_tokens;
+  SCOPED_TRACE(::testing::Message() << "seed=" << seed);
+  std::cout << "seed=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  constexpr size_t kWsBytes = 8 << 20;
+  DeviceBuffer ws(kWsBytes);
+  ASSERT_NE(ws.ptr, nullptr);
+  PrepareWorkspace(ws.ptr, kWsBytes);
+  for (int trial = 0; trial < 6; ++trial) {
+    Case c;
+    c.shape = shape;
+    const int nb = static_cast<int>(rng() % 12);  // 0 blocks too
+    for (int b = 0; b < nb; ++b) {
+      const int r = static_cast<int>(rng() % 4);
+      c.block_lens.push_back(r == 0   ? static_cast<int>(rng() % (shape.block_tokens + 1))
+                             : r == 1 ? 0
+                                      : shape.block_tokens);
+    }
+    int total = 0;
+    for (int l : c.block_lens) total += l;
+    c.causal = rng() % 3 == 0;
+    c.softmax_scale = rng() % 3 == 0 ? 0.05f : 0.f;
+    struct Path {
+      AttentionKernel kernel;
+      int decode_kernel;
+      int prefill_kernel;
+      bool decode;
+    };
+    static constexpr Path kPaths[] = {
+        {AttentionKernel::kAuto, 0, 0, true},     {AttentionKernel::kDecode, 1, 0, true},
+        {AttentionKernel::kDecode, 2, 0, true},   {AttentionKernel::kAuto, 0, 0, false},
+        {AttentionKernel::kPrefill, 0, 1, false}, {AttentionKernel::kPrefill, 0, 2, false}};
+    for (const Path& path : kPaths) {
+      static constexpr int kDecodeQ[] = {1, 2, 4, 8};
+      static constexpr int kPrefillQ[] = {9, 33, 130};
+      c.num_q = path.decode ? kDecodeQ[rng() % 4] : kPrefillQ[rng() % 3];
+      c.q_start_pos = c.causal ? static_cast<int>(rng() % (total + 2)) : 0;
+      c.kernel = path.kernel;
+      c.decode_kernel = path.decode_kernel;
+      c.prefill_kernel = path.prefill_kernel;
+      static constexpr int kSplits[] = {0, 1, 3, 16};
+      c.num_splits = path.kernel == AttentionKernel::kAuto ? 0 : kSplits[rng() % 4];
+      c.decode_merge = static_cast<int>(rng() % 2);  // fused, separate kernel
+      c.num_extra = static_cast<int>(rng() % 5);     // 0..4
+      // Decode reuses one workspace; prefill (partials of up to 130 tokens x 16 splits: more
+      // than kWsBytes for 32 heads) gets a fresh one of the size it needs.
+      if (path.decode) {
+        RunAndCompare(c, rng, ws.ptr, kWsBytes);  // fresh random inputs each time
+      } else {
+        RunAndCompare(c, rng);
+      }
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
 TEST_P(PagedAttentionGpuTest, BatchedDecodeMatchesPerRequestReference) {
   SKIP_WITHOUT_GPU();
   const Shape s = GetParam();
@@ -612,6 +738,20 @@ TEST_P(PagedAttentionGpuTest, BatchedDecodeMatchesPerRequestReference) {
                                     absl::MakeSpan(ref_lse).subspan(r * s.num_heads, s.num_heads))
               .ok());
     }
+    // Extra partials (0..4) merged into the result; drawn from their own generator so that the
+    // cases above are the same with or without them.
+    std::mt19937_64 xrng(seed * 31 + trial);
+    const int num_extra = static_cast<int>(xrng() % 5);
+    std::vector<float> extra_out, extra_lse;
+    AddRandomExtras(num_extra, ref_lse.size(), s.head_dim, xrng, extra_out, extra_lse, ref_out,
+                    ref_lse);
+    DeviceBuffer d_extra_out(extra_out.size() * 4), d_extra_lse(extra_lse.size() * 4);
+    if (num_extra > 0) {
+      CUDA_OK(cudaMemcpy(d_extra_out.ptr, extra_out.data(), extra_out.size() * 4,
+                         cudaMemcpyHostToDevice));
+      CUDA_OK(cudaMemcpy(d_extra_lse.ptr, extra_lse.data(), extra_lse.size() * 4,
+                         cudaMemcpyHostToDevice));
+    }
     DeviceBuffer d_kv(kv.size() * 2 + 16), d_q(q_elems * 2 + 16),
         d_blocks(sizeof(DeviceKvBlock) * std::max(nb, 1) + 16), d_off(offsets.size() * 4 + 16),
         d_out(q_elems * 4 + 16), d_lse(ref_lse.size() * 4 + 16);
@@ -642,14 +782,17 @@ TEST_P(PagedAttentionGpuTest, BatchedDecodeMatchesPerRequestReference) {
     p.out = d_out.as<float>();
     p.lse = d_lse.as<float>();
     p.q_block_offsets = d_off.as<int32_t>();
+    p.num_extra = num_extra;
+    p.extra_out = d_extra_out.as<float>();
+    p.extra_lse = d_extra_lse.as<float>();
     static constexpr int kSplits[] = {0, 1, 2, 5, 64};
     p.num_splits = kSplits[rng() % 5];
     p.decode_merge = static_cast<int>(rng() % 2);
     p.decode_threads_per_block = static_cast<int>(rng() % 3) * 128;
     p.decode_kernel = static_cast<int>(rng() % 3);  // auto, CUDA cores, tensor cores
-    SCOPED_TRACE(absl::StrFormat("requests=%d blocks=%d splits=%d merge=%d threads=%d kernel=%d",
-                                 num_req, nb, p.num_splits, p.decode_merge,
-                                 p.decode_threads_per_block, p.decode_kernel));
+    SCOPED_TRACE(absl::StrFormat(
+        "requests=%d blocks=%d splits=%d merge=%d threads=%d kernel=%d extras=%d", num_req, nb,
+        p.num_splits, p.decode_merge, p.decode_threads_per_block, p.decode_kernel, num_extra));
     absl::StatusOr<size_t> need = PagedAttentionWorkspaceBytes(p);
     ASSERT_TRUE(need.ok()) << need.status();
     DeviceBuffer d_ws(*need);
@@ -822,6 +965,17 @@ TEST(PagedAttentionArgsTest, RejectsBadShapesWithClearErrors) {
   bad = p;
   bad.q_start_pos = -3;
   expect_invalid(bad, "q_start_pos");
+  bad = p;
+  bad.num_extra = -1;
+  expect_invalid(bad, "num_extra");
+  bad = p;
+  bad.num_extra = 2;
+  bad.extra_lse = &dummy;
+  expect_invalid(bad, "extra_out");
+  bad = p;
+  bad.num_extra = 1;
+  bad.extra_out = &dummy;
+  expect_invalid(bad, "extra_lse");
   bad = p;
   bad.prefill_kernel = 3;
   expect_invalid(bad, "prefill_kernel");
