@@ -790,6 +790,7 @@ template <int D>
 __device__ __forceinline__ void FoldExtrasElement(const DecodeArgs& args, int64_t row, int d,
                                                   float& out_v, float& lse_v) {
   float mx = lse_v;
+#pragma unroll 4
   for (int e = 0; e < args.num_extra; ++e) {
     mx = fmaxf(mx, __ldg(args.extra_lse + e * args.extra_rows + row));
   }
@@ -797,6 +798,7 @@ __device__ __forceinline__ void FoldExtrasElement(const DecodeArgs& args, int64_
   float w = __expf(lse_v - use);
   float sum = w;
   float acc = w * out_v;
+#pragma unroll 4
   for (int e = 0; e < args.num_extra; ++e) {
     const int64_t er = e * args.extra_rows + row;
     w = __expf(__ldg(args.extra_lse + er) - use);
@@ -869,7 +871,10 @@ __device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi,
       a.w = fmaf(w, v.w, a.w * sc);
       mx = nm;
     }
-    for (int e = 0; e < args.num_extra; ++e) {  // other instances' partials (num_extra)
+    // Other instances' partials (num_extra), after the splits' (4 extras' loads in flight at
+    // once: one round trip for up to 4).
+#pragma unroll 4
+    for (int e = 0; e < args.num_extra; ++e) {
       const int64_t er = e * args.extra_rows + row;
       const float lp = __ldg(args.extra_lse + er);
       const float4 v = __ldg(reinterpret_cast<const float4*>(args.extra_out + er * D) + c);
