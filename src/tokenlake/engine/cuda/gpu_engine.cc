@@ -73,7 +73,8 @@ class GpuEngine::Backend final : public GpuAttentionBackend {
     float* lses = s_.partials + num_partials * rows * c.head_dim;
     const acuda::DeviceKvBlock* layer_blocks = s_.blocks + int64_t{layer} * s_.stride;
     auto run = [&](const acuda::DeviceKvBlock* blocks, int32_t num_blocks, int32_t max_tokens,
-                   bool causal, int32_t q_start, float* o, float* l) -> absl::Status {
+                   bool causal, int32_t q_start, float* o, float* l,
+                   int32_t num_extra = 0) -> absl::Status {
       acuda::PagedAttentionParams p;
       p.q = q;
       p.num_q_tokens = n;
@@ -87,6 +88,11 @@ class GpuEngine::Backend final : public GpuAttentionBackend {
       p.q_start_pos = q_start;
       p.out = o;
       p.lse = l;
+      // The group partials ([num_extra][rows][head_dim] and [num_extra][rows] at the start of
+      // outs / lses) merged into this call's result by the attention kernel itself.
+      p.num_extra = num_extra;
+      p.extra_out = num_extra > 0 ? outs : nullptr;
+      p.extra_lse = num_extra > 0 ? lses : nullptr;
       TOKENLAKE_ASSIGN_OR_RETURN(size_t ws, acuda::PagedAttentionWorkspaceBytes(p));
       if (ws > s_.workspace->size_bytes()) {
         TOKENLAKE_RETURN_IF_ERROR(s_.workspace->Reserve(ws));
@@ -106,17 +112,15 @@ class GpuEngine::Backend final : public GpuAttentionBackend {
                                     lses + static_cast<int64_t>(g) * rows));
       ++(grp.remote ? s_.counters->remote_attend_calls : s_.counters->local_attend_calls);
     }
-    // 3. The causal partial over the tail and the new tokens.
+    // 3. The causal partial over the tail and the new tokens, with the groups' partials as
+    // extras: the call writes the log-sum-exp merge of all partials into `out` (the decode
+    // kernels fold the extras into their own split merge, with no merge launch; prefill merges
+    // them in one launch after its kernel).
     const int32_t tail_tokens = static_cast<int32_t>(s_.computed + n - s_.pooled);
     const int32_t last = num_partials - 1;
-    float* tail_out = num_partials == 1 ? out : outs + int64_t{last} * rows * c.head_dim;
-    TOKENLAKE_RETURN_IF_ERROR(run(layer_blocks + s_.stride - 1, 1, tail_tokens, true,
-                                  static_cast<int32_t>(s_.computed - s_.pooled), tail_out,
-                                  lses + int64_t{last} * rows));
-    if (num_partials == 1) return absl::OkStatus();
-    // 4. Log-sum-exp merge of all partials into `out`.
-    return acuda::MergePartialsN(outs, lses, num_partials, rows, c.head_dim, out, s_.merged_lse,
-                                 stream);
+    return run(layer_blocks + s_.stride - 1, 1, tail_tokens, true,
+               static_cast<int32_t>(s_.computed - s_.pooled), out,
+               num_partials == 1 ? lses : s_.merged_lse, last);
   }
 
  private:
