@@ -15,7 +15,9 @@
 //     directly ("moving queries" on a shared device is reading them where they are);
 //   - the sequence's tail (tokens after its pooled prefix, bf16, kept by the request) plus the
 //     new tokens is one causal partial;
-//   - the partials are merged by log-sum-exp (attention::cuda::MergePartialsN).
+//   - the partials are merged by log-sum-exp: the other partials are the causal call's extra
+//     partials (PagedAttentionParams::num_extra), merged inside the decode kernel's own split
+//     merge (prefill: one merge launch after its kernel).
 // Segments the iteration completes are copied from the tail into a slot on the instance the
 // plan's placement names, then committed (visible to later requests). The counters of
 // GpuGenerateResult say how many attend calls, pulls and stores (and bytes) this took.
