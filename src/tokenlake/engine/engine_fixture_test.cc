@@ -3,8 +3,8 @@
 // prefixes, and transformers' greedy tokens and logits (CPU, float32). The engine must give the
 // same greedy tokens and logits within 1e-4, without the pool and with it across 1, 2 and 4
 // instances, and with the pool it must serve repeated prefixes from the cache.
-#include <cstdlib>
-#include <fstream>
+#include <algorithm>
+#include <cmath>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -13,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tokenlake/engine/engine.h"
+#include "tokenlake/engine/fixture_test_util.h"
 #include "tokenlake/engine/llama_model.h"
 
 namespace tokenlake::engine {
@@ -20,52 +21,11 @@ namespace {
 
 using json = nlohmann::json;
 
-std::string FixtureDir() {
-  const char* src = std::getenv("TOKENLAKE_SOURCE_DIR");
-  return std::string(src != nullptr ? src : ".") + "/tests/fixtures/llama_tiny";
-}
+using testing_fixture::ExpectedCachedTokens;
 
-struct Fixture {
-  std::vector<std::vector<int32_t>> prompts;
-  json expected;
-};
-
-const Fixture& LoadFixture() {
-  static const Fixture* fixture = [] {
-    auto* f = new Fixture();
-    std::ifstream prompts(FixtureDir() + "/prompts.jsonl");
-    std::string line;
-    while (std::getline(prompts, line)) {
-      if (line.empty()) continue;
-      f->prompts.push_back(json::parse(line)["input_ids"].get<std::vector<int32_t>>());
-    }
-    std::ifstream expected(FixtureDir() + "/expected.json");
-    f->expected = json::parse(expected);
-    return f;
-  }();
-  return *fixture;
-}
-
-// Independent of the engine: the longest prefix of `prompt` (in whole segments, leaving at least
-// one token to compute) that an earlier sequence's full segments cover. `histories` holds, for
-// every earlier request, the tokens whose KV was computed (prompt + all generated tokens but the
-// last).
-int64_t ExpectedCachedTokens(const std::vector<int32_t>& prompt,
-                             const std::vector<std::vector<int32_t>>& histories, int32_t s) {
-  int64_t best = 0;
-  for (const auto& h : histories) {
-    int64_t common = 0;
-    while (common < static_cast<int64_t>(prompt.size()) &&
-           common < static_cast<int64_t>(h.size()) && prompt[common] == h[common]) {
-      ++common;
-    }
-    const int64_t full_in_h = static_cast<int64_t>(h.size()) / s * s;
-    int64_t usable = std::min(common, full_in_h);
-    usable = std::min<int64_t>(usable, static_cast<int64_t>(prompt.size()) - 1);
-    best = std::max(best, usable / s * s);
-  }
-  return best;
-}
+using Fixture = testing_fixture::LlamaTinyFixture;
+std::string FixtureDir() { return testing_fixture::LlamaTinyDir(); }
+const Fixture& LoadFixture() { return testing_fixture::LoadLlamaTinyFixture(); }
 
 struct Case {
   std::string model;

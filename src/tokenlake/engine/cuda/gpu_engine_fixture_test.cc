@@ -15,8 +15,6 @@
 //   - cached_tokens equals the independently computed reusable prefix;
 // and after all prompts the lake's integrity and that the data plane's stores hold exactly the
 // lake's replicas. Skips without a CUDA device.
-#include <cstdlib>
-#include <fstream>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -27,6 +25,7 @@
 #include "tokenlake/engine/cuda/gpu_engine.h"
 #include "tokenlake/engine/cuda/gpu_llama.h"
 #include "tokenlake/engine/cuda/gpu_test_util.h"
+#include "tokenlake/engine/fixture_test_util.h"
 
 namespace tokenlake::engine::cuda {
 namespace {
@@ -34,31 +33,9 @@ namespace {
 using json = nlohmann::json;
 using namespace testing_util;  // NOLINT
 
-std::string FixtureDir() {
-  const char* src = std::getenv("TOKENLAKE_SOURCE_DIR");
-  return std::string(src != nullptr ? src : ".") + "/tests/fixtures/llama_tiny";
-}
-
-struct Fixture {
-  std::vector<std::vector<int32_t>> prompts;
-  json expected;
-};
-
-const Fixture& LoadFixture() {
-  static const Fixture* fixture = [] {
-    auto* f = new Fixture();
-    std::ifstream prompts(FixtureDir() + "/prompts.jsonl");
-    std::string line;
-    while (std::getline(prompts, line)) {
-      if (line.empty()) continue;
-      f->prompts.push_back(json::parse(line)["input_ids"].get<std::vector<int32_t>>());
-    }
-    std::ifstream expected(FixtureDir() + "/expected.json");
-    if (expected) f->expected = json::parse(expected);
-    return f;
-  }();
-  return *fixture;
-}
+using Fixture = testing_fixture::LlamaTinyFixture;
+std::string FixtureDir() { return testing_fixture::LlamaTinyDir(); }
+const Fixture& LoadFixture() { return testing_fixture::LoadLlamaTinyFixture(); }
 
 struct Case {
   std::string model;

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "tokenlake/engine/fixture_test_util.h"
+
 namespace tokenlake::engine::cuda::testing_util {
 
 inline bool HaveGpu() {
@@ -67,25 +69,8 @@ inline float TopMargin(const std::vector<float>& logits) {
   return a - b;
 }
 
-// Independent of the engine: the longest prefix of `prompt` (in whole segments, leaving at
-// least one token to compute) that an earlier sequence's full segments cover. `histories`
-// holds, for every earlier request, the tokens whose KV was computed (prompt + all fed tokens).
-inline int64_t ExpectedCachedTokens(const std::vector<int32_t>& prompt,
-                                    const std::vector<std::vector<int32_t>>& histories, int32_t s) {
-  int64_t best = 0;
-  for (const auto& h : histories) {
-    int64_t common = 0;
-    while (common < static_cast<int64_t>(prompt.size()) &&
-           common < static_cast<int64_t>(h.size()) && prompt[common] == h[common]) {
-      ++common;
-    }
-    const int64_t full_in_h = static_cast<int64_t>(h.size()) / s * s;
-    int64_t usable = std::min(common, full_in_h);
-    usable = std::min<int64_t>(usable, static_cast<int64_t>(prompt.size()) - 1);
-    best = std::max(best, usable / s * s);
-  }
-  return best;
-}
+// The cached-prefix oracle shared with the CPU engine's tests.
+using ::tokenlake::engine::testing_fixture::ExpectedCachedTokens;
 
 }  // namespace tokenlake::engine::cuda::testing_util
 
