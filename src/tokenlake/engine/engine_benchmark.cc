@@ -8,9 +8,9 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "benchmark/benchmark.h"
 #include "tokenlake/base/check.h"
+#include "tokenlake/engine/checkpoint_testing.h"
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/instance_pool.h"
 #include "tokenlake/engine/llama_model.h"
@@ -34,34 +34,11 @@ const LlamaModel& BenchModel() {
                         .max_position_embeddings = 8192};
     std::mt19937 rng(1);
     std::uniform_real_distribution<float> u(-0.1f, 0.1f);
-    std::vector<TensorToWrite> tensors;
-    auto add = [&](const std::string& name, std::vector<int64_t> shape) {
-      int64_t n = 1;
-      for (int64_t d : shape) n *= d;
-      std::vector<float> v(static_cast<size_t>(n));
-      for (float& x : v) x = u(rng);
-      std::string bytes(v.size() * 4, '\0');
-      std::memcpy(bytes.data(), v.data(), bytes.size());
-      tensors.push_back({name, TensorDtype::kF32, std::move(shape), std::move(bytes)});
-    };
-    const int64_t h = c.hidden_size, qd = c.num_heads * c.head_dim,
-                  kvd = c.num_kv_heads * c.head_dim, in = c.intermediate_size;
-    add("model.embed_tokens.weight", {c.vocab_size, h});
-    for (int l = 0; l < c.num_layers; ++l) {
-      const std::string p = absl::StrCat("model.layers.", l, ".");
-      add(p + "input_layernorm.weight", {h});
-      add(p + "self_attn.q_proj.weight", {qd, h});
-      add(p + "self_attn.k_proj.weight", {kvd, h});
-      add(p + "self_attn.v_proj.weight", {kvd, h});
-      add(p + "self_attn.o_proj.weight", {h, qd});
-      add(p + "post_attention_layernorm.weight", {h});
-      add(p + "mlp.gate_proj.weight", {in, h});
-      add(p + "mlp.up_proj.weight", {in, h});
-      add(p + "mlp.down_proj.weight", {h, in});
-    }
-    add("model.norm.weight", {h});
-    add("lm_head.weight", {c.vocab_size, h});
-    auto file = SafetensorsFile::FromBytes(SerializeSafetensors(tensors), "bench");
+    const std::string image = testing_checkpoint::LlamaCheckpointImage(
+        c, [&](const std::vector<int64_t>&, bool, std::vector<float>& v) {
+          for (float& x : v) x = u(rng);
+        });
+    auto file = SafetensorsFile::FromBytes(image, "bench");
     TOKENLAKE_CHECK(file.ok());
     auto m = LlamaModel::FromSafetensors(c, **file);
     TOKENLAKE_CHECK(m.ok());

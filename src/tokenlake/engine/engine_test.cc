@@ -5,16 +5,15 @@
 // naive model of the cache predicts).
 #include "tokenlake/engine/engine.h"
 
-#include <cstring>
 #include <iostream>
 #include <random>
 #include <set>
 #include <string>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "gtest/gtest.h"
+#include "tokenlake/engine/checkpoint_testing.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/engine/safetensors.h"
 #include "tokenlake/transport/fault_transport.h"
@@ -41,34 +40,12 @@ LlamaConfig TinyConfig(bool tied) {
 std::string RandomCheckpoint(const LlamaConfig& c, uint32_t seed, const std::string& skip = "") {
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> u(-0.3f, 0.3f);
-  std::vector<TensorToWrite> tensors;
-  auto add = [&](const std::string& name, std::vector<int64_t> shape, bool norm = false) {
-    if (name == skip) return;
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    std::vector<float> v(static_cast<size_t>(n));
-    for (float& x : v) x = norm ? 1.0f + u(rng) : u(rng);
-    std::string bytes(v.size() * 4, '\0');
-    std::memcpy(bytes.data(), v.data(), bytes.size());
-    tensors.push_back({name, TensorDtype::kF32, std::move(shape), std::move(bytes)});
-  };
-  const int64_t h = c.hidden_size, qd = c.num_heads * c.head_dim, kvd = c.num_kv_heads * c.head_dim;
-  add("model.embed_tokens.weight", {c.vocab_size, h});
-  for (int l = 0; l < c.num_layers; ++l) {
-    const std::string p = absl::StrCat("model.layers.", l, ".");
-    add(p + "input_layernorm.weight", {h}, true);
-    add(p + "self_attn.q_proj.weight", {qd, h});
-    add(p + "self_attn.k_proj.weight", {kvd, h});
-    add(p + "self_attn.v_proj.weight", {kvd, h});
-    add(p + "self_attn.o_proj.weight", {h, qd});
-    add(p + "post_attention_layernorm.weight", {h}, true);
-    add(p + "mlp.gate_proj.weight", {c.intermediate_size, h});
-    add(p + "mlp.up_proj.weight", {c.intermediate_size, h});
-    add(p + "mlp.down_proj.weight", {h, c.intermediate_size});
-  }
-  add("model.norm.weight", {h}, true);
-  if (!c.tie_word_embeddings) add("lm_head.weight", {c.vocab_size, h});
-  return SerializeSafetensors(tensors);
+  return testing_checkpoint::LlamaCheckpointImage(
+      c,
+      [&](const std::vector<int64_t>&, bool norm, std::vector<float>& v) {
+        for (float& x : v) x = norm ? 1.0f + u(rng) : u(rng);
+      },
+      skip);
 }
 
 std::unique_ptr<LlamaModel> TinyModel(bool tied, uint32_t seed) {
