@@ -324,41 +324,39 @@ absl::Status Batch::SubmitAll(absl::Span<Batch* const> batches) {
 
 // ---- One-message conveniences ---------------------------------------------------------------
 
+namespace {
+// One Batch holding the single operation `add` puts in it, submitted.
+template <typename AddFn>
+absl::Status SubmitOne(NcclComm& comm, cudaStream_t stream, AddFn add) {
+  Batch batch(&comm, stream);
+  if (absl::Status s = add(batch); !s.ok()) return s;
+  return batch.Submit();
+}
+}  // namespace
+
 absl::Status SendQueries(NcclComm& comm, int peer, const QueryTensor& queries,
                          cudaStream_t stream) {
-  Batch batch(&comm, stream);
-  if (absl::Status s = batch.AddSendQueries(peer, queries); !s.ok()) return s;
-  return batch.Submit();
+  return SubmitOne(comm, stream, [&](Batch& b) { return b.AddSendQueries(peer, queries); });
 }
 absl::Status RecvQueries(NcclComm& comm, int peer, const QueryTensor& queries,
                          cudaStream_t stream) {
-  Batch batch(&comm, stream);
-  if (absl::Status s = batch.AddRecvQueries(peer, queries); !s.ok()) return s;
-  return batch.Submit();
+  return SubmitOne(comm, stream, [&](Batch& b) { return b.AddRecvQueries(peer, queries); });
 }
 absl::Status SendPartial(NcclComm& comm, int peer, const PartialTensor& partial,
                          cudaStream_t stream) {
-  Batch batch(&comm, stream);
-  if (absl::Status s = batch.AddSendPartial(peer, partial); !s.ok()) return s;
-  return batch.Submit();
+  return SubmitOne(comm, stream, [&](Batch& b) { return b.AddSendPartial(peer, partial); });
 }
 absl::Status RecvPartial(NcclComm& comm, int peer, const PartialTensor& partial,
                          cudaStream_t stream) {
-  Batch batch(&comm, stream);
-  if (absl::Status s = batch.AddRecvPartial(peer, partial); !s.ok()) return s;
-  return batch.Submit();
+  return SubmitOne(comm, stream, [&](Batch& b) { return b.AddRecvPartial(peer, partial); });
 }
 absl::Status SendSegment(NcclComm& comm, int peer, const SegmentBytes& segment,
                          cudaStream_t stream) {
-  Batch batch(&comm, stream);
-  if (absl::Status s = batch.AddSendSegment(peer, segment); !s.ok()) return s;
-  return batch.Submit();
+  return SubmitOne(comm, stream, [&](Batch& b) { return b.AddSendSegment(peer, segment); });
 }
 absl::Status RecvSegment(NcclComm& comm, int peer, const SegmentBytes& segment,
                          cudaStream_t stream) {
-  Batch batch(&comm, stream);
-  if (absl::Status s = batch.AddRecvSegment(peer, segment); !s.ok()) return s;
-  return batch.Submit();
+  return SubmitOne(comm, stream, [&](Batch& b) { return b.AddRecvSegment(peer, segment); });
 }
 
 }  // namespace tokenlake::transport::nccl
