@@ -15,30 +15,36 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& 
   return FromSafetensors(config, *file);
 }
 
-absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromSafetensors(
-    const LlamaConfig& config, const SafetensorsFile& file) {
-  std::unique_ptr<LlamaModel> m(new LlamaModel(config));
+absl::StatusOr<LlamaModel::LayerWeights> LlamaModel::ReadLayerWeights(const LlamaConfig& config,
+                                                                      const SafetensorsFile& file,
+                                                                      int32_t layer) {
   const int64_t h = config.hidden_size;
   const int64_t qd = int64_t{config.num_heads} * config.head_dim;
   const int64_t kvd = int64_t{config.num_kv_heads} * config.head_dim;
   const int64_t inter = config.intermediate_size;
+  const std::string p = absl::StrCat("model.layers.", layer, ".");
+  LayerWeights w;
+  TOKENLAKE_ASSIGN_OR_RETURN(w.input_norm, file.ReadFloat32(p + "input_layernorm.weight", {h}));
+  TOKENLAKE_ASSIGN_OR_RETURN(w.q_proj, file.ReadFloat32(p + "self_attn.q_proj.weight", {qd, h}));
+  TOKENLAKE_ASSIGN_OR_RETURN(w.k_proj, file.ReadFloat32(p + "self_attn.k_proj.weight", {kvd, h}));
+  TOKENLAKE_ASSIGN_OR_RETURN(w.v_proj, file.ReadFloat32(p + "self_attn.v_proj.weight", {kvd, h}));
+  TOKENLAKE_ASSIGN_OR_RETURN(w.o_proj, file.ReadFloat32(p + "self_attn.o_proj.weight", {h, qd}));
+  TOKENLAKE_ASSIGN_OR_RETURN(w.post_norm,
+                             file.ReadFloat32(p + "post_attention_layernorm.weight", {h}));
+  TOKENLAKE_ASSIGN_OR_RETURN(w.gate_proj, file.ReadFloat32(p + "mlp.gate_proj.weight", {inter, h}));
+  TOKENLAKE_ASSIGN_OR_RETURN(w.up_proj, file.ReadFloat32(p + "mlp.up_proj.weight", {inter, h}));
+  TOKENLAKE_ASSIGN_OR_RETURN(w.down_proj, file.ReadFloat32(p + "mlp.down_proj.weight", {h, inter}));
+  return w;
+}
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromSafetensors(
+    const LlamaConfig& config, const SafetensorsFile& file) {
+  std::unique_ptr<LlamaModel> m(new LlamaModel(config));
+  const int64_t h = config.hidden_size;
   const int64_t vocab = config.vocab_size;
   TOKENLAKE_ASSIGN_OR_RETURN(m->embed_, file.ReadFloat32("model.embed_tokens.weight", {vocab, h}));
   for (int32_t l = 0; l < config.num_layers; ++l) {
-    const std::string p = absl::StrCat("model.layers.", l, ".");
-    LayerWeights w;
-    TOKENLAKE_ASSIGN_OR_RETURN(w.input_norm, file.ReadFloat32(p + "input_layernorm.weight", {h}));
-    TOKENLAKE_ASSIGN_OR_RETURN(w.q_proj, file.ReadFloat32(p + "self_attn.q_proj.weight", {qd, h}));
-    TOKENLAKE_ASSIGN_OR_RETURN(w.k_proj, file.ReadFloat32(p + "self_attn.k_proj.weight", {kvd, h}));
-    TOKENLAKE_ASSIGN_OR_RETURN(w.v_proj, file.ReadFloat32(p + "self_attn.v_proj.weight", {kvd, h}));
-    TOKENLAKE_ASSIGN_OR_RETURN(w.o_proj, file.ReadFloat32(p + "self_attn.o_proj.weight", {h, qd}));
-    TOKENLAKE_ASSIGN_OR_RETURN(w.post_norm,
-                               file.ReadFloat32(p + "post_attention_layernorm.weight", {h}));
-    TOKENLAKE_ASSIGN_OR_RETURN(w.gate_proj,
-                               file.ReadFloat32(p + "mlp.gate_proj.weight", {inter, h}));
-    TOKENLAKE_ASSIGN_OR_RETURN(w.up_proj, file.ReadFloat32(p + "mlp.up_proj.weight", {inter, h}));
-    TOKENLAKE_ASSIGN_OR_RETURN(w.down_proj,
-                               file.ReadFloat32(p + "mlp.down_proj.weight", {h, inter}));
+    TOKENLAKE_ASSIGN_OR_RETURN(LayerWeights w, ReadLayerWeights(config, file, l));
     m->layers_.push_back(std::move(w));
   }
   TOKENLAKE_ASSIGN_OR_RETURN(m->final_norm_, file.ReadFloat32("model.norm.weight", {h}));

@@ -66,6 +66,12 @@ class LlamaModel {
   static absl::StatusOr<std::unique_ptr<LlamaModel>> FromSafetensors(const LlamaConfig& config,
                                                                      const SafetensorsFile& file);
 
+  // Reads the nine weights of decoder layer `layer` ("model.layers.{layer}.*", Hugging Face
+  // names) from `file` as float32, checking each shape against `config`. Shared by every loader
+  // of Llama checkpoints (this class, the GPU model). Errors: as FromSafetensors.
+  static absl::StatusOr<LayerWeights> ReadLayerWeights(const LlamaConfig& config,
+                                                       const SafetensorsFile& file, int32_t layer);
+
   const LlamaConfig& config() const { return config_; }
 
   // Runs `tokens` (positions start_pos, start_pos + 1, ...) through the model with attention on

@@ -5,11 +5,11 @@
 #include <cstring>
 #include <utility>
 
-#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "tokenlake/attention/bf16.h"
 #include "tokenlake/base/status_macros.h"
 #include "tokenlake/engine/cuda/gpu_llama.h"
+#include "tokenlake/engine/llama_model.h"
 #include "tokenlake/engine/ops.h"
 
 namespace tokenlake::engine::cuda {
@@ -285,9 +285,6 @@ absl::StatusOr<std::unique_ptr<GpuLlamaModel>> GpuLlamaModel::FromSafetensors(
   std::unique_ptr<GpuLlamaModel> m(new GpuLlamaModel(config, options.device));
   TOKENLAKE_RETURN_IF_ERROR(m->Init());
   const int64_t h = config.hidden_size;
-  const int64_t qd = int64_t{config.num_heads} * config.head_dim;
-  const int64_t kvd = int64_t{config.num_kv_heads} * config.head_dim;
-  const int64_t inter = config.intermediate_size;
   const int64_t vocab = config.vocab_size;
   {
     TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> e,
@@ -295,32 +292,16 @@ absl::StatusOr<std::unique_ptr<GpuLlamaModel>> GpuLlamaModel::FromSafetensors(
     TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&e}, &m->embed_));
   }
   for (int32_t l = 0; l < config.num_layers; ++l) {
-    const std::string p = absl::StrCat("model.layers.", l, ".");
+    // One layer at a time on the host (the checkpoint's names and shapes: LlamaModel's reader).
+    TOKENLAKE_ASSIGN_OR_RETURN(LlamaModel::LayerWeights r,
+                               LlamaModel::ReadLayerWeights(config, file, l));
     Layer& w = m->layers_[static_cast<size_t>(l)];
-    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> in_norm,
-                               file.ReadFloat32(p + "input_layernorm.weight", {h}));
-    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> wq,
-                               file.ReadFloat32(p + "self_attn.q_proj.weight", {qd, h}));
-    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> wk,
-                               file.ReadFloat32(p + "self_attn.k_proj.weight", {kvd, h}));
-    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> wv,
-                               file.ReadFloat32(p + "self_attn.v_proj.weight", {kvd, h}));
-    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> wo,
-                               file.ReadFloat32(p + "self_attn.o_proj.weight", {h, qd}));
-    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> post,
-                               file.ReadFloat32(p + "post_attention_layernorm.weight", {h}));
-    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> wg,
-                               file.ReadFloat32(p + "mlp.gate_proj.weight", {inter, h}));
-    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> wu,
-                               file.ReadFloat32(p + "mlp.up_proj.weight", {inter, h}));
-    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> wd,
-                               file.ReadFloat32(p + "mlp.down_proj.weight", {h, inter}));
-    TOKENLAKE_RETURN_IF_ERROR(UploadF32(in_norm, &w.input_norm));
-    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&wq, &wk, &wv}, &w.wqkv));
-    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&wo}, &w.wo));
-    TOKENLAKE_RETURN_IF_ERROR(UploadF32(post, &w.post_norm));
-    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&wg, &wu}, &w.wgu));
-    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&wd}, &w.wdown));
+    TOKENLAKE_RETURN_IF_ERROR(UploadF32(r.input_norm, &w.input_norm));
+    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&r.q_proj, &r.k_proj, &r.v_proj}, &w.wqkv));
+    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&r.o_proj}, &w.wo));
+    TOKENLAKE_RETURN_IF_ERROR(UploadF32(r.post_norm, &w.post_norm));
+    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&r.gate_proj, &r.up_proj}, &w.wgu));
+    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&r.down_proj}, &w.wdown));
   }
   TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> fnorm, file.ReadFloat32("model.norm.weight", {h}));
   TOKENLAKE_RETURN_IF_ERROR(UploadF32(fnorm, &m->final_norm_));
