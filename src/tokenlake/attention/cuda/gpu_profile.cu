@@ -388,6 +388,7 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
   p.decode_mma_token_split = s.decode_mma_token_split;
   p.decode_mma_kv_heads = s.decode_mma_kv_heads;
   p.decode_mma_schedule = s.decode_mma_schedule;
+  p.pdl = s.pdl;
   p.blocks = blocks.get<DeviceKvBlock>();
   DeviceMem offsets;
   if (num_requests > 1) {

@@ -97,6 +97,7 @@ struct AttentionBenchShape {
   int32_t decode_mma_token_split = 0;  // decode, tensor cores: 1 = splits of 16-row units
   int32_t decode_mma_kv_heads = 0;     // decode, tensor cores: KV heads per block, 0 auto, 1, 2
   int32_t decode_mma_schedule = 0;     // decode, tensor cores: 0 auto, 1 static, 2 dynamic
+  int32_t pdl = 0;                     // PagedAttentionParams::pdl (0 off, 1, 2)
   // > 1: a batched decode of this many requests, one query token each (num_q_tokens must be 1),
   // request r owning the r-th equal share of the kv_tokens' segments, in one call.
   int32_t num_requests = 1;

@@ -81,6 +81,18 @@ __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int src
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
 }
+// Programmatic dependent launch (PTX griddepcontrol, sm_90). Wait: blocks until the grids this
+// one depends on programmatically have completed and their memory is visible (returns at once
+// when the grid was launched without PDL). Launch dependents: this thread block no longer holds
+// back the launch of a PDL-launched next grid (which still waits for our completion before it
+// touches what we write).
+__device__ __forceinline__ void GridDependencyWait() {
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+}
+__device__ __forceinline__ void GridDependentsLaunch() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() {
@@ -781,6 +793,9 @@ struct DecodeArgs {
   const float* extra_lse;
   int num_extra;
   int64_t extra_rows;  // num_q * num_heads
+  // Tensor-core kernel: PagedAttentionParams::pdl (0 off; 1 wait first; 2 the first stages'
+  // copies, then wait).
+  int pdl;
 };
 
 // Folds the extra partials of row `row` into one output element (out_v, lse_v) of the merge
@@ -826,12 +841,20 @@ __device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi,
                                                  int hoff) {
   constexpr int kRows = KVH * G;
   __shared__ int sm_last;
-  __threadfence();  // this thread's partial stores are visible device-wide before the count
+  // The block's partial stores, ordered before thread 0's count by the barrier, are released
+  // with it (atom.acq_rel.gpu is cumulative); the last block's thread 0 acquires the others'
+  // partials with the same atomic and the barrier after it passes them on to every thread (the
+  // pattern of CUTLASS's split-K semaphore: one fence-carrying atomic per block, no per-thread
+  // __threadfence on the merge's critical path).
   __syncthreads();
   const int tid = threadIdx.x;
   unsigned int* counter = args.counters + static_cast<int64_t>(qi) * gridDim.y + blockIdx.y;
   if (tid == 0) {
-    const unsigned int ticket = atomicAdd(counter, 1u);
+    unsigned int ticket;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n"
+                 : "=r"(ticket)
+                 : "l"(counter)
+                 : "memory");
     sm_last = ticket == static_cast<unsigned int>(args.num_items - 1) ? 1 : 0;
   }
   __syncthreads();
@@ -843,7 +866,6 @@ __device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi,
     }
     return;
   }
-  __threadfence();  // the other blocks' partials (fenced before their counts) are visible
   const int n = args.num_items;
   constexpr int kLanes4 = D / 4;
   for (int idx = tid; idx < kRows * kLanes4; idx += blockDim.x) {
@@ -1448,6 +1470,9 @@ __global__ void __launch_bounds__(KVH* kDecodeMmaWarps * 32)
   const int kv_head = blockIdx.y * KVH + warp / kDecodeMmaWarps;
   const int head0 = kv_head * G;  // group == G
   const int qi = blockIdx.z;
+  // PDL (args.pdl): wait here, before any global access, unless the first stages' copies may go
+  // first (pdl 2, static schedule: the wait follows them, below).
+  if (args.pdl == 1 || (args.pdl == 2 && kDyn)) GridDependencyWait();
   const DeviceKvBlock* blocks = args.blocks;
   int num_blocks = args.num_blocks;
   int blocks_per_item = args.blocks_per_item;
@@ -1741,6 +1766,7 @@ __global__ void __launch_bounds__(KVH* kDecodeMmaWarps * 32)
       }
       CpAsyncCommit();
     }
+    if (args.pdl == 2) GridDependencyWait();  // (K/V and descriptors are not the previous grid's)
     load_q();
     int stage = 0;
     for (int computed = 0; computed < issued; ++computed) {
@@ -1760,6 +1786,9 @@ __global__ void __launch_bounds__(KVH* kDecodeMmaWarps * 32)
       stage = (stage + 1) % S;
     }
   }
+  // The keys are done: a PDL-launched next grid may be scheduled (it waits for our completion
+  // before it touches anything we write).
+  GridDependentsLaunch();
   CpAsyncWait<0>();
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
@@ -2197,6 +2226,12 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: decode_mma_schedule = %d, supported: 0 (auto), 1 (static), 2 (dynamic)",
         p.decode_mma_schedule));
+  }
+  if (p.pdl < 0 || p.pdl > 2) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PagedAttention: pdl = %d, supported: 0 (off), 1 (wait first), 2 (prefetch K/V, then "
+        "wait)",
+        p.pdl));
   }
   if (p.decode_mma_kv_heads < 0 || p.decode_mma_kv_heads > 2) {
     return absl::InvalidArgumentError(
@@ -2727,6 +2762,7 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
   a.extra_lse = p.extra_lse;
   a.num_extra = p.num_extra;
   a.extra_rows = static_cast<int64_t>(p.num_q_tokens) * p.num_heads;
+  a.pdl = 0;
   if (c.items > 1 && (c.decode_fused || c.decode_dynamic)) {
     a.counters = static_cast<unsigned int*>(p.workspace);
   }
@@ -2745,9 +2781,30 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
                   "cudaFuncSetAttribute(decode tensor cores): %s", cudaGetErrorString(err)));
             }
             const dim3 grid(c.items, p.num_kv_heads / kK, p.num_q_tokens);
-            DecodeMmaKernel<kD, kG, kS, kC, kK>
-                <<<grid, kK * kDecodeMmaWarps * 32, DecodeMmaSmemBytes<kD, kS, kK>(), stream>>>(a);
-            return LaunchStatus("decode attention (tensor cores)");
+            const dim3 block(kK * kDecodeMmaWarps * 32);
+            constexpr int kSmemBytes = DecodeMmaSmemBytes<kD, kS, kK>();
+            if (p.pdl == 0) {
+              DecodeMmaKernel<kD, kG, kS, kC, kK><<<grid, block, kSmemBytes, stream>>>(a);
+              return LaunchStatus("decode attention (tensor cores)");
+            }
+            a.pdl = p.pdl;
+            cudaLaunchConfig_t config = {};
+            config.gridDim = grid;
+            config.blockDim = block;
+            config.dynamicSmemBytes = kSmemBytes;
+            config.stream = stream;
+            cudaLaunchAttribute attr[1];
+            attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+            attr[0].val.programmaticStreamSerializationAllowed = 1;
+            config.attrs = attr;
+            config.numAttrs = 1;
+            if (cudaError_t err =
+                    cudaLaunchKernelEx(&config, DecodeMmaKernel<kD, kG, kS, kC, kK>, a);
+                err != cudaSuccess) {
+              return absl::InternalError(absl::StrFormat(
+                  "decode attention (tensor cores, PDL) launch: %s", cudaGetErrorString(err)));
+            }
+            return LaunchStatus("decode attention (tensor cores, PDL)");
           });
     }
   }

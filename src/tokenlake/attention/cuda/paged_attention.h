@@ -211,6 +211,22 @@ struct PagedAttentionParams {
   // (no q_block_offsets), no token split, one KV head per block and more than one split;
   // otherwise static. (1.3-4 us slower than static on an H100: docs/results-gpu.md, Decode4.)
   int32_t decode_mma_schedule = 0;
+  // Programmatic dependent launch (PDL, compute capability 9): how the tensor-core decode kernel
+  // may overlap the kernel before it on the stream. 0 = off (default): an ordinary launch.
+  // 1 = launched with cudaLaunchAttributeProgrammaticStreamSerialization: its thread blocks may
+  // be scheduled while the previous kernel drains (once every block of that kernel has executed
+  // griddepcontrol.launch_dependents, as this kernel's blocks do after their key loop, or
+  // exited), and each waits (griddepcontrol.wait: the previous kernel complete, its writes
+  // visible) before its first global-memory access; this hides the launch and the previous
+  // kernel's tail. 2 = as 1, but the caller promises that the kernel immediately before this
+  // one on the stream writes neither `blocks`, `q_block_offsets` nor the K/V they point to
+  // (pooled segments are immutable once stored), so each warp issues its first pipeline
+  // stages' copies before waiting; q, out, lse, the extras and the workspace are still touched
+  // only after the wait. Other kernels (prefill, CUDA-core decode, separate merges) launch as
+  // usual whatever this says, and so does the dynamic schedule's wait (it waits first). On a
+  // stream whose previous kernel never signals, the kernel starts when that kernel completes,
+  // as without PDL. In a CUDA graph the launch attribute becomes a programmatic edge.
+  int32_t pdl = 0;
   // Batched decode: null (every query token sees all blocks), or a device array of
   // num_q_tokens + 1 ascending offsets into `blocks`: query token i (one request's token) then
   // attends to blocks [q_block_offsets[i], q_block_offsets[i + 1]) only, so one launch serves

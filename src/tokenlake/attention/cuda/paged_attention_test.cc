@@ -19,6 +19,7 @@
 #include "tokenlake/attention/attention.h"
 #include "tokenlake/attention/attention_reference.h"
 #include "tokenlake/attention/bf16.h"
+#include "tokenlake/attention/cuda/pdl_testing.h"
 
 namespace tokenlake::attention::cuda {
 namespace {
@@ -91,6 +92,9 @@ struct Case {
   int decode_mma_schedule = 0;     // 0 auto, 1 static, 2 dynamic
   float softmax_scale = 0.f;
   int num_extra = 0;  // extra partials merged into the result (PagedAttentionParams::num_extra)
+  // PagedAttentionParams::pdl; with pdl > 0 the inputs the kernel may not read before its wait
+  // arrive from a delayed producer (RunAndCompare).
+  int pdl = 0;
 };
 
 std::string Describe(const Case& c) {
@@ -99,11 +103,12 @@ std::string Describe(const Case& c) {
   return absl::StrFormat(
       "q=%d causal=%d q_start=%d kernel=%d prefill_kernel=%d splits=%d unroll=%d pipeline=%d "
       "merge=%d kvh=%d schedule=%d threads=%d decode_kernel=%d mma_stages=%d mma_desc=%d "
-      "token_split=%d mma_kvh=%d mma_schedule=%d extras=%d blocks=[%s]",
+      "token_split=%d mma_kvh=%d mma_schedule=%d extras=%d pdl=%d blocks=[%s]",
       c.num_q, c.causal, c.q_start_pos, static_cast<int>(c.kernel), c.prefill_kernel, c.num_splits,
       c.decode_unroll, c.decode_pipeline, c.decode_merge, c.decode_kvh, c.decode_schedule,
       c.decode_threads, c.decode_kernel, c.decode_mma_stages, c.decode_mma_descriptors,
-      c.decode_mma_token_split, c.decode_mma_kv_heads, c.decode_mma_schedule, c.num_extra, lens);
+      c.decode_mma_token_split, c.decode_mma_kv_heads, c.decode_mma_schedule, c.num_extra, c.pdl,
+      lens);
 }
 
 // A workspace as the header asks for: counter bytes zero, the rest poisoned with NaN (so a
@@ -170,8 +175,14 @@ void AddRandomExtras(int num_extra, size_t rows, int head_dim, std::mt19937_64& 
   }
 }
 
+// How long the PDL tests' producer holds back the inputs after letting the kernel start.
+constexpr int64_t kPdlDelayNs = 100'000;
+
 // Runs one case on the GPU and on the reference; checks every element. With `ws` (a prepared
-// workspace of ws_bytes, reused across calls) the call uses it instead of a fresh one.
+// workspace of ws_bytes, reused across calls) the call uses it instead of a fresh one. With
+// c.pdl > 0 the call runs on its own stream after a producer (EnqueueDelayedCopy) that lets a
+// PDL-launched kernel start at once and writes q (pdl 1: then the K/V, by a second producer) only
+// after kPdlDelayNs, the buffers holding NaN until then: a read before the kernel's wait shows.
 void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size_t ws_bytes = 0) {
   SCOPED_TRACE(Describe(c));
   const Shape& s = c.shape;
@@ -280,6 +291,7 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   p.num_extra = c.num_extra;
   p.extra_out = d_extra_out.as<float>();
   p.extra_lse = d_extra_lse.as<float>();
+  p.pdl = c.pdl;
   absl::StatusOr<size_t> need = PagedAttentionWorkspaceBytes(p, c.kernel);
   ASSERT_TRUE(need.ok()) << need.status();
   DeviceBuffer d_ws(ws == nullptr ? *need : 0);
@@ -292,9 +304,26 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   ASSERT_GE(ws_bytes, *need);
   p.workspace = ws;
   p.workspace_bytes = ws_bytes;
-  const absl::Status st = PagedAttention(p, c.kernel);
+  cudaStream_t stream = nullptr;
+  DeviceBuffer d_q_src(c.pdl > 0 ? q_elems * 2 : 0), d_kv_src(c.pdl == 1 ? kv.size() * 2 : 0);
+  if (c.pdl > 0) {
+    CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    auto delay = [&](void* dst, void* staging, size_t bytes) {
+      CUDA_OK(cudaMemcpy(staging, dst, bytes, cudaMemcpyDeviceToDevice));
+      CUDA_OK(cudaMemset(dst, 0xff, bytes));  // bf16 NaN until the producer writes
+      const absl::Status st = EnqueueDelayedCopy(dst, staging, bytes, kPdlDelayNs, stream);
+      ASSERT_TRUE(st.ok()) << st;
+    };
+    delay(d_q.ptr, d_q_src.ptr, q_elems * 2);
+    if (c.pdl == 1) delay(d_kv.ptr, d_kv_src.ptr, kv.size() * 2);
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  const absl::Status st = PagedAttention(p, c.kernel, stream);
   ASSERT_TRUE(st.ok()) << st;
   CUDA_OK(cudaDeviceSynchronize());
+  if (stream != nullptr) {
+    CUDA_OK(cudaStreamDestroy(stream));
+  }
   ExpectCountersZero(ws, ws_bytes);
   if (::testing::Test::HasFatalFailure()) return;
   std::vector<float> out(q_elems), lse(rows);
@@ -538,6 +567,7 @@ TEST_P(PagedAttentionGpuTest, FusedSplitMergeMatchesReferenceWithReusedWorkspace
         c.decode_mma_token_split = dk == 2 ? static_cast<int>(rng() % 2) : 0;
         c.decode_mma_kv_heads = dk == 2 ? static_cast<int>(rng() % 3) : 0;
         c.decode_mma_schedule = dk == 2 ? static_cast<int>(rng() % 3) : 0;
+        c.pdl = dk == 2 ? (trial + merge) % 3 : 0;
         RunAndCompare(c, rng, ws.ptr, kWsBytes);  // fresh random inputs each time
         if (HasFatalFailure()) return;
       }
@@ -605,11 +635,136 @@ TEST_P(PagedAttentionGpuTest, DecodeMmaSplitsMatchReference) {
           c.q_start_pos = 0;
         }
         c.decode_mma_token_split = token_split;
+        c.pdl = (stages + desc + token_split) % 3;  // off, wait first, prefetch then wait
         RunAndCompare(c, rng, ws.ptr, kWsBytes);
         if (HasFatalFailure()) return;
       }
     }
   }
+}
+
+// PDL chains: decode calls back to back on one stream, each launched with pdl 1 or 2 and one
+// workspace shared by all, so a call's thread blocks start (and with pdl 2 stream their first
+// K/V) while the previous call still merges its splits out of that workspace; the first call's
+// query comes from a delayed producer. Every call's output must equal the reference of its own
+// query (a call that wrote its partials or read its query before its wait would corrupt its
+// own or its predecessor's result), and the counters must be zero at the end.
+TEST_P(PagedAttentionGpuTest, PdlChainedDecodesMatchReference) {
+  SKIP_WITHOUT_GPU();
+  const Shape s = GetParam();
+  const uint64_t seed = 5150 + s.num_heads * 17 + s.head_dim + s.block_tokens;
+  SCOPED_TRACE(::testing::Message() << "seed=" << seed);
+  std::cout << "seed=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  constexpr size_t kWsBytes = 8 << 20;
+  DeviceBuffer ws(kWsBytes);
+  ASSERT_NE(ws.ptr, nullptr);
+  PrepareWorkspace(ws.ptr, kWsBytes);
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  constexpr int kCalls = 6;
+  for (int trial = 0; trial < 3; ++trial) {
+    const int nb = 4 + static_cast<int>(rng() % 30);
+    const int num_q = 1 + static_cast<int>(rng() % 3);
+    const size_t block_elems = static_cast<size_t>(s.block_tokens) * s.num_kv_heads * s.head_dim;
+    std::vector<uint16_t> kv(2 * block_elems * nb);
+    for (uint16_t& x : kv) x = FloatToBf16(normal(rng));
+    std::vector<int> lens(nb);
+    for (int& l : lens) {
+      l = rng() % 4 == 0 ? 1 + static_cast<int>(rng() % s.block_tokens) : s.block_tokens;
+    }
+    std::vector<KvBlock> host_blocks(nb);
+    DeviceBuffer d_kv(kv.size() * 2), d_blocks(sizeof(DeviceKvBlock) * nb);
+    CUDA_OK(cudaMemcpy(d_kv.ptr, kv.data(), kv.size() * 2, cudaMemcpyHostToDevice));
+    std::vector<DeviceKvBlock> dev_blocks(nb);
+    for (int b = 0; b < nb; ++b) {
+      host_blocks[b] = {kv.data() + 2 * b * block_elems, kv.data() + (2 * b + 1) * block_elems,
+                        lens[b]};
+      dev_blocks[b].k = d_kv.as<uint16_t>() + 2 * b * block_elems;
+      dev_blocks[b].v = d_kv.as<uint16_t>() + (2 * b + 1) * block_elems;
+      dev_blocks[b].num_tokens = lens[b];
+    }
+    CUDA_OK(cudaMemcpy(d_blocks.ptr, dev_blocks.data(), sizeof(DeviceKvBlock) * nb,
+                       cudaMemcpyHostToDevice));
+    AttentionParams ap;
+    ap.num_heads = s.num_heads;
+    ap.num_kv_heads = s.num_kv_heads;
+    ap.head_dim = s.head_dim;
+    ap.kv_dtype = KvDtype::kBFloat16;
+    const size_t q_elems = static_cast<size_t>(num_q) * s.num_heads * s.head_dim;
+    const size_t rows = static_cast<size_t>(num_q) * s.num_heads;
+    // Per call: its own query, output and reference.
+    std::vector<std::vector<float>> ref_out(kCalls, std::vector<float>(q_elems));
+    std::vector<std::vector<float>> ref_lse(kCalls, std::vector<float>(rows));
+    DeviceBuffer d_q(kCalls * q_elems * 2), d_q_src(q_elems * 2), d_out(kCalls * q_elems * 4),
+        d_lse(kCalls * rows * 4);
+    for (int k = 0; k < kCalls; ++k) {
+      std::vector<uint16_t> q(q_elems);
+      std::vector<float> qf(q_elems);
+      for (size_t i = 0; i < q_elems; ++i) {
+        q[i] = FloatToBf16(1.5f * normal(rng));
+        qf[i] = Bf16ToFloat(q[i]);
+      }
+      ASSERT_TRUE(ReferencePartialAttention(ap, num_q, qf, host_blocks, absl::MakeSpan(ref_out[k]),
+                                            absl::MakeSpan(ref_lse[k]))
+                      .ok());
+      // Call 0's query arrives from the delayed producer; the others' are in place.
+      void* dst = k == 0 ? d_q_src.ptr : d_q.as<uint16_t>() + k * q_elems;
+      CUDA_OK(cudaMemcpy(dst, q.data(), q_elems * 2, cudaMemcpyHostToDevice));
+    }
+    CUDA_OK(cudaMemset(d_q.ptr, 0xff, q_elems * 2));
+    CUDA_OK(cudaMemset(d_out.ptr, 0xff, kCalls * q_elems * 4));
+    CUDA_OK(cudaMemset(d_lse.ptr, 0xff, kCalls * rows * 4));
+    const absl::Status delayed =
+        EnqueueDelayedCopy(d_q.ptr, d_q_src.ptr, q_elems * 2, kPdlDelayNs, stream);
+    ASSERT_TRUE(delayed.ok()) << delayed;
+    static constexpr int kSplits[] = {0, 16, 40};
+    const int splits = kSplits[trial];
+    for (int k = 0; k < kCalls; ++k) {
+      PagedAttentionParams p;
+      p.q = d_q.as<uint16_t>() + k * q_elems;
+      p.num_q_tokens = num_q;
+      p.blocks = d_blocks.as<DeviceKvBlock>();
+      p.num_blocks = nb;
+      p.max_block_tokens = s.block_tokens;
+      p.num_heads = s.num_heads;
+      p.num_kv_heads = s.num_kv_heads;
+      p.head_dim = s.head_dim;
+      p.out = d_out.as<float>() + k * q_elems;
+      p.lse = d_lse.as<float>() + k * rows;
+      p.num_splits = splits;
+      p.pdl = 1 + (k + trial) % 2;
+      p.workspace = ws.ptr;
+      p.workspace_bytes = kWsBytes;
+      const absl::Status st = PagedAttention(p, AttentionKernel::kDecode, stream);
+      ASSERT_TRUE(st.ok()) << st;
+    }
+    CUDA_OK(cudaStreamSynchronize(stream));
+    ExpectCountersZero(ws.ptr, kWsBytes);
+    if (HasFatalFailure()) return;
+    std::vector<float> out(kCalls * q_elems), lse(kCalls * rows);
+    CUDA_OK(cudaMemcpy(out.data(), d_out.ptr, out.size() * 4, cudaMemcpyDeviceToHost));
+    CUDA_OK(cudaMemcpy(lse.data(), d_lse.ptr, lse.size() * 4, cudaMemcpyDeviceToHost));
+    for (int k = 0; k < kCalls; ++k) {
+      SCOPED_TRACE(absl::StrFormat("trial %d call %d splits %d blocks %d q %d", trial, k, splits,
+                                   nb, num_q));
+      double err2 = 0, ref2 = 0;
+      for (size_t i = 0; i < q_elems; ++i) {
+        const float o = out[k * q_elems + i];
+        ASSERT_FALSE(std::isnan(o)) << "out[" << i << "] not written or NaN";
+        err2 += (o - ref_out[k][i]) * static_cast<double>(o - ref_out[k][i]);
+        ref2 += static_cast<double>(ref_out[k][i]) * ref_out[k][i];
+      }
+      for (size_t r = 0; r < rows; ++r) {
+        ASSERT_NEAR(lse[k * rows + r], ref_lse[k][r],
+                    2e-3 * std::max(1.0f, std::fabs(ref_lse[k][r])))
+            << "row " << r;
+      }
+      EXPECT_LT(std::sqrt(err2 / ref2), 1e-2) << "relative L2 error of out";
+    }
+  }
+  CUDA_OK(cudaStreamDestroy(stream));
 }
 
 // Extra partials (other instances' partials, num_extra 0..4, random finite or -inf LSEs, rows
@@ -1010,6 +1165,11 @@ TEST(PagedAttentionArgsTest, RejectsBadShapesWithClearErrors) {
   bad.decode_mma_kv_heads = 0;
   bad.decode_mma_schedule = 3;
   expect_invalid(bad, "decode_mma_schedule");
+  bad.decode_mma_schedule = 0;
+  bad.pdl = 3;
+  expect_invalid(bad, "pdl");
+  bad.pdl = -1;
+  expect_invalid(bad, "pdl");
   bad = p;
   bad.decode_kv_heads_per_block = 3;
   expect_invalid(bad, "decode_kv_heads_per_block");
