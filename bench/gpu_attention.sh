@@ -23,6 +23,11 @@ echo "device_arena_test rc=$?"; tail -3 "$OUT/arena_test.log"
 echo "== ours"
 timeout "$T" $B/gpu_attention_bench "$OUT/tokenlake_bench.json" > "$OUT/bench.log" 2>&1
 echo "gpu_attention_bench rc=$?"; cat "$OUT/bench.log"
+echo "== ours, decode steps as CUDA graphs (merge costs; calls per layer in one graph, PDL)"
+if [ -x $B/gpu_merge_bench ]; then
+  timeout "$T" $B/gpu_merge_bench "$OUT/merge.json" > "$OUT/merge.log" 2>&1
+  echo "gpu_merge_bench rc=$?"; cat "$OUT/merge.log"
+fi
 echo "== sdpa"
 PYTHONUNBUFFERED=1 timeout "$T" python3 bench/sdpa_bench.py "$OUT/sdpa.json" > "$OUT/sdpa.log" 2>&1
 echo "sdpa rc=$?"; cat "$OUT/sdpa.log"
@@ -33,9 +38,11 @@ if [ "${SKIP_PROFILE:-0}" != 1 ]; then
   echo "profile rc=$?"; tail -5 "$OUT/profile.log"
 fi
 echo "== report"
-python3 bench/gpu_report.py "$OUT/tokenlake_bench.json" "$OUT/sdpa.json" | tee "$OUT/report.txt"
+python3 bench/gpu_report.py "$OUT/tokenlake_bench.json" "$OUT/sdpa.json" \
+  $( [ -f "$OUT/merge.json" ] && echo "$OUT/merge.json") | tee "$OUT/report.txt"
 [ -f "$OUT/gpu_profile.json" ] && cat "$OUT/gpu_profile.json"
 # At most 8 files come back from the device tool: keep the logs that matter, the secondary ones
 # in one archive.
-(cd "$OUT" && tar czf logs.tgz device.txt arena_test.log sdpa.log $( [ -f profile.log ] && echo profile.log) &&
-  rm -f device.txt arena_test.log sdpa.log profile.log)
+(cd "$OUT" && tar czf logs.tgz device.txt arena_test.log sdpa.log \
+  $( [ -f profile.log ] && echo profile.log) $( [ -f merge.log ] && echo merge.log merge.json) &&
+  rm -f device.txt arena_test.log sdpa.log profile.log merge.log)

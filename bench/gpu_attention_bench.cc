@@ -81,6 +81,19 @@ int main(int argc, char** argv) {
       runs.push_back({merge == 0 ? "decode_cc" : "decode_cc_sep_merge", s});
     }
   }
+  // Programmatic dependent launch (pdl 1: wait first; 2: the first stages' K/V copies before
+  // the wait): the same kernel as `decode`; the back-to-back column is where it can show (each
+  // call's blocks start while the previous call drains).
+  for (int seg : {512, 256, 64}) {
+    for (int pdl : {1, 2}) {
+      tl::AttentionBenchShape s;
+      s.num_q_tokens = 1;
+      s.segment_tokens = seg;
+      s.kernel = 2;
+      s.pdl = pdl;
+      runs.push_back({"decode_pdl" + std::to_string(pdl), s});
+    }
+  }
   // The tensor-core decode kernel (decode_kernel = 2, the default): 3, 2 and 4 pipeline stages
   // per warp (the default is 4 for 512- and 256-token segments, 2 for 64), and 2 stages with 48
   // splits (~3 blocks per SM), beside the rows above.

@@ -13,6 +13,9 @@
 //            num_extra = K: no merge launch).
 //   prefill: 1,024 new tokens; the partial over the cached prefix plus the causal partial over
 //            the new tokens' own KV (1,024 keys), merged by MergePartials.
+//   layers:  a decode step's attention calls, one per layer: 10 decode calls in one graph, per
+//            call, with ordinary launches and with PagedAttentionParams::pdl 1 and 2 (the way
+//            serving engines replay a decode step; % of the D2D copy bandwidth).
 // Each variant is a graph; one sample = 10 graph launches back to back between two events; the
 // median of 30 samples after 3 warm-ups. The merge's cost is (graph with the merge) - (graph
 // without it), reported in microseconds and as a share of the attention it serves. The
@@ -276,6 +279,39 @@ int main(int argc, char** argv) {
                    {"merge3_share", m3 / alone}, {"with_fused1_us", fused_one},   {"fused1_us", f1},
                    {"fused1_share", f1 / alone}, {"with_fused3_us", fused_three}, {"fused3_us", f3},
                    {"fused3_share", f3 / alone}};
+
+    // A decode step's attention calls, one per layer, in one graph (kLayers calls, the KV sets
+    // alternated), per call: ordinary launches against programmatic dependent launch
+    // (PagedAttentionParams::pdl 1: each call's blocks start while the previous call drains and
+    // wait first; 2: they also stream their first K/V stages before waiting). % of the D2D copy
+    // bandwidth for the 134 MB of K/V each call reads.
+    constexpr int kLayers = 10;
+    auto copy = tl::MeasureCopyGbps(size_t{1} << 30, 20);
+    CHECK_OK(copy.status());
+    const double kv_bytes = 2.0 * kPrefixTokens * kKvHeads * kHeadDim * 2;
+    std::printf("decode, %d calls (layers) in one graph, per call (D2D copy %.0f GB/s):\n", kLayers,
+                *copy);
+    j["copy_gbps"] = *copy;
+    for (int pdl : {0, 1, 2}) {
+      const double per_call =
+          GraphUs(stream,
+                  [&](int set) {
+                    for (int layer = 0; layer < kLayers; ++layer) {
+                      tl::PagedAttentionParams p =
+                          Params(own, 1, prefix.blocks[(set + layer) % kSets], kSegments,
+                                 kSegmentTokens, false);
+                      p.workspace = own.ws;
+                      p.workspace_bytes = own.ws_bytes;
+                      p.pdl = pdl;
+                      CHECK_OK(tl::PagedAttention(p, tl::AttentionKernel::kAuto, stream));
+                    }
+                  }) /
+          kLayers;
+      const double pct = 100.0 * kv_bytes / (per_call * 1e3) / *copy;
+      std::printf("  pdl %d                                 %7.2f us  = %5.1f%% of copy\n", pdl,
+                  per_call, pct);
+      j["decode_layers"].push_back({{"pdl", pdl}, {"per_call_us", per_call}, {"copy_pct", pct}});
+    }
   }
 
   // ---- prefill: cached partial + causal partial over the new tokens, merged.

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Compares gpu_attention_bench.json (ours) with sdpa.json (PyTorch SDPA, same session).
 
-Usage: gpu_report.py OURS.json SDPA.json. Prints the figures docs/results-gpu.md records.
+Usage: gpu_report.py OURS.json SDPA.json [MERGE.json]. Prints the figures docs/results-gpu.md
+records; MERGE.json (gpu_merge_bench's output, same session) adds the decode calls replayed in
+one CUDA graph.
 """
 import json
 import sys
@@ -10,6 +12,7 @@ import sys
 def main():
     ours = json.load(open(sys.argv[1]))
     sdpa = json.load(open(sys.argv[2]))
+    merge = json.load(open(sys.argv[3])) if len(sys.argv) > 3 else None
     copy = ours["copy_gbps"]
     runs = ours["runs"]
     print(f"device: {ours['device']} ({ours['num_sms']} SMs); torch {sdpa['torch']}")
@@ -55,6 +58,13 @@ def main():
                                 f"{100 * a['kv_gbps'] / r1:.1f}% (one call), "
                                 f"{100 * a['batched_kv_gbps'] / r10:.1f}% (back to back)"
                                 if r1 and r10 else ""))
+        for pdl in (1, 2):
+            r = auto(f"decode_pdl{pdl}", segment_tokens=seg)
+            if r:
+                print(f"                10 back to back, PDL {pdl}: {r['batched_us']:7.1f} us per call "
+                      f"{r['batched_kv_gbps']:6.0f} GB/s = "
+                      f"{100 * r['batched_kv_gbps'] / copy:5.1f}% of copy (one call "
+                      f"{r['us']:.1f} us)")
         t256 = auto("decode_t256", segment_tokens=seg)
         if t256:
             print(f"                256 threads/block: {t256['us']:7.1f} us {t256['kv_gbps']:6.0f} GB/s = "
@@ -76,6 +86,16 @@ def main():
     if sd.get("best"):
         print(f"  SDPA ({sd['best']}): {sd['best_us']:7.1f} us {sd['kv_gbps']:6.0f} GB/s = "
               f"{100 * sd['kv_gbps'] / copy:5.1f}% of copy")
+    if merge and "decode_layers" in merge:
+        mc = merge.get("copy_gbps", copy)
+        print(f"  10 calls (layers) in one CUDA graph, 512-token segments, per call (copy "
+              f"{mc:.0f} GB/s in that run):")
+        for r in merge["decode_layers"]:
+            print(f"                ours, PDL {r['pdl']}: {r['per_call_us']:7.2f} us = "
+                  f"{r['copy_pct']:5.1f}% of copy")
+    if sd.get("graph10_us"):
+        print(f"                SDPA ({sd['best']}): {sd['graph10_us']:7.2f} us = "
+              f"{100 * sd['graph10_kv_gbps'] / copy:5.1f}% of copy")
 
     print("\nPrefill, 1024 new tokens over 32K cached (not causal), segments of 512:")
     sp = sdpa["prefill_cached"]

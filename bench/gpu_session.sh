@@ -10,7 +10,7 @@
 # build/cuda/devlibs to the GPU machine:
 #   cmake --preset cuda -DTOKENLAKE_BUILD_BENCHMARKS=OFF
 #   cmake --build --preset cuda -j2 --target tokenlake paged_attention_test device_arena_test \
-#     gpu_attention_bench nccl_channel_test nccl_attention_test gpu_engine_test \
+#     gpu_attention_bench gpu_merge_bench nccl_channel_test nccl_attention_test gpu_engine_test \
 #     gpu_engine_fixture_test pool_steps_test
 #   bash bench/pack_devlibs.sh build/cuda
 # Results go to $OUT (default ./out): at most 8 files come back from the device tool, so the
@@ -40,6 +40,7 @@ cp "$OUT/extra/attn/report.txt" "$OUT/report.txt"
 cp "$OUT/extra/attn/bench.log" "$OUT/bench.log"
 cp "$OUT/extra/attn/tokenlake_bench.json" "$OUT/tokenlake_bench.json"
 cp "$OUT/extra/attn/sdpa.json" "$OUT/sdpa.json"
+[ -f "$OUT/extra/attn/merge.json" ] && cp "$OUT/extra/attn/merge.json" "$OUT/merge.json"
 cat "$OUT/report.txt"
 
 echo "== tokenlake profile"
