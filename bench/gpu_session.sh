@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU evidence in one device session, on the code as committed:
 #   1. every GPU test (the ctest label `gpu`: paged attention, device arena, NCCL transport, the
-#      engine on the GPU against the transformers fixture and against the CPU engine);
+#      engine on the GPU against the transformers fixture and against the CPU engine), then
+#      apps/tokenlake/cli_gpu_test.sh (`tokenlake generate --device gpu` against the fixture);
 #   2. bench/gpu_attention.sh: our kernels, PyTorch SDPA on the same shapes in the same run,
 #      and the comparison report (its own profile step is skipped: 3. is the real CLI);
 #   3. `tokenlake profile --json` (the simulator's GPU profile) and a `tokenlake sim --gpu`
@@ -31,6 +32,10 @@ for t in paged_attention_test device_arena_test nccl_channel_test nccl_attention
   rc=$?
   echo "$t rc=$rc $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/extra/$t.log" | tr '\n' ' ')"
 done
+
+echo "== tokenlake generate --device gpu (the CLI against transformers)"
+timeout 300 bash apps/tokenlake/cli_gpu_test.sh "$B/tokenlake" > "$OUT/extra/cli_gpu_test.log" 2>&1
+echo "cli_gpu_test.sh rc=$? $(tail -n 1 "$OUT/extra/cli_gpu_test.log")"
 
 echo "== kernels beside SDPA"
 OUT="$OUT/extra/attn" SKIP_PROFILE=1 STEP_TIMEOUT=150 TEST_FILTER='-*' bash bench/gpu_attention.sh \

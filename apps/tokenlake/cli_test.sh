@@ -56,9 +56,60 @@ else
   failures=$((failures + 1))
 fi
 
+fixture="$(cd "$(dirname "$0")/../.." && pwd)/tests/fixtures/llama_tiny"
+model="$fixture/model"
+
+# generate: --device. `generate --help` says what this build runs ("this build: cpu and gpu"
+# in a CUDA build).
+expect "generate help names --device" 0 "--device" -- "$bin" generate --help
+head -n 2 "$fixture/prompts.jsonl" >"$tmp/prompts2.jsonl"
+gen=("$bin" generate --model "$model" --prompts "$tmp/prompts2.jsonl" --max-new-tokens 2)
+expect "generate rejects an unknown device" 2 "--device.*tpu" -- \
+  "${gen[@]}" --json "$tmp/gen.json" --device tpu
+expect "generate rejects a bad KV dtype" 2 "--kv-dtype.*f16" -- \
+  "${gen[@]}" --json "$tmp/gen.json" --kv-dtype f16
+if "$bin" generate --help 2>&1 | grep -q "this build: cpu and gpu"; then
+  # A CUDA build: flags the GPU engine has no counterpart for are refused before any GPU work.
+  expect "generate --device gpu refuses --no-pool" 2 "--no-pool" -- \
+    "${gen[@]}" --json "$tmp/gen.json" --device gpu --no-pool
+  expect "generate --device gpu refuses --rebalance-every" 2 "--rebalance-every" -- \
+    "${gen[@]}" --json "$tmp/gen.json" --device gpu --rebalance-every 2
+  expect "generate --device gpu refuses f32 KV" 2 "--kv-dtype f32" -- \
+    "${gen[@]}" --json "$tmp/gen.json" --device gpu --kv-dtype f32
+  if ! nvidia-smi -L >/dev/null 2>&1; then
+    expect "generate --device gpu without a GPU says so" 1 "no CUDA device is visible" -- \
+      "${gen[@]}" --json "$tmp/gen.json" --device gpu
+  fi
+else
+  expect "generate --device gpu in a build without CUDA says how to get one" 2 \
+    "no CUDA data plane.*cmake --preset cuda.*make cuda" -- \
+    "${gen[@]}" --json "$tmp/gen.json" --device gpu
+fi
+expect "generate on the CPU writes JSON" 0 "2 prompts" -- "${gen[@]}" --json "$tmp/gen.json"
+if python3 - "$tmp/gen.json" <<'PY'
+import json, sys
+out = json.load(open(sys.argv[1]))
+assert out["device"] == "cpu", out["device"]
+assert out["kv_dtype"] == "f32", out["kv_dtype"]  # auto on the CPU
+assert out["pool"] is True and "lake" in out and "transport" in out, sorted(out)
+keys = {"line", "prompt_tokens", "greedy", "cached_tokens", "last_logits", "remote_attend_calls",
+        "pulled_segments", "stored_segments", "remote_stored_segments"}
+assert len(out["results"]) == 2
+for r in out["results"]:
+    assert keys <= r.keys(), keys - r.keys()
+    assert len(r["greedy"]) == 2 and len(r["last_logits"]) == 512
+assert out["results"][1]["cached_tokens"] == 32, out["results"][1]["cached_tokens"]  # 36 shared
+PY
+then
+  echo "ok: generate CPU JSON (device cpu, f32, schema, shared prefix served from the pool)"
+  passes=$((passes + 1))
+else
+  echo "FAIL: generate CPU JSON"
+  failures=$((failures + 1))
+fi
+
 # The cluster daemons (only when built with the service module): bad lake flags are usage errors.
 if "$bin" --help 2>&1 | grep -q coordinator; then
-  model="$(cd "$(dirname "$0")/../.." && pwd)/tests/fixtures/llama_tiny/model"
   expect "coordinator rejects a lake of 0 instances" 2 "lake_instances 0" -- \
     "$bin" coordinator --model "$model" --instances 0
   expect "coordinator rejects more instances than the cluster holds" 2 "lake_instances 65" -- \

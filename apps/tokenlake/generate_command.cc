@@ -1,18 +1,29 @@
-// `tokenlake generate`: greedy generation with a Hugging Face Llama checkpoint on the CPU, its KV
-// cache in the TokenLake pool across N in-process instances (or, with --no-pool, in a private
-// per-request cache). Prompts (JSON lines of {"input_ids": [...]}) are served in order, so later
-// prompts hit the prefixes of earlier ones. Writes per prompt the greedy tokens, the prompt
-// tokens served from the pool and the logits at the last prompt position.
+// `tokenlake generate`: greedy generation with a Hugging Face Llama checkpoint, its KV cache in
+// the TokenLake pool across N instances.
+//   --device cpu (default): engine::Engine on the CPU, N in-process instances over the loopback
+//     transport (or, with --no-pool, a private per-request cache); KV in f32 or bf16.
+//   --device gpu (CUDA builds only): engine::cuda::GpuEngine, the Llama forward on cuBLAS and N
+//     instances sharing one GPU (CUDA device 0), KV in bf16 device slots; always pooled, no
+//     rebalancing.
+// Prompts (JSON lines of {"input_ids": [...]}) are served in order, so later prompts hit the
+// prefixes of earlier ones. Writes per prompt the greedy tokens, the prompt tokens served from
+// the pool and the logits at the last prompt position; the JSON schema is the same on both
+// devices (plus "device", and "gpu_name" on the GPU; the CPU's "transport" section has no GPU
+// counterpart and is left out there).
 //
 // Exit codes: 0 on success, 1 for a runtime error (unreadable or bad model / prompts file,
-// named with file, line and field), 2 for bad flags.
+// named with file, line and field; no CUDA device), 2 for bad flags (including a flag the chosen
+// device does not support, and --device gpu in a build without CUDA).
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/strings/str_format.h"
 #include "command.h"
 #include "nlohmann/json.hpp"
@@ -21,20 +32,36 @@
 #include "tokenlake/engine/instance_pool.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/engine/prompts.h"
+#include "tokenlake/lake/lake.h"
+
+#if defined(TOKENLAKE_HAVE_CUDA)
+#include <cuda_runtime_api.h>
+
+#include "tokenlake/engine/cuda/gpu_engine.h"
+#include "tokenlake/engine/cuda/gpu_llama.h"
+#endif
 
 namespace tokenlake::cli {
 namespace {
+
+// What `--device` accepts in this build (shown in --help; cli_test.sh reads it).
+#if defined(TOKENLAKE_HAVE_CUDA)
+constexpr char kBuildDevices[] = "this build: cpu and gpu";
+#else
+constexpr char kBuildDevices[] = "this build: cpu only, no CUDA";
+#endif
 
 struct GenerateFlags {
   std::string model;
   std::string prompts;
   std::string json_out;
+  std::string device = "cpu";
   int instances = 1;
   bool no_pool = false;
   int max_new_tokens = 8;
   int segment_tokens = 16;
   int slots_per_instance = 1024;
-  std::string kv_dtype = "f32";
+  std::string kv_dtype = "auto";
   bool rotate = false;
   int rebalance_every = 0;
 };
@@ -44,89 +71,144 @@ int Fail(const std::string& message) {
   return 1;
 }
 
-int RunGenerate(const GenerateFlags& f) {
-  if (f.instances < 1 || f.max_new_tokens < 1 || f.segment_tokens < 1 || f.slots_per_instance < 1) {
-    std::cerr << "tokenlake generate: --instances, --max-new-tokens, --segment-tokens and "
-                 "--slots-per-instance must be >= 1, --rebalance-every >= 0\n";
-    return 2;
+int UsageError(const std::string& message) {
+  std::cerr << "tokenlake generate: " << message << "\n";
+  return 2;
+}
+
+// Checks every prompt token against the vocabulary; the error names file, line and index.
+absl::Status CheckVocabulary(const std::string& prompts_file,
+                             const std::vector<engine::Prompt>& prompts, int32_t vocab) {
+  for (const engine::Prompt& p : prompts) {
+    for (size_t i = 0; i < p.input_ids.size(); ++i) {
+      if (p.input_ids[i] < 0 || p.input_ids[i] >= vocab) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("%s:%d: input_ids[%d] = %d is outside the vocabulary [0, %d)",
+                            prompts_file, p.line, i, p.input_ids[i], vocab));
+      }
+    }
   }
-  if (f.kv_dtype != "f32" && f.kv_dtype != "bf16") {
-    std::cerr << "tokenlake generate: --kv-dtype must be f32 or bf16, got '" << f.kv_dtype << "'\n";
-    return 2;
+  return absl::OkStatus();
+}
+
+// One prompt's entry of "results"; R is engine::GenerateResult or cuda::GpuGenerateResult
+// (the fields written exist in both with the same meaning).
+template <typename R>
+nlohmann::json PromptJson(const engine::Prompt& p, const R& r) {
+  return {{"line", p.line},
+          {"prompt_tokens", p.input_ids.size()},
+          {"greedy", r.tokens},
+          {"cached_tokens", r.cached_tokens},
+          {"last_logits", r.last_logits},
+          {"remote_attend_calls", r.remote_attend_calls},
+          {"pulled_segments", r.pulled_segments},
+          {"stored_segments", r.stored_segments},
+          {"remote_stored_segments", r.remote_stored_segments}};
+}
+
+nlohmann::json LakeJson(const lake::Lake& lk, int64_t rebalance_actions) {
+  const lake::LakeStats s = lk.Stats();
+  return {{"segments", s.segments},
+          {"replicas", s.replicas},
+          {"stored_tokens", s.stored_tokens},
+          {"plan_query_bytes", s.plan_query_bytes},
+          {"plan_kv_pull_bytes", s.plan_kv_pull_bytes},
+          {"plan_new_segment_bytes", s.plan_new_segment_bytes},
+          {"evicted_replicas", s.evicted_replicas},
+          {"deduplicated_segments", s.deduplicated_segments},
+          {"redundancy", s.redundancy},
+          {"rebalance_actions", rebalance_actions}};
+}
+
+// Serves `prompts` in order with `generate` (prompt -> StatusOr<result>) and returns the
+// top-level JSON without the device-specific sections ("lake", "transport", "gpu_name"), or the
+// first failing prompt's error prefixed with the prompts file and its line.
+struct Served {
+  nlohmann::json out;
+  int64_t prompt_tokens = 0;
+  int64_t cached_tokens = 0;
+  double seconds = 0;
+};
+template <typename GenerateFn>
+absl::StatusOr<Served> ServePrompts(const GenerateFlags& f, const std::string& kv_dtype, bool pool,
+                                    const std::vector<engine::Prompt>& prompts,
+                                    GenerateFn generate) {
+  Served s;
+  nlohmann::json results = nlohmann::json::array();
+  const int64_t start_us = SystemClock::Default()->NowUs();
+  for (const engine::Prompt& p : prompts) {
+    auto r = generate(p);
+    if (!r.ok()) {
+      return absl::Status(r.status().code(),
+                          absl::StrFormat("%s:%d: %s", f.prompts, p.line, r.status().ToString()));
+    }
+    s.prompt_tokens += static_cast<int64_t>(p.input_ids.size());
+    s.cached_tokens += r->cached_tokens;
+    results.push_back(PromptJson(p, *r));
   }
+  s.seconds = static_cast<double>(SystemClock::Default()->NowUs() - start_us) / 1e6;
+  s.out = {{"model", f.model},
+           {"prompts_file", f.prompts},
+           {"device", f.device},
+           {"pool", pool},
+           {"instances", f.instances},
+           {"segment_tokens", f.segment_tokens},
+           {"kv_dtype", kv_dtype},
+           {"max_new_tokens", f.max_new_tokens},
+           {"prompt_tokens", s.prompt_tokens},
+           {"cached_tokens", s.cached_tokens},
+           {"hit_rate", s.prompt_tokens > 0 ? static_cast<double>(s.cached_tokens) /
+                                                  static_cast<double>(s.prompt_tokens)
+                                            : 0.0},
+           {"seconds", s.seconds},
+           {"results", std::move(results)}};
+  return s;
+}
+
+int WriteOutput(const GenerateFlags& f, const Served& s, size_t num_prompts) {
+  std::ofstream os(f.json_out);
+  if (!os) return Fail(f.json_out + ": cannot open for writing");
+  os << s.out.dump(1) << "\n";
+  if (!os) return Fail(f.json_out + ": write error");
+  std::fprintf(stderr,
+               "tokenlake generate (%s): %zu prompts, %lld prompt tokens, %lld served from the "
+               "pool (%.1f%%), %.2f s -> %s\n",
+               f.device.c_str(), num_prompts, static_cast<long long>(s.prompt_tokens),
+               static_cast<long long>(s.cached_tokens),
+               s.prompt_tokens > 0 ? 100.0 * s.cached_tokens / s.prompt_tokens : 0.0, s.seconds,
+               f.json_out.c_str());
+  return 0;
+}
+
+int RunCpu(const GenerateFlags& f) {
+  const std::string kv_dtype = f.kv_dtype == "auto" ? "f32" : f.kv_dtype;
   auto model = engine::LlamaModel::Load(f.model);
   if (!model.ok()) return Fail(std::string(model.status().message()));
   auto prompts = engine::LoadPromptsJsonl(f.prompts);
   if (!prompts.ok()) return Fail(std::string(prompts.status().message()));
-  const int32_t vocab = (*model)->config().vocab_size;
-  for (const engine::Prompt& p : *prompts) {
-    for (size_t i = 0; i < p.input_ids.size(); ++i) {
-      if (p.input_ids[i] >= vocab) {
-        return Fail(absl::StrFormat("%s:%d: input_ids[%d] = %d is outside the vocabulary [0, %d)",
-                                    f.prompts, p.line, i, p.input_ids[i], vocab));
-      }
-    }
+  if (absl::Status st = CheckVocabulary(f.prompts, *prompts, (*model)->config().vocab_size);
+      !st.ok()) {
+    return Fail(std::string(st.message()));
   }
-  engine::EngineOptions options{.use_pool = !f.no_pool,
-                                .num_instances = f.instances,
-                                .segment_tokens = f.segment_tokens,
-                                .slots_per_instance = f.slots_per_instance,
-                                .kv_dtype = f.kv_dtype == "bf16" ? attention::KvDtype::kBFloat16
-                                                                 : attention::KvDtype::kFloat32,
-                                .namespace_name = f.model,
-                                .rotate_compute_instance = f.rotate,
-                                .rebalance_every_requests = f.rebalance_every};
+  engine::EngineOptions options{
+      .use_pool = !f.no_pool,
+      .num_instances = f.instances,
+      .segment_tokens = f.segment_tokens,
+      .slots_per_instance = f.slots_per_instance,
+      .kv_dtype = kv_dtype == "bf16" ? attention::KvDtype::kBFloat16 : attention::KvDtype::kFloat32,
+      .namespace_name = f.model,
+      .rotate_compute_instance = f.rotate,
+      .rebalance_every_requests = f.rebalance_every};
   auto eng = engine::Engine::Create(model->get(), options);
   if (!eng.ok()) return Fail(std::string(eng.status().message()));
 
-  nlohmann::json results = nlohmann::json::array();
-  int64_t prompt_tokens = 0, cached_tokens = 0;
-  const int64_t start_us = SystemClock::Default()->NowUs();
-  for (size_t i = 0; i < prompts->size(); ++i) {
-    const engine::Prompt& p = (*prompts)[i];
-    auto r = (*eng)->Generate(p.input_ids, f.max_new_tokens);
-    if (!r.ok()) {
-      return Fail(absl::StrFormat("%s:%d: %s", f.prompts, p.line, r.status().ToString()));
-    }
-    prompt_tokens += static_cast<int64_t>(p.input_ids.size());
-    cached_tokens += r->cached_tokens;
-    results.push_back({{"line", p.line},
-                       {"prompt_tokens", p.input_ids.size()},
-                       {"greedy", r->tokens},
-                       {"cached_tokens", r->cached_tokens},
-                       {"last_logits", r->last_logits},
-                       {"remote_attend_calls", r->remote_attend_calls},
-                       {"pulled_segments", r->pulled_segments},
-                       {"stored_segments", r->stored_segments},
-                       {"remote_stored_segments", r->remote_stored_segments}});
-  }
-  const double seconds = static_cast<double>(SystemClock::Default()->NowUs() - start_us) / 1e6;
-  nlohmann::json out = {{"model", f.model},
-                        {"prompts_file", f.prompts},
-                        {"pool", !f.no_pool},
-                        {"instances", f.instances},
-                        {"segment_tokens", f.segment_tokens},
-                        {"kv_dtype", f.kv_dtype},
-                        {"max_new_tokens", f.max_new_tokens},
-                        {"prompt_tokens", prompt_tokens},
-                        {"cached_tokens", cached_tokens},
-                        {"hit_rate", prompt_tokens > 0 ? static_cast<double>(cached_tokens) /
-                                                             static_cast<double>(prompt_tokens)
-                                                       : 0.0},
-                        {"seconds", seconds},
-                        {"results", results}};
+  auto served = ServePrompts(f, kv_dtype, !f.no_pool, *prompts, [&](const engine::Prompt& p) {
+    return (*eng)->Generate(p.input_ids, f.max_new_tokens);
+  });
+  if (!served.ok()) return Fail(std::string(served.status().message()));
+  nlohmann::json& out = served->out;
   if (const lake::Lake* lk = (*eng)->lake(); lk != nullptr) {
-    const lake::LakeStats s = lk->Stats();
-    out["lake"] = {{"segments", s.segments},
-                   {"replicas", s.replicas},
-                   {"stored_tokens", s.stored_tokens},
-                   {"plan_query_bytes", s.plan_query_bytes},
-                   {"plan_kv_pull_bytes", s.plan_kv_pull_bytes},
-                   {"plan_new_segment_bytes", s.plan_new_segment_bytes},
-                   {"evicted_replicas", s.evicted_replicas},
-                   {"deduplicated_segments", s.deduplicated_segments},
-                   {"redundancy", s.redundancy},
-                   {"rebalance_actions", (*eng)->rebalance_actions()}};
+    out["lake"] = LakeJson(*lk, (*eng)->rebalance_actions());
   }
   if (const engine::InstancePool* ip = (*eng)->instance_pool(); ip != nullptr) {
     // What really crossed the loopback transport, per instance: sent by its server (replies)
@@ -146,43 +228,127 @@ int RunGenerate(const GenerateFlags& f) {
     }
     out["transport"] = {{"bytes_sent", total_bytes}, {"instances", per_instance}};
   }
-  std::ofstream os(f.json_out);
-  if (!os) return Fail(f.json_out + ": cannot open for writing");
-  os << out.dump(1) << "\n";
-  if (!os) return Fail(f.json_out + ": write error");
-  std::fprintf(
-      stderr,
-      "tokenlake generate: %zu prompts, %lld prompt tokens, %lld served from the pool "
-      "(%.1f%%), %.2f s -> %s\n",
-      prompts->size(), static_cast<long long>(prompt_tokens), static_cast<long long>(cached_tokens),
-      prompt_tokens > 0 ? 100.0 * cached_tokens / prompt_tokens : 0.0, seconds, f.json_out.c_str());
-  return 0;
+  return WriteOutput(f, *served, prompts->size());
+}
+
+#if defined(TOKENLAKE_HAVE_CUDA)
+int RunGpu(const GenerateFlags& f) {
+  // Before touching the model: a CUDA build on a machine without a (visible) GPU.
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0) {
+    cudaGetLastError();
+    return Fail(absl::StrFormat(
+        "--device gpu: no CUDA device is visible on this machine (cudaGetDeviceCount: %s); run "
+        "on a machine with an NVIDIA GPU and its driver, or use --device cpu",
+        err != cudaSuccess ? cudaGetErrorString(err) : "0 devices"));
+  }
+  cudaDeviceProp prop{};
+  std::string gpu_name = "unknown";
+  if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess) gpu_name = prop.name;
+
+  auto prompts = engine::LoadPromptsJsonl(f.prompts);
+  if (!prompts.ok()) return Fail(std::string(prompts.status().message()));
+  auto model = engine::cuda::GpuLlamaModel::Load(f.model, {});
+  if (!model.ok()) return Fail("--device gpu: " + model.status().ToString());
+  if (absl::Status st = CheckVocabulary(f.prompts, *prompts, (*model)->config().vocab_size);
+      !st.ok()) {
+    return Fail(std::string(st.message()));
+  }
+  auto eng =
+      engine::cuda::GpuEngine::Create(model->get(), {.num_instances = f.instances,
+                                                     .segment_tokens = f.segment_tokens,
+                                                     .slots_per_instance = f.slots_per_instance,
+                                                     .namespace_name = f.model,
+                                                     .rotate_compute_instance = f.rotate});
+  if (!eng.ok()) return Fail("--device gpu: " + eng.status().ToString());
+
+  auto served = ServePrompts(f, "bf16", /*pool=*/true, *prompts, [&](const engine::Prompt& p) {
+    return (*eng)->Generate(p.input_ids, f.max_new_tokens);
+  });
+  if (!served.ok()) return Fail(std::string(served.status().message()));
+  served->out["gpu_name"] = gpu_name;
+  // The GPU engine never rebalances (--rebalance-every is refused): 0 actions.
+  served->out["lake"] = LakeJson((*eng)->lake(), 0);
+  // No "transport" section: the instances share one device, nothing crosses a transport.
+  return WriteOutput(f, *served, prompts->size());
+}
+#endif  // TOKENLAKE_HAVE_CUDA
+
+int RunGenerate(const GenerateFlags& f) {
+  if (f.instances < 1 || f.max_new_tokens < 1 || f.segment_tokens < 1 || f.slots_per_instance < 1 ||
+      f.rebalance_every < 0) {
+    return UsageError(
+        "--instances, --max-new-tokens, --segment-tokens and --slots-per-instance must be >= 1, "
+        "--rebalance-every >= 0");
+  }
+  if (f.kv_dtype != "auto" && f.kv_dtype != "f32" && f.kv_dtype != "bf16") {
+    return UsageError("--kv-dtype must be auto, f32 or bf16, got '" + f.kv_dtype + "'");
+  }
+  if (f.device == "cpu") return RunCpu(f);
+  if (f.device != "gpu") {
+    return UsageError("--device must be cpu or gpu, got '" + f.device + "'");
+  }
+#if !defined(TOKENLAKE_HAVE_CUDA)
+  return UsageError(
+      "--device gpu: this build has no CUDA data plane; build the CLI with it: `cmake --preset "
+      "cuda && cmake --build --preset cuda --target tokenlake` (the build `make cuda` "
+      "configures; needs /usr/local/cuda), then run build/cuda/bin/tokenlake on a machine with an "
+      "NVIDIA GPU");
+#else
+  // Flags the GPU engine has no counterpart for.
+  if (f.no_pool) {
+    return UsageError("--no-pool is not supported with --device gpu (the GPU engine always pools)");
+  }
+  if (f.rebalance_every > 0) {
+    return UsageError(
+        "--rebalance-every is not supported with --device gpu (the GPU engine does not "
+        "rebalance the pool)");
+  }
+  if (f.kv_dtype == "f32") {
+    return UsageError(
+        "--kv-dtype f32 is not supported with --device gpu (the GPU pool holds bf16 KV; use "
+        "auto or bf16)");
+  }
+  return RunGpu(f);
+#endif
 }
 
 void SetUpGenerate(CLI::App& app, int* exit_code) {
   auto flags = std::make_shared<GenerateFlags>();
   CLI::App* cmd = app.add_subcommand(
       "generate",
-      "Greedy generation with a Llama checkpoint on the CPU, KV cache in the TokenLake pool");
+      "Greedy generation with a Llama checkpoint, KV cache in the TokenLake pool: on the CPU, "
+      "or on one GPU with --device gpu (CUDA builds)");
   cmd->add_option("--model", flags->model, "Checkpoint directory (config.json, model.safetensors)")
       ->required();
   cmd->add_option("--prompts", flags->prompts, "JSON lines of {\"input_ids\": [...]}")->required();
   cmd->add_option("--json", flags->json_out, "Output JSON file")->required();
-  cmd->add_option("--instances", flags->instances, "Pool instances (threads)")
+  cmd->add_option("--device", flags->device,
+                  std::string("cpu (engine::Engine) or gpu (GpuEngine: N instances sharing CUDA "
+                              "device 0; CUDA builds only; always pooled, bf16 KV, no "
+                              "rebalancing); ") +
+                      kBuildDevices)
       ->capture_default_str();
-  cmd->add_flag("--no-pool", flags->no_pool, "Private per-request KV cache (no TokenLake)");
+  cmd->add_option("--instances", flags->instances,
+                  "Pool instances (threads on the CPU; sharing the device on the GPU)")
+      ->capture_default_str();
+  cmd->add_flag("--no-pool", flags->no_pool,
+                "Private per-request KV cache (no TokenLake; CPU only)");
   cmd->add_option("--max-new-tokens", flags->max_new_tokens, "Tokens to generate per prompt")
       ->capture_default_str();
   cmd->add_option("--segment-tokens", flags->segment_tokens, "Tokens per segment (S)")
       ->capture_default_str();
   cmd->add_option("--slots-per-instance", flags->slots_per_instance, "Segment slots per instance")
       ->capture_default_str();
-  cmd->add_option("--kv-dtype", flags->kv_dtype, "KV dtype in the pool: f32 or bf16")
+  cmd->add_option("--kv-dtype", flags->kv_dtype,
+                  "KV dtype in the pool: auto (f32 on the CPU, bf16 on the GPU), f32 (CPU only) "
+                  "or bf16")
       ->capture_default_str();
   cmd->add_flag("--rotate-compute", flags->rotate,
                 "Prefer computing request k on instance k mod N (spreads the work)");
   cmd->add_option("--rebalance-every", flags->rebalance_every,
-                  "Rebalance the pool after every N requests (0 = never)")
+                  "Rebalance the pool after every N requests (0 = never; CPU only)")
       ->capture_default_str();
   cmd->callback([flags, exit_code] { *exit_code = RunGenerate(*flags); });
 }
