@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "absl/types/span.h"
 #include "gtest/gtest.h"
 #include "tokenlake/attention/attention.h"
 #include "tokenlake/attention/attention_reference.h"
@@ -127,6 +128,53 @@ void ExpectCountersZero(const void* ws, size_t bytes) {
   std::vector<uint32_t> counters(kPagedAttentionCounterBytes / 4);
   CUDA_OK(cudaMemcpy(counters.data(), ws, kPagedAttentionCounterBytes, cudaMemcpyDeviceToHost));
   for (size_t i = 0; i < counters.size(); ++i) ASSERT_EQ(counters[i], 0u) << "counter " << i;
+}
+
+// Copies host K/V (`[block][k, v][block_elems]` bf16 bits) to d_kv and the blocks' descriptors
+// (block b over d_kv, lens[b] valid rows) to d_blocks; both buffers are large enough.
+void UploadBlocks(const std::vector<uint16_t>& kv, const std::vector<int>& lens, size_t block_elems,
+                  const DeviceBuffer& d_kv, const DeviceBuffer& d_blocks) {
+  ASSERT_NE(d_kv.ptr, nullptr);
+  CUDA_OK(cudaMemcpy(d_kv.ptr, kv.data(), kv.size() * 2, cudaMemcpyHostToDevice));
+  std::vector<DeviceKvBlock> dev_blocks(lens.size());
+  for (size_t b = 0; b < lens.size(); ++b) {
+    dev_blocks[b].k = d_kv.as<uint16_t>() + (2 * b) * block_elems;
+    dev_blocks[b].v = d_kv.as<uint16_t>() + (2 * b + 1) * block_elems;
+    dev_blocks[b].num_tokens = lens[b];
+  }
+  if (!lens.empty()) {
+    CUDA_OK(cudaMemcpy(d_blocks.ptr, dev_blocks.data(), sizeof(DeviceKvBlock) * lens.size(),
+                       cudaMemcpyHostToDevice));
+  }
+}
+
+// Checks a partial (out [rows][head_dim], lse [rows]) against the float64 reference: every element
+// written (no NaN poison left), rows without keys exactly out 0 and lse -inf, the others' LSE
+// within 2e-3 (relative) and out within a relative L2 error of 1e-2.
+void ExpectMatchesReference(absl::Span<const float> out, absl::Span<const float> lse,
+                            absl::Span<const float> ref_out, absl::Span<const float> ref_lse,
+                            int head_dim) {
+  double err2 = 0, ref2 = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    ASSERT_FALSE(std::isnan(out[i])) << "out[" << i << "] not written or NaN";
+    const double d = static_cast<double>(out[i]) - ref_out[i];
+    err2 += d * d;
+    ref2 += static_cast<double>(ref_out[i]) * ref_out[i];
+  }
+  for (size_t r = 0; r < lse.size(); ++r) {
+    ASSERT_FALSE(std::isnan(lse[r])) << "lse[" << r << "] not written or NaN";
+    if (ref_lse[r] == -kInf) {
+      ASSERT_EQ(lse[r], -kInf) << "row " << r;
+      for (int d = 0; d < head_dim; ++d) ASSERT_EQ(out[r * head_dim + d], 0.f) << "row " << r;
+    } else {
+      ASSERT_NEAR(lse[r], ref_lse[r], 2e-3 * std::max(1.0f, std::fabs(ref_lse[r]))) << "row " << r;
+    }
+  }
+  if (ref2 > 0) {
+    EXPECT_LT(std::sqrt(err2 / ref2), 1e-2) << "relative L2 error of out";
+  } else {
+    EXPECT_EQ(err2, 0.0);
+  }
 }
 
 // Draws `num_extra` extra partials for `rows` rows of head_dim (PagedAttentionParams::
@@ -245,17 +293,9 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   // Device.
   DeviceBuffer d_kv(kv.size() * 2 + 16), d_q(q_elems * 2 + 16),
       d_blocks(sizeof(DeviceKvBlock) * nb + 16), d_out(q_elems * 4 + 16), d_lse(rows * 4 + 16);
-  ASSERT_NE(d_kv.ptr, nullptr);
-  CUDA_OK(cudaMemcpy(d_kv.ptr, kv.data(), kv.size() * 2, cudaMemcpyHostToDevice));
+  UploadBlocks(kv, c.block_lens, block_elems, d_kv, d_blocks);
+  if (::testing::Test::HasFatalFailure()) return;
   CUDA_OK(cudaMemcpy(d_q.ptr, q_bf16.data(), q_elems * 2, cudaMemcpyHostToDevice));
-  std::vector<DeviceKvBlock> dev_blocks(nb);
-  for (int b = 0; b < nb; ++b) {
-    dev_blocks[b].k = d_kv.as<uint16_t>() + (2 * b) * block_elems;
-    dev_blocks[b].v = d_kv.as<uint16_t>() + (2 * b + 1) * block_elems;
-    dev_blocks[b].num_tokens = c.block_lens[b];
-  }
-  CUDA_OK(cudaMemcpy(d_blocks.ptr, dev_blocks.data(), sizeof(DeviceKvBlock) * nb,
-                     cudaMemcpyHostToDevice));
   CUDA_OK(cudaMemset(d_out.ptr, 0xff, q_elems * 4));  // NaN poison
   CUDA_OK(cudaMemset(d_lse.ptr, 0xff, rows * 4));
 
@@ -329,29 +369,7 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   std::vector<float> out(q_elems), lse(rows);
   CUDA_OK(cudaMemcpy(out.data(), d_out.ptr, q_elems * 4, cudaMemcpyDeviceToHost));
   CUDA_OK(cudaMemcpy(lse.data(), d_lse.ptr, rows * 4, cudaMemcpyDeviceToHost));
-
-  double err2 = 0, ref2 = 0;
-  for (size_t i = 0; i < q_elems; ++i) {
-    ASSERT_FALSE(std::isnan(out[i])) << "out[" << i << "] not written or NaN";
-    const double d = static_cast<double>(out[i]) - ref_out[i];
-    err2 += d * d;
-    ref2 += static_cast<double>(ref_out[i]) * ref_out[i];
-  }
-  for (size_t r = 0; r < rows; ++r) {
-    ASSERT_FALSE(std::isnan(lse[r])) << "lse[" << r << "] not written or NaN";
-    if (ref_lse[r] == -kInf) {
-      ASSERT_EQ(lse[r], -kInf) << "row " << r;
-      for (int d = 0; d < s.head_dim; ++d) ASSERT_EQ(out[r * s.head_dim + d], 0.f);
-    } else {
-      ASSERT_NEAR(lse[r], ref_lse[r], 2e-3 * std::max(1.0f, std::fabs(ref_lse[r]))) << "row " << r;
-    }
-  }
-  if (ref2 > 0) {
-    const double rel = std::sqrt(err2 / ref2);
-    EXPECT_LT(rel, 1e-2) << "relative L2 error of out";
-  } else {
-    EXPECT_EQ(err2, 0.0);
-  }
+  ExpectMatchesReference(out, lse, ref_out, ref_lse, s.head_dim);
 }
 
 // 0 (default) or a supported decode_kv_heads_per_block that divides the shape's KV heads.
@@ -675,18 +693,13 @@ TEST_P(PagedAttentionGpuTest, PdlChainedDecodesMatchReference) {
       l = rng() % 4 == 0 ? 1 + static_cast<int>(rng() % s.block_tokens) : s.block_tokens;
     }
     std::vector<KvBlock> host_blocks(nb);
-    DeviceBuffer d_kv(kv.size() * 2), d_blocks(sizeof(DeviceKvBlock) * nb);
-    CUDA_OK(cudaMemcpy(d_kv.ptr, kv.data(), kv.size() * 2, cudaMemcpyHostToDevice));
-    std::vector<DeviceKvBlock> dev_blocks(nb);
     for (int b = 0; b < nb; ++b) {
       host_blocks[b] = {kv.data() + 2 * b * block_elems, kv.data() + (2 * b + 1) * block_elems,
                         lens[b]};
-      dev_blocks[b].k = d_kv.as<uint16_t>() + 2 * b * block_elems;
-      dev_blocks[b].v = d_kv.as<uint16_t>() + (2 * b + 1) * block_elems;
-      dev_blocks[b].num_tokens = lens[b];
     }
-    CUDA_OK(cudaMemcpy(d_blocks.ptr, dev_blocks.data(), sizeof(DeviceKvBlock) * nb,
-                       cudaMemcpyHostToDevice));
+    DeviceBuffer d_kv(kv.size() * 2), d_blocks(sizeof(DeviceKvBlock) * nb);
+    UploadBlocks(kv, lens, block_elems, d_kv, d_blocks);
+    if (HasFatalFailure()) return;
     AttentionParams ap;
     ap.num_heads = s.num_heads;
     ap.num_kv_heads = s.num_kv_heads;
@@ -749,19 +762,10 @@ TEST_P(PagedAttentionGpuTest, PdlChainedDecodesMatchReference) {
     for (int k = 0; k < kCalls; ++k) {
       SCOPED_TRACE(absl::StrFormat("trial %d call %d splits %d blocks %d q %d", trial, k, splits,
                                    nb, num_q));
-      double err2 = 0, ref2 = 0;
-      for (size_t i = 0; i < q_elems; ++i) {
-        const float o = out[k * q_elems + i];
-        ASSERT_FALSE(std::isnan(o)) << "out[" << i << "] not written or NaN";
-        err2 += (o - ref_out[k][i]) * static_cast<double>(o - ref_out[k][i]);
-        ref2 += static_cast<double>(ref_out[k][i]) * ref_out[k][i];
-      }
-      for (size_t r = 0; r < rows; ++r) {
-        ASSERT_NEAR(lse[k * rows + r], ref_lse[k][r],
-                    2e-3 * std::max(1.0f, std::fabs(ref_lse[k][r])))
-            << "row " << r;
-      }
-      EXPECT_LT(std::sqrt(err2 / ref2), 1e-2) << "relative L2 error of out";
+      ExpectMatchesReference(absl::MakeConstSpan(out).subspan(k * q_elems, q_elems),
+                             absl::MakeConstSpan(lse).subspan(k * rows, rows), ref_out[k],
+                             ref_lse[k], s.head_dim);
+      if (HasFatalFailure()) return;
     }
   }
   CUDA_OK(cudaStreamDestroy(stream));
@@ -910,18 +914,9 @@ TEST_P(PagedAttentionGpuTest, BatchedDecodeMatchesPerRequestReference) {
     DeviceBuffer d_kv(kv.size() * 2 + 16), d_q(q_elems * 2 + 16),
         d_blocks(sizeof(DeviceKvBlock) * std::max(nb, 1) + 16), d_off(offsets.size() * 4 + 16),
         d_out(q_elems * 4 + 16), d_lse(ref_lse.size() * 4 + 16);
-    CUDA_OK(cudaMemcpy(d_kv.ptr, kv.data(), kv.size() * 2, cudaMemcpyHostToDevice));
+    UploadBlocks(kv, lens, block_elems, d_kv, d_blocks);
+    if (HasFatalFailure()) return;
     CUDA_OK(cudaMemcpy(d_q.ptr, q_bf16.data(), q_elems * 2, cudaMemcpyHostToDevice));
-    std::vector<DeviceKvBlock> dev_blocks(nb);
-    for (int b = 0; b < nb; ++b) {
-      dev_blocks[b].k = d_kv.as<uint16_t>() + (2 * b) * block_elems;
-      dev_blocks[b].v = d_kv.as<uint16_t>() + (2 * b + 1) * block_elems;
-      dev_blocks[b].num_tokens = lens[b];
-    }
-    if (nb > 0) {
-      CUDA_OK(cudaMemcpy(d_blocks.ptr, dev_blocks.data(), sizeof(DeviceKvBlock) * nb,
-                         cudaMemcpyHostToDevice));
-    }
     CUDA_OK(cudaMemcpy(d_off.ptr, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
     CUDA_OK(cudaMemset(d_out.ptr, 0xff, q_elems * 4));  // NaN poison
     CUDA_OK(cudaMemset(d_lse.ptr, 0xff, ref_lse.size() * 4));
@@ -963,26 +958,12 @@ TEST_P(PagedAttentionGpuTest, BatchedDecodeMatchesPerRequestReference) {
     CUDA_OK(cudaMemcpy(lse.data(), d_lse.ptr, lse.size() * 4, cudaMemcpyDeviceToHost));
     for (int r = 0; r < num_req; ++r) {
       SCOPED_TRACE(::testing::Message() << "request " << r);
-      double err2 = 0, ref2 = 0;
-      for (size_t i = r * req_q; i < (r + 1) * req_q; ++i) {
-        ASSERT_FALSE(std::isnan(out[i])) << "out[" << i << "] not written or NaN";
-        err2 += (out[i] - ref_out[i]) * static_cast<double>(out[i] - ref_out[i]);
-        ref2 += static_cast<double>(ref_out[i]) * ref_out[i];
-      }
-      for (int h = 0; h < s.num_heads; ++h) {
-        const size_t row = static_cast<size_t>(r) * s.num_heads + h;
-        ASSERT_FALSE(std::isnan(lse[row]));
-        if (ref_lse[row] == -kInf) {
-          ASSERT_EQ(lse[row], -kInf);
-        } else {
-          ASSERT_NEAR(lse[row], ref_lse[row], 2e-3 * std::max(1.0f, std::fabs(ref_lse[row])));
-        }
-      }
-      if (ref2 > 0) {
-        EXPECT_LT(std::sqrt(err2 / ref2), 1e-2);
-      } else {
-        EXPECT_EQ(err2, 0.0);
-      }
+      const size_t heads = static_cast<size_t>(s.num_heads);
+      ExpectMatchesReference(absl::MakeConstSpan(out).subspan(r * req_q, req_q),
+                             absl::MakeConstSpan(lse).subspan(r * heads, heads),
+                             absl::MakeConstSpan(ref_out).subspan(r * req_q, req_q),
+                             absl::MakeConstSpan(ref_lse).subspan(r * heads, heads), s.head_dim);
+      if (HasFatalFailure()) return;
     }
   }
 }
