@@ -32,8 +32,10 @@ dev: deps
 bench: build
 	./build/release/bin/tokenlake bench control-plane --json build/release/control_plane.json
 
-# The CUDA data plane (sm_90a): builds the kernels and their tests with nvcc and runs the tests,
-# which skip themselves where no GPU is present. Needs /usr/local/cuda.
+# The CUDA data plane (sm_90a): builds the kernels, their tests, the GPU benchmarks and the CLI
+# with its GPU paths (`generate --device gpu`, `profile`) with nvcc, runs the tests, which skip
+# themselves where no GPU is present, and the CLI's contract checks on that CLI (its GPU error
+# paths included). Needs /usr/local/cuda. On a GPU machine: bench/gpu_session.sh.
 NVCC ?= /usr/local/cuda/bin/nvcc
 cuda: deps
 	@test -x $(NVCC) || { echo "make cuda: $(NVCC) not found (CUDA 13 is expected under /usr/local/cuda)"; exit 1; }
@@ -41,8 +43,10 @@ cuda: deps
 	cmake --build --preset cuda -j $(JOBS) --target tokenlake_attention_cuda tokenlake_store_cuda \
 	  paged_attention_test device_arena_test tokenlake_transport_nccl nccl_channel_test \
 	  nccl_attention_test tokenlake_engine_cuda gpu_engine_test gpu_engine_fixture_test \
-	  pool_steps_test
+	  pool_steps_test gpu_attention_bench gpu_merge_bench gpu_stream_probe gpu_engine_timing \
+	  tokenlake
 	ctest --test-dir build/cuda -L gpu --output-on-failure
+	apps/tokenlake/cli_test.sh build/cuda/bin/tokenlake
 
 FUZZ_SECONDS ?= 20
 fuzz: deps
