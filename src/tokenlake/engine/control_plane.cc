@@ -62,6 +62,23 @@ absl::StatusOr<IterationPlan> PlanIterationOnLake(lake::Lake& lake, ManualClock*
   return out;
 }
 
+absl::StatusOr<IterationPlan> ControlPlane::ReleaseAndPlan(RequestId release,
+                                                           const IterationRequest& next) {
+  TOKENLAKE_RETURN_IF_ERROR(Release(release));
+  return PlanIteration(next);
+}
+
+bool FailedOnTheWire(const absl::Status& status) {
+  switch (status.code()) {
+    case absl::StatusCode::kUnavailable:
+    case absl::StatusCode::kDeadlineExceeded:
+    case absl::StatusCode::kCancelled:
+      return true;
+    default:
+      return false;
+  }
+}
+
 absl::StatusOr<IterationPlan> LocalControlPlane::PlanIteration(const IterationRequest& request) {
   return PlanIterationOnLake(*lake_, clock_, request);
 }

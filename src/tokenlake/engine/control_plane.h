@@ -3,7 +3,7 @@
 // (LocalControlPlane) and in the multi-process cluster over the coordinator's lake through gRPC
 // (service::RemoteControlPlane).
 //
-// One iteration of one request (engine.h, the pool path) makes three calls:
+// One iteration of one request (engine.h, the pool path) is made of three steps:
 //   PlanIteration  match the sequence's full segments against the prefix tree (at most
 //                  max_cached_segments of them may be served from the pool), generate the plan
 //                  for the iteration alone (lake::GenPlans, DoP = the pool's instances) and admit
@@ -13,6 +13,13 @@
 //                  where, deduplicated, evicted replicas (which the caller frees);
 //   Release        unpins what the iteration pinned (lake::Release). Always called after a
 //                  successful PlanIteration, also when the iteration failed.
+// A request of M generated tokens runs M iterations. The CPU engine (engine.cc) makes
+// 1 + (M - 1) + 1 calls for them plus one Commit per iteration that completes a segment:
+// PlanIteration for the first iteration, ReleaseAndPlan (the Release of iteration i fused with
+// the PlanIteration of iteration i + 1) between iterations, and a plain Release after the last
+// one (or after a failed iteration). Over the cluster's RemoteControlPlane each call is one gRPC
+// round trip to the coordinator, and a Commit with no placements makes none (lake_rpc.h).
+// The GPU engine (engine/cuda/pool_steps.cc) uses the three plain calls.
 //
 // Errors are those of the lake (InvalidArgument for bad keys, AlreadyExists for an active id,
 // NotFound for an unknown request) plus, remotely, Unavailable / DeadlineExceeded when the
@@ -83,7 +90,32 @@ class ControlPlane {
   virtual absl::StatusOr<lake::CommitResult> Commit(
       RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) = 0;
   virtual absl::Status Release(RequestId request) = 0;
+
+  // Release(release) followed by PlanIteration(next), in one call (one round trip remotely):
+  // the engine's step from iteration i of a request to iteration i + 1 (`next.request` is
+  // normally `release` again; any id is allowed). The default implementation makes the two
+  // calls; RemoteControlPlane sends one RPC, which the coordinator runs under its lake lock.
+  // Outcomes:
+  //   OK: `release` is released and the returned plan is admitted (as PlanIteration).
+  //   an error of the Release part (NotFound: `release` is not active): nothing changed,
+  //     nothing planned;
+  //   an error of the PlanIteration part (InvalidArgument, AlreadyExists, ...): `release` IS
+  //     released and nothing of `next` stays admitted;
+  //   so after any error the control plane answered, the caller holds no pin of either and
+  //   does not Release `release` again (a second Release would answer NotFound);
+  //   Unavailable / DeadlineExceeded / Cancelled (remote only: the call failed on the wire):
+  //     the caller cannot tell which of nothing, the Release, or Release + PlanIteration was
+  //     applied. One more Release(release) (when next.request == release) cleans up in every
+  //     case and is harmless (NotFound when nothing is pinned any more); the engine makes it.
+  //     In the cluster the coordinator also releases a failed attempt's request id.
+  virtual absl::StatusOr<IterationPlan> ReleaseAndPlan(RequestId release,
+                                                       const IterationRequest& next);
 };
+
+// Whether `status` says a control-plane call may not have been applied, or only partly (it
+// failed on the way: Unavailable, DeadlineExceeded, Cancelled), as opposed to an error the
+// control plane answered (the lake's codes), after which its state is as documented per call.
+bool FailedOnTheWire(const absl::Status& status);
 
 // The control plane of one process: a borrowed lake::Lake. A ManualClock it owns advances by
 // 1 ms per PlanIteration (the lake's recency and heavy-hitter decay run on iterations).

@@ -296,24 +296,31 @@ absl::StatusOr<GenerateResult> Engine::GeneratePooled(RequestId request,
   int64_t computed = 0;  // tokens whose KV exists (pool prefix + tail); tail = [pooled, computed)
   InstanceId last_compute = preferred;
   std::vector<float> logits;
-  for (int32_t step = 0;; ++step) {
-    const bool prefill = step == 0;
+  // The control-plane request of the next iteration (the sequence as it stands).
+  auto make_request = [&](bool prefill) -> absl::StatusOr<IterationRequest> {
     const int64_t end = static_cast<int64_t>(seq.size());
     // Segments that may be served from the pool: only those before the first token to compute.
     const int64_t first_new = prefill ? end - 1 : computed;
     TOKENLAKE_ASSIGN_OR_RETURN(std::vector<index::SegmentKey> keys,
                                FullKeys(pool_->salt, seq, end, s));
-    // 1. Match, plan and admit in one call to the control plane.
-    TOKENLAKE_ASSIGN_OR_RETURN(
-        IterationPlan ip,
-        control.PlanIteration({.request = request,
-                               .keys = keys,
-                               .max_cached_segments = static_cast<int32_t>(first_new / s),
-                               .end_tokens = end,
-                               .prefill = prefill,
-                               .computed_tokens = computed,
-                               .preferred_instance = prefill ? preferred : last_compute,
-                               .count_hits = prefill}));
+    return IterationRequest{.request = request,
+                            .keys = std::move(keys),
+                            .max_cached_segments = static_cast<int32_t>(first_new / s),
+                            .end_tokens = end,
+                            .prefill = prefill,
+                            .computed_tokens = computed,
+                            .preferred_instance = prefill ? preferred : last_compute,
+                            .count_hits = prefill};
+  };
+  // 1. Match, plan and admit in one call to the control plane: PlanIteration for the prefill,
+  // then, for every later iteration, ReleaseAndPlan at the end of the one before (one round
+  // trip instead of two over a remote control plane; control_plane.h).
+  TOKENLAKE_ASSIGN_OR_RETURN(IterationRequest ir, make_request(true));
+  TOKENLAKE_ASSIGN_OR_RETURN(IterationPlan ip, control.PlanIteration(ir));
+  for (int32_t step = 0;; ++step) {
+    const bool prefill = step == 0;
+    const int64_t end = ir.end_tokens;
+    std::vector<index::SegmentKey> keys = std::move(ir.keys);
     keys.resize(static_cast<size_t>(ip.num_keys));
     const int64_t cached = ip.cached_tokens;
     const InstanceId compute = external ? pool_->fixed_compute : ip.compute_instance;
@@ -412,16 +419,36 @@ absl::StatusOr<GenerateResult> Engine::GeneratePooled(RequestId request,
       pooled = now_pooled;
       return absl::OkStatus();
     };
-    absl::Status status = run_iteration();
-    absl::Status released = control.Release(request);
-    TOKENLAKE_RETURN_IF_ERROR(status);
-    TOKENLAKE_RETURN_IF_ERROR(released);
+    if (absl::Status status = run_iteration(); !status.ok()) {
+      // A failed iteration still releases what it pinned.
+      control.Release(request).IgnoreError();
+      return status;
+    }
 
     if (prefill) result.last_logits = logits;
     const int32_t next = Argmax(logits);
     result.tokens.push_back(next);
-    if (static_cast<int32_t>(result.tokens.size()) == max_new_tokens) break;
+    if (static_cast<int32_t>(result.tokens.size()) == max_new_tokens) {
+      TOKENLAKE_RETURN_IF_ERROR(control.Release(request));
+      break;
+    }
     seq.push_back(next);
+    absl::StatusOr<IterationRequest> next_request = make_request(false);
+    if (!next_request.ok()) {
+      control.Release(request).IgnoreError();
+      return next_request.status();
+    }
+    absl::StatusOr<IterationPlan> next_plan = control.ReleaseAndPlan(request, *next_request);
+    if (!next_plan.ok()) {
+      // An error the control plane answered leaves nothing pinned (the Release part failed and
+      // nothing changed, or it was applied and nothing was admitted): releasing again would be
+      // a second Release. A call that failed on the wire may have applied nothing, the Release,
+      // or both: one more Release frees whichever pin is left (NotFound, ignored, if none is).
+      if (FailedOnTheWire(next_plan.status())) control.Release(request).IgnoreError();
+      return next_plan.status();
+    }
+    ir = *std::move(next_request);
+    ip = *std::move(next_plan);
   }
   result.decode_logits = std::move(logits);
   result.remote_attend_calls = traffic.remote_attend_calls;

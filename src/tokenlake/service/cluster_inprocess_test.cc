@@ -254,5 +254,46 @@ TEST_F(InProcessClusterTest, RebalancedHeavyHitterSurvivesTheLossOfAHolder) {
   EXPECT_EQ(r->cached_tokens, 32);  // served by the surviving replica
 }
 
+// The control plane's round trips per request: one plan call per iteration (PlanIteration for
+// the prefill, ReleaseAndPlan for every later one), one Release at the end, and a Commit only
+// for the iterations that complete a segment (3 x 20 = 60 calls per request before).
+TEST_F(InProcessClusterTest, OneLakeRpcPerIterationPlusTheFinalReleaseAndTheCommits) {
+  auto rpcs = [&](const char* call) {
+    return MetricValue(coordinator_->MetricsText(),
+                       std::string("tokenlake_lake_rpcs_total{call=\"") + call + "\"}");
+  };
+  struct Counts {
+    double plan, fused, release, commit;
+  };
+  auto counts = [&] {
+    return Counts{rpcs("plan_iteration"), rpcs("release_and_plan"), rpcs("release"),
+                  rpcs("commit")};
+  };
+  const int32_t m = 20;
+  // Request 1 on an empty pool: Prompt(0) has 47 tokens, 16-token segments. The prefill
+  // commits the prompt's 2 full segments; of the decode iterations (ending at 48 .. 66
+  // tokens), those ending at 48 and 64 complete a segment.
+  // Request 2, Prompt(1): the 32-token shared prefix is cached, so the prefill commits
+  // nothing; again the iterations ending at 48 and 64 complete a segment.
+  const int32_t want_commits[] = {1 + 2, 2};
+  for (int i = 0; i < 2; ++i) {
+    SCOPED_TRACE(testing::Message() << "request " << i);
+    const Counts before = counts();
+    auto r = coordinator_->Complete({.prompt = Prompt(i), .max_tokens = m});
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->tokens, Expected(Prompt(i), m));
+    EXPECT_EQ(r->cached_tokens, i == 0 ? 0 : 32);
+    const Counts after = counts();
+    EXPECT_EQ(after.plan - before.plan, 1);
+    EXPECT_EQ(after.fused - before.fused, m - 1);
+    EXPECT_EQ(after.release - before.release, 1);
+    EXPECT_EQ(after.commit - before.commit, want_commits[i]);
+  }
+  const std::string metrics = coordinator_->MetricsText();
+  EXPECT_EQ(MetricValue(metrics, "tokenlake_lake_active_requests"), 0);
+  EXPECT_EQ(MetricValue(metrics, "tokenlake_pool_pinned_segments"), 0);
+  EXPECT_EQ(MetricValue(metrics, "tokenlake_lake_plan_iterations_total"), 2 * m);
+}
+
 }  // namespace
 }  // namespace tokenlake::service

@@ -4,6 +4,7 @@
 #include <httplib.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdio>
 #include <cstring>
@@ -117,6 +118,9 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
 
   ~Impl() override { Shutdown(); }
 
+  // The Lake RPCs served, by kind (tokenlake_lake_rpcs_total{call=...}).
+  enum LakeRpc { kPlanIterationRpc, kCommitRpc, kReleaseRpc, kReleaseAndPlanRpc, kNumLakeRpcs };
+
   // The engines' per-iteration calls (service Lake), forwarded to the Impl.
   class LakeService final : public v1::Lake::Service {
    public:
@@ -131,8 +135,13 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     }
     grpc::Status Release(grpc::ServerContext*, const v1::ReleaseRequest* request,
                          v1::ReleaseReply*) override {
+      impl_->lake_rpcs_[kReleaseRpc].fetch_add(1, std::memory_order_relaxed);
       absl::MutexLock lock(&impl_->lake_mu_);
       return ToGrpc(impl_->lake_->Release(RequestId(request->request_id())));
+    }
+    grpc::Status ReleaseAndPlan(grpc::ServerContext*, const v1::ReleaseAndPlanRequest* request,
+                                v1::PlanIterationReply* reply) override {
+      return impl_->ReleaseAndPlan(*request, reply);
     }
 
    private:
@@ -346,8 +355,30 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
 
   grpc::Status PlanIteration(const v1::PlanIterationRequest& request,
                              v1::PlanIterationReply* reply) {
-    engine::IterationRequest in = FromProto(request);
+    lake_rpcs_[kPlanIterationRpc].fetch_add(1, std::memory_order_relaxed);
     absl::MutexLock lake_lock(&lake_mu_);
+    return PlanIterationLocked(request, reply);
+  }
+
+  // Release, then (only if it succeeded) the same PlanIteration, under one hold of lake_mu_.
+  // A failed Release (NotFound: the request is not active, e.g. the coordinator released a
+  // failed attempt's id, or the call is a late duplicate) plans nothing, so no pin can be
+  // left behind by a call that arrives after its attempt was given up.
+  grpc::Status ReleaseAndPlan(const v1::ReleaseAndPlanRequest& request,
+                              v1::PlanIterationReply* reply) {
+    lake_rpcs_[kReleaseAndPlanRpc].fetch_add(1, std::memory_order_relaxed);
+    absl::MutexLock lake_lock(&lake_mu_);
+    if (absl::Status released = lake_->Release(RequestId(request.release_request_id()));
+        !released.ok()) {
+      return ToGrpc(released);
+    }
+    return PlanIterationLocked(request.plan(), reply);
+  }
+
+  grpc::Status PlanIterationLocked(const v1::PlanIterationRequest& request,
+                                   v1::PlanIterationReply* reply)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(lake_mu_) {
+    engine::IterationRequest in = FromProto(request);
     absl::StatusOr<engine::IterationPlan> plan =
         engine::PlanIterationOnLake(*lake_, &lake_clock_, in);
     if (!plan.ok()) return ToGrpc(plan.status());
@@ -376,6 +407,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   }
 
   grpc::Status CommitIteration(const v1::CommitRequest& request, v1::CommitReply* reply) {
+    lake_rpcs_[kCommitRpc].fetch_add(1, std::memory_order_relaxed);
     const RequestId id(request.request_id());
     std::vector<plan::NewSegmentPlacement> placements;
     for (const v1::Placement& p : request.placements()) placements.push_back(FromProto(p, id));
@@ -965,6 +997,9 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     w.Sample("tokenlake_pool_heavy_hitters", {}, static_cast<double>(stats.heavy_hitters));
     w.Family("tokenlake_pool_pinned_segments", "gauge", "Segments pinned by running iterations.");
     w.Sample("tokenlake_pool_pinned_segments", {}, static_cast<double>(stats.pinned_segments));
+    w.Family("tokenlake_lake_active_requests", "gauge",
+             "Requests admitted in the lake (an iteration planned and not yet released).");
+    w.Sample("tokenlake_lake_active_requests", {}, static_cast<double>(stats.active_requests));
     int64_t slot_bytes = 0;
     for (int32_t i = 0; i < options_.lake_instances; ++i) {
       slot_bytes = std::max(slot_bytes, members_[i].slot_bytes);
@@ -1043,6 +1078,18 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     w.Family("tokenlake_lake_plan_iterations_total", "counter",
              "Iterations planned by the lake for the instances' engines.");
     w.Sample("tokenlake_lake_plan_iterations_total", {}, static_cast<double>(plan_iterations_));
+    w.Family("tokenlake_lake_rpcs_total", "counter",
+             "Lake RPCs served to the instances' engines, by call (one iteration makes one "
+             "PlanIteration or ReleaseAndPlan; the last one a Release; Commit only when the "
+             "iteration completed a segment).");
+    const std::pair<const char*, LakeRpc> calls[] = {{"plan_iteration", kPlanIterationRpc},
+                                                     {"release_and_plan", kReleaseAndPlanRpc},
+                                                     {"commit", kCommitRpc},
+                                                     {"release", kReleaseRpc}};
+    for (const auto& [call, rpc] : calls) {
+      w.Sample("tokenlake_lake_rpcs_total", {{"call", call}},
+               static_cast<double>(lake_rpcs_[rpc].load(std::memory_order_relaxed)));
+    }
     w.Family("tokenlake_rebalance_actions_total", "counter",
              "Rebalance actions sent to instances (replicate, move, drop).");
     w.Sample("tokenlake_rebalance_actions_total", {}, static_cast<double>(rebalance_actions_));
@@ -1130,6 +1177,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   int64_t remote_stored_segments_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t remote_stored_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t plan_iterations_ ABSL_GUARDED_BY(mu_) = 0;
+  std::array<std::atomic<int64_t>, kNumLakeRpcs> lake_rpcs_{};
   int64_t rebalance_actions_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t routing_overrides_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t reconcile_frees_ ABSL_GUARDED_BY(mu_) = 0;

@@ -170,6 +170,9 @@ absl::StatusOr<engine::IterationPlan> RemoteControlPlane::PlanIteration(
 
 absl::StatusOr<lake::CommitResult> RemoteControlPlane::Commit(
     RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) {
+  // Nothing to commit: no round trip (see the class comment in lake_rpc.h for why this is
+  // the lake's answer too).
+  if (placements.empty()) return lake::CommitResult{};
   v1::CommitRequest in;
   in.set_request_id(request.value());
   for (const plan::NewSegmentPlacement& p : placements) ToProto(p, in.add_placements());
@@ -187,6 +190,20 @@ absl::Status RemoteControlPlane::Release(RequestId request) {
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
   return FromGrpc(stub_->Release(&ctx, in, &out), "Release");
+}
+
+absl::StatusOr<engine::IterationPlan> RemoteControlPlane::ReleaseAndPlan(
+    RequestId release, const engine::IterationRequest& next) {
+  v1::ReleaseAndPlanRequest in;
+  in.set_release_request_id(release.value());
+  ToProto(next, in.mutable_plan());
+  v1::PlanIterationReply out;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
+  if (absl::Status s = FromGrpc(stub_->ReleaseAndPlan(&ctx, in, &out), "ReleaseAndPlan"); !s.ok()) {
+    return s;
+  }
+  return FromProto(out, next.request);
 }
 
 }  // namespace tokenlake::service

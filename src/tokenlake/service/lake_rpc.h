@@ -40,6 +40,15 @@ lake::CommitResult FromProto(const v1::CommitReply& in);
 grpc::Status ToGrpc(const absl::Status& s);
 absl::Status FromGrpc(const grpc::Status& s, const char* call);
 
+// Commit with no placements makes no RPC and returns an empty CommitResult (sequence 0): for
+// an active request, lake::Lake::Commit with no placements changes nothing but the lake's change
+// sequence number, which only orders the copies stored and the frees sent by Commit and
+// Rebalance (instance_pool.h, placement_sequence / evicted_at), and an empty Commit stores and
+// evicts nothing, so no copy or free ever carries its number. Most iterations commit nothing
+// (a decode step completes a segment every segment_tokens tokens). The only other answer the
+// lake could give, NotFound for a request that is not active (e.g. released by the coordinator
+// after its attempt timed out), reaches the engine at its next call (ReleaseAndPlan / Release),
+// which then fails the same way.
 class RemoteControlPlane final : public engine::ControlPlane {
  public:
   struct Options {
@@ -59,6 +68,9 @@ class RemoteControlPlane final : public engine::ControlPlane {
   absl::StatusOr<lake::CommitResult> Commit(
       RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) override;
   absl::Status Release(RequestId request) override;
+  // One ReleaseAndPlan RPC (engine::ControlPlane::ReleaseAndPlan; its outcomes).
+  absl::StatusOr<engine::IterationPlan> ReleaseAndPlan(
+      RequestId release, const engine::IterationRequest& next) override;
 
  private:
   explicit RemoteControlPlane(const Options& options) : options_(options) {}

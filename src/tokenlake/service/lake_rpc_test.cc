@@ -1,11 +1,22 @@
 // The lake's gRPC messages (lake_rpc.h): every field of the engine's control-plane types
 // survives a round trip through its message (including "none" instance and parent ids), and
 // status codes map both ways. RemoteControlPlane without a coordinator fails with a clear
-// Unavailable / DeadlineExceeded, never a hang or a crash.
+// Unavailable / DeadlineExceeded, never a hang or a crash. Against a real coordinator,
+// RemoteControlPlane's ReleaseAndPlan (one RPC) gives the same plans, commit results, errors and
+// pins as Release + PlanIteration on a reference lake, and an empty Commit makes no RPC.
 #include "tokenlake/service/lake_rpc.h"
 
+#include <iostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tokenlake/index/segment_id.h"
+#include "tokenlake/service/coordinator.h"
 
 namespace tokenlake::service {
 namespace {
@@ -107,6 +118,224 @@ TEST(LakeRpcTest, RemoteControlPlaneWithoutACoordinatorFailsClearly) {
               plan.status().code() == absl::StatusCode::kDeadlineExceeded)
       << plan.status();
   EXPECT_FALSE((*cp)->Release(RequestId(1)).ok());
+}
+
+// The value of the sample line `sample value` (sample with its labels) in the metrics text,
+// -1 if absent.
+double Metric(const std::string& text, const std::string& sample) {
+  const size_t pos = text.find("\n" + sample + " ");
+  if (pos == std::string::npos) return -1;
+  return std::stod(text.substr(pos + sample.size() + 2));
+}
+
+void ExpectSamePlan(const engine::IterationPlan& a, const engine::IterationPlan& b) {
+  EXPECT_EQ(a.num_keys, b.num_keys);
+  EXPECT_EQ(a.cached_tokens, b.cached_tokens);
+  EXPECT_EQ(a.new_tokens, b.new_tokens);
+  EXPECT_EQ(a.compute_instance, b.compute_instance);
+  EXPECT_EQ(a.segments, b.segments);
+  EXPECT_EQ(a.new_segments, b.new_segments);
+}
+
+void ExpectSameCommit(const lake::CommitResult& a, const lake::CommitResult& b) {
+  EXPECT_EQ(a.stored, b.stored);
+  EXPECT_EQ(a.deduplicated, b.deduplicated);
+  EXPECT_EQ(a.not_stored, b.not_stored);
+  EXPECT_EQ(a.evicted, b.evicted);
+  EXPECT_EQ(a.moved_bytes, b.moved_bytes);
+  EXPECT_EQ(a.sequence, b.sequence);
+}
+
+// A coordinator whose two instances registered (empty, no data port: none is routable, so it
+// redirects nothing; no heartbeats, with a dead_after long enough that none is declared dead
+// and no reconciliation runs) against a lake built with the same options, driven through
+// LocalControlPlane with the plain calls.
+class FusedCallTest : public ::testing::TestWithParam<std::tuple<uint32_t, int32_t>> {
+ protected:
+  void SetUp() override {
+    options_.lake_instances = 2;
+    options_.segment_tokens = kS;
+    options_.slots_per_instance = std::get<1>(GetParam());
+    options_.model = {
+        .num_layers = 2, .num_heads = 4, .num_kv_heads = 2, .head_dim = 8, .dtype_bytes = 4};
+    options_.rebalance_interval = absl::ZeroDuration();
+    options_.heartbeat_interval = absl::Minutes(30);
+    options_.dead_after = absl::Hours(1);
+    auto c = Coordinator::Create(options_);
+    ASSERT_TRUE(c.ok()) << c.status();
+    coordinator_ = std::move(*c);
+    auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", coordinator_->grpc_port()),
+                                       grpc::InsecureChannelCredentials());
+    auto stub = v1::Coordinator::NewStub(channel);
+    for (int32_t i = 0; i < 2; ++i) {
+      v1::RegisterRequest in;
+      in.set_name(absl::StrCat("fake-", i));
+      in.set_transport_port(1);
+      in.set_namespace_name(options_.namespace_name);
+      in.set_segment_tokens(kS);
+      in.set_preferred_id(i);
+      v1::RegisterReply out;
+      grpc::ClientContext ctx;
+      ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+      const grpc::Status s = stub->Register(&ctx, in, &out);
+      ASSERT_TRUE(s.ok()) << s.error_message();
+      ASSERT_EQ(out.instance_id(), i);
+    }
+    auto remote = RemoteControlPlane::Create(
+        {.coordinator_port = coordinator_->grpc_port(), .num_instances = 2});
+    ASSERT_TRUE(remote.ok());
+    remote_ = std::move(*remote);
+    // As Coordinator::Impl::Start builds its lake.
+    lake::LakeOptions lo;
+    lo.num_instances = options_.lake_instances;
+    lo.segment_tokens = options_.segment_tokens;
+    lo.slots_per_instance = options_.slots_per_instance;
+    lo.model = options_.model;
+    lo.heavy_hitter = options_.heavy_hitter;
+    lo.heavy_hitter.num_instances = options_.lake_instances;
+    lo.balancer = options_.balancer;
+    auto lk = lake::Lake::Create(lo, &clock_);
+    ASSERT_TRUE(lk.ok()) << lk.status();
+    lake_ = std::move(*lk);
+    reference_ = std::make_unique<engine::LocalControlPlane>(lake_.get(), &clock_);
+  }
+
+  // The coordinator's lake agrees with the reference lake on what is stored and pinned.
+  void ExpectSameLakeState() {
+    const std::string m = coordinator_->MetricsText();
+    const lake::LakeStats st = lake_->Stats();
+    EXPECT_EQ(Metric(m, "tokenlake_pool_segments"), st.segments);
+    EXPECT_EQ(Metric(m, "tokenlake_pool_replicas"), st.replicas);
+    EXPECT_EQ(Metric(m, "tokenlake_pool_pinned_segments"), st.pinned_segments);
+    EXPECT_EQ(Metric(m, "tokenlake_lake_active_requests"), st.active_requests);
+  }
+
+  static constexpr int32_t kS = 4;
+  CoordinatorOptions options_;
+  std::unique_ptr<Coordinator> coordinator_;
+  std::unique_ptr<RemoteControlPlane> remote_;
+  ManualClock clock_{1};  // as the coordinator's lake clock
+  std::unique_ptr<lake::Lake> lake_;
+  std::unique_ptr<engine::LocalControlPlane> reference_;
+};
+
+TEST_P(FusedCallTest, ReleaseAndPlanEqualsReleaseThenPlanIterationOnAReferenceLake) {
+  const auto [seed, slots] = GetParam();
+  std::cout << "seed=" << seed << " slots=" << slots << "\n";
+  SCOPED_TRACE(testing::Message() << "seed=" << seed << " slots=" << slots);
+  std::mt19937 rng(seed);
+  std::vector<std::vector<int32_t>> docs(3);
+  for (auto& d : docs) {
+    for (int i = 0; i < 24; ++i) d.push_back(static_cast<int32_t>(rng() % 64));
+  }
+  const uint64_t salt = index::NamespaceSalt(options_.namespace_name);
+  int64_t fused_calls = 0, commits = 0, fused_errors = 0;
+  for (int64_t r = 1; r <= 40; ++r) {
+    SCOPED_TRACE(testing::Message() << "request " << r);
+    const RequestId id(r);
+    const auto& doc = docs[rng() % docs.size()];
+    std::vector<int32_t> seq(doc.begin(), doc.begin() + 1 + rng() % doc.size());
+    for (uint32_t i = 0, n = rng() % 4; i < n; ++i) seq.push_back(static_cast<int32_t>(rng() % 64));
+    const int32_t iterations = 1 + static_cast<int32_t>(rng() % 6);
+    int64_t computed = 0;
+    bool active = false;
+    for (int32_t it = 0; it < iterations; ++it) {
+      const bool prefill = it == 0;
+      const int64_t end = static_cast<int64_t>(seq.size());
+      const size_t full = seq.size() / kS * kS;
+      auto keys = index::ComputeSegmentKeys(salt, absl::MakeConstSpan(seq).subspan(0, full), kS);
+      ASSERT_TRUE(keys.ok());
+      engine::IterationRequest req{
+          .request = id,
+          .keys = *keys,
+          .max_cached_segments = static_cast<int32_t>((prefill ? end - 1 : computed) / kS),
+          .end_tokens = end,
+          .prefill = prefill,
+          .computed_tokens = computed,
+          .preferred_instance = InstanceId(static_cast<int32_t>(rng() % 2)),
+          .count_hits = prefill};
+      absl::StatusOr<engine::IterationPlan> got, want;
+      if (prefill) {
+        got = remote_->PlanIteration(req);
+        want = reference_->PlanIteration(req);
+      } else {
+        // Error cases now and then: releasing an id that is not active (NotFound, nothing
+        // planned), a next iteration the lake refuses (InvalidArgument after the release).
+        const uint32_t pick = rng() % 10;
+        RequestId release = id;
+        if (pick == 0) release = RequestId(1000 + r);
+        if (pick == 1) req.end_tokens = 0;
+        got = remote_->ReleaseAndPlan(release, req);
+        if (absl::Status released = reference_->Release(release); released.ok()) {
+          want = reference_->PlanIteration(req);
+        } else {
+          want = released;
+        }
+        ++fused_calls;
+        if (!want.ok()) ++fused_errors;
+        if (pick == 0) EXPECT_EQ(got.status().code(), absl::StatusCode::kNotFound);
+        if (pick == 1) EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
+      }
+      ASSERT_EQ(got.status().code(), want.status().code())
+          << got.status() << " / " << want.status();
+      ExpectSameLakeState();
+      // NotFound (the Release part): nothing changed, the request is still active with its
+      // pins. Any other error: it was released and nothing was admitted.
+      if (got.status().code() == absl::StatusCode::kNotFound) break;
+      active = want.ok();
+      if (!want.ok()) break;
+      ExpectSamePlan(*got, *want);
+      if (!want->new_segments.empty()) {
+        auto cg = remote_->Commit(id, got->new_segments);
+        auto cw = reference_->Commit(id, want->new_segments);
+        ASSERT_TRUE(cg.ok()) << cg.status();
+        ASSERT_TRUE(cw.ok()) << cw.status();
+        ExpectSameCommit(*cg, *cw);
+        ++commits;
+      }
+      computed = end;
+      seq.push_back(static_cast<int32_t>(rng() % 64));
+    }
+    // The last iteration's plain Release (the request is active unless the plan part of a
+    // fused call failed, which released it; after a NotFound fused call it is still active).
+    const absl::Status rg = remote_->Release(id);
+    const absl::Status rw = reference_->Release(id);
+    EXPECT_EQ(rg.code(), rw.code()) << rg << " / " << rw;
+    EXPECT_EQ(rw.ok(), active) << rw;
+    ExpectSameLakeState();
+    EXPECT_EQ(lake_->Stats().active_requests, 0);
+    EXPECT_EQ(lake_->Stats().pinned_segments, 0);
+  }
+  // The workload exercised what it is about.
+  EXPECT_GT(fused_calls, 20);
+  EXPECT_GT(commits, 10);
+  EXPECT_GT(fused_errors, 0);
+  const std::string m = coordinator_->MetricsText();
+  EXPECT_EQ(Metric(m, "tokenlake_lake_rpcs_total{call=\"release_and_plan\"}"), fused_calls);
+  EXPECT_EQ(Metric(m, "tokenlake_lake_rpcs_total{call=\"commit\"}"), commits);
+  if (slots < 16) EXPECT_GT(lake_->Stats().evicted_replicas, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(SeedsAndSlots, FusedCallTest,
+                         ::testing::Combine(::testing::Values(1u, 2u, 3u),
+                                            ::testing::Values(6, 64)));
+
+TEST(LakeRpcTest, EmptyCommitMakesNoRpc) {
+  // Nothing listens on port 1: an RPC would fail, an empty Commit succeeds without one.
+  auto cp = RemoteControlPlane::Create(
+      {.coordinator_port = 1, .num_instances = 2, .call_timeout = absl::Milliseconds(300)});
+  ASSERT_TRUE(cp.ok());
+  auto empty = (*cp)->Commit(RequestId(1), {});
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  EXPECT_TRUE(empty->stored.empty() && empty->evicted.empty() && empty->deduplicated.empty() &&
+              empty->not_stored.empty());
+  EXPECT_EQ(empty->sequence, 0u);
+  const plan::NewSegmentPlacement p{RequestId(1), SegmentId(4),  SegmentId(),
+                                    16,           InstanceId(0), InstanceId(0)};
+  EXPECT_FALSE((*cp)->Commit(RequestId(1), absl::MakeConstSpan(&p, 1)).ok());
+  auto fused = (*cp)->ReleaseAndPlan(RequestId(1), {.request = RequestId(1), .end_tokens = 1});
+  ASSERT_FALSE(fused.ok());
+  EXPECT_TRUE(engine::FailedOnTheWire(fused.status())) << fused.status();
 }
 
 }  // namespace

@@ -1,0 +1,312 @@
+// ControlPlane::ReleaseAndPlan (the fused step between two iterations of a request) over a real
+// lake, and the engine loop's use of the control plane: one plan call per iteration
+// (PlanIteration for the prefill, ReleaseAndPlan after it), one plain Release at the end, and
+// no pin left behind and no second Release when the fused call fails, whichever part of it was
+// applied. (The remote implementation is checked against these semantics in
+// service/lake_rpc_test.cc.)
+#include "tokenlake/engine/control_plane.h"
+
+#include <cstdlib>
+#include <iostream>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "tokenlake/engine/engine.h"
+#include "tokenlake/engine/instance_pool.h"
+#include "tokenlake/engine/llama_model.h"
+#include "tokenlake/index/segment_id.h"
+
+namespace tokenlake::engine {
+namespace {
+
+std::string ModelDir() {
+  const char* d = std::getenv("TOKENLAKE_SOURCE_DIR");
+  return std::string(d != nullptr ? d : ".") + "/tests/fixtures/llama_tiny/model";
+}
+
+constexpr int32_t kS = 16;
+
+lake::LakeOptions LakeOptionsFor(const LlamaConfig& c, int32_t instances) {
+  lake::LakeOptions lo;
+  lo.num_instances = instances;
+  lo.segment_tokens = kS;
+  lo.slots_per_instance = 64;
+  lo.heavy_hitter.num_instances = instances;
+  lo.model = plan::ModelShape{.num_layers = c.num_layers,
+                              .num_heads = c.num_heads,
+                              .num_kv_heads = c.num_kv_heads,
+                              .head_dim = c.head_dim,
+                              .dtype_bytes = 4};
+  return lo;
+}
+
+// The full-segment keys of `tokens`.
+std::vector<index::SegmentKey> Keys(const std::vector<int32_t>& tokens) {
+  const size_t full = tokens.size() / kS * kS;
+  auto k = index::ComputeSegmentKeys(index::NamespaceSalt("tokenlake"),
+                                     absl::MakeConstSpan(tokens).subspan(0, full), kS);
+  EXPECT_TRUE(k.ok()) << k.status();
+  return k.ok() ? *k : std::vector<index::SegmentKey>{};
+}
+
+std::vector<int32_t> Tokens(int32_t n, int32_t salt) {
+  std::vector<int32_t> t;
+  for (int32_t i = 0; i < n; ++i) t.push_back((i * 37 + salt * 101 + 11) % 512);
+  return t;
+}
+
+class ControlPlaneTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto m = LlamaModel::Load(ModelDir());
+    ASSERT_TRUE(m.ok()) << m.status();
+    model_ = std::move(*m);
+    auto lk = lake::Lake::Create(LakeOptionsFor(model_->config(), 2), &clock_);
+    ASSERT_TRUE(lk.ok()) << lk.status();
+    lake_ = std::move(*lk);
+    local_ = std::make_unique<LocalControlPlane>(lake_.get(), &clock_);
+  }
+
+  // A prefill request over the first `n` tokens of Tokens(n, salt).
+  IterationRequest Prefill(RequestId id, int32_t n, int32_t salt) {
+    return {.request = id,
+            .keys = Keys(Tokens(n, salt)),
+            .max_cached_segments = (n - 1) / kS,
+            .end_tokens = n,
+            .prefill = true,
+            .computed_tokens = 0,
+            .preferred_instance = InstanceId(0),
+            .count_hits = true};
+  }
+
+  ManualClock clock_{1};
+  std::unique_ptr<LlamaModel> model_;
+  std::unique_ptr<lake::Lake> lake_;
+  std::unique_ptr<LocalControlPlane> local_;
+};
+
+TEST_F(ControlPlaneTest, ReleaseAndPlanReleasesThenPlansAndPinsTheNextIteration) {
+  auto first = local_->PlanIteration(Prefill(RequestId(1), 40, 0));
+  ASSERT_TRUE(first.ok()) << first.status();
+  auto committed = local_->Commit(RequestId(1), first->new_segments);
+  ASSERT_TRUE(committed.ok());
+  ASSERT_EQ(committed->stored.size(), 2u);  // 40 tokens: two full segments
+  EXPECT_EQ(lake_->Stats().pinned_segments, 2);
+  // Iteration 2 of request 1 (decode at 41 tokens): the two committed segments are cached.
+  IterationRequest next = Prefill(RequestId(1), 41, 0);
+  next.prefill = false;
+  next.computed_tokens = 40;
+  next.max_cached_segments = 40 / kS;
+  next.count_hits = false;
+  auto fused = local_->ReleaseAndPlan(RequestId(1), next);
+  ASSERT_TRUE(fused.ok()) << fused.status();
+  EXPECT_EQ(fused->cached_tokens, 32);
+  EXPECT_EQ(fused->new_tokens, 1);
+  EXPECT_EQ(fused->segments.size(), 2u);
+  // Pinned again by the new iteration (admitted), and released once at the end.
+  EXPECT_EQ(lake_->Stats().active_requests, 1);
+  EXPECT_EQ(lake_->Stats().pinned_segments, 2);
+  ASSERT_TRUE(local_->Release(RequestId(1)).ok());
+  EXPECT_EQ(lake_->Stats().active_requests, 0);
+  EXPECT_EQ(lake_->Stats().pinned_segments, 0);
+}
+
+TEST_F(ControlPlaneTest, ReleaseAndPlanOfAnInactiveRequestChangesNothing) {
+  auto r = local_->ReleaseAndPlan(RequestId(9), Prefill(RequestId(9), 40, 0));
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kNotFound) << r.status();
+  EXPECT_EQ(lake_->Stats().active_requests, 0);
+  EXPECT_EQ(lake_->Stats().admitted_requests, 0);
+}
+
+TEST_F(ControlPlaneTest, ReleaseAndPlanWhosePlanFailsLeavesTheRequestReleased) {
+  for (int32_t kase = 0; kase < 2; ++kase) {
+    SCOPED_TRACE(kase == 0 ? "bad next request" : "next id already active");
+    ASSERT_TRUE(local_->PlanIteration(Prefill(RequestId(1), 40, 0)).ok());
+    ASSERT_TRUE(local_->PlanIteration(Prefill(RequestId(2), 40, 1)).ok());
+    IterationRequest next = Prefill(RequestId(1), 40, 0);
+    if (kase == 0) {
+      next.end_tokens = 0;  // InvalidArgument
+    } else {
+      next.request = RequestId(2);  // AlreadyExists
+    }
+    auto r = local_->ReleaseAndPlan(RequestId(1), next);
+    EXPECT_EQ(r.status().code(),
+              kase == 0 ? absl::StatusCode::kInvalidArgument : absl::StatusCode::kAlreadyExists)
+        << r.status();
+    // Request 1 is released (a second Release finds nothing), request 2 untouched.
+    EXPECT_EQ(local_->Release(RequestId(1)).code(), absl::StatusCode::kNotFound);
+    EXPECT_EQ(lake_->Stats().active_requests, 1);
+    ASSERT_TRUE(local_->Release(RequestId(2)).ok());
+    EXPECT_EQ(lake_->Stats().active_requests, 0);
+    EXPECT_EQ(lake_->Stats().pinned_segments, 0);
+  }
+}
+
+TEST(FailedOnTheWireTest, OnlyTransportCodes) {
+  EXPECT_TRUE(FailedOnTheWire(absl::UnavailableError("x")));
+  EXPECT_TRUE(FailedOnTheWire(absl::DeadlineExceededError("x")));
+  EXPECT_TRUE(FailedOnTheWire(absl::CancelledError("x")));
+  EXPECT_FALSE(FailedOnTheWire(absl::OkStatus()));
+  EXPECT_FALSE(FailedOnTheWire(absl::NotFoundError("x")));
+  EXPECT_FALSE(FailedOnTheWire(absl::InvalidArgumentError("x")));
+  EXPECT_FALSE(FailedOnTheWire(absl::AlreadyExistsError("x")));
+}
+
+// ---- the engine loop over a control plane that counts calls and injects failures ----
+
+// How the scripted ReleaseAndPlan call fails.
+enum class Fault {
+  kNone,
+  kLakeErrorAfterRelease,    // Release applied, the plan part answers InvalidArgument
+  kWireBeforeAnything,       // Unavailable, nothing applied
+  kWireAfterRelease,         // DeadlineExceeded, the Release applied
+  kWireAfterReleaseAndPlan,  // DeadlineExceeded, Release and PlanIteration applied
+};
+
+class ScriptedControlPlane final : public ControlPlane {
+ public:
+  explicit ScriptedControlPlane(LocalControlPlane* inner) : inner_(inner) {}
+  int32_t num_instances() const override { return inner_->num_instances(); }
+  absl::StatusOr<IterationPlan> PlanIteration(const IterationRequest& request) override {
+    ++plans;
+    return inner_->PlanIteration(request);
+  }
+  absl::StatusOr<lake::CommitResult> Commit(
+      RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) override {
+    ++commits;
+    return inner_->Commit(request, placements);
+  }
+  absl::Status Release(RequestId request) override {
+    ++releases;
+    return inner_->Release(request);
+  }
+  absl::StatusOr<IterationPlan> ReleaseAndPlan(RequestId release,
+                                               const IterationRequest& next) override {
+    ++fused;
+    if (fused != fail_at || fault == Fault::kNone) return inner_->ReleaseAndPlan(release, next);
+    switch (fault) {
+      case Fault::kLakeErrorAfterRelease:
+        EXPECT_TRUE(inner_->Release(release).ok());
+        return absl::InvalidArgumentError("scripted plan failure");
+      case Fault::kWireBeforeAnything:
+        return absl::UnavailableError("scripted: not sent");
+      case Fault::kWireAfterRelease:
+        EXPECT_TRUE(inner_->Release(release).ok());
+        return absl::DeadlineExceededError("scripted: reply lost after the release");
+      case Fault::kWireAfterReleaseAndPlan: {
+        EXPECT_TRUE(inner_->ReleaseAndPlan(release, next).ok());
+        return absl::DeadlineExceededError("scripted: reply lost after the plan");
+      }
+      case Fault::kNone:
+        break;
+    }
+    return absl::InternalError("unreachable");
+  }
+
+  int32_t plans = 0, commits = 0, releases = 0, fused = 0;
+  int32_t fail_at = 0;  // the fused call (1-based) that fails
+  Fault fault = Fault::kNone;
+
+ private:
+  LocalControlPlane* inner_;
+};
+
+class EngineControlCallsTest : public ControlPlaneTest {
+ protected:
+  void SetUp() override {
+    ControlPlaneTest::SetUp();
+    const LlamaConfig& c = model_->config();
+    auto pool = InstancePool::Create({.num_instances = 2,
+                                      .layout = {.num_layers = c.num_layers,
+                                                 .segment_tokens = kS,
+                                                 .num_kv_heads = c.num_kv_heads,
+                                                 .head_dim = c.head_dim,
+                                                 .dtype = attention::KvDtype::kFloat32},
+                                      .num_heads = c.num_heads,
+                                      .slots_per_instance = 64});
+    ASSERT_TRUE(pool.ok()) << pool.status();
+    pool_ = std::move(*pool);
+    scripted_ = std::make_unique<ScriptedControlPlane>(local_.get());
+    auto eng = Engine::CreateOverPool(
+        model_.get(), {.segment_tokens = kS},
+        {.control_plane = scripted_.get(), .pool = pool_.get(), .compute_instance = InstanceId(0)});
+    ASSERT_TRUE(eng.ok()) << eng.status();
+    engine_ = std::move(*eng);
+    auto ref = Engine::Create(model_.get(), {.use_pool = false});
+    ASSERT_TRUE(ref.ok());
+    reference_ = std::move(*ref);
+  }
+
+  std::vector<int32_t> Expected(const std::vector<int32_t>& prompt, int32_t n) {
+    auto r = reference_->Generate(prompt, n);
+    EXPECT_TRUE(r.ok());
+    return r.ok() ? r->tokens : std::vector<int32_t>{};
+  }
+
+  std::unique_ptr<InstancePool> pool_;
+  std::unique_ptr<ScriptedControlPlane> scripted_;
+  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<Engine> reference_;
+};
+
+TEST_F(EngineControlCallsTest, OnePlanCallPerIterationAndOneReleaseAtTheEnd) {
+  int64_t request = 1;
+  for (int32_t max_new : {1, 2, 5, 17}) {
+    SCOPED_TRACE(testing::Message() << "max_new_tokens=" << max_new);
+    const std::vector<int32_t> prompt = Tokens(40, max_new);
+    scripted_->plans = scripted_->commits = scripted_->releases = scripted_->fused = 0;
+    auto r = engine_->Generate(RequestId(request++), prompt, max_new);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->tokens, Expected(prompt, max_new));
+    EXPECT_EQ(scripted_->plans, 1);
+    EXPECT_EQ(scripted_->fused, max_new - 1);
+    EXPECT_EQ(scripted_->releases, 1);
+    EXPECT_EQ(scripted_->commits, max_new);  // LocalControlPlane commits every iteration
+    EXPECT_EQ(lake_->Stats().active_requests, 0);
+    EXPECT_EQ(lake_->Stats().pinned_segments, 0);
+    ASSERT_TRUE(lake_->CheckIntegrity().ok());
+  }
+}
+
+class EngineFusedFaultTest : public EngineControlCallsTest,
+                             public ::testing::WithParamInterface<std::tuple<Fault, int32_t>> {};
+
+TEST_P(EngineFusedFaultTest, FailedFusedCallLeavesNoPinAndReleasesOnlyWhenUnsure) {
+  const auto [fault, fail_at] = GetParam();
+  SCOPED_TRACE(testing::Message() << "fault=" << static_cast<int>(fault) << " fail_at=" << fail_at);
+  scripted_->fault = fault;
+  scripted_->fail_at = fail_at;
+  const std::vector<int32_t> prompt = Tokens(40, 3);
+  auto r = engine_->Generate(RequestId(5), prompt, 6);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(),
+            fault == Fault::kLakeErrorAfterRelease ? absl::StatusCode::kInvalidArgument
+            : fault == Fault::kWireBeforeAnything  ? absl::StatusCode::kUnavailable
+                                                   : absl::StatusCode::kDeadlineExceeded)
+      << r.status();
+  EXPECT_EQ(scripted_->fused, fail_at);
+  // After an answered error nothing is pinned, so no Release; after a wire failure one
+  // best-effort Release.
+  EXPECT_EQ(scripted_->releases, fault == Fault::kLakeErrorAfterRelease ? 0 : 1);
+  EXPECT_EQ(lake_->Stats().active_requests, 0);
+  EXPECT_EQ(lake_->Stats().pinned_segments, 0);
+  ASSERT_TRUE(lake_->CheckIntegrity().ok());
+  // The lake is intact: the same request with another id is served correctly.
+  scripted_->fault = Fault::kNone;
+  auto again = engine_->Generate(RequestId(6), prompt, 6);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->tokens, Expected(prompt, 6));
+  EXPECT_EQ(lake_->Stats().active_requests, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Faults, EngineFusedFaultTest,
+    ::testing::Combine(::testing::Values(Fault::kLakeErrorAfterRelease, Fault::kWireBeforeAnything,
+                                         Fault::kWireAfterRelease, Fault::kWireAfterReleaseAndPlan),
+                       ::testing::Values(1, 5)));
+
+}  // namespace
+}  // namespace tokenlake::engine
