@@ -3,7 +3,9 @@
 //   - the control plane of the pool: the coordinator owns the cluster's one lake::Lake (prefix
 //     tree, heavy-hitter tracker, balancer, planner) over `lake_instances` instances, and serves
 //     the engines' per-iteration calls over gRPC (service Lake: PlanIteration = match + plan +
-//     admit, Commit, Release; engine/control_plane.h). Every instance's engine runs the lake's
+//     admit, Commit, Release, and ReleaseAndPlan = an iteration's Release with the next one's
+//     PlanIteration under one hold of the lake lock, so that an engine makes one round trip per
+//     iteration; engine/control_plane.h; counted in tokenlake_lake_rpcs_total{call}). Every instance's engine runs the lake's
 //     plans over the cluster-wide pool: queries go to remote holders, KV is pulled or stored
 //     across processes on the instances' data-plane transports (design note below);
 //   - membership: instances Register and Heartbeat over gRPC (proto/tokenlake/v1/
