@@ -273,8 +273,12 @@ TEST_P(FusedCallTest, ReleaseAndPlanEqualsReleaseThenPlanIterationOnAReferenceLa
         }
         ++fused_calls;
         if (!want.ok()) ++fused_errors;
-        if (pick == 0) EXPECT_EQ(got.status().code(), absl::StatusCode::kNotFound);
-        if (pick == 1) EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
+        if (pick == 0) {
+          EXPECT_EQ(got.status().code(), absl::StatusCode::kNotFound);
+        }
+        if (pick == 1) {
+          EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument);
+        }
       }
       ASSERT_EQ(got.status().code(), want.status().code())
           << got.status() << " / " << want.status();
@@ -313,7 +317,9 @@ TEST_P(FusedCallTest, ReleaseAndPlanEqualsReleaseThenPlanIterationOnAReferenceLa
   const std::string m = coordinator_->MetricsText();
   EXPECT_EQ(Metric(m, "tokenlake_lake_rpcs_total{call=\"release_and_plan\"}"), fused_calls);
   EXPECT_EQ(Metric(m, "tokenlake_lake_rpcs_total{call=\"commit\"}"), commits);
-  if (slots < 16) EXPECT_GT(lake_->Stats().evicted_replicas, 0);
+  if (slots < 16) {
+    EXPECT_GT(lake_->Stats().evicted_replicas, 0);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(SeedsAndSlots, FusedCallTest,
