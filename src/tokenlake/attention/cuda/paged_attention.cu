@@ -2762,7 +2762,7 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
   a.extra_lse = p.extra_lse;
   a.num_extra = p.num_extra;
   a.extra_rows = static_cast<int64_t>(p.num_q_tokens) * p.num_heads;
-  a.pdl = 0;
+  a.pdl = p.pdl;
   if (c.items > 1 && (c.decode_fused || c.decode_dynamic)) {
     a.counters = static_cast<unsigned int*>(p.workspace);
   }
@@ -2781,30 +2781,25 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
                   "cudaFuncSetAttribute(decode tensor cores): %s", cudaGetErrorString(err)));
             }
             const dim3 grid(c.items, p.num_kv_heads / kK, p.num_q_tokens);
-            const dim3 block(kK * kDecodeMmaWarps * 32);
-            constexpr int kSmemBytes = DecodeMmaSmemBytes<kD, kS, kK>();
-            if (p.pdl == 0) {
-              DecodeMmaKernel<kD, kG, kS, kC, kK><<<grid, block, kSmemBytes, stream>>>(a);
-              return LaunchStatus("decode attention (tensor cores)");
-            }
-            a.pdl = p.pdl;
+            // One launch path: with pdl > 0 the programmatic-serialization attribute (the
+            // kernel's griddepcontrol.wait then orders it), without it an ordinary launch.
             cudaLaunchConfig_t config = {};
             config.gridDim = grid;
-            config.blockDim = block;
-            config.dynamicSmemBytes = kSmemBytes;
+            config.blockDim = dim3(kK * kDecodeMmaWarps * 32);
+            config.dynamicSmemBytes = DecodeMmaSmemBytes<kD, kS, kK>();
             config.stream = stream;
             cudaLaunchAttribute attr[1];
             attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
             attr[0].val.programmaticStreamSerializationAllowed = 1;
             config.attrs = attr;
-            config.numAttrs = 1;
+            config.numAttrs = p.pdl > 0 ? 1 : 0;
             if (cudaError_t err =
                     cudaLaunchKernelEx(&config, DecodeMmaKernel<kD, kG, kS, kC, kK>, a);
                 err != cudaSuccess) {
               return absl::InternalError(absl::StrFormat(
-                  "decode attention (tensor cores, PDL) launch: %s", cudaGetErrorString(err)));
+                  "decode attention (tensor cores) launch: %s", cudaGetErrorString(err)));
             }
-            return LaunchStatus("decode attention (tensor cores, PDL)");
+            return LaunchStatus("decode attention (tensor cores)");
           });
     }
   }

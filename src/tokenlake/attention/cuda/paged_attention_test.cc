@@ -130,6 +130,16 @@ void ExpectCountersZero(const void* ws, size_t bytes) {
   for (size_t i = 0; i < counters.size(); ++i) ASSERT_EQ(counters[i], 0u) << "counter " << i;
 }
 
+// The CPU reference's parameters for a shape's bf16 K/V (defaults for everything else).
+AttentionParams ReferenceParams(const Shape& s) {
+  AttentionParams ap;
+  ap.num_heads = s.num_heads;
+  ap.num_kv_heads = s.num_kv_heads;
+  ap.head_dim = s.head_dim;
+  ap.kv_dtype = KvDtype::kBFloat16;
+  return ap;
+}
+
 // Copies host K/V (`[block][k, v][block_elems]` bf16 bits) to d_kv and the blocks' descriptors
 // (block b over d_kv, lens[b] valid rows) to d_blocks; both buffers are large enough.
 void UploadBlocks(const std::vector<uint16_t>& kv, const std::vector<int>& lens, size_t block_elems,
@@ -266,11 +276,7 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
     host_blocks[b].v = kv.data() + (2 * b + 1) * block_elems;
     host_blocks[b].num_tokens = c.block_lens[b];
   }
-  AttentionParams ap;
-  ap.num_heads = s.num_heads;
-  ap.num_kv_heads = s.num_kv_heads;
-  ap.head_dim = s.head_dim;
-  ap.kv_dtype = KvDtype::kBFloat16;
+  AttentionParams ap = ReferenceParams(s);
   ap.softmax_scale = c.softmax_scale;
   ap.causal = c.causal;
   ap.q_start_pos = c.q_start_pos;
@@ -700,11 +706,7 @@ TEST_P(PagedAttentionGpuTest, PdlChainedDecodesMatchReference) {
     DeviceBuffer d_kv(kv.size() * 2), d_blocks(sizeof(DeviceKvBlock) * nb);
     UploadBlocks(kv, lens, block_elems, d_kv, d_blocks);
     if (HasFatalFailure()) return;
-    AttentionParams ap;
-    ap.num_heads = s.num_heads;
-    ap.num_kv_heads = s.num_kv_heads;
-    ap.head_dim = s.head_dim;
-    ap.kv_dtype = KvDtype::kBFloat16;
+    const AttentionParams ap = ReferenceParams(s);
     const size_t q_elems = static_cast<size_t>(num_q) * s.num_heads * s.head_dim;
     const size_t rows = static_cast<size_t>(num_q) * s.num_heads;
     // Per call: its own query, output and reference.
@@ -878,11 +880,7 @@ TEST_P(PagedAttentionGpuTest, BatchedDecodeMatchesPerRequestReference) {
       q_bf16[i] = FloatToBf16(normal(rng) * 1.5f);
       q_f32[i] = Bf16ToFloat(q_bf16[i]);
     }
-    AttentionParams ap;
-    ap.num_heads = s.num_heads;
-    ap.num_kv_heads = s.num_kv_heads;
-    ap.head_dim = s.head_dim;
-    ap.kv_dtype = KvDtype::kBFloat16;
+    const AttentionParams ap = ReferenceParams(s);
     const size_t req_q = static_cast<size_t>(s.num_heads) * s.head_dim;
     std::vector<float> ref_out(q_elems), ref_lse(static_cast<size_t>(num_req) * s.num_heads);
     for (int r = 0; r < num_req; ++r) {
