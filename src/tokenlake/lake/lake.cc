@@ -123,6 +123,10 @@ absl::Status Lake::ValidateRequest(const LakeRequest& r) const {
     return Invalid(absl::StrFormat("request %d: unknown preferred instance %d (pool has %d)",
                                    r.id.value(), r.preferred_instance.value(), num_instances()));
   }
+  if (r.extra_slots < 0) {
+    return Invalid(absl::StrFormat("request %d: extra_slots must be >= 0, got %d", r.id.value(),
+                                   r.extra_slots));
+  }
   return absl::OkStatus();
 }
 
@@ -204,6 +208,7 @@ absl::StatusOr<std::vector<plan::BatchPlan>> Lake::GenPlans(absl::Span<const Bat
   std::vector<plan::PlanBatch> pbs(batches.size());
   for (size_t b = 0; b < batches.size(); ++b) {
     pbs[b].dop = batches[b].dop;
+    pbs[b].candidates = batches[b].candidates;
     pbs[b].requests.reserve(batches[b].requests.size());
     for (const LakeRequest& r : batches[b].requests) {
       pbs[b].requests.push_back(ToPlanRequestLocked(r));
@@ -243,7 +248,7 @@ absl::StatusOr<std::optional<AdmitResult>> Lake::TryAdmit(const LakeRequest& req
         absl::StrFormat("TryAdmit: request %d is already active", request.id.value()));
   }
   const size_t n = MatchedPrefix(*tree_, request.keys);
-  const int64_t new_segments = static_cast<int64_t>(request.keys.size() - n);
+  const int64_t new_segments = static_cast<int64_t>(request.keys.size() - n) + request.extra_slots;
   // Matched segments not pinned yet stop being evictable once this request pins them.
   int64_t newly_pinned = 0;
   for (size_t i = 0; i < n; ++i) {
@@ -578,6 +583,30 @@ absl::Status Lake::Release(RequestId request) {
     for (InstanceId r : node->replicas) instance_load_[r.value()].Add(share, now);
   }
   active_.erase(it);
+  return absl::OkStatus();
+}
+
+absl::Status Lake::RecordQueryLoad(RequestId request, int64_t query_tokens) {
+  if (query_tokens < 0) {
+    return Invalid(
+        absl::StrFormat("RecordQueryLoad: query_tokens must be >= 0, got %d", query_tokens));
+  }
+  absl::MutexLock lock(&mu_);
+  auto it = active_.find(request);
+  if (it == active_.end()) {
+    return absl::NotFoundError(
+        absl::StrFormat("RecordQueryLoad: request %d is not active", request.value()));
+  }
+  if (query_tokens == 0) return absl::OkStatus();
+  const int64_t now = clock_->NowUs();
+  for (SegmentId s : it->second.pinned) {
+    const index::PrefixTree::Node* node = tree_->Find(s);
+    if (node == nullptr || node->replicas.empty()) continue;  // lost with an instance
+    const double load = static_cast<double>(query_tokens) * node->num_tokens;
+    tracker_->Record(s, load);
+    const double share = load / static_cast<double>(node->replicas.size());
+    for (InstanceId r : node->replicas) instance_load_[r.value()].Add(share, now);
+  }
   return absl::OkStatus();
 }
 

@@ -42,14 +42,17 @@
 //
 // Memory admission (TryAdmit): pinned replicas are never evictable, so the slots that can still
 // take a new segment are AvailableSlots() = total slots - replicas of pinned segments - slots
-// reserved by admitted requests for their not yet committed new segments. TryAdmit admits a
-// request only if its new segments (keys beyond its match) fit in that, and reserves them
-// until its Commit (each placement consumes one) or Release. As long as every request is
+// reserved by admitted requests for their not yet committed new segments and their extra
+// slots (LakeRequest::extra_slots). TryAdmit admits a request only if its new segments (keys
+// beyond its match) and extra slots fit in that, and reserves them until its Commit (each
+// placement consumes one) or Release. As long as every request is
 // admitted with TryAdmit, every committed segment finds a slot (never not_stored for lack of
 // memory). Rebalance never replicates a pinned segment into a slot that a reservation needs.
 //
-// Load accounting: a segment's heavy-hitter load is recorded at Release; each instance's
-// decayed cache load gets the segment's load divided evenly among its replicas.
+// Load accounting: a segment's heavy-hitter load is recorded at Release (the prefill's queries
+// over its matched prefix) and by RecordQueryLoad (later queries, e.g. decodes, over every
+// segment the request pins); each instance's decayed cache load gets the segment's load divided
+// evenly among its replicas.
 //
 // Errors (absl::Status, never a crash): InvalidArgument for invalid options (zero instances,
 // segment_tokens 0, slot counts, model shape...), for an unknown instance, a DoP outside
@@ -131,12 +134,19 @@ struct LakeRequest {
   // Whether Admit counts this iteration in the hit statistics (true for a prefill, false for
   // later decode iterations of the same request).
   bool count_hits = true;
+  // TryAdmit only: slots to reserve beyond the new segments, for KV the request will produce
+  // that has no key yet (its generated tokens), held until Release. This is how a running
+  // request's whole KV lives in the one pool. Must be >= 0.
+  int64_t extra_slots = 0;
 };
 
 struct Batch {
   std::vector<LakeRequest> requests;
   // Degree of parallelism: instances in the group. Must be in [1, num_instances].
   int32_t dop = 1;
+  // The instances the group may be chosen from (e.g. those the scheduler has free now),
+  // distinct and in the pool; empty = any. dop must not exceed their number.
+  std::vector<InstanceId> candidates;
 };
 
 struct AdmitResult {
@@ -310,6 +320,13 @@ class Lake {
   // Unpins everything the request pinned, records accesses and heavy-hitter load.
   // Errors: NotFound (request not active).
   absl::Status Release(RequestId request);
+
+  // Records the load of `query_tokens` more queries of an active request over every segment it
+  // pins (its matched prefix and the segments it committed): a decode's iterations, which
+  // attend to the whole sequence. Release records the prefill's queries over the matched
+  // prefix; this records the rest, so heavy hitters are found from all the work that reads
+  // them. Errors: NotFound (request not active), InvalidArgument (query_tokens < 0).
+  absl::Status RecordQueryLoad(RequestId request, int64_t query_tokens);
 
   // ---- Maintenance ----
 

@@ -8,8 +8,10 @@
 //   - replicas <= instances for every segment; every stored segment's parent is stored.
 // With try_admit, requests are admitted with TryAdmit (memory admission) and additionally:
 //   - AvailableSlots() = total slots - replicas of the model's pinned segments - the model's
-//     outstanding reservations (keys beyond the match at admission, minus placements committed);
+//     outstanding reservations (keys beyond the match at admission plus extra slots, minus
+//     placements committed);
 //   - no Commit ever reports a segment not stored (every admitted request's segments fit).
+#include <algorithm>
 #include <iostream>
 #include <map>
 #include <set>
@@ -44,6 +46,7 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
   SCOPED_TRACE(testing::Message() << "seed=" << seed);
   std::cout << "seed=" << seed << "\n";
   Rng rng(seed);
+  Rng rng2(seed + 1);  // choices added later, kept off rng so the scenarios stay the same
   ManualClock clock(1);
   LakeOptions o;
   o.num_instances = p.instances;
@@ -135,6 +138,12 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
   };
 
   for (int step = 0; step < p.steps; ++step) {
+    if (!active.empty() && rng2.UniformInt(0, 4) == 0) {
+      // A decode iteration's load: changes statistics, never the pool.
+      auto it = active.begin();
+      std::advance(it, rng2.UniformInt(0, static_cast<int64_t>(active.size()) - 1));
+      ASSERT_TRUE(lake.RecordQueryLoad(RequestId(it->first), rng2.UniformInt(0, 8)).ok());
+    }
     const double dice = rng.UniformDouble();
     // Memory admission is only exercised when requests want more than the pool holds.
     const bool crowded = static_cast<int64_t>(active.size()) >
@@ -173,16 +182,36 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
       const int32_t doc = static_cast<int32_t>(rng.UniformInt(0, p.documents - 1));
       r.keys = make_keys(doc, static_cast<int32_t>(rng.UniformInt(1, 6)));
       r.new_tokens = rng.UniformInt(1, 4 * kS);
+      if (p.try_admit) r.extra_slots = rng2.UniformInt(0, 2);  // generated tokens' KV
       const int32_t dop = static_cast<int32_t>(rng.UniformInt(1, p.instances));
-      auto plans = lake.GenPlans({Batch{{r}, dop}});
+      // Half the batches may use only some instances (those a scheduler has free).
+      std::vector<InstanceId> candidates;
+      if (rng2.UniformInt(0, 1) == 1) {
+        for (int32_t i = 0; i < p.instances; ++i) {
+          if (rng2.UniformInt(0, 1) == 1) candidates.push_back(InstanceId(i));
+        }
+        for (int32_t i = 0; static_cast<int32_t>(candidates.size()) < dop; ++i) {
+          if (std::find(candidates.begin(), candidates.end(), InstanceId(i)) == candidates.end()) {
+            candidates.push_back(InstanceId(i));
+          }
+        }
+      }
+      auto plans = lake.GenPlans({Batch{{r}, dop, candidates}});
       ASSERT_TRUE(plans.ok()) << plans.status();
+      ASSERT_EQ(static_cast<int32_t>((*plans)[0].instance_group.size()), dop);
+      for (InstanceId g : (*plans)[0].instance_group) {
+        ASSERT_TRUE(candidates.empty() ||
+                    std::find(candidates.begin(), candidates.end(), g) != candidates.end())
+            << "step " << step << ": group member " << g.value() << " is not a candidate";
+      }
       absl::StatusOr<AdmitResult> admitted = absl::NotFoundError("deferred");
       if (p.try_admit) {
         auto tried = lake.TryAdmit(r);
         ASSERT_TRUE(tried.ok()) << tried.status();
         if (tried->has_value()) {
           admitted = **tried;
-          reserved[r.id.value()] = static_cast<int64_t>(r.keys.size()) - (*tried)->matched_segments;
+          reserved[r.id.value()] =
+              static_cast<int64_t>(r.keys.size()) - (*tried)->matched_segments + r.extra_slots;
           ASSERT_EQ((*tried)->reserved_slots, reserved[r.id.value()]);
         } else {
           ++deferred;  // it waits: nothing changed

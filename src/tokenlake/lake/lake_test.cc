@@ -203,6 +203,78 @@ TEST_F(LakeTest, HotSystemPromptIsReplicatedAndItsExtraReplicasDropFirstWhenItCo
   ASSERT_TRUE(lake_->CheckIntegrity().ok());
 }
 
+TEST_F(LakeTest, DecodeLoadMakesASegmentHeavyWithoutNewPrefills) {
+  Make(SmallOptions(4, 64));
+  // Ten requests each prefill one private segment after a shared prefix segment 1 (1 query
+  // token each: almost no prefill load), then decode for a long time over the whole sequence.
+  for (uint64_t r = 1; r <= 10; ++r) {
+    auto a = lake_->TryAdmit(Req(r, Chain({1, 100 + r}), 1));
+    ASSERT_TRUE(a.ok() && a->has_value());
+    ASSERT_TRUE(lake_->CommitKeys(RequestId(r), Chain({1, 100 + r}), InstanceId(0)).ok());
+  }
+  EXPECT_FALSE(lake_->IsHeavyHitter(SegmentId(1)));
+  const double before = lake_->SegmentLoad(SegmentId(1));
+  for (uint64_t r = 1; r <= 10; ++r) ASSERT_TRUE(lake_->RecordQueryLoad(RequestId(r), 500).ok());
+  // Segment 1 is read by all ten decodes (10 x 500 x 16), each private segment by one.
+  EXPECT_NEAR(lake_->SegmentLoad(SegmentId(1)) - before, 10 * 500.0 * kS, 1e-6);
+  EXPECT_NEAR(lake_->SegmentLoad(SegmentId(105)), 500.0 * kS, 1e-6);
+  EXPECT_TRUE(lake_->IsHeavyHitter(SegmentId(1)));
+  EXPECT_EQ(lake_->RecordQueryLoad(RequestId(99), 1).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(lake_->RecordQueryLoad(RequestId(1), -1).code(), absl::StatusCode::kInvalidArgument);
+  for (uint64_t r = 1; r <= 10; ++r) ASSERT_TRUE(lake_->Release(RequestId(r)).ok());
+  ASSERT_TRUE(lake_->CheckIntegrity().ok());
+}
+
+TEST_F(LakeTest, ExtraSlotsAreReservedForGeneratedTokensUntilRelease) {
+  Make(SmallOptions(2, 4));  // 8 slots
+  LakeRequest r = Req(1, Chain({1, 2}), 2 * kS);
+  r.extra_slots = 3;  // its generated tokens will need 3 segments
+  auto a = lake_->TryAdmit(r);
+  ASSERT_TRUE(a.ok() && a->has_value());
+  EXPECT_EQ((*a)->reserved_slots, 5);
+  EXPECT_EQ(lake_->AvailableSlots(), 3);
+  ASSERT_TRUE(lake_->CommitKeys(RequestId(1), r.keys, InstanceId(0)).ok());
+  EXPECT_EQ(lake_->AvailableSlots(), 3);  // 2 pinned + 3 still reserved
+  LakeRequest big = Req(2, Chain({7, 8, 9, 10}), 4 * kS);
+  auto b = lake_->TryAdmit(big);
+  ASSERT_TRUE(b.ok());
+  EXPECT_FALSE(b->has_value());  // 4 > 3: waits for the first request's memory
+  ASSERT_TRUE(lake_->Release(RequestId(1)).ok());
+  EXPECT_EQ(lake_->AvailableSlots(), 8);
+  b = lake_->TryAdmit(big);
+  ASSERT_TRUE(b.ok() && b->has_value());
+  r.id = RequestId(3);
+  r.extra_slots = -1;
+  EXPECT_EQ(lake_->TryAdmit(r).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(LakeTest, GroupsAreChosenAmongTheCandidates) {
+  Make(SmallOptions(4, 8));
+  // The prefix lives on instance 0, but only instances 2 and 3 are free.
+  RunIteration(Req(1, Chain({1, 2}), 2 * kS));
+  const auto* node = lake_->prefix_tree().Find(SegmentId(1));
+  ASSERT_NE(node, nullptr);
+  const InstanceId holder = node->replicas[0];
+  std::vector<InstanceId> free;
+  for (int32_t i = 0; i < 4 && free.size() < 2; ++i) {
+    if (InstanceId(i) != holder) free.push_back(InstanceId(i));
+  }
+  auto plans = lake_->GenPlans({Batch{{Req(2, Chain({1, 2, 3}), kS)}, 1, free}});
+  ASSERT_TRUE(plans.ok()) << plans.status();
+  const plan::BatchPlan& p = (*plans)[0];
+  ASSERT_EQ(p.instance_group.size(), 1u);
+  EXPECT_TRUE(p.instance_group[0] == free[0] || p.instance_group[0] == free[1]);
+  EXPECT_EQ(p.requests[0].compute_instance, p.instance_group[0]);
+  EXPECT_EQ(p.requests[0].holders[0].holder, holder);  // its queries go to the prefix
+  // Bad candidates: out of range, repeated, fewer than the DoP.
+  for (const std::vector<InstanceId>& bad :
+       {std::vector<InstanceId>{InstanceId(4)}, std::vector<InstanceId>{free[0], free[0]},
+        std::vector<InstanceId>{free[0]}}) {
+    auto e = lake_->GenPlans({Batch{{Req(3, Chain({1}), 1)}, 2, bad}});
+    EXPECT_EQ(e.status().code(), absl::StatusCode::kInvalidArgument);
+  }
+}
+
 TEST_F(LakeTest, LoadImbalanceIsFixedByMovingWarmSegments) {
   Make(SmallOptions(2, 8));
   // Six documents of one segment each, all produced on instance 0, then read equally often.

@@ -101,6 +101,22 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
           "batch %d: dop %d is outside [1, %d] (the number of instances)", b, batches[b].dop, n));
     }
     TOKENLAKE_RETURN_IF_ERROR(ValidateRequests(batches[b].requests, n, static_cast<int32_t>(b)));
+    const auto& cands = batches[b].candidates;
+    if (!cands.empty()) {
+      std::vector<char> seen(n, 0);
+      for (InstanceId c : cands) {
+        if (!c.valid() || c.value() < 0 || c.value() >= n || seen[c.value()]) {
+          return absl::InvalidArgumentError(absl::StrFormat(
+              "batch %d: candidate instance %d is outside [0, %d) or repeated", b, c.value(), n));
+        }
+        seen[c.value()] = 1;
+      }
+      if (static_cast<int32_t>(cands.size()) < batches[b].dop) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("batch %d: dop %d exceeds its %d candidate instances", b,
+                            batches[b].dop, cands.size()));
+      }
+    }
   }
   const ModelShape& shape = options_.shape;
   std::vector<balance::InstanceState> state(instances.begin(), instances.end());
@@ -146,7 +162,12 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
       const double over = mean_load > 0 ? std::max(0.0, state[i].load / mean_load - 1) : 0.0;
       score[i] = held[i] / (1 + over);
     }
+    order.resize(n);
     std::iota(order.begin(), order.end(), 0);
+    if (!batch.candidates.empty()) {
+      order.clear();
+      for (InstanceId c : batch.candidates) order.push_back(c.value());
+    }
     std::sort(order.begin(), order.end(), [&](int32_t a, int32_t c) {
       if (score[a] != score[c]) return score[a] > score[c];
       if (state[a].load != state[c].load) return state[a].load < state[c].load;

@@ -6,7 +6,8 @@
 //
 // GenPlans, for each batch (in order; a batch's work is added to the instances' loads before
 // the next batch is planned, so consecutive batches spread):
-//   1. Instance group: the `dop` instances with the highest score, where an instance's score is
+//   1. Instance group: the `dop` instances (among the batch's candidates) with the highest score,
+//   where an instance's score is
 //      the batch's cached tokens it holds (a segment with R replicas counts 1/R on each), divided
 //      by (1 + how far its load is above the mean, as a fraction of the mean). Ties: lower load,
 //      then lower id.
@@ -82,6 +83,9 @@ struct PlanBatch {
   std::vector<PlanRequest> requests;
   // Degree of parallelism: size of the instance group. Must be in [1, num_instances].
   int32_t dop = 1;
+  // The instances the group is chosen from (distinct, in the pool); empty = all. dop must not
+  // exceed their number.
+  std::vector<InstanceId> candidates;
 };
 
 // Estimated cache work and memory on one instance for a set of requests.
@@ -116,8 +120,9 @@ class Planner {
   // One plan per batch, in order (see the file comment).
   // `instances[i].id` must be InstanceId(i) (dense, in order); it must not be empty.
   // Errors (InvalidArgument, message naming the batch/request/segment): dop outside
-  // [1, instances.size()], negative new_tokens, a cached segment with no replica or a replica
-  // outside the pool, num_tokens <= 0, instances not dense.
+  // [1, instances.size()], candidates outside the pool, repeated, or fewer than dop, negative
+  // new_tokens, a cached segment with no replica or a replica outside the pool, num_tokens <= 0,
+  // instances not dense.
   absl::StatusOr<std::vector<BatchPlan>> GenPlans(
       absl::Span<const PlanBatch> batches,
       absl::Span<const balance::InstanceState> instances) const;
