@@ -1,0 +1,271 @@
+#include "tokenlake/sched/elastic_scheduler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace tokenlake::sched {
+namespace {
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// Dense a + b t, attention e q (c + q / 2), parallel p t per extra instance.
+class LinearCost final : public BatchCostModel {
+ public:
+  LinearCost(double a, double b, double e, double p) : a_(a), b_(b), e_(e), p_(p) {}
+  double DenseSeconds(int64_t tokens) const override { return a_ + b_ * tokens; }
+  double AttentionSeconds(int64_t q, int64_t c) const override { return e_ * q * (c + q / 2.0); }
+  double ParallelSeconds(int64_t tokens, int32_t dop) const override {
+    return p_ * tokens * (dop - 1);
+  }
+
+ private:
+  double a_, b_, e_, p_;
+};
+
+struct RefChunk {
+  int32_t candidate;
+  int64_t tokens;
+  int64_t context;
+};
+
+// The admission rule of step a, written out plainly.
+std::vector<RefChunk> ReferenceChunks(const std::vector<PrefillCandidate>& c, int32_t n,
+                                      const ElasticSchedulerOptions& o) {
+  std::vector<RefChunk> out;
+  int64_t capacity = n * o.chunk_tokens;
+  const int64_t max_take = std::min(o.max_dop, n) * o.chunk_tokens;
+  for (size_t i = 0; i < c.size(); ++i) {
+    if (capacity == 0) break;
+    int64_t take = c[i].remaining_tokens;
+    if (take > capacity) take = capacity;
+    if (take > max_take) take = max_take;
+    if (take < c[i].remaining_tokens) {
+      if (take > o.chunk_tokens) take = (take / o.chunk_tokens) * o.chunk_tokens;
+      take = (take / o.align_tokens) * o.align_tokens;
+      if (take == 0) continue;
+    }
+    capacity -= take;
+    out.push_back({static_cast<int32_t>(i), take, c[i].context_tokens});
+  }
+  return out;
+}
+
+double RefBatchSeconds(const std::vector<RefChunk>& batch, int32_t d, const BatchCostModel& cost,
+                       const ElasticSchedulerOptions& o) {
+  int64_t tokens = 0;
+  double attention = 0;
+  for (const RefChunk& c : batch) {
+    tokens += c.tokens;
+    attention += cost.AttentionSeconds(c.tokens, c.context);
+  }
+  if (tokens > d * o.chunk_tokens || tokens < d) return kInf;
+  double t = cost.DenseSeconds((tokens + d - 1) / d) + attention / d;
+  if (d > 1) t += cost.ParallelSeconds(tokens, d);
+  return t;
+}
+
+// Exhaustive search over every split of the length-sorted chunks into consecutive batches and
+// every DoP of each batch: the least sum over chunks of their batch's time (kInf if none).
+double BruteForce(std::vector<RefChunk> chunks, int32_t n, double slo_s, const BatchCostModel& cost,
+                  const ElasticSchedulerOptions& o) {
+  std::stable_sort(chunks.begin(), chunks.end(),
+                   [](const RefChunk& a, const RefChunk& b) { return a.tokens < b.tokens; });
+  double best = kInf;
+  std::function<void(size_t, int32_t, double)> rec = [&](size_t start, int32_t left, double acc) {
+    if (start == chunks.size()) {
+      best = std::min(best, acc);
+      return;
+    }
+    for (size_t end = start + 1; end <= chunks.size(); ++end) {
+      std::vector<RefChunk> batch(chunks.begin() + start, chunks.begin() + end);
+      for (int32_t d = 1; d <= std::min(left, o.max_dop); ++d) {
+        const double t = RefBatchSeconds(batch, d, cost, o);
+        if (!(t <= slo_s)) continue;
+        rec(end, left - d, acc + static_cast<double>(batch.size()) * t);
+      }
+    }
+  };
+  rec(0, n, 0);
+  return best;
+}
+
+TEST(ElasticSchedulerTest, MatchesExhaustiveSearchOnRandomQueues) {
+  const uint32_t seed = std::random_device{}();
+  std::printf("ElasticSchedulerTest seed %u\n", seed);
+  std::mt19937 rng(seed);
+  for (int round = 0; round < 300; ++round) {
+    SCOPED_TRACE(testing::Message() << "seed " << seed << " round " << round);
+    ElasticSchedulerOptions o;
+    o.chunk_tokens = std::uniform_int_distribution<int64_t>(64, 512)(rng);
+    o.max_dop = std::uniform_int_distribution<int32_t>(1, 4)(rng);
+    o.align_tokens = rng() % 2 == 0 ? 1 : 16;
+    const int32_t n = std::uniform_int_distribution<int32_t>(1, 4)(rng);
+    const LinearCost cost(std::uniform_real_distribution<double>(0.001, 0.01)(rng),
+                          std::uniform_real_distribution<double>(1e-6, 1e-5)(rng),
+                          std::uniform_real_distribution<double>(1e-10, 1e-8)(rng),
+                          std::uniform_real_distribution<double>(0, 1e-6)(rng));
+    std::vector<PrefillCandidate> cands(std::uniform_int_distribution<int>(1, 6)(rng));
+    for (PrefillCandidate& c : cands) {
+      c.remaining_tokens = std::uniform_int_distribution<int64_t>(1, 3 * o.chunk_tokens)(rng);
+      c.context_tokens = std::uniform_int_distribution<int64_t>(0, 20000)(rng);
+    }
+    const bool with_slo = rng() % 2 == 0;
+    o.prefill_slo_s = with_slo ? std::uniform_real_distribution<double>(0.002, 0.05)(rng) : kInf;
+
+    auto got = SchedulePrefill(cands, n, cost, o);
+    ASSERT_TRUE(got.ok()) << got.status();
+
+    // The reference: admitted chunks, dropping the last admitted while nothing fits.
+    std::vector<RefChunk> chunks = ReferenceChunks(cands, n, o);
+    double want = kInf;
+    bool slo_met = true;
+    while (!chunks.empty()) {
+      want = BruteForce(chunks, n, o.prefill_slo_s, cost, o);
+      slo_met = true;
+      if (want == kInf && with_slo) {
+        want = BruteForce(chunks, n, kInf, cost, o);
+        slo_met = false;
+      }
+      if (want < kInf) break;
+      chunks.pop_back();
+    }
+    ASSERT_FALSE(chunks.empty()) << "one chunk alone always fits";
+    EXPECT_EQ(got->slo_met, slo_met);
+    EXPECT_NEAR(got->total_latency_s, want, 1e-9 * std::max(1.0, want));
+
+    // The schedule itself: every admitted chunk once, with its tokens; DoPs within the free
+    // instances; each batch's time as stated and the objective their sum.
+    int32_t dops = 0;
+    double objective = 0;
+    std::vector<int64_t> seen(cands.size(), 0);
+    for (const PrefillBatch& b : got->batches) {
+      ASSERT_EQ(b.items.size(), b.tokens.size());
+      ASSERT_GE(b.dop, 1);
+      ASSERT_LE(b.dop, o.max_dop);
+      dops += b.dop;
+      std::vector<RefChunk> batch;
+      for (size_t i = 0; i < b.items.size(); ++i) {
+        seen[b.items[i]] += b.tokens[i];
+        batch.push_back({b.items[i], b.tokens[i], cands[b.items[i]].context_tokens});
+      }
+      const double t = RefBatchSeconds(batch, b.dop, cost, o);
+      EXPECT_NEAR(b.estimated_s, t, 1e-12);
+      if (got->slo_met) {
+        EXPECT_LE(t, o.prefill_slo_s);
+      }
+      objective += static_cast<double>(b.items.size()) * t;
+    }
+    EXPECT_LE(dops, n);
+    EXPECT_NEAR(objective, got->total_latency_s, 1e-9 * std::max(1.0, objective));
+    std::vector<int64_t> want_seen(cands.size(), 0);
+    for (const RefChunk& c : chunks) want_seen[c.candidate] = c.tokens;
+    EXPECT_EQ(seen, want_seen);
+  }
+}
+
+TEST(ElasticSchedulerTest, SpreadsALongPrefillOverIdleInstances) {
+  // Dense work dominates: 4 idle instances compute a 4-budget prompt in parallel.
+  const LinearCost cost(0.005, 2e-5, 0, 0);
+  ElasticSchedulerOptions o;
+  o.chunk_tokens = 1024;
+  o.max_dop = 4;
+  const std::vector<PrefillCandidate> cands = {{4096, 0}};
+  auto s = SchedulePrefill(cands, 4, cost, o);
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_EQ(s->batches.size(), 1u);
+  EXPECT_EQ(s->batches[0].dop, 4);
+  EXPECT_EQ(s->batches[0].tokens[0], 4096);
+}
+
+TEST(ElasticSchedulerTest, ShortRequestsDoNotWaitBehindALongOne) {
+  // One long and three short prefills on two instances: the sum of latencies is least when the
+  // short ones share one instance and the long one gets the other.
+  const LinearCost cost(0.005, 2e-5, 1e-9, 0);
+  ElasticSchedulerOptions o;
+  o.chunk_tokens = 4096;
+  o.max_dop = 2;
+  const std::vector<PrefillCandidate> cands = {{4000, 0}, {50, 0}, {60, 0}, {70, 0}};
+  auto s = SchedulePrefill(cands, 2, cost, o);
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_EQ(s->batches.size(), 2u);
+  EXPECT_EQ(s->batches[0].items, (std::vector<int32_t>{1, 2, 3}));
+  EXPECT_EQ(s->batches[1].items, (std::vector<int32_t>{0}));
+}
+
+TEST(ElasticSchedulerTest, FirstComeFirstServedWithinTheBudget) {
+  const LinearCost cost(0.005, 2e-5, 0, 0);
+  ElasticSchedulerOptions o;
+  o.chunk_tokens = 1000;
+  o.max_dop = 1;
+  // One instance: the first request takes the whole budget, the second waits.
+  auto s = SchedulePrefill(std::vector<PrefillCandidate>{{5000, 0}, {10, 0}}, 1, cost, o);
+  ASSERT_TRUE(s.ok());
+  ASSERT_EQ(s->batches.size(), 1u);
+  EXPECT_EQ(s->batches[0].items, (std::vector<int32_t>{0}));
+  EXPECT_EQ(s->batches[0].tokens, (std::vector<int64_t>{1000}));
+}
+
+TEST(ElasticSchedulerTest, ManySmallRequestsAreGroupedAndAllScheduled) {
+  const LinearCost cost(0.005, 2e-5, 1e-9, 1e-7);
+  ElasticSchedulerOptions o;
+  o.chunk_tokens = 2048;
+  o.max_dop = 8;
+  o.max_dp_items = 16;
+  std::vector<PrefillCandidate> cands(500, PrefillCandidate{40, 100});
+  auto s = SchedulePrefill(cands, 8, cost, o);
+  ASSERT_TRUE(s.ok()) << s.status();
+  int64_t tokens = 0, dops = 0;
+  for (const PrefillBatch& b : s->batches) {
+    dops += b.dop;
+    for (int64_t t : b.tokens) tokens += t;
+  }
+  EXPECT_EQ(tokens, 8 * 2048);  // the budget is full: 409 whole requests and 24 tokens of one
+  EXPECT_LE(dops, 8);
+}
+
+TEST(ElasticSchedulerTest, RefusesBadInput) {
+  const LinearCost cost(0.005, 2e-5, 0, 0);
+  ElasticSchedulerOptions o;
+  o.chunk_tokens = 0;
+  EXPECT_EQ(SchedulePrefill({}, 1, cost, o).status().code(), absl::StatusCode::kInvalidArgument);
+  o = {};
+  o.prefill_slo_s = 0;
+  EXPECT_EQ(SchedulePrefill({}, 1, cost, o).status().code(), absl::StatusCode::kInvalidArgument);
+  o = {};
+  EXPECT_EQ(SchedulePrefill({}, -1, cost, o).status().code(), absl::StatusCode::kInvalidArgument);
+  const std::vector<PrefillCandidate> bad = {{0, 0}};
+  auto s = SchedulePrefill(bad, 1, cost, o);
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.status().message().find("candidate 0"), std::string::npos);
+  auto empty = SchedulePrefill({}, 3, cost, o);
+  ASSERT_TRUE(empty.ok());
+  EXPECT_TRUE(empty->batches.empty());
+}
+
+TEST(ElasticSchedulerTest, PlaceDecodeBestFitThenIdleThenLeastLoaded) {
+  const LinearCost cost(0.005, 1e-5, 1e-8, 0);  // decode of context c: ~1e-8 c seconds
+  const double budget = 0.02;
+  std::vector<DecodeInstance> in(4);
+  in[0] = {.decodes = 2, .context_tokens = 200000};  // ~0.007 s
+  in[1] = {.decodes = 4, .context_tokens = 900000};  // ~0.014 s: busiest that still fits
+  in[2] = {.decodes = 0, .idle = true};
+  in[3] = {.decodes = 1, .context_tokens = 1500000};  // ~0.02 s: full
+  EXPECT_EQ(PlaceDecode(in, 100000, budget, cost), 1);
+  // Too long for any decode instance: the idle one becomes a decode instance.
+  EXPECT_EQ(PlaceDecode(in, 1500000, budget, cost), 2);
+  // No idle instance: the least-loaded decode instance takes it.
+  in[2].idle = false;
+  EXPECT_EQ(PlaceDecode(in, 1500000, budget, cost), 0);
+  // Nothing eligible.
+  for (auto& i : in) i.eligible = false;
+  EXPECT_EQ(PlaceDecode(in, 1, budget, cost), -1);
+}
+
+}  // namespace
+}  // namespace tokenlake::sched
