@@ -52,9 +52,8 @@ struct SimFlags {
   std::string kv_gb;
   std::string pd_dram_gb = "0";
   std::string pd_dram_gbps = "25";
-  std::string tl_dop_tokens = "16384";
   std::string tl_max_dop = "4";
-  std::string tl_decode_reserve = "0.25";
+  std::string tl_decode_budget = "0.5";
   std::string tl_local_evict = "0.5";
   bool verbose = false;
 };
@@ -121,14 +120,13 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
   if (!ParsePositive(f.pd_dram_gbps, "--pd-dram-gbps", &pd_dram_gbps, &error)) return Usage(error);
   eo.sim.pd_dram_bytes = static_cast<int64_t>(pd_dram_gb * 1e9);
   eo.sim.pd_dram_gbps = pd_dram_gbps;
-  int64_t tl_dop_tokens = 0, tl_max_dop = 0;
-  double tl_reserve = 0;
-  if (!ParseCount(f.tl_dop_tokens, "--tl-dop-tokens", 1, INT64_MAX, &tl_dop_tokens, &error) ||
-      !ParseCount(f.tl_max_dop, "--tl-max-dop", 1, 4096, &tl_max_dop, &error) ||
-      !ParsePositive(f.tl_decode_reserve, "--tl-decode-reserve", &tl_reserve, &error)) {
+  int64_t tl_max_dop = 0;
+  double tl_decode_budget = 0;
+  if (!ParseCount(f.tl_max_dop, "--tl-max-dop", 1, 4096, &tl_max_dop, &error) ||
+      !ParsePositive(f.tl_decode_budget, "--tl-decode-budget", &tl_decode_budget, &error)) {
     return Usage(error);
   }
-  if (tl_reserve >= 1) return Usage("--tl-decode-reserve must be in (0, 1)");
+  if (tl_decode_budget > 1) return Usage("--tl-decode-budget must be in (0, 1]");
   double tl_local_evict = 0;
   if (!absl::SimpleAtod(f.tl_local_evict, &tl_local_evict) || !(tl_local_evict >= 0) ||
       !std::isfinite(tl_local_evict)) {
@@ -136,9 +134,8 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
         absl::StrFormat("--tl-local-evict must be a number >= 0, got '%s'", f.tl_local_evict));
   }
   eo.tokenlake.local_eviction_min_age_ratio = tl_local_evict;
-  eo.tokenlake.dop_tokens = tl_dop_tokens;
   eo.tokenlake.max_dop = static_cast<int>(tl_max_dop);
-  eo.tokenlake.decode_reserve_fraction = tl_reserve;
+  eo.tokenlake.decode_budget_share = tl_decode_budget;
   if (!f.rate.empty() && !ParsePositive(f.rate, "--rate", &eo.rate_rps, &error)) {
     return Usage(error);
   }
@@ -244,9 +241,8 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
           : std::string("GPU memory only, for every policy");
   config["kv_cache_tier"] = tier;
   config["seed"] = seed;
-  config["tokenlake_dop_tokens"] = eo.tokenlake.dop_tokens;
   config["tokenlake_max_dop"] = eo.tokenlake.max_dop;
-  config["tokenlake_decode_reserve"] = eo.tokenlake.decode_reserve_fraction;
+  config["tokenlake_decode_budget"] = eo.tokenlake.decode_budget_share;
   config["tokenlake_local_evict"] = eo.tokenlake.local_eviction_min_age_ratio;
 
   std::cout << absl::StrFormat(
@@ -322,11 +318,10 @@ void SetUpSim(CLI::App& app, int* exit_code) {
                   "pd-disagg: DRAM store <-> GPU bandwidth, GB/s (default 25)");
   cmd->add_option("--kv-gb", flags->kv_gb,
                   "KV cache GB per instance (default: GPU memory x 0.9 - weights - 4 GiB)");
-  cmd->add_option("--tl-dop-tokens", flags->tl_dop_tokens,
-                  "tokenlake: uncached prompt tokens per instance of a prefill's group (16384)");
   cmd->add_option("--tl-max-dop", flags->tl_max_dop, "tokenlake: largest prefill group (4)");
-  cmd->add_option("--tl-decode-reserve", flags->tl_decode_reserve,
-                  "tokenlake: share of KV memory kept out of the pool for generated tokens (0.25)");
+  cmd->add_option("--tl-decode-budget", flags->tl_decode_budget,
+                  "tokenlake: a decode instance takes decodes while its estimated iteration stays "
+                  "within this share of the TPOT SLO (0.5)");
   cmd->add_option("--tl-local-evict", flags->tl_local_evict,
                   "tokenlake: a full producer evicts its own LRU leaf for a new segment when that "
                   "leaf's age is >= this x the pool's LRU leaf's (0.5; > 1: pool-wide LRU only)");

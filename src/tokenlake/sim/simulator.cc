@@ -155,7 +155,10 @@ void Simulator::StartStep(Instance& inst) {
   }
   int64_t total = 0;
   for (int64_t t : tokens) total += t;
-  if (total == 0 && inst.extra_s <= 0) return;  // idle
+  if (total == 0 && inst.extra_s <= 0) {  // idle
+    policy_.OnIdle(*this, inst);
+    return;
+  }
 
   inst.busy = true;
   ++inst.generation;

@@ -161,6 +161,9 @@ class Policy {
                                 const std::vector<int64_t>& tokens, int64_t iters) {
     (void)sim, (void)inst, (void)jobs, (void)tokens, (void)iters;
   }
+  // `inst` has nothing to run (no job, no charged work): the policy may Deliver work to it
+  // (a global scheduler hands out its next batch here). Default none.
+  virtual void OnIdle(Simulator& sim, Instance& inst) { (void)sim, (void)inst; }
   // Periodic hook (every sample period).
   virtual void OnSample(Simulator& sim) { (void)sim; }
   // Pool statistics at this moment: stored block copies and distinct blocks.

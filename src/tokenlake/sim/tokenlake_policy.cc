@@ -4,6 +4,7 @@
 #include <cmath>
 #include <iostream>
 #include <limits>
+#include <set>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
@@ -12,9 +13,31 @@
 #include "tokenlake/index/segment_id.h"
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/plan/cost_model.h"
+#include "tokenlake/sched/elastic_scheduler.h"
 
 namespace tokenlake::sim {
 namespace {
+
+// The scheduler's latency model over the simulator's cost model.
+class SimBatchCost final : public sched::BatchCostModel {
+ public:
+  SimBatchCost(const CostModel& cost, const plan::ModelShape& shape) : cost_(cost), shape_(shape) {}
+  double DenseSeconds(int64_t tokens) const override { return cost_.DenseSeconds(tokens); }
+  double AttentionSeconds(int64_t new_tokens, int64_t context_tokens) const override {
+    return cost_.AttentionSeconds(new_tokens, context_tokens);
+  }
+  // Sequence parallelism: each member sends its queries to the d - 1 others (which hold the
+  // earlier parts' KV) and gets their partial results back.
+  double ParallelSeconds(int64_t tokens, int32_t dop) const override {
+    const int64_t per_member = (tokens + dop - 1) / dop;
+    return cost_.TransferSeconds(plan::MoveQueriesBytes(shape_, per_member) * (dop - 1),
+                                 /*same_node=*/true);
+  }
+
+ private:
+  const CostModel& cost_;
+  plan::ModelShape shape_;
+};
 
 class TokenLakePolicy final : public Policy {
  public:
@@ -35,15 +58,11 @@ class TokenLakePolicy final : public Policy {
   void Init(Simulator& sim) override {
     sim_ = &sim;
     const int n = sim.options().num_instances;
-    reserve_blocks_ = static_cast<int64_t>(static_cast<double>(sim.kv_capacity_blocks()) *
-                                           options_.decode_reserve_fraction);
-    reserve_used_.assign(static_cast<size_t>(n), 0);
     lake::LakeOptions lo;
     lo.num_instances = n;
     lo.segment_tokens = static_cast<int32_t>(kBlockTokens);
     lo.local_eviction_min_age_ratio = options_.local_eviction_min_age_ratio;
-    lo.slots_per_instance =
-        static_cast<int32_t>(std::max<int64_t>(1, sim.kv_capacity_blocks() - reserve_blocks_));
+    lo.slots_per_instance = static_cast<int32_t>(std::max<int64_t>(1, sim.kv_capacity_blocks()));
     const ModelSpec& m = sim.cost().model();
     lo.model.num_layers = static_cast<int32_t>(m.num_layers);
     lo.model.num_heads = static_cast<int32_t>(m.num_heads);
@@ -57,211 +76,50 @@ class TokenLakePolicy final : public Policy {
     lake_ = *std::move(lake);
     salt_ = index::NamespaceSalt(m.name);
     state_.assign(sim.workload().requests.size(), RequestState{});
+    decodes_.assign(static_cast<size_t>(n), 0);
+    decode_context_.assign(static_cast<size_t>(n), 0);
+    batch_cost_ = std::make_unique<SimBatchCost>(sim.cost(), shape_);
+    sched_.chunk_tokens = sim.options().token_budget;
+    sched_.max_dop = options_.max_dop;
+    sched_.align_tokens = kBlockTokens;
+    decode_budget_s_ = sim.options().slo_tpot_s * options_.decode_budget_share;
   }
 
   void OnArrival(Simulator& sim, int64_t request) override {
-    Tick(sim);
     const Request& r = sim.workload().requests[request];
     RequestState& st = state_[request];
     auto keys = index::KeysFromBlockHashes(salt_, r.block_ids, static_cast<int32_t>(kBlockTokens),
                                            r.input_tokens);
     if (!Ok(keys.status())) return sim.Reject(request);
     st.keys = *std::move(keys);
-    // A prompt with more segments than the whole pool can never be stored: like a baseline's
-    // request larger than an instance's memory, it is rejected.
-    if (static_cast<int64_t>(st.keys.size()) > pool_slots_) {
+    st.extra_slots =
+        std::max<int64_t>(0, (r.input_tokens + r.output_tokens + kBlockTokens - 1) / kBlockTokens -
+                                 static_cast<int64_t>(st.keys.size()));
+    // More segments than the whole pool can never be stored: like a baseline's request larger
+    // than an instance's memory, it is rejected.
+    if (static_cast<int64_t>(st.keys.size()) + st.extra_slots > pool_slots_) {
       st.keys.clear();
       return sim.Reject(request);
     }
-    if (StartSplit(sim, request)) return;
-    // DoP 1: the request queues at the instance with the fewest requests in flight; it is
-    // matched, planned and admitted to the pool when that instance admits it (Admit).
-    const index::MatchResult match = lake_->Match(st.keys);
-    const int inst = LeastLoaded(sim, st.keys, match.matched_segments);
-    st.deferred = true;
-    st.compute = inst;
-    sim.record(request).instance = inst;
-    Job* job = sim.NewJob(request, inst);
-    job->prefill_only = true;
-    job->owns_record = false;
-    job->policy_tag = 1;
-    sim.Deliver(job, sim.now());
-  }
-
-  // A long prefill over idle instances (elastic DoP > 1): admits `request` to the pool now
-  // (Lake::TryAdmit: its matched prefix pinned and its new segments' slots reserved) and
-  // delivers its parts, first in their instances' queues (they only go to idle instances).
-  // False when the DoP is 1 or the pool cannot hold its new segments now (nothing changed).
-  bool StartSplit(Simulator& sim, int64_t request) {
-    const Request& r = sim.workload().requests[request];
-    RequestState& st = state_[request];
-    const index::MatchResult match = lake_->Match(st.keys);
-    const int64_t cached = std::min(match.matched_tokens, r.input_tokens - 1);
-    const int64_t new_tokens = r.input_tokens - cached;
-    const int n = sim.options().num_instances;
-    // Elastic DoP: spread a long prefill only over capacity that is idle now (at most as many
-    // instances as have nothing in flight), so that splitting never queues parts behind others.
-    int idle = 0;
-    for (const Instance& inst : sim.instances()) idle += inst.in_flight == 0 ? 1 : 0;
-    const int dop = static_cast<int>(
-        std::clamp<int64_t>((new_tokens + options_.dop_tokens - 1) / options_.dop_tokens, 1,
-                            std::max(1, std::min({options_.max_dop, n, idle}))));
-
-    if (dop == 1) return false;
-    lake::LakeRequest lr;
-    lr.id = RequestId(static_cast<uint64_t>(request));
-    lr.keys = st.keys;
-    lr.new_tokens = new_tokens;
-    lake::Batch batch;
-    batch.dop = dop;
-    batch.requests.push_back(lr);
-    auto admitted = lake_->TryAdmit(lr);
-    if (!Ok(admitted.status())) {
-      sim.Reject(request);
-      return true;
-    }
-    if (!admitted->has_value()) return false;  // queues with DoP 1 instead
-    st.admitted = true;
-    ++active_requests_;
-    auto plans = lake_->GenPlans(absl::MakeConstSpan(&batch, 1));
-    if (!Ok(plans.status())) {
-      sim.Reject(request);
-      Finish(request);
-      return true;
-    }
-    const plan::BatchPlan& plan = (*plans)[0];
-    const plan::RequestPlan& rp = plan.requests[0];
-    st.compute = rp.compute_instance.value();
-    st.placements = plan.transfer.new_segments;
-    RequestRecord& rec = sim.record(request);
-    rec.instance = st.compute;
-    rec.cached_tokens = std::min((*admitted)->matched_tokens, r.input_tokens - 1);
-
-    std::vector<int> group = {st.compute};
-    for (InstanceId g : plan.instance_group) {
-      if (g.value() != st.compute) group.push_back(g.value());
-    }
-    // Remote holders (queries move there) and pulled KV (moved here first).
-    std::vector<std::pair<int, int64_t>> remote;
-    int64_t remote_tokens = 0, pull_bytes = 0;
-    for (const plan::HolderPlan& h : rp.holders) {
-      if (h.action == plan::HolderAction::kMoveQueries) {
-        remote.emplace_back(h.holder.value(), h.cached_tokens);
-        remote_tokens += h.cached_tokens;
-      } else if (h.action == plan::HolderAction::kPullKv) {
-        pull_bytes += h.bytes;
-      }
-    }
-    remote_tokens = std::min(remote_tokens, cached);
-    double ready = sim.now();
-    if (pull_bytes > 0) {
-      sim.AddBytesMoved(pull_bytes, "kv_pull");
-      ready += sim.cost().TransferSeconds(pull_bytes, /*same_node=*/false);
-    }
-    // Split the uncached prompt into `group.size()` contiguous parts.
-    const int parts = static_cast<int>(group.size());
-    st.parts_left = parts;
-    int64_t offset = 0;
-    for (int j = 0; j < parts; ++j) {
-      const int64_t q = new_tokens / parts + (j < new_tokens % parts ? 1 : 0);
-      Job* job = sim.NewJob(request, group[j]);
-      job->prefill_only = true;
-      job->owns_record = false;
-      job->cached_tokens = cached + offset;
-      job->prompt_end = cached + offset + q;
-      job->remote_holders = remote;
-      job->remote_context_tokens = remote_tokens;
-      job->policy_tag = j == 0 ? 1 : 0;  // part 0 runs on the computing instance
-      job->continuation = true;          // never queued behind a request waiting for memory
-      offset += q;
-      sim.Deliver(job, ready);
-    }
-    return true;
+    queue_.insert(request);
+    Dispatch(sim);
   }
 
   bool Admit(Simulator& sim, Job& job) override {
-    (void)sim;
-    // The prompt's KV lives in the pool. The computing part reserves the generated tokens'
-    // memory on its instance (held until the request finishes), like the baselines reserve
-    // prompt + output at admission; the decode continuation already holds it.
-    if (job.decode_only || job.policy_tag != 1) return true;
-    const int64_t blocks = (job.r->output_tokens + kBlockTokens - 1) / kBlockTokens + 1;
-    if (reserve_used_[job.instance] + blocks > reserve_blocks_) {
-      // A request needing more than the whole reserve runs alone.
-      if (!(reserve_used_[job.instance] == 0 && blocks > reserve_blocks_)) return false;
-    }
-    RequestState& st = state_[job.request];
-    if (st.deferred && !st.admitted && !AdmitToPool(sim, job)) return false;
-    reserve_used_[job.instance] += blocks;
-    state_[job.request].reserved_blocks = blocks;
-    return true;
-  }
-
-  bool WaitsForMemory(Simulator& sim, const Job& job) override {
     (void)sim, (void)job;
-    // Pool memory is shared: while any request holds pool memory, its release lets this one in.
-    return active_requests_ > 0;
+    return true;  // pool memory was taken when the request was scheduled
   }
 
-  // A DoP-1 request at the head of its instance's queue: matches and plans it now, and admits
-  // it to the pool if the pool can hold its new segments (Lake::TryAdmit). False: it waits.
-  bool AdmitToPool(Simulator& sim, Job& job) {
-    Tick(sim);
-    const Request& r = *job.r;
-    RequestState& st = state_[job.request];
-    const index::MatchResult match = lake_->Match(st.keys);
-    const int64_t cached = std::min(match.matched_tokens, r.input_tokens - 1);
-    lake::LakeRequest lr;
-    lr.id = RequestId(static_cast<uint64_t>(job.request));
-    lr.keys = st.keys;
-    lr.new_tokens = r.input_tokens - cached;
-    lr.preferred_instance = InstanceId(job.instance);
-    auto admitted = lake_->TryAdmit(lr);
-    if (!Ok(admitted.status())) return false;
-    if (!admitted->has_value()) return false;
-    st.admitted = true;
-    ++active_requests_;
-    lake::Batch batch;
-    batch.dop = sim.options().num_instances;
-    batch.requests.push_back(lr);
-    auto plans = lake_->GenPlans(absl::MakeConstSpan(&batch, 1));
-    st.parts_left = 1;
-    job.cached_tokens = std::min((*admitted)->matched_tokens, r.input_tokens - 1);
-    job.prompt_end = r.input_tokens;
-    RequestRecord& rec = sim.record(job.request);
-    rec.cached_tokens = job.cached_tokens;
-    if (!Ok(plans.status())) return true;  // runs without a plan: all local, nothing stored
-    const plan::BatchPlan& plan = (*plans)[0];
-    const plan::RequestPlan& rp = plan.requests[0];
-    // The planner computes a lone request on its preferred instance (planner.h, step 2), so
-    // the plan's holders and placements are this instance's.
-    st.placements = plan.transfer.new_segments;
-    int64_t remote_tokens = 0, pull_bytes = 0;
-    for (const plan::HolderPlan& h : rp.holders) {
-      if (h.action == plan::HolderAction::kMoveQueries) {
-        job.remote_holders.emplace_back(h.holder.value(), h.cached_tokens);
-        remote_tokens += h.cached_tokens;
-      } else if (h.action == plan::HolderAction::kPullKv) {
-        pull_bytes += h.bytes;
-      }
-    }
-    job.remote_context_tokens = std::min(remote_tokens, job.cached_tokens);
-    if (pull_bytes > 0) {
-      // The pulled KV arrives before the prefill computes: this instance's iteration waits.
-      sim.AddBytesMoved(pull_bytes, "kv_pull");
-      sim.instances()[job.instance].extra_s +=
-          sim.cost().TransferSeconds(pull_bytes, /*same_node=*/false);
-    }
-    return true;
+  void OnIdle(Simulator& sim, Instance& inst) override {
+    (void)inst;
+    Dispatch(sim);
   }
 
   void OnPrefillDone(Simulator& sim, Job& job) override {
+    if (job.policy_tag == kDecodeTag) return;
     RequestState& st = state_[job.request];
     if (--st.parts_left > 0) return;
     Tick(sim);
-    const Request& r = *job.r;
-    RequestRecord& rec = sim.record(job.request);
-    rec.first_token_s = sim.now();
     const RequestId id(static_cast<uint64_t>(job.request));
     auto committed = lake_->Commit(id, st.placements);
     if (Ok(committed.status())) {
@@ -269,43 +127,28 @@ class TokenLakePolicy final : public Policy {
       not_stored_ += static_cast<int64_t>(committed->not_stored.size());
     }
     st.placements.clear();
-    PokeAll(sim);  // deduplicated placements gave back their reservations
+    st.prefilled = st.chunk_end;
+    const Request& r = *job.r;
+    if (st.prefilled < r.input_tokens) {
+      queue_.insert(job.request);  // its next chunk, in its arrival position
+      Dispatch(sim);
+      return;
+    }
+    RequestRecord& rec = sim.record(job.request);
+    rec.first_token_s = sim.now();
     if (r.output_tokens <= 1) {
       rec.finish_s = sim.now();
       Finish(job.request);
       return;
     }
-    // The decode plan: one query token per iteration against the whole prompt.
-    lake::LakeRequest lr;
-    lr.id = id;
-    lr.keys = st.keys;
-    lr.new_tokens = 1;
-    lr.preferred_instance = InstanceId(st.compute);
-    lr.count_hits = false;
-    lake::Batch batch;
-    batch.dop = sim.options().num_instances;
-    batch.requests.push_back(lr);
-    Job* decode = sim.NewJob(job.request, st.compute);
-    decode->decode_only = true;
-    decode->cached_tokens = r.input_tokens;
-    decode->decoded = 1;
-    decode->continuation = true;
-    auto plans = lake_->GenPlans(absl::MakeConstSpan(&batch, 1));
-    if (Ok(plans.status())) {
-      for (const plan::HolderPlan& h : (*plans)[0].requests[0].holders) {
-        if (h.action == plan::HolderAction::kMoveQueries && h.holder.value() != st.compute) {
-          decode->remote_holders.emplace_back(h.holder.value(), h.cached_tokens);
-          decode->remote_context_tokens += h.cached_tokens;
-        }
-      }
-    }
-    decode->remote_context_tokens = std::min(decode->remote_context_tokens, r.input_tokens);
-    sim.Deliver(decode, sim.now());
+    StartDecode(sim, job.request, job.instance);
   }
 
   void OnJobDone(Simulator& sim, Job& job) override {
     (void)sim;
-    if (!job.decode_only) return;
+    if (job.policy_tag != kDecodeTag) return;
+    decodes_[job.instance] -= 1;
+    decode_context_[job.instance] -= job.r->input_tokens;
     Finish(job.request);
   }
 
@@ -331,15 +174,21 @@ class TokenLakePolicy final : public Policy {
   void OnIterationsDone(Simulator& sim, Instance& inst, const std::vector<Job*>& jobs,
                         const std::vector<int64_t>& tokens, int64_t iters) override {
     (void)inst;
+    Tick(sim);
     const CostModel& cost = sim.cost();
     for (size_t i = 0; i < jobs.size() && i < tokens.size(); ++i) {
       const int64_t t = tokens[i];
       if (t <= 0) continue;
-      for (const auto& [holder, held] : jobs[i]->remote_holders) {
+      Job& job = *jobs[i];
+      for (const auto& [holder, held] : job.remote_holders) {
         // The holder computed the partial attention of these queries over its segments.
         sim.ChargeExtra(holder, cost.CachedAttentionSeconds(t, held) * static_cast<double>(iters));
         sim.AddBytesMoved(plan::MoveQueriesBytes(shape_, t) * iters,
-                          jobs[i]->decode_only ? "decode_queries" : "prefill_queries");
+                          job.policy_tag == kDecodeTag ? "decode_queries" : "prefill_queries");
+      }
+      if (job.policy_tag == kDecodeTag) {
+        // Decode queries attend to the whole sequence: their load finds heavy hitters too.
+        Ok(lake_->RecordQueryLoad(RequestId(static_cast<uint64_t>(job.request)), t * iters));
       }
     }
   }
@@ -348,7 +197,7 @@ class TokenLakePolicy final : public Policy {
     Tick(sim);
     auto rebalanced = lake_->Rebalance();
     if (Ok(rebalanced.status())) sim.AddBytesMoved(rebalanced->bytes_moved, "rebalance");
-    PokeAll(sim);
+    Dispatch(sim);
   }
 
   int64_t UnstoredSegments() const override { return not_stored_; }
@@ -361,15 +210,253 @@ class TokenLakePolicy final : public Policy {
   }
 
  private:
+  static constexpr int64_t kDecodeTag = 2;
+
   struct RequestState {
-    std::vector<index::SegmentKey> keys;
-    std::vector<plan::NewSegmentPlacement> placements;
-    int compute = -1;
-    int parts_left = 0;
-    int64_t reserved_blocks = 0;  // generated tokens' memory held on `compute`
-    bool admitted = false;        // admitted to the pool (Lake) and not yet released
-    bool deferred = false;        // DoP 1: admitted to the pool when its instance admits it
+    std::vector<index::SegmentKey> keys;                // the whole prompt's
+    int64_t extra_slots = 0;                            // segments its generated tokens need
+    std::vector<plan::NewSegmentPlacement> placements;  // of the chunk in flight
+    int64_t prefilled = 0;  // prompt tokens whose KV exists (cached at admission + computed)
+    int64_t chunk_end = 0;  // prefilled after the chunk in flight
+    int parts_left = 0;     // parts of the chunk in flight still running
+    bool admitted = false;  // admitted to the pool (Lake) and not yet released
   };
+
+  // Instances that may take prefill work now: nothing runs, waits or is on its way there.
+  std::vector<int> FreeForPrefill(Simulator& sim) const {
+    std::vector<int> free;
+    for (Instance& inst : sim.instances()) {
+      if (options_.fixed_prefill_instances > 0 && inst.id >= options_.fixed_prefill_instances) {
+        continue;
+      }
+      if (!inst.busy && inst.in_flight == 0) free.push_back(inst.id);
+    }
+    return free;
+  }
+
+  // Admits the queue's head requests to the pool as far as memory allows, first come first
+  // served; returns the requests that may be scheduled now (admitted, not running a chunk),
+  // in queue order, enough to fill `free` instances' budget.
+  std::vector<int64_t> Ready(Simulator& sim, int free) {
+    std::vector<int64_t> ready;
+    const int64_t budget = static_cast<int64_t>(free) * sched_.chunk_tokens;
+    int64_t tokens = 0;
+    for (auto it = queue_.begin(); it != queue_.end() && tokens < budget;) {
+      const int64_t request = *it;
+      RequestState& st = state_[request];
+      if (!st.admitted && !AdmitToPool(sim, request)) {
+        if (active_requests_ > 0) break;  // waits for memory, and so does everything behind it
+        // Nothing holds pool memory and it still does not fit: it never will.
+        it = queue_.erase(it);
+        sim.Reject(request);
+        st.keys.clear();
+        continue;
+      }
+      ready.push_back(request);
+      tokens += sim.workload().requests[request].input_tokens - st.prefilled;
+      ++it;
+    }
+    return ready;
+  }
+
+  bool AdmitToPool(Simulator& sim, int64_t request) {
+    Tick(sim);
+    RequestState& st = state_[request];
+    const Request& r = sim.workload().requests[request];
+    lake::LakeRequest lr;
+    lr.id = RequestId(static_cast<uint64_t>(request));
+    lr.keys = st.keys;
+    lr.new_tokens = r.input_tokens;
+    lr.extra_slots = st.extra_slots;
+    auto admitted = lake_->TryAdmit(lr);
+    if (!Ok(admitted.status()) || !admitted->has_value()) return false;
+    st.admitted = true;
+    ++active_requests_;
+    st.prefilled = std::min((*admitted)->matched_tokens, r.input_tokens - 1);
+    sim.record(request).cached_tokens = st.prefilled;
+    return true;
+  }
+
+  // The keys of the prompt's first `end` tokens (whole segments, or the whole prompt).
+  std::vector<index::SegmentKey> KeysUpTo(const RequestState& st, const Request& r,
+                                          int64_t end) const {
+    const size_t n =
+        end >= r.input_tokens ? st.keys.size() : static_cast<size_t>(end / kBlockTokens);
+    return std::vector<index::SegmentKey>(st.keys.begin(), st.keys.begin() + n);
+  }
+
+  // Schedules this iteration's prefill batches on the instances free for prefill.
+  void Dispatch(Simulator& sim) {
+    if (dispatching_ || queue_.empty()) return;
+    dispatching_ = true;
+    std::vector<int> free = FreeForPrefill(sim);
+    if (!free.empty()) {
+      const std::vector<int64_t> ready = Ready(sim, static_cast<int>(free.size()));
+      if (!ready.empty()) {
+        std::vector<sched::PrefillCandidate> cands;
+        cands.reserve(ready.size());
+        for (int64_t request : ready) {
+          const RequestState& st = state_[request];
+          cands.push_back(
+              {sim.workload().requests[request].input_tokens - st.prefilled, st.prefilled});
+        }
+        auto schedule =
+            sched::SchedulePrefill(cands, static_cast<int32_t>(free.size()), *batch_cost_, sched_);
+        if (Ok(schedule.status())) {
+          for (const sched::PrefillBatch& batch : schedule->batches) {
+            std::vector<int64_t> requests;
+            for (int32_t item : batch.items) requests.push_back(ready[item]);
+            RunBatch(sim, requests, batch.tokens, batch.dop, &free);
+          }
+        }
+      }
+    }
+    dispatching_ = false;
+  }
+
+  // Plans one prefill batch with the lake on `dop` of the free instances and delivers its parts.
+  void RunBatch(Simulator& sim, const std::vector<int64_t>& requests,
+                const std::vector<int64_t>& tokens, int dop, std::vector<int>* free) {
+    Tick(sim);
+    lake::Batch batch;
+    batch.dop = dop;
+    for (int f : *free) batch.candidates.push_back(InstanceId(f));
+    for (size_t i = 0; i < requests.size(); ++i) {
+      const RequestState& st = state_[requests[i]];
+      const Request& r = sim.workload().requests[requests[i]];
+      lake::LakeRequest lr;
+      lr.id = RequestId(static_cast<uint64_t>(requests[i]));
+      lr.keys = KeysUpTo(st, r, st.prefilled + tokens[i]);
+      lr.new_tokens = tokens[i];
+      batch.requests.push_back(std::move(lr));
+    }
+    auto plans = lake_->GenPlans(absl::MakeConstSpan(&batch, 1));
+    if (!Ok(plans.status())) return;
+    const plan::BatchPlan& plan = (*plans)[0];
+    std::vector<int> group;
+    for (InstanceId g : plan.instance_group) {
+      group.push_back(g.value());
+      free->erase(std::find(free->begin(), free->end(), g.value()));
+    }
+    for (size_t i = 0; i < requests.size(); ++i) {
+      const int64_t request = requests[i];
+      RequestState& st = state_[request];
+      queue_.erase(request);
+      const plan::RequestPlan& rp = plan.requests[i];
+      st.chunk_end = st.prefilled + tokens[i];
+      st.placements.clear();
+      for (const plan::NewSegmentPlacement& p : plan.transfer.new_segments) {
+        if (p.request == rp.request) st.placements.push_back(p);
+      }
+      sim.record(request).instance = rp.compute_instance.value();
+      // The chunk's KV pulled from holders arrives before it computes.
+      int64_t pull_bytes = 0;
+      for (const plan::HolderPlan& h : rp.holders) {
+        if (h.action == plan::HolderAction::kPullKv) pull_bytes += h.bytes;
+      }
+      double ready = sim.now();
+      if (pull_bytes > 0) {
+        sim.AddBytesMoved(pull_bytes, "kv_pull");
+        ready += sim.cost().TransferSeconds(pull_bytes, /*same_node=*/false);
+      }
+      // Sequence parallel: contiguous parts of the chunk, one per member.
+      const int parts = static_cast<int>(group.size());
+      st.parts_left = parts;
+      int64_t offset = 0;
+      for (int j = 0; j < parts; ++j) {
+        const int64_t q = tokens[i] / parts + (j < tokens[i] % parts ? 1 : 0);
+        Job* job = sim.NewJob(request, group[j]);
+        job->prefill_only = true;
+        job->owns_record = false;
+        job->cached_tokens = st.prefilled + offset;
+        job->prompt_end = st.prefilled + offset + q;
+        job->continuation = true;
+        // Holders other than this member serve their segments by moving the queries there
+        // (pulled segments are local once pulled, to the computing member).
+        int64_t remote_tokens = 0;
+        for (const plan::HolderPlan& h : rp.holders) {
+          const bool local =
+              h.holder.value() == group[j] ||
+              (h.action == plan::HolderAction::kPullKv && rp.compute_instance.value() == group[j]);
+          if (local) continue;
+          job->remote_holders.emplace_back(h.holder.value(), h.cached_tokens);
+          remote_tokens += h.cached_tokens;
+        }
+        job->remote_context_tokens = std::min(remote_tokens, job->cached_tokens);
+        offset += q;
+        if (q == 0) {
+          --st.parts_left;  // more members than tokens
+          continue;
+        }
+        sim.Deliver(job, ready);
+      }
+    }
+  }
+
+  // The request's prompt is done (computed last on `last`): it decodes where PlaceDecode says.
+  void StartDecode(Simulator& sim, int64_t request, int last) {
+    const Request& r = sim.workload().requests[request];
+    RequestState& st = state_[request];
+    std::vector<sched::DecodeInstance> view(sim.instances().size());
+    for (Instance& inst : sim.instances()) {
+      sched::DecodeInstance& v = view[inst.id];
+      v.decodes = decodes_[inst.id];
+      v.context_tokens = decode_context_[inst.id];
+      // The instance that just computed the prompt holds most of its KV and is about to be
+      // free; any other is idle if nothing runs or waits there.
+      v.idle = decodes_[inst.id] == 0 && (inst.id == last || (!inst.busy && inst.in_flight == 0));
+      v.eligible =
+          options_.fixed_prefill_instances <= 0 || inst.id >= options_.fixed_prefill_instances;
+    }
+    // Among idle candidates PlaceDecode takes the first: put the prompt's last instance first
+    // by trying it alone before the rest.
+    int target = -1;
+    if (view[last].eligible && view[last].idle) {
+      std::vector<sched::DecodeInstance> busy_only = view;
+      for (auto& v : busy_only) v.idle = false;
+      target = sched::PlaceDecode(busy_only, r.input_tokens, decode_budget_s_, *batch_cost_);
+      if (target < 0 || sched::DecodeIterationSeconds(decodes_[target] + 1,
+                                                      decode_context_[target] + r.input_tokens,
+                                                      *batch_cost_) > decode_budget_s_) {
+        target = last;
+      }
+    } else {
+      target = sched::PlaceDecode(view, r.input_tokens, decode_budget_s_, *batch_cost_);
+    }
+    if (target < 0) target = last;
+    decodes_[target] += 1;
+    decode_context_[target] += r.input_tokens;
+    sim.record(request).instance = target;
+
+    // The decode plan: one query token per iteration against the whole prompt.
+    Tick(sim);
+    lake::LakeRequest lr;
+    lr.id = RequestId(static_cast<uint64_t>(request));
+    lr.keys = st.keys;
+    lr.new_tokens = 1;
+    lr.count_hits = false;
+    lake::Batch batch;
+    batch.dop = 1;
+    batch.candidates = {InstanceId(target)};
+    batch.requests.push_back(std::move(lr));
+    Job* decode = sim.NewJob(request, target);
+    decode->decode_only = true;
+    decode->cached_tokens = r.input_tokens;
+    decode->decoded = 1;
+    decode->continuation = true;
+    decode->policy_tag = kDecodeTag;
+    auto plans = lake_->GenPlans(absl::MakeConstSpan(&batch, 1));
+    if (Ok(plans.status())) {
+      for (const plan::HolderPlan& h : (*plans)[0].requests[0].holders) {
+        if (h.holder.value() == target) continue;
+        // A decode's query is tiny: it always moves to the holder.
+        decode->remote_holders.emplace_back(h.holder.value(), h.cached_tokens);
+        decode->remote_context_tokens += h.cached_tokens;
+      }
+    }
+    decode->remote_context_tokens = std::min(decode->remote_context_tokens, r.input_tokens);
+    sim.Deliver(decode, sim.now());
+  }
 
   void Tick(Simulator& sim) {
     const int64_t now_us = static_cast<int64_t>(std::llround(sim.now() * 1e6));
@@ -384,8 +471,6 @@ class TokenLakePolicy final : public Policy {
 
   void Finish(int64_t request) {
     RequestState& st = state_[request];
-    if (st.compute >= 0) reserve_used_[st.compute] -= st.reserved_blocks;
-    st.reserved_blocks = 0;
     if (st.admitted) {
       Ok(lake_->Release(RequestId(static_cast<uint64_t>(request))));
       --active_requests_;
@@ -393,37 +478,7 @@ class TokenLakePolicy final : public Policy {
     st.admitted = false;
     st.keys.clear();
     st.keys.shrink_to_fit();
-    PokeAll(*sim_);
-  }
-
-  // Pool memory was released: idle instances retry their waiting requests.
-  void PokeAll(Simulator& sim) {
-    for (Instance& inst : sim.instances()) {
-      if (!inst.busy && !inst.waiting.empty()) sim.Poke(inst.id);
-    }
-  }
-
-  // The instance with the fewest requests in flight; ties: most of the prefix held, lower id.
-  int LeastLoaded(Simulator& sim, const std::vector<index::SegmentKey>& keys, int32_t matched) {
-    auto& insts = sim.instances();
-    std::vector<int64_t> held(insts.size(), 0);
-    for (int32_t k = 0; k < matched; ++k) {
-      const index::PrefixTree::Node* node = lake_->prefix_tree().Find(keys[k].id);
-      if (node == nullptr) break;
-      for (InstanceId rep : node->replicas) {
-        if (rep.value() >= 0 && rep.value() < static_cast<int>(held.size())) {
-          held[rep.value()] += node->num_tokens;
-        }
-      }
-    }
-    int best = 0;
-    for (size_t i = 1; i < insts.size(); ++i) {
-      if (insts[i].in_flight < insts[best].in_flight ||
-          (insts[i].in_flight == insts[best].in_flight && held[i] > held[best])) {
-        best = static_cast<int>(i);
-      }
-    }
-    return best;
+    Dispatch(*sim_);  // pool memory was released
   }
 
   TokenLakePolicyOptions options_;
@@ -435,8 +490,13 @@ class TokenLakePolicy final : public Policy {
   std::unique_ptr<lake::Lake> lake_;
   uint64_t salt_ = 0;
   plan::ModelShape shape_;
-  int64_t reserve_blocks_ = 0;
-  std::vector<int64_t> reserve_used_;
+  std::unique_ptr<SimBatchCost> batch_cost_;
+  sched::ElasticSchedulerOptions sched_;
+  double decode_budget_s_ = 0;
+  std::set<int64_t> queue_;  // requests waiting for their next prefill chunk, by arrival
+  bool dispatching_ = false;
+  std::vector<int64_t> decodes_;         // per instance: decodes placed there
+  std::vector<int64_t> decode_context_;  // per instance: their prompt tokens
   std::vector<RequestState> state_;
   int64_t lake_errors_ = 0;
   std::string first_error_;
@@ -445,9 +505,24 @@ class TokenLakePolicy final : public Policy {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Policy>> MakeTokenLakePolicy(TokenLakePolicyOptions options) {
-  if (options.dop_tokens < 1 || options.max_dop < 1 || options.decode_reserve_fraction < 0 ||
-      options.decode_reserve_fraction >= 1 || !(options.local_eviction_min_age_ratio >= 0)) {
-    return absl::InvalidArgumentError("bad TokenLakePolicyOptions");
+  if (options.max_dop < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("tokenlake policy: max_dop must be >= 1, got %d", options.max_dop));
+  }
+  if (!(options.decode_budget_share > 0 && options.decode_budget_share <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("tokenlake policy: decode_budget_share must be in (0, 1], got %g",
+                        options.decode_budget_share));
+  }
+  if (!(options.local_eviction_min_age_ratio >= 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("tokenlake policy: local_eviction_min_age_ratio must be >= 0, got %g",
+                        options.local_eviction_min_age_ratio));
+  }
+  if (options.fixed_prefill_instances < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("tokenlake policy: fixed_prefill_instances must be >= 0, got %d",
+                        options.fixed_prefill_instances));
   }
   return std::unique_ptr<Policy>(new TokenLakePolicy(options));
 }

@@ -1,38 +1,35 @@
 // The `tokenlake` policy: the simulator driving the real TokenLake pool (lake::Lake, the same
-// index, balancer and planner code as production) on simulated time (a ManualClock).
+// index, balancer and planner code as production) and the elastic scheduler
+// (sched/elastic_scheduler.h) on simulated time (a ManualClock).
 //
-// What the simulated scheduler does (the part TokenLake leaves to "any scheduler"):
-// - A request's cached prefix is its pool-wide match when it is admitted (Lake::Match: one
-//   copy of a segment anywhere serves every instance).
-// - DoP: a prefill of q uncached tokens gets ceil(q / dop_tokens) instances (at most max_dop,
-//   and at most the number of instances with nothing in flight: spread only over idle capacity);
-//   the Lake picks that instance group (GenPlans with that dop) and the prompt is split into
-//   contiguous parts, one per member (sequence parallelism). A DoP-1 request runs on the
-//   instance with the fewest requests in flight (ties: the one holding most of its prefix),
-//   passed as the preferred instance of a plan over the whole pool, so the Lake's query plan
-//   and transfer plan are used as produced.
-// - The query plan is charged: for each remote holder that the plan serves by moving queries,
-//   the holder's attention over its segments is added to the holder's next iteration, the
-//   query and partial-result bytes count as moved, and the computing instance's iteration
-//   waits for max(holder attention + transfer) beyond its own compute. Pulled KV is charged as
-//   a transfer before the prefill (see below). New segments are committed (Lake::Commit) where the
-//   transfer plan says when the prefill ends; the request's decode then runs on its computing
-//   instance with a decode plan (q = 1) from GenPlans. Lake::Release at the end.
-// - Lake::Rebalance runs every sample period; its bytes count as moved.
-// - Memory: each instance's KV memory minus decode_reserve_fraction is pool slots; the reserve
-//   holds running requests' generated tokens (which are not shared).
-// - Memory admission and when a request is matched: a DoP-1 request is routed at arrival
-//   (fewest requests in flight) and waits in that instance's queue; when the instance admits
-//   it (Policy::Admit), it is matched and planned then (like the baselines, which match at
-//   admission) and admitted to the pool with Lake::TryAdmit, which succeeds only when the pool
-//   can hold its new segments: free slots plus slots that eviction may free, minus what
-//   admitted but not yet committed requests were promised. Otherwise it waits, like the
-//   baselines' requests waiting for memory (WaitsForMemory: it is not rejected while any
-//   request holds pool memory), and idle instances retry when pool memory is released. A split
-//   prefill (DoP > 1, only over idle instances) is admitted at arrival, or falls back to DoP 1.
-//   So every running request's prompt KV has memory (UnstoredSegments() stays 0). A prompt with
-//   more segments than the whole pool is rejected. Pulled KV delays the computing instance's
-//   first iteration of the request.
+// One pool for all KV memory: every instance's KV capacity is pool slots. A request is admitted
+// to the pool (Lake::TryAdmit) when it is first scheduled, reserving its uncached prompt
+// segments and the segments its generated tokens will need (LakeRequest::extra_slots); it waits
+// in the queue while the pool cannot hold them, and is rejected only if it could never fit (a
+// request larger than the pool, with nothing else holding memory).
+//
+// The scheduler, every time instances become free (Policy::OnIdle) or work arrives:
+// - Prefill: the queued requests, first come first served, form this iteration's chunks on the
+//   instances free for prefill (no decodes): SchedulePrefill's DP picks the batches and their
+//   DoPs (a long prefill over several idle instances is sequence-parallel: its chunk is split
+//   into contiguous parts, one per member). For each batch the Lake picks the group among the
+//   free instances (GenPlans with candidates) and plans every request: its cached segments'
+//   holders (queries move there, or KV is pulled) and where the chunk's new segments go, which
+//   are committed when the chunk completes (visible to later requests at once). A request
+//   whose prompt is not done goes back to the queue in its arrival position.
+// - Decode: when its prompt is done, a request decodes at DoP 1 on the instance PlaceDecode
+//   picks (best fit under the decode iteration budget, slo_tpot x decode_budget_share), with a
+//   decode plan whose remote holders compute its partial attention every iteration. An
+//   instance with decodes takes no prefill (one phase per batch), so the prefill/decode split
+//   follows the load: instances join the decode side as decodes arrive and return to prefill
+//   when their decodes finish. Decode iterations record their load in the heavy-hitter tracker
+//   (Lake::RecordQueryLoad).
+// - Costs: a remote holder's partial attention is charged to the holder (Simulator::
+//   ChargeExtra) and the computing instance waits for the slowest holder plus the query /
+//   partial-result transfer; pulled KV delays the chunk; new segments stored off their
+//   producer and Lake::Rebalance (every sample period) count as bytes moved.
+// - Ablation (fixed_prefill_instances = P > 0): prefill only on instances [0, P), decode only on
+//   the rest: TokenLake's pool with a static PD split.
 //
 // Thread-safety: not thread-safe (driven by one Simulator).
 #ifndef TOKENLAKE_SIM_TOKENLAKE_POLICY_H_
@@ -46,18 +43,22 @@
 namespace tokenlake::sim {
 
 struct TokenLakePolicyOptions {
-  // A prefill of more uncached tokens than this is spread over several instances.
-  int64_t dop_tokens = 16384;
-  // Largest instance group for one prefill.
+  // Largest instance group (DoP) of one prefill batch, >= 1.
   int max_dop = 4;
-  // Share of each instance's KV memory kept out of the pool for generated tokens.
-  double decode_reserve_fraction = 0.25;
+  // A decode instance takes decodes while its estimated decode iteration stays within this
+  // share of the TPOT SLO, in (0, 1]: the rest of the SLO is headroom for the holders' partial
+  // attention and the queries' round trips, which the estimate leaves out.
+  double decode_budget_share = 0.5;
   // lake::LakeOptions::local_eviction_min_age_ratio: when the producer of a new segment is
   // full, it evicts its own LRU leaf (the segment stays local) if that leaf's age is at least
   // this ratio of the pool's LRU leaf's age; > 1 = pool-wide LRU only. Must be >= 0.
   double local_eviction_min_age_ratio = 0.5;
+  // 0: elastic. P in [1, instances - 1]: the static-split ablation (prefill on instances
+  // [0, P), decode on the rest).
+  int fixed_prefill_instances = 0;
 };
 
+// Errors: InvalidArgument naming a bad option.
 absl::StatusOr<std::unique_ptr<Policy>> MakeTokenLakePolicy(TokenLakePolicyOptions options = {});
 
 }  // namespace tokenlake::sim
