@@ -162,6 +162,8 @@ class TokenLakePolicy final : public Policy {
     for (size_t i = 0; i < jobs.size() && i < tokens.size(); ++i) {
       const int64_t t = tokens[i];
       if (t <= 0) continue;
+      if (jobs[i]->policy_tag != kDecodeTag)
+        worst = std::max(worst, state_[jobs[i]->request].pull_s);
       for (const auto& [holder, held] : jobs[i]->remote_holders) {
         const double attn = cost.CachedAttentionSeconds(t, held);
         const int64_t bytes = plan::MoveQueriesBytes(shape_, t);
@@ -219,6 +221,7 @@ class TokenLakePolicy final : public Policy {
     int64_t prefilled = 0;  // prompt tokens whose KV exists (cached at admission + computed)
     int64_t chunk_end = 0;  // prefilled after the chunk in flight
     int parts_left = 0;     // parts of the chunk in flight still running
+    double pull_s = 0;      // the chunk's slowest KV pull, seconds
     bool admitted = false;  // admitted to the pool (Lake) and not yet released
   };
 
@@ -349,15 +352,16 @@ class TokenLakePolicy final : public Policy {
         if (p.request == rp.request) st.placements.push_back(p);
       }
       sim.record(request).instance = rp.compute_instance.value();
-      // The chunk's KV pulled from holders arrives before it computes.
-      int64_t pull_bytes = 0;
+      // KV pulled from holders streams in layer by layer while the chunk computes (the holders
+      // send in parallel): the chunk's iteration lasts at least the slowest pull.
+      const int gpn = static_cast<int>(sim.cost().net().gpus_per_node);
+      const int computing = rp.compute_instance.value();
+      st.pull_s = 0;
       for (const plan::HolderPlan& h : rp.holders) {
-        if (h.action == plan::HolderAction::kPullKv) pull_bytes += h.bytes;
-      }
-      double ready = sim.now();
-      if (pull_bytes > 0) {
-        sim.AddBytesMoved(pull_bytes, "kv_pull");
-        ready += sim.cost().TransferSeconds(pull_bytes, /*same_node=*/false);
+        if (h.action != plan::HolderAction::kPullKv) continue;
+        sim.AddBytesMoved(h.bytes, "kv_pull");
+        st.pull_s = std::max(st.pull_s, sim.cost().TransferSeconds(
+                                            h.bytes, h.holder.value() / gpn == computing / gpn));
       }
       // Sequence parallel: contiguous parts of the chunk, one per member.
       const int parts = static_cast<int>(group.size());
@@ -388,7 +392,7 @@ class TokenLakePolicy final : public Policy {
           --st.parts_left;  // more members than tokens
           continue;
         }
-        sim.Deliver(job, ready);
+        sim.Deliver(job, sim.now());
       }
     }
   }
