@@ -154,21 +154,34 @@ class TokenLakePolicy final : public Policy {
 
   double ExtraIterationSeconds(Simulator& sim, Instance& inst, const std::vector<Job*>& jobs,
                                const std::vector<int64_t>& tokens, double compute_s) override {
-    // The computing instance merges the holders' partials: it waits for the slowest holder's
-    // attention plus the query/partial transfer, beyond its own compute (overlapped).
-    double worst = 0;
+    // The computing instance merges the holders' partials, layer by layer: it waits for the
+    // slowest holder, whose partial attention is the sum over all the batch's queries it serves,
+    // plus their queries' and partials' transfer over its link and one round trip per layer,
+    // beyond its own compute (overlapped). A chunk also waits for its slowest KV pull.
     const CostModel& cost = sim.cost();
     const int gpn = static_cast<int>(cost.net().gpus_per_node);
+    holder_attention_s_.assign(sim.instances().size(), 0);
+    holder_bytes_.assign(sim.instances().size(), 0);
+    double worst = 0;
     for (size_t i = 0; i < jobs.size() && i < tokens.size(); ++i) {
       const int64_t t = tokens[i];
       if (t <= 0) continue;
-      if (jobs[i]->policy_tag != kDecodeTag)
+      if (jobs[i]->policy_tag != kDecodeTag) {
         worst = std::max(worst, state_[jobs[i]->request].pull_s);
-      for (const auto& [holder, held] : jobs[i]->remote_holders) {
-        const double attn = cost.CachedAttentionSeconds(t, held);
-        const int64_t bytes = plan::MoveQueriesBytes(shape_, t);
-        worst = std::max(worst, attn + cost.TransferSeconds(bytes, holder / gpn == inst.id / gpn));
       }
+      for (const auto& [holder, held] : jobs[i]->remote_holders) {
+        holder_attention_s_[holder] += cost.CachedAttentionSeconds(t, held);
+        holder_bytes_[holder] += plan::MoveQueriesBytes(shape_, t);
+      }
+    }
+    const double round_trips_s =
+        static_cast<double>(2 * shape_.num_layers - 1) * cost.net().latency_us * 1e-6;
+    for (size_t h = 0; h < holder_bytes_.size(); ++h) {
+      if (holder_bytes_[h] == 0) continue;
+      const bool same_node = static_cast<int>(h) / gpn == inst.id / gpn;
+      worst =
+          std::max(worst, holder_attention_s_[h] +
+                              cost.TransferSeconds(holder_bytes_[h], same_node) + round_trips_s);
     }
     return std::max(0.0, worst - compute_s);
   }
@@ -504,6 +517,9 @@ class TokenLakePolicy final : public Policy {
   std::vector<RequestState> state_;
   int64_t lake_errors_ = 0;
   std::string first_error_;
+  // ExtraIterationSeconds' per-holder sums (kept to avoid reallocating).
+  std::vector<double> holder_attention_s_;
+  std::vector<int64_t> holder_bytes_;
 };
 
 }  // namespace

@@ -25,9 +25,12 @@
 //   when their decodes finish. Decode iterations record their load in the heavy-hitter tracker
 //   (Lake::RecordQueryLoad).
 // - Costs: a remote holder's partial attention is charged to the holder (Simulator::
-//   ChargeExtra) and the computing instance waits for the slowest holder plus the query /
-//   partial-result transfer; pulled KV delays the chunk; new segments stored off their
-//   producer and Lake::Rebalance (every sample period) count as bytes moved.
+//   ChargeExtra); the computing instance waits for the slowest holder: the sum of the partial
+//   attention of all the batch's queries it serves, their queries' and partials' transfer over
+//   its link, and one round trip per layer (2 x layers latencies), beyond its own compute.
+//   Pulled KV streams in layer by layer while the chunk computes (the iteration lasts at least
+//   the slowest pull). New segments stored off their producer and Lake::Rebalance (every
+//   sample period) count as bytes moved.
 // - Ablation (fixed_prefill_instances = P > 0): prefill only on instances [0, P), decode only on
 //   the rest: TokenLake's pool with a static PD split.
 //
