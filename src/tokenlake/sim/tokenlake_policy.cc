@@ -202,14 +202,18 @@ class TokenLakePolicy final : public Policy {
                           job.policy_tag == kDecodeTag ? "decode_queries" : "prefill_queries");
       }
       if (job.policy_tag == kDecodeTag) {
-        // Decode queries attend to the whole sequence: their load finds heavy hitters too.
-        Ok(lake_->RecordQueryLoad(RequestId(static_cast<uint64_t>(job.request)), t * iters));
+        // Decode queries attend to the whole sequence: their load finds heavy hitters too. It
+        // reaches the tracker every sample period (FlushDecodeLoad): the tracker's decay is
+        // far slower than that.
+        if (state_[job.request].decode_tokens_unrecorded == 0) decoding_.push_back(job.request);
+        state_[job.request].decode_tokens_unrecorded += t * iters;
       }
     }
   }
 
   void OnSample(Simulator& sim) override {
     Tick(sim);
+    FlushDecodeLoad();
     auto rebalanced = lake_->Rebalance();
     if (Ok(rebalanced.status())) sim.AddBytesMoved(rebalanced->bytes_moved, "rebalance");
     Dispatch(sim);
@@ -235,7 +239,8 @@ class TokenLakePolicy final : public Policy {
     int64_t chunk_end = 0;  // prefilled after the chunk in flight
     int parts_left = 0;     // parts of the chunk in flight still running
     double pull_s = 0;      // the chunk's slowest KV pull, seconds
-    bool admitted = false;  // admitted to the pool (Lake) and not yet released
+    int64_t decode_tokens_unrecorded = 0;  // decode queries not yet in the tracker
+    bool admitted = false;                 // admitted to the pool (Lake) and not yet released
   };
 
   // Instances that may take prefill work now: nothing runs, waits or is on its way there.
@@ -486,8 +491,26 @@ class TokenLakePolicy final : public Policy {
     return false;
   }
 
+  // Records the decode load accumulated since the last flush.
+  void FlushDecodeLoad() {
+    for (int64_t request : decoding_) {
+      RequestState& st = state_[request];
+      if (st.admitted && st.decode_tokens_unrecorded > 0) {
+        Ok(lake_->RecordQueryLoad(RequestId(static_cast<uint64_t>(request)),
+                                  st.decode_tokens_unrecorded));
+      }
+      st.decode_tokens_unrecorded = 0;
+    }
+    decoding_.clear();
+  }
+
   void Finish(int64_t request) {
     RequestState& st = state_[request];
+    if (st.admitted && st.decode_tokens_unrecorded > 0) {
+      Ok(lake_->RecordQueryLoad(RequestId(static_cast<uint64_t>(request)),
+                                st.decode_tokens_unrecorded));
+      st.decode_tokens_unrecorded = 0;
+    }
     if (st.admitted) {
       Ok(lake_->Release(RequestId(static_cast<uint64_t>(request))));
       --active_requests_;
@@ -515,6 +538,7 @@ class TokenLakePolicy final : public Policy {
   std::vector<int64_t> decodes_;         // per instance: decodes placed there
   std::vector<int64_t> decode_context_;  // per instance: their prompt tokens
   std::vector<RequestState> state_;
+  std::vector<int64_t> decoding_;  // requests with decode load not yet recorded
   int64_t lake_errors_ = 0;
   std::string first_error_;
   // ExtraIterationSeconds' per-holder sums (kept to avoid reallocating).
