@@ -85,6 +85,11 @@ void Simulator::ReleaseLocal(Job& job) {
   job.private_blocks = 0;
 }
 
+void Simulator::AddCacheAccess(int instance, int64_t tokens) {
+  TOKENLAKE_CHECK(instance >= 0 && instance < options_.num_instances);
+  if (tokens > 0) instances_[instance].window_access_tokens += tokens;
+}
+
 double Simulator::StepEnd(const Instance& inst, int64_t iters) const {
   const double k = static_cast<double>(iters);
   return inst.step_start_s + inst.step_extra_s + k * inst.step_a_s +
@@ -206,6 +211,13 @@ void Simulator::FinishStep(Instance& inst) {
   // Stays busy while the finished jobs are processed (policies may deliver new work here,
   // which the StartStep at the end picks up).
   const int64_t iters = inst.step_iters;
+  for (size_t i = 0; i < inst.running.size() && i < inst.step_tokens.size(); ++i) {
+    if (inst.step_tokens[i] == 0) continue;
+    // A bulk decode step's context grows by one token per iteration.
+    const int64_t context = std::max<int64_t>(0, inst.running[i]->Context());
+    inst.window_access_tokens +=
+        inst.step_decode_only ? iters * context + iters * (iters - 1) / 2 : context;
+  }
   policy_.OnIterationsDone(*this, inst, inst.running, inst.step_tokens, iters);
   std::vector<Job*> still;
   still.reserve(inst.running.size());
@@ -253,6 +265,13 @@ void Simulator::Sample() {
     inst.window_busy_s = 0;
   }
   load_.push_back(std::move(loads));
+  std::vector<int64_t> access;
+  access.reserve(instances_.size());
+  for (Instance& inst : instances_) {
+    access.push_back(inst.window_access_tokens);
+    inst.window_access_tokens = 0;
+  }
+  access_.push_back(std::move(access));
   int64_t copies = 0, distinct = 0;
   policy_.PoolStats(*this, &copies, &distinct);
   if (distinct > 0) {
@@ -305,6 +324,15 @@ SimResult Simulator::Run() {
       Wake(inst);
     }
   }
+  {
+    std::vector<int64_t> tail;
+    int64_t sum = 0;
+    for (const Instance& inst : instances_) {
+      tail.push_back(inst.window_access_tokens);
+      sum += inst.window_access_tokens;
+    }
+    if (sum > 0) access_.push_back(std::move(tail));
+  }
   SimResult result;
   result.policy = policy_.name();
   result.records = records_;
@@ -325,6 +353,7 @@ SimResult Simulator::Run() {
       capacity_blocks_ * cost_.model().KvBytesPerToken() * kBlockTokens;
   result.iterations = iterations_;
   result.unstored_segments = policy_.UnstoredSegments();
+  result.cache_access = access_;
   return result;
 }
 
