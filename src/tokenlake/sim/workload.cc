@@ -96,8 +96,11 @@ absl::StatusOr<WorkloadKind> ParseWorkloadKind(std::string_view name) {
   if (name == "chat") return WorkloadKind::kChat;
   if (name == "agent") return WorkloadKind::kAgent;
   if (name == "docqa") return WorkloadKind::kDocQa;
-  return absl::InvalidArgumentError(
-      absl::StrFormat("unknown workload '%s' (expected chat, agent or docqa)", name));
+  if (name == "loogle") return WorkloadKind::kLoogle;
+  if (name == "scbench") return WorkloadKind::kScbench;
+  if (name == "sharegpt") return WorkloadKind::kShareGpt;
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "unknown workload '%s' (expected chat, agent, docqa, loogle, scbench or sharegpt)", name));
 }
 
 std::string_view WorkloadKindName(WorkloadKind kind) {
@@ -108,6 +111,12 @@ std::string_view WorkloadKindName(WorkloadKind kind) {
       return "agent";
     case WorkloadKind::kDocQa:
       return "docqa";
+    case WorkloadKind::kLoogle:
+      return "loogle";
+    case WorkloadKind::kScbench:
+      return "scbench";
+    case WorkloadKind::kShareGpt:
+      return "sharegpt";
   }
   return "?";
 }
@@ -191,12 +200,107 @@ int64_t LogUniform(Rng& rng, int64_t lo, int64_t hi) {
   return std::clamp<int64_t>(static_cast<int64_t>(std::exp(x)), lo, hi);
 }
 
+double Normal(Rng& rng) {
+  const double u1 = 1.0 - rng.UniformDouble();  // (0, 1]
+  const double u2 = rng.UniformDouble();
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * 3.14159265358979323846 * u2);
+}
+
+// Lognormal with the given mean and log-space sigma, rounded and clamped to [lo, hi].
+int64_t LogNormalMean(Rng& rng, double mean, double sigma, int64_t lo, int64_t hi) {
+  const double mu = std::log(mean) - sigma * sigma / 2;
+  return std::clamp<int64_t>(std::llround(std::exp(mu + sigma * Normal(rng))), lo, hi);
+}
+
+int64_t Poisson(Rng& rng, double lambda) {
+  const double limit = std::exp(-lambda);
+  int64_t k = 0;
+  double p = rng.UniformDouble();
+  while (p > limit) {
+    ++k;
+    p *= rng.UniformDouble();
+  }
+  return k;
+}
+
+// The paper's workloads (WorkloadKind comments): appends requests to `out` with arrival times
+// from 0; `emit(t, prompt, output)` adds one.
+template <typename Emit>
+void GeneratePaperWorkload(const GeneratorOptions& o, Rng& rng, uint64_t& next_content,
+                           std::vector<Request>& out, Emit emit) {
+  const Piece system{next_content++, o.system_prompt_tokens};
+  if (o.kind == WorkloadKind::kLoogle) {
+    constexpr int64_t kArxiv = 516, kOther = 260, kOtherQuestions = 5932;
+    std::vector<Piece> docs;
+    for (int64_t d = 0; d < kArxiv + kOther; ++d) {
+      docs.push_back({next_content++, LogNormalMean(rng, 24005, 0.4, 4096, 131072)});
+    }
+    double t = 0;
+    while (static_cast<int64_t>(out.size()) < o.num_requests) {
+      std::vector<int64_t> order(docs.size());
+      for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+      for (size_t i = order.size() - 1; i > 0; --i) {
+        std::swap(order[i], order[static_cast<size_t>(rng.UniformInt(0, static_cast<int64_t>(i)))]);
+      }
+      for (int64_t d : order) {
+        // Documents kArxiv.. share kOtherQuestions as evenly as possible (22 or 23 each).
+        const int64_t k = d - kArxiv;
+        const int64_t questions =
+            d < kArxiv ? 1 : kOtherQuestions / kOther + (k < kOtherQuestions % kOther ? 1 : 0);
+        for (int64_t q = 0; q < questions && static_cast<int64_t>(out.size()) < o.num_requests;
+             ++q) {
+          t += rng.Exponential(1.0 / o.rate_rps);
+          if (d < kArxiv) {
+            emit(t, {system, docs[d], {next_content++, 24}}, rng.UniformInt(150, 350));
+          } else {
+            emit(t, {system, docs[d], {next_content++, rng.UniformInt(16, 64)}},
+                 rng.UniformInt(16, 128));
+          }
+        }
+      }
+    }
+  } else if (o.kind == WorkloadKind::kScbench) {
+    constexpr double kMeanTurns = 5.2;
+    double start = 0;
+    int64_t emitted = 0;
+    while (emitted < o.num_requests) {
+      start += rng.Exponential(kMeanTurns / o.rate_rps);
+      std::vector<Piece> prompt = {
+          system, {next_content++, LogNormalMean(rng, 222280, 0.3, 32768, 786432)}};
+      // The last session is cut at num_requests; every other one runs all its turns.
+      const int64_t turns = std::min(1 + Poisson(rng, kMeanTurns - 1), o.num_requests - emitted);
+      double t = start;
+      for (int64_t k = 0; k < turns; ++k) {
+        prompt.push_back({next_content++, rng.UniformInt(32, 256)});
+        const int64_t output = LogNormalMean(rng, 1684, 0.8, 16, 16384);
+        emit(t, prompt, output);
+        prompt.push_back({next_content++, output});
+        t += 2.0 + 0.05 * static_cast<double>(output);
+      }
+      emitted += turns;
+    }
+    std::stable_sort(out.begin(), out.end(),
+                     [](const Request& a, const Request& b) { return a.arrival_s < b.arrival_s; });
+  } else {  // kShareGpt
+    double t = 0;
+    for (int64_t i = 0; i < o.num_requests; ++i) {
+      t += rng.Exponential(1.0 / o.rate_rps);
+      const int64_t input = std::clamp<int64_t>(
+          std::llround(std::exp(std::log(40.0) + 2.07 * Normal(rng))), 1, 16384);
+      emit(t, {system, {next_content++, input}}, LogNormalMean(rng, 358, 1.0, 1, 4096));
+    }
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<Workload> GenerateWorkload(const GeneratorOptions& o) {
   if (o.num_requests < 1) return absl::InvalidArgumentError("num_requests must be >= 1");
   if (!(o.rate_rps > 0) || !std::isfinite(o.rate_rps)) {
     return absl::InvalidArgumentError("rate_rps must be > 0");
+  }
+  if (o.system_prompt_tokens < 1) {
+    return absl::InvalidArgumentError("system_prompt_tokens must be >= 1");
   }
   Rng rng(o.seed);
   uint64_t next_content = 1;
@@ -212,7 +316,10 @@ absl::StatusOr<Workload> GenerateWorkload(const GeneratorOptions& o) {
     out.push_back(std::move(r));
   };
 
-  if (o.kind == WorkloadKind::kDocQa) {
+  if (o.kind == WorkloadKind::kLoogle || o.kind == WorkloadKind::kScbench ||
+      o.kind == WorkloadKind::kShareGpt) {
+    GeneratePaperWorkload(o, rng, next_content, out, emit);
+  } else if (o.kind == WorkloadKind::kDocQa) {
     // 200 documents of 8k-64k tokens (log-uniform), Zipf(1.0) popularity; a shared 600-token
     // instruction prompt precedes the document; a 50-200-token question follows.
     const int64_t num_docs = 200;
