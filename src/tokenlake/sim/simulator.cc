@@ -34,6 +34,32 @@ Simulator::Simulator(const SimOptions& options, const Workload& workload, const 
     instances_[i].cache = std::make_unique<BlockCache>(capacity_blocks_);
   }
   records_.resize(workload_.requests.size());
+  next_turn_.assign(workload_.requests.size(), -1);
+  for (size_t i = 0; i < workload_.requests.size(); ++i) {
+    const int64_t prev = workload_.requests[i].previous_turn;
+    if (prev < 0) continue;
+    TOKENLAKE_CHECK(prev < static_cast<int64_t>(i) && next_turn_[prev] < 0,
+                    "a session turn must follow one earlier request, once");
+    next_turn_[prev] = static_cast<int64_t>(i);
+  }
+}
+
+void Simulator::Arrive(int64_t request) {
+  const Request& r = workload_.requests[request];
+  records_[request].arrival_s = now_s_;
+  records_[request].input_tokens = r.input_tokens;
+  records_[request].output_tokens = r.output_tokens;
+  policy_.OnArrival(*this, request);
+}
+
+void Simulator::ReleaseNextTurn(int64_t request) {
+  const int64_t next = next_turn_[request];
+  const RequestRecord& rec = records_[request];
+  if (next < 0 || !(rec.rejected || rec.finish_s >= 0)) return;
+  next_turn_[request] = -1;
+  Event e{now_s_ + workload_.requests[next].think_s, seq_++, 2, 0, 0, nullptr};
+  e.request = next;
+  events_.push(e);
 }
 
 Job* Simulator::NewJob(int64_t request, int instance) {
@@ -63,7 +89,10 @@ void Simulator::Deliver(Job* job, double ready_s) {
   }
 }
 
-void Simulator::Reject(int64_t request) { records_[request].rejected = true; }
+void Simulator::Reject(int64_t request) {
+  records_[request].rejected = true;
+  ReleaseNextTurn(request);
+}
 
 void Simulator::Poke(int instance) {
   Instance& inst = instances_[instance];
@@ -244,6 +273,7 @@ void Simulator::FinishStep(Instance& inst) {
       job->phase = Phase::kDone;
       --inst.in_flight;
       policy_.OnJobDone(*this, *job);
+      ReleaseNextTurn(job->request);
     } else {
       still.push_back(job);
     }
@@ -290,6 +320,8 @@ SimResult Simulator::Run() {
   next_sample_s_ = (n > 0 ? reqs.front().arrival_s : 0) + options_.sample_period_s;
   size_t progress_every = std::max<size_t>(1, n / 200);
   while (next < n || !events_.empty()) {
+    // Later session turns arrive by event (ReleaseNextTurn), not at their nominal time.
+    while (next < n && reqs[next].previous_turn >= 0) ++next;
     const double ta = next < n ? reqs[next].arrival_s : inf;
     const double te = events_.empty() ? inf : events_.top().t;
     const double t = std::min(ta, te);
@@ -300,10 +332,7 @@ SimResult Simulator::Run() {
     }
     now_s_ = t;
     if (ta <= te) {
-      records_[next].arrival_s = ta;
-      records_[next].input_tokens = reqs[next].input_tokens;
-      records_[next].output_tokens = reqs[next].output_tokens;
-      policy_.OnArrival(*this, static_cast<int64_t>(next));
+      Arrive(static_cast<int64_t>(next));
       ++next;
       if (options_.progress && next % progress_every == 0) {
         options_.progress(static_cast<double>(next) / static_cast<double>(n));
@@ -312,6 +341,10 @@ SimResult Simulator::Run() {
     }
     const Event e = events_.top();
     events_.pop();
+    if (e.kind == 2) {
+      Arrive(e.request);
+      continue;
+    }
     Instance& inst = instances_[e.instance];
     if (e.kind == 0) {
       if (e.generation == inst.generation && inst.busy) FinishStep(inst);

@@ -18,6 +18,9 @@
 // sampling window (sample_period_s; a bulk decode step counts in the window where it ends) into
 // SimResult::cache_access.
 //
+// Session turns (Request::previous_turn >= 0) arrive closed-loop: think_s after the previous
+// turn finished or was rejected, not at their nominal arrival_s.
+//
 // Thread-safety: not thread-safe; one Simulator per thread.
 #ifndef TOKENLAKE_SIM_SIMULATOR_H_
 #define TOKENLAKE_SIM_SIMULATOR_H_
@@ -244,10 +247,11 @@ class Simulator {
   struct Event {
     double t;
     uint64_t seq;
-    int kind;  // 0 step done, 1 deliver
+    int kind;  // 0 step done, 1 deliver, 2 arrival of a later session turn (`request`)
     int instance;
     uint64_t generation;
     Job* job;
+    int64_t request = -1;
     bool operator>(const Event& o) const { return t != o.t ? t > o.t : seq > o.seq; }
   };
   void Push(double t, int kind, int instance, uint64_t generation, Job* job);
@@ -256,6 +260,10 @@ class Simulator {
   void FinishStep(Instance& inst);
   double StepEnd(const Instance& inst, int64_t iters) const;
   void Sample();
+  // A request arrives now: its record starts and the policy routes it.
+  void Arrive(int64_t request);
+  // Sends `request`'s next session turn once `request` finished or was rejected (once).
+  void ReleaseNextTurn(int64_t request);
 
   SimOptions options_;
   const Workload& workload_;
@@ -269,6 +277,7 @@ class Simulator {
   int64_t iterations_ = 0;
   std::vector<Instance> instances_;
   std::vector<RequestRecord> records_;
+  std::vector<int64_t> next_turn_;  // per request: the request of its next turn, or -1
   std::deque<Job> jobs_;
   std::priority_queue<Event, std::vector<Event>, std::greater<>> events_;
   double next_sample_s_ = 0;

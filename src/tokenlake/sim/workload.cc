@@ -263,6 +263,8 @@ void GeneratePaperWorkload(const GeneratorOptions& o, Rng& rng, uint64_t& next_c
     constexpr double kMeanTurns = 5.2;
     double start = 0;
     int64_t emitted = 0;
+    // previous[i]: the index (in emission order) of request i's previous turn, or -1.
+    std::vector<int64_t> previous;
     while (emitted < o.num_requests) {
       start += rng.Exponential(kMeanTurns / o.rate_rps);
       std::vector<Piece> prompt = {
@@ -273,14 +275,28 @@ void GeneratePaperWorkload(const GeneratorOptions& o, Rng& rng, uint64_t& next_c
       for (int64_t k = 0; k < turns; ++k) {
         prompt.push_back({next_content++, rng.UniformInt(32, 256)});
         const int64_t output = LogNormalMean(rng, 1684, 0.8, 16, 16384);
+        previous.push_back(k == 0 ? -1 : static_cast<int64_t>(out.size()) - 1);
         emit(t, prompt, output);
         prompt.push_back({next_content++, output});
         t += 2.0 + 0.05 * static_cast<double>(output);
       }
       emitted += turns;
     }
-    std::stable_sort(out.begin(), out.end(),
-                     [](const Request& a, const Request& b) { return a.arrival_s < b.arrival_s; });
+    // Sort by nominal arrival (a turn's previous one is always earlier) and renumber the links.
+    std::vector<int64_t> order(out.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return out[a].arrival_s < out[b].arrival_s; });
+    std::vector<int64_t> position(out.size());
+    for (size_t i = 0; i < order.size(); ++i) position[order[i]] = static_cast<int64_t>(i);
+    std::vector<Request> sorted;
+    sorted.reserve(out.size());
+    for (int64_t i : order) {
+      sorted.push_back(std::move(out[i]));
+      sorted.back().previous_turn = previous[i] < 0 ? -1 : position[previous[i]];
+      sorted.back().think_s = 0;  // the benchmark sends the next turn when the answer is back
+    }
+    out = std::move(sorted);
   } else {  // kShareGpt
     double t = 0;
     for (int64_t i = 0; i < o.num_requests; ++i) {

@@ -31,6 +31,11 @@ struct Request {
   int64_t output_tokens = 1;
   // Chained block ids, ceil(input_tokens / kBlockTokens) of them (the last block may be partial).
   std::vector<uint64_t> block_ids;
+  // A later turn of a session (closed loop): sent `think_s` after request `previous_turn` (an
+  // earlier index) finished or was rejected; arrival_s is then only its nominal time (used for
+  // the workload's rate and ordering). -1: an independent request, sent at arrival_s.
+  int64_t previous_turn = -1;
+  double think_s = 0;
 
   // Tokens covered by block `i` (kBlockTokens, or fewer for the last block).
   int64_t BlockTokens(size_t i) const;
@@ -72,11 +77,13 @@ enum class WorkloadKind {
   // requests average 227K with their history, sigma 0.3, clamped to [32K, 768K]); 1 + Poisson(4.2)
   // turns (mean 5.2); question 32-256 tokens; output lognormal (mean 1,684, sigma 0.8, clamped
   // to [16, 16,384]). Turn k's prompt = context + earlier questions and answers + question k.
-  // Sessions start as a Poisson process at rate_rps / 5.2; the next turn arrives 2 s + 0.05 s per
-  // output token after the previous one (the answer's time at about the batch-1 output-token
-  // latency of a 227K context on the paper preset; the benchmark sends the next turn when the
-  // answer is back). Sessions are added until num_requests turns exist (the last one cut there),
-  // so 4,841 requests make about 931 sessions, each complete.
+  // Sessions start as a Poisson process at rate_rps / 5.2; later turns are closed-loop
+  // (Request::previous_turn): sent when the previous answer is back, with no think time, as
+  // the benchmark's harness does. Their nominal arrival (for the workload's rate and order) is
+  // 2 s + 0.05 s per output token after the previous turn's (about the answer's time at the
+  // batch-1 output-token latency of a 227K context on the paper preset). Sessions are added
+  // until num_requests turns exist (the last one cut there), so 4,841 requests make about 931
+  // sessions, each complete.
   kScbench,
   // ShareGPT first turns: input lognormal with median 40 and sigma 2.07 clamped to [1, 16,384]
   // (mean ~300), output lognormal (mean 358, sigma 1.0, clamped to [1, 4,096]); independent
@@ -107,6 +114,7 @@ absl::StatusOr<WorkloadKind> ParseWorkloadKind(std::string_view name);
 std::string_view WorkloadKindName(WorkloadKind kind);
 
 // Returns a copy with arrival times divided by `scale` (> 0): rate multiplied by `scale`.
+// Think times of later turns are not scaled (they are the user's, not the offered load's).
 Workload ScaleArrivals(const Workload& workload, double scale);
 
 // Mean arrival rate (requests / span of arrivals); 0 for fewer than 2 requests.

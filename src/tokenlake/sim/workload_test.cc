@@ -251,6 +251,7 @@ TEST(PaperWorkloadTest, ScbenchSessionsGrowTurnByTurnOverALongContext) {
   EXPECT_NEAR(Mean(input), 227000, 0.05 * 227000);
   EXPECT_NEAR(Mean(output), 1684, 0.07 * 1684);
   for (const auto& [id, turns] : sessions) {
+    EXPECT_EQ(turns[0]->previous_turn, -1);
     for (size_t k = 1; k < turns.size(); ++k) {
       const Request& prev = *turns[k - 1];
       const Request& next = *turns[k];
@@ -258,6 +259,9 @@ TEST(PaperWorkloadTest, ScbenchSessionsGrowTurnByTurnOverALongContext) {
       // The next prompt extends the previous one by its answer and a new question.
       EXPECT_GE(next.input_tokens, prev.input_tokens + prev.output_tokens + 32);
       EXPECT_EQ(CommonBlocks(prev, next), static_cast<size_t>(prev.input_tokens / kBlockTokens));
+      // Sent closed-loop after the previous turn, with no think time.
+      EXPECT_EQ(next.previous_turn, turns[k - 1] - w.requests.data());
+      EXPECT_EQ(next.think_s, 0);
     }
   }
   // Sessions start at rate_rps / 5.2 (the request rate is rate_rps while sessions overlap
