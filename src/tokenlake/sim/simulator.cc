@@ -322,6 +322,7 @@ SimResult Simulator::Run() {
   while (next < n || !events_.empty()) {
     // Later session turns arrive by event (ReleaseNextTurn), not at their nominal time.
     while (next < n && reqs[next].previous_turn >= 0) ++next;
+    if (next >= n && events_.empty()) break;
     const double ta = next < n ? reqs[next].arrival_s : inf;
     const double te = events_.empty() ? inf : events_.top().t;
     const double t = std::min(ta, te);

@@ -235,27 +235,31 @@ void GeneratePaperWorkload(const GeneratorOptions& o, Rng& rng, uint64_t& next_c
     for (int64_t d = 0; d < kArxiv + kOther; ++d) {
       docs.push_back({next_content++, LogNormalMean(rng, 24005, 0.4, 4096, 131072)});
     }
+    // One entry per question: arXiv papers one each, the other documents share
+    // kOtherQuestions as evenly as possible (22 or 23 each).
+    std::vector<int64_t> questions;
+    for (int64_t d = 0; d < kArxiv + kOther; ++d) {
+      const int64_t k = d - kArxiv;
+      const int64_t n =
+          d < kArxiv ? 1 : kOtherQuestions / kOther + (k < kOtherQuestions % kOther ? 1 : 0);
+      for (int64_t q = 0; q < n; ++q) questions.push_back(d);
+    }
     double t = 0;
     while (static_cast<int64_t>(out.size()) < o.num_requests) {
-      std::vector<int64_t> order(docs.size());
-      for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
-      for (size_t i = order.size() - 1; i > 0; --i) {
-        std::swap(order[i], order[static_cast<size_t>(rng.UniformInt(0, static_cast<int64_t>(i)))]);
+      // Each pass: every question once, in a seeded random order.
+      for (size_t i = questions.size() - 1; i > 0; --i) {
+        std::swap(questions[i],
+                  questions[static_cast<size_t>(rng.UniformInt(0, static_cast<int64_t>(i)))]);
       }
-      for (int64_t d : order) {
-        // Documents kArxiv.. share kOtherQuestions as evenly as possible (22 or 23 each).
-        const int64_t k = d - kArxiv;
-        const int64_t questions =
-            d < kArxiv ? 1 : kOtherQuestions / kOther + (k < kOtherQuestions % kOther ? 1 : 0);
-        for (int64_t q = 0; q < questions && static_cast<int64_t>(out.size()) < o.num_requests;
-             ++q) {
-          t += rng.Exponential(1.0 / o.rate_rps);
-          if (d < kArxiv) {
-            emit(t, {system, docs[d], {next_content++, 24}}, rng.UniformInt(150, 350));
-          } else {
-            emit(t, {system, docs[d], {next_content++, rng.UniformInt(16, 64)}},
-                 rng.UniformInt(16, 128));
-          }
+      for (size_t i = 0; i < questions.size() && static_cast<int64_t>(out.size()) < o.num_requests;
+           ++i) {
+        const int64_t d = questions[i];
+        t += rng.Exponential(1.0 / o.rate_rps);
+        if (d < kArxiv) {
+          emit(t, {system, docs[d], {next_content++, 24}}, rng.UniformInt(150, 350));
+        } else {
+          emit(t, {system, docs[d], {next_content++, rng.UniformInt(16, 64)}},
+               rng.UniformInt(16, 128));
         }
       }
     }

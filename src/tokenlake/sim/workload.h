@@ -69,9 +69,10 @@ enum class WorkloadKind {
   // LooGLE: 776 documents, lognormal lengths (mean 24,005 tokens, sigma 0.4, clamped to
   // [4,096, 131,072]); 516 arXiv papers with one summary request each (24-token instruction,
   // 150-350-token answer) and 260 Wikipedia/script documents with 5,932 questions (22 or 23
-  // each; question 16-64 tokens, answer 16-128). Documents in a seeded random order, each
-  // document's questions one after another (the dataset's own order, as a benchmark replays
-  // it), Poisson arrivals at rate_rps. More requests than 6,448: further passes, new order.
+  // each; question 16-64 tokens, answer 16-128). The questions arrive in a seeded random order
+  // (a document is asked about in proportion to its questions), as serving benchmarks sample a
+  // dataset, with Poisson arrivals at rate_rps. More requests than 6,448: further passes, each
+  // in a new order.
   kLoogle,
   // SCBench: sessions over one long shared context each (lognormal, mean 222,280 tokens so that
   // requests average 227K with their history, sigma 0.3, clamped to [32K, 768K]); 1 + Poisson(4.2)
