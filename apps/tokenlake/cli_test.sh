@@ -56,6 +56,41 @@ else
   failures=$((failures + 1))
 fi
 
+# The paper preset: its values, explicit flags over them, bad names listing the valid ones.
+expect "sim refuses an unknown preset, listing the valid ones" 2 "unknown preset 'nope'.*paper" -- \
+  "$bin" sim --preset nope
+expect "sim refuses an unknown SLO mode" 2 "p90 or per-token" -- "$bin" sim --slo p99
+expect "sim refuses a TP that does not divide the KV heads" 2 "--tp 3" -- "$bin" sim --tp 3
+expect "sim refuses --kv-gb with --cache-tokens" 2 "exclusive" -- \
+  "$bin" sim --kv-gb 10 --cache-tokens 100000
+expect "sim --preset paper runs the paper's setup" 0 \
+  "loogle: 12 requests.*4 x A100-SXM4-80GB.*\(TP 2\), lwm-7b; SLO per token" -- \
+  "$bin" sim --preset paper --requests 12 --cache-tokens 400000 --json "$tmp/paper.json"
+override="sharegpt: 12 requests.*2 x A100-SXM4-80GB \(from published specifications\), lwm-7b"
+expect "explicit flags override the preset" 0 "$override" -- \
+  "$bin" sim --preset paper --workload sharegpt --requests 12 --instances 2 --tp 1 \
+  --policies cache-aware
+if python3 - "$tmp/paper.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+c = d["config"]
+assert (c["preset"], c["instances"], c["tensor_parallel"], c["model"], c["slo_mode"],
+        c["token_budget"], c["cache_tokens"]) == ("paper", 4, 2, "lwm-7b", "per-token", 8192,
+                                                  400000), c
+assert [r["policy"] for r in d["results"]][:1] == ["cache-aware"], d["results"]
+for r in d["results"]:
+    assert {"hit_rate", "cv_cache_access", "slo_attainment"} <= r.keys(), r
+    # 400,000 / 4 instances = 100,000 tokens = 195 whole blocks of 512 tokens x 512 KiB.
+    assert r["kv_capacity_bytes_per_instance"] == 195 * 512 * 524288, r
+PY
+then
+  echo "ok: sim --preset paper JSON"
+  passes=$((passes + 1))
+else
+  echo "FAIL: sim --preset paper JSON"
+  failures=$((failures + 1))
+fi
+
 fixture="$(cd "$(dirname "$0")/../.." && pwd)/tests/fixtures/llama_tiny"
 model="$fixture/model"
 

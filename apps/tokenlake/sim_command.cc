@@ -11,17 +11,22 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/status/status.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "command.h"
 #include "nlohmann/json.hpp"
 #include "tokenlake/sim/cost_model.h"
 #include "tokenlake/sim/experiment.h"
+#include "tokenlake/sim/preset.h"
 #include "tokenlake/sim/report.h"
 #include "tokenlake/sim/workload.h"
 
@@ -29,6 +34,7 @@ namespace tokenlake::cli {
 namespace {
 
 struct SimFlags {
+  std::string preset;
   std::string trace;
   std::string workload;  // empty: chat
   std::string requests = "2000";
@@ -55,6 +61,11 @@ struct SimFlags {
   std::string tl_max_dop = "4";
   std::string tl_decode_budget = "0.5";
   std::string tl_local_evict = "0.5";
+  std::string tp = "1";
+  std::string cache_tokens;
+  std::string slo = "p90";
+  std::string slo_factor = "10";
+  std::string system_prompt_tokens = "6000";
   bool verbose = false;
 };
 
@@ -93,8 +104,33 @@ void DrawProgress(double share) {
   std::fflush(stderr);
 }
 
-int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
+// Gives the flags that `given` lacks the preset's values (explicit flags win).
+absl::Status ApplyPreset(const std::string& name, const std::set<std::string>& given, SimFlags* f) {
+  auto p = sim::FindPreset(name);
+  if (!p.ok()) return p.status();
+  auto set = [&](const char* flag, std::string* field, const std::string& value) {
+    if (given.count(flag) == 0) *field = value;
+  };
+  set("--instances", &f->instances, absl::StrCat(p->instances));
+  set("--tp", &f->tp, absl::StrCat(p->tensor_parallel));
+  set("--model", &f->model, p->model);
+  set("--gpu", &f->gpu, p->gpu);
+  set("--intra-gbps", &f->intra_gbps, absl::StrCat(p->intra_node_gbps));
+  set("--gpus-per-node", &f->gpus_per_node, absl::StrCat(p->gpus_per_node));
+  set("--token-budget", &f->token_budget, absl::StrCat(p->token_budget));
+  set("--slo", &f->slo, std::string(sim::SloModeName(p->slo_mode)));
+  set("--slo-factor", &f->slo_factor, absl::StrCat(p->slo_factor));
+  set("--policies", &f->policies, absl::StrJoin(p->policies, ","));
+  if (given.count("--trace") == 0) set("--workload", &f->workload, p->workload);
+  return absl::OkStatus();
+}
+
+int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<std::string>& given) {
   if (!extras.empty()) return Usage("unexpected argument '" + extras.front() + "'");
+  if (!f.preset.empty()) {
+    absl::Status s = ApplyPreset(f.preset, given, &f);
+    if (!s.ok()) return Usage(std::string(s.message()));
+  }
   std::string error;
   sim::ExperimentOptions eo;
   int64_t instances = 0, requests = 0, seed = 0, budget = 0, gpn = 0;
@@ -127,6 +163,20 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
     return Usage(error);
   }
   if (tl_decode_budget > 1) return Usage("--tl-decode-budget must be in (0, 1]");
+  int64_t tp = 0, system_prompt_tokens = 0, cache_tokens = 0;
+  double slo_factor = 0;
+  if (!ParseCount(f.tp, "--tp", 1, 64, &tp, &error) ||
+      !ParseCount(f.system_prompt_tokens, "--system-prompt-tokens", 1, 1 << 24,
+                  &system_prompt_tokens, &error) ||
+      !ParsePositive(f.slo_factor, "--slo-factor", &slo_factor, &error) ||
+      (!f.cache_tokens.empty() &&
+       !ParseCount(f.cache_tokens, "--cache-tokens", 1, INT64_MAX / 4, &cache_tokens, &error))) {
+    return Usage(error);
+  }
+  auto slo_mode = sim::ParseSloMode(f.slo);
+  if (!slo_mode.ok()) return Usage("--slo: " + std::string(slo_mode.status().message()));
+  eo.slo_mode = *slo_mode;
+  eo.slo_factor = slo_factor;
   double tl_local_evict = 0;
   if (!absl::SimpleAtod(f.tl_local_evict, &tl_local_evict) || !(tl_local_evict >= 0) ||
       !std::isfinite(tl_local_evict)) {
@@ -142,6 +192,9 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
   if (!f.rate.empty() && f.max_rate) return Usage("--rate and --max-rate are exclusive");
   double kv_gb = 0;
   if (!f.kv_gb.empty() && !ParsePositive(f.kv_gb, "--kv-gb", &kv_gb, &error)) return Usage(error);
+  if (!f.kv_gb.empty() && !f.cache_tokens.empty()) {
+    return Usage("--kv-gb and --cache-tokens are exclusive");
+  }
   eo.policies.clear();
   for (absl::string_view p : absl::StrSplit(f.policies, ',', absl::SkipWhitespace())) {
     eo.policies.emplace_back(p);
@@ -159,11 +212,15 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
   if (!model.ok()) return Usage(std::string(model.status().message()));
   auto gpu = sim::LoadGpuProfile(f.gpu);
   if (!gpu.ok()) return Usage(std::string(gpu.status().message()));
+  if (model->num_kv_heads % tp != 0) {
+    return Usage(
+        absl::StrFormat("--tp %d must divide the model's %d KV heads", tp, model->num_kv_heads));
+  }
   sim::InterconnectSpec net;
   net.intra_node_gbps = intra;
   net.inter_node_gbps = inter;
   net.gpus_per_node = gpn;
-  const sim::CostModel cost(*model, *gpu, net);
+  const sim::CostModel cost(*model, *gpu, net, static_cast<int>(tp));
 
   sim::Workload workload;
   if (!f.trace.empty() && !f.workload.empty()) {
@@ -183,6 +240,7 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
     g.kind = *kind;
     g.num_requests = requests;
     g.seed = static_cast<uint64_t>(seed);
+    g.system_prompt_tokens = system_prompt_tokens;
     auto w = sim::GenerateWorkload(g);
     if (!w.ok()) return Usage(std::string(w.status().message()));
     workload = *std::move(w);
@@ -195,6 +253,16 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
   eo.sim.slo_tpot_s = slo_tpot;
   eo.sim.pd_prefill_fraction = frac;
   eo.sim.kv_capacity_bytes = static_cast<int64_t>(kv_gb * 1e9);
+  if (cache_tokens > 0) {
+    // The total cache slots, split evenly: each instance holds cache_tokens / instances tokens.
+    const int64_t per_instance = cache_tokens / instances;
+    if (per_instance < sim::kBlockTokens) {
+      return Usage(
+          absl::StrFormat("--cache-tokens %d leaves fewer than %d tokens (one block) per instance",
+                          cache_tokens, sim::kBlockTokens));
+    }
+    eo.sim.kv_capacity_bytes = per_instance * model->KvBytesPerToken();
+  }
   eo.max_rate = f.max_rate;
   const bool show_progress = f.progress || isatty(STDERR_FILENO);
   if (show_progress) eo.sim.progress = DrawProgress;
@@ -224,6 +292,13 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
   config["instances"] = eo.sim.num_instances;
   config["model"] = model->name;
   config["gpu"] = gpu->name;
+  config["preset"] = f.preset.empty() ? nlohmann::json(nullptr) : nlohmann::json(f.preset);
+  config["tensor_parallel"] = tp;
+  config["slo_mode"] = std::string(sim::SloModeName(eo.slo_mode));
+  config["slo_factor"] = eo.slo_factor;
+  config["cache_tokens"] =
+      cache_tokens > 0 ? nlohmann::json(cache_tokens) : nlohmann::json(nullptr);
+  if (f.trace.empty()) config["system_prompt_tokens"] = system_prompt_tokens;
   config["token_budget"] = eo.sim.token_budget;
   config["max_running"] = eo.sim.max_running;
   config["slo_ttft_s"] = eo.sim.slo_ttft_s;
@@ -245,13 +320,21 @@ int RunSim(const SimFlags& f, const std::vector<std::string>& extras) {
   config["tokenlake_decode_budget"] = eo.tokenlake.decode_budget_share;
   config["tokenlake_local_evict"] = eo.tokenlake.local_eviction_min_age_ratio;
 
+  const std::string slo_text =
+      eo.slo_mode == sim::SloMode::kPerToken
+          ? absl::StrFormat(
+                "SLO per token: TTFT / input and TPOT each <= %gx batch 1, met by >= %g%% (P90 "
+                "goodput)",
+                eo.slo_factor, eo.goodput_quantile * 100)
+          : absl::StrFormat("SLO P90 TTFT <= %gs, P90 TPOT <= %gs", slo_ttft, slo_tpot);
   std::cout << absl::StrFormat(
       "workload %s: %d requests (mean input %.0f tokens, max %d, mean output %.0f), %.3f rps "
-      "native%s; %d x %s, %s; SLO P90 TTFT <= %gs, P90 TPOT <= %gs\n",
+      "native%s; %d x %s%s, %s; %s\n",
       workload.name, workload.requests.size(), mean_in, max_in, mean_out,
       sim::MeanRateRps(workload),
       eo.rate_rps > 0 ? absl::StrFormat(", offered %.3f rps", eo.rate_rps) : "",
-      eo.sim.num_instances, gpu->name, model->name, slo_ttft, slo_tpot);
+      eo.sim.num_instances, gpu->name, tp > 1 ? absl::StrFormat(" (TP %d)", tp) : "", model->name,
+      slo_text);
   auto runs = sim::RunExperiment(workload, cost, eo);
   if (!runs.ok()) {
     std::cerr << "tokenlake sim: " << runs.status().message() << "\n";
@@ -285,20 +368,34 @@ void SetUpSim(CLI::App& app, int* exit_code) {
   CLI::App* cmd = app.add_subcommand(
       "sim", "Trace-driven cluster simulation: TokenLake against its baselines on one cost model");
   cmd->allow_extras();
+  cmd->add_option("--preset", flags->preset,
+                  "paper: the paper's setup (4 instances of 2 x a100-80gb at --tp 2, lwm-7b, "
+                  "--token-budget 8192, --slo per-token, --workload loogle, policies cache-aware, "
+                  "pd-disagg, tokenlake); explicit flags override its values");
   cmd->add_option("--trace", flags->trace, "Mooncake JSON-lines trace file");
   cmd->add_option("--workload", flags->workload,
-                  "built-in workload when no --trace: chat, agent or docqa (default chat)");
+                  "built-in workload when no --trace: chat, agent, docqa, loogle, scbench or "
+                  "sharegpt (default chat)");
+  cmd->add_option("--system-prompt-tokens", flags->system_prompt_tokens,
+                  "loogle, scbench, sharegpt: tokens of the system prompt on every request "
+                  "(default 6000)");
   cmd->add_option("--requests", flags->requests, "requests of a built-in workload (default 2000)");
   cmd->add_option("--instances", flags->instances, "serving instances / GPUs (default 16)");
-  cmd->add_option("--model", flags->model, "llama-3-8b or a model JSON file");
+  cmd->add_option("--model", flags->model, "llama-3-8b, lwm-7b or a model JSON file");
   cmd->add_option("--gpu", flags->gpu,
-                  "h100 (measured, the default), h100-paper or a GPU profile JSON file "
-                  "(cost_model.h schema)");
+                  "h100 (measured, the default), h100-paper, a100-80gb (from published specs) "
+                  "or a GPU profile JSON file (cost_model.h schema)");
+  cmd->add_option("--tp", flags->tp, "tensor-parallel GPUs per instance (default 1)");
   cmd->add_option("--policies", flags->policies,
                   "comma-separated: round-robin, least-load, cache-aware, pd-disagg, tokenlake");
   cmd->add_option("--rate", flags->rate, "offered requests/s (arrivals scaled; default native)");
   cmd->add_flag("--max-rate", flags->max_rate,
                 "search each policy's highest rate meeting the P90 TTFT and TPOT SLOs");
+  cmd->add_option("--slo", flags->slo,
+                  "p90 (P90 TTFT and TPOT against --slo-ttft / --slo-tpot, the default) or "
+                  "per-token (the paper's: TTFT / input and TPOT each <= --slo-factor x batch 1 "
+                  "for >= 90% of requests; --max-rate then reports the P90 goodput)");
+  cmd->add_option("--slo-factor", flags->slo_factor, "per-token SLO: factor over batch 1 (10)");
   cmd->add_option("--slo-ttft", flags->slo_ttft, "P90 TTFT SLO in seconds (default 5)");
   cmd->add_option("--slo-tpot", flags->slo_tpot, "P90 TPOT SLO in seconds (default 0.2)");
   cmd->add_option("--seed", flags->seed, "seed of the built-in workloads (default 1)");
@@ -318,6 +415,9 @@ void SetUpSim(CLI::App& app, int* exit_code) {
                   "pd-disagg: DRAM store <-> GPU bandwidth, GB/s (default 25)");
   cmd->add_option("--kv-gb", flags->kv_gb,
                   "KV cache GB per instance (default: GPU memory x 0.9 - weights - 4 GiB)");
+  cmd->add_option("--cache-tokens", flags->cache_tokens,
+                  "KV cache slots in tokens across the cluster, split evenly over the instances "
+                  "(instead of --kv-gb)");
   cmd->add_option("--tl-max-dop", flags->tl_max_dop, "tokenlake: largest prefill group (4)");
   cmd->add_option("--tl-decode-budget", flags->tl_decode_budget,
                   "tokenlake: a decode instance takes decodes while its estimated iteration stays "
@@ -326,7 +426,13 @@ void SetUpSim(CLI::App& app, int* exit_code) {
                   "tokenlake: a full producer evicts its own LRU leaf for a new segment when that "
                   "leaf's age is >= this x the pool's LRU leaf's (0.5; > 1: pool-wide LRU only)");
   cmd->add_flag("--verbose", flags->verbose, "log every simulation run (with --max-rate)");
-  cmd->callback([flags, cmd, exit_code] { *exit_code = RunSim(*flags, cmd->remaining()); });
+  cmd->callback([flags, cmd, exit_code] {
+    std::set<std::string> given;
+    for (const CLI::Option* opt : cmd->get_options()) {
+      if (opt->count() > 0) given.insert(opt->get_name());
+    }
+    *exit_code = RunSim(*flags, cmd->remaining(), given);
+  });
 }
 
 }  // namespace

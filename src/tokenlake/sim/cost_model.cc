@@ -140,10 +140,11 @@ std::string GpuProfileToJson(const GpuProfile& g) {
 
 absl::StatusOr<ModelSpec> LoadModelSpec(const std::string& name_or_path) {
   if (name_or_path == "llama-3-8b" || name_or_path.empty()) return ModelSpec{};
+  if (name_or_path == "lwm-7b") return Lwm7bModel();
   auto text = ReadFile(name_or_path);
   if (!text.ok()) {
     return absl::NotFoundError(absl::StrFormat(
-        "model '%s' is neither a built-in model (llama-3-8b) nor a readable JSON file",
+        "model '%s' is neither a built-in model (llama-3-8b, lwm-7b) nor a readable JSON file",
         name_or_path));
   }
   return ParseModelSpec(*text, name_or_path);
@@ -163,30 +164,98 @@ GpuProfile PaperH100Profile() {
   return g;
 }
 
+ModelSpec Lwm7bModel() {
+  ModelSpec m;
+  m.name = "lwm-7b";
+  m.num_layers = 32;
+  m.num_heads = 32;
+  m.num_kv_heads = 32;
+  m.head_dim = 128;
+  m.hidden = 4096;
+  m.intermediate = 11008;
+  m.vocab = 32000;
+  m.dtype_bytes = 2;
+  return m;
+}
+
+GpuProfile A100Profile() {
+  // Published peaks (NVIDIA datasheets): H100 SXM5 and A100 SXM4 80GB, dense BF16 and HBM.
+  constexpr double kH100Tflops = 989.4, kH100Gbps = 3350;
+  constexpr double kA100Tflops = 312, kA100Gbps = 2039;
+  const GpuProfile h100;  // the measured profile
+  GpuProfile g;
+  g.name = "A100-SXM4-80GB (from published specifications)";
+  g.memory_bytes = int64_t{81920} << 20;
+  g.memory_utilization = h100.memory_utilization;
+  g.activation_reserve_bytes = h100.activation_reserve_bytes;
+  g.gemm_tflops = kA100Tflops * h100.gemm_tflops / kH100Tflops;
+  g.attn_prefill_tflops = kA100Tflops * h100.attn_prefill_tflops / kH100Tflops;
+  g.attn_decode_gbps = kA100Gbps * h100.attn_decode_gbps / kH100Gbps;
+  g.copy_gbps = kA100Gbps * h100.copy_gbps / kH100Gbps;
+  // Dense-layer efficiencies of the measured H100 table at its two ends (weight-read bound at
+  // 1 token, compute bound at the largest batch), for the reference model.
+  const double params = static_cast<double>(ModelSpec{}.DenseParamCount());
+  const double weight_bytes = params * static_cast<double>(ModelSpec{}.dtype_bytes);
+  const double ms0 = h100.dense_ms.front().second;  // at 1 token
+  const auto [t1, ms1] = h100.dense_ms.back();
+  const double eff_bw = weight_bytes / (ms0 * 1e-3) / (kH100Gbps * 1e9);
+  const double eff_flops = 2 * params * t1 / (ms1 * 1e-3) / (kH100Tflops * 1e12);
+  g.dense_ms.clear();
+  for (const auto& point : h100.dense_ms) {
+    const double tokens = point.first;
+    const double read_s = weight_bytes / (kA100Gbps * 1e9 * eff_bw);
+    const double compute_s = 2 * params * tokens / (kA100Tflops * 1e12 * eff_flops);
+    g.dense_ms.emplace_back(tokens, std::max(read_s, compute_s) * 1e3);
+  }
+  return g;
+}
+
 absl::StatusOr<GpuProfile> LoadGpuProfile(const std::string& name_or_path) {
   if (name_or_path == "h100" || name_or_path.empty()) return GpuProfile{};
   if (name_or_path == "h100-paper") return PaperH100Profile();
+  if (name_or_path == "a100-80gb") return A100Profile();
   auto text = ReadFile(name_or_path);
   if (!text.ok()) {
-    return absl::NotFoundError(absl::StrFormat(
-        "gpu '%s' is neither a built-in profile (h100, h100-paper) nor a readable JSON file",
-        name_or_path));
+    return absl::NotFoundError(
+        absl::StrFormat("gpu '%s' is neither a built-in profile (h100, h100-paper, a100-80gb) nor "
+                        "a readable JSON file",
+                        name_or_path));
   }
   return ParseGpuProfile(*text, name_or_path);
 }
 
-CostModel::CostModel(ModelSpec model, GpuProfile gpu, InterconnectSpec net)
-    : model_(std::move(model)), gpu_(std::move(gpu)), net_(net) {
+CostModel::CostModel(ModelSpec model, GpuProfile gpu, InterconnectSpec net, int tensor_parallel)
+    : model_(std::move(model)), gpu_(std::move(gpu)), net_(net), tp_(tensor_parallel) {
   TOKENLAKE_CHECK(!gpu_.dense_ms.empty());
+  TOKENLAKE_CHECK(tp_ >= 1 && model_.num_kv_heads % tp_ == 0);
   dense_scale_ = static_cast<double>(model_.DenseParamCount()) /
                  static_cast<double>(ModelSpec{}.DenseParamCount());
+}
+
+bool CostModel::SameNode(int a, int b) const {
+  const int64_t per_node = std::max<int64_t>(1, net_.gpus_per_node / tp_);
+  return a / per_node == b / per_node;
 }
 
 int64_t CostModel::KvCapacityBytes() const {
   const double usable = static_cast<double>(gpu_.memory_bytes) * gpu_.memory_utilization;
   const double weights = static_cast<double>(model_.ParamCount() * model_.dtype_bytes);
-  return std::max<int64_t>(0,
-                           static_cast<int64_t>(usable - weights) - gpu_.activation_reserve_bytes);
+  if (tp_ == 1) {
+    return std::max<int64_t>(
+        0, static_cast<int64_t>(usable - weights) - gpu_.activation_reserve_bytes);
+  }
+  const double t = static_cast<double>(tp_);
+  return std::max<int64_t>(
+      0, static_cast<int64_t>(t * usable - weights) - tp_ * gpu_.activation_reserve_bytes);
+}
+
+double CostModel::AllReduceSeconds(int64_t tokens) const {
+  if (tp_ == 1 || tokens <= 0) return 0;
+  const double t = static_cast<double>(tp_);
+  const double bytes = static_cast<double>(tokens * model_.hidden * model_.dtype_bytes);
+  const double one =
+      net_.latency_us * 1e-6 + 2 * (t - 1) / t * bytes / (net_.intra_node_gbps * 1e9);
+  return 2 * static_cast<double>(model_.num_layers) * one;
 }
 
 double CostModel::DenseSeconds(int64_t tokens) const {
@@ -205,7 +274,7 @@ double CostModel::DenseSeconds(int64_t tokens) const {
     const auto [x1, y1] = p[i];
     ms = y0 + (y1 - y0) * (x - x0) / (x1 - x0);
   }
-  return ms * 1e-3 * dense_scale_;
+  return ms * 1e-3 * dense_scale_ / tp_ + AllReduceSeconds(tokens);
 }
 
 double CostModel::AttentionSeconds(int64_t new_tokens, int64_t context_tokens) const {
@@ -217,7 +286,8 @@ double CostModel::AttentionSeconds(int64_t new_tokens, int64_t context_tokens) c
   const double kv_bytes =
       (static_cast<double>(context_tokens) + q) * static_cast<double>(model_.KvBytesPerToken());
   return std::max(flops / (gpu_.attn_prefill_tflops * 1e12),
-                  kv_bytes / (gpu_.attn_decode_gbps * 1e9));
+                  kv_bytes / (gpu_.attn_decode_gbps * 1e9)) /
+         tp_;
 }
 
 double CostModel::CachedAttentionSeconds(int64_t new_tokens, int64_t cached_tokens) const {
@@ -226,14 +296,17 @@ double CostModel::CachedAttentionSeconds(int64_t new_tokens, int64_t cached_toke
                        static_cast<double>(model_.num_heads * model_.head_dim * model_.num_layers);
   const double bytes =
       static_cast<double>(cached_tokens) * static_cast<double>(model_.KvBytesPerToken());
-  return std::max(flops / (gpu_.attn_prefill_tflops * 1e12), bytes / (gpu_.attn_decode_gbps * 1e9));
+  return std::max(flops / (gpu_.attn_prefill_tflops * 1e12),
+                  bytes / (gpu_.attn_decode_gbps * 1e9)) /
+         tp_;
 }
 
 double CostModel::DecodeSecondsPerContextToken() const {
   const double flops =
       4.0 * static_cast<double>(model_.num_heads * model_.head_dim * model_.num_layers);
   return std::max(flops / (gpu_.attn_prefill_tflops * 1e12),
-                  static_cast<double>(model_.KvBytesPerToken()) / (gpu_.attn_decode_gbps * 1e9));
+                  static_cast<double>(model_.KvBytesPerToken()) / (gpu_.attn_decode_gbps * 1e9)) /
+         tp_;
 }
 
 double CostModel::IterationSeconds(const std::vector<SeqWork>& batch) const {
@@ -260,7 +333,7 @@ double CostModel::PrefillSeconds(int64_t new_tokens, int64_t cached_tokens,
 
 double CostModel::TransferSeconds(int64_t bytes, bool same_node) const {
   if (bytes <= 0) return 0;
-  const double gbps = same_node ? net_.intra_node_gbps : net_.inter_node_gbps;
+  const double gbps = (same_node ? net_.intra_node_gbps : net_.inter_node_gbps) * tp_;
   return net_.latency_us * 1e-6 + static_cast<double>(bytes) / (gbps * 1e9);
 }
 

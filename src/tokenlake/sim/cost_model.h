@@ -102,6 +102,31 @@ struct GpuProfile {
 // 1 / 1,024 / 4,096 / 16,384 tokens. Built-in name "h100-paper".
 GpuProfile PaperH100Profile();
 
+// An A100-SXM4-80GB profile built from PUBLISHED specifications (we have no A100 to measure):
+// NVIDIA A100 Tensor Core GPU datasheet: 80 GB HBM2e (the device reports 81,920 MiB), 2,039 GB/s,
+// 312 TFLOP/s dense BF16, NVLink 600 GB/s in total (300 GB/s per direction). Each throughput is
+// the A100 peak times the efficiency our MEASURED H100 profile (GpuProfile{}) reaches against
+// the H100 SXM5's published peaks (989.4 TFLOP/s dense BF16, 3,350 GB/s), the same kernels'
+// class on both GPUs:
+//   gemm          779.3 / 989.4  = 78.8%  -> 245.7 TFLOP/s
+//   attn prefill  547.0 / 989.4  = 55.3%  -> 172.5 TFLOP/s
+//   attn decode   2,499.6 / 3,350 = 74.6% -> 1,521 GB/s
+//   copy          3,003.3 / 3,350 = 89.7% -> 1,828 GB/s
+// dense_ms (for the reference model, ModelSpec{}, as every profile's table) is a roofline:
+// max(weight bytes / (B x e_b), 2 x dense params x tokens / (P x e_f)), with the efficiencies
+// the measured H100 dense table shows at its ends: e_b = 76.1% (13.96 GB of Llama-3-8B dense
+// weights in 5.478 ms at 1 token, against 3,350 GB/s) and e_f = 73.1% (2.287e14 FLOPs in
+// 316.1 ms at 16,384 tokens, against 989.4 TFLOP/s), at the measured table's token points.
+// Both terms are linear in the dense parameters, so the cost model's rescaling to another model
+// (CostModel's dense_scale) gives that model's own roofline exactly. Built-in name "a100-80gb".
+// docs/paper-preset.md has the derivation with its numbers.
+GpuProfile A100Profile();
+
+// LWM-7B (LWM-Text-1M, Llama-2-7B shape): 32 layers, 32 heads, 32 KV heads (multi-head
+// attention), head_dim 128, hidden 4096, intermediate 11008, vocab 32000, bf16 (512 KiB of KV
+// per token). Built-in name "lwm-7b".
+ModelSpec Lwm7bModel();
+
 struct InterconnectSpec {
   // Bandwidth between instances of one node (NVLink), GB/s per direction.
   double intra_node_gbps = 300;
@@ -116,12 +141,12 @@ struct InterconnectSpec {
 absl::StatusOr<ModelSpec> ParseModelSpec(const std::string& json_text, const std::string& source);
 absl::StatusOr<GpuProfile> ParseGpuProfile(const std::string& json_text, const std::string& source);
 std::string GpuProfileToJson(const GpuProfile& gpu);
-// Reads a model by built-in name ("llama-3-8b") or from a JSON file path.
+// Reads a model by built-in name ("llama-3-8b", "lwm-7b") or from a JSON file path.
 absl::StatusOr<ModelSpec> LoadModelSpec(const std::string& name_or_path);
 // Reads a GPU profile by built-in name ("h100": the measured GpuProfile{}; "h100-paper":
-// PaperH100Profile()) or from a JSON file path (fields it lacks keep GpuProfile{}'s values).
-// Errors: NotFound when the name is no built-in and no readable file; InvalidArgument (naming the
-// file and field) for a bad file.
+// PaperH100Profile(); "a100-80gb": A100Profile()) or from a JSON file path (fields it lacks keep
+// GpuProfile{}'s values). Errors: NotFound when the name is no built-in and no readable file;
+// InvalidArgument (naming the file and field) for a bad file.
 absl::StatusOr<GpuProfile> LoadGpuProfile(const std::string& name_or_path);
 
 // One sequence's work in an iteration.
@@ -133,18 +158,39 @@ struct SeqWork {
   int64_t context_tokens = 0;
 };
 
+// Tensor parallelism: an instance of `tensor_parallel` = t GPUs (Megatron-style: attention heads
+// and MLP columns split over the t GPUs, KV heads with them). Then:
+//   - memory: t x the GPU's usable memory, minus the weights once (split, not replicated) and t
+//     activation reserves;
+//   - dense layers: the profile's time / t (each GPU reads 1/t of the weights and does 1/t of
+//     the FLOPs; smaller GEMMs' lower efficiency is not modelled), plus 2 all-reduces per layer
+//     of tokens x hidden x dtype bytes over NVLink (ring: 2 (t - 1) / t of the bytes per GPU at
+//     intra_node_gbps, plus latency_us each), not overlapped with compute (as in vLLM/SGLang);
+//   - attention: / t (each GPU holds and reads 1/t of the heads' KV);
+//   - transfers between instances: t x the link bandwidth (each GPU moves its heads' share over
+//     its own link in parallel).
+// t = 1 (the default) is the single-GPU instance, every figure as without it.
 class CostModel {
  public:
-  CostModel(ModelSpec model, GpuProfile gpu, InterconnectSpec net);
+  // REQUIRES: tensor_parallel >= 1 and model.num_kv_heads % tensor_parallel == 0.
+  CostModel(ModelSpec model, GpuProfile gpu, InterconnectSpec net, int tensor_parallel = 1);
 
   const ModelSpec& model() const { return model_; }
   const GpuProfile& gpu() const { return gpu_; }
   const InterconnectSpec& net() const { return net_; }
+  int tensor_parallel() const { return tp_; }
+  // Whether instances `a` and `b` (ids) sit on one node: max(1, gpus_per_node / t) instances
+  // per node.
+  bool SameNode(int a, int b) const;
 
-  // KV cache capacity of one instance in bytes: memory x utilization - weights - activations.
+  // KV cache capacity of one instance in bytes: t x (memory x utilization - activations) -
+  // weights.
   int64_t KvCapacityBytes() const;
-  // Dense layers' time for a batch of `tokens` tokens (> 0), seconds.
+  // Dense layers' time for a batch of `tokens` tokens (> 0), seconds; with t > 1 it includes
+  // the tensor-parallel all-reduces (AllReduceSeconds).
   double DenseSeconds(int64_t tokens) const;
+  // The 2 x num_layers all-reduces of one iteration of `tokens` tokens; 0 when t = 1.
+  double AllReduceSeconds(int64_t tokens) const;
   // Attention time of `new_tokens` queries over `context_tokens` earlier tokens plus the causal
   // part among themselves, seconds: max(FLOPs at prefill efficiency, KV bytes at decode
   // bandwidth).
@@ -166,6 +212,7 @@ class CostModel {
   ModelSpec model_;
   GpuProfile gpu_;
   InterconnectSpec net_;
+  int tp_;
   double dense_scale_;
 };
 

@@ -127,6 +127,72 @@ TEST(CostModelTest, MeasuredDefaultProfileByHand) {
   EXPECT_NEAR(c.AttentionSeconds(1, 9999), 10000.0 * 131072 / 2499.585263052424e9, 1e-12);
 }
 
+TEST(GpuProfileTest, A100IsThePublishedPeaksAtTheMeasuredH100Efficiencies) {
+  auto a100 = LoadGpuProfile("a100-80gb");
+  ASSERT_TRUE(a100.ok()) << a100.status();
+  EXPECT_EQ(a100->memory_bytes, 85899345920);  // 81,920 MiB
+  // 312 TFLOP/s x 779.27 / 989.4; 312 x 546.99 / 989.4; 2,039 GB/s x 2,499.6 / 3,350;
+  // 2,039 x 3,003.3 / 3,350 (hand-computed).
+  EXPECT_NEAR(a100->gemm_tflops, 245.73, 0.01);
+  EXPECT_NEAR(a100->attn_prefill_tflops, 172.49, 0.01);
+  EXPECT_NEAR(a100->attn_decode_gbps, 1521.4, 0.1);
+  EXPECT_NEAR(a100->copy_gbps, 1828.0, 0.1);
+  ASSERT_EQ(a100->dense_ms.size(), 11u);
+  // 1 token: weight-read bound, 5.4784 ms x 3,350 / 2,039.
+  EXPECT_EQ(a100->dense_ms[0].first, 1);
+  EXPECT_NEAR(a100->dense_ms[0].second, 9.0008, 1e-3);
+  // 128 tokens: still read bound (the ridge is at 147 tokens).
+  EXPECT_NEAR(a100->dense_ms[3].second, 9.0008, 1e-3);
+  // 1,024 and 16,384 tokens: compute bound, 316.09 ms x (tokens / 16,384) x 989.4 / 312.
+  EXPECT_EQ(a100->dense_ms[6].first, 1024);
+  EXPECT_NEAR(a100->dense_ms[6].second, 62.649, 1e-2);
+  EXPECT_NEAR(a100->dense_ms[10].second, 1002.38, 1e-1);
+}
+
+TEST(ModelSpecTest, Lwm7bIsTheLlama2Shape) {
+  auto m = LoadModelSpec("lwm-7b");
+  ASSERT_TRUE(m.ok());
+  // 2 x 32 layers x 32 KV heads x 128 x 2 bytes.
+  EXPECT_EQ(m->KvBytesPerToken(), 524288);
+  // 32 x (qkv 4096 x 12288 + o 4096^2 + mlp 3 x 4096 x 11008) + 2 x 32000 x 4096.
+  EXPECT_EQ(m->DenseParamCount(), 6476005376);
+  EXPECT_EQ(m->ParamCount(), 6738149376);
+  EXPECT_THAT(std::string(LoadModelSpec("llama-2").status().message()), HasSubstr("lwm-7b"));
+}
+
+TEST(CostModelTest, TensorParallelSplitsWorkAndAddsAllReduces) {
+  auto gpu = LoadGpuProfile("a100-80gb");
+  ASSERT_TRUE(gpu.ok());
+  const CostModel one(Lwm7bModel(), *gpu, InterconnectSpec{});
+  const CostModel two(Lwm7bModel(), *gpu, InterconnectSpec{}, 2);
+  EXPECT_EQ(two.tensor_parallel(), 2);
+  // 2 x (81,920 MiB x 0.9 - 4 GiB) - 2 bytes x 6,738,149,376 params.
+  EXPECT_NEAR(static_cast<double>(two.KvCapacityBytes()),
+              2 * (85899345920.0 * 0.9 - 4294967296.0) - 2.0 * 6738149376, 1.0);
+  // One token: half the dense time plus 64 all-reduces of 8 KiB (10 us + 8,192 B / 300 GB/s).
+  const double allreduce = 64 * (10e-6 + 8192.0 / 300e9);
+  EXPECT_NEAR(two.AllReduceSeconds(1), allreduce, 1e-15);
+  EXPECT_EQ(one.AllReduceSeconds(1), 0);
+  EXPECT_NEAR(two.DenseSeconds(1), one.DenseSeconds(1) / 2 + allreduce, 1e-15);
+  // LWM-7B's dense time at 1 token: 9.0008 ms x 6,476,005,376 / 6,979,321,856 (hand-computed).
+  EXPECT_NEAR(one.DenseSeconds(1), 8.3517e-3, 1e-6);
+  // 4,096 tokens: 64 x (10 us + 4,096 x 8,192 B / 300 GB/s).
+  EXPECT_NEAR(two.AllReduceSeconds(4096), 64 * (10e-6 + 4096.0 * 8192 / 300e9), 1e-12);
+  // Attention: decode over 9,999 tokens reads 10,000 x 512 KiB at 1,521.4 GB/s, half per GPU.
+  EXPECT_NEAR(one.AttentionSeconds(1, 9999), 10000.0 * 524288 / 1521.39e9, 1e-6);
+  EXPECT_NEAR(two.AttentionSeconds(1, 9999), one.AttentionSeconds(1, 9999) / 2, 1e-15);
+  EXPECT_NEAR(two.CachedAttentionSeconds(512, 8192), one.CachedAttentionSeconds(512, 8192) / 2,
+              1e-15);
+  EXPECT_NEAR(two.DecodeSecondsPerContextToken(), one.DecodeSecondsPerContextToken() / 2, 1e-18);
+  // Transfers: both GPUs' links at once.
+  EXPECT_NEAR(two.TransferSeconds(600'000'000'000, true), 1.0 + 10e-6, 1e-12);
+  // 8 GPUs per node hold 4 TP-2 instances.
+  EXPECT_TRUE(two.SameNode(0, 3));
+  EXPECT_FALSE(two.SameNode(3, 4));
+  EXPECT_FALSE(one.SameNode(7, 8));
+  EXPECT_TRUE(one.SameNode(4, 7));
+}
+
 TEST(GpuProfileTest, JsonRoundTripsAndOverridesDefaults) {
   GpuProfile g;
   g.name = "test";

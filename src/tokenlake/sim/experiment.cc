@@ -46,6 +46,15 @@ absl::StatusOr<std::vector<PolicyRun>> RunExperiment(const Workload& workload,
   if (o.rate_rps < 0 || !std::isfinite(o.rate_rps)) {
     return absl::InvalidArgumentError("rate must be > 0");
   }
+  if (!(o.slo_factor > 0) || !std::isfinite(o.slo_factor) || !(o.goodput_quantile > 0) ||
+      o.goodput_quantile > 1) {
+    return absl::InvalidArgumentError("slo_factor must be > 0 and goodput_quantile in (0, 1]");
+  }
+  const bool per_token = o.slo_mode == SloMode::kPerToken;
+  auto meets = [&](const Summary& s) {
+    return per_token ? s.slo_attainment.value_or(0) >= o.goodput_quantile
+                     : MeetsSlo(s, o.sim.slo_ttft_s, o.sim.slo_tpot_s);
+  };
   for (const std::string& name : o.policies) {
     auto p = MakePolicy(name, o.tokenlake);
     if (!p.ok()) return p.status();
@@ -63,9 +72,15 @@ absl::StatusOr<std::vector<PolicyRun>> RunExperiment(const Workload& workload,
       auto result = RunOnce(scaled, cost, sim_options, name, o.tokenlake);
       if (!result.ok()) return result.status();
       Summary s = Summarize(*result, native_rps * scale);
+      if (per_token) {
+        s.slo_attainment =
+            PerTokenSloAttainment(result->records, cost, sim_options.token_budget, o.slo_factor);
+      }
       if (o.log) {
-        o.log(absl::StrFormat("%s at %.3f rps: ttft p90 %.3f s, tpot p90 %.4f s, hit %.3f", name,
-                              native_rps * scale, s.ttft_p90_s, s.tpot_p90_s, s.hit_rate));
+        o.log(absl::StrFormat(
+            "%s at %.3f rps: ttft p90 %.3f s, tpot p90 %.4f s, hit %.3f%s", name,
+            native_rps * scale, s.ttft_p90_s, s.tpot_p90_s, s.hit_rate,
+            per_token ? absl::StrFormat(", per-token SLO met by %.3f", *s.slo_attainment) : ""));
       }
       return std::make_pair(s, *std::move(result));
     };
@@ -74,7 +89,7 @@ absl::StatusOr<std::vector<PolicyRun>> RunExperiment(const Workload& workload,
     PolicyRun run{base->first, std::move(base->second)};
     if (o.max_rate) {
       sim_options.progress = nullptr;
-      const bool ok_at_base = MeetsSlo(base->first, o.sim.slo_ttft_s, o.sim.slo_tpot_s);
+      const bool ok_at_base = meets(base->first);
       double lo = 0, hi = 0;
       if (ok_at_base) {
         lo = base_scale;
@@ -82,7 +97,7 @@ absl::StatusOr<std::vector<PolicyRun>> RunExperiment(const Workload& workload,
         for (int i = 0; i < 12; ++i) {
           auto r = run_at(hi);
           if (!r.ok()) return r.status();
-          if (!MeetsSlo(r->first, o.sim.slo_ttft_s, o.sim.slo_tpot_s)) break;
+          if (!meets(r->first)) break;
           lo = hi;
           hi *= 2;
         }
@@ -92,7 +107,7 @@ absl::StatusOr<std::vector<PolicyRun>> RunExperiment(const Workload& workload,
         for (int i = 0; i < 12; ++i) {
           auto r = run_at(lo);
           if (!r.ok()) return r.status();
-          if (MeetsSlo(r->first, o.sim.slo_ttft_s, o.sim.slo_tpot_s)) break;
+          if (meets(r->first)) break;
           hi = lo;
           lo /= 2;
           if (i == 11) lo = 0;
@@ -102,9 +117,10 @@ absl::StatusOr<std::vector<PolicyRun>> RunExperiment(const Workload& workload,
         const double mid = (lo + hi) / 2;
         auto r = run_at(mid);
         if (!r.ok()) return r.status();
-        (MeetsSlo(r->first, o.sim.slo_ttft_s, o.sim.slo_tpot_s) ? lo : hi) = mid;
+        (meets(r->first) ? lo : hi) = mid;
       }
       run.summary.max_rate_rps = lo * native_rps;
+      if (per_token) run.summary.goodput_rps = lo * native_rps;
     }
     runs.push_back(std::move(run));
   }

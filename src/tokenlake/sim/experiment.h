@@ -38,6 +38,12 @@ struct ExperimentOptions {
   double rate_rps = 0;
   // Search each policy's max rate meeting the SLOs (bisection over the arrival scale).
   bool max_rate = false;
+  // The SLO that max_rate searches against (metrics.h): kP90Absolute uses sim.slo_ttft_s and
+  // sim.slo_tpot_s; kPerToken the paper's per-token SLO at slo_factor x batch-1 (chunks of
+  // sim.token_budget), met by a share >= goodput_quantile of requests (P90 goodput).
+  SloMode slo_mode = SloMode::kP90Absolute;
+  double slo_factor = 10;
+  double goodput_quantile = 0.9;
   // Bisection steps after bracketing (each halves the interval).
   int bisection_steps = 6;
   // Called after each simulation with a one-line description; may be null.

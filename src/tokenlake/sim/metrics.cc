@@ -4,7 +4,81 @@
 #include <cmath>
 #include <limits>
 
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+#include "tokenlake/base/check.h"
+
 namespace tokenlake::sim {
+
+absl::StatusOr<SloMode> ParseSloMode(std::string_view name) {
+  if (name == "p90") return SloMode::kP90Absolute;
+  if (name == "per-token") return SloMode::kPerToken;
+  return absl::InvalidArgumentError(
+      absl::StrFormat("unknown SLO mode '%s' (expected p90 or per-token)", name));
+}
+
+std::string_view SloModeName(SloMode mode) {
+  return mode == SloMode::kPerToken ? "per-token" : "p90";
+}
+
+Batch1Latency Batch1Latencies(const CostModel& cost, int64_t input_tokens, int64_t output_tokens,
+                              int64_t chunk_tokens) {
+  TOKENLAKE_CHECK(input_tokens >= 1 && output_tokens >= 1 && chunk_tokens >= 1);
+  Batch1Latency b;
+  b.input_token_s =
+      cost.PrefillSeconds(input_tokens, 0, chunk_tokens) / static_cast<double>(input_tokens);
+  if (output_tokens > 1) {
+    // Decode iteration j (1..output-1) attends input + j context tokens and itself:
+    // DecodeSecondsPerContextToken() x (input + j + 1); their mean is at j = output / 2.
+    b.output_token_s = cost.DenseSeconds(1) + cost.DecodeSecondsPerContextToken() *
+                                                  (static_cast<double>(input_tokens) + 1 +
+                                                   static_cast<double>(output_tokens) / 2);
+  }
+  return b;
+}
+
+bool MeetsPerTokenSlo(const RequestRecord& rec, const Batch1Latency& batch1, double factor) {
+  if (rec.rejected || rec.first_token_s < 0 || rec.finish_s < 0 || rec.input_tokens < 1) {
+    return false;
+  }
+  const double itl = (rec.first_token_s - rec.arrival_s) / static_cast<double>(rec.input_tokens);
+  if (itl > factor * batch1.input_token_s) return false;
+  if (rec.output_tokens <= 1) return true;
+  const double otl =
+      (rec.finish_s - rec.first_token_s) / static_cast<double>(rec.output_tokens - 1);
+  return otl <= factor * batch1.output_token_s;
+}
+
+double PerTokenSloAttainment(const std::vector<RequestRecord>& records, const CostModel& cost,
+                             int64_t chunk_tokens, double factor) {
+  if (records.empty()) return 0;
+  int64_t met = 0;
+  for (const RequestRecord& rec : records) {
+    if (rec.input_tokens < 1 || rec.output_tokens < 1) continue;
+    const Batch1Latency b =
+        Batch1Latencies(cost, rec.input_tokens, rec.output_tokens, chunk_tokens);
+    met += MeetsPerTokenSlo(rec, b, factor) ? 1 : 0;
+  }
+  return static_cast<double>(met) / static_cast<double>(records.size());
+}
+
+double CacheAccessCv(const std::vector<std::vector<int64_t>>& cache_access) {
+  double weighted = 0, weight = 0;
+  for (const std::vector<int64_t>& window : cache_access) {
+    if (window.empty()) continue;
+    double sum = 0;
+    for (int64_t a : window) sum += static_cast<double>(a);
+    if (sum <= 0) continue;
+    const double n = static_cast<double>(window.size());
+    const double mean = sum / n;
+    double var = 0;
+    for (int64_t a : window)
+      var += (static_cast<double>(a) - mean) * (static_cast<double>(a) - mean);
+    weighted += sum * std::sqrt(var / n) / mean;
+    weight += sum;
+  }
+  return weight > 0 ? weighted / weight : 0;
+}
 
 double Percentile(std::vector<double> values, double p) {
   if (values.empty()) return 0;
@@ -59,6 +133,7 @@ Summary Summarize(const SimResult& r, double offered_rps) {
   s.kv_capacity_bytes_per_instance = r.kv_capacity_bytes_per_instance;
   s.kv_capacity_bytes_total =
       r.kv_capacity_bytes_per_instance * static_cast<int64_t>(r.busy_s.size());
+  s.cv_cache_access = CacheAccessCv(r.cache_access);
   return s;
 }
 
@@ -90,6 +165,9 @@ nlohmann::json ToJson(const Summary& s) {
   j["rejected"] = s.rejected;
   j["kv_capacity_bytes_per_instance"] = s.kv_capacity_bytes_per_instance;
   j["kv_capacity_bytes_total"] = s.kv_capacity_bytes_total;
+  j["cv_cache_access"] = num(s.cv_cache_access);
+  if (s.slo_attainment) j["slo_attainment"] = num(*s.slo_attainment);
+  if (s.goodput_rps) j["goodput_rps"] = num(*s.goodput_rps);
   return j;
 }
 

@@ -9,6 +9,19 @@
 // - bytes_moved: KV or query/partial bytes moved between instances.
 // - redundancy: time-averaged stored block copies / distinct stored blocks.
 // - load_imbalance: max / mean instance busy time.
+// - cv_cache_access (the paper's load imbalance): in each sampling window, the coefficient of
+//   variation (population standard deviation / mean) across instances of the cached context
+//   tokens attended there (SimResult::cache_access); the mean over windows weighted by each
+//   window's total access (windows without access are skipped; 0 when none). Weighting keeps
+//   near-idle windows, whose few tokens land on one instance by chance, from dominating.
+// - Per-token SLO (the paper's; SloMode::kPerToken): input-token latency = TTFT / input tokens;
+//   output-token latency = the request's mean time between output tokens (its TPOT, as above).
+//   Each must be at most `factor` (10) x its batch-1 value: the same request alone on an idle
+//   instance of the cost model, its whole prompt computed (no cache hit) in chunks of the
+//   simulation's token budget. Without the hit, the bar is a property of the request alone, the
+//   same for every policy, and not made stricter for requests a policy happens to serve from
+//   cache. A rejected or unfinished request misses it. P90 goodput = the highest rate at which
+//   a share >= `quantile` (0.9) of requests meets both.
 //
 // Thread-safety: pure functions.
 #ifndef TOKENLAKE_SIM_METRICS_H_
@@ -18,12 +31,43 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "nlohmann/json.hpp"
+#include "tokenlake/sim/cost_model.h"
 #include "tokenlake/sim/simulator.h"
 
 namespace tokenlake::sim {
+
+// Which SLO --max-rate searches against.
+enum class SloMode {
+  kP90Absolute,  // P90 TTFT <= slo_ttft_s and P90 TPOT <= slo_tpot_s ("p90")
+  kPerToken,     // the paper's per-token SLO and P90 goodput ("per-token")
+};
+// "p90" / "per-token"; InvalidArgument listing both otherwise.
+absl::StatusOr<SloMode> ParseSloMode(std::string_view name);
+std::string_view SloModeName(SloMode mode);
+
+// A request's batch-1 latencies (see the per-token SLO above), seconds.
+struct Batch1Latency {
+  double input_token_s = 0;   // PrefillSeconds(input, 0, chunk) / input
+  double output_token_s = 0;  // mean decode iteration of the request alone; 0 for one output
+};
+// REQUIRES: input_tokens >= 1, output_tokens >= 1, chunk_tokens >= 1.
+Batch1Latency Batch1Latencies(const CostModel& cost, int64_t input_tokens, int64_t output_tokens,
+                              int64_t chunk_tokens);
+
+// Whether `rec` met both per-token SLOs at `factor` x its batch-1 latencies.
+bool MeetsPerTokenSlo(const RequestRecord& rec, const Batch1Latency& batch1, double factor);
+
+// Share of `records` (all of them; 0 when empty) that met both per-token SLOs.
+double PerTokenSloAttainment(const std::vector<RequestRecord>& records, const CostModel& cost,
+                             int64_t chunk_tokens, double factor);
+
+// cv_cache_access as defined above, from SimResult::cache_access.
+double CacheAccessCv(const std::vector<std::vector<int64_t>>& cache_access);
 
 struct Summary {
   std::string policy;
@@ -41,6 +85,11 @@ struct Summary {
   int64_t rejected = 0;
   int64_t kv_capacity_bytes_per_instance = 0;
   int64_t kv_capacity_bytes_total = 0;
+  double cv_cache_access = 0;
+  // Per-token SLO mode only: share of requests meeting it at offered_rps, and (with --max-rate)
+  // the P90 goodput.
+  std::optional<double> slo_attainment;
+  std::optional<double> goodput_rps;
 };
 
 // Nearest-rank percentile (p in [0, 100]) of `values`; +inf entries count. 0 when empty.

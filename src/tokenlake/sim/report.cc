@@ -14,18 +14,19 @@ namespace tokenlake::sim {
 std::string FormatTable(const std::vector<PolicyRun>& runs) {
   bool with_max = false;
   for (const PolicyRun& r : runs) with_max |= r.summary.max_rate_rps.has_value();
-  std::string out =
-      absl::StrFormat("%-12s %9s %9s %s%7s %9s %9s %9s %9s %10s %6s %6s %8s\n", "policy", "offered",
-                      "thru_rps", with_max ? " max_rps " : "", "hit", "ttft_p50", "ttft_p90",
-                      "tpot_p50", "tpot_p90", "moved_GB", "redund", "imbal", "rejected");
+  std::string out = absl::StrFormat("%-12s %9s %9s %s%7s %9s %9s %9s %9s %10s %6s %6s %6s %8s\n",
+                                    "policy", "offered", "thru_rps", with_max ? " max_rps " : "",
+                                    "hit", "ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90",
+                                    "moved_GB", "redund", "imbal", "cv_acc", "rejected");
   for (const PolicyRun& r : runs) {
     const Summary& s = r.summary;
     out += absl::StrFormat(
-        "%-12s %9.3f %9.3f %s%7.3f %9.3f %9.3f %9.4f %9.4f %10.1f %6.2f %6.2f %8d\n", s.policy,
-        s.offered_rps, s.throughput_rps,
+        "%-12s %9.3f %9.3f %s%7.3f %9.3f %9.3f %9.4f %9.4f %10.1f %6.2f %6.2f %6.2f %8d\n",
+        s.policy, s.offered_rps, s.throughput_rps,
         with_max ? absl::StrFormat("%8.3f ", s.max_rate_rps.value_or(0)) : "", s.hit_rate,
         s.ttft_p50_s, s.ttft_p90_s, s.tpot_p50_s, s.tpot_p90_s,
-        static_cast<double>(s.bytes_moved) / 1e9, s.redundancy, s.load_imbalance, s.rejected);
+        static_cast<double>(s.bytes_moved) / 1e9, s.redundancy, s.load_imbalance, s.cv_cache_access,
+        s.rejected);
   }
   if (!runs.empty()) {
     out += absl::StrFormat(

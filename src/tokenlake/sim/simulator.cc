@@ -34,6 +34,32 @@ Simulator::Simulator(const SimOptions& options, const Workload& workload, const 
     instances_[i].cache = std::make_unique<BlockCache>(capacity_blocks_);
   }
   records_.resize(workload_.requests.size());
+  next_turn_.assign(workload_.requests.size(), -1);
+  for (size_t i = 0; i < workload_.requests.size(); ++i) {
+    const int64_t prev = workload_.requests[i].previous_turn;
+    if (prev < 0) continue;
+    TOKENLAKE_CHECK(prev < static_cast<int64_t>(i) && next_turn_[prev] < 0,
+                    "a session turn must follow one earlier request, once");
+    next_turn_[prev] = static_cast<int64_t>(i);
+  }
+}
+
+void Simulator::Arrive(int64_t request) {
+  const Request& r = workload_.requests[request];
+  records_[request].arrival_s = now_s_;
+  records_[request].input_tokens = r.input_tokens;
+  records_[request].output_tokens = r.output_tokens;
+  policy_.OnArrival(*this, request);
+}
+
+void Simulator::ReleaseNextTurn(int64_t request) {
+  const int64_t next = next_turn_[request];
+  const RequestRecord& rec = records_[request];
+  if (next < 0 || !(rec.rejected || rec.finish_s >= 0)) return;
+  next_turn_[request] = -1;
+  Event e{now_s_ + workload_.requests[next].think_s, seq_++, 2, 0, 0, nullptr};
+  e.request = next;
+  events_.push(e);
 }
 
 Job* Simulator::NewJob(int64_t request, int instance) {
@@ -63,7 +89,10 @@ void Simulator::Deliver(Job* job, double ready_s) {
   }
 }
 
-void Simulator::Reject(int64_t request) { records_[request].rejected = true; }
+void Simulator::Reject(int64_t request) {
+  records_[request].rejected = true;
+  ReleaseNextTurn(request);
+}
 
 void Simulator::Poke(int instance) {
   Instance& inst = instances_[instance];
@@ -83,6 +112,11 @@ void Simulator::ReleaseLocal(Job& job) {
   cache.FreePrivate(job.private_blocks);
   job.held_ids.clear();
   job.private_blocks = 0;
+}
+
+void Simulator::AddCacheAccess(int instance, int64_t tokens) {
+  TOKENLAKE_CHECK(instance >= 0 && instance < options_.num_instances);
+  if (tokens > 0) instances_[instance].window_access_tokens += tokens;
 }
 
 double Simulator::StepEnd(const Instance& inst, int64_t iters) const {
@@ -209,6 +243,13 @@ void Simulator::FinishStep(Instance& inst) {
   // Stays busy while the finished jobs are processed (policies may deliver new work here,
   // which the StartStep at the end picks up).
   const int64_t iters = inst.step_iters;
+  for (size_t i = 0; i < inst.running.size() && i < inst.step_tokens.size(); ++i) {
+    if (inst.step_tokens[i] == 0) continue;
+    // A bulk decode step's context grows by one token per iteration.
+    const int64_t context = std::max<int64_t>(0, inst.running[i]->Context());
+    inst.window_access_tokens +=
+        inst.step_decode_only ? iters * context + iters * (iters - 1) / 2 : context;
+  }
   policy_.OnIterationsDone(*this, inst, inst.running, inst.step_tokens, iters);
   std::vector<Job*> still;
   still.reserve(inst.running.size());
@@ -235,6 +276,7 @@ void Simulator::FinishStep(Instance& inst) {
       job->phase = Phase::kDone;
       --inst.in_flight;
       policy_.OnJobDone(*this, *job);
+      ReleaseNextTurn(job->request);
     } else {
       still.push_back(job);
     }
@@ -256,6 +298,13 @@ void Simulator::Sample() {
     inst.window_busy_s = 0;
   }
   load_.push_back(std::move(loads));
+  std::vector<int64_t> access;
+  access.reserve(instances_.size());
+  for (Instance& inst : instances_) {
+    access.push_back(inst.window_access_tokens);
+    inst.window_access_tokens = 0;
+  }
+  access_.push_back(std::move(access));
   int64_t copies = 0, distinct = 0;
   policy_.PoolStats(*this, &copies, &distinct);
   if (distinct > 0) {
@@ -274,6 +323,9 @@ SimResult Simulator::Run() {
   next_sample_s_ = (n > 0 ? reqs.front().arrival_s : 0) + options_.sample_period_s;
   size_t progress_every = std::max<size_t>(1, n / 200);
   while (next < n || !events_.empty()) {
+    // Later session turns arrive by event (ReleaseNextTurn), not at their nominal time.
+    while (next < n && reqs[next].previous_turn >= 0) ++next;
+    if (next >= n && events_.empty()) break;
     const double ta = next < n ? reqs[next].arrival_s : inf;
     const double te = events_.empty() ? inf : events_.top().t;
     const double t = std::min(ta, te);
@@ -284,10 +336,7 @@ SimResult Simulator::Run() {
     }
     now_s_ = t;
     if (ta <= te) {
-      records_[next].arrival_s = ta;
-      records_[next].input_tokens = reqs[next].input_tokens;
-      records_[next].output_tokens = reqs[next].output_tokens;
-      policy_.OnArrival(*this, static_cast<int64_t>(next));
+      Arrive(static_cast<int64_t>(next));
       ++next;
       if (options_.progress && next % progress_every == 0) {
         options_.progress(static_cast<double>(next) / static_cast<double>(n));
@@ -296,6 +345,10 @@ SimResult Simulator::Run() {
     }
     const Event e = events_.top();
     events_.pop();
+    if (e.kind == 2) {
+      Arrive(e.request);
+      continue;
+    }
     Instance& inst = instances_[e.instance];
     if (e.kind == 0) {
       if (e.generation == inst.generation && inst.busy) FinishStep(inst);
@@ -307,6 +360,15 @@ SimResult Simulator::Run() {
       }
       Wake(inst);
     }
+  }
+  {
+    std::vector<int64_t> tail;
+    int64_t sum = 0;
+    for (const Instance& inst : instances_) {
+      tail.push_back(inst.window_access_tokens);
+      sum += inst.window_access_tokens;
+    }
+    if (sum > 0) access_.push_back(std::move(tail));
   }
   SimResult result;
   result.policy = policy_.name();
@@ -328,6 +390,7 @@ SimResult Simulator::Run() {
       capacity_blocks_ * cost_.model().KvBytesPerToken() * kBlockTokens;
   result.iterations = iterations_;
   result.unstored_segments = policy_.UnstoredSegments();
+  result.cache_access = access_;
   return result;
 }
 

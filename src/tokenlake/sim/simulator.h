@@ -11,6 +11,16 @@
 // bulk (exact: a decode iteration's time is linear in the batch's context) and cut at the
 // iteration boundary when new work reaches the instance.
 //
+// Cache access (the paper's load-balance quantity: cached context tokens attended): every
+// iteration adds, for each sequence in it, its local context tokens (Job::Context(): the tokens
+// before this iteration's new ones whose attention runs here) to its instance; a policy adds the
+// attention it causes elsewhere (TokenLake's holders) with AddCacheAccess. They are summed per
+// sampling window (sample_period_s; a bulk decode step counts in the window where it ends) into
+// SimResult::cache_access.
+//
+// Session turns (Request::previous_turn >= 0) arrive closed-loop: think_s after the previous
+// turn finished or was rejected, not at their nominal arrival_s.
+//
 // Thread-safety: not thread-safe; one Simulator per thread.
 #ifndef TOKENLAKE_SIM_SIMULATOR_H_
 #define TOKENLAKE_SIM_SIMULATOR_H_
@@ -114,6 +124,7 @@ struct Instance {
   std::vector<int64_t> step_tokens;   // per running job: tokens processed this step (1 iteration)
   double busy_s = 0;                  // total busy time
   double window_busy_s = 0;           // busy time in the current sampling window
+  int64_t window_access_tokens = 0;   // cache access in the current sampling window
 };
 
 struct RequestRecord {
@@ -193,6 +204,9 @@ struct SimResult {
   int64_t kv_capacity_bytes_per_instance = 0;
   int64_t iterations = 0;
   int64_t unstored_segments = 0;  // Policy::UnstoredSegments() at the end of the run
+  // [window][instance] cached context tokens attended in each sampling window (the last,
+  // partial window included when it saw any access).
+  std::vector<std::vector<int64_t>> cache_access;
 };
 
 class Simulator {
@@ -226,15 +240,21 @@ class Simulator {
   void Poke(int instance);
   // Releases a finished job's memory (baselines).
   void ReleaseLocal(Job& job);
+  // Counts `tokens` (>= 0) of cached context attended on `instance` for work whose attention
+  // the simulator does not run there itself (a holder's partial attention for another
+  // instance's queries). Local attention is counted automatically.
+  // REQUIRES: 0 <= instance < num_instances.
+  void AddCacheAccess(int instance, int64_t tokens);
 
  private:
   struct Event {
     double t;
     uint64_t seq;
-    int kind;  // 0 step done, 1 deliver
+    int kind;  // 0 step done, 1 deliver, 2 arrival of a later session turn (`request`)
     int instance;
     uint64_t generation;
     Job* job;
+    int64_t request = -1;
     bool operator>(const Event& o) const { return t != o.t ? t > o.t : seq > o.seq; }
   };
   void Push(double t, int kind, int instance, uint64_t generation, Job* job);
@@ -243,6 +263,10 @@ class Simulator {
   void FinishStep(Instance& inst);
   double StepEnd(const Instance& inst, int64_t iters) const;
   void Sample();
+  // A request arrives now: its record starts and the policy routes it.
+  void Arrive(int64_t request);
+  // Sends `request`'s next session turn once `request` finished or was rejected (once).
+  void ReleaseNextTurn(int64_t request);
 
   SimOptions options_;
   const Workload& workload_;
@@ -256,10 +280,12 @@ class Simulator {
   int64_t iterations_ = 0;
   std::vector<Instance> instances_;
   std::vector<RequestRecord> records_;
+  std::vector<int64_t> next_turn_;  // per request: the request of its next turn, or -1
   std::deque<Job> jobs_;
   std::priority_queue<Event, std::vector<Event>, std::greater<>> events_;
   double next_sample_s_ = 0;
   std::vector<std::vector<double>> load_;
+  std::vector<std::vector<int64_t>> access_;
   double redundancy_sum_ = 0;
   int64_t redundancy_samples_ = 0;
 };

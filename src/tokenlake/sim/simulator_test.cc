@@ -342,5 +342,27 @@ INSTANTIATE_TEST_SUITE_P(Policies, ConservationTest,
                                                               "tokenlake"),
                                             ::testing::Values(2, 5)));
 
+TEST(SimulatorTest, LaterSessionTurnsArriveAfterThePreviousAnswerPlusThinkTime) {
+  Workload w;
+  w.requests.push_back(Req(0, 1024, 3, {1, 2}));
+  // Nominally at 0.001 s, before the first turn's answer; sent 3 s after it instead.
+  w.requests.push_back(Req(0.001, 2048, 2, {1, 2, 3, 4}));
+  w.requests[1].previous_turn = 0;
+  w.requests[1].think_s = 3;
+  SimOptions o;
+  o.num_instances = 1;
+  const SimResult r = RunPolicy("round-robin", w, o);
+  ASSERT_GT(r.records[0].finish_s, 0);
+  EXPECT_DOUBLE_EQ(r.records[1].arrival_s, r.records[0].finish_s + 3);
+  EXPECT_EQ(r.records[1].cached_tokens, 1024);  // the first turn's prompt, cached
+  EXPECT_GT(r.records[1].finish_s, r.records[1].arrival_s);
+  // A rejected turn releases the next one too: the first does not fit (1 block of memory).
+  o.kv_capacity_bytes = ModelSpec{}.KvBytesPerToken() * kBlockTokens;
+  const SimResult rejected = RunPolicy("round-robin", w, o);
+  EXPECT_TRUE(rejected.records[0].rejected);
+  EXPECT_DOUBLE_EQ(rejected.records[1].arrival_s, 3);
+  EXPECT_TRUE(rejected.records[1].rejected);
+}
+
 }  // namespace
 }  // namespace tokenlake::sim

@@ -159,7 +159,6 @@ class TokenLakePolicy final : public Policy {
     // plus their queries' and partials' transfer over its link and one round trip per layer,
     // beyond its own compute (overlapped). A chunk also waits for its slowest KV pull.
     const CostModel& cost = sim.cost();
-    const int gpn = static_cast<int>(cost.net().gpus_per_node);
     holder_attention_s_.assign(sim.instances().size(), 0);
     holder_bytes_.assign(sim.instances().size(), 0);
     double worst = 0;
@@ -178,7 +177,7 @@ class TokenLakePolicy final : public Policy {
         static_cast<double>(2 * shape_.num_layers - 1) * cost.net().latency_us * 1e-6;
     for (size_t h = 0; h < holder_bytes_.size(); ++h) {
       if (holder_bytes_[h] == 0) continue;
-      const bool same_node = static_cast<int>(h) / gpn == inst.id / gpn;
+      const bool same_node = cost.SameNode(static_cast<int>(h), inst.id);
       worst =
           std::max(worst, holder_attention_s_[h] +
                               cost.TransferSeconds(holder_bytes_[h], same_node) + round_trips_s);
@@ -198,6 +197,7 @@ class TokenLakePolicy final : public Policy {
       for (const auto& [holder, held] : job.remote_holders) {
         // The holder computed the partial attention of these queries over its segments.
         sim.ChargeExtra(holder, cost.CachedAttentionSeconds(t, held) * static_cast<double>(iters));
+        sim.AddCacheAccess(holder, held * iters);
         sim.AddBytesMoved(plan::MoveQueriesBytes(shape_, t) * iters,
                           job.policy_tag == kDecodeTag ? "decode_queries" : "prefill_queries");
       }
@@ -372,14 +372,14 @@ class TokenLakePolicy final : public Policy {
       sim.record(request).instance = rp.compute_instance.value();
       // KV pulled from holders streams in layer by layer while the chunk computes (the holders
       // send in parallel): the chunk's iteration lasts at least the slowest pull.
-      const int gpn = static_cast<int>(sim.cost().net().gpus_per_node);
       const int computing = rp.compute_instance.value();
       st.pull_s = 0;
       for (const plan::HolderPlan& h : rp.holders) {
         if (h.action != plan::HolderAction::kPullKv) continue;
         sim.AddBytesMoved(h.bytes, "kv_pull");
-        st.pull_s = std::max(st.pull_s, sim.cost().TransferSeconds(
-                                            h.bytes, h.holder.value() / gpn == computing / gpn));
+        st.pull_s = std::max(
+            st.pull_s,
+            sim.cost().TransferSeconds(h.bytes, sim.cost().SameNode(h.holder.value(), computing)));
       }
       // Sequence parallel: contiguous parts of the chunk, one per member.
       const int parts = static_cast<int>(group.size());

@@ -96,8 +96,11 @@ absl::StatusOr<WorkloadKind> ParseWorkloadKind(std::string_view name) {
   if (name == "chat") return WorkloadKind::kChat;
   if (name == "agent") return WorkloadKind::kAgent;
   if (name == "docqa") return WorkloadKind::kDocQa;
-  return absl::InvalidArgumentError(
-      absl::StrFormat("unknown workload '%s' (expected chat, agent or docqa)", name));
+  if (name == "loogle") return WorkloadKind::kLoogle;
+  if (name == "scbench") return WorkloadKind::kScbench;
+  if (name == "sharegpt") return WorkloadKind::kShareGpt;
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "unknown workload '%s' (expected chat, agent, docqa, loogle, scbench or sharegpt)", name));
 }
 
 std::string_view WorkloadKindName(WorkloadKind kind) {
@@ -108,6 +111,12 @@ std::string_view WorkloadKindName(WorkloadKind kind) {
       return "agent";
     case WorkloadKind::kDocQa:
       return "docqa";
+    case WorkloadKind::kLoogle:
+      return "loogle";
+    case WorkloadKind::kScbench:
+      return "scbench";
+    case WorkloadKind::kShareGpt:
+      return "sharegpt";
   }
   return "?";
 }
@@ -191,12 +200,127 @@ int64_t LogUniform(Rng& rng, int64_t lo, int64_t hi) {
   return std::clamp<int64_t>(static_cast<int64_t>(std::exp(x)), lo, hi);
 }
 
+double Normal(Rng& rng) {
+  const double u1 = 1.0 - rng.UniformDouble();  // (0, 1]
+  const double u2 = rng.UniformDouble();
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * 3.14159265358979323846 * u2);
+}
+
+// Lognormal with the given mean and log-space sigma, rounded and clamped to [lo, hi].
+int64_t LogNormalMean(Rng& rng, double mean, double sigma, int64_t lo, int64_t hi) {
+  const double mu = std::log(mean) - sigma * sigma / 2;
+  return std::clamp<int64_t>(std::llround(std::exp(mu + sigma * Normal(rng))), lo, hi);
+}
+
+int64_t Poisson(Rng& rng, double lambda) {
+  const double limit = std::exp(-lambda);
+  int64_t k = 0;
+  double p = rng.UniformDouble();
+  while (p > limit) {
+    ++k;
+    p *= rng.UniformDouble();
+  }
+  return k;
+}
+
+// The paper's workloads (WorkloadKind comments): appends requests to `out` with arrival times
+// from 0; `emit(t, prompt, output)` adds one.
+template <typename Emit>
+void GeneratePaperWorkload(const GeneratorOptions& o, Rng& rng, uint64_t& next_content,
+                           std::vector<Request>& out, Emit emit) {
+  const Piece system{next_content++, o.system_prompt_tokens};
+  if (o.kind == WorkloadKind::kLoogle) {
+    constexpr int64_t kArxiv = 516, kOther = 260, kOtherQuestions = 5932;
+    std::vector<Piece> docs;
+    for (int64_t d = 0; d < kArxiv + kOther; ++d) {
+      docs.push_back({next_content++, LogNormalMean(rng, 24005, 0.4, 4096, 131072)});
+    }
+    // One entry per question: arXiv papers one each, the other documents share
+    // kOtherQuestions as evenly as possible (22 or 23 each).
+    std::vector<int64_t> questions;
+    for (int64_t d = 0; d < kArxiv + kOther; ++d) {
+      const int64_t k = d - kArxiv;
+      const int64_t n =
+          d < kArxiv ? 1 : kOtherQuestions / kOther + (k < kOtherQuestions % kOther ? 1 : 0);
+      for (int64_t q = 0; q < n; ++q) questions.push_back(d);
+    }
+    double t = 0;
+    while (static_cast<int64_t>(out.size()) < o.num_requests) {
+      // Each pass: every question once, in a seeded random order.
+      for (size_t i = questions.size() - 1; i > 0; --i) {
+        std::swap(questions[i],
+                  questions[static_cast<size_t>(rng.UniformInt(0, static_cast<int64_t>(i)))]);
+      }
+      for (size_t i = 0; i < questions.size() && static_cast<int64_t>(out.size()) < o.num_requests;
+           ++i) {
+        const int64_t d = questions[i];
+        t += rng.Exponential(1.0 / o.rate_rps);
+        if (d < kArxiv) {
+          emit(t, {system, docs[d], {next_content++, 24}}, rng.UniformInt(150, 350));
+        } else {
+          emit(t, {system, docs[d], {next_content++, rng.UniformInt(16, 64)}},
+               rng.UniformInt(16, 128));
+        }
+      }
+    }
+  } else if (o.kind == WorkloadKind::kScbench) {
+    constexpr double kMeanTurns = 5.2;
+    double start = 0;
+    int64_t emitted = 0;
+    // previous[i]: the index (in emission order) of request i's previous turn, or -1.
+    std::vector<int64_t> previous;
+    while (emitted < o.num_requests) {
+      start += rng.Exponential(kMeanTurns / o.rate_rps);
+      std::vector<Piece> prompt = {
+          system, {next_content++, LogNormalMean(rng, 222280, 0.3, 32768, 786432)}};
+      // The last session is cut at num_requests; every other one runs all its turns.
+      const int64_t turns = std::min(1 + Poisson(rng, kMeanTurns - 1), o.num_requests - emitted);
+      double t = start;
+      for (int64_t k = 0; k < turns; ++k) {
+        prompt.push_back({next_content++, rng.UniformInt(32, 256)});
+        const int64_t output = LogNormalMean(rng, 1684, 0.8, 16, 16384);
+        previous.push_back(k == 0 ? -1 : static_cast<int64_t>(out.size()) - 1);
+        emit(t, prompt, output);
+        prompt.push_back({next_content++, output});
+        t += 2.0 + 0.05 * static_cast<double>(output);
+      }
+      emitted += turns;
+    }
+    // Sort by nominal arrival (a turn's previous one is always earlier) and renumber the links.
+    std::vector<int64_t> order(out.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return out[a].arrival_s < out[b].arrival_s; });
+    std::vector<int64_t> position(out.size());
+    for (size_t i = 0; i < order.size(); ++i) position[order[i]] = static_cast<int64_t>(i);
+    std::vector<Request> sorted;
+    sorted.reserve(out.size());
+    for (int64_t i : order) {
+      sorted.push_back(std::move(out[i]));
+      sorted.back().previous_turn = previous[i] < 0 ? -1 : position[previous[i]];
+      sorted.back().think_s = 0;  // the benchmark sends the next turn when the answer is back
+    }
+    out = std::move(sorted);
+  } else {  // kShareGpt
+    double t = 0;
+    for (int64_t i = 0; i < o.num_requests; ++i) {
+      t += rng.Exponential(1.0 / o.rate_rps);
+      const int64_t input = std::clamp<int64_t>(
+          std::llround(std::exp(std::log(40.0) + 2.07 * Normal(rng))), 1, 16384);
+      emit(t, {system, {next_content++, input}}, LogNormalMean(rng, 358, 1.0, 1, 4096));
+    }
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<Workload> GenerateWorkload(const GeneratorOptions& o) {
   if (o.num_requests < 1) return absl::InvalidArgumentError("num_requests must be >= 1");
   if (!(o.rate_rps > 0) || !std::isfinite(o.rate_rps)) {
     return absl::InvalidArgumentError("rate_rps must be > 0");
+  }
+  if (o.system_prompt_tokens < 1) {
+    return absl::InvalidArgumentError("system_prompt_tokens must be >= 1");
   }
   Rng rng(o.seed);
   uint64_t next_content = 1;
@@ -212,7 +336,10 @@ absl::StatusOr<Workload> GenerateWorkload(const GeneratorOptions& o) {
     out.push_back(std::move(r));
   };
 
-  if (o.kind == WorkloadKind::kDocQa) {
+  if (o.kind == WorkloadKind::kLoogle || o.kind == WorkloadKind::kScbench ||
+      o.kind == WorkloadKind::kShareGpt) {
+    GeneratePaperWorkload(o, rng, next_content, out, emit);
+  } else if (o.kind == WorkloadKind::kDocQa) {
     // 200 documents of 8k-64k tokens (log-uniform), Zipf(1.0) popularity; a shared 600-token
     // instruction prompt precedes the document; a 50-200-token question follows.
     const int64_t num_docs = 200;

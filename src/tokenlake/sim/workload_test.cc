@@ -1,6 +1,8 @@
 #include "tokenlake/sim/workload.h"
 
+#include <algorithm>
 #include <cstdlib>
+#include <map>
 #include <set>
 #include <sstream>
 #include <string>
@@ -151,7 +153,175 @@ TEST_P(GeneratorTest, RequestsAreWellFormedAndShareOnlyPrefixes) {
 
 INSTANTIATE_TEST_SUITE_P(Kinds, GeneratorTest,
                          ::testing::Values(WorkloadKind::kChat, WorkloadKind::kAgent,
-                                           WorkloadKind::kDocQa));
+                                           WorkloadKind::kDocQa, WorkloadKind::kLoogle,
+                                           WorkloadKind::kScbench, WorkloadKind::kShareGpt));
+
+// --- the paper's workloads: statistics against the published ones ---
+
+// 6,000 system tokens fill blocks 0-10; block 11 holds its last 368 tokens and the next piece's
+// first 144, so block 11's id names the document / session context (or the ShareGPT prompt).
+constexpr size_t kSystemBlocks = 11;
+
+Workload Paper(WorkloadKind kind, int64_t requests, uint64_t seed = 1) {
+  GeneratorOptions o;
+  o.kind = kind;
+  o.num_requests = requests;
+  o.seed = seed;
+  o.rate_rps = 2;
+  auto w = GenerateWorkload(o);
+  EXPECT_TRUE(w.ok()) << w.status();
+  return w.ok() ? *std::move(w) : Workload{};
+}
+
+double Mean(const std::vector<double>& v) {
+  double sum = 0;
+  for (double x : v) sum += x;
+  return v.empty() ? 0 : sum / static_cast<double>(v.size());
+}
+
+// Every prompt starts with the same system prompt blocks.
+void ExpectSharedSystemPrompt(const Workload& w) {
+  for (const Request& r : w.requests) {
+    ASSERT_GT(r.block_ids.size(), kSystemBlocks);
+    EXPECT_TRUE(std::equal(r.block_ids.begin(), r.block_ids.begin() + kSystemBlocks,
+                           w.requests[0].block_ids.begin()));
+  }
+}
+
+size_t CommonBlocks(const Request& a, const Request& b) {
+  size_t n = 0;
+  while (n < a.block_ids.size() && n < b.block_ids.size() && a.block_ids[n] == b.block_ids[n]) ++n;
+  return n;
+}
+
+TEST(PaperWorkloadTest, LoogleHasTheDatasetsCountsLengthsAndSharing) {
+  for (uint64_t seed : {1, 2}) {
+    SCOPED_TRACE(testing::Message() << "seed " << seed);
+    const Workload w = Paper(WorkloadKind::kLoogle, 6448, seed);
+    ASSERT_EQ(w.requests.size(), 6448u);
+    ExpectSharedSystemPrompt(w);
+    std::map<uint64_t, std::vector<const Request*>> docs;
+    std::vector<double> input, output;
+    for (const Request& r : w.requests) {
+      docs[r.block_ids[kSystemBlocks]].push_back(&r);
+      input.push_back(static_cast<double>(r.input_tokens - 6000));
+      output.push_back(static_cast<double>(r.output_tokens));
+    }
+    EXPECT_EQ(docs.size(), 776u);
+    int64_t single = 0, many = 0;
+    for (const auto& [id, reqs] : docs) {
+      if (reqs.size() == 1) {
+        ++single;
+        continue;
+      }
+      ++many;
+      EXPECT_TRUE(reqs.size() == 22 || reqs.size() == 23) << reqs.size();
+      // A document's questions share the document's blocks: every full block before the
+      // question (at most 64 tokens) is common.
+      const Request& a = *reqs[0];
+      const Request& b = *reqs[1];
+      const int64_t shorter = std::min(a.input_tokens, b.input_tokens);
+      EXPECT_GE(static_cast<int64_t>(CommonBlocks(a, b)), (shorter - 64) / kBlockTokens);
+      EXPECT_LT(CommonBlocks(a, b), a.block_ids.size());
+    }
+    EXPECT_EQ(single, 516);
+    EXPECT_EQ(many, 260);
+    // Questions interleave: one about the same document as the one before is rare (about
+    // 260 x (23 / 6,448)^2 = 0.3% in a random order; 86% if grouped by document).
+    int64_t same_as_previous = 0;
+    for (size_t i = 1; i < w.requests.size(); ++i) {
+      same_as_previous +=
+          w.requests[i].block_ids[kSystemBlocks] == w.requests[i - 1].block_ids[kSystemBlocks];
+    }
+    EXPECT_LT(same_as_previous, 6448 / 50);
+    // Document 24,005 + question 16-64 / instruction 24 tokens on average.
+    EXPECT_NEAR(Mean(input), 24005 + 38, 0.05 * 24005);
+    // (516 x 250 + 5,932 x 72) / 6,448.
+    EXPECT_NEAR(Mean(output), (516 * 250.0 + 5932 * 72.0) / 6448, 5);
+    EXPECT_NEAR(MeanRateRps(w), 2, 0.1);
+  }
+}
+
+TEST(PaperWorkloadTest, ScbenchSessionsGrowTurnByTurnOverALongContext) {
+  const Workload w = Paper(WorkloadKind::kScbench, 4841);
+  ASSERT_EQ(w.requests.size(), 4841u);
+  ExpectSharedSystemPrompt(w);
+  std::map<uint64_t, std::vector<const Request*>> sessions;
+  std::vector<double> input, output;
+  for (const Request& r : w.requests) {
+    sessions[r.block_ids[kSystemBlocks]].push_back(&r);
+    input.push_back(static_cast<double>(r.input_tokens - 6000));
+    output.push_back(static_cast<double>(r.output_tokens));
+  }
+  // 931 sessions of 5.2 turns.
+  EXPECT_NEAR(static_cast<double>(sessions.size()), 931, 40);
+  EXPECT_NEAR(4841.0 / static_cast<double>(sessions.size()), 5.2, 0.3);
+  EXPECT_NEAR(Mean(input), 227000, 0.05 * 227000);
+  EXPECT_NEAR(Mean(output), 1684, 0.07 * 1684);
+  for (const auto& [id, turns] : sessions) {
+    EXPECT_EQ(turns[0]->previous_turn, -1);
+    for (size_t k = 1; k < turns.size(); ++k) {
+      const Request& prev = *turns[k - 1];
+      const Request& next = *turns[k];
+      EXPECT_GT(next.arrival_s, prev.arrival_s);
+      // The next prompt extends the previous one by its answer and a new question.
+      EXPECT_GE(next.input_tokens, prev.input_tokens + prev.output_tokens + 32);
+      EXPECT_EQ(CommonBlocks(prev, next), static_cast<size_t>(prev.input_tokens / kBlockTokens));
+      // Sent closed-loop after the previous turn, with no think time.
+      EXPECT_EQ(next.previous_turn, turns[k - 1] - w.requests.data());
+      EXPECT_EQ(next.think_s, 0);
+    }
+  }
+  // Sessions start at rate_rps / 5.2 (the request rate is rate_rps while sessions overlap
+  // fully; MeanRateRps over the whole span is lower, by the last sessions' drain).
+  double first = 1e18, last = 0;
+  for (const auto& [id, turns] : sessions) {
+    first = std::min(first, turns[0]->arrival_s);
+    last = std::max(last, turns[0]->arrival_s);
+  }
+  EXPECT_NEAR(static_cast<double>(sessions.size() - 1) / (last - first), 2 / 5.2, 0.04);
+}
+
+TEST(PaperWorkloadTest, ShareGptFirstTurnsAreShortAndSkewed) {
+  const Workload w = Paper(WorkloadKind::kShareGpt, 20000);
+  ASSERT_EQ(w.requests.size(), 20000u);
+  ExpectSharedSystemPrompt(w);
+  std::vector<double> input, output;
+  std::set<uint64_t> prompts;
+  for (const Request& r : w.requests) {
+    input.push_back(static_cast<double>(r.input_tokens - 6000));
+    output.push_back(static_cast<double>(r.output_tokens));
+    prompts.insert(r.block_ids.back());
+  }
+  EXPECT_NEAR(Mean(input), 300, 30);
+  std::vector<double> sorted = input;
+  std::sort(sorted.begin(), sorted.end());
+  EXPECT_NEAR(sorted[sorted.size() / 2], 40, 4);
+  EXPECT_NEAR(Mean(output), 358, 0.08 * 358);
+  // Only the system prompt is shared: the last blocks are all distinct.
+  EXPECT_EQ(prompts.size(), w.requests.size());
+  EXPECT_NEAR(MeanRateRps(w), 2, 0.1);
+}
+
+TEST(PaperWorkloadTest, NamesAndBadSystemPrompt) {
+  EXPECT_EQ(*ParseWorkloadKind("loogle"), WorkloadKind::kLoogle);
+  EXPECT_EQ(*ParseWorkloadKind("scbench"), WorkloadKind::kScbench);
+  EXPECT_EQ(*ParseWorkloadKind("sharegpt"), WorkloadKind::kShareGpt);
+  EXPECT_EQ(WorkloadKindName(WorkloadKind::kShareGpt), "sharegpt");
+  EXPECT_THAT(std::string(ParseWorkloadKind("sc").status().message()), HasSubstr("scbench"));
+  GeneratorOptions o;
+  o.kind = WorkloadKind::kLoogle;
+  o.system_prompt_tokens = 0;
+  EXPECT_EQ(GenerateWorkload(o).status().code(), absl::StatusCode::kInvalidArgument);
+  // More questions than the dataset: further passes over the same documents.
+  o.system_prompt_tokens = 6000;
+  o.num_requests = 7000;
+  auto w = GenerateWorkload(o);
+  ASSERT_TRUE(w.ok());
+  std::set<uint64_t> docs;
+  for (const Request& r : w->requests) docs.insert(r.block_ids[kSystemBlocks]);
+  EXPECT_EQ(docs.size(), 776u);
+}
 
 TEST(GeneratorTest, MultiTurnPromptsExtendThePreviousTurn) {
   GeneratorOptions o;
