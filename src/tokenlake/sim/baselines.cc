@@ -53,6 +53,17 @@ int LocalCachePolicy::LeastLoaded(const std::vector<Instance>& instances,
   return best;
 }
 
+void LocalCachePolicy::PoolStats(Simulator& sim, int64_t* copies, int64_t* distinct) {
+  auto& insts = sim.instances();
+  if (copy_counter_ == nullptr) {
+    copy_counter_ = std::make_unique<IdCopyCounter>();
+    for (Instance& inst : insts) inst.cache->AttachCopyCounter(copy_counter_.get());
+  }
+  *copies = 0;
+  for (const Instance& inst : insts) *copies += inst.cache->cached_blocks();
+  *distinct = copy_counter_->distinct();
+}
+
 void LocalCachePolicy::OnArrival(Simulator& sim, int64_t request) {
   const int instance = Route(sim, request);
   Job* job = sim.NewJob(request, instance);

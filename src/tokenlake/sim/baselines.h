@@ -38,6 +38,9 @@ class LocalCachePolicy : public Policy {
   bool Admit(Simulator& sim, Job& job) override;
   void OnPrefillDone(Simulator& sim, Job& job) override;
   void OnJobDone(Simulator& sim, Job& job) override { sim.ReleaseLocal(job); }
+  // Policy::PoolStats, kept up to date as the instances' caches change (IdCopyCounter) rather
+  // than recounted at every sample.
+  void PoolStats(Simulator& sim, int64_t* copies, int64_t* distinct) override;
 
   // The load order that breaks every tie between instances: fewer requests in flight, then
   // fewer tokens of work queued and running (prompt still to compute + output still to
@@ -51,6 +54,10 @@ class LocalCachePolicy : public Policy {
   // Routes `request` to an instance (the subclass's rule).
   virtual int Route(Simulator& sim, int64_t request) = 0;
   void OnArrival(Simulator& sim, int64_t request) override;
+
+ private:
+  // Attached to the instances' caches at the first PoolStats call of the run.
+  std::unique_ptr<IdCopyCounter> copy_counter_;
 };
 
 class RoundRobinPolicy final : public LocalCachePolicy {

@@ -92,6 +92,15 @@ struct RunSpec {
 
 std::string SplitName(int p, int n) { return absl::StrFormat("%dP:%dD", p, n - p); }
 
+// True when P90 TTFT and P90 TPOT of `a` and `b` (one rate and half of it) are within 1%.
+bool Unloaded(const Summary& a, const Summary& b) {
+  auto close = [](double x, double y) {
+    if (!std::isfinite(x) || !std::isfinite(y)) return false;
+    return std::fabs(x - y) <= 0.01 * std::max(std::fabs(x), std::fabs(y));
+  };
+  return close(a.ttft_p90_s, b.ttft_p90_s) && close(a.tpot_p90_s, b.tpot_p90_s);
+}
+
 class Runner {
  public:
   Runner(const Workload& workload, const CostModel& cost, const ExperimentOptions& o,
@@ -152,13 +161,20 @@ class Runner {
     } else {
       hi = base_scale;
       lo = base_scale / 2;
+      Summary prev = base->first;
       for (int i = 0; i < 12; ++i) {
         auto r = run_at(lo);
         if (!r.ok()) return r.status();
         if (meets(r->first)) break;
+        // Halving the rate no longer changes the P90s: requests miss the SLO on their own, at
+        // any rate. (Lower rates would only lengthen the simulated time, and the run.)
+        if (Unloaded(prev, r->first) || i == 11) {
+          lo = 0;
+          break;
+        }
+        prev = r->first;
         hi = lo;
         lo /= 2;
-        if (i == 11) lo = 0;
       }
     }
     for (int i = 0; i < o_.bisection_steps && lo > 0; ++i) {

@@ -63,7 +63,9 @@ struct ExperimentOptions {
   std::vector<std::string> policies = AllPolicyNames();
   // Offered request rate (arrivals scaled); 0 = the workload's own arrival times.
   double rate_rps = 0;
-  // Search each policy's max rate meeting the SLOs (bisection over the arrival scale).
+  // Search each policy's max rate meeting the SLOs: from the offered rate, double while the
+  // SLOs are met (or halve until they are; when halving no longer moves P90 TTFT and TPOT by
+  // 1%, requests miss them on their own and the max rate is 0), then bisect.
   bool max_rate = false;
   // Bisection steps after bracketing (each halves the interval).
   int bisection_steps = 6;
