@@ -188,6 +188,14 @@ int RunSim(const SimFlags& f, bool requests_given, const std::vector<std::string
     }
   }
   if (eo.policies.empty()) return Usage("--policies is empty");
+  bool any_pd = false;
+  for (const auto& p : eo.policies) any_pd |= sim::IsPdPolicy(p);
+  if (any_pd && instances < 2) return Usage("pd-disagg needs --instances >= 2");
+  if (any_pd || f.pd_splits != "all") {
+    auto splits = sim::ParsePdSplits(f.pd_splits, static_cast<int>(instances));
+    if (!splits.ok()) return Usage("--pd-splits: " + std::string(splits.status().message()));
+    eo.pd_splits = *std::move(splits);
+  }
   auto model = sim::LoadModelSpec(f.model);
   if (!model.ok()) return Usage(std::string(model.status().message()));
   auto gpu = sim::LoadGpuProfile(f.gpu);
@@ -235,14 +243,6 @@ int RunSim(const SimFlags& f, bool requests_given, const std::vector<std::string
   const bool show_progress = f.progress || isatty(STDERR_FILENO);
   if (show_progress) eo.sim.progress = DrawProgress;
   if (f.verbose) eo.log = [](const std::string& line) { std::cerr << line << "\n"; };
-  bool any_pd = false;
-  for (const auto& p : eo.policies) any_pd |= sim::IsPdPolicy(p);
-  if (any_pd) {
-    if (eo.sim.num_instances < 2) return Usage("pd-disagg needs --instances >= 2");
-    auto splits = sim::ParsePdSplits(f.pd_splits, eo.sim.num_instances);
-    if (!splits.ok()) return Usage("--pd-splits: " + std::string(splits.status().message()));
-    eo.pd_splits = *std::move(splits);
-  }
 
   double mean_in = 0, mean_out = 0;
   int64_t max_in = 0;
