@@ -7,6 +7,7 @@ packages=(
   cmake ninja-build g++ make pkg-config git python3
   libgtest-dev libgmock-dev libbenchmark-dev
   libabsl-dev libcli11-dev nlohmann-json3-dev libxxhash-dev libspdlog-dev libfmt-dev
+  zlib1g-dev  # sim: gzip-compressed traces
   # service: gRPC control plane, HTTP front end (cpp-httplib is built with brotli support),
   # libFuzzer targets (clang 14)
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libcpp-httplib-dev

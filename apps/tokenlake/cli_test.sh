@@ -35,21 +35,46 @@ printf '{"timestamp": 0, "input_length": 10, "output_length": 5, "hash_ids": [0]
   >"$tmp/bad.jsonl"
 expect "malformed trace line names file, line and field" 2 "bad.jsonl:2.*input_length" -- \
   "$bin" sim --trace "$tmp/bad.jsonl"
-expect "sim writes JSON for the four policies" 0 "tokenlake" -- \
-  "$bin" sim --requests 60 --json "$tmp/out.json"
+expect "unknown policy lists the valid ones" 2 \
+  "unknown policy 'mooncake'.*round-robin, least-load, cache-aware, pd-disagg, pd-disagg\+dram, tokenlake" \
+  -- "$bin" sim --policies round-robin,mooncake
+expect "unknown workload lists the valid ones" 2 "unknown workload 'chats'.*chat, agent, docqa, loogle, scbench or sharegpt" -- \
+  "$bin" sim --workload chats
+expect "unknown gpu lists the built-in ones" 2 "gpu 'a100x'.*h100, h100-paper" -- \
+  "$bin" sim --gpu a100x
+expect "a split with no decode instance is refused with the valid range" 2 \
+  "16:0.*decode phase with no instance.*1P:15D to 15P:1D" -- "$bin" sim --pd-splits 16:0
+expect "a split that does not add up is refused" 2 "7P:8D.*16 instances" -- \
+  "$bin" sim --pd-splits 7P:8D
+printf '{"name": "m", "num_layers": 0.5}\n' >"$tmp/model_half.json"
+expect "a fractional integer field in a model file names file and field" 2 \
+  "model_half.json: field 'num_layers' must be an integer" -- \
+  "$bin" sim --requests 10 --model "$tmp/model_half.json"
+printf '{"attn_decode_gbps": 0}\n' >"$tmp/gpu_zero.json"
+expect "a zero bandwidth in a GPU file names file and field" 2 \
+  "gpu_zero.json: field 'attn_decode_gbps' must be > 0" -- \
+  "$bin" sim --requests 10 --gpu "$tmp/gpu_zero.json"
+expect "sim writes JSON for every policy and PD split" 0 "tokenlake" -- \
+  "$bin" sim --requests 60 --instances 4 --json "$tmp/out.json"
 if python3 - "$tmp/out.json" <<'PY'
 import json, sys
 results = json.load(open(sys.argv[1]))["results"]
 names = [r["policy"] for r in results]
-assert names == ["round-robin", "cache-aware", "pd-disagg", "tokenlake"], names
+assert names == ["round-robin", "cache-aware", "pd-disagg 1P:3D", "pd-disagg 2P:2D",
+                 "pd-disagg 3P:1D", "tokenlake"], names
 keys = {"policy", "throughput_rps", "hit_rate", "ttft_p50_s", "ttft_p90_s", "tpot_p50_s",
-        "tpot_p90_s", "bytes_moved", "redundancy", "load_imbalance"}
+        "tpot_p90_s", "bytes_moved", "redundancy", "load_imbalance", "slo_attainment",
+        "kv_capacity_bytes_per_instance", "kv_capacity_bytes_total"}
 for r in results:
     missing = keys - r.keys()
     assert not missing, (r["policy"], missing)
+pd = [r for r in results if "pd_split" in r]
+assert [r["pd_split"] for r in pd] == ["1P:3D", "2P:2D", "3P:1D"], pd
+assert sum(r["best_pd_split"] for r in pd) == 1, pd
+assert len({r["kv_capacity_bytes_per_instance"] for r in results}) == 1
 PY
 then
-  echo "ok: sim JSON schema"
+  echo "ok: sim JSON schema (one row per PD split, exactly one best)"
   passes=$((passes + 1))
 else
   echo "FAIL: sim JSON schema"
@@ -91,7 +116,16 @@ else
   failures=$((failures + 1))
 fi
 
-fixture="$(cd "$(dirname "$0")/../.." && pwd)/tests/fixtures/llama_tiny"
+# A gzip-compressed trace reads like the plain one; --requests keeps its first N requests.
+repo="$(cd "$(dirname "$0")/../.." && pwd)"
+gzip -c "$repo/tests/fixtures/sim_conversation_200.jsonl" >"$tmp/trace.jsonl.gz"
+expect "a .gz trace is read, --requests cuts it" 0 "30 requests" -- \
+  "$bin" sim --trace "$tmp/trace.jsonl.gz" --requests 30 --policies round-robin
+expect "pd-disagg+dram states its store" 0 \
+  "pd-disagg\+dram 1P:1D also uses a host-DRAM KV store: 64.0 GB per prefill instance" -- \
+  "$bin" sim --requests 20 --instances 2 --policies pd-disagg+dram --pd-dram-gb 64
+
+fixture="$repo/tests/fixtures/llama_tiny"
 model="$fixture/model"
 
 # generate: --device. `generate --help` says what this build runs ("this build: cpu and gpu"

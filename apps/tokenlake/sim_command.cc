@@ -1,7 +1,8 @@
 // `tokenlake sim`: the trace-driven cluster simulator. Runs the policies (round-robin,
-// cache-aware, pd-disagg, tokenlake; least-load on request) over a trace or a built-in
-// workload on one cost model, prints a comparison table, and optionally writes JSON and an
-// HTML/SVG report. Bad flags or values: a message on stderr and exit code 2.
+// cache-aware, pd-disagg at every prefill:decode split, tokenlake; least-load and
+// pd-disagg+dram on request) over a trace or a built-in workload on one cost model, prints a
+// comparison table, and optionally writes JSON and an HTML/SVG report. Bad flags or values
+// (unknown names, with the valid ones listed): a message on stderr and exit code 2.
 #include <unistd.h>
 
 #include <algorithm>
@@ -54,10 +55,17 @@ struct SimFlags {
   std::string intra_gbps = "300";
   std::string inter_gbps = "50";
   std::string gpus_per_node = "8";
-  std::string pd_prefill_fraction = "0.75";
+  std::string pd_splits = "all";
+  bool slo_rejection = false;
   std::string kv_gb;
-  std::string pd_dram_gb = "0";
+  std::string pd_dram_gb = "128";
   std::string pd_dram_gbps = "25";
+  std::string cache_threshold = "0.3";
+  std::string balance_abs_threshold = "64";
+  std::string balance_rel_threshold = "1.5";
+  std::string eviction_interval_s = "60";
+  std::string max_tree_size = "67108864";
+  std::string threads = "0";
   std::string tl_max_dop = "4";
   std::string tl_decode_budget = "0.5";
   std::string tl_local_evict = "0.5";
@@ -127,6 +135,7 @@ absl::Status ApplyPreset(const std::string& name, const std::set<std::string>& g
 
 int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<std::string>& given) {
   if (!extras.empty()) return Usage("unexpected argument '" + extras.front() + "'");
+  const bool requests_given = given.count("--requests") > 0;
   if (!f.preset.empty()) {
     absl::Status s = ApplyPreset(f.preset, given, &f);
     if (!s.ok()) return Usage(std::string(s.message()));
@@ -134,7 +143,7 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   std::string error;
   sim::ExperimentOptions eo;
   int64_t instances = 0, requests = 0, seed = 0, budget = 0, gpn = 0;
-  double slo_ttft = 0, slo_tpot = 0, intra = 0, inter = 0, frac = 0;
+  double slo_ttft = 0, slo_tpot = 0, intra = 0, inter = 0;
   if (!ParseCount(f.instances, "--instances", 1, 4096, &instances, &error) ||
       !ParseCount(f.requests, "--requests", 1, 10'000'000, &requests, &error) ||
       !ParseCount(f.seed, "--seed", 0, INT64_MAX, &seed, &error) ||
@@ -143,19 +152,38 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
       !ParsePositive(f.slo_ttft, "--slo-ttft", &slo_ttft, &error) ||
       !ParsePositive(f.slo_tpot, "--slo-tpot", &slo_tpot, &error) ||
       !ParsePositive(f.intra_gbps, "--intra-gbps", &intra, &error) ||
-      !ParsePositive(f.inter_gbps, "--inter-gbps", &inter, &error) ||
-      !ParsePositive(f.pd_prefill_fraction, "--pd-prefill-fraction", &frac, &error)) {
+      !ParsePositive(f.inter_gbps, "--inter-gbps", &inter, &error)) {
     return Usage(error);
   }
-  if (frac >= 1) return Usage("--pd-prefill-fraction must be in (0, 1)");
   double pd_dram_gb = 0, pd_dram_gbps = 0;
-  if (!absl::SimpleAtod(f.pd_dram_gb, &pd_dram_gb) || !(pd_dram_gb >= 0) ||
-      !std::isfinite(pd_dram_gb)) {
-    return Usage("--pd-dram-gb must be a number >= 0, got '" + f.pd_dram_gb + "'");
+  if (!ParsePositive(f.pd_dram_gb, "--pd-dram-gb", &pd_dram_gb, &error) ||
+      !ParsePositive(f.pd_dram_gbps, "--pd-dram-gbps", &pd_dram_gbps, &error)) {
+    return Usage(error);
   }
-  if (!ParsePositive(f.pd_dram_gbps, "--pd-dram-gbps", &pd_dram_gbps, &error)) return Usage(error);
-  eo.sim.pd_dram_bytes = static_cast<int64_t>(pd_dram_gb * 1e9);
-  eo.sim.pd_dram_gbps = pd_dram_gbps;
+  eo.baselines.pd_dram_bytes = static_cast<int64_t>(pd_dram_gb * 1e9);
+  eo.baselines.pd.dram_gbps = pd_dram_gbps;
+  eo.baselines.pd.slo_rejection = f.slo_rejection;
+  sim::CacheAwareOptions& ca = eo.baselines.cache_aware;
+  double cache_threshold = 0;
+  if (!absl::SimpleAtod(f.cache_threshold, &cache_threshold) || !(cache_threshold >= 0) ||
+      !(cache_threshold <= 1)) {
+    return Usage(absl::StrFormat("--cache-threshold must be a number in [0, 1], got '%s'",
+                                 f.cache_threshold));
+  }
+  ca.cache_threshold = cache_threshold;
+  int64_t max_tree = 0, threads = 0;
+  if (!ParseCount(f.balance_abs_threshold, "--balance-abs-threshold", 0, INT64_MAX,
+                  &ca.balance_abs_threshold, &error) ||
+      !ParsePositive(f.balance_rel_threshold, "--balance-rel-threshold", &ca.balance_rel_threshold,
+                     &error) ||
+      !ParsePositive(f.eviction_interval_s, "--eviction-interval-s", &ca.eviction_interval_s,
+                     &error) ||
+      !ParseCount(f.max_tree_size, "--max-tree-size", 1, INT64_MAX, &max_tree, &error) ||
+      !ParseCount(f.threads, "--threads", 0, 1024, &threads, &error)) {
+    return Usage(error);
+  }
+  ca.max_tree_size = max_tree;
+  eo.threads = static_cast<int>(threads);
   int64_t tl_max_dop = 0;
   double tl_decode_budget = 0;
   if (!ParseCount(f.tl_max_dop, "--tl-max-dop", 1, 4096, &tl_max_dop, &error) ||
@@ -197,6 +225,9 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   }
   eo.policies.clear();
   for (absl::string_view p : absl::StrSplit(f.policies, ',', absl::SkipWhitespace())) {
+    if (std::find(eo.policies.begin(), eo.policies.end(), p) != eo.policies.end()) {
+      return Usage(absl::StrFormat("--policies names '%s' twice", p));
+    }
     eo.policies.emplace_back(p);
     auto made = sim::MakePolicy(eo.policies.back());
     if (!made.ok() && !absl::IsUnimplemented(made.status())) {
@@ -208,6 +239,14 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
     }
   }
   if (eo.policies.empty()) return Usage("--policies is empty");
+  bool any_pd = false;
+  for (const auto& p : eo.policies) any_pd |= sim::IsPdPolicy(p);
+  if (any_pd && instances < 2) return Usage("pd-disagg needs --instances >= 2");
+  if (any_pd || f.pd_splits != "all") {
+    auto splits = sim::ParsePdSplits(f.pd_splits, static_cast<int>(instances));
+    if (!splits.ok()) return Usage("--pd-splits: " + std::string(splits.status().message()));
+    eo.pd_splits = *std::move(splits);
+  }
   auto model = sim::LoadModelSpec(f.model);
   if (!model.ok()) return Usage(std::string(model.status().message()));
   auto gpu = sim::LoadGpuProfile(f.gpu);
@@ -233,6 +272,10 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
       return absl::IsNotFound(w.status()) || absl::IsInvalidArgument(w.status()) ? 2 : 1;
     }
     workload = *std::move(w);
+    // --requests N with a trace: its first N requests (by arrival).
+    if (requests_given && static_cast<int64_t>(workload.requests.size()) > requests) {
+      workload.requests.resize(static_cast<size_t>(requests));
+    }
   } else {
     auto kind = sim::ParseWorkloadKind(f.workload.empty() ? "chat" : f.workload);
     if (!kind.ok()) return Usage(std::string(kind.status().message()));
@@ -251,7 +294,6 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   eo.sim.token_budget = budget;
   eo.sim.slo_ttft_s = slo_ttft;
   eo.sim.slo_tpot_s = slo_tpot;
-  eo.sim.pd_prefill_fraction = frac;
   eo.sim.kv_capacity_bytes = static_cast<int64_t>(kv_gb * 1e9);
   if (cache_tokens > 0) {
     // The total cache slots, split evenly: each instance holds cache_tokens / instances tokens.
@@ -267,11 +309,6 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   const bool show_progress = f.progress || isatty(STDERR_FILENO);
   if (show_progress) eo.sim.progress = DrawProgress;
   if (f.verbose) eo.log = [](const std::string& line) { std::cerr << line << "\n"; };
-  if (eo.sim.num_instances < 2) {
-    for (const auto& p : eo.policies) {
-      if (p == "pd-disagg") return Usage("pd-disagg needs --instances >= 2");
-    }
-  }
 
   double mean_in = 0, mean_out = 0;
   int64_t max_in = 0;
@@ -306,14 +343,25 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   config["intra_node_gbps"] = net.intra_node_gbps;
   config["inter_node_gbps"] = net.inter_node_gbps;
   config["gpus_per_node"] = net.gpus_per_node;
-  config["pd_prefill_fraction"] = eo.sim.pd_prefill_fraction;
+  config["pd_splits"] = f.pd_splits;
+  config["slo_rejection"] = f.slo_rejection;
+  config["cache_threshold"] = ca.cache_threshold;
+  config["balance_abs_threshold"] = ca.balance_abs_threshold;
+  config["balance_rel_threshold"] = ca.balance_rel_threshold;
+  config["eviction_interval_s"] = ca.eviction_interval_s;
+  config["max_tree_size"] = ca.max_tree_size;
+  const bool with_dram =
+      std::find(eo.policies.begin(), eo.policies.end(), "pd-disagg+dram") != eo.policies.end();
+  if (with_dram) {
+    config["pd_dram_bytes_per_prefill_instance"] = eo.baselines.pd_dram_bytes;
+    config["pd_dram_gbps"] = pd_dram_gbps;
+  }
   const std::string tier =
-      eo.sim.pd_dram_bytes > 0
-          ? absl::StrFormat(
-                "GPU memory; pd-disagg also uses a host-DRAM KV store of %g GB per "
-                "prefill instance at %g GB/s",
-                pd_dram_gb, pd_dram_gbps)
-          : std::string("GPU memory only, for every policy");
+      with_dram ? absl::StrFormat(
+                      "GPU memory, for every policy; pd-disagg+dram also uses a host-DRAM KV "
+                      "store of %g GB per prefill instance at %g GB/s",
+                      pd_dram_gb, pd_dram_gbps)
+                : std::string("GPU memory only, for every policy");
   config["kv_cache_tier"] = tier;
   config["seed"] = seed;
   config["tokenlake_max_dop"] = eo.tokenlake.max_dop;
@@ -372,14 +420,16 @@ void SetUpSim(CLI::App& app, int* exit_code) {
                   "paper: the paper's setup (4 instances of 2 x a100-80gb at --tp 2, lwm-7b, "
                   "--token-budget 8192, --slo per-token, --workload loogle, policies cache-aware, "
                   "pd-disagg, tokenlake); explicit flags override its values");
-  cmd->add_option("--trace", flags->trace, "Mooncake JSON-lines trace file");
+  cmd->add_option("--trace", flags->trace,
+                  "Mooncake JSON-lines trace file (gzip-compressed when named *.gz)");
   cmd->add_option("--workload", flags->workload,
                   "built-in workload when no --trace: chat, agent, docqa, loogle, scbench or "
                   "sharegpt (default chat)");
   cmd->add_option("--system-prompt-tokens", flags->system_prompt_tokens,
                   "loogle, scbench, sharegpt: tokens of the system prompt on every request "
                   "(default 6000)");
-  cmd->add_option("--requests", flags->requests, "requests of a built-in workload (default 2000)");
+  cmd->add_option("--requests", flags->requests,
+                  "requests of a built-in workload (default 2000); with --trace, keep its first N");
   cmd->add_option("--instances", flags->instances, "serving instances / GPUs (default 16)");
   cmd->add_option("--model", flags->model, "llama-3-8b, lwm-7b or a model JSON file");
   cmd->add_option("--gpu", flags->gpu,
@@ -387,7 +437,8 @@ void SetUpSim(CLI::App& app, int* exit_code) {
                   "or a GPU profile JSON file (cost_model.h schema)");
   cmd->add_option("--tp", flags->tp, "tensor-parallel GPUs per instance (default 1)");
   cmd->add_option("--policies", flags->policies,
-                  "comma-separated: round-robin, least-load, cache-aware, pd-disagg, tokenlake");
+                  "comma-separated: round-robin, least-load, cache-aware, pd-disagg, "
+                  "pd-disagg+dram (Mooncake with its host-DRAM store), tokenlake");
   cmd->add_option("--rate", flags->rate, "offered requests/s (arrivals scaled; default native)");
   cmd->add_flag("--max-rate", flags->max_rate,
                 "search each policy's highest rate meeting the P90 TTFT and TPOT SLOs");
@@ -407,12 +458,29 @@ void SetUpSim(CLI::App& app, int* exit_code) {
   cmd->add_option("--intra-gbps", flags->intra_gbps, "GB/s between GPUs of a node (default 300)");
   cmd->add_option("--inter-gbps", flags->inter_gbps, "GB/s between nodes (default 50)");
   cmd->add_option("--gpus-per-node", flags->gpus_per_node, "GPUs per node (default 8)");
-  cmd->add_option("--pd-prefill-fraction", flags->pd_prefill_fraction,
-                  "pd-disagg: share of instances that prefill (default 0.75)");
+  cmd->add_option("--pd-splits", flags->pd_splits,
+                  "PD policies: prefill:decode splits to run, one row each: 'all' (default: "
+                  "every P:D with P + D = instances) or P:D[,P:D...] (e.g. 7P:9D,12P:4D)");
+  cmd->add_flag("--slo-rejection", flags->slo_rejection,
+                "Mooncake's early rejection (refuse a request whose estimated TTFT or TBT "
+                "exceeds the SLO) for the policies that estimate them (pd-disagg*; rows named "
+                "+reject); default off, as for every policy");
   cmd->add_option("--pd-dram-gb", flags->pd_dram_gb,
-                  "pd-disagg: Mooncake host-DRAM KV store, GB per prefill instance (0 = off)");
+                  "pd-disagg+dram: host-DRAM KV store, GB per prefill instance (default 128)");
   cmd->add_option("--pd-dram-gbps", flags->pd_dram_gbps,
-                  "pd-disagg: DRAM store <-> GPU bandwidth, GB/s (default 25)");
+                  "pd-disagg+dram: DRAM store <-> GPU bandwidth, GB/s (default 25)");
+  cmd->add_option("--cache-threshold", flags->cache_threshold,
+                  "cache-aware: route by prefix when matched / prompt tokens exceeds this (0.3)");
+  cmd->add_option("--balance-abs-threshold", flags->balance_abs_threshold,
+                  "cache-aware: imbalanced when max - min requests in flight exceeds this (64)");
+  cmd->add_option("--balance-rel-threshold", flags->balance_rel_threshold,
+                  "cache-aware: ... and max exceeds min x this (1.5)");
+  cmd->add_option("--eviction-interval-s", flags->eviction_interval_s,
+                  "cache-aware: seconds between trims of the router's trees (60)");
+  cmd->add_option("--max-tree-size", flags->max_tree_size,
+                  "cache-aware: tokens each router tree is trimmed to (67108864 = 2^26)");
+  cmd->add_option("--threads", flags->threads,
+                  "simulations run at once, one per thread (0 = the machine's threads)");
   cmd->add_option("--kv-gb", flags->kv_gb,
                   "KV cache GB per instance (default: GPU memory x 0.9 - weights - 4 GiB)");
   cmd->add_option("--cache-tokens", flags->cache_tokens,

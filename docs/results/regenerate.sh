@@ -38,8 +38,8 @@ for w in chat agent docqa; do
 done
 timed docs/results/conversation_mma_sync_gpu.txt $B sim --trace $T --max-rate --gpu $M --json docs/results/conversation_mma_sync_gpu.json
 # Mooncake with its host-DRAM store.
-timed docs/results/conversation_pd_dram.txt $B sim --trace $T --max-rate --policies pd-disagg --pd-dram-gb 200 --json docs/results/conversation_pd_dram.json
-timed docs/results/docqa_pd_dram.txt $B sim --workload docqa --requests 10000 --max-rate --policies pd-disagg --pd-dram-gb 200 --json docs/results/docqa_pd_dram.json
+timed docs/results/conversation_pd_dram.txt $B sim --trace $T --max-rate --policies pd-disagg+dram --pd-dram-gb 200 --json docs/results/conversation_pd_dram.json
+timed docs/results/docqa_pd_dram.txt $B sim --workload docqa --requests 10000 --max-rate --policies pd-disagg+dram --pd-dram-gb 200 --json docs/results/docqa_pd_dram.json
 # Sensitivity rows.
 : >docs/results/sensitivity.txt
 sens() {

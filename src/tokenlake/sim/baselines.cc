@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 
+#include "absl/strings/str_format.h"
 #include "tokenlake/base/check.h"
 
 namespace tokenlake::sim {
@@ -16,7 +17,52 @@ int64_t TokensOf(const Request& r, int64_t blocks) {
   return std::min(r.input_tokens, blocks * kBlockTokens);
 }
 
+// Tokens of work left on `inst`: prompt still to compute and output still to generate, over
+// its waiting and running jobs.
+int64_t QueuedTokens(const Instance& inst) {
+  int64_t tokens = 0;
+  auto add = [&](const Job* j) {
+    const int64_t prompt_left =
+        j->decode_only ? 0 : std::max<int64_t>(0, j->PromptNew() - j->prefilled);
+    const int64_t output_left =
+        j->prefill_only ? 0 : std::max<int64_t>(0, j->r->output_tokens - j->decoded);
+    tokens += prompt_left + output_left;
+  };
+  for (const Job* j : inst.waiting) add(j);
+  for (const Job* j : inst.running) add(j);
+  return tokens;
+}
+
 }  // namespace
+
+bool LocalCachePolicy::LessLoaded(const Instance& a, const Instance& b) {
+  if (a.in_flight != b.in_flight) return a.in_flight < b.in_flight;
+  const int64_t qa = QueuedTokens(a), qb = QueuedTokens(b);
+  if (qa != qb) return qa < qb;
+  if (a.busy_s != b.busy_s) return a.busy_s < b.busy_s;
+  return a.id < b.id;
+}
+
+int LocalCachePolicy::LeastLoaded(const std::vector<Instance>& instances,
+                                  const std::vector<int>& ids) {
+  TOKENLAKE_CHECK(!ids.empty());
+  int best = ids[0];
+  for (size_t k = 1; k < ids.size(); ++k) {
+    if (LessLoaded(instances[ids[k]], instances[best])) best = ids[k];
+  }
+  return best;
+}
+
+void LocalCachePolicy::PoolStats(Simulator& sim, int64_t* copies, int64_t* distinct) {
+  auto& insts = sim.instances();
+  if (copy_counter_ == nullptr) {
+    copy_counter_ = std::make_unique<IdCopyCounter>();
+    for (Instance& inst : insts) inst.cache->AttachCopyCounter(copy_counter_.get());
+  }
+  *copies = 0;
+  for (const Instance& inst : insts) *copies += inst.cache->cached_blocks();
+  *distinct = copy_counter_->distinct();
+}
 
 void LocalCachePolicy::OnArrival(Simulator& sim, int64_t request) {
   const int instance = Route(sim, request);
@@ -69,9 +115,10 @@ int RoundRobinPolicy::Route(Simulator& sim, int64_t request) {
 
 int LeastLoadPolicy::Route(Simulator& sim, int64_t request) {
   (void)request;
+  const auto& insts = sim.instances();
   int best = 0;
-  for (const Instance& inst : sim.instances()) {
-    if (inst.in_flight < sim.instances()[best].in_flight) best = inst.id;
+  for (const Instance& inst : insts) {
+    if (LessLoaded(inst, insts[best])) best = inst.id;
   }
   return best;
 }
@@ -105,15 +152,12 @@ int CacheAwarePolicy::Route(Simulator& sim, int64_t request) {
   const Request& r = sim.workload().requests[request];
   auto& insts = sim.instances();
   int64_t max_load = std::numeric_limits<int64_t>::min();
-  int64_t min_load = std::numeric_limits<int64_t>::max();
   int least = 0;
   for (const Instance& inst : insts) {
     max_load = std::max(max_load, inst.in_flight);
-    if (inst.in_flight < min_load) {
-      min_load = inst.in_flight;
-      least = inst.id;
-    }
+    if (LessLoaded(inst, insts[least])) least = inst.id;
   }
+  const int64_t min_load = insts[least].in_flight;
   int chosen;
   const bool imbalanced = max_load - min_load > options_.balance_abs_threshold &&
                           static_cast<double>(max_load) >
@@ -121,7 +165,8 @@ int CacheAwarePolicy::Route(Simulator& sim, int64_t request) {
   if (imbalanced) {
     chosen = least;
   } else {
-    int best = 0;
+    // Longest match; equal matches go to the less loaded worker.
+    std::vector<int> best;
     int64_t best_match = -1;
     for (size_t w = 0; w < trees_.size(); ++w) {
       int64_t m = 0;
@@ -132,17 +177,22 @@ int CacheAwarePolicy::Route(Simulator& sim, int64_t request) {
       const int64_t tokens = TokensOf(r, m);
       if (tokens > best_match) {
         best_match = tokens;
-        best = static_cast<int>(w);
+        best.clear();
       }
+      if (tokens == best_match) best.push_back(static_cast<int>(w));
     }
     const double ratio = static_cast<double>(best_match) / static_cast<double>(r.input_tokens);
     if (ratio > options_.cache_threshold) {
-      chosen = best;
+      chosen = LeastLoaded(insts, best);
     } else {
-      chosen = 0;
+      // The smallest tree; equal sizes go to the less loaded worker.
+      std::vector<int> smallest = {0};
       for (size_t w = 1; w < trees_.size(); ++w) {
-        if (trees_[w].tokens < trees_[chosen].tokens) chosen = static_cast<int>(w);
+        const int64_t t = trees_[w].tokens, s = trees_[smallest[0]].tokens;
+        if (t < s) smallest.clear();
+        if (t <= s) smallest.push_back(static_cast<int>(w));
       }
+      chosen = LeastLoaded(insts, smallest);
     }
   }
   Tree& tree = trees_[chosen];
@@ -157,15 +207,27 @@ int CacheAwarePolicy::Route(Simulator& sim, int64_t request) {
   return chosen;
 }
 
+std::string PdDisaggPolicy::name() const {
+  std::string name = "pd-disagg";
+  if (options_.dram_bytes > 0) name += "+dram";
+  if (options_.slo_rejection) name += "+reject";
+  if (options_.split_in_name) name += absl::StrFormat(" %dP:%dD", num_prefill_, num_decode_);
+  return name;
+}
+
 void PdDisaggPolicy::Init(Simulator& sim) {
   const int n = sim.options().num_instances;
   TOKENLAKE_CHECK(n >= 2, "pd-disagg needs at least 2 instances");
-  num_prefill_ =
-      std::clamp(static_cast<int>(std::lround(n * sim.options().pd_prefill_fraction)), 1, n - 1);
+  TOKENLAKE_CHECK(options_.num_prefill >= 0 && options_.num_prefill < n,
+                  "pd-disagg: num_prefill out of range");
+  num_prefill_ = options_.num_prefill > 0
+                     ? options_.num_prefill
+                     : std::clamp(static_cast<int>(std::lround(n * 0.75)), 1, n - 1);
+  num_decode_ = n - num_prefill_;
   plans_.assign(sim.workload().requests.size(), Plan{});
-  if (sim.options().pd_dram_bytes > 0) {
+  if (options_.dram_bytes > 0) {
     const int64_t block_bytes = sim.cost().model().KvBytesPerToken() * kBlockTokens;
-    dram_ = std::make_unique<BlockCache>(sim.options().pd_dram_bytes / block_bytes * num_prefill_);
+    dram_ = std::make_unique<BlockCache>(options_.dram_bytes / block_bytes * num_prefill_);
   }
 }
 
@@ -175,7 +237,6 @@ void PdDisaggPolicy::OnArrival(Simulator& sim, int64_t request) {
   const SimOptions& o = sim.options();
   auto& insts = sim.instances();
   const int64_t kv_block_bytes = cost.model().KvBytesPerToken() * kBlockTokens;
-  const int gpus_per_node = static_cast<int>(cost.net().gpus_per_node);
   std::vector<int64_t> own(static_cast<size_t>(num_prefill_));
   int64_t best_blocks = 0;
   int holder = -1;
@@ -187,44 +248,53 @@ void PdDisaggPolicy::OnArrival(Simulator& sim, int64_t request) {
     }
   }
   const int64_t dram_blocks = dram_ ? dram_->Match(r.block_ids) : 0;
+  // Per prefill instance: its best option (own match; fetch from the best GPU holder; load
+  // from the DRAM store) by estimated TTFT.
+  struct Choice {
+    double ttft = std::numeric_limits<double>::infinity();
+    int64_t fetch = 0;
+    int source = -1;
+  };
+  std::vector<Choice> choice(static_cast<size_t>(num_prefill_));
   double best_ttft = std::numeric_limits<double>::infinity();
-  int chosen = 0;
-  int64_t chosen_fetch = 0;
-  int chosen_source = -1;
   for (int i = 0; i < num_prefill_; ++i) {
-    // Candidates: own match; fetch from the best GPU holder; load from the DRAM store.
     struct Option {
       int source;
       int64_t blocks;
       double transfer_s;
     };
-    std::vector<Option> options = {{-1, own[i], 0.0}};
-    if (static_cast<double>(best_blocks) > static_cast<double>(own[i]) * o.pd_balance_ratio) {
-      options.push_back({holder, best_blocks,
-                         cost.TransferSeconds((best_blocks - own[i]) * kv_block_bytes,
-                                              i / gpus_per_node == holder / gpus_per_node)});
+    Option options[3] = {{-1, own[i], 0.0}};
+    int num_options = 1;
+    if (static_cast<double>(best_blocks) > static_cast<double>(own[i]) * options_.balance_ratio) {
+      options[num_options++] = {holder, best_blocks,
+                                cost.TransferSeconds((best_blocks - own[i]) * kv_block_bytes,
+                                                     cost.SameNode(i, holder))};
     }
-    if (static_cast<double>(dram_blocks) > static_cast<double>(own[i]) * o.pd_balance_ratio) {
-      options.push_back({kDram, dram_blocks,
-                         cost.net().latency_us * 1e-6 +
-                             static_cast<double>((dram_blocks - own[i]) * kv_block_bytes) /
-                                 (o.pd_dram_gbps * 1e9)});
+    if (static_cast<double>(dram_blocks) > static_cast<double>(own[i]) * options_.balance_ratio) {
+      options[num_options++] = {kDram, dram_blocks,
+                                cost.net().latency_us * 1e-6 +
+                                    static_cast<double>((dram_blocks - own[i]) * kv_block_bytes) /
+                                        (options_.dram_gbps * 1e9)};
     }
-    for (const Option& opt : options) {
+    for (int k = 0; k < num_options; ++k) {
+      const Option& opt = options[k];
       const int64_t cached = std::min(TokensOf(r, opt.blocks), r.input_tokens - 1);
       const double ttft = opt.transfer_s + insts[i].pending_prefill_s +
                           cost.PrefillSeconds(r.input_tokens - cached, cached, o.token_budget);
-      if (ttft < best_ttft) {
-        best_ttft = ttft;
-        chosen = i;
-        chosen_fetch = opt.blocks - own[i];
-        chosen_source = opt.source;
-      }
+      if (ttft < choice[i].ttft) choice[i] = {ttft, opt.blocks - own[i], opt.source};
     }
+    best_ttft = std::min(best_ttft, choice[i].ttft);
   }
-  // Decode instance: least estimated TBT with this request added.
-  int decode = -1;
+  std::vector<int> tied;
+  for (int i = 0; i < num_prefill_; ++i) {
+    if (choice[i].ttft == best_ttft) tied.push_back(i);
+  }
+  const int chosen = LeastLoaded(insts, tied);
+  const int64_t chosen_fetch = choice[chosen].fetch;
+  const int chosen_source = choice[chosen].source;
+  // Decode instance: least estimated TBT with this request added; ties by load.
   double best_tbt = std::numeric_limits<double>::infinity();
+  std::vector<double> tbt(static_cast<size_t>(o.num_instances));
   const double rate = cost.DecodeSecondsPerContextToken();
   for (int d = num_prefill_; d < o.num_instances; ++d) {
     int64_t batch = 1;
@@ -237,14 +307,16 @@ void PdDisaggPolicy::OnArrival(Simulator& sim, int64_t request) {
       ++batch;
       context += j->Context();
     }
-    const double tbt = cost.DenseSeconds(batch) + rate * static_cast<double>(context + batch);
-    if (tbt < best_tbt) {
-      best_tbt = tbt;
-      decode = d;
-    }
+    tbt[d] = cost.DenseSeconds(batch) + rate * static_cast<double>(context + batch);
+    best_tbt = std::min(best_tbt, tbt[d]);
   }
+  tied.clear();
+  for (int d = num_prefill_; d < o.num_instances; ++d) {
+    if (tbt[d] == best_tbt) tied.push_back(d);
+  }
+  const int decode = LeastLoaded(insts, tied);
   sim.record(request).instance = chosen;
-  if (best_ttft > o.slo_ttft_s || best_tbt > o.slo_tpot_s) {
+  if (options_.slo_rejection && (best_ttft > o.slo_ttft_s || best_tbt > o.slo_tpot_s)) {
     sim.Reject(request);
     return;
   }
@@ -255,9 +327,9 @@ void PdDisaggPolicy::OnArrival(Simulator& sim, int64_t request) {
   double ready = sim.now();
   if (chosen_fetch > 0 && chosen_source == kDram) {
     ready += cost.net().latency_us * 1e-6 +
-             static_cast<double>(chosen_fetch * kv_block_bytes) / (o.pd_dram_gbps * 1e9);
+             static_cast<double>(chosen_fetch * kv_block_bytes) / (options_.dram_gbps * 1e9);
   } else if (chosen_fetch > 0) {
-    const bool same_node = chosen / gpus_per_node == holder / gpus_per_node;
+    const bool same_node = cost.SameNode(chosen, holder);
     ready += cost.TransferSeconds(chosen_fetch * kv_block_bytes, same_node);
   }
   Job* job = sim.NewJob(request, chosen);
@@ -332,19 +404,34 @@ void PdDisaggPolicy::OnPrefillDone(Simulator& sim, Job& job) {
   decode->decoded = 1;
   const int64_t bytes = r.input_tokens * sim.cost().model().KvBytesPerToken();
   sim.AddBytesMoved(bytes, "kv_to_decode");
-  const int gpn = static_cast<int>(sim.cost().net().gpus_per_node);
   const double transfer =
-      sim.cost().TransferSeconds(bytes, job.instance / gpn == plan.decode / gpn);
+      sim.cost().TransferSeconds(bytes, sim.cost().SameNode(job.instance, plan.decode));
   // Streamed layer by layer during the prefill: only the excess delays the decode.
   const double hidden = sim.now() - job.prefill_start_s;
   sim.Deliver(decode, sim.now() + std::max(sim.cost().net().latency_us * 1e-6, transfer - hidden));
 }
 
-std::unique_ptr<Policy> MakeBaselinePolicy(const std::string& name) {
+const std::vector<std::string>& BaselinePolicyNames() {
+  static const auto* names = new std::vector<std::string>{
+      "round-robin", "least-load", "cache-aware", "pd-disagg", "pd-disagg+dram"};
+  return *names;
+}
+
+std::unique_ptr<Policy> MakeBaselinePolicy(const std::string& name,
+                                           const BaselineOptions& options) {
   if (name == "round-robin") return std::make_unique<RoundRobinPolicy>();
   if (name == "least-load") return std::make_unique<LeastLoadPolicy>();
-  if (name == "cache-aware") return std::make_unique<CacheAwarePolicy>();
-  if (name == "pd-disagg") return std::make_unique<PdDisaggPolicy>();
+  if (name == "cache-aware") return std::make_unique<CacheAwarePolicy>(options.cache_aware);
+  if (name == "pd-disagg") {
+    PdDisaggOptions pd = options.pd;
+    pd.dram_bytes = 0;
+    return std::make_unique<PdDisaggPolicy>(pd);
+  }
+  if (name == "pd-disagg+dram") {
+    PdDisaggOptions pd = options.pd;
+    pd.dram_bytes = options.pd_dram_bytes;
+    return std::make_unique<PdDisaggPolicy>(pd);
+  }
   return nullptr;
 }
 

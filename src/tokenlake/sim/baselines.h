@@ -12,6 +12,11 @@
 // - PdDisaggPolicy: Mooncake's conductor (FAST'25 section 4, Algorithm 1) over separate
 //   prefill and decode pools; see the class comment.
 //
+// Every choice between instances that ties on the policy's own rule goes to the less loaded
+// one (LocalCachePolicy::LessLoaded), never to the lowest index alone. No policy rejects a
+// request by an SLO estimate unless asked (PdDisaggOptions::slo_rejection); the simulator
+// rejects, for every policy alike, only a request that cannot fit in an idle instance's memory.
+//
 // Thread-safety: not thread-safe (driven by one Simulator).
 #ifndef TOKENLAKE_SIM_BASELINES_H_
 #define TOKENLAKE_SIM_BASELINES_H_
@@ -33,11 +38,26 @@ class LocalCachePolicy : public Policy {
   bool Admit(Simulator& sim, Job& job) override;
   void OnPrefillDone(Simulator& sim, Job& job) override;
   void OnJobDone(Simulator& sim, Job& job) override { sim.ReleaseLocal(job); }
+  // Policy::PoolStats, kept up to date as the instances' caches change (IdCopyCounter) rather
+  // than recounted at every sample.
+  void PoolStats(Simulator& sim, int64_t* copies, int64_t* distinct) override;
+
+  // The load order that breaks every tie between instances: fewer requests in flight, then
+  // fewer tokens of work queued and running (prompt still to compute + output still to
+  // generate), then less busy time so far; the index decides only between instances equal in
+  // all three (in practice only before any work has run).
+  static bool LessLoaded(const Instance& a, const Instance& b);
+  // Of `ids` (non-empty), the least loaded by LessLoaded.
+  static int LeastLoaded(const std::vector<Instance>& instances, const std::vector<int>& ids);
 
  protected:
   // Routes `request` to an instance (the subclass's rule).
   virtual int Route(Simulator& sim, int64_t request) = 0;
   void OnArrival(Simulator& sim, int64_t request) override;
+
+ private:
+  // Attached to the instances' caches at the first PoolStats call of the run.
+  std::unique_ptr<IdCopyCounter> copy_counter_;
 };
 
 class RoundRobinPolicy final : public LocalCachePolicy {
@@ -93,23 +113,48 @@ class CacheAwarePolicy final : public LocalCachePolicy {
   double next_eviction_s_ = 0;
 };
 
-// Mooncake's cache-centric PD disaggregation. The first round(N x pd_prefill_fraction)
-// instances prefill, the rest decode. For each request the conductor computes, for every
-// prefill instance, its own prefix match and the best match over all prefill instances
-// (best_len); when best_len > own x pd_balance_ratio the instance would first fetch the
-// difference from the holder (network bandwidth; the fetched blocks then stay there: hot-block
-// replication). Estimated TTFT = transfer + queue (sum of estimated prefill times queued
-// there) + prefill of the uncached part; the instance of least TTFT wins. The decode instance
-// is the one with the least estimated TBT. The request is rejected when the estimated TTFT or
-// TBT exceeds its SLO. After prefill the prompt's KV moves to the decode instance (streamed
-// layer by layer: only the part of the transfer longer than the prefill adds delay).
-// Optionally (SimOptions::pd_dram_bytes > 0) Mooncake's host-DRAM store: every prefilled
-// prompt block is written there (LRU, pd_dram_bytes per prefill instance in total), and a
-// prefill instance may load a prefix longer than its own from it at pd_dram_gbps (the same
-// ratio rule and TTFT estimate as a fetch from another instance).
+struct PdDisaggOptions {
+  // Prefill instances (the first ones; the rest decode), in [1, N - 1]. 0: round(N x 0.75)
+  // clamped to that range. Experiments run every split (ExperimentOptions::pd_splits).
+  int num_prefill = 0;
+  // Fetch from the best holder when best_len / own_len exceeds this ratio.
+  double balance_ratio = 1.5;
+  // Mooncake's host-DRAM KV store, bytes per prefill instance (0 = off: the policy caches in
+  // GPU memory only, like every other policy). Prefilled prompt blocks are written to it; a
+  // prefill instance may load a longer prefix from it at dram_gbps.
+  int64_t dram_bytes = 0;
+  // Bandwidth between the DRAM store and a GPU, GB/s.
+  double dram_gbps = 25;
+  // Mooncake's early rejection: refuse a request whose estimated TTFT or TBT exceeds the SLO
+  // (SimOptions::slo_ttft_s / slo_tpot_s). Off by default, as for every other policy.
+  bool slo_rejection = false;
+  // Append " <P>P:<D>D" to name() (set when an experiment runs several splits).
+  bool split_in_name = false;
+};
+
+// Mooncake's cache-centric PD disaggregation. The first `num_prefill` instances prefill, the
+// rest decode. For each request the conductor computes, for every prefill instance, its own
+// prefix match and the best match over all prefill instances (best_len); when best_len > own x
+// balance_ratio the instance would first fetch the difference from the holder (network
+// bandwidth; the fetched blocks then stay there: hot-block replication). Estimated TTFT =
+// transfer + queue (sum of estimated prefill times queued there) + prefill of the uncached part;
+// the instance of least TTFT wins. The decode instance is the one with the least estimated TBT.
+// Ties (equal estimates, e.g. every queue empty and nothing cached) go to the less loaded
+// instance (see LocalCachePolicy::LessLoaded), never to the lowest index alone. With
+// slo_rejection the request is rejected when the estimated TTFT or TBT exceeds its SLO. After
+// prefill the prompt's KV moves to the decode instance (streamed layer by layer: only the part
+// of the transfer longer than the prefill adds delay). With dram_bytes > 0, Mooncake's
+// host-DRAM store: every prefilled prompt block is written there (LRU, dram_bytes per prefill
+// instance in total), and a prefill instance may load a prefix longer than its own from it at
+// dram_gbps (the same ratio rule and TTFT estimate as a fetch from another instance).
 class PdDisaggPolicy final : public LocalCachePolicy {
  public:
-  std::string name() const override { return "pd-disagg"; }
+  explicit PdDisaggPolicy(PdDisaggOptions options = {}) : options_(options) {}
+  // "pd-disagg", "+dram" with the DRAM store, "+reject" with SLO rejection, then " 12P:4D"
+  // with split_in_name (known after Init; before it the split reads "0P:0D").
+  std::string name() const override;
+  // Precondition (CHECK): at least 2 instances and num_prefill in [0, N - 1] (callers validate
+  // user input first: RunExperiment does).
   void Init(Simulator& sim) override;
   bool Admit(Simulator& sim, Job& job) override;
   void OnPrefillDone(Simulator& sim, Job& job) override;
@@ -129,14 +174,30 @@ class PdDisaggPolicy final : public LocalCachePolicy {
     int64_t fetch_blocks = 0;  // blocks [own, own + fetch) come from the holder
   };
   static constexpr int kDram = -2;
-  int num_prefill_ = 1;
+  PdDisaggOptions options_;
+  int num_prefill_ = 0;
+  int num_decode_ = 0;
   std::vector<Plan> plans_;
   std::unique_ptr<BlockCache> dram_;  // the host-DRAM store (all prefill nodes), or null
 };
 
-// Creates a policy by name: round-robin, least-load, cache-aware, pd-disagg. (tokenlake is
-// created by MakeTokenLakePolicy in tokenlake_policy.h.) Null for an unknown name.
-std::unique_ptr<Policy> MakeBaselinePolicy(const std::string& name);
+// The baseline policy names MakeBaselinePolicy accepts.
+const std::vector<std::string>& BaselinePolicyNames();
+
+// Options of the baselines that have any (the published defaults unless set).
+struct BaselineOptions {
+  CacheAwareOptions cache_aware;
+  // For pd-disagg and pd-disagg+dram (which sets dram_bytes to pd_dram_bytes).
+  PdDisaggOptions pd;
+  // pd-disagg+dram: the DRAM store's bytes per prefill instance.
+  int64_t pd_dram_bytes = 128'000'000'000;
+};
+
+// Creates a policy by name: round-robin, least-load, cache-aware, pd-disagg, pd-disagg+dram
+// (Mooncake with its host-DRAM store). (tokenlake is created by MakeTokenLakePolicy in
+// tokenlake_policy.h.) Null for an unknown name.
+std::unique_ptr<Policy> MakeBaselinePolicy(const std::string& name,
+                                           const BaselineOptions& options = {});
 
 }  // namespace tokenlake::sim
 

@@ -41,6 +41,7 @@ bool BlockCache::AllocatePrivate(int64_t n) {
     map_.erase(victim);
     ++free_;
     ++evictions_;
+    if (counter_ != nullptr) counter_->Remove(victim);
   }
   free_ -= n;
   private_ += n;
@@ -59,7 +60,20 @@ bool BlockCache::Promote(uint64_t id) {
   if (!inserted) return false;
   it->second.refs = 1;
   --private_;
+  if (counter_ != nullptr) counter_->Add(id);
   return true;
+}
+
+void IdCopyCounter::Remove(uint64_t id) {
+  auto it = counts_.find(id);
+  TOKENLAKE_CHECK(it != counts_.end() && it->second > 0, "Remove of an id never added");
+  if (--it->second == 0) counts_.erase(it);
+}
+
+void BlockCache::AttachCopyCounter(IdCopyCounter* counter) {
+  TOKENLAKE_CHECK(counter_ == nullptr && counter != nullptr);
+  counter_ = counter;
+  for (const auto& [id, e] : map_) counter_->Add(id);
 }
 
 std::vector<uint64_t> BlockCache::CachedIds() const {

@@ -23,6 +23,20 @@
 
 namespace tokenlake::sim {
 
+// Counts, over several caches, how many of them hold each block id (pool statistics: stored
+// copies / distinct blocks) as the caches change, so a statistic costs O(1) instead of a pass
+// over every cache. Not thread-safe.
+class IdCopyCounter {
+ public:
+  void Add(uint64_t id) { ++counts_[id]; }
+  // REQUIRES: `id` was added more often than removed.
+  void Remove(uint64_t id);
+  int64_t distinct() const { return static_cast<int64_t>(counts_.size()); }
+
+ private:
+  absl::flat_hash_map<uint64_t, int32_t> counts_;
+};
+
 class BlockCache {
  public:
   // REQUIRES: capacity_blocks >= 0.
@@ -62,6 +76,10 @@ class BlockCache {
   bool Contains(uint64_t id) const { return map_.contains(id); }
   // Ids of all cached blocks (any order).
   std::vector<uint64_t> CachedIds() const;
+  // From now on every id this cache starts or stops holding is added to / removed from
+  // `counter` (the ids it holds now are added at once). REQUIRES: no counter set yet;
+  // `counter` outlives every later change to this cache.
+  void AttachCopyCounter(IdCopyCounter* counter);
 
   absl::Status CheckInvariants() const;
 
@@ -74,6 +92,7 @@ class BlockCache {
   int64_t free_;
   int64_t private_ = 0;
   int64_t evictions_ = 0;
+  IdCopyCounter* counter_ = nullptr;  // not owned; may be null
   absl::flat_hash_map<uint64_t, Entry> map_;
   std::list<uint64_t> lru_;  // front = least recently used
 };

@@ -74,6 +74,8 @@ TEST_P(BlockCacheModelTest, AgreesWithNaiveModel) {
     std::list<uint64_t> lru;       // unreferenced, front oldest
     int64_t priv = 0;
     std::vector<uint64_t> held;  // ids we hold one reference on (multiset)
+    IdCopyCounter counter;
+    c.AttachCopyCounter(&counter);
     for (int step = 0; step < 2000; ++step) {
       const int op = static_cast<int>(rng.UniformInt(0, 4));
       if (op == 0) {  // allocate
@@ -123,8 +125,31 @@ TEST_P(BlockCacheModelTest, AgreesWithNaiveModel) {
       ASSERT_EQ(c.cached_blocks(), static_cast<int64_t>(refs.size()));
       ASSERT_EQ(c.evictable_blocks(), static_cast<int64_t>(lru.size()));
       ASSERT_EQ(c.free_blocks() + c.private_blocks() + c.cached_blocks(), capacity);
+      ASSERT_EQ(counter.distinct(), static_cast<int64_t>(refs.size()));
     }
   }
+}
+
+TEST(IdCopyCounterTest, CountsCopiesAcrossCachesAsTheyChange) {
+  // Two caches of 2 blocks; the counter is attached to the second after it holds an id.
+  BlockCache a(2), b(2);
+  IdCopyCounter counter;
+  a.AttachCopyCounter(&counter);
+  ASSERT_TRUE(a.AllocatePrivate(2) && b.AllocatePrivate(2));
+  ASSERT_TRUE(b.Promote(7));
+  b.AttachCopyCounter(&counter);
+  EXPECT_EQ(counter.distinct(), 1);
+  ASSERT_TRUE(a.Promote(7) && a.Promote(8));
+  EXPECT_EQ(counter.distinct(), 2);        // 7 twice, 8 once
+  a.Release(std::vector<uint64_t>{7, 8});  // tail first: 8 is now the older
+  ASSERT_TRUE(a.AllocatePrivate(1));       // evicts 8
+  EXPECT_EQ(counter.distinct(), 1);
+  ASSERT_TRUE(a.AllocatePrivate(1));  // evicts 7 from a; b still holds it
+  EXPECT_EQ(counter.distinct(), 1);
+  b.Release(std::vector<uint64_t>{7});
+  b.FreePrivate(1);
+  ASSERT_TRUE(b.AllocatePrivate(2));  // evicts the last copy of 7
+  EXPECT_EQ(counter.distinct(), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Capacities, BlockCacheModelTest, ::testing::Values(1, 4, 16, 64));

@@ -1,8 +1,10 @@
 #include "tokenlake/sim/cost_model.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <sstream>
+#include <type_traits>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
@@ -22,21 +24,44 @@ int64_t ModelSpec::ParamCount() const { return DenseParamCount() + 2 * vocab * h
 
 namespace {
 
+// Reads number field `key` into `out` when present (absent: the default stays). Refused, naming
+// `source` and the field: a non-number; a value <= 0 (or < 0 when !positive); for an integer
+// field a fractional value or one above `max` (so that products of fields cannot overflow).
 template <typename T>
 absl::Status Get(const nlohmann::json& j, const char* key, T* out, const std::string& source,
-                 bool positive = true) {
+                 bool positive = true, double max = 1e15) {
   auto it = j.find(key);
   if (it == j.end()) return absl::OkStatus();  // keep the default
+  constexpr bool kInteger = std::is_integral_v<T>;
   if (!it->is_number()) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%s: field '%s' must be a number", source, key));
+    return absl::InvalidArgumentError(absl::StrFormat("%s: field '%s' must be %s, got %s", source,
+                                                      key, kInteger ? "an integer" : "a number",
+                                                      it->dump()));
   }
   const double v = it->get<double>();
+  if (kInteger && (v != std::floor(v) || !(std::fabs(v) <= max))) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: field '%s' must be an integer%s, got %s", source, key,
+                        v != std::floor(v) ? "" : absl::StrFormat(" <= %.0f", max), it->dump()));
+  }
   if (positive ? !(v > 0) : !(v >= 0)) {
-    return absl::InvalidArgumentError(absl::StrFormat("%s: field '%s' must be %s, got %g", source,
-                                                      key, positive ? "> 0" : ">= 0", v));
+    return absl::InvalidArgumentError(absl::StrFormat("%s: field '%s' must be %s, got %s", source,
+                                                      key, positive ? "> 0" : ">= 0", it->dump()));
   }
   *out = static_cast<T>(v);
+  return absl::OkStatus();
+}
+
+// Reads string field `key` into `out` when present; a non-string is refused naming the field.
+absl::Status GetString(const nlohmann::json& j, const char* key, std::string* out,
+                       const std::string& source) {
+  auto it = j.find(key);
+  if (it == j.end()) return absl::OkStatus();
+  if (!it->is_string()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: field '%s' must be a string, got %s", source, key, it->dump()));
+  }
+  *out = it->get<std::string>();
   return absl::OkStatus();
 }
 
@@ -63,20 +88,42 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
     absl::Status s_ = Get(__VA_ARGS__); \
     if (!s_.ok()) return s_;            \
   } while (0)
+#define TL_GET_STRING(...)                    \
+  do {                                        \
+    absl::Status s_ = GetString(__VA_ARGS__); \
+    if (!s_.ok()) return s_;                  \
+  } while (0)
 
 absl::StatusOr<ModelSpec> ParseModelSpec(const std::string& text, const std::string& source) {
   auto j = ParseObject(text, source);
   if (!j.ok()) return j.status();
   ModelSpec m;
-  if (j->contains("name") && (*j)["name"].is_string()) m.name = (*j)["name"];
-  TL_GET(*j, "num_layers", &m.num_layers, source);
-  TL_GET(*j, "num_heads", &m.num_heads, source);
-  TL_GET(*j, "num_kv_heads", &m.num_kv_heads, source);
-  TL_GET(*j, "head_dim", &m.head_dim, source);
-  TL_GET(*j, "hidden", &m.hidden, source);
-  TL_GET(*j, "intermediate", &m.intermediate, source);
-  TL_GET(*j, "vocab", &m.vocab, source);
-  TL_GET(*j, "dtype_bytes", &m.dtype_bytes, source);
+  // Bounds far above any real model that keep every product of fields (parameters, KV bytes)
+  // inside int64.
+  constexpr double kMaxDim = 1 << 20;
+  TL_GET_STRING(*j, "name", &m.name, source);
+  TL_GET(*j, "num_layers", &m.num_layers, source, true, 4096);
+  TL_GET(*j, "num_heads", &m.num_heads, source, true, 4096);
+  TL_GET(*j, "num_kv_heads", &m.num_kv_heads, source, true, 4096);
+  TL_GET(*j, "head_dim", &m.head_dim, source, true, 4096);
+  TL_GET(*j, "hidden", &m.hidden, source, true, kMaxDim);
+  TL_GET(*j, "intermediate", &m.intermediate, source, true, kMaxDim);
+  TL_GET(*j, "vocab", &m.vocab, source, true, 1 << 24);
+  TL_GET(*j, "dtype_bytes", &m.dtype_bytes, source, true, 16);
+  const double per_layer =
+      static_cast<double>(m.hidden) *
+          static_cast<double>((m.num_heads + 2 * m.num_kv_heads) * m.head_dim) +
+      static_cast<double>(m.num_heads * m.head_dim) * static_cast<double>(m.hidden) +
+      3.0 * static_cast<double>(m.hidden) * static_cast<double>(m.intermediate);
+  const double bytes = (static_cast<double>(m.num_layers) * per_layer +
+                        2.0 * static_cast<double>(m.vocab) * static_cast<double>(m.hidden)) *
+                       static_cast<double>(m.dtype_bytes);
+  if (bytes > 1e15) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: the model's weights would take %.3g bytes (over 1e15): check num_layers, hidden, "
+        "intermediate, num_heads, head_dim and vocab",
+        source, bytes));
+  }
   if (m.num_heads % m.num_kv_heads != 0) {
     return absl::InvalidArgumentError(
         absl::StrFormat("%s: num_heads (%d) must be a multiple of num_kv_heads (%d)", source,
@@ -89,7 +136,7 @@ absl::StatusOr<GpuProfile> ParseGpuProfile(const std::string& text, const std::s
   auto j = ParseObject(text, source);
   if (!j.ok()) return j.status();
   GpuProfile g;
-  if (j->contains("name") && (*j)["name"].is_string()) g.name = (*j)["name"];
+  TL_GET_STRING(*j, "name", &g.name, source);
   TL_GET(*j, "memory_bytes", &g.memory_bytes, source);
   TL_GET(*j, "memory_utilization", &g.memory_utilization, source);
   TL_GET(*j, "activation_reserve_bytes", &g.activation_reserve_bytes, source, false);

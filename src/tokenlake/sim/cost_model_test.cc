@@ -221,6 +221,71 @@ TEST(GpuProfileTest, BadFieldsNameFileAndField) {
   EXPECT_EQ(LoadGpuProfile("/nonexistent.json").status().code(), absl::StatusCode::kNotFound);
 }
 
+TEST(GpuProfileTest, WrongTypesAndValuesNameTheFileAndField) {
+  struct Case {
+    const char* json;
+    const char* field;
+    const char* says;
+  };
+  for (const Case& c : {
+           Case{R"({"memory_bytes": 0.5})", "memory_bytes", "must be an integer"},
+           Case{R"({"memory_bytes": 85000000000.5})", "memory_bytes", "must be an integer"},
+           Case{R"({"memory_bytes": "80GB"})", "memory_bytes", "must be an integer"},
+           Case{R"({"memory_bytes": 0})", "memory_bytes", "> 0"},
+           Case{R"({"activation_reserve_bytes": -1})", "activation_reserve_bytes", ">= 0"},
+           Case{R"({"gemm_tflops": null})", "gemm_tflops", "must be a number"},
+           Case{R"({"attn_decode_gbps": 0})", "attn_decode_gbps", "> 0"},
+           Case{R"({"memory_utilization": 1.5})", "memory_utilization", "(0, 1]"},
+           Case{R"({"name": 7})", "name", "must be a string"},
+           Case{R"({"dense_ms": [[1, "5"]]})", "dense_ms", "element 0"},
+       }) {
+    auto g = ParseGpuProfile(c.json, "gpu.json");
+    EXPECT_EQ(g.status().code(), absl::StatusCode::kInvalidArgument) << c.json;
+    EXPECT_THAT(std::string(g.status().message()), HasSubstr("gpu.json")) << c.json;
+    EXPECT_THAT(std::string(g.status().message()), HasSubstr(c.field)) << c.json;
+    EXPECT_THAT(std::string(g.status().message()), HasSubstr(c.says)) << c.json;
+  }
+  // An integral value written as a float is an integer.
+  auto ok = ParseGpuProfile(R"({"memory_bytes": 8.0e10})", "gpu.json");
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->memory_bytes, 80'000'000'000);
+}
+
+TEST(ModelSpecTest, WrongTypesAndValuesNameTheFileAndField) {
+  struct Case {
+    const char* json;
+    const char* field;
+    const char* says;
+  };
+  // {"num_layers": 0.5} used to truncate to 0 layers and divide by zero in the simulator.
+  for (const Case& c : {
+           Case{R"({"num_layers": 0.5})", "num_layers", "must be an integer"},
+           Case{R"({"num_layers": 0})", "num_layers", "> 0"},
+           Case{R"({"num_layers": -32})", "num_layers", "> 0"},
+           Case{R"({"num_layers": "32"})", "num_layers", "must be an integer"},
+           Case{R"({"num_layers": true})", "num_layers", "must be an integer"},
+           Case{R"({"num_kv_heads": 2.5})", "num_kv_heads", "must be an integer"},
+           Case{R"({"head_dim": 1e30})", "head_dim", "<= 4096"},
+           Case{R"({"hidden": [4096]})", "hidden", "must be an integer"},
+           Case{R"({"dtype_bytes": 0})", "dtype_bytes", "> 0"},
+           Case{R"({"vocab": 0.25})", "vocab", "must be an integer"},
+           Case{R"({"intermediate": 0})", "intermediate", "> 0"},
+           Case{R"({"name": ["m"]})", "name", "must be a string"},
+       }) {
+    auto m = ParseModelSpec(c.json, "model.json");
+    EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument) << c.json;
+    EXPECT_THAT(std::string(m.status().message()), HasSubstr("model.json")) << c.json;
+    EXPECT_THAT(std::string(m.status().message()), HasSubstr(c.field)) << c.json;
+    EXPECT_THAT(std::string(m.status().message()), HasSubstr(c.says)) << c.json;
+  }
+  // Each field within its bound, but the product overflows any real memory.
+  auto huge = ParseModelSpec(
+      R"({"num_layers": 4096, "hidden": 1048576, "intermediate": 1048576, "num_heads": 4096,
+          "num_kv_heads": 4096, "head_dim": 4096})",
+      "model.json");
+  EXPECT_THAT(std::string(huge.status().message()), HasSubstr("weights"));
+}
+
 TEST(ModelSpecTest, ParsesAndValidates) {
   auto m = ParseModelSpec(R"({"name": "m", "num_layers": 2, "num_heads": 4, "num_kv_heads": 2})",
                           "m.json");

@@ -137,6 +137,22 @@ Summary Summarize(const SimResult& r, double offered_rps) {
   return s;
 }
 
+double SloAttainment(const SimResult& r, double slo_ttft_s, double slo_tpot_s) {
+  if (r.records.empty()) return 0;
+  int64_t met = 0;
+  for (const RequestRecord& rec : r.records) {
+    if (rec.rejected || rec.finish_s < 0 || rec.first_token_s < 0) continue;
+    if (rec.first_token_s - rec.arrival_s > slo_ttft_s) continue;
+    if (rec.output_tokens > 1 &&
+        (rec.finish_s - rec.first_token_s) / static_cast<double>(rec.output_tokens - 1) >
+            slo_tpot_s) {
+      continue;
+    }
+    ++met;
+  }
+  return static_cast<double>(met) / static_cast<double>(r.records.size());
+}
+
 bool MeetsSlo(const Summary& s, double slo_ttft_s, double slo_tpot_s) {
   return s.ttft_p90_s <= slo_ttft_s && s.tpot_p90_s <= slo_tpot_s;
 }
@@ -166,8 +182,17 @@ nlohmann::json ToJson(const Summary& s) {
   j["kv_capacity_bytes_per_instance"] = s.kv_capacity_bytes_per_instance;
   j["kv_capacity_bytes_total"] = s.kv_capacity_bytes_total;
   j["cv_cache_access"] = num(s.cv_cache_access);
-  if (s.slo_attainment) j["slo_attainment"] = num(*s.slo_attainment);
   if (s.goodput_rps) j["goodput_rps"] = num(*s.goodput_rps);
+  j["slo_attainment"] = num(s.slo_attainment);
+  if (!s.pd_split.empty()) {
+    j["pd_split"] = s.pd_split;
+    j["best_pd_split"] = s.best_pd_split;
+  }
+  if (s.dram_bytes_total > 0) {
+    j["dram_bytes_per_prefill_instance"] = s.dram_bytes_per_prefill_instance;
+    j["dram_bytes_total"] = s.dram_bytes_total;
+    j["dram_gbps"] = num(s.dram_gbps);
+  }
   return j;
 }
 

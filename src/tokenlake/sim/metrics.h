@@ -86,16 +86,29 @@ struct Summary {
   int64_t kv_capacity_bytes_per_instance = 0;
   int64_t kv_capacity_bytes_total = 0;
   double cv_cache_access = 0;
-  // Per-token SLO mode only: share of requests meeting it at offered_rps, and (with --max-rate)
-  // the P90 goodput.
-  std::optional<double> slo_attainment;
+  // Share of requests meeting the SLO at offered_rps (set by RunExperiment): both absolute
+  // SLOs per request (SloAttainment), or in the per-token mode both per-token SLOs
+  // (PerTokenSloAttainment).
+  double slo_attainment = 0;
+  // Per-token SLO mode with --max-rate: the P90 goodput.
   std::optional<double> goodput_rps;
+  // PD rows: the split ("7P:9D"), and whether it is its policy's best (RunExperiment).
+  std::string pd_split;
+  bool best_pd_split = false;
+  // pd-disagg+dram rows: the host-DRAM store per prefill instance, in total, and its bandwidth.
+  int64_t dram_bytes_per_prefill_instance = 0;
+  int64_t dram_bytes_total = 0;
+  double dram_gbps = 0;
 };
 
 // Nearest-rank percentile (p in [0, 100]) of `values`; +inf entries count. 0 when empty.
 double Percentile(std::vector<double> values, double p);
 
 Summary Summarize(const SimResult& result, double offered_rps);
+
+// Share of all requests whose TTFT <= slo_ttft_s and whose TPOT <= slo_tpot_s (requests with
+// one output token: TTFT only); rejected and unfinished requests do not meet them. 0 when empty.
+double SloAttainment(const SimResult& result, double slo_ttft_s, double slo_tpot_s);
 
 // True when P90 TTFT and P90 TPOT meet the SLOs.
 bool MeetsSlo(const Summary& s, double slo_ttft_s, double slo_tpot_s);

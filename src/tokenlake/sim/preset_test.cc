@@ -76,7 +76,7 @@ TEST(PresetTest, SmallPaperRunEndToEnd) {
     o.bisection_steps = 2;
     auto runs = RunExperiment(*w, cost, o);
     ASSERT_TRUE(runs.ok()) << runs.status();
-    ASSERT_EQ(runs->size(), 3u);
+    ASSERT_EQ(runs->size(), 5u);  // cache-aware, pd-disagg at 1P:3D, 2P:2D and 3P:1D, tokenlake
     for (const PolicyRun& run : *runs) {
       SCOPED_TRACE(run.summary.policy);
       EXPECT_EQ(run.summary.completed + run.summary.rejected, 24);

@@ -1,6 +1,7 @@
 #include "tokenlake/sim/report.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -12,21 +13,32 @@
 namespace tokenlake::sim {
 
 std::string FormatTable(const std::vector<PolicyRun>& runs) {
-  bool with_max = false;
-  for (const PolicyRun& r : runs) with_max |= r.summary.max_rate_rps.has_value();
-  std::string out = absl::StrFormat("%-12s %9s %9s %s%7s %9s %9s %9s %9s %10s %6s %6s %6s %8s\n",
+  bool with_max = false, with_best = false;
+  size_t width = 12;
+  for (const PolicyRun& r : runs) {
+    with_max |= r.summary.max_rate_rps.has_value();
+    with_best |= r.summary.best_pd_split;
+    width = std::max(width, r.summary.policy.size() + 2);
+  }
+  const int w = static_cast<int>(width);
+  std::string out = absl::StrFormat("%-*s %9s %9s %s%7s %9s %9s %9s %9s %10s %6s %6s %6s %8s\n", w,
                                     "policy", "offered", "thru_rps", with_max ? " max_rps " : "",
                                     "hit", "ttft_p50", "ttft_p90", "tpot_p50", "tpot_p90",
                                     "moved_GB", "redund", "imbal", "cv_acc", "rejected");
   for (const PolicyRun& r : runs) {
     const Summary& s = r.summary;
     out += absl::StrFormat(
-        "%-12s %9.3f %9.3f %s%7.3f %9.3f %9.3f %9.4f %9.4f %10.1f %6.2f %6.2f %6.2f %8d\n",
-        s.policy, s.offered_rps, s.throughput_rps,
+        "%-*s %9.3f %9.3f %s%7.3f %9.3f %9.3f %9.4f %9.4f %10.1f %6.2f %6.2f %6.2f %8d\n", w,
+        s.policy + (s.best_pd_split ? " *" : ""), s.offered_rps, s.throughput_rps,
         with_max ? absl::StrFormat("%8.3f ", s.max_rate_rps.value_or(0)) : "", s.hit_rate,
         s.ttft_p50_s, s.ttft_p90_s, s.tpot_p50_s, s.tpot_p90_s,
         static_cast<double>(s.bytes_moved) / 1e9, s.redundancy, s.load_imbalance, s.cv_cache_access,
         s.rejected);
+  }
+  if (with_best) {
+    out += with_max ? "* the best prefill:decode split of its policy: highest max rate\n"
+                    : "* the best prefill:decode split of its policy: most requests meeting both "
+                      "SLOs, then lowest P90 TTFT\n";
   }
   if (!runs.empty()) {
     out += absl::StrFormat(
@@ -35,6 +47,15 @@ std::string FormatTable(const std::vector<PolicyRun>& runs) {
         static_cast<double>(runs[0].summary.kv_capacity_bytes_per_instance) / 1e9,
         runs[0].result.busy_s.size(),
         static_cast<double>(runs[0].summary.kv_capacity_bytes_total) / 1e9);
+  }
+  for (const PolicyRun& r : runs) {
+    const Summary& s = r.summary;
+    if (s.dram_bytes_total <= 0) continue;
+    out += absl::StrFormat(
+        "%s also uses a host-DRAM KV store: %.1f GB per prefill instance (%.1f GB total) at "
+        "%g GB/s\n",
+        s.policy, static_cast<double>(s.dram_bytes_per_prefill_instance) / 1e9,
+        static_cast<double>(s.dram_bytes_total) / 1e9, s.dram_gbps);
   }
   return out;
 }
@@ -48,6 +69,15 @@ nlohmann::json ResultsJson(const std::vector<PolicyRun>& runs, const nlohmann::j
 }
 
 namespace {
+
+// `name` with every character other than letters, digits, '+', '-' and '.' replaced by '_'
+// ("pd-disagg 7P:9D" -> "pd-disagg_7P_9D").
+std::string FileNamePart(std::string name) {
+  for (char& c : name) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '+' && c != '-' && c != '.') c = '_';
+  }
+  return name;
+}
 
 absl::Status WriteFile(const std::filesystem::path& path, const std::string& text) {
   std::ofstream out(path);
@@ -142,6 +172,8 @@ absl::Status WriteReport(const std::string& dir, const std::string& title,
     if (!s.ok()) return s;
   }
   for (const PolicyRun& r : runs) {
+    // Of the PD rows only the best split's load is drawn (one heatmap per policy).
+    if (!r.summary.pd_split.empty() && !r.summary.best_pd_split) continue;
     const size_t n_inst = r.result.busy_s.size();
     std::vector<std::vector<double>> rows(n_inst);
     std::vector<std::string> labels;
@@ -161,7 +193,7 @@ absl::Status WriteReport(const std::string& dir, const std::string& title,
       }
     }
     absl::Status s = write(
-        "load_" + r.summary.policy + ".svg",
+        "load_" + FileNamePart(r.summary.policy) + ".svg",
         svg::Heatmap("Per-instance load over time: " + r.summary.policy, rows, labels, "time (s)",
                      r.result.sample_period_s * static_cast<double>(r.result.load.size())));
     if (!s.ok()) return s;

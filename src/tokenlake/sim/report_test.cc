@@ -85,5 +85,67 @@ TEST(ReportTest, WritesPlotsAndIndexAndFailsCleanlyOnABadPath) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(ReportTest, PdRowsAreMarkedStateTheirDramStoreAndGetSafeFileNames) {
+  auto make = [](const std::string& policy, const std::string& split, bool best) {
+    PolicyRun run;
+    run.summary.policy = policy;
+    run.summary.pd_split = split;
+    run.summary.best_pd_split = best;
+    run.summary.max_rate_rps = 1;
+    run.summary.kv_capacity_bytes_per_instance = 2'000'000'000;
+    run.summary.kv_capacity_bytes_total = 4'000'000'000;
+    run.result.busy_s = {1, 1};
+    run.result.load = {{0.5, 0.5}};
+    run.result.sample_period_s = 10;
+    return run;
+  };
+  std::vector<PolicyRun> runs = {make("pd-disagg 1P:1D", "1P:1D", true),
+                                 make("pd-disagg+dram 1P:1D", "1P:1D", true)};
+  runs[1].summary.dram_bytes_per_prefill_instance = 3'000'000'000;
+  runs[1].summary.dram_bytes_total = 3'000'000'000;
+  runs[1].summary.dram_gbps = 25;
+  const std::string table = FormatTable(runs);
+  EXPECT_THAT(table, HasSubstr("pd-disagg 1P:1D *"));
+  EXPECT_THAT(table, HasSubstr("* the best prefill:decode split of its policy: highest max rate"));
+  EXPECT_THAT(table, HasSubstr("2.0 GB (2 instances, 4.0 GB total), same for every policy"));
+  EXPECT_THAT(table, HasSubstr("pd-disagg+dram 1P:1D also uses a host-DRAM KV store: 3.0 GB per "
+                               "prefill instance (3.0 GB total) at 25 GB/s"));
+  const nlohmann::json j = ResultsJson(runs, nlohmann::json::object());
+  EXPECT_EQ(j["results"][0]["pd_split"], "1P:1D");
+  EXPECT_EQ(j["results"][0]["best_pd_split"], true);
+  EXPECT_FALSE(j["results"][0].contains("dram_bytes_total"));
+  EXPECT_EQ(j["results"][1]["dram_bytes_total"], 3'000'000'000);
+  EXPECT_EQ(j["results"][1]["dram_gbps"], 25);
+  const std::string dir =
+      (std::filesystem::temp_directory_path() / "tokenlake_report_pd_test").string();
+  std::filesystem::remove_all(dir);
+  ASSERT_TRUE(WriteReport(dir, "unit", runs, nlohmann::json::object()).ok());
+  EXPECT_TRUE(std::filesystem::exists(std::filesystem::path(dir) / "load_pd-disagg_1P_1D.svg"));
+  EXPECT_TRUE(
+      std::filesystem::exists(std::filesystem::path(dir) / "load_pd-disagg+dram_1P_1D.svg"));
+  std::filesystem::remove_all(dir);
+}
+
+TEST(MetricsTest, SloAttainmentCountsRequestsMeetingBothSlos) {
+  SimResult r;
+  auto rec = [](double ttft, double finish, int64_t out, bool rejected = false) {
+    RequestRecord x;
+    x.arrival_s = 0;
+    x.first_token_s = ttft;
+    x.finish_s = finish;
+    x.output_tokens = out;
+    x.rejected = rejected;
+    return x;
+  };
+  r.records = {rec(1, 2, 11),        // TTFT 1 s, TPOT 0.1 s: meets both
+               rec(6, 7, 11),        // TTFT over 5 s
+               rec(1, 4, 11),        // TPOT 0.3 s over 0.2 s
+               rec(1, 1, 1),         // one output token: TTFT only, meets
+               rec(1, 2, 11, true),  // rejected
+               rec(1, -1, 11)};      // unfinished
+  EXPECT_DOUBLE_EQ(SloAttainment(r, 5, 0.2), 2.0 / 6.0);
+  EXPECT_DOUBLE_EQ(SloAttainment(SimResult{}, 5, 0.2), 0);
+}
+
 }  // namespace
 }  // namespace tokenlake::sim

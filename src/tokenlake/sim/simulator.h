@@ -47,20 +47,10 @@ struct SimOptions {
   int64_t token_budget = 8192;
   // Max requests running on one instance.
   int max_running = 256;
-  // TTFT SLO (seconds) for --max-rate and PD admission.
+  // TTFT SLO (seconds) for --max-rate and, when asked, PD's early rejection.
   double slo_ttft_s = 5.0;
-  // TPOT SLO (seconds) for --max-rate and PD admission.
+  // TPOT SLO (seconds) for --max-rate and, when asked, PD's early rejection.
   double slo_tpot_s = 0.2;
-  // pd-disagg: share of instances in the prefill pool (the rest decode), at least one each.
-  double pd_prefill_fraction = 0.75;
-  // pd-disagg: fetch from the best holder when best_len / own_len exceeds this ratio.
-  double pd_balance_ratio = 1.5;
-  // pd-disagg: Mooncake's host-DRAM KV store, bytes per prefill instance (0 = off, the
-  // default: every policy caches in GPU memory only). Prefilled prompt blocks are written to
-  // it; a prefill instance may load a longer prefix from it at pd_dram_gbps.
-  int64_t pd_dram_bytes = 0;
-  // pd-disagg: bandwidth between the DRAM store and a GPU, GB/s.
-  double pd_dram_gbps = 25;
   // Sampling period of per-instance load and pool statistics, seconds.
   double sample_period_s = 10.0;
   // KV bytes each instance may use; 0 = CostModel::KvCapacityBytes().

@@ -84,12 +84,34 @@ TEST(PolicyScenarioTest, RoundRobinSendsTheSecondRequestElsewhereAndMisses) {
   EXPECT_EQ(r.records[1].cached_tokens, 0);
 }
 
-TEST(PolicyScenarioTest, LeastLoadPicksTheFirstIdleInstanceAndHits) {
+TEST(PolicyScenarioTest, LeastLoadBreaksATieByBusyTimeNotByIndex) {
   SimOptions o;
   o.num_instances = 2;
   const SimResult r = RunPolicy("least-load", SharedPrefixPair(), o);
-  EXPECT_EQ(r.records[1].instance, 0);  // both idle at t = 10: lowest id
-  EXPECT_EQ(r.records[1].cached_tokens, 1024);
+  // At t = 0 everything ties (nothing has run yet): instance 0. At t = 10 both are idle with
+  // nothing in flight, but instance 0 has worked: instance 1 (and misses, least-load does not
+  // look at caches).
+  EXPECT_EQ(r.records[0].instance, 0);
+  EXPECT_EQ(r.records[1].instance, 1);
+  EXPECT_EQ(r.records[1].cached_tokens, 0);
+}
+
+TEST(PolicyScenarioTest, LeastLoadPrefersFewerQueuedTokensAtEqualRequestsInFlight) {
+  // t = 0: a long prompt (32768 tokens, ~4 chunks) to instance 0; t = 0.001: a short one to
+  // instance 1 (fewer in flight). t = 0.002: one request in flight on each, but instance 0 has
+  // far more tokens left: instance 1.
+  std::vector<uint64_t> ids;
+  for (int i = 0; i < 64; ++i) ids.push_back(100 + i);
+  Workload w;
+  w.requests.push_back(Req(0, 32768, 2, ids));
+  w.requests.push_back(Req(0.001, 512, 100, {1}));
+  w.requests.push_back(Req(0.002, 512, 2, {2}));
+  SimOptions o;
+  o.num_instances = 2;
+  const SimResult r = RunPolicy("least-load", w, o);
+  EXPECT_EQ(r.records[0].instance, 0);
+  EXPECT_EQ(r.records[1].instance, 1);
+  EXPECT_EQ(r.records[2].instance, 1);
 }
 
 TEST(PolicyScenarioTest, CacheAwareFollowsThePrefixAboveThreshold) {
@@ -110,6 +132,38 @@ TEST(PolicyScenarioTest, CacheAwareBelowThresholdGoesToTheSmallestTree) {
   SimOptions o;
   o.num_instances = 2;
   const SimResult r = RunPolicy("cache-aware", w, o);
+  EXPECT_EQ(r.records[1].instance, 1);
+  EXPECT_EQ(r.records[1].cached_tokens, 0);
+}
+
+TEST(PolicyScenarioTest, CacheAwareBreaksAnEqualTreeSizeTieByLoadNotByIndex) {
+  // Two workers; r0 (1024 tokens, 300 output tokens) -> worker 0 (all equal: index), r1 (1024
+  // tokens, 2 output) -> worker 1 (smaller tree). At t = 100 both trees hold 1024 tokens and both
+  // are idle, but worker 0 has worked longer: r2 (no match) goes to worker 1.
+  Workload w;
+  w.requests.push_back(Req(0, 1024, 300, {1, 2}));
+  w.requests.push_back(Req(0.001, 1024, 2, {3, 4}));
+  w.requests.push_back(Req(100, 1024, 2, {5, 6}));
+  SimOptions o;
+  o.num_instances = 2;
+  const SimResult r = RunPolicy("cache-aware", w, o);
+  EXPECT_EQ(r.records[0].instance, 0);
+  EXPECT_EQ(r.records[1].instance, 1);
+  EXPECT_EQ(r.records[2].instance, 1);
+}
+
+TEST(PolicyScenarioTest, CacheAwareKnobsComeFromItsOptions) {
+  // The same pair as CacheAwareFollowsThePrefixAboveThreshold, with cache_threshold 0.7: the
+  // match ratio 0.67 is now below it, so the second request goes to the smaller tree.
+  CacheAwareOptions ca;
+  ca.cache_threshold = 0.7;
+  CacheAwarePolicy policy(ca);
+  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  SimOptions o;
+  o.num_instances = 2;
+  const Workload w = SharedPrefixPair();
+  Simulator sim(o, w, cost, policy);
+  const SimResult r = sim.Run();
   EXPECT_EQ(r.records[1].instance, 1);
   EXPECT_EQ(r.records[1].cached_tokens, 0);
 }
@@ -143,15 +197,16 @@ TEST(PolicyScenarioTest, PdDisaggHitsOnThePrefillPoolAndMovesTheKvToDecode) {
 
 TEST(PolicyScenarioTest, PdDisaggFetchesFromTheBestHolderAboveTheRatio) {
   // 3 prefill instances (4 x 0.75) + 1 decode, all on one node. r0 (3 blocks A) prefills on
-  // instance 0 (all idle: lowest id) and is done by t = 1. r1 (16384 tokens, no shared
-  // blocks) at t = 1 goes to instance 0 again (all queues empty). r2 (A + 1 block) at
-  // t = 1.01: instance 0 holds A but has r1's ~0.4 s prefill queued; instances 1 and 2 hold
-  // nothing, and best_len 3 > own 0 x 1.5, so they would fetch A (3 x 64 MiB over NVLink,
-  // ~0.7 ms): instance 1 wins, fetches A and hits 1536 tokens.
+  // instance 0 (nothing has run yet: every tie-break equal, lowest id) and is done by t = 1. r1
+  // (A + 29 blocks, 16384 tokens) at t = 1 goes to instance 0 again (its own match of A beats
+  // fetching A elsewhere). r2 (A + 1 block) at t = 1.01: instance 0 holds A but has r1's
+  // ~0.4 s prefill queued; instances 1 and 2 hold nothing, and best_len 3 > own 0 x 1.5, so
+  // they would fetch A (3 x 64 MiB over NVLink, ~0.7 ms): they tie, and instance 1 (as idle
+  // and unused as instance 2) wins, fetches A and hits 1536 tokens.
   Workload w;
   w.requests.push_back(Req(0, 1536, 2, {1000, 1001, 1002}));
-  std::vector<uint64_t> ids;
-  for (int i = 0; i < 32; ++i) ids.push_back(2000 + i);
+  std::vector<uint64_t> ids = {1000, 1001, 1002};
+  for (int i = 3; i < 32; ++i) ids.push_back(2000 + i);
   w.requests.push_back(Req(1, 16384, 2, ids));
   w.requests.push_back(Req(1.01, 2048, 2, {1000, 1001, 1002, 7}));
   SimOptions o;
@@ -159,6 +214,7 @@ TEST(PolicyScenarioTest, PdDisaggFetchesFromTheBestHolderAboveTheRatio) {
   const SimResult r = RunPolicy("pd-disagg", w, o);
   EXPECT_EQ(r.records[0].instance, 0);
   EXPECT_EQ(r.records[1].instance, 0);
+  EXPECT_EQ(r.records[1].cached_tokens, 1536);
   EXPECT_EQ(r.records[2].instance, 1);
   EXPECT_EQ(r.records[2].cached_tokens, 1536);
   // Moved: every prompt's KV to the decode instance, plus the 3 fetched blocks.
@@ -179,25 +235,66 @@ TEST(PolicyScenarioTest, PdDisaggDramStoreServesWhatTheGpuCacheEvicted) {
   o.kv_capacity_bytes = 8LL * 512 * 131072;
   const SimResult gpu_only = RunPolicy("pd-disagg", w, o);
   EXPECT_EQ(gpu_only.records[2].cached_tokens, 0);
-  o.pd_dram_bytes = 1LL << 34;
-  const SimResult dram = RunPolicy("pd-disagg", w, o);
+  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  PdDisaggOptions pd;
+  pd.dram_bytes = 1LL << 34;
+  PdDisaggPolicy policy(pd);
+  Simulator sim(o, w, cost, policy);
+  const SimResult dram = sim.Run();
+  EXPECT_EQ(dram.policy, "pd-disagg+dram");
   EXPECT_EQ(dram.records[2].cached_tokens, 1536);
   EXPECT_EQ(dram.bytes_by_kind.at("kv_from_dram"), 3LL * 512 * 131072);
   // Every prefilled prompt block was written to DRAM once: 3 + 7 + 1 blocks.
   EXPECT_EQ(dram.bytes_by_kind.at("kv_to_dram"), 11LL * 512 * 131072);
 }
 
-TEST(PolicyScenarioTest, PdDisaggRejectsWhatCannotMeetTheTtftSlo) {
+TEST(PolicyScenarioTest, PdDisaggRejectsWhatCannotMeetTheTtftSloOnlyWhenAsked) {
   Workload w;
   w.requests.push_back(Req(0, 1024, 2, {1, 2}));
   SimOptions o;
   o.num_instances = 2;
   o.slo_ttft_s = 0.01;  // the prefill alone takes 20.3 ms
-  const SimResult r = RunPolicy("pd-disagg", w, o);
+  // By default no policy rejects by an SLO estimate: the request runs (and misses its SLO).
+  const SimResult plain = RunPolicy("pd-disagg", w, o);
+  EXPECT_FALSE(plain.records[0].rejected);
+  EXPECT_EQ(Summarize(plain, 1).completed, 1);
+  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  PdDisaggOptions pd;
+  pd.slo_rejection = true;
+  PdDisaggPolicy policy(pd);
+  Simulator sim(o, w, cost, policy);
+  const SimResult r = sim.Run();
+  EXPECT_EQ(r.policy, "pd-disagg+reject");
   EXPECT_TRUE(r.records[0].rejected);
   const Summary s = Summarize(r, 1);
   EXPECT_EQ(s.rejected, 1);
   EXPECT_EQ(s.completed, 0);
+}
+
+TEST(PolicyScenarioTest, PdDisaggTieWithEmptyQueuesGoesToTheLeastLoadedInstances) {
+  // 2 prefill + 2 decode instances; three requests without shared blocks, 10 s apart: every
+  // prefill queue is empty and nothing is cached at each arrival, so the TTFT estimates tie;
+  // so do the decode estimates (every decode instance idle). The ties go by load (busy time so
+  // far), not to instance 0: prefill 0, 1, 0 and both decode instances get work.
+  Workload w;
+  w.requests.push_back(Req(0, 1024, 20, {1, 2}));
+  w.requests.push_back(Req(10, 1024, 20, {3, 4}));
+  w.requests.push_back(Req(20, 1024, 20, {5, 6}));
+  SimOptions o;
+  o.num_instances = 4;
+  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  PdDisaggOptions pd;
+  pd.num_prefill = 2;
+  pd.split_in_name = true;
+  PdDisaggPolicy policy(pd);
+  Simulator sim(o, w, cost, policy);
+  const SimResult r = sim.Run();
+  EXPECT_EQ(r.policy, "pd-disagg 2P:2D");
+  EXPECT_EQ(r.records[0].instance, 0);
+  EXPECT_EQ(r.records[1].instance, 1);
+  EXPECT_EQ(r.records[2].instance, 0);  // equal busy time again: the index decides
+  EXPECT_GT(r.busy_s[2], 0);
+  EXPECT_GT(r.busy_s[3], 0);
 }
 
 TEST(PolicyScenarioTest, TokenLakeHitsPoolWideWhereRoundRobinMisses) {
@@ -339,7 +436,7 @@ TEST_P(ConservationTest, EveryRequestAccountedAndNoMemoryLeaks) {
 INSTANTIATE_TEST_SUITE_P(Policies, ConservationTest,
                          ::testing::Combine(::testing::Values("round-robin", "least-load",
                                                               "cache-aware", "pd-disagg",
-                                                              "tokenlake"),
+                                                              "pd-disagg+dram", "tokenlake"),
                                             ::testing::Values(2, 5)));
 
 TEST(SimulatorTest, LaterSessionTurnsArriveAfterThePreviousAnswerPlusThinkTime) {

@@ -10,6 +10,7 @@
 #include "nlohmann/json.hpp"
 #include "tokenlake/base/hash.h"
 #include "tokenlake/base/random.h"
+#include "zlib.h"
 
 namespace tokenlake::sim {
 
@@ -87,6 +88,27 @@ absl::StatusOr<Workload> ParseMooncakeTrace(std::istream& in, std::string_view s
 }
 
 absl::StatusOr<Workload> ReadMooncakeTrace(const std::string& path) {
+  if (path.size() > 3 && path.compare(path.size() - 3, 3, ".gz") == 0) {
+    gzFile gz = gzopen(path.c_str(), "rb");
+    if (gz == nullptr) {
+      return absl::NotFoundError(absl::StrFormat("cannot open trace file '%s'", path));
+    }
+    std::string text;
+    char buffer[1 << 16];
+    int n = 0;
+    while ((n = gzread(gz, buffer, sizeof(buffer))) > 0)
+      text.append(buffer, static_cast<size_t>(n));
+    // A truncated or corrupt stream may end with 0 rather than -1: ask the stream.
+    int code = Z_OK;
+    const std::string message = gzerror(gz, &code);
+    gzclose(gz);
+    if (n < 0 || (code != Z_OK && code != Z_STREAM_END)) {
+      return absl::DataLossError(
+          absl::StrFormat("%s: not a readable gzip file (%s)", path, message));
+    }
+    std::istringstream in(std::move(text));
+    return ParseMooncakeTrace(in, path);
+  }
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(absl::StrFormat("cannot open trace file '%s'", path));
   return ParseMooncakeTrace(in, path);

@@ -54,7 +54,8 @@ struct Workload {
 // Errors: InvalidArgument naming `source_name:line` and the field; nothing is skipped.
 absl::StatusOr<Workload> ParseMooncakeTrace(std::istream& in, std::string_view source_name);
 
-// Reads a trace file. NotFound when it cannot be opened; otherwise as ParseMooncakeTrace.
+// Reads a trace file, gzip-compressed when its name ends in ".gz". NotFound when it cannot be
+// opened; DataLoss for a corrupt gzip stream; otherwise as ParseMooncakeTrace.
 absl::StatusOr<Workload> ReadMooncakeTrace(const std::string& path);
 
 // Built-in generator shapes.

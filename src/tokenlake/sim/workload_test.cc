@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <fstream>
 #include <map>
 #include <set>
 #include <sstream>
@@ -10,6 +11,7 @@
 #include "absl/status/status.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "zlib.h"
 
 namespace tokenlake::sim {
 namespace {
@@ -82,6 +84,44 @@ TEST(MooncakeTraceTest, MissingFileIsNotFound) {
   auto w = ReadMooncakeTrace("/nonexistent/trace.jsonl");
   EXPECT_EQ(w.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(std::string(w.status().message()), HasSubstr("/nonexistent/trace.jsonl"));
+}
+
+TEST(MooncakeTraceTest, ReadsAGzipCompressedTraceLikeThePlainOne) {
+  const std::string text =
+      "{\"timestamp\": 5, \"input_length\": 600, \"output_length\": 3, \"hash_ids\": [1, 2]}\n"
+      "{\"timestamp\": 1, \"input_length\": 10, \"output_length\": 4, \"hash_ids\": [7]}\n";
+  const std::string dir = ::testing::TempDir();
+  const std::string gz_path = dir + "/trace_test.jsonl.gz";
+  gzFile gz = gzopen(gz_path.c_str(), "wb");
+  ASSERT_NE(gz, nullptr);
+  ASSERT_EQ(gzwrite(gz, text.data(), static_cast<unsigned>(text.size())),
+            static_cast<int>(text.size()));
+  ASSERT_EQ(gzclose(gz), Z_OK);
+  auto w = ReadMooncakeTrace(gz_path);
+  ASSERT_TRUE(w.ok()) << w.status();
+  std::istringstream in(text);
+  auto plain = ParseMooncakeTrace(in, "plain");
+  ASSERT_TRUE(plain.ok());
+  ASSERT_EQ(w->requests.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(w->requests[i].arrival_s, plain->requests[i].arrival_s);
+    EXPECT_EQ(w->requests[i].input_tokens, plain->requests[i].input_tokens);
+    EXPECT_EQ(w->requests[i].block_ids, plain->requests[i].block_ids);
+  }
+  // A corrupt stream is DataLoss naming the file; a bad line inside names file and line.
+  const std::string bad_path = dir + "/trace_test_bad.jsonl.gz";
+  std::ofstream(bad_path) << "\x1f\x8b\x08\x00garbage that is not deflate";
+  auto bad = ReadMooncakeTrace(bad_path);
+  EXPECT_FALSE(bad.ok());
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr(bad_path));
+  const std::string line_path = dir + "/trace_test_line.jsonl.gz";
+  gz = gzopen(line_path.c_str(), "wb");
+  ASSERT_NE(gz, nullptr);
+  const std::string bad_line = "{\"timestamp\": \"x\"}\n";
+  gzwrite(gz, bad_line.data(), static_cast<unsigned>(bad_line.size()));
+  gzclose(gz);
+  auto line = ReadMooncakeTrace(line_path);
+  EXPECT_THAT(std::string(line.status().message()), HasSubstr(line_path + ":1"));
 }
 
 TEST(MooncakeTraceTest, ReadsTheCommittedFixture) {
