@@ -61,6 +61,14 @@ struct IterationRequest {
   InstanceId preferred_instance;
   // Count the iteration in the hit statistics (the prefill).
   bool count_hits = true;
+  // Prefill only: compute at most this many tokens after the cached prefix (a chunk of the
+  // prompt); the iteration then ends at cached + max_new_tokens and the keys are cut to its
+  // full segments. 0 = no limit.
+  int64_t max_new_tokens = 0;
+  // Memory admission (lake::Lake::TryAdmit): admit only if the pool can hold the iteration's
+  // new segments; otherwise nothing is admitted and the plan says admitted = false (the
+  // request waits). false = lake::Lake::Admit (segments that find no slot are not stored).
+  bool try_admit = false;
 };
 
 struct IterationPlan {
@@ -78,6 +86,21 @@ struct IterationPlan {
   std::vector<plan::SegmentAssignment> segments;
   // Where the request's new segments are to be stored (to pass to Commit).
   std::vector<plan::NewSegmentPlacement> new_segments;
+  // Tokens of the sequence at the end of the iteration: IterationRequest::end_tokens, or less
+  // when max_new_tokens cut a prefill into a chunk. 0 from a control plane that does not know
+  // chunks (read as IterationRequest::end_tokens).
+  int64_t end_tokens = 0;
+  // false: try_admit found too little memory; nothing was admitted and the rest of the plan
+  // is empty (the request waits and asks again).
+  bool admitted = true;
+};
+
+// One request's outcome in a PlanBatch call.
+struct BatchPlanEntry {
+  // OK, or the error the control plane answered for this request (as PlanIteration's);
+  // nothing of the request stays admitted after an error.
+  absl::Status status;
+  IterationPlan plan;
 };
 
 class ControlPlane {
@@ -110,6 +133,16 @@ class ControlPlane {
   //     In the cluster the coordinator also releases a failed attempt's request id.
   virtual absl::StatusOr<IterationPlan> ReleaseAndPlan(RequestId release,
                                                        const IterationRequest& next);
+
+  // One iteration of a whole batch in one call (one round trip remotely): releases every id of
+  // `release` (the pins of the requests' previous iterations; ids not active are skipped), then
+  // plans and admits every request of `requests` in order (each as PlanIteration). Returns one
+  // entry per request, in order. The default implementation makes the calls one by one.
+  // Errors (of the whole call): Unavailable / DeadlineExceeded / Cancelled remotely: the
+  // caller cannot tell what was applied; releasing every id of `release` and `requests` again
+  // cleans up in every case (NotFound answers ignored).
+  virtual absl::StatusOr<std::vector<BatchPlanEntry>> PlanBatch(
+      absl::Span<const RequestId> release, absl::Span<const IterationRequest> requests);
 };
 
 // Whether `status` says a control-plane call may not have been applied, or only partly (it

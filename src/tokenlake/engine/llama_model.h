@@ -42,6 +42,16 @@ class AttentionBackend {
                               absl::Span<float> out) = 0;
 };
 
+// One sequence of a ragged batch (LlamaModel::ForwardBatch): its new tokens, the position of
+// the first, where its attention runs, and whether its last token's logits are wanted (a
+// prefill chunk that does not end the prompt needs none).
+struct BatchSequence {
+  absl::Span<const int32_t> tokens;
+  int64_t start_pos = 0;
+  AttentionBackend* backend = nullptr;
+  bool want_logits = true;
+};
+
 class LlamaModel {
  public:
   struct LayerWeights {
@@ -80,6 +90,15 @@ class LlamaModel {
   //   start_pos < 0); any backend error.
   absl::StatusOr<std::vector<float>> Forward(absl::Span<const int32_t> tokens, int64_t start_pos,
                                              AttentionBackend& backend) const;
+
+  // One forward over a ragged batch: the dense layers run once over all the batch's tokens
+  // (one matmul per weight), attention runs per sequence on its own backend. Returns per
+  // sequence the logits [vocab_size] of its last token (empty where want_logits is false).
+  // Each sequence's result equals its own Forward (the dense ops are row-independent).
+  // Errors: InvalidArgument (empty batch, a sequence with no tokens or a null backend, a bad
+  //   token naming its sequence and index, start_pos < 0); any backend error.
+  absl::StatusOr<std::vector<std::vector<float>>> ForwardBatch(
+      absl::Span<const BatchSequence> batch) const;
 
  private:
   explicit LlamaModel(const LlamaConfig& config) : config_(config) {}

@@ -1,10 +1,12 @@
 #include "tokenlake/engine/pool_backend.h"
 
 #include <algorithm>
+#include <cstring>
 #include <utility>
 
 #include "absl/strings/str_format.h"
 #include "tokenlake/attention/attention.h"
+#include "tokenlake/attention/bf16.h"
 #include "tokenlake/base/status_macros.h"
 
 namespace tokenlake::engine {
@@ -101,6 +103,135 @@ absl::Status PoolBackend::Attend(int32_t layer, int32_t num_tokens, absl::Span<c
   std::vector<attention::PartialView> others;
   for (size_t i = 0; i < num_partials; ++i) others.push_back({outs[i], lses[i]});
   return attention::MergePartialsInPlace(shape, {out, absl::MakeSpan(acc_lse)}, others);
+}
+
+absl::StatusOr<PoolExecutor::Sequence*> PoolExecutor::Find(RequestId request) {
+  auto it = sequences_.find(request);
+  if (it == sequences_.end()) {
+    return absl::NotFoundError(
+        absl::StrFormat("PoolExecutor: no sequence for request %d", request.value()));
+  }
+  return it->second.get();
+}
+
+absl::Status PoolExecutor::BeginSequence(RequestId request) {
+  auto seq = std::make_unique<Sequence>();
+  const size_t layers = static_cast<size_t>(model_->config().num_layers);
+  seq->tail.k.resize(layers);
+  seq->tail.v.resize(layers);
+  sequences_[request] = std::move(seq);
+  return absl::OkStatus();
+}
+
+DataPlaneCounters PoolExecutor::EndSequence(RequestId request) {
+  DataPlaneCounters c;
+  auto it = sequences_.find(request);
+  if (it == sequences_.end()) return c;
+  const Sequence& s = *it->second;
+  c.remote_attend_calls = s.traffic.remote_attend_calls;
+  c.local_attend_calls = s.traffic.local_attend_calls;
+  c.query_bytes_out = s.traffic.query_bytes_out;
+  c.partial_bytes_back = s.traffic.partial_bytes_back;
+  c.pulled_segments = s.pulled_segments;
+  c.pulled_bytes = s.pulled_bytes;
+  sequences_.erase(it);
+  return c;
+}
+
+absl::Status PoolExecutor::DropTailRows(RequestId request, int64_t rows) {
+  TOKENLAKE_ASSIGN_OR_RETURN(Sequence * s, Find(request));
+  const LlamaConfig& c = model_->config();
+  const int64_t row = int64_t{c.num_kv_heads} * c.head_dim;
+  for (size_t l = 0; l < s->tail.k.size(); ++l) {
+    if (rows < 0 || rows * row > static_cast<int64_t>(s->tail.k[l].size())) {
+      return absl::InternalError(absl::StrFormat(
+          "PoolExecutor: dropping %d tail rows of request %d", rows, request.value()));
+    }
+    s->tail.k[l].erase(s->tail.k[l].begin(), s->tail.k[l].begin() + rows * row);
+    s->tail.v[l].erase(s->tail.v[l].begin(), s->tail.v[l].begin() + rows * row);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<std::vector<float>>> PoolExecutor::Run(
+    absl::Span<const IterationWork> batch) {
+  const LlamaConfig& c = model_->config();
+  std::vector<std::unique_ptr<PoolBackend>> backends;
+  std::vector<BatchSequence> sequences;
+  for (const IterationWork& w : batch) {
+    TOKENLAKE_ASSIGN_OR_RETURN(Sequence * s, Find(w.request));
+    // Segments by holder: local, pulled (KV copied here now), or queries sent per layer.
+    std::vector<RemoteHolder> remote;
+    std::vector<SegmentRef> local;
+    std::vector<PulledSegment> pulled;
+    for (const plan::SegmentAssignment& a : w.plan->segments) {
+      const SegmentRef ref{a.segment, a.num_tokens};
+      if (a.holder == w.compute) {
+        local.push_back(ref);
+      } else if (a.action == plan::HolderAction::kPullKv) {
+        TOKENLAKE_ASSIGN_OR_RETURN(std::vector<std::byte> slot,
+                                   pool_->PullSegment(w.compute, a.holder, a.segment));
+        s->pulled_bytes += static_cast<int64_t>(slot.size());
+        ++s->pulled_segments;
+        pulled.push_back({ref, std::move(slot)});
+      } else {
+        auto it = std::find_if(remote.begin(), remote.end(),
+                               [&](const RemoteHolder& r) { return r.holder == a.holder; });
+        if (it == remote.end()) {
+          remote.push_back({a.holder, {}});
+          it = remote.end() - 1;
+        }
+        it->segments.push_back(ref);
+      }
+    }
+    backends.push_back(std::make_unique<PoolBackend>(pool_, c, w.compute, std::move(remote),
+                                                     std::move(local), std::move(pulled), &s->tail,
+                                                     &s->traffic));
+    sequences.push_back({.tokens = w.tokens,
+                         .start_pos = w.start_pos,
+                         .backend = backends.back().get(),
+                         .want_logits = w.want_logits});
+  }
+  return model_->ForwardBatch(sequences);
+}
+
+absl::StatusOr<int64_t> PoolExecutor::StoreSegment(RequestId request, InstanceId compute,
+                                                   int64_t first_row, InstanceId target,
+                                                   SegmentId segment, const StoredMeta& meta) {
+  TOKENLAKE_ASSIGN_OR_RETURN(Sequence * s, Find(request));
+  const attention::KvSlotLayout& layout = pool_->layout();
+  const int64_t row_elems = int64_t{layout.num_kv_heads} * layout.head_dim;
+  const int64_t elems = row_elems * layout.segment_tokens;
+  if (first_row < 0 ||
+      (first_row + layout.segment_tokens) * row_elems > static_cast<int64_t>(s->tail.k[0].size())) {
+    return absl::InternalError(
+        absl::StrFormat("PoolExecutor: segment rows [%d, %d) outside the tail of request %d",
+                        first_row, first_row + layout.segment_tokens, request.value()));
+  }
+  // The slot image (layout of attention.h) from the tail rows, in the pool's KV dtype.
+  std::vector<std::byte> slot(static_cast<size_t>(layout.SlotBytes()));
+  for (int32_t l = 0; l < layout.num_layers; ++l) {
+    for (int kv = 0; kv < 2; ++kv) {
+      const float* src =
+          (kv == 0 ? s->tail.k : s->tail.v)[static_cast<size_t>(l)].data() + first_row * row_elems;
+      std::byte* dst = slot.data() + layout.BlockOffsetBytes(l, kv);
+      if (layout.dtype == attention::KvDtype::kFloat32) {
+        std::memcpy(dst, src, static_cast<size_t>(elems) * sizeof(float));
+      } else {
+        for (int64_t i = 0; i < elems; ++i) {
+          const uint16_t bits = attention::FloatToBf16(src[i]);
+          std::memcpy(dst + 2 * i, &bits, 2);
+        }
+      }
+    }
+  }
+  TOKENLAKE_RETURN_IF_ERROR(pool_->StoreSegment(compute, target, segment, slot, meta));
+  return static_cast<int64_t>(slot.size());
+}
+
+absl::Status PoolExecutor::FreeSegment(InstanceId compute, InstanceId target, SegmentId segment,
+                                       uint64_t evicted_at) {
+  return pool_->FreeSegment(compute, target, segment, evicted_at);
 }
 
 }  // namespace tokenlake::engine

@@ -14,10 +14,13 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "tokenlake/base/ids.h"
 #include "tokenlake/engine/instance_pool.h"
+#include "tokenlake/engine/iteration_loop.h"
 #include "tokenlake/engine/llama_config.h"
 #include "tokenlake/engine/llama_model.h"
 
@@ -71,6 +74,42 @@ class PoolBackend final : public AttentionBackend {
   std::vector<PulledSegment> pulled_;
   SequenceTail* tail_;
   PoolTraffic* traffic_;
+};
+
+// The CPU engine's IterationExecutor: the model (LlamaModel::ForwardBatch, one forward over the
+// batch's tokens) over the InstancePool's data plane, each request attending through its own
+// PoolBackend built from its plan (kPullKv segments pulled first, kMoveQueries holders sent the
+// queries per layer). Tails are float32, per request.
+//
+// Thread-safety: not thread-safe (the driver thread of the computing instances).
+class PoolExecutor final : public IterationExecutor {
+ public:
+  // Borrowed, must outlive the executor.
+  PoolExecutor(const LlamaModel* model, InstancePool* pool) : model_(model), pool_(pool) {}
+
+  absl::Status BeginSequence(RequestId request) override;
+  DataPlaneCounters EndSequence(RequestId request) override;
+  absl::Status DropTailRows(RequestId request, int64_t rows) override;
+  absl::StatusOr<std::vector<std::vector<float>>> Run(
+      absl::Span<const IterationWork> batch) override;
+  absl::StatusOr<int64_t> StoreSegment(RequestId request, InstanceId compute, int64_t first_row,
+                                       InstanceId target, SegmentId segment,
+                                       const StoredMeta& meta) override;
+  absl::Status FreeSegment(InstanceId compute, InstanceId target, SegmentId segment,
+                           uint64_t evicted_at) override;
+
+ private:
+  struct Sequence {
+    SequenceTail tail;
+    PoolTraffic traffic;
+    int64_t pulled_segments = 0;
+    int64_t pulled_bytes = 0;
+  };
+  absl::StatusOr<Sequence*> Find(RequestId request);
+
+  const LlamaModel* model_;
+  InstancePool* pool_;
+  absl::flat_hash_map<RequestId, std::unique_ptr<Sequence>> sequences_;
 };
 
 }  // namespace tokenlake::engine
