@@ -157,13 +157,13 @@ TEST(FailedOnTheWireTest, OnlyTransportCodes) {
 
 // ---- the engine loop over a control plane that counts calls and injects failures ----
 
-// How the scripted ReleaseAndPlan call fails.
+// How the scripted PlanBatch call fails.
 enum class Fault {
   kNone,
-  kLakeErrorAfterRelease,    // Release applied, the plan part answers InvalidArgument
+  kLakeErrorAfterRelease,    // the releases applied, every plan answers InvalidArgument
   kWireBeforeAnything,       // Unavailable, nothing applied
-  kWireAfterRelease,         // DeadlineExceeded, the Release applied
-  kWireAfterReleaseAndPlan,  // DeadlineExceeded, Release and PlanIteration applied
+  kWireAfterRelease,         // DeadlineExceeded, the releases applied
+  kWireAfterReleaseAndPlan,  // DeadlineExceeded, releases and plans applied
 };
 
 class ScriptedControlPlane final : public ControlPlane {
@@ -186,26 +186,34 @@ class ScriptedControlPlane final : public ControlPlane {
   absl::StatusOr<IterationPlan> ReleaseAndPlan(RequestId release,
                                                const IterationRequest& next) override {
     ++fused;
-    if (fused != fail_at || fault == Fault::kNone) return inner_->ReleaseAndPlan(release, next);
+    return inner_->ReleaseAndPlan(release, next);
+  }
+  absl::StatusOr<std::vector<BatchPlanEntry>> PlanBatch(
+      absl::Span<const RequestId> release, absl::Span<const IterationRequest> requests) override {
+    ++batches;
+    if (batches != fail_at || fault == Fault::kNone) return inner_->PlanBatch(release, requests);
     switch (fault) {
-      case Fault::kLakeErrorAfterRelease:
-        EXPECT_TRUE(inner_->Release(release).ok());
-        return absl::InvalidArgumentError("scripted plan failure");
+      case Fault::kLakeErrorAfterRelease: {
+        for (RequestId r : release) EXPECT_TRUE(inner_->Release(r).ok());
+        std::vector<BatchPlanEntry> out(requests.size());
+        for (BatchPlanEntry& e : out) e.status = absl::InvalidArgumentError("scripted failure");
+        return out;
+      }
       case Fault::kWireBeforeAnything:
         return absl::UnavailableError("scripted: not sent");
       case Fault::kWireAfterRelease:
-        EXPECT_TRUE(inner_->Release(release).ok());
+        for (RequestId r : release) EXPECT_TRUE(inner_->Release(r).ok());
         return absl::DeadlineExceededError("scripted: reply lost after the release");
-      case Fault::kWireAfterReleaseAndPlan: {
-        EXPECT_TRUE(inner_->ReleaseAndPlan(release, next).ok());
+      case Fault::kWireAfterReleaseAndPlan:
+        EXPECT_TRUE(inner_->PlanBatch(release, requests).ok());
         return absl::DeadlineExceededError("scripted: reply lost after the plan");
-      }
       case Fault::kNone:
         break;
     }
     return absl::InternalError("unreachable");
   }
 
+  int32_t batches = 0;
   int32_t plans = 0, commits = 0, releases = 0, fused = 0;
   int32_t fail_at = 0;  // the fused call (1-based) that fails
   Fault fault = Fault::kNone;
@@ -252,17 +260,21 @@ class EngineControlCallsTest : public ControlPlaneTest {
   std::unique_ptr<Engine> reference_;
 };
 
-TEST_F(EngineControlCallsTest, OnePlanCallPerIterationAndOneReleaseAtTheEnd) {
+TEST_F(EngineControlCallsTest, OneBatchPlanCallPerIterationAndOneReleaseAtTheEnd) {
   int64_t request = 1;
   for (int32_t max_new : {1, 2, 5, 17}) {
     SCOPED_TRACE(testing::Message() << "max_new_tokens=" << max_new);
     const std::vector<int32_t> prompt = Tokens(40, max_new);
     scripted_->plans = scripted_->commits = scripted_->releases = scripted_->fused = 0;
+    scripted_->batches = 0;
     auto r = engine_->Generate(RequestId(request++), prompt, max_new);
     ASSERT_TRUE(r.ok()) << r.status();
     EXPECT_EQ(r->tokens, Expected(prompt, max_new));
-    EXPECT_EQ(scripted_->plans, 1);
-    EXPECT_EQ(scripted_->fused, max_new - 1);
+    // One PlanBatch per iteration (the prefill, then one per decode; each releases the
+    // iteration before), and the last iteration's pins released at the end.
+    EXPECT_EQ(scripted_->batches, max_new);
+    EXPECT_EQ(scripted_->plans, 0);
+    EXPECT_EQ(scripted_->fused, 0);
     EXPECT_EQ(scripted_->releases, 1);
     EXPECT_EQ(scripted_->commits, max_new);  // LocalControlPlane commits every iteration
     EXPECT_EQ(lake_->Stats().active_requests, 0);
@@ -274,7 +286,7 @@ TEST_F(EngineControlCallsTest, OnePlanCallPerIterationAndOneReleaseAtTheEnd) {
 class EngineFusedFaultTest : public EngineControlCallsTest,
                              public ::testing::WithParamInterface<std::tuple<Fault, int32_t>> {};
 
-TEST_P(EngineFusedFaultTest, FailedFusedCallLeavesNoPinAndReleasesOnlyWhenUnsure) {
+TEST_P(EngineFusedFaultTest, FailedBatchCallLeavesNoPinAndReleasesOnlyWhenUnsure) {
   const auto [fault, fail_at] = GetParam();
   SCOPED_TRACE(testing::Message() << "fault=" << static_cast<int>(fault) << " fail_at=" << fail_at);
   scripted_->fault = fault;
@@ -287,7 +299,7 @@ TEST_P(EngineFusedFaultTest, FailedFusedCallLeavesNoPinAndReleasesOnlyWhenUnsure
             : fault == Fault::kWireBeforeAnything  ? absl::StatusCode::kUnavailable
                                                    : absl::StatusCode::kDeadlineExceeded)
       << r.status();
-  EXPECT_EQ(scripted_->fused, fail_at);
+  EXPECT_EQ(scripted_->batches, fail_at);
   // After an answered error nothing is pinned, so no Release; after a wire failure one
   // best-effort Release.
   EXPECT_EQ(scripted_->releases, fault == Fault::kLakeErrorAfterRelease ? 0 : 1);

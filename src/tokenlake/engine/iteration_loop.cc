@@ -175,7 +175,7 @@ absl::Status IterationLoop::Finish(Active& a, const IterationPlan& plan, Instanc
           s));
   keys.resize(std::min(keys.size(), static_cast<size_t>(plan.num_keys)));
   a.computed = end;
-  if (!plan.new_segments.empty() || !external) {
+  {
     TOKENLAKE_ASSIGN_OR_RETURN(lake::CommitResult commit,
                                control_->Commit(a.req.id, plan.new_segments));
     for (const lake::StoredReplica& e : commit.evicted) {
@@ -276,12 +276,12 @@ std::vector<LoopResult> IterationLoop::Step() {
                                                 plans->size(), planned.size()));
   }
   if (!plans.ok()) {
-    // The call may have applied nothing, the releases, or all of it: release every id again.
-    for (RequestId id : release) control_->Release(id).IgnoreError();
-    for (Active* a : planned) {
-      a->holds_pins = true;  // perhaps admitted: Fail releases it
-      Fail(*a, plans.status(), done);
-    }
+    // The call may have applied nothing, the releases, or all of it: release every id of it
+    // once more (NotFound, ignored, where nothing is pinned).
+    absl::flat_hash_set<RequestId> again(release.begin(), release.end());
+    for (Active* a : planned) again.insert(a->req.id);
+    for (RequestId id : again) control_->Release(id).IgnoreError();
+    for (Active* a : planned) Fail(*a, plans.status(), done);
   }
   // Admitted requests and their plans; waiting ones keep nothing pinned.
   struct Admitted {
