@@ -4,6 +4,7 @@
 #include <optional>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_format.h"
 #include "tokenlake/base/status_macros.h"
 
@@ -90,12 +91,19 @@ absl::StatusOr<IterationPlan> ControlPlane::ReleaseAndPlan(RequestId release,
 
 absl::StatusOr<std::vector<BatchPlanEntry>> ControlPlane::PlanBatch(
     absl::Span<const RequestId> release, absl::Span<const IterationRequest> requests) {
+  absl::flat_hash_map<RequestId, absl::Status> failed;
   for (RequestId r : release) {
     absl::Status s = Release(r);
-    if (!s.ok() && !absl::IsNotFound(s)) return s;
+    if (FailedOnTheWire(s)) return s;
+    if (!s.ok()) failed[r] = s;
   }
   std::vector<BatchPlanEntry> out(requests.size());
   for (size_t i = 0; i < requests.size(); ++i) {
+    // A request whose own release failed (not active any more) is not planned.
+    if (auto it = failed.find(requests[i].request); it != failed.end()) {
+      out[i].status = it->second;
+      continue;
+    }
     absl::StatusOr<IterationPlan> p = PlanIteration(requests[i]);
     if (!p.ok() && FailedOnTheWire(p.status())) return p.status();
     if (p.ok()) {

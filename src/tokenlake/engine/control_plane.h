@@ -13,13 +13,14 @@
 //                  where, deduplicated, evicted replicas (which the caller frees);
 //   Release        unpins what the iteration pinned (lake::Release). Always called after a
 //                  successful PlanIteration, also when the iteration failed.
-// A request of M generated tokens runs M iterations. The CPU engine (engine.cc) makes
-// 1 + (M - 1) + 1 calls for them plus one Commit per iteration that completes a segment:
-// PlanIteration for the first iteration, ReleaseAndPlan (the Release of iteration i fused with
-// the PlanIteration of iteration i + 1) between iterations, and a plain Release after the last
-// one (or after a failed iteration). Over the cluster's RemoteControlPlane each call is one gRPC
-// round trip to the coordinator, and a Commit with no placements makes none (lake_rpc.h).
-// The GPU engine (engine/cuda/pool_steps.cc) uses the three plain calls.
+// The iteration loop (iteration_loop.h) makes ONE PlanBatch call per iteration for its whole
+// batch: it releases what the batch's requests pinned in their previous iterations (and what
+// finished requests pinned), then plans and admits every request of the batch; plus one Commit
+// per request whose iteration completes a segment, and a plain Release for the last pins when
+// the loop runs dry (or after a failure). A request of M generated tokens whose prompt is one
+// chunk thus takes part in M PlanBatch calls. Over the cluster's RemoteControlPlane each call
+// is one gRPC round trip to the coordinator, and a Commit with no placements makes none
+// (lake_rpc.h). The GPU engine (engine/cuda/pool_steps.cc) uses the three plain calls.
 //
 // Errors are those of the lake (InvalidArgument for bad keys, AlreadyExists for an active id,
 // NotFound for an unknown request) plus, remotely, Unavailable / DeadlineExceeded when the
@@ -135,9 +136,12 @@ class ControlPlane {
                                                        const IterationRequest& next);
 
   // One iteration of a whole batch in one call (one round trip remotely): releases every id of
-  // `release` (the pins of the requests' previous iterations; ids not active are skipped), then
-  // plans and admits every request of `requests` in order (each as PlanIteration). Returns one
-  // entry per request, in order. The default implementation makes the calls one by one.
+  // `release` (the pins of the requests' previous iterations and of finished requests), then
+  // plans and admits every request of `requests` in order (each as PlanIteration). A request
+  // whose own id is in `release` and was not active (NotFound) is not planned: its entry
+  // carries that error (as ReleaseAndPlan); a failed release of another id is ignored.
+  // Returns one entry per request, in order. The default implementation makes the calls one by
+  // one; RemoteControlPlane sends one RPC, which the coordinator runs under its lake lock.
   // Errors (of the whole call): Unavailable / DeadlineExceeded / Cancelled remotely: the
   // caller cannot tell what was applied; releasing every id of `release` and `requests` again
   // cleans up in every case (NotFound answers ignored).
