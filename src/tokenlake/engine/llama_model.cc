@@ -66,13 +66,13 @@ absl::StatusOr<std::vector<float>> LlamaModel::Forward(absl::Span<const int32_t>
 }
 
 absl::StatusOr<std::vector<std::vector<float>>> LlamaModel::ForwardBatch(
-    absl::Span<const BatchSequence> batch) const {
+    absl::Span<const BatchSequence> batch, BatchAttention* joint) const {
   const LlamaConfig& c = config_;
   if (batch.empty()) return absl::InvalidArgumentError("LlamaModel::Forward: empty batch");
   std::vector<int64_t> first(batch.size() + 1, 0);  // first row of each sequence
   for (size_t b = 0; b < batch.size(); ++b) {
     const BatchSequence& sq = batch[b];
-    if (sq.tokens.empty() || sq.backend == nullptr) {
+    if (sq.tokens.empty() || (sq.backend == nullptr && joint == nullptr)) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "LlamaModel::Forward: sequence %d of the batch has no tokens or no backend", b));
     }
@@ -113,6 +113,7 @@ absl::StatusOr<std::vector<std::vector<float>>> LlamaModel::ForwardBatch(
     Linear(normed, n, c.hidden_size, w.k_proj, kvd, absl::MakeSpan(k));
     Linear(normed, n, c.hidden_size, w.v_proj, kvd, absl::MakeSpan(v));
     // Positions and attention are per sequence; everything else is per row.
+    std::vector<AttendCall> calls;
     for (size_t b = 0; b < batch.size(); ++b) {
       const int32_t m = static_cast<int32_t>(first[b + 1] - first[b]);
       const size_t q0 = static_cast<size_t>(first[b]) * qd;
@@ -121,10 +122,18 @@ absl::StatusOr<std::vector<std::vector<float>>> LlamaModel::ForwardBatch(
       const absl::Span<float> kb = absl::MakeSpan(k).subspan(k0, static_cast<size_t>(m) * kvd);
       ApplyRope(qb, m, c.num_heads, c.head_dim, batch[b].start_pos, inv_freq_);
       ApplyRope(kb, m, c.num_kv_heads, c.head_dim, batch[b].start_pos, inv_freq_);
-      TOKENLAKE_RETURN_IF_ERROR(batch[b].backend->Attend(
-          l, m, qb, kb, absl::MakeConstSpan(v).subspan(k0, static_cast<size_t>(m) * kvd),
-          absl::MakeSpan(attn).subspan(q0, static_cast<size_t>(m) * qd)));
+      const AttendCall call{.num_tokens = m,
+                            .q = qb,
+                            .k = kb,
+                            .v = absl::MakeConstSpan(v).subspan(k0, static_cast<size_t>(m) * kvd),
+                            .out = absl::MakeSpan(attn).subspan(q0, static_cast<size_t>(m) * qd)};
+      if (joint != nullptr) {
+        calls.push_back(call);
+      } else {
+        TOKENLAKE_RETURN_IF_ERROR(batch[b].backend->Attend(l, m, call.q, call.k, call.v, call.out));
+      }
     }
+    if (joint != nullptr) TOKENLAKE_RETURN_IF_ERROR(joint->AttendBatch(l, calls));
     Linear(attn, n, qd, w.o_proj, c.hidden_size, absl::MakeSpan(proj));
     for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
     RmsNorm(x, w.post_norm, c.rms_norm_eps, absl::MakeSpan(normed));

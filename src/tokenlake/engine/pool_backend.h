@@ -6,7 +6,9 @@
 //   - pulled segments (kPullKv): partial over the KV copied at the start of the iteration;
 //   - the tail (the sequence's tokens after the pooled prefix, float32, kept by the computing
 //     instance) plus the new tokens: causal partial (q_start_pos = tail length before them).
-// All partials are merged with log-sum-exp (attention::MergePartialsInPlace).
+// All partials are merged with log-sum-exp (attention::MergePartialsInPlace). A whole batch's
+// attention at one layer runs through AttendBatch, which sends each holder the queries of every
+// request it serves in one message.
 //
 // Thread-safety: not thread-safe (the driver thread of the computing instance).
 #ifndef TOKENLAKE_ENGINE_POOL_BACKEND_H_
@@ -64,6 +66,13 @@ class PoolBackend final : public AttentionBackend {
   absl::Status Attend(int32_t layer, int32_t num_tokens, absl::Span<const float> q,
                       absl::Span<const float> k, absl::Span<const float> v,
                       absl::Span<float> out) override;
+
+  // The attention of a batch at one layer: calls[i] for backends[i] (all over the same pool).
+  // The queries of every sequence served by a holder go to it in ONE message per (computing
+  // instance, holder) pair (InstancePool::StartAttendBatch); each sequence's own partials are
+  // computed meanwhile; then every sequence merges its partials. Attend is the batch of one.
+  static absl::Status AttendBatch(absl::Span<PoolBackend* const> backends, int32_t layer,
+                                  absl::Span<const AttendCall> calls);
 
  private:
   InstancePool* pool_;

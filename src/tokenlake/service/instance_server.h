@@ -24,7 +24,7 @@
 // everything it holds, which rebuilds the coordinator's prefix tree. A request whose deadline
 // has passed when it is dequeued is answered DeadlineExceeded without being computed. If a
 // later registration gives it another id or lake size, it rebuilds its data plane empty (the
-requests it was running are answered Unavailable).
+// requests it was running are answered Unavailable).
 //
 // Thread-safety: thread-safe; Shutdown (or the destructor) stops its threads.
 #ifndef TOKENLAKE_SERVICE_INSTANCE_SERVER_H_
