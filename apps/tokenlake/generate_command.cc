@@ -6,14 +6,14 @@
 //     instances sharing one GPU (CUDA device 0), KV in bf16 device slots; always pooled, no
 //     rebalancing.
 // Prompts (JSON lines of {"input_ids": [...]}) are submitted all at once (--arrival all, the
-// default: the CPU engine serves them with continuous batching, "max_batch_requests" in the JSON
+// default: the engine serves them with continuous batching, "max_batch_requests" in the JSON
 // is the most requests that ran in one iteration) or one after another (--arrival sequential:
 // later prompts hit the prefixes that earlier ones left in the pool, which multi-turn prompt
-// files need). The GPU engine serves one request at a time whatever --arrival says
-// (max_batch_requests 1). Writes per prompt the greedy tokens, the prompt tokens served from
-// the pool and the logits at the last prompt position; the JSON schema is the same on both
-// devices (plus "device", and "gpu_name" on the GPU; the CPU's "transport" section has no GPU
-// counterpart and is left out there).
+// files need). Both devices run the same iteration loop (the GPU engine's forward still runs
+// the batch's requests one after another). Writes per prompt the greedy tokens, the prompt
+// tokens served from the pool and the logits at the last prompt position; the JSON schema is the
+// same on both devices (plus "device", and "gpu_name" on the GPU; the CPU's "transport" section has
+// no GPU counterpart and is left out there).
 //
 // Exit codes: 0 on success, 1 for a runtime error (unreadable or bad model / prompts file,
 // named with file, line and field; no CUDA device), 2 for bad flags (including a flag the chosen
@@ -284,22 +284,29 @@ int RunGpu(const GenerateFlags& f) {
                                                      .segment_tokens = f.segment_tokens,
                                                      .slots_per_instance = f.slots_per_instance,
                                                      .namespace_name = f.model,
-                                                     .rotate_compute_instance = f.rotate});
+                                                     .rotate_compute_instance = f.rotate,
+                                                     .max_batch_tokens = f.max_batch_tokens});
   if (!eng.ok()) return Fail("--device gpu: " + eng.status().ToString());
 
   auto served =
       ServePrompts(f, "bf16", /*pool=*/true, *prompts, [&](const std::vector<engine::Prompt>& ps) {
         std::vector<absl::StatusOr<engine::cuda::GpuGenerateResult>> out;
-        for (const engine::Prompt& p : ps) {
-          out.push_back((*eng)->Generate(p.input_ids, f.max_new_tokens));
-          if (!out.back().ok()) break;
+        if (f.arrival == "sequential") {
+          for (const engine::Prompt& p : ps) {
+            out.push_back((*eng)->Generate(p.input_ids, f.max_new_tokens));
+            if (!out.back().ok()) break;
+          }
+          return out;
         }
-        return out;
+        std::vector<engine::GenerateRequest> requests;
+        for (const engine::Prompt& p : ps) {
+          requests.push_back({.prompt = p.input_ids, .max_new_tokens = f.max_new_tokens});
+        }
+        return (*eng)->GenerateBatch(requests);
       });
   if (!served.ok()) return Fail(std::string(served.status().message()));
   served->out["gpu_name"] = gpu_name;
-  // The GPU engine serves one request at a time.
-  served->out["max_batch_requests"] = 1;
+  served->out["max_batch_requests"] = (*eng)->max_batch_requests_seen();
   // The GPU engine never rebalances (--rebalance-every is refused): 0 actions.
   served->out["lake"] = LakeJson((*eng)->lake(), 0);
   // No "transport" section: the instances share one device, nothing crosses a transport.
@@ -389,13 +396,12 @@ void SetUpGenerate(CLI::App& app, int* exit_code) {
                   "Rebalance the pool after every N requests (0 = never; CPU only)")
       ->capture_default_str();
   cmd->add_option("--arrival", flags->arrival,
-                  "all: every prompt submitted at once (continuous batching on the CPU); "
-                  "sequential: one after another, so that later prompts hit what earlier ones "
-                  "left in the pool (the GPU engine always serves one at a time)")
+                  "all: every prompt submitted at once (continuous batching); sequential: one "
+                  "after another, so that later prompts hit what earlier ones left in the pool")
       ->capture_default_str();
   cmd->add_option("--max-batch-tokens", flags->max_batch_tokens,
                   "Tokens computed per iteration over the whole batch (prompts are prefilled in "
-                  "chunks under it; CPU pool only)")
+                  "chunks under it; pool only)")
       ->capture_default_str();
   cmd->callback([flags, exit_code] { *exit_code = RunGenerate(*flags); });
 }

@@ -20,7 +20,7 @@
 // the loop runs dry (or after a failure). A request of M generated tokens whose prompt is one
 // chunk thus takes part in M PlanBatch calls. Over the cluster's RemoteControlPlane each call
 // is one gRPC round trip to the coordinator, and a Commit with no placements makes none
-// (lake_rpc.h). The GPU engine (engine/cuda/pool_steps.cc) uses the three plain calls.
+// (lake_rpc.h). The GPU engine runs the same loop.
 //
 // Errors are those of the lake (InvalidArgument for bad keys, AlreadyExists for an active id,
 // NotFound for an unknown request) plus, remotely, Unavailable / DeadlineExceeded when the

@@ -260,8 +260,10 @@ std::vector<absl::StatusOr<GenerateResult>> Engine::GenerateBatch(
       RequestId id = r.id.valid() ? r.id : RequestId(pool_->next_request++);
       absl::Status in = CheckInput(r.prompt, r.max_new_tokens);
       if (in.ok()) {
-        in =
-            pool_->loop->Submit({.id = id, .prompt = r.prompt, .max_new_tokens = r.max_new_tokens});
+        in = pool_->loop->Submit({.id = id,
+                                  .prompt = r.prompt,
+                                  .max_new_tokens = r.max_new_tokens,
+                                  .force_tokens = r.force_tokens});
       }
       if (!in.ok()) {
         out[i] = in;

@@ -99,6 +99,9 @@ struct GenerateRequest {
   int32_t max_new_tokens = 1;
   // The iteration of the GenerateBatch call at which the request arrives (0 = at once).
   int32_t arrival_iteration = 0;
+  // Teacher forcing (tests; pool path): step i feeds force_tokens[i] instead of its argmax;
+  // empty = none, else at least max_new_tokens - 1 tokens in the vocabulary.
+  std::vector<int32_t> force_tokens;
 };
 
 struct GenerateResult {

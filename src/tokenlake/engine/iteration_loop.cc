@@ -1,6 +1,7 @@
 #include "tokenlake/engine/iteration_loop.h"
 
 #include <algorithm>
+#include <chrono>
 #include <utility>
 
 #include "absl/container/flat_hash_map.h"
@@ -11,6 +12,16 @@
 #include "tokenlake/index/segment_id.h"
 
 namespace tokenlake::engine {
+
+namespace {
+
+int64_t NowUs() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
 
 struct IterationLoop::Active {
   LoopRequest req;
@@ -26,6 +37,10 @@ struct IterationLoop::Active {
   InstanceId last_compute;
   LoopResult result;
 };
+
+int64_t IterationLoop::MaxTokens(const Active& a) {
+  return static_cast<int64_t>(a.req.prompt.size()) + a.req.max_new_tokens;
+}
 
 absl::StatusOr<std::unique_ptr<IterationLoop>> IterationLoop::Create(
     ControlPlane* control, IterationExecutor* executor, const IterationLoopOptions& options) {
@@ -234,6 +249,7 @@ std::vector<LoopResult> IterationLoop::Step() {
     return done;
   }
   ++iterations_;
+  const int64_t start_us = NowUs();
   // 1. The batch: decodes first, then prefill work in arrival order, under the budgets.
   std::vector<Active*> batch;
   int64_t budget = options_.max_batch_tokens;
@@ -333,7 +349,7 @@ std::vector<LoopResult> IterationLoop::Step() {
     const IterationPlan& plan = ad.plan;
     absl::Status ok = absl::OkStatus();
     if (!a.begun) {
-      ok = executor_->BeginSequence(a.req.id);
+      ok = executor_->BeginSequence(a.req.id, MaxTokens(a));
       a.begun = ok.ok();
     }
     if (ok.ok() && !a.fresh && plan.cached_tokens < a.pooled) {
@@ -341,7 +357,7 @@ std::vector<LoopResult> IterationLoop::Step() {
       // pool still holds, as a prefill of its whole sequence next iteration (it keeps this
       // plan's pins until the next call releases them).
       a.result.data_plane = executor_->EndSequence(a.req.id);
-      ok = executor_->BeginSequence(a.req.id);
+      ok = executor_->BeginSequence(a.req.id, MaxTokens(a));
       a.begun = ok.ok();
       a.fresh = true;
       a.pooled = a.computed = 0;
@@ -398,6 +414,11 @@ std::vector<LoopResult> IterationLoop::Step() {
                                    : logits.status();
       if (!s.ok()) Fail(a, s, done);
     }
+  }
+
+  const double took_us = static_cast<double>(NowUs() - start_us);
+  for (Admitted* ad : ready) {
+    if (!ad->a->failed) ad->a->result.iteration_us.push_back(took_us);
   }
 
   // 4. Finished requests leave; their pins go with the next call (or now, if none follows).

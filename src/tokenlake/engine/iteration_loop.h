@@ -107,6 +107,9 @@ struct LoopResult {
   // Iterations the request took part in, and restarts after a lost pooled prefix.
   int64_t iterations = 0;
   int64_t restarts = 0;
+  // Wall time of each iteration it took part in (the whole batch's iteration: control plane,
+  // forward, stores), microseconds.
+  std::vector<double> iteration_us;
 };
 
 // What one request contributes to an iteration.
@@ -126,8 +129,9 @@ struct IterationWork {
 class IterationExecutor {
  public:
   virtual ~IterationExecutor() = default;
-  // A request's KV tail (tokens after its pooled prefix) starts empty / is dropped.
-  virtual absl::Status BeginSequence(RequestId request) = 0;
+  // A request's KV tail (tokens after its pooled prefix) starts empty; the sequence will not
+  // exceed `max_tokens` tokens (prompt + new tokens).
+  virtual absl::Status BeginSequence(RequestId request, int64_t max_tokens) = 0;
   // Ends the sequence and returns its data-plane counters.
   virtual DataPlaneCounters EndSequence(RequestId request) = 0;
   // Drops the first `rows` tokens of the request's tail (the pool now serves them).
@@ -182,6 +186,7 @@ class IterationLoop {
   IterationLoop(ControlPlane* control, IterationExecutor* executor,
                 const IterationLoopOptions& options);
   absl::StatusOr<IterationRequest> MakeRequest(const Active& a, int64_t chunk) const;
+  static int64_t MaxTokens(const Active& a);
   // Fails `a` with `status` and moves it to `done`.
   void Fail(Active& a, absl::Status status, std::vector<LoopResult>& done);
   // Stores and commits what one executed work item completed; advances the request.

@@ -46,7 +46,7 @@ class FakeExecutor final : public IterationExecutor {
   FakeExecutor(int32_t segment_tokens, int32_t num_instances)
       : s_(segment_tokens), stores_(static_cast<size_t>(num_instances)) {}
 
-  absl::Status BeginSequence(RequestId r) override {
+  absl::Status BeginSequence(RequestId r, int64_t) override {
     tails_[r].clear();
     return absl::OkStatus();
   }

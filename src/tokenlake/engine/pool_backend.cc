@@ -170,7 +170,7 @@ absl::StatusOr<PoolExecutor::Sequence*> PoolExecutor::Find(RequestId request) {
   return it->second.get();
 }
 
-absl::Status PoolExecutor::BeginSequence(RequestId request) {
+absl::Status PoolExecutor::BeginSequence(RequestId request, int64_t /*max_tokens*/) {
   auto seq = std::make_unique<Sequence>();
   const size_t layers = static_cast<size_t>(model_->config().num_layers);
   seq->tail.k.resize(layers);

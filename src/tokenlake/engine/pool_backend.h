@@ -96,7 +96,7 @@ class PoolExecutor final : public IterationExecutor {
   // Borrowed, must outlive the executor.
   PoolExecutor(const LlamaModel* model, InstancePool* pool) : model_(model), pool_(pool) {}
 
-  absl::Status BeginSequence(RequestId request) override;
+  absl::Status BeginSequence(RequestId request, int64_t max_tokens) override;
   DataPlaneCounters EndSequence(RequestId request) override;
   absl::Status DropTailRows(RequestId request, int64_t rows) override;
   absl::StatusOr<std::vector<std::vector<float>>> Run(
