@@ -4,7 +4,7 @@
 #include <optional>
 #include <utility>
 
-#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_format.h"
 #include "tokenlake/base/status_macros.h"
 
@@ -91,18 +91,29 @@ absl::StatusOr<IterationPlan> ControlPlane::ReleaseAndPlan(RequestId release,
 
 absl::StatusOr<std::vector<BatchPlanEntry>> ControlPlane::PlanBatch(
     absl::Span<const RequestId> release, absl::Span<const IterationRequest> requests) {
-  absl::flat_hash_map<RequestId, absl::Status> failed;
+  // Ids not planned here first; a planned request's own pins are released just before it is
+  // planned again, so that no other request of the batch can evict its prefix in between.
+  absl::flat_hash_set<RequestId> planned;
+  for (const IterationRequest& r : requests) planned.insert(r.request);
+  absl::flat_hash_set<RequestId> own;
   for (RequestId r : release) {
+    if (planned.contains(r)) {
+      own.insert(r);
+      continue;
+    }
     absl::Status s = Release(r);
     if (FailedOnTheWire(s)) return s;
-    if (!s.ok()) failed[r] = s;
   }
   std::vector<BatchPlanEntry> out(requests.size());
   for (size_t i = 0; i < requests.size(); ++i) {
-    // A request whose own release failed (not active any more) is not planned.
-    if (auto it = failed.find(requests[i].request); it != failed.end()) {
-      out[i].status = it->second;
-      continue;
+    if (own.contains(requests[i].request)) {
+      absl::Status s = Release(requests[i].request);
+      if (FailedOnTheWire(s)) return s;
+      if (!s.ok()) {
+        // Not active any more: not planned (as ReleaseAndPlan).
+        out[i].status = s;
+        continue;
+      }
     }
     absl::StatusOr<IterationPlan> p = PlanIteration(requests[i]);
     if (!p.ok() && FailedOnTheWire(p.status())) return p.status();

@@ -135,10 +135,11 @@ class ControlPlane {
   virtual absl::StatusOr<IterationPlan> ReleaseAndPlan(RequestId release,
                                                        const IterationRequest& next);
 
-  // One iteration of a whole batch in one call (one round trip remotely): releases every id of
-  // `release` (the pins of the requests' previous iterations and of finished requests), then
-  // plans and admits every request of `requests` in order (each as PlanIteration). A request
-  // whose own id is in `release` and was not active (NotFound) is not planned: its entry
+  // One iteration of a whole batch in one call (one round trip remotely): releases the ids of
+  // `release` that no request of `requests` has (finished requests' pins), then, per request in
+  // order, releases its own id if listed (the pins of its previous iteration) and plans and
+  // admits it (as PlanIteration): no other request of the batch can evict its prefix between
+  // the two. A request whose own release fails (NotFound: not active) is not planned: its entry
   // carries that error (as ReleaseAndPlan); a failed release of another id is ignored.
   // Returns one entry per request, in order. The default implementation makes the calls one by
   // one; RemoteControlPlane sends one RPC, which the coordinator runs under its lake lock.

@@ -145,6 +145,54 @@ TEST_F(ControlPlaneTest, ReleaseAndPlanWhosePlanFailsLeavesTheRequestReleased) {
   }
 }
 
+// PlanBatch: finished ids released, each planned request's own pins released just before it is
+// planned again, a request whose own release fails (not active) not planned, other errors per
+// request; prefill chunks cut after the cached prefix; TryAdmit defers without pinning.
+TEST_F(ControlPlaneTest, PlanBatchReleasesPlansAndReportsPerRequest) {
+  ASSERT_TRUE(local_->PlanIteration(Prefill(RequestId(1), 40, 0)).ok());
+  ASSERT_TRUE(local_->PlanIteration(Prefill(RequestId(2), 40, 1)).ok());
+  EXPECT_EQ(lake_->Stats().active_requests, 2);
+  IterationRequest bad = Prefill(RequestId(4), 40, 2);
+  bad.end_tokens = 0;
+  const std::vector<RequestId> release = {RequestId(2), RequestId(1), RequestId(3)};
+  const std::vector<IterationRequest> requests = {Prefill(RequestId(1), 40, 0),
+                                                  Prefill(RequestId(3), 40, 3), bad};
+  auto r = local_->PlanBatch(release, requests);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->size(), 3u);
+  EXPECT_TRUE((*r)[0].status.ok()) << (*r)[0].status;             // released and planned again
+  EXPECT_EQ((*r)[1].status.code(), absl::StatusCode::kNotFound);  // 3 was not active
+  EXPECT_EQ((*r)[2].status.code(), absl::StatusCode::kInvalidArgument);
+  // Request 2 (finished) released, 1 active again, 3 and 4 not admitted.
+  EXPECT_EQ(lake_->Stats().active_requests, 1);
+  ASSERT_TRUE(local_->Release(RequestId(1)).ok());
+
+  // A prefill chunk: the whole prompt asked for, cut after the cached prefix.
+  auto first = local_->PlanIteration(Prefill(RequestId(5), 40, 5));
+  ASSERT_TRUE(first.ok());
+  ASSERT_TRUE(local_->Commit(RequestId(5), first->new_segments).ok());
+  ASSERT_TRUE(local_->Release(RequestId(5)).ok());
+  IterationRequest chunked = Prefill(RequestId(6), 40, 5);
+  chunked.max_new_tokens = 5;
+  auto c = local_->PlanIteration(chunked);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->cached_tokens, 32);
+  EXPECT_EQ(c->end_tokens, 37);
+  EXPECT_EQ(c->new_tokens, 5);
+  EXPECT_EQ(c->num_keys, 2);
+  ASSERT_TRUE(local_->Release(RequestId(6)).ok());
+  IterationRequest first_chunk = Prefill(RequestId(7), 40, 7);
+  first_chunk.max_new_tokens = 20;
+  auto fc = local_->PlanIteration(first_chunk);
+  ASSERT_TRUE(fc.ok()) << fc.status();
+  EXPECT_EQ(fc->cached_tokens, 0);
+  EXPECT_EQ(fc->end_tokens, 20);
+  EXPECT_EQ(fc->num_keys, 1);  // the chunk's one full segment
+  EXPECT_EQ(fc->new_segments.size(), 1u);
+  ASSERT_TRUE(local_->Release(RequestId(7)).ok());
+  EXPECT_EQ(lake_->Stats().pinned_segments, 0);
+}
+
 TEST(FailedOnTheWireTest, OnlyTransportCodes) {
   EXPECT_TRUE(FailedOnTheWire(absl::UnavailableError("x")));
   EXPECT_TRUE(FailedOnTheWire(absl::DeadlineExceededError("x")));

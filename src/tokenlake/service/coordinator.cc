@@ -386,23 +386,31 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     return PlanIterationLocked(request.plan(), reply);
   }
 
-  // The releases, then every request's PlanIteration, under one hold of lake_mu_. A request
-  // whose own release failed (NotFound: not active any more, e.g. a given-up attempt) is not
-  // planned, as in ReleaseAndPlan; a failed release of an id not planned here is ignored.
+  // Under one hold of lake_mu_: the releases of ids not planned here, then per request its own
+  // release (if listed) and its PlanIteration, so that no other request of the batch can evict
+  // its prefix in between. A request whose own release failed (NotFound: not active any more,
+  // e.g. a given-up attempt) is not planned, as in ReleaseAndPlan; a failed release of an id
+  // not planned here is ignored.
   grpc::Status PlanBatch(const v1::PlanBatchRequest& request, v1::PlanBatchReply* reply) {
     lake_rpcs_[kPlanBatchRpc].fetch_add(1, std::memory_order_relaxed);
     absl::MutexLock lake_lock(&lake_mu_);
-    absl::flat_hash_map<uint64_t, absl::Status> failed;
+    absl::flat_hash_set<uint64_t> planned, own;
+    for (const v1::PlanIterationRequest& plan : request.plans()) planned.insert(plan.request_id());
     for (uint64_t id : request.release_request_ids()) {
-      if (absl::Status s = lake_->Release(RequestId(id)); !s.ok()) failed[id] = s;
+      if (planned.contains(id)) {
+        own.insert(id);
+      } else {
+        lake_->Release(RequestId(id)).IgnoreError();
+      }
     }
     for (const v1::PlanIterationRequest& plan : request.plans()) {
       v1::PlanBatchEntry* e = reply->add_entries();
       absl::Status s = absl::OkStatus();
-      if (auto it = failed.find(plan.request_id()); it != failed.end()) {
-        s = it->second;
-      } else if (grpc::Status g = PlanIterationLocked(plan, e->mutable_plan()); !g.ok()) {
-        s = absl::Status(static_cast<absl::StatusCode>(g.error_code()), g.error_message());
+      if (own.contains(plan.request_id())) s = lake_->Release(RequestId(plan.request_id()));
+      if (s.ok()) {
+        if (grpc::Status g = PlanIterationLocked(plan, e->mutable_plan()); !g.ok()) {
+          s = absl::Status(static_cast<absl::StatusCode>(g.error_code()), g.error_message());
+        }
       }
       if (!s.ok()) {
         e->clear_plan();
