@@ -226,10 +226,12 @@ TEST_P(IterationLoopRandomTest, EveryRequestFinishesWithTheNaiveTokensUnderTheBu
     }
     ASSERT_LT(step, 5000) << "the loop did not finish";
     ASSERT_EQ(got.size(), want.size());
+    int64_t restarts = 0;
     for (const auto& [id, tokens] : want) {
       SCOPED_TRACE(testing::Message() << "request " << id.value());
       ASSERT_TRUE(got[id].status.ok()) << got[id].status;
       EXPECT_EQ(got[id].tokens, tokens);
+      restarts += got[id].restarts;
     }
     for (const FakeExecutor::Batch& b : exec.batches) {
       EXPECT_LE(b.tokens, lc.max_batch_tokens);
@@ -242,7 +244,8 @@ TEST_P(IterationLoopRandomTest, EveryRequestFinishesWithTheNaiveTokensUnderTheBu
     ASSERT_TRUE((*lk)->CheckIntegrity().ok());
     std::cout << "requests " << n << ", iterations " << (*loop)->iterations()
               << ", most requests in one iteration " << (*loop)->max_batch_requests_seen()
-              << ", admissions deferred " << stats.admissions_deferred << "\n";
+              << ", admissions deferred " << stats.admissions_deferred << ", restarts " << restarts
+              << "\n";
   }
 }
 
