@@ -154,10 +154,23 @@ else
     "no CUDA data plane.*cmake --preset cuda.*make cuda" -- \
     "${gen[@]}" --json "$tmp/gen.json" --device gpu
 fi
-expect "generate on the CPU writes JSON" 0 "2 prompts" -- "${gen[@]}" --json "$tmp/gen.json"
-if python3 - "$tmp/gen.json" <<'PY'
+expect "generate rejects a bad arrival order" 2 "--arrival.*random" -- \
+  "${gen[@]}" --json "$tmp/gen.json" --arrival random
+expect "generate on the CPU writes JSON" 0 "2 prompts" -- "${gen[@]}" --json "$tmp/gen.json" \
+  --arrival sequential
+expect "generate with every prompt at once writes JSON" 0 "2 prompts" -- \
+  "${gen[@]}" --json "$tmp/gen_all.json"
+if python3 - "$tmp/gen.json" "$tmp/gen_all.json" <<'PY'
 import json, sys
 out = json.load(open(sys.argv[1]))
+both = json.load(open(sys.argv[2]))
+# All at once (the default): both prompts ran in one iteration, and batching changes no output.
+assert both["arrival"] == "all" and out["arrival"] == "sequential", (both["arrival"], out["arrival"])
+assert both["max_batch_requests"] == 2, both["max_batch_requests"]
+assert out["max_batch_requests"] == 1, out["max_batch_requests"]
+for a, b in zip(out["results"], both["results"]):
+    assert a["greedy"] == b["greedy"], (a["greedy"], b["greedy"])
+    assert max(abs(x - y) for x, y in zip(a["last_logits"], b["last_logits"])) <= 1e-4
 assert out["device"] == "cpu", out["device"]
 assert out["kv_dtype"] == "f32", out["kv_dtype"]  # auto on the CPU
 assert out["pool"] is True and "lake" in out and "transport" in out, sorted(out)
@@ -170,7 +183,8 @@ for r in out["results"]:
 assert out["results"][1]["cached_tokens"] == 32, out["results"][1]["cached_tokens"]  # 36 shared
 PY
 then
-  echo "ok: generate CPU JSON (device cpu, f32, schema, shared prefix served from the pool)"
+  echo "ok: generate CPU JSON (device cpu, f32, schema, shared prefix served from the pool in" \
+    "sequence, the same outputs with both prompts in one batch)"
   passes=$((passes + 1))
 else
   echo "FAIL: generate CPU JSON"

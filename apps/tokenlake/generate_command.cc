@@ -5,11 +5,15 @@
 //   --device gpu (CUDA builds only): engine::cuda::GpuEngine, the Llama forward on cuBLAS and N
 //     instances sharing one GPU (CUDA device 0), KV in bf16 device slots; always pooled, no
 //     rebalancing.
-// Prompts (JSON lines of {"input_ids": [...]}) are served in order, so later prompts hit the
-// prefixes of earlier ones. Writes per prompt the greedy tokens, the prompt tokens served from
-// the pool and the logits at the last prompt position; the JSON schema is the same on both
-// devices (plus "device", and "gpu_name" on the GPU; the CPU's "transport" section has no GPU
-// counterpart and is left out there).
+// Prompts (JSON lines of {"input_ids": [...]}) are submitted all at once (--arrival all, the
+// default: the engine serves them with continuous batching, "max_batch_requests" in the JSON
+// is the most requests that ran in one iteration) or one after another (--arrival sequential:
+// later prompts hit the prefixes that earlier ones left in the pool, which multi-turn prompt
+// files need). Both devices run the same iteration loop (the GPU engine's forward still runs
+// the batch's requests one after another). Writes per prompt the greedy tokens, the prompt
+// tokens served from the pool and the logits at the last prompt position; the JSON schema is the
+// same on both devices (plus "device", and "gpu_name" on the GPU; the CPU's "transport" section has
+// no GPU counterpart and is left out there).
 //
 // Exit codes: 0 on success, 1 for a runtime error (unreadable or bad model / prompts file,
 // named with file, line and field; no CUDA device), 2 for bad flags (including a flag the chosen
@@ -64,6 +68,8 @@ struct GenerateFlags {
   std::string kv_dtype = "auto";
   bool rotate = false;
   int rebalance_every = 0;
+  std::string arrival = "all";
+  int64_t max_batch_tokens = 2048;
 };
 
 int Fail(const std::string& message) {
@@ -120,24 +126,25 @@ nlohmann::json LakeJson(const lake::Lake& lk, int64_t rebalance_actions) {
           {"rebalance_actions", rebalance_actions}};
 }
 
-// Serves `prompts` in order with `generate` (prompt -> StatusOr<result>) and returns the
-// top-level JSON without the device-specific sections ("lake", "transport", "gpu_name"), or the
-// first failing prompt's error prefixed with the prompts file and its line.
+// Serves `prompts` with `serve` (prompts -> one StatusOr<result> per prompt, in order) and
+// returns the top-level JSON without the device-specific sections ("lake", "transport",
+// "gpu_name"), or the first failing prompt's error prefixed with the prompts file and its line.
 struct Served {
   nlohmann::json out;
   int64_t prompt_tokens = 0;
   int64_t cached_tokens = 0;
   double seconds = 0;
 };
-template <typename GenerateFn>
+template <typename ServeFn>
 absl::StatusOr<Served> ServePrompts(const GenerateFlags& f, const std::string& kv_dtype, bool pool,
-                                    const std::vector<engine::Prompt>& prompts,
-                                    GenerateFn generate) {
+                                    const std::vector<engine::Prompt>& prompts, ServeFn serve) {
   Served s;
   nlohmann::json results = nlohmann::json::array();
   const int64_t start_us = SystemClock::Default()->NowUs();
-  for (const engine::Prompt& p : prompts) {
-    auto r = generate(p);
+  auto all = serve(prompts);  // shorter than prompts only after a failed one
+  for (size_t i = 0; i < all.size(); ++i) {
+    const engine::Prompt& p = prompts[i];
+    const auto& r = all[i];
     if (!r.ok()) {
       return absl::Status(r.status().code(),
                           absl::StrFormat("%s:%d: %s", f.prompts, p.line, r.status().ToString()));
@@ -155,6 +162,7 @@ absl::StatusOr<Served> ServePrompts(const GenerateFlags& f, const std::string& k
            {"segment_tokens", f.segment_tokens},
            {"kv_dtype", kv_dtype},
            {"max_new_tokens", f.max_new_tokens},
+           {"arrival", f.arrival},
            {"prompt_tokens", s.prompt_tokens},
            {"cached_tokens", s.cached_tokens},
            {"hit_rate", s.prompt_tokens > 0 ? static_cast<double>(s.cached_tokens) /
@@ -198,15 +206,31 @@ int RunCpu(const GenerateFlags& f) {
       .kv_dtype = kv_dtype == "bf16" ? attention::KvDtype::kBFloat16 : attention::KvDtype::kFloat32,
       .namespace_name = f.model,
       .rotate_compute_instance = f.rotate,
-      .rebalance_every_requests = f.rebalance_every};
+      .rebalance_every_requests = f.rebalance_every,
+      .max_batch_tokens = f.max_batch_tokens};
   auto eng = engine::Engine::Create(model->get(), options);
   if (!eng.ok()) return Fail(std::string(eng.status().message()));
 
-  auto served = ServePrompts(f, kv_dtype, !f.no_pool, *prompts, [&](const engine::Prompt& p) {
-    return (*eng)->Generate(p.input_ids, f.max_new_tokens);
-  });
+  auto served =
+      ServePrompts(f, kv_dtype, !f.no_pool, *prompts, [&](const std::vector<engine::Prompt>& ps) {
+        std::vector<absl::StatusOr<engine::GenerateResult>> out;
+        if (f.arrival == "sequential") {
+          for (const engine::Prompt& p : ps) {
+            out.push_back((*eng)->Generate(p.input_ids, f.max_new_tokens));
+            if (!out.back().ok()) break;
+          }
+          return out;
+        }
+        std::vector<engine::GenerateRequest> requests;
+        for (const engine::Prompt& p : ps) {
+          requests.push_back({.prompt = p.input_ids, .max_new_tokens = f.max_new_tokens});
+        }
+        return (*eng)->GenerateBatch(requests);
+      });
   if (!served.ok()) return Fail(std::string(served.status().message()));
   nlohmann::json& out = served->out;
+  // Without the pool the reference path serves one request at a time.
+  out["max_batch_requests"] = f.no_pool ? 1 : (*eng)->max_batch_requests_seen();
   if (const lake::Lake* lk = (*eng)->lake(); lk != nullptr) {
     out["lake"] = LakeJson(*lk, (*eng)->rebalance_actions());
   }
@@ -260,14 +284,29 @@ int RunGpu(const GenerateFlags& f) {
                                                      .segment_tokens = f.segment_tokens,
                                                      .slots_per_instance = f.slots_per_instance,
                                                      .namespace_name = f.model,
-                                                     .rotate_compute_instance = f.rotate});
+                                                     .rotate_compute_instance = f.rotate,
+                                                     .max_batch_tokens = f.max_batch_tokens});
   if (!eng.ok()) return Fail("--device gpu: " + eng.status().ToString());
 
-  auto served = ServePrompts(f, "bf16", /*pool=*/true, *prompts, [&](const engine::Prompt& p) {
-    return (*eng)->Generate(p.input_ids, f.max_new_tokens);
-  });
+  auto served =
+      ServePrompts(f, "bf16", /*pool=*/true, *prompts, [&](const std::vector<engine::Prompt>& ps) {
+        std::vector<absl::StatusOr<engine::cuda::GpuGenerateResult>> out;
+        if (f.arrival == "sequential") {
+          for (const engine::Prompt& p : ps) {
+            out.push_back((*eng)->Generate(p.input_ids, f.max_new_tokens));
+            if (!out.back().ok()) break;
+          }
+          return out;
+        }
+        std::vector<engine::GenerateRequest> requests;
+        for (const engine::Prompt& p : ps) {
+          requests.push_back({.prompt = p.input_ids, .max_new_tokens = f.max_new_tokens});
+        }
+        return (*eng)->GenerateBatch(requests);
+      });
   if (!served.ok()) return Fail(std::string(served.status().message()));
   served->out["gpu_name"] = gpu_name;
+  served->out["max_batch_requests"] = (*eng)->max_batch_requests_seen();
   // The GPU engine never rebalances (--rebalance-every is refused): 0 actions.
   served->out["lake"] = LakeJson((*eng)->lake(), 0);
   // No "transport" section: the instances share one device, nothing crosses a transport.
@@ -281,6 +320,12 @@ int RunGenerate(const GenerateFlags& f) {
     return UsageError(
         "--instances, --max-new-tokens, --segment-tokens and --slots-per-instance must be >= 1, "
         "--rebalance-every >= 0");
+  }
+  if (f.arrival != "all" && f.arrival != "sequential") {
+    return UsageError("--arrival must be all or sequential, got '" + f.arrival + "'");
+  }
+  if (f.max_batch_tokens < 1) {
+    return UsageError("--max-batch-tokens must be >= 1");
   }
   if (f.kv_dtype != "auto" && f.kv_dtype != "f32" && f.kv_dtype != "bf16") {
     return UsageError("--kv-dtype must be auto, f32 or bf16, got '" + f.kv_dtype + "'");
@@ -349,6 +394,14 @@ void SetUpGenerate(CLI::App& app, int* exit_code) {
                 "Prefer computing request k on instance k mod N (spreads the work)");
   cmd->add_option("--rebalance-every", flags->rebalance_every,
                   "Rebalance the pool after every N requests (0 = never; CPU only)")
+      ->capture_default_str();
+  cmd->add_option("--arrival", flags->arrival,
+                  "all: every prompt submitted at once (continuous batching); sequential: one "
+                  "after another, so that later prompts hit what earlier ones left in the pool")
+      ->capture_default_str();
+  cmd->add_option("--max-batch-tokens", flags->max_batch_tokens,
+                  "Tokens computed per iteration over the whole batch (prompts are prefilled in "
+                  "chunks under it; pool only)")
       ->capture_default_str();
   cmd->callback([flags, exit_code] { *exit_code = RunGenerate(*flags); });
 }

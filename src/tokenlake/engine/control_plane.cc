@@ -1,7 +1,10 @@
 #include "tokenlake/engine/control_plane.h"
 
+#include <algorithm>
+#include <optional>
 #include <utility>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_format.h"
 #include "tokenlake/base/status_macros.h"
 
@@ -21,10 +24,18 @@ absl::StatusOr<IterationPlan> PlanIterationOnLake(lake::Lake& lake, ManualClock*
     match = lake.Match(keys);
   }
   IterationPlan out;
-  out.num_keys = static_cast<int32_t>(keys.size());
   out.cached_tokens = match.matched_tokens;
-  out.new_tokens =
-      request.end_tokens - (request.prefill ? out.cached_tokens : request.computed_tokens);
+  out.end_tokens = request.end_tokens;
+  if (request.prefill && request.max_new_tokens > 0 &&
+      out.end_tokens - out.cached_tokens > request.max_new_tokens) {
+    // A chunk of the prompt: the keys end with its last full segment (the cached prefix is a
+    // prefix of them: cached <= the chunk's end).
+    out.end_tokens = out.cached_tokens + request.max_new_tokens;
+    const int64_t s = keys.empty() ? 1 : keys.front().num_tokens;
+    keys.resize(std::min(keys.size(), static_cast<size_t>(out.end_tokens / s)));
+  }
+  out.num_keys = static_cast<int32_t>(keys.size());
+  out.new_tokens = out.end_tokens - (request.prefill ? out.cached_tokens : request.computed_tokens);
   if (out.new_tokens < 1) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PlanIteration: request %d computes %d tokens (end %d, computed %d)",
@@ -52,8 +63,18 @@ absl::StatusOr<IterationPlan> PlanIterationOnLake(lake::Lake& lake, ManualClock*
         absl::StrFormat("PlanIteration: plan caches %d tokens, match said %d", rp.cached_tokens,
                         out.cached_tokens));
   }
-  TOKENLAKE_ASSIGN_OR_RETURN(lake::AdmitResult admitted, lake.Admit(lr));
-  (void)admitted;
+  if (request.try_admit) {
+    TOKENLAKE_ASSIGN_OR_RETURN(std::optional<lake::AdmitResult> admitted, lake.TryAdmit(lr));
+    if (!admitted.has_value()) {
+      IterationPlan deferred;
+      deferred.admitted = false;
+      deferred.end_tokens = out.end_tokens;
+      return deferred;
+    }
+  } else {
+    TOKENLAKE_ASSIGN_OR_RETURN(lake::AdmitResult admitted, lake.Admit(lr));
+    (void)admitted;
+  }
   out.compute_instance = rp.compute_instance;
   out.segments = rp.segments;
   for (const plan::NewSegmentPlacement& p : plans[0].transfer.new_segments) {
@@ -66,6 +87,43 @@ absl::StatusOr<IterationPlan> ControlPlane::ReleaseAndPlan(RequestId release,
                                                            const IterationRequest& next) {
   TOKENLAKE_RETURN_IF_ERROR(Release(release));
   return PlanIteration(next);
+}
+
+absl::StatusOr<std::vector<BatchPlanEntry>> ControlPlane::PlanBatch(
+    absl::Span<const RequestId> release, absl::Span<const IterationRequest> requests) {
+  // Ids not planned here first; a planned request's own pins are released just before it is
+  // planned again, so that no other request of the batch can evict its prefix in between.
+  absl::flat_hash_set<RequestId> planned;
+  for (const IterationRequest& r : requests) planned.insert(r.request);
+  absl::flat_hash_set<RequestId> own;
+  for (RequestId r : release) {
+    if (planned.contains(r)) {
+      own.insert(r);
+      continue;
+    }
+    absl::Status s = Release(r);
+    if (FailedOnTheWire(s)) return s;
+  }
+  std::vector<BatchPlanEntry> out(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) {
+    if (own.contains(requests[i].request)) {
+      absl::Status s = Release(requests[i].request);
+      if (FailedOnTheWire(s)) return s;
+      if (!s.ok()) {
+        // Not active any more: not planned (as ReleaseAndPlan).
+        out[i].status = s;
+        continue;
+      }
+    }
+    absl::StatusOr<IterationPlan> p = PlanIteration(requests[i]);
+    if (!p.ok() && FailedOnTheWire(p.status())) return p.status();
+    if (p.ok()) {
+      out[i].plan = *std::move(p);
+    } else {
+      out[i].status = p.status();
+    }
+  }
+  return out;
 }
 
 bool FailedOnTheWire(const absl::Status& status) {

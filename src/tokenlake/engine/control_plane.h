@@ -13,13 +13,14 @@
 //                  where, deduplicated, evicted replicas (which the caller frees);
 //   Release        unpins what the iteration pinned (lake::Release). Always called after a
 //                  successful PlanIteration, also when the iteration failed.
-// A request of M generated tokens runs M iterations. The CPU engine (engine.cc) makes
-// 1 + (M - 1) + 1 calls for them plus one Commit per iteration that completes a segment:
-// PlanIteration for the first iteration, ReleaseAndPlan (the Release of iteration i fused with
-// the PlanIteration of iteration i + 1) between iterations, and a plain Release after the last
-// one (or after a failed iteration). Over the cluster's RemoteControlPlane each call is one gRPC
-// round trip to the coordinator, and a Commit with no placements makes none (lake_rpc.h).
-// The GPU engine (engine/cuda/pool_steps.cc) uses the three plain calls.
+// The iteration loop (iteration_loop.h) makes ONE PlanBatch call per iteration for its whole
+// batch: it releases what the batch's requests pinned in their previous iterations (and what
+// finished requests pinned), then plans and admits every request of the batch; plus one Commit
+// per request whose iteration completes a segment, and a plain Release for the last pins when
+// the loop runs dry (or after a failure). A request of M generated tokens whose prompt is one
+// chunk thus takes part in M PlanBatch calls. Over the cluster's RemoteControlPlane each call
+// is one gRPC round trip to the coordinator, and a Commit with no placements makes none
+// (lake_rpc.h). The GPU engine runs the same loop.
 //
 // Errors are those of the lake (InvalidArgument for bad keys, AlreadyExists for an active id,
 // NotFound for an unknown request) plus, remotely, Unavailable / DeadlineExceeded when the
@@ -61,6 +62,14 @@ struct IterationRequest {
   InstanceId preferred_instance;
   // Count the iteration in the hit statistics (the prefill).
   bool count_hits = true;
+  // Prefill only: compute at most this many tokens after the cached prefix (a chunk of the
+  // prompt); the iteration then ends at cached + max_new_tokens and the keys are cut to its
+  // full segments. 0 = no limit.
+  int64_t max_new_tokens = 0;
+  // Memory admission (lake::Lake::TryAdmit): admit only if the pool can hold the iteration's
+  // new segments; otherwise nothing is admitted and the plan says admitted = false (the
+  // request waits). false = lake::Lake::Admit (segments that find no slot are not stored).
+  bool try_admit = false;
 };
 
 struct IterationPlan {
@@ -78,6 +87,21 @@ struct IterationPlan {
   std::vector<plan::SegmentAssignment> segments;
   // Where the request's new segments are to be stored (to pass to Commit).
   std::vector<plan::NewSegmentPlacement> new_segments;
+  // Tokens of the sequence at the end of the iteration: IterationRequest::end_tokens, or less
+  // when max_new_tokens cut a prefill into a chunk. 0 from a control plane that does not know
+  // chunks (read as IterationRequest::end_tokens).
+  int64_t end_tokens = 0;
+  // false: try_admit found too little memory; nothing was admitted and the rest of the plan
+  // is empty (the request waits and asks again).
+  bool admitted = true;
+};
+
+// One request's outcome in a PlanBatch call.
+struct BatchPlanEntry {
+  // OK, or the error the control plane answered for this request (as PlanIteration's);
+  // nothing of the request stays admitted after an error.
+  absl::Status status;
+  IterationPlan plan;
 };
 
 class ControlPlane {
@@ -110,6 +134,20 @@ class ControlPlane {
   //     In the cluster the coordinator also releases a failed attempt's request id.
   virtual absl::StatusOr<IterationPlan> ReleaseAndPlan(RequestId release,
                                                        const IterationRequest& next);
+
+  // One iteration of a whole batch in one call (one round trip remotely): releases the ids of
+  // `release` that no request of `requests` has (finished requests' pins), then, per request in
+  // order, releases its own id if listed (the pins of its previous iteration) and plans and
+  // admits it (as PlanIteration): no other request of the batch can evict its prefix between
+  // the two. A request whose own release fails (NotFound: not active) is not planned: its entry
+  // carries that error (as ReleaseAndPlan); a failed release of another id is ignored.
+  // Returns one entry per request, in order. The default implementation makes the calls one by
+  // one; RemoteControlPlane sends one RPC, which the coordinator runs under its lake lock.
+  // Errors (of the whole call): Unavailable / DeadlineExceeded / Cancelled remotely: the
+  // caller cannot tell what was applied; releasing every id of `release` and `requests` again
+  // cleans up in every case (NotFound answers ignored).
+  virtual absl::StatusOr<std::vector<BatchPlanEntry>> PlanBatch(
+      absl::Span<const RequestId> release, absl::Span<const IterationRequest> requests);
 };
 
 // Whether `status` says a control-plane call may not have been applied, or only partly (it

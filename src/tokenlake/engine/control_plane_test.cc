@@ -145,6 +145,54 @@ TEST_F(ControlPlaneTest, ReleaseAndPlanWhosePlanFailsLeavesTheRequestReleased) {
   }
 }
 
+// PlanBatch: finished ids released, each planned request's own pins released just before it is
+// planned again, a request whose own release fails (not active) not planned, other errors per
+// request; prefill chunks cut after the cached prefix; TryAdmit defers without pinning.
+TEST_F(ControlPlaneTest, PlanBatchReleasesPlansAndReportsPerRequest) {
+  ASSERT_TRUE(local_->PlanIteration(Prefill(RequestId(1), 40, 0)).ok());
+  ASSERT_TRUE(local_->PlanIteration(Prefill(RequestId(2), 40, 1)).ok());
+  EXPECT_EQ(lake_->Stats().active_requests, 2);
+  IterationRequest bad = Prefill(RequestId(4), 40, 2);
+  bad.end_tokens = 0;
+  const std::vector<RequestId> release = {RequestId(2), RequestId(1), RequestId(3)};
+  const std::vector<IterationRequest> requests = {Prefill(RequestId(1), 40, 0),
+                                                  Prefill(RequestId(3), 40, 3), bad};
+  auto r = local_->PlanBatch(release, requests);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->size(), 3u);
+  EXPECT_TRUE((*r)[0].status.ok()) << (*r)[0].status;             // released and planned again
+  EXPECT_EQ((*r)[1].status.code(), absl::StatusCode::kNotFound);  // 3 was not active
+  EXPECT_EQ((*r)[2].status.code(), absl::StatusCode::kInvalidArgument);
+  // Request 2 (finished) released, 1 active again, 3 and 4 not admitted.
+  EXPECT_EQ(lake_->Stats().active_requests, 1);
+  ASSERT_TRUE(local_->Release(RequestId(1)).ok());
+
+  // A prefill chunk: the whole prompt asked for, cut after the cached prefix.
+  auto first = local_->PlanIteration(Prefill(RequestId(5), 40, 5));
+  ASSERT_TRUE(first.ok());
+  ASSERT_TRUE(local_->Commit(RequestId(5), first->new_segments).ok());
+  ASSERT_TRUE(local_->Release(RequestId(5)).ok());
+  IterationRequest chunked = Prefill(RequestId(6), 40, 5);
+  chunked.max_new_tokens = 5;
+  auto c = local_->PlanIteration(chunked);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->cached_tokens, 32);
+  EXPECT_EQ(c->end_tokens, 37);
+  EXPECT_EQ(c->new_tokens, 5);
+  EXPECT_EQ(c->num_keys, 2);
+  ASSERT_TRUE(local_->Release(RequestId(6)).ok());
+  IterationRequest first_chunk = Prefill(RequestId(7), 40, 7);
+  first_chunk.max_new_tokens = 20;
+  auto fc = local_->PlanIteration(first_chunk);
+  ASSERT_TRUE(fc.ok()) << fc.status();
+  EXPECT_EQ(fc->cached_tokens, 0);
+  EXPECT_EQ(fc->end_tokens, 20);
+  EXPECT_EQ(fc->num_keys, 1);  // the chunk's one full segment
+  EXPECT_EQ(fc->new_segments.size(), 1u);
+  ASSERT_TRUE(local_->Release(RequestId(7)).ok());
+  EXPECT_EQ(lake_->Stats().pinned_segments, 0);
+}
+
 TEST(FailedOnTheWireTest, OnlyTransportCodes) {
   EXPECT_TRUE(FailedOnTheWire(absl::UnavailableError("x")));
   EXPECT_TRUE(FailedOnTheWire(absl::DeadlineExceededError("x")));
@@ -157,13 +205,13 @@ TEST(FailedOnTheWireTest, OnlyTransportCodes) {
 
 // ---- the engine loop over a control plane that counts calls and injects failures ----
 
-// How the scripted ReleaseAndPlan call fails.
+// How the scripted PlanBatch call fails.
 enum class Fault {
   kNone,
-  kLakeErrorAfterRelease,    // Release applied, the plan part answers InvalidArgument
+  kLakeErrorAfterRelease,    // the releases applied, every plan answers InvalidArgument
   kWireBeforeAnything,       // Unavailable, nothing applied
-  kWireAfterRelease,         // DeadlineExceeded, the Release applied
-  kWireAfterReleaseAndPlan,  // DeadlineExceeded, Release and PlanIteration applied
+  kWireAfterRelease,         // DeadlineExceeded, the releases applied
+  kWireAfterReleaseAndPlan,  // DeadlineExceeded, releases and plans applied
 };
 
 class ScriptedControlPlane final : public ControlPlane {
@@ -186,26 +234,34 @@ class ScriptedControlPlane final : public ControlPlane {
   absl::StatusOr<IterationPlan> ReleaseAndPlan(RequestId release,
                                                const IterationRequest& next) override {
     ++fused;
-    if (fused != fail_at || fault == Fault::kNone) return inner_->ReleaseAndPlan(release, next);
+    return inner_->ReleaseAndPlan(release, next);
+  }
+  absl::StatusOr<std::vector<BatchPlanEntry>> PlanBatch(
+      absl::Span<const RequestId> release, absl::Span<const IterationRequest> requests) override {
+    ++batches;
+    if (batches != fail_at || fault == Fault::kNone) return inner_->PlanBatch(release, requests);
     switch (fault) {
-      case Fault::kLakeErrorAfterRelease:
-        EXPECT_TRUE(inner_->Release(release).ok());
-        return absl::InvalidArgumentError("scripted plan failure");
+      case Fault::kLakeErrorAfterRelease: {
+        for (RequestId r : release) EXPECT_TRUE(inner_->Release(r).ok());
+        std::vector<BatchPlanEntry> out(requests.size());
+        for (BatchPlanEntry& e : out) e.status = absl::InvalidArgumentError("scripted failure");
+        return out;
+      }
       case Fault::kWireBeforeAnything:
         return absl::UnavailableError("scripted: not sent");
       case Fault::kWireAfterRelease:
-        EXPECT_TRUE(inner_->Release(release).ok());
+        for (RequestId r : release) EXPECT_TRUE(inner_->Release(r).ok());
         return absl::DeadlineExceededError("scripted: reply lost after the release");
-      case Fault::kWireAfterReleaseAndPlan: {
-        EXPECT_TRUE(inner_->ReleaseAndPlan(release, next).ok());
+      case Fault::kWireAfterReleaseAndPlan:
+        EXPECT_TRUE(inner_->PlanBatch(release, requests).ok());
         return absl::DeadlineExceededError("scripted: reply lost after the plan");
-      }
       case Fault::kNone:
         break;
     }
     return absl::InternalError("unreachable");
   }
 
+  int32_t batches = 0;
   int32_t plans = 0, commits = 0, releases = 0, fused = 0;
   int32_t fail_at = 0;  // the fused call (1-based) that fails
   Fault fault = Fault::kNone;
@@ -252,17 +308,21 @@ class EngineControlCallsTest : public ControlPlaneTest {
   std::unique_ptr<Engine> reference_;
 };
 
-TEST_F(EngineControlCallsTest, OnePlanCallPerIterationAndOneReleaseAtTheEnd) {
+TEST_F(EngineControlCallsTest, OneBatchPlanCallPerIterationAndOneReleaseAtTheEnd) {
   int64_t request = 1;
   for (int32_t max_new : {1, 2, 5, 17}) {
     SCOPED_TRACE(testing::Message() << "max_new_tokens=" << max_new);
     const std::vector<int32_t> prompt = Tokens(40, max_new);
     scripted_->plans = scripted_->commits = scripted_->releases = scripted_->fused = 0;
+    scripted_->batches = 0;
     auto r = engine_->Generate(RequestId(request++), prompt, max_new);
     ASSERT_TRUE(r.ok()) << r.status();
     EXPECT_EQ(r->tokens, Expected(prompt, max_new));
-    EXPECT_EQ(scripted_->plans, 1);
-    EXPECT_EQ(scripted_->fused, max_new - 1);
+    // One PlanBatch per iteration (the prefill, then one per decode; each releases the
+    // iteration before), and the last iteration's pins released at the end.
+    EXPECT_EQ(scripted_->batches, max_new);
+    EXPECT_EQ(scripted_->plans, 0);
+    EXPECT_EQ(scripted_->fused, 0);
     EXPECT_EQ(scripted_->releases, 1);
     EXPECT_EQ(scripted_->commits, max_new);  // LocalControlPlane commits every iteration
     EXPECT_EQ(lake_->Stats().active_requests, 0);
@@ -274,7 +334,7 @@ TEST_F(EngineControlCallsTest, OnePlanCallPerIterationAndOneReleaseAtTheEnd) {
 class EngineFusedFaultTest : public EngineControlCallsTest,
                              public ::testing::WithParamInterface<std::tuple<Fault, int32_t>> {};
 
-TEST_P(EngineFusedFaultTest, FailedFusedCallLeavesNoPinAndReleasesOnlyWhenUnsure) {
+TEST_P(EngineFusedFaultTest, FailedBatchCallLeavesNoPinAndReleasesOnlyWhenUnsure) {
   const auto [fault, fail_at] = GetParam();
   SCOPED_TRACE(testing::Message() << "fault=" << static_cast<int>(fault) << " fail_at=" << fail_at);
   scripted_->fault = fault;
@@ -287,7 +347,7 @@ TEST_P(EngineFusedFaultTest, FailedFusedCallLeavesNoPinAndReleasesOnlyWhenUnsure
             : fault == Fault::kWireBeforeAnything  ? absl::StatusCode::kUnavailable
                                                    : absl::StatusCode::kDeadlineExceeded)
       << r.status();
-  EXPECT_EQ(scripted_->fused, fail_at);
+  EXPECT_EQ(scripted_->batches, fail_at);
   // After an answered error nothing is pinned, so no Release; after a wire failure one
   // best-effort Release.
   EXPECT_EQ(scripted_->releases, fault == Fault::kLakeErrorAfterRelease ? 0 : 1);

@@ -11,6 +11,7 @@
 #include "tokenlake/base/check.h"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/base/status_macros.h"
+#include "tokenlake/engine/iteration_loop.h"
 #include "tokenlake/engine/local_backend.h"
 #include "tokenlake/engine/ops.h"
 #include "tokenlake/engine/pool_backend.h"
@@ -34,52 +35,14 @@ class Engine::PoolState {
   uint64_t salt = 0;
   uint64_t next_request = 1;
   int64_t rebalance_actions = 0;
+  // Requests finished since the last rebalance.
+  int64_t finished_since_rebalance = 0;
+  // The iteration loop over the control plane and the CPU executor.
+  std::unique_ptr<PoolExecutor> executor;
+  std::unique_ptr<IterationLoop> loop;
+  // Requests of the running GenerateBatch call (false: submitted with Submit).
+  int64_t batch_pending = 0;
 };
-
-namespace {
-
-// The keys of the full segments of tokens[0, end).
-absl::StatusOr<std::vector<index::SegmentKey>> FullKeys(uint64_t salt,
-                                                        absl::Span<const int32_t> tokens,
-                                                        int64_t end, int32_t segment_tokens) {
-  const int64_t full = end / segment_tokens * segment_tokens;
-  return index::ComputeSegmentKeys(salt, tokens.subspan(0, static_cast<size_t>(full)),
-                                   segment_tokens);
-}
-
-// Drops the first `rows` token rows of every layer of the tail.
-void DropTailRows(SequenceTail& tail, int64_t rows, int64_t row_elems) {
-  for (size_t l = 0; l < tail.k.size(); ++l) {
-    tail.k[l].erase(tail.k[l].begin(), tail.k[l].begin() + rows * row_elems);
-    tail.v[l].erase(tail.v[l].begin(), tail.v[l].begin() + rows * row_elems);
-  }
-}
-
-// One segment's slot image from tail rows [first_row, first_row + S).
-std::vector<std::byte> BuildSlot(const SequenceTail& tail, int64_t first_row,
-                                 const attention::KvSlotLayout& layout) {
-  std::vector<std::byte> slot(static_cast<size_t>(layout.SlotBytes()));
-  const int64_t row_elems = int64_t{layout.num_kv_heads} * layout.head_dim;
-  const int64_t elems = row_elems * layout.segment_tokens;
-  for (int32_t l = 0; l < layout.num_layers; ++l) {
-    for (int kv = 0; kv < 2; ++kv) {
-      const float* src =
-          (kv == 0 ? tail.k : tail.v)[static_cast<size_t>(l)].data() + first_row * row_elems;
-      std::byte* dst = slot.data() + layout.BlockOffsetBytes(l, kv);
-      if (layout.dtype == attention::KvDtype::kFloat32) {
-        std::memcpy(dst, src, static_cast<size_t>(elems) * sizeof(float));
-      } else {
-        for (int64_t i = 0; i < elems; ++i) {
-          const uint16_t bits = attention::FloatToBf16(src[i]);
-          std::memcpy(dst + 2 * i, &bits, 2);
-        }
-      }
-    }
-  }
-  return slot;
-}
-
-}  // namespace
 
 Engine::Engine(const LlamaModel* model, const EngineOptions& options)
     : model_(model), options_(options) {}
@@ -137,6 +100,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const LlamaModel* model,
     state->control_plane = state->local_control_plane.get();
     state->salt = index::NamespaceSalt(options.namespace_name);
     engine->pool_ = std::move(state);
+    TOKENLAKE_RETURN_IF_ERROR(engine->StartLoop());
   }
   return engine;
 }
@@ -177,7 +141,27 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::CreateOverPool(const LlamaModel*
   state->fixed_compute = external.compute_instance;
   state->salt = index::NamespaceSalt(options.namespace_name);
   engine->pool_ = std::move(state);
+  TOKENLAKE_RETURN_IF_ERROR(engine->StartLoop());
   return engine;
+}
+
+absl::Status Engine::StartLoop() {
+  const LlamaConfig& c = model_->config();
+  pool_->executor = std::make_unique<PoolExecutor>(model_, pool_->pool);
+  TOKENLAKE_ASSIGN_OR_RETURN(
+      pool_->loop,
+      IterationLoop::Create(pool_->control_plane, pool_->executor.get(),
+                            {.segment_tokens = options_.segment_tokens,
+                             .salt = pool_->salt,
+                             .max_batch_tokens = options_.max_batch_tokens,
+                             .max_batch_requests = options_.max_batch_requests,
+                             .memory_admission = options_.memory_admission,
+                             .vocab_size = c.vocab_size,
+                             .max_request_tokens = c.max_position_embeddings,
+                             .fixed_compute = pool_->fixed_compute,
+                             .rotate_over_instances =
+                                 options_.rotate_compute_instance ? options_.num_instances : 0}));
+  return absl::OkStatus();
 }
 
 absl::StatusOr<GenerateResult> Engine::Generate(absl::Span<const int32_t> prompt,
@@ -185,29 +169,173 @@ absl::StatusOr<GenerateResult> Engine::Generate(absl::Span<const int32_t> prompt
   return Generate(RequestId(), prompt, max_new_tokens);
 }
 
-absl::StatusOr<GenerateResult> Engine::Generate(RequestId request, absl::Span<const int32_t> prompt,
-                                                int32_t max_new_tokens) {
+absl::Status Engine::CheckInput(absl::Span<const int32_t> prompt, int32_t max_new_tokens) const {
   if (prompt.empty()) return absl::InvalidArgumentError("Generate: empty prompt");
   if (max_new_tokens < 1) {
     return absl::InvalidArgumentError(
         absl::StrFormat("Generate: max_new_tokens must be >= 1, got %d", max_new_tokens));
   }
-  const int32_t vocab = model_->config().vocab_size;
+  const LlamaConfig& c = model_->config();
   for (size_t i = 0; i < prompt.size(); ++i) {
-    if (prompt[i] < 0 || prompt[i] >= vocab) {
+    if (prompt[i] < 0 || prompt[i] >= c.vocab_size) {
       return absl::InvalidArgumentError(
           absl::StrFormat("Generate: prompt token %d at index %d is outside the vocabulary [0, %d)",
-                          prompt[i], i, vocab));
+                          prompt[i], i, c.vocab_size));
     }
   }
-  if (pool_ == nullptr) return GenerateLocal(prompt, max_new_tokens);
-  if (!request.valid()) request = RequestId(pool_->next_request++);
-  absl::StatusOr<GenerateResult> result = GeneratePooled(request, prompt, max_new_tokens);
-  if (result.ok() && options_.rebalance_every_requests > 0 && pool_->lake != nullptr &&
-      (pool_->next_request - 1) % static_cast<uint64_t>(options_.rebalance_every_requests) == 0) {
-    TOKENLAKE_RETURN_IF_ERROR(RebalancePool());
+  const int64_t total = static_cast<int64_t>(prompt.size()) + max_new_tokens;
+  if (c.max_position_embeddings > 0 && total > c.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "Generate: prompt of %d tokens plus %d new tokens does not fit the model's context of %d "
+        "tokens",
+        prompt.size(), max_new_tokens, c.max_position_embeddings));
   }
-  return result;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<GenerateResult> Engine::Generate(RequestId request, absl::Span<const int32_t> prompt,
+                                                int32_t max_new_tokens) {
+  const GenerateRequest one{.id = request,
+                            .prompt = std::vector<int32_t>(prompt.begin(), prompt.end()),
+                            .max_new_tokens = max_new_tokens};
+  std::vector<absl::StatusOr<GenerateResult>> r = GenerateBatch(absl::MakeConstSpan(&one, 1));
+  return std::move(r[0]);
+}
+
+namespace {
+
+GenerateResult ToGenerateResult(LoopResult r) {
+  GenerateResult out;
+  out.tokens = std::move(r.tokens);
+  out.cached_tokens = r.cached_tokens;
+  out.last_logits = std::move(r.last_logits);
+  out.decode_logits = std::move(r.decode_logits);
+  out.remote_attend_calls = r.data_plane.remote_attend_calls;
+  out.pulled_segments = r.data_plane.pulled_segments;
+  out.stored_segments = r.stored_segments;
+  out.remote_stored_segments = r.remote_stored_segments;
+  out.query_bytes_out = r.data_plane.query_bytes_out;
+  out.partial_bytes_back = r.data_plane.partial_bytes_back;
+  out.pulled_bytes = r.data_plane.pulled_bytes;
+  out.remote_stored_bytes = r.remote_stored_bytes;
+  out.iterations = r.iterations;
+  out.restarts = r.restarts;
+  return out;
+}
+
+}  // namespace
+
+std::vector<absl::StatusOr<GenerateResult>> Engine::GenerateBatch(
+    absl::Span<const GenerateRequest> requests) {
+  std::vector<absl::StatusOr<GenerateResult>> out(
+      requests.size(), absl::StatusOr<GenerateResult>(absl::UnknownError("not served")));
+  if (pool_ == nullptr) {
+    for (size_t i = 0; i < requests.size(); ++i) {
+      const GenerateRequest& r = requests[i];
+      absl::Status in = CheckInput(r.prompt, r.max_new_tokens);
+      out[i] =
+          in.ok() ? GenerateLocal(r.prompt, r.max_new_tokens) : absl::StatusOr<GenerateResult>(in);
+    }
+    return out;
+  }
+  if (!pool_->loop->idle()) {
+    for (auto& o : out) {
+      o = absl::FailedPreconditionError("Generate: requests submitted with Submit are pending");
+    }
+    return out;
+  }
+  // Arrival order: by arrival iteration, then by position.
+  std::vector<size_t> order(requests.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return requests[a].arrival_iteration < requests[b].arrival_iteration;
+  });
+  absl::flat_hash_map<RequestId, size_t> index;
+  size_t next = 0;
+  int64_t pending = 0;
+  for (int64_t iteration = 0;; ++iteration) {
+    for (; next < order.size() && requests[order[next]].arrival_iteration <= iteration; ++next) {
+      const size_t i = order[next];
+      const GenerateRequest& r = requests[i];
+      RequestId id = r.id.valid() ? r.id : RequestId(pool_->next_request++);
+      absl::Status in = CheckInput(r.prompt, r.max_new_tokens);
+      if (in.ok()) {
+        in = pool_->loop->Submit({.id = id,
+                                  .prompt = r.prompt,
+                                  .max_new_tokens = r.max_new_tokens,
+                                  .force_tokens = r.force_tokens});
+      }
+      if (!in.ok()) {
+        out[i] = in;
+        continue;
+      }
+      index[id] = i;
+      ++pending;
+    }
+    if (pending == 0 && next == order.size()) break;
+    for (LoopResult& r : pool_->loop->Step()) {
+      auto it = index.find(r.id);
+      if (it == index.end()) continue;
+      --pending;
+      if (r.status.ok()) {
+        ++pool_->finished_since_rebalance;
+        out[it->second] = ToGenerateResult(std::move(r));
+      } else {
+        out[it->second] = std::move(r.status);
+      }
+    }
+  }
+  if (absl::Status s = MaybeRebalance(); !s.ok()) {
+    for (auto& o : out) {
+      if (o.ok()) o = s;
+    }
+  }
+  return out;
+}
+
+absl::Status Engine::Submit(RequestId request, absl::Span<const int32_t> prompt,
+                            int32_t max_new_tokens) {
+  if (pool_ == nullptr) return absl::FailedPreconditionError("Submit: the engine has no pool");
+  TOKENLAKE_RETURN_IF_ERROR(CheckInput(prompt, max_new_tokens));
+  if (!request.valid()) request = RequestId(pool_->next_request++);
+  return pool_->loop->Submit({.id = request,
+                              .prompt = std::vector<int32_t>(prompt.begin(), prompt.end()),
+                              .max_new_tokens = max_new_tokens});
+}
+
+std::vector<std::pair<RequestId, absl::StatusOr<GenerateResult>>> Engine::Step() {
+  std::vector<std::pair<RequestId, absl::StatusOr<GenerateResult>>> out;
+  if (pool_ == nullptr) return out;
+  for (LoopResult& r : pool_->loop->Step()) {
+    const RequestId id = r.id;
+    if (r.status.ok()) {
+      ++pool_->finished_since_rebalance;
+      out.emplace_back(id, ToGenerateResult(std::move(r)));
+    } else {
+      out.emplace_back(id, std::move(r.status));
+    }
+  }
+  if (absl::Status s = MaybeRebalance(); !s.ok()) {
+    for (auto& o : out) {
+      if (o.second.ok()) o.second = s;
+    }
+  }
+  return out;
+}
+
+bool Engine::idle() const { return pool_ == nullptr || pool_->loop->idle(); }
+
+int32_t Engine::max_batch_requests_seen() const {
+  return pool_ == nullptr ? 0 : pool_->loop->max_batch_requests_seen();
+}
+
+absl::Status Engine::MaybeRebalance() {
+  if (options_.rebalance_every_requests <= 0 || pool_->lake == nullptr || !pool_->loop->idle() ||
+      pool_->finished_since_rebalance < options_.rebalance_every_requests) {
+    return absl::OkStatus();
+  }
+  pool_->finished_since_rebalance = 0;
+  return RebalancePool();
 }
 
 int64_t Engine::rebalance_actions() const {
@@ -269,192 +397,6 @@ const lake::Lake* Engine::lake() const { return pool_ == nullptr ? nullptr : poo
 
 const InstancePool* Engine::instance_pool() const {
   return pool_ == nullptr ? nullptr : pool_->pool;
-}
-
-absl::StatusOr<GenerateResult> Engine::GeneratePooled(RequestId request,
-                                                      absl::Span<const int32_t> prompt,
-                                                      int32_t max_new_tokens) {
-  const LlamaConfig& c = model_->config();
-  const int32_t s = options_.segment_tokens;
-  const int64_t row_elems = int64_t{c.num_kv_heads} * c.head_dim;
-  InstancePool& pool = *pool_->pool;
-  ControlPlane& control = *pool_->control_plane;
-  const bool external = pool_->fixed_compute.valid();
-  const InstanceId preferred =
-      external ? pool_->fixed_compute
-      : options_.rotate_compute_instance
-          ? InstanceId(static_cast<int32_t>(request.value() % options_.num_instances))
-          : InstanceId();
-
-  GenerateResult result;
-  PoolTraffic traffic;
-  std::vector<int32_t> seq(prompt.begin(), prompt.end());
-  SequenceTail tail;
-  tail.k.resize(static_cast<size_t>(c.num_layers));
-  tail.v.resize(static_cast<size_t>(c.num_layers));
-  int64_t pooled = 0;    // tokens of the sequence's prefix held by the pool (multiple of S)
-  int64_t computed = 0;  // tokens whose KV exists (pool prefix + tail); tail = [pooled, computed)
-  InstanceId last_compute = preferred;
-  std::vector<float> logits;
-  // The control-plane request of the next iteration (the sequence as it stands).
-  auto make_request = [&](bool prefill) -> absl::StatusOr<IterationRequest> {
-    const int64_t end = static_cast<int64_t>(seq.size());
-    // Segments that may be served from the pool: only those before the first token to compute.
-    const int64_t first_new = prefill ? end - 1 : computed;
-    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<index::SegmentKey> keys,
-                               FullKeys(pool_->salt, seq, end, s));
-    return IterationRequest{.request = request,
-                            .keys = std::move(keys),
-                            .max_cached_segments = static_cast<int32_t>(first_new / s),
-                            .end_tokens = end,
-                            .prefill = prefill,
-                            .computed_tokens = computed,
-                            .preferred_instance = prefill ? preferred : last_compute,
-                            .count_hits = prefill};
-  };
-  // 1. Match, plan and admit in one call to the control plane: PlanIteration for the prefill,
-  // then, for every later iteration, ReleaseAndPlan at the end of the one before (one round
-  // trip instead of two over a remote control plane; control_plane.h).
-  TOKENLAKE_ASSIGN_OR_RETURN(IterationRequest ir, make_request(true));
-  TOKENLAKE_ASSIGN_OR_RETURN(IterationPlan ip, control.PlanIteration(ir));
-  for (int32_t step = 0;; ++step) {
-    const bool prefill = step == 0;
-    const int64_t end = ir.end_tokens;
-    std::vector<index::SegmentKey> keys = std::move(ir.keys);
-    keys.resize(static_cast<size_t>(ip.num_keys));
-    const int64_t cached = ip.cached_tokens;
-    const InstanceId compute = external ? pool_->fixed_compute : ip.compute_instance;
-    last_compute = compute;
-
-    // Executes the plan; on any error the request is released before returning.
-    auto run_iteration = [&]() -> absl::Status {
-      if (cached < pooled) {
-        return absl::InternalError(
-            absl::StrFormat("Generate: request %d lost pooled segments (matched %d tokens, had %d)",
-                            request.value(), cached, pooled));
-      }
-      if (prefill) {
-        computed = cached;
-        result.cached_tokens = cached;
-      } else {
-        // Tokens in [pooled, cached) are in the tail and (identically: same ids, same prefix)
-        // in the pool, committed by another request or an earlier iteration: drop them here.
-        DropTailRows(tail, cached - pooled, row_elems);
-      }
-      pooled = cached;
-      if (end - computed != ip.new_tokens || ip.new_tokens < 1) {
-        return absl::InternalError(
-            absl::StrFormat("Generate: plan computes %d tokens, the request has %d", ip.new_tokens,
-                            end - computed));
-      }
-
-      // 2. Segments by holder: local, pulled (KV copied here now), or queries sent per layer.
-      std::vector<RemoteHolder> remote;
-      std::vector<SegmentRef> local;
-      std::vector<PulledSegment> pulled;
-      for (const plan::SegmentAssignment& a : ip.segments) {
-        const SegmentRef ref{a.segment, a.num_tokens};
-        if (a.holder == compute) {
-          local.push_back(ref);
-        } else if (a.action == plan::HolderAction::kPullKv) {
-          TOKENLAKE_ASSIGN_OR_RETURN(std::vector<std::byte> slot,
-                                     pool.PullSegment(compute, a.holder, a.segment));
-          result.pulled_bytes += static_cast<int64_t>(slot.size());
-          pulled.push_back({ref, std::move(slot)});
-          ++result.pulled_segments;
-        } else {
-          auto it = std::find_if(remote.begin(), remote.end(),
-                                 [&](const RemoteHolder& r) { return r.holder == a.holder; });
-          if (it == remote.end()) {
-            remote.push_back({a.holder, {}});
-            it = remote.end() - 1;
-          }
-          it->segments.push_back(ref);
-        }
-      }
-      // 3. The model, attention merged over all of them.
-      PoolBackend backend(&pool, c, compute, std::move(remote), std::move(local), std::move(pulled),
-                          &tail, &traffic);
-      TOKENLAKE_ASSIGN_OR_RETURN(
-          logits, model_->Forward(absl::MakeConstSpan(seq).subspan(static_cast<size_t>(computed)),
-                                  computed, backend));
-      computed = end;
-
-      // 4. Store the segments this iteration completed where the lake says, then publish them.
-      TOKENLAKE_ASSIGN_OR_RETURN(lake::CommitResult commit,
-                                 control.Commit(request, ip.new_segments));
-      for (const lake::StoredReplica& e : commit.evicted) {
-        // Only the evicted copy: the same segment placed there again since (a later change of
-        // the lake) stays.
-        absl::Status freed = pool.FreeSegment(compute, e.instance, e.segment, commit.sequence);
-        // Over an external pool the stores are reconciled with the lake by the cluster: a copy
-        // already gone (or on an instance that died) is not this request's failure.
-        if (!external) TOKENLAKE_RETURN_IF_ERROR(freed);
-      }
-      absl::flat_hash_map<SegmentId, InstanceId> stored_on;
-      for (const lake::StoredReplica& st : commit.stored) stored_on[st.segment] = st.instance;
-      absl::flat_hash_set<SegmentId> dedup(commit.deduplicated.begin(), commit.deduplicated.end());
-      int64_t now_pooled = pooled;
-      bool contiguous = true;
-      for (size_t j = static_cast<size_t>(pooled / s); j < keys.size(); ++j) {
-        const SegmentId id = keys[j].id;
-        auto it = stored_on.find(id);
-        if (it != stored_on.end()) {
-          const int64_t first_row = static_cast<int64_t>(j) * s - pooled;
-          const std::vector<std::byte> slot = BuildSlot(tail, first_row, pool.layout());
-          const StoredMeta meta{j > 0 ? keys[j - 1].id : SegmentId(), keys[j].num_tokens,
-                                commit.sequence};
-          TOKENLAKE_RETURN_IF_ERROR(pool.StoreSegment(compute, it->second, id, slot, meta));
-          ++result.stored_segments;
-          if (it->second != compute) {
-            ++result.remote_stored_segments;
-            result.remote_stored_bytes += static_cast<int64_t>(slot.size());
-          }
-        } else if (!dedup.contains(id)) {
-          contiguous = false;
-        }
-        if (contiguous) now_pooled = static_cast<int64_t>(j + 1) * s;
-      }
-      DropTailRows(tail, now_pooled - pooled, row_elems);
-      pooled = now_pooled;
-      return absl::OkStatus();
-    };
-    if (absl::Status status = run_iteration(); !status.ok()) {
-      // A failed iteration still releases what it pinned.
-      control.Release(request).IgnoreError();
-      return status;
-    }
-
-    if (prefill) result.last_logits = logits;
-    const int32_t next = Argmax(logits);
-    result.tokens.push_back(next);
-    if (static_cast<int32_t>(result.tokens.size()) == max_new_tokens) {
-      TOKENLAKE_RETURN_IF_ERROR(control.Release(request));
-      break;
-    }
-    seq.push_back(next);
-    absl::StatusOr<IterationRequest> next_request = make_request(false);
-    if (!next_request.ok()) {
-      control.Release(request).IgnoreError();
-      return next_request.status();
-    }
-    absl::StatusOr<IterationPlan> next_plan = control.ReleaseAndPlan(request, *next_request);
-    if (!next_plan.ok()) {
-      // An error the control plane answered leaves nothing pinned (the Release part failed and
-      // nothing changed, or it was applied and nothing was admitted): releasing again would be
-      // a second Release. A call that failed on the wire may have applied nothing, the Release,
-      // or both: one more Release frees whichever pin is left (NotFound, ignored, if none is).
-      if (FailedOnTheWire(next_plan.status())) control.Release(request).IgnoreError();
-      return next_plan.status();
-    }
-    ir = *std::move(next_request);
-    ip = *std::move(next_plan);
-  }
-  result.decode_logits = std::move(logits);
-  result.remote_attend_calls = traffic.remote_attend_calls;
-  result.query_bytes_out = traffic.query_bytes_out;
-  result.partial_bytes_back = traffic.partial_bytes_back;
-  return result;
 }
 
 absl::StatusOr<GenerateResult> Engine::GenerateLocal(absl::Span<const int32_t> prompt,

@@ -3,26 +3,19 @@
 //
 // Pool path (TOKENLAKE.md sections 3, 4.4, 4.5). N instances run as threads of this process
 // (InstancePool: a SegmentStore over a real host arena per instance, a loopback transport
-// between them). A request is served as a sequence of iterations (prefill, then one per decoded
-// token). For every iteration the engine:
-//   1. asks the lake for a plan: the prompt's full segments are matched against the prefix tree
-//      (the cached prefix, never the whole prompt: at least one token is computed), the lake
-//      chooses the computing instance, for every cached segment the replica that serves it and
-//      whether queries move to it or its KV is pulled, and where every segment this iteration
-//      completes is stored;
-//   2. pulls the KV of kPullKv segments to the computing instance (not stored there);
-//   3. runs the model; per layer the computing instance sends the query tensors to each
-//      kMoveQueries holder, which computes partial attention (causal = false) over its local
-//      segments and returns (out, lse); it computes its own partials over its local and pulled
-//      segments and, causally, over the sequence's part-segment tail plus the new tokens, and
-//      merges everything with log-sum-exp;
-//   4. writes every completed segment's KV (slot layout of attention.h, in the pool's KV dtype)
-//      into a slot on the instance the transfer plan names, then commits the segments to the
-//      lake (they become visible to later requests).
-// The part-segment tail stays on the computing instance (float32) until it completes a segment.
-// At the end of the request its segments are released (unpinned). Optionally, every few requests
-// the lake rebalances (heavy-hitter replicas, moves) and the engine copies or frees the KV to
-// match.
+// between them). Requests are served by the IterationLoop (iteration_loop.h) with continuous
+// batching: requests join and leave at every iteration, prompts are prefilled in chunks under
+// a per-iteration token budget, decodes go first, and a request waits while the pool cannot
+// hold its new KV. Per iteration the loop makes ONE control-plane call for the whole batch
+// (the plans: cached segments, serving replicas and actions, where new segments go), pulls the
+// KV of kPullKv segments, runs the model once over the batch's tokens (LlamaModel::
+// ForwardBatch; per layer each request's queries go to its kMoveQueries holders, which return
+// partial attention merged by log-sum-exp with its local and pulled partials and its causal
+// tail), then writes every completed segment's KV where the lake's commit says (the
+// PoolExecutor of pool_backend.h). The part-segment tail stays on the computing instance
+// (float32) until it completes a segment. At the end of a request its segments are released
+// (unpinned). Optionally, every few requests (when no request is running) the lake rebalances
+// (heavy-hitter replicas, moves) and the engine copies or frees the KV to match.
 //
 // Control plane and data plane (control_plane.h, instance_pool.h). Engine::Create builds both
 // in-process: a lake::Lake behind a LocalControlPlane and an InstancePool of N instance threads
@@ -36,13 +29,14 @@
 // ids (unique across the cluster), frees of segments already gone are not errors (the cluster
 // reconciles stores asynchronously), and rebalancing / DropInstance are the caller's business.
 //
-// Thread-safety: not thread-safe; one Generate at a time.
+// Thread-safety: not thread-safe; one thread calls Generate / GenerateBatch / Submit / Step.
 #ifndef TOKENLAKE_ENGINE_ENGINE_H_
 #define TOKENLAKE_ENGINE_ENGINE_H_
 
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -89,6 +83,25 @@ struct EngineOptions {
   absl::Duration reply_timeout = absl::Seconds(60);
   // Optional wrapper of the instances' loopback transport (e.g. a fault-injecting decorator).
   InstancePool::TransportWrapper wrap_transport;
+  // Continuous batching (pool path): tokens computed per iteration over the whole batch
+  // (decodes and prompt chunks), >= 1; requests per iteration, >= 1; memory admission (a
+  // request waits while the pool cannot hold its new segments).
+  int64_t max_batch_tokens = 2048;
+  int32_t max_batch_requests = 256;
+  bool memory_admission = true;
+};
+
+// One request of GenerateBatch.
+struct GenerateRequest {
+  // The control plane's id (required over an external pool; invalid = the engine's next own).
+  RequestId id;
+  std::vector<int32_t> prompt;
+  int32_t max_new_tokens = 1;
+  // The iteration of the GenerateBatch call at which the request arrives (0 = at once).
+  int32_t arrival_iteration = 0;
+  // Teacher forcing (tests; pool path): step i feeds force_tokens[i] instead of its argmax;
+  // empty = none, else at least max_new_tokens - 1 tokens in the vocabulary.
+  std::vector<int32_t> force_tokens;
 };
 
 struct GenerateResult {
@@ -112,6 +125,9 @@ struct GenerateResult {
   int64_t partial_bytes_back = 0;
   int64_t pulled_bytes = 0;
   int64_t remote_stored_bytes = 0;
+  // Iterations the request ran in (pool path), and restarts after its pooled prefix was lost.
+  int64_t iterations = 0;
+  int64_t restarts = 0;
 };
 
 // What Engine::CreateOverPool runs over (all borrowed, must outlive the engine).
@@ -147,8 +163,10 @@ class Engine {
   // vocabulary). With the pool, the request's full segments (prompt and generated tokens whose
   // KV was computed) stay in the pool for later requests.
   // Errors: InvalidArgument (empty prompt, bad token naming its index, max_new_tokens < 1);
-  //   ResourceExhausted (the pool cannot hold the request's segments); internal data-plane
-  //   errors.
+  //   InvalidArgument when prompt + max_new_tokens exceeds the model's context
+  //   (max_position_embeddings, when the config gives one); internal data-plane errors. A
+  //   request never waits forever for pool memory: when nothing else runs it is admitted and
+  //   its segments that find no slot stay in its tail.
   absl::StatusOr<GenerateResult> Generate(absl::Span<const int32_t> prompt, int32_t max_new_tokens);
   // The same with the control plane's request id chosen by the caller (required over an
   // external pool, where ids must be unique across the cluster; an invalid id = the engine's
@@ -156,6 +174,23 @@ class Engine {
   // use, Unavailable when it cannot be reached).
   absl::StatusOr<GenerateResult> Generate(RequestId request, absl::Span<const int32_t> prompt,
                                           int32_t max_new_tokens);
+
+  // Serves every request with continuous batching (the pool path; without the pool one after
+  // another on the reference path) and returns each one's result or error, in order.
+  // Errors: per request as Generate; FailedPrecondition for all while requests submitted with
+  // Submit are pending.
+  std::vector<absl::StatusOr<GenerateResult>> GenerateBatch(
+      absl::Span<const GenerateRequest> requests);
+
+  // Incremental form (a server that takes requests while it computes; pool path only): Submit
+  // queues a request (errors as Generate's input checks, FailedPrecondition without the pool),
+  // Step runs one iteration and returns the requests that finished in it.
+  absl::Status Submit(RequestId request, absl::Span<const int32_t> prompt, int32_t max_new_tokens);
+  std::vector<std::pair<RequestId, absl::StatusOr<GenerateResult>>> Step();
+  // No request pending (always true without the pool).
+  bool idle() const;
+  // The most requests that ran in one iteration so far (0 without the pool).
+  int32_t max_batch_requests_seen() const;
 
   const EngineOptions& options() const { return options_; }
 
@@ -180,8 +215,12 @@ class Engine {
   Engine(const LlamaModel* model, const EngineOptions& options);
   absl::StatusOr<GenerateResult> GenerateLocal(absl::Span<const int32_t> prompt,
                                                int32_t max_new_tokens);
-  absl::StatusOr<GenerateResult> GeneratePooled(RequestId request, absl::Span<const int32_t> prompt,
-                                                int32_t max_new_tokens);
+  // Generate's input checks.
+  absl::Status CheckInput(absl::Span<const int32_t> prompt, int32_t max_new_tokens) const;
+  // Creates the iteration loop over the pool state's control plane and data plane.
+  absl::Status StartLoop();
+  // Rebalances when due and no request is running.
+  absl::Status MaybeRebalance();
   // Runs lake::Rebalance and mirrors its actions on the instances' stores.
   absl::Status RebalancePool();
 

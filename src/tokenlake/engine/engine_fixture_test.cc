@@ -116,6 +116,65 @@ TEST_P(EngineFixtureTest, MatchesTransformersGreedyTokensAndLogits) {
             << ", stored segments " << stored << " (" << remote_stored << " remote)\n";
 }
 
+// Every prompt submitted at once (continuous batching: prompts prefilled in chunks under a
+// small token budget, beside other requests' decodes), in the fixture's order and reversed:
+// each request's tokens and logits still equal transformers'.
+class EngineFixtureBatchTest : public testing::TestWithParam<Case> {};
+
+TEST_P(EngineFixtureBatchTest, AllPromptsAtOnceMatchTransformersWhateverTheBatch) {
+  const Case& c = GetParam();
+  const Fixture& fx = LoadFixture();
+  ASSERT_FALSE(fx.prompts.empty()) << "fixture not found under " << FixtureDir();
+  auto model = LlamaModel::Load(FixtureDir() + "/" + c.model);
+  ASSERT_TRUE(model.ok()) << model.status();
+  const json& exp = fx.expected["models"][c.model];
+  const int32_t max_new = fx.expected["max_new_tokens"].get<int32_t>();
+  for (const int64_t budget : {int64_t{2048}, int64_t{7}}) {
+    for (const bool reversed : {false, true}) {
+      SCOPED_TRACE(testing::Message() << "budget " << budget << (reversed ? " reversed" : ""));
+      auto engine = Engine::Create(model->get(), {.use_pool = true,
+                                                  .num_instances = c.num_instances,
+                                                  .segment_tokens = c.segment_tokens,
+                                                  .slots_per_instance = 256,
+                                                  .rotate_compute_instance = c.rotate,
+                                                  .max_batch_tokens = budget});
+      ASSERT_TRUE(engine.ok()) << engine.status();
+      std::vector<GenerateRequest> requests;
+      std::vector<size_t> index;
+      for (size_t k = 0; k < fx.prompts.size(); ++k) {
+        const size_t i = reversed ? fx.prompts.size() - 1 - k : k;
+        requests.push_back({.prompt = fx.prompts[i], .max_new_tokens = max_new});
+        index.push_back(i);
+      }
+      std::vector<absl::StatusOr<GenerateResult>> results = (*engine)->GenerateBatch(requests);
+      ASSERT_EQ(results.size(), requests.size());
+      float worst = 0;
+      for (size_t k = 0; k < results.size(); ++k) {
+        const size_t i = index[k];
+        SCOPED_TRACE(testing::Message() << "prompt " << i);
+        ASSERT_TRUE(results[k].ok()) << results[k].status();
+        EXPECT_EQ(results[k]->tokens, exp["greedy"][i].get<std::vector<int32_t>>());
+        const auto last = exp["last_logits"][i].get<std::vector<float>>();
+        const auto dec = exp["decode_logits"][i].get<std::vector<float>>();
+        ASSERT_EQ(results[k]->last_logits.size(), last.size());
+        ASSERT_EQ(results[k]->decode_logits.size(), dec.size());
+        for (size_t v = 0; v < last.size(); ++v) {
+          worst = std::max(worst, std::abs(results[k]->last_logits[v] - last[v]));
+          worst = std::max(worst, std::abs(results[k]->decode_logits[v] - dec[v]));
+        }
+      }
+      EXPECT_LE(worst, 1e-4f);
+      EXPECT_GT((*engine)->max_batch_requests_seen(), 1);
+      EXPECT_TRUE((*engine)->lake()->CheckIntegrity().ok());
+      EXPECT_EQ((*engine)->lake()->Stats().pinned_segments, 0);
+      std::cout << CaseName({c, 0}) << " all at once, budget " << budget
+                << (reversed ? ", reversed" : "") << ": worst |logit - transformers| " << worst
+                << ", most requests in one iteration " << (*engine)->max_batch_requests_seen()
+                << "\n";
+    }
+  }
+}
+
 std::vector<Case> Cases() {
   std::vector<Case> cases;
   for (const char* m : {"model", "tied_bf16"}) {
@@ -129,6 +188,17 @@ std::vector<Case> Cases() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixture, EngineFixtureTest, testing::ValuesIn(Cases()), CaseName);
+
+// Batching is the pool path's: the pool cases only.
+std::vector<Case> PoolCases() {
+  std::vector<Case> cases;
+  for (const Case& c : Cases()) {
+    if (c.use_pool) cases.push_back(c);
+  }
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixture, EngineFixtureBatchTest, testing::ValuesIn(PoolCases()), CaseName);
 
 }  // namespace
 }  // namespace tokenlake::engine

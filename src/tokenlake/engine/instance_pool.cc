@@ -233,27 +233,40 @@ transport::Message InstancePool::Handle(const transport::Message& request) {
   };
   switch (request.tag) {
     case kAttendRequest: {
-      int32_t layer = 0, num_q = 0;
-      std::vector<uint64_t> ids;
-      std::vector<int32_t> tokens;
-      std::vector<float> q;
+      // The queries of one or more requests (a batch) at one layer; one reply for all.
+      int32_t layer = 0;
+      uint32_t num_groups = 0;
       absl::Status s = r.Get(&layer, "layer");
-      if (s.ok()) s = r.Get(&num_q, "num_q");
-      if (s.ok()) s = r.GetArray(&ids, "segment ids");
-      if (s.ok()) s = r.GetArray(&tokens, "segment tokens");
-      if (s.ok()) s = r.GetArray(&q, "queries");
-      if (s.ok() && ids.size() != tokens.size()) {
-        s = absl::DataLossError("attend: segment ids and token counts differ in length");
+      if (s.ok()) s = r.Get(&num_groups, "groups");
+      for (uint32_t g = 0; s.ok() && g < num_groups; ++g) {
+        int32_t num_q = 0;
+        std::vector<uint64_t> ids;
+        std::vector<int32_t> tokens;
+        std::vector<float> q;
+        s = r.Get(&num_q, "num_q");
+        if (s.ok()) s = r.GetArray(&ids, "segment ids");
+        if (s.ok()) s = r.GetArray(&tokens, "segment tokens");
+        if (s.ok()) s = r.GetArray(&q, "queries");
+        if (s.ok() && ids.size() != tokens.size()) {
+          s = absl::DataLossError("attend: segment ids and token counts differ in length");
+        }
+        if (s.ok() &&
+            (num_q < 0 || q.size() != static_cast<size_t>(num_q) * options_.num_heads *
+                                          static_cast<size_t>(options_.layout.head_dim))) {
+          s = absl::DataLossError(
+              absl::StrFormat("attend: %d query floats for %d tokens", q.size(), num_q));
+        }
+        if (!s.ok()) break;
+        std::vector<SegmentRef> segs(ids.size());
+        for (size_t i = 0; i < ids.size(); ++i) segs[i] = {SegmentId(ids[i]), tokens[i]};
+        const size_t rows = static_cast<size_t>(num_q) * options_.num_heads;
+        std::vector<float> out(rows * static_cast<size_t>(options_.layout.head_dim)), lse(rows);
+        s = LocalAttend(self, layer, segs, num_q, q, absl::MakeSpan(out), absl::MakeSpan(lse));
+        if (!s.ok()) break;
+        w.PutArray<float>(out);
+        w.PutArray<float>(lse);
       }
       if (!s.ok()) return ErrorReply(request, s);
-      std::vector<SegmentRef> segs(ids.size());
-      for (size_t i = 0; i < ids.size(); ++i) segs[i] = {SegmentId(ids[i]), tokens[i]};
-      const size_t rows = static_cast<size_t>(num_q) * options_.num_heads;
-      std::vector<float> out(rows * static_cast<size_t>(options_.layout.head_dim)), lse(rows);
-      s = LocalAttend(self, layer, segs, num_q, q, absl::MakeSpan(out), absl::MakeSpan(lse));
-      if (!s.ok()) return ErrorReply(request, s);
-      w.PutArray<float>(out);
-      w.PutArray<float>(lse);
       return reply(kAttendReply);
     }
     case kPullRequest: {
@@ -421,42 +434,74 @@ absl::StatusOr<uint64_t> InstancePool::StartAttend(InstanceId compute, InstanceI
                                                    int32_t layer,
                                                    absl::Span<const SegmentRef> segments,
                                                    int32_t num_q, absl::Span<const float> q) {
-  TOKENLAKE_RETURN_IF_ERROR(CheckDriver(compute, holder, "StartAttend"));
-  if (segments.empty()) return absl::InvalidArgumentError("StartAttend: no segments");
-  if (num_q < 0 || q.size() != static_cast<size_t>(num_q) * options_.num_heads *
-                                   static_cast<size_t>(options_.layout.head_dim)) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("StartAttend: %d query floats for %d tokens", q.size(), num_q));
-  }
-  WireWriter w;
-  w.Put<int32_t>(layer);
-  w.Put<int32_t>(num_q);
-  std::vector<uint64_t> ids;
-  std::vector<int32_t> tokens;
-  for (const SegmentRef& s : segments) {
-    ids.push_back(s.id.value());
-    tokens.push_back(s.num_tokens);
-  }
-  w.PutArray<uint64_t>(ids);
-  w.PutArray<int32_t>(tokens);
-  w.PutArray<float>(q);
-  return Send(compute, holder, kAttendRequest, w.Take());
+  const AttendGroup group{.segments = segments, .num_q = num_q, .q = q};
+  return StartAttendBatch(compute, holder, layer, absl::MakeConstSpan(&group, 1));
 }
 
 absl::Status InstancePool::AwaitAttend(InstanceId compute, uint64_t ticket, absl::Span<float> out,
                                        absl::Span<float> lse) {
+  return AwaitAttendBatch(compute, ticket, absl::MakeConstSpan(&out, 1),
+                          absl::MakeConstSpan(&lse, 1));
+}
+
+absl::StatusOr<uint64_t> InstancePool::StartAttendBatch(InstanceId compute, InstanceId holder,
+                                                        int32_t layer,
+                                                        absl::Span<const AttendGroup> groups) {
+  TOKENLAKE_RETURN_IF_ERROR(CheckDriver(compute, holder, "StartAttend"));
+  if (groups.empty()) return absl::InvalidArgumentError("StartAttend: no groups");
+  WireWriter w;
+  w.Put<int32_t>(layer);
+  w.Put<uint32_t>(static_cast<uint32_t>(groups.size()));
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const AttendGroup& group = groups[g];
+    if (group.segments.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("StartAttend: group %d has no segments", g));
+    }
+    if (group.num_q < 0 || group.q.size() != static_cast<size_t>(group.num_q) * options_.num_heads *
+                                                 static_cast<size_t>(options_.layout.head_dim)) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "StartAttend: group %d: %d query floats for %d tokens", g, group.q.size(), group.num_q));
+    }
+    w.Put<int32_t>(group.num_q);
+    std::vector<uint64_t> ids;
+    std::vector<int32_t> tokens;
+    for (const SegmentRef& s : group.segments) {
+      ids.push_back(s.id.value());
+      tokens.push_back(s.num_tokens);
+    }
+    w.PutArray<uint64_t>(ids);
+    w.PutArray<int32_t>(tokens);
+    w.PutArray<float>(group.q);
+  }
+  return Send(compute, holder, kAttendRequest, w.Take());
+}
+
+absl::Status InstancePool::AwaitAttendBatch(InstanceId compute, uint64_t ticket,
+                                            absl::Span<const absl::Span<float>> outs,
+                                            absl::Span<const absl::Span<float>> lses) {
   TOKENLAKE_ASSIGN_OR_RETURN(transport::Message m, AwaitReply(compute, ticket));
+  if (outs.size() != lses.size()) {
+    return absl::InvalidArgumentError("AwaitAttend: as many lse as out buffers are needed");
+  }
   WireReader r(m.payload);
   std::vector<float> o, l;
-  TOKENLAKE_RETURN_IF_ERROR(r.GetArray(&o, "out"));
-  TOKENLAKE_RETURN_IF_ERROR(r.GetArray(&l, "lse"));
-  if (o.size() != out.size() || l.size() != lse.size()) {
-    return absl::DataLossError(absl::StrFormat(
-        "attend reply from instance %d: %d/%d floats, expected %d/%d",
-        static_cast<int64_t>(m.from.value()), o.size(), l.size(), out.size(), lse.size()));
+  for (size_t g = 0; g < outs.size(); ++g) {
+    TOKENLAKE_RETURN_IF_ERROR(r.GetArray(&o, "out"));
+    TOKENLAKE_RETURN_IF_ERROR(r.GetArray(&l, "lse"));
+    if (o.size() != outs[g].size() || l.size() != lses[g].size()) {
+      return absl::DataLossError(
+          absl::StrFormat("attend reply from instance %d, group %d: %d/%d floats, expected %d/%d",
+                          static_cast<int64_t>(m.from.value()), g, o.size(), l.size(),
+                          outs[g].size(), lses[g].size()));
+    }
+    std::copy(o.begin(), o.end(), outs[g].begin());
+    std::copy(l.begin(), l.end(), lses[g].begin());
   }
-  std::copy(o.begin(), o.end(), out.begin());
-  std::copy(l.begin(), l.end(), lse.begin());
+  if (!r.done()) {
+    return absl::DataLossError(absl::StrFormat("attend reply from instance %d: trailing bytes",
+                                               static_cast<int64_t>(m.from.value())));
+  }
   return absl::OkStatus();
 }
 

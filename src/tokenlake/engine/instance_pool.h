@@ -8,7 +8,8 @@
 // Server operations (each a request message answered by one reply, or by an error reply carrying
 // the absl::Status):
 //   attend  partial attention (causal = false) of the sent queries over the named local segments
-//           of one layer -> (out, lse) (the query-movement path, TOKENLAKE.md 4.4/4.5);
+//           of one layer -> (out, lse) (the query-movement path, TOKENLAKE.md 4.4/4.5); one
+//           message carries the queries of every request of a batch that this holder serves;
 //   pull    the KV bytes of one local segment (the pull-KV path);
 //   store   write a new segment's KV into a slot (allocating it unless the control plane
 //           already did);
@@ -65,6 +66,14 @@ struct SegmentRef {
 // (invalid for a root child), its token count (0 = unknown) and the control plane's change
 // sequence number of the call that placed this copy (lake::CommitResult::sequence; 0 =
 // unknown).
+// One request's part of a batched attend call: its queries [num_q][num_heads][head_dim] and the
+// segments (held by the call's holder) they read.
+struct AttendGroup {
+  absl::Span<const SegmentRef> segments;
+  int32_t num_q = 0;
+  absl::Span<const float> q;
+};
+
 struct StoredMeta {
   SegmentId parent;
   int32_t num_tokens = 0;
@@ -165,6 +174,17 @@ class InstancePool {
   // store), DeadlineExceeded, DataLoss for a malformed reply.
   absl::Status AwaitAttend(InstanceId compute, uint64_t ticket, absl::Span<float> out,
                            absl::Span<float> lse);
+
+  // The queries of several requests (a batch's, at one layer) to one holder in ONE message;
+  // one reply carries every group's partial. StartAttend / AwaitAttend are the batch of one.
+  // Errors: as StartAttend / AwaitAttend, naming the group; the first group's error fails the
+  // whole call.
+  absl::StatusOr<uint64_t> StartAttendBatch(InstanceId compute, InstanceId holder, int32_t layer,
+                                            absl::Span<const AttendGroup> groups);
+  // outs[g] [num_q_g][num_heads][head_dim] and lses[g] [num_q_g][num_heads], per group.
+  absl::Status AwaitAttendBatch(InstanceId compute, uint64_t ticket,
+                                absl::Span<const absl::Span<float>> outs,
+                                absl::Span<const absl::Span<float>> lses);
 
   // The same computation on `holder`'s own store, in the calling thread (the kLocal path and
   // the server's implementation). Pins the segments for the duration of the call.

@@ -144,6 +144,64 @@ INSTANTIATE_TEST_SUITE_P(DtypesAndQueries, InstancePoolAttendTest,
                          testing::Combine(testing::Values(KvDtype::kFloat32, KvDtype::kBFloat16),
                                           testing::Values(1, 5)));
 
+// The queries of several requests to one holder in one message: each group's partial equals
+// the holder's local computation for that group alone, and the call is one message each way.
+TEST(InstancePoolTest, BatchedAttendIsOneMessageAndEqualsEachGroupAlone) {
+  const uint32_t seed = 4242;
+  SCOPED_TRACE(testing::Message() << "seed=" << seed);
+  std::mt19937 rng(seed);
+  auto pool = MakePool(2, KvDtype::kFloat32);
+  const attention::KvSlotLayout layout = Layout(KvDtype::kFloat32);
+  for (uint64_t id = 1; id <= 3; ++id) {
+    ASSERT_TRUE(
+        pool->StoreSegment(InstanceId(0), InstanceId(1), SegmentId(id), RandomSlot(layout, rng))
+            .ok());
+  }
+  const std::vector<SegmentRef> a = {{SegmentId(1), 4}, {SegmentId(2), 3}};
+  const std::vector<SegmentRef> b = {{SegmentId(3), 4}};
+  const int32_t qa = 3, qb = 1;
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::vector<float> q_a(static_cast<size_t>(qa) * 4 * 8), q_b(static_cast<size_t>(qb) * 4 * 8);
+  for (float& x : q_a) x = u(rng);
+  for (float& x : q_b) x = u(rng);
+  const std::vector<AttendGroup> groups = {{.segments = a, .num_q = qa, .q = q_a},
+                                           {.segments = b, .num_q = qb, .q = q_b}};
+  const int64_t before = pool->transport().messages_sent(pool->DriverEndpoint(InstanceId(0)));
+  auto ticket = pool->StartAttendBatch(InstanceId(0), InstanceId(1), 1, groups);
+  ASSERT_TRUE(ticket.ok()) << ticket.status();
+  std::vector<float> out_a(q_a.size()), lse_a(qa * 4), out_b(q_b.size()), lse_b(qb * 4);
+  const std::vector<absl::Span<float>> outs = {absl::MakeSpan(out_a), absl::MakeSpan(out_b)};
+  const std::vector<absl::Span<float>> lses = {absl::MakeSpan(lse_a), absl::MakeSpan(lse_b)};
+  ASSERT_TRUE(pool->AwaitAttendBatch(InstanceId(0), *ticket, outs, lses).ok());
+  EXPECT_EQ(pool->transport().messages_sent(pool->DriverEndpoint(InstanceId(0))) - before, 1);
+  std::vector<float> ref_out(q_a.size()), ref_lse(qa * 4);
+  ASSERT_TRUE(pool->LocalAttend(InstanceId(1), 1, a, qa, q_a, absl::MakeSpan(ref_out),
+                                absl::MakeSpan(ref_lse))
+                  .ok());
+  EXPECT_EQ(out_a, ref_out);
+  EXPECT_EQ(lse_a, ref_lse);
+  std::vector<float> ref_out_b(q_b.size()), ref_lse_b(qb * 4);
+  ASSERT_TRUE(pool->LocalAttend(InstanceId(1), 1, b, qb, q_b, absl::MakeSpan(ref_out_b),
+                                absl::MakeSpan(ref_lse_b))
+                  .ok());
+  EXPECT_EQ(out_b, ref_out_b);
+  EXPECT_EQ(lse_b, ref_lse_b);
+  // A bad group is named; a group whose segment is missing fails the call with the holder's
+  // error.
+  const std::vector<AttendGroup> bad = {{.segments = a, .num_q = qa, .q = q_a},
+                                        {.segments = b, .num_q = 2, .q = q_b}};
+  const absl::Status s = pool->StartAttendBatch(InstanceId(0), InstanceId(1), 1, bad).status();
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("group 1"), std::string::npos) << s;
+  const std::vector<SegmentRef> missing = {{SegmentId(99), 4}};
+  const std::vector<AttendGroup> gone = {{.segments = a, .num_q = qa, .q = q_a},
+                                         {.segments = missing, .num_q = qb, .q = q_b}};
+  auto t2 = pool->StartAttendBatch(InstanceId(0), InstanceId(1), 1, gone);
+  ASSERT_TRUE(t2.ok());
+  EXPECT_EQ(pool->AwaitAttendBatch(InstanceId(0), *t2, outs, lses).code(),
+            absl::StatusCode::kNotFound);
+}
+
 TEST(InstancePoolTest, ErrorsComeBackAsStatusesNamingTheInstance) {
   auto pool = MakePool(2, KvDtype::kFloat32, /*slots=*/1);
   std::mt19937 rng(1);

@@ -58,29 +58,50 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromSafetensors(
 absl::StatusOr<std::vector<float>> LlamaModel::Forward(absl::Span<const int32_t> tokens,
                                                        int64_t start_pos,
                                                        AttentionBackend& backend) const {
-  const LlamaConfig& c = config_;
   if (tokens.empty()) return absl::InvalidArgumentError("LlamaModel::Forward: no tokens");
-  if (start_pos < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("LlamaModel::Forward: start_pos %d < 0", start_pos));
-  }
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    if (tokens[i] < 0 || tokens[i] >= c.vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("LlamaModel::Forward: token %d at index %d is outside the vocabulary "
-                          "[0, %d)",
-                          tokens[i], i, c.vocab_size));
+  const BatchSequence one{.tokens = tokens, .start_pos = start_pos, .backend = &backend};
+  TOKENLAKE_ASSIGN_OR_RETURN(std::vector<std::vector<float>> logits,
+                             ForwardBatch(absl::MakeConstSpan(&one, 1)));
+  return std::move(logits[0]);
+}
+
+absl::StatusOr<std::vector<std::vector<float>>> LlamaModel::ForwardBatch(
+    absl::Span<const BatchSequence> batch, BatchAttention* joint) const {
+  const LlamaConfig& c = config_;
+  if (batch.empty()) return absl::InvalidArgumentError("LlamaModel::Forward: empty batch");
+  std::vector<int64_t> first(batch.size() + 1, 0);  // first row of each sequence
+  for (size_t b = 0; b < batch.size(); ++b) {
+    const BatchSequence& sq = batch[b];
+    if (sq.tokens.empty() || (sq.backend == nullptr && joint == nullptr)) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "LlamaModel::Forward: sequence %d of the batch has no tokens or no backend", b));
     }
+    if (sq.start_pos < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("LlamaModel::Forward: start_pos %d < 0 (sequence %d)", sq.start_pos, b));
+    }
+    for (size_t i = 0; i < sq.tokens.size(); ++i) {
+      if (sq.tokens[i] < 0 || sq.tokens[i] >= c.vocab_size) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("LlamaModel::Forward: token %d at index %d of sequence %d is outside "
+                            "the vocabulary [0, %d)",
+                            sq.tokens[i], i, b, c.vocab_size));
+      }
+    }
+    first[b + 1] = first[b] + static_cast<int64_t>(sq.tokens.size());
   }
-  const int32_t n = static_cast<int32_t>(tokens.size());
+  const int32_t n = static_cast<int32_t>(first.back());
   const size_t h = static_cast<size_t>(c.hidden_size);
   const int32_t qd = c.num_heads * c.head_dim;
   const int32_t kvd = c.num_kv_heads * c.head_dim;
   const int32_t inter = c.intermediate_size;
 
   std::vector<float> x(n * h);
-  for (int32_t t = 0; t < n; ++t) {
-    std::copy_n(embed_.data() + static_cast<size_t>(tokens[t]) * h, h, x.data() + t * h);
+  for (size_t b = 0; b < batch.size(); ++b) {
+    for (size_t t = 0; t < batch[b].tokens.size(); ++t) {
+      std::copy_n(embed_.data() + static_cast<size_t>(batch[b].tokens[t]) * h, h,
+                  x.data() + (static_cast<size_t>(first[b]) + t) * h);
+    }
   }
   std::vector<float> normed(n * h), q(static_cast<size_t>(n) * qd), k(static_cast<size_t>(n) * kvd),
       v(static_cast<size_t>(n) * kvd), attn(static_cast<size_t>(n) * qd), proj(n * h),
@@ -91,9 +112,28 @@ absl::StatusOr<std::vector<float>> LlamaModel::Forward(absl::Span<const int32_t>
     Linear(normed, n, c.hidden_size, w.q_proj, qd, absl::MakeSpan(q));
     Linear(normed, n, c.hidden_size, w.k_proj, kvd, absl::MakeSpan(k));
     Linear(normed, n, c.hidden_size, w.v_proj, kvd, absl::MakeSpan(v));
-    ApplyRope(absl::MakeSpan(q), n, c.num_heads, c.head_dim, start_pos, inv_freq_);
-    ApplyRope(absl::MakeSpan(k), n, c.num_kv_heads, c.head_dim, start_pos, inv_freq_);
-    TOKENLAKE_RETURN_IF_ERROR(backend.Attend(l, n, q, k, v, absl::MakeSpan(attn)));
+    // Positions and attention are per sequence; everything else is per row.
+    std::vector<AttendCall> calls;
+    for (size_t b = 0; b < batch.size(); ++b) {
+      const int32_t m = static_cast<int32_t>(first[b + 1] - first[b]);
+      const size_t q0 = static_cast<size_t>(first[b]) * qd;
+      const size_t k0 = static_cast<size_t>(first[b]) * kvd;
+      const absl::Span<float> qb = absl::MakeSpan(q).subspan(q0, static_cast<size_t>(m) * qd);
+      const absl::Span<float> kb = absl::MakeSpan(k).subspan(k0, static_cast<size_t>(m) * kvd);
+      ApplyRope(qb, m, c.num_heads, c.head_dim, batch[b].start_pos, inv_freq_);
+      ApplyRope(kb, m, c.num_kv_heads, c.head_dim, batch[b].start_pos, inv_freq_);
+      const AttendCall call{.num_tokens = m,
+                            .q = qb,
+                            .k = kb,
+                            .v = absl::MakeConstSpan(v).subspan(k0, static_cast<size_t>(m) * kvd),
+                            .out = absl::MakeSpan(attn).subspan(q0, static_cast<size_t>(m) * qd)};
+      if (joint != nullptr) {
+        calls.push_back(call);
+      } else {
+        TOKENLAKE_RETURN_IF_ERROR(batch[b].backend->Attend(l, m, call.q, call.k, call.v, call.out));
+      }
+    }
+    if (joint != nullptr) TOKENLAKE_RETURN_IF_ERROR(joint->AttendBatch(l, calls));
     Linear(attn, n, qd, w.o_proj, c.hidden_size, absl::MakeSpan(proj));
     for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
     RmsNorm(x, w.post_norm, c.rms_norm_eps, absl::MakeSpan(normed));
@@ -103,13 +143,17 @@ absl::StatusOr<std::vector<float>> LlamaModel::Forward(absl::Span<const int32_t>
     Linear(gate, n, inter, w.down_proj, c.hidden_size, absl::MakeSpan(proj));
     for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
   }
-  // Only the last token's logits are needed.
+  // Only each sequence's last token's logits are needed.
+  std::vector<std::vector<float>> logits(batch.size());
   std::vector<float> last(h);
-  RmsNorm(absl::MakeConstSpan(x).subspan((n - 1) * h, h), final_norm_, c.rms_norm_eps,
-          absl::MakeSpan(last));
-  std::vector<float> logits(static_cast<size_t>(c.vocab_size));
-  Linear(last, 1, c.hidden_size, lm_head_.empty() ? embed_ : lm_head_, c.vocab_size,
-         absl::MakeSpan(logits));
+  for (size_t b = 0; b < batch.size(); ++b) {
+    if (!batch[b].want_logits) continue;
+    RmsNorm(absl::MakeConstSpan(x).subspan(static_cast<size_t>(first[b + 1] - 1) * h, h),
+            final_norm_, c.rms_norm_eps, absl::MakeSpan(last));
+    logits[b].resize(static_cast<size_t>(c.vocab_size));
+    Linear(last, 1, c.hidden_size, lm_head_.empty() ? embed_ : lm_head_, c.vocab_size,
+           absl::MakeSpan(logits[b]));
+  }
   return logits;
 }
 

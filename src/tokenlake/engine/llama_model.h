@@ -42,6 +42,34 @@ class AttentionBackend {
                               absl::Span<float> out) = 0;
 };
 
+// One sequence's attention at one layer, as AttentionBackend::Attend's arguments.
+struct AttendCall {
+  int32_t num_tokens = 0;
+  absl::Span<const float> q;
+  absl::Span<const float> k;
+  absl::Span<const float> v;
+  absl::Span<float> out;
+};
+
+// The attention of a whole batch at one layer in one call (so that an implementation can move
+// the batch's queries together, e.g. one message per holder of pooled KV). calls[i] is
+// sequence i of the batch.
+class BatchAttention {
+ public:
+  virtual ~BatchAttention() = default;
+  virtual absl::Status AttendBatch(int32_t layer, absl::Span<const AttendCall> calls) = 0;
+};
+
+// One sequence of a ragged batch (LlamaModel::ForwardBatch): its new tokens, the position of
+// the first, where its attention runs, and whether its last token's logits are wanted (a
+// prefill chunk that does not end the prompt needs none).
+struct BatchSequence {
+  absl::Span<const int32_t> tokens;
+  int64_t start_pos = 0;
+  AttentionBackend* backend = nullptr;
+  bool want_logits = true;
+};
+
 class LlamaModel {
  public:
   struct LayerWeights {
@@ -80,6 +108,17 @@ class LlamaModel {
   //   start_pos < 0); any backend error.
   absl::StatusOr<std::vector<float>> Forward(absl::Span<const int32_t> tokens, int64_t start_pos,
                                              AttentionBackend& backend) const;
+
+  // One forward over a ragged batch: the dense layers run once over all the batch's tokens
+  // (one matmul per weight), attention runs per sequence on its own backend. Returns per
+  // sequence the logits [vocab_size] of its last token (empty where want_logits is false).
+  // Each sequence's result equals its own Forward (the dense ops are row-independent).
+  // With `joint`, every layer's attention of the whole batch is one joint->AttendBatch call
+  // (the sequences' backends are then unused and may be null).
+  // Errors: InvalidArgument (empty batch, a sequence with no tokens or, without `joint`, a null
+  //   backend, a bad token naming its sequence and index, start_pos < 0); any backend error.
+  absl::StatusOr<std::vector<std::vector<float>>> ForwardBatch(
+      absl::Span<const BatchSequence> batch, BatchAttention* joint = nullptr) const;
 
  private:
   explicit LlamaModel(const LlamaConfig& config) : config_(config) {}

@@ -56,26 +56,44 @@ void ApplyRope(absl::Span<float> x, int32_t num_tokens, int32_t num_heads, int32
   }
 }
 
+namespace {
+
+// y[t][o] for the rows t of [t0, t0 + R): each weight row is read once for the R rows. Every
+// row's sum is formed in the same order whatever R (8 strided accumulators, then a fixed tree,
+// then the remainder), so a row's result does not depend on the rows batched with it.
+template <int R>
+void LinearRows(const float* x, int32_t t0, int32_t in, absl::Span<const float> w, int32_t out,
+                float* y) {
+  for (int32_t o = 0; o < out; ++o) {
+    const float* wr = w.data() + static_cast<size_t>(o) * in;
+    float acc[R][8] = {};
+    int32_t i = 0;
+    for (; i + 8 <= in; i += 8) {
+      for (int r = 0; r < R; ++r) {
+        const float* xr = x + static_cast<size_t>(t0 + r) * in;
+        for (int k = 0; k < 8; ++k) acc[r][k] += xr[i + k] * wr[i + k];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + static_cast<size_t>(t0 + r) * in;
+      const float* a = acc[r];
+      float sum = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+      for (int32_t j = i; j < in; ++j) sum += xr[j] * wr[j];
+      y[static_cast<size_t>(t0 + r) * out + o] = sum;
+    }
+  }
+}
+
+}  // namespace
+
 void Linear(absl::Span<const float> x, int32_t n, int32_t in, absl::Span<const float> w,
             int32_t out, absl::Span<float> y) {
   TOKENLAKE_CHECK(x.size() == static_cast<size_t>(n) * in);
   TOKENLAKE_CHECK(w.size() == static_cast<size_t>(out) * in);
   TOKENLAKE_CHECK(y.size() == static_cast<size_t>(n) * out);
-  for (int32_t t = 0; t < n; ++t) {
-    const float* xr = x.data() + static_cast<size_t>(t) * in;
-    float* yr = y.data() + static_cast<size_t>(t) * out;
-    for (int32_t o = 0; o < out; ++o) {
-      const float* wr = w.data() + static_cast<size_t>(o) * in;
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int32_t i = 0;
-      for (; i + 8 <= in; i += 8) {
-        for (int k = 0; k < 8; ++k) acc[k] += xr[i + k] * wr[i + k];
-      }
-      float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-      for (; i < in; ++i) sum += xr[i] * wr[i];
-      yr[o] = sum;
-    }
-  }
+  int32_t t = 0;
+  for (; t + 4 <= n; t += 4) LinearRows<4>(x.data(), t, in, w, out, y.data());
+  for (; t < n; ++t) LinearRows<1>(x.data(), t, in, w, out, y.data());
 }
 
 float Silu(float x) { return x / (1.0f + std::exp(-x)); }

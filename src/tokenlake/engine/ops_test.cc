@@ -3,6 +3,7 @@
 #include "tokenlake/engine/ops.h"
 
 #include <cmath>
+#include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -54,6 +55,35 @@ TEST(OpsTest, RopeRotatesHalvesByPositionTimesFrequency) {
   ApplyRope(absl::MakeSpan(y), 1, 1, 4, 3, inv);
   const float pos3[4] = {-1.41335252f, 1.87911807f, -2.82885748f, 4.05819114f};
   for (int i = 0; i < 4; ++i) EXPECT_NEAR(y[i], pos3[i], 2e-6) << i;
+}
+
+// Rows are computed in blocks of 4 (each weight row read once per block); a row's result must
+// not depend on the rows batched with it: bit-identical to the same row alone.
+TEST(OpsTest, LinearRowDoesNotDependOnItsBatch) {
+  std::mt19937 rng(31);
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  for (int32_t in : {5, 8, 37}) {
+    const int32_t n = 11, out = 6;
+    std::vector<float> x(static_cast<size_t>(n) * in), w(static_cast<size_t>(out) * in);
+    for (float& v : x) v = u(rng);
+    for (float& v : w) v = u(rng);
+    std::vector<float> y(static_cast<size_t>(n) * out);
+    Linear(x, n, in, w, out, absl::MakeSpan(y));
+    for (int32_t t = 0; t < n; ++t) {
+      std::vector<float> alone(static_cast<size_t>(out));
+      Linear(absl::MakeConstSpan(x).subspan(static_cast<size_t>(t) * in, in), 1, in, w, out,
+             absl::MakeSpan(alone));
+      for (int32_t o = 0; o < out; ++o) {
+        EXPECT_EQ(y[static_cast<size_t>(t) * out + o], alone[static_cast<size_t>(o)])
+            << "row " << t << " out " << o << " in " << in;
+        double ref = 0;
+        for (int32_t i = 0; i < in; ++i) {
+          ref += double{x[static_cast<size_t>(t) * in + i]} * w[static_cast<size_t>(o) * in + i];
+        }
+        EXPECT_NEAR(alone[static_cast<size_t>(o)], ref, 1e-5);
+      }
+    }
+  }
 }
 
 TEST(OpsTest, LinearIsXTimesWTransposed) {

@@ -6,7 +6,9 @@
 //   - pulled segments (kPullKv): partial over the KV copied at the start of the iteration;
 //   - the tail (the sequence's tokens after the pooled prefix, float32, kept by the computing
 //     instance) plus the new tokens: causal partial (q_start_pos = tail length before them).
-// All partials are merged with log-sum-exp (attention::MergePartialsInPlace).
+// All partials are merged with log-sum-exp (attention::MergePartialsInPlace). A whole batch's
+// attention at one layer runs through AttendBatch, which sends each holder the queries of every
+// request it serves in one message.
 //
 // Thread-safety: not thread-safe (the driver thread of the computing instance).
 #ifndef TOKENLAKE_ENGINE_POOL_BACKEND_H_
@@ -14,10 +16,13 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "tokenlake/base/ids.h"
 #include "tokenlake/engine/instance_pool.h"
+#include "tokenlake/engine/iteration_loop.h"
 #include "tokenlake/engine/llama_config.h"
 #include "tokenlake/engine/llama_model.h"
 
@@ -62,6 +67,13 @@ class PoolBackend final : public AttentionBackend {
                       absl::Span<const float> k, absl::Span<const float> v,
                       absl::Span<float> out) override;
 
+  // The attention of a batch at one layer: calls[i] for backends[i] (all over the same pool).
+  // The queries of every sequence served by a holder go to it in ONE message per (computing
+  // instance, holder) pair (InstancePool::StartAttendBatch); each sequence's own partials are
+  // computed meanwhile; then every sequence merges its partials. Attend is the batch of one.
+  static absl::Status AttendBatch(absl::Span<PoolBackend* const> backends, int32_t layer,
+                                  absl::Span<const AttendCall> calls);
+
  private:
   InstancePool* pool_;
   LlamaConfig config_;
@@ -71,6 +83,42 @@ class PoolBackend final : public AttentionBackend {
   std::vector<PulledSegment> pulled_;
   SequenceTail* tail_;
   PoolTraffic* traffic_;
+};
+
+// The CPU engine's IterationExecutor: the model (LlamaModel::ForwardBatch, one forward over the
+// batch's tokens) over the InstancePool's data plane, each request attending through its own
+// PoolBackend built from its plan (kPullKv segments pulled first, kMoveQueries holders sent the
+// queries per layer). Tails are float32, per request.
+//
+// Thread-safety: not thread-safe (the driver thread of the computing instances).
+class PoolExecutor final : public IterationExecutor {
+ public:
+  // Borrowed, must outlive the executor.
+  PoolExecutor(const LlamaModel* model, InstancePool* pool) : model_(model), pool_(pool) {}
+
+  absl::Status BeginSequence(RequestId request, int64_t max_tokens) override;
+  DataPlaneCounters EndSequence(RequestId request) override;
+  absl::Status DropTailRows(RequestId request, int64_t rows) override;
+  absl::StatusOr<std::vector<std::vector<float>>> Run(
+      absl::Span<const IterationWork> batch) override;
+  absl::StatusOr<int64_t> StoreSegment(RequestId request, InstanceId compute, int64_t first_row,
+                                       InstanceId target, SegmentId segment,
+                                       const StoredMeta& meta) override;
+  absl::Status FreeSegment(InstanceId compute, InstanceId target, SegmentId segment,
+                           uint64_t evicted_at) override;
+
+ private:
+  struct Sequence {
+    SequenceTail tail;
+    PoolTraffic traffic;
+    int64_t pulled_segments = 0;
+    int64_t pulled_bytes = 0;
+  };
+  absl::StatusOr<Sequence*> Find(RequestId request);
+
+  const LlamaModel* model_;
+  InstancePool* pool_;
+  absl::flat_hash_map<RequestId, std::unique_ptr<Sequence>> sequences_;
 };
 
 }  // namespace tokenlake::engine

@@ -1,7 +1,10 @@
 // The coordinator and instance servers in one process (real gRPC, HTTP and TCP on 127.0.0.1,
 // no child processes), so that the daemons' code also runs under ASan/UBSan in CI (the
 // process-level tests in tests/service_cluster_test.cc are labelled slow).
+#include <iostream>
 #include <memory>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/time/clock.h"
@@ -254,20 +257,20 @@ TEST_F(InProcessClusterTest, RebalancedHeavyHitterSurvivesTheLossOfAHolder) {
   EXPECT_EQ(r->cached_tokens, 32);  // served by the surviving replica
 }
 
-// The control plane's round trips per request: one plan call per iteration (PlanIteration for
-// the prefill, ReleaseAndPlan for every later one), one Release at the end, and a Commit only
-// for the iterations that complete a segment (3 x 20 = 60 calls per request before).
+// The control plane's round trips per request served alone: one PlanBatch per iteration (each
+// releasing the iteration before), one Release at the end, and a Commit only for the
+// iterations that complete a segment (3 x 20 = 60 calls per request before).
 TEST_F(InProcessClusterTest, OneLakeRpcPerIterationPlusTheFinalReleaseAndTheCommits) {
   auto rpcs = [&](const char* call) {
     return MetricValue(coordinator_->MetricsText(),
                        std::string("tokenlake_lake_rpcs_total{call=\"") + call + "\"}");
   };
   struct Counts {
-    double plan, fused, release, commit;
+    double plan, fused, batch, release, commit;
   };
   auto counts = [&] {
-    return Counts{rpcs("plan_iteration"), rpcs("release_and_plan"), rpcs("release"),
-                  rpcs("commit")};
+    return Counts{rpcs("plan_iteration"), rpcs("release_and_plan"), rpcs("plan_batch"),
+                  rpcs("release"), rpcs("commit")};
   };
   const int32_t m = 20;
   // Request 1 on an empty pool: Prompt(0) has 47 tokens, 16-token segments. The prefill
@@ -284,8 +287,9 @@ TEST_F(InProcessClusterTest, OneLakeRpcPerIterationPlusTheFinalReleaseAndTheComm
     EXPECT_EQ(r->tokens, Expected(Prompt(i), m));
     EXPECT_EQ(r->cached_tokens, i == 0 ? 0 : 32);
     const Counts after = counts();
-    EXPECT_EQ(after.plan - before.plan, 1);
-    EXPECT_EQ(after.fused - before.fused, m - 1);
+    EXPECT_EQ(after.batch - before.batch, m);
+    EXPECT_EQ(after.plan - before.plan, 0);
+    EXPECT_EQ(after.fused - before.fused, 0);
     EXPECT_EQ(after.release - before.release, 1);
     EXPECT_EQ(after.commit - before.commit, want_commits[i]);
   }
@@ -293,6 +297,40 @@ TEST_F(InProcessClusterTest, OneLakeRpcPerIterationPlusTheFinalReleaseAndTheComm
   EXPECT_EQ(MetricValue(metrics, "tokenlake_lake_active_requests"), 0);
   EXPECT_EQ(MetricValue(metrics, "tokenlake_pool_pinned_segments"), 0);
   EXPECT_EQ(MetricValue(metrics, "tokenlake_lake_plan_iterations_total"), 2 * m);
+}
+
+// Requests sent at once are batched on their instances (continuous batching): each answer is
+// still the reference's, and the instances make fewer PlanBatch calls than the request
+// iterations they plan (one call carries several requests).
+TEST_F(InProcessClusterTest, ConcurrentRequestsAreBatchedAndStillCorrect) {
+  auto rpcs = [&](const std::string& name) {
+    return MetricValue(coordinator_->MetricsText(), name);
+  };
+  const double batches_before = rpcs("tokenlake_lake_rpcs_total{call=\"plan_batch\"}");
+  const double iterations_before = rpcs("tokenlake_lake_plan_iterations_total");
+  const int kRequests = 8;
+  const int32_t m = 12;
+  std::vector<absl::StatusOr<CompletionResult>> results(kRequests, absl::UnknownError("not run"));
+  std::vector<std::thread> clients;
+  for (int i = 0; i < kRequests; ++i) {
+    clients.emplace_back([&, i] {
+      results[static_cast<size_t>(i)] =
+          coordinator_->Complete({.prompt = Prompt(100 + i), .max_tokens = m});
+    });
+  }
+  for (std::thread& t : clients) t.join();
+  for (int i = 0; i < kRequests; ++i) {
+    SCOPED_TRACE(testing::Message() << "request " << i);
+    ASSERT_TRUE(results[static_cast<size_t>(i)].ok()) << results[static_cast<size_t>(i)].status();
+    EXPECT_EQ(results[static_cast<size_t>(i)]->tokens, Expected(Prompt(100 + i), m));
+  }
+  const double batches = rpcs("tokenlake_lake_rpcs_total{call=\"plan_batch\"}") - batches_before;
+  const double iterations = rpcs("tokenlake_lake_plan_iterations_total") - iterations_before;
+  std::cout << kRequests << " concurrent requests: " << iterations << " request iterations in "
+            << batches << " PlanBatch calls\n";
+  EXPECT_GE(iterations, kRequests * m);
+  EXPECT_LT(batches, iterations);
+  EXPECT_EQ(MetricValue(coordinator_->MetricsText(), "tokenlake_pool_pinned_segments"), 0);
 }
 
 }  // namespace

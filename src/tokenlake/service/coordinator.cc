@@ -119,7 +119,14 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   ~Impl() override { Shutdown(); }
 
   // The Lake RPCs served, by kind (tokenlake_lake_rpcs_total{call=...}).
-  enum LakeRpc { kPlanIterationRpc, kCommitRpc, kReleaseRpc, kReleaseAndPlanRpc, kNumLakeRpcs };
+  enum LakeRpc {
+    kPlanIterationRpc,
+    kCommitRpc,
+    kReleaseRpc,
+    kReleaseAndPlanRpc,
+    kPlanBatchRpc,
+    kNumLakeRpcs
+  };
 
   // The engines' per-iteration calls (service Lake), forwarded to the Impl.
   class LakeService final : public v1::Lake::Service {
@@ -142,6 +149,10 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     grpc::Status ReleaseAndPlan(grpc::ServerContext*, const v1::ReleaseAndPlanRequest* request,
                                 v1::PlanIterationReply* reply) override {
       return impl_->ReleaseAndPlan(*request, reply);
+    }
+    grpc::Status PlanBatch(grpc::ServerContext*, const v1::PlanBatchRequest* request,
+                           v1::PlanBatchReply* reply) override {
+      return impl_->PlanBatch(*request, reply);
     }
 
    private:
@@ -373,6 +384,41 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       return ToGrpc(released);
     }
     return PlanIterationLocked(request.plan(), reply);
+  }
+
+  // Under one hold of lake_mu_: the releases of ids not planned here, then per request its own
+  // release (if listed) and its PlanIteration, so that no other request of the batch can evict
+  // its prefix in between. A request whose own release failed (NotFound: not active any more,
+  // e.g. a given-up attempt) is not planned, as in ReleaseAndPlan; a failed release of an id
+  // not planned here is ignored.
+  grpc::Status PlanBatch(const v1::PlanBatchRequest& request, v1::PlanBatchReply* reply) {
+    lake_rpcs_[kPlanBatchRpc].fetch_add(1, std::memory_order_relaxed);
+    absl::MutexLock lake_lock(&lake_mu_);
+    absl::flat_hash_set<uint64_t> planned, own;
+    for (const v1::PlanIterationRequest& plan : request.plans()) planned.insert(plan.request_id());
+    for (uint64_t id : request.release_request_ids()) {
+      if (planned.contains(id)) {
+        own.insert(id);
+      } else {
+        lake_->Release(RequestId(id)).IgnoreError();
+      }
+    }
+    for (const v1::PlanIterationRequest& plan : request.plans()) {
+      v1::PlanBatchEntry* e = reply->add_entries();
+      absl::Status s = absl::OkStatus();
+      if (own.contains(plan.request_id())) s = lake_->Release(RequestId(plan.request_id()));
+      if (s.ok()) {
+        if (grpc::Status g = PlanIterationLocked(plan, e->mutable_plan()); !g.ok()) {
+          s = absl::Status(static_cast<absl::StatusCode>(g.error_code()), g.error_message());
+        }
+      }
+      if (!s.ok()) {
+        e->clear_plan();
+        e->set_status_code(static_cast<int32_t>(s.code()));
+        e->set_error_message(std::string(s.message()));
+      }
+    }
+    return grpc::Status::OK;
   }
 
   grpc::Status PlanIterationLocked(const v1::PlanIterationRequest& request,
@@ -1084,6 +1130,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
              "iteration completed a segment).");
     const std::pair<const char*, LakeRpc> calls[] = {{"plan_iteration", kPlanIterationRpc},
                                                      {"release_and_plan", kReleaseAndPlanRpc},
+                                                     {"plan_batch", kPlanBatchRpc},
                                                      {"commit", kCommitRpc},
                                                      {"release", kReleaseRpc}};
     for (const auto& [call, rpc] : calls) {

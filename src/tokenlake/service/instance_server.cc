@@ -292,7 +292,11 @@ class InstanceServer::Impl {
     }
   }
 
+  // The worker: takes generate requests off the transport into the engine's iteration loop
+  // (continuous batching: requests join while others run) and steps the loop while it has
+  // work, replying to each request when it finishes.
   void WorkLoop() {
+    std::shared_ptr<DataPlane> active;  // the data plane whose engine holds in_flight_
     while (!stopping_.load()) {
       int32_t id;
       {
@@ -303,28 +307,132 @@ class InstanceServer::Impl {
         absl::SleepFor(absl::Milliseconds(10));
         continue;
       }
-      absl::StatusOr<transport::Message> m =
-          tcp_->Receive(InstanceId(id + 1), absl::Milliseconds(50));
-      if (!m.ok()) {
-        if (m.status().code() == absl::StatusCode::kCancelled) return;
-        continue;
+      std::shared_ptr<DataPlane> dp = Data();
+      if (dp != active) {
+        // A rebuilt data plane: what the old engine held is gone with it.
+        for (auto& [request, f] : in_flight_) {
+          SendReply(f.message,
+                    Failed(absl::UnavailableError("the instance's data plane was rebuilt")));
+        }
+        in_flight_.clear();
+        active = dp;
       }
-      if (m->tag == kRebalanceTag) {
-        ApplyRebalance(*m);
-        continue;
+      const bool busy = dp != nullptr && !dp->engine->idle();
+      // Take what has arrived (a bounded number, so that the loop keeps stepping), waiting only
+      // when there is nothing to compute.
+      for (int taken = 0; taken < 64; ++taken) {
+        absl::StatusOr<transport::Message> m = tcp_->Receive(
+            InstanceId(id + 1), busy || taken > 0 ? absl::ZeroDuration() : absl::Milliseconds(50));
+        if (!m.ok()) {
+          if (m.status().code() == absl::StatusCode::kCancelled) return;
+          break;
+        }
+        if (m->tag == kRebalanceTag) {
+          ApplyRebalance(*m);
+        } else if (m->tag == kGenerateRequestTag) {
+          Accept(*m);
+        }
       }
-      if (m->tag != kGenerateRequestTag) continue;
-      v1::GenerateReply reply = Serve(*m);
-      std::string bytes = reply.SerializeAsString();
-      transport::Message out;
-      out.from = m->to;
-      out.to = InstanceId(0);
-      out.tag = kGenerateReplyTag;
-      out.correlation_id = m->correlation_id;
-      out.payload.resize(bytes.size());
-      std::memcpy(out.payload.data(), bytes.data(), bytes.size());
-      tcp_->Send(std::move(out)).IgnoreError();  // the coordinator's deadline covers a loss
+      if (dp == nullptr || dp->engine->idle()) continue;
+      for (auto& [request, result] : dp->engine->Step()) Complete(*dp, request, result);
     }
+  }
+
+  struct InFlight {
+    transport::Message message;  // the request (for the reply's addressing)
+    absl::Time start;
+  };
+
+  void SendReply(const transport::Message& m, const v1::GenerateReply& reply) {
+    std::string bytes = reply.SerializeAsString();
+    transport::Message out;
+    out.from = m.to;
+    out.to = InstanceId(0);
+    out.tag = kGenerateReplyTag;
+    out.correlation_id = m.correlation_id;
+    out.payload.resize(bytes.size());
+    std::memcpy(out.payload.data(), bytes.data(), bytes.size());
+    tcp_->Send(std::move(out)).IgnoreError();  // the coordinator's deadline covers a loss
+  }
+
+  v1::GenerateReply Failed(const absl::Status& s) {
+    v1::GenerateReply reply;
+    reply.set_status_code(static_cast<int32_t>(s.code()));
+    reply.set_error_message(std::string(s.message()));
+    *reply.mutable_state() = State();
+    return reply;
+  }
+
+  // Checks a generate request and submits it to the engine, or replies with its error.
+  void Accept(const transport::Message& m) {
+    auto fail = [&](const absl::Status& s) { SendReply(m, Failed(s)); };
+    v1::GenerateRequest request;
+    if (!request.ParseFromArray(m.payload.data(), static_cast<int>(m.payload.size()))) {
+      return fail(absl::InvalidArgumentError("malformed generate request"));
+    }
+    if (absl::ToUnixMillis(absl::Now()) > request.deadline_unix_ms()) {
+      return fail(absl::DeadlineExceededError("request expired in the instance's queue"));
+    }
+    const engine::LlamaConfig& config = model_->config();
+    const int64_t total = static_cast<int64_t>(request.prompt_size()) + request.max_tokens();
+    if (request.prompt_size() == 0 || request.max_tokens() < 1 ||
+        (config.max_position_embeddings > 0 && total > config.max_position_embeddings)) {
+      return fail(absl::InvalidArgumentError(absl::StrFormat(
+          "prompt of %d tokens with max_tokens %d does not fit the context of %d",
+          request.prompt_size(), request.max_tokens(), config.max_position_embeddings)));
+    }
+    if (request.request_id() == 0) {
+      return fail(absl::InvalidArgumentError("generate request without a lake request id"));
+    }
+    std::shared_ptr<DataPlane> dp = Data();
+    if (dp == nullptr) return fail(absl::UnavailableError("the data plane is not ready yet"));
+    std::vector<int32_t> prompt(request.prompt().begin(), request.prompt().end());
+    const RequestId rid(request.request_id());
+    if (in_flight_.contains(rid.value())) {
+      return fail(absl::AlreadyExistsError(
+          absl::StrFormat("request %d is already running here", rid.value())));
+    }
+    if (absl::Status s = dp->engine->Submit(rid, prompt, request.max_tokens()); !s.ok()) {
+      return fail(s);
+    }
+    in_flight_[rid.value()] = InFlight{.message = m, .start = absl::Now()};
+  }
+
+  // Replies to a finished request and counts its traffic.
+  void Complete(DataPlane& dp, RequestId request, const absl::StatusOr<engine::GenerateResult>& r) {
+    (void)dp;
+    auto it = in_flight_.find(request.value());
+    if (it == in_flight_.end()) return;
+    const InFlight f = std::move(it->second);
+    in_flight_.erase(it);
+    served_.fetch_add(1);
+    if (r.ok()) {
+      absl::MutexLock lock(&traffic_mu_);
+      traffic_.set_remote_attend_calls(traffic_.remote_attend_calls() + r->remote_attend_calls);
+      traffic_.set_query_bytes_out(traffic_.query_bytes_out() + r->query_bytes_out);
+      traffic_.set_partial_bytes_back(traffic_.partial_bytes_back() + r->partial_bytes_back);
+      traffic_.set_pulled_segments(traffic_.pulled_segments() + r->pulled_segments);
+      traffic_.set_pulled_bytes(traffic_.pulled_bytes() + r->pulled_bytes);
+      traffic_.set_remote_stored_segments(traffic_.remote_stored_segments() +
+                                          r->remote_stored_segments);
+      traffic_.set_remote_stored_bytes(traffic_.remote_stored_bytes() + r->remote_stored_bytes);
+    }
+    RefreshState();
+    if (!r.ok()) return SendReply(f.message, Failed(r.status()));
+    v1::GenerateReply reply;
+    v1::InstanceTraffic* t = reply.mutable_traffic();
+    t->set_remote_attend_calls(r->remote_attend_calls);
+    t->set_query_bytes_out(r->query_bytes_out);
+    t->set_partial_bytes_back(r->partial_bytes_back);
+    t->set_pulled_segments(r->pulled_segments);
+    t->set_pulled_bytes(r->pulled_bytes);
+    t->set_remote_stored_segments(r->remote_stored_segments);
+    t->set_remote_stored_bytes(r->remote_stored_bytes);
+    reply.mutable_tokens()->Add(r->tokens.begin(), r->tokens.end());
+    reply.set_cached_tokens(r->cached_tokens);
+    reply.set_compute_us(absl::ToInt64Microseconds(absl::Now() - f.start));
+    *reply.mutable_state() = State();
+    SendReply(f.message, reply);
   }
 
   // Carries out the coordinator's rebalance actions (errors are repaired by reconciliation).
@@ -360,67 +468,6 @@ class InstanceServer::Impl {
     RefreshState();
   }
 
-  v1::GenerateReply Serve(const transport::Message& m) {
-    v1::GenerateReply reply;
-    auto fail = [&](const absl::Status& s) {
-      reply.set_status_code(static_cast<int32_t>(s.code()));
-      reply.set_error_message(std::string(s.message()));
-      *reply.mutable_state() = State();
-      return reply;
-    };
-    v1::GenerateRequest request;
-    if (!request.ParseFromArray(m.payload.data(), static_cast<int>(m.payload.size()))) {
-      return fail(absl::InvalidArgumentError("malformed generate request"));
-    }
-    if (absl::ToUnixMillis(absl::Now()) > request.deadline_unix_ms()) {
-      return fail(absl::DeadlineExceededError("request expired in the instance's queue"));
-    }
-    const engine::LlamaConfig& config = model_->config();
-    const int64_t total = static_cast<int64_t>(request.prompt_size()) + request.max_tokens();
-    if (request.prompt_size() == 0 || request.max_tokens() < 1 ||
-        (config.max_position_embeddings > 0 && total > config.max_position_embeddings)) {
-      return fail(absl::InvalidArgumentError(absl::StrFormat(
-          "prompt of %d tokens with max_tokens %d does not fit the context of %d",
-          request.prompt_size(), request.max_tokens(), config.max_position_embeddings)));
-    }
-    if (request.request_id() == 0) {
-      return fail(absl::InvalidArgumentError("generate request without a lake request id"));
-    }
-    std::shared_ptr<DataPlane> dp = Data();
-    if (dp == nullptr) return fail(absl::UnavailableError("the data plane is not ready yet"));
-    const absl::Time start = absl::Now();
-    std::vector<int32_t> prompt(request.prompt().begin(), request.prompt().end());
-    absl::StatusOr<engine::GenerateResult> r =
-        dp->engine->Generate(RequestId(request.request_id()), prompt, request.max_tokens());
-    served_.fetch_add(1);
-    if (r.ok()) {
-      v1::InstanceTraffic* t = reply.mutable_traffic();
-      t->set_remote_attend_calls(r->remote_attend_calls);
-      t->set_query_bytes_out(r->query_bytes_out);
-      t->set_partial_bytes_back(r->partial_bytes_back);
-      t->set_pulled_segments(r->pulled_segments);
-      t->set_pulled_bytes(r->pulled_bytes);
-      t->set_remote_stored_segments(r->remote_stored_segments);
-      t->set_remote_stored_bytes(r->remote_stored_bytes);
-      absl::MutexLock lock(&traffic_mu_);
-      traffic_.set_remote_attend_calls(traffic_.remote_attend_calls() + r->remote_attend_calls);
-      traffic_.set_query_bytes_out(traffic_.query_bytes_out() + r->query_bytes_out);
-      traffic_.set_partial_bytes_back(traffic_.partial_bytes_back() + r->partial_bytes_back);
-      traffic_.set_pulled_segments(traffic_.pulled_segments() + r->pulled_segments);
-      traffic_.set_pulled_bytes(traffic_.pulled_bytes() + r->pulled_bytes);
-      traffic_.set_remote_stored_segments(traffic_.remote_stored_segments() +
-                                          r->remote_stored_segments);
-      traffic_.set_remote_stored_bytes(traffic_.remote_stored_bytes() + r->remote_stored_bytes);
-    }
-    RefreshState();
-    if (!r.ok()) return fail(r.status());
-    reply.mutable_tokens()->Add(r->tokens.begin(), r->tokens.end());
-    reply.set_cached_tokens(r->cached_tokens);
-    reply.set_compute_us(absl::ToInt64Microseconds(absl::Now() - start));
-    *reply.mutable_state() = State();
-    return reply;
-  }
-
   const engine::LlamaModel* model_;
   const InstanceServerOptions options_;
   attention::KvSlotLayout layout_;
@@ -430,6 +477,8 @@ class InstanceServer::Impl {
   std::thread control_, worker_;
   std::atomic<bool> stopping_{false};
   std::atomic<int64_t> served_{0};
+  // Requests submitted to the engine and not yet answered, by lake request id (worker only).
+  absl::flat_hash_map<uint64_t, InFlight> in_flight_;
   std::atomic<int64_t> reconcile_frees_{0};
 
   absl::Mutex traffic_mu_;

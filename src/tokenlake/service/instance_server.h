@@ -9,9 +9,12 @@
 // data port it reports), the other instances being remote endpoints routed with the peers the
 // coordinator sends in every Register / Heartbeat reply; and an engine::Engine over that pool
 // and a RemoteControlPlane (the coordinator's lake over gRPC), computing every request on this
-// instance. Each iteration's plan comes from the cluster-wide lake: cached segments held here
-// are read locally, the others by sending the queries to their holder or pulling their KV,
-// and new segments are stored where the lake says, possibly on another instance.
+// instance. Requests are served with continuous batching: each generate message is submitted
+// to the engine's iteration loop as it arrives (iteration_loop.h) and answered when its request
+// finishes; every iteration plans its whole batch in one PlanBatch RPC to the cluster-wide
+// lake: cached segments held here are read locally, the others by sending the queries to their
+// holder or pulling their KV, and new segments are stored where the lake says, possibly on
+// another instance.
 //
 // Heartbeat replies may also name segments to free (the lake no longer lists them here);
 // rebalance orders (host-transport tag kRebalanceTag) make it copy a segment from another
@@ -20,7 +23,8 @@
 // After a coordinator restart its heartbeat is refused (NOT_FOUND) and it registers again with
 // everything it holds, which rebuilds the coordinator's prefix tree. A request whose deadline
 // has passed when it is dequeued is answered DeadlineExceeded without being computed. If a
-// later registration gives it another id or lake size, it rebuilds its data plane empty.
+// later registration gives it another id or lake size, it rebuilds its data plane empty (the
+// requests it was running are answered Unavailable).
 //
 // Thread-safety: thread-safe; Shutdown (or the destructor) stops its threads.
 #ifndef TOKENLAKE_SERVICE_INSTANCE_SERVER_H_

@@ -22,6 +22,8 @@ void ToProto(const engine::IterationRequest& in, v1::PlanIterationRequest* out) 
   out->set_computed_tokens(in.computed_tokens);
   out->set_preferred_instance(InstanceToWire(in.preferred_instance));
   out->set_count_hits(in.count_hits);
+  out->set_max_new_tokens(in.max_new_tokens);
+  out->set_try_admit(in.try_admit);
 }
 
 engine::IterationRequest FromProto(const v1::PlanIterationRequest& in) {
@@ -37,6 +39,8 @@ engine::IterationRequest FromProto(const v1::PlanIterationRequest& in) {
   out.computed_tokens = in.computed_tokens();
   out.preferred_instance = InstanceFromWire(in.preferred_instance());
   out.count_hits = in.count_hits();
+  out.max_new_tokens = in.max_new_tokens();
+  out.try_admit = in.try_admit();
   return out;
 }
 
@@ -70,6 +74,8 @@ void ToProto(const engine::IterationPlan& in, v1::PlanIterationReply* out) {
     s->set_action(static_cast<int32_t>(a.action));
   }
   for (const plan::NewSegmentPlacement& p : in.new_segments) ToProto(p, out->add_new_segments());
+  out->set_end_tokens(in.end_tokens);
+  out->set_deferred(!in.admitted);
 }
 
 engine::IterationPlan FromProto(const v1::PlanIterationReply& in, RequestId request) {
@@ -78,6 +84,8 @@ engine::IterationPlan FromProto(const v1::PlanIterationReply& in, RequestId requ
   out.cached_tokens = in.cached_tokens();
   out.new_tokens = in.new_tokens();
   out.compute_instance = InstanceFromWire(in.compute_instance());
+  out.end_tokens = in.end_tokens();
+  out.admitted = !in.deferred();
   for (const v1::SegmentAssignment& s : in.segments()) {
     plan::HolderAction action = plan::HolderAction::kMoveQueries;
     if (s.action() == static_cast<int32_t>(plan::HolderAction::kLocal)) {
@@ -204,6 +212,32 @@ absl::StatusOr<engine::IterationPlan> RemoteControlPlane::ReleaseAndPlan(
     return s;
   }
   return FromProto(out, next.request);
+}
+
+absl::StatusOr<std::vector<engine::BatchPlanEntry>> RemoteControlPlane::PlanBatch(
+    absl::Span<const RequestId> release, absl::Span<const engine::IterationRequest> requests) {
+  v1::PlanBatchRequest in;
+  for (RequestId r : release) in.add_release_request_ids(r.value());
+  for (const engine::IterationRequest& r : requests) ToProto(r, in.add_plans());
+  v1::PlanBatchReply out;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
+  if (absl::Status s = FromGrpc(stub_->PlanBatch(&ctx, in, &out), "PlanBatch"); !s.ok()) return s;
+  if (out.entries_size() != static_cast<int>(requests.size())) {
+    return absl::DataLossError(absl::StrFormat("PlanBatch: %d entries for %d requests",
+                                               out.entries_size(), requests.size()));
+  }
+  std::vector<engine::BatchPlanEntry> entries(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const v1::PlanBatchEntry& e = out.entries(static_cast<int>(i));
+    if (e.status_code() != 0) {
+      entries[i].status =
+          absl::Status(static_cast<absl::StatusCode>(e.status_code()), e.error_message());
+    } else {
+      entries[i].plan = FromProto(e.plan(), requests[i].request);
+    }
+  }
+  return entries;
 }
 
 }  // namespace tokenlake::service

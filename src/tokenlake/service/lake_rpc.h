@@ -47,8 +47,8 @@ absl::Status FromGrpc(const grpc::Status& s, const char* call);
 // evicts nothing, so no copy or free ever carries its number. Most iterations commit nothing
 // (a decode step completes a segment every segment_tokens tokens). The only other answer the
 // lake could give, NotFound for a request that is not active (e.g. released by the coordinator
-// after its attempt timed out), reaches the engine at its next call (ReleaseAndPlan / Release),
-// which then fails the same way.
+// after its attempt timed out), reaches the engine at its next call
+// which then fails the same way (PlanBatch / Release).
 class RemoteControlPlane final : public engine::ControlPlane {
  public:
   struct Options {
@@ -71,6 +71,11 @@ class RemoteControlPlane final : public engine::ControlPlane {
   // One ReleaseAndPlan RPC (engine::ControlPlane::ReleaseAndPlan; its outcomes).
   absl::StatusOr<engine::IterationPlan> ReleaseAndPlan(
       RequestId release, const engine::IterationRequest& next) override;
+  // One PlanBatch RPC for a whole iteration (engine::ControlPlane::PlanBatch; its outcomes).
+  // Errors: as the RPC's, and DataLoss for a reply with the wrong number of entries.
+  absl::StatusOr<std::vector<engine::BatchPlanEntry>> PlanBatch(
+      absl::Span<const RequestId> release,
+      absl::Span<const engine::IterationRequest> requests) override;
 
  private:
   explicit RemoteControlPlane(const Options& options) : options_(options) {}

@@ -29,7 +29,9 @@ TEST(LakeRpcTest, IterationRequestRoundTrips) {
                               .prefill = false,
                               .computed_tokens = 18,
                               .preferred_instance = InstanceId(2),
-                              .count_hits = false};
+                              .count_hits = false,
+                              .max_new_tokens = 64,
+                              .try_admit = true};
   v1::PlanIterationRequest wire;
   ToProto(in, &wire);
   v1::PlanIterationRequest parsed;
@@ -45,6 +47,8 @@ TEST(LakeRpcTest, IterationRequestRoundTrips) {
   EXPECT_EQ(out.computed_tokens, 18);
   EXPECT_EQ(out.preferred_instance, InstanceId(2));
   EXPECT_FALSE(out.count_hits);
+  EXPECT_EQ(out.max_new_tokens, 64);
+  EXPECT_TRUE(out.try_admit);
   in.preferred_instance = InstanceId();
   wire.Clear();
   ToProto(in, &wire);
@@ -58,6 +62,7 @@ TEST(LakeRpcTest, PlanAndCommitRoundTrip) {
   plan.cached_tokens = 32;
   plan.new_tokens = 7;
   plan.compute_instance = InstanceId(1);
+  plan.end_tokens = 39;
   plan.segments = {{SegmentId(1), 16, InstanceId(0), plan::HolderAction::kMoveQueries},
                    {SegmentId(2), 16, InstanceId(1), plan::HolderAction::kLocal},
                    {SegmentId(3), 16, InstanceId(2), plan::HolderAction::kPullKv}};
@@ -74,6 +79,14 @@ TEST(LakeRpcTest, PlanAndCommitRoundTrip) {
   EXPECT_EQ(back.segments, plan.segments);
   EXPECT_EQ(back.new_segments, plan.new_segments);
   EXPECT_FALSE(back.new_segments[0].parent.valid());
+  EXPECT_EQ(back.end_tokens, 39);
+  EXPECT_TRUE(back.admitted);
+  engine::IterationPlan deferred;
+  deferred.admitted = false;
+  wire.Clear();
+  ToProto(deferred, &wire);
+  EXPECT_TRUE(wire.deferred());
+  EXPECT_FALSE(FromProto(wire, RequestId(9)).admitted);
 
   lake::CommitResult c;
   c.stored = {{SegmentId(4), InstanceId(0)}};

@@ -7,10 +7,10 @@
 #include <cstring>
 #include <utility>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_format.h"
 #include "tokenlake/attention/cuda/paged_attention.h"
 #include "tokenlake/base/status_macros.h"
-#include "tokenlake/engine/cuda/pool_steps.h"
 #include "tokenlake/engine/ops.h"
 #include "tokenlake/index/segment_id.h"
 
@@ -43,7 +43,7 @@ class GpuEngine::Backend final : public GpuAttentionBackend {
     float* partials = nullptr;    // [groups + 1][rows][head_dim], then [groups + 1][rows]
     float* merged_lse = nullptr;  // [rows]
     DeviceBuffer* workspace = nullptr;
-    GpuGenerateResult* counters = nullptr;
+    DataPlaneCounters* counters = nullptr;
   };
 
   explicit Backend(Setup setup) : s_(std::move(setup)) {}
@@ -127,10 +127,270 @@ class GpuEngine::Backend final : public GpuAttentionBackend {
   Setup s_;
 };
 
+// The engine's IterationExecutor: per request a device tail (absolute token rows [0, max
+// tokens) of every layer's K and V; rows before `pooled` are served by the pool), the batch's
+// requests run one after another through the per-request forward.
+class GpuEngine::Executor final : public IterationExecutor {
+ public:
+  explicit Executor(GpuEngine* engine) : e_(engine) {}
+
+  absl::Status BeginSequence(RequestId request, int64_t max_tokens) override {
+    const LlamaConfig& c = e_->model_->config();
+    auto seq = std::make_unique<Sequence>();
+    seq->capacity = max_tokens;
+    TOKENLAKE_RETURN_IF_ERROR(seq->tail.Reserve(
+        static_cast<size_t>(int64_t{c.num_layers} * 2 * max_tokens * e_->layout_.TokenRowBytes())));
+    sequences_[request] = std::move(seq);
+    return absl::OkStatus();
+  }
+
+  DataPlaneCounters EndSequence(RequestId request) override {
+    // Copies out of the tail may still be queued.
+    cudaStreamSynchronize(e_->model_->stream());
+    auto it = sequences_.find(request);
+    if (it == sequences_.end()) return {};
+    const DataPlaneCounters c = it->second->counters;
+    sequences_.erase(it);
+    return c;
+  }
+
+  absl::Status DropTailRows(RequestId request, int64_t rows) override {
+    TOKENLAKE_ASSIGN_OR_RETURN(Sequence * s, Find(request));
+    if (rows < 0 || s->pooled + rows > s->computed) {
+      return absl::InternalError(
+          absl::StrFormat("GpuEngine: dropping %d tail rows of request %d (tail [%d, %d))", rows,
+                          request.value(), s->pooled, s->computed));
+    }
+    s->pooled += rows;  // absolute rows: the tail's start moves
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<std::vector<std::vector<float>>> Run(
+      absl::Span<const IterationWork> batch) override {
+    std::vector<std::vector<float>> out;
+    for (const IterationWork& w : batch) {
+      TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> logits, RunOne(w));
+      out.push_back(std::move(logits));
+    }
+    return out;
+  }
+
+  absl::StatusOr<int64_t> StoreSegment(RequestId request, InstanceId /*compute*/, int64_t first_row,
+                                       InstanceId target, SegmentId segment,
+                                       const StoredMeta& /*meta*/) override {
+    TOKENLAKE_ASSIGN_OR_RETURN(Sequence * s, Find(request));
+    const LlamaConfig& c = e_->model_->config();
+    const attention::KvSlotLayout& layout = e_->layout_;
+    const int64_t row = s->pooled + first_row;  // absolute tail row
+    if (first_row < 0 || row + layout.segment_tokens > s->computed) {
+      return absl::InternalError(
+          absl::StrFormat("GpuEngine: segment rows [%d, %d) outside the tail of request %d", row,
+                          row + layout.segment_tokens, request.value()));
+    }
+    if (!target.valid() || target.value() >= e_->options_.num_instances) {
+      return absl::InternalError(
+          absl::StrFormat("GpuEngine: store on instance %d", target.valid() ? target.value() : -1));
+    }
+    store::SegmentStore& st = *e_->instances_[static_cast<size_t>(target.value())].store;
+    TOKENLAKE_ASSIGN_OR_RETURN(SlotId slot, st.Allocate(segment));
+    std::byte* dst = st.SlotData(slot).data();
+    const int64_t row_bytes = layout.TokenRowBytes();
+    // [layer][kv] blocks of S rows: one strided copy from the tail.
+    TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpy2DAsync(
+            dst, static_cast<size_t>(layout.BlockBytes()),
+            s->tail.as<std::byte>() + row * row_bytes, static_cast<size_t>(s->capacity * row_bytes),
+            static_cast<size_t>(layout.BlockBytes()), static_cast<size_t>(c.num_layers) * 2,
+            cudaMemcpyDeviceToDevice, e_->model_->stream()),
+        "store copy"));
+    return layout.SlotBytes();
+  }
+
+  absl::Status FreeSegment(InstanceId /*compute*/, InstanceId target, SegmentId segment,
+                           uint64_t /*evicted_at*/) override {
+    if (!target.valid() || target.value() >= e_->options_.num_instances) {
+      return absl::InternalError(
+          absl::StrFormat("GpuEngine: free on instance %d", target.valid() ? target.value() : -1));
+    }
+    // Queued copies may still read the slot.
+    TOKENLAKE_RETURN_IF_ERROR(
+        CudaStatus(cudaStreamSynchronize(e_->model_->stream()), "synchronize before a free"));
+    return e_->instances_[static_cast<size_t>(target.value())].store->Free(segment);
+  }
+
+ private:
+  struct Sequence {
+    DeviceBuffer tail;  // [layer][kv][capacity][kv_heads][head_dim] bf16
+    int64_t capacity = 0;
+    int64_t pooled = 0;    // absolute rows before this are served by the pool
+    int64_t computed = 0;  // rows written
+    DataPlaneCounters counters;
+  };
+
+  absl::StatusOr<Sequence*> Find(RequestId request) {
+    auto it = sequences_.find(request);
+    if (it == sequences_.end()) {
+      return absl::InternalError(
+          absl::StrFormat("GpuEngine: no sequence for request %d", request.value()));
+    }
+    return it->second.get();
+  }
+
+  // One request's forward of the iteration (see the file comment of gpu_engine.h).
+  absl::StatusOr<std::vector<float>> RunOne(const IterationWork& w);
+
+  GpuEngine* e_;
+  absl::flat_hash_map<RequestId, std::unique_ptr<Sequence>> sequences_;
+};
+
+absl::StatusOr<std::vector<float>> GpuEngine::Executor::RunOne(const IterationWork& w) {
+  TOKENLAKE_ASSIGN_OR_RETURN(Sequence * sq, Find(w.request));
+  const LlamaConfig& c = e_->model_->config();
+  const cudaStream_t stream = e_->model_->stream();
+  const attention::KvSlotLayout& layout = e_->layout_;
+  const int64_t row_bytes = layout.TokenRowBytes();
+  const int64_t slot_bytes = layout.SlotBytes();
+  const InstanceId compute = w.compute;
+  const int32_t n = static_cast<int32_t>(w.tokens.size());
+  if (sq->computed == 0 && sq->pooled == 0) {
+    // A (re)started sequence: the pool serves the plan's cached prefix, the tail starts after.
+    sq->pooled = sq->computed = w.plan->cached_tokens;
+  }
+  // The loop's rows: the tail holds [pooled, start_pos) before this forward.
+  if (w.plan->cached_tokens != sq->pooled || w.start_pos != sq->computed ||
+      w.start_pos + n > sq->capacity) {
+    return absl::InternalError(absl::StrFormat(
+        "GpuEngine: request %d computes rows [%d, %d) over a cached prefix of %d; its tail holds "
+        "[%d, %d) of %d rows",
+        w.request.value(), w.start_pos, w.start_pos + n, w.plan->cached_tokens, sq->pooled,
+        sq->computed, sq->capacity));
+  }
+  const int64_t pooled = sq->pooled;
+  const int64_t computed = sq->computed;
+  std::byte* tail = sq->tail.as<std::byte>();
+
+  // Group the cached segments: own + pulled (one partial), each moved-queries holder.
+  struct Seg {
+    const std::byte* slot;
+    int32_t num_tokens;
+  };
+  std::vector<Seg> own;
+  std::vector<std::pair<InstanceId, std::vector<Seg>>> remote;
+  size_t to_pull = 0;
+  for (const plan::SegmentAssignment& a : w.plan->segments) {
+    if (a.holder != compute && a.action == plan::HolderAction::kPullKv) ++to_pull;
+  }
+  if (to_pull > 0) {
+    TOKENLAKE_RETURN_IF_ERROR(e_->pulled_.Reserve(static_cast<size_t>(slot_bytes) * to_pull));
+  }
+  size_t pulled_index = 0;
+  for (const plan::SegmentAssignment& a : w.plan->segments) {
+    TOKENLAKE_ASSIGN_OR_RETURN(std::byte * slot, e_->SlotPointer(a.holder, a.segment));
+    if (a.holder == compute) {
+      own.push_back({slot, a.num_tokens});
+    } else if (a.action == plan::HolderAction::kPullKv) {
+      // Pull: a device-to-device copy of the whole slot into the computing instance's scratch
+      // (the same GPU holds both).
+      std::byte* dst = e_->pulled_.as<std::byte>() + pulled_index++ * slot_bytes;
+      TOKENLAKE_RETURN_IF_ERROR(
+          CudaStatus(cudaMemcpyAsync(dst, slot, static_cast<size_t>(slot_bytes),
+                                     cudaMemcpyDeviceToDevice, stream),
+                     "pull copy"));
+      own.push_back({dst, a.num_tokens});
+      ++sq->counters.pulled_segments;
+      sq->counters.pulled_bytes += slot_bytes;
+    } else {
+      auto it = std::find_if(remote.begin(), remote.end(),
+                             [&](const auto& r) { return r.first == a.holder; });
+      if (it == remote.end()) {
+        remote.push_back({a.holder, {}});
+        it = remote.end() - 1;
+      }
+      it->second.push_back({slot, a.num_tokens});
+    }
+  }
+  // Descriptors: per layer, [own][remote 0][remote 1]...[tail].
+  std::vector<Backend::Group> groups;
+  int32_t at = 0;
+  if (!own.empty()) {
+    groups.push_back({compute, false, at, static_cast<int32_t>(own.size())});
+    at += static_cast<int32_t>(own.size());
+  }
+  for (const auto& r : remote) {
+    groups.push_back({r.first, true, at, static_cast<int32_t>(r.second.size())});
+    at += static_cast<int32_t>(r.second.size());
+  }
+  const int32_t stride = at + 1;
+  std::vector<acuda::DeviceKvBlock> blocks(static_cast<size_t>(stride) * c.num_layers);
+  for (int32_t l = 0; l < c.num_layers; ++l) {
+    acuda::DeviceKvBlock* lb = blocks.data() + static_cast<size_t>(l) * stride;
+    int32_t i = 0;
+    auto add = [&](const Seg& sg) {
+      lb[i].k = sg.slot + layout.BlockOffsetBytes(l, 0);
+      lb[i].v = sg.slot + layout.BlockOffsetBytes(l, 1);
+      lb[i].num_tokens = sg.num_tokens;
+      ++i;
+    };
+    for (const Seg& sg : own) add(sg);
+    for (const auto& r : remote) {
+      for (const Seg& sg : r.second) add(sg);
+    }
+    lb[i].k = tail + ((int64_t{l} * 2 + 0) * sq->capacity + pooled) * row_bytes;
+    lb[i].v = tail + ((int64_t{l} * 2 + 1) * sq->capacity + pooled) * row_bytes;
+    lb[i].num_tokens = static_cast<int32_t>(computed + n - pooled);
+  }
+  const size_t blocks_bytes = blocks.size() * sizeof(acuda::DeviceKvBlock);
+  TOKENLAKE_RETURN_IF_ERROR(e_->blocks_.Reserve(blocks_bytes));
+  // Synchronous: the host vector dies with this scope (and earlier work may read blocks_).
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "synchronize"));
+  TOKENLAKE_RETURN_IF_ERROR(
+      CudaStatus(cudaMemcpy(e_->blocks_.get(), blocks.data(), blocks_bytes, cudaMemcpyHostToDevice),
+                 "descriptor upload"));
+  const int64_t rows = int64_t{n} * c.num_heads;
+  const size_t num_partials = groups.size() + 1;
+  TOKENLAKE_RETURN_IF_ERROR(
+      e_->partials_.Reserve(num_partials * static_cast<size_t>(rows) * (c.head_dim + 1) * 4));
+  TOKENLAKE_RETURN_IF_ERROR(e_->merged_lse_.Reserve(static_cast<size_t>(rows) * 4));
+  Backend backend(Backend::Setup{.config = c,
+                                 .layout = layout,
+                                 .num_tokens = n,
+                                 .computed = computed,
+                                 .pooled = pooled,
+                                 .tail = tail,
+                                 .tail_capacity = sq->capacity,
+                                 .blocks = e_->blocks_.as<acuda::DeviceKvBlock>(),
+                                 .stride = stride,
+                                 .groups = std::move(groups),
+                                 .partials = e_->partials_.as<float>(),
+                                 .merged_lse = e_->merged_lse_.as<float>(),
+                                 .workspace = &e_->workspace_,
+                                 .counters = &sq->counters});
+  std::vector<float> logits;
+  absl::Status status = absl::OkStatus();
+  if (w.want_logits) {
+    absl::StatusOr<std::vector<float>> l = e_->model_->Forward(w.tokens, computed, backend);
+    if (l.ok()) {
+      logits = *std::move(l);
+    } else {
+      status = l.status();
+    }
+  } else {
+    // A prompt chunk that does not end the sequence: no logits leave the device.
+    status = e_->model_->ForwardArgmax(w.tokens, computed, backend).status();
+  }
+  if (!status.ok()) {
+    cudaStreamSynchronize(stream);
+    return status;
+  }
+  sq->computed = computed + n;
+  return logits;
+}
+
 GpuEngine::GpuEngine(GpuLlamaModel* model, const GpuEngineOptions& options)
     : model_(model), options_(options) {}
 
 GpuEngine::~GpuEngine() {
+  loop_.reset();  // releases what its requests still pin, ends their sequences
   if (model_ != nullptr) cudaStreamSynchronize(model_->stream());
 }
 
@@ -182,6 +442,19 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(GpuLlamaModel* mode
   TOKENLAKE_ASSIGN_OR_RETURN(e->lake_, lake::Lake::Create(lo, &e->clock_));
   e->control_ = std::make_unique<LocalControlPlane>(e->lake_.get(), &e->clock_);
   e->salt_ = index::NamespaceSalt(options.namespace_name);
+  e->executor_ = std::make_unique<Executor>(e.get());
+  TOKENLAKE_ASSIGN_OR_RETURN(
+      e->loop_,
+      IterationLoop::Create(
+          e->control_.get(), e->executor_.get(),
+          {.segment_tokens = options.segment_tokens,
+           .salt = e->salt_,
+           .max_batch_tokens = options.max_batch_tokens,
+           .max_batch_requests = options.max_batch_requests,
+           .memory_admission = options.memory_admission,
+           .vocab_size = c.vocab_size,
+           .max_request_tokens = c.max_position_embeddings,
+           .rotate_over_instances = options.rotate_compute_instance ? options.num_instances : 0}));
   return e;
 }
 
@@ -205,9 +478,8 @@ absl::StatusOr<std::byte*> GpuEngine::SlotPointer(InstanceId instance, SegmentId
   return st.SlotData(*slot).data();
 }
 
-absl::StatusOr<GpuGenerateResult> GpuEngine::Generate(absl::Span<const int32_t> prompt,
-                                                      int32_t max_new_tokens,
-                                                      absl::Span<const int32_t> force_tokens) {
+absl::Status GpuEngine::CheckInput(absl::Span<const int32_t> prompt, int32_t max_new_tokens,
+                                   absl::Span<const int32_t> force_tokens) const {
   const LlamaConfig& c = model_->config();
   if (prompt.empty()) return absl::InvalidArgumentError("GpuEngine::Generate: empty prompt");
   if (max_new_tokens < 1) {
@@ -235,207 +507,103 @@ absl::StatusOr<GpuGenerateResult> GpuEngine::Generate(absl::Span<const int32_t> 
       }
     }
   }
-  const int32_t s = options_.segment_tokens;
-  const cudaStream_t stream = model_->stream();
-  const int64_t row_bytes = layout_.TokenRowBytes();
-  const int64_t slot_bytes = layout_.SlotBytes();
-  const RequestId request(next_request_++);
-  const InstanceId preferred =
-      options_.rotate_compute_instance
-          ? InstanceId(static_cast<int32_t>(request.value() % options_.num_instances))
-          : InstanceId();
-
-  // Tail: absolute token rows [0, prompt + max_new) of every layer's K and V.
-  const int64_t capacity = static_cast<int64_t>(prompt.size()) + max_new_tokens;
-  if (capacity > tail_capacity_) {
-    TOKENLAKE_RETURN_IF_ERROR(
-        tail_.Reserve(static_cast<size_t>(int64_t{c.num_layers} * 2 * capacity * row_bytes)));
-    tail_capacity_ = capacity;
+  const int64_t total = static_cast<int64_t>(prompt.size()) + max_new_tokens;
+  if (c.max_position_embeddings > 0 && total > c.max_position_embeddings) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "GpuEngine::Generate: prompt of %d tokens plus %d new tokens does not fit the model's "
+        "context of %d tokens",
+        prompt.size(), max_new_tokens, c.max_position_embeddings));
   }
-  std::byte* tail = tail_.as<std::byte>();
-
-  GpuGenerateResult result;
-  std::vector<int32_t> seq(prompt.begin(), prompt.end());
-  int64_t pooled = 0;    // tokens of the sequence's prefix held by the pool (multiple of S)
-  int64_t computed = 0;  // tokens whose KV exists (pool prefix + tail rows [pooled, computed))
-  InstanceId last_compute = preferred;
-  std::vector<float> logits;
-  for (int32_t step = 0;; ++step) {
-    const auto t0 = std::chrono::steady_clock::now();
-    const bool prefill = step == 0;
-    const bool want_logits = prefill || step == max_new_tokens - 1;
-    TOKENLAKE_ASSIGN_OR_RETURN(
-        StepPlan ip,
-        PlanStep(*control_, StepRequest{.id = request,
-                                        .salt = salt_,
-                                        .seq = seq,
-                                        .prefill = prefill,
-                                        .computed = computed,
-                                        .segment_tokens = s,
-                                        .preferred = prefill ? preferred : last_compute,
-                                        .pooled = pooled}));
-    if (prefill) {
-      computed = ip.plan.cached_tokens;
-      result.cached_tokens = ip.plan.cached_tokens;
-    }
-    // Rows [pooled, cached) are in the tail and (the same prefix) in the pool: use the pool.
-    pooled = ip.plan.cached_tokens;
-    const InstanceId compute = ip.plan.compute_instance;
-    last_compute = compute;
-    const int32_t n = static_cast<int32_t>(ip.plan.new_tokens);
-    int32_t next_token = 0;
-
-    auto run_iteration = [&]() -> absl::Status {
-      // Group the cached segments: own + pulled (one partial), each moved-queries holder.
-      struct Seg {
-        const std::byte* slot;
-        int32_t num_tokens;
-      };
-      std::vector<Seg> own;
-      std::vector<std::pair<InstanceId, std::vector<Seg>>> remote;
-      std::vector<const plan::SegmentAssignment*> to_pull;
-      for (const plan::SegmentAssignment& a : ip.plan.segments) {
-        if (a.holder != compute && a.action == plan::HolderAction::kPullKv) {
-          to_pull.push_back(&a);
-        }
-      }
-      if (!to_pull.empty()) {
-        TOKENLAKE_RETURN_IF_ERROR(
-            pulled_.Reserve(static_cast<size_t>(slot_bytes) * to_pull.size()));
-      }
-      size_t pulled_index = 0;
-      for (const plan::SegmentAssignment& a : ip.plan.segments) {
-        TOKENLAKE_ASSIGN_OR_RETURN(std::byte * slot, SlotPointer(a.holder, a.segment));
-        if (a.holder == compute) {
-          own.push_back({slot, a.num_tokens});
-        } else if (a.action == plan::HolderAction::kPullKv) {
-          // Pull: a device-to-device copy of the whole slot into the computing instance's
-          // scratch (the same GPU holds both).
-          std::byte* dst = pulled_.as<std::byte>() + pulled_index++ * slot_bytes;
-          TOKENLAKE_RETURN_IF_ERROR(
-              CudaStatus(cudaMemcpyAsync(dst, slot, static_cast<size_t>(slot_bytes),
-                                         cudaMemcpyDeviceToDevice, stream),
-                         "pull copy"));
-          own.push_back({dst, a.num_tokens});
-          ++result.pulled_segments;
-          result.pulled_bytes += slot_bytes;
-        } else {
-          auto it = std::find_if(remote.begin(), remote.end(),
-                                 [&](const auto& r) { return r.first == a.holder; });
-          if (it == remote.end()) {
-            remote.push_back({a.holder, {}});
-            it = remote.end() - 1;
-          }
-          it->second.push_back({slot, a.num_tokens});
-        }
-      }
-      // Descriptors: per layer, [own][remote 0][remote 1]...[tail].
-      std::vector<Backend::Group> groups;
-      int32_t at = 0;
-      if (!own.empty()) {
-        groups.push_back({compute, false, at, static_cast<int32_t>(own.size())});
-        at += static_cast<int32_t>(own.size());
-      }
-      for (const auto& r : remote) {
-        groups.push_back({r.first, true, at, static_cast<int32_t>(r.second.size())});
-        at += static_cast<int32_t>(r.second.size());
-      }
-      const int32_t stride = at + 1;
-      std::vector<acuda::DeviceKvBlock> blocks(static_cast<size_t>(stride) * c.num_layers);
-      for (int32_t l = 0; l < c.num_layers; ++l) {
-        acuda::DeviceKvBlock* lb = blocks.data() + static_cast<size_t>(l) * stride;
-        int32_t i = 0;
-        auto add = [&](const Seg& sg) {
-          lb[i].k = sg.slot + layout_.BlockOffsetBytes(l, 0);
-          lb[i].v = sg.slot + layout_.BlockOffsetBytes(l, 1);
-          lb[i].num_tokens = sg.num_tokens;
-          ++i;
-        };
-        for (const Seg& sg : own) add(sg);
-        for (const auto& r : remote) {
-          for (const Seg& sg : r.second) add(sg);
-        }
-        lb[i].k = tail + ((int64_t{l} * 2 + 0) * tail_capacity_ + pooled) * row_bytes;
-        lb[i].v = tail + ((int64_t{l} * 2 + 1) * tail_capacity_ + pooled) * row_bytes;
-        lb[i].num_tokens = static_cast<int32_t>(computed + n - pooled);
-      }
-      const size_t blocks_bytes = blocks.size() * sizeof(acuda::DeviceKvBlock);
-      TOKENLAKE_RETURN_IF_ERROR(blocks_.Reserve(blocks_bytes));
-      // Synchronous: the host vector dies with this scope (and earlier work may read blocks_).
-      TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "synchronize"));
-      TOKENLAKE_RETURN_IF_ERROR(
-          CudaStatus(cudaMemcpy(blocks_.get(), blocks.data(), blocks_bytes, cudaMemcpyHostToDevice),
-                     "descriptor upload"));
-      const int64_t rows = int64_t{n} * c.num_heads;
-      const size_t num_partials = groups.size() + 1;
-      TOKENLAKE_RETURN_IF_ERROR(
-          partials_.Reserve(num_partials * static_cast<size_t>(rows) * (c.head_dim + 1) * 4));
-      TOKENLAKE_RETURN_IF_ERROR(merged_lse_.Reserve(static_cast<size_t>(rows) * 4));
-      Backend backend(Backend::Setup{.config = c,
-                                     .layout = layout_,
-                                     .num_tokens = n,
-                                     .computed = computed,
-                                     .pooled = pooled,
-                                     .tail = tail,
-                                     .tail_capacity = tail_capacity_,
-                                     .blocks = blocks_.as<acuda::DeviceKvBlock>(),
-                                     .stride = stride,
-                                     .groups = std::move(groups),
-                                     .partials = partials_.as<float>(),
-                                     .merged_lse = merged_lse_.as<float>(),
-                                     .workspace = &workspace_,
-                                     .counters = &result});
-      const absl::Span<const int32_t> fed =
-          absl::MakeConstSpan(seq).subspan(static_cast<size_t>(computed));
-      if (want_logits) {
-        TOKENLAKE_ASSIGN_OR_RETURN(logits, model_->Forward(fed, computed, backend));
-        next_token = Argmax(logits);
-      } else {
-        TOKENLAKE_ASSIGN_OR_RETURN(next_token, model_->ForwardArgmax(fed, computed, backend));
-      }
-      computed += n;
-
-      // Store the segments this iteration completed where the lake placed them.
-      TOKENLAKE_ASSIGN_OR_RETURN(StepCommit commit, CommitStep(*control_, request, ip, s));
-      for (const lake::StoredReplica& ev : commit.evicted) {
-        TOKENLAKE_RETURN_IF_ERROR(
-            instances_[static_cast<size_t>(ev.instance.value())].store->Free(ev.segment));
-      }
-      for (const StepCommit::Store& st : commit.to_store) {
-        store::SegmentStore& target = *instances_[static_cast<size_t>(st.target.value())].store;
-        TOKENLAKE_ASSIGN_OR_RETURN(SlotId slot, target.Allocate(ip.keys[st.key_index].id));
-        std::byte* dst = target.SlotData(slot).data();
-        const int64_t first_row = static_cast<int64_t>(st.key_index) * s;
-        // [layer][kv] blocks of S rows: one strided copy from the tail.
-        TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
-            cudaMemcpy2DAsync(
-                dst, static_cast<size_t>(layout_.BlockBytes()), tail + first_row * row_bytes,
-                static_cast<size_t>(tail_capacity_ * row_bytes),
-                static_cast<size_t>(layout_.BlockBytes()), static_cast<size_t>(c.num_layers) * 2,
-                cudaMemcpyDeviceToDevice, stream),
-            "store copy"));
-        ++result.stored_segments;
-        result.stored_bytes += slot_bytes;
-        if (st.target != compute) ++result.remote_stored_segments;
-      }
-      pooled = commit.pooled_tokens;
-      return CudaStatus(cudaStreamSynchronize(stream), "iteration synchronize");
-    };
-    absl::Status status = run_iteration();
-    if (!status.ok()) cudaStreamSynchronize(stream);
-    absl::Status released = control_->Release(request);
-    TOKENLAKE_RETURN_IF_ERROR(status);
-    TOKENLAKE_RETURN_IF_ERROR(released);
-    result.iteration_us.push_back(
-        std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
-
-    if (prefill) result.last_logits = logits;
-    result.tokens.push_back(next_token);
-    if (static_cast<int32_t>(result.tokens.size()) == max_new_tokens) break;
-    seq.push_back(force_tokens.empty() ? next_token : force_tokens[static_cast<size_t>(step)]);
-  }
-  result.decode_logits = std::move(logits);
-  return result;
+  return absl::OkStatus();
 }
+
+namespace {
+
+GpuGenerateResult ToGpuResult(LoopResult r, int64_t slot_bytes) {
+  GpuGenerateResult out;
+  out.tokens = std::move(r.tokens);
+  out.cached_tokens = r.cached_tokens;
+  out.last_logits = std::move(r.last_logits);
+  out.decode_logits = std::move(r.decode_logits);
+  out.remote_attend_calls = r.data_plane.remote_attend_calls;
+  out.local_attend_calls = r.data_plane.local_attend_calls;
+  out.pulled_segments = r.data_plane.pulled_segments;
+  out.pulled_bytes = r.data_plane.pulled_bytes;
+  out.stored_segments = r.stored_segments;
+  out.remote_stored_segments = r.remote_stored_segments;
+  out.stored_bytes = r.stored_segments * slot_bytes;
+  out.iteration_us = std::move(r.iteration_us);
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<GpuGenerateResult> GpuEngine::Generate(absl::Span<const int32_t> prompt,
+                                                      int32_t max_new_tokens,
+                                                      absl::Span<const int32_t> force_tokens) {
+  TOKENLAKE_RETURN_IF_ERROR(CheckInput(prompt, max_new_tokens, force_tokens));
+  const RequestId id(next_request_++);
+  TOKENLAKE_RETURN_IF_ERROR(loop_->Submit(
+      {.id = id,
+       .prompt = std::vector<int32_t>(prompt.begin(), prompt.end()),
+       .max_new_tokens = max_new_tokens,
+       .force_tokens = std::vector<int32_t>(force_tokens.begin(), force_tokens.end())}));
+  while (!loop_->idle()) {
+    for (LoopResult& r : loop_->Step()) {
+      if (r.id != id) continue;
+      if (!r.status.ok()) return r.status;
+      return ToGpuResult(std::move(r), layout_.SlotBytes());
+    }
+  }
+  return absl::InternalError("GpuEngine::Generate: the request left the loop without a result");
+}
+
+std::vector<absl::StatusOr<GpuGenerateResult>> GpuEngine::GenerateBatch(
+    absl::Span<const GenerateRequest> requests) {
+  std::vector<absl::StatusOr<GpuGenerateResult>> out(
+      requests.size(), absl::StatusOr<GpuGenerateResult>(absl::UnknownError("not served")));
+  std::vector<size_t> order(requests.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return requests[a].arrival_iteration < requests[b].arrival_iteration;
+  });
+  absl::flat_hash_map<RequestId, size_t> index;
+  size_t next = 0;
+  int64_t pending = 0;
+  for (int64_t iteration = 0;; ++iteration) {
+    for (; next < order.size() && requests[order[next]].arrival_iteration <= iteration; ++next) {
+      const size_t i = order[next];
+      const GenerateRequest& r = requests[i];
+      const RequestId id = r.id.valid() ? r.id : RequestId(next_request_++);
+      absl::Status in = CheckInput(r.prompt, r.max_new_tokens, r.force_tokens);
+      if (in.ok()) {
+        in = loop_->Submit({.id = id,
+                            .prompt = r.prompt,
+                            .max_new_tokens = r.max_new_tokens,
+                            .force_tokens = r.force_tokens});
+      }
+      if (!in.ok()) {
+        out[i] = in;
+        continue;
+      }
+      index[id] = i;
+      ++pending;
+    }
+    if (pending == 0 && next == order.size()) break;
+    for (LoopResult& r : loop_->Step()) {
+      auto it = index.find(r.id);
+      if (it == index.end()) continue;
+      --pending;
+      if (r.status.ok()) {
+        out[it->second] = ToGpuResult(std::move(r), layout_.SlotBytes());
+      } else {
+        out[it->second] = std::move(r.status);
+      }
+    }
+  }
+  return out;
+}
+
+int32_t GpuEngine::max_batch_requests_seen() const { return loop_->max_batch_requests_seen(); }
 
 }  // namespace tokenlake::engine::cuda

@@ -1,11 +1,18 @@
 // GpuEngine: greedy generation for a Llama model on one GPU with its KV cache in a TokenLake
 // pool of N instances that share that GPU (the same-device path of the data plane).
 //
+// Requests run on the engine's IterationLoop (engine/iteration_loop.h), the one the CPU engine
+// and the cluster's instances run: continuous batching (requests join and leave at every
+// iteration, prompts prefilled in chunks under a per-iteration token budget, decodes first, a
+// request waits while the pool cannot hold its new KV), one control-plane call (PlanBatch) per
+// iteration. The GPU side of it is the engine's IterationExecutor: for now it runs the batch's
+// requests one after another with the per-request forward below (batched GPU kernels are a
+// later step), each request keeping its own device tail.
+//
 // Data plane. Every instance owns a store::DeviceArena (cudaMalloc'd) with a store::SegmentStore
 // slot allocator over it; a slot holds one segment's KV for all layers in bf16, laid out as
 // attention::KvSlotLayout says ([layer][kv][token][kv_head][head_dim]). Control plane: the real
-// lake::Lake (prefix tree, planner, balancer) behind engine::LocalControlPlane, per iteration:
-// PlanIteration (match, GenPlans, Admit), run, Commit, Release (pool_steps.h).
+// lake::Lake (prefix tree, planner, balancer) behind engine::LocalControlPlane.
 //
 // One iteration (prefill, then one per decoded token) on the computing instance the plan names:
 //   - segments the computing instance holds, and kPullKv segments (their slot is first copied
@@ -22,8 +29,9 @@
 // plan's placement names, then committed (visible to later requests). The counters of
 // GpuGenerateResult say how many attend calls, pulls and stores (and bytes) this took.
 //
-// Thread-safety: not thread-safe; one Generate at a time. The model is borrowed and must outlive
-// the engine (and must not be used by anyone else meanwhile: the engine runs on its stream).
+// Thread-safety: not thread-safe; one thread calls Generate / GenerateBatch. The model is borrowed
+// and must outlive the engine (and must not be used by anyone else meanwhile: the engine runs on
+// its stream).
 #ifndef TOKENLAKE_ENGINE_CUDA_GPU_ENGINE_H_
 #define TOKENLAKE_ENGINE_CUDA_GPU_ENGINE_H_
 
@@ -40,6 +48,8 @@
 #include "tokenlake/engine/control_plane.h"
 #include "tokenlake/engine/cuda/device_buffer.h"
 #include "tokenlake/engine/cuda/gpu_llama.h"
+#include "tokenlake/engine/engine.h"
+#include "tokenlake/engine/iteration_loop.h"
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/store/cuda/device_arena.h"
 #include "tokenlake/store/segment_store.h"
@@ -58,6 +68,11 @@ struct GpuEngineOptions {
   // Prefer computing request k on instance k mod num_instances (as EngineOptions): cached
   // segments are then often served by other instances (query movement and KV pulls).
   bool rotate_compute_instance = false;
+  // Continuous batching (as EngineOptions): tokens per iteration over the whole batch, >= 1;
+  // requests per iteration, >= 1; memory admission.
+  int64_t max_batch_tokens = 2048;
+  int32_t max_batch_requests = 256;
+  bool memory_admission = true;
 };
 
 struct GpuGenerateResult {
@@ -81,8 +96,8 @@ struct GpuGenerateResult {
   int64_t stored_segments = 0;
   int64_t remote_stored_segments = 0;
   int64_t stored_bytes = 0;
-  // Wall time of every iteration in microseconds (control plane, data plane and the forward;
-  // index 0 = prefill).
+  // Wall time of every iteration the request took part in, in microseconds (the whole batch's
+  // iteration: control plane, data plane and the forwards; index 0 = its first prefill chunk).
   std::vector<double> iteration_us;
 };
 
@@ -110,6 +125,13 @@ class GpuEngine {
                                              int32_t max_new_tokens,
                                              absl::Span<const int32_t> force_tokens = {});
 
+  // Serves every request with continuous batching (arrival_iteration as engine::Engine's) and
+  // returns each one's result or error, in order (errors per request as Generate's).
+  std::vector<absl::StatusOr<GpuGenerateResult>> GenerateBatch(
+      absl::Span<const GenerateRequest> requests);
+  // The most requests that ran in one iteration so far.
+  int32_t max_batch_requests_seen() const;
+
   const GpuEngineOptions& options() const { return options_; }
   // The control plane, for tests and statistics.
   const lake::Lake& lake() const { return *lake_; }
@@ -118,7 +140,8 @@ class GpuEngine {
   // The slot layout of the pool.
   const attention::KvSlotLayout& layout() const { return layout_; }
 
-  class Backend;  // the per-iteration attention backend (gpu_engine.cc)
+  class Backend;   // the per-iteration attention backend (gpu_engine.cc)
+  class Executor;  // the IterationExecutor over the device pool (gpu_engine.cc)
 
  private:
   struct Instance {
@@ -128,6 +151,9 @@ class GpuEngine {
   GpuEngine(GpuLlamaModel* model, const GpuEngineOptions& options);
   // Device pointer to `segment`'s slot on `instance`, or Internal if it is not there.
   absl::StatusOr<std::byte*> SlotPointer(InstanceId instance, SegmentId segment) const;
+  // Generate's input checks.
+  absl::Status CheckInput(absl::Span<const int32_t> prompt, int32_t max_new_tokens,
+                          absl::Span<const int32_t> force_tokens) const;
 
   GpuLlamaModel* model_;
   GpuEngineOptions options_;
@@ -138,9 +164,9 @@ class GpuEngine {
   std::unique_ptr<LocalControlPlane> control_;  // over lake_
   uint64_t salt_ = 0;
   uint64_t next_request_ = 1;
-  // Device scratch reused by every iteration.
-  DeviceBuffer tail_;  // [layer][kv][tail_capacity_][kv_heads][head_dim] bf16
-  int64_t tail_capacity_ = 0;
+  std::unique_ptr<Executor> executor_;
+  std::unique_ptr<IterationLoop> loop_;
+  // Device scratch reused by every request's forward (the tails are per request).
   DeviceBuffer pulled_;      // pulled slots
   DeviceBuffer blocks_;      // DeviceKvBlock descriptors of an iteration
   DeviceBuffer partials_;    // [partial][n][heads][head_dim] f32, then [partial][n][heads] f32

@@ -15,6 +15,7 @@
 //   - cached_tokens equals the independently computed reusable prefix;
 // and after all prompts the lake's integrity and that the data plane's stores hold exactly the
 // lake's replicas. Skips without a CUDA device.
+#include <algorithm>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -139,6 +140,66 @@ TEST_P(GpuEngineFixtureTest, MatchesTransformersWithinBf16Tolerance) {
             << " required by margin), cached tokens " << total_cached << ", remote attend calls "
             << remote_attends << ", pulled segments " << pulls << ", stored segments " << stored
             << " (" << remote_stored << " remote)\n";
+}
+
+// Every fixture prompt at once (continuous batching; a small token budget so that prompts are
+// prefilled in chunks beside other requests' decodes), teacher-forced with transformers' tokens,
+// in the fixture's order and reversed: each request's logits stay within the bf16 tolerance of
+// transformers' whatever its batch.
+TEST_P(GpuEngineFixtureTest, AllPromptsAtOnceMatchTransformersWithinBf16Tolerance) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  const Case& c = GetParam();
+  const Fixture& fx = LoadFixture();
+  ASSERT_FALSE(fx.prompts.empty()) << "fixture not found under " << FixtureDir();
+  auto model = GpuLlamaModel::Load(FixtureDir() + "/" + c.model, {});
+  ASSERT_TRUE(model.ok()) << model.status();
+  const json& exp = fx.expected["models"][c.model];
+  const int32_t max_new = fx.expected["max_new_tokens"].get<int32_t>();
+  for (const int64_t budget : {int64_t{2048}, int64_t{7}}) {
+    for (const bool reversed : {false, true}) {
+      SCOPED_TRACE(testing::Message() << "budget " << budget << (reversed ? " reversed" : ""));
+      auto engine = GpuEngine::Create(model->get(), {.num_instances = c.num_instances,
+                                                     .segment_tokens = c.segment_tokens,
+                                                     .slots_per_instance = 256,
+                                                     .rotate_compute_instance = c.rotate,
+                                                     .max_batch_tokens = budget});
+      ASSERT_TRUE(engine.ok()) << engine.status();
+      std::vector<GenerateRequest> requests;
+      std::vector<size_t> index;
+      for (size_t k = 0; k < fx.prompts.size(); ++k) {
+        const size_t i = reversed ? fx.prompts.size() - 1 - k : k;
+        const auto greedy = exp["greedy"][i].get<std::vector<int32_t>>();
+        requests.push_back(
+            {.prompt = fx.prompts[i],
+             .max_new_tokens = max_new,
+             .force_tokens = std::vector<int32_t>(greedy.begin(), greedy.end() - 1)});
+        index.push_back(i);
+      }
+      auto results = (*engine)->GenerateBatch(requests);
+      ASSERT_EQ(results.size(), requests.size());
+      float worst_ratio = 0;
+      for (size_t k = 0; k < results.size(); ++k) {
+        const size_t i = index[k];
+        SCOPED_TRACE(testing::Message() << "prompt " << i);
+        ASSERT_TRUE(results[k].ok()) << results[k].status();
+        const auto last = exp["last_logits"][i].get<std::vector<float>>();
+        const auto dec = exp["decode_logits"][i].get<std::vector<float>>();
+        const float err_last = MaxAbsDiff(results[k]->last_logits, last);
+        const float err_dec = MaxAbsDiff(results[k]->decode_logits, dec);
+        EXPECT_LE(err_last, Bf16Tolerance(last));
+        EXPECT_LE(err_dec, Bf16Tolerance(dec));
+        worst_ratio =
+            std::max({worst_ratio, err_last / Bf16Tolerance(last), err_dec / Bf16Tolerance(dec)});
+      }
+      EXPECT_GT((*engine)->max_batch_requests_seen(), 1);
+      EXPECT_TRUE((*engine)->lake().CheckIntegrity().ok());
+      EXPECT_EQ((*engine)->lake().Stats().pinned_segments, 0);
+      std::cout << CaseName({c, 0}) << " all at once, budget " << budget
+                << (reversed ? ", reversed" : "") << ": worst error/tolerance " << worst_ratio
+                << ", most requests in one iteration " << (*engine)->max_batch_requests_seen()
+                << "\n";
+    }
+  }
 }
 
 std::vector<Case> Cases() {

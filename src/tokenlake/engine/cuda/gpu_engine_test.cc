@@ -244,6 +244,64 @@ LlamaConfig FixedConfig() {
 // A repeated prompt is served from the pool (all full segments before its last token), on one
 // instance and with the second request computed on another instance (same-device path), and
 // gives the same logits as computing it (bf16 KV read back from the slots it was written to).
+// Continuous batching on the GPU: random prompts submitted together (arriving at random
+// iterations, small token budgets so that prompts are prefilled in chunks beside other
+// requests' decodes), teacher-forced with the CPU reference's tokens: every request's logits
+// stay within the bf16 tolerance of the CPU reference whatever the batch and arrival order.
+TEST(GpuEngineBatchTest, EachRequestMatchesTheCpuReferenceWhateverTheBatch) {
+  SKIP_WITHOUT_GPU();
+  for (uint64_t seed : {901u, 902u, 903u}) {
+    SCOPED_TRACE(testing::Message() << "seed=" << seed);
+    std::cout << "seed=" << seed << "\n";
+    std::mt19937_64 rng(seed);
+    const LlamaConfig c = RandomConfig(rng);
+    Models m = MakeModels(c, seed);
+    ASSERT_TRUE(m.cpu != nullptr && m.gpu != nullptr);
+    auto cpu = Engine::Create(m.cpu.get(), {.use_pool = false});
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    auto gpu =
+        GpuEngine::Create(m.gpu.get(), {.num_instances = 1 + static_cast<int32_t>(rng() % 3),
+                                        .segment_tokens = rng() % 2 == 0 ? 4 : 16,
+                                        .slots_per_instance = 512,
+                                        .rotate_compute_instance = true,
+                                        .max_batch_tokens = 8 + static_cast<int64_t>(rng() % 120),
+                                        .max_batch_requests = 2 + static_cast<int32_t>(rng() % 8)});
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    const auto prompts = RandomPrompts(rng, c.vocab_size, 10);
+    std::vector<GenerateRequest> requests;
+    std::vector<GenerateResult> want;
+    for (const auto& p : prompts) {
+      const int32_t max_new = 1 + static_cast<int32_t>(rng() % 6);
+      auto w = (*cpu)->Generate(p, max_new);
+      ASSERT_TRUE(w.ok()) << w.status();
+      requests.push_back(
+          {.prompt = p,
+           .max_new_tokens = max_new,
+           .arrival_iteration = static_cast<int32_t>(rng() % 6),
+           .force_tokens = std::vector<int32_t>(w->tokens.begin(), w->tokens.end() - 1)});
+      want.push_back(*std::move(w));
+    }
+    auto got = (*gpu)->GenerateBatch(requests);
+    ASSERT_EQ(got.size(), requests.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      SCOPED_TRACE(testing::Message() << "request " << i);
+      ASSERT_TRUE(got[i].ok()) << got[i].status();
+      EXPECT_LE(MaxAbsDiff(got[i]->last_logits, want[i].last_logits),
+                Bf16Tolerance(want[i].last_logits));
+      EXPECT_LE(MaxAbsDiff(got[i]->decode_logits, want[i].decode_logits),
+                Bf16Tolerance(want[i].decode_logits));
+    }
+    EXPECT_GT((*gpu)->max_batch_requests_seen(), 1);
+    EXPECT_EQ((*gpu)->lake().Stats().pinned_segments, 0);
+    EXPECT_TRUE((*gpu)->lake().CheckIntegrity().ok()) << (*gpu)->lake().CheckIntegrity();
+    int64_t data_segments = 0;
+    for (int32_t k = 0; k < (*gpu)->options().num_instances; ++k) {
+      data_segments += (*gpu)->store(InstanceId(k)).used();
+    }
+    EXPECT_EQ(data_segments, (*gpu)->lake().Stats().replicas);
+  }
+}
+
 TEST(GpuEngineTest, RepeatedPromptIsServedFromThePool) {
   SKIP_WITHOUT_GPU();
   Models m = MakeModels(FixedConfig(), 77);

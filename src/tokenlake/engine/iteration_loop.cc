@@ -1,0 +1,442 @@
+#include "tokenlake/engine/iteration_loop.h"
+
+#include <algorithm>
+#include <chrono>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_format.h"
+#include "tokenlake/base/status_macros.h"
+#include "tokenlake/engine/ops.h"
+#include "tokenlake/index/segment_id.h"
+
+namespace tokenlake::engine {
+
+namespace {
+
+int64_t NowUs() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
+
+struct IterationLoop::Active {
+  LoopRequest req;
+  std::vector<int32_t> seq;  // prompt + the tokens fed since
+  int64_t pooled = 0;        // tokens of the sequence's prefix held by the pool (multiple of S)
+  int64_t computed = 0;    // tokens whose KV exists (pool prefix + tail); tail = [pooled, computed)
+  bool begun = false;      // the executor has its sequence
+  bool fresh = true;       // the next plan is a prefill (prefill = true: start or restart)
+  bool first_plan = true;  // count hits and report cached_tokens once
+  bool holds_pins = false;  // an admitted plan not yet released
+  bool failed = false;      // its result went out with an error
+  int64_t chunk = 0;        // tokens allotted in the iteration being planned
+  InstanceId last_compute;
+  LoopResult result;
+};
+
+int64_t IterationLoop::MaxTokens(const Active& a) {
+  return static_cast<int64_t>(a.req.prompt.size()) + a.req.max_new_tokens;
+}
+
+absl::StatusOr<std::unique_ptr<IterationLoop>> IterationLoop::Create(
+    ControlPlane* control, IterationExecutor* executor, const IterationLoopOptions& options) {
+  if (control == nullptr || executor == nullptr) {
+    return absl::InvalidArgumentError("IterationLoop: control plane and executor must be set");
+  }
+  if (options.segment_tokens < 1 || options.max_batch_tokens < 1 ||
+      options.max_batch_requests < 1 || options.vocab_size < 1 || options.max_request_tokens < 0 ||
+      options.rotate_over_instances < 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "IterationLoop: segment_tokens %d, max_batch_tokens %d, max_batch_requests %d and "
+        "vocab_size %d must be >= 1; max_request_tokens %d and rotate_over_instances %d >= 0",
+        options.segment_tokens, options.max_batch_tokens, options.max_batch_requests,
+        options.vocab_size, options.max_request_tokens, options.rotate_over_instances));
+  }
+  return std::unique_ptr<IterationLoop>(new IterationLoop(control, executor, options));
+}
+
+IterationLoop::IterationLoop(ControlPlane* control, IterationExecutor* executor,
+                             const IterationLoopOptions& options)
+    : control_(control), executor_(executor), options_(options) {}
+
+IterationLoop::~IterationLoop() {
+  for (const auto& a : requests_) {
+    if (a->holds_pins) pending_release_.push_back(a->req.id);
+    if (a->begun) executor_->EndSequence(a->req.id);
+  }
+  FlushReleases();
+}
+
+absl::Status IterationLoop::Submit(LoopRequest r) {
+  if (!r.id.valid()) return absl::InvalidArgumentError("Submit: invalid request id");
+  if (r.prompt.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("Submit: request %d has an empty prompt", r.id.value()));
+  }
+  if (r.max_new_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "Submit: request %d: max_new_tokens must be >= 1, got %d", r.id.value(), r.max_new_tokens));
+  }
+  const int32_t vocab = options_.vocab_size;
+  for (size_t i = 0; i < r.prompt.size(); ++i) {
+    if (r.prompt[i] < 0 || r.prompt[i] >= vocab) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "Submit: request %d: prompt token %d at index %d is outside the vocabulary [0, %d)",
+          r.id.value(), r.prompt[i], i, vocab));
+    }
+  }
+  if (!r.force_tokens.empty()) {
+    if (static_cast<int64_t>(r.force_tokens.size()) < r.max_new_tokens - 1) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "Submit: request %d: %d force_tokens for %d new tokens (need %d)", r.id.value(),
+          r.force_tokens.size(), r.max_new_tokens, r.max_new_tokens - 1));
+    }
+    for (size_t i = 0; i < r.force_tokens.size(); ++i) {
+      if (r.force_tokens[i] < 0 || r.force_tokens[i] >= vocab) {
+        return absl::InvalidArgumentError(absl::StrFormat(
+            "Submit: request %d: force token %d at index %d is outside the vocabulary [0, %d)",
+            r.id.value(), r.force_tokens[i], i, vocab));
+      }
+    }
+  }
+  const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens;
+  if (options_.max_request_tokens > 0 && total > options_.max_request_tokens) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "Submit: request %d: prompt of %d tokens plus %d new tokens does not fit the context of "
+        "%d tokens",
+        r.id.value(), r.prompt.size(), r.max_new_tokens, options_.max_request_tokens));
+  }
+  for (const auto& a : requests_) {
+    if (a->req.id == r.id) {
+      return absl::AlreadyExistsError(
+          absl::StrFormat("Submit: request %d is already in the loop", r.id.value()));
+    }
+  }
+  auto a = std::make_unique<Active>();
+  a->seq = r.prompt;
+  a->result.id = r.id;
+  a->req = std::move(r);
+  requests_.push_back(std::move(a));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<IterationRequest> IterationLoop::MakeRequest(const Active& a, int64_t chunk) const {
+  const int32_t s = options_.segment_tokens;
+  const int64_t size = static_cast<int64_t>(a.seq.size());
+  // A prefill asks for the whole sequence and lets the control plane cut the chunk after the
+  // cached prefix (only it knows how much is cached); a continuation names its end itself.
+  const int64_t end = a.fresh ? size : std::min(size, a.computed + chunk);
+  // Segments that may be served from the pool: only those before the first token to compute.
+  const int64_t first_new = a.fresh ? size - 1 : a.computed;
+  const int64_t full = end / s * s;
+  TOKENLAKE_ASSIGN_OR_RETURN(
+      std::vector<index::SegmentKey> keys,
+      index::ComputeSegmentKeys(
+          options_.salt, absl::MakeConstSpan(a.seq).subspan(0, static_cast<size_t>(full)), s));
+  InstanceId preferred = a.last_compute;
+  if (options_.fixed_compute.valid()) {
+    preferred = options_.fixed_compute;
+  } else if (a.fresh) {
+    preferred = options_.rotate_over_instances > 0
+                    ? InstanceId(static_cast<int32_t>(
+                          a.req.id.value() % static_cast<uint64_t>(options_.rotate_over_instances)))
+                    : InstanceId();
+  }
+  return IterationRequest{.request = a.req.id,
+                          .keys = std::move(keys),
+                          .max_cached_segments = static_cast<int32_t>(first_new / s),
+                          .end_tokens = end,
+                          .prefill = a.fresh,
+                          .computed_tokens = a.fresh ? 0 : a.computed,
+                          .preferred_instance = preferred,
+                          .count_hits = a.fresh && a.first_plan,
+                          .max_new_tokens = a.fresh ? chunk : 0,
+                          .try_admit = options_.memory_admission};
+}
+
+void IterationLoop::Fail(Active& a, absl::Status status, std::vector<LoopResult>& done) {
+  if (a.holds_pins) {
+    control_->Release(a.req.id).IgnoreError();
+    a.holds_pins = false;
+  }
+  if (a.begun) {
+    a.result.data_plane = executor_->EndSequence(a.req.id);
+    a.begun = false;
+  }
+  a.result.status = std::move(status);
+  a.failed = true;
+  done.push_back(std::move(a.result));
+}
+
+void IterationLoop::FlushReleases() {
+  for (RequestId id : pending_release_) control_->Release(id).IgnoreError();
+  pending_release_.clear();
+}
+
+absl::Status IterationLoop::Finish(Active& a, const IterationPlan& plan, InstanceId compute,
+                                   const std::vector<float>& logits, bool want_logits,
+                                   int64_t end) {
+  const int32_t s = options_.segment_tokens;
+  const bool external = options_.fixed_compute.valid();
+  // Keys of the full segments up to the iteration's end, cut as the plan was.
+  TOKENLAKE_ASSIGN_OR_RETURN(
+      std::vector<index::SegmentKey> keys,
+      index::ComputeSegmentKeys(
+          options_.salt, absl::MakeConstSpan(a.seq).subspan(0, static_cast<size_t>(end / s * s)),
+          s));
+  keys.resize(std::min(keys.size(), static_cast<size_t>(plan.num_keys)));
+  a.computed = end;
+  {
+    TOKENLAKE_ASSIGN_OR_RETURN(lake::CommitResult commit,
+                               control_->Commit(a.req.id, plan.new_segments));
+    for (const lake::StoredReplica& e : commit.evicted) {
+      // Only the evicted copy: the same segment placed there again since stays.
+      absl::Status freed = executor_->FreeSegment(compute, e.instance, e.segment, commit.sequence);
+      // Over an external pool the cluster reconciles stores with the lake: a copy already gone
+      // is not this request's failure.
+      if (!external) TOKENLAKE_RETURN_IF_ERROR(freed);
+    }
+    absl::flat_hash_map<SegmentId, InstanceId> stored_on;
+    for (const lake::StoredReplica& st : commit.stored) stored_on[st.segment] = st.instance;
+    const absl::flat_hash_set<SegmentId> dedup(commit.deduplicated.begin(),
+                                               commit.deduplicated.end());
+    int64_t now_pooled = a.pooled;
+    bool contiguous = true;
+    for (size_t j = static_cast<size_t>(a.pooled / s); j < keys.size(); ++j) {
+      const SegmentId id = keys[j].id;
+      auto it = stored_on.find(id);
+      if (it != stored_on.end()) {
+        const StoredMeta meta{j > 0 ? keys[j - 1].id : SegmentId(), keys[j].num_tokens,
+                              commit.sequence};
+        TOKENLAKE_ASSIGN_OR_RETURN(
+            int64_t bytes,
+            executor_->StoreSegment(a.req.id, compute, static_cast<int64_t>(j) * s - a.pooled,
+                                    it->second, id, meta));
+        ++a.result.stored_segments;
+        if (it->second != compute) {
+          ++a.result.remote_stored_segments;
+          a.result.remote_stored_bytes += bytes;
+        }
+      } else if (!dedup.contains(id)) {
+        contiguous = false;  // not stored (no room): the tail keeps it
+      }
+      if (contiguous) now_pooled = static_cast<int64_t>(j + 1) * s;
+    }
+    TOKENLAKE_RETURN_IF_ERROR(executor_->DropTailRows(a.req.id, now_pooled - a.pooled));
+    a.pooled = now_pooled;
+  }
+  if (!want_logits) return absl::OkStatus();
+  if (a.result.last_logits.empty()) a.result.last_logits = logits;
+  const int32_t next = Argmax(logits);
+  a.result.tokens.push_back(next);
+  if (static_cast<int32_t>(a.result.tokens.size()) == a.req.max_new_tokens) {
+    a.result.decode_logits = logits;
+    return absl::OkStatus();
+  }
+  const size_t step = a.result.tokens.size() - 1;
+  a.seq.push_back(a.req.force_tokens.empty() ? next : a.req.force_tokens[step]);
+  return absl::OkStatus();
+}
+
+std::vector<LoopResult> IterationLoop::Step() {
+  std::vector<LoopResult> done;
+  if (requests_.empty()) {
+    FlushReleases();
+    return done;
+  }
+  ++iterations_;
+  const int64_t start_us = NowUs();
+  // 1. The batch: decodes first, then prefill work in arrival order, under the budgets.
+  std::vector<Active*> batch;
+  int64_t budget = options_.max_batch_tokens;
+  auto remaining = [](const Active& a) {
+    return static_cast<int64_t>(a.seq.size()) - (a.fresh ? 0 : a.computed);
+  };
+  for (int pass = 0; pass < 2; ++pass) {
+    for (const auto& a : requests_) {
+      if (budget < 1 || static_cast<int32_t>(batch.size()) >= options_.max_batch_requests) break;
+      const bool decode = !a->fresh && remaining(*a) == 1;
+      if (decode != (pass == 0)) continue;
+      const int64_t chunk = std::min(budget, remaining(*a));
+      a->chunk = chunk;
+      batch.push_back(a.get());
+      budget -= chunk;
+    }
+  }
+
+  // 2. One control-plane call: release what the batch's requests (and finished ones) pinned,
+  // plan and admit the batch.
+  std::vector<IterationRequest> plan_requests;
+  std::vector<RequestId> release = std::move(pending_release_);
+  pending_release_.clear();
+  std::vector<Active*> planned;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    Active& a = *batch[i];
+    absl::StatusOr<IterationRequest> ir = MakeRequest(a, a.chunk);
+    if (!ir.ok()) {
+      Fail(a, ir.status(), done);
+      continue;
+    }
+    if (a.holds_pins) release.push_back(a.req.id);
+    a.holds_pins = false;
+    plan_requests.push_back(*std::move(ir));
+    planned.push_back(&a);
+  }
+  absl::StatusOr<std::vector<BatchPlanEntry>> plans = control_->PlanBatch(release, plan_requests);
+  if (plans.ok() && plans->size() != planned.size()) {
+    plans = absl::InternalError(absl::StrFormat("PlanBatch returned %d plans for %d requests",
+                                                plans->size(), planned.size()));
+  }
+  if (!plans.ok()) {
+    // The call may have applied nothing, the releases, or all of it: release every id of it
+    // once more (NotFound, ignored, where nothing is pinned).
+    absl::flat_hash_set<RequestId> again(release.begin(), release.end());
+    for (Active* a : planned) again.insert(a->req.id);
+    for (RequestId id : again) control_->Release(id).IgnoreError();
+    for (Active* a : planned) Fail(*a, plans.status(), done);
+  }
+  // Admitted requests and their plans; waiting ones keep nothing pinned.
+  struct Admitted {
+    Active* a;
+    IterationPlan plan;
+  };
+  std::vector<Admitted> admitted;
+  std::vector<Active*> deferred;
+  if (plans.ok()) {
+    for (size_t i = 0; i < planned.size(); ++i) {
+      BatchPlanEntry& e = (*plans)[i];
+      if (!e.status.ok()) {
+        Fail(*planned[i], e.status, done);
+      } else if (!e.plan.admitted) {
+        deferred.push_back(planned[i]);
+      } else {
+        planned[i]->holds_pins = true;
+        admitted.push_back({planned[i], std::move(e.plan)});
+      }
+    }
+  }
+  if (admitted.empty() && !deferred.empty()) {
+    // Nothing of the batch fits: admit the oldest anyway (the loop must not wait on itself);
+    // its segments that find no slot stay in its tail.
+    Active& a = *deferred.front();
+    absl::StatusOr<IterationRequest> ir = MakeRequest(a, a.chunk);
+    absl::StatusOr<IterationPlan> p = absl::UnknownError("not planned");
+    if (ir.ok()) {
+      ir->try_admit = false;
+      p = control_->PlanIteration(*ir);
+    } else {
+      p = ir.status();
+    }
+    if (!p.ok()) {
+      if (FailedOnTheWire(p.status())) a.holds_pins = true;
+      Fail(a, p.status(), done);
+    } else {
+      a.holds_pins = true;
+      admitted.push_back({&a, *std::move(p)});
+    }
+  }
+
+  // 3. Check each plan against the request's state, then run the batch.
+  std::vector<IterationWork> work;
+  std::vector<int64_t> ends;
+  std::vector<Admitted*> ready;
+  for (Admitted& ad : admitted) {
+    Active& a = *ad.a;
+    const IterationPlan& plan = ad.plan;
+    absl::Status ok = absl::OkStatus();
+    if (!a.begun) {
+      ok = executor_->BeginSequence(a.req.id, MaxTokens(a));
+      a.begun = ok.ok();
+    }
+    if (ok.ok() && !a.fresh && plan.cached_tokens < a.pooled) {
+      // The pooled prefix was lost while the request held no pins: restart it from what the
+      // pool still holds, as a prefill of its whole sequence next iteration (it keeps this
+      // plan's pins until the next call releases them).
+      a.result.data_plane = executor_->EndSequence(a.req.id);
+      ok = executor_->BeginSequence(a.req.id, MaxTokens(a));
+      a.begun = ok.ok();
+      a.fresh = true;
+      a.pooled = a.computed = 0;
+      ++a.result.restarts;
+      if (ok.ok()) continue;
+    }
+    if (ok.ok()) {
+      if (a.fresh) {
+        a.computed = plan.cached_tokens;
+        if (a.first_plan) a.result.cached_tokens = plan.cached_tokens;
+      } else if (plan.cached_tokens > a.pooled) {
+        // Tokens in [pooled, cached) are in the tail and (identically: same ids, same prefix)
+        // in the pool, committed by another request meanwhile: drop them from the tail.
+        ok = executor_->DropTailRows(a.req.id, plan.cached_tokens - a.pooled);
+      }
+      a.pooled = plan.cached_tokens;
+    }
+    const int64_t end = plan.end_tokens > 0 ? plan.end_tokens : static_cast<int64_t>(a.seq.size());
+    if (ok.ok() && (end > static_cast<int64_t>(a.seq.size()) ||
+                    end - a.computed != plan.new_tokens || plan.new_tokens < 1)) {
+      ok = absl::InternalError(absl::StrFormat(
+          "IterationLoop: request %d: plan computes %d tokens to %d, the request has %d after %d",
+          a.req.id.value(), plan.new_tokens, end, a.seq.size(), a.computed));
+    }
+    if (!ok.ok()) {
+      Fail(a, ok, done);
+      continue;
+    }
+    a.fresh = false;
+    a.first_plan = false;
+    a.last_compute =
+        options_.fixed_compute.valid() ? options_.fixed_compute : plan.compute_instance;
+    ++a.result.iterations;
+    work.push_back({.request = a.req.id,
+                    .tokens = absl::MakeConstSpan(a.seq).subspan(
+                        static_cast<size_t>(a.computed), static_cast<size_t>(plan.new_tokens)),
+                    .start_pos = a.computed,
+                    .compute = a.last_compute,
+                    .plan = &plan,
+                    .want_logits = end == static_cast<int64_t>(a.seq.size())});
+    ends.push_back(end);
+    ready.push_back(&ad);
+  }
+  max_batch_seen_ = std::max(max_batch_seen_, static_cast<int32_t>(work.size()));
+  if (!work.empty()) {
+    absl::StatusOr<std::vector<std::vector<float>>> logits = executor_->Run(work);
+    if (logits.ok() && logits->size() != work.size()) {
+      logits = absl::InternalError("IterationLoop: the executor returned too few logits");
+    }
+    for (size_t i = 0; i < ready.size(); ++i) {
+      Active& a = *ready[i]->a;
+      absl::Status s = logits.ok() ? Finish(a, ready[i]->plan, work[i].compute, (*logits)[i],
+                                            work[i].want_logits, ends[i])
+                                   : logits.status();
+      if (!s.ok()) Fail(a, s, done);
+    }
+  }
+
+  const double took_us = static_cast<double>(NowUs() - start_us);
+  for (Admitted* ad : ready) {
+    if (!ad->a->failed) ad->a->result.iteration_us.push_back(took_us);
+  }
+
+  // 4. Finished requests leave; their pins go with the next call (or now, if none follows).
+  for (auto it = requests_.begin(); it != requests_.end();) {
+    Active& a = **it;
+    if (!a.failed && static_cast<int32_t>(a.result.tokens.size()) == a.req.max_new_tokens) {
+      if (a.holds_pins) pending_release_.push_back(a.req.id);
+      a.result.data_plane = executor_->EndSequence(a.req.id);
+      done.push_back(std::move(a.result));
+      it = requests_.erase(it);
+    } else if (a.failed) {
+      it = requests_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  if (requests_.empty()) FlushReleases();
+  return done;
+}
+
+}  // namespace tokenlake::engine

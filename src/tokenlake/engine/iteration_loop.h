@@ -1,0 +1,211 @@
+// IterationLoop: the one scheduler / iteration loop that serves requests over the TokenLake pool
+// with continuous batching (TOKENLAKE.md sections 3, 4.4, 4.5). The CPU engine (engine.cc) and
+// the cluster's instance processes (through the CPU engine over a remote control plane) run it;
+// the model runner and the data plane sit behind IterationExecutor, the lake behind
+// ControlPlane.
+//
+// Requests join (Submit) and leave (finished) at every iteration. One Step is one iteration:
+//   1. the batch: running requests whose next token is their last one to compute (decodes)
+//      first, then prefill work (running prompts' next chunks, then new requests in arrival
+//      order), under a per-iteration token budget (a prompt is cut into chunks) and a cap on
+//      the requests per iteration; a running request left out keeps its pins (its pooled
+//      segments stay in the pool) and runs in a later iteration;
+//   2. ONE control-plane call for the whole batch (ControlPlane::PlanBatch): it releases the
+//      pins of the requests' previous iterations and of the requests that finished, then plans
+//      and admits each request of the batch: cached prefix, computing instance, per cached
+//      segment the serving replica and action (move queries / pull KV), where the segments this
+//      iteration completes go. With memory admission (TryAdmit) a request whose new segments do
+//      not fit waits (nothing of it pinned) and asks again next iteration; when nothing of the
+//      batch could be admitted the oldest waiting request is admitted anyway (its segments that
+//      find no slot stay in its tail), so the loop never waits on itself;
+//   3. the executor runs the batch: per request its new tokens and its KV context (the plan's
+//      cached segments, its tail), one forward over all of them;
+//   4. per request with new segments: Commit, free the evicted replicas, write the completed
+//      segments where the commit says; the pooled prefix grows and the tail shrinks.
+// A request whose pooled prefix was lost (evicted while it held no pins, or an instance lost)
+// is restarted from what the pool still holds: it is prefilled again over its whole sequence
+// (its generated tokens kept).
+//
+// Each request's tokens and logits equal its single-request run (the forward is row-independent
+// and the attention per request; float rounding of the partial merges aside).
+//
+// Thread-safety: not thread-safe (one thread drives Submit and Step).
+#ifndef TOKENLAKE_ENGINE_ITERATION_LOOP_H_
+#define TOKENLAKE_ENGINE_ITERATION_LOOP_H_
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "tokenlake/base/ids.h"
+#include "tokenlake/engine/control_plane.h"
+#include "tokenlake/engine/instance_pool.h"
+
+namespace tokenlake::engine {
+
+struct IterationLoopOptions {
+  // Tokens per segment (S), >= 1; must match the control plane and the data plane.
+  int32_t segment_tokens = 16;
+  // Namespace salt of the segment ids.
+  uint64_t salt = 0;
+  // Tokens computed per iteration over the whole batch (decodes and prefill chunks), >= 1.
+  int64_t max_batch_tokens = 2048;
+  // Requests per iteration, >= 1.
+  int32_t max_batch_requests = 256;
+  // Admit plans with TryAdmit (a request waits while the pool cannot hold its new segments).
+  bool memory_admission = true;
+  // Vocabulary size (prompt tokens are checked against it), >= 1.
+  int32_t vocab_size = 1;
+  // Longest sequence of one request (prompt + new tokens), 0 = no limit (the model's context).
+  int64_t max_request_tokens = 0;
+  // Valid: every request is computed on this instance (an engine over an external pool), and a
+  // free of a replica already gone is not an error (the cluster reconciles stores).
+  InstanceId fixed_compute;
+  // > 0: prefer computing request r on instance r mod this (spreads the computing instances).
+  int32_t rotate_over_instances = 0;
+};
+
+struct LoopRequest {
+  // Unique among the loop's requests and the control plane's active requests, valid.
+  RequestId id;
+  std::vector<int32_t> prompt;
+  int32_t max_new_tokens = 1;
+  // Teacher forcing (tests): step i feeds force_tokens[i] instead of its argmax; empty = none,
+  // else at least max_new_tokens - 1 entries.
+  std::vector<int32_t> force_tokens;
+};
+
+// Data-plane work of one request (the executor's counters).
+struct DataPlaneCounters {
+  int64_t remote_attend_calls = 0;
+  int64_t local_attend_calls = 0;
+  int64_t pulled_segments = 0;
+  int64_t pulled_bytes = 0;
+  int64_t query_bytes_out = 0;
+  int64_t partial_bytes_back = 0;
+};
+
+struct LoopResult {
+  RequestId id;
+  // OK, or why the request failed (the rest is then partial).
+  absl::Status status;
+  std::vector<int32_t> tokens;
+  // Prompt tokens served from the pool at its first prefill.
+  int64_t cached_tokens = 0;
+  // Logits at the last prompt position and at the last fed position [vocab_size].
+  std::vector<float> last_logits;
+  std::vector<float> decode_logits;
+  int64_t stored_segments = 0;
+  int64_t remote_stored_segments = 0;
+  int64_t remote_stored_bytes = 0;
+  DataPlaneCounters data_plane;
+  // Iterations the request took part in, and restarts after a lost pooled prefix.
+  int64_t iterations = 0;
+  int64_t restarts = 0;
+  // Wall time of each iteration it took part in (the whole batch's iteration: control plane,
+  // forward, stores), microseconds.
+  std::vector<double> iteration_us;
+};
+
+// What one request contributes to an iteration.
+struct IterationWork {
+  RequestId request;
+  // The tokens to compute (positions start_pos, start_pos + 1, ...).
+  absl::Span<const int32_t> tokens;
+  int64_t start_pos = 0;
+  // The instance that computes them and the plan (cached segments by holder and action).
+  InstanceId compute;
+  const IterationPlan* plan = nullptr;
+  // The last token's logits are wanted (the iteration reaches the end of the sequence).
+  bool want_logits = true;
+};
+
+// The model runner and the data plane of one computing process.
+class IterationExecutor {
+ public:
+  virtual ~IterationExecutor() = default;
+  // A request's KV tail (tokens after its pooled prefix) starts empty; the sequence will not
+  // exceed `max_tokens` tokens (prompt + new tokens).
+  virtual absl::Status BeginSequence(RequestId request, int64_t max_tokens) = 0;
+  // Ends the sequence and returns its data-plane counters.
+  virtual DataPlaneCounters EndSequence(RequestId request) = 0;
+  // Drops the first `rows` tokens of the request's tail (the pool now serves them).
+  virtual absl::Status DropTailRows(RequestId request, int64_t rows) = 0;
+  // One forward over the batch: per work item, attention over its plan's cached segments
+  // (local, pulled, or queries moved to their holder), its tail and, causally, its new tokens,
+  // whose KV it appends to the tail. Returns per item its last token's logits (empty where
+  // not wanted). Errors fail the whole batch.
+  virtual absl::StatusOr<std::vector<std::vector<float>>> Run(
+      absl::Span<const IterationWork> batch) = 0;
+  // Writes tail rows [first_row, first_row + S) of `request` as `segment` on `target`; returns
+  // the bytes written.
+  virtual absl::StatusOr<int64_t> StoreSegment(RequestId request, InstanceId compute,
+                                               int64_t first_row, InstanceId target,
+                                               SegmentId segment, const StoredMeta& meta) = 0;
+  // Frees `segment` on `target` (evicted by the control plane at change `evicted_at`).
+  virtual absl::Status FreeSegment(InstanceId compute, InstanceId target, SegmentId segment,
+                                   uint64_t evicted_at) = 0;
+};
+
+class IterationLoop {
+ public:
+  // Both borrowed, must outlive the loop. Errors: InvalidArgument naming a bad option.
+  static absl::StatusOr<std::unique_ptr<IterationLoop>> Create(ControlPlane* control,
+                                                               IterationExecutor* executor,
+                                                               const IterationLoopOptions& options);
+  // Releases what the loop's requests still pin (best effort).
+  ~IterationLoop();
+  IterationLoop(const IterationLoop&) = delete;
+  IterationLoop& operator=(const IterationLoop&) = delete;
+
+  // Queues a request; it joins the batch at the next Step that has room.
+  // Errors: InvalidArgument (invalid id, empty prompt, a token outside the vocabulary naming
+  //   its index, max_new_tokens < 1, force_tokens too short or bad, prompt + max_new_tokens
+  //   longer than max_request_tokens), AlreadyExists (id in use in the loop).
+  absl::Status Submit(LoopRequest request);
+
+  // Runs one iteration and returns the requests that finished in it: done, or failed with
+  // their status (a control-plane error for the request, a data-plane or executor error of the
+  // batch: every request of a failed batch fails, its pins released).
+  std::vector<LoopResult> Step();
+
+  // No request queued or running.
+  bool idle() const { return requests_.empty(); }
+  int64_t num_requests() const { return static_cast<int64_t>(requests_.size()); }
+  // The most requests that ran in one iteration so far, and the iterations run.
+  int32_t max_batch_requests_seen() const { return max_batch_seen_; }
+  int64_t iterations() const { return iterations_; }
+
+ private:
+  struct Active;
+  IterationLoop(ControlPlane* control, IterationExecutor* executor,
+                const IterationLoopOptions& options);
+  absl::StatusOr<IterationRequest> MakeRequest(const Active& a, int64_t chunk) const;
+  static int64_t MaxTokens(const Active& a);
+  // Fails `a` with `status` and moves it to `done`.
+  void Fail(Active& a, absl::Status status, std::vector<LoopResult>& done);
+  // Stores and commits what one executed work item completed; advances the request.
+  absl::Status Finish(Active& a, const IterationPlan& plan, InstanceId compute,
+                      const std::vector<float>& logits, bool want_logits, int64_t end);
+  // Releases the pins of `ids` now (when no iteration follows to carry them).
+  void FlushReleases();
+
+  ControlPlane* control_;
+  IterationExecutor* executor_;
+  IterationLoopOptions options_;
+  // Requests in arrival order.
+  std::deque<std::unique_ptr<Active>> requests_;
+  // Ids whose pins the next PlanBatch releases (finished requests).
+  std::vector<RequestId> pending_release_;
+  int32_t max_batch_seen_ = 0;
+  int64_t iterations_ = 0;
+};
+
+}  // namespace tokenlake::engine
+
+#endif  // TOKENLAKE_ENGINE_ITERATION_LOOP_H_

@@ -1,0 +1,341 @@
+// IterationLoop against a naive model: a fake executor whose "logits" are a hash of the KV
+// context it is handed (the plan's cached segments as stored, the request's tail, the new
+// tokens), so that any bookkeeping error of the loop (wrong cached prefix, wrong tail rows,
+// wrong segment stored) changes the generated tokens; the expected tokens come from hashing the
+// true sequence one token at a time. The control plane is the real lake.
+#include "tokenlake/engine/iteration_loop.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <iostream>
+#include <memory>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_format.h"
+#include "gtest/gtest.h"
+#include "tokenlake/base/clock.h"
+#include "tokenlake/lake/lake.h"
+
+namespace tokenlake::engine {
+namespace {
+
+constexpr int32_t kVocab = 37;
+
+// The next token after `context` in the naive model.
+int32_t NextToken(const std::vector<int32_t>& context) {
+  uint64_t h = 1469598103934665603ull;
+  for (int32_t t : context) h = (h ^ static_cast<uint64_t>(t + 1)) * 1099511628211ull;
+  return static_cast<int32_t>(h % kVocab);
+}
+
+// Generated tokens of one request, without any pool or batching.
+std::vector<int32_t> Naive(std::vector<int32_t> seq, int32_t max_new) {
+  std::vector<int32_t> out;
+  for (int32_t i = 0; i < max_new; ++i) {
+    out.push_back(NextToken(seq));
+    seq.push_back(out.back());
+  }
+  return out;
+}
+
+class FakeExecutor final : public IterationExecutor {
+ public:
+  FakeExecutor(int32_t segment_tokens, int32_t num_instances)
+      : s_(segment_tokens), stores_(static_cast<size_t>(num_instances)) {}
+
+  absl::Status BeginSequence(RequestId r, int64_t) override {
+    tails_[r].clear();
+    return absl::OkStatus();
+  }
+  DataPlaneCounters EndSequence(RequestId r) override {
+    tails_.erase(r);
+    decoding_.erase(r);
+    return {};
+  }
+  absl::Status DropTailRows(RequestId r, int64_t rows) override {
+    auto& t = tails_.at(r);
+    if (rows < 0 || rows > static_cast<int64_t>(t.size())) {
+      return absl::InternalError("drop beyond the tail");
+    }
+    t.erase(t.begin(), t.begin() + rows);
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::vector<std::vector<float>>> Run(
+      absl::Span<const IterationWork> batch) override {
+    Batch b;
+    std::set<RequestId> in_batch;
+    for (const IterationWork& w : batch) {
+      b.tokens += static_cast<int64_t>(w.tokens.size());
+      in_batch.insert(w.request);
+      b.all_decodes = b.all_decodes && decoding_.contains(w.request);
+    }
+    // Decodes first: a batch with other work holds every request waiting for a decode.
+    b.left_out_decodes = 0;
+    for (RequestId r : decoding_) b.left_out_decodes += in_batch.contains(r) ? 0 : 1;
+    b.requests = static_cast<int32_t>(batch.size());
+    batches.push_back(b);
+    std::vector<std::vector<float>> out;
+    for (const IterationWork& w : batch) {
+      std::vector<int32_t> context;
+      for (const plan::SegmentAssignment& a : w.plan->segments) {
+        const auto& st = stores_[static_cast<size_t>(a.holder.value())];
+        auto it = st.find(a.segment);
+        if (it == st.end()) return absl::NotFoundError("cached segment not on its holder");
+        context.insert(context.end(), it->second.begin(), it->second.end());
+      }
+      auto& tail = tails_.at(w.request);
+      if (static_cast<int64_t>(context.size() + tail.size()) != w.start_pos) {
+        return absl::InternalError(
+            absl::StrFormat("request %d: context of %d + %d tokens before position %d",
+                            w.request.value(), context.size(), tail.size(), w.start_pos));
+      }
+      tail.insert(tail.end(), w.tokens.begin(), w.tokens.end());
+      context.insert(context.end(), tail.begin(), tail.end());
+      std::vector<float> logits;
+      if (w.want_logits) {
+        logits.assign(kVocab, 0.0f);
+        logits[static_cast<size_t>(NextToken(context))] = 1.0f;
+        decoding_.insert(w.request);
+      } else {
+        decoding_.erase(w.request);
+      }
+      out.push_back(std::move(logits));
+    }
+    return out;
+  }
+  absl::StatusOr<int64_t> StoreSegment(RequestId r, InstanceId, int64_t first_row,
+                                       InstanceId target, SegmentId segment,
+                                       const StoredMeta&) override {
+    const auto& t = tails_.at(r);
+    if (first_row < 0 || first_row + s_ > static_cast<int64_t>(t.size())) {
+      return absl::InternalError("segment rows outside the tail");
+    }
+    stores_[static_cast<size_t>(target.value())][segment] =
+        std::vector<int32_t>(t.begin() + first_row, t.begin() + first_row + s_);
+    return int64_t{s_};
+  }
+  absl::Status FreeSegment(InstanceId, InstanceId target, SegmentId segment, uint64_t) override {
+    return stores_[static_cast<size_t>(target.value())].erase(segment) == 1
+               ? absl::OkStatus()
+               : absl::NotFoundError("free of a segment not stored");
+  }
+
+  struct Batch {
+    int64_t tokens = 0;
+    int32_t requests = 0;
+    bool all_decodes = true;
+    int32_t left_out_decodes = 0;
+  };
+  std::vector<Batch> batches;
+
+ private:
+  int32_t s_;
+  absl::flat_hash_map<RequestId, std::vector<int32_t>> tails_;
+  std::set<RequestId> decoding_;  // last ran to the end of its sequence, not finished
+  std::vector<absl::flat_hash_map<SegmentId, std::vector<int32_t>>> stores_;
+};
+
+struct LoopCase {
+  int32_t instances;
+  int32_t segment_tokens;
+  int32_t slots;
+  int64_t max_batch_tokens;
+  int32_t max_batch_requests;
+  bool memory_admission;
+};
+
+class IterationLoopRandomTest : public testing::TestWithParam<LoopCase> {};
+
+TEST_P(IterationLoopRandomTest, EveryRequestFinishesWithTheNaiveTokensUnderTheBudgets) {
+  const LoopCase lc = GetParam();
+  for (uint32_t round = 0; round < 6; ++round) {
+    const uint32_t seed = 7100 + round * 13 + static_cast<uint32_t>(lc.slots * 7 + lc.instances) +
+                          static_cast<uint32_t>(lc.max_batch_tokens);
+    SCOPED_TRACE(testing::Message() << "seed=" << seed);
+    std::cout << "seed=" << seed << "\n";
+    std::mt19937 rng(seed);
+    ManualClock clock(1);
+    lake::LakeOptions lo;
+    lo.num_instances = lc.instances;
+    lo.segment_tokens = lc.segment_tokens;
+    lo.slots_per_instance = lc.slots;
+    lo.heavy_hitter.num_instances = lc.instances;
+    lo.model = plan::ModelShape{
+        .num_layers = 2, .num_heads = 2, .num_kv_heads = 1, .head_dim = 8, .dtype_bytes = 4};
+    auto lk = lake::Lake::Create(lo, &clock);
+    ASSERT_TRUE(lk.ok()) << lk.status();
+    LocalControlPlane control(lk->get(), &clock);
+    FakeExecutor exec(lc.segment_tokens, lc.instances);
+    auto loop =
+        IterationLoop::Create(&control, &exec,
+                              {.segment_tokens = lc.segment_tokens,
+                               .salt = 99,
+                               .max_batch_tokens = lc.max_batch_tokens,
+                               .max_batch_requests = lc.max_batch_requests,
+                               .memory_admission = lc.memory_admission,
+                               .vocab_size = kVocab,
+                               .max_request_tokens = 400,
+                               .rotate_over_instances = (rng() % 2 == 0) ? lc.instances : 0});
+    ASSERT_TRUE(loop.ok()) << loop.status();
+
+    // Requests sharing a few document prefixes, arriving at random iterations.
+    std::vector<std::vector<int32_t>> docs(3);
+    for (auto& d : docs) {
+      d.resize(5 + rng() % 40);
+      for (int32_t& t : d) t = static_cast<int32_t>(rng() % kVocab);
+    }
+    const int n = 4 + static_cast<int>(rng() % 12);
+    struct Pending {
+      LoopRequest req;
+      int64_t arrival;
+    };
+    std::vector<Pending> pending;
+    absl::flat_hash_map<RequestId, std::vector<int32_t>> want;
+    for (int i = 0; i < n; ++i) {
+      LoopRequest r{.id = RequestId(static_cast<uint64_t>(i + 1))};
+      const auto& d = docs[rng() % docs.size()];
+      r.prompt.assign(d.begin(), d.begin() + static_cast<long>(1 + rng() % d.size()));
+      for (uint32_t k = 0, m = rng() % 30; k < m; ++k) {
+        r.prompt.push_back(static_cast<int32_t>(rng() % kVocab));
+      }
+      r.max_new_tokens = 1 + static_cast<int32_t>(rng() % 12);
+      want[r.id] = Naive(r.prompt, r.max_new_tokens);
+      pending.push_back({std::move(r), static_cast<int64_t>(rng() % 6)});
+    }
+    // A request longer than the context is refused at once, naming the request.
+    {
+      LoopRequest big{
+          .id = RequestId(1000), .prompt = std::vector<int32_t>(399, 1), .max_new_tokens = 2};
+      const absl::Status s = (*loop)->Submit(big);
+      EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+      EXPECT_NE(s.message().find("request 1000"), std::string::npos) << s;
+    }
+    absl::flat_hash_map<RequestId, LoopResult> got;
+    size_t next = 0;
+    std::stable_sort(pending.begin(), pending.end(),
+                     [](const Pending& a, const Pending& b) { return a.arrival < b.arrival; });
+    int64_t step = 0;
+    for (; step < 5000 && (next < pending.size() || !(*loop)->idle()); ++step) {
+      for (; next < pending.size() && pending[next].arrival <= step; ++next) {
+        ASSERT_TRUE((*loop)->Submit(pending[next].req).ok());
+      }
+      for (LoopResult& r : (*loop)->Step()) got[r.id] = std::move(r);
+    }
+    ASSERT_LT(step, 5000) << "the loop did not finish";
+    ASSERT_EQ(got.size(), want.size());
+    int64_t restarts = 0;
+    for (const auto& [id, tokens] : want) {
+      SCOPED_TRACE(testing::Message() << "request " << id.value());
+      ASSERT_TRUE(got[id].status.ok()) << got[id].status;
+      EXPECT_EQ(got[id].tokens, tokens);
+      restarts += got[id].restarts;
+    }
+    for (const FakeExecutor::Batch& b : exec.batches) {
+      EXPECT_LE(b.tokens, lc.max_batch_tokens);
+      EXPECT_LE(b.requests, lc.max_batch_requests);
+      if (!lc.memory_admission && !b.all_decodes) EXPECT_EQ(b.left_out_decodes, 0);
+    }
+    const lake::LakeStats stats = (*lk)->Stats();
+    EXPECT_EQ(stats.active_requests, 0);
+    EXPECT_EQ(stats.pinned_segments, 0);
+    ASSERT_TRUE((*lk)->CheckIntegrity().ok());
+    std::cout << "requests " << n << ", iterations " << (*loop)->iterations()
+              << ", most requests in one iteration " << (*loop)->max_batch_requests_seen()
+              << ", admissions deferred " << stats.admissions_deferred << ", restarts " << restarts
+              << "\n";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Loops, IterationLoopRandomTest,
+    testing::Values(LoopCase{1, 4, 512, 2048, 256, true}, LoopCase{2, 4, 512, 7, 3, false},
+                    LoopCase{3, 2, 512, 16, 5, true}, LoopCase{2, 4, 6, 32, 8, true},
+                    LoopCase{1, 3, 4, 5, 256, true}, LoopCase{4, 1, 5, 64, 2, false}),
+    [](const testing::TestParamInfo<LoopCase>& p) {
+      const LoopCase& c = p.param;
+      return absl::StrFormat("N%d_S%d_Slots%d_Budget%d_Cap%d%s", c.instances, c.segment_tokens,
+                             c.slots, c.max_batch_tokens, c.max_batch_requests,
+                             c.memory_admission ? "_Admission" : "");
+    });
+
+// A small pool under memory admission: requests wait for memory (the lake defers them) and all
+// still finish; one request larger than the whole pool runs alone rather than waiting forever.
+TEST(IterationLoopTest, WaitsForMemoryAndNeverHangsOnARequestLargerThanThePool) {
+  ManualClock clock(1);
+  lake::LakeOptions lo;
+  lo.num_instances = 1;
+  lo.segment_tokens = 2;
+  lo.slots_per_instance = 6;
+  lo.heavy_hitter.num_instances = 1;
+  lo.model = plan::ModelShape{
+      .num_layers = 1, .num_heads = 1, .num_kv_heads = 1, .head_dim = 8, .dtype_bytes = 4};
+  auto lk = lake::Lake::Create(lo, &clock);
+  ASSERT_TRUE(lk.ok());
+  LocalControlPlane control(lk->get(), &clock);
+  FakeExecutor exec(2, 1);
+  auto loop = IterationLoop::Create(&control, &exec,
+                                    {.segment_tokens = 2, .salt = 5, .vocab_size = kVocab});
+  ASSERT_TRUE(loop.ok());
+  absl::flat_hash_map<RequestId, std::vector<int32_t>> want;
+  for (uint64_t i = 1; i <= 4; ++i) {
+    LoopRequest r{.id = RequestId(i), .max_new_tokens = 3};
+    for (int t = 0; t < 7; ++t) r.prompt.push_back(static_cast<int32_t>((i * 5 + t) % kVocab));
+    want[r.id] = Naive(r.prompt, 3);
+    ASSERT_TRUE((*loop)->Submit(r).ok());
+  }
+  LoopRequest huge{.id = RequestId(9), .max_new_tokens = 2};
+  for (int t = 0; t < 40; ++t) huge.prompt.push_back(t % kVocab);  // 20 segments > 6 slots
+  want[huge.id] = Naive(huge.prompt, 2);
+  ASSERT_TRUE((*loop)->Submit(huge).ok());
+  absl::flat_hash_map<RequestId, LoopResult> got;
+  int steps = 0;
+  for (; steps < 1000 && !(*loop)->idle(); ++steps) {
+    for (LoopResult& r : (*loop)->Step()) got[r.id] = std::move(r);
+  }
+  ASSERT_LT(steps, 1000);
+  for (const auto& [id, tokens] : want) {
+    ASSERT_TRUE(got[id].status.ok()) << id.value() << ": " << got[id].status;
+    EXPECT_EQ(got[id].tokens, tokens) << id.value();
+  }
+  EXPECT_GT((*lk)->Stats().admissions_deferred, 0);
+  EXPECT_EQ((*lk)->Stats().pinned_segments, 0);
+  EXPECT_EQ((*lk)->Stats().reserved_slots, 0);
+}
+
+TEST(IterationLoopTest, RejectsBadRequestsWithClearErrors) {
+  ManualClock clock(1);
+  lake::LakeOptions lo;
+  lo.num_instances = 1;
+  lo.segment_tokens = 2;
+  lo.heavy_hitter.num_instances = 1;
+  auto lk = lake::Lake::Create(lo, &clock);
+  ASSERT_TRUE(lk.ok());
+  LocalControlPlane control(lk->get(), &clock);
+  FakeExecutor exec(2, 1);
+  EXPECT_EQ(IterationLoop::Create(&control, &exec, {.segment_tokens = 2, .max_batch_tokens = 0})
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  auto loop = IterationLoop::Create(
+      &control, &exec, {.segment_tokens = 2, .vocab_size = kVocab, .max_request_tokens = 10});
+  ASSERT_TRUE(loop.ok());
+  auto code = [&](LoopRequest r) { return (*loop)->Submit(std::move(r)).code(); };
+  EXPECT_EQ(code({.id = RequestId(), .prompt = {1}}), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code({.id = RequestId(1), .prompt = {}}), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code({.id = RequestId(1), .prompt = {1, kVocab}}), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code({.id = RequestId(1), .prompt = {1}, .max_new_tokens = 0}),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code({.id = RequestId(1), .prompt = std::vector<int32_t>(9, 1), .max_new_tokens = 2}),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code({.id = RequestId(1), .prompt = {1}, .max_new_tokens = 3, .force_tokens = {2}}),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(code({.id = RequestId(1), .prompt = {1}, .max_new_tokens = 2}), absl::StatusCode::kOk);
+  EXPECT_EQ(code({.id = RequestId(1), .prompt = {1}, .max_new_tokens = 2}),
+            absl::StatusCode::kAlreadyExists);
+}
+
+}  // namespace
+}  // namespace tokenlake::engine
