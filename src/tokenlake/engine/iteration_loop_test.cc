@@ -236,7 +236,9 @@ TEST_P(IterationLoopRandomTest, EveryRequestFinishesWithTheNaiveTokensUnderTheBu
     for (const FakeExecutor::Batch& b : exec.batches) {
       EXPECT_LE(b.tokens, lc.max_batch_tokens);
       EXPECT_LE(b.requests, lc.max_batch_requests);
-      if (!lc.memory_admission && !b.all_decodes) EXPECT_EQ(b.left_out_decodes, 0);
+      if (!lc.memory_admission && !b.all_decodes) {
+        EXPECT_EQ(b.left_out_decodes, 0);
+      }
     }
     const lake::LakeStats stats = (*lk)->Stats();
     EXPECT_EQ(stats.active_requests, 0);
