@@ -240,7 +240,7 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   }
   if (eo.policies.empty()) return Usage("--policies is empty");
   bool any_pd = false;
-  for (const auto& p : eo.policies) any_pd |= sim::IsPdPolicy(p);
+  for (const auto& p : eo.policies) any_pd |= sim::IsSplitPolicy(p);
   if (any_pd && instances < 2) return Usage("pd-disagg needs --instances >= 2");
   if (any_pd || f.pd_splits != "all") {
     auto splits = sim::ParsePdSplits(f.pd_splits, static_cast<int>(instances));

@@ -26,6 +26,7 @@ const std::vector<std::string>& KnownPolicyNames() {
   static const auto* names = [] {
     auto* v = new std::vector<std::string>(BaselinePolicyNames());
     v->push_back("tokenlake");
+    v->push_back("tokenlake-static");
     return v;
   }();
   return *names;
@@ -35,12 +36,20 @@ absl::StatusOr<std::unique_ptr<Policy>> MakePolicy(const std::string& name,
                                                    const TokenLakePolicyOptions& tokenlake,
                                                    const BaselineOptions& baselines) {
   if (name == "tokenlake") return MakeTokenLakePolicy(tokenlake);
+  if (name == "tokenlake-static") {
+    // The pool with a static prefill:decode split (the paper's ablation), run per split.
+    TokenLakePolicyOptions fixed = tokenlake;
+    fixed.fixed_prefill_instances = std::max(1, baselines.pd.num_prefill);
+    return MakeTokenLakePolicy(fixed);
+  }
   if (auto p = MakeBaselinePolicy(name, baselines)) return p;
   return absl::InvalidArgumentError(absl::StrFormat("unknown policy '%s' (valid: %s)", name,
                                                     absl::StrJoin(KnownPolicyNames(), ", ")));
 }
 
-bool IsPdPolicy(const std::string& name) { return name == "pd-disagg" || name == "pd-disagg+dram"; }
+bool IsSplitPolicy(const std::string& name) {
+  return name == "pd-disagg" || name == "pd-disagg+dram" || name == "tokenlake-static";
+}
 
 absl::StatusOr<std::vector<int>> ParsePdSplits(const std::string& text, int num_instances) {
   std::vector<int> splits;
@@ -116,7 +125,7 @@ class Runner {
     sim_options.progress = progress;
     BaselineOptions baselines = o_.baselines;
     baselines.pd.num_prefill = spec.num_prefill;
-    baselines.pd.split_in_name = IsPdPolicy(spec.name);
+    baselines.pd.split_in_name = IsSplitPolicy(spec.name);
     auto run_at = [&](double scale) -> absl::StatusOr<std::pair<Summary, SimResult>> {
       const Workload scaled = ScaleArrivals(workload_, scale);
       auto policy = MakePolicy(spec.name, o_.tokenlake, baselines);
@@ -124,16 +133,14 @@ class Runner {
       Simulator sim(sim_options, scaled, cost_, **policy);
       SimResult result = sim.Run();
       Summary s = Summarize(result, native_rps * scale);
-      s.slo_attainment =
-          per_token ? PerTokenSloAttainment(result.records, cost_, sim_options.token_budget,
-                                            o_.slo_factor)
-                    : SloAttainment(result, o_.sim.slo_ttft_s, o_.sim.slo_tpot_s);
+      s.slo_attainment = per_token ? PerTokenSloAttainment(result.records, cost_,
+                                                           sim_options.token_budget, o_.slo_factor)
+                                   : SloAttainment(result, o_.sim.slo_ttft_s, o_.sim.slo_tpot_s);
       if (log_) {
-        log_(absl::StrFormat("%s at %.3f rps: ttft p90 %.3f s, tpot p90 %.4f s, hit %.3f%s",
-                             s.policy, native_rps * scale, s.ttft_p90_s, s.tpot_p90_s, s.hit_rate,
-                             per_token ? absl::StrFormat(", per-token SLO met by %.3f",
-                                                         s.slo_attainment)
-                                       : ""));
+        log_(absl::StrFormat(
+            "%s at %.3f rps: ttft p90 %.3f s, tpot p90 %.4f s, hit %.3f%s", s.policy,
+            native_rps * scale, s.ttft_p90_s, s.tpot_p90_s, s.hit_rate,
+            per_token ? absl::StrFormat(", per-token SLO met by %.3f", s.slo_attainment) : ""));
       }
       return std::make_pair(s, std::move(result));
     };
@@ -145,7 +152,7 @@ class Runner {
     if (!base.ok()) return base.status();
     PolicyRun run{base->first, std::move(base->second)};
     Summary& summary = run.summary;
-    if (IsPdPolicy(spec.name)) {
+    if (IsSplitPolicy(spec.name)) {
       summary.pd_split = SplitName(spec.num_prefill, o_.sim.num_instances);
       if (spec.name == "pd-disagg+dram") {
         summary.dram_bytes_per_prefill_instance = baselines.pd_dram_bytes;
@@ -214,7 +221,7 @@ void MarkBestSplits(std::vector<PolicyRun>& runs, const std::vector<RunSpec>& sp
     if (a.slo_attainment != b.slo_attainment) return a.slo_attainment > b.slo_attainment;
     return a.ttft_p90_s < b.ttft_p90_s;
   };
-  for (const char* name : {"pd-disagg", "pd-disagg+dram"}) {
+  for (const char* name : {"pd-disagg", "pd-disagg+dram", "tokenlake-static"}) {
     int best = -1;
     for (size_t k = 0; k < runs.size(); ++k) {
       if (specs[k].name != name) continue;
@@ -255,7 +262,7 @@ absl::StatusOr<std::vector<PolicyRun>> RunExperiment(const Workload& workload,
   for (const std::string& name : o.policies) {
     auto p = MakePolicy(name, o.tokenlake, o.baselines);
     if (!p.ok()) return p.status();
-    if (!IsPdPolicy(name)) {
+    if (!IsSplitPolicy(name)) {
       specs.push_back({name, 0});
       continue;
     }

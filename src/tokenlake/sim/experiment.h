@@ -30,7 +30,8 @@ namespace tokenlake::sim {
 // The policies `tokenlake sim` runs by default, in order.
 const std::vector<std::string>& AllPolicyNames();
 
-// Every policy name MakePolicy accepts (the defaults plus least-load and pd-disagg+dram).
+// Every policy name MakePolicy accepts (the defaults plus least-load, pd-disagg+dram and
+// tokenlake-static).
 const std::vector<std::string>& KnownPolicyNames();
 
 // Creates a policy by name (KnownPolicyNames()). InvalidArgument for an unknown name, listing
@@ -39,8 +40,9 @@ absl::StatusOr<std::unique_ptr<Policy>> MakePolicy(const std::string& name,
                                                    const TokenLakePolicyOptions& tokenlake = {},
                                                    const BaselineOptions& baselines = {});
 
-// True for the PD policies, which run once per prefill:decode split.
-bool IsPdPolicy(const std::string& name);
+// True for the policies with a static prefill:decode split, which run once per split: the PD
+// policies and tokenlake-static (TokenLake's pool with a fixed split, the paper's ablation).
+bool IsSplitPolicy(const std::string& name);
 
 // Parses "all" or "P:D[,P:D...]" for a cluster of `num_instances` into prefill counts, in the
 // order given ("all": 1..N-1). Errors: InvalidArgument naming the bad entry and the valid range

@@ -110,6 +110,30 @@ void ExpectOneRowPerSplitAndOneBest(const std::vector<PolicyRun>& runs, bool by_
   }
 }
 
+TEST(ExperimentTest, TokenLakeStaticRunsOncePerSplitAndDecodesOnlyOnTheDecodeSide) {
+  ExperimentOptions o;
+  o.sim.num_instances = 4;
+  o.policies = {"tokenlake-static"};
+  o.rate_rps = 8;
+  auto runs = RunExperiment(SmallChat(), Cost(), o);
+  ASSERT_TRUE(runs.ok()) << runs.status();
+  ASSERT_EQ(runs->size(), 3u);
+  const std::vector<std::string> splits = {"1P:3D", "2P:2D", "3P:1D"};
+  int bests = 0;
+  for (int k = 0; k < 3; ++k) {
+    const PolicyRun& run = (*runs)[k];
+    EXPECT_EQ(run.summary.policy, "tokenlake-static " + splits[k]);
+    EXPECT_EQ(run.summary.pd_split, splits[k]);
+    bests += run.summary.best_pd_split ? 1 : 0;
+    // A request's record names where it decoded: always on the decode side [k + 1, 4).
+    for (const RequestRecord& r : run.result.records) {
+      if (r.rejected || r.output_tokens <= 1) continue;
+      EXPECT_GT(r.instance, k) << run.summary.policy;
+    }
+  }
+  EXPECT_EQ(bests, 1);
+}
+
 TEST(ExperimentTest, OneRowPerSplitAndExactlyOneBestAtAFixedRate) {
   ExperimentOptions o;
   o.sim.num_instances = 4;

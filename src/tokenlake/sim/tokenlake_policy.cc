@@ -53,11 +53,18 @@ class TokenLakePolicy final : public Policy {
     }
   }
 
-  std::string name() const override { return "tokenlake"; }
+  std::string name() const override {
+    if (options_.fixed_prefill_instances <= 0) return "tokenlake";
+    return absl::StrFormat("tokenlake-static %dP:%dD", options_.fixed_prefill_instances,
+                           num_instances_ - options_.fixed_prefill_instances);
+  }
 
   void Init(Simulator& sim) override {
     sim_ = &sim;
     const int n = sim.options().num_instances;
+    num_instances_ = n;
+    // The static split needs both phases: at least one instance each.
+    options_.fixed_prefill_instances = std::min(options_.fixed_prefill_instances, n - 1);
     lake::LakeOptions lo;
     lo.num_instances = n;
     lo.segment_tokens = static_cast<int32_t>(kBlockTokens);
@@ -523,6 +530,7 @@ class TokenLakePolicy final : public Policy {
 
   TokenLakePolicyOptions options_;
   Simulator* sim_ = nullptr;
+  int num_instances_ = 0;
   ManualClock clock_;
   int64_t pool_slots_ = 0;
   int64_t active_requests_ = 0;  // requests admitted to the pool and not yet released
