@@ -215,23 +215,43 @@ std::vector<BalanceAction> Balancer::Rebalance(absl::Span<const SegmentState> se
     if (lo == nullptr || lo == hi || mean <= 0) break;
     if (!(hi->load > mean * (1 + options_.imbalance_threshold))) break;
     const double gap = hi->load - lo->load;
+    // An unpinned segment moves (hi loses its share, lo gains it); a pinned one, which cannot
+    // move while requests read it, is replicated (hi's share shrinks from load/r to
+    // load/(r + 1), and lo carries load/(r + 1)).
     SegmentState* best = nullptr;
+    bool best_replicates = false;
     double best_dist = std::numeric_limits<double>::infinity();
     for (size_t k : order) {
       SegmentState& s = segs[k];
-      if (s.pinned || s.replicas.empty()) continue;
+      if (s.replicas.empty()) continue;
       if (std::find(s.replicas.begin(), s.replicas.end(), hi->id) == s.replicas.end()) continue;
       if (std::find(s.replicas.begin(), s.replicas.end(), lo->id) != s.replicas.end()) continue;
-      const double share = s.load / s.replicas.size();
-      if (!(share > 0) || !(share < gap)) continue;  // must lower the maximum
-      const double dist = std::abs(share - gap / 2);
+      const double r = static_cast<double>(s.replicas.size());
+      const double shed = s.pinned ? s.load / r - s.load / (r + 1) : s.load / r;
+      const double gain = s.pinned ? s.load / (r + 1) : shed;
+      if (!(shed > 0) || !(gain < gap)) continue;  // must lower the maximum
+      const double dist = std::abs(shed - gap / 2);
       if (dist < best_dist) {
         best = &s;
+        best_replicates = s.pinned;
         best_dist = dist;
       }
     }
     if (best == nullptr) break;
-    const double share = best->load / best->replicas.size();
+    const double r = static_cast<double>(best->replicas.size());
+    if (best_replicates) {
+      for (InstanceId holder : best->replicas) {
+        for (InstanceState& c : inst) {
+          if (c.id == holder) c.load -= best->load / r - best->load / (r + 1);
+        }
+      }
+      lo->load += best->load / (r + 1);
+      lo->used_slots += 1;
+      best->replicas.push_back(lo->id);
+      actions.push_back({ActionKind::kReplicate, best->segment, hi->id, lo->id});
+      continue;
+    }
+    const double share = best->load / r;
     hi->load -= share;
     hi->used_slots -= 1;
     lo->load += share;

@@ -12,8 +12,11 @@
 //     2. replicate heavy hitters that have fewer replicas than desired onto the least loaded
 //        instances with a free slot;
 //     3. while max instance load > (1 + imbalance_threshold) x mean, move the warm segment
-//        whose load best halves the gap from the most to the least loaded instance.
-//   Pinned segments are never dropped or moved (they may be replicated). At most
+//        whose load best halves the gap from the most to the least loaded instance; a pinned
+//        segment (read by running requests, so it cannot move) is replicated there instead,
+//        which sheds load/r - load/(r + 1) from its holders (a hot shared prefix on few
+//        instances, each of its segments below the heavy threshold).
+//   Pinned segments are never dropped or moved (they may be replicated, in phases 2 and 3). At most
 //   max_actions actions are returned.
 // - PickExtraReplicaToEvict: the first step of cluster-wide eviction: an extra replica of a
 //   cooled heavy hitter (replicas > desired), unpinned, from the fullest holder.

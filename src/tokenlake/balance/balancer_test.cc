@@ -116,12 +116,18 @@ TEST(BalancerTest, CooledHeavyHitterLosesExtraReplicasFromMostLoadedHolderFirst)
   EXPECT_EQ(actions[1], (BalanceAction{ActionKind::kDrop, SegmentId(7), InstanceId(2), {}}));
 }
 
-TEST(BalancerTest, PinnedSegmentsAreNeitherDroppedNorMoved) {
+TEST(BalancerTest, PinnedSegmentsAreNeitherDroppedNorMovedButReplicatedToFixImbalance) {
   auto b = Make();
   std::vector<InstanceState> inst = {Inst(0, 10, 5, 100), Inst(1, 10, 5, 0)};
+  // Segment 1 has an extra replica (2 > desired 1) but is pinned: not dropped. Segment 2 loads
+  // instance 0 alone and is pinned: it cannot move, so a replica on instance 1 takes half of
+  // its load (100 / 2), which balances the pool.
   std::vector<SegmentState> segs = {{SegmentId(1), 50, 1, {InstanceId(0), InstanceId(1)}, true},
                                     {SegmentId(2), 100, 1, {InstanceId(0)}, true}};
-  EXPECT_TRUE(b->Rebalance(segs, inst).empty());
+  const auto actions = b->Rebalance(segs, inst);
+  ASSERT_EQ(actions.size(), 1u);
+  EXPECT_EQ(actions[0],
+            (BalanceAction{ActionKind::kReplicate, SegmentId(2), InstanceId(0), InstanceId(1)}));
 }
 
 TEST(BalancerTest, ImbalanceIsFixedByMovingTheSegmentClosestToHalfTheGap) {

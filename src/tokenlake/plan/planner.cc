@@ -269,9 +269,16 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
             int32_t best_fit = -1, best_any = -1;
             for (InstanceId rep : s.replicas) {
               const int32_t i = rep.value();
+              // Ties: the less loaded instance, then an order rotated by the request id, so that
+              // plans of one request each (decodes) spread over the replicas.
+              const auto rotated = [&](int32_t x) {
+                return (x + n - static_cast<int32_t>(r.request.value() % n)) % n;
+              };
               auto better = [&](int32_t cur) {
-                return cur < 0 || holder_work[i] < holder_work[cur] ||
-                       (holder_work[i] == holder_work[cur] && i < cur);
+                if (cur < 0 || holder_work[i] < holder_work[cur]) return true;
+                if (holder_work[i] > holder_work[cur]) return false;
+                if (state[i].load != state[cur].load) return state[i].load < state[cur].load;
+                return rotated(i) < rotated(cur);
               };
               if (fits(i) && better(best_fit)) best_fit = i;
               if (better(best_any)) best_any = i;

@@ -20,7 +20,8 @@
 //      with the least work assigned in this plan; a candidate is skipped while its plan work
 //      would exceed (1 + holder_slack) x (total cached work of the plan so far + this batch) /
 //      num_instances (this spreads a heavy hitter's queries over its replicas). Work = q x
-//      segment tokens.
+//      segment tokens. Ties between replicas: the less loaded instance, then an order rotated by
+//      the request id (so single-request plans spread).
 //   4. Per (request, remote holder): move the queries if MoveQueriesBytes(q) <=
 //      KvBytes(tokens the holder serves for it), else pull the KV (cost_model.h).
 //   5. Transfer plan: each new segment goes where the Balancer places it, with the computing
