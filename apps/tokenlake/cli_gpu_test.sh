@@ -42,7 +42,8 @@ for m in model tied_bf16; do
       cpu) flags=(--device cpu --instances 1) ;;
     esac
     if ! timeout 120 "$bin" generate --model "$fx/$m" --prompts "$fx/prompts.jsonl" \
-      --max-new-tokens "$max_new" --segment-tokens 16 "${flags[@]}" --json "$out/$m.$run.json"; then
+      --max-new-tokens "$max_new" --segment-tokens 16 --arrival sequential "${flags[@]}" \
+      --json "$out/$m.$run.json"; then
       echo "FAIL: $m $run: tokenlake generate ${flags[*]} failed"
       status=1
     fi
