@@ -128,7 +128,15 @@ class TokenLakePolicy final : public Policy {
     if (--st.parts_left > 0) return;
     Tick(sim);
     const RequestId id(static_cast<uint64_t>(job.request));
-    auto committed = lake_->Commit(id, st.placements);
+    // The plan's placements continue the chain as it was matched when the chunk was planned;
+    // segments matched then beyond this request's pins (committed by others meanwhile) may have
+    // been evicted since. Then the chunk's keys are committed against the chain as it is now
+    // (the lake places them as the planner would), which re-stores what went.
+    const bool chain_intact = st.placements.empty() || !st.placements.front().parent.valid() ||
+                              lake_->prefix_tree().Contains(st.placements.front().parent);
+    auto committed = chain_intact ? lake_->Commit(id, st.placements)
+                                  : lake_->CommitKeys(id, KeysUpTo(st, *job.r, st.chunk_end),
+                                                      InstanceId(st.producer));
     if (Ok(committed.status())) {
       sim.AddBytesMoved(committed->moved_bytes, "new_segments");
       not_stored_ += static_cast<int64_t>(committed->not_stored.size());
@@ -245,6 +253,7 @@ class TokenLakePolicy final : public Policy {
     int64_t prefilled = 0;  // prompt tokens whose KV exists (cached at admission + computed)
     int64_t chunk_end = 0;  // prefilled after the chunk in flight
     int parts_left = 0;     // parts of the chunk in flight still running
+    int producer = 0;       // the chunk's computing instance
     double pull_s = 0;      // the chunk's slowest KV pull, seconds
     int64_t decode_tokens_unrecorded = 0;  // decode queries not yet in the tracker
     bool admitted = false;                 // admitted to the pool (Lake) and not yet released
@@ -376,6 +385,7 @@ class TokenLakePolicy final : public Policy {
       for (const plan::NewSegmentPlacement& p : plan.transfer.new_segments) {
         if (p.request == rp.request) st.placements.push_back(p);
       }
+      st.producer = rp.compute_instance.value();
       sim.record(request).instance = rp.compute_instance.value();
       // KV pulled from holders streams in layer by layer while the chunk computes (the holders
       // send in parallel): the chunk's iteration lasts at least the slowest pull.
