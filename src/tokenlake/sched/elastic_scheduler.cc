@@ -207,7 +207,7 @@ double DecodeIterationSeconds(int64_t decodes, int64_t context_tokens, const Bat
 }
 
 int32_t PlaceDecode(absl::Span<const DecodeInstance> instances, int64_t context_tokens,
-                    double budget_s, const BatchCostModel& cost) {
+                    double budget_s, const BatchCostModel& cost, int64_t max_decodes) {
   int32_t best_fit = -1, idle = -1, least = -1;
   double best_fit_s = -1, least_s = 0;
   for (size_t i = 0; i < instances.size(); ++i) {
@@ -221,10 +221,11 @@ int32_t PlaceDecode(absl::Span<const DecodeInstance> instances, int64_t context_
     const double now_s = DecodeIterationSeconds(in.decodes, in.context_tokens, cost);
     const double with_s =
         DecodeIterationSeconds(in.decodes + 1, in.context_tokens + context_tokens, cost);
-    if (with_s <= budget_s && now_s > best_fit_s) {
+    if (with_s <= budget_s && in.decodes < max_decodes && now_s > best_fit_s) {
       best_fit = id;
       best_fit_s = now_s;
     }
+    if (in.decodes >= max_decodes) continue;  // full: it takes no more
     if (least < 0 || now_s < least_s) {
       least = id;
       least_s = now_s;

@@ -126,10 +126,12 @@ struct DecodeInstance {
 };
 
 // The instance (index into `instances`) that should run a new decode with `context_tokens`
-// of context, under a decode iteration budget of `budget_s` seconds (see the file comment).
-// Returns -1 when no instance is a decode instance, idle, or eligible (the caller decides).
+// of context, under a decode iteration budget of `budget_s` seconds and at most `max_decodes`
+// decodes on one instance (its running-request limit) (see the file comment). Returns -1 when
+// no instance is a decode instance, idle, or eligible (the caller decides).
 int32_t PlaceDecode(absl::Span<const DecodeInstance> instances, int64_t context_tokens,
-                    double budget_s, const BatchCostModel& cost);
+                    double budget_s, const BatchCostModel& cost,
+                    int64_t max_decodes = std::numeric_limits<int64_t>::max());
 
 // The estimated decode iteration of `decodes` sequences with `context_tokens` in total.
 double DecodeIterationSeconds(int64_t decodes, int64_t context_tokens, const BatchCostModel& cost);

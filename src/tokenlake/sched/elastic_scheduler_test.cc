@@ -262,6 +262,13 @@ TEST(ElasticSchedulerTest, PlaceDecodeBestFitThenIdleThenLeastLoaded) {
   // No idle instance: the least-loaded decode instance takes it.
   in[2].idle = false;
   EXPECT_EQ(PlaceDecode(in, 1500000, budget, cost), 0);
+  // A decode instance at its running-request limit takes no more: the next busiest does.
+  in[2].idle = true;
+  EXPECT_EQ(PlaceDecode(in, 100000, budget, cost, /*max_decodes=*/4), 0);
+  // Every decode instance full: an idle one; none idle: -1 (the caller decides).
+  EXPECT_EQ(PlaceDecode(in, 100000, budget, cost, /*max_decodes=*/1), 2);
+  in[2].idle = false;
+  EXPECT_EQ(PlaceDecode(in, 100000, budget, cost, /*max_decodes=*/1), -1);
   // Nothing eligible.
   for (auto& i : in) i.eligible = false;
   EXPECT_EQ(PlaceDecode(in, 1, budget, cost), -1);

@@ -453,15 +453,21 @@ class TokenLakePolicy final : public Policy {
     if (view[last].eligible && view[last].idle) {
       std::vector<sched::DecodeInstance> busy_only = view;
       for (auto& v : busy_only) v.idle = false;
-      target = sched::PlaceDecode(busy_only, r.input_tokens, decode_budget_s_, *batch_cost_);
+      target = sched::PlaceDecode(busy_only, r.input_tokens, decode_budget_s_, *batch_cost_,
+                                  sim.options().max_running);
       if (target < 0 || sched::DecodeIterationSeconds(decodes_[target] + 1,
                                                       decode_context_[target] + r.input_tokens,
                                                       *batch_cost_) > decode_budget_s_) {
         target = last;
       }
     } else {
-      target = sched::PlaceDecode(view, r.input_tokens, decode_budget_s_, *batch_cost_);
+      target = sched::PlaceDecode(view, r.input_tokens, decode_budget_s_, *batch_cost_,
+                                  sim.options().max_running);
     }
+    // Every decode instance at its running-request limit and none idle: the least loaded one
+    // queues it (the limit admits it when a decode there finishes).
+    if (target < 0)
+      target = sched::PlaceDecode(view, r.input_tokens, decode_budget_s_, *batch_cost_);
     if (target < 0) target = last;
     decodes_[target] += 1;
     decode_context_[target] += r.input_tokens;
