@@ -225,6 +225,54 @@ GenerateResult ToGenerateResult(LoopResult r) {
 
 }  // namespace
 
+std::vector<absl::StatusOr<LoopResult>> ServeInArrivalOrder(
+    IterationLoop& loop, absl::Span<const GenerateRequest> requests,
+    const std::function<absl::Status(const GenerateRequest&)>& check,
+    const std::function<RequestId()>& next_id) {
+  std::vector<absl::StatusOr<LoopResult>> out(
+      requests.size(), absl::StatusOr<LoopResult>(absl::UnknownError("not served")));
+  std::vector<size_t> order(requests.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return requests[a].arrival_iteration < requests[b].arrival_iteration;
+  });
+  absl::flat_hash_map<RequestId, size_t> index;
+  size_t next = 0;
+  int64_t pending = 0;
+  for (int64_t iteration = 0;; ++iteration) {
+    for (; next < order.size() && requests[order[next]].arrival_iteration <= iteration; ++next) {
+      const size_t i = order[next];
+      const GenerateRequest& r = requests[i];
+      const RequestId id = r.id.valid() ? r.id : next_id();
+      absl::Status in = check(r);
+      if (in.ok()) {
+        in = loop.Submit({.id = id,
+                          .prompt = r.prompt,
+                          .max_new_tokens = r.max_new_tokens,
+                          .force_tokens = r.force_tokens});
+      }
+      if (!in.ok()) {
+        out[i] = in;
+        continue;
+      }
+      index[id] = i;
+      ++pending;
+    }
+    if (pending == 0 && next == order.size()) break;
+    for (LoopResult& r : loop.Step()) {
+      auto it = index.find(r.id);
+      if (it == index.end()) continue;
+      --pending;
+      if (r.status.ok()) {
+        out[it->second] = std::move(r);
+      } else {
+        out[it->second] = std::move(r.status);
+      }
+    }
+  }
+  return out;
+}
+
 std::vector<absl::StatusOr<GenerateResult>> Engine::GenerateBatch(
     absl::Span<const GenerateRequest> requests) {
   std::vector<absl::StatusOr<GenerateResult>> out(
@@ -244,46 +292,17 @@ std::vector<absl::StatusOr<GenerateResult>> Engine::GenerateBatch(
     }
     return out;
   }
-  // Arrival order: by arrival iteration, then by position.
-  std::vector<size_t> order(requests.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return requests[a].arrival_iteration < requests[b].arrival_iteration;
-  });
-  absl::flat_hash_map<RequestId, size_t> index;
-  size_t next = 0;
-  int64_t pending = 0;
-  for (int64_t iteration = 0;; ++iteration) {
-    for (; next < order.size() && requests[order[next]].arrival_iteration <= iteration; ++next) {
-      const size_t i = order[next];
-      const GenerateRequest& r = requests[i];
-      RequestId id = r.id.valid() ? r.id : RequestId(pool_->next_request++);
-      absl::Status in = CheckInput(r.prompt, r.max_new_tokens);
-      if (in.ok()) {
-        in = pool_->loop->Submit({.id = id,
-                                  .prompt = r.prompt,
-                                  .max_new_tokens = r.max_new_tokens,
-                                  .force_tokens = r.force_tokens});
-      }
-      if (!in.ok()) {
-        out[i] = in;
-        continue;
-      }
-      index[id] = i;
-      ++pending;
+  std::vector<absl::StatusOr<LoopResult>> served = ServeInArrivalOrder(
+      *pool_->loop, requests,
+      [this](const GenerateRequest& r) { return CheckInput(r.prompt, r.max_new_tokens); },
+      [this] { return RequestId(pool_->next_request++); });
+  for (size_t i = 0; i < served.size(); ++i) {
+    if (!served[i].ok()) {
+      out[i] = served[i].status();
+      continue;
     }
-    if (pending == 0 && next == order.size()) break;
-    for (LoopResult& r : pool_->loop->Step()) {
-      auto it = index.find(r.id);
-      if (it == index.end()) continue;
-      --pending;
-      if (r.status.ok()) {
-        ++pool_->finished_since_rebalance;
-        out[it->second] = ToGenerateResult(std::move(r));
-      } else {
-        out[it->second] = std::move(r.status);
-      }
-    }
+    ++pool_->finished_since_rebalance;
+    out[i] = ToGenerateResult(*std::move(served[i]));
   }
   if (absl::Status s = MaybeRebalance(); !s.ok()) {
     for (auto& o : out) {

@@ -34,6 +34,7 @@
 #define TOKENLAKE_ENGINE_ENGINE_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -103,6 +104,19 @@ struct GenerateRequest {
   // empty = none, else at least max_new_tokens - 1 tokens in the vocabulary.
   std::vector<int32_t> force_tokens;
 };
+
+class IterationLoop;
+struct LoopResult;
+
+// Serves `requests` on `loop`, which must hold no request: each is checked by `check` and
+// submitted at its arrival iteration (ties in request order) under its id, or `next_id()` when
+// the id is invalid; the loop steps until every submitted request finished. Returns, per request
+// in order, its LoopResult (status OK) or why it was not served (the check's error, Submit's,
+// or the loop's status for it). The one arrival driver of the CPU and GPU engines.
+std::vector<absl::StatusOr<LoopResult>> ServeInArrivalOrder(
+    IterationLoop& loop, absl::Span<const GenerateRequest> requests,
+    const std::function<absl::Status(const GenerateRequest&)>& check,
+    const std::function<RequestId()>& next_id);
 
 struct GenerateResult {
   // The greedy tokens, max_new_tokens of them.

@@ -560,45 +560,19 @@ absl::StatusOr<GpuGenerateResult> GpuEngine::Generate(absl::Span<const int32_t> 
 
 std::vector<absl::StatusOr<GpuGenerateResult>> GpuEngine::GenerateBatch(
     absl::Span<const GenerateRequest> requests) {
-  std::vector<absl::StatusOr<GpuGenerateResult>> out(
-      requests.size(), absl::StatusOr<GpuGenerateResult>(absl::UnknownError("not served")));
-  std::vector<size_t> order(requests.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-    return requests[a].arrival_iteration < requests[b].arrival_iteration;
-  });
-  absl::flat_hash_map<RequestId, size_t> index;
-  size_t next = 0;
-  int64_t pending = 0;
-  for (int64_t iteration = 0;; ++iteration) {
-    for (; next < order.size() && requests[order[next]].arrival_iteration <= iteration; ++next) {
-      const size_t i = order[next];
-      const GenerateRequest& r = requests[i];
-      const RequestId id = r.id.valid() ? r.id : RequestId(next_request_++);
-      absl::Status in = CheckInput(r.prompt, r.max_new_tokens, r.force_tokens);
-      if (in.ok()) {
-        in = loop_->Submit({.id = id,
-                            .prompt = r.prompt,
-                            .max_new_tokens = r.max_new_tokens,
-                            .force_tokens = r.force_tokens});
-      }
-      if (!in.ok()) {
-        out[i] = in;
-        continue;
-      }
-      index[id] = i;
-      ++pending;
-    }
-    if (pending == 0 && next == order.size()) break;
-    for (LoopResult& r : loop_->Step()) {
-      auto it = index.find(r.id);
-      if (it == index.end()) continue;
-      --pending;
-      if (r.status.ok()) {
-        out[it->second] = ToGpuResult(std::move(r), layout_.SlotBytes());
-      } else {
-        out[it->second] = std::move(r.status);
-      }
+  std::vector<absl::StatusOr<LoopResult>> served = ServeInArrivalOrder(
+      *loop_, requests,
+      [this](const GenerateRequest& r) {
+        return CheckInput(r.prompt, r.max_new_tokens, r.force_tokens);
+      },
+      [this] { return RequestId(next_request_++); });
+  std::vector<absl::StatusOr<GpuGenerateResult>> out;
+  out.reserve(served.size());
+  for (absl::StatusOr<LoopResult>& r : served) {
+    if (r.ok()) {
+      out.push_back(ToGpuResult(*std::move(r), layout_.SlotBytes()));
+    } else {
+      out.push_back(r.status());
     }
   }
   return out;
