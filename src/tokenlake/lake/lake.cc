@@ -576,11 +576,7 @@ absl::Status Lake::Release(RequestId request) {
   for (const index::SegmentKey& k : a.matched) {
     const double load = static_cast<double>(a.new_tokens) * k.num_tokens;
     if (!(load > 0)) continue;
-    tracker_->Record(k.id, load);
-    const index::PrefixTree::Node* node = tree_->Find(k.id);
-    if (node == nullptr) continue;
-    const double share = load / static_cast<double>(node->replicas.size());
-    for (InstanceId r : node->replicas) instance_load_[r.value()].Add(share, now);
+    RecordSegmentLoadLocked(k.id, tree_->Find(k.id), load, now);
   }
   active_.erase(it);
   return absl::OkStatus();
@@ -602,12 +598,17 @@ absl::Status Lake::RecordQueryLoad(RequestId request, int64_t query_tokens) {
   for (SegmentId s : it->second.pinned) {
     const index::PrefixTree::Node* node = tree_->Find(s);
     if (node == nullptr || node->replicas.empty()) continue;  // lost with an instance
-    const double load = static_cast<double>(query_tokens) * node->num_tokens;
-    tracker_->Record(s, load);
-    const double share = load / static_cast<double>(node->replicas.size());
-    for (InstanceId r : node->replicas) instance_load_[r.value()].Add(share, now);
+    RecordSegmentLoadLocked(s, node, static_cast<double>(query_tokens) * node->num_tokens, now);
   }
   return absl::OkStatus();
+}
+
+void Lake::RecordSegmentLoadLocked(SegmentId segment, const index::PrefixTree::Node* node,
+                                   double load, int64_t now) {
+  tracker_->Record(segment, load);
+  if (node == nullptr || node->replicas.empty()) return;
+  const double share = load / static_cast<double>(node->replicas.size());
+  for (InstanceId r : node->replicas) instance_load_[r.value()].Add(share, now);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -415,6 +415,10 @@ class Lake {
   bool EvictOnProducerLocked(InstanceId producer, std::vector<StoredReplica>* evicted)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int64_t CountPinnedReplicasLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Adds `load` to `segment`'s heavy-hitter counter and, split evenly, to the decayed load of
+  // the instances holding it (`node`, its tree node; null when it is no longer stored).
+  void RecordSegmentLoadLocked(SegmentId segment, const index::PrefixTree::Node* node, double load,
+                               int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const LakeOptions options_;
   Clock* const clock_;
