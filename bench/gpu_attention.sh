@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One device session: GPU tests, our kernel benchmark, PyTorch SDPA on the same shapes, the
-# `tokenlake profile` JSON, and the comparison. Binaries are built on the workstation
-# (cmake --preset cuda -B build/cuda) and carried with their non-system libraries in
-# build/cuda/devlibs (see bench/pack_devlibs.sh). Results go to $OUT (default ./out).
+# One GPU run: GPU tests, our kernel benchmark, PyTorch SDPA on the same shapes, the
+# `tokenlake profile` JSON, and the comparison. Runs on any machine with an NVIDIA GPU and the
+# project's CUDA build (cmake --preset cuda -B build/cuda), which may be built elsewhere and copied
+# with its non-system libraries in build/cuda/devlibs (see bench/pack_devlibs.sh). Results go to
+# $OUT (default ./out).
 set -u -o pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -41,8 +42,7 @@ echo "== report"
 python3 bench/gpu_report.py "$OUT/tokenlake_bench.json" "$OUT/sdpa.json" \
   $( [ -f "$OUT/merge.json" ] && echo "$OUT/merge.json") | tee "$OUT/report.txt"
 [ -f "$OUT/gpu_profile.json" ] && cat "$OUT/gpu_profile.json"
-# At most 8 files come back from the device tool: keep the logs that matter, the secondary ones
-# in one archive.
+# The logs that matter stay as files; the secondary ones go into one archive.
 (cd "$OUT" && tar czf logs.tgz device.txt arena_test.log sdpa.log \
   $( [ -f profile.log ] && echo profile.log) $( [ -f merge.log ] && echo merge.log merge.json) &&
   rm -f device.txt arena_test.log sdpa.log profile.log merge.log)

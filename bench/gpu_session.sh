@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU evidence in one device session, on the code as committed:
+# The whole GPU evidence in one run, on the code as committed:
 #   1. every GPU test (the ctest label `gpu`: paged attention, device arena, NCCL transport, the
 #      engine on the GPU against the transformers fixture and against the CPU engine), then
 #      apps/tokenlake/cli_gpu_test.sh (`tokenlake generate --device gpu` against the fixture);
@@ -7,15 +7,15 @@
 #      and the comparison report (its own profile step is skipped: 3. is the real CLI);
 #   3. `tokenlake profile --json` (the simulator's GPU profile) and a `tokenlake sim --gpu`
 #      smoke run on it.
-# Build on the workstation (nvcc; no GPU needed), then carry build/cuda/bin and
-# build/cuda/devlibs to the GPU machine:
+# Runs on any machine with an NVIDIA GPU. The CUDA build needs nvcc but no GPU, so it may be made
+# on another machine and copied (build/cuda/bin and build/cuda/devlibs):
 #   cmake --preset cuda -DTOKENLAKE_BUILD_BENCHMARKS=OFF
 #   cmake --build --preset cuda -j2 --target tokenlake paged_attention_test device_arena_test \
 #     gpu_attention_bench gpu_merge_bench nccl_channel_test nccl_attention_test gpu_engine_test \
 #     gpu_engine_fixture_test
 #   bash bench/pack_devlibs.sh build/cuda
-# Results go to $OUT (default ./out): at most 8 files come back from the device tool, so the
-# secondary logs are packed into one archive.
+# Results go to $OUT (default ./out): the main results as files, the secondary logs packed into
+# one archive.
 set -u -o pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"

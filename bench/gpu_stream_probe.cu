@@ -19,7 +19,7 @@
 //
 // Built with the CUDA part (`cmake --preset cuda`, target gpu_stream_probe; no dependencies, so
 // `nvcc -std=c++20 -O3 -gencode=arch=compute_90a,code=sm_90a bench/gpu_stream_probe.cu` works
-// too). Run on the GPU machine: gpu_stream_probe [--json OUT]; prints one row per variant.
+// too). Run on a machine with the GPU: gpu_stream_probe [--json OUT]; prints one row per variant.
 #include <cuda_runtime.h>
 
 #include <algorithm>

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Copies the non-system shared libraries that a CUDA build's binaries need into BUILD/devlibs, so
-# the binaries run on the GPU machine (which has CUDA's libraries, libc and libstdc++, but none of
+# the binaries run on a GPU machine that has CUDA's libraries, libc and libstdc++ but none of
 # the Debian development libraries: abseil, spdlog, fmt, xxhash, gtest, and for the `tokenlake`
-# CLI also gRPC, protobuf, upb, re2, c-ares, cpp-httplib, OpenSSL, brotli, zlib).
+# CLI also gRPC, protobuf, upb, re2, c-ares, cpp-httplib, OpenSSL, brotli, zlib.
 #
-#   bench/pack_devlibs.sh [BUILD_DIR]      # default build/cuda; binaries are BUILD_DIR/bin/*
+#   bench/pack_devlibs.sh [BUILD_DIR] [MAX_MIB]   # default build/cuda; binaries: BUILD_DIR/bin/*
 #
 # Left out: CUDA's libraries (/usr/local/cuda, libcuda, libnvidia-*, libnccl: the machine has
 # them), and the C/C++ runtime (libc, libm, libdl, libpthread, librt, ld-linux, libgcc_s,
 # libstdc++). Prints the size of the folder and of bin + devlibs together, and fails when that
-# would not fit in the 64 MiB a device call can carry.
-# On the device: export LD_LIBRARY_PATH=$PWD/BUILD_DIR/devlibs:$LD_LIBRARY_PATH
+# exceeds MAX_MIB (when given: the most the copy to the GPU machine may take).
+# There: export LD_LIBRARY_PATH=$PWD/BUILD_DIR/devlibs:$LD_LIBRARY_PATH
 set -eu
 build=${1:-build/cuda}
+max_mib=${2:-0}
 mkdir -p "$build/devlibs"
 for b in "$build"/bin/*; do
   [ -x "$b" ] || continue
@@ -23,7 +24,7 @@ done
 du -sh "$build/devlibs"
 total_kib=$(du -sk "$build/bin" "$build/devlibs" | awk '{s += $1} END {print s}')
 echo "bin + devlibs: $((total_kib / 1024)) MiB"
-if [ "$total_kib" -ge $((64 * 1024)) ]; then
-  echo "pack_devlibs.sh: $build/bin + devlibs is over 64 MiB, too much to carry" >&2
+if [ "$max_mib" -gt 0 ] && [ "$total_kib" -ge $((max_mib * 1024)) ]; then
+  echo "pack_devlibs.sh: $build/bin + devlibs is over $max_mib MiB" >&2
   exit 1
 fi
