@@ -8,13 +8,8 @@ B=${1:-build/release/bin/tokenlake}
 T=../shared/traces
 D=docs/results/paper
 mkdir -p $D
-timed() {  # timed OUT.txt CMD...: stdout and stderr, then the wall and user time, into OUT.txt
-  local out=$1
-  shift
-  /usr/bin/time -f "%e s wall, %U s user" -o /tmp/tl_time.$$ "$@" >"$out" 2>&1
-  cat /tmp/tl_time.$$ >>"$out"
-  rm -f /tmp/tl_time.$$
-}
+# shellcheck source=docs/results/timed.sh
+source "$(dirname "$0")/timed.sh"
 P="cache-aware,pd-disagg,tokenlake,tokenlake-static"
 # The paper's setup: 4 instances of 2 x A100-80GB (TP 2), LWM-7B, per-token SLO, P90 goodput.
 timed $D/loogle.txt $B sim --preset paper --workload loogle --requests 6448 --max-rate --policies $P

@@ -8,13 +8,8 @@ set -euo pipefail
 B=${1:-build/release/bin/tokenlake}
 T=../shared/traces
 D=docs/results
-timed() {  # timed OUT.txt CMD...: stdout and stderr, then the wall and user time, into OUT.txt
-  local out=$1
-  shift
-  /usr/bin/time -f "%e s wall, %U s user" -o /tmp/tl_time.$$ "$@" >"$out" 2>&1
-  cat /tmp/tl_time.$$ >>"$out"
-  rm -f /tmp/tl_time.$$
-}
+# shellcheck source=docs/results/timed.sh
+source "$(dirname "$0")/timed.sh"
 # Main results: 16 x H100, Llama-3-8B, P90 TTFT <= 5 s and P90 TPOT <= 0.2 s.
 timed $D/conversation.txt $B sim --trace $T/conversation_trace.jsonl --max-rate \
   --json $D/conversation.json --report $D/conversation
