@@ -1,4 +1,6 @@
 // `tokenlake bench control-plane --json FILE`: control-plane latency of the TokenLake pool.
+// (`tokenlake bench engine --json FILE`, the GPU engine's benchmark, is described in
+// src/tokenlake/engine/cuda/engine_bench.h.)
 //
 // Builds a pool of about --segments segments (default 1M) over --instances instances (default
 // 16): documents of 256 segments x 512 tokens (128K tokens) sharing an 8-segment system prompt,
@@ -21,6 +23,7 @@
 #include <array>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -35,6 +38,10 @@
 #include "tokenlake/base/hash.h"
 #include "tokenlake/base/random.h"
 #include "tokenlake/lake/lake.h"
+
+#if defined(TOKENLAKE_HAVE_CUDA)
+#include "tokenlake/engine/cuda/engine_bench.h"
+#endif
 
 namespace tokenlake::cli {
 namespace {
@@ -88,6 +95,17 @@ std::string RunText(const char* cmd) {
   pclose(f);
   while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
   return out;
+}
+
+// The commit being measured: git describe, else $TOKENLAKE_REVISION (a copied build tree).
+std::string Commit() {
+  std::string c = RunText("git describe --always --dirty 2>/dev/null");
+  while (!c.empty() && (c.back() == '\n' || c.back() == ' ')) c.pop_back();
+  if (c.empty()) {
+    const char* env = std::getenv("TOKENLAKE_REVISION");
+    c = env != nullptr ? env : "unknown";
+  }
+  return c;
 }
 
 nlohmann::json MachineInfo(bool pinned) {
@@ -250,10 +268,7 @@ int RunControlPlane(const BenchFlags& f) {
 
   nlohmann::json j;
   j["benchmark"] = "control-plane";
-  j["commit"] = [] {
-    std::string c = RunText("git describe --always --dirty 2>/dev/null");
-    return c.empty() ? std::string("unknown") : c;
-  }();
+  j["commit"] = Commit();
   j["machine"] = MachineInfo(pinned);
   j["pool"] = {{"segments", stats.segments},
                {"instances", f.instances},
@@ -299,6 +314,92 @@ int RunControlPlane(const BenchFlags& f) {
   return 0;
 }
 
+// `tokenlake bench engine`: the GPU engine on a random-init model (engine/cuda/engine_bench.h).
+struct EngineBenchFlags {
+  std::string json_path;
+#if defined(TOKENLAKE_HAVE_CUDA)
+  engine::cuda::EngineBenchOptions options;
+#endif
+  int64_t reserve_mib = 4096;
+};
+
+#if defined(TOKENLAKE_HAVE_CUDA)
+int RunEngine(EngineBenchFlags& f) {
+  f.options.reserve_bytes = f.reserve_mib << 20;
+  const bool tty = isatty(fileno(stderr)) != 0;
+  const auto started = std::chrono::steady_clock::now();
+  auto progress = [&](const std::string& line) {
+    const double s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    std::fprintf(stderr, "%s[%6.1f s] %s\n", tty ? "\r" : "", s, line.c_str());
+  };
+  absl::StatusOr<nlohmann::json> j = engine::cuda::RunEngineBench(f.options, progress);
+  if (!j.ok()) {
+    std::fprintf(stderr, "tokenlake bench engine: %s\n", j.status().ToString().c_str());
+    return 1;
+  }
+  (*j)["commit"] = Commit();
+  std::ofstream out(f.json_path);
+  out << j->dump(2) << "\n";
+  out.close();
+  if (!out) {
+    std::fprintf(stderr, "tokenlake bench engine: cannot write '%s'\n", f.json_path.c_str());
+    return 1;
+  }
+  std::cout << "wrote " << f.json_path << "\n";
+  return 0;
+}
+#else
+int RunEngine(EngineBenchFlags&) {
+  std::fprintf(stderr,
+               "tokenlake bench engine: this build has no CUDA support; rebuild with the `cuda` "
+               "preset (cmake --preset cuda) on a machine with nvcc to benchmark the GPU engine\n");
+  return 1;
+}
+#endif
+
+void SetUpEngineBench(CLI::App* bench, int* exit_code) {
+  auto f = std::make_shared<EngineBenchFlags>();
+  CLI::App* e = bench->add_subcommand(
+      "engine",
+      "The GPU engine on a random-init model: decode, prefill and a workload against "
+      "the GPU's measured bounds");
+  e->add_option("--json", f->json_path, "Write the results as JSON to this file")->required();
+#if defined(TOKENLAKE_HAVE_CUDA)
+  engine::cuda::EngineBenchOptions& o = f->options;
+  e->add_option("--model", o.model, "Model shape: llama2-7b or llama3-8b")
+      ->check(CLI::IsMember({"llama2-7b", "llama3-8b"}))
+      ->capture_default_str();
+  e->add_option("--sections", o.sections, "Sections: decode, prefill, workload (peaks always)")
+      ->check(CLI::IsMember({"peaks", "decode", "prefill", "workload"}));
+  e->add_option("--decode-batches", o.decode_batches, "Decode batch sizes")
+      ->check(CLI::Range(1, 4096));
+  e->add_option("--decode-contexts", o.decode_contexts, "Context tokens per decoding request")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 22));
+  e->add_option("--decode-steps", o.decode_steps, "Decode steps per batch")
+      ->check(CLI::Range(2, 100000));
+  e->add_option("--prefill-tokens", o.prefill_tokens, "Prompt lengths of the prefill section")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 22));
+  e->add_option("--segment-tokens", o.segment_tokens, "Tokens per pool segment (multiple of 16)")
+      ->check(CLI::Range(16, 1 << 16))
+      ->capture_default_str();
+  e->add_option("--max-batch-tokens", o.max_batch_tokens, "Token budget of one iteration")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20))
+      ->capture_default_str();
+  e->add_option("--max-batch-requests", o.max_batch_requests, "Requests in one iteration")
+      ->check(CLI::Range(1, 1 << 16))
+      ->capture_default_str();
+  e->add_option("--seed", o.seed, "Seed of the weights and prompts");
+  e->add_option("--prompts", o.prompts_path,
+                "Also write the workloads' prompts as JSON (for bench/hf_generate.py)");
+#endif
+  e->add_option("--reserve-mib", f->reserve_mib,
+                "Device memory kept out of the pool for activations and workspaces (MiB)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 30))
+      ->capture_default_str();
+  e->callback([f, exit_code] { *exit_code = RunEngine(*f); });
+}
+
 void SetUpBench(CLI::App& app, int* exit_code) {
   CLI::App* bench = app.add_subcommand("bench", "Micro-benchmarks of TokenLake components");
   bench->require_subcommand(1);
@@ -317,6 +418,7 @@ void SetUpBench(CLI::App& app, int* exit_code) {
   cp->add_option("--seed", flags->seed, "Seed of the request mix");
   cp->add_flag("!--no-pin", flags->pin_cpu, "Do not pin the process to one CPU");
   cp->callback([flags, exit_code] { *exit_code = RunControlPlane(*flags); });
+  SetUpEngineBench(bench, exit_code);
 }
 
 }  // namespace

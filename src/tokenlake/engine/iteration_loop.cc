@@ -178,8 +178,7 @@ void IterationLoop::FlushReleases() {
 }
 
 absl::Status IterationLoop::Finish(Active& a, const IterationPlan& plan, InstanceId compute,
-                                   const std::vector<float>& logits, bool want_logits,
-                                   int64_t end) {
+                                   WorkOutput& output, bool want_logits, int64_t end) {
   const int32_t s = options_.segment_tokens;
   const bool external = options_.fixed_compute.valid();
   // Keys of the full segments up to the iteration's end, cut as the plan was.
@@ -230,11 +229,27 @@ absl::Status IterationLoop::Finish(Active& a, const IterationPlan& plan, Instanc
     a.pooled = now_pooled;
   }
   if (!want_logits) return absl::OkStatus();
-  if (a.result.last_logits.empty()) a.result.last_logits = logits;
-  const int32_t next = Argmax(logits);
+  const int32_t next = output.next_token;
+  if (next < 0 || next >= options_.vocab_size) {
+    return absl::InternalError(absl::StrFormat(
+        "IterationLoop: request %d: the executor chose token %d", a.req.id.value(), next));
+  }
+  const bool first = a.result.tokens.empty();
   a.result.tokens.push_back(next);
-  if (static_cast<int32_t>(a.result.tokens.size()) == a.req.max_new_tokens) {
-    a.result.decode_logits = logits;
+  const bool last = static_cast<int32_t>(a.result.tokens.size()) == a.req.max_new_tokens;
+  if ((first || last) && output.logits.size() != static_cast<size_t>(options_.vocab_size)) {
+    return absl::InternalError(absl::StrFormat(
+        "IterationLoop: request %d: the executor returned %d logits, the vocabulary has %d",
+        a.req.id.value(), output.logits.size(), options_.vocab_size));
+  }
+  if (first && last) {
+    a.result.last_logits = output.logits;
+    a.result.decode_logits = std::move(output.logits);
+    return absl::OkStatus();
+  }
+  if (first) a.result.last_logits = std::move(output.logits);
+  if (last) {
+    a.result.decode_logits = std::move(output.logits);
     return absl::OkStatus();
   }
   const size_t step = a.result.tokens.size() - 1;
@@ -287,6 +302,8 @@ std::vector<LoopResult> IterationLoop::Step() {
     planned.push_back(&a);
   }
   absl::StatusOr<std::vector<BatchPlanEntry>> plans = control_->PlanBatch(release, plan_requests);
+  const int64_t planned_us = NowUs();
+  int64_t ran_us = planned_us;
   if (plans.ok() && plans->size() != planned.size()) {
     plans = absl::InternalError(absl::StrFormat("PlanBatch returned %d plans for %d requests",
                                                 plans->size(), planned.size()));
@@ -397,26 +414,40 @@ std::vector<LoopResult> IterationLoop::Step() {
                     .start_pos = a.computed,
                     .compute = a.last_compute,
                     .plan = &plan,
-                    .want_logits = end == static_cast<int64_t>(a.seq.size())});
+                    .want_logits = end == static_cast<int64_t>(a.seq.size()),
+                    .want_full_logits = end == static_cast<int64_t>(a.seq.size()) &&
+                                        (a.result.tokens.empty() ||
+                                         static_cast<int32_t>(a.result.tokens.size()) + 1 ==
+                                             a.req.max_new_tokens)});
     ends.push_back(end);
     ready.push_back(&ad);
   }
   max_batch_seen_ = std::max(max_batch_seen_, static_cast<int32_t>(work.size()));
   if (!work.empty()) {
-    absl::StatusOr<std::vector<std::vector<float>>> logits = executor_->Run(work);
-    if (logits.ok() && logits->size() != work.size()) {
-      logits = absl::InternalError("IterationLoop: the executor returned too few logits");
+    absl::StatusOr<std::vector<WorkOutput>> outputs = executor_->Run(work);
+    ran_us = NowUs();
+    if (outputs.ok() && outputs->size() != work.size()) {
+      outputs = absl::InternalError("IterationLoop: the executor returned too few outputs");
     }
     for (size_t i = 0; i < ready.size(); ++i) {
       Active& a = *ready[i]->a;
-      absl::Status s = logits.ok() ? Finish(a, ready[i]->plan, work[i].compute, (*logits)[i],
-                                            work[i].want_logits, ends[i])
-                                   : logits.status();
+      absl::Status s = outputs.ok() ? Finish(a, ready[i]->plan, work[i].compute, (*outputs)[i],
+                                             work[i].want_logits, ends[i])
+                                    : outputs.status();
       if (!s.ok()) Fail(a, s, done);
     }
   }
 
-  const double took_us = static_cast<double>(NowUs() - start_us);
+  const int64_t end_us = NowUs();
+  const double took_us = static_cast<double>(end_us - start_us);
+  if (timings_.size() >= 100'000) timings_.erase(timings_.begin(), timings_.begin() + 50'000);
+  int64_t work_tokens = 0;
+  for (const IterationWork& w : work) work_tokens += static_cast<int64_t>(w.tokens.size());
+  timings_.push_back({.requests = static_cast<int32_t>(work.size()),
+                      .tokens = work_tokens,
+                      .plan_us = static_cast<double>(planned_us - start_us),
+                      .run_us = static_cast<double>(ran_us - planned_us),
+                      .finish_us = static_cast<double>(end_us - ran_us)});
   for (Admitted* ad : ready) {
     if (!ad->a->failed) ad->a->result.iteration_us.push_back(took_us);
   }
@@ -437,6 +468,12 @@ std::vector<LoopResult> IterationLoop::Step() {
   }
   if (requests_.empty()) FlushReleases();
   return done;
+}
+
+std::vector<IterationTiming> IterationLoop::TakeTimings() {
+  std::vector<IterationTiming> out;
+  out.swap(timings_);
+  return out;
 }
 
 }  // namespace tokenlake::engine

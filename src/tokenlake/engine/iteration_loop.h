@@ -121,8 +121,21 @@ struct IterationWork {
   // The instance that computes them and the plan (cached segments by holder and action).
   InstanceId compute;
   const IterationPlan* plan = nullptr;
-  // The last token's logits are wanted (the iteration reaches the end of the sequence).
+  // The last token's next-token choice is wanted (the iteration reaches the end of the
+  // sequence), and with want_full_logits also its logits (the request's first and last ones,
+  // which LoopResult keeps; a device executor copies the others' argmax only).
   bool want_logits = true;
+  bool want_full_logits = true;
+};
+
+// What the executor returns for one work item.
+struct WorkOutput {
+  // The greedy next token: the first index of the maximum of the last token's logits (as
+  // engine::Argmax); -1 when the item did not want logits.
+  int32_t next_token = -1;
+  // The last token's logits [vocab_size] when the item wanted full logits; may be empty
+  // otherwise.
+  std::vector<float> logits;
 };
 
 // The model runner and the data plane of one computing process.
@@ -138,10 +151,9 @@ class IterationExecutor {
   virtual absl::Status DropTailRows(RequestId request, int64_t rows) = 0;
   // One forward over the batch: per work item, attention over its plan's cached segments
   // (local, pulled, or queries moved to their holder), its tail and, causally, its new tokens,
-  // whose KV it appends to the tail. Returns per item its last token's logits (empty where
-  // not wanted). Errors fail the whole batch.
-  virtual absl::StatusOr<std::vector<std::vector<float>>> Run(
-      absl::Span<const IterationWork> batch) = 0;
+  // whose KV it appends to the tail. Returns per item its output (next token, logits), in
+  // order. Errors fail the whole batch.
+  virtual absl::StatusOr<std::vector<WorkOutput>> Run(absl::Span<const IterationWork> batch) = 0;
   // Writes tail rows [first_row, first_row + S) of `request` as `segment` on `target`; returns
   // the bytes written.
   virtual absl::StatusOr<int64_t> StoreSegment(RequestId request, InstanceId compute,
@@ -150,6 +162,16 @@ class IterationExecutor {
   // Frees `segment` on `target` (evicted by the control plane at change `evicted_at`).
   virtual absl::Status FreeSegment(InstanceId compute, InstanceId target, SegmentId segment,
                                    uint64_t evicted_at) = 0;
+};
+
+// Where one iteration's wall time went, microseconds: building the batch and the control-plane
+// call (plan), the executor's Run, and the rest (commits, stores, bookkeeping).
+struct IterationTiming {
+  int32_t requests = 0;
+  int64_t tokens = 0;
+  double plan_us = 0;
+  double run_us = 0;
+  double finish_us = 0;
 };
 
 class IterationLoop {
@@ -180,6 +202,9 @@ class IterationLoop {
   // The most requests that ran in one iteration so far, and the iterations run.
   int32_t max_batch_requests_seen() const { return max_batch_seen_; }
   int64_t iterations() const { return iterations_; }
+  // The timings of the iterations run since the last call (cleared by it; the most recent
+  // 100,000 are kept).
+  std::vector<IterationTiming> TakeTimings();
 
  private:
   struct Active;
@@ -190,8 +215,8 @@ class IterationLoop {
   // Fails `a` with `status` and moves it to `done`.
   void Fail(Active& a, absl::Status status, std::vector<LoopResult>& done);
   // Stores and commits what one executed work item completed; advances the request.
-  absl::Status Finish(Active& a, const IterationPlan& plan, InstanceId compute,
-                      const std::vector<float>& logits, bool want_logits, int64_t end);
+  absl::Status Finish(Active& a, const IterationPlan& plan, InstanceId compute, WorkOutput& output,
+                      bool want_logits, int64_t end);
   // Releases the pins of `ids` now (when no iteration follows to carry them).
   void FlushReleases();
 
@@ -204,6 +229,7 @@ class IterationLoop {
   std::vector<RequestId> pending_release_;
   int32_t max_batch_seen_ = 0;
   int64_t iterations_ = 0;
+  std::vector<IterationTiming> timings_;
 };
 
 }  // namespace tokenlake::engine

@@ -63,8 +63,7 @@ class FakeExecutor final : public IterationExecutor {
     t.erase(t.begin(), t.begin() + rows);
     return absl::OkStatus();
   }
-  absl::StatusOr<std::vector<std::vector<float>>> Run(
-      absl::Span<const IterationWork> batch) override {
+  absl::StatusOr<std::vector<WorkOutput>> Run(absl::Span<const IterationWork> batch) override {
     Batch b;
     std::set<RequestId> in_batch;
     for (const IterationWork& w : batch) {
@@ -77,7 +76,7 @@ class FakeExecutor final : public IterationExecutor {
     for (RequestId r : decoding_) b.left_out_decodes += in_batch.contains(r) ? 0 : 1;
     b.requests = static_cast<int32_t>(batch.size());
     batches.push_back(b);
-    std::vector<std::vector<float>> out;
+    std::vector<WorkOutput> out;
     for (const IterationWork& w : batch) {
       std::vector<int32_t> context;
       for (const plan::SegmentAssignment& a : w.plan->segments) {
@@ -94,15 +93,20 @@ class FakeExecutor final : public IterationExecutor {
       }
       tail.insert(tail.end(), w.tokens.begin(), w.tokens.end());
       context.insert(context.end(), tail.begin(), tail.end());
-      std::vector<float> logits;
+      // Like a device executor: the full logits only where the loop asks for them.
+      WorkOutput o;
       if (w.want_logits) {
-        logits.assign(kVocab, 0.0f);
-        logits[static_cast<size_t>(NextToken(context))] = 1.0f;
+        o.next_token = NextToken(context);
+        if (w.want_full_logits) {
+          o.logits.assign(kVocab, 0.0f);
+          o.logits[static_cast<size_t>(o.next_token)] = 1.0f;
+          ++full_logits;
+        }
         decoding_.insert(w.request);
       } else {
         decoding_.erase(w.request);
       }
-      out.push_back(std::move(logits));
+      out.push_back(std::move(o));
     }
     return out;
   }
@@ -130,6 +134,8 @@ class FakeExecutor final : public IterationExecutor {
     int32_t left_out_decodes = 0;
   };
   std::vector<Batch> batches;
+  // Outputs returned with full logits (the first and last of each request).
+  int64_t full_logits = 0;
 
  private:
   int32_t s_;
@@ -231,8 +237,16 @@ TEST_P(IterationLoopRandomTest, EveryRequestFinishesWithTheNaiveTokensUnderTheBu
       SCOPED_TRACE(testing::Message() << "request " << id.value());
       ASSERT_TRUE(got[id].status.ok()) << got[id].status;
       EXPECT_EQ(got[id].tokens, tokens);
+      // The first and the last logits are kept, and only they were copied in full.
+      ASSERT_EQ(got[id].last_logits.size(), static_cast<size_t>(kVocab));
+      ASSERT_EQ(got[id].decode_logits.size(), static_cast<size_t>(kVocab));
+      EXPECT_EQ(got[id].last_logits[static_cast<size_t>(tokens.front())], 1.0f);
+      EXPECT_EQ(got[id].decode_logits[static_cast<size_t>(tokens.back())], 1.0f);
       restarts += got[id].restarts;
     }
+    // A restart recomputes the prompt but asks for no extra full logits (its first token is
+    // already chosen), so at most two per request.
+    EXPECT_LE(exec.full_logits, 2 * static_cast<int64_t>(want.size()));
     for (const FakeExecutor::Batch& b : exec.batches) {
       EXPECT_LE(b.tokens, lc.max_batch_tokens);
       EXPECT_LE(b.requests, lc.max_batch_requests);

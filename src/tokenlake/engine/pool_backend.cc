@@ -8,6 +8,7 @@
 #include "tokenlake/attention/attention.h"
 #include "tokenlake/attention/bf16.h"
 #include "tokenlake/base/status_macros.h"
+#include "tokenlake/engine/ops.h"
 
 namespace tokenlake::engine {
 
@@ -209,8 +210,7 @@ absl::Status PoolExecutor::DropTailRows(RequestId request, int64_t rows) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<std::vector<float>>> PoolExecutor::Run(
-    absl::Span<const IterationWork> batch) {
+absl::StatusOr<std::vector<WorkOutput>> PoolExecutor::Run(absl::Span<const IterationWork> batch) {
   const LlamaConfig& c = model_->config();
   std::vector<std::unique_ptr<PoolBackend>> backends;
   std::vector<BatchSequence> sequences;
@@ -256,7 +256,15 @@ absl::StatusOr<std::vector<std::vector<float>>> PoolExecutor::Run(
     }
   } joint;
   for (const auto& b : backends) joint.backends.push_back(b.get());
-  return model_->ForwardBatch(sequences, &joint);
+  TOKENLAKE_ASSIGN_OR_RETURN(std::vector<std::vector<float>> logits,
+                             model_->ForwardBatch(sequences, &joint));
+  std::vector<WorkOutput> out(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (!batch[i].want_logits) continue;
+    out[i].next_token = Argmax(logits[i]);
+    out[i].logits = std::move(logits[i]);
+  }
+  return out;
 }
 
 absl::StatusOr<int64_t> PoolExecutor::StoreSegment(RequestId request, InstanceId compute,

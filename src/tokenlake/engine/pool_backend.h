@@ -99,8 +99,7 @@ class PoolExecutor final : public IterationExecutor {
   absl::Status BeginSequence(RequestId request, int64_t max_tokens) override;
   DataPlaneCounters EndSequence(RequestId request) override;
   absl::Status DropTailRows(RequestId request, int64_t rows) override;
-  absl::StatusOr<std::vector<std::vector<float>>> Run(
-      absl::Span<const IterationWork> batch) override;
+  absl::StatusOr<std::vector<WorkOutput>> Run(absl::Span<const IterationWork> batch) override;
   absl::StatusOr<int64_t> StoreSegment(RequestId request, InstanceId compute, int64_t first_row,
                                        InstanceId target, SegmentId segment,
                                        const StoredMeta& meta) override;

@@ -11,6 +11,7 @@
 #include "absl/strings/str_format.h"
 #include "tokenlake/attention/cuda/paged_attention.h"
 #include "tokenlake/base/status_macros.h"
+#include "tokenlake/engine/cuda/kv_append.h"
 #include "tokenlake/engine/ops.h"
 #include "tokenlake/index/segment_id.h"
 
@@ -18,32 +19,38 @@ namespace tokenlake::engine::cuda {
 
 namespace acuda = ::tokenlake::attention::cuda;
 
-// The attention of one iteration (see the file comment of gpu_engine.h).
+// The attention of one iteration's batch (see the file comment of gpu_engine.h). Rows of the
+// forward: the batch's decodes (one new token each) first, then its prefill chunks.
 class GpuEngine::Backend final : public GpuAttentionBackend {
  public:
-  // One partial over a run of segment slots: descriptors [first, first + count) of each layer.
-  struct Group {
-    InstanceId holder;
-    bool remote = false;
+  // A prefill chunk: its rows, its pooled blocks (descriptors [first, first + count) of every
+  // layer) and its tail block (descriptor tail_block: rows [pooled, computed + n)).
+  struct Prefill {
+    int32_t row = 0;
+    int32_t num_tokens = 0;
     int32_t first = 0;
     int32_t count = 0;
+    int32_t tail_block = 0;
+    int32_t tail_tokens = 0;   // computed + n - pooled
+    int32_t causal_start = 0;  // computed - pooled: the first new token's row in the tail
   };
 
   struct Setup {
     LlamaConfig config;
     attention::KvSlotLayout layout;
-    int32_t num_tokens = 0;     // new tokens of the iteration
-    int64_t computed = 0;       // tokens whose KV existed before (absolute tail rows)
-    int64_t pooled = 0;         // pooled prefix (tail = rows [pooled, computed + num_tokens))
-    std::byte* tail = nullptr;  // [layer][kv][capacity][row]
-    int64_t tail_capacity = 0;
-    const acuda::DeviceKvBlock* blocks = nullptr;  // [layer][stride]
-    int32_t stride = 0;                            // descriptors per layer (groups..., tail)
-    std::vector<Group> groups;
-    float* partials = nullptr;    // [groups + 1][rows][head_dim], then [groups + 1][rows]
-    float* merged_lse = nullptr;  // [rows]
+    int32_t num_tokens = 0;  // rows of the forward
+    // Decodes: rows [0, num_decodes); per decode its blocks (pooled, then its tail cut into
+    // blocks of S rows, the new token included) are descriptors [offsets[i], offsets[i + 1]).
+    int32_t num_decodes = 0;
+    int32_t decode_blocks = 0;                // descriptors of all decodes (offsets[num_decodes])
+    const int32_t* decode_offsets = nullptr;  // device [num_decodes + 1]
+    std::vector<Prefill> prefills;
+    const acuda::DeviceKvBlock* blocks = nullptr;    // device [layer][stride]
+    int32_t stride = 0;                              // descriptors per layer
+    const KvRowDestination* destinations = nullptr;  // device [num_tokens]
+    float* partials = nullptr;  // [rows][head_dim] then [rows] f32 (the pooled partial)
+    float* lse = nullptr;       // [rows] f32
     DeviceBuffer* workspace = nullptr;
-    DataPlaneCounters* counters = nullptr;
   };
 
   explicit Backend(Setup setup) : s_(std::move(setup)) {}
@@ -57,42 +64,20 @@ class GpuEngine::Backend final : public GpuAttentionBackend {
                           layer, n, c.num_layers, s_.num_tokens));
     }
     const int64_t row_bytes = s_.layout.TokenRowBytes();
-    // 1. The new tokens' KV joins the tail (absolute rows computed .. computed + n - 1).
-    std::byte* tk =
-        s_.tail + ((int64_t{layer} * 2 + 0) * s_.tail_capacity + s_.computed) * row_bytes;
-    std::byte* tv =
-        s_.tail + ((int64_t{layer} * 2 + 1) * s_.tail_capacity + s_.computed) * row_bytes;
-    TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
-        cudaMemcpyAsync(tk, k, n * row_bytes, cudaMemcpyDeviceToDevice, stream), "tail K copy"));
-    TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
-        cudaMemcpyAsync(tv, v, n * row_bytes, cudaMemcpyDeviceToDevice, stream), "tail V copy"));
-
-    const int32_t num_partials = static_cast<int32_t>(s_.groups.size()) + 1;
-    const int64_t rows = int64_t{n} * c.num_heads;
-    float* outs = s_.partials;
-    float* lses = s_.partials + num_partials * rows * c.head_dim;
+    const int64_t qd = int64_t{c.num_heads} * c.head_dim;
+    // 1. Every new token's K and V join its sequence's tail: one launch for the batch.
+    TOKENLAKE_RETURN_IF_ERROR(AppendKvRows(s_.destinations, n, layer, k, v, row_bytes, stream));
     const acuda::DeviceKvBlock* layer_blocks = s_.blocks + int64_t{layer} * s_.stride;
-    auto run = [&](const acuda::DeviceKvBlock* blocks, int32_t num_blocks, int32_t max_tokens,
-                   bool causal, int32_t q_start, float* o, float* l,
-                   int32_t num_extra = 0) -> absl::Status {
+    auto params = [&](int32_t row, int32_t num_q) {
       acuda::PagedAttentionParams p;
-      p.q = q;
-      p.num_q_tokens = n;
-      p.blocks = blocks;
-      p.num_blocks = num_blocks;
-      p.max_block_tokens = max_tokens;
+      p.q = q + row * qd;
+      p.num_q_tokens = num_q;
       p.num_heads = c.num_heads;
       p.num_kv_heads = c.num_kv_heads;
       p.head_dim = c.head_dim;
-      p.causal = causal;
-      p.q_start_pos = q_start;
-      p.out = o;
-      p.lse = l;
-      // The group partials ([num_extra][rows][head_dim] and [num_extra][rows] at the start of
-      // outs / lses) merged into this call's result by the attention kernel itself.
-      p.num_extra = num_extra;
-      p.extra_out = num_extra > 0 ? outs : nullptr;
-      p.extra_lse = num_extra > 0 ? lses : nullptr;
+      return p;
+    };
+    auto run = [&](acuda::PagedAttentionParams& p) -> absl::Status {
       TOKENLAKE_ASSIGN_OR_RETURN(size_t ws, acuda::PagedAttentionWorkspaceBytes(p));
       if (ws > s_.workspace->size_bytes()) {
         TOKENLAKE_RETURN_IF_ERROR(s_.workspace->Reserve(ws));
@@ -104,32 +89,58 @@ class GpuEngine::Backend final : public GpuAttentionBackend {
       p.workspace_bytes = s_.workspace->size_bytes();
       return acuda::PagedAttention(p, acuda::AttentionKernel::kAuto, stream);
     };
-    // 2. One partial per group of pooled segments.
-    for (size_t g = 0; g < s_.groups.size(); ++g) {
-      const Group& grp = s_.groups[g];
-      TOKENLAKE_RETURN_IF_ERROR(run(layer_blocks + grp.first, grp.count, s_.layout.segment_tokens,
-                                    false, 0, outs + static_cast<int64_t>(g) * rows * c.head_dim,
-                                    lses + static_cast<int64_t>(g) * rows));
-      ++(grp.remote ? s_.counters->remote_attend_calls : s_.counters->local_attend_calls);
+    // 2. All decodes in one launch: each row attends to its own blocks (on one device a
+    // holder's partial is a run of the kernel's splits, merged inside the kernel).
+    if (s_.num_decodes > 0) {
+      acuda::PagedAttentionParams p = params(0, s_.num_decodes);
+      p.blocks = layer_blocks;
+      p.num_blocks = s_.decode_blocks;
+      p.max_block_tokens = s_.layout.segment_tokens;
+      p.q_block_offsets = s_.decode_offsets;
+      p.out = out;
+      p.lse = s_.lse;
+      TOKENLAKE_RETURN_IF_ERROR(run(p));
     }
-    // 3. The causal partial over the tail and the new tokens, with the groups' partials as
-    // extras: the call writes the log-sum-exp merge of all partials into `out` (the decode
-    // kernels fold the extras into their own split merge, with no merge launch; prefill merges
-    // them in one launch after its kernel).
-    const int32_t tail_tokens = static_cast<int32_t>(s_.computed + n - s_.pooled);
-    const int32_t last = num_partials - 1;
-    return run(layer_blocks + s_.stride - 1, 1, tail_tokens, true,
-               static_cast<int32_t>(s_.computed - s_.pooled), out,
-               num_partials == 1 ? lses : s_.merged_lse, last);
+    // 3. Each prefill chunk: a partial over its pooled blocks, then the causal partial over its
+    // tail and new tokens with the pooled partial as an extra (merged by the kernel).
+    for (const Prefill& f : s_.prefills) {
+      const int64_t rows = int64_t{f.num_tokens} * c.num_heads;
+      float* pooled_out = s_.partials;
+      float* pooled_lse = s_.partials + rows * c.head_dim;
+      if (f.count > 0) {
+        acuda::PagedAttentionParams p = params(f.row, f.num_tokens);
+        p.blocks = layer_blocks + f.first;
+        p.num_blocks = f.count;
+        p.max_block_tokens = s_.layout.segment_tokens;
+        p.out = pooled_out;
+        p.lse = pooled_lse;
+        TOKENLAKE_RETURN_IF_ERROR(run(p));
+      }
+      acuda::PagedAttentionParams p = params(f.row, f.num_tokens);
+      p.blocks = layer_blocks + f.tail_block;
+      p.num_blocks = 1;
+      p.max_block_tokens = f.tail_tokens;
+      p.causal = true;
+      p.q_start_pos = f.causal_start;
+      p.out = out + f.row * qd;
+      p.lse = s_.lse;
+      p.num_extra = f.count > 0 ? 1 : 0;
+      p.extra_out = f.count > 0 ? pooled_out : nullptr;
+      p.extra_lse = f.count > 0 ? pooled_lse : nullptr;
+      TOKENLAKE_RETURN_IF_ERROR(run(p));
+    }
+    return absl::OkStatus();
   }
 
  private:
   Setup s_;
 };
 
-// The engine's IterationExecutor: per request a device tail (absolute token rows [0, max
-// tokens) of every layer's K and V; rows before `pooled` are served by the pool), the batch's
-// requests run one after another through the per-request forward.
+// The engine's IterationExecutor: per request a device tail of every layer's K and V for the
+// rows the pool does not serve yet (absolute token rows [pooled, computed), kept at index row -
+// base of a buffer of `capacity` rows that grows or is compacted as needed, so that a request
+// holds about one prefill chunk plus a segment of KV outside the pool, not its whole sequence);
+// the batch runs as one forward (GpuLlamaModel::ForwardBatch) over the Backend above.
 class GpuEngine::Executor final : public IterationExecutor {
  public:
   explicit Executor(GpuEngine* engine) : e_(engine) {}
@@ -137,9 +148,12 @@ class GpuEngine::Executor final : public IterationExecutor {
   absl::Status BeginSequence(RequestId request, int64_t max_tokens) override {
     const LlamaConfig& c = e_->model_->config();
     auto seq = std::make_unique<Sequence>();
-    seq->capacity = max_tokens;
-    TOKENLAKE_RETURN_IF_ERROR(seq->tail.Reserve(
-        static_cast<size_t>(int64_t{c.num_layers} * 2 * max_tokens * e_->layout_.TokenRowBytes())));
+    seq->max_tokens = max_tokens;
+    // Grown (and given back) as the request's iterations need: see EnsureTail.
+    seq->capacity = std::min<int64_t>(max_tokens, e_->layout_.segment_tokens);
+    TOKENLAKE_RETURN_IF_ERROR(seq->tail.Reserve(static_cast<size_t>(
+        int64_t{c.num_layers} * 2 * seq->capacity * e_->layout_.TokenRowBytes())));
+    AddTailBytes(static_cast<int64_t>(seq->tail.size_bytes()));
     sequences_[request] = std::move(seq);
     return absl::OkStatus();
   }
@@ -150,6 +164,7 @@ class GpuEngine::Executor final : public IterationExecutor {
     auto it = sequences_.find(request);
     if (it == sequences_.end()) return {};
     const DataPlaneCounters c = it->second->counters;
+    AddTailBytes(-static_cast<int64_t>(it->second->tail.size_bytes()));
     sequences_.erase(it);
     return c;
   }
@@ -165,15 +180,7 @@ class GpuEngine::Executor final : public IterationExecutor {
     return absl::OkStatus();
   }
 
-  absl::StatusOr<std::vector<std::vector<float>>> Run(
-      absl::Span<const IterationWork> batch) override {
-    std::vector<std::vector<float>> out;
-    for (const IterationWork& w : batch) {
-      TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> logits, RunOne(w));
-      out.push_back(std::move(logits));
-    }
-    return out;
-  }
+  absl::StatusOr<std::vector<WorkOutput>> Run(absl::Span<const IterationWork> batch) override;
 
   absl::StatusOr<int64_t> StoreSegment(RequestId request, InstanceId /*compute*/, int64_t first_row,
                                        InstanceId target, SegmentId segment,
@@ -181,7 +188,7 @@ class GpuEngine::Executor final : public IterationExecutor {
     TOKENLAKE_ASSIGN_OR_RETURN(Sequence * s, Find(request));
     const LlamaConfig& c = e_->model_->config();
     const attention::KvSlotLayout& layout = e_->layout_;
-    const int64_t row = s->pooled + first_row;  // absolute tail row
+    const int64_t row = s->pooled + first_row;  // absolute row
     if (first_row < 0 || row + layout.segment_tokens > s->computed) {
       return absl::InternalError(
           absl::StrFormat("GpuEngine: segment rows [%d, %d) outside the tail of request %d", row,
@@ -199,9 +206,9 @@ class GpuEngine::Executor final : public IterationExecutor {
     TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
         cudaMemcpy2DAsync(
             dst, static_cast<size_t>(layout.BlockBytes()),
-            s->tail.as<std::byte>() + row * row_bytes, static_cast<size_t>(s->capacity * row_bytes),
-            static_cast<size_t>(layout.BlockBytes()), static_cast<size_t>(c.num_layers) * 2,
-            cudaMemcpyDeviceToDevice, e_->model_->stream()),
+            s->tail.as<std::byte>() + (row - s->base) * row_bytes,
+            static_cast<size_t>(s->capacity * row_bytes), static_cast<size_t>(layout.BlockBytes()),
+            static_cast<size_t>(c.num_layers) * 2, cudaMemcpyDeviceToDevice, e_->model_->stream()),
         "store copy"));
     return layout.SlotBytes();
   }
@@ -222,10 +229,16 @@ class GpuEngine::Executor final : public IterationExecutor {
   struct Sequence {
     DeviceBuffer tail;  // [layer][kv][capacity][kv_heads][head_dim] bf16
     int64_t capacity = 0;
+    int64_t max_tokens = 0;
+    int64_t base = 0;      // the absolute row at tail index 0 (base <= pooled)
     int64_t pooled = 0;    // absolute rows before this are served by the pool
     int64_t computed = 0;  // rows written
     DataPlaneCounters counters;
   };
+
+  // Makes room for `n` more rows after s->computed: moves the live rows [pooled, computed) to
+  // index 0 (base = pooled) and grows the buffer when that is not enough.
+  absl::Status EnsureTail(Sequence* s, int64_t n);
 
   absl::StatusOr<Sequence*> Find(RequestId request) {
     auto it = sequences_.find(request);
@@ -236,154 +249,305 @@ class GpuEngine::Executor final : public IterationExecutor {
     return it->second.get();
   }
 
-  // One request's forward of the iteration (see the file comment of gpu_engine.h).
-  absl::StatusOr<std::vector<float>> RunOne(const IterationWork& w);
+  void AddTailBytes(int64_t delta) {
+    tail_bytes_ += delta;
+    peak_tail_bytes_ = std::max(peak_tail_bytes_, tail_bytes_);
+  }
 
   GpuEngine* e_;
   absl::flat_hash_map<RequestId, std::unique_ptr<Sequence>> sequences_;
+  int64_t tail_bytes_ = 0;
+  int64_t peak_tail_bytes_ = 0;
+  // Pinned host staging of an iteration's descriptors, decode offsets and row destinations (one
+  // upload; the previous iteration's forward synchronised the stream, so it is free).
+  void* staging_ = nullptr;
+  size_t staging_bytes_ = 0;
+
+ public:
+  int64_t peak_tail_bytes() const { return peak_tail_bytes_; }
+  ~Executor() override {
+    if (staging_ != nullptr) cudaFreeHost(staging_);
+  }
 };
 
-absl::StatusOr<std::vector<float>> GpuEngine::Executor::RunOne(const IterationWork& w) {
-  TOKENLAKE_ASSIGN_OR_RETURN(Sequence * sq, Find(w.request));
+absl::Status GpuEngine::Executor::EnsureTail(Sequence* s, int64_t n) {
+  const int64_t seg = e_->layout_.segment_tokens;
+  const int64_t live = s->computed - s->pooled;
+  const int64_t needed = live + n;  // rows after a compaction
+  // Grow to what this iteration needs; give back what a prefill chunk took once the request
+  // needs little (a decode needs at most one segment of rows).
+  const bool resize = needed > s->capacity || (s->capacity > 2 * needed && s->capacity > seg);
+  if (!resize && s->computed + n - s->base <= s->capacity) return absl::OkStatus();
+  const LlamaConfig& c = e_->model_->config();
+  const cudaStream_t stream = e_->model_->stream();
+  const int64_t row_bytes = e_->layout_.TokenRowBytes();
+  const int64_t rounded = (std::max(needed, seg) + 15) / 16 * 16;
+  const int64_t new_capacity =
+      resize ? std::max(needed, std::min(s->max_tokens - s->pooled, rounded)) : s->capacity;
+  // Copy the live rows of every [layer][kv] block to index 0 of a buffer of new_capacity rows (a
+  // new one, or the engine's scratch and back when the size stays: the ranges may overlap).
+  DeviceBuffer fresh;
+  DeviceBuffer* dst = resize ? &fresh : &e_->tail_scratch_;
+  TOKENLAKE_RETURN_IF_ERROR(
+      dst->Reserve(static_cast<size_t>(int64_t{c.num_layers} * 2 * new_capacity * row_bytes)));
+  auto copy = [&](std::byte* to, int64_t to_rows, const std::byte* from, int64_t from_rows) {
+    return CudaStatus(
+        cudaMemcpy2DAsync(to, static_cast<size_t>(to_rows * row_bytes), from,
+                          static_cast<size_t>(from_rows * row_bytes),
+                          static_cast<size_t>(live * row_bytes),
+                          static_cast<size_t>(c.num_layers) * 2, cudaMemcpyDeviceToDevice, stream),
+        "tail compaction");
+  };
+  const std::byte* live_rows = s->tail.as<std::byte>() + (s->pooled - s->base) * row_bytes;
+  if (live > 0) {
+    TOKENLAKE_RETURN_IF_ERROR(copy(dst->as<std::byte>(), new_capacity, live_rows, s->capacity));
+  }
+  if (resize) {
+    // The old buffer may be read by queued work (stores): free it after the stream drains.
+    TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "synchronize"));
+    std::swap(s->tail, fresh);
+    AddTailBytes(static_cast<int64_t>(s->tail.size_bytes()) -
+                 static_cast<int64_t>(fresh.size_bytes()));
+    s->capacity = new_capacity;
+  } else if (live > 0) {
+    TOKENLAKE_RETURN_IF_ERROR(
+        copy(s->tail.as<std::byte>(), s->capacity, dst->as<std::byte>(), new_capacity));
+  }
+  s->base = s->pooled;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<WorkOutput>> GpuEngine::Executor::Run(
+    absl::Span<const IterationWork> batch) {
+  const auto started = std::chrono::steady_clock::now();
   const LlamaConfig& c = e_->model_->config();
   const cudaStream_t stream = e_->model_->stream();
   const attention::KvSlotLayout& layout = e_->layout_;
+  const int32_t seg = layout.segment_tokens;
   const int64_t row_bytes = layout.TokenRowBytes();
   const int64_t slot_bytes = layout.SlotBytes();
-  const InstanceId compute = w.compute;
-  const int32_t n = static_cast<int32_t>(w.tokens.size());
-  if (sq->computed == 0 && sq->pooled == 0) {
-    // A (re)started sequence: the pool serves the plan's cached prefix, the tail starts after.
-    sq->pooled = sq->computed = w.plan->cached_tokens;
-  }
-  // The loop's rows: the tail holds [pooled, start_pos) before this forward.
-  if (w.plan->cached_tokens != sq->pooled || w.start_pos != sq->computed ||
-      w.start_pos + n > sq->capacity) {
-    return absl::InternalError(absl::StrFormat(
-        "GpuEngine: request %d computes rows [%d, %d) over a cached prefix of %d; its tail holds "
-        "[%d, %d) of %d rows",
-        w.request.value(), w.start_pos, w.start_pos + n, w.plan->cached_tokens, sq->pooled,
-        sq->computed, sq->capacity));
-  }
-  const int64_t pooled = sq->pooled;
-  const int64_t computed = sq->computed;
-  std::byte* tail = sq->tail.as<std::byte>();
 
-  // Group the cached segments: own + pulled (one partial), each moved-queries holder.
-  struct Seg {
-    const std::byte* slot;
-    int32_t num_tokens;
-  };
-  std::vector<Seg> own;
-  std::vector<std::pair<InstanceId, std::vector<Seg>>> remote;
+  // Forward order: decodes (one new token) first, so that their rows are one batched launch.
+  std::vector<size_t> order;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (batch[i].tokens.size() == 1) order.push_back(i);
+  }
+  const int32_t num_decodes = static_cast<int32_t>(order.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (batch[i].tokens.size() != 1) order.push_back(i);
+  }
+
+  // Check every request's rows against its tail, and count the pulls.
+  std::vector<Sequence*> seqs(batch.size());
   size_t to_pull = 0;
-  for (const plan::SegmentAssignment& a : w.plan->segments) {
-    if (a.holder != compute && a.action == plan::HolderAction::kPullKv) ++to_pull;
+  int64_t num_tokens = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const IterationWork& w = batch[i];
+    TOKENLAKE_ASSIGN_OR_RETURN(Sequence * sq, Find(w.request));
+    const int64_t n = static_cast<int64_t>(w.tokens.size());
+    if (sq->computed == 0 && sq->pooled == 0) {
+      // A (re)started sequence: the pool serves the plan's cached prefix, the tail starts after.
+      sq->base = sq->pooled = sq->computed = w.plan->cached_tokens;
+    }
+    if (w.plan->cached_tokens != sq->pooled || w.start_pos != sq->computed ||
+        w.start_pos + n > sq->max_tokens) {
+      return absl::InternalError(absl::StrFormat(
+          "GpuEngine: request %d computes rows [%d, %d) over a cached prefix of %d; its tail "
+          "holds [%d, %d) of %d rows",
+          w.request.value(), w.start_pos, w.start_pos + n, w.plan->cached_tokens, sq->pooled,
+          sq->computed, sq->max_tokens));
+    }
+    TOKENLAKE_RETURN_IF_ERROR(EnsureTail(sq, n));
+    for (const plan::SegmentAssignment& a : w.plan->segments) {
+      if (a.holder != w.compute && a.action == plan::HolderAction::kPullKv) ++to_pull;
+    }
+    seqs[i] = sq;
+    num_tokens += n;
   }
   if (to_pull > 0) {
     TOKENLAKE_RETURN_IF_ERROR(e_->pulled_.Reserve(static_cast<size_t>(slot_bytes) * to_pull));
   }
+
+  // Per request (in forward order): its pooled segments (own and pulled first, then each
+  // moved-queries holder's: on one device the holder's slots are read where they are) and its
+  // tail; the descriptors of layer 0 are built, the other layers differ by the layer offset.
+  struct Block {
+    const std::byte* base;  // slot (layer offsets added) or tail start (K of layer 0)
+    int32_t num_tokens;
+    bool tail;
+    int64_t tail_capacity;  // rows per [layer][kv] of the tail
+  };
+  std::vector<Block> blocks;
+  std::vector<int32_t> decode_offsets{0};
+  std::vector<Backend::Prefill> prefills;
+  std::vector<KvRowDestination> destinations;
+  destinations.reserve(static_cast<size_t>(num_tokens));
   size_t pulled_index = 0;
-  for (const plan::SegmentAssignment& a : w.plan->segments) {
-    TOKENLAKE_ASSIGN_OR_RETURN(std::byte * slot, e_->SlotPointer(a.holder, a.segment));
-    if (a.holder == compute) {
-      own.push_back({slot, a.num_tokens});
-    } else if (a.action == plan::HolderAction::kPullKv) {
-      // Pull: a device-to-device copy of the whole slot into the computing instance's scratch
-      // (the same GPU holds both).
-      std::byte* dst = e_->pulled_.as<std::byte>() + pulled_index++ * slot_bytes;
-      TOKENLAKE_RETURN_IF_ERROR(
-          CudaStatus(cudaMemcpyAsync(dst, slot, static_cast<size_t>(slot_bytes),
-                                     cudaMemcpyDeviceToDevice, stream),
-                     "pull copy"));
-      own.push_back({dst, a.num_tokens});
-      ++sq->counters.pulled_segments;
-      sq->counters.pulled_bytes += slot_bytes;
-    } else {
-      auto it = std::find_if(remote.begin(), remote.end(),
-                             [&](const auto& r) { return r.first == a.holder; });
-      if (it == remote.end()) {
-        remote.push_back({a.holder, {}});
-        it = remote.end() - 1;
+  int32_t row = 0;
+  for (size_t pos = 0; pos < order.size(); ++pos) {
+    const IterationWork& w = batch[order[pos]];
+    Sequence* sq = seqs[order[pos]];
+    const int32_t n = static_cast<int32_t>(w.tokens.size());
+    const int32_t first = static_cast<int32_t>(blocks.size());
+    std::vector<std::pair<InstanceId, std::vector<Block>>> remote;
+    bool any_local = false;
+    for (const plan::SegmentAssignment& a : w.plan->segments) {
+      TOKENLAKE_ASSIGN_OR_RETURN(std::byte * slot, e_->SlotPointer(a.holder, a.segment));
+      if (a.holder == w.compute) {
+        blocks.push_back({slot, a.num_tokens, false, 0});
+        any_local = true;
+      } else if (a.action == plan::HolderAction::kPullKv) {
+        // Pull: a device-to-device copy of the whole slot into the computing instance's scratch
+        // (the same GPU holds both).
+        std::byte* dst = e_->pulled_.as<std::byte>() + pulled_index++ * slot_bytes;
+        TOKENLAKE_RETURN_IF_ERROR(
+            CudaStatus(cudaMemcpyAsync(dst, slot, static_cast<size_t>(slot_bytes),
+                                       cudaMemcpyDeviceToDevice, stream),
+                       "pull copy"));
+        blocks.push_back({dst, a.num_tokens, false, 0});
+        any_local = true;
+        ++sq->counters.pulled_segments;
+        sq->counters.pulled_bytes += slot_bytes;
+      } else {
+        auto it = std::find_if(remote.begin(), remote.end(),
+                               [&](const auto& r) { return r.first == a.holder; });
+        if (it == remote.end()) {
+          remote.push_back({a.holder, {}});
+          it = remote.end() - 1;
+        }
+        it->second.push_back({slot, a.num_tokens, false, 0});
       }
-      it->second.push_back({slot, a.num_tokens});
     }
-  }
-  // Descriptors: per layer, [own][remote 0][remote 1]...[tail].
-  std::vector<Backend::Group> groups;
-  int32_t at = 0;
-  if (!own.empty()) {
-    groups.push_back({compute, false, at, static_cast<int32_t>(own.size())});
-    at += static_cast<int32_t>(own.size());
-  }
-  for (const auto& r : remote) {
-    groups.push_back({r.first, true, at, static_cast<int32_t>(r.second.size())});
-    at += static_cast<int32_t>(r.second.size());
-  }
-  const int32_t stride = at + 1;
-  std::vector<acuda::DeviceKvBlock> blocks(static_cast<size_t>(stride) * c.num_layers);
-  for (int32_t l = 0; l < c.num_layers; ++l) {
-    acuda::DeviceKvBlock* lb = blocks.data() + static_cast<size_t>(l) * stride;
-    int32_t i = 0;
-    auto add = [&](const Seg& sg) {
-      lb[i].k = sg.slot + layout.BlockOffsetBytes(l, 0);
-      lb[i].v = sg.slot + layout.BlockOffsetBytes(l, 1);
-      lb[i].num_tokens = sg.num_tokens;
-      ++i;
-    };
-    for (const Seg& sg : own) add(sg);
-    for (const auto& r : remote) {
-      for (const Seg& sg : r.second) add(sg);
-    }
-    lb[i].k = tail + ((int64_t{l} * 2 + 0) * sq->capacity + pooled) * row_bytes;
-    lb[i].v = tail + ((int64_t{l} * 2 + 1) * sq->capacity + pooled) * row_bytes;
-    lb[i].num_tokens = static_cast<int32_t>(computed + n - pooled);
-  }
-  const size_t blocks_bytes = blocks.size() * sizeof(acuda::DeviceKvBlock);
-  TOKENLAKE_RETURN_IF_ERROR(e_->blocks_.Reserve(blocks_bytes));
-  // Synchronous: the host vector dies with this scope (and earlier work may read blocks_).
-  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "synchronize"));
-  TOKENLAKE_RETURN_IF_ERROR(
-      CudaStatus(cudaMemcpy(e_->blocks_.get(), blocks.data(), blocks_bytes, cudaMemcpyHostToDevice),
-                 "descriptor upload"));
-  const int64_t rows = int64_t{n} * c.num_heads;
-  const size_t num_partials = groups.size() + 1;
-  TOKENLAKE_RETURN_IF_ERROR(
-      e_->partials_.Reserve(num_partials * static_cast<size_t>(rows) * (c.head_dim + 1) * 4));
-  TOKENLAKE_RETURN_IF_ERROR(e_->merged_lse_.Reserve(static_cast<size_t>(rows) * 4));
-  Backend backend(Backend::Setup{.config = c,
-                                 .layout = layout,
-                                 .num_tokens = n,
-                                 .computed = computed,
-                                 .pooled = pooled,
-                                 .tail = tail,
-                                 .tail_capacity = sq->capacity,
-                                 .blocks = e_->blocks_.as<acuda::DeviceKvBlock>(),
-                                 .stride = stride,
-                                 .groups = std::move(groups),
-                                 .partials = e_->partials_.as<float>(),
-                                 .merged_lse = e_->merged_lse_.as<float>(),
-                                 .workspace = &e_->workspace_,
-                                 .counters = &sq->counters});
-  std::vector<float> logits;
-  absl::Status status = absl::OkStatus();
-  if (w.want_logits) {
-    absl::StatusOr<std::vector<float>> l = e_->model_->Forward(w.tokens, computed, backend);
-    if (l.ok()) {
-      logits = *std::move(l);
+    for (const auto& r : remote) blocks.insert(blocks.end(), r.second.begin(), r.second.end());
+    // The partials this request's attention stands for, per layer: one over the computing
+    // instance's own and pulled segments, one per moved-queries holder.
+    sq->counters.local_attend_calls += any_local ? c.num_layers : 0;
+    sq->counters.remote_attend_calls += static_cast<int64_t>(remote.size()) * c.num_layers;
+    const int32_t count = static_cast<int32_t>(blocks.size()) - first;
+    const int64_t tail_tokens = sq->computed + n - sq->pooled;
+    std::byte* tail_start = sq->tail.as<std::byte>() + (sq->pooled - sq->base) * row_bytes;
+    if (n == 1) {
+      // The tail (the new token included) in blocks of at most S rows.
+      for (int64_t r = 0; r < tail_tokens; r += seg) {
+        blocks.push_back({tail_start + r * row_bytes,
+                          static_cast<int32_t>(std::min<int64_t>(seg, tail_tokens - r)), true,
+                          sq->capacity});
+      }
+      decode_offsets.push_back(static_cast<int32_t>(blocks.size()));
     } else {
-      status = l.status();
+      prefills.push_back({.row = row,
+                          .num_tokens = n,
+                          .first = first,
+                          .count = count,
+                          .tail_block = static_cast<int32_t>(blocks.size()),
+                          .tail_tokens = static_cast<int32_t>(tail_tokens),
+                          .causal_start = static_cast<int32_t>(sq->computed - sq->pooled)});
+      blocks.push_back({tail_start, static_cast<int32_t>(tail_tokens), true, sq->capacity});
     }
-  } else {
-    // A prompt chunk that does not end the sequence: no logits leave the device.
-    status = e_->model_->ForwardArgmax(w.tokens, computed, backend).status();
+    for (int32_t t = 0; t < n; ++t) {
+      destinations.push_back(
+          {.k0 = reinterpret_cast<uint64_t>(sq->tail.as<std::byte>() +
+                                            (sq->computed - sq->base + t) * row_bytes),
+           .layer_stride = 2 * sq->capacity * row_bytes,
+           .v_offset = sq->capacity * row_bytes});
+    }
+    row += n;
   }
-  if (!status.ok()) {
+
+  // One upload: descriptors [layer][stride], decode offsets, row destinations.
+  const int32_t stride = static_cast<int32_t>(blocks.size());
+  const size_t desc_bytes =
+      static_cast<size_t>(stride) * c.num_layers * sizeof(acuda::DeviceKvBlock);
+  const size_t offsets_at = (desc_bytes + 15) / 16 * 16;
+  const size_t dest_at = (offsets_at + decode_offsets.size() * 4 + 15) / 16 * 16;
+  const size_t total_bytes = dest_at + destinations.size() * sizeof(KvRowDestination);
+  if (total_bytes > staging_bytes_) {
+    TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "synchronize"));
+    if (staging_ != nullptr) cudaFreeHost(staging_);
+    staging_ = nullptr;
+    staging_bytes_ = 0;
+    TOKENLAKE_RETURN_IF_ERROR(
+        CudaStatus(cudaHostAlloc(&staging_, total_bytes * 2, 0), "cudaHostAlloc(descriptors)"));
+    staging_bytes_ = total_bytes * 2;
+  }
+  auto* host = static_cast<std::byte*>(staging_);
+  auto* desc = reinterpret_cast<acuda::DeviceKvBlock*>(host);
+  for (int32_t l = 0; l < c.num_layers; ++l) {
+    for (int32_t i = 0; i < stride; ++i) {
+      const Block& b = blocks[static_cast<size_t>(i)];
+      acuda::DeviceKvBlock& d = desc[static_cast<size_t>(l) * stride + i];
+      if (b.tail) {
+        d.k = b.base + (int64_t{l} * 2 + 0) * b.tail_capacity * row_bytes;
+        d.v = b.base + (int64_t{l} * 2 + 1) * b.tail_capacity * row_bytes;
+      } else {
+        d.k = b.base + layout.BlockOffsetBytes(l, 0);
+        d.v = b.base + layout.BlockOffsetBytes(l, 1);
+      }
+      d.num_tokens = b.num_tokens;
+      d.reserved = 0;
+    }
+  }
+  std::memcpy(host + offsets_at, decode_offsets.data(), decode_offsets.size() * 4);
+  std::memcpy(host + dest_at, destinations.data(), destinations.size() * sizeof(KvRowDestination));
+  TOKENLAKE_RETURN_IF_ERROR(e_->blocks_.Reserve(total_bytes));
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
+      cudaMemcpyAsync(e_->blocks_.get(), host, total_bytes, cudaMemcpyHostToDevice, stream),
+      "descriptor upload"));
+  int64_t max_prefill = 0;
+  for (const Backend::Prefill& f : prefills)
+    max_prefill = std::max<int64_t>(max_prefill, f.num_tokens);
+  TOKENLAKE_RETURN_IF_ERROR(
+      e_->partials_.Reserve(static_cast<size_t>(max_prefill * c.num_heads) * (c.head_dim + 1) * 4));
+  TOKENLAKE_RETURN_IF_ERROR(
+      e_->merged_lse_.Reserve(static_cast<size_t>(num_tokens * c.num_heads) * 4));
+  std::byte* dev = e_->blocks_.as<std::byte>();
+  Backend backend(
+      Backend::Setup{.config = c,
+                     .layout = layout,
+                     .num_tokens = static_cast<int32_t>(num_tokens),
+                     .num_decodes = num_decodes,
+                     .decode_blocks = decode_offsets.back(),
+                     .decode_offsets = reinterpret_cast<const int32_t*>(dev + offsets_at),
+                     .prefills = std::move(prefills),
+                     .blocks = reinterpret_cast<const acuda::DeviceKvBlock*>(dev),
+                     .stride = stride,
+                     .destinations = reinterpret_cast<const KvRowDestination*>(dev + dest_at),
+                     .partials = e_->partials_.as<float>(),
+                     .lse = e_->merged_lse_.as<float>(),
+                     .workspace = &e_->workspace_});
+
+  std::vector<GpuSequenceInput> inputs;
+  inputs.reserve(order.size());
+  for (size_t i : order) {
+    const IterationWork& w = batch[i];
+    inputs.push_back({.tokens = w.tokens,
+                      .start_pos = w.start_pos,
+                      .logits = !w.want_logits       ? GpuSequenceInput::Logits::kNone
+                                : w.want_full_logits ? GpuSequenceInput::Logits::kFull
+                                                     : GpuSequenceInput::Logits::kArgmax});
+  }
+  absl::StatusOr<GpuBatchOutput> fwd = e_->model_->ForwardBatch(inputs, backend);
+  if (!fwd.ok()) {
     cudaStreamSynchronize(stream);
-    return status;
+    return fwd.status();
   }
-  sq->computed = computed + n;
-  return logits;
+  if (e_->forward_timings_.size() < 1'000'000) {
+    e_->forward_timings_.push_back({.rows = static_cast<int32_t>(num_tokens),
+                                    .requests = static_cast<int32_t>(batch.size()),
+                                    .decodes = num_decodes,
+                                    .run_us = std::chrono::duration<double, std::micro>(
+                                                  std::chrono::steady_clock::now() - started)
+                                                  .count(),
+                                    .gpu_us = e_->model_->last_forward_gpu_ms() * 1e3});
+  }
+  std::vector<WorkOutput> out(batch.size());
+  for (size_t pos = 0; pos < order.size(); ++pos) {
+    const size_t i = order[pos];
+    out[i].next_token = fwd->next_tokens[pos];
+    out[i].logits = std::move(fwd->logits[pos]);
+    seqs[i]->computed += static_cast<int64_t>(batch[i].tokens.size());
+  }
+  return out;
 }
 
 GpuEngine::GpuEngine(GpuLlamaModel* model, const GpuEngineOptions& options)
@@ -579,5 +743,15 @@ std::vector<absl::StatusOr<GpuGenerateResult>> GpuEngine::GenerateBatch(
 }
 
 int32_t GpuEngine::max_batch_requests_seen() const { return loop_->max_batch_requests_seen(); }
+
+std::vector<GpuEngine::ForwardTiming> GpuEngine::TakeForwardTimings() {
+  std::vector<ForwardTiming> out;
+  out.swap(forward_timings_);
+  return out;
+}
+
+std::vector<IterationTiming> GpuEngine::TakeIterationTimings() { return loop_->TakeTimings(); }
+
+int64_t GpuEngine::peak_tail_bytes() const { return executor_->peak_tail_bytes(); }
 
 }  // namespace tokenlake::engine::cuda

@@ -5,26 +5,30 @@
 // and the cluster's instances run: continuous batching (requests join and leave at every
 // iteration, prompts prefilled in chunks under a per-iteration token budget, decodes first, a
 // request waits while the pool cannot hold its new KV), one control-plane call (PlanBatch) per
-// iteration. The GPU side of it is the engine's IterationExecutor: for now it runs the batch's
-// requests one after another with the per-request forward below (batched GPU kernels are a
-// later step), each request keeping its own device tail.
+// iteration. The GPU side of it is the engine's IterationExecutor: the whole batch runs as ONE
+// forward (GpuLlamaModel::ForwardBatch: one GEMM per projection over all the batch's tokens),
+// and per layer the batch's new K/V rows join their requests' device tails in one launch, all
+// the batch's decodes attend in one batched paged-attention launch (each request over its own
+// blocks), and each prefill chunk attends in one or two launches (below).
 //
 // Data plane. Every instance owns a store::DeviceArena (cudaMalloc'd) with a store::SegmentStore
 // slot allocator over it; a slot holds one segment's KV for all layers in bf16, laid out as
 // attention::KvSlotLayout says ([layer][kv][token][kv_head][head_dim]). Control plane: the real
 // lake::Lake (prefix tree, planner, balancer) behind engine::LocalControlPlane.
 //
-// One iteration (prefill, then one per decoded token) on the computing instance the plan names:
+// Per request of an iteration, on the computing instance the plan names:
 //   - segments the computing instance holds, and kPullKv segments (their slot is first copied
 //     device-to-device, cudaMemcpyAsync, into a scratch slot of the computing instance: "pulling
-//     KV" on a shared device), are one partial: the paged attention kernel over those slots;
-//   - each kMoveQueries holder is one partial: the kernel runs over the holder's own slots
-//     directly ("moving queries" on a shared device is reading them where they are);
+//     KV" on a shared device), count as one partial per layer (local_attend_calls);
+//   - each kMoveQueries holder counts as one partial per layer (remote_attend_calls): on a
+//     shared device, "moving queries" is reading the holder's slots where they are;
 //   - the sequence's tail (tokens after its pooled prefix, bf16, kept by the request) plus the
-//     new tokens is one causal partial;
-//   - the partials are merged by log-sum-exp: the other partials are the causal call's extra
-//     partials (PagedAttentionParams::num_extra), merged inside the decode kernel's own split
-//     merge (prefill: one merge launch after its kernel).
+//     new tokens.
+// A decode (one new token) attends to all of these as one block list inside the batched decode
+// launch: the holders' partials are runs of the kernel's KV splits, merged by log-sum-exp in
+// the kernel. A prefill chunk computes one partial over its pooled segments, then the causal
+// partial over its tail and new tokens, into which the kernel merges the pooled one
+// (PagedAttentionParams::num_extra).
 // Segments the iteration completes are copied from the tail into a slot on the instance the
 // plan's placement names, then committed (visible to later requests). The counters of
 // GpuGenerateResult say how many attend calls, pulls and stores (and bytes) this took.
@@ -131,6 +135,25 @@ class GpuEngine {
       absl::Span<const GenerateRequest> requests);
   // The most requests that ran in one iteration so far.
   int32_t max_batch_requests_seen() const;
+  // Timing of one iteration's forward (for benchmarks): the rows it computed, how many of its
+  // requests were decodes, the host wall time of Executor::Run (descriptors, pulls, the forward
+  // and its synchronisation) and the device time of the forward's kernels, microseconds.
+  struct ForwardTiming {
+    int32_t rows = 0;
+    int32_t requests = 0;
+    int32_t decodes = 0;
+    double run_us = 0;
+    double gpu_us = 0;
+  };
+  // The timings of the forwards since the last call (cleared by it).
+  std::vector<ForwardTiming> TakeForwardTimings();
+  // The iteration loop's timings since the last call (IterationLoop::TakeTimings).
+  std::vector<IterationTiming> TakeIterationTimings();
+
+  // The most device memory the requests' tails (KV of tokens not yet in pooled segments: a
+  // prefill chunk's rows until its segments are stored, a segment's worth while decoding) held
+  // at once so far, bytes.
+  int64_t peak_tail_bytes() const;
 
   const GpuEngineOptions& options() const { return options_; }
   // The control plane, for tests and statistics.
@@ -165,13 +188,15 @@ class GpuEngine {
   uint64_t salt_ = 0;
   uint64_t next_request_ = 1;
   std::unique_ptr<Executor> executor_;
+  std::vector<ForwardTiming> forward_timings_;
   std::unique_ptr<IterationLoop> loop_;
   // Device scratch reused by every request's forward (the tails are per request).
-  DeviceBuffer pulled_;      // pulled slots
-  DeviceBuffer blocks_;      // DeviceKvBlock descriptors of an iteration
-  DeviceBuffer partials_;    // [partial][n][heads][head_dim] f32, then [partial][n][heads] f32
-  DeviceBuffer merged_lse_;  // [n][heads] f32
-  DeviceBuffer workspace_;   // paged attention workspace (counters zeroed once)
+  DeviceBuffer pulled_;        // pulled slots
+  DeviceBuffer blocks_;        // DeviceKvBlock descriptors of an iteration
+  DeviceBuffer partials_;      // [partial][n][heads][head_dim] f32, then [partial][n][heads] f32
+  DeviceBuffer merged_lse_;    // [n][heads] f32
+  DeviceBuffer workspace_;     // paged attention workspace (counters zeroed once)
+  DeviceBuffer tail_scratch_;  // a request's live tail rows while its tail is compacted
 };
 
 }  // namespace tokenlake::engine::cuda

@@ -43,11 +43,13 @@ __global__ void EmbedKernel(const int32_t* __restrict__ tokens, const uint16_t* 
   }
 }
 
-// y = w * (x / sqrt(mean(x^2) + eps)), one thread block per row; y rounded to bf16.
+// y = w * (x / sqrt(mean(x^2) + eps)), one thread block per output row r, reading row
+// rows[r] of x (row r when rows is null); y rounded to bf16.
 __global__ void RmsNormKernel(const float* __restrict__ x, const float* __restrict__ w, float eps,
-                              int hidden, uint16_t* __restrict__ y) {
+                              int hidden, const int32_t* __restrict__ rows,
+                              uint16_t* __restrict__ y) {
   const int64_t r = blockIdx.x;
-  const float* xr = x + r * hidden;
+  const float* xr = x + (rows != nullptr ? static_cast<int64_t>(rows[r]) : r) * hidden;
   float sum = 0.f;
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) sum += xr[i] * xr[i];
   __shared__ float partial[kThreads / 32];
@@ -62,17 +64,18 @@ __global__ void RmsNormKernel(const float* __restrict__ x, const float* __restri
   }
 }
 
-// qkv [n][qd + 2 kvd] f32 -> q [n][qd], k [n][kvd] (RoPE, rotate-half) and v [n][kvd], bf16.
+// qkv [n][qd + 2 kvd] f32 -> q [n][qd], k [n][kvd] (RoPE at positions[t], rotate-half) and
+// v [n][kvd], bf16.
 __global__ void RopeSplitKernel(const float* __restrict__ qkv, const float* __restrict__ inv_freq,
-                                int64_t start_pos, int num_heads, int num_kv_heads, int head_dim,
-                                uint16_t* __restrict__ q, uint16_t* __restrict__ k,
-                                uint16_t* __restrict__ v) {
+                                const int32_t* __restrict__ positions, int num_heads,
+                                int num_kv_heads, int head_dim, uint16_t* __restrict__ q,
+                                uint16_t* __restrict__ k, uint16_t* __restrict__ v) {
   const int t = blockIdx.x;
   const int half = head_dim / 2;
   const int qd = num_heads * head_dim;
   const int kvd = num_kv_heads * head_dim;
   const float* row = qkv + static_cast<int64_t>(t) * (qd + 2 * kvd);
-  const float pos = static_cast<float>(start_pos + t);
+  const float pos = static_cast<float>(positions[t]);
   const int pairs = (num_heads + num_kv_heads) * half;
   for (int idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
     const int head = idx / half;  // q heads first, then k heads
@@ -115,8 +118,10 @@ __global__ void ToBf16Kernel(const float* __restrict__ in, int64_t n, uint16_t* 
   }
 }
 
-// The first index of the maximum (as engine::Argmax). One thread block of kThreads.
-__global__ void ArgmaxKernel(const float* __restrict__ x, int n, int32_t* __restrict__ out) {
+// The first index of the maximum of row blockIdx.x of x [rows][n] (as engine::Argmax) into
+// out[blockIdx.x]. One thread block of kThreads per row.
+__global__ void ArgmaxKernel(const float* __restrict__ x_rows, int n, int32_t* __restrict__ out) {
+  const float* x = x_rows + static_cast<int64_t>(blockIdx.x) * n;
   float best = -INFINITY;
   int best_i = n;
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
@@ -141,7 +146,7 @@ __global__ void ArgmaxKernel(const float* __restrict__ x, int n, int32_t* __rest
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) out[0] = si[0] < n ? si[0] : 0;
+  if (threadIdx.x == 0) out[blockIdx.x] = si[0] < n ? si[0] : 0;
 }
 
 __device__ __forceinline__ float HashUniform(uint64_t seed, uint64_t i) {
@@ -241,7 +246,10 @@ GpuLlamaModel::GpuLlamaModel(const LlamaConfig& config, int device)
 
 GpuLlamaModel::~GpuLlamaModel() {
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  if (host_inputs_ != nullptr) cudaFreeHost(host_inputs_);
   for (auto& m : marks_) cudaEventDestroy(m.first);
+  if (forward_begin_ != nullptr) cudaEventDestroy(forward_begin_);
+  if (forward_end_ != nullptr) cudaEventDestroy(forward_end_);
   if (cublas_ != nullptr) cublasDestroy(static_cast<cublasHandle_t>(cublas_));
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
 }
@@ -267,10 +275,12 @@ absl::Status GpuLlamaModel::Init() {
   TOKENLAKE_RETURN_IF_ERROR(CublasStatus(cublasCreate(&h), "cublasCreate"));
   cublas_ = h;
   TOKENLAKE_RETURN_IF_ERROR(CublasStatus(cublasSetStream(h, stream_), "cublasSetStream"));
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&forward_begin_), "cudaEventCreate"));
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&forward_end_), "cudaEventCreate"));
   layers_.resize(static_cast<size_t>(config_.num_layers));
   TOKENLAKE_RETURN_IF_ERROR(
       UploadF32(RopeInvFreq(config_.head_dim, config_.rope_theta), &inv_freq_));
-  return argmax_.Allocate(sizeof(int32_t));
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<GpuLlamaModel>> GpuLlamaModel::Load(const std::string& dir,
@@ -351,77 +361,131 @@ absl::StatusOr<std::unique_ptr<GpuLlamaModel>> GpuLlamaModel::CreateRandom(
   return m;
 }
 
-absl::Status GpuLlamaModel::EnsureActivations(int32_t n) {
-  if (n <= act_tokens_) return absl::OkStatus();
+absl::Status GpuLlamaModel::EnsureActivations(int32_t n, int32_t m) {
+  if (n <= act_tokens_ && m <= act_logits_) return absl::OkStatus();
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "synchronize"));
   const size_t h = static_cast<size_t>(config_.hidden_size);
-  const size_t qd = static_cast<size_t>(config_.num_heads) * config_.head_dim;
-  const size_t kvd = static_cast<size_t>(config_.num_kv_heads) * config_.head_dim;
-  const size_t inter = static_cast<size_t>(config_.intermediate_size);
-  const size_t nn = static_cast<size_t>(n);
-  TOKENLAKE_RETURN_IF_ERROR(tokens_.Allocate(nn * 4));
-  TOKENLAKE_RETURN_IF_ERROR(x_.Allocate(nn * h * 4));
-  TOKENLAKE_RETURN_IF_ERROR(normed_.Allocate(nn * h * 2));
-  TOKENLAKE_RETURN_IF_ERROR(qkv_.Allocate(nn * (qd + 2 * kvd) * 4));
-  TOKENLAKE_RETURN_IF_ERROR(q_.Allocate(nn * qd * 2));
-  TOKENLAKE_RETURN_IF_ERROR(k_.Allocate(nn * kvd * 2));
-  TOKENLAKE_RETURN_IF_ERROR(v_.Allocate(nn * kvd * 2));
-  TOKENLAKE_RETURN_IF_ERROR(attn_.Allocate(nn * qd * 4));
-  TOKENLAKE_RETURN_IF_ERROR(attn16_.Allocate(nn * qd * 2));
-  TOKENLAKE_RETURN_IF_ERROR(gate_up_.Allocate(nn * 2 * inter * 4));
-  TOKENLAKE_RETURN_IF_ERROR(act16_.Allocate(nn * inter * 2));
-  if (logits_.size_bytes() == 0) {
-    TOKENLAKE_RETURN_IF_ERROR(logits_.Allocate(static_cast<size_t>(config_.vocab_size) * 4));
+  const size_t vocab = static_cast<size_t>(config_.vocab_size);
+  if (n > act_tokens_) {
+    const size_t qd = static_cast<size_t>(config_.num_heads) * config_.head_dim;
+    const size_t kvd = static_cast<size_t>(config_.num_kv_heads) * config_.head_dim;
+    const size_t inter = static_cast<size_t>(config_.intermediate_size);
+    const size_t nn = static_cast<size_t>(n);
+    TOKENLAKE_RETURN_IF_ERROR(x_.Allocate(nn * h * 4));
+    TOKENLAKE_RETURN_IF_ERROR(normed_.Allocate(nn * h * 2));
+    TOKENLAKE_RETURN_IF_ERROR(qkv_.Allocate(nn * (qd + 2 * kvd) * 4));
+    TOKENLAKE_RETURN_IF_ERROR(q_.Allocate(nn * qd * 2));
+    TOKENLAKE_RETURN_IF_ERROR(k_.Allocate(nn * kvd * 2));
+    TOKENLAKE_RETURN_IF_ERROR(v_.Allocate(nn * kvd * 2));
+    TOKENLAKE_RETURN_IF_ERROR(attn_.Allocate(nn * qd * 4));
+    TOKENLAKE_RETURN_IF_ERROR(attn16_.Allocate(nn * qd * 2));
+    TOKENLAKE_RETURN_IF_ERROR(gate_up_.Allocate(nn * 2 * inter * 4));
+    TOKENLAKE_RETURN_IF_ERROR(act16_.Allocate(nn * inter * 2));
+    act_tokens_ = n;
   }
-  act_tokens_ = n;
+  if (m > act_logits_) {
+    const size_t mm = static_cast<size_t>(m);
+    TOKENLAKE_RETURN_IF_ERROR(head_in_.Allocate(mm * h * 2));
+    TOKENLAKE_RETURN_IF_ERROR(logits_.Allocate(mm * vocab * 4));
+    TOKENLAKE_RETURN_IF_ERROR(argmax_.Allocate(mm * 4));
+    act_logits_ = m;
+  }
+  // Inputs: [n] tokens, [n] positions, [m] logits rows; the host side also receives [m]
+  // argmaxes after them.
+  const size_t input_bytes = (2 * static_cast<size_t>(act_tokens_) + act_logits_) * 4;
+  TOKENLAKE_RETURN_IF_ERROR(inputs_.Allocate(input_bytes));
+  const size_t host_bytes = input_bytes + static_cast<size_t>(act_logits_) * 4;
+  if (host_bytes > host_inputs_bytes_) {
+    if (host_inputs_ != nullptr) cudaFreeHost(host_inputs_);
+    host_inputs_ = nullptr;
+    host_inputs_bytes_ = 0;
+    TOKENLAKE_RETURN_IF_ERROR(
+        CudaStatus(cudaHostAlloc(&host_inputs_, host_bytes, 0), "cudaHostAlloc(forward inputs)"));
+    host_inputs_bytes_ = host_bytes;
+  }
   return absl::OkStatus();
 }
 
-absl::Status GpuLlamaModel::Enqueue(absl::Span<const int32_t> tokens, int64_t start_pos,
+absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences,
                                     GpuAttentionBackend& backend) {
   const LlamaConfig& c = config_;
-  if (tokens.empty()) return absl::InvalidArgumentError("GpuLlamaModel::Forward: no tokens");
-  if (start_pos < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("GpuLlamaModel::Forward: start_pos %d < 0", start_pos));
+  if (sequences.empty()) {
+    return absl::InvalidArgumentError("GpuLlamaModel::ForwardBatch: no sequences");
   }
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    if (tokens[i] < 0 || tokens[i] >= c.vocab_size) {
+  int64_t total = 0;
+  int32_t m = 0;
+  for (size_t s = 0; s < sequences.size(); ++s) {
+    const GpuSequenceInput& seq = sequences[s];
+    if (seq.tokens.empty()) {
       return absl::InvalidArgumentError(
-          absl::StrFormat("GpuLlamaModel::Forward: token %d at index %d is outside the "
-                          "vocabulary [0, %d)",
-                          tokens[i], i, c.vocab_size));
+          absl::StrFormat("GpuLlamaModel::ForwardBatch: sequence %d has no tokens", s));
     }
+    if (seq.start_pos < 0 ||
+        seq.start_pos + static_cast<int64_t>(seq.tokens.size()) > (int64_t{1} << 31) - 1) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "GpuLlamaModel::ForwardBatch: sequence %d: start_pos %d is outside [0, 2^31 - %d)", s,
+          seq.start_pos, seq.tokens.size()));
+    }
+    for (size_t i = 0; i < seq.tokens.size(); ++i) {
+      if (seq.tokens[i] < 0 || seq.tokens[i] >= c.vocab_size) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("GpuLlamaModel::ForwardBatch: sequence %d: token %d at index %d is "
+                            "outside the vocabulary [0, %d)",
+                            s, seq.tokens[i], i, c.vocab_size));
+      }
+    }
+    total += static_cast<int64_t>(seq.tokens.size());
+    if (seq.logits != GpuSequenceInput::Logits::kNone) ++m;
+  }
+  if (total > (int64_t{1} << 31) - 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("GpuLlamaModel::ForwardBatch: %d tokens in one forward", total));
   }
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(device_), "cudaSetDevice"));
-  const int32_t n = static_cast<int32_t>(tokens.size());
-  TOKENLAKE_RETURN_IF_ERROR(EnsureActivations(n));
+  const int32_t n = static_cast<int32_t>(total);
+  TOKENLAKE_RETURN_IF_ERROR(EnsureActivations(n, m));
   const int h = c.hidden_size;
   const int qd = c.num_heads * c.head_dim;
   const int kvd = c.num_kv_heads * c.head_dim;
   const int inter = c.intermediate_size;
   auto* blas = static_cast<cublasHandle_t>(cublas_);
-  // Pageable source: cudaMemcpyAsync stages it before returning.
-  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
-      cudaMemcpyAsync(tokens_.get(), tokens.data(), n * 4, cudaMemcpyHostToDevice, stream_),
-      "cudaMemcpyAsync(tokens)"));
+  // The inputs in one pinned buffer, one copy: tokens, positions, logits rows. (The previous
+  // forward synchronised its stream, so the staging buffer is free.)
+  auto* host = static_cast<int32_t*>(host_inputs_);
+  int32_t row = 0;
+  int32_t logits_row = 0;
+  for (const GpuSequenceInput& seq : sequences) {
+    for (size_t i = 0; i < seq.tokens.size(); ++i) {
+      host[row] = seq.tokens[i];
+      host[n + row] = static_cast<int32_t>(seq.start_pos + static_cast<int64_t>(i));
+      ++row;
+    }
+    if (seq.logits != GpuSequenceInput::Logits::kNone) host[2 * n + logits_row++] = row - 1;
+  }
+  const int32_t* d_tokens = inputs_.as<int32_t>();
+  const int32_t* d_positions = d_tokens + n;
+  const int32_t* d_rows = d_tokens + 2 * n;
+  TOKENLAKE_RETURN_IF_ERROR(
+      CudaStatus(cudaMemcpyAsync(inputs_.get(), host, (2 * static_cast<size_t>(n) + m) * 4,
+                                 cudaMemcpyHostToDevice, stream_),
+                 "cudaMemcpyAsync(forward inputs)"));
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(forward_begin_, stream_), "event"));
   Mark(kPhaseEnds);
-  EmbedKernel<<<n, kThreads, 0, stream_>>>(tokens_.as<int32_t>(), embed_.as<uint16_t>(), h,
-                                           x_.as<float>());
+  EmbedKernel<<<n, kThreads, 0, stream_>>>(d_tokens, embed_.as<uint16_t>(), h, x_.as<float>());
   TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("embedding"));
   for (int32_t l = 0; l < c.num_layers; ++l) {
     const Layer& w = layers_[static_cast<size_t>(l)];
     Mark(kPhaseOther);
     RmsNormKernel<<<n, kThreads, 0, stream_>>>(x_.as<float>(), w.input_norm.as<float>(),
-                                               c.rms_norm_eps, h, normed_.as<uint16_t>());
+                                               c.rms_norm_eps, h, nullptr, normed_.as<uint16_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
     Mark(kPhaseGemm);
     TOKENLAKE_RETURN_IF_ERROR(
         Gemm(blas, w.wqkv.get(), normed_.get(), qkv_.as<float>(), n, h, qd + 2 * kvd, 0.f));
     Mark(kPhaseOther);
     RopeSplitKernel<<<n, kThreads, 0, stream_>>>(
-        qkv_.as<float>(), inv_freq_.as<float>(), start_pos, c.num_heads, c.num_kv_heads, c.head_dim,
-        q_.as<uint16_t>(), k_.as<uint16_t>(), v_.as<uint16_t>());
+        qkv_.as<float>(), inv_freq_.as<float>(), d_positions, c.num_heads, c.num_kv_heads,
+        c.head_dim, q_.as<uint16_t>(), k_.as<uint16_t>(), v_.as<uint16_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rope"));
     Mark(kPhaseAttention);
     TOKENLAKE_RETURN_IF_ERROR(backend.Attend(l, n, q_.as<uint16_t>(), k_.as<uint16_t>(),
@@ -436,7 +500,7 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const int32_t> tokens, int64_t st
     TOKENLAKE_RETURN_IF_ERROR(Gemm(blas, w.wo.get(), attn16_.get(), x_.as<float>(), n, qd, h, 1.f));
     Mark(kPhaseOther);
     RmsNormKernel<<<n, kThreads, 0, stream_>>>(x_.as<float>(), w.post_norm.as<float>(),
-                                               c.rms_norm_eps, h, normed_.as<uint16_t>());
+                                               c.rms_norm_eps, h, nullptr, normed_.as<uint16_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
     Mark(kPhaseGemm);
     TOKENLAKE_RETURN_IF_ERROR(
@@ -451,17 +515,21 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const int32_t> tokens, int64_t st
     TOKENLAKE_RETURN_IF_ERROR(
         Gemm(blas, w.wdown.get(), act16_.get(), x_.as<float>(), n, inter, h, 1.f));
   }
-  // The last token only.
   Mark(kPhaseEnds);
-  RmsNormKernel<<<1, kThreads, 0, stream_>>>(x_.as<float>() + int64_t{n - 1} * h,
-                                             final_norm_.as<float>(), c.rms_norm_eps, h,
-                                             normed_.as<uint16_t>());
-  TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
-  const DeviceBuffer& head = lm_head_.size_bytes() > 0 ? lm_head_ : embed_;
-  TOKENLAKE_RETURN_IF_ERROR(
-      Gemm(blas, head.get(), normed_.get(), logits_.as<float>(), 1, h, c.vocab_size, 0.f));
+  if (m > 0) {
+    // The last token of each sequence that wants logits.
+    RmsNormKernel<<<m, kThreads, 0, stream_>>>(x_.as<float>(), final_norm_.as<float>(),
+                                               c.rms_norm_eps, h, d_rows, head_in_.as<uint16_t>());
+    TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
+    const DeviceBuffer& head = lm_head_.size_bytes() > 0 ? lm_head_ : embed_;
+    TOKENLAKE_RETURN_IF_ERROR(
+        Gemm(blas, head.get(), head_in_.get(), logits_.as<float>(), m, h, c.vocab_size, 0.f));
+    ArgmaxKernel<<<m, kThreads, 0, stream_>>>(logits_.as<float>(), c.vocab_size,
+                                              argmax_.as<int32_t>());
+    TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("argmax"));
+  }
   Mark(-1);
-  return absl::OkStatus();
+  return CudaStatus(cudaEventRecord(forward_end_, stream_), "event");
 }
 
 void GpuLlamaModel::Mark(int phase) {
@@ -502,43 +570,68 @@ void GpuLlamaModel::SetProfiling(bool on) {
   phase_ms_.fill(0.0);
 }
 
-absl::StatusOr<std::vector<float>> GpuLlamaModel::Forward(absl::Span<const int32_t> tokens,
-                                                          int64_t start_pos,
-                                                          GpuAttentionBackend& backend) {
-  absl::Status s = Enqueue(tokens, start_pos, backend);
+absl::StatusOr<GpuBatchOutput> GpuLlamaModel::ForwardBatch(
+    absl::Span<const GpuSequenceInput> sequences, GpuAttentionBackend& backend) {
+  absl::Status s = Enqueue(sequences, backend);
   if (!s.ok()) {
     cudaStreamSynchronize(stream_);  // nothing enqueued may outlive the caller's buffers
     marks_used_ = 0;
     return s;
   }
-  std::vector<float> logits(static_cast<size_t>(config_.vocab_size));
-  TOKENLAKE_RETURN_IF_ERROR(
-      CudaStatus(cudaMemcpyAsync(logits.data(), logits_.get(), logits.size() * 4,
-                                 cudaMemcpyDeviceToHost, stream_),
-                 "cudaMemcpyAsync(logits)"));
+  const size_t vocab = static_cast<size_t>(config_.vocab_size);
+  GpuBatchOutput out;
+  out.next_tokens.assign(sequences.size(), -1);
+  out.logits.resize(sequences.size());
+  int32_t m = 0;
+  for (const GpuSequenceInput& seq : sequences) m += seq.logits != GpuSequenceInput::Logits::kNone;
+  int64_t n = 0;
+  for (const GpuSequenceInput& seq : sequences) n += static_cast<int64_t>(seq.tokens.size());
+  int32_t* host_argmax = static_cast<int32_t*>(host_inputs_) + 2 * n + m;
+  if (m > 0) {
+    TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpyAsync(host_argmax, argmax_.get(), m * 4, cudaMemcpyDeviceToHost, stream_),
+        "cudaMemcpyAsync(argmax)"));
+  }
+  int32_t r = 0;
+  for (size_t i = 0; i < sequences.size(); ++i) {
+    if (sequences[i].logits == GpuSequenceInput::Logits::kNone) continue;
+    if (sequences[i].logits == GpuSequenceInput::Logits::kFull) {
+      out.logits[i].resize(vocab);
+      TOKENLAKE_RETURN_IF_ERROR(
+          CudaStatus(cudaMemcpyAsync(out.logits[i].data(), logits_.as<float>() + r * vocab,
+                                     vocab * 4, cudaMemcpyDeviceToHost, stream_),
+                     "cudaMemcpyAsync(logits)"));
+    }
+    ++r;
+  }
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "Forward: synchronize"));
+  float gpu_ms = 0;
+  if (cudaEventElapsedTime(&gpu_ms, forward_begin_, forward_end_) == cudaSuccess) {
+    last_forward_gpu_ms_ = gpu_ms;
+  }
+  r = 0;
+  for (size_t i = 0; i < sequences.size(); ++i) {
+    if (sequences[i].logits != GpuSequenceInput::Logits::kNone)
+      out.next_tokens[i] = host_argmax[r++];
+  }
   CollectMarks();
-  return logits;
+  return out;
+}
+
+absl::StatusOr<std::vector<float>> GpuLlamaModel::Forward(absl::Span<const int32_t> tokens,
+                                                          int64_t start_pos,
+                                                          GpuAttentionBackend& backend) {
+  const GpuSequenceInput seq{tokens, start_pos, GpuSequenceInput::Logits::kFull};
+  TOKENLAKE_ASSIGN_OR_RETURN(GpuBatchOutput out, ForwardBatch({&seq, 1}, backend));
+  return std::move(out.logits[0]);
 }
 
 absl::StatusOr<int32_t> GpuLlamaModel::ForwardArgmax(absl::Span<const int32_t> tokens,
                                                      int64_t start_pos,
                                                      GpuAttentionBackend& backend) {
-  absl::Status s = Enqueue(tokens, start_pos, backend);
-  if (!s.ok()) {
-    cudaStreamSynchronize(stream_);
-    marks_used_ = 0;
-    return s;
-  }
-  ArgmaxKernel<<<1, kThreads, 0, stream_>>>(logits_.as<float>(), config_.vocab_size,
-                                            argmax_.as<int32_t>());
-  TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("argmax"));
-  int32_t best = 0;
-  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
-      cudaMemcpyAsync(&best, argmax_.get(), 4, cudaMemcpyDeviceToHost, stream_), "argmax copy"));
-  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "Forward: synchronize"));
-  CollectMarks();
-  return best;
+  const GpuSequenceInput seq{tokens, start_pos, GpuSequenceInput::Logits::kArgmax};
+  TOKENLAKE_ASSIGN_OR_RETURN(GpuBatchOutput out, ForwardBatch({&seq, 1}, backend));
+  return out.next_tokens[0];
 }
 
 }  // namespace tokenlake::engine::cuda

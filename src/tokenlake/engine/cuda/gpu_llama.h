@@ -9,7 +9,10 @@
 // engine::RopeInvFreq, angle = position * inv_freq in float32, cos/sin in double), SiLU(gate) *
 // up. The residual stream x is float32; GEMM inputs (normed activations, attention output,
 // SiLU*up) are rounded to bf16. Queries and the new tokens' K and V are bf16 (the KV is stored
-// as bf16 in the pool). Only the last token's logits are computed and copied to the host.
+// as bf16 in the pool). A forward runs a batch of sequences: the dense layers over all their
+// tokens at once (one GEMM per projection for the whole batch), each token at its own RoPE
+// position; only the last token of each sequence that asks for it goes through the LM head, and
+// only its argmax (and, when asked, its logits) is copied to the host.
 //
 // Attention is delegated to a GpuAttentionBackend (the pool: see gpu_engine.h).
 //
@@ -36,19 +39,42 @@
 namespace tokenlake::engine::cuda {
 
 // Attention of one forward pass on the device (stream order: enqueue on `stream`).
+//
+// A forward runs a batch of sequences (see GpuLlamaModel::ForwardBatch): their new tokens are
+// the rows of q, k, v and out, sequence after sequence, in the order the caller gave them; the
+// backend is built by the caller for that batch and knows which rows belong to which sequence.
 class GpuAttentionBackend {
  public:
   virtual ~GpuAttentionBackend() = default;
-  // Attention of the `num_tokens` new tokens at layer `layer`. Device pointers: q
+  // Attention of the batch's `num_tokens` new tokens at layer `layer`. Device pointers: q
   // [num_tokens][num_heads][head_dim] bf16 bits (RoPE applied), k and v
   // [num_tokens][num_kv_heads][head_dim] bf16 bits (RoPE on k). The backend keeps k and v as
-  // the sequence's KV of this layer (copying them before returning or in stream order) and
-  // writes out [num_tokens][num_heads][head_dim] float32: softmax(q K^T / sqrt(head_dim)) V over
-  // all earlier tokens of the sequence and, causally, the new ones. q, k, v are valid until the
-  // work enqueued on `stream` by this call has run.
+  // each sequence's KV of this layer (copying them before returning or in stream order) and
+  // writes out [num_tokens][num_heads][head_dim] float32: per row, softmax(q K^T /
+  // sqrt(head_dim)) V over all earlier tokens of the row's sequence and, causally, its new ones.
+  // q, k, v are valid until the work enqueued on `stream` by this call has run.
   virtual absl::Status Attend(int32_t layer, int32_t num_tokens, const uint16_t* q,
                               const uint16_t* k, const uint16_t* v, float* out,
                               cudaStream_t stream) = 0;
+};
+
+// One sequence of a batched forward.
+struct GpuSequenceInput {
+  // Its new tokens (non-empty), at positions start_pos, start_pos + 1, ...
+  absl::Span<const int32_t> tokens;
+  int64_t start_pos = 0;
+  // What leaves the device for its last token: nothing, the argmax of its logits (4 bytes), or
+  // the argmax and the float32 logits [vocab_size].
+  enum class Logits : uint8_t { kNone, kArgmax, kFull };
+  Logits logits = Logits::kFull;
+};
+
+// What a batched forward returns, per sequence in input order.
+struct GpuBatchOutput {
+  // The first index of the maximum of the last token's logits, or -1 (Logits::kNone).
+  std::vector<int32_t> next_tokens;
+  // The last token's logits [vocab_size] (Logits::kFull), else empty.
+  std::vector<std::vector<float>> logits;
 };
 
 class GpuLlamaModel {
@@ -89,12 +115,27 @@ class GpuLlamaModel {
   // The stream every kernel and copy of this model (and its backend) runs on.
   cudaStream_t stream() const { return stream_; }
 
-  // Runs `tokens` (positions start_pos, start_pos + 1, ...) through the model with attention on
-  // `backend`, and returns the float32 logits [vocab_size] of the last token (host).
-  // Errors: InvalidArgument (empty tokens, a token id outside [0, vocab_size) naming its index,
-  //   start_pos < 0); any backend error; Internal on a CUDA / cuBLAS error.
+  // Runs a batch of sequences through the model in one forward: the dense layers (GEMMs,
+  // RMSNorm, RoPE at each token's own position, SiLU) over all their tokens at once, attention
+  // on `backend` (built for this batch: its rows are the sequences' tokens in input order), and
+  // the final norm and LM head over the last token of each sequence that wants logits. Each
+  // sequence's results equal its own forward's (every row's arithmetic is independent of the
+  // other rows, given the same GEMM algorithm; cuBLAS may pick another kernel for another row
+  // count, so equal within bf16 rounding).
+  // Errors: InvalidArgument (no sequences, a sequence without tokens, a token id outside
+  //   [0, vocab_size) naming the sequence and index, start_pos < 0, more than 2^31 - 1 tokens);
+  //   any backend error; ResourceExhausted (device memory for the activations); Internal on a
+  //   CUDA / cuBLAS error. On error nothing enqueued outlives the call.
+  absl::StatusOr<GpuBatchOutput> ForwardBatch(absl::Span<const GpuSequenceInput> sequences,
+                                              GpuAttentionBackend& backend);
+
+  // One sequence: ForwardBatch of it alone, returning the float32 logits [vocab_size] of its
+  // last token (host). Errors as ForwardBatch.
   absl::StatusOr<std::vector<float>> Forward(absl::Span<const int32_t> tokens, int64_t start_pos,
                                              GpuAttentionBackend& backend);
+
+  // Device time of the last successful ForwardBatch (from its first kernel to its last), ms.
+  double last_forward_gpu_ms() const { return last_forward_gpu_ms_; }
 
   // Phase timing, for performance analysis (off by default): with profiling on, every forward
   // records CUDA events around its phases and adds their device time (ms) to phase_ms():
@@ -110,8 +151,8 @@ class GpuLlamaModel {
   void SetProfiling(bool on);
   const std::array<double, kNumPhases>& phase_ms() const { return phase_ms_; }
 
-  // Like Forward, without copying the logits back: the argmax of the last token's logits is
-  // computed on the device and only it returns (4 bytes). Errors as Forward.
+  // One sequence, only the argmax of its last token's logits leaves the device (4 bytes).
+  // Errors as ForwardBatch.
   absl::StatusOr<int32_t> ForwardArgmax(absl::Span<const int32_t> tokens, int64_t start_pos,
                                         GpuAttentionBackend& backend);
 
@@ -119,10 +160,11 @@ class GpuLlamaModel {
   struct Layer;
   GpuLlamaModel(const LlamaConfig& config, int device);
   absl::Status Init();
-  absl::Status EnsureActivations(int32_t num_tokens);
-  // Enqueues the whole forward; leaves the logits of the last token in logits_.
-  absl::Status Enqueue(absl::Span<const int32_t> tokens, int64_t start_pos,
-                       GpuAttentionBackend& backend);
+  // Sizes the activations for `num_tokens` rows and `num_logits` logits rows.
+  absl::Status EnsureActivations(int32_t num_tokens, int32_t num_logits);
+  // Enqueues the whole forward; leaves the argmaxes of the logits rows in argmax_ and their
+  // logits in logits_ ([row][vocab], rows = the sequences that want logits, in order).
+  absl::Status Enqueue(absl::Span<const GpuSequenceInput> sequences, GpuAttentionBackend& backend);
   // Records a profiling event starting phase `phase` (-1: the end) when profiling is on.
   void Mark(int phase);
   // After the stream synchronised: adds the marked intervals to phase_ms_.
@@ -139,7 +181,11 @@ class GpuLlamaModel {
   DeviceBuffer inv_freq_;    // [head_dim / 2] f32
   // Activations, sized for act_tokens_ tokens.
   int32_t act_tokens_ = 0;
-  DeviceBuffer tokens_;   // [n] int32
+  int32_t act_logits_ = 0;
+  // Host staging (pinned) of the per-token inputs: [n] tokens, [n] positions, [m] logits rows.
+  void* host_inputs_ = nullptr;
+  size_t host_inputs_bytes_ = 0;
+  DeviceBuffer inputs_;   // [n] int32 tokens, [n] int32 positions, [m] int32 logits rows
   DeviceBuffer x_;        // [n][hidden] f32 residual stream
   DeviceBuffer normed_;   // [n][hidden] bf16
   DeviceBuffer qkv_;      // [n][qd + 2 kvd] f32
@@ -150,12 +196,16 @@ class GpuLlamaModel {
   DeviceBuffer attn16_;   // [n][qd] bf16
   DeviceBuffer gate_up_;  // [n][2 inter] f32
   DeviceBuffer act16_;    // [n][inter] bf16
-  DeviceBuffer logits_;   // [vocab] f32
-  DeviceBuffer argmax_;   // [1] int32
+  DeviceBuffer head_in_;  // [m][hidden] bf16 (the normed logits rows)
+  DeviceBuffer logits_;   // [m][vocab] f32
+  DeviceBuffer argmax_;   // [m] int32
   // Profiling.
   bool profiling_ = false;
   std::vector<std::pair<cudaEvent_t, int>> marks_;  // events (reused) and the phase each starts
   size_t marks_used_ = 0;
+  cudaEvent_t forward_begin_ = nullptr;
+  cudaEvent_t forward_end_ = nullptr;
+  double last_forward_gpu_ms_ = 0;
   std::array<double, kNumPhases> phase_ms_{};
 };
 

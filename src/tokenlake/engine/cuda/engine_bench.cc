@@ -1,0 +1,474 @@
+#include "tokenlake/engine/cuda/engine_bench.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <utility>
+
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "tokenlake/attention/cuda/gpu_profile.h"
+#include "tokenlake/base/status_macros.h"
+#include "tokenlake/engine/cuda/device_buffer.h"
+#include "tokenlake/engine/cuda/gpu_engine.h"
+#include "tokenlake/engine/cuda/gpu_llama.h"
+
+namespace tokenlake::engine::cuda {
+namespace {
+
+namespace acuda = ::tokenlake::attention::cuda;
+using Json = nlohmann::json;
+
+double Median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v.size() % 2 == 1 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
+}
+
+// Matrix weights of the transformer layers (bf16 elements).
+int64_t LayerWeightElems(const LlamaConfig& c) {
+  const int64_t h = c.hidden_size;
+  const int64_t qd = int64_t{c.num_heads} * c.head_dim;
+  const int64_t kvd = int64_t{c.num_kv_heads} * c.head_dim;
+  const int64_t inter = c.intermediate_size;
+  return c.num_layers * ((qd + 2 * kvd) * h + h * qd + 3 * inter * h);
+}
+
+// Bytes a decode step reads of the weights: every layer's matrices and the LM head (bf16),
+// the norms (f32); the embedding gather reads one row per token (negligible).
+int64_t DecodeWeightBytes(const LlamaConfig& c) {
+  return 2 * (LayerWeightElems(c) + int64_t{c.vocab_size} * c.hidden_size) +
+         4 * int64_t{c.hidden_size} * (2 * c.num_layers + 1);
+}
+
+// All weights on the device.
+int64_t WeightBytes(const LlamaConfig& c) {
+  const int64_t table = int64_t{c.vocab_size} * c.hidden_size;
+  return 2 * (LayerWeightElems(c) + table * (c.tie_word_embeddings ? 1 : 2)) +
+         4 * int64_t{c.hidden_size} * (2 * c.num_layers + 1);
+}
+
+int64_t KvBytesPerToken(const LlamaConfig& c) {
+  return int64_t{c.num_layers} * 2 * c.num_kv_heads * c.head_dim * 2;
+}
+
+// FLOPs of computing `n` new tokens after `context` earlier ones: the layers' GEMMs and the
+// attention (QK^T and PV over the visible keys, causal among the new tokens).
+double PrefillFlops(const LlamaConfig& c, double n, double context) {
+  const double qd = static_cast<double>(c.num_heads) * c.head_dim;
+  const double dense = 2.0 * static_cast<double>(LayerWeightElems(c)) * n;
+  const double keys = n * context + n * (n + 1) / 2;
+  return dense + 4.0 * c.num_layers * qd * keys;
+}
+
+struct DeviceMemory {
+  int64_t free = 0;
+  int64_t total = 0;
+};
+absl::StatusOr<DeviceMemory> Memory() {
+  size_t free = 0, total = 0;
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaMemGetInfo(&free, &total), "cudaMemGetInfo"));
+  return DeviceMemory{static_cast<int64_t>(free), static_cast<int64_t>(total)};
+}
+
+std::vector<int32_t> RandomTokens(std::mt19937_64& rng, int64_t n, int32_t vocab) {
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (int32_t& x : t) x = static_cast<int32_t>(rng() % static_cast<uint64_t>(vocab));
+  return t;
+}
+
+double SecondsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+class Bench {
+ public:
+  Bench(const EngineBenchOptions& o, const std::function<void(const std::string&)>& progress)
+      : o_(o), progress_(progress), rng_(o.seed) {}
+
+  absl::StatusOr<Json> Run();
+
+ private:
+  void Say(const std::string& line) {
+    if (progress_) progress_(line);
+  }
+  bool Wants(const std::string& section) const {
+    return std::find(o_.sections.begin(), o_.sections.end(), section) != o_.sections.end();
+  }
+  // A fresh engine whose pool takes the free memory minus the reserve.
+  absl::StatusOr<std::unique_ptr<GpuEngine>> NewEngine();
+  absl::Status Peaks();
+  absl::Status Decode();
+  absl::Status Prefill();
+  absl::Status Workloads();
+  // The engine's memory beyond the weights and the pool, now.
+  absl::StatusOr<Json> MemoryNow(const GpuEngine& engine);
+
+  const EngineBenchOptions& o_;
+  const std::function<void(const std::string&)>& progress_;
+  std::mt19937_64 rng_;
+  LlamaConfig config_;
+  std::unique_ptr<GpuLlamaModel> model_;
+  int64_t baseline_used_ = 0;  // device memory in use before the model (context, others)
+  int64_t pool_bytes_ = 0;
+  int64_t reserve_bytes_ = 0;
+  double copy_gbps_ = 0;
+  double gemm_tflops_ = 0;
+  Json out_;
+};
+
+absl::StatusOr<std::unique_ptr<GpuEngine>> Bench::NewEngine() {
+  TOKENLAKE_ASSIGN_OR_RETURN(DeviceMemory m, Memory());
+  const int64_t slot_bytes = int64_t{o_.segment_tokens} * KvBytesPerToken(config_);
+  // Kept out of the pool: the activations and workspaces (reserve_bytes), and the requests'
+  // tails (at most a token budget of prefill rows plus a segment per running request).
+  reserve_bytes_ = o_.reserve_bytes +
+                   (o_.max_batch_tokens + int64_t{o_.max_batch_requests} * o_.segment_tokens) *
+                       KvBytesPerToken(config_);
+  const int64_t slots = (m.free - reserve_bytes_) / slot_bytes;
+  if (slots < 16) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "bench engine: %d bytes free after the weights, %d kept out of the pool: room for %d "
+        "segments of %d bytes",
+        m.free, reserve_bytes_, slots, slot_bytes));
+  }
+  pool_bytes_ = slots * slot_bytes;
+  return GpuEngine::Create(model_.get(), {.num_instances = 1,
+                                          .segment_tokens = o_.segment_tokens,
+                                          .slots_per_instance = static_cast<int32_t>(slots),
+                                          .namespace_name = "tokenlake-bench-engine",
+                                          .max_batch_tokens = o_.max_batch_tokens,
+                                          .max_batch_requests = o_.max_batch_requests});
+}
+
+absl::StatusOr<Json> Bench::MemoryNow(const GpuEngine& engine) {
+  TOKENLAKE_ASSIGN_OR_RETURN(DeviceMemory m, Memory());
+  const int64_t used = m.total - m.free - baseline_used_;
+  const int64_t weights = WeightBytes(config_);
+  return Json{{"used_bytes", used},
+              {"weights_bytes", weights},
+              {"pool_bytes", pool_bytes_},
+              {"beyond_weights_and_pool_bytes", used - weights - pool_bytes_},
+              {"peak_tail_bytes", engine.peak_tail_bytes()}};
+}
+
+absl::Status Bench::Peaks() {
+  Say("peaks: copy bandwidth and GEMM rate");
+  TOKENLAKE_ASSIGN_OR_RETURN(copy_gbps_, acuda::MeasureCopyGbps(size_t{1} << 30, 20));
+  TOKENLAKE_ASSIGN_OR_RETURN(gemm_tflops_, acuda::MeasureGemmTflops(8192, 8192, 8192, 20));
+  out_["peaks"] = {{"copy_gbps", copy_gbps_},
+                   {"copy_what", "device-to-device cudaMemcpyAsync of 1 GiB, (read + written) / s"},
+                   {"gemm_tflops", gemm_tflops_},
+                   {"gemm_what", "cuBLAS bf16 GEMM 8192^3, float32 accumulation"}};
+  return absl::OkStatus();
+}
+
+absl::Status Bench::Decode() {
+  TOKENLAKE_ASSIGN_OR_RETURN(std::unique_ptr<GpuEngine> engine, NewEngine());
+  const int64_t kv_token = KvBytesPerToken(config_);
+  const int64_t weight_bytes = DecodeWeightBytes(config_);
+  const int32_t new_tokens = o_.decode_steps + 1;
+  Json rows = Json::array();
+  for (int64_t context : o_.decode_contexts) {
+    // The most requests of this context the pool holds (their prompts, new tokens, and a
+    // segment of slack each); larger batches are skipped.
+    const int64_t per_request = (context + new_tokens + 2 * o_.segment_tokens) * kv_token;
+    std::vector<int32_t> batches;
+    for (int32_t b : o_.decode_batches) {
+      if (b * per_request <= pool_bytes_ * 9 / 10) {
+        batches.push_back(b);
+      } else {
+        rows.push_back({{"batch", b},
+                        {"context_tokens", context},
+                        {"skipped", absl::StrFormat("needs %d bytes of KV, the pool has %d",
+                                                    b * per_request, pool_bytes_)}});
+      }
+    }
+    if (batches.empty()) continue;
+    const int32_t most = *std::max_element(batches.begin(), batches.end());
+    std::vector<GenerateRequest> prompts;
+    for (int32_t i = 0; i < most; ++i) {
+      prompts.push_back(
+          {.prompt = RandomTokens(rng_, context, config_.vocab_size), .max_new_tokens = 1});
+    }
+    Say(absl::StrFormat("decode: prefilling %d prompts of %d tokens", most, context));
+    for (const auto& r : engine->GenerateBatch(prompts)) TOKENLAKE_RETURN_IF_ERROR(r.status());
+    for (int32_t b : batches) {
+      std::vector<GenerateRequest> reqs(prompts.begin(), prompts.begin() + b);
+      for (GenerateRequest& r : reqs) r.max_new_tokens = new_tokens;
+      engine->TakeForwardTimings();
+      engine->TakeIterationTimings();
+      const auto t0 = std::chrono::steady_clock::now();
+      auto results = engine->GenerateBatch(reqs);
+      const double wall = SecondsSince(t0);
+      // Where a pure-decode iteration's time goes: Executor::Run (host work and the forward) and
+      // the forward's device time.
+      std::vector<double> run_us, gpu_us, plan_us, finish_us;
+      for (const IterationTiming& t : engine->TakeIterationTimings()) {
+        if (t.requests == b && t.tokens == b) {
+          plan_us.push_back(t.plan_us);
+          finish_us.push_back(t.finish_us);
+        }
+      }
+      for (const GpuEngine::ForwardTiming& t : engine->TakeForwardTimings()) {
+        if (t.decodes == b && t.requests == b) {
+          run_us.push_back(t.run_us);
+          gpu_us.push_back(t.gpu_us);
+        }
+      }
+      int64_t cached = 0;
+      for (const auto& r : results) {
+        TOKENLAKE_RETURN_IF_ERROR(r.status());
+        cached += r->cached_tokens;
+      }
+      // Request 0's iterations: after the few that prefill what the pool did not serve, all b
+      // requests decode together until the end; the median of its second half is pure decode.
+      const std::vector<double>& its = results[0]->iteration_us;
+      std::vector<double> decode(its.begin() + static_cast<long>(its.size() / 2), its.end() - 1);
+      const double step_s = Median(decode) * 1e-6;
+      const double kv_bytes = static_cast<double>(b) * static_cast<double>(kv_token) *
+                              static_cast<double>(context + new_tokens / 2);
+      const double bound_s = (static_cast<double>(weight_bytes) + kv_bytes) / (copy_gbps_ * 1e9);
+      rows.push_back(
+          {{"batch", b},
+           {"context_tokens", context},
+           {"step_ms", step_s * 1e3},
+           {"bound_ms", bound_s * 1e3},
+           {"ratio_to_bound", step_s / bound_s},
+           {"tokens_per_s", b / step_s},
+           {"weight_bytes", weight_bytes},
+           {"kv_bytes", kv_bytes},
+           {"cached_fraction", static_cast<double>(cached) / (static_cast<double>(b) * context)},
+           {"decode_iterations_timed", decode.size()},
+           {"plan_ms", Median(plan_us) * 1e-3},
+           {"finish_ms", Median(finish_us) * 1e-3},
+           {"forward_run_ms", Median(run_us) * 1e-3},
+           {"forward_gpu_ms", Median(gpu_us) * 1e-3},
+           {"wall_s", wall}});
+      Say(absl::StrFormat("decode: batch %d, context %d: %.3f ms per step (bound %.3f ms, %.2fx)",
+                          b, context, step_s * 1e3, bound_s * 1e3, step_s / bound_s));
+    }
+  }
+  out_["decode"] = rows;
+  TOKENLAKE_ASSIGN_OR_RETURN(out_["memory"]["decode"], MemoryNow(*engine));
+  return absl::OkStatus();
+}
+
+absl::Status Bench::Prefill() {
+  TOKENLAKE_ASSIGN_OR_RETURN(std::unique_ptr<GpuEngine> engine, NewEngine());
+  Json rows = Json::array();
+  for (int64_t n : o_.prefill_tokens) {
+    std::vector<double> seconds;
+    for (int32_t rep = 0; rep < o_.prefill_repeats; ++rep) {
+      auto r = engine->Generate(RandomTokens(rng_, n, config_.vocab_size), 1);
+      TOKENLAKE_RETURN_IF_ERROR(r.status());
+      if (r->cached_tokens != 0) {
+        return absl::InternalError("bench engine: a random prompt was served from the pool");
+      }
+      double us = 0;
+      for (double t : r->iteration_us) us += t;
+      seconds.push_back(us * 1e-6);
+    }
+    const double s = Median(seconds);
+    const double flops = PrefillFlops(config_, static_cast<double>(n), 0);
+    rows.push_back({{"tokens", n},
+                    {"seconds", s},
+                    {"tokens_per_s", static_cast<double>(n) / s},
+                    {"tflops", flops / s * 1e-12},
+                    {"fraction_of_gemm_peak", flops / s * 1e-12 / gemm_tflops_},
+                    {"chunks", (n + o_.max_batch_tokens - 1) / o_.max_batch_tokens}});
+    Say(absl::StrFormat("prefill: %d tokens in %.3f s: %.0f tokens/s, %.0f%% of the GEMM peak", n,
+                        s, static_cast<double>(n) / s, 100 * flops / s * 1e-12 / gemm_tflops_));
+  }
+  out_["prefill"] = rows;
+  TOKENLAKE_ASSIGN_OR_RETURN(out_["memory"]["prefill"], MemoryNow(*engine));
+  return absl::OkStatus();
+}
+
+absl::Status Bench::Workloads() {
+  Json rows = Json::array();
+  Json prompts_json = Json::array();
+  const int64_t kv_token = KvBytesPerToken(config_);
+  const double weight_bytes = static_cast<double>(DecodeWeightBytes(config_));
+  for (const BenchWorkload& w : o_.workloads) {
+    std::mt19937_64 rng(o_.seed * 7919 + std::hash<std::string>()(w.name));
+    std::vector<std::vector<int32_t>> docs;
+    for (int32_t d = 0; d < w.documents; ++d) {
+      const int64_t len = w.doc_min + static_cast<int64_t>(
+                                          rng() % static_cast<uint64_t>(w.doc_max - w.doc_min + 1));
+      docs.push_back(RandomTokens(rng, len, config_.vocab_size));
+    }
+    std::vector<GenerateRequest> reqs;
+    Json prompt_list = Json::array();
+    int64_t prompt_tokens = 0;
+    for (int32_t i = 0; i < w.requests; ++i) {
+      const std::vector<int32_t>& doc = docs[static_cast<size_t>(i) % docs.size()];
+      const int64_t total = std::max<int64_t>(
+          static_cast<int64_t>(doc.size()) + 1,
+          w.prompt_min +
+              static_cast<int64_t>(rng() % static_cast<uint64_t>(w.prompt_max - w.prompt_min + 1)));
+      std::vector<int32_t> p = doc;
+      const std::vector<int32_t> suffix =
+          RandomTokens(rng, total - static_cast<int64_t>(doc.size()), config_.vocab_size);
+      p.insert(p.end(), suffix.begin(), suffix.end());
+      prompt_tokens += static_cast<int64_t>(p.size());
+      prompt_list.push_back(p);
+      reqs.push_back({.prompt = std::move(p), .max_new_tokens = w.max_new_tokens});
+    }
+    prompts_json.push_back(
+        {{"name", w.name}, {"max_new_tokens", w.max_new_tokens}, {"prompts", prompt_list}});
+    // A fresh pool: hits come from the documents the requests share.
+    TOKENLAKE_ASSIGN_OR_RETURN(std::unique_ptr<GpuEngine> engine, NewEngine());
+    {
+      // Warm-up (cuBLAS, kernels) on other tokens, then a fresh engine for the run.
+      auto warm = engine->Generate(RandomTokens(rng, 300, config_.vocab_size), 4);
+      TOKENLAKE_RETURN_IF_ERROR(warm.status());
+    }
+    engine.reset();
+    TOKENLAKE_ASSIGN_OR_RETURN(engine, NewEngine());
+    Say(absl::StrFormat("workload %s: %d requests, %d prompt tokens, %d new tokens each", w.name,
+                        w.requests, prompt_tokens, w.max_new_tokens));
+    const auto t0 = std::chrono::steady_clock::now();
+    auto results = engine->GenerateBatch(reqs);
+    const double wall = SecondsSince(t0);
+    int64_t cached = 0;
+    double prefill_flops = 0;
+    double decode_bytes = 0;
+    for (size_t i = 0; i < results.size(); ++i) {
+      TOKENLAKE_RETURN_IF_ERROR(results[i].status());
+      cached += results[i]->cached_tokens;
+      const double len = static_cast<double>(reqs[i].prompt.size());
+      const double hit = static_cast<double>(results[i]->cached_tokens);
+      prefill_flops += PrefillFlops(config_, len - hit, hit);
+      // Its decode steps read its KV (prompt + the tokens so far: on average half the new).
+      decode_bytes += static_cast<double>(w.max_new_tokens - 1) * static_cast<double>(kv_token) *
+                      (len + w.max_new_tokens / 2.0);
+    }
+    // Every decode step reads the weights once for the whole batch.
+    decode_bytes += static_cast<double>(w.max_new_tokens - 1) * weight_bytes;
+    const double bound = prefill_flops / (gemm_tflops_ * 1e12) + decode_bytes / (copy_gbps_ * 1e9);
+    const int64_t new_tokens = int64_t{w.requests} * w.max_new_tokens;
+    rows.push_back(
+        {{"name", w.name},
+         {"requests", w.requests},
+         {"prompt_tokens", prompt_tokens},
+         {"new_tokens", new_tokens},
+         {"seconds", wall},
+         {"new_tokens_per_s", static_cast<double>(new_tokens) / wall},
+         {"tokens_per_s", static_cast<double>(prompt_tokens + new_tokens) / wall},
+         {"pool_hit_rate", static_cast<double>(cached) / static_cast<double>(prompt_tokens)},
+         {"bound_seconds", bound},
+         {"ratio_to_bound", wall / bound},
+         {"max_batch_requests", engine->max_batch_requests_seen()}});
+    Say(absl::StrFormat("workload %s: %.2f s (bound %.2f s, %.2fx), hit rate %.3f", w.name, wall,
+                        bound, wall / bound,
+                        static_cast<double>(cached) / static_cast<double>(prompt_tokens)));
+    TOKENLAKE_ASSIGN_OR_RETURN(out_["memory"]["workload_" + w.name], MemoryNow(*engine));
+  }
+  out_["workloads"] = rows;
+  if (!o_.prompts_path.empty()) {
+    std::ofstream f(o_.prompts_path);
+    f << Json{{"model", o_.model}, {"workloads", prompts_json}}.dump() << "\n";
+    f.close();
+    if (!f) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("bench engine: cannot write the prompts to '%s'", o_.prompts_path));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Json> Bench::Run() {
+  for (const std::string& s : o_.sections) {
+    if (s != "peaks" && s != "decode" && s != "prefill" && s != "workload") {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "bench engine: unknown section '%s' (valid: peaks, decode, prefill, workload)", s));
+    }
+  }
+  if (o_.segment_tokens < 16 || o_.segment_tokens % 16 != 0 || o_.max_batch_tokens < 1 ||
+      o_.max_batch_requests < 1 || o_.decode_steps < 2 || o_.prefill_repeats < 1 ||
+      o_.reserve_bytes < 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "bench engine: segment_tokens %d (a multiple of 16), max_batch_tokens %d, "
+        "max_batch_requests %d, decode_steps %d (>= 2), prefill_repeats %d, reserve_bytes %d",
+        o_.segment_tokens, o_.max_batch_tokens, o_.max_batch_requests, o_.decode_steps,
+        o_.prefill_repeats, o_.reserve_bytes));
+  }
+  TOKENLAKE_ASSIGN_OR_RETURN(config_, BenchModelConfig(o_.model));
+  TOKENLAKE_ASSIGN_OR_RETURN(acuda::DeviceDescription dev, acuda::DescribeDevice());
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaFree(nullptr), "CUDA context"));
+  TOKENLAKE_ASSIGN_OR_RETURN(DeviceMemory m0, Memory());
+  baseline_used_ = m0.total - m0.free;
+  out_["device"] = {{"name", dev.name},
+                    {"memory_bytes", dev.memory_bytes},
+                    {"multiprocessors", dev.num_sms},
+                    {"compute_capability", absl::StrFormat("%d.%d", dev.cc_major, dev.cc_minor)}};
+  out_["model"] = {{"name", o_.model},
+                   {"layers", config_.num_layers},
+                   {"hidden", config_.hidden_size},
+                   {"heads", config_.num_heads},
+                   {"kv_heads", config_.num_kv_heads},
+                   {"intermediate", config_.intermediate_size},
+                   {"vocab", config_.vocab_size},
+                   {"weights", "random, bf16"},
+                   {"weight_bytes", WeightBytes(config_)},
+                   {"kv_bytes_per_token", KvBytesPerToken(config_)}};
+  out_["engine"] = {{"segment_tokens", o_.segment_tokens},
+                    {"max_batch_tokens", o_.max_batch_tokens},
+                    {"max_batch_requests", o_.max_batch_requests},
+                    {"reserve_bytes", o_.reserve_bytes}};
+  Say(absl::StrFormat("model %s on %s", o_.model, dev.name));
+  TOKENLAKE_RETURN_IF_ERROR(Peaks());
+  TOKENLAKE_ASSIGN_OR_RETURN(model_, GpuLlamaModel::CreateRandom(config_, o_.seed, 0.02f, {}));
+  if (Wants("decode")) TOKENLAKE_RETURN_IF_ERROR(Decode());
+  if (Wants("prefill")) TOKENLAKE_RETURN_IF_ERROR(Prefill());
+  if (Wants("workload")) TOKENLAKE_RETURN_IF_ERROR(Workloads());
+  out_["engine"]["pool_bytes"] = pool_bytes_;
+  out_["engine"]["kept_out_of_pool_bytes"] = reserve_bytes_;
+  return out_;
+}
+
+}  // namespace
+
+absl::StatusOr<LlamaConfig> BenchModelConfig(const std::string& name) {
+  if (name == "llama2-7b") {
+    return LlamaConfig{.vocab_size = 32000,
+                       .hidden_size = 4096,
+                       .intermediate_size = 11008,
+                       .num_layers = 32,
+                       .num_heads = 32,
+                       .num_kv_heads = 32,
+                       .head_dim = 128,
+                       .rms_norm_eps = 1e-5f,
+                       .rope_theta = 10000.0,
+                       .max_position_embeddings = 1 << 20,
+                       .tie_word_embeddings = false};
+  }
+  if (name == "llama3-8b") {
+    return LlamaConfig{.vocab_size = 128256,
+                       .hidden_size = 4096,
+                       .intermediate_size = 14336,
+                       .num_layers = 32,
+                       .num_heads = 32,
+                       .num_kv_heads = 8,
+                       .head_dim = 128,
+                       .rms_norm_eps = 1e-5f,
+                       .rope_theta = 500000.0,
+                       .max_position_embeddings = 1 << 17,
+                       .tie_word_embeddings = false};
+  }
+  return absl::InvalidArgumentError(
+      absl::StrFormat("bench engine: unknown model '%s' (valid: llama2-7b, llama3-8b)", name));
+}
+
+absl::StatusOr<Json> RunEngineBench(const EngineBenchOptions& options,
+                                    const std::function<void(const std::string&)>& progress) {
+  Bench bench(options, progress);
+  return bench.Run();
+}
+
+}  // namespace tokenlake::engine::cuda
