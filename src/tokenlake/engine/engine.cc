@@ -150,17 +150,23 @@ absl::Status Engine::StartLoop() {
   pool_->executor = std::make_unique<PoolExecutor>(model_, pool_->pool);
   TOKENLAKE_ASSIGN_OR_RETURN(
       pool_->loop,
-      IterationLoop::Create(pool_->control_plane, pool_->executor.get(),
-                            {.segment_tokens = options_.segment_tokens,
-                             .salt = pool_->salt,
-                             .max_batch_tokens = options_.max_batch_tokens,
-                             .max_batch_requests = options_.max_batch_requests,
-                             .memory_admission = options_.memory_admission,
-                             .vocab_size = c.vocab_size,
-                             .max_request_tokens = c.max_position_embeddings,
-                             .fixed_compute = pool_->fixed_compute,
-                             .rotate_over_instances =
-                                 options_.rotate_compute_instance ? options_.num_instances : 0}));
+      IterationLoop::Create(
+          pool_->control_plane, pool_->executor.get(),
+          {.segment_tokens = options_.segment_tokens,
+           .salt = pool_->salt,
+           .max_batch_tokens = options_.max_batch_tokens,
+           .max_batch_requests = options_.max_batch_requests,
+           .memory_admission = options_.memory_admission,
+           .vocab_size = c.vocab_size,
+           .max_request_tokens = c.max_position_embeddings,
+           // An external pool's capacity is the cluster's, not known here.
+           .pool_tokens = pool_->fixed_compute.valid()
+                              ? 0
+                              : int64_t{options_.num_instances} * options_.slots_per_instance *
+                                    options_.segment_tokens,
+           .fixed_compute = pool_->fixed_compute,
+           .rotate_over_instances =
+               options_.rotate_compute_instance ? options_.num_instances : 0}));
   return absl::OkStatus();
 }
 

@@ -149,6 +149,14 @@ TEST_P(EnginePoolRandomTest, MatchesNoPoolReferenceAndKeepsThePoolConsistent) {
     auto want = (*ref)->Generate(prompt, max_new);
     ASSERT_TRUE(want.ok()) << want.status();
     auto got = (*eng)->Generate(prompt, max_new);
+    // A request needing more segments than the whole pool holds is refused with a clear error.
+    const int64_t seg = pc.segment_tokens;
+    const int64_t needed = (static_cast<int64_t>(prompt.size()) + max_new + seg - 1) / seg;
+    if (needed > int64_t{pc.num_instances} * pc.slots_per_instance) {
+      ASSERT_EQ(got.status().code(), absl::StatusCode::kResourceExhausted) << got.status();
+      EXPECT_NE(got.status().message().find("the whole pool holds"), std::string::npos);
+      continue;
+    }
     ASSERT_TRUE(got.ok()) << got.status();
 
     EXPECT_EQ(got->tokens, want->tokens);
@@ -215,8 +223,8 @@ INSTANTIATE_TEST_SUITE_P(
     Pools, EnginePoolRandomTest,
     testing::Values(PoolCase{1, 4, 512, false, false}, PoolCase{2, 3, 512, true, false},
                     PoolCase{4, 8, 512, true, true}, PoolCase{3, 4, 6, true, false},
-                    PoolCase{2, 2, 5, false, true}, PoolCase{4, 1, 4, true, false},
-                    PoolCase{4, 4, 512, true, false, 2}, PoolCase{3, 2, 8, false, true, 1}),
+                    PoolCase{2, 2, 13, false, true}, PoolCase{4, 1, 13, true, false},
+                    PoolCase{4, 4, 512, true, false, 2}, PoolCase{3, 2, 9, false, true, 1}),
     [](const testing::TestParamInfo<PoolCase>& param_info) {
       const PoolCase& c = param_info.param;
       return absl::StrFormat("N%d_S%d_Slots%d%s%s%s", c.num_instances, c.segment_tokens,
@@ -239,10 +247,11 @@ TEST(EngineBatchTest, EachRequestMatchesItsSingleRunWhateverTheBatchAndArrivalOr
     ASSERT_TRUE(ref.ok());
     const int32_t instances = 1 + static_cast<int32_t>(rng() % 4);
     const int32_t slots = (rng() % 2 == 0) ? 512 : 4 + static_cast<int32_t>(rng() % 8);
+    const int32_t seg = 1 + static_cast<int32_t>(rng() % 6);
     auto eng =
         Engine::Create(model.get(), {.use_pool = true,
                                      .num_instances = instances,
-                                     .segment_tokens = 1 + static_cast<int32_t>(rng() % 6),
+                                     .segment_tokens = seg,
                                      .slots_per_instance = slots,
                                      .kv_dtype = attention::KvDtype::kFloat32,
                                      .rotate_compute_instance = rng() % 2 == 0,
@@ -280,6 +289,14 @@ TEST(EngineBatchTest, EachRequestMatchesItsSingleRunWhateverTheBatchAndArrivalOr
       SCOPED_TRACE(testing::Message() << "request " << i);
       auto want = (*ref)->Generate(requests[i].prompt, requests[i].max_new_tokens);
       ASSERT_TRUE(want.ok()) << want.status();
+      const int64_t needed =
+          (static_cast<int64_t>(requests[i].prompt.size()) + requests[i].max_new_tokens + seg - 1) /
+          seg;
+      if (needed > int64_t{instances} * slots) {
+        // More segments than the whole pool holds: refused, naming the sizes.
+        ASSERT_EQ(got[i].status().code(), absl::StatusCode::kResourceExhausted) << got[i].status();
+        continue;
+      }
       ASSERT_TRUE(got[i].ok()) << got[i].status();
       EXPECT_EQ(got[i]->tokens, want->tokens);
       ASSERT_EQ(got[i]->last_logits.size(), want->last_logits.size());

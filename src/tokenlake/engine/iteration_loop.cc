@@ -49,12 +49,14 @@ absl::StatusOr<std::unique_ptr<IterationLoop>> IterationLoop::Create(
   }
   if (options.segment_tokens < 1 || options.max_batch_tokens < 1 ||
       options.max_batch_requests < 1 || options.vocab_size < 1 || options.max_request_tokens < 0 ||
-      options.rotate_over_instances < 0) {
+      options.pool_tokens < 0 || options.rotate_over_instances < 0) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "IterationLoop: segment_tokens %d, max_batch_tokens %d, max_batch_requests %d and "
-        "vocab_size %d must be >= 1; max_request_tokens %d and rotate_over_instances %d >= 0",
+        "vocab_size %d must be >= 1; max_request_tokens %d, pool_tokens %d and "
+        "rotate_over_instances %d >= 0",
         options.segment_tokens, options.max_batch_tokens, options.max_batch_requests,
-        options.vocab_size, options.max_request_tokens, options.rotate_over_instances));
+        options.vocab_size, options.max_request_tokens, options.pool_tokens,
+        options.rotate_over_instances));
   }
   return std::unique_ptr<IterationLoop>(new IterationLoop(control, executor, options));
 }
@@ -109,6 +111,14 @@ absl::Status IterationLoop::Submit(LoopRequest r) {
         "Submit: request %d: prompt of %d tokens plus %d new tokens does not fit the context of "
         "%d tokens",
         r.id.value(), r.prompt.size(), r.max_new_tokens, options_.max_request_tokens));
+  }
+  const int64_t s = options_.segment_tokens;
+  if (options_.pool_tokens > 0 && (total + s - 1) / s * s > options_.pool_tokens) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "Submit: request %d: prompt of %d tokens plus %d new tokens needs %d segments of %d "
+        "tokens; the whole pool holds %d",
+        r.id.value(), r.prompt.size(), r.max_new_tokens, (total + s - 1) / s, s,
+        options_.pool_tokens / s));
   }
   for (const auto& a : requests_) {
     if (a->req.id == r.id) {

@@ -63,6 +63,10 @@ struct IterationLoopOptions {
   int32_t vocab_size = 1;
   // Longest sequence of one request (prompt + new tokens), 0 = no limit (the model's context).
   int64_t max_request_tokens = 0;
+  // The pool's capacity in tokens (every instance's slots x segment_tokens), 0 = unknown (an
+  // external pool). A request whose prompt and new tokens need more segments than the whole
+  // pool holds could never have its KV pooled: Submit refuses it (ResourceExhausted).
+  int64_t pool_tokens = 0;
   // Valid: every request is computed on this instance (an engine over an external pool), and a
   // free of a replica already gone is not an error (the cluster reconciles stores).
   InstanceId fixed_compute;
@@ -188,7 +192,8 @@ class IterationLoop {
   // Queues a request; it joins the batch at the next Step that has room.
   // Errors: InvalidArgument (invalid id, empty prompt, a token outside the vocabulary naming
   //   its index, max_new_tokens < 1, force_tokens too short or bad, prompt + max_new_tokens
-  //   longer than max_request_tokens), AlreadyExists (id in use in the loop).
+  //   longer than max_request_tokens), ResourceExhausted (more segments than the whole pool
+  //   holds, see pool_tokens), AlreadyExists (id in use in the loop).
   absl::Status Submit(LoopRequest request);
 
   // Runs one iteration and returns the requests that finished in it: done, or failed with

@@ -319,6 +319,21 @@ TEST(IterationLoopTest, WaitsForMemoryAndNeverHangsOnARequestLargerThanThePool) 
   EXPECT_GT((*lk)->Stats().admissions_deferred, 0);
   EXPECT_EQ((*lk)->Stats().pinned_segments, 0);
   EXPECT_EQ((*lk)->Stats().reserved_slots, 0);
+
+  // When the loop knows the pool's size, such a request is refused at once, naming the sizes;
+  // one that fits exactly is taken.
+  auto sized = IterationLoop::Create(
+      &control, &exec, {.segment_tokens = 2, .salt = 5, .vocab_size = kVocab, .pool_tokens = 12});
+  ASSERT_TRUE(sized.ok());
+  huge.id = RequestId(10);
+  const absl::Status refused = (*sized)->Submit(huge);
+  EXPECT_EQ(refused.code(), absl::StatusCode::kResourceExhausted) << refused;
+  EXPECT_NE(refused.message().find("needs 21 segments of 2 tokens; the whole pool holds 6"),
+            std::string::npos)
+      << refused;
+  LoopRequest fits{.id = RequestId(11), .max_new_tokens = 2};
+  fits.prompt.assign(9, 1);  // 11 tokens: 6 segments
+  EXPECT_TRUE((*sized)->Submit(fits).ok());
 }
 
 TEST(IterationLoopTest, RejectsBadRequestsWithClearErrors) {

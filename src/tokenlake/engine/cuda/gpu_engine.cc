@@ -618,6 +618,8 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(GpuLlamaModel* mode
            .memory_admission = options.memory_admission,
            .vocab_size = c.vocab_size,
            .max_request_tokens = c.max_position_embeddings,
+           .pool_tokens =
+               int64_t{options.num_instances} * options.slots_per_instance * options.segment_tokens,
            .rotate_over_instances = options.rotate_compute_instance ? options.num_instances : 0}));
   return e;
 }
