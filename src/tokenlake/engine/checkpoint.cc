@@ -2,12 +2,14 @@
 
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <fstream>
 #include <set>
 #include <sstream>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "nlohmann/json.hpp"
 #include "tokenlake/base/status_macros.h"
@@ -162,6 +164,27 @@ absl::Status Checkpoint::AddTensorsOf(const SafetensorsFile* shard) {
 const CheckpointTensor* Checkpoint::Find(const std::string& name) const {
   auto it = tensors_.find(name);
   return it == tensors_.end() ? nullptr : &it->second;
+}
+
+absl::StatusOr<const CheckpointTensor*> Checkpoint::FindFloat(
+    const std::string& name, absl::Span<const int64_t> expected_shape) const {
+  const CheckpointTensor* t = Find(name);
+  if (t == nullptr) {
+    return absl::NotFoundError(absl::StrCat(source_name_, ": missing tensor '", name, "'"));
+  }
+  const std::vector<int64_t>& shape = t->info->shape;
+  if (!std::equal(shape.begin(), shape.end(), expected_shape.begin(), expected_shape.end())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        t->shard->source_name(), ": tensor '", name, "' has shape [", absl::StrJoin(shape, ", "),
+        "], expected [", absl::StrJoin(expected_shape, ", "), "]"));
+  }
+  const TensorDtype d = t->info->dtype;
+  if (d != TensorDtype::kF32 && d != TensorDtype::kBF16 && d != TensorDtype::kF16) {
+    return absl::UnimplementedError(absl::StrCat(t->shard->source_name(), ": tensor '", name,
+                                                 "' has dtype ", TensorDtypeName(d),
+                                                 "; only F32, BF16 and F16 are supported"));
+  }
+  return t;
 }
 
 absl::StatusOr<std::vector<float>> Checkpoint::ReadFloat32(

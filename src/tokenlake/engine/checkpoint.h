@@ -84,6 +84,14 @@ class Checkpoint {
   // name.
   const std::string& source_name() const { return source_name_; }
 
+  // Tensor `name`, checked to have `expected_shape` and a floating-point dtype (F32, BF16, F16):
+  // what a loader that converts on its own (the GPU upload) needs.
+  // Errors: NotFound naming source_name() and the tensor when no shard holds it;
+  //   InvalidArgument naming the shard, the tensor and both shapes; Unimplemented naming the
+  //   shard, the tensor and its dtype.
+  absl::StatusOr<const CheckpointTensor*> FindFloat(const std::string& name,
+                                                    absl::Span<const int64_t> expected_shape) const;
+
   // Tensor `name` converted to float32 after a shape check, as SafetensorsFile::ReadFloat32
   // (its messages name the shard). Errors: NotFound naming source_name() and the tensor when
   // no shard holds it; the shard's ReadFloat32 errors otherwise.

@@ -296,6 +296,31 @@ TEST(CheckpointTest, SingleFileWinsOverAnIndexAndIndexListsSortedShards) {
   EXPECT_EQ(index->weight_map.at("b"), "s1");
 }
 
+TEST(CheckpointTest, FindFloatChecksShapeAndDtypeNamingTheShard) {
+  const std::string dir =
+      ShardedDir("find_float",
+                 {{"a.safetensors", {F32("w", {1, 2, 3, 4})}},
+                  {"b.safetensors", {{"ids", TensorDtype::kI32, {2}, std::string(8, '\0')}}}},
+                 R"({"weight_map": {"w": "a.safetensors", "ids": "b.safetensors"}})");
+  auto c = Checkpoint::Open(dir);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto w = (*c)->FindFloat("w", {4});
+  ASSERT_TRUE(w.ok()) << w.status();
+  EXPECT_EQ((*w)->info->name, "w");
+  auto shape = (*c)->FindFloat("w", {2, 2});
+  EXPECT_EQ(shape.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(shape.status().message().find(dir + "/a.safetensors"), std::string::npos);
+  EXPECT_NE(shape.status().message().find("[4]"), std::string::npos);
+  EXPECT_NE(shape.status().message().find("[2, 2]"), std::string::npos);
+  auto ints = (*c)->FindFloat("ids", {2});
+  EXPECT_EQ(ints.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(ints.status().message().find(dir + "/b.safetensors"), std::string::npos);
+  EXPECT_NE(ints.status().message().find("I32"), std::string::npos);
+  auto none = (*c)->FindFloat("nope", {1});
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(none.status().message().find("model.safetensors.index.json"), std::string::npos);
+}
+
 TEST(CheckpointWriterTest, ContiguousShardsAreOrderedAndBalanced) {
   std::vector<TensorLayout> layout;
   for (int i = 0; i < 12; ++i) layout.push_back({absl::StrCat("t", i), TensorDtype::kF32, {100}});
