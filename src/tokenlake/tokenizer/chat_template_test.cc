@@ -159,6 +159,33 @@ TEST(ChatTemplateTest, RunTimeErrorsNameTheirPosition) {
   EXPECT_EQ(raised.status().message(), "Roles must alternate");
 }
 
+// Templates come from checkpoint folders; one that would recurse, loop or grow without bound
+// is stopped with an error instead.
+TEST(ChatTemplateTest, BoundsDepthStepsAndSize) {
+  const std::string deep = std::string(300, '(') + "1" + std::string(300, ')');
+  auto parsed = jinja::Template::Parse("{{ " + deep + " }}", "t.jinja");
+  ASSERT_FALSE(parsed.ok());
+  EXPECT_THAT(parsed.status().message(), HasSubstr("nested more than 200 levels deep"));
+  std::string blocks;
+  for (int i = 0; i < 300; ++i) blocks += "{% if true %}";
+  EXPECT_THAT(jinja::Template::Parse(blocks, "t").status().message(), HasSubstr("nested"));
+
+  auto spin =
+      Render("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+             Json::object());
+  ASSERT_FALSE(spin.ok());
+  EXPECT_THAT(spin.status().message(), HasSubstr("steps"));
+  auto grow = Render(
+      "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
+      "{% endfor %}",
+      Json::object());
+  ASSERT_FALSE(grow.ok());
+  EXPECT_THAT(grow.status().message(), HasSubstr("a value longer than"));
+  auto repeat = Render("{{ 'x' * 1000000000000 }}", Json::object());
+  ASSERT_FALSE(repeat.ok());
+  EXPECT_THAT(repeat.status().message(), HasSubstr("repetition"));
+}
+
 TEST(ChatTemplateTest, RefusesMalformedMessages) {
   auto t = ChatTemplate::Create("{% for m in messages %}{{ m.content }}{% endfor %}", "t");
   ASSERT_TRUE(t.ok());

@@ -61,6 +61,11 @@ bool Truthy(const Value& v) {
 
 enum class Flow { kNormal, kBreak, kContinue };
 
+// Bounds on one rendering, so that a template cannot hang or exhaust memory (real chat
+// templates render in thousands of steps to kilobytes).
+constexpr int64_t kMaxSteps = 1'000'000;
+constexpr size_t kMaxOutputBytes = size_t{64} << 20;
+
 class Renderer {
  public:
   Renderer(const std::string& name, const Json& context) : name_(name) {
@@ -93,6 +98,12 @@ class Renderer {
   }
 
   absl::Status ExecOne(const Node& n, std::string* out, Flow* flow) {
+    if (++steps_ > kMaxSteps) {
+      return ErrorAt(n.pos, absl::StrCat("the template ran more than ", kMaxSteps, " steps"));
+    }
+    if (out->size() > kMaxOutputBytes) {
+      return ErrorAt(n.pos, absl::StrCat("the output is longer than ", kMaxOutputBytes, " bytes"));
+    }
     switch (n.kind) {
       case Node::Kind::kText:
         *out += n.text;
@@ -180,6 +191,9 @@ class Renderer {
     }
     const int64_t length = static_cast<int64_t>(items.size());
     for (int64_t i = 0; i < length; ++i) {
+      if (++steps_ > kMaxSteps) {
+        return ErrorAt(n.pos, absl::StrCat("the template ran more than ", kMaxSteps, " steps"));
+      }
       scopes_.emplace_back();
       Json loop = Json::object();
       loop["index"] = i + 1;
@@ -343,8 +357,16 @@ class Renderer {
     TOKENLAKE_ASSIGN_OR_RETURN(Value b, Eval(*e.items[1]));
     const Json& x = a.json();
     const Json& y = b.json();
+    if (op == "~" ||
+        (op == "+" && ((x.is_string() && y.is_string()) || (x.is_array() && y.is_array())))) {
+      const size_t size = (x.is_string() ? x.get_ref<const std::string&>().size() : x.size()) +
+                          (y.is_string() ? y.get_ref<const std::string&>().size() : y.size());
+      if (size > kMaxOutputBytes) {
+        return ErrorAt(e.pos, absl::StrCat("a value longer than ", kMaxOutputBytes, " bytes"));
+      }
+    }
     if (op == "~") {
-      return Value::Of((a.undefined ? "" : PyStr(x)) + (b.undefined ? "" : PyStr(y)));
+      return Value::Of(absl::StrCat(a.undefined ? "" : PyStr(x), b.undefined ? "" : PyStr(y)));
     }
     if (op == "==" || op == "!=") {
       const bool eq = (a.undefined || b.undefined) ? (a.undefined && b.undefined) : Equal(x, y);
@@ -399,7 +421,11 @@ class Renderer {
       const std::string& s =
           x.is_string() ? x.get_ref<const std::string&>() : y.get_ref<const std::string&>();
       std::string out;
-      for (int64_t i = AsInt(x.is_string() ? y : x); i > 0; --i) out += s;
+      const int64_t times = AsInt(x.is_string() ? y : x);
+      if (times > 0 && static_cast<double>(s.size()) * times > kMaxOutputBytes) {
+        return ErrorAt(e.pos, "string repetition longer than the output limit");
+      }
+      for (int64_t i = times; i > 0; --i) out += s;
       return Value::Of(std::move(out));
     }
     if (!IsNumber(x) || !IsNumber(y)) {
@@ -467,6 +493,7 @@ class Renderer {
 
   const std::string& name_;
   std::vector<absl::flat_hash_map<std::string, Value>> scopes_;
+  int64_t steps_ = 0;
 };
 
 // --- built-in functions, methods, filters and tests -------------------------------------

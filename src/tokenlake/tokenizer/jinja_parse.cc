@@ -298,6 +298,10 @@ class Lexer {
 
 class Parser {
  public:
+  // Nesting (blocks, parentheses, unary operators) beyond this is refused: the parser and the
+  // evaluator recurse, and no real template comes near it.
+  static constexpr int kMaxDepth = 200;
+
   Parser(std::vector<Chunk> chunks, const std::string& name)
       : chunks_(std::move(chunks)), name_(name) {}
 
@@ -309,6 +313,16 @@ class Parser {
   }
 
  private:
+  struct DepthGuard {
+    explicit DepthGuard(Parser* p) : parser(p) { ++parser->depth_; }
+    ~DepthGuard() { --parser->depth_; }
+    Parser* parser;
+  };
+  absl::Status TooDeep() const {
+    const Pos p = toks_ != nullptr ? Peek().pos : Pos{};
+    return ErrorAt(p, absl::StrCat("nested more than ", kMaxDepth, " levels deep"), true);
+  }
+
   absl::Status ErrorAt(Pos p, const std::string& what, bool unsupported = false) const {
     const std::string m = absl::StrCat(name_, ": line ", p.line, ", column ", p.column, ": ", what);
     return unsupported ? absl::UnimplementedError(m) : absl::InvalidArgumentError(m);
@@ -317,6 +331,8 @@ class Parser {
   // Parses chunks into `out` until a block tag whose keyword is in `ends` (its keyword is
   // stored in *end and the tag's tokens are left for the caller at tok_).
   absl::Status ParseBody(const std::vector<std::string>& ends, NodeList* out, std::string* end) {
+    DepthGuard guard(this);
+    if (depth_ > kMaxDepth) return TooDeep();
     while (chunk_ < chunks_.size()) {
       Chunk& c = chunks_[chunk_];
       if (c.kind == Chunk::Kind::kText) {
@@ -410,6 +426,8 @@ class Parser {
   }
 
   absl::Status ParseIf(Node* n) {
+    DepthGuard guard(this);
+    if (depth_ > kMaxDepth) return TooDeep();
     n->kind = Node::Kind::kIf;
     TOKENLAKE_ASSIGN_OR_RETURN(n->expr, ParseExpr());
     TOKENLAKE_RETURN_IF_ERROR(ExpectEnd());
@@ -532,6 +550,8 @@ class Parser {
     return left;
   }
   absl::StatusOr<ExprPtr> ParseNot() {
+    DepthGuard guard(this);
+    if (depth_ > kMaxDepth) return TooDeep();
     if (PeekName("not")) {
       const Pos pos = Next().pos;
       TOKENLAKE_ASSIGN_OR_RETURN(ExprPtr x, ParseNot());
@@ -602,6 +622,8 @@ class Parser {
     return left;
   }
   absl::StatusOr<ExprPtr> ParseUnary() {
+    DepthGuard guard(this);
+    if (depth_ > kMaxDepth) return TooDeep();
     ExprPtr e;
     if (Peek().kind == Token::Kind::kOp && (Peek().text == "-" || Peek().text == "+")) {
       const Token& t = Next();
@@ -811,6 +833,7 @@ class Parser {
   size_t chunk_ = 0;
   const std::vector<Token>* toks_ = nullptr;
   size_t tok_ = 0;
+  int depth_ = 0;
 };
 
 }  // namespace
