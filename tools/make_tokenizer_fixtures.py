@@ -24,7 +24,8 @@ raise_exception). SentencePiece expectations come from spm_encode / spm_decode (
 `sentencepiece`).
 
 Needs: python3 with jinja2, node + npm (the npm packages are installed into --node-prefix),
-spm_train/spm_encode/spm_decode. No downloads besides the npm package.
+spm_train/spm_encode/spm_decode (Debian package `sentencepiece`). No downloads besides the npm
+package.
 
 Usage: tools/make_tokenizer_fixtures.py [--out tests/fixtures/tokenizer] [--node-prefix DIR]
 """
@@ -442,10 +443,13 @@ def make_bpe_fixtures(out, vocab, merges, node, workdir, rng):
             assert text is None, (name, conv)
             chats.append({"messages": conv, "add_generation_prompt": True, "error": err})
 
+        # Both settings of add_special_tokens for the written texts, one for the random ones.
         enc_requests = []
-        for t in texts + random_texts:
+        for t in texts:
             enc_requests += [{"text": t, "add_special_tokens": True},
                              {"text": t, "add_special_tokens": False}]
+        for t in random_texts:
+            enc_requests.append({"text": t, "add_special_tokens": True})
         for c in chats:
             if "text" in c:
                 enc_requests.append({"text": c["text"], "add_special_tokens": False})
@@ -461,9 +465,13 @@ def make_bpe_fixtures(out, vocab, merges, node, workdir, rng):
             encoded = json.load(f)["encode"]
         dec_requests = []
         # Decodings of each text's encoding (with its special tokens) and of the random ids.
-        for ids in encoded[0:2 * len(texts + random_texts):2] + random_ids:
-            dec_requests += [{"ids": ids, "skip_special_tokens": False},
-                             {"ids": ids, "skip_special_tokens": True}]
+        n_text_encodings = 2 * len(texts) + len(random_texts)
+        # skip_special_tokens matters only where an added token is present.
+        for ids in (encoded[0:2 * len(texts):2] + encoded[2 * len(texts):n_text_encodings] +
+                    random_ids):
+            dec_requests.append({"ids": ids, "skip_special_tokens": False})
+            if any(i >= n for i in ids):
+                dec_requests.append({"ids": ids, "skip_special_tokens": True})
         node.call({"action": "run", "tokenizer": tok_path, "encode": [], "decode": dec_requests,
                    "out": result_path})
         with open(result_path) as f:
@@ -474,7 +482,7 @@ def make_bpe_fixtures(out, vocab, merges, node, workdir, rng):
             expected["encodings"].append(dict(req, ids=ids))
         for req, text in zip(dec_requests, decoded):
             expected["decodings"].append(dict(req, text=text))
-        chat_ids = iter(encoded[2 * len(texts + random_texts):])
+        chat_ids = iter(encoded[n_text_encodings:])
         for c in chats:
             if "text" in c:
                 c["ids"] = next(chat_ids)
@@ -512,13 +520,13 @@ def make_spm_fixture(out, workdir, rng):
     # spm_encode reads lines: texts without newlines only.
     texts = [t for t in TEXTS if "\n" not in t and "\r" not in t and t]
     texts += [random_text(rng, rng.randint(1, 30)).replace("\n", " ").replace("\r", " ")
-              for _ in range(12)]
+              for _ in range(30)]
     texts = [t for t in texts if t.strip()]
     ids = [[int(x) for x in line.split()] for line in spm("spm_encode", texts, "--output_format=id")]
     expected = {"encodings": [], "decodings": [], "chats": []}
     for t, i in zip(texts, ids):
-        expected["encodings"].append({"text": t, "add_special_tokens": True, "ids": [1] + i})
         expected["encodings"].append({"text": t, "add_special_tokens": False, "ids": i})
+    expected["encodings"].append({"text": texts[0], "add_special_tokens": True, "ids": [1] + ids[0]})
     random_ids = [[rng.randrange(3, 600) for _ in range(rng.randint(1, 16))] for _ in range(16)]
     # One spm_decode run per sequence: a decoded text may itself hold newlines.
     decoded = []

@@ -5,14 +5,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "tokenlake/base/status_macros.h"
-#include "tokenlake/tokenizer/sentencepiece_bridge.h"
+#include "tokenlake/tokenizer/spm_model.h"
 #include "tokenlake/tokenizer/utf8.h"
 
 namespace tokenlake::tokenizer {
 namespace {
 
-constexpr std::string_view kSpaceSymbol = "\xE2\x96\x81";       // U+2581 "▁"
-constexpr std::string_view kUnknownSurface = " \xE2\x81\x87 ";  // " ⁇ "
+constexpr std::string_view kSpaceSymbol = "\xE2\x96\x81";  // U+2581 "▁"
 
 class SentencePieceTokenizer : public Tokenizer {
  public:
@@ -21,12 +20,7 @@ class SentencePieceTokenizer : public Tokenizer {
     if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot read"));
     std::stringstream buf;
     buf << in.rdbuf();
-    std::string error;
-    sp_ = SentencePieceBridge::Load(buf.str(), &error);
-    if (sp_ == nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(path, ": not a SentencePiece model (", error, ")"));
-    }
+    TOKENLAKE_ASSIGN_OR_RETURN(sp_, SpmModel::Parse(buf.str(), path));
     piece_size_ = sp_->PieceSize();
     add_bos_ = options.add_bos_token;
     add_eos_ = options.add_eos_token;
@@ -40,24 +34,6 @@ class SentencePieceTokenizer : public Tokenizer {
     for (const AddedToken& t : added) vocab_size_ = std::max(vocab_size_, t.id + 1);
     added_ = AddedVocabulary(std::move(added));
 
-    // SentencePiece drops the leading "▁" of the first visible piece when the model was trained
-    // with add_dummy_prefix or remove_extra_whitespaces; the normalizer spec saying so is not in
-    // the public header, so ask the decoder.
-    int spaced = -1;
-    for (int id = 0; id < piece_size_ && spaced < 0; ++id) {
-      const std::string& p = sp_->IdToPiece(id);
-      if (!sp_->IsControl(id) && !sp_->IsUnknown(id) && !sp_->IsByte(id) &&
-          p.size() > kSpaceSymbol.size() && p.compare(0, kSpaceSymbol.size(), kSpaceSymbol) == 0) {
-        spaced = id;
-      }
-    }
-    if (spaced >= 0) {
-      strip_first_space_ = sp_->DecodeIds({spaced}).rfind(' ', 0) != 0;
-      const int space = sp_->PieceToId(kSpaceSymbol);
-      if (strip_first_space_ && space >= 0 && !sp_->IsUnknown(space)) {
-        keep_stripping_ = sp_->DecodeIds({space, spaced}).rfind(' ', 0) != 0;
-      }
-    }
     return absl::OkStatus();
   }
 
@@ -72,12 +48,7 @@ class SentencePieceTokenizer : public Tokenizer {
         ids.push_back(piece.id);
         continue;
       }
-      piece_ids.clear();
-      std::string error;
-      if (!sp_->Encode(std::string_view(piece.text.data(), piece.text.size()), &piece_ids,
-                       &error)) {
-        return absl::InternalError(absl::StrCat("SentencePiece encode: ", error));
-      }
+      piece_ids = sp_->Encode(std::string_view(piece.text.data(), piece.text.size()));
       ids.insert(ids.end(), piece_ids.begin(), piece_ids.end());
     }
     if (add_special_tokens && add_eos_ && sp_->eos_id() >= 0) ids.push_back(sp_->eos_id());
@@ -105,13 +76,11 @@ class SentencePieceTokenizer : public Tokenizer {
 
  private:
   friend class SentencePieceStream;
-  std::unique_ptr<SentencePieceBridge> sp_;
+  std::unique_ptr<SpmModel> sp_;
   int32_t piece_size_ = 0;
   int32_t vocab_size_ = 0;
   bool add_bos_ = true;
   bool add_eos_ = false;
-  bool strip_first_space_ = false;  // add_dummy_prefix or remove_extra_whitespaces
-  bool keep_stripping_ = false;     // remove_extra_whitespaces: also after a bare "▁"
   AddedVocabulary added_;
 };
 
@@ -122,7 +91,7 @@ class SentencePieceStream : public DecodeStream {
       : tok_(tok), skip_(skip_special) {}
 
   void Push(int32_t id, std::string* out) override {
-    const SentencePieceBridge& sp = *tok_->sp_;
+    const SpmModel& sp = *tok_->sp_;
     if (id >= 0 && id < tok_->piece_size_ && sp.IsByte(id)) {
       // "<0xNN>"
       const std::string& p = sp.IdToPiece(id);
@@ -142,15 +111,15 @@ class SentencePieceStream : public DecodeStream {
     } else if (sp.IsControl(id)) {
       surface.clear();
     } else if (sp.IsUnknown(id)) {
-      surface = kUnknownSurface;
+      surface = sp.unk_surface();
     } else {
       std::string_view piece = sp.IdToPiece(id);
       EmitBytes(/*final=*/true, out);
       if (bos_ws_seen_ || emitted_) is_bos_ws_ = false;
-      if (is_bos_ws_ && tok_->strip_first_space_ &&
+      if (is_bos_ws_ && sp.strip_first_space() &&
           piece.substr(0, kSpaceSymbol.size()) == kSpaceSymbol) {
         piece.remove_prefix(kSpaceSymbol.size());
-        has_bos_ws = !tok_->keep_stripping_;
+        has_bos_ws = !sp.keep_stripping();
       }
       for (size_t at = piece.find(kSpaceSymbol); at != std::string_view::npos;
            at = piece.find(kSpaceSymbol)) {

@@ -1,4 +1,5 @@
-// SentencePiece `tokenizer.model` files (Llama-2, LWM), through Debian's libsentencepiece.
+// SentencePiece `tokenizer.model` files (Llama-2, LWM): the model is read and encoded by
+// spm_model.h (SentencePiece's BPE, reimplemented and checked against its own tools).
 //
 // Encoding: added tokens (tokenizer_config.json's added_tokens_decoder, else the model's BOS,
 // EOS and UNK pieces) are split out of the text first and kept whole; each stretch between
@@ -34,7 +35,8 @@ struct SentencePieceOptions {
 };
 
 // Loads the serialized model in `path`.
-// Errors: NotFound (cannot read), InvalidArgument (not a SentencePiece model).
+// Errors: NotFound (cannot read), InvalidArgument (not a SentencePiece model), Unimplemented
+// (a model kind spm_model.h does not read, named with its field).
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadSentencePieceModel(
     const std::string& path, const SentencePieceOptions& options);
 

@@ -295,6 +295,59 @@ TEST(TokenizerTest, FallsBackToTokenizerModelForAConvertedTokenizerJson) {
   EXPECT_THAT((*tok)->source(), EndsWith("tokenizer.model"));
 }
 
+// A hand-made serialized ModelProto: protobuf wire format.
+std::string Varint(uint64_t v) {
+  std::string out;
+  do {
+    out += static_cast<char>((v & 0x7F) | (v > 0x7F ? 0x80 : 0));
+    v >>= 7;
+  } while (v != 0);
+  return out;
+}
+std::string Field(int field, const std::string& body) {
+  return Varint(static_cast<uint64_t>(field) << 3 | 2) + Varint(body.size()) + body;
+}
+std::string VarintField(int field, uint64_t v) {
+  return Varint(static_cast<uint64_t>(field) << 3) + Varint(v);
+}
+std::string PieceProto(const std::string& piece, int type) {
+  return Field(1, Field(1, piece) + VarintField(3, type));
+}
+
+absl::Status SpmLoadError(const std::string& model) {
+  TempDir dir;
+  dir.Write("tokenizer.model", model);
+  return Tokenizer::FromDir(dir.path()).status();
+}
+
+TEST(TokenizerTest, RefusesSentencePieceModelsItDoesNotImplement) {
+  const std::string pieces =
+      PieceProto("<unk>", 2) + PieceProto("<s>", 3) + PieceProto("</s>", 3) + PieceProto("a", 1);
+  const std::string bpe = Field(2, VarintField(3, 2));
+  const std::string identity = Field(3, Field(1, "identity"));
+  TempDir ok_dir;
+  ok_dir.Write("tokenizer.model", pieces + bpe + identity);
+  auto ok = Tokenizer::FromDir(ok_dir.path());
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  // spm_encode gives 0 3 0 3 for this model: "▁" is unknown, no merges.
+  EXPECT_EQ(*(*ok)->Encode("a a", false), (std::vector<int32_t>{0, 3, 0, 3}));
+
+  absl::Status s = SpmLoadError(pieces + Field(2, VarintField(3, 1)) + identity);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;
+  EXPECT_THAT(s.message(), HasSubstr("trainer_spec.model_type 1 is not supported"));
+  s = SpmLoadError(pieces + bpe + Field(3, Field(1, "nmt_nfkc") + Field(2, "charsmap")));
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;
+  EXPECT_THAT(s.message(), HasSubstr("normalizer_spec.name 'nmt_nfkc' is not supported"));
+  s = SpmLoadError((pieces + bpe).substr(0, 9));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_THAT(s.message(), HasSubstr("not a SentencePiece model"));
+  s = SpmLoadError(PieceProto("a", 1) + bpe);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << s;
+  EXPECT_THAT(s.message(), HasSubstr("no unknown piece '<unk>'"));
+  s = SpmLoadError(pieces + Field(2, VarintField(3, 2) + VarintField(35, 1)) + identity);
+  EXPECT_THAT(s.message(), HasSubstr("byte_fallback without all 256 byte pieces"));
+}
+
 TEST(TokenizerTest, StopTokensIncludeGenerationConfig) {
   TempDir dir;
   dir.Write("tokenizer.json", EditedTokenizerJson([](json&) {}));
