@@ -253,5 +253,22 @@ if "$bin" --help 2>&1 | grep -q coordinator; then
     "$bin" instance --model "$model" --coordinator-port 1 --data-timeout-ms 0
 fi
 
+# The tokenizer (only when built with the tokenizer module).
+if "$bin" --help 2>&1 | grep -q tokenize; then
+  tokdir="$(cd "$(dirname "$0")/../.." && pwd)/tests/fixtures/tokenizer"
+  expect "tokenize prints ids with BOS" 0 '^\{"ids":\[756,' -- \
+    "$bin" tokenize --model "$tokdir/bpe_llama3" "Hello world"
+  expect "tokenize --decode prints the text" 0 '^\{"text":"<\|begin_of_text\|>Hello world"\}' -- \
+    "$bin" tokenize --model "$tokdir/bpe_llama3" --decode \
+    "$("$bin" tokenize --model "$tokdir/bpe_llama3" "Hello world" | sed 's/^{"ids":\(.*\)}$/\1/')"
+  expect "tokenize --chat renders the template" 0 'start_header_id\|>user.*"ids":\[756,' -- \
+    "$bin" tokenize --model "$tokdir/bpe_llama3" --chat '[{"role":"user","content":"hi"}]'
+  expect "a template's raise_exception is a usage error with its message" 2 \
+    "Conversation roles must alternate" -- "$bin" tokenize --model "$tokdir/bpe_llama3" --chat \
+    '[{"role":"user","content":"a"},{"role":"user","content":"b"}]'
+  expect "a folder without a tokenizer is named" 1 "no tokenizer.json or tokenizer.model" -- \
+    "$bin" tokenize --model "$tmp" "hi"
+fi
+
 echo "cli: $passes passed, $failures failed"
 [ "$failures" -eq 0 ]
