@@ -59,10 +59,11 @@ TEST_P(FixtureChatTest, RenderingsMatchTheReference) {
 INSTANTIATE_TEST_SUITE_P(Fixtures, FixtureChatTest,
                          ::testing::Values("bpe_llama3", "bpe_gpt2", "spm_llama2"));
 
-absl::StatusOr<std::string> Render(const std::string& source, const Json& vars) {
+absl::StatusOr<std::string> Render(const std::string& source, const Json& vars,
+                                   const jinja::RenderLimits& limits = {}) {
   auto t = jinja::Template::Parse(source, "t.jinja");
   if (!t.ok()) return t.status();
-  return t->Render(vars);
+  return t->Render(vars, limits);
 }
 
 TEST(ChatTemplateTest, RendersLikeJinja2) {
@@ -170,18 +171,24 @@ TEST(ChatTemplateTest, BoundsDepthStepsAndSize) {
   for (int i = 0; i < 300; ++i) blocks += "{% if true %}";
   EXPECT_THAT(jinja::Template::Parse(blocks, "t").status().message(), HasSubstr("nested"));
 
+  // Small limits keep the test fast; the defaults are the same code with larger numbers.
+  jinja::RenderLimits small;
+  small.max_steps = 10'000;
+  small.max_bytes = 1 << 16;
   auto spin =
       Render("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
-             Json::object());
+             Json::object(), small);
   ASSERT_FALSE(spin.ok());
-  EXPECT_THAT(spin.status().message(), HasSubstr("steps"));
+  EXPECT_THAT(spin.status().message(), HasSubstr("ran more than 10000 steps"));
+  auto within = Render("{% for i in range(100) %}{{ i }}{% endfor %}", Json::object(), small);
+  ASSERT_TRUE(within.ok()) << within.status();
   auto grow = Render(
       "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}"
       "{% endfor %}",
-      Json::object());
+      Json::object(), small);
   ASSERT_FALSE(grow.ok());
   EXPECT_THAT(grow.status().message(), HasSubstr("a value longer than"));
-  auto repeat = Render("{{ 'x' * 1000000000000 }}", Json::object());
+  auto repeat = Render("{{ 'x' * 1000000000000 }}", Json::object(), small);
   ASSERT_FALSE(repeat.ok());
   EXPECT_THAT(repeat.status().message(), HasSubstr("repetition"));
 }

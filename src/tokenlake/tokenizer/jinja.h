@@ -101,6 +101,15 @@ bool IsKnownTest(std::string_view name);
 bool IsKnownFunction(std::string_view name);
 bool IsKnownMethod(std::string_view name);
 
+// Bounds on one rendering, so that a template cannot hang or exhaust memory (real chat
+// templates render in thousands of steps to kilobytes).
+struct RenderLimits {
+  // Statements executed plus loop iterations.
+  int64_t max_steps = 1'000'000;
+  // The output, and any string or list built on the way.
+  size_t max_bytes = size_t{64} << 20;
+};
+
 class Template {
  public:
   // Parses `source`; `source_name` (a file name) prefixes every error.
@@ -111,8 +120,8 @@ class Template {
   // Renders with `context`'s members as the template's variables (REQUIRES: an object).
   // Errors: InvalidArgument with the template's own message when it calls raise_exception, or
   // naming the line and column of an invalid operation (an undefined value's attribute, adding
-  // a string to a number, an unknown method...).
-  absl::StatusOr<std::string> Render(const Json& context) const;
+  // a string to a number, an unknown method...) or the limit it ran into.
+  absl::StatusOr<std::string> Render(const Json& context, const RenderLimits& limits = {}) const;
 
  private:
   std::shared_ptr<const NodeList> root_;

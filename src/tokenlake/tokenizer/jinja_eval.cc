@@ -61,14 +61,10 @@ bool Truthy(const Value& v) {
 
 enum class Flow { kNormal, kBreak, kContinue };
 
-// Bounds on one rendering, so that a template cannot hang or exhaust memory (real chat
-// templates render in thousands of steps to kilobytes).
-constexpr int64_t kMaxSteps = 1'000'000;
-constexpr size_t kMaxOutputBytes = size_t{64} << 20;
-
 class Renderer {
  public:
-  Renderer(const std::string& name, const Json& context) : name_(name) {
+  Renderer(const std::string& name, const Json& context, const RenderLimits& limits)
+      : name_(name), kMaxSteps(limits.max_steps), kMaxOutputBytes(limits.max_bytes) {
     scopes_.emplace_back();
     for (auto it = context.begin(); it != context.end(); ++it) {
       scopes_.back()[it.key()] = Value::Of(it.value());
@@ -494,6 +490,9 @@ class Renderer {
   const std::string& name_;
   std::vector<absl::flat_hash_map<std::string, Value>> scopes_;
   int64_t steps_ = 0;
+  // The bounds of this rendering (named as constants: they do not change during it).
+  const int64_t kMaxSteps;
+  const size_t kMaxOutputBytes;
 };
 
 // --- built-in functions, methods, filters and tests -------------------------------------
@@ -847,8 +846,9 @@ bool IsKnownTest(std::string_view name) { return Contains(kTests, name); }
 bool IsKnownFunction(std::string_view name) { return Contains(kFunctions, name); }
 bool IsKnownMethod(std::string_view name) { return Contains(kMethods, name); }
 
-absl::StatusOr<std::string> Template::Render(const Json& context) const {
-  Renderer r(source_name_, context);
+absl::StatusOr<std::string> Template::Render(const Json& context,
+                                             const RenderLimits& limits) const {
+  Renderer r(source_name_, context, limits);
   std::string out;
   Flow flow = Flow::kNormal;
   TOKENLAKE_RETURN_IF_ERROR(r.Exec(*root_, &out, &flow));
