@@ -8,6 +8,8 @@ What it writes, and where every expected answer comes from:
   bpe_gpt2/     tokenizer.json + tokenizer_config.json + chat_template.jinja (ChatML kind):
                 the same vocabulary with GPT-2's ByteLevel pre-tokenizer (its built-in regex,
                 add_prefix_space) and no BOS.
+  bpe_qwen2/    the same vocabulary as Qwen-2 sets a tokenizer up: an NFC normalizer, Qwen's
+                Split regex (single digits), no BOS, the ChatML template in tokenizer_config.json.
   spm_llama2/   tokenizer.model (SentencePiece BPE with byte fallback, as Llama-2 is trained) +
                 tokenizer_config.json (Llama-2 kind of chat template).
   *_expected.json  encodings, decodings and chat renderings to compare with.
@@ -113,6 +115,11 @@ SPECIAL_TEXTS = {
         "<|ünï|> and <|ünï|>",
         "<|begin_of_text|><|begin_of_text|>",
     ],
+    "bpe_qwen2": [
+        "Cafe\u0301 A\u030a \u1100\u1161 e\u0301\u0323 \ufb01 \u212b done",
+        "<|im_start|>user\nCafe\u0301<|im_end|>",
+        "digits 1234567 and 3.14",
+    ],
     "bpe_gpt2": [
         "Hello<|endoftext|>World",
         "<|endoftext|>",
@@ -205,6 +212,7 @@ BAD_CONVERSATIONS = {
                    [{"role": "tool", "content": "a"}]],
     "bpe_gpt2": [[{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
                  [{"role": "robot", "content": "a"}]],
+    "bpe_qwen2": [[{"role": "robot", "content": "a"}]],
     "spm_llama2": [[{"role": "assistant", "content": "a"}]],
 }
 
@@ -418,6 +426,35 @@ def make_bpe_fixtures(out, vocab, merges, node, workdir, rng):
         "special": {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"},
     }
 
+    # Qwen-2 kind: NFC, single-digit numbers, ChatML in tokenizer_config.json.
+    qwen_added = [added(n, "<|endoftext|>"), added(n + 1, "<|im_start|>"),
+                  added(n + 2, "<|im_end|>")]
+    qwen_regex = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+    fixtures["bpe_qwen2"] = {
+        "tokenizer": {
+            "version": "1.0", "truncation": None, "padding": None, "added_tokens": qwen_added,
+            "normalizer": {"type": "NFC"},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": qwen_regex}, "behavior": "Isolated",
+                 "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                 "use_regex": False}]},
+            "post_processor": {"type": "ByteLevel", "add_prefix_space": False,
+                               "trim_offsets": False, "use_regex": False},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                        "use_regex": False},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                      "continuing_subword_prefix": "", "end_of_word_suffix": "",
+                      "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": vocab, "merges": merges},
+        },
+        "config": {"bos_token": None, "eos_token": "<|im_end|>", "chat_template": CHATML_TEMPLATE},
+        "template": CHATML_TEMPLATE,
+        "special": {"bos_token": None, "eos_token": "<|im_end|>"},
+        "random_texts": 8,
+        "random_ids": 8,
+    }
+
     for name, fx in fixtures.items():
         d = os.path.join(out, name)
         os.makedirs(d, exist_ok=True)
@@ -431,7 +468,8 @@ def make_bpe_fixtures(out, vocab, merges, node, workdir, rng):
                 f.write(fx["template_file"])
 
         texts = TEXTS + SPECIAL_TEXTS[name]
-        random_texts = [random_text(rng, rng.randint(1, 30)) for _ in range(16)]
+        random_texts = [random_text(rng, rng.randint(1, 30))
+                        for _ in range(fx.get("random_texts", 12))]
         chats = []
         for conv in CONVERSATIONS:
             for gen in (False, True):
@@ -457,7 +495,7 @@ def make_bpe_fixtures(out, vocab, merges, node, workdir, rng):
         # Random id sequences: single bytes of multi-byte characters split across tokens,
         # special tokens anywhere.
         random_ids = [[rng.randrange(vocab_size) for _ in range(rng.randint(1, 24))]
-                      for _ in range(20)]
+                      for _ in range(fx.get("random_ids", 12))]
         result_path = os.path.join(workdir, "result.json")
         node.call({"action": "run", "tokenizer": tok_path, "encode": enc_requests,
                    "decode": [], "out": result_path})
@@ -520,14 +558,14 @@ def make_spm_fixture(out, workdir, rng):
     # spm_encode reads lines: texts without newlines only.
     texts = [t for t in TEXTS if "\n" not in t and "\r" not in t and t]
     texts += [random_text(rng, rng.randint(1, 30)).replace("\n", " ").replace("\r", " ")
-              for _ in range(30)]
+              for _ in range(20)]
     texts = [t for t in texts if t.strip()]
     ids = [[int(x) for x in line.split()] for line in spm("spm_encode", texts, "--output_format=id")]
     expected = {"encodings": [], "decodings": [], "chats": []}
     for t, i in zip(texts, ids):
         expected["encodings"].append({"text": t, "add_special_tokens": False, "ids": i})
     expected["encodings"].append({"text": texts[0], "add_special_tokens": True, "ids": [1] + ids[0]})
-    random_ids = [[rng.randrange(3, 600) for _ in range(rng.randint(1, 16))] for _ in range(16)]
+    random_ids = [[rng.randrange(3, 600) for _ in range(rng.randint(1, 16))] for _ in range(12)]
     # One spm_decode run per sequence: a decoded text may itself hold newlines.
     decoded = []
     for i in ids + random_ids:

@@ -57,7 +57,7 @@ TEST_P(FixtureChatTest, RenderingsMatchTheReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, FixtureChatTest,
-                         ::testing::Values("bpe_llama3", "bpe_gpt2", "spm_llama2"));
+                         ::testing::Values("bpe_llama3", "bpe_gpt2", "bpe_qwen2", "spm_llama2"));
 
 absl::StatusOr<std::string> Render(const std::string& source, const Json& vars,
                                    const jinja::RenderLimits& limits = {}) {

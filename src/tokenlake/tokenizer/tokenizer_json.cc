@@ -2,6 +2,9 @@
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
+#include <unicode/bytestream.h>
+#include <unicode/normalizer2.h>
+#include <unicode/utypes.h>
 
 #include <array>
 #include <queue>
@@ -133,6 +136,7 @@ class ByteLevelBpe : public Tokenizer {
 
  private:
   absl::Status LoadModel(const json& model, const std::string& src);
+  absl::Status LoadNormalizer(const json& norm, const std::string& src, const std::string& field);
   absl::Status LoadPreTokenizer(const json& pre, const std::string& src, const std::string& field);
   absl::Status LoadPostProcessor(const json& post, const std::string& src,
                                  const std::string& field);
@@ -147,6 +151,8 @@ class ByteLevelBpe : public Tokenizer {
   bool ignore_merges_ = false;
   std::optional<int32_t> unk_id_;
   AddedVocabulary added_;
+  // Unicode normalization forms applied, in order, to text outside added tokens (ICU's).
+  std::vector<const icu::Normalizer2*> normalizers_;
   std::vector<PreStep> pre_steps_;
   std::vector<int32_t> prefix_ids_;  // TemplateProcessing tokens before $A
   std::vector<int32_t> suffix_ids_;  // ... and after it
@@ -205,17 +211,9 @@ absl::Status ByteLevelBpe::Load(const json& root, const std::string& src) {
   if (model == root.end()) return Bad(src, "missing field 'model'");
   TOKENLAKE_RETURN_IF_ERROR(LoadModel(*model, src));
 
-  // Normalizer: none.
   auto norm = root.find("normalizer");
   if (norm != root.end() && !norm->is_null()) {
-    TOKENLAKE_ASSIGN_OR_RETURN(std::string type, TypeOf(*norm, src, "normalizer"));
-    const bool empty_sequence = type == "Sequence" && norm->contains("normalizers") &&
-                                (*norm)["normalizers"].is_array() && (*norm)["normalizers"].empty();
-    if (!empty_sequence) {
-      return Unsupported(src, absl::StrCat("normalizer '", type,
-                                           "' is not supported (byte-level BPE without a "
-                                           "normalizer only)"));
-    }
+    TOKENLAKE_RETURN_IF_ERROR(LoadNormalizer(*norm, src, "normalizer"));
   }
 
   // Added tokens.
@@ -359,6 +357,37 @@ absl::Status ByteLevelBpe::LoadModel(const json& model, const std::string& src) 
     if (it == vocab_.end()) return Bad(src, "model.unk_token is not in model.vocab");
     unk_id_ = it->second;
   }
+  return absl::OkStatus();
+}
+
+absl::Status ByteLevelBpe::LoadNormalizer(const json& norm, const std::string& src,
+                                          const std::string& field) {
+  TOKENLAKE_ASSIGN_OR_RETURN(std::string type, TypeOf(norm, src, field));
+  if (type == "Sequence") {
+    auto list = norm.find("normalizers");
+    if (list == norm.end() || !list->is_array()) {
+      return Bad(src, absl::StrCat("field '", field, ".normalizers' must be an array"));
+    }
+    for (size_t i = 0; i < list->size(); ++i) {
+      TOKENLAKE_RETURN_IF_ERROR(
+          LoadNormalizer((*list)[i], src, absl::StrCat(field, ".normalizers[", i, "]")));
+    }
+    return absl::OkStatus();
+  }
+  UErrorCode error = U_ZERO_ERROR;
+  const icu::Normalizer2* n = nullptr;
+  if (type == "NFC") n = icu::Normalizer2::getNFCInstance(error);
+  if (type == "NFD") n = icu::Normalizer2::getNFDInstance(error);
+  if (type == "NFKC") n = icu::Normalizer2::getNFKCInstance(error);
+  if (type == "NFKD") n = icu::Normalizer2::getNFKDInstance(error);
+  if (n == nullptr && U_SUCCESS(error)) {
+    return Unsupported(src, absl::StrCat(field, ".type '", type,
+                                         "' is not supported (NFC, NFD, NFKC, NFKD, Sequence)"));
+  }
+  if (U_FAILURE(error)) {
+    return absl::InternalError(absl::StrCat(src, ": ICU's ", type, " data: ", u_errorName(error)));
+  }
+  normalizers_.push_back(n);
   return absl::OkStatus();
 }
 
@@ -612,7 +641,23 @@ absl::StatusOr<std::vector<int32_t>> ByteLevelBpe::Encode(std::string_view text,
       continue;
     }
     words.clear();
-    TOKENLAKE_RETURN_IF_ERROR(PreTokenize(piece.text, &words));
+    std::string normalized;
+    std::string_view text_part(piece.text.data(), piece.text.size());
+    for (const icu::Normalizer2* n : normalizers_) {
+      UErrorCode error = U_ZERO_ERROR;
+      const icu::StringPiece in(text_part.data(), static_cast<int32_t>(text_part.size()));
+      if (n->isNormalizedUTF8(in, error) && U_SUCCESS(error)) continue;
+      std::string out;
+      icu::StringByteSink<std::string> sink(&out);
+      error = U_ZERO_ERROR;
+      n->normalizeUTF8(0, in, sink, nullptr, error);
+      if (U_FAILURE(error)) {
+        return absl::InternalError(absl::StrCat("Unicode normalization: ", u_errorName(error)));
+      }
+      normalized = std::move(out);
+      text_part = normalized;
+    }
+    TOKENLAKE_RETURN_IF_ERROR(PreTokenize(text_part, &words));
     for (const std::string& w : words) EncodeWord(w, &ids);
   }
   if (add_special_tokens) ids.insert(ids.end(), suffix_ids_.begin(), suffix_ids_.end());

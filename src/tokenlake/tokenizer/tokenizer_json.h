@@ -1,11 +1,12 @@
 // Hugging Face `tokenizer.json` with a byte-level BPE model (GPT-2, Llama-3, Qwen-2 without its
 // NFC normalizer, and their kin).
 //
-// Read: `added_tokens` (all fields but `normalized`, which needs no handling without a
-// normalizer); `normalizer` null (or an empty Sequence); `pre_tokenizer` ByteLevel (its GPT-2
-// regex when use_regex, add_prefix_space), Split with a Regex or String pattern and behavior
-// Isolated or Removed (not inverted), and Sequence of these, with a ByteLevel step required
-// somewhere; `model` BPE with vocab and merges (either "a b" strings or ["a", "b"] pairs),
+// Read: `added_tokens` (all fields; all are matched on the text before normalization, as
+// Hugging Face does for `normalized: false` ones, which special tokens are); `normalizer` null,
+// NFC, NFD, NFKC, NFKD (through ICU) or a Sequence of them (Qwen's NFC); `pre_tokenizer` ByteLevel
+// (its GPT-2 regex when use_regex, add_prefix_space), Split with a Regex or String pattern and
+// behavior Isolated or Removed (not inverted), and Sequence of these, with a ByteLevel step
+// required somewhere; `model` BPE with vocab and merges (either "a b" strings or ["a", "b"] pairs),
 // ignore_merges, unk_token, and no dropout, byte_fallback, continuing_subword_prefix or
 // end_of_word_suffix; `post_processor` null, ByteLevel, TemplateProcessing (its `single`
 // template) or a Sequence of them; `decoder` ByteLevel (or null, read as ByteLevel). Anything

@@ -95,9 +95,14 @@ TEST_P(FixtureTest, RandomTextRoundTrips) {
   SCOPED_TRACE(testing::Message() << "seed " << seed);
   // Code points from ASCII (controls and whitespace included), Latin-1, CJK, emoji and the
   // planes beyond; surrogates excluded.
-  const std::vector<std::pair<uint32_t, uint32_t>> ranges = {
+  std::vector<std::pair<uint32_t, uint32_t>> ranges = {
       {0x01, 0x7F},     {0x09, 0x0D},     {0x20, 0x20},       {0x80, 0x7FF},
       {0x4E00, 0x4E80}, {0xE000, 0xFFFD}, {0x1F300, 0x1F6FF}, {0x10000, 0x10FFFF}};
+  if (GetParam() == "bpe_qwen2") {
+    // Its NFC normalizer changes combining sequences and compatibility ideographs (the fixture's
+    // texts check that against Hugging Face): here only code points NFC leaves alone.
+    ranges = {{0x01, 0x7F}, {0x09, 0x0D}, {0x20, 0x20}, {0x4E00, 0x4E80}, {0x1F300, 0x1F6FF}};
+  }
   for (int round = 0; round < 300; ++round) {
     std::string text;
     const int n = std::uniform_int_distribution<int>(0, 30)(rng);
@@ -138,7 +143,7 @@ TEST_P(FixtureTest, RandomIdsStreamLikeTheWholeDecode) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, FixtureTest,
-                         ::testing::Values("bpe_llama3", "bpe_gpt2", "spm_llama2"));
+                         ::testing::Values("bpe_llama3", "bpe_gpt2", "bpe_qwen2", "spm_llama2"));
 
 TEST(TokenizerTest, ReadsBosEosAndTheChatTemplateFromTheConfig) {
   auto tok = Tokenizer::FromDir(FixtureDir() + "/bpe_llama3");
@@ -212,9 +217,9 @@ TEST(TokenizerTest, RefusesWhatItDoesNotImplementNamingTheField) {
       {[](json& j) { j["model"]["type"] = "WordPiece"; }, absl::StatusCode::kUnimplemented,
        "model.type 'WordPiece' is not supported"},
       {[](json& j) {
-         j["normalizer"] = {{"type", "NFC"}};
+         j["normalizer"] = {{"type", "Lowercase"}};
        },
-       absl::StatusCode::kUnimplemented, "normalizer 'NFC' is not supported"},
+       absl::StatusCode::kUnimplemented, "normalizer.type 'Lowercase' is not supported"},
       {[](json& j) { j["model"]["byte_fallback"] = true; }, absl::StatusCode::kUnimplemented,
        "model.byte_fallback"},
       {[](json& j) { j["model"]["dropout"] = 0.1; }, absl::StatusCode::kUnimplemented,
@@ -251,7 +256,7 @@ TEST(TokenizerTest, RefusesWhatItDoesNotImplementNamingTheField) {
   };
   for (const Case& c : cases) {
     const absl::Status s = LoadError(EditedTokenizerJson(c.edit));
-    EXPECT_EQ(s.code(), c.code) << s;
+    EXPECT_EQ(s.code(), c.code) << s << " (want: " << c.message << ")";
     EXPECT_THAT(s.message(), HasSubstr(c.message));
     EXPECT_THAT(s.message(), HasSubstr("tokenizer.json"));
   }
