@@ -1,5 +1,5 @@
 // libFuzzer target: encoding arbitrary bytes and decoding arbitrary ids with the fixture
-// tokenizers (tests/fixtures/tokenizer: byte-level BPE and SentencePiece). Encoding must
+// tokenizers (tests/fixtures/tokenizer: byte-level BPE, with NFC, and SentencePiece). Encoding must
 // succeed or refuse invalid UTF-8 with an error; a decode stream must emit whole UTF-8 pieces
 // that add up to Decode.
 #include <cstddef>
@@ -39,11 +39,11 @@ void CheckStream(const Tokenizer& tok, const std::vector<int32_t>& ids, bool ski
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const Tokenizer* const tokenizers[] = {Load("bpe_llama3"), Load("bpe_gpt2"),
-                                                Load("spm_llama2")};
+                                                Load("bpe_qwen2"), Load("spm_llama2")};
   if (size == 0) return 0;
-  const Tokenizer& tok = *tokenizers[data[0] % 3];
-  const bool as_ids = (data[0] / 3) % 2 == 1;
-  const bool skip = (data[0] / 6) % 2 == 1;
+  const Tokenizer& tok = *tokenizers[data[0] % 4];
+  const bool as_ids = (data[0] / 4) % 2 == 1;
+  const bool skip = (data[0] / 8) % 2 == 1;
   ++data;
   --size;
   if (as_ids) {
