@@ -364,6 +364,26 @@ TEST(TokenizerTest, StopTokensIncludeGenerationConfig) {
   EXPECT_EQ((*tok)->config().stop_token_ids, (std::vector<int32_t>{eot, 5, 7}));
 }
 
+// Long runs of what each pre-tokenizer regex repeats (whitespace before a lookahead, letters,
+// digits, punctuation, newlines) encode without a regex failure and come back whole.
+TEST(TokenizerTest, LongRunsThroughEveryRegexEncodeAndRoundTrip) {
+  const std::vector<std::string> texts = {std::string(200000, ' ') + "x", std::string(200000, 'a'),
+                                          std::string(200000, '7'), std::string(200000, '!'),
+                                          std::string(100000, '\n') + std::string(100000, ' ')};
+  for (const std::string dir : {"bpe_llama3", "bpe_gpt2", "bpe_qwen2", "spm_llama2"}) {
+    auto tok = Tokenizer::FromDir(FixtureDir() + "/" + dir);
+    ASSERT_TRUE(tok.ok()) << tok.status();
+    for (const std::string& text : texts) {
+      auto ids = (*tok)->Encode(text, false);
+      ASSERT_TRUE(ids.ok()) << dir << ": " << ids.status();
+      std::string decoded = (*tok)->Decode(*ids, false);
+      if (dir == std::string("bpe_gpt2") && text[0] != ' ') decoded.erase(0, 1);  // prefix space
+      EXPECT_TRUE(decoded == text)
+          << dir << ": a run of " << text.size() << " x '" << static_cast<int>(text[0]) << "'";
+    }
+  }
+}
+
 TEST(TokenizerTest, InvalidUtf8TextIsRefusedWithItsOffset) {
   for (const std::string dir : {"bpe_llama3", "spm_llama2"}) {
     auto tok = Tokenizer::FromDir(FixtureDir() + "/" + dir);
