@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copies the non-system shared libraries that a CUDA build's binaries need into BUILD/devlibs, so
 # the binaries run on a GPU machine that has CUDA's libraries, libc and libstdc++ but none of
-# the Debian development libraries: abseil, spdlog, fmt, xxhash, gtest, and for the `tokenlake`
+# the Debian development libraries: abseil, xxhash, gtest, and for the `tokenlake`
 # CLI also gRPC, protobuf, upb, re2, c-ares, cpp-httplib, OpenSSL, brotli, zlib.
 #
 #   bench/pack_devlibs.sh [BUILD_DIR] [MAX_MIB]   # default build/cuda; binaries: BUILD_DIR/bin/*
