@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   cmake ninja-build g++ make pkg-config git python3
   libgtest-dev libgmock-dev libbenchmark-dev
-  libabsl-dev libcli11-dev nlohmann-json3-dev libxxhash-dev libspdlog-dev libfmt-dev
+  libabsl-dev libcli11-dev nlohmann-json3-dev libxxhash-dev
   zlib1g-dev  # sim: gzip-compressed traces
   # service: gRPC control plane, HTTP front end (cpp-httplib is built with brotli support),
   # libFuzzer targets (clang 14)
