@@ -25,7 +25,12 @@ Methods: ``segment_keys(tokens)``, ``match(tokens)``, ``cache_load(requests)``,
 ``admit(request)``, ``try_admit(request)`` (None when the pool cannot hold its new segments),
 ``commit(request_id, placements)``, ``release(request_id)``, ``rebalance()``, ``stats()``,
 ``advance(seconds)`` (with ``clock='manual'``), ``check_integrity()``.
+
+The simulator: ``tokenlake.sim.run(workload="chat", requests=200, instances=4, seed=1)`` takes
+``tokenlake sim``'s options as keyword arguments and returns the dict that
+``tokenlake sim --json`` writes (the same code runs, in this process).
 """
 from tokenlake._tokenlake import Lake, namespace_salt, segment_keys
+from tokenlake import sim
 
-__all__ = ["Lake", "namespace_salt", "segment_keys"]
+__all__ = ["Lake", "namespace_salt", "segment_keys", "sim"]

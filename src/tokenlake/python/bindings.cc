@@ -5,11 +5,15 @@
 // Errors: an absl::Status error becomes ValueError (InvalidArgument, OutOfRange), KeyError
 // (NotFound), or RuntimeError (anything else), with the status message. Every call holds the
 // GIL (the lake is fast and has its own lock).
+#include <fcntl.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <unistd.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <iostream>
 #include <memory>
 #include <optional>
 #include <string>
@@ -22,6 +26,10 @@
 #include "tokenlake/base/clock.h"
 #include "tokenlake/index/segment_id.h"
 #include "tokenlake/lake/lake.h"
+
+namespace tokenlake::cli {
+int RunCli(int argc, const char* const* argv);  // apps/tokenlake/command.h
+}  // namespace tokenlake::cli
 
 namespace py = pybind11;
 
@@ -186,8 +194,8 @@ py::dict PlanToPython(const plan::BatchPlan& b) {
     py::dict td;
     td["kind"] = TransferName(t.kind);
     td["request"] = t.request.value();
-    td["segment"] = t.segment.valid() ? py::object(py::int_(t.segment.value()))
-                                      : py::object(py::none());
+    td["segment"] =
+        t.segment.valid() ? py::object(py::int_(t.segment.value())) : py::object(py::none());
     td["src"] = Instance(t.src);
     td["dst"] = Instance(t.dst);
     td["bytes"] = t.bytes;
@@ -203,7 +211,8 @@ py::dict PlanToPython(const plan::BatchPlan& b) {
 
 py::dict ReplicasToPython(const std::vector<lake::StoredReplica>& v, const char* key, py::dict d) {
   py::list l;
-  for (const lake::StoredReplica& r : v) l.append(py::make_tuple(r.segment.value(), Instance(r.instance)));
+  for (const lake::StoredReplica& r : v)
+    l.append(py::make_tuple(r.segment.value(), Instance(r.instance)));
   d[key] = l;
   return d;
 }
@@ -269,8 +278,8 @@ class PyLake {
   }
 
   py::list SegmentKeys(const py::handle& tokens) const {
-    return KeysToPython(Unwrap(
-        index::ComputeSegmentKeys(salt_, Tokens(tokens), lake_->options().segment_tokens)));
+    return KeysToPython(
+        Unwrap(index::ComputeSegmentKeys(salt_, Tokens(tokens), lake_->options().segment_tokens)));
   }
 
   py::dict Match(const py::handle& tokens_or_keys) const {
@@ -314,7 +323,8 @@ class PyLake {
       for (const py::handle r : d["requests"]) batch.requests.push_back(Request(r));
       batch.dop = d.contains("dop") ? d["dop"].cast<int32_t>() : 1;
       if (d.contains("candidates")) {
-        for (const py::handle c : d["candidates"]) batch.candidates.push_back(InstanceId(c.cast<int32_t>()));
+        for (const py::handle c : d["candidates"])
+          batch.candidates.push_back(InstanceId(c.cast<int32_t>()));
       }
       bs.push_back(std::move(batch));
     }
@@ -331,7 +341,9 @@ class PyLake {
     return d;
   }
 
-  py::dict Admit(const py::dict& request) { return AdmitToPython(Unwrap(lake_->Admit(Request(request)))); }
+  py::dict Admit(const py::dict& request) {
+    return AdmitToPython(Unwrap(lake_->Admit(Request(request))));
+  }
 
   py::object TryAdmit(const py::dict& request) {
     std::optional<lake::AdmitResult> a = Unwrap(lake_->TryAdmit(Request(request)));
@@ -426,6 +438,45 @@ class PyLake {
   std::unique_ptr<lake::Lake> lake_;
 };
 
+// Runs the CLI with `args` (args[0] the program name), its stdout and stderr written to the two
+// files (the process's descriptors 1 and 2 are redirected for the call and restored), without
+// the GIL. Returns the exit code.
+int RunCliCaptured(const std::vector<std::string>& args, const std::string& out_path,
+                   const std::string& err_path) {
+  std::vector<const char*> argv;
+  for (const std::string& a : args) argv.push_back(a.c_str());
+  argv.push_back(nullptr);
+  const int out = open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  const int err = open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  if (out < 0 || err < 0) {
+    if (out >= 0) close(out);
+    if (err >= 0) close(err);
+    throw std::runtime_error("cannot create the CLI's output files in " + out_path);
+  }
+  std::cout.flush();
+  std::cerr.flush();
+  std::fflush(nullptr);
+  const int saved_out = dup(1);
+  const int saved_err = dup(2);
+  dup2(out, 1);
+  dup2(err, 2);
+  int code = 0;
+  {
+    py::gil_scoped_release release;
+    code = tokenlake::cli::RunCli(static_cast<int>(args.size()), argv.data());
+    std::cout.flush();
+    std::cerr.flush();
+    std::fflush(nullptr);
+  }
+  dup2(saved_out, 1);
+  dup2(saved_err, 2);
+  close(saved_out);
+  close(saved_err);
+  close(out);
+  close(err);
+  return code;
+}
+
 }  // namespace
 }  // namespace tokenlake::python
 
@@ -433,17 +484,19 @@ PYBIND11_MODULE(_tokenlake, m) {
   using tokenlake::python::PyLake;
   m.doc() = "TokenLake's control plane (see the tokenlake package)";
   m.def(
-      "namespace_salt",
-      [](const std::string& ns) { return tokenlake::index::NamespaceSalt(ns); }, py::arg("name"));
+      "namespace_salt", [](const std::string& ns) { return tokenlake::index::NamespaceSalt(ns); },
+      py::arg("name"));
   m.def(
       "segment_keys",
       [](const py::handle& tokens, int32_t segment_tokens, const std::string& ns) {
-        return tokenlake::python::KeysToPython(tokenlake::python::Unwrap(
-            tokenlake::index::ComputeSegmentKeys(tokenlake::index::NamespaceSalt(ns),
-                                                 tokenlake::python::Tokens(tokens),
-                                                 segment_tokens)));
+        return tokenlake::python::KeysToPython(
+            tokenlake::python::Unwrap(tokenlake::index::ComputeSegmentKeys(
+                tokenlake::index::NamespaceSalt(ns), tokenlake::python::Tokens(tokens),
+                segment_tokens)));
       },
       py::arg("tokens"), py::arg("segment_tokens"), py::arg("namespace") = "tokenlake");
+  m.def("_run_cli", &tokenlake::python::RunCliCaptured, py::arg("args"), py::arg("stdout_path"),
+        py::arg("stderr_path"));
   py::class_<PyLake>(m, "Lake")
       .def(py::init<int32_t, int32_t, int32_t, const std::optional<std::vector<int32_t>>&,
                     const py::dict&, const std::string&, const std::string&>(),
