@@ -9,6 +9,7 @@
 #include "tokenlake/sim/baselines.h"
 #include "tokenlake/sim/experiment.h"
 #include "tokenlake/sim/metrics.h"
+#include "tokenlake/sim/tokenlake_policy.h"
 
 namespace tokenlake::sim {
 namespace {
@@ -30,7 +31,9 @@ SimResult RunPolicy(const std::string& policy, const Workload& w, SimOptions o,
   auto p = MakePolicy(policy);
   EXPECT_TRUE(p.ok()) << p.status();
   Simulator sim(o, w, cost, **p);
-  return sim.Run();
+  absl::StatusOr<SimResult> r = sim.Run();
+  EXPECT_TRUE(r.ok()) << r.status();
+  return r.ok() ? *std::move(r) : SimResult{};
 }
 
 TEST(SimulatorTest, LoneRequestTimesMatchTheProfileByHand) {
@@ -163,7 +166,7 @@ TEST(PolicyScenarioTest, CacheAwareKnobsComeFromItsOptions) {
   o.num_instances = 2;
   const Workload w = SharedPrefixPair();
   Simulator sim(o, w, cost, policy);
-  const SimResult r = sim.Run();
+  const SimResult r = sim.Run().value();
   EXPECT_EQ(r.records[1].instance, 1);
   EXPECT_EQ(r.records[1].cached_tokens, 0);
 }
@@ -174,7 +177,8 @@ TEST(PolicyScenarioTest, CacheAwareRebalancesPastBothThresholds) {
   // k > 0 x 1.5), so requests 0..64 go to worker 0, request 65 to worker 1 (least loaded,
   // lowest id), request 66 to worker 2.
   Workload w;
-  for (int k = 0; k < 70; ++k) w.requests.push_back(Req(0, 1024, 500, {1, static_cast<uint64_t>(100 + k)}));
+  for (int k = 0; k < 70; ++k)
+    w.requests.push_back(Req(0, 1024, 500, {1, static_cast<uint64_t>(100 + k)}));
   SimOptions o;
   o.num_instances = 4;
   const SimResult r = RunPolicy("cache-aware", w, o);
@@ -240,7 +244,7 @@ TEST(PolicyScenarioTest, PdDisaggDramStoreServesWhatTheGpuCacheEvicted) {
   pd.dram_bytes = 1LL << 34;
   PdDisaggPolicy policy(pd);
   Simulator sim(o, w, cost, policy);
-  const SimResult dram = sim.Run();
+  const SimResult dram = sim.Run().value();
   EXPECT_EQ(dram.policy, "pd-disagg+dram");
   EXPECT_EQ(dram.records[2].cached_tokens, 1536);
   EXPECT_EQ(dram.bytes_by_kind.at("kv_from_dram"), 3LL * 512 * 131072);
@@ -263,7 +267,7 @@ TEST(PolicyScenarioTest, PdDisaggRejectsWhatCannotMeetTheTtftSloOnlyWhenAsked) {
   pd.slo_rejection = true;
   PdDisaggPolicy policy(pd);
   Simulator sim(o, w, cost, policy);
-  const SimResult r = sim.Run();
+  const SimResult r = sim.Run().value();
   EXPECT_EQ(r.policy, "pd-disagg+reject");
   EXPECT_TRUE(r.records[0].rejected);
   const Summary s = Summarize(r, 1);
@@ -288,7 +292,7 @@ TEST(PolicyScenarioTest, PdDisaggTieWithEmptyQueuesGoesToTheLeastLoadedInstances
   pd.split_in_name = true;
   PdDisaggPolicy policy(pd);
   Simulator sim(o, w, cost, policy);
-  const SimResult r = sim.Run();
+  const SimResult r = sim.Run().value();
   EXPECT_EQ(r.policy, "pd-disagg 2P:2D");
   EXPECT_EQ(r.records[0].instance, 0);
   EXPECT_EQ(r.records[1].instance, 1);
@@ -407,7 +411,7 @@ TEST_P(ConservationTest, EveryRequestAccountedAndNoMemoryLeaks) {
     o.num_instances = instances;
     o.kv_capacity_bytes = int64_t{8} << 30;  // small: eviction happens
     Simulator sim(o, *w, cost, **p);
-    const SimResult r = sim.Run();
+    const SimResult r = sim.Run().value();
     for (size_t i = 0; i < r.records.size(); ++i) {
       const RequestRecord& rec = r.records[i];
       const Request& req = w->requests[i];
@@ -459,6 +463,48 @@ TEST(SimulatorTest, LaterSessionTurnsArriveAfterThePreviousAnswerPlusThinkTime) 
   EXPECT_TRUE(rejected.records[0].rejected);
   EXPECT_DOUBLE_EQ(rejected.records[1].arrival_s, 3);
   EXPECT_TRUE(rejected.records[1].rejected);
+}
+
+TEST(SimulatorTest, PoliciesRefuseASetupTheyCannotServeWithAnErrorNamingTheSetting) {
+  Workload w;
+  w.requests.push_back(Req(0, 1024, 3, {1, 2}));
+  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  auto refused = [&](Policy& policy, const SimOptions& o) {
+    Simulator sim(o, w, cost, policy);
+    absl::StatusOr<SimResult> r = sim.Run();
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+    return std::string(r.status().message());
+  };
+  SimOptions o;
+  o.num_instances = 2;
+  // More KV blocks per instance than the pool counts in 32 bits (2^31 blocks of 64 MiB).
+  o.kv_capacity_bytes = (int64_t{1} << 31) * ModelSpec{}.KvBytesPerToken() * kBlockTokens;
+  auto tl = MakeTokenLakePolicy();
+  ASSERT_TRUE(tl.ok());
+  EXPECT_NE(refused(**tl, o).find("kv_capacity_bytes"), std::string::npos);
+  // A large capacity within the limit is accepted.
+  o.kv_capacity_bytes = (int64_t{1} << 20) * ModelSpec{}.KvBytesPerToken() * kBlockTokens;
+  {
+    auto ok = MakeTokenLakePolicy();
+    Simulator sim(o, w, cost, **ok);
+    EXPECT_TRUE(sim.Run().ok());
+  }
+  o.kv_capacity_bytes = 0;
+  // A static split that leaves no decode instance.
+  TokenLakePolicyOptions fixed;
+  fixed.fixed_prefill_instances = 2;
+  auto st = MakeTokenLakePolicy(fixed);
+  ASSERT_TRUE(st.ok());
+  EXPECT_NE(refused(**st, o).find("fixed_prefill_instances 2"), std::string::npos);
+  // PD on one instance, and a prefill count that leaves no decode instance.
+  PdDisaggOptions pd;
+  PdDisaggPolicy one(pd);
+  SimOptions single;
+  single.num_instances = 1;
+  EXPECT_NE(refused(one, single).find("at least 2 instances"), std::string::npos);
+  pd.num_prefill = 2;
+  PdDisaggPolicy all_prefill(pd);
+  EXPECT_NE(refused(all_prefill, o).find("num_prefill 2"), std::string::npos);
 }
 
 }  // namespace

@@ -8,7 +8,6 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
-#include "tokenlake/base/check.h"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/index/segment_id.h"
 #include "tokenlake/lake/lake.h"
@@ -59,18 +58,44 @@ class TokenLakePolicy final : public Policy {
                            num_instances_ - options_.fixed_prefill_instances);
   }
 
-  void Init(Simulator& sim) override {
+  absl::Status Init(Simulator& sim) override {
     sim_ = &sim;
     const int n = sim.options().num_instances;
     num_instances_ = n;
-    // The static split needs both phases: at least one instance each.
-    options_.fixed_prefill_instances = std::min(options_.fixed_prefill_instances, n - 1);
+    if (options_.fixed_prefill_instances >= n) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "tokenlake policy: fixed_prefill_instances %d leaves the decode phase with no "
+          "instance: valid values are 1 to %d for %d instances (0 = elastic)",
+          options_.fixed_prefill_instances, n - 1, n));
+    }
+    const ModelSpec& m = sim.cost().model();
+    // The pool counts slots and the model's shape in 32 bits.
+    constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max();
+    const int64_t blocks = sim.kv_capacity_blocks();
+    if (blocks > kMax32) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "tokenlake policy: the KV capacity per instance (SimOptions.kv_capacity_bytes, "
+          "--kv-gb or --cache-tokens) holds %d blocks of %d tokens, more than the pool's limit "
+          "of %d segments per instance",
+          blocks, kBlockTokens, kMax32));
+    }
+    for (const auto& [field, value] : {std::pair<const char*, int64_t>{"num_layers", m.num_layers},
+                                       {"num_heads", m.num_heads},
+                                       {"num_kv_heads", m.num_kv_heads},
+                                       {"head_dim", m.head_dim},
+                                       {"dtype_bytes", m.dtype_bytes}}) {
+      if (value > kMax32) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("tokenlake policy: model '%s' field %s is %d, more than the pool's "
+                            "limit of %d",
+                            m.name, field, value, kMax32));
+      }
+    }
     lake::LakeOptions lo;
     lo.num_instances = n;
     lo.segment_tokens = static_cast<int32_t>(kBlockTokens);
     lo.local_eviction_min_age_ratio = options_.local_eviction_min_age_ratio;
-    lo.slots_per_instance = static_cast<int32_t>(std::max<int64_t>(1, sim.kv_capacity_blocks()));
-    const ModelSpec& m = sim.cost().model();
+    lo.slots_per_instance = static_cast<int32_t>(std::max<int64_t>(1, blocks));
     lo.model.num_layers = static_cast<int32_t>(m.num_layers);
     lo.model.num_heads = static_cast<int32_t>(m.num_heads);
     lo.model.num_kv_heads = static_cast<int32_t>(m.num_kv_heads);
@@ -79,7 +104,10 @@ class TokenLakePolicy final : public Policy {
     shape_ = lo.model;
     pool_slots_ = static_cast<int64_t>(lo.slots_per_instance) * n;
     auto lake = lake::Lake::Create(lo, &clock_);
-    TOKENLAKE_CHECK_OK(lake.status());
+    if (!lake.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("tokenlake policy: cannot build the pool: %s", lake.status().message()));
+    }
     lake_ = *std::move(lake);
     salt_ = index::NamespaceSalt(m.name);
     state_.assign(sim.workload().requests.size(), RequestState{});
@@ -90,6 +118,11 @@ class TokenLakePolicy final : public Policy {
     sched_.max_dop = options_.max_dop;
     sched_.align_tokens = kBlockTokens;
     decode_budget_s_ = sim.options().slo_tpot_s * options_.decode_budget_share;
+    if (absl::Status s = sched::ValidateOptions(sched_); !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("tokenlake policy: scheduler: %s", s.message()));
+    }
+    return absl::OkStatus();
   }
 
   void OnArrival(Simulator& sim, int64_t request) override {

@@ -57,11 +57,14 @@ struct TokenLakePolicyOptions {
   // this ratio of the pool's LRU leaf's age; > 1 = pool-wide LRU only. Must be >= 0.
   double local_eviction_min_age_ratio = 0.5;
   // 0: elastic. P in [1, instances - 1]: the static-split ablation (prefill on instances
-  // [0, P), decode on the rest).
+  // [0, P), decode on the rest). P >= instances is refused by Init.
   int fixed_prefill_instances = 0;
 };
 
-// Errors: InvalidArgument naming a bad option.
+// Errors: InvalidArgument naming a bad option. The policy's Init (so Simulator::Run) refuses,
+// with InvalidArgument naming the setting, a setup the pool cannot hold: a static split without
+// a decode instance, more KV blocks per instance or a larger model dimension than the pool's
+// 32-bit counts.
 absl::StatusOr<std::unique_ptr<Policy>> MakeTokenLakePolicy(TokenLakePolicyOptions options = {});
 
 }  // namespace tokenlake::sim
