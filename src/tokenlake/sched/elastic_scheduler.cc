@@ -236,4 +236,87 @@ int32_t PlaceDecode(absl::Span<const DecodeInstance> instances, int64_t context_
   return least;
 }
 
+double MixedIterationSeconds(int64_t decodes, int64_t context_tokens, int64_t chunk_tokens,
+                             int64_t chunk_context, const BatchCostModel& cost) {
+  const int64_t tokens = std::max<int64_t>(decodes, 0) + std::max<int64_t>(chunk_tokens, 0);
+  if (tokens == 0) return 0;
+  double t = cost.DenseSeconds(tokens);
+  if (decodes > 0) {
+    t += static_cast<double>(decodes) * cost.AttentionSeconds(1, context_tokens / decodes);
+  }
+  if (chunk_tokens > 0) t += cost.AttentionSeconds(chunk_tokens, chunk_context);
+  return t;
+}
+
+int64_t MixedChunkTokens(const DecodeInstance& instance, const PrefillCandidate& candidate,
+                         double budget_s, const BatchCostModel& cost,
+                         const ElasticSchedulerOptions& options) {
+  if (!instance.eligible || instance.decodes <= 0 || candidate.remaining_tokens < 1) return 0;
+  const int64_t cap = std::min(candidate.remaining_tokens, options.chunk_tokens - instance.decodes);
+  if (cap < 1) return 0;
+  auto fits = [&](int64_t q) {
+    return MixedIterationSeconds(instance.decodes, instance.context_tokens, q,
+                                 candidate.context_tokens, cost) <= budget_s;
+  };
+  // The whole rest of the prompt, when it fits, needs no alignment.
+  if (cap == candidate.remaining_tokens && fits(cap)) return cap;
+  // Otherwise the largest multiple of align_tokens (below the rest) that fits: a binary search
+  // over k x align_tokens, k in [1, kmax].
+  const int64_t align = options.align_tokens;
+  int64_t kmax = cap / align;
+  if (kmax * align == candidate.remaining_tokens) --kmax;  // that one was tried above
+  int64_t lo = 0, hi = kmax;                               // k = lo fits (0: nothing), > hi not
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    if (fits(mid * align)) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo * align;
+}
+
+absl::StatusOr<std::vector<MixedChunk>> ScheduleMixedPrefill(
+    absl::Span<const PrefillCandidate> candidates, absl::Span<const DecodeInstance> instances,
+    double budget_s, const BatchCostModel& cost, const ElasticSchedulerOptions& options) {
+  TOKENLAKE_RETURN_IF_ERROR(ValidateOptions(options));
+  if (!(budget_s > 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("ScheduleMixedPrefill: budget_s must be > 0, got %g", budget_s));
+  }
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    if (candidates[i].remaining_tokens < 1 || candidates[i].context_tokens < 0) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "ScheduleMixedPrefill: candidate %d has remaining_tokens %d and context_tokens %d "
+          "(need >= 1 and >= 0)",
+          i, candidates[i].remaining_tokens, candidates[i].context_tokens));
+    }
+  }
+  std::vector<MixedChunk> out;
+  std::vector<bool> taken(instances.size(), false);
+  size_t open = 0;
+  for (const DecodeInstance& in : instances) open += in.eligible && in.decodes > 0 ? 1 : 0;
+  for (size_t c = 0; c < candidates.size() && open > 0; ++c) {
+    int32_t best = -1;
+    int64_t best_tokens = 0;
+    for (size_t i = 0; i < instances.size(); ++i) {
+      if (taken[i]) continue;
+      const int64_t q = MixedChunkTokens(instances[i], candidates[c], budget_s, cost, options);
+      if (q > best_tokens) {
+        best = static_cast<int32_t>(i);
+        best_tokens = q;
+      }
+    }
+    if (best < 0) continue;
+    taken[best] = true;
+    --open;
+    const DecodeInstance& in = instances[best];
+    out.push_back({best, static_cast<int32_t>(c), best_tokens,
+                   MixedIterationSeconds(in.decodes, in.context_tokens, best_tokens,
+                                         candidates[c].context_tokens, cost)});
+  }
+  return out;
+}
+
 }  // namespace tokenlake::sched

@@ -342,6 +342,27 @@ TEST(PolicyScenarioTest, TokenLakeSplitsALongPrefillOverIdleInstances) {
   EXPECT_LT(tl.records[0].first_token_s, rr.records[0].first_token_s * 0.6);
 }
 
+TEST(PolicyScenarioTest, TokenLakeMixesAPrefillChunkIntoADecodeInstance) {
+  // One instance decodes A (2,000 output tokens, ~6 ms per iteration, far under the 0.1 s
+  // decode budget); B (600 tokens) arrives at 1 s. The instance holds a decode, so it is never
+  // free for prefill: B's chunk is mixed into its decode iterations (a 601-token iteration,
+  // ~12 ms, fits the budget), and B's first token comes long before A finishes, within a few
+  // iterations of its arrival. Without mixed chunks B would wait for A's last token.
+  Workload w;
+  w.requests.push_back(Req(0, 1024, 2000, {1, 2}));
+  w.requests.push_back(Req(1, 600, 2, {3, 4}));
+  SimOptions o;
+  o.num_instances = 1;
+  const SimResult r = RunPolicy("tokenlake", w, o);
+  const RequestRecord& a = r.records[0];
+  const RequestRecord& b = r.records[1];
+  ASSERT_FALSE(a.rejected || b.rejected);
+  EXPECT_GT(a.finish_s, 5.0);
+  EXPECT_LT(b.first_token_s, 1.1);
+  EXPECT_LT(b.finish_s, a.finish_s);
+  EXPECT_EQ(b.instance, 0);
+}
+
 // Memory admission in the one pool (hand-computed pool arithmetic). 2 instances with 4 blocks of
 // KV memory each: 8 pool slots. A request needs its prompt's segments plus the segments its
 // generated tokens complete (ceil((prompt + output) / 512) in all). A (2048 + 3 tokens: 5 slots)

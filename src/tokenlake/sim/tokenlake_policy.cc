@@ -113,6 +113,7 @@ class TokenLakePolicy final : public Policy {
     state_.assign(sim.workload().requests.size(), RequestState{});
     decodes_.assign(static_cast<size_t>(n), 0);
     decode_context_.assign(static_cast<size_t>(n), 0);
+    chunks_on_.assign(static_cast<size_t>(n), 0);
     batch_cost_ = std::make_unique<SimBatchCost>(sim.cost(), shape_);
     sched_.chunk_tokens = sim.options().token_budget;
     sched_.max_dop = options_.max_dop;
@@ -157,6 +158,7 @@ class TokenLakePolicy final : public Policy {
 
   void OnPrefillDone(Simulator& sim, Job& job) override {
     if (job.policy_tag == kDecodeTag) return;
+    chunks_on_[job.instance] -= 1;
     RequestState& st = state_[job.request];
     if (--st.parts_left > 0) return;
     Tick(sim);
@@ -381,7 +383,44 @@ class TokenLakePolicy final : public Policy {
         }
       }
     }
+    if (options_.fixed_prefill_instances <= 0) MixIntoDecodes(sim);
     dispatching_ = false;
+  }
+
+  // Gives the decode instances with slack under the decode budget a chunk of the requests still
+  // queued (sched::ScheduleMixedPrefill), one per instance at a time.
+  void MixIntoDecodes(Simulator& sim) {
+    if (queue_.empty()) return;
+    std::vector<sched::DecodeInstance> view(sim.instances().size());
+    int open = 0;
+    for (Instance& inst : sim.instances()) {
+      sched::DecodeInstance& v = view[inst.id];
+      v.decodes = decodes_[inst.id];
+      v.context_tokens = decode_context_[inst.id];
+      // One chunk at a time, and room under the instance's running-request limit.
+      v.eligible = v.decodes > 0 && chunks_on_[inst.id] == 0 &&
+                   static_cast<int64_t>(inst.running.size() + inst.waiting.size()) <
+                       sim.options().max_running;
+      open += v.eligible ? 1 : 0;
+    }
+    if (open == 0) return;
+    const std::vector<int64_t> ready = Ready(sim, open);
+    if (ready.empty()) return;
+    std::vector<sched::PrefillCandidate> cands;
+    cands.reserve(ready.size());
+    for (int64_t request : ready) {
+      const RequestState& st = state_[request];
+      cands.push_back({sim.workload().requests[request].input_tokens - st.prefilled, st.prefilled});
+    }
+    // The mixed iteration keeps the decodes' own budget: a larger one (measured: the whole TPOT
+    // SLO) lengthens every iteration of the instance's decodes, so decode capacity drops, more
+    // instances turn to decode, and on the conversation trace the queue ran away.
+    auto mixed = sched::ScheduleMixedPrefill(cands, view, decode_budget_s_, *batch_cost_, sched_);
+    if (!Ok(mixed.status())) return;
+    for (const sched::MixedChunk& m : *mixed) {
+      std::vector<int> only = {m.instance};
+      RunBatch(sim, {ready[m.candidate]}, {m.tokens}, 1, &only);
+    }
   }
 
   // Plans one prefill batch with the lake on `dop` of the free instances and delivers its parts.
@@ -460,6 +499,7 @@ class TokenLakePolicy final : public Policy {
           --st.parts_left;  // more members than tokens
           continue;
         }
+        chunks_on_[group[j]] += 1;
         sim.Deliver(job, sim.now());
       }
     }
@@ -594,6 +634,7 @@ class TokenLakePolicy final : public Policy {
   bool dispatching_ = false;
   std::vector<int64_t> decodes_;         // per instance: decodes placed there
   std::vector<int64_t> decode_context_;  // per instance: their prompt tokens
+  std::vector<int64_t> chunks_on_;       // per instance: prefill chunk parts in flight there
   std::vector<RequestState> state_;
   std::vector<int64_t> decoding_;  // requests with decode load not yet recorded
   int64_t lake_errors_ = 0;

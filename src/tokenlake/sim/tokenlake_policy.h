@@ -19,11 +19,15 @@
 //   whose prompt is not done goes back to the queue in its arrival position.
 // - Decode: when its prompt is done, a request decodes at DoP 1 on the instance PlaceDecode
 //   picks (best fit under the decode iteration budget, slo_tpot x decode_budget_share), with a
-//   decode plan whose remote holders compute its partial attention every iteration. An
-//   instance with decodes takes no prefill (one phase per batch), so the prefill/decode split
-//   follows the load: instances join the decode side as decodes arrive and return to prefill
-//   when their decodes finish. Decode iterations record their load in the heavy-hitter tracker
-//   (Lake::RecordQueryLoad).
+//   decode plan whose remote holders compute its partial attention every iteration. The
+//   prefill/decode split follows the load: instances join the decode side as decodes arrive
+//   and return to prefill when their decodes finish. Decode iterations record their load in
+//   the heavy-hitter tracker (Lake::RecordQueryLoad).
+// - Mixed chunks: a decode instance whose decode iteration leaves slack under the same decode
+//   budget computes a chunk of a queued request in its next iteration
+//   (sched::ScheduleMixedPrefill: sized so the mixed iteration's estimate stays within the
+//   budget; one chunk per instance at a time; the queue's requests left after the free
+//   instances' batches, first come first served). Not in the static-split ablation.
 // - Costs: a remote holder's partial attention is charged to the holder (Simulator::
 //   ChargeExtra); the computing instance waits for the slowest holder: the sum of the partial
 //   attention of all the batch's queries it serves, their queries' and partials' transfer over
