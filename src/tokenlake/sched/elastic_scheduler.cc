@@ -27,6 +27,22 @@ absl::Status ValidateOptions(const ElasticSchedulerOptions& options) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "ElasticSchedulerOptions.align_tokens must be >= 1, got %d", options.align_tokens));
   }
+  if (options.pool_instances < 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "ElasticSchedulerOptions.pool_instances must be >= 0, got %d", options.pool_instances));
+  }
+  if (options.pool_instances > 0) {
+    if (absl::Status s = options.shape.Validate(); !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("ElasticSchedulerOptions.shape: %s", s.message()));
+    }
+    if (!(options.roofline.kv_bytes_per_s > 0) || !(options.roofline.attention_flops_per_s > 0)) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "ElasticSchedulerOptions.roofline: kv_bytes_per_s (%g) and attention_flops_per_s (%g) "
+          "must be > 0 with pool_instances > 0",
+          options.roofline.kv_bytes_per_s, options.roofline.attention_flops_per_s));
+    }
+  }
   if (options.max_dp_items < 1) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "ElasticSchedulerOptions.max_dp_items must be >= 1, got %d", options.max_dp_items));
@@ -39,7 +55,11 @@ namespace {
 struct Chunk {
   int32_t candidate = 0;
   int64_t tokens = 0;
+  // Attention on the batch's instances: over its context and itself, or with pool_instances
+  // only the causal part among its own tokens.
   double attention_s = 0;
+  // With pool_instances: its cache access (prefix = context, input = its tokens).
+  plan::CacheAccess cache;
 };
 
 }  // namespace
@@ -75,16 +95,21 @@ bool Partition(std::vector<Chunk> chunks, int32_t n, const BatchCostModel& cost,
   const int32_t m = static_cast<int32_t>(first.size()) - 1;
   std::vector<int64_t> pre_count(m + 1, 0), pre_tokens(m + 1, 0);
   std::vector<double> pre_attention(m + 1, 0);
+  std::vector<plan::CacheAccess> pre_cache(m + 1);
   for (int32_t g = 0; g < m; ++g) {
     int64_t tokens = 0;
     double attention = 0;
+    plan::CacheAccess cache;
     for (int32_t c = first[g]; c < first[g + 1]; ++c) {
       tokens += chunks[c].tokens;
       attention += chunks[c].attention_s;
+      cache += chunks[c].cache;
     }
     pre_count[g + 1] = pre_count[g] + (first[g + 1] - first[g]);
     pre_tokens[g + 1] = pre_tokens[g] + tokens;
     pre_attention[g + 1] = pre_attention[g] + attention;
+    pre_cache[g + 1] = pre_cache[g];
+    pre_cache[g + 1] += cache;
   }
   // T(items [j, i) on d instances), or infinity when they do not fit d instances' budget.
   const double inf = std::numeric_limits<double>::infinity();
@@ -94,6 +119,12 @@ bool Partition(std::vector<Chunk> chunks, int32_t n, const BatchCostModel& cost,
     const double attention = pre_attention[i] - pre_attention[j];
     double t = cost.DenseSeconds((tokens + d - 1) / d) + attention / d;
     if (d > 1) t += cost.ParallelSeconds(tokens, d);
+    if (options.pool_instances > 0 && t > 0) {
+      plan::CacheAccess cache;
+      cache.kv_bytes = pre_cache[i].kv_bytes - pre_cache[j].kv_bytes;
+      cache.attention_flops = pre_cache[i].attention_flops - pre_cache[j].attention_flops;
+      t /= 1 - plan::CacheLoad(cache, options.pool_instances, options.roofline, t);
+    }
     return t;
   };
   // c. f[i][k]: least total latency of the first i items on exactly k instances.
@@ -189,8 +220,14 @@ absl::StatusOr<PrefillSchedule> SchedulePrefill(absl::Span<const PrefillCandidat
       if (take == 0) continue;
     }
     capacity -= take;
-    chunks.push_back(
-        {static_cast<int32_t>(i), take, cost.AttentionSeconds(take, candidates[i].context_tokens)});
+    Chunk chunk{static_cast<int32_t>(i), take, 0, {}};
+    if (options.pool_instances > 0) {
+      chunk.attention_s = cost.AttentionSeconds(take, 0);
+      chunk.cache = plan::CacheAccessOf(options.shape, candidates[i].context_tokens, take);
+    } else {
+      chunk.attention_s = cost.AttentionSeconds(take, candidates[i].context_tokens);
+    }
+    chunks.push_back(chunk);
   }
   // Rounding the DoPs up can make the admitted chunks need more than n instances; the chunk
   // admitted last then waits for the next iteration. One chunk alone always fits.

@@ -51,6 +51,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "tokenlake/plan/cost_model.h"
 
 namespace tokenlake::sched {
 
@@ -89,6 +90,19 @@ struct ElasticSchedulerOptions {
   // request's remaining work (e.g. the segment size, so that every chunk but a prompt's last
   // completes whole segments); one that would be empty waits for the next iteration. >= 1.
   int64_t align_tokens = 1;
+  // The pool's cache load in SchedulePrefill's T (paper section 6.1). 0 (the default): each
+  // chunk's attention over its context runs on the batch's d instances, T as in the file
+  // comment. N >= 1: the context lives in a pool of N instances that serve it where it is
+  // stored, so that attention is not divided by d but charged as the pool's cache load L
+  // (plan::CacheLoad, the roofline max(M / (M + N B T0), F / (F + N P T0)) of the batch's
+  // chunks, prefix = context, input = chunk) on the rest of the iteration
+  // T0 = Dense(ceil(sum q / d)) + sum Attention(q_i, 0) / d + Parallel(sum q, d):
+  // T = T0 / (1 - L). Then a larger DoP shortens T0 but not the cache access, which no group
+  // size changes.
+  int32_t pool_instances = 0;
+  // With pool_instances > 0: the model (for M and F) and one instance's B and P (> 0).
+  plan::ModelShape shape;
+  plan::InstanceRoofline roofline;
 };
 
 struct PrefillBatch {

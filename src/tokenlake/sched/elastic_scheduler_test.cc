@@ -58,15 +58,31 @@ std::vector<RefChunk> ReferenceChunks(const std::vector<PrefillCandidate>& c, in
 
 double RefBatchSeconds(const std::vector<RefChunk>& batch, int32_t d, const BatchCostModel& cost,
                        const ElasticSchedulerOptions& o) {
+  const bool pool = o.pool_instances > 0;
   int64_t tokens = 0;
   double attention = 0;
+  // The roofline's M (KV bytes of prefix + input) and F (attention FLOPs of input over prefix),
+  // written out: 2 (K, V) x layers x KV heads x head_dim x bytes per token; 4 x layers x heads
+  // x head_dim per (query, cached token) pair.
+  const plan::ModelShape& s = o.shape;
+  double m = 0, f = 0;
   for (const RefChunk& c : batch) {
     tokens += c.tokens;
-    attention += cost.AttentionSeconds(c.tokens, c.context);
+    attention += cost.AttentionSeconds(c.tokens, pool ? 0 : c.context);
+    m += 2.0 * s.num_layers * s.num_kv_heads * s.head_dim * s.dtype_bytes *
+         static_cast<double>(c.context + c.tokens);
+    f += 4.0 * s.num_layers * s.num_heads * s.head_dim * static_cast<double>(c.context) *
+         static_cast<double>(c.tokens);
   }
   if (tokens > d * o.chunk_tokens || tokens < d) return kInf;
   double t = cost.DenseSeconds((tokens + d - 1) / d) + attention / d;
   if (d > 1) t += cost.ParallelSeconds(tokens, d);
+  if (pool) {
+    const double n = o.pool_instances;
+    const double load = std::max(m / (m + n * o.roofline.kv_bytes_per_s * t),
+                                 f / (f + n * o.roofline.attention_flops_per_s * t));
+    t /= 1 - load;
+  }
   return t;
 }
 
@@ -117,6 +133,15 @@ TEST(ElasticSchedulerTest, MatchesExhaustiveSearchOnRandomQueues) {
     }
     const bool with_slo = rng() % 2 == 0;
     o.prefill_slo_s = with_slo ? std::uniform_real_distribution<double>(0.002, 0.05)(rng) : kInf;
+    if (rng() % 2 == 0) {  // the pool's cache load in T
+      o.pool_instances = std::uniform_int_distribution<int32_t>(1, 16)(rng);
+      const int32_t kv = std::uniform_int_distribution<int32_t>(1, 4)(rng);
+      o.shape = plan::ModelShape{std::uniform_int_distribution<int32_t>(1, 4)(rng),
+                                 kv * std::uniform_int_distribution<int32_t>(1, 4)(rng), kv, 64,
+                                 2};
+      o.roofline.kv_bytes_per_s = std::uniform_real_distribution<double>(1e8, 1e10)(rng);
+      o.roofline.attention_flops_per_s = std::uniform_real_distribution<double>(1e10, 1e12)(rng);
+    }
 
     auto got = SchedulePrefill(cands, n, cost, o);
     ASSERT_TRUE(got.ok()) << got.status();
@@ -183,6 +208,37 @@ TEST(ElasticSchedulerTest, SpreadsALongPrefillOverIdleInstances) {
   EXPECT_EQ(s->batches[0].tokens[0], 4096);
 }
 
+TEST(ElasticSchedulerTest, ThePoolsCacheLoadIsNotDividedByTheDop) {
+  // One 2,048-token chunk after 1,000,000 cached tokens, 2 free instances. Dense 1 ms + 10 us
+  // per token; attention 1e-9 x q x (c + q / 2); the exchange 10 us per token per extra member.
+  const LinearCost cost(0.001, 1e-5, 1e-9, 1e-5);
+  ElasticSchedulerOptions o;
+  o.chunk_tokens = 2048;
+  o.max_dop = 2;
+  const std::vector<PrefillCandidate> cands = {{2048, 1000000}};
+  // Attention local to the group: d = 1 costs 1 + 20.48 + 2,050.1 ms; d = 2 costs
+  // 1 + 10.24 + 1,025.05 + 20.48 ms: the DP takes both instances.
+  auto local = SchedulePrefill(cands, 2, cost, o);
+  ASSERT_TRUE(local.ok()) << local.status();
+  ASSERT_EQ(local->batches.size(), 1u);
+  EXPECT_EQ(local->batches[0].dop, 2);
+  // In a pool of 16 instances the context's attention runs where it is stored: one layer, one
+  // KV head of 64, bf16: M = 256 x 1,002,048 bytes; F = 4 x 64 x 1e6 x 2048 = 5.24e11 FLOPs.
+  // With B = 1e12 and P = 1e13 per instance the cache access takes max(M / 16 B, F / 16 P) =
+  // max(16 us, 3.28 ms) whatever the DoP. d = 1: T0 = 1 + 20.48 + 2.10 (the chunk's own causal
+  // attention) = 23.58 ms, T = 26.86 ms; d = 2: T0 = 1 + 10.24 + 1.05 + 20.48 = 32.77 ms,
+  // T = 36.05 ms. The exchange no longer pays for itself: one instance.
+  o.pool_instances = 16;
+  o.shape = plan::ModelShape{1, 1, 1, 64, 2};
+  o.roofline = {.kv_bytes_per_s = 1e12, .attention_flops_per_s = 1e13};
+  auto pool = SchedulePrefill(cands, 2, cost, o);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  ASSERT_EQ(pool->batches.size(), 1u);
+  EXPECT_EQ(pool->batches[0].dop, 1);
+  const double t0 = 0.001 + 2048e-5 + 1e-9 * 2048 * 1024;
+  EXPECT_NEAR(pool->batches[0].estimated_s, t0 + 4.0 * 64 * 1e6 * 2048 / (16 * 1e13), 1e-12);
+}
+
 TEST(ElasticSchedulerTest, ShortRequestsDoNotWaitBehindALongOne) {
   // One long and three short prefills on two instances: the sum of latencies is least when the
   // short ones share one instance and the long one gets the other.
@@ -239,6 +295,12 @@ TEST(ElasticSchedulerTest, RefusesBadInput) {
   EXPECT_EQ(SchedulePrefill({}, 1, cost, o).status().code(), absl::StatusCode::kInvalidArgument);
   o = {};
   EXPECT_EQ(SchedulePrefill({}, -1, cost, o).status().code(), absl::StatusCode::kInvalidArgument);
+  o = {};
+  o.pool_instances = 4;  // without a roofline
+  auto no_roofline = SchedulePrefill({}, 1, cost, o);
+  EXPECT_EQ(no_roofline.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(no_roofline.status().message().find("roofline"), std::string::npos);
+  o = {};
   const std::vector<PrefillCandidate> bad = {{0, 0}};
   auto s = SchedulePrefill(bad, 1, cost, o);
   EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);

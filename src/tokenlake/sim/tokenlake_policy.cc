@@ -118,6 +118,13 @@ class TokenLakePolicy final : public Policy {
     sched_.chunk_tokens = sim.options().token_budget;
     sched_.max_dop = options_.max_dop;
     sched_.align_tokens = kBlockTokens;
+    // The DP charges a batch's context attention as the pool's cache load (Lake::GetCacheLoad's
+    // roofline over all n instances, at the cost model's attention rates per instance).
+    sched_.pool_instances = n;
+    sched_.shape = shape_;
+    const double tp = sim.cost().tensor_parallel();
+    sched_.roofline.kv_bytes_per_s = sim.cost().gpu().attn_decode_gbps * 1e9 * tp;
+    sched_.roofline.attention_flops_per_s = sim.cost().gpu().attn_prefill_tflops * 1e12 * tp;
     decode_budget_s_ = sim.options().slo_tpot_s * options_.decode_budget_share;
     if (absl::Status s = sched::ValidateOptions(sched_); !s.ok()) {
       return absl::InvalidArgumentError(
