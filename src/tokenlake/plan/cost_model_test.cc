@@ -54,8 +54,8 @@ TEST(CostModelTest, ValidateNamesTheBadField) {
 // L = max(M / (M + N B T), F / (F + N P T)).
 TEST(CostModelTest, CacheLoadIsThePaperRooflineByHand) {
   // The paper's LWM-7B (Llama-2-7B shape: multi-head, d = 4096, 32 layers, bf16).
-  const ModelShape lwm{.num_layers = 32, .num_heads = 32, .num_kv_heads = 32, .head_dim = 128,
-                       .dtype_bytes = 2};
+  const ModelShape lwm{
+      .num_layers = 32, .num_heads = 32, .num_kv_heads = 32, .head_dim = 128, .dtype_bytes = 2};
   // One request, 1,000 cached and 100 new tokens: M = 4 x 4096 x 1100 x 32 = 576,716,800 bytes,
   // F = 4 x 4096 x 1000 x 100 x 32 = 52,428,800,000 FLOPs.
   const CacheAccess a = CacheAccessOf(lwm, 1000, 100);

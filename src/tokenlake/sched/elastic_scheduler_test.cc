@@ -137,8 +137,7 @@ TEST(ElasticSchedulerTest, MatchesExhaustiveSearchOnRandomQueues) {
       o.pool_instances = std::uniform_int_distribution<int32_t>(1, 16)(rng);
       const int32_t kv = std::uniform_int_distribution<int32_t>(1, 4)(rng);
       o.shape = plan::ModelShape{std::uniform_int_distribution<int32_t>(1, 4)(rng),
-                                 kv * std::uniform_int_distribution<int32_t>(1, 4)(rng), kv, 64,
-                                 2};
+                                 kv * std::uniform_int_distribution<int32_t>(1, 4)(rng), kv, 64, 2};
       o.roofline.kv_bytes_per_s = std::uniform_real_distribution<double>(1e8, 1e10)(rng);
       o.roofline.attention_flops_per_s = std::uniform_real_distribution<double>(1e10, 1e12)(rng);
     }
@@ -433,8 +432,8 @@ TEST(ElasticSchedulerTest, MixedPrefillFillsTheDecodeBudgetByHand) {
   o.align_tokens = 256;
   const std::vector<DecodeInstance> ins = {{.decodes = 100, .context_tokens = 100000},
                                            {.decodes = 1, .context_tokens = 100}};
-  auto s = ScheduleMixedPrefill(std::vector<PrefillCandidate>{{4000, 0}, {300, 0}}, ins, 0.027,
-                                cost, o);
+  auto s =
+      ScheduleMixedPrefill(std::vector<PrefillCandidate>{{4000, 0}, {300, 0}}, ins, 0.027, cost, o);
   ASSERT_TRUE(s.ok()) << s.status();
   ASSERT_EQ(s->size(), 2u);
   EXPECT_EQ((*s)[0].instance, 1);
