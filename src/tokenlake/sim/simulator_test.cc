@@ -363,6 +363,42 @@ TEST(PolicyScenarioTest, TokenLakeMixesAPrefillChunkIntoADecodeInstance) {
   EXPECT_EQ(b.instance, 0);
 }
 
+// Link time of a new segment stored away from its producer (hand-computed). 2 instances with 3
+// blocks of KV memory each, links of 1 MB/s (so that the copy dominates). A (2,048 tokens, one
+// output token) is computed on instance 0 (the link is too slow for a sequence-parallel
+// split); its 4th segment does not fit there and is stored on instance 1: 64 MiB =
+// 67,108,864 bytes over the link, 67.108864 s + 10 us. B, A's next turn (think time 0), repeats
+// A's prompt and adds 1 token: it arrives when A finishes, hits A's 4 segments, and reads the
+// 4th on instance 1, so its chunk waits until that copy lands, then sends its one query there
+// (528,384 bytes with the partial result: 0.53 s) and computes one token. (Without the link
+// model B's first token came 0.53 s after A's finish.)
+TEST(PolicyScenarioTest, TokenLakeWaitsForANewSegmentCopiedOverTheLink) {
+  Workload w;
+  w.requests.push_back(Req(0, 2048, 1, {1, 2, 3, 4}));
+  w.requests.push_back(Req(0, 2049, 1, {1, 2, 3, 4, 5}));
+  w.requests[1].previous_turn = 0;
+  w.requests[1].think_s = 0;
+  SimOptions o;
+  o.num_instances = 2;
+  o.kv_capacity_bytes = 3 * ModelSpec{}.KvBytesPerToken() * kBlockTokens;
+  InterconnectSpec slow;
+  slow.intra_node_gbps = 0.001;
+  const CostModel cost(ModelSpec{}, GpuProfile{}, slow);
+  auto p = MakePolicy("tokenlake");
+  ASSERT_TRUE(p.ok());
+  Simulator sim(o, w, cost, **p);
+  const SimResult r = sim.Run().value();
+  // A's 4th segment, and B's 1-token segment (instance 0 is still full), stored on instance 1.
+  ASSERT_EQ(r.bytes_by_kind.at("new_segments"), int64_t{512} * 131072 + 131072);
+  const RequestRecord& a = r.records[0];
+  const RequestRecord& b = r.records[1];
+  ASSERT_FALSE(a.rejected || b.rejected);
+  EXPECT_EQ(b.cached_tokens, 2048);
+  const double copy_s = 67108864.0 / 1e6 + 10e-6;
+  EXPECT_GE(b.first_token_s, a.finish_s + copy_s);
+  EXPECT_LE(b.first_token_s, a.finish_s + copy_s + 0.6);
+}
+
 // Memory admission in the one pool (hand-computed pool arithmetic). 2 instances with 4 blocks of
 // KV memory each: 8 pool slots. A request needs its prompt's segments plus the segments its
 // generated tokens complete (ceil((prompt + output) / 512) in all). A (2048 + 3 tokens: 5 slots)

@@ -6,6 +6,7 @@
 #include <limits>
 #include <set>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
 #include "tokenlake/base/clock.h"
@@ -13,6 +14,7 @@
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/plan/cost_model.h"
 #include "tokenlake/sched/elastic_scheduler.h"
+#include "tokenlake/sim/links.h"
 
 namespace tokenlake::sim {
 namespace {
@@ -114,6 +116,7 @@ class TokenLakePolicy final : public Policy {
     decodes_.assign(static_cast<size_t>(n), 0);
     decode_context_.assign(static_cast<size_t>(n), 0);
     chunks_on_.assign(static_cast<size_t>(n), 0);
+    links_ = std::make_unique<LinkClock>(n);
     batch_cost_ = std::make_unique<SimBatchCost>(sim.cost(), shape_);
     sched_.chunk_tokens = sim.options().token_budget;
     sched_.max_dop = options_.max_dop;
@@ -182,6 +185,12 @@ class TokenLakePolicy final : public Policy {
     if (Ok(committed.status())) {
       sim.AddBytesMoved(committed->moved_bytes, "new_segments");
       not_stored_ += static_cast<int64_t>(committed->not_stored.size());
+      // Segments stored away from the chunk's computing instance travel there over the links.
+      for (const lake::StoredReplica& stored : committed->stored) {
+        if (stored.instance.value() != st.producer) {
+          CopySegment(sim, stored.segment, st.producer, stored.instance.value());
+        }
+      }
     }
     st.placements.clear();
     st.prefilled = st.chunk_end;
@@ -272,7 +281,15 @@ class TokenLakePolicy final : public Policy {
     Tick(sim);
     FlushDecodeLoad();
     auto rebalanced = lake_->Rebalance();
-    if (Ok(rebalanced.status())) sim.AddBytesMoved(rebalanced->bytes_moved, "rebalance");
+    if (Ok(rebalanced.status())) {
+      sim.AddBytesMoved(rebalanced->bytes_moved, "rebalance");
+      for (const balance::BalanceAction& a : rebalanced->actions) {
+        if (a.kind == balance::ActionKind::kDrop) continue;
+        CopySegment(sim, a.segment, a.from.value(), a.to.value());
+      }
+    }
+    // Copies that have landed need no more tracking.
+    absl::erase_if(landing_, [&](const auto& entry) { return entry.second <= sim.now(); });
     Dispatch(sim);
   }
 
@@ -477,6 +494,8 @@ class TokenLakePolicy final : public Policy {
             st.pull_s,
             sim.cost().TransferSeconds(h.bytes, sim.cost().SameNode(h.holder.value(), computing)));
       }
+      // The chunk starts when the segments it reads have landed where it reads them.
+      const double ready = ReadyAt(sim, rp);
       // Sequence parallel: contiguous parts of the chunk, one per member.
       const int parts = static_cast<int>(group.size());
       st.parts_left = parts;
@@ -507,7 +526,7 @@ class TokenLakePolicy final : public Policy {
           continue;
         }
         chunks_on_[group[j]] += 1;
-        sim.Deliver(job, sim.now());
+        sim.Deliver(job, ready);
       }
     }
   }
@@ -570,8 +589,10 @@ class TokenLakePolicy final : public Policy {
     decode->decoded = 1;
     decode->continuation = true;
     decode->policy_tag = kDecodeTag;
+    double ready = sim.now();
     auto plans = lake_->GenPlans(absl::MakeConstSpan(&batch, 1));
     if (Ok(plans.status())) {
+      ready = ReadyAt(sim, (*plans)[0].requests[0]);
       for (const plan::HolderPlan& h : (*plans)[0].requests[0].holders) {
         if (h.holder.value() == target) continue;
         // A decode's query is tiny: it always moves to the holder.
@@ -580,7 +601,30 @@ class TokenLakePolicy final : public Policy {
       }
     }
     decode->remote_context_tokens = std::min(decode->remote_context_tokens, r.input_tokens);
-    sim.Deliver(decode, sim.now());
+    sim.Deliver(decode, ready);
+  }
+
+  // Copies `segment`'s KV from `src` to `dst` over the links (LinkClock: serialised per link);
+  // the replica on `dst` can be read once the copy lands.
+  void CopySegment(Simulator& sim, SegmentId segment, int src, int dst) {
+    const index::PrefixTree::Node* node = lake_->prefix_tree().Find(segment);
+    const int64_t tokens = node != nullptr ? node->num_tokens : kBlockTokens;
+    const double seconds =
+        sim.cost().TransferSeconds(plan::KvBytes(shape_, tokens), sim.cost().SameNode(src, dst));
+    const double lands = links_->Copy(src, dst, sim.now(), seconds);
+    double& at = landing_[{segment.value(), dst}];
+    at = std::max(at, lands);
+  }
+
+  // When every segment replica that `plan` reads has landed (now, if none is still in transit).
+  double ReadyAt(Simulator& sim, const plan::RequestPlan& plan) const {
+    double ready = sim.now();
+    if (landing_.empty()) return ready;
+    for (const plan::SegmentAssignment& a : plan.segments) {
+      auto it = landing_.find({a.segment.value(), a.holder.value()});
+      if (it != landing_.end()) ready = std::max(ready, it->second);
+    }
+    return ready;
   }
 
   void Tick(Simulator& sim) {
@@ -642,6 +686,9 @@ class TokenLakePolicy final : public Policy {
   std::vector<int64_t> decodes_;         // per instance: decodes placed there
   std::vector<int64_t> decode_context_;  // per instance: their prompt tokens
   std::vector<int64_t> chunks_on_;       // per instance: prefill chunk parts in flight there
+  std::unique_ptr<LinkClock> links_;     // background copies (new segments, rebalancing)
+  // (segment, instance) -> when its copy there lands, for copies that may still be in transit.
+  absl::flat_hash_map<std::pair<uint64_t, int>, double> landing_;
   std::vector<RequestState> state_;
   std::vector<int64_t> decoding_;  // requests with decode load not yet recorded
   int64_t lake_errors_ = 0;

@@ -33,8 +33,11 @@
 //   attention of all the batch's queries it serves, their queries' and partials' transfer over
 //   its link, and one round trip per layer (2 x layers latencies), beyond its own compute.
 //   Pulled KV streams in layer by layer while the chunk computes (the iteration lasts at least
-//   the slowest pull). New segments stored off their producer and Lake::Rebalance (every
-//   sample period) count as bytes moved.
+//   the slowest pull). New segments stored off their producer and the copies of
+//   Lake::Rebalance (every sample period) count as bytes moved and travel over the links
+//   (LinkClock, links.h): each copy occupies its source's and destination's link for its
+//   transfer time, serialised per link, and a chunk or decode whose plan reads a replica still
+//   in transit is delivered when the copy lands (its instance waits for it).
 // - Ablation (fixed_prefill_instances = P > 0): prefill only on instances [0, P), decode only on
 //   the rest: TokenLake's pool with a static PD split.
 //
