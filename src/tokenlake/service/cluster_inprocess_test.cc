@@ -1,6 +1,14 @@
 // The coordinator and instance servers in one process (real gRPC, HTTP and TCP on 127.0.0.1,
 // no child processes), so that the daemons' code also runs under ASan/UBSan in CI (the
 // process-level tests in tests/service_cluster_test.cc are labelled slow).
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <filesystem>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -331,6 +339,59 @@ TEST_F(InProcessClusterTest, ConcurrentRequestsAreBatchedAndStillCorrect) {
   EXPECT_GE(iterations, kRequests * m);
   EXPECT_LT(batches, iterations);
   EXPECT_EQ(MetricValue(coordinator_->MetricsText(), "tokenlake_pool_pinned_segments"), 0);
+}
+
+// An instance whose transport cannot accept connections (out of descriptors) reports it in its
+// heartbeat: the coordinator stops routing to it and /healthz names it ("degraded"); once it
+// can accept again it serves again.
+TEST_F(InProcessClusterTest, AnInstanceThatCannotAcceptIsReportedUnhealthyAndGetsNoRequests) {
+  const int32_t port = instances_[1]->transport_port();
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+  int64_t open_fds = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) {
+    ++open_fds;
+  }
+  rlimit low = old;
+  low.rlim_cur = static_cast<rlim_t>(open_fds + 64);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+  std::vector<int> filler;
+  for (int fd; (fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0;) filler.push_back(fd);
+  ::close(filler.back());
+  filler.pop_back();
+  // A connection the instance cannot accept: its acceptor fails with EMFILE.
+  const int client = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  const bool connected =
+      client >= 0 && ::connect(client, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+  // Heartbeats (on the established gRPC connection) carry the report.
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  while (coordinator_->LiveInstances() != 1 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  const int32_t live_while_exhausted = coordinator_->LiveInstances();
+  for (int fd : filler) ::close(fd);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+  ASSERT_TRUE(connected);
+  EXPECT_EQ(live_while_exhausted, 1);
+  auto health = HttpGet(coordinator_->http_port(), "/healthz");
+  ASSERT_TRUE(health.ok()) << health.status();
+  EXPECT_EQ(health->first, 200);
+  EXPECT_THAT(health->second, HasSubstr("degraded"));
+  EXPECT_THAT(health->second, HasSubstr("instance 1 ('in-process-1')"));
+  EXPECT_THAT(health->second, HasSubstr("cannot accept a connection"));
+  // Meanwhile requests go to the healthy instance.
+  auto r = coordinator_->Complete({.prompt = Prompt(5), .max_tokens = 2});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->instance, 0);
+  ::close(client);
+  WaitForLive(2);
+  health = HttpGet(coordinator_->http_port(), "/healthz");
+  ASSERT_TRUE(health.ok());
+  EXPECT_THAT(health->second, HasSubstr("\"ok\""));
 }
 
 }  // namespace

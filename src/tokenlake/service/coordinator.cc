@@ -21,6 +21,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "nlohmann/json.hpp"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/engine/control_plane.h"
 #include "tokenlake/index/segment_id.h"
@@ -62,6 +63,8 @@ struct Member {
   int64_t capacity_slots = 0;
   int64_t slot_bytes = 0;
   int64_t incarnations = 0;
+  // Non-empty while the instance reports that its transport cannot accept or dial.
+  std::string transport_error;
 };
 
 struct Pending {
@@ -349,7 +352,8 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   }
 
   bool Routable(int32_t i) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return i >= 0 && i < options_.lake_instances && members_[i].alive && members_[i].data_port > 0;
+    return i >= 0 && i < options_.lake_instances && members_[i].alive &&
+           members_[i].data_port > 0 && members_[i].transport_error.empty();
   }
 
   // Routable, and every routable instance has been told its data port (so whoever it sends
@@ -847,6 +851,13 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       m.since_version = ++membership_version_;
     }
     m.traffic = state.traffic();
+    if (state.transport_error() != m.transport_error) {
+      m.transport_error = state.transport_error();
+      ++membership_version_;
+      std::fprintf(stderr, "tokenlake coordinator: instance %d ('%s') %s%s\n", id, m.name.c_str(),
+                   m.transport_error.empty() ? "is healthy again" : "unhealthy: ",
+                   m.transport_error.c_str());
+    }
   }
 
   // Takes the instance's report into the lake: restores what it holds that the lake does not
@@ -980,11 +991,9 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       res.set_content(MetricsText(), "text/plain; version=0.0.4");
     });
     http_->Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
-      const int32_t live = LiveInstances();
-      res.status = live > 0 ? 200 : 503;
-      res.set_content(absl::StrFormat("{\"status\":\"%s\",\"live_instances\":%d}",
-                                      live > 0 ? "ok" : "no live instance", live),
-                      "application/json");
+      const HealthReport h = Health();
+      res.status = h.http_status;
+      res.set_content(h.json, "application/json");
     });
     http_->set_error_handler([](const httplib::Request&, httplib::Response& res) {
       if (!res.body.empty()) return;
@@ -1156,6 +1165,38 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
              "Planned reads of a rebalance copy not yet confirmed, served by its source instead.");
     w.Sample("tokenlake_rebalance_redirects_total", {}, static_cast<double>(fresh_redirects_));
     return w.text();
+  }
+
+  // GET /healthz: 200 "ok" when every registered instance is live and healthy and the
+  // coordinator's own transport works; 200 "degraded" (naming the problems) when some are not
+  // but one can serve; 503 when none can (or the coordinator cannot reach instances).
+  struct HealthReport {
+    int http_status = 200;
+    std::string json;
+  };
+  HealthReport Health() const {
+    nlohmann::json problems = nlohmann::json::array();
+    if (absl::Status own = tcp_->Health(); !own.ok()) {
+      problems.push_back(absl::StrCat("coordinator: ", own.message()));
+    }
+    absl::MutexLock lock(&mu_);
+    int32_t live = 0;
+    for (int32_t i = 0; i < options_.lake_instances; ++i) {
+      const Member& m = members_[i];
+      live += Ready(i) ? 1 : 0;
+      if (m.registered && m.alive && !m.transport_error.empty()) {
+        problems.push_back(absl::StrFormat("instance %d ('%s'): %s", i, m.name, m.transport_error));
+      }
+    }
+    const bool serving = live > 0 && tcp_->Health().ok();
+    HealthReport r;
+    r.http_status = serving ? 200 : 503;
+    nlohmann::json j = {{"status", !serving ? (live > 0 ? "unhealthy" : "no live instance")
+                                            : (problems.empty() ? "ok" : "degraded")},
+                        {"live_instances", live}};
+    if (!problems.empty()) j["problems"] = problems;
+    r.json = j.dump();
+    return r;
   }
 
   int32_t LiveInstances() const {

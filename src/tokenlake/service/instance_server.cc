@@ -185,6 +185,14 @@ class InstanceServer::Impl {
       state.set_used_slots(dp->pool->store(self).used());
       state.set_data_port(dp->tcp->port());
     }
+    // A transport that cannot accept or dial (e.g. out of descriptors) makes the instance
+    // unusable however alive it looks: the coordinator stops routing to it.
+    for (const transport::TcpTransport* t : {tcp_.get(), dp != nullptr ? dp->tcp.get() : nullptr}) {
+      if (t == nullptr) continue;
+      if (absl::Status h = t->Health(); !h.ok() && state.transport_error().empty()) {
+        state.set_transport_error(std::string(h.message()));
+      }
+    }
     state.set_capacity_slots(options_.slots);
     state.set_slot_bytes(layout_.SlotBytes());
     state.set_requests_served(served_.load());
