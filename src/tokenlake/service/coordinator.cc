@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <random>
 #include <thread>
 #include <utility>
@@ -26,8 +27,11 @@
 #include "tokenlake/engine/control_plane.h"
 #include "tokenlake/index/segment_id.h"
 #include "tokenlake/lake/lake.h"
+#include "tokenlake/service/call_auth.h"
+#include "tokenlake/service/incarnation.h"
 #include "tokenlake/service/lake_rpc.h"
 #include "tokenlake/service/metrics.h"
+#include "tokenlake/transport/cluster_secret.h"
 #include "tokenlake/transport/tcp_transport.h"
 #include "tokenlake/v1/tokenlake.grpc.pb.h"
 
@@ -135,26 +139,31 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   class LakeService final : public v1::Lake::Service {
    public:
     explicit LakeService(Impl* impl) : impl_(impl) {}
-    grpc::Status PlanIteration(grpc::ServerContext*, const v1::PlanIterationRequest* request,
+    grpc::Status PlanIteration(grpc::ServerContext* ctx, const v1::PlanIterationRequest* request,
                                v1::PlanIterationReply* reply) override {
+      if (grpc::Status a = impl_->Authenticate(ctx, "PlanIteration"); !a.ok()) return a;
       return impl_->PlanIteration(*request, reply);
     }
-    grpc::Status Commit(grpc::ServerContext*, const v1::CommitRequest* request,
+    grpc::Status Commit(grpc::ServerContext* ctx, const v1::CommitRequest* request,
                         v1::CommitReply* reply) override {
+      if (grpc::Status a = impl_->Authenticate(ctx, "Commit"); !a.ok()) return a;
       return impl_->CommitIteration(*request, reply);
     }
-    grpc::Status Release(grpc::ServerContext*, const v1::ReleaseRequest* request,
+    grpc::Status Release(grpc::ServerContext* ctx, const v1::ReleaseRequest* request,
                          v1::ReleaseReply*) override {
+      if (grpc::Status a = impl_->Authenticate(ctx, "Release"); !a.ok()) return a;
       impl_->lake_rpcs_[kReleaseRpc].fetch_add(1, std::memory_order_relaxed);
       absl::MutexLock lock(&impl_->lake_mu_);
       return ToGrpc(impl_->lake_->Release(RequestId(request->request_id())));
     }
-    grpc::Status ReleaseAndPlan(grpc::ServerContext*, const v1::ReleaseAndPlanRequest* request,
+    grpc::Status ReleaseAndPlan(grpc::ServerContext* ctx, const v1::ReleaseAndPlanRequest* request,
                                 v1::PlanIterationReply* reply) override {
+      if (grpc::Status a = impl_->Authenticate(ctx, "ReleaseAndPlan"); !a.ok()) return a;
       return impl_->ReleaseAndPlan(*request, reply);
     }
-    grpc::Status PlanBatch(grpc::ServerContext*, const v1::PlanBatchRequest* request,
+    grpc::Status PlanBatch(grpc::ServerContext* ctx, const v1::PlanBatchRequest* request,
                            v1::PlanBatchReply* reply) override {
+      if (grpc::Status a = impl_->Authenticate(ctx, "PlanBatch"); !a.ok()) return a;
       return impl_->PlanBatch(*request, reply);
     }
 
@@ -176,9 +185,12 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       return absl::InvalidArgumentError(absl::StrCat("Coordinator: ", lk.status().message()));
     }
     lake_ = std::move(*lk);
+    // The coordinator accepts no transport connections: it dials each instance and believes an
+    // instance's replies only on the connection it opened to it.
     auto tcp = transport::TcpTransport::Create({.num_endpoints = kMaxInstances + 1,
                                                 .local_endpoints = {InstanceId(0)},
-                                                .port = options_.transport_port});
+                                                .secret = options_.cluster_secret,
+                                                .listen = false});
     if (!tcp.ok()) return tcp.status();
     tcp_ = std::move(*tcp);
     auto fault = transport::FaultTransport::Create(tcp_.get(), options_.faults);
@@ -238,8 +250,16 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
 
   // ---- gRPC ----
 
-  grpc::Status Register(grpc::ServerContext*, const v1::RegisterRequest* request,
+  // Every call must carry a token made with the cluster secret (call_auth.h).
+  grpc::Status Authenticate(const grpc::ServerContext* ctx, std::string_view method) {
+    grpc::Status s = CheckCall(ctx, options_.cluster_secret, method);
+    if (!s.ok()) unauthenticated_calls_.fetch_add(1, std::memory_order_relaxed);
+    return s;
+  }
+
+  grpc::Status Register(grpc::ServerContext* ctx, const v1::RegisterRequest* request,
                         v1::RegisterReply* reply) override {
+    if (grpc::Status a = Authenticate(ctx, "Register"); !a.ok()) return a;
     if (request->namespace_name() != options_.namespace_name ||
         request->segment_tokens() != options_.segment_tokens) {
       return grpc::Status(
@@ -259,6 +279,26 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     }
     if (request->transport_port() < 1 || request->transport_port() > 65535) {
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "transport_port outside [1, 65535]");
+    }
+    // A live member's name is taken over only once its old incarnation is proven gone
+    // (incarnation.h); checked without the locks (it may probe the old transport port).
+    std::optional<LiveIncarnation> old;
+    {
+      absl::MutexLock lock(&mu_);
+      for (int32_t i = 0; i < options_.lake_instances; ++i) {
+        const Member& m = members_[i];
+        if (m.registered && m.alive && m.name == request->name()) {
+          old = LiveIncarnation{m.name, i, m.transport_port, m.last_heartbeat};
+        }
+      }
+    }
+    if (old.has_value()) {
+      absl::Status gone = CheckIncarnationGone(*old, request->transport_port(), options_.dead_after,
+                                               options_.cluster_secret, absl::Now());
+      if (!gone.ok()) {
+        refused_registrations_.fetch_add(1, std::memory_order_relaxed);
+        return ToGrpc(gone);
+      }
     }
     absl::MutexLock lake_lock(&lake_mu_);
     absl::MutexLock lock(&mu_);
@@ -323,8 +363,9 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     return grpc::Status::OK;
   }
 
-  grpc::Status Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* request,
+  grpc::Status Heartbeat(grpc::ServerContext* ctx, const v1::HeartbeatRequest* request,
                          v1::HeartbeatReply* reply) override {
+    if (grpc::Status a = Authenticate(ctx, "Heartbeat"); !a.ok()) return a;
     absl::MutexLock lake_lock(&lake_mu_);
     absl::MutexLock lock(&mu_);
     const int32_t id = request->instance_id();
@@ -530,7 +571,10 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       RequestId lake_request;
       {
         absl::MutexLock lock(&mu_);
-        ticket = next_ticket_++;
+        // Unpredictable, so that nobody can guess which reply a request waits for.
+        do {
+          ticket = transport::RandomU64();
+        } while (ticket == 0 || pending_.count(ticket) > 0);
         lake_request = RequestId(next_request_id_++);
         pending_[ticket].instance = id;
         ++members_[id].in_flight;
@@ -1146,6 +1190,13 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       w.Sample("tokenlake_lake_rpcs_total", {{"call", call}},
                static_cast<double>(lake_rpcs_[rpc].load(std::memory_order_relaxed)));
     }
+    w.Family("tokenlake_refused_total", "counter",
+             "Calls refused: without a valid cluster call token, and registrations under a live "
+             "member's name.");
+    w.Sample("tokenlake_refused_total", {{"kind", "unauthenticated"}},
+             static_cast<double>(unauthenticated_calls_.load()));
+    w.Sample("tokenlake_refused_total", {{"kind", "live_name"}},
+             static_cast<double>(refused_registrations_.load()));
     w.Family("tokenlake_rebalance_actions_total", "counter",
              "Rebalance actions sent to instances (replicate, move, drop).");
     w.Sample("tokenlake_rebalance_actions_total", {}, static_cast<double>(rebalance_actions_));
@@ -1243,7 +1294,6 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   std::vector<Member> members_ ABSL_GUARDED_BY(mu_);
   // A std::map: a waiter's Pending* stays valid while other requests come and go.
   std::map<uint64_t, Pending> pending_ ABSL_GUARDED_BY(mu_);
-  uint64_t next_ticket_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_request_id_ ABSL_GUARDED_BY(mu_) = 1;
   // Bumped whenever an instance's data port appears, changes or goes (see Ready()).
   int64_t membership_version_ ABSL_GUARDED_BY(mu_) = 0;
@@ -1266,6 +1316,8 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   int64_t remote_stored_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t plan_iterations_ ABSL_GUARDED_BY(mu_) = 0;
   std::array<std::atomic<int64_t>, kNumLakeRpcs> lake_rpcs_{};
+  std::atomic<int64_t> unauthenticated_calls_{0};
+  std::atomic<int64_t> refused_registrations_{0};
   int64_t rebalance_actions_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t routing_overrides_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t reconcile_frees_ ABSL_GUARDED_BY(mu_) = 0;

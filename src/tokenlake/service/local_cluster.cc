@@ -10,6 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
+#include "tokenlake/transport/cluster_secret.h"
 
 namespace tokenlake::service {
 namespace {
@@ -58,6 +59,9 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
     return absl::InvalidArgumentError("LocalCluster: instances must be >= 1");
   }
   std::unique_ptr<LocalCluster> c(new LocalCluster(options));
+  absl::StatusOr<std::string> secret = transport::GenerateClusterSecret();
+  if (!secret.ok()) return secret.status();
+  c->secret_env_ = absl::StrCat(transport::kClusterSecretEnv, "=", transport::ToHex(*secret));
   c->port_file_ = absl::StrFormat("%s/tokenlake-coordinator-%d-%p.ports", options.work_dir,
                                   ::getpid(), c.get());
   if (absl::Status s = c->StartCoordinator(false); !s.ok()) return s;
@@ -108,7 +112,7 @@ absl::Status LocalCluster::StartCoordinator(bool reuse_ports) {
                              absl::StrCat(transport_port_)});
   }
   argv.insert(argv.end(), options_.coordinator_flags.begin(), options_.coordinator_flags.end());
-  auto child = ChildProcess::Spawn(argv, Log("coordinator"));
+  auto child = ChildProcess::Spawn(argv, Log("coordinator"), {secret_env_});
   if (!child.ok()) return child.status();
   coordinator_ = std::move(*child);
   // The old coordinator's ports may take a moment to be free again: retry a few times.
@@ -142,7 +146,7 @@ absl::Status LocalCluster::StartInstance(int32_t i) {
                                    "--slots",
                                    absl::StrCat(options_.slots),
                                    "--exit-with-parent"};
-  auto child = ChildProcess::Spawn(argv, Log(absl::StrCat("instance-", i)));
+  auto child = ChildProcess::Spawn(argv, Log(absl::StrCat("instance-", i)), {secret_env_});
   if (!child.ok()) return child.status();
   instances_[i] = std::move(*child);
   return absl::OkStatus();

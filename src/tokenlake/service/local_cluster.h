@@ -1,5 +1,8 @@
 // LocalCluster: a whole TokenLake cluster on loopback as processes of the `tokenlake` binary:
 // one `tokenlake coordinator` and N `tokenlake instance` children (each dies with this process).
+// It generates the cluster secret (random) and hands it to every child in the environment
+// (TOKENLAKE_CLUSTER_SECRET, never on a command line), so that the children authenticate each
+// other's transport connections and gRPC calls.
 // Used by `tokenlake serve`, the cluster fault tests and the load test. Faults: kill or restart
 // an instance, restart the coordinator (on the same ports, so instances find it again).
 //
@@ -93,6 +96,8 @@ class LocalCluster {
   int32_t grpc_port_ = 0;
   int32_t transport_port_ = 0;
   std::string port_file_;
+  // "TOKENLAKE_CLUSTER_SECRET=<hex>", given to every child.
+  std::string secret_env_;
 };
 
 // GET http://127.0.0.1:port/path with a timeout. Returns (status, body).

@@ -19,11 +19,14 @@ namespace tokenlake::service {
 
 class ChildProcess {
  public:
-  // Starts argv[0] (a path) with argv, stdout and stderr appended to `log_path` (empty: kept).
+  // Starts argv[0] (a path) with argv, stdout and stderr appended to `log_path` (empty: kept),
+  // and this process's environment plus `extra_env` ("NAME=VALUE" entries, overriding; the way
+  // to hand a child a secret without showing it on its command line).
   // The child gets SIGKILL if this process dies (PR_SET_PDEATHSIG), so none is left behind.
-  // Errors: InvalidArgument (empty argv), Internal (fork failed).
-  static absl::StatusOr<std::unique_ptr<ChildProcess>> Spawn(const std::vector<std::string>& argv,
-                                                             const std::string& log_path = "");
+  // Errors: InvalidArgument (empty argv, an extra_env entry without '='), Internal (fork failed).
+  static absl::StatusOr<std::unique_ptr<ChildProcess>> Spawn(
+      const std::vector<std::string>& argv, const std::string& log_path = "",
+      const std::vector<std::string>& extra_env = {});
   // Kills (SIGKILL) and reaps the child if it still runs.
   ~ChildProcess();
 

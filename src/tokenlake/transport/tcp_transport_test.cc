@@ -395,6 +395,129 @@ TEST(TcpTransportHardeningTest, RunningOutOfDescriptorsBacksOffAndIsReportedUnhe
   EXPECT_TRUE(p.b->Health().ok()) << p.b->Health();
 }
 
+// ---- Authentication with the cluster secret ----
+
+TEST(TcpTransportAuthTest, PeersWithTheSecretTalkAndOthersAreRefused) {
+  const std::string secret = *GenerateClusterSecret();
+  TcpTransport::Options o{.num_endpoints = 3, .secret = secret};
+  o.local_endpoints = {InstanceId(0)};
+  auto a = *TcpTransport::Create(o);
+  o.local_endpoints = {InstanceId(1)};
+  auto b = *TcpTransport::Create(o);
+  ASSERT_TRUE(a->SetPeer(InstanceId(1), b->port()).ok());
+  ASSERT_TRUE(b->SetPeer(InstanceId(0), a->port()).ok());
+  ASSERT_TRUE(a->Send({InstanceId(0), InstanceId(1), 1, 5, Bytes({1, 2})}).ok());
+  ASSERT_TRUE(b->Receive(InstanceId(1), absl::Seconds(5)).ok());
+  ASSERT_TRUE(b->Send({InstanceId(1), InstanceId(0), 2, 5, Bytes({3})}).ok());
+  ASSERT_TRUE(a->Receive(InstanceId(0), absl::Seconds(5)).ok());
+
+  // A transport with another secret, and one with none: their Sends fail, nothing arrives.
+  for (const std::string& other : {*GenerateClusterSecret(), std::string()}) {
+    TcpTransport::Options f{.num_endpoints = 3,
+                            .local_endpoints = {InstanceId(2)},
+                            .secret = other,
+                            .handshake_timeout = absl::Milliseconds(300)};
+    auto forger = *TcpTransport::Create(f);
+    ASSERT_TRUE(forger->SetPeer(InstanceId(1), b->port()).ok());
+    absl::Status s = forger->Send({InstanceId(0), InstanceId(1), 1, 5, Bytes({9})});
+    if (!other.empty()) {
+      EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+      EXPECT_THAT(s.message(), HasSubstr("cluster secret"));
+    }
+    // (Without a secret the forger writes its frame blindly; b reads it as a bad answer.)
+  }
+  // A raw frame without any handshake.
+  const int fd = RawConnect(b->port());
+  ASSERT_GE(fd, 0);
+  std::vector<unsigned char> h = Header(0, 1, 1);
+  h.push_back(7);
+  h.resize(64, 0);  // as long as an answer to the challenge
+  ASSERT_EQ(::send(fd, h.data(), h.size(), MSG_NOSIGNAL), 64);
+  EXPECT_TRUE(ClosedByPeerWithin(fd, absl::Seconds(5)));
+  ::close(fd);
+  EXPECT_EQ(b->Receive(InstanceId(1), absl::Milliseconds(300)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_GE(b->auth_failures(), 3);
+  EXPECT_THAT(b->last_error(), HasSubstr("cluster secret"));
+
+  EXPECT_TRUE(TcpTransport::Probe(b->port(), secret, absl::Seconds(2)).ok());
+  EXPECT_FALSE(TcpTransport::Probe(b->port(), *GenerateClusterSecret(), absl::Seconds(2)).ok());
+  const int32_t port = b->port();
+  b.reset();
+  EXPECT_FALSE(TcpTransport::Probe(port, secret, absl::Seconds(2)).ok());
+}
+
+// The coordinator's shape: it does not listen, it dials the instance, and the instance answers
+// on that connection. A frame on that connection claiming another sender is dropped.
+TEST(TcpTransportAuthTest, RepliesComeBackOnlyOnTheConnectionOpenedToTheSender) {
+  const std::string secret = *GenerateClusterSecret();
+  auto coordinator = *TcpTransport::Create(
+      {.num_endpoints = 3, .local_endpoints = {InstanceId(0)}, .secret = secret, .listen = false});
+  EXPECT_EQ(coordinator->port(), 0);
+  auto instance = *TcpTransport::Create({.num_endpoints = 3,
+                                         .local_endpoints = {InstanceId(1), InstanceId(2)},
+                                         .secret = secret,
+                                         .answer_on_incoming = {InstanceId(0)}});
+  EXPECT_EQ(instance->SetPeer(InstanceId(0), 1234).code(), absl::StatusCode::kInvalidArgument);
+  // Nothing to answer on before the coordinator has connected.
+  EXPECT_EQ(instance->Send({InstanceId(1), InstanceId(0), 2, 1, {}}).code(),
+            absl::StatusCode::kUnavailable);
+  ASSERT_TRUE(coordinator->SetPeer(InstanceId(1), instance->port()).ok());
+  for (uint64_t id = 1; id <= 3; ++id) {
+    ASSERT_TRUE(coordinator->Send({InstanceId(0), InstanceId(1), 1, id, Bytes({1})}).ok());
+    auto request = instance->Receive(InstanceId(1), absl::Seconds(5));
+    ASSERT_TRUE(request.ok()) << request.status();
+    ASSERT_TRUE(instance->Send({InstanceId(1), InstanceId(0), 2, id, Bytes({2})}).ok());
+    auto reply = coordinator->Receive(InstanceId(0), absl::Seconds(5));
+    ASSERT_TRUE(reply.ok()) << reply.status();
+    EXPECT_EQ(reply->from, InstanceId(1));
+    EXPECT_EQ(reply->correlation_id, id);
+  }
+  // Endpoint 2 is hosted by the same process but the connection was opened to endpoint 1.
+  ASSERT_TRUE(instance->Send({InstanceId(2), InstanceId(0), 2, 9, Bytes({3})}).ok());
+  EXPECT_EQ(coordinator->Receive(InstanceId(0), absl::Milliseconds(500)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(coordinator->malformed_frames(), 1);
+  EXPECT_THAT(coordinator->last_error(),
+              HasSubstr("frame from endpoint 2 on the connection opened to endpoint 1"));
+}
+
+TEST(ClusterSecretTest, CallTokensVerifyOnlyWithTheSameSecretMethodAndTime) {
+  const std::string key = *GenerateClusterSecret();
+  EXPECT_EQ(key.size(), kClusterSecretBytes);
+  EXPECT_NE(key, *GenerateClusterSecret());
+  auto parsed = ClusterSecretFromHex(ToHex(key));
+  ASSERT_TRUE(parsed.ok());
+  EXPECT_EQ(*parsed, key);
+  EXPECT_EQ(ClusterSecretFromHex("abc").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ClusterSecretFromHex(std::string(64, 'z')).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  const absl::Time now = absl::Now();
+  const std::string token = CallToken(key, "Register", now);
+  EXPECT_TRUE(VerifyCallToken(key, token, "Register", now + absl::Seconds(5)).ok());
+  EXPECT_NE(token, CallToken(key, "Register", now));  // a fresh nonce each time
+  auto code = [](const absl::Status& s) { return s.code(); };
+  EXPECT_EQ(code(VerifyCallToken(key, token, "Heartbeat", now)),
+            absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(code(VerifyCallToken(*GenerateClusterSecret(), token, "Register", now)),
+            absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(code(VerifyCallToken(key, token, "Register", now + absl::Minutes(5))),
+            absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(code(VerifyCallToken(key, "", "Register", now)), absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(code(VerifyCallToken(key, "1.2.3", "Register", now)),
+            absl::StatusCode::kUnauthenticated);
+  std::string tampered = token;
+  tampered.back() = tampered.back() == '0' ? '1' : '0';
+  EXPECT_EQ(code(VerifyCallToken(key, tampered, "Register", now)),
+            absl::StatusCode::kUnauthenticated);
+  // HMAC-SHA256("Jefe", "what do ya want" 0x00 " for nothing?"), computed independently
+  // (Python: hmac.new(b"Jefe", b"what do ya want\x00 for nothing?", hashlib.sha256)).
+  const Mac mac = HmacSha256("Jefe", "what do ya want", " for nothing?");
+  EXPECT_EQ(ToHex(std::string_view(reinterpret_cast<const char*>(mac.data()), mac.size())),
+            "cabaac5fb4a7102cd287cc98924c8a618112e35ac4016fa3e84e1eaf13e0ea8e");
+  EXPECT_FALSE(MacEqual(mac, HmacSha256("Jefe", "what do ya want", " for nothing!")));
+}
+
 // ---- FaultTransport over the loopback transport ----
 
 std::unique_ptr<LoopbackTransport> Loop() {
