@@ -116,8 +116,13 @@ absl::Status LocalCluster::StartCoordinator(bool reuse_ports) {
   if (!child.ok()) return child.status();
   coordinator_ = std::move(*child);
   // The old coordinator's ports may take a moment to be free again: retry a few times.
-  absl::StatusOr<std::string> ports = WaitForFile(port_file_, options_.ready_timeout);
-  if (!ports.ok()) return ports.status();
+  absl::StatusOr<std::string> ports =
+      WaitForFile(port_file_, options_.ready_timeout, [this] { return !coordinator_->running(); });
+  if (!ports.ok()) {
+    return absl::UnavailableError(absl::StrCat("LocalCluster: the coordinator did not start (",
+                                               ports.status().message(), "; log ",
+                                               Log("coordinator"), ")"));
+  }
   nlohmann::json j = nlohmann::json::parse(*ports, nullptr, false);
   if (j.is_discarded() || !j.contains("http_port")) {
     return absl::InternalError("LocalCluster: unreadable port file " + port_file_);
@@ -194,6 +199,24 @@ int32_t LocalCluster::RestartExitedInstances() {
     if (!InstanceRunning(i) && StartInstance(i).ok()) ++n;
   }
   return n;
+}
+
+std::optional<int> LocalCluster::CoordinatorExitCode() {
+  if (coordinator_ == nullptr) return std::nullopt;
+  absl::StatusOr<int> code = coordinator_->Wait(absl::ZeroDuration());
+  if (!code.ok()) return std::nullopt;
+  return *code;
+}
+
+int32_t LocalCluster::coordinator_pid() const {
+  return coordinator_ != nullptr ? coordinator_->pid() : -1;
+}
+
+absl::Status LocalCluster::StartCoordinatorAgain() {
+  if (coordinator_ != nullptr && coordinator_->running()) {
+    return absl::FailedPreconditionError("LocalCluster: the coordinator is still running");
+  }
+  return StartCoordinator(true);
 }
 
 absl::Status LocalCluster::RestartCoordinator() {

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -75,6 +76,15 @@ class LocalCluster {
   // SIGKILLs the coordinator and starts a new one on the same ports; waits until every running
   // instance has registered again.
   absl::Status RestartCoordinator();
+  // The coordinator's exit code once its process has exited (reaped); nullopt while it runs.
+  std::optional<int> CoordinatorExitCode();
+  // The coordinator process's id (-1 before Start).
+  int32_t coordinator_pid() const;
+  // Starts the coordinator again on the same ports after it exited (serve's supervisor; the
+  // instances find it again and re-register). Does not wait for the instances.
+  // Errors: FailedPrecondition (still running); Unavailable when it exits before it listens
+  // (names its log), DeadlineExceeded when it does not listen within ready_timeout.
+  absl::Status StartCoordinatorAgain();
   // Whether instance i's process is running.
   bool InstanceRunning(int32_t i);
   // Restarts instances whose process exited (serve's supervisor). Returns how many.

@@ -138,7 +138,8 @@ absl::Status WriteFileAtomically(const std::string& path, const std::string& con
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::string> WaitForFile(const std::string& path, absl::Duration timeout) {
+absl::StatusOr<std::string> WaitForFile(const std::string& path, absl::Duration timeout,
+                                        const std::function<bool()>& give_up) {
   const absl::Time deadline = absl::Now() + timeout;
   while (true) {
     std::ifstream is(path);
@@ -150,6 +151,9 @@ absl::StatusOr<std::string> WaitForFile(const std::string& path, absl::Duration 
     if (absl::Now() >= deadline) {
       return absl::DeadlineExceededError(
           absl::StrFormat("%s did not appear within %s", path, absl::FormatDuration(timeout)));
+    }
+    if (give_up != nullptr && give_up()) {
+      return absl::AbortedError(absl::StrFormat("%s: its writer gave up", path));
     }
     absl::SleepFor(absl::Milliseconds(10));
   }

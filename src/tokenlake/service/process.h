@@ -8,6 +8,7 @@
 
 #include <sys/types.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -53,9 +54,12 @@ std::string SelfExecutable();
 // Writes `contents` to `path` atomically (temporary file + rename).
 absl::Status WriteFileAtomically(const std::string& path, const std::string& contents);
 
-// Waits until `path` exists and is non-empty, returning its contents.
-// Errors: DeadlineExceeded naming the path.
-absl::StatusOr<std::string> WaitForFile(const std::string& path, absl::Duration timeout);
+// Waits until `path` exists and is non-empty, returning its contents. `give_up` (optional) is
+// polled while waiting: when it returns true the wait ends (e.g. the process that should write
+// the file has exited).
+// Errors: DeadlineExceeded naming the path; Aborted when `give_up` said so.
+absl::StatusOr<std::string> WaitForFile(const std::string& path, absl::Duration timeout,
+                                        const std::function<bool()>& give_up = nullptr);
 
 }  // namespace tokenlake::service
 
