@@ -360,26 +360,32 @@ TEST(TcpTransportHardeningTest, RunningOutOfDescriptorsBacksOffAndIsReportedUnhe
     if (fd < 0) break;
     filler.push_back(fd);
   }
-  ASSERT_GT(filler.size(), 2u);
+  const size_t filled = filler.size();
   // One slot for a client socket whose connection then waits in b's backlog: accept() fails
   // with EMFILE, repeatedly.
-  ::close(filler.back());
-  filler.pop_back();
+  if (!filler.empty()) {
+    ::close(filler.back());
+    filler.pop_back();
+  }
   const int client = RawConnect(p.b->port());
-  ASSERT_GE(client, 0);
   const int64_t errors_before = p.b->accept_errors();
   absl::SleepFor(absl::Milliseconds(600));
   const int64_t errors = p.b->accept_errors() - errors_before;
+  const absl::Status accept_health = p.b->Health();
+  // Dialling fails the same way and is reported too.
+  const absl::Status sent = p.a->Send({InstanceId(0), InstanceId(1), 1, 0, Bytes({1})});
+  const absl::Status dial_health = p.a->Health();
+  // Checked once descriptors are free again (the checks themselves may need some).
+  for (int fd : filler) ::close(fd);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+  ASSERT_GT(filled, 2u);
+  ASSERT_GE(client, 0);
   // With the backoff (10 ms doubling): a handful; a spinning loop makes thousands.
   EXPECT_LE(errors, 12);
   EXPECT_GE(p.b->accept_errors(), 1);
-  EXPECT_THAT(p.b->Health().message(), HasSubstr("cannot accept a connection"));
-  // Dialling fails the same way and is reported too.
-  absl::Status s = p.a->Send({InstanceId(0), InstanceId(1), 1, 0, Bytes({1})});
-  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
-  EXPECT_THAT(p.a->Health().message(), HasSubstr("cannot open a connection"));
-  for (int fd : filler) ::close(fd);
-  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+  EXPECT_THAT(accept_health.message(), HasSubstr("cannot accept a connection"));
+  EXPECT_EQ(sent.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(dial_health.message(), HasSubstr("cannot open a connection"));
   // The waiting connection is accepted once descriptors are free again.
   std::vector<unsigned char> h = Header(0, 1, 1);
   h.push_back(5);
