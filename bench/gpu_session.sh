@@ -12,7 +12,7 @@
 #   cmake --preset cuda -DTOKENLAKE_BUILD_BENCHMARKS=OFF
 #   cmake --build --preset cuda -j2 --target tokenlake paged_attention_test device_arena_test \
 #     gpu_attention_bench gpu_merge_bench nccl_channel_test nccl_attention_test gpu_engine_test \
-#     gpu_engine_fixture_test
+#     gpu_engine_fixture_test gpu_checkpoint_test
 #   bash bench/pack_devlibs.sh build/cuda
 # Results go to $OUT (default ./out): the main results as files, the secondary logs packed into
 # one archive.
@@ -27,7 +27,7 @@ echo "revision: $git_rev" | tee "$OUT/extra/revision.txt"
 
 echo "== GPU tests"
 for t in paged_attention_test device_arena_test nccl_channel_test nccl_attention_test \
-  gpu_engine_test gpu_engine_fixture_test; do
+  gpu_engine_test gpu_engine_fixture_test gpu_checkpoint_test; do
   timeout 150 "$B/$t" > "$OUT/extra/$t.log" 2>&1
   rc=$?
   echo "$t rc=$rc $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/extra/$t.log" | tr '\n' ' ')"

@@ -12,8 +12,11 @@
 // files need). Both devices run the same iteration loop (the GPU engine's forward still runs
 // the batch's requests one after another). Writes per prompt the greedy tokens, the prompt
 // tokens served from the pool and the logits at the last prompt position; the JSON schema is the
-// same on both devices (plus "device", and "gpu_name" on the GPU; the CPU's "transport" section has
-// no GPU counterpart and is left out there).
+// same on both devices (plus "device", and "gpu_name" and the load's phases "load" on the GPU;
+// the CPU's "transport" section has no GPU counterpart and is left out there). "load_seconds" is
+// the model's load (config, checkpoint, weights on the device), "seconds" the serving after it.
+// The model directory holds config.json and model.safetensors or model.safetensors.index.json
+// with its shards.
 //
 // Exit codes: 0 on success, 1 for a runtime error (unreadable or bad model / prompts file,
 // named with file, line and field; no CUDA device), 2 for bad flags (including a flag the chosen
@@ -190,7 +193,10 @@ int WriteOutput(const GenerateFlags& f, const Served& s, size_t num_prompts) {
 
 int RunCpu(const GenerateFlags& f) {
   const std::string kv_dtype = f.kv_dtype == "auto" ? "f32" : f.kv_dtype;
+  const int64_t load_start_us = SystemClock::Default()->NowUs();
   auto model = engine::LlamaModel::Load(f.model);
+  const double load_seconds =
+      static_cast<double>(SystemClock::Default()->NowUs() - load_start_us) / 1e6;
   if (!model.ok()) return Fail(std::string(model.status().message()));
   auto prompts = engine::LoadPromptsJsonl(f.prompts);
   if (!prompts.ok()) return Fail(std::string(prompts.status().message()));
@@ -229,6 +235,7 @@ int RunCpu(const GenerateFlags& f) {
       });
   if (!served.ok()) return Fail(std::string(served.status().message()));
   nlohmann::json& out = served->out;
+  out["load_seconds"] = load_seconds;
   // Without the pool the reference path serves one request at a time.
   out["max_batch_requests"] = f.no_pool ? 1 : (*eng)->max_batch_requests_seen();
   if (const lake::Lake* lk = (*eng)->lake(); lk != nullptr) {
@@ -306,6 +313,13 @@ int RunGpu(const GenerateFlags& f) {
       });
   if (!served.ok()) return Fail(std::string(served.status().message()));
   served->out["gpu_name"] = gpu_name;
+  const engine::cuda::GpuLlamaModel::LoadStats& load = (*model)->load_stats();
+  served->out["load_seconds"] = load.total_seconds;
+  served->out["load"] = {
+      {"open_seconds", load.open_seconds},         {"init_seconds", load.init_seconds},
+      {"allocate_seconds", load.allocate_seconds}, {"upload_seconds", load.upload_seconds},
+      {"checkpoint_bytes", load.checkpoint_bytes}, {"shards", load.shards},
+      {"pinned_staging", load.upload.pinned}};
   served->out["max_batch_requests"] = (*eng)->max_batch_requests_seen();
   // The GPU engine never rebalances (--rebalance-every is refused): 0 actions.
   served->out["lake"] = LakeJson((*eng)->lake(), 0);
@@ -365,7 +379,9 @@ void SetUpGenerate(CLI::App& app, int* exit_code) {
       "generate",
       "Greedy generation with a Llama checkpoint, KV cache in the TokenLake pool: on the CPU, "
       "or on one GPU with --device gpu (CUDA builds)");
-  cmd->add_option("--model", flags->model, "Checkpoint directory (config.json, model.safetensors)")
+  cmd->add_option("--model", flags->model,
+                  "Checkpoint directory (config.json, and model.safetensors or "
+                  "model.safetensors.index.json with its shards)")
       ->required();
   cmd->add_option("--prompts", flags->prompts, "JSON lines of {\"input_ids\": [...]}")->required();
   cmd->add_option("--json", flags->json_out, "Output JSON file")->required();

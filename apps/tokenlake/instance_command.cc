@@ -99,7 +99,9 @@ void SetUpInstance(CLI::App& app, int* exit_code) {
   CLI::App* cmd = app.add_subcommand(
       "instance",
       "One TokenLake instance: engine shard and segment store, serving the coordinator");
-  cmd->add_option("--model", f->model, "Checkpoint directory (config.json, model.safetensors)")
+  cmd->add_option("--model", f->model,
+                  "Checkpoint directory (config.json, and model.safetensors or "
+                  "model.safetensors.index.json with its shards)")
       ->required();
   cmd->add_option("--coordinator-port", f->coordinator_port, "Coordinator gRPC port on 127.0.0.1")
       ->required();

@@ -127,7 +127,9 @@ void SetUpServe(CLI::App& app, int* exit_code) {
   auto f = std::make_shared<ServeFlags>();
   CLI::App* cmd = app.add_subcommand(
       "serve", "A local TokenLake cluster on loopback: coordinator + N instance processes");
-  cmd->add_option("--model", f->model, "Checkpoint directory (config.json, model.safetensors)")
+  cmd->add_option("--model", f->model,
+                  "Checkpoint directory (config.json, and model.safetensors or "
+                  "model.safetensors.index.json with its shards)")
       ->required();
   cmd->add_option("--instances", f->instances, "Instance processes")->capture_default_str();
   cmd->add_option("--port", f->port, "HTTP port on 127.0.0.1 (0 = any, printed)")

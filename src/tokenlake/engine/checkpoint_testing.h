@@ -1,8 +1,10 @@
-// Test- and benchmark-only: a Llama checkpoint image (safetensors bytes, float32, the Hugging
-// Face tensor names and shapes of a LlamaForCausalLM) with values from the caller, so that tests
-// and benchmarks build random models through the real loader.
+// Test- and benchmark-only: Llama checkpoints (the Hugging Face tensor names and shapes of a
+// LlamaForCausalLM, LlamaCheckpointTensors) with values from the caller, as a safetensors image
+// in memory or as a checkpoint folder (one file or shards), so that tests and benchmarks build
+// random models through the real loaders.
 //
-// Thread-safety: a pure function (the fill callback's own state aside).
+// Thread-safety: pure functions (the fill callback's own state aside); folder writers as
+// checkpoint_writer.h.
 #ifndef TOKENLAKE_ENGINE_CHECKPOINT_TESTING_H_
 #define TOKENLAKE_ENGINE_CHECKPOINT_TESTING_H_
 
@@ -13,7 +15,9 @@
 #include <utility>
 #include <vector>
 
-#include "absl/strings/str_cat.h"
+#include "absl/status/status.h"
+#include "tokenlake/attention/bf16.h"
+#include "tokenlake/engine/checkpoint_writer.h"
 #include "tokenlake/engine/llama_config.h"
 #include "tokenlake/engine/safetensors.h"
 
@@ -24,40 +28,53 @@ namespace tokenlake::engine::testing_checkpoint {
 using TensorFill =
     std::function<void(const std::vector<int64_t>& shape, bool norm, std::vector<float>& values)>;
 
-// Every tensor of `c` in the order embed_tokens, layers 0..L-1 (input_layernorm, q/k/v/o_proj,
-// post_attention_layernorm, gate/up/down_proj), norm, lm_head (absent with tied embeddings),
-// each filled by `fill` in that order; the tensor named `skip` (if any) is left out, without
-// calling `fill` for it.
+// Every tensor of `c` in the order of LlamaCheckpointTensors, each filled by `fill` in that
+// order and stored as `dtype` (F32; BF16 or F16 rounded to nearest even from the filled
+// values); the tensor named `skip` (if any) is left out, without calling `fill` for it.
+inline std::vector<TensorToWrite> LlamaTensorsFilled(const LlamaConfig& c, const TensorFill& fill,
+                                                     TensorDtype dtype = TensorDtype::kF32,
+                                                     const std::string& skip = "") {
+  std::vector<TensorToWrite> tensors;
+  for (LlamaTensorSpec& spec : LlamaCheckpointTensors(c)) {
+    if (spec.name == skip) continue;
+    int64_t n = 1;
+    for (int64_t d : spec.shape) n *= d;
+    std::vector<float> v(static_cast<size_t>(n));
+    fill(spec.shape, spec.is_norm(), v);
+    std::string bytes(v.size() * static_cast<size_t>(TensorDtypeBytes(dtype)), '\0');
+    for (size_t i = 0; i < v.size(); ++i) {
+      if (dtype == TensorDtype::kF32) {
+        std::memcpy(bytes.data() + 4 * i, &v[i], 4);
+      } else {
+        const uint16_t bits =
+            dtype == TensorDtype::kBF16 ? attention::FloatToBf16(v[i]) : FloatToHalf(v[i]);
+        std::memcpy(bytes.data() + 2 * i, &bits, 2);
+      }
+    }
+    tensors.push_back({std::move(spec.name), dtype, std::move(spec.shape), std::move(bytes)});
+  }
+  return tensors;
+}
+
+// The float32 safetensors image of LlamaTensorsFilled(c, fill, kF32, skip).
 inline std::string LlamaCheckpointImage(const LlamaConfig& c, const TensorFill& fill,
                                         const std::string& skip = "") {
-  std::vector<TensorToWrite> tensors;
-  auto add = [&](const std::string& name, std::vector<int64_t> shape, bool norm = false) {
-    if (name == skip) return;
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    std::vector<float> v(static_cast<size_t>(n));
-    fill(shape, norm, v);
-    std::string bytes(v.size() * 4, '\0');
-    std::memcpy(bytes.data(), v.data(), bytes.size());
-    tensors.push_back({name, TensorDtype::kF32, std::move(shape), std::move(bytes)});
-  };
-  const int64_t h = c.hidden_size, qd = c.num_heads * c.head_dim, kvd = c.num_kv_heads * c.head_dim;
-  add("model.embed_tokens.weight", {c.vocab_size, h});
-  for (int l = 0; l < c.num_layers; ++l) {
-    const std::string p = absl::StrCat("model.layers.", l, ".");
-    add(p + "input_layernorm.weight", {h}, true);
-    add(p + "self_attn.q_proj.weight", {qd, h});
-    add(p + "self_attn.k_proj.weight", {kvd, h});
-    add(p + "self_attn.v_proj.weight", {kvd, h});
-    add(p + "self_attn.o_proj.weight", {h, qd});
-    add(p + "post_attention_layernorm.weight", {h}, true);
-    add(p + "mlp.gate_proj.weight", {c.intermediate_size, h});
-    add(p + "mlp.up_proj.weight", {c.intermediate_size, h});
-    add(p + "mlp.down_proj.weight", {h, c.intermediate_size});
-  }
-  add("model.norm.weight", {h}, true);
-  if (!c.tie_word_embeddings) add("lm_head.weight", {c.vocab_size, h});
-  return SerializeSafetensors(tensors);
+  return SerializeSafetensors(LlamaTensorsFilled(c, fill, TensorDtype::kF32, skip));
+}
+
+// Writes `dir`/config.json for `c` and `tensors` as a checkpoint folder (WriteCheckpoint:
+// num_shards == 0 one model.safetensors, else tensor i into shard shard_of[i]).
+inline absl::Status WriteTensorsCheckpoint(const std::string& dir, const LlamaConfig& c,
+                                           const std::vector<TensorToWrite>& tensors,
+                                           const std::vector<int32_t>& shard_of,
+                                           int32_t num_shards) {
+  if (absl::Status s = WriteLlamaConfig(dir, c); !s.ok()) return s;
+  std::vector<TensorLayout> layout;
+  for (const auto& t : tensors) layout.push_back({t.name, t.dtype, t.shape});
+  return WriteCheckpoint(dir, layout, shard_of, num_shards,
+                         [&](size_t i, int64_t offset, absl::Span<std::byte> out) {
+                           std::memcpy(out.data(), tensors[i].bytes.data() + offset, out.size());
+                         });
 }
 
 }  // namespace tokenlake::engine::testing_checkpoint

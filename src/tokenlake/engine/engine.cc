@@ -426,7 +426,7 @@ const InstancePool* Engine::instance_pool() const {
 
 absl::StatusOr<GenerateResult> Engine::GenerateLocal(absl::Span<const int32_t> prompt,
                                                      int32_t max_new_tokens) {
-  LocalKvBackend backend(model_->config(), nullptr);
+  LocalKvBackend backend(model_->config());
   GenerateResult result;
   TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> logits, model_->Forward(prompt, 0, backend));
   result.last_logits = logits;

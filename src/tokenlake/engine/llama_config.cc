@@ -192,4 +192,51 @@ absl::StatusOr<LlamaConfig> LoadLlamaConfig(const std::string& path) {
   return ParseLlamaConfig(ss.str(), path);
 }
 
+std::string LlamaConfigJson(const LlamaConfig& c) {
+  json cfg = {{"architectures", {"LlamaForCausalLM"}},
+              {"model_type", "llama"},
+              {"hidden_act", "silu"},
+              {"attention_bias", false},
+              {"mlp_bias", false},
+              {"vocab_size", c.vocab_size},
+              {"hidden_size", c.hidden_size},
+              {"intermediate_size", c.intermediate_size},
+              {"num_hidden_layers", c.num_layers},
+              {"num_attention_heads", c.num_heads},
+              {"num_key_value_heads", c.num_kv_heads},
+              {"head_dim", c.head_dim},
+              {"rms_norm_eps", static_cast<double>(c.rms_norm_eps)},
+              {"rope_theta", c.rope_theta},
+              {"rope_scaling", nullptr},
+              {"max_position_embeddings", c.max_position_embeddings},
+              {"tie_word_embeddings", c.tie_word_embeddings}};
+  return cfg.dump(2) + "\n";
+}
+
+std::vector<LlamaTensorSpec> LlamaCheckpointTensors(const LlamaConfig& c) {
+  const int64_t h = c.hidden_size;
+  const int64_t qd = int64_t{c.num_heads} * c.head_dim;
+  const int64_t kvd = int64_t{c.num_kv_heads} * c.head_dim;
+  const int64_t inter = c.intermediate_size;
+  std::vector<LlamaTensorSpec> out;
+  out.push_back({"model.embed_tokens.weight", {c.vocab_size, h}, LlamaWeight::kEmbed});
+  for (int32_t l = 0; l < c.num_layers; ++l) {
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    out.push_back({p + "input_layernorm.weight", {h}, LlamaWeight::kInputNorm, l});
+    out.push_back({p + "self_attn.q_proj.weight", {qd, h}, LlamaWeight::kQ, l});
+    out.push_back({p + "self_attn.k_proj.weight", {kvd, h}, LlamaWeight::kK, l});
+    out.push_back({p + "self_attn.v_proj.weight", {kvd, h}, LlamaWeight::kV, l});
+    out.push_back({p + "self_attn.o_proj.weight", {h, qd}, LlamaWeight::kO, l});
+    out.push_back({p + "post_attention_layernorm.weight", {h}, LlamaWeight::kPostNorm, l});
+    out.push_back({p + "mlp.gate_proj.weight", {inter, h}, LlamaWeight::kGate, l});
+    out.push_back({p + "mlp.up_proj.weight", {inter, h}, LlamaWeight::kUp, l});
+    out.push_back({p + "mlp.down_proj.weight", {h, inter}, LlamaWeight::kDown, l});
+  }
+  out.push_back({"model.norm.weight", {h}, LlamaWeight::kFinalNorm});
+  if (!c.tie_word_embeddings) {
+    out.push_back({"lm_head.weight", {c.vocab_size, h}, LlamaWeight::kLmHead});
+  }
+  return out;
+}
+
 }  // namespace tokenlake::engine

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 
@@ -53,6 +54,47 @@ absl::StatusOr<LlamaConfig> ParseLlamaConfig(const std::string& json_text,
 
 // Reads and parses `path`. Errors: NotFound (cannot read), then as ParseLlamaConfig.
 absl::StatusOr<LlamaConfig> LoadLlamaConfig(const std::string& path);
+
+// The text of a config.json that ParseLlamaConfig reads back as `config` (architectures
+// LlamaForCausalLM, every field above), for tools and tests that write checkpoints.
+std::string LlamaConfigJson(const LlamaConfig& config);
+
+// The weights of a LlamaForCausalLM.
+enum class LlamaWeight : uint8_t {
+  kEmbed,      // model.embed_tokens.weight [vocab][hidden]
+  kInputNorm,  // model.layers.L.input_layernorm.weight [hidden]
+  kQ,          // model.layers.L.self_attn.q_proj.weight [num_heads * head_dim][hidden]
+  kK,          // model.layers.L.self_attn.k_proj.weight [num_kv_heads * head_dim][hidden]
+  kV,          // model.layers.L.self_attn.v_proj.weight [num_kv_heads * head_dim][hidden]
+  kO,          // model.layers.L.self_attn.o_proj.weight [hidden][num_heads * head_dim]
+  kPostNorm,   // model.layers.L.post_attention_layernorm.weight [hidden]
+  kGate,       // model.layers.L.mlp.gate_proj.weight [intermediate][hidden]
+  kUp,         // model.layers.L.mlp.up_proj.weight [intermediate][hidden]
+  kDown,       // model.layers.L.mlp.down_proj.weight [hidden][intermediate]
+  kFinalNorm,  // model.norm.weight [hidden]
+  kLmHead,     // lm_head.weight [vocab][hidden] (absent with tied embeddings)
+};
+
+// One tensor of a Llama checkpoint: its Hugging Face name, shape, role and layer (-1 outside
+// the decoder layers).
+struct LlamaTensorSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+  LlamaWeight weight = LlamaWeight::kEmbed;
+  int32_t layer = -1;
+
+  // The RMSNorm weights (kept in float32 on every device).
+  bool is_norm() const {
+    return weight == LlamaWeight::kInputNorm || weight == LlamaWeight::kPostNorm ||
+           weight == LlamaWeight::kFinalNorm;
+  }
+};
+
+// Every tensor a checkpoint of `config` must hold, in the order embed_tokens, layers 0..L-1
+// (input_layernorm, q/k/v/o_proj, post_attention_layernorm, gate/up/down_proj), norm, lm_head
+// (left out with tied embeddings). The one list of names and shapes that every loader, writer
+// and test uses.
+std::vector<LlamaTensorSpec> LlamaCheckpointTensors(const LlamaConfig& config);
 
 }  // namespace tokenlake::engine
 

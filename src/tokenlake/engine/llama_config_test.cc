@@ -163,5 +163,43 @@ TEST(LlamaConfigTest, RejectsUnsupportedArchitecturesAndFeatures) {
   ExpectError(j, absl::StatusCode::kUnimplemented, "mlp_bias");
 }
 
+TEST(LlamaConfigTest, ConfigJsonReadsBackAsTheSameConfig) {
+  for (bool tied : {false, true}) {
+    const LlamaConfig c{.vocab_size = 32000,
+                        .hidden_size = 4096,
+                        .intermediate_size = 11008,
+                        .num_layers = 32,
+                        .num_heads = 32,
+                        .num_kv_heads = 8,
+                        .head_dim = 128,
+                        .rms_norm_eps = 1e-5f,
+                        .rope_theta = 500000.0,
+                        .max_position_embeddings = 4096,
+                        .tie_word_embeddings = tied};
+    auto back = ParseLlamaConfig(LlamaConfigJson(c), "written");
+    ASSERT_TRUE(back.ok()) << back.status();
+    EXPECT_EQ(back->vocab_size, c.vocab_size);
+    EXPECT_EQ(back->hidden_size, c.hidden_size);
+    EXPECT_EQ(back->intermediate_size, c.intermediate_size);
+    EXPECT_EQ(back->num_layers, c.num_layers);
+    EXPECT_EQ(back->num_heads, c.num_heads);
+    EXPECT_EQ(back->num_kv_heads, c.num_kv_heads);
+    EXPECT_EQ(back->head_dim, c.head_dim);
+    EXPECT_EQ(back->rms_norm_eps, c.rms_norm_eps);
+    EXPECT_EQ(back->rope_theta, c.rope_theta);
+    EXPECT_EQ(back->max_position_embeddings, c.max_position_embeddings);
+    EXPECT_EQ(back->tie_word_embeddings, c.tie_word_embeddings);
+    // The tensor list: 9 per layer, embed, norm and (untied) lm_head, shapes from the config.
+    const std::vector<LlamaTensorSpec> specs = LlamaCheckpointTensors(c);
+    EXPECT_EQ(specs.size(), 9u * 32 + 2 + (tied ? 0 : 1));
+    EXPECT_EQ(specs[0].name, "model.embed_tokens.weight");
+    EXPECT_EQ(specs[3].name, "model.layers.0.self_attn.k_proj.weight");
+    EXPECT_EQ(specs[3].shape, (std::vector<int64_t>{1024, 4096}));
+    EXPECT_EQ(specs[9].shape, (std::vector<int64_t>{4096, 11008}));  // down_proj
+    EXPECT_TRUE(specs[1].is_norm());
+    EXPECT_FALSE(specs[2].is_norm());
+  }
+}
+
 }  // namespace
 }  // namespace tokenlake::engine

@@ -11,45 +11,61 @@ namespace tokenlake::engine {
 
 absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Load(const std::string& dir) {
   TOKENLAKE_ASSIGN_OR_RETURN(LlamaConfig config, LoadLlamaConfig(dir + "/config.json"));
-  TOKENLAKE_ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(dir + "/model.safetensors"));
-  return FromSafetensors(config, *file);
-}
-
-absl::StatusOr<LlamaModel::LayerWeights> LlamaModel::ReadLayerWeights(const LlamaConfig& config,
-                                                                      const SafetensorsFile& file,
-                                                                      int32_t layer) {
-  const int64_t h = config.hidden_size;
-  const int64_t qd = int64_t{config.num_heads} * config.head_dim;
-  const int64_t kvd = int64_t{config.num_kv_heads} * config.head_dim;
-  const int64_t inter = config.intermediate_size;
-  const std::string p = absl::StrCat("model.layers.", layer, ".");
-  LayerWeights w;
-  TOKENLAKE_ASSIGN_OR_RETURN(w.input_norm, file.ReadFloat32(p + "input_layernorm.weight", {h}));
-  TOKENLAKE_ASSIGN_OR_RETURN(w.q_proj, file.ReadFloat32(p + "self_attn.q_proj.weight", {qd, h}));
-  TOKENLAKE_ASSIGN_OR_RETURN(w.k_proj, file.ReadFloat32(p + "self_attn.k_proj.weight", {kvd, h}));
-  TOKENLAKE_ASSIGN_OR_RETURN(w.v_proj, file.ReadFloat32(p + "self_attn.v_proj.weight", {kvd, h}));
-  TOKENLAKE_ASSIGN_OR_RETURN(w.o_proj, file.ReadFloat32(p + "self_attn.o_proj.weight", {h, qd}));
-  TOKENLAKE_ASSIGN_OR_RETURN(w.post_norm,
-                             file.ReadFloat32(p + "post_attention_layernorm.weight", {h}));
-  TOKENLAKE_ASSIGN_OR_RETURN(w.gate_proj, file.ReadFloat32(p + "mlp.gate_proj.weight", {inter, h}));
-  TOKENLAKE_ASSIGN_OR_RETURN(w.up_proj, file.ReadFloat32(p + "mlp.up_proj.weight", {inter, h}));
-  TOKENLAKE_ASSIGN_OR_RETURN(w.down_proj, file.ReadFloat32(p + "mlp.down_proj.weight", {h, inter}));
-  return w;
+  TOKENLAKE_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> checkpoint, Checkpoint::Open(dir));
+  return FromCheckpoint(config, *checkpoint);
 }
 
 absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromSafetensors(
     const LlamaConfig& config, const SafetensorsFile& file) {
+  return FromCheckpoint(config, *Checkpoint::Borrow(file));
+}
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::FromCheckpoint(
+    const LlamaConfig& config, const Checkpoint& checkpoint) {
   std::unique_ptr<LlamaModel> m(new LlamaModel(config));
-  const int64_t h = config.hidden_size;
-  const int64_t vocab = config.vocab_size;
-  TOKENLAKE_ASSIGN_OR_RETURN(m->embed_, file.ReadFloat32("model.embed_tokens.weight", {vocab, h}));
-  for (int32_t l = 0; l < config.num_layers; ++l) {
-    TOKENLAKE_ASSIGN_OR_RETURN(LayerWeights w, ReadLayerWeights(config, file, l));
-    m->layers_.push_back(std::move(w));
-  }
-  TOKENLAKE_ASSIGN_OR_RETURN(m->final_norm_, file.ReadFloat32("model.norm.weight", {h}));
-  if (!config.tie_word_embeddings) {
-    TOKENLAKE_ASSIGN_OR_RETURN(m->lm_head_, file.ReadFloat32("lm_head.weight", {vocab, h}));
+  m->layers_.resize(static_cast<size_t>(config.num_layers));
+  for (const LlamaTensorSpec& spec : LlamaCheckpointTensors(config)) {
+    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> values,
+                               checkpoint.ReadFloat32(spec.name, spec.shape));
+    LayerWeights* w = spec.layer >= 0 ? &m->layers_[static_cast<size_t>(spec.layer)] : nullptr;
+    switch (spec.weight) {
+      case LlamaWeight::kEmbed:
+        m->embed_ = std::move(values);
+        break;
+      case LlamaWeight::kInputNorm:
+        w->input_norm = std::move(values);
+        break;
+      case LlamaWeight::kQ:
+        w->q_proj = std::move(values);
+        break;
+      case LlamaWeight::kK:
+        w->k_proj = std::move(values);
+        break;
+      case LlamaWeight::kV:
+        w->v_proj = std::move(values);
+        break;
+      case LlamaWeight::kO:
+        w->o_proj = std::move(values);
+        break;
+      case LlamaWeight::kPostNorm:
+        w->post_norm = std::move(values);
+        break;
+      case LlamaWeight::kGate:
+        w->gate_proj = std::move(values);
+        break;
+      case LlamaWeight::kUp:
+        w->up_proj = std::move(values);
+        break;
+      case LlamaWeight::kDown:
+        w->down_proj = std::move(values);
+        break;
+      case LlamaWeight::kFinalNorm:
+        m->final_norm_ = std::move(values);
+        break;
+      case LlamaWeight::kLmHead:
+        m->lm_head_ = std::move(values);
+        break;
+    }
   }
   m->inv_freq_ = RopeInvFreq(config.head_dim, config.rope_theta);
   return m;

@@ -1,8 +1,8 @@
 // LlamaModel: a Llama-architecture decoder (Hugging Face LlamaForCausalLM) in float32 on the
-// CPU. Weights are loaded from a checkpoint directory (config.json + model.safetensors, float32
-// or bfloat16/float16 converted at load). The model owns no KV cache: every layer's attention is
-// delegated to an AttentionBackend, which is where the KV lives (a local contiguous cache for
-// the no-pool path, the TokenLake pool otherwise).
+// CPU. Weights are loaded from a checkpoint directory (config.json + model.safetensors, or
+// model.safetensors.index.json + its shards; float32, or bfloat16/float16 converted at load). The
+// model owns no KV cache: every layer's attention is delegated to an AttentionBackend, which is
+// where the KV lives (a local contiguous cache for the no-pool path, the TokenLake pool otherwise).
 //
 // Forward pass per layer (transformers' numerics):
 //   h = x + o_proj(Attn(RoPE(q_proj(n)), RoPE(k_proj(n)), v_proj(n)))   n = RMSNorm_in(x)
@@ -22,6 +22,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "tokenlake/engine/checkpoint.h"
 #include "tokenlake/engine/llama_config.h"
 #include "tokenlake/engine/safetensors.h"
 
@@ -84,21 +85,20 @@ class LlamaModel {
     std::vector<float> down_proj;   // [hidden][intermediate]
   };
 
-  // Loads `dir`/config.json and `dir`/model.safetensors.
-  // Errors: those of LoadLlamaConfig / SafetensorsFile::Open, and of FromSafetensors.
+  // Loads `dir`/config.json and the checkpoint in `dir` (Checkpoint::Open: one file or shards).
+  // Errors: those of LoadLlamaConfig / Checkpoint::Open, and of FromCheckpoint.
   static absl::StatusOr<std::unique_ptr<LlamaModel>> Load(const std::string& dir);
 
-  // Builds the model from a parsed config and an opened checkpoint.
-  // Errors: NotFound naming the file and the missing tensor, InvalidArgument naming the tensor
-  //   with the wrong shape, Unimplemented for an unsupported dtype.
+  // Builds the model from a parsed config and an opened checkpoint (every tensor of
+  // LlamaCheckpointTensors(config)).
+  // Errors: NotFound naming the checkpoint and the missing tensor, InvalidArgument naming the
+  //   shard and the tensor with the wrong shape, Unimplemented for a dtype other than
+  //   F32/BF16/F16.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> FromCheckpoint(const LlamaConfig& config,
+                                                                    const Checkpoint& checkpoint);
+  // FromCheckpoint over one file. Errors: as FromCheckpoint.
   static absl::StatusOr<std::unique_ptr<LlamaModel>> FromSafetensors(const LlamaConfig& config,
                                                                      const SafetensorsFile& file);
-
-  // Reads the nine weights of decoder layer `layer` ("model.layers.{layer}.*", Hugging Face
-  // names) from `file` as float32, checking each shape against `config`. Shared by every loader
-  // of Llama checkpoints (this class, the GPU model). Errors: as FromSafetensors.
-  static absl::StatusOr<LayerWeights> ReadLayerWeights(const LlamaConfig& config,
-                                                       const SafetensorsFile& file, int32_t layer);
 
   const LlamaConfig& config() const { return config_; }
 

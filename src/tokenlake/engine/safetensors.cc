@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <bit>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <utility>
@@ -42,6 +43,8 @@ std::string ShapeString(absl::Span<const int64_t> shape) {
   return absl::StrCat("[", absl::StrJoin(shape, ", "), "]");
 }
 
+}  // namespace
+
 float HalfToFloat(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;
@@ -55,7 +58,25 @@ float HalfToFloat(uint16_t h) {
   return std::bit_cast<float>(sign | ((exp + 112) << 23) | (mant << 13));
 }
 
-}  // namespace
+uint16_t FloatToHalf(float value) {
+  const uint32_t bits = std::bit_cast<uint32_t>(value);
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t abs = bits & 0x7fffffffu;
+  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((abs >> 13) & 0x3ffu));
+  if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds past 65504
+  if (abs < 0x38800000u) {
+    // Below the smallest normal half (2^-14): a subnormal, mant = round(|x| * 2^24), exact in
+    // float arithmetic (the product is a float with the same significand), ties to even by
+    // nearbyint in the default rounding mode.
+    const float scaled = std::bit_cast<float>(abs) * 16777216.0f;
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(scaled)));
+  }
+  // Normal: rebias the exponent (127 -> 15) and round the 23-bit mantissa to 10 bits; a carry
+  // out of the mantissa correctly bumps the exponent.
+  const uint32_t rebased = abs - (112u << 23);
+  const uint32_t lsb = (rebased >> 13) & 1u;
+  return static_cast<uint16_t>(sign | ((rebased + 0xfffu + lsb) >> 13));
+}
 
 int64_t TensorDtypeBytes(TensorDtype dtype) {
   for (const auto& e : kDtypes) {
@@ -290,25 +311,41 @@ absl::StatusOr<std::vector<float>> SafetensorsFile::ReadFloat32(
   return out;
 }
 
-std::string SerializeSafetensors(const std::vector<TensorToWrite>& tensors,
-                                 const std::map<std::string, std::string>& metadata) {
+std::string SafetensorsHeader(const std::vector<TensorLayout>& tensors,
+                              const std::map<std::string, std::string>& metadata) {
   json header = json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   int64_t offset = 0;
-  std::string data;
   for (const auto& t : tensors) {
+    int64_t n = TensorDtypeBytes(t.dtype);
+    for (int64_t d : t.shape) n *= d;
     header[t.name] = {{"dtype", TensorDtypeName(t.dtype)},
                       {"shape", t.shape},
-                      {"data_offsets", {offset, offset + static_cast<int64_t>(t.bytes.size())}}};
-    offset += static_cast<int64_t>(t.bytes.size());
-    data += t.bytes;
+                      {"data_offsets", {offset, offset + n}}};
+    offset += n;
   }
-  const std::string text = header.dump();
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
   std::string out(8, '\0');
-  uint64_t len = text.size();
-  for (int i = 0; i < 8; ++i)
+  const uint64_t len = text.size();
+  for (int i = 0; i < 8; ++i) {
     out[static_cast<size_t>(i)] = static_cast<char>((len >> (8 * i)) & 0xff);
-  return out + text + data;
+  }
+  return out + text;
+}
+
+std::string SerializeSafetensors(const std::vector<TensorToWrite>& tensors,
+                                 const std::map<std::string, std::string>& metadata) {
+  std::vector<TensorLayout> layout;
+  size_t data_bytes = 0;
+  for (const auto& t : tensors) {
+    layout.push_back({t.name, t.dtype, t.shape});
+    data_bytes += t.bytes.size();
+  }
+  std::string out = SafetensorsHeader(layout, metadata);
+  out.reserve(out.size() + data_bytes);
+  for (const auto& t : tensors) out += t.bytes;
+  return out;
 }
 
 }  // namespace tokenlake::engine

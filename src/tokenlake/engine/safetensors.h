@@ -32,6 +32,10 @@ enum class TensorDtype : uint8_t { kF64, kF32, kF16, kBF16, kI64, kI32, kI16, kI
 
 // Bytes per element of `dtype`.
 int64_t TensorDtypeBytes(TensorDtype dtype);
+// IEEE binary16 <-> float32: HalfToFloat is exact; FloatToHalf rounds to nearest, ties to even
+// (overflow to +-inf, NaN stays a quiet NaN with its sign). Pure and thread-safe.
+float HalfToFloat(uint16_t bits);
+uint16_t FloatToHalf(float value);
 // The format's name of `dtype` ("F32", "BF16", ...).
 const char* TensorDtypeName(TensorDtype dtype);
 
@@ -94,8 +98,25 @@ class SafetensorsFile {
   std::map<std::string, std::string> metadata_;
 };
 
+// A tensor's entry in a header that is being written: name, dtype and shape (its bytes follow
+// the previous tensor's in the data section).
+struct TensorLayout {
+  std::string name;
+  TensorDtype dtype = TensorDtype::kF32;
+  std::vector<int64_t> shape;
+};
+
+// The start of a safetensors file (the 8-byte length, the JSON header, spaces up to a multiple
+// of 8 bytes so that the data section is aligned as the format's own writer does) for tensors
+// stored back to back in the given order, each shape x dtype bytes. The caller then writes the
+// tensors' bytes in that order: a file can be streamed to disk without holding it in memory.
+// REQUIRES: names unique, not "__metadata__".
+std::string SafetensorsHeader(const std::vector<TensorLayout>& tensors,
+                              const std::map<std::string, std::string>& metadata = {});
+
 // Builds a safetensors file image (for tests and tools): tensors in the given order, each with
-// its dtype, shape and raw little-endian bytes. REQUIRES: bytes sizes match shape x dtype.
+// its dtype, shape and raw little-endian bytes (SafetensorsHeader + the bytes).
+// REQUIRES: bytes sizes match shape x dtype.
 struct TensorToWrite {
   std::string name;
   TensorDtype dtype = TensorDtype::kF32;

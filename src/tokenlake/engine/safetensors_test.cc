@@ -1,9 +1,12 @@
 #include "tokenlake/engine/safetensors.h"
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iostream>
 #include <limits>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -189,6 +192,64 @@ TEST(SafetensorsTest, OpenReportsMissingFileAndReadsTheFixture) {
   EXPECT_NE(bad.status().message().find("out of bounds"), std::string::npos) << bad.status();
   EXPECT_EQ(SafetensorsFile::Open(testing::TempDir()).status().code(),
             absl::StatusCode::kDataLoss);  // a directory
+}
+
+// FloatToHalf against a brute-force reference: the nearest of the two halves around x (ties to
+// the even bit pattern), over every half value, the midpoints between neighbours and random
+// floats; HalfToFloat is checked against ldexp.
+TEST(SafetensorsTest, HalfConversionsRoundToNearestEven) {
+  auto half_value = [](uint16_t h) {  // independent of HalfToFloat
+    const int exp = (h >> 10) & 0x1f;
+    const int mant = h & 0x3ff;
+    const double mag = exp == 0 ? std::ldexp(mant, -24) : std::ldexp(1024 + mant, exp - 25);
+    return (h & 0x8000) ? -mag : mag;
+  };
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    const uint16_t bits = static_cast<uint16_t>(h);
+    const float f = HalfToFloat(bits);
+    if (((h >> 10) & 0x1f) == 0x1f) {
+      EXPECT_EQ(std::isnan(f), (h & 0x3ff) != 0) << h;
+      if (std::isnan(f)) {
+        EXPECT_TRUE(std::isnan(HalfToFloat(FloatToHalf(f)))) << h;
+        EXPECT_EQ(FloatToHalf(f) & 0x8000, h & 0x8000) << h;
+      } else {
+        EXPECT_EQ(FloatToHalf(f), bits) << h;
+      }
+      continue;
+    }
+    ASSERT_EQ(static_cast<double>(f), half_value(bits)) << h;
+    ASSERT_EQ(FloatToHalf(f), bits) << h;
+    // The midpoint to the next larger magnitude rounds to the even one of the two.
+    const uint16_t next = static_cast<uint16_t>(bits + 1);
+    if ((h & 0x7fff) < 0x7bff) {
+      const float mid = static_cast<float>((half_value(bits) + half_value(next)) / 2);
+      ASSERT_EQ(FloatToHalf(mid), (bits & 1) ? next : bits) << h;
+    }
+  }
+  EXPECT_EQ(FloatToHalf(65519.0f), 0x7bff);
+  EXPECT_EQ(FloatToHalf(65520.0f), 0x7c00);  // the tie above the largest finite half: inf
+  EXPECT_EQ(FloatToHalf(-1e30f), 0xfc00);
+  EXPECT_EQ(FloatToHalf(1e-10f), 0);
+  const uint64_t seed = 77;
+  std::cout << "seed=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  for (int i = 0; i < 200000; ++i) {
+    float x;
+    const uint32_t r = static_cast<uint32_t>(rng());
+    std::memcpy(&x, &r, 4);
+    if (!std::isfinite(x) || std::abs(x) >= 65504.0f) continue;
+    const uint16_t h = FloatToHalf(x);
+    const double got = half_value(h);
+    // No other finite half is nearer: check the neighbours on both sides.
+    for (int d : {-1, 1}) {
+      const uint16_t other = static_cast<uint16_t>(h + d);
+      if (((other >> 10) & 0x1f) == 0x1f || (other & 0x7fff) == 0x7fff) continue;
+      if ((h & 0x7fff) == 0 && d == -1) continue;
+      const double err = std::abs(got - x), other_err = std::abs(half_value(other) - x);
+      ASSERT_TRUE(err < other_err || (err == other_err && (h & 1) == 0))
+          << "x=" << x << " h=" << h << " other=" << other;
+    }
+  }
 }
 
 }  // namespace

@@ -459,7 +459,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       }
       if (!s.ok()) {
         e->clear_plan();
-        e->set_status_code(static_cast<int32_t>(s.code()));
+        e->set_status_code(ToProto(s.code()));
         e->set_error_message(std::string(s.message()));
       }
     }
@@ -615,8 +615,8 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       if (result.status.ok()) {
         const v1::GenerateReply& reply = result.reply;
         AddTraffic(reply.traffic());
-        if (reply.status_code() != 0) {
-          absl::Status s(static_cast<absl::StatusCode>(reply.status_code()),
+        if (reply.status_code() != v1::STATUS_CODE_OK) {
+          absl::Status s(FromProto(reply.status_code()),
                          absl::StrCat("instance ", id, ": ", reply.error_message()));
           // The instance judged the request itself: retrying would not help.
           if (s.code() == absl::StatusCode::kInvalidArgument) {
@@ -802,7 +802,8 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
             break;
           }
           x = (*orders)[to].add_actions();
-          x->set_kind(a.kind == balance::ActionKind::kReplicate ? 1 : 2);
+          x->set_kind(a.kind == balance::ActionKind::kReplicate ? v1::REBALANCE_KIND_REPLICATE
+                                                                : v1::REBALANCE_KIND_MOVE);
           fresh_[{a.segment.value(), to}] = Fresh{.source = from, .since = absl::Now()};
           break;
       }

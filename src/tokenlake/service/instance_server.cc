@@ -375,7 +375,7 @@ class InstanceServer::Impl {
 
   v1::GenerateReply Failed(const absl::Status& s) {
     v1::GenerateReply reply;
-    reply.set_status_code(static_cast<int32_t>(s.code()));
+    reply.set_status_code(ToProto(s.code()));
     reply.set_error_message(std::string(s.message()));
     *reply.mutable_state() = State();
     return reply;
@@ -466,10 +466,13 @@ class InstanceServer::Impl {
     for (const v1::RebalanceAction& a : order.actions()) {
       const SegmentId seg(a.segment());
       const InstanceId from = InstanceFromWire(a.from());
-      if (a.kind() == 0) {
+      if (a.kind() == v1::REBALANCE_KIND_DROP) {
         pool.FreeSegment(self, self, seg).IgnoreError();
         continue;
       }
+      // A kind this instance does not know (a newer coordinator's) is left undone: the lake's
+      // reconciliation drops a replica that never appears.
+      if (a.kind() != v1::REBALANCE_KIND_REPLICATE && a.kind() != v1::REBALANCE_KIND_MOVE) continue;
       engine::StoredMeta meta;
       absl::StatusOr<std::vector<std::byte>> slot = pool.PullSegment(self, from, seg, &meta);
       meta.placement_sequence = a.sequence();

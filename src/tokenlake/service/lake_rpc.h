@@ -36,6 +36,12 @@ void ToProto(const plan::NewSegmentPlacement& in, v1::Placement* out);
 plan::NewSegmentPlacement FromProto(const v1::Placement& in, RequestId request);
 void ToProto(const lake::CommitResult& in, v1::CommitReply* out);
 lake::CommitResult FromProto(const v1::CommitReply& in);
+// The protocol's enums, numbered as ours. An unknown value (from a newer peer) reads as
+// kMoveQueries and as kUnknown.
+v1::HolderAction ToProto(plan::HolderAction action);
+plan::HolderAction FromProto(v1::HolderAction action);
+v1::StatusCode ToProto(absl::StatusCode code);
+absl::StatusCode FromProto(v1::StatusCode code);
 
 // absl::StatusCode and grpc::StatusCode share their numbering.
 grpc::Status ToGrpc(const absl::Status& s);

@@ -14,6 +14,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -52,10 +53,25 @@ struct LocalClusterOptions {
 // The slots per instance the lake counts for stores of `instance_slots` slots (1/64 less).
 int32_t LakeSlots(int32_t instance_slots);
 
+// The ports a coordinator writes to its --port-file once it listens.
+struct CoordinatorPorts {
+  int32_t http_port = 0;
+  int32_t grpc_port = 0;
+  int32_t transport_port = 0;
+};
+
+// Parses a port file's text: a JSON object {"http_port", "grpc_port", "transport_port"}, each an
+// integer in [1, 65535], transport_port in [0, 65535] (0: the coordinator listens on no
+// transport port; other fields are ignored).
+// Errors: InvalidArgument naming `path` and what is wrong (not a JSON object; which field is
+// missing, not an integer or out of range).
+absl::StatusOr<CoordinatorPorts> ParsePortFile(std::string_view text, std::string_view path);
+
 class LocalCluster {
  public:
   // Starts the coordinator, then the instances, and waits until all instances are live.
-  // Errors: InvalidArgument (options), DeadlineExceeded (not ready in time; names the logs).
+  // Errors: InvalidArgument (options), DeadlineExceeded (not ready in time; names the logs),
+  // Internal (the coordinator's port file is malformed: names the file and the field).
   static absl::StatusOr<std::unique_ptr<LocalCluster>> Start(const LocalClusterOptions& options);
   // Stops everything (SIGTERM, then SIGKILL).
   ~LocalCluster();

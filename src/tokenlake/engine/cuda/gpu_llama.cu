@@ -1,15 +1,14 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <utility>
 
 #include "absl/strings/str_format.h"
-#include "tokenlake/attention/bf16.h"
 #include "tokenlake/base/status_macros.h"
 #include "tokenlake/engine/cuda/gpu_llama.h"
-#include "tokenlake/engine/llama_model.h"
 #include "tokenlake/engine/ops.h"
 
 namespace tokenlake::engine::cuda {
@@ -196,26 +195,15 @@ absl::Status Gemm(cublasHandle_t h, const void* w, const void* x, float* y, int 
                       "cublasGemmEx");
 }
 
-// Host float32 tensors -> one bf16 device buffer (concatenated in order).
-absl::Status UploadBf16(const std::vector<const std::vector<float>*>& parts, DeviceBuffer* dst) {
-  size_t total = 0;
-  for (const auto* p : parts) total += p->size();
-  std::vector<uint16_t> bits(total);
-  size_t at = 0;
-  for (const auto* p : parts) {
-    for (float f : *p) bits[at++] = attention::FloatToBf16(f);
-  }
-  TOKENLAKE_RETURN_IF_ERROR(dst->Allocate(total * sizeof(uint16_t)));
-  return CudaStatus(
-      cudaMemcpy(dst->get(), bits.data(), total * sizeof(uint16_t), cudaMemcpyHostToDevice),
-      "cudaMemcpy(weights)");
-}
-
 absl::Status UploadF32(const std::vector<float>& v, DeviceBuffer* dst) {
   TOKENLAKE_RETURN_IF_ERROR(dst->Allocate(v.size() * sizeof(float)));
   return CudaStatus(
       cudaMemcpy(dst->get(), v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice),
       "cudaMemcpy(weights)");
+}
+
+double SecondsSince(std::chrono::steady_clock::time_point from) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - from).count();
 }
 
 absl::Status CheckConfig(const LlamaConfig& c) {
@@ -285,41 +273,130 @@ absl::Status GpuLlamaModel::Init() {
 
 absl::StatusOr<std::unique_ptr<GpuLlamaModel>> GpuLlamaModel::Load(const std::string& dir,
                                                                    const Options& options) {
+  const auto start = std::chrono::steady_clock::now();
   TOKENLAKE_ASSIGN_OR_RETURN(LlamaConfig config, LoadLlamaConfig(dir + "/config.json"));
-  TOKENLAKE_ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(dir + "/model.safetensors"));
-  return FromSafetensors(config, *file, options);
+  TOKENLAKE_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> checkpoint, Checkpoint::Open(dir));
+  const double open_seconds = SecondsSince(start);
+  TOKENLAKE_ASSIGN_OR_RETURN(std::unique_ptr<GpuLlamaModel> m,
+                             FromCheckpoint(config, *checkpoint, options));
+  m->load_stats_.open_seconds = open_seconds;
+  m->load_stats_.total_seconds = SecondsSince(start);
+  return m;
 }
 
 absl::StatusOr<std::unique_ptr<GpuLlamaModel>> GpuLlamaModel::FromSafetensors(
     const LlamaConfig& config, const SafetensorsFile& file, const Options& options) {
+  return FromCheckpoint(config, *Checkpoint::Borrow(file), options);
+}
+
+absl::StatusOr<std::unique_ptr<GpuLlamaModel>> GpuLlamaModel::FromCheckpoint(
+    const LlamaConfig& config, const Checkpoint& checkpoint, const Options& options) {
+  const auto start = std::chrono::steady_clock::now();
   std::unique_ptr<GpuLlamaModel> m(new GpuLlamaModel(config, options.device));
   TOKENLAKE_RETURN_IF_ERROR(m->Init());
+  LoadStats& stats = m->load_stats_;
+  stats.init_seconds = SecondsSince(start);
+  stats.checkpoint_bytes = checkpoint.total_bytes();
+  stats.shards = static_cast<int32_t>(checkpoint.shards().size());
+
+  // Every tensor present, well-shaped and of a float dtype before any weight is allocated.
+  const std::vector<LlamaTensorSpec> specs = LlamaCheckpointTensors(config);
+  std::vector<const CheckpointTensor*> found;
+  for (const LlamaTensorSpec& spec : specs) {
+    TOKENLAKE_ASSIGN_OR_RETURN(const CheckpointTensor* t,
+                               checkpoint.FindFloat(spec.name, spec.shape));
+    found.push_back(t);
+  }
+
+  // The device layout: buffer and element offset of every checkpoint tensor.
   const int64_t h = config.hidden_size;
+  const int64_t qd = int64_t{config.num_heads} * config.head_dim;
+  const int64_t kvd = int64_t{config.num_kv_heads} * config.head_dim;
+  const int64_t inter = config.intermediate_size;
   const int64_t vocab = config.vocab_size;
-  {
-    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> e,
-                               file.ReadFloat32("model.embed_tokens.weight", {vocab, h}));
-    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&e}, &m->embed_));
+  struct Destination {
+    DeviceBuffer* buffer;
+    int64_t offset;  // elements
+  };
+  auto destination = [&](const LlamaTensorSpec& spec) -> Destination {
+    Layer* w = spec.layer >= 0 ? &m->layers_[static_cast<size_t>(spec.layer)] : nullptr;
+    switch (spec.weight) {
+      case LlamaWeight::kEmbed:
+        return {&m->embed_, 0};
+      case LlamaWeight::kInputNorm:
+        return {&w->input_norm, 0};
+      case LlamaWeight::kQ:
+        return {&w->wqkv, 0};
+      case LlamaWeight::kK:
+        return {&w->wqkv, qd * h};
+      case LlamaWeight::kV:
+        return {&w->wqkv, (qd + kvd) * h};
+      case LlamaWeight::kO:
+        return {&w->wo, 0};
+      case LlamaWeight::kPostNorm:
+        return {&w->post_norm, 0};
+      case LlamaWeight::kGate:
+        return {&w->wgu, 0};
+      case LlamaWeight::kUp:
+        return {&w->wgu, inter * h};
+      case LlamaWeight::kDown:
+        return {&w->wdown, 0};
+      case LlamaWeight::kFinalNorm:
+        return {&m->final_norm_, 0};
+      case LlamaWeight::kLmHead:
+        return {&m->lm_head_, 0};
+    }
+    return {nullptr, 0};
+  };
+  // Buffer sizes in bytes (bf16 matrices, f32 norms).
+  std::vector<std::pair<DeviceBuffer*, int64_t>> sizes = {{&m->embed_, vocab * h * 2},
+                                                          {&m->final_norm_, h * 4}};
+  if (!config.tie_word_embeddings) sizes.push_back({&m->lm_head_, vocab * h * 2});
+  for (Layer& w : m->layers_) {
+    sizes.push_back({&w.input_norm, h * 4});
+    sizes.push_back({&w.wqkv, (qd + 2 * kvd) * h * 2});
+    sizes.push_back({&w.wo, h * qd * 2});
+    sizes.push_back({&w.post_norm, h * 4});
+    sizes.push_back({&w.wgu, 2 * inter * h * 2});
+    sizes.push_back({&w.wdown, h * inter * 2});
   }
-  for (int32_t l = 0; l < config.num_layers; ++l) {
-    // One layer at a time on the host (the checkpoint's names and shapes: LlamaModel's reader).
-    TOKENLAKE_ASSIGN_OR_RETURN(LlamaModel::LayerWeights r,
-                               LlamaModel::ReadLayerWeights(config, file, l));
-    Layer& w = m->layers_[static_cast<size_t>(l)];
-    TOKENLAKE_RETURN_IF_ERROR(UploadF32(r.input_norm, &w.input_norm));
-    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&r.q_proj, &r.k_proj, &r.v_proj}, &w.wqkv));
-    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&r.o_proj}, &w.wo));
-    TOKENLAKE_RETURN_IF_ERROR(UploadF32(r.post_norm, &w.post_norm));
-    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&r.gate_proj, &r.up_proj}, &w.wgu));
-    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&r.down_proj}, &w.wdown));
+  const auto alloc_start = std::chrono::steady_clock::now();
+  for (const auto& [buffer, bytes] : sizes) stats.device_bytes += bytes;
+  size_t free_bytes = 0, total_bytes = 0;
+  if (cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess &&
+      static_cast<size_t>(stats.device_bytes) > free_bytes) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "GpuLlamaModel: the weights need %d bytes (%.2f GiB) of device memory; device %d has "
+        "%d bytes (%.2f GiB) free of %.2f GiB",
+        stats.device_bytes, stats.device_bytes / 1073741824.0, options.device, free_bytes,
+        free_bytes / 1073741824.0, total_bytes / 1073741824.0));
   }
-  TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> fnorm, file.ReadFloat32("model.norm.weight", {h}));
-  TOKENLAKE_RETURN_IF_ERROR(UploadF32(fnorm, &m->final_norm_));
-  if (!config.tie_word_embeddings) {
-    TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> head,
-                               file.ReadFloat32("lm_head.weight", {vocab, h}));
-    TOKENLAKE_RETURN_IF_ERROR(UploadBf16({&head}, &m->lm_head_));
+  cudaGetLastError();
+  for (const auto& [buffer, bytes] : sizes) {
+    absl::Status s = buffer->Allocate(static_cast<size_t>(bytes));
+    if (!s.ok()) {
+      return absl::Status(s.code(), absl::StrFormat("GpuLlamaModel: allocating the weights (%d "
+                                                    "bytes in all): %s",
+                                                    stats.device_bytes, s.message()));
+    }
   }
+  stats.allocate_seconds = SecondsSince(alloc_start);
+
+  std::vector<UploadTensor> uploads;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const Destination d = destination(specs[i]);
+    const TensorDtype dst_dtype = specs[i].is_norm() ? TensorDtype::kF32 : TensorDtype::kBF16;
+    uploads.push_back(
+        {.name = specs[i].name,
+         .src = checkpoint.Data(*found[i]),
+         .src_dtype = found[i]->info->dtype,
+         .dst = static_cast<char*>(d.buffer->get()) + d.offset * TensorDtypeBytes(dst_dtype),
+         .dst_dtype = dst_dtype});
+  }
+  const auto upload_start = std::chrono::steady_clock::now();
+  TOKENLAKE_ASSIGN_OR_RETURN(stats.upload, UploadTensors(uploads, options.device, options.upload));
+  stats.upload_seconds = SecondsSince(upload_start);
+  stats.total_seconds = SecondsSince(start);
   return m;
 }
 

@@ -1,18 +1,20 @@
 // GpuLlamaModel: the Llama forward pass of engine::LlamaModel on one CUDA device.
 //
-// Weights are uploaded once as bfloat16 (RNE from the checkpoint's values; RMSNorm weights stay
-// float32). Dense layers run on cuBLAS (cublasGemmEx: bf16 inputs, float32 accumulation and
-// float32 output; the q/k/v and the gate/up projections are each one GEMM over concatenated
-// weights; o_proj and down_proj accumulate into the float32 residual stream with beta = 1).
-// Small kernels do the rest: embedding gather, RMSNorm (float32 statistics, bf16 output for the
-// next GEMM), RoPE (the conventions of engine/ops.cc: rotate-half, inverse frequencies from
-// engine::RopeInvFreq, angle = position * inv_freq in float32, cos/sin in double), SiLU(gate) *
-// up. The residual stream x is float32; GEMM inputs (normed activations, attention output,
-// SiLU*up) are rounded to bf16. Queries and the new tokens' K and V are bf16 (the KV is stored
-// as bf16 in the pool). A forward runs a batch of sequences: the dense layers over all their
-// tokens at once (one GEMM per projection for the whole batch), each token at its own RoPE
-// position; only the last token of each sequence that asks for it goes through the LM head, and
-// only its argmax (and, when asked, its logits) is copied to the host.
+// Weights are uploaded once as bfloat16 (bf16 checkpoint tensors as they are, f32 and f16 ones
+// rounded to nearest even on the device; RMSNorm weights as float32), straight from the mapped
+// checkpoint through pinned staging buffers (weight_upload.h). Dense layers run on cuBLAS
+// (cublasGemmEx: bf16 inputs, float32 accumulation and float32 output; the q/k/v and the gate/up
+// projections are each one GEMM over concatenated weights; o_proj and down_proj accumulate into the
+// float32 residual stream with beta = 1). Small kernels do the rest: embedding gather, RMSNorm
+// (float32 statistics, bf16 output for the next GEMM), RoPE (the conventions of engine/ops.cc:
+// rotate-half, inverse frequencies from engine::RopeInvFreq, angle = position * inv_freq in
+// float32, cos/sin in double), SiLU(gate) * up. The residual stream x is float32; GEMM inputs
+// (normed activations, attention output, SiLU*up) are rounded to bf16. Queries and the new tokens'
+// K and V are bf16 (the KV is stored as bf16 in the pool). A forward runs a batch of sequences:
+// the dense layers over all their tokens at once (one GEMM per projection for the whole batch),
+// each token at its own RoPE position; only the last token of each sequence that asks for it
+// goes through the LM head, and only its argmax (and, when asked, its logits) is copied to the
+// host.
 //
 // Attention is delegated to a GpuAttentionBackend (the pool: see gpu_engine.h).
 //
@@ -32,7 +34,9 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "tokenlake/engine/checkpoint.h"
 #include "tokenlake/engine/cuda/device_buffer.h"
+#include "tokenlake/engine/cuda/weight_upload.h"
 #include "tokenlake/engine/llama_config.h"
 #include "tokenlake/engine/safetensors.h"
 
@@ -82,19 +86,50 @@ class GpuLlamaModel {
   struct Options {
     // CUDA device ordinal, >= 0.
     int device = 0;
+    // How the weights travel to the device (threads, staging buffers).
+    UploadOptions upload;
   };
 
-  // Reads `dir`/config.json and `dir`/model.safetensors and uploads the weights.
-  // Errors: those of LoadLlamaConfig / SafetensorsFile::Open / FromSafetensors.
+  // Where the time of the last load went (seconds of wall clock; phases in order).
+  struct LoadStats {
+    // config.json and Checkpoint::Open (mapping the files, parsing the headers and the index);
+    // 0 when the caller opened the checkpoint (FromCheckpoint).
+    double open_seconds = 0;
+    // CUDA device, stream and cuBLAS setup (creates the CUDA context on a process's first use).
+    double init_seconds = 0;
+    // cudaMalloc of the weights.
+    double allocate_seconds = 0;
+    // UploadTensors: staging setup, copies and conversions, device synchronised.
+    double upload_seconds = 0;
+    // All of the above.
+    double total_seconds = 0;
+    // Checkpoint bytes read, and shard files.
+    int64_t checkpoint_bytes = 0;
+    int32_t shards = 0;
+    // Bytes of device memory the weights take.
+    int64_t device_bytes = 0;
+    UploadStats upload;
+  };
+
+  // Reads `dir`/config.json and the checkpoint in `dir` (Checkpoint::Open: model.safetensors or
+  // model.safetensors.index.json + shards) and uploads the weights.
+  // Errors: those of LoadLlamaConfig / Checkpoint::Open / FromCheckpoint.
   static absl::StatusOr<std::unique_ptr<GpuLlamaModel>> Load(const std::string& dir,
                                                              const Options& options);
 
-  // Uploads the checkpoint's tensors (the names and shapes engine::LlamaModel reads).
-  // Errors: NotFound / InvalidArgument / Unimplemented for a missing or mis-shaped tensor (as
-  //   engine::LlamaModel::FromSafetensors), InvalidArgument for a config the GPU path does not
-  //   run (head_dim odd or not in {16, 32, 64, 128}, see attention/cuda/paged_attention.h),
-  //   FailedPrecondition (no CUDA device), ResourceExhausted (device memory), Internal (CUDA or
-  //   cuBLAS error).
+  // Uploads the checkpoint's tensors (LlamaCheckpointTensors(config); F32, F16 or BF16). Every
+  // tensor's presence, shape and dtype is checked before any weight is allocated, and the
+  // weights' device memory against what is free.
+  // Errors: NotFound / InvalidArgument / Unimplemented for a missing or mis-shaped tensor or an
+  //   unsupported dtype (as engine::LlamaModel::FromCheckpoint, naming the file and the tensor),
+  //   InvalidArgument for a config the GPU path does not run (head_dim odd or not in
+  //   {16, 32, 64, 128}, see attention/cuda/paged_attention.h), FailedPrecondition (no CUDA
+  //   device), ResourceExhausted (device memory: names the bytes the weights need and the bytes
+  //   free), Internal (CUDA or cuBLAS error), and UploadTensors' errors.
+  static absl::StatusOr<std::unique_ptr<GpuLlamaModel>> FromCheckpoint(const LlamaConfig& config,
+                                                                       const Checkpoint& checkpoint,
+                                                                       const Options& options);
+  // FromCheckpoint over one file. Errors: as FromCheckpoint.
   static absl::StatusOr<std::unique_ptr<GpuLlamaModel>> FromSafetensors(const LlamaConfig& config,
                                                                         const SafetensorsFile& file,
                                                                         const Options& options);
@@ -114,6 +149,8 @@ class GpuLlamaModel {
   int device() const { return device_; }
   // The stream every kernel and copy of this model (and its backend) runs on.
   cudaStream_t stream() const { return stream_; }
+  // The phases of the load that made this model (zeros for CreateRandom).
+  const LoadStats& load_stats() const { return load_stats_; }
 
   // Runs a batch of sequences through the model in one forward: the dense layers (GEMMs,
   // RMSNorm, RoPE at each token's own position, SiLU) over all their tokens at once, attention
@@ -199,6 +236,7 @@ class GpuLlamaModel {
   DeviceBuffer head_in_;  // [m][hidden] bf16 (the normed logits rows)
   DeviceBuffer logits_;   // [m][vocab] f32
   DeviceBuffer argmax_;   // [m] int32
+  LoadStats load_stats_;
   // Profiling.
   bool profiling_ = false;
   std::vector<std::pair<cudaEvent_t, int>> marks_;  // events (reused) and the phase each starts
