@@ -108,7 +108,8 @@ class InstanceServer::Impl {
                                      .slots_per_instance = options_.slots,
                                      .reply_timeout = options_.data_timeout,
                                      .external_transport = dp->tcp.get(),
-                                     .endpoint_base = 0};
+                                     .endpoint_base = 0,
+                                     .missing_segment_grace = options_.missing_segment_grace};
     po.hosted = {InstanceId(id)};
     auto pool = engine::InstancePool::Create(po);
     if (!pool.ok()) return pool.status();
