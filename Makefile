@@ -35,7 +35,7 @@ bench: build
 # The CUDA data plane (sm_90a): builds the kernels, their tests, the GPU benchmarks and the CLI
 # with its GPU paths (`generate --device gpu`, `profile`) with nvcc, runs the tests, which skip
 # themselves where no GPU is present, and the CLI's contract checks on that CLI (its GPU error
-# paths included). Needs /usr/local/cuda. On a GPU machine: bench/gpu_session.sh.
+# paths included). Needs /usr/local/cuda. On a machine with an NVIDIA GPU: bench/gpu_session.sh.
 NVCC ?= /usr/local/cuda/bin/nvcc
 cuda: deps
 	@test -x $(NVCC) || { echo "make cuda: $(NVCC) not found (CUDA 13 is expected under /usr/local/cuda)"; exit 1; }

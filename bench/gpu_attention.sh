@@ -34,7 +34,7 @@ PYTHONUNBUFFERED=1 timeout "$T" python3 bench/sdpa_bench.py "$OUT/sdpa.json" > "
 echo "sdpa rc=$?"; cat "$OUT/sdpa.log"
 if [ "${SKIP_PROFILE:-0}" != 1 ]; then
   echo "== profile"
-  # Same code as `tokenlake profile --json` (the CLI binary needs gRPC libraries not carried).
+  # Same code as `tokenlake profile --json`, without the CLI's gRPC and HTTP libraries.
   timeout "$T" $B/gpu_attention_bench --profile-json "$OUT/gpu_profile.json" > "$OUT/profile.log" 2>&1
   echo "profile rc=$?"; tail -5 "$OUT/profile.log"
 fi

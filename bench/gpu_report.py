@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Compares gpu_attention_bench.json (ours) with sdpa.json (PyTorch SDPA, same session).
+"""Compares gpu_attention_bench.json (ours) with sdpa.json (PyTorch SDPA, same run).
 
 Usage: gpu_report.py OURS.json SDPA.json [MERGE.json]. Prints the figures docs/results-gpu.md
-records; MERGE.json (gpu_merge_bench's output, same session) adds the decode calls replayed in
+records; MERGE.json (gpu_merge_bench's output, same run) adds the decode calls replayed in
 one CUDA graph.
 """
 import json

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copies the non-system shared libraries that a CUDA build's binaries need into BUILD/devlibs, so
-# the binaries run on a GPU machine that has CUDA's libraries, libc and libstdc++ but none of
-# the Debian development libraries: abseil, spdlog, fmt, xxhash, gtest, and for the `tokenlake`
+# the binaries run on a machine with an NVIDIA GPU that has CUDA's libraries, libc and libstdc++
+# but none of the Debian development libraries: abseil, xxhash, gtest, and for the `tokenlake`
 # CLI also gRPC, protobuf, upb, re2, c-ares, cpp-httplib, OpenSSL, brotli, zlib.
 #
 #   bench/pack_devlibs.sh [BUILD_DIR] [MAX_MIB]   # default build/cuda; binaries: BUILD_DIR/bin/*
@@ -9,7 +9,7 @@
 # Left out: CUDA's libraries (/usr/local/cuda, libcuda, libnvidia-*, libnccl: the machine has
 # them), and the C/C++ runtime (libc, libm, libdl, libpthread, librt, ld-linux, libgcc_s,
 # libstdc++). Prints the size of the folder and of bin + devlibs together, and fails when that
-# exceeds MAX_MIB (when given: the most the copy to the GPU machine may take).
+# exceeds MAX_MIB (when given).
 # There: export LD_LIBRARY_PATH=$PWD/BUILD_DIR/devlibs:$LD_LIBRARY_PATH
 set -eu
 build=${1:-build/cuda}

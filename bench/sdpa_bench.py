@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch scaled_dot_product_attention on the shapes of gpu_attention_bench.cc (same session).
+"""PyTorch scaled_dot_product_attention on the shapes of gpu_attention_bench.cc (same run).
 
 GQA 32 query / 8 KV heads, head_dim 128, bf16, contiguous K/V ([B, H, L, D]). Each backend
 (flash, cuDNN, memory-efficient) is tried with enable_gqa=True and with K/V expanded to 32 heads;

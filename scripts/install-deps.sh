@@ -6,13 +6,16 @@ set -euo pipefail
 packages=(
   cmake ninja-build g++ make pkg-config git python3
   libgtest-dev libgmock-dev libbenchmark-dev
-  libabsl-dev libcli11-dev nlohmann-json3-dev libxxhash-dev libspdlog-dev libfmt-dev
+  libabsl-dev libcli11-dev nlohmann-json3-dev libxxhash-dev
   zlib1g-dev  # sim: gzip-compressed traces
+  libssl-dev  # transport: the cluster secret's HMAC-SHA256 and random numbers
   libpcre2-dev libicu-dev  # tokenizer: pre-tokenizer regexes, Unicode normalization
   # service: gRPC control plane, HTTP front end (cpp-httplib is built with brotli support),
   # libFuzzer targets (clang 14)
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libcpp-httplib-dev
   libbrotli-dev clang-14 libclang-rt-14-dev
+  # the Python package: pybind11 extension, its tests, `pip install .` offline
+  pybind11-dev python3-dev python3-pytest python3-numpy python3-pip python3-venv python3-setuptools
 )
 
 missing=()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `tokenlake generate --device gpu` against Hugging Face transformers, end to end through the CLI
-# (run on a GPU machine; a CUDA build's binary). For each fixture model of
+# (on a machine with an NVIDIA GPU; a CUDA build's binary). For each fixture model of
 # tests/fixtures/llama_tiny (see its README), serves prompts.jsonl in order:
 #   gpu1: --device gpu, 1 instance;  gpu3: --device gpu, 3 instances + --rotate-compute;
 #   cpu:  --device cpu, 1 instance (the CPU engine, f32 KV), same segment size (16);

@@ -88,6 +88,13 @@ expect "sim refuses an unknown SLO mode" 2 "p90 or per-token" -- "$bin" sim --sl
 expect "sim refuses a TP that does not divide the KV heads" 2 "--tp 3" -- "$bin" sim --tp 3
 expect "sim refuses --kv-gb with --cache-tokens" 2 "exclusive" -- \
   "$bin" sim --kv-gb 10 --cache-tokens 100000
+expect "sim refuses a --kv-gb beyond 64-bit bytes" 2 "--kv-gb must be at most 1e9" -- \
+  "$bin" sim --kv-gb 1e12
+expect "sim tokenlake refuses more KV blocks than the pool counts, naming the setting" 2 \
+  "tokenlake policy: the KV capacity per instance.*--cache-tokens" -- \
+  "$bin" sim --workload chat --requests 20 --cache-tokens 100000000000000 --policies tokenlake
+expect "sim refuses --cache-tokens beyond 64-bit bytes" 2 "more KV bytes than 64 bits" -- \
+  "$bin" sim --workload chat --requests 20 --cache-tokens 2000000000000000000
 expect "sim --preset paper runs the paper's setup" 0 \
   "loogle: 12 requests.*4 x A100-SXM4-80GB.*\(TP 2\), lwm-7b; SLO per token" -- \
   "$bin" sim --preset paper --requests 12 --cache-tokens 400000 --json "$tmp/paper.json"
@@ -188,6 +195,40 @@ then
   passes=$((passes + 1))
 else
   echo "FAIL: generate CPU JSON"
+  failures=$((failures + 1))
+fi
+
+# Sampling: the same seed gives the same tokens (whatever the arrival order), a stop token ends
+# a request, bad sampling flags are usage errors.
+gen6=("$bin" generate --model "$model" --prompts "$tmp/prompts2.jsonl" --max-new-tokens 6)
+samp=("${gen6[@]}" --temperature 1.5 --top-k 50 --top-p 0.95)
+expect "generate rejects top-p 0" 2 "--top-p" -- "${samp[@]}" --top-p 0 --json "$tmp/s0.json"
+expect "generate rejects sampling without the pool" 2 "need the pool" -- \
+  "${samp[@]}" --no-pool --json "$tmp/s0.json"
+expect "generate samples with a seed" 0 "2 prompts" -- "${samp[@]}" --seed 7 --json "$tmp/s1.json"
+expect "generate samples with the same seed, one prompt after another" 0 "2 prompts" -- \
+  "${samp[@]}" --seed 7 --arrival sequential --json "$tmp/s2.json"
+expect "generate samples with another seed" 0 "2 prompts" -- \
+  "${samp[@]}" --seed 8 --json "$tmp/s3.json"
+first=$(python3 -c "import json; print(json.load(open('$tmp/gen_all.json'))['results'][0]['greedy'][0])")
+expect "generate stops at a stop token" 0 "2 prompts" -- \
+  "${gen6[@]}" --stop-token "$first" --json "$tmp/s4.json"
+if python3 - "$tmp/s1.json" "$tmp/s2.json" "$tmp/s3.json" "$tmp/s4.json" "$tmp/gen_all.json" <<'PY'
+import json, sys
+a, b, c, stop, greedy = (json.load(open(p)) for p in sys.argv[1:])
+ta = [r["tokens"] for r in a["results"]]
+assert ta == [r["tokens"] for r in b["results"]], "same seed, other tokens"
+assert ta != [r["tokens"] for r in c["results"]], "another seed, the same tokens"
+assert all(len(t) == 6 for t in ta) and all(r["finish_reason"] == "length" for r in a["results"])
+g = [r["greedy"] for r in greedy["results"]]
+s = stop["results"][0]
+assert s["tokens"] == g[0][:1] and s["finish_reason"] == "stop", s["tokens"]
+PY
+then
+  echo "ok: generate sampling (seeded repeatability, another seed differs, stop tokens)"
+  passes=$((passes + 1))
+else
+  echo "FAIL: generate sampling"
   failures=$((failures + 1))
 fi
 

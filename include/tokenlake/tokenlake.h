@@ -9,9 +9,9 @@
 //   auto plans = (*lake)->GenPlans({{.requests = {...}, .dop = 2}});
 //   (*lake)->Admit(request); ... (*lake)->Commit(id, placements); (*lake)->Release(id);
 //
-// Re-exports: the Lake (lake/lake.h), segment keys (index/segment_id.h), the plan data types and
-// their JSON form (plan/plan_types.h, plan/plan_json.h), the cost formulas (plan/cost_model.h)
-// and the injected clock (base/clock.h).
+// Re-exports: the Lake (lake/lake.h), segment keys (index/segment_id.h), the plan data types
+// (plan/plan_types.h), the cost formulas (plan/cost_model.h) and the injected clock
+// (base/clock.h).
 #ifndef TOKENLAKE_TOKENLAKE_H_
 #define TOKENLAKE_TOKENLAKE_H_
 
@@ -20,7 +20,6 @@
 #include "tokenlake/index/segment_id.h"
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/plan/cost_model.h"
-#include "tokenlake/plan/plan_json.h"
 #include "tokenlake/plan/plan_types.h"
 
 namespace tokenlake {

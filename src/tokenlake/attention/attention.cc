@@ -17,8 +17,6 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int32_t kMaxHeadDim = 4096;
 constexpr int32_t kMaxHeads = 1 << 16;
-// A KV chunk of a split-K item covers at least this many keys.
-constexpr int64_t kMinChunkKeys = 512;
 
 absl::Status CheckSize(const char* what, size_t actual, int64_t expected) {
   if (static_cast<int64_t>(actual) != expected) {
@@ -194,7 +192,7 @@ absl::Status ValidateAttentionArgs(const AttentionParams& params, int32_t num_q_
 
 absl::Status PartialAttention(const AttentionParams& params, int32_t num_q_tokens,
                               absl::Span<const float> q, absl::Span<const KvBlock> blocks,
-                              absl::Span<float> out, absl::Span<float> lse, ThreadPool* pool) {
+                              absl::Span<float> out, absl::Span<float> lse) {
   TOKENLAKE_RETURN_IF_ERROR(ValidateAttentionArgs(params, num_q_tokens, q, blocks, out, lse));
   if (num_q_tokens == 0) return absl::OkStatus();
 
@@ -216,11 +214,10 @@ absl::Status PartialAttention(const AttentionParams& params, int32_t num_q_token
   problem.blocks = blocks;
   problem.block_start = block_start.data();
 
-  // Work items: (token tile, head tile) x KV chunk. With several query tokens a tile is a few
-  // tokens x the heads of one KV group (each K/V row is reused by tokens x group rows from L1).
-  // With few tokens (decode) a tile is one token x many heads (all KV heads of a key are one
-  // contiguous run, so the tile streams memory sequentially) and the keys are split over the
-  // threads instead (split-K, merged below).
+  // Tiles: with several query tokens a tile is a few tokens x the heads of one KV group (each
+  // K/V row is reused by tokens x group rows from L1). With few tokens (decode) a tile is one
+  // token x many heads (all KV heads of a key are one contiguous run, so the tile streams memory
+  // sequentially).
   const int32_t group = params.num_heads / params.num_kv_heads;
   int32_t heads_per_tile;
   int32_t tokens_per_tile;
@@ -236,59 +233,17 @@ absl::Status PartialAttention(const AttentionParams& params, int32_t num_q_token
   }
   const int64_t head_tiles = (params.num_heads + heads_per_tile - 1) / heads_per_tile;
   const int64_t token_tiles = (num_q_tokens + tokens_per_tile - 1) / tokens_per_tile;
-  const int64_t tiles = token_tiles * head_tiles;
-  const int threads = pool == nullptr ? 1 : pool->num_threads();
-  int64_t num_chunks = 1;
-  if (threads > 1 && tiles < 2 * threads) {
-    num_chunks = std::min<int64_t>((2 * threads + tiles - 1) / tiles,
-                                   std::max<int64_t>(1, total_keys / kMinChunkKeys));
-  }
-
-  const PartialShape shape{num_q_tokens, params.num_heads, params.head_dim};
-  std::vector<float> chunk_out;
-  std::vector<float> chunk_lse;
-  if (num_chunks > 1) {
-    chunk_out.resize(static_cast<size_t>((num_chunks - 1) * OutElements(shape)));
-    chunk_lse.resize(static_cast<size_t>((num_chunks - 1) * LseElements(shape)));
-  }
-
-  auto run_item = [&](int64_t item) {
-    const int64_t chunk = item / tiles;
-    const int64_t rest = item % tiles;
-    const int64_t head_tile = rest % head_tiles;
-    const int64_t token_tile = rest / head_tiles;
-    internal::TileRange tile;
-    tile.token_begin = static_cast<int32_t>(token_tile * tokens_per_tile);
-    tile.token_end = std::min<int32_t>(num_q_tokens, tile.token_begin + tokens_per_tile);
-    tile.head_begin = static_cast<int32_t>(head_tile * heads_per_tile);
-    tile.head_end = std::min<int32_t>(params.num_heads, tile.head_begin + heads_per_tile);
-    tile.key_begin = total_keys * chunk / num_chunks;
-    tile.key_end = total_keys * (chunk + 1) / num_chunks;
-    float* o = out.data();
-    float* l = lse.data();
-    if (chunk > 0) {
-      o = chunk_out.data() + (chunk - 1) * OutElements(shape);
-      l = chunk_lse.data() + (chunk - 1) * LseElements(shape);
+  for (int64_t token_tile = 0; token_tile < token_tiles; ++token_tile) {
+    for (int64_t head_tile = 0; head_tile < head_tiles; ++head_tile) {
+      internal::TileRange tile;
+      tile.token_begin = static_cast<int32_t>(token_tile * tokens_per_tile);
+      tile.token_end = std::min<int32_t>(num_q_tokens, tile.token_begin + tokens_per_tile);
+      tile.head_begin = static_cast<int32_t>(head_tile * heads_per_tile);
+      tile.head_end = std::min<int32_t>(params.num_heads, tile.head_begin + heads_per_tile);
+      tile.key_begin = 0;
+      tile.key_end = total_keys;
+      internal::RunAttentionTile(problem, tile, out.data(), lse.data());
     }
-    internal::RunAttentionTile(problem, tile, o, l);
-  };
-  const int64_t items = tiles * num_chunks;
-  if (pool == nullptr) {
-    for (int64_t i = 0; i < items; ++i) run_item(i);
-  } else {
-    pool->ParallelFor(items, run_item);
-  }
-
-  if (num_chunks > 1) {
-    std::vector<PartialView> others;
-    others.reserve(static_cast<size_t>(num_chunks - 1));
-    for (int64_t c = 0; c + 1 < num_chunks; ++c) {
-      others.push_back(PartialView{absl::MakeConstSpan(chunk_out.data() + c * OutElements(shape),
-                                                       static_cast<size_t>(OutElements(shape))),
-                                   absl::MakeConstSpan(chunk_lse.data() + c * LseElements(shape),
-                                                       static_cast<size_t>(LseElements(shape)))});
-    }
-    TOKENLAKE_RETURN_IF_ERROR(MergePartialsInPlace(shape, MutablePartialView{out, lse}, others));
   }
   return absl::OkStatus();
 }

@@ -40,8 +40,7 @@
 // ---------------------------------------------------------------------------------------------
 //
 // Thread-safety: all functions are reentrant; they read their inputs and write only their output
-// spans. Concurrent calls on disjoint outputs are safe. A ThreadPool passed in is used for the
-// duration of the call only (see thread_pool.h for its own rules).
+// spans. Concurrent calls on disjoint outputs are safe.
 #ifndef TOKENLAKE_ATTENTION_ATTENTION_H_
 #define TOKENLAKE_ATTENTION_ATTENTION_H_
 
@@ -52,7 +51,6 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "tokenlake/attention/bf16.h"
-#include "tokenlake/attention/thread_pool.h"
 
 namespace tokenlake::attention {
 
@@ -147,20 +145,16 @@ absl::Status ValidateAttentionArgs(const AttentionParams& params, int32_t num_q_
 // order), writing out [num_q_tokens][num_heads][head_dim] and lse [num_q_tokens][num_heads] per
 // the conventions above. Single pass, online softmax (flash-style) per (query, head) over key
 // tiles, float32 accumulation (bf16 KV is widened exactly), vectorised (AVX2+FMA when the CPU has
-// it, SSE2 otherwise), and spread over `pool` (may be null: calling thread only). Work items are
-// (query-token tile, head tile); with fewer items than 2x the pool's threads (decode) the keys
-// are also split into chunks whose partials are merged, so results with and without a pool may
-// differ by float rounding (both stay within ~1e-5 of the reference). Deterministic for a given
-// pool size. Thread-safe: the caller's thread blocks until done; concurrent calls sharing a pool
-// are serialised by the pool.
+// it, SSE2 otherwise), on the calling thread, tile by tile: (query-token tile, head tile).
+// Deterministic. (Callers that want several cores run several calls on disjoint outputs: the
+// data plane attends one holder's segments per call.)
 //
 // REQUIRES: every non-empty block's k and v point at >= num_tokens * num_kv_heads * head_dim
 // elements; out and lse do not overlap q, each other or the KV.
 // Returns InvalidArgument (see ValidateAttentionArgs) with out and lse untouched on bad shapes.
 absl::Status PartialAttention(const AttentionParams& params, int32_t num_q_tokens,
                               absl::Span<const float> q, absl::Span<const KvBlock> blocks,
-                              absl::Span<float> out, absl::Span<float> lse,
-                              ThreadPool* pool = nullptr);
+                              absl::Span<float> out, absl::Span<float> lse);
 
 // Shape of a partial: out [num_q_tokens][num_heads][head_dim], lse [num_q_tokens][num_heads].
 struct PartialShape {

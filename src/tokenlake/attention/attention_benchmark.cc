@@ -1,14 +1,15 @@
 // Micro-benchmarks of the CPU attention path.
 //
-//   BM_MemoryCopy/threads     memcpy of a 256 MiB buffer: this machine's copy bandwidth
-//                             (counter read_Bps counts the bytes read, copy_Bps read + write).
-//   BM_MemoryRead/threads     a vectorised sum over a 256 MiB buffer: read bandwidth.
-//   BM_FmaPeak                one core's AVX2 FMA throughput (FLOPs, 2 per lane per FMA).
-//   BM_Decode/dtype/threads   1 query token, 32 heads / 8 KV heads, d = 128, over 32K cached
-//                             tokens in 64-token segments; kv_Bps = KV bytes read per second.
-//   BM_Prefill/dtype/threads  512 new tokens over 8K cached tokens (non-causal partial, as in
-//                             serving), same heads; FLOPs = 4 * nq * nk * heads * d.
-//   BM_Merge                  n-way merge of 8 partials of 512 tokens x 32 heads x 128.
+// One core each (PartialAttention runs on the calling thread):
+//   BM_MemoryCopy         memcpy of a 256 MiB buffer: this machine's copy bandwidth
+//                         (counter read_Bps counts the bytes read, copy_Bps read + write).
+//   BM_MemoryRead         a vectorised sum over a 256 MiB buffer: read bandwidth.
+//   BM_FmaPeak            one core's AVX2 FMA throughput (FLOPs, 2 per lane per FMA).
+//   BM_Decode/dtype       1 query token, 32 heads / 8 KV heads, d = 128, over 32K cached
+//                         tokens in 64-token segments; kv_Bps = KV bytes read per second.
+//   BM_Prefill/dtype      512 new tokens over 8K cached tokens (non-causal partial, as in
+//                         serving), same heads; FLOPs = 4 * nq * nk * heads * d.
+//   BM_Merge              n-way merge of 8 partials of 512 tokens x 32 heads x 128.
 //
 // dtype: 0 = f32, 1 = bf16. Build with the release preset.
 #include <cstring>
@@ -18,7 +19,6 @@
 #include "benchmark/benchmark.h"
 #include "tokenlake/attention/attention.h"
 #include "tokenlake/attention/cpu_kernel.h"
-#include "tokenlake/attention/thread_pool.h"
 #include "tokenlake/base/random.h"
 
 namespace tokenlake::attention {
@@ -26,20 +26,11 @@ namespace {
 
 constexpr size_t kBufferBytes = size_t{256} << 20;
 
-std::unique_ptr<ThreadPool> MakePool(int threads) {
-  return std::move(ThreadPool::Create({.num_threads = threads})).value();
-}
-
 void BM_MemoryCopy(benchmark::State& state) {
-  const int threads = static_cast<int>(state.range(0));
-  auto pool = MakePool(threads);
   std::vector<char> src(kBufferBytes, 1);
   std::vector<char> dst(kBufferBytes, 0);
-  const int64_t parts = 64;
-  const size_t part = kBufferBytes / parts;
   for (auto _ : state) {
-    pool->ParallelFor(
-        parts, [&](int64_t i) { std::memcpy(dst.data() + i * part, src.data() + i * part, part); });
+    std::memcpy(dst.data(), src.data(), kBufferBytes);
     benchmark::DoNotOptimize(dst.data());
     benchmark::ClobberMemory();
   }
@@ -47,34 +38,25 @@ void BM_MemoryCopy(benchmark::State& state) {
   state.counters["read_Bps"] = benchmark::Counter(bytes, benchmark::Counter::kIsRate);
   state.counters["copy_Bps"] = benchmark::Counter(2 * bytes, benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_MemoryCopy)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_MemoryCopy)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 void BM_MemoryRead(benchmark::State& state) {
-  const int threads = static_cast<int>(state.range(0));
-  auto pool = MakePool(threads);
   const size_t n = kBufferBytes / sizeof(float);
   std::vector<float> src(n, 1.0f);
-  const int64_t parts = 64;
-  const size_t part = n / parts;
-  std::vector<float> sums(parts);
   for (auto _ : state) {
-    pool->ParallelFor(parts, [&](int64_t i) {
-      // 8 independent partial sums so the loop vectorises without reassociation.
-      float acc[8] = {};
-      const float* p = src.data() + i * part;
-      for (size_t j = 0; j < part; j += 8) {
-        for (int k = 0; k < 8; ++k) acc[k] += p[j + k];
-      }
-      float s = 0;
-      for (float a : acc) s += a;
-      sums[static_cast<size_t>(i)] = s;
-    });
-    benchmark::DoNotOptimize(sums.data());
+    // 8 independent partial sums so the loop vectorises without reassociation.
+    float acc[8] = {};
+    for (size_t j = 0; j < n; j += 8) {
+      for (int k = 0; k < 8; ++k) acc[k] += src[j + k];
+    }
+    float sum = 0;
+    for (float a : acc) sum += a;
+    benchmark::DoNotOptimize(sum);
   }
   state.counters["read_Bps"] = benchmark::Counter(
       static_cast<double>(kBufferBytes) * state.iterations(), benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_MemoryRead)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_MemoryRead)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // The per-core FMA peak of the AVX2 path: 12 independent 8-wide FMA chains, no memory traffic.
 // FLOPs counts 2 per lane per FMA, so the prefill FLOPs above can be read against it.
@@ -140,8 +122,6 @@ KvData MakeKv(KvDtype dtype, int64_t num_tokens, int segment_tokens, int num_kv_
 
 void RunAttentionBenchmark(benchmark::State& state, int nq, int64_t num_keys) {
   const KvDtype dtype = state.range(0) == 0 ? KvDtype::kFloat32 : KvDtype::kBFloat16;
-  const int threads = static_cast<int>(state.range(1));
-  auto pool = MakePool(threads);
   AttentionParams p{.num_heads = 32, .num_kv_heads = 8, .head_dim = 128, .kv_dtype = dtype};
   KvData kv = MakeKv(dtype, num_keys, 64, p.num_kv_heads, p.head_dim);
   Rng rng(3);
@@ -151,7 +131,7 @@ void RunAttentionBenchmark(benchmark::State& state, int nq, int64_t num_keys) {
   std::vector<float> lse(static_cast<size_t>(nq) * p.num_heads);
   for (auto _ : state) {
     const absl::Status s =
-        PartialAttention(p, nq, q, kv.blocks, absl::MakeSpan(out), absl::MakeSpan(lse), pool.get());
+        PartialAttention(p, nq, q, kv.blocks, absl::MakeSpan(out), absl::MakeSpan(lse));
     if (!s.ok()) state.SkipWithError(s.ToString().c_str());
     benchmark::DoNotOptimize(out.data());
   }
@@ -166,16 +146,13 @@ void RunAttentionBenchmark(benchmark::State& state, int nq, int64_t num_keys) {
 }
 
 void BM_Decode(benchmark::State& state) { RunAttentionBenchmark(state, 1, 32768); }
-BENCHMARK(BM_Decode)
-    ->ArgsProduct({{0, 1}, {1, 2}})
-    ->ArgNames({"bf16", "threads"})
-    ->Unit(benchmark::kMillisecond)
-    ->UseRealTime();
+BENCHMARK(BM_Decode)->Arg(0)->Arg(1)->ArgName("bf16")->Unit(benchmark::kMillisecond)->UseRealTime();
 
 void BM_Prefill(benchmark::State& state) { RunAttentionBenchmark(state, 512, 8192); }
 BENCHMARK(BM_Prefill)
-    ->ArgsProduct({{0, 1}, {1, 2}})
-    ->ArgNames({"bf16", "threads"})
+    ->Arg(0)
+    ->Arg(1)
+    ->ArgName("bf16")
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 

@@ -15,7 +15,6 @@
 #include "tokenlake/attention/attention_reference.h"
 #include "tokenlake/attention/bf16.h"
 #include "tokenlake/attention/cpu_kernel.h"
-#include "tokenlake/attention/thread_pool.h"
 #include "tokenlake/base/random.h"
 
 namespace tokenlake::attention {
@@ -130,9 +129,6 @@ TEST_P(RandomShapeTest, FastPathMatchesReference) {
   const uint64_t seed = 1000 + static_cast<uint64_t>(group) * 7 + static_cast<int>(dtype);
   std::cout << "seed=" << seed << "\n";
   Rng rng(seed);
-  auto pool_or = ThreadPool::Create({.num_threads = 2});
-  ASSERT_TRUE(pool_or.ok());
-  std::unique_ptr<ThreadPool> pool = std::move(pool_or).value();
   const int kHeadDims[] = {64, 128, 1, 3, 7, 8, 17, 33, 80, 96};
   for (int c = 0; c < 24; ++c) {
     SCOPED_TRACE(testing::Message() << "seed=" << seed << " case=" << c);
@@ -167,10 +163,8 @@ TEST_P(RandomShapeTest, FastPathMatchesReference) {
     ASSERT_TRUE(ReferencePartialAttention(p, nq, q, blocks, absl::MakeSpan(want.out),
                                           absl::MakeSpan(want.lse))
                     .ok());
-    ThreadPool* use_pool = rng.Bernoulli(0.5) ? pool.get() : nullptr;
-    ASSERT_TRUE(PartialAttention(p, nq, q, blocks, absl::MakeSpan(got.out), absl::MakeSpan(got.lse),
-                                 use_pool)
-                    .ok());
+    ASSERT_TRUE(
+        PartialAttention(p, nq, q, blocks, absl::MakeSpan(got.out), absl::MakeSpan(got.lse)).ok());
     ExpectPartialsNear(got, want, 5e-6);
   }
 }
@@ -251,9 +245,9 @@ TEST(PartialAttentionTest, CausalFirstQuerySeesOnlyKeyZero) {
   EXPECT_NEAR(got.out[1], -7.0f, 1e-6);  // key 1 dominates for query 1
 }
 
-TEST(PartialAttentionTest, DecodeSplitOverKvChunksMatchesReference) {
-  // One token, MQA with 8 heads: fewer tiles than threads, so the keys are split into chunks
-  // whose partials are merged.
+TEST(PartialAttentionTest, LongMqaDecodeMatchesReference) {
+  // One token, MQA with 8 heads over 40 segments (part-segments among them): one tile of all
+  // heads streams every key.
   for (KvDtype dtype : {KvDtype::kFloat32, KvDtype::kBFloat16}) {
     const uint64_t seed = 77 + static_cast<int>(dtype);
     SCOPED_TRACE(testing::Message() << "seed=" << seed);
@@ -264,29 +258,22 @@ TEST(PartialAttentionTest, DecodeSplitOverKvChunksMatchesReference) {
     for (int b = 0; b < 40; ++b)
       blocks.push_back(store.Block(store.AddSegment(64, rng, 2.0f), 0, 64 - b % 3));
     const std::vector<float> q = RandomQueries(1, 8, 64, rng, 2.0f);
-    auto pool = std::move(ThreadPool::Create({.num_threads = 3})).value();
     Partial want(1, p);
     Partial got(1, p);
     ASSERT_TRUE(ReferencePartialAttention(p, 1, q, blocks, absl::MakeSpan(want.out),
                                           absl::MakeSpan(want.lse))
                     .ok());
-    ASSERT_TRUE(PartialAttention(p, 1, q, blocks, absl::MakeSpan(got.out), absl::MakeSpan(got.lse),
-                                 pool.get())
-                    .ok());
+    ASSERT_TRUE(
+        PartialAttention(p, 1, q, blocks, absl::MakeSpan(got.out), absl::MakeSpan(got.lse)).ok());
     ExpectPartialsNear(got, want, 5e-6);
   }
 }
 
-class PoolSizeTest : public ::testing::TestWithParam<int> {};
-
-// Every pool size (which changes the work split, including split-K) gives results within
-// tolerance of the reference, bit-identical from one run to the next.
-TEST_P(PoolSizeTest, ResultsMatchReferenceAndAreDeterministic) {
-  const int threads = GetParam();
-  const uint64_t seed = 900 + static_cast<uint64_t>(threads);
+// Results within tolerance of the reference, bit-identical from one run to the next.
+TEST(PartialAttentionTest, ResultsMatchReferenceAndAreDeterministic) {
+  const uint64_t seed = 901;
   std::cout << "seed=" << seed << "\n";
   Rng rng(seed);
-  auto pool = std::move(ThreadPool::Create({.num_threads = threads})).value();
   for (int nq : {1, 3, 9}) {
     SCOPED_TRACE(testing::Message() << "seed=" << seed << " nq=" << nq);
     AttentionParams p{
@@ -302,19 +289,17 @@ TEST_P(PoolSizeTest, ResultsMatchReferenceAndAreDeterministic) {
     ASSERT_TRUE(ReferencePartialAttention(p, nq, q, blocks, absl::MakeSpan(want.out),
                                           absl::MakeSpan(want.lse))
                     .ok());
-    ASSERT_TRUE(PartialAttention(p, nq, q, blocks, absl::MakeSpan(first.out),
-                                 absl::MakeSpan(first.lse), pool.get())
-                    .ok());
-    ASSERT_TRUE(PartialAttention(p, nq, q, blocks, absl::MakeSpan(second.out),
-                                 absl::MakeSpan(second.lse), pool.get())
-                    .ok());
+    ASSERT_TRUE(
+        PartialAttention(p, nq, q, blocks, absl::MakeSpan(first.out), absl::MakeSpan(first.lse))
+            .ok());
+    ASSERT_TRUE(
+        PartialAttention(p, nq, q, blocks, absl::MakeSpan(second.out), absl::MakeSpan(second.lse))
+            .ok());
     ExpectPartialsNear(first, want, 5e-6);
     EXPECT_EQ(first.out, second.out);
     EXPECT_EQ(first.lse, second.lse);
   }
 }
-
-INSTANTIATE_TEST_SUITE_P(Threads, PoolSizeTest, ::testing::Values(1, 2, 3, 4));
 
 // ---------------------------------------------------------------------------------------------
 // Merge.

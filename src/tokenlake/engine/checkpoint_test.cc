@@ -351,7 +351,7 @@ LlamaConfig SmallConfig(bool tied) {
 }
 
 std::vector<float> Logits(const LlamaModel& m, const std::vector<int32_t>& tokens) {
-  LocalKvBackend backend(m.config(), nullptr);
+  LocalKvBackend backend(m.config());
   auto logits = m.Forward(tokens, 0, backend);
   EXPECT_TRUE(logits.ok()) << logits.status();
   return logits.ok() ? *logits : std::vector<float>{};

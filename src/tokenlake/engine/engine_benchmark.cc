@@ -59,7 +59,7 @@ void BM_ForwardPrefill(benchmark::State& state) {
   const LlamaModel& model = BenchModel();
   const std::vector<int32_t> tokens = Tokens(static_cast<int>(state.range(0)), 2);
   for (auto _ : state) {
-    LocalKvBackend backend(model.config(), nullptr);
+    LocalKvBackend backend(model.config());
     auto logits = model.Forward(tokens, 0, backend);
     benchmark::DoNotOptimize(logits);
   }

@@ -6,9 +6,8 @@
 
 namespace tokenlake::engine {
 
-LocalKvBackend::LocalKvBackend(const LlamaConfig& config, attention::ThreadPool* pool)
+LocalKvBackend::LocalKvBackend(const LlamaConfig& config)
     : config_(config),
-      pool_(pool),
       row_(int64_t{config.num_kv_heads} * config.head_dim),
       k_(static_cast<size_t>(config.num_layers)),
       v_(static_cast<size_t>(config.num_layers)) {}
@@ -34,7 +33,7 @@ absl::Status LocalKvBackend::Attend(int32_t layer, int32_t num_tokens, absl::Spa
                                           .q_start_pos = before};
   lse_.resize(static_cast<size_t>(num_tokens) * config_.num_heads);
   return attention::PartialAttention(params, num_tokens, q, absl::MakeConstSpan(&block, 1), out,
-                                     absl::MakeSpan(lse_), pool_);
+                                     absl::MakeSpan(lse_));
 }
 
 }  // namespace tokenlake::engine

@@ -9,7 +9,6 @@
 #include <cstdint>
 #include <vector>
 
-#include "tokenlake/attention/thread_pool.h"
 #include "tokenlake/engine/llama_config.h"
 #include "tokenlake/engine/llama_model.h"
 
@@ -17,8 +16,7 @@ namespace tokenlake::engine {
 
 class LocalKvBackend final : public AttentionBackend {
  public:
-  // `pool` (may be null) is borrowed for the attention kernels.
-  LocalKvBackend(const LlamaConfig& config, attention::ThreadPool* pool);
+  explicit LocalKvBackend(const LlamaConfig& config);
 
   absl::Status Attend(int32_t layer, int32_t num_tokens, absl::Span<const float> q,
                       absl::Span<const float> k, absl::Span<const float> v,
@@ -29,7 +27,6 @@ class LocalKvBackend final : public AttentionBackend {
 
  private:
   LlamaConfig config_;
-  attention::ThreadPool* pool_;
   int64_t row_;                            // num_kv_heads * head_dim
   std::vector<std::vector<float>> k_, v_;  // per layer [tokens][num_kv_heads][head_dim]
   std::vector<float> lse_;

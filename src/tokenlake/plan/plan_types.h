@@ -5,7 +5,8 @@
 //       partial attention of the request's new queries over the holder's local segments (after
 //       pulling their KV when the action is kPullKv), then merges the partials with log-sum-exp
 //       on the request's computing instance.
-// Plans are deterministic for the same pool state and round-trip through JSON (plan_json.h).
+// Plans are deterministic for the same pool state. (Between processes the cluster sends one
+// request's part of a plan as a protobuf message: service/lake_rpc.h.)
 //
 // Byte counts are totals over all layers (see cost_model.h; per layer = bytes / num_layers).
 //
@@ -14,7 +15,6 @@
 #define TOKENLAKE_PLAN_PLAN_TYPES_H_
 
 #include <cstdint>
-#include <string_view>
 #include <vector>
 
 #include "tokenlake/base/ids.h"
@@ -27,7 +27,6 @@ enum class HolderAction {
   kMoveQueries,  // send the queries to the holder; it returns partial outputs + LSEs
   kPullKv,       // copy the holder's segments' KV to the computing instance (not stored there)
 };
-std::string_view HolderActionName(HolderAction action);
 
 // One (request, cached segment) pair of the query plan.
 struct SegmentAssignment {
@@ -73,7 +72,6 @@ enum class TransferKind {
   kSegmentKv,       // a cached segment's KV pulled, holder -> compute_instance (segment set)
   kNewSegmentKv,    // a new segment's KV stored away from where it was computed (segment set)
 };
-std::string_view TransferKindName(TransferKind kind);
 
 struct Transfer {
   TransferKind kind = TransferKind::kQueries;

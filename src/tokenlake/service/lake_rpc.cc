@@ -6,8 +6,42 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "tokenlake/service/call_auth.h"
 
 namespace tokenlake::service {
+
+// The enums' numbers are the wire format: the protocol's and ours must agree.
+static_assert(v1::HOLDER_ACTION_LOCAL == static_cast<int>(plan::HolderAction::kLocal));
+static_assert(v1::HOLDER_ACTION_MOVE_QUERIES == static_cast<int>(plan::HolderAction::kMoveQueries));
+static_assert(v1::HOLDER_ACTION_PULL_KV == static_cast<int>(plan::HolderAction::kPullKv));
+static_assert(v1::STATUS_CODE_OK == static_cast<int>(absl::StatusCode::kOk));
+static_assert(v1::STATUS_CODE_INVALID_ARGUMENT ==
+              static_cast<int>(absl::StatusCode::kInvalidArgument));
+static_assert(v1::STATUS_CODE_UNAUTHENTICATED ==
+              static_cast<int>(absl::StatusCode::kUnauthenticated));
+static_assert(v1::StatusCode_MAX == static_cast<int>(absl::StatusCode::kUnauthenticated));
+
+v1::HolderAction ToProto(plan::HolderAction action) {
+  return static_cast<v1::HolderAction>(action);
+}
+
+plan::HolderAction FromProto(v1::HolderAction action) {
+  switch (action) {
+    case v1::HOLDER_ACTION_LOCAL:
+      return plan::HolderAction::kLocal;
+    case v1::HOLDER_ACTION_PULL_KV:
+      return plan::HolderAction::kPullKv;
+    default:
+      return plan::HolderAction::kMoveQueries;
+  }
+}
+
+v1::StatusCode ToProto(absl::StatusCode code) { return static_cast<v1::StatusCode>(code); }
+
+absl::StatusCode FromProto(v1::StatusCode code) {
+  return v1::StatusCode_IsValid(code) ? static_cast<absl::StatusCode>(code)
+                                      : absl::StatusCode::kUnknown;
+}
 
 void ToProto(const engine::IterationRequest& in, v1::PlanIterationRequest* out) {
   out->set_request_id(in.request.value());
@@ -71,7 +105,7 @@ void ToProto(const engine::IterationPlan& in, v1::PlanIterationReply* out) {
     s->set_segment(a.segment.value());
     s->set_num_tokens(a.num_tokens);
     s->set_holder(InstanceToWire(a.holder));
-    s->set_action(static_cast<int32_t>(a.action));
+    s->set_action(ToProto(a.action));
   }
   for (const plan::NewSegmentPlacement& p : in.new_segments) ToProto(p, out->add_new_segments());
   out->set_end_tokens(in.end_tokens);
@@ -87,16 +121,10 @@ engine::IterationPlan FromProto(const v1::PlanIterationReply& in, RequestId requ
   out.end_tokens = in.end_tokens();
   out.admitted = !in.deferred();
   for (const v1::SegmentAssignment& s : in.segments()) {
-    plan::HolderAction action = plan::HolderAction::kMoveQueries;
-    if (s.action() == static_cast<int32_t>(plan::HolderAction::kLocal)) {
-      action = plan::HolderAction::kLocal;
-    } else if (s.action() == static_cast<int32_t>(plan::HolderAction::kPullKv)) {
-      action = plan::HolderAction::kPullKv;
-    }
     out.segments.push_back({.segment = SegmentId(s.segment()),
                             .num_tokens = s.num_tokens(),
                             .holder = InstanceFromWire(s.holder()),
-                            .action = action});
+                            .action = FromProto(s.action())});
   }
   for (const v1::Placement& p : in.new_segments()) {
     out.new_segments.push_back(FromProto(p, request));
@@ -170,6 +198,7 @@ absl::StatusOr<engine::IterationPlan> RemoteControlPlane::PlanIteration(
   v1::PlanIterationReply out;
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
+  AuthorizeCall(&ctx, options_.cluster_secret, "PlanIteration");
   if (absl::Status s = FromGrpc(stub_->PlanIteration(&ctx, in, &out), "PlanIteration"); !s.ok()) {
     return s;
   }
@@ -187,6 +216,7 @@ absl::StatusOr<lake::CommitResult> RemoteControlPlane::Commit(
   v1::CommitReply out;
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
+  AuthorizeCall(&ctx, options_.cluster_secret, "Commit");
   if (absl::Status s = FromGrpc(stub_->Commit(&ctx, in, &out), "Commit"); !s.ok()) return s;
   return FromProto(out);
 }
@@ -197,6 +227,7 @@ absl::Status RemoteControlPlane::Release(RequestId request) {
   v1::ReleaseReply out;
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
+  AuthorizeCall(&ctx, options_.cluster_secret, "Release");
   return FromGrpc(stub_->Release(&ctx, in, &out), "Release");
 }
 
@@ -208,6 +239,7 @@ absl::StatusOr<engine::IterationPlan> RemoteControlPlane::ReleaseAndPlan(
   v1::PlanIterationReply out;
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
+  AuthorizeCall(&ctx, options_.cluster_secret, "ReleaseAndPlan");
   if (absl::Status s = FromGrpc(stub_->ReleaseAndPlan(&ctx, in, &out), "ReleaseAndPlan"); !s.ok()) {
     return s;
   }
@@ -222,6 +254,7 @@ absl::StatusOr<std::vector<engine::BatchPlanEntry>> RemoteControlPlane::PlanBatc
   v1::PlanBatchReply out;
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
+  AuthorizeCall(&ctx, options_.cluster_secret, "PlanBatch");
   if (absl::Status s = FromGrpc(stub_->PlanBatch(&ctx, in, &out), "PlanBatch"); !s.ok()) return s;
   if (out.entries_size() != static_cast<int>(requests.size())) {
     return absl::DataLossError(absl::StrFormat("PlanBatch: %d entries for %d requests",
@@ -230,9 +263,8 @@ absl::StatusOr<std::vector<engine::BatchPlanEntry>> RemoteControlPlane::PlanBatc
   std::vector<engine::BatchPlanEntry> entries(requests.size());
   for (size_t i = 0; i < requests.size(); ++i) {
     const v1::PlanBatchEntry& e = out.entries(static_cast<int>(i));
-    if (e.status_code() != 0) {
-      entries[i].status =
-          absl::Status(static_cast<absl::StatusCode>(e.status_code()), e.error_message());
+    if (e.status_code() != v1::STATUS_CODE_OK) {
+      entries[i].status = absl::Status(FromProto(e.status_code()), e.error_message());
     } else {
       entries[i].plan = FromProto(e.plan(), requests[i].request);
     }

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -35,6 +36,12 @@ void ToProto(const plan::NewSegmentPlacement& in, v1::Placement* out);
 plan::NewSegmentPlacement FromProto(const v1::Placement& in, RequestId request);
 void ToProto(const lake::CommitResult& in, v1::CommitReply* out);
 lake::CommitResult FromProto(const v1::CommitReply& in);
+// The protocol's enums, numbered as ours. An unknown value (from a newer peer) reads as
+// kMoveQueries and as kUnknown.
+v1::HolderAction ToProto(plan::HolderAction action);
+plan::HolderAction FromProto(v1::HolderAction action);
+v1::StatusCode ToProto(absl::StatusCode code);
+absl::StatusCode FromProto(v1::StatusCode code);
 
 // absl::StatusCode and grpc::StatusCode share their numbering.
 grpc::Status ToGrpc(const absl::Status& s);
@@ -58,6 +65,9 @@ class RemoteControlPlane final : public engine::ControlPlane {
     int32_t num_instances = 1;
     // Deadline of one call (DeadlineExceeded after).
     absl::Duration call_timeout = absl::Seconds(5);
+    // The cluster secret (raw bytes): every call carries a token made with it (call_auth.h);
+    // empty = none.
+    std::string cluster_secret;
   };
   // Errors: InvalidArgument naming a bad option.
   static absl::StatusOr<std::unique_ptr<RemoteControlPlane>> Create(const Options& options);

@@ -1,9 +1,9 @@
 // The lake's gRPC messages (lake_rpc.h): every field of the engine's control-plane types
 // survives a round trip through its message (including "none" instance and parent ids), and
-// status codes map both ways. RemoteControlPlane without a coordinator fails with a clear
-// Unavailable / DeadlineExceeded, never a hang or a crash. Against a real coordinator,
-// RemoteControlPlane's ReleaseAndPlan (one RPC) gives the same plans, commit results, errors and
-// pins as Release + PlanIteration on a reference lake, and an empty Commit makes no RPC.
+// status codes and the protocol's enums map both ways. RemoteControlPlane without a coordinator
+// fails with a clear Unavailable / DeadlineExceeded, never a hang or a crash. Against a real
+// coordinator, RemoteControlPlane's ReleaseAndPlan (one RPC) gives the same plans, commit results,
+// errors and pins as Release + PlanIteration on a reference lake, and an empty Commit makes no RPC.
 #include "tokenlake/service/lake_rpc.h"
 
 #include <iostream>
@@ -114,6 +114,44 @@ TEST(LakeRpcTest, StatusCodesMapBothWays) {
   EXPECT_EQ(back.code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(back.message(), ::testing::HasSubstr("request 3 is not active"));
   EXPECT_THAT(back.message(), ::testing::HasSubstr("Release"));
+}
+
+TEST(LakeRpcTest, ProtocolEnumsMapBothWays) {
+  for (plan::HolderAction a : {plan::HolderAction::kLocal, plan::HolderAction::kMoveQueries,
+                               plan::HolderAction::kPullKv}) {
+    EXPECT_EQ(FromProto(ToProto(a)), a) << static_cast<int>(a);
+  }
+  EXPECT_EQ(ToProto(plan::HolderAction::kPullKv), v1::HOLDER_ACTION_PULL_KV);
+  EXPECT_EQ(FromProto(static_cast<v1::HolderAction>(7)), plan::HolderAction::kMoveQueries);
+  for (int c = 0; c <= 16; ++c) {
+    const auto code = static_cast<absl::StatusCode>(c);
+    EXPECT_EQ(FromProto(ToProto(code)), code) << c;
+    EXPECT_EQ(static_cast<int>(ToProto(code)), c);
+  }
+  EXPECT_EQ(ToProto(absl::StatusCode::kNotFound), v1::STATUS_CODE_NOT_FOUND);
+  EXPECT_EQ(FromProto(static_cast<v1::StatusCode>(99)), absl::StatusCode::kUnknown);
+  EXPECT_EQ(FromProto(static_cast<v1::StatusCode>(-1)), absl::StatusCode::kUnknown);
+}
+
+// The enum fields were int32 before: both are varints on the wire, so bytes written by either
+// schema read the same in the other.
+TEST(LakeRpcTest, EnumFieldsReadTheBytesOfTheirFormerInt32Form) {
+  // SegmentAssignment {action (field 4) = 2}: tag (4 << 3 | varint) = 0x20, value 2.
+  v1::SegmentAssignment s;
+  ASSERT_TRUE(s.ParseFromString(std::string("\x20\x02", 2)));
+  EXPECT_EQ(s.action(), v1::HOLDER_ACTION_PULL_KV);
+  EXPECT_EQ(s.SerializeAsString(), std::string("\x20\x02", 2));
+  // PlanBatchEntry {status_code (field 1) = 5}; RebalanceAction {kind (field 1) = 1}.
+  v1::PlanBatchEntry e;
+  ASSERT_TRUE(e.ParseFromString(std::string("\x08\x05", 2)));
+  EXPECT_EQ(e.status_code(), v1::STATUS_CODE_NOT_FOUND);
+  v1::RebalanceAction r;
+  ASSERT_TRUE(r.ParseFromString(std::string("\x08\x01", 2)));
+  EXPECT_EQ(r.kind(), v1::REBALANCE_KIND_REPLICATE);
+  // An int32 -1 (ten varint bytes) stays -1: an unknown value, kept, not a parse error.
+  ASSERT_TRUE(s.ParseFromString(std::string("\x20\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", 11)));
+  EXPECT_EQ(static_cast<int>(s.action()), -1);
+  EXPECT_EQ(FromProto(s.action()), plan::HolderAction::kMoveQueries);
 }
 
 TEST(LakeRpcTest, RemoteControlPlaneWithoutACoordinatorFailsClearly) {

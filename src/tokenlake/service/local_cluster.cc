@@ -10,6 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
+#include "tokenlake/transport/cluster_secret.h"
 
 namespace tokenlake::service {
 namespace {
@@ -58,6 +59,9 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
     return absl::InvalidArgumentError("LocalCluster: instances must be >= 1");
   }
   std::unique_ptr<LocalCluster> c(new LocalCluster(options));
+  absl::StatusOr<std::string> secret = transport::GenerateClusterSecret();
+  if (!secret.ok()) return secret.status();
+  c->secret_env_ = absl::StrCat(transport::kClusterSecretEnv, "=", transport::ToHex(*secret));
   c->port_file_ = absl::StrFormat("%s/tokenlake-coordinator-%d-%p.ports", options.work_dir,
                                   ::getpid(), c.get());
   if (absl::Status s = c->StartCoordinator(false); !s.ok()) return s;
@@ -108,20 +112,53 @@ absl::Status LocalCluster::StartCoordinator(bool reuse_ports) {
                              absl::StrCat(transport_port_)});
   }
   argv.insert(argv.end(), options_.coordinator_flags.begin(), options_.coordinator_flags.end());
-  auto child = ChildProcess::Spawn(argv, Log("coordinator"));
+  auto child = ChildProcess::Spawn(argv, Log("coordinator"), {secret_env_});
   if (!child.ok()) return child.status();
   coordinator_ = std::move(*child);
   // The old coordinator's ports may take a moment to be free again: retry a few times.
-  absl::StatusOr<std::string> ports = WaitForFile(port_file_, options_.ready_timeout);
-  if (!ports.ok()) return ports.status();
-  nlohmann::json j = nlohmann::json::parse(*ports, nullptr, false);
-  if (j.is_discarded() || !j.contains("http_port")) {
-    return absl::InternalError("LocalCluster: unreadable port file " + port_file_);
+  absl::StatusOr<std::string> text =
+      WaitForFile(port_file_, options_.ready_timeout, [this] { return !coordinator_->running(); });
+  if (!text.ok()) {
+    return absl::UnavailableError(absl::StrCat("LocalCluster: the coordinator did not start (",
+                                               text.status().message(), "; log ",
+                                               Log("coordinator"), ")"));
   }
-  http_port_ = j["http_port"].get<int32_t>();
-  grpc_port_ = j["grpc_port"].get<int32_t>();
-  transport_port_ = j["transport_port"].get<int32_t>();
+  absl::StatusOr<CoordinatorPorts> ports = ParsePortFile(*text, port_file_);
+  // The file is written by the coordinator we started: a bad one is our system's fault.
+  if (!ports.ok())
+    return absl::InternalError(absl::StrCat("LocalCluster: ", ports.status().message()));
+  http_port_ = ports->http_port;
+  grpc_port_ = ports->grpc_port;
+  transport_port_ = ports->transport_port;
   return absl::OkStatus();
+}
+
+absl::StatusOr<CoordinatorPorts> ParsePortFile(std::string_view text, std::string_view path) {
+  const nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("port file %s is not a JSON object: '%s'", path, text.substr(0, 80)));
+  }
+  CoordinatorPorts ports;
+  for (auto [key, out] : {std::pair<const char*, int32_t*>{"http_port", &ports.http_port},
+                          {"grpc_port", &ports.grpc_port},
+                          {"transport_port", &ports.transport_port}}) {
+    const auto it = j.find(key);
+    if (it == j.end()) {
+      return absl::InvalidArgumentError(absl::StrFormat("port file %s has no '%s'", path, key));
+    }
+    // A port is an integer: 8080, not 8080.5, "8080" or true (nlohmann's get<int> would truncate
+    // the first and throw on the others). transport_port may be 0: the coordinator listens on no
+    // transport port (it dials the instances).
+    const int64_t lowest = out == &ports.transport_port ? 0 : 1;
+    if (!it->is_number_integer() || it->get<int64_t>() < lowest || it->get<int64_t>() > 65535) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("port file %s: '%s' must be an integer in [%d, 65535], got %s", path, key,
+                          lowest, it->dump()));
+    }
+    *out = it->get<int32_t>();
+  }
+  return ports;
 }
 
 int32_t LakeSlots(int32_t instance_slots) {
@@ -142,7 +179,7 @@ absl::Status LocalCluster::StartInstance(int32_t i) {
                                    "--slots",
                                    absl::StrCat(options_.slots),
                                    "--exit-with-parent"};
-  auto child = ChildProcess::Spawn(argv, Log(absl::StrCat("instance-", i)));
+  auto child = ChildProcess::Spawn(argv, Log(absl::StrCat("instance-", i)), {secret_env_});
   if (!child.ok()) return child.status();
   instances_[i] = std::move(*child);
   return absl::OkStatus();
@@ -151,9 +188,11 @@ absl::Status LocalCluster::StartInstance(int32_t i) {
 int32_t LocalCluster::LiveInstances() const {
   auto r = HttpGet(http_port_, "/healthz", absl::Seconds(2));
   if (!r.ok()) return -1;
-  nlohmann::json j = nlohmann::json::parse(r->second, nullptr, false);
-  if (j.is_discarded() || !j.contains("live_instances")) return -1;
-  return j["live_instances"].get<int32_t>();
+  const nlohmann::json j = nlohmann::json::parse(r->second, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return -1;
+  const auto it = j.find("live_instances");
+  if (it == j.end() || !it->is_number_integer()) return -1;
+  return it->get<int32_t>();
 }
 
 absl::Status LocalCluster::WaitForLive(int32_t n, absl::Duration timeout) const {
@@ -190,6 +229,24 @@ int32_t LocalCluster::RestartExitedInstances() {
     if (!InstanceRunning(i) && StartInstance(i).ok()) ++n;
   }
   return n;
+}
+
+std::optional<int> LocalCluster::CoordinatorExitCode() {
+  if (coordinator_ == nullptr) return std::nullopt;
+  absl::StatusOr<int> code = coordinator_->Wait(absl::ZeroDuration());
+  if (!code.ok()) return std::nullopt;
+  return *code;
+}
+
+int32_t LocalCluster::coordinator_pid() const {
+  return coordinator_ != nullptr ? coordinator_->pid() : -1;
+}
+
+absl::Status LocalCluster::StartCoordinatorAgain() {
+  if (coordinator_ != nullptr && coordinator_->running()) {
+    return absl::FailedPreconditionError("LocalCluster: the coordinator is still running");
+  }
+  return StartCoordinator(true);
 }
 
 absl::Status LocalCluster::RestartCoordinator() {

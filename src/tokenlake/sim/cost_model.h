@@ -54,29 +54,23 @@ struct ModelSpec {
 };
 
 // A GPU's costs as the cost model uses them. The defaults are the built-in "h100" profile: the
-// H100 MEASURED by `tokenlake profile` (our own profiler, attention/cuda/gpu_profile.cu) in the
-// final GPU session:
+// H100 MEASURED by `tokenlake profile` (our own profiler, attention/cuda/gpu_profile.cu):
 //   device   NVIDIA H100 80GB HBM3 (132 SMs, 79.2 GiB), driver 580.159.04
-//   date     2026-11-25, about 07:10 UTC (device tool `nvidia-h100-x1`)
+//   date     2026-11-25
 //   command  bench/gpu_session.sh, whose profile step is
 //              tokenlake profile --json h100.json
 //                --dense-tokens 1 16 64 128 256 512 1024 2048 4096 8192 16384
-//   commit   75dad69 (the `cuda` preset; the file and its logs are
-//            bench/results/h100-final-2026-11-25/h100.json, session.log, logs.tgz, README.md)
+//   commit   75dad69 (the `cuda` preset; the file: bench/data/h100-profile/h100.json)
 // The values below are that file's, digit for digit (cost_model_test checks it).
 // Attention: the figures are those of OUR kernels (attention/cuda/paged_attention.h), because
 // they are what TokenLake's data plane runs (kAuto's choices at that commit): prefill = the sm90
 // wgmma kernel (prefill_sm90.cu), 1,024 new tokens over 32K cached tokens in 512-token segments
 // (GQA 32/8, d = 128, bf16, not causal); decode = the tensor-core (mma.sync) split-KV decode
 // kernel with its fused merge, one token over the same 32K tokens, one call (KV bytes read once /
-// time). Every policy is charged with them alike. (On the same shapes in the same session
-// PyTorch's SDPA/cuDNN ran prefill at 685.5 TFLOP/s and decode at 1,963 GB/s:
-// bench/results/h100-final-2026-11-25/report.txt.) The dense point at 4,096 tokens moves by
-// about 10% between runs (81.4 ms here; 70.7, 72.1, 73.1, 76.6 and 78.6 ms in earlier runs).
-// Earlier measured profiles, kept as files for the sensitivity runs: 06:23 UTC, commit 8293061
-// (decode 2,339 GB/s, the CUDA-core decode kernel): bench/results/h100-profile-cli/h100.json;
-// the first run, with the mma.sync prefill kernel at 307.6 TFLOP/s:
-// bench/results/h100-profile-cli/mma-sync/h100.json.
+// time). Every policy is charged with them alike. (On the same shapes in the same run PyTorch's
+// SDPA/cuDNN ran prefill at 685.5 TFLOP/s and decode at 1,963 GB/s:
+// bench/data/h100-profile/report.txt.) The dense point at 4,096 tokens moves by about 10%
+// between runs (81.4 ms here; 70.7-78.6 ms in five other runs).
 // The paper-derived profile that was the default before (TOKENLAKE.md 5.3) is PaperH100Profile(),
 // built-in name "h100-paper".
 struct GpuProfile {

@@ -73,7 +73,7 @@ TEST(CostModelTest, TransferUsesTheLinkOfTheNode) {
 TEST(GpuProfileTest, BuiltInH100IsTheMeasuredProfileFileFieldForField) {
   const char* src = std::getenv("TOKENLAKE_SOURCE_DIR");
   if (src == nullptr) GTEST_SKIP() << "TOKENLAKE_SOURCE_DIR not set";
-  const std::string path = std::string(src) + "/bench/results/h100-final-2026-11-25/h100.json";
+  const std::string path = std::string(src) + "/bench/data/h100-profile/h100.json";
   std::ifstream in(path);
   ASSERT_TRUE(in.good()) << "missing " << path;
   std::stringstream text;

@@ -97,37 +97,6 @@ SegmentStore::~SegmentStore() {
   TOKENLAKE_CHECK(live_pins_ == 0, "SegmentStore destroyed while SlotPins are alive");
 }
 
-void SegmentStore::LruUnlink(int32_t slot) {
-  SlotState& s = slots_[slot];
-  TOKENLAKE_DCHECK(s.in_lru);
-  if (s.lru_prev != kNone) {
-    slots_[s.lru_prev].lru_next = s.lru_next;
-  } else {
-    lru_head_ = s.lru_next;
-  }
-  if (s.lru_next != kNone) {
-    slots_[s.lru_next].lru_prev = s.lru_prev;
-  } else {
-    lru_tail_ = s.lru_prev;
-  }
-  s.lru_prev = s.lru_next = kNone;
-  s.in_lru = false;
-}
-
-void SegmentStore::LruPushBack(int32_t slot) {
-  SlotState& s = slots_[slot];
-  TOKENLAKE_DCHECK(!s.in_lru);
-  s.lru_prev = lru_tail_;
-  s.lru_next = kNone;
-  if (lru_tail_ != kNone) {
-    slots_[lru_tail_].lru_next = slot;
-  } else {
-    lru_head_ = slot;
-  }
-  lru_tail_ = slot;
-  s.in_lru = true;
-}
-
 absl::StatusOr<SlotId> SegmentStore::Allocate(SegmentId segment) {
   if (!segment.valid()) {
     return absl::InvalidArgumentError("SegmentStore::Allocate: the segment id is invalid");
@@ -147,7 +116,6 @@ absl::StatusOr<SlotId> SegmentStore::Allocate(SegmentId segment) {
   free_list_.pop_back();
   slots_[slot].segment = segment;
   slots_[slot].pin_count = 0;
-  LruPushBack(slot);
   by_segment_.emplace(segment, slot);
   return SlotId(slot);
 }
@@ -183,7 +151,6 @@ absl::Status SegmentStore::Free(SegmentId segment) {
         absl::StrFormat("SegmentStore::Free: %s in slot %d on instance %d is pinned (%d pins)",
                         Str(segment), slot, options_.instance.value(), s.pin_count));
   }
-  LruUnlink(slot);
   s.segment = SegmentId();
   by_segment_.erase(it);
   free_list_.push_back(slot);
@@ -199,10 +166,7 @@ absl::StatusOr<SlotPin> SegmentStore::Pin(SegmentId segment) {
   }
   const int32_t slot = it->second;
   SlotState& s = slots_[slot];
-  if (s.pin_count++ == 0) {
-    LruUnlink(slot);
-    ++num_pinned_;
-  }
+  if (s.pin_count++ == 0) ++num_pinned_;
   ++live_pins_;
   return SlotPin(this, segment, SlotId(slot));
 }
@@ -212,48 +176,13 @@ void SegmentStore::Unpin(SlotId slot) {
   SlotState& s = slots_[slot.value()];
   TOKENLAKE_CHECK(s.pin_count > 0, "SlotPin released twice");
   --live_pins_;
-  if (--s.pin_count == 0) {
-    LruPushBack(slot.value());
-    --num_pinned_;
-  }
+  if (--s.pin_count == 0) --num_pinned_;
 }
 
 int32_t SegmentStore::PinCount(SegmentId segment) const {
   absl::MutexLock lock(&mu_);
   auto it = by_segment_.find(segment);
   return it == by_segment_.end() ? 0 : slots_[it->second].pin_count;
-}
-
-absl::Status SegmentStore::Touch(SegmentId segment) {
-  absl::MutexLock lock(&mu_);
-  auto it = by_segment_.find(segment);
-  if (it == by_segment_.end()) {
-    return absl::NotFoundError(
-        absl::StrFormat("SegmentStore::Touch: %s is not stored on instance %d", Str(segment),
-                        options_.instance.value()));
-  }
-  const int32_t slot = it->second;
-  if (slots_[slot].in_lru) {
-    LruUnlink(slot);
-    LruPushBack(slot);
-  }
-  return absl::OkStatus();
-}
-
-std::optional<SegmentId> SegmentStore::LruUnpinned() const {
-  absl::MutexLock lock(&mu_);
-  if (lru_head_ == kNone) return std::nullopt;
-  return slots_[lru_head_].segment;
-}
-
-std::vector<SegmentId> SegmentStore::EvictionCandidates(int32_t n) const {
-  absl::MutexLock lock(&mu_);
-  std::vector<SegmentId> out;
-  for (int32_t s = lru_head_; s != kNone && static_cast<int32_t>(out.size()) < n;
-       s = slots_[s].lru_next) {
-    out.push_back(slots_[s].segment);
-  }
-  return out;
 }
 
 std::vector<SegmentId> SegmentStore::Segments() const {
@@ -298,34 +227,18 @@ absl::Status SegmentStore::CheckIntegrity() const {
     if (slots_[slot].segment.valid())
       return fail(absl::StrFormat("free slot %d is occupied", slot));
   }
-  int32_t pinned = 0, pins = 0, unpinned = 0;
+  int32_t pinned = 0, pins = 0;
   for (const auto& [segment, slot] : by_segment_) {
     if (slot < 0 || slot >= capacity_ || is_free[slot] || slots_[slot].segment != segment) {
       return fail(Str(segment) + " maps to a slot that does not hold it");
     }
     const SlotState& s = slots_[slot];
     if (s.pin_count < 0) return fail(Str(segment) + " has a negative pin count");
-    if ((s.pin_count == 0) != s.in_lru) {
-      return fail(Str(segment) + " is in the LRU order iff it is unpinned: violated");
-    }
     pins += s.pin_count;
-    if (s.pin_count > 0)
-      ++pinned;
-    else
-      ++unpinned;
+    if (s.pin_count > 0) ++pinned;
   }
   if (pinned != num_pinned_) return fail("num_pinned counter is wrong");
   if (pins != live_pins_) return fail("live pin counter is wrong");
-  int32_t walked = 0, prev = kNone;
-  for (int32_t s = lru_head_; s != kNone; s = slots_[s].lru_next) {
-    if (++walked > capacity_) return fail("the LRU list has a cycle");
-    if (slots_[s].lru_prev != prev || !slots_[s].in_lru) return fail("broken LRU links");
-    prev = s;
-  }
-  if (prev != lru_tail_) return fail("LRU tail is wrong");
-  if (walked != unpinned) {
-    return fail(absl::StrFormat("LRU list has %d entries, %d unpinned segments", walked, unpinned));
-  }
   return absl::OkStatus();
 }
 

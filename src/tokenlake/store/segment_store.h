@@ -7,14 +7,15 @@
 // SlotData returns empty spans.
 //
 // Segments in use are pinned by refcounted RAII handles (SlotPin). A pinned segment is never
-// freed nor offered for eviction. Unpinned segments are kept in LRU order (Allocate and Touch make
-// a segment most recent; so does the release of its last pin).
+// freed. The store keeps no eviction order of its own: which segment leaves is the cluster's
+// decision (the lake's prefix tree evicts least-recently-used unpinned leaves, pool-wide) and
+// arrives here as Free.
 //
 // Invariants: used() + free() == capacity(); each stored segment has exactly one slot and each
-// slot at most one segment; the LRU order holds exactly the stored, unpinned segments.
+// slot at most one segment.
 //
 // Errors: all calls validate their input and return an absl::Status; a full store is an expected
-// outcome reported as ResourceExhausted (retry after evicting), not a crash.
+// outcome reported as ResourceExhausted (retry after the lake evicted), not a crash.
 //
 // Thread-safety: thread-safe. One internal mutex guards all metadata, so the data plane may pin
 // and release from several threads while the control plane allocates. The slot bytes themselves
@@ -100,7 +101,7 @@ class SegmentStore {
   SegmentStore(const SegmentStore&) = delete;
   SegmentStore& operator=(const SegmentStore&) = delete;
 
-  // Gives `segment` a free slot and makes it the most recently used unpinned segment.
+  // Gives `segment` a free slot.
   // Errors: InvalidArgument (invalid id), AlreadyExists (segment already stored; its slot is
   //   unchanged), ResourceExhausted (no free slot: evict first).
   absl::StatusOr<SlotId> Allocate(SegmentId segment);
@@ -123,16 +124,6 @@ class SegmentStore {
   // Number of live pins on `segment` (0 if not stored).
   int32_t PinCount(SegmentId segment) const;
 
-  // Makes `segment` the most recently used unpinned segment. Touching a pinned segment changes
-  // nothing (it is not in the LRU order; it becomes most recent when its last pin goes).
-  // Errors: NotFound (not stored).
-  absl::Status Touch(SegmentId segment);
-
-  // The least-recently-used unpinned segment, or nullopt.
-  std::optional<SegmentId> LruUnpinned() const;
-  // Up to n unpinned segments, least recently used first.
-  std::vector<SegmentId> EvictionCandidates(int32_t n) const;
-
   // All stored segments (a snapshot), sorted by id so that callers are deterministic.
   std::vector<SegmentId> Segments() const;
 
@@ -149,20 +140,14 @@ class SegmentStore {
 
  private:
   friend class SlotPin;
-  static constexpr int32_t kNone = -1;
 
   struct SlotState {
     SegmentId segment;  // invalid when the slot is free
     int32_t pin_count = 0;
-    int32_t lru_prev = kNone;  // doubly linked LRU list over unpinned occupied slots
-    int32_t lru_next = kNone;
-    bool in_lru = false;
   };
 
   SegmentStore(const Options& options, int32_t capacity);
   void Unpin(SlotId slot);
-  void LruUnlink(int32_t slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void LruPushBack(int32_t slot) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);  // most recent at the back
 
   const Options options_;
   const int32_t capacity_;
@@ -171,8 +156,6 @@ class SegmentStore {
   std::vector<SlotState> slots_ ABSL_GUARDED_BY(mu_);
   std::vector<int32_t> free_list_ ABSL_GUARDED_BY(mu_);  // free slot indexes (stack)
   absl::flat_hash_map<SegmentId, int32_t> by_segment_ ABSL_GUARDED_BY(mu_);
-  int32_t lru_head_ ABSL_GUARDED_BY(mu_) = kNone;  // least recent
-  int32_t lru_tail_ ABSL_GUARDED_BY(mu_) = kNone;  // most recent
   int32_t num_pinned_ ABSL_GUARDED_BY(mu_) = 0;
   int32_t live_pins_ ABSL_GUARDED_BY(mu_) = 0;  // SlotPin objects alive
 };

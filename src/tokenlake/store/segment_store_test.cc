@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <iostream>
-#include <list>
 #include <map>
 #include <thread>
 #include <vector>
@@ -123,7 +122,6 @@ TEST(SegmentStoreTest, FreeOfAbsentOrPinnedSegmentFails) {
   EXPECT_TRUE(store->Free(Seg(1)).ok());
   EXPECT_EQ(store->Find(Seg(1)), std::nullopt);
   EXPECT_EQ(store->Pin(Seg(1)).status().code(), absl::StatusCode::kNotFound);
-  EXPECT_EQ(store->Touch(Seg(1)).code(), absl::StatusCode::kNotFound);
 }
 
 TEST(SegmentStoreTest, PinsAreRefcountedAndReleasedByRaii) {
@@ -153,24 +151,6 @@ TEST(SegmentStoreTest, PinsAreRefcountedAndReleasedByRaii) {
   EXPECT_TRUE(store->CheckIntegrity().ok());
 }
 
-TEST(SegmentStoreTest, EvictionOrderIsLruOfUnpinnedSegments) {
-  auto store = MetaStore(4);
-  for (uint64_t i = 1; i <= 4; ++i) ASSERT_TRUE(store->Allocate(Seg(i)).ok());
-  EXPECT_THAT(store->EvictionCandidates(10), ElementsAre(Seg(1), Seg(2), Seg(3), Seg(4)));
-  ASSERT_TRUE(store->Touch(Seg(1)).ok());
-  EXPECT_EQ(store->LruUnpinned(), Seg(2));
-  {
-    auto pin = store->Pin(Seg(2));
-    ASSERT_TRUE(pin.ok());
-    EXPECT_THAT(store->EvictionCandidates(2), ElementsAre(Seg(3), Seg(4)));
-    ASSERT_TRUE(store->Touch(Seg(2)).ok());  // pinned: not in the order
-    EXPECT_THAT(store->EvictionCandidates(10), ElementsAre(Seg(3), Seg(4), Seg(1)));
-  }
-  // Releasing the last pin makes the segment most recent.
-  EXPECT_THAT(store->EvictionCandidates(10), ElementsAre(Seg(3), Seg(4), Seg(1), Seg(2)));
-  EXPECT_TRUE(store->EvictionCandidates(0).empty());
-}
-
 TEST(SegmentStoreTest, SegmentsListsStoredIdsInOrder) {
   auto store = MetaStore(4);
   for (uint64_t i : {9, 2, 7}) ASSERT_TRUE(store->Allocate(Seg(i)).ok());
@@ -191,14 +171,18 @@ TEST(SegmentStoreDeathTest, DestroyingTheStoreWhilePinsAreAliveIsAProgrammerErro
       "SlotPins are alive");
 }
 
-TEST(SegmentStoreTest, FullyPinnedStoreOffersNothingToEvict) {
+TEST(SegmentStoreTest, FullyPinnedStoreFreesNothingAndTakesNothingNew) {
   auto store = MetaStore(2);
   ASSERT_TRUE(store->Allocate(Seg(1)).ok());
   ASSERT_TRUE(store->Allocate(Seg(2)).ok());
   auto p1 = store->Pin(Seg(1));
   auto p2 = store->Pin(Seg(2));
-  EXPECT_EQ(store->LruUnpinned(), std::nullopt);
-  EXPECT_TRUE(store->EvictionCandidates(5).empty());
+  EXPECT_EQ(store->Free(Seg(1)).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store->Free(Seg(2)).code(), absl::StatusCode::kFailedPrecondition);
+  const auto full = store->Allocate(Seg(3));
+  EXPECT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(full.status().message(), HasSubstr("2 pinned"));
+  EXPECT_EQ(store->used(), 2);
 }
 
 TEST(SegmentStoreTest, ConcurrentPinsFromSeveralThreadsBalance) {
@@ -216,18 +200,19 @@ TEST(SegmentStoreTest, ConcurrentPinsFromSeveralThreadsBalance) {
         } else if (!held.empty()) {
           held.erase(held.begin() + rng.UniformInt(0, held.size() - 1));
         }
-        (void)store->Touch(Seg(static_cast<uint64_t>(rng.UniformInt(0, 7))));
+        EXPECT_TRUE(store->Find(Seg(static_cast<uint64_t>(rng.UniformInt(0, 7)))).has_value());
       }
     });
   }
   for (auto& th : threads) th.join();
   EXPECT_EQ(store->num_pinned(), 0);
-  EXPECT_EQ(store->EvictionCandidates(100).size(), 8u);
+  EXPECT_EQ(store->used(), 8);
+  for (uint64_t i = 0; i < 8; ++i) EXPECT_EQ(store->PinCount(Seg(i)), 0);
   EXPECT_TRUE(store->CheckIntegrity().ok()) << store->CheckIntegrity();
 }
 
 // ---------------------------------------------------------------------------------------------
-// Randomised model test against a std::map + std::list reference.
+// Randomised model test against a std::map reference.
 
 struct StoreParams {
   int32_t capacity;
@@ -251,10 +236,9 @@ TEST_P(SegmentStoreModelTest, RandomOperationsMatchReferenceModel) {
   ASSERT_TRUE(created.ok());
   SegmentStore& store = **created;
 
-  std::map<SegmentId, int> ref_pins;  // stored segments -> pin count
-  std::list<SegmentId> ref_lru;       // unpinned stored segments, least recent first
+  std::map<SegmentId, int> ref_pins;     // stored segments -> pin count
+  std::map<SegmentId, SlotId> ref_slot;  // stored segments -> the slot Allocate gave them
   std::map<SegmentId, std::vector<SlotPin>> pins;
-  auto ref_lru_erase = [&](SegmentId id) { ref_lru.remove(id); };
   int allocs = 0, exhausted = 0, evictions = 0, pinned_max = 0;
 
   for (int step = 0; step < 3000; ++step) {
@@ -271,7 +255,7 @@ TEST_P(SegmentStoreModelTest, RandomOperationsMatchReferenceModel) {
       } else {
         ASSERT_TRUE(r.ok()) << r.status();
         ref_pins[id] = 0;
-        ref_lru.push_back(id);
+        ref_slot[id] = *r;
         ++allocs;
         // Write a pattern to the slot; checked when the segment is later pinned.
         absl::Span<std::byte> data = store.SlotData(*r);
@@ -279,14 +263,16 @@ TEST_P(SegmentStoreModelTest, RandomOperationsMatchReferenceModel) {
         std::fill(data.begin(), data.end(), static_cast<std::byte>(id.value() & 0xff));
       }
     } else if (op < 45) {
-      // Evict the LRU candidate (what a cache under pressure does).
-      const auto got = store.LruUnpinned();
-      ASSERT_EQ(got.has_value(), !ref_lru.empty());
-      if (!got) continue;
-      ASSERT_EQ(*got, ref_lru.front());
-      ASSERT_TRUE(store.Free(*got).ok());
-      ref_pins.erase(*got);
-      ref_lru.pop_front();
+      // Evict: free an unpinned segment the model picks (the lake's choice, made elsewhere).
+      std::vector<SegmentId> unpinned;
+      for (const auto& [sid, count] : ref_pins) {
+        if (count == 0) unpinned.push_back(sid);
+      }
+      if (unpinned.empty()) continue;
+      const SegmentId victim = unpinned[rng.UniformInt(0, unpinned.size() - 1)];
+      ASSERT_TRUE(store.Free(victim).ok());
+      ref_pins.erase(victim);
+      ref_slot.erase(victim);
       ++evictions;
     } else if (op < 55) {
       const absl::Status st = store.Free(id);
@@ -297,7 +283,7 @@ TEST_P(SegmentStoreModelTest, RandomOperationsMatchReferenceModel) {
       } else {
         ASSERT_TRUE(st.ok());
         ref_pins.erase(id);
-        ref_lru_erase(id);
+        ref_slot.erase(id);
       }
     } else if (op < 72) {
       auto pin = store.Pin(id);
@@ -306,27 +292,21 @@ TEST_P(SegmentStoreModelTest, RandomOperationsMatchReferenceModel) {
         continue;
       }
       ASSERT_TRUE(pin.ok());
+      ASSERT_EQ(pin->slot(), ref_slot[id]);
       for (std::byte b : pin->data()) ASSERT_EQ(b, static_cast<std::byte>(id.value() & 0xff));
-      if (ref_pins[id]++ == 0) ref_lru_erase(id);
+      ++ref_pins[id];
       pins[id].push_back(*std::move(pin));
     } else if (op < 88) {
       if (pins.empty()) continue;
       auto it = pins.begin();
       std::advance(it, rng.UniformInt(0, pins.size() - 1));
       it->second.pop_back();  // RAII release
-      if (--ref_pins[it->first] == 0) ref_lru.push_back(it->first);
+      --ref_pins[it->first];
       if (it->second.empty()) pins.erase(it);
     } else {
-      const absl::Status st = store.Touch(id);
-      if (!ref_pins.count(id)) {
-        ASSERT_EQ(st.code(), absl::StatusCode::kNotFound);
-      } else {
-        ASSERT_TRUE(st.ok());
-        if (ref_pins[id] == 0) {
-          ref_lru_erase(id);
-          ref_lru.push_back(id);
-        }
-      }
+      const std::optional<SlotId> got = store.Find(id);
+      ASSERT_EQ(got.has_value(), ref_slot.count(id) > 0);
+      if (got) ASSERT_EQ(*got, ref_slot[id]);
     }
     // Compare and check conservation.
     ASSERT_TRUE(store.CheckIntegrity().ok()) << store.CheckIntegrity();
@@ -340,9 +320,9 @@ TEST_P(SegmentStoreModelTest, RandomOperationsMatchReferenceModel) {
     }
     pinned_max = std::max(pinned_max, pinned);
     ASSERT_EQ(store.num_pinned(), pinned);
-    const std::vector<SegmentId> order = store.EvictionCandidates(p.capacity);
-    ASSERT_EQ(order, std::vector<SegmentId>(ref_lru.begin(), ref_lru.end()));
-    for (SegmentId sid : order) ASSERT_EQ(store.PinCount(sid), 0);  // never offer pinned ones
+    std::vector<SegmentId> stored;
+    for (const auto& [sid, count] : ref_pins) stored.push_back(sid);
+    ASSERT_EQ(store.Segments(), stored);
   }
   pins.clear();
   EXPECT_EQ(store.num_pinned(), 0);

@@ -2578,7 +2578,7 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
       c.decode_unroll = 4;
       c.decode_smem = true;
       // Default depth (measured on an H100, one token over 32K pooled tokens, 2-4 stages with and
-      // without the descriptor cache in one session; docs/results-gpu.md): 4 stages (one
+      // without the descriptor cache in one run; docs/results-gpu.md): 4 stages (one
       // 128 KiB block per SM) for segments of 256 rows or more, else 2 (up to three 64 KiB blocks
       // per SM: more warps to cover the per-segment descriptor reads); 3 (two blocks per SM)
       // where the thread blocks of one split would not fit one per SM (batched decode of many

@@ -200,8 +200,8 @@ struct PagedAttentionParams {
   // over the same rows (8 warps; each copy step reads 2 * head_dim contiguous elements per key
   // row; half the head groups, so twice the splits per group for the same grid), with 2 or 3
   // stages (4 is taken as 3) and descriptors from global memory, for head_dim 128, a group of 4
-  // and an even num_kv_heads only: other shapes use 1 whatever this says. (0.4-2.5 us slower
-  // than the default on an H100: docs/results-gpu.md, Decode4.)
+  // and an even num_kv_heads only: other shapes use 1 whatever this says. (0.2-2.1 us slower
+  // than the default on an H100: docs/results-gpu.md, "Variants measured slower".)
   int32_t decode_mma_kv_heads = 0;
   // Decode, tensor-core kernel: how rows are shared among the thread blocks of a head group. 0 =
   // default (1); 1 = static (decode_mma_token_split says how); 2 = dynamic: every warp takes
@@ -209,7 +209,7 @@ struct PagedAttentionParams {
   // so warps served faster by memory take more (the summation order, so the rounding, varies
   // from run to run). Dynamic applies to head_dim 128, a group of 4, not causal, one request
   // (no q_block_offsets), no token split, one KV head per block and more than one split;
-  // otherwise static. (1.3-4 us slower than static on an H100: docs/results-gpu.md, Decode4.)
+  // otherwise static. (1-3.5 us slower than static on an H100: docs/results-gpu.md, "Variants".)
   int32_t decode_mma_schedule = 0;
   // Programmatic dependent launch (PDL, compute capability 9): how the tensor-core decode kernel
   // may overlap the kernel before it on the stream. 0 = off (default): an ordinary launch.

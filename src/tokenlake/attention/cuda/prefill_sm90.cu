@@ -3,7 +3,7 @@
 // Numerics as paged_attention.cu: scores in the log2 domain (ex2.approx), float32 softmax, P
 // rounded to bf16 before P V, natural-log LSE = (m2 + log2(l)) * ln(2).
 //
-// Measured on an H100 (bench/results/h100-prefill-sm90/NOTES.md): each step of the design below
+// Measured on an H100 (docs/results-gpu.md, "Prefill"): each step of the design below
 // paid: warp specialisation (producer warpgroup + mbarriers) over all threads loading with one
 // __syncthreads per tile, issuing S_j before P V_{j-1}, a one-FFMA softmax, and the ping-pong.
 #include <cuda_bf16.h>

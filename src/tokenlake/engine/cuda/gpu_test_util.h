@@ -34,7 +34,7 @@ inline bool HaveGpu() {
 // 0.02 relative. The absolute term (0.02, the same in logit units) covers logits far smaller
 // than the largest (their error follows the hidden state's scale, not their own). This is a
 // statistical bound, not a worst case (which would be k u ~ 0.08); the measured errors are
-// printed and recorded in docs/results-gpu.md.
+// printed and recorded in docs/results-engine.md.
 inline constexpr float kBf16RelTol = 0.02f;
 inline constexpr float kBf16AbsTol = 0.02f;
 
