@@ -220,14 +220,14 @@ absl::StatusOr<PrefillSchedule> SchedulePrefill(absl::Span<const PrefillCandidat
       if (take == 0) continue;
     }
     capacity -= take;
-    Chunk chunk{static_cast<int32_t>(i), take, 0, {}};
+    Chunk item{static_cast<int32_t>(i), take, 0, {}};
     if (options.pool_instances > 0) {
-      chunk.attention_s = cost.AttentionSeconds(take, 0);
-      chunk.cache = plan::CacheAccessOf(options.shape, candidates[i].context_tokens, take);
+      item.attention_s = cost.AttentionSeconds(take, 0);
+      item.cache = plan::CacheAccessOf(options.shape, candidates[i].context_tokens, take);
     } else {
-      chunk.attention_s = cost.AttentionSeconds(take, candidates[i].context_tokens);
+      item.attention_s = cost.AttentionSeconds(take, candidates[i].context_tokens);
     }
-    chunks.push_back(chunk);
+    chunks.push_back(item);
   }
   // Rounding the DoPs up can make the admitted chunks need more than n instances; the chunk
   // admitted last then waits for the next iteration. One chunk alone always fits.

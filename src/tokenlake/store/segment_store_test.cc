@@ -306,7 +306,9 @@ TEST_P(SegmentStoreModelTest, RandomOperationsMatchReferenceModel) {
     } else {
       const std::optional<SlotId> got = store.Find(id);
       ASSERT_EQ(got.has_value(), ref_slot.count(id) > 0);
-      if (got) ASSERT_EQ(*got, ref_slot[id]);
+      if (got) {
+        ASSERT_EQ(*got, ref_slot[id]);
+      }
     }
     // Compare and check conservation.
     ASSERT_TRUE(store.CheckIntegrity().ok()) << store.CheckIntegrity();
