@@ -42,6 +42,20 @@ std::vector<int32_t> Naive(std::vector<int32_t> seq, int32_t max_new) {
   return out;
 }
 
+// A lake of `instances` instances of `slots` segment slots of `s` tokens over a tiny model
+// (its shape only sets the planner's byte costs).
+lake::LakeOptions TestLakeOptions(int32_t instances, int32_t s, int32_t slots, int32_t layers = 1,
+                                  int32_t heads = 1) {
+  lake::LakeOptions lo;
+  lo.num_instances = instances;
+  lo.segment_tokens = s;
+  lo.slots_per_instance = slots;
+  lo.heavy_hitter.num_instances = instances;
+  lo.model = plan::ModelShape{
+      .num_layers = layers, .num_heads = heads, .num_kv_heads = 1, .head_dim = 8, .dtype_bytes = 4};
+  return lo;
+}
+
 class FakeExecutor final : public IterationExecutor {
  public:
   FakeExecutor(int32_t segment_tokens, int32_t num_instances)
@@ -165,14 +179,9 @@ TEST_P(IterationLoopRandomTest, EveryRequestFinishesWithTheNaiveTokensUnderTheBu
     std::cout << "seed=" << seed << "\n";
     std::mt19937 rng(seed);
     ManualClock clock(1);
-    lake::LakeOptions lo;
-    lo.num_instances = lc.instances;
-    lo.segment_tokens = lc.segment_tokens;
-    lo.slots_per_instance = lc.slots;
-    lo.heavy_hitter.num_instances = lc.instances;
-    lo.model = plan::ModelShape{
-        .num_layers = 2, .num_heads = 2, .num_kv_heads = 1, .head_dim = 8, .dtype_bytes = 4};
-    auto lk = lake::Lake::Create(lo, &clock);
+    auto lk = lake::Lake::Create(
+        TestLakeOptions(lc.instances, lc.segment_tokens, lc.slots, /*layers=*/2, /*heads=*/2),
+        &clock);
     ASSERT_TRUE(lk.ok()) << lk.status();
     LocalControlPlane control(lk->get(), &clock);
     FakeExecutor exec(lc.segment_tokens, lc.instances);
@@ -282,14 +291,7 @@ INSTANTIATE_TEST_SUITE_P(
 // still finish; one request larger than the whole pool runs alone rather than waiting forever.
 TEST(IterationLoopTest, WaitsForMemoryAndNeverHangsOnARequestLargerThanThePool) {
   ManualClock clock(1);
-  lake::LakeOptions lo;
-  lo.num_instances = 1;
-  lo.segment_tokens = 2;
-  lo.slots_per_instance = 6;
-  lo.heavy_hitter.num_instances = 1;
-  lo.model = plan::ModelShape{
-      .num_layers = 1, .num_heads = 1, .num_kv_heads = 1, .head_dim = 8, .dtype_bytes = 4};
-  auto lk = lake::Lake::Create(lo, &clock);
+  auto lk = lake::Lake::Create(TestLakeOptions(1, 2, 6), &clock);
   ASSERT_TRUE(lk.ok());
   LocalControlPlane control(lk->get(), &clock);
   FakeExecutor exec(2, 1);
@@ -382,14 +384,7 @@ struct SampledRun {
 // Runs `requests` through a fresh loop over a 2-instance pool with the given budgets.
 SampledRun RunLoop(const std::vector<LoopRequest>& requests, int64_t budget, int32_t cap) {
   ManualClock clock(1);
-  lake::LakeOptions lo;
-  lo.num_instances = 2;
-  lo.segment_tokens = 4;
-  lo.slots_per_instance = 256;
-  lo.heavy_hitter.num_instances = 2;
-  lo.model = plan::ModelShape{
-      .num_layers = 1, .num_heads = 1, .num_kv_heads = 1, .head_dim = 8, .dtype_bytes = 4};
-  auto lk = lake::Lake::Create(lo, &clock);
+  auto lk = lake::Lake::Create(TestLakeOptions(2, 4, 256), &clock);
   EXPECT_TRUE(lk.ok());
   LocalControlPlane control(lk->get(), &clock);
   FakeExecutor exec(4, 2);
@@ -462,13 +457,7 @@ TEST(IterationLoopSamplingTest, SeededSamplingRepeatsAndStopTokensEndRequests) {
 
 TEST(IterationLoopSamplingTest, BadSamplingParametersAndStopTokensAreRefused) {
   ManualClock clock(1);
-  lake::LakeOptions lo;
-  lo.num_instances = 1;
-  lo.segment_tokens = 4;
-  lo.heavy_hitter.num_instances = 1;
-  lo.model = plan::ModelShape{
-      .num_layers = 1, .num_heads = 1, .num_kv_heads = 1, .head_dim = 8, .dtype_bytes = 4};
-  auto lk = lake::Lake::Create(lo, &clock);
+  auto lk = lake::Lake::Create(TestLakeOptions(1, 4, 1024), &clock);
   ASSERT_TRUE(lk.ok());
   LocalControlPlane control(lk->get(), &clock);
   FakeExecutor exec(4, 1);
