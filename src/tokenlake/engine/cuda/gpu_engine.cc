@@ -144,6 +144,12 @@ class GpuEngine::Backend final : public GpuAttentionBackend {
 class GpuEngine::Executor final : public IterationExecutor {
  public:
   explicit Executor(GpuEngine* engine) : e_(engine) {}
+  ~Executor() override {
+    if (staging_ != nullptr) cudaFreeHost(staging_);
+  }
+
+  // The most device memory the tails held at once (GpuEngine::peak_tail_bytes).
+  int64_t peak_tail_bytes() const { return peak_tail_bytes_; }
 
   absl::Status BeginSequence(RequestId request, int64_t max_tokens) override {
     const LlamaConfig& c = e_->model_->config();
@@ -262,12 +268,6 @@ class GpuEngine::Executor final : public IterationExecutor {
   // upload; the previous iteration's forward synchronised the stream, so it is free).
   void* staging_ = nullptr;
   size_t staging_bytes_ = 0;
-
- public:
-  int64_t peak_tail_bytes() const { return peak_tail_bytes_; }
-  ~Executor() override {
-    if (staging_ != nullptr) cudaFreeHost(staging_);
-  }
 };
 
 absl::Status GpuEngine::Executor::EnsureTail(Sequence* s, int64_t n) {
