@@ -651,7 +651,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       return absl::UnavailableError(absl::StrFormat(
           "no live instance to serve the request (%d excluded after failures)", excluded.size()));
     }
-    auto least_busy = [&]() {
+    auto least_busy = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       int32_t best = live.front();
       for (int32_t i : live) {
         const Member& a = members_[i];
@@ -1061,7 +1061,8 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
                {{"instance", absl::StrCat(i)}, {"name", members_[i].name}},
                members_[i].alive ? 1 : 0);
     }
-    auto per_instance = [&](const char* name, const char* type, const char* help, auto value) {
+    auto per_instance = [&](const char* name, const char* type, const char* help, auto value)
+                            ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       w.Family(name, type, help);
       for (int32_t i = 0; i < kMaxInstances; ++i) {
         if (!members_[i].registered) continue;
@@ -1078,13 +1079,13 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
                  [&](int32_t i) { return on(tokens_on, i); });
     per_instance("tokenlake_instance_rebalance_copies_total", "counter",
                  "Segments the instance copied for rebalancing (this incarnation).",
-                 [&](int32_t i) { return members_[i].traffic.rebalance_copies(); });
+                 [&](int32_t i) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return members_[i].traffic.rebalance_copies(); });
     per_instance("tokenlake_instance_used_bytes", "gauge", "KV bytes held per instance.",
-                 [&](int32_t i) { return members_[i].used_slots * members_[i].slot_bytes; });
+                 [&](int32_t i) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return members_[i].used_slots * members_[i].slot_bytes; });
     per_instance("tokenlake_instance_in_flight", "gauge", "Requests in flight per instance.",
-                 [&](int32_t i) { return members_[i].in_flight; });
+                 [&](int32_t i) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return members_[i].in_flight; });
     per_instance("tokenlake_instance_routed_total", "counter", "Requests routed per instance.",
-                 [&](int32_t i) { return members_[i].routed; });
+                 [&](int32_t i) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return members_[i].routed; });
     w.Family("tokenlake_transport_bytes_sent_total", "counter",
              "Bytes the coordinator sent to instances over the host transport.");
     w.Sample("tokenlake_transport_bytes_sent_total", {}, static_cast<double>(bytes_sent_));
