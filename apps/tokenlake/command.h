@@ -30,7 +30,7 @@ bool RegisterCommand(std::string_view name, CommandSetup setup);
 
 }  // namespace tokenlake::cli
 
-#define TOKENLAKE_REGISTER_COMMAND(name, setup)                         \
+#define TOKENLAKE_REGISTER_COMMAND(name, setup)                            \
   [[maybe_unused]] static const bool tokenlake_command_registered_##name = \
       ::tokenlake::cli::RegisterCommand(#name, setup)
 

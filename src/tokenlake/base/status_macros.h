@@ -12,17 +12,18 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 
-#define TOKENLAKE_RETURN_IF_ERROR(expr)                  \
-  do {                                                   \
-    ::absl::Status tokenlake_status_ = (expr);           \
+#define TOKENLAKE_RETURN_IF_ERROR(expr)                    \
+  do {                                                     \
+    ::absl::Status tokenlake_status_ = (expr);             \
     if (!tokenlake_status_.ok()) return tokenlake_status_; \
   } while (0)
 
 #define TOKENLAKE_STATUS_CONCAT_INNER_(a, b) a##b
 #define TOKENLAKE_STATUS_CONCAT_(a, b) TOKENLAKE_STATUS_CONCAT_INNER_(a, b)
 
-#define TOKENLAKE_ASSIGN_OR_RETURN(lhs, expr) \
-  TOKENLAKE_ASSIGN_OR_RETURN_IMPL_(TOKENLAKE_STATUS_CONCAT_(tokenlake_statusor_, __LINE__), lhs, expr)
+#define TOKENLAKE_ASSIGN_OR_RETURN(lhs, expr)                                                    \
+  TOKENLAKE_ASSIGN_OR_RETURN_IMPL_(TOKENLAKE_STATUS_CONCAT_(tokenlake_statusor_, __LINE__), lhs, \
+                                   expr)
 
 #define TOKENLAKE_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, expr) \
   auto statusor = (expr);                                     \

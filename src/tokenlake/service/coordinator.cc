@@ -1061,8 +1061,8 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
                {{"instance", absl::StrCat(i)}, {"name", members_[i].name}},
                members_[i].alive ? 1 : 0);
     }
-    auto per_instance = [&](const char* name, const char* type, const char* help, auto value)
-                            ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    auto per_instance = [&](const char* name, const char* type, const char* help,
+                            auto value) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       w.Family(name, type, help);
       for (int32_t i = 0; i < kMaxInstances; ++i) {
         if (!members_[i].registered) continue;
@@ -1079,11 +1079,16 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
                  [&](int32_t i) { return on(tokens_on, i); });
     per_instance("tokenlake_instance_rebalance_copies_total", "counter",
                  "Segments the instance copied for rebalancing (this incarnation).",
-                 [&](int32_t i) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return members_[i].traffic.rebalance_copies(); });
+                 [&](int32_t i) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+                   return members_[i].traffic.rebalance_copies();
+                 });
     per_instance("tokenlake_instance_used_bytes", "gauge", "KV bytes held per instance.",
-                 [&](int32_t i) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return members_[i].used_slots * members_[i].slot_bytes; });
+                 [&](int32_t i) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+                   return members_[i].used_slots * members_[i].slot_bytes;
+                 });
     per_instance("tokenlake_instance_in_flight", "gauge", "Requests in flight per instance.",
-                 [&](int32_t i) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return members_[i].in_flight; });
+                 [&](int32_t i)
+                     ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return members_[i].in_flight; });
     per_instance("tokenlake_instance_routed_total", "counter", "Requests routed per instance.",
                  [&](int32_t i) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return members_[i].routed; });
     w.Family("tokenlake_transport_bytes_sent_total", "counter",

@@ -266,9 +266,9 @@ void PdDisaggPolicy::OnArrival(Simulator& sim, int64_t request) {
     Option options[3] = {{-1, own[i], 0.0}};
     int num_options = 1;
     if (static_cast<double>(best_blocks) > static_cast<double>(own[i]) * options_.balance_ratio) {
-      options[num_options++] = {holder, best_blocks,
-                                cost.TransferSeconds((best_blocks - own[i]) * kv_block_bytes,
-                                                     cost.SameNode(i, holder))};
+      options[num_options++] = {
+          holder, best_blocks,
+          cost.TransferSeconds((best_blocks - own[i]) * kv_block_bytes, cost.SameNode(i, holder))};
     }
     if (static_cast<double>(dram_blocks) > static_cast<double>(own[i]) * options_.balance_ratio) {
       options[num_options++] = {kDram, dram_blocks,

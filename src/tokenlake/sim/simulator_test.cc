@@ -174,7 +174,8 @@ TEST(PolicyScenarioTest, CacheAwareRebalancesPastBothThresholds) {
   // k > 0 x 1.5), so requests 0..64 go to worker 0, request 65 to worker 1 (least loaded,
   // lowest id), request 66 to worker 2.
   Workload w;
-  for (int k = 0; k < 70; ++k) w.requests.push_back(Req(0, 1024, 500, {1, static_cast<uint64_t>(100 + k)}));
+  for (int k = 0; k < 70; ++k)
+    w.requests.push_back(Req(0, 1024, 500, {1, static_cast<uint64_t>(100 + k)}));
   SimOptions o;
   o.num_instances = 4;
   const SimResult r = RunPolicy("cache-aware", w, o);
