@@ -12,6 +12,7 @@ packages=(
   # libFuzzer targets (clang 14)
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libcpp-httplib-dev
   libbrotli-dev clang-14 libclang-rt-14-dev
+  clang-format-14 clang-tidy-14  # make check
 )
 
 missing=()
