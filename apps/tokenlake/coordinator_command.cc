@@ -65,10 +65,6 @@ int RunCoordinator(const CoordinatorFlags& f) {
               .default_max_tokens = std::min(16, f.max_tokens_limit)};
   o.segment_tokens = f.segment_tokens;
   o.namespace_name = f.namespace_name;
-  if (f.kv_dtype != "f32" && f.kv_dtype != "bf16") {
-    std::cerr << "tokenlake coordinator: --kv-dtype must be f32 or bf16\n";
-    return 2;
-  }
   o.lake_instances = f.instances;
   o.slots_per_instance = f.slots;
   o.model = plan::ModelShape{.num_layers = config->num_layers,
@@ -135,7 +131,8 @@ void SetUpCoordinator(CLI::App& app, int* exit_code) {
   cmd->add_option("--slots", f->slots, "Segment slots per instance (instances need >= this)")
       ->capture_default_str();
   cmd->add_option("--kv-dtype", f->kv_dtype, "KV dtype of the instances (plan costs): f32, bf16")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_option("--rebalance-interval-ms", f->rebalance_interval_ms,
                   "Run the lake's rebalancing this often (0 = never)")
       ->capture_default_str();

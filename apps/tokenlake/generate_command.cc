@@ -329,25 +329,9 @@ int RunGpu(const GenerateFlags& f) {
 #endif  // TOKENLAKE_HAVE_CUDA
 
 int RunGenerate(const GenerateFlags& f) {
-  if (f.instances < 1 || f.max_new_tokens < 1 || f.segment_tokens < 1 || f.slots_per_instance < 1 ||
-      f.rebalance_every < 0) {
-    return UsageError(
-        "--instances, --max-new-tokens, --segment-tokens and --slots-per-instance must be >= 1, "
-        "--rebalance-every >= 0");
-  }
-  if (f.arrival != "all" && f.arrival != "sequential") {
-    return UsageError("--arrival must be all or sequential, got '" + f.arrival + "'");
-  }
-  if (f.max_batch_tokens < 1) {
-    return UsageError("--max-batch-tokens must be >= 1");
-  }
-  if (f.kv_dtype != "auto" && f.kv_dtype != "f32" && f.kv_dtype != "bf16") {
-    return UsageError("--kv-dtype must be auto, f32 or bf16, got '" + f.kv_dtype + "'");
-  }
+  // The values themselves were checked by CLI11 (SetUpGenerate); here only what involves the
+  // build or several flags.
   if (f.device == "cpu") return RunCpu(f);
-  if (f.device != "gpu") {
-    return UsageError("--device must be cpu or gpu, got '" + f.device + "'");
-  }
 #if !defined(TOKENLAKE_HAVE_CUDA)
   return UsageError(
       "--device gpu: this build has no CUDA data plane; build the CLI with it: `cmake --preset "
@@ -390,35 +374,44 @@ void SetUpGenerate(CLI::App& app, int* exit_code) {
                               "device 0; CUDA builds only; always pooled, bf16 KV, no "
                               "rebalancing); ") +
                       kBuildDevices)
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "gpu"}));
   cmd->add_option("--instances", flags->instances,
                   "Pool instances (threads on the CPU; sharing the device on the GPU)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   cmd->add_flag("--no-pool", flags->no_pool,
                 "Private per-request KV cache (no TokenLake; CPU only)");
   cmd->add_option("--max-new-tokens", flags->max_new_tokens, "Tokens to generate per prompt")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   cmd->add_option("--segment-tokens", flags->segment_tokens, "Tokens per segment (S)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   cmd->add_option("--slots-per-instance", flags->slots_per_instance, "Segment slots per instance")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   cmd->add_option("--kv-dtype", flags->kv_dtype,
                   "KV dtype in the pool: auto (f32 on the CPU, bf16 on the GPU), f32 (CPU only) "
                   "or bf16")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "f32", "bf16"}));
   cmd->add_flag("--rotate-compute", flags->rotate,
                 "Prefer computing request k on instance k mod N (spreads the work)");
   cmd->add_option("--rebalance-every", flags->rebalance_every,
                   "Rebalance the pool after every N requests (0 = never; CPU only)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--arrival", flags->arrival,
                   "all: every prompt submitted at once (continuous batching); sequential: one "
                   "after another, so that later prompts hit what earlier ones left in the pool")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::IsMember({"all", "sequential"}));
   cmd->add_option("--max-batch-tokens", flags->max_batch_tokens,
                   "Tokens computed per iteration over the whole batch (prompts are prefilled in "
                   "chunks under it; pool only)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   cmd->callback([flags, exit_code] { *exit_code = RunGenerate(*flags); });
 }
 

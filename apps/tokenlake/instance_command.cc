@@ -38,10 +38,6 @@ struct InstanceFlags {
 
 int RunInstance(const InstanceFlags& f) {
   if (f.exit_with_parent) ::prctl(PR_SET_PDEATHSIG, SIGTERM);
-  if (f.kv_dtype != "f32" && f.kv_dtype != "bf16") {
-    std::cerr << "tokenlake instance: --kv-dtype must be f32 or bf16\n";
-    return 2;
-  }
   auto model = engine::LlamaModel::Load(f.model);
   if (!model.ok()) {
     std::cerr << "tokenlake instance: " << model.status().message() << "\n";
@@ -61,10 +57,6 @@ int RunInstance(const InstanceFlags& f) {
   o.segment_tokens = f.segment_tokens;
   o.slots = f.slots;
   o.kv_dtype = f.kv_dtype == "bf16" ? attention::KvDtype::kBFloat16 : attention::KvDtype::kFloat32;
-  if (f.data_timeout_ms < 1) {
-    std::cerr << "tokenlake instance: --data-timeout-ms must be >= 1\n";
-    return 2;
-  }
   o.data_timeout = absl::Milliseconds(f.data_timeout_ms);
   auto server = service::InstanceServer::Create(model->get(), o);
   if (!server.ok()) {
@@ -99,10 +91,13 @@ void SetUpInstance(CLI::App& app, int* exit_code) {
   cmd->add_option("--segment-tokens", f->segment_tokens, "Tokens per segment (as the coordinator)")
       ->capture_default_str();
   cmd->add_option("--slots", f->slots, "Segment slots of this instance")->capture_default_str();
-  cmd->add_option("--kv-dtype", f->kv_dtype, "KV dtype: f32 or bf16")->capture_default_str();
+  cmd->add_option("--kv-dtype", f->kv_dtype, "KV dtype: f32 or bf16")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_option("--data-timeout-ms", f->data_timeout_ms,
                   "How long to wait for another instance's data-plane reply")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   cmd->add_flag("--exit-with-parent", f->exit_with_parent, "Exit when the parent process dies");
   cmd->callback([f, exit_code] { *exit_code = RunInstance(*f); });
 }
