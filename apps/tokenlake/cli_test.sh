@@ -88,6 +88,13 @@ expect "sim refuses an unknown SLO mode" 2 "p90 or per-token" -- "$bin" sim --sl
 expect "sim refuses a TP that does not divide the KV heads" 2 "--tp 3" -- "$bin" sim --tp 3
 expect "sim refuses --kv-gb with --cache-tokens" 2 "exclusive" -- \
   "$bin" sim --kv-gb 10 --cache-tokens 100000
+expect "sim refuses a --kv-gb beyond 64-bit bytes" 2 "--kv-gb must be at most 1e9" -- \
+  "$bin" sim --kv-gb 1e12
+expect "sim tokenlake refuses more KV blocks than the pool counts, naming the setting" 2 \
+  "tokenlake policy: the KV capacity per instance.*--cache-tokens" -- \
+  "$bin" sim --workload chat --requests 20 --cache-tokens 100000000000000 --policies tokenlake
+expect "sim refuses --cache-tokens beyond 64-bit bytes" 2 "more KV bytes than 64 bits" -- \
+  "$bin" sim --workload chat --requests 20 --cache-tokens 2000000000000000000
 expect "sim --preset paper runs the paper's setup" 0 \
   "loogle: 12 requests.*4 x A100-SXM4-80GB.*\(TP 2\), lwm-7b; SLO per token" -- \
   "$bin" sim --preset paper --requests 12 --cache-tokens 400000 --json "$tmp/paper.json"

@@ -28,6 +28,10 @@ using CommandSetup = void (*)(CLI::App& app, int* exit_code);
 // Registers a subcommand's set-up function. Returns true (for use in a static initialiser).
 bool RegisterCommand(std::string_view name, CommandSetup setup);
 
+// Parses argv (argv[0] is the program name) and runs the chosen subcommand; returns the exit
+// code (0 success, 1 runtime error, 2 bad usage). Not reentrant: one call at a time.
+int RunCli(int argc, const char* const* argv);
+
 }  // namespace tokenlake::cli
 
 #define TOKENLAKE_REGISTER_COMMAND(name, setup)                            \

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <memory>
 #include <set>
 #include <string>
@@ -165,6 +166,8 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
     return Usage("--rate and --max-rate are exclusive");
   }
   const double kv_gb = f.kv_gb;
+  // Bytes are counted in 64 bits: 1e9 GB (an exabyte) per instance is far beyond any GPU.
+  if (kv_gb > 1e9) return Usage(absl::StrFormat("--kv-gb must be at most 1e9, got %g", kv_gb));
   if (given.count("--kv-gb") > 0 && given.count("--cache-tokens") > 0) {
     return Usage("--kv-gb and --cache-tokens are exclusive");
   }
@@ -247,6 +250,10 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
       return Usage(
           absl::StrFormat("--cache-tokens %d leaves fewer than %d tokens (one block) per instance",
                           cache_tokens, sim::kBlockTokens));
+    }
+    if (per_instance > std::numeric_limits<int64_t>::max() / model->KvBytesPerToken()) {
+      return Usage(absl::StrFormat(
+          "--cache-tokens %d gives each instance more KV bytes than 64 bits count", cache_tokens));
     }
     eo.sim.kv_capacity_bytes = per_instance * model->KvBytesPerToken();
   }

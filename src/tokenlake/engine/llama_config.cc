@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
 
 namespace tokenlake::engine {
@@ -182,6 +183,36 @@ absl::StatusOr<LlamaConfig> ParseLlamaConfig(const std::string& json_text, const
     return Bad(src, absl::StrCat("rope_theta = ", c.rope_theta, " is out of range"));
   }
   return c;
+}
+
+absl::StatusOr<LlamaConfig> NamedLlamaConfig(std::string_view name) {
+  LlamaConfig c{.vocab_size = 32000,
+                .hidden_size = 4096,
+                .intermediate_size = 11008,
+                .num_layers = 32,
+                .num_heads = 32,
+                .num_kv_heads = 32,
+                .head_dim = 128,
+                .rms_norm_eps = 1e-5f,
+                .rope_theta = 10000.0,
+                .max_position_embeddings = 4096,
+                .tie_word_embeddings = false};
+  if (name == "llama2-7b") return c;
+  if (name == "lwm-7b") {
+    c.rope_theta = 5e7;
+    c.max_position_embeddings = int64_t{1} << 20;
+    return c;
+  }
+  if (name == "llama3-8b") {
+    c.vocab_size = 128256;
+    c.intermediate_size = 14336;
+    c.num_kv_heads = 8;
+    c.rope_theta = 500000.0;
+    c.max_position_embeddings = 8192;
+    return c;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrFormat("unknown model '%s' (valid: llama2-7b, lwm-7b, llama3-8b)", name));
 }
 
 absl::StatusOr<LlamaConfig> LoadLlamaConfig(const std::string& path) {

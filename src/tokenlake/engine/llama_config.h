@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -51,6 +52,13 @@ struct LlamaConfig {
 //   feature the engine does not run).
 absl::StatusOr<LlamaConfig> ParseLlamaConfig(const std::string& json_text,
                                              const std::string& source_name);
+
+// The configs of named published models, for benchmarks and tools that build random-init
+// models of their shape: "llama2-7b" (Llama-2-7B: MHA 32 heads, MLP 11008, vocab 32000, context
+// 4,096), "lwm-7b" (LWM-Text-1M: Llama-2-7B's shape, RoPE theta 5e7, context 2^20), "llama3-8b"
+// (Llama-3-8B: GQA 32/8, MLP 14336, vocab 128256, RoPE theta 500,000, context 8,192).
+// Errors: InvalidArgument naming the valid names.
+absl::StatusOr<LlamaConfig> NamedLlamaConfig(std::string_view name);
 
 // Reads and parses `path`. Errors: NotFound (cannot read), then as ParseLlamaConfig.
 absl::StatusOr<LlamaConfig> LoadLlamaConfig(const std::string& path);

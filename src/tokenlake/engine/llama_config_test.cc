@@ -203,3 +203,37 @@ TEST(LlamaConfigTest, ConfigJsonReadsBackAsTheSameConfig) {
 
 }  // namespace
 }  // namespace tokenlake::engine
+
+namespace tokenlake::engine {
+namespace {
+
+// The published models' config.json values (Hugging Face meta-llama/Llama-2-7b-hf,
+// LargeWorldModel/LWM-Text-1M, meta-llama/Meta-Llama-3-8B).
+TEST(NamedLlamaConfigTest, PublishedShapesAndUnknownNames) {
+  auto l2 = NamedLlamaConfig("llama2-7b");
+  ASSERT_TRUE(l2.ok()) << l2.status();
+  EXPECT_EQ(l2->vocab_size, 32000);
+  EXPECT_EQ(l2->intermediate_size, 11008);
+  EXPECT_EQ(l2->num_kv_heads, 32);
+  EXPECT_EQ(l2->max_position_embeddings, 4096);
+  auto lwm = NamedLlamaConfig("lwm-7b");
+  ASSERT_TRUE(lwm.ok());
+  EXPECT_EQ(lwm->hidden_size, 4096);
+  EXPECT_EQ(lwm->num_layers, 32);
+  EXPECT_EQ(lwm->max_position_embeddings, 1048576);
+  EXPECT_EQ(lwm->rope_theta, 50000000.0);
+  auto l3 = NamedLlamaConfig("llama3-8b");
+  ASSERT_TRUE(l3.ok());
+  EXPECT_EQ(l3->vocab_size, 128256);
+  EXPECT_EQ(l3->intermediate_size, 14336);
+  EXPECT_EQ(l3->num_heads, 32);
+  EXPECT_EQ(l3->num_kv_heads, 8);
+  EXPECT_EQ(l3->head_dim, 128);
+  EXPECT_EQ(l3->rope_theta, 500000.0);
+  const auto bad = NamedLlamaConfig("llama-9000");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("valid: llama2-7b, lwm-7b, llama3-8b"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace tokenlake::engine

@@ -193,6 +193,27 @@ absl::StatusOr<std::vector<plan::InstanceCacheLoad>> Lake::GetCacheLoad(
   return planner_->GetCacheLoad(prs, InstanceStatesLocked());
 }
 
+absl::StatusOr<double> Lake::GetCacheLoad(absl::Span<const LakeRequest> requests,
+                                          const plan::InstanceRoofline& roofline,
+                                          double batch_seconds) const {
+  if (!(roofline.kv_bytes_per_s > 0) || !(roofline.attention_flops_per_s > 0)) {
+    return Invalid(absl::StrFormat(
+        "GetCacheLoad: roofline kv_bytes_per_s (%g) and attention_flops_per_s (%g) must be > 0",
+        roofline.kv_bytes_per_s, roofline.attention_flops_per_s));
+  }
+  if (!(batch_seconds > 0)) {
+    return Invalid(
+        absl::StrFormat("GetCacheLoad: batch_seconds must be > 0, got %g", batch_seconds));
+  }
+  for (const LakeRequest& r : requests) TOKENLAKE_RETURN_IF_ERROR(ValidateRequest(r));
+  absl::MutexLock lock(&mu_);
+  plan::CacheAccess total;
+  for (const LakeRequest& r : requests) {
+    total += plan::CacheAccessOf(options_.model, tree_->Match(r.keys).matched_tokens, r.new_tokens);
+  }
+  return plan::CacheLoad(total, num_instances(), roofline, batch_seconds);
+}
+
 absl::StatusOr<std::vector<plan::BatchPlan>> Lake::GenPlans(absl::Span<const Batch> batches) {
   for (size_t b = 0; b < batches.size(); ++b) {
     if (batches[b].dop < 1 || batches[b].dop > num_instances()) {

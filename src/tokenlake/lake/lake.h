@@ -277,6 +277,17 @@ class Lake {
   absl::StatusOr<std::vector<plan::InstanceCacheLoad>> GetCacheLoad(
       absl::Span<const LakeRequest> requests) const;
 
+  // The paper's get_cache_load (section 6.1; plan::CacheLoad has the formula): the share
+  // L = max(M / (M + N B T), F / (F + N P T)) of a batch of `requests` with iteration time
+  // `batch_seconds` (T) that reading the cache adds when this pool (N = num_instances()
+  // instances, each of `roofline`) spreads it evenly; each request's prefix is its keys' match
+  // in the pool now and its input its new_tokens. The scheduler charges a batch
+  // T / (1 - L) (sched::ElasticSchedulerOptions::pool_cache).
+  // Errors: InvalidArgument for bad keys or new_tokens, a non-positive B, P or T (named).
+  absl::StatusOr<double> GetCacheLoad(absl::Span<const LakeRequest> requests,
+                                      const plan::InstanceRoofline& roofline,
+                                      double batch_seconds) const;
+
   // One plan per batch (plan/planner.h says how). Deterministic for the same pool state.
   // Errors: InvalidArgument for a DoP outside [1, num_instances] (naming the batch), bad keys,
   // negative new_tokens, an invalid preferred instance outside the pool.

@@ -596,6 +596,37 @@ TEST_F(LakeTest, CacheLoadCountsWorkWhereTheSegmentsLive) {
   EXPECT_EQ((*load)[1].new_memory_bytes, plan::KvBytes(SmallOptions().model, kS));
 }
 
+TEST_F(LakeTest, CacheLoadRooflineUsesThePoolsMatchByHand) {
+  // 2 instances; the pool holds segments 1 and 2 (2 x 16 tokens) of the chain {1, 2, 3}.
+  Make(SmallOptions(2, 8));
+  ASSERT_TRUE(lake_->Admit(Req(1, Chain({1, 2}), 2 * kS)).ok());
+  ASSERT_TRUE(lake_->CommitKeys(RequestId(1), Chain({1, 2}), InstanceId(1)).ok());
+  ASSERT_TRUE(lake_->Release(RequestId(1)).ok());
+  // One layer, 8 KV heads of 128, bf16: 4,096 KV bytes per token; 32 query heads of 128.
+  // Request A: prefix 32 (matched), input 10: M = 4096 x 42 = 172,032 bytes,
+  // F = 4 x 4096 x 32 x 10 = 5,242,880 FLOPs. Request B, a miss: prefix 0, input 5:
+  // M = 4096 x 5 = 20,480, F = 0. In all M = 192,512, F = 5,242,880.
+  const std::vector<LakeRequest> batch = {Req(2, Chain({1, 2, 3}), 10), Req(3, Chain({9}), 5)};
+  // N = 2, B = 1e6 bytes/s, P = 1e8 FLOP/s, T = 0.1 s: N B T = 200,000, N P T = 2e7.
+  // Memory: 192512 / 392512 = 0.490461; compute: 5242880 / 25242880 = 0.207697.
+  const plan::InstanceRoofline hw{.kv_bytes_per_s = 1e6, .attention_flops_per_s = 1e8};
+  auto load = lake_->GetCacheLoad(batch, hw, 0.1);
+  ASSERT_TRUE(load.ok()) << load.status();
+  EXPECT_NEAR(*load, 192512.0 / 392512.0, 1e-12);
+  // A faster memory makes it compute-bound: B = 1e8, N B T = 2e7: 192512 / 20192512 = 0.00953.
+  const plan::InstanceRoofline fast{.kv_bytes_per_s = 1e8, .attention_flops_per_s = 1e8};
+  load = lake_->GetCacheLoad(batch, fast, 0.1);
+  ASSERT_TRUE(load.ok());
+  EXPECT_NEAR(*load, 5242880.0 / 25242880.0, 1e-12);
+  // Bad inputs are named.
+  auto bad = lake_->GetCacheLoad(batch, hw, 0);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("batch_seconds"), std::string::npos);
+  bad = lake_->GetCacheLoad(batch, plan::InstanceRoofline{}, 0.1);
+  EXPECT_NE(bad.status().message().find("kv_bytes_per_s"), std::string::npos);
+  EXPECT_FALSE(lake_->GetCacheLoad({Req(4, Chain({1}), -1)}, hw, 0.1).ok());
+}
+
 TEST_F(LakeTest, ConcurrentCallersKeepThePoolConsistent) {
   Make(SmallOptions(4, 16));
   std::vector<std::thread> threads;

@@ -1,6 +1,9 @@
 #include "tokenlake/plan/cost_model.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_format.h"
+#include "tokenlake/base/check.h"
 
 namespace tokenlake::plan {
 
@@ -46,6 +49,25 @@ double AttentionFlops(const ModelShape& s, int64_t q, int64_t tokens) {
 
 bool PreferMoveQueries(const ModelShape& s, int64_t q, int64_t cached_tokens) {
   return MoveQueriesBytes(s, q) <= KvBytes(s, cached_tokens);
+}
+
+CacheAccess CacheAccessOf(const ModelShape& s, int64_t prefix_tokens, int64_t input_tokens) {
+  CacheAccess a;
+  a.kv_bytes = static_cast<double>(KvBytes(s, prefix_tokens + input_tokens));
+  a.attention_flops = AttentionFlops(s, input_tokens, prefix_tokens);
+  return a;
+}
+
+double CacheLoad(const CacheAccess& access, int32_t instances, const InstanceRoofline& roofline,
+                 double batch_seconds) {
+  TOKENLAKE_CHECK(instances >= 1 && roofline.kv_bytes_per_s > 0 &&
+                      roofline.attention_flops_per_s > 0 && batch_seconds > 0,
+                  "CacheLoad: N, B, P and T must be positive");
+  const double n = static_cast<double>(instances);
+  const double m = access.kv_bytes, f = access.attention_flops;
+  const double memory = m > 0 ? m / (m + n * roofline.kv_bytes_per_s * batch_seconds) : 0;
+  const double compute = f > 0 ? f / (f + n * roofline.attention_flops_per_s * batch_seconds) : 0;
+  return std::max(memory, compute);
 }
 
 }  // namespace tokenlake::plan

@@ -56,6 +56,52 @@ double AttentionFlops(const ModelShape& shape, int64_t q, int64_t tokens);
 // request costs no more bytes than pulling that KV to the computing instance.
 bool PreferMoveQueries(const ModelShape& shape, int64_t q, int64_t cached_tokens);
 
+// ---- Cache load: the roofline of paper section 6.1 (get_cache_load) ----
+//
+// For a batch of requests with `prefix` cached and `input` new tokens each, on a pool of N
+// instances of memory bandwidth B and attention throughput P:
+//   M = sum KvBytes(prefix + input)            (the KV that attention reads; for the paper's
+//                                               multi-head bf16 model, 4 d (prefix + input) per
+//                                               layer, d = the model width)
+//   F = sum AttentionFlops(input, prefix)      (4 d prefix input per layer: QK^T and PV at 2
+//                                               FLOPs per multiply-add. The paper's formula is
+//                                               written 2 d prefix input, i.e. multiply-adds; we
+//                                               count FLOPs so that P is in FLOP/s like every
+//                                               profile of this project)
+//   L = max(M / (M + N B T), F / (F + N P T))
+// where T is the batch's own iteration time. L in [0, 1) is the share of the iteration that
+// reading the cache takes when the pool spreads it evenly over its N instances, memory-bound or
+// compute-bound, whichever is slower; T / (1 - L) = T + max(M / (N B), F / (N P)) is then the
+// iteration with its cache access.
+
+// One batch's cache access, summed over its requests.
+struct CacheAccess {
+  double kv_bytes = 0;         // M
+  double attention_flops = 0;  // F
+  CacheAccess& operator+=(const CacheAccess& o) {
+    kv_bytes += o.kv_bytes;
+    attention_flops += o.attention_flops;
+    return *this;
+  }
+};
+
+// What one instance of the pool sustains for cache access.
+struct InstanceRoofline {
+  // B: bytes of KV that attention reads per second (> 0).
+  double kv_bytes_per_s = 0;
+  // P: attention FLOP/s (> 0).
+  double attention_flops_per_s = 0;
+};
+
+// M and F of one request with `prefix_tokens` cached and `input_tokens` new tokens (both >= 0).
+CacheAccess CacheAccessOf(const ModelShape& shape, int64_t prefix_tokens, int64_t input_tokens);
+
+// L = max(M / (M + N B T), F / (F + N P T)) for `access` on `instances` (N >= 1) instances of
+// `roofline`, with batch time `batch_seconds` (T > 0). 0 when M and F are 0.
+// REQUIRES (CHECK; callers validate user input): N >= 1, B > 0, P > 0, T > 0.
+double CacheLoad(const CacheAccess& access, int32_t instances, const InstanceRoofline& roofline,
+                 double batch_seconds);
+
 }  // namespace tokenlake::plan
 
 #endif  // TOKENLAKE_PLAN_COST_MODEL_H_

@@ -50,4 +50,40 @@ TEST(CostModelTest, ValidateNamesTheBadField) {
 }
 
 }  // namespace
+// The roofline of paper section 6.1, with values worked out by hand from the formula
+// L = max(M / (M + N B T), F / (F + N P T)).
+TEST(CostModelTest, CacheLoadIsThePaperRooflineByHand) {
+  // The paper's LWM-7B (Llama-2-7B shape: multi-head, d = 4096, 32 layers, bf16).
+  const ModelShape lwm{
+      .num_layers = 32, .num_heads = 32, .num_kv_heads = 32, .head_dim = 128, .dtype_bytes = 2};
+  // One request, 1,000 cached and 100 new tokens: M = 4 x 4096 x 1100 x 32 = 576,716,800 bytes,
+  // F = 4 x 4096 x 1000 x 100 x 32 = 52,428,800,000 FLOPs.
+  const CacheAccess a = CacheAccessOf(lwm, 1000, 100);
+  EXPECT_EQ(a.kv_bytes, 576716800.0);
+  EXPECT_EQ(a.attention_flops, 52428800000.0);
+  // N = 4, B = 2 TB/s, P = 300 TFLOP/s, T = 10 ms: N B T = 8e10 bytes, N P T = 1.2e13 FLOPs.
+  // Memory-bound: 576716800 / 80576716800 = 0.0071574 > 52428800000 / 12052428800000 = 0.00435.
+  const InstanceRoofline hw{.kv_bytes_per_s = 2e12, .attention_flops_per_s = 3e14};
+  EXPECT_NEAR(CacheLoad(a, 4, hw, 0.01), 0.00715736285745512, 1e-15);
+  // Add a long one (100,000 cached, 8,000 new): M = 57,199,820,800 and F = 419,482,828,800,000
+  // in all; now compute-bound: F / (F + 1.2e13) = 0.97219 > M / (M + 8e10) = 0.41691.
+  CacheAccess b = a;
+  b += CacheAccessOf(lwm, 100000, 8000);
+  EXPECT_EQ(b.kv_bytes, 57199820800.0);
+  EXPECT_EQ(b.attention_flops, 419482828800000.0);
+  EXPECT_NEAR(CacheLoad(b, 4, hw, 0.01), 0.9721889280429229, 1e-15);
+  // Grouped-query attention reads only the KV heads: Llama-3-8B (8 of 32), 5,000 + 10 tokens:
+  // M = 2 x 8 x 128 x 2 x 32 x 5010 = 656,670,720, F = 4 x 32 x 128 x 32 x 5000 x 10.
+  const CacheAccess g = CacheAccessOf(ModelShape{}, 5000, 10);
+  EXPECT_EQ(g.kv_bytes, 656670720.0);
+  EXPECT_EQ(g.attention_flops, 26214400000.0);
+  const InstanceRoofline h100{.kv_bytes_per_s = 2.5e12, .attention_flops_per_s = 5e14};
+  EXPECT_NEAR(CacheLoad(g, 16, h100, 0.02), 0.0008201651769284343, 1e-15);
+  // No cached work at all: no load.
+  EXPECT_EQ(CacheLoad(CacheAccess{}, 4, hw, 0.01), 0.0);
+  // More instances or a longer batch dilute the same access.
+  EXPECT_LT(CacheLoad(b, 8, hw, 0.01), CacheLoad(b, 4, hw, 0.01));
+  EXPECT_LT(CacheLoad(b, 4, hw, 0.02), CacheLoad(b, 4, hw, 0.01));
+}
+
 }  // namespace tokenlake::plan

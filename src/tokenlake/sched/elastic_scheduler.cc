@@ -27,6 +27,22 @@ absl::Status ValidateOptions(const ElasticSchedulerOptions& options) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "ElasticSchedulerOptions.align_tokens must be >= 1, got %d", options.align_tokens));
   }
+  if (options.pool_instances < 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "ElasticSchedulerOptions.pool_instances must be >= 0, got %d", options.pool_instances));
+  }
+  if (options.pool_instances > 0) {
+    if (absl::Status s = options.shape.Validate(); !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("ElasticSchedulerOptions.shape: %s", s.message()));
+    }
+    if (!(options.roofline.kv_bytes_per_s > 0) || !(options.roofline.attention_flops_per_s > 0)) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "ElasticSchedulerOptions.roofline: kv_bytes_per_s (%g) and attention_flops_per_s (%g) "
+          "must be > 0 with pool_instances > 0",
+          options.roofline.kv_bytes_per_s, options.roofline.attention_flops_per_s));
+    }
+  }
   if (options.max_dp_items < 1) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "ElasticSchedulerOptions.max_dp_items must be >= 1, got %d", options.max_dp_items));
@@ -39,7 +55,11 @@ namespace {
 struct Chunk {
   int32_t candidate = 0;
   int64_t tokens = 0;
+  // Attention on the batch's instances: over its context and itself, or with pool_instances
+  // only the causal part among its own tokens.
   double attention_s = 0;
+  // With pool_instances: its cache access (prefix = context, input = its tokens).
+  plan::CacheAccess cache;
 };
 
 }  // namespace
@@ -75,16 +95,21 @@ bool Partition(std::vector<Chunk> chunks, int32_t n, const BatchCostModel& cost,
   const int32_t m = static_cast<int32_t>(first.size()) - 1;
   std::vector<int64_t> pre_count(m + 1, 0), pre_tokens(m + 1, 0);
   std::vector<double> pre_attention(m + 1, 0);
+  std::vector<plan::CacheAccess> pre_cache(m + 1);
   for (int32_t g = 0; g < m; ++g) {
     int64_t tokens = 0;
     double attention = 0;
+    plan::CacheAccess cache;
     for (int32_t c = first[g]; c < first[g + 1]; ++c) {
       tokens += chunks[c].tokens;
       attention += chunks[c].attention_s;
+      cache += chunks[c].cache;
     }
     pre_count[g + 1] = pre_count[g] + (first[g + 1] - first[g]);
     pre_tokens[g + 1] = pre_tokens[g] + tokens;
     pre_attention[g + 1] = pre_attention[g] + attention;
+    pre_cache[g + 1] = pre_cache[g];
+    pre_cache[g + 1] += cache;
   }
   // T(items [j, i) on d instances), or infinity when they do not fit d instances' budget.
   const double inf = std::numeric_limits<double>::infinity();
@@ -94,6 +119,12 @@ bool Partition(std::vector<Chunk> chunks, int32_t n, const BatchCostModel& cost,
     const double attention = pre_attention[i] - pre_attention[j];
     double t = cost.DenseSeconds((tokens + d - 1) / d) + attention / d;
     if (d > 1) t += cost.ParallelSeconds(tokens, d);
+    if (options.pool_instances > 0 && t > 0) {
+      plan::CacheAccess cache;
+      cache.kv_bytes = pre_cache[i].kv_bytes - pre_cache[j].kv_bytes;
+      cache.attention_flops = pre_cache[i].attention_flops - pre_cache[j].attention_flops;
+      t /= 1 - plan::CacheLoad(cache, options.pool_instances, options.roofline, t);
+    }
     return t;
   };
   // c. f[i][k]: least total latency of the first i items on exactly k instances.
@@ -189,8 +220,14 @@ absl::StatusOr<PrefillSchedule> SchedulePrefill(absl::Span<const PrefillCandidat
       if (take == 0) continue;
     }
     capacity -= take;
-    chunks.push_back(
-        {static_cast<int32_t>(i), take, cost.AttentionSeconds(take, candidates[i].context_tokens)});
+    Chunk chunk{static_cast<int32_t>(i), take, 0, {}};
+    if (options.pool_instances > 0) {
+      chunk.attention_s = cost.AttentionSeconds(take, 0);
+      chunk.cache = plan::CacheAccessOf(options.shape, candidates[i].context_tokens, take);
+    } else {
+      chunk.attention_s = cost.AttentionSeconds(take, candidates[i].context_tokens);
+    }
+    chunks.push_back(chunk);
   }
   // Rounding the DoPs up can make the admitted chunks need more than n instances; the chunk
   // admitted last then waits for the next iteration. One chunk alone always fits.
@@ -234,6 +271,89 @@ int32_t PlaceDecode(absl::Span<const DecodeInstance> instances, int64_t context_
   if (best_fit >= 0) return best_fit;
   if (idle >= 0) return idle;
   return least;
+}
+
+double MixedIterationSeconds(int64_t decodes, int64_t context_tokens, int64_t chunk_tokens,
+                             int64_t chunk_context, const BatchCostModel& cost) {
+  const int64_t tokens = std::max<int64_t>(decodes, 0) + std::max<int64_t>(chunk_tokens, 0);
+  if (tokens == 0) return 0;
+  double t = cost.DenseSeconds(tokens);
+  if (decodes > 0) {
+    t += static_cast<double>(decodes) * cost.AttentionSeconds(1, context_tokens / decodes);
+  }
+  if (chunk_tokens > 0) t += cost.AttentionSeconds(chunk_tokens, chunk_context);
+  return t;
+}
+
+int64_t MixedChunkTokens(const DecodeInstance& instance, const PrefillCandidate& candidate,
+                         double budget_s, const BatchCostModel& cost,
+                         const ElasticSchedulerOptions& options) {
+  if (!instance.eligible || instance.decodes <= 0 || candidate.remaining_tokens < 1) return 0;
+  const int64_t cap = std::min(candidate.remaining_tokens, options.chunk_tokens - instance.decodes);
+  if (cap < 1) return 0;
+  auto fits = [&](int64_t q) {
+    return MixedIterationSeconds(instance.decodes, instance.context_tokens, q,
+                                 candidate.context_tokens, cost) <= budget_s;
+  };
+  // The whole rest of the prompt, when it fits, needs no alignment.
+  if (cap == candidate.remaining_tokens && fits(cap)) return cap;
+  // Otherwise the largest multiple of align_tokens (below the rest) that fits: a binary search
+  // over k x align_tokens, k in [1, kmax].
+  const int64_t align = options.align_tokens;
+  int64_t kmax = cap / align;
+  if (kmax * align == candidate.remaining_tokens) --kmax;  // that one was tried above
+  int64_t lo = 0, hi = kmax;                               // k = lo fits (0: nothing), > hi not
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo + 1) / 2;
+    if (fits(mid * align)) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo * align;
+}
+
+absl::StatusOr<std::vector<MixedChunk>> ScheduleMixedPrefill(
+    absl::Span<const PrefillCandidate> candidates, absl::Span<const DecodeInstance> instances,
+    double budget_s, const BatchCostModel& cost, const ElasticSchedulerOptions& options) {
+  TOKENLAKE_RETURN_IF_ERROR(ValidateOptions(options));
+  if (!(budget_s > 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("ScheduleMixedPrefill: budget_s must be > 0, got %g", budget_s));
+  }
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    if (candidates[i].remaining_tokens < 1 || candidates[i].context_tokens < 0) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "ScheduleMixedPrefill: candidate %d has remaining_tokens %d and context_tokens %d "
+          "(need >= 1 and >= 0)",
+          i, candidates[i].remaining_tokens, candidates[i].context_tokens));
+    }
+  }
+  std::vector<MixedChunk> out;
+  std::vector<bool> taken(instances.size(), false);
+  size_t open = 0;
+  for (const DecodeInstance& in : instances) open += in.eligible && in.decodes > 0 ? 1 : 0;
+  for (size_t c = 0; c < candidates.size() && open > 0; ++c) {
+    int32_t best = -1;
+    int64_t best_tokens = 0;
+    for (size_t i = 0; i < instances.size(); ++i) {
+      if (taken[i]) continue;
+      const int64_t q = MixedChunkTokens(instances[i], candidates[c], budget_s, cost, options);
+      if (q > best_tokens) {
+        best = static_cast<int32_t>(i);
+        best_tokens = q;
+      }
+    }
+    if (best < 0) continue;
+    taken[best] = true;
+    --open;
+    const DecodeInstance& in = instances[best];
+    out.push_back({best, static_cast<int32_t>(c), best_tokens,
+                   MixedIterationSeconds(in.decodes, in.context_tokens, best_tokens,
+                                         candidates[c].context_tokens, cost)});
+  }
+  return out;
 }
 
 }  // namespace tokenlake::sched

@@ -30,6 +30,15 @@
 //    instance with the least work takes it (over budget: the SLO is infeasible, throughput
 //    fallback). Instances without decodes are free for prefill: the prefill/decode split is
 //    re-decided as decodes arrive and finish, never fixed.
+// 3. ScheduleMixedPrefill: a decode instance whose decode iteration leaves slack under the
+//    decode iteration budget also computes a prefill chunk in it (chunked prefill mixed into
+//    the decode batch, as continuous-batching engines do), sized so that the mixed iteration's
+//    estimate, MixedIterationSeconds = Dense(decodes + q) + the decodes' attention +
+//    Attention(q, context), stays within the budget. The queued requests that SchedulePrefill
+//    left, first come first served, each take the decode instance where their chunk is largest
+//    (one chunk per instance per iteration); a chunk that does not finish its request ends on
+//    an align_tokens boundary, like SchedulePrefill's. So an instance is never idle for prefill
+//    just because it holds decodes, and decodes keep their budget.
 //
 // Thread-safety: the functions are pure; BatchCostModel implementations must be safe to call
 // from the calling thread.
@@ -42,6 +51,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "tokenlake/plan/cost_model.h"
 
 namespace tokenlake::sched {
 
@@ -80,6 +90,19 @@ struct ElasticSchedulerOptions {
   // request's remaining work (e.g. the segment size, so that every chunk but a prompt's last
   // completes whole segments); one that would be empty waits for the next iteration. >= 1.
   int64_t align_tokens = 1;
+  // The pool's cache load in SchedulePrefill's T (paper section 6.1). 0 (the default): each
+  // chunk's attention over its context runs on the batch's d instances, T as in the file
+  // comment. N >= 1: the context lives in a pool of N instances that serve it where it is
+  // stored, so that attention is not divided by d but charged as the pool's cache load L
+  // (plan::CacheLoad, the roofline max(M / (M + N B T0), F / (F + N P T0)) of the batch's
+  // chunks, prefix = context, input = chunk) on the rest of the iteration
+  // T0 = Dense(ceil(sum q / d)) + sum Attention(q_i, 0) / d + Parallel(sum q, d):
+  // T = T0 / (1 - L). Then a larger DoP shortens T0 but not the cache access, which no group
+  // size changes.
+  int32_t pool_instances = 0;
+  // With pool_instances > 0: the model (for M and F) and one instance's B and P (> 0).
+  plan::ModelShape shape;
+  plan::InstanceRoofline roofline;
 };
 
 struct PrefillBatch {
@@ -135,6 +158,41 @@ int32_t PlaceDecode(absl::Span<const DecodeInstance> instances, int64_t context_
 
 // The estimated decode iteration of `decodes` sequences with `context_tokens` in total.
 double DecodeIterationSeconds(int64_t decodes, int64_t context_tokens, const BatchCostModel& cost);
+
+// The estimated iteration of `decodes` decodes (`context_tokens` in total) with a prefill chunk
+// of `chunk_tokens` (>= 0) new tokens after `chunk_context` tokens of its sequence: dense work
+// over every token of the iteration, plus the decodes' and the chunk's attention.
+double MixedIterationSeconds(int64_t decodes, int64_t context_tokens, int64_t chunk_tokens,
+                             int64_t chunk_context, const BatchCostModel& cost);
+
+// The largest chunk of `candidate` that decode instance `instance` can mix into its next
+// iteration: q in [0, min(remaining, chunk_tokens - decodes)], q = remaining or a multiple of
+// align_tokens, with MixedIterationSeconds <= budget_s. 0 when none (or the instance has no
+// decodes, or is not eligible). The search assumes the cost model's times do not decrease as
+// tokens grow (then q is the largest; otherwise q still meets the budget).
+int64_t MixedChunkTokens(const DecodeInstance& instance, const PrefillCandidate& candidate,
+                         double budget_s, const BatchCostModel& cost,
+                         const ElasticSchedulerOptions& options);
+
+struct MixedChunk {
+  // Index into the instances.
+  int32_t instance = 0;
+  // Index into the candidates.
+  int32_t candidate = 0;
+  // Prefill tokens it computes in the instance's next iteration (>= 1).
+  int64_t tokens = 0;
+  // MixedIterationSeconds of that iteration.
+  double estimated_s = 0;
+};
+
+// Chunks of `candidates` (queued requests in priority order, first come first) mixed into the
+// decode instances' next iterations (see the file comment): each candidate in order takes the
+// eligible decode instance (decodes > 0, not yet given a chunk) where MixedChunkTokens is
+// largest (ties: the lower index); a candidate with no positive chunk anywhere is skipped.
+// Errors: InvalidArgument for bad options, budget_s <= 0, or a bad candidate (named).
+absl::StatusOr<std::vector<MixedChunk>> ScheduleMixedPrefill(
+    absl::Span<const PrefillCandidate> candidates, absl::Span<const DecodeInstance> instances,
+    double budget_s, const BatchCostModel& cost, const ElasticSchedulerOptions& options);
 
 }  // namespace tokenlake::sched
 

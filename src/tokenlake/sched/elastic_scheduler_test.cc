@@ -58,15 +58,31 @@ std::vector<RefChunk> ReferenceChunks(const std::vector<PrefillCandidate>& c, in
 
 double RefBatchSeconds(const std::vector<RefChunk>& batch, int32_t d, const BatchCostModel& cost,
                        const ElasticSchedulerOptions& o) {
+  const bool pool = o.pool_instances > 0;
   int64_t tokens = 0;
   double attention = 0;
+  // The roofline's M (KV bytes of prefix + input) and F (attention FLOPs of input over prefix),
+  // written out: 2 (K, V) x layers x KV heads x head_dim x bytes per token; 4 x layers x heads
+  // x head_dim per (query, cached token) pair.
+  const plan::ModelShape& s = o.shape;
+  double m = 0, f = 0;
   for (const RefChunk& c : batch) {
     tokens += c.tokens;
-    attention += cost.AttentionSeconds(c.tokens, c.context);
+    attention += cost.AttentionSeconds(c.tokens, pool ? 0 : c.context);
+    m += 2.0 * s.num_layers * s.num_kv_heads * s.head_dim * s.dtype_bytes *
+         static_cast<double>(c.context + c.tokens);
+    f += 4.0 * s.num_layers * s.num_heads * s.head_dim * static_cast<double>(c.context) *
+         static_cast<double>(c.tokens);
   }
   if (tokens > d * o.chunk_tokens || tokens < d) return kInf;
   double t = cost.DenseSeconds((tokens + d - 1) / d) + attention / d;
   if (d > 1) t += cost.ParallelSeconds(tokens, d);
+  if (pool) {
+    const double n = o.pool_instances;
+    const double load = std::max(m / (m + n * o.roofline.kv_bytes_per_s * t),
+                                 f / (f + n * o.roofline.attention_flops_per_s * t));
+    t /= 1 - load;
+  }
   return t;
 }
 
@@ -117,6 +133,14 @@ TEST(ElasticSchedulerTest, MatchesExhaustiveSearchOnRandomQueues) {
     }
     const bool with_slo = rng() % 2 == 0;
     o.prefill_slo_s = with_slo ? std::uniform_real_distribution<double>(0.002, 0.05)(rng) : kInf;
+    if (rng() % 2 == 0) {  // the pool's cache load in T
+      o.pool_instances = std::uniform_int_distribution<int32_t>(1, 16)(rng);
+      const int32_t kv = std::uniform_int_distribution<int32_t>(1, 4)(rng);
+      o.shape = plan::ModelShape{std::uniform_int_distribution<int32_t>(1, 4)(rng),
+                                 kv * std::uniform_int_distribution<int32_t>(1, 4)(rng), kv, 64, 2};
+      o.roofline.kv_bytes_per_s = std::uniform_real_distribution<double>(1e8, 1e10)(rng);
+      o.roofline.attention_flops_per_s = std::uniform_real_distribution<double>(1e10, 1e12)(rng);
+    }
 
     auto got = SchedulePrefill(cands, n, cost, o);
     ASSERT_TRUE(got.ok()) << got.status();
@@ -183,6 +207,37 @@ TEST(ElasticSchedulerTest, SpreadsALongPrefillOverIdleInstances) {
   EXPECT_EQ(s->batches[0].tokens[0], 4096);
 }
 
+TEST(ElasticSchedulerTest, ThePoolsCacheLoadIsNotDividedByTheDop) {
+  // One 2,048-token chunk after 1,000,000 cached tokens, 2 free instances. Dense 1 ms + 10 us
+  // per token; attention 1e-9 x q x (c + q / 2); the exchange 10 us per token per extra member.
+  const LinearCost cost(0.001, 1e-5, 1e-9, 1e-5);
+  ElasticSchedulerOptions o;
+  o.chunk_tokens = 2048;
+  o.max_dop = 2;
+  const std::vector<PrefillCandidate> cands = {{2048, 1000000}};
+  // Attention local to the group: d = 1 costs 1 + 20.48 + 2,050.1 ms; d = 2 costs
+  // 1 + 10.24 + 1,025.05 + 20.48 ms: the DP takes both instances.
+  auto local = SchedulePrefill(cands, 2, cost, o);
+  ASSERT_TRUE(local.ok()) << local.status();
+  ASSERT_EQ(local->batches.size(), 1u);
+  EXPECT_EQ(local->batches[0].dop, 2);
+  // In a pool of 16 instances the context's attention runs where it is stored: one layer, one
+  // KV head of 64, bf16: M = 256 x 1,002,048 bytes; F = 4 x 64 x 1e6 x 2048 = 5.24e11 FLOPs.
+  // With B = 1e12 and P = 1e13 per instance the cache access takes max(M / 16 B, F / 16 P) =
+  // max(16 us, 3.28 ms) whatever the DoP. d = 1: T0 = 1 + 20.48 + 2.10 (the chunk's own causal
+  // attention) = 23.58 ms, T = 26.86 ms; d = 2: T0 = 1 + 10.24 + 1.05 + 20.48 = 32.77 ms,
+  // T = 36.05 ms. The exchange no longer pays for itself: one instance.
+  o.pool_instances = 16;
+  o.shape = plan::ModelShape{1, 1, 1, 64, 2};
+  o.roofline = {.kv_bytes_per_s = 1e12, .attention_flops_per_s = 1e13};
+  auto pool = SchedulePrefill(cands, 2, cost, o);
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  ASSERT_EQ(pool->batches.size(), 1u);
+  EXPECT_EQ(pool->batches[0].dop, 1);
+  const double t0 = 0.001 + 2048e-5 + 1e-9 * 2048 * 1024;
+  EXPECT_NEAR(pool->batches[0].estimated_s, t0 + 4.0 * 64 * 1e6 * 2048 / (16 * 1e13), 1e-12);
+}
+
 TEST(ElasticSchedulerTest, ShortRequestsDoNotWaitBehindALongOne) {
   // One long and three short prefills on two instances: the sum of latencies is least when the
   // short ones share one instance and the long one gets the other.
@@ -239,6 +294,12 @@ TEST(ElasticSchedulerTest, RefusesBadInput) {
   EXPECT_EQ(SchedulePrefill({}, 1, cost, o).status().code(), absl::StatusCode::kInvalidArgument);
   o = {};
   EXPECT_EQ(SchedulePrefill({}, -1, cost, o).status().code(), absl::StatusCode::kInvalidArgument);
+  o = {};
+  o.pool_instances = 4;  // without a roofline
+  auto no_roofline = SchedulePrefill({}, 1, cost, o);
+  EXPECT_EQ(no_roofline.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(no_roofline.status().message().find("roofline"), std::string::npos);
+  o = {};
   const std::vector<PrefillCandidate> bad = {{0, 0}};
   auto s = SchedulePrefill(bad, 1, cost, o);
   EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
@@ -272,6 +333,120 @@ TEST(ElasticSchedulerTest, PlaceDecodeBestFitThenIdleThenLeastLoaded) {
   // Nothing eligible.
   for (auto& i : in) i.eligible = false;
   EXPECT_EQ(PlaceDecode(in, 1, budget, cost), -1);
+}
+
+// The mixed chunk by the definition: the largest q, scanned down one token at a time.
+int64_t RefMixedChunk(const DecodeInstance& in, const PrefillCandidate& c, double budget,
+                      const BatchCostModel& cost, const ElasticSchedulerOptions& o) {
+  if (!in.eligible || in.decodes <= 0) return 0;
+  for (int64_t q = std::min(c.remaining_tokens, o.chunk_tokens - in.decodes); q >= 1; --q) {
+    if (q != c.remaining_tokens && q % o.align_tokens != 0) continue;
+    // Dense over every token, each decode's attention at the mean context, the chunk's.
+    const double t = cost.DenseSeconds(in.decodes + q) +
+                     in.decodes * cost.AttentionSeconds(1, in.context_tokens / in.decodes) +
+                     cost.AttentionSeconds(q, c.context_tokens);
+    if (t <= budget) return q;
+  }
+  return 0;
+}
+
+TEST(ElasticSchedulerTest, MixedPrefillMatchesTheDefinitionOnRandomInstances) {
+  const uint32_t seed = std::random_device{}();
+  std::printf("MixedPrefill seed %u\n", seed);
+  std::mt19937 rng(seed);
+  for (int round = 0; round < 500; ++round) {
+    SCOPED_TRACE(testing::Message() << "seed " << seed << " round " << round);
+    ElasticSchedulerOptions o;
+    o.chunk_tokens = std::uniform_int_distribution<int64_t>(16, 600)(rng);
+    o.align_tokens = std::vector<int64_t>{1, 7, 16, 64}[rng() % 4];
+    const LinearCost cost(std::uniform_real_distribution<double>(0.001, 0.01)(rng),
+                          std::uniform_real_distribution<double>(1e-6, 1e-4)(rng),
+                          std::uniform_real_distribution<double>(1e-10, 1e-7)(rng), 0);
+    const double budget = std::uniform_real_distribution<double>(0.002, 0.05)(rng);
+    std::vector<DecodeInstance> in(std::uniform_int_distribution<int>(0, 5)(rng));
+    for (DecodeInstance& i : in) {
+      i.decodes = rng() % 4 == 0 ? 0 : std::uniform_int_distribution<int64_t>(1, 40)(rng);
+      i.context_tokens = i.decodes * std::uniform_int_distribution<int64_t>(0, 5000)(rng);
+      i.eligible = rng() % 6 != 0;
+    }
+    std::vector<PrefillCandidate> cands(std::uniform_int_distribution<int>(0, 6)(rng));
+    for (PrefillCandidate& c : cands) {
+      c.remaining_tokens = std::uniform_int_distribution<int64_t>(1, 2 * o.chunk_tokens)(rng);
+      c.context_tokens = std::uniform_int_distribution<int64_t>(0, 20000)(rng);
+    }
+    for (const DecodeInstance& i : in) {
+      for (const PrefillCandidate& c : cands) {
+        ASSERT_EQ(MixedChunkTokens(i, c, budget, cost, o), RefMixedChunk(i, c, budget, cost, o));
+      }
+    }
+    auto got = ScheduleMixedPrefill(cands, in, budget, cost, o);
+    ASSERT_TRUE(got.ok()) << got.status();
+    // The reference: first come first served, each to the free instance with the largest chunk.
+    std::vector<MixedChunk> want;
+    std::vector<bool> taken(in.size(), false);
+    for (size_t c = 0; c < cands.size(); ++c) {
+      int best = -1;
+      int64_t best_q = 0;
+      for (size_t i = 0; i < in.size(); ++i) {
+        const int64_t q = taken[i] ? 0 : RefMixedChunk(in[i], cands[c], budget, cost, o);
+        if (q > best_q) best = static_cast<int>(i), best_q = q;
+      }
+      if (best < 0) continue;
+      taken[best] = true;
+      want.push_back({best, static_cast<int32_t>(c), best_q, 0});
+    }
+    ASSERT_EQ(got->size(), want.size());
+    for (size_t k = 0; k < want.size(); ++k) {
+      const MixedChunk& g = (*got)[k];
+      EXPECT_EQ(g.instance, want[k].instance);
+      EXPECT_EQ(g.candidate, want[k].candidate);
+      EXPECT_EQ(g.tokens, want[k].tokens);
+      EXPECT_LE(g.estimated_s, budget);
+      EXPECT_LE(g.tokens + in[g.instance].decodes, o.chunk_tokens);
+    }
+  }
+}
+
+TEST(ElasticSchedulerTest, MixedPrefillFillsTheDecodeBudgetByHand) {
+  // Dense 5 ms + 10 us per token; attention 1e-8 x q x (c + q / 2).
+  const LinearCost cost(0.005, 1e-5, 1e-8, 0);
+  ElasticSchedulerOptions o;
+  o.chunk_tokens = 4096;
+  o.align_tokens = 512;
+  // 10 decodes with 1,000 context tokens each: attention 10 x 1e-8 x 1000.5 = 0.1 ms.
+  const DecodeInstance in{.decodes = 10, .context_tokens = 10000};
+  // A fresh prompt of 4,000 tokens: q = 1024 costs 5 + 10.34 + 0.1 + 5.24 = 20.68 ms and
+  // q = 1536 costs 5 + 15.46 + 0.1 + 11.80 = 32.36 ms: under a 25 ms budget, 1,024.
+  EXPECT_EQ(MixedChunkTokens(in, {4000, 0}, 0.025, cost, o), 1024);
+  EXPECT_NEAR(MixedIterationSeconds(10, 10000, 1024, 0, cost),
+              0.005 + 1034e-5 + 10 * 1e-8 * 1000.5 + 1e-8 * 1024 * 512, 1e-12);
+  // The last 300 tokens of a prompt fit whole (no alignment): 5 + 3.1 + 0.1 + 0.45 ms = 8.65 ms.
+  EXPECT_EQ(MixedChunkTokens(in, {300, 0}, 0.025, cost, o), 300);
+  // A budget the decodes alone exceed leaves nothing; so does an instance without decodes.
+  EXPECT_EQ(MixedChunkTokens(in, {300, 0}, 0.005, cost, o), 0);
+  EXPECT_EQ(MixedChunkTokens(DecodeInstance{}, {300, 0}, 0.025, cost, o), 0);
+  // Two requests, two decode instances, 256-token alignment, a 27 ms budget. Instance 0 (100
+  // decodes, 1 ms of decode attention) fits q = 1024 (22.48 ms) but not 1280 (27.99 ms);
+  // instance 1 (one decode) fits 1280 (5 + 12.81 + 8.19 = 26.0 ms). The first request takes
+  // instance 1 (the larger chunk); the second, 300 tokens whole, instance 0 (10.45 ms).
+  o.align_tokens = 256;
+  const std::vector<DecodeInstance> ins = {{.decodes = 100, .context_tokens = 100000},
+                                           {.decodes = 1, .context_tokens = 100}};
+  auto s =
+      ScheduleMixedPrefill(std::vector<PrefillCandidate>{{4000, 0}, {300, 0}}, ins, 0.027, cost, o);
+  ASSERT_TRUE(s.ok()) << s.status();
+  ASSERT_EQ(s->size(), 2u);
+  EXPECT_EQ((*s)[0].instance, 1);
+  EXPECT_EQ((*s)[0].candidate, 0);
+  EXPECT_EQ((*s)[0].tokens, 1280);
+  EXPECT_EQ((*s)[1].instance, 0);
+  EXPECT_EQ((*s)[1].candidate, 1);
+  EXPECT_EQ((*s)[1].tokens, 300);
+  EXPECT_EQ(ScheduleMixedPrefill({}, ins, 0, cost, o).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  const std::vector<PrefillCandidate> bad = {{0, 0}};
+  EXPECT_EQ(ScheduleMixedPrefill(bad, ins, 0.025, cost, o).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_format.h"
 #include "tokenlake/base/check.h"
 
@@ -123,9 +124,10 @@ int LeastLoadPolicy::Route(Simulator& sim, int64_t request) {
   return best;
 }
 
-void CacheAwarePolicy::Init(Simulator& sim) {
+absl::Status CacheAwarePolicy::Init(Simulator& sim) {
   trees_.assign(static_cast<size_t>(sim.options().num_instances), Tree{});
   next_eviction_s_ = options_.eviction_interval_s;
+  return absl::OkStatus();
 }
 
 void CacheAwarePolicy::Trim(Tree& tree) {
@@ -215,11 +217,18 @@ std::string PdDisaggPolicy::name() const {
   return name;
 }
 
-void PdDisaggPolicy::Init(Simulator& sim) {
+absl::Status PdDisaggPolicy::Init(Simulator& sim) {
   const int n = sim.options().num_instances;
-  TOKENLAKE_CHECK(n >= 2, "pd-disagg needs at least 2 instances");
-  TOKENLAKE_CHECK(options_.num_prefill >= 0 && options_.num_prefill < n,
-                  "pd-disagg: num_prefill out of range");
+  if (n < 2) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "pd-disagg needs at least 2 instances (one prefill, one decode), got %d", n));
+  }
+  if (options_.num_prefill < 0 || options_.num_prefill >= n) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("pd-disagg: num_prefill %d leaves a phase with no instance: valid "
+                        "values are 1 to %d for %d instances (0 = the default split)",
+                        options_.num_prefill, n - 1, n));
+  }
   num_prefill_ = options_.num_prefill > 0
                      ? options_.num_prefill
                      : std::clamp(static_cast<int>(std::lround(n * 0.75)), 1, n - 1);
@@ -229,6 +238,7 @@ void PdDisaggPolicy::Init(Simulator& sim) {
     const int64_t block_bytes = sim.cost().model().KvBytesPerToken() * kBlockTokens;
     dram_ = std::make_unique<BlockCache>(options_.dram_bytes / block_bytes * num_prefill_);
   }
+  return absl::OkStatus();
 }
 
 void PdDisaggPolicy::OnArrival(Simulator& sim, int64_t request) {

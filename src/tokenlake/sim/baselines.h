@@ -34,7 +34,10 @@ namespace tokenlake::sim {
 // A policy whose instances each keep their own vLLM-style prefix cache.
 class LocalCachePolicy : public Policy {
  public:
-  void Init(Simulator& sim) override { (void)sim; }
+  absl::Status Init(Simulator& sim) override {
+    (void)sim;
+    return absl::OkStatus();
+  }
   bool Admit(Simulator& sim, Job& job) override;
   void OnPrefillDone(Simulator& sim, Job& job) override;
   void OnJobDone(Simulator& sim, Job& job) override { sim.ReleaseLocal(job); }
@@ -96,7 +99,7 @@ class CacheAwarePolicy final : public LocalCachePolicy {
  public:
   explicit CacheAwarePolicy(CacheAwareOptions options = {}) : options_(options) {}
   std::string name() const override { return "cache-aware"; }
-  void Init(Simulator& sim) override;
+  absl::Status Init(Simulator& sim) override;
   void OnSample(Simulator& sim) override;
 
  protected:
@@ -153,9 +156,8 @@ class PdDisaggPolicy final : public LocalCachePolicy {
   // "pd-disagg", "+dram" with the DRAM store, "+reject" with SLO rejection, then " 12P:4D"
   // with split_in_name (known after Init; before it the split reads "0P:0D").
   std::string name() const override;
-  // Precondition (CHECK): at least 2 instances and num_prefill in [0, N - 1] (callers validate
-  // user input first: RunExperiment does).
-  void Init(Simulator& sim) override;
+  // InvalidArgument unless there are at least 2 instances and num_prefill is in [0, N - 1].
+  absl::Status Init(Simulator& sim) override;
   bool Admit(Simulator& sim, Job& job) override;
   void OnPrefillDone(Simulator& sim, Job& job) override;
   int num_prefill() const { return num_prefill_; }

@@ -131,7 +131,9 @@ class Runner {
       auto policy = MakePolicy(spec.name, o_.tokenlake, baselines);
       if (!policy.ok()) return policy.status();
       Simulator sim(sim_options, scaled, cost_, **policy);
-      SimResult result = sim.Run();
+      absl::StatusOr<SimResult> ran = sim.Run();
+      if (!ran.ok()) return ran.status();
+      SimResult result = *std::move(ran);
       Summary s = Summarize(result, native_rps * scale);
       s.slo_attainment = per_token ? PerTokenSloAttainment(result.records, cost_,
                                                            sim_options.token_budget, o_.slo_factor)

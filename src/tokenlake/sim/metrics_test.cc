@@ -34,7 +34,7 @@ SimResult RunAlone(const Workload& w, const CostModel& cost, SimOptions o,
   EXPECT_TRUE(p.ok());
   Simulator sim(o, w, cost, **p);
   if (before) before(sim);
-  return sim.Run();
+  return sim.Run().value();
 }
 
 int64_t TotalAccess(const SimResult& r, int instance) {

@@ -314,8 +314,8 @@ void Simulator::Sample() {
   policy_.OnSample(*this);
 }
 
-SimResult Simulator::Run() {
-  policy_.Init(*this);
+absl::StatusOr<SimResult> Simulator::Run() {
+  if (absl::Status s = policy_.Init(*this); !s.ok()) return s;
   const auto& reqs = workload_.requests;
   const size_t n = reqs.size();
   size_t next = 0;

@@ -34,6 +34,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "tokenlake/sim/block_cache.h"
 #include "tokenlake/sim/cost_model.h"
 #include "tokenlake/sim/workload.h"
@@ -135,8 +137,9 @@ class Policy {
  public:
   virtual ~Policy() = default;
   virtual std::string name() const = 0;
-  // Called once before the run.
-  virtual void Init(Simulator& sim) = 0;
+  // Called once before the run. Errors (InvalidArgument naming the setting) end the run:
+  // Simulator::Run returns them. A policy refuses a setup it cannot serve here, not by CHECK.
+  virtual absl::Status Init(Simulator& sim) = 0;
   // A request arrived: create a job and Simulator::Deliver it, or Simulator::Reject it.
   virtual void OnArrival(Simulator& sim, int64_t request) = 0;
   // May `job` start on its instance now? Sets job.cached_tokens and takes memory. False: it
@@ -204,7 +207,8 @@ class Simulator {
   // `workload`, `cost` and `policy` must outlive the simulator.
   Simulator(const SimOptions& options, const Workload& workload, const CostModel& cost,
             Policy& policy);
-  SimResult Run();
+  // Errors: Policy::Init's, unchanged.
+  absl::StatusOr<SimResult> Run();
 
   // --- for policies ---
   double now() const { return now_s_; }

@@ -20,7 +20,7 @@ void RunPolicy(benchmark::State& state, const Workload& w) {
   for (auto _ : state) {
     auto policy = MakePolicy(kPolicies[state.range(0)]);
     Simulator sim(o, w, cost, **policy);
-    SimResult r = sim.Run();
+    SimResult r = sim.Run().value();
     benchmark::DoNotOptimize(r.makespan_s);
     state.counters["iterations"] = static_cast<double>(r.iterations);
   }

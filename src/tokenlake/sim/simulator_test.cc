@@ -9,6 +9,7 @@
 #include "tokenlake/sim/baselines.h"
 #include "tokenlake/sim/experiment.h"
 #include "tokenlake/sim/metrics.h"
+#include "tokenlake/sim/tokenlake_policy.h"
 
 namespace tokenlake::sim {
 namespace {
@@ -30,7 +31,9 @@ SimResult RunPolicy(const std::string& policy, const Workload& w, SimOptions o,
   auto p = MakePolicy(policy);
   EXPECT_TRUE(p.ok()) << p.status();
   Simulator sim(o, w, cost, **p);
-  return sim.Run();
+  absl::StatusOr<SimResult> r = sim.Run();
+  EXPECT_TRUE(r.ok()) << r.status();
+  return r.ok() ? *std::move(r) : SimResult{};
 }
 
 TEST(SimulatorTest, LoneRequestTimesMatchTheProfileByHand) {
@@ -163,7 +166,7 @@ TEST(PolicyScenarioTest, CacheAwareKnobsComeFromItsOptions) {
   o.num_instances = 2;
   const Workload w = SharedPrefixPair();
   Simulator sim(o, w, cost, policy);
-  const SimResult r = sim.Run();
+  const SimResult r = sim.Run().value();
   EXPECT_EQ(r.records[1].instance, 1);
   EXPECT_EQ(r.records[1].cached_tokens, 0);
 }
@@ -241,7 +244,7 @@ TEST(PolicyScenarioTest, PdDisaggDramStoreServesWhatTheGpuCacheEvicted) {
   pd.dram_bytes = 1LL << 34;
   PdDisaggPolicy policy(pd);
   Simulator sim(o, w, cost, policy);
-  const SimResult dram = sim.Run();
+  const SimResult dram = sim.Run().value();
   EXPECT_EQ(dram.policy, "pd-disagg+dram");
   EXPECT_EQ(dram.records[2].cached_tokens, 1536);
   EXPECT_EQ(dram.bytes_by_kind.at("kv_from_dram"), 3LL * 512 * 131072);
@@ -264,7 +267,7 @@ TEST(PolicyScenarioTest, PdDisaggRejectsWhatCannotMeetTheTtftSloOnlyWhenAsked) {
   pd.slo_rejection = true;
   PdDisaggPolicy policy(pd);
   Simulator sim(o, w, cost, policy);
-  const SimResult r = sim.Run();
+  const SimResult r = sim.Run().value();
   EXPECT_EQ(r.policy, "pd-disagg+reject");
   EXPECT_TRUE(r.records[0].rejected);
   const Summary s = Summarize(r, 1);
@@ -289,7 +292,7 @@ TEST(PolicyScenarioTest, PdDisaggTieWithEmptyQueuesGoesToTheLeastLoadedInstances
   pd.split_in_name = true;
   PdDisaggPolicy policy(pd);
   Simulator sim(o, w, cost, policy);
-  const SimResult r = sim.Run();
+  const SimResult r = sim.Run().value();
   EXPECT_EQ(r.policy, "pd-disagg 2P:2D");
   EXPECT_EQ(r.records[0].instance, 0);
   EXPECT_EQ(r.records[1].instance, 1);
@@ -337,6 +340,63 @@ TEST(PolicyScenarioTest, TokenLakeSplitsALongPrefillOverIdleInstances) {
   for (double b : tl.busy_s) busy += b > 0 ? 1 : 0;
   EXPECT_EQ(busy, 4);
   EXPECT_LT(tl.records[0].first_token_s, rr.records[0].first_token_s * 0.6);
+}
+
+TEST(PolicyScenarioTest, TokenLakeMixesAPrefillChunkIntoADecodeInstance) {
+  // One instance decodes A (2,000 output tokens, ~6 ms per iteration, far under the 0.1 s
+  // decode budget); B (600 tokens) arrives at 1 s. The instance holds a decode, so it is never
+  // free for prefill: B's chunk is mixed into its decode iterations (a 601-token iteration,
+  // ~12 ms, fits the budget), and B's first token comes long before A finishes, within a few
+  // iterations of its arrival. Without mixed chunks B would wait for A's last token.
+  Workload w;
+  w.requests.push_back(Req(0, 1024, 2000, {1, 2}));
+  w.requests.push_back(Req(1, 600, 2, {3, 4}));
+  SimOptions o;
+  o.num_instances = 1;
+  const SimResult r = RunPolicy("tokenlake", w, o);
+  const RequestRecord& a = r.records[0];
+  const RequestRecord& b = r.records[1];
+  ASSERT_FALSE(a.rejected || b.rejected);
+  EXPECT_GT(a.finish_s, 5.0);
+  EXPECT_LT(b.first_token_s, 1.1);
+  EXPECT_LT(b.finish_s, a.finish_s);
+  EXPECT_EQ(b.instance, 0);
+}
+
+// Link time of a new segment stored away from its producer (hand-computed). 2 instances with 3
+// blocks of KV memory each, links of 1 MB/s (so that the copy dominates). A (2,048 tokens, one
+// output token) is computed on instance 0 (the link is too slow for a sequence-parallel
+// split); its 4th segment does not fit there and is stored on instance 1: 64 MiB =
+// 67,108,864 bytes over the link, 67.108864 s + 10 us. B, A's next turn (think time 0), repeats
+// A's prompt and adds 1 token: it arrives when A finishes, hits A's 4 segments, and reads the
+// 4th on instance 1, so its chunk waits until that copy lands, then sends its one query there
+// (528,384 bytes with the partial result: 0.53 s) and computes one token. (Without the link
+// model B's first token came 0.53 s after A's finish.)
+TEST(PolicyScenarioTest, TokenLakeWaitsForANewSegmentCopiedOverTheLink) {
+  Workload w;
+  w.requests.push_back(Req(0, 2048, 1, {1, 2, 3, 4}));
+  w.requests.push_back(Req(0, 2049, 1, {1, 2, 3, 4, 5}));
+  w.requests[1].previous_turn = 0;
+  w.requests[1].think_s = 0;
+  SimOptions o;
+  o.num_instances = 2;
+  o.kv_capacity_bytes = 3 * ModelSpec{}.KvBytesPerToken() * kBlockTokens;
+  InterconnectSpec slow;
+  slow.intra_node_gbps = 0.001;
+  const CostModel cost(ModelSpec{}, GpuProfile{}, slow);
+  auto p = MakePolicy("tokenlake");
+  ASSERT_TRUE(p.ok());
+  Simulator sim(o, w, cost, **p);
+  const SimResult r = sim.Run().value();
+  // A's 4th segment, and B's 1-token segment (instance 0 is still full), stored on instance 1.
+  ASSERT_EQ(r.bytes_by_kind.at("new_segments"), int64_t{512} * 131072 + 131072);
+  const RequestRecord& a = r.records[0];
+  const RequestRecord& b = r.records[1];
+  ASSERT_FALSE(a.rejected || b.rejected);
+  EXPECT_EQ(b.cached_tokens, 2048);
+  const double copy_s = 67108864.0 / 1e6 + 10e-6;
+  EXPECT_GE(b.first_token_s, a.finish_s + copy_s);
+  EXPECT_LE(b.first_token_s, a.finish_s + copy_s + 0.6);
 }
 
 // Memory admission in the one pool (hand-computed pool arithmetic). 2 instances with 4 blocks of
@@ -408,7 +468,7 @@ TEST_P(ConservationTest, EveryRequestAccountedAndNoMemoryLeaks) {
     o.num_instances = instances;
     o.kv_capacity_bytes = int64_t{8} << 30;  // small: eviction happens
     Simulator sim(o, *w, cost, **p);
-    const SimResult r = sim.Run();
+    const SimResult r = sim.Run().value();
     for (size_t i = 0; i < r.records.size(); ++i) {
       const RequestRecord& rec = r.records[i];
       const Request& req = w->requests[i];
@@ -460,6 +520,48 @@ TEST(SimulatorTest, LaterSessionTurnsArriveAfterThePreviousAnswerPlusThinkTime) 
   EXPECT_TRUE(rejected.records[0].rejected);
   EXPECT_DOUBLE_EQ(rejected.records[1].arrival_s, 3);
   EXPECT_TRUE(rejected.records[1].rejected);
+}
+
+TEST(SimulatorTest, PoliciesRefuseASetupTheyCannotServeWithAnErrorNamingTheSetting) {
+  Workload w;
+  w.requests.push_back(Req(0, 1024, 3, {1, 2}));
+  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  auto refused = [&](Policy& policy, const SimOptions& o) {
+    Simulator sim(o, w, cost, policy);
+    absl::StatusOr<SimResult> r = sim.Run();
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+    return std::string(r.status().message());
+  };
+  SimOptions o;
+  o.num_instances = 2;
+  // More KV blocks per instance than the pool counts in 32 bits (2^31 blocks of 64 MiB).
+  o.kv_capacity_bytes = (int64_t{1} << 31) * ModelSpec{}.KvBytesPerToken() * kBlockTokens;
+  auto tl = MakeTokenLakePolicy();
+  ASSERT_TRUE(tl.ok());
+  EXPECT_NE(refused(**tl, o).find("kv_capacity_bytes"), std::string::npos);
+  // A large capacity within the limit is accepted.
+  o.kv_capacity_bytes = (int64_t{1} << 20) * ModelSpec{}.KvBytesPerToken() * kBlockTokens;
+  {
+    auto ok = MakeTokenLakePolicy();
+    Simulator sim(o, w, cost, **ok);
+    EXPECT_TRUE(sim.Run().ok());
+  }
+  o.kv_capacity_bytes = 0;
+  // A static split that leaves no decode instance.
+  TokenLakePolicyOptions fixed;
+  fixed.fixed_prefill_instances = 2;
+  auto st = MakeTokenLakePolicy(fixed);
+  ASSERT_TRUE(st.ok());
+  EXPECT_NE(refused(**st, o).find("fixed_prefill_instances 2"), std::string::npos);
+  // PD on one instance, and a prefill count that leaves no decode instance.
+  PdDisaggOptions pd;
+  PdDisaggPolicy one(pd);
+  SimOptions single;
+  single.num_instances = 1;
+  EXPECT_NE(refused(one, single).find("at least 2 instances"), std::string::npos);
+  pd.num_prefill = 2;
+  PdDisaggPolicy all_prefill(pd);
+  EXPECT_NE(refused(all_prefill, o).find("num_prefill 2"), std::string::npos);
 }
 
 }  // namespace

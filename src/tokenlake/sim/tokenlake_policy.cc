@@ -6,14 +6,15 @@
 #include <limits>
 #include <set>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
-#include "tokenlake/base/check.h"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/index/segment_id.h"
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/plan/cost_model.h"
 #include "tokenlake/sched/elastic_scheduler.h"
+#include "tokenlake/sim/links.h"
 
 namespace tokenlake::sim {
 namespace {
@@ -59,18 +60,44 @@ class TokenLakePolicy final : public Policy {
                            num_instances_ - options_.fixed_prefill_instances);
   }
 
-  void Init(Simulator& sim) override {
+  absl::Status Init(Simulator& sim) override {
     sim_ = &sim;
     const int n = sim.options().num_instances;
     num_instances_ = n;
-    // The static split needs both phases: at least one instance each.
-    options_.fixed_prefill_instances = std::min(options_.fixed_prefill_instances, n - 1);
+    if (options_.fixed_prefill_instances >= n) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "tokenlake policy: fixed_prefill_instances %d leaves the decode phase with no "
+          "instance: valid values are 1 to %d for %d instances (0 = elastic)",
+          options_.fixed_prefill_instances, n - 1, n));
+    }
+    const ModelSpec& m = sim.cost().model();
+    // The pool counts slots and the model's shape in 32 bits.
+    constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max();
+    const int64_t blocks = sim.kv_capacity_blocks();
+    if (blocks > kMax32) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "tokenlake policy: the KV capacity per instance (SimOptions.kv_capacity_bytes, "
+          "--kv-gb or --cache-tokens) holds %d blocks of %d tokens, more than the pool's limit "
+          "of %d segments per instance",
+          blocks, kBlockTokens, kMax32));
+    }
+    for (const auto& [field, value] : {std::pair<const char*, int64_t>{"num_layers", m.num_layers},
+                                       {"num_heads", m.num_heads},
+                                       {"num_kv_heads", m.num_kv_heads},
+                                       {"head_dim", m.head_dim},
+                                       {"dtype_bytes", m.dtype_bytes}}) {
+      if (value > kMax32) {
+        return absl::InvalidArgumentError(
+            absl::StrFormat("tokenlake policy: model '%s' field %s is %d, more than the pool's "
+                            "limit of %d",
+                            m.name, field, value, kMax32));
+      }
+    }
     lake::LakeOptions lo;
     lo.num_instances = n;
     lo.segment_tokens = static_cast<int32_t>(kBlockTokens);
     lo.local_eviction_min_age_ratio = options_.local_eviction_min_age_ratio;
-    lo.slots_per_instance = static_cast<int32_t>(std::max<int64_t>(1, sim.kv_capacity_blocks()));
-    const ModelSpec& m = sim.cost().model();
+    lo.slots_per_instance = static_cast<int32_t>(std::max<int64_t>(1, blocks));
     lo.model.num_layers = static_cast<int32_t>(m.num_layers);
     lo.model.num_heads = static_cast<int32_t>(m.num_heads);
     lo.model.num_kv_heads = static_cast<int32_t>(m.num_kv_heads);
@@ -79,17 +106,34 @@ class TokenLakePolicy final : public Policy {
     shape_ = lo.model;
     pool_slots_ = static_cast<int64_t>(lo.slots_per_instance) * n;
     auto lake = lake::Lake::Create(lo, &clock_);
-    TOKENLAKE_CHECK_OK(lake.status());
+    if (!lake.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("tokenlake policy: cannot build the pool: %s", lake.status().message()));
+    }
     lake_ = *std::move(lake);
     salt_ = index::NamespaceSalt(m.name);
     state_.assign(sim.workload().requests.size(), RequestState{});
     decodes_.assign(static_cast<size_t>(n), 0);
     decode_context_.assign(static_cast<size_t>(n), 0);
+    chunks_on_.assign(static_cast<size_t>(n), 0);
+    links_ = std::make_unique<LinkClock>(n);
     batch_cost_ = std::make_unique<SimBatchCost>(sim.cost(), shape_);
     sched_.chunk_tokens = sim.options().token_budget;
     sched_.max_dop = options_.max_dop;
     sched_.align_tokens = kBlockTokens;
+    // The DP charges a batch's context attention as the pool's cache load (Lake::GetCacheLoad's
+    // roofline over all n instances, at the cost model's attention rates per instance).
+    sched_.pool_instances = n;
+    sched_.shape = shape_;
+    const double tp = sim.cost().tensor_parallel();
+    sched_.roofline.kv_bytes_per_s = sim.cost().gpu().attn_decode_gbps * 1e9 * tp;
+    sched_.roofline.attention_flops_per_s = sim.cost().gpu().attn_prefill_tflops * 1e12 * tp;
     decode_budget_s_ = sim.options().slo_tpot_s * options_.decode_budget_share;
+    if (absl::Status s = sched::ValidateOptions(sched_); !s.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("tokenlake policy: scheduler: %s", s.message()));
+    }
+    return absl::OkStatus();
   }
 
   void OnArrival(Simulator& sim, int64_t request) override {
@@ -124,6 +168,7 @@ class TokenLakePolicy final : public Policy {
 
   void OnPrefillDone(Simulator& sim, Job& job) override {
     if (job.policy_tag == kDecodeTag) return;
+    chunks_on_[job.instance] -= 1;
     RequestState& st = state_[job.request];
     if (--st.parts_left > 0) return;
     Tick(sim);
@@ -140,6 +185,12 @@ class TokenLakePolicy final : public Policy {
     if (Ok(committed.status())) {
       sim.AddBytesMoved(committed->moved_bytes, "new_segments");
       not_stored_ += static_cast<int64_t>(committed->not_stored.size());
+      // Segments stored away from the chunk's computing instance travel there over the links.
+      for (const lake::StoredReplica& stored : committed->stored) {
+        if (stored.instance.value() != st.producer) {
+          CopySegment(sim, stored.segment, st.producer, stored.instance.value());
+        }
+      }
     }
     st.placements.clear();
     st.prefilled = st.chunk_end;
@@ -230,7 +281,15 @@ class TokenLakePolicy final : public Policy {
     Tick(sim);
     FlushDecodeLoad();
     auto rebalanced = lake_->Rebalance();
-    if (Ok(rebalanced.status())) sim.AddBytesMoved(rebalanced->bytes_moved, "rebalance");
+    if (Ok(rebalanced.status())) {
+      sim.AddBytesMoved(rebalanced->bytes_moved, "rebalance");
+      for (const balance::BalanceAction& a : rebalanced->actions) {
+        if (a.kind == balance::ActionKind::kDrop) continue;
+        CopySegment(sim, a.segment, a.from.value(), a.to.value());
+      }
+    }
+    // Copies that have landed need no more tracking.
+    absl::erase_if(landing_, [&](const auto& entry) { return entry.second <= sim.now(); });
     Dispatch(sim);
   }
 
@@ -348,7 +407,44 @@ class TokenLakePolicy final : public Policy {
         }
       }
     }
+    if (options_.fixed_prefill_instances <= 0) MixIntoDecodes(sim);
     dispatching_ = false;
+  }
+
+  // Gives the decode instances with slack under the decode budget a chunk of the requests still
+  // queued (sched::ScheduleMixedPrefill), one per instance at a time.
+  void MixIntoDecodes(Simulator& sim) {
+    if (queue_.empty()) return;
+    std::vector<sched::DecodeInstance> view(sim.instances().size());
+    int open = 0;
+    for (Instance& inst : sim.instances()) {
+      sched::DecodeInstance& v = view[inst.id];
+      v.decodes = decodes_[inst.id];
+      v.context_tokens = decode_context_[inst.id];
+      // One chunk at a time, and room under the instance's running-request limit.
+      v.eligible = v.decodes > 0 && chunks_on_[inst.id] == 0 &&
+                   static_cast<int64_t>(inst.running.size() + inst.waiting.size()) <
+                       sim.options().max_running;
+      open += v.eligible ? 1 : 0;
+    }
+    if (open == 0) return;
+    const std::vector<int64_t> ready = Ready(sim, open);
+    if (ready.empty()) return;
+    std::vector<sched::PrefillCandidate> cands;
+    cands.reserve(ready.size());
+    for (int64_t request : ready) {
+      const RequestState& st = state_[request];
+      cands.push_back({sim.workload().requests[request].input_tokens - st.prefilled, st.prefilled});
+    }
+    // The mixed iteration keeps the decodes' own budget: a larger one (measured: the whole TPOT
+    // SLO) lengthens every iteration of the instance's decodes, so decode capacity drops, more
+    // instances turn to decode, and on the conversation trace the queue ran away.
+    auto mixed = sched::ScheduleMixedPrefill(cands, view, decode_budget_s_, *batch_cost_, sched_);
+    if (!Ok(mixed.status())) return;
+    for (const sched::MixedChunk& m : *mixed) {
+      std::vector<int> only = {m.instance};
+      RunBatch(sim, {ready[m.candidate]}, {m.tokens}, 1, &only);
+    }
   }
 
   // Plans one prefill batch with the lake on `dop` of the free instances and delivers its parts.
@@ -398,6 +494,8 @@ class TokenLakePolicy final : public Policy {
             st.pull_s,
             sim.cost().TransferSeconds(h.bytes, sim.cost().SameNode(h.holder.value(), computing)));
       }
+      // The chunk starts when the segments it reads have landed where it reads them.
+      const double ready = ReadyAt(sim, rp);
       // Sequence parallel: contiguous parts of the chunk, one per member.
       const int parts = static_cast<int>(group.size());
       st.parts_left = parts;
@@ -427,7 +525,8 @@ class TokenLakePolicy final : public Policy {
           --st.parts_left;  // more members than tokens
           continue;
         }
-        sim.Deliver(job, sim.now());
+        chunks_on_[group[j]] += 1;
+        sim.Deliver(job, ready);
       }
     }
   }
@@ -490,8 +589,10 @@ class TokenLakePolicy final : public Policy {
     decode->decoded = 1;
     decode->continuation = true;
     decode->policy_tag = kDecodeTag;
+    double ready = sim.now();
     auto plans = lake_->GenPlans(absl::MakeConstSpan(&batch, 1));
     if (Ok(plans.status())) {
+      ready = ReadyAt(sim, (*plans)[0].requests[0]);
       for (const plan::HolderPlan& h : (*plans)[0].requests[0].holders) {
         if (h.holder.value() == target) continue;
         // A decode's query is tiny: it always moves to the holder.
@@ -500,7 +601,30 @@ class TokenLakePolicy final : public Policy {
       }
     }
     decode->remote_context_tokens = std::min(decode->remote_context_tokens, r.input_tokens);
-    sim.Deliver(decode, sim.now());
+    sim.Deliver(decode, ready);
+  }
+
+  // Copies `segment`'s KV from `src` to `dst` over the links (LinkClock: serialised per link);
+  // the replica on `dst` can be read once the copy lands.
+  void CopySegment(Simulator& sim, SegmentId segment, int src, int dst) {
+    const index::PrefixTree::Node* node = lake_->prefix_tree().Find(segment);
+    const int64_t tokens = node != nullptr ? node->num_tokens : kBlockTokens;
+    const double seconds =
+        sim.cost().TransferSeconds(plan::KvBytes(shape_, tokens), sim.cost().SameNode(src, dst));
+    const double lands = links_->Copy(src, dst, sim.now(), seconds);
+    double& at = landing_[{segment.value(), dst}];
+    at = std::max(at, lands);
+  }
+
+  // When every segment replica that `plan` reads has landed (now, if none is still in transit).
+  double ReadyAt(Simulator& sim, const plan::RequestPlan& plan) const {
+    double ready = sim.now();
+    if (landing_.empty()) return ready;
+    for (const plan::SegmentAssignment& a : plan.segments) {
+      auto it = landing_.find({a.segment.value(), a.holder.value()});
+      if (it != landing_.end()) ready = std::max(ready, it->second);
+    }
+    return ready;
   }
 
   void Tick(Simulator& sim) {
@@ -561,6 +685,10 @@ class TokenLakePolicy final : public Policy {
   bool dispatching_ = false;
   std::vector<int64_t> decodes_;         // per instance: decodes placed there
   std::vector<int64_t> decode_context_;  // per instance: their prompt tokens
+  std::vector<int64_t> chunks_on_;       // per instance: prefill chunk parts in flight there
+  std::unique_ptr<LinkClock> links_;     // background copies (new segments, rebalancing)
+  // (segment, instance) -> when its copy there lands, for copies that may still be in transit.
+  absl::flat_hash_map<std::pair<uint64_t, int>, double> landing_;
   std::vector<RequestState> state_;
   std::vector<int64_t> decoding_;  // requests with decode load not yet recorded
   int64_t lake_errors_ = 0;

@@ -19,18 +19,25 @@
 //   whose prompt is not done goes back to the queue in its arrival position.
 // - Decode: when its prompt is done, a request decodes at DoP 1 on the instance PlaceDecode
 //   picks (best fit under the decode iteration budget, slo_tpot x decode_budget_share), with a
-//   decode plan whose remote holders compute its partial attention every iteration. An
-//   instance with decodes takes no prefill (one phase per batch), so the prefill/decode split
-//   follows the load: instances join the decode side as decodes arrive and return to prefill
-//   when their decodes finish. Decode iterations record their load in the heavy-hitter tracker
-//   (Lake::RecordQueryLoad).
+//   decode plan whose remote holders compute its partial attention every iteration. The
+//   prefill/decode split follows the load: instances join the decode side as decodes arrive
+//   and return to prefill when their decodes finish. Decode iterations record their load in
+//   the heavy-hitter tracker (Lake::RecordQueryLoad).
+// - Mixed chunks: a decode instance whose decode iteration leaves slack under the same decode
+//   budget computes a chunk of a queued request in its next iteration
+//   (sched::ScheduleMixedPrefill: sized so the mixed iteration's estimate stays within the
+//   budget; one chunk per instance at a time; the queue's requests left after the free
+//   instances' batches, first come first served). Not in the static-split ablation.
 // - Costs: a remote holder's partial attention is charged to the holder (Simulator::
 //   ChargeExtra); the computing instance waits for the slowest holder: the sum of the partial
 //   attention of all the batch's queries it serves, their queries' and partials' transfer over
 //   its link, and one round trip per layer (2 x layers latencies), beyond its own compute.
 //   Pulled KV streams in layer by layer while the chunk computes (the iteration lasts at least
-//   the slowest pull). New segments stored off their producer and Lake::Rebalance (every
-//   sample period) count as bytes moved.
+//   the slowest pull). New segments stored off their producer and the copies of
+//   Lake::Rebalance (every sample period) count as bytes moved and travel over the links
+//   (LinkClock, links.h): each copy occupies its source's and destination's link for its
+//   transfer time, serialised per link, and a chunk or decode whose plan reads a replica still
+//   in transit is delivered when the copy lands (its instance waits for it).
 // - Ablation (fixed_prefill_instances = P > 0): prefill only on instances [0, P), decode only on
 //   the rest: TokenLake's pool with a static PD split.
 //
@@ -57,11 +64,14 @@ struct TokenLakePolicyOptions {
   // this ratio of the pool's LRU leaf's age; > 1 = pool-wide LRU only. Must be >= 0.
   double local_eviction_min_age_ratio = 0.5;
   // 0: elastic. P in [1, instances - 1]: the static-split ablation (prefill on instances
-  // [0, P), decode on the rest).
+  // [0, P), decode on the rest). P >= instances is refused by Init.
   int fixed_prefill_instances = 0;
 };
 
-// Errors: InvalidArgument naming a bad option.
+// Errors: InvalidArgument naming a bad option. The policy's Init (so Simulator::Run) refuses,
+// with InvalidArgument naming the setting, a setup the pool cannot hold: a static split without
+// a decode instance, more KV blocks per instance or a larger model dimension than the pool's
+// 32-bit counts.
 absl::StatusOr<std::unique_ptr<Policy>> MakeTokenLakePolicy(TokenLakePolicyOptions options = {});
 
 }  // namespace tokenlake::sim

@@ -49,32 +49,8 @@ int Usage() {
 }
 
 bool ShapeConfig(const std::string& shape, LlamaConfig* c) {
-  if (shape == "llama2-7b") {  // Llama-2-7B (and LWM-7B): MHA
-    *c = {.vocab_size = 32000,
-          .hidden_size = 4096,
-          .intermediate_size = 11008,
-          .num_layers = 32,
-          .num_heads = 32,
-          .num_kv_heads = 32,
-          .head_dim = 128,
-          .rms_norm_eps = 1e-5f,
-          .rope_theta = 10000.0,
-          .max_position_embeddings = 4096,
-          .tie_word_embeddings = false};
-    return true;
-  }
-  if (shape == "llama3-8b") {  // Llama-3-8B: GQA 32/8
-    *c = {.vocab_size = 128256,
-          .hidden_size = 4096,
-          .intermediate_size = 14336,
-          .num_layers = 32,
-          .num_heads = 32,
-          .num_kv_heads = 8,
-          .head_dim = 128,
-          .rms_norm_eps = 1e-5f,
-          .rope_theta = 500000.0,
-          .max_position_embeddings = 8192,
-          .tie_word_embeddings = false};
+  if (absl::StatusOr<LlamaConfig> named = NamedLlamaConfig(shape); named.ok()) {
+    *c = *named;
     return true;
   }
   if (shape == "tiny") {  // for trying the script out

@@ -39,17 +39,8 @@ int Run(const char* json_path) {
     return t;
   };
   for (int layers : {2, 4}) {
-    LlamaConfig c{.vocab_size = 128256,
-                  .hidden_size = 4096,
-                  .intermediate_size = 14336,
-                  .num_layers = layers,
-                  .num_heads = 32,
-                  .num_kv_heads = 8,
-                  .head_dim = 128,
-                  .rms_norm_eps = 1e-5f,
-                  .rope_theta = 500000.0,
-                  .max_position_embeddings = 8192,
-                  .tie_word_embeddings = false};
+    LlamaConfig c = *NamedLlamaConfig("llama3-8b");
+    c.num_layers = layers;
     auto model = GpuLlamaModel::CreateRandom(c, 7, 0.02f, {});
     if (!model.ok()) {
       std::cerr << model.status() << "\n";
