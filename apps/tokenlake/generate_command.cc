@@ -33,6 +33,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_format.h"
 #include "command.h"
+#include "flag_checks.h"
 #include "nlohmann/json.hpp"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/engine/engine.h"
@@ -379,18 +380,18 @@ void SetUpGenerate(CLI::App& app, int* exit_code) {
   cmd->add_option("--instances", flags->instances,
                   "Pool instances (threads on the CPU; sharing the device on the GPU)")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(IntAtLeast(1));
   cmd->add_flag("--no-pool", flags->no_pool,
                 "Private per-request KV cache (no TokenLake; CPU only)");
   cmd->add_option("--max-new-tokens", flags->max_new_tokens, "Tokens to generate per prompt")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(IntAtLeast(1));
   cmd->add_option("--segment-tokens", flags->segment_tokens, "Tokens per segment (S)")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(IntAtLeast(1));
   cmd->add_option("--slots-per-instance", flags->slots_per_instance, "Segment slots per instance")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(IntAtLeast(1));
   cmd->add_option("--kv-dtype", flags->kv_dtype,
                   "KV dtype in the pool: auto (f32 on the CPU, bf16 on the GPU), f32 (CPU only) "
                   "or bf16")
@@ -401,7 +402,7 @@ void SetUpGenerate(CLI::App& app, int* exit_code) {
   cmd->add_option("--rebalance-every", flags->rebalance_every,
                   "Rebalance the pool after every N requests (0 = never; CPU only)")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(IntAtLeast(0));
   cmd->add_option("--arrival", flags->arrival,
                   "all: every prompt submitted at once (continuous batching); sequential: one "
                   "after another, so that later prompts hit what earlier ones left in the pool")
@@ -411,7 +412,7 @@ void SetUpGenerate(CLI::App& app, int* exit_code) {
                   "Tokens computed per iteration over the whole batch (prompts are prefilled in "
                   "chunks under it; pool only)")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(IntAtLeast(1));
   cmd->callback([flags, exit_code] { *exit_code = RunGenerate(*flags); });
 }
 

@@ -16,6 +16,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/time/time.h"
 #include "command.h"
+#include "flag_checks.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/service/instance_server.h"
 
@@ -97,7 +98,7 @@ void SetUpInstance(CLI::App& app, int* exit_code) {
   cmd->add_option("--data-timeout-ms", f->data_timeout_ms,
                   "How long to wait for another instance's data-plane reply")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(IntAtLeast(1));
   cmd->add_flag("--exit-with-parent", f->exit_with_parent, "Exit when the parent process dies");
   cmd->callback([f, exit_code] { *exit_code = RunInstance(*f); });
 }

@@ -17,6 +17,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/time/clock.h"
 #include "command.h"
+#include "flag_checks.h"
 #include "tokenlake/service/local_cluster.h"
 
 namespace tokenlake::cli {
@@ -90,10 +91,10 @@ void SetUpServe(CLI::App& app, int* exit_code) {
       ->required();
   cmd->add_option("--instances", f->instances, "Instance processes")
       ->capture_default_str()
-      ->check(CLI::Range(1, 64));
+      ->check(IntIn(1, 64));
   cmd->add_option("--port", f->port, "HTTP port on 127.0.0.1 (0 = any, printed)")
       ->capture_default_str()
-      ->check(CLI::Range(0, 65535));
+      ->check(IntIn(0, 65535));
   cmd->add_option("--segment-tokens", f->segment_tokens, "Tokens per segment")
       ->capture_default_str();
   cmd->add_option("--slots", f->slots, "Segment slots per instance")->capture_default_str();

@@ -24,6 +24,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "command.h"
+#include "flag_checks.h"
 #include "nlohmann/json.hpp"
 #include "tokenlake/sim/cost_model.h"
 #include "tokenlake/sim/experiment.h"
@@ -83,23 +84,6 @@ int Usage(const std::string& message) {
   std::cerr << "tokenlake sim: " << message << "\n(see tokenlake sim --help)\n";
   return 2;
 }
-
-// CLI11 converts "inf" and "nan" to doubles, and NaN passes every range check (each comparison
-// with it is false): the real-valued flags take finite numbers only.
-const CLI::Validator& Finite() {
-  static const auto* finite = new CLI::Validator(
-      [](std::string& text) {
-        double v = 0;
-        return CLI::detail::lexical_cast(text, v) && std::isfinite(v)
-                   ? std::string()
-                   : "not a finite number: '" + text + "'";
-      },
-      "FINITE");
-  return *finite;
-}
-
-// A finite number > 0.
-CLI::Validator Positive() { return Finite() & CLI::PositiveNumber; }
 
 void DrawProgress(double share) {
   const int width = 40;
@@ -380,18 +364,18 @@ void SetUpSim(CLI::App& app, int* exit_code) {
   cmd->add_option("--system-prompt-tokens", flags->system_prompt_tokens,
                   "loogle, scbench, sharegpt: tokens of the system prompt on every request "
                   "(default 6000)")
-      ->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
+      ->check(IntIn(1, int64_t{1} << 24));
   cmd->add_option("--requests", flags->requests,
                   "requests of a built-in workload (default 2000); with --trace, keep its first N")
-      ->check(CLI::Range(int64_t{1}, int64_t{10'000'000}));
+      ->check(IntIn(1, 10'000'000));
   cmd->add_option("--instances", flags->instances, "serving instances / GPUs (default 16)")
-      ->check(CLI::Range(1, 4096));
+      ->check(IntIn(1, 4096));
   cmd->add_option("--model", flags->model, "llama-3-8b, lwm-7b or a model JSON file");
   cmd->add_option("--gpu", flags->gpu,
                   "h100 (measured, the default), h100-paper, a100-80gb (from published specs) "
                   "or a GPU profile JSON file (cost_model.h schema)");
   cmd->add_option("--tp", flags->tp, "tensor-parallel GPUs per instance (default 1)")
-      ->check(CLI::Range(1, 64));
+      ->check(IntIn(1, 64));
   cmd->add_option("--policies", flags->policies,
                   "comma-separated: round-robin, least-load, cache-aware, pd-disagg, "
                   "pd-disagg+dram (Mooncake with its host-DRAM store), tokenlake");
@@ -410,19 +394,19 @@ void SetUpSim(CLI::App& app, int* exit_code) {
   cmd->add_option("--slo-tpot", flags->slo_tpot, "P90 TPOT SLO in seconds (default 0.2)")
       ->check(Positive());
   cmd->add_option("--seed", flags->seed, "seed of the built-in workloads (default 1)")
-      ->check(CLI::Range(int64_t{0}, INT64_MAX));
+      ->check(IntAtLeast(0));
   cmd->add_option("--json", flags->json, "write the results as JSON to this file");
   cmd->add_option("--report", flags->report, "write SVG plots and index.html into this folder");
   cmd->add_flag("--progress", flags->progress, "progress bar on stderr even when not a TTY");
   cmd->add_option("--token-budget", flags->token_budget,
                   "tokens per iteration (chunked prefill budget, default 8192)")
-      ->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
+      ->check(IntIn(1, int64_t{1} << 24));
   cmd->add_option("--intra-gbps", flags->intra_gbps, "GB/s between GPUs of a node (default 300)")
       ->check(Positive());
   cmd->add_option("--inter-gbps", flags->inter_gbps, "GB/s between nodes (default 50)")
       ->check(Positive());
   cmd->add_option("--gpus-per-node", flags->gpus_per_node, "GPUs per node (default 8)")
-      ->check(CLI::Range(int64_t{1}, int64_t{1024}));
+      ->check(IntIn(1, 1024));
   cmd->add_option("--pd-splits", flags->pd_splits,
                   "PD policies: prefill:decode splits to run, one row each: 'all' (default: "
                   "every P:D with P + D = instances) or P:D[,P:D...] (e.g. 7P:9D,12P:4D)");
@@ -438,10 +422,10 @@ void SetUpSim(CLI::App& app, int* exit_code) {
       ->check(Positive());
   cmd->add_option("--cache-threshold", flags->cache_threshold,
                   "cache-aware: route by prefix when matched / prompt tokens exceeds this (0.3)")
-      ->check(Finite() & CLI::Range(0.0, 1.0));
+      ->check(NumberIn(0, 1));
   cmd->add_option("--balance-abs-threshold", flags->balance_abs_threshold,
                   "cache-aware: imbalanced when max - min requests in flight exceeds this (64)")
-      ->check(CLI::Range(int64_t{0}, INT64_MAX));
+      ->check(IntAtLeast(0));
   cmd->add_option("--balance-rel-threshold", flags->balance_rel_threshold,
                   "cache-aware: ... and max exceeds min x this (1.5)")
       ->check(Positive());
@@ -450,27 +434,27 @@ void SetUpSim(CLI::App& app, int* exit_code) {
       ->check(Positive());
   cmd->add_option("--max-tree-size", flags->max_tree_size,
                   "cache-aware: tokens each router tree is trimmed to (67108864 = 2^26)")
-      ->check(CLI::Range(int64_t{1}, INT64_MAX));
+      ->check(IntAtLeast(1));
   cmd->add_option("--threads", flags->threads,
                   "simulations run at once, one per thread (0 = the machine's threads)")
-      ->check(CLI::Range(0, 1024));
+      ->check(IntIn(0, 1024));
   cmd->add_option("--kv-gb", flags->kv_gb,
                   "KV cache GB per instance (default: GPU memory x 0.9 - weights - 4 GiB)")
       ->check(Positive());
   cmd->add_option("--cache-tokens", flags->cache_tokens,
                   "KV cache slots in tokens across the cluster, split evenly over the instances "
                   "(instead of --kv-gb)")
-      ->check(CLI::Range(int64_t{1}, INT64_MAX / 4));
+      ->check(IntIn(1, INT64_MAX / 4));
   cmd->add_option("--tl-max-dop", flags->tl_max_dop, "tokenlake: largest prefill group (4)")
-      ->check(CLI::Range(1, 4096));
+      ->check(IntIn(1, 4096));
   cmd->add_option("--tl-decode-budget", flags->tl_decode_budget,
                   "tokenlake: a decode instance takes decodes while its estimated iteration stays "
                   "within this share of the TPOT SLO (0.5)")
-      ->check(Positive() & CLI::Range(0.0, 1.0));
+      ->check(NumberIn(0, 1, /*open_lo=*/true));
   cmd->add_option("--tl-local-evict", flags->tl_local_evict,
                   "tokenlake: a full producer evicts its own LRU leaf for a new segment when that "
                   "leaf's age is >= this x the pool's LRU leaf's (0.5; > 1: pool-wide LRU only)")
-      ->check(Finite() & CLI::NonNegativeNumber);
+      ->check(NonNegative());
   cmd->add_flag("--verbose", flags->verbose, "log every simulation run (with --max-rate)");
   cmd->callback([flags, cmd, exit_code] {
     std::set<std::string> given;
