@@ -19,6 +19,7 @@
 #include "absl/strings/str_format.h"
 #include "command.h"
 #include "tokenlake/engine/llama_config.h"
+#include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/service/coordinator.h"
 #include "tokenlake/service/process.h"
 
@@ -67,11 +68,8 @@ int RunCoordinator(const CoordinatorFlags& f) {
   o.namespace_name = f.namespace_name;
   o.lake_instances = f.instances;
   o.slots_per_instance = f.slots;
-  o.model = plan::ModelShape{.num_layers = config->num_layers,
-                             .num_heads = config->num_heads,
-                             .num_kv_heads = config->num_kv_heads,
-                             .head_dim = config->head_dim,
-                             .dtype_bytes = f.kv_dtype == "bf16" ? 2 : 4};
+  o.model = engine::PoolModelShape(
+      *config, f.kv_dtype == "bf16" ? attention::KvDtype::kBFloat16 : attention::KvDtype::kFloat32);
   o.rebalance_interval = absl::Milliseconds(f.rebalance_interval_ms);
   o.rebalance_every_requests = f.rebalance_every;
   o.rotate_compute_instance = f.rotate_compute;

@@ -9,6 +9,7 @@
 #include "absl/strings/str_format.h"
 #include "tokenlake/base/status_macros.h"
 #include "tokenlake/engine/ops.h"
+#include "tokenlake/engine/prompts.h"
 #include "tokenlake/index/segment_id.h"
 
 namespace tokenlake::engine {
@@ -75,43 +76,12 @@ IterationLoop::~IterationLoop() {
 
 absl::Status IterationLoop::Submit(LoopRequest r) {
   if (!r.id.valid()) return absl::InvalidArgumentError("Submit: invalid request id");
-  if (r.prompt.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("Submit: request %d has an empty prompt", r.id.value()));
-  }
-  if (r.max_new_tokens < 1) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "Submit: request %d: max_new_tokens must be >= 1, got %d", r.id.value(), r.max_new_tokens));
-  }
-  const int32_t vocab = options_.vocab_size;
-  for (size_t i = 0; i < r.prompt.size(); ++i) {
-    if (r.prompt[i] < 0 || r.prompt[i] >= vocab) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "Submit: request %d: prompt token %d at index %d is outside the vocabulary [0, %d)",
-          r.id.value(), r.prompt[i], i, vocab));
-    }
-  }
-  if (!r.force_tokens.empty()) {
-    if (static_cast<int64_t>(r.force_tokens.size()) < r.max_new_tokens - 1) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "Submit: request %d: %d force_tokens for %d new tokens (need %d)", r.id.value(),
-          r.force_tokens.size(), r.max_new_tokens, r.max_new_tokens - 1));
-    }
-    for (size_t i = 0; i < r.force_tokens.size(); ++i) {
-      if (r.force_tokens[i] < 0 || r.force_tokens[i] >= vocab) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "Submit: request %d: force token %d at index %d is outside the vocabulary [0, %d)",
-            r.id.value(), r.force_tokens[i], i, vocab));
-      }
-    }
-  }
+  TOKENLAKE_RETURN_IF_ERROR(StatusWithPrefix(
+      ValidatePrompt(
+          r.prompt, r.max_new_tokens, r.force_tokens,
+          {.vocab_size = options_.vocab_size, .context_tokens = options_.max_request_tokens}),
+      absl::StrFormat("Submit: request %d: ", r.id.value())));
   const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens;
-  if (options_.max_request_tokens > 0 && total > options_.max_request_tokens) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "Submit: request %d: prompt of %d tokens plus %d new tokens does not fit the context of "
-        "%d tokens",
-        r.id.value(), r.prompt.size(), r.max_new_tokens, options_.max_request_tokens));
-  }
   const int64_t s = options_.segment_tokens;
   if (options_.pool_tokens > 0 && (total + s - 1) / s * s > options_.pool_tokens) {
     return absl::ResourceExhaustedError(absl::StrFormat(

@@ -12,6 +12,7 @@
 #include "gtest/gtest.h"
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/llama_model.h"
+#include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/index/segment_id.h"
 #include "tokenlake/service/coordinator.h"
 #include "tokenlake/service/instance_server.h"
@@ -43,11 +44,7 @@ class InProcessClusterTest : public ::testing::Test {
     const engine::LlamaConfig& c = model_->config();
     options_.lake_instances = 2;
     options_.slots_per_instance = 256;
-    options_.model = {.num_layers = c.num_layers,
-                      .num_heads = c.num_heads,
-                      .num_kv_heads = c.num_kv_heads,
-                      .head_dim = c.head_dim,
-                      .dtype_bytes = 4};
+    options_.model = engine::PoolModelShape(c, attention::KvDtype::kFloat32);
     StartCoordinator();
     for (int i = 0; i < 2; ++i) {
       auto s = InstanceServer::Create(model_.get(), {.name = "in-process-" + std::to_string(i),

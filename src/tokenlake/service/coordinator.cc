@@ -22,7 +22,9 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "tokenlake/base/clock.h"
+#include "tokenlake/base/status_macros.h"
 #include "tokenlake/engine/control_plane.h"
+#include "tokenlake/engine/prompts.h"
 #include "tokenlake/index/segment_id.h"
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/service/lake_rpc.h"
@@ -160,15 +162,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   };
 
   absl::Status Start() {
-    lake::LakeOptions lo;
-    lo.num_instances = options_.lake_instances;
-    lo.segment_tokens = options_.segment_tokens;
-    lo.slots_per_instance = options_.slots_per_instance;
-    lo.model = options_.model;
-    lo.heavy_hitter = options_.heavy_hitter;
-    lo.heavy_hitter.num_instances = options_.lake_instances;
-    lo.balancer = options_.balancer;
-    auto lk = lake::Lake::Create(lo, &lake_clock_);
+    auto lk = lake::Lake::Create(options_.ToLakeOptions(), &lake_clock_);
     if (!lk.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("Coordinator: ", lk.status().message()));
     }
@@ -483,19 +477,15 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
 
   absl::StatusOr<CompletionResult> CompleteInner(const CompletionRequest& request,
                                                  absl::Time start) {
-    if (request.prompt.empty() || request.max_tokens < 1 ||
-        request.max_tokens > options_.limits.max_tokens_limit ||
-        static_cast<int64_t>(request.prompt.size()) + request.max_tokens >
-            options_.limits.context_tokens) {
-      return absl::InvalidArgumentError("request does not fit the limits");
+    if (request.max_tokens > options_.limits.max_tokens_limit) {
+      return absl::InvalidArgumentError(absl::StrFormat("max_tokens %d exceeds the limit of %d",
+                                                        request.max_tokens,
+                                                        options_.limits.max_tokens_limit));
     }
-    for (size_t i = 0; i < request.prompt.size(); ++i) {
-      if (request.prompt[i] < 0 || request.prompt[i] >= options_.limits.vocab_size) {
-        return absl::InvalidArgumentError(
-            absl::StrFormat("prompt[%d] = %d is outside the vocabulary [0, %d)", i,
-                            request.prompt[i], options_.limits.vocab_size));
-      }
-    }
+    TOKENLAKE_RETURN_IF_ERROR(
+        engine::ValidatePrompt(request.prompt, request.max_tokens, {},
+                               {.vocab_size = options_.limits.vocab_size,
+                                .context_tokens = options_.limits.context_tokens}));
     // The full segments of the prompt, minus the last token (which is always computed).
     const int64_t usable = static_cast<int64_t>(request.prompt.size()) - 1;
     const int64_t full = usable / options_.segment_tokens * options_.segment_tokens;
@@ -1250,6 +1240,18 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   const absl::Time started_;
   LakeService lake_service_;
 };
+
+lake::LakeOptions CoordinatorOptions::ToLakeOptions() const {
+  lake::LakeOptions lo;
+  lo.num_instances = lake_instances;
+  lo.segment_tokens = segment_tokens;
+  lo.slots_per_instance = slots_per_instance;
+  lo.model = model;
+  lo.heavy_hitter = heavy_hitter;
+  lo.heavy_hitter.num_instances = lake_instances;
+  lo.balancer = balancer;
+  return lo;
+}
 
 absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(
     const CoordinatorOptions& options) {

@@ -64,6 +64,7 @@
 #include "absl/time/time.h"
 #include "tokenlake/balance/balancer.h"
 #include "tokenlake/balance/heavy_hitter.h"
+#include "tokenlake/lake/lake.h"
 #include "tokenlake/plan/cost_model.h"
 #include "tokenlake/service/completion_api.h"
 #include "tokenlake/transport/fault_transport.h"
@@ -133,6 +134,10 @@ struct CoordinatorOptions {
   int32_t http_threads = 32;
   // Faults injected on the coordinator's host transport (tests).
   transport::FaultTransport::Options faults;
+
+  // The options of the coordinator's lake: lake_instances, segment_tokens, slots_per_instance,
+  // model, heavy_hitter and balancer above.
+  lake::LakeOptions ToLakeOptions() const;
 };
 
 class Coordinator {

@@ -15,6 +15,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "tokenlake/engine/instance_pool.h"
+#include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/service/coordinator.h"
 #include "tokenlake/service/lake_rpc.h"
 #include "tokenlake/transport/tcp_transport.h"
@@ -58,11 +59,7 @@ class InstanceServer::Impl {
     if (!tcp.ok()) return tcp.status();
     tcp_ = std::move(*tcp);
     const engine::LlamaConfig& c = model_->config();
-    layout_ = attention::KvSlotLayout{.num_layers = c.num_layers,
-                                      .segment_tokens = options_.segment_tokens,
-                                      .num_kv_heads = c.num_kv_heads,
-                                      .head_dim = c.head_dim,
-                                      .dtype = options_.kv_dtype};
+    layout_ = engine::PoolSlotLayout(c, options_.segment_tokens, options_.kv_dtype);
     if (absl::Status s = layout_.Validate(); !s.ok()) return s;
     RefreshState();
     channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", options_.coordinator_port),

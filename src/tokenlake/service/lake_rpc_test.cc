@@ -236,16 +236,8 @@ class FusedCallTest : public ::testing::TestWithParam<std::tuple<uint32_t, int32
         {.coordinator_port = coordinator_->grpc_port(), .num_instances = 2});
     ASSERT_TRUE(remote.ok());
     remote_ = std::move(*remote);
-    // As Coordinator::Impl::Start builds its lake.
-    lake::LakeOptions lo;
-    lo.num_instances = options_.lake_instances;
-    lo.segment_tokens = options_.segment_tokens;
-    lo.slots_per_instance = options_.slots_per_instance;
-    lo.model = options_.model;
-    lo.heavy_hitter = options_.heavy_hitter;
-    lo.heavy_hitter.num_instances = options_.lake_instances;
-    lo.balancer = options_.balancer;
-    auto lk = lake::Lake::Create(lo, &clock_);
+    // The lake the coordinator builds from the same options.
+    auto lk = lake::Lake::Create(options_.ToLakeOptions(), &clock_);
     ASSERT_TRUE(lk.ok()) << lk.status();
     lake_ = std::move(*lk);
     reference_ = std::make_unique<engine::LocalControlPlane>(lake_.get(), &clock_);
