@@ -358,11 +358,8 @@ absl::Status Engine::RebalancePool() {
         break;
       case balance::ActionKind::kReplicate:
       case balance::ActionKind::kMove: {
-        StoredMeta meta;
-        TOKENLAKE_ASSIGN_OR_RETURN(std::vector<std::byte> slot,
-                                   pool.PullSegment(a.to, a.from, a.segment, &meta));
-        meta.placement_sequence = r.sequence;
-        TOKENLAKE_RETURN_IF_ERROR(pool.StoreSegment(a.to, a.to, a.segment, slot, meta));
+        TOKENLAKE_RETURN_IF_ERROR(
+            pool.CopyForRebalance(a.to, a.from, a.segment, r.sequence).status());
         if (a.kind == balance::ActionKind::kMove) {
           TOKENLAKE_RETURN_IF_ERROR(pool.FreeSegment(a.to, a.from, a.segment));
         }

@@ -452,15 +452,12 @@ class InstanceServer::Impl {
       // A kind this instance does not know (a newer coordinator's) is left undone: the lake's
       // reconciliation drops a replica that never appears.
       if (a.kind() != v1::REBALANCE_KIND_REPLICATE && a.kind() != v1::REBALANCE_KIND_MOVE) continue;
-      engine::StoredMeta meta;
-      absl::StatusOr<std::vector<std::byte>> slot = pool.PullSegment(self, from, seg, &meta);
-      meta.placement_sequence = a.sequence();
-      if (!slot.ok() || !pool.StoreSegment(self, self, seg, *slot, meta).ok()) continue;
+      absl::StatusOr<int64_t> bytes = pool.CopyForRebalance(self, from, seg, a.sequence());
+      if (!bytes.ok()) continue;
       {
         absl::MutexLock lock(&traffic_mu_);
         traffic_.set_rebalance_copies(traffic_.rebalance_copies() + 1);
-        traffic_.set_rebalance_copy_bytes(traffic_.rebalance_copy_bytes() +
-                                          static_cast<int64_t>(slot->size()));
+        traffic_.set_rebalance_copy_bytes(traffic_.rebalance_copy_bytes() + *bytes);
       }
       // A move's source keeps its copy until the coordinator has seen this one (plans read
       // from the source meanwhile); heartbeat reconciliation frees it there afterwards.
