@@ -16,8 +16,8 @@
 #include "tokenlake/engine/ops.h"
 #include "tokenlake/engine/pool_backend.h"
 #include "tokenlake/engine/pool_shape.h"
-#include "tokenlake/engine/prompts.h"
 #include "tokenlake/index/segment_id.h"
+#include "tokenlake/lake/prompt.h"
 #include "tokenlake/plan/plan_types.h"
 
 namespace tokenlake::engine {
@@ -27,10 +27,10 @@ class Engine::PoolState {
   // In-process (Create): the owned pool, lake and its control plane.
   std::unique_ptr<InstancePool> own_pool;
   std::unique_ptr<lake::Lake> lake;
-  std::unique_ptr<LocalControlPlane> local_control_plane;
+  std::unique_ptr<lake::LocalControlPlane> local_control_plane;
   // What the iterations run over (the owned ones or CreateOverPool's).
   InstancePool* pool = nullptr;
-  ControlPlane* control_plane = nullptr;
+  lake::ControlPlane* control_plane = nullptr;
   // Valid over an external pool: the instance that computes every request.
   InstanceId fixed_compute;
   ManualClock clock{1};
@@ -89,7 +89,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const LlamaModel* model,
     lo.balancer = options.balancer;
     TOKENLAKE_ASSIGN_OR_RETURN(state->lake, lake::Lake::Create(lo, &state->clock));
     state->local_control_plane =
-        std::make_unique<LocalControlPlane>(state->lake.get(), &state->clock);
+        std::make_unique<lake::LocalControlPlane>(state->lake.get(), &state->clock);
     state->pool = state->own_pool.get();
     state->control_plane = state->local_control_plane.get();
     state->salt = index::NamespaceSalt(options.namespace_name);
@@ -171,10 +171,10 @@ absl::StatusOr<GenerateResult> Engine::Generate(absl::Span<const int32_t> prompt
 
 absl::Status Engine::CheckInput(absl::Span<const int32_t> prompt, int32_t max_new_tokens) const {
   const LlamaConfig& c = model_->config();
-  return StatusWithPrefix(
-      ValidatePrompt(prompt, max_new_tokens, {},
-                     {.vocab_size = c.vocab_size, .context_tokens = c.max_position_embeddings}),
-      "Generate: ");
+  return StatusWithPrefix(lake::ValidatePrompt(prompt, max_new_tokens, {},
+                                               {.vocab_size = c.vocab_size,
+                                                .context_tokens = c.max_position_embeddings}),
+                          "Generate: ");
 }
 
 absl::StatusOr<GenerateResult> Engine::Generate(RequestId request, absl::Span<const int32_t> prompt,

@@ -173,7 +173,7 @@ TEST_P(IterationLoopRandomTest, EveryRequestFinishesWithTheNaiveTokensUnderTheBu
         .num_layers = 2, .num_heads = 2, .num_kv_heads = 1, .head_dim = 8, .dtype_bytes = 4};
     auto lk = lake::Lake::Create(lo, &clock);
     ASSERT_TRUE(lk.ok()) << lk.status();
-    LocalControlPlane control(lk->get(), &clock);
+    lake::LocalControlPlane control(lk->get(), &clock);
     FakeExecutor exec(lc.segment_tokens, lc.instances);
     auto loop =
         IterationLoop::Create(&control, &exec,
@@ -290,7 +290,7 @@ TEST(IterationLoopTest, WaitsForMemoryAndNeverHangsOnARequestLargerThanThePool) 
       .num_layers = 1, .num_heads = 1, .num_kv_heads = 1, .head_dim = 8, .dtype_bytes = 4};
   auto lk = lake::Lake::Create(lo, &clock);
   ASSERT_TRUE(lk.ok());
-  LocalControlPlane control(lk->get(), &clock);
+  lake::LocalControlPlane control(lk->get(), &clock);
   FakeExecutor exec(2, 1);
   auto loop = IterationLoop::Create(&control, &exec,
                                     {.segment_tokens = 2, .salt = 5, .vocab_size = kVocab});
@@ -344,7 +344,7 @@ TEST(IterationLoopTest, RejectsBadRequestsWithClearErrors) {
   lo.heavy_hitter.num_instances = 1;
   auto lk = lake::Lake::Create(lo, &clock);
   ASSERT_TRUE(lk.ok());
-  LocalControlPlane control(lk->get(), &clock);
+  lake::LocalControlPlane control(lk->get(), &clock);
   FakeExecutor exec(2, 1);
   EXPECT_EQ(IterationLoop::Create(&control, &exec, {.segment_tokens = 2, .max_batch_tokens = 0})
                 .status()

@@ -23,10 +23,10 @@
 #include "absl/time/clock.h"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/base/status_macros.h"
-#include "tokenlake/engine/control_plane.h"
-#include "tokenlake/engine/prompts.h"
 #include "tokenlake/index/segment_id.h"
+#include "tokenlake/lake/control_plane.h"
 #include "tokenlake/lake/lake.h"
+#include "tokenlake/lake/prompt.h"
 #include "tokenlake/service/lake_rpc.h"
 #include "tokenlake/service/metrics.h"
 #include "tokenlake/transport/tcp_transport.h"
@@ -418,9 +418,8 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   grpc::Status PlanIterationLocked(const v1::PlanIterationRequest& request,
                                    v1::PlanIterationReply* reply)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(lake_mu_) {
-    engine::IterationRequest in = FromProto(request);
-    absl::StatusOr<engine::IterationPlan> plan =
-        engine::PlanIterationOnLake(*lake_, &lake_clock_, in);
+    lake::IterationRequest in = FromProto(request);
+    absl::StatusOr<lake::IterationPlan> plan = lake::PlanIterationOnLake(*lake_, &lake_clock_, in);
     if (!plan.ok()) return ToGrpc(plan.status());
     // New segments go where the plan says, unless that instance is not live: then to the
     // computing instance (the caller), which holds their KV.
@@ -483,9 +482,9 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
                                                         options_.limits.max_tokens_limit));
     }
     TOKENLAKE_RETURN_IF_ERROR(
-        engine::ValidatePrompt(request.prompt, request.max_tokens, {},
-                               {.vocab_size = options_.limits.vocab_size,
-                                .context_tokens = options_.limits.context_tokens}));
+        lake::ValidatePrompt(request.prompt, request.max_tokens, {},
+                             {.vocab_size = options_.limits.vocab_size,
+                              .context_tokens = options_.limits.context_tokens}));
     // The full segments of the prompt, minus the last token (which is always computed).
     const int64_t usable = static_cast<int64_t>(request.prompt.size()) - 1;
     const int64_t full = usable / options_.segment_tokens * options_.segment_tokens;
@@ -1192,7 +1191,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   // Lock order: lake_mu_ before mu_. lake_mu_ serialises every use of the lake (its methods are
   // thread-safe, but reading its prefix tree is not while another thread mutates it).
   mutable absl::Mutex lake_mu_;
-  ManualClock lake_clock_{1};  // advanced 1 ms per planned iteration (engine/control_plane.h)
+  ManualClock lake_clock_{1};         // advanced 1 ms per planned iteration (lake/control_plane.h)
   std::unique_ptr<lake::Lake> lake_;  // guarded by lake_mu_ (set once in Start)
 
   mutable absl::Mutex mu_;

@@ -5,7 +5,7 @@
 //     the engines' per-iteration calls over gRPC (service Lake: PlanIteration = match + plan +
 //     admit, Commit, Release, and ReleaseAndPlan = an iteration's Release with the next one's
 //     PlanIteration under one hold of the lake lock, so that an engine makes one round trip per
-//     iteration; engine/control_plane.h; counted in tokenlake_lake_rpcs_total{call}). Every
+//     iteration; lake/control_plane.h; counted in tokenlake_lake_rpcs_total{call}). Every
 //     instance's engine runs the lake's plans over the cluster-wide pool: queries go to remote
 //     holders, KV is pulled or stored across processes on the instances' data-plane transports
 //     (design note below);

@@ -14,8 +14,8 @@
 #include "tokenlake/engine/cuda/kv_append.h"
 #include "tokenlake/engine/ops.h"
 #include "tokenlake/engine/pool_shape.h"
-#include "tokenlake/engine/prompts.h"
 #include "tokenlake/index/segment_id.h"
+#include "tokenlake/lake/prompt.h"
 
 namespace tokenlake::engine::cuda {
 
@@ -597,7 +597,7 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(GpuLlamaModel* mode
                                                 .slots_per_instance = options.slots_per_instance},
                                                attention::KvDtype::kBFloat16);
   TOKENLAKE_ASSIGN_OR_RETURN(e->lake_, lake::Lake::Create(lo, &e->clock_));
-  e->control_ = std::make_unique<LocalControlPlane>(e->lake_.get(), &e->clock_);
+  e->control_ = std::make_unique<lake::LocalControlPlane>(e->lake_.get(), &e->clock_);
   e->salt_ = index::NamespaceSalt(options.namespace_name);
   e->executor_ = std::make_unique<Executor>(e.get());
   TOKENLAKE_ASSIGN_OR_RETURN(
@@ -640,10 +640,10 @@ absl::StatusOr<std::byte*> GpuEngine::SlotPointer(InstanceId instance, SegmentId
 absl::Status GpuEngine::CheckInput(absl::Span<const int32_t> prompt, int32_t max_new_tokens,
                                    absl::Span<const int32_t> force_tokens) const {
   const LlamaConfig& c = model_->config();
-  return StatusWithPrefix(
-      ValidatePrompt(prompt, max_new_tokens, force_tokens,
-                     {.vocab_size = c.vocab_size, .context_tokens = c.max_position_embeddings}),
-      "GpuEngine::Generate: ");
+  return StatusWithPrefix(lake::ValidatePrompt(prompt, max_new_tokens, force_tokens,
+                                               {.vocab_size = c.vocab_size,
+                                                .context_tokens = c.max_position_embeddings}),
+                          "GpuEngine::Generate: ");
 }
 
 namespace {
