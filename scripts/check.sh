@@ -5,7 +5,8 @@
 #                                    as an error (the `clang` preset's flags; no code generated)
 #   scripts/check.sh tidy [BASE]     clang-tidy (the repo's .clang-tidy, warnings as errors) on
 #                                    the lines of C++ files changed since BASE (default:
-#                                    origin/main when there is such a branch, else HEAD~1)
+#                                    origin/main when there is such a branch, else HEAD~1;
+#                                    HEAD~1 as well when BASE is HEAD itself)
 #   scripts/check.sh all             the three, in that order
 # Exits non-zero, naming the file and line, on the first check that fails.
 set -euo pipefail
@@ -72,6 +73,14 @@ check_tidy() {
   configure
   local merge_base
   merge_base=$(git merge-base "$base" HEAD)
+  # On main itself (origin/main is HEAD), the change is the last commit.
+  if [ "$merge_base" = "$(git rev-parse HEAD)" ]; then
+    if ! merge_base=$(git rev-parse -q --verify HEAD~1); then
+      echo "check: clang-tidy: no parent commit to compare with (shallow clone?): skipped"
+      return
+    fi
+    base=HEAD~1
+  fi
   python3 - "$merge_base" "$build" >"$build/tidy.args" <<'PY'
 import json, os, re, subprocess, sys
 base, build = sys.argv[1], sys.argv[2]

@@ -38,7 +38,7 @@ namespace tokenlake {
 // `status` with its message prefixed by `prefix` (OK stays OK).
 inline absl::Status StatusWithPrefix(const absl::Status& status, absl::string_view prefix) {
   if (status.ok()) return status;
-  return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
+  return {status.code(), absl::StrCat(prefix, status.message())};
 }
 
 }  // namespace tokenlake

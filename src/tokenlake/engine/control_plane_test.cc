@@ -246,8 +246,9 @@ class ScriptedControlPlane final : public lake::ControlPlane {
       case Fault::kLakeErrorAfterRelease: {
         for (RequestId r : release) EXPECT_TRUE(inner_->Release(r).ok());
         std::vector<lake::BatchPlanEntry> out(requests.size());
-        for (lake::BatchPlanEntry& e : out)
+        for (lake::BatchPlanEntry& e : out) {
           e.status = absl::InvalidArgumentError("scripted failure");
+        }
         return out;
       }
       case Fault::kWireBeforeAnything:
