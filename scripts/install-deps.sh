@@ -8,6 +8,8 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libabsl-dev libcli11-dev nlohmann-json3-dev libxxhash-dev
   zlib1g-dev  # sim: gzip-compressed traces
+  libssl-dev  # transport: the cluster secret's HMAC-SHA256 and random numbers
+  libpcre2-dev libicu-dev  # tokenizer: pre-tokenizer regexes, Unicode normalization
   # service: gRPC control plane, HTTP front end (cpp-httplib is built with brotli support),
   # libFuzzer targets (clang 14)
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libcpp-httplib-dev

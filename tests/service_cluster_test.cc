@@ -14,15 +14,19 @@
 // single-process reference.
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <random>
 #include <regex>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -37,6 +41,7 @@
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/engine/prompts.h"
 #include "tokenlake/service/local_cluster.h"
+#include "tokenlake/service/process.h"
 
 #ifndef TOKENLAKE_BINARY
 #error "TOKENLAKE_BINARY must name the tokenlake executable"
@@ -535,6 +540,133 @@ TEST(ServiceClusterTest, SlowTransportStillAnswersCorrectly) {
     EXPECT_EQ(a.tokens, Reference::Get().Answer(Prompt(400 + i), kMaxTokens));
     EXPECT_GE(absl::Now() - start, absl::Milliseconds(150));
   }
+}
+
+// ---- `tokenlake serve` supervising its coordinator (issue 15, finding 5) ----
+
+// The pids of `parent`'s children whose command line contains `word` (as one argument).
+std::vector<pid_t> ChildrenOf(pid_t parent, const std::string& word) {
+  std::vector<pid_t> out;
+  for (const auto& e : std::filesystem::directory_iterator("/proc")) {
+    const std::string name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream stat(e.path() / "stat");
+    std::string line;
+    std::getline(stat, line);
+    const size_t close = line.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(line.substr(close + 2));
+    char state;
+    pid_t ppid = 0;
+    rest >> state >> ppid;
+    if (ppid != parent) continue;
+    std::ifstream cmd(e.path() / "cmdline");
+    std::string args((std::istreambuf_iterator<char>(cmd)), std::istreambuf_iterator<char>());
+    const std::string arg = std::string(1, '\0') + word + std::string(1, '\0');
+    if (args.find(arg) != std::string::npos) out.push_back(std::stoi(name));
+  }
+  return out;
+}
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream f(path);
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+struct Serve {
+  std::unique_ptr<ChildProcess> process;
+  int32_t port = 0;
+  std::string log;
+};
+
+Serve StartServe(const std::string& model, const std::string& tag) {
+  Serve s;
+  const std::string dir = ::testing::TempDir();
+  const std::string port_file = absl::StrCat(dir, "/serve-", tag, "-", ::getpid(), ".port");
+  s.log = absl::StrCat(dir, "/serve-", tag, "-", ::getpid(), ".log");
+  ::unlink(port_file.c_str());
+  ::unlink(s.log.c_str());
+  auto p = ChildProcess::Spawn(
+      {TOKENLAKE_BINARY, "serve", "--model", model, "--instances", "2", "--heartbeat-ms", "100",
+       "--dead-after-ms", "1000", "--log-dir", dir, "--port-file", port_file},
+      s.log);
+  EXPECT_TRUE(p.ok()) << p.status();
+  if (!p.ok()) return s;
+  s.process = std::move(*p);
+  auto port = WaitForFile(port_file, absl::Seconds(60));
+  EXPECT_TRUE(port.ok()) << port.status() << "\n" << ReadAll(s.log);
+  if (port.ok()) s.port = std::stoi(*port);
+  return s;
+}
+
+bool Healthy(int32_t port, int32_t live, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (absl::Now() < deadline) {
+    auto r = HttpGet(port, "/healthz", absl::Seconds(1));
+    if (r.ok() && r->first == 200 &&
+        r->second.find(absl::StrCat("\"live_instances\":", live)) != std::string::npos) {
+      return true;
+    }
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  return false;
+}
+
+TEST(ServeSupervisionTest, AKilledCoordinatorIsRestartedAndServesAgain) {
+  Serve serve = StartServe(ModelDir(), "restart");
+  ASSERT_GT(serve.port, 0);
+  ASSERT_TRUE(Healthy(serve.port, 2, absl::Seconds(30)));
+  const std::vector<int32_t> prompt = Prompt(500);
+  auto first = HttpPost(serve.port, "/v1/completions", Body(prompt));
+  ASSERT_TRUE(first.ok() && first->first == 200) << (first.ok() ? first->second : "");
+  // The children carry the secret in their environment, never on their command lines.
+  for (pid_t child : ChildrenOf(serve.process->pid(), "--model")) {
+    const std::string cmdline = ReadAll(absl::StrCat("/proc/", child, "/cmdline"));
+    EXPECT_EQ(cmdline.find("SECRET"), std::string::npos);
+  }
+  const std::vector<pid_t> coordinators = ChildrenOf(serve.process->pid(), "coordinator");
+  ASSERT_EQ(coordinators.size(), 1u);
+  ASSERT_EQ(::kill(coordinators[0], SIGKILL), 0);
+  // Restarted on the same HTTP port, the instances re-register, and it answers correctly.
+  EXPECT_TRUE(Healthy(serve.port, 2, absl::Seconds(30))) << ReadAll(serve.log);
+  auto again = HttpPost(serve.port, "/v1/completions", Body(prompt));
+  ASSERT_TRUE(again.ok()) << again.status();
+  ASSERT_EQ(again->first, 200) << again->second;
+  EXPECT_EQ(json::parse(again->second)["choices"][0]["tokens"].get<std::vector<int32_t>>(),
+            Reference::Get().Answer(prompt, kMaxTokens));
+  const std::vector<pid_t> now = ChildrenOf(serve.process->pid(), "coordinator");
+  ASSERT_EQ(now.size(), 1u);
+  EXPECT_NE(now[0], coordinators[0]);
+  const std::string log = ReadAll(serve.log);
+  EXPECT_THAT(log, HasSubstr("the coordinator exited (code 137); restarting it"));
+  EXPECT_THAT(log, HasSubstr("restarted the coordinator"));
+  serve.process->Signal(SIGTERM);
+  auto code = serve.process->Wait(absl::Seconds(30));
+  ASSERT_TRUE(code.ok());
+  EXPECT_EQ(*code, 0);
+}
+
+TEST(ServeSupervisionTest, ServeExitsNonZeroWhenTheCoordinatorCannotBeRestarted) {
+  // A copy of the model whose config then disappears: the running processes have loaded it,
+  // but a new coordinator cannot start.
+  const std::string model = absl::StrCat(::testing::TempDir(), "/serve-model-", ::getpid());
+  std::filesystem::remove_all(model);
+  std::filesystem::copy(ModelDir(), model, std::filesystem::copy_options::recursive);
+  Serve serve = StartServe(model, "giveup");
+  ASSERT_GT(serve.port, 0);
+  ASSERT_TRUE(Healthy(serve.port, 2, absl::Seconds(30)));
+  std::filesystem::remove(model + "/config.json");
+  const std::vector<pid_t> coordinators = ChildrenOf(serve.process->pid(), "coordinator");
+  ASSERT_EQ(coordinators.size(), 1u);
+  ASSERT_EQ(::kill(coordinators[0], SIGKILL), 0);
+  // Five failed starts with pauses of 0.2 .. 1.6 s, then it gives up.
+  auto code = serve.process->Wait(absl::Seconds(60));
+  ASSERT_TRUE(code.ok()) << "serve still running:\n" << ReadAll(serve.log);
+  EXPECT_EQ(*code, 1);
+  const std::string log = ReadAll(serve.log);
+  EXPECT_THAT(log, HasSubstr("cannot restart the coordinator (5 of 5)"));
+  EXPECT_THAT(log, HasSubstr("giving up"));
+  std::filesystem::remove_all(model);
 }
 
 }  // namespace

@@ -198,6 +198,40 @@ else
   failures=$((failures + 1))
 fi
 
+# Sampling: the same seed gives the same tokens (whatever the arrival order), a stop token ends
+# a request, bad sampling flags are usage errors.
+gen6=("$bin" generate --model "$model" --prompts "$tmp/prompts2.jsonl" --max-new-tokens 6)
+samp=("${gen6[@]}" --temperature 1.5 --top-k 50 --top-p 0.95)
+expect "generate rejects top-p 0" 2 "--top-p" -- "${samp[@]}" --top-p 0 --json "$tmp/s0.json"
+expect "generate rejects sampling without the pool" 2 "need the pool" -- \
+  "${samp[@]}" --no-pool --json "$tmp/s0.json"
+expect "generate samples with a seed" 0 "2 prompts" -- "${samp[@]}" --seed 7 --json "$tmp/s1.json"
+expect "generate samples with the same seed, one prompt after another" 0 "2 prompts" -- \
+  "${samp[@]}" --seed 7 --arrival sequential --json "$tmp/s2.json"
+expect "generate samples with another seed" 0 "2 prompts" -- \
+  "${samp[@]}" --seed 8 --json "$tmp/s3.json"
+first=$(python3 -c "import json; print(json.load(open('$tmp/gen_all.json'))['results'][0]['greedy'][0])")
+expect "generate stops at a stop token" 0 "2 prompts" -- \
+  "${gen6[@]}" --stop-token "$first" --json "$tmp/s4.json"
+if python3 - "$tmp/s1.json" "$tmp/s2.json" "$tmp/s3.json" "$tmp/s4.json" "$tmp/gen_all.json" <<'PY'
+import json, sys
+a, b, c, stop, greedy = (json.load(open(p)) for p in sys.argv[1:])
+ta = [r["tokens"] for r in a["results"]]
+assert ta == [r["tokens"] for r in b["results"]], "same seed, other tokens"
+assert ta != [r["tokens"] for r in c["results"]], "another seed, the same tokens"
+assert all(len(t) == 6 for t in ta) and all(r["finish_reason"] == "length" for r in a["results"])
+g = [r["greedy"] for r in greedy["results"]]
+s = stop["results"][0]
+assert s["tokens"] == g[0][:1] and s["finish_reason"] == "stop", s["tokens"]
+PY
+then
+  echo "ok: generate sampling (seeded repeatability, another seed differs, stop tokens)"
+  passes=$((passes + 1))
+else
+  echo "FAIL: generate sampling"
+  failures=$((failures + 1))
+fi
+
 # The same model as shards (model.safetensors.index.json + 3 files, split by an independent
 # writer: Python's standard library) gives the same outputs; a broken index is named.
 sharded="$tmp/sharded"
@@ -258,6 +292,23 @@ if "$bin" --help 2>&1 | grep -q coordinator; then
     "$bin" coordinator --model "$model" --kv-dtype f16
   expect "instance rejects a zero data-plane timeout" 2 "data-timeout-ms" -- \
     "$bin" instance --model "$model" --coordinator-port 1 --data-timeout-ms 0
+fi
+
+# The tokenizer (only when built with the tokenizer module).
+if "$bin" --help 2>&1 | grep -q tokenize; then
+  tokdir="$(cd "$(dirname "$0")/../.." && pwd)/tests/fixtures/tokenizer"
+  expect "tokenize prints ids with BOS" 0 '^\{"ids":\[756,' -- \
+    "$bin" tokenize --model "$tokdir/bpe_llama3" "Hello world"
+  expect "tokenize --decode prints the text" 0 '^\{"text":"<\|begin_of_text\|>Hello world"\}' -- \
+    "$bin" tokenize --model "$tokdir/bpe_llama3" --decode \
+    "$("$bin" tokenize --model "$tokdir/bpe_llama3" "Hello world" | sed 's/^{"ids":\(.*\)}$/\1/')"
+  expect "tokenize --chat renders the template" 0 'start_header_id\|>user.*"ids":\[756,' -- \
+    "$bin" tokenize --model "$tokdir/bpe_llama3" --chat '[{"role":"user","content":"hi"}]'
+  expect "a template's raise_exception is a usage error with its message" 2 \
+    "Conversation roles must alternate" -- "$bin" tokenize --model "$tokdir/bpe_llama3" --chat \
+    '[{"role":"user","content":"a"},{"role":"user","content":"b"}]'
+  expect "a folder without a tokenizer is named" 1 "no tokenizer.json or tokenizer.model" -- \
+    "$bin" tokenize --model "$tmp" "hi"
 fi
 
 echo "cli: $passes passed, $failures failed"

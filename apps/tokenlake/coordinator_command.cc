@@ -2,7 +2,10 @@
 // the cluster's lake (prefix tree, heavy hitters, balancer, planner) serving the instances'
 // engines over gRPC, membership by heartbeats, rebalancing, routing, and the HTTP front end
 // (POST /v1/completions, GET /metrics, GET /healthz) on 127.0.0.1. Runs until SIGTERM/SIGINT.
-// With --port-file it writes {"http_port", "grpc_port", "transport_port"} once listening.
+// With --port-file it writes {"http_port", "grpc_port", "transport_port"} once listening
+// (transport_port is 0: the coordinator dials the instances). The cluster secret comes from the
+// environment (TOKENLAKE_CLUSTER_SECRET, hex; `tokenlake serve` sets it): without it, calls and
+// transport connections are not authenticated (a warning says so).
 //
 // Exit codes: 0 after a signal, 1 for a runtime error (unreadable model config, port in use),
 // 2 for bad flags.
@@ -20,8 +23,10 @@
 #include "command.h"
 #include "tokenlake/engine/llama_config.h"
 #include "tokenlake/engine/pool_shape.h"
+#include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/coordinator.h"
 #include "tokenlake/service/process.h"
+#include "tokenlake/transport/cluster_secret.h"
 
 namespace tokenlake::cli {
 namespace {
@@ -80,6 +85,18 @@ int RunCoordinator(const CoordinatorFlags& f) {
   o.dead_after = absl::Milliseconds(f.dead_after_ms);
   o.request_timeout = absl::Milliseconds(f.request_timeout_ms);
   o.attempt_timeout = absl::Milliseconds(f.attempt_timeout_ms);
+  absl::StatusOr<std::string> secret = service::TakeClusterSecretFromEnvironment();
+  if (!secret.ok()) {
+    std::cerr << "tokenlake coordinator: " << secret.status().message() << "\n";
+    return 2;
+  }
+  if (secret->empty()) {
+    std::fprintf(stderr,
+                 "tokenlake coordinator: warning: %s is not set: gRPC calls and transport "
+                 "connections are not authenticated\n",
+                 transport::kClusterSecretEnv);
+  }
+  o.cluster_secret = *secret;
   o.faults.drop_probability = f.fault_drop;
   o.faults.delay = absl::Milliseconds(f.fault_delay_ms);
 

@@ -74,7 +74,22 @@ struct GenerateFlags {
   int rebalance_every = 0;
   std::string arrival = "all";
   int64_t max_batch_tokens = 2048;
+  // Sampling (engine/sampler.h); seed < 0 = a random seed per request.
+  float temperature = 0.0f;
+  float top_p = 1.0f;
+  int top_k = 0;
+  int64_t seed = -1;
+  std::vector<int32_t> stop_tokens;
 };
+
+// The request of one prompt, with the flags' sampling and stop tokens.
+engine::GenerateRequest RequestFor(const GenerateFlags& f, const engine::Prompt& p) {
+  engine::GenerateRequest r{.prompt = p.input_ids, .max_new_tokens = f.max_new_tokens};
+  r.sampling = {.temperature = f.temperature, .top_k = f.top_k, .top_p = f.top_p};
+  if (f.seed >= 0) r.sampling.seed = static_cast<uint64_t>(f.seed);
+  r.stop_token_ids = f.stop_tokens;
+  return r;
+}
 
 int Fail(const std::string& message) {
   std::cerr << "tokenlake generate: " << message << "\n";
@@ -107,7 +122,9 @@ template <typename R>
 nlohmann::json PromptJson(const engine::Prompt& p, const R& r) {
   return {{"line", p.line},
           {"prompt_tokens", p.input_ids.size()},
+          {"tokens", r.tokens},
           {"greedy", r.tokens},
+          {"finish_reason", r.finish_reason},
           {"cached_tokens", r.cached_tokens},
           {"last_logits", r.last_logits},
           {"remote_attend_calls", r.remote_attend_calls},
@@ -223,14 +240,15 @@ int RunCpu(const GenerateFlags& f) {
         std::vector<absl::StatusOr<engine::GenerateResult>> out;
         if (f.arrival == "sequential") {
           for (const engine::Prompt& p : ps) {
-            out.push_back((*eng)->Generate(p.input_ids, f.max_new_tokens));
+            const engine::GenerateRequest one = RequestFor(f, p);
+            out.push_back(std::move((*eng)->GenerateBatch(absl::MakeConstSpan(&one, 1))[0]));
             if (!out.back().ok()) break;
           }
           return out;
         }
         std::vector<engine::GenerateRequest> requests;
         for (const engine::Prompt& p : ps) {
-          requests.push_back({.prompt = p.input_ids, .max_new_tokens = f.max_new_tokens});
+          requests.push_back(RequestFor(f, p));
         }
         return (*eng)->GenerateBatch(requests);
       });
@@ -301,14 +319,15 @@ int RunGpu(const GenerateFlags& f) {
         std::vector<absl::StatusOr<engine::cuda::GpuGenerateResult>> out;
         if (f.arrival == "sequential") {
           for (const engine::Prompt& p : ps) {
-            out.push_back((*eng)->Generate(p.input_ids, f.max_new_tokens));
+            const engine::GenerateRequest one = RequestFor(f, p);
+            out.push_back(std::move((*eng)->GenerateBatch(absl::MakeConstSpan(&one, 1))[0]));
             if (!out.back().ok()) break;
           }
           return out;
         }
         std::vector<engine::GenerateRequest> requests;
         for (const engine::Prompt& p : ps) {
-          requests.push_back({.prompt = p.input_ids, .max_new_tokens = f.max_new_tokens});
+          requests.push_back(RequestFor(f, p));
         }
         return (*eng)->GenerateBatch(requests);
       });
@@ -332,6 +351,9 @@ int RunGpu(const GenerateFlags& f) {
 int RunGenerate(const GenerateFlags& f) {
   // The values themselves were checked by CLI11 (SetUpGenerate); here only what involves the
   // build or several flags.
+  if (f.no_pool && (f.temperature != 0.0f || !f.stop_tokens.empty())) {
+    return UsageError("--temperature and --stop-token need the pool (not --no-pool)");
+  }
   if (f.device == "cpu") return RunCpu(f);
 #if !defined(TOKENLAKE_HAVE_CUDA)
   return UsageError(
@@ -413,6 +435,23 @@ void SetUpGenerate(CLI::App& app, int* exit_code) {
                   "chunks under it; pool only)")
       ->capture_default_str()
       ->check(IntAtLeast(1));
+  cmd->add_option("--temperature", flags->temperature,
+                  "Sampling temperature (0 = greedy; pool only)")
+      ->check(NumberIn(0, 1e6))
+      ->capture_default_str();
+  cmd->add_option("--top-p", flags->top_p,
+                  "Nucleus sampling: keep the most likely tokens up to "
+                  "this probability, in (0, 1]")
+      ->check(NumberIn(0, 1, /*open_lo=*/true))
+      ->capture_default_str();
+  cmd->add_option("--top-k", flags->top_k, "Keep the k most likely tokens (0 = all)")
+      ->check(IntIn(0, 1 << 30))
+      ->capture_default_str();
+  cmd->add_option("--seed", flags->seed,
+                  "Sampling seed (the same seed gives the same tokens; default a random one)")
+      ->check(IntAtLeast(0));
+  cmd->add_option("--stop-token", flags->stop_tokens,
+                  "Token ids that end a request (e.g. the model's end of sequence); repeatable");
   cmd->callback([flags, exit_code] { *exit_code = RunGenerate(*flags); });
 }
 

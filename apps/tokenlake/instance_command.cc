@@ -1,7 +1,8 @@
 // `tokenlake instance`: one TokenLake instance process (service/instance_server.h): its part of
 // the cluster's pool (its segment store, served to the other instances over TCP) and an engine
 // that runs the coordinator's lake plans over the whole pool, registered with the coordinator,
-// serving generate requests over the host transport. Runs until SIGTERM/SIGINT.
+// serving generate requests over the host transport. Runs until SIGTERM/SIGINT. The cluster
+// secret comes from the environment (TOKENLAKE_CLUSTER_SECRET, hex; `tokenlake serve` sets it).
 //
 // Exit codes: 0 after a signal, 1 for a runtime error (bad model), 2 for bad flags.
 // Built only with the service module (gRPC, protobuf, cpp-httplib installed).
@@ -18,7 +19,9 @@
 #include "command.h"
 #include "flag_checks.h"
 #include "tokenlake/engine/llama_model.h"
+#include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/instance_server.h"
+#include "tokenlake/transport/cluster_secret.h"
 
 namespace tokenlake::cli {
 namespace {
@@ -59,6 +62,18 @@ int RunInstance(const InstanceFlags& f) {
   o.slots = f.slots;
   o.kv_dtype = f.kv_dtype == "bf16" ? attention::KvDtype::kBFloat16 : attention::KvDtype::kFloat32;
   o.data_timeout = absl::Milliseconds(f.data_timeout_ms);
+  absl::StatusOr<std::string> secret = service::TakeClusterSecretFromEnvironment();
+  if (!secret.ok()) {
+    std::cerr << "tokenlake instance: " << secret.status().message() << "\n";
+    return 2;
+  }
+  if (secret->empty()) {
+    std::fprintf(stderr,
+                 "tokenlake instance: warning: %s is not set: gRPC calls and transport "
+                 "connections are not authenticated\n",
+                 transport::kClusterSecretEnv);
+  }
+  o.cluster_secret = *secret;
   auto server = service::InstanceServer::Create(model->get(), o);
   if (!server.ok()) {
     std::cerr << "tokenlake instance: " << server.status().message() << "\n";

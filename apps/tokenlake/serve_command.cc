@@ -1,17 +1,22 @@
 // `tokenlake serve`: a whole local TokenLake cluster on loopback: one coordinator process and N
 // instance processes (children of this one; each dies with it), the embedded default.
 // Prints the HTTP address, supervises the instances (one that exits is restarted and rejoins
-// empty), and stops everything on SIGTERM/SIGINT or after --duration-s.
+// empty) and the coordinator (one that exits is restarted on the same ports, after a pause
+// that doubles from 0.2 s to 5 s while it keeps failing; the instances re-register and rebuild
+// its prefix tree; each restart is logged), and stops everything on SIGTERM/SIGINT or after
+// --duration-s. The cluster secret is generated here and handed to the children (LocalCluster).
 //
-// Exit codes: 0 after a signal or the duration, 1 when the cluster does not start, 2 for bad
-// flags.
+// Exit codes: 0 after a signal or the duration, 1 when the cluster does not start or the
+// coordinator cannot be started again (5 failed starts in a row), 2 for bad flags.
 // Built only with the service module (gRPC, protobuf, cpp-httplib installed).
 #ifdef TOKENLAKE_HAVE_SERVICE
 #include <signal.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
+#include <optional>
 #include <string>
 
 #include "CLI/CLI.hpp"
@@ -69,9 +74,43 @@ int RunServe(const ServeFlags& f) {
   }
   const absl::Time end =
       f.duration_s > 0 ? absl::Now() + absl::Seconds(f.duration_s) : absl::InfiniteFuture();
+  constexpr int kMaxFailedStarts = 5;
+  const absl::Duration kFirstPause = absl::Milliseconds(200), kMaxPause = absl::Seconds(5);
+  absl::Duration pause = kFirstPause;
+  absl::Time next_start = absl::InfinitePast();
+  absl::Time last_start = absl::Now();
+  int failed_starts = 0;
   while (absl::Now() < end) {
     timespec ts{.tv_sec = 0, .tv_nsec = 200'000'000};
     if (sigtimedwait(&signals, nullptr, &ts) > 0) break;
+    if (const std::optional<int> code = (*cluster)->CoordinatorExitCode(); code.has_value()) {
+      if (absl::Now() < next_start) continue;
+      // A coordinator that ran for a while is restarted at once; one that keeps dying waits
+      // longer each time.
+      if (absl::Now() - last_start > absl::Seconds(60)) pause = kFirstPause;
+      std::fprintf(stderr, "tokenlake serve: the coordinator exited (code %d); restarting it\n",
+                   *code);
+      last_start = absl::Now();
+      if (absl::Status s = (*cluster)->StartCoordinatorAgain(); s.ok()) {
+        failed_starts = 0;
+        std::fprintf(stderr,
+                     "tokenlake serve: restarted the coordinator (pid %d) on "
+                     "http://127.0.0.1:%d\n",
+                     (*cluster)->coordinator_pid(), (*cluster)->http_port());
+      } else {
+        ++failed_starts;
+        std::fprintf(stderr, "tokenlake serve: cannot restart the coordinator (%d of %d): %s\n",
+                     failed_starts, kMaxFailedStarts, std::string(s.message()).c_str());
+        if (failed_starts >= kMaxFailedStarts) {
+          std::fprintf(stderr, "tokenlake serve: giving up; stopping the cluster\n");
+          (*cluster)->Stop();
+          return 1;
+        }
+      }
+      next_start = absl::Now() + pause;
+      pause = std::min(2 * pause, kMaxPause);
+      continue;
+    }
     if (const int32_t n = (*cluster)->RestartExitedInstances(); n > 0) {
       std::fprintf(stderr, "tokenlake serve: restarted %d instance(s)\n", n);
     }

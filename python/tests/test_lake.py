@@ -113,3 +113,24 @@ def test_plans_spread_over_instances_and_cache_load_reports_them():
     assert plans[0]["dop"] == 2 and len(plans[0]["instance_group"]) == 2
     assert plans[0]["requests"][0]["cached_tokens"] == 64
     assert lake.rebalance()["sequence"] > 0
+
+
+def test_cache_load_share_is_the_roofline():
+    # One instance, one request with 64 cached tokens and 4 new ones; 2 layers, 4 query heads and
+    # 2 KV heads of 8 dims, 2-byte KV. M = K and V of prefix + input tokens = 2 layers x 2 x 68
+    # tokens x 2 heads x 8 dims x 2 bytes = 8,704 bytes; F = the 4 new queries over the 64
+    # cached keys, both products (2 FLOPs each) = 2 layers x 4 x 4 x 64 x 4 heads x 8 dims =
+    # 65,536 FLOPs. With B = 8,704 bytes/s, P = 65,536 FLOP/s, T = 1 s and N = 1:
+    # L = max(M / (M + B T), F / (F + P T)) = 0.5; with B doubled the memory term is 1/3.
+    lake = tokenlake.Lake(instances=1, segment_tokens=4, slots_per_instance=64, model=MODEL)
+    doc = list(range(64))
+    serve(lake, 1, doc, 4)
+    req = dict(id=2, tokens=doc + [5, 6, 7, 8], new_tokens=4)
+    share = lake.cache_load_share([req], kv_bytes_per_s=8704, attention_flops_per_s=65536,
+                                  batch_seconds=1.0)
+    assert share == pytest.approx(0.5, rel=1e-6)
+    share = lake.cache_load_share([req], kv_bytes_per_s=2 * 8704, attention_flops_per_s=4 * 65536,
+                                  batch_seconds=1.0)
+    assert share == pytest.approx(1 / 3, rel=1e-6)
+    with pytest.raises(ValueError):
+        lake.cache_load_share([req], kv_bytes_per_s=0, attention_flops_per_s=1, batch_seconds=1)

@@ -20,7 +20,10 @@ tokens this iteration computes), optional ``preferred_instance`` and ``extra_slo
 results are dicts and lists (instance -1 means none). Errors raise ValueError (bad input),
 KeyError (an unknown request) or RuntimeError.
 
-Methods: ``segment_keys(tokens)``, ``match(tokens)``, ``cache_load(requests)``,
+Methods: ``segment_keys(tokens)``, ``match(tokens)``, ``cache_load(requests)`` (per instance:
+the requests' attention work over the cache it holds), ``cache_load_share(requests,
+kv_bytes_per_s, attention_flops_per_s, batch_seconds)`` (the paper's get_cache_load roofline L:
+the share of an iteration of that length that reading the cache adds),
 ``gen_plans(batches)`` (a batch: ``dict(requests=[...], dop=1, candidates=[...])``),
 ``admit(request)``, ``try_admit(request)`` (None when the pool cannot hold its new segments),
 ``commit(request_id, placements)``, ``release(request_id)``, ``rebalance()``, ``stats()``,

@@ -191,6 +191,7 @@ namespace {
 GenerateResult ToGenerateResult(LoopResult r) {
   GenerateResult out;
   out.tokens = std::move(r.tokens);
+  out.finish_reason = std::move(r.finish_reason);
   out.cached_tokens = r.cached_tokens;
   out.last_logits = std::move(r.last_logits);
   out.decode_logits = std::move(r.decode_logits);
@@ -233,7 +234,9 @@ std::vector<absl::StatusOr<LoopResult>> ServeInArrivalOrder(
         in = loop.Submit({.id = id,
                           .prompt = r.prompt,
                           .max_new_tokens = r.max_new_tokens,
-                          .force_tokens = r.force_tokens});
+                          .force_tokens = r.force_tokens,
+                          .sampling = r.sampling,
+                          .stop_token_ids = r.stop_token_ids});
       }
       if (!in.ok()) {
         out[i] = in;
@@ -265,6 +268,10 @@ std::vector<absl::StatusOr<GenerateResult>> Engine::GenerateBatch(
     for (size_t i = 0; i < requests.size(); ++i) {
       const GenerateRequest& r = requests[i];
       absl::Status in = CheckInput(r.prompt, r.max_new_tokens);
+      if (in.ok() && (!r.sampling.greedy() || !r.stop_token_ids.empty())) {
+        in = absl::InvalidArgumentError(
+            "Generate: sampling and stop tokens need the pool (use_pool = true)");
+      }
       out[i] =
           in.ok() ? GenerateLocal(r.prompt, r.max_new_tokens) : absl::StatusOr<GenerateResult>(in);
     }
@@ -403,6 +410,7 @@ absl::StatusOr<GenerateResult> Engine::GenerateLocal(absl::Span<const int32_t> p
                                                      int32_t max_new_tokens) {
   LocalKvBackend backend(model_->config());
   GenerateResult result;
+  result.finish_reason = "length";
   TOKENLAKE_ASSIGN_OR_RETURN(std::vector<float> logits, model_->Forward(prompt, 0, backend));
   result.last_logits = logits;
   int64_t pos = static_cast<int64_t>(prompt.size());

@@ -48,6 +48,7 @@
 #include "tokenlake/balance/heavy_hitter.h"
 #include "tokenlake/engine/instance_pool.h"
 #include "tokenlake/engine/llama_model.h"
+#include "tokenlake/engine/sampler.h"
 #include "tokenlake/lake/control_plane.h"
 #include "tokenlake/lake/lake.h"
 
@@ -103,6 +104,10 @@ struct GenerateRequest {
   // Teacher forcing (tests; pool path): step i feeds force_tokens[i] instead of its argmax;
   // empty = none, else at least max_new_tokens - 1 tokens in the vocabulary.
   std::vector<int32_t> force_tokens;
+  // How tokens are chosen (default greedy), and the ids that end the request (pool path; see
+  // LoopRequest).
+  SamplingParams sampling;
+  std::vector<int32_t> stop_token_ids;
 };
 
 class IterationLoop;
@@ -119,8 +124,11 @@ std::vector<absl::StatusOr<LoopResult>> ServeInArrivalOrder(
     const std::function<RequestId()>& next_id);
 
 struct GenerateResult {
-  // The greedy tokens, max_new_tokens of them.
+  // The chosen tokens (greedy unless the request samples): max_new_tokens of them, or fewer
+  // when a stop token ended the request (it is the last one).
   std::vector<int32_t> tokens;
+  // "length" or "stop" (see LoopResult).
+  std::string finish_reason;
   // Prompt tokens served from the pool (not recomputed); 0 without the pool.
   int64_t cached_tokens = 0;
   // Logits at the last prompt position [vocab_size].

@@ -36,6 +36,8 @@ struct IterationLoop::Active {
   bool failed = false;      // its result went out with an error
   int64_t chunk = 0;        // tokens allotted in the iteration being planned
   InstanceId last_compute;
+  std::unique_ptr<Sampler> sampler;
+  bool stopped = false;  // produced a stop token
   LoopResult result;
 };
 
@@ -81,6 +83,17 @@ absl::Status IterationLoop::Submit(LoopRequest r) {
           r.prompt, r.max_new_tokens, r.force_tokens,
           {.vocab_size = options_.vocab_size, .context_tokens = options_.max_request_tokens}),
       absl::StrFormat("Submit: request %d: ", r.id.value())));
+  if (absl::Status v = r.sampling.Validate(); !v.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("Submit: request %d: %s", r.id.value(), v.message()));
+  }
+  for (size_t i = 0; i < r.stop_token_ids.size(); ++i) {
+    if (r.stop_token_ids[i] < 0 || r.stop_token_ids[i] >= options_.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "Submit: request %d: stop token %d at index %d is outside the vocabulary [0, %d)",
+          r.id.value(), r.stop_token_ids[i], i, options_.vocab_size));
+    }
+  }
   const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens;
   const int64_t s = options_.segment_tokens;
   if (options_.pool_tokens > 0 && (total + s - 1) / s * s > options_.pool_tokens) {
@@ -210,15 +223,30 @@ absl::Status IterationLoop::Finish(Active& a, const lake::IterationPlan& plan, I
     a.pooled = now_pooled;
   }
   if (!want_logits) return absl::OkStatus();
-  const int32_t next = output.next_token;
+  const bool sampled = !a.req.sampling.greedy();
+  const bool has_logits = output.logits.size() == static_cast<size_t>(options_.vocab_size);
+  if (sampled && !has_logits) {
+    return absl::InternalError(absl::StrFormat(
+        "IterationLoop: request %d samples, the executor returned %d logits (vocabulary %d)",
+        a.req.id.value(), output.logits.size(), options_.vocab_size));
+  }
+  if (!a.sampler) a.sampler = std::make_unique<Sampler>(a.req.sampling);
+  const int32_t next = sampled ? a.sampler->Next(output.logits) : output.next_token;
   if (next < 0 || next >= options_.vocab_size) {
     return absl::InternalError(absl::StrFormat(
         "IterationLoop: request %d: the executor chose token %d", a.req.id.value(), next));
   }
   const bool first = a.result.tokens.empty();
   a.result.tokens.push_back(next);
-  const bool last = static_cast<int32_t>(a.result.tokens.size()) == a.req.max_new_tokens;
-  if ((first || last) && output.logits.size() != static_cast<size_t>(options_.vocab_size)) {
+  const auto& stops = a.req.stop_token_ids;
+  a.stopped = std::find(stops.begin(), stops.end(), next) != stops.end();
+  const bool last =
+      a.stopped || static_cast<int32_t>(a.result.tokens.size()) == a.req.max_new_tokens;
+  if (last) a.result.finish_reason = a.stopped ? "stop" : "length";
+  // The executor returns full logits where want_full_logits asked (first and last steps of a
+  // greedy request: a stop token can end it at a step that did not ask).
+  const bool length_end = static_cast<int32_t>(a.result.tokens.size()) == a.req.max_new_tokens;
+  if ((first || length_end) && !has_logits) {
     return absl::InternalError(absl::StrFormat(
         "IterationLoop: request %d: the executor returned %d logits, the vocabulary has %d",
         a.req.id.value(), output.logits.size(), options_.vocab_size));
@@ -398,7 +426,7 @@ std::vector<LoopResult> IterationLoop::Step() {
                     .plan = &plan,
                     .want_logits = end == static_cast<int64_t>(a.seq.size()),
                     .want_full_logits = end == static_cast<int64_t>(a.seq.size()) &&
-                                        (a.result.tokens.empty() ||
+                                        (a.result.tokens.empty() || !a.req.sampling.greedy() ||
                                          static_cast<int32_t>(a.result.tokens.size()) + 1 ==
                                              a.req.max_new_tokens)});
     ends.push_back(end);
@@ -437,7 +465,8 @@ std::vector<LoopResult> IterationLoop::Step() {
   // 4. Finished requests leave; their pins go with the next call (or now, if none follows).
   for (auto it = requests_.begin(); it != requests_.end();) {
     Active& a = **it;
-    if (!a.failed && static_cast<int32_t>(a.result.tokens.size()) == a.req.max_new_tokens) {
+    if (!a.failed &&
+        (a.stopped || static_cast<int32_t>(a.result.tokens.size()) == a.req.max_new_tokens)) {
       if (a.holds_pins) pending_release_.push_back(a.req.id);
       a.result.data_plane = executor_->EndSequence(a.req.id);
       done.push_back(std::move(a.result));

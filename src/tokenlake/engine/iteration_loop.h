@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
@@ -44,6 +45,7 @@
 #include "absl/types/span.h"
 #include "tokenlake/base/ids.h"
 #include "tokenlake/engine/instance_pool.h"
+#include "tokenlake/engine/sampler.h"
 #include "tokenlake/lake/control_plane.h"
 
 namespace tokenlake::engine {
@@ -82,6 +84,11 @@ struct LoopRequest {
   // Teacher forcing (tests): step i feeds force_tokens[i] instead of its argmax; empty = none,
   // else at least max_new_tokens - 1 entries.
   std::vector<int32_t> force_tokens;
+  // How the next token is chosen (engine/sampler.h; default greedy).
+  SamplingParams sampling;
+  // The request ends after producing one of these (e.g. the model's end-of-sequence id); the
+  // stop token is its last token.
+  std::vector<int32_t> stop_token_ids;
 };
 
 // Data-plane work of one request (the executor's counters).
@@ -99,9 +106,13 @@ struct LoopResult {
   // OK, or why the request failed (the rest is then partial).
   absl::Status status;
   std::vector<int32_t> tokens;
+  // Why it ended: "length" (max_new_tokens produced) or "stop" (a stop token produced).
+  std::string finish_reason;
   // Prompt tokens served from the pool at its first prefill.
   int64_t cached_tokens = 0;
-  // Logits at the last prompt position and at the last fed position [vocab_size].
+  // Logits at the last prompt position and at the last fed position [vocab_size] (the logits
+  // of its last token; empty when a stop token ended a greedy request whose executor returned
+  // only the argmax at that step).
   std::vector<float> last_logits;
   std::vector<float> decode_logits;
   int64_t stored_segments = 0;
@@ -191,7 +202,8 @@ class IterationLoop {
 
   // Queues a request; it joins the batch at the next Step that has room.
   // Errors: InvalidArgument (invalid id, empty prompt, a token outside the vocabulary naming
-  //   its index, max_new_tokens < 1, force_tokens too short or bad, prompt + max_new_tokens
+  //   its index, max_new_tokens < 1, force_tokens too short or bad, sampling parameters out of
+  //   range or a stop token outside the vocabulary (naming the field), prompt + max_new_tokens
   //   longer than max_request_tokens), ResourceExhausted (more segments than the whole pool
   //   holds, see pool_tokens), AlreadyExists (id in use in the loop).
   absl::Status Submit(LoopRequest request);

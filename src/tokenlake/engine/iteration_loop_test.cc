@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <random>
 #include <set>
@@ -366,6 +367,122 @@ TEST(IterationLoopTest, RejectsBadRequestsWithClearErrors) {
   EXPECT_EQ(code({.id = RequestId(1), .prompt = {1}, .max_new_tokens = 2}), absl::StatusCode::kOk);
   EXPECT_EQ(code({.id = RequestId(1), .prompt = {1}, .max_new_tokens = 2}),
             absl::StatusCode::kAlreadyExists);
+}
+
+}  // namespace
+}  // namespace tokenlake::engine
+
+namespace tokenlake::engine {
+namespace {
+
+struct SampledRun {
+  std::map<uint64_t, LoopResult> results;
+};
+
+// Runs `requests` through a fresh loop over a 2-instance pool with the given budgets.
+SampledRun RunLoop(const std::vector<LoopRequest>& requests, int64_t budget, int32_t cap) {
+  ManualClock clock(1);
+  lake::LakeOptions lo;
+  lo.num_instances = 2;
+  lo.segment_tokens = 4;
+  lo.slots_per_instance = 256;
+  lo.heavy_hitter.num_instances = 2;
+  lo.model = plan::ModelShape{
+      .num_layers = 1, .num_heads = 1, .num_kv_heads = 1, .head_dim = 8, .dtype_bytes = 4};
+  auto lk = lake::Lake::Create(lo, &clock);
+  EXPECT_TRUE(lk.ok());
+  lake::LocalControlPlane control(lk->get(), &clock);
+  FakeExecutor exec(4, 2);
+  auto loop = IterationLoop::Create(&control, &exec,
+                                    {.segment_tokens = 4,
+                                     .salt = 3,
+                                     .max_batch_tokens = budget,
+                                     .max_batch_requests = cap,
+                                     .vocab_size = kVocab});
+  EXPECT_TRUE(loop.ok());
+  SampledRun run;
+  for (const LoopRequest& r : requests) EXPECT_TRUE((*loop)->Submit(r).ok());
+  for (int steps = 0; steps < 2000 && !(*loop)->idle(); ++steps) {
+    for (LoopResult& r : (*loop)->Step()) run.results[r.id.value()] = std::move(r);
+  }
+  EXPECT_TRUE((*loop)->idle());
+  return run;
+}
+
+// Seeded sampling gives the same tokens whatever the batch and budgets; a stop token ends a
+// request early with finish_reason "stop"; greedy requests still follow the naive tokens.
+TEST(IterationLoopSamplingTest, SeededSamplingRepeatsAndStopTokensEndRequests) {
+  const uint32_t seed = std::random_device{}();
+  std::cout << "seed=" << seed << "\n";
+  std::mt19937 rng(seed);
+  std::vector<LoopRequest> requests;
+  for (uint64_t i = 1; i <= 8; ++i) {
+    LoopRequest r{.id = RequestId(i), .max_new_tokens = 12};
+    for (int t = 0, n = 3 + static_cast<int>(rng() % 20); t < n; ++t) {
+      r.prompt.push_back(static_cast<int32_t>(rng() % kVocab));
+    }
+    if (i % 2 == 0) r.sampling = {.temperature = 1.5f, .top_k = 8, .seed = rng()};
+    requests.push_back(std::move(r));
+  }
+  // Greedy request 9 stops at its naive third token.
+  LoopRequest stop{.id = RequestId(9), .prompt = {5, 6, 7}, .max_new_tokens = 12};
+  const std::vector<int32_t> naive = Naive(stop.prompt, 12);
+  stop.stop_token_ids = {naive[2]};
+  requests.push_back(stop);
+
+  const SampledRun a = RunLoop(requests, 64, 16);
+  const SampledRun b = RunLoop(requests, 5, 3);  // other batches, other chunking
+  std::vector<LoopRequest> alone = {requests[1]};
+  const SampledRun c = RunLoop(alone, 64, 16);
+  ASSERT_EQ(a.results.size(), requests.size());
+  ASSERT_EQ(b.results.size(), requests.size());
+  bool sampled_differs = false;
+  for (const LoopRequest& r : requests) {
+    SCOPED_TRACE(testing::Message() << "request " << r.id.value());
+    const LoopResult& ra = a.results.at(r.id.value());
+    ASSERT_TRUE(ra.status.ok()) << ra.status;
+    EXPECT_EQ(ra.tokens, b.results.at(r.id.value()).tokens);
+    if (r.id.value() == 9) {
+      EXPECT_EQ(ra.tokens, std::vector<int32_t>(naive.begin(), naive.begin() + 3));
+      EXPECT_EQ(ra.finish_reason, "stop");
+    } else {
+      EXPECT_EQ(ra.tokens.size(), 12u);
+      EXPECT_EQ(ra.finish_reason, "length");
+      if (r.sampling.greedy()) {
+        EXPECT_EQ(ra.tokens, Naive(r.prompt, 12));
+      } else {
+        sampled_differs = sampled_differs || ra.tokens != Naive(r.prompt, 12);
+      }
+    }
+  }
+  EXPECT_TRUE(sampled_differs) << "sampling at temperature 1.5 never left the greedy path";
+  EXPECT_EQ(c.results.at(requests[1].id.value()).tokens,
+            a.results.at(requests[1].id.value()).tokens);
+}
+
+TEST(IterationLoopSamplingTest, BadSamplingParametersAndStopTokensAreRefused) {
+  ManualClock clock(1);
+  lake::LakeOptions lo;
+  lo.num_instances = 1;
+  lo.segment_tokens = 4;
+  lo.heavy_hitter.num_instances = 1;
+  lo.model = plan::ModelShape{
+      .num_layers = 1, .num_heads = 1, .num_kv_heads = 1, .head_dim = 8, .dtype_bytes = 4};
+  auto lk = lake::Lake::Create(lo, &clock);
+  ASSERT_TRUE(lk.ok());
+  lake::LocalControlPlane control(lk->get(), &clock);
+  FakeExecutor exec(4, 1);
+  auto loop = IterationLoop::Create(&control, &exec, {.segment_tokens = 4, .vocab_size = kVocab});
+  ASSERT_TRUE(loop.ok());
+  LoopRequest r{.id = RequestId(1), .prompt = {1, 2}, .max_new_tokens = 2};
+  r.sampling.top_p = 0;
+  absl::Status s = (*loop)->Submit(r);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(s.message().find("top_p"), std::string::npos) << s;
+  r.sampling = {};
+  r.stop_token_ids = {kVocab};
+  s = (*loop)->Submit(r);
+  EXPECT_NE(s.message().find("stop token"), std::string::npos) << s;
 }
 
 }  // namespace

@@ -315,6 +315,17 @@ class PyLake {
     return out;
   }
 
+  double CacheLoadShare(const py::list& requests, double kv_bytes_per_s,
+                        double attention_flops_per_s, double batch_seconds) const {
+    std::vector<lake::LakeRequest> reqs;
+    for (const py::handle r : requests) reqs.push_back(Request(r));
+    return Unwrap(
+        lake_->GetCacheLoad(reqs,
+                            plan::InstanceRoofline{.kv_bytes_per_s = kv_bytes_per_s,
+                                                   .attention_flops_per_s = attention_flops_per_s},
+                            batch_seconds));
+  }
+
   py::list GenPlans(const py::list& batches) {
     std::vector<lake::Batch> bs;
     for (const py::handle b : batches) {
@@ -509,6 +520,8 @@ PYBIND11_MODULE(_tokenlake, m) {
       .def("segment_keys", &PyLake::SegmentKeys, py::arg("tokens"))
       .def("match", &PyLake::Match, py::arg("tokens"))
       .def("cache_load", &PyLake::CacheLoad, py::arg("requests"))
+      .def("cache_load_share", &PyLake::CacheLoadShare, py::arg("requests"),
+           py::arg("kv_bytes_per_s"), py::arg("attention_flops_per_s"), py::arg("batch_seconds"))
       .def("gen_plans", &PyLake::GenPlans, py::arg("batches"))
       .def("admit", &PyLake::Admit, py::arg("request"))
       .def("try_admit", &PyLake::TryAdmit, py::arg("request"))

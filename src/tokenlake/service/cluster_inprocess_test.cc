@@ -1,12 +1,24 @@
 // The coordinator and instance servers in one process (real gRPC, HTTP and TCP on 127.0.0.1,
 // no child processes), so that the daemons' code also runs under ASan/UBSan in CI (the
 // process-level tests in tests/service_cluster_test.cc are labelled slow).
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <memory>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -14,9 +26,13 @@
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/index/segment_id.h"
+#include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/coordinator.h"
 #include "tokenlake/service/instance_server.h"
 #include "tokenlake/service/local_cluster.h"
+#include "tokenlake/transport/cluster_secret.h"
+#include "tokenlake/transport/tcp_transport.h"
+#include "tokenlake/v1/tokenlake.grpc.pb.h"
 
 namespace tokenlake::service {
 namespace {
@@ -45,12 +61,14 @@ class InProcessClusterTest : public ::testing::Test {
     options_.lake_instances = 2;
     options_.slots_per_instance = 256;
     options_.model = engine::PoolModelShape(c, attention::KvDtype::kFloat32);
+    options_.cluster_secret = secret_;
     StartCoordinator();
     for (int i = 0; i < 2; ++i) {
       auto s = InstanceServer::Create(model_.get(), {.name = "in-process-" + std::to_string(i),
                                                      .preferred_id = i,
                                                      .coordinator_port = coordinator_->grpc_port(),
-                                                     .slots = 256});
+                                                     .slots = 256,
+                                                     .cluster_secret = secret_});
       ASSERT_TRUE(s.ok()) << s.status();
       instances_.push_back(std::move(*s));
     }
@@ -86,6 +104,7 @@ class InProcessClusterTest : public ::testing::Test {
 
   std::unique_ptr<engine::LlamaModel> model_;
   std::unique_ptr<engine::Engine> reference_;
+  const std::string secret_ = *transport::GenerateClusterSecret();
   CoordinatorOptions options_;
   std::unique_ptr<Coordinator> coordinator_;
   std::vector<std::unique_ptr<InstanceServer>> instances_;
@@ -143,7 +162,8 @@ TEST_F(InProcessClusterTest, LostInstanceFailsOverAndIsDeclaredDead) {
   auto s = InstanceServer::Create(model_.get(), {.name = "in-process-1",
                                                  .preferred_id = 1,
                                                  .coordinator_port = coordinator_->grpc_port(),
-                                                 .slots = 256});
+                                                 .slots = 256,
+                                                 .cluster_secret = secret_});
   ASSERT_TRUE(s.ok());
   instances_.push_back(std::move(*s));
   WaitForLive(1);
@@ -328,6 +348,214 @@ TEST_F(InProcessClusterTest, ConcurrentRequestsAreBatchedAndStillCorrect) {
   EXPECT_GE(iterations, kRequests * m);
   EXPECT_LT(batches, iterations);
   EXPECT_EQ(MetricValue(coordinator_->MetricsText(), "tokenlake_pool_pinned_segments"), 0);
+}
+
+// An instance whose transport cannot accept connections (out of descriptors) reports it in its
+// heartbeat: the coordinator stops routing to it and /healthz names it ("degraded"); once it
+// can accept again it serves again.
+TEST_F(InProcessClusterTest, AnInstanceThatCannotAcceptIsReportedUnhealthyAndGetsNoRequests) {
+  const int32_t port = instances_[1]->transport_port();
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+  int64_t open_fds = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) {
+    ++open_fds;
+  }
+  rlimit low = old;
+  low.rlim_cur = static_cast<rlim_t>(open_fds + 64);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+  std::vector<int> filler;
+  for (int fd; (fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0;) filler.push_back(fd);
+  ::close(filler.back());
+  filler.pop_back();
+  // A connection the instance cannot accept: its acceptor fails with EMFILE.
+  const int client = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  const bool connected =
+      client >= 0 && ::connect(client, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+  // Heartbeats (on the established gRPC connection) carry the report.
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  while (coordinator_->LiveInstances() != 1 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  const int32_t live_while_exhausted = coordinator_->LiveInstances();
+  for (int fd : filler) ::close(fd);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+  ASSERT_TRUE(connected);
+  EXPECT_EQ(live_while_exhausted, 1);
+  auto health = HttpGet(coordinator_->http_port(), "/healthz");
+  ASSERT_TRUE(health.ok()) << health.status();
+  EXPECT_EQ(health->first, 200);
+  EXPECT_THAT(health->second, HasSubstr("degraded"));
+  EXPECT_THAT(health->second, HasSubstr("instance 1 ('in-process-1')"));
+  EXPECT_THAT(health->second, HasSubstr("cannot accept a connection"));
+  // Meanwhile requests go to the healthy instance.
+  auto r = coordinator_->Complete({.prompt = Prompt(5), .max_tokens = 2});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->instance, 0);
+  ::close(client);
+  WaitForLive(2);
+  health = HttpGet(coordinator_->http_port(), "/healthz");
+  ASSERT_TRUE(health.ok());
+  EXPECT_THAT(health->second, HasSubstr("\"ok\""));
+}
+
+// Finding 1 of issue 15: a process without the cluster secret sprays forged GenerateReply
+// frames (every plausible correlation id, claiming to be every instance) at every port of the
+// cluster while honest requests run; it registers under a live instance's name and calls the
+// lake. None of it is accepted: the coordinator has no transport port (it dials instances and
+// believes replies only on those connections), instances refuse connections that fail the
+// handshake, and gRPC calls without a valid token are UNAUTHENTICATED. A caller with the secret
+// still cannot take over a live member's name.
+TEST_F(InProcessClusterTest, ForgedRepliesAndCallsWithoutTheSecretAreRefused) {
+  EXPECT_EQ(coordinator_->transport_port(), 0);
+  std::vector<int32_t> ports = {coordinator_->http_port(), coordinator_->grpc_port()};
+  for (const auto& i : instances_) ports.push_back(i->transport_port());
+  std::atomic<bool> stop{false};
+  std::atomic<int64_t> frames{0};
+  std::thread forger([&] {
+    v1::GenerateReply forged;
+    forged.add_tokens(0);
+    forged.add_tokens(0);
+    const std::string payload = forged.SerializeAsString();
+    while (!stop.load()) {
+      for (int32_t port : ports) {
+        const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        sockaddr_in addr{};
+        addr.sin_family = AF_INET;
+        addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        addr.sin_port = htons(static_cast<uint16_t>(port));
+        if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+          std::string bytes;
+          for (uint64_t id = 1; id <= 64; ++id) {
+            for (uint32_t from : {1u, 2u}) {
+              unsigned char h[32] = {0x54, 0x4C, 0x4B, 0x31};  // "TLK1"
+              std::memcpy(h + 4, &from, 4);
+              const uint32_t to = 0, tag = kGenerateReplyTag;
+              std::memcpy(h + 8, &to, 4);
+              std::memcpy(h + 12, &tag, 4);
+              std::memcpy(h + 16, &id, 8);
+              const uint64_t size = payload.size();
+              std::memcpy(h + 24, &size, 8);
+              bytes.append(reinterpret_cast<char*>(h), 32).append(payload);
+            }
+          }
+          ::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+          frames.fetch_add(128);
+        }
+        ::close(fd);
+      }
+    }
+  });
+  for (int i = 0; i < 6; ++i) {
+    auto r = coordinator_->Complete({.prompt = Prompt(i), .max_tokens = 2});
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->tokens, Expected(Prompt(i), 2)) << "request " << i;
+  }
+  stop.store(true);
+  forger.join();
+  EXPECT_GT(frames.load(), 0);
+
+  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", coordinator_->grpc_port()),
+                                     grpc::InsecureChannelCredentials());
+  auto stub = v1::Coordinator::NewStub(channel);
+  v1::RegisterRequest impostor;
+  impostor.set_name("in-process-1");
+  impostor.set_transport_port(instances_[0]->transport_port());  // any port that listens
+  impostor.set_namespace_name(options_.namespace_name);
+  impostor.set_segment_tokens(options_.segment_tokens);
+  {
+    grpc::ClientContext ctx;
+    v1::RegisterReply reply;
+    const grpc::Status s = stub->Register(&ctx, impostor, &reply);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << s.error_message();
+  }
+  {
+    grpc::ClientContext ctx;
+    AuthorizeCall(&ctx, *transport::GenerateClusterSecret(), "Register");  // a wrong secret
+    v1::RegisterReply reply;
+    const grpc::Status s = stub->Register(&ctx, impostor, &reply);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << s.error_message();
+  }
+  {
+    // With the secret, but the member is alive and its transport answers.
+    grpc::ClientContext ctx;
+    AuthorizeCall(&ctx, secret_, "Register");
+    v1::RegisterReply reply;
+    const grpc::Status s = stub->Register(&ctx, impostor, &reply);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::ALREADY_EXISTS) << s.error_message();
+    EXPECT_THAT(s.error_message(), HasSubstr("is alive"));
+  }
+  {
+    auto lake = v1::Lake::NewStub(channel);
+    grpc::ClientContext ctx;
+    v1::PlanBatchRequest in;
+    in.add_release_request_ids(1);
+    v1::PlanBatchReply out;
+    EXPECT_EQ(lake->PlanBatch(&ctx, in, &out).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  }
+  const std::string m = coordinator_->MetricsText();
+  EXPECT_EQ(MetricValue(m, "tokenlake_refused_total{kind=\"unauthenticated\"}"), 3);
+  EXPECT_EQ(MetricValue(m, "tokenlake_refused_total{kind=\"live_name\"}"), 1);
+  // Both instances are still members and serve.
+  EXPECT_EQ(coordinator_->LiveInstances(), 2);
+  EXPECT_EQ(instances_[1]->registrations(), 1);
+  for (int i = 0; i < 4; ++i) {
+    auto r = coordinator_->Complete({.prompt = Prompt(10 + i), .max_tokens = 2});
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->tokens, Expected(Prompt(10 + i), 2));
+  }
+}
+
+// Finding 9 of issue 15: under load a plan named a segment its holder did not have ("SegmentStore::
+// Pin ... is not stored on instance k"); the retry hid it. Many clients reach a new shared prefix
+// at the same moment, round after round, so that plans read segments committed an instant
+// earlier by another instance's request. Every answer is right on its first attempt.
+TEST_F(InProcessClusterTest, ConcurrentFirstUsesOfAPrefixAreServedOnTheFirstAttempt) {
+  const char* env = std::getenv("TOKENLAKE_TEST_SEED");
+  const uint64_t seed = 915 + (env != nullptr ? std::strtoull(env, nullptr, 10) : 0);
+  std::cout << "seed=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  // Computing instances take turns: requests of one round run on both instances at once.
+  options_.rotate_compute_instance = true;
+  options_.grpc_port = coordinator_->grpc_port();
+  coordinator_.reset();
+  StartCoordinator();
+  WaitForLive(2);
+  const int kRounds = 30, kClients = 6;
+  int64_t retried = 0, requests = 0;
+  for (int round = 0; round < kRounds; ++round) {
+    std::vector<int32_t> shared;
+    for (int i = 0; i < 48; ++i) shared.push_back(static_cast<int32_t>(rng() % 512));
+    std::vector<std::vector<int32_t>> prompts;
+    for (int c = 0; c < kClients; ++c) {
+      std::vector<int32_t> p = shared;
+      for (int i = 0; i < 5 + c; ++i) p.push_back(static_cast<int32_t>(rng() % 512));
+      prompts.push_back(std::move(p));
+    }
+    std::vector<absl::StatusOr<CompletionResult>> results(kClients, absl::UnknownError("not run"));
+    std::vector<std::thread> clients;
+    for (int c = 0; c < kClients; ++c) {
+      clients.emplace_back([&, c] {
+        results[static_cast<size_t>(c)] =
+            coordinator_->Complete({.prompt = prompts[static_cast<size_t>(c)], .max_tokens = 3});
+      });
+    }
+    for (std::thread& t : clients) t.join();
+    for (int c = 0; c < kClients; ++c) {
+      SCOPED_TRACE(testing::Message() << "seed=" << seed << " round " << round << " client " << c);
+      const auto& r = results[static_cast<size_t>(c)];
+      ASSERT_TRUE(r.ok()) << r.status();
+      EXPECT_EQ(r->tokens, Expected(prompts[static_cast<size_t>(c)], 3));
+      retried += r->attempts > 1 ? 1 : 0;
+      ++requests;
+    }
+  }
+  std::cout << requests << " requests, " << retried << " needed a retry\n";
+  EXPECT_EQ(retried, 0);
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <random>
 #include <thread>
 #include <utility>
@@ -21,14 +22,18 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "nlohmann/json.hpp"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/base/status_macros.h"
 #include "tokenlake/index/segment_id.h"
 #include "tokenlake/lake/control_plane.h"
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/lake/prompt.h"
+#include "tokenlake/service/call_auth.h"
+#include "tokenlake/service/incarnation.h"
 #include "tokenlake/service/lake_rpc.h"
 #include "tokenlake/service/metrics.h"
+#include "tokenlake/transport/cluster_secret.h"
 #include "tokenlake/transport/tcp_transport.h"
 #include "tokenlake/v1/tokenlake.grpc.pb.h"
 
@@ -64,6 +69,8 @@ struct Member {
   int64_t capacity_slots = 0;
   int64_t slot_bytes = 0;
   int64_t incarnations = 0;
+  // Non-empty while the instance reports that its transport cannot accept or dial.
+  std::string transport_error;
 };
 
 struct Pending {
@@ -134,26 +141,31 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   class LakeService final : public v1::Lake::Service {
    public:
     explicit LakeService(Impl* impl) : impl_(impl) {}
-    grpc::Status PlanIteration(grpc::ServerContext*, const v1::PlanIterationRequest* request,
+    grpc::Status PlanIteration(grpc::ServerContext* ctx, const v1::PlanIterationRequest* request,
                                v1::PlanIterationReply* reply) override {
+      if (grpc::Status a = impl_->Authenticate(ctx, "PlanIteration"); !a.ok()) return a;
       return impl_->PlanIteration(*request, reply);
     }
-    grpc::Status Commit(grpc::ServerContext*, const v1::CommitRequest* request,
+    grpc::Status Commit(grpc::ServerContext* ctx, const v1::CommitRequest* request,
                         v1::CommitReply* reply) override {
+      if (grpc::Status a = impl_->Authenticate(ctx, "Commit"); !a.ok()) return a;
       return impl_->CommitIteration(*request, reply);
     }
-    grpc::Status Release(grpc::ServerContext*, const v1::ReleaseRequest* request,
+    grpc::Status Release(grpc::ServerContext* ctx, const v1::ReleaseRequest* request,
                          v1::ReleaseReply*) override {
+      if (grpc::Status a = impl_->Authenticate(ctx, "Release"); !a.ok()) return a;
       impl_->lake_rpcs_[kReleaseRpc].fetch_add(1, std::memory_order_relaxed);
       absl::MutexLock lock(&impl_->lake_mu_);
       return ToGrpc(impl_->lake_->Release(RequestId(request->request_id())));
     }
-    grpc::Status ReleaseAndPlan(grpc::ServerContext*, const v1::ReleaseAndPlanRequest* request,
+    grpc::Status ReleaseAndPlan(grpc::ServerContext* ctx, const v1::ReleaseAndPlanRequest* request,
                                 v1::PlanIterationReply* reply) override {
+      if (grpc::Status a = impl_->Authenticate(ctx, "ReleaseAndPlan"); !a.ok()) return a;
       return impl_->ReleaseAndPlan(*request, reply);
     }
-    grpc::Status PlanBatch(grpc::ServerContext*, const v1::PlanBatchRequest* request,
+    grpc::Status PlanBatch(grpc::ServerContext* ctx, const v1::PlanBatchRequest* request,
                            v1::PlanBatchReply* reply) override {
+      if (grpc::Status a = impl_->Authenticate(ctx, "PlanBatch"); !a.ok()) return a;
       return impl_->PlanBatch(*request, reply);
     }
 
@@ -167,9 +179,12 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       return absl::InvalidArgumentError(absl::StrCat("Coordinator: ", lk.status().message()));
     }
     lake_ = std::move(*lk);
+    // The coordinator accepts no transport connections: it dials each instance and believes an
+    // instance's replies only on the connection it opened to it.
     auto tcp = transport::TcpTransport::Create({.num_endpoints = kMaxInstances + 1,
                                                 .local_endpoints = {InstanceId(0)},
-                                                .port = options_.transport_port});
+                                                .secret = options_.cluster_secret,
+                                                .listen = false});
     if (!tcp.ok()) return tcp.status();
     tcp_ = std::move(*tcp);
     auto fault = transport::FaultTransport::Create(tcp_.get(), options_.faults);
@@ -229,8 +244,16 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
 
   // ---- gRPC ----
 
-  grpc::Status Register(grpc::ServerContext*, const v1::RegisterRequest* request,
+  // Every call must carry a token made with the cluster secret (call_auth.h).
+  grpc::Status Authenticate(const grpc::ServerContext* ctx, std::string_view method) {
+    grpc::Status s = CheckCall(ctx, options_.cluster_secret, method);
+    if (!s.ok()) unauthenticated_calls_.fetch_add(1, std::memory_order_relaxed);
+    return s;
+  }
+
+  grpc::Status Register(grpc::ServerContext* ctx, const v1::RegisterRequest* request,
                         v1::RegisterReply* reply) override {
+    if (grpc::Status a = Authenticate(ctx, "Register"); !a.ok()) return a;
     if (request->namespace_name() != options_.namespace_name ||
         request->segment_tokens() != options_.segment_tokens) {
       return grpc::Status(
@@ -250,6 +273,26 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     }
     if (request->transport_port() < 1 || request->transport_port() > 65535) {
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "transport_port outside [1, 65535]");
+    }
+    // A live member's name is taken over only once its old incarnation is proven gone
+    // (incarnation.h); checked without the locks (it may probe the old transport port).
+    std::optional<LiveIncarnation> old;
+    {
+      absl::MutexLock lock(&mu_);
+      for (int32_t i = 0; i < options_.lake_instances; ++i) {
+        const Member& m = members_[i];
+        if (m.registered && m.alive && m.name == request->name()) {
+          old = LiveIncarnation{m.name, i, m.transport_port, m.last_heartbeat};
+        }
+      }
+    }
+    if (old.has_value()) {
+      absl::Status gone = CheckIncarnationGone(*old, request->transport_port(), options_.dead_after,
+                                               options_.cluster_secret, absl::Now());
+      if (!gone.ok()) {
+        refused_registrations_.fetch_add(1, std::memory_order_relaxed);
+        return ToGrpc(gone);
+      }
     }
     absl::MutexLock lake_lock(&lake_mu_);
     absl::MutexLock lock(&mu_);
@@ -314,8 +357,9 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     return grpc::Status::OK;
   }
 
-  grpc::Status Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* request,
+  grpc::Status Heartbeat(grpc::ServerContext* ctx, const v1::HeartbeatRequest* request,
                          v1::HeartbeatReply* reply) override {
+    if (grpc::Status a = Authenticate(ctx, "Heartbeat"); !a.ok()) return a;
     absl::MutexLock lake_lock(&lake_mu_);
     absl::MutexLock lock(&mu_);
     const int32_t id = request->instance_id();
@@ -343,7 +387,8 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   }
 
   bool Routable(int32_t i) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return i >= 0 && i < options_.lake_instances && members_[i].alive && members_[i].data_port > 0;
+    return i >= 0 && i < options_.lake_instances && members_[i].alive &&
+           members_[i].data_port > 0 && members_[i].transport_error.empty();
   }
 
   // Routable, and every routable instance has been told its data port (so whoever it sends
@@ -515,7 +560,10 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       RequestId lake_request;
       {
         absl::MutexLock lock(&mu_);
-        ticket = next_ticket_++;
+        // Unpredictable, so that nobody can guess which reply a request waits for.
+        do {
+          ticket = transport::RandomU64();
+        } while (ticket == 0 || pending_.count(ticket) > 0);
         lake_request = RequestId(next_request_id_++);
         pending_[ticket].instance = id;
         ++members_[id].in_flight;
@@ -837,6 +885,13 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       m.since_version = ++membership_version_;
     }
     m.traffic = state.traffic();
+    if (state.transport_error() != m.transport_error) {
+      m.transport_error = state.transport_error();
+      ++membership_version_;
+      std::fprintf(stderr, "tokenlake coordinator: instance %d ('%s') %s%s\n", id, m.name.c_str(),
+                   m.transport_error.empty() ? "is healthy again" : "unhealthy: ",
+                   m.transport_error.c_str());
+    }
   }
 
   // Takes the instance's report into the lake: restores what it holds that the lake does not
@@ -970,11 +1025,9 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       res.set_content(MetricsText(), "text/plain; version=0.0.4");
     });
     http_->Get("/healthz", [this](const httplib::Request&, httplib::Response& res) {
-      const int32_t live = LiveInstances();
-      res.status = live > 0 ? 200 : 503;
-      res.set_content(absl::StrFormat("{\"status\":\"%s\",\"live_instances\":%d}",
-                                      live > 0 ? "ok" : "no live instance", live),
-                      "application/json");
+      const HealthReport h = Health();
+      res.status = h.http_status;
+      res.set_content(h.json, "application/json");
     });
     http_->set_error_handler([](const httplib::Request&, httplib::Response& res) {
       if (!res.body.empty()) return;
@@ -1133,6 +1186,13 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       w.Sample("tokenlake_lake_rpcs_total", {{"call", call}},
                static_cast<double>(lake_rpcs_[rpc].load(std::memory_order_relaxed)));
     }
+    w.Family("tokenlake_refused_total", "counter",
+             "Calls refused: without a valid cluster call token, and registrations under a live "
+             "member's name.");
+    w.Sample("tokenlake_refused_total", {{"kind", "unauthenticated"}},
+             static_cast<double>(unauthenticated_calls_.load()));
+    w.Sample("tokenlake_refused_total", {{"kind", "live_name"}},
+             static_cast<double>(refused_registrations_.load()));
     w.Family("tokenlake_rebalance_actions_total", "counter",
              "Rebalance actions sent to instances (replicate, move, drop).");
     w.Sample("tokenlake_rebalance_actions_total", {}, static_cast<double>(rebalance_actions_));
@@ -1152,6 +1212,38 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
              "Planned reads of a rebalance copy not yet confirmed, served by its source instead.");
     w.Sample("tokenlake_rebalance_redirects_total", {}, static_cast<double>(fresh_redirects_));
     return w.text();
+  }
+
+  // GET /healthz: 200 "ok" when every registered instance is live and healthy and the
+  // coordinator's own transport works; 200 "degraded" (naming the problems) when some are not
+  // but one can serve; 503 when none can (or the coordinator cannot reach instances).
+  struct HealthReport {
+    int http_status = 200;
+    std::string json;
+  };
+  HealthReport Health() const {
+    nlohmann::json problems = nlohmann::json::array();
+    if (absl::Status own = tcp_->Health(); !own.ok()) {
+      problems.push_back(absl::StrCat("coordinator: ", own.message()));
+    }
+    absl::MutexLock lock(&mu_);
+    int32_t live = 0;
+    for (int32_t i = 0; i < options_.lake_instances; ++i) {
+      const Member& m = members_[i];
+      live += Ready(i) ? 1 : 0;
+      if (m.registered && m.alive && !m.transport_error.empty()) {
+        problems.push_back(absl::StrFormat("instance %d ('%s'): %s", i, m.name, m.transport_error));
+      }
+    }
+    const bool serving = live > 0 && tcp_->Health().ok();
+    HealthReport r;
+    r.http_status = serving ? 200 : 503;
+    nlohmann::json j = {{"status", !serving ? (live > 0 ? "unhealthy" : "no live instance")
+                                            : (problems.empty() ? "ok" : "degraded")},
+                        {"live_instances", live}};
+    if (!problems.empty()) j["problems"] = problems;
+    r.json = j.dump();
+    return r;
   }
 
   int32_t LiveInstances() const {
@@ -1198,7 +1290,6 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   std::vector<Member> members_ ABSL_GUARDED_BY(mu_);
   // A std::map: a waiter's Pending* stays valid while other requests come and go.
   std::map<uint64_t, Pending> pending_ ABSL_GUARDED_BY(mu_);
-  uint64_t next_ticket_ ABSL_GUARDED_BY(mu_) = 1;
   uint64_t next_request_id_ ABSL_GUARDED_BY(mu_) = 1;
   // Bumped whenever an instance's data port appears, changes or goes (see Ready()).
   int64_t membership_version_ ABSL_GUARDED_BY(mu_) = 0;
@@ -1221,6 +1312,8 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   int64_t remote_stored_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t plan_iterations_ ABSL_GUARDED_BY(mu_) = 0;
   std::array<std::atomic<int64_t>, kNumLakeRpcs> lake_rpcs_{};
+  std::atomic<int64_t> unauthenticated_calls_{0};
+  std::atomic<int64_t> refused_registrations_{0};
   int64_t rebalance_actions_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t routing_overrides_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t reconcile_frees_ ABSL_GUARDED_BY(mu_) = 0;

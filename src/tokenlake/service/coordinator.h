@@ -13,7 +13,11 @@
 //     tokenlake.proto); an instance without a heartbeat for `dead_after` is marked dead and
 //     Lake::DropInstance removes its replicas (segments whose last copy it held leave the tree
 //     with their subtrees), requests waiting on it fail over; a restarted instance rejoins empty
-//     under its name. Register / Heartbeat replies carry the data-plane ports of the live
+//     under its name, once its old incarnation is proven gone (incarnation.h: lease expired,
+//     or its transport port no longer answers; ALREADY_EXISTS until then); an instance that
+//     reports a broken transport (InstanceState.transport_error) gets no requests and is named
+//     on /healthz. Every gRPC call carries a token made with the cluster secret
+//     (call_auth.h). Register / Heartbeat replies carry the data-plane ports of the live
 //     instances (peers), so that instances route attend / pull / store / free to each other;
 //   - rebuild: after a coordinator restart the instances re-register with what they hold
 //     (each segment with its parent and token count) and Lake::RestoreReplicas rebuilds the tree
@@ -39,11 +43,13 @@
 //     An instance gets requests only once every live instance has been sent its data port
 //     (membership versions), so that every holder can answer it;
 //   - the data path: the request (with a lake request id the coordinator assigns, unique across
-//     instances) goes to the computing instance over the host transport (TcpTransport, wrapped
-//     in a FaultTransport so tests can drop, delay or cut), with a deadline. An instance that
-//     does not answer is excluded and the request fails over; an instance that answers with an
-//     error (e.g. a holder of the plan died: unreachable or past its deadline) is retried after
-//     retry_backoff x attempt (by then the dead holder is usually marked dead), up to
+//     instances, and a random correlation id) goes to the computing instance over the host
+//     transport (TcpTransport, wrapped in a FaultTransport so tests can drop, delay or cut), with
+//     a deadline; the coordinator dials every instance (authenticated with the cluster secret)
+//     and accepts an instance's reply only on the connection it opened to that instance. An
+//     instance that does not answer is excluded and the request fails over; an instance that
+//     answers with an error (e.g. a holder of the plan died: unreachable or past its deadline) is
+//     retried after retry_backoff x attempt (by then the dead holder is usually marked dead), up to
 //     max_attempts within request_timeout. The coordinator releases the failed attempt's pins.
 //     Generation is deterministic, so a retried request gets the same answer;
 //   - the HTTP front end (cpp-httplib): POST /v1/completions, GET /metrics (Prometheus text),
@@ -110,10 +116,17 @@ struct CoordinatorOptions {
   // After a restart, segments an instance reports whose parent is unknown are kept (and retried
   // on its heartbeats) for this long, while other instances re-register; later they are freed.
   absl::Duration restore_window = absl::Seconds(5);
-  // Ports on 127.0.0.1 (0 = any free port).
+  // Ports on 127.0.0.1 (0 = any free port). transport_port is not used: the coordinator
+  // accepts no host-transport connections (it dials the instances and reads their replies on
+  // those connections), and transport_port() is 0.
   int32_t http_port = 0;
   int32_t grpc_port = 0;
   int32_t transport_port = 0;
+  // The cluster secret (raw bytes; transport/cluster_secret.h). Non-empty: every gRPC call must
+  // carry a call token made with it (call_auth.h; UNAUTHENTICATED otherwise) and every
+  // host-transport connection is authenticated with it. Empty: neither is (a warning-worthy
+  // setup, for tests and manual runs).
+  std::string cluster_secret;
   // Membership: the heartbeat period asked of instances, and the silence after which an
   // instance is declared dead (> heartbeat_interval).
   absl::Duration heartbeat_interval = absl::Milliseconds(200);

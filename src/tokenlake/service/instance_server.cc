@@ -16,6 +16,7 @@
 #include "absl/time/clock.h"
 #include "tokenlake/engine/instance_pool.h"
 #include "tokenlake/engine/pool_shape.h"
+#include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/coordinator.h"
 #include "tokenlake/service/lake_rpc.h"
 #include "tokenlake/transport/tcp_transport.h"
@@ -53,9 +54,12 @@ class InstanceServer::Impl {
   absl::Status Start() {
     std::vector<InstanceId> endpoints;
     for (int32_t i = 1; i <= kMaxInstances; ++i) endpoints.push_back(InstanceId(i));
+    // The coordinator (endpoint 0) dials this transport and is answered on its connection.
     auto tcp = transport::TcpTransport::Create({.num_endpoints = kMaxInstances + 1,
                                                 .local_endpoints = endpoints,
-                                                .port = options_.transport_port});
+                                                .port = options_.transport_port,
+                                                .secret = options_.cluster_secret,
+                                                .answer_on_incoming = {InstanceId(0)}});
     if (!tcp.ok()) return tcp.status();
     tcp_ = std::move(*tcp);
     const engine::LlamaConfig& c = model_->config();
@@ -89,8 +93,10 @@ class InstanceServer::Impl {
     auto dp = std::make_shared<DataPlane>();
     dp->id = id;
     dp->lake_instances = n;
-    auto tcp = transport::TcpTransport::Create(
-        {.num_endpoints = 2 * n, .local_endpoints = {InstanceId(id), InstanceId(n + id)}});
+    auto tcp =
+        transport::TcpTransport::Create({.num_endpoints = 2 * n,
+                                         .local_endpoints = {InstanceId(id), InstanceId(n + id)},
+                                         .secret = options_.cluster_secret});
     if (!tcp.ok()) return tcp.status();
     dp->tcp = std::move(*tcp);
     engine::InstancePool::Options po{.num_instances = n,
@@ -99,14 +105,16 @@ class InstanceServer::Impl {
                                      .slots_per_instance = options_.slots,
                                      .reply_timeout = options_.data_timeout,
                                      .external_transport = dp->tcp.get(),
-                                     .endpoint_base = 0};
+                                     .endpoint_base = 0,
+                                     .missing_segment_grace = options_.missing_segment_grace};
     po.hosted = {InstanceId(id)};
     auto pool = engine::InstancePool::Create(po);
     if (!pool.ok()) return pool.status();
     dp->pool = std::move(*pool);
     auto control = RemoteControlPlane::Create({.coordinator_port = options_.coordinator_port,
                                                .num_instances = n,
-                                               .call_timeout = options_.control_timeout});
+                                               .call_timeout = options_.control_timeout,
+                                               .cluster_secret = options_.cluster_secret});
     if (!control.ok()) return control.status();
     dp->control = std::move(*control);
     auto eng = engine::Engine::CreateOverPool(
@@ -182,6 +190,14 @@ class InstanceServer::Impl {
       state.set_used_slots(dp->pool->store(self).used());
       state.set_data_port(dp->tcp->port());
     }
+    // A transport that cannot accept or dial (e.g. out of descriptors) makes the instance
+    // unusable however alive it looks: the coordinator stops routing to it.
+    for (const transport::TcpTransport* t : {tcp_.get(), dp != nullptr ? dp->tcp.get() : nullptr}) {
+      if (t == nullptr) continue;
+      if (absl::Status h = t->Health(); !h.ok() && state.transport_error().empty()) {
+        state.set_transport_error(std::string(h.message()));
+      }
+    }
     state.set_capacity_slots(options_.slots);
     state.set_slot_bytes(layout_.SlotBytes());
     state.set_requests_served(served_.load());
@@ -219,17 +235,19 @@ class InstanceServer::Impl {
     v1::RegisterReply reply;
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));
+    AuthorizeCall(&ctx, options_.cluster_secret, "Register");
     grpc::Status s = stub_->Register(&ctx, request, &reply);
     if (!s.ok()) {
       if (s.error_code() == grpc::StatusCode::FAILED_PRECONDITION ||
           s.error_code() == grpc::StatusCode::INVALID_ARGUMENT ||
-          s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+          s.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED ||
+          s.error_code() == grpc::StatusCode::ALREADY_EXISTS ||
+          s.error_code() == grpc::StatusCode::UNAUTHENTICATED) {
         std::fprintf(stderr, "tokenlake instance %s: registration refused: %s\n",
                      options_.name.c_str(), s.error_message().c_str());
       }
       return false;
     }
-    if (!tcp_->SetPeer(InstanceId(0), reply.coordinator_transport_port()).ok()) return false;
     std::shared_ptr<DataPlane> dp = Data();
     if (dp == nullptr || dp->id != reply.instance_id() ||
         dp->lake_instances != reply.lake_instances()) {
@@ -277,6 +295,7 @@ class InstanceServer::Impl {
       v1::HeartbeatReply reply;
       grpc::ClientContext ctx;
       ctx.set_deadline(absl::ToChronoTime(absl::Now() + interval));
+      AuthorizeCall(&ctx, options_.cluster_secret, "Heartbeat");
       grpc::Status s = stub_->Heartbeat(&ctx, request, &reply);
       if (s.ok()) {
         ApplyPeers(reply.peers());

@@ -20,6 +20,8 @@
 // rebalance orders (host-transport tag kRebalanceTag) make it copy a segment from another
 // instance (pull + store here), move it (copy, then free at the source) or drop it.
 //
+// The coordinator dials this instance's host transport; replies go back on that connection.
+//
 // After a coordinator restart its heartbeat is refused (NOT_FOUND) and it registers again with
 // everything it holds, which rebuilds the coordinator's prefix tree. A request whose deadline
 // has passed when it is dequeued is answered DeadlineExceeded without being computed. If a
@@ -65,6 +67,14 @@ struct InstanceServerOptions {
   absl::Duration data_timeout = absl::Seconds(2);
   // Deadline of one call to the coordinator's lake.
   absl::Duration control_timeout = absl::Seconds(5);
+  // How long this instance, as a holder, waits for a segment that another request's plan
+  // reads here but whose store has not arrived yet (engine::InstancePool::Options::
+  // missing_segment_grace: the lake lists a new copy when its Commit returns, before the
+  // committing engine has stored it).
+  absl::Duration missing_segment_grace = absl::Milliseconds(200);
+  // The cluster secret (raw bytes; transport/cluster_secret.h), the coordinator's: it
+  // authenticates this instance's gRPC calls and its transports' connections. Empty = none.
+  std::string cluster_secret;
 };
 
 class InstanceServer {

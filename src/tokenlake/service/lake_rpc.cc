@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "tokenlake/service/call_auth.h"
 
 namespace tokenlake::service {
 
@@ -197,6 +198,7 @@ absl::StatusOr<lake::IterationPlan> RemoteControlPlane::PlanIteration(
   v1::PlanIterationReply out;
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
+  AuthorizeCall(&ctx, options_.cluster_secret, "PlanIteration");
   if (absl::Status s = FromGrpc(stub_->PlanIteration(&ctx, in, &out), "PlanIteration"); !s.ok()) {
     return s;
   }
@@ -214,6 +216,7 @@ absl::StatusOr<lake::CommitResult> RemoteControlPlane::Commit(
   v1::CommitReply out;
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
+  AuthorizeCall(&ctx, options_.cluster_secret, "Commit");
   if (absl::Status s = FromGrpc(stub_->Commit(&ctx, in, &out), "Commit"); !s.ok()) return s;
   return FromProto(out);
 }
@@ -224,6 +227,7 @@ absl::Status RemoteControlPlane::Release(RequestId request) {
   v1::ReleaseReply out;
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
+  AuthorizeCall(&ctx, options_.cluster_secret, "Release");
   return FromGrpc(stub_->Release(&ctx, in, &out), "Release");
 }
 
@@ -235,6 +239,7 @@ absl::StatusOr<lake::IterationPlan> RemoteControlPlane::ReleaseAndPlan(
   v1::PlanIterationReply out;
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
+  AuthorizeCall(&ctx, options_.cluster_secret, "ReleaseAndPlan");
   if (absl::Status s = FromGrpc(stub_->ReleaseAndPlan(&ctx, in, &out), "ReleaseAndPlan"); !s.ok()) {
     return s;
   }
@@ -249,6 +254,7 @@ absl::StatusOr<std::vector<lake::BatchPlanEntry>> RemoteControlPlane::PlanBatch(
   v1::PlanBatchReply out;
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
+  AuthorizeCall(&ctx, options_.cluster_secret, "PlanBatch");
   if (absl::Status s = FromGrpc(stub_->PlanBatch(&ctx, in, &out), "PlanBatch"); !s.ok()) return s;
   if (out.entries_size() != static_cast<int>(requests.size())) {
     return absl::DataLossError(absl::StrFormat("PlanBatch: %d entries for %d requests",

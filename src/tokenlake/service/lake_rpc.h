@@ -16,6 +16,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -64,6 +65,9 @@ class RemoteControlPlane final : public lake::ControlPlane {
     int32_t num_instances = 1;
     // Deadline of one call (DeadlineExceeded after).
     absl::Duration call_timeout = absl::Seconds(5);
+    // The cluster secret (raw bytes): every call carries a token made with it (call_auth.h);
+    // empty = none.
+    std::string cluster_secret;
   };
   // Errors: InvalidArgument naming a bad option.
   static absl::StatusOr<std::unique_ptr<RemoteControlPlane>> Create(const Options& options);

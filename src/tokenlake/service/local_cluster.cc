@@ -10,6 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
+#include "tokenlake/transport/cluster_secret.h"
 
 namespace tokenlake::service {
 namespace {
@@ -58,6 +59,9 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
     return absl::InvalidArgumentError("LocalCluster: instances must be >= 1");
   }
   std::unique_ptr<LocalCluster> c(new LocalCluster(options));
+  absl::StatusOr<std::string> secret = transport::GenerateClusterSecret();
+  if (!secret.ok()) return secret.status();
+  c->secret_env_ = absl::StrCat(transport::kClusterSecretEnv, "=", transport::ToHex(*secret));
   c->port_file_ = absl::StrFormat("%s/tokenlake-coordinator-%d-%p.ports", options.work_dir,
                                   ::getpid(), c.get());
   if (absl::Status s = c->StartCoordinator(false); !s.ok()) return s;
@@ -108,12 +112,17 @@ absl::Status LocalCluster::StartCoordinator(bool reuse_ports) {
                              absl::StrCat(transport_port_)});
   }
   argv.insert(argv.end(), options_.coordinator_flags.begin(), options_.coordinator_flags.end());
-  auto child = ChildProcess::Spawn(argv, Log("coordinator"));
+  auto child = ChildProcess::Spawn(argv, Log("coordinator"), {secret_env_});
   if (!child.ok()) return child.status();
   coordinator_ = std::move(*child);
   // The old coordinator's ports may take a moment to be free again: retry a few times.
-  absl::StatusOr<std::string> text = WaitForFile(port_file_, options_.ready_timeout);
-  if (!text.ok()) return text.status();
+  absl::StatusOr<std::string> text =
+      WaitForFile(port_file_, options_.ready_timeout, [this] { return !coordinator_->running(); });
+  if (!text.ok()) {
+    return absl::UnavailableError(absl::StrCat("LocalCluster: the coordinator did not start (",
+                                               text.status().message(), "; log ",
+                                               Log("coordinator"), ")"));
+  }
   absl::StatusOr<CoordinatorPorts> ports = ParsePortFile(*text, port_file_);
   // The file is written by the coordinator we started: a bad one is our system's fault.
   if (!ports.ok())
@@ -139,10 +148,13 @@ absl::StatusOr<CoordinatorPorts> ParsePortFile(std::string_view text, std::strin
       return absl::InvalidArgumentError(absl::StrFormat("port file %s has no '%s'", path, key));
     }
     // A port is an integer: 8080, not 8080.5, "8080" or true (nlohmann's get<int> would truncate
-    // the first and throw on the others).
-    if (!it->is_number_integer() || it->get<int64_t>() < 1 || it->get<int64_t>() > 65535) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "port file %s: '%s' must be an integer in [1, 65535], got %s", path, key, it->dump()));
+    // the first and throw on the others). transport_port may be 0: the coordinator listens on no
+    // transport port (it dials the instances).
+    const int64_t lowest = out == &ports.transport_port ? 0 : 1;
+    if (!it->is_number_integer() || it->get<int64_t>() < lowest || it->get<int64_t>() > 65535) {
+      return absl::InvalidArgumentError(
+          absl::StrFormat("port file %s: '%s' must be an integer in [%d, 65535], got %s", path, key,
+                          lowest, it->dump()));
     }
     *out = it->get<int32_t>();
   }
@@ -167,7 +179,7 @@ absl::Status LocalCluster::StartInstance(int32_t i) {
                                    "--slots",
                                    absl::StrCat(options_.slots),
                                    "--exit-with-parent"};
-  auto child = ChildProcess::Spawn(argv, Log(absl::StrCat("instance-", i)));
+  auto child = ChildProcess::Spawn(argv, Log(absl::StrCat("instance-", i)), {secret_env_});
   if (!child.ok()) return child.status();
   instances_[i] = std::move(*child);
   return absl::OkStatus();
@@ -217,6 +229,24 @@ int32_t LocalCluster::RestartExitedInstances() {
     if (!InstanceRunning(i) && StartInstance(i).ok()) ++n;
   }
   return n;
+}
+
+std::optional<int> LocalCluster::CoordinatorExitCode() {
+  if (coordinator_ == nullptr) return std::nullopt;
+  absl::StatusOr<int> code = coordinator_->Wait(absl::ZeroDuration());
+  if (!code.ok()) return std::nullopt;
+  return *code;
+}
+
+int32_t LocalCluster::coordinator_pid() const {
+  return coordinator_ != nullptr ? coordinator_->pid() : -1;
+}
+
+absl::Status LocalCluster::StartCoordinatorAgain() {
+  if (coordinator_ != nullptr && coordinator_->running()) {
+    return absl::FailedPreconditionError("LocalCluster: the coordinator is still running");
+  }
+  return StartCoordinator(true);
 }
 
 absl::Status LocalCluster::RestartCoordinator() {

@@ -1,5 +1,8 @@
 // LocalCluster: a whole TokenLake cluster on loopback as processes of the `tokenlake` binary:
 // one `tokenlake coordinator` and N `tokenlake instance` children (each dies with this process).
+// It generates the cluster secret (random) and hands it to every child in the environment
+// (TOKENLAKE_CLUSTER_SECRET, never on a command line), so that the children authenticate each
+// other's transport connections and gRPC calls.
 // Used by `tokenlake serve`, the cluster fault tests and the load test. Faults: kill or restart
 // an instance, restart the coordinator (on the same ports, so instances find it again).
 //
@@ -9,6 +12,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -57,7 +61,8 @@ struct CoordinatorPorts {
 };
 
 // Parses a port file's text: a JSON object {"http_port", "grpc_port", "transport_port"}, each an
-// integer in [1, 65535] (other fields are ignored).
+// integer in [1, 65535], transport_port in [0, 65535] (0: the coordinator listens on no
+// transport port; other fields are ignored).
 // Errors: InvalidArgument naming `path` and what is wrong (not a JSON object; which field is
 // missing, not an integer or out of range).
 absl::StatusOr<CoordinatorPorts> ParsePortFile(std::string_view text, std::string_view path);
@@ -87,6 +92,15 @@ class LocalCluster {
   // SIGKILLs the coordinator and starts a new one on the same ports; waits until every running
   // instance has registered again.
   absl::Status RestartCoordinator();
+  // The coordinator's exit code once its process has exited (reaped); nullopt while it runs.
+  std::optional<int> CoordinatorExitCode();
+  // The coordinator process's id (-1 before Start).
+  int32_t coordinator_pid() const;
+  // Starts the coordinator again on the same ports after it exited (serve's supervisor; the
+  // instances find it again and re-register). Does not wait for the instances.
+  // Errors: FailedPrecondition (still running); Unavailable when it exits before it listens
+  // (names its log), DeadlineExceeded when it does not listen within ready_timeout.
+  absl::Status StartCoordinatorAgain();
   // Whether instance i's process is running.
   bool InstanceRunning(int32_t i);
   // Restarts instances whose process exited (serve's supervisor). Returns how many.
@@ -108,6 +122,8 @@ class LocalCluster {
   int32_t grpc_port_ = 0;
   int32_t transport_port_ = 0;
   std::string port_file_;
+  // "TOKENLAKE_CLUSTER_SECRET=<hex>", given to every child.
+  std::string secret_env_;
 };
 
 // GET http://127.0.0.1:port/path with a timeout. Returns (status, body).

@@ -39,6 +39,10 @@ TEST(ParsePortFileTest, ReadsTheCoordinatorsFormatAndIgnoresOtherFields) {
   ASSERT_TRUE(extra.ok()) << extra.status();
   EXPECT_EQ(extra->http_port, 65535);
   EXPECT_EQ(extra->transport_port, 1);
+  // What the coordinator writes now: it listens on no transport port.
+  auto none = ParsePortFile(R"({"http_port": 8080, "grpc_port": 9090, "transport_port": 0})", "x");
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ(none->transport_port, 0);
 }
 
 TEST(ParsePortFileTest, MalformedFilesNameTheFileAndTheField) {
@@ -62,8 +66,10 @@ TEST(ParsePortFileTest, MalformedFilesNameTheFileAndTheField) {
                 "'grpc_port' must be an integer"},
            Case{R"({"http_port": 8080, "grpc_port": null, "transport_port": 7070})",
                 "'grpc_port' must be an integer"},
-           Case{R"({"http_port": 8080, "grpc_port": 9090, "transport_port": 0})",
-                "'transport_port' must be an integer in [1, 65535]"},
+           Case{R"({"http_port": 8080, "grpc_port": 9090, "transport_port": -1})",
+                "'transport_port' must be an integer in [0, 65535]"},
+           Case{R"({"http_port": 0, "grpc_port": 9090, "transport_port": 0})",
+                "'http_port' must be an integer in [1, 65535]"},
            Case{R"({"http_port": -1, "grpc_port": 9090, "transport_port": 7070})",
                 "'http_port' must be an integer in [1, 65535]"},
            Case{R"({"http_port": 65536, "grpc_port": 9090, "transport_port": 7070})",
@@ -120,10 +126,12 @@ TEST(ParsePortFileTest, TruncatedAndCorruptedFilesGiveErrorsOrValidPorts) {
     auto p = ParsePortFile(text, "f");
     if (p.ok()) {
       ++accepted;
-      for (int32_t port : {p->http_port, p->grpc_port, p->transport_port}) {
+      for (int32_t port : {p->http_port, p->grpc_port}) {
         EXPECT_GE(port, 1);
         EXPECT_LE(port, 65535);
       }
+      EXPECT_GE(p->transport_port, 0);
+      EXPECT_LE(p->transport_port, 65535);
     } else {
       EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument);
       EXPECT_THAT(std::string(p.status().message()), HasSubstr("port file f"));

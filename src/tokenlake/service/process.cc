@@ -18,11 +18,29 @@
 namespace tokenlake::service {
 
 absl::StatusOr<std::unique_ptr<ChildProcess>> ChildProcess::Spawn(
-    const std::vector<std::string>& argv, const std::string& log_path) {
+    const std::vector<std::string>& argv, const std::string& log_path,
+    const std::vector<std::string>& extra_env) {
   if (argv.empty()) return absl::InvalidArgumentError("ChildProcess: empty argv");
   std::vector<char*> args;
   for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
+  // The environment is built before fork (only async-signal-safe calls after it).
+  std::vector<std::string> names;
+  for (const std::string& e : extra_env) {
+    const size_t eq = e.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      return absl::InvalidArgumentError("ChildProcess: an extra_env entry is not NAME=VALUE");
+    }
+    names.push_back(e.substr(0, eq + 1));
+  }
+  std::vector<char*> env;
+  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+    bool overridden = false;
+    for (const std::string& n : names) overridden |= std::strncmp(*e, n.c_str(), n.size()) == 0;
+    if (!overridden) env.push_back(*e);
+  }
+  for (const std::string& e : extra_env) env.push_back(const_cast<char*>(e.c_str()));
+  env.push_back(nullptr);
   int log_fd = -1;
   if (!log_path.empty()) {
     log_fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
@@ -45,7 +63,7 @@ absl::StatusOr<std::unique_ptr<ChildProcess>> ChildProcess::Spawn(
       ::dup2(log_fd, 1);
       ::dup2(log_fd, 2);
     }
-    ::execv(args[0], args.data());
+    ::execve(args[0], args.data(), env.data());
     ::_exit(127);
   }
   if (log_fd >= 0) ::close(log_fd);
@@ -120,7 +138,8 @@ absl::Status WriteFileAtomically(const std::string& path, const std::string& con
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::string> WaitForFile(const std::string& path, absl::Duration timeout) {
+absl::StatusOr<std::string> WaitForFile(const std::string& path, absl::Duration timeout,
+                                        const std::function<bool()>& give_up) {
   const absl::Time deadline = absl::Now() + timeout;
   while (true) {
     std::ifstream is(path);
@@ -132,6 +151,9 @@ absl::StatusOr<std::string> WaitForFile(const std::string& path, absl::Duration 
     if (absl::Now() >= deadline) {
       return absl::DeadlineExceededError(
           absl::StrFormat("%s did not appear within %s", path, absl::FormatDuration(timeout)));
+    }
+    if (give_up != nullptr && give_up()) {
+      return absl::AbortedError(absl::StrFormat("%s: its writer gave up", path));
     }
     absl::SleepFor(absl::Milliseconds(10));
   }

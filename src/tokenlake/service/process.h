@@ -8,6 +8,7 @@
 
 #include <sys/types.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -19,11 +20,14 @@ namespace tokenlake::service {
 
 class ChildProcess {
  public:
-  // Starts argv[0] (a path) with argv, stdout and stderr appended to `log_path` (empty: kept).
+  // Starts argv[0] (a path) with argv, stdout and stderr appended to `log_path` (empty: kept),
+  // and this process's environment plus `extra_env` ("NAME=VALUE" entries, overriding; the way
+  // to hand a child a secret without showing it on its command line).
   // The child gets SIGKILL if this process dies (PR_SET_PDEATHSIG), so none is left behind.
-  // Errors: InvalidArgument (empty argv), Internal (fork failed).
-  static absl::StatusOr<std::unique_ptr<ChildProcess>> Spawn(const std::vector<std::string>& argv,
-                                                             const std::string& log_path = "");
+  // Errors: InvalidArgument (empty argv, an extra_env entry without '='), Internal (fork failed).
+  static absl::StatusOr<std::unique_ptr<ChildProcess>> Spawn(
+      const std::vector<std::string>& argv, const std::string& log_path = "",
+      const std::vector<std::string>& extra_env = {});
   // Kills (SIGKILL) and reaps the child if it still runs.
   ~ChildProcess();
 
@@ -50,9 +54,12 @@ std::string SelfExecutable();
 // Writes `contents` to `path` atomically (temporary file + rename).
 absl::Status WriteFileAtomically(const std::string& path, const std::string& contents);
 
-// Waits until `path` exists and is non-empty, returning its contents.
-// Errors: DeadlineExceeded naming the path.
-absl::StatusOr<std::string> WaitForFile(const std::string& path, absl::Duration timeout);
+// Waits until `path` exists and is non-empty, returning its contents. `give_up` (optional) is
+// polled while waiting: when it returns true the wait ends (e.g. the process that should write
+// the file has exited).
+// Errors: DeadlineExceeded naming the path; Aborted when `give_up` said so.
+absl::StatusOr<std::string> WaitForFile(const std::string& path, absl::Duration timeout,
+                                        const std::function<bool()>& give_up = nullptr);
 
 }  // namespace tokenlake::service
 

@@ -7,11 +7,15 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <utility>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "tokenlake/transport/cluster_secret.h"
 
 namespace tokenlake::transport {
 namespace {
@@ -36,33 +40,70 @@ uint64_t GetU64(const std::byte* p) {
   return v;
 }
 
+constexpr uint32_t kHandshakeMagic = 0x31484C54;  // "TLH1"
+constexpr size_t kNonceBytes = 16;
+constexpr size_t kReadChunk = size_t{64} << 10;
+constexpr absl::Duration kHealthWindow = absl::Seconds(2);
+constexpr char kClientLabel[] = "tokenlake transport handshake client";
+constexpr char kServerLabel[] = "tokenlake transport handshake server";
+
 // Writes all of [data, data+size). False on error or timeout (SO_SNDTIMEO).
-bool WriteAll(int fd, const std::byte* data, size_t size) {
+bool WriteAll(int fd, const void* data, size_t size) {
+  const auto* p = static_cast<const std::byte*>(data);
   while (size > 0) {
-    const ssize_t n = ::send(fd, data, size, MSG_NOSIGNAL);
+    const ssize_t n = ::send(fd, p, size, MSG_NOSIGNAL);
     if (n < 0) {
       if (errno == EINTR) continue;
       return false;
     }
-    data += n;
+    p += n;
     size -= static_cast<size_t>(n);
   }
   return true;
 }
 
-// Reads exactly `size` bytes. False on EOF or error.
-bool ReadAll(int fd, std::byte* data, size_t size) {
-  while (size > 0) {
-    const ssize_t n = ::recv(fd, data, size, 0);
-    if (n == 0) return false;
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return false;
+enum class Io { kOk, kEof, kTimeout, kError };
+
+// Waits until `fd` is readable (or hung up) or `deadline` passes (InfiniteFuture: no limit; a
+// shutdown(2) of the socket wakes it).
+Io WaitReadable(int fd, absl::Time deadline) {
+  while (true) {
+    int ms = -1;
+    if (deadline != absl::InfiniteFuture()) {
+      const absl::Duration left = deadline - absl::Now();
+      if (left <= absl::ZeroDuration()) return Io::kTimeout;
+      ms = static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(left) + 1, 1000));
     }
-    data += n;
-    size -= static_cast<size_t>(n);
+    pollfd p{.fd = fd, .events = POLLIN, .revents = 0};
+    const int r = ::poll(&p, 1, ms);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return Io::kError;
+    }
+    if (r > 0) return Io::kOk;
   }
-  return true;
+}
+
+// Reads exactly `size` bytes by `deadline`. *got = bytes read (also on failure).
+Io ReadExact(int fd, void* data, size_t size, absl::Time deadline, size_t* got) {
+  auto* p = static_cast<std::byte*>(data);
+  *got = 0;
+  while (*got < size) {
+    if (const Io w = WaitReadable(fd, deadline); w != Io::kOk) return w;
+    const ssize_t n = ::recv(fd, p + *got, size - *got, MSG_DONTWAIT);
+    if (n == 0) return Io::kEof;
+    if (n < 0) {
+      if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) continue;
+      return Io::kError;
+    }
+    *got += static_cast<size_t>(n);
+  }
+  return Io::kOk;
+}
+
+Io ReadExact(int fd, void* data, size_t size, absl::Time deadline) {
+  size_t got = 0;
+  return ReadExact(fd, data, size, deadline, &got);
 }
 
 void SetTimeouts(int fd, absl::Duration timeout) {
@@ -70,6 +111,94 @@ void SetTimeouts(int fd, absl::Duration timeout) {
   ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
   const int one = 1;
   ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+}
+
+std::string_view AsView(const unsigned char* p, size_t n) {
+  return {reinterpret_cast<const char*>(p), n};
+}
+
+// The acceptor's side of the handshake (see the header).
+absl::Status ServerHandshake(int fd, const std::string& secret, absl::Time deadline) {
+  unsigned char hello[4 + kNonceBytes];
+  PutU32(reinterpret_cast<std::byte*>(hello), kHandshakeMagic);
+  RandomBytes(hello + 4, kNonceBytes);
+  if (!WriteAll(fd, hello, sizeof(hello))) {
+    return absl::UnavailableError("handshake: cannot write the challenge");
+  }
+  unsigned char answer[kNonceBytes + 32];
+  const Io r = ReadExact(fd, answer, sizeof(answer), deadline);
+  if (r == Io::kTimeout) return absl::UnauthenticatedError("handshake: no answer in time");
+  if (r != Io::kOk) return absl::UnauthenticatedError("handshake: the peer hung up");
+  unsigned char both[2 * kNonceBytes];
+  std::memcpy(both, hello + 4, kNonceBytes);
+  std::memcpy(both + kNonceBytes, answer, kNonceBytes);
+  Mac got;
+  std::memcpy(got.data(), answer + kNonceBytes, got.size());
+  if (!MacEqual(got, HmacSha256(secret, kClientLabel, AsView(both, sizeof(both))))) {
+    return absl::UnauthenticatedError(
+        "handshake: the peer does not know the cluster secret (wrong MAC)");
+  }
+  const Mac mine = HmacSha256(secret, kServerLabel, AsView(both, sizeof(both)));
+  if (!WriteAll(fd, mine.data(), mine.size())) {
+    return absl::UnavailableError("handshake: cannot write the proof");
+  }
+  return absl::OkStatus();
+}
+
+// The dialler's side of the handshake.
+absl::Status ClientHandshake(int fd, const std::string& secret, absl::Time deadline) {
+  unsigned char hello[4 + kNonceBytes];
+  const Io r = ReadExact(fd, hello, sizeof(hello), deadline);
+  if (r != Io::kOk || GetU32(reinterpret_cast<const std::byte*>(hello)) != kHandshakeMagic) {
+    return absl::UnauthenticatedError(
+        r == Io::kTimeout ? "handshake: no challenge in time (a peer without a cluster secret?)"
+                          : "handshake: no valid challenge (a peer without a cluster secret?)");
+  }
+  unsigned char both[2 * kNonceBytes];
+  std::memcpy(both, hello + 4, kNonceBytes);
+  RandomBytes(both + kNonceBytes, kNonceBytes);
+  unsigned char answer[kNonceBytes + 32];
+  std::memcpy(answer, both + kNonceBytes, kNonceBytes);
+  const Mac mine = HmacSha256(secret, kClientLabel, AsView(both, sizeof(both)));
+  std::memcpy(answer + kNonceBytes, mine.data(), mine.size());
+  if (!WriteAll(fd, answer, sizeof(answer))) {
+    return absl::UnavailableError("handshake: cannot write the answer");
+  }
+  Mac proof;
+  if (ReadExact(fd, proof.data(), proof.size(), deadline) != Io::kOk) {
+    return absl::UnauthenticatedError(
+        "handshake: the peer refused the answer (a different cluster secret?)");
+  }
+  if (!MacEqual(proof, HmacSha256(secret, kServerLabel, AsView(both, sizeof(both))))) {
+    return absl::UnauthenticatedError(
+        "handshake: the peer does not know the cluster secret (wrong proof)");
+  }
+  return absl::OkStatus();
+}
+
+bool IsResourceError(int err) {
+  return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
+}
+
+int64_t NowNs() { return absl::ToUnixNanos(absl::Now()); }
+
+// Connects a socket to 127.0.0.1:port (with `timeout` on connect and writes). Returns the fd,
+// or -1 with errno set.
+int ConnectLoopback(int32_t port, absl::Duration timeout) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  SetTimeouts(fd, timeout);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    const int err = errno;
+    ::close(fd);
+    errno = err;
+    return -1;
+  }
+  return fd;
 }
 
 }  // namespace
@@ -87,8 +216,15 @@ absl::StatusOr<std::unique_ptr<TcpTransport>> TcpTransport::Create(const Options
     return absl::InvalidArgumentError(
         absl::StrFormat("TcpTransport: port must be in [0, 65535], got %d", options.port));
   }
-  if (options.io_timeout <= absl::ZeroDuration()) {
-    return absl::InvalidArgumentError("TcpTransport: io_timeout must be > 0");
+  if (options.io_timeout <= absl::ZeroDuration() || options.idle_timeout <= absl::ZeroDuration() ||
+      options.frame_timeout <= absl::ZeroDuration() ||
+      options.handshake_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        "TcpTransport: io_timeout, idle_timeout, frame_timeout and handshake_timeout must be > 0");
+  }
+  if (options.max_connections < 1) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "TcpTransport: max_connections must be >= 1, got %d", options.max_connections));
   }
   std::vector<bool> seen(options.num_endpoints, false);
   for (InstanceId e : options.local_endpoints) {
@@ -103,6 +239,13 @@ absl::StatusOr<std::unique_ptr<TcpTransport>> TcpTransport::Create(const Options
     }
     seen[e.value()] = true;
   }
+  for (InstanceId e : options.answer_on_incoming) {
+    if (!e.valid() || e.value() < 0 || e.value() >= options.num_endpoints || seen[e.value()]) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "TcpTransport: answer_on_incoming endpoint %d is out of range [0, %d) or local",
+          static_cast<int64_t>(e.value()), options.num_endpoints));
+    }
+  }
   std::unique_ptr<TcpTransport> t(new TcpTransport(options));
   if (absl::Status s = t->Listen(); !s.ok()) return s;
   t->acceptor_ = std::thread([p = t.get()] { p->AcceptLoop(); });
@@ -110,8 +253,12 @@ absl::StatusOr<std::unique_ptr<TcpTransport>> TcpTransport::Create(const Options
 }
 
 TcpTransport::TcpTransport(const Options& options)
-    : options_(options), local_(options.num_endpoints, false) {
+    : options_(options),
+      local_(options.num_endpoints, false),
+      incoming_(options.num_endpoints, false),
+      incoming_routes_(options.num_endpoints) {
   for (InstanceId e : options.local_endpoints) local_[e.value()] = true;
+  for (InstanceId e : options.answer_on_incoming) incoming_[e.value()] = true;
   for (int32_t i = 0; i < options.num_endpoints; ++i) {
     mailboxes_.push_back(std::make_unique<Mailbox>());
     peers_.push_back(std::make_unique<Peer>());
@@ -121,6 +268,7 @@ TcpTransport::TcpTransport(const Options& options)
 TcpTransport::~TcpTransport() { Shutdown(); }
 
 absl::Status TcpTransport::Listen() {
+  if (!options_.listen) return absl::OkStatus();
   listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (listen_fd_ < 0) {
     return absl::UnavailableError(
@@ -147,48 +295,227 @@ absl::Status TcpTransport::Listen() {
 }
 
 void TcpTransport::AcceptLoop() {
+  absl::Duration backoff = absl::Milliseconds(10);
   while (!shut_down_.load()) {
+    Reap();
+    if (listen_fd_ < 0) {
+      absl::SleepFor(absl::Milliseconds(50));
+      continue;
+    }
     pollfd p{.fd = listen_fd_, .events = POLLIN, .revents = 0};
     const int r = ::poll(&p, 1, 100);
     if (r <= 0) continue;
     const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) continue;
-    absl::MutexLock lock(&conn_mu_);
-    if (shut_down_.load()) {
-      ::close(fd);
-      break;
+    if (fd < 0) {
+      const int err = errno;
+      accept_errors_.fetch_add(1);
+      if (IsResourceError(err)) {
+        // The pending connection stays queued and the socket stays readable: without a pause
+        // this loop would spin. Finished connections are reaped first (they may free fds).
+        NoteResourceError("accept", err);
+        Reap();
+        for (absl::Duration slept; slept < backoff && !shut_down_.load();
+             slept += absl::Milliseconds(10)) {
+          absl::SleepFor(absl::Milliseconds(10));
+        }
+        backoff = std::min(2 * backoff, absl::Seconds(1));
+      }
+      continue;
     }
-    auto conn = std::make_unique<Connection>();
+    backoff = absl::Milliseconds(10);
+    int64_t accepted = 0;
+    {
+      absl::MutexLock lock(&conn_mu_);
+      for (const auto& c : conns_) accepted += c->dialled ? 0 : 1;
+    }
+    if (accepted >= options_.max_connections) {
+      ::close(fd);
+      NoteDrop(refused_, absl::StrFormat("connection refused: %d accepted connections open",
+                                         options_.max_connections));
+      continue;
+    }
+    SetTimeouts(fd, options_.io_timeout);
+    auto conn = std::make_shared<Conn>();
     conn->fd = fd;
-    conn->reader = std::thread([this, fd] { ReadLoop(fd); });
-    connections_.push_back(std::move(conn));
+    conn->last_activity_ns.store(NowNs());
+    if (!Adopt(std::move(conn)).ok()) break;
   }
 }
 
-void TcpTransport::ReadLoop(int fd) {
+absl::Status TcpTransport::Adopt(std::shared_ptr<Conn> conn) {
+  absl::MutexLock lock(&conn_mu_);
+  if (shut_down_.load()) {
+    ::close(conn->fd);
+    conn->fd = -1;
+    return absl::UnavailableError("TcpTransport: shut down");
+  }
+  Conn* raw = conn.get();
+  raw->reader = std::thread([this, conn] { ReadLoop(conn); });
+  conns_.push_back(std::move(conn));
+  return absl::OkStatus();
+}
+
+void TcpTransport::Reap() {
+  std::vector<std::shared_ptr<Conn>> done;
+  {
+    absl::MutexLock lock(&conn_mu_);
+    auto keep = std::partition(conns_.begin(), conns_.end(),
+                               [](const auto& c) { return !c->finished.load(); });
+    done.assign(keep, conns_.end());
+    conns_.erase(keep, conns_.end());
+    for (auto& route : incoming_routes_) {
+      if (route != nullptr && route->finished.load()) route.reset();
+    }
+  }
+  for (auto& c : done) {
+    if (c->reader.joinable()) c->reader.join();
+    absl::MutexLock lock(&c->write_mu);
+    c->closed = true;
+    ::close(c->fd);
+    c->fd = -1;
+  }
+}
+
+void TcpTransport::CloseConn(Conn& conn) {
+  absl::MutexLock lock(&conn.write_mu);
+  if (conn.closed) return;
+  conn.closed = true;
+  if (conn.fd >= 0) ::shutdown(conn.fd, SHUT_RDWR);
+}
+
+void TcpTransport::NoteDrop(std::atomic<int64_t>& counter, const std::string& why) {
+  counter.fetch_add(1);
+  absl::MutexLock lock(&error_mu_);
+  last_error_ = why;
+}
+
+void TcpTransport::NoteResourceError(const char* what, int err) {
+  absl::MutexLock lock(&error_mu_);
+  last_resource_error_ = absl::Now();
+  resource_error_ =
+      absl::StrFormat("TcpTransport: cannot %s a connection: %s", what, std::strerror(err));
+}
+
+absl::Status TcpTransport::Health() const {
+  absl::MutexLock lock(&error_mu_);
+  if (absl::Now() - last_resource_error_ < kHealthWindow) {
+    return absl::UnavailableError(resource_error_);
+  }
+  return absl::OkStatus();
+}
+
+int64_t TcpTransport::open_connections() const {
+  absl::MutexLock lock(&conn_mu_);
+  return static_cast<int64_t>(conns_.size());
+}
+
+std::string TcpTransport::last_error() const {
+  absl::MutexLock lock(&error_mu_);
+  return last_error_;
+}
+
+void TcpTransport::ReadLoop(const std::shared_ptr<Conn>& conn) {
+  ReadFrames(conn);
+  CloseConn(*conn);
+  conn->finished.store(true);
+}
+
+void TcpTransport::ReadFrames(const std::shared_ptr<Conn>& conn) {
+  const int fd = conn->fd;  // stays open until this thread is joined
+  if (!conn->dialled && !options_.secret.empty()) {
+    absl::Status h = ServerHandshake(fd, options_.secret, absl::Now() + options_.handshake_timeout);
+    if (!h.ok()) {
+      NoteDrop(auth_failures_, absl::StrCat("TcpTransport: connection refused: ", h.message()));
+      return;
+    }
+  }
   std::byte header[kHeaderBytes];
   while (!shut_down_.load()) {
-    if (!ReadAll(fd, header, kHeaderBytes)) break;
+    // Wait for the next frame's first byte: an accepted connection only until it has been idle
+    // for idle_timeout (activity includes frames written on it).
+    if (!conn->dialled) {
+      const absl::Time idle_deadline =
+          absl::FromUnixNanos(conn->last_activity_ns.load()) + options_.idle_timeout;
+      const Io w = WaitReadable(fd, idle_deadline);
+      if (w == Io::kTimeout) {
+        if (absl::FromUnixNanos(conn->last_activity_ns.load()) + options_.idle_timeout >
+            absl::Now()) {
+          continue;  // a frame was written meanwhile
+        }
+        NoteDrop(timed_out_, absl::StrFormat("TcpTransport: closed a connection idle for %s",
+                                             absl::FormatDuration(options_.idle_timeout)));
+        return;
+      }
+      if (w != Io::kOk) return;
+    }
+    size_t got = 0;
+    const absl::Time frame_deadline =
+        conn->dialled ? absl::InfiniteFuture() : absl::Now() + options_.frame_timeout;
+    Io r = ReadExact(fd, header, 1, conn->dialled ? absl::InfiniteFuture() : frame_deadline);
+    if (r != Io::kOk) return;  // an orderly close (or shutdown) between frames
+    const absl::Time deadline =
+        conn->dialled ? absl::Now() + options_.frame_timeout : frame_deadline;
+    r = ReadExact(fd, header + 1, kHeaderBytes - 1, deadline, &got);
+    auto incomplete = [&](Io io) {
+      if (io == Io::kTimeout) {
+        NoteDrop(timed_out_,
+                 absl::StrFormat("TcpTransport: closed a connection whose frame did not "
+                                 "complete within %s",
+                                 absl::FormatDuration(options_.frame_timeout)));
+      }
+    };
+    if (r != Io::kOk) {
+      incomplete(r);
+      return;
+    }
     const uint32_t magic = GetU32(header);
     const int32_t from = static_cast<int32_t>(GetU32(header + 4));
     const int32_t to = static_cast<int32_t>(GetU32(header + 8));
     const uint64_t size = GetU64(header + 24);
-    if (magic != kMagic || !IsLocal(InstanceId(to)) || !InRange(InstanceId(from)) ||
-        size > static_cast<uint64_t>(options_.max_payload_bytes)) {
-      malformed_frames_.fetch_add(1);
-      break;
+    std::string bad;
+    if (magic != kMagic) {
+      bad = "bad magic";
+    } else if (!IsLocal(InstanceId(to))) {
+      bad = absl::StrFormat("destination endpoint %d is not hosted here", to);
+    } else if (!InRange(InstanceId(from))) {
+      bad = absl::StrFormat("source endpoint %d out of range", from);
+    } else if (size > static_cast<uint64_t>(options_.max_payload_bytes)) {
+      bad = absl::StrFormat("payload of %d bytes announced, over the limit of %d", size,
+                            options_.max_payload_bytes);
+    } else if (conn->dialled && InstanceId(from) != conn->expected_from) {
+      bad = absl::StrFormat("frame from endpoint %d on the connection opened to endpoint %d", from,
+                            static_cast<int64_t>(conn->expected_from.value()));
+    }
+    if (!bad.empty()) {
+      NoteDrop(malformed_frames_, absl::StrCat("TcpTransport: malformed frame: ", bad));
+      return;
     }
     Message m;
     m.from = InstanceId(from);
     m.to = InstanceId(to);
     m.tag = GetU32(header + 12);
     m.correlation_id = GetU64(header + 16);
-    m.payload.resize(size);
-    if (size > 0 && !ReadAll(fd, m.payload.data(), size)) break;
-    if (!Deliver(std::move(m)).ok()) break;
+    // The buffer grows with the bytes that arrive: an announced size alone allocates nothing.
+    size_t have = 0;
+    while (have < size) {
+      if (m.payload.size() == have) {
+        m.payload.resize(static_cast<size_t>(
+            std::min<uint64_t>(size, std::max<uint64_t>(2 * have, have + kReadChunk))));
+      }
+      r = ReadExact(fd, m.payload.data() + have, m.payload.size() - have, deadline, &got);
+      have += got;
+      if (r != Io::kOk) {
+        incomplete(r);
+        return;
+      }
+    }
+    conn->last_activity_ns.store(NowNs());
+    if (!conn->dialled && AnsweredOnIncoming(m.from)) {
+      absl::MutexLock lock(&conn_mu_);
+      incoming_routes_[m.from.value()] = conn;
+    }
+    if (!Deliver(std::move(m)).ok()) return;
   }
-  // The fd is closed by Shutdown (so that it is never reused while Shutdown may touch it).
-  ::shutdown(fd, SHUT_RDWR);
 }
 
 absl::Status TcpTransport::Deliver(Message message) {
@@ -200,10 +527,11 @@ absl::Status TcpTransport::Deliver(Message message) {
 }
 
 absl::Status TcpTransport::SetPeer(InstanceId endpoint, int32_t port) {
-  if (!InRange(endpoint) || IsLocal(endpoint)) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("TcpTransport::SetPeer: endpoint %d is out of range [0, %d) or hosted here",
-                        static_cast<int64_t>(endpoint.value()), options_.num_endpoints));
+  if (!InRange(endpoint) || IsLocal(endpoint) || AnsweredOnIncoming(endpoint)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "TcpTransport::SetPeer: endpoint %d is out of range [0, %d), hosted here or answered on "
+        "its own connections",
+        static_cast<int64_t>(endpoint.value()), options_.num_endpoints));
   }
   if (port < 1 || port > 65535) {
     return absl::InvalidArgumentError(
@@ -211,20 +539,20 @@ absl::Status TcpTransport::SetPeer(InstanceId endpoint, int32_t port) {
   }
   Peer& peer = *peers_[endpoint.value()];
   absl::MutexLock lock(&peer.mu);
-  if (peer.fd >= 0 && peer.port != port) {
-    ::close(peer.fd);
-    peer.fd = -1;
+  if (peer.conn != nullptr && peer.port != port) {
+    CloseConn(*peer.conn);
+    peer.conn.reset();
   }
   peer.port = port;
   return absl::OkStatus();
 }
 
 void TcpTransport::ClearPeer(InstanceId endpoint) {
-  if (!InRange(endpoint) || IsLocal(endpoint)) return;
+  if (!InRange(endpoint) || IsLocal(endpoint) || AnsweredOnIncoming(endpoint)) return;
   Peer& peer = *peers_[endpoint.value()];
   absl::MutexLock lock(&peer.mu);
-  if (peer.fd >= 0) ::close(peer.fd);
-  peer.fd = -1;
+  if (peer.conn != nullptr) CloseConn(*peer.conn);
+  peer.conn.reset();
   peer.port = 0;
 }
 
@@ -236,28 +564,37 @@ Capabilities TcpTransport::capabilities() const {
                       .max_payload_bytes = options_.max_payload_bytes};
 }
 
-absl::Status TcpTransport::WriteFrameLocked(Peer& peer, InstanceId to, const Message& message) {
-  if (peer.port == 0) {
-    return absl::UnavailableError(absl::StrFormat("TcpTransport::Send: no route to endpoint %d",
-                                                  static_cast<int64_t>(to.value())));
+absl::StatusOr<std::shared_ptr<TcpTransport::Conn>> TcpTransport::Dial(int32_t port,
+                                                                       InstanceId to) {
+  const int fd = ConnectLoopback(port, options_.io_timeout);
+  if (fd < 0) {
+    const int err = errno;
+    if (IsResourceError(err)) NoteResourceError("open", err);
+    return absl::UnavailableError(
+        absl::StrFormat("TcpTransport::Send: cannot connect to endpoint %d at 127.0.0.1:%d: %s",
+                        static_cast<int64_t>(to.value()), port, std::strerror(err)));
   }
-  if (peer.fd < 0) {
-    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) return absl::UnavailableError("TcpTransport::Send: socket failed");
-    SetTimeouts(fd, options_.io_timeout);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    addr.sin_port = htons(static_cast<uint16_t>(peer.port));
-    if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-      const std::string err = std::strerror(errno);
+  if (!options_.secret.empty()) {
+    absl::Status h = ClientHandshake(fd, options_.secret, absl::Now() + options_.handshake_timeout);
+    if (!h.ok()) {
       ::close(fd);
+      auth_failures_.fetch_add(1);
       return absl::UnavailableError(
-          absl::StrFormat("TcpTransport::Send: cannot connect to endpoint %d at 127.0.0.1:%d: %s",
-                          static_cast<int64_t>(to.value()), peer.port, err));
+          absl::StrFormat("TcpTransport::Send: endpoint %d at 127.0.0.1:%d: %s",
+                          static_cast<int64_t>(to.value()), port, h.message()));
     }
-    peer.fd = fd;
   }
+  auto conn = std::make_shared<Conn>();
+  conn->fd = fd;
+  conn->dialled = true;
+  conn->expected_from = to;
+  conn->last_activity_ns.store(NowNs());
+  if (absl::Status s = Adopt(conn); !s.ok()) return s;
+  return conn;
+}
+
+absl::Status TcpTransport::WriteFrame(Conn& conn, InstanceId to, const Message& message,
+                                      int32_t port) {
   std::byte header[kHeaderBytes];
   PutU32(header, kMagic);
   PutU32(header + 4, static_cast<uint32_t>(message.from.value()));
@@ -265,15 +602,22 @@ absl::Status TcpTransport::WriteFrameLocked(Peer& peer, InstanceId to, const Mes
   PutU32(header + 12, message.tag);
   PutU64(header + 16, message.correlation_id);
   PutU64(header + 24, message.payload.size());
-  if (!WriteAll(peer.fd, header, kHeaderBytes) ||
-      !WriteAll(peer.fd, message.payload.data(), message.payload.size())) {
+  absl::MutexLock lock(&conn.write_mu);
+  if (conn.closed) {
+    return absl::UnavailableError(
+        absl::StrFormat("TcpTransport::Send: the connection to endpoint %d is closed",
+                        static_cast<int64_t>(to.value())));
+  }
+  if (!WriteAll(conn.fd, header, kHeaderBytes) ||
+      !WriteAll(conn.fd, message.payload.data(), message.payload.size())) {
     const std::string err = std::strerror(errno);
-    ::close(peer.fd);
-    peer.fd = -1;
+    conn.closed = true;
+    ::shutdown(conn.fd, SHUT_RDWR);
     return absl::UnavailableError(
         absl::StrFormat("TcpTransport::Send: write to endpoint %d at 127.0.0.1:%d failed: %s",
-                        static_cast<int64_t>(to.value()), peer.port, err));
+                        static_cast<int64_t>(to.value()), port, err));
   }
+  conn.last_activity_ns.store(NowNs());
   return absl::OkStatus();
 }
 
@@ -296,12 +640,50 @@ absl::Status TcpTransport::Send(Message message) {
   }
   if (shut_down_.load()) return absl::UnavailableError("TcpTransport::Send: shut down");
   if (IsLocal(message.to)) return Deliver(std::move(message));
-  Peer& peer = *peers_[message.to.value()];
-  absl::MutexLock lock(&peer.mu);
-  absl::Status s = WriteFrameLocked(peer, message.to, message);
-  if (!s.ok() && peer.port != 0) {
-    // A cached connection may be stale (the peer restarted): reconnect once.
-    s = WriteFrameLocked(peer, message.to, message);
+  absl::Status s;
+  if (AnsweredOnIncoming(message.to)) {
+    std::shared_ptr<Conn> conn;
+    {
+      absl::MutexLock lock(&conn_mu_);
+      conn = incoming_routes_[message.to.value()];
+    }
+    if (conn == nullptr) {
+      return absl::UnavailableError(
+          absl::StrFormat("TcpTransport::Send: endpoint %d has no connection open to answer on",
+                          static_cast<int64_t>(message.to.value())));
+    }
+    s = WriteFrame(*conn, message.to, message, port_);
+  } else {
+    Peer& peer = *peers_[message.to.value()];
+    absl::MutexLock lock(&peer.mu);
+    if (peer.port == 0) {
+      return absl::UnavailableError(absl::StrFormat("TcpTransport::Send: no route to endpoint %d",
+                                                    static_cast<int64_t>(message.to.value())));
+    }
+    for (int attempt = 0; attempt < 2; ++attempt) {
+      bool cached = false;
+      if (peer.conn != nullptr) {
+        // Redial a connection the peer may be closing as idle (or has closed: its reader saw
+        // the end) rather than write into it and lose the frame.
+        const absl::Time last = absl::FromUnixNanos(peer.conn->last_activity_ns.load());
+        if (peer.conn->finished.load() || absl::Now() - last > options_.idle_timeout / 2) {
+          CloseConn(*peer.conn);
+          peer.conn.reset();
+        } else {
+          cached = true;
+        }
+      }
+      if (peer.conn == nullptr) {
+        absl::StatusOr<std::shared_ptr<Conn>> c = Dial(peer.port, message.to);
+        if (!c.ok()) return c.status();
+        peer.conn = std::move(*c);
+      }
+      s = WriteFrame(*peer.conn, message.to, message, peer.port);
+      if (s.ok()) break;
+      peer.conn.reset();
+      // A cached connection may be stale (the peer restarted): reconnect once.
+      if (!cached) break;
+    }
   }
   if (s.ok()) {
     remote_messages_.fetch_add(1);
@@ -346,22 +728,44 @@ void TcpTransport::Shutdown() {
   if (acceptor_.joinable()) acceptor_.join();
   if (listen_fd_ >= 0) ::close(listen_fd_);
   listen_fd_ = -1;
-  std::vector<std::unique_ptr<Connection>> conns;
-  {
-    absl::MutexLock lock(&conn_mu_);
-    conns.swap(connections_);
-  }
-  for (auto& c : conns) ::shutdown(c->fd, SHUT_RDWR);
-  for (auto& c : conns) {
-    if (c->reader.joinable()) c->reader.join();
-    ::close(c->fd);
-  }
   for (auto& peer : peers_) {
     absl::MutexLock lock(&peer->mu);
-    if (peer->fd >= 0) ::close(peer->fd);
-    peer->fd = -1;
+    if (peer->conn != nullptr) CloseConn(*peer->conn);
+    peer->conn.reset();
     peer->port = 0;
   }
+  std::vector<std::shared_ptr<Conn>> conns;
+  {
+    absl::MutexLock lock(&conn_mu_);
+    conns.swap(conns_);
+    for (auto& route : incoming_routes_) route.reset();
+  }
+  for (auto& c : conns) CloseConn(*c);
+  for (auto& c : conns) {
+    if (c->reader.joinable()) c->reader.join();
+    absl::MutexLock lock(&c->write_mu);
+    ::close(c->fd);
+    c->fd = -1;
+  }
+}
+
+absl::Status TcpTransport::Probe(int32_t port, const std::string& secret, absl::Duration timeout) {
+  if (port < 1 || port > 65535) {
+    return absl::UnavailableError(absl::StrFormat("TcpTransport::Probe: bad port %d", port));
+  }
+  const int fd = ConnectLoopback(port, timeout);
+  if (fd < 0) {
+    return absl::UnavailableError(absl::StrFormat(
+        "TcpTransport::Probe: cannot connect to 127.0.0.1:%d: %s", port, std::strerror(errno)));
+  }
+  absl::Status s = absl::OkStatus();
+  if (!secret.empty()) s = ClientHandshake(fd, secret, absl::Now() + timeout);
+  ::close(fd);
+  if (!s.ok()) {
+    return absl::UnavailableError(
+        absl::StrFormat("TcpTransport::Probe: 127.0.0.1:%d: %s", port, s.message()));
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace tokenlake::transport

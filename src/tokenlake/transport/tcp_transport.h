@@ -4,22 +4,42 @@
 // processes of a cluster; each endpoint is *hosted* by one process. A transport Receives only for
 // the endpoints it hosts (Options::local_endpoints) and Sends to any endpoint: to a local one
 // through an in-memory mailbox, to a remote one over a TCP connection to the process that hosts
-// it, whose address is set with SetPeer (typically learnt from a control-plane registration).
+// it, whose address is set with SetPeer (typically learnt from a control-plane registration), or,
+// for an endpoint listed in Options::answer_on_incoming, over the connection that endpoint opened
+// to us (its latest one): such an endpoint is never dialled, so its process need not listen.
+//
+// Connections are bidirectional. On a connection this transport dialled for endpoint E, frames
+// are accepted only from E (a reply is believed only on the connection opened to its sender);
+// on an accepted connection, from any endpoint in range.
+//
+// Authentication (Options::secret non-empty): every connection starts with a challenge-response
+// handshake in both directions, HMAC-SHA256 under the cluster secret (cluster_secret.h):
+//   acceptor -> dialler: u32 magic 'TLH1' | 16-byte nonce Na
+//   dialler -> acceptor: 16-byte nonce Nd | HMAC(secret, "client" | Na | Nd)
+//   acceptor -> dialler: HMAC(secret, "server" | Na | Nd)
+// A connection that fails it (or takes longer than handshake_timeout) is closed before any frame
+// is read. TCP on loopback cannot be injected into by another unprivileged process, so frames on
+// an authenticated connection are not MACed one by one.
 //
 // Wire format (one frame per message, integers little-endian):
 //   u32 magic 'TLK1' | i32 from | i32 to | u32 tag | u64 correlation_id | u64 payload_bytes
 //   | payload
 // A frame with a bad magic, an endpoint that is not hosted here, or a payload over
 // max_payload_bytes closes its connection (the sender sees its next Send fail); it never
-// crashes the receiver.
+// crashes the receiver. The reader grows the payload buffer as bytes arrive (an announced size
+// allocates nothing), closes an accepted connection that stays idle for idle_timeout, and any
+// connection whose frame does not complete within frame_timeout of its first byte. Finished
+// connections are closed and their reader threads joined (within about 100 ms). When accepting
+// fails for lack of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) the acceptor backs
+// off (10 ms doubling to 1 s) instead of spinning, and Health() reports it.
 //
 // Capabilities: not in_process, ordered (one connection per destination endpoint, writes
 // serialised), NOT reliable: a message sent to a process that dies or a connection that breaks
 // is lost (Send fails with Unavailable when the loss is visible at send time). Callers that need
 // an answer wait with a deadline.
 //
-// Listening: Create binds 127.0.0.1 port 0 (or Options::port) and reports the port via port().
-// Only loopback addresses are used.
+// Listening: Create binds 127.0.0.1 port 0 (or Options::port) and reports the port via port()
+// (0 when Options::listen is false). Only loopback addresses are used.
 //
 // Thread-safety: thread-safe (see transport.h).
 #ifndef TOKENLAKE_TRANSPORT_TCP_TRANSPORT_H_
@@ -54,6 +74,24 @@ class TcpTransport final : public Transport {
     int32_t port = 0;
     // How long a Send may block connecting or writing before failing with Unavailable.
     absl::Duration io_timeout = absl::Seconds(5);
+    // The cluster secret (raw bytes; cluster_secret.h); empty = connections are not
+    // authenticated (every peer must then use none).
+    std::string secret;
+    // Whether to accept connections at all (false: port() is 0; replies come back on the
+    // connections this transport dials).
+    bool listen = true;
+    // Remote endpoints that are answered on the connection they opened to this transport
+    // (never dialled; SetPeer refuses them). Each in range and not local.
+    std::vector<InstanceId> answer_on_incoming;
+    // An accepted connection without a frame for this long is closed (> 0). Senders redial a
+    // connection idle for half of it, so that they do not write into one being closed.
+    absl::Duration idle_timeout = absl::Seconds(60);
+    // A frame (header and payload) must complete within this long of its first byte (> 0).
+    absl::Duration frame_timeout = absl::Seconds(30);
+    // The authentication handshake must complete within this long (> 0).
+    absl::Duration handshake_timeout = absl::Seconds(2);
+    // Accepted connections open at once, >= 1; beyond it new ones are closed at once.
+    int32_t max_connections = 1024;
   };
 
   // Binds and starts listening. Errors: InvalidArgument naming a bad option, Unavailable when
@@ -83,8 +121,31 @@ class TcpTransport final : public Transport {
   absl::StatusOr<Message> Receive(InstanceId self, absl::Duration timeout) override;
   void Shutdown() override;
 
-  // Frames dropped by the reader because they were malformed (bad magic, size, endpoint).
+  // Connects to 127.0.0.1:`port` and completes the authentication handshake with `secret` (as
+  // a Send would), then hangs up. OK means a live member of the cluster listens there.
+  // Errors: Unavailable (nothing listens, or the handshake failed or timed out).
+  static absl::Status Probe(int32_t port, const std::string& secret, absl::Duration timeout);
+
+  // OK, or Unavailable saying why this transport could not accept or dial a connection for
+  // lack of local resources (descriptors, memory) within the last 2 seconds.
+  absl::Status Health() const;
+
+  // Frames dropped by the reader because they were malformed (bad magic, size, endpoint, or
+  // from an endpoint other than the one a dialled connection was opened to).
   int64_t malformed_frames() const { return malformed_frames_.load(); }
+  // Connections that failed the authentication handshake.
+  int64_t auth_failures() const { return auth_failures_.load(); }
+  // Accepted connections closed because they stayed idle or a frame did not complete in time.
+  int64_t timed_out_connections() const { return timed_out_.load(); }
+  // Accepted connections closed at once because max_connections were open.
+  int64_t refused_connections() const { return refused_.load(); }
+  // Failed accept() calls (any reason).
+  int64_t accept_errors() const { return accept_errors_.load(); }
+  // Connections open now (accepted and dialled, readers not yet joined).
+  int64_t open_connections() const;
+  // The last reason a connection was dropped (malformed frame, failed handshake, timeout), for
+  // logs and tests; empty if none.
+  std::string last_error() const;
   // Messages and payload bytes sent to remote endpoints (counted when written).
   int64_t remote_messages_sent() const { return remote_messages_.load(); }
   int64_t remote_bytes_sent() const { return remote_bytes_.load(); }
@@ -95,14 +156,25 @@ class TcpTransport final : public Transport {
     std::deque<Message> queue ABSL_GUARDED_BY(mu);
     bool shut_down ABSL_GUARDED_BY(mu) = false;
   };
-  struct Peer {
-    absl::Mutex mu;  // serialises writes (keeps one sender's frames in order)
-    int32_t port ABSL_GUARDED_BY(mu) = 0;
-    int fd ABSL_GUARDED_BY(mu) = -1;
-  };
-  struct Connection {
+  // One TCP connection, dialled or accepted, with its reader thread. The fd is closed only by
+  // the reaper after the reader was joined, so it is never reused while anyone may touch it:
+  // writers check `closed` under write_mu first.
+  struct Conn {
     int fd = -1;
+    bool dialled = false;
+    // Dialled: the endpoint it was opened to (frames are accepted only from it).
+    InstanceId expected_from;
     std::thread reader;
+    std::atomic<bool> finished{false};  // the reader returned
+    // Last frame read or written (absl::ToUnixNanos), for the idle timeouts.
+    std::atomic<int64_t> last_activity_ns{0};
+    absl::Mutex write_mu;  // serialises writes (keeps one sender's frames in order)
+    bool closed ABSL_GUARDED_BY(write_mu) = false;
+  };
+  struct Peer {
+    absl::Mutex mu;  // serialises dialling
+    int32_t port ABSL_GUARDED_BY(mu) = 0;
+    std::shared_ptr<Conn> conn ABSL_GUARDED_BY(mu);
   };
 
   explicit TcpTransport(const Options& options);
@@ -110,27 +182,50 @@ class TcpTransport final : public Transport {
     return id.valid() && id.value() >= 0 && id.value() < options_.num_endpoints;
   }
   bool IsLocal(InstanceId id) const { return InRange(id) && local_[id.value()]; }
+  bool AnsweredOnIncoming(InstanceId id) const { return InRange(id) && incoming_[id.value()]; }
   absl::Status Listen();
   void AcceptLoop();
-  void ReadLoop(int fd);
+  // Joins and closes the connections whose reader has returned.
+  void Reap();
+  void ReadLoop(const std::shared_ptr<Conn>& conn);
+  // Handshake (accepted, with a secret), then frames until the connection ends; a drop is
+  // counted and noted in last_error.
+  void ReadFrames(const std::shared_ptr<Conn>& conn);
   absl::Status Deliver(Message message);
-  // Writes one frame to the peer (connecting if needed). REQUIRES: peer.mu held.
-  absl::Status WriteFrameLocked(Peer& peer, InstanceId to, const Message& message)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(peer.mu);
+  // Starts `conn`'s reader and registers it. Errors: Unavailable (shut down).
+  absl::Status Adopt(std::shared_ptr<Conn> conn);
+  // Dials `port` for `to` (handshake included). REQUIRES: peer.mu held.
+  absl::StatusOr<std::shared_ptr<Conn>> Dial(int32_t port, InstanceId to);
+  // Writes one frame on `conn`; closes it on failure.
+  absl::Status WriteFrame(Conn& conn, InstanceId to, const Message& message, int32_t port);
+  static void CloseConn(Conn& conn);
+  void NoteResourceError(const char* what, int err);
+  void NoteDrop(std::atomic<int64_t>& counter, const std::string& why);
 
   const Options options_;
   std::vector<bool> local_;
+  std::vector<bool> incoming_;
   std::vector<std::unique_ptr<Mailbox>> mailboxes_;
   std::vector<std::unique_ptr<Peer>> peers_;
   int listen_fd_ = -1;
   int32_t port_ = 0;
   std::atomic<bool> shut_down_{false};
   std::thread acceptor_;
-  absl::Mutex conn_mu_;
-  std::vector<std::unique_ptr<Connection>> connections_ ABSL_GUARDED_BY(conn_mu_);
+  mutable absl::Mutex conn_mu_;
+  std::vector<std::shared_ptr<Conn>> conns_ ABSL_GUARDED_BY(conn_mu_);
+  // answer_on_incoming endpoints: the accepted connection each last sent a frame on.
+  std::vector<std::shared_ptr<Conn>> incoming_routes_ ABSL_GUARDED_BY(conn_mu_);
   std::atomic<int64_t> malformed_frames_{0};
+  std::atomic<int64_t> auth_failures_{0};
+  std::atomic<int64_t> timed_out_{0};
+  std::atomic<int64_t> refused_{0};
+  std::atomic<int64_t> accept_errors_{0};
   std::atomic<int64_t> remote_messages_{0};
   std::atomic<int64_t> remote_bytes_{0};
+  mutable absl::Mutex error_mu_;
+  std::string last_error_ ABSL_GUARDED_BY(error_mu_);
+  absl::Time last_resource_error_ ABSL_GUARDED_BY(error_mu_) = absl::InfinitePast();
+  std::string resource_error_ ABSL_GUARDED_BY(error_mu_);
 };
 
 }  // namespace tokenlake::transport

@@ -1,17 +1,24 @@
 #include "tokenlake/transport/tcp_transport.h"
 
 #include <arpa/inet.h>
+#include <dirent.h>
+#include <fcntl.h>
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <iostream>
 #include <random>
 #include <thread>
 
 #include "absl/time/clock.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tokenlake/transport/cluster_secret.h"
 #include "tokenlake/transport/fault_transport.h"
 #include "tokenlake/transport/loopback.h"
 
@@ -165,6 +172,356 @@ TEST(TcpTransportTest, ShutdownWakesReceiversAndRefusesSends) {
   waiter.join();
   EXPECT_EQ(p.b->Send({InstanceId(1), InstanceId(0), 1, 0, {}}).code(),
             absl::StatusCode::kUnavailable);
+}
+
+// ---- Hardening: memory, timeouts, leaks, descriptor exhaustion ----
+
+using ::testing::HasSubstr;
+
+// A connected client socket to 127.0.0.1:port (-1 on failure).
+int RawConnect(int32_t port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// A frame header as the wire format says (tcp_transport.h).
+std::vector<unsigned char> Header(int32_t from, int32_t to, uint64_t payload_bytes) {
+  std::vector<unsigned char> h(32, 0);
+  auto put = [&h](size_t at, uint64_t v, int n) {
+    for (int i = 0; i < n; ++i) h[at + i] = static_cast<unsigned char>(v >> (8 * i));
+  };
+  put(0, 0x314B4C54, 4);
+  put(4, static_cast<uint32_t>(from), 4);
+  put(8, static_cast<uint32_t>(to), 4);
+  put(12, 1, 4);
+  put(16, 99, 8);
+  put(24, payload_bytes, 8);
+  return h;
+}
+
+// True when the peer closes `fd` within `timeout` (recv sees EOF or an error).
+bool ClosedByPeerWithin(int fd, absl::Duration timeout) {
+  const timeval tv = absl::ToTimeval(timeout);
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  char buf[64];
+  while (true) {
+    const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+    if (n == 0) return true;
+    if (n < 0) return errno != EAGAIN && errno != EWOULDBLOCK;
+  }
+}
+
+int64_t CountDir(const char* path) {
+  int64_t n = 0;
+  DIR* d = ::opendir(path);
+  if (d == nullptr) return -1;
+  while (const dirent* e = ::readdir(d)) n += e->d_name[0] != '.' ? 1 : 0;
+  ::closedir(d);
+  return n;
+}
+int64_t OpenFds() { return CountDir("/proc/self/fd"); }
+int64_t Threads() { return CountDir("/proc/self/task"); }
+int64_t ResidentBytes() {
+  std::ifstream statm("/proc/self/statm");
+  int64_t size = 0, resident = 0;
+  statm >> size >> resident;
+  return resident * ::sysconf(_SC_PAGESIZE);
+}
+
+TEST(TcpTransportHardeningTest, AnAnnouncedPayloadAllocatesOnlyTheBytesThatArrive) {
+  auto t = *TcpTransport::Create({.num_endpoints = 2,
+                                  .local_endpoints = {InstanceId(1)},
+                                  .max_payload_bytes = int64_t{1} << 30});
+  const int64_t before = ResidentBytes();
+  std::vector<int> fds;
+  for (int i = 0; i < 2; ++i) {
+    // 32 bytes announcing 400 MiB, then 1 KiB of it, then silence.
+    const int fd = RawConnect(t->port());
+    ASSERT_GE(fd, 0);
+    std::vector<unsigned char> bytes = Header(0, 1, uint64_t{400} << 20);
+    bytes.resize(bytes.size() + 1024, 7);
+    ASSERT_EQ(::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL),
+              static_cast<ssize_t>(bytes.size()));
+    fds.push_back(fd);
+  }
+  absl::SleepFor(absl::Milliseconds(300));
+  const int64_t grown = ResidentBytes() - before;
+  EXPECT_LT(grown, int64_t{32} << 20) << "resident memory grew by " << grown << " bytes";
+  for (int fd : fds) ::close(fd);
+  EXPECT_EQ(t->Receive(InstanceId(1), absl::Milliseconds(50)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+}
+
+TEST(TcpTransportHardeningTest, FramesOverTheLimitCloseTheConnectionWithAClearError) {
+  auto t = *TcpTransport::Create(
+      {.num_endpoints = 2, .local_endpoints = {InstanceId(1)}, .max_payload_bytes = 1000});
+  const int fd = RawConnect(t->port());
+  ASSERT_GE(fd, 0);
+  const std::vector<unsigned char> h = Header(0, 1, 1001);
+  ASSERT_EQ(::send(fd, h.data(), h.size(), MSG_NOSIGNAL), 32);
+  EXPECT_TRUE(ClosedByPeerWithin(fd, absl::Seconds(5)));
+  ::close(fd);
+  EXPECT_EQ(t->malformed_frames(), 1);
+  EXPECT_THAT(t->last_error(), HasSubstr("1001 bytes announced, over the limit of 1000"));
+}
+
+TEST(TcpTransportHardeningTest, IdleAndIncompleteFramesAreClosedOnAcceptedConnections) {
+  auto t = *TcpTransport::Create({.num_endpoints = 2,
+                                  .local_endpoints = {InstanceId(1)},
+                                  .idle_timeout = absl::Milliseconds(300),
+                                  .frame_timeout = absl::Milliseconds(300)});
+  const int idle = RawConnect(t->port());
+  const int half_header = RawConnect(t->port());
+  const int half_payload = RawConnect(t->port());
+  ASSERT_GE(idle, 0);
+  ASSERT_GE(half_header, 0);
+  ASSERT_GE(half_payload, 0);
+  std::vector<unsigned char> h = Header(0, 1, 1000);
+  ASSERT_EQ(::send(half_header, h.data(), 10, MSG_NOSIGNAL), 10);
+  h.resize(32 + 10, 1);
+  ASSERT_EQ(::send(half_payload, h.data(), h.size(), MSG_NOSIGNAL), 42);
+  for (int fd : {idle, half_header, half_payload}) {
+    EXPECT_TRUE(ClosedByPeerWithin(fd, absl::Seconds(5)));
+    ::close(fd);
+  }
+  EXPECT_EQ(t->timed_out_connections(), 3);
+  EXPECT_THAT(t->last_error(), HasSubstr("TcpTransport: closed a connection"));
+}
+
+TEST(TcpTransportHardeningTest, MessagesKeepFlowingAcrossIdleTimeouts) {
+  // Both sides close idle connections quickly; a sender redials instead of writing into a
+  // connection being closed, so no message is lost.
+  TcpTransport::Options o{.num_endpoints = 2, .idle_timeout = absl::Milliseconds(400)};
+  o.local_endpoints = {InstanceId(0)};
+  auto a = *TcpTransport::Create(o);
+  o.local_endpoints = {InstanceId(1)};
+  auto b = *TcpTransport::Create(o);
+  ASSERT_TRUE(a->SetPeer(InstanceId(1), b->port()).ok());
+  for (absl::Duration pause : {absl::ZeroDuration(), absl::Milliseconds(250),
+                               absl::Milliseconds(700), absl::Milliseconds(150)}) {
+    absl::SleepFor(pause);
+    ASSERT_TRUE(a->Send({InstanceId(0), InstanceId(1), 1, 7, Bytes({1})}).ok());
+    auto m = b->Receive(InstanceId(1), absl::Seconds(5));
+    ASSERT_TRUE(m.ok()) << "after a pause of " << pause << ": " << m.status();
+  }
+}
+
+// Connect-and-close cycles (every tenth sends one whole frame first) leave no descriptor, no
+// thread and no open connection behind. `make test` runs 300 cycles; the slow-labelled stress
+// binary (TOKENLAKE_CONNECT_CYCLES=3000) runs thousands.
+TEST(TcpTransportHardeningTest, ConnectCloseCyclesLeaveNoDescriptorsOrThreads) {
+  const char* env = std::getenv("TOKENLAKE_CONNECT_CYCLES");
+  const int cycles = env != nullptr ? std::atoi(env) : 300;
+  auto t = *TcpTransport::Create({.num_endpoints = 2, .local_endpoints = {InstanceId(1)}});
+  const int64_t fds = OpenFds(), threads = Threads();
+  for (int i = 0; i < cycles; ++i) {
+    const int fd = RawConnect(t->port());
+    ASSERT_GE(fd, 0) << "cycle " << i;
+    if (i % 10 == 0) {
+      std::vector<unsigned char> h = Header(0, 1, 3);
+      h.insert(h.end(), {1, 2, 3});
+      ASSERT_EQ(::send(fd, h.data(), h.size(), MSG_NOSIGNAL), 35);
+    }
+    ::close(fd);
+  }
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (t->open_connections() > 0 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  absl::SleepFor(absl::Milliseconds(200));  // the last reap closes fds after joining
+  EXPECT_EQ(t->open_connections(), 0);
+  EXPECT_LE(OpenFds(), fds + 2) << "after " << cycles << " cycles";
+  EXPECT_LE(Threads(), threads + 1) << "after " << cycles << " cycles";
+  int received = 0;
+  while (t->Receive(InstanceId(1), absl::ZeroDuration()).ok()) ++received;
+  EXPECT_EQ(received, (cycles + 9) / 10);
+}
+
+TEST(TcpTransportHardeningTest, RunningOutOfDescriptorsBacksOffAndIsReportedUnhealthy) {
+  Pair p = MakePair();
+  ASSERT_TRUE(p.a->Health().ok());
+  rlimit old{};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+  rlimit low = old;
+  low.rlim_cur = static_cast<rlim_t>(OpenFds() + 64);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+  std::vector<int> filler;
+  while (true) {
+    const int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) break;
+    filler.push_back(fd);
+  }
+  const size_t filled = filler.size();
+  // One slot for a client socket whose connection then waits in b's backlog: accept() fails
+  // with EMFILE, repeatedly.
+  if (!filler.empty()) {
+    ::close(filler.back());
+    filler.pop_back();
+  }
+  const int client = RawConnect(p.b->port());
+  const int64_t errors_before = p.b->accept_errors();
+  absl::SleepFor(absl::Milliseconds(600));
+  const int64_t errors = p.b->accept_errors() - errors_before;
+  const absl::Status accept_health = p.b->Health();
+  // Dialling fails the same way and is reported too.
+  const absl::Status sent = p.a->Send({InstanceId(0), InstanceId(1), 1, 0, Bytes({1})});
+  const absl::Status dial_health = p.a->Health();
+  // Checked once descriptors are free again (the checks themselves may need some).
+  for (int fd : filler) ::close(fd);
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+  ASSERT_GT(filled, 2u);
+  ASSERT_GE(client, 0);
+  // With the backoff (10 ms doubling): a handful; a spinning loop makes thousands.
+  EXPECT_LE(errors, 12);
+  EXPECT_GE(p.b->accept_errors(), 1);
+  EXPECT_THAT(accept_health.message(), HasSubstr("cannot accept a connection"));
+  EXPECT_EQ(sent.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(dial_health.message(), HasSubstr("cannot open a connection"));
+  // The waiting connection is accepted once descriptors are free again.
+  std::vector<unsigned char> h = Header(0, 1, 1);
+  h.push_back(5);
+  ASSERT_EQ(::send(client, h.data(), h.size(), MSG_NOSIGNAL), 33);
+  auto m = p.b->Receive(InstanceId(1), absl::Seconds(5));
+  ASSERT_TRUE(m.ok()) << m.status();
+  ::close(client);
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  while ((!p.a->Health().ok() || !p.b->Health().ok()) && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  EXPECT_TRUE(p.a->Health().ok()) << p.a->Health();
+  EXPECT_TRUE(p.b->Health().ok()) << p.b->Health();
+}
+
+// ---- Authentication with the cluster secret ----
+
+TEST(TcpTransportAuthTest, PeersWithTheSecretTalkAndOthersAreRefused) {
+  const std::string secret = *GenerateClusterSecret();
+  TcpTransport::Options o{.num_endpoints = 3, .secret = secret};
+  o.local_endpoints = {InstanceId(0)};
+  auto a = *TcpTransport::Create(o);
+  o.local_endpoints = {InstanceId(1)};
+  auto b = *TcpTransport::Create(o);
+  ASSERT_TRUE(a->SetPeer(InstanceId(1), b->port()).ok());
+  ASSERT_TRUE(b->SetPeer(InstanceId(0), a->port()).ok());
+  ASSERT_TRUE(a->Send({InstanceId(0), InstanceId(1), 1, 5, Bytes({1, 2})}).ok());
+  ASSERT_TRUE(b->Receive(InstanceId(1), absl::Seconds(5)).ok());
+  ASSERT_TRUE(b->Send({InstanceId(1), InstanceId(0), 2, 5, Bytes({3})}).ok());
+  ASSERT_TRUE(a->Receive(InstanceId(0), absl::Seconds(5)).ok());
+
+  // A transport with another secret, and one with none: their Sends fail, nothing arrives.
+  for (const std::string& other : {*GenerateClusterSecret(), std::string()}) {
+    TcpTransport::Options f{.num_endpoints = 3,
+                            .local_endpoints = {InstanceId(2)},
+                            .secret = other,
+                            .handshake_timeout = absl::Milliseconds(300)};
+    auto forger = *TcpTransport::Create(f);
+    ASSERT_TRUE(forger->SetPeer(InstanceId(1), b->port()).ok());
+    absl::Status s = forger->Send({InstanceId(0), InstanceId(1), 1, 5, Bytes({9})});
+    if (!other.empty()) {
+      EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+      EXPECT_THAT(s.message(), HasSubstr("cluster secret"));
+    }
+    // (Without a secret the forger writes its frame blindly; b reads it as a bad answer.)
+  }
+  // A raw frame without any handshake.
+  const int fd = RawConnect(b->port());
+  ASSERT_GE(fd, 0);
+  std::vector<unsigned char> h = Header(0, 1, 1);
+  h.push_back(7);
+  h.resize(64, 0);  // as long as an answer to the challenge
+  ASSERT_EQ(::send(fd, h.data(), h.size(), MSG_NOSIGNAL), 64);
+  EXPECT_TRUE(ClosedByPeerWithin(fd, absl::Seconds(5)));
+  ::close(fd);
+  EXPECT_EQ(b->Receive(InstanceId(1), absl::Milliseconds(300)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_GE(b->auth_failures(), 3);
+  EXPECT_THAT(b->last_error(), HasSubstr("cluster secret"));
+
+  EXPECT_TRUE(TcpTransport::Probe(b->port(), secret, absl::Seconds(2)).ok());
+  EXPECT_FALSE(TcpTransport::Probe(b->port(), *GenerateClusterSecret(), absl::Seconds(2)).ok());
+  const int32_t port = b->port();
+  b.reset();
+  EXPECT_FALSE(TcpTransport::Probe(port, secret, absl::Seconds(2)).ok());
+}
+
+// The coordinator's shape: it does not listen, it dials the instance, and the instance answers
+// on that connection. A frame on that connection claiming another sender is dropped.
+TEST(TcpTransportAuthTest, RepliesComeBackOnlyOnTheConnectionOpenedToTheSender) {
+  const std::string secret = *GenerateClusterSecret();
+  auto coordinator = *TcpTransport::Create(
+      {.num_endpoints = 3, .local_endpoints = {InstanceId(0)}, .secret = secret, .listen = false});
+  EXPECT_EQ(coordinator->port(), 0);
+  auto instance = *TcpTransport::Create({.num_endpoints = 3,
+                                         .local_endpoints = {InstanceId(1), InstanceId(2)},
+                                         .secret = secret,
+                                         .answer_on_incoming = {InstanceId(0)}});
+  EXPECT_EQ(instance->SetPeer(InstanceId(0), 1234).code(), absl::StatusCode::kInvalidArgument);
+  // Nothing to answer on before the coordinator has connected.
+  EXPECT_EQ(instance->Send({InstanceId(1), InstanceId(0), 2, 1, {}}).code(),
+            absl::StatusCode::kUnavailable);
+  ASSERT_TRUE(coordinator->SetPeer(InstanceId(1), instance->port()).ok());
+  for (uint64_t id = 1; id <= 3; ++id) {
+    ASSERT_TRUE(coordinator->Send({InstanceId(0), InstanceId(1), 1, id, Bytes({1})}).ok());
+    auto request = instance->Receive(InstanceId(1), absl::Seconds(5));
+    ASSERT_TRUE(request.ok()) << request.status();
+    ASSERT_TRUE(instance->Send({InstanceId(1), InstanceId(0), 2, id, Bytes({2})}).ok());
+    auto reply = coordinator->Receive(InstanceId(0), absl::Seconds(5));
+    ASSERT_TRUE(reply.ok()) << reply.status();
+    EXPECT_EQ(reply->from, InstanceId(1));
+    EXPECT_EQ(reply->correlation_id, id);
+  }
+  // Endpoint 2 is hosted by the same process but the connection was opened to endpoint 1.
+  ASSERT_TRUE(instance->Send({InstanceId(2), InstanceId(0), 2, 9, Bytes({3})}).ok());
+  EXPECT_EQ(coordinator->Receive(InstanceId(0), absl::Milliseconds(500)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(coordinator->malformed_frames(), 1);
+  EXPECT_THAT(coordinator->last_error(),
+              HasSubstr("frame from endpoint 2 on the connection opened to endpoint 1"));
+}
+
+TEST(ClusterSecretTest, CallTokensVerifyOnlyWithTheSameSecretMethodAndTime) {
+  const std::string key = *GenerateClusterSecret();
+  EXPECT_EQ(key.size(), kClusterSecretBytes);
+  EXPECT_NE(key, *GenerateClusterSecret());
+  auto parsed = ClusterSecretFromHex(ToHex(key));
+  ASSERT_TRUE(parsed.ok());
+  EXPECT_EQ(*parsed, key);
+  EXPECT_EQ(ClusterSecretFromHex("abc").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ClusterSecretFromHex(std::string(64, 'z')).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  const absl::Time now = absl::Now();
+  const std::string token = CallToken(key, "Register", now);
+  EXPECT_TRUE(VerifyCallToken(key, token, "Register", now + absl::Seconds(5)).ok());
+  EXPECT_NE(token, CallToken(key, "Register", now));  // a fresh nonce each time
+  auto code = [](const absl::Status& s) { return s.code(); };
+  EXPECT_EQ(code(VerifyCallToken(key, token, "Heartbeat", now)),
+            absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(code(VerifyCallToken(*GenerateClusterSecret(), token, "Register", now)),
+            absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(code(VerifyCallToken(key, token, "Register", now + absl::Minutes(5))),
+            absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(code(VerifyCallToken(key, "", "Register", now)), absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(code(VerifyCallToken(key, "1.2.3", "Register", now)),
+            absl::StatusCode::kUnauthenticated);
+  std::string tampered = token;
+  tampered.back() = tampered.back() == '0' ? '1' : '0';
+  EXPECT_EQ(code(VerifyCallToken(key, tampered, "Register", now)),
+            absl::StatusCode::kUnauthenticated);
+  // HMAC-SHA256("Jefe", "what do ya want" 0x00 " for nothing?"), computed independently
+  // (Python: hmac.new(b"Jefe", b"what do ya want\x00 for nothing?", hashlib.sha256)).
+  const Mac mac = HmacSha256("Jefe", "what do ya want", " for nothing?");
+  EXPECT_EQ(ToHex(std::string_view(reinterpret_cast<const char*>(mac.data()), mac.size())),
+            "cabaac5fb4a7102cd287cc98924c8a618112e35ac4016fa3e84e1eaf13e0ea8e");
+  EXPECT_FALSE(MacEqual(mac, HmacSha256("Jefe", "what do ya want", " for nothing!")));
 }
 
 // ---- FaultTransport over the loopback transport ----

@@ -651,6 +651,7 @@ namespace {
 GpuGenerateResult ToGpuResult(LoopResult r, int64_t slot_bytes) {
   GpuGenerateResult out;
   out.tokens = std::move(r.tokens);
+  out.finish_reason = std::move(r.finish_reason);
   out.cached_tokens = r.cached_tokens;
   out.last_logits = std::move(r.last_logits);
   out.decode_logits = std::move(r.decode_logits);

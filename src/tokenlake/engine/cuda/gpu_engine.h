@@ -80,8 +80,11 @@ struct GpuEngineOptions {
 };
 
 struct GpuGenerateResult {
-  // The greedy tokens (argmax at every step), max_new_tokens of them.
+  // The chosen tokens (argmax at every step unless the request samples): max_new_tokens of
+  // them, or fewer when a stop token ended the request.
   std::vector<int32_t> tokens;
+  // "length" or "stop" (see LoopResult).
+  std::string finish_reason;
   // Prompt tokens served from the pool (not recomputed).
   int64_t cached_tokens = 0;
   // Logits at the last prompt position [vocab_size].
