@@ -21,9 +21,7 @@ sources() { git ls-files -- '*.h' '*.cc' '*.cu' '*.cuh'; }
 # Configures the `clang` preset (for its compile_commands.json) and generates the protobuf
 # headers that the service's sources include; compiles nothing else.
 configure() {
-  if [ ! -f "$build/compile_commands.json" ]; then
-    cmake --preset clang >/dev/null
-  fi
+  cmake --preset clang >/dev/null  # quick when configured: refreshes the list of sources
   local gen
   gen=$(ninja -C "$build" -t targets all | sed -n 's|^\([^/][^:]*\.pb\.h\): CUSTOM_COMMAND$|\1|p')
   if [ -n "$gen" ]; then
