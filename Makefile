@@ -3,7 +3,7 @@
 JOBS ?= $(shell nproc)
 CTEST_ARGS ?=
 
-.PHONY: all deps build demo test asan-test dev bench fuzz cuda format clean
+.PHONY: all deps build demo test asan-test dev bench fuzz cuda check format clean
 
 all: build
 
@@ -52,8 +52,16 @@ FUZZ_SECONDS ?= 20
 fuzz: deps
 	bash fuzz/run.sh $(FUZZ_SECONDS)
 
+# Style and safety checks with clang 14 (scripts/check.sh says what each does): formatting of the
+# tracked sources, the thread-safety analysis over every translation unit, clang-tidy on the lines
+# changed since origin/main (or HEAD~1; TIDY_BASE=REF to choose).
+TIDY_BASE ?=
+check: deps
+	JOBS=$(JOBS) bash scripts/check.sh all $(TIDY_BASE)
+
+# Formats the tracked sources in place (what `make check` asks for).
 format:
-	find src apps tests -name '*.h' -o -name '*.cc' -o -name '*.cu' -o -name '*.cuh' | xargs clang-format -i
+	git ls-files -- '*.h' '*.cc' '*.cu' '*.cuh' | xargs clang-format-14 -i
 
 clean:
 	rm -rf build

@@ -34,7 +34,7 @@ int RunCli(int argc, const char* const* argv);
 
 }  // namespace tokenlake::cli
 
-#define TOKENLAKE_REGISTER_COMMAND(name, setup)                         \
+#define TOKENLAKE_REGISTER_COMMAND(name, setup)                            \
   [[maybe_unused]] static const bool tokenlake_command_registered_##name = \
       ::tokenlake::cli::RegisterCommand(#name, setup)
 

@@ -22,6 +22,7 @@
 #include "absl/strings/str_format.h"
 #include "command.h"
 #include "tokenlake/engine/llama_config.h"
+#include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/coordinator.h"
 #include "tokenlake/service/process.h"
@@ -70,17 +71,10 @@ int RunCoordinator(const CoordinatorFlags& f) {
               .default_max_tokens = std::min(16, f.max_tokens_limit)};
   o.segment_tokens = f.segment_tokens;
   o.namespace_name = f.namespace_name;
-  if (f.kv_dtype != "f32" && f.kv_dtype != "bf16") {
-    std::cerr << "tokenlake coordinator: --kv-dtype must be f32 or bf16\n";
-    return 2;
-  }
   o.lake_instances = f.instances;
   o.slots_per_instance = f.slots;
-  o.model = plan::ModelShape{.num_layers = config->num_layers,
-                             .num_heads = config->num_heads,
-                             .num_kv_heads = config->num_kv_heads,
-                             .head_dim = config->head_dim,
-                             .dtype_bytes = f.kv_dtype == "bf16" ? 2 : 4};
+  o.model = engine::PoolModelShape(
+      *config, f.kv_dtype == "bf16" ? attention::KvDtype::kBFloat16 : attention::KvDtype::kFloat32);
   o.rebalance_interval = absl::Milliseconds(f.rebalance_interval_ms);
   o.rebalance_every_requests = f.rebalance_every;
   o.rotate_compute_instance = f.rotate_compute;
@@ -152,7 +146,8 @@ void SetUpCoordinator(CLI::App& app, int* exit_code) {
   cmd->add_option("--slots", f->slots, "Segment slots per instance (instances need >= this)")
       ->capture_default_str();
   cmd->add_option("--kv-dtype", f->kv_dtype, "KV dtype of the instances (plan costs): f32, bf16")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_option("--rebalance-interval-ms", f->rebalance_interval_ms,
                   "Run the lake's rebalancing this often (0 = never)")
       ->capture_default_str();

@@ -33,6 +33,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_format.h"
 #include "command.h"
+#include "flag_checks.h"
 #include "nlohmann/json.hpp"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/engine/engine.h"
@@ -348,31 +349,12 @@ int RunGpu(const GenerateFlags& f) {
 #endif  // TOKENLAKE_HAVE_CUDA
 
 int RunGenerate(const GenerateFlags& f) {
-  if (f.instances < 1 || f.max_new_tokens < 1 || f.segment_tokens < 1 || f.slots_per_instance < 1 ||
-      f.rebalance_every < 0) {
-    return UsageError(
-        "--instances, --max-new-tokens, --segment-tokens and --slots-per-instance must be >= 1, "
-        "--rebalance-every >= 0");
-  }
-  if (f.arrival != "all" && f.arrival != "sequential") {
-    return UsageError("--arrival must be all or sequential, got '" + f.arrival + "'");
-  }
-  if (f.max_batch_tokens < 1) {
-    return UsageError("--max-batch-tokens must be >= 1");
-  }
-  if (!(f.top_p > 0.0f) || !(f.top_p <= 1.0f)) {
-    return UsageError(absl::StrFormat("--top-p must be in (0, 1], got %g", f.top_p));
-  }
+  // The values themselves were checked by CLI11 (SetUpGenerate); here only what involves the
+  // build or several flags.
   if (f.no_pool && (f.temperature != 0.0f || !f.stop_tokens.empty())) {
     return UsageError("--temperature and --stop-token need the pool (not --no-pool)");
   }
-  if (f.kv_dtype != "auto" && f.kv_dtype != "f32" && f.kv_dtype != "bf16") {
-    return UsageError("--kv-dtype must be auto, f32 or bf16, got '" + f.kv_dtype + "'");
-  }
   if (f.device == "cpu") return RunCpu(f);
-  if (f.device != "gpu") {
-    return UsageError("--device must be cpu or gpu, got '" + f.device + "'");
-  }
 #if !defined(TOKENLAKE_HAVE_CUDA)
   return UsageError(
       "--device gpu: this build has no CUDA data plane; build the CLI with it: `cmake --preset "
@@ -415,49 +397,59 @@ void SetUpGenerate(CLI::App& app, int* exit_code) {
                               "device 0; CUDA builds only; always pooled, bf16 KV, no "
                               "rebalancing); ") +
                       kBuildDevices)
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "gpu"}));
   cmd->add_option("--instances", flags->instances,
                   "Pool instances (threads on the CPU; sharing the device on the GPU)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(IntAtLeast(1));
   cmd->add_flag("--no-pool", flags->no_pool,
                 "Private per-request KV cache (no TokenLake; CPU only)");
   cmd->add_option("--max-new-tokens", flags->max_new_tokens, "Tokens to generate per prompt")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(IntAtLeast(1));
   cmd->add_option("--segment-tokens", flags->segment_tokens, "Tokens per segment (S)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(IntAtLeast(1));
   cmd->add_option("--slots-per-instance", flags->slots_per_instance, "Segment slots per instance")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(IntAtLeast(1));
   cmd->add_option("--kv-dtype", flags->kv_dtype,
                   "KV dtype in the pool: auto (f32 on the CPU, bf16 on the GPU), f32 (CPU only) "
                   "or bf16")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "f32", "bf16"}));
   cmd->add_flag("--rotate-compute", flags->rotate,
                 "Prefer computing request k on instance k mod N (spreads the work)");
   cmd->add_option("--rebalance-every", flags->rebalance_every,
                   "Rebalance the pool after every N requests (0 = never; CPU only)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(IntAtLeast(0));
   cmd->add_option("--arrival", flags->arrival,
                   "all: every prompt submitted at once (continuous batching); sequential: one "
                   "after another, so that later prompts hit what earlier ones left in the pool")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::IsMember({"all", "sequential"}));
   cmd->add_option("--max-batch-tokens", flags->max_batch_tokens,
                   "Tokens computed per iteration over the whole batch (prompts are prefilled in "
                   "chunks under it; pool only)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(IntAtLeast(1));
   cmd->add_option("--temperature", flags->temperature,
                   "Sampling temperature (0 = greedy; pool only)")
-      ->check(CLI::Range(0.0f, 1e6f))
+      ->check(NumberIn(0, 1e6))
       ->capture_default_str();
   cmd->add_option("--top-p", flags->top_p,
                   "Nucleus sampling: keep the most likely tokens up to "
                   "this probability, in (0, 1]")
+      ->check(NumberIn(0, 1, /*open_lo=*/true))
       ->capture_default_str();
   cmd->add_option("--top-k", flags->top_k, "Keep the k most likely tokens (0 = all)")
-      ->check(CLI::Range(0, 1 << 30))
+      ->check(IntIn(0, 1 << 30))
       ->capture_default_str();
   cmd->add_option("--seed", flags->seed,
                   "Sampling seed (the same seed gives the same tokens; default a random one)")
-      ->check(CLI::Range(int64_t{0}, INT64_MAX));
+      ->check(IntAtLeast(0));
   cmd->add_option("--stop-token", flags->stop_tokens,
                   "Token ids that end a request (e.g. the model's end of sequence); repeatable");
   cmd->callback([flags, exit_code] { *exit_code = RunGenerate(*flags); });

@@ -17,6 +17,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/time/time.h"
 #include "command.h"
+#include "flag_checks.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/instance_server.h"
@@ -41,10 +42,6 @@ struct InstanceFlags {
 
 int RunInstance(const InstanceFlags& f) {
   if (f.exit_with_parent) ::prctl(PR_SET_PDEATHSIG, SIGTERM);
-  if (f.kv_dtype != "f32" && f.kv_dtype != "bf16") {
-    std::cerr << "tokenlake instance: --kv-dtype must be f32 or bf16\n";
-    return 2;
-  }
   auto model = engine::LlamaModel::Load(f.model);
   if (!model.ok()) {
     std::cerr << "tokenlake instance: " << model.status().message() << "\n";
@@ -64,10 +61,6 @@ int RunInstance(const InstanceFlags& f) {
   o.segment_tokens = f.segment_tokens;
   o.slots = f.slots;
   o.kv_dtype = f.kv_dtype == "bf16" ? attention::KvDtype::kBFloat16 : attention::KvDtype::kFloat32;
-  if (f.data_timeout_ms < 1) {
-    std::cerr << "tokenlake instance: --data-timeout-ms must be >= 1\n";
-    return 2;
-  }
   o.data_timeout = absl::Milliseconds(f.data_timeout_ms);
   absl::StatusOr<std::string> secret = service::TakeClusterSecretFromEnvironment();
   if (!secret.ok()) {
@@ -114,10 +107,13 @@ void SetUpInstance(CLI::App& app, int* exit_code) {
   cmd->add_option("--segment-tokens", f->segment_tokens, "Tokens per segment (as the coordinator)")
       ->capture_default_str();
   cmd->add_option("--slots", f->slots, "Segment slots of this instance")->capture_default_str();
-  cmd->add_option("--kv-dtype", f->kv_dtype, "KV dtype: f32 or bf16")->capture_default_str();
+  cmd->add_option("--kv-dtype", f->kv_dtype, "KV dtype: f32 or bf16")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "bf16"}));
   cmd->add_option("--data-timeout-ms", f->data_timeout_ms,
                   "How long to wait for another instance's data-plane reply")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(IntAtLeast(1));
   cmd->add_flag("--exit-with-parent", f->exit_with_parent, "Exit when the parent process dies");
   cmd->callback([f, exit_code] { *exit_code = RunInstance(*f); });
 }

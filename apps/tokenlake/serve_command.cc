@@ -22,6 +22,7 @@
 #include "CLI/CLI.hpp"
 #include "absl/time/clock.h"
 #include "command.h"
+#include "flag_checks.h"
 #include "tokenlake/service/local_cluster.h"
 
 namespace tokenlake::cli {
@@ -41,10 +42,6 @@ struct ServeFlags {
 };
 
 int RunServe(const ServeFlags& f) {
-  if (f.instances < 1 || f.instances > 64 || f.port < 0 || f.port > 65535) {
-    std::cerr << "tokenlake serve: --instances must be in [1, 64] and --port in [0, 65535]\n";
-    return 2;
-  }
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
@@ -131,9 +128,12 @@ void SetUpServe(CLI::App& app, int* exit_code) {
                   "Checkpoint directory (config.json, and model.safetensors or "
                   "model.safetensors.index.json with its shards)")
       ->required();
-  cmd->add_option("--instances", f->instances, "Instance processes")->capture_default_str();
+  cmd->add_option("--instances", f->instances, "Instance processes")
+      ->capture_default_str()
+      ->check(IntIn(1, 64));
   cmd->add_option("--port", f->port, "HTTP port on 127.0.0.1 (0 = any, printed)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(IntIn(0, 65535));
   cmd->add_option("--segment-tokens", f->segment_tokens, "Tokens per segment")
       ->capture_default_str();
   cmd->add_option("--slots", f->slots, "Segment slots per instance")->capture_default_str();

@@ -19,12 +19,12 @@
 
 #include "CLI/CLI.hpp"
 #include "absl/status/status.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "command.h"
+#include "flag_checks.h"
 #include "nlohmann/json.hpp"
 #include "tokenlake/sim/cost_model.h"
 #include "tokenlake/sim/experiment.h"
@@ -35,73 +35,54 @@
 namespace tokenlake::cli {
 namespace {
 
+// The flags, typed: CLI11 converts and range-checks each value (a bad one is a usage error
+// naming the flag, exit 2); RunSim checks only what involves several flags.
 struct SimFlags {
   std::string preset;
   std::string trace;
   std::string workload;  // empty: chat
-  std::string requests = "2000";
-  std::string instances = "16";
+  int64_t requests = 2000;
+  int instances = 16;
   std::string model = "llama-3-8b";
   std::string gpu = "h100";
   std::string policies = "round-robin,cache-aware,pd-disagg,tokenlake";
-  std::string rate;
+  double rate = 0;  // 0 (not given): the trace's native rate
   bool max_rate = false;
-  std::string slo_ttft = "5";
-  std::string slo_tpot = "0.2";
-  std::string seed = "1";
+  double slo_ttft = 5;
+  double slo_tpot = 0.2;
+  int64_t seed = 1;
   std::string json;
   std::string report;
   bool progress = false;
-  std::string token_budget = "8192";
-  std::string intra_gbps = "300";
-  std::string inter_gbps = "50";
-  std::string gpus_per_node = "8";
+  int64_t token_budget = 8192;
+  double intra_gbps = 300;
+  double inter_gbps = 50;
+  int64_t gpus_per_node = 8;
   std::string pd_splits = "all";
   bool slo_rejection = false;
-  std::string kv_gb;
-  std::string pd_dram_gb = "128";
-  std::string pd_dram_gbps = "25";
-  std::string cache_threshold = "0.3";
-  std::string balance_abs_threshold = "64";
-  std::string balance_rel_threshold = "1.5";
-  std::string eviction_interval_s = "60";
-  std::string max_tree_size = "67108864";
-  std::string threads = "0";
-  std::string tl_max_dop = "4";
-  std::string tl_decode_budget = "0.5";
-  std::string tl_local_evict = "0.5";
-  std::string tp = "1";
-  std::string cache_tokens;
+  double kv_gb = 0;  // 0 (not given): derived from the GPU's memory
+  double pd_dram_gb = 128;
+  double pd_dram_gbps = 25;
+  double cache_threshold = 0.3;
+  int64_t balance_abs_threshold = 64;
+  double balance_rel_threshold = 1.5;
+  double eviction_interval_s = 60;
+  int64_t max_tree_size = 67108864;
+  int threads = 0;
+  int tl_max_dop = 4;
+  double tl_decode_budget = 0.5;
+  double tl_local_evict = 0.5;
+  int tp = 1;
+  int64_t cache_tokens = 0;  // 0 (not given): --kv-gb's sizing
   std::string slo = "p90";
-  std::string slo_factor = "10";
-  std::string system_prompt_tokens = "6000";
+  double slo_factor = 10;
+  int64_t system_prompt_tokens = 6000;
   bool verbose = false;
 };
 
 int Usage(const std::string& message) {
   std::cerr << "tokenlake sim: " << message << "\n(see tokenlake sim --help)\n";
   return 2;
-}
-
-bool ParsePositive(const std::string& text, const char* flag, double* out, std::string* error) {
-  double v = 0;
-  if (!absl::SimpleAtod(text, &v) || !std::isfinite(v) || v <= 0) {
-    *error = absl::StrFormat("%s must be a number > 0, got '%s'", flag, text);
-    return false;
-  }
-  *out = v;
-  return true;
-}
-
-bool ParseCount(const std::string& text, const char* flag, int64_t lo, int64_t hi, int64_t* out,
-                std::string* error) {
-  int64_t v = 0;
-  if (!absl::SimpleAtoi(text, &v) || v < lo || v > hi) {
-    *error = absl::StrFormat("%s must be an integer in [%d, %d], got '%s'", flag, lo, hi, text);
-    return false;
-  }
-  *out = v;
-  return true;
 }
 
 void DrawProgress(double share) {
@@ -117,18 +98,18 @@ void DrawProgress(double share) {
 absl::Status ApplyPreset(const std::string& name, const std::set<std::string>& given, SimFlags* f) {
   auto p = sim::FindPreset(name);
   if (!p.ok()) return p.status();
-  auto set = [&](const char* flag, std::string* field, const std::string& value) {
+  auto set = [&](const char* flag, auto* field, const auto& value) {
     if (given.count(flag) == 0) *field = value;
   };
-  set("--instances", &f->instances, absl::StrCat(p->instances));
-  set("--tp", &f->tp, absl::StrCat(p->tensor_parallel));
+  set("--instances", &f->instances, p->instances);
+  set("--tp", &f->tp, p->tensor_parallel);
   set("--model", &f->model, p->model);
   set("--gpu", &f->gpu, p->gpu);
-  set("--intra-gbps", &f->intra_gbps, absl::StrCat(p->intra_node_gbps));
-  set("--gpus-per-node", &f->gpus_per_node, absl::StrCat(p->gpus_per_node));
-  set("--token-budget", &f->token_budget, absl::StrCat(p->token_budget));
+  set("--intra-gbps", &f->intra_gbps, p->intra_node_gbps);
+  set("--gpus-per-node", &f->gpus_per_node, p->gpus_per_node);
+  set("--token-budget", &f->token_budget, p->token_budget);
   set("--slo", &f->slo, std::string(sim::SloModeName(p->slo_mode)));
-  set("--slo-factor", &f->slo_factor, absl::StrCat(p->slo_factor));
+  set("--slo-factor", &f->slo_factor, p->slo_factor);
   set("--policies", &f->policies, absl::StrJoin(p->policies, ","));
   if (given.count("--trace") == 0) set("--workload", &f->workload, p->workload);
   return absl::OkStatus();
@@ -141,89 +122,37 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
     absl::Status s = ApplyPreset(f.preset, given, &f);
     if (!s.ok()) return Usage(std::string(s.message()));
   }
-  std::string error;
   sim::ExperimentOptions eo;
-  int64_t instances = 0, requests = 0, seed = 0, budget = 0, gpn = 0;
-  double slo_ttft = 0, slo_tpot = 0, intra = 0, inter = 0;
-  if (!ParseCount(f.instances, "--instances", 1, 4096, &instances, &error) ||
-      !ParseCount(f.requests, "--requests", 1, 10'000'000, &requests, &error) ||
-      !ParseCount(f.seed, "--seed", 0, INT64_MAX, &seed, &error) ||
-      !ParseCount(f.token_budget, "--token-budget", 1, 1 << 24, &budget, &error) ||
-      !ParseCount(f.gpus_per_node, "--gpus-per-node", 1, 1024, &gpn, &error) ||
-      !ParsePositive(f.slo_ttft, "--slo-ttft", &slo_ttft, &error) ||
-      !ParsePositive(f.slo_tpot, "--slo-tpot", &slo_tpot, &error) ||
-      !ParsePositive(f.intra_gbps, "--intra-gbps", &intra, &error) ||
-      !ParsePositive(f.inter_gbps, "--inter-gbps", &inter, &error)) {
-    return Usage(error);
-  }
-  double pd_dram_gb = 0, pd_dram_gbps = 0;
-  if (!ParsePositive(f.pd_dram_gb, "--pd-dram-gb", &pd_dram_gb, &error) ||
-      !ParsePositive(f.pd_dram_gbps, "--pd-dram-gbps", &pd_dram_gbps, &error)) {
-    return Usage(error);
-  }
+  const int64_t instances = f.instances, requests = f.requests, seed = f.seed;
+  const int64_t budget = f.token_budget, gpn = f.gpus_per_node, tp = f.tp;
+  const double slo_ttft = f.slo_ttft, slo_tpot = f.slo_tpot;
+  const double pd_dram_gb = f.pd_dram_gb, pd_dram_gbps = f.pd_dram_gbps;
+  const int64_t system_prompt_tokens = f.system_prompt_tokens, cache_tokens = f.cache_tokens;
   eo.baselines.pd_dram_bytes = static_cast<int64_t>(pd_dram_gb * 1e9);
   eo.baselines.pd.dram_gbps = pd_dram_gbps;
   eo.baselines.pd.slo_rejection = f.slo_rejection;
   sim::CacheAwareOptions& ca = eo.baselines.cache_aware;
-  double cache_threshold = 0;
-  if (!absl::SimpleAtod(f.cache_threshold, &cache_threshold) || !(cache_threshold >= 0) ||
-      !(cache_threshold <= 1)) {
-    return Usage(absl::StrFormat("--cache-threshold must be a number in [0, 1], got '%s'",
-                                 f.cache_threshold));
-  }
-  ca.cache_threshold = cache_threshold;
-  int64_t max_tree = 0, threads = 0;
-  if (!ParseCount(f.balance_abs_threshold, "--balance-abs-threshold", 0, INT64_MAX,
-                  &ca.balance_abs_threshold, &error) ||
-      !ParsePositive(f.balance_rel_threshold, "--balance-rel-threshold", &ca.balance_rel_threshold,
-                     &error) ||
-      !ParsePositive(f.eviction_interval_s, "--eviction-interval-s", &ca.eviction_interval_s,
-                     &error) ||
-      !ParseCount(f.max_tree_size, "--max-tree-size", 1, INT64_MAX, &max_tree, &error) ||
-      !ParseCount(f.threads, "--threads", 0, 1024, &threads, &error)) {
-    return Usage(error);
-  }
-  ca.max_tree_size = max_tree;
-  eo.threads = static_cast<int>(threads);
-  int64_t tl_max_dop = 0;
-  double tl_decode_budget = 0;
-  if (!ParseCount(f.tl_max_dop, "--tl-max-dop", 1, 4096, &tl_max_dop, &error) ||
-      !ParsePositive(f.tl_decode_budget, "--tl-decode-budget", &tl_decode_budget, &error)) {
-    return Usage(error);
-  }
-  if (tl_decode_budget > 1) return Usage("--tl-decode-budget must be in (0, 1]");
-  int64_t tp = 0, system_prompt_tokens = 0, cache_tokens = 0;
-  double slo_factor = 0;
-  if (!ParseCount(f.tp, "--tp", 1, 64, &tp, &error) ||
-      !ParseCount(f.system_prompt_tokens, "--system-prompt-tokens", 1, 1 << 24,
-                  &system_prompt_tokens, &error) ||
-      !ParsePositive(f.slo_factor, "--slo-factor", &slo_factor, &error) ||
-      (!f.cache_tokens.empty() &&
-       !ParseCount(f.cache_tokens, "--cache-tokens", 1, INT64_MAX / 4, &cache_tokens, &error))) {
-    return Usage(error);
-  }
+  ca.cache_threshold = f.cache_threshold;
+  ca.balance_abs_threshold = f.balance_abs_threshold;
+  ca.balance_rel_threshold = f.balance_rel_threshold;
+  ca.eviction_interval_s = f.eviction_interval_s;
+  ca.max_tree_size = f.max_tree_size;
+  eo.threads = f.threads;
   auto slo_mode = sim::ParseSloMode(f.slo);
   if (!slo_mode.ok()) return Usage("--slo: " + std::string(slo_mode.status().message()));
   eo.slo_mode = *slo_mode;
-  eo.slo_factor = slo_factor;
-  double tl_local_evict = 0;
-  if (!absl::SimpleAtod(f.tl_local_evict, &tl_local_evict) || !(tl_local_evict >= 0) ||
-      !std::isfinite(tl_local_evict)) {
-    return Usage(
-        absl::StrFormat("--tl-local-evict must be a number >= 0, got '%s'", f.tl_local_evict));
+  eo.slo_factor = f.slo_factor;
+  eo.tokenlake.local_eviction_min_age_ratio = f.tl_local_evict;
+  eo.tokenlake.max_dop = f.tl_max_dop;
+  eo.tokenlake.decode_budget_share = f.tl_decode_budget;
+  eo.rate_rps = f.rate;
+  if (given.count("--rate") > 0 && f.max_rate) {
+    return Usage("--rate and --max-rate are exclusive");
   }
-  eo.tokenlake.local_eviction_min_age_ratio = tl_local_evict;
-  eo.tokenlake.max_dop = static_cast<int>(tl_max_dop);
-  eo.tokenlake.decode_budget_share = tl_decode_budget;
-  if (!f.rate.empty() && !ParsePositive(f.rate, "--rate", &eo.rate_rps, &error)) {
-    return Usage(error);
-  }
-  if (!f.rate.empty() && f.max_rate) return Usage("--rate and --max-rate are exclusive");
-  double kv_gb = 0;
-  if (!f.kv_gb.empty() && !ParsePositive(f.kv_gb, "--kv-gb", &kv_gb, &error)) return Usage(error);
+  const double kv_gb = f.kv_gb;
   // Bytes are counted in 64 bits: 1e9 GB (an exabyte) per instance is far beyond any GPU.
   if (kv_gb > 1e9) return Usage(absl::StrFormat("--kv-gb must be at most 1e9, got %g", kv_gb));
-  if (!f.kv_gb.empty() && !f.cache_tokens.empty()) {
+  if (given.count("--kv-gb") > 0 && given.count("--cache-tokens") > 0) {
     return Usage("--kv-gb and --cache-tokens are exclusive");
   }
   eo.policies.clear();
@@ -259,8 +188,8 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
         absl::StrFormat("--tp %d must divide the model's %d KV heads", tp, model->num_kv_heads));
   }
   sim::InterconnectSpec net;
-  net.intra_node_gbps = intra;
-  net.inter_node_gbps = inter;
+  net.intra_node_gbps = f.intra_gbps;
+  net.inter_node_gbps = f.inter_gbps;
   net.gpus_per_node = gpn;
   const sim::CostModel cost(*model, *gpu, net, static_cast<int>(tp));
 
@@ -434,37 +363,50 @@ void SetUpSim(CLI::App& app, int* exit_code) {
                   "sharegpt (default chat)");
   cmd->add_option("--system-prompt-tokens", flags->system_prompt_tokens,
                   "loogle, scbench, sharegpt: tokens of the system prompt on every request "
-                  "(default 6000)");
+                  "(default 6000)")
+      ->check(IntIn(1, int64_t{1} << 24));
   cmd->add_option("--requests", flags->requests,
-                  "requests of a built-in workload (default 2000); with --trace, keep its first N");
-  cmd->add_option("--instances", flags->instances, "serving instances / GPUs (default 16)");
+                  "requests of a built-in workload (default 2000); with --trace, keep its first N")
+      ->check(IntIn(1, 10'000'000));
+  cmd->add_option("--instances", flags->instances, "serving instances / GPUs (default 16)")
+      ->check(IntIn(1, 4096));
   cmd->add_option("--model", flags->model, "llama-3-8b, lwm-7b or a model JSON file");
   cmd->add_option("--gpu", flags->gpu,
                   "h100 (measured, the default), h100-paper, a100-80gb (from published specs) "
                   "or a GPU profile JSON file (cost_model.h schema)");
-  cmd->add_option("--tp", flags->tp, "tensor-parallel GPUs per instance (default 1)");
+  cmd->add_option("--tp", flags->tp, "tensor-parallel GPUs per instance (default 1)")
+      ->check(IntIn(1, 64));
   cmd->add_option("--policies", flags->policies,
                   "comma-separated: round-robin, least-load, cache-aware, pd-disagg, "
                   "pd-disagg+dram (Mooncake with its host-DRAM store), tokenlake");
-  cmd->add_option("--rate", flags->rate, "offered requests/s (arrivals scaled; default native)");
+  cmd->add_option("--rate", flags->rate, "offered requests/s (arrivals scaled; default native)")
+      ->check(Positive());
   cmd->add_flag("--max-rate", flags->max_rate,
                 "search each policy's highest rate meeting the P90 TTFT and TPOT SLOs");
   cmd->add_option("--slo", flags->slo,
                   "p90 (P90 TTFT and TPOT against --slo-ttft / --slo-tpot, the default) or "
                   "per-token (the paper's: TTFT / input and TPOT each <= --slo-factor x batch 1 "
                   "for >= 90% of requests; --max-rate then reports the P90 goodput)");
-  cmd->add_option("--slo-factor", flags->slo_factor, "per-token SLO: factor over batch 1 (10)");
-  cmd->add_option("--slo-ttft", flags->slo_ttft, "P90 TTFT SLO in seconds (default 5)");
-  cmd->add_option("--slo-tpot", flags->slo_tpot, "P90 TPOT SLO in seconds (default 0.2)");
-  cmd->add_option("--seed", flags->seed, "seed of the built-in workloads (default 1)");
+  cmd->add_option("--slo-factor", flags->slo_factor, "per-token SLO: factor over batch 1 (10)")
+      ->check(Positive());
+  cmd->add_option("--slo-ttft", flags->slo_ttft, "P90 TTFT SLO in seconds (default 5)")
+      ->check(Positive());
+  cmd->add_option("--slo-tpot", flags->slo_tpot, "P90 TPOT SLO in seconds (default 0.2)")
+      ->check(Positive());
+  cmd->add_option("--seed", flags->seed, "seed of the built-in workloads (default 1)")
+      ->check(IntAtLeast(0));
   cmd->add_option("--json", flags->json, "write the results as JSON to this file");
   cmd->add_option("--report", flags->report, "write SVG plots and index.html into this folder");
   cmd->add_flag("--progress", flags->progress, "progress bar on stderr even when not a TTY");
   cmd->add_option("--token-budget", flags->token_budget,
-                  "tokens per iteration (chunked prefill budget, default 8192)");
-  cmd->add_option("--intra-gbps", flags->intra_gbps, "GB/s between GPUs of a node (default 300)");
-  cmd->add_option("--inter-gbps", flags->inter_gbps, "GB/s between nodes (default 50)");
-  cmd->add_option("--gpus-per-node", flags->gpus_per_node, "GPUs per node (default 8)");
+                  "tokens per iteration (chunked prefill budget, default 8192)")
+      ->check(IntIn(1, int64_t{1} << 24));
+  cmd->add_option("--intra-gbps", flags->intra_gbps, "GB/s between GPUs of a node (default 300)")
+      ->check(Positive());
+  cmd->add_option("--inter-gbps", flags->inter_gbps, "GB/s between nodes (default 50)")
+      ->check(Positive());
+  cmd->add_option("--gpus-per-node", flags->gpus_per_node, "GPUs per node (default 8)")
+      ->check(IntIn(1, 1024));
   cmd->add_option("--pd-splits", flags->pd_splits,
                   "PD policies: prefill:decode splits to run, one row each: 'all' (default: "
                   "every P:D with P + D = instances) or P:D[,P:D...] (e.g. 7P:9D,12P:4D)");
@@ -473,33 +415,46 @@ void SetUpSim(CLI::App& app, int* exit_code) {
                 "exceeds the SLO) for the policies that estimate them (pd-disagg*; rows named "
                 "+reject); default off, as for every policy");
   cmd->add_option("--pd-dram-gb", flags->pd_dram_gb,
-                  "pd-disagg+dram: host-DRAM KV store, GB per prefill instance (default 128)");
+                  "pd-disagg+dram: host-DRAM KV store, GB per prefill instance (default 128)")
+      ->check(Positive());
   cmd->add_option("--pd-dram-gbps", flags->pd_dram_gbps,
-                  "pd-disagg+dram: DRAM store <-> GPU bandwidth, GB/s (default 25)");
+                  "pd-disagg+dram: DRAM store <-> GPU bandwidth, GB/s (default 25)")
+      ->check(Positive());
   cmd->add_option("--cache-threshold", flags->cache_threshold,
-                  "cache-aware: route by prefix when matched / prompt tokens exceeds this (0.3)");
+                  "cache-aware: route by prefix when matched / prompt tokens exceeds this (0.3)")
+      ->check(NumberIn(0, 1));
   cmd->add_option("--balance-abs-threshold", flags->balance_abs_threshold,
-                  "cache-aware: imbalanced when max - min requests in flight exceeds this (64)");
+                  "cache-aware: imbalanced when max - min requests in flight exceeds this (64)")
+      ->check(IntAtLeast(0));
   cmd->add_option("--balance-rel-threshold", flags->balance_rel_threshold,
-                  "cache-aware: ... and max exceeds min x this (1.5)");
+                  "cache-aware: ... and max exceeds min x this (1.5)")
+      ->check(Positive());
   cmd->add_option("--eviction-interval-s", flags->eviction_interval_s,
-                  "cache-aware: seconds between trims of the router's trees (60)");
+                  "cache-aware: seconds between trims of the router's trees (60)")
+      ->check(Positive());
   cmd->add_option("--max-tree-size", flags->max_tree_size,
-                  "cache-aware: tokens each router tree is trimmed to (67108864 = 2^26)");
+                  "cache-aware: tokens each router tree is trimmed to (67108864 = 2^26)")
+      ->check(IntAtLeast(1));
   cmd->add_option("--threads", flags->threads,
-                  "simulations run at once, one per thread (0 = the machine's threads)");
+                  "simulations run at once, one per thread (0 = the machine's threads)")
+      ->check(IntIn(0, 1024));
   cmd->add_option("--kv-gb", flags->kv_gb,
-                  "KV cache GB per instance (default: GPU memory x 0.9 - weights - 4 GiB)");
+                  "KV cache GB per instance (default: GPU memory x 0.9 - weights - 4 GiB)")
+      ->check(Positive());
   cmd->add_option("--cache-tokens", flags->cache_tokens,
                   "KV cache slots in tokens across the cluster, split evenly over the instances "
-                  "(instead of --kv-gb)");
-  cmd->add_option("--tl-max-dop", flags->tl_max_dop, "tokenlake: largest prefill group (4)");
+                  "(instead of --kv-gb)")
+      ->check(IntIn(1, INT64_MAX / 4));
+  cmd->add_option("--tl-max-dop", flags->tl_max_dop, "tokenlake: largest prefill group (4)")
+      ->check(IntIn(1, 4096));
   cmd->add_option("--tl-decode-budget", flags->tl_decode_budget,
                   "tokenlake: a decode instance takes decodes while its estimated iteration stays "
-                  "within this share of the TPOT SLO (0.5)");
+                  "within this share of the TPOT SLO (0.5)")
+      ->check(NumberIn(0, 1, /*open_lo=*/true));
   cmd->add_option("--tl-local-evict", flags->tl_local_evict,
                   "tokenlake: a full producer evicts its own LRU leaf for a new segment when that "
-                  "leaf's age is >= this x the pool's LRU leaf's (0.5; > 1: pool-wide LRU only)");
+                  "leaf's age is >= this x the pool's LRU leaf's (0.5; > 1: pool-wide LRU only)")
+      ->check(NonNegative());
   cmd->add_flag("--verbose", flags->verbose, "log every simulation run (with --max-rate)");
   cmd->callback([flags, cmd, exit_code] {
     std::set<std::string> given;

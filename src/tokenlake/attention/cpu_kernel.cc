@@ -40,9 +40,22 @@ typedef uint16_t v8h __attribute__((vector_size(16)));
 constexpr int kKeyTile = 32;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// GCC's __builtin_shuffle takes the mask as a vector, clang's __builtin_shufflevector as
+// constant arguments; clang builds (which run the thread-safety analysis) get the second, and
+// GCC's code stays as measured.
+#if defined(__clang__)
+#define TL_SHUFFLE1(a, mask) __builtin_shufflevector(a, a, mask)
+#define TL_SHUFFLE2(a, b, mask) __builtin_shufflevector(a, b, mask)
+#define TL_MASK(...) __VA_ARGS__
+#else
+#define TL_SHUFFLE1(a, mask) __builtin_shuffle(a, mask)
+#define TL_SHUFFLE2(a, b, mask) __builtin_shuffle(a, b, mask)
+#define TL_MASK(...) (v8i{__VA_ARGS__})
+#endif
+
 // A broadcast written as a shuffle so GCC emits vbroadcastss (the initializer-list form was
 // lowered to a chain of vinsertps).
-TL_INLINE v8f Splat(float x) { return __builtin_shuffle(v8f{x}, v8i{0, 0, 0, 0, 0, 0, 0, 0}); }
+TL_INLINE v8f Splat(float x) { return TL_SHUFFLE1(v8f{x}, TL_MASK(0, 0, 0, 0, 0, 0, 0, 0)); }
 TL_INLINE v8f Load8(const float* p) {
   v8f v;
   std::memcpy(&v, p, sizeof(v));
@@ -105,18 +118,22 @@ TL_INLINE float KvElem(const T* p) {
 // Returns [sum(a0), sum(a1), sum(a2), sum(a3), sum(b0), sum(b1), sum(b2), sum(b3)] with in-lane
 // shuffles (unpck / shufps) and one cross-lane step, instead of 8 scalar horizontal sums.
 TL_INLINE v8f Reduce4x2(v8f a0, v8f a1, v8f a2, v8f a3, v8f b0, v8f b1, v8f b2, v8f b3) {
-  const v8i lo = {0, 8, 1, 9, 4, 12, 5, 13};
-  const v8i hi = {2, 10, 3, 11, 6, 14, 7, 15};
-  const v8f ta01 = __builtin_shuffle(a0, a1, lo) + __builtin_shuffle(a0, a1, hi);
-  const v8f ta23 = __builtin_shuffle(a2, a3, lo) + __builtin_shuffle(a2, a3, hi);
-  const v8f tb01 = __builtin_shuffle(b0, b1, lo) + __builtin_shuffle(b0, b1, hi);
-  const v8f tb23 = __builtin_shuffle(b2, b3, lo) + __builtin_shuffle(b2, b3, hi);
-  const v8i even = {0, 1, 8, 9, 4, 5, 12, 13};
-  const v8i odd = {2, 3, 10, 11, 6, 7, 14, 15};
-  const v8f ua = __builtin_shuffle(ta01, ta23, even) + __builtin_shuffle(ta01, ta23, odd);
-  const v8f ub = __builtin_shuffle(tb01, tb23, even) + __builtin_shuffle(tb01, tb23, odd);
-  return __builtin_shuffle(ua, ub, v8i{0, 1, 2, 3, 8, 9, 10, 11}) +
-         __builtin_shuffle(ua, ub, v8i{4, 5, 6, 7, 12, 13, 14, 15});
+#define TL_LO TL_MASK(0, 8, 1, 9, 4, 12, 5, 13)
+#define TL_HI TL_MASK(2, 10, 3, 11, 6, 14, 7, 15)
+#define TL_EVEN TL_MASK(0, 1, 8, 9, 4, 5, 12, 13)
+#define TL_ODD TL_MASK(2, 3, 10, 11, 6, 7, 14, 15)
+  const v8f ta01 = TL_SHUFFLE2(a0, a1, TL_LO) + TL_SHUFFLE2(a0, a1, TL_HI);
+  const v8f ta23 = TL_SHUFFLE2(a2, a3, TL_LO) + TL_SHUFFLE2(a2, a3, TL_HI);
+  const v8f tb01 = TL_SHUFFLE2(b0, b1, TL_LO) + TL_SHUFFLE2(b0, b1, TL_HI);
+  const v8f tb23 = TL_SHUFFLE2(b2, b3, TL_LO) + TL_SHUFFLE2(b2, b3, TL_HI);
+  const v8f ua = TL_SHUFFLE2(ta01, ta23, TL_EVEN) + TL_SHUFFLE2(ta01, ta23, TL_ODD);
+  const v8f ub = TL_SHUFFLE2(tb01, tb23, TL_EVEN) + TL_SHUFFLE2(tb01, tb23, TL_ODD);
+#undef TL_LO
+#undef TL_HI
+#undef TL_EVEN
+#undef TL_ODD
+  return TL_SHUFFLE2(ua, ub, TL_MASK(0, 1, 2, 3, 8, 9, 10, 11)) +
+         TL_SHUFFLE2(ua, ub, TL_MASK(4, 5, 6, 7, 12, 13, 14, 15));
 }
 
 // sa[j] = dot(qa, ka[j]), sb[j] = dot(qb, kb[j]) for 4 keys j. kShared: ka == kb (rows of one

@@ -12,21 +12,21 @@ namespace tokenlake::base_internal {
                               std::string_view message);
 }  // namespace tokenlake::base_internal
 
-#define TOKENLAKE_CHECK(condition, ...)                                                   \
-  do {                                                                                    \
-    if (!(condition)) [[unlikely]] {                                                      \
-      ::tokenlake::base_internal::CheckFailed(__FILE__, __LINE__, #condition,             \
-                                              ::std::string_view{"" __VA_ARGS__});        \
-    }                                                                                     \
+#define TOKENLAKE_CHECK(condition, ...)                                            \
+  do {                                                                             \
+    if (!(condition)) [[unlikely]] {                                               \
+      ::tokenlake::base_internal::CheckFailed(__FILE__, __LINE__, #condition,      \
+                                              ::std::string_view{"" __VA_ARGS__}); \
+    }                                                                              \
   } while (0)
 
-#define TOKENLAKE_CHECK_OK(expr)                                                       \
-  do {                                                                                 \
-    const auto& tokenlake_check_status_ = (expr);                                      \
-    if (!tokenlake_check_status_.ok()) [[unlikely]] {                                  \
-      ::tokenlake::base_internal::CheckFailed(__FILE__, __LINE__, #expr " is OK",      \
-                                              tokenlake_check_status_.ToString());     \
-    }                                                                                  \
+#define TOKENLAKE_CHECK_OK(expr)                                                   \
+  do {                                                                             \
+    const auto& tokenlake_check_status_ = (expr);                                  \
+    if (!tokenlake_check_status_.ok()) [[unlikely]] {                              \
+      ::tokenlake::base_internal::CheckFailed(__FILE__, __LINE__, #expr " is OK",  \
+                                              tokenlake_check_status_.ToString()); \
+    }                                                                              \
   } while (0)
 
 #ifndef NDEBUG

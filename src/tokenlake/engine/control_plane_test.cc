@@ -1,10 +1,10 @@
-// ControlPlane::ReleaseAndPlan (the fused step between two iterations of a request) over a real
-// lake, and the engine loop's use of the control plane: one plan call per iteration
+// lake::ControlPlane::ReleaseAndPlan (the fused step between two iterations of a request) over a
+// real lake, and the engine loop's use of the control plane: one plan call per iteration
 // (PlanIteration for the prefill, ReleaseAndPlan after it), one plain Release at the end, and
 // no pin left behind and no second Release when the fused call fails, whichever part of it was
 // applied. (The remote implementation is checked against these semantics in
 // service/lake_rpc_test.cc.)
-#include "tokenlake/engine/control_plane.h"
+#include "tokenlake/lake/control_plane.h"
 
 #include <cstdlib>
 #include <iostream>
@@ -67,11 +67,11 @@ class ControlPlaneTest : public ::testing::Test {
     auto lk = lake::Lake::Create(LakeOptionsFor(model_->config(), 2), &clock_);
     ASSERT_TRUE(lk.ok()) << lk.status();
     lake_ = std::move(*lk);
-    local_ = std::make_unique<LocalControlPlane>(lake_.get(), &clock_);
+    local_ = std::make_unique<lake::LocalControlPlane>(lake_.get(), &clock_);
   }
 
   // A prefill request over the first `n` tokens of Tokens(n, salt).
-  IterationRequest Prefill(RequestId id, int32_t n, int32_t salt) {
+  lake::IterationRequest Prefill(RequestId id, int32_t n, int32_t salt) {
     return {.request = id,
             .keys = Keys(Tokens(n, salt)),
             .max_cached_segments = (n - 1) / kS,
@@ -85,7 +85,7 @@ class ControlPlaneTest : public ::testing::Test {
   ManualClock clock_{1};
   std::unique_ptr<LlamaModel> model_;
   std::unique_ptr<lake::Lake> lake_;
-  std::unique_ptr<LocalControlPlane> local_;
+  std::unique_ptr<lake::LocalControlPlane> local_;
 };
 
 TEST_F(ControlPlaneTest, ReleaseAndPlanReleasesThenPlansAndPinsTheNextIteration) {
@@ -96,7 +96,7 @@ TEST_F(ControlPlaneTest, ReleaseAndPlanReleasesThenPlansAndPinsTheNextIteration)
   ASSERT_EQ(committed->stored.size(), 2u);  // 40 tokens: two full segments
   EXPECT_EQ(lake_->Stats().pinned_segments, 2);
   // Iteration 2 of request 1 (decode at 41 tokens): the two committed segments are cached.
-  IterationRequest next = Prefill(RequestId(1), 41, 0);
+  lake::IterationRequest next = Prefill(RequestId(1), 41, 0);
   next.prefill = false;
   next.computed_tokens = 40;
   next.max_cached_segments = 40 / kS;
@@ -126,7 +126,7 @@ TEST_F(ControlPlaneTest, ReleaseAndPlanWhosePlanFailsLeavesTheRequestReleased) {
     SCOPED_TRACE(kase == 0 ? "bad next request" : "next id already active");
     ASSERT_TRUE(local_->PlanIteration(Prefill(RequestId(1), 40, 0)).ok());
     ASSERT_TRUE(local_->PlanIteration(Prefill(RequestId(2), 40, 1)).ok());
-    IterationRequest next = Prefill(RequestId(1), 40, 0);
+    lake::IterationRequest next = Prefill(RequestId(1), 40, 0);
     if (kase == 0) {
       next.end_tokens = 0;  // InvalidArgument
     } else {
@@ -152,11 +152,11 @@ TEST_F(ControlPlaneTest, PlanBatchReleasesPlansAndReportsPerRequest) {
   ASSERT_TRUE(local_->PlanIteration(Prefill(RequestId(1), 40, 0)).ok());
   ASSERT_TRUE(local_->PlanIteration(Prefill(RequestId(2), 40, 1)).ok());
   EXPECT_EQ(lake_->Stats().active_requests, 2);
-  IterationRequest bad = Prefill(RequestId(4), 40, 2);
+  lake::IterationRequest bad = Prefill(RequestId(4), 40, 2);
   bad.end_tokens = 0;
   const std::vector<RequestId> release = {RequestId(2), RequestId(1), RequestId(3)};
-  const std::vector<IterationRequest> requests = {Prefill(RequestId(1), 40, 0),
-                                                  Prefill(RequestId(3), 40, 3), bad};
+  const std::vector<lake::IterationRequest> requests = {Prefill(RequestId(1), 40, 0),
+                                                        Prefill(RequestId(3), 40, 3), bad};
   auto r = local_->PlanBatch(release, requests);
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_EQ(r->size(), 3u);
@@ -172,7 +172,7 @@ TEST_F(ControlPlaneTest, PlanBatchReleasesPlansAndReportsPerRequest) {
   ASSERT_TRUE(first.ok());
   ASSERT_TRUE(local_->Commit(RequestId(5), first->new_segments).ok());
   ASSERT_TRUE(local_->Release(RequestId(5)).ok());
-  IterationRequest chunked = Prefill(RequestId(6), 40, 5);
+  lake::IterationRequest chunked = Prefill(RequestId(6), 40, 5);
   chunked.max_new_tokens = 5;
   auto c = local_->PlanIteration(chunked);
   ASSERT_TRUE(c.ok()) << c.status();
@@ -181,7 +181,7 @@ TEST_F(ControlPlaneTest, PlanBatchReleasesPlansAndReportsPerRequest) {
   EXPECT_EQ(c->new_tokens, 5);
   EXPECT_EQ(c->num_keys, 2);
   ASSERT_TRUE(local_->Release(RequestId(6)).ok());
-  IterationRequest first_chunk = Prefill(RequestId(7), 40, 7);
+  lake::IterationRequest first_chunk = Prefill(RequestId(7), 40, 7);
   first_chunk.max_new_tokens = 20;
   auto fc = local_->PlanIteration(first_chunk);
   ASSERT_TRUE(fc.ok()) << fc.status();
@@ -194,13 +194,13 @@ TEST_F(ControlPlaneTest, PlanBatchReleasesPlansAndReportsPerRequest) {
 }
 
 TEST(FailedOnTheWireTest, OnlyTransportCodes) {
-  EXPECT_TRUE(FailedOnTheWire(absl::UnavailableError("x")));
-  EXPECT_TRUE(FailedOnTheWire(absl::DeadlineExceededError("x")));
-  EXPECT_TRUE(FailedOnTheWire(absl::CancelledError("x")));
-  EXPECT_FALSE(FailedOnTheWire(absl::OkStatus()));
-  EXPECT_FALSE(FailedOnTheWire(absl::NotFoundError("x")));
-  EXPECT_FALSE(FailedOnTheWire(absl::InvalidArgumentError("x")));
-  EXPECT_FALSE(FailedOnTheWire(absl::AlreadyExistsError("x")));
+  EXPECT_TRUE(lake::FailedOnTheWire(absl::UnavailableError("x")));
+  EXPECT_TRUE(lake::FailedOnTheWire(absl::DeadlineExceededError("x")));
+  EXPECT_TRUE(lake::FailedOnTheWire(absl::CancelledError("x")));
+  EXPECT_FALSE(lake::FailedOnTheWire(absl::OkStatus()));
+  EXPECT_FALSE(lake::FailedOnTheWire(absl::NotFoundError("x")));
+  EXPECT_FALSE(lake::FailedOnTheWire(absl::InvalidArgumentError("x")));
+  EXPECT_FALSE(lake::FailedOnTheWire(absl::AlreadyExistsError("x")));
 }
 
 // ---- the engine loop over a control plane that counts calls and injects failures ----
@@ -214,11 +214,12 @@ enum class Fault {
   kWireAfterReleaseAndPlan,  // DeadlineExceeded, releases and plans applied
 };
 
-class ScriptedControlPlane final : public ControlPlane {
+class ScriptedControlPlane final : public lake::ControlPlane {
  public:
-  explicit ScriptedControlPlane(LocalControlPlane* inner) : inner_(inner) {}
+  explicit ScriptedControlPlane(lake::LocalControlPlane* inner) : inner_(inner) {}
   int32_t num_instances() const override { return inner_->num_instances(); }
-  absl::StatusOr<IterationPlan> PlanIteration(const IterationRequest& request) override {
+  absl::StatusOr<lake::IterationPlan> PlanIteration(
+      const lake::IterationRequest& request) override {
     ++plans;
     return inner_->PlanIteration(request);
   }
@@ -231,20 +232,23 @@ class ScriptedControlPlane final : public ControlPlane {
     ++releases;
     return inner_->Release(request);
   }
-  absl::StatusOr<IterationPlan> ReleaseAndPlan(RequestId release,
-                                               const IterationRequest& next) override {
+  absl::StatusOr<lake::IterationPlan> ReleaseAndPlan(RequestId release,
+                                                     const lake::IterationRequest& next) override {
     ++fused;
     return inner_->ReleaseAndPlan(release, next);
   }
-  absl::StatusOr<std::vector<BatchPlanEntry>> PlanBatch(
-      absl::Span<const RequestId> release, absl::Span<const IterationRequest> requests) override {
+  absl::StatusOr<std::vector<lake::BatchPlanEntry>> PlanBatch(
+      absl::Span<const RequestId> release,
+      absl::Span<const lake::IterationRequest> requests) override {
     ++batches;
     if (batches != fail_at || fault == Fault::kNone) return inner_->PlanBatch(release, requests);
     switch (fault) {
       case Fault::kLakeErrorAfterRelease: {
         for (RequestId r : release) EXPECT_TRUE(inner_->Release(r).ok());
-        std::vector<BatchPlanEntry> out(requests.size());
-        for (BatchPlanEntry& e : out) e.status = absl::InvalidArgumentError("scripted failure");
+        std::vector<lake::BatchPlanEntry> out(requests.size());
+        for (lake::BatchPlanEntry& e : out) {
+          e.status = absl::InvalidArgumentError("scripted failure");
+        }
         return out;
       }
       case Fault::kWireBeforeAnything:
@@ -267,7 +271,7 @@ class ScriptedControlPlane final : public ControlPlane {
   Fault fault = Fault::kNone;
 
  private:
-  LocalControlPlane* inner_;
+  lake::LocalControlPlane* inner_;
 };
 
 class EngineControlCallsTest : public ControlPlaneTest {
@@ -324,7 +328,7 @@ TEST_F(EngineControlCallsTest, OneBatchPlanCallPerIterationAndOneReleaseAtTheEnd
     EXPECT_EQ(scripted_->plans, 0);
     EXPECT_EQ(scripted_->fused, 0);
     EXPECT_EQ(scripted_->releases, 1);
-    EXPECT_EQ(scripted_->commits, max_new);  // LocalControlPlane commits every iteration
+    EXPECT_EQ(scripted_->commits, max_new);  // lake::LocalControlPlane commits every iteration
     EXPECT_EQ(lake_->Stats().active_requests, 0);
     EXPECT_EQ(lake_->Stats().pinned_segments, 0);
     ASSERT_TRUE(lake_->CheckIntegrity().ok());

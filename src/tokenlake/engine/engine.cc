@@ -15,7 +15,9 @@
 #include "tokenlake/engine/local_backend.h"
 #include "tokenlake/engine/ops.h"
 #include "tokenlake/engine/pool_backend.h"
+#include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/index/segment_id.h"
+#include "tokenlake/lake/prompt.h"
 #include "tokenlake/plan/plan_types.h"
 
 namespace tokenlake::engine {
@@ -25,10 +27,10 @@ class Engine::PoolState {
   // In-process (Create): the owned pool, lake and its control plane.
   std::unique_ptr<InstancePool> own_pool;
   std::unique_ptr<lake::Lake> lake;
-  std::unique_ptr<LocalControlPlane> local_control_plane;
+  std::unique_ptr<lake::LocalControlPlane> local_control_plane;
   // What the iterations run over (the owned ones or CreateOverPool's).
   InstancePool* pool = nullptr;
-  ControlPlane* control_plane = nullptr;
+  lake::ControlPlane* control_plane = nullptr;
   // Valid over an external pool: the instance that computes every request.
   InstanceId fixed_compute;
   ManualClock clock{1};
@@ -68,11 +70,8 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const LlamaModel* model,
   if (options.use_pool) {
     const LlamaConfig& c = model->config();
     auto state = std::make_unique<PoolState>();
-    const attention::KvSlotLayout layout{.num_layers = c.num_layers,
-                                         .segment_tokens = options.segment_tokens,
-                                         .num_kv_heads = c.num_kv_heads,
-                                         .head_dim = c.head_dim,
-                                         .dtype = options.kv_dtype};
+    const attention::KvSlotLayout layout =
+        PoolSlotLayout(c, options.segment_tokens, options.kv_dtype);
     TOKENLAKE_ASSIGN_OR_RETURN(
         state->own_pool, InstancePool::Create({.num_instances = options.num_instances,
                                                .layout = layout,
@@ -80,22 +79,17 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const LlamaModel* model,
                                                .slots_per_instance = options.slots_per_instance,
                                                .reply_timeout = options.reply_timeout,
                                                .wrap_transport = options.wrap_transport}));
-    lake::LakeOptions lo;
-    lo.num_instances = options.num_instances;
-    lo.segment_tokens = options.segment_tokens;
-    lo.slots_per_instance = options.slots_per_instance;
+    lake::LakeOptions lo = PoolLakeOptions(c,
+                                           {.num_instances = options.num_instances,
+                                            .segment_tokens = options.segment_tokens,
+                                            .slots_per_instance = options.slots_per_instance},
+                                           options.kv_dtype);
     lo.heavy_hitter = options.heavy_hitter;
     lo.heavy_hitter.num_instances = options.num_instances;
     lo.balancer = options.balancer;
-    lo.model = plan::ModelShape{
-        .num_layers = c.num_layers,
-        .num_heads = c.num_heads,
-        .num_kv_heads = c.num_kv_heads,
-        .head_dim = c.head_dim,
-        .dtype_bytes = static_cast<int32_t>(attention::KvDtypeBytes(options.kv_dtype))};
     TOKENLAKE_ASSIGN_OR_RETURN(state->lake, lake::Lake::Create(lo, &state->clock));
     state->local_control_plane =
-        std::make_unique<LocalControlPlane>(state->lake.get(), &state->clock);
+        std::make_unique<lake::LocalControlPlane>(state->lake.get(), &state->clock);
     state->pool = state->own_pool.get();
     state->control_plane = state->local_control_plane.get();
     state->salt = index::NamespaceSalt(options.namespace_name);
@@ -176,27 +170,11 @@ absl::StatusOr<GenerateResult> Engine::Generate(absl::Span<const int32_t> prompt
 }
 
 absl::Status Engine::CheckInput(absl::Span<const int32_t> prompt, int32_t max_new_tokens) const {
-  if (prompt.empty()) return absl::InvalidArgumentError("Generate: empty prompt");
-  if (max_new_tokens < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("Generate: max_new_tokens must be >= 1, got %d", max_new_tokens));
-  }
   const LlamaConfig& c = model_->config();
-  for (size_t i = 0; i < prompt.size(); ++i) {
-    if (prompt[i] < 0 || prompt[i] >= c.vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("Generate: prompt token %d at index %d is outside the vocabulary [0, %d)",
-                          prompt[i], i, c.vocab_size));
-    }
-  }
-  const int64_t total = static_cast<int64_t>(prompt.size()) + max_new_tokens;
-  if (c.max_position_embeddings > 0 && total > c.max_position_embeddings) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "Generate: prompt of %d tokens plus %d new tokens does not fit the model's context of %d "
-        "tokens",
-        prompt.size(), max_new_tokens, c.max_position_embeddings));
-  }
-  return absl::OkStatus();
+  return StatusWithPrefix(lake::ValidatePrompt(prompt, max_new_tokens, {},
+                                               {.vocab_size = c.vocab_size,
+                                                .context_tokens = c.max_position_embeddings}),
+                          "Generate: ");
 }
 
 absl::StatusOr<GenerateResult> Engine::Generate(RequestId request, absl::Span<const int32_t> prompt,
@@ -387,11 +365,8 @@ absl::Status Engine::RebalancePool() {
         break;
       case balance::ActionKind::kReplicate:
       case balance::ActionKind::kMove: {
-        StoredMeta meta;
-        TOKENLAKE_ASSIGN_OR_RETURN(std::vector<std::byte> slot,
-                                   pool.PullSegment(a.to, a.from, a.segment, &meta));
-        meta.placement_sequence = r.sequence;
-        TOKENLAKE_RETURN_IF_ERROR(pool.StoreSegment(a.to, a.to, a.segment, slot, meta));
+        TOKENLAKE_RETURN_IF_ERROR(
+            pool.CopyForRebalance(a.to, a.from, a.segment, r.sequence).status());
         if (a.kind == balance::ActionKind::kMove) {
           TOKENLAKE_RETURN_IF_ERROR(pool.FreeSegment(a.to, a.from, a.segment));
         }

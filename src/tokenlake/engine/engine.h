@@ -18,13 +18,13 @@
 // (heavy-hitter replicas, moves) and the engine copies or frees the KV to match.
 //
 // Control plane and data plane (control_plane.h, instance_pool.h). Engine::Create builds both
-// in-process: a lake::Lake behind a LocalControlPlane and an InstancePool of N instance threads
-// over a loopback. Engine::CreateOverPool runs the SAME iteration loop over an external
-// ControlPlane (in the cluster: the coordinator's lake over gRPC) and an external InstancePool
-// that hosts only some instances (in the cluster: this process's instance, on a TcpTransport,
-// the others being remote endpoints), with a fixed computing instance: an instance computes its
-// own requests. When the lake's plan names another computing instance, the engine still
-// computes on its own and treats every cached segment by its holder (local store, remote
+// in-process: a lake::Lake behind a lake::LocalControlPlane and an InstancePool of N instance
+// threads over a loopback. Engine::CreateOverPool runs the SAME iteration loop over an external
+// lake::ControlPlane (in the cluster: the coordinator's lake over gRPC) and an external
+// InstancePool that hosts only some instances (in the cluster: this process's instance, on a
+// TcpTransport, the others being remote endpoints), with a fixed computing instance: an instance
+// computes its own requests. When the lake's plan names another computing instance, the engine
+// still computes on its own and treats every cached segment by its holder (local store, remote
 // attend or pull), which gives the same answer. In that mode the caller assigns the request
 // ids (unique across the cluster), frees of segments already gone are not errors (the cluster
 // reconciles stores asynchronously), and rebalancing / DropInstance are the caller's business.
@@ -46,10 +46,10 @@
 #include "tokenlake/attention/attention.h"
 #include "tokenlake/balance/balancer.h"
 #include "tokenlake/balance/heavy_hitter.h"
-#include "tokenlake/engine/control_plane.h"
 #include "tokenlake/engine/instance_pool.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/engine/sampler.h"
+#include "tokenlake/lake/control_plane.h"
 #include "tokenlake/lake/lake.h"
 
 namespace tokenlake::engine {
@@ -155,7 +155,7 @@ struct GenerateResult {
 // What Engine::CreateOverPool runs over (all borrowed, must outlive the engine).
 struct ExternalPool {
   // The lake's calls (e.g. service::RemoteControlPlane).
-  ControlPlane* control_plane = nullptr;
+  lake::ControlPlane* control_plane = nullptr;
   // The data plane; must host compute_instance and have control_plane->num_instances()
   // instances with the model's slot layout.
   InstancePool* pool = nullptr;

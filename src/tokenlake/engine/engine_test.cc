@@ -498,7 +498,7 @@ TEST(EngineTest, LoaderNamesTheMissingOrMisshapenTensor) {
   EXPECT_EQ(LlamaModel::Load("/nonexistent").status().code(), absl::StatusCode::kNotFound);
 }
 
-// The cluster's shape in one process: one lake behind a LocalControlPlane, two InstancePools
+// The cluster's shape in one process: one lake behind a lake::LocalControlPlane, two InstancePools
 // each hosting one instance on a shared transport, one engine per instance with a fixed
 // computing instance. Requests alternate between the engines with caller-chosen ids; every
 // answer equals the no-pool reference, and queries / KV really cross between the pools.
@@ -523,7 +523,7 @@ TEST(EngineOverPoolTest, EnginesOnSeparatePoolsShareOneLakeAndMatchTheReference)
                               .dtype_bytes = 4};
   auto lk = lake::Lake::Create(lo, &clock);
   ASSERT_TRUE(lk.ok()) << lk.status();
-  LocalControlPlane control(lk->get(), &clock);
+  lake::LocalControlPlane control(lk->get(), &clock);
   auto shared = transport::LoopbackTransport::Create({.num_endpoints = 5 + 4});
   ASSERT_TRUE(shared.ok());
   const attention::KvSlotLayout layout{.num_layers = c.num_layers,

@@ -609,6 +609,15 @@ absl::Status InstancePool::StoreSegment(InstanceId compute, InstanceId target, S
   return AwaitReply(compute, ticket).status();
 }
 
+absl::StatusOr<int64_t> InstancePool::CopyForRebalance(InstanceId to, InstanceId from,
+                                                       SegmentId segment, uint64_t sequence) {
+  StoredMeta meta;
+  TOKENLAKE_ASSIGN_OR_RETURN(std::vector<std::byte> slot, PullSegment(to, from, segment, &meta));
+  meta.placement_sequence = sequence;
+  TOKENLAKE_RETURN_IF_ERROR(StoreSegment(to, to, segment, slot, meta));
+  return static_cast<int64_t>(slot.size());
+}
+
 absl::Status InstancePool::FreeSegment(InstanceId compute, InstanceId target, SegmentId segment,
                                        uint64_t evicted_at) {
   TOKENLAKE_RETURN_IF_ERROR(CheckDriver(compute, target, "FreeSegment"));

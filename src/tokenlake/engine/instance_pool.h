@@ -220,6 +220,15 @@ class InstancePool {
   absl::Status FreeSegment(InstanceId compute, InstanceId target, SegmentId segment,
                            uint64_t evicted_at = 0);
 
+  // Executes a rebalancing copy (replicate, or the copy half of a move) as its receiving
+  // instance `to` drives it: pulls `segment` from `from` and stores it on `to` with its
+  // parent and token count, placed by the lake's change `sequence` (RebalanceResult::sequence;
+  // FreeSegment's guard). The CPU engine and the cluster's instances both run their lake's
+  // rebalance actions through it. Returns the bytes copied. Errors: as PullSegment and
+  // StoreSegment.
+  absl::StatusOr<int64_t> CopyForRebalance(InstanceId to, InstanceId from, SegmentId segment,
+                                           uint64_t sequence);
+
  private:
   struct Instance {
     std::vector<std::byte> arena;

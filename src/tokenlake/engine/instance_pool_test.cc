@@ -365,5 +365,33 @@ TEST(InstancePoolTest, FreeOfAnEvictedCopySparesTheSegmentPlacedAgain) {
   }
 }
 
+// A rebalancing copy lands on the receiving instance byte for byte, with the source's parent and
+// token count and the action's sequence number; the source keeps its copy; a missing source or
+// a full target is an error and changes nothing.
+TEST(InstancePoolTest, CopyForRebalanceCopiesTheSlotWithItsMetadata) {
+  auto pool = MakePool(3, KvDtype::kBFloat16, 1);
+  std::mt19937 rng(11);
+  const std::vector<std::byte> slot = RandomSlot(Layout(KvDtype::kBFloat16), rng);
+  const InstanceId from(0), to(2);
+  ASSERT_TRUE(pool->StoreSegment(from, from, SegmentId(4), slot, {SegmentId(3), 4, 2}).ok());
+  absl::StatusOr<int64_t> bytes = pool->CopyForRebalance(to, from, SegmentId(4), 9);
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  EXPECT_EQ(*bytes, static_cast<int64_t>(slot.size()));
+  StoredMeta meta;
+  absl::StatusOr<std::vector<std::byte>> copied = pool->PullSegment(to, to, SegmentId(4), &meta);
+  ASSERT_TRUE(copied.ok()) << copied.status();
+  EXPECT_EQ(*copied, slot);
+  EXPECT_EQ(meta.parent, SegmentId(3));
+  EXPECT_EQ(meta.num_tokens, 4);
+  EXPECT_EQ(meta.placement_sequence, 9u);
+  EXPECT_TRUE(pool->store(from).Find(SegmentId(4)).has_value());
+  EXPECT_EQ(pool->CopyForRebalance(InstanceId(1), from, SegmentId(5), 10).status().code(),
+            absl::StatusCode::kNotFound);
+  ASSERT_TRUE(pool->StoreSegment(from, InstanceId(1), SegmentId(6), slot).ok());
+  EXPECT_EQ(pool->CopyForRebalance(InstanceId(1), from, SegmentId(4), 11).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_FALSE(pool->store(InstanceId(1)).Find(SegmentId(4)).has_value());
+}
+
 }  // namespace
 }  // namespace tokenlake::engine

@@ -10,6 +10,7 @@
 #include "tokenlake/base/status_macros.h"
 #include "tokenlake/engine/ops.h"
 #include "tokenlake/index/segment_id.h"
+#include "tokenlake/lake/prompt.h"
 
 namespace tokenlake::engine {
 
@@ -45,7 +46,7 @@ int64_t IterationLoop::MaxTokens(const Active& a) {
 }
 
 absl::StatusOr<std::unique_ptr<IterationLoop>> IterationLoop::Create(
-    ControlPlane* control, IterationExecutor* executor, const IterationLoopOptions& options) {
+    lake::ControlPlane* control, IterationExecutor* executor, const IterationLoopOptions& options) {
   if (control == nullptr || executor == nullptr) {
     return absl::InvalidArgumentError("IterationLoop: control plane and executor must be set");
   }
@@ -63,7 +64,7 @@ absl::StatusOr<std::unique_ptr<IterationLoop>> IterationLoop::Create(
   return std::unique_ptr<IterationLoop>(new IterationLoop(control, executor, options));
 }
 
-IterationLoop::IterationLoop(ControlPlane* control, IterationExecutor* executor,
+IterationLoop::IterationLoop(lake::ControlPlane* control, IterationExecutor* executor,
                              const IterationLoopOptions& options)
     : control_(control), executor_(executor), options_(options) {}
 
@@ -77,54 +78,23 @@ IterationLoop::~IterationLoop() {
 
 absl::Status IterationLoop::Submit(LoopRequest r) {
   if (!r.id.valid()) return absl::InvalidArgumentError("Submit: invalid request id");
-  if (r.prompt.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("Submit: request %d has an empty prompt", r.id.value()));
-  }
-  if (r.max_new_tokens < 1) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "Submit: request %d: max_new_tokens must be >= 1, got %d", r.id.value(), r.max_new_tokens));
-  }
-  const int32_t vocab = options_.vocab_size;
-  for (size_t i = 0; i < r.prompt.size(); ++i) {
-    if (r.prompt[i] < 0 || r.prompt[i] >= vocab) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "Submit: request %d: prompt token %d at index %d is outside the vocabulary [0, %d)",
-          r.id.value(), r.prompt[i], i, vocab));
-    }
-  }
-  if (!r.force_tokens.empty()) {
-    if (static_cast<int64_t>(r.force_tokens.size()) < r.max_new_tokens - 1) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "Submit: request %d: %d force_tokens for %d new tokens (need %d)", r.id.value(),
-          r.force_tokens.size(), r.max_new_tokens, r.max_new_tokens - 1));
-    }
-    for (size_t i = 0; i < r.force_tokens.size(); ++i) {
-      if (r.force_tokens[i] < 0 || r.force_tokens[i] >= vocab) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "Submit: request %d: force token %d at index %d is outside the vocabulary [0, %d)",
-            r.id.value(), r.force_tokens[i], i, vocab));
-      }
-    }
-  }
+  TOKENLAKE_RETURN_IF_ERROR(StatusWithPrefix(
+      lake::ValidatePrompt(
+          r.prompt, r.max_new_tokens, r.force_tokens,
+          {.vocab_size = options_.vocab_size, .context_tokens = options_.max_request_tokens}),
+      absl::StrFormat("Submit: request %d: ", r.id.value())));
   if (absl::Status v = r.sampling.Validate(); !v.ok()) {
     return absl::InvalidArgumentError(
         absl::StrFormat("Submit: request %d: %s", r.id.value(), v.message()));
   }
   for (size_t i = 0; i < r.stop_token_ids.size(); ++i) {
-    if (r.stop_token_ids[i] < 0 || r.stop_token_ids[i] >= vocab) {
+    if (r.stop_token_ids[i] < 0 || r.stop_token_ids[i] >= options_.vocab_size) {
       return absl::InvalidArgumentError(absl::StrFormat(
           "Submit: request %d: stop token %d at index %d is outside the vocabulary [0, %d)",
-          r.id.value(), r.stop_token_ids[i], i, vocab));
+          r.id.value(), r.stop_token_ids[i], i, options_.vocab_size));
     }
   }
   const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.max_new_tokens;
-  if (options_.max_request_tokens > 0 && total > options_.max_request_tokens) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "Submit: request %d: prompt of %d tokens plus %d new tokens does not fit the context of "
-        "%d tokens",
-        r.id.value(), r.prompt.size(), r.max_new_tokens, options_.max_request_tokens));
-  }
   const int64_t s = options_.segment_tokens;
   if (options_.pool_tokens > 0 && (total + s - 1) / s * s > options_.pool_tokens) {
     return absl::ResourceExhaustedError(absl::StrFormat(
@@ -147,7 +117,8 @@ absl::Status IterationLoop::Submit(LoopRequest r) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<IterationRequest> IterationLoop::MakeRequest(const Active& a, int64_t chunk) const {
+absl::StatusOr<lake::IterationRequest> IterationLoop::MakeRequest(const Active& a,
+                                                                  int64_t chunk) const {
   const int32_t s = options_.segment_tokens;
   const int64_t size = static_cast<int64_t>(a.seq.size());
   // A prefill asks for the whole sequence and lets the control plane cut the chunk after the
@@ -169,16 +140,16 @@ absl::StatusOr<IterationRequest> IterationLoop::MakeRequest(const Active& a, int
                           a.req.id.value() % static_cast<uint64_t>(options_.rotate_over_instances)))
                     : InstanceId();
   }
-  return IterationRequest{.request = a.req.id,
-                          .keys = std::move(keys),
-                          .max_cached_segments = static_cast<int32_t>(first_new / s),
-                          .end_tokens = end,
-                          .prefill = a.fresh,
-                          .computed_tokens = a.fresh ? 0 : a.computed,
-                          .preferred_instance = preferred,
-                          .count_hits = a.fresh && a.first_plan,
-                          .max_new_tokens = a.fresh ? chunk : 0,
-                          .try_admit = options_.memory_admission};
+  return lake::IterationRequest{.request = a.req.id,
+                                .keys = std::move(keys),
+                                .max_cached_segments = static_cast<int32_t>(first_new / s),
+                                .end_tokens = end,
+                                .prefill = a.fresh,
+                                .computed_tokens = a.fresh ? 0 : a.computed,
+                                .preferred_instance = preferred,
+                                .count_hits = a.fresh && a.first_plan,
+                                .max_new_tokens = a.fresh ? chunk : 0,
+                                .try_admit = options_.memory_admission};
 }
 
 void IterationLoop::Fail(Active& a, absl::Status status, std::vector<LoopResult>& done) {
@@ -200,7 +171,7 @@ void IterationLoop::FlushReleases() {
   pending_release_.clear();
 }
 
-absl::Status IterationLoop::Finish(Active& a, const IterationPlan& plan, InstanceId compute,
+absl::Status IterationLoop::Finish(Active& a, const lake::IterationPlan& plan, InstanceId compute,
                                    WorkOutput& output, bool want_logits, int64_t end) {
   const int32_t s = options_.segment_tokens;
   const bool external = options_.fixed_compute.valid();
@@ -323,13 +294,13 @@ std::vector<LoopResult> IterationLoop::Step() {
 
   // 2. One control-plane call: release what the batch's requests (and finished ones) pinned,
   // plan and admit the batch.
-  std::vector<IterationRequest> plan_requests;
+  std::vector<lake::IterationRequest> plan_requests;
   std::vector<RequestId> release = std::move(pending_release_);
   pending_release_.clear();
   std::vector<Active*> planned;
   for (size_t i = 0; i < batch.size(); ++i) {
     Active& a = *batch[i];
-    absl::StatusOr<IterationRequest> ir = MakeRequest(a, a.chunk);
+    absl::StatusOr<lake::IterationRequest> ir = MakeRequest(a, a.chunk);
     if (!ir.ok()) {
       Fail(a, ir.status(), done);
       continue;
@@ -339,7 +310,8 @@ std::vector<LoopResult> IterationLoop::Step() {
     plan_requests.push_back(*std::move(ir));
     planned.push_back(&a);
   }
-  absl::StatusOr<std::vector<BatchPlanEntry>> plans = control_->PlanBatch(release, plan_requests);
+  absl::StatusOr<std::vector<lake::BatchPlanEntry>> plans =
+      control_->PlanBatch(release, plan_requests);
   const int64_t planned_us = NowUs();
   int64_t ran_us = planned_us;
   if (plans.ok() && plans->size() != planned.size()) {
@@ -357,13 +329,13 @@ std::vector<LoopResult> IterationLoop::Step() {
   // Admitted requests and their plans; waiting ones keep nothing pinned.
   struct Admitted {
     Active* a;
-    IterationPlan plan;
+    lake::IterationPlan plan;
   };
   std::vector<Admitted> admitted;
   std::vector<Active*> deferred;
   if (plans.ok()) {
     for (size_t i = 0; i < planned.size(); ++i) {
-      BatchPlanEntry& e = (*plans)[i];
+      lake::BatchPlanEntry& e = (*plans)[i];
       if (!e.status.ok()) {
         Fail(*planned[i], e.status, done);
       } else if (!e.plan.admitted) {
@@ -378,8 +350,8 @@ std::vector<LoopResult> IterationLoop::Step() {
     // Nothing of the batch fits: admit the oldest anyway (the loop must not wait on itself);
     // its segments that find no slot stay in its tail.
     Active& a = *deferred.front();
-    absl::StatusOr<IterationRequest> ir = MakeRequest(a, a.chunk);
-    absl::StatusOr<IterationPlan> p = absl::UnknownError("not planned");
+    absl::StatusOr<lake::IterationRequest> ir = MakeRequest(a, a.chunk);
+    absl::StatusOr<lake::IterationPlan> p = absl::UnknownError("not planned");
     if (ir.ok()) {
       ir->try_admit = false;
       p = control_->PlanIteration(*ir);
@@ -387,7 +359,7 @@ std::vector<LoopResult> IterationLoop::Step() {
       p = ir.status();
     }
     if (!p.ok()) {
-      if (FailedOnTheWire(p.status())) a.holds_pins = true;
+      if (lake::FailedOnTheWire(p.status())) a.holds_pins = true;
       Fail(a, p.status(), done);
     } else {
       a.holds_pins = true;
@@ -401,7 +373,7 @@ std::vector<LoopResult> IterationLoop::Step() {
   std::vector<Admitted*> ready;
   for (Admitted& ad : admitted) {
     Active& a = *ad.a;
-    const IterationPlan& plan = ad.plan;
+    const lake::IterationPlan& plan = ad.plan;
     absl::Status ok = absl::OkStatus();
     if (!a.begun) {
       ok = executor_->BeginSequence(a.req.id, MaxTokens(a));

@@ -2,7 +2,7 @@
 // with continuous batching (TOKENLAKE.md sections 3, 4.4, 4.5). The CPU engine (engine.cc) and
 // the cluster's instance processes (through the CPU engine over a remote control plane) run it;
 // the model runner and the data plane sit behind IterationExecutor, the lake behind
-// ControlPlane.
+// lake::ControlPlane.
 //
 // Requests join (Submit) and leave (finished) at every iteration. One Step is one iteration:
 //   1. the batch: running requests whose next token is their last one to compute (decodes)
@@ -10,7 +10,7 @@
 //      order), under a per-iteration token budget (a prompt is cut into chunks) and a cap on
 //      the requests per iteration; a running request left out keeps its pins (its pooled
 //      segments stay in the pool) and runs in a later iteration;
-//   2. ONE control-plane call for the whole batch (ControlPlane::PlanBatch): it releases the
+//   2. ONE control-plane call for the whole batch (lake::ControlPlane::PlanBatch): it releases the
 //      pins of the requests' previous iterations and of the requests that finished, then plans
 //      and admits each request of the batch: cached prefix, computing instance, per cached
 //      segment the serving replica and action (move queries / pull KV), where the segments this
@@ -44,9 +44,9 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "tokenlake/base/ids.h"
-#include "tokenlake/engine/control_plane.h"
 #include "tokenlake/engine/instance_pool.h"
 #include "tokenlake/engine/sampler.h"
+#include "tokenlake/lake/control_plane.h"
 
 namespace tokenlake::engine {
 
@@ -135,7 +135,7 @@ struct IterationWork {
   int64_t start_pos = 0;
   // The instance that computes them and the plan (cached segments by holder and action).
   InstanceId compute;
-  const IterationPlan* plan = nullptr;
+  const lake::IterationPlan* plan = nullptr;
   // The last token's next-token choice is wanted (the iteration reaches the end of the
   // sequence), and with want_full_logits also its logits (the request's first and last ones,
   // which LoopResult keeps; a device executor copies the others' argmax only).
@@ -192,7 +192,7 @@ struct IterationTiming {
 class IterationLoop {
  public:
   // Both borrowed, must outlive the loop. Errors: InvalidArgument naming a bad option.
-  static absl::StatusOr<std::unique_ptr<IterationLoop>> Create(ControlPlane* control,
+  static absl::StatusOr<std::unique_ptr<IterationLoop>> Create(lake::ControlPlane* control,
                                                                IterationExecutor* executor,
                                                                const IterationLoopOptions& options);
   // Releases what the loop's requests still pin (best effort).
@@ -225,19 +225,19 @@ class IterationLoop {
 
  private:
   struct Active;
-  IterationLoop(ControlPlane* control, IterationExecutor* executor,
+  IterationLoop(lake::ControlPlane* control, IterationExecutor* executor,
                 const IterationLoopOptions& options);
-  absl::StatusOr<IterationRequest> MakeRequest(const Active& a, int64_t chunk) const;
+  absl::StatusOr<lake::IterationRequest> MakeRequest(const Active& a, int64_t chunk) const;
   static int64_t MaxTokens(const Active& a);
   // Fails `a` with `status` and moves it to `done`.
   void Fail(Active& a, absl::Status status, std::vector<LoopResult>& done);
   // Stores and commits what one executed work item completed; advances the request.
-  absl::Status Finish(Active& a, const IterationPlan& plan, InstanceId compute, WorkOutput& output,
-                      bool want_logits, int64_t end);
+  absl::Status Finish(Active& a, const lake::IterationPlan& plan, InstanceId compute,
+                      WorkOutput& output, bool want_logits, int64_t end);
   // Releases the pins of `ids` now (when no iteration follows to carry them).
   void FlushReleases();
 
-  ControlPlane* control_;
+  lake::ControlPlane* control_;
   IterationExecutor* executor_;
   IterationLoopOptions options_;
   // Requests in arrival order.

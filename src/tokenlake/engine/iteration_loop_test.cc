@@ -183,7 +183,7 @@ TEST_P(IterationLoopRandomTest, EveryRequestFinishesWithTheNaiveTokensUnderTheBu
         TestLakeOptions(lc.instances, lc.segment_tokens, lc.slots, /*layers=*/2, /*heads=*/2),
         &clock);
     ASSERT_TRUE(lk.ok()) << lk.status();
-    LocalControlPlane control(lk->get(), &clock);
+    lake::LocalControlPlane control(lk->get(), &clock);
     FakeExecutor exec(lc.segment_tokens, lc.instances);
     auto loop =
         IterationLoop::Create(&control, &exec,
@@ -293,7 +293,7 @@ TEST(IterationLoopTest, WaitsForMemoryAndNeverHangsOnARequestLargerThanThePool) 
   ManualClock clock(1);
   auto lk = lake::Lake::Create(TestLakeOptions(1, 2, 6), &clock);
   ASSERT_TRUE(lk.ok());
-  LocalControlPlane control(lk->get(), &clock);
+  lake::LocalControlPlane control(lk->get(), &clock);
   FakeExecutor exec(2, 1);
   auto loop = IterationLoop::Create(&control, &exec,
                                     {.segment_tokens = 2, .salt = 5, .vocab_size = kVocab});
@@ -347,7 +347,7 @@ TEST(IterationLoopTest, RejectsBadRequestsWithClearErrors) {
   lo.heavy_hitter.num_instances = 1;
   auto lk = lake::Lake::Create(lo, &clock);
   ASSERT_TRUE(lk.ok());
-  LocalControlPlane control(lk->get(), &clock);
+  lake::LocalControlPlane control(lk->get(), &clock);
   FakeExecutor exec(2, 1);
   EXPECT_EQ(IterationLoop::Create(&control, &exec, {.segment_tokens = 2, .max_batch_tokens = 0})
                 .status()
@@ -386,7 +386,7 @@ SampledRun RunLoop(const std::vector<LoopRequest>& requests, int64_t budget, int
   ManualClock clock(1);
   auto lk = lake::Lake::Create(TestLakeOptions(2, 4, 256), &clock);
   EXPECT_TRUE(lk.ok());
-  LocalControlPlane control(lk->get(), &clock);
+  lake::LocalControlPlane control(lk->get(), &clock);
   FakeExecutor exec(4, 2);
   auto loop = IterationLoop::Create(&control, &exec,
                                     {.segment_tokens = 4,
@@ -459,7 +459,7 @@ TEST(IterationLoopSamplingTest, BadSamplingParametersAndStopTokensAreRefused) {
   ManualClock clock(1);
   auto lk = lake::Lake::Create(TestLakeOptions(1, 4, 1024), &clock);
   ASSERT_TRUE(lk.ok());
-  LocalControlPlane control(lk->get(), &clock);
+  lake::LocalControlPlane control(lk->get(), &clock);
   FakeExecutor exec(4, 1);
   auto loop = IterationLoop::Create(&control, &exec, {.segment_tokens = 4, .vocab_size = kVocab});
   ASSERT_TRUE(loop.ok());

@@ -1,5 +1,6 @@
 // Reading the prompt files of `tokenlake generate`: JSON lines, one object per line with an
-// "input_ids" array of token ids (other fields are ignored; blank lines are skipped).
+// "input_ids" array of token ids (other fields are ignored; blank lines are skipped). (Checking
+// a prompt against the model: lake/prompt.h.)
 //
 // Thread-safety: pure functions.
 #ifndef TOKENLAKE_ENGINE_PROMPTS_H_

@@ -56,6 +56,8 @@ absl::StatusOr<std::unique_ptr<Lake>> Lake::Create(const LakeOptions& options, C
     return Invalid(absl::StrFormat("LakeOptions.model: %s", s.message()));
   }
   std::unique_ptr<Lake> lake(new Lake(options, clock));
+  // Nobody else sees the lake yet; the lock only tells the thread-safety analysis so.
+  absl::MutexLock lock(&lake->mu_);
 
   index::PrefixTree::Options tree_options;
   tree_options.segment_tokens = options.segment_tokens;
@@ -926,6 +928,7 @@ absl::Status Lake::CheckIntegrity() const {
   absl::Status status = absl::OkStatus();
   int64_t multi = 0;
   tree_->ForEachNode([&](const index::PrefixTree::Node& node) {
+    mu_.AssertHeld();  // held by this function; tells the analysis inside the callback
     if (node.replicas.size() >= 2) {
       ++multi;
       if (!replicated_.contains(node.id) && status.ok()) {

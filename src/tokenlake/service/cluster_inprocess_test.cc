@@ -24,6 +24,7 @@
 #include "gtest/gtest.h"
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/llama_model.h"
+#include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/index/segment_id.h"
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/coordinator.h"
@@ -59,11 +60,7 @@ class InProcessClusterTest : public ::testing::Test {
     const engine::LlamaConfig& c = model_->config();
     options_.lake_instances = 2;
     options_.slots_per_instance = 256;
-    options_.model = {.num_layers = c.num_layers,
-                      .num_heads = c.num_heads,
-                      .num_kv_heads = c.num_kv_heads,
-                      .head_dim = c.head_dim,
-                      .dtype_bytes = 4};
+    options_.model = engine::PoolModelShape(c, attention::KvDtype::kFloat32);
     options_.cluster_secret = secret_;
     StartCoordinator();
     for (int i = 0; i < 2; ++i) {

@@ -24,9 +24,11 @@
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
 #include "tokenlake/base/clock.h"
-#include "tokenlake/engine/control_plane.h"
+#include "tokenlake/base/status_macros.h"
 #include "tokenlake/index/segment_id.h"
+#include "tokenlake/lake/control_plane.h"
 #include "tokenlake/lake/lake.h"
+#include "tokenlake/lake/prompt.h"
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/incarnation.h"
 #include "tokenlake/service/lake_rpc.h"
@@ -172,15 +174,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   };
 
   absl::Status Start() {
-    lake::LakeOptions lo;
-    lo.num_instances = options_.lake_instances;
-    lo.segment_tokens = options_.segment_tokens;
-    lo.slots_per_instance = options_.slots_per_instance;
-    lo.model = options_.model;
-    lo.heavy_hitter = options_.heavy_hitter;
-    lo.heavy_hitter.num_instances = options_.lake_instances;
-    lo.balancer = options_.balancer;
-    auto lk = lake::Lake::Create(lo, &lake_clock_);
+    auto lk = lake::Lake::Create(options_.ToLakeOptions(), &lake_clock_);
     if (!lk.ok()) {
       return absl::InvalidArgumentError(absl::StrCat("Coordinator: ", lk.status().message()));
     }
@@ -469,9 +463,8 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   grpc::Status PlanIterationLocked(const v1::PlanIterationRequest& request,
                                    v1::PlanIterationReply* reply)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(lake_mu_) {
-    engine::IterationRequest in = FromProto(request);
-    absl::StatusOr<engine::IterationPlan> plan =
-        engine::PlanIterationOnLake(*lake_, &lake_clock_, in);
+    lake::IterationRequest in = FromProto(request);
+    absl::StatusOr<lake::IterationPlan> plan = lake::PlanIterationOnLake(*lake_, &lake_clock_, in);
     if (!plan.ok()) return ToGrpc(plan.status());
     // New segments go where the plan says, unless that instance is not live: then to the
     // computing instance (the caller), which holds their KV.
@@ -528,19 +521,15 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
 
   absl::StatusOr<CompletionResult> CompleteInner(const CompletionRequest& request,
                                                  absl::Time start) {
-    if (request.prompt.empty() || request.max_tokens < 1 ||
-        request.max_tokens > options_.limits.max_tokens_limit ||
-        static_cast<int64_t>(request.prompt.size()) + request.max_tokens >
-            options_.limits.context_tokens) {
-      return absl::InvalidArgumentError("request does not fit the limits");
+    if (request.max_tokens > options_.limits.max_tokens_limit) {
+      return absl::InvalidArgumentError(absl::StrFormat("max_tokens %d exceeds the limit of %d",
+                                                        request.max_tokens,
+                                                        options_.limits.max_tokens_limit));
     }
-    for (size_t i = 0; i < request.prompt.size(); ++i) {
-      if (request.prompt[i] < 0 || request.prompt[i] >= options_.limits.vocab_size) {
-        return absl::InvalidArgumentError(
-            absl::StrFormat("prompt[%d] = %d is outside the vocabulary [0, %d)", i,
-                            request.prompt[i], options_.limits.vocab_size));
-      }
-    }
+    TOKENLAKE_RETURN_IF_ERROR(
+        lake::ValidatePrompt(request.prompt, request.max_tokens, {},
+                             {.vocab_size = options_.limits.vocab_size,
+                              .context_tokens = options_.limits.context_tokens}));
     // The full segments of the prompt, minus the last token (which is always computed).
     const int64_t usable = static_cast<int64_t>(request.prompt.size()) - 1;
     const int64_t full = usable / options_.segment_tokens * options_.segment_tokens;
@@ -699,7 +688,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       return absl::UnavailableError(absl::StrFormat(
           "no live instance to serve the request (%d excluded after failures)", excluded.size()));
     }
-    auto least_busy = [&]() {
+    auto least_busy = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       int32_t best = live.front();
       for (int32_t i : live) {
         const Member& a = members_[i];
@@ -1114,7 +1103,8 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
                {{"instance", absl::StrCat(i)}, {"name", members_[i].name}},
                members_[i].alive ? 1 : 0);
     }
-    auto per_instance = [&](const char* name, const char* type, const char* help, auto value) {
+    auto per_instance = [&](const char* name, const char* type, const char* help,
+                            auto value) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       w.Family(name, type, help);
       for (int32_t i = 0; i < kMaxInstances; ++i) {
         if (!members_[i].registered) continue;
@@ -1131,13 +1121,18 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
                  [&](int32_t i) { return on(tokens_on, i); });
     per_instance("tokenlake_instance_rebalance_copies_total", "counter",
                  "Segments the instance copied for rebalancing (this incarnation).",
-                 [&](int32_t i) { return members_[i].traffic.rebalance_copies(); });
+                 [&](int32_t i) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+                   return members_[i].traffic.rebalance_copies();
+                 });
     per_instance("tokenlake_instance_used_bytes", "gauge", "KV bytes held per instance.",
-                 [&](int32_t i) { return members_[i].used_slots * members_[i].slot_bytes; });
+                 [&](int32_t i) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+                   return members_[i].used_slots * members_[i].slot_bytes;
+                 });
     per_instance("tokenlake_instance_in_flight", "gauge", "Requests in flight per instance.",
-                 [&](int32_t i) { return members_[i].in_flight; });
+                 [&](int32_t i)
+                     ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return members_[i].in_flight; });
     per_instance("tokenlake_instance_routed_total", "counter", "Requests routed per instance.",
-                 [&](int32_t i) { return members_[i].routed; });
+                 [&](int32_t i) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return members_[i].routed; });
     w.Family("tokenlake_transport_bytes_sent_total", "counter",
              "Bytes the coordinator sent to instances over the host transport.");
     w.Sample("tokenlake_transport_bytes_sent_total", {}, static_cast<double>(bytes_sent_));
@@ -1288,7 +1283,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   // Lock order: lake_mu_ before mu_. lake_mu_ serialises every use of the lake (its methods are
   // thread-safe, but reading its prefix tree is not while another thread mutates it).
   mutable absl::Mutex lake_mu_;
-  ManualClock lake_clock_{1};  // advanced 1 ms per planned iteration (engine/control_plane.h)
+  ManualClock lake_clock_{1};         // advanced 1 ms per planned iteration (lake/control_plane.h)
   std::unique_ptr<lake::Lake> lake_;  // guarded by lake_mu_ (set once in Start)
 
   mutable absl::Mutex mu_;
@@ -1337,6 +1332,18 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   const absl::Time started_;
   LakeService lake_service_;
 };
+
+lake::LakeOptions CoordinatorOptions::ToLakeOptions() const {
+  lake::LakeOptions lo;
+  lo.num_instances = lake_instances;
+  lo.segment_tokens = segment_tokens;
+  lo.slots_per_instance = slots_per_instance;
+  lo.model = model;
+  lo.heavy_hitter = heavy_hitter;
+  lo.heavy_hitter.num_instances = lake_instances;
+  lo.balancer = balancer;
+  return lo;
+}
 
 absl::StatusOr<std::unique_ptr<Coordinator>> Coordinator::Create(
     const CoordinatorOptions& options) {

@@ -5,7 +5,7 @@
 //     the engines' per-iteration calls over gRPC (service Lake: PlanIteration = match + plan +
 //     admit, Commit, Release, and ReleaseAndPlan = an iteration's Release with the next one's
 //     PlanIteration under one hold of the lake lock, so that an engine makes one round trip per
-//     iteration; engine/control_plane.h; counted in tokenlake_lake_rpcs_total{call}). Every
+//     iteration; lake/control_plane.h; counted in tokenlake_lake_rpcs_total{call}). Every
 //     instance's engine runs the lake's plans over the cluster-wide pool: queries go to remote
 //     holders, KV is pulled or stored across processes on the instances' data-plane transports
 //     (design note below);
@@ -70,6 +70,7 @@
 #include "absl/time/time.h"
 #include "tokenlake/balance/balancer.h"
 #include "tokenlake/balance/heavy_hitter.h"
+#include "tokenlake/lake/lake.h"
 #include "tokenlake/plan/cost_model.h"
 #include "tokenlake/service/completion_api.h"
 #include "tokenlake/transport/fault_transport.h"
@@ -146,6 +147,10 @@ struct CoordinatorOptions {
   int32_t http_threads = 32;
   // Faults injected on the coordinator's host transport (tests).
   transport::FaultTransport::Options faults;
+
+  // The options of the coordinator's lake: lake_instances, segment_tokens, slots_per_instance,
+  // model, heavy_hitter and balancer above.
+  lake::LakeOptions ToLakeOptions() const;
 };
 
 class Coordinator {

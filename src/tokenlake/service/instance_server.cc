@@ -15,6 +15,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "tokenlake/engine/instance_pool.h"
+#include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/coordinator.h"
 #include "tokenlake/service/lake_rpc.h"
@@ -62,11 +63,7 @@ class InstanceServer::Impl {
     if (!tcp.ok()) return tcp.status();
     tcp_ = std::move(*tcp);
     const engine::LlamaConfig& c = model_->config();
-    layout_ = attention::KvSlotLayout{.num_layers = c.num_layers,
-                                      .segment_tokens = options_.segment_tokens,
-                                      .num_kv_heads = c.num_kv_heads,
-                                      .head_dim = c.head_dim,
-                                      .dtype = options_.kv_dtype};
+    layout_ = engine::PoolSlotLayout(c, options_.segment_tokens, options_.kv_dtype);
     if (absl::Status s = layout_.Validate(); !s.ok()) return s;
     RefreshState();
     channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", options_.coordinator_port),
@@ -474,15 +471,12 @@ class InstanceServer::Impl {
       // A kind this instance does not know (a newer coordinator's) is left undone: the lake's
       // reconciliation drops a replica that never appears.
       if (a.kind() != v1::REBALANCE_KIND_REPLICATE && a.kind() != v1::REBALANCE_KIND_MOVE) continue;
-      engine::StoredMeta meta;
-      absl::StatusOr<std::vector<std::byte>> slot = pool.PullSegment(self, from, seg, &meta);
-      meta.placement_sequence = a.sequence();
-      if (!slot.ok() || !pool.StoreSegment(self, self, seg, *slot, meta).ok()) continue;
+      absl::StatusOr<int64_t> bytes = pool.CopyForRebalance(self, from, seg, a.sequence());
+      if (!bytes.ok()) continue;
       {
         absl::MutexLock lock(&traffic_mu_);
         traffic_.set_rebalance_copies(traffic_.rebalance_copies() + 1);
-        traffic_.set_rebalance_copy_bytes(traffic_.rebalance_copy_bytes() +
-                                          static_cast<int64_t>(slot->size()));
+        traffic_.set_rebalance_copy_bytes(traffic_.rebalance_copy_bytes() + *bytes);
       }
       // A move's source keeps its copy until the coordinator has seen this one (plans read
       // from the source meanwhile); heartbeat reconciliation frees it there afterwards.

@@ -43,7 +43,7 @@ absl::StatusCode FromProto(v1::StatusCode code) {
                                       : absl::StatusCode::kUnknown;
 }
 
-void ToProto(const engine::IterationRequest& in, v1::PlanIterationRequest* out) {
+void ToProto(const lake::IterationRequest& in, v1::PlanIterationRequest* out) {
   out->set_request_id(in.request.value());
   for (const index::SegmentKey& k : in.keys) {
     v1::SegmentKey* key = out->add_keys();
@@ -60,8 +60,8 @@ void ToProto(const engine::IterationRequest& in, v1::PlanIterationRequest* out) 
   out->set_try_admit(in.try_admit);
 }
 
-engine::IterationRequest FromProto(const v1::PlanIterationRequest& in) {
-  engine::IterationRequest out;
+lake::IterationRequest FromProto(const v1::PlanIterationRequest& in) {
+  lake::IterationRequest out;
   out.request = RequestId(in.request_id());
   out.keys.reserve(static_cast<size_t>(in.keys_size()));
   for (const v1::SegmentKey& k : in.keys()) {
@@ -95,7 +95,7 @@ plan::NewSegmentPlacement FromProto(const v1::Placement& in, RequestId request) 
                                    .target = InstanceFromWire(in.target())};
 }
 
-void ToProto(const engine::IterationPlan& in, v1::PlanIterationReply* out) {
+void ToProto(const lake::IterationPlan& in, v1::PlanIterationReply* out) {
   out->set_num_keys(in.num_keys);
   out->set_cached_tokens(in.cached_tokens);
   out->set_new_tokens(in.new_tokens);
@@ -112,8 +112,8 @@ void ToProto(const engine::IterationPlan& in, v1::PlanIterationReply* out) {
   out->set_deferred(!in.admitted);
 }
 
-engine::IterationPlan FromProto(const v1::PlanIterationReply& in, RequestId request) {
-  engine::IterationPlan out;
+lake::IterationPlan FromProto(const v1::PlanIterationReply& in, RequestId request) {
+  lake::IterationPlan out;
   out.num_keys = in.num_keys();
   out.cached_tokens = in.cached_tokens();
   out.new_tokens = in.new_tokens();
@@ -191,8 +191,8 @@ absl::StatusOr<std::unique_ptr<RemoteControlPlane>> RemoteControlPlane::Create(
   return cp;
 }
 
-absl::StatusOr<engine::IterationPlan> RemoteControlPlane::PlanIteration(
-    const engine::IterationRequest& request) {
+absl::StatusOr<lake::IterationPlan> RemoteControlPlane::PlanIteration(
+    const lake::IterationRequest& request) {
   v1::PlanIterationRequest in;
   ToProto(request, &in);
   v1::PlanIterationReply out;
@@ -231,8 +231,8 @@ absl::Status RemoteControlPlane::Release(RequestId request) {
   return FromGrpc(stub_->Release(&ctx, in, &out), "Release");
 }
 
-absl::StatusOr<engine::IterationPlan> RemoteControlPlane::ReleaseAndPlan(
-    RequestId release, const engine::IterationRequest& next) {
+absl::StatusOr<lake::IterationPlan> RemoteControlPlane::ReleaseAndPlan(
+    RequestId release, const lake::IterationRequest& next) {
   v1::ReleaseAndPlanRequest in;
   in.set_release_request_id(release.value());
   ToProto(next, in.mutable_plan());
@@ -246,11 +246,11 @@ absl::StatusOr<engine::IterationPlan> RemoteControlPlane::ReleaseAndPlan(
   return FromProto(out, next.request);
 }
 
-absl::StatusOr<std::vector<engine::BatchPlanEntry>> RemoteControlPlane::PlanBatch(
-    absl::Span<const RequestId> release, absl::Span<const engine::IterationRequest> requests) {
+absl::StatusOr<std::vector<lake::BatchPlanEntry>> RemoteControlPlane::PlanBatch(
+    absl::Span<const RequestId> release, absl::Span<const lake::IterationRequest> requests) {
   v1::PlanBatchRequest in;
   for (RequestId r : release) in.add_release_request_ids(r.value());
-  for (const engine::IterationRequest& r : requests) ToProto(r, in.add_plans());
+  for (const lake::IterationRequest& r : requests) ToProto(r, in.add_plans());
   v1::PlanBatchReply out;
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
@@ -260,7 +260,7 @@ absl::StatusOr<std::vector<engine::BatchPlanEntry>> RemoteControlPlane::PlanBatc
     return absl::DataLossError(absl::StrFormat("PlanBatch: %d entries for %d requests",
                                                out.entries_size(), requests.size()));
   }
-  std::vector<engine::BatchPlanEntry> entries(requests.size());
+  std::vector<lake::BatchPlanEntry> entries(requests.size());
   for (size_t i = 0; i < requests.size(); ++i) {
     const v1::PlanBatchEntry& e = out.entries(static_cast<int>(i));
     if (e.status_code() != v1::STATUS_CODE_OK) {

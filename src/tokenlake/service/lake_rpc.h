@@ -1,6 +1,6 @@
 // The lake's per-iteration calls over gRPC (proto/tokenlake/v1/tokenlake.proto, service Lake):
-// conversions between the engine's control-plane types (engine/control_plane.h) and their
-// messages, and RemoteControlPlane, the engine::ControlPlane of an instance process, which calls
+// conversions between the engine's control-plane types (lake/control_plane.h) and their
+// messages, and RemoteControlPlane, the lake::ControlPlane of an instance process, which calls
 // the coordinator that owns the cluster's one lake::Lake.
 //
 // Conversions never fail on well-formed messages; instance ids travel as int32 (-1 = none) and
@@ -20,7 +20,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "tokenlake/engine/control_plane.h"
+#include "tokenlake/lake/control_plane.h"
 #include "tokenlake/v1/tokenlake.grpc.pb.h"
 
 namespace tokenlake::service {
@@ -28,10 +28,10 @@ namespace tokenlake::service {
 inline int32_t InstanceToWire(InstanceId i) { return i.valid() ? i.value() : -1; }
 inline InstanceId InstanceFromWire(int32_t v) { return v < 0 ? InstanceId() : InstanceId(v); }
 
-void ToProto(const engine::IterationRequest& in, v1::PlanIterationRequest* out);
-engine::IterationRequest FromProto(const v1::PlanIterationRequest& in);
-void ToProto(const engine::IterationPlan& in, v1::PlanIterationReply* out);
-engine::IterationPlan FromProto(const v1::PlanIterationReply& in, RequestId request);
+void ToProto(const lake::IterationRequest& in, v1::PlanIterationRequest* out);
+lake::IterationRequest FromProto(const v1::PlanIterationRequest& in);
+void ToProto(const lake::IterationPlan& in, v1::PlanIterationReply* out);
+lake::IterationPlan FromProto(const v1::PlanIterationReply& in, RequestId request);
 void ToProto(const plan::NewSegmentPlacement& in, v1::Placement* out);
 plan::NewSegmentPlacement FromProto(const v1::Placement& in, RequestId request);
 void ToProto(const lake::CommitResult& in, v1::CommitReply* out);
@@ -56,7 +56,7 @@ absl::Status FromGrpc(const grpc::Status& s, const char* call);
 // lake could give, NotFound for a request that is not active (e.g. released by the coordinator
 // after its attempt timed out), reaches the engine at its next call
 // which then fails the same way (PlanBatch / Release).
-class RemoteControlPlane final : public engine::ControlPlane {
+class RemoteControlPlane final : public lake::ControlPlane {
  public:
   struct Options {
     // The coordinator's gRPC port on 127.0.0.1, in [1, 65535].
@@ -73,19 +73,18 @@ class RemoteControlPlane final : public engine::ControlPlane {
   static absl::StatusOr<std::unique_ptr<RemoteControlPlane>> Create(const Options& options);
 
   int32_t num_instances() const override { return options_.num_instances; }
-  absl::StatusOr<engine::IterationPlan> PlanIteration(
-      const engine::IterationRequest& request) override;
+  absl::StatusOr<lake::IterationPlan> PlanIteration(const lake::IterationRequest& request) override;
   absl::StatusOr<lake::CommitResult> Commit(
       RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) override;
   absl::Status Release(RequestId request) override;
-  // One ReleaseAndPlan RPC (engine::ControlPlane::ReleaseAndPlan; its outcomes).
-  absl::StatusOr<engine::IterationPlan> ReleaseAndPlan(
-      RequestId release, const engine::IterationRequest& next) override;
-  // One PlanBatch RPC for a whole iteration (engine::ControlPlane::PlanBatch; its outcomes).
+  // One ReleaseAndPlan RPC (lake::ControlPlane::ReleaseAndPlan; its outcomes).
+  absl::StatusOr<lake::IterationPlan> ReleaseAndPlan(RequestId release,
+                                                     const lake::IterationRequest& next) override;
+  // One PlanBatch RPC for a whole iteration (lake::ControlPlane::PlanBatch; its outcomes).
   // Errors: as the RPC's, and DataLoss for a reply with the wrong number of entries.
-  absl::StatusOr<std::vector<engine::BatchPlanEntry>> PlanBatch(
+  absl::StatusOr<std::vector<lake::BatchPlanEntry>> PlanBatch(
       absl::Span<const RequestId> release,
-      absl::Span<const engine::IterationRequest> requests) override;
+      absl::Span<const lake::IterationRequest> requests) override;
 
  private:
   explicit RemoteControlPlane(const Options& options) : options_(options) {}

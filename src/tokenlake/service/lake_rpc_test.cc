@@ -22,21 +22,21 @@ namespace tokenlake::service {
 namespace {
 
 TEST(LakeRpcTest, IterationRequestRoundTrips) {
-  engine::IterationRequest in{.request = RequestId(77),
-                              .keys = {{SegmentId(5), 16}, {SegmentId(6), 3}},
-                              .max_cached_segments = 1,
-                              .end_tokens = 19,
-                              .prefill = false,
-                              .computed_tokens = 18,
-                              .preferred_instance = InstanceId(2),
-                              .count_hits = false,
-                              .max_new_tokens = 64,
-                              .try_admit = true};
+  lake::IterationRequest in{.request = RequestId(77),
+                            .keys = {{SegmentId(5), 16}, {SegmentId(6), 3}},
+                            .max_cached_segments = 1,
+                            .end_tokens = 19,
+                            .prefill = false,
+                            .computed_tokens = 18,
+                            .preferred_instance = InstanceId(2),
+                            .count_hits = false,
+                            .max_new_tokens = 64,
+                            .try_admit = true};
   v1::PlanIterationRequest wire;
   ToProto(in, &wire);
   v1::PlanIterationRequest parsed;
   ASSERT_TRUE(parsed.ParseFromString(wire.SerializeAsString()));
-  const engine::IterationRequest out = FromProto(parsed);
+  const lake::IterationRequest out = FromProto(parsed);
   EXPECT_EQ(out.request, in.request);
   ASSERT_EQ(out.keys.size(), 2u);
   EXPECT_EQ(out.keys[1].id, SegmentId(6));
@@ -57,7 +57,7 @@ TEST(LakeRpcTest, IterationRequestRoundTrips) {
 }
 
 TEST(LakeRpcTest, PlanAndCommitRoundTrip) {
-  engine::IterationPlan plan;
+  lake::IterationPlan plan;
   plan.num_keys = 3;
   plan.cached_tokens = 32;
   plan.new_tokens = 7;
@@ -71,7 +71,7 @@ TEST(LakeRpcTest, PlanAndCommitRoundTrip) {
       {RequestId(9), SegmentId(5), SegmentId(4), 16, InstanceId(1), InstanceId(1)}};
   v1::PlanIterationReply wire;
   ToProto(plan, &wire);
-  const engine::IterationPlan back = FromProto(wire, RequestId(9));
+  const lake::IterationPlan back = FromProto(wire, RequestId(9));
   EXPECT_EQ(back.num_keys, 3);
   EXPECT_EQ(back.cached_tokens, 32);
   EXPECT_EQ(back.new_tokens, 7);
@@ -81,7 +81,7 @@ TEST(LakeRpcTest, PlanAndCommitRoundTrip) {
   EXPECT_FALSE(back.new_segments[0].parent.valid());
   EXPECT_EQ(back.end_tokens, 39);
   EXPECT_TRUE(back.admitted);
-  engine::IterationPlan deferred;
+  lake::IterationPlan deferred;
   deferred.admitted = false;
   wire.Clear();
   ToProto(deferred, &wire);
@@ -179,7 +179,7 @@ double Metric(const std::string& text, const std::string& sample) {
   return std::stod(text.substr(pos + sample.size() + 2));
 }
 
-void ExpectSamePlan(const engine::IterationPlan& a, const engine::IterationPlan& b) {
+void ExpectSamePlan(const lake::IterationPlan& a, const lake::IterationPlan& b) {
   EXPECT_EQ(a.num_keys, b.num_keys);
   EXPECT_EQ(a.cached_tokens, b.cached_tokens);
   EXPECT_EQ(a.new_tokens, b.new_tokens);
@@ -236,19 +236,11 @@ class FusedCallTest : public ::testing::TestWithParam<std::tuple<uint32_t, int32
         {.coordinator_port = coordinator_->grpc_port(), .num_instances = 2});
     ASSERT_TRUE(remote.ok());
     remote_ = std::move(*remote);
-    // As Coordinator::Impl::Start builds its lake.
-    lake::LakeOptions lo;
-    lo.num_instances = options_.lake_instances;
-    lo.segment_tokens = options_.segment_tokens;
-    lo.slots_per_instance = options_.slots_per_instance;
-    lo.model = options_.model;
-    lo.heavy_hitter = options_.heavy_hitter;
-    lo.heavy_hitter.num_instances = options_.lake_instances;
-    lo.balancer = options_.balancer;
-    auto lk = lake::Lake::Create(lo, &clock_);
+    // The lake the coordinator builds from the same options.
+    auto lk = lake::Lake::Create(options_.ToLakeOptions(), &clock_);
     ASSERT_TRUE(lk.ok()) << lk.status();
     lake_ = std::move(*lk);
-    reference_ = std::make_unique<engine::LocalControlPlane>(lake_.get(), &clock_);
+    reference_ = std::make_unique<lake::LocalControlPlane>(lake_.get(), &clock_);
   }
 
   // The coordinator's lake agrees with the reference lake on what is stored and pinned.
@@ -267,7 +259,7 @@ class FusedCallTest : public ::testing::TestWithParam<std::tuple<uint32_t, int32
   std::unique_ptr<RemoteControlPlane> remote_;
   ManualClock clock_{1};  // as the coordinator's lake clock
   std::unique_ptr<lake::Lake> lake_;
-  std::unique_ptr<engine::LocalControlPlane> reference_;
+  std::unique_ptr<lake::LocalControlPlane> reference_;
 };
 
 TEST_P(FusedCallTest, ReleaseAndPlanEqualsReleaseThenPlanIterationOnAReferenceLake) {
@@ -296,7 +288,7 @@ TEST_P(FusedCallTest, ReleaseAndPlanEqualsReleaseThenPlanIterationOnAReferenceLa
       const size_t full = seq.size() / kS * kS;
       auto keys = index::ComputeSegmentKeys(salt, absl::MakeConstSpan(seq).subspan(0, full), kS);
       ASSERT_TRUE(keys.ok());
-      engine::IterationRequest req{
+      lake::IterationRequest req{
           .request = id,
           .keys = *keys,
           .max_cached_segments = static_cast<int32_t>((prefill ? end - 1 : computed) / kS),
@@ -305,7 +297,7 @@ TEST_P(FusedCallTest, ReleaseAndPlanEqualsReleaseThenPlanIterationOnAReferenceLa
           .computed_tokens = computed,
           .preferred_instance = InstanceId(static_cast<int32_t>(rng() % 2)),
           .count_hits = prefill};
-      absl::StatusOr<engine::IterationPlan> got, want;
+      absl::StatusOr<lake::IterationPlan> got, want;
       if (prefill) {
         got = remote_->PlanIteration(req);
         want = reference_->PlanIteration(req);
@@ -392,7 +384,7 @@ TEST(LakeRpcTest, EmptyCommitMakesNoRpc) {
   EXPECT_FALSE((*cp)->Commit(RequestId(1), absl::MakeConstSpan(&p, 1)).ok());
   auto fused = (*cp)->ReleaseAndPlan(RequestId(1), {.request = RequestId(1), .end_tokens = 1});
   ASSERT_FALSE(fused.ok());
-  EXPECT_TRUE(engine::FailedOnTheWire(fused.status())) << fused.status();
+  EXPECT_TRUE(lake::FailedOnTheWire(fused.status())) << fused.status();
 }
 
 }  // namespace

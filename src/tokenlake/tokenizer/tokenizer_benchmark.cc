@@ -26,7 +26,10 @@ const Tokenizer& Fixture(int which) {
 std::string Prose(size_t bytes) {
   const std::string unit =
       "The pool keeps the key and value tensors of shared prefixes, so a request skips most of "
-      "its prefill. Grüße aus München! Привет, как дела? 你好，世界。 🙂🚀 12345 ... "
+      "its prefill. Grüße aus München! "
+      "Привет, как дела? "
+      "你好，世界。 🙂🚀 "
+      "12345 ... "
       "\n\n";
   std::string out;
   while (out.size() < bytes) out += unit;

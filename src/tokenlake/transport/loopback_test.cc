@@ -108,7 +108,10 @@ TEST(LoopbackTransportTest, ShutdownWakesBlockedReceiverAfterDrainingQueue) {
 class LoopbackRandomTest : public ::testing::TestWithParam<std::tuple<int, int>> {};
 
 TEST_P(LoopbackRandomTest, EveryMessageArrivesOnceInPerSenderOrder) {
-  const auto [num_endpoints, messages_per_sender] = GetParam();
+  // Plain ints, not a structured binding: the sender lambdas capture them (C++20 allows
+  // capturing bindings, clang 14 does not).
+  const int num_endpoints = std::get<0>(GetParam());
+  const int messages_per_sender = std::get<1>(GetParam());
   const uint32_t seed = 12345u + static_cast<uint32_t>(num_endpoints * 31 + messages_per_sender);
   SCOPED_TRACE(testing::Message() << "seed=" << seed);
   std::cout << "seed=" << seed << "\n";

@@ -13,7 +13,9 @@
 #include "tokenlake/base/status_macros.h"
 #include "tokenlake/engine/cuda/kv_append.h"
 #include "tokenlake/engine/ops.h"
+#include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/index/segment_id.h"
+#include "tokenlake/lake/prompt.h"
 
 namespace tokenlake::engine::cuda {
 
@@ -575,11 +577,7 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(GpuLlamaModel* mode
   }
   std::unique_ptr<GpuEngine> e(new GpuEngine(model, options));
   const LlamaConfig& c = model->config();
-  e->layout_ = attention::KvSlotLayout{.num_layers = c.num_layers,
-                                       .segment_tokens = options.segment_tokens,
-                                       .num_kv_heads = c.num_kv_heads,
-                                       .head_dim = c.head_dim,
-                                       .dtype = attention::KvDtype::kBFloat16};
+  e->layout_ = PoolSlotLayout(c, options.segment_tokens, attention::KvDtype::kBFloat16);
   TOKENLAKE_RETURN_IF_ERROR(e->layout_.Validate());
   const size_t slot_bytes = static_cast<size_t>(e->layout_.SlotBytes());
   for (int32_t i = 0; i < options.num_instances; ++i) {
@@ -593,18 +591,13 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(GpuLlamaModel* mode
     TOKENLAKE_ASSIGN_OR_RETURN(inst.store, store::SegmentStore::Create(so));
     e->instances_.push_back(std::move(inst));
   }
-  lake::LakeOptions lo;
-  lo.num_instances = options.num_instances;
-  lo.segment_tokens = options.segment_tokens;
-  lo.slots_per_instance = options.slots_per_instance;
-  lo.heavy_hitter.num_instances = options.num_instances;
-  lo.model = plan::ModelShape{.num_layers = c.num_layers,
-                              .num_heads = c.num_heads,
-                              .num_kv_heads = c.num_kv_heads,
-                              .head_dim = c.head_dim,
-                              .dtype_bytes = 2};
+  const lake::LakeOptions lo = PoolLakeOptions(c,
+                                               {.num_instances = options.num_instances,
+                                                .segment_tokens = options.segment_tokens,
+                                                .slots_per_instance = options.slots_per_instance},
+                                               attention::KvDtype::kBFloat16);
   TOKENLAKE_ASSIGN_OR_RETURN(e->lake_, lake::Lake::Create(lo, &e->clock_));
-  e->control_ = std::make_unique<LocalControlPlane>(e->lake_.get(), &e->clock_);
+  e->control_ = std::make_unique<lake::LocalControlPlane>(e->lake_.get(), &e->clock_);
   e->salt_ = index::NamespaceSalt(options.namespace_name);
   e->executor_ = std::make_unique<Executor>(e.get());
   TOKENLAKE_ASSIGN_OR_RETURN(
@@ -647,40 +640,10 @@ absl::StatusOr<std::byte*> GpuEngine::SlotPointer(InstanceId instance, SegmentId
 absl::Status GpuEngine::CheckInput(absl::Span<const int32_t> prompt, int32_t max_new_tokens,
                                    absl::Span<const int32_t> force_tokens) const {
   const LlamaConfig& c = model_->config();
-  if (prompt.empty()) return absl::InvalidArgumentError("GpuEngine::Generate: empty prompt");
-  if (max_new_tokens < 1) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "GpuEngine::Generate: max_new_tokens must be >= 1, got %d", max_new_tokens));
-  }
-  for (size_t i = 0; i < prompt.size(); ++i) {
-    if (prompt[i] < 0 || prompt[i] >= c.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "GpuEngine::Generate: prompt token %d at index %d is outside the vocabulary [0, %d)",
-          prompt[i], i, c.vocab_size));
-    }
-  }
-  if (!force_tokens.empty()) {
-    if (static_cast<int64_t>(force_tokens.size()) < max_new_tokens - 1) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "GpuEngine::Generate: force_tokens has %d tokens, needs max_new_tokens - 1 = %d",
-          force_tokens.size(), max_new_tokens - 1));
-    }
-    for (size_t i = 0; i < force_tokens.size(); ++i) {
-      if (force_tokens[i] < 0 || force_tokens[i] >= c.vocab_size) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "GpuEngine::Generate: force_tokens[%d] = %d is outside the vocabulary [0, %d)", i,
-            force_tokens[i], c.vocab_size));
-      }
-    }
-  }
-  const int64_t total = static_cast<int64_t>(prompt.size()) + max_new_tokens;
-  if (c.max_position_embeddings > 0 && total > c.max_position_embeddings) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "GpuEngine::Generate: prompt of %d tokens plus %d new tokens does not fit the model's "
-        "context of %d tokens",
-        prompt.size(), max_new_tokens, c.max_position_embeddings));
-  }
-  return absl::OkStatus();
+  return StatusWithPrefix(lake::ValidatePrompt(prompt, max_new_tokens, force_tokens,
+                                               {.vocab_size = c.vocab_size,
+                                                .context_tokens = c.max_position_embeddings}),
+                          "GpuEngine::Generate: ");
 }
 
 namespace {

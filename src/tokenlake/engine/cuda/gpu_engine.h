@@ -14,7 +14,7 @@
 // Data plane. Every instance owns a store::DeviceArena (cudaMalloc'd) with a store::SegmentStore
 // slot allocator over it; a slot holds one segment's KV for all layers in bf16, laid out as
 // attention::KvSlotLayout says ([layer][kv][token][kv_head][head_dim]). Control plane: the real
-// lake::Lake (prefix tree, planner, balancer) behind engine::LocalControlPlane.
+// lake::Lake (prefix tree, planner, balancer) behind lake::LocalControlPlane.
 //
 // Per request of an iteration, on the computing instance the plan names:
 //   - segments the computing instance holds, and kPullKv segments (their slot is first copied
@@ -49,11 +49,11 @@
 #include "tokenlake/attention/attention.h"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/base/ids.h"
-#include "tokenlake/engine/control_plane.h"
 #include "tokenlake/engine/cuda/device_buffer.h"
 #include "tokenlake/engine/cuda/gpu_llama.h"
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/iteration_loop.h"
+#include "tokenlake/lake/control_plane.h"
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/store/cuda/device_arena.h"
 #include "tokenlake/store/segment_store.h"
@@ -187,7 +187,7 @@ class GpuEngine {
   std::vector<Instance> instances_;
   ManualClock clock_{1};
   std::unique_ptr<lake::Lake> lake_;
-  std::unique_ptr<LocalControlPlane> control_;  // over lake_
+  std::unique_ptr<lake::LocalControlPlane> control_;  // over lake_
   uint64_t salt_ = 0;
   uint64_t next_request_ = 1;
   std::unique_ptr<Executor> executor_;

@@ -1,4 +1,4 @@
-#include "tokenlake/engine/control_plane.h"
+#include "tokenlake/lake/control_plane.h"
 
 #include <algorithm>
 #include <optional>
@@ -8,7 +8,7 @@
 #include "absl/strings/str_format.h"
 #include "tokenlake/base/status_macros.h"
 
-namespace tokenlake::engine {
+namespace tokenlake::lake {
 
 absl::StatusOr<IterationPlan> PlanIterationOnLake(lake::Lake& lake, ManualClock* clock,
                                                   const IterationRequest& request) {
@@ -148,4 +148,4 @@ absl::StatusOr<lake::CommitResult> LocalControlPlane::Commit(
 
 absl::Status LocalControlPlane::Release(RequestId request) { return lake_->Release(request); }
 
-}  // namespace tokenlake::engine
+}  // namespace tokenlake::lake

@@ -1,7 +1,8 @@
-// ControlPlane: the engine's per-iteration calls to TokenLake's control plane (the lake), so
-// that the same engine loop (engine.cc) runs in one process over a lake::Lake it owns
+// ControlPlane: the lake's per-iteration API, what an engine's iteration loop calls, so that
+// the same loop (engine/iteration_loop.h) runs in one process over a lake::Lake it owns
 // (LocalControlPlane) and in the multi-process cluster over the coordinator's lake through gRPC
-// (service::RemoteControlPlane).
+// (service::RemoteControlPlane). It belongs to the lake: the coordinator serves it without any
+// model runner.
 //
 // One iteration of one request (engine.h, the pool path) is made of three steps:
 //   PlanIteration  match the sequence's full segments against the prefix tree (at most
@@ -28,8 +29,8 @@
 //
 // Thread-safety: implementations are thread-safe (several requests may run concurrently, each
 // with its own RequestId).
-#ifndef TOKENLAKE_ENGINE_CONTROL_PLANE_H_
-#define TOKENLAKE_ENGINE_CONTROL_PLANE_H_
+#ifndef TOKENLAKE_LAKE_CONTROL_PLANE_H_
+#define TOKENLAKE_LAKE_CONTROL_PLANE_H_
 
 #include <cstdint>
 #include <memory>
@@ -42,7 +43,7 @@
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/plan/plan_types.h"
 
-namespace tokenlake::engine {
+namespace tokenlake::lake {
 
 struct IterationRequest {
   // Unique among the requests active in the control plane.
@@ -179,6 +180,6 @@ class LocalControlPlane final : public ControlPlane {
 absl::StatusOr<IterationPlan> PlanIterationOnLake(lake::Lake& lake, ManualClock* clock,
                                                   const IterationRequest& request);
 
-}  // namespace tokenlake::engine
+}  // namespace tokenlake::lake
 
-#endif  // TOKENLAKE_ENGINE_CONTROL_PLANE_H_
+#endif  // TOKENLAKE_LAKE_CONTROL_PLANE_H_
