@@ -10,7 +10,7 @@ packages=(
   zlib1g-dev  # sim: gzip-compressed traces
   libssl-dev  # transport: the cluster secret's HMAC-SHA256 and random numbers
   libpcre2-dev libicu-dev  # tokenizer: pre-tokenizer regexes, Unicode normalization
-  # service: gRPC control plane, HTTP front end (cpp-httplib is built with brotli support),
+  # service: gRPC control plane, HTTP client (cpp-httplib is built with brotli support),
   # libFuzzer targets (clang 14)
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libcpp-httplib-dev
   libbrotli-dev clang-14 libclang-rt-14-dev

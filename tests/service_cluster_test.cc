@@ -271,7 +271,7 @@ TEST(ServiceClusterTest, BadInputGetsAClear4xxAndDoesNotDisturbOtherRequests) {
       ::testing::Not(HasSubstr("200 OK")));
   background.join();
   EXPECT_EQ(good_ok.load(), 5);
-  // Many slow clients at once (more than httplib's default 8 workers) do not block a request.
+  // Many slow clients at once do not block a request.
   std::vector<int> slow_fds;
   for (int i = 0; i < 12; ++i) {
     const int fd = ::socket(AF_INET, SOCK_STREAM, 0);

@@ -4,6 +4,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -22,6 +23,7 @@
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/engine/pool_shape.h"
@@ -133,6 +135,92 @@ TEST_F(InProcessClusterTest, ServesCorrectAnswersAndHitsThePool) {
   auto bad = HttpPost(coordinator_->http_port(), "/v1/completions", "{\"prompt\": [1, 2, 3");
   ASSERT_TRUE(bad.ok());
   EXPECT_EQ(bad->first, 400);
+}
+
+// Issue 15, finding 2 on the coordinator itself: 50 connections that trickle a header byte every
+// half second (reconnecting when answered) and 40 idle keep-alive connections hold no HTTP
+// worker, so 16 honest clients are all answered correctly within 2 s each.
+TEST_F(InProcessClusterTest, SlowAndIdleHttpClientsDoNotHoldUpRequests) {
+  const int port = coordinator_->http_port();
+  auto connect = [port]() {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(static_cast<uint16_t>(port));
+    EXPECT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    return fd;
+  };
+  std::vector<int> idle;
+  for (int i = 0; i < 40; ++i) {
+    const int fd = connect();
+    const std::string get = "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    ::send(fd, get.data(), get.size(), MSG_NOSIGNAL);
+    char buf[4096];
+    EXPECT_GT(::recv(fd, buf, sizeof(buf), 0), 0);  // answered; the connection stays open
+    idle.push_back(fd);
+  }
+  std::atomic<bool> stop{false};
+  std::thread slow([&] {
+    const std::string request = "POST /v1/completions HTTP/1.1\r\nHost: slow\r\n";
+    std::vector<int> fds(50, -1);
+    std::vector<size_t> sent(50, 0);
+    while (!stop.load()) {
+      for (size_t i = 0; i < fds.size(); ++i) {
+        if (fds[i] < 0) {
+          fds[i] = connect();
+          sent[i] = 0;
+        }
+        pollfd p{fds[i], POLLIN, 0};
+        const char byte = request[sent[i]++ % request.size()];
+        if (::poll(&p, 1, 0) > 0 || ::send(fds[i], &byte, 1, MSG_NOSIGNAL) != 1) {
+          ::close(fds[i]);  // answered (408) or closed: the attack goes on
+          fds[i] = -1;
+        }
+      }
+      absl::SleepFor(absl::Milliseconds(500));
+    }
+    for (int fd : fds) {
+      if (fd >= 0) ::close(fd);
+    }
+  });
+  absl::SleepFor(absl::Milliseconds(300));
+  std::vector<std::vector<int32_t>> expected;
+  for (int k = 0; k < 48; ++k) expected.push_back(Expected(Prompt(k), 2));
+  std::atomic<int> correct{0};
+  std::atomic<int64_t> slowest_ms{0};
+  std::vector<std::thread> honest;
+  for (int c = 0; c < 16; ++c) {
+    honest.emplace_back([&, c] {
+      for (int i = 0; i < 3; ++i) {
+        const std::vector<int32_t> prompt = Prompt(c * 3 + i);
+        std::string body = "{\"prompt\": [";
+        for (size_t t = 0; t < prompt.size(); ++t) {
+          absl::StrAppend(&body, t > 0 ? "," : "", prompt[t]);
+        }
+        absl::StrAppend(&body, "], \"max_tokens\": 2}");
+        const absl::Time start = absl::Now();
+        auto r = HttpPost(port, "/v1/completions", body, absl::Seconds(30));
+        const int64_t ms = absl::ToInt64Milliseconds(absl::Now() - start);
+        int64_t seen = slowest_ms.load();
+        while (ms > seen && !slowest_ms.compare_exchange_weak(seen, ms)) {
+        }
+        if (r.ok() && r->first == 200) {
+          const auto j = nlohmann::json::parse(r->second);
+          if (j["choices"][0]["tokens"].get<std::vector<int32_t>>() ==
+              expected[static_cast<size_t>(c * 3 + i)]) {
+            ++correct;
+          }
+        }
+      }
+    });
+  }
+  for (std::thread& t : honest) t.join();
+  stop = true;
+  slow.join();
+  EXPECT_EQ(correct.load(), 48);
+  EXPECT_LT(slowest_ms.load(), 2000);
+  for (int fd : idle) ::close(fd);
 }
 
 TEST_F(InProcessClusterTest, RejectsBadRequestsBeforeRouting) {

@@ -54,6 +54,16 @@ absl::Status CheckOptions(const CoordinatorOptions& o) {
   if (o.retry_backoff < absl::ZeroDuration()) return bad("retry_backoff must be >= 0");
   if (o.max_body_bytes < 64) return bad("max_body_bytes must be >= 64");
   if (o.http_threads < 1) return bad("http_threads must be >= 1");
+  if (o.http_header_timeout <= absl::ZeroDuration() ||
+      o.http_read_timeout <= absl::ZeroDuration() || o.http_idle_timeout <= absl::ZeroDuration()) {
+    return bad("http_header_timeout, http_read_timeout and http_idle_timeout must be > 0");
+  }
+  if (o.http_max_queued_requests < 1 || o.http_max_connections < 1 || o.http_listen_backlog < 1) {
+    return bad("http_max_queued_requests, http_max_connections, http_listen_backlog must be >= 1");
+  }
+  if (o.http_max_buffered_bytes < o.max_body_bytes) {
+    return bad("http_max_buffered_bytes must be >= max_body_bytes");
+  }
   return absl::OkStatus();
 }
 
@@ -140,8 +150,14 @@ class Coordinator::Impl {
     }
     auto http = HttpFrontEnd::Start({.port = options_.http_port,
                                      .max_body_bytes = options_.max_body_bytes,
+                                     .header_timeout = options_.http_header_timeout,
                                      .read_timeout = options_.http_read_timeout,
-                                     .threads = options_.http_threads},
+                                     .idle_timeout = options_.http_idle_timeout,
+                                     .threads = options_.http_threads,
+                                     .max_queued_requests = options_.http_max_queued_requests,
+                                     .max_connections = options_.http_max_connections,
+                                     .max_buffered_bytes = options_.http_max_buffered_bytes,
+                                     .listen_backlog = options_.http_listen_backlog},
                                     Routes());
     if (!http.ok()) {
       return absl::UnavailableError(
@@ -266,6 +282,7 @@ class Coordinator::Impl {
     s.refused_live_name = membership_service_->refused_registrations();
     s.rebalance_actions = rebalancer_->actions();
     s.routing_overrides = router_.overrides();
+    if (http_ != nullptr) s.http = http_->stats();
     return s;
   }
 

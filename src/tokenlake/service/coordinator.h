@@ -52,8 +52,10 @@
 //     retried after retry_backoff x attempt (by then the dead holder is usually marked dead), up to
 //     max_attempts within request_timeout. The coordinator releases the failed attempt's pins.
 //     Generation is deterministic, so a retried request gets the same answer;
-//   - the HTTP front end (cpp-httplib): POST /v1/completions, GET /metrics (Prometheus text),
-//     GET /healthz. Bad input gets a 4xx with a JSON error naming the problem.
+//   - the HTTP front end (http_front_end.h): POST /v1/completions, GET /metrics (Prometheus
+//     text), GET /healthz. Bad input gets a 4xx with a JSON error naming the problem; slow,
+//     idle or too many clients and oversized bodies are bounded (503 with Retry-After on
+//     overload, never a reset).
 //
 // Everything listens on 127.0.0.1 only; ports 0 mean "any free port" (see the accessors).
 //
@@ -140,10 +142,20 @@ struct CoordinatorOptions {
   absl::Duration retry_backoff = absl::Milliseconds(250);
   // Routing (see the file comment).
   int32_t balance_abs_threshold = 2;
-  // HTTP limits: largest request body (413 beyond) and how long a request may take to arrive.
+  // The HTTP front end's bounds (http_front_end.h): largest request body after decoding (413
+  // beyond); from a request's first byte, its headers within http_header_timeout and all of it
+  // within http_read_timeout (408); keep-alive connections idle longer are closed; complete
+  // requests waiting for a worker, connections and request bytes held (503 with Retry-After
+  // beyond); the listen backlog.
   int64_t max_body_bytes = int64_t{1} << 20;
-  absl::Duration http_read_timeout = absl::Seconds(2);
-  // HTTP worker threads (each slow client holds one until http_read_timeout), >= 1.
+  absl::Duration http_header_timeout = absl::Seconds(2);
+  absl::Duration http_read_timeout = absl::Seconds(10);
+  absl::Duration http_idle_timeout = absl::Seconds(5);
+  int32_t http_max_queued_requests = 256;
+  int32_t http_max_connections = 1024;
+  int64_t http_max_buffered_bytes = int64_t{64} << 20;
+  int32_t http_listen_backlog = 4096;
+  // HTTP worker threads (handlers; a request reaches one only once it has arrived whole), >= 1.
   int32_t http_threads = 32;
   // Faults injected on the coordinator's host transport (tests).
   transport::FaultTransport::Options faults;

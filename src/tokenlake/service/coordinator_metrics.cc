@@ -158,6 +158,19 @@ std::string CoordinatorMetricsText(const CoordinatorSnapshot& s) {
   w.Family("tokenlake_rebalance_redirects_total", "counter",
            "Planned reads of a rebalance copy not yet confirmed, served by its source instead.");
   w.Sample("tokenlake_rebalance_redirects_total", {}, static_cast<double>(s.reconcile.redirects));
+  w.Family("tokenlake_http_connections", "gauge", "Connections open on the HTTP front end.");
+  w.Sample("tokenlake_http_connections", {}, static_cast<double>(s.http.connections));
+  w.Family("tokenlake_http_rejected_total", "counter",
+           "Answers the HTTP front end gave itself, by status (bad framing, size limits, "
+           "timeouts, unknown endpoints, overload).");
+  for (const auto& [code, count] : s.http.rejected) {
+    w.Sample("tokenlake_http_rejected_total", {{"code", absl::StrCat(code)}},
+             static_cast<double>(count));
+  }
+  w.Family("tokenlake_http_connections_refused_total", "counter",
+           "Connections closed at once: past the connection limit and its overflow allowance.");
+  w.Sample("tokenlake_http_connections_refused_total", {},
+           static_cast<double>(s.http.connections_refused));
   return w.text();
 }
 

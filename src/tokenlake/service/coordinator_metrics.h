@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "tokenlake/lake/lake.h"
+#include "tokenlake/service/http_front_end.h"
 #include "tokenlake/service/lake_service.h"
 #include "tokenlake/service/membership.h"
 #include "tokenlake/service/reconciler.h"
@@ -37,6 +38,7 @@ struct CoordinatorSnapshot {
   int64_t rebalance_actions = 0;
   int64_t routing_overrides = 0;
   Reconciler::Stats reconcile;
+  HttpFrontEnd::Stats http;
 };
 
 // The /metrics page (docs/results-service.md lists the families).

@@ -1,17 +1,38 @@
-// The HTTP front end: a server on 127.0.0.1 that hands each request to the handler of its route.
+// The HTTP front end: an HTTP/1.1 server on 127.0.0.1 that hands each request to the handler of
+// its route, and bounds what any client can hold (docs/adr/0013-own-http-front-end.md says why
+// it is not cpp-httplib).
 //
 // Routes are (method, exact path, handler); the table is given at start (the coordinator's is in
-// coordinator.cc, Coordinator::Impl::Routes). A handler gets the request with its body and
-// fills a response: a whole body, or a `stream` function that writes the body in pieces (sent
-// with chunked transfer encoding, e.g. server-sent events). A request for no route gets 404
-// with a JSON error naming the endpoints (completion_api.h's ErrorJson).
+// coordinator.cc, Coordinator::Impl::Routes). A handler gets the request with its body (content
+// decoded; the Content-Type is not looked at) and fills a response: a whole body, or a `stream`
+// function that writes the body in pieces (sent with chunked transfer encoding, e.g. server-sent
+// events). A request for no route gets 404, a known path with another method 405, with a JSON
+// error naming the endpoints.
 //
-// Thread-safety: thread-safe; handlers run on the server's worker threads, several at once.
+// How clients are bounded:
+//   - one I/O thread reads every connection (epoll); a request goes to a worker only once it has
+//     arrived whole, so slow or idle clients hold no worker;
+//   - the header block must arrive within `header_timeout` of the request's first byte and the
+//     whole request within `read_timeout` (else 408); a keep-alive connection idle for
+//     `idle_timeout` between requests is closed;
+//   - requests waiting for a worker: at most `max_queued_requests`, beyond that 503 with
+//     Retry-After; connections: beyond `max_connections` a new connection's request is answered
+//     503 with Retry-After (up to a quarter more of them; beyond even that it is closed at once);
+//     request bytes held by all connections at most `max_buffered_bytes` (503 beyond); the listen
+//     backlog is `listen_backlog` (capped by the kernel's somaxconn);
+//   - sizes (http_parser.h): request line 8 KiB (414), header fields 16 KiB (431), body
+//     `max_body_bytes` by Content-Length, chunked, or after gzip/deflate decoding (413);
+//   - an error answer closes the connection after draining what the client still sends (for up
+//     to 2 s), so that the client reads the answer instead of a reset.
+// Error bodies are {"error": {"message", "type", "status", "code": <the HTTP status>}}.
+//
+// Thread-safety: thread-safe; handlers run on the worker threads, several at once.
 #ifndef TOKENLAKE_SERVICE_HTTP_FRONT_END_H_
 #define TOKENLAKE_SERVICE_HTTP_FRONT_END_H_
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -56,12 +77,26 @@ struct HttpRoute {
 struct HttpFrontEndOptions {
   // Port on 127.0.0.1 (0 = any free port).
   int32_t port = 0;
-  // Largest request body (413 beyond), >= 64.
+  // Largest request body after transfer and content decoding (413 beyond), >= 64.
   int64_t max_body_bytes = int64_t{1} << 20;
-  // How long a request may take to arrive.
-  absl::Duration read_timeout = absl::Seconds(2);
-  // Worker threads (each slow client holds one until read_timeout), >= 1.
+  // From a request's first byte: its header block within header_timeout, all of it within
+  // read_timeout (408 otherwise). > 0.
+  absl::Duration header_timeout = absl::Seconds(2);
+  absl::Duration read_timeout = absl::Seconds(10);
+  // A keep-alive connection with no request for this long is closed. > 0.
+  absl::Duration idle_timeout = absl::Seconds(5);
+  // Writing a response (a client that does not read it is dropped). > 0.
+  absl::Duration write_timeout = absl::Seconds(10);
+  // Worker threads running handlers, >= 1.
   int32_t threads = 32;
+  // Complete requests waiting for a worker (503 beyond), >= 1.
+  int32_t max_queued_requests = 256;
+  // Open connections served normally (see the file comment), >= 1.
+  int32_t max_connections = 1024;
+  // Request bytes held by all connections together (503 beyond), >= max_body_bytes.
+  int64_t max_buffered_bytes = int64_t{64} << 20;
+  // The listen socket's backlog, >= 1.
+  int32_t listen_backlog = 4096;
 };
 
 class HttpFrontEnd {
@@ -75,7 +110,20 @@ class HttpFrontEnd {
   HttpFrontEnd& operator=(const HttpFrontEnd&) = delete;
 
   int32_t port() const;
-  // Stops accepting and waits for the workers. Idempotent.
+
+  struct Stats {
+    // Connections open now.
+    int64_t connections = 0;
+    // Answers the front end gave itself (before or instead of a handler), by HTTP status:
+    // 400, 404, 405, 408, 411, 413, 414, 415, 431, 501, 503, 505.
+    std::map<int, int64_t> rejected;
+    // Connections closed at once because even the overflow allowance was used up.
+    int64_t connections_refused = 0;
+  };
+  Stats stats() const;
+
+  // Stops accepting, closes every connection and joins the threads (a handler running now
+  // finishes first; requests still queued are dropped). Idempotent.
   void Shutdown();
 
   class Impl;
