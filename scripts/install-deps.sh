@@ -15,6 +15,7 @@ packages=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libcpp-httplib-dev
   libbrotli-dev clang-14 libclang-rt-14-dev
   clang-format-14 clang-tidy-14  # make check
+  etcd-server  # service: membership and leader election (its tests run a real etcd)
   # the Python package: pybind11 extension, its tests, `pip install .` offline
   pybind11-dev python3-dev python3-pytest python3-numpy python3-pip python3-venv python3-setuptools
 )
