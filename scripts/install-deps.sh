@@ -8,7 +8,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libabsl-dev libcli11-dev nlohmann-json3-dev libxxhash-dev
   zlib1g-dev  # sim: gzip-compressed traces
-  libssl-dev  # transport: the cluster secret's HMAC-SHA256 and random numbers
+  libssl-dev openssl  # transport: the cluster secret's HMAC, TLS; openssl verifies in tests
   libpcre2-dev libicu-dev  # tokenizer: pre-tokenizer regexes, Unicode normalization
   # service: gRPC control plane, HTTP front end (cpp-httplib is built with brotli support),
   # libFuzzer targets (clang 14)
