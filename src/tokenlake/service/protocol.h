@@ -1,0 +1,19 @@
+// Constants of the protocol between the coordinator and its instances over the host transport.
+#ifndef TOKENLAKE_SERVICE_PROTOCOL_H_
+#define TOKENLAKE_SERVICE_PROTOCOL_H_
+
+#include <cstdint>
+
+namespace tokenlake::service {
+
+// Instance ids are [0, kMaxInstances); instance i hosts host-transport endpoint i + 1 and the
+// coordinator hosts endpoint 0.
+inline constexpr int32_t kMaxInstances = 64;
+// Host-transport message tags.
+inline constexpr uint32_t kGenerateRequestTag = 1;
+inline constexpr uint32_t kGenerateReplyTag = 2;
+inline constexpr uint32_t kRebalanceTag = 3;
+
+}  // namespace tokenlake::service
+
+#endif  // TOKENLAKE_SERVICE_PROTOCOL_H_
