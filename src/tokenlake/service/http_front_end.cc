@@ -10,6 +10,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "tokenlake/service/completion_api.h"
+#include "tokenlake/transport/socket_stream.h"
 
 namespace tokenlake::service {
 
@@ -87,13 +88,14 @@ class HttpFrontEnd::Impl {
       res.set_content(ErrorJson(s), "application/json");
     });
     if (options_.port == 0) {
-      port_ = server_.bind_to_any_port("127.0.0.1");
-    } else if (server_.bind_to_port("127.0.0.1", options_.port)) {
+      port_ = server_.bind_to_any_port(options_.host);
+    } else if (server_.bind_to_port(options_.host, options_.port)) {
       port_ = options_.port;
     }
     if (port_ <= 0) {
-      return absl::UnavailableError(
-          absl::StrFormat("HttpFrontEnd: cannot serve HTTP on 127.0.0.1:%d", options_.port));
+      return absl::UnavailableError(absl::StrFormat(
+          "HttpFrontEnd: cannot serve HTTP on %s",
+          transport::HostPort{.host = options_.host, .port = options_.port}.ToString()));
     }
     thread_ = std::thread([this] { server_.listen_after_bind(); });
     return absl::OkStatus();

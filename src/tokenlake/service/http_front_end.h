@@ -54,7 +54,9 @@ struct HttpRoute {
 };
 
 struct HttpFrontEndOptions {
-  // Port on 127.0.0.1 (0 = any free port).
+  // Address to listen on: a host name or IPv4 / IPv6 literal ("0.0.0.0" / "::" for every
+  // interface) and a port (0 = any free port).
+  std::string host = "127.0.0.1";
   int32_t port = 0;
   // Largest request body (413 beyond), >= 64.
   int64_t max_body_bytes = int64_t{1} << 20;
