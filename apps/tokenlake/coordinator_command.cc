@@ -1,7 +1,10 @@
 // `tokenlake coordinator`: the control process of a TokenLake cluster (service/coordinator.h):
 // the cluster's lake (prefix tree, heavy hitters, balancer, planner) serving the instances'
 // engines over gRPC, membership by heartbeats, rebalancing, routing, and the HTTP front end
-// (POST /v1/completions, GET /metrics, GET /healthz) on 127.0.0.1. Runs until SIGTERM/SIGINT.
+// (POST /v1/completions, GET /metrics, GET /healthz), on 127.0.0.1 unless --http-listen /
+// --grpc-listen say otherwise (beyond loopback only with --tls-dir, or --insecure). With
+// --tls-dir, gRPC and the transports are mutual TLS with the cluster's certificates
+// (`tokenlake certs`). Runs until SIGTERM/SIGINT.
 // With --port-file it writes {"http_port", "grpc_port", "transport_port"} once listening
 // (transport_port is 0: the coordinator dials the instances). The cluster secret comes from the
 // environment (TOKENLAKE_CLUSTER_SECRET, hex; `tokenlake serve` sets it): without it, calls and
@@ -17,6 +20,7 @@
 #include <cstdio>
 #include <iostream>
 #include <string>
+#include <tuple>
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_format.h"
@@ -25,8 +29,10 @@
 #include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/coordinator.h"
+#include "tokenlake/service/grpc_credentials.h"
 #include "tokenlake/service/process.h"
 #include "tokenlake/transport/cluster_secret.h"
+#include "tokenlake/transport/socket_stream.h"
 
 namespace tokenlake::cli {
 namespace {
@@ -43,6 +49,10 @@ struct CoordinatorFlags {
   bool rotate_compute = false;
   int http_port = 0;
   int grpc_port = 0;
+  std::string http_listen;
+  std::string grpc_listen;
+  std::string tls_dir;
+  bool insecure = false;
   int transport_port = 0;
   std::string port_file;
   int heartbeat_ms = 200;
@@ -80,6 +90,24 @@ int RunCoordinator(const CoordinatorFlags& f) {
   o.rotate_compute_instance = f.rotate_compute;
   o.http_port = f.http_port;
   o.grpc_port = f.grpc_port;
+  for (const auto& [text, host, port] : {std::tuple{&f.http_listen, &o.http_host, &o.http_port},
+                                         std::tuple{&f.grpc_listen, &o.grpc_host, &o.grpc_port}}) {
+    if (text->empty()) continue;
+    absl::StatusOr<transport::HostPort> at = transport::ParseHostPort(*text, 0);
+    if (!at.ok()) {
+      std::cerr << "tokenlake coordinator: " << at.status().message() << "\n";
+      return 2;
+    }
+    *host = at->host;
+    *port = at->port;
+  }
+  absl::StatusOr<service::ClusterTls> tls = service::ClusterTls::FromDir(f.tls_dir);
+  if (!tls.ok()) {
+    std::cerr << "tokenlake coordinator: " << tls.status().message() << "\n";
+    return 2;
+  }
+  o.tls = *std::move(tls);
+  o.allow_insecure = f.insecure;
   o.transport_port = f.transport_port;
   o.heartbeat_interval = absl::Milliseconds(f.heartbeat_ms);
   o.dead_after = absl::Milliseconds(f.dead_after_ms);
@@ -121,8 +149,14 @@ int RunCoordinator(const CoordinatorFlags& f) {
       return 1;
     }
   }
-  std::fprintf(stderr, "tokenlake coordinator: http://127.0.0.1:%d grpc 127.0.0.1:%d %s",
-               (*coordinator)->http_port(), (*coordinator)->grpc_port(), ports.c_str());
+  std::fprintf(stderr, "tokenlake coordinator: http://%s grpc %s%s %s",
+               transport::HostPort{.host = o.http_host, .port = (*coordinator)->http_port()}
+                   .ToString()
+                   .c_str(),
+               transport::HostPort{.host = o.grpc_host, .port = (*coordinator)->grpc_port()}
+                   .ToString()
+                   .c_str(),
+               o.tls.enabled() ? " (mutual TLS)" : "", ports.c_str());
   int sig = 0;
   sigwait(&signals, &sig);
   std::fprintf(stderr, "tokenlake coordinator: signal %d, shutting down\n", sig);
@@ -156,10 +190,23 @@ void SetUpCoordinator(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_flag("--rotate-compute", f->rotate_compute,
                 "Live instances take turns computing (forces cross-process KV / query traffic)");
-  cmd->add_option("--http-port", f->http_port, "HTTP port on 127.0.0.1 (0 = any)")
-      ->capture_default_str();
-  cmd->add_option("--grpc-port", f->grpc_port, "gRPC port on 127.0.0.1 (0 = any)")
-      ->capture_default_str();
+  CLI::Option* http_port =
+      cmd->add_option("--http-port", f->http_port, "HTTP port on 127.0.0.1 (0 = any)")
+          ->capture_default_str();
+  CLI::Option* grpc_port =
+      cmd->add_option("--grpc-port", f->grpc_port, "gRPC port on 127.0.0.1 (0 = any)")
+          ->capture_default_str();
+  cmd->add_option("--http-listen", f->http_listen,
+                  "HTTP address HOST[:PORT] or [IPV6][:PORT] (0.0.0.0 = every interface)")
+      ->excludes(http_port);
+  cmd->add_option("--grpc-listen", f->grpc_listen, "gRPC address HOST[:PORT] or [IPV6][:PORT]")
+      ->excludes(grpc_port);
+  cmd->add_option("--tls-dir", f->tls_dir,
+                  "Mutual TLS for gRPC and the transports: ca.pem, cert.pem, key.pem "
+                  "(`tokenlake certs`)");
+  cmd->add_flag("--insecure", f->insecure,
+                "Allow listening beyond loopback without TLS (anyone who reaches the ports can "
+                "talk to the cluster)");
   cmd->add_option("--transport-port", f->transport_port, "Host-transport port (0 = any)")
       ->capture_default_str();
   cmd->add_option("--port-file", f->port_file, "Write the chosen ports (JSON) to this file");

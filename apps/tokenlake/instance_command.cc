@@ -3,6 +3,8 @@
 // that runs the coordinator's lake plans over the whole pool, registered with the coordinator,
 // serving generate requests over the host transport. Runs until SIGTERM/SIGINT. The cluster
 // secret comes from the environment (TOKENLAKE_CLUSTER_SECRET, hex; `tokenlake serve` sets it).
+// Across hosts: --coordinator HOST:PORT, --listen HOST[:PORT] (its transports; beyond loopback
+// only with --tls-dir or --insecure), --advertise HOST (what peers dial), --tls-dir DIR.
 //
 // Exit codes: 0 after a signal, 1 for a runtime error (bad model), 2 for bad flags.
 // Built only with the service module (gRPC, protobuf, cpp-httplib installed).
@@ -20,8 +22,10 @@
 #include "flag_checks.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/service/call_auth.h"
+#include "tokenlake/service/grpc_credentials.h"
 #include "tokenlake/service/instance_server.h"
 #include "tokenlake/transport/cluster_secret.h"
+#include "tokenlake/transport/socket_stream.h"
 
 namespace tokenlake::cli {
 namespace {
@@ -32,6 +36,11 @@ struct InstanceFlags {
   int id = -1;
   int coordinator_port = 0;
   int transport_port = 0;
+  std::string coordinator;
+  std::string listen;
+  std::string advertise;
+  std::string tls_dir;
+  bool insecure = false;
   std::string namespace_name = "tokenlake";
   int segment_tokens = 16;
   int slots = 1024;
@@ -57,6 +66,37 @@ int RunInstance(const InstanceFlags& f) {
   o.preferred_id = f.id;
   o.coordinator_port = f.coordinator_port;
   o.transport_port = f.transport_port;
+  if (f.coordinator.empty() && f.coordinator_port == 0) {
+    std::cerr << "tokenlake instance: give the coordinator's address: --coordinator HOST:PORT "
+                 "(or --coordinator-port PORT on 127.0.0.1)\n";
+    return 2;
+  }
+  if (!f.coordinator.empty()) {
+    absl::StatusOr<transport::HostPort> at = transport::ParseHostPort(f.coordinator);
+    if (!at.ok()) {
+      std::cerr << "tokenlake instance: --coordinator: " << at.status().message() << "\n";
+      return 2;
+    }
+    o.coordinator_host = at->host;
+    o.coordinator_port = at->port;
+  }
+  if (!f.listen.empty()) {
+    absl::StatusOr<transport::HostPort> at = transport::ParseHostPort(f.listen, 0);
+    if (!at.ok()) {
+      std::cerr << "tokenlake instance: --listen: " << at.status().message() << "\n";
+      return 2;
+    }
+    o.listen_host = at->host;
+    o.transport_port = at->port;
+  }
+  o.advertise_host = f.advertise;
+  absl::StatusOr<service::ClusterTls> tls = service::ClusterTls::FromDir(f.tls_dir);
+  if (!tls.ok()) {
+    std::cerr << "tokenlake instance: " << tls.status().message() << "\n";
+    return 2;
+  }
+  o.tls = *std::move(tls);
+  o.allow_insecure = f.insecure;
   o.namespace_name = f.namespace_name;
   o.segment_tokens = f.segment_tokens;
   o.slots = f.slots;
@@ -79,8 +119,14 @@ int RunInstance(const InstanceFlags& f) {
     std::cerr << "tokenlake instance: " << server.status().message() << "\n";
     return server.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
   }
-  std::fprintf(stderr, "tokenlake instance %s: transport 127.0.0.1:%d, coordinator 127.0.0.1:%d\n",
-               o.name.c_str(), (*server)->transport_port(), f.coordinator_port);
+  std::fprintf(stderr, "tokenlake instance %s: transport %s, coordinator %s%s\n", o.name.c_str(),
+               transport::HostPort{.host = o.listen_host, .port = (*server)->transport_port()}
+                   .ToString()
+                   .c_str(),
+               transport::HostPort{.host = o.coordinator_host, .port = o.coordinator_port}
+                   .ToString()
+                   .c_str(),
+               o.tls.enabled() ? " (mutual TLS)" : "");
   int sig = 0;
   sigwait(&signals, &sig);
   (*server)->Shutdown();
@@ -96,8 +142,21 @@ void SetUpInstance(CLI::App& app, int* exit_code) {
                   "Checkpoint directory (config.json, and model.safetensors or "
                   "model.safetensors.index.json with its shards)")
       ->required();
-  cmd->add_option("--coordinator-port", f->coordinator_port, "Coordinator gRPC port on 127.0.0.1")
-      ->required();
+  CLI::Option* coordinator_port = cmd->add_option("--coordinator-port", f->coordinator_port,
+                                                  "Coordinator gRPC port on 127.0.0.1");
+  CLI::Option* coordinator = cmd->add_option("--coordinator", f->coordinator,
+                                             "Coordinator gRPC address HOST:PORT or [IPV6]:PORT");
+  coordinator->excludes(coordinator_port);
+  cmd->add_option("--listen", f->listen,
+                  "Address of this instance's transports HOST[:PORT] (0.0.0.0 = every "
+                  "interface; default 127.0.0.1)");
+  cmd->add_option("--advertise", f->advertise,
+                  "Host other processes dial to reach this instance (default: the --listen host, "
+                  "or the address the coordinator sees)");
+  cmd->add_option("--tls-dir", f->tls_dir,
+                  "Mutual TLS for gRPC and the transports: ca.pem, cert.pem, key.pem "
+                  "(`tokenlake certs`)");
+  cmd->add_flag("--insecure", f->insecure, "Allow listening beyond loopback without TLS");
   cmd->add_option("--name", f->name, "Stable instance name (default instance-<id>)");
   cmd->add_option("--id", f->id, "Preferred instance id (-1 = any)")->capture_default_str();
   cmd->add_option("--transport-port", f->transport_port, "Host-transport port (0 = any)")

@@ -31,6 +31,13 @@ namespace {
 
 absl::Status CheckOptions(const CoordinatorOptions& o) {
   auto bad = [](const std::string& m) { return absl::InvalidArgumentError("Coordinator: " + m); };
+  for (const auto& [what, host] :
+       {std::pair<std::string, std::string>{"HTTP", o.http_host}, {"gRPC", o.grpc_host}}) {
+    if (absl::Status s = CheckExposure("Coordinator: " + what, host, o.tls, o.allow_insecure);
+        !s.ok()) {
+      return s;
+    }
+  }
   if (o.limits.vocab_size < 1) return bad("limits.vocab_size must be >= 1");
   if (o.limits.context_tokens < 2) return bad("limits.context_tokens must be >= 2");
   if (o.limits.max_tokens_limit < 1) return bad("limits.max_tokens_limit must be >= 1");
@@ -102,6 +109,7 @@ class Coordinator::Impl {
     // instance's replies only on the connection it opened to it.
     auto tcp = transport::TcpTransport::Create({.num_endpoints = kMaxInstances + 1,
                                                 .local_endpoints = {InstanceId(0)},
+                                                .tls = options_.tls.context,
                                                 .secret = options_.cluster_secret,
                                                 .listen = false});
     if (!tcp.ok()) return tcp.status();
@@ -134,21 +142,24 @@ class Coordinator::Impl {
                                    .heartbeat_interval = options_.heartbeat_interval,
                                    .dead_after = options_.dead_after,
                                    .cluster_secret = options_.cluster_secret,
-                                   .epoch = epoch_},
+                                   .epoch = epoch_,
+                                   .tls = options_.tls.context},
         &lake_, &membership_, &reconciler_, &auth_, tcp_.get(),
         [this](int32_t id, const absl::Status& s) { request_path_->FailPendingOn(id, s); });
 
+    const transport::HostPort grpc_at{.host = options_.grpc_host, .port = options_.grpc_port};
     grpc::ServerBuilder builder;
-    builder.AddListeningPort(absl::StrCat("127.0.0.1:", options_.grpc_port),
-                             grpc::InsecureServerCredentials(), &grpc_port_);
+    builder.AddListeningPort(grpc_at.ToString(), GrpcServerCredentials(options_.tls.get()),
+                             &grpc_port_);
     builder.RegisterService(membership_service_.get());
     builder.RegisterService(&lake_service_);
     grpc_server_ = builder.BuildAndStart();
     if (grpc_server_ == nullptr || grpc_port_ == 0) {
       return absl::UnavailableError(
-          absl::StrFormat("Coordinator: cannot serve gRPC on 127.0.0.1:%d", options_.grpc_port));
+          absl::StrFormat("Coordinator: cannot serve gRPC on %s", grpc_at.ToString()));
     }
-    auto http = HttpFrontEnd::Start({.port = options_.http_port,
+    auto http = HttpFrontEnd::Start({.host = options_.http_host,
+                                     .port = options_.http_port,
                                      .max_body_bytes = options_.max_body_bytes,
                                      .header_timeout = options_.http_header_timeout,
                                      .read_timeout = options_.http_read_timeout,
@@ -160,8 +171,7 @@ class Coordinator::Impl {
                                      .listen_backlog = options_.http_listen_backlog},
                                     Routes());
     if (!http.ok()) {
-      return absl::UnavailableError(
-          absl::StrFormat("Coordinator: cannot serve HTTP on 127.0.0.1:%d", options_.http_port));
+      return absl::UnavailableError(absl::StrCat("Coordinator: ", http.status().message()));
     }
     http_ = std::move(*http);
     request_path_->Start();

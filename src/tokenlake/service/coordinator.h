@@ -57,7 +57,10 @@
 //     idle or too many clients and oversized bodies are bounded (503 with Retry-After on
 //     overload, never a reset).
 //
-// Everything listens on 127.0.0.1 only; ports 0 mean "any free port" (see the accessors).
+// Listeners are on 127.0.0.1 unless http_host / grpc_host say otherwise (beyond loopback only
+// with TLS or allow_insecure); ports 0 mean "any free port" (see the accessors). With TLS, gRPC
+// is mutual TLS with the cluster's identities and the coordinator dials the instances' transports
+// under TLS too.
 //
 // The parts, each with its own contract, that this class wires together: membership.h (the
 // member table and its life cycle), membership_service.h (Register / Heartbeat over gRPC),
@@ -82,6 +85,7 @@
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/plan/cost_model.h"
 #include "tokenlake/service/completion_api.h"
+#include "tokenlake/service/grpc_credentials.h"
 #include "tokenlake/service/protocol.h"
 #include "tokenlake/transport/fault_transport.h"
 
@@ -118,12 +122,18 @@ struct CoordinatorOptions {
   // After a restart, segments an instance reports whose parent is unknown are kept (and retried
   // on its heartbeats) for this long, while other instances re-register; later they are freed.
   absl::Duration restore_window = absl::Seconds(5);
-  // Ports on 127.0.0.1 (0 = any free port). transport_port is not used: the coordinator
+  // Listen addresses (0 = any free port). transport_port is not used: the coordinator
   // accepts no host-transport connections (it dials the instances and reads their replies on
   // those connections), and transport_port() is 0.
+  std::string http_host = "127.0.0.1";
   int32_t http_port = 0;
+  std::string grpc_host = "127.0.0.1";
   int32_t grpc_port = 0;
   int32_t transport_port = 0;
+  // The cluster's TLS (grpc_credentials.h; none: the clear), and whether listening beyond
+  // loopback without it is allowed.
+  ClusterTls tls;
+  bool allow_insecure = false;
   // The cluster secret (raw bytes; transport/cluster_secret.h). Non-empty: every gRPC call must
   // carry a call token made with it (call_auth.h; UNAUTHENTICATED otherwise) and every
   // host-transport connection is authenticated with it. Empty: neither is (a warning-worthy

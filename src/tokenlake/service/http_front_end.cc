@@ -1,6 +1,7 @@
 #include "tokenlake/service/http_front_end.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -28,6 +29,7 @@
 #include "nlohmann/json.hpp"
 #include "tokenlake/service/completion_api.h"
 #include "tokenlake/service/http_parser.h"
+#include "tokenlake/transport/socket_stream.h"
 
 namespace tokenlake::service {
 
@@ -222,22 +224,16 @@ absl::Status HttpFrontEnd::Impl::Start() {
     lim.rlim_cur = std::min(wanted, lim.rlim_max);
     ::setrlimit(RLIMIT_NOFILE, &lim);
   }
-  listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (listen_fd_ < 0) return absl::UnavailableError(absl::StrCat("socket: ", std::strerror(errno)));
-  const int one = 1;
-  ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = htons(static_cast<uint16_t>(options_.port));
-  if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      ::listen(listen_fd_, options_.listen_backlog) != 0) {
-    return absl::UnavailableError(absl::StrFormat("cannot serve HTTP on 127.0.0.1:%d: %s",
-                                                  options_.port, std::strerror(errno)));
+  const transport::HostPort address{.host = options_.host, .port = options_.port};
+  absl::StatusOr<int> listening = transport::ListenTcp(address, options_.listen_backlog, &port_);
+  if (!listening.ok()) {
+    return absl::UnavailableError(absl::StrFormat("HttpFrontEnd: cannot serve HTTP on %s (%s)",
+                                                  address.ToString(),
+                                                  listening.status().message()));
   }
-  socklen_t len = sizeof(addr);
-  ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len);
-  port_ = ntohs(addr.sin_port);
+  listen_fd_ = *listening;
+  // Non-blocking: the I/O thread accepts until EAGAIN.
+  ::fcntl(listen_fd_, F_SETFL, ::fcntl(listen_fd_, F_GETFL) | O_NONBLOCK);
   epoll_fd_ = ::epoll_create1(EPOLL_CLOEXEC);
   wake_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (epoll_fd_ < 0 || wake_fd_ < 0) {

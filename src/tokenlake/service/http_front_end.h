@@ -1,6 +1,6 @@
-// The HTTP front end: an HTTP/1.1 server on 127.0.0.1 that hands each request to the handler of
-// its route, and bounds what any client can hold (docs/adr/0013-own-http-front-end.md says why
-// it is not cpp-httplib).
+// The HTTP front end: an HTTP/1.1 server (on the address its options name) that hands each
+// request to the handler of its route, and bounds what any client can hold
+// (docs/adr/0013-own-http-front-end.md says why it is not cpp-httplib).
 //
 // Routes are (method, exact path, handler); the table is given at start (the coordinator's is in
 // coordinator.cc, Coordinator::Impl::Routes). A handler gets the request with its body (content
@@ -75,7 +75,9 @@ struct HttpRoute {
 };
 
 struct HttpFrontEndOptions {
-  // Port on 127.0.0.1 (0 = any free port).
+  // Address to listen on: a host name or IPv4 / IPv6 literal ("0.0.0.0" / "::" for every
+  // interface) and a port (0 = any free port).
+  std::string host = "127.0.0.1";
   int32_t port = 0;
   // Largest request body after transfer and content decoding (413 beyond), >= 64.
   int64_t max_body_bytes = int64_t{1} << 20;

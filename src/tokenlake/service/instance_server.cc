@@ -34,7 +34,8 @@ struct DataPlane {
   std::unique_ptr<RemoteControlPlane> control;
   std::unique_ptr<engine::Engine> engine;  // used by the worker thread only
   absl::Mutex peers_mu;
-  absl::flat_hash_map<int32_t, int32_t> peers ABSL_GUARDED_BY(peers_mu);  // id -> data port
+  // id -> data-plane address
+  absl::flat_hash_map<int32_t, transport::HostPort> peers ABSL_GUARDED_BY(peers_mu);
 
   ~DataPlane() {
     engine.reset();
@@ -55,9 +56,17 @@ class InstanceServer::Impl {
     std::vector<InstanceId> endpoints;
     for (int32_t i = 1; i <= kMaxInstances; ++i) endpoints.push_back(InstanceId(i));
     // The coordinator (endpoint 0) dials this transport and is answered on its connection.
+    if (absl::Status s = CheckExposure("instance transports", options_.listen_host, options_.tls,
+                                       options_.allow_insecure);
+        !s.ok()) {
+      return s;
+    }
     auto tcp = transport::TcpTransport::Create({.num_endpoints = kMaxInstances + 1,
                                                 .local_endpoints = endpoints,
+                                                .listen_host = options_.listen_host,
                                                 .port = options_.transport_port,
+                                                .tls = options_.tls.context,
+                                                .allow_insecure = options_.allow_insecure,
                                                 .secret = options_.cluster_secret,
                                                 .answer_on_incoming = {InstanceId(0)}});
     if (!tcp.ok()) return tcp.status();
@@ -66,8 +75,10 @@ class InstanceServer::Impl {
     layout_ = engine::PoolSlotLayout(c, options_.segment_tokens, options_.kv_dtype);
     if (absl::Status s = layout_.Validate(); !s.ok()) return s;
     RefreshState();
-    channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", options_.coordinator_port),
-                                   grpc::InsecureChannelCredentials());
+    channel_ = grpc::CreateChannel(
+        transport::HostPort{.host = options_.coordinator_host, .port = options_.coordinator_port}
+            .ToString(),
+        GrpcChannelCredentials(options_.tls.get()));
     stub_ = v1::Coordinator::NewStub(channel_);
     control_ = std::thread([this] { ControlLoop(); });
     worker_ = std::thread([this] { WorkLoop(); });
@@ -96,6 +107,9 @@ class InstanceServer::Impl {
     auto tcp =
         transport::TcpTransport::Create({.num_endpoints = 2 * n,
                                          .local_endpoints = {InstanceId(id), InstanceId(n + id)},
+                                         .listen_host = options_.listen_host,
+                                         .tls = options_.tls.context,
+                                         .allow_insecure = options_.allow_insecure,
                                          .secret = options_.cluster_secret});
     if (!tcp.ok()) return tcp.status();
     dp->tcp = std::move(*tcp);
@@ -111,7 +125,9 @@ class InstanceServer::Impl {
     auto pool = engine::InstancePool::Create(po);
     if (!pool.ok()) return pool.status();
     dp->pool = std::move(*pool);
-    auto control = RemoteControlPlane::Create({.coordinator_port = options_.coordinator_port,
+    auto control = RemoteControlPlane::Create({.coordinator_host = options_.coordinator_host,
+                                               .coordinator_port = options_.coordinator_port,
+                                               .tls = options_.tls.identity,
                                                .num_instances = n,
                                                .call_timeout = options_.control_timeout,
                                                .cluster_secret = options_.cluster_secret});
@@ -138,10 +154,11 @@ class InstanceServer::Impl {
     std::shared_ptr<DataPlane> dp = Data();
     if (dp == nullptr) return;
     const int32_t n = dp->lake_instances;
-    absl::flat_hash_map<int32_t, int32_t> next;
+    absl::flat_hash_map<int32_t, transport::HostPort> next;
     for (const v1::Peer& p : peers) {
       if (p.instance_id() < 0 || p.instance_id() >= n || p.instance_id() == dp->id) continue;
-      next[p.instance_id()] = p.data_port();
+      next[p.instance_id()] = transport::HostPort{
+          .host = p.data_host().empty() ? "127.0.0.1" : p.data_host(), .port = p.data_port()};
     }
     absl::MutexLock lock(&dp->peers_mu);
     for (const auto& [id, port] : dp->peers) {
@@ -150,11 +167,11 @@ class InstanceServer::Impl {
         dp->tcp->ClearPeer(InstanceId(n + id));
       }
     }
-    for (const auto& [id, port] : next) {
+    for (const auto& [id, address] : next) {
       auto it = dp->peers.find(id);
-      if (it != dp->peers.end() && it->second == port) continue;
-      dp->tcp->SetPeer(InstanceId(id), port).IgnoreError();
-      dp->tcp->SetPeer(InstanceId(n + id), port).IgnoreError();
+      if (it != dp->peers.end() && it->second == address) continue;
+      dp->tcp->SetPeer(InstanceId(id), address).IgnoreError();
+      dp->tcp->SetPeer(InstanceId(n + id), address).IgnoreError();
     }
     dp->peers = std::move(next);
   }
@@ -171,6 +188,15 @@ class InstanceServer::Impl {
         reconcile_frees_.fetch_add(1);
       }
     }
+  }
+
+  // The host peers dial (see InstanceServerOptions::advertise_host); empty: let the coordinator
+  // use the address this instance's calls come from.
+  std::string AdvertiseHost() const {
+    if (!options_.advertise_host.empty()) return options_.advertise_host;
+    const std::string& h = options_.listen_host;
+    if (h == "0.0.0.0" || h == "::" || h.empty()) return "";
+    return h;
   }
 
   // What this instance holds (with parents and token counts), its slot use and its traffic.
@@ -190,6 +216,7 @@ class InstanceServer::Impl {
       state.set_used_slots(dp->pool->store(self).used());
       state.set_data_port(dp->tcp->port());
     }
+    state.set_advertise_host(AdvertiseHost());
     // A transport that cannot accept or dial (e.g. out of descriptors) makes the instance
     // unusable however alive it looks: the coordinator stops routing to it.
     for (const transport::TcpTransport* t : {tcp_.get(), dp != nullptr ? dp->tcp.get() : nullptr}) {

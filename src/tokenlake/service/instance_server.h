@@ -40,6 +40,7 @@
 #include "absl/time/time.h"
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/llama_model.h"
+#include "tokenlake/service/grpc_credentials.h"
 
 namespace tokenlake::service {
 
@@ -48,10 +49,21 @@ struct InstanceServerOptions {
   std::string name = "instance-0";
   // Instance id asked of the coordinator (-1 = any free one).
   int32_t preferred_id = -1;
-  // The coordinator's gRPC port on 127.0.0.1, in [1, 65535].
+  // The coordinator's gRPC address: host (name or address) and port in [1, 65535].
+  std::string coordinator_host = "127.0.0.1";
   int32_t coordinator_port = 0;
-  // Port of this instance's host transport on 127.0.0.1 (0 = any free port).
+  // Where this instance's transports (host and data plane) listen: a host name or IPv4 / IPv6
+  // literal ("0.0.0.0" / "::": every interface), and the host transport's port (0 = any free
+  // port; the data plane's is always chosen freely).
+  std::string listen_host = "127.0.0.1";
   int32_t transport_port = 0;
+  // The host other processes dial to reach those transports; empty: listen_host, or, when that
+  // is a wildcard, the address the coordinator sees this instance's calls come from.
+  std::string advertise_host;
+  // The cluster's TLS (grpc_credentials.h; none: the clear), and whether listening beyond
+  // loopback without it is allowed.
+  ClusterTls tls;
+  bool allow_insecure = false;
   // Segment size and namespace (must match the coordinator's).
   int32_t segment_tokens = 16;
   std::string namespace_name = "tokenlake";

@@ -7,6 +7,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "tokenlake/service/call_auth.h"
+#include "tokenlake/service/grpc_credentials.h"
 
 namespace tokenlake::service {
 
@@ -185,8 +186,10 @@ absl::StatusOr<std::unique_ptr<RemoteControlPlane>> RemoteControlPlane::Create(
     return absl::InvalidArgumentError("RemoteControlPlane: num_instances must be >= 1");
   }
   std::unique_ptr<RemoteControlPlane> cp(new RemoteControlPlane(options));
-  cp->channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", options.coordinator_port),
-                                     grpc::InsecureChannelCredentials());
+  cp->channel_ = grpc::CreateChannel(
+      transport::HostPort{.host = options.coordinator_host, .port = options.coordinator_port}
+          .ToString(),
+      GrpcChannelCredentials(options.tls.get()));
   cp->stub_ = v1::Lake::NewStub(cp->channel_);
   return cp;
 }

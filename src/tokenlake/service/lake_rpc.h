@@ -21,6 +21,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "tokenlake/lake/control_plane.h"
+#include "tokenlake/transport/tls.h"
 #include "tokenlake/v1/tokenlake.grpc.pb.h"
 
 namespace tokenlake::service {
@@ -59,8 +60,11 @@ absl::Status FromGrpc(const grpc::Status& s, const char* call);
 class RemoteControlPlane final : public lake::ControlPlane {
  public:
   struct Options {
-    // The coordinator's gRPC port on 127.0.0.1, in [1, 65535].
+    // The coordinator's gRPC address: host (name or address) and port in [1, 65535].
+    std::string coordinator_host = "127.0.0.1";
     int32_t coordinator_port = 0;
+    // The cluster's TLS identity for mutual TLS (null: the clear).
+    std::shared_ptr<const transport::TlsIdentity> tls;
     // Instances of the coordinator's lake (from RegisterReply), >= 1.
     int32_t num_instances = 1;
     // Deadline of one call (DeadlineExceeded after).

@@ -16,7 +16,7 @@ std::optional<LiveIncarnation> Membership::FindLive(const std::string& name) con
   for (int32_t i = 0; i < num_instances_; ++i) {
     const MemberView& m = members_[i].view;
     if (m.registered && m.alive && m.name == name) {
-      return LiveIncarnation{m.name, i, m.transport_port, m.last_heartbeat};
+      return LiveIncarnation{m.name, i, m.transport_port, m.last_heartbeat, m.host};
     }
   }
   return std::nullopt;
@@ -24,7 +24,8 @@ std::optional<LiveIncarnation> Membership::FindLive(const std::string& name) con
 
 absl::StatusOr<Membership::Admission> Membership::Register(const std::string& name,
                                                            int32_t preferred_id,
-                                                           int32_t transport_port, absl::Time now) {
+                                                           int32_t transport_port, absl::Time now,
+                                                           const std::string& host) {
   absl::MutexLock lock(&mu_);
   int32_t id = -1;
   for (int32_t i = 0; i < num_instances_; ++i) {
@@ -50,6 +51,7 @@ absl::StatusOr<Membership::Admission> Membership::Register(const std::string& na
   m.name = name;
   m.registered = true;
   m.alive = true;
+  m.host = host;
   m.transport_port = transport_port;
   m.data_port = 0;  // until this incarnation reports its own
   ++version_;
@@ -155,6 +157,7 @@ void Membership::AddPeers(int32_t to, google::protobuf::RepeatedPtrField<v1::Pee
     v1::Peer* p = peers->Add();
     p->set_instance_id(i);
     p->set_data_port(members_[i].view.data_port);
+    p->set_data_host(members_[i].view.host);
   }
 }
 

@@ -44,8 +44,11 @@ struct MemberView {
   // Routable and ready as defined in the file comment.
   bool routable = false;
   bool ready = false;
+  // The host its transports are dialled at (its advertised name or address) and the port of
+  // its host transport.
+  std::string host = "127.0.0.1";
   int32_t transport_port = 0;
-  // Data-plane port (0 until the incarnation reports one).
+  // Data-plane port on `host` (0 until the incarnation reports one).
   int32_t data_port = 0;
   absl::Time last_heartbeat;
   int64_t in_flight = 0;
@@ -80,7 +83,8 @@ class Membership {
   // alive from `now`, no data port yet, its in-flight count kept (its requests fail over as
   // their waiters learn). Errors: ResourceExhausted when every id is taken by another name.
   absl::StatusOr<Admission> Register(const std::string& name, int32_t preferred_id,
-                                     int32_t transport_port, absl::Time now);
+                                     int32_t transport_port, absl::Time now,
+                                     const std::string& host = "127.0.0.1");
 
   // Records a heartbeat of instance `id` at `now`. Errors: NotFound unless `id` is a registered
   // alive member.
@@ -106,8 +110,8 @@ class Membership {
   std::vector<bool> RoutableSet() const;
   int32_t ReadyCount() const;
 
-  // The peers (routable instances and their data ports) to send to instance `to`; records that
-  // `to` has seen the current membership version.
+  // The peers (routable instances, their hosts and data ports) to send to instance `to`; records
+  // that `to` has seen the current membership version.
   void AddPeers(int32_t to, google::protobuf::RepeatedPtrField<v1::Peer>* peers);
 
   struct Load {

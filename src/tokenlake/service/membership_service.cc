@@ -10,6 +10,31 @@
 #include "tokenlake/service/lake_rpc.h"
 
 namespace tokenlake::service {
+namespace {
+
+// The address a gRPC call came from ("ipv4:198.51.100.4:5123", "ipv6:[2001:db8::1]:5123"), as a
+// host to dial back; "127.0.0.1" when it is not an IP peer.
+std::string CallerHost(const grpc::ServerContext* ctx) {
+  const std::string peer = ctx->peer();
+  std::string rest;
+  if (peer.rfind("ipv4:", 0) == 0) {
+    rest = peer.substr(5);
+    return rest.substr(0, rest.rfind(':'));
+  }
+  if (peer.rfind("ipv6:", 0) == 0) {
+    rest = peer.substr(5);
+    const size_t close = rest.find(']');
+    if (!rest.empty() && rest[0] == '[' && close != std::string::npos) {
+      std::string host = rest.substr(1, close - 1);
+      // gRPC escapes '%' (an interface scope) as %25.
+      if (const size_t pct = host.find("%25"); pct != std::string::npos) host.erase(pct + 1, 2);
+      return host;
+    }
+  }
+  return "127.0.0.1";
+}
+
+}  // namespace
 
 MembershipService::MembershipService(const Options& options, GuardedLake* lake,
                                      Membership* membership, Reconciler* reconciler,
@@ -47,12 +72,17 @@ grpc::Status MembershipService::Register(grpc::ServerContext* ctx,
   if (request->transport_port() < 1 || request->transport_port() > 65535) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "transport_port outside [1, 65535]");
   }
+  // Where its transports are dialled: the host it advertises, else the address it called from.
+  const std::string host = request->state().advertise_host().empty()
+                               ? CallerHost(ctx)
+                               : request->state().advertise_host();
   // A live member's name is taken over only once its old incarnation is proven gone
   // (incarnation.h); checked without the locks (it may probe the old transport port).
   if (std::optional<LiveIncarnation> old = membership_->FindLive(request->name());
       old.has_value()) {
     absl::Status gone = CheckIncarnationGone(*old, request->transport_port(), options_.dead_after,
-                                             options_.cluster_secret, absl::Now());
+                                             options_.cluster_secret, absl::Now(),
+                                             absl::Milliseconds(300), host, options_.tls);
     if (!gone.ok()) {
       refused_registrations_.fetch_add(1, std::memory_order_relaxed);
       return ToGrpc(gone);
@@ -60,7 +90,7 @@ grpc::Status MembershipService::Register(grpc::ServerContext* ctx,
   }
   absl::MutexLock lake_lock(&lake_->mu);
   absl::StatusOr<Membership::Admission> admitted = membership_->Register(
-      request->name(), request->preferred_id(), request->transport_port(), absl::Now());
+      request->name(), request->preferred_id(), request->transport_port(), absl::Now(), host);
   if (!admitted.ok()) return ToGrpc(admitted.status());
   const int32_t id = admitted->id;
   if (admitted->rejoin) {
@@ -70,7 +100,9 @@ grpc::Status MembershipService::Register(grpc::ServerContext* ctx,
                           absl::StrFormat("instance %d ('%s') restarted", id, request->name())));
   }
   reconciler_->Forget(id);
-  if (!tcp_->SetPeer(InstanceId(id + 1), request->transport_port()).ok()) {
+  if (!tcp_->SetPeer(InstanceId(id + 1),
+                     transport::HostPort{.host = host, .port = request->transport_port()})
+           .ok()) {
     return grpc::Status(grpc::StatusCode::INTERNAL, "cannot route to the instance");
   }
   // What the lake had on this id is replaced by what the instance reports now (empty after a

@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 
 #include "absl/status/status.h"
@@ -49,6 +50,8 @@ class MembershipService final : public v1::Coordinator::Service {
     std::string cluster_secret;
     // This coordinator incarnation's epoch (heartbeats from another one are refused).
     uint64_t epoch = 0;
+    // The cluster's TLS context for probing an old incarnation's transport (null: the clear).
+    std::shared_ptr<const transport::TlsContext> tls;
   };
   // Fails every request waiting on instance `id` with `status` (its incarnation is gone).
   using FailPending = std::function<void(int32_t id, const absl::Status& status)>;
