@@ -185,11 +185,12 @@ TEST_F(InProcessClusterTest, SlowAndIdleHttpClientsDoNotHoldUpRequests) {
     }
   });
   absl::SleepFor(absl::Milliseconds(300));
-  std::vector<std::vector<int32_t>> expected;
-  for (int k = 0; k < 48; ++k) expected.push_back(Expected(Prompt(k), 2));
+  std::vector<std::vector<int32_t>> expected(48);
+  for (int k = 0; k < 48; ++k) expected[static_cast<size_t>(k)] = Expected(Prompt(k), 2);
   std::atomic<int> correct{0};
   std::atomic<int64_t> slowest_ms{0};
   std::vector<std::thread> honest;
+  honest.reserve(16);
   for (int c = 0; c < 16; ++c) {
     honest.emplace_back([&, c] {
       for (int i = 0; i < 3; ++i) {
@@ -208,7 +209,7 @@ TEST_F(InProcessClusterTest, SlowAndIdleHttpClientsDoNotHoldUpRequests) {
         if (r.ok() && r->first == 200) {
           const auto j = nlohmann::json::parse(r->second);
           if (j["choices"][0]["tokens"].get<std::vector<int32_t>>() ==
-              expected[static_cast<size_t>(c * 3 + i)]) {
+              expected[static_cast<size_t>(c) * 3 + static_cast<size_t>(i)]) {
             ++correct;
           }
         }

@@ -77,8 +77,9 @@ std::string ErrorBody(int http_status, std::string_view message) {
 std::string Head(int status, std::string_view content_type, int64_t content_length, bool keep_alive,
                  const std::vector<std::pair<std::string, std::string>>& extra) {
   std::string h = absl::StrFormat("HTTP/1.1 %d %s\r\n", status, HttpReason(status));
-  if (!content_type.empty())
+  if (!content_type.empty()) {
     absl::StrAppend(&h, "Content-Type: ", std::string(content_type), "\r\n");
+  }
   if (content_length >= 0) {
     absl::StrAppend(&h, "Content-Length: ", content_length, "\r\n");
   } else {
@@ -388,7 +389,7 @@ void HttpFrontEnd::Impl::OnEvent(Conn* c) {
 }
 
 void HttpFrontEnd::Impl::Account(Conn* c) {
-  const int64_t now = static_cast<int64_t>(c->buf.size() + c->parser->held_bytes());
+  const auto now = static_cast<int64_t>(c->buf.size() + c->parser->held_bytes());
   buffered_bytes_.fetch_add(now - c->accounted);
   c->accounted = now;
 }
@@ -417,8 +418,9 @@ void HttpFrontEnd::Impl::TryParse(Conn* c) {
   // Bytes after the request (a pipelined next one) stay for after the answer.
   c->buf.erase(0, c->parser->request_bytes());
   c->parser = std::make_unique<HttpRequestParser>(limits_);
-  job.accounted = static_cast<int64_t>(job.request.body.size());
-  buffered_bytes_.fetch_add(job.accounted);
+  const auto accounted = static_cast<int64_t>(job.request.body.size());
+  job.accounted = accounted;
+  buffered_bytes_.fetch_add(accounted);
   Account(c);
   bool queued = false;
   {
@@ -431,7 +433,7 @@ void HttpFrontEnd::Impl::TryParse(Conn* c) {
     }
   }
   if (!queued) {
-    buffered_bytes_.fetch_sub(job.accounted);
+    buffered_bytes_.fetch_sub(accounted);
     Reject(c, 503, "the server is busy (its request queue is full); retry later");
   }
 }
@@ -556,7 +558,7 @@ bool HttpFrontEnd::Impl::Serve(Job& job) {
   const int fd = job.conn->fd;
   const absl::Time deadline = absl::Now() + options_.write_timeout;
   auto answer_error = [&](int status, std::string_view message, bool keep,
-                          std::vector<std::pair<std::string, std::string>> extra = {}) {
+                          const std::vector<std::pair<std::string, std::string>>& extra = {}) {
     CountRejected(status);
     const std::string body = ErrorBody(status, message);
     return WriteAll(
@@ -572,7 +574,8 @@ bool HttpFrontEnd::Impl::Serve(Job& job) {
     const int status = body.status().code() == absl::StatusCode::kResourceExhausted ? 413
                        : body.status().code() == absl::StatusCode::kUnimplemented   ? 415
                                                                                     : 400;
-    return answer_error(status, std::string(body.status().message()), false);
+    const absl::string_view why = body.status().message();
+    return answer_error(status, std::string_view(why.data(), why.size()), false);
   }
   job.request.body = std::move(*body);
   const HttpRoute* route = nullptr;

@@ -67,7 +67,8 @@ struct Response {
   std::string Header(const std::string& name) const {
     for (absl::string_view line : absl::StrSplit(head, "\r\n")) {
       if (absl::StartsWithIgnoreCase(line, name + ":")) {
-        return std::string(absl::StripAsciiWhitespace(line.substr(name.size() + 1)));
+        const absl::string_view value = absl::StripAsciiWhitespace(line.substr(name.size() + 1));
+        return {value.data(), value.size()};
       }
     }
     return "";
@@ -189,7 +190,7 @@ std::string Gzip(const std::string& data) {
 
 class HttpFrontEndTest : public ::testing::Test {
  protected:
-  void Start(HttpFrontEndOptions options = {}) {
+  void Start(const HttpFrontEndOptions& options = {}) {
     std::vector<HttpRoute> routes;
     // Echoes the body's size and its JSON "n" field, after `delay_ms` of work.
     routes.push_back(
@@ -282,6 +283,7 @@ TEST_F(HttpFrontEndTest, GzipBombsAndChunkedBodiesStopAtTheLimit) {
   ASSERT_LT(bomb.size(), size_t{1} << 20);
   const int64_t before = ResidentBytes();
   std::vector<std::thread> attackers;
+  attackers.reserve(3);
   std::atomic<int> refused{0};
   for (int i = 0; i < 3; ++i) {
     attackers.emplace_back([&] {
@@ -318,6 +320,7 @@ TEST_F(HttpFrontEndTest, GzipBombsAndChunkedBodiesStopAtTheLimit) {
 std::vector<double> HonestLatencies(int port, absl::Duration duration, std::atomic<int>* failed) {
   std::vector<std::vector<double>> per(16);
   std::vector<std::thread> clients;
+  clients.reserve(16);
   const absl::Time end = absl::Now() + duration;
   for (int i = 0; i < 16; ++i) {
     clients.emplace_back([&, i] {
@@ -481,6 +484,7 @@ TEST_F(HttpFrontEndTest, ConnectionsBeyondTheLimitAreAnswered503) {
   options.max_connections = 4;
   Start(options);
   std::vector<int> held;
+  held.reserve(4);
   for (int i = 0; i < 4; ++i) held.push_back(Connect(port_));
   absl::SleepFor(absl::Milliseconds(100));
   Response r = Exchange(port_, "GET /ping HTTP/1.1\r\nConnection: close\r\n\r\n");

@@ -117,7 +117,7 @@ HttpRequestParser::State HttpRequestParser::Parse(std::string_view buffer) {
         break;
       }
       case Phase::kBody: {
-        const size_t need = static_cast<size_t>(content_length_);
+        const auto need = static_cast<size_t>(content_length_);
         if (buffer.size() - body_start_ < need) return state_;
         request_.body.assign(buffer.substr(body_start_, need));
         request_bytes_ = body_start_ + need;
@@ -149,10 +149,11 @@ HttpRequestParser::State HttpRequestParser::ParseRequestLine(std::string_view li
     http10_ = true;
     keep_alive_ = false;
   } else {
-    return Fail(505, absl::StrFormat("HTTP version '%s' is not supported (HTTP/1.1 is)",
-                                     std::string(parts[2].substr(0, 32))));
+    return Fail(
+        505, absl::StrFormat("HTTP version '%s' is not supported (HTTP/1.1 is)",
+                             std::string(parts[2].data(), std::min<size_t>(parts[2].size(), 32))));
   }
-  request_.method = std::string(parts[0]);
+  request_.method.assign(parts[0].data(), parts[0].size());
   std::string_view target(parts[1].data(), parts[1].size());
   // The absolute form (a proxy's): keep its path.
   for (std::string_view scheme : {"http://", "https://"}) {
