@@ -4,7 +4,10 @@
 // (POST /v1/completions, GET /metrics, GET /healthz), on 127.0.0.1 unless --http-listen /
 // --grpc-listen say otherwise (beyond loopback only with --tls-dir, or --insecure). With
 // --tls-dir, gRPC and the transports are mutual TLS with the cluster's certificates
-// (`tokenlake certs`). Runs until SIGTERM/SIGINT.
+// (`tokenlake certs`). With --etcd URL --cluster NAME, several coordinators elect a leader
+// through etcd (service/election.h): a follower redirects clients to the leader; a leader that
+// loses its lease exits with code 3 (restart it: it comes back as a follower). Runs until
+// SIGTERM/SIGINT.
 // With --port-file it writes {"http_port", "grpc_port", "transport_port"} once listening
 // (transport_port is 0: the coordinator dials the instances). The cluster secret comes from the
 // environment (TOKENLAKE_CLUSTER_SECRET, hex; `tokenlake serve` sets it): without it, calls and
@@ -18,7 +21,9 @@
 #include <sys/prctl.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <tuple>
 
@@ -29,6 +34,8 @@
 #include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/coordinator.h"
+#include "tokenlake/service/election.h"
+#include "tokenlake/service/etcd_client.h"
 #include "tokenlake/service/grpc_credentials.h"
 #include "tokenlake/service/process.h"
 #include "tokenlake/transport/cluster_secret.h"
@@ -53,6 +60,10 @@ struct CoordinatorFlags {
   std::string grpc_listen;
   std::string tls_dir;
   bool insecure = false;
+  std::string etcd;
+  std::string cluster = "tokenlake";
+  std::string advertise;
+  int lease_ms = 3000;
   int transport_port = 0;
   std::string port_file;
   int heartbeat_ms = 200;
@@ -108,6 +119,7 @@ int RunCoordinator(const CoordinatorFlags& f) {
   }
   o.tls = *std::move(tls);
   o.allow_insecure = f.insecure;
+  o.start_as_follower = !f.etcd.empty();
   o.transport_port = f.transport_port;
   o.heartbeat_interval = absl::Milliseconds(f.heartbeat_ms);
   o.dead_after = absl::Milliseconds(f.dead_after_ms);
@@ -157,9 +169,49 @@ int RunCoordinator(const CoordinatorFlags& f) {
                    .ToString()
                    .c_str(),
                o.tls.enabled() ? " (mutual TLS)" : "", ports.c_str());
+  std::unique_ptr<service::EtcdClient> etcd;
+  std::unique_ptr<service::CoordinatorElection> election;
+  if (!f.etcd.empty()) {
+    absl::StatusOr<std::unique_ptr<service::EtcdClient>> client =
+        service::EtcdClient::Create({.endpoint = f.etcd});
+    if (!client.ok()) {
+      std::cerr << "tokenlake coordinator: --etcd: " << client.status().message() << "\n";
+      return 2;
+    }
+    etcd = *std::move(client);
+    std::string host = f.advertise;
+    if (host.empty()) host = o.grpc_host == "0.0.0.0" || o.grpc_host == "::" ? "" : o.grpc_host;
+    if (host.empty()) {
+      std::cerr << "tokenlake coordinator: with --etcd and a wildcard --grpc-listen, give "
+                   "--advertise HOST (what instances and clients dial)\n";
+      return 2;
+    }
+    const service::LeaderRecord self{
+        .grpc = {.host = host, .port = (*coordinator)->grpc_port()},
+        .http_url =
+            "http://" + transport::HostPort{.host = f.advertise.empty() ? o.http_host : f.advertise,
+                                            .port = (*coordinator)->http_port()}
+                            .ToString()};
+    absl::StatusOr<std::unique_ptr<service::CoordinatorElection>> e =
+        service::CoordinatorElection::Start(
+            etcd.get(), {.cluster = f.cluster, .self = self, .ttl = absl::Milliseconds(f.lease_ms)},
+            (*coordinator)->leader_gate(), [] {
+              // Its lake may be stale: never act again; a supervisor restarts it as a follower.
+              std::fprintf(stderr, "tokenlake coordinator: lost the leadership; exiting\n");
+              std::_Exit(3);
+            });
+    if (!e.ok()) {
+      std::cerr << "tokenlake coordinator: " << e.status().message() << "\n";
+      return 2;
+    }
+    election = *std::move(e);
+    std::fprintf(stderr, "tokenlake coordinator: campaigning in cluster '%s' on etcd %s\n",
+                 f.cluster.c_str(), etcd->endpoint().c_str());
+  }
   int sig = 0;
   sigwait(&signals, &sig);
   std::fprintf(stderr, "tokenlake coordinator: signal %d, shutting down\n", sig);
+  if (election != nullptr) election->Resign();
   (*coordinator)->Shutdown();
   return 0;
 }
@@ -204,6 +256,15 @@ void SetUpCoordinator(CLI::App& app, int* exit_code) {
   cmd->add_option("--tls-dir", f->tls_dir,
                   "Mutual TLS for gRPC and the transports: ca.pem, cert.pem, key.pem "
                   "(`tokenlake certs`)");
+  cmd->add_option("--etcd", f->etcd,
+                  "etcd endpoint http://HOST:PORT: elect a leader among this cluster's "
+                  "coordinators");
+  cmd->add_option("--cluster", f->cluster, "Cluster name in etcd")->capture_default_str();
+  cmd->add_option("--advertise", f->advertise,
+                  "Host instances and clients dial to reach this coordinator (with --etcd)");
+  cmd->add_option("--lease-ms", f->lease_ms, "Leader lease in etcd (whole seconds, >= 1 s)")
+      ->capture_default_str()
+      ->check(CLI::Range(1000, 600000));
   cmd->add_flag("--insecure", f->insecure,
                 "Allow listening beyond loopback without TLS (anyone who reaches the ports can "
                 "talk to the cluster)");

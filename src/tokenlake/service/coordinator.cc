@@ -82,7 +82,11 @@ class Coordinator::Impl {
                  .balance_abs_threshold = options.balance_abs_threshold,
                  .rotate = options.rotate_compute_instance},
                 &lake_, &membership_),
-        lake_service_(&lake_, &membership_, &reconciler_, &auth_) {}
+        lake_service_(&lake_, &membership_, &reconciler_, &auth_),
+        gate_(options.start_as_follower ? LeaderGate::State::kFollower
+                                        : LeaderGate::State::kLeader) {
+    lake_service_.set_gate(&gate_);
+  }
 
   ~Impl() { Shutdown(); }
 
@@ -141,6 +145,7 @@ class Coordinator::Impl {
     grpc::ServerBuilder builder;
     builder.AddListeningPort(grpc_at.ToString(), GrpcServerCredentials(options_.tls.get()),
                              &grpc_port_);
+    membership_service_->set_gate(&gate_);
     builder.RegisterService(membership_service_.get());
     builder.RegisterService(&lake_service_);
     grpc_server_ = builder.BuildAndStart();
@@ -192,6 +197,27 @@ class Coordinator::Impl {
                         res->status = h.http_status;
                         res->body = h.json;
                       }});
+    // Only the leader serves requests; a follower sends clients to the leader (leader_gate.h).
+    for (HttpRoute& route : routes) {
+      if (route.path.rfind("/v1/", 0) != 0) continue;
+      route.handler = [this, inner = std::move(route.handler)](const HttpRequest& req,
+                                                               HttpResponse* res) {
+        if (gate_.leading()) return inner(req, res);
+        const std::string leader = gate_.leader_http();
+        const absl::Status why = absl::UnavailableError(
+            leader.empty() ? "this coordinator is not the leader and no leader is known yet"
+                           : "this coordinator is not the leader; the leader is at " + leader);
+        if (!leader.empty()) {
+          // 307 keeps the method and body (OpenAI clients and `curl -L` follow it).
+          res->status = 307;
+          res->headers.emplace_back("Location", leader + req.path);
+        } else {
+          res->status = 503;
+          res->headers.emplace_back("Retry-After", "1");
+        }
+        res->body = ErrorJson(why);
+      };
+    }
     return routes;
   }
 
@@ -305,6 +331,7 @@ class Coordinator::Impl {
   Reconciler reconciler_;
   Router router_;
   LakeService lake_service_;
+  LeaderGate gate_;
   int grpc_port_ = 0;
   std::unique_ptr<transport::TcpTransport> tcp_;
   std::unique_ptr<transport::FaultTransport> fault_;
@@ -350,6 +377,7 @@ std::string Coordinator::MetricsText() const { return impl_->MetricsText(); }
 int32_t Coordinator::LiveInstances() const { return impl_->membership_.ReadyCount(); }
 int64_t Coordinator::DistinctSegments() const { return impl_->DistinctSegments(); }
 transport::FaultTransport* Coordinator::faults() { return impl_->fault_.get(); }
+LeaderGate* Coordinator::leader_gate() { return &impl_->gate_; }
 std::vector<int32_t> Coordinator::ReplicasOf(uint64_t segment) const {
   return impl_->ReplicasOf(segment);
 }

@@ -84,6 +84,7 @@
 #include "tokenlake/plan/cost_model.h"
 #include "tokenlake/service/completion_api.h"
 #include "tokenlake/service/grpc_credentials.h"
+#include "tokenlake/service/leader_gate.h"
 #include "tokenlake/service/protocol.h"
 #include "tokenlake/transport/fault_transport.h"
 
@@ -132,6 +133,9 @@ struct CoordinatorOptions {
   // loopback without it is allowed.
   ClusterTls tls;
   bool allow_insecure = false;
+  // With several coordinators under an election (leader_gate.h): start as a follower, acting
+  // only once leader_gate()->Lead() is called. False: lead from the start (one coordinator).
+  bool start_as_follower = false;
   // The cluster secret (raw bytes; transport/cluster_secret.h). Non-empty: every gRPC call must
   // carry a call token made with it (call_auth.h; UNAUTHENTICATED otherwise) and every
   // host-transport connection is authenticated with it. Empty: neither is (a warning-worthy
@@ -194,6 +198,8 @@ class Coordinator {
   // Runs Lake::Rebalance now and sends the actions to the instances. Returns the number of
   // actions. Errors: the lake's.
   absl::StatusOr<int64_t> RebalanceNow();
+  // Whether this coordinator acts (leader_gate.h); the election drives it. Never null.
+  LeaderGate* leader_gate();
   // The fault injector on the host transport (never null while running).
   transport::FaultTransport* faults();
 

@@ -75,11 +75,8 @@ class InstanceServer::Impl {
     layout_ = engine::PoolSlotLayout(c, options_.segment_tokens, options_.kv_dtype);
     if (absl::Status s = layout_.Validate(); !s.ok()) return s;
     RefreshState();
-    channel_ = grpc::CreateChannel(
-        transport::HostPort{.host = options_.coordinator_host, .port = options_.coordinator_port}
-            .ToString(),
-        GrpcChannelCredentials(options_.tls.get()));
-    stub_ = v1::Coordinator::NewStub(channel_);
+    Follow(
+        transport::HostPort{.host = options_.coordinator_host, .port = options_.coordinator_port});
     control_ = std::thread([this] { ControlLoop(); });
     worker_ = std::thread([this] { WorkLoop(); });
     return absl::OkStatus();
@@ -125,8 +122,8 @@ class InstanceServer::Impl {
     auto pool = engine::InstancePool::Create(po);
     if (!pool.ok()) return pool.status();
     dp->pool = std::move(*pool);
-    auto control = RemoteControlPlane::Create({.coordinator_host = options_.coordinator_host,
-                                               .coordinator_port = options_.coordinator_port,
+    auto control = RemoteControlPlane::Create({.coordinator_host = coordinator_.host,
+                                               .coordinator_port = coordinator_.port,
                                                .tls = options_.tls.identity,
                                                .num_instances = n,
                                                .call_timeout = options_.control_timeout,
@@ -249,7 +246,28 @@ class InstanceServer::Impl {
     return {state_, state_generation_};
   }
 
+  // Talks to the coordinator at `at` from now on (the control loop's channel and the data
+  // plane's lake calls). Only the control loop calls it (and Start, before the loop runs).
+  void Follow(const transport::HostPort& at) {
+    coordinator_ = at;
+    channel_ = grpc::CreateChannel(at.ToString(), GrpcChannelCredentials(options_.tls.get()));
+    stub_ = v1::Coordinator::NewStub(channel_);
+    if (std::shared_ptr<DataPlane> dp = Data(); dp != nullptr) dp->control->Retarget(at);
+  }
+
+  // Asks where the leader is (when electing); returns true when it moved (and follows it).
+  bool Relocate() {
+    if (!options_.locate_coordinator) return false;
+    absl::StatusOr<transport::HostPort> at = options_.locate_coordinator();
+    if (!at.ok() || *at == coordinator_) return false;
+    std::fprintf(stderr, "tokenlake instance %s: following the coordinator at %s\n",
+                 options_.name.c_str(), at->ToString().c_str());
+    Follow(*at);
+    return true;
+  }
+
   bool RegisterOnce() {
+    Relocate();
     RefreshState();
     v1::RegisterRequest request;
     request.set_name(options_.name);
@@ -329,6 +347,8 @@ class InstanceServer::Impl {
         FreeSegments(reply.free_segments(), generation);
       } else if (s.error_code() == grpc::StatusCode::NOT_FOUND) {
         registered = false;
+      } else if (Relocate()) {
+        registered = false;  // a new leader: register with it (it rebuilds from our report)
       }
       // Other errors (coordinator down): keep heartbeating; a restarted coordinator answers
       // NOT_FOUND and we register again.
@@ -517,6 +537,8 @@ class InstanceServer::Impl {
   std::unique_ptr<transport::TcpTransport> tcp_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Coordinator::Stub> stub_;
+  // The coordinator followed now (the control loop's).
+  transport::HostPort coordinator_;
   std::thread control_, worker_;
   std::atomic<bool> stopping_{false};
   std::atomic<int64_t> served_{0};

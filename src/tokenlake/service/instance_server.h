@@ -33,6 +33,7 @@
 #define TOKENLAKE_SERVICE_INSTANCE_SERVER_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -52,6 +53,11 @@ struct InstanceServerOptions {
   // The coordinator's gRPC address: host (name or address) and port in [1, 65535].
   std::string coordinator_host = "127.0.0.1";
   int32_t coordinator_port = 0;
+  // With several coordinators under an election: where the leader is now (e.g. read from etcd),
+  // asked before every registration and whenever the coordinator stops answering; the instance
+  // follows it (registers with the new leader, its lake calls go there). Null: the fixed address
+  // above.
+  std::function<absl::StatusOr<transport::HostPort>()> locate_coordinator;
   // Where this instance's transports (host and data plane) listen: a host name or IPv4 / IPv6
   // literal ("0.0.0.0" / "::": every interface), and the host transport's port (0 = any free
   // port; the data plane's is always chosen freely).
