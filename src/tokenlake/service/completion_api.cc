@@ -101,17 +101,19 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view body,
 
 std::string CompletionResponseJson(const CompletionRequest& request, const CompletionResult& result,
                                    uint64_t id) {
-  json j = {{"id", absl::StrFormat("cmpl-%d", id)},
-            {"object", "text_completion"},
-            {"choices",
-             json::array({{{"index", 0}, {"tokens", result.tokens}, {"finish_reason", "length"}}})},
-            {"usage",
-             {{"prompt_tokens", request.prompt.size()},
-              {"completion_tokens", result.tokens.size()},
-              {"total_tokens", request.prompt.size() + result.tokens.size()},
-              {"cached_tokens", result.cached_tokens}}},
-            {"instance", result.instance},
-            {"attempts", result.attempts}};
+  json j = {
+      {"id", absl::StrFormat("cmpl-%d", id)},
+      {"object", "text_completion"},
+      {"choices",
+       json::array(
+           {{{"index", 0}, {"tokens", result.tokens}, {"finish_reason", result.finish_reason}}})},
+      {"usage",
+       {{"prompt_tokens", request.prompt.size()},
+        {"completion_tokens", result.tokens.size()},
+        {"total_tokens", request.prompt.size() + result.tokens.size()},
+        {"cached_tokens", result.cached_tokens}}},
+      {"instance", result.instance},
+      {"attempts", result.attempts}};
   return j.dump();
 }
 

@@ -15,6 +15,7 @@
 #define TOKENLAKE_SERVICE_COMPLETION_API_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -38,11 +39,28 @@ struct CompletionLimits {
 struct CompletionRequest {
   std::vector<int32_t> prompt;
   int32_t max_tokens = 0;
+  // How tokens are chosen (engine/sampler.h): temperature >= 0 (0 = greedy), top_k >= 0
+  // (0 = all), top_p in (0, 1]; seed: none = the coordinator draws one per request, so that a
+  // retried attempt produces the same tokens.
+  float temperature = 0;
+  int32_t top_k = 0;
+  float top_p = 1;
+  std::optional<uint64_t> seed;
+  // Generation ends after one of these ids (the model's end-of-sequence tokens).
+  std::vector<int32_t> stop_token_ids;
+  // The computing instance reports each iteration's tokens as they come (for
+  // Coordinator::CompleteStreaming's sink); otherwise they arrive with the final answer.
+  bool stream = false;
 };
 
 struct CompletionResult {
-  // Generated token ids (max_tokens of them).
+  // Generated token ids: max_tokens of them, fewer when a stop token ended generation (it is
+  // the last one) or the request was cancelled.
   std::vector<int32_t> tokens;
+  // "length" (max_tokens produced) or "stop" (a stop token produced).
+  std::string finish_reason = "length";
+  // The caller's sink asked to stop (Coordinator::CompleteStreaming); tokens are those it got.
+  bool cancelled = false;
   // Prompt tokens served from the cache pool.
   int64_t cached_tokens = 0;
   // Instance that computed the request.

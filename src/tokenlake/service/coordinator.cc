@@ -69,6 +69,8 @@ struct Member {
   int64_t capacity_slots = 0;
   int64_t slot_bytes = 0;
   int64_t incarnations = 0;
+  int64_t cancelled = 0;  // as the instance last reported
+  int64_t running = 0;
   // Non-empty while the instance reports that its transport cannot accept or dial.
   std::string transport_error;
 };
@@ -78,6 +80,8 @@ struct Pending {
   bool done = false;
   absl::Status status;
   v1::GenerateReply reply;
+  // A streamed request's progress reports not yet taken by its waiter.
+  std::vector<v1::GenerateProgress> progress;
 };
 
 absl::Status CheckOptions(const CoordinatorOptions& o) {
@@ -504,9 +508,10 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
 
   // ---- requests ----
 
-  absl::StatusOr<CompletionResult> Complete(const CompletionRequest& request) {
+  absl::StatusOr<CompletionResult> Complete(const CompletionRequest& request,
+                                            const TokenSink& sink) {
     const absl::Time start = absl::Now();
-    absl::StatusOr<CompletionResult> r = CompleteInner(request, start);
+    absl::StatusOr<CompletionResult> r = CompleteInner(request, start, sink);
     const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
     latency_.Observe(seconds);
     absl::MutexLock lock(&mu_);
@@ -515,12 +520,96 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       prompt_tokens_ += static_cast<int64_t>(request.prompt.size());
       cached_tokens_ += r->cached_tokens;
       generated_tokens_ += static_cast<int64_t>(r->tokens.size());
+      if (r->cancelled) ++cancelled_requests_;
     }
     return r;
   }
 
-  absl::StatusOr<CompletionResult> CompleteInner(const CompletionRequest& request,
-                                                 absl::Time start) {
+  // The tokens a request's sink has been given across its attempts; a retried attempt's
+  // tokens that were given already must repeat them (generation is deterministic for a seed).
+  struct Delivery {
+    std::vector<int32_t> tokens;
+    int64_t cached_tokens = -1;  // from the first report
+    bool diverged = false;       // a retry produced other tokens than were given
+    bool stop = false;           // the sink asked to stop
+
+    // Takes tokens [first_index, first_index + n) of an attempt; hands the new ones to `sink`.
+    // Returns false once the request must end (the sink said so, or the attempt diverged).
+    bool Take(int64_t first_index, absl::Span<const int32_t> got, const TokenSink& sink) {
+      std::vector<int32_t> fresh;
+      for (size_t i = 0; i < got.size(); ++i) {
+        const int64_t at = first_index + static_cast<int64_t>(i);
+        if (at < static_cast<int64_t>(tokens.size())) {
+          if (tokens[static_cast<size_t>(at)] != got[i]) diverged = true;
+        } else if (at == static_cast<int64_t>(tokens.size())) {
+          tokens.push_back(got[i]);
+          fresh.push_back(got[i]);
+        } else {
+          diverged = true;  // a gap: reports are sent in order, so the attempt is broken
+        }
+        if (diverged) return false;
+      }
+      if (!fresh.empty() && sink && !sink(fresh)) stop = true;
+      return !stop;
+    }
+  };
+
+  // Tells instance `id` to stop serving lake request `request` (no reply comes).
+  void SendCancel(int32_t id, RequestId request) {
+    v1::CancelGenerate cancel;
+    cancel.set_request_id(request.value());
+    const std::string bytes = cancel.SerializeAsString();
+    transport::Message m;
+    m.from = InstanceId(0);
+    m.to = InstanceId(id + 1);
+    m.tag = kCancelTag;
+    m.payload.resize(bytes.size());
+    std::memcpy(m.payload.data(), bytes.data(), bytes.size());
+    // A lost cancel costs the instance the rest of the generation, nothing more.
+    fault_->Send(std::move(m)).IgnoreError();
+  }
+
+  // Waits for attempt `ticket` on instance `id` until it is answered or `deadline`, handing its
+  // progress reports to `delivery` without the lock. Returns the attempt's outcome; with
+  // *ended, the delivery asked to stop before the answer.
+  Pending AwaitAttempt(uint64_t ticket, int32_t id, absl::Time deadline, absl::Time sent_at,
+                       Delivery& delivery, const TokenSink& sink, bool* ended) {
+    *ended = false;
+    mu_.Lock();
+    Pending* p = &pending_[ticket];  // a std::map: stable, and only this waiter erases it
+    while (true) {
+      auto ready = [p]() { return p->done || !p->progress.empty(); };
+      mu_.AwaitWithDeadline(absl::Condition(&ready), deadline);
+      if (p->progress.empty()) break;
+      std::vector<v1::GenerateProgress> reports = std::move(p->progress);
+      p->progress.clear();
+      mu_.Unlock();
+      bool go = true;
+      for (const v1::GenerateProgress& g : reports) {
+        if (delivery.cached_tokens < 0 && g.cached_tokens() >= 0) {
+          delivery.cached_tokens = g.cached_tokens();
+        }
+        go = go && delivery.Take(g.first_index(), g.tokens(), sink);
+      }
+      mu_.Lock();
+      if (!go) {
+        *ended = true;
+        break;
+      }
+    }
+    if (!p->done && !*ended) {
+      p->status = absl::DeadlineExceededError(absl::StrFormat(
+          "instance %d did not answer within %s", id, absl::FormatDuration(deadline - sent_at)));
+    }
+    Pending result = std::move(*p);
+    pending_.erase(ticket);
+    --members_[id].in_flight;
+    mu_.Unlock();
+    return result;
+  }
+
+  absl::StatusOr<CompletionResult> CompleteInner(const CompletionRequest& request, absl::Time start,
+                                                 const TokenSink& sink) {
     if (request.max_tokens > options_.limits.max_tokens_limit) {
       return absl::InvalidArgumentError(absl::StrFormat("max_tokens %d exceeds the limit of %d",
                                                         request.max_tokens,
@@ -541,9 +630,8 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     const absl::Time deadline = start + options_.request_timeout;
     absl::flat_hash_set<int32_t> excluded;
     std::string failures;
-    v1::GenerateRequest message;
-    message.mutable_prompt()->Add(request.prompt.begin(), request.prompt.end());
-    message.set_max_tokens(request.max_tokens);
+    v1::GenerateRequest message = ToGenerateMessage(request, sink != nullptr);
+    Delivery delivery;
     const int64_t prompt_tokens = static_cast<int64_t>(request.prompt.size());
     for (int32_t attempt = 1; attempt <= options_.max_attempts; ++attempt) {
       const absl::Time now = absl::Now();
@@ -581,24 +669,26 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       std::memcpy(m.payload.data(), bytes.data(), bytes.size());
       absl::Status sent = fault_->Send(std::move(m));
       Pending result;
-      {
-        absl::MutexLock lock(&mu_);
-        if (sent.ok()) {
+      bool ended = false;
+      if (sent.ok()) {
+        {
+          absl::MutexLock lock(&mu_);
           bytes_sent_ += static_cast<int64_t>(bytes.size());
-          Pending* p = &pending_[ticket];
-          auto done = [p]() { return p->done; };
-          mu_.AwaitWithDeadline(absl::Condition(&done), attempt_deadline);
-          if (!p->done) {
-            p->status = absl::DeadlineExceededError(
-                absl::StrFormat("instance %d did not answer within %s", id,
-                                absl::FormatDuration(attempt_deadline - now)));
-          }
-          result = std::move(*p);
-        } else {
-          result.status = sent;
         }
+        result = AwaitAttempt(ticket, id, attempt_deadline, now, delivery, sink, &ended);
+      } else {
+        absl::MutexLock lock(&mu_);
+        result.status = sent;
         pending_.erase(ticket);
         --members_[id].in_flight;
+      }
+      if (ended) {
+        // The sink stopped the request (or a retry diverged): the instance stops serving it and
+        // the lake's pins go now.
+        SendCancel(id, lake_request);
+        ReleaseQuietly(lake_request);
+        if (delivery.diverged) return DivergedError(id);
+        return Finished(delivery, id, attempt, "stop", /*cancelled=*/true);
       }
       bool answered_with_error = false;
       if (result.status.ok()) {
@@ -615,18 +705,18 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
           result.status = s;
           answered_with_error = true;
         } else {
-          CompletionResult out;
-          out.tokens.assign(reply.tokens().begin(), reply.tokens().end());
-          out.cached_tokens = reply.cached_tokens();
-          out.instance = id;
-          out.attempts = attempt;
-          if (static_cast<int32_t>(out.tokens.size()) != request.max_tokens) {
+          const bool stopped = reply.finish_reason() == "stop";
+          if (reply.tokens_size() > request.max_tokens ||
+              (!stopped && reply.tokens_size() != request.max_tokens)) {
             return absl::InternalError(
-                absl::StrFormat("instance %d returned %d tokens, expected %d", id,
-                                out.tokens.size(), request.max_tokens));
+                absl::StrFormat("instance %d returned %d tokens (%s), expected %d", id,
+                                reply.tokens_size(), reply.finish_reason(), request.max_tokens));
           }
+          if (delivery.cached_tokens < 0) delivery.cached_tokens = reply.cached_tokens();
+          const bool go = delivery.Take(0, reply.tokens(), sink);
           MaybeRebalanceAfterRequest();
-          return out;
+          if (delivery.diverged) return DivergedError(id);
+          return Finished(delivery, id, attempt, stopped ? "stop" : "length", !go);
         }
       }
       // The attempt failed: its pins in the lake go (the instance may have died holding them).
@@ -653,6 +743,39 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
                           absl::FormatDuration(options_.request_timeout), failures));
     }
     return absl::UnavailableError(absl::StrCat("request failed on every attempt: ", failures));
+  }
+
+  // The generate message of `request` (without its per-attempt id and deadline). A request
+  // without a seed gets one here, so that every attempt draws the same tokens.
+  static v1::GenerateRequest ToGenerateMessage(const CompletionRequest& request, bool stream) {
+    v1::GenerateRequest message;
+    message.mutable_prompt()->Add(request.prompt.begin(), request.prompt.end());
+    message.set_max_tokens(request.max_tokens);
+    message.set_temperature(request.temperature);
+    message.set_top_k(request.top_k);
+    message.set_top_p(request.top_p);
+    message.set_seed(request.seed.has_value() ? *request.seed : transport::RandomU64());
+    message.mutable_stop_token_ids()->Add(request.stop_token_ids.begin(),
+                                          request.stop_token_ids.end());
+    message.set_stream(stream && request.stream);
+    return message;
+  }
+
+  static absl::Status DivergedError(int32_t id) {
+    return absl::InternalError(absl::StrFormat(
+        "a retried attempt on instance %d produced other tokens than were already sent", id));
+  }
+
+  static CompletionResult Finished(Delivery& delivery, int32_t id, int32_t attempt,
+                                   const char* finish_reason, bool cancelled) {
+    CompletionResult out;
+    out.tokens = std::move(delivery.tokens);
+    out.cached_tokens = std::max<int64_t>(0, delivery.cached_tokens);
+    out.instance = id;
+    out.attempts = attempt;
+    out.finish_reason = finish_reason;
+    out.cancelled = cancelled;
+    return out;
   }
 
   void ReleaseQuietly(RequestId request) {
@@ -818,6 +941,10 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
         if (m.status().code() == absl::StatusCode::kCancelled) return;
         continue;
       }
+      if (m->tag == kGenerateProgressTag) {
+        TakeProgress(*m);
+        continue;
+      }
       if (m->tag != kGenerateReplyTag) continue;
       v1::GenerateReply reply;
       const bool parsed =
@@ -837,6 +964,20 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
         it->second.status = absl::DataLossError("malformed reply from the instance");
       }
     }
+  }
+
+  // A streamed request's progress report: queued for its waiter (reports of an attempt that
+  // is not waited for any more, or from another instance than it was sent to, are dropped).
+  void TakeProgress(const transport::Message& m) {
+    v1::GenerateProgress progress;
+    if (!progress.ParseFromArray(m.payload.data(), static_cast<int>(m.payload.size()))) return;
+    absl::MutexLock lock(&mu_);
+    bytes_received_ += static_cast<int64_t>(m.payload.size());
+    auto it = pending_.find(m.correlation_id);
+    if (it == pending_.end() || it->second.done || it->second.instance != m.from.value() - 1) {
+      return;
+    }
+    it->second.progress.push_back(std::move(progress));
   }
 
   void ReapLoop() {
@@ -885,6 +1026,8 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       m.since_version = ++membership_version_;
     }
     m.traffic = state.traffic();
+    m.cancelled = state.requests_cancelled();
+    m.running = state.requests_running();
     if (state.transport_error() != m.transport_error) {
       m.transport_error = state.transport_error();
       ++membership_version_;
@@ -1011,7 +1154,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
         res.set_content(ErrorJson(parsed.status()), "application/json");
         return;
       }
-      absl::StatusOr<CompletionResult> result = Complete(*parsed);
+      absl::StatusOr<CompletionResult> result = Complete(*parsed, nullptr);
       if (!result.ok()) {
         res.status = HttpStatusFor(result.status());
         res.set_content(ErrorJson(result.status()), "application/json");
@@ -1086,6 +1229,12 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     w.Sample("tokenlake_pool_heavy_hitters", {}, static_cast<double>(stats.heavy_hitters));
     w.Family("tokenlake_pool_pinned_segments", "gauge", "Segments pinned by running iterations.");
     w.Sample("tokenlake_pool_pinned_segments", {}, static_cast<double>(stats.pinned_segments));
+    w.Family("tokenlake_pool_reserved_slots", "gauge",
+             "Slots the lake reserves for admitted requests' segments not yet committed.");
+    w.Sample("tokenlake_pool_reserved_slots", {}, static_cast<double>(stats.reserved_slots));
+    w.Family("tokenlake_requests_cancelled_total", "counter",
+             "Requests ended early by their client (disconnected, or a stop sequence matched).");
+    w.Sample("tokenlake_requests_cancelled_total", {}, static_cast<double>(cancelled_requests_));
     w.Family("tokenlake_lake_active_requests", "gauge",
              "Requests admitted in the lake (an iteration planned and not yet released).");
     w.Sample("tokenlake_lake_active_requests", {}, static_cast<double>(stats.active_requests));
@@ -1131,6 +1280,13 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
     per_instance("tokenlake_instance_in_flight", "gauge", "Requests in flight per instance.",
                  [&](int32_t i)
                      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return members_[i].in_flight; });
+    per_instance("tokenlake_instance_cancelled_total", "counter",
+                 "Requests cancelled on the instance (this incarnation).",
+                 [&](int32_t i)
+                     ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return members_[i].cancelled; });
+    per_instance("tokenlake_instance_running", "gauge",
+                 "Requests running in the instance's engine (as last reported).",
+                 [&](int32_t i) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return members_[i].running; });
     per_instance("tokenlake_instance_routed_total", "counter", "Requests routed per instance.",
                  [&](int32_t i) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return members_[i].routed; });
     w.Family("tokenlake_transport_bytes_sent_total", "counter",
@@ -1298,6 +1454,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   int64_t prompt_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t cached_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t generated_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t cancelled_requests_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t bytes_sent_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t bytes_received_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t failovers_ ABSL_GUARDED_BY(mu_) = 0;
@@ -1359,7 +1516,11 @@ int32_t Coordinator::http_port() const { return impl_->http_port_; }
 int32_t Coordinator::grpc_port() const { return impl_->grpc_port_; }
 int32_t Coordinator::transport_port() const { return impl_->tcp_->port(); }
 absl::StatusOr<CompletionResult> Coordinator::Complete(const CompletionRequest& request) {
-  return impl_->Complete(request);
+  return impl_->Complete(request, nullptr);
+}
+absl::StatusOr<CompletionResult> Coordinator::CompleteStreaming(const CompletionRequest& request,
+                                                                const TokenSink& sink) {
+  return impl_->Complete(request, sink);
 }
 std::string Coordinator::MetricsText() const { return impl_->MetricsText(); }
 int32_t Coordinator::LiveInstances() const { return impl_->LiveInstances(); }

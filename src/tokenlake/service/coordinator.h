@@ -62,12 +62,14 @@
 #define TOKENLAKE_SERVICE_COORDINATOR_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "tokenlake/balance/balancer.h"
 #include "tokenlake/balance/heavy_hitter.h"
 #include "tokenlake/lake/lake.h"
@@ -84,6 +86,10 @@ inline constexpr int32_t kMaxInstances = 64;
 inline constexpr uint32_t kGenerateRequestTag = 1;
 inline constexpr uint32_t kGenerateReplyTag = 2;
 inline constexpr uint32_t kRebalanceTag = 3;
+// Instance -> coordinator: a streamed request's new tokens (v1::GenerateProgress).
+inline constexpr uint32_t kGenerateProgressTag = 4;
+// Coordinator -> instance: stop serving a request (v1::CancelGenerate).
+inline constexpr uint32_t kCancelTag = 5;
 
 struct CoordinatorOptions {
   // Request limits (vocabulary, context, max_tokens) checked before anything is routed.
@@ -171,6 +177,19 @@ class Coordinator {
   // instance, or every attempt lost its instance), DeadlineExceeded (request_timeout passed),
   // or the instance's own error (e.g. ResourceExhausted when its pool is full of pins).
   absl::StatusOr<CompletionResult> Complete(const CompletionRequest& request);
+
+  // Receives a streamed request's new tokens, in order, each token once; returns false to
+  // cancel the request (its client went away, or the caller matched a stop sequence).
+  using TokenSink = std::function<bool(absl::Span<const int32_t> tokens)>;
+  // Complete, streaming: with request.stream the computing instance reports every iteration's
+  // tokens and `sink` gets them as they come; without it, once at the end. Failover: a retried
+  // attempt regenerates the same tokens (same seed); those `sink` already got are checked equal
+  // and skipped (Internal error if a retry diverged). When `sink` returns false the instance is
+  // told to stop (its pins and pool slots are released there; the coordinator releases the
+  // lake's pins at once) and the result has cancelled = true with the tokens `sink` got.
+  // `cached_tokens` is set from the instance's first report. Errors: as Complete.
+  absl::StatusOr<CompletionResult> CompleteStreaming(const CompletionRequest& request,
+                                                     const TokenSink& sink);
 
   // The /metrics page.
   std::string MetricsText() const;
