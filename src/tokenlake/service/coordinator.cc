@@ -33,6 +33,8 @@
 #include "tokenlake/service/incarnation.h"
 #include "tokenlake/service/lake_rpc.h"
 #include "tokenlake/service/metrics.h"
+#include "tokenlake/service/openai_api.h"
+#include "tokenlake/service/openai_front_end.h"
 #include "tokenlake/transport/cluster_secret.h"
 #include "tokenlake/transport/tcp_transport.h"
 #include "tokenlake/v1/tokenlake.grpc.pb.h"
@@ -206,6 +208,21 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
           absl::StrFormat("Coordinator: cannot serve gRPC on 127.0.0.1:%d", options_.grpc_port));
     }
 
+    auto front_end = OpenAiFrontEnd::Create(
+        {.limits = options_.limits, .model_id = options_.model_id, .tokenizer = options_.tokenizer},
+        [this](const CompletionRequest& r, const TokenSink& sink) { return Complete(r, sink); },
+        [this](int http_status) {
+          absl::MutexLock lock(&mu_);
+          ++requests_by_code_[http_status];
+        });
+    if (!front_end.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Coordinator: ", front_end.status().message()));
+    }
+    front_end_ = std::move(*front_end);
+    if (!front_end_->chat_unavailable().empty()) {
+      std::fprintf(stderr, "tokenlake coordinator: %s\n", front_end_->chat_unavailable().c_str());
+    }
     http_ = std::make_unique<httplib::Server>();
     SetUpHttp();
     if (options_.http_port == 0) {
@@ -1143,27 +1160,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
                                 absl::ToChronoMicroseconds(options_.http_read_timeout) -
                                 absl::ToChronoSeconds(options_.http_read_timeout)));
     http_->set_write_timeout(std::chrono::seconds(5));
-    http_->Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
-      absl::StatusOr<CompletionRequest> parsed = ParseCompletionRequest(req.body, options_.limits);
-      if (!parsed.ok()) {
-        {
-          absl::MutexLock lock(&mu_);
-          ++requests_by_code_[HttpStatusFor(parsed.status())];
-        }
-        res.status = HttpStatusFor(parsed.status());
-        res.set_content(ErrorJson(parsed.status()), "application/json");
-        return;
-      }
-      absl::StatusOr<CompletionResult> result = Complete(*parsed, nullptr);
-      if (!result.ok()) {
-        res.status = HttpStatusFor(result.status());
-        res.set_content(ErrorJson(result.status()), "application/json");
-        return;
-      }
-      res.status = 200;
-      res.set_content(CompletionResponseJson(*parsed, *result, next_response_id_.fetch_add(1)),
-                      "application/json");
-    });
+    front_end_->AddRoutes(*http_);
     http_->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
       res.set_content(MetricsText(), "text/plain; version=0.0.4");
     });
@@ -1177,13 +1174,14 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
       absl::Status s;
       if (res.status == 404) {
         s = absl::NotFoundError(
-            "no such endpoint (POST /v1/completions, GET /metrics, GET /healthz)");
+            "no such endpoint (POST /v1/completions, POST /v1/chat/completions, GET "
+            "/v1/models, GET /metrics, GET /healthz)");
       } else if (res.status == 413) {
         s = absl::InvalidArgumentError("request body too large");
       } else {
         s = absl::InvalidArgumentError(absl::StrFormat("HTTP error %d", res.status));
       }
-      std::string body = ErrorJson(s);
+      std::string body = OpenAiErrorJson(s);
       res.set_content(body, "application/json");
     });
   }
@@ -1431,6 +1429,7 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
   std::unique_ptr<transport::TcpTransport> tcp_;
   std::unique_ptr<transport::FaultTransport> fault_;
   std::unique_ptr<grpc::Server> grpc_server_;
+  std::unique_ptr<OpenAiFrontEnd> front_end_;  // outlives http_ (declared before it)
   std::unique_ptr<httplib::Server> http_;
   std::thread http_thread_, receiver_, reaper_, rebalancer_;
   std::atomic<bool> stopping_{false};

@@ -52,8 +52,11 @@
 //     retried after retry_backoff x attempt (by then the dead holder is usually marked dead), up to
 //     max_attempts within request_timeout. The coordinator releases the failed attempt's pins.
 //     Generation is deterministic, so a retried request gets the same answer;
-//   - the HTTP front end (cpp-httplib): POST /v1/completions, GET /metrics (Prometheus text),
-//     GET /healthz. Bad input gets a 4xx with a JSON error naming the problem.
+//   - the HTTP front end (cpp-httplib): the OpenAI-compatible API (openai_front_end.h:
+//     POST /v1/completions, POST /v1/chat/completions, GET /v1/models; streamed answers come
+//     from CompleteStreaming, and a client that goes away cancels its request on the
+//     instance), GET /metrics (Prometheus text), GET /healthz. Bad input gets a 4xx with
+//     OpenAI's error body naming the problem.
 //
 // Everything listens on 127.0.0.1 only; ports 0 mean "any free port" (see the accessors).
 //
@@ -75,6 +78,7 @@
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/plan/cost_model.h"
 #include "tokenlake/service/completion_api.h"
+#include "tokenlake/tokenizer/tokenizer.h"
 #include "tokenlake/transport/fault_transport.h"
 
 namespace tokenlake::service {
@@ -94,6 +98,11 @@ inline constexpr uint32_t kCancelTag = 5;
 struct CoordinatorOptions {
   // Request limits (vocabulary, context, max_tokens) checked before anything is routed.
   CompletionLimits limits;
+  // The served model's tokenizer (text prompts, chat, stop sequences, EOS; its ids must be
+  // < limits.vocab_size) and the id GET /v1/models lists; null = token-id prompts only
+  // (openai_front_end.h).
+  std::shared_ptr<const tokenizer::Tokenizer> tokenizer;
+  std::string model_id = "tokenlake";
   // Tokens per segment and the segment-id namespace; instances must use the same.
   int32_t segment_tokens = 16;
   std::string namespace_name = "tokenlake";
@@ -162,7 +171,8 @@ struct CoordinatorOptions {
 class Coordinator {
  public:
   // Starts the gRPC server, the host transport, the HTTP server and the membership reaper.
-  // Errors: InvalidArgument naming a bad option; Unavailable when a port cannot be bound.
+  // Errors: InvalidArgument naming a bad option (e.g. a tokenizer whose ids the vocabulary
+  // does not cover); Unavailable when a port cannot be bound.
   static absl::StatusOr<std::unique_ptr<Coordinator>> Create(const CoordinatorOptions& options);
   ~Coordinator();
   Coordinator(const Coordinator&) = delete;
