@@ -700,10 +700,11 @@ class Coordinator::Impl final : public v1::Coordinator::Service {
         --members_[id].in_flight;
       }
       if (ended) {
-        // The sink stopped the request (or a retry diverged): the instance stops serving it and
-        // the lake's pins go now.
+        // The sink stopped the request (or a retry diverged): the instance drops it and releases
+        // its pins in the lake (Engine::Cancel). Released here instead, the instance's next plan
+        // of it would fail first; a lost cancel costs only the rest of the generation, after
+        // which the instance releases them as for any finished request.
         SendCancel(id, lake_request);
-        ReleaseQuietly(lake_request);
         if (delivery.diverged) return DivergedError(id);
         return Finished(delivery, id, attempt, "stop", /*cancelled=*/true);
       }

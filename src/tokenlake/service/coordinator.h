@@ -195,8 +195,8 @@ class Coordinator {
   // tokens and `sink` gets them as they come; without it, once at the end. Failover: a retried
   // attempt regenerates the same tokens (same seed); those `sink` already got are checked equal
   // and skipped (Internal error if a retry diverged). When `sink` returns false the instance is
-  // told to stop (its pins and pool slots are released there; the coordinator releases the
-  // lake's pins at once) and the result has cancelled = true with the tokens `sink` got.
+  // told to stop (it releases the request's pins and pool slots) and the result has
+  // cancelled = true with the tokens `sink` got.
   // `cached_tokens` is set from the instance's first report. Errors: as Complete.
   absl::StatusOr<CompletionResult> CompleteStreaming(const CompletionRequest& request,
                                                      const TokenSink& sink);

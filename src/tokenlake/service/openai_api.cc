@@ -492,7 +492,8 @@ std::string OpenAiResponseJson(const OpenAiAnswerHeader& header,
 }
 
 std::string OpenAiChunkEvent(const OpenAiAnswerHeader& header, int32_t index, std::string_view text,
-                             std::string_view finish_reason, bool role_delta) {
+                             std::string_view finish_reason, bool role_delta,
+                             const std::vector<int32_t>& tokens) {
   ojson j = HeaderJson(header, /*chunk=*/true);
   const ojson finish = finish_reason.empty() ? ojson(nullptr) : ojson(std::string(finish_reason));
   if (header.endpoint == OpenAiEndpoint::kCompletions) {
@@ -500,6 +501,7 @@ std::string OpenAiChunkEvent(const OpenAiAnswerHeader& header, int32_t index, st
                                   {"text", std::string(text)},
                                   {"logprobs", nullptr},
                                   {"finish_reason", finish}}});
+    if (!tokens.empty()) j["choices"][0]["tokens"] = tokens;
   } else {
     ojson delta = ojson::object();
     if (role_delta) {

@@ -120,8 +120,11 @@ std::string OpenAiResponseJson(const OpenAiAnswerHeader& header,
 // One server-sent event of a stream, "data: {...}\n\n": a text_completion or
 // chat.completion.chunk object with one choice. For chat: `role_delta` sends the assistant role
 // (the first chunk of a choice), else `text` is the content delta. `finish_reason` empty = null.
+// For /v1/completions, non-empty `tokens` are sent as "tokens" (the new token ids: what a stream
+// carries when the served model has no tokenizer).
 std::string OpenAiChunkEvent(const OpenAiAnswerHeader& header, int32_t index, std::string_view text,
-                             std::string_view finish_reason, bool role_delta = false);
+                             std::string_view finish_reason, bool role_delta = false,
+                             const std::vector<int32_t>& tokens = {});
 // The usage event of stream_options.include_usage: empty choices and the usage.
 std::string OpenAiUsageEvent(const OpenAiAnswerHeader& header, const OpenAiUsage& usage);
 // The last event: "data: [DONE]\n\n".

@@ -225,6 +225,9 @@ TEST(OpenAiApiTest, FormatsAnswersChunksUsageAndModelsAsOpenAiDoes) {
   EXPECT_EQ(text["object"], "text_completion");
   EXPECT_EQ(text["choices"][0]["index"], 2);
   EXPECT_EQ(text["choices"][0]["text"], "ab");
+  EXPECT_FALSE(text["choices"][0].contains("tokens"));
+  json ids = event(OpenAiChunkEvent(completion, 0, "", "", false, {4, 5}));
+  EXPECT_EQ(ids["choices"][0]["tokens"], json::array({4, 5}));
   json u = event(OpenAiUsageEvent(chat, usage));
   EXPECT_EQ(u["choices"], json::array());
   EXPECT_EQ(u["usage"]["prompt_tokens_details"]["cached_tokens"], 4);

@@ -255,7 +255,13 @@ void OpenAiFrontEnd::AddRoutes(httplib::Server& server) {
             ChoiceText text(tok, request.stop);
             absl::StatusOr<CompletionResult> r = backend_(c, [&](absl::Span<const int32_t> tokens) {
               const std::string piece = text.Push(tokens);
-              if (!piece.empty()) write(OpenAiChunkEvent(header, index, piece, ""));
+              if (tok == nullptr && !chat) {
+                // No tokenizer: the stream carries the token ids.
+                write(OpenAiChunkEvent(header, index, "", "", false,
+                                       std::vector<int32_t>(tokens.begin(), tokens.end())));
+              } else if (!piece.empty()) {
+                write(OpenAiChunkEvent(header, index, piece, ""));
+              }
               return !gone && !text.stopped();
             });
             if (gone) break;  // the backend's request was cancelled: nobody to tell

@@ -15,8 +15,9 @@
 // text is not returned; the backend's request is cancelled at once, so the instance stops
 // computing), or after max_tokens ("length"). Without a tokenizer, text prompts and chat get
 // a 400 saying the served model has none, and token-id prompts are served as before (the
-// answer's `tokens`; empty `text`). A chat template the tokenizer module cannot render (Jinja
-// outside its subset) makes chat requests a 400 naming the construct.
+// answer's `tokens`, and in a stream each chunk's new `tokens`; empty `text`). A chat template the
+// tokenizer module cannot render (Jinja outside its subset) makes chat requests a 400 naming the
+// construct.
 //
 // `stream: true` answers with server-sent events in OpenAI's chunk format (for chat the first
 // chunk of a choice carries the assistant role; the last one finish_reason; with
