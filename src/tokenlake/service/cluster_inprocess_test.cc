@@ -691,5 +691,32 @@ TEST_F(InProcessClusterTest, AClientThatHangsUpMidStreamFreesItsRequest) {
   ExpectEverythingReleased(*coordinator_, instances_);
 }
 
+TEST_F(InProcessClusterTest, AStreamThatFailsOverSendsEveryTokenOnce) {
+  const std::vector<int32_t> prompt = Prompt(6);
+  std::vector<int32_t> streamed;
+  int32_t killed = -1;
+  auto r = coordinator_->CompleteStreaming(
+      {.prompt = prompt, .max_tokens = 40, .stream = true}, [&](absl::Span<const int32_t> tokens) {
+        streamed.insert(streamed.end(), tokens.begin(), tokens.end());
+        if (killed < 0 && streamed.size() >= 3) {
+          // The computing instance dies mid-stream: the request fails over to the other one,
+          // which regenerates the same tokens; those already sent must not come again.
+          for (int32_t i = 0; i < 2 && killed < 0; ++i) {
+            if (instances_[static_cast<size_t>(i)]->requests_running() > 0) {
+              instances_[static_cast<size_t>(i)]->Shutdown();
+              killed = i;
+            }
+          }
+        }
+        return true;
+      });
+  ASSERT_GE(killed, 0);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->attempts, 2);
+  EXPECT_NE(r->instance, killed);
+  EXPECT_EQ(streamed, Expected(prompt, 40));
+  EXPECT_EQ(r->tokens, streamed);
+}
+
 }  // namespace
 }  // namespace tokenlake::service
