@@ -29,7 +29,9 @@
 #include "absl/time/clock.h"
 #include "command.h"
 #include "flag_checks.h"
+#include "tokenlake/engine/llama_config.h"
 #include "tokenlake/service/local_cluster.h"
+#include "tokenlake/tokenizer/tokenizer.h"
 
 namespace tokenlake::cli {
 namespace {
@@ -115,6 +117,22 @@ int RunServe(const ServeFlags& f) {
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // The checkpoint's tokenizer must fit the model (the coordinator refuses it too, but its
+  // reason would only be in its log).
+  if (auto config = engine::LoadLlamaConfig(f.model + "/config.json"); config.ok()) {
+    auto tok = tokenizer::Tokenizer::FromDir(f.model);
+    if (!tok.ok() && tok.status().code() != absl::StatusCode::kNotFound) {
+      std::cerr << "tokenlake serve: cannot load the tokenizer of " << f.model << ": "
+                << tok.status().message() << "\n";
+      return 1;
+    }
+    if (tok.ok() && (*tok)->vocab_size() > config->vocab_size) {
+      std::cerr << "tokenlake serve: the tokenizer (" << (*tok)->source() << ") knows ids up to "
+                << (*tok)->vocab_size() - 1 << ", the model's vocabulary has only "
+                << config->vocab_size << " rows\n";
+      return 1;
+    }
+  }
   service::LocalClusterOptions o;
   o.binary = service::SelfExecutable();
   o.model = std::filesystem::absolute(f.model).string();
