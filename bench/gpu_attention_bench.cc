@@ -2,7 +2,7 @@
 // evaluation: GQA 32 query / 8 KV heads, head_dim 128, bf16, a 32K-token pooled prefix in
 // scattered segment slots. Prints a table and writes JSON (argv[1], default
 // gpu_attention_bench.json). bench/gpu_attention.sh runs it beside PyTorch SDPA (sdpa_bench.py)
-// in the same device session and bench/gpu_report.py compares the two.
+// in the same run on the same GPU, and bench/gpu_report.py compares the two.
 //
 // Timings: CUDA events around each call, median of 50 after 5 warm-ups; two KV sets alternate.
 #include <cstdio>
@@ -20,8 +20,8 @@ namespace tl = tokenlake::attention::cuda;
 int main(int argc, char** argv) {
   const std::string out_path = argc > 1 ? argv[1] : "gpu_attention_bench.json";
   if (out_path == "--profile-json" && argc > 2) {
-    // The same measurement as `tokenlake profile --json FILE` (for machines where only this
-    // binary is carried).
+    // The same measurement as `tokenlake profile --json FILE`, for an install that has the GPU
+    // benchmarks but not the CLI.
     auto json = tl::MeasureGpuProfileJson({1, 64, 256, 1024, 4096, 16384}, 10);
     if (!json.ok()) {
       std::fprintf(stderr, "profile: %s\n", json.status().ToString().c_str());

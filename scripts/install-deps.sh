@@ -8,16 +8,17 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libabsl-dev libcli11-dev nlohmann-json3-dev libxxhash-dev
   zlib1g-dev  # sim: gzip-compressed traces
-  libssl-dev  # transport: the cluster secret's HMAC-SHA256 and random numbers
+  libssl-dev openssl  # transport: the cluster secret's HMAC, TLS; openssl verifies in tests
   libpcre2-dev libicu-dev  # tokenizer: pre-tokenizer regexes, Unicode normalization
   # service: gRPC control plane, HTTP front end (cpp-httplib is built with brotli support),
   # libFuzzer targets (clang 14)
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libcpp-httplib-dev
   libbrotli-dev clang-14 libclang-rt-14-dev
   clang-format-14 clang-tidy-14  # make check
+  etcd-server  # service: membership and leader election (its tests run a real etcd)
   # the Python package: pybind11 extension, its tests, `pip install .` offline
   pybind11-dev python3-dev python3-pytest python3-numpy python3-pip python3-venv python3-setuptools
-  curl
+  curl  # the OpenAI client test waits for /healthz
 )
 # The OpenAI client test (tests/openai_client: the `openai` npm package, installed by npm into
 # the build tree): Node and npm from Debian, unless node and npm are already on the PATH (a Node

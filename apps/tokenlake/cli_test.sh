@@ -321,5 +321,17 @@ if "$bin" --help 2>&1 | grep -q tokenize; then
   fi
 fi
 
+# TLS files for a cluster: a CA and a host certificate, then a second host signed by that CA.
+expect "certs makes a CA and a host certificate" 0 '"new_ca":true.*"198.51.100.4"' -- \
+  "$bin" certs --out "$tmp/tls-a" --host node-a --host 198.51.100.4
+expect "certs signs a second host with the first's CA" 0 '"new_ca":false.*"node-b"' -- \
+  "$bin" certs --out "$tmp/tls-b" --host node-b --ca "$tmp/tls-a"
+expect "the second host's certificate verifies against the CA" 0 "OK" -- \
+  openssl verify -CAfile "$tmp/tls-a/ca.pem" "$tmp/tls-b/cert.pem"
+expect "certs refuses a host that is not a name or an address" 2 "'no such host!'" -- \
+  "$bin" certs --out "$tmp/tls-c" --host "no such host!"
+expect "certs names a CA folder without a CA key" 2 "tls-b/ca-key.pem" -- \
+  "$bin" certs --out "$tmp/tls-c" --ca "$tmp/tls-b"
+
 echo "cli: $passes passed, $failures failed"
 [ "$failures" -eq 0 ]

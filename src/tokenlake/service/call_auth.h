@@ -10,8 +10,11 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <atomic>
+#include <cstdint>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "absl/status/statusor.h"
 
@@ -29,6 +32,23 @@ void AuthorizeCall(grpc::ClientContext* context, const std::string& secret,
 // UNAUTHENTICATED saying why (no token, malformed, stale, wrong secret).
 grpc::Status CheckCall(const grpc::ServerContext* context, const std::string& secret,
                        std::string_view method);
+
+// CheckCall with one secret, counting the calls it refuses (the coordinator's gRPC services
+// share one). Thread-safe.
+class CallAuthenticator {
+ public:
+  explicit CallAuthenticator(std::string secret) : secret_(std::move(secret)) {}
+  grpc::Status Check(const grpc::ServerContext* context, std::string_view method) {
+    grpc::Status s = CheckCall(context, secret_, method);
+    if (!s.ok()) refused_.fetch_add(1, std::memory_order_relaxed);
+    return s;
+  }
+  int64_t refused() const { return refused_.load(std::memory_order_relaxed); }
+
+ private:
+  const std::string secret_;
+  std::atomic<int64_t> refused_{0};
+};
 
 // The cluster secret handed to this process in the environment (transport::kClusterSecretEnv,
 // hex), removed from the environment (and overwritten in /proc/<pid>/environ) once read. Empty when

@@ -60,6 +60,13 @@
 //
 // Everything listens on 127.0.0.1 only; ports 0 mean "any free port" (see the accessors).
 //
+// The parts, each with its own contract, that this class wires together: membership.h (the
+// member table and its life cycle), membership_service.h (Register / Heartbeat over gRPC),
+// reconciler.h (the lake under its lock; instance reports reconciled with it), router.h (the
+// computing instance), request_path.h (send, deadline, retry / failover, replies),
+// rebalancer.h, lake_service.h (the Lake RPCs), http_front_end.h (the HTTP server; the route
+// table is in coordinator.cc) and coordinator_metrics.h (/metrics and /healthz).
+//
 // Thread-safety: thread-safe. Shutdown (or the destructor) stops every thread.
 #ifndef TOKENLAKE_SERVICE_COORDINATOR_H_
 #define TOKENLAKE_SERVICE_COORDINATOR_H_
@@ -78,22 +85,11 @@
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/plan/cost_model.h"
 #include "tokenlake/service/completion_api.h"
+#include "tokenlake/service/protocol.h"
 #include "tokenlake/tokenizer/tokenizer.h"
 #include "tokenlake/transport/fault_transport.h"
 
 namespace tokenlake::service {
-
-// Instance ids are [0, kMaxInstances); instance i hosts host-transport endpoint i + 1 and the
-// coordinator hosts endpoint 0.
-inline constexpr int32_t kMaxInstances = 64;
-// Host-transport message tags.
-inline constexpr uint32_t kGenerateRequestTag = 1;
-inline constexpr uint32_t kGenerateReplyTag = 2;
-inline constexpr uint32_t kRebalanceTag = 3;
-// Instance -> coordinator: a streamed request's new tokens (v1::GenerateProgress).
-inline constexpr uint32_t kGenerateProgressTag = 4;
-// Coordinator -> instance: stop serving a request (v1::CancelGenerate).
-inline constexpr uint32_t kCancelTag = 5;
 
 struct CoordinatorOptions {
   // Request limits (vocabulary, context, max_tokens) checked before anything is routed.

@@ -1,7 +1,5 @@
 #include "tokenlake/service/openai_front_end.h"
 
-#include <httplib.h>
-
 #include <atomic>
 #include <random>
 #include <utility>
@@ -177,15 +175,14 @@ absl::StatusOr<OpenAiFrontEnd::Prepared> OpenAiFrontEnd::Prepare(
   return out;
 }
 
-void OpenAiFrontEnd::AddRoutes(httplib::Server& server) {
-  auto refuse = [this](httplib::Response& res, const absl::Status& s) {
+std::vector<HttpRoute> OpenAiFrontEnd::Routes() {
+  auto refuse = [this](HttpResponse& res, const absl::Status& s) {
     const int http = HttpStatusFor(s);
     if (on_refused_) on_refused_(http);
     res.status = http;
-    res.set_content(OpenAiErrorJson(s), "application/json");
+    res.body = OpenAiErrorJson(s);
   };
-  auto handle = [this, refuse](OpenAiEndpoint endpoint, const httplib::Request& req,
-                               httplib::Response& res) {
+  auto handle = [this, refuse](OpenAiEndpoint endpoint, const HttpRequest& req, HttpResponse& res) {
     absl::StatusOr<OpenAiRequest> parsed = ParseOpenAiRequest(req.body, endpoint, options_.limits);
     if (!parsed.ok()) return refuse(res, parsed.status());
     absl::StatusOr<Prepared> prepared = Prepare(*parsed);
@@ -213,7 +210,7 @@ void OpenAiFrontEnd::AddRoutes(httplib::Server& server) {
         });
         if (!r.ok()) {
           res.status = HttpStatusFor(r.status());
-          res.set_content(OpenAiErrorJson(r.status()), "application/json");
+          res.body = OpenAiErrorJson(r.status());
           return;
         }
         text.Finish();
@@ -227,74 +224,71 @@ void OpenAiFrontEnd::AddRoutes(httplib::Server& server) {
         last = *std::move(r);
       }
       res.status = 200;
-      res.set_content(
-          OpenAiResponseJson(header, choices, usage,
-                             {{"instance", last.instance}, {"attempts", last.attempts}}),
-          "application/json");
+      res.body = OpenAiResponseJson(header, choices, usage,
+                                    {{"instance", last.instance}, {"attempts", last.attempts}});
       return;
     }
     // Streamed: the 200 and the events go out as the tokens come.
     res.status = 200;
-    res.set_header("Cache-Control", "no-cache");
+    res.content_type = "text/event-stream";
+    res.headers.emplace_back("Cache-Control", "no-cache");
     auto run = std::make_shared<std::pair<OpenAiRequest, Prepared>>(*std::move(parsed),
                                                                     *std::move(prepared));
-    res.set_chunked_content_provider(
-        "text/event-stream", [this, run, header, tok](size_t, httplib::DataSink& sink) {
-          const OpenAiRequest& request = run->first;
-          const bool chat = request.endpoint == OpenAiEndpoint::kChatCompletions;
-          bool gone = false;
-          auto write = [&](const std::string& event) {
-            if (!gone && !sink.write(event.data(), event.size())) gone = true;
-            return !gone;
-          };
-          OpenAiUsage usage;
-          for (size_t i = 0; i < run->second.requests.size() && !gone; ++i) {
-            const int32_t index = static_cast<int32_t>(i);
-            const CompletionRequest& c = run->second.requests[i];
-            if (chat) write(OpenAiChunkEvent(header, index, "", "", /*role_delta=*/true));
-            ChoiceText text(tok, request.stop);
-            absl::StatusOr<CompletionResult> r = backend_(c, [&](absl::Span<const int32_t> tokens) {
-              const std::string piece = text.Push(tokens);
-              if (tok == nullptr && !chat) {
-                // No tokenizer: the stream carries the token ids.
-                write(OpenAiChunkEvent(header, index, "", "", false,
-                                       std::vector<int32_t>(tokens.begin(), tokens.end())));
-              } else if (!piece.empty()) {
-                write(OpenAiChunkEvent(header, index, piece, ""));
-              }
-              return !gone && !text.stopped();
-            });
-            if (gone) break;  // the backend's request was cancelled: nobody to tell
-            if (!r.ok()) {
-              write(OpenAiErrorEvent(r.status()));
-              sink.done();
-              return true;
-            }
-            const std::string rest = text.Finish();
-            if (!rest.empty()) write(OpenAiChunkEvent(header, index, rest, ""));
-            write(OpenAiChunkEvent(header, index, "", text.stopped() ? "stop" : r->finish_reason));
-            usage.prompt_tokens += static_cast<int64_t>(c.prompt.size());
-            usage.completion_tokens += static_cast<int64_t>(r->tokens.size());
-            usage.cached_tokens += r->cached_tokens;
+    res.stream = [this, run, header, tok](const std::function<bool(std::string_view)>& send) {
+      const OpenAiRequest& request = run->first;
+      const bool chat = request.endpoint == OpenAiEndpoint::kChatCompletions;
+      bool gone = false;
+      auto write = [&](const std::string& event) {
+        if (!gone && !send(event)) gone = true;
+        return !gone;
+      };
+      OpenAiUsage usage;
+      for (size_t i = 0; i < run->second.requests.size() && !gone; ++i) {
+        const int32_t index = static_cast<int32_t>(i);
+        const CompletionRequest& c = run->second.requests[i];
+        if (chat) write(OpenAiChunkEvent(header, index, "", "", /*role_delta=*/true));
+        ChoiceText text(tok, request.stop);
+        absl::StatusOr<CompletionResult> r = backend_(c, [&](absl::Span<const int32_t> tokens) {
+          const std::string piece = text.Push(tokens);
+          if (tok == nullptr && !chat) {
+            // No tokenizer: the stream carries the token ids.
+            write(OpenAiChunkEvent(header, index, "", "", false,
+                                   std::vector<int32_t>(tokens.begin(), tokens.end())));
+          } else if (!piece.empty()) {
+            write(OpenAiChunkEvent(header, index, piece, ""));
           }
-          if (gone) return false;  // closes the connection
-          if (request.include_usage) write(OpenAiUsageEvent(header, usage));
-          write(OpenAiDoneEvent());
-          sink.done();
-          return true;
+          return !gone && !text.stopped();
         });
+        if (gone) break;  // the backend's request was cancelled: nobody to tell
+        if (!r.ok()) {
+          write(OpenAiErrorEvent(r.status()));
+          return;
+        }
+        const std::string rest = text.Finish();
+        if (!rest.empty()) write(OpenAiChunkEvent(header, index, rest, ""));
+        write(OpenAiChunkEvent(header, index, "", text.stopped() ? "stop" : r->finish_reason));
+        usage.prompt_tokens += static_cast<int64_t>(c.prompt.size());
+        usage.completion_tokens += static_cast<int64_t>(r->tokens.size());
+        usage.cached_tokens += r->cached_tokens;
+      }
+      if (gone) return;
+      if (request.include_usage) write(OpenAiUsageEvent(header, usage));
+      write(OpenAiDoneEvent());
+    };
   };
-  server.Post("/v1/completions", [handle](const httplib::Request& req, httplib::Response& res) {
-    handle(OpenAiEndpoint::kCompletions, req, res);
-  });
-  server.Post("/v1/chat/completions",
-              [handle](const httplib::Request& req, httplib::Response& res) {
-                handle(OpenAiEndpoint::kChatCompletions, req, res);
-              });
   const int64_t created = absl::ToUnixSeconds(absl::Now());
-  server.Get("/v1/models", [this, created](const httplib::Request&, httplib::Response& res) {
-    res.set_content(OpenAiModelsJson(options_.model_id, created), "application/json");
-  });
+  std::vector<HttpRoute> routes;
+  routes.push_back({"POST", "/v1/completions", [handle](const HttpRequest& req, HttpResponse* res) {
+                      handle(OpenAiEndpoint::kCompletions, req, *res);
+                    }});
+  routes.push_back(
+      {"POST", "/v1/chat/completions", [handle](const HttpRequest& req, HttpResponse* res) {
+         handle(OpenAiEndpoint::kChatCompletions, req, *res);
+       }});
+  routes.push_back({"GET", "/v1/models", [this, created](const HttpRequest&, HttpResponse* res) {
+                      res->body = OpenAiModelsJson(options_.model_id, created);
+                    }});
+  return routes;
 }
 
 }  // namespace tokenlake::service

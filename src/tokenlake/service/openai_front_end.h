@@ -24,8 +24,8 @@
 // stream_options.include_usage a usage chunk follows) and ends with `data: [DONE]`. Errors
 // found before generation starts are HTTP 4xx/5xx with OpenAI's error body; an error after the
 // stream started is sent as an error event and ends the stream. A client that goes away
-// mid-stream is noticed at the next write: the backend's request is cancelled (its pins and
-// pool slots are released on the instance).
+// mid-stream is noticed at the next write (HttpResponse::stream's write returns false): the
+// backend's request is cancelled (its pins and pool slots are released on the instance).
 //
 // Usage: prompt_tokens, completion_tokens (the generated ids, a stop token included) and
 // prompt_tokens_details.cached_tokens (prompt tokens served from the pool).
@@ -40,17 +40,15 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "tokenlake/service/completion_api.h"
+#include "tokenlake/service/http_front_end.h"
 #include "tokenlake/service/openai_api.h"
 #include "tokenlake/tokenizer/chat_template.h"
 #include "tokenlake/tokenizer/tokenizer.h"
-
-namespace httplib {
-class Server;
-}
 
 namespace tokenlake::service {
 
@@ -79,9 +77,8 @@ class OpenAiFrontEnd {
   static absl::StatusOr<std::unique_ptr<OpenAiFrontEnd>> Create(
       const OpenAiFrontEndOptions& options, Backend backend, RefusalCounter on_refused);
 
-  // Adds the three routes to `server` (which must outlive nothing of this object's: the
-  // routes borrow `this`, so this object must outlive the server's serving).
-  void AddRoutes(httplib::Server& server);
+  // The three routes, for HttpFrontEnd (they borrow `this`, which must outlive the server).
+  std::vector<HttpRoute> Routes();
 
   // Why chat requests are refused ("" when they are served): no tokenizer, no chat template,
   // or a template outside the supported Jinja subset.

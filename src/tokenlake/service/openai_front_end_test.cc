@@ -4,14 +4,11 @@
 // outside the Jinja subset, a tokenizer the vocabulary does not cover).
 #include "tokenlake/service/openai_front_end.h"
 
-#include <httplib.h>
-
 #include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "gmock/gmock.h"
@@ -57,14 +54,13 @@ class FrontEndTest : public testing::Test {
         [this](int) { ++refused_; });
     ASSERT_TRUE(fe.ok()) << fe.status();
     front_end_ = std::move(*fe);
-    front_end_->AddRoutes(server_);
-    port_ = server_.bind_to_any_port("127.0.0.1");
-    ASSERT_GT(port_, 0);
-    thread_ = std::thread([this] { server_.listen_after_bind(); });
+    auto http = HttpFrontEnd::Start({.port = 0}, front_end_->Routes());
+    ASSERT_TRUE(http.ok()) << http.status();
+    http_ = std::move(*http);
+    port_ = http_->port();
   }
   void TearDown() override {
-    server_.stop();
-    if (thread_.joinable()) thread_.join();
+    if (http_ != nullptr) http_->Shutdown();
   }
 
   // The fake backend: the answer's tokens, one at a time, up to max_tokens.
@@ -110,8 +106,7 @@ class FrontEndTest : public testing::Test {
   std::atomic<int> refused_{0};
   std::atomic<int> cancelled_{0};
   std::unique_ptr<OpenAiFrontEnd> front_end_;
-  httplib::Server server_;
-  std::thread thread_;
+  std::unique_ptr<HttpFrontEnd> http_;
   int port_ = 0;
 };
 

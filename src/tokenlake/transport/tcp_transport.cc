@@ -16,6 +16,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "tokenlake/transport/cluster_secret.h"
+#include "tokenlake/transport/socket_stream.h"
 
 namespace tokenlake::transport {
 namespace {
@@ -47,86 +48,22 @@ constexpr absl::Duration kHealthWindow = absl::Seconds(2);
 constexpr char kClientLabel[] = "tokenlake transport handshake client";
 constexpr char kServerLabel[] = "tokenlake transport handshake server";
 
-// Writes all of [data, data+size). False on error or timeout (SO_SNDTIMEO).
-bool WriteAll(int fd, const void* data, size_t size) {
-  const auto* p = static_cast<const std::byte*>(data);
-  while (size > 0) {
-    const ssize_t n = ::send(fd, p, size, MSG_NOSIGNAL);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
-    p += n;
-    size -= static_cast<size_t>(n);
-  }
-  return true;
-}
-
-enum class Io { kOk, kEof, kTimeout, kError };
-
-// Waits until `fd` is readable (or hung up) or `deadline` passes (InfiniteFuture: no limit; a
-// shutdown(2) of the socket wakes it).
-Io WaitReadable(int fd, absl::Time deadline) {
-  while (true) {
-    int ms = -1;
-    if (deadline != absl::InfiniteFuture()) {
-      const absl::Duration left = deadline - absl::Now();
-      if (left <= absl::ZeroDuration()) return Io::kTimeout;
-      ms = static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(left) + 1, 1000));
-    }
-    pollfd p{.fd = fd, .events = POLLIN, .revents = 0};
-    const int r = ::poll(&p, 1, ms);
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      return Io::kError;
-    }
-    if (r > 0) return Io::kOk;
-  }
-}
-
-// Reads exactly `size` bytes by `deadline`. *got = bytes read (also on failure).
-Io ReadExact(int fd, void* data, size_t size, absl::Time deadline, size_t* got) {
-  auto* p = static_cast<std::byte*>(data);
-  *got = 0;
-  while (*got < size) {
-    if (const Io w = WaitReadable(fd, deadline); w != Io::kOk) return w;
-    const ssize_t n = ::recv(fd, p + *got, size - *got, MSG_DONTWAIT);
-    if (n == 0) return Io::kEof;
-    if (n < 0) {
-      if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK) continue;
-      return Io::kError;
-    }
-    *got += static_cast<size_t>(n);
-  }
-  return Io::kOk;
-}
-
-Io ReadExact(int fd, void* data, size_t size, absl::Time deadline) {
-  size_t got = 0;
-  return ReadExact(fd, data, size, deadline, &got);
-}
-
-void SetTimeouts(int fd, absl::Duration timeout) {
-  const timeval tv = absl::ToTimeval(timeout);
-  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-  const int one = 1;
-  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-}
+using Io = SocketStream::Io;
 
 std::string_view AsView(const unsigned char* p, size_t n) {
   return {reinterpret_cast<const char*>(p), n};
 }
 
 // The acceptor's side of the handshake (see the header).
-absl::Status ServerHandshake(int fd, const std::string& secret, absl::Time deadline) {
+absl::Status ServerHandshake(SocketStream& stream, const std::string& secret, absl::Time deadline) {
   unsigned char hello[4 + kNonceBytes];
   PutU32(reinterpret_cast<std::byte*>(hello), kHandshakeMagic);
   RandomBytes(hello + 4, kNonceBytes);
-  if (!WriteAll(fd, hello, sizeof(hello))) {
+  if (!stream.WriteAll(hello, sizeof(hello), deadline - absl::Now())) {
     return absl::UnavailableError("handshake: cannot write the challenge");
   }
   unsigned char answer[kNonceBytes + 32];
-  const Io r = ReadExact(fd, answer, sizeof(answer), deadline);
+  const Io r = stream.ReadExact(answer, sizeof(answer), deadline);
   if (r == Io::kTimeout) return absl::UnauthenticatedError("handshake: no answer in time");
   if (r != Io::kOk) return absl::UnauthenticatedError("handshake: the peer hung up");
   unsigned char both[2 * kNonceBytes];
@@ -139,16 +76,16 @@ absl::Status ServerHandshake(int fd, const std::string& secret, absl::Time deadl
         "handshake: the peer does not know the cluster secret (wrong MAC)");
   }
   const Mac mine = HmacSha256(secret, kServerLabel, AsView(both, sizeof(both)));
-  if (!WriteAll(fd, mine.data(), mine.size())) {
+  if (!stream.WriteAll(mine.data(), mine.size(), deadline - absl::Now())) {
     return absl::UnavailableError("handshake: cannot write the proof");
   }
   return absl::OkStatus();
 }
 
 // The dialler's side of the handshake.
-absl::Status ClientHandshake(int fd, const std::string& secret, absl::Time deadline) {
+absl::Status ClientHandshake(SocketStream& stream, const std::string& secret, absl::Time deadline) {
   unsigned char hello[4 + kNonceBytes];
-  const Io r = ReadExact(fd, hello, sizeof(hello), deadline);
+  const Io r = stream.ReadExact(hello, sizeof(hello), deadline);
   if (r != Io::kOk || GetU32(reinterpret_cast<const std::byte*>(hello)) != kHandshakeMagic) {
     return absl::UnauthenticatedError(
         r == Io::kTimeout ? "handshake: no challenge in time (a peer without a cluster secret?)"
@@ -161,11 +98,11 @@ absl::Status ClientHandshake(int fd, const std::string& secret, absl::Time deadl
   std::memcpy(answer, both + kNonceBytes, kNonceBytes);
   const Mac mine = HmacSha256(secret, kClientLabel, AsView(both, sizeof(both)));
   std::memcpy(answer + kNonceBytes, mine.data(), mine.size());
-  if (!WriteAll(fd, answer, sizeof(answer))) {
+  if (!stream.WriteAll(answer, sizeof(answer), deadline - absl::Now())) {
     return absl::UnavailableError("handshake: cannot write the answer");
   }
   Mac proof;
-  if (ReadExact(fd, proof.data(), proof.size(), deadline) != Io::kOk) {
+  if (stream.ReadExact(proof.data(), proof.size(), deadline) != Io::kOk) {
     return absl::UnauthenticatedError(
         "handshake: the peer refused the answer (a different cluster secret?)");
   }
@@ -181,25 +118,6 @@ bool IsResourceError(int err) {
 }
 
 int64_t NowNs() { return absl::ToUnixNanos(absl::Now()); }
-
-// Connects a socket to 127.0.0.1:port (with `timeout` on connect and writes). Returns the fd,
-// or -1 with errno set.
-int ConnectLoopback(int32_t port, absl::Duration timeout) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return -1;
-  SetTimeouts(fd, timeout);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-    const int err = errno;
-    ::close(fd);
-    errno = err;
-    return -1;
-  }
-  return fd;
-}
 
 }  // namespace
 
@@ -221,6 +139,12 @@ absl::StatusOr<std::unique_ptr<TcpTransport>> TcpTransport::Create(const Options
       options.handshake_timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError(
         "TcpTransport: io_timeout, idle_timeout, frame_timeout and handshake_timeout must be > 0");
+  }
+  if (options.listen && !IsLoopbackHost(options.listen_host) && options.tls == nullptr &&
+      !options.allow_insecure) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "TcpTransport: listening on %s, beyond this machine, needs TLS (or allow_insecure)",
+        options.listen_host));
   }
   if (options.max_connections < 1) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -269,28 +193,12 @@ TcpTransport::~TcpTransport() { Shutdown(); }
 
 absl::Status TcpTransport::Listen() {
   if (!options_.listen) return absl::OkStatus();
-  listen_fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (listen_fd_ < 0) {
-    return absl::UnavailableError(
-        absl::StrFormat("TcpTransport: socket: %s", std::strerror(errno)));
-  }
-  const int one = 1;
-  ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = htons(static_cast<uint16_t>(options_.port));
-  if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      ::listen(listen_fd_, 64) != 0) {
-    const std::string err = std::strerror(errno);
-    ::close(listen_fd_);
-    listen_fd_ = -1;
-    return absl::UnavailableError(
-        absl::StrFormat("TcpTransport: cannot listen on 127.0.0.1:%d: %s", options_.port, err));
-  }
-  socklen_t len = sizeof(addr);
-  ::getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&addr), &len);
-  port_ = ntohs(addr.sin_port);
+  // A backlog for bursts of dialling peers (the kernel caps it at somaxconn).
+  absl::StatusOr<int> fd =
+      ListenTcp(HostPort{.host = options_.listen_host, .port = options_.port}, 4096, &port_);
+  if (!fd.ok())
+    return absl::UnavailableError(absl::StrCat("TcpTransport: ", fd.status().message()));
+  listen_fd_ = *fd;
   return absl::OkStatus();
 }
 
@@ -334,9 +242,8 @@ void TcpTransport::AcceptLoop() {
                                          options_.max_connections));
       continue;
     }
-    SetTimeouts(fd, options_.io_timeout);
     auto conn = std::make_shared<Conn>();
-    conn->fd = fd;
+    conn->stream = std::make_unique<SocketStream>(fd, options_.tls);
     conn->last_activity_ns.store(NowNs());
     if (!Adopt(std::move(conn)).ok()) break;
   }
@@ -345,8 +252,7 @@ void TcpTransport::AcceptLoop() {
 absl::Status TcpTransport::Adopt(std::shared_ptr<Conn> conn) {
   absl::MutexLock lock(&conn_mu_);
   if (shut_down_.load()) {
-    ::close(conn->fd);
-    conn->fd = -1;
+    conn->stream.reset();
     return absl::UnavailableError("TcpTransport: shut down");
   }
   Conn* raw = conn.get();
@@ -371,8 +277,7 @@ void TcpTransport::Reap() {
     if (c->reader.joinable()) c->reader.join();
     absl::MutexLock lock(&c->write_mu);
     c->closed = true;
-    ::close(c->fd);
-    c->fd = -1;
+    c->stream.reset();
   }
 }
 
@@ -380,7 +285,7 @@ void TcpTransport::CloseConn(Conn& conn) {
   absl::MutexLock lock(&conn.write_mu);
   if (conn.closed) return;
   conn.closed = true;
-  if (conn.fd >= 0) ::shutdown(conn.fd, SHUT_RDWR);
+  if (conn.stream != nullptr) conn.stream->Shutdown();
 }
 
 void TcpTransport::NoteDrop(std::atomic<int64_t>& counter, const std::string& why) {
@@ -421,9 +326,12 @@ void TcpTransport::ReadLoop(const std::shared_ptr<Conn>& conn) {
 }
 
 void TcpTransport::ReadFrames(const std::shared_ptr<Conn>& conn) {
-  const int fd = conn->fd;  // stays open until this thread is joined
-  if (!conn->dialled && !options_.secret.empty()) {
-    absl::Status h = ServerHandshake(fd, options_.secret, absl::Now() + options_.handshake_timeout);
+  // The stream stays open until this thread is joined.
+  SocketStream& stream = *conn->stream;
+  if (!conn->dialled) {
+    const absl::Time deadline = absl::Now() + options_.handshake_timeout;
+    absl::Status h = stream.Accept(deadline);
+    if (h.ok() && !options_.secret.empty()) h = ServerHandshake(stream, options_.secret, deadline);
     if (!h.ok()) {
       NoteDrop(auth_failures_, absl::StrCat("TcpTransport: connection refused: ", h.message()));
       return;
@@ -436,7 +344,7 @@ void TcpTransport::ReadFrames(const std::shared_ptr<Conn>& conn) {
     if (!conn->dialled) {
       const absl::Time idle_deadline =
           absl::FromUnixNanos(conn->last_activity_ns.load()) + options_.idle_timeout;
-      const Io w = WaitReadable(fd, idle_deadline);
+      const Io w = stream.WaitReadable(idle_deadline);
       if (w == Io::kTimeout) {
         if (absl::FromUnixNanos(conn->last_activity_ns.load()) + options_.idle_timeout >
             absl::Now()) {
@@ -451,11 +359,11 @@ void TcpTransport::ReadFrames(const std::shared_ptr<Conn>& conn) {
     size_t got = 0;
     const absl::Time frame_deadline =
         conn->dialled ? absl::InfiniteFuture() : absl::Now() + options_.frame_timeout;
-    Io r = ReadExact(fd, header, 1, conn->dialled ? absl::InfiniteFuture() : frame_deadline);
+    Io r = stream.ReadExact(header, 1, conn->dialled ? absl::InfiniteFuture() : frame_deadline);
     if (r != Io::kOk) return;  // an orderly close (or shutdown) between frames
     const absl::Time deadline =
         conn->dialled ? absl::Now() + options_.frame_timeout : frame_deadline;
-    r = ReadExact(fd, header + 1, kHeaderBytes - 1, deadline, &got);
+    r = stream.ReadExact(header + 1, kHeaderBytes - 1, deadline, &got);
     auto incomplete = [&](Io io) {
       if (io == Io::kTimeout) {
         NoteDrop(timed_out_,
@@ -502,7 +410,7 @@ void TcpTransport::ReadFrames(const std::shared_ptr<Conn>& conn) {
         m.payload.resize(static_cast<size_t>(
             std::min<uint64_t>(size, std::max<uint64_t>(2 * have, have + kReadChunk))));
       }
-      r = ReadExact(fd, m.payload.data() + have, m.payload.size() - have, deadline, &got);
+      r = stream.ReadExact(m.payload.data() + have, m.payload.size() - have, deadline, &got);
       have += got;
       if (r != Io::kOk) {
         incomplete(r);
@@ -527,23 +435,28 @@ absl::Status TcpTransport::Deliver(Message message) {
 }
 
 absl::Status TcpTransport::SetPeer(InstanceId endpoint, int32_t port) {
+  return SetPeer(endpoint, HostPort{.host = "127.0.0.1", .port = port});
+}
+
+absl::Status TcpTransport::SetPeer(InstanceId endpoint, const HostPort& address) {
   if (!InRange(endpoint) || IsLocal(endpoint) || AnsweredOnIncoming(endpoint)) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "TcpTransport::SetPeer: endpoint %d is out of range [0, %d), hosted here or answered on "
         "its own connections",
         static_cast<int64_t>(endpoint.value()), options_.num_endpoints));
   }
-  if (port < 1 || port > 65535) {
+  if (address.port < 1 || address.port > 65535 || address.host.empty()) {
     return absl::InvalidArgumentError(
-        absl::StrFormat("TcpTransport::SetPeer: port must be in [1, 65535], got %d", port));
+        absl::StrFormat("TcpTransport::SetPeer: address %s needs a host and a port in [1, 65535]",
+                        address.ToString()));
   }
   Peer& peer = *peers_[endpoint.value()];
   absl::MutexLock lock(&peer.mu);
-  if (peer.conn != nullptr && peer.port != port) {
+  if (peer.conn != nullptr && !(peer.address == address)) {
     CloseConn(*peer.conn);
     peer.conn.reset();
   }
-  peer.port = port;
+  peer.address = address;
   return absl::OkStatus();
 }
 
@@ -553,7 +466,7 @@ void TcpTransport::ClearPeer(InstanceId endpoint) {
   absl::MutexLock lock(&peer.mu);
   if (peer.conn != nullptr) CloseConn(*peer.conn);
   peer.conn.reset();
-  peer.port = 0;
+  peer.address.port = 0;
 }
 
 Capabilities TcpTransport::capabilities() const {
@@ -564,28 +477,30 @@ Capabilities TcpTransport::capabilities() const {
                       .max_payload_bytes = options_.max_payload_bytes};
 }
 
-absl::StatusOr<std::shared_ptr<TcpTransport::Conn>> TcpTransport::Dial(int32_t port,
+absl::StatusOr<std::shared_ptr<TcpTransport::Conn>> TcpTransport::Dial(const HostPort& address,
                                                                        InstanceId to) {
-  const int fd = ConnectLoopback(port, options_.io_timeout);
-  if (fd < 0) {
-    const int err = errno;
-    if (IsResourceError(err)) NoteResourceError("open", err);
-    return absl::UnavailableError(
-        absl::StrFormat("TcpTransport::Send: cannot connect to endpoint %d at 127.0.0.1:%d: %s",
-                        static_cast<int64_t>(to.value()), port, std::strerror(err)));
+  const absl::Time deadline = absl::Now() + options_.io_timeout;
+  absl::StatusOr<int> fd = ConnectTcp(address, deadline);
+  if (!fd.ok()) {
+    if (absl::IsResourceExhausted(fd.status())) NoteResourceError("open", errno);
+    return absl::UnavailableError(absl::StrFormat("TcpTransport::Send: endpoint %d: %s",
+                                                  static_cast<int64_t>(to.value()),
+                                                  fd.status().message()));
   }
-  if (!options_.secret.empty()) {
-    absl::Status h = ClientHandshake(fd, options_.secret, absl::Now() + options_.handshake_timeout);
-    if (!h.ok()) {
-      ::close(fd);
-      auth_failures_.fetch_add(1);
-      return absl::UnavailableError(
-          absl::StrFormat("TcpTransport::Send: endpoint %d at 127.0.0.1:%d: %s",
-                          static_cast<int64_t>(to.value()), port, h.message()));
-    }
+  auto stream = std::make_unique<SocketStream>(*fd, options_.tls);
+  const absl::Time handshake_deadline = absl::Now() + options_.handshake_timeout;
+  absl::Status h = stream->Connect(address.host, handshake_deadline);
+  if (h.ok() && !options_.secret.empty()) {
+    h = ClientHandshake(*stream, options_.secret, handshake_deadline);
+  }
+  if (!h.ok()) {
+    auth_failures_.fetch_add(1);
+    return absl::UnavailableError(absl::StrFormat("TcpTransport::Send: endpoint %d at %s: %s",
+                                                  static_cast<int64_t>(to.value()),
+                                                  address.ToString(), h.message()));
   }
   auto conn = std::make_shared<Conn>();
-  conn->fd = fd;
+  conn->stream = std::move(stream);
   conn->dialled = true;
   conn->expected_from = to;
   conn->last_activity_ns.store(NowNs());
@@ -594,7 +509,7 @@ absl::StatusOr<std::shared_ptr<TcpTransport::Conn>> TcpTransport::Dial(int32_t p
 }
 
 absl::Status TcpTransport::WriteFrame(Conn& conn, InstanceId to, const Message& message,
-                                      int32_t port) {
+                                      const std::string& where) {
   std::byte header[kHeaderBytes];
   PutU32(header, kMagic);
   PutU32(header + 4, static_cast<uint32_t>(message.from.value()));
@@ -608,14 +523,14 @@ absl::Status TcpTransport::WriteFrame(Conn& conn, InstanceId to, const Message& 
         absl::StrFormat("TcpTransport::Send: the connection to endpoint %d is closed",
                         static_cast<int64_t>(to.value())));
   }
-  if (!WriteAll(conn.fd, header, kHeaderBytes) ||
-      !WriteAll(conn.fd, message.payload.data(), message.payload.size())) {
-    const std::string err = std::strerror(errno);
+  if (!conn.stream->WriteAll(header, kHeaderBytes, options_.io_timeout) ||
+      !conn.stream->WriteAll(message.payload.data(), message.payload.size(), options_.io_timeout)) {
+    const std::string err = errno != 0 ? std::strerror(errno) : "timed out";
     conn.closed = true;
-    ::shutdown(conn.fd, SHUT_RDWR);
+    conn.stream->Shutdown();
     return absl::UnavailableError(
-        absl::StrFormat("TcpTransport::Send: write to endpoint %d at 127.0.0.1:%d failed: %s",
-                        static_cast<int64_t>(to.value()), port, err));
+        absl::StrFormat("TcpTransport::Send: write to endpoint %d at %s failed: %s",
+                        static_cast<int64_t>(to.value()), where, err));
   }
   conn.last_activity_ns.store(NowNs());
   return absl::OkStatus();
@@ -652,11 +567,11 @@ absl::Status TcpTransport::Send(Message message) {
           absl::StrFormat("TcpTransport::Send: endpoint %d has no connection open to answer on",
                           static_cast<int64_t>(message.to.value())));
     }
-    s = WriteFrame(*conn, message.to, message, port_);
+    s = WriteFrame(*conn, message.to, message, "the connection it opened");
   } else {
     Peer& peer = *peers_[message.to.value()];
     absl::MutexLock lock(&peer.mu);
-    if (peer.port == 0) {
+    if (peer.address.port == 0) {
       return absl::UnavailableError(absl::StrFormat("TcpTransport::Send: no route to endpoint %d",
                                                     static_cast<int64_t>(message.to.value())));
     }
@@ -674,11 +589,11 @@ absl::Status TcpTransport::Send(Message message) {
         }
       }
       if (peer.conn == nullptr) {
-        absl::StatusOr<std::shared_ptr<Conn>> c = Dial(peer.port, message.to);
+        absl::StatusOr<std::shared_ptr<Conn>> c = Dial(peer.address, message.to);
         if (!c.ok()) return c.status();
         peer.conn = std::move(*c);
       }
-      s = WriteFrame(*peer.conn, message.to, message, peer.port);
+      s = WriteFrame(*peer.conn, message.to, message, peer.address.ToString());
       if (s.ok()) break;
       peer.conn.reset();
       // A cached connection may be stale (the peer restarted): reconnect once.
@@ -732,7 +647,7 @@ void TcpTransport::Shutdown() {
     absl::MutexLock lock(&peer->mu);
     if (peer->conn != nullptr) CloseConn(*peer->conn);
     peer->conn.reset();
-    peer->port = 0;
+    peer->address.port = 0;
   }
   std::vector<std::shared_ptr<Conn>> conns;
   {
@@ -744,26 +659,31 @@ void TcpTransport::Shutdown() {
   for (auto& c : conns) {
     if (c->reader.joinable()) c->reader.join();
     absl::MutexLock lock(&c->write_mu);
-    ::close(c->fd);
-    c->fd = -1;
+    c->stream.reset();
   }
 }
 
 absl::Status TcpTransport::Probe(int32_t port, const std::string& secret, absl::Duration timeout) {
-  if (port < 1 || port > 65535) {
-    return absl::UnavailableError(absl::StrFormat("TcpTransport::Probe: bad port %d", port));
+  return Probe(HostPort{.host = "127.0.0.1", .port = port}, secret, nullptr, timeout);
+}
+
+absl::Status TcpTransport::Probe(const HostPort& address, const std::string& secret,
+                                 std::shared_ptr<const TlsContext> tls, absl::Duration timeout) {
+  if (address.port < 1 || address.port > 65535) {
+    return absl::UnavailableError(
+        absl::StrFormat("TcpTransport::Probe: bad address %s", address.ToString()));
   }
-  const int fd = ConnectLoopback(port, timeout);
-  if (fd < 0) {
-    return absl::UnavailableError(absl::StrFormat(
-        "TcpTransport::Probe: cannot connect to 127.0.0.1:%d: %s", port, std::strerror(errno)));
+  const absl::Time deadline = absl::Now() + timeout;
+  absl::StatusOr<int> fd = ConnectTcp(address, deadline);
+  if (!fd.ok()) {
+    return absl::UnavailableError(absl::StrCat("TcpTransport::Probe: ", fd.status().message()));
   }
-  absl::Status s = absl::OkStatus();
-  if (!secret.empty()) s = ClientHandshake(fd, secret, absl::Now() + timeout);
-  ::close(fd);
+  SocketStream stream(*fd, std::move(tls));
+  absl::Status s = stream.Connect(address.host, deadline);
+  if (s.ok() && !secret.empty()) s = ClientHandshake(stream, secret, deadline);
   if (!s.ok()) {
     return absl::UnavailableError(
-        absl::StrFormat("TcpTransport::Probe: 127.0.0.1:%d: %s", port, s.message()));
+        absl::StrFormat("TcpTransport::Probe: %s: %s", address.ToString(), s.message()));
   }
   return absl::OkStatus();
 }

@@ -1,10 +1,12 @@
-// TcpTransport: the host transport between processes, over TCP on loopback (127.0.0.1).
+// TcpTransport: the host transport between processes, over TCP (IPv4 or IPv6), in the clear on
+// loopback or under mutual TLS across hosts.
 //
 // Each process owns one TcpTransport. The endpoint space [0, num_endpoints) is shared by all the
 // processes of a cluster; each endpoint is *hosted* by one process. A transport Receives only for
 // the endpoints it hosts (Options::local_endpoints) and Sends to any endpoint: to a local one
 // through an in-memory mailbox, to a remote one over a TCP connection to the process that hosts
-// it, whose address is set with SetPeer (typically learnt from a control-plane registration), or,
+// it, whose address (host and port) is set with SetPeer (typically learnt from a control-plane
+// registration), or,
 // for an endpoint listed in Options::answer_on_incoming, over the connection that endpoint opened
 // to us (its latest one): such an endpoint is never dialled, so its process need not listen.
 //
@@ -12,14 +14,20 @@
 // are accepted only from E (a reply is believed only on the connection opened to its sender);
 // on an accepted connection, from any endpoint in range.
 //
-// Authentication (Options::secret non-empty): every connection starts with a challenge-response
+// TLS (Options::tls set): every connection is TLS 1.3 with both ends' certificates verified
+// against the cluster CA (tls.h, socket_stream.h); the dialler also checks that the acceptor's
+// certificate names the host it dialled. A connection that fails it is closed and counted in
+// auth_failures.
+//
+// Authentication (Options::secret non-empty): every connection (inside TLS, when on) starts with a
+// challenge-response
 // handshake in both directions, HMAC-SHA256 under the cluster secret (cluster_secret.h):
 //   acceptor -> dialler: u32 magic 'TLH1' | 16-byte nonce Na
 //   dialler -> acceptor: 16-byte nonce Nd | HMAC(secret, "client" | Na | Nd)
 //   acceptor -> dialler: HMAC(secret, "server" | Na | Nd)
 // A connection that fails it (or takes longer than handshake_timeout) is closed before any frame
-// is read. TCP on loopback cannot be injected into by another unprivileged process, so frames on
-// an authenticated connection are not MACed one by one.
+// is read. TCP on loopback cannot be injected into by another unprivileged process, and TLS
+// protects frames across hosts, so frames are not MACed one by one.
 //
 // Wire format (one frame per message, integers little-endian):
 //   u32 magic 'TLK1' | i32 from | i32 to | u32 tag | u64 correlation_id | u64 payload_bytes
@@ -38,8 +46,9 @@
 // is lost (Send fails with Unavailable when the loss is visible at send time). Callers that need
 // an answer wait with a deadline.
 //
-// Listening: Create binds 127.0.0.1 port 0 (or Options::port) and reports the port via port()
-// (0 when Options::listen is false). Only loopback addresses are used.
+// Listening: Create binds Options::listen_host (default 127.0.0.1), port Options::port (0: any
+// free port), and reports the port via port() (0 when Options::listen is false). A listen host
+// beyond loopback is refused without TLS unless Options::allow_insecure.
 //
 // Thread-safety: thread-safe (see transport.h).
 #ifndef TOKENLAKE_TRANSPORT_TCP_TRANSPORT_H_
@@ -57,6 +66,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "tokenlake/transport/socket_stream.h"
 #include "tokenlake/transport/transport.h"
 
 namespace tokenlake::transport {
@@ -70,8 +80,15 @@ class TcpTransport final : public Transport {
     std::vector<InstanceId> local_endpoints;
     // Largest payload accepted by Send and by the frame reader, in bytes, in [0, 2^40].
     int64_t max_payload_bytes = int64_t{256} << 20;
-    // Port to listen on (127.0.0.1); 0 = any free port (see port()).
+    // Address to listen on: a host name or IPv4 / IPv6 literal ("0.0.0.0" / "::" for every
+    // interface), and a port (0 = any free port; see port()).
+    std::string listen_host = "127.0.0.1";
     int32_t port = 0;
+    // The cluster's TLS context (socket_stream.h); null: connections are in the clear.
+    std::shared_ptr<const TlsContext> tls;
+    // Allows listening beyond loopback without TLS (anyone who can reach the port can then
+    // connect; with a secret they still cannot pass the handshake, but can read the frames).
+    bool allow_insecure = false;
     // How long a Send may block connecting or writing before failing with Unavailable.
     absl::Duration io_timeout = absl::Seconds(5);
     // The cluster secret (raw bytes; cluster_secret.h); empty = connections are not
@@ -105,9 +122,12 @@ class TcpTransport final : public Transport {
   // The port this transport listens on (127.0.0.1).
   int32_t port() const { return port_; }
 
-  // Routes messages for the remote endpoint `endpoint` to the process listening on
-  // 127.0.0.1:`port` (replacing a previous route and dropping its connection).
-  // Errors: InvalidArgument (endpoint out of range or hosted here; port not in [1, 65535]).
+  // Routes messages for the remote endpoint `endpoint` to the process listening on `address`
+  // (replacing a previous route and dropping its connection; resolved when dialled).
+  // Errors: InvalidArgument (endpoint out of range or hosted here; no host; port not in
+  // [1, 65535]).
+  absl::Status SetPeer(InstanceId endpoint, const HostPort& address);
+  // The same on 127.0.0.1.
   absl::Status SetPeer(InstanceId endpoint, int32_t port);
   // Forgets the route of `endpoint` (later Sends to it fail with Unavailable).
   void ClearPeer(InstanceId endpoint);
@@ -121,9 +141,12 @@ class TcpTransport final : public Transport {
   absl::StatusOr<Message> Receive(InstanceId self, absl::Duration timeout) override;
   void Shutdown() override;
 
-  // Connects to 127.0.0.1:`port` and completes the authentication handshake with `secret` (as
-  // a Send would), then hangs up. OK means a live member of the cluster listens there.
-  // Errors: Unavailable (nothing listens, or the handshake failed or timed out).
+  // Connects to `address` and completes the TLS (with `tls`) and secret handshakes (as a Send
+  // would), then hangs up. OK means a live member of the cluster listens there.
+  // Errors: Unavailable (nothing listens, or a handshake failed or timed out).
+  static absl::Status Probe(const HostPort& address, const std::string& secret,
+                            std::shared_ptr<const TlsContext> tls, absl::Duration timeout);
+  // The same on 127.0.0.1 without TLS.
   static absl::Status Probe(int32_t port, const std::string& secret, absl::Duration timeout);
 
   // OK, or Unavailable saying why this transport could not accept or dial a connection for
@@ -160,7 +183,8 @@ class TcpTransport final : public Transport {
   // the reaper after the reader was joined, so it is never reused while anyone may touch it:
   // writers check `closed` under write_mu first.
   struct Conn {
-    int fd = -1;
+    // Closed (destroyed) only by the reaper or Shutdown, after the reader was joined.
+    std::unique_ptr<SocketStream> stream;
     bool dialled = false;
     // Dialled: the endpoint it was opened to (frames are accepted only from it).
     InstanceId expected_from;
@@ -172,8 +196,8 @@ class TcpTransport final : public Transport {
     bool closed ABSL_GUARDED_BY(write_mu) = false;
   };
   struct Peer {
-    absl::Mutex mu;  // serialises dialling
-    int32_t port ABSL_GUARDED_BY(mu) = 0;
+    absl::Mutex mu;                                                  // serialises dialling
+    HostPort address ABSL_GUARDED_BY(mu) = {.host = "", .port = 0};  // port 0: no route
     std::shared_ptr<Conn> conn ABSL_GUARDED_BY(mu);
   };
 
@@ -194,10 +218,11 @@ class TcpTransport final : public Transport {
   absl::Status Deliver(Message message);
   // Starts `conn`'s reader and registers it. Errors: Unavailable (shut down).
   absl::Status Adopt(std::shared_ptr<Conn> conn);
-  // Dials `port` for `to` (handshake included). REQUIRES: peer.mu held.
-  absl::StatusOr<std::shared_ptr<Conn>> Dial(int32_t port, InstanceId to);
-  // Writes one frame on `conn`; closes it on failure.
-  absl::Status WriteFrame(Conn& conn, InstanceId to, const Message& message, int32_t port);
+  // Dials `address` for `to` (handshakes included). REQUIRES: peer.mu held.
+  absl::StatusOr<std::shared_ptr<Conn>> Dial(const HostPort& address, InstanceId to);
+  // Writes one frame on `conn` (`where` names the peer in errors); closes it on failure.
+  absl::Status WriteFrame(Conn& conn, InstanceId to, const Message& message,
+                          const std::string& where);
   static void CloseConn(Conn& conn);
   void NoteResourceError(const char* what, int err);
   void NoteDrop(std::atomic<int64_t>& counter, const std::string& why);

@@ -1,0 +1,211 @@
+#include "tokenlake/service/membership.h"
+
+#include <cstdio>
+
+#include "absl/strings/str_format.h"
+
+namespace tokenlake::service {
+
+Membership::Membership(int32_t num_instances, absl::Duration dead_after)
+    : num_instances_(num_instances),
+      dead_after_(dead_after),
+      members_(static_cast<size_t>(num_instances)) {}
+
+std::optional<LiveIncarnation> Membership::FindLive(const std::string& name) const {
+  absl::MutexLock lock(&mu_);
+  for (int32_t i = 0; i < num_instances_; ++i) {
+    const MemberView& m = members_[i].view;
+    if (m.registered && m.alive && m.name == name) {
+      return LiveIncarnation{m.name, i, m.transport_port, m.last_heartbeat};
+    }
+  }
+  return std::nullopt;
+}
+
+absl::StatusOr<Membership::Admission> Membership::Register(const std::string& name,
+                                                           int32_t preferred_id,
+                                                           int32_t transport_port, absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  int32_t id = -1;
+  for (int32_t i = 0; i < num_instances_; ++i) {
+    if (members_[i].view.registered && members_[i].view.name == name) id = i;
+  }
+  const bool rejoin = id >= 0;
+  if (id < 0) {
+    if (preferred_id >= 0 && preferred_id < num_instances_ &&
+        !members_[preferred_id].view.registered) {
+      id = preferred_id;
+    } else {
+      for (int32_t i = 0; i < num_instances_ && id < 0; ++i) {
+        if (!members_[i].view.registered) id = i;
+      }
+    }
+  }
+  if (id < 0) {
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("the cluster is full (%d instances)", num_instances_));
+  }
+  MemberView& m = members_[id].view;
+  if (rejoin) ++rejoins_;
+  m.name = name;
+  m.registered = true;
+  m.alive = true;
+  m.transport_port = transport_port;
+  m.data_port = 0;  // until this incarnation reports its own
+  ++version_;
+  m.last_heartbeat = now;
+  ++m.incarnations;
+  return Admission{.id = id, .rejoin = rejoin};
+}
+
+absl::Status Membership::Heartbeat(int32_t id, absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  if (id < 0 || id >= num_instances_ || !members_[id].view.registered || !members_[id].view.alive) {
+    return absl::NotFoundError("unknown instance: register again");
+  }
+  members_[id].view.last_heartbeat = now;
+  return absl::OkStatus();
+}
+
+void Membership::Report(int32_t id, const v1::InstanceState& state) {
+  absl::MutexLock lock(&mu_);
+  if (id < 0 || id >= num_instances_ || !members_[id].view.alive) return;
+  Member& member = members_[id];
+  MemberView& m = member.view;
+  m.used_slots = state.used_slots();
+  m.capacity_slots = state.capacity_slots();
+  m.slot_bytes = state.slot_bytes();
+  if (state.data_port() > 0 && state.data_port() <= 65535 && state.data_port() != m.data_port) {
+    m.data_port = state.data_port();
+    member.since_version = ++version_;
+  }
+  m.traffic = state.traffic();
+  m.cancelled = state.requests_cancelled();
+  m.running = state.requests_running();
+  if (state.transport_error() != m.transport_error) {
+    m.transport_error = state.transport_error();
+    ++version_;
+    std::fprintf(
+        stderr, "tokenlake coordinator: instance %d ('%s') %s%s\n", id, m.name.c_str(),
+        m.transport_error.empty() ? "is healthy again" : "unhealthy: ", m.transport_error.c_str());
+  }
+}
+
+Membership::Reaped Membership::Reap(absl::Time now) {
+  absl::MutexLock lock(&mu_);
+  Reaped out;
+  for (int32_t i = 0; i < num_instances_; ++i) {
+    MemberView& m = members_[i].view;
+    if (m.alive && now - m.last_heartbeat > dead_after_) {
+      m.alive = false;
+      m.data_port = 0;
+      m.used_slots = 0;
+      ++version_;
+      ++deaths_;
+      out.died.emplace_back(
+          i, absl::StrFormat("instance %d ('%s') declared dead: no heartbeat for %s", i, m.name,
+                             absl::FormatDuration(dead_after_)));
+    }
+    if (!m.alive) out.not_alive.push_back(i);
+  }
+  return out;
+}
+
+bool Membership::RoutableLocked(int32_t i) const {
+  if (i < 0 || i >= num_instances_) return false;
+  const MemberView& m = members_[i].view;
+  return m.alive && m.data_port > 0 && m.transport_error.empty();
+}
+
+bool Membership::ReadyLocked(int32_t i) const {
+  if (!RoutableLocked(i)) return false;
+  for (int32_t j = 0; j < num_instances_; ++j) {
+    if (RoutableLocked(j) && members_[j].seen_version < members_[i].since_version) return false;
+  }
+  return true;
+}
+
+bool Membership::Routable(int32_t id) const {
+  absl::MutexLock lock(&mu_);
+  return RoutableLocked(id);
+}
+
+bool Membership::Ready(int32_t id) const {
+  absl::MutexLock lock(&mu_);
+  return ReadyLocked(id);
+}
+
+std::vector<bool> Membership::RoutableSet() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<bool> out(static_cast<size_t>(num_instances_));
+  for (int32_t i = 0; i < num_instances_; ++i) out[static_cast<size_t>(i)] = RoutableLocked(i);
+  return out;
+}
+
+int32_t Membership::ReadyCount() const {
+  absl::MutexLock lock(&mu_);
+  int32_t n = 0;
+  for (int32_t i = 0; i < num_instances_; ++i) n += ReadyLocked(i) ? 1 : 0;
+  return n;
+}
+
+void Membership::AddPeers(int32_t to, google::protobuf::RepeatedPtrField<v1::Peer>* peers) {
+  absl::MutexLock lock(&mu_);
+  if (to >= 0 && to < num_instances_) members_[to].seen_version = version_;
+  for (int32_t i = 0; i < num_instances_; ++i) {
+    if (!RoutableLocked(i)) continue;
+    v1::Peer* p = peers->Add();
+    p->set_instance_id(i);
+    p->set_data_port(members_[i].view.data_port);
+  }
+}
+
+std::vector<Membership::Load> Membership::ReadyLoads(
+    const absl::flat_hash_set<int32_t>& excluded) const {
+  absl::MutexLock lock(&mu_);
+  std::vector<Load> out;
+  for (int32_t i = 0; i < num_instances_; ++i) {
+    if (ReadyLocked(i) && !excluded.contains(i)) {
+      out.push_back(
+          {.id = i, .in_flight = members_[i].view.in_flight, .routed = members_[i].view.routed});
+    }
+  }
+  return out;
+}
+
+void Membership::BeginRequest(int32_t id) {
+  absl::MutexLock lock(&mu_);
+  if (id < 0 || id >= num_instances_) return;
+  ++members_[id].view.in_flight;
+  ++members_[id].view.routed;
+}
+
+void Membership::EndRequest(int32_t id) {
+  absl::MutexLock lock(&mu_);
+  if (id < 0 || id >= num_instances_) return;
+  --members_[id].view.in_flight;
+}
+
+std::vector<MemberView> Membership::Snapshot() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<MemberView> out;
+  out.reserve(members_.size());
+  for (int32_t i = 0; i < num_instances_; ++i) {
+    out.push_back(members_[i].view);
+    out.back().routable = RoutableLocked(i);
+    out.back().ready = ReadyLocked(i);
+  }
+  return out;
+}
+
+int64_t Membership::deaths() const {
+  absl::MutexLock lock(&mu_);
+  return deaths_;
+}
+
+int64_t Membership::rejoins() const {
+  absl::MutexLock lock(&mu_);
+  return rejoins_;
+}
+
+}  // namespace tokenlake::service

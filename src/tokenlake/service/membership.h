@@ -1,0 +1,156 @@
+// Membership: the coordinator's table of instances and their life cycle.
+//
+// An instance registers under its name and gets an id in [0, num_instances) (the one it prefers
+// when free, else the lowest free one; a known name gets its old id back: a new incarnation);
+// heartbeats keep it alive; one silent for more than `dead_after` is declared dead by Reap.
+// Its reports (registration, heartbeats, replies) carry its data-plane port, its slot counts and
+// its transport health:
+//   - routable: alive, with a data port, and no transport error reported;
+//   - ready (gets requests): routable, and every routable instance has been sent the peers
+//     list since this one became routable with its current data port (membership versions), so
+//     that whoever it sends queries to can answer it.
+// It also counts the requests in flight and routed per instance (routing reads them).
+//
+// The decision whether a registration under a live member's name may take its place
+// (incarnation.h) is the caller's: FindLive names the member to check.
+//
+// Time is passed in (`now`), so that tests drive it.
+//
+// Thread-safety: thread-safe (one internal mutex, never held while calling out). Callers that
+// also lock the lake take the lake's lock first.
+#ifndef TOKENLAKE_SERVICE_MEMBERSHIP_H_
+#define TOKENLAKE_SERVICE_MEMBERSHIP_H_
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "tokenlake/service/incarnation.h"
+#include "tokenlake/v1/tokenlake.pb.h"
+
+namespace tokenlake::service {
+
+// One instance as the coordinator sees it.
+struct MemberView {
+  std::string name;
+  bool registered = false;
+  bool alive = false;
+  // Routable and ready as defined in the file comment.
+  bool routable = false;
+  bool ready = false;
+  int32_t transport_port = 0;
+  // Data-plane port (0 until the incarnation reports one).
+  int32_t data_port = 0;
+  absl::Time last_heartbeat;
+  int64_t in_flight = 0;
+  int64_t routed = 0;
+  int64_t used_slots = 0;
+  int64_t capacity_slots = 0;
+  int64_t slot_bytes = 0;
+  int64_t incarnations = 0;
+  // Non-empty while the instance reports that its transport cannot accept or dial.
+  std::string transport_error;
+  // The instance's own traffic counters (this incarnation).
+  v1::InstanceTraffic traffic;
+  // Requests cancelled on the instance (this incarnation) and running there, as last reported.
+  int64_t cancelled = 0;
+  int64_t running = 0;
+};
+
+class Membership {
+ public:
+  // REQUIRES: num_instances >= 1, dead_after > 0 (the coordinator's options check them).
+  Membership(int32_t num_instances, absl::Duration dead_after);
+
+  int32_t num_instances() const { return num_instances_; }
+
+  // The alive member registered under `name`, if any (to be proven gone before a new
+  // registration under its name is admitted; incarnation.h).
+  std::optional<LiveIncarnation> FindLive(const std::string& name) const;
+
+  struct Admission {
+    int32_t id = -1;
+    // The name was registered before: a new incarnation of a known instance.
+    bool rejoin = false;
+  };
+  // Admits an incarnation of `name` listening for transport connections on `transport_port`:
+  // alive from `now`, no data port yet, its in-flight count kept (its requests fail over as
+  // their waiters learn). Errors: ResourceExhausted when every id is taken by another name.
+  absl::StatusOr<Admission> Register(const std::string& name, int32_t preferred_id,
+                                     int32_t transport_port, absl::Time now);
+
+  // Records a heartbeat of instance `id` at `now`. Errors: NotFound unless `id` is a registered
+  // alive member.
+  absl::Status Heartbeat(int32_t id, absl::Time now);
+
+  // Takes an alive instance's report (slots, data port, transport health, traffic); ignored for
+  // an instance that is not alive. A change of data port or of transport health bumps the
+  // membership version (a new data port must reach every peer before the instance is ready).
+  void Report(int32_t id, const v1::InstanceState& state);
+
+  struct Reaped {
+    // Members declared dead now, with the reason to fail their requests with.
+    std::vector<std::pair<int32_t, std::string>> died;
+    // Every id that is not alive (registered or not), after this call.
+    std::vector<int32_t> not_alive;
+  };
+  // Declares dead every alive member whose last heartbeat is older than `now - dead_after`.
+  Reaped Reap(absl::Time now);
+
+  bool Routable(int32_t id) const;
+  bool Ready(int32_t id) const;
+  // Routable(i) for every id, under one hold of the lock.
+  std::vector<bool> RoutableSet() const;
+  int32_t ReadyCount() const;
+
+  // The peers (routable instances and their data ports) to send to instance `to`; records that
+  // `to` has seen the current membership version.
+  void AddPeers(int32_t to, google::protobuf::RepeatedPtrField<v1::Peer>* peers);
+
+  struct Load {
+    int32_t id = -1;
+    int64_t in_flight = 0;
+    int64_t routed = 0;
+  };
+  // The ready instances not in `excluded`, with their load, by id.
+  std::vector<Load> ReadyLoads(const absl::flat_hash_set<int32_t>& excluded) const;
+
+  // A request was sent to / is finished with instance `id` (in flight and routed counts).
+  void BeginRequest(int32_t id);
+  void EndRequest(int32_t id);
+
+  // Every id's state (index = id), for metrics and health.
+  std::vector<MemberView> Snapshot() const;
+  int64_t deaths() const;
+  int64_t rejoins() const;
+
+ private:
+  bool RoutableLocked(int32_t id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  bool ReadyLocked(int32_t id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  struct Member {
+    MemberView view;
+    // Membership versions: the one at which the member became routable with its current data
+    // port, and the latest one it was sent the peers of.
+    int64_t since_version = 0;
+    int64_t seen_version = 0;
+  };
+  const int32_t num_instances_;
+  const absl::Duration dead_after_;
+  mutable absl::Mutex mu_;
+  std::vector<Member> members_ ABSL_GUARDED_BY(mu_);
+  // Bumped whenever a data port appears, changes or goes, or transport health changes.
+  int64_t version_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t deaths_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t rejoins_ ABSL_GUARDED_BY(mu_) = 0;
+};
+
+}  // namespace tokenlake::service
+
+#endif  // TOKENLAKE_SERVICE_MEMBERSHIP_H_

@@ -1,0 +1,112 @@
+#include "tokenlake/service/membership_service.h"
+
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "tokenlake/service/incarnation.h"
+#include "tokenlake/service/lake_rpc.h"
+
+namespace tokenlake::service {
+
+MembershipService::MembershipService(const Options& options, GuardedLake* lake,
+                                     Membership* membership, Reconciler* reconciler,
+                                     CallAuthenticator* auth, transport::TcpTransport* tcp,
+                                     FailPending fail_pending)
+    : options_(options),
+      lake_(lake),
+      membership_(membership),
+      reconciler_(reconciler),
+      auth_(auth),
+      tcp_(tcp),
+      fail_pending_(std::move(fail_pending)) {}
+
+grpc::Status MembershipService::Register(grpc::ServerContext* ctx,
+                                         const v1::RegisterRequest* request,
+                                         v1::RegisterReply* reply) {
+  if (grpc::Status a = auth_->Check(ctx, "Register"); !a.ok()) return a;
+  if (request->namespace_name() != options_.namespace_name ||
+      request->segment_tokens() != options_.segment_tokens) {
+    return grpc::Status(
+        grpc::StatusCode::FAILED_PRECONDITION,
+        absl::StrFormat("instance '%s' uses namespace '%s' and %d-token "
+                        "segments; the coordinator uses '%s' and %d",
+                        request->name(), request->namespace_name(), request->segment_tokens(),
+                        options_.namespace_name, options_.segment_tokens));
+  }
+  if (request->state().capacity_slots() > 0 &&
+      request->state().capacity_slots() < options_.slots_per_instance) {
+    return grpc::Status(
+        grpc::StatusCode::FAILED_PRECONDITION,
+        absl::StrFormat("instance '%s' has %d slots; the lake counts %d per instance",
+                        request->name(), request->state().capacity_slots(),
+                        options_.slots_per_instance));
+  }
+  if (request->transport_port() < 1 || request->transport_port() > 65535) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "transport_port outside [1, 65535]");
+  }
+  // A live member's name is taken over only once its old incarnation is proven gone
+  // (incarnation.h); checked without the locks (it may probe the old transport port).
+  if (std::optional<LiveIncarnation> old = membership_->FindLive(request->name());
+      old.has_value()) {
+    absl::Status gone = CheckIncarnationGone(*old, request->transport_port(), options_.dead_after,
+                                             options_.cluster_secret, absl::Now());
+    if (!gone.ok()) {
+      refused_registrations_.fetch_add(1, std::memory_order_relaxed);
+      return ToGrpc(gone);
+    }
+  }
+  absl::MutexLock lake_lock(&lake_->mu);
+  absl::StatusOr<Membership::Admission> admitted = membership_->Register(
+      request->name(), request->preferred_id(), request->transport_port(), absl::Now());
+  if (!admitted.ok()) return ToGrpc(admitted.status());
+  const int32_t id = admitted->id;
+  if (admitted->rejoin) {
+    // A new incarnation of a known instance (it restarted, possibly before it was declared
+    // dead): what was sent to the old one will never be answered; fail it over now.
+    fail_pending_(id, absl::UnavailableError(
+                          absl::StrFormat("instance %d ('%s') restarted", id, request->name())));
+  }
+  reconciler_->Forget(id);
+  if (!tcp_->SetPeer(InstanceId(id + 1), request->transport_port()).ok()) {
+    return grpc::Status(grpc::StatusCode::INTERNAL, "cannot route to the instance");
+  }
+  // What the lake had on this id is replaced by what the instance reports now (empty after a
+  // restart; everything it holds after a coordinator restart).
+  if (absl::Status s = lake_->lake->DropInstance(InstanceId(id)); !s.ok()) return ToGrpc(s);
+  membership_->Report(id, request->state());
+  std::vector<uint64_t> to_free;
+  reconciler_->Apply(*lake_->lake, id, request->state(), /*reconcile=*/false, absl::Now(),
+                     &to_free);
+  reply->set_instance_id(id);
+  reply->set_endpoint(id + 1);
+  reply->set_coordinator_transport_port(tcp_->port());
+  reply->set_heartbeat_interval_ms(absl::ToInt64Milliseconds(options_.heartbeat_interval));
+  reply->set_coordinator_epoch(options_.epoch);
+  reply->set_lake_instances(membership_->num_instances());
+  membership_->AddPeers(id, reply->mutable_peers());
+  for (uint64_t seg : to_free) reply->add_free_segments(seg);
+  return grpc::Status::OK;
+}
+
+grpc::Status MembershipService::Heartbeat(grpc::ServerContext* ctx,
+                                          const v1::HeartbeatRequest* request,
+                                          v1::HeartbeatReply* reply) {
+  if (grpc::Status a = auth_->Check(ctx, "Heartbeat"); !a.ok()) return a;
+  absl::MutexLock lake_lock(&lake_->mu);
+  const int32_t id = request->instance_id();
+  if (request->coordinator_epoch() != options_.epoch) {
+    return grpc::Status(grpc::StatusCode::NOT_FOUND, "unknown instance: register again");
+  }
+  if (absl::Status s = membership_->Heartbeat(id, absl::Now()); !s.ok()) return ToGrpc(s);
+  membership_->Report(id, request->state());
+  std::vector<uint64_t> to_free;
+  reconciler_->Apply(*lake_->lake, id, request->state(), /*reconcile=*/true, absl::Now(), &to_free);
+  membership_->AddPeers(id, reply->mutable_peers());
+  for (uint64_t seg : to_free) reply->add_free_segments(seg);
+  return grpc::Status::OK;
+}
+
+}  // namespace tokenlake::service

@@ -1,0 +1,85 @@
+// The `Coordinator` gRPC service (proto/tokenlake/v1/tokenlake.proto): instances Register and
+// Heartbeat.
+//
+// Register checks that the instance uses the coordinator's namespace and segment size and has at
+// least the lake's slots per instance (FAILED_PRECONDITION otherwise), admits it in Membership
+// under its name (a live member's name only once its old incarnation is proven gone,
+// incarnation.h: ALREADY_EXISTS until then), fails over what was sent to an old incarnation,
+// points the coordinator's transport at its port, replaces what the lake had on its id with
+// what it reports (Reconciler::Apply: empty after a restart; everything it holds after a
+// coordinator restart) and answers with its id, the heartbeat period, the coordinator's epoch,
+// the peers and the segments to free. Heartbeat (NOT_FOUND for an instance that is not a live
+// member or registered with another coordinator epoch: register again) reconciles its report
+// with the lake and answers with the peers and the segments to free. Every call must carry a
+// call token made with the cluster secret (call_auth.h), else UNAUTHENTICATED.
+//
+// Thread-safety: thread-safe. Calls take the lake's lock, then Membership's.
+#ifndef TOKENLAKE_SERVICE_MEMBERSHIP_SERVICE_H_
+#define TOKENLAKE_SERVICE_MEMBERSHIP_SERVICE_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/time/time.h"
+#include "tokenlake/service/call_auth.h"
+#include "tokenlake/service/guarded_lake.h"
+#include "tokenlake/service/membership.h"
+#include "tokenlake/service/reconciler.h"
+#include "tokenlake/transport/tcp_transport.h"
+#include "tokenlake/v1/tokenlake.grpc.pb.h"
+
+namespace tokenlake::service {
+
+class MembershipService final : public v1::Coordinator::Service {
+ public:
+  struct Options {
+    // What instances must match (see the file comment).
+    std::string namespace_name;
+    int32_t segment_tokens = 16;
+    int32_t slots_per_instance = 1;
+    // The heartbeat period asked of instances; the lease of a live incarnation (incarnation.h).
+    absl::Duration heartbeat_interval = absl::Milliseconds(200);
+    absl::Duration dead_after = absl::Seconds(1);
+    // The cluster secret (incarnation probes authenticate with it).
+    std::string cluster_secret;
+    // This coordinator incarnation's epoch (heartbeats from another one are refused).
+    uint64_t epoch = 0;
+  };
+  // Fails every request waiting on instance `id` with `status` (its incarnation is gone).
+  using FailPending = std::function<void(int32_t id, const absl::Status& status)>;
+
+  // The pointers are borrowed and outlive this; `tcp` is the coordinator's host transport
+  // (instance i is endpoint i + 1).
+  MembershipService(const Options& options, GuardedLake* lake, Membership* membership,
+                    Reconciler* reconciler, CallAuthenticator* auth, transport::TcpTransport* tcp,
+                    FailPending fail_pending);
+
+  grpc::Status Register(grpc::ServerContext* ctx, const v1::RegisterRequest* request,
+                        v1::RegisterReply* reply) override;
+  grpc::Status Heartbeat(grpc::ServerContext* ctx, const v1::HeartbeatRequest* request,
+                         v1::HeartbeatReply* reply) override;
+
+  // Registrations refused because a live member holds the name.
+  int64_t refused_registrations() const {
+    return refused_registrations_.load(std::memory_order_relaxed);
+  }
+
+ private:
+  const Options options_;
+  GuardedLake* const lake_;
+  Membership* const membership_;
+  Reconciler* const reconciler_;
+  CallAuthenticator* const auth_;
+  transport::TcpTransport* const tcp_;
+  const FailPending fail_pending_;
+  std::atomic<int64_t> refused_registrations_{0};
+};
+
+}  // namespace tokenlake::service
+
+#endif  // TOKENLAKE_SERVICE_MEMBERSHIP_SERVICE_H_

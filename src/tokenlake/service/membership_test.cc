@@ -1,0 +1,313 @@
+// Membership (membership.h): registration, heartbeats, reaping, incarnations, routability and
+// readiness, against a naive model driven by random operations (the seed is printed; set
+// TOKENLAKE_TEST_SEED to replay one), plus the cases the coordinator relies on by name.
+#include "tokenlake/service/membership.h"
+
+#include <cstdlib>
+#include <iostream>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "gtest/gtest.h"
+
+namespace tokenlake::service {
+namespace {
+
+constexpr absl::Duration kDeadAfter = absl::Milliseconds(1000);
+const absl::Time kStart = absl::FromUnixSeconds(1'000'000);
+
+v1::InstanceState State(int32_t data_port, const std::string& transport_error = "") {
+  v1::InstanceState s;
+  s.set_data_port(data_port);
+  s.set_transport_error(transport_error);
+  s.set_used_slots(3);
+  s.set_capacity_slots(10);
+  s.set_slot_bytes(64);
+  return s;
+}
+
+std::vector<int32_t> PeerIds(const google::protobuf::RepeatedPtrField<v1::Peer>& peers) {
+  std::vector<int32_t> out;
+  for (const v1::Peer& p : peers) out.push_back(p.instance_id());
+  return out;
+}
+
+TEST(MembershipTest, AnInstanceIsReadyOnlyOnceEveryRoutablePeerWasSentItsPort) {
+  Membership m(3, kDeadAfter);
+  ASSERT_EQ(m.Register("a", 0, 5000, kStart)->id, 0);
+  ASSERT_EQ(m.Register("b", 1, 5001, kStart)->id, 1);
+  EXPECT_FALSE(m.Routable(0));  // no data port yet
+  m.Report(0, State(6000));
+  EXPECT_TRUE(m.Routable(0));
+  EXPECT_FALSE(m.Ready(0));  // a itself has not been sent the peers since
+  google::protobuf::RepeatedPtrField<v1::Peer> peers;
+  m.AddPeers(0, &peers);
+  EXPECT_EQ(PeerIds(peers), std::vector<int32_t>{0});
+  EXPECT_TRUE(m.Ready(0));
+  m.Report(1, State(6001));
+  EXPECT_FALSE(m.Ready(1));  // a has not heard of b's port
+  peers.Clear();
+  m.AddPeers(1, &peers);
+  EXPECT_FALSE(m.Ready(1));
+  peers.Clear();
+  m.AddPeers(0, &peers);
+  EXPECT_EQ(PeerIds(peers), (std::vector<int32_t>{0, 1}));
+  EXPECT_TRUE(m.Ready(1));
+  EXPECT_EQ(m.ReadyCount(), 2);
+  // A broken transport makes it unroutable at once, and healthy again later.
+  m.Report(1, State(6001, "cannot accept"));
+  EXPECT_FALSE(m.Routable(1));
+  EXPECT_EQ(m.ReadyCount(), 1);
+}
+
+TEST(MembershipTest, SilentInstancesAreReapedAndTheirNameComesBackOnTheSameId) {
+  Membership m(2, kDeadAfter);
+  ASSERT_EQ(m.Register("a", 1, 5000, kStart)->id, 1);
+  ASSERT_TRUE(m.Heartbeat(1, kStart + absl::Milliseconds(500)).ok());
+  EXPECT_TRUE(m.Reap(kStart + absl::Milliseconds(1500)).died.empty());
+  Membership::Reaped r = m.Reap(kStart + absl::Milliseconds(1501));
+  ASSERT_EQ(r.died.size(), 1u);
+  EXPECT_EQ(r.died[0].first, 1);
+  EXPECT_NE(r.died[0].second.find("declared dead"), std::string::npos);
+  EXPECT_EQ(r.not_alive, (std::vector<int32_t>{0, 1}));
+  EXPECT_EQ(m.Heartbeat(1, kStart + absl::Seconds(2)).code(), absl::StatusCode::kNotFound);
+  EXPECT_FALSE(m.FindLive("a").has_value());
+  absl::StatusOr<Membership::Admission> again = m.Register("a", 0, 5002, kStart + absl::Seconds(3));
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->id, 1);
+  EXPECT_TRUE(again->rejoin);
+  EXPECT_EQ(m.rejoins(), 1);
+  EXPECT_EQ(m.deaths(), 1);
+  EXPECT_EQ(m.Snapshot()[1].incarnations, 2);
+  EXPECT_EQ(m.FindLive("a")->transport_port, 5002);
+}
+
+TEST(MembershipTest, AFullClusterRefusesANewName) {
+  Membership m(1, kDeadAfter);
+  ASSERT_TRUE(m.Register("a", 0, 5000, kStart).ok());
+  EXPECT_EQ(m.Register("b", 0, 5001, kStart).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(m.Register("a", 0, 5001, kStart).ok());  // its own name: a new incarnation
+}
+
+// The naive model: the rules of membership.h written as directly as possible, with "ready" as
+// "every routable instance was sent the peers after this one's data port was set" (event times
+// instead of membership versions).
+struct ModelMember {
+  std::string name;
+  bool registered = false;
+  bool alive = false;
+  int32_t transport_port = 0;
+  int32_t data_port = 0;
+  std::string transport_error;
+  absl::Time last_heartbeat;
+  int64_t port_set_at = 0;     // event number of the data port's last change
+  int64_t peers_sent_at = -1;  // event number of the last AddPeers to it
+  int64_t in_flight = 0;
+  int64_t routed = 0;
+  int64_t incarnations = 0;
+};
+
+struct Model {
+  explicit Model(int32_t n) : members(static_cast<size_t>(n)) {}
+  bool Routable(int32_t i) const {
+    if (i < 0 || i >= static_cast<int32_t>(members.size())) return false;
+    const ModelMember& m = members[static_cast<size_t>(i)];
+    return m.alive && m.data_port > 0 && m.transport_error.empty();
+  }
+  bool Ready(int32_t i) const {
+    if (!Routable(i)) return false;
+    for (size_t j = 0; j < members.size(); ++j) {
+      if (Routable(static_cast<int32_t>(j)) &&
+          members[j].peers_sent_at < members[static_cast<size_t>(i)].port_set_at) {
+        return false;
+      }
+    }
+    return true;
+  }
+  std::vector<ModelMember> members;
+  int64_t event = 0;
+  int64_t deaths = 0;
+  int64_t rejoins = 0;
+};
+
+TEST(MembershipTest, RandomOperationsAgreeWithANaiveModel) {
+  uint64_t seed = std::random_device{}();
+  if (const char* env = std::getenv("TOKENLAKE_TEST_SEED")) seed = std::strtoull(env, nullptr, 10);
+  std::cout << "seed " << seed << " (TOKENLAKE_TEST_SEED to replay)\n";
+  std::mt19937_64 rng(seed);
+  auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  const std::vector<std::string> names = {"a", "b", "c", "d", "e", "f"};
+  for (int round = 0; round < 20; ++round) {
+    const int32_t n = pick(1, 4);
+    Membership real(n, kDeadAfter);
+    Model model(n);
+    absl::Time now = kStart;
+    int64_t begun = 0;
+    for (int step = 0; step < 400; ++step) {
+      SCOPED_TRACE(absl::StrCat("seed ", seed, " round ", round, " step ", step));
+      ++model.event;
+      const int op = pick(0, 8);
+      if (op == 0) {  // register
+        const std::string& name = names[static_cast<size_t>(pick(0, 5))];
+        const int32_t preferred = pick(-1, n);
+        const int32_t port = pick(1, 65535);
+        absl::StatusOr<Membership::Admission> got = real.Register(name, preferred, port, now);
+        int32_t id = -1;
+        for (int32_t i = 0; i < n; ++i) {
+          if (model.members[static_cast<size_t>(i)].registered &&
+              model.members[static_cast<size_t>(i)].name == name) {
+            id = i;
+          }
+        }
+        const bool rejoin = id >= 0;
+        if (id < 0 && preferred >= 0 && preferred < n &&
+            !model.members[static_cast<size_t>(preferred)].registered) {
+          id = preferred;
+        }
+        for (int32_t i = 0; i < n && id < 0; ++i) {
+          if (!model.members[static_cast<size_t>(i)].registered) id = i;
+        }
+        if (id < 0) {
+          EXPECT_EQ(got.status().code(), absl::StatusCode::kResourceExhausted);
+        } else {
+          ASSERT_TRUE(got.ok()) << got.status();
+          EXPECT_EQ(got->id, id);
+          EXPECT_EQ(got->rejoin, rejoin);
+          ModelMember& m = model.members[static_cast<size_t>(id)];
+          model.rejoins += rejoin ? 1 : 0;
+          m.name = name;
+          m.registered = m.alive = true;
+          m.transport_port = port;
+          m.data_port = 0;
+          m.last_heartbeat = now;
+          ++m.incarnations;
+        }
+      } else if (op == 1) {  // heartbeat
+        const int32_t id = pick(-1, n);
+        const bool known = id >= 0 && id < n && model.members[static_cast<size_t>(id)].alive;
+        EXPECT_EQ(real.Heartbeat(id, now).ok(), known);
+        if (known) model.members[static_cast<size_t>(id)].last_heartbeat = now;
+      } else if (op == 2) {  // report
+        const int32_t id = pick(0, n - 1);
+        const int32_t ports[] = {0, 7000, 7001, 7002, 70000};
+        const int32_t port = ports[pick(0, 4)];
+        const std::string error = pick(0, 4) == 0 ? "broken" : "";
+        real.Report(id, State(port, error));
+        ModelMember& m = model.members[static_cast<size_t>(id)];
+        if (m.alive) {
+          if (port > 0 && port <= 65535 && port != m.data_port) {
+            m.data_port = port;
+            m.port_set_at = model.event;
+          }
+          m.transport_error = error;
+        }
+      } else if (op == 3) {  // time passes
+        now += absl::Milliseconds(pick(0, 700));
+      } else if (op == 4) {  // reap
+        Membership::Reaped r = real.Reap(now);
+        std::vector<int32_t> died, not_alive;
+        for (int32_t i = 0; i < n; ++i) {
+          ModelMember& m = model.members[static_cast<size_t>(i)];
+          if (m.alive && now - m.last_heartbeat > kDeadAfter) {
+            m.alive = false;
+            m.data_port = 0;
+            ++model.deaths;
+            died.push_back(i);
+          }
+          if (!m.alive) not_alive.push_back(i);
+        }
+        std::vector<int32_t> real_died;
+        for (const auto& [id, why] : r.died) real_died.push_back(id);
+        EXPECT_EQ(real_died, died);
+        EXPECT_EQ(r.not_alive, not_alive);
+      } else if (op == 5) {  // peers sent
+        const int32_t to = pick(0, n - 1);
+        google::protobuf::RepeatedPtrField<v1::Peer> peers;
+        real.AddPeers(to, &peers);
+        std::vector<int32_t> expected;
+        for (int32_t i = 0; i < n; ++i) {
+          if (model.Routable(i)) expected.push_back(i);
+        }
+        EXPECT_EQ(PeerIds(peers), expected);
+        for (const v1::Peer& p : peers) {
+          EXPECT_EQ(p.data_port(), model.members[static_cast<size_t>(p.instance_id())].data_port);
+        }
+        model.members[static_cast<size_t>(to)].peers_sent_at = model.event;
+      } else if (op == 6) {  // a request sent
+        const int32_t id = pick(0, n - 1);
+        real.BeginRequest(id);
+        ++model.members[static_cast<size_t>(id)].in_flight;
+        ++model.members[static_cast<size_t>(id)].routed;
+        ++begun;
+      } else if (op == 7) {  // a request finished
+        const int32_t id = pick(0, n - 1);
+        if (model.members[static_cast<size_t>(id)].in_flight > 0) {
+          real.EndRequest(id);
+          --model.members[static_cast<size_t>(id)].in_flight;
+        }
+      } else {  // ready loads, some excluded
+        absl::flat_hash_set<int32_t> excluded;
+        for (int32_t i = 0; i < n; ++i) {
+          if (pick(0, 3) == 0) excluded.insert(i);
+        }
+        std::vector<int32_t> expected, got;
+        for (int32_t i = 0; i < n; ++i) {
+          if (model.Ready(i) && !excluded.contains(i)) expected.push_back(i);
+        }
+        for (const Membership::Load& l : real.ReadyLoads(excluded)) {
+          got.push_back(l.id);
+          EXPECT_EQ(l.in_flight, model.members[static_cast<size_t>(l.id)].in_flight);
+          EXPECT_EQ(l.routed, model.members[static_cast<size_t>(l.id)].routed);
+        }
+        EXPECT_EQ(got, expected);
+      }
+      // After every step: the whole table, the counters and the conservation of requests.
+      const std::vector<MemberView> view = real.Snapshot();
+      ASSERT_EQ(view.size(), static_cast<size_t>(n));
+      int64_t routed = 0, ready = 0;
+      for (int32_t i = 0; i < n; ++i) {
+        const MemberView& v = view[static_cast<size_t>(i)];
+        const ModelMember& m = model.members[static_cast<size_t>(i)];
+        EXPECT_EQ(v.registered, m.registered) << "instance " << i;
+        EXPECT_EQ(v.alive, m.alive) << "instance " << i;
+        EXPECT_EQ(v.data_port, m.data_port) << "instance " << i;
+        EXPECT_EQ(v.routable, model.Routable(i)) << "instance " << i;
+        EXPECT_EQ(v.ready, model.Ready(i)) << "instance " << i;
+        EXPECT_EQ(real.Routable(i), model.Routable(i)) << "instance " << i;
+        EXPECT_EQ(real.Ready(i), model.Ready(i)) << "instance " << i;
+        EXPECT_EQ(v.in_flight, m.in_flight) << "instance " << i;
+        EXPECT_EQ(v.incarnations, m.incarnations) << "instance " << i;
+        if (m.registered) {
+          EXPECT_EQ(v.name, m.name) << "instance " << i;
+        }
+        routed += v.routed;
+        ready += model.Ready(i) ? 1 : 0;
+      }
+      EXPECT_EQ(routed, begun);
+      EXPECT_EQ(real.ReadyCount(), ready);
+      EXPECT_EQ(real.deaths(), model.deaths);
+      EXPECT_EQ(real.rejoins(), model.rejoins);
+      for (const std::string& name : names) {
+        std::optional<LiveIncarnation> live = real.FindLive(name);
+        int32_t id = -1;
+        for (int32_t i = 0; i < n; ++i) {
+          const ModelMember& m = model.members[static_cast<size_t>(i)];
+          if (m.registered && m.alive && m.name == name) id = i;
+        }
+        ASSERT_EQ(live.has_value(), id >= 0) << name;
+        if (live.has_value()) {
+          EXPECT_EQ(live->id, id);
+          EXPECT_EQ(live->transport_port, model.members[static_cast<size_t>(id)].transport_port);
+          EXPECT_EQ(live->last_heartbeat, model.members[static_cast<size_t>(id)].last_heartbeat);
+        }
+      }
+      if (HasFatalFailure() || HasFailure()) return;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace tokenlake::service

@@ -1,0 +1,23 @@
+// Constants of the protocol between the coordinator and its instances over the host transport.
+#ifndef TOKENLAKE_SERVICE_PROTOCOL_H_
+#define TOKENLAKE_SERVICE_PROTOCOL_H_
+
+#include <cstdint>
+
+namespace tokenlake::service {
+
+// Instance ids are [0, kMaxInstances); instance i hosts host-transport endpoint i + 1 and the
+// coordinator hosts endpoint 0.
+inline constexpr int32_t kMaxInstances = 64;
+// Host-transport message tags.
+inline constexpr uint32_t kGenerateRequestTag = 1;
+inline constexpr uint32_t kGenerateReplyTag = 2;
+inline constexpr uint32_t kRebalanceTag = 3;
+// Instance -> coordinator: a streamed request's new tokens (v1::GenerateProgress).
+inline constexpr uint32_t kGenerateProgressTag = 4;
+// Coordinator -> instance: stop serving a request (v1::CancelGenerate).
+inline constexpr uint32_t kCancelTag = 5;
+
+}  // namespace tokenlake::service
+
+#endif  // TOKENLAKE_SERVICE_PROTOCOL_H_
