@@ -1,13 +1,15 @@
 // `tokenlake coordinator`: the control process of a TokenLake cluster (service/coordinator.h):
 // the cluster's lake (prefix tree, heavy hitters, balancer, planner) serving the instances'
 // engines over gRPC, membership by heartbeats, rebalancing, routing, and the HTTP front end
-// (POST /v1/completions, GET /metrics, GET /healthz), on 127.0.0.1 unless --http-listen /
-// --grpc-listen say otherwise (beyond loopback only with --tls-dir, or --insecure). With
-// --tls-dir, gRPC and the transports are mutual TLS with the cluster's certificates
-// (`tokenlake certs`). With --etcd URL --cluster NAME, several coordinators elect a leader
-// through etcd (service/election.h): a follower redirects clients to the leader; a leader that
-// loses its lease exits with code 3 (restart it: it comes back as a follower). Runs until
-// SIGTERM/SIGINT.
+// (the OpenAI-compatible API: POST /v1/completions, POST /v1/chat/completions, GET /v1/models;
+// GET /metrics, GET /healthz), on 127.0.0.1 unless --http-listen / --grpc-listen say otherwise
+// (beyond loopback only with --tls-dir, or --insecure). The checkpoint folder's tokenizer
+// (tokenizer.json or tokenizer.model, tokenizer_config.json, chat_template.jinja) is loaded when
+// present; the model's vocabulary must cover it. With --tls-dir, gRPC and the transports are
+// mutual TLS with the cluster's certificates (`tokenlake certs`). With --etcd URL --cluster NAME,
+// several coordinators elect a leader through etcd (service/election.h): a follower redirects
+// clients to the leader; a leader that loses its lease exits with code 3 (restart it: it comes
+// back as a follower). Runs until SIGTERM/SIGINT.
 // With --port-file it writes {"http_port", "grpc_port", "transport_port"} once listening
 // (transport_port is 0: the coordinator dials the instances). The cluster secret comes from the
 // environment (TOKENLAKE_CLUSTER_SECRET, hex; `tokenlake serve` sets it): without it, calls and
@@ -22,6 +24,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -38,6 +41,7 @@
 #include "tokenlake/service/etcd_client.h"
 #include "tokenlake/service/grpc_credentials.h"
 #include "tokenlake/service/process.h"
+#include "tokenlake/tokenizer/tokenizer.h"
 #include "tokenlake/transport/cluster_secret.h"
 #include "tokenlake/transport/socket_stream.h"
 
@@ -46,6 +50,7 @@ namespace {
 
 struct CoordinatorFlags {
   std::string model;
+  std::string model_id;
   std::string namespace_name = "tokenlake";
   int segment_tokens = 16;
   int instances = 4;
@@ -84,6 +89,26 @@ int RunCoordinator(const CoordinatorFlags& f) {
     return 1;
   }
   service::CoordinatorOptions o;
+  // The checkpoint's tokenizer, when it ships one: text prompts, chat, stop sequences, EOS.
+  absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> tok =
+      tokenizer::Tokenizer::FromDir(f.model);
+  if (tok.ok()) {
+    o.tokenizer = std::move(*tok);
+    std::fprintf(stderr, "tokenlake coordinator: tokenizer %s (%d ids)\n",
+                 o.tokenizer->source().c_str(), o.tokenizer->vocab_size());
+  } else if (tok.status().code() == absl::StatusCode::kNotFound) {
+    std::fprintf(stderr,
+                 "tokenlake coordinator: %s has no tokenizer: only token-id prompts are served\n",
+                 f.model.c_str());
+  } else {
+    std::cerr << "tokenlake coordinator: cannot load the tokenizer of " << f.model << ": "
+              << tok.status().message() << "\n";
+    return 1;
+  }
+  o.model_id = f.model_id.empty()
+                   ? std::filesystem::path(f.model).lexically_normal().filename().string()
+                   : f.model_id;
+  if (o.model_id.empty()) o.model_id = "tokenlake";
   o.limits = {.vocab_size = config->vocab_size,
               .context_tokens = config->max_position_embeddings > 0
                                     ? config->max_position_embeddings
@@ -220,8 +245,12 @@ void SetUpCoordinator(CLI::App& app, int* exit_code) {
   auto f = std::make_shared<CoordinatorFlags>();
   CLI::App* cmd = app.add_subcommand(
       "coordinator", "Cluster coordinator: membership, prefix tree, routing, HTTP front end");
-  cmd->add_option("--model", f->model, "Checkpoint directory (its config.json sets the limits)")
+  cmd->add_option("--model", f->model,
+                  "Checkpoint directory (its config.json sets the limits; its tokenizer, if any, "
+                  "serves text prompts and chat)")
       ->required();
+  cmd->add_option("--model-id", f->model_id,
+                  "Model id that GET /v1/models lists (default: the checkpoint folder's name)");
   cmd->add_option("--namespace", f->namespace_name, "Segment-id namespace (same on instances)")
       ->capture_default_str();
   cmd->add_option("--segment-tokens", f->segment_tokens, "Tokens per segment (same on instances)")

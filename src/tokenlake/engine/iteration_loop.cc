@@ -117,6 +117,28 @@ absl::Status IterationLoop::Submit(LoopRequest r) {
   return absl::OkStatus();
 }
 
+absl::Status IterationLoop::Cancel(RequestId id) {
+  for (auto it = requests_.begin(); it != requests_.end(); ++it) {
+    Active& a = **it;
+    if (a.req.id != id) continue;
+    // Released now, not with the next PlanBatch: a cancelled request must not keep its prefix
+    // pinned while the loop waits for other work.
+    if (a.holds_pins) control_->Release(id).IgnoreError();  // NotFound: released already
+    if (a.begun) executor_->EndSequence(id);
+    requests_.erase(it);
+    if (requests_.empty()) FlushReleases();
+    return absl::OkStatus();
+  }
+  return absl::NotFoundError(absl::StrFormat("Cancel: request %d is not in the loop", id.value()));
+}
+
+const LoopResult* IterationLoop::Progress(RequestId id) const {
+  for (const auto& a : requests_) {
+    if (a->req.id == id) return &a->result;
+  }
+  return nullptr;
+}
+
 absl::StatusOr<lake::IterationRequest> IterationLoop::MakeRequest(const Active& a,
                                                                   int64_t chunk) const {
   const int32_t s = options_.segment_tokens;

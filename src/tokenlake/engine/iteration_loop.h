@@ -208,6 +208,18 @@ class IterationLoop {
   //   holds, see pool_tokens), AlreadyExists (id in use in the loop).
   absl::Status Submit(LoopRequest request);
 
+  // Ends request `id` at once (its client went away): it leaves the loop without a result,
+  // the pins of its admitted plan are released before this returns, and the executor's
+  // sequence (its KV tail) ends. Segments it already committed stay in the pool (they are
+  // valid KV other requests may hit). Errors: NotFound when `id` is not in the loop (finished
+  // already, or never submitted).
+  absl::Status Cancel(RequestId id);
+
+  // Request `id`'s result so far (a running request's progress: `tokens` produced and, once
+  // its first prefill ran, `cached_tokens`; streaming servers send what is new after each
+  // Step); nullptr when `id` is not in the loop. Valid until the next Submit, Step or Cancel.
+  const LoopResult* Progress(RequestId id) const;
+
   // Runs one iteration and returns the requests that finished in it: done, or failed with
   // their status (a control-plane error for the request, a data-plane or executor error of the
   // batch: every request of a failed batch fails, its pins released).

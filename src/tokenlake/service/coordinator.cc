@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <thread>
@@ -20,6 +21,7 @@
 #include "tokenlake/service/lake_service.h"
 #include "tokenlake/service/membership.h"
 #include "tokenlake/service/membership_service.h"
+#include "tokenlake/service/openai_front_end.h"
 #include "tokenlake/service/rebalancer.h"
 #include "tokenlake/service/reconciler.h"
 #include "tokenlake/service/request_path.h"
@@ -153,6 +155,20 @@ class Coordinator::Impl {
       return absl::UnavailableError(
           absl::StrFormat("Coordinator: cannot serve gRPC on %s", grpc_at.ToString()));
     }
+    auto front_end = OpenAiFrontEnd::Create(
+        {.limits = options_.limits, .model_id = options_.model_id, .tokenizer = options_.tokenizer},
+        [this](const CompletionRequest& r, const OpenAiFrontEnd::TokenSink& sink) {
+          return request_path_->Complete(r, sink);
+        },
+        [this](int http_status) { request_path_->CountAnswer(http_status); });
+    if (!front_end.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Coordinator: ", front_end.status().message()));
+    }
+    openai_ = std::move(*front_end);
+    if (!openai_->chat_unavailable().empty()) {
+      std::fprintf(stderr, "tokenlake coordinator: %s\n", openai_->chat_unavailable().c_str());
+    }
     auto http = HttpFrontEnd::Start({.host = options_.http_host,
                                      .port = options_.http_port,
                                      .max_body_bytes = options_.max_body_bytes,
@@ -183,10 +199,8 @@ class Coordinator::Impl {
 
   // The HTTP front end's routes: the one place to add an endpoint.
   std::vector<HttpRoute> Routes() {
-    std::vector<HttpRoute> routes;
-    routes.push_back({"POST", "/v1/completions", [this](const HttpRequest& req, HttpResponse* res) {
-                        Completions(req, res);
-                      }});
+    // The OpenAI-compatible API (openai_front_end.h).
+    std::vector<HttpRoute> routes = openai_->Routes();
     routes.push_back({"GET", "/metrics", [this](const HttpRequest&, HttpResponse* res) {
                         res->content_type = "text/plain; version=0.0.4";
                         res->body = MetricsText();
@@ -215,29 +229,10 @@ class Coordinator::Impl {
           res->status = 503;
           res->headers.emplace_back("Retry-After", "1");
         }
-        res->body = ErrorJson(why);
+        res->body = OpenAiErrorJson(why);
       };
     }
     return routes;
-  }
-
-  // POST /v1/completions (completion_api.h).
-  void Completions(const HttpRequest& req, HttpResponse* res) {
-    absl::StatusOr<CompletionRequest> parsed = ParseCompletionRequest(req.body, options_.limits);
-    if (!parsed.ok()) {
-      request_path_->CountAnswer(HttpStatusFor(parsed.status()));
-      res->status = HttpStatusFor(parsed.status());
-      res->body = ErrorJson(parsed.status());
-      return;
-    }
-    absl::StatusOr<CompletionResult> result = request_path_->Complete(*parsed);
-    if (!result.ok()) {
-      res->status = HttpStatusFor(result.status());
-      res->body = ErrorJson(result.status());
-      return;
-    }
-    res->status = 200;
-    res->body = CompletionResponseJson(*parsed, *result, next_response_id_.fetch_add(1));
   }
 
   // Rebalance orders go straight to the TCP transport, not through the fault injector: a lost
@@ -339,10 +334,10 @@ class Coordinator::Impl {
   std::unique_ptr<RequestPath> request_path_;
   std::unique_ptr<MembershipService> membership_service_;
   std::unique_ptr<grpc::Server> grpc_server_;
+  std::unique_ptr<OpenAiFrontEnd> openai_;  // its routes borrow it: declared before http_
   std::unique_ptr<HttpFrontEnd> http_;
   std::thread reaper_;
   std::atomic<bool> stopping_{false};
-  std::atomic<uint64_t> next_response_id_{1};
 };
 
 lake::LakeOptions CoordinatorOptions::ToLakeOptions() const {
@@ -372,6 +367,10 @@ int32_t Coordinator::grpc_port() const { return impl_->grpc_port_; }
 int32_t Coordinator::transport_port() const { return impl_->tcp_->port(); }
 absl::StatusOr<CompletionResult> Coordinator::Complete(const CompletionRequest& request) {
   return impl_->request_path_->Complete(request);
+}
+absl::StatusOr<CompletionResult> Coordinator::CompleteStreaming(const CompletionRequest& request,
+                                                                const TokenSink& sink) {
+  return impl_->request_path_->Complete(request, sink);
 }
 std::string Coordinator::MetricsText() const { return impl_->MetricsText(); }
 int32_t Coordinator::LiveInstances() const { return impl_->membership_.ReadyCount(); }

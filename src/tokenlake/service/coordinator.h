@@ -52,8 +52,11 @@
 //     retried after retry_backoff x attempt (by then the dead holder is usually marked dead), up to
 //     max_attempts within request_timeout. The coordinator releases the failed attempt's pins.
 //     Generation is deterministic, so a retried request gets the same answer;
-//   - the HTTP front end (cpp-httplib): POST /v1/completions, GET /metrics (Prometheus text),
-//     GET /healthz. Bad input gets a 4xx with a JSON error naming the problem.
+//   - the HTTP front end (cpp-httplib): the OpenAI-compatible API (openai_front_end.h:
+//     POST /v1/completions, POST /v1/chat/completions, GET /v1/models; streamed answers come
+//     from CompleteStreaming, and a client that goes away cancels its request on the
+//     instance), GET /metrics (Prometheus text), GET /healthz. Bad input gets a 4xx with
+//     OpenAI's error body naming the problem.
 //
 // Listeners are on 127.0.0.1 unless http_host / grpc_host say otherwise (beyond loopback only
 // with TLS or allow_insecure); ports 0 mean "any free port" (see the accessors). With TLS, gRPC
@@ -72,12 +75,14 @@
 #define TOKENLAKE_SERVICE_COORDINATOR_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "tokenlake/balance/balancer.h"
 #include "tokenlake/balance/heavy_hitter.h"
 #include "tokenlake/lake/lake.h"
@@ -86,6 +91,7 @@
 #include "tokenlake/service/grpc_credentials.h"
 #include "tokenlake/service/leader_gate.h"
 #include "tokenlake/service/protocol.h"
+#include "tokenlake/tokenizer/tokenizer.h"
 #include "tokenlake/transport/fault_transport.h"
 
 namespace tokenlake::service {
@@ -93,6 +99,11 @@ namespace tokenlake::service {
 struct CoordinatorOptions {
   // Request limits (vocabulary, context, max_tokens) checked before anything is routed.
   CompletionLimits limits;
+  // The served model's tokenizer (text prompts, chat, stop sequences, EOS; its ids must be
+  // < limits.vocab_size) and the id GET /v1/models lists; null = token-id prompts only
+  // (openai_front_end.h).
+  std::shared_ptr<const tokenizer::Tokenizer> tokenizer;
+  std::string model_id = "tokenlake";
   // Tokens per segment and the segment-id namespace; instances must use the same.
   int32_t segment_tokens = 16;
   std::string namespace_name = "tokenlake";
@@ -170,7 +181,8 @@ struct CoordinatorOptions {
 class Coordinator {
  public:
   // Starts the gRPC server, the host transport, the HTTP server and the membership reaper.
-  // Errors: InvalidArgument naming a bad option; Unavailable when a port cannot be bound.
+  // Errors: InvalidArgument naming a bad option (e.g. a tokenizer whose ids the vocabulary
+  // does not cover); Unavailable when a port cannot be bound.
   static absl::StatusOr<std::unique_ptr<Coordinator>> Create(const CoordinatorOptions& options);
   ~Coordinator();
   Coordinator(const Coordinator&) = delete;
@@ -185,6 +197,19 @@ class Coordinator {
   // instance, or every attempt lost its instance), DeadlineExceeded (request_timeout passed),
   // or the instance's own error (e.g. ResourceExhausted when its pool is full of pins).
   absl::StatusOr<CompletionResult> Complete(const CompletionRequest& request);
+
+  // Receives a streamed request's new tokens, in order, each token once; returns false to
+  // cancel the request (its client went away, or the caller matched a stop sequence).
+  using TokenSink = std::function<bool(absl::Span<const int32_t> tokens)>;
+  // Complete, streaming: with request.stream the computing instance reports every iteration's
+  // tokens and `sink` gets them as they come; without it, once at the end. Failover: a retried
+  // attempt regenerates the same tokens (same seed); those `sink` already got are checked equal
+  // and skipped (Internal error if a retry diverged). When `sink` returns false the instance is
+  // told to stop (it releases the request's pins and pool slots) and the result has
+  // cancelled = true with the tokens `sink` got.
+  // `cached_tokens` is set from the instance's first report. Errors: as Complete.
+  absl::StatusOr<CompletionResult> CompleteStreaming(const CompletionRequest& request,
+                                                     const TokenSink& sink);
 
   // The /metrics page.
   std::string MetricsText() const;

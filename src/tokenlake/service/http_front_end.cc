@@ -9,7 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "tokenlake/service/completion_api.h"
+#include "tokenlake/service/openai_api.h"
 #include "tokenlake/transport/socket_stream.h"
 
 namespace tokenlake::service {
@@ -85,7 +85,7 @@ class HttpFrontEnd::Impl {
       } else {
         s = absl::InvalidArgumentError(absl::StrFormat("HTTP error %d", res.status));
       }
-      res.set_content(ErrorJson(s), "application/json");
+      res.set_content(OpenAiErrorJson(s), "application/json");
     });
     if (options_.port == 0) {
       port_ = server_.bind_to_any_port(options_.host);

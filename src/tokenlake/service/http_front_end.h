@@ -4,7 +4,7 @@
 // coordinator.cc, Coordinator::Impl::Routes). A handler gets the request with its body and
 // fills a response: a whole body, or a `stream` function that writes the body in pieces (sent
 // with chunked transfer encoding, e.g. server-sent events). A request for no route gets 404
-// with a JSON error naming the endpoints (completion_api.h's ErrorJson).
+// with OpenAI's error body naming the endpoints (openai_api.h's OpenAiErrorJson).
 //
 // Thread-safety: thread-safe; handlers run on the server's worker threads, several at once.
 #ifndef TOKENLAKE_SERVICE_HTTP_FRONT_END_H_

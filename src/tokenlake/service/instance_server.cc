@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <optional>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -225,6 +226,8 @@ class InstanceServer::Impl {
     state.set_capacity_slots(options_.slots);
     state.set_slot_bytes(layout_.SlotBytes());
     state.set_requests_served(served_.load());
+    state.set_requests_cancelled(cancelled_.load());
+    state.set_requests_running(running_.load());
     {
       absl::MutexLock lock(&traffic_mu_);
       *state.mutable_traffic() = traffic_;
@@ -394,24 +397,65 @@ class InstanceServer::Impl {
           ApplyRebalance(*m);
         } else if (m->tag == kGenerateRequestTag) {
           Accept(*m);
+        } else if (m->tag == kCancelTag) {
+          CancelRequest(*m);
         }
       }
       if (dp == nullptr || dp->engine->idle()) continue;
       for (auto& [request, result] : dp->engine->Step()) Complete(*dp, request, result);
+      SendProgress(*dp);
+      running_.store(static_cast<int64_t>(in_flight_.size()));
     }
   }
 
   struct InFlight {
     transport::Message message;  // the request (for the reply's addressing)
     absl::Time start;
+    bool stream = false;   // report progress (GenerateProgress) as tokens come
+    int32_t reported = 0;  // tokens reported so far
   };
 
+  // Reports the new tokens of every streamed request still running (the finished ones are
+  // answered with all their tokens).
+  void SendProgress(DataPlane& dp) {
+    for (auto& [request, f] : in_flight_) {
+      if (!f.stream) continue;
+      const std::optional<engine::Engine::Progress> p = dp.engine->ProgressOf(RequestId(request));
+      if (!p.has_value() || static_cast<int32_t>(p->tokens.size()) <= f.reported) continue;
+      v1::GenerateProgress progress;
+      progress.set_first_index(f.reported);
+      progress.set_cached_tokens(p->cached_tokens);
+      progress.mutable_tokens()->Add(p->tokens.begin() + f.reported, p->tokens.end());
+      f.reported = static_cast<int32_t>(p->tokens.size());
+      Send(f.message, kGenerateProgressTag, progress.SerializeAsString());
+    }
+  }
+
+  // The coordinator gave up on a request (its client went away, a stop sequence ended it):
+  // the engine drops it, releasing its pins and its KV tail; no reply is sent.
+  void CancelRequest(const transport::Message& m) {
+    v1::CancelGenerate cancel;
+    if (!cancel.ParseFromArray(m.payload.data(), static_cast<int>(m.payload.size()))) return;
+    auto it = in_flight_.find(cancel.request_id());
+    if (it == in_flight_.end()) return;  // finished (its answer is on the way) or unknown
+    std::shared_ptr<DataPlane> dp = Data();
+    if (dp != nullptr) dp->engine->Cancel(RequestId(cancel.request_id())).IgnoreError();
+    in_flight_.erase(it);
+    cancelled_.fetch_add(1);
+    running_.store(static_cast<int64_t>(in_flight_.size()));
+    RefreshState();
+  }
+
   void SendReply(const transport::Message& m, const v1::GenerateReply& reply) {
-    std::string bytes = reply.SerializeAsString();
+    Send(m, kGenerateReplyTag, reply.SerializeAsString());
+  }
+
+  // Sends `bytes` with `tag` to the coordinator, answering request message `m`.
+  void Send(const transport::Message& m, uint32_t tag, const std::string& bytes) {
     transport::Message out;
     out.from = m.to;
     out.to = InstanceId(0);
-    out.tag = kGenerateReplyTag;
+    out.tag = tag;
     out.correlation_id = m.correlation_id;
     out.payload.resize(bytes.size());
     std::memcpy(out.payload.data(), bytes.data(), bytes.size());
@@ -455,10 +499,18 @@ class InstanceServer::Impl {
       return fail(absl::AlreadyExistsError(
           absl::StrFormat("request %d is already running here", rid.value())));
     }
-    if (absl::Status s = dp->engine->Submit(rid, prompt, request.max_tokens()); !s.ok()) {
-      return fail(s);
-    }
-    in_flight_[rid.value()] = InFlight{.message = m, .start = absl::Now()};
+    engine::GenerateRequest g{
+        .id = rid,
+        .prompt = std::move(prompt),
+        .max_new_tokens = request.max_tokens(),
+        .stop_token_ids = {request.stop_token_ids().begin(), request.stop_token_ids().end()}};
+    g.sampling.temperature = request.temperature();
+    g.sampling.top_k = request.top_k();
+    if (request.has_top_p()) g.sampling.top_p = request.top_p();
+    if (request.has_seed()) g.sampling.seed = request.seed();
+    if (absl::Status s = dp->engine->Submit(g); !s.ok()) return fail(s);
+    in_flight_[rid.value()] =
+        InFlight{.message = m, .start = absl::Now(), .stream = request.stream()};
   }
 
   // Replies to a finished request and counts its traffic.
@@ -492,6 +544,7 @@ class InstanceServer::Impl {
     t->set_remote_stored_segments(r->remote_stored_segments);
     t->set_remote_stored_bytes(r->remote_stored_bytes);
     reply.mutable_tokens()->Add(r->tokens.begin(), r->tokens.end());
+    reply.set_finish_reason(r->finish_reason);
     reply.set_cached_tokens(r->cached_tokens);
     reply.set_compute_us(absl::ToInt64Microseconds(absl::Now() - f.start));
     *reply.mutable_state() = State();
@@ -542,6 +595,8 @@ class InstanceServer::Impl {
   std::thread control_, worker_;
   std::atomic<bool> stopping_{false};
   std::atomic<int64_t> served_{0};
+  std::atomic<int64_t> cancelled_{0};
+  std::atomic<int64_t> running_{0};  // in_flight_.size(), for reports
   // Requests submitted to the engine and not yet answered, by lake request id (worker only).
   absl::flat_hash_map<uint64_t, InFlight> in_flight_;
   std::atomic<int64_t> reconcile_frees_{0};
@@ -588,6 +643,8 @@ int64_t InstanceServer::registrations() const {
   return impl_->registrations_;
 }
 int64_t InstanceServer::requests_served() const { return impl_->served_.load(); }
+int64_t InstanceServer::requests_cancelled() const { return impl_->cancelled_.load(); }
+int64_t InstanceServer::requests_running() const { return impl_->running_.load(); }
 int64_t InstanceServer::segments() const { return impl_->State().segments_size(); }
 void InstanceServer::Shutdown() { impl_->Shutdown(); }
 

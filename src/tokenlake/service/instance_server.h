@@ -16,6 +16,11 @@
 // holder or pulling their KV, and new segments are stored where the lake says, possibly on
 // another instance.
 //
+// Streaming and cancellation: a generate message with `stream` gets a GenerateProgress message
+// (tag kGenerateProgressTag) with its new tokens after every iteration that produced some,
+// then the usual reply; a CancelGenerate (tag kCancelTag) drops the request from the engine
+// (IterationLoop::Cancel: its lake pins and KV tail are released) and no reply is sent.
+//
 // Heartbeat replies may also name segments to free (the lake no longer lists them here);
 // rebalance orders (host-transport tag kRebalanceTag) make it copy a segment from another
 // instance (pull + store here), move it (copy, then free at the source) or drop it.
@@ -113,6 +118,10 @@ class InstanceServer {
   int64_t registrations() const;
   // Requests computed so far.
   int64_t requests_served() const;
+  // Requests the coordinator cancelled here, and requests running now (submitted to the
+  // engine, not yet answered; updated after every iteration).
+  int64_t requests_cancelled() const;
+  int64_t requests_running() const;
   // Segments this instance holds.
   int64_t segments() const;
 
