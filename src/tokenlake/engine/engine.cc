@@ -322,7 +322,8 @@ absl::Status Engine::Submit(const GenerateRequest& request) {
                               .max_new_tokens = request.max_new_tokens,
                               .force_tokens = request.force_tokens,
                               .sampling = request.sampling,
-                              .stop_token_ids = request.stop_token_ids});
+                              .stop_token_ids = request.stop_token_ids,
+                              .segment_salt = request.segment_salt});
 }
 
 absl::Status Engine::Cancel(RequestId request) {

@@ -109,6 +109,8 @@ struct GenerateRequest {
   // LoopRequest).
   SamplingParams sampling;
   std::vector<int32_t> stop_token_ids;
+  // The salt of its segment ids (index::TenantSalt; pool path); 0 = the engine's namespace.
+  uint64_t segment_salt = 0;
 };
 
 class IterationLoop;

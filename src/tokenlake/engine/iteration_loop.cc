@@ -139,6 +139,10 @@ const LoopResult* IterationLoop::Progress(RequestId id) const {
   return nullptr;
 }
 
+uint64_t IterationLoop::SaltOf(const Active& a) const {
+  return a.req.segment_salt != 0 ? a.req.segment_salt : options_.salt;
+}
+
 absl::StatusOr<lake::IterationRequest> IterationLoop::MakeRequest(const Active& a,
                                                                   int64_t chunk) const {
   const int32_t s = options_.segment_tokens;
@@ -152,7 +156,7 @@ absl::StatusOr<lake::IterationRequest> IterationLoop::MakeRequest(const Active& 
   TOKENLAKE_ASSIGN_OR_RETURN(
       std::vector<index::SegmentKey> keys,
       index::ComputeSegmentKeys(
-          options_.salt, absl::MakeConstSpan(a.seq).subspan(0, static_cast<size_t>(full)), s));
+          SaltOf(a), absl::MakeConstSpan(a.seq).subspan(0, static_cast<size_t>(full)), s));
   InstanceId preferred = a.last_compute;
   if (options_.fixed_compute.valid()) {
     preferred = options_.fixed_compute;
@@ -201,8 +205,7 @@ absl::Status IterationLoop::Finish(Active& a, const lake::IterationPlan& plan, I
   TOKENLAKE_ASSIGN_OR_RETURN(
       std::vector<index::SegmentKey> keys,
       index::ComputeSegmentKeys(
-          options_.salt, absl::MakeConstSpan(a.seq).subspan(0, static_cast<size_t>(end / s * s)),
-          s));
+          SaltOf(a), absl::MakeConstSpan(a.seq).subspan(0, static_cast<size_t>(end / s * s)), s));
   keys.resize(std::min(keys.size(), static_cast<size_t>(plan.num_keys)));
   a.computed = end;
   {

@@ -89,6 +89,8 @@ struct LoopRequest {
   // The request ends after producing one of these (e.g. the model's end-of-sequence id); the
   // stop token is its last token.
   std::vector<int32_t> stop_token_ids;
+  // The salt its segment ids chain from (index::TenantSalt); 0 = the loop's namespace salt.
+  uint64_t segment_salt = 0;
 };
 
 // Data-plane work of one request (the executor's counters).
@@ -240,6 +242,8 @@ class IterationLoop {
   IterationLoop(lake::ControlPlane* control, IterationExecutor* executor,
                 const IterationLoopOptions& options);
   absl::StatusOr<lake::IterationRequest> MakeRequest(const Active& a, int64_t chunk) const;
+  // The salt of `a`'s segment ids (its own, else the namespace's).
+  uint64_t SaltOf(const Active& a) const;
   static int64_t MaxTokens(const Active& a);
   // Fails `a` with `status` and moves it to `done`.
   void Fail(Active& a, absl::Status status, std::vector<LoopResult>& done);

@@ -136,6 +136,27 @@ TEST_F(InProcessClusterTest, ServesCorrectAnswersAndHitsThePool) {
   EXPECT_EQ(bad->first, 400);
 }
 
+// Tenant isolation: equal prompts under different cache salts share no segment (no hit, and
+// each tenant's first request computes everything); the same salt shares as before; the answers
+// are the same tokens either way.
+TEST_F(InProcessClusterTest, CacheSaltsSeparateTenantsAndTheSameSaltShares) {
+  const std::vector<int32_t> prompt = Prompt(42);
+  auto first_a = coordinator_->Complete({.prompt = prompt, .max_tokens = 3, .cache_salt = "a"});
+  ASSERT_TRUE(first_a.ok()) << first_a.status();
+  EXPECT_EQ(first_a->cached_tokens, 0);
+  auto first_b = coordinator_->Complete({.prompt = prompt, .max_tokens = 3, .cache_salt = "b"});
+  ASSERT_TRUE(first_b.ok()) << first_b.status();
+  EXPECT_EQ(first_b->cached_tokens, 0);  // tenant a's segments are invisible to b
+  auto shared = coordinator_->Complete({.prompt = prompt, .max_tokens = 3});
+  ASSERT_TRUE(shared.ok()) << shared.status();
+  EXPECT_EQ(shared->cached_tokens, 0);  // nor to requests without a salt
+  auto again_a = coordinator_->Complete({.prompt = prompt, .max_tokens = 3, .cache_salt = "a"});
+  ASSERT_TRUE(again_a.ok()) << again_a.status();
+  EXPECT_EQ(again_a->cached_tokens, 32);  // the same salt shares
+  const std::vector<int32_t> want = Expected(prompt, 3);
+  for (const auto* r : {&*first_a, &*first_b, &*shared, &*again_a}) EXPECT_EQ(r->tokens, want);
+}
+
 TEST_F(InProcessClusterTest, RejectsBadRequestsBeforeRouting) {
   EXPECT_EQ(coordinator_->Complete({.prompt = {}, .max_tokens = 1}).status().code(),
             absl::StatusCode::kInvalidArgument);

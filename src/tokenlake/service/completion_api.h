@@ -38,6 +38,9 @@ struct CompletionRequest {
   std::optional<uint64_t> seed;
   // Generation ends after one of these ids (the model's end-of-sequence tokens).
   std::vector<int32_t> stop_token_ids;
+  // Who may share this request's cached segments: requests with equal cache salts only (the
+  // caller's tenant and the body's cache_salt; index::TenantSalt). Empty: everyone.
+  std::string cache_salt;
   // The computing instance reports each iteration's tokens as they come (for
   // Coordinator::CompleteStreaming's sink); otherwise they arrive with the final answer.
   bool stream = false;

@@ -29,6 +29,9 @@ struct HttpRequest {
   // Header fields as received (names compared without regard to case by Header()).
   std::vector<std::pair<std::string, std::string>> headers;
   std::string body;
+  // The caller's tenant, set by the coordinator from the API key (never from the wire); empty:
+  // none.
+  std::string tenant;
   // The value of header `name` (case-insensitive), empty when absent.
   std::string Header(std::string_view name) const;
 };

@@ -508,6 +508,7 @@ class InstanceServer::Impl {
     g.sampling.top_k = request.top_k();
     if (request.has_top_p()) g.sampling.top_p = request.top_p();
     if (request.has_seed()) g.sampling.seed = request.seed();
+    g.segment_salt = request.segment_salt();
     if (absl::Status s = dp->engine->Submit(g); !s.ok()) return fail(s);
     in_flight_[rid.value()] =
         InFlight{.message = m, .start = absl::Now(), .stream = request.stream()};

@@ -369,6 +369,15 @@ absl::StatusOr<OpenAiRequest> ParseOpenAiRequest(std::string_view body, OpenAiEn
       r.seed = v.is_number_unsigned() ? v.get<uint64_t>() : static_cast<uint64_t>(v.get<int64_t>());
     } else if (key == "stop") {
       if (absl::Status s = ParseStop(v, &r); !s.ok()) return s;
+    } else if (key == "cache_salt") {
+      if (v.is_null()) continue;
+      if (!v.is_string() || v.get<std::string>().empty() || v.get<std::string>().size() > 512) {
+        return Bad(key, absl::StrFormat(
+                            "field 'cache_salt' must be a non-empty string of at most 512 bytes, "
+                            "got %s",
+                            TypeName(v)));
+      }
+      r.cache_salt = v.get<std::string>();
     } else if (key == "stream") {
       if (v.is_null()) continue;
       if (!v.is_boolean()) {

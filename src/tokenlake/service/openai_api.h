@@ -71,6 +71,9 @@ struct OpenAiRequest {
   std::vector<std::string> stop;
   bool stream = false;
   bool include_usage = false;
+  // Requests share cached prefixes only with requests of the same cache_salt (and tenant);
+  // empty: with everyone.
+  std::string cache_salt;
 };
 
 // Parses and validates a request body for `endpoint`. max_tokens is checked against

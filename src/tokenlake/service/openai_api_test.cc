@@ -2,6 +2,7 @@
 
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -77,6 +78,22 @@ TEST(OpenAiApiTest, ParsesSamplingStopAndStreamOptions) {
   ASSERT_TRUE(one_stop.ok());
   EXPECT_EQ(one_stop->stop, std::vector<std::string>{"###"});
   EXPECT_EQ(one_stop->top_k, 0);
+}
+
+TEST(OpenAiApiTest, ParsesCacheSaltAndRefusesBadOnes) {
+  absl::StatusOr<OpenAiRequest> r = Completion(R"({"prompt": "hi", "cache_salt": "tenant-7"})");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->cache_salt, "tenant-7");
+  EXPECT_EQ(Completion(R"({"prompt": "hi"})")->cache_salt, "");
+  for (const char* bad :
+       {R"({"prompt": "hi", "cache_salt": 7})", R"({"prompt": "hi", "cache_salt": ""})"}) {
+    absl::StatusOr<OpenAiRequest> b = Completion(bad);
+    ASSERT_FALSE(b.ok()) << bad;
+    EXPECT_EQ(ParamOf(b.status()), "cache_salt") << bad;
+  }
+  EXPECT_FALSE(
+      Completion(absl::StrCat(R"({"prompt": "hi", "cache_salt": ")", std::string(513, 'x'), "\"}"))
+          .ok());
 }
 
 TEST(OpenAiApiTest, BadInputNamesTheFieldAndParam) {

@@ -191,6 +191,11 @@ std::vector<HttpRoute> OpenAiFrontEnd::Routes() {
                     WithParam(prepared.status(),
                               endpoint == OpenAiEndpoint::kCompletions ? "prompt" : "messages"));
     }
+    // A tenant's prompts share cached segments only with the same tenant (and cache_salt).
+    if (!req.tenant.empty() || !parsed->cache_salt.empty()) {
+      const std::string salt = absl::StrCat(req.tenant.size(), ":", req.tenant, parsed->cache_salt);
+      for (CompletionRequest& c : prepared->requests) c.cache_salt = salt;
+    }
     const OpenAiAnswerHeader header{
         .endpoint = endpoint,
         .id = NewAnswerId(endpoint),

@@ -232,7 +232,8 @@ absl::StatusOr<CompletionResult> RequestPath::CompleteInner(const CompletionRequ
   const int64_t usable = static_cast<int64_t>(request.prompt.size()) - 1;
   const int64_t full = usable / options_.segment_tokens * options_.segment_tokens;
   auto keys = index::ComputeSegmentKeys(
-      options_.salt, absl::MakeConstSpan(request.prompt).subspan(0, static_cast<size_t>(full)),
+      index::TenantSalt(options_.salt, request.cache_salt),
+      absl::MakeConstSpan(request.prompt).subspan(0, static_cast<size_t>(full)),
       options_.segment_tokens);
   if (!keys.ok()) return keys.status();
 
@@ -240,6 +241,9 @@ absl::StatusOr<CompletionResult> RequestPath::CompleteInner(const CompletionRequ
   absl::flat_hash_set<int32_t> excluded;
   std::string failures;
   v1::GenerateRequest message = ToGenerateMessage(request, sink != nullptr);
+  if (!request.cache_salt.empty()) {
+    message.set_segment_salt(index::TenantSalt(options_.salt, request.cache_salt));
+  }
   Delivery delivery;
   const int64_t prompt_tokens = static_cast<int64_t>(request.prompt.size());
   for (int32_t attempt = 1; attempt <= options_.max_attempts; ++attempt) {
