@@ -335,25 +335,28 @@ TEST(ElasticSchedulerTest, PlaceDecodeBestFitThenIdleThenLeastLoaded) {
   EXPECT_EQ(PlaceDecode(in, 1, budget, cost), -1);
 }
 
-TEST(ElasticSchedulerTest, PlaceDecodeGoesWhereItsContextLivesAmongTheInstancesWhereItFits) {
+TEST(ElasticSchedulerTest, PlaceDecodeBreaksTiesByWhereItsContextLives) {
   const LinearCost cost(0.005, 1e-5, 1e-8, 0);
   const double budget = 0.02;
-  std::vector<DecodeInstance> in(5);
+  std::vector<DecodeInstance> in(6);
   in[0] = {.decodes = 2, .context_tokens = 200000, .local_tokens = 3000};  // fits, holds most
   in[1] = {.decodes = 4, .context_tokens = 900000, .local_tokens = 1000};  // fits, busiest
   in[2] = {.decodes = 0, .idle = true, .local_tokens = 5000};
   in[3] = {.decodes = 1, .context_tokens = 1500000, .local_tokens = 9000};  // full
   in[4] = {.decodes = 0, .idle = true, .local_tokens = 8000};
-  EXPECT_EQ(PlaceDecode(in, 100000, budget, cost), 0);
-  // Equal locality: the busiest (best fit).
-  in[0].local_tokens = 1000;
+  in[5] = {.decodes = 4, .context_tokens = 900000, .local_tokens = 2000};  // as busy as 1
+  // Best fit first (the busiest that fits), so that decodes use as few instances as they can;
+  // between the equally busy 1 and 5, the one holding more of the decode's context.
+  EXPECT_EQ(PlaceDecode(in, 100000, budget, cost), 5);
+  in[5].local_tokens = 0;
   EXPECT_EQ(PlaceDecode(in, 100000, budget, cost), 1);
   // No decode instance fits: the idle one holding most of it.
   EXPECT_EQ(PlaceDecode(in, 1500000, budget, cost), 4);
-  // An instance's own, tighter budget keeps it out: instance 1 with 0.013 s fits no more.
+  // An instance's own, tighter budget keeps it out: 1 and 5 with 0.013 s fit no more.
   in[1].budget_s = 0.013;
+  in[5].budget_s = 0.013;
   EXPECT_EQ(PlaceDecode(in, 100000, budget, cost), 0);
-  // A looser own budget does not widen the call's.
+  // A looser own budget does not widen the call's: instance 3 stays full.
   in[1].budget_s = 1.0;
   in[3].budget_s = 1.0;
   EXPECT_EQ(PlaceDecode(in, 100000, budget, cost), 1);
