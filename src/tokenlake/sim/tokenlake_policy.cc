@@ -260,16 +260,19 @@ class TokenLakePolicy final : public Policy {
     (void)inst;
     Tick(sim);
     const CostModel& cost = sim.cost();
+    // Query bytes are summed here and counted once per kind (the per-kind counter is a map).
+    int64_t decode_query_bytes = 0, prefill_query_bytes = 0;
     for (size_t i = 0; i < jobs.size() && i < tokens.size(); ++i) {
       const int64_t t = tokens[i];
       if (t <= 0) continue;
       Job& job = *jobs[i];
+      int64_t& query_bytes =
+          job.policy_tag == kDecodeTag ? decode_query_bytes : prefill_query_bytes;
       for (const auto& [holder, held] : job.remote_holders) {
         // The holder computed the partial attention of these queries over its segments.
         sim.ChargeExtra(holder, cost.CachedAttentionSeconds(t, held) * static_cast<double>(iters));
         sim.AddCacheAccess(holder, held * iters);
-        sim.AddBytesMoved(plan::MoveQueriesBytes(shape_, t) * iters,
-                          job.policy_tag == kDecodeTag ? "decode_queries" : "prefill_queries");
+        query_bytes += plan::MoveQueriesBytes(shape_, t) * iters;
       }
       if (job.policy_tag == kDecodeTag) {
         // Decode queries attend to the whole sequence: their load finds heavy hitters too. It
@@ -279,6 +282,8 @@ class TokenLakePolicy final : public Policy {
         state_[job.request].decode_tokens_unrecorded += t * iters;
       }
     }
+    if (decode_query_bytes > 0) sim.AddBytesMoved(decode_query_bytes, "decode_queries");
+    if (prefill_query_bytes > 0) sim.AddBytesMoved(prefill_query_bytes, "prefill_queries");
   }
 
   void OnSample(Simulator& sim) override {
