@@ -13,9 +13,9 @@
 
 #include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
-#include "tokenlake/attention/cuda/gpu_profile.h"
+#include "tokenlake/profile/gpu_profile.h"
 
-namespace tl = tokenlake::attention::cuda;
+namespace tl = tokenlake::profile;
 
 int main(int argc, char** argv) {
   const std::string out_path = argc > 1 ? argv[1] : "gpu_attention_bench.json";

@@ -37,7 +37,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
-#include "tokenlake/attention/cuda/gpu_profile.h"
+#include "tokenlake/profile/gpu_profile.h"
 #include "tokenlake/attention/cuda/paged_attention.h"
 
 namespace tl = tokenlake::attention::cuda;
@@ -86,7 +86,7 @@ Prefix MakePrefix(std::mt19937_64& rng) {
   const size_t block_elems = size_t{kSegmentTokens} * kKvHeads * kHeadDim;
   const int slots = kSets * kSegments * 2;
   auto* arena = static_cast<uint16_t*>(DeviceAlloc(slots * block_elems * 2));
-  CHECK_OK(tl::FillRandomBf16(arena, slots * block_elems, rng(), 1.0f));
+  CHECK_OK(tokenlake::profile::FillRandomBf16(arena, slots * block_elems, rng(), 1.0f));
   std::vector<int> order(slots);
   std::iota(order.begin(), order.end(), 0);
   std::shuffle(order.begin(), order.end(), rng);
@@ -170,7 +170,7 @@ Partial MakePartial(std::mt19937_64& rng, int num_q, const tl::PagedAttentionPar
   Partial p;
   const size_t elems = size_t{static_cast<size_t>(num_q)} * kHeads * kHeadDim;
   p.q = DeviceAlloc(elems * 2);
-  CHECK_OK(tl::FillRandomBf16(p.q, elems, rng(), 1.0f));
+  CHECK_OK(tokenlake::profile::FillRandomBf16(p.q, elems, rng(), 1.0f));
   p.out = static_cast<float*>(DeviceAlloc(elems * 4));
   p.lse = static_cast<float*>(DeviceAlloc(size_t{static_cast<size_t>(num_q)} * kHeads * 4));
   tl::PagedAttentionParams s = shape;
@@ -190,7 +190,7 @@ Partial MakePartial(std::mt19937_64& rng, int num_q, const tl::PagedAttentionPar
 }  // namespace
 
 int main(int argc, char** argv) {
-  auto dev = tl::DescribeDevice();
+  auto dev = tokenlake::profile::DescribeDevice();
   if (!dev.ok()) {
     std::fprintf(stderr, "gpu_merge_bench: %s\n", dev.status().ToString().c_str());
     return 1;
@@ -286,7 +286,7 @@ int main(int argc, char** argv) {
     // wait first; 2: they also stream their first K/V stages before waiting). % of the D2D copy
     // bandwidth for the 134 MB of K/V each call reads.
     constexpr int kLayers = 10;
-    auto copy = tl::MeasureCopyGbps(size_t{1} << 30, 20);
+    auto copy = tokenlake::profile::MeasureCopyGbps(size_t{1} << 30, 20);
     CHECK_OK(copy.status());
     const double kv_bytes = 2.0 * kPrefixTokens * kKvHeads * kHeadDim * 2;
     std::printf("decode, %d calls (layers) in one graph, per call (D2D copy %.0f GB/s):\n", kLayers,
@@ -323,7 +323,7 @@ int main(int argc, char** argv) {
     // The new tokens' own K/V: one block of kNew tokens.
     const size_t new_elems = size_t{kNew} * kKvHeads * kHeadDim;
     auto* new_kv = static_cast<uint16_t*>(DeviceAlloc(2 * new_elems * 2));
-    CHECK_OK(tl::FillRandomBf16(new_kv, 2 * new_elems, rng(), 1.0f));
+    CHECK_OK(tokenlake::profile::FillRandomBf16(new_kv, 2 * new_elems, rng(), 1.0f));
     tl::DeviceKvBlock host_block{new_kv, new_kv + new_elems, kNew, 0};
     auto* new_block = static_cast<tl::DeviceKvBlock*>(DeviceAlloc(sizeof(tl::DeviceKvBlock)));
     CHECK_CUDA(cudaMemcpy(new_block, &host_block, sizeof(host_block), cudaMemcpyHostToDevice));

@@ -18,7 +18,14 @@ packages=(
   etcd-server  # service: membership and leader election (its tests run a real etcd)
   # the Python package: pybind11 extension, its tests, `pip install .` offline
   pybind11-dev python3-dev python3-pytest python3-numpy python3-pip python3-venv python3-setuptools
+  curl  # the OpenAI client test waits for /healthz
 )
+# The OpenAI client test (tests/openai_client: the `openai` npm package, installed by npm into
+# the build tree): Node and npm from Debian, unless node and npm are already on the PATH (a Node
+# installed otherwise ships its own npm, which Debian's npm package would conflict with).
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  packages+=(nodejs npm)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

@@ -121,7 +121,7 @@ Answer Complete(const LocalCluster& c, const std::vector<int32_t>& prompt,
   json j = json::parse(a.body, nullptr, false);
   if (a.status == 200 && !j.is_discarded()) {
     a.tokens = j["choices"][0]["tokens"].get<std::vector<int32_t>>();
-    a.cached_tokens = j["usage"]["cached_tokens"].get<int64_t>();
+    a.cached_tokens = j["usage"]["prompt_tokens_details"]["cached_tokens"].get<int64_t>();
   }
   return a;
 }

@@ -309,6 +309,16 @@ if "$bin" --help 2>&1 | grep -q tokenize; then
     '[{"role":"user","content":"a"},{"role":"user","content":"b"}]'
   expect "a folder without a tokenizer is named" 1 "no tokenizer.json or tokenizer.model" -- \
     "$bin" tokenize --model "$tmp" "hi"
+  # serve: a checkpoint whose vocabulary does not cover its tokenizer is refused at startup.
+  if "$bin" --help 2>&1 | grep -q serve; then
+    fixtures="$(cd "$(dirname "$0")/../.." && pwd)/tests/fixtures"
+    mkdir -p "$tmp/small_vocab"
+    cp "$fixtures/llama_tiny/model/config.json" "$fixtures/tokenizer/bpe_gpt2/tokenizer.json" \
+      "$tmp/small_vocab/"
+    expect "serve refuses a tokenizer the model's vocabulary does not cover" 1 \
+      "knows ids up to 759, the model's vocabulary has only 512 rows" -- \
+      "$bin" serve --model "$tmp/small_vocab" --instances 1 --duration-s 1
+  fi
 fi
 
 # TLS files for a cluster: a CA and a host certificate, then a second host signed by that CA.

@@ -1,10 +1,15 @@
 // `tokenlake coordinator`: the control process of a TokenLake cluster (service/coordinator.h):
 // the cluster's lake (prefix tree, heavy hitters, balancer, planner) serving the instances'
 // engines over gRPC, membership by heartbeats, rebalancing, routing, and the HTTP front end
-// (POST /v1/completions, GET /metrics, GET /healthz), on 127.0.0.1 unless --http-listen /
-// --grpc-listen say otherwise (beyond loopback only with --tls-dir, or --insecure). With
-// --tls-dir, gRPC and the transports are mutual TLS with the cluster's certificates
-// (`tokenlake certs`). Runs until SIGTERM/SIGINT.
+// (the OpenAI-compatible API: POST /v1/completions, POST /v1/chat/completions, GET /v1/models;
+// GET /metrics, GET /healthz), on 127.0.0.1 unless --http-listen / --grpc-listen say otherwise
+// (beyond loopback only with --tls-dir, or --insecure). The checkpoint folder's tokenizer
+// (tokenizer.json or tokenizer.model, tokenizer_config.json, chat_template.jinja) is loaded when
+// present; the model's vocabulary must cover it. With --tls-dir, gRPC and the transports are
+// mutual TLS with the cluster's certificates (`tokenlake certs`). With --etcd URL --cluster NAME,
+// several coordinators elect a leader through etcd (service/election.h): a follower redirects
+// clients to the leader; a leader that loses its lease exits with code 3 (restart it: it comes
+// back as a follower). Runs until SIGTERM/SIGINT.
 // With --port-file it writes {"http_port", "grpc_port", "transport_port"} once listening
 // (transport_port is 0: the coordinator dials the instances). The cluster secret comes from the
 // environment (TOKENLAKE_CLUSTER_SECRET, hex; `tokenlake serve` sets it): without it, calls and
@@ -18,7 +23,10 @@
 #include <sys/prctl.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <tuple>
 
@@ -29,8 +37,11 @@
 #include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/coordinator.h"
+#include "tokenlake/service/election.h"
+#include "tokenlake/service/etcd_client.h"
 #include "tokenlake/service/grpc_credentials.h"
 #include "tokenlake/service/process.h"
+#include "tokenlake/tokenizer/tokenizer.h"
 #include "tokenlake/transport/cluster_secret.h"
 #include "tokenlake/transport/socket_stream.h"
 
@@ -39,6 +50,7 @@ namespace {
 
 struct CoordinatorFlags {
   std::string model;
+  std::string model_id;
   std::string namespace_name = "tokenlake";
   int segment_tokens = 16;
   int instances = 4;
@@ -53,6 +65,10 @@ struct CoordinatorFlags {
   std::string grpc_listen;
   std::string tls_dir;
   bool insecure = false;
+  std::string etcd;
+  std::string cluster = "tokenlake";
+  std::string advertise;
+  int lease_ms = 3000;
   int transport_port = 0;
   std::string port_file;
   int heartbeat_ms = 200;
@@ -73,6 +89,26 @@ int RunCoordinator(const CoordinatorFlags& f) {
     return 1;
   }
   service::CoordinatorOptions o;
+  // The checkpoint's tokenizer, when it ships one: text prompts, chat, stop sequences, EOS.
+  absl::StatusOr<std::unique_ptr<tokenizer::Tokenizer>> tok =
+      tokenizer::Tokenizer::FromDir(f.model);
+  if (tok.ok()) {
+    o.tokenizer = std::move(*tok);
+    std::fprintf(stderr, "tokenlake coordinator: tokenizer %s (%d ids)\n",
+                 o.tokenizer->source().c_str(), o.tokenizer->vocab_size());
+  } else if (tok.status().code() == absl::StatusCode::kNotFound) {
+    std::fprintf(stderr,
+                 "tokenlake coordinator: %s has no tokenizer: only token-id prompts are served\n",
+                 f.model.c_str());
+  } else {
+    std::cerr << "tokenlake coordinator: cannot load the tokenizer of " << f.model << ": "
+              << tok.status().message() << "\n";
+    return 1;
+  }
+  o.model_id = f.model_id.empty()
+                   ? std::filesystem::path(f.model).lexically_normal().filename().string()
+                   : f.model_id;
+  if (o.model_id.empty()) o.model_id = "tokenlake";
   o.limits = {.vocab_size = config->vocab_size,
               .context_tokens = config->max_position_embeddings > 0
                                     ? config->max_position_embeddings
@@ -108,6 +144,7 @@ int RunCoordinator(const CoordinatorFlags& f) {
   }
   o.tls = *std::move(tls);
   o.allow_insecure = f.insecure;
+  o.start_as_follower = !f.etcd.empty();
   o.transport_port = f.transport_port;
   o.heartbeat_interval = absl::Milliseconds(f.heartbeat_ms);
   o.dead_after = absl::Milliseconds(f.dead_after_ms);
@@ -157,9 +194,49 @@ int RunCoordinator(const CoordinatorFlags& f) {
                    .ToString()
                    .c_str(),
                o.tls.enabled() ? " (mutual TLS)" : "", ports.c_str());
+  std::unique_ptr<service::EtcdClient> etcd;
+  std::unique_ptr<service::CoordinatorElection> election;
+  if (!f.etcd.empty()) {
+    absl::StatusOr<std::unique_ptr<service::EtcdClient>> client =
+        service::EtcdClient::Create({.endpoint = f.etcd});
+    if (!client.ok()) {
+      std::cerr << "tokenlake coordinator: --etcd: " << client.status().message() << "\n";
+      return 2;
+    }
+    etcd = *std::move(client);
+    std::string host = f.advertise;
+    if (host.empty()) host = o.grpc_host == "0.0.0.0" || o.grpc_host == "::" ? "" : o.grpc_host;
+    if (host.empty()) {
+      std::cerr << "tokenlake coordinator: with --etcd and a wildcard --grpc-listen, give "
+                   "--advertise HOST (what instances and clients dial)\n";
+      return 2;
+    }
+    const service::LeaderRecord self{
+        .grpc = {.host = host, .port = (*coordinator)->grpc_port()},
+        .http_url =
+            "http://" + transport::HostPort{.host = f.advertise.empty() ? o.http_host : f.advertise,
+                                            .port = (*coordinator)->http_port()}
+                            .ToString()};
+    absl::StatusOr<std::unique_ptr<service::CoordinatorElection>> e =
+        service::CoordinatorElection::Start(
+            etcd.get(), {.cluster = f.cluster, .self = self, .ttl = absl::Milliseconds(f.lease_ms)},
+            (*coordinator)->leader_gate(), [] {
+              // Its lake may be stale: never act again; a supervisor restarts it as a follower.
+              std::fprintf(stderr, "tokenlake coordinator: lost the leadership; exiting\n");
+              std::_Exit(3);
+            });
+    if (!e.ok()) {
+      std::cerr << "tokenlake coordinator: " << e.status().message() << "\n";
+      return 2;
+    }
+    election = *std::move(e);
+    std::fprintf(stderr, "tokenlake coordinator: campaigning in cluster '%s' on etcd %s\n",
+                 f.cluster.c_str(), etcd->endpoint().c_str());
+  }
   int sig = 0;
   sigwait(&signals, &sig);
   std::fprintf(stderr, "tokenlake coordinator: signal %d, shutting down\n", sig);
+  if (election != nullptr) election->Resign();
   (*coordinator)->Shutdown();
   return 0;
 }
@@ -168,8 +245,12 @@ void SetUpCoordinator(CLI::App& app, int* exit_code) {
   auto f = std::make_shared<CoordinatorFlags>();
   CLI::App* cmd = app.add_subcommand(
       "coordinator", "Cluster coordinator: membership, prefix tree, routing, HTTP front end");
-  cmd->add_option("--model", f->model, "Checkpoint directory (its config.json sets the limits)")
+  cmd->add_option("--model", f->model,
+                  "Checkpoint directory (its config.json sets the limits; its tokenizer, if any, "
+                  "serves text prompts and chat)")
       ->required();
+  cmd->add_option("--model-id", f->model_id,
+                  "Model id that GET /v1/models lists (default: the checkpoint folder's name)");
   cmd->add_option("--namespace", f->namespace_name, "Segment-id namespace (same on instances)")
       ->capture_default_str();
   cmd->add_option("--segment-tokens", f->segment_tokens, "Tokens per segment (same on instances)")
@@ -204,6 +285,15 @@ void SetUpCoordinator(CLI::App& app, int* exit_code) {
   cmd->add_option("--tls-dir", f->tls_dir,
                   "Mutual TLS for gRPC and the transports: ca.pem, cert.pem, key.pem "
                   "(`tokenlake certs`)");
+  cmd->add_option("--etcd", f->etcd,
+                  "etcd endpoint http://HOST:PORT: elect a leader among this cluster's "
+                  "coordinators");
+  cmd->add_option("--cluster", f->cluster, "Cluster name in etcd")->capture_default_str();
+  cmd->add_option("--advertise", f->advertise,
+                  "Host instances and clients dial to reach this coordinator (with --etcd)");
+  cmd->add_option("--lease-ms", f->lease_ms, "Leader lease in etcd (whole seconds, >= 1 s)")
+      ->capture_default_str()
+      ->check(CLI::Range(1000, 600000));
   cmd->add_flag("--insecure", f->insecure,
                 "Allow listening beyond loopback without TLS (anyone who reaches the ports can "
                 "talk to the cluster)");

@@ -4,7 +4,10 @@
 // serving generate requests over the host transport. Runs until SIGTERM/SIGINT. The cluster
 // secret comes from the environment (TOKENLAKE_CLUSTER_SECRET, hex; `tokenlake serve` sets it).
 // Across hosts: --coordinator HOST:PORT, --listen HOST[:PORT] (its transports; beyond loopback
-// only with --tls-dir or --insecure), --advertise HOST (what peers dial), --tls-dir DIR.
+// only with --tls-dir or --insecure), --advertise HOST (what peers dial), --tls-dir DIR. With
+// --etcd URL --cluster NAME it finds and follows the elected coordinator (no --coordinator
+// needed) and holds its name in etcd under a lease: a second process with a live member's name
+// waits until that one is gone, and an instance that loses its lease exits with code 3.
 //
 // Exit codes: 0 after a signal, 1 for a runtime error (bad model), 2 for bad flags.
 // Built only with the service module (gRPC, protobuf, cpp-httplib installed).
@@ -13,7 +16,9 @@
 #include <sys/prctl.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <iostream>
+#include <memory>
 #include <string>
 
 #include "CLI/CLI.hpp"
@@ -22,8 +27,11 @@
 #include "flag_checks.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/service/call_auth.h"
+#include "tokenlake/service/election.h"
+#include "tokenlake/service/etcd_client.h"
 #include "tokenlake/service/grpc_credentials.h"
 #include "tokenlake/service/instance_server.h"
+#include "tokenlake/service/key_claim.h"
 #include "tokenlake/transport/cluster_secret.h"
 #include "tokenlake/transport/socket_stream.h"
 
@@ -41,6 +49,9 @@ struct InstanceFlags {
   std::string advertise;
   std::string tls_dir;
   bool insecure = false;
+  std::string etcd;
+  std::string cluster = "tokenlake";
+  int lease_ms = 3000;
   std::string namespace_name = "tokenlake";
   int segment_tokens = 16;
   int slots = 1024;
@@ -66,7 +77,50 @@ int RunInstance(const InstanceFlags& f) {
   o.preferred_id = f.id;
   o.coordinator_port = f.coordinator_port;
   o.transport_port = f.transport_port;
-  if (f.coordinator.empty() && f.coordinator_port == 0) {
+  std::unique_ptr<service::EtcdClient> etcd;
+  std::unique_ptr<service::KeyClaim> member;
+  if (!f.etcd.empty()) {
+    absl::StatusOr<std::unique_ptr<service::EtcdClient>> client =
+        service::EtcdClient::Create({.endpoint = f.etcd});
+    if (!client.ok()) {
+      std::cerr << "tokenlake instance: --etcd: " << client.status().message() << "\n";
+      return 2;
+    }
+    etcd = *std::move(client);
+    o.coordinator_port = 1;  // until the leader is found
+    o.locate_coordinator = [client = etcd.get(),
+                            cluster = f.cluster]() -> absl::StatusOr<transport::HostPort> {
+      absl::StatusOr<service::LeaderRecord> r = service::FindLeader(client, cluster);
+      if (!r.ok()) return r.status();
+      return r->grpc;
+    };
+    absl::StatusOr<std::unique_ptr<service::KeyClaim>> claim = service::KeyClaim::Start(
+        etcd.get(),
+        {.key = service::MemberKey(f.cluster, o.name),
+         .value = f.advertise.empty() ? o.listen_host : f.advertise,
+         .ttl = absl::Milliseconds(f.lease_ms)},
+        [held_once = std::make_shared<bool>(false), name = o.name](bool held) {
+          if (held) {
+            *held_once = true;
+          } else if (*held_once) {
+            // Cut off from etcd past its lease: another process may take the name; stop.
+            std::fprintf(stderr, "tokenlake instance %s: lost its lease in etcd; exiting\n",
+                         name.c_str());
+            std::_Exit(3);
+          }
+        });
+    if (!claim.ok()) {
+      std::cerr << "tokenlake instance: " << claim.status().message() << "\n";
+      return 2;
+    }
+    member = *std::move(claim);
+    while (!member->Held()) {
+      if (absl::Status s = member->WaitHeld(absl::Seconds(5)); !s.ok()) {
+        std::fprintf(stderr, "tokenlake instance %s: waiting for the name: %s\n", o.name.c_str(),
+                     std::string(s.message()).c_str());
+      }
+    }
+  } else if (f.coordinator.empty() && f.coordinator_port == 0) {
     std::cerr << "tokenlake instance: give the coordinator's address: --coordinator HOST:PORT "
                  "(or --coordinator-port PORT on 127.0.0.1)\n";
     return 2;
@@ -123,9 +177,11 @@ int RunInstance(const InstanceFlags& f) {
                transport::HostPort{.host = o.listen_host, .port = (*server)->transport_port()}
                    .ToString()
                    .c_str(),
-               transport::HostPort{.host = o.coordinator_host, .port = o.coordinator_port}
-                   .ToString()
-                   .c_str(),
+               f.etcd.empty()
+                   ? transport::HostPort{.host = o.coordinator_host, .port = o.coordinator_port}
+                         .ToString()
+                         .c_str()
+                   : ("the leader of '" + f.cluster + "' in etcd " + f.etcd).c_str(),
                o.tls.enabled() ? " (mutual TLS)" : "");
   int sig = 0;
   sigwait(&signals, &sig);
@@ -156,6 +212,12 @@ void SetUpInstance(CLI::App& app, int* exit_code) {
   cmd->add_option("--tls-dir", f->tls_dir,
                   "Mutual TLS for gRPC and the transports: ca.pem, cert.pem, key.pem "
                   "(`tokenlake certs`)");
+  cmd->add_option("--etcd", f->etcd,
+                  "etcd endpoint http://HOST:PORT: follow the cluster's elected coordinator");
+  cmd->add_option("--cluster", f->cluster, "Cluster name in etcd")->capture_default_str();
+  cmd->add_option("--lease-ms", f->lease_ms, "Membership lease in etcd (whole seconds, >= 1 s)")
+      ->capture_default_str()
+      ->check(CLI::Range(1000, 600000));
   cmd->add_flag("--insecure", f->insecure, "Allow listening beyond loopback without TLS");
   cmd->add_option("--name", f->name, "Stable instance name (default instance-<id>)");
   cmd->add_option("--id", f->id, "Preferred instance id (-1 = any)")->capture_default_str();

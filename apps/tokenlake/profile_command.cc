@@ -15,7 +15,7 @@
 #include "command.h"
 
 #ifdef TOKENLAKE_HAVE_CUDA
-#include "tokenlake/attention/cuda/gpu_profile.h"
+#include "tokenlake/profile/gpu_profile.h"
 #endif
 
 namespace {
@@ -29,7 +29,7 @@ struct ProfileFlags {
 #ifdef TOKENLAKE_HAVE_CUDA
 int RunProfile(const ProfileFlags& flags) {
   absl::StatusOr<std::string> json =
-      tokenlake::attention::cuda::MeasureGpuProfileJson(flags.dense_tokens, flags.repeats);
+      tokenlake::profile::MeasureGpuProfileJson(flags.dense_tokens, flags.repeats);
   if (!json.ok()) {
     std::fprintf(stderr, "tokenlake profile: %s\n", json.status().ToString().c_str());
     return 1;

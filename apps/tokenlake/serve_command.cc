@@ -1,6 +1,9 @@
 // `tokenlake serve`: a whole local TokenLake cluster on loopback: one coordinator process and N
 // instance processes (children of this one; each dies with it), the embedded default.
-// Prints the HTTP address, supervises the instances (one that exits is restarted and rejoins
+// Prints where it listens (the HTTP address on stderr, the port alone on stdout) and, while
+// stdout is a terminal, a one-line status refreshed every 2 s (instances live, requests/s, the
+// served requests' hit rate, pool use, requests running; from the coordinator's /metrics).
+// Supervises the instances (one that exits is restarted and rejoins
 // empty) and the coordinator (one that exits is restarted on the same ports, after a pause
 // that doubles from 0.2 s to 5 s while it keeps failing; the instances re-register and rebuild
 // its prefix tree; each restart is logged), and stops everything on SIGTERM/SIGINT or after
@@ -11,19 +14,24 @@
 // Built only with the service module (gRPC, protobuf, cpp-httplib installed).
 #ifdef TOKENLAKE_HAVE_SERVICE
 #include <signal.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <optional>
 #include <string>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "command.h"
 #include "flag_checks.h"
+#include "tokenlake/engine/llama_config.h"
 #include "tokenlake/service/local_cluster.h"
+#include "tokenlake/tokenizer/tokenizer.h"
 
 namespace tokenlake::cli {
 namespace {
@@ -41,12 +49,90 @@ struct ServeFlags {
   std::string port_file;
 };
 
+// The sum of every sample of metric family `name` on a /metrics page (0 when absent).
+double MetricSum(const std::string& page, const std::string& name) {
+  double sum = 0;
+  size_t at = 0;
+  while ((at = page.find(name, at)) != std::string::npos) {
+    const bool line_start = at == 0 || page[at - 1] == '\n';
+    const size_t after = at + name.size();
+    at = after;
+    if (!line_start || after >= page.size() || (page[after] != ' ' && page[after] != '{')) continue;
+    const size_t value = page.find(' ', page[after] == '{' ? page.find('}', after) : after);
+    if (value == std::string::npos) break;
+    sum += std::strtod(page.c_str() + value + 1, nullptr);
+  }
+  return sum;
+}
+
+// The one-line status shown while stdout is a terminal, from the coordinator's /metrics:
+// requests per second since the last line, the served requests' hit rate, pool use, running.
+class StatusLine {
+ public:
+  StatusLine(int32_t port, int32_t instances, int64_t pool_slots)
+      : port_(port), instances_(instances), pool_slots_(pool_slots) {}
+
+  // Rewrites the line (a carriage return, then the line, cleared to its end).
+  void Refresh() {
+    absl::StatusOr<std::pair<int, std::string>> page =
+        service::HttpGet(port_, "/metrics", absl::Seconds(1));
+    std::string line;
+    if (!page.ok() || page->first != 200) {
+      line = "coordinator not answering";
+    } else {
+      const std::string& m = page->second;
+      const double requests = MetricSum(m, "tokenlake_requests_total");
+      const absl::Time now = absl::Now();
+      const double rate = last_time_ == absl::InfinitePast()
+                              ? 0
+                              : (requests - last_requests_) /
+                                    std::max(1e-3, absl::ToDoubleSeconds(now - last_time_));
+      last_requests_ = requests;
+      last_time_ = now;
+      const double replicas = MetricSum(m, "tokenlake_pool_replicas");
+      line = absl::StrFormat(
+          "%d/%d instances live | %.1f requests/s | hit rate %.2f | pool %.1f%% (%d of %d "
+          "slots) | %d running",
+          static_cast<int>(MetricSum(m, "tokenlake_instance_alive")), instances_, rate,
+          MetricSum(m, "tokenlake_hit_rate"),
+          pool_slots_ > 0 ? 100.0 * replicas / static_cast<double>(pool_slots_) : 0.0,
+          static_cast<int64_t>(replicas), pool_slots_,
+          static_cast<int64_t>(MetricSum(m, "tokenlake_instance_running")));
+    }
+    std::printf("\r\033[K%s", line.c_str());
+    std::fflush(stdout);
+  }
+
+ private:
+  int32_t port_;
+  int32_t instances_;
+  int64_t pool_slots_;
+  double last_requests_ = 0;
+  absl::Time last_time_ = absl::InfinitePast();
+};
+
 int RunServe(const ServeFlags& f) {
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // The checkpoint's tokenizer must fit the model (the coordinator refuses it too, but its
+  // reason would only be in its log).
+  if (auto config = engine::LoadLlamaConfig(f.model + "/config.json"); config.ok()) {
+    auto tok = tokenizer::Tokenizer::FromDir(f.model);
+    if (!tok.ok() && tok.status().code() != absl::StatusCode::kNotFound) {
+      std::cerr << "tokenlake serve: cannot load the tokenizer of " << f.model << ": "
+                << tok.status().message() << "\n";
+      return 1;
+    }
+    if (tok.ok() && (*tok)->vocab_size() > config->vocab_size) {
+      std::cerr << "tokenlake serve: the tokenizer (" << (*tok)->source() << ") knows ids up to "
+                << (*tok)->vocab_size() - 1 << ", the model's vocabulary has only "
+                << config->vocab_size << " rows\n";
+      return 1;
+    }
+  }
   service::LocalClusterOptions o;
   o.binary = service::SelfExecutable();
   o.model = std::filesystem::absolute(f.model).string();
@@ -64,8 +150,10 @@ int RunServe(const ServeFlags& f) {
   }
   std::fprintf(stderr,
                "tokenlake serve: http://127.0.0.1:%d (coordinator + %d instance processes; "
-               "logs in %s)\n",
-               (*cluster)->http_port(), f.instances, f.log_dir.c_str());
+               "logs in %s)\n"
+               "tokenlake serve: OpenAI-compatible API at http://127.0.0.1:%d/v1 "
+               "(completions, chat/completions, models); /metrics, /healthz\n",
+               (*cluster)->http_port(), f.instances, f.log_dir.c_str(), (*cluster)->http_port());
   std::printf("%d\n", (*cluster)->http_port());
   std::fflush(stdout);
   if (!f.port_file.empty()) {
@@ -80,9 +168,19 @@ int RunServe(const ServeFlags& f) {
   absl::Time next_start = absl::InfinitePast();
   absl::Time last_start = absl::Now();
   int failed_starts = 0;
+  // The status line, only for a person watching: a pipe or file gets the port line alone.
+  std::optional<StatusLine> status;
+  if (::isatty(STDOUT_FILENO) == 1) {
+    status.emplace((*cluster)->http_port(), f.instances, int64_t{f.instances} * f.slots);
+  }
+  absl::Time next_status = absl::Now();
   while (absl::Now() < end) {
     timespec ts{.tv_sec = 0, .tv_nsec = 200'000'000};
     if (sigtimedwait(&signals, nullptr, &ts) > 0) break;
+    if (status.has_value() && absl::Now() >= next_status) {
+      status->Refresh();
+      next_status = absl::Now() + absl::Seconds(2);
+    }
     if (const std::optional<int> code = (*cluster)->CoordinatorExitCode(); code.has_value()) {
       if (absl::Now() < next_start) continue;
       // A coordinator that ran for a while is restarted at once; one that keeps dying waits
@@ -115,6 +213,7 @@ int RunServe(const ServeFlags& f) {
       std::fprintf(stderr, "tokenlake serve: restarted %d instance(s)\n", n);
     }
   }
+  if (status.has_value()) std::printf("\n");
   std::fprintf(stderr, "tokenlake serve: stopping\n");
   (*cluster)->Stop();
   return 0;
@@ -126,7 +225,8 @@ void SetUpServe(CLI::App& app, int* exit_code) {
       "serve", "A local TokenLake cluster on loopback: coordinator + N instance processes");
   cmd->add_option("--model", f->model,
                   "Checkpoint directory (config.json, and model.safetensors or "
-                  "model.safetensors.index.json with its shards)")
+                  "model.safetensors.index.json with its shards; its tokenizer and chat template, "
+                  "when present, serve text prompts and chat)")
       ->required();
   cmd->add_option("--instances", f->instances, "Instance processes")
       ->capture_default_str()

@@ -313,6 +313,31 @@ absl::Status Engine::Submit(RequestId request, absl::Span<const int32_t> prompt,
                               .max_new_tokens = max_new_tokens});
 }
 
+absl::Status Engine::Submit(const GenerateRequest& request) {
+  if (pool_ == nullptr) return absl::FailedPreconditionError("Submit: the engine has no pool");
+  TOKENLAKE_RETURN_IF_ERROR(CheckInput(request.prompt, request.max_new_tokens));
+  const RequestId id = request.id.valid() ? request.id : RequestId(pool_->next_request++);
+  return pool_->loop->Submit({.id = id,
+                              .prompt = request.prompt,
+                              .max_new_tokens = request.max_new_tokens,
+                              .force_tokens = request.force_tokens,
+                              .sampling = request.sampling,
+                              .stop_token_ids = request.stop_token_ids,
+                              .segment_salt = request.segment_salt});
+}
+
+absl::Status Engine::Cancel(RequestId request) {
+  if (pool_ == nullptr) return absl::FailedPreconditionError("Cancel: the engine has no pool");
+  return pool_->loop->Cancel(request);
+}
+
+std::optional<Engine::Progress> Engine::ProgressOf(RequestId request) const {
+  if (pool_ == nullptr) return std::nullopt;
+  const LoopResult* r = pool_->loop->Progress(request);
+  if (r == nullptr) return std::nullopt;
+  return Progress{.tokens = r->tokens, .cached_tokens = r->cached_tokens};
+}
+
 std::vector<std::pair<RequestId, absl::StatusOr<GenerateResult>>> Engine::Step() {
   std::vector<std::pair<RequestId, absl::StatusOr<GenerateResult>>> out;
   if (pool_ == nullptr) return out;

@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -108,6 +109,8 @@ struct GenerateRequest {
   // LoopRequest).
   SamplingParams sampling;
   std::vector<int32_t> stop_token_ids;
+  // The salt of its segment ids (index::TenantSalt; pool path); 0 = the engine's namespace.
+  uint64_t segment_salt = 0;
 };
 
 class IterationLoop;
@@ -209,6 +212,22 @@ class Engine {
   // Step runs one iteration and returns the requests that finished in it.
   absl::Status Submit(RequestId request, absl::Span<const int32_t> prompt, int32_t max_new_tokens);
   std::vector<std::pair<RequestId, absl::StatusOr<GenerateResult>>> Step();
+  // Submit with the request's sampling parameters and stop token ids (its arrival_iteration
+  // is ignored; an invalid id = the engine's next own). Errors: as Submit, plus
+  // InvalidArgument for sampling parameters out of range or a stop id outside the vocabulary.
+  absl::Status Submit(const GenerateRequest& request);
+  // Ends a submitted request now (IterationLoop::Cancel: its pins and KV tail are released;
+  // Step never returns it). Errors: NotFound when it is not pending; FailedPrecondition
+  // without the pool.
+  absl::Status Cancel(RequestId request);
+  // A pending request's progress: the tokens produced so far and the prompt tokens served
+  // from the pool (0 before its first prefill ran); nullopt when it is not pending. The span is
+  // valid until the next Submit, Step or Cancel.
+  struct Progress {
+    absl::Span<const int32_t> tokens;
+    int64_t cached_tokens = 0;
+  };
+  std::optional<Progress> ProgressOf(RequestId request) const;
   // No request pending (always true without the pool).
   bool idle() const;
   // The most requests that ran in one iteration so far (0 without the pool).

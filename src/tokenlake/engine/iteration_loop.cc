@@ -117,6 +117,32 @@ absl::Status IterationLoop::Submit(LoopRequest r) {
   return absl::OkStatus();
 }
 
+absl::Status IterationLoop::Cancel(RequestId id) {
+  for (auto it = requests_.begin(); it != requests_.end(); ++it) {
+    Active& a = **it;
+    if (a.req.id != id) continue;
+    // Released now, not with the next PlanBatch: a cancelled request must not keep its prefix
+    // pinned while the loop waits for other work.
+    if (a.holds_pins) control_->Release(id).IgnoreError();  // NotFound: released already
+    if (a.begun) executor_->EndSequence(id);
+    requests_.erase(it);
+    if (requests_.empty()) FlushReleases();
+    return absl::OkStatus();
+  }
+  return absl::NotFoundError(absl::StrFormat("Cancel: request %d is not in the loop", id.value()));
+}
+
+const LoopResult* IterationLoop::Progress(RequestId id) const {
+  for (const auto& a : requests_) {
+    if (a->req.id == id) return &a->result;
+  }
+  return nullptr;
+}
+
+uint64_t IterationLoop::SaltOf(const Active& a) const {
+  return a.req.segment_salt != 0 ? a.req.segment_salt : options_.salt;
+}
+
 absl::StatusOr<lake::IterationRequest> IterationLoop::MakeRequest(const Active& a,
                                                                   int64_t chunk) const {
   const int32_t s = options_.segment_tokens;
@@ -130,7 +156,7 @@ absl::StatusOr<lake::IterationRequest> IterationLoop::MakeRequest(const Active& 
   TOKENLAKE_ASSIGN_OR_RETURN(
       std::vector<index::SegmentKey> keys,
       index::ComputeSegmentKeys(
-          options_.salt, absl::MakeConstSpan(a.seq).subspan(0, static_cast<size_t>(full)), s));
+          SaltOf(a), absl::MakeConstSpan(a.seq).subspan(0, static_cast<size_t>(full)), s));
   InstanceId preferred = a.last_compute;
   if (options_.fixed_compute.valid()) {
     preferred = options_.fixed_compute;
@@ -179,8 +205,7 @@ absl::Status IterationLoop::Finish(Active& a, const lake::IterationPlan& plan, I
   TOKENLAKE_ASSIGN_OR_RETURN(
       std::vector<index::SegmentKey> keys,
       index::ComputeSegmentKeys(
-          options_.salt, absl::MakeConstSpan(a.seq).subspan(0, static_cast<size_t>(end / s * s)),
-          s));
+          SaltOf(a), absl::MakeConstSpan(a.seq).subspan(0, static_cast<size_t>(end / s * s)), s));
   keys.resize(std::min(keys.size(), static_cast<size_t>(plan.num_keys)));
   a.computed = end;
   {

@@ -89,6 +89,8 @@ struct LoopRequest {
   // The request ends after producing one of these (e.g. the model's end-of-sequence id); the
   // stop token is its last token.
   std::vector<int32_t> stop_token_ids;
+  // The salt its segment ids chain from (index::TenantSalt); 0 = the loop's namespace salt.
+  uint64_t segment_salt = 0;
 };
 
 // Data-plane work of one request (the executor's counters).
@@ -208,6 +210,18 @@ class IterationLoop {
   //   holds, see pool_tokens), AlreadyExists (id in use in the loop).
   absl::Status Submit(LoopRequest request);
 
+  // Ends request `id` at once (its client went away): it leaves the loop without a result,
+  // the pins of its admitted plan are released before this returns, and the executor's
+  // sequence (its KV tail) ends. Segments it already committed stay in the pool (they are
+  // valid KV other requests may hit). Errors: NotFound when `id` is not in the loop (finished
+  // already, or never submitted).
+  absl::Status Cancel(RequestId id);
+
+  // Request `id`'s result so far (a running request's progress: `tokens` produced and, once
+  // its first prefill ran, `cached_tokens`; streaming servers send what is new after each
+  // Step); nullptr when `id` is not in the loop. Valid until the next Submit, Step or Cancel.
+  const LoopResult* Progress(RequestId id) const;
+
   // Runs one iteration and returns the requests that finished in it: done, or failed with
   // their status (a control-plane error for the request, a data-plane or executor error of the
   // batch: every request of a failed batch fails, its pins released).
@@ -228,6 +242,8 @@ class IterationLoop {
   IterationLoop(lake::ControlPlane* control, IterationExecutor* executor,
                 const IterationLoopOptions& options);
   absl::StatusOr<lake::IterationRequest> MakeRequest(const Active& a, int64_t chunk) const;
+  // The salt of `a`'s segment ids (its own, else the namespace's).
+  uint64_t SaltOf(const Active& a) const;
   static int64_t MaxTokens(const Active& a);
   // Fails `a` with `status` and moves it to `done`.
   void Fail(Active& a, absl::Status status, std::vector<LoopResult>& done);

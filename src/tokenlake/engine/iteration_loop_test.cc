@@ -149,6 +149,8 @@ class FakeExecutor final : public IterationExecutor {
     int32_t left_out_decodes = 0;
   };
   std::vector<Batch> batches;
+  // Sequences begun and not ended (their KV tails).
+  int64_t open_sequences() const { return static_cast<int64_t>(tails_.size()); }
   // Outputs returned with full logits (the first and last of each request).
   int64_t full_logits = 0;
 
@@ -337,6 +339,74 @@ TEST(IterationLoopTest, WaitsForMemoryAndNeverHangsOnARequestLargerThanThePool) 
   LoopRequest fits{.id = RequestId(11), .max_new_tokens = 2};
   fits.prompt.assign(9, 1);  // 11 tokens: 6 segments
   EXPECT_TRUE((*sized)->Submit(fits).ok());
+}
+
+TEST(IterationLoopTest, CancelReleasesPinsAndTailAndOtherRequestsFinishUnchanged) {
+  ManualClock clock(1);
+  auto lk = lake::Lake::Create(TestLakeOptions(2, 4, 64), &clock);
+  ASSERT_TRUE(lk.ok());
+  lake::LocalControlPlane control(lk->get(), &clock);
+  FakeExecutor exec(4, 2);
+  auto loop = IterationLoop::Create(
+      &control, &exec,
+      {.segment_tokens = 4, .salt = 3, .max_batch_tokens = 8, .vocab_size = kVocab});
+  ASSERT_TRUE(loop.ok());
+  const lake::LakeStats before = (*lk)->Stats();
+  absl::flat_hash_map<RequestId, std::vector<int32_t>> want;
+  for (uint64_t i = 1; i <= 3; ++i) {
+    LoopRequest r{.id = RequestId(i), .max_new_tokens = 12};
+    for (int t = 0; t < 13; ++t) r.prompt.push_back(static_cast<int32_t>((i * 7 + t) % kVocab));
+    want[r.id] = Naive(r.prompt, 12);
+    ASSERT_TRUE((*loop)->Submit(r).ok());
+  }
+  // Run until request 2 is decoding (it has produced tokens and holds pins), then cancel it.
+  absl::flat_hash_map<RequestId, LoopResult> got;
+  int steps = 0;
+  while ((*loop)->Progress(RequestId(2)) == nullptr ||
+         (*loop)->Progress(RequestId(2))->tokens.size() < 3) {
+    ASSERT_LT(++steps, 200);
+    for (LoopResult& r : (*loop)->Step()) got[r.id] = std::move(r);
+  }
+  const std::vector<int32_t> partial = (*loop)->Progress(RequestId(2))->tokens;
+  EXPECT_EQ(partial, std::vector<int32_t>(
+                         want[RequestId(2)].begin(),
+                         want[RequestId(2)].begin() + static_cast<std::ptrdiff_t>(partial.size())));
+  EXPECT_GT((*lk)->Stats().pinned_segments, 0);
+  const int64_t open = exec.open_sequences();
+  ASSERT_TRUE((*loop)->Cancel(RequestId(2)).ok());
+  EXPECT_EQ(exec.open_sequences(), open - 1);
+  EXPECT_EQ((*loop)->Progress(RequestId(2)), nullptr);
+  EXPECT_EQ((*loop)->Cancel(RequestId(2)).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ((*loop)->Cancel(RequestId(77)).code(), absl::StatusCode::kNotFound);
+  while (!(*loop)->idle()) {
+    ASSERT_LT(++steps, 400);
+    for (LoopResult& r : (*loop)->Step()) got[r.id] = std::move(r);
+  }
+  EXPECT_FALSE(got.contains(RequestId(2)));
+  for (uint64_t i : {1, 3}) {
+    ASSERT_TRUE(got[RequestId(i)].status.ok()) << got[RequestId(i)].status;
+    EXPECT_EQ(got[RequestId(i)].tokens, want[RequestId(i)]) << i;
+  }
+  // Nothing of the cancelled request stays pinned or reserved, and no tail is left.
+  const lake::LakeStats after = (*lk)->Stats();
+  EXPECT_EQ(after.pinned_segments, before.pinned_segments);
+  EXPECT_EQ(after.reserved_slots, before.reserved_slots);
+  EXPECT_EQ(after.active_requests, before.active_requests);
+  EXPECT_EQ(exec.open_sequences(), 0);
+
+  // Cancelling the only running request releases at once, without another Step.
+  LoopRequest r{.id = RequestId(5), .max_new_tokens = 20};
+  r.prompt.assign(10, 4);
+  ASSERT_TRUE((*loop)->Submit(r).ok());
+  (*loop)->Step();
+  (*loop)->Step();
+  EXPECT_GT((*lk)->Stats().pinned_segments + (*lk)->Stats().reserved_slots, 0);
+  ASSERT_TRUE((*loop)->Cancel(RequestId(5)).ok());
+  EXPECT_TRUE((*loop)->idle());
+  EXPECT_EQ((*lk)->Stats().pinned_segments, before.pinned_segments);
+  EXPECT_EQ((*lk)->Stats().reserved_slots, before.reserved_slots);
+  EXPECT_EQ((*lk)->Stats().active_requests, before.active_requests);
+  EXPECT_EQ(exec.open_sequences(), 0);
 }
 
 TEST(IterationLoopTest, RejectsBadRequestsWithClearErrors) {

@@ -21,6 +21,13 @@ uint64_t NamespaceSalt(std::string_view model_or_namespace) {
   return HashString(model_or_namespace, /*seed=*/0);
 }
 
+uint64_t TenantSalt(uint64_t namespace_salt, std::string_view cache_salt) {
+  if (cache_salt.empty()) return namespace_salt;
+  uint64_t salt = HashString(cache_salt, namespace_salt);
+  if (salt == namespace_salt || salt == 0) salt = ~salt ^ 0x9e3779b97f4a7c15ULL;
+  return salt;
+}
+
 SegmentId ChainSegmentId(uint64_t parent_id_or_salt, absl::Span<const int32_t> segment_tokens) {
   return ToSegmentId(
       HashBytes(segment_tokens.data(), segment_tokens.size() * sizeof(int32_t), parent_id_or_salt));

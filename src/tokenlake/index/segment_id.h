@@ -48,6 +48,12 @@ struct SegmentKey {
 // Different models must use different salts so that their KV never dedups together.
 uint64_t NamespaceSalt(std::string_view model_or_namespace);
 
+// The salt of one tenant's chains within a namespace: `namespace_salt` itself for an empty
+// `cache_salt` (everyone shares), otherwise XXH3 of the cache salt seeded with the namespace's
+// salt (never equal to namespace_salt, never 0). Two requests share segments exactly when their
+// namespace and cache salt are equal, so one tenant's prompts neither hit nor reveal another's.
+uint64_t TenantSalt(uint64_t namespace_salt, std::string_view cache_salt);
+
 // The id of one segment given its parent's id (or the salt, for the first segment) and its
 // tokens. Used to extend a chain incrementally (e.g. a decoding sequence completing a segment).
 // REQUIRES: nothing; an empty span hashes to a (useless but well-defined) id.

@@ -167,5 +167,18 @@ TEST(SegmentIdTest, IdsOfKeepsOrder) {
   for (size_t i = 0; i < ids.size(); ++i) EXPECT_EQ(ids[i], (*keys)[i].id);
 }
 
+TEST(TenantSaltTest, EmptySharesTheNamespaceAndEachSaltIsItsOwn) {
+  const uint64_t ns = NamespaceSalt("model");
+  EXPECT_EQ(TenantSalt(ns, ""), ns);
+  EXPECT_NE(TenantSalt(ns, "a"), ns);
+  EXPECT_NE(TenantSalt(ns, "a"), TenantSalt(ns, "b"));
+  EXPECT_EQ(TenantSalt(ns, "a"), TenantSalt(ns, "a"));
+  EXPECT_NE(TenantSalt(ns, "a"), TenantSalt(NamespaceSalt("other"), "a"));
+  const std::vector<int32_t> tokens(32, 7);
+  auto a = *ComputeSegmentKeys(TenantSalt(ns, "a"), tokens, 16);
+  auto b = *ComputeSegmentKeys(TenantSalt(ns, "b"), tokens, 16);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_NE(a[i].id, b[i].id) << i;
+}
+
 }  // namespace
 }  // namespace tokenlake::index

@@ -148,6 +148,22 @@ index::MatchResult Lake::Match(absl::Span<const index::SegmentKey> keys) const {
   return tree_->Match(keys);
 }
 
+const std::vector<balance::InstanceState>& Lake::InstanceStatesCache::Get() {
+  if (!built_) {
+    states_ = lake_->InstanceStatesLocked();
+    seen_ = evicted_->size();
+    built_ = true;
+  }
+  for (; seen_ < evicted_->size(); ++seen_) {
+    states_[(*evicted_)[seen_].instance.value()].used_slots -= 1;
+  }
+  return states_;
+}
+
+void Lake::InstanceStatesCache::Allocated(InstanceId instance) {
+  if (built_) states_[instance.value()].used_slots += 1;
+}
+
 std::vector<balance::InstanceState> Lake::InstanceStatesLocked() const {
   const int64_t now = clock_->NowUs();
   std::vector<balance::InstanceState> out;
@@ -388,11 +404,12 @@ std::vector<balance::SegmentState> Lake::ReplicatedStatesLocked() const {
   return out;
 }
 
-bool Lake::EvictOneLocked(std::vector<StoredReplica>* evicted) {
+bool Lake::EvictOneLocked(absl::Span<const balance::InstanceState> states,
+                          std::vector<StoredReplica>* evicted) {
   const std::vector<balance::SegmentState> replicated = ReplicatedStatesLocked();
   if (!replicated.empty()) {
     const std::optional<balance::BalanceAction> pick =
-        balancer_->PickExtraReplicaToEvict(replicated, InstanceStatesLocked());
+        balancer_->PickExtraReplicaToEvict(replicated, states);
     if (pick.has_value()) {
       absl::StatusOr<index::EvictResult> r = tree_->RemoveReplica(pick->segment, pick->from);
       TOKENLAKE_CHECK_OK(r.status());
@@ -408,9 +425,10 @@ bool Lake::EvictOneLocked(std::vector<StoredReplica>* evicted) {
   return true;
 }
 
-bool Lake::EvictOnProducerLocked(InstanceId producer, std::vector<StoredReplica>* evicted) {
+bool Lake::EvictOnProducerLocked(InstanceId producer,
+                                 absl::Span<const balance::InstanceState> states,
+                                 std::vector<StoredReplica>* evicted) {
   if (options_.local_eviction_min_age_ratio > 1) return false;
-  const std::vector<balance::InstanceState> states = InstanceStatesLocked();
   if (!balancer_->PrefersProducer(producer, states)) return false;
   // 1. A cooled heavy hitter's extra replica on the producer.
   const std::vector<balance::SegmentState> replicated = ReplicatedStatesLocked();
@@ -506,6 +524,12 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
   CommitResult result;
   result.sequence = ++sequence_;
   const int64_t now = clock_->NowUs();
+  // The instances' states for placement and eviction, built once per call (every instance's
+  // used slots and decayed load) and kept current: a commit of a long prompt into a full pool
+  // places and evicts hundreds of segments, and rebuilding the states for each decision was
+  // most of its cost. Loads do not change within the call (the clock does not move), used
+  // slots change only by this call's allocations and the evictions it reports.
+  InstanceStatesCache states(this, &result.evicted);
   for (const plan::NewSegmentPlacement& p : placements) {
     // Each placement consumes one reserved slot (TryAdmit): from here on the segment is either
     // pinned (stored or deduplicated) or not stored.
@@ -536,18 +560,18 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
       where = InstanceId();
       while (true) {
         absl::StatusOr<std::optional<InstanceId>> placed =
-            balancer_->PlaceNewSegment(p.target, InstanceStatesLocked());
+            balancer_->PlaceNewSegment(p.target, states.Get());
         TOKENLAKE_CHECK_OK(placed.status());
         if (placed->has_value()) {
           where = **placed;
           break;
         }
-        if (EvictOnProducerLocked(p.target, &result.evicted)) {
+        if (EvictOnProducerLocked(p.target, states.Get(), &result.evicted)) {
           where = p.target;
           counters_.local_evictions += 1;
           break;
         }
-        if (!EvictOneLocked(&result.evicted)) break;
+        if (!EvictOneLocked(states.Get(), &result.evicted)) break;
         // The segment's parent may have been an unpinned leaf that just went.
         if (p.parent.valid() && !tree_->Contains(p.parent)) break;
       }
@@ -565,6 +589,7 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
       continue;
     }
     TOKENLAKE_CHECK_OK(stores_[where.value()]->Allocate(p.segment).status());
+    states.Allocated(where);
     PinOneLocked(p.segment);
     active.pinned.push_back(p.segment);
     result.stored.push_back({p.segment, where});

@@ -404,8 +404,29 @@ class Lake {
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::vector<balance::SegmentState> ReplicatedStatesLocked() const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // InstanceStatesLocked() for a run of placement and eviction decisions under one lock hold:
+  // built on the first Get(), then kept current from the allocations the caller reports and
+  // the evictions appended to `evicted` (each frees one slot on its instance). Valid only while
+  // nothing else changes the stores or the loads.
+  class InstanceStatesCache {
+   public:
+    InstanceStatesCache(const Lake* lake, const std::vector<StoredReplica>* evicted)
+        : lake_(lake), evicted_(evicted) {}
+    // REQUIRES: the lake's mu_ is held (it is used inside CommitLocked only).
+    const std::vector<balance::InstanceState>& Get() ABSL_NO_THREAD_SAFETY_ANALYSIS;
+    void Allocated(InstanceId instance);
+
+   private:
+    const Lake* lake_;
+    const std::vector<StoredReplica>* evicted_;
+    std::vector<balance::InstanceState> states_;
+    size_t seen_ = 0;
+    bool built_ = false;
+  };
   // Frees one slot somewhere (eviction order in the file comment). False when nothing can go.
-  bool EvictOneLocked(std::vector<StoredReplica>* evicted) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // `states` is InstanceStatesLocked() now.
+  bool EvictOneLocked(absl::Span<const balance::InstanceState> states,
+                      std::vector<StoredReplica>* evicted) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Bookkeeping after the tree dropped replicas (frees store slots, updates sets and loads).
   void OnReplicasFreedLocked(SegmentId segment, bool node_erased,
                              absl::Span<const InstanceId> freed_on,
@@ -423,7 +444,9 @@ class Lake {
   int64_t AvailableSlotsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Frees one slot on `producer` for a new segment when locality allows (eviction steps 1-2
   // restricted to the producer). False when it does not apply or nothing there can go.
-  bool EvictOnProducerLocked(InstanceId producer, std::vector<StoredReplica>* evicted)
+  // `states` is InstanceStatesLocked() now.
+  bool EvictOnProducerLocked(InstanceId producer, absl::Span<const balance::InstanceState> states,
+                             std::vector<StoredReplica>* evicted)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int64_t CountPinnedReplicasLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Adds `load` to `segment`'s heavy-hitter counter and, split evenly, to the decayed load of

@@ -243,6 +243,10 @@ double DecodeIterationSeconds(int64_t decodes, int64_t context_tokens, const Bat
          static_cast<double>(decodes) * cost.AttentionSeconds(1, context_tokens / decodes);
 }
 
+double EffectiveBudgetSeconds(const DecodeInstance& instance, double budget_s) {
+  return instance.budget_s > 0 ? std::min(budget_s, instance.budget_s) : budget_s;
+}
+
 int32_t PlaceDecode(absl::Span<const DecodeInstance> instances, int64_t context_tokens,
                     double budget_s, const BatchCostModel& cost, int64_t max_decodes) {
   int32_t best_fit = -1, idle = -1, least = -1;
@@ -252,13 +256,15 @@ int32_t PlaceDecode(absl::Span<const DecodeInstance> instances, int64_t context_
     if (!in.eligible) continue;
     const int32_t id = static_cast<int32_t>(i);
     if (in.decodes == 0) {
-      if (in.idle && idle < 0) idle = id;
+      if (in.idle && (idle < 0 || in.local_tokens > instances[idle].local_tokens)) idle = id;
       continue;
     }
     const double now_s = DecodeIterationSeconds(in.decodes, in.context_tokens, cost);
     const double with_s =
         DecodeIterationSeconds(in.decodes + 1, in.context_tokens + context_tokens, cost);
-    if (with_s <= budget_s && in.decodes < max_decodes && now_s > best_fit_s) {
+    if (with_s <= EffectiveBudgetSeconds(in, budget_s) && in.decodes < max_decodes &&
+        (best_fit < 0 || now_s > best_fit_s ||
+         (now_s == best_fit_s && in.local_tokens > instances[best_fit].local_tokens))) {
       best_fit = id;
       best_fit_s = now_s;
     }
@@ -273,14 +279,25 @@ int32_t PlaceDecode(absl::Span<const DecodeInstance> instances, int64_t context_
   return least;
 }
 
-double MixedIterationSeconds(int64_t decodes, int64_t context_tokens, int64_t chunk_tokens,
-                             int64_t chunk_context, const BatchCostModel& cost) {
-  const int64_t tokens = std::max<int64_t>(decodes, 0) + std::max<int64_t>(chunk_tokens, 0);
+namespace {
+
+// Dense work over the decodes and `prefill_tokens` more tokens, plus the decodes' attention.
+double DecodesWithPrefillSeconds(int64_t decodes, int64_t context_tokens, int64_t prefill_tokens,
+                                 const BatchCostModel& cost) {
+  const int64_t tokens = std::max<int64_t>(decodes, 0) + std::max<int64_t>(prefill_tokens, 0);
   if (tokens == 0) return 0;
   double t = cost.DenseSeconds(tokens);
   if (decodes > 0) {
     t += static_cast<double>(decodes) * cost.AttentionSeconds(1, context_tokens / decodes);
   }
+  return t;
+}
+
+}  // namespace
+
+double MixedIterationSeconds(int64_t decodes, int64_t context_tokens, int64_t chunk_tokens,
+                             int64_t chunk_context, const BatchCostModel& cost) {
+  double t = DecodesWithPrefillSeconds(decodes, context_tokens, chunk_tokens, cost);
   if (chunk_tokens > 0) t += cost.AttentionSeconds(chunk_tokens, chunk_context);
   return t;
 }
@@ -289,11 +306,15 @@ int64_t MixedChunkTokens(const DecodeInstance& instance, const PrefillCandidate&
                          double budget_s, const BatchCostModel& cost,
                          const ElasticSchedulerOptions& options) {
   if (!instance.eligible || instance.decodes <= 0 || candidate.remaining_tokens < 1) return 0;
-  const int64_t cap = std::min(candidate.remaining_tokens, options.chunk_tokens - instance.decodes);
+  const int64_t cap = std::min(candidate.remaining_tokens,
+                               options.chunk_tokens - instance.decodes - instance.mixed_tokens);
   if (cap < 1) return 0;
+  const double budget = EffectiveBudgetSeconds(instance, budget_s);
   auto fits = [&](int64_t q) {
-    return MixedIterationSeconds(instance.decodes, instance.context_tokens, q,
-                                 candidate.context_tokens, cost) <= budget_s;
+    return DecodesWithPrefillSeconds(instance.decodes, instance.context_tokens,
+                                     instance.mixed_tokens + q, cost) +
+               instance.mixed_attention_s + cost.AttentionSeconds(q, candidate.context_tokens) <=
+           budget;
   };
   // The whole rest of the prompt, when it fits, needs no alignment.
   if (cap == candidate.remaining_tokens && fits(cap)) return cap;
@@ -331,27 +352,25 @@ absl::StatusOr<std::vector<MixedChunk>> ScheduleMixedPrefill(
     }
   }
   std::vector<MixedChunk> out;
-  std::vector<bool> taken(instances.size(), false);
-  size_t open = 0;
-  for (const DecodeInstance& in : instances) open += in.eligible && in.decodes > 0 ? 1 : 0;
-  for (size_t c = 0; c < candidates.size() && open > 0; ++c) {
+  std::vector<DecodeInstance> view(instances.begin(), instances.end());
+  for (size_t c = 0; c < candidates.size(); ++c) {
     int32_t best = -1;
     int64_t best_tokens = 0;
-    for (size_t i = 0; i < instances.size(); ++i) {
-      if (taken[i]) continue;
-      const int64_t q = MixedChunkTokens(instances[i], candidates[c], budget_s, cost, options);
+    for (size_t i = 0; i < view.size(); ++i) {
+      const int64_t q = MixedChunkTokens(view[i], candidates[c], budget_s, cost, options);
       if (q > best_tokens) {
         best = static_cast<int32_t>(i);
         best_tokens = q;
       }
     }
     if (best < 0) continue;
-    taken[best] = true;
-    --open;
-    const DecodeInstance& in = instances[best];
-    out.push_back({best, static_cast<int32_t>(c), best_tokens,
-                   MixedIterationSeconds(in.decodes, in.context_tokens, best_tokens,
-                                         candidates[c].context_tokens, cost)});
+    DecodeInstance& in = view[best];
+    in.mixed_tokens += best_tokens;
+    in.mixed_attention_s += cost.AttentionSeconds(best_tokens, candidates[c].context_tokens);
+    const double estimated_s =
+        DecodesWithPrefillSeconds(in.decodes, in.context_tokens, in.mixed_tokens, cost) +
+        in.mixed_attention_s;
+    out.push_back({best, static_cast<int32_t>(c), best_tokens, estimated_s});
   }
   return out;
 }

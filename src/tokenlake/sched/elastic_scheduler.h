@@ -23,21 +23,23 @@
 //    instances (BatchCostModel says what each term costs). Cost: O(M^2 x N^2) evaluations of
 //    T, each O(1) from prefix sums; M is capped by grouping adjacent sorted chunks
 //    (max_dp_items).
-// 2. PlaceDecode: decode batches run at DoP 1, one phase per batch. A new decode joins the
-//    decode instance that is busiest but still meets the decode iteration budget with it (best
-//    fit, so that decodes use as few instances as their SLO allows and the rest prefill); when
-//    none fits, an idle instance becomes a decode instance; when none is idle, the decode
-//    instance with the least work takes it (over budget: the SLO is infeasible, throughput
-//    fallback). Instances without decodes are free for prefill: the prefill/decode split is
-//    re-decided as decodes arrive and finish, never fixed.
+// 2. PlaceDecode: decode batches run at DoP 1, one phase per batch. A new decode joins a
+//    decode instance that still meets the decode iteration budget with it: the one holding
+//    most of its context (so that it attends locally), ties to the busiest (best fit, so that
+//    decodes use as few instances as their SLO allows and the rest prefill); when none fits,
+//    an idle instance becomes a decode instance (again the one holding most of its context);
+//    when none is idle, the decode instance with the least work takes it (over budget: the SLO
+//    is infeasible, throughput fallback). Instances without decodes are free for prefill: the
+//    prefill/decode split is re-decided as decodes arrive and finish, never fixed.
 // 3. ScheduleMixedPrefill: a decode instance whose decode iteration leaves slack under the
-//    decode iteration budget also computes a prefill chunk in it (chunked prefill mixed into
+//    decode iteration budget also computes prefill chunks in it (chunked prefill mixed into
 //    the decode batch, as continuous-batching engines do), sized so that the mixed iteration's
-//    estimate, MixedIterationSeconds = Dense(decodes + q) + the decodes' attention +
-//    Attention(q, context), stays within the budget. The queued requests that SchedulePrefill
-//    left, first come first served, each take the decode instance where their chunk is largest
-//    (one chunk per instance per iteration); a chunk that does not finish its request ends on
-//    an align_tokens boundary, like SchedulePrefill's. So an instance is never idle for prefill
+//    estimate, Dense(decodes + sum q) + the decodes' attention + sum Attention(q, context),
+//    stays within the budget. The queued requests that SchedulePrefill left, first come first
+//    served, each take the decode instance where their chunk is largest given the chunks it
+//    already took (several short prompts share one iteration, as in a colocated engine); a
+//    chunk that does not finish its request ends on an align_tokens boundary, like
+//    SchedulePrefill's. So an instance is never idle for prefill
 //    just because it holds decodes, and decodes keep their budget.
 //
 // Thread-safety: the functions are pure; BatchCostModel implementations must be safe to call
@@ -146,7 +148,22 @@ struct DecodeInstance {
   bool idle = false;
   // It may take decodes at all (e.g. alive); false excludes it.
   bool eligible = true;
+  // This instance's own decode iteration budget, seconds, when its decodes need a tighter one
+  // than the call's (e.g. the smallest per-request TPOT bar among them under a per-token SLO);
+  // <= 0: the call's budget_s alone. The budget that applies is the smaller of the two.
+  double budget_s = 0;
+  // Prefill already mixed into its next iteration (ScheduleMixedPrefill's earlier chunks):
+  // tokens, and their attention in seconds. MixedChunkTokens adds a chunk on top of them.
+  int64_t mixed_tokens = 0;
+  double mixed_attention_s = 0;
+  // PlaceDecode only: tokens of the new decode's context that this instance already holds
+  // (where its prefix lives); among the instances where it fits, the decode goes where this is
+  // largest. 0 everywhere = no locality information.
+  int64_t local_tokens = 0;
 };
+
+// The budget that applies to `instance`: budget_s, or its own when smaller (DecodeInstance).
+double EffectiveBudgetSeconds(const DecodeInstance& instance, double budget_s);
 
 // The instance (index into `instances`) that should run a new decode with `context_tokens`
 // of context, under a decode iteration budget of `budget_s` seconds and at most `max_decodes`
@@ -166,10 +183,12 @@ double MixedIterationSeconds(int64_t decodes, int64_t context_tokens, int64_t ch
                              int64_t chunk_context, const BatchCostModel& cost);
 
 // The largest chunk of `candidate` that decode instance `instance` can mix into its next
-// iteration: q in [0, min(remaining, chunk_tokens - decodes)], q = remaining or a multiple of
-// align_tokens, with MixedIterationSeconds <= budget_s. 0 when none (or the instance has no
-// decodes, or is not eligible). The search assumes the cost model's times do not decrease as
-// tokens grow (then q is the largest; otherwise q still meets the budget).
+// iteration on top of its mixed_tokens: q in [0, min(remaining, chunk_tokens - decodes -
+// mixed_tokens)], q = remaining or a multiple of align_tokens, with
+// MixedIterationSeconds(decodes, context, mixed_tokens + q, ...) + mixed_attention_s (the chunk's
+// attention counted once) <= EffectiveBudgetSeconds(instance, budget_s). 0 when none (or the
+// instance has no decodes, or is not eligible). The search assumes the cost model's times do not
+// decrease as tokens grow (then q is the largest; otherwise q still meets the budget).
 int64_t MixedChunkTokens(const DecodeInstance& instance, const PrefillCandidate& candidate,
                          double budget_s, const BatchCostModel& cost,
                          const ElasticSchedulerOptions& options);
@@ -187,8 +206,10 @@ struct MixedChunk {
 
 // Chunks of `candidates` (queued requests in priority order, first come first) mixed into the
 // decode instances' next iterations (see the file comment): each candidate in order takes the
-// eligible decode instance (decodes > 0, not yet given a chunk) where MixedChunkTokens is
-// largest (ties: the lower index); a candidate with no positive chunk anywhere is skipped.
+// eligible decode instance (decodes > 0) where MixedChunkTokens is largest given the chunks
+// that instance took before it (ties: the lower index); a candidate with no positive chunk
+// anywhere is skipped. An instance may take several candidates; MixedChunk::estimated_s is its
+// iteration's estimate with the chunks given so far.
 // Errors: InvalidArgument for bad options, budget_s <= 0, or a bad candidate (named).
 absl::StatusOr<std::vector<MixedChunk>> ScheduleMixedPrefill(
     absl::Span<const PrefillCandidate> candidates, absl::Span<const DecodeInstance> instances,

@@ -335,17 +335,47 @@ TEST(ElasticSchedulerTest, PlaceDecodeBestFitThenIdleThenLeastLoaded) {
   EXPECT_EQ(PlaceDecode(in, 1, budget, cost), -1);
 }
 
+TEST(ElasticSchedulerTest, PlaceDecodeBreaksTiesByWhereItsContextLives) {
+  const LinearCost cost(0.005, 1e-5, 1e-8, 0);
+  const double budget = 0.02;
+  std::vector<DecodeInstance> in(6);
+  in[0] = {.decodes = 2, .context_tokens = 200000, .local_tokens = 3000};  // fits, holds most
+  in[1] = {.decodes = 4, .context_tokens = 900000, .local_tokens = 1000};  // fits, busiest
+  in[2] = {.decodes = 0, .idle = true, .local_tokens = 5000};
+  in[3] = {.decodes = 1, .context_tokens = 1500000, .local_tokens = 9000};  // full
+  in[4] = {.decodes = 0, .idle = true, .local_tokens = 8000};
+  in[5] = {.decodes = 4, .context_tokens = 900000, .local_tokens = 2000};  // as busy as 1
+  // Best fit first (the busiest that fits), so that decodes use as few instances as they can;
+  // between the equally busy 1 and 5, the one holding more of the decode's context.
+  EXPECT_EQ(PlaceDecode(in, 100000, budget, cost), 5);
+  in[5].local_tokens = 0;
+  EXPECT_EQ(PlaceDecode(in, 100000, budget, cost), 1);
+  // No decode instance fits: the idle one holding most of it.
+  EXPECT_EQ(PlaceDecode(in, 1500000, budget, cost), 4);
+  // An instance's own, tighter budget keeps it out: 1 and 5 with 0.013 s fit no more.
+  in[1].budget_s = 0.013;
+  in[5].budget_s = 0.013;
+  EXPECT_EQ(PlaceDecode(in, 100000, budget, cost), 0);
+  // A looser own budget does not widen the call's: instance 3 stays full.
+  in[1].budget_s = 1.0;
+  in[3].budget_s = 1.0;
+  EXPECT_EQ(PlaceDecode(in, 100000, budget, cost), 1);
+}
+
 // The mixed chunk by the definition: the largest q, scanned down one token at a time.
 int64_t RefMixedChunk(const DecodeInstance& in, const PrefillCandidate& c, double budget,
                       const BatchCostModel& cost, const ElasticSchedulerOptions& o) {
   if (!in.eligible || in.decodes <= 0) return 0;
-  for (int64_t q = std::min(c.remaining_tokens, o.chunk_tokens - in.decodes); q >= 1; --q) {
+  for (int64_t q = std::min(c.remaining_tokens, o.chunk_tokens - in.decodes - in.mixed_tokens);
+       q >= 1; --q) {
     if (q != c.remaining_tokens && q % o.align_tokens != 0) continue;
-    // Dense over every token, each decode's attention at the mean context, the chunk's.
-    const double t = cost.DenseSeconds(in.decodes + q) +
+    // Dense over every token, each decode's attention at the mean context, the chunks' already
+    // mixed, this one's.
+    const double t = cost.DenseSeconds(in.decodes + in.mixed_tokens + q) +
                      in.decodes * cost.AttentionSeconds(1, in.context_tokens / in.decodes) +
-                     cost.AttentionSeconds(q, c.context_tokens);
-    if (t <= budget) return q;
+                     in.mixed_attention_s + cost.AttentionSeconds(q, c.context_tokens);
+    // An instance's own budget applies when it is tighter.
+    if (t <= budget && (in.budget_s <= 0 || t <= in.budget_s)) return q;
   }
   return 0;
 }
@@ -368,6 +398,7 @@ TEST(ElasticSchedulerTest, MixedPrefillMatchesTheDefinitionOnRandomInstances) {
       i.decodes = rng() % 4 == 0 ? 0 : std::uniform_int_distribution<int64_t>(1, 40)(rng);
       i.context_tokens = i.decodes * std::uniform_int_distribution<int64_t>(0, 5000)(rng);
       i.eligible = rng() % 6 != 0;
+      if (rng() % 3 == 0) i.budget_s = std::uniform_real_distribution<double>(0.002, 0.05)(rng);
     }
     std::vector<PrefillCandidate> cands(std::uniform_int_distribution<int>(0, 6)(rng));
     for (PrefillCandidate& c : cands) {
@@ -381,18 +412,21 @@ TEST(ElasticSchedulerTest, MixedPrefillMatchesTheDefinitionOnRandomInstances) {
     }
     auto got = ScheduleMixedPrefill(cands, in, budget, cost, o);
     ASSERT_TRUE(got.ok()) << got.status();
-    // The reference: first come first served, each to the free instance with the largest chunk.
+    // The reference: first come first served, each to the instance with the largest chunk
+    // given the chunks that instance already took.
     std::vector<MixedChunk> want;
-    std::vector<bool> taken(in.size(), false);
+    std::vector<DecodeInstance> ref = in;
+    std::vector<int64_t> mixed(in.size(), 0);
     for (size_t c = 0; c < cands.size(); ++c) {
       int best = -1;
       int64_t best_q = 0;
       for (size_t i = 0; i < in.size(); ++i) {
-        const int64_t q = taken[i] ? 0 : RefMixedChunk(in[i], cands[c], budget, cost, o);
+        const int64_t q = RefMixedChunk(ref[i], cands[c], budget, cost, o);
         if (q > best_q) best = static_cast<int>(i), best_q = q;
       }
       if (best < 0) continue;
-      taken[best] = true;
+      ref[best].mixed_tokens += best_q;
+      ref[best].mixed_attention_s += cost.AttentionSeconds(best_q, cands[c].context_tokens);
       want.push_back({best, static_cast<int32_t>(c), best_q, 0});
     }
     ASSERT_EQ(got->size(), want.size());
@@ -401,8 +435,15 @@ TEST(ElasticSchedulerTest, MixedPrefillMatchesTheDefinitionOnRandomInstances) {
       EXPECT_EQ(g.instance, want[k].instance);
       EXPECT_EQ(g.candidate, want[k].candidate);
       EXPECT_EQ(g.tokens, want[k].tokens);
-      EXPECT_LE(g.estimated_s, budget);
-      EXPECT_LE(g.tokens + in[g.instance].decodes, o.chunk_tokens);
+      EXPECT_LE(g.estimated_s, budget * (1 + 1e-12));
+      if (in[g.instance].budget_s > 0) {
+        EXPECT_LE(g.estimated_s, in[g.instance].budget_s * (1 + 1e-12));
+      }
+      mixed[g.instance] += g.tokens;
+    }
+    // Every instance's iteration stays within the token budget.
+    for (size_t i = 0; i < in.size(); ++i) {
+      EXPECT_LE(mixed[i] + (mixed[i] > 0 ? in[i].decodes : 0), o.chunk_tokens) << i;
     }
   }
 }
@@ -442,6 +483,16 @@ TEST(ElasticSchedulerTest, MixedPrefillFillsTheDecodeBudgetByHand) {
   EXPECT_EQ((*s)[1].instance, 0);
   EXPECT_EQ((*s)[1].candidate, 1);
   EXPECT_EQ((*s)[1].tokens, 300);
+  // Short prompts share one instance's iteration: two of 300 tokens on the instance with 10
+  // decodes cost 5 + 6.1 + 0.1 + 2 x 0.45 = 12.1 ms together, within 25 ms.
+  auto two = ScheduleMixedPrefill(std::vector<PrefillCandidate>{{300, 0}, {300, 0}},
+                                  std::vector<DecodeInstance>{in}, 0.025, cost, o);
+  ASSERT_TRUE(two.ok()) << two.status();
+  ASSERT_EQ(two->size(), 2u);
+  EXPECT_EQ((*two)[1].instance, 0);
+  EXPECT_EQ((*two)[1].tokens, 300);
+  EXPECT_NEAR((*two)[1].estimated_s, 0.005 + 610e-5 + 10 * 1e-8 * 1000.5 + 2 * 1e-8 * 300 * 150,
+              1e-12);
   EXPECT_EQ(ScheduleMixedPrefill({}, ins, 0, cost, o).status().code(),
             absl::StatusCode::kInvalidArgument);
   const std::vector<PrefillCandidate> bad = {{0, 0}};

@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <filesystem>
@@ -222,6 +223,27 @@ TEST_F(InProcessClusterTest, SlowAndIdleHttpClientsDoNotHoldUpRequests) {
   EXPECT_EQ(correct.load(), 48);
   EXPECT_LT(slowest_ms.load(), 2000);
   for (int fd : idle) ::close(fd);
+}
+
+// Tenant isolation: equal prompts under different cache salts share no segment (no hit, and
+// each tenant's first request computes everything); the same salt shares as before; the answers
+// are the same tokens either way.
+TEST_F(InProcessClusterTest, CacheSaltsSeparateTenantsAndTheSameSaltShares) {
+  const std::vector<int32_t> prompt = Prompt(42);
+  auto first_a = coordinator_->Complete({.prompt = prompt, .max_tokens = 3, .cache_salt = "a"});
+  ASSERT_TRUE(first_a.ok()) << first_a.status();
+  EXPECT_EQ(first_a->cached_tokens, 0);
+  auto first_b = coordinator_->Complete({.prompt = prompt, .max_tokens = 3, .cache_salt = "b"});
+  ASSERT_TRUE(first_b.ok()) << first_b.status();
+  EXPECT_EQ(first_b->cached_tokens, 0);  // tenant a's segments are invisible to b
+  auto shared = coordinator_->Complete({.prompt = prompt, .max_tokens = 3});
+  ASSERT_TRUE(shared.ok()) << shared.status();
+  EXPECT_EQ(shared->cached_tokens, 0);  // nor to requests without a salt
+  auto again_a = coordinator_->Complete({.prompt = prompt, .max_tokens = 3, .cache_salt = "a"});
+  ASSERT_TRUE(again_a.ok()) << again_a.status();
+  EXPECT_EQ(again_a->cached_tokens, 32);  // the same salt shares
+  const std::vector<int32_t> want = Expected(prompt, 3);
+  for (const auto* r : {&*first_a, &*first_b, &*shared, &*again_a}) EXPECT_EQ(r->tokens, want);
 }
 
 TEST_F(InProcessClusterTest, RejectsBadRequestsBeforeRouting) {
@@ -603,10 +625,10 @@ TEST_F(InProcessClusterTest, ForgedRepliesAndCallsWithoutTheSecretAreRefused) {
   }
 }
 
-// Finding 9 of issue 15: under load a plan named a segment its holder did not have ("SegmentStore::
-// Pin ... is not stored on instance k"); the retry hid it. Many clients reach a new shared prefix
-// at the same moment, round after round, so that plans read segments committed an instant
-// earlier by another instance's request. Every answer is right on its first attempt.
+// Finding 9 of issue 15: under load a plan named a segment its holder did not have
+// ("SegmentStore:: Pin ... is not stored on instance k"); the retry hid it. Many clients reach a
+// new shared prefix at the same moment, round after round, so that plans read segments committed
+// an instant earlier by another instance's request. Every answer is right on its first attempt.
 TEST_F(InProcessClusterTest, ConcurrentFirstUsesOfAPrefixAreServedOnTheFirstAttempt) {
   const char* env = std::getenv("TOKENLAKE_TEST_SEED");
   const uint64_t seed = 915 + (env != nullptr ? std::strtoull(env, nullptr, 10) : 0);
@@ -649,6 +671,165 @@ TEST_F(InProcessClusterTest, ConcurrentFirstUsesOfAPrefixAreServedOnTheFirstAtte
   }
   std::cout << requests << " requests, " << retried << " needed a retry\n";
   EXPECT_EQ(retried, 0);
+}
+
+// The value of an unlabelled metric on the /metrics page (-1 when absent).
+double Metric(const std::string& page, const std::string& name) {
+  const std::string key = "\n" + name + " ";
+  const size_t at = page.find(key);
+  return at == std::string::npos ? -1 : std::stod(page.substr(at + key.size()));
+}
+
+// Waits until the lake pins nothing, reserves nothing and has no active request, and every
+// instance runs nothing: what a finished or cancelled request must leave behind.
+void ExpectEverythingReleased(Coordinator& c,
+                              const std::vector<std::unique_ptr<InstanceServer>>& instances) {
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  std::string page;
+  auto released = [&] {
+    page = c.MetricsText();
+    int64_t running = 0;
+    for (const auto& i : instances) running += i->requests_running();
+    return Metric(page, "tokenlake_pool_pinned_segments") == 0 &&
+           Metric(page, "tokenlake_pool_reserved_slots") == 0 &&
+           Metric(page, "tokenlake_lake_active_requests") == 0 && running == 0;
+  };
+  while (!released() && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(10));
+  EXPECT_TRUE(released()) << page;
+}
+
+TEST_F(InProcessClusterTest, StreamedTokensComeAsTheyAreMadeAndEqualTheAnswer) {
+  const std::vector<int32_t> prompt = Prompt(3);
+  std::vector<std::vector<int32_t>> batches;
+  CompletionRequest request{.prompt = prompt, .max_tokens = 12, .stream = true};
+  auto r = coordinator_->CompleteStreaming(request, [&](absl::Span<const int32_t> tokens) {
+    batches.emplace_back(tokens.begin(), tokens.end());
+    return true;
+  });
+  ASSERT_TRUE(r.ok()) << r.status();
+  std::vector<int32_t> streamed;
+  for (const auto& b : batches) streamed.insert(streamed.end(), b.begin(), b.end());
+  EXPECT_EQ(streamed, Expected(prompt, 12));
+  EXPECT_EQ(r->tokens, streamed);
+  EXPECT_EQ(r->finish_reason, "length");
+  EXPECT_FALSE(r->cancelled);
+  // One report per iteration (a decode makes one token), not one answer at the end.
+  EXPECT_GE(batches.size(), 6u);
+  // A stop token ends generation with it (finish_reason "stop").
+  const std::vector<int32_t> want = Expected(prompt, 12);
+  request.stop_token_ids = {want[4]};
+  auto stopped = coordinator_->CompleteStreaming(request, nullptr);
+  ASSERT_TRUE(stopped.ok()) << stopped.status();
+  const auto first = std::find(want.begin(), want.end(), want[4]);
+  EXPECT_EQ(stopped->tokens, std::vector<int32_t>(want.begin(), first + 1));
+  EXPECT_EQ(stopped->finish_reason, "stop");
+  // Seeded sampling: the same seed gives the same tokens.
+  CompletionRequest sampled{.prompt = prompt, .max_tokens = 10, .temperature = 1.0f, .seed = 9};
+  auto s1 = coordinator_->Complete(sampled);
+  auto s2 = coordinator_->Complete(sampled);
+  ASSERT_TRUE(s1.ok() && s2.ok());
+  EXPECT_EQ(s1->tokens, s2->tokens);
+  ExpectEverythingReleased(*coordinator_, instances_);
+}
+
+TEST_F(InProcessClusterTest, ACancelledRequestStopsOnItsInstanceAndReleasesEverything) {
+  const std::vector<int32_t> prompt = Prompt(4);
+  int64_t got = 0;
+  auto r = coordinator_->CompleteStreaming(
+      {.prompt = prompt, .max_tokens = 64, .stream = true}, [&](absl::Span<const int32_t> tokens) {
+        got += static_cast<int64_t>(tokens.size());
+        return got < 2;  // the client goes away after its second token
+      });
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->cancelled);
+  EXPECT_EQ(static_cast<int64_t>(r->tokens.size()), got);
+  EXPECT_LT(got, 64);
+  // The cancel reached the instance: it dropped the request (no answer was computed to the end)
+  // and nothing stays pinned, reserved or running.
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  auto cancelled = [&] {
+    int64_t n = 0;
+    for (const auto& i : instances_) n += i->requests_cancelled();
+    return n;
+  };
+  while (cancelled() < 1 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(10));
+  EXPECT_EQ(cancelled(), 1);
+  ExpectEverythingReleased(*coordinator_, instances_);
+  EXPECT_THAT(coordinator_->MetricsText(), HasSubstr("tokenlake_requests_cancelled_total 1"));
+  // The pool still serves: the same prompt again hits its prefix and answers in full.
+  auto again = coordinator_->Complete({.prompt = prompt, .max_tokens = 5});
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->tokens, Expected(prompt, 5));
+  EXPECT_GE(again->cached_tokens, 32);
+}
+
+TEST_F(InProcessClusterTest, AClientThatHangsUpMidStreamFreesItsRequest) {
+  // A raw HTTP client: sends a streamed request, reads the first event, closes.
+  std::string body = "{\"prompt\": [";
+  for (int32_t t : Prompt(5)) body += std::to_string(t) + ",";
+  body.back() = ']';
+  body += ", \"max_tokens\": 64, \"stream\": true}";
+  const std::string request = absl::StrCat(
+      "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+      "Content-Length: ",
+      body.size(), "\r\n\r\n", body);
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(coordinator_->http_port()));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(::send(fd, request.data(), request.size(), MSG_NOSIGNAL),
+            static_cast<ssize_t>(request.size()));
+  std::string got;
+  char buf[4096];
+  while (got.find("data: {") == std::string::npos) {
+    const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+    ASSERT_GT(n, 0) << got;
+    got.append(buf, static_cast<size_t>(n));
+  }
+  EXPECT_THAT(got, HasSubstr("HTTP/1.1 200"));
+  EXPECT_THAT(got, HasSubstr("text/event-stream"));
+  EXPECT_THAT(got, testing::Not(HasSubstr("[DONE]")));
+  // Close with a reset, so the server's next write fails at once.
+  linger hard{.l_onoff = 1, .l_linger = 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_LINGER, &hard, sizeof(hard));
+  ::close(fd);
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  auto cancelled = [&] {
+    return Metric(coordinator_->MetricsText(), "tokenlake_requests_cancelled_total");
+  };
+  while (cancelled() < 1 && absl::Now() < deadline) absl::SleepFor(absl::Milliseconds(10));
+  EXPECT_EQ(cancelled(), 1) << coordinator_->MetricsText();
+  ExpectEverythingReleased(*coordinator_, instances_);
+}
+
+TEST_F(InProcessClusterTest, AStreamThatFailsOverSendsEveryTokenOnce) {
+  const std::vector<int32_t> prompt = Prompt(6);
+  std::vector<int32_t> streamed;
+  int32_t killed = -1;
+  auto r = coordinator_->CompleteStreaming(
+      {.prompt = prompt, .max_tokens = 40, .stream = true}, [&](absl::Span<const int32_t> tokens) {
+        streamed.insert(streamed.end(), tokens.begin(), tokens.end());
+        if (killed < 0 && streamed.size() >= 3) {
+          // The computing instance dies mid-stream: the request fails over to the other one,
+          // which regenerates the same tokens; those already sent must not come again.
+          for (int32_t i = 0; i < 2 && killed < 0; ++i) {
+            if (instances_[static_cast<size_t>(i)]->requests_running() > 0) {
+              instances_[static_cast<size_t>(i)]->Shutdown();
+              killed = i;
+            }
+          }
+        }
+        return true;
+      });
+  ASSERT_GE(killed, 0);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->attempts, 2);
+  EXPECT_NE(r->instance, killed);
+  EXPECT_EQ(streamed, Expected(prompt, 40));
+  EXPECT_EQ(r->tokens, streamed);
 }
 
 }  // namespace

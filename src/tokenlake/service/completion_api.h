@@ -1,26 +1,17 @@
-// The HTTP front end's request and response formats (OpenAI-style `POST /v1/completions` with
-// token ids), kept apart from any server so that they are unit-tested and fuzzed on their own.
+// What the coordinator serves: a request of token ids with its sampling parameters, the result,
+// the limits requests are checked against, and the HTTP status of an error. The HTTP formats
+// are openai_api.h's.
 //
-// Request body (JSON object; any other field is rejected so that typos are not silently
-// ignored):
-//   "prompt":      non-empty array of token ids (integers in [0, vocab_size)), required;
-//   "max_tokens":  integer in [1, limits.max_tokens_limit], default 16;
-//   "model":       string (informational);
-//   "temperature": number, must be 0 (greedy decoding only);
-//   "stream":      boolean, must be false.
-// The prompt plus max_tokens must fit the model's context (limits.context_tokens).
-//
-// Thread-safety: pure functions.
+// Thread-safety: plain values and a pure function.
 #ifndef TOKENLAKE_SERVICE_COMPLETION_API_H_
 #define TOKENLAKE_SERVICE_COMPLETION_API_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
-#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
-#include "absl/status/statusor.h"
 
 namespace tokenlake::service {
 
@@ -38,11 +29,31 @@ struct CompletionLimits {
 struct CompletionRequest {
   std::vector<int32_t> prompt;
   int32_t max_tokens = 0;
+  // How tokens are chosen (engine/sampler.h): temperature >= 0 (0 = greedy), top_k >= 0
+  // (0 = all), top_p in (0, 1]; seed: none = the coordinator draws one per request, so that a
+  // retried attempt produces the same tokens.
+  float temperature = 0;
+  int32_t top_k = 0;
+  float top_p = 1;
+  std::optional<uint64_t> seed;
+  // Generation ends after one of these ids (the model's end-of-sequence tokens).
+  std::vector<int32_t> stop_token_ids;
+  // Who may share this request's cached segments: requests with equal cache salts only (the
+  // caller's tenant and the body's cache_salt; index::TenantSalt). Empty: everyone.
+  std::string cache_salt;
+  // The computing instance reports each iteration's tokens as they come (for
+  // Coordinator::CompleteStreaming's sink); otherwise they arrive with the final answer.
+  bool stream = false;
 };
 
 struct CompletionResult {
-  // Generated token ids (max_tokens of them).
+  // Generated token ids: max_tokens of them, fewer when a stop token ended generation (it is
+  // the last one) or the request was cancelled.
   std::vector<int32_t> tokens;
+  // "length" (max_tokens produced) or "stop" (a stop token produced).
+  std::string finish_reason = "length";
+  // The caller's sink asked to stop (Coordinator::CompleteStreaming); tokens are those it got.
+  bool cancelled = false;
   // Prompt tokens served from the cache pool.
   int64_t cached_tokens = 0;
   // Instance that computed the request.
@@ -50,19 +61,6 @@ struct CompletionResult {
   // Attempts it took (1 = no failover).
   int32_t attempts = 1;
 };
-
-// Parses and validates a request body. Errors: InvalidArgument whose message names the field
-// and, for a prompt element, its index (e.g. "prompt[3] = 9000 is outside the vocabulary
-// [0, 512)"). Never crashes on any input.
-absl::StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view body,
-                                                         const CompletionLimits& limits);
-
-// The response body for a completed request.
-std::string CompletionResponseJson(const CompletionRequest& request, const CompletionResult& result,
-                                   uint64_t id);
-
-// The error body: {"error": {"message": ..., "type": ..., "code": <http status>}}.
-std::string ErrorJson(const absl::Status& status);
 
 // The HTTP status for an error: InvalidArgument/OutOfRange 400, NotFound 404,
 // ResourceExhausted 429, Unavailable 503, DeadlineExceeded 504, others 500; OK is 200.

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <thread>
@@ -20,6 +21,7 @@
 #include "tokenlake/service/lake_service.h"
 #include "tokenlake/service/membership.h"
 #include "tokenlake/service/membership_service.h"
+#include "tokenlake/service/openai_front_end.h"
 #include "tokenlake/service/rebalancer.h"
 #include "tokenlake/service/reconciler.h"
 #include "tokenlake/service/request_path.h"
@@ -92,7 +94,11 @@ class Coordinator::Impl {
                  .balance_abs_threshold = options.balance_abs_threshold,
                  .rotate = options.rotate_compute_instance},
                 &lake_, &membership_),
-        lake_service_(&lake_, &membership_, &reconciler_, &auth_) {}
+        lake_service_(&lake_, &membership_, &reconciler_, &auth_),
+        gate_(options.start_as_follower ? LeaderGate::State::kFollower
+                                        : LeaderGate::State::kLeader) {
+    lake_service_.set_gate(&gate_);
+  }
 
   ~Impl() { Shutdown(); }
 
@@ -151,12 +157,27 @@ class Coordinator::Impl {
     grpc::ServerBuilder builder;
     builder.AddListeningPort(grpc_at.ToString(), GrpcServerCredentials(options_.tls.get()),
                              &grpc_port_);
+    membership_service_->set_gate(&gate_);
     builder.RegisterService(membership_service_.get());
     builder.RegisterService(&lake_service_);
     grpc_server_ = builder.BuildAndStart();
     if (grpc_server_ == nullptr || grpc_port_ == 0) {
       return absl::UnavailableError(
           absl::StrFormat("Coordinator: cannot serve gRPC on %s", grpc_at.ToString()));
+    }
+    auto front_end = OpenAiFrontEnd::Create(
+        {.limits = options_.limits, .model_id = options_.model_id, .tokenizer = options_.tokenizer},
+        [this](const CompletionRequest& r, const OpenAiFrontEnd::TokenSink& sink) {
+          return request_path_->Complete(r, sink);
+        },
+        [this](int http_status) { request_path_->CountAnswer(http_status); });
+    if (!front_end.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Coordinator: ", front_end.status().message()));
+    }
+    openai_ = std::move(*front_end);
+    if (!openai_->chat_unavailable().empty()) {
+      std::fprintf(stderr, "tokenlake coordinator: %s\n", openai_->chat_unavailable().c_str());
     }
     auto http = HttpFrontEnd::Start({.host = options_.http_host,
                                      .port = options_.http_port,
@@ -194,10 +215,8 @@ class Coordinator::Impl {
 
   // The HTTP front end's routes: the one place to add an endpoint.
   std::vector<HttpRoute> Routes() {
-    std::vector<HttpRoute> routes;
-    routes.push_back({"POST", "/v1/completions", [this](const HttpRequest& req, HttpResponse* res) {
-                        Completions(req, res);
-                      }});
+    // The OpenAI-compatible API (openai_front_end.h).
+    std::vector<HttpRoute> routes = openai_->Routes();
     routes.push_back({"GET", "/metrics", [this](const HttpRequest&, HttpResponse* res) {
                         res->content_type = "text/plain; version=0.0.4";
                         res->body = MetricsText();
@@ -208,26 +227,28 @@ class Coordinator::Impl {
                         res->status = h.http_status;
                         res->body = h.json;
                       }});
+    // Only the leader serves requests; a follower sends clients to the leader (leader_gate.h).
+    for (HttpRoute& route : routes) {
+      if (route.path.rfind("/v1/", 0) != 0) continue;
+      route.handler = [this, inner = std::move(route.handler)](const HttpRequest& req,
+                                                               HttpResponse* res) {
+        if (gate_.leading()) return inner(req, res);
+        const std::string leader = gate_.leader_http();
+        const absl::Status why = absl::UnavailableError(
+            leader.empty() ? "this coordinator is not the leader and no leader is known yet"
+                           : "this coordinator is not the leader; the leader is at " + leader);
+        if (!leader.empty()) {
+          // 307 keeps the method and body (OpenAI clients and `curl -L` follow it).
+          res->status = 307;
+          res->headers.emplace_back("Location", leader + req.path);
+        } else {
+          res->status = 503;
+          res->headers.emplace_back("Retry-After", "1");
+        }
+        res->body = OpenAiErrorJson(why);
+      };
+    }
     return routes;
-  }
-
-  // POST /v1/completions (completion_api.h).
-  void Completions(const HttpRequest& req, HttpResponse* res) {
-    absl::StatusOr<CompletionRequest> parsed = ParseCompletionRequest(req.body, options_.limits);
-    if (!parsed.ok()) {
-      request_path_->CountAnswer(HttpStatusFor(parsed.status()));
-      res->status = HttpStatusFor(parsed.status());
-      res->body = ErrorJson(parsed.status());
-      return;
-    }
-    absl::StatusOr<CompletionResult> result = request_path_->Complete(*parsed);
-    if (!result.ok()) {
-      res->status = HttpStatusFor(result.status());
-      res->body = ErrorJson(result.status());
-      return;
-    }
-    res->status = 200;
-    res->body = CompletionResponseJson(*parsed, *result, next_response_id_.fetch_add(1));
   }
 
   // Rebalance orders go straight to the TCP transport, not through the fault injector: a lost
@@ -322,6 +343,7 @@ class Coordinator::Impl {
   Reconciler reconciler_;
   Router router_;
   LakeService lake_service_;
+  LeaderGate gate_;
   int grpc_port_ = 0;
   std::unique_ptr<transport::TcpTransport> tcp_;
   std::unique_ptr<transport::FaultTransport> fault_;
@@ -329,10 +351,10 @@ class Coordinator::Impl {
   std::unique_ptr<RequestPath> request_path_;
   std::unique_ptr<MembershipService> membership_service_;
   std::unique_ptr<grpc::Server> grpc_server_;
+  std::unique_ptr<OpenAiFrontEnd> openai_;  // its routes borrow it: declared before http_
   std::unique_ptr<HttpFrontEnd> http_;
   std::thread reaper_;
   std::atomic<bool> stopping_{false};
-  std::atomic<uint64_t> next_response_id_{1};
 };
 
 lake::LakeOptions CoordinatorOptions::ToLakeOptions() const {
@@ -363,10 +385,15 @@ int32_t Coordinator::transport_port() const { return impl_->tcp_->port(); }
 absl::StatusOr<CompletionResult> Coordinator::Complete(const CompletionRequest& request) {
   return impl_->request_path_->Complete(request);
 }
+absl::StatusOr<CompletionResult> Coordinator::CompleteStreaming(const CompletionRequest& request,
+                                                                const TokenSink& sink) {
+  return impl_->request_path_->Complete(request, sink);
+}
 std::string Coordinator::MetricsText() const { return impl_->MetricsText(); }
 int32_t Coordinator::LiveInstances() const { return impl_->membership_.ReadyCount(); }
 int64_t Coordinator::DistinctSegments() const { return impl_->DistinctSegments(); }
 transport::FaultTransport* Coordinator::faults() { return impl_->fault_.get(); }
+LeaderGate* Coordinator::leader_gate() { return &impl_->gate_; }
 std::vector<int32_t> Coordinator::ReplicasOf(uint64_t segment) const {
   return impl_->ReplicasOf(segment);
 }

@@ -52,10 +52,12 @@
 //     retried after retry_backoff x attempt (by then the dead holder is usually marked dead), up to
 //     max_attempts within request_timeout. The coordinator releases the failed attempt's pins.
 //     Generation is deterministic, so a retried request gets the same answer;
-//   - the HTTP front end (http_front_end.h): POST /v1/completions, GET /metrics (Prometheus
-//     text), GET /healthz. Bad input gets a 4xx with a JSON error naming the problem; slow,
-//     idle or too many clients and oversized bodies are bounded (503 with Retry-After on
-//     overload, never a reset).
+//   - the HTTP front end (http_front_end.h): the OpenAI-compatible API (openai_front_end.h:
+//     POST /v1/completions, POST /v1/chat/completions, GET /v1/models; streamed answers come
+//     from CompleteStreaming, and a client that goes away cancels its request on the
+//     instance), GET /metrics (Prometheus text), GET /healthz. Bad input gets a 4xx with
+//     OpenAI's error body naming the problem; slow, idle or too many clients and oversized
+//     bodies are bounded (503 with Retry-After on overload, never a reset).
 //
 // Listeners are on 127.0.0.1 unless http_host / grpc_host say otherwise (beyond loopback only
 // with TLS or allow_insecure); ports 0 mean "any free port" (see the accessors). With TLS, gRPC
@@ -74,19 +76,23 @@
 #define TOKENLAKE_SERVICE_COORDINATOR_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "tokenlake/balance/balancer.h"
 #include "tokenlake/balance/heavy_hitter.h"
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/plan/cost_model.h"
 #include "tokenlake/service/completion_api.h"
 #include "tokenlake/service/grpc_credentials.h"
+#include "tokenlake/service/leader_gate.h"
 #include "tokenlake/service/protocol.h"
+#include "tokenlake/tokenizer/tokenizer.h"
 #include "tokenlake/transport/fault_transport.h"
 
 namespace tokenlake::service {
@@ -94,6 +100,11 @@ namespace tokenlake::service {
 struct CoordinatorOptions {
   // Request limits (vocabulary, context, max_tokens) checked before anything is routed.
   CompletionLimits limits;
+  // The served model's tokenizer (text prompts, chat, stop sequences, EOS; its ids must be
+  // < limits.vocab_size) and the id GET /v1/models lists; null = token-id prompts only
+  // (openai_front_end.h).
+  std::shared_ptr<const tokenizer::Tokenizer> tokenizer;
+  std::string model_id = "tokenlake";
   // Tokens per segment and the segment-id namespace; instances must use the same.
   int32_t segment_tokens = 16;
   std::string namespace_name = "tokenlake";
@@ -134,6 +145,9 @@ struct CoordinatorOptions {
   // loopback without it is allowed.
   ClusterTls tls;
   bool allow_insecure = false;
+  // With several coordinators under an election (leader_gate.h): start as a follower, acting
+  // only once leader_gate()->Lead() is called. False: lead from the start (one coordinator).
+  bool start_as_follower = false;
   // The cluster secret (raw bytes; transport/cluster_secret.h). Non-empty: every gRPC call must
   // carry a call token made with it (call_auth.h; UNAUTHENTICATED otherwise) and every
   // host-transport connection is authenticated with it. Empty: neither is (a warning-worthy
@@ -178,7 +192,8 @@ struct CoordinatorOptions {
 class Coordinator {
  public:
   // Starts the gRPC server, the host transport, the HTTP server and the membership reaper.
-  // Errors: InvalidArgument naming a bad option; Unavailable when a port cannot be bound.
+  // Errors: InvalidArgument naming a bad option (e.g. a tokenizer whose ids the vocabulary
+  // does not cover); Unavailable when a port cannot be bound.
   static absl::StatusOr<std::unique_ptr<Coordinator>> Create(const CoordinatorOptions& options);
   ~Coordinator();
   Coordinator(const Coordinator&) = delete;
@@ -194,6 +209,19 @@ class Coordinator {
   // or the instance's own error (e.g. ResourceExhausted when its pool is full of pins).
   absl::StatusOr<CompletionResult> Complete(const CompletionRequest& request);
 
+  // Receives a streamed request's new tokens, in order, each token once; returns false to
+  // cancel the request (its client went away, or the caller matched a stop sequence).
+  using TokenSink = std::function<bool(absl::Span<const int32_t> tokens)>;
+  // Complete, streaming: with request.stream the computing instance reports every iteration's
+  // tokens and `sink` gets them as they come; without it, once at the end. Failover: a retried
+  // attempt regenerates the same tokens (same seed); those `sink` already got are checked equal
+  // and skipped (Internal error if a retry diverged). When `sink` returns false the instance is
+  // told to stop (it releases the request's pins and pool slots) and the result has
+  // cancelled = true with the tokens `sink` got.
+  // `cached_tokens` is set from the instance's first report. Errors: as Complete.
+  absl::StatusOr<CompletionResult> CompleteStreaming(const CompletionRequest& request,
+                                                     const TokenSink& sink);
+
   // The /metrics page.
   std::string MetricsText() const;
   // Instances currently alive.
@@ -206,6 +234,8 @@ class Coordinator {
   // Runs Lake::Rebalance now and sends the actions to the instances. Returns the number of
   // actions. Errors: the lake's.
   absl::StatusOr<int64_t> RebalanceNow();
+  // Whether this coordinator acts (leader_gate.h); the election drives it. Never null.
+  LeaderGate* leader_gate();
   // The fault injector on the host transport (never null while running).
   transport::FaultTransport* faults();
 

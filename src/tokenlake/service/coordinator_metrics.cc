@@ -42,6 +42,13 @@ std::string CoordinatorMetricsText(const CoordinatorSnapshot& s) {
   w.Sample("tokenlake_pool_heavy_hitters", {}, static_cast<double>(s.lake.heavy_hitters));
   w.Family("tokenlake_pool_pinned_segments", "gauge", "Segments pinned by running iterations.");
   w.Sample("tokenlake_pool_pinned_segments", {}, static_cast<double>(s.lake.pinned_segments));
+  w.Family("tokenlake_pool_reserved_slots", "gauge",
+           "Slots the lake reserves for admitted requests' segments not yet committed.");
+  w.Sample("tokenlake_pool_reserved_slots", {}, static_cast<double>(s.lake.reserved_slots));
+  w.Family("tokenlake_requests_cancelled_total", "counter",
+           "Requests ended early by their client (disconnected, or a stop sequence matched).");
+  w.Sample("tokenlake_requests_cancelled_total", {},
+           static_cast<double>(s.requests.cancelled_requests));
   w.Family("tokenlake_lake_active_requests", "gauge",
            "Requests admitted in the lake (an iteration planned and not yet released).");
   w.Sample("tokenlake_lake_active_requests", {}, static_cast<double>(s.lake.active_requests));
@@ -80,6 +87,12 @@ std::string CoordinatorMetricsText(const CoordinatorSnapshot& s) {
                [&](int32_t i) { return member(i).used_slots * member(i).slot_bytes; });
   per_instance("tokenlake_instance_in_flight", "gauge", "Requests in flight per instance.",
                [&](int32_t i) { return member(i).in_flight; });
+  per_instance("tokenlake_instance_cancelled_total", "counter",
+               "Requests cancelled on the instance (this incarnation).",
+               [&](int32_t i) { return member(i).cancelled; });
+  per_instance("tokenlake_instance_running", "gauge",
+               "Requests running in the instance's engine (as last reported).",
+               [&](int32_t i) { return member(i).running; });
   per_instance("tokenlake_instance_routed_total", "counter", "Requests routed per instance.",
                [&](int32_t i) { return member(i).routed; });
   w.Family("tokenlake_transport_bytes_sent_total", "counter",

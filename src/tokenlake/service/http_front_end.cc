@@ -27,8 +27,8 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
-#include "tokenlake/service/completion_api.h"
 #include "tokenlake/service/http_parser.h"
+#include "tokenlake/service/openai_api.h"
 #include "tokenlake/transport/socket_stream.h"
 
 namespace tokenlake::service {
@@ -65,12 +65,14 @@ absl::StatusCode CodeFor(int http_status) {
   }
 }
 
-// The error body of completion_api.h, with "code" the HTTP status actually sent.
+// OpenAI's error body (openai_api.h) for an answer the front end gives itself, with "code" the
+// name of the HTTP status sent ("payload_too_large" for 413), so that the body says what the
+// status line says.
 std::string ErrorBody(int http_status, std::string_view message) {
-  nlohmann::json j = nlohmann::json::parse(ErrorJson(
+  nlohmann::ordered_json j = nlohmann::ordered_json::parse(OpenAiErrorJson(
       absl::Status(CodeFor(http_status), absl::string_view(message.data(), message.size()))));
-  j["error"]["code"] = http_status;
   j["error"]["type"] = http_status < 500 ? "invalid_request_error" : "server_error";
+  j["error"]["code"] = HttpStatusName(http_status);
   return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 

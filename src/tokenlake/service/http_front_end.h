@@ -6,8 +6,8 @@
 // coordinator.cc, Coordinator::Impl::Routes). A handler gets the request with its body (content
 // decoded; the Content-Type is not looked at) and fills a response: a whole body, or a `stream`
 // function that writes the body in pieces (sent with chunked transfer encoding, e.g. server-sent
-// events). A request for no route gets 404, a known path with another method 405, with a JSON
-// error naming the endpoints.
+// events). A request for no route gets 404, a known path with another method 405, with OpenAI's
+// error body naming the endpoints.
 //
 // How clients are bounded:
 //   - one I/O thread reads every connection (epoll); a request goes to a worker only once it has
@@ -24,7 +24,8 @@
 //     `max_body_bytes` by Content-Length, chunked, or after gzip/deflate decoding (413);
 //   - an error answer closes the connection after draining what the client still sends (for up
 //     to 2 s), so that the client reads the answer instead of a reset.
-// Error bodies are {"error": {"message", "type", "status", "code": <the HTTP status>}}.
+// The front end's own answers carry OpenAI's error body (openai_api.h) with "code" the name of
+// the HTTP status sent (http_parser.h's HttpStatusName: "payload_too_large" for 413).
 //
 // Thread-safety: thread-safe; handlers run on the worker threads, several at once.
 #ifndef TOKENLAKE_SERVICE_HTTP_FRONT_END_H_
@@ -50,6 +51,9 @@ struct HttpRequest {
   // Header fields as received (names compared without regard to case by Header()).
   std::vector<std::pair<std::string, std::string>> headers;
   std::string body;
+  // The caller's tenant, set by the coordinator from the API key (never from the wire); empty:
+  // none.
+  std::string tenant;
   // The value of header `name` (case-insensitive), empty when absent.
   std::string Header(std::string_view name) const;
 };

@@ -73,9 +73,11 @@ struct Response {
     }
     return "";
   }
-  int JsonCode() const {
+  // The "code" of an error body (OpenAI's format: a snake_case name).
+  std::string JsonCode() const {
     auto j = nlohmann::json::parse(body, nullptr, false);
-    return j.is_object() && j.contains("error") ? j["error"].value("code", 0) : 0;
+    if (!j.is_object() || !j.contains("error") || !j["error"]["code"].is_string()) return "";
+    return j["error"]["code"].get<std::string>();
   }
 };
 
@@ -231,7 +233,7 @@ TEST_F(HttpFrontEndTest, RoutesStreamsAndNamesTheEndpointsItServes) {
   EXPECT_EQ(r.body, "data: 0\n\ndata: 1\n\ndata: 2\n\n");
   r = Exchange(port_, "GET /nothing HTTP/1.1\r\nConnection: close\r\n\r\n");
   EXPECT_EQ(r.status, 404);
-  EXPECT_EQ(r.JsonCode(), 404);
+  EXPECT_EQ(r.JsonCode(), "not_found");
   EXPECT_THAT(r.body, HasSubstr("POST /echo, GET /stream, GET /ping"));
   r = Exchange(port_, "DELETE /ping HTTP/1.1\r\nConnection: close\r\n\r\n");
   EXPECT_EQ(r.status, 405);
@@ -260,14 +262,14 @@ TEST_F(HttpFrontEndTest, JsonIsReadWhateverTheContentTypeAndLimitsSayTheirCode) 
   }
   Response big = Exchange(port_, Post("/echo", std::string((1 << 20) + 1, ' ')));
   EXPECT_EQ(big.status, 413);
-  EXPECT_EQ(big.JsonCode(), 413);
+  EXPECT_EQ(big.JsonCode(), "payload_too_large");
   EXPECT_FALSE(big.reset);
   Response uri = Exchange(port_, "GET /" + std::string(9000, 'u') + " HTTP/1.1\r\n\r\n");
   EXPECT_EQ(uri.status, 414);
-  EXPECT_EQ(uri.JsonCode(), 414);
+  EXPECT_EQ(uri.JsonCode(), "uri_too_long");
   Response no_length = Exchange(port_, "POST /echo HTTP/1.1\r\nConnection: close\r\n\r\n{}");
   EXPECT_EQ(no_length.status, 411);
-  EXPECT_EQ(no_length.JsonCode(), 411);
+  EXPECT_EQ(no_length.JsonCode(), "length_required");
   EXPECT_GE(server_->stats().rejected[413], 1);
   EXPECT_GE(server_->stats().rejected[414], 1);
 }
@@ -289,7 +291,7 @@ TEST_F(HttpFrontEndTest, GzipBombsAndChunkedBodiesStopAtTheLimit) {
     attackers.emplace_back([&] {
       // The raw body is 0.97 MiB, under the 1 MiB limit: only inflation can exceed it.
       Response r = Exchange(port_, Post("/echo", bomb, "Content-Encoding: gzip\r\n"));
-      if (r.status == 413 && r.JsonCode() == 413) ++refused;
+      if (r.status == 413 && r.JsonCode() == "payload_too_large") ++refused;
     });
   }
   for (std::thread& t : attackers) t.join();
@@ -307,7 +309,7 @@ TEST_F(HttpFrontEndTest, GzipBombsAndChunkedBodiesStopAtTheLimit) {
   Response r = ReadResponse(fd);
   ::close(fd);
   EXPECT_EQ(r.status, 413);
-  EXPECT_EQ(r.JsonCode(), 413);
+  EXPECT_EQ(r.JsonCode(), "payload_too_large");
   EXPECT_LT(ResidentBytes() - before, 100 << 20);
   // A small gzip body is decoded for the handler.
   const std::string json = "{\"prompt\": [1, 2, 3]}";
@@ -434,7 +436,7 @@ TEST_F(HttpFrontEndTest, IdleAndSlowConnectionsAreClosedOnTime) {
   // Headers that never end: 408.
   Response r = Exchange(port_, "GET /ping HTTP/1.1\r\nHost: x");
   EXPECT_EQ(r.status, 408);
-  EXPECT_EQ(r.JsonCode(), 408);
+  EXPECT_EQ(r.JsonCode(), "request_timeout");
   // Headers in time, a body that never completes: 408 after read_timeout.
   r = Exchange(port_, "POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\n{}");
   EXPECT_EQ(r.status, 408);
@@ -465,7 +467,8 @@ TEST_F(HttpFrontEndTest, AThousandConcurrentRequestsAreAnsweredNeverReset) {
     Response r = ReadResponse(fd, absl::Seconds(30));
     if (r.status == 200) {
       ++ok;
-    } else if (r.status == 503 && r.Header("Retry-After") == "1" && r.JsonCode() == 503) {
+    } else if (r.status == 503 && r.Header("Retry-After") == "1" &&
+               r.JsonCode() == "service_unavailable") {
       ++busy;
     } else {
       ++other;

@@ -410,4 +410,10 @@ const char* HttpReason(int status) {
   }
 }
 
+std::string HttpStatusName(int status) {
+  std::string name = absl::AsciiStrToLower(HttpReason(status));
+  std::replace(name.begin(), name.end(), ' ', '_');
+  return name;
+}
+
 }  // namespace tokenlake::service

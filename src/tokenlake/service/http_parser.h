@@ -113,8 +113,10 @@ class HttpRequestParser {
 absl::StatusOr<std::string> DecodeContentEncoding(std::string body, std::string_view encoding,
                                                   int64_t max_bytes);
 
-// The reason phrase of an HTTP status ("Payload Too Large" for 413).
+// The reason phrase of an HTTP status ("Payload Too Large" for 413), and the same in snake case
+// ("payload_too_large").
 const char* HttpReason(int status);
+std::string HttpStatusName(int status);
 
 }  // namespace tokenlake::service
 

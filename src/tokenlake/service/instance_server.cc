@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <optional>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -75,11 +76,8 @@ class InstanceServer::Impl {
     layout_ = engine::PoolSlotLayout(c, options_.segment_tokens, options_.kv_dtype);
     if (absl::Status s = layout_.Validate(); !s.ok()) return s;
     RefreshState();
-    channel_ = grpc::CreateChannel(
-        transport::HostPort{.host = options_.coordinator_host, .port = options_.coordinator_port}
-            .ToString(),
-        GrpcChannelCredentials(options_.tls.get()));
-    stub_ = v1::Coordinator::NewStub(channel_);
+    Follow(
+        transport::HostPort{.host = options_.coordinator_host, .port = options_.coordinator_port});
     control_ = std::thread([this] { ControlLoop(); });
     worker_ = std::thread([this] { WorkLoop(); });
     return absl::OkStatus();
@@ -125,8 +123,8 @@ class InstanceServer::Impl {
     auto pool = engine::InstancePool::Create(po);
     if (!pool.ok()) return pool.status();
     dp->pool = std::move(*pool);
-    auto control = RemoteControlPlane::Create({.coordinator_host = options_.coordinator_host,
-                                               .coordinator_port = options_.coordinator_port,
+    auto control = RemoteControlPlane::Create({.coordinator_host = coordinator_.host,
+                                               .coordinator_port = coordinator_.port,
                                                .tls = options_.tls.identity,
                                                .num_instances = n,
                                                .call_timeout = options_.control_timeout,
@@ -228,6 +226,8 @@ class InstanceServer::Impl {
     state.set_capacity_slots(options_.slots);
     state.set_slot_bytes(layout_.SlotBytes());
     state.set_requests_served(served_.load());
+    state.set_requests_cancelled(cancelled_.load());
+    state.set_requests_running(running_.load());
     {
       absl::MutexLock lock(&traffic_mu_);
       *state.mutable_traffic() = traffic_;
@@ -249,7 +249,28 @@ class InstanceServer::Impl {
     return {state_, state_generation_};
   }
 
+  // Talks to the coordinator at `at` from now on (the control loop's channel and the data
+  // plane's lake calls). Only the control loop calls it (and Start, before the loop runs).
+  void Follow(const transport::HostPort& at) {
+    coordinator_ = at;
+    channel_ = grpc::CreateChannel(at.ToString(), GrpcChannelCredentials(options_.tls.get()));
+    stub_ = v1::Coordinator::NewStub(channel_);
+    if (std::shared_ptr<DataPlane> dp = Data(); dp != nullptr) dp->control->Retarget(at);
+  }
+
+  // Asks where the leader is (when electing); returns true when it moved (and follows it).
+  bool Relocate() {
+    if (!options_.locate_coordinator) return false;
+    absl::StatusOr<transport::HostPort> at = options_.locate_coordinator();
+    if (!at.ok() || *at == coordinator_) return false;
+    std::fprintf(stderr, "tokenlake instance %s: following the coordinator at %s\n",
+                 options_.name.c_str(), at->ToString().c_str());
+    Follow(*at);
+    return true;
+  }
+
   bool RegisterOnce() {
+    Relocate();
     RefreshState();
     v1::RegisterRequest request;
     request.set_name(options_.name);
@@ -329,6 +350,8 @@ class InstanceServer::Impl {
         FreeSegments(reply.free_segments(), generation);
       } else if (s.error_code() == grpc::StatusCode::NOT_FOUND) {
         registered = false;
+      } else if (Relocate()) {
+        registered = false;  // a new leader: register with it (it rebuilds from our report)
       }
       // Other errors (coordinator down): keep heartbeating; a restarted coordinator answers
       // NOT_FOUND and we register again.
@@ -374,24 +397,65 @@ class InstanceServer::Impl {
           ApplyRebalance(*m);
         } else if (m->tag == kGenerateRequestTag) {
           Accept(*m);
+        } else if (m->tag == kCancelTag) {
+          CancelRequest(*m);
         }
       }
       if (dp == nullptr || dp->engine->idle()) continue;
       for (auto& [request, result] : dp->engine->Step()) Complete(*dp, request, result);
+      SendProgress(*dp);
+      running_.store(static_cast<int64_t>(in_flight_.size()));
     }
   }
 
   struct InFlight {
     transport::Message message;  // the request (for the reply's addressing)
     absl::Time start;
+    bool stream = false;   // report progress (GenerateProgress) as tokens come
+    int32_t reported = 0;  // tokens reported so far
   };
 
+  // Reports the new tokens of every streamed request still running (the finished ones are
+  // answered with all their tokens).
+  void SendProgress(DataPlane& dp) {
+    for (auto& [request, f] : in_flight_) {
+      if (!f.stream) continue;
+      const std::optional<engine::Engine::Progress> p = dp.engine->ProgressOf(RequestId(request));
+      if (!p.has_value() || static_cast<int32_t>(p->tokens.size()) <= f.reported) continue;
+      v1::GenerateProgress progress;
+      progress.set_first_index(f.reported);
+      progress.set_cached_tokens(p->cached_tokens);
+      progress.mutable_tokens()->Add(p->tokens.begin() + f.reported, p->tokens.end());
+      f.reported = static_cast<int32_t>(p->tokens.size());
+      Send(f.message, kGenerateProgressTag, progress.SerializeAsString());
+    }
+  }
+
+  // The coordinator gave up on a request (its client went away, a stop sequence ended it):
+  // the engine drops it, releasing its pins and its KV tail; no reply is sent.
+  void CancelRequest(const transport::Message& m) {
+    v1::CancelGenerate cancel;
+    if (!cancel.ParseFromArray(m.payload.data(), static_cast<int>(m.payload.size()))) return;
+    auto it = in_flight_.find(cancel.request_id());
+    if (it == in_flight_.end()) return;  // finished (its answer is on the way) or unknown
+    std::shared_ptr<DataPlane> dp = Data();
+    if (dp != nullptr) dp->engine->Cancel(RequestId(cancel.request_id())).IgnoreError();
+    in_flight_.erase(it);
+    cancelled_.fetch_add(1);
+    running_.store(static_cast<int64_t>(in_flight_.size()));
+    RefreshState();
+  }
+
   void SendReply(const transport::Message& m, const v1::GenerateReply& reply) {
-    std::string bytes = reply.SerializeAsString();
+    Send(m, kGenerateReplyTag, reply.SerializeAsString());
+  }
+
+  // Sends `bytes` with `tag` to the coordinator, answering request message `m`.
+  void Send(const transport::Message& m, uint32_t tag, const std::string& bytes) {
     transport::Message out;
     out.from = m.to;
     out.to = InstanceId(0);
-    out.tag = kGenerateReplyTag;
+    out.tag = tag;
     out.correlation_id = m.correlation_id;
     out.payload.resize(bytes.size());
     std::memcpy(out.payload.data(), bytes.data(), bytes.size());
@@ -435,10 +499,19 @@ class InstanceServer::Impl {
       return fail(absl::AlreadyExistsError(
           absl::StrFormat("request %d is already running here", rid.value())));
     }
-    if (absl::Status s = dp->engine->Submit(rid, prompt, request.max_tokens()); !s.ok()) {
-      return fail(s);
-    }
-    in_flight_[rid.value()] = InFlight{.message = m, .start = absl::Now()};
+    engine::GenerateRequest g{
+        .id = rid,
+        .prompt = std::move(prompt),
+        .max_new_tokens = request.max_tokens(),
+        .stop_token_ids = {request.stop_token_ids().begin(), request.stop_token_ids().end()}};
+    g.sampling.temperature = request.temperature();
+    g.sampling.top_k = request.top_k();
+    if (request.has_top_p()) g.sampling.top_p = request.top_p();
+    if (request.has_seed()) g.sampling.seed = request.seed();
+    g.segment_salt = request.segment_salt();
+    if (absl::Status s = dp->engine->Submit(g); !s.ok()) return fail(s);
+    in_flight_[rid.value()] =
+        InFlight{.message = m, .start = absl::Now(), .stream = request.stream()};
   }
 
   // Replies to a finished request and counts its traffic.
@@ -472,6 +545,7 @@ class InstanceServer::Impl {
     t->set_remote_stored_segments(r->remote_stored_segments);
     t->set_remote_stored_bytes(r->remote_stored_bytes);
     reply.mutable_tokens()->Add(r->tokens.begin(), r->tokens.end());
+    reply.set_finish_reason(r->finish_reason);
     reply.set_cached_tokens(r->cached_tokens);
     reply.set_compute_us(absl::ToInt64Microseconds(absl::Now() - f.start));
     *reply.mutable_state() = State();
@@ -517,9 +591,13 @@ class InstanceServer::Impl {
   std::unique_ptr<transport::TcpTransport> tcp_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Coordinator::Stub> stub_;
+  // The coordinator followed now (the control loop's).
+  transport::HostPort coordinator_;
   std::thread control_, worker_;
   std::atomic<bool> stopping_{false};
   std::atomic<int64_t> served_{0};
+  std::atomic<int64_t> cancelled_{0};
+  std::atomic<int64_t> running_{0};  // in_flight_.size(), for reports
   // Requests submitted to the engine and not yet answered, by lake request id (worker only).
   absl::flat_hash_map<uint64_t, InFlight> in_flight_;
   std::atomic<int64_t> reconcile_frees_{0};
@@ -566,6 +644,8 @@ int64_t InstanceServer::registrations() const {
   return impl_->registrations_;
 }
 int64_t InstanceServer::requests_served() const { return impl_->served_.load(); }
+int64_t InstanceServer::requests_cancelled() const { return impl_->cancelled_.load(); }
+int64_t InstanceServer::requests_running() const { return impl_->running_.load(); }
 int64_t InstanceServer::segments() const { return impl_->State().segments_size(); }
 void InstanceServer::Shutdown() { impl_->Shutdown(); }
 

@@ -16,6 +16,11 @@
 // holder or pulling their KV, and new segments are stored where the lake says, possibly on
 // another instance.
 //
+// Streaming and cancellation: a generate message with `stream` gets a GenerateProgress message
+// (tag kGenerateProgressTag) with its new tokens after every iteration that produced some,
+// then the usual reply; a CancelGenerate (tag kCancelTag) drops the request from the engine
+// (IterationLoop::Cancel: its lake pins and KV tail are released) and no reply is sent.
+//
 // Heartbeat replies may also name segments to free (the lake no longer lists them here);
 // rebalance orders (host-transport tag kRebalanceTag) make it copy a segment from another
 // instance (pull + store here), move it (copy, then free at the source) or drop it.
@@ -33,6 +38,7 @@
 #define TOKENLAKE_SERVICE_INSTANCE_SERVER_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -52,6 +58,11 @@ struct InstanceServerOptions {
   // The coordinator's gRPC address: host (name or address) and port in [1, 65535].
   std::string coordinator_host = "127.0.0.1";
   int32_t coordinator_port = 0;
+  // With several coordinators under an election: where the leader is now (e.g. read from etcd),
+  // asked before every registration and whenever the coordinator stops answering; the instance
+  // follows it (registers with the new leader, its lake calls go there). Null: the fixed address
+  // above.
+  std::function<absl::StatusOr<transport::HostPort>()> locate_coordinator;
   // Where this instance's transports (host and data plane) listen: a host name or IPv4 / IPv6
   // literal ("0.0.0.0" / "::": every interface), and the host transport's port (0 = any free
   // port; the data plane's is always chosen freely).
@@ -107,6 +118,10 @@ class InstanceServer {
   int64_t registrations() const;
   // Requests computed so far.
   int64_t requests_served() const;
+  // Requests the coordinator cancelled here, and requests running now (submitted to the
+  // engine, not yet answered; updated after every iteration).
+  int64_t requests_cancelled() const;
+  int64_t requests_running() const;
   // Segments this instance holds.
   int64_t segments() const;
 

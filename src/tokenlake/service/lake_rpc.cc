@@ -186,12 +186,22 @@ absl::StatusOr<std::unique_ptr<RemoteControlPlane>> RemoteControlPlane::Create(
     return absl::InvalidArgumentError("RemoteControlPlane: num_instances must be >= 1");
   }
   std::unique_ptr<RemoteControlPlane> cp(new RemoteControlPlane(options));
-  cp->channel_ = grpc::CreateChannel(
-      transport::HostPort{.host = options.coordinator_host, .port = options.coordinator_port}
-          .ToString(),
-      GrpcChannelCredentials(options.tls.get()));
-  cp->stub_ = v1::Lake::NewStub(cp->channel_);
+  cp->Retarget(
+      transport::HostPort{.host = options.coordinator_host, .port = options.coordinator_port});
   return cp;
+}
+
+void RemoteControlPlane::Retarget(const transport::HostPort& coordinator) {
+  auto channel =
+      grpc::CreateChannel(coordinator.ToString(), GrpcChannelCredentials(options_.tls.get()));
+  std::shared_ptr<v1::Lake::Stub> stub = v1::Lake::NewStub(channel);
+  absl::MutexLock lock(&stub_mu_);
+  stub_ = std::move(stub);
+}
+
+std::shared_ptr<v1::Lake::Stub> RemoteControlPlane::Stub() const {
+  absl::MutexLock lock(&stub_mu_);
+  return stub_;
 }
 
 absl::StatusOr<lake::IterationPlan> RemoteControlPlane::PlanIteration(
@@ -202,7 +212,7 @@ absl::StatusOr<lake::IterationPlan> RemoteControlPlane::PlanIteration(
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
   AuthorizeCall(&ctx, options_.cluster_secret, "PlanIteration");
-  if (absl::Status s = FromGrpc(stub_->PlanIteration(&ctx, in, &out), "PlanIteration"); !s.ok()) {
+  if (absl::Status s = FromGrpc(Stub()->PlanIteration(&ctx, in, &out), "PlanIteration"); !s.ok()) {
     return s;
   }
   return FromProto(out, request.request);
@@ -220,7 +230,7 @@ absl::StatusOr<lake::CommitResult> RemoteControlPlane::Commit(
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
   AuthorizeCall(&ctx, options_.cluster_secret, "Commit");
-  if (absl::Status s = FromGrpc(stub_->Commit(&ctx, in, &out), "Commit"); !s.ok()) return s;
+  if (absl::Status s = FromGrpc(Stub()->Commit(&ctx, in, &out), "Commit"); !s.ok()) return s;
   return FromProto(out);
 }
 
@@ -231,7 +241,7 @@ absl::Status RemoteControlPlane::Release(RequestId request) {
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
   AuthorizeCall(&ctx, options_.cluster_secret, "Release");
-  return FromGrpc(stub_->Release(&ctx, in, &out), "Release");
+  return FromGrpc(Stub()->Release(&ctx, in, &out), "Release");
 }
 
 absl::StatusOr<lake::IterationPlan> RemoteControlPlane::ReleaseAndPlan(
@@ -243,7 +253,8 @@ absl::StatusOr<lake::IterationPlan> RemoteControlPlane::ReleaseAndPlan(
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
   AuthorizeCall(&ctx, options_.cluster_secret, "ReleaseAndPlan");
-  if (absl::Status s = FromGrpc(stub_->ReleaseAndPlan(&ctx, in, &out), "ReleaseAndPlan"); !s.ok()) {
+  if (absl::Status s = FromGrpc(Stub()->ReleaseAndPlan(&ctx, in, &out), "ReleaseAndPlan");
+      !s.ok()) {
     return s;
   }
   return FromProto(out, next.request);
@@ -258,7 +269,7 @@ absl::StatusOr<std::vector<lake::BatchPlanEntry>> RemoteControlPlane::PlanBatch(
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
   AuthorizeCall(&ctx, options_.cluster_secret, "PlanBatch");
-  if (absl::Status s = FromGrpc(stub_->PlanBatch(&ctx, in, &out), "PlanBatch"); !s.ok()) return s;
+  if (absl::Status s = FromGrpc(Stub()->PlanBatch(&ctx, in, &out), "PlanBatch"); !s.ok()) return s;
   if (out.entries_size() != static_cast<int>(requests.size())) {
     return absl::DataLossError(absl::StrFormat("PlanBatch: %d entries for %d requests",
                                                out.entries_size(), requests.size()));

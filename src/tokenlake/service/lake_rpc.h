@@ -19,8 +19,10 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "tokenlake/lake/control_plane.h"
+#include "tokenlake/transport/socket_stream.h"
 #include "tokenlake/transport/tls.h"
 #include "tokenlake/v1/tokenlake.grpc.pb.h"
 
@@ -76,6 +78,10 @@ class RemoteControlPlane final : public lake::ControlPlane {
   // Errors: InvalidArgument naming a bad option.
   static absl::StatusOr<std::unique_ptr<RemoteControlPlane>> Create(const Options& options);
 
+  // Sends later calls to the coordinator at `coordinator` (a new leader); calls in flight finish
+  // on the old one. Thread-safe.
+  void Retarget(const transport::HostPort& coordinator);
+
   int32_t num_instances() const override { return options_.num_instances; }
   absl::StatusOr<lake::IterationPlan> PlanIteration(const lake::IterationRequest& request) override;
   absl::StatusOr<lake::CommitResult> Commit(
@@ -93,8 +99,9 @@ class RemoteControlPlane final : public lake::ControlPlane {
  private:
   explicit RemoteControlPlane(const Options& options) : options_(options) {}
   const Options options_;
-  std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<v1::Lake::Stub> stub_;
+  std::shared_ptr<v1::Lake::Stub> Stub() const;
+  mutable absl::Mutex stub_mu_;
+  std::shared_ptr<v1::Lake::Stub> stub_ ABSL_GUARDED_BY(stub_mu_);
 };
 
 }  // namespace tokenlake::service

@@ -11,6 +11,9 @@ grpc::Status LakeService::PlanIteration(grpc::ServerContext* ctx,
                                         const v1::PlanIterationRequest* request,
                                         v1::PlanIterationReply* reply) {
   if (grpc::Status a = auth_->Check(ctx, "PlanIteration"); !a.ok()) return a;
+  if (gate_ != nullptr) {
+    if (grpc::Status g = gate_->Check(); !g.ok()) return g;
+  }
   Count(kPlanIteration);
   absl::MutexLock lake_lock(&lake_->mu);
   return PlanLocked(*request, reply);
@@ -19,6 +22,9 @@ grpc::Status LakeService::PlanIteration(grpc::ServerContext* ctx,
 grpc::Status LakeService::Commit(grpc::ServerContext* ctx, const v1::CommitRequest* request,
                                  v1::CommitReply* reply) {
   if (grpc::Status a = auth_->Check(ctx, "Commit"); !a.ok()) return a;
+  if (gate_ != nullptr) {
+    if (grpc::Status g = gate_->Check(); !g.ok()) return g;
+  }
   Count(kCommit);
   const RequestId id(request->request_id());
   std::vector<plan::NewSegmentPlacement> placements;
@@ -33,6 +39,9 @@ grpc::Status LakeService::Commit(grpc::ServerContext* ctx, const v1::CommitReque
 grpc::Status LakeService::Release(grpc::ServerContext* ctx, const v1::ReleaseRequest* request,
                                   v1::ReleaseReply*) {
   if (grpc::Status a = auth_->Check(ctx, "Release"); !a.ok()) return a;
+  if (gate_ != nullptr) {
+    if (grpc::Status g = gate_->Check(); !g.ok()) return g;
+  }
   Count(kRelease);
   absl::MutexLock lake_lock(&lake_->mu);
   return ToGrpc(lake_->lake->Release(RequestId(request->request_id())));
@@ -42,6 +51,9 @@ grpc::Status LakeService::ReleaseAndPlan(grpc::ServerContext* ctx,
                                          const v1::ReleaseAndPlanRequest* request,
                                          v1::PlanIterationReply* reply) {
   if (grpc::Status a = auth_->Check(ctx, "ReleaseAndPlan"); !a.ok()) return a;
+  if (gate_ != nullptr) {
+    if (grpc::Status g = gate_->Check(); !g.ok()) return g;
+  }
   Count(kReleaseAndPlan);
   absl::MutexLock lake_lock(&lake_->mu);
   if (absl::Status released = lake_->lake->Release(RequestId(request->release_request_id()));
@@ -54,6 +66,9 @@ grpc::Status LakeService::ReleaseAndPlan(grpc::ServerContext* ctx,
 grpc::Status LakeService::PlanBatch(grpc::ServerContext* ctx, const v1::PlanBatchRequest* request,
                                     v1::PlanBatchReply* reply) {
   if (grpc::Status a = auth_->Check(ctx, "PlanBatch"); !a.ok()) return a;
+  if (gate_ != nullptr) {
+    if (grpc::Status g = gate_->Check(); !g.ok()) return g;
+  }
   Count(kPlanBatch);
   absl::MutexLock lake_lock(&lake_->mu);
   lake::Lake& lake = *lake_->lake;

@@ -28,6 +28,7 @@
 
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/guarded_lake.h"
+#include "tokenlake/service/leader_gate.h"
 #include "tokenlake/service/membership.h"
 #include "tokenlake/service/reconciler.h"
 #include "tokenlake/v1/tokenlake.grpc.pb.h"
@@ -59,7 +60,12 @@ class LakeService final : public v1::Lake::Service {
   // Iterations planned (PlanIteration, and each planned entry of ReleaseAndPlan / PlanBatch).
   int64_t plan_iterations() const { return plan_iterations_.load(std::memory_order_relaxed); }
 
+  // Refuses every call while this coordinator does not lead (leader_gate.h); null: always
+  // serves. Set before the server starts.
+  void set_gate(const LeaderGate* gate) { gate_ = gate; }
+
  private:
+  const LeaderGate* gate_ = nullptr;
   grpc::Status PlanLocked(const v1::PlanIterationRequest& request, v1::PlanIterationReply* reply)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(lake_->mu);
   void Count(Call call) { calls_[call].fetch_add(1, std::memory_order_relaxed); }

@@ -167,7 +167,7 @@ int Run(const Flags& f) {
           std::cerr << "request " << i << ": wrong answer " << r->second << "\n";
           continue;
         }
-        cached[c] += j["usage"]["cached_tokens"].get<int64_t>();
+        cached[c] += j["usage"]["prompt_tokens_details"]["cached_tokens"].get<int64_t>();
       }
     });
   }

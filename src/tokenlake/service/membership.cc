@@ -82,6 +82,8 @@ void Membership::Report(int32_t id, const v1::InstanceState& state) {
     member.since_version = ++version_;
   }
   m.traffic = state.traffic();
+  m.cancelled = state.requests_cancelled();
+  m.running = state.requests_running();
   if (state.transport_error() != m.transport_error) {
     m.transport_error = state.transport_error();
     ++version_;

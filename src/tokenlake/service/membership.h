@@ -61,6 +61,9 @@ struct MemberView {
   std::string transport_error;
   // The instance's own traffic counters (this incarnation).
   v1::InstanceTraffic traffic;
+  // Requests cancelled on the instance (this incarnation) and running there, as last reported.
+  int64_t cancelled = 0;
+  int64_t running = 0;
 };
 
 class Membership {

@@ -52,6 +52,9 @@ grpc::Status MembershipService::Register(grpc::ServerContext* ctx,
                                          const v1::RegisterRequest* request,
                                          v1::RegisterReply* reply) {
   if (grpc::Status a = auth_->Check(ctx, "Register"); !a.ok()) return a;
+  if (gate_ != nullptr) {
+    if (grpc::Status g = gate_->Check(); !g.ok()) return g;
+  }
   if (request->namespace_name() != options_.namespace_name ||
       request->segment_tokens() != options_.segment_tokens) {
     return grpc::Status(
@@ -127,6 +130,9 @@ grpc::Status MembershipService::Heartbeat(grpc::ServerContext* ctx,
                                           const v1::HeartbeatRequest* request,
                                           v1::HeartbeatReply* reply) {
   if (grpc::Status a = auth_->Check(ctx, "Heartbeat"); !a.ok()) return a;
+  if (gate_ != nullptr) {
+    if (grpc::Status g = gate_->Check(); !g.ok()) return g;
+  }
   absl::MutexLock lake_lock(&lake_->mu);
   const int32_t id = request->instance_id();
   if (request->coordinator_epoch() != options_.epoch) {

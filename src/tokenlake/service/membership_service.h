@@ -29,6 +29,7 @@
 #include "absl/time/time.h"
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/guarded_lake.h"
+#include "tokenlake/service/leader_gate.h"
 #include "tokenlake/service/membership.h"
 #include "tokenlake/service/reconciler.h"
 #include "tokenlake/transport/tcp_transport.h"
@@ -72,7 +73,12 @@ class MembershipService final : public v1::Coordinator::Service {
     return refused_registrations_.load(std::memory_order_relaxed);
   }
 
+  // Refuses every call while this coordinator does not lead (leader_gate.h); null: always
+  // serves. Set before the server starts.
+  void set_gate(const LeaderGate* gate) { gate_ = gate; }
+
  private:
+  const LeaderGate* gate_ = nullptr;
   const Options options_;
   GuardedLake* const lake_;
   Membership* const membership_;

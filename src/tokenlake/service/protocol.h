@@ -13,6 +13,10 @@ inline constexpr int32_t kMaxInstances = 64;
 inline constexpr uint32_t kGenerateRequestTag = 1;
 inline constexpr uint32_t kGenerateReplyTag = 2;
 inline constexpr uint32_t kRebalanceTag = 3;
+// Instance -> coordinator: a streamed request's new tokens (v1::GenerateProgress).
+inline constexpr uint32_t kGenerateProgressTag = 4;
+// Coordinator -> instance: stop serving a request (v1::CancelGenerate).
+inline constexpr uint32_t kCancelTag = 5;
 
 }  // namespace tokenlake::service
 

@@ -84,8 +84,13 @@ RequestPath::Stats RequestPath::stats() const {
 }
 
 absl::StatusOr<CompletionResult> RequestPath::Complete(const CompletionRequest& request) {
+  return Complete(request, nullptr);
+}
+
+absl::StatusOr<CompletionResult> RequestPath::Complete(const CompletionRequest& request,
+                                                       const TokenSink& sink) {
   const absl::Time start = absl::Now();
-  absl::StatusOr<CompletionResult> r = CompleteInner(request, start);
+  absl::StatusOr<CompletionResult> r = CompleteInner(request, start, sink);
   latency_.Observe(absl::ToDoubleSeconds(absl::Now() - start));
   absl::MutexLock lock(&mu_);
   ++stats_.requests_by_code[r.ok() ? 200 : HttpStatusFor(r.status())];
@@ -93,12 +98,127 @@ absl::StatusOr<CompletionResult> RequestPath::Complete(const CompletionRequest& 
     stats_.prompt_tokens += static_cast<int64_t>(request.prompt.size());
     stats_.cached_tokens += r->cached_tokens;
     stats_.generated_tokens += static_cast<int64_t>(r->tokens.size());
+    if (r->cancelled) ++stats_.cancelled_requests;
   }
   return r;
 }
 
+// The tokens a request's sink has been given across its attempts; a retried attempt's tokens
+// that were given already must repeat them (generation is deterministic for a seed).
+struct RequestPath::Delivery {
+  std::vector<int32_t> tokens;
+  int64_t cached_tokens = -1;  // from the first report
+  bool diverged = false;       // a retry produced other tokens than were given
+  bool stop = false;           // the sink asked to stop
+
+  // Takes tokens [first_index, first_index + n) of an attempt; hands the new ones to `sink`.
+  // Returns false once the request must end (the sink said so, or the attempt diverged).
+  bool Take(int64_t first_index, absl::Span<const int32_t> got, const TokenSink& sink) {
+    std::vector<int32_t> fresh;
+    for (size_t i = 0; i < got.size(); ++i) {
+      const int64_t at = first_index + static_cast<int64_t>(i);
+      if (at < static_cast<int64_t>(tokens.size())) {
+        if (tokens[static_cast<size_t>(at)] != got[i]) diverged = true;
+      } else if (at == static_cast<int64_t>(tokens.size())) {
+        tokens.push_back(got[i]);
+        fresh.push_back(got[i]);
+      } else {
+        diverged = true;  // a gap: reports are sent in order, so the attempt is broken
+      }
+      if (diverged) return false;
+    }
+    if (!fresh.empty() && sink && !sink(fresh)) stop = true;
+    return !stop;
+  }
+
+  CompletionResult Finish(int32_t id, int32_t attempt, const char* finish_reason, bool cancelled) {
+    CompletionResult out;
+    out.tokens = std::move(tokens);
+    out.cached_tokens = std::max<int64_t>(0, cached_tokens);
+    out.instance = id;
+    out.attempts = attempt;
+    out.finish_reason = finish_reason;
+    out.cancelled = cancelled;
+    return out;
+  }
+};
+
+namespace {
+
+// The generate message of `request` (without its per-attempt id and deadline). A request
+// without a seed gets one here, so that every attempt draws the same tokens.
+v1::GenerateRequest ToGenerateMessage(const CompletionRequest& request, bool stream) {
+  v1::GenerateRequest message;
+  message.mutable_prompt()->Add(request.prompt.begin(), request.prompt.end());
+  message.set_max_tokens(request.max_tokens);
+  message.set_temperature(request.temperature);
+  message.set_top_k(request.top_k);
+  message.set_top_p(request.top_p);
+  message.set_seed(request.seed.has_value() ? *request.seed : transport::RandomU64());
+  message.mutable_stop_token_ids()->Add(request.stop_token_ids.begin(),
+                                        request.stop_token_ids.end());
+  message.set_stream(stream && request.stream);
+  return message;
+}
+
+absl::Status DivergedError(int32_t id) {
+  return absl::InternalError(absl::StrFormat(
+      "a retried attempt on instance %d produced other tokens than were already sent", id));
+}
+
+}  // namespace
+
+void RequestPath::SendCancel(int32_t id, RequestId request) {
+  v1::CancelGenerate cancel;
+  cancel.set_request_id(request.value());
+  const std::string bytes = cancel.SerializeAsString();
+  transport::Message m;
+  m.from = InstanceId(0);
+  m.to = InstanceId(id + 1);
+  m.tag = kCancelTag;
+  m.payload.resize(bytes.size());
+  std::memcpy(m.payload.data(), bytes.data(), bytes.size());
+  // A lost cancel costs the instance the rest of the generation, nothing more.
+  transport_->Send(std::move(m)).IgnoreError();
+}
+
+RequestPath::Pending RequestPath::AwaitAttempt(uint64_t ticket, int32_t id, absl::Time deadline,
+                                               absl::Time sent_at, Delivery& delivery,
+                                               const TokenSink& sink, bool* ended) {
+  *ended = false;
+  mu_.Lock();
+  Pending* p = &pending_[ticket];  // a std::map: stable, and only this waiter erases it
+  while (true) {
+    auto ready = [p]() { return p->done || !p->progress.empty(); };
+    mu_.AwaitWithDeadline(absl::Condition(&ready), deadline);
+    if (p->progress.empty()) break;
+    std::vector<v1::GenerateProgress> reports = std::move(p->progress);
+    p->progress.clear();
+    mu_.Unlock();
+    bool go = true;
+    for (const v1::GenerateProgress& g : reports) {
+      if (delivery.cached_tokens < 0) delivery.cached_tokens = g.cached_tokens();
+      go = go && delivery.Take(g.first_index(), g.tokens(), sink);
+    }
+    mu_.Lock();
+    if (!go) {
+      *ended = true;
+      break;
+    }
+  }
+  if (!p->done && !*ended) {
+    p->status = absl::DeadlineExceededError(absl::StrFormat(
+        "instance %d did not answer within %s", id, absl::FormatDuration(deadline - sent_at)));
+  }
+  Pending result = std::move(*p);
+  pending_.erase(ticket);
+  mu_.Unlock();
+  return result;
+}
+
 absl::StatusOr<CompletionResult> RequestPath::CompleteInner(const CompletionRequest& request,
-                                                            absl::Time start) {
+                                                            absl::Time start,
+                                                            const TokenSink& sink) {
   if (request.max_tokens > options_.limits.max_tokens_limit) {
     return absl::InvalidArgumentError(absl::StrFormat("max_tokens %d exceeds the limit of %d",
                                                       request.max_tokens,
@@ -112,16 +232,19 @@ absl::StatusOr<CompletionResult> RequestPath::CompleteInner(const CompletionRequ
   const int64_t usable = static_cast<int64_t>(request.prompt.size()) - 1;
   const int64_t full = usable / options_.segment_tokens * options_.segment_tokens;
   auto keys = index::ComputeSegmentKeys(
-      options_.salt, absl::MakeConstSpan(request.prompt).subspan(0, static_cast<size_t>(full)),
+      index::TenantSalt(options_.salt, request.cache_salt),
+      absl::MakeConstSpan(request.prompt).subspan(0, static_cast<size_t>(full)),
       options_.segment_tokens);
   if (!keys.ok()) return keys.status();
 
   const absl::Time deadline = start + options_.request_timeout;
   absl::flat_hash_set<int32_t> excluded;
   std::string failures;
-  v1::GenerateRequest message;
-  message.mutable_prompt()->Add(request.prompt.begin(), request.prompt.end());
-  message.set_max_tokens(request.max_tokens);
+  v1::GenerateRequest message = ToGenerateMessage(request, sink != nullptr);
+  if (!request.cache_salt.empty()) {
+    message.set_segment_salt(index::TenantSalt(options_.salt, request.cache_salt));
+  }
+  Delivery delivery;
   const int64_t prompt_tokens = static_cast<int64_t>(request.prompt.size());
   for (int32_t attempt = 1; attempt <= options_.max_attempts; ++attempt) {
     const absl::Time now = absl::Now();
@@ -163,25 +286,28 @@ absl::StatusOr<CompletionResult> RequestPath::CompleteInner(const CompletionRequ
     std::memcpy(m.payload.data(), bytes.data(), bytes.size());
     absl::Status sent = transport_->Send(std::move(m));
     Pending result;
-    {
-      absl::MutexLock lock(&mu_);
-      if (sent.ok()) {
+    bool ended = false;
+    if (sent.ok()) {
+      {
+        absl::MutexLock lock(&mu_);
         stats_.bytes_sent += static_cast<int64_t>(bytes.size());
-        Pending* p = &pending_[ticket];
-        auto done = [p]() { return p->done; };
-        mu_.AwaitWithDeadline(absl::Condition(&done), attempt_deadline);
-        if (!p->done) {
-          p->status = absl::DeadlineExceededError(
-              absl::StrFormat("instance %d did not answer within %s", id,
-                              absl::FormatDuration(attempt_deadline - now)));
-        }
-        result = std::move(*p);
-      } else {
-        result.status = sent;
       }
+      result = AwaitAttempt(ticket, id, attempt_deadline, now, delivery, sink, &ended);
+    } else {
+      absl::MutexLock lock(&mu_);
+      result.status = sent;
       pending_.erase(ticket);
     }
     membership_->EndRequest(id);
+    if (ended) {
+      // The sink stopped the request (or a retry diverged): the instance drops it and releases
+      // its pins in the lake (Engine::Cancel). Released here instead, the instance's next plan
+      // of it would fail first; a lost cancel costs only the rest of the generation, after
+      // which the instance releases them as for any finished request.
+      SendCancel(id, lake_request);
+      if (delivery.diverged) return DivergedError(id);
+      return delivery.Finish(id, attempt, "stop", /*cancelled=*/true);
+    }
     bool answered_with_error = false;
     if (result.status.ok()) {
       const v1::GenerateReply& reply = result.reply;
@@ -207,17 +333,18 @@ absl::StatusOr<CompletionResult> RequestPath::CompleteInner(const CompletionRequ
         result.status = s;
         answered_with_error = true;
       } else {
-        CompletionResult out;
-        out.tokens.assign(reply.tokens().begin(), reply.tokens().end());
-        out.cached_tokens = reply.cached_tokens();
-        out.instance = id;
-        out.attempts = attempt;
-        if (static_cast<int32_t>(out.tokens.size()) != request.max_tokens) {
-          return absl::InternalError(absl::StrFormat("instance %d returned %d tokens, expected %d",
-                                                     id, out.tokens.size(), request.max_tokens));
+        const bool stopped = reply.finish_reason() == "stop";
+        if (reply.tokens_size() > request.max_tokens ||
+            (!stopped && reply.tokens_size() != request.max_tokens)) {
+          return absl::InternalError(
+              absl::StrFormat("instance %d returned %d tokens (%s), expected %d", id,
+                              reply.tokens_size(), reply.finish_reason(), request.max_tokens));
         }
+        if (delivery.cached_tokens < 0) delivery.cached_tokens = reply.cached_tokens();
+        const bool go = delivery.Take(0, reply.tokens(), sink);
         if (on_served_) on_served_();
-        return out;
+        if (delivery.diverged) return DivergedError(id);
+        return delivery.Finish(id, attempt, stopped ? "stop" : "length", /*cancelled=*/!go);
       }
     }
     // The attempt failed: its pins in the lake go (the instance may have died holding them).
@@ -251,12 +378,28 @@ void RequestPath::ReleaseQuietly(RequestId request) {
   lake_->lake->Release(request).IgnoreError();  // NotFound: the instance released it already
 }
 
+void RequestPath::TakeProgress(const transport::Message& m) {
+  v1::GenerateProgress progress;
+  if (!progress.ParseFromArray(m.payload.data(), static_cast<int>(m.payload.size()))) return;
+  absl::MutexLock lock(&mu_);
+  stats_.bytes_received += static_cast<int64_t>(m.payload.size());
+  auto it = pending_.find(m.correlation_id);
+  if (it == pending_.end() || it->second.done || it->second.instance != m.from.value() - 1) {
+    return;
+  }
+  it->second.progress.push_back(std::move(progress));
+}
+
 void RequestPath::ReceiveLoop() {
   while (true) {
     absl::StatusOr<transport::Message> m =
         transport_->Receive(InstanceId(0), absl::Milliseconds(100));
     if (!m.ok()) {
       if (m.status().code() == absl::StatusCode::kCancelled) return;
+      continue;
+    }
+    if (m->tag == kGenerateProgressTag) {
+      TakeProgress(*m);
       continue;
     }
     if (m->tag != kGenerateReplyTag) continue;

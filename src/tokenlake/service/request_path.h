@@ -10,7 +10,15 @@
 // `retry_backoff` x attempt (by then the dead holder is usually marked dead), up to
 // `max_attempts` within `request_timeout`; InvalidArgument from an instance (it judged the
 // request itself) is final. A failed attempt's pins in the lake are released. Generation is
-// deterministic, so a retried request gets the same answer.
+// deterministic, so a retried request gets the same answer (a request without a seed gets one
+// here, so that a sampled one is too).
+//
+// Streaming: with request.stream the computing instance reports every iteration's new tokens
+// (GenerateProgress, tag kGenerateProgressTag) and the caller's sink gets them as they come.
+// A retried attempt's tokens that the sink already got are checked equal and skipped (so the
+// client sees every token once; a retry that diverged ends the request with Internal). When
+// the sink returns false (the client went away, a stop string matched), the instance is sent
+// a CancelGenerate (tag kCancelTag) and drops the request, releasing its pins there.
 //
 // Thread-safety: thread-safe; Complete blocks its caller until the answer or the deadline. Locks:
 // the lake's, then Membership's, then this one's.
@@ -21,11 +29,13 @@
 #include <functional>
 #include <map>
 #include <thread>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "tokenlake/service/completion_api.h"
 #include "tokenlake/service/guarded_lake.h"
 #include "tokenlake/service/membership.h"
@@ -76,6 +86,12 @@ class RequestPath {
   // (request_timeout passed), or the instance's own error (e.g. ResourceExhausted when its pool
   // is full of pins).
   absl::StatusOr<CompletionResult> Complete(const CompletionRequest& request);
+  // Receives new tokens in order, each once; returns false to cancel (see the file comment).
+  using TokenSink = std::function<bool(absl::Span<const int32_t> tokens)>;
+  // Complete, handing the tokens to `sink` (may be empty) as they come; a cancelled request's
+  // result has cancelled = true and the tokens the sink got. Errors: as Complete.
+  absl::StatusOr<CompletionResult> Complete(const CompletionRequest& request,
+                                            const TokenSink& sink);
 
   // Fails the requests waiting on instance `id` with `status` (it died or restarted).
   void FailPendingOn(int32_t id, const absl::Status& status);
@@ -92,6 +108,8 @@ class RequestPath {
     int64_t bytes_sent = 0;
     int64_t bytes_received = 0;
     int64_t failovers = 0;
+    // Requests their sink cancelled.
+    int64_t cancelled_requests = 0;
     // The instances' data-plane traffic of served requests (from their replies).
     int64_t remote_attend_calls = 0;
     int64_t query_bytes_out = 0;
@@ -109,10 +127,22 @@ class RequestPath {
     bool done = false;
     absl::Status status;
     v1::GenerateReply reply;
+    // A streamed request's progress reports not yet taken by its waiter.
+    std::vector<v1::GenerateProgress> progress;
   };
-  absl::StatusOr<CompletionResult> CompleteInner(const CompletionRequest& request,
-                                                 absl::Time start);
+  struct Delivery;
+  absl::StatusOr<CompletionResult> CompleteInner(const CompletionRequest& request, absl::Time start,
+                                                 const TokenSink& sink);
+  // Waits for attempt `ticket` on instance `id` until it is answered or `deadline`, handing its
+  // progress reports to `delivery` without the lock; *ended when the delivery asked to stop.
+  Pending AwaitAttempt(uint64_t ticket, int32_t id, absl::Time deadline, absl::Time sent_at,
+                       Delivery& delivery, const TokenSink& sink, bool* ended);
+  // Tells instance `id` to stop serving lake request `request` (no reply comes).
+  void SendCancel(int32_t id, RequestId request);
   void ReleaseQuietly(RequestId request);
+  // Queues a progress report for its waiter (dropped when nobody waits for it from that
+  // instance).
+  void TakeProgress(const transport::Message& m);
   void ReceiveLoop();
 
   const Options options_;

@@ -54,7 +54,7 @@ struct ModelSpec {
 };
 
 // A GPU's costs as the cost model uses them. The defaults are the built-in "h100" profile: the
-// H100 MEASURED by `tokenlake profile` (our own profiler, attention/cuda/gpu_profile.cu):
+// H100 MEASURED by `tokenlake profile` (our own profiler, profile/gpu_profile.cu):
 //   device   NVIDIA H100 80GB HBM3 (132 SMs, 79.2 GiB), driver 580.159.04
 //   date     2026-11-25
 //   command  bench/gpu_session.sh, whose profile step is

@@ -47,6 +47,14 @@ absl::StatusOr<std::unique_ptr<Policy>> MakePolicy(const std::string& name,
                                                     absl::StrJoin(KnownPolicyNames(), ", ")));
 }
 
+// The tokenlake policy's options with the SLO in force: under the per-token SLO its decode
+// budget follows each request's own TPOT bar.
+TokenLakePolicyOptions TokenLakeOptionsFor(const ExperimentOptions& o) {
+  TokenLakePolicyOptions tl = o.tokenlake;
+  tl.per_token_slo_factor = o.slo_mode == SloMode::kPerToken ? o.slo_factor : 0;
+  return tl;
+}
+
 bool IsSplitPolicy(const std::string& name) {
   return name == "pd-disagg" || name == "pd-disagg+dram" || name == "tokenlake-static";
 }
@@ -128,7 +136,7 @@ class Runner {
     baselines.pd.split_in_name = IsSplitPolicy(spec.name);
     auto run_at = [&](double scale) -> absl::StatusOr<std::pair<Summary, SimResult>> {
       const Workload scaled = ScaleArrivals(workload_, scale);
-      auto policy = MakePolicy(spec.name, o_.tokenlake, baselines);
+      auto policy = MakePolicy(spec.name, TokenLakeOptionsFor(o_), baselines);
       if (!policy.ok()) return policy.status();
       Simulator sim(sim_options, scaled, cost_, **policy);
       absl::StatusOr<SimResult> ran = sim.Run();
@@ -262,7 +270,7 @@ absl::StatusOr<std::vector<PolicyRun>> RunExperiment(const Workload& workload,
   }
   std::vector<RunSpec> specs;
   for (const std::string& name : o.policies) {
-    auto p = MakePolicy(name, o.tokenlake, o.baselines);
+    auto p = MakePolicy(name, TokenLakeOptionsFor(o), o.baselines);
     if (!p.ok()) return p.status();
     if (!IsSplitPolicy(name)) {
       specs.push_back({name, 0});

@@ -500,6 +500,48 @@ INSTANTIATE_TEST_SUITE_P(Policies, ConservationTest,
                                                               "pd-disagg+dram", "tokenlake"),
                                             ::testing::Values(2, 5)));
 
+// Under the per-token SLO each decode instance's budget is half its decodes' smallest bar (10x
+// a request's batch-1 time per output token, about 60 ms here), not half the absolute TPOT SLO
+// (0.1 s): under load, decode iterations then stay within the bars, where the absolute budget
+// lets them grow past them.
+TEST(SimulatorTest, TokenLakeUnderThePerTokenSloKeepsDecodesWithinTheirBars) {
+  GeneratorOptions g;
+  g.kind = WorkloadKind::kShareGpt;
+  g.num_requests = 400;
+  g.rate_rps = 40;
+  g.seed = 5;
+  auto w = GenerateWorkload(g);
+  ASSERT_TRUE(w.ok());
+  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  SimOptions o;
+  o.num_instances = 2;
+  auto over_bar = [&](double factor) {
+    TokenLakePolicyOptions to;
+    to.per_token_slo_factor = factor;
+    auto p = MakeTokenLakePolicy(to);
+    EXPECT_TRUE(p.ok());
+    Simulator sim(o, *w, cost, **p);
+    const SimResult r = sim.Run().value();
+    int over = 0;
+    for (size_t i = 0; i < r.records.size(); ++i) {
+      const RequestRecord& rec = r.records[i];
+      EXPECT_FALSE(rec.rejected) << i;
+      EXPECT_GE(rec.finish_s, rec.first_token_s) << i;
+      if (rec.output_tokens < 2) continue;
+      const Batch1Latency b1 =
+          Batch1Latencies(cost, rec.input_tokens, rec.output_tokens, o.token_budget);
+      over += (rec.finish_s - rec.first_token_s) / (rec.output_tokens - 1) > 10 * b1.output_token_s;
+    }
+    return over;
+  };
+  const int per_token = over_bar(10);
+  const int absolute = over_bar(0);
+  std::printf("requests over their TPOT bar: %d per-token budget, %d absolute budget\n", per_token,
+              absolute);
+  EXPECT_LE(per_token, 400 / 100);  // at most 1%
+  EXPECT_GT(absolute, per_token);
+}
+
 TEST(SimulatorTest, LaterSessionTurnsArriveAfterThePreviousAnswerPlusThinkTime) {
   Workload w;
   w.requests.push_back(Req(0, 1024, 3, {1, 2}));
@@ -553,6 +595,12 @@ TEST(SimulatorTest, PoliciesRefuseASetupTheyCannotServeWithAnErrorNamingTheSetti
   auto st = MakeTokenLakePolicy(fixed);
   ASSERT_TRUE(st.ok());
   EXPECT_NE(refused(**st, o).find("fixed_prefill_instances 2"), std::string::npos);
+  // A negative per-token SLO factor.
+  TokenLakePolicyOptions negative;
+  negative.per_token_slo_factor = -1;
+  auto bad = MakeTokenLakePolicy(negative);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("per_token_slo_factor"), std::string::npos);
   // PD on one instance, and a prefill count that leaves no decode instance.
   PdDisaggOptions pd;
   PdDisaggPolicy one(pd);

@@ -15,6 +15,7 @@
 #include "tokenlake/plan/cost_model.h"
 #include "tokenlake/sched/elastic_scheduler.h"
 #include "tokenlake/sim/links.h"
+#include "tokenlake/sim/metrics.h"
 
 namespace tokenlake::sim {
 namespace {
@@ -116,6 +117,7 @@ class TokenLakePolicy final : public Policy {
     decodes_.assign(static_cast<size_t>(n), 0);
     decode_context_.assign(static_cast<size_t>(n), 0);
     chunks_on_.assign(static_cast<size_t>(n), 0);
+    budgets_on_.assign(static_cast<size_t>(n), {});
     links_ = std::make_unique<LinkClock>(n);
     batch_cost_ = std::make_unique<SimBatchCost>(sim.cost(), shape_);
     sched_.chunk_tokens = sim.options().token_budget;
@@ -214,7 +216,9 @@ class TokenLakePolicy final : public Policy {
     (void)sim;
     if (job.policy_tag != kDecodeTag) return;
     decodes_[job.instance] -= 1;
-    decode_context_[job.instance] -= job.r->input_tokens;
+    decode_context_[job.instance] -= state_[job.request].decode_est_context;
+    budgets_on_[job.instance].erase(
+        budgets_on_[job.instance].find(state_[job.request].decode_budget_s));
     Finish(job.request);
   }
 
@@ -256,16 +260,19 @@ class TokenLakePolicy final : public Policy {
     (void)inst;
     Tick(sim);
     const CostModel& cost = sim.cost();
+    // Query bytes are summed here and counted once per kind (the per-kind counter is a map).
+    int64_t decode_query_bytes = 0, prefill_query_bytes = 0;
     for (size_t i = 0; i < jobs.size() && i < tokens.size(); ++i) {
       const int64_t t = tokens[i];
       if (t <= 0) continue;
       Job& job = *jobs[i];
+      int64_t& query_bytes =
+          job.policy_tag == kDecodeTag ? decode_query_bytes : prefill_query_bytes;
       for (const auto& [holder, held] : job.remote_holders) {
         // The holder computed the partial attention of these queries over its segments.
         sim.ChargeExtra(holder, cost.CachedAttentionSeconds(t, held) * static_cast<double>(iters));
         sim.AddCacheAccess(holder, held * iters);
-        sim.AddBytesMoved(plan::MoveQueriesBytes(shape_, t) * iters,
-                          job.policy_tag == kDecodeTag ? "decode_queries" : "prefill_queries");
+        query_bytes += plan::MoveQueriesBytes(shape_, t) * iters;
       }
       if (job.policy_tag == kDecodeTag) {
         // Decode queries attend to the whole sequence: their load finds heavy hitters too. It
@@ -275,6 +282,8 @@ class TokenLakePolicy final : public Policy {
         state_[job.request].decode_tokens_unrecorded += t * iters;
       }
     }
+    if (decode_query_bytes > 0) sim.AddBytesMoved(decode_query_bytes, "decode_queries");
+    if (prefill_query_bytes > 0) sim.AddBytesMoved(prefill_query_bytes, "prefill_queries");
   }
 
   void OnSample(Simulator& sim) override {
@@ -315,6 +324,8 @@ class TokenLakePolicy final : public Policy {
     int producer = 0;       // the chunk's computing instance
     double pull_s = 0;      // the chunk's slowest KV pull, seconds
     int64_t decode_tokens_unrecorded = 0;  // decode queries not yet in the tracker
+    int64_t decode_est_context = 0;        // its share of decode_context_ (locally attended)
+    double decode_budget_s = 0;            // its decode iteration budget (DecodeBudgetSeconds)
     bool admitted = false;                 // admitted to the pool (Lake) and not yet released
   };
 
@@ -421,6 +432,7 @@ class TokenLakePolicy final : public Policy {
       sched::DecodeInstance& v = view[inst.id];
       v.decodes = decodes_[inst.id];
       v.context_tokens = decode_context_[inst.id];
+      v.budget_s = budgets_on_[inst.id].empty() ? 0 : *budgets_on_[inst.id].begin();
       // One chunk at a time, and room under the instance's running-request limit.
       v.eligible = v.decodes > 0 && chunks_on_[inst.id] == 0 &&
                    static_cast<int64_t>(inst.running.size() + inst.waiting.size()) <
@@ -439,11 +451,27 @@ class TokenLakePolicy final : public Policy {
     // The mixed iteration keeps the decodes' own budget: a larger one (measured: the whole TPOT
     // SLO) lengthens every iteration of the instance's decodes, so decode capacity drops, more
     // instances turn to decode, and on the conversation trace the queue ran away.
-    auto mixed = sched::ScheduleMixedPrefill(cands, view, decode_budget_s_, *batch_cost_, sched_);
+    // Under the per-token SLO each instance's own budget (its decodes' bars) is the limit.
+    const double budget_s =
+        options_.per_token_slo_factor > 0 ? std::numeric_limits<double>::max() : decode_budget_s_;
+    auto mixed = sched::ScheduleMixedPrefill(cands, view, budget_s, *batch_cost_, sched_);
     if (!Ok(mixed.status())) return;
+    // One batch per instance with the chunks it took (in the queue's order).
+    std::vector<int> instances;
     for (const sched::MixedChunk& m : *mixed) {
-      std::vector<int> only = {m.instance};
-      RunBatch(sim, {ready[m.candidate]}, {m.tokens}, 1, &only);
+      if (std::find(instances.begin(), instances.end(), m.instance) == instances.end()) {
+        instances.push_back(m.instance);
+      }
+    }
+    for (int instance : instances) {
+      std::vector<int64_t> requests, tokens;
+      for (const sched::MixedChunk& m : *mixed) {
+        if (m.instance != instance) continue;
+        requests.push_back(ready[m.candidate]);
+        tokens.push_back(m.tokens);
+      }
+      std::vector<int> only = {instance};
+      RunBatch(sim, requests, tokens, 1, &only);
     }
   }
 
@@ -535,41 +563,38 @@ class TokenLakePolicy final : public Policy {
   void StartDecode(Simulator& sim, int64_t request, int last) {
     const Request& r = sim.workload().requests[request];
     RequestState& st = state_[request];
+    st.decode_budget_s = DecodeBudgetSeconds(sim, r);
+    // Where its prompt's KV lives now: tokens held per instance (each replica counts).
+    local_tokens_.assign(sim.instances().size(), 0);
+    for (const index::SegmentKey& key : st.keys) {
+      const index::PrefixTree::Node* node = lake_->prefix_tree().Find(key.id);
+      if (node == nullptr) continue;
+      for (InstanceId holder : node->replicas) local_tokens_[holder.value()] += node->num_tokens;
+    }
     std::vector<sched::DecodeInstance> view(sim.instances().size());
     for (Instance& inst : sim.instances()) {
       sched::DecodeInstance& v = view[inst.id];
       v.decodes = decodes_[inst.id];
       v.context_tokens = decode_context_[inst.id];
-      // The instance that just computed the prompt holds most of its KV and is about to be
-      // free; any other is idle if nothing runs or waits there.
+      v.budget_s = budgets_on_[inst.id].empty() ? 0 : *budgets_on_[inst.id].begin();
+      v.local_tokens = local_tokens_[inst.id];
+      // The instance that just computed the prompt is about to be free; any other is idle if
+      // nothing runs or waits there.
       v.idle = decodes_[inst.id] == 0 && (inst.id == last || (!inst.busy && inst.in_flight == 0));
       v.eligible =
           options_.fixed_prefill_instances <= 0 || inst.id >= options_.fixed_prefill_instances;
     }
-    // Among idle candidates PlaceDecode takes the first: put the prompt's last instance first
-    // by trying it alone before the rest.
-    int target = -1;
-    if (view[last].eligible && view[last].idle) {
-      std::vector<sched::DecodeInstance> busy_only = view;
-      for (auto& v : busy_only) v.idle = false;
-      target = sched::PlaceDecode(busy_only, r.input_tokens, decode_budget_s_, *batch_cost_,
-                                  sim.options().max_running);
-      if (target < 0 || sched::DecodeIterationSeconds(decodes_[target] + 1,
-                                                      decode_context_[target] + r.input_tokens,
-                                                      *batch_cost_) > decode_budget_s_) {
-        target = last;
-      }
-    } else {
-      target = sched::PlaceDecode(view, r.input_tokens, decode_budget_s_, *batch_cost_,
-                                  sim.options().max_running);
-    }
+    // A decode instance where it fits, holding most of its prompt (then the busiest); else the
+    // idle instance holding most of it (usually the one that computed its last chunk).
+    int target = sched::PlaceDecode(view, r.input_tokens, st.decode_budget_s, *batch_cost_,
+                                    sim.options().max_running);
     // Every decode instance at its running-request limit and none idle: the least loaded one
     // queues it (the limit admits it when a decode there finishes).
     if (target < 0)
-      target = sched::PlaceDecode(view, r.input_tokens, decode_budget_s_, *batch_cost_);
+      target = sched::PlaceDecode(view, r.input_tokens, st.decode_budget_s, *batch_cost_);
     if (target < 0) target = last;
+    budgets_on_[target].insert(st.decode_budget_s);
     decodes_[target] += 1;
-    decode_context_[target] += r.input_tokens;
     sim.record(request).instance = target;
 
     // The decode plan: one query token per iteration against the whole prompt.
@@ -601,6 +626,12 @@ class TokenLakePolicy final : public Policy {
       }
     }
     decode->remote_context_tokens = std::min(decode->remote_context_tokens, r.input_tokens);
+    // The instance's decode estimate counts the context it attends itself: the holders' part
+    // runs on the holders, in parallel (charged to them), and the instance waits only for the
+    // slowest (ExtraIterationSeconds), which the budget's headroom covers. Counting it as local
+    // would leave a decode instance's slack unused: no prefill chunk would mix in.
+    decode_context_[target] += r.input_tokens - decode->remote_context_tokens;
+    st.decode_est_context = r.input_tokens - decode->remote_context_tokens;
     sim.Deliver(decode, ready);
   }
 
@@ -636,6 +667,17 @@ class TokenLakePolicy final : public Policy {
     if (s.ok()) return true;
     if (lake_errors_++ == 0) first_error_ = s.ToString();
     return false;
+  }
+
+  // A decode's iteration budget: decode_budget_share x its TPOT bar, which is the TPOT SLO, or
+  // under the per-token SLO the request's own (factor x its batch-1 time per output token).
+  double DecodeBudgetSeconds(Simulator& sim, const Request& r) const {
+    if (options_.per_token_slo_factor <= 0) return decode_budget_s_;
+    const Batch1Latency b1 =
+        Batch1Latencies(sim.cost(), std::max<int64_t>(1, r.input_tokens),
+                        std::max<int64_t>(1, r.output_tokens), sim.options().token_budget);
+    if (!(b1.output_token_s > 0)) return decode_budget_s_;
+    return options_.decode_budget_share * options_.per_token_slo_factor * b1.output_token_s;
   }
 
   // Records the decode load accumulated since the last flush.
@@ -684,9 +726,12 @@ class TokenLakePolicy final : public Policy {
   std::set<int64_t> queue_;  // requests waiting for their next prefill chunk, by arrival
   bool dispatching_ = false;
   std::vector<int64_t> decodes_;         // per instance: decodes placed there
-  std::vector<int64_t> decode_context_;  // per instance: their prompt tokens
+  std::vector<int64_t> decode_context_;  // per instance: their prompt tokens attended there
   std::vector<int64_t> chunks_on_;       // per instance: prefill chunk parts in flight there
-  std::unique_ptr<LinkClock> links_;     // background copies (new segments, rebalancing)
+  // Per instance: the decode budgets of the decodes placed there (the smallest applies).
+  std::vector<std::multiset<double>> budgets_on_;
+  std::vector<int64_t> local_tokens_;  // StartDecode's per-instance scratch
+  std::unique_ptr<LinkClock> links_;   // background copies (new segments, rebalancing)
   // (segment, instance) -> when its copy there lands, for copies that may still be in transit.
   absl::flat_hash_map<std::pair<uint64_t, int>, double> landing_;
   std::vector<RequestState> state_;
@@ -714,6 +759,11 @@ absl::StatusOr<std::unique_ptr<Policy>> MakeTokenLakePolicy(TokenLakePolicyOptio
     return absl::InvalidArgumentError(
         absl::StrFormat("tokenlake policy: local_eviction_min_age_ratio must be >= 0, got %g",
                         options.local_eviction_min_age_ratio));
+  }
+  if (!(options.per_token_slo_factor >= 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("tokenlake policy: per_token_slo_factor must be >= 0, got %g",
+                        options.per_token_slo_factor));
   }
   if (options.fixed_prefill_instances < 0) {
     return absl::InvalidArgumentError(

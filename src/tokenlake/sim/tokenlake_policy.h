@@ -63,6 +63,12 @@ struct TokenLakePolicyOptions {
   // full, it evicts its own LRU leaf (the segment stays local) if that leaf's age is at least
   // this ratio of the pool's LRU leaf's age; > 1 = pool-wide LRU only. Must be >= 0.
   double local_eviction_min_age_ratio = 0.5;
+  // 0: the decode budget is decode_budget_share x the TPOT SLO (SimOptions::slo_tpot_s). > 0:
+  // the paper's per-token SLO at this factor is in force (metrics.h), so each request's TPOT bar
+  // is factor x its batch-1 time per output token, and a decode instance's budget is
+  // decode_budget_share x the smallest bar among its decodes (the new one included). Must be
+  // >= 0.
+  double per_token_slo_factor = 0;
   // 0: elastic. P in [1, instances - 1]: the static-split ablation (prefill on instances
   // [0, P), decode on the rest). P >= instances is refused by Init.
   int fixed_prefill_instances = 0;

@@ -11,7 +11,7 @@
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "tokenlake/attention/cuda/gpu_profile.h"
+#include "tokenlake/profile/gpu_profile.h"
 #include "tokenlake/base/status_macros.h"
 #include "tokenlake/engine/cuda/device_buffer.h"
 #include "tokenlake/engine/cuda/gpu_engine.h"
@@ -20,7 +20,7 @@
 namespace tokenlake::engine::cuda {
 namespace {
 
-namespace acuda = ::tokenlake::attention::cuda;
+namespace gprof = ::tokenlake::profile;
 using Json = nlohmann::json;
 
 double Median(std::vector<double> v) {
@@ -158,8 +158,8 @@ absl::StatusOr<Json> Bench::MemoryNow(const GpuEngine& engine) {
 
 absl::Status Bench::Peaks() {
   Say("peaks: copy bandwidth and GEMM rate");
-  TOKENLAKE_ASSIGN_OR_RETURN(copy_gbps_, acuda::MeasureCopyGbps(size_t{1} << 30, 20));
-  TOKENLAKE_ASSIGN_OR_RETURN(gemm_tflops_, acuda::MeasureGemmTflops(8192, 8192, 8192, 20));
+  TOKENLAKE_ASSIGN_OR_RETURN(copy_gbps_, gprof::MeasureCopyGbps(size_t{1} << 30, 20));
+  TOKENLAKE_ASSIGN_OR_RETURN(gemm_tflops_, gprof::MeasureGemmTflops(8192, 8192, 8192, 20));
   out_["peaks"] = {{"copy_gbps", copy_gbps_},
                    {"copy_what", "device-to-device cudaMemcpyAsync of 1 GiB, (read + written) / s"},
                    {"gemm_tflops", gemm_tflops_},
@@ -395,7 +395,7 @@ absl::StatusOr<Json> Bench::Run() {
         o_.prefill_repeats, o_.reserve_bytes));
   }
   TOKENLAKE_ASSIGN_OR_RETURN(config_, BenchModelConfig(o_.model));
-  TOKENLAKE_ASSIGN_OR_RETURN(acuda::DeviceDescription dev, acuda::DescribeDevice());
+  TOKENLAKE_ASSIGN_OR_RETURN(gprof::DeviceDescription dev, gprof::DescribeDevice());
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaFree(nullptr), "CUDA context"));
   TOKENLAKE_ASSIGN_OR_RETURN(DeviceMemory m0, Memory());
   baseline_used_ = m0.total - m0.free;

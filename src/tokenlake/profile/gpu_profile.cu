@@ -15,10 +15,17 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
-#include "tokenlake/attention/cuda/gpu_profile.h"
+#include "tokenlake/profile/gpu_profile.h"
 #include "tokenlake/attention/cuda/paged_attention.h"
 
-namespace tokenlake::attention::cuda {
+namespace tokenlake::profile {
+
+using attention::cuda::AttentionKernel;
+using attention::cuda::DeviceKvBlock;
+using attention::cuda::MergePartials;
+using attention::cuda::PagedAttention;
+using attention::cuda::PagedAttentionParams;
+using attention::cuda::PagedAttentionWorkspaceBytes;
 namespace {
 
 absl::Status CudaStatus(cudaError_t err, const char* what) {
@@ -523,4 +530,4 @@ absl::StatusOr<std::string> MeasureGpuProfileJson(const std::vector<int64_t>& de
   return j.dump(2);
 }
 
-}  // namespace tokenlake::attention::cuda
+}  // namespace tokenlake::profile

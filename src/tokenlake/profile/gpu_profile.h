@@ -1,12 +1,12 @@
 // GPU measurements for the simulator's cost model (`tokenlake profile`) and the GPU benchmarks:
 // device copy bandwidth, cuBLAS bf16 GEMM rate, the dense layers of a Llama-style model by batch
-// tokens, and the rates of this module's paged attention kernels. All timings use CUDA events
+// tokens, and the rates of the paged attention kernels (attention/cuda). All timings use CUDA events
 // around repeated runs after a warm-up and report the median; inputs are random (never zeros).
 //
 // Thread-safety: the functions use the current device and their own stream; do not run two
 // measurements on one device at the same time (they would disturb each other's timings).
-#ifndef TOKENLAKE_ATTENTION_CUDA_GPU_PROFILE_H_
-#define TOKENLAKE_ATTENTION_CUDA_GPU_PROFILE_H_
+#ifndef TOKENLAKE_PROFILE_GPU_PROFILE_H_
+#define TOKENLAKE_PROFILE_GPU_PROFILE_H_
 
 #include <cuda_runtime_api.h>
 
@@ -18,7 +18,7 @@
 
 #include "absl/status/statusor.h"
 
-namespace tokenlake::attention::cuda {
+namespace tokenlake::profile {
 
 // Fills `n` bf16 values (raw bits) at device pointer `ptr` with uniform values in
 // [-scale, scale) from a counter-based hash of (seed, index). Errors: Internal on launch failure.
@@ -124,6 +124,6 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
 absl::StatusOr<std::string> MeasureGpuProfileJson(const std::vector<int64_t>& dense_tokens,
                                                   int repeats = 10);
 
-}  // namespace tokenlake::attention::cuda
+}  // namespace tokenlake::profile
 
-#endif  // TOKENLAKE_ATTENTION_CUDA_GPU_PROFILE_H_
+#endif  // TOKENLAKE_PROFILE_GPU_PROFILE_H_
