@@ -65,6 +65,8 @@ struct CoordinatorFlags {
   std::string grpc_listen;
   std::string tls_dir;
   bool insecure = false;
+  std::string api_key_file;
+  bool metrics_public = false;
   std::string etcd;
   std::string cluster = "tokenlake";
   std::string advertise;
@@ -145,6 +147,16 @@ int RunCoordinator(const CoordinatorFlags& f) {
   o.tls = *std::move(tls);
   o.allow_insecure = f.insecure;
   o.start_as_follower = !f.etcd.empty();
+  if (!f.api_key_file.empty()) {
+    absl::StatusOr<std::shared_ptr<const service::ApiKeys>> keys =
+        service::ApiKeys::Load(f.api_key_file);
+    if (!keys.ok()) {
+      std::cerr << "tokenlake coordinator: " << keys.status().message() << "\n";
+      return 2;
+    }
+    o.api_keys = *std::move(keys);
+  }
+  o.metrics_public = f.metrics_public;
   o.transport_port = f.transport_port;
   o.heartbeat_interval = absl::Milliseconds(f.heartbeat_ms);
   o.dead_after = absl::Milliseconds(f.dead_after_ms);
@@ -285,6 +297,10 @@ void SetUpCoordinator(CLI::App& app, int* exit_code) {
   cmd->add_option("--tls-dir", f->tls_dir,
                   "Mutual TLS for gRPC and the transports: ca.pem, cert.pem, key.pem "
                   "(`tokenlake certs`)");
+  cmd->add_option("--api-key-file", f->api_key_file,
+                  "API keys of the HTTP front end, one per line: KEY [tenant=NAME] "
+                  "[max_concurrent=N]; requests then need Authorization: Bearer KEY");
+  cmd->add_flag("--metrics-public", f->metrics_public, "Serve /metrics without a key");
   cmd->add_option("--etcd", f->etcd,
                   "etcd endpoint http://HOST:PORT: elect a leader among this cluster's "
                   "coordinators");

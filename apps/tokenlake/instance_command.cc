@@ -97,7 +97,9 @@ int RunInstance(const InstanceFlags& f) {
     absl::StatusOr<std::unique_ptr<service::KeyClaim>> claim = service::KeyClaim::Start(
         etcd.get(),
         {.key = service::MemberKey(f.cluster, o.name),
-         .value = f.advertise.empty() ? o.listen_host : f.advertise,
+         .value = !f.advertise.empty() ? f.advertise
+                  : f.listen.empty()   ? o.listen_host
+                                       : f.listen,
          .ttl = absl::Milliseconds(f.lease_ms)},
         [held_once = std::make_shared<bool>(false), name = o.name](bool held) {
           if (held) {

@@ -15,8 +15,8 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
-#include "tokenlake/profile/gpu_profile.h"
 #include "tokenlake/attention/cuda/paged_attention.h"
+#include "tokenlake/profile/gpu_profile.h"
 
 namespace tokenlake::profile {
 

@@ -1,7 +1,8 @@
 // GPU measurements for the simulator's cost model (`tokenlake profile`) and the GPU benchmarks:
 // device copy bandwidth, cuBLAS bf16 GEMM rate, the dense layers of a Llama-style model by batch
-// tokens, and the rates of the paged attention kernels (attention/cuda). All timings use CUDA events
-// around repeated runs after a warm-up and report the median; inputs are random (never zeros).
+// tokens, and the rates of the paged attention kernels (attention/cuda). All timings use CUDA
+// events around repeated runs after a warm-up and report the median; inputs are random (never
+// zeros).
 //
 // Thread-safety: the functions use the current device and their own stream; do not run two
 // measurements on one device at the same time (they would disturb each other's timings).

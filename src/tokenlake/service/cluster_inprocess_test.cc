@@ -3,6 +3,7 @@
 // process-level tests in tests/service_cluster_test.cc are labelled slow).
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <httplib.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/resource.h>
@@ -41,6 +42,7 @@ namespace tokenlake::service {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 
 std::string ModelDir() {
   const char* d = std::getenv("TOKENLAKE_SOURCE_DIR");
@@ -244,6 +246,63 @@ TEST_F(InProcessClusterTest, CacheSaltsSeparateTenantsAndTheSameSaltShares) {
   EXPECT_EQ(again_a->cached_tokens, 32);  // the same salt shares
   const std::vector<int32_t> want = Expected(prompt, 3);
   for (const auto* r : {&*first_a, &*first_b, &*shared, &*again_a}) EXPECT_EQ(r->tokens, want);
+}
+
+// API keys: requests need a valid Bearer key (401 otherwise, the key never echoed), /healthz
+// stays open and /metrics needs a key; a key's tenant salts its cache; max_concurrent answers 429
+// beyond its limit.
+TEST_F(InProcessClusterTest, ApiKeysGateTheFrontEndAndCarryTenantsAndLimits) {
+  auto keys = ApiKeys::Parse(
+      "sk-team-a-000001 tenant=a\nsk-team-b-000002 tenant=b\nsk-one-at-a-time max_concurrent=1\n",
+      "keys");
+  ASSERT_TRUE(keys.ok()) << keys.status();
+  options_.grpc_port = coordinator_->grpc_port();
+  options_.api_keys = *keys;
+  coordinator_.reset();
+  StartCoordinator();
+  WaitForLive(2);
+  const int port = coordinator_->http_port();
+  const std::string body =
+      R"({"prompt": [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23], "max_tokens": 2})";
+  auto post = [&](const std::string& key, const std::string& b) {
+    httplib::Client c("127.0.0.1", port);
+    c.set_read_timeout(30, 0);
+    httplib::Headers h;
+    if (!key.empty()) h.emplace("Authorization", "Bearer " + key);
+    auto r = c.Post("/v1/completions", h, b, "application/json");
+    return r ? std::make_pair(r->status, r->body) : std::make_pair(-1, std::string());
+  };
+  auto [no_key, no_key_body] = post("", body);
+  EXPECT_EQ(no_key, 401);
+  EXPECT_THAT(no_key_body, HasSubstr("API key"));
+  auto [wrong, wrong_body] = post("sk-team-a-000009", body);
+  EXPECT_EQ(wrong, 401);
+  EXPECT_THAT(wrong_body, Not(HasSubstr("sk-team-a")));
+  EXPECT_EQ(HttpGet(port, "/healthz")->first, 200);
+  EXPECT_EQ(HttpGet(port, "/metrics")->first, 401);
+  // Tenants: a's second request hits a's cache; b's equal prompt hits nothing.
+  EXPECT_EQ(post("sk-team-a-000001", body).first, 200);
+  auto [a2, a2_body] = post("sk-team-a-000001", body);
+  EXPECT_EQ(a2, 200);
+  EXPECT_THAT(a2_body, HasSubstr("\"cached_tokens\":16"));
+  auto [b1, b1_body] = post("sk-team-b-000002", body);
+  EXPECT_EQ(b1, 200);
+  EXPECT_THAT(b1_body, HasSubstr("\"cached_tokens\":0"));
+  // One request at a time for that key: of 8 at once, some are refused with 429, none fail else.
+  const std::string slow = R"({"prompt": [1, 2, 3], "max_tokens": 60})";
+  std::vector<std::thread> clients;
+  std::atomic<int> ok{0}, limited{0}, other{0};
+  for (int i = 0; i < 8; ++i) {
+    clients.emplace_back([&] {
+      const int status = post("sk-one-at-a-time", slow).first;
+      (status == 200 ? ok : status == 429 ? limited : other)++;
+    });
+  }
+  for (auto& t : clients) t.join();
+  EXPECT_GE(ok.load(), 1);
+  EXPECT_GE(limited.load(), 1);
+  EXPECT_EQ(other.load(), 0);
+  EXPECT_EQ(post("sk-one-at-a-time", slow).first, 200);  // the slot is free again
 }
 
 TEST_F(InProcessClusterTest, RejectsBadRequestsBeforeRouting) {

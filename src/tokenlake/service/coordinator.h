@@ -88,6 +88,7 @@
 #include "tokenlake/balance/heavy_hitter.h"
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/plan/cost_model.h"
+#include "tokenlake/service/api_keys.h"
 #include "tokenlake/service/completion_api.h"
 #include "tokenlake/service/grpc_credentials.h"
 #include "tokenlake/service/leader_gate.h"
@@ -148,6 +149,10 @@ struct CoordinatorOptions {
   // With several coordinators under an election (leader_gate.h): start as a follower, acting
   // only once leader_gate()->Lead() is called. False: lead from the start (one coordinator).
   bool start_as_follower = false;
+  // API keys of the HTTP front end (api_keys.h); null: open. /healthz is always open, /metrics
+  // too when metrics_public.
+  std::shared_ptr<const ApiKeys> api_keys;
+  bool metrics_public = false;
   // The cluster secret (raw bytes; transport/cluster_secret.h). Non-empty: every gRPC call must
   // carry a call token made with it (call_auth.h; UNAUTHENTICATED otherwise) and every
   // host-transport connection is authenticated with it. Empty: neither is (a warning-worthy

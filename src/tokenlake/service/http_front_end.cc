@@ -605,11 +605,10 @@ bool HttpFrontEnd::Impl::Serve(Job& job) {
                         res.body,
                     deadline);
   }
-  if (!WriteAll(fd, Head(res.status, res.content_type, -1, job.keep_alive, res.headers),
-                deadline)) {
-    return false;
-  }
-  bool ok = true;
+  // The stream runs even when the head could not be sent (its first write fails at once), so
+  // that what it holds (a request on an instance, a key's in-flight count) is let go.
+  bool ok =
+      WriteAll(fd, Head(res.status, res.content_type, -1, job.keep_alive, res.headers), deadline);
   res.stream([&](std::string_view piece) {
     if (!ok) return false;
     if (piece.empty()) return true;  // an empty chunk would end the body

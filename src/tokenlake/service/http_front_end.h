@@ -64,9 +64,10 @@ struct HttpResponse {
   std::string body;
   // More header fields (e.g. Retry-After).
   std::vector<std::pair<std::string, std::string>> headers;
-  // When set, `body` is ignored and the body is streamed: `stream` is called once, on the
-  // handler's thread after the handler returned, with a `write` that sends one piece and returns
-  // false once the client is gone (then `stream` should return soon).
+  // When set, `body` is ignored and the body is streamed: `stream` is called once (always,
+  // even when the client is already gone), on the handler's thread after the handler returned,
+  // with a `write` that sends one piece and returns false once the client is gone (then
+  // `stream` should return soon).
   std::function<void(const std::function<bool(std::string_view)>& write)> stream;
 };
 

@@ -11,11 +11,11 @@
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "tokenlake/profile/gpu_profile.h"
 #include "tokenlake/base/status_macros.h"
 #include "tokenlake/engine/cuda/device_buffer.h"
 #include "tokenlake/engine/cuda/gpu_engine.h"
 #include "tokenlake/engine/cuda/gpu_llama.h"
+#include "tokenlake/profile/gpu_profile.h"
 
 namespace tokenlake::engine::cuda {
 namespace {
