@@ -298,14 +298,8 @@ class Coordinator::Impl {
   // order is repaired by heartbeat reconciliation, but the request-path fault tests should see
   // only their own faults.
   void SendOrder(int32_t instance, const v1::RebalanceOrder& order) {
-    const std::string bytes = order.SerializeAsString();
-    transport::Message m;
-    m.from = InstanceId(0);
-    m.to = InstanceId(instance + 1);
-    m.tag = kRebalanceTag;
-    m.payload.resize(bytes.size());
-    std::memcpy(m.payload.data(), bytes.data(), bytes.size());
-    tcp_->Send(std::move(m)).IgnoreError();
+    tcp_->Send(ProtocolMessage(InstanceId(0), InstanceId(instance + 1), kRebalanceTag, 0, order))
+        .IgnoreError();
   }
 
   // Declares silent instances dead: their copies leave the lake and the requests waiting on

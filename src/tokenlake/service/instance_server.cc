@@ -20,6 +20,7 @@
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/coordinator.h"
 #include "tokenlake/service/lake_rpc.h"
+#include "tokenlake/service/protocol.h"
 #include "tokenlake/transport/tcp_transport.h"
 #include "tokenlake/v1/tokenlake.grpc.pb.h"
 
@@ -427,7 +428,7 @@ class InstanceServer::Impl {
       progress.set_cached_tokens(p->cached_tokens);
       progress.mutable_tokens()->Add(p->tokens.begin() + f.reported, p->tokens.end());
       f.reported = static_cast<int32_t>(p->tokens.size());
-      Send(f.message, kGenerateProgressTag, progress.SerializeAsString());
+      Send(f.message, kGenerateProgressTag, progress);
     }
   }
 
@@ -447,19 +448,15 @@ class InstanceServer::Impl {
   }
 
   void SendReply(const transport::Message& m, const v1::GenerateReply& reply) {
-    Send(m, kGenerateReplyTag, reply.SerializeAsString());
+    Send(m, kGenerateReplyTag, reply);
   }
 
   // Sends `bytes` with `tag` to the coordinator, answering request message `m`.
-  void Send(const transport::Message& m, uint32_t tag, const std::string& bytes) {
-    transport::Message out;
-    out.from = m.to;
-    out.to = InstanceId(0);
-    out.tag = tag;
-    out.correlation_id = m.correlation_id;
-    out.payload.resize(bytes.size());
-    std::memcpy(out.payload.data(), bytes.data(), bytes.size());
-    tcp_->Send(std::move(out)).IgnoreError();  // the coordinator's deadline covers a loss
+  // Answers `m` (the coordinator's request) with `payload` under `tag`.
+  void Send(const transport::Message& m, uint32_t tag,
+            const google::protobuf::MessageLite& payload) {
+    // The coordinator's deadline covers a loss.
+    tcp_->Send(ProtocolMessage(m.to, InstanceId(0), tag, m.correlation_id, payload)).IgnoreError();
   }
 
   v1::GenerateReply Failed(const absl::Status& s) {

@@ -2,7 +2,14 @@
 #ifndef TOKENLAKE_SERVICE_PROTOCOL_H_
 #define TOKENLAKE_SERVICE_PROTOCOL_H_
 
+#include <google/protobuf/message_lite.h>
+
 #include <cstdint>
+#include <cstring>
+#include <string>
+#include <utility>
+
+#include "tokenlake/transport/transport.h"
 
 namespace tokenlake::service {
 
@@ -17,6 +24,22 @@ inline constexpr uint32_t kRebalanceTag = 3;
 inline constexpr uint32_t kGenerateProgressTag = 4;
 // Coordinator -> instance: stop serving a request (v1::CancelGenerate).
 inline constexpr uint32_t kCancelTag = 5;
+
+// A host-transport message whose payload is `payload` serialized (the one way every message of
+// this protocol is built).
+inline transport::Message ProtocolMessage(InstanceId from, InstanceId to, uint32_t tag,
+                                          uint64_t correlation_id,
+                                          const google::protobuf::MessageLite& payload) {
+  const std::string bytes = payload.SerializeAsString();
+  transport::Message m;
+  m.from = from;
+  m.to = to;
+  m.tag = tag;
+  m.correlation_id = correlation_id;
+  m.payload.resize(bytes.size());
+  std::memcpy(m.payload.data(), bytes.data(), bytes.size());
+  return m;
+}
 
 }  // namespace tokenlake::service
 

@@ -171,15 +171,9 @@ absl::Status DivergedError(int32_t id) {
 void RequestPath::SendCancel(int32_t id, RequestId request) {
   v1::CancelGenerate cancel;
   cancel.set_request_id(request.value());
-  const std::string bytes = cancel.SerializeAsString();
-  transport::Message m;
-  m.from = InstanceId(0);
-  m.to = InstanceId(id + 1);
-  m.tag = kCancelTag;
-  m.payload.resize(bytes.size());
-  std::memcpy(m.payload.data(), bytes.data(), bytes.size());
   // A lost cancel costs the instance the rest of the generation, nothing more.
-  transport_->Send(std::move(m)).IgnoreError();
+  transport_->Send(ProtocolMessage(InstanceId(0), InstanceId(id + 1), kCancelTag, 0, cancel))
+      .IgnoreError();
 }
 
 RequestPath::Pending RequestPath::AwaitAttempt(uint64_t ticket, int32_t id, absl::Time deadline,
@@ -276,21 +270,16 @@ absl::StatusOr<CompletionResult> RequestPath::CompleteInner(const CompletionRequ
       if (attempt > 1) ++stats_.failovers;
     }
     message.set_request_id(lake_request.value());
-    std::string bytes = message.SerializeAsString();
-    transport::Message m;
-    m.from = InstanceId(0);
-    m.to = InstanceId(id + 1);
-    m.tag = kGenerateRequestTag;
-    m.correlation_id = ticket;
-    m.payload.resize(bytes.size());
-    std::memcpy(m.payload.data(), bytes.data(), bytes.size());
+    transport::Message m =
+        ProtocolMessage(InstanceId(0), InstanceId(id + 1), kGenerateRequestTag, ticket, message);
+    const size_t bytes = m.payload.size();
     absl::Status sent = transport_->Send(std::move(m));
     Pending result;
     bool ended = false;
     if (sent.ok()) {
       {
         absl::MutexLock lock(&mu_);
-        stats_.bytes_sent += static_cast<int64_t>(bytes.size());
+        stats_.bytes_sent += static_cast<int64_t>(bytes);
       }
       result = AwaitAttempt(ticket, id, attempt_deadline, now, delivery, sink, &ended);
     } else {
