@@ -1,5 +1,6 @@
 #include "tokenlake/engine/cuda/engine_bench.h"
 
+#include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -15,6 +16,7 @@
 #include "tokenlake/engine/cuda/device_buffer.h"
 #include "tokenlake/engine/cuda/gpu_engine.h"
 #include "tokenlake/engine/cuda/gpu_llama.h"
+#include "tokenlake/engine/cuda/small_batch_gemm.h"
 #include "tokenlake/profile/gpu_profile.h"
 
 namespace tokenlake::engine::cuda {
@@ -105,6 +107,7 @@ class Bench {
   absl::Status Decode();
   absl::Status Prefill();
   absl::Status Workloads();
+  absl::Status Dense();
   // The engine's memory beyond the weights and the pool, now.
   absl::StatusOr<Json> MemoryNow(const GpuEngine& engine);
 
@@ -220,6 +223,22 @@ absl::Status Bench::Decode() {
           gpu_us.push_back(t.gpu_us);
         }
       }
+      // The same batch again with the model's phase events on: where a decode forward's device
+      // time goes (the events add a little time of their own).
+      model_->SetProfiling(true);
+      engine->TakeForwardTimings();
+      for (const auto& r : engine->GenerateBatch(reqs)) TOKENLAKE_RETURN_IF_ERROR(r.status());
+      model_->SetProfiling(false);
+      std::array<std::vector<double>, GpuLlamaModel::kNumPhases> phase_us;
+      for (const GpuEngine::ForwardTiming& t : engine->TakeForwardTimings()) {
+        if (t.decodes != b || t.requests != b) continue;
+        for (int p = 0; p < GpuLlamaModel::kNumPhases; ++p) phase_us[p].push_back(t.phase_us[p]);
+      }
+      const Json phases = {
+          {"gemm_ms", Median(phase_us[GpuLlamaModel::kPhaseGemm]) * 1e-3},
+          {"attention_ms", Median(phase_us[GpuLlamaModel::kPhaseAttention]) * 1e-3},
+          {"other_ms", Median(phase_us[GpuLlamaModel::kPhaseOther]) * 1e-3},
+          {"ends_ms", Median(phase_us[GpuLlamaModel::kPhaseEnds]) * 1e-3}};
       int64_t cached = 0;
       for (const auto& r : results) {
         TOKENLAKE_RETURN_IF_ERROR(r.status());
@@ -248,9 +267,12 @@ absl::Status Bench::Decode() {
            {"finish_ms", Median(finish_us) * 1e-3},
            {"forward_run_ms", Median(run_us) * 1e-3},
            {"forward_gpu_ms", Median(gpu_us) * 1e-3},
+           {"phases_with_events", phases},
            {"wall_s", wall}});
-      Say(absl::StrFormat("decode: batch %d, context %d: %.3f ms per step (bound %.3f ms, %.2fx)",
-                          b, context, step_s * 1e3, bound_s * 1e3, step_s / bound_s));
+      Say(absl::StrFormat(
+          "decode: batch %d, context %d: %.3f ms per step (bound %.3f ms, %.2fx); "
+          "phases %s",
+          b, context, step_s * 1e3, bound_s * 1e3, step_s / bound_s, phases.dump()));
     }
   }
   out_["decode"] = rows;
@@ -378,11 +400,118 @@ absl::Status Bench::Workloads() {
   return absl::OkStatus();
 }
 
+absl::Status Bench::Dense() {
+  // Each projection of a layer and the LM head at decode-sized row counts, alone: cuBLAS (as the
+  // forward calls it: bf16 in, float32 out) and SmallBatchGemm (its epilogue for that
+  // projection), the weight bytes read per second against the copy bandwidth. Several copies of
+  // each matrix are cycled so that no call finds its weights in the L2 cache.
+  const LlamaConfig& c = config_;
+  const int h = c.hidden_size;
+  const int qd = c.num_heads * c.head_dim;
+  const int kvd = c.num_kv_heads * c.head_dim;
+  const int inter = c.intermediate_size;
+  struct Shape {
+    const char* name;
+    int in, out;
+    SmallGemmEpilogue epilogue;
+  };
+  const Shape shapes[] = {{"qkv", h, qd + 2 * kvd, SmallGemmEpilogue::kStoreF32},
+                          {"o", qd, h, SmallGemmEpilogue::kAddF32},
+                          {"gate_up", h, 2 * inter, SmallGemmEpilogue::kSiluMulBf16},
+                          {"down", inter, h, SmallGemmEpilogue::kAddF32},
+                          {"lm_head", h, c.vocab_size, SmallGemmEpilogue::kStoreF32}};
+  const int rows_list[] = {1, 2, 4, 8, 16, 32};
+  constexpr int kReps = 30;
+  cudaStream_t stream = model_->stream();
+  cublasHandle_t blas = nullptr;
+  if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) {
+    return absl::InternalError("bench engine: cublasCreate");
+  }
+  cublasSetStream(blas, stream);
+  cudaEvent_t start = nullptr, stop = nullptr;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  Json rows_json = Json::array();
+  absl::Status status;
+  for (const Shape& sh : shapes) {
+    const int64_t weight_bytes = int64_t{sh.out} * sh.in * 2;
+    const int copies = static_cast<int>(
+        std::max<int64_t>(1, ((int64_t{512} << 20) + weight_bytes - 1) / weight_bytes));
+    DeviceBuffer w, x, y, y16;
+    status.Update(w.Allocate(static_cast<size_t>(weight_bytes * copies)));
+    status.Update(x.Allocate(static_cast<size_t>(32) * sh.in * 2));
+    status.Update(y.Allocate(static_cast<size_t>(32) * sh.out * 4));
+    status.Update(y16.Allocate(static_cast<size_t>(32) * sh.out * 2));
+    if (!status.ok()) break;
+    cudaMemsetAsync(w.get(), 0x3c, w.size_bytes(), stream);  // bf16 0.0116 everywhere
+    cudaMemsetAsync(x.get(), 0x3c, x.size_bytes(), stream);
+    cudaMemsetAsync(y.get(), 0, y.size_bytes(), stream);
+    for (int n : rows_list) {
+      auto time = [&](const std::function<absl::Status(const uint16_t*)>& call) -> double {
+        std::vector<double> ms;
+        for (int rep = -3; rep < kReps; ++rep) {
+          const auto* wp = w.as<uint16_t>() + ((rep + 3) % copies) * (weight_bytes / 2);
+          cudaEventRecord(start, stream);
+          status.Update(call(wp));
+          cudaEventRecord(stop, stream);
+          cudaEventSynchronize(stop);
+          float t = 0;
+          cudaEventElapsedTime(&t, start, stop);
+          if (rep >= 0) ms.push_back(t);
+        }
+        return Median(ms);
+      };
+      const int cublas_out = sh.out;
+      const double cublas_ms = time([&](const uint16_t* wp) {
+        const float alpha = 1.f;
+        const float beta = sh.epilogue == SmallGemmEpilogue::kAddF32 ? 1.f : 0.f;
+        return cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, cublas_out, n, sh.in, &alpha, wp,
+                            CUDA_R_16BF, sh.in, x.get(), CUDA_R_16BF, sh.in, &beta, y.get(),
+                            CUDA_R_32F, cublas_out, CUBLAS_COMPUTE_32F,
+                            CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS
+                   ? absl::OkStatus()
+                   : absl::InternalError("cublasGemmEx");
+      });
+      Json row = {
+          {"matrix", sh.name},
+          {"in", sh.in},
+          {"out", sh.out},
+          {"rows", n},
+          {"weight_bytes", weight_bytes},
+          {"cublas_ms", cublas_ms},
+          {"cublas_of_copy_bandwidth", weight_bytes / (cublas_ms * 1e-3) / (copy_gbps_ * 1e9)}};
+      if (n <= kSmallBatchMaxRows) {
+        const bool silu = sh.epilogue == SmallGemmEpilogue::kSiluMulBf16;
+        for (int rows_per_warp : {2, 4}) {
+          const double small_ms = time([&](const uint16_t* wp) {
+            return SmallBatchGemm(wp, x.get(), SmallGemmInput::kBf16, n, sh.in,
+                                  silu ? sh.out / 2 : sh.out, sh.epilogue, y.as<float>(),
+                                  y16.as<uint16_t>(), stream, rows_per_warp);
+          });
+          const std::string key = absl::StrFormat("small_r%d", rows_per_warp);
+          row[key + "_ms"] = small_ms;
+          row[key + "_of_copy_bandwidth"] = weight_bytes / (small_ms * 1e-3) / (copy_gbps_ * 1e9);
+        }
+      }
+      Say(absl::StrFormat("dense: %s %dx%d, %d rows: %s", sh.name, sh.out, sh.in, n, row.dump()));
+      rows_json.push_back(row);
+    }
+    if (!status.ok()) break;
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cublasDestroy(blas);
+  TOKENLAKE_RETURN_IF_ERROR(status);
+  out_["dense"] = rows_json;
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Json> Bench::Run() {
   for (const std::string& s : o_.sections) {
-    if (s != "peaks" && s != "decode" && s != "prefill" && s != "workload") {
+    if (s != "peaks" && s != "decode" && s != "prefill" && s != "workload" && s != "dense") {
       return absl::InvalidArgumentError(absl::StrFormat(
-          "bench engine: unknown section '%s' (valid: peaks, decode, prefill, workload)", s));
+          "bench engine: unknown section '%s' (valid: peaks, decode, prefill, workload, dense)",
+          s));
     }
   }
   if (o_.segment_tokens < 16 || o_.segment_tokens % 16 != 0 || o_.max_batch_tokens < 1 ||
@@ -416,13 +545,16 @@ absl::StatusOr<Json> Bench::Run() {
   out_["engine"] = {{"segment_tokens", o_.segment_tokens},
                     {"max_batch_tokens", o_.max_batch_tokens},
                     {"max_batch_requests", o_.max_batch_requests},
+                    {"small_batch_kernels", o_.small_batch_kernels},
                     {"reserve_bytes", o_.reserve_bytes}};
   Say(absl::StrFormat("model %s on %s", o_.model, dev.name));
   TOKENLAKE_RETURN_IF_ERROR(Peaks());
   TOKENLAKE_ASSIGN_OR_RETURN(model_, GpuLlamaModel::CreateRandom(config_, o_.seed, 0.02f, {}));
+  model_->set_small_batch_kernels(o_.small_batch_kernels);
   if (Wants("decode")) TOKENLAKE_RETURN_IF_ERROR(Decode());
   if (Wants("prefill")) TOKENLAKE_RETURN_IF_ERROR(Prefill());
   if (Wants("workload")) TOKENLAKE_RETURN_IF_ERROR(Workloads());
+  if (Wants("dense")) TOKENLAKE_RETURN_IF_ERROR(Dense());
   out_["engine"]["pool_bytes"] = pool_bytes_;
   out_["engine"]["kept_out_of_pool_bytes"] = reserve_bytes_;
   return out_;

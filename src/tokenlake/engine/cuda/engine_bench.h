@@ -2,7 +2,7 @@
 // one GPU, its pool sized from the memory left after the weights, measured against the
 // hardware's own bounds measured in the same run.
 //
-// Sections (each optional):
+// Sections (each optional; decode, prefill and workload by default):
 //   peaks:    device copy bandwidth (bytes read + written per second, cudaMemcpyAsync device to
 //             device) and the cuBLAS bf16 GEMM rate (8192^3), median of repeats;
 //   decode:   the engine's decode iteration (control plane, data plane, forward, stores: wall
@@ -18,7 +18,12 @@
 //   workload: requests arriving at once on a fresh pool (documents shared as prefixes, random
 //             suffixes): completion time, tokens/s, pool hit rate, against the hardware bound
 //             (uncached prefill FLOPs / GEMM peak + every decode step's weight and KV bytes /
-//             copy bandwidth).
+//             copy bandwidth);
+//   dense:    each dense projection of a layer and the LM head alone at 1-32 rows: cuBLAS and
+//             SmallBatchGemm (2 and 4 rows a warp), weight bytes read per second against the
+//             copy bandwidth.
+// The decode section also runs each batch once more with the model's phase events on and
+// reports a decode forward's device time by phase (GEMMs, attention, other kernels, ends).
 // Memory: the pool gets the device's free memory after the weights minus reserve_bytes; the
 // JSON reports what the engine used beyond the weights and the pool.
 //
@@ -81,6 +86,9 @@ struct EngineBenchOptions {
   int32_t segment_tokens = 256;
   int64_t max_batch_tokens = 8192;
   int32_t max_batch_requests = 256;
+  // Decode-sized batches on SmallBatchGemm (GpuLlamaModel::set_small_batch_kernels) instead of
+  // cuBLAS, the model's default.
+  bool small_batch_kernels = false;
   // Device memory kept out of the pool (activations, tails, workspaces).
   int64_t reserve_bytes = int64_t{4} << 30;
   uint64_t seed = 1;

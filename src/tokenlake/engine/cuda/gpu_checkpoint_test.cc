@@ -262,6 +262,7 @@ TEST(GpuCheckpointTest, BadTensorsAreNamedBeforeAnyUpload) {
   std::mt19937_64 rng(11);
   LlamaConfig c = RandomConfig(rng);
   c.tie_word_embeddings = false;
+  c.vocab_size = c.hidden_size + 64;  // so that the transposed LM head below has another shape
   std::vector<TensorToWrite> tensors = RandomTensors(c, TensorDtype::kBF16, rng);
   std::vector<int32_t> shard_of(tensors.size(), 0);
   shard_of.back() = 1;  // lm_head alone in the second shard

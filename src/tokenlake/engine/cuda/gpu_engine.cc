@@ -528,19 +528,25 @@ absl::StatusOr<std::vector<WorkOutput>> GpuEngine::Executor::Run(
                                 : w.want_full_logits ? GpuSequenceInput::Logits::kFull
                                                      : GpuSequenceInput::Logits::kArgmax});
   }
+  const std::array<double, GpuLlamaModel::kNumPhases> phases_before = e_->model_->phase_ms();
   absl::StatusOr<GpuBatchOutput> fwd = e_->model_->ForwardBatch(inputs, backend);
   if (!fwd.ok()) {
     cudaStreamSynchronize(stream);
     return fwd.status();
   }
   if (e_->forward_timings_.size() < 1'000'000) {
+    std::array<double, GpuLlamaModel::kNumPhases> phase_us{};
+    for (int p = 0; p < GpuLlamaModel::kNumPhases; ++p) {
+      phase_us[p] = (e_->model_->phase_ms()[p] - phases_before[p]) * 1e3;
+    }
     e_->forward_timings_.push_back({.rows = static_cast<int32_t>(num_tokens),
                                     .requests = static_cast<int32_t>(batch.size()),
                                     .decodes = num_decodes,
                                     .run_us = std::chrono::duration<double, std::micro>(
                                                   std::chrono::steady_clock::now() - started)
                                                   .count(),
-                                    .gpu_us = e_->model_->last_forward_gpu_ms() * 1e3});
+                                    .gpu_us = e_->model_->last_forward_gpu_ms() * 1e3,
+                                    .phase_us = phase_us});
   }
   std::vector<WorkOutput> out(batch.size());
   for (size_t pos = 0; pos < order.size(); ++pos) {

@@ -39,6 +39,7 @@
 #ifndef TOKENLAKE_ENGINE_CUDA_GPU_ENGINE_H_
 #define TOKENLAKE_ENGINE_CUDA_GPU_ENGINE_H_
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -147,6 +148,9 @@ class GpuEngine {
     int32_t decodes = 0;
     double run_us = 0;
     double gpu_us = 0;
+    // With the model's profiling on (GpuLlamaModel::SetProfiling): this forward's device time
+    // per phase (GpuLlamaModel::kPhase*), microseconds; zeros otherwise.
+    std::array<double, GpuLlamaModel::kNumPhases> phase_us{};
   };
   // The timings of the forwards since the last call (cleared by it).
   std::vector<ForwardTiming> TakeForwardTimings();

@@ -119,6 +119,9 @@ TEST_P(GpuEngineRandomTest, MatchesCpuEngineWithinBf16Tolerance) {
       c.vocab_size, c.tie_word_embeddings, num_instances, s);
   Models m = MakeModels(c, seed);
   ASSERT_TRUE(m.cpu != nullptr && m.gpu != nullptr);
+  // Even seeds decode on SmallBatchGemm (small_batch_gemm.h), odd ones on cuBLAS.
+  m.gpu->set_small_batch_kernels(seed % 2 == 0);
+  std::cout << "small-batch kernels " << (seed % 2 == 0 ? "on" : "off") << "\n";
   auto cpu = Engine::Create(m.cpu.get(), {.use_pool = false});
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   auto gpu = GpuEngine::Create(m.gpu.get(), {.num_instances = num_instances,
@@ -185,6 +188,9 @@ TEST(GpuEngineTest, SmallPoolEvictsAndStaysCorrect) {
   c.hidden_size = 128;
   Models m = MakeModels(c, seed);
   ASSERT_TRUE(m.cpu != nullptr && m.gpu != nullptr);
+  // Even seeds decode on SmallBatchGemm (small_batch_gemm.h), odd ones on cuBLAS.
+  m.gpu->set_small_batch_kernels(seed % 2 == 0);
+  std::cout << "small-batch kernels " << (seed % 2 == 0 ? "on" : "off") << "\n";
   auto cpu = Engine::Create(m.cpu.get(), {.use_pool = false});
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   // A pool of 144 tokens: every prompt fits (the longest needs 137), their sum does not.

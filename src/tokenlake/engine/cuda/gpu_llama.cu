@@ -9,6 +9,7 @@
 #include "absl/strings/str_format.h"
 #include "tokenlake/base/status_macros.h"
 #include "tokenlake/engine/cuda/gpu_llama.h"
+#include "tokenlake/engine/cuda/small_batch_gemm.h"
 #include "tokenlake/engine/ops.h"
 
 namespace tokenlake::engine::cuda {
@@ -75,13 +76,21 @@ __global__ void RopeSplitKernel(const float* __restrict__ qkv, const float* __re
   const int kvd = num_kv_heads * head_dim;
   const float* row = qkv + static_cast<int64_t>(t) * (qd + 2 * kvd);
   const float pos = static_cast<float>(positions[t]);
+  // cos and sin of each frequency once per token (in double, as engine/ops.cc), shared by the
+  // heads: they are most of this kernel's work otherwise.
+  __shared__ float cos_sin[2 * 64];
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    const double angle = static_cast<double>(pos * inv_freq[i]);
+    cos_sin[2 * i] = static_cast<float>(cos(angle));
+    cos_sin[2 * i + 1] = static_cast<float>(sin(angle));
+  }
+  __syncthreads();
   const int pairs = (num_heads + num_kv_heads) * half;
   for (int idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
     const int head = idx / half;  // q heads first, then k heads
     const int i = idx % half;
-    const float angle = pos * inv_freq[i];
-    const float c = static_cast<float>(cos(static_cast<double>(angle)));
-    const float s = static_cast<float>(sin(static_cast<double>(angle)));
+    const float c = cos_sin[2 * i];
+    const float s = cos_sin[2 * i + 1];
     const float* src = row + head * head_dim;  // k heads follow q heads in qkv
     const float a = src[i];
     const float b = src[i + half];
@@ -526,6 +535,20 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
   const int kvd = c.num_kv_heads * c.head_dim;
   const int inter = c.intermediate_size;
   auto* blas = static_cast<cublasHandle_t>(cublas_);
+  // Decode-sized batches read each weight matrix with SmallBatchGemm (fusing SiLU*up into the
+  // gate/up projection); larger ones run on cuBLAS.
+  const bool small = small_batch_kernels_ && n <= kSmallBatchMaxRows && h % 8 == 0 && qd % 8 == 0 &&
+                     inter % 8 == 0;
+  // y[rows][out] (+)= x[rows][in] * w^T, beta 0 or 1.
+  auto dense = [&](const DeviceBuffer& wt, const DeviceBuffer& x, float* y, int rows, int in,
+                   int out, float beta) -> absl::Status {
+    if (small) {
+      return SmallBatchGemm(wt.as<uint16_t>(), x.get(), SmallGemmInput::kBf16, rows, in, out,
+                            beta == 0.f ? SmallGemmEpilogue::kStoreF32 : SmallGemmEpilogue::kAddF32,
+                            y, nullptr, stream_);
+    }
+    return Gemm(blas, wt.get(), x.get(), y, rows, in, out, beta);
+  };
   // The inputs in one pinned buffer, one copy: tokens, positions, logits rows. (The previous
   // forward synchronised its stream, so the staging buffer is free.)
   auto* host = static_cast<int32_t*>(host_inputs_);
@@ -557,8 +580,7 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
                                                c.rms_norm_eps, h, nullptr, normed_.as<uint16_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
     Mark(kPhaseGemm);
-    TOKENLAKE_RETURN_IF_ERROR(
-        Gemm(blas, w.wqkv.get(), normed_.get(), qkv_.as<float>(), n, h, qd + 2 * kvd, 0.f));
+    TOKENLAKE_RETURN_IF_ERROR(dense(w.wqkv, normed_, qkv_.as<float>(), n, h, qd + 2 * kvd, 0.f));
     Mark(kPhaseOther);
     RopeSplitKernel<<<n, kThreads, 0, stream_>>>(
         qkv_.as<float>(), inv_freq_.as<float>(), d_positions, c.num_heads, c.num_kv_heads,
@@ -567,30 +589,43 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
     Mark(kPhaseAttention);
     TOKENLAKE_RETURN_IF_ERROR(backend.Attend(l, n, q_.as<uint16_t>(), k_.as<uint16_t>(),
                                              v_.as<uint16_t>(), attn_.as<float>(), stream_));
-    Mark(kPhaseOther);
-    const int64_t attn_elems = int64_t{n} * qd;
-    ToBf16Kernel<<<GridFor(attn_elems), kThreads, 0, stream_>>>(attn_.as<float>(), attn_elems,
-                                                                attn16_.as<uint16_t>());
-    TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("to bf16"));
-    // x += attn * Wo^T
-    Mark(kPhaseGemm);
-    TOKENLAKE_RETURN_IF_ERROR(Gemm(blas, w.wo.get(), attn16_.get(), x_.as<float>(), n, qd, h, 1.f));
+    // x += attn * Wo^T (the attention's float32 output rounded to bf16: by SmallBatchGemm as it
+    // reads it, else by a conversion pass before cuBLAS)
+    if (small) {
+      Mark(kPhaseGemm);
+      TOKENLAKE_RETURN_IF_ERROR(
+          SmallBatchGemm(w.wo.as<uint16_t>(), attn_.get(), SmallGemmInput::kF32, n, qd, h,
+                         SmallGemmEpilogue::kAddF32, x_.as<float>(), nullptr, stream_));
+    } else {
+      Mark(kPhaseOther);
+      const int64_t attn_elems = int64_t{n} * qd;
+      ToBf16Kernel<<<GridFor(attn_elems), kThreads, 0, stream_>>>(attn_.as<float>(), attn_elems,
+                                                                  attn16_.as<uint16_t>());
+      TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("to bf16"));
+      Mark(kPhaseGemm);
+      TOKENLAKE_RETURN_IF_ERROR(dense(w.wo, attn16_, x_.as<float>(), n, qd, h, 1.f));
+    }
     Mark(kPhaseOther);
     RmsNormKernel<<<n, kThreads, 0, stream_>>>(x_.as<float>(), w.post_norm.as<float>(),
                                                c.rms_norm_eps, h, nullptr, normed_.as<uint16_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
     Mark(kPhaseGemm);
-    TOKENLAKE_RETURN_IF_ERROR(
-        Gemm(blas, w.wgu.get(), normed_.get(), gate_up_.as<float>(), n, h, 2 * inter, 0.f));
-    Mark(kPhaseOther);
-    const int64_t act_elems = int64_t{n} * inter;
-    SiluMulKernel<<<GridFor(act_elems), kThreads, 0, stream_>>>(gate_up_.as<float>(), n, inter,
-                                                                act16_.as<uint16_t>());
-    TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("silu"));
+    if (small) {
+      TOKENLAKE_RETURN_IF_ERROR(
+          SmallBatchGemm(w.wgu.as<uint16_t>(), normed_.get(), SmallGemmInput::kBf16, n, h, inter,
+                         SmallGemmEpilogue::kSiluMulBf16, nullptr, act16_.as<uint16_t>(), stream_));
+    } else {
+      TOKENLAKE_RETURN_IF_ERROR(
+          Gemm(blas, w.wgu.get(), normed_.get(), gate_up_.as<float>(), n, h, 2 * inter, 0.f));
+      Mark(kPhaseOther);
+      const int64_t act_elems = int64_t{n} * inter;
+      SiluMulKernel<<<GridFor(act_elems), kThreads, 0, stream_>>>(gate_up_.as<float>(), n, inter,
+                                                                  act16_.as<uint16_t>());
+      TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("silu"));
+    }
     // x += act * Wdown^T
     Mark(kPhaseGemm);
-    TOKENLAKE_RETURN_IF_ERROR(
-        Gemm(blas, w.wdown.get(), act16_.get(), x_.as<float>(), n, inter, h, 1.f));
+    TOKENLAKE_RETURN_IF_ERROR(dense(w.wdown, act16_, x_.as<float>(), n, inter, h, 1.f));
   }
   Mark(kPhaseEnds);
   if (m > 0) {
@@ -599,8 +634,7 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
                                                c.rms_norm_eps, h, d_rows, head_in_.as<uint16_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
     const DeviceBuffer& head = lm_head_.size_bytes() > 0 ? lm_head_ : embed_;
-    TOKENLAKE_RETURN_IF_ERROR(
-        Gemm(blas, head.get(), head_in_.get(), logits_.as<float>(), m, h, c.vocab_size, 0.f));
+    TOKENLAKE_RETURN_IF_ERROR(dense(head, head_in_, logits_.as<float>(), m, h, c.vocab_size, 0.f));
     ArgmaxKernel<<<m, kThreads, 0, stream_>>>(logits_.as<float>(), c.vocab_size,
                                               argmax_.as<int32_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("argmax"));

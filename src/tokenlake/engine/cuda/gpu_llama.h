@@ -171,6 +171,12 @@ class GpuLlamaModel {
   absl::StatusOr<std::vector<float>> Forward(absl::Span<const int32_t> tokens, int64_t start_pos,
                                              GpuAttentionBackend& backend);
 
+  // Whether batches of up to kSmallBatchMaxRows rows (decoding) run their dense layers on
+  // SmallBatchGemm (small_batch_gemm.h, with SiLU*up and the attention output's bf16 rounding
+  // fused) rather than cuBLAS. Off by default: its first measurement was slower than cuBLAS
+  // (docs/results-engine.md); `tokenlake bench engine --small-batch-gemm` compares the two.
+  void set_small_batch_kernels(bool on) { small_batch_kernels_ = on; }
+
   // Device time of the last successful ForwardBatch (from its first kernel to its last), ms.
   double last_forward_gpu_ms() const { return last_forward_gpu_ms_; }
 
@@ -237,6 +243,7 @@ class GpuLlamaModel {
   DeviceBuffer logits_;   // [m][vocab] f32
   DeviceBuffer argmax_;   // [m] int32
   LoadStats load_stats_;
+  bool small_batch_kernels_ = false;
   // Profiling.
   bool profiling_ = false;
   std::vector<std::pair<cudaEvent_t, int>> marks_;  // events (reused) and the phase each starts

@@ -1,0 +1,202 @@
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "absl/strings/str_format.h"
+#include "tokenlake/engine/cuda/device_buffer.h"
+#include "tokenlake/engine/cuda/small_batch_gemm.h"
+
+namespace tokenlake::engine::cuda {
+namespace {
+
+constexpr int kWarps = 8;  // per thread block
+
+__device__ __forceinline__ void Widen(const uint4& v, float (&out)[8]) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(words[i] << 16);
+    out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+  }
+}
+
+// Input row t's 8 values of chunk c, as float: bf16 bits widened, or float32 rounded to bf16
+// first (what the forward's separate bf16 conversion would have stored).
+template <bool kF32>
+__device__ __forceinline__ void LoadX(const void* x, int64_t t, int chunks, int c, float (&xf)[8]) {
+  if constexpr (kF32) {
+    const float4* p = reinterpret_cast<const float4*>(x) + (t * chunks + c) * 2;
+    const float4 a = __ldg(p);
+    const float4 b = __ldg(p + 1);
+    const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      xf[i] = __uint_as_float(static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(v[i])))
+                              << 16);
+    }
+  } else {
+    Widen(__ldg(reinterpret_cast<const uint4*>(x) + t * chunks + c), xf);
+  }
+}
+
+// One warp: R weight rows against up to N input rows (n at run time, n <= N). Plain epilogues:
+// rows [R * warp, R * warp + R) of out; kSiluMulBf16: gate rows [R/2 * warp, + R/2) and the up
+// rows `out` after them.
+template <int N, int R, SmallGemmEpilogue E, bool kF32>
+__global__ void __launch_bounds__(kWarps * 32)
+    SmallGemmKernel(const uint16_t* __restrict__ w, const void* __restrict__ x, int n, int in,
+                    int out, float* __restrict__ y, uint16_t* __restrict__ y16) {
+  constexpr bool kSilu = E == SmallGemmEpilogue::kSiluMulBf16;
+  constexpr int kOutputs = kSilu ? R / 2 : R;  // outputs per warp and input row
+  const int warp = static_cast<int>((blockIdx.x * blockDim.x + threadIdx.x) / 32);
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int first = warp * kOutputs;
+  if (first >= out) return;
+  // The weight rows of this warp (clamped in range: a clamped row is computed and not written).
+  const uint4* rows[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int o = first + (kSilu ? r % kOutputs : r);
+    const int row = (o < out ? o : out - 1) + (kSilu && r >= kOutputs ? out : 0);
+    rows[r] = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(row) * in);
+  }
+  float acc[R][N];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int t = 0; t < N; ++t) acc[r][t] = 0.f;
+  }
+  const int chunks = in / 8;
+#pragma unroll 2
+  for (int c = lane; c < chunks; c += 32) {
+    uint4 wv[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) wv[r] = __ldcs(rows[r] + c);  // streamed: keep x in L1
+    float wf[R][8];  // widened once, used by every input row
+#pragma unroll
+    for (int r = 0; r < R; ++r) Widen(wv[r], wf[r]);
+#pragma unroll
+    for (int t = 0; t < N; ++t) {
+      if (t < n) {
+        float xf[8];
+        LoadX<kF32>(x, t, chunks, c, xf);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[r][t] = fmaf(wf[r][i], xf[i], acc[r][t]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int t = 0; t < N; ++t) {
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], off);
+      }
+    }
+  }
+  if (lane != 0) return;
+#pragma unroll
+  for (int i = 0; i < kOutputs; ++i) {
+    const int o = first + i;
+    if (o >= out) break;
+#pragma unroll
+    for (int t = 0; t < N; ++t) {
+      if (t >= n) break;
+      float* dst = y + static_cast<int64_t>(t) * out + o;
+      if constexpr (E == SmallGemmEpilogue::kStoreF32) {
+        *dst = acc[i][t];
+      } else if constexpr (E == SmallGemmEpilogue::kAddF32) {
+        *dst += acc[i][t];
+      } else {
+        const float g = acc[i][t];
+        const float u = acc[i + kOutputs][t];
+        y16[static_cast<int64_t>(t) * out + o] =
+            __bfloat16_as_ushort(__float2bfloat16_rn(g / (1.0f + expf(-g)) * u));
+      }
+    }
+  }
+}
+
+template <int N, int R, SmallGemmEpilogue E>
+void Launch(const uint16_t* w, const void* x, bool x_f32, int n, int in, int out, float* y,
+            uint16_t* y16, cudaStream_t stream) {
+  constexpr int kOutputs = E == SmallGemmEpilogue::kSiluMulBf16 ? R / 2 : R;
+  const int warps = (out + kOutputs - 1) / kOutputs;
+  const int blocks = (warps + kWarps - 1) / kWarps;
+  if (x_f32) {
+    SmallGemmKernel<N, R, E, true><<<blocks, kWarps * 32, 0, stream>>>(w, x, n, in, out, y, y16);
+  } else {
+    SmallGemmKernel<N, R, E, false><<<blocks, kWarps * 32, 0, stream>>>(w, x, n, in, out, y, y16);
+  }
+}
+
+template <int R, SmallGemmEpilogue E>
+void LaunchRows(const uint16_t* w, const void* x, bool x_f32, int n, int in, int out, float* y,
+                uint16_t* y16, cudaStream_t stream) {
+  if (n == 1) {
+    Launch<1, R, E>(w, x, x_f32, n, in, out, y, y16, stream);
+  } else if (n == 2) {
+    Launch<2, R, E>(w, x, x_f32, n, in, out, y, y16, stream);
+  } else if (n <= 4) {
+    Launch<4, R, E>(w, x, x_f32, n, in, out, y, y16, stream);
+  } else {
+    Launch<8, R, E>(w, x, x_f32, n, in, out, y, y16, stream);
+  }
+}
+
+template <SmallGemmEpilogue E>
+void LaunchEpilogue(const uint16_t* w, const void* x, bool x_f32, int n, int in, int out, float* y,
+                    uint16_t* y16, int rows_per_warp, cudaStream_t stream) {
+  // Four rows a warp where that still leaves a few thread blocks per multiprocessor (132 on the
+  // largest parts today); two otherwise, so that short outputs still spread over the device.
+  constexpr int kOutputsAtFour = E == SmallGemmEpilogue::kSiluMulBf16 ? 2 : 4;
+  if (rows_per_warp == 0) rows_per_warp = out / (kOutputsAtFour * kWarps) >= 256 ? 4 : 2;
+  if (rows_per_warp == 4) {
+    LaunchRows<4, E>(w, x, x_f32, n, in, out, y, y16, stream);
+  } else {
+    LaunchRows<2, E>(w, x, x_f32, n, in, out, y, y16, stream);
+  }
+}
+
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+absl::Status SmallBatchGemm(const uint16_t* w, const void* x, SmallGemmInput input, int32_t n,
+                            int32_t in, int32_t out, SmallGemmEpilogue epilogue, float* y,
+                            uint16_t* y16, cudaStream_t stream, int32_t rows_per_warp) {
+  const bool silu = epilogue == SmallGemmEpilogue::kSiluMulBf16;
+  if (rows_per_warp != 0 && rows_per_warp != 2 && rows_per_warp != 4) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "SmallBatchGemm: rows_per_warp %d (0 for the default, 2 or 4)", rows_per_warp));
+  }
+  if (n < 1 || n > kSmallBatchMaxRows || in < 8 || in % 8 != 0 || out < 1 || w == nullptr ||
+      x == nullptr || !Aligned16(w) || !Aligned16(x) || (silu ? y16 == nullptr : y == nullptr)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "SmallBatchGemm: n %d (1..%d), in %d (a positive multiple of 8), out %d (>= 1), w %p and "
+        "x %p (16-byte aligned), %s %p (not null)",
+        n, kSmallBatchMaxRows, in, out, static_cast<const void*>(w), static_cast<const void*>(x),
+        silu ? "y16" : "y", silu ? static_cast<const void*>(y16) : static_cast<const void*>(y)));
+  }
+  switch (epilogue) {
+    case SmallGemmEpilogue::kStoreF32:
+      LaunchEpilogue<SmallGemmEpilogue::kStoreF32>(w, x, input == SmallGemmInput::kF32, n, in, out,
+                                                   y, y16, rows_per_warp, stream);
+      break;
+    case SmallGemmEpilogue::kAddF32:
+      LaunchEpilogue<SmallGemmEpilogue::kAddF32>(w, x, input == SmallGemmInput::kF32, n, in, out, y,
+                                                 y16, rows_per_warp, stream);
+      break;
+    case SmallGemmEpilogue::kSiluMulBf16:
+      LaunchEpilogue<SmallGemmEpilogue::kSiluMulBf16>(w, x, input == SmallGemmInput::kF32, n, in,
+                                                      out, y, y16, rows_per_warp, stream);
+      break;
+  }
+  return CudaStatus(cudaGetLastError(), "SmallBatchGemm launch");
+}
+
+}  // namespace tokenlake::engine::cuda
