@@ -370,8 +370,9 @@ void SetUpEngineBench(CLI::App* bench, int* exit_code) {
   e->add_option("--model", o.model, "Model shape: llama2-7b or llama3-8b")
       ->check(CLI::IsMember({"llama2-7b", "llama3-8b"}))
       ->capture_default_str();
-  e->add_option("--sections", o.sections, "Sections: decode, prefill, workload (peaks always)")
-      ->check(CLI::IsMember({"peaks", "decode", "prefill", "workload"}));
+  e->add_option("--sections", o.sections,
+                "Sections: decode, prefill, workload, dense (peaks always)")
+      ->check(CLI::IsMember({"peaks", "decode", "prefill", "workload", "dense"}));
   e->add_option("--decode-batches", o.decode_batches, "Decode batch sizes")
       ->check(CLI::Range(1, 4096));
   e->add_option("--decode-contexts", o.decode_contexts, "Context tokens per decoding request")
@@ -389,6 +390,8 @@ void SetUpEngineBench(CLI::App* bench, int* exit_code) {
   e->add_option("--max-batch-requests", o.max_batch_requests, "Requests in one iteration")
       ->check(CLI::Range(1, 1 << 16))
       ->capture_default_str();
+  e->add_flag("--small-batch-gemm", o.small_batch_kernels,
+              "Run decode-sized dense layers on the engine's small-batch kernel instead of cuBLAS");
   e->add_option("--seed", o.seed, "Seed of the weights and prompts");
   e->add_option("--prompts", o.prompts_path,
                 "Also write the workloads' prompts as JSON (for bench/hf_generate.py)");

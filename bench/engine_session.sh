@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The GPU engine's evidence in one run (issue 12's measurements), on the code as built:
+#   tests:  the GPU engine's tests (small_batch_gemm_test, gpu_engine_test, gpu_engine_fixture_test,
+#           gpu_checkpoint_test)
+#           and apps/tokenlake/cli_gpu_test.sh (`tokenlake generate --device gpu` against the
+#           transformers fixture);
+#   bench:  `tokenlake bench engine` for each model of MODELS (default llama2-7b llama3-8b):
+#           decode at batches 1-128 over 2K and 16K contexts, prefill at 4K and 32K tokens, the
+#           workloads (64 requests sharing documents; sixteen 2K prompts), each against the bounds
+#           measured in the same run; writes bench_engine_MODEL.json and the workloads' prompts;
+#   ab:     the small-batch kernel against cuBLAS: `bench engine --sections dense` (every
+#           projection alone at 1-32 rows), then decode at batches 1-8 with --small-batch-gemm
+#           (compare with the bench part's cuBLAS rows);
+#   hf:     bench/hf_generate.py (transformers' static-cache batched generate) on those prompts;
+#   ckpt:   bench/checkpoint_load.sh (a 13.5 GB sharded bf16 checkpoint from the page cache);
+#   profile: `tokenlake profile` and `tokenlake sim --gpu` on it.
+#
+#   bash bench/engine_session.sh OUT_DIR [BUILD_DIR]     # BUILD_DIR: default build/cuda
+#   PARTS="bench hf" MODELS=llama2-7b bash bench/engine_session.sh out
+#
+# Runs on any machine with an NVIDIA GPU and the project's CUDA build (made there, or elsewhere
+# and copied with bench/pack_devlibs.sh). BENCH_ARGS adds flags to every `bench engine`. Each
+# step has a time limit (STEP_TIMEOUT seconds, default 300) and the next step runs whatever the
+# last one did; the summary lines go to stdout, the logs to OUT_DIR.
+set -u -o pipefail
+OUT=${1:?usage: bench/engine_session.sh OUT_DIR [BUILD_DIR]}
+BUILD=${2:-build/cuda}
+PARTS=${PARTS:-tests bench ab hf ckpt}
+MODELS=${MODELS:-llama2-7b llama3-8b}
+STEP_TIMEOUT=${STEP_TIMEOUT:-300}
+mkdir -p "$OUT"
+B="$BUILD/bin"
+export LD_LIBRARY_PATH="$PWD/$BUILD/devlibs:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export TOKENLAKE_SOURCE_DIR=${TOKENLAKE_SOURCE_DIR:-$PWD}
+export PYTHONUNBUFFERED=1
+wants() { [[ " $PARTS " == *" $1 "* ]]; }
+started=$(date +%s)
+stamp() { echo "[$(($(date +%s) - started)) s] $*"; }
+
+{
+  echo "revision: $(cat "$BUILD/REVISION" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null
+} | tee "$OUT/machine.txt"
+
+if wants tests; then
+  for t in small_batch_gemm_test gpu_engine_test gpu_engine_fixture_test gpu_checkpoint_test; do
+    timeout "$STEP_TIMEOUT" "$B/$t" > "$OUT/$t.log" 2>&1
+    stamp "$t rc=$? $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/$t.log" | tr '\n' ' ')"
+  done
+  timeout "$STEP_TIMEOUT" bash apps/tokenlake/cli_gpu_test.sh "$B/tokenlake" \
+    > "$OUT/cli_gpu_test.log" 2>&1
+  stamp "cli_gpu_test.sh rc=$? $(tail -n 1 "$OUT/cli_gpu_test.log")"
+fi
+
+if wants bench; then
+  for m in $MODELS; do
+    # shellcheck disable=SC2086
+    timeout "$STEP_TIMEOUT" "$B/tokenlake" bench engine --model "$m" \
+      --json "$OUT/bench_engine_$m.json" --prompts "$OUT/prompts_$m.json" ${BENCH_ARGS:-} \
+      > "$OUT/bench_engine_$m.log" 2>&1
+    stamp "bench engine $m rc=$?"
+    grep -E 'decode:|prefill:|workload|error|Error' "$OUT/bench_engine_$m.log" | tr -d '\r'
+  done
+fi
+
+if wants ab; then
+  for m in $MODELS; do
+    timeout "$STEP_TIMEOUT" "$B/tokenlake" bench engine --model "$m" --sections dense decode \
+      --decode-batches 1 2 4 8 --decode-contexts 2048 --decode-steps 16 --small-batch-gemm \
+      --json "$OUT/bench_small_batch_$m.json" > "$OUT/bench_small_batch_$m.log" 2>&1
+    stamp "bench engine --small-batch-gemm $m rc=$?"
+    grep -E 'decode: b' "$OUT/bench_small_batch_$m.log" | tr -d '\r'
+  done
+fi
+
+if wants hf; then
+  for m in $MODELS; do
+    [ -f "$OUT/prompts_$m.json" ] || continue
+    timeout "$STEP_TIMEOUT" python3 bench/hf_generate.py --prompts "$OUT/prompts_$m.json" \
+      --json "$OUT/hf_$m.json" > "$OUT/hf_$m.log" 2>&1
+    stamp "hf_generate $m rc=$?"
+    grep -E '^\{' "$OUT/hf_$m.log"
+  done
+fi
+
+if wants ckpt; then
+  timeout "$STEP_TIMEOUT" bash bench/checkpoint_load.sh "$OUT" "$BUILD" > "$OUT/ckpt.out" 2>&1
+  stamp "checkpoint_load.sh rc=$?"
+  tail -n 4 "$OUT/ckpt.out"
+fi
+
+if wants profile; then
+  timeout "$STEP_TIMEOUT" "$B/tokenlake" profile --json "$OUT/profile.json" \
+    > "$OUT/profile.log" 2>&1
+  stamp "profile rc=$?"
+fi
+stamp "done"
