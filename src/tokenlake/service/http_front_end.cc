@@ -209,7 +209,9 @@ class HttpFrontEnd::Impl {
   enum MHD_Result Queue(MHD_Connection* c, int status, std::string_view content_type,
                         const std::string& body, const Headers& headers, bool close);
   enum MHD_Result QueueError(MHD_Connection* c, int status, std::string_view message, bool close);
-  enum MHD_Result QueueReady(const RequestPtr& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(r->mu);
+  // Queues `r`'s answer (`owner` is `r`, kept alive by a streamed answer's callback).
+  enum MHD_Result QueueReady(const RequestPtr& owner, Request& r)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(r.mu);
   // Resumes `r`'s connection when it is suspended.
   static void ResumeLocked(Request& r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(r.mu);
   void Release(Request& r) { buffered_bytes_.fetch_sub(r.accounted.exchange(0)); }
@@ -558,14 +560,15 @@ enum MHD_Result HttpFrontEnd::Impl::OnArrived(const RequestPtr& r) {
     if (r->conn->phase == Phase::kAnswered || r->conn->phase == Phase::kClosing) return MHD_NO;
     r->conn->phase = Phase::kInHand;
   }
-  absl::MutexLock lock(&r->mu);
-  if (r->ready) return QueueReady(r);
-  if (r->dispatched) {
+  Request& req = *r;
+  absl::MutexLock lock(&req.mu);
+  if (req.ready) return QueueReady(r, req);
+  if (req.dispatched) {
     // Resumed without an answer: the server is shutting down.
     CountRejected(503);
-    return QueueError(r->connection, 503, "the server is shutting down; retry later", true);
+    return QueueError(req.connection, 503, "the server is shutting down; retry later", true);
   }
-  r->dispatched = true;
+  req.dispatched = true;
   bool queued = false;
   {
     absl::MutexLock queue_lock(&queue_mu_);
@@ -581,8 +584,8 @@ enum MHD_Result HttpFrontEnd::Impl::OnArrived(const RequestPtr& r) {
                       "the server is busy (its request queue is full); retry later", true);
   }
   // Suspended before the lock is let go: the worker resumes it only once suspended.
-  r->suspended = true;
-  MHD_suspend_connection(r->connection);
+  req.suspended = true;
+  MHD_suspend_connection(req.connection);
   return MHD_YES;
 }
 
@@ -608,20 +611,22 @@ enum MHD_Result HttpFrontEnd::Impl::QueueError(MHD_Connection* c, int status,
                close);
 }
 
-enum MHD_Result HttpFrontEnd::Impl::QueueReady(const RequestPtr& r) {
-  const HttpResponse& res = r->response;
-  if (!r->streaming) {
-    return Queue(r->connection, res.status, res.content_type, res.body, res.headers, r->close);
+enum MHD_Result HttpFrontEnd::Impl::QueueReady(const RequestPtr& owner, Request& r) {
+  if (!r.streaming) {
+    return Queue(r.connection, r.response.status, r.response.content_type, r.response.body,
+                 r.response.headers, r.close);
   }
   MHD_Response* response = MHD_create_response_from_callback(
-      MHD_SIZE_UNKNOWN, 16 << 10, &Impl::ReadStream, new RequestPtr(r), &Impl::FreeStream);
+      MHD_SIZE_UNKNOWN, 16 << 10, &Impl::ReadStream, new RequestPtr(owner), &Impl::FreeStream);
   if (response == nullptr) return MHD_NO;
-  if (!res.content_type.empty()) {
-    MHD_add_response_header(response, "Content-Type", res.content_type.c_str());
+  if (!r.response.content_type.empty()) {
+    MHD_add_response_header(response, "Content-Type", r.response.content_type.c_str());
   }
-  for (const auto& [k, v] : res.headers) MHD_add_response_header(response, k.c_str(), v.c_str());
+  for (const auto& [k, v] : r.response.headers) {
+    MHD_add_response_header(response, k.c_str(), v.c_str());
+  }
   const enum MHD_Result queued =
-      MHD_queue_response(r->connection, static_cast<unsigned int>(res.status), response);
+      MHD_queue_response(r.connection, static_cast<unsigned int>(r.response.status), response);
   MHD_destroy_response(response);
   return queued;
 }
