@@ -714,6 +714,7 @@ TEST_F(InProcessClusterTest, AFloodedLiveInstanceKeepsItsNameUntilItDies) {
   std::atomic<bool> stop{false};
   std::atomic<int64_t> connections{0};
   std::vector<std::thread> flood;
+  flood.reserve(4);
   for (int k = 0; k < 4; ++k) {
     flood.emplace_back([&, k] {
       std::deque<int> held;  // odd threads keep up to 700 connections open each

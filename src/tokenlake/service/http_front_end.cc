@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstring>
 #include <deque>
 #include <thread>
 
@@ -268,7 +267,7 @@ absl::Status HttpFrontEnd::Impl::Start() {
   const int64_t overflow = options_.max_connections / 4 + 16;
   // Every connection is a descriptor: make room for the ones this server may hold.
   rlimit lim{};
-  const rlim_t wanted = static_cast<rlim_t>(options_.max_connections + overflow + 256);
+  const auto wanted = static_cast<rlim_t>(options_.max_connections + overflow + 256);
   if (::getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur < wanted &&
       lim.rlim_cur < lim.rlim_max) {
     lim.rlim_cur = std::min(wanted, lim.rlim_max);
@@ -294,8 +293,8 @@ absl::Status HttpFrontEnd::Impl::Start() {
       std::max<int64_t>(1, absl::ToInt64Seconds(absl::Ceil(backstop, absl::Seconds(1)))));
   // Its limit: ours (checked in OnAccept, which counts refusals) plus slack, as it splits the
   // limit among its threads.
-  const auto limit =
-      static_cast<unsigned int>(options_.max_connections + overflow + 4 * options_.io_threads);
+  const auto limit = static_cast<unsigned int>(options_.max_connections + overflow +
+                                               int64_t{4} * options_.io_threads);
   daemon_ = MHD_start_daemon(
       flags, 0, &Impl::OnAccept, this, &Impl::OnAccess, this, MHD_OPTION_LISTEN_SOCKET, *listening,
       MHD_OPTION_THREAD_POOL_SIZE, static_cast<unsigned int>(options_.io_threads),
@@ -528,7 +527,7 @@ enum MHD_Result HttpFrontEnd::Impl::OnBody(Request& r, const char* data, size_t 
     }
   }
   // libmicrohttpd passes the body transfer-decoded: a chunked one is checked as it arrives.
-  const int64_t have = static_cast<int64_t>(r.request.body.size());
+  const auto have = static_cast<int64_t>(r.request.body.size());
   const auto n = static_cast<int64_t>(size);
   int status = 0;
   std::string why;
@@ -636,7 +635,7 @@ ssize_t HttpFrontEnd::Impl::ReadStream(void* cls, uint64_t, char* buf, size_t ma
   absl::MutexLock lock(&r.mu);
   if (r.taken < r.pending.size()) {
     const size_t n = std::min(max, r.pending.size() - r.taken);
-    std::memcpy(buf, r.pending.data() + r.taken, n);
+    std::copy_n(r.pending.data() + r.taken, n, buf);
     r.taken += n;
     if (r.taken == r.pending.size()) {
       r.pending.clear();

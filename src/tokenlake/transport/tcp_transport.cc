@@ -331,7 +331,7 @@ void TcpTransport::AcceptLoop() {
 
 bool TcpTransport::TakeAccepted(int fd, std::deque<PendingHandshake>& pending) {
   const int64_t now_ns = NowNs();
-  int64_t open = static_cast<int64_t>(pending.size());
+  auto open = static_cast<int64_t>(pending.size());
   std::shared_ptr<Conn> oldest_unauthenticated;
   {
     absl::MutexLock lock(&conn_mu_);

@@ -487,10 +487,10 @@ TEST(TcpTransportAuthTest, UnfinishedHandshakesHoldNoThreadAndCannotKeepMembersO
   }
   // The first 128 held connections were closed to make room for later ones.
   const absl::Time deadline = absl::Now() + absl::Seconds(10);
-  while (b->refused_connections() < 2 * 64 && absl::Now() < deadline) {
+  while (b->refused_connections() < int64_t{2} * 64 && absl::Now() < deadline) {
     absl::SleepFor(absl::Milliseconds(10));
   }
-  EXPECT_GE(b->refused_connections(), 2 * 64);
+  EXPECT_GE(b->refused_connections(), int64_t{2} * 64);
   EXPECT_TRUE(ClosedByPeerWithin(held.front(), absl::Seconds(5)));
   EXPECT_LE(Threads(), threads + 1);
   // A member gets in while the flood still holds every slot, and a probe names the listener.
