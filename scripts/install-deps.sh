@@ -14,6 +14,7 @@ packages=(
   # libFuzzer targets (clang 14)
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libcpp-httplib-dev
   libbrotli-dev clang-14 libclang-rt-14-dev
+  libmicrohttpd-dev  # service: the coordinator's HTTP server (docs/adr/0014-http-front-end-on-libmicrohttpd.md)
   clang-format-14 clang-tidy-14  # make check
   etcd-server  # service: membership and leader election (its tests run a real etcd)
   # the Python package: pybind11 extension, its tests, `pip install .` offline

@@ -17,7 +17,7 @@
 //
 // Exit codes: 0 after a signal, 1 for a runtime error (unreadable model config, port in use),
 // 2 for bad flags.
-// Built only with the service module (gRPC, protobuf, cpp-httplib installed).
+// Built only with the service module (gRPC, protobuf, libmicrohttpd, cpp-httplib installed).
 #ifdef TOKENLAKE_HAVE_SERVICE
 #include <signal.h>
 #include <sys/prctl.h>

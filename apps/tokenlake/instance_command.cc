@@ -10,7 +10,7 @@
 // waits until that one is gone, and an instance that loses its lease exits with code 3.
 //
 // Exit codes: 0 after a signal, 1 for a runtime error (bad model), 2 for bad flags.
-// Built only with the service module (gRPC, protobuf, cpp-httplib installed).
+// Built only with the service module (gRPC, protobuf, libmicrohttpd, cpp-httplib installed).
 #ifdef TOKENLAKE_HAVE_SERVICE
 #include <signal.h>
 #include <sys/prctl.h>

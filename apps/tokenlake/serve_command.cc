@@ -11,7 +11,7 @@
 //
 // Exit codes: 0 after a signal or the duration, 1 when the cluster does not start or the
 // coordinator cannot be started again (5 failed starts in a row), 2 for bad flags.
-// Built only with the service module (gRPC, protobuf, cpp-httplib installed).
+// Built only with the service module (gRPC, protobuf, libmicrohttpd, cpp-httplib installed).
 #ifdef TOKENLAKE_HAVE_SERVICE
 #include <signal.h>
 #include <unistd.h>

@@ -1,6 +1,7 @@
 // The HTTP front end: an HTTP/1.1 server (on the address its options name) that hands each
-// request to the handler of its route, and bounds what any client can hold
-// (docs/adr/0013-own-http-front-end.md says why it is not cpp-httplib).
+// request to the handler of its route, and bounds what any client can hold. The connections,
+// the parsing of requests and the framing of answers are libmicrohttpd's
+// (docs/adr/0014-http-front-end-on-libmicrohttpd.md says why and what is still ours).
 //
 // Routes are (method, exact path, handler); the table is given at start (the coordinator's is in
 // coordinator.cc, Coordinator::Impl::Routes). A handler gets the request with its body (content
@@ -10,22 +11,27 @@
 // error body naming the endpoints.
 //
 // How clients are bounded:
-//   - one I/O thread reads every connection (epoll); a request goes to a worker only once it has
-//     arrived whole, so slow or idle clients hold no worker;
+//   - libmicrohttpd's `io_threads` read every connection (epoll); a request goes to one of the
+//     `threads` workers only once it has arrived whole (its connection is suspended meanwhile),
+//     so slow or idle clients hold no worker;
 //   - the header block must arrive within `header_timeout` of the request's first byte and the
 //     whole request within `read_timeout` (else 408); a keep-alive connection idle for
 //     `idle_timeout` between requests is closed;
 //   - requests waiting for a worker: at most `max_queued_requests`, beyond that 503 with
 //     Retry-After; connections: beyond `max_connections` a new connection's request is answered
-//     503 with Retry-After (up to a quarter more of them; beyond even that it is closed at once);
-//     request bytes held by all connections at most `max_buffered_bytes` (503 beyond); the listen
-//     backlog is `listen_backlog` (capped by the kernel's somaxconn);
-//   - sizes (http_parser.h): request line 8 KiB (414), header fields 16 KiB (431), body
-//     `max_body_bytes` by Content-Length, chunked, or after gzip/deflate decoding (413);
-//   - an error answer closes the connection after draining what the client still sends (for up
-//     to 2 s), so that the client reads the answer instead of a reset.
+//     503 with Retry-After (up to a quarter more of them; beyond even that new connections wait
+//     in the listen backlog, `listen_backlog`, capped by the kernel's somaxconn); request bytes
+//     held by all connections at most `max_buffered_bytes` (503 beyond); per client address at
+//     most `max_connections_per_ip` connections when set;
+//   - sizes: each connection's request line and header fields live in libmicrohttpd's buffer of
+//     64 KiB; the request target at most 8 KiB (414), the header fields 16 KiB (431), the body
+//     `max_body_bytes` by Content-Length, chunked, or after gzip/deflate decoding (413,
+//     http_content.h); a POST or PUT without Content-Length or chunked framing gets 411;
+//   - an error answer given before the request has arrived whole closes the connection after
+//     draining what the client still sends (for up to 2 s or 4 MiB), so that the client reads
+//     the answer instead of a reset.
 // The front end's own answers carry OpenAI's error body (openai_api.h) with "code" the name of
-// the HTTP status sent (http_parser.h's HttpStatusName: "payload_too_large" for 413).
+// the HTTP status sent (http_content.h's HttpStatusName: "payload_too_large" for 413).
 //
 // Thread-safety: thread-safe; handlers run on the worker threads, several at once.
 #ifndef TOKENLAKE_SERVICE_HTTP_FRONT_END_H_
@@ -96,6 +102,8 @@ struct HttpFrontEndOptions {
   absl::Duration write_timeout = absl::Seconds(10);
   // Worker threads running handlers, >= 1.
   int32_t threads = 32;
+  // libmicrohttpd's threads reading and writing the connections (each with its epoll), >= 1.
+  int32_t io_threads = 4;
   // Complete requests waiting for a worker (503 beyond), >= 1.
   int32_t max_queued_requests = 256;
   // Open connections served normally (see the file comment), >= 1.
@@ -104,6 +112,9 @@ struct HttpFrontEndOptions {
   int64_t max_buffered_bytes = int64_t{64} << 20;
   // The listen socket's backlog, >= 1.
   int32_t listen_backlog = 4096;
+  // Connections from one client address at once, beyond which new ones are closed at once;
+  // 0: no such limit (on loopback every client has the same address).
+  int32_t max_connections_per_ip = 0;
 };
 
 class HttpFrontEnd {

@@ -518,6 +518,64 @@ TEST_F(HttpFrontEndTest, ConnectionsBeyondTheLimitAreAnswered503) {
   EXPECT_EQ(Exchange(port_, "GET /ping HTTP/1.1\r\nConnection: close\r\n\r\n").status, 200);
 }
 
+// Shutting down with requests in every state: running, queued (their connections suspended),
+// streaming to a client that reads and to one that does not. Shutdown returns soon, every
+// stream is told to stop, and the process stays up (a connection left suspended would abort
+// it inside libmicrohttpd).
+TEST(HttpFrontEndShutdownTest, ShutdownWithRequestsInEveryStateReturns) {
+  std::atomic<int> streams_started{0}, streams_stopped{0};
+  std::vector<HttpRoute> routes;
+  routes.push_back({"GET", "/slow", [](const HttpRequest&, HttpResponse* res) {
+                      absl::SleepFor(absl::Milliseconds(300));
+                      res->body = "done";
+                    }});
+  routes.push_back({"GET", "/drip", [&](const HttpRequest&, HttpResponse* res) {
+                      res->content_type = "text/event-stream";
+                      res->stream = [&](const std::function<bool(std::string_view)>& write) {
+                        ++streams_started;
+                        for (int i = 0; i < 2000; ++i) {
+                          if (!write(std::string(4096, 'x'))) {
+                            ++streams_stopped;
+                            return;
+                          }
+                          absl::SleepFor(absl::Milliseconds(5));
+                        }
+                      };
+                    }});
+  auto server = HttpFrontEnd::Start({.threads = 3, .max_queued_requests = 8}, std::move(routes));
+  ASSERT_TRUE(server.ok()) << server.status();
+  const int port = (*server)->port();
+  std::vector<int> fds;
+  // Two streams on two of the three workers, then one slow request running and three queued.
+  for (const char* path : {"/drip", "/drip", "/slow", "/slow", "/slow", "/slow"}) {
+    const int fd = Connect(port);
+    ASSERT_GE(fd, 0);
+    SendAll(fd, absl::StrCat("GET ", path, " HTTP/1.1\r\nHost: x\r\n\r\n"));
+    fds.push_back(fd);
+    const absl::Time deadline = absl::Now() + absl::Seconds(5);
+    while (fds.size() <= 2 && streams_started.load() < static_cast<int>(fds.size()) &&
+           absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+  }
+  ASSERT_EQ(streams_started.load(), 2);
+  std::atomic<bool> reading{true};
+  std::thread reader([&] {
+    char buf[65536];
+    while (reading.load() && ::recv(fds[0], buf, sizeof(buf), 0) > 0) {
+    }
+  });
+  absl::SleepFor(absl::Milliseconds(150));
+  const absl::Time start = absl::Now();
+  (*server)->Shutdown();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(5));
+  EXPECT_EQ(streams_stopped.load(), 2);
+  reading = false;
+  ::shutdown(fds[0], SHUT_RDWR);
+  reader.join();
+  for (int fd : fds) ::close(fd);
+}
+
 TEST(HttpFrontEndOptionsTest, BadOptionsAreNamed) {
   EXPECT_EQ(HttpFrontEnd::Start({.threads = 0}, {}).status().code(),
             absl::StatusCode::kInvalidArgument);

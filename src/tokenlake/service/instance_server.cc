@@ -277,6 +277,7 @@ class InstanceServer::Impl {
     request.set_name(options_.name);
     request.set_preferred_id(options_.preferred_id);
     request.set_transport_port(tcp_->port());
+    request.set_transport_incarnation(tcp_->incarnation());
     auto [state, generation] = StateAndGeneration();
     *request.mutable_state() = std::move(state);
     request.set_namespace_name(options_.namespace_name);

@@ -16,16 +16,20 @@ std::optional<LiveIncarnation> Membership::FindLive(const std::string& name) con
   for (int32_t i = 0; i < num_instances_; ++i) {
     const MemberView& m = members_[i].view;
     if (m.registered && m.alive && m.name == name) {
-      return LiveIncarnation{m.name, i, m.transport_port, m.last_heartbeat, m.host};
+      return LiveIncarnation{.name = m.name,
+                             .id = i,
+                             .transport_port = m.transport_port,
+                             .last_heartbeat = m.last_heartbeat,
+                             .host = m.host,
+                             .transport_incarnation = m.transport_incarnation};
     }
   }
   return std::nullopt;
 }
 
-absl::StatusOr<Membership::Admission> Membership::Register(const std::string& name,
-                                                           int32_t preferred_id,
-                                                           int32_t transport_port, absl::Time now,
-                                                           const std::string& host) {
+absl::StatusOr<Membership::Admission> Membership::Register(
+    const std::string& name, int32_t preferred_id, int32_t transport_port, absl::Time now,
+    const std::string& host, const std::string& transport_incarnation) {
   absl::MutexLock lock(&mu_);
   int32_t id = -1;
   for (int32_t i = 0; i < num_instances_; ++i) {
@@ -53,6 +57,7 @@ absl::StatusOr<Membership::Admission> Membership::Register(const std::string& na
   m.alive = true;
   m.host = host;
   m.transport_port = transport_port;
+  m.transport_incarnation = transport_incarnation;
   m.data_port = 0;  // until this incarnation reports its own
   ++version_;
   m.last_heartbeat = now;

@@ -48,6 +48,8 @@ struct MemberView {
   // its host transport.
   std::string host = "127.0.0.1";
   int32_t transport_port = 0;
+  // What its host transport names itself in handshakes (empty when not known).
+  std::string transport_incarnation;
   // Data-plane port on `host` (0 until the incarnation reports one).
   int32_t data_port = 0;
   absl::Time last_heartbeat;
@@ -82,12 +84,14 @@ class Membership {
     // The name was registered before: a new incarnation of a known instance.
     bool rejoin = false;
   };
-  // Admits an incarnation of `name` listening for transport connections on `transport_port`:
-  // alive from `now`, no data port yet, its in-flight count kept (its requests fail over as
-  // their waiters learn). Errors: ResourceExhausted when every id is taken by another name.
+  // Admits an incarnation of `name` listening for transport connections on `transport_port`
+  // (whose handshakes name it `transport_incarnation`): alive from `now`, no data port yet, its
+  // in-flight count kept (its requests fail over as their waiters learn). Errors:
+  // ResourceExhausted when every id is taken by another name.
   absl::StatusOr<Admission> Register(const std::string& name, int32_t preferred_id,
                                      int32_t transport_port, absl::Time now,
-                                     const std::string& host = "127.0.0.1");
+                                     const std::string& host = "127.0.0.1",
+                                     const std::string& transport_incarnation = "");
 
   // Records a heartbeat of instance `id` at `now`. Errors: NotFound unless `id` is a registered
   // alive member.

@@ -83,17 +83,19 @@ grpc::Status MembershipService::Register(grpc::ServerContext* ctx,
   // (incarnation.h); checked without the locks (it may probe the old transport port).
   if (std::optional<LiveIncarnation> old = membership_->FindLive(request->name());
       old.has_value()) {
-    absl::Status gone = CheckIncarnationGone(*old, request->transport_port(), options_.dead_after,
-                                             options_.cluster_secret, absl::Now(),
-                                             absl::Milliseconds(300), host, options_.tls);
+    absl::Status gone = CheckIncarnationGone(
+        *old, transport::HostPort{.host = host, .port = request->transport_port()},
+        options_.dead_after, options_.cluster_secret, absl::Now(), absl::Milliseconds(300),
+        options_.tls);
     if (!gone.ok()) {
       refused_registrations_.fetch_add(1, std::memory_order_relaxed);
       return ToGrpc(gone);
     }
   }
   absl::MutexLock lake_lock(&lake_->mu);
-  absl::StatusOr<Membership::Admission> admitted = membership_->Register(
-      request->name(), request->preferred_id(), request->transport_port(), absl::Now(), host);
+  absl::StatusOr<Membership::Admission> admitted =
+      membership_->Register(request->name(), request->preferred_id(), request->transport_port(),
+                            absl::Now(), host, request->transport_incarnation());
   if (!admitted.ok()) return ToGrpc(admitted.status());
   const int32_t id = admitted->id;
   if (admitted->rejoin) {

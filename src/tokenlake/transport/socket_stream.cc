@@ -380,7 +380,8 @@ bool SocketStream::WriteAll(const void* data, size_t size, absl::Duration stall_
   return true;
 }
 
-absl::StatusOr<int> ConnectTcp(const HostPort& address, absl::Time deadline) {
+absl::StatusOr<int> ConnectTcp(const HostPort& address, absl::Time deadline, bool* refused) {
+  if (refused != nullptr) *refused = false;
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
@@ -393,6 +394,7 @@ absl::StatusOr<int> ConnectTcp(const HostPort& address, absl::Time deadline) {
   }
   std::string last_error = "no address";
   int fd = -1;
+  int tried = 0, refusals = 0;
   for (addrinfo* a = found; a != nullptr && fd < 0; a = a->ai_next) {
     const int s = ::socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (s < 0) {
@@ -406,7 +408,9 @@ absl::StatusOr<int> ConnectTcp(const HostPort& address, absl::Time deadline) {
       last_error = std::strerror(err);
       continue;
     }
+    ++tried;
     if (::connect(s, a->ai_addr, a->ai_addrlen) != 0 && errno != EINPROGRESS) {
+      refusals += errno == ECONNREFUSED ? 1 : 0;
       last_error = std::strerror(errno);
       ::close(s);
       continue;
@@ -425,6 +429,7 @@ absl::StatusOr<int> ConnectTcp(const HostPort& address, absl::Time deadline) {
     }
     ::getsockopt(s, SOL_SOCKET, SO_ERROR, &so_error, &len);
     if (so_error != 0) {
+      refusals += so_error == ECONNREFUSED ? 1 : 0;
       last_error = std::strerror(so_error);
       ::close(s);
       continue;
@@ -433,6 +438,7 @@ absl::StatusOr<int> ConnectTcp(const HostPort& address, absl::Time deadline) {
   }
   ::freeaddrinfo(found);
   if (fd < 0) {
+    if (refused != nullptr) *refused = tried > 0 && refusals == tried;
     return absl::UnavailableError(
         absl::StrCat("cannot connect to ", address.ToString(), ": ", last_error));
   }

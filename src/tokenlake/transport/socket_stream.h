@@ -113,8 +113,11 @@ class SocketStream {
 
 // Connects to `address` (each resolved address in turn) by `deadline`; TCP_NODELAY on.
 // Returns the socket. Errors: Unavailable naming the address and the reason; ResourceExhausted
-// (errno kept) when no socket can be opened for lack of descriptors or memory.
-absl::StatusOr<int> ConnectTcp(const HostPort& address, absl::Time deadline);
+// (errno kept) when no socket can be opened for lack of descriptors or memory. On failure,
+// `*refused` (when given) says whether every address refused the connection (ECONNREFUSED:
+// nothing listens there), as opposed to a timeout or any other failure.
+absl::StatusOr<int> ConnectTcp(const HostPort& address, absl::Time deadline,
+                               bool* refused = nullptr);
 
 // Binds and listens on `address` (port 0: any free port) with `backlog`. Returns the socket and
 // sets *port to the bound port. Errors: Unavailable naming the address and the reason.

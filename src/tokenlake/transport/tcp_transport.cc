@@ -1,6 +1,7 @@
 #include "tokenlake/transport/tcp_transport.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -43,8 +44,15 @@ uint64_t GetU64(const std::byte* p) {
 
 constexpr uint32_t kHandshakeMagic = 0x31484C54;  // "TLH1"
 constexpr size_t kNonceBytes = 16;
+constexpr size_t kIncarnationBytes = 16;
+constexpr size_t kMacBytes = 32;
+constexpr size_t kChallengeBytes = 4 + kNonceBytes;            // magic | Na
+constexpr size_t kAnswerBytes = kNonceBytes + kMacBytes;       // Nd | MAC
+constexpr size_t kProofBytes = kIncarnationBytes + kMacBytes;  // I | MAC
 constexpr size_t kReadChunk = size_t{64} << 10;
 constexpr absl::Duration kHealthWindow = absl::Seconds(2);
+// Connections accepted in one round of the accept loop before it looks at handshakes again.
+constexpr int kAcceptBatch = 64;
 constexpr char kClientLabel[] = "tokenlake transport handshake client";
 constexpr char kServerLabel[] = "tokenlake transport handshake server";
 
@@ -54,63 +62,103 @@ std::string_view AsView(const unsigned char* p, size_t n) {
   return {reinterpret_cast<const char*>(p), n};
 }
 
-// The acceptor's side of the handshake (see the header).
-absl::Status ServerHandshake(SocketStream& stream, const std::string& secret, absl::Time deadline) {
-  unsigned char hello[4 + kNonceBytes];
+std::string RandomIncarnation() {
+  unsigned char bytes[kIncarnationBytes];
+  RandomBytes(bytes, sizeof(bytes));
+  return std::string(AsView(bytes, sizeof(bytes)));
+}
+
+// The acceptor's challenge: magic | a fresh nonce Na.
+void MakeChallenge(unsigned char* hello) {
   PutU32(reinterpret_cast<std::byte*>(hello), kHandshakeMagic);
   RandomBytes(hello + 4, kNonceBytes);
-  if (!stream.WriteAll(hello, sizeof(hello), deadline - absl::Now())) {
-    return absl::UnavailableError("handshake: cannot write the challenge");
-  }
-  unsigned char answer[kNonceBytes + 32];
-  const Io r = stream.ReadExact(answer, sizeof(answer), deadline);
-  if (r == Io::kTimeout) return absl::UnauthenticatedError("handshake: no answer in time");
-  if (r != Io::kOk) return absl::UnauthenticatedError("handshake: the peer hung up");
-  unsigned char both[2 * kNonceBytes];
-  std::memcpy(both, hello + 4, kNonceBytes);
-  std::memcpy(both + kNonceBytes, answer, kNonceBytes);
+}
+
+// The acceptor's check of the dialler's `answer` to `hello`, and its proof: its incarnation I
+// and HMAC(secret, server | Na | Nd | I), written to `proof` (kProofBytes).
+// Errors: Unauthenticated (the dialler does not know the secret).
+absl::Status MakeProof(const std::string& secret, const unsigned char* hello,
+                       const unsigned char* answer, const std::string& incarnation,
+                       unsigned char* proof) {
+  unsigned char signed_bytes[2 * kNonceBytes + kIncarnationBytes];
+  std::memcpy(signed_bytes, hello + 4, kNonceBytes);
+  std::memcpy(signed_bytes + kNonceBytes, answer, kNonceBytes);
   Mac got;
   std::memcpy(got.data(), answer + kNonceBytes, got.size());
-  if (!MacEqual(got, HmacSha256(secret, kClientLabel, AsView(both, sizeof(both))))) {
+  if (!MacEqual(got, HmacSha256(secret, kClientLabel, AsView(signed_bytes, 2 * kNonceBytes)))) {
     return absl::UnauthenticatedError(
         "handshake: the peer does not know the cluster secret (wrong MAC)");
   }
-  const Mac mine = HmacSha256(secret, kServerLabel, AsView(both, sizeof(both)));
-  if (!stream.WriteAll(mine.data(), mine.size(), deadline - absl::Now())) {
+  std::memcpy(signed_bytes + 2 * kNonceBytes, incarnation.data(), kIncarnationBytes);
+  const Mac mine = HmacSha256(secret, kServerLabel, AsView(signed_bytes, sizeof(signed_bytes)));
+  std::memcpy(proof, incarnation.data(), kIncarnationBytes);
+  std::memcpy(proof + kIncarnationBytes, mine.data(), mine.size());
+  return absl::OkStatus();
+}
+
+// The acceptor's side of the handshake (see the header), on a connection's own thread.
+absl::Status ServerHandshake(SocketStream& stream, const std::string& secret,
+                             const std::string& incarnation, absl::Time deadline) {
+  unsigned char hello[kChallengeBytes];
+  MakeChallenge(hello);
+  if (!stream.WriteAll(hello, sizeof(hello), deadline - absl::Now())) {
+    return absl::UnavailableError("handshake: cannot write the challenge");
+  }
+  unsigned char answer[kAnswerBytes];
+  const Io r = stream.ReadExact(answer, sizeof(answer), deadline);
+  if (r == Io::kTimeout) return absl::UnauthenticatedError("handshake: no answer in time");
+  if (r != Io::kOk) return absl::UnauthenticatedError("handshake: the peer hung up");
+  unsigned char proof[kProofBytes];
+  if (absl::Status s = MakeProof(secret, hello, answer, incarnation, proof); !s.ok()) return s;
+  if (!stream.WriteAll(proof, sizeof(proof), deadline - absl::Now())) {
     return absl::UnavailableError("handshake: cannot write the proof");
   }
   return absl::OkStatus();
 }
 
-// The dialler's side of the handshake.
-absl::Status ClientHandshake(SocketStream& stream, const std::string& secret, absl::Time deadline) {
-  unsigned char hello[4 + kNonceBytes];
-  const Io r = stream.ReadExact(hello, sizeof(hello), deadline);
-  if (r != Io::kOk || GetU32(reinterpret_cast<const std::byte*>(hello)) != kHandshakeMagic) {
+// The dialler's side: returns the acceptor's incarnation. Errors: Unauthenticated when the
+// acceptor answered as no member would (not the challenge; a proof with another secret),
+// Unavailable when it did not answer (hung up, timed out).
+absl::StatusOr<std::string> ClientHandshake(SocketStream& stream, const std::string& secret,
+                                            absl::Time deadline) {
+  unsigned char hello[kChallengeBytes];
+  size_t got = 0;
+  const Io r = stream.ReadExact(hello, sizeof(hello), deadline, &got);
+  const bool bad_magic =
+      got >= 4 && GetU32(reinterpret_cast<const std::byte*>(hello)) != kHandshakeMagic;
+  if (bad_magic) {
     return absl::UnauthenticatedError(
-        r == Io::kTimeout ? "handshake: no challenge in time (a peer without a cluster secret?)"
-                          : "handshake: no valid challenge (a peer without a cluster secret?)");
+        "handshake: no valid challenge (a peer without a cluster secret?)");
   }
-  unsigned char both[2 * kNonceBytes];
-  std::memcpy(both, hello + 4, kNonceBytes);
-  RandomBytes(both + kNonceBytes, kNonceBytes);
-  unsigned char answer[kNonceBytes + 32];
-  std::memcpy(answer, both + kNonceBytes, kNonceBytes);
-  const Mac mine = HmacSha256(secret, kClientLabel, AsView(both, sizeof(both)));
+  if (r != Io::kOk) {
+    return absl::UnavailableError(
+        r == Io::kTimeout ? "handshake: no challenge in time (a peer without a cluster secret?)"
+                          : "handshake: the peer hung up before its challenge");
+  }
+  unsigned char signed_bytes[2 * kNonceBytes + kIncarnationBytes];
+  std::memcpy(signed_bytes, hello + 4, kNonceBytes);
+  RandomBytes(signed_bytes + kNonceBytes, kNonceBytes);
+  unsigned char answer[kAnswerBytes];
+  std::memcpy(answer, signed_bytes + kNonceBytes, kNonceBytes);
+  const Mac mine = HmacSha256(secret, kClientLabel, AsView(signed_bytes, 2 * kNonceBytes));
   std::memcpy(answer + kNonceBytes, mine.data(), mine.size());
   if (!stream.WriteAll(answer, sizeof(answer), deadline - absl::Now())) {
     return absl::UnavailableError("handshake: cannot write the answer");
   }
-  Mac proof;
-  if (stream.ReadExact(proof.data(), proof.size(), deadline) != Io::kOk) {
-    return absl::UnauthenticatedError(
+  unsigned char proof[kProofBytes];
+  if (stream.ReadExact(proof, sizeof(proof), deadline) != Io::kOk) {
+    return absl::UnavailableError(
         "handshake: the peer refused the answer (a different cluster secret?)");
   }
-  if (!MacEqual(proof, HmacSha256(secret, kServerLabel, AsView(both, sizeof(both))))) {
+  std::memcpy(signed_bytes + 2 * kNonceBytes, proof, kIncarnationBytes);
+  Mac theirs;
+  std::memcpy(theirs.data(), proof + kIncarnationBytes, theirs.size());
+  if (!MacEqual(theirs,
+                HmacSha256(secret, kServerLabel, AsView(signed_bytes, sizeof(signed_bytes))))) {
     return absl::UnauthenticatedError(
         "handshake: the peer does not know the cluster secret (wrong proof)");
   }
-  return absl::OkStatus();
+  return std::string(AsView(proof, kIncarnationBytes));
 }
 
 bool IsResourceError(int err) {
@@ -178,6 +226,7 @@ absl::StatusOr<std::unique_ptr<TcpTransport>> TcpTransport::Create(const Options
 
 TcpTransport::TcpTransport(const Options& options)
     : options_(options),
+      incarnation_(RandomIncarnation()),
       local_(options.num_endpoints, false),
       incoming_(options.num_endpoints, false),
       incoming_routes_(options.num_endpoints) {
@@ -199,54 +248,185 @@ absl::Status TcpTransport::Listen() {
   if (!fd.ok())
     return absl::UnavailableError(absl::StrCat("TcpTransport: ", fd.status().message()));
   listen_fd_ = *fd;
+  // Non-blocking: the accept loop takes what is queued until accept4 says EAGAIN.
+  ::fcntl(listen_fd_, F_SETFL, ::fcntl(listen_fd_, F_GETFL, 0) | O_NONBLOCK);
   return absl::OkStatus();
 }
 
+// A connection accepted in the clear with a secret whose handshake the accept loop runs: its
+// challenge was sent, its answer is read as it arrives.
+struct TcpTransport::PendingHandshake {
+  int fd = -1;
+  int64_t accepted_ns = 0;
+  absl::Time deadline;
+  unsigned char hello[kChallengeBytes];
+  unsigned char answer[kAnswerBytes];
+  size_t have = 0;
+};
+
 void TcpTransport::AcceptLoop() {
   absl::Duration backoff = absl::Milliseconds(10);
+  std::deque<PendingHandshake> pending;  // oldest first
+  std::vector<pollfd> polled;
   while (!shut_down_.load()) {
     Reap();
     if (listen_fd_ < 0) {
       absl::SleepFor(absl::Milliseconds(50));
       continue;
     }
-    pollfd p{.fd = listen_fd_, .events = POLLIN, .revents = 0};
-    const int r = ::poll(&p, 1, 100);
-    if (r <= 0) continue;
-    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) {
-      const int err = errno;
-      accept_errors_.fetch_add(1);
-      if (IsResourceError(err)) {
-        // The pending connection stays queued and the socket stays readable: without a pause
-        // this loop would spin. Finished connections are reaped first (they may free fds).
-        NoteResourceError("accept", err);
-        Reap();
-        for (absl::Duration slept; slept < backoff && !shut_down_.load();
-             slept += absl::Milliseconds(10)) {
-          absl::SleepFor(absl::Milliseconds(10));
-        }
-        backoff = std::min(2 * backoff, absl::Seconds(1));
+    const absl::Time now = absl::Now();
+    absl::Time wake = now + absl::Milliseconds(100);
+    for (auto it = pending.begin(); it != pending.end();) {
+      if (it->deadline <= now) {
+        ::close(it->fd);
+        NoteDrop(auth_failures_, "TcpTransport: connection refused: handshake: no answer in time");
+        it = pending.erase(it);
+      } else {
+        wake = std::min(wake, it->deadline);
+        ++it;
       }
-      continue;
     }
-    backoff = absl::Milliseconds(10);
-    int64_t accepted = 0;
-    {
-      absl::MutexLock lock(&conn_mu_);
-      for (const auto& c : conns_) accepted += c->dialled ? 0 : 1;
+    polled.assign(1, pollfd{.fd = listen_fd_, .events = POLLIN, .revents = 0});
+    for (const PendingHandshake& p : pending) {
+      polled.push_back(pollfd{.fd = p.fd, .events = POLLIN, .revents = 0});
     }
-    if (accepted >= options_.max_connections) {
+    const int wait_ms =
+        static_cast<int>(std::max<int64_t>(1, absl::ToInt64Milliseconds(wake - now) + 1));
+    if (::poll(polled.data(), polled.size(), wait_ms) <= 0) continue;
+    // Answers that arrived are taken before more connections are accepted.
+    size_t i = 1;
+    for (auto it = pending.begin(); it != pending.end(); ++i) {
+      if (polled[i].revents != 0 && AdvanceHandshake(*it)) {
+        it = pending.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (polled[0].revents == 0) continue;
+    for (int n = 0; n < kAcceptBatch && !shut_down_.load(); ++n) {
+      const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+      if (fd < 0) {
+        const int err = errno;
+        if (err == EAGAIN || err == EWOULDBLOCK) break;
+        accept_errors_.fetch_add(1);
+        if (IsResourceError(err)) {
+          // The pending connection stays queued and the socket stays readable: without a pause
+          // this loop would spin. Finished connections are reaped first (they may free fds).
+          NoteResourceError("accept", err);
+          Reap();
+          for (absl::Duration slept; slept < backoff && !shut_down_.load();
+               slept += absl::Milliseconds(10)) {
+            absl::SleepFor(absl::Milliseconds(10));
+          }
+          backoff = std::min(2 * backoff, absl::Seconds(1));
+        }
+        break;
+      }
+      backoff = absl::Milliseconds(10);
+      if (!TakeAccepted(fd, pending)) break;
+    }
+  }
+  for (const PendingHandshake& p : pending) ::close(p.fd);
+}
+
+bool TcpTransport::TakeAccepted(int fd, std::deque<PendingHandshake>& pending) {
+  const int64_t now_ns = NowNs();
+  auto open = static_cast<int64_t>(pending.size());
+  std::shared_ptr<Conn> oldest_unauthenticated;
+  {
+    absl::MutexLock lock(&conn_mu_);
+    for (const auto& c : conns_) {
+      if (c->dialled || c->finished.load()) continue;
+      ++open;
+      if (!c->authenticated.load() && (oldest_unauthenticated == nullptr ||
+                                       c->accepted_ns < oldest_unauthenticated->accepted_ns)) {
+        oldest_unauthenticated = c;
+      }
+    }
+  }
+  if (open >= options_.max_connections) {
+    // Make room by closing the connection that has been in its handshake longest; refuse this
+    // one only when every connection is authenticated.
+    int64_t since_ns = -1;
+    if (!pending.empty()) {
+      since_ns = pending.front().accepted_ns;
+      ::close(pending.front().fd);
+      pending.pop_front();
+    } else if (oldest_unauthenticated != nullptr && !oldest_unauthenticated->authenticated.load()) {
+      since_ns = oldest_unauthenticated->accepted_ns;
+      CloseConn(*oldest_unauthenticated);
+    }
+    if (since_ns < 0) {
       ::close(fd);
       NoteDrop(refused_, absl::StrFormat("connection refused: %d accepted connections open",
                                          options_.max_connections));
-      continue;
+      return true;
     }
-    auto conn = std::make_shared<Conn>();
-    conn->stream = std::make_unique<SocketStream>(fd, options_.tls);
-    conn->last_activity_ns.store(NowNs());
-    if (!Adopt(std::move(conn)).ok()) break;
+    NoteDrop(refused_,
+             absl::StrFormat("TcpTransport: closed a connection in its handshake for %s to make "
+                             "room (%d accepted connections open)",
+                             absl::FormatDuration(absl::Nanoseconds(now_ns - since_ns)),
+                             options_.max_connections));
   }
+  if (options_.tls == nullptr && !options_.secret.empty()) {
+    PendingHandshake p;
+    p.fd = fd;
+    p.accepted_ns = now_ns;
+    p.deadline = absl::FromUnixNanos(now_ns) + options_.handshake_timeout;
+    MakeChallenge(p.hello);
+    // A new connection's send buffer takes the challenge whole.
+    if (::send(fd, p.hello, sizeof(p.hello), MSG_NOSIGNAL | MSG_DONTWAIT) !=
+        static_cast<ssize_t>(sizeof(p.hello))) {
+      ::close(fd);
+      NoteDrop(auth_failures_,
+               "TcpTransport: connection refused: handshake: cannot write the challenge");
+      return true;
+    }
+    pending.push_back(p);
+    return true;
+  }
+  auto conn = std::make_shared<Conn>();
+  conn->stream = std::make_unique<SocketStream>(fd, options_.tls);
+  conn->accepted_ns = now_ns;
+  conn->last_activity_ns.store(now_ns);
+  // Without TLS and secret there is no handshake.
+  conn->authenticated.store(options_.tls == nullptr && options_.secret.empty());
+  return Adopt(std::move(conn)).ok();
+}
+
+bool TcpTransport::AdvanceHandshake(PendingHandshake& p) {
+  auto fail = [&](const std::string& why) {
+    ::close(p.fd);
+    NoteDrop(auth_failures_, absl::StrCat("TcpTransport: connection refused: handshake: ", why));
+    return true;
+  };
+  const ssize_t n = ::recv(p.fd, p.answer + p.have, sizeof(p.answer) - p.have, MSG_DONTWAIT);
+  if (n == 0) return fail("the peer hung up");
+  if (n < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return false;
+    return fail(std::strerror(errno));
+  }
+  p.have += static_cast<size_t>(n);
+  if (p.have < sizeof(p.answer)) return false;
+  unsigned char proof[kProofBytes];
+  if (absl::Status s = MakeProof(options_.secret, p.hello, p.answer, incarnation_, proof);
+      !s.ok()) {
+    ::close(p.fd);
+    NoteDrop(auth_failures_, absl::StrCat("TcpTransport: connection refused: ", s.message()));
+    return true;
+  }
+  // The dialler sends nothing before the proof has arrived: its send buffer is empty.
+  if (::send(p.fd, proof, sizeof(proof), MSG_NOSIGNAL | MSG_DONTWAIT) !=
+      static_cast<ssize_t>(sizeof(proof))) {
+    return fail("cannot write the proof");
+  }
+  auto conn = std::make_shared<Conn>();
+  conn->stream = std::make_unique<SocketStream>(p.fd, nullptr);
+  conn->accepted_ns = p.accepted_ns;
+  conn->last_activity_ns.store(NowNs());
+  conn->authenticated.store(true);
+  (void)Adopt(std::move(conn));  // fails only once shut down (the stream is then closed)
+  return true;
 }
 
 absl::Status TcpTransport::Adopt(std::shared_ptr<Conn> conn) {
@@ -328,14 +508,17 @@ void TcpTransport::ReadLoop(const std::shared_ptr<Conn>& conn) {
 void TcpTransport::ReadFrames(const std::shared_ptr<Conn>& conn) {
   // The stream stays open until this thread is joined.
   SocketStream& stream = *conn->stream;
-  if (!conn->dialled) {
-    const absl::Time deadline = absl::Now() + options_.handshake_timeout;
+  if (!conn->dialled && !conn->authenticated.load()) {
+    const absl::Time deadline = absl::FromUnixNanos(conn->accepted_ns) + options_.handshake_timeout;
     absl::Status h = stream.Accept(deadline);
-    if (h.ok() && !options_.secret.empty()) h = ServerHandshake(stream, options_.secret, deadline);
+    if (h.ok() && !options_.secret.empty()) {
+      h = ServerHandshake(stream, options_.secret, incarnation_, deadline);
+    }
     if (!h.ok()) {
       NoteDrop(auth_failures_, absl::StrCat("TcpTransport: connection refused: ", h.message()));
       return;
     }
+    conn->authenticated.store(true);
   }
   std::byte header[kHeaderBytes];
   while (!shut_down_.load()) {
@@ -491,7 +674,7 @@ absl::StatusOr<std::shared_ptr<TcpTransport::Conn>> TcpTransport::Dial(const Hos
   const absl::Time handshake_deadline = absl::Now() + options_.handshake_timeout;
   absl::Status h = stream->Connect(address.host, handshake_deadline);
   if (h.ok() && !options_.secret.empty()) {
-    h = ClientHandshake(*stream, options_.secret, handshake_deadline);
+    h = ClientHandshake(*stream, options_.secret, handshake_deadline).status();
   }
   if (!h.ok()) {
     auth_failures_.fetch_add(1);
@@ -663,29 +846,42 @@ void TcpTransport::Shutdown() {
   }
 }
 
-absl::Status TcpTransport::Probe(int32_t port, const std::string& secret, absl::Duration timeout) {
+TcpTransport::ProbeResult TcpTransport::Probe(int32_t port, const std::string& secret,
+                                              absl::Duration timeout) {
   return Probe(HostPort{.host = "127.0.0.1", .port = port}, secret, nullptr, timeout);
 }
 
-absl::Status TcpTransport::Probe(const HostPort& address, const std::string& secret,
-                                 std::shared_ptr<const TlsContext> tls, absl::Duration timeout) {
+TcpTransport::ProbeResult TcpTransport::Probe(const HostPort& address, const std::string& secret,
+                                              std::shared_ptr<const TlsContext> tls,
+                                              absl::Duration timeout) {
+  using Kind = ProbeResult::Kind;
+  auto result = [&address](Kind kind, std::string incarnation, absl::string_view detail) {
+    return ProbeResult{
+        .kind = kind,
+        .incarnation = std::move(incarnation),
+        .detail = absl::StrFormat("TcpTransport::Probe: %s: %s", address.ToString(), detail)};
+  };
   if (address.port < 1 || address.port > 65535) {
-    return absl::UnavailableError(
-        absl::StrFormat("TcpTransport::Probe: bad address %s", address.ToString()));
+    return result(Kind::kNoAnswer, "", "bad port");
   }
   const absl::Time deadline = absl::Now() + timeout;
-  absl::StatusOr<int> fd = ConnectTcp(address, deadline);
+  bool refused = false;
+  absl::StatusOr<int> fd = ConnectTcp(address, deadline, &refused);
   if (!fd.ok()) {
-    return absl::UnavailableError(absl::StrCat("TcpTransport::Probe: ", fd.status().message()));
+    return result(refused ? Kind::kNoMember : Kind::kNoAnswer, "", fd.status().message());
   }
   SocketStream stream(*fd, std::move(tls));
-  absl::Status s = stream.Connect(address.host, deadline);
-  if (s.ok() && !secret.empty()) s = ClientHandshake(stream, secret, deadline);
-  if (!s.ok()) {
-    return absl::UnavailableError(
-        absl::StrFormat("TcpTransport::Probe: %s: %s", address.ToString(), s.message()));
+  // A TLS failure is no proof of a stranger: a listener over its limit also closes.
+  if (absl::Status s = stream.Connect(address.host, deadline); !s.ok()) {
+    return result(Kind::kNoAnswer, "", s.message());
   }
-  return absl::OkStatus();
+  if (secret.empty()) return result(Kind::kMember, "", "connected (no secret to check)");
+  absl::StatusOr<std::string> incarnation = ClientHandshake(stream, secret, deadline);
+  if (!incarnation.ok()) {
+    return result(absl::IsUnauthenticated(incarnation.status()) ? Kind::kNoMember : Kind::kNoAnswer,
+                  "", incarnation.status().message());
+  }
+  return result(Kind::kMember, *std::move(incarnation), "a member answered");
 }
 
 }  // namespace tokenlake::transport

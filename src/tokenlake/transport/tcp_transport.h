@@ -20,14 +20,23 @@
 // auth_failures.
 //
 // Authentication (Options::secret non-empty): every connection (inside TLS, when on) starts with a
-// challenge-response
-// handshake in both directions, HMAC-SHA256 under the cluster secret (cluster_secret.h):
+// challenge-response handshake in both directions, HMAC-SHA256 under the cluster secret
+// (cluster_secret.h); the acceptor's proof also names its incarnation (incarnation()):
 //   acceptor -> dialler: u32 magic 'TLH1' | 16-byte nonce Na
 //   dialler -> acceptor: 16-byte nonce Nd | HMAC(secret, "client" | Na | Nd)
-//   acceptor -> dialler: HMAC(secret, "server" | Na | Nd)
+//   acceptor -> dialler: 16-byte incarnation I | HMAC(secret, "server" | Na | Nd | I)
 // A connection that fails it (or takes longer than handshake_timeout) is closed before any frame
 // is read. TCP on loopback cannot be injected into by another unprivileged process, and TLS
 // protects frames across hosts, so frames are not MACed one by one.
+//
+// Accepted connections hold no thread until they are authenticated: in the clear the acceptor
+// runs the handshakes itself (one poll over the connections in their handshake), so a flood of
+// connections that send garbage or hang up costs an accept and a close each; under TLS each
+// accepted connection has its own reader thread from the start. Connections in their handshake
+// and authenticated ones together are at most max_connections; when a new connection finds
+// them full, the oldest connection still in its handshake is closed to make room (the new one
+// is closed at once only when every connection is authenticated), so that connections which
+// never complete a handshake cannot keep honest ones out for long.
 //
 // Wire format (one frame per message, integers little-endian):
 //   u32 magic 'TLK1' | i32 from | i32 to | u32 tag | u64 correlation_id | u64 payload_bytes
@@ -141,13 +150,35 @@ class TcpTransport final : public Transport {
   absl::StatusOr<Message> Receive(InstanceId self, absl::Duration timeout) override;
   void Shutdown() override;
 
-  // Connects to `address` and completes the TLS (with `tls`) and secret handshakes (as a Send
-  // would), then hangs up. OK means a live member of the cluster listens there.
-  // Errors: Unavailable (nothing listens, or a handshake failed or timed out).
-  static absl::Status Probe(const HostPort& address, const std::string& secret,
-                            std::shared_ptr<const TlsContext> tls, absl::Duration timeout);
+  // Random bytes naming this transport, new on every Create: the incarnation of the process
+  // that listens on port(). Diallers and Probe learn it from the handshake (with a secret).
+  const std::string& incarnation() const { return incarnation_; }
+
+  // What Probe found at an address.
+  struct ProbeResult {
+    enum class Kind {
+      // A member of the cluster listens there: it completed the TLS and secret handshakes.
+      kMember,
+      // A definite answer that no member listens there: the connection was refused (nothing
+      // listens on the port), or the listener answered the handshake as no member would (bytes
+      // that are not its challenge, or a proof made with another secret).
+      kNoMember,
+      // Nothing definite: no answer in time, a connection closed before the handshake
+      // completed (what a listener over its connection limit does), a TLS failure.
+      kNoAnswer,
+    };
+    Kind kind = Kind::kNoAnswer;
+    // kMember with a secret: the listener's incarnation(); empty otherwise.
+    std::string incarnation;
+    // What was seen (for messages).
+    std::string detail;
+  };
+  // Connects to `address` and runs the TLS (with `tls`) and secret handshakes as a Send would,
+  // then hangs up; blocks for at most `timeout`.
+  static ProbeResult Probe(const HostPort& address, const std::string& secret,
+                           std::shared_ptr<const TlsContext> tls, absl::Duration timeout);
   // The same on 127.0.0.1 without TLS.
-  static absl::Status Probe(int32_t port, const std::string& secret, absl::Duration timeout);
+  static ProbeResult Probe(int32_t port, const std::string& secret, absl::Duration timeout);
 
   // OK, or Unavailable saying why this transport could not accept or dial a connection for
   // lack of local resources (descriptors, memory) within the last 2 seconds.
@@ -160,7 +191,8 @@ class TcpTransport final : public Transport {
   int64_t auth_failures() const { return auth_failures_.load(); }
   // Accepted connections closed because they stayed idle or a frame did not complete in time.
   int64_t timed_out_connections() const { return timed_out_.load(); }
-  // Accepted connections closed at once because max_connections were open.
+  // Accepted connections closed at once because max_connections were open and authenticated,
+  // or closed in their handshake to make room for a new one.
   int64_t refused_connections() const { return refused_.load(); }
   // Failed accept() calls (any reason).
   int64_t accept_errors() const { return accept_errors_.load(); }
@@ -188,6 +220,10 @@ class TcpTransport final : public Transport {
     bool dialled = false;
     // Dialled: the endpoint it was opened to (frames are accepted only from it).
     InstanceId expected_from;
+    // Its handshakes are done (or there are none); set before its reader reads frames.
+    std::atomic<bool> authenticated{false};
+    // When it was accepted (absl::ToUnixNanos; accepted connections).
+    int64_t accepted_ns = 0;
     std::thread reader;
     std::atomic<bool> finished{false};  // the reader returned
     // Last frame read or written (absl::ToUnixNanos), for the idle timeouts.
@@ -208,7 +244,18 @@ class TcpTransport final : public Transport {
   bool IsLocal(InstanceId id) const { return InRange(id) && local_[id.value()]; }
   bool AnsweredOnIncoming(InstanceId id) const { return InRange(id) && incoming_[id.value()]; }
   absl::Status Listen();
+  // Accepts connections and, in the clear with a secret, runs their handshakes (tcp_transport.cc
+  // has the pending handshake's state).
   void AcceptLoop();
+  struct PendingHandshake;
+  // Takes a connection just accepted: counts it against max_connections (closing the oldest
+  // connection still in its handshake, or this one, when they are full), then starts its
+  // handshake in `pending` (in the clear with a secret) or its reader thread. False once
+  // shut down.
+  bool TakeAccepted(int fd, std::deque<PendingHandshake>& pending);
+  // Reads what arrived for `p`'s handshake (poll said readable); true when it has ended, by
+  // success (the connection then has its reader) or failure (it is closed).
+  bool AdvanceHandshake(PendingHandshake& p);
   // Joins and closes the connections whose reader has returned.
   void Reap();
   void ReadLoop(const std::shared_ptr<Conn>& conn);
@@ -228,6 +275,7 @@ class TcpTransport final : public Transport {
   void NoteDrop(std::atomic<int64_t>& counter, const std::string& why);
 
   const Options options_;
+  const std::string incarnation_;
   std::vector<bool> local_;
   std::vector<bool> incoming_;
   std::vector<std::unique_ptr<Mailbox>> mailboxes_;

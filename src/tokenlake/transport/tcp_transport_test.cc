@@ -446,11 +446,65 @@ TEST(TcpTransportAuthTest, PeersWithTheSecretTalkAndOthersAreRefused) {
   EXPECT_GE(b->auth_failures(), 3);
   EXPECT_THAT(b->last_error(), HasSubstr("cluster secret"));
 
-  EXPECT_TRUE(TcpTransport::Probe(b->port(), secret, absl::Seconds(2)).ok());
-  EXPECT_FALSE(TcpTransport::Probe(b->port(), *GenerateClusterSecret(), absl::Seconds(2)).ok());
+  using Kind = TcpTransport::ProbeResult::Kind;
+  TcpTransport::ProbeResult probe = TcpTransport::Probe(b->port(), secret, absl::Seconds(2));
+  EXPECT_EQ(probe.kind, Kind::kMember) << probe.detail;
+  EXPECT_EQ(probe.incarnation, b->incarnation());
+  // With another secret the acceptor hangs up on the answer: not a definite answer.
+  probe = TcpTransport::Probe(b->port(), *GenerateClusterSecret(), absl::Seconds(2));
+  EXPECT_EQ(probe.kind, Kind::kNoAnswer) << probe.detail;
   const int32_t port = b->port();
   b.reset();
-  EXPECT_FALSE(TcpTransport::Probe(port, secret, absl::Seconds(2)).ok());
+  probe = TcpTransport::Probe(port, secret, absl::Seconds(2));
+  EXPECT_EQ(probe.kind, Kind::kNoMember) << probe.detail;
+  EXPECT_THAT(probe.detail, HasSubstr("refused"));
+}
+
+// Connections that never finish their handshake (a flood that connects and holds, or sends
+// garbage) hold no thread and cannot keep a member out: when the accepted connections are
+// full, the one longest in its handshake is closed to make room.
+TEST(TcpTransportAuthTest, UnfinishedHandshakesHoldNoThreadAndCannotKeepMembersOut) {
+  const std::string secret = *GenerateClusterSecret();
+  auto b = *TcpTransport::Create({.num_endpoints = 2,
+                                  .local_endpoints = {InstanceId(1)},
+                                  .secret = secret,
+                                  .handshake_timeout = absl::Seconds(60),
+                                  .max_connections = 64});
+  const int64_t threads = Threads();
+  std::vector<int> held;
+  for (int i = 0; i < 3 * 64; ++i) {
+    const int fd = RawConnect(b->port());
+    ASSERT_GE(fd, 0) << "connection " << i;
+    held.push_back(fd);
+    if (i % 2 == 0) {
+      const int garbage = RawConnect(b->port());
+      ASSERT_GE(garbage, 0);
+      std::vector<unsigned char> h = Header(0, 1, 0);
+      h.resize(64, 0x5a);
+      ::send(garbage, h.data(), h.size(), MSG_NOSIGNAL);
+      ::close(garbage);
+    }
+  }
+  // The first 128 held connections were closed to make room for later ones.
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (b->refused_connections() < int64_t{2} * 64 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_GE(b->refused_connections(), int64_t{2} * 64);
+  EXPECT_TRUE(ClosedByPeerWithin(held.front(), absl::Seconds(5)));
+  EXPECT_LE(Threads(), threads + 1);
+  // A member gets in while the flood still holds every slot, and a probe names the listener.
+  auto a = *TcpTransport::Create(
+      {.num_endpoints = 2, .local_endpoints = {InstanceId(0)}, .secret = secret, .listen = false});
+  ASSERT_TRUE(a->SetPeer(InstanceId(1), b->port()).ok());
+  ASSERT_TRUE(a->Send({InstanceId(0), InstanceId(1), 1, 5, Bytes({4})}).ok());
+  absl::StatusOr<Message> m = b->Receive(InstanceId(1), absl::Seconds(5));
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->payload, Bytes({4}));
+  TcpTransport::ProbeResult probe = TcpTransport::Probe(b->port(), secret, absl::Seconds(5));
+  EXPECT_EQ(probe.kind, TcpTransport::ProbeResult::Kind::kMember) << probe.detail;
+  EXPECT_EQ(probe.incarnation, b->incarnation());
+  for (int fd : held) ::close(fd);
 }
 
 // The coordinator's shape: it does not listen, it dials the instance, and the instance answers

@@ -1,4 +1,9 @@
 // TcpTransport across hosts: addresses (IPv4, IPv6, names) and mutual TLS.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <cstdlib>
 #include <filesystem>
 #include <random>
@@ -198,20 +203,55 @@ TEST_F(TcpTransportTlsTest, Ipv6LoopbackWorksInTheClearAndUnderTls) {
     absl::StatusOr<Message> m = b->Receive(InstanceId(1), absl::Seconds(5));
     ASSERT_TRUE(m.ok()) << m.status();
     EXPECT_EQ(m->payload, std::vector<std::byte>{std::byte{7}});
-    EXPECT_TRUE(TcpTransport::Probe(HostPort{"::1", b->port()}, "", use_tls ? ca_a_ : nullptr,
-                                    absl::Seconds(2))
-                    .ok());
+    EXPECT_EQ(TcpTransport::Probe(HostPort{"::1", b->port()}, "", use_tls ? ca_a_ : nullptr,
+                                  absl::Seconds(2))
+                  .kind,
+              TcpTransport::ProbeResult::Kind::kMember);
   }
 }
 
 TEST_F(TcpTransportTlsTest, ProbeChecksTheTlsIdentity) {
+  using Kind = TcpTransport::ProbeResult::Kind;
   auto b = Make(1, b_);
-  EXPECT_TRUE(
-      TcpTransport::Probe(HostPort{"127.0.0.1", b->port()}, "", ca_a_, absl::Seconds(2)).ok());
-  absl::Status stranger =
+  EXPECT_EQ(TcpTransport::Probe(HostPort{"127.0.0.1", b->port()}, "", ca_a_, absl::Seconds(2)).kind,
+            Kind::kMember);
+  // A TLS failure proves nothing either way (a listener over its limit fails it too).
+  TcpTransport::ProbeResult stranger =
       TcpTransport::Probe(HostPort{"127.0.0.1", b->port()}, "", other_ca_, absl::Seconds(2));
-  EXPECT_EQ(stranger.code(), absl::StatusCode::kUnavailable);
-  EXPECT_THAT(std::string(stranger.message()), HasSubstr("certificate"));
+  EXPECT_EQ(stranger.kind, Kind::kNoAnswer);
+  EXPECT_THAT(stranger.detail, HasSubstr("certificate"));
+}
+
+// Under TLS each accepted connection has its thread from the start; connections that never
+// send a ClientHello still cannot keep a member out (the one longest in its handshake is closed
+// to make room).
+TEST_F(TcpTransportTlsTest, ConnectionsThatNeverStartTlsCannotKeepMembersOut) {
+  auto b = *TcpTransport::Create({.num_endpoints = 2,
+                                  .local_endpoints = {InstanceId(1)},
+                                  .tls = b_,
+                                  .handshake_timeout = absl::Seconds(60),
+                                  .max_connections = 16});
+  std::vector<int> held;
+  for (int i = 0; i < 48; ++i) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = htons(static_cast<uint16_t>(b->port()));
+    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    held.push_back(fd);
+  }
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (b->refused_connections() < 32 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_GE(b->refused_connections(), 32);
+  auto a = Make(0, ca_a_);
+  ASSERT_TRUE(a->SetPeer(InstanceId(1), HostPort{"127.0.0.1", b->port()}).ok());
+  ASSERT_TRUE(a->Send({InstanceId(0), InstanceId(1), 1, 5, {std::byte{8}}}).ok());
+  absl::StatusOr<Message> m = b->Receive(InstanceId(1), absl::Seconds(5));
+  ASSERT_TRUE(m.ok()) << m.status();
+  for (int fd : held) ::close(fd);
 }
 
 TEST(HostPortTest, ParsesNamesAndAddressesAndRefusesTheRest) {
