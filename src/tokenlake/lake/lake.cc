@@ -924,10 +924,19 @@ LakeStats Lake::Stats() const {
   s.available_slots = AvailableSlotsLocked();
   s.heavy_hitters = tracker_->CountHeavy();
   for (const balance::InstanceState& st : InstanceStatesLocked()) {
-    s.instances.push_back(InstanceStats{st.id, st.capacity_slots, st.used_slots,
-                                        st.capacity_slots - st.used_slots, st.load});
+    s.instances.push_back(InstanceStats{.instance = st.id,
+                                        .capacity_slots = st.capacity_slots,
+                                        .used_slots = st.used_slots,
+                                        .free_slots = st.capacity_slots - st.used_slots,
+                                        .tokens = tree_->TokensOn(st.id),
+                                        .load = st.load});
   }
   return s;
+}
+
+void Lake::SetReplicaObserver(index::PrefixTree::ReplicaObserver observer) {
+  absl::MutexLock lock(&mu_);
+  tree_->SetReplicaObserver(std::move(observer));
 }
 
 absl::Status Lake::CheckIntegrity() const {

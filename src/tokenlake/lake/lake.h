@@ -216,6 +216,8 @@ struct InstanceStats {
   int64_t capacity_slots = 0;
   int64_t used_slots = 0;
   int64_t free_slots = 0;
+  // Tokens of the segments with a copy here (a segment's tokens count once per copy).
+  int64_t tokens = 0;
   double load = 0;  // decayed cache load (query tokens x cached tokens)
 };
 
@@ -376,6 +378,13 @@ class Lake {
 
   // ---- Introspection ----
 
+  // Tells `observer` of every copy the pool gains or loses from now on, whichever call made the
+  // change (index::PrefixTree::ReplicaObserver: once per (segment, instance), right after the
+  // change). It runs with the lake's lock held and must not call the lake. Empty: none.
+  void SetReplicaObserver(index::PrefixTree::ReplicaObserver observer);
+
+  // The counters and gauges, kept up to date as the pool changes: O(instances + heavy hitters),
+  // never a walk of the tree.
   LakeStats Stats() const;
   // The tree's integrity, every store's integrity, and that each store holds exactly the
   // tree's replicas on its instance. OK or Internal naming the first violation. O(n).
