@@ -140,6 +140,38 @@ TEST_F(InProcessClusterTest, ServesCorrectAnswersAndHitsThePool) {
   EXPECT_EQ(bad->first, 400);
 }
 
+// Heartbeats carry what changed in what an instance holds (holdings_report.h), and the lake comes
+// to list exactly what the instances hold: its per-instance segment gauges equal the
+// instances' own counts once a few heartbeats have passed.
+TEST_F(InProcessClusterTest, HeartbeatsReportChangesAndTheLakeFollowsTheInstances) {
+  for (int i = 0; i < 6; ++i) {
+    auto r = coordinator_->Complete({.prompt = Prompt(i), .max_tokens = 3});
+    ASSERT_TRUE(r.ok()) << r.status();
+  }
+  auto sample = [](const std::string& text, const std::string& series) -> double {
+    const size_t pos = text.find("\n" + series + " ");
+    return pos == std::string::npos ? -1 : std::stod(text.substr(pos + series.size() + 2));
+  };
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  std::string m;
+  bool settled = false;
+  while (!settled && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(100));
+    m = coordinator_->MetricsText();
+    settled = true;
+    for (int i = 0; i < 2; ++i) {
+      const double listed =
+          sample(m, absl::StrCat("tokenlake_instance_segments{instance=\"", i, "\"}"));
+      settled &= listed == static_cast<double>(instances_[i]->segments());
+    }
+  }
+  EXPECT_TRUE(settled) << m;
+  EXPECT_GT(instances_[0]->segments() + instances_[1]->segments(), 0);
+  EXPECT_GT(sample(m, "tokenlake_reconcile_reports_total{kind=\"changes\"}"), 0) << m;
+  EXPECT_GT(sample(m, "tokenlake_reconcile_changes_total"), 0) << m;
+  EXPECT_EQ(sample(m, "tokenlake_reconcile_reports_total{kind=\"gap\"}"), 0) << m;
+}
+
 // Issue 15, finding 2 on the coordinator itself: 50 connections that trickle a header byte every
 // half second (reconnecting when answered) and 40 idle keep-alive connections hold no HTTP
 // worker, so 16 honest clients are all answered correctly within 2 s each.

@@ -89,7 +89,9 @@ class Coordinator::Impl {
         started_(absl::Now()),
         auth_(options.cluster_secret),
         membership_(options.lake_instances, options.dead_after),
-        reconciler_(options.lake_instances, started_, options.restore_window),
+        reconciler_(&lake_, {.num_instances = options.lake_instances,
+                             .started = started_,
+                             .restore_window = options.restore_window}),
         router_({.num_instances = options.lake_instances,
                  .balance_abs_threshold = options.balance_abs_threshold,
                  .rotate = options.rotate_compute_instance},
@@ -110,6 +112,12 @@ class Coordinator::Impl {
     {
       absl::MutexLock lock(&lake_.mu);
       lake_.lake = std::move(*lk);
+      // Every change of the lake's placements reaches the reconciler's view (it runs under the
+      // lake's lock, which every user of the lake holds).
+      lake_.lake->SetReplicaObserver([this](SegmentId segment, InstanceId instance, bool added) {
+        lake_.mu.AssertHeld();
+        reconciler_.OnLakeChange(segment, instance, added);
+      });
     }
     // The coordinator accepts no transport connections: it dials each instance and believes an
     // instance's replies only on the connection it opened to it.
@@ -321,21 +329,13 @@ class Coordinator::Impl {
     }
   }
 
+  // Every part's counters, kept up to date where they change: no walk of the tree (the lake's
+  // Stats is O(instances + heavy hitters)).
   CoordinatorSnapshot Snapshot() const {
     CoordinatorSnapshot s;
-    const size_t n = static_cast<size_t>(options_.lake_instances);
-    s.segments_on.assign(n, 0);
-    s.tokens_on.assign(n, 0);
     {
       absl::MutexLock lake_lock(&lake_.mu);
-      s.lake = lake_.lake->Stats();
-      lake_.lake->prefix_tree().ForEachNode([&](const index::PrefixTree::Node& node) {
-        for (InstanceId r : node.replicas) {
-          if (r.value() < 0 || r.value() >= options_.lake_instances) continue;
-          s.segments_on[static_cast<size_t>(r.value())] += 1;
-          s.tokens_on[static_cast<size_t>(r.value())] += node.num_tokens;
-        }
-      });
+      SetLakeGauges(lake_.lake->Stats(), &s);
     }
     s.reconcile = reconciler_.stats();
     s.members = membership_.Snapshot();
