@@ -667,12 +667,14 @@ absl::StatusOr<RebalanceResult> Lake::Rebalance() {
   const int64_t now = clock_->NowUs();
   std::vector<balance::SegmentState> segments;
   absl::flat_hash_set<SegmentId> seen;
+  rebalance_heavy_ = 0;
   for (const balance::SegmentLoad& w : tracker_->CollectWarm()) {
     const index::PrefixTree::Node* node = tree_->Find(w.segment);
     if (node == nullptr) {
       tracker_->Forget(w.segment);
       continue;
     }
+    rebalance_heavy_ += w.heavy ? 1 : 0;
     balance::SegmentState st;
     st.segment = w.segment;
     st.load = w.load;
@@ -909,7 +911,7 @@ absl::StatusOr<std::vector<StoredReplica>> Lake::LoseReplica(SegmentId segment,
 // ---------------------------------------------------------------------------------------------
 // Introspection
 
-LakeStats Lake::Stats() const {
+LakeStats Lake::Stats(bool scan_heavy_hitters) const {
   absl::MutexLock lock(&mu_);
   LakeStats s = counters_;
   s.segments = tree_->num_segments();
@@ -922,7 +924,7 @@ LakeStats Lake::Stats() const {
   s.pinned_replicas = pinned_replicas_;
   s.reserved_slots = reserved_slots_;
   s.available_slots = AvailableSlotsLocked();
-  s.heavy_hitters = tracker_->CountHeavy();
+  s.heavy_hitters = scan_heavy_hitters ? tracker_->CountHeavy() : rebalance_heavy_;
   for (const balance::InstanceState& st : InstanceStatesLocked()) {
     s.instances.push_back(InstanceStats{.instance = st.id,
                                         .capacity_slots = st.capacity_slots,

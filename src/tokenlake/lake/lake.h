@@ -383,9 +383,11 @@ class Lake {
   // change). It runs with the lake's lock held and must not call the lake. Empty: none.
   void SetReplicaObserver(index::PrefixTree::ReplicaObserver observer);
 
-  // The counters and gauges, kept up to date as the pool changes: O(instances + heavy hitters),
-  // never a walk of the tree.
-  LakeStats Stats() const;
+  // The counters and gauges, kept up to date as the pool changes: never a walk of the tree.
+  // heavy_hitters scans the warm set (the segments tracked for rebalancing) unless
+  // `scan_heavy_hitters` is false: then it is the count found by the latest Rebalance, and the
+  // call is O(instances) (for a metrics scrape under a lock that plans need).
+  LakeStats Stats(bool scan_heavy_hitters = true) const;
   // The tree's integrity, every store's integrity, and that each store holds exactly the
   // tree's replicas on its instance. OK or Internal naming the first violation. O(n).
   absl::Status CheckIntegrity() const;
@@ -480,6 +482,7 @@ class Lake {
   int64_t pinned_replicas_ ABSL_GUARDED_BY(mu_) = 0;  // replicas of nodes with pin_count > 0
   int64_t reserved_slots_ ABSL_GUARDED_BY(mu_) = 0;   // sum of Active::reserved_slots
   uint64_t sequence_ ABSL_GUARDED_BY(mu_) = 0;        // last Commit / Rebalance sequence
+  int64_t rebalance_heavy_ ABSL_GUARDED_BY(mu_) = 0;  // heavy hitters at the latest Rebalance
 };
 
 }  // namespace tokenlake::lake

@@ -329,14 +329,16 @@ class Coordinator::Impl {
     }
   }
 
-  // Every part's counters, kept up to date where they change: no walk of the tree (the lake's
-  // Stats is O(instances + heavy hitters)).
+  // Every part's counters, kept up to date where they change: no walk of the tree nor of the
+  // heavy-hitter tracker under the lake's lock (Stats without the scan is O(instances)).
   CoordinatorSnapshot Snapshot() const {
     CoordinatorSnapshot s;
+    lake::LakeStats stats;
     {
       absl::MutexLock lake_lock(&lake_.mu);
-      SetLakeGauges(lake_.lake->Stats(), &s);
+      stats = lake_.lake->Stats(/*scan_heavy_hitters=*/false);
     }
+    SetLakeGauges(std::move(stats), &s);
     s.reconcile = reconciler_.stats();
     s.members = membership_.Snapshot();
     s.deaths = membership_.deaths();

@@ -48,7 +48,8 @@ std::string CoordinatorMetricsText(const CoordinatorSnapshot& s) {
   w.Sample("tokenlake_pool_segments", {}, static_cast<double>(s.lake.segments));
   w.Family("tokenlake_pool_replicas", "gauge", "Stored segment copies in the lake.");
   w.Sample("tokenlake_pool_replicas", {}, static_cast<double>(s.lake.replicas));
-  w.Family("tokenlake_pool_heavy_hitters", "gauge", "Segments the lake counts as heavy.");
+  w.Family("tokenlake_pool_heavy_hitters", "gauge",
+           "Segments the lake counted as heavy at its latest rebalance.");
   w.Sample("tokenlake_pool_heavy_hitters", {}, static_cast<double>(s.lake.heavy_hitters));
   w.Family("tokenlake_pool_pinned_segments", "gauge", "Segments pinned by running iterations.");
   w.Sample("tokenlake_pool_pinned_segments", {}, static_cast<double>(s.lake.pinned_segments));
