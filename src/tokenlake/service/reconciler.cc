@@ -224,9 +224,11 @@ void Reconciler::Restore(Instance& in, InstanceId id, std::vector<SegmentId> seg
     }
     for (auto it = path.rbegin(); it != path.rend(); ++it) depth.try_emplace(*it, base++);
   }
-  std::sort(segments.begin(), segments.end(), [&](SegmentId a, SegmentId b) {
-    return std::pair(depth[a], a) < std::pair(depth[b], b);
-  });
+  std::vector<std::pair<int32_t, SegmentId>> order;
+  order.reserve(segments.size());
+  for (SegmentId s : segments) order.emplace_back(depth[s], s);
+  std::sort(order.begin(), order.end());
+  for (size_t i = 0; i < order.size(); ++i) segments[i] = order[i].second;
   const size_t batch = static_cast<size_t>(options_.batch);
   int64_t restored = 0;
   for (size_t next = 0; next < segments.size();) {
