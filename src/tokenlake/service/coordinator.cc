@@ -237,46 +237,7 @@ class Coordinator::Impl {
                       }});
     // API keys (api_keys.h): every route but /healthz (and /metrics when public) needs one.
     if (options_.api_keys != nullptr) {
-      for (HttpRoute& route : routes) {
-        if (route.path == "/healthz" || (route.path == "/metrics" && options_.metrics_public)) {
-          continue;
-        }
-        route.handler = [keys = options_.api_keys, inner = std::move(route.handler)](
-                            const HttpRequest& req, HttpResponse* res) {
-          const int k = keys->Find(req.Header("Authorization"));
-          if (k < 0) {
-            res->status = 401;
-            res->headers.emplace_back("WWW-Authenticate", "Bearer");
-            res->body = OpenAiErrorJson(absl::UnauthenticatedError(
-                "a valid API key is required: Authorization: Bearer KEY"));
-            return;
-          }
-          const ApiKey& key = keys->key(k);
-          std::atomic<int32_t>& in_flight = keys->in_flight(k);
-          if (key.max_concurrent > 0 && in_flight.fetch_add(1) >= key.max_concurrent) {
-            in_flight.fetch_sub(1);
-            res->status = 429;
-            res->headers.emplace_back("Retry-After", "1");
-            res->body = OpenAiErrorJson(absl::ResourceExhaustedError(absl::StrCat(
-                "this API key already has ", key.max_concurrent, " requests in flight")));
-            return;
-          }
-          if (key.max_concurrent <= 0) in_flight.fetch_add(1);
-          HttpRequest tenanted = req;
-          tenanted.tenant = key.tenant;
-          inner(tenanted, res);
-          if (!res->stream) {
-            in_flight.fetch_sub(1);
-            return;
-          }
-          // A streamed answer is in flight until its stream ends.
-          res->stream = [keys, &in_flight, stream = std::move(res->stream)](
-                            const std::function<bool(std::string_view)>& write) {
-            stream(write);
-            in_flight.fetch_sub(1);
-          };
-        };
-      }
+      routes = WithApiKeys(std::move(routes), options_.api_keys, options_.metrics_public);
     }
     // Only the leader serves requests; a follower sends clients to the leader (leader_gate.h).
     for (HttpRoute& route : routes) {
