@@ -366,6 +366,10 @@ lake::LakeOptions CoordinatorOptions::ToLakeOptions() const {
   lo.heavy_hitter = heavy_hitter;
   lo.heavy_hitter.num_instances = lake_instances;
   lo.balancer = balancer;
+  // A segment takes at least one slot, so the tree never holds more nodes than the lake has
+  // slots: reserving them up front means its table never rehashes (a pause of tens of ms at a
+  // million segments) under the lock that plans need.
+  lo.reserve_segments = int64_t{lake_instances} * slots_per_instance;
   return lo;
 }
 

@@ -195,7 +195,7 @@ struct CoordinatorOptions {
   transport::FaultTransport::Options faults;
 
   // The options of the coordinator's lake: lake_instances, segment_tokens, slots_per_instance,
-  // model, heavy_hitter and balancer above.
+  // model, heavy_hitter and balancer above; tree nodes reserved for every slot.
   lake::LakeOptions ToLakeOptions() const;
 };
 

@@ -408,6 +408,25 @@ absl::StatusOr<nlohmann::json> RunCoordinatorBench(
                                  {"late", reports("late")}};
   j["changes_applied_with_reconcile"] = sample(metrics, "tokenlake_reconcile_changes_total") -
                                         sample(metrics_before, "tokenlake_reconcile_changes_total");
+  // What plans could wait behind: the reports' holds of the lake's lock (the longest since the
+  // coordinator started, registrations included).
+  auto delta = [&](const std::string& series) {
+    return sample(metrics, series) - sample(metrics_before, series);
+  };
+  const double holds = delta("tokenlake_reconcile_lock_hold_seconds_count");
+  const double held_s = delta("tokenlake_reconcile_lock_hold_seconds_sum");
+  j["reconcile_lock_holds_with_reconcile"] = holds;
+  j["reconcile_lock_hold_mean_ms"] = holds > 0 ? held_s * 1e3 / holds : 0.0;
+  j["reconcile_lock_hold_share_with_reconcile"] = held_s / phase_s;
+  // Phase 2's holds by duration (histogram buckets, ms: holds at most that long).
+  nlohmann::json buckets = nlohmann::json::object();
+  for (const char* le : {"0.0001", "0.0005", "0.001", "0.002", "0.01"}) {
+    buckets[absl::StrCat(std::stod(le) * 1e3)] =
+        delta(absl::StrCat("tokenlake_reconcile_lock_hold_seconds_bucket{le=\"", le, "\"}"));
+  }
+  j["reconcile_lock_holds_at_most_ms"] = buckets;
+  j["reconcile_longest_lock_hold_ms_since_start"] =
+      sample(metrics, "tokenlake_reconcile_longest_lock_hold_seconds") * 1e3;
   j["metrics_scrape_ms"] = Percentile(scrape_ms, 0.5);
   j["pool_segments_at_end"] = (*coordinator)->DistinctSegments();
   j["options"] = {{"instances", o.instances},

@@ -193,6 +193,12 @@ std::string CoordinatorMetricsText(const CoordinatorSnapshot& s) {
            "Changes of instance holdings applied to the coordinator's view.");
   w.Sample("tokenlake_reconcile_changes_total", {},
            static_cast<double>(s.reconcile.changes_applied));
+  w.Family("tokenlake_reconcile_lock_hold_seconds", "histogram",
+           "Holds of the lake's lock (which plans need) by instance reports.");
+  w.HistogramSamples("tokenlake_reconcile_lock_hold_seconds", {}, s.reconcile.lock_holds);
+  w.Family("tokenlake_reconcile_longest_lock_hold_seconds", "gauge",
+           "The longest single hold of the lake's lock by an instance report (since start).");
+  w.Sample("tokenlake_reconcile_longest_lock_hold_seconds", {}, s.reconcile.longest_lock_hold_s);
   w.Family("tokenlake_rebalance_redirects_total", "counter",
            "Planned reads of a rebalance copy not yet confirmed, served by its source instead.");
   w.Sample("tokenlake_rebalance_redirects_total", {}, static_cast<double>(s.reconcile.redirects));

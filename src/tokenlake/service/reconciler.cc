@@ -1,6 +1,7 @@
 #include "tokenlake/service/reconciler.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "absl/strings/str_format.h"
 #include "tokenlake/base/check.h"
@@ -20,6 +21,22 @@ store::SegmentChange FromProto(const v1::SegmentChange& c) {
 }
 
 }  // namespace
+
+Reconciler::TimedLakeLock::TimedLakeLock(absl::Mutex* mu, Reconciler* reconciler)
+    : mu_(mu), reconciler_(reconciler) {
+  mu_->Lock();
+  start_ = std::chrono::steady_clock::now();
+}
+
+Reconciler::TimedLakeLock::~TimedLakeLock() {
+  const double held_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  mu_->Unlock();
+  reconciler_->lock_holds_.Observe(held_s);
+  absl::MutexLock lock(&reconciler_->mu_);
+  reconciler_->stats_.longest_lock_hold_s =
+      std::max(reconciler_->stats_.longest_lock_hold_s, held_s);
+}
 
 Reconciler::Reconciler(GuardedLake* lake, const Options& options) : lake_(lake), options_(options) {
   TOKENLAKE_CHECK(options.num_instances >= 1 && options.batch >= 1);
@@ -76,7 +93,7 @@ void Reconciler::ApplyChanges(Instance& in, InstanceId id,
   const size_t batch = static_cast<size_t>(options_.batch);
   size_t next = 0;
   while (true) {
-    absl::MutexLock lake_lock(&lake_->mu);
+    TimedLakeLock lake_lock(&lake_->mu, this);
     const size_t end = std::min(changes.size(), next + batch);
     for (; next < end; ++next) ApplyChange(in, id, changes[next]);
     if (next == changes.size()) {
@@ -173,7 +190,7 @@ absl::StatusOr<Reconciler::Outcome> Reconciler::Report(int32_t id, const v1::Ins
   if (registration) {
     // A new incarnation: what its predecessor missed or left to restore is forgotten (the
     // listed copies it does not hold stay missing, counted afresh).
-    absl::MutexLock lake_lock(&lake_->mu);
+    TimedLakeLock lake_lock(&lake_->mu, this);
     in.known = false;
     in.pending_restore.clear();
     for (auto& [seg, misses] : in.missing) misses = 0;
@@ -183,7 +200,7 @@ absl::StatusOr<Reconciler::Outcome> Reconciler::Report(int32_t id, const v1::Ins
   if (registration) {
     std::vector<SegmentId> unlisted;
     {
-      absl::MutexLock lake_lock(&lake_->mu);
+      TimedLakeLock lake_lock(&lake_->mu, this);
       unlisted.assign(in.unlisted.begin(), in.unlisted.end());
     }
     Restore(in, inst, std::move(unlisted), now - options_.started < options_.restore_window,
@@ -232,7 +249,7 @@ void Reconciler::Restore(Instance& in, InstanceId id, std::vector<SegmentId> seg
   const size_t batch = static_cast<size_t>(options_.batch);
   int64_t restored = 0;
   for (size_t next = 0; next < segments.size();) {
-    absl::MutexLock lake_lock(&lake_->mu);
+    TimedLakeLock lake_lock(&lake_->mu, this);
     std::vector<lake::HeldSegment> held;
     const size_t end = std::min(segments.size(), next + batch);
     for (; next < end; ++next) {
@@ -263,7 +280,7 @@ void Reconciler::Reconcile(Instance& in, InstanceId id, absl::Time now,
   const bool in_window = now - options_.started < options_.restore_window;
   std::vector<SegmentId> retry, missing;
   {
-    absl::MutexLock lake_lock(&lake_->mu);
+    TimedLakeLock lake_lock(&lake_->mu, this);
     if (!in_window) in.pending_restore.clear();
     // Rebalance copies: confirmed once the receiver holds the segment (or the lake no longer
     // lists it there); while pending, the source keeps its copy (a move's source is no longer
@@ -299,7 +316,7 @@ void Reconciler::Reconcile(Instance& in, InstanceId id, absl::Time now,
   const size_t batch = static_cast<size_t>(options_.batch);
   int64_t drops = 0;
   for (size_t next = 0; next < missing.size();) {
-    absl::MutexLock lake_lock(&lake_->mu);
+    TimedLakeLock lake_lock(&lake_->mu, this);
     const size_t end = std::min(missing.size(), next + batch);
     for (; next < end; ++next) {
       const SegmentId seg = missing[next];
@@ -343,8 +360,13 @@ int64_t Reconciler::RedirectUnconfirmed(lake::IterationPlan* plan,
 }
 
 Reconciler::Stats Reconciler::stats() const {
-  absl::MutexLock lock(&mu_);
-  return stats_;
+  Stats s;
+  {
+    absl::MutexLock lock(&mu_);
+    s = stats_;
+  }
+  s.lock_holds = lock_holds_.Read();
+  return s;
 }
 
 Reconciler::View Reconciler::ViewOf(int32_t id) const {

@@ -39,6 +39,7 @@
 #ifndef TOKENLAKE_SERVICE_RECONCILER_H_
 #define TOKENLAKE_SERVICE_RECONCILER_H_
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <utility>
@@ -53,6 +54,7 @@
 #include "tokenlake/lake/control_plane.h"
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/service/guarded_lake.h"
+#include "tokenlake/service/metrics.h"
 #include "tokenlake/store/segment_change_log.h"
 #include "tokenlake/v1/tokenlake.pb.h"
 
@@ -120,6 +122,10 @@ class Reconciler {
     int64_t gaps = 0;
     int64_t late_reports = 0;
     int64_t changes_applied = 0;
+    // Holds of the lake's lock by reports (seconds), and the longest one, so that what plans
+    // may wait behind is measured.
+    Histogram::Snapshot lock_holds;
+    double longest_lock_hold_s = 0;
   };
   Stats stats() const;
 
@@ -159,6 +165,20 @@ class Reconciler {
     absl::Time since;
   };
 
+  // A hold of the lake's lock by a report, timed into the stats.
+  class ABSL_SCOPED_LOCKABLE TimedLakeLock {
+   public:
+    TimedLakeLock(absl::Mutex* mu, Reconciler* reconciler) ABSL_EXCLUSIVE_LOCK_FUNCTION(mu);
+    ~TimedLakeLock() ABSL_UNLOCK_FUNCTION();
+    TimedLakeLock(const TimedLakeLock&) = delete;
+    TimedLakeLock& operator=(const TimedLakeLock&) = delete;
+
+   private:
+    absl::Mutex* const mu_;
+    Reconciler* const reconciler_;
+    std::chrono::steady_clock::time_point start_;
+  };
+
   bool Listed(SegmentId segment, InstanceId instance) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(lake_->mu);
   void ApplyChange(Instance& in, InstanceId id, const store::SegmentChange& change)
@@ -181,6 +201,7 @@ class Reconciler {
   // (segment, receiving instance) -> source.
   absl::flat_hash_map<std::pair<uint64_t, int32_t>, Fresh> fresh_ ABSL_GUARDED_BY(mu_);
   Stats stats_ ABSL_GUARDED_BY(mu_);
+  Histogram lock_holds_{{50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2e-3, 5e-3, 10e-3, 50e-3}};
 };
 
 }  // namespace tokenlake::service
