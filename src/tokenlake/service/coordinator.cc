@@ -115,7 +115,6 @@ class Coordinator::Impl {
       // Every change of the lake's placements reaches the reconciler's view (it runs under the
       // lake's lock, which every user of the lake holds).
       lake_.lake->SetReplicaObserver([this](SegmentId segment, InstanceId instance, bool added) {
-        lake_.mu.AssertHeld();
         reconciler_.OnLakeChange(segment, instance, added);
       });
     }

@@ -51,6 +51,7 @@ bool Reconciler::Listed(SegmentId segment, InstanceId instance) const {
 }
 
 void Reconciler::OnLakeChange(SegmentId segment, InstanceId instance, bool added) {
+  lake_->mu.AssertHeld();
   if (!instance.valid() || instance.value() < 0 || instance.value() >= options_.num_instances) {
     return;
   }

@@ -81,9 +81,8 @@ class Reconciler {
   Reconciler(GuardedLake* lake, const Options& options);
 
   // The lake gained (`added`) or lost a copy of `segment` on `instance`.
-  // REQUIRES: the lake's lock is held (every change of the lake is made under it).
-  void OnLakeChange(SegmentId segment, InstanceId instance, bool added)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(lake_->mu);
+  // REQUIRES: the lake's lock is held (every change of the lake is made under it; asserted).
+  void OnLakeChange(SegmentId segment, InstanceId instance, bool added);
 
   struct Outcome {
     // Segments the instance should free (each only if not stored again after acked_seq).
