@@ -340,21 +340,47 @@ absl::StatusOr<nlohmann::json> RunCoordinatorBench(
   for (int32_t c = 0; c < o.plan_clients; ++c) threads.emplace_back(engine, c);
   std::vector<std::thread> hb_threads;
   for (int32_t i = 0; i < o.instances; ++i) hb_threads.emplace_back(heartbeats, i);
+  auto sample = [](const std::string& text, const std::string& series) -> double {
+    const size_t pos = text.find("\n" + series + " ");
+    return pos == std::string::npos ? 0 : std::stod(text.substr(pos + series.size() + 2));
+  };
+  // The coordinator's counters over phase 2's slices.
+  std::vector<std::string> series = {"tokenlake_reconcile_changes_total",
+                                     "tokenlake_reconcile_lock_hold_seconds_count",
+                                     "tokenlake_reconcile_lock_hold_seconds_sum"};
+  for (const char* kind : {"changes", "full", "gap", "late"}) {
+    series.push_back(absl::StrCat("tokenlake_reconcile_reports_total{kind=\"", kind, "\"}"));
+  }
+  const char* const kHoldBounds[] = {"0.0001", "0.0005", "0.001", "0.002", "0.01"};
+  for (const char* le : kHoldBounds) {
+    series.push_back(absl::StrCat("tokenlake_reconcile_lock_hold_seconds_bucket{le=\"", le, "\"}"));
+  }
+  absl::flat_hash_map<std::string, double> phase2;
   say(absl::StrFormat("warm-up %s", absl::FormatDuration(o.warmup)));
   absl::SleepFor(o.warmup);
-  say(absl::StrFormat("phase 1, without reconciliation: %s", absl::FormatDuration(o.phase)));
-  phase.store(1);
-  absl::SleepFor(o.phase);
-  // The instances start reporting; their first reports carry phase 1's changes: let them land
-  // before measuring.
-  heartbeating.store(true);
-  phase.store(0);
-  absl::SleepFor(o.heartbeat_interval * 2);
-  say(absl::StrFormat("phase 2, with reconciliation: %s", absl::FormatDuration(o.phase)));
-  const std::string metrics_before = (*coordinator)->MetricsText();
-  phase.store(2);
-  absl::SleepFor(o.phase);
-  phase.store(0);
+  // The two phases alternate in slices of about a second, so that a change of the machine's
+  // load during the run weighs on both alike. After the instances resume reporting, their first
+  // reports carry what changed while they were silent: two heartbeat periods go unmeasured.
+  const int slices = std::max(1, static_cast<int>(absl::ToDoubleSeconds(o.phase) + 0.5));
+  const absl::Duration slice = o.phase / slices;
+  say(absl::StrFormat("%d slices of %s without, then with reconciliation", slices,
+                      absl::FormatDuration(slice)));
+  for (int k = 0; k < slices; ++k) {
+    phase.store(1);
+    absl::SleepFor(slice);
+    phase.store(0);
+    heartbeating.store(true);
+    absl::SleepFor(o.heartbeat_interval * 2);
+    const std::string before = (*coordinator)->MetricsText();
+    phase.store(2);
+    absl::SleepFor(slice);
+    phase.store(0);
+    const std::string after = (*coordinator)->MetricsText();
+    heartbeating.store(false);
+    for (const std::string& name : series) {
+      phase2[name] += sample(after, name) - sample(before, name);
+    }
+  }
   stop_plans.store(true);
   for (std::thread& t : threads) t.join();
   // A few /metrics renderings with the whole pool.
@@ -375,14 +401,8 @@ absl::StatusOr<nlohmann::json> RunCoordinatorBench(
     plan_errors += r.errors;
   }
   const double phase_s = absl::ToDoubleSeconds(o.phase);
-  auto sample = [](const std::string& text, const std::string& series) -> double {
-    const size_t pos = text.find("\n" + series + " ");
-    return pos == std::string::npos ? 0 : std::stod(text.substr(pos + series.size() + 2));
-  };
   auto reports = [&](const std::string& kind) {
-    const std::string series =
-        absl::StrCat("tokenlake_reconcile_reports_total{kind=\"", kind, "\"}");
-    return sample(metrics, series) - sample(metrics_before, series);
+    return phase2[absl::StrCat("tokenlake_reconcile_reports_total{kind=\"", kind, "\"}")];
   };
   nlohmann::json j;
   j["benchmark"] = "coordinator";
@@ -406,23 +426,19 @@ absl::StatusOr<nlohmann::json> RunCoordinatorBench(
                                  {"full", reports("full")},
                                  {"gap", reports("gap")},
                                  {"late", reports("late")}};
-  j["changes_applied_with_reconcile"] = sample(metrics, "tokenlake_reconcile_changes_total") -
-                                        sample(metrics_before, "tokenlake_reconcile_changes_total");
+  j["changes_applied_with_reconcile"] = phase2["tokenlake_reconcile_changes_total"];
   // What plans could wait behind: the reports' holds of the lake's lock (the longest since the
   // coordinator started, registrations included).
-  auto delta = [&](const std::string& series) {
-    return sample(metrics, series) - sample(metrics_before, series);
-  };
-  const double holds = delta("tokenlake_reconcile_lock_hold_seconds_count");
-  const double held_s = delta("tokenlake_reconcile_lock_hold_seconds_sum");
+  const double holds = phase2["tokenlake_reconcile_lock_hold_seconds_count"];
+  const double held_s = phase2["tokenlake_reconcile_lock_hold_seconds_sum"];
   j["reconcile_lock_holds_with_reconcile"] = holds;
   j["reconcile_lock_hold_mean_ms"] = holds > 0 ? held_s * 1e3 / holds : 0.0;
   j["reconcile_lock_hold_share_with_reconcile"] = held_s / phase_s;
   // Phase 2's holds by duration (histogram buckets, ms: holds at most that long).
   nlohmann::json buckets = nlohmann::json::object();
-  for (const char* le : {"0.0001", "0.0005", "0.001", "0.002", "0.01"}) {
+  for (const char* le : kHoldBounds) {
     buckets[absl::StrCat(std::stod(le) * 1e3)] =
-        delta(absl::StrCat("tokenlake_reconcile_lock_hold_seconds_bucket{le=\"", le, "\"}"));
+        phase2[absl::StrCat("tokenlake_reconcile_lock_hold_seconds_bucket{le=\"", le, "\"}")];
   }
   j["reconcile_lock_holds_at_most_ms"] = buckets;
   j["reconcile_longest_lock_hold_ms_since_start"] =
