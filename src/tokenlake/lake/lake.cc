@@ -797,9 +797,11 @@ absl::StatusOr<RestoreResult> Lake::RestoreReplicas(InstanceId instance,
         } else if (st.free() == 0) {
           result.rejected.push_back(h.id);
         } else {
+          const bool pinned = node->is_pinned();
           TOKENLAKE_RETURN_IF_ERROR(tree_->AddReplica(h.id, instance));
           TOKENLAKE_CHECK_OK(st.Allocate(h.id).status());
           RefreshReplicatedLocked(h.id);
+          if (pinned) pinned_replicas_ += 1;  // a running request's segment gained a copy
           ++result.restored_replicas;
         }
         continue;
@@ -866,23 +868,36 @@ absl::StatusOr<std::vector<StoredReplica>> Lake::LoseReplica(SegmentId segment,
   }
   std::vector<StoredReplica> freed_elsewhere;
   if (node->replicas.size() > 1) {
+    const bool pinned = node->is_pinned();
     TOKENLAKE_ASSIGN_OR_RETURN(index::EvictResult r, tree_->RemoveReplica(segment, instance));
     OnReplicasFreedLocked(segment, r.node_erased, r.freed_on, nullptr);
-    pinned_replicas_ = CountPinnedReplicasLocked();
+    if (pinned) pinned_replicas_ -= 1;  // a pinned node's copy went
     return freed_elsewhere;
   }
   // The last copy: the segment and everything under it become unreachable. Erase the subtree
-  // leaves first, unpinning as it goes (the requests' pin lists are fixed below).
+  // leaves first, unpinning as it goes (the requests' pin lists are fixed below). One pass over
+  // the tree, each node's answer (under `segment` or not) remembered for its descendants.
   std::vector<std::pair<int32_t, SegmentId>> doomed;  // (depth, id)
+  absl::flat_hash_map<SegmentId, bool> under;
+  std::vector<SegmentId> path;
   tree_->ForEachNode([&](const index::PrefixTree::Node& n) {
+    path.clear();
+    bool is_under = false;
     for (SegmentId cur = n.id; cur.valid();) {
+      if (auto known = under.find(cur); known != under.end()) {
+        is_under = known->second;
+        break;
+      }
+      path.push_back(cur);
       if (cur == segment) {
-        doomed.push_back({n.depth, n.id});
+        is_under = true;
         break;
       }
       const index::PrefixTree::Node* up = tree_->Find(cur);
       cur = up == nullptr ? SegmentId() : up->parent;
     }
+    for (SegmentId p : path) under[p] = is_under;
+    if (is_under) doomed.push_back({n.depth, n.id});
   });
   std::sort(doomed.begin(), doomed.end(), [](const auto& a, const auto& b) {
     return a.first != b.first ? a.first > b.first : a.second < b.second;
@@ -891,6 +906,8 @@ absl::StatusOr<std::vector<StoredReplica>> Lake::LoseReplica(SegmentId segment,
     const index::PrefixTree::Node* d = tree_->Find(id);
     if (d == nullptr) continue;
     if (d->pin_count > 0) {
+      // Its copies all go: they no longer count as pinned.
+      pinned_replicas_ -= static_cast<int64_t>(d->replicas.size());
       const std::vector<SegmentId> pins(static_cast<size_t>(d->pin_count), id);
       TOKENLAKE_RETURN_IF_ERROR(tree_->Unpin(pins));
     }
@@ -904,7 +921,6 @@ absl::StatusOr<std::vector<StoredReplica>> Lake::LoseReplica(SegmentId segment,
   for (auto& [id, a] : active_) {
     std::erase_if(a.pinned, [&](SegmentId seg) { return !tree_->Contains(seg); });
   }
-  pinned_replicas_ = CountPinnedReplicasLocked();
   return freed_elsewhere;
 }
 

@@ -372,7 +372,8 @@ class Lake {
   // not hold it): like DropInstance for one copy, pins do not protect it. A non-last copy is
   // removed; the last copy erases the segment and its whole subtree (their copies elsewhere are
   // freed and returned, for the caller to free on those instances), and running requests lose
-  // their pins on the erased segments. Returns the copies freed on other instances.
+  // their pins on the erased segments. Returns the copies freed on other instances. O(1) for a
+  // copy that is not the last; O(segments) (one pass over the tree) for a last copy.
   // Errors: InvalidArgument (unknown instance), NotFound (no such copy).
   absl::StatusOr<std::vector<StoredReplica>> LoseReplica(SegmentId segment, InstanceId instance);
 

@@ -162,6 +162,8 @@ TEST(CoordinatorMetricsTest, LakeGaugesEqualANaiveRecountAfterRandomOperations) 
     } else {
       clock.AdvanceUs(rng.UniformInt(0, 20'000));
     }
+    // Conservation, the admission counters included (pinned replicas after lost copies).
+    ASSERT_TRUE(lake.CheckIntegrity().ok()) << "step " << step << ": " << lake.CheckIntegrity();
     CoordinatorSnapshot s;
     for (int32_t i = 0; i < kInstances; ++i) {
       s.members.push_back(Member(absl::StrCat("i", i), true));

@@ -316,6 +316,7 @@ void Reconciler::Reconcile(Instance& in, InstanceId id, absl::Time now,
   Restore(in, id, std::move(retry), in_window, to_free);
   const size_t batch = static_cast<size_t>(options_.batch);
   int64_t drops = 0;
+  std::vector<SegmentId> lose;
   for (size_t next = 0; next < missing.size();) {
     TimedLakeLock lake_lock(&lake_->mu, this);
     const size_t end = std::min(missing.size(), next + batch);
@@ -327,10 +328,15 @@ void Reconciler::Reconcile(Instance& in, InstanceId id, absl::Time now,
       const int32_t misses = ++it->second;
       if (misses >= kMissesToDrop && lake_->lake->DropReplica(seg, id).ok()) {
         ++drops;
-      } else if (misses >= kMissesToLose && lake_->lake->LoseReplica(seg, id).ok()) {
-        ++drops;
+      } else if (misses >= kMissesToLose) {
+        lose.push_back(seg);
       }
     }
+  }
+  // Losing a last copy walks the tree to find its subtree: one per hold of the lock.
+  for (SegmentId seg : lose) {
+    TimedLakeLock lake_lock(&lake_->mu, this);
+    if (in.missing.contains(seg) && lake_->lake->LoseReplica(seg, id).ok()) ++drops;
   }
   absl::MutexLock lock(&mu_);
   stats_.drops += drops;
