@@ -1,6 +1,7 @@
 // `tokenlake bench control-plane --json FILE`: control-plane latency of the TokenLake pool.
 // (`tokenlake bench engine --json FILE`, the GPU engine's benchmark, is described in
-// src/tokenlake/engine/cuda/engine_bench.h.)
+// src/tokenlake/engine/cuda/engine_bench.h; `tokenlake bench coordinator --json FILE`, a real
+// coordinator planning while it reconciles, in src/tokenlake/service/coordinator_bench.h.)
 //
 // Builds a pool of about --segments segments (default 1M) over --instances instances (default
 // 16): documents of 256 segments x 512 tokens (128K tokens) sharing an 8-segment system prompt,
@@ -41,6 +42,9 @@
 
 #if defined(TOKENLAKE_HAVE_CUDA)
 #include "tokenlake/engine/cuda/engine_bench.h"
+#endif
+#if defined(TOKENLAKE_HAVE_SERVICE)
+#include "tokenlake/service/coordinator_bench.h"
 #endif
 
 namespace tokenlake::cli {
@@ -403,6 +407,107 @@ void SetUpEngineBench(CLI::App* bench, int* exit_code) {
   e->callback([f, exit_code] { *exit_code = RunEngine(*f); });
 }
 
+// `tokenlake bench coordinator`: a real coordinator planning while it reconciles
+// (service/coordinator_bench.h).
+struct CoordinatorBenchFlags {
+  std::string json_path;
+  int32_t instances = 64;
+  int64_t segments = int64_t{1} << 20;
+  double seconds = 5;
+  double warmup_seconds = 1;
+  int32_t plan_clients = 2;
+  int32_t batch_requests = 4;
+  int32_t heartbeat_ms = 200;
+  int32_t full_report_every = 50;
+  uint64_t seed = 1;
+};
+
+#if defined(TOKENLAKE_HAVE_SERVICE)
+int RunCoordinator(const CoordinatorBenchFlags& f) {
+  const bool tty = isatty(fileno(stderr)) != 0;
+  const auto started = std::chrono::steady_clock::now();
+  auto progress = [&](const std::string& line) {
+    const double s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    std::fprintf(stderr, "%s[%6.1f s] %s\n", tty ? "\r" : "", s, line.c_str());
+  };
+  absl::StatusOr<nlohmann::json> j =
+      service::RunCoordinatorBench({.instances = f.instances,
+                                    .segments = f.segments,
+                                    .phase = absl::Seconds(f.seconds),
+                                    .warmup = absl::Seconds(f.warmup_seconds),
+                                    .plan_clients = f.plan_clients,
+                                    .batch_requests = f.batch_requests,
+                                    .heartbeat_interval = absl::Milliseconds(f.heartbeat_ms),
+                                    .full_report_every = f.full_report_every,
+                                    .seed = f.seed},
+                                   progress);
+  if (!j.ok()) {
+    std::fprintf(stderr, "tokenlake bench coordinator: %s\n", j.status().ToString().c_str());
+    return 1;
+  }
+  (*j)["commit"] = Commit();
+  (*j)["machine"] = MachineInfo(false);
+  std::printf(
+      "plans/s %.0f without reconciliation, %.0f with; plan p99 %.3f ms without, %.3f "
+      "ms with\n",
+      (*j)["plans_per_s"].get<double>(), (*j)["plans_per_s_with_reconcile"].get<double>(),
+      (*j)["plan_p99_ms"].get<double>(), (*j)["plan_p99_ms_with_reconcile"].get<double>());
+  std::ofstream out(f.json_path);
+  out << j->dump(2) << "\n";
+  out.close();
+  if (!out) {
+    std::fprintf(stderr, "tokenlake bench coordinator: cannot write '%s'\n", f.json_path.c_str());
+    return 1;
+  }
+  std::cout << "wrote " << f.json_path << "\n";
+  return 0;
+}
+#else
+int RunCoordinator(const CoordinatorBenchFlags&) {
+  std::fprintf(stderr,
+               "tokenlake bench coordinator: this build has no service module; rebuild with "
+               "-DTOKENLAKE_SERVICE=ON\n");
+  return 1;
+}
+#endif
+
+void SetUpCoordinatorBench(CLI::App* bench, int* exit_code) {
+  auto f = std::make_shared<CoordinatorBenchFlags>();
+  CLI::App* c = bench->add_subcommand(
+      "coordinator",
+      "A real coordinator (gRPC on loopback) with simulated instances and engines: plans per "
+      "second and plan latency, with and without heartbeat reconciliation");
+  c->add_option("--json", f->json_path, "Write the results as JSON to this file")->required();
+  c->add_option("--instances", f->instances, "Simulated instances")
+      ->check(CLI::Range(1, 64))
+      ->capture_default_str();
+  c->add_option("--segments", f->segments, "Segments in the pool at the start (about)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 26))
+      ->capture_default_str();
+  c->add_option("--seconds", f->seconds, "Length of each measured phase")
+      ->check(CLI::Range(0.1, 3600.0))
+      ->capture_default_str();
+  c->add_option("--warmup-seconds", f->warmup_seconds, "Warm-up before the phases")
+      ->check(CLI::Range(0.0, 3600.0))
+      ->capture_default_str();
+  c->add_option("--plan-clients", f->plan_clients, "Engines planning concurrently")
+      ->check(CLI::Range(1, 256))
+      ->capture_default_str();
+  c->add_option("--batch-requests", f->batch_requests, "Requests per PlanBatch call")
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
+  c->add_option("--heartbeat-ms", f->heartbeat_ms, "The instances' heartbeat period")
+      ->check(CLI::Range(1, 60000))
+      ->capture_default_str();
+  c->add_option("--full-report-every", f->full_report_every,
+                "Every how many heartbeats an instance sends a full report (0: only when asked)")
+      ->check(CLI::Range(0, 1 << 20))
+      ->capture_default_str();
+  c->add_option("--seed", f->seed, "Seed of the request mix");
+  c->callback([f, exit_code] { *exit_code = RunCoordinator(*f); });
+}
+
 void SetUpBench(CLI::App& app, int* exit_code) {
   CLI::App* bench = app.add_subcommand("bench", "Micro-benchmarks of TokenLake components");
   bench->require_subcommand(1);
@@ -422,6 +527,7 @@ void SetUpBench(CLI::App& app, int* exit_code) {
   cp->add_flag("!--no-pin", flags->pin_cpu, "Do not pin the process to one CPU");
   cp->callback([flags, exit_code] { *exit_code = RunControlPlane(*flags); });
   SetUpEngineBench(bench, exit_code);
+  SetUpCoordinatorBench(bench, exit_code);
 }
 
 }  // namespace

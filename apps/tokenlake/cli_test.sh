@@ -333,5 +333,21 @@ expect "certs refuses a host that is not a name or an address" 2 "'no such host!
 expect "certs names a CA folder without a CA key" 2 "tls-b/ca-key.pem" -- \
   "$bin" certs --out "$tmp/tls-c" --ca "$tmp/tls-b"
 
+# bench coordinator: a small run writes the four headline figures (and no plan failed).
+if "$bin" bench --help 2>&1 | grep -q coordinator; then
+  expect "bench coordinator smoke run" 0 "wrote .*coordinator.json" -- \
+    "$bin" bench coordinator --instances 4 --segments 20000 --seconds 1 --warmup-seconds 0.2 \
+    --json "$tmp/coordinator.json"
+  expect "bench coordinator JSON has the headline keys and no errors" 0 "^ok$" -- \
+    python3 -c 'import json, sys
+j = json.load(open(sys.argv[1]))
+keys = ["plans_per_s", "plans_per_s_with_reconcile", "plan_p99_ms", "plan_p99_ms_with_reconcile"]
+ok = all(j[k] > 0 for k in keys) and j["plan_errors"] == 0 and j["heartbeat_errors"] == 0
+ok = ok and j["reports_with_reconcile"]["changes"] > 0 and j["pool_segments_at_start"] >= 20000
+print("ok" if ok else j)' "$tmp/coordinator.json"
+  expect "bench coordinator refuses more instances than a lake holds" 2 "instances" -- \
+    "$bin" bench coordinator --instances 65 --json "$tmp/x.json"
+fi
+
 echo "cli: $passes passed, $failures failed"
 [ "$failures" -eq 0 ]

@@ -299,7 +299,8 @@ void SetUpCoordinator(CLI::App& app, int* exit_code) {
                   "(`tokenlake certs`)");
   cmd->add_option("--api-key-file", f->api_key_file,
                   "API keys of the HTTP front end, one per line: KEY [tenant=NAME] "
-                  "[max_concurrent=N]; requests then need Authorization: Bearer KEY");
+                  "[max_concurrent=N] [max_tokens_in_flight=N]; requests then need "
+                  "Authorization: Bearer KEY");
   cmd->add_flag("--metrics-public", f->metrics_public, "Serve /metrics without a key");
   cmd->add_option("--etcd", f->etcd,
                   "etcd endpoint http://HOST:PORT: elect a leader among this cluster's "

@@ -75,6 +75,9 @@ absl::StatusOr<std::unique_ptr<InstancePool>> InstancePool::Create(const Options
   if (options.missing_segment_grace < absl::ZeroDuration()) {
     return absl::InvalidArgumentError("InstancePool: missing_segment_grace must be >= 0");
   }
+  if (options.change_log_entries < 0) {
+    return absl::InvalidArgumentError("InstancePool: change_log_entries must be >= 0");
+  }
   std::vector<bool> hosted(static_cast<size_t>(options.num_instances), options.hosted.empty());
   for (InstanceId h : options.hosted) {
     if (!h.valid() || h.value() < 0 || h.value() >= options.num_instances ||
@@ -121,7 +124,7 @@ absl::StatusOr<std::unique_ptr<InstancePool>> InstancePool::Create(const Options
       pool->drivers_.push_back(nullptr);
       continue;
     }
-    auto inst = std::make_unique<Instance>();
+    auto inst = std::make_unique<Instance>(options.change_log_entries);
     inst->arena.resize(slot_bytes * static_cast<size_t>(options.slots_per_instance));
     TOKENLAKE_ASSIGN_OR_RETURN(inst->store,
                                store::SegmentStore::Create({.arena = inst->arena.data(),
@@ -159,13 +162,18 @@ store::SegmentStore& InstancePool::store(InstanceId i) const {
 }
 
 std::vector<HeldSegmentInfo> InstancePool::Held(InstanceId i) const {
+  return HeldWithGeneration(i).segments;
+}
+
+InstancePool::HeldReport InstancePool::HeldWithGeneration(InstanceId i) const {
   TOKENLAKE_CHECK(hosts(i));
   const Instance& inst = *instances_[static_cast<size_t>(i.value())];
-  std::vector<HeldSegmentInfo> out;
+  HeldReport out;
   absl::MutexLock lock(&inst.meta_mu);
+  out.generation = inst.changes.last();
   for (SegmentId id : inst.store->Segments()) {
     auto it = inst.meta.find(id);
-    out.push_back({id, it == inst.meta.end() ? StoredMeta{} : it->second.meta});
+    out.segments.push_back({id, it == inst.meta.end() ? StoredMeta{} : it->second.meta});
   }
   return out;
 }
@@ -174,7 +182,22 @@ uint64_t InstancePool::StoreGeneration(InstanceId i) const {
   TOKENLAKE_CHECK(hosts(i));
   const Instance& inst = *instances_[static_cast<size_t>(i.value())];
   absl::MutexLock lock(&inst.meta_mu);
-  return inst.generation;
+  return inst.changes.last();
+}
+
+std::optional<std::vector<store::SegmentChange>> InstancePool::ChangesSince(InstanceId i,
+                                                                            uint64_t from) const {
+  TOKENLAKE_CHECK(hosts(i));
+  const Instance& inst = *instances_[static_cast<size_t>(i.value())];
+  absl::MutexLock lock(&inst.meta_mu);
+  return inst.changes.Since(from);
+}
+
+void InstancePool::ForgetChanges(InstanceId i, uint64_t through) {
+  TOKENLAKE_CHECK(hosts(i));
+  Instance& inst = *instances_[static_cast<size_t>(i.value())];
+  absl::MutexLock lock(&inst.meta_mu);
+  inst.changes.Trim(through);
 }
 
 absl::Status InstancePool::FreeIfUnchangedSince(InstanceId i, SegmentId segment,
@@ -190,6 +213,7 @@ absl::Status InstancePool::FreeIfUnchangedSince(InstanceId i, SegmentId segment,
   }
   TOKENLAKE_RETURN_IF_ERROR(inst.store->Free(segment));
   inst.meta.erase(segment);
+  inst.changes.Record({.id = segment, .stored = false});
   return absl::OkStatus();
 }
 
@@ -411,6 +435,7 @@ absl::Status InstancePool::LocalFree(InstanceId target, SegmentId segment,
   }
   TOKENLAKE_RETURN_IF_ERROR(store(target).Free(segment));
   inst.meta.erase(segment);
+  inst.changes.Record({.id = segment, .stored = false});
   return absl::OkStatus();
 }
 
@@ -439,7 +464,9 @@ absl::Status InstancePool::LocalStore(InstanceId target, SegmentId segment,
   const absl::Span<std::byte> data = st.SlotData(*slot);
   TOKENLAKE_CHECK(data.size() == slot_bytes.size());
   std::memcpy(data.data(), slot_bytes.data(), slot_bytes.size());
-  inst.meta[segment] = Instance::Entry{.meta = meta, .generation = ++inst.generation};
+  const uint64_t generation = inst.changes.Record(
+      {.id = segment, .stored = true, .parent = meta.parent, .num_tokens = meta.num_tokens});
+  inst.meta[segment] = Instance::Entry{.meta = meta, .generation = generation};
   return absl::OkStatus();
 }
 

@@ -27,7 +27,11 @@
 //
 // Segment metadata: each hosted instance remembers, for every segment it stores, its parent
 // in the chain and its token count (sent with the store message), so that it can report what
-// it holds in a form the control plane can rebuild its prefix tree from (Held()).
+// it holds in a form the control plane can rebuild its prefix tree from (Held()). Every store
+// and free on a hosted instance is numbered (store/segment_change_log.h; the numbers are its
+// store generations), and with Options::change_log_entries the changes are kept until the
+// instance's reports have carried them (ChangesSince, ForgetChanges), so that it reports what
+// changed rather than everything it holds.
 //
 // Thread-safety: thread-safe. Each driver endpoint (computing instance) must be used by one
 // thread at a time; different computing instances may drive concurrently.
@@ -51,6 +55,7 @@
 #include "tokenlake/attention/attention.h"
 #include "tokenlake/base/check.h"
 #include "tokenlake/base/ids.h"
+#include "tokenlake/store/segment_change_log.h"
 #include "tokenlake/store/segment_store.h"
 #include "tokenlake/transport/loopback.h"
 
@@ -123,6 +128,10 @@ class InstancePool {
     // set aside, not blocking the holder's other messages (the store among them), and retried
     // as they are handled.
     absl::Duration missing_segment_grace = absl::ZeroDuration();
+    // Changes of each hosted store kept for ChangesSince until ForgetChanges (beyond, they are
+    // all forgotten and the reader reports in full; segment_change_log.h). 0: changes are
+    // numbered, none kept. >= 0.
+    int64_t change_log_entries = 0;
   };
 
   // Allocates the arenas, creates the stores and the transport, starts the server threads.
@@ -145,14 +154,26 @@ class InstancePool {
   // The segments hosted instance `i` stores, with their metadata (parent, tokens; zero when a
   // store message did not carry them). REQUIRES: hosts(i).
   std::vector<HeldSegmentInfo> Held(InstanceId i) const;
-  // Store generations of hosted instance `i`: every store (new or overwrite) of a segment
-  // stamps it with the next generation. StoreGeneration returns the latest one given;
-  // FreeIfUnchangedSince frees `segment` only if its copy was stored at or before `generation`
-  // (so that a free decided from an older report of what `i` held never drops a copy stored
-  // since). Errors: NotFound (not stored), FailedPrecondition (stored again since, or pinned).
-  // REQUIRES: hosts(i).
+  // Held(i) and the store generation it reflects, taken together.
+  struct HeldReport {
+    uint64_t generation = 0;
+    std::vector<HeldSegmentInfo> segments;
+  };
+  HeldReport HeldWithGeneration(InstanceId i) const;
+  // Store generations of hosted instance `i`: every store (new or overwrite) and every free of
+  // a segment takes the next one (its change number); a stored copy is stamped with its store's.
+  // StoreGeneration returns the latest one given; FreeIfUnchangedSince frees `segment` only if
+  // its copy was stored at or before `generation` (so that a free decided from an older report
+  // of what `i` held never drops a copy stored since). Errors: NotFound (not stored),
+  // FailedPrecondition (stored again since, or pinned). REQUIRES: hosts(i).
   uint64_t StoreGeneration(InstanceId i) const;
   absl::Status FreeIfUnchangedSince(InstanceId i, SegmentId segment, uint64_t generation);
+  // The changes of hosted instance `i` after generation `from` (generations from + 1 ..
+  // StoreGeneration(i), in order), or nullopt when they are not all kept (forgotten, or
+  // change_log_entries exceeded: report in full). ForgetChanges drops those up to `through`
+  // (reported and acknowledged). REQUIRES: hosts(i).
+  std::optional<std::vector<store::SegmentChange>> ChangesSince(InstanceId i, uint64_t from) const;
+  void ForgetChanges(InstanceId i, uint64_t through);
 
   // The loopback under any wrapper (for its traffic counters: what reached it).
   // REQUIRES: no external_transport.
@@ -231,6 +252,7 @@ class InstancePool {
 
  private:
   struct Instance {
+    explicit Instance(int64_t change_log_entries) : changes(change_log_entries) {}
     std::vector<std::byte> arena;
     std::unique_ptr<store::SegmentStore> store;
     std::thread server;
@@ -240,7 +262,8 @@ class InstancePool {
       uint64_t generation = 0;
     };
     absl::flat_hash_map<SegmentId, Entry> meta ABSL_GUARDED_BY(meta_mu);
-    uint64_t generation ABSL_GUARDED_BY(meta_mu) = 0;
+    // Numbers (generations) and keeps the stores and frees.
+    store::SegmentChangeLog changes ABSL_GUARDED_BY(meta_mu);
   };
   struct Driver {
     absl::Mutex mu;

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <iostream>
+#include <map>
 #include <random>
 #include <vector>
 
@@ -340,6 +341,74 @@ TEST(InstancePoolTest, FreeIfUnchangedSinceSparesACopyStoredAgain) {
   EXPECT_EQ(pool->FreeIfUnchangedSince(i, SegmentId(1), pool->StoreGeneration(i)).code(),
             absl::StatusCode::kNotFound);
   EXPECT_EQ(pool->Held(i).size(), 1u);
+}
+
+// Every store and free on a hosted instance, through the transport or local, is a numbered
+// change (its store generation); replaying the changes after an acknowledged report onto that
+// report gives what the instance holds, after random stores, frees and acknowledgements.
+TEST(InstancePoolTest, ChangesSinceAReportReplayToWhatTheInstanceHolds) {
+  auto created = InstancePool::Create({.num_instances = 2,
+                                       .layout = Layout(KvDtype::kFloat32),
+                                       .num_heads = 4,
+                                       .slots_per_instance = 6,
+                                       .change_log_entries = 64});
+  ASSERT_TRUE(created.ok()) << created.status();
+  InstancePool& pool = **created;
+  const uint64_t seed = 11;
+  std::cout << "seed=" << seed << "\n";
+  std::mt19937 rng(seed);
+  const std::vector<std::byte> slot = RandomSlot(Layout(KvDtype::kFloat32), rng);
+  const InstanceId holder(1);
+  auto held_map = [](const std::vector<HeldSegmentInfo>& held) {
+    std::map<uint64_t, std::pair<uint64_t, int32_t>> m;
+    for (const HeldSegmentInfo& h : held) {
+      m[h.id.value()] = {h.meta.parent.value(), h.meta.num_tokens};
+    }
+    return m;
+  };
+  InstancePool::HeldReport report = pool.HeldWithGeneration(holder);
+  std::map<uint64_t, std::pair<uint64_t, int32_t>> mirror = held_map(report.segments);
+  uint64_t acked = report.generation;
+  for (int step = 0; step < 400; ++step) {
+    const uint64_t seg = 1 + rng() % 10;
+    const InstanceId driver(static_cast<int32_t>(rng() % 2));  // remote (0) or local (1)
+    const int dice = static_cast<int>(rng() % 10);
+    if (dice < 5) {
+      // A full store fails without changing anything: no change is numbered.
+      const uint64_t before = pool.StoreGeneration(holder);
+      const StoredMeta meta{.parent = SegmentId(seg + 100), .num_tokens = 1 + step % 5};
+      if (!pool.StoreSegment(driver, holder, SegmentId(seg), slot, meta).ok()) {
+        ASSERT_EQ(pool.StoreGeneration(holder), before);
+      }
+    } else if (dice < 8) {
+      pool.FreeSegment(driver, holder, SegmentId(seg)).IgnoreError();
+    } else {
+      pool.FreeIfUnchangedSince(holder, SegmentId(seg), pool.StoreGeneration(holder)).IgnoreError();
+    }
+    if (rng() % 4 == 0) {
+      // A report: the changes since the acknowledged one, applied to the mirror.
+      std::optional<std::vector<store::SegmentChange>> changes = pool.ChangesSince(holder, acked);
+      ASSERT_TRUE(changes.has_value()) << "step " << step;
+      for (const store::SegmentChange& c : *changes) {
+        if (c.stored) {
+          mirror[c.id.value()] = {c.parent.value(), c.num_tokens};
+        } else {
+          ASSERT_EQ(mirror.erase(c.id.value()), 1u) << "step " << step << ": a free of " << c.id;
+        }
+      }
+      acked += changes->size();
+      ASSERT_EQ(acked, pool.StoreGeneration(holder));
+      ASSERT_EQ(mirror, held_map(pool.Held(holder))) << "step " << step;
+      if (rng() % 2 == 0) {
+        pool.ForgetChanges(holder, acked);
+        ASSERT_EQ(pool.ChangesSince(holder, acked), std::vector<store::SegmentChange>{});
+        if (acked > 0) {
+          ASSERT_EQ(pool.ChangesSince(holder, acked - 1), std::nullopt);
+        }
+      }
+    }
+  }
+  ASSERT_GT(acked, 100u);
 }
 
 // A free for an evicted copy keeps the same segment placed there again by a later change of

@@ -170,9 +170,8 @@ absl::StatusOr<InsertResult> PrefixTree::Insert(SegmentId parent, const SegmentK
   auto [it, ok] = nodes_.emplace(key.id, std::move(node));
   TOKENLAKE_CHECK(ok);
   Index(it->second);
-  ++num_replicas_;
-  ++per_instance_[holder.value()].num_replicas;
   num_tokens_ += key.num_tokens;
+  CountAdded(it->second, holder);
   return InsertResult{.inserted = true, .depth = depth};
 }
 
@@ -255,9 +254,24 @@ absl::Status PrefixTree::AddReplica(SegmentId id, InstanceId instance) {
   Unindex(node);
   node.replicas.push_back(instance);
   Index(node);
-  ++num_replicas_;
-  ++per_instance_[instance.value()].num_replicas;
+  CountAdded(node, instance);
   return absl::OkStatus();
+}
+
+void PrefixTree::CountAdded(const Node& node, InstanceId instance) {
+  ++num_replicas_;
+  PerInstance& per = per_instance_[instance.value()];
+  ++per.num_replicas;
+  per.num_tokens += node.num_tokens;
+  if (observer_) observer_(node.id, instance, /*added=*/true);
+}
+
+void PrefixTree::CountRemoved(const Node& node, InstanceId instance) {
+  --num_replicas_;
+  PerInstance& per = per_instance_[instance.value()];
+  --per.num_replicas;
+  per.num_tokens -= node.num_tokens;
+  if (observer_) observer_(node.id, instance, /*added=*/false);
 }
 
 void PrefixTree::EraseLeafNode(SegmentId id) {
@@ -266,8 +280,7 @@ void PrefixTree::EraseLeafNode(SegmentId id) {
   Node& node = it->second;
   TOKENLAKE_CHECK(node.is_leaf(), "EraseLeafNode on an interior node");
   Unindex(node);
-  for (InstanceId r : node.replicas) --per_instance_[r.value()].num_replicas;
-  num_replicas_ -= static_cast<int64_t>(node.replicas.size());
+  for (InstanceId r : node.replicas) CountRemoved(node, r);
   num_tokens_ -= node.num_tokens;
   if (node.is_pinned()) --num_pinned_;
   const SegmentId parent = node.parent;
@@ -316,8 +329,7 @@ absl::StatusOr<EvictResult> PrefixTree::RemoveReplica(SegmentId id, InstanceId i
   Unindex(node);
   node.replicas.erase(rit);
   Index(node);
-  --num_replicas_;
-  --per_instance_[instance.value()].num_replicas;
+  CountRemoved(node, instance);
   return result;
 }
 
@@ -464,8 +476,7 @@ absl::StatusOr<DropInstanceResult> PrefixTree::DropInstance(InstanceId instance)
     Unindex(node);
     node.replicas.erase(rit);
     Index(node);
-    --num_replicas_;
-    --per_instance_[instance.value()].num_replicas;
+    CountRemoved(node, instance);
   }
   if (lost.empty()) return result;
   // 2. Everything under a lost node is unreachable: collect lost nodes and their descendants.
@@ -540,9 +551,15 @@ int64_t PrefixTree::SegmentsOn(InstanceId instance) const {
   return per_instance_[instance.value()].num_replicas;
 }
 
+int64_t PrefixTree::TokensOn(InstanceId instance) const {
+  if (!InstanceInRange(instance)) return 0;
+  return per_instance_[instance.value()].num_tokens;
+}
+
 absl::Status PrefixTree::CheckIntegrity() const {
   absl::flat_hash_map<SegmentId, int32_t> children;
   std::vector<int64_t> per_instance(per_instance_.size(), 0);
+  std::vector<int64_t> tokens_on(per_instance_.size(), 0);
   int64_t replicas = 0, tokens = 0, pinned = 0;
   absl::btree_set<LruKey> leaves;
   std::vector<absl::btree_set<LruKey>> extras(per_instance_.size());
@@ -579,6 +596,7 @@ absl::Status PrefixTree::CheckIntegrity() const {
         }
       }
       ++per_instance[node.replicas[i].value()];
+      tokens_on[node.replicas[i].value()] += node.num_tokens;
     }
     if (node.pin_count < 0) return fail(Str(id) + " has a negative pin count (I7)");
     replicas += static_cast<int64_t>(node.replicas.size());
@@ -610,6 +628,10 @@ absl::Status PrefixTree::CheckIntegrity() const {
     if (per_instance[i] != per_instance_[i].num_replicas) {
       return fail(absl::StrFormat("SegmentsOn(%d) is %d but %d replicas are stored (I5)", i,
                                   per_instance_[i].num_replicas, per_instance[i]));
+    }
+    if (tokens_on[i] != per_instance_[i].num_tokens) {
+      return fail(absl::StrFormat("TokensOn(%d) is %d but the replicas there hold %d (I5)", i,
+                                  per_instance_[i].num_tokens, tokens_on[i]));
     }
     if (extras[i] != per_instance_[i].extras) {
       return fail(absl::StrFormat("the extra-replica index of instance %d is wrong (I6)", i));

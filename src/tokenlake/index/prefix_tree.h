@@ -20,7 +20,8 @@
 //       depth = parent's depth + 1 (0 for root children).
 //   I3. A part-segment (num_tokens < segment_tokens) has no children.
 //   I4. Every node has >= 1 replica; its replicas are distinct, valid instances.
-//   I5. SegmentsOn(x) = number of nodes with a replica on x; num_replicas() = their sum.
+//   I5. SegmentsOn(x) = number of nodes with a replica on x; num_replicas() = their sum;
+//       TokensOn(x) = the sum of those nodes' num_tokens.
 //   I6. The global eviction index holds exactly the unpinned leaves, ordered by
 //       (last_access_us, id); the per-instance indexes hold exactly the unpinned nodes with a
 //       replica on x that are leaves with one replica (last copies) or have >= 2 replicas (extras).
@@ -37,6 +38,7 @@
 #define TOKENLAKE_INDEX_PREFIX_TREE_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <utility>
@@ -136,6 +138,14 @@ class PrefixTree {
 
   // Errors: InvalidArgument if segment_tokens <= 0, num_instances <= 0 or reserve_segments < 0.
   static absl::StatusOr<std::unique_ptr<PrefixTree>> Create(const Options& options);
+
+  // Told of every replica the tree gains (`added`) or loses, by any call (Insert, AddReplica,
+  // RemoveReplica, eviction, DropInstance), once per (segment, instance) and right after the
+  // change: so that a caller can keep a view of where copies live without scanning the tree.
+  // It runs inside the mutating call and must not call the tree.
+  using ReplicaObserver = std::function<void(SegmentId segment, InstanceId instance, bool added)>;
+  // Replaces the observer (empty: none).
+  void SetReplicaObserver(ReplicaObserver observer) { observer_ = std::move(observer); }
 
   PrefixTree(const PrefixTree&) = delete;
   PrefixTree& operator=(const PrefixTree&) = delete;
@@ -247,6 +257,8 @@ class PrefixTree {
   int64_t num_evictable_leaves() const { return static_cast<int64_t>(lru_leaves_.size()); }
   // Number of replicas stored on `instance` (0 if out of range). O(1).
   int64_t SegmentsOn(InstanceId instance) const;
+  // Sum of num_tokens over the segments with a replica on `instance` (0 if out of range). O(1).
+  int64_t TokensOn(InstanceId instance) const;
   int32_t num_instances() const { return static_cast<int32_t>(per_instance_.size()); }
   int32_t segment_tokens() const { return options_.segment_tokens; }
 
@@ -258,6 +270,7 @@ class PrefixTree {
   using LruKey = std::pair<int64_t, SegmentId>;  // (last_access_us, id)
   struct PerInstance {
     int64_t num_replicas = 0;
+    int64_t num_tokens = 0;
     absl::btree_set<LruKey> extras;     // unpinned nodes with >= 2 replicas, one here
     absl::btree_set<LruKey> last_copy;  // unpinned leaves whose only replica is here
   };
@@ -274,6 +287,9 @@ class PrefixTree {
   // Erases a node with no children (ignoring pins), releasing all its replicas from the
   // counters, and updates the parent (re-indexing it).
   void EraseLeafNode(SegmentId id);
+  // Counts a replica of `node` that `instance` gained / lost and tells the observer.
+  void CountAdded(const Node& node, InstanceId instance);
+  void CountRemoved(const Node& node, InstanceId instance);
 
   Options options_;
   absl::flat_hash_map<SegmentId, Node> nodes_;
@@ -282,6 +298,7 @@ class PrefixTree {
   int64_t num_replicas_ = 0;
   int64_t num_tokens_ = 0;
   int64_t num_pinned_ = 0;
+  ReplicaObserver observer_;
 };
 
 }  // namespace tokenlake::index

@@ -507,6 +507,14 @@ TEST_P(PrefixTreeModelTest, RandomOperationsMatchReferenceModel) {
   auto created = PrefixTree::Create({.segment_tokens = s, .num_instances = n});
   ASSERT_TRUE(created.ok());
   PrefixTree& tree = **created;
+  // Where copies live as the observer tells it (each change once: no gain of a copy held, no
+  // loss of one not held).
+  std::set<std::pair<SegmentId, int32_t>> observed;
+  bool observer_ok = true;
+  tree.SetReplicaObserver([&](SegmentId seg, InstanceId x, bool added) {
+    observer_ok &=
+        added ? observed.insert({seg, x.value()}).second : observed.erase({seg, x.value()}) == 1;
+  });
   RefTree ref(s, n);
   std::vector<int64_t> used(static_cast<size_t>(n), 0);  // slots in use, from tree reports
   std::vector<std::vector<SegmentId>> pin_sets;          // pins held by fake requests
@@ -826,6 +834,19 @@ TEST_P(PrefixTreeModelTest, RandomOperationsMatchReferenceModel) {
       replicas += static_cast<int64_t>(v.replicas.size());
     }
     ASSERT_EQ(tree.num_replicas(), replicas);
+    ASSERT_TRUE(observer_ok);
+    std::set<std::pair<SegmentId, int32_t>> placed;
+    std::vector<int64_t> tokens_on(static_cast<size_t>(n), 0);
+    for (const auto& [id, v] : ref.nodes) {
+      for (int32_t x : v.replicas) {
+        placed.insert({id, x});
+        tokens_on[static_cast<size_t>(x)] += v.num_tokens;
+      }
+    }
+    ASSERT_EQ(observed, placed);
+    for (int32_t x = 0; x < n; ++x) {
+      ASSERT_EQ(tree.TokensOn(InstanceId(x)), tokens_on[static_cast<size_t>(x)]) << x;
+    }
     ASSERT_EQ(tree.LruEvictableLeaf(), ref.LruLeaf());
     for (int32_t x = 0; x < n; ++x) {
       // Conservation: slots used (from what the tree reported) == replicas held, within capacity.

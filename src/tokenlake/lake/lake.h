@@ -216,6 +216,8 @@ struct InstanceStats {
   int64_t capacity_slots = 0;
   int64_t used_slots = 0;
   int64_t free_slots = 0;
+  // Tokens of the segments with a copy here (a segment's tokens count once per copy).
+  int64_t tokens = 0;
   double load = 0;  // decayed cache load (query tokens x cached tokens)
 };
 
@@ -370,13 +372,23 @@ class Lake {
   // not hold it): like DropInstance for one copy, pins do not protect it. A non-last copy is
   // removed; the last copy erases the segment and its whole subtree (their copies elsewhere are
   // freed and returned, for the caller to free on those instances), and running requests lose
-  // their pins on the erased segments. Returns the copies freed on other instances.
+  // their pins on the erased segments. Returns the copies freed on other instances. O(1) for a
+  // copy that is not the last; O(segments) (one pass over the tree) for a last copy.
   // Errors: InvalidArgument (unknown instance), NotFound (no such copy).
   absl::StatusOr<std::vector<StoredReplica>> LoseReplica(SegmentId segment, InstanceId instance);
 
   // ---- Introspection ----
 
-  LakeStats Stats() const;
+  // Tells `observer` of every copy the pool gains or loses from now on, whichever call made the
+  // change (index::PrefixTree::ReplicaObserver: once per (segment, instance), right after the
+  // change). It runs with the lake's lock held and must not call the lake. Empty: none.
+  void SetReplicaObserver(index::PrefixTree::ReplicaObserver observer);
+
+  // The counters and gauges, kept up to date as the pool changes: never a walk of the tree.
+  // heavy_hitters scans the warm set (the segments tracked for rebalancing) unless
+  // `scan_heavy_hitters` is false: then it is the count found by the latest Rebalance, and the
+  // call is O(instances) (for a metrics scrape under a lock that plans need).
+  LakeStats Stats(bool scan_heavy_hitters = true) const;
   // The tree's integrity, every store's integrity, and that each store holds exactly the
   // tree's replicas on its instance. OK or Internal naming the first violation. O(n).
   absl::Status CheckIntegrity() const;
@@ -471,6 +483,7 @@ class Lake {
   int64_t pinned_replicas_ ABSL_GUARDED_BY(mu_) = 0;  // replicas of nodes with pin_count > 0
   int64_t reserved_slots_ ABSL_GUARDED_BY(mu_) = 0;   // sum of Active::reserved_slots
   uint64_t sequence_ ABSL_GUARDED_BY(mu_) = 0;        // last Commit / Rebalance sequence
+  int64_t rebalance_heavy_ ABSL_GUARDED_BY(mu_) = 0;  // heavy hitters at the latest Rebalance
 };
 
 }  // namespace tokenlake::lake

@@ -61,6 +61,13 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
   auto lake_or = Lake::Create(o, &clock);
   ASSERT_TRUE(lake_or.ok()) << lake_or.status();
   Lake& lake = **lake_or;
+  // Where copies live as the lake's replica observer tells it, whichever call changed them.
+  std::set<std::pair<uint64_t, int32_t>> observed;
+  bool observer_ok = true;
+  lake.SetReplicaObserver([&](SegmentId seg, InstanceId x, bool added) {
+    observer_ok &= added ? observed.insert({seg.value(), x.value()}).second
+                         : observed.erase({seg.value(), x.value()}) == 1;
+  });
 
   // Documents: chains sharing prefixes (document d's segment k has id d*1000+k, and documents
   // 0..3 share a two-segment "system prompt" 1, 2). A request takes a prefix of a document.
@@ -98,6 +105,9 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
     const index::PrefixTree& tree = lake.prefix_tree();
     ASSERT_EQ(tree.num_segments(), static_cast<int64_t>(model.size())) << "step " << step;
     std::vector<int64_t> per_instance(p.instances, 0);
+    std::vector<int64_t> tokens_on(p.instances, 0);
+    std::set<std::pair<uint64_t, int32_t>> placed;
+    ASSERT_TRUE(observer_ok) << "step " << step;
     for (const auto& [seg, holders] : model) {
       const auto* node = tree.Find(SegmentId(seg));
       ASSERT_NE(node, nullptr) << "step " << step << ": model has " << seg;
@@ -108,8 +118,13 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
       if (node->parent.valid()) {
         ASSERT_TRUE(model.count(node->parent.value()));
       }
-      for (int32_t h : holders) per_instance[h]++;
+      for (int32_t h : holders) {
+        per_instance[h]++;
+        tokens_on[h] += node->num_tokens;
+        placed.insert({seg, h});
+      }
     }
+    ASSERT_EQ(observed, placed) << "step " << step;
     LakeStats s = lake.Stats();
     std::set<uint64_t> pinned;
     for (const auto& [req, pins] : active_pins) {
@@ -128,6 +143,7 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
     for (int32_t i = 0; i < p.instances; ++i) {
       ASSERT_EQ(s.instances[i].used_slots + s.instances[i].free_slots, o.instance_slots[i]);
       ASSERT_EQ(s.instances[i].used_slots, per_instance[i]) << "instance " << i;
+      ASSERT_EQ(s.instances[i].tokens, tokens_on[i]) << "instance " << i;
     }
     for (const auto& [req, pins] : active_pins) {
       for (SegmentId seg : pins) {

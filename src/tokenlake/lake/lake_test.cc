@@ -166,8 +166,13 @@ TEST_F(LakeTest, HotSystemPromptIsReplicatedAndItsExtraReplicasDropFirstWhenItCo
     clock_.AdvanceUs(10'000);
   }
   EXPECT_TRUE(lake_->IsHeavyHitter(SegmentId(1)));
+  // Without the scan, the heavy-hitter count is the latest Rebalance's (none yet).
+  EXPECT_GE(lake_->Stats().heavy_hitters, 1);
+  EXPECT_EQ(lake_->Stats(/*scan_heavy_hitters=*/false).heavy_hitters, 0);
+  const int64_t heavy = lake_->Stats().heavy_hitters;
   auto rb = lake_->Rebalance();
   ASSERT_TRUE(rb.ok()) << rb.status();
+  EXPECT_EQ(lake_->Stats(/*scan_heavy_hitters=*/false).heavy_hitters, heavy);
   int replicate = 0;
   for (const auto& a : rb->actions) {
     if (a.kind == balance::ActionKind::kReplicate && a.segment == SegmentId(1)) ++replicate;

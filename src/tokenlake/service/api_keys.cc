@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "tokenlake/service/openai_api.h"
 
 namespace tokenlake::service {
 
@@ -44,10 +45,14 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
         k.tenant = std::string(kv.second);
       } else if (kv.first == "max_concurrent" && absl::SimpleAtoi(kv.second, &k.max_concurrent) &&
                  k.max_concurrent >= 0) {
+      } else if (kv.first == "max_tokens_in_flight" &&
+                 absl::SimpleAtoi(kv.second, &k.max_tokens_in_flight) &&
+                 k.max_tokens_in_flight >= 0) {
       } else {
-        return absl::InvalidArgumentError(
-            absl::StrCat(where, ": '", kv.first,
-                         "' is not tenant=NAME or max_concurrent=N (N >= 0) after the key"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            where, ": '", kv.first,
+            "' is not tenant=NAME, max_concurrent=N or max_tokens_in_flight=N (N >= 0) after "
+            "the key"));
       }
     }
     for (const ApiKey& other : keys->keys_) {
@@ -61,6 +66,7 @@ absl::StatusOr<std::shared_ptr<const ApiKeys>> ApiKeys::Parse(absl::string_view 
     return absl::InvalidArgumentError(absl::StrCat(name, ": no API key in the file"));
   }
   keys->in_flight_ = std::make_unique<std::atomic<int32_t>[]>(keys->keys_.size());
+  keys->tokens_in_flight_ = std::make_unique<std::atomic<int64_t>[]>(keys->keys_.size());
   return std::shared_ptr<const ApiKeys>(std::move(keys));
 }
 
@@ -79,6 +85,93 @@ int ApiKeys::Find(absl::string_view authorization) const {
     }
   }
   return found;
+}
+
+}  // namespace tokenlake::service
+
+namespace tokenlake::service {
+
+absl::Status ApiKeys::TakeTokens(int i, int64_t tokens) const {
+  const int64_t limit = keys_[static_cast<size_t>(i)].max_tokens_in_flight;
+  std::atomic<int64_t>& held = tokens_in_flight_[static_cast<size_t>(i)];
+  if (limit <= 0) {
+    held.fetch_add(tokens);
+    return absl::OkStatus();
+  }
+  if (tokens > limit) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("this request needs ", tokens,
+                     " tokens (prompt + max_tokens), more than this API key's "
+                     "max_tokens_in_flight of ",
+                     limit));
+  }
+  int64_t now = held.load();
+  while (true) {
+    if (now + tokens > limit) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("this API key has ", now,
+                       " tokens in flight (prompt + max_tokens of its running "
+                       "requests); this request's ",
+                       tokens, " more would exceed its max_tokens_in_flight of ", limit));
+    }
+    if (held.compare_exchange_weak(now, now + tokens)) return absl::OkStatus();
+  }
+}
+
+void ApiKeys::ReturnTokens(int i, int64_t tokens) const {
+  tokens_in_flight_[static_cast<size_t>(i)].fetch_sub(tokens);
+}
+
+std::vector<HttpRoute> WithApiKeys(std::vector<HttpRoute> routes,
+                                   std::shared_ptr<const ApiKeys> keys, bool metrics_public) {
+  for (HttpRoute& route : routes) {
+    if (route.path == "/healthz" || (route.path == "/metrics" && metrics_public)) continue;
+    route.handler = [keys, inner = std::move(route.handler)](const HttpRequest& req,
+                                                             HttpResponse* res) {
+      const int k = keys->Find(req.Header("Authorization"));
+      if (k < 0) {
+        res->status = 401;
+        res->headers.emplace_back("WWW-Authenticate", "Bearer");
+        res->body = OpenAiErrorJson(
+            absl::UnauthenticatedError("a valid API key is required: Authorization: Bearer KEY"));
+        return;
+      }
+      const ApiKey& key = keys->key(k);
+      std::atomic<int32_t>& in_flight = keys->in_flight(k);
+      if (key.max_concurrent > 0 && in_flight.fetch_add(1) >= key.max_concurrent) {
+        in_flight.fetch_sub(1);
+        res->status = 429;
+        res->headers.emplace_back("Retry-After", "1");
+        res->body = OpenAiErrorJson(absl::ResourceExhaustedError(
+            absl::StrCat("this API key already has ", key.max_concurrent, " requests in flight")));
+        return;
+      }
+      if (key.max_concurrent <= 0) in_flight.fetch_add(1);
+      HttpRequest tenanted = req;
+      tenanted.tenant = key.tenant;
+      // The tokens this request took, given back when its answer is complete.
+      auto taken = std::make_shared<std::atomic<int64_t>>(0);
+      tenanted.reserve_tokens = [keys, k, taken](int64_t tokens) {
+        absl::Status s = keys->TakeTokens(k, tokens);
+        if (s.ok()) taken->fetch_add(tokens);
+        return s;
+      };
+      inner(tenanted, res);
+      if (!res->stream) {
+        in_flight.fetch_sub(1);
+        keys->ReturnTokens(k, taken->load());
+        return;
+      }
+      // A streamed answer is in flight until its stream ends.
+      res->stream = [keys, k, taken, &in_flight, stream = std::move(res->stream)](
+                        const std::function<bool(std::string_view)>& write) {
+        stream(write);
+        in_flight.fetch_sub(1);
+        keys->ReturnTokens(k, taken->load());
+      };
+    };
+  }
+  return routes;
 }
 
 }  // namespace tokenlake::service

@@ -154,6 +154,38 @@ TEST_F(InProcessClusterTest, ServesCorrectAnswersAndHitsThePool) {
   EXPECT_EQ(bad->first, 400);
 }
 
+// Heartbeats carry what changed in what an instance holds (holdings_report.h), and the lake comes
+// to list exactly what the instances hold: its per-instance segment gauges equal the
+// instances' own counts once a few heartbeats have passed.
+TEST_F(InProcessClusterTest, HeartbeatsReportChangesAndTheLakeFollowsTheInstances) {
+  for (int i = 0; i < 6; ++i) {
+    auto r = coordinator_->Complete({.prompt = Prompt(i), .max_tokens = 3});
+    ASSERT_TRUE(r.ok()) << r.status();
+  }
+  auto sample = [](const std::string& text, const std::string& series) -> double {
+    const size_t pos = text.find("\n" + series + " ");
+    return pos == std::string::npos ? -1 : std::stod(text.substr(pos + series.size() + 2));
+  };
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  std::string m;
+  bool settled = false;
+  while (!settled && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(100));
+    m = coordinator_->MetricsText();
+    settled = true;
+    for (int i = 0; i < 2; ++i) {
+      const double listed =
+          sample(m, absl::StrCat("tokenlake_instance_segments{instance=\"", i, "\"}"));
+      settled &= listed == static_cast<double>(instances_[i]->segments());
+    }
+  }
+  EXPECT_TRUE(settled) << m;
+  EXPECT_GT(instances_[0]->segments() + instances_[1]->segments(), 0);
+  EXPECT_GT(sample(m, "tokenlake_reconcile_reports_total{kind=\"changes\"}"), 0) << m;
+  EXPECT_GT(sample(m, "tokenlake_reconcile_changes_total"), 0) << m;
+  EXPECT_EQ(sample(m, "tokenlake_reconcile_reports_total{kind=\"gap\"}"), 0) << m;
+}
+
 // Issue 15, finding 2 on the coordinator itself: 50 connections that trickle a header byte every
 // half second (reconnecting when answered) and 40 idle keep-alive connections hold no HTTP
 // worker, so 16 honest clients are all answered correctly within 2 s each.
@@ -263,11 +295,12 @@ TEST_F(InProcessClusterTest, CacheSaltsSeparateTenantsAndTheSameSaltShares) {
 }
 
 // API keys: requests need a valid Bearer key (401 otherwise, the key never echoed), /healthz
-// stays open and /metrics needs a key; a key's tenant salts its cache; max_concurrent answers 429
-// beyond its limit.
+// stays open and /metrics needs a key; a key's tenant salts its cache; max_concurrent and
+// max_tokens_in_flight answer 429 beyond their limits.
 TEST_F(InProcessClusterTest, ApiKeysGateTheFrontEndAndCarryTenantsAndLimits) {
   auto keys = ApiKeys::Parse(
-      "sk-team-a-000001 tenant=a\nsk-team-b-000002 tenant=b\nsk-one-at-a-time max_concurrent=1\n",
+      "sk-team-a-000001 tenant=a\nsk-team-b-000002 tenant=b\nsk-one-at-a-time max_concurrent=1\n"
+      "sk-100-tokens-at-a-time max_tokens_in_flight=100\n",
       "keys");
   ASSERT_TRUE(keys.ok()) << keys.status();
   options_.grpc_port = coordinator_->grpc_port();
@@ -317,6 +350,32 @@ TEST_F(InProcessClusterTest, ApiKeysGateTheFrontEndAndCarryTenantsAndLimits) {
   EXPECT_GE(limited.load(), 1);
   EXPECT_EQ(other.load(), 0);
   EXPECT_EQ(post("sk-one-at-a-time", slow).first, 200);  // the slot is free again
+  // 100 tokens in flight for that key: each request takes 3 + 60, so one runs at a time; the
+  // others are refused with 429 and Retry-After; a request of more than 100 is a 400.
+  std::atomic<int> tok_ok{0}, tok_limited{0}, tok_other{0}, retry_after{0};
+  clients.clear();
+  for (int i = 0; i < 8; ++i) {
+    clients.emplace_back([&] {
+      httplib::Client c("127.0.0.1", port);
+      c.set_read_timeout(30, 0);
+      auto r = c.Post("/v1/completions", {{"Authorization", "Bearer sk-100-tokens-at-a-time"}},
+                      slow, "application/json");
+      const int status = r ? r->status : -1;
+      (status == 200 ? tok_ok : status == 429 ? tok_limited : tok_other)++;
+      if (status == 429 && r->get_header_value("Retry-After") == "1") ++retry_after;
+    });
+  }
+  for (auto& t : clients) t.join();
+  EXPECT_GE(tok_ok.load(), 1);
+  EXPECT_GE(tok_limited.load(), 1);
+  EXPECT_EQ(tok_other.load(), 0);
+  EXPECT_EQ(retry_after.load(), tok_limited.load());
+  // Two prompts of 3 + 60 tokens each: 126 tokens, more than the key ever allows.
+  auto [big, big_body] =
+      post("sk-100-tokens-at-a-time", R"({"prompt": [[1, 2, 3], [4, 5, 6]], "max_tokens": 60})");
+  EXPECT_EQ(big, 400) << big_body;
+  EXPECT_THAT(big_body, HasSubstr("max_tokens_in_flight of 100"));
+  EXPECT_EQ(post("sk-100-tokens-at-a-time", slow).first, 200);  // the budget is free again
 }
 
 TEST_F(InProcessClusterTest, RejectsBadRequestsBeforeRouting) {

@@ -89,7 +89,9 @@ class Coordinator::Impl {
         started_(absl::Now()),
         auth_(options.cluster_secret),
         membership_(options.lake_instances, options.dead_after),
-        reconciler_(options.lake_instances, started_, options.restore_window),
+        reconciler_(&lake_, {.num_instances = options.lake_instances,
+                             .started = started_,
+                             .restore_window = options.restore_window}),
         router_({.num_instances = options.lake_instances,
                  .balance_abs_threshold = options.balance_abs_threshold,
                  .rotate = options.rotate_compute_instance},
@@ -110,6 +112,11 @@ class Coordinator::Impl {
     {
       absl::MutexLock lock(&lake_.mu);
       lake_.lake = std::move(*lk);
+      // Every change of the lake's placements reaches the reconciler's view (it runs under the
+      // lake's lock, which every user of the lake holds).
+      lake_.lake->SetReplicaObserver([this](SegmentId segment, InstanceId instance, bool added) {
+        reconciler_.OnLakeChange(segment, instance, added);
+      });
     }
     // The coordinator accepts no transport connections: it dials each instance and believes an
     // instance's replies only on the connection it opened to it.
@@ -229,46 +236,7 @@ class Coordinator::Impl {
                       }});
     // API keys (api_keys.h): every route but /healthz (and /metrics when public) needs one.
     if (options_.api_keys != nullptr) {
-      for (HttpRoute& route : routes) {
-        if (route.path == "/healthz" || (route.path == "/metrics" && options_.metrics_public)) {
-          continue;
-        }
-        route.handler = [keys = options_.api_keys, inner = std::move(route.handler)](
-                            const HttpRequest& req, HttpResponse* res) {
-          const int k = keys->Find(req.Header("Authorization"));
-          if (k < 0) {
-            res->status = 401;
-            res->headers.emplace_back("WWW-Authenticate", "Bearer");
-            res->body = OpenAiErrorJson(absl::UnauthenticatedError(
-                "a valid API key is required: Authorization: Bearer KEY"));
-            return;
-          }
-          const ApiKey& key = keys->key(k);
-          std::atomic<int32_t>& in_flight = keys->in_flight(k);
-          if (key.max_concurrent > 0 && in_flight.fetch_add(1) >= key.max_concurrent) {
-            in_flight.fetch_sub(1);
-            res->status = 429;
-            res->headers.emplace_back("Retry-After", "1");
-            res->body = OpenAiErrorJson(absl::ResourceExhaustedError(absl::StrCat(
-                "this API key already has ", key.max_concurrent, " requests in flight")));
-            return;
-          }
-          if (key.max_concurrent <= 0) in_flight.fetch_add(1);
-          HttpRequest tenanted = req;
-          tenanted.tenant = key.tenant;
-          inner(tenanted, res);
-          if (!res->stream) {
-            in_flight.fetch_sub(1);
-            return;
-          }
-          // A streamed answer is in flight until its stream ends.
-          res->stream = [keys, &in_flight, stream = std::move(res->stream)](
-                            const std::function<bool(std::string_view)>& write) {
-            stream(write);
-            in_flight.fetch_sub(1);
-          };
-        };
-      }
+      routes = WithApiKeys(std::move(routes), options_.api_keys, options_.metrics_public);
     }
     // Only the leader serves requests; a follower sends clients to the leader (leader_gate.h).
     for (HttpRoute& route : routes) {
@@ -321,22 +289,16 @@ class Coordinator::Impl {
     }
   }
 
+  // Every part's counters, kept up to date where they change: no walk of the tree nor of the
+  // heavy-hitter tracker under the lake's lock (Stats without the scan is O(instances)).
   CoordinatorSnapshot Snapshot() const {
     CoordinatorSnapshot s;
-    const size_t n = static_cast<size_t>(options_.lake_instances);
-    s.segments_on.assign(n, 0);
-    s.tokens_on.assign(n, 0);
+    lake::LakeStats stats;
     {
       absl::MutexLock lake_lock(&lake_.mu);
-      s.lake = lake_.lake->Stats();
-      lake_.lake->prefix_tree().ForEachNode([&](const index::PrefixTree::Node& node) {
-        for (InstanceId r : node.replicas) {
-          if (r.value() < 0 || r.value() >= options_.lake_instances) continue;
-          s.segments_on[static_cast<size_t>(r.value())] += 1;
-          s.tokens_on[static_cast<size_t>(r.value())] += node.num_tokens;
-        }
-      });
+      stats = lake_.lake->Stats(/*scan_heavy_hitters=*/false);
     }
+    SetLakeGauges(std::move(stats), &s);
     s.reconcile = reconciler_.stats();
     s.members = membership_.Snapshot();
     s.deaths = membership_.deaths();
@@ -403,6 +365,10 @@ lake::LakeOptions CoordinatorOptions::ToLakeOptions() const {
   lo.heavy_hitter = heavy_hitter;
   lo.heavy_hitter.num_instances = lake_instances;
   lo.balancer = balancer;
+  // A segment takes at least one slot, so the tree never holds more nodes than the lake has
+  // slots: reserving them up front means its table never rehashes (a pause of tens of ms at a
+  // million segments) under the lock that plans need.
+  lo.reserve_segments = int64_t{lake_instances} * slots_per_instance;
   return lo;
 }
 

@@ -23,11 +23,15 @@
 //     (each segment with its parent and token count) and Lake::RestoreReplicas rebuilds the tree
 //     (parents first; orphans are retried on heartbeats while restore_window lasts, then
 //     freed);
-//   - reconciliation on every heartbeat: segments an instance holds that the lake does not list
-//     are freed on the instance (reply free_segments; the instance frees only copies it has not
-//     stored again since that report: store generations); replicas the lake lists that the
-//     instance did not report in two heartbeats in a row are dropped from the lake
-//     (Lake::DropReplica; never a pinned one);
+//   - reconciliation on every heartbeat, from what changed (reconciler.h): an instance reports
+//     the changes of what it holds since the report the coordinator acknowledged (a full list
+//     after a gap), the coordinator keeps a view of each instance and where it disagrees with
+//     the lake (kept up to date by both sides' changes, never by a walk of the tree), and
+//     applies them in short batches under the lake's lock. Segments an instance holds that the
+//     lake does not list are freed on the instance (reply free_segments; the instance frees
+//     only copies it has not stored again since the view's change number); replicas the lake
+//     lists that the instance does not hold over two heartbeats in a row are dropped from the
+//     lake (Lake::DropReplica; never a pinned one; over four, Lake::LoseReplica);
 //   - rebalancing: every rebalance_interval (and/or every rebalance_every_requests requests)
 //     Lake::Rebalance runs and its actions are sent to the instances that carry them out
 //     (replicate / move: the receiving instance pulls the KV from the source over the data
@@ -55,7 +59,8 @@
 //   - the HTTP front end (http_front_end.h): the OpenAI-compatible API (openai_front_end.h:
 //     POST /v1/completions, POST /v1/chat/completions, GET /v1/models; streamed answers come
 //     from CompleteStreaming, and a client that goes away cancels its request on the
-//     instance), GET /metrics (Prometheus text), GET /healthz. Bad input gets a 4xx with
+//     instance), GET /metrics (Prometheus text, from counters kept up to date: no walk of the
+//     tree per scrape), GET /healthz. Bad input gets a 4xx with
 //     OpenAI's error body naming the problem; slow, idle or too many clients and oversized
 //     bodies are bounded (503 with Retry-After on overload, never a reset).
 //
@@ -190,7 +195,7 @@ struct CoordinatorOptions {
   transport::FaultTransport::Options faults;
 
   // The options of the coordinator's lake: lake_instances, segment_tokens, slots_per_instance,
-  // model, heavy_hitter and balancer above.
+  // model, heavy_hitter and balancer above; tree nodes reserved for every slot.
   lake::LakeOptions ToLakeOptions() const;
 };
 

@@ -10,6 +10,16 @@
 
 namespace tokenlake::service {
 
+void SetLakeGauges(lake::LakeStats stats, CoordinatorSnapshot* s) {
+  s->segments_on.clear();
+  s->tokens_on.clear();
+  for (const lake::InstanceStats& i : stats.instances) {
+    s->segments_on.push_back(i.used_slots);
+    s->tokens_on.push_back(i.tokens);
+  }
+  s->lake = std::move(stats);
+}
+
 std::string CoordinatorMetricsText(const CoordinatorSnapshot& s) {
   PrometheusWriter w;
   const RequestPath::Stats& r = s.requests;
@@ -38,7 +48,8 @@ std::string CoordinatorMetricsText(const CoordinatorSnapshot& s) {
   w.Sample("tokenlake_pool_segments", {}, static_cast<double>(s.lake.segments));
   w.Family("tokenlake_pool_replicas", "gauge", "Stored segment copies in the lake.");
   w.Sample("tokenlake_pool_replicas", {}, static_cast<double>(s.lake.replicas));
-  w.Family("tokenlake_pool_heavy_hitters", "gauge", "Segments the lake counts as heavy.");
+  w.Family("tokenlake_pool_heavy_hitters", "gauge",
+           "Segments the lake counted as heavy at its latest rebalance.");
   w.Sample("tokenlake_pool_heavy_hitters", {}, static_cast<double>(s.lake.heavy_hitters));
   w.Family("tokenlake_pool_pinned_segments", "gauge", "Segments pinned by running iterations.");
   w.Sample("tokenlake_pool_pinned_segments", {}, static_cast<double>(s.lake.pinned_segments));
@@ -168,6 +179,26 @@ std::string CoordinatorMetricsText(const CoordinatorSnapshot& s) {
            static_cast<double>(s.reconcile.drops));
   w.Sample("tokenlake_reconcile_total", {{"kind", "restored"}},
            static_cast<double>(s.reconcile.restored));
+  w.Family("tokenlake_reconcile_reports_total", "counter",
+           "Instance holdings reports taken, by kind: full lists, change sets, change sets that "
+           "found a gap (a full report was asked for), late ones (ignored).");
+  const std::pair<const char*, int64_t> reports[] = {{"full", s.reconcile.full_reports},
+                                                     {"changes", s.reconcile.change_reports},
+                                                     {"gap", s.reconcile.gaps},
+                                                     {"late", s.reconcile.late_reports}};
+  for (const auto& [kind, count] : reports) {
+    w.Sample("tokenlake_reconcile_reports_total", {{"kind", kind}}, static_cast<double>(count));
+  }
+  w.Family("tokenlake_reconcile_changes_total", "counter",
+           "Changes of instance holdings applied to the coordinator's view.");
+  w.Sample("tokenlake_reconcile_changes_total", {},
+           static_cast<double>(s.reconcile.changes_applied));
+  w.Family("tokenlake_reconcile_lock_hold_seconds", "histogram",
+           "Holds of the lake's lock (which plans need) by instance reports.");
+  w.HistogramSamples("tokenlake_reconcile_lock_hold_seconds", {}, s.reconcile.lock_holds);
+  w.Family("tokenlake_reconcile_longest_lock_hold_seconds", "gauge",
+           "The longest single hold of the lake's lock by an instance report (since start).");
+  w.Sample("tokenlake_reconcile_longest_lock_hold_seconds", {}, s.reconcile.longest_lock_hold_s);
   w.Family("tokenlake_rebalance_redirects_total", "counter",
            "Planned reads of a rebalance copy not yet confirmed, served by its source instead.");
   w.Sample("tokenlake_rebalance_redirects_total", {}, static_cast<double>(s.reconcile.redirects));

@@ -41,6 +41,9 @@ struct CoordinatorSnapshot {
   HttpFrontEnd::Stats http;
 };
 
+// Fills the snapshot's lake gauges (lake, segments_on, tokens_on) from the lake's counters.
+void SetLakeGauges(lake::LakeStats stats, CoordinatorSnapshot* s);
+
 // The /metrics page (docs/results-service.md lists the families).
 std::string CoordinatorMetricsText(const CoordinatorSnapshot& s);
 

@@ -60,6 +60,12 @@ struct HttpRequest {
   // The caller's tenant, set by the coordinator from the API key (never from the wire); empty:
   // none.
   std::string tenant;
+  // The caller's budget of tokens in flight, set by the coordinator from the API key
+  // (api_keys.h; never from the wire); null: none. Takes `tokens` (a request's prompt tokens +
+  // max new tokens) until this request's answer is complete (a streamed one: until its stream
+  // ends). Errors (nothing taken): ResourceExhausted when the budget cannot take them now,
+  // InvalidArgument when it never can.
+  std::function<absl::Status(int64_t tokens)> reserve_tokens;
   // The value of header `name` (case-insensitive), empty when absent.
   std::string Header(std::string_view name) const;
 };

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <cstring>
 #include <optional>
+#include <random>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -19,6 +20,7 @@
 #include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/coordinator.h"
+#include "tokenlake/service/holdings_report.h"
 #include "tokenlake/service/lake_rpc.h"
 #include "tokenlake/service/protocol.h"
 #include "tokenlake/transport/tcp_transport.h"
@@ -27,12 +29,41 @@
 namespace tokenlake::service {
 namespace {
 
+// Unacknowledged changes of the store an instance keeps for its reports (beyond, it reports in
+// full): far more than a heartbeat period's.
+constexpr int64_t kChangeLogEntries = int64_t{1} << 16;
+
+// What this instance's store holds and how it changed (holdings_report.h), from its pool.
+class PoolHoldings final : public HoldingsSource {
+ public:
+  PoolHoldings(engine::InstancePool* pool, InstanceId self) : pool_(pool), self_(self) {}
+  uint64_t Snapshot(std::vector<lake::HeldSegment>* held) const override {
+    engine::InstancePool::HeldReport r = pool_->HeldWithGeneration(self_);
+    held->reserve(r.segments.size());
+    for (const engine::HeldSegmentInfo& h : r.segments) {
+      held->push_back({.id = h.id, .parent = h.meta.parent, .num_tokens = h.meta.num_tokens});
+    }
+    return r.generation;
+  }
+  std::optional<std::vector<store::SegmentChange>> ChangesSince(uint64_t from) const override {
+    return pool_->ChangesSince(self_, from);
+  }
+  void Forget(uint64_t through) override { pool_->ForgetChanges(self_, through); }
+
+ private:
+  engine::InstancePool* const pool_;
+  const InstanceId self_;
+};
+
 // This instance's part of the pool, built once its id and the lake's size are known.
 struct DataPlane {
   int32_t id = -1;
   int32_t lake_instances = 0;
   std::unique_ptr<transport::TcpTransport> tcp;
   std::unique_ptr<engine::InstancePool> pool;
+  // Reports what the store holds (the control loop's).
+  std::unique_ptr<PoolHoldings> holdings;
+  std::unique_ptr<HoldingsReporter> reporter;
   std::unique_ptr<RemoteControlPlane> control;
   std::unique_ptr<engine::Engine> engine;  // used by the worker thread only
   absl::Mutex peers_mu;
@@ -119,11 +150,17 @@ class InstanceServer::Impl {
                                      .reply_timeout = options_.data_timeout,
                                      .external_transport = dp->tcp.get(),
                                      .endpoint_base = 0,
-                                     .missing_segment_grace = options_.missing_segment_grace};
+                                     .missing_segment_grace = options_.missing_segment_grace,
+                                     .change_log_entries = kChangeLogEntries};
     po.hosted = {InstanceId(id)};
     auto pool = engine::InstancePool::Create(po);
     if (!pool.ok()) return pool.status();
     dp->pool = std::move(*pool);
+    // A new, empty store: a new incarnation of what this instance holds.
+    std::random_device rd;
+    const uint64_t incarnation = ((uint64_t{rd()} << 32) | rd()) | 1;
+    dp->holdings = std::make_unique<PoolHoldings>(dp->pool.get(), InstanceId(id));
+    dp->reporter = std::make_unique<HoldingsReporter>(dp->holdings.get(), incarnation);
     auto control = RemoteControlPlane::Create({.coordinator_host = coordinator_.host,
                                                .coordinator_port = coordinator_.port,
                                                .tls = options_.tls.identity,
@@ -175,15 +212,13 @@ class InstanceServer::Impl {
     dp->peers = std::move(next);
   }
 
-  // Frees what the coordinator found unlisted in the report taken at store generation
+  // Frees what the coordinator found unlisted in its view of this instance at store generation
   // `generation` (a copy stored since, e.g. the same segment placed here again, stays).
-  void FreeSegments(const google::protobuf::RepeatedField<uint64_t>& segments,
+  void FreeSegments(DataPlane& dp, const google::protobuf::RepeatedField<uint64_t>& segments,
                     uint64_t generation) {
-    std::shared_ptr<DataPlane> dp = Data();
-    if (dp == nullptr) return;
     for (uint64_t seg : segments) {
       // A pinned copy (being read right now) stays; the next heartbeat asks again.
-      if (dp->pool->FreeIfUnchangedSince(InstanceId(dp->id), SegmentId(seg), generation).ok()) {
+      if (dp.pool->FreeIfUnchangedSince(InstanceId(dp.id), SegmentId(seg), generation).ok()) {
         reconcile_frees_.fetch_add(1);
       }
     }
@@ -198,20 +233,13 @@ class InstanceServer::Impl {
     return h;
   }
 
-  // What this instance holds (with parents and token counts), its slot use and its traffic.
+  // Its slot use, transport health and traffic (what it holds is reported by the control loop's
+  // HoldingsReporter with Register and Heartbeat only).
   void RefreshState() {
     v1::InstanceState state;
-    uint64_t generation = 0;
     std::shared_ptr<DataPlane> dp = Data();
     if (dp != nullptr) {
       const InstanceId self(dp->id);
-      generation = dp->pool->StoreGeneration(self);  // before the list: see FreeSegments
-      for (const engine::HeldSegmentInfo& h : dp->pool->Held(self)) {
-        v1::Segment* s = state.add_segments();
-        s->set_id(h.id.value());
-        s->set_num_tokens(h.meta.num_tokens);
-        s->set_parent(h.meta.parent.value());
-      }
       state.set_used_slots(dp->pool->store(self).used());
       state.set_data_port(dp->tcp->port());
     }
@@ -236,7 +264,6 @@ class InstanceServer::Impl {
     state.mutable_traffic()->set_reconcile_frees(reconcile_frees_.load());
     absl::MutexLock lock(&mu_);
     state_ = std::move(state);
-    state_generation_ = generation;
   }
 
   v1::InstanceState State() const {
@@ -244,10 +271,24 @@ class InstanceServer::Impl {
     return state_;
   }
 
-  // The latest report and the store generation it was taken at.
-  std::pair<v1::InstanceState, uint64_t> StateAndGeneration() const {
-    absl::MutexLock lock(&mu_);
-    return {state_, state_generation_};
+  // The state with what the instance holds, for a Register (`registration`: everything) or a
+  // Heartbeat, from data plane `dp` (null: none yet, nothing held).
+  v1::InstanceState Report(const std::shared_ptr<DataPlane>& dp, bool registration) {
+    RefreshState();
+    v1::InstanceState state = State();
+    if (dp != nullptr) dp->reporter->Fill(registration, takes_holdings_changes_, &state);
+    return state;
+  }
+
+  // Takes the holdings part of a Register / Heartbeat reply to a report of `dp` and frees what
+  // the coordinator found unlisted.
+  void TakeReply(const std::shared_ptr<DataPlane>& dp,
+                 const google::protobuf::RepeatedField<uint64_t>& free_segments, uint64_t acked_seq,
+                 bool full_wanted) {
+    if (dp == nullptr) return;
+    const uint64_t decided_at =
+        dp->reporter->OnReply(takes_holdings_changes_, acked_seq, full_wanted);
+    FreeSegments(*dp, free_segments, decided_at);
   }
 
   // Talks to the coordinator at `at` from now on (the control loop's channel and the data
@@ -272,14 +313,13 @@ class InstanceServer::Impl {
 
   bool RegisterOnce() {
     Relocate();
-    RefreshState();
+    std::shared_ptr<DataPlane> dp = Data();
     v1::RegisterRequest request;
     request.set_name(options_.name);
     request.set_preferred_id(options_.preferred_id);
     request.set_transport_port(tcp_->port());
     request.set_transport_incarnation(tcp_->incarnation());
-    auto [state, generation] = StateAndGeneration();
-    *request.mutable_state() = std::move(state);
+    *request.mutable_state() = Report(dp, /*registration=*/true);
     request.set_namespace_name(options_.namespace_name);
     request.set_segment_tokens(options_.segment_tokens);
     v1::RegisterReply reply;
@@ -298,7 +338,7 @@ class InstanceServer::Impl {
       }
       return false;
     }
-    std::shared_ptr<DataPlane> dp = Data();
+    takes_holdings_changes_ = reply.takes_holdings_changes();
     if (dp == nullptr || dp->id != reply.instance_id() ||
         dp->lake_instances != reply.lake_instances()) {
       if (absl::Status b = BuildDataPlane(reply.instance_id(), reply.lake_instances()); !b.ok()) {
@@ -308,8 +348,11 @@ class InstanceServer::Impl {
       }
     }
     ApplyPeers(reply.peers());
-    // A rebuilt data plane holds nothing the report could name.
-    if (Data() == dp) FreeSegments(reply.free_segments(), generation);
+    // A rebuilt data plane holds nothing the report could name; its first report is full.
+    if (Data() == dp) {
+      TakeReply(dp, reply.free_segments(), reply.holdings_acked_seq(),
+                reply.full_holdings_wanted());
+    }
     absl::MutexLock lock(&mu_);
     id_ = reply.instance_id();
     epoch_ = reply.coordinator_epoch();
@@ -339,9 +382,8 @@ class InstanceServer::Impl {
       // The first heartbeat right away: it tells the coordinator the data port.
       if (!first_after_register) absl::SleepFor(interval);
       first_after_register = false;
-      RefreshState();
-      auto [state, generation] = StateAndGeneration();
-      *request.mutable_state() = std::move(state);
+      std::shared_ptr<DataPlane> dp = Data();
+      *request.mutable_state() = Report(dp, /*registration=*/false);
       v1::HeartbeatReply reply;
       grpc::ClientContext ctx;
       ctx.set_deadline(absl::ToChronoTime(absl::Now() + interval));
@@ -349,7 +391,11 @@ class InstanceServer::Impl {
       grpc::Status s = stub_->Heartbeat(&ctx, request, &reply);
       if (s.ok()) {
         ApplyPeers(reply.peers());
-        FreeSegments(reply.free_segments(), generation);
+        TakeReply(dp, reply.free_segments(), reply.holdings_acked_seq(),
+                  reply.full_holdings_wanted());
+      } else if (s.error_code() == grpc::StatusCode::INVALID_ARGUMENT) {
+        std::fprintf(stderr, "tokenlake instance %s: heartbeat refused: %s\n",
+                     options_.name.c_str(), s.error_message().c_str());
       } else if (s.error_code() == grpc::StatusCode::NOT_FOUND) {
         registered = false;
       } else if (Relocate()) {
@@ -606,7 +652,8 @@ class InstanceServer::Impl {
   mutable absl::Mutex mu_;
   std::shared_ptr<DataPlane> data_ ABSL_GUARDED_BY(mu_);
   v1::InstanceState state_ ABSL_GUARDED_BY(mu_);
-  uint64_t state_generation_ ABSL_GUARDED_BY(mu_) = 0;
+  // The coordinator followed takes holdings changes (RegisterReply; the control loop's).
+  bool takes_holdings_changes_ = false;
   int32_t id_ ABSL_GUARDED_BY(mu_) = -1;
   uint64_t epoch_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t registrations_ ABSL_GUARDED_BY(mu_) = 0;
@@ -644,7 +691,7 @@ int64_t InstanceServer::registrations() const {
 int64_t InstanceServer::requests_served() const { return impl_->served_.load(); }
 int64_t InstanceServer::requests_cancelled() const { return impl_->cancelled_.load(); }
 int64_t InstanceServer::requests_running() const { return impl_->running_.load(); }
-int64_t InstanceServer::segments() const { return impl_->State().segments_size(); }
+int64_t InstanceServer::segments() const { return impl_->State().used_slots(); }
 void InstanceServer::Shutdown() { impl_->Shutdown(); }
 
 }  // namespace tokenlake::service

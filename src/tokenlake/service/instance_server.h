@@ -1,7 +1,9 @@
 // InstanceServer: one TokenLake instance process's serving loop. It registers with the
-// coordinator over gRPC, heartbeats its state (every segment it holds, with its parent and
-// token count) and serves the coordinator's generate messages that arrive over the host
-// transport (TcpTransport).
+// coordinator over gRPC (with every segment it holds, each with its parent and token count),
+// heartbeats its state with what changed in what it holds since the report the coordinator
+// acknowledged (holdings_report.h: the store numbers its stores and frees; a full list when the
+// coordinator asks for one) and serves the coordinator's generate messages that arrive over the
+// host transport (TcpTransport).
 //
 // Its part of the pool (design: coordinator.h): once registered (its instance id and the lake's
 // size known), it builds its data plane: an engine::InstancePool that hosts only this instance
@@ -21,7 +23,8 @@
 // then the usual reply; a CancelGenerate (tag kCancelTag) drops the request from the engine
 // (IterationLoop::Cancel: its lake pins and KV tail are released) and no reply is sent.
 //
-// Heartbeat replies may also name segments to free (the lake no longer lists them here);
+// Heartbeat replies may also name segments to free (the lake no longer lists them here; a copy
+// stored again after the change number the coordinator decided at stays);
 // rebalance orders (host-transport tag kRebalanceTag) make it copy a segment from another
 // instance (pull + store here), move it (copy, then free at the source) or drop it.
 //

@@ -132,6 +132,11 @@ bool Membership::ReadyLocked(int32_t i) const {
   return true;
 }
 
+bool Membership::Alive(int32_t id) const {
+  absl::MutexLock lock(&mu_);
+  return id >= 0 && id < num_instances_ && members_[id].view.registered && members_[id].view.alive;
+}
+
 bool Membership::Routable(int32_t id) const {
   absl::MutexLock lock(&mu_);
   return RoutableLocked(id);

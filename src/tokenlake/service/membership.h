@@ -111,6 +111,8 @@ class Membership {
   // Declares dead every alive member whose last heartbeat is older than `now - dead_after`.
   Reaped Reap(absl::Time now);
 
+  // Whether `id` is a registered member not declared dead.
+  bool Alive(int32_t id) const;
   bool Routable(int32_t id) const;
   bool Ready(int32_t id) const;
   // Routable(i) for every id, under one hold of the lock.

@@ -92,31 +92,42 @@ grpc::Status MembershipService::Register(grpc::ServerContext* ctx,
       return ToGrpc(gone);
     }
   }
-  absl::MutexLock lake_lock(&lake_->mu);
-  absl::StatusOr<Membership::Admission> admitted =
-      membership_->Register(request->name(), request->preferred_id(), request->transport_port(),
-                            absl::Now(), host, request->transport_incarnation());
-  if (!admitted.ok()) return ToGrpc(admitted.status());
-  const int32_t id = admitted->id;
-  if (admitted->rejoin) {
-    // A new incarnation of a known instance (it restarted, possibly before it was declared
-    // dead): what was sent to the old one will never be answered; fail it over now.
-    fail_pending_(id, absl::UnavailableError(
-                          absl::StrFormat("instance %d ('%s') restarted", id, request->name())));
+  if (request->state().has_holdings_changes()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "a registration carries everything the instance holds (segments), not "
+                        "holdings changes");
   }
-  reconciler_->Forget(id);
-  if (!tcp_->SetPeer(InstanceId(id + 1),
-                     transport::HostPort{.host = host, .port = request->transport_port()})
-           .ok()) {
-    return grpc::Status(grpc::StatusCode::INTERNAL, "cannot route to the instance");
+  int32_t id = -1;
+  {
+    absl::MutexLock lake_lock(&lake_->mu);
+    absl::StatusOr<Membership::Admission> admitted = membership_->Register(
+        request->name(), request->preferred_id(), request->transport_port(), absl::Now(), host,
+        request->transport_incarnation());
+    if (!admitted.ok()) return ToGrpc(admitted.status());
+    id = admitted->id;
+    if (admitted->rejoin) {
+      // A new incarnation of a known instance (it restarted, possibly before it was declared
+      // dead): what was sent to the old one will never be answered; fail it over now.
+      fail_pending_(id, absl::UnavailableError(
+                            absl::StrFormat("instance %d ('%s') restarted", id, request->name())));
+    }
+    if (!tcp_->SetPeer(InstanceId(id + 1),
+                       transport::HostPort{.host = host, .port = request->transport_port()})
+             .ok()) {
+      return grpc::Status(grpc::StatusCode::INTERNAL, "cannot route to the instance");
+    }
+    // What the lake had on this id is replaced by what the instance reports now (empty after a
+    // restart; everything it holds after a coordinator restart). O(tree): only when the lake
+    // lists anything there (never after a coordinator restart).
+    if (lake_->lake->prefix_tree().SegmentsOn(InstanceId(id)) > 0) {
+      if (absl::Status s = lake_->lake->DropInstance(InstanceId(id)); !s.ok()) return ToGrpc(s);
+    }
+    membership_->Report(id, request->state());
   }
-  // What the lake had on this id is replaced by what the instance reports now (empty after a
-  // restart; everything it holds after a coordinator restart).
-  if (absl::Status s = lake_->lake->DropInstance(InstanceId(id)); !s.ok()) return ToGrpc(s);
-  membership_->Report(id, request->state());
-  std::vector<uint64_t> to_free;
-  reconciler_->Apply(*lake_->lake, id, request->state(), /*reconcile=*/false, absl::Now(),
-                     &to_free);
+  // Restored in batches, without holding up the plan path.
+  absl::StatusOr<Reconciler::Outcome> outcome =
+      reconciler_->Report(id, request->state(), /*registration=*/true, absl::Now());
+  if (!outcome.ok()) return ToGrpc(outcome.status());
   reply->set_instance_id(id);
   reply->set_endpoint(id + 1);
   reply->set_coordinator_transport_port(tcp_->port());
@@ -124,7 +135,10 @@ grpc::Status MembershipService::Register(grpc::ServerContext* ctx,
   reply->set_coordinator_epoch(options_.epoch);
   reply->set_lake_instances(membership_->num_instances());
   membership_->AddPeers(id, reply->mutable_peers());
-  for (uint64_t seg : to_free) reply->add_free_segments(seg);
+  for (uint64_t seg : outcome->to_free) reply->add_free_segments(seg);
+  reply->set_takes_holdings_changes(true);
+  reply->set_holdings_acked_seq(outcome->acked_seq);
+  reply->set_full_holdings_wanted(outcome->full_wanted);
   return grpc::Status::OK;
 }
 
@@ -135,17 +149,26 @@ grpc::Status MembershipService::Heartbeat(grpc::ServerContext* ctx,
   if (gate_ != nullptr) {
     if (grpc::Status g = gate_->Check(); !g.ok()) return g;
   }
-  absl::MutexLock lake_lock(&lake_->mu);
   const int32_t id = request->instance_id();
   if (request->coordinator_epoch() != options_.epoch) {
     return grpc::Status(grpc::StatusCode::NOT_FOUND, "unknown instance: register again");
   }
   if (absl::Status s = membership_->Heartbeat(id, absl::Now()); !s.ok()) return ToGrpc(s);
   membership_->Report(id, request->state());
-  std::vector<uint64_t> to_free;
-  reconciler_->Apply(*lake_->lake, id, request->state(), /*reconcile=*/true, absl::Now(), &to_free);
+  // The report is taken without holding the lake's lock here: the reconciler takes it in short
+  // batches, so that plans never wait long behind a heartbeat.
+  absl::StatusOr<Reconciler::Outcome> outcome =
+      reconciler_->Report(id, request->state(), /*registration=*/false, absl::Now());
+  if (!outcome.ok()) return ToGrpc(outcome.status());
+  // Declared dead meanwhile (the lake dropped its copies): it registers again with everything
+  // it holds rather than free what the lake no longer lists.
+  if (!membership_->Alive(id)) {
+    return grpc::Status(grpc::StatusCode::NOT_FOUND, "unknown instance: register again");
+  }
   membership_->AddPeers(id, reply->mutable_peers());
-  for (uint64_t seg : to_free) reply->add_free_segments(seg);
+  for (uint64_t seg : outcome->to_free) reply->add_free_segments(seg);
+  reply->set_holdings_acked_seq(outcome->acked_seq);
+  reply->set_full_holdings_wanted(outcome->full_wanted);
   return grpc::Status::OK;
 }
 

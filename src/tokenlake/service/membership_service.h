@@ -2,18 +2,22 @@
 // Heartbeat.
 //
 // Register checks that the instance uses the coordinator's namespace and segment size and has at
-// least the lake's slots per instance (FAILED_PRECONDITION otherwise), admits it in Membership
-// under its name (a live member's name only once its old incarnation is proven gone,
-// incarnation.h: ALREADY_EXISTS until then), fails over what was sent to an old incarnation,
-// points the coordinator's transport at its port, replaces what the lake had on its id with
-// what it reports (Reconciler::Apply: empty after a restart; everything it holds after a
-// coordinator restart) and answers with its id, the heartbeat period, the coordinator's epoch,
-// the peers and the segments to free. Heartbeat (NOT_FOUND for an instance that is not a live
-// member or registered with another coordinator epoch: register again) reconciles its report
-// with the lake and answers with the peers and the segments to free. Every call must carry a
-// call token made with the cluster secret (call_auth.h), else UNAUTHENTICATED.
+// least the lake's slots per instance (FAILED_PRECONDITION otherwise) and reports everything it
+// holds (INVALID_ARGUMENT for holdings changes), admits it in Membership under its name (a live
+// member's name only once its old incarnation is proven gone, incarnation.h: ALREADY_EXISTS
+// until then), fails over what was sent to an old incarnation, points the coordinator's
+// transport at its port, replaces what the lake had on its id with what it reports
+// (Reconciler::Report: empty after a restart; everything it holds after a coordinator restart)
+// and answers with its id, the heartbeat period, the coordinator's epoch, the peers, the
+// segments to free and the acknowledgement of its report. Heartbeat (NOT_FOUND for an instance
+// that is not a live member or registered with another coordinator epoch: register again;
+// INVALID_ARGUMENT for malformed holdings) takes its report (the changes since the acknowledged
+// one, or a full one) into the reconciler and answers with the peers, the segments to free and
+// the acknowledgement (or a request for a full report). Every call must carry a call token made
+// with the cluster secret (call_auth.h), else UNAUTHENTICATED.
 //
-// Thread-safety: thread-safe. Calls take the lake's lock, then Membership's.
+// Thread-safety: thread-safe. Register takes the lake's lock, then Membership's; reports are
+// taken by the reconciler, which takes the lake's lock in short batches (reconciler.h).
 #ifndef TOKENLAKE_SERVICE_MEMBERSHIP_SERVICE_H_
 #define TOKENLAKE_SERVICE_MEMBERSHIP_SERVICE_H_
 

@@ -103,7 +103,9 @@ void PrometheusWriter::HistogramSamples(absl::string_view name, const Labels& la
   for (size_t i = 0; i <= s.upper_bounds.size(); ++i) {
     Labels l = labels;
     l.emplace_back("le", i < s.upper_bounds.size() ? FormatValue(s.upper_bounds[i]) : "+Inf");
-    Sample(bucket, l, static_cast<double>(s.cumulative_counts[i]));
+    // A default (never read) snapshot has no counts: every bucket holds `count` (0).
+    Sample(bucket, l,
+           static_cast<double>(i < s.cumulative_counts.size() ? s.cumulative_counts[i] : s.count));
   }
   Sample(absl::StrCat(name, "_sum"), labels, s.sum);
   Sample(absl::StrCat(name, "_count"), labels, static_cast<double>(s.count));

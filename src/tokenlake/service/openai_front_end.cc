@@ -196,6 +196,20 @@ std::vector<HttpRoute> OpenAiFrontEnd::Routes() {
       const std::string salt = absl::StrCat(req.tenant.size(), ":", req.tenant, parsed->cache_salt);
       for (CompletionRequest& c : prepared->requests) c.cache_salt = salt;
     }
+    // The caller's budget of tokens in flight (an API key's max_tokens_in_flight): every
+    // prompt's tokens and max_tokens, held until the answer is complete.
+    if (req.reserve_tokens) {
+      int64_t tokens = 0;
+      for (const CompletionRequest& c : prepared->requests) {
+        tokens += static_cast<int64_t>(c.prompt.size()) + c.max_tokens;
+      }
+      if (absl::Status taken = req.reserve_tokens(tokens); !taken.ok()) {
+        if (taken.code() == absl::StatusCode::kResourceExhausted) {
+          res.headers.emplace_back("Retry-After", "1");
+        }
+        return refuse(res, taken);
+      }
+    }
     const OpenAiAnswerHeader header{
         .endpoint = endpoint,
         .id = NewAnswerId(endpoint),

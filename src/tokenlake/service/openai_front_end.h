@@ -30,6 +30,11 @@
 // Usage: prompt_tokens, completion_tokens (the generated ids, a stop token included) and
 // prompt_tokens_details.cached_tokens (prompt tokens served from the pool).
 //
+// A request that carries a budget of tokens in flight (HttpRequest::reserve_tokens, an API key's
+// max_tokens_in_flight) takes its prompts' tokens plus their max_tokens from it before
+// generating (they are given back when its answer is complete); a budget that cannot take them
+// now is a 429 with Retry-After, one that never can a 400.
+//
 // Thread-safety: thread-safe (the routes run on the server's worker threads; the backend must
 // be thread-safe).
 #ifndef TOKENLAKE_SERVICE_OPENAI_FRONT_END_H_

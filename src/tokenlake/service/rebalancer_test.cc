@@ -66,7 +66,7 @@ class RebalancerTest : public ::testing::Test {
   }
   GuardedLake lake_;
   Membership membership_{4, absl::Seconds(1)};
-  Reconciler reconciler_{4, absl::Now(), absl::Seconds(5)};
+  Reconciler reconciler_{&lake_, {.num_instances = 4, .started = absl::Now()}};
   std::map<int32_t, v1::RebalanceOrder> sent_;
 };
 

@@ -1,0 +1,199 @@
+// The repair half of the Lake (lake.h, "Maintenance"): what the pool does when instances are
+// lost or report what they hold.
+#include <algorithm>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+#include "tokenlake/base/check.h"
+#include "tokenlake/base/status_macros.h"
+#include "tokenlake/lake/lake.h"
+
+namespace tokenlake::lake {
+namespace {
+
+absl::Status Invalid(const std::string& message) { return absl::InvalidArgumentError(message); }
+
+}  // namespace
+
+absl::Status Lake::DropInstance(InstanceId instance) {
+  if (!instance.valid() || instance.value() < 0 || instance.value() >= num_instances()) {
+    return Invalid(absl::StrFormat("DropInstance: unknown instance %d (pool has %d)",
+                                   instance.value(), num_instances()));
+  }
+  absl::MutexLock lock(&mu_);
+  TOKENLAKE_ASSIGN_OR_RETURN(index::DropInstanceResult r, tree_->DropInstance(instance));
+  store::SegmentStore& s = *stores_[instance.value()];
+  for (SegmentId seg : s.Segments()) TOKENLAKE_RETURN_IF_ERROR(s.Free(seg));
+  for (const index::FreedReplica& f : r.freed_elsewhere) {
+    TOKENLAKE_RETURN_IF_ERROR(stores_[f.instance.value()]->Free(f.segment));
+  }
+  std::vector<SegmentId> replicated(replicated_.begin(), replicated_.end());
+  for (SegmentId seg : replicated) RefreshReplicatedLocked(seg);
+  // Pins on erased segments are gone: forget them now, so that a later re-insertion of the same
+  // id by another request is never unpinned by this one.
+  for (auto& [id, a] : active_) {
+    std::erase_if(a.pinned, [&](SegmentId seg) { return !tree_->Contains(seg); });
+  }
+  pinned_replicas_ = CountPinnedReplicasLocked();
+  const int64_t now = clock_->NowUs();
+  instance_load_[instance.value()].Add(-instance_load_[instance.value()].Value(now), now);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<RestoreResult> Lake::RestoreReplicas(InstanceId instance,
+                                                    absl::Span<const HeldSegment> held) {
+  if (!instance.valid() || instance.value() < 0 || instance.value() >= num_instances()) {
+    return Invalid(absl::StrFormat("RestoreReplicas: unknown instance %d (pool has %d)",
+                                   instance.value(), num_instances()));
+  }
+  absl::MutexLock lock(&mu_);
+  RestoreResult result;
+  store::SegmentStore& st = *stores_[instance.value()];
+  const int64_t now = clock_->NowUs();
+  // Passes over what is left until one makes no progress: a segment can go in once its parent
+  // is in the tree, so parents always go first whatever the order of `held`.
+  std::vector<HeldSegment> pending(held.begin(), held.end());
+  while (!pending.empty()) {
+    std::vector<HeldSegment> next;
+    for (const HeldSegment& h : pending) {
+      const index::PrefixTree::Node* node = tree_->Find(h.id);
+      if (node != nullptr) {
+        if (node->parent != h.parent || node->num_tokens != h.num_tokens) {
+          result.rejected.push_back(h.id);
+        } else if (node->HasReplicaOn(instance)) {
+          ++result.already_listed;
+        } else if (st.free() == 0) {
+          result.rejected.push_back(h.id);
+        } else {
+          const bool pinned = node->is_pinned();
+          TOKENLAKE_RETURN_IF_ERROR(tree_->AddReplica(h.id, instance));
+          TOKENLAKE_CHECK_OK(st.Allocate(h.id).status());
+          RefreshReplicatedLocked(h.id);
+          if (pinned) pinned_replicas_ += 1;  // a running request's segment gained a copy
+          ++result.restored_replicas;
+        }
+        continue;
+      }
+      if (h.parent.valid() && !tree_->Contains(h.parent)) {
+        next.push_back(h);  // maybe later in this report
+        continue;
+      }
+      if (!h.id.valid() || h.num_tokens < 1 || h.num_tokens > options_.segment_tokens ||
+          st.free() == 0) {
+        result.rejected.push_back(h.id);
+        continue;
+      }
+      absl::StatusOr<index::InsertResult> ins =
+          tree_->Insert(h.parent, index::SegmentKey{h.id, h.num_tokens}, instance, now);
+      if (!ins.ok()) {  // e.g. the parent is a part-segment
+        result.rejected.push_back(h.id);
+        continue;
+      }
+      TOKENLAKE_CHECK_OK(st.Allocate(h.id).status());
+      ++result.restored_replicas;
+      ++result.new_segments;
+    }
+    if (next.size() == pending.size()) {
+      for (const HeldSegment& h : next) result.rejected.push_back(h.id);  // orphans
+      break;
+    }
+    pending = std::move(next);
+  }
+  return result;
+}
+
+absl::Status Lake::DropReplica(SegmentId segment, InstanceId instance) {
+  if (!instance.valid() || instance.value() < 0 || instance.value() >= num_instances()) {
+    return Invalid(absl::StrFormat("DropReplica: unknown instance %d (pool has %d)",
+                                   instance.value(), num_instances()));
+  }
+  absl::MutexLock lock(&mu_);
+  const index::PrefixTree::Node* node = tree_->Find(segment);
+  if (node == nullptr || !node->HasReplicaOn(instance)) {
+    return absl::NotFoundError(absl::StrFormat("DropReplica: segment %d has no copy on instance %d",
+                                               segment.value(), instance.value()));
+  }
+  if (node->is_pinned()) {
+    return absl::FailedPreconditionError(
+        absl::StrFormat("DropReplica: segment %d is pinned by a running request", segment.value()));
+  }
+  TOKENLAKE_ASSIGN_OR_RETURN(index::EvictResult r, tree_->RemoveReplica(segment, instance));
+  OnReplicasFreedLocked(segment, r.node_erased, r.freed_on, nullptr);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<StoredReplica>> Lake::LoseReplica(SegmentId segment,
+                                                             InstanceId instance) {
+  if (!instance.valid() || instance.value() < 0 || instance.value() >= num_instances()) {
+    return Invalid(absl::StrFormat("LoseReplica: unknown instance %d (pool has %d)",
+                                   instance.value(), num_instances()));
+  }
+  absl::MutexLock lock(&mu_);
+  const index::PrefixTree::Node* node = tree_->Find(segment);
+  if (node == nullptr || !node->HasReplicaOn(instance)) {
+    return absl::NotFoundError(absl::StrFormat("LoseReplica: segment %d has no copy on instance %d",
+                                               segment.value(), instance.value()));
+  }
+  std::vector<StoredReplica> freed_elsewhere;
+  if (node->replicas.size() > 1) {
+    const bool pinned = node->is_pinned();
+    TOKENLAKE_ASSIGN_OR_RETURN(index::EvictResult r, tree_->RemoveReplica(segment, instance));
+    OnReplicasFreedLocked(segment, r.node_erased, r.freed_on, nullptr);
+    if (pinned) pinned_replicas_ -= 1;  // a pinned node's copy went
+    return freed_elsewhere;
+  }
+  // The last copy: the segment and everything under it become unreachable. Erase the subtree
+  // leaves first, unpinning as it goes (the requests' pin lists are fixed below). One pass over
+  // the tree, each node's answer (under `segment` or not) remembered for its descendants.
+  std::vector<std::pair<int32_t, SegmentId>> doomed;  // (depth, id)
+  absl::flat_hash_map<SegmentId, bool> under;
+  std::vector<SegmentId> path;
+  tree_->ForEachNode([&](const index::PrefixTree::Node& n) {
+    path.clear();
+    bool is_under = false;
+    for (SegmentId cur = n.id; cur.valid();) {
+      if (auto known = under.find(cur); known != under.end()) {
+        is_under = known->second;
+        break;
+      }
+      path.push_back(cur);
+      if (cur == segment) {
+        is_under = true;
+        break;
+      }
+      const index::PrefixTree::Node* up = tree_->Find(cur);
+      cur = up == nullptr ? SegmentId() : up->parent;
+    }
+    for (SegmentId p : path) under[p] = is_under;
+    if (is_under) doomed.push_back({n.depth, n.id});
+  });
+  std::sort(doomed.begin(), doomed.end(), [](const auto& a, const auto& b) {
+    return a.first != b.first ? a.first > b.first : a.second < b.second;
+  });
+  for (const auto& [depth, id] : doomed) {
+    const index::PrefixTree::Node* d = tree_->Find(id);
+    if (d == nullptr) continue;
+    if (d->pin_count > 0) {
+      // Its copies all go: they no longer count as pinned.
+      pinned_replicas_ -= static_cast<int64_t>(d->replicas.size());
+      const std::vector<SegmentId> pins(static_cast<size_t>(d->pin_count), id);
+      TOKENLAKE_RETURN_IF_ERROR(tree_->Unpin(pins));
+    }
+    const std::vector<InstanceId> holders(d->replicas.begin(), d->replicas.end());
+    for (InstanceId h : holders) {
+      TOKENLAKE_ASSIGN_OR_RETURN(index::EvictResult r, tree_->RemoveReplica(id, h));
+      OnReplicasFreedLocked(id, r.node_erased, r.freed_on, nullptr);
+      if (h != instance) freed_elsewhere.push_back({id, h});
+    }
+  }
+  for (auto& [id, a] : active_) {
+    std::erase_if(a.pinned, [&](SegmentId seg) { return !tree_->Contains(seg); });
+  }
+  return freed_elsewhere;
+}
+
+}  // namespace tokenlake::lake
