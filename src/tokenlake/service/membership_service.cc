@@ -100,9 +100,9 @@ grpc::Status MembershipService::Register(grpc::ServerContext* ctx,
   int32_t id = -1;
   {
     absl::MutexLock lake_lock(&lake_->mu);
-    absl::StatusOr<Membership::Admission> admitted = membership_->Register(
-        request->name(), request->preferred_id(), request->transport_port(), absl::Now(), host,
-        request->transport_incarnation());
+    absl::StatusOr<Membership::Admission> admitted =
+        membership_->Register(request->name(), request->preferred_id(), request->transport_port(),
+                              absl::Now(), host, request->transport_incarnation());
     if (!admitted.ok()) return ToGrpc(admitted.status());
     id = admitted->id;
     if (admitted->rejoin) {
