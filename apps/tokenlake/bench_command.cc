@@ -112,6 +112,21 @@ std::string Commit() {
   return c;
 }
 
+// Writes a benchmark's JSON (stamped with the commit when it has none) and says where; 0, or 1
+// after naming the file it could not write.
+int WriteBenchJson(const char* command, const std::string& path, nlohmann::json j) {
+  if (!j.contains("commit")) j["commit"] = Commit();
+  std::ofstream out(path);
+  out << j.dump(2) << "\n";
+  out.close();
+  if (!out) {
+    std::fprintf(stderr, "tokenlake bench %s: cannot write '%s'\n", command, path.c_str());
+    return 1;
+  }
+  std::cout << "wrote " << path << "\n";
+  return 0;
+}
+
 nlohmann::json MachineInfo(bool pinned) {
   nlohmann::json m;
   char host[256] = {0};
@@ -306,16 +321,7 @@ int RunControlPlane(const BenchFlags& f) {
   line("match_128k        ", match_us, match_cpu_us);
   line("gen_plans_256     ", plan_us, plan_cpu_us);
   line("gen_plans_256_long", long_us, long_cpu_us);
-  if (!f.json_path.empty()) {
-    std::ofstream out(f.json_path);
-    if (!out) {
-      std::cerr << "bench: cannot write " << f.json_path << "\n";
-      return 1;
-    }
-    out << j.dump(2) << "\n";
-    std::cout << "wrote " << f.json_path << "\n";
-  }
-  return 0;
+  return f.json_path.empty() ? 0 : WriteBenchJson("control-plane", f.json_path, j);
 }
 
 // `tokenlake bench engine`: the GPU engine on a random-init model (engine/cuda/engine_bench.h).
@@ -342,16 +348,7 @@ int RunEngine(EngineBenchFlags& f) {
     std::fprintf(stderr, "tokenlake bench engine: %s\n", j.status().ToString().c_str());
     return 1;
   }
-  (*j)["commit"] = Commit();
-  std::ofstream out(f.json_path);
-  out << j->dump(2) << "\n";
-  out.close();
-  if (!out) {
-    std::fprintf(stderr, "tokenlake bench engine: cannot write '%s'\n", f.json_path.c_str());
-    return 1;
-  }
-  std::cout << "wrote " << f.json_path << "\n";
-  return 0;
+  return WriteBenchJson("engine", f.json_path, *std::move(j));
 }
 #else
 int RunEngine(EngineBenchFlags&) {
@@ -453,15 +450,7 @@ int RunCoordinator(const CoordinatorBenchFlags& f) {
       "ms with\n",
       (*j)["plans_per_s"].get<double>(), (*j)["plans_per_s_with_reconcile"].get<double>(),
       (*j)["plan_p99_ms"].get<double>(), (*j)["plan_p99_ms_with_reconcile"].get<double>());
-  std::ofstream out(f.json_path);
-  out << j->dump(2) << "\n";
-  out.close();
-  if (!out) {
-    std::fprintf(stderr, "tokenlake bench coordinator: cannot write '%s'\n", f.json_path.c_str());
-    return 1;
-  }
-  std::cout << "wrote " << f.json_path << "\n";
-  return 0;
+  return WriteBenchJson("coordinator", f.json_path, *std::move(j));
 }
 #else
 int RunCoordinator(const CoordinatorBenchFlags&) {
