@@ -13,7 +13,11 @@
 #           (compare with the bench part's cuBLAS rows);
 #   hf:     bench/hf_generate.py (transformers' static-cache batched generate) on those prompts;
 #   ckpt:   bench/checkpoint_load.sh (a 13.5 GB sharded bf16 checkpoint from the page cache);
-#   profile: `tokenlake profile` and `tokenlake sim --gpu` on it.
+#   profile: `tokenlake profile` (the simulator's GPU profile, Llama-3-8B dense layers);
+#   sim:    the simulator's prediction of the llama3-8b workload run (issue 12, item 6): the
+#           bench's prompts as a trace (bench/prompts_to_trace.py), `tokenlake sim --trace ...
+#           --instances 1 --gpu profile.json --model llama-3-8b --policies tokenlake`, beside the
+#           engine's measured seconds in bench_engine_llama3-8b.json (needs bench and profile).
 #
 #   bash bench/engine_session.sh OUT_DIR [BUILD_DIR]     # BUILD_DIR: default build/cuda
 #   PARTS="bench hf" MODELS=llama2-7b bash bench/engine_session.sh out
@@ -93,5 +97,16 @@ if wants profile; then
   timeout "$STEP_TIMEOUT" "$B/tokenlake" profile --json "$OUT/profile.json" \
     > "$OUT/profile.log" 2>&1
   stamp "profile rc=$?"
+fi
+if wants sim && [ -f "$OUT/profile.json" ] && [ -f "$OUT/prompts_llama3-8b.json" ]; then
+  for w in shared-prefix-64 sixteen-2k; do
+    python3 bench/prompts_to_trace.py --prompts "$OUT/prompts_llama3-8b.json" --workload "$w" \
+      --out "$OUT/trace_$w.jsonl" &&
+      timeout "$STEP_TIMEOUT" "$B/tokenlake" sim --trace "$OUT/trace_$w.jsonl" --instances 1 \
+        --gpu "$OUT/profile.json" --model llama-3-8b --policies tokenlake \
+        --json "$OUT/sim_$w.json" > "$OUT/sim_$w.log" 2>&1
+    stamp "sim $w rc=$?"
+    tail -n 4 "$OUT/sim_$w.log"
+  done
 fi
 stamp "done"
