@@ -29,7 +29,7 @@
 set -u -o pipefail
 OUT=${1:?usage: bench/engine_session.sh OUT_DIR [BUILD_DIR]}
 BUILD=${2:-build/cuda}
-PARTS=${PARTS:-tests bench ab hf ckpt}
+PARTS=${PARTS:-tests bench ab hf ckpt profile sim}
 MODELS=${MODELS:-llama2-7b llama3-8b}
 STEP_TIMEOUT=${STEP_TIMEOUT:-300}
 mkdir -p "$OUT"
