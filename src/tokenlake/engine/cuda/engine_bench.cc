@@ -461,13 +461,12 @@ absl::Status Bench::Dense() {
         }
         return Median(ms);
       };
-      const int cublas_out = sh.out;
       const double cublas_ms = time([&](const uint16_t* wp) {
         const float alpha = 1.f;
         const float beta = sh.epilogue == SmallGemmEpilogue::kAddF32 ? 1.f : 0.f;
-        return cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, cublas_out, n, sh.in, &alpha, wp,
+        return cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, sh.out, n, sh.in, &alpha, wp,
                             CUDA_R_16BF, sh.in, x.get(), CUDA_R_16BF, sh.in, &beta, y.get(),
-                            CUDA_R_32F, cublas_out, CUBLAS_COMPUTE_32F,
+                            CUDA_R_32F, sh.out, CUBLAS_COMPUTE_32F,
                             CUBLAS_GEMM_DEFAULT) == CUBLAS_STATUS_SUCCESS
                    ? absl::OkStatus()
                    : absl::InternalError("cublasGemmEx");
