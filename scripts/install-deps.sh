@@ -8,6 +8,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libabsl-dev libcli11-dev nlohmann-json3-dev libxxhash-dev
   zlib1g-dev  # sim: gzip-compressed traces
+  liblemon-dev  # plan: the dispatch's min-cost flow (docs/adr/0015-dispatch-by-min-cost-flow.md)
   libssl-dev openssl  # transport: the cluster secret's HMAC, TLS; openssl verifies in tests
   libpcre2-dev libicu-dev  # tokenizer: pre-tokenizer regexes, Unicode normalization
   # service: gRPC control plane, HTTP client (cpp-httplib is built with brotli support),

@@ -54,6 +54,26 @@ printf '{"attn_decode_gbps": 0}\n' >"$tmp/gpu_zero.json"
 expect "a zero bandwidth in a GPU file names file and field" 2 \
   "gpu_zero.json: field 'attn_decode_gbps' must be > 0" -- \
   "$bin" sim --requests 10 --gpu "$tmp/gpu_zero.json"
+expect "an unknown dispatch rule is refused with the valid ones" 2 "tl-dispatch.*matching.*greedy" -- \
+  "$bin" sim --requests 10 --policies tokenlake --tl-dispatch best
+expect "the matching dispatch runs and reports both rules' bytes" 0 "tokenlake" -- \
+  "$bin" sim --workload chat --requests 200 --instances 4 --policies tokenlake \
+  --tl-dispatch matching --tl-dispatch-compare --json "$tmp/dispatch.json"
+if python3 - "$tmp/dispatch.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))["results"][0]
+c = r["policy_counters"]
+assert c["dispatch_batches"] > 0 and c["dispatch_holders"] > 0, c
+assert c["dispatch_query_bytes"] > 0 and c["dispatch_other_query_bytes"] > 0, c
+assert json.load(open(sys.argv[1]))["config"]["tokenlake_dispatch"] == "matching"
+PY
+then
+  echo "ok: dispatch comparison in the JSON"
+  passes=$((passes + 1))
+else
+  echo "FAIL: dispatch comparison in the JSON"
+  failures=$((failures + 1))
+fi
 expect "sim writes JSON for every policy and PD split" 0 "tokenlake" -- \
   "$bin" sim --requests 60 --instances 4 --json "$tmp/out.json"
 if python3 - "$tmp/out.json" <<'PY'

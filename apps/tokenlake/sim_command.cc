@@ -26,6 +26,7 @@
 #include "command.h"
 #include "flag_checks.h"
 #include "nlohmann/json.hpp"
+#include "tokenlake/plan/planner.h"
 #include "tokenlake/sim/cost_model.h"
 #include "tokenlake/sim/experiment.h"
 #include "tokenlake/sim/preset.h"
@@ -72,6 +73,8 @@ struct SimFlags {
   int tl_max_dop = 4;
   double tl_decode_budget = 0.5;
   double tl_local_evict = 0.5;
+  std::string tl_dispatch = "greedy";
+  bool tl_dispatch_compare = false;
   int tp = 1;
   int64_t cache_tokens = 0;  // 0 (not given): --kv-gb's sizing
   std::string slo = "p90";
@@ -145,6 +148,9 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   eo.tokenlake.local_eviction_min_age_ratio = f.tl_local_evict;
   eo.tokenlake.max_dop = f.tl_max_dop;
   eo.tokenlake.decode_budget_share = f.tl_decode_budget;
+  eo.tokenlake.dispatch = f.tl_dispatch == "matching" ? plan::PlannerOptions::Dispatch::kMatching
+                                                      : plan::PlannerOptions::Dispatch::kGreedy;
+  eo.tokenlake.compare_dispatch = f.tl_dispatch_compare;
   eo.rate_rps = f.rate;
   if (given.count("--rate") > 0 && f.max_rate) {
     return Usage("--rate and --max-rate are exclusive");
@@ -303,6 +309,7 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   config["tokenlake_max_dop"] = eo.tokenlake.max_dop;
   config["tokenlake_decode_budget"] = eo.tokenlake.decode_budget_share;
   config["tokenlake_local_evict"] = eo.tokenlake.local_eviction_min_age_ratio;
+  config["tokenlake_dispatch"] = f.tl_dispatch;
 
   const std::string slo_text =
       eo.slo_mode == sim::SloMode::kPerToken
@@ -451,6 +458,14 @@ void SetUpSim(CLI::App& app, int* exit_code) {
                   "tokenlake: a decode instance takes decodes while its estimated iteration stays "
                   "within this share of the TPOT SLO (0.5)")
       ->check(NumberIn(0, 1, /*open_lo=*/true));
+  cmd->add_option("--tl-dispatch", flags->tl_dispatch,
+                  "tokenlake: how the planner places queries on replicas and new segments: "
+                  "matching (a min-cost transportation problem per batch) or greedy (request by "
+                  "request) (matching)")
+      ->check(CLI::IsMember({"matching", "greedy"}));
+  cmd->add_flag("--tl-dispatch-compare", flags->tl_dispatch_compare,
+                "tokenlake: also plan every batch with the other dispatch rule (no effect on the "
+                "run) and report both rules' bytes and holders in the JSON's policy_counters");
   cmd->add_option("--tl-local-evict", flags->tl_local_evict,
                   "tokenlake: a full producer evicts its own LRU leaf for a new segment when that "
                   "leaf's age is >= this x the pool's LRU leaf's (0.5; > 1: pool-wide LRU only)")

@@ -396,6 +396,10 @@ class Lake {
   bool IsHeavyHitter(SegmentId segment) const;
   double SegmentLoad(SegmentId segment) const;
 
+  // The planner's comparison of its dispatch with the other rule (all zero unless
+  // options().planner.compare_dispatch; plan::PlannerOptions).
+  plan::DispatchComparison dispatch_comparison() const { return planner_->dispatch_comparison(); }
+
   int32_t num_instances() const { return options_.num_instances; }
   const LakeOptions& options() const { return options_; }
 

@@ -2,11 +2,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
 #include "tokenlake/base/status_macros.h"
+#include "tokenlake/plan/transport_problem.h"
 
 namespace tokenlake::plan {
 
@@ -46,6 +48,221 @@ absl::Status ValidateInstances(absl::Span<const balance::InstanceState> instance
     }
   }
   return absl::OkStatus();
+}
+
+// Same set of replicas (each list is distinct; the Lake may list them in any order).
+bool SameReplicas(const CachedSegment& a, const CachedSegment& b) {
+  if (a.replicas.size() != b.replicas.size()) return false;
+  for (InstanceId r : a.replicas) {
+    if (std::find(b.replicas.begin(), b.replicas.end(), r) == b.replicas.end()) return false;
+  }
+  return true;
+}
+
+// Step 3 under Dispatch::kMatching (planner.h): the serving replica of every (request, cached
+// segment) of one batch, from a min-cost transportation problem over the batch's runs of
+// segments with the same replicas. `holder_work` is the work earlier batches of this call put on
+// each instance; `work_cap` the per-holder cap including this batch.
+absl::StatusOr<std::vector<std::vector<int32_t>>> MatchQueries(
+    absl::Span<const PlanRequest> reqs, absl::Span<const int32_t> compute,
+    absl::Span<const double> holder_work, double work_cap,
+    absl::Span<const balance::InstanceState> state, const ModelShape& shape) {
+  const int32_t n = static_cast<int32_t>(state.size());
+  std::vector<std::vector<int32_t>> pick(reqs.size());
+  std::vector<double> forced(n, 0.0);
+  struct Run {
+    int32_t request = 0;
+    int32_t first = 0;  // segment index
+    int32_t end = 0;    // one past the last
+    double work = 0;
+  };
+  std::vector<Run> runs;
+  double flex_work = 0;
+  for (size_t ri = 0; ri < reqs.size(); ++ri) {
+    const PlanRequest& r = reqs[ri];
+    const double q = static_cast<double>(r.new_tokens);
+    pick[ri].assign(r.cached.size(), -1);
+    for (size_t si = 0; si < r.cached.size(); ++si) {
+      const CachedSegment& s = r.cached[si];
+      if (s.replicas.size() == 1) {
+        pick[ri][si] = s.replicas[0].value();
+        forced[pick[ri][si]] += q * s.num_tokens;
+        continue;
+      }
+      if (r.new_tokens == 0) {  // no work: any replica serves; prefer the computing instance
+        pick[ri][si] = s.replicas[0].value();
+        for (InstanceId rep : s.replicas) {
+          if (rep.value() == compute[ri]) pick[ri][si] = rep.value();
+        }
+        continue;
+      }
+      const bool extends = !runs.empty() && runs.back().request == static_cast<int32_t>(ri) &&
+                           runs.back().end == static_cast<int32_t>(si) &&
+                           SameReplicas(r.cached[si - 1], s);
+      if (!extends)
+        runs.push_back(
+            Run{static_cast<int32_t>(ri), static_cast<int32_t>(si), static_cast<int32_t>(si), 0});
+      runs.back().end = static_cast<int32_t>(si) + 1;
+      runs.back().work += q * s.num_tokens;
+      flex_work += q * s.num_tokens;
+    }
+  }
+  if (runs.empty()) return pick;
+
+  // Integer costs. Within an instance's work cap a unit costs its byte rate, scaled to
+  // [0, kByteScale], times kStep, plus a tie-break below kStep: the instance's tier and its rank
+  // (less plan work, then less load, then an order rotated by the request id). The cap is cut
+  // into kFreeTiers tiers of rising tie-break cost, so that equal-byte choices spread over their
+  // replicas as greedy's least-work rule does. Beyond the cap a unit costs more than any unit
+  // within one, in kOverTiers tiers of `step` units (a quarter of the batch's mean work per
+  // instance) at rising costs and the rank, bytes aside: work goes over a cap only where no
+  // placement within one exists, and then spreads over the replicas by load alone, as greedy's.
+  constexpr int64_t kByteScale = 1'000'000;
+  constexpr int kOverTiers = 8;
+  const int64_t kStep = 64 * static_cast<int64_t>(n);
+  const int64_t over_base = (kByteScale + 2) * kStep;
+  const int64_t overflow_cost = over_base * (kOverTiers + 2);
+  // Work in units the solver's int64 arithmetic holds with room.
+  const double max_units = std::min<double>(
+      1 << 20, static_cast<double>(std::numeric_limits<int64_t>::max() / 8 / overflow_cost));
+  const double unit = std::max(1.0, std::ceil(flex_work / max_units));
+  double batch_work = flex_work;
+  for (double f : forced) batch_work += f;
+  const int64_t step = std::max<int64_t>(1, std::llround(batch_work / unit / n / 4));
+  std::vector<InstanceCapacity> capacity(n);
+  for (int32_t i = 0; i < n; ++i) {
+    const double used = holder_work[i];
+    const int64_t free_units =
+        static_cast<int64_t>(std::floor(std::max(0.0, work_cap - used) / unit));
+    capacity[i].tiers.push_back(CapacityTier{free_units, 0});
+    const int64_t over = static_cast<int64_t>(std::max(0.0, used - work_cap) / unit);
+    for (int64_t k = over / step; k < kOverTiers; ++k) {
+      const int64_t units = k == over / step ? step - over % step : step;
+      capacity[i].over_tiers.push_back(CapacityTier{units, over_base * (k + 1)});
+    }
+  }
+  // The bytes of request r on remote holder h are a fixed charge: bytes(r, h) once h serves any
+  // of r's segments (step 4). A transportation problem prices per unit, so the charge is spread
+  // over the work: first as if h served all of r's segments it holds, then, for a few rounds,
+  // over the work h took in the last solution (dynamic slope scaling, as for fixed-charge
+  // network flows: a holder that took little becomes dear per unit, one that took much cheap).
+  // The best solution found (least work over the caps, then least bytes) is kept.
+  std::vector<double> tokens_on(n);
+  std::vector<std::vector<double>> fixed(reqs.size()), rate(reqs.size());
+  for (size_t ri = 0; ri < reqs.size(); ++ri) {
+    const PlanRequest& r = reqs[ri];
+    if (r.new_tokens == 0) continue;
+    std::fill(tokens_on.begin(), tokens_on.end(), 0.0);
+    for (const CachedSegment& s : r.cached) {
+      for (InstanceId rep : s.replicas) tokens_on[rep.value()] += s.num_tokens;
+    }
+    fixed[ri].assign(n, 0.0);
+    rate[ri].assign(n, 0.0);
+    for (int32_t h = 0; h < n; ++h) {
+      if (h == compute[ri] || tokens_on[h] == 0) continue;
+      const int64_t tokens = static_cast<int64_t>(tokens_on[h]);
+      fixed[ri][h] = static_cast<double>(
+          std::min(MoveQueriesBytes(shape, r.new_tokens), KvBytes(shape, tokens)));
+      rate[ri][h] = fixed[ri][h] / (static_cast<double>(r.new_tokens) * tokens_on[h]);
+    }
+  }
+  std::vector<int32_t> rank_order(n), rank(n);
+  std::vector<TransportItem> items(runs.size());
+  std::vector<absl::InlinedVector<int64_t, 4>> option_rank(runs.size());
+  for (size_t k = 0; k < runs.size(); ++k) {
+    const Run& run = runs[k];
+    const PlanRequest& r = reqs[run.request];
+    std::iota(rank_order.begin(), rank_order.end(), 0);
+    const auto rotated = [&](int32_t x) {
+      return (x + n - static_cast<int32_t>(r.request.value() % n)) % n;
+    };
+    std::sort(rank_order.begin(), rank_order.end(), [&](int32_t a, int32_t b) {
+      if (holder_work[a] != holder_work[b]) return holder_work[a] < holder_work[b];
+      if (state[a].load != state[b].load) return state[a].load < state[b].load;
+      return rotated(a) < rotated(b);
+    });
+    for (int32_t i = 0; i < n; ++i) rank[rank_order[i]] = i;
+    items[k].amount = std::max<int64_t>(1, std::llround(run.work / unit));
+    for (InstanceId rep : r.cached[run.first].replicas) {
+      items[k].options.push_back(TransportOption{rep.value(), 0, rank[rep.value()]});
+      option_rank[k].push_back(rank[rep.value()]);
+    }
+  }
+  constexpr int kRounds = 4;
+  TransportSolution sol;
+  int64_t best_over = std::numeric_limits<int64_t>::max();
+  double best_bytes = 0;
+  std::vector<std::vector<double>> took(reqs.size());  // work units r placed on h
+  for (int round = 0; round < kRounds; ++round) {
+    double max_rate = 0;
+    for (const Run& run : runs) {
+      for (InstanceId rep : reqs[run.request].cached[run.first].replicas) {
+        max_rate = std::max(max_rate, rate[run.request][rep.value()]);
+      }
+    }
+    for (size_t k = 0; k < runs.size(); ++k) {
+      for (size_t o = 0; o < items[k].options.size(); ++o) {
+        TransportOption& opt = items[k].options[o];
+        const double scaled = max_rate > 0 ? rate[runs[k].request][opt.instance] / max_rate : 0;
+        opt.unit_cost = std::llround(scaled * kByteScale) * kStep + option_rank[k][o];
+      }
+    }
+    TOKENLAKE_ASSIGN_OR_RETURN(TransportSolution trial,
+                               SolveTransportProblem(items, capacity, overflow_cost));
+    for (const Run& run : runs) took[run.request].assign(n, 0.0);
+    for (size_t k = 0; k < runs.size(); ++k) {
+      for (size_t o = 0; o < items[k].options.size(); ++o) {
+        took[runs[k].request][items[k].options[o].instance] +=
+            static_cast<double>(trial.flow[k][o]);
+      }
+    }
+    double bytes = 0;
+    for (size_t ri = 0; ri < reqs.size(); ++ri) {
+      if (took[ri].empty()) continue;
+      for (int32_t h = 0; h < n; ++h) {
+        if (took[ri][h] > 0) bytes += fixed[ri][h];
+      }
+    }
+    const bool better = trial.overflow_units < best_over ||
+                        (trial.overflow_units == best_over && bytes < best_bytes);
+    if (better) {
+      best_over = trial.overflow_units;
+      best_bytes = bytes;
+      sol = std::move(trial);
+    } else if (round > 0) {
+      break;  // no better than the last: the slopes have settled
+    }
+    for (size_t ri = 0; ri < reqs.size(); ++ri) {
+      if (took[ri].empty()) continue;
+      for (int32_t h = 0; h < n; ++h) {
+        if (took[ri][h] > 0 && fixed[ri][h] > 0) rate[ri][h] = fixed[ri][h] / (took[ri][h] * unit);
+      }
+    }
+  }
+
+  // Cut each run on segment boundaries in prefix order: the largest share first, each replica
+  // serving segments while its share lasts (at least half of the next segment's work left).
+  std::vector<int32_t> order;
+  std::vector<double> left;
+  for (size_t k = 0; k < runs.size(); ++k) {
+    const Run& run = runs[k];
+    const PlanRequest& r = reqs[run.request];
+    const size_t m = items[k].options.size();
+    order.resize(m);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int32_t a, int32_t b) { return sol.flow[k][a] > sol.flow[k][b]; });
+    left.assign(m, 0.0);
+    for (size_t o = 0; o < m; ++o) left[o] = static_cast<double>(sol.flow[k][o]) * unit;
+    size_t cur = 0;
+    for (int32_t si = run.first; si < run.end; ++si) {
+      const double w = static_cast<double>(r.new_tokens) * r.cached[si].num_tokens;
+      while (left[order[cur]] < w / 2 && cur + 1 < m && sol.flow[k][order[cur + 1]] > 0) ++cur;
+      pick[run.request][si] = items[k].options[order[cur]].instance;
+      left[order[cur]] -= w;
+    }
+  }
+  return pick;
 }
 
 }  // namespace
@@ -136,6 +353,8 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
     const auto& reqs = batch.requests;
     BatchPlan plan;
     plan.batch_index = static_cast<int32_t>(b);
+    std::vector<balance::InstanceState> state_at_start;
+    if (options_.compare_dispatch) state_at_start = state;
     plan.dop = batch.dop;
 
     // 1. Instance group.
@@ -233,6 +452,11 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
     // 3-4. Query plans.
     plan_work_total += batch_work;
     const double work_cap = (1 + options_.holder_slack) * plan_work_total / n;
+    std::vector<std::vector<int32_t>> matched;
+    if (options_.dispatch == PlannerOptions::Dispatch::kMatching) {
+      TOKENLAKE_ASSIGN_OR_RETURN(matched,
+                                 MatchQueries(reqs, compute, holder_work, work_cap, state, shape));
+    }
     plan.requests.reserve(reqs.size());
     for (size_t ri = 0; ri < reqs.size(); ++ri) {
       const PlanRequest& r = reqs[ri];
@@ -245,10 +469,13 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
       const double q = static_cast<double>(r.new_tokens);
       size_t last_holder = 0;  // index in rp.holders of the previous segment's holder
       seg_holder.clear();      // index in rp.holders of each segment's holder
-      for (const CachedSegment& s : r.cached) {
+      for (size_t si = 0; si < r.cached.size(); ++si) {
+        const CachedSegment& s = r.cached[si];
         const double w = q * s.num_tokens;
         int32_t pick = -1;
-        if (s.replicas.size() == 1) {
+        if (!matched.empty()) {
+          pick = matched[ri][si];
+        } else if (s.replicas.size() == 1) {
           pick = s.replicas[0].value();
         } else {
           auto fits = [&](int32_t i) { return holder_work[i] + w <= work_cap + 1e-9; };
@@ -350,17 +577,43 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
       plan.requests.push_back(std::move(rp));
     }
 
-    // 5. New segments.
+    // 5. New segments. Under kMatching, first every segment its producer keeps (the Balancer
+    // places it there on the state so far), a request's chain from its start; then the rest.
+    std::vector<std::vector<InstanceId>> targets(reqs.size());
+    const auto place = [&](size_t ri, size_t k) -> absl::Status {
+      const InstanceId source(compute[ri]);
+      TOKENLAKE_ASSIGN_OR_RETURN(std::optional<InstanceId> placed,
+                                 balancer_->PlaceNewSegment(source, state));
+      const InstanceId target = placed.value_or(source);
+      auto& st = state[target.value()];
+      if (st.used_slots < st.capacity_slots) st.used_slots += 1;
+      targets[ri][k] = target;
+      return absl::OkStatus();
+    };
+    for (size_t ri = 0; ri < reqs.size(); ++ri) {
+      targets[ri].assign(reqs[ri].new_segments.size(), InstanceId());
+      if (options_.dispatch != PlannerOptions::Dispatch::kMatching) continue;
+      const InstanceId source(compute[ri]);
+      for (size_t k = 0; k < targets[ri].size(); ++k) {
+        TOKENLAKE_ASSIGN_OR_RETURN(std::optional<InstanceId> placed,
+                                   balancer_->PlaceNewSegment(source, state));
+        if (placed != source) break;
+        state[source.value()].used_slots += 1;  // PlaceNewSegment chose it: it has a free slot
+        targets[ri][k] = source;
+      }
+    }
+    for (size_t ri = 0; ri < reqs.size(); ++ri) {
+      for (size_t k = 0; k < targets[ri].size(); ++k) {
+        if (!targets[ri][k].valid()) TOKENLAKE_RETURN_IF_ERROR(place(ri, k));
+      }
+    }
     for (size_t ri = 0; ri < reqs.size(); ++ri) {
       const PlanRequest& r = reqs[ri];
       const InstanceId source(compute[ri]);
       SegmentId parent = r.cached.empty() ? SegmentId() : r.cached.back().segment;
-      for (const index::SegmentKey& key : r.new_segments) {
-        TOKENLAKE_ASSIGN_OR_RETURN(std::optional<InstanceId> placed,
-                                   balancer_->PlaceNewSegment(source, state));
-        const InstanceId target = placed.value_or(source);
-        auto& st = state[target.value()];
-        if (st.used_slots < st.capacity_slots) st.used_slots += 1;
+      for (size_t k = 0; k < r.new_segments.size(); ++k) {
+        const index::SegmentKey& key = r.new_segments[k];
+        const InstanceId target = targets[ri][k];
         plan.transfer.new_segments.push_back(
             NewSegmentPlacement{r.request, key.id, parent, key.num_tokens, source, target});
         if (target != source) {
@@ -381,9 +634,38 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
             static_cast<double>(rp.new_tokens) * static_cast<double>(h.cached_tokens);
       }
     }
+    if (options_.compare_dispatch) {
+      PlannerOptions other_options = options_;
+      other_options.compare_dispatch = false;
+      other_options.dispatch = options_.dispatch == PlannerOptions::Dispatch::kMatching
+                                   ? PlannerOptions::Dispatch::kGreedy
+                                   : PlannerOptions::Dispatch::kMatching;
+      const Planner other(other_options, balancer_);
+      TOKENLAKE_ASSIGN_OR_RETURN(std::vector<BatchPlan> other_plan,
+                                 other.GenPlans(absl::MakeConstSpan(&batch, 1), state_at_start));
+      const auto holders = [](const BatchPlan& p) {
+        int64_t h = 0;
+        for (const RequestPlan& rp : p.requests) h += static_cast<int64_t>(rp.holders.size());
+        return h;
+      };
+      absl::MutexLock lock(&comparison_mu_);
+      comparison_.batches += 1;
+      comparison_.query_bytes += plan.transfer.query_bytes + plan.transfer.kv_pull_bytes;
+      comparison_.other_query_bytes +=
+          other_plan[0].transfer.query_bytes + other_plan[0].transfer.kv_pull_bytes;
+      comparison_.holders += holders(plan);
+      comparison_.other_holders += holders(other_plan[0]);
+      comparison_.new_segment_bytes += plan.transfer.new_segment_bytes;
+      comparison_.other_new_segment_bytes += other_plan[0].transfer.new_segment_bytes;
+    }
     plans.push_back(std::move(plan));
   }
   return plans;
+}
+
+DispatchComparison Planner::dispatch_comparison() const {
+  absl::MutexLock lock(&comparison_mu_);
+  return comparison_;
 }
 
 absl::StatusOr<std::vector<InstanceCacheLoad>> Planner::GetCacheLoad(

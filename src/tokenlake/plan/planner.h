@@ -15,18 +15,32 @@
 //      that is in the group and under the cap, else the group member holding most of its cached
 //      tokens among those whose assigned new tokens stay under the cap
 //      max(largest q, ceil(total q / dop x (1 + compute_slack))); if none, the least assigned.
-//   3. Query plan: for each (request, cached segment) the serving replica: the computing
-//      instance if it holds one, else a replica this request already uses, else the replica
-//      with the least work assigned in this plan; a candidate is skipped while its plan work
-//      would exceed (1 + holder_slack) x (total cached work of the plan so far + this batch) /
+//   3. Query plan: for each (request, cached segment) the serving replica, under a per-holder
+//      work cap of (1 + holder_slack) x (total cached work of the plan so far + this batch) /
 //      num_instances (this spreads a heavy hitter's queries over its replicas). Work = q x
-//      segment tokens. Ties between replicas: the less loaded instance, then an order rotated by
-//      the request id (so single-request plans spread).
+//      segment tokens. Two dispatch rules (PlannerOptions::dispatch, ADR 0015):
+//      - kMatching: a min-cost transportation problem (transport_problem.h) over the whole
+//        batch: each run of a request's consecutive segments with the same replicas places its
+//        work on those replicas (a segment with one replica is not the dispatch's to place and
+//        counts against no cap). Within the caps, a unit of work costs the bytes it brings:
+//        bytes(r, h) (step 4) is a fixed charge once holder h serves request r, spread over
+//        the work, first as if h served all it holds of r, then over what h took in the last
+//        solution (dynamic slope scaling, a few rounds, the best kept); ties go to less plan
+//        work, less load, then an order rotated by the request id. Beyond a cap work costs more
+//        than any placement within one and spreads over the replicas by load alone. A run the
+//        solver splits is cut on segment boundaries in prefix order, the largest share first.
+//      - kGreedy (default): request by request, segment by segment: the computing instance if
+//        it holds one, else a replica this request already uses, else the replica with the least
+//        work assigned in this plan, skipping replicas over the cap while one fits; the same ties.
 //   4. Per (request, remote holder): move the queries if MoveQueriesBytes(q) <=
 //      KvBytes(tokens the holder serves for it), else pull the KV (cost_model.h).
 //   5. Transfer plan: each new segment goes where the Balancer places it, with the computing
 //      instance as the producer (so usually where computed); when no instance has a free slot
-//      the target is the computing instance and the Lake evicts at commit.
+//      the target is the computing instance and the Lake evicts at commit. Under kMatching the
+//      segments whose producer keeps them (by the Balancer's rule) are placed first, then the
+//      rest: a new segment's only zero-byte target is its producer, so this order is the
+//      matching of least bytes (no producer loses its free slots to another's segments);
+//      kGreedy places them in request order.
 //
 // Thread-safety: immutable after Create; const methods are thread-safe if the Balancer's are.
 #ifndef TOKENLAKE_PLAN_PLANNER_H_
@@ -36,8 +50,10 @@
 #include <memory>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/container/inlined_vector.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "tokenlake/balance/balancer.h"
 #include "tokenlake/base/ids.h"
@@ -56,6 +72,25 @@ struct PlannerOptions {
   double compute_slack = 0.25;
   // Slack of the per-holder work cap when choosing replicas. Must be >= 0.
   double holder_slack = 0.25;
+  // How queries and new segments are dispatched (the file comment, steps 3 and 5).
+  enum class Dispatch { kMatching, kGreedy };
+  // kGreedy by default: in the simulator the matching moves fewer bytes but serves decodes
+  // from fewer holders, which costs latency where decode attention dominates (ADR 0015).
+  Dispatch dispatch = Dispatch::kGreedy;
+  // When true, GenPlans also plans every batch with the other dispatch rule, on the same
+  // requests and instance states (the work of earlier batches of the same call aside), without
+  // effect on its result, and adds both plans' figures to DispatchComparison (the measurement of
+  // ADR 0015). Costs a second planning of every batch.
+  bool compare_dispatch = false;
+};
+
+// Totals over the batches GenPlans planned with compare_dispatch on: the plans returned and, on
+// the same inputs, the other dispatch rule's.
+struct DispatchComparison {
+  int64_t batches = 0;
+  int64_t query_bytes = 0, other_query_bytes = 0;  // queries, results and pulled KV
+  int64_t holders = 0, other_holders = 0;          // (request, holder) pairs
+  int64_t new_segment_bytes = 0, other_new_segment_bytes = 0;
 };
 
 // A cached (matched) segment of a request, with where its replicas live.
@@ -136,6 +171,9 @@ class Planner {
 
   const PlannerOptions& options() const { return options_; }
 
+  // The totals so far (all zero unless compare_dispatch). Thread-safe.
+  DispatchComparison dispatch_comparison() const;
+
  private:
   Planner(const PlannerOptions& options, const balance::Balancer* balancer)
       : options_(options), balancer_(balancer) {}
@@ -144,6 +182,8 @@ class Planner {
 
   PlannerOptions options_;
   const balance::Balancer* balancer_;
+  mutable absl::Mutex comparison_mu_;
+  mutable DispatchComparison comparison_ ABSL_GUARDED_BY(comparison_mu_);
 };
 
 }  // namespace tokenlake::plan

@@ -124,6 +124,105 @@ TEST_F(PlannerTest, HeavyHitterQueriesAreSpreadOverItsReplicas) {
   for (auto& [h, c] : per_holder) EXPECT_LE(c, 5) << h;  // 16 / 4 x 1.25
 }
 
+// A request computing on instance 2 reads s1 (on 0 and 1) and s2 (on 1 only). Greedy, in
+// prefix order, serves s1 from the less loaded replica (0) and then needs 1 for s2: two remote
+// holders. The matching sees that holder 1 can serve all of it: one holder, one query move fewer.
+// Three other requests keep the holders' work caps loose.
+TEST_F(PlannerTest, MatchingServesARequestFromFewerHoldersThanGreedy) {
+  PlanBatch b;
+  b.dop = 3;
+  PlanRequest r;
+  r.request = RequestId(1);
+  r.new_tokens = 1;
+  r.cached = {Seg(1, {0, 1}), Seg(2, {1})};
+  r.preferred_instance = InstanceId(2);
+  b.requests.push_back(r);
+  for (int i = 0; i < 3; ++i) {
+    PlanRequest big;
+    big.request = RequestId(10 + i);
+    big.new_tokens = 64;
+    big.cached = {Seg(100 + i, {i}, 8192)};
+    big.preferred_instance = InstanceId(i);
+    b.requests.push_back(big);
+  }
+  auto inst = Instances(3);
+  inst[1].load = 10;  // greedy's tie between 0 and 1 goes to 0
+  PlannerOptions o = planner_->options();
+  o.dispatch = PlannerOptions::Dispatch::kMatching;
+  auto matching_planner = *Planner::Create(o, balancer_.get());
+  auto greedy = *planner_->GenPlans({b}, inst);
+  auto matched = *matching_planner->GenPlans({b}, inst);
+  ASSERT_EQ(greedy[0].requests[0].compute_instance, InstanceId(2));
+  ASSERT_EQ(matched[0].requests[0].compute_instance, InstanceId(2));
+  EXPECT_EQ(greedy[0].requests[0].holders.size(), 2u);
+  ASSERT_EQ(matched[0].requests[0].holders.size(), 1u);
+  EXPECT_EQ(matched[0].requests[0].holders[0].holder, InstanceId(1));
+  EXPECT_EQ(greedy[0].transfer.query_bytes - matched[0].transfer.query_bytes,
+            MoveQueriesBytes(OneLayer(), 1));
+}
+
+// Instance 0 has one free slot; instance 1 none; instance 2 two, but fuller. Request 1 computes
+// on the full instance 1, request 2 on instance 0. Greedy, in request order, stores request 1's
+// new segment in instance 0's last slot (the emptier), so request 2's must move too: two copies.
+// The matching lets each producer keep what fits first: one copy.
+TEST_F(PlannerTest, MatchingLetsProducersKeepTheirFreeSlots) {
+  PlanBatch b;
+  b.dop = 2;
+  b.candidates = {InstanceId(0), InstanceId(1)};
+  for (int i = 0; i < 2; ++i) {
+    PlanRequest r;
+    r.request = RequestId(i + 1);
+    r.new_tokens = 512;
+    r.new_segments = {{SegmentId(50 + i), 512}};
+    r.preferred_instance = InstanceId(1 - i);
+    b.requests.push_back(r);
+  }
+  std::vector<InstanceState> inst = {
+      {InstanceId(0), 2, 1, 0}, {InstanceId(1), 10, 10, 0}, {InstanceId(2), 10, 8, 0}};
+  PlannerOptions o = planner_->options();
+  o.dispatch = PlannerOptions::Dispatch::kMatching;
+  auto matching_planner = *Planner::Create(o, balancer_.get());
+  auto greedy = *planner_->GenPlans({b}, inst);
+  auto matched = *matching_planner->GenPlans({b}, inst);
+  ASSERT_EQ(matched[0].requests[0].compute_instance, InstanceId(1));
+  ASSERT_EQ(matched[0].requests[1].compute_instance, InstanceId(0));
+  EXPECT_EQ(greedy[0].transfer.new_segment_bytes, 2 * KvBytes(OneLayer(), 512));
+  EXPECT_EQ(matched[0].transfer.new_segment_bytes, KvBytes(OneLayer(), 512));
+  EXPECT_EQ(matched[0].transfer.new_segments[0].target, InstanceId(2));
+  EXPECT_EQ(matched[0].transfer.new_segments[1].target, InstanceId(0));
+}
+
+TEST_F(PlannerTest, CompareDispatchCountsBothRulesOnTheSameBatches) {
+  PlanBatch b;
+  b.dop = 3;
+  PlanRequest r;
+  r.request = RequestId(1);
+  r.new_tokens = 1;
+  r.cached = {Seg(1, {0, 1}), Seg(2, {1})};
+  r.preferred_instance = InstanceId(2);
+  b.requests.push_back(r);
+  auto inst = Instances(3);
+  inst[1].load = 10;
+  PlannerOptions o = planner_->options();
+  o.dispatch = PlannerOptions::Dispatch::kMatching;
+  auto matching = *Planner::Create(o, balancer_.get());
+  o.compare_dispatch = true;
+  auto comparing = *Planner::Create(o, balancer_.get());
+  const auto expected = *matching->GenPlans({b}, inst);
+  const auto other = *planner_->GenPlans({b}, inst);
+  for (int call = 0; call < 2; ++call) {
+    EXPECT_EQ(*comparing->GenPlans({b}, inst), expected);  // no effect on the plans
+  }
+  const DispatchComparison c = comparing->dispatch_comparison();
+  EXPECT_EQ(c.batches, 2);
+  EXPECT_EQ(c.query_bytes, 2 * expected[0].transfer.query_bytes);
+  EXPECT_EQ(c.other_query_bytes, 2 * other[0].transfer.query_bytes);
+  EXPECT_NE(c.query_bytes, c.other_query_bytes);
+  EXPECT_EQ(c.holders, 2 * static_cast<int64_t>(expected[0].requests[0].holders.size()));
+  EXPECT_EQ(c.other_holders, 2 * static_cast<int64_t>(other[0].requests[0].holders.size()));
+  EXPECT_EQ(matching->dispatch_comparison().batches, 0);
+}
+
 TEST_F(PlannerTest, ComputeInstancesAreBalancedWithinTheGroup) {
   PlanBatch b;
   b.dop = 2;
@@ -225,8 +324,13 @@ TEST_P(PlannerPropertyTest, PlansAreConsistentAndDeterministic) {
   auto balancer = *balance::Balancer::Create({});
   PlannerOptions o;
   o.shape = ModelShape{4, 32, 8, 128, 2};
-  auto planner = *Planner::Create(o, balancer.get());
-  for (int round = 0; round < 20; ++round) {
+  o.dispatch = PlannerOptions::Dispatch::kMatching;
+  auto matching_planner = *Planner::Create(o, balancer.get());
+  o.dispatch = PlannerOptions::Dispatch::kGreedy;
+  auto greedy_planner = *Planner::Create(o, balancer.get());
+  for (int round = 0; round < 40; ++round) {
+    const Planner* planner = (round % 2 == 0 ? matching_planner : greedy_planner).get();
+    SCOPED_TRACE(round % 2 == 0 ? "matching" : "greedy");
     std::vector<InstanceState> inst;
     for (int i = 0; i < num_instances; ++i) {
       const int64_t cap = rng.UniformInt(1, 50);

@@ -122,6 +122,7 @@ Summary Summarize(const SimResult& r, double offered_rps) {
   s.throughput_rps = r.makespan_s > 0 ? static_cast<double>(s.completed) / r.makespan_s : 0;
   s.bytes_moved = r.bytes_moved;
   s.bytes_by_kind = r.bytes_by_kind;
+  s.policy_counters = r.policy_counters;
   s.redundancy = r.mean_redundancy;
   double max_busy = 0, sum_busy = 0;
   for (double b : r.busy_s) {
@@ -175,6 +176,10 @@ nlohmann::json ToJson(const Summary& s) {
   j["bytes_moved"] = s.bytes_moved;
   j["bytes_moved_by_kind"] = nlohmann::json::object();
   for (const auto& [kind, bytes] : s.bytes_by_kind) j["bytes_moved_by_kind"][kind] = bytes;
+  if (!s.policy_counters.empty()) {
+    j["policy_counters"] = nlohmann::json::object();
+    for (const auto& [name, value] : s.policy_counters) j["policy_counters"][name] = num(value);
+  }
   j["redundancy"] = num(s.redundancy);
   j["load_imbalance"] = num(s.load_imbalance);
   j["completed"] = s.completed;

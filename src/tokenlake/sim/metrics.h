@@ -79,6 +79,7 @@ struct Summary {
   double tpot_p50_s = 0, tpot_p90_s = 0;
   int64_t bytes_moved = 0;
   std::map<std::string, int64_t> bytes_by_kind;
+  std::map<std::string, double> policy_counters;  // SimResult::policy_counters
   double redundancy = 1;
   double load_imbalance = 1;
   int64_t completed = 0;

@@ -390,6 +390,7 @@ absl::StatusOr<SimResult> Simulator::Run() {
       capacity_blocks_ * cost_.model().KvBytesPerToken() * kBlockTokens;
   result.iterations = iterations_;
   result.unstored_segments = policy_.UnstoredSegments();
+  result.policy_counters = policy_.Counters();
   result.cache_access = access_;
   return result;
 }

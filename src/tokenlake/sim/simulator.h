@@ -182,6 +182,9 @@ class Policy {
   // Prompt segments of requests that ran although their KV could not be stored (no memory);
   // a faithful policy keeps this 0 by making requests wait. Default 0.
   virtual int64_t UnstoredSegments() const { return 0; }
+  // Policy-specific counters at the end of the run, reported as they are (JSON
+  // "policy_counters"; none by default).
+  virtual std::map<std::string, double> Counters() const { return {}; }
 };
 
 struct SimResult {
@@ -197,6 +200,7 @@ struct SimResult {
   int64_t kv_capacity_bytes_per_instance = 0;
   int64_t iterations = 0;
   int64_t unstored_segments = 0;  // Policy::UnstoredSegments() at the end of the run
+  std::map<std::string, double> policy_counters;  // Policy::Counters() at the end of the run
   // [window][instance] cached context tokens attended in each sampling window (the last,
   // partial window included when it saw any access).
   std::vector<std::vector<int64_t>> cache_access;

@@ -98,6 +98,8 @@ class TokenLakePolicy final : public Policy {
     lo.num_instances = n;
     lo.segment_tokens = static_cast<int32_t>(kBlockTokens);
     lo.local_eviction_min_age_ratio = options_.local_eviction_min_age_ratio;
+    lo.planner.dispatch = options_.dispatch;
+    lo.planner.compare_dispatch = options_.compare_dispatch;
     lo.slots_per_instance = static_cast<int32_t>(std::max<int64_t>(1, blocks));
     lo.model.num_layers = static_cast<int32_t>(m.num_layers);
     lo.model.num_heads = static_cast<int32_t>(m.num_heads);
@@ -300,6 +302,18 @@ class TokenLakePolicy final : public Policy {
     // Copies that have landed need no more tracking.
     absl::erase_if(landing_, [&](const auto& entry) { return entry.second <= sim.now(); });
     Dispatch(sim);
+  }
+
+  std::map<std::string, double> Counters() const override {
+    if (!options_.compare_dispatch || lake_ == nullptr) return {};
+    const plan::DispatchComparison c = lake_->dispatch_comparison();
+    return {{"dispatch_batches", static_cast<double>(c.batches)},
+            {"dispatch_query_bytes", static_cast<double>(c.query_bytes)},
+            {"dispatch_other_query_bytes", static_cast<double>(c.other_query_bytes)},
+            {"dispatch_holders", static_cast<double>(c.holders)},
+            {"dispatch_other_holders", static_cast<double>(c.other_holders)},
+            {"dispatch_new_segment_bytes", static_cast<double>(c.new_segment_bytes)},
+            {"dispatch_other_new_segment_bytes", static_cast<double>(c.other_new_segment_bytes)}};
   }
 
   int64_t UnstoredSegments() const override { return not_stored_; }

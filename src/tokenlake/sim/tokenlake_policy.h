@@ -48,6 +48,7 @@
 #include <memory>
 
 #include "absl/status/statusor.h"
+#include "tokenlake/plan/planner.h"
 #include "tokenlake/sim/simulator.h"
 
 namespace tokenlake::sim {
@@ -69,6 +70,13 @@ struct TokenLakePolicyOptions {
   // decode_budget_share x the smallest bar among its decodes (the new one included). Must be
   // >= 0.
   double per_token_slo_factor = 0;
+  // How the lake's planner dispatches queries and new segments (plan::PlannerOptions).
+  plan::PlannerOptions::Dispatch dispatch = plan::PlannerOptions::Dispatch::kGreedy;
+  // plan::PlannerOptions::compare_dispatch: the policy's counters (Policy::Counters) then hold
+  // the dispatch's bytes and holders beside the other rule's on the same batches
+  // (dispatch_batches, dispatch_query_bytes, dispatch_other_query_bytes, dispatch_holders,
+  // dispatch_other_holders, dispatch_new_segment_bytes, dispatch_other_new_segment_bytes).
+  bool compare_dispatch = false;
   // 0: elastic. P in [1, instances - 1]: the static-split ablation (prefill on instances
   // [0, P), decode on the rest). P >= instances is refused by Init.
   int fixed_prefill_instances = 0;
