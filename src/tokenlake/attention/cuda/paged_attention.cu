@@ -740,8 +740,9 @@ __global__ void __launch_bounds__(NW * 32) PrefillKernel2(const PrefillArgs args
 constexpr int kDecodeThreads = 128;
 // The fused split merge handles at most this many splits (more: a separate merge kernel).
 constexpr int kMaxFusedItems = 64;
-// Rows per chunk of the dynamic decode schedule (two 32-row steps of the default kernel).
-constexpr int kDynChunkTokens = 64;
+// ... and at most this many merge counters (one per query token and thread-block head group; the
+// bound paged_attention.h documents for decode_merge).
+constexpr int kMaxFusedCounters = static_cast<int>(kPagedAttentionCounterBytes / 8);
 
 struct DecodeArgs {
   const uint16_t* q;
@@ -766,27 +767,10 @@ struct DecodeArgs {
   unsigned int* counters;
   float* final_out;  // [q][H][D]
   float* final_lse;  // [q][H]
-  // 1: the last block merges (counters set); 0: it only resets the counters (dynamic schedule
-  // with a separate merge kernel).
-  int merge_in_kernel;
-  // Dynamic schedule (shared-memory kernel, not causal): the num_items blocks of a (query token,
-  // head group) take chunks of dyn_chunk_tokens rows (dyn_chunks_per_block per block, chunk k =
-  // rows [(k % per_block) * tokens, +tokens) of block k / per_block) from the work counter
-  // counters[kQueueOffset + qi * gridDim.y + blockIdx.y] (zero on entry, reset by the last
-  // block) until all num_blocks * dyn_chunks_per_block chunks are taken.
-  int dynamic;
-  int dyn_chunk_tokens;
-  int dyn_chunks_per_block;
-  // Batched decode (shared-memory kernel, static schedule, chunks_per_block == 1): query token qi
+  // Batched decode (shared-memory or tensor-core kernel, chunks_per_block == 1): query token qi
   // attends to blocks [q_block_offsets[qi], q_block_offsets[qi + 1]) only, and item i of it to
   // the i-th run of ceil(n / num_items) of them. Null: every token sees all num_blocks blocks.
   const int32_t* q_block_offsets;
-  // Tensor-core kernel, token split (chunks_per_block == 1, no q_block_offsets): > 0: item i
-  // covers the 16-row units [i * U / num_items, (i + 1) * U / num_items) of the U = num_blocks *
-  // units_per_block units (block b's rows [16 u, 16 u + 16) = unit b * units_per_block + u), so
-  // runs split inside segments and every item gets the same rows (+-16) whatever the segment
-  // size; 0: items are runs of blocks_per_item whole blocks or chunks, as above.
-  int units_per_block;
   // Extra partials folded into the final merge (PagedAttentionParams::num_extra): extra e of row
   // r at extra_out[(e * extra_rows + r) * D] / extra_lse[e * extra_rows + r]; num_extra 0 = none.
   const float* extra_out;
@@ -824,11 +808,8 @@ __device__ __forceinline__ void FoldExtrasElement(const DecodeArgs& args, int64_
   lse_v = sum > 0.f ? use + logf(sum) : kNegInf;
 }
 
-// Work counters of the dynamic decode schedule follow the merge counters (in uint32 words).
-constexpr int kQueueOffset = static_cast<int>(kPagedAttentionCounterBytes / 8);
-
 // The fused split merge, run by every decode thread block after it wrote its partials of query
-// token qi, heads (kv_head0 + k) * group + hoff + h for k < KVH, h < G: the last block of the
+// token qi, heads kv_head * group + hoff + h for h < G: the last block of the
 // (qi, blockIdx.y) group to finish merges the num_items partials of those heads into final_out /
 // final_lse and resets the counter. Each thread owns 4 dims of one row and folds the partials in
 // with an online max, loading every partial's LSE and output slice together (the loads of 8
@@ -836,10 +817,10 @@ constexpr int kQueueOffset = static_cast<int>(kPagedAttentionCounterBytes / 8);
 // the counter. Partials are read with ld.global.cg (L2; other multiprocessors wrote them).
 // U = partials whose loads are in flight at once (8; 16 for the tensor-core kernel, so its 16
 // splits cost one round trip).
-template <int D, int G, int KVH, int U = 8>
-__device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi, int kv_head0,
+template <int D, int G, int U = 8>
+__device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi, int kv_head,
                                                  int hoff) {
-  constexpr int kRows = KVH * G;
+  constexpr int kRows = G;
   __shared__ int sm_last;
   // The block's partial stores, ordered before thread 0's count by the barrier, are released
   // with it (atom.acq_rel.gpu is cumulative); the last block's thread 0 acquires the others'
@@ -859,20 +840,12 @@ __device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi,
   }
   __syncthreads();
   if (sm_last == 0) return;
-  if (!args.merge_in_kernel) {
-    if (tid == 0) {
-      *counter = 0u;
-      if (args.dynamic) counter[kQueueOffset] = 0u;
-    }
-    return;
-  }
   const int n = args.num_items;
   constexpr int kLanes4 = D / 4;
   for (int idx = tid; idx < kRows * kLanes4; idx += blockDim.x) {
     const int r = idx / kLanes4;
     const int c = idx % kLanes4;
-    const int64_t row =
-        static_cast<int64_t>(qi) * args.num_heads + (kv_head0 + r / G) * args.group + hoff + r % G;
+    const int64_t row = static_cast<int64_t>(qi) * args.num_heads + kv_head * args.group + hoff + r;
     const float* lrow = args.lse + row * n;
     const float4* orow = reinterpret_cast<const float4*>(args.out + row * n * D) + c;
     float mx = kNegInf;
@@ -916,10 +889,7 @@ __device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi,
         make_float4(a.x * inv, a.y * inv, a.z * inv, a.w * inv);
     if (c == 0) args.final_lse[row] = sum > 0.f ? mx + logf(sum) : kNegInf;
   }
-  if (tid == 0) {  // ready for the next call on this workspace
-    *counter = 0u;
-    if (args.dynamic) counter[kQueueOffset] = 0u;
-  }
+  if (tid == 0) *counter = 0u;  // ready for the next call on this workspace
 }
 
 template <int D, int G, int U>
@@ -1086,7 +1056,7 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs 
     }
   }
   if (!final_out && args.counters != nullptr) {
-    DecodeFusedMerge<D, G, 1>(args, qi, kv_head, head0 - kv_head * args.group);
+    DecodeFusedMerge<D, G>(args, qi, kv_head, head0 - kv_head * args.group);
   }
 }
 
@@ -1096,45 +1066,34 @@ __global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs 
 // DecodeSmemBytes<D, U>() (the combine arrays reuse it after the loop).
 constexpr int kDecodeStages = 4;
 
-template <int D, int U, int T = kDecodeThreads>
+template <int D, int U>
 __host__ __device__ constexpr int DecodeStepTokens() {
-  return (T / (D / 8)) * U;
+  return (kDecodeThreads / (D / 8)) * U;
 }
-template <int D, int U, int T = kDecodeThreads>
+template <int D, int U>
 __host__ __device__ constexpr int DecodeSmemBytes() {
-  return kDecodeStages * DecodeStepTokens<D, U, T>() * D * 2 * 2;
+  return kDecodeStages * DecodeStepTokens<D, U>() * D * 2 * 2;
 }
 
-//
-// KVH > 1: one thread block serves KVH adjacent KV heads (the token groups are split among
-// them: kGroups / KVH token groups per head), so every step copies whole contiguous runs of
-// KVH * D elements per token row instead of one head's D; same bytes per step, same per-thread
-// work. Grid y = (num_kv_heads / KVH) * (group / G).
-// T = threads per block (128, or 256 for more warps per SM at the same shared memory with U=2).
-template <int D, int G, int U, int KVH, int T = kDecodeThreads>
-__global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
+template <int D, int G, int U>
+__global__ void __launch_bounds__(kDecodeThreads) DecodeSmemKernel(const DecodeArgs args) {
+  constexpr int T = kDecodeThreads;
   constexpr int kLanes = D / 8;
-  constexpr int kGroups = T / kLanes;
-  static_assert(kGroups % KVH == 0);
-  constexpr int kTg = kGroups / KVH;         // token groups per KV head
-  constexpr int kStep = kTg * U;             // token rows per step
-  constexpr int kRow = KVH * D;              // elements per staged row (KVH heads)
-  constexpr int kStageElems = kStep * kRow;  // one of K or V
-  constexpr int kChunks = kStageElems / 8;   // 16-byte chunks per K (or V) step
+  constexpr int kGroups = T / kLanes;       // token groups
+  constexpr int kStep = kGroups * U;        // token rows per step
+  constexpr int kStageElems = kStep * D;    // one of K or V
+  constexpr int kChunks = kStageElems / 8;  // 16-byte chunks per K (or V) step
   static_assert(kChunks % T == 0);
-  static_assert(kStageElems == DecodeStepTokens<D, U, T>() * D);
-  static_assert(kGroups * G * (D + 2) * 4 <= DecodeSmemBytes<D, U, T>());
-  extern __shared__ __align__(128) uint16_t dsmem[];  // [stage][K, V][kStep][KVH * D]
+  static_assert(kStageElems == DecodeStepTokens<D, U>() * D);
+  static_assert(kGroups * G * (D + 2) * 4 <= DecodeSmemBytes<D, U>());
+  extern __shared__ __align__(128) uint16_t dsmem[];  // [stage][K, V][kStep][D]
 
   const int tid = threadIdx.x;
   const int sub = tid % kLanes;
   const int grp = tid / kLanes;
-  const int hk = grp / kTg;  // which of the block's KV heads
-  const int tg = grp % kTg;  // token group within that head
   const int item = blockIdx.x;
   const int heads_per_cta_group = args.group / G;
-  const int kv_head0 = (blockIdx.y / heads_per_cta_group) * KVH;
-  const int kv_head = kv_head0 + hk;
+  const int kv_head = blockIdx.y / heads_per_cta_group;
   const int hoff = (blockIdx.y % heads_per_cta_group) * G;
   const int head0 = kv_head * args.group + hoff;
   const int qi = blockIdx.z;
@@ -1179,37 +1138,6 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
     int tend;
     int64_t key0;
   };
-  // Dynamic schedule: thread 0 keeps the next chunk number (its atomicAdd issued one grab
-  // ahead, so its latency overlaps a chunk of work) and hands it out through shared memory.
-  __shared__ unsigned int sm_grab;
-  unsigned int grab_next = 0;
-  unsigned int* queue = nullptr;
-  const bool dynamic = args.dynamic != 0;
-  const unsigned int total_chunks =
-      static_cast<unsigned int>(num_blocks) * args.dyn_chunks_per_block;
-  if (dynamic) {
-    queue = args.counters + kQueueOffset + static_cast<int64_t>(qi) * gridDim.y + blockIdx.y;
-    if (tid == 0) grab_next = atomicAdd(queue, 1u);
-  }
-  auto grab = [&](Cursor& c) {  // uniform; moves c to the next non-empty chunk or to the end
-    while (true) {
-      if (tid == 0) {
-        sm_grab = grab_next;
-        grab_next = atomicAdd(queue, 1u);
-      }
-      __syncthreads();
-      const unsigned int k = sm_grab;
-      __syncthreads();
-      if (k >= total_chunks) {
-        c.b = b_last;
-        return;
-      }
-      c.b = static_cast<int>(k / args.dyn_chunks_per_block);
-      c.tb = static_cast<int>(k % args.dyn_chunks_per_block) * args.dyn_chunk_tokens;
-      c.tend = min(blocks[c.b].num_tokens, c.tb + args.dyn_chunk_tokens);
-      if (c.tb < c.tend) return;
-    }
-  };
   auto settle = [&](Cursor& c) {  // moves to the first non-empty range at or after c.b
     while (c.b < b_last) {
       const int n = blocks[c.b].num_tokens;
@@ -1223,10 +1151,6 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
   auto advance = [&](Cursor& c) {
     c.tb += kStep;
     if (c.tb >= c.tend) {
-      if (dynamic) {
-        grab(c);
-        return;
-      }
       if (chunked) {
         c.b = b_last;
         return;
@@ -1249,28 +1173,24 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
     }
     const DeviceKvBlock blk = blocks[c.b];
     const int valid = min(kStep, c.tend - c.tb);
-    const uint16_t* kb = static_cast<const uint16_t*>(blk.k) + kv_head0 * D;
-    const uint16_t* vb = static_cast<const uint16_t*>(blk.v) + kv_head0 * D;
+    const uint16_t* kb = static_cast<const uint16_t*>(blk.k) + kv_head * D;
+    const uint16_t* vb = static_cast<const uint16_t*>(blk.v) + kv_head * D;
     const uint32_t base = SmemAddr(dsmem + stage * 2 * kStageElems);
 #pragma unroll
     for (int it = 0; it < kChunks / T; ++it) {
       const int i = tid + it * T;
-      const int row = i / (kRow / 8);
-      const int ch = i % (kRow / 8);
+      const int row = i / (D / 8);
+      const int ch = i % (D / 8);
       const bool ok = row < valid;
       const int64_t off = ok ? static_cast<int64_t>(c.tb + row) * row_stride + ch * 8 : 0;
-      CpAsync16(base + (row * kRow + ch * 8) * 2, kb + off, ok ? 16 : 0);
-      CpAsync16(base + (kStageElems + row * kRow + ch * 8) * 2, vb + off, ok ? 16 : 0);
+      CpAsync16(base + (row * D + ch * 8) * 2, kb + off, ok ? 16 : 0);
+      CpAsync16(base + (kStageElems + row * D + ch * 8) * 2, vb + off, ok ? 16 : 0);
     }
   };
 
   Cursor load{b_first, chunked ? chunk_begin : 0, 0, 0};
-  if (dynamic) {
-    grab(load);
-  } else {
-    if (args.causal) load.key0 = KeysBefore(blocks, b_first);
-    settle(load);
-  }
+  if (args.causal) load.key0 = KeysBefore(blocks, b_first);
+  settle(load);
   int issued = 0;  // steps issued (uniform)
 #pragma unroll
   for (int st = 0; st < kDecodeStages - 1; ++st) {
@@ -1302,14 +1222,13 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
     float s[U][G];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const uint4 kr =
-          *reinterpret_cast<const uint4*>(ks + (tg + u * kTg) * kRow + hk * D + sub * 8);
+      const uint4 kr = *reinterpret_cast<const uint4*>(ks + (grp + u * kGroups) * D + sub * 8);
       LaneScores<G>(qf, kr, s[u]);
     }
     SumLaneScores<kLanes, U, G>(s);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int tt = comp.tb + tg + u * kTg;
+      const int tt = comp.tb + grp + u * kGroups;
       const bool visible = tt < comp.tend && !(args.causal && comp.key0 + tt > qpos);
       if (!visible) {
 #pragma unroll
@@ -1337,8 +1256,7 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const uint4 vr =
-          *reinterpret_cast<const uint4*>(vs + (tg + u * kTg) * kRow + hk * D + sub * 8);
+      const uint4 vr = *reinterpret_cast<const uint4*>(vs + (grp + u * kGroups) * D + sub * 8);
       float vf[8];
       Bf16x8ToFloat(vr, vf);
 #pragma unroll
@@ -1349,7 +1267,6 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
     }
     stage = (stage + 1) % kDecodeStages;
   }
-  if (dynamic && tid == 0) sm_grab = grab_next;  // waits for the last (unused) grab to land
   CpAsyncWait<0>();
   __syncthreads();  // the stage buffers become the combine arrays
 
@@ -1367,27 +1284,23 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
   }
   __syncthreads();
   const bool final_out = args.num_items == 1;
-  // Token groups hk * kTg .. hk * kTg + kTg - 1 hold KV head kv_head0 + hk.
-  for (int idx = tid; idx < KVH * G * D; idx += T) {
-    const int ck = idx / (G * D);
-    const int h = (idx / D) % G;
+  for (int idx = tid; idx < G * D; idx += T) {
+    const int h = idx / D;
     const int d = idx % D;
     float mm = kNegInf;
 #pragma unroll
-    for (int t = 0; t < kTg; ++t) mm = fmaxf(mm, sm_m[(ck * kTg + t) * G + h]);
+    for (int t = 0; t < kGroups; ++t) mm = fmaxf(mm, sm_m[t * G + h]);
     const float use = mm == kNegInf ? 0.f : mm;
     float ll = 0.f, oo = 0.f;
 #pragma unroll
-    for (int t = 0; t < kTg; ++t) {
-      const int gi = ck * kTg + t;
-      const float w = exp2f(sm_m[gi * G + h] - use);
-      ll = fmaf(sm_l[gi * G + h], w, ll);
-      oo = fmaf(sm_acc[(gi * G + h) * D + d], w, oo);
+    for (int t = 0; t < kGroups; ++t) {
+      const float w = exp2f(sm_m[t * G + h] - use);
+      ll = fmaf(sm_l[t * G + h], w, ll);
+      oo = fmaf(sm_acc[(t * G + h) * D + d], w, oo);
     }
     float out_v = ll > 0.f ? oo / ll : 0.f;
     float lse_v = ll > 0.f ? (mm + log2f(ll)) * kLn2 : kNegInf;
-    const int64_t row =
-        static_cast<int64_t>(qi) * args.num_heads + (kv_head0 + ck) * args.group + hoff + h;
+    const int64_t row = static_cast<int64_t>(qi) * args.num_heads + head0 + h;
     if (final_out) {
       if (args.num_extra > 0) FoldExtrasElement<D>(args, row, d, out_v, lse_v);
       args.out[row * D + d] = out_v;
@@ -1398,7 +1311,7 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
     }
   }
   if (!final_out && args.counters != nullptr) {
-    DecodeFusedMerge<D, G, KVH>(args, qi, kv_head0, hoff);
+    DecodeFusedMerge<D, G>(args, qi, kv_head, hoff);
   }
 }
 
@@ -1415,11 +1328,9 @@ __global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
 constexpr int kDecodeMmaWarps = 4;
 constexpr int kDecodeMmaKeys = 16;  // keys per warp per step
 
-// KVH = KV heads per thread block (PagedAttentionParams::decode_mma_kv_heads): kDecodeMmaWarps
-// warps per KV head.
-template <int D, int S, int KVH = 1>
+template <int D, int S>
 __host__ __device__ constexpr int DecodeMmaSmemBytes() {
-  return KVH * kDecodeMmaWarps * S * 2 * kDecodeMmaKeys * D * 2;
+  return kDecodeMmaWarps * S * 2 * kDecodeMmaKeys * D * 2;
 }
 
 // The first kDecodeMmaDescCache block descriptors of a thread block's run are copied into shared
@@ -1429,35 +1340,20 @@ __host__ __device__ constexpr int DecodeMmaSmemBytes() {
 constexpr int kDecodeMmaDescCache = 64;
 
 // kDesc = PagedAttentionParams::decode_mma_descriptors (1 cache, 2 global). (Measured and
-// dropped, 2026-11-25: the next segment's descriptor prefetched into registers one segment ahead,
-// 0.2-1 us slower than both.)
-// KVH > 1: the block serves KV heads blockIdx.y * KVH + k, k < KVH, over the same rows, warps
-// [k * kDecodeMmaWarps, (k + 1) * kDecodeMmaWarps) for head k (so the block's copies of one key
-// row are KVH * D contiguous elements); each head combines its own warps, and the fused merge
-// merges all KVH heads' partials.
-// kDesc = 3: the dynamic schedule (PagedAttentionParams::decode_mma_schedule = 2; not causal,
-// one request, KVH 1): every warp takes its own 64-row chunks (chunk k = rows [64 (k % per),
-// 64 (k % per) + 64) of block k / per, per = args.dyn_chunks_per_block): its first two chunks
-// statically (w and w + W for warp w of the W = num_items * kDecodeMmaWarps warps of the head
-// group), then W * 2 + the next value of the head group's work counter (counters[kQueueOffset
-// + ...], zero on entry, reset by the last block), each taken, and its descriptor read, one
-// chunk ahead of its use, so a warp that is served faster streams more rows and the blocks
-// end together.
-template <int D, int G, int S, int kDesc = 1, int KVH = 1>
-__global__ void __launch_bounds__(KVH* kDecodeMmaWarps * 32)
-    DecodeMmaKernel(const DecodeArgs args) {
+// dropped: the next segment's descriptor prefetched into registers one segment ahead, 0.2-1 us
+// slower than both.)
+template <int D, int G, int S, int kDesc = 1>
+__global__ void __launch_bounds__(kDecodeMmaWarps * 32) DecodeMmaKernel(const DecodeArgs args) {
   constexpr bool kDescCache = kDesc == 1;
-  constexpr bool kDyn = kDesc == 3;
-  static_assert(!kDyn || KVH == 1);
   static_assert(G >= 1 && G <= 8);
-  constexpr int NW = KVH * kDecodeMmaWarps;                // warps of the block
-  constexpr int kStep = kDecodeMmaWarps * kDecodeMmaKeys;  // key rows per block step (per head)
+  constexpr int NW = kDecodeMmaWarps;                      // warps of the block
+  constexpr int kStep = kDecodeMmaWarps * kDecodeMmaKeys;  // key rows per block step
   constexpr int kWarpElems = kDecodeMmaKeys * D;           // one warp's K (or V) slice of a stage
   constexpr int kChunksPerRow = D / 8;                     // 16-byte chunks per key row
   constexpr int kCopies = kDecodeMmaKeys * kChunksPerRow / 32;  // per lane, of K (and of V)
   constexpr int kKSteps = D / 16;                               // k-steps of Q K^T
   constexpr int kOTiles = D / 8;                                // n-tiles of O
-  static_assert(NW * G * D * 4 + 2 * NW * G * 4 <= DecodeMmaSmemBytes<D, S, KVH>());
+  static_assert(NW * G * D * 4 + 2 * NW * G * 4 <= DecodeMmaSmemBytes<D, S>());
   extern __shared__ __align__(128) uint16_t dsmem[];  // [warp][stage][K, V][16][D]
 
   const int tid = threadIdx.x;
@@ -1465,14 +1361,13 @@ __global__ void __launch_bounds__(KVH* kDecodeMmaWarps * 32)
   const int lane = tid % 32;
   const int r = lane / 4;  // fragment row = query head of the group (valid when r < G)
   const int qd = lane % 4;
-  const int wl = warp % kDecodeMmaWarps;  // the warp's 16-row slice of a step
   const int item = blockIdx.x;
-  const int kv_head = blockIdx.y * KVH + warp / kDecodeMmaWarps;
+  const int kv_head = blockIdx.y;
   const int head0 = kv_head * G;  // group == G
   const int qi = blockIdx.z;
   // PDL (args.pdl): wait here, before any global access, unless the first stages' copies may go
-  // first (pdl 2, static schedule: the wait follows them, below).
-  if (args.pdl == 1 || (args.pdl == 2 && kDyn)) GridDependencyWait();
+  // first (pdl 2: the wait follows them, below).
+  if (args.pdl == 1) GridDependencyWait();
   const DeviceKvBlock* blocks = args.blocks;
   int num_blocks = args.num_blocks;
   int blocks_per_item = args.blocks_per_item;
@@ -1482,24 +1377,13 @@ __global__ void __launch_bounds__(KVH* kDecodeMmaWarps * 32)
     num_blocks = args.q_block_offsets[qi + 1] - first;
     blocks_per_item = max(1, (num_blocks + args.num_items - 1) / args.num_items);
   }
-  int b_first = (item / args.chunks_per_block) * blocks_per_item;
-  int b_last = min(num_blocks, b_first + blocks_per_item);
+  const int b_first = (item / args.chunks_per_block) * blocks_per_item;
+  const int b_last = min(num_blocks, b_first + blocks_per_item);
   const bool chunked = args.chunks_per_block > 1;
   const int chunk_begin = (item % args.chunks_per_block) * args.chunk_tokens;
   const int64_t qpos = static_cast<int64_t>(args.q_start_pos) + qi;
   const int row_stride = args.num_kv_heads * D;
-  int t_first = chunked ? chunk_begin : 0;  // first row of block b_first
-  int b_stop = -1, t_stop = 0;              // token split: block b_stop ends at row t_stop
-  if (args.units_per_block > 0) {
-    const int64_t units = static_cast<int64_t>(num_blocks) * args.units_per_block;
-    const int64_t u0 = units * item / args.num_items;
-    const int64_t u1 = units * (item + 1) / args.num_items;
-    b_first = static_cast<int>(u0 / args.units_per_block);
-    t_first = static_cast<int>(u0 % args.units_per_block) * kDecodeMmaKeys;
-    b_stop = static_cast<int>(u1 / args.units_per_block);
-    t_stop = static_cast<int>(u1 % args.units_per_block) * kDecodeMmaKeys;
-    b_last = min(num_blocks, t_stop > 0 ? b_stop + 1 : b_stop);
-  }
+  const int t_first = chunked ? chunk_begin : 0;  // first row of block b_first
 
   // Descriptors of blocks [b_first, b_first + kDecodeMmaDescCache) in shared memory.
   __shared__ const void* sm_dk[kDescCache ? kDecodeMmaDescCache : 1];
@@ -1535,7 +1419,6 @@ __global__ void __launch_bounds__(KVH* kDecodeMmaWarps * 32)
     while (c.b < b_last) {
       const int n = num_tokens_of(c.b);
       c.tend = chunked ? min(n, chunk_begin + args.chunk_tokens) : n;
-      if (c.b == b_stop) c.tend = min(c.tend, t_stop);  // (the run's last block)
       if (c.tb < c.tend) return;
       c.key0 += n;
       ++c.b;
@@ -1549,7 +1432,7 @@ __global__ void __launch_bounds__(KVH* kDecodeMmaWarps * 32)
         c.b = b_last;
         return;
       }
-      c.key0 += c.tend;  // (not chunked: the block's token count, or the run ends here)
+      c.key0 += c.tend;  // (not chunked: the block's token count)
       ++c.b;
       c.tb = 0;
       settle(c);
@@ -1560,7 +1443,7 @@ __global__ void __launch_bounds__(KVH* kDecodeMmaWarps * 32)
     const bool in_cache = cached(c.b);
     const void* kp = in_cache ? sm_dk[c.b - b_first] : blocks[c.b].k;
     const void* vp = in_cache ? sm_dv[c.b - b_first] : blocks[c.b].v;
-    const int row0 = c.tb + wl * kDecodeMmaKeys;
+    const int row0 = c.tb + warp * kDecodeMmaKeys;
     const int valid = min(kDecodeMmaKeys, c.tend - row0);  // may be <= 0
     const uint16_t* kb = static_cast<const uint16_t*>(kp) + kv_head * D;
     const uint16_t* vb = static_cast<const uint16_t*>(vp) + kv_head * D;
@@ -1659,132 +1542,38 @@ __global__ void __launch_bounds__(KVH* kDecodeMmaWarps * 32)
       }
     }
   };
-  if constexpr (kDyn) {
-    // Per-warp 64-row chunks (see above); sm_valid[warp][stage] = the valid rows of the slice in
-    // that stage (written by lane 0 at issue, read after the __syncwarp that follows its wait).
-    __shared__ int sm_valid[kDyn ? NW * S : 1];
-    constexpr int kChunk = kDynChunkTokens;
-    const int per = args.dyn_chunks_per_block;
-    const int total = num_blocks * per;
-    const int warps_total = args.num_items * NW;
-    unsigned int* queue = args.counters + kQueueOffset + qi * gridDim.y + blockIdx.y;
-    struct Chunk {
-      int id;  // >= total: none
-      int tb;
-      int n;  // the block's rows
-      const uint16_t* k;
-      const uint16_t* v;
-    };
-    auto fetch = [&](int id) {
-      Chunk ch{id, 0, 0, nullptr, nullptr};
-      if (id < total) {
-        const int b = id / per;
-        ch.tb = (id % per) * kChunk;
-        ch.n = blocks[b].num_tokens;
-        ch.k = static_cast<const uint16_t*>(blocks[b].k) + kv_head * D;
-        ch.v = static_cast<const uint16_t*>(blocks[b].v) + kv_head * D;
-      }
-      return ch;
-    };
-    Chunk cur = fetch(item * NW + wl);
-    Chunk nxt = fetch(item * NW + wl + warps_total);
-    unsigned int pend = 0;  // lane 0: the counter value taken for the chunk after nxt
-    if (lane == 0 && nxt.id < total) pend = atomicAdd(queue, 1u);
-    int j = 0;  // cur's next 16-row slice
-    auto next_chunk = [&]() {
-      cur = nxt;
-      j = 0;
-      if (nxt.id < total) {
-        const int id = 2 * warps_total + static_cast<int>(__shfl_sync(0xffffffffu, pend, 0));
-        nxt = fetch(id);
-        if (lane == 0 && id < total) pend = atomicAdd(queue, 1u);
-      } else {
-        nxt.id = total;
-      }
-    };
-    // Moves to a slice with keys, or to cur.id >= total (done).
-    auto settle_dyn = [&]() {
-      while (cur.id < total && (j == kChunk / kDecodeMmaKeys || cur.tb + 16 * j >= cur.n)) {
-        next_chunk();
-      }
-    };
-    auto issue_dyn = [&](int stage) {
-      const int row0 = cur.tb + kDecodeMmaKeys * j;
-      const int valid = min(kDecodeMmaKeys, cur.n - row0);  // > 0 (settled)
-      if (lane == 0) sm_valid[warp * S + stage] = valid;
-      const uint32_t base = SmemAddr(wsmem + stage * 2 * kWarpElems);
+  Cursor load{b_first, t_first, 0, 0};
+  if (args.causal) load.key0 = KeysBefore(blocks, b_first);
+  settle(load);
+  Cursor comp = load;
+  int issued = 0;
 #pragma unroll
-      for (int it = 0; it < kCopies; ++it) {
-        const int i = lane + it * 32;
-        const int row = i / kChunksPerRow;
-        const int ch = i % kChunksPerRow;
-        const bool ok = row < valid;
-        const int64_t off = ok ? static_cast<int64_t>(row0 + row) * row_stride + ch * 8 : 0;
-        const uint32_t dst = base + SwizzledOffset<D>(row, ch) * 2;
-        CpAsync16(dst, cur.k + off, ok ? 16 : 0);
-        CpAsync16(dst + kWarpElems * 2, cur.v + off, ok ? 16 : 0);
-      }
-      ++j;
-      settle_dyn();
-    };
-    settle_dyn();
-    int issued = 0;
-#pragma unroll
-    for (int st = 0; st < S - 1; ++st) {
-      if (cur.id < total) {
-        issue_dyn(st);
-        ++issued;
-      }
-      CpAsyncCommit();
+  for (int st = 0; st < S - 1; ++st) {
+    if (load.b < b_last) {
+      issue(load, st);
+      advance(load);
+      ++issued;
     }
-    load_q();
-    int stage = 0;
-    for (int computed = 0; computed < issued; ++computed) {
-      CpAsyncWait<S - 2>();
-      __syncwarp();  // every lane's copies (and lane 0's sm_valid) of this stage are visible
-      const int valid = sm_valid[warp * S + stage];
-      if (cur.id < total) {
-        issue_dyn((stage + S - 1) % S);
-        ++issued;
-      }
-      CpAsyncCommit();
-      compute(stage, valid, 0);
-      stage = (stage + 1) % S;
+    CpAsyncCommit();
+  }
+  if (args.pdl == 2) GridDependencyWait();  // (K/V and descriptors are not the previous grid's)
+  load_q();
+  int stage = 0;
+  for (int computed = 0; computed < issued; ++computed) {
+    CpAsyncWait<S - 2>();
+    __syncwarp();  // every lane's copies of this stage landed; the stage refilled below is free
+    if (load.b < b_last) {
+      issue(load, (stage + S - 1) % S);
+      advance(load);
+      ++issued;
     }
-  } else {
-    Cursor load{b_first, t_first, 0, 0};
-    if (args.causal) load.key0 = KeysBefore(blocks, b_first);
-    settle(load);
-    Cursor comp = load;
-    int issued = 0;
-#pragma unroll
-    for (int st = 0; st < S - 1; ++st) {
-      if (load.b < b_last) {
-        issue(load, st);
-        advance(load);
-        ++issued;
-      }
-      CpAsyncCommit();
+    CpAsyncCommit();
+    const int row0 = comp.tb + warp * kDecodeMmaKeys;
+    if (row0 < comp.tend) {  // (uniform per warp) some of this warp's 16 rows are keys
+      compute(stage, comp.tend - row0, comp.key0 + row0);
     }
-    if (args.pdl == 2) GridDependencyWait();  // (K/V and descriptors are not the previous grid's)
-    load_q();
-    int stage = 0;
-    for (int computed = 0; computed < issued; ++computed) {
-      CpAsyncWait<S - 2>();
-      __syncwarp();  // every lane's copies of this stage landed; the stage refilled below is free
-      if (load.b < b_last) {
-        issue(load, (stage + S - 1) % S);
-        advance(load);
-        ++issued;
-      }
-      CpAsyncCommit();
-      const int row0 = comp.tb + wl * kDecodeMmaKeys;
-      if (row0 < comp.tend) {  // (uniform per warp) some of this warp's 16 rows are keys
-        compute(stage, comp.tend - row0, comp.key0 + row0);
-      }
-      advance(comp);
-      stage = (stage + 1) % S;
-    }
+    advance(comp);
+    stage = (stage + 1) % S;
   }
   // The keys are done: a PDL-launched next grid may be scheduled (it waits for our completion
   // before it touches anything we write).
@@ -1810,25 +1599,23 @@ __global__ void __launch_bounds__(KVH* kDecodeMmaWarps * 32)
   }
   __syncthreads();
   const bool final_out = args.num_items == 1;
-  for (int idx = tid; idx < KVH * G * D; idx += NW * 32) {
-    const int k = idx / (G * D);  // the block's k-th KV head: warps k * kDecodeMmaWarps + w
-    const int h = (idx / D) % G;
+  for (int idx = tid; idx < G * D; idx += NW * 32) {
+    const int h = idx / D;
     const int d = idx % D;
-    const int w0 = k * kDecodeMmaWarps;
     float mm = kNegInf;
 #pragma unroll
-    for (int w = w0; w < w0 + kDecodeMmaWarps; ++w) mm = fmaxf(mm, sm_m[w * G + h]);
+    for (int w = 0; w < NW; ++w) mm = fmaxf(mm, sm_m[w * G + h]);
     const float use = mm == kNegInf ? 0.f : mm;
     float ll = 0.f, oo = 0.f;
 #pragma unroll
-    for (int w = w0; w < w0 + kDecodeMmaWarps; ++w) {
+    for (int w = 0; w < NW; ++w) {
       const float wt = exp2f(sm_m[w * G + h] - use);
       ll = fmaf(sm_l[w * G + h], wt, ll);
       oo = fmaf(sm_o[(w * G + h) * D + d], wt, oo);
     }
     float out_v = ll > 0.f ? oo / ll : 0.f;
     float lse_v = ll > 0.f ? (mm + log2f(ll)) * kLn2 : kNegInf;
-    const int64_t row = static_cast<int64_t>(qi) * args.num_heads + (blockIdx.y * KVH + k) * G + h;
+    const int64_t row = static_cast<int64_t>(qi) * args.num_heads + head0 + h;
     if (final_out) {
       if (args.num_extra > 0) FoldExtrasElement<D>(args, row, d, out_v, lse_v);
       args.out[row * D + d] = out_v;
@@ -1840,7 +1627,7 @@ __global__ void __launch_bounds__(KVH* kDecodeMmaWarps * 32)
   }
   if (!final_out && args.counters != nullptr) {
     // (16 partials' loads in flight: 0.1-0.4 us faster than 8 per call, measured on an H100.)
-    DecodeFusedMerge<D, G, KVH, 16>(args, qi, blockIdx.y * KVH, 0);
+    DecodeFusedMerge<D, G, 16>(args, qi, kv_head, 0);
   }
 }
 
@@ -2169,19 +1956,6 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
         absl::StrFormat("PagedAttention: prefill_rows_per_warp = %d, supported: 0 (auto), 16, 32",
                         p.prefill_rows_per_warp));
   }
-  if (p.decode_kv_heads_per_block != 0 && p.decode_kv_heads_per_block != 1 &&
-      p.decode_kv_heads_per_block != 2 && p.decode_kv_heads_per_block != 4 &&
-      p.decode_kv_heads_per_block != 8) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "PagedAttention: decode_kv_heads_per_block = %d, supported: 0 (auto), 1, 2, 4, 8",
-        p.decode_kv_heads_per_block));
-  }
-  if (p.decode_kv_heads_per_block > 1 && p.num_kv_heads > 0 &&
-      p.num_kv_heads % p.decode_kv_heads_per_block != 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "PagedAttention: decode_kv_heads_per_block = %d does not divide num_kv_heads = %d",
-        p.decode_kv_heads_per_block, p.num_kv_heads));
-  }
   if (p.q_block_offsets != nullptr) {
     if (p.causal) {
       return absl::InvalidArgumentError(
@@ -2196,17 +1970,6 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
           "PagedAttention: num_q_tokens = %d > 65535 with q_block_offsets", p.num_q_tokens));
     }
   }
-  if (p.decode_threads_per_block != 0 && p.decode_threads_per_block != 128 &&
-      p.decode_threads_per_block != 256) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "PagedAttention: decode_threads_per_block = %d, supported: 0 (auto), 128, 256",
-        p.decode_threads_per_block));
-  }
-  if (p.decode_schedule < 0 || p.decode_schedule > 1) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("PagedAttention: decode_schedule = %d, supported: 0 (static), 1 (dynamic)",
-                        p.decode_schedule));
-  }
   if (p.decode_kernel < 0 || p.decode_kernel > 2) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: decode_kernel = %d, supported: 0 (auto), 1 (CUDA cores), 2 (tensor "
@@ -2218,25 +1981,11 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
         absl::StrFormat("PagedAttention: decode_mma_stages = %d, supported: 0 (auto), 2, 3, 4",
                         p.decode_mma_stages));
   }
-  if (p.decode_mma_token_split < 0 || p.decode_mma_token_split > 1) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "PagedAttention: decode_mma_token_split = %d, supported: 0, 1", p.decode_mma_token_split));
-  }
-  if (p.decode_mma_schedule < 0 || p.decode_mma_schedule > 2) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "PagedAttention: decode_mma_schedule = %d, supported: 0 (auto), 1 (static), 2 (dynamic)",
-        p.decode_mma_schedule));
-  }
   if (p.pdl < 0 || p.pdl > 2) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: pdl = %d, supported: 0 (off), 1 (wait first), 2 (prefetch K/V, then "
         "wait)",
         p.pdl));
-  }
-  if (p.decode_mma_kv_heads < 0 || p.decode_mma_kv_heads > 2) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("PagedAttention: decode_mma_kv_heads = %d, supported: 0 (auto), 1, 2",
-                        p.decode_mma_kv_heads));
   }
   if (p.decode_mma_descriptors < 0 || p.decode_mma_descriptors > 2) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -2285,19 +2034,13 @@ struct Config {
   int chunk_tokens = 0;       // decode
   int items = 1;              // decode: num_blocks * chunks_per_block
   int decode_g = 1;
-  int blocks_per_item = 1;              // decode
-  int decode_unroll = 4;                // decode: tokens per token group per step
-  bool decode_smem = true;              // decode: shared-memory pipeline kernel
-  bool decode_fused = false;            // decode: splits merged inside the decode kernel
-  bool decode_dynamic = false;          // decode: blocks take chunks from a work counter
-  int dyn_chunk_tokens = 0;             // decode, dynamic: rows per chunk
-  int dyn_chunks_per_block = 1;         // decode, dynamic
-  int decode_kvh = 1;                   // decode: KV heads per thread block (shared-memory or mma)
-  int decode_threads = kDecodeThreads;  // decode, shared-memory kernel: threads per block
-  bool decode_mma = false;              // decode: the tensor-core kernel (DecodeMmaKernel)
-  int decode_mma_stages = 3;            // decode, tensor-core kernel: pipeline stages per warp
-  int decode_mma_desc = 1;  // decode, tensor-core kernel: decode_mma_descriptors (1-2, resolved)
-  int units_per_block = 0;  // decode, tensor-core kernel, token split: DecodeArgs::units_per_block
+  int blocks_per_item = 1;     // decode
+  int decode_unroll = 4;       // decode: tokens per token group per step
+  bool decode_smem = true;     // decode: shared-memory pipeline kernel
+  bool decode_fused = false;   // decode: splits merged inside the decode kernel
+  bool decode_mma = false;     // decode: the tensor-core kernel (DecodeMmaKernel)
+  int decode_mma_stages = 3;   // decode, tensor-core kernel: pipeline stages per warp
+  int decode_mma_desc = 1;     // decode, tensor-core kernel: decode_mma_descriptors (1-2, resolved)
   size_t workspace_bytes = 0;  // kPagedAttentionCounterBytes + partials, or 0
 };
 
@@ -2343,24 +2086,25 @@ absl::StatusOr<int> PrefillBlocksPerSmT() {
   return blocks;
 }
 
-template <int D, int G, int U, int KVH = 1, int T = kDecodeThreads>
+template <int D, int G, int U>
 cudaError_t PrepareDecodeSmem() {
   static const cudaError_t err =
-      cudaFuncSetAttribute(DecodeSmemKernel<D, G, U, KVH, T>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, DecodeSmemBytes<D, U, T>());
+      cudaFuncSetAttribute(DecodeSmemKernel<D, G, U>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           DecodeSmemBytes<D, U>());
   return err;
 }
 
 template <int D, int G, int U, bool kSmem>
 absl::StatusOr<int> DecodeBlocksPerSmT() {
   static int blocks = -1;
-  static cudaError_t err = kSmem ? (PrepareDecodeSmem<D, G, U>() != cudaSuccess
-                                        ? PrepareDecodeSmem<D, G, U>()
-                                        : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                                              &blocks, DecodeSmemKernel<D, G, U, 1>, kDecodeThreads,
-                                              DecodeSmemBytes<D, U>()))
-                                 : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                                       &blocks, DecodeKernel<D, G, U>, kDecodeThreads, 0);
+  static cudaError_t err =
+      kSmem
+          ? (PrepareDecodeSmem<D, G, U>() != cudaSuccess
+                 ? PrepareDecodeSmem<D, G, U>()
+                 : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                       &blocks, DecodeSmemKernel<D, G, U>, kDecodeThreads, DecodeSmemBytes<D, U>()))
+          : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, DecodeKernel<D, G, U>,
+                                                          kDecodeThreads, 0);
   if (err != cudaSuccess) {
     return absl::InternalError(absl::StrFormat("cudaOccupancyMaxActiveBlocksPerMultiprocessor: %s",
                                                cudaGetErrorString(err)));
@@ -2399,23 +2143,22 @@ bool DecodeMmaSupports(const PagedAttentionParams& p) {
          (group == 1 || group == 2 || group == 4 || group == 8);
 }
 
-template <int D, int G, int S, int C, int KVH>
+template <int D, int G, int S, int C>
 cudaError_t PrepareDecodeMma() {
-  static const cudaError_t err = cudaFuncSetAttribute(DecodeMmaKernel<D, G, S, C, KVH>,
-                                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                      DecodeMmaSmemBytes<D, S, KVH>());
+  static const cudaError_t err =
+      cudaFuncSetAttribute(DecodeMmaKernel<D, G, S, C>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           DecodeMmaSmemBytes<D, S>());
   return err;
 }
 
-template <int D, int G, int S, int C, int KVH>
+template <int D, int G, int S, int C>
 absl::StatusOr<int> DecodeMmaBlocksPerSmT() {
   static int blocks = 0;
-  static const cudaError_t err =
-      PrepareDecodeMma<D, G, S, C, KVH>() != cudaSuccess
-          ? PrepareDecodeMma<D, G, S, C, KVH>()
-          : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, DecodeMmaKernel<D, G, S, C, KVH>,
-                                                          KVH * kDecodeMmaWarps * 32,
-                                                          DecodeMmaSmemBytes<D, S, KVH>());
+  static const cudaError_t err = PrepareDecodeMma<D, G, S, C>() != cudaSuccess
+                                     ? PrepareDecodeMma<D, G, S, C>()
+                                     : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                                           &blocks, DecodeMmaKernel<D, G, S, C>,
+                                           kDecodeMmaWarps * 32, DecodeMmaSmemBytes<D, S>());
   if (err != cudaSuccess) {
     return absl::InternalError(
         absl::StrFormat("decode (tensor cores) occupancy: %s", cudaGetErrorString(err)));
@@ -2423,36 +2166,17 @@ absl::StatusOr<int> DecodeMmaBlocksPerSmT() {
   return blocks;
 }
 
-// True where DispatchDecodeMma instantiates two KV heads per thread block (head_dim 128, group
-// 4, 2 or 3 stages, descriptors from global memory), given num_kv_heads is even.
-bool DecodeMmaKvh2Supported(int d, int g, int stages, int num_kv_heads) {
-  return d == 128 && g == 4 && (stages == 2 || stages == 3) && num_kv_heads % 2 == 0;
-}
-
-// Calls f(std::integral_constant<int, D>, ..G.., ..S.., ..descriptor mode.., ..KV heads per
-// block..) for the kernel's supported shapes (descriptor modes other than 1, the cache: head_dim
-// 128, group 4 only; 3 = the dynamic schedule; kvh 2: where DecodeMmaKvh2Supported, with descriptor
-// mode 2 whatever desc_mode says).
+// Calls f(std::integral_constant<int, D>, ..G.., ..S.., ..descriptor mode..) for the kernel's
+// supported shapes (descriptor mode 2, global memory: head_dim 128, group 4 only; else 1, the
+// cache).
 template <typename F>
-auto DispatchDecodeMma(int d, int g, int stages, int desc_mode, int kvh, F&& f) {
+auto DispatchDecodeMma(int d, int g, int stages, int desc_mode, F&& f) {
   using std::integral_constant;
   auto with_c = [&](auto dc, auto gc, auto sc) {
     if constexpr (decltype(dc)::value == 128 && decltype(gc)::value == 4) {
-      if constexpr (decltype(sc)::value == 2 || decltype(sc)::value == 3) {
-        if (kvh == 2) {
-          return f(dc, gc, sc, integral_constant<int, 2>(), integral_constant<int, 2>());
-        }
-      }
-      switch (desc_mode) {
-        case 2:
-          return f(dc, gc, sc, integral_constant<int, 2>(), integral_constant<int, 1>());
-        case 3:
-          return f(dc, gc, sc, integral_constant<int, 3>(), integral_constant<int, 1>());
-        default:
-          break;
-      }
+      if (desc_mode == 2) return f(dc, gc, sc, integral_constant<int, 2>());
     }
-    return f(dc, gc, sc, integral_constant<int, 1>(), integral_constant<int, 1>());
+    return f(dc, gc, sc, integral_constant<int, 1>());
   };
   auto with_s = [&](auto dc, auto gc) {
     if constexpr (decltype(dc)::value == 128) {
@@ -2476,12 +2200,11 @@ auto DispatchDecodeMma(int d, int g, int stages, int desc_mode, int kvh, F&& f) 
   return d == 128 ? with_g(integral_constant<int, 128>()) : with_g(integral_constant<int, 64>());
 }
 
-absl::StatusOr<int> DecodeMmaBlocksPerSm(int d, int g, int stages, int desc_mode, int kvh) {
-  return DispatchDecodeMma(
-      d, g, stages, desc_mode, kvh, [](auto dc, auto gc, auto sc, auto cc, auto kc) {
-        return DecodeMmaBlocksPerSmT<decltype(dc)::value, decltype(gc)::value, decltype(sc)::value,
-                                     decltype(cc)::value, decltype(kc)::value>();
-      });
+absl::StatusOr<int> DecodeMmaBlocksPerSm(int d, int g, int stages, int desc_mode) {
+  return DispatchDecodeMma(d, g, stages, desc_mode, [](auto dc, auto gc, auto sc, auto cc) {
+    return DecodeMmaBlocksPerSmT<decltype(dc)::value, decltype(gc)::value, decltype(sc)::value,
+                                 decltype(cc)::value>();
+  });
 }
 
 template <int MT>
@@ -2560,21 +2283,12 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
     c.decode_unroll = p.decode_unroll != 0 ? p.decode_unroll : 4;
     const bool batched = p.q_block_offsets != nullptr;
     c.decode_smem = p.decode_pipeline != 1 || batched;
-    c.decode_kvh =
-        c.decode_smem && p.decode_kv_heads_per_block > 1 ? p.decode_kv_heads_per_block : 1;
-    if (c.decode_kvh > 1) c.decode_unroll = 4;  // (instantiated with 4 tokens per step only)
-    if (c.decode_smem && c.decode_kvh == 1 && p.decode_threads_per_block == 256) {
-      c.decode_threads = 256;  // same shared memory per block as 128 threads x 4 tokens
-      c.decode_unroll = 2;
-    }
     // The tensor-core kernel unless the CUDA-core kernels are asked for (decode_kernel = 1), for
     // the shapes it supports: 53-54 us against 57 us for one token over 32K pooled tokens on an
     // H100 (docs/results-gpu.md).
     c.decode_mma = p.decode_kernel != 1 && DecodeMmaSupports(p);
     if (c.decode_mma) {
       c.decode_g = group;  // one thread block serves the whole group of a KV head
-      c.decode_kvh = 1;    // (the CUDA-core kernels' tuning does not apply)
-      c.decode_threads = kDecodeThreads;
       c.decode_unroll = 4;
       c.decode_smem = true;
       // Default depth (measured on an H100, one token over 32K pooled tokens, 2-4 stages with and
@@ -2591,22 +2305,13 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
       if (p.head_dim != 128) c.decode_mma_stages = 3;  // (other depths instantiated for 128)
       // (Decided below for the default; the occupancy does not depend on it.)
       c.decode_mma_desc = p.decode_mma_descriptors != 0 ? p.decode_mma_descriptors : 1;
-      // Two KV heads per thread block (decode_mma_kv_heads = 2) where instantiated; 4 stages
-      // (256 KiB per block) do not fit, so 3.
-      if (p.decode_mma_kv_heads == 2) {
-        if (c.decode_mma_stages == 4) c.decode_mma_stages = 3;
-        if (DecodeMmaKvh2Supported(p.head_dim, group, c.decode_mma_stages, p.num_kv_heads)) {
-          c.decode_kvh = 2;
-          c.decode_mma_desc = 2;
-        }
-      }
     }
     const int64_t ctas_per_item =
-        static_cast<int64_t>(p.num_kv_heads / c.decode_kvh) * (group / c.decode_g) * p.num_q_tokens;
+        static_cast<int64_t>(p.num_kv_heads) * (group / c.decode_g) * p.num_q_tokens;
     absl::StatusOr<int> per_sm =
-        c.decode_mma ? DecodeMmaBlocksPerSm(p.head_dim, c.decode_g, c.decode_mma_stages,
-                                            c.decode_mma_desc, c.decode_kvh)
-                     : DecodeBlocksPerSm(p.head_dim, c.decode_g, c.decode_unroll, c.decode_smem);
+        c.decode_mma
+            ? DecodeMmaBlocksPerSm(p.head_dim, c.decode_g, c.decode_mma_stages, c.decode_mma_desc)
+            : DecodeBlocksPerSm(p.head_dim, c.decode_g, c.decode_unroll, c.decode_smem);
     if (!per_sm.ok()) return per_sm.status();
     // About two thread blocks per multiprocessor (capped by occupancy): measured on an H100
     // (docs/results-gpu.md) this beat both a full occupancy wave and finer splits, which only
@@ -2638,57 +2343,19 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
       c.items =
           static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(target_items, p.num_blocks)));
     }
-    if (c.decode_mma && !batched && p.decode_mma_token_split == 1) {
-      // Items are equal runs of 16-row units across segment boundaries (DecodeArgs).
-      const int upb = (p.max_block_tokens + kDecodeMmaKeys - 1) / kDecodeMmaKeys;
-      const int64_t units = static_cast<int64_t>(p.num_blocks) * upb;
-      c.units_per_block = upb;
-      c.chunks_per_block = 1;
-      c.chunk_tokens = p.max_block_tokens;
-      c.items = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(target_items, units)));
-      // (The most blocks one item touches: for the descriptor-cache default below.)
-      c.blocks_per_item = (p.num_blocks + c.items - 1) / c.items + 1;
-    }
-    // One merge counter (and, dynamic, one work counter) per (query token, head group).
-    const int64_t counters = ctas_per_item;
-    const bool counters_fit = counters <= kQueueOffset;
-    const int dyn_chunk = std::min(kDynChunkTokens, p.max_block_tokens);
-    const int dyn_per_block = (p.max_block_tokens + dyn_chunk - 1) / dyn_chunk;
-    const int64_t dyn_total = static_cast<int64_t>(p.num_blocks) * dyn_per_block;
-    if (p.decode_schedule == 1 && !c.decode_mma && !batched && c.decode_smem && !p.causal &&
-        counters_fit && std::min<int64_t>(target_items, dyn_total) > 1) {
-      // Dynamic: target_items blocks per head group take kDynChunkTokens-row chunks.
-      c.decode_dynamic = true;
-      c.dyn_chunk_tokens = dyn_chunk;
-      c.dyn_chunks_per_block = dyn_per_block;
-      c.items = static_cast<int>(std::min<int64_t>(target_items, dyn_total));
-      c.chunks_per_block = 1;
-      c.blocks_per_item = p.num_blocks;
-    }
+    // One merge counter per (query token, head group).
+    const bool counters_fit = ctas_per_item <= kMaxFusedCounters;
     if (c.items > 1) {
       const int64_t rows = static_cast<int64_t>(p.num_q_tokens) * p.num_heads;
       c.workspace_bytes = static_cast<size_t>(c.items) * rows * (p.head_dim + 1) * sizeof(float);
       c.workspace_bytes = kPagedAttentionCounterBytes + (c.workspace_bytes + 255) / 256 * 256;
       c.decode_fused = p.decode_merge == 0 && c.items <= kMaxFusedItems && counters_fit;
     }
-    if (c.decode_mma && p.decode_mma_descriptors == 0 && c.decode_kvh == 1) {
+    if (c.decode_mma && p.decode_mma_descriptors == 0) {
       // The descriptor cache paid off only with 4 stages (4 warps per SM) and runs of more than
       // 4 segments per thread block (256-token segments: 52.6 vs 53.1 us back to back; 64: 53.4
       // vs 56.1); with 4 segments per block (512) or 2 stages (8 warps per SM) it cost 0.5 us.
       c.decode_mma_desc = c.decode_mma_stages == 4 && c.blocks_per_item > 4 ? 1 : 2;
-    }
-    if (c.decode_mma && p.decode_mma_schedule == 2 && c.decode_kvh == 1 && !batched && !p.causal &&
-        p.decode_mma_token_split == 0 && p.head_dim == 128 && group == 4 && c.items > 1 &&
-        counters_fit) {
-      // Dynamic (DecodeMmaKernel, kDesc 3): the same thread blocks; each warp takes 64-row
-      // chunks, its first two statically, then from the head group's work counter.
-      c.decode_dynamic = true;
-      c.decode_mma_desc = 3;
-      c.dyn_chunk_tokens = kDynChunkTokens;
-      c.dyn_chunks_per_block = (p.max_block_tokens + kDynChunkTokens - 1) / kDynChunkTokens;
-      c.chunks_per_block = 1;
-      c.chunk_tokens = p.max_block_tokens;
-      c.blocks_per_item = p.num_blocks;
     }
   }
   return c;
@@ -2752,49 +2419,42 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
   a.counters = nullptr;
   a.final_out = p.out;
   a.final_lse = p.lse;
-  a.merge_in_kernel = c.decode_fused ? 1 : 0;
-  a.dynamic = c.decode_dynamic ? 1 : 0;
-  a.dyn_chunk_tokens = c.dyn_chunk_tokens;
-  a.dyn_chunks_per_block = c.dyn_chunks_per_block;
   a.q_block_offsets = p.q_block_offsets;
-  a.units_per_block = c.units_per_block;
   a.extra_out = p.extra_out;
   a.extra_lse = p.extra_lse;
   a.num_extra = p.num_extra;
   a.extra_rows = static_cast<int64_t>(p.num_q_tokens) * p.num_heads;
   a.pdl = p.pdl;
-  if (c.items > 1 && (c.decode_fused || c.decode_dynamic)) {
+  if (c.items > 1 && c.decode_fused) {
     a.counters = static_cast<unsigned int*>(p.workspace);
   }
   if constexpr (G == 1 && U == 4) {  // (LaunchDecodeD routes the tensor-core kernel here)
     if (c.decode_mma) {
       return DispatchDecodeMma(
-          D, a.group, c.decode_mma_stages, c.decode_mma_desc, c.decode_kvh,
-          [&](auto dc, auto gc, auto sc, auto cc, auto kc) {
+          D, a.group, c.decode_mma_stages, c.decode_mma_desc,
+          [&](auto dc, auto gc, auto sc, auto cc) {
             constexpr int kD = decltype(dc)::value;
             constexpr int kG = decltype(gc)::value;
             constexpr int kS = decltype(sc)::value;
             constexpr int kC = decltype(cc)::value;
-            constexpr int kK = decltype(kc)::value;
-            if (cudaError_t err = PrepareDecodeMma<kD, kG, kS, kC, kK>(); err != cudaSuccess) {
+            if (cudaError_t err = PrepareDecodeMma<kD, kG, kS, kC>(); err != cudaSuccess) {
               return absl::InternalError(absl::StrFormat(
                   "cudaFuncSetAttribute(decode tensor cores): %s", cudaGetErrorString(err)));
             }
-            const dim3 grid(c.items, p.num_kv_heads / kK, p.num_q_tokens);
+            const dim3 grid(c.items, p.num_kv_heads, p.num_q_tokens);
             // One launch path: with pdl > 0 the programmatic-serialization attribute (the
             // kernel's griddepcontrol.wait then orders it), without it an ordinary launch.
             cudaLaunchConfig_t config = {};
             config.gridDim = grid;
-            config.blockDim = dim3(kK * kDecodeMmaWarps * 32);
-            config.dynamicSmemBytes = DecodeMmaSmemBytes<kD, kS, kK>();
+            config.blockDim = dim3(kDecodeMmaWarps * 32);
+            config.dynamicSmemBytes = DecodeMmaSmemBytes<kD, kS>();
             config.stream = stream;
             cudaLaunchAttribute attr[1];
             attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
             attr[0].val.programmaticStreamSerializationAllowed = 1;
             config.attrs = attr;
             config.numAttrs = p.pdl > 0 ? 1 : 0;
-            if (cudaError_t err =
-                    cudaLaunchKernelEx(&config, DecodeMmaKernel<kD, kG, kS, kC, kK>, a);
+            if (cudaError_t err = cudaLaunchKernelEx(&config, DecodeMmaKernel<kD, kG, kS, kC>, a);
                 err != cudaSuccess) {
               return absl::InternalError(absl::StrFormat(
                   "decode attention (tensor cores) launch: %s", cudaGetErrorString(err)));
@@ -2803,37 +2463,13 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
           });
     }
   }
-  const dim3 grid(c.items, (p.num_kv_heads / c.decode_kvh) * (a.group / G), p.num_q_tokens);
+  const dim3 grid(c.items, p.num_kv_heads * (a.group / G), p.num_q_tokens);
   if (c.decode_smem) {
-    auto launch = [&](auto kvh_constant, auto threads_constant) -> absl::Status {
-      constexpr int KVH = decltype(kvh_constant)::value;
-      constexpr int T = decltype(threads_constant)::value;
-      if (cudaError_t err = PrepareDecodeSmem<D, G, U, KVH, T>(); err != cudaSuccess) {
-        return absl::InternalError(
-            absl::StrFormat("cudaFuncSetAttribute(decode): %s", cudaGetErrorString(err)));
-      }
-      DecodeSmemKernel<D, G, U, KVH, T><<<grid, T, DecodeSmemBytes<D, U, T>(), stream>>>(a);
-      return LaunchStatus("decode attention");
-    };
-    using T128 = std::integral_constant<int, kDecodeThreads>;
-    if constexpr (U == 2) {
-      if (c.decode_threads == 256) {
-        return launch(std::integral_constant<int, 1>(), std::integral_constant<int, 256>());
-      }
+    if (cudaError_t err = PrepareDecodeSmem<D, G, U>(); err != cudaSuccess) {
+      return absl::InternalError(
+          absl::StrFormat("cudaFuncSetAttribute(decode): %s", cudaGetErrorString(err)));
     }
-    if constexpr (U == 4) {
-      switch (c.decode_kvh) {
-        case 8:
-          return launch(std::integral_constant<int, 8>(), T128());
-        case 4:
-          return launch(std::integral_constant<int, 4>(), T128());
-        case 2:
-          return launch(std::integral_constant<int, 2>(), T128());
-        default:
-          break;
-      }
-    }
-    return launch(std::integral_constant<int, 1>(), T128());
+    DecodeSmemKernel<D, G, U><<<grid, kDecodeThreads, DecodeSmemBytes<D, U>(), stream>>>(a);
   } else {
     DecodeKernel<D, G, U><<<grid, kDecodeThreads, 0, stream>>>(a);
   }

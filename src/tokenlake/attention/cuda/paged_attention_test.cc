@@ -82,15 +82,9 @@ struct Case {
   int prefill_rows_per_warp = 0;
   int prefill_kernel = 0;  // 0 auto, 1 mma.sync, 2 sm90 wgmma
   int decode_merge = 0;
-  int decode_kvh = 0;
-  int decode_schedule = 0;
-  int decode_threads = 0;
   int decode_kernel = 0;  // 0 auto, 1 CUDA cores, 2 tensor cores
   int decode_mma_stages = 0;
   int decode_mma_descriptors = 0;  // 0 auto, 1 shared-memory cache, 2 global
-  int decode_mma_token_split = 0;  // 1: splits of 16-row units across segments
-  int decode_mma_kv_heads = 0;     // 0 auto, 1, 2 KV heads per thread block
-  int decode_mma_schedule = 0;     // 0 auto, 1 static, 2 dynamic
   float softmax_scale = 0.f;
   int num_extra = 0;  // extra partials merged into the result (PagedAttentionParams::num_extra)
   // PagedAttentionParams::pdl; with pdl > 0 the inputs the kernel may not read before its wait
@@ -103,13 +97,11 @@ std::string Describe(const Case& c) {
   for (int l : c.block_lens) lens += absl::StrFormat("%d,", l);
   return absl::StrFormat(
       "q=%d causal=%d q_start=%d kernel=%d prefill_kernel=%d splits=%d unroll=%d pipeline=%d "
-      "merge=%d kvh=%d schedule=%d threads=%d decode_kernel=%d mma_stages=%d mma_desc=%d "
-      "token_split=%d mma_kvh=%d mma_schedule=%d extras=%d pdl=%d blocks=[%s]",
+      "rows_per_warp=%d merge=%d decode_kernel=%d mma_stages=%d mma_desc=%d extras=%d pdl=%d "
+      "blocks=[%s]",
       c.num_q, c.causal, c.q_start_pos, static_cast<int>(c.kernel), c.prefill_kernel, c.num_splits,
-      c.decode_unroll, c.decode_pipeline, c.decode_merge, c.decode_kvh, c.decode_schedule,
-      c.decode_threads, c.decode_kernel, c.decode_mma_stages, c.decode_mma_descriptors,
-      c.decode_mma_token_split, c.decode_mma_kv_heads, c.decode_mma_schedule, c.num_extra, c.pdl,
-      lens);
+      c.decode_unroll, c.decode_pipeline, c.prefill_rows_per_warp, c.decode_merge, c.decode_kernel,
+      c.decode_mma_stages, c.decode_mma_descriptors, c.num_extra, c.pdl, lens);
 }
 
 // A workspace as the header asks for: counter bytes zero, the rest poisoned with NaN (so a
@@ -325,15 +317,9 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   p.prefill_rows_per_warp = c.prefill_rows_per_warp;
   p.prefill_kernel = c.prefill_kernel;
   p.decode_merge = c.decode_merge;
-  p.decode_kv_heads_per_block = c.decode_kvh;
-  p.decode_schedule = c.decode_schedule;
-  p.decode_threads_per_block = c.decode_threads;
   p.decode_kernel = c.decode_kernel;
   p.decode_mma_stages = c.decode_mma_stages;
   p.decode_mma_descriptors = c.decode_mma_descriptors;
-  p.decode_mma_token_split = c.decode_mma_token_split;
-  p.decode_mma_kv_heads = c.decode_mma_kv_heads;
-  p.decode_mma_schedule = c.decode_mma_schedule;
   p.num_extra = c.num_extra;
   p.extra_out = d_extra_out.as<float>();
   p.extra_lse = d_extra_lse.as<float>();
@@ -378,15 +364,6 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   ExpectMatchesReference(out, lse, ref_out, ref_lse, s.head_dim);
 }
 
-// 0 (default) or a supported decode_kv_heads_per_block that divides the shape's KV heads.
-int RandomKvHeadsPerBlock(const Shape& s, std::mt19937_64& rng) {
-  std::vector<int> options = {0};
-  for (int k : {1, 2, 4, 8}) {
-    if (s.num_kv_heads % k == 0) options.push_back(k);
-  }
-  return options[rng() % options.size()];
-}
-
 class PagedAttentionGpuTest : public ::testing::TestWithParam<Shape> {};
 
 // Random block lists (part-segments and empty segments anywhere), random query counts, causal
@@ -427,9 +404,6 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
       c.decode_pipeline = static_cast<int>(rng() % 3);             // 0 (default), 1, 2
       c.prefill_rows_per_warp = static_cast<int>(rng() % 3) * 16;  // 0 (default), 16, 32
       c.decode_merge = static_cast<int>(rng() % 2);                // fused, separate kernel
-      c.decode_kvh = RandomKvHeadsPerBlock(shape, rng);
-      c.decode_schedule = static_cast<int>(rng() % 2);       // static, dynamic
-      c.decode_threads = static_cast<int>(rng() % 3) * 128;  // default, 128, 256
       // kDecode: the CUDA-core decode kernels with the random tuning above; kAuto: the default
       // decode kernel (tensor cores where they apply). The tensor-core kernel also runs below.
       c.decode_kernel = k == AttentionKernel::kDecode ? 1 : 0;
@@ -452,18 +426,12 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
     static constexpr int kStages[] = {0, 2, 3, 4};  // default, 2, 3, 4
     c.decode_mma_stages = kStages[rng() % 4];
     c.decode_mma_descriptors = static_cast<int>(rng() % 3);  // default, cached, global
-    c.decode_mma_token_split = static_cast<int>(rng() % 2);
-    c.decode_mma_kv_heads = static_cast<int>(rng() % 3);  // default, 1, 2
-    c.decode_mma_schedule = static_cast<int>(rng() % 3);  // default, static, dynamic
     c.decode_merge = static_cast<int>(rng() % 2);
     RunAndCompare(c, rng);
     if (HasFatalFailure()) return;
     c.decode_kernel = 0;
     c.decode_mma_stages = 0;
     c.decode_mma_descriptors = 0;
-    c.decode_mma_token_split = 0;
-    c.decode_mma_kv_heads = 0;
-    c.decode_mma_schedule = 0;
   }
 }
 
@@ -581,16 +549,10 @@ TEST_P(PagedAttentionGpuTest, FusedSplitMergeMatchesReferenceWithReusedWorkspace
     c.decode_pipeline = static_cast<int>(rng() % 3);
     for (int merge : {0, 1}) {
       c.decode_merge = merge;
-      c.decode_kvh = RandomKvHeadsPerBlock(shape, rng);
-      c.decode_schedule = static_cast<int>(rng() % 2);       // static, dynamic
-      c.decode_threads = static_cast<int>(rng() % 3) * 128;  // default, 128, 256
       for (int dk : {1, 2}) {  // CUDA cores, tensor cores (random pipeline depth 2, 3, 4)
         c.decode_kernel = dk;
         c.decode_mma_stages = dk == 2 ? 2 + static_cast<int>(rng() % 3) : 0;
         c.decode_mma_descriptors = dk == 2 ? static_cast<int>(rng() % 3) : 0;
-        c.decode_mma_token_split = dk == 2 ? static_cast<int>(rng() % 2) : 0;
-        c.decode_mma_kv_heads = dk == 2 ? static_cast<int>(rng() % 3) : 0;
-        c.decode_mma_schedule = dk == 2 ? static_cast<int>(rng() % 3) : 0;
         c.pdl = dk == 2 ? (trial + merge) % 3 : 0;
         RunAndCompare(c, rng, ws.ptr, kWsBytes);  // fresh random inputs each time
         if (HasFatalFailure()) return;
@@ -599,15 +561,47 @@ TEST_P(PagedAttentionGpuTest, FusedSplitMergeMatchesReferenceWithReusedWorkspace
   }
 }
 
+// Beyond 64 splits (or 512 merge counters) the default decode merges its splits with the separate
+// merge kernel, not in the kernel: 65-120 segments (a few short) and at least as many forced
+// splits, decode_merge left at its default, on both decode kernels, with and without extra
+// partials.
+TEST_P(PagedAttentionGpuTest, DefaultDecodeMergesManySplitsWithTheSeparateKernel) {
+  SKIP_WITHOUT_GPU();
+  const Shape shape = GetParam();
+  if (shape.head_dim < 64) GTEST_SKIP() << "the small-head kernel does not split";
+  const uint64_t seed = 6464 + shape.num_heads * 11 + shape.head_dim + shape.block_tokens;
+  SCOPED_TRACE(::testing::Message() << "seed=" << seed);
+  std::cout << "seed=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  for (int trial = 0; trial < 4; ++trial) {
+    Case c;
+    c.shape = shape;
+    const int nb = 65 + static_cast<int>(rng() % 56);
+    for (int b = 0; b < nb; ++b) {
+      c.block_lens.push_back(rng() % 8 == 0 ? static_cast<int>(rng() % (shape.block_tokens + 1))
+                                            : shape.block_tokens);
+    }
+    c.num_q = 1 + static_cast<int>(rng() % 2);
+    c.kernel = AttentionKernel::kDecode;
+    c.num_splits = nb + static_cast<int>(rng() % 16);  // one or more splits per segment
+    c.num_extra = static_cast<int>(rng() % 3);
+    for (int dk : {1, 2}) {  // CUDA cores, tensor cores (where the shape allows)
+      c.decode_kernel = dk;
+      RunAndCompare(c, rng);  // fresh random inputs and workspace each time
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
 // Batched decode: many requests, each one query token over its own random block list (empty
 // lists, part-segments and empty segments included), in one launch through q_block_offsets;
 // every request compared with the reference run on its blocks alone.
-// The tensor-core decode kernel's work splits: runs of whole segments and the token split
-// (equal runs of 16-row units that start and end inside segments), with the descriptor cache and
-// without, at every pipeline depth, on every shape the kernel takes: many segments with
-// part-segments and empty ones anywhere (a run may start or end in a short or empty segment, or
-// hold no keys at all), splits from 1 to 40 (33: the token split's H100 default), causal or not,
-// one reused workspace (counters back to zero after every call).
+// The tensor-core decode kernel's work splits (runs of whole segments, or chunks of one segment
+// when there are more splits than segments), with the descriptor cache and without, at every
+// pipeline depth, on every shape the kernel takes: many segments with part-segments and empty
+// ones anywhere (a run may start or end in a short or empty segment, or hold no keys at all),
+// splits from 1 to 40, causal or not, one reused workspace (counters back to zero after every
+// call).
 TEST_P(PagedAttentionGpuTest, DecodeMmaSplitsMatchReference) {
   SKIP_WITHOUT_GPU();
   const Shape shape = GetParam();
@@ -624,11 +618,8 @@ TEST_P(PagedAttentionGpuTest, DecodeMmaSplitsMatchReference) {
   DeviceBuffer ws(kWsBytes);
   ASSERT_NE(ws.ptr, nullptr);
   PrepareWorkspace(ws.ptr, kWsBytes);
-  for (int token_split : {0, 1}) {
-    // desc 3 stands for two KV heads per thread block (decode_mma_kv_heads = 2: global
-    // descriptors, 4 stages taken as 3; other shapes fall back to one head per block), desc 4
-    // for the dynamic schedule (decode_mma_schedule = 2; static when causal or token split).
-    for (int desc : {1, 2, 3, 4}) {
+  for (int repeat = 0; repeat < 2; ++repeat) {
+    for (int desc : {0, 1, 2}) {  // default, cached, global
       for (int stages = 2; stages <= 4; ++stages) {
         Case c;
         c.shape = shape;
@@ -645,21 +636,13 @@ TEST_P(PagedAttentionGpuTest, DecodeMmaSplitsMatchReference) {
         for (int l : c.block_lens) total += l;
         c.q_start_pos = c.causal ? static_cast<int>(rng() % (total + 2)) : 0;
         c.kernel = AttentionKernel::kDecode;
-        static constexpr int kSplits[] = {0, 1, 3, 16, 33, 40};
+        static constexpr int kSplits[] = {0, 1, 3, 16, 33, 40};  // (also above the segments)
         c.num_splits = kSplits[rng() % 6];
         c.decode_merge = static_cast<int>(rng() % 2);
         c.decode_kernel = 2;
         c.decode_mma_stages = stages;
-        c.decode_mma_descriptors = desc >= 3 ? 0 : desc;
-        c.decode_mma_kv_heads = desc == 3 ? 2 : 0;
-        c.decode_mma_schedule = desc == 4 ? 2 : 0;
-        if (desc == 4 && token_split == 1) {  // (the dynamic schedule is not causal: both)
-          c.decode_mma_token_split = 0;
-          c.causal = false;
-          c.q_start_pos = 0;
-        }
-        c.decode_mma_token_split = token_split;
-        c.pdl = (stages + desc + token_split) % 3;  // off, wait first, prefetch then wait
+        c.decode_mma_descriptors = desc;
+        c.pdl = (stages + desc + repeat) % 3;  // off, wait first, prefetch then wait
         RunAndCompare(c, rng, ws.ptr, kWsBytes);
         if (HasFatalFailure()) return;
       }
@@ -936,11 +919,10 @@ TEST_P(PagedAttentionGpuTest, BatchedDecodeMatchesPerRequestReference) {
     static constexpr int kSplits[] = {0, 1, 2, 5, 64};
     p.num_splits = kSplits[rng() % 5];
     p.decode_merge = static_cast<int>(rng() % 2);
-    p.decode_threads_per_block = static_cast<int>(rng() % 3) * 128;
     p.decode_kernel = static_cast<int>(rng() % 3);  // auto, CUDA cores, tensor cores
-    SCOPED_TRACE(absl::StrFormat(
-        "requests=%d blocks=%d splits=%d merge=%d threads=%d kernel=%d extras=%d", num_req, nb,
-        p.num_splits, p.decode_merge, p.decode_threads_per_block, p.decode_kernel, num_extra));
+    SCOPED_TRACE(absl::StrFormat("requests=%d blocks=%d splits=%d merge=%d kernel=%d extras=%d",
+                                 num_req, nb, p.num_splits, p.decode_merge, p.decode_kernel,
+                                 num_extra));
     absl::StatusOr<size_t> need = PagedAttentionWorkspaceBytes(p);
     ASSERT_TRUE(need.ok()) << need.status();
     DeviceBuffer d_ws(*need);
@@ -1121,11 +1103,17 @@ TEST(PagedAttentionArgsTest, RejectsBadShapesWithClearErrors) {
   bad.q_block_offsets = reinterpret_cast<const int32_t*>(&dummy);
   expect_invalid(bad, "q_block_offsets");
   bad = p;
-  bad.decode_threads_per_block = 192;
-  expect_invalid(bad, "decode_threads_per_block");
+  bad.decode_pipeline = 3;
+  expect_invalid(bad, "decode_pipeline");
   bad = p;
-  bad.decode_schedule = 2;
-  expect_invalid(bad, "decode_schedule");
+  bad.decode_unroll = 3;
+  expect_invalid(bad, "decode_unroll");
+  bad = p;
+  bad.prefill_warps = 6;
+  expect_invalid(bad, "prefill_warps");
+  bad = p;
+  bad.prefill_rows_per_warp = 8;
+  expect_invalid(bad, "prefill_rows_per_warp");
   bad = p;
   bad.decode_kernel = 3;
   expect_invalid(bad, "decode_kernel");
@@ -1136,27 +1124,13 @@ TEST(PagedAttentionArgsTest, RejectsBadShapesWithClearErrors) {
   bad.decode_mma_descriptors = 3;
   expect_invalid(bad, "decode_mma_descriptors");
   bad = p;
-  bad.decode_mma_token_split = 2;
-  expect_invalid(bad, "decode_mma_token_split");
-  bad.decode_mma_token_split = 0;
-  bad.decode_mma_kv_heads = 3;
-  expect_invalid(bad, "decode_mma_kv_heads");
-  bad.decode_mma_kv_heads = 0;
-  bad.decode_mma_schedule = 3;
-  expect_invalid(bad, "decode_mma_schedule");
-  bad.decode_mma_schedule = 0;
   bad.pdl = 3;
   expect_invalid(bad, "pdl");
   bad.pdl = -1;
   expect_invalid(bad, "pdl");
   bad = p;
-  bad.decode_kv_heads_per_block = 3;
-  expect_invalid(bad, "decode_kv_heads_per_block");
-  bad = p;
-  bad.num_heads = 8;
-  bad.num_kv_heads = 4;
-  bad.decode_kv_heads_per_block = 8;
-  expect_invalid(bad, "does not divide num_kv_heads");
+  bad.num_splits = -1;
+  expect_invalid(bad, "num_splits");
 
   EXPECT_EQ(MergePartials(nullptr, nullptr, nullptr, nullptr, -1, 128).code(),
             absl::StatusCode::kInvalidArgument);
