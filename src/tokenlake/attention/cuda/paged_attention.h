@@ -42,6 +42,9 @@
 //     warpgroup streams K/V with cp.async into 3 shared-memory stages, two consumer warpgroups
 //     compute), 128 rows of (query token, query head of one KV head's group) per thread block,
 //     128-key tiles; head_dim 128 and head groups up to 128.
+//   Files by family: prefill_mma.cu, prefill_sm90.cu, decode_mma.cu, decode_cuda_core.cu, merge.cu
+//   (the split merge and MergePartials*), small_head.cu (head_dim 16 and 32); paged_attention.cu
+//   validates, plans and launches.
 //   kAuto picks decode for num_q_tokens <= kDecodeMaxQueryTokens or a batched decode
 //   (q_block_offsets), else prefill; prefill uses the Hopper kernel on a compute-capability-9
 //   device for the shapes it supports (1.77x the mma.sync kernel on an H100 for 1024 new tokens
