@@ -45,28 +45,6 @@ absl::StatusOr<DeviceInfo> GetDeviceInfo();
 // OK, or Internal naming `what` when the last launch failed (clears CUDA's last error).
 absl::Status LaunchStatus(const char* what);
 
-// How one PagedAttention call runs: the kernel, its tiling and splits, and its workspace.
-// Plain data, computed by the dispatcher from the call's shape and the device.
-struct LaunchConfig {
-  AttentionKernel kernel = AttentionKernel::kPrefill;
-  int prefill_warps = 4;      // prefill, mma.sync: warps per thread block
-  int prefill_mt = 1;         // prefill: 16-row m-tiles per warp
-  int splits = 1;             // prefill: splits of the block list
-  bool prefill_sm90 = false;  // prefill: the wgmma kernel of prefill_sm90.cu
-  int chunks_per_block = 1;   // decode
-  int chunk_tokens = 0;       // decode
-  int items = 1;              // decode: num_blocks * chunks_per_block
-  int decode_g = 1;
-  int blocks_per_item = 1;     // decode
-  int decode_unroll = 4;       // decode: tokens per token group per step
-  bool decode_smem = true;     // decode: shared-memory pipeline kernel
-  bool decode_fused = false;   // decode: splits merged inside the decode kernel
-  bool decode_mma = false;     // decode: the tensor-core kernel (DecodeMmaKernel)
-  int decode_mma_stages = 3;   // decode, tensor-core kernel: pipeline stages per warp
-  int decode_mma_desc = 1;     // decode, tensor-core kernel: decode_mma_descriptors (1-2, resolved)
-  size_t workspace_bytes = 0;  // kPagedAttentionCounterBytes + partials, or 0
-};
-
 // The arguments of the decode kernels (decode_common.cuh).
 struct DecodeArgs;
 

@@ -65,7 +65,8 @@ namespace {
 using internal::DecodeArgs;
 using internal::LaunchConfig;
 
-absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
+// The checks of the shape fields (every field but the pointers; see PagedAttentionPlan).
+absl::Status ValidateShape(const PagedAttentionParams& p, AttentionKernel kernel) {
   if (p.num_q_tokens < 0) {
     return absl::InvalidArgumentError(
         absl::StrFormat("PagedAttention: num_q_tokens = %d < 0", p.num_q_tokens));
@@ -167,6 +168,11 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
     return absl::InvalidArgumentError(
         absl::StrFormat("PagedAttention: num_extra = %d < 0", p.num_extra));
   }
+  return absl::OkStatus();
+}
+
+// The checks of the pointers a call with p's shape needs.
+absl::Status ValidatePointers(const PagedAttentionParams& p) {
   if (p.num_extra > 0 && p.num_q_tokens > 0 && p.extra_out == nullptr) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: extra_out must not be null with num_extra = %d", p.num_extra));
@@ -186,8 +192,14 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<LaunchConfig> ChooseConfig(const PagedAttentionParams& p, AttentionKernel kernel) {
-  if (absl::Status s = Validate(p, kernel); !s.ok()) return s;
+// The launch configuration of p's shape on the current device. With check_pointers the pointer
+// errors come before any device access, as PagedAttention has always reported them.
+absl::StatusOr<LaunchConfig> ChooseConfig(const PagedAttentionParams& p, AttentionKernel kernel,
+                                          bool check_pointers) {
+  if (absl::Status s = ValidateShape(p, kernel); !s.ok()) return s;
+  if (check_pointers) {
+    if (absl::Status s = ValidatePointers(p); !s.ok()) return s;
+  }
   LaunchConfig c;
   if (p.num_q_tokens == 0 || p.num_blocks == 0) return c;
   if (p.head_dim < 64) return c;  // SmallHeadKernel: no workspace
@@ -365,20 +377,43 @@ DecodeArgs MakeDecodeArgs(const PagedAttentionParams& p, const LaunchConfig& c, 
   return a;
 }
 
-}  // namespace
-
-absl::StatusOr<size_t> PagedAttentionWorkspaceBytes(const PagedAttentionParams& params,
-                                                    AttentionKernel kernel) {
-  absl::StatusOr<LaunchConfig> c = ChooseConfig(params, kernel);
-  if (!c.ok()) return c.status();
-  return c->workspace_bytes;
+// The name of the first shape field (see PagedAttentionPlan::Create) in which a and b differ,
+// or null when they have the same shape.
+const char* ShapeMismatch(const PagedAttentionParams& a, const PagedAttentionParams& b) {
+  // A field added to PagedAttentionParams must be compared here (or named a pointer in
+  // PagedAttentionPlan::Create's comment).
+  static_assert(sizeof(PagedAttentionParams) == 168, "compare the new field below");
+#define TOKENLAKE_SAME(field) \
+  if (a.field != b.field) return #field
+  TOKENLAKE_SAME(num_q_tokens);
+  TOKENLAKE_SAME(num_blocks);
+  TOKENLAKE_SAME(max_block_tokens);
+  TOKENLAKE_SAME(num_heads);
+  TOKENLAKE_SAME(num_kv_heads);
+  TOKENLAKE_SAME(head_dim);
+  TOKENLAKE_SAME(softmax_scale);
+  TOKENLAKE_SAME(causal);
+  TOKENLAKE_SAME(q_start_pos);
+  TOKENLAKE_SAME(num_splits);
+  TOKENLAKE_SAME(prefill_warps);
+  TOKENLAKE_SAME(prefill_rows_per_warp);
+  TOKENLAKE_SAME(prefill_kernel);
+  TOKENLAKE_SAME(decode_unroll);
+  TOKENLAKE_SAME(decode_pipeline);
+  TOKENLAKE_SAME(decode_merge);
+  TOKENLAKE_SAME(decode_kernel);
+  TOKENLAKE_SAME(decode_mma_stages);
+  TOKENLAKE_SAME(decode_mma_descriptors);
+  TOKENLAKE_SAME(pdl);
+  TOKENLAKE_SAME(num_extra);
+#undef TOKENLAKE_SAME
+  if ((a.q_block_offsets == nullptr) != (b.q_block_offsets == nullptr)) return "q_block_offsets";
+  return nullptr;
 }
 
-absl::Status PagedAttention(const PagedAttentionParams& p, AttentionKernel kernel,
-                            cudaStream_t stream) {
-  absl::StatusOr<LaunchConfig> cfg = ChooseConfig(p, kernel);
-  if (!cfg.ok()) return cfg.status();
-  const LaunchConfig& c = *cfg;
+// Enqueues p under c: the kernel, then the split merge or the fold of extra partials where the
+// kernel does not do them. REQUIRES: p valid (shape and pointers), c = ChooseConfig of p.
+absl::Status Launch(const PagedAttentionParams& p, const LaunchConfig& c, cudaStream_t stream) {
   if (p.num_q_tokens == 0) return absl::OkStatus();
   const int64_t rows = static_cast<int64_t>(p.num_q_tokens) * p.num_heads;
   if (p.num_blocks == 0) {
@@ -434,6 +469,39 @@ absl::Status PagedAttention(const PagedAttentionParams& p, AttentionKernel kerne
   return internal::LaunchMergeSplits(out, d, static_cast<int64_t>(c.items) * d, lse, 1, c.items,
                                      c.items, rows, d, p.out, p.lse, stream, p.extra_out,
                                      p.extra_lse, p.num_extra);
+}
+
+}  // namespace
+
+absl::StatusOr<PagedAttentionPlan> PagedAttentionPlan::Create(const PagedAttentionParams& shape,
+                                                              AttentionKernel kernel) {
+  absl::StatusOr<LaunchConfig> c = ChooseConfig(shape, kernel, /*check_pointers=*/false);
+  if (!c.ok()) return c.status();
+  return PagedAttentionPlan(shape, *c);
+}
+
+absl::Status PagedAttentionPlan::Run(const PagedAttentionParams& params,
+                                     cudaStream_t stream) const {
+  if (const char* field = ShapeMismatch(params, shape_); field != nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PagedAttentionPlan::Run: %s differs from the planned shape", field));
+  }
+  if (absl::Status s = ValidatePointers(params); !s.ok()) return s;
+  return Launch(params, config_, stream);
+}
+
+absl::StatusOr<size_t> PagedAttentionWorkspaceBytes(const PagedAttentionParams& params,
+                                                    AttentionKernel kernel) {
+  absl::StatusOr<LaunchConfig> c = ChooseConfig(params, kernel, /*check_pointers=*/true);
+  if (!c.ok()) return c.status();
+  return c->workspace_bytes;
+}
+
+absl::Status PagedAttention(const PagedAttentionParams& p, AttentionKernel kernel,
+                            cudaStream_t stream) {
+  absl::StatusOr<LaunchConfig> c = ChooseConfig(p, kernel, /*check_pointers=*/true);
+  if (!c.ok()) return c.status();
+  return Launch(p, *c, stream);
 }
 
 }  // namespace tokenlake::attention::cuda

@@ -219,13 +219,80 @@ struct PagedAttentionParams {
   const float* extra_lse = nullptr;
 };
 
+namespace internal {
+
+// How one call runs: the kernel, its tiling and splits, and its workspace. Plain data chosen by
+// PagedAttentionPlan::Create from the call's shape and the device; private to the library (it
+// is here so that a plan is a plain value; its fields may change with the kernels).
+struct LaunchConfig {
+  AttentionKernel kernel = AttentionKernel::kPrefill;
+  int prefill_warps = 4;      // prefill, mma.sync: warps per thread block
+  int prefill_mt = 1;         // prefill: 16-row m-tiles per warp
+  int splits = 1;             // prefill: splits of the block list
+  bool prefill_sm90 = false;  // prefill: the wgmma kernel of prefill_sm90.cu
+  int chunks_per_block = 1;   // decode
+  int chunk_tokens = 0;       // decode
+  int items = 1;              // decode: num_blocks * chunks_per_block
+  int decode_g = 1;
+  int blocks_per_item = 1;     // decode
+  int decode_unroll = 4;       // decode: tokens per token group per step
+  bool decode_smem = true;     // decode: shared-memory pipeline kernel
+  bool decode_fused = false;   // decode: splits merged inside the decode kernel
+  bool decode_mma = false;     // decode: the tensor-core kernel (DecodeMmaKernel)
+  int decode_mma_stages = 3;   // decode, tensor-core kernel: pipeline stages per warp
+  int decode_mma_desc = 1;     // decode, tensor-core kernel: decode_mma_descriptors (1-2, resolved)
+  size_t workspace_bytes = 0;  // kPagedAttentionCounterBytes + partials, or 0
+};
+
+}  // namespace internal
+
+// A launch plan: what PagedAttention chooses for one shape of call (kernel, tiling, split
+// counts, grid, workspace size), computed once and reused by every call of that shape, e.g. the
+// layers of one forward pass, which differ only in their K/V descriptors, queries and outputs
+// (FlashInfer's plan / run). Run enqueues exactly what PagedAttention would for the same params,
+// so results are bit-identical. A plain value (cheap to copy); made for the device that is
+// current at Create, and valid for calls on that device.
+//
+// Thread-safety: Create is thread-safe; Run is const and thread-safe (calls on one stream run in
+// stream order, and calls sharing a workspace must be ordered, as for PagedAttention).
+class PagedAttentionPlan {
+ public:
+  // Plans calls shaped like `shape`: every field of PagedAttentionParams counts except the
+  // pointers q, blocks, out, lse, workspace, extra_out and extra_lse and workspace_bytes; of
+  // q_block_offsets only whether it is null (a batched decode) counts. The pointers may be null
+  // here; Run checks them.
+  // Errors: InvalidArgument for an invalid shape (as PagedAttention, before any device access),
+  // Internal on a CUDA error while reading the device properties.
+  static absl::StatusOr<PagedAttentionPlan> Create(const PagedAttentionParams& shape,
+                                                   AttentionKernel kernel = AttentionKernel::kAuto);
+
+  // The scratch every Run needs (PagedAttentionWorkspaceBytes of the shape): params.workspace
+  // of at least this many bytes, prepared as PagedAttentionParams::workspace says.
+  size_t workspace_bytes() const { return config_.workspace_bytes; }
+
+  // Enqueues params on `stream` as PagedAttention(params, kernel, stream) would.
+  // Errors (nothing is enqueued): InvalidArgument naming the first field in which params'
+  // shape differs from the planned one, a null pointer the call needs, or a workspace smaller
+  // than workspace_bytes(); Internal when a launch fails.
+  // REQUIRES: as PagedAttention.
+  absl::Status Run(const PagedAttentionParams& params, cudaStream_t stream = nullptr) const;
+
+ private:
+  PagedAttentionPlan(const PagedAttentionParams& shape, const internal::LaunchConfig& config)
+      : shape_(shape), config_(config) {}
+
+  PagedAttentionParams shape_;  // (pointers as given to Create; only their shape fields count)
+  internal::LaunchConfig config_;
+};
+
 // Returns the scratch size that PagedAttention(params, kernel) needs on the current device.
 // Errors: InvalidArgument when params' shape is invalid (see PagedAttention), Internal on a
 // CUDA error while reading the device properties.
 absl::StatusOr<size_t> PagedAttentionWorkspaceBytes(
     const PagedAttentionParams& params, AttentionKernel kernel = AttentionKernel::kAuto);
 
-// Enqueues the partial attention described by `params` on `stream`.
+// Enqueues the partial attention described by `params` on `stream` (PagedAttentionPlan::Create
+// then Run; a caller that makes many calls of one shape plans once).
 // Errors (nothing is enqueued): InvalidArgument naming the field when a size is negative,
 // num_heads is not a positive multiple of num_kv_heads, head_dim is not 16, 32, 64 or 128, a tuning
 // field is out of range, a needed pointer is null, or the workspace is too small; Internal when
