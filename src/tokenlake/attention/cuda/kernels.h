@@ -1,7 +1,8 @@
 // Private to the attention_cuda library: what the kernel families (prefill_mma.cu,
 // prefill_sm90.cu, decode_mma.cu, decode_cuda_core.cu, merge.cu, small_head.cu) share with the
-// dispatcher (paged_attention.cu): the launch configuration chosen for a call, the device
-// properties it is chosen from, and each family's host entry points.
+// dispatcher (paged_attention.cu): the numerical constants, the device properties a launch
+// configuration (internal::LaunchConfig, paged_attention.h) is chosen from, and each family's
+// host entry points.
 //
 // Thread-safety: every function is thread-safe (the once-per-process kernel attributes and
 // occupancy figures are function-local statics, the device properties a mutex-guarded cache).

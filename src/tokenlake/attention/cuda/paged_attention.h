@@ -189,9 +189,9 @@ struct PagedAttentionParams {
   // (pooled segments are immutable once stored), so each warp issues its first pipeline
   // stages' copies before waiting; q, out, lse, the extras and the workspace are still touched
   // only after the wait. Other kernels (prefill, CUDA-core decode, separate merges) launch as
-  // usual whatever this says. On a
-  // stream whose previous kernel never signals, the kernel starts when that kernel completes,
-  // as without PDL. In a CUDA graph the launch attribute becomes a programmatic edge.
+  // usual whatever this says. On a stream whose previous kernel never signals, the kernel starts
+  // when that kernel completes, as without PDL. In a CUDA graph the launch attribute becomes a
+  // programmatic edge.
   int32_t pdl = 0;
   // Batched decode: null (every query token sees all blocks), or a device array of
   // num_q_tokens + 1 ascending offsets into `blocks`: query token i (one request's token) then
@@ -291,8 +291,9 @@ class PagedAttentionPlan {
 absl::StatusOr<size_t> PagedAttentionWorkspaceBytes(
     const PagedAttentionParams& params, AttentionKernel kernel = AttentionKernel::kAuto);
 
-// Enqueues the partial attention described by `params` on `stream` (PagedAttentionPlan::Create
-// then Run; a caller that makes many calls of one shape plans once).
+// Enqueues the partial attention described by `params` on `stream`: the same as
+// PagedAttentionPlan::Create(params, kernel) and Run(params, stream), planning at every call (a
+// caller that makes many calls of one shape plans once).
 // Errors (nothing is enqueued): InvalidArgument naming the field when a size is negative,
 // num_heads is not a positive multiple of num_kv_heads, head_dim is not 16, 32, 64 or 128, a tuning
 // field is out of range, a needed pointer is null, or the workspace is too small; Internal when
