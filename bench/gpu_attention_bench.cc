@@ -66,9 +66,9 @@ int main(int argc, char** argv) {
     tl::AttentionBenchShape shape;
   };
   std::vector<Run> runs;
-  // Decode: the split merge fused into the kernel (default) against the separate merge kernel;
-  // several KV heads per thread block (whole contiguous row runs per copy; separate merge, as
-  // they use more splits than the fused merge takes); splits for ~3 blocks per SM.
+  // Decode: the split merge fused into the kernel (default) against the separate merge kernel
+  // (which the default takes beyond 64 splits), on the tensor-core kernel and on the CUDA-core
+  // kernels (the default for the shapes the tensor-core kernel does not take).
   for (int seg : {512, 256, 64}) {
     for (int merge : {0, 1}) {
       tl::AttentionBenchShape s;
@@ -122,68 +122,6 @@ int main(int argc, char** argv) {
     s.num_splits = 48;
     runs.push_back({"decode_tc_s2", s});
   }
-  // Token split (decode_mma_token_split = 1): the splits are equal runs of 16-row units across
-  // segment boundaries, so 2 or 3 stages (2 thread blocks per SM) fill all 264 slots of an H100
-  // with 33 splits per head group (runs of whole segments: 32 splits, 256 slots); with and
-  // without the descriptor cache.
-  for (int seg : {512, 256, 64}) {
-    for (int stages : {2, 3}) {
-      for (int desc : {1, 2}) {
-        tl::AttentionBenchShape s;
-        s.num_q_tokens = 1;
-        s.segment_tokens = seg;
-        s.kernel = 2;
-        s.decode_kernel = 2;
-        s.decode_mma_stages = stages;
-        s.decode_mma_descriptors = desc;
-        s.decode_mma_token_split = 1;
-        runs.push_back({std::string(desc == 1 ? "decode_tc_ts_s" : "decode_tc_ts_glob_s") +
-                            std::to_string(stages),
-                        s});
-      }
-    }
-  }
-  // Two KV heads per thread block (decode_mma_kv_heads = 2; decode4): 8 warps over the same
-  // rows, each copy step reads 512 contiguous bytes per key row instead of 256; 2 or 3 stages
-  // (one 128 or 192 KiB block per SM), whole-segment runs (32 splits per head pair: 128 blocks)
-  // or the token split (33: 132 blocks, every SM).
-  for (int seg : {512, 256, 64}) {
-    for (int stages : {2, 3}) {
-      for (int ts : {0, 1}) {
-        tl::AttentionBenchShape s;
-        s.num_q_tokens = 1;
-        s.segment_tokens = seg;
-        s.kernel = 2;
-        s.decode_kernel = 2;
-        s.decode_mma_stages = stages;
-        s.decode_mma_kv_heads = 2;
-        s.decode_mma_token_split = ts;
-        runs.push_back({std::string(ts == 0 ? "decode_tc_kvh2_s" : "decode_tc_kvh2_ts_s") +
-                            std::to_string(stages),
-                        s});
-      }
-    }
-  }
-  // The dynamic schedule (decode_mma_schedule = 2; decode4): the default's thread blocks, every
-  // warp taking 64-row chunks from a work counter after its first two, at 2-4 stages; and the
-  // static schedule explicitly.
-  for (int seg : {512, 256, 64}) {
-    for (int stages : {0, 2, 3, 4}) {
-      for (int sched : {1, 2}) {
-        if (sched == 1 && stages != 0) continue;
-        tl::AttentionBenchShape s;
-        s.num_q_tokens = 1;
-        s.segment_tokens = seg;
-        s.kernel = 2;
-        s.decode_kernel = 2;
-        s.decode_mma_stages = stages;
-        s.decode_mma_schedule = sched;
-        runs.push_back({sched == 1 ? std::string("decode_tc_static")
-                                   : "decode_tc_dyn_s" + std::to_string(stages),
-                        s});
-      }
-    }
-  }
   // Batched decode: R requests of 32K / R tokens each in one call, against one request of
   // 32K / R tokens alone (times R for R separate calls).
   for (int req : {8, 32}) {
@@ -202,48 +140,25 @@ int main(int argc, char** argv) {
     s.decode_kernel = 1;
     runs.push_back({"decode_cc_single_of_" + std::to_string(req), s});
   }
-  // 256 threads per block (2 tokens per token group per step): twice the warps per SM.
+  // The CUDA-core kernels' other loops (decode_kernel = 1): K/V through registers instead of the
+  // shared-memory pipeline (decode_pipeline = 1), and 2 tokens per token group per step instead
+  // of 4 (decode_unroll = 2).
   for (int seg : {512, 256, 64}) {
-    for (int splits : {0, 48}) {
+    for (int variant : {0, 1}) {
       tl::AttentionBenchShape s;
       s.num_q_tokens = 1;
       s.segment_tokens = seg;
       s.kernel = 2;
-      s.num_splits = splits;
-      s.decode_threads = 256;
-      s.decode_kernel = 1;  // the CUDA-core kernels
-      runs.push_back({"decode_t256", s});
-    }
-  }
-  // The dynamic schedule (blocks take 64-row chunks from a work counter): automatic splits (~2
-  // blocks per SM), ~3 per SM (49 per head group) and 1 per SM; fused and separate merge.
-  for (int seg : {512, 256, 64}) {
-    for (int splits : {0, 49, 16}) {
-      for (int merge : {0, 1}) {
-        if (merge == 1 && splits != 0) continue;
-        tl::AttentionBenchShape s;
-        s.num_q_tokens = 1;
-        s.segment_tokens = seg;
-        s.kernel = 2;
-        s.num_splits = splits;
-        s.decode_merge = merge;
-        s.decode_schedule = 1;
-        s.decode_kernel = 1;  // the CUDA-core kernels
-        runs.push_back({merge == 0 ? "decode_dyn" : "decode_dyn_sep_merge", s});
+      s.decode_kernel = 1;
+      if (variant == 0) {
+        s.decode_pipeline = 1;
+      } else {
+        s.decode_unroll = 2;
       }
+      runs.push_back({variant == 0 ? "decode_cc_regs" : "decode_cc_u2", s});
     }
   }
   for (int seg : {512, 256}) {
-    for (int kvh : {2, 4, 8}) {
-      tl::AttentionBenchShape s;
-      s.num_q_tokens = 1;
-      s.segment_tokens = seg;
-      s.kernel = 2;
-      s.decode_merge = 1;
-      s.decode_kv_heads = kvh;
-      s.decode_kernel = 1;  // the CUDA-core kernels
-      runs.push_back({"decode_kvh" + std::to_string(kvh), s});
-    }
     for (int splits : {24, 48}) {
       tl::AttentionBenchShape s;
       s.num_q_tokens = 1;
@@ -267,6 +182,20 @@ int main(int argc, char** argv) {
         s.prefill_kernel = 1;  // the mma.sync kernel
         runs.push_back({rows == 16 ? "prefill_cached" : "prefill_cached_r32", s});
       }
+    }
+  }
+  // The mma.sync kernel below 512 query tokens, where its default is 16 rows per warp and 4
+  // warps, against the other pairings.
+  for (int rows : {16, 32}) {
+    for (int warps : {4, 8}) {
+      tl::AttentionBenchShape s;
+      s.num_q_tokens = 256;
+      s.segment_tokens = 512;
+      s.kernel = 1;
+      s.prefill_warps = warps;
+      s.prefill_rows_per_warp = rows;
+      s.prefill_kernel = 1;
+      runs.push_back({"prefill_q256", s});
     }
   }
   // The Hopper wgmma prefill kernel (prefill_sm90.cu, the library's default on Hopper):
@@ -346,15 +275,9 @@ int main(int argc, char** argv) {
                          {"prefill_rows_per_warp", s.prefill_rows_per_warp},
                          {"prefill_kernel", s.prefill_kernel},
                          {"decode_merge", s.decode_merge},
-                         {"decode_kv_heads", s.decode_kv_heads},
-                         {"decode_schedule", s.decode_schedule},
-                         {"decode_threads", s.decode_threads},
                          {"decode_kernel", s.decode_kernel},
                          {"decode_mma_stages", s.decode_mma_stages},
                          {"decode_mma_descriptors", s.decode_mma_descriptors},
-                         {"decode_mma_token_split", s.decode_mma_token_split},
-                         {"decode_mma_kv_heads", s.decode_mma_kv_heads},
-                         {"decode_mma_schedule", s.decode_mma_schedule},
                          {"num_requests", s.num_requests},
                          {"us", t->us},
                          {"tflops", t->tflops},

@@ -47,8 +47,8 @@ def main():
         v = min([r for r in runs if r["name"].startswith("decode") and
                  r["segment_tokens"] == seg], key=lambda r: r["us"])
         print(f"                best of all decode variants: {v['name']} (splits "
-              f"{v['num_splits']}, kv heads/block {v.get('decode_kv_heads', 0)}) {v['us']:7.1f} us "
-              f"{v['kv_gbps']:6.0f} GB/s = {100 * v['kv_gbps'] / copy:5.1f}% of copy")
+              f"{v['num_splits']}) {v['us']:7.1f} us {v['kv_gbps']:6.0f} GB/s = "
+              f"{100 * v['kv_gbps'] / copy:5.1f}% of copy")
         if "batched_us" in a:
             r1 = ours.get("read_128mib_x1_gbps")
             r10 = ours.get("read_128mib_x10_gbps")
@@ -65,18 +65,15 @@ def main():
                       f"{r['batched_kv_gbps']:6.0f} GB/s = "
                       f"{100 * r['batched_kv_gbps'] / copy:5.1f}% of copy (one call "
                       f"{r['us']:.1f} us)")
-        t256 = auto("decode_t256", segment_tokens=seg)
-        if t256:
-            print(f"                256 threads/block: {t256['us']:7.1f} us {t256['kv_gbps']:6.0f} GB/s = "
-                  f"{100 * t256['kv_gbps'] / copy:5.1f}% of copy; back to back "
-                  f"{t256['batched_us']:7.1f} us {t256['batched_kv_gbps']:6.0f} GB/s = "
-                  f"{100 * t256['batched_kv_gbps'] / copy:5.1f}%")
-        dyn = auto("decode_dyn", segment_tokens=seg)
-        if dyn:
-            print(f"                dynamic schedule: {dyn['us']:7.1f} us {dyn['kv_gbps']:6.0f} GB/s = "
-                  f"{100 * dyn['kv_gbps'] / copy:5.1f}% of copy; back to back "
-                  f"{dyn['batched_us']:7.1f} us {dyn['batched_kv_gbps']:6.0f} GB/s = "
-                  f"{100 * dyn['batched_kv_gbps'] / copy:5.1f}%")
+        for name, what in (("decode_cc", "CUDA-core kernels"),
+                           ("decode_cc_regs", "CUDA-core kernels, K/V through registers"),
+                           ("decode_cc_u2", "CUDA-core kernels, 2 tokens per group and step")):
+            r = best(name, "us", segment_tokens=seg, num_splits=0)
+            if r:
+                print(f"                {what}: {r['us']:7.1f} us {r['kv_gbps']:6.0f} GB/s = "
+                      f"{100 * r['kv_gbps'] / copy:5.1f}% of copy; back to back "
+                      f"{r['batched_us']:7.1f} us {r['batched_kv_gbps']:6.0f} GB/s = "
+                      f"{100 * r['batched_kv_gbps'] / copy:5.1f}%")
         sep = auto("decode_sep_merge", segment_tokens=seg)
         if sep:
             print(f"                separate split-merge kernel {sep['us']:7.1f} us; fused saves "
@@ -107,6 +104,13 @@ def main():
         print(f"  {name} {w} warps: auto {a['us']:8.1f} us {a['tflops']:6.1f} TFLOP/s; best (splits "
               f"{b['num_splits']}) {b['us']:8.1f} us {b['tflops']:6.1f} TFLOP/s"
               + (f" = {100 * b['tflops'] / sp['tflops']:.1f}% of SDPA" if sp.get("best") else ""))
+    short = [r for r in runs if r["name"].startswith("prefill_q256")]
+    if short:
+        print("  256 new tokens over 32K cached (the mma.sync kernel's default there: 16 rows, "
+              "4 warps):")
+        for r in short:
+            print(f"    {r['prefill_rows_per_warp']} rows x {r['prefill_warps']} warps: "
+                  f"{r['us']:8.1f} us {r['tflops']:6.1f} TFLOP/s")
     h, hb = auto("prefill_cached_sm90"), best("prefill_cached_sm90", "us")
     if h:
         print(f"  prefill_cached_sm90 (wgmma; the default on Hopper): auto {h['us']:8.1f} us "

@@ -386,15 +386,9 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
   p.prefill_rows_per_warp = s.prefill_rows_per_warp;
   p.prefill_kernel = s.prefill_kernel;
   p.decode_merge = s.decode_merge;
-  p.decode_kv_heads_per_block = s.decode_kv_heads;
-  p.decode_schedule = s.decode_schedule;
-  p.decode_threads_per_block = s.decode_threads;
   p.decode_kernel = s.decode_kernel;
   p.decode_mma_stages = s.decode_mma_stages;
   p.decode_mma_descriptors = s.decode_mma_descriptors;
-  p.decode_mma_token_split = s.decode_mma_token_split;
-  p.decode_mma_kv_heads = s.decode_mma_kv_heads;
-  p.decode_mma_schedule = s.decode_mma_schedule;
   p.pdl = s.pdl;
   p.blocks = blocks.get<DeviceKvBlock>();
   DeviceMem offsets;

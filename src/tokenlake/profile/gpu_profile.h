@@ -88,16 +88,10 @@ struct AttentionBenchShape {
   int32_t decode_pipeline = 0;         // 0 = auto, 1 registers, 2 shared memory
   int32_t prefill_rows_per_warp = 0;   // 0 = auto, 16, 32
   int32_t decode_merge = 0;            // 0 = fused into the decode kernel, 1 = separate kernel
-  int32_t decode_kv_heads = 0;         // decode: KV heads per thread block, 0 = auto
-  int32_t decode_schedule = 0;         // decode: 0 static, 1 dynamic (work counter)
-  int32_t decode_threads = 0;          // decode: threads per block, 0 = auto, 128, 256
   int32_t prefill_kernel = 0;          // prefill: 0 = auto, 1 = mma.sync, 2 = sm90 wgmma
   int32_t decode_kernel = 0;           // decode: 0 = auto, 1 = CUDA cores, 2 = tensor cores
   int32_t decode_mma_stages = 0;       // decode, tensor cores: stages per warp, 0 = auto, 2-4
   int32_t decode_mma_descriptors = 0;  // decode, tensor cores: 0 auto, 1 smem cache, 2 global
-  int32_t decode_mma_token_split = 0;  // decode, tensor cores: 1 = splits of 16-row units
-  int32_t decode_mma_kv_heads = 0;     // decode, tensor cores: KV heads per block, 0 auto, 1, 2
-  int32_t decode_mma_schedule = 0;     // decode, tensor cores: 0 auto, 1 static, 2 dynamic
   int32_t pdl = 0;                     // PagedAttentionParams::pdl (0 off, 1, 2)
   // > 1: a batched decode of this many requests, one query token each (num_q_tokens must be 1),
   // request r owning the r-th equal share of the kv_tokens' segments, in one call.

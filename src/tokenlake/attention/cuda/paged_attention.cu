@@ -1,36 +1,25 @@
-// CUDA kernels of paged_attention.h. See the header for shapes and conventions.
-//
-// Numerics: scores are kept in the log2 domain (s2 = s * scale * log2(e)) so that exp2f does the
-// exponentials; the natural-log LSE written out is (m2 + log2(l)) * ln(2).
-#include <cuda_bf16.h>
+// PagedAttention's dispatcher: validation, the launch configuration (kernel, tiling, splits,
+// workspace) chosen from the call's shape and the device, and the launch sequence (kernel,
+// then the split merge or the fold of extra partials where the kernel does not do it). The
+// kernels live by family: prefill_mma.cu, prefill_sm90.cu, decode_mma.cu, decode_cuda_core.cu,
+// merge.cu, small_head.cu (kernels.h lists their entry points).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <mutex>
-#include <type_traits>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
+#include "tokenlake/attention/cuda/decode_common.cuh"
+#include "tokenlake/attention/cuda/kernels.h"
 #include "tokenlake/attention/cuda/paged_attention.h"
 #include "tokenlake/attention/cuda/prefill_sm90.h"
 
 namespace tokenlake::attention::cuda {
-namespace {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kNegInf = -INFINITY;
-
-// ---------------------------------------------------------------------------------------------
-// Device properties, read once per device.
-struct DeviceInfo {
-  int num_sms = 0;
-  int max_smem_optin = 0;
-  int cc_major = 0;  // compute capability (9 = Hopper: the wgmma prefill kernel can run)
-};
+namespace internal {
 
 absl::StatusOr<DeviceInfo> GetDeviceInfo() {
   static std::mutex mu;
@@ -69,2054 +58,15 @@ absl::Status LaunchStatus(const char* what) {
   return absl::OkStatus();
 }
 
-// ---------------------------------------------------------------------------------------------
-// Small device helpers.
+}  // namespace internal
 
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+namespace {
 
-// 16-byte async copy global -> shared; src_bytes 0 zero-fills the destination.
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes));
-}
-// Programmatic dependent launch (PTX griddepcontrol, sm_90). Wait: blocks until the grids this
-// one depends on programmatically have completed and their memory is visible (returns at once
-// when the grid was launched without PDL). Launch dependents: this thread block no longer holds
-// back the launch of a PDL-launched next grid (which still waits for our completion before it
-// touches what we write).
-__device__ __forceinline__ void GridDependencyWait() {
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-}
-__device__ __forceinline__ void GridDependentsLaunch() {
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-}
+using internal::DecodeArgs;
+using internal::LaunchConfig;
 
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void LdMatrixX4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2,
-                                           uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
-}
-__device__ __forceinline__ void LdMatrixX4Trans(uint32_t addr, uint32_t& r0, uint32_t& r1,
-                                                uint32_t& r2, uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
-}
-
-// d += a * b, m16n8k16, bf16 inputs, f32 accumulators.
-__device__ __forceinline__ void MmaBf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                        uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x = lo (low 16 bits), .y = hi
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-
-__device__ __forceinline__ float Bf16Lo(uint32_t w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float Bf16Hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
-
-// Eight bfloat16 values packed in 16 bytes (one 128-bit load) -> float32, in order.
-__device__ __forceinline__ void Bf16x8ToFloat(const uint4 r, float (&f)[8]) {
-  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = Bf16Lo(w[i]);
-    f[2 * i + 1] = Bf16Hi(w[i]);
-  }
-}
-
-// The same, each value multiplied by `scale` (queries, pre-scaled for exp2).
-__device__ __forceinline__ void Bf16x8ToFloatScaled(const uint4 r, float scale, float (&f)[8]) {
-  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = Bf16Lo(w[i]) * scale;
-    f[2 * i + 1] = Bf16Hi(w[i]) * scale;
-  }
-}
-
-// Decode: this lane's 8-dim share of the scores of one key row against G query heads.
-template <int G>
-__device__ __forceinline__ void LaneScores(const float (&qf)[G][8], const uint4 kr, float (&s)[G]) {
-  float kf[8];
-  Bf16x8ToFloat(kr, kf);
-#pragma unroll
-  for (int h = 0; h < G; ++h) {
-    float d = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) d = fmaf(qf[h][i], kf[i], d);
-    s[h] = d;
-  }
-}
-
-// Decode: sums the lanes' shares over the kLanes lanes that hold one key row (xor butterfly;
-// every lane ends with the full scores). The whole warp must call it.
-template <int kLanes, int U, int G>
-__device__ __forceinline__ void SumLaneScores(float (&s)[U][G]) {
-#pragma unroll
-  for (int off = kLanes / 2; off > 0; off >>= 1) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-#pragma unroll
-      for (int h = 0; h < G; ++h) s[u][h] += __shfl_xor_sync(0xffffffffu, s[u][h], off);
-    }
-  }
-}
-
-// Number of keys in the blocks before `block` (for causal masking).
-__device__ __forceinline__ int64_t KeysBefore(const DeviceKvBlock* blocks, int block) {
-  int64_t sum = 0;
-  for (int b = 0; b < block; ++b) sum += blocks[b].num_tokens;
-  return sum;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Prefill: flash-attention-2 with mma.sync.
-//
-// Thread block: NW warps, 16 query rows per warp (Br = 16 * NW rows of one query head), keys in
-// tiles of kBc = 64 rows double-buffered in shared memory (K and V, XOR-swizzled 16-byte chunks
-// so ldmatrix is conflict-free). Grid: x = query tiles, y = query heads, z = splits of the block
-// list. With one split the kernel writes `out`/`lse`; otherwise partial results go to the
-// workspace `[split][q][head][D]` / `[split][q][head]` and MergeSplitsKernel combines them.
-
-constexpr int kBc = 64;
-
-struct PrefillArgs {
-  const uint16_t* q;
-  const DeviceKvBlock* blocks;
-  int num_blocks;
-  int num_q;
-  int num_heads;
-  int num_kv_heads;
-  int group;
-  float scale_log2;
-  int causal;
-  int q_start_pos;
-  int blocks_per_split;
-  float* out;  // [splits?][num_q][num_heads][D]
-  float* lse;  // [splits?][num_q][num_heads]
-};
-
-template <int D>
-__device__ __forceinline__ int SwizzledOffset(int row, int chunk) {
-  return row * D + ((chunk ^ (row & 7)) << 3);
-}
-
-// Copies one kBc x D tile (rows [t0, t0 + valid) of a block; the rest zero-filled) into smem.
-template <int D, int NT>
-__device__ __forceinline__ void LoadTile(uint16_t* smem, const uint16_t* base, int t0, int valid,
-                                         int row_stride, int tid) {
-  constexpr int kChunks = D / 8;
-  const uint32_t smem_base = SmemAddr(smem);
-  static_assert((kBc * kChunks) % NT == 0);
-#pragma unroll
-  for (int it = 0; it < kBc * kChunks / NT; ++it) {
-    const int i = tid + it * NT;
-    const int row = i / kChunks;
-    const int chunk = i % kChunks;
-    const bool ok = row < valid;
-    const uint16_t* src =
-        ok ? base + static_cast<int64_t>(t0 + row) * row_stride + chunk * 8 : base;
-    CpAsync16(smem_base + SwizzledOffset<D>(row, chunk) * 2, src, ok ? 16 : 0);
-  }
-}
-
-template <int D, int NW>
-__global__ void __launch_bounds__(NW * 32) PrefillKernel(const PrefillArgs args) {
-  constexpr int NT = NW * 32;
-  constexpr int kBr = 16 * NW;
-  constexpr int kKSteps = D / 16;   // k-steps of QK^T
-  constexpr int kSTiles = kBc / 8;  // n-tiles of S
-  constexpr int kOTiles = D / 8;    // n-tiles of O
-  constexpr int kTileElems = kBc * D;
-
-  extern __shared__ __align__(128) uint16_t smem[];
-  uint16_t* ks = smem;                   // [2][kBc][D]
-  uint16_t* vs = smem + 2 * kTileElems;  // [2][kBc][D]
-
-  const int tid = threadIdx.x;
-  const int warp = tid >> 5;
-  const int lane = tid & 31;
-  const int g = lane >> 2;
-  const int tig = lane & 3;
-  const int head = blockIdx.y;
-  const int kv_head = head / args.group;
-  const int split = blockIdx.z;
-  const int q_tile0 = blockIdx.x * kBr;
-  const int row0 = q_tile0 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
-  const int row1 = row0 + 8;
-  const int kv_row_stride = args.num_kv_heads * D;
-  const int q_row_stride = args.num_heads * D;
-
-  const int b_begin = split * args.blocks_per_split;
-  const int b_end = min(args.num_blocks, b_begin + args.blocks_per_split);
-
-  // Q fragments (A operand), rows beyond num_q are zero.
-  uint32_t qa[kKSteps][4];
-  {
-    const uint16_t* q0 = args.q + static_cast<int64_t>(row0) * q_row_stride + head * D;
-    const uint16_t* q1 = args.q + static_cast<int64_t>(row1) * q_row_stride + head * D;
-    const bool ok0 = row0 < args.num_q;
-    const bool ok1 = row1 < args.num_q;
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) {
-      const int c = kk * 16 + tig * 2;
-      qa[kk][0] = ok0 ? *reinterpret_cast<const uint32_t*>(q0 + c) : 0u;
-      qa[kk][1] = ok1 ? *reinterpret_cast<const uint32_t*>(q1 + c) : 0u;
-      qa[kk][2] = ok0 ? *reinterpret_cast<const uint32_t*>(q0 + c + 8) : 0u;
-      qa[kk][3] = ok1 ? *reinterpret_cast<const uint32_t*>(q1 + c + 8) : 0u;
-    }
-  }
-
-  float o[kOTiles][4];
-#pragma unroll
-  for (int n = 0; n < kOTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float m0 = kNegInf, m1 = kNegInf;  // running max (log2 domain) of rows row0, row1
-  float l0 = 0.f, l1 = 0.f;          // lane-partial sums of exp2
-
-  // Tile iterator over (block, t0). Skips empty blocks.
-  int cur_b = b_begin, cur_t0 = 0;
-  while (cur_b < b_end && args.blocks[cur_b].num_tokens <= 0) ++cur_b;
-  int64_t cur_key0 = 0;  // key number of the current tile's first row
-  if (args.causal && cur_b < b_end) cur_key0 = KeysBefore(args.blocks, cur_b);
-  // Causal: the largest query position in this tile; keys beyond it are invisible to all rows.
-  const int64_t max_qpos =
-      static_cast<int64_t>(args.q_start_pos) + min(q_tile0 + kBr, args.num_q) - 1;
-
-  auto tile_active = [&](int b, int64_t key0) {
-    return b < b_end && !(args.causal && key0 > max_qpos);
-  };
-
-  if (tile_active(cur_b, cur_key0)) {
-    const DeviceKvBlock blk = args.blocks[cur_b];
-    LoadTile<D, NT>(ks, static_cast<const uint16_t*>(blk.k) + kv_head * D, 0,
-                    min(kBc, blk.num_tokens), kv_row_stride, tid);
-  }
-  CpAsyncCommit();
-
-  int stage = 0;
-  while (tile_active(cur_b, cur_key0)) {
-    const DeviceKvBlock blk = args.blocks[cur_b];
-    const int valid = min(kBc, blk.num_tokens - cur_t0);
-    // V of this tile.
-    LoadTile<D, NT>(vs + stage * kTileElems, static_cast<const uint16_t*>(blk.v) + kv_head * D,
-                    cur_t0, valid, kv_row_stride, tid);
-    CpAsyncCommit();
-    // Next tile.
-    int nb = cur_b, nt0 = cur_t0 + kBc;
-    int64_t nkey0 = cur_key0 + valid;
-    if (nt0 >= blk.num_tokens) {
-      nt0 = 0;
-      ++nb;
-      while (nb < b_end && args.blocks[nb].num_tokens <= 0) ++nb;
-    }
-    CpAsyncWait<1>();  // K of this tile has landed
-    __syncthreads();
-
-    // S = Q K^T for this warp's 16 rows x 64 keys.
-    float s[kSTiles][4];
-#pragma unroll
-    for (int j = 0; j < kSTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-    const uint16_t* kst = ks + stage * kTileElems;
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) {
-#pragma unroll
-      for (int j = 0; j < kSTiles; j += 2) {
-        const int mi = lane >> 3;
-        const int key = 8 * (j + (mi >> 1)) + (lane & 7);
-        const int chunk = 2 * kk + (mi & 1);
-        uint32_t b0, b1, b2, b3;
-        LdMatrixX4(SmemAddr(kst + SwizzledOffset<D>(key, chunk)), b0, b1, b2, b3);
-        MmaBf16(s[j], qa[kk], b0, b1);
-        MmaBf16(s[j + 1], qa[kk], b2, b3);
-      }
-    }
-
-    // Prefetch the next K tile into the other stage (its last reader finished before the
-    // __syncthreads above).
-    const bool has_next = tile_active(nb, nkey0);
-    if (has_next) {
-      const DeviceKvBlock nblk = args.blocks[nb];
-      LoadTile<D, NT>(ks + (stage ^ 1) * kTileElems,
-                      static_cast<const uint16_t*>(nblk.k) + kv_head * D, nt0,
-                      min(kBc, nblk.num_tokens - nt0), kv_row_stride, tid);
-    }
-    CpAsyncCommit();
-
-    // Mask, scale and online softmax.
-    const bool need_mask =
-        valid < kBc || (args.causal && cur_key0 + kBc - 1 > args.q_start_pos + q_tile0);
-    const int64_t qpos0 = static_cast<int64_t>(args.q_start_pos) + row0;
-    const int64_t qpos1 = qpos0 + 8;
-    float mx0 = kNegInf, mx1 = kNegInf;
-#pragma unroll
-    for (int j = 0; j < kSTiles; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float v = s[j][e] * args.scale_log2;
-        if (need_mask) {
-          const int col = 8 * j + 2 * tig + (e & 1);
-          const int64_t key = cur_key0 + col;
-          const int64_t qp = (e < 2) ? qpos0 : qpos1;
-          if (col >= valid || (args.causal && key > qp)) v = kNegInf;
-        }
-        s[j][e] = v;
-      }
-      mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
-      mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
-    }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float nm0 = fmaxf(m0, mx0);
-    const float nm1 = fmaxf(m1, mx1);
-    const float use0 = nm0 == kNegInf ? 0.f : nm0;
-    const float use1 = nm1 == kNegInf ? 0.f : nm1;
-    const float corr0 = exp2f(m0 - use0);
-    const float corr1 = exp2f(m1 - use1);
-    m0 = nm0;
-    m1 = nm1;
-    float sum0 = 0.f, sum1 = 0.f;
-    uint32_t pa[kBc / 16][4];
-#pragma unroll
-    for (int j = 0; j < kSTiles; ++j) {
-      const float p0 = exp2f(s[j][0] - use0);
-      const float p1 = exp2f(s[j][1] - use0);
-      const float p2 = exp2f(s[j][2] - use1);
-      const float p3 = exp2f(s[j][3] - use1);
-      sum0 += p0 + p1;
-      sum1 += p2 + p3;
-      // A fragment of P for k-step j/2: tile 2kk -> regs 0,1; tile 2kk+1 -> regs 2,3.
-      pa[j >> 1][(j & 1) * 2 + 0] = PackBf16(p0, p1);
-      pa[j >> 1][(j & 1) * 2 + 1] = PackBf16(p2, p3);
-    }
-    l0 = l0 * corr0 + sum0;
-    l1 = l1 * corr1 + sum1;
-#pragma unroll
-    for (int n = 0; n < kOTiles; ++n) {
-      o[n][0] *= corr0;
-      o[n][1] *= corr0;
-      o[n][2] *= corr1;
-      o[n][3] *= corr1;
-    }
-
-    CpAsyncWait<1>();  // V of this tile has landed
-    __syncthreads();
-
-    // O += P V.
-    const uint16_t* vst = vs + stage * kTileElems;
-#pragma unroll
-    for (int kk = 0; kk < kBc / 16; ++kk) {
-#pragma unroll
-      for (int n = 0; n < kOTiles; n += 2) {
-        const int mi = lane >> 3;
-        const int key = 16 * kk + 8 * (mi & 1) + (lane & 7);
-        const int chunk = n + (mi >> 1);
-        uint32_t b0, b1, b2, b3;
-        LdMatrixX4Trans(SmemAddr(vst + SwizzledOffset<D>(key, chunk)), b0, b1, b2, b3);
-        MmaBf16(o[n], pa[kk], b0, b1);
-        MmaBf16(o[n + 1], pa[kk], b2, b3);
-      }
-    }
-
-    cur_b = nb;
-    cur_t0 = nt0;
-    cur_key0 = nkey0;
-    stage ^= 1;
-  }
-  CpAsyncWait<0>();
-
-  // Finish: full row sums, normalise, write.
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
-  const float inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-  const int64_t split_rows = static_cast<int64_t>(split) * args.num_q * args.num_heads;
-  if (row0 < args.num_q) {
-    float* dst = args.out + ((split_rows + static_cast<int64_t>(row0) * args.num_heads + head) * D);
-#pragma unroll
-    for (int n = 0; n < kOTiles; ++n) {
-      *reinterpret_cast<float2*>(dst + 8 * n + 2 * tig) =
-          make_float2(o[n][0] * inv0, o[n][1] * inv0);
-    }
-    if (tig == 0) {
-      args.lse[split_rows + static_cast<int64_t>(row0) * args.num_heads + head] =
-          l0 > 0.f ? (m0 + log2f(l0)) * kLn2 : kNegInf;
-    }
-  }
-  if (row1 < args.num_q) {
-    float* dst = args.out + ((split_rows + static_cast<int64_t>(row1) * args.num_heads + head) * D);
-#pragma unroll
-    for (int n = 0; n < kOTiles; ++n) {
-      *reinterpret_cast<float2*>(dst + 8 * n + 2 * tig) =
-          make_float2(o[n][2] * inv1, o[n][3] * inv1);
-    }
-    if (tig == 0) {
-      args.lse[split_rows + static_cast<int64_t>(row1) * args.num_heads + head] =
-          l1 > 0.f ? (m1 + log2f(l1)) * kLn2 : kNegInf;
-    }
-  }
-}
-
-// Prefill variant with two 16-row m-tiles per warp (32 query rows per warp, Br = 32 * NW): each
-// K/V fragment loaded from shared memory feeds twice the MMAs (the one-tile kernel is bound by
-// shared-memory bandwidth). Q lives in shared memory (swizzled like K/V) and is re-read per
-// k-step with ldmatrix, as flash-attention-2 does. Same grid, arguments and outputs as
-// PrefillKernel. Dynamic shared memory: Q [Br][D] + K, V [2][kBc][D] bf16.
-template <int D, int NW>
-__global__ void __launch_bounds__(NW * 32) PrefillKernel2(const PrefillArgs args) {
-  constexpr int NT = NW * 32;
-  constexpr int MT = 2;
-  constexpr int kBr = 16 * MT * NW;
-  constexpr int kKSteps = D / 16;
-  constexpr int kSTiles = kBc / 8;
-  constexpr int kOTiles = D / 8;
-  constexpr int kTileElems = kBc * D;
-
-  extern __shared__ __align__(128) uint16_t smem[];
-  uint16_t* qs = smem;                 // [kBr][D]
-  uint16_t* ks = smem + kBr * D;       // [2][kBc][D]
-  uint16_t* vs = ks + 2 * kTileElems;  // [2][kBc][D]
-
-  const int tid = threadIdx.x;
-  const int warp = tid >> 5;
-  const int lane = tid & 31;
-  const int g = lane >> 2;
-  const int tig = lane & 3;
-  const int head = blockIdx.y;
-  const int kv_head = head / args.group;
-  const int split = blockIdx.z;
-  const int q_tile0 = blockIdx.x * kBr;
-  const int warp_row0 = warp * 16 * MT;  // first row of this warp inside the tile
-  const int kv_row_stride = args.num_kv_heads * D;
-  const int q_row_stride = args.num_heads * D;
-  const int b_begin = split * args.blocks_per_split;
-  const int b_end = min(args.num_blocks, b_begin + args.blocks_per_split);
-
-  // Q tile -> shared memory (rows past num_q zero-filled).
-  {
-    constexpr int kChunks = D / 8;
-    const uint32_t base = SmemAddr(qs);
-    const uint16_t* qg = args.q + static_cast<int64_t>(q_tile0) * q_row_stride + head * D;
-    static_assert((kBr * kChunks) % NT == 0);
-#pragma unroll
-    for (int it = 0; it < kBr * kChunks / NT; ++it) {
-      const int i = tid + it * NT;
-      const int row = i / kChunks;
-      const int chunk = i % kChunks;
-      const bool ok = q_tile0 + row < args.num_q;
-      const uint16_t* src = ok ? qg + static_cast<int64_t>(row) * q_row_stride + chunk * 8 : args.q;
-      CpAsync16(base + SwizzledOffset<D>(row, chunk) * 2, src, ok ? 16 : 0);
-    }
-  }
-
-  float o[MT][kOTiles][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int n = 0; n < kOTiles; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
-  }
-  float m[MT][2], l[MT][2];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    m[mt][0] = m[mt][1] = kNegInf;
-    l[mt][0] = l[mt][1] = 0.f;
-  }
-
-  int cur_b = b_begin, cur_t0 = 0;
-  while (cur_b < b_end && args.blocks[cur_b].num_tokens <= 0) ++cur_b;
-  int64_t cur_key0 = 0;
-  if (args.causal && cur_b < b_end) cur_key0 = KeysBefore(args.blocks, cur_b);
-  const int64_t max_qpos =
-      static_cast<int64_t>(args.q_start_pos) + min(q_tile0 + kBr, args.num_q) - 1;
-  auto tile_active = [&](int b, int64_t key0) {
-    return b < b_end && !(args.causal && key0 > max_qpos);
-  };
-  if (tile_active(cur_b, cur_key0)) {
-    const DeviceKvBlock blk = args.blocks[cur_b];
-    LoadTile<D, NT>(ks, static_cast<const uint16_t*>(blk.k) + kv_head * D, 0,
-                    min(kBc, blk.num_tokens), kv_row_stride, tid);
-  }
-  CpAsyncCommit();  // group: Q + K0
-
-  int stage = 0;
-  while (tile_active(cur_b, cur_key0)) {
-    const DeviceKvBlock blk = args.blocks[cur_b];
-    const int valid = min(kBc, blk.num_tokens - cur_t0);
-    LoadTile<D, NT>(vs + stage * kTileElems, static_cast<const uint16_t*>(blk.v) + kv_head * D,
-                    cur_t0, valid, kv_row_stride, tid);
-    CpAsyncCommit();
-    int nb = cur_b, nt0 = cur_t0 + kBc;
-    const int64_t nkey0 = cur_key0 + valid;
-    if (nt0 >= blk.num_tokens) {
-      nt0 = 0;
-      ++nb;
-      while (nb < b_end && args.blocks[nb].num_tokens <= 0) ++nb;
-    }
-    CpAsyncWait<1>();
-    __syncthreads();
-
-    float s[MT][kSTiles][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-      for (int j = 0; j < kSTiles; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.f;
-    }
-    const uint16_t* kst = ks + stage * kTileElems;
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) {
-      uint32_t qa[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int row = warp_row0 + mt * 16 + (lane & 15);
-        const int chunk = 2 * kk + (lane >> 4);
-        LdMatrixX4(SmemAddr(qs + SwizzledOffset<D>(row, chunk)), qa[mt][0], qa[mt][1], qa[mt][2],
-                   qa[mt][3]);
-      }
-#pragma unroll
-      for (int j = 0; j < kSTiles; j += 2) {
-        const int mi = lane >> 3;
-        const int key = 8 * (j + (mi >> 1)) + (lane & 7);
-        const int chunk = 2 * kk + (mi & 1);
-        uint32_t b0, b1, b2, b3;
-        LdMatrixX4(SmemAddr(kst + SwizzledOffset<D>(key, chunk)), b0, b1, b2, b3);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          MmaBf16(s[mt][j], qa[mt], b0, b1);
-          MmaBf16(s[mt][j + 1], qa[mt], b2, b3);
-        }
-      }
-    }
-
-    const bool has_next = tile_active(nb, nkey0);
-    if (has_next) {
-      const DeviceKvBlock nblk = args.blocks[nb];
-      LoadTile<D, NT>(ks + (stage ^ 1) * kTileElems,
-                      static_cast<const uint16_t*>(nblk.k) + kv_head * D, nt0,
-                      min(kBc, nblk.num_tokens - nt0), kv_row_stride, tid);
-    }
-    CpAsyncCommit();
-
-    const bool need_mask =
-        valid < kBc || (args.causal && cur_key0 + kBc - 1 > args.q_start_pos + q_tile0);
-    uint32_t pa[MT][kBc / 16][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const int64_t qpos0 =
-          static_cast<int64_t>(args.q_start_pos) + q_tile0 + warp_row0 + mt * 16 + g;
-      const int64_t qpos1 = qpos0 + 8;
-      float mx0 = kNegInf, mx1 = kNegInf;
-#pragma unroll
-      for (int j = 0; j < kSTiles; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float v = s[mt][j][e] * args.scale_log2;
-          if (need_mask) {
-            const int col = 8 * j + 2 * tig + (e & 1);
-            const int64_t key = cur_key0 + col;
-            const int64_t qp = (e < 2) ? qpos0 : qpos1;
-            if (col >= valid || (args.causal && key > qp)) v = kNegInf;
-          }
-          s[mt][j][e] = v;
-        }
-        mx0 = fmaxf(mx0, fmaxf(s[mt][j][0], s[mt][j][1]));
-        mx1 = fmaxf(mx1, fmaxf(s[mt][j][2], s[mt][j][3]));
-      }
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-      const float nm0 = fmaxf(m[mt][0], mx0);
-      const float nm1 = fmaxf(m[mt][1], mx1);
-      const float use0 = nm0 == kNegInf ? 0.f : nm0;
-      const float use1 = nm1 == kNegInf ? 0.f : nm1;
-      const float corr0 = exp2f(m[mt][0] - use0);
-      const float corr1 = exp2f(m[mt][1] - use1);
-      m[mt][0] = nm0;
-      m[mt][1] = nm1;
-      float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-      for (int j = 0; j < kSTiles; ++j) {
-        const float p0 = exp2f(s[mt][j][0] - use0);
-        const float p1 = exp2f(s[mt][j][1] - use0);
-        const float p2 = exp2f(s[mt][j][2] - use1);
-        const float p3 = exp2f(s[mt][j][3] - use1);
-        sum0 += p0 + p1;
-        sum1 += p2 + p3;
-        pa[mt][j >> 1][(j & 1) * 2 + 0] = PackBf16(p0, p1);
-        pa[mt][j >> 1][(j & 1) * 2 + 1] = PackBf16(p2, p3);
-      }
-      l[mt][0] = l[mt][0] * corr0 + sum0;
-      l[mt][1] = l[mt][1] * corr1 + sum1;
-#pragma unroll
-      for (int n = 0; n < kOTiles; ++n) {
-        o[mt][n][0] *= corr0;
-        o[mt][n][1] *= corr0;
-        o[mt][n][2] *= corr1;
-        o[mt][n][3] *= corr1;
-      }
-    }
-
-    CpAsyncWait<1>();
-    __syncthreads();
-
-    const uint16_t* vst = vs + stage * kTileElems;
-#pragma unroll
-    for (int kk = 0; kk < kBc / 16; ++kk) {
-#pragma unroll
-      for (int n = 0; n < kOTiles; n += 2) {
-        const int mi = lane >> 3;
-        const int key = 16 * kk + 8 * (mi & 1) + (lane & 7);
-        const int chunk = n + (mi >> 1);
-        uint32_t b0, b1, b2, b3;
-        LdMatrixX4Trans(SmemAddr(vst + SwizzledOffset<D>(key, chunk)), b0, b1, b2, b3);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          MmaBf16(o[mt][n], pa[mt][kk], b0, b1);
-          MmaBf16(o[mt][n + 1], pa[mt][kk], b2, b3);
-        }
-      }
-    }
-
-    cur_b = nb;
-    cur_t0 = nt0;
-    cur_key0 = nkey0;
-    stage ^= 1;
-  }
-  CpAsyncWait<0>();
-
-  const int64_t split_rows = static_cast<int64_t>(split) * args.num_q * args.num_heads;
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float lsum = l[mt][half];
-      lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
-      lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
-      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-      const int row = q_tile0 + warp_row0 + mt * 16 + g + 8 * half;
-      if (row < args.num_q) {
-        const int64_t r = split_rows + static_cast<int64_t>(row) * args.num_heads + head;
-        float* dst = args.out + r * D;
-#pragma unroll
-        for (int n = 0; n < kOTiles; ++n) {
-          *reinterpret_cast<float2*>(dst + 8 * n + 2 * tig) =
-              make_float2(o[mt][n][2 * half] * inv, o[mt][n][2 * half + 1] * inv);
-        }
-        if (tig == 0) args.lse[r] = lsum > 0.f ? (m[mt][half] + log2f(lsum)) * kLn2 : kNegInf;
-      }
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Decode: split-KV over (block, chunk) work items on CUDA cores.
-//
-// Thread block of kDecodeThreads threads handles one work item (a chunk of one block), one KV
-// head, G query heads of its group and one query token. D/8 lanes share a token (each holds 8
-// dims as one 16-byte load); the kDecodeThreads / (D/8) token groups walk the chunk, U tokens
-// per step each, with an online softmax per group; groups combine through shared memory. Grid:
-// x = work items, y = num_kv_heads * (group / G), z = query tokens. Writes either out/lse (one
-// work item) or the workspace partials `[q][head][item][D]` / `[q][head][item]`.
-
-constexpr int kDecodeThreads = 128;
-// The fused split merge handles at most this many splits (more: a separate merge kernel).
-constexpr int kMaxFusedItems = 64;
-// Rows per chunk of the dynamic decode schedule (two 32-row steps of the default kernel).
-constexpr int kDynChunkTokens = 64;
-
-struct DecodeArgs {
-  const uint16_t* q;
-  const DeviceKvBlock* blocks;
-  int num_blocks;
-  int chunks_per_block;  // > 1: an item is one chunk of one block
-  int chunk_tokens;
-  int blocks_per_item;  // > 1: an item is a run of whole blocks
-  int num_items;
-  int num_q;
-  int num_heads;
-  int num_kv_heads;
-  int group;
-  float scale_log2;
-  int causal;
-  int q_start_pos;
-  float* out;  // final [q][H][D] if num_items == 1, else partial [q][H][items][D]
-  float* lse;  // final [q][H] if num_items == 1, else partial [q][H][items]
-  // Fused split merge (num_items > 1 only): counters[qi * gridDim.y + blockIdx.y], zero on entry
-  // and left zero; the last thread block to finish merges into final_out / final_lse. Null: the
-  // partials stay in out/lse for a separate merge kernel.
-  unsigned int* counters;
-  float* final_out;  // [q][H][D]
-  float* final_lse;  // [q][H]
-  // 1: the last block merges (counters set); 0: it only resets the counters (dynamic schedule
-  // with a separate merge kernel).
-  int merge_in_kernel;
-  // Dynamic schedule (shared-memory kernel, not causal): the num_items blocks of a (query token,
-  // head group) take chunks of dyn_chunk_tokens rows (dyn_chunks_per_block per block, chunk k =
-  // rows [(k % per_block) * tokens, +tokens) of block k / per_block) from the work counter
-  // counters[kQueueOffset + qi * gridDim.y + blockIdx.y] (zero on entry, reset by the last
-  // block) until all num_blocks * dyn_chunks_per_block chunks are taken.
-  int dynamic;
-  int dyn_chunk_tokens;
-  int dyn_chunks_per_block;
-  // Batched decode (shared-memory kernel, static schedule, chunks_per_block == 1): query token qi
-  // attends to blocks [q_block_offsets[qi], q_block_offsets[qi + 1]) only, and item i of it to
-  // the i-th run of ceil(n / num_items) of them. Null: every token sees all num_blocks blocks.
-  const int32_t* q_block_offsets;
-  // Tensor-core kernel, token split (chunks_per_block == 1, no q_block_offsets): > 0: item i
-  // covers the 16-row units [i * U / num_items, (i + 1) * U / num_items) of the U = num_blocks *
-  // units_per_block units (block b's rows [16 u, 16 u + 16) = unit b * units_per_block + u), so
-  // runs split inside segments and every item gets the same rows (+-16) whatever the segment
-  // size; 0: items are runs of blocks_per_item whole blocks or chunks, as above.
-  int units_per_block;
-  // Extra partials folded into the final merge (PagedAttentionParams::num_extra): extra e of row
-  // r at extra_out[(e * extra_rows + r) * D] / extra_lse[e * extra_rows + r]; num_extra 0 = none.
-  const float* extra_out;
-  const float* extra_lse;
-  int num_extra;
-  int64_t extra_rows;  // num_q * num_heads
-  // Tensor-core kernel: PagedAttentionParams::pdl (0 off; 1 wait first; 2 the first stages'
-  // copies, then wait).
-  int pdl;
-};
-
-// Folds the extra partials of row `row` into one output element (out_v, lse_v) of the merge
-// (element d of the row): every thread of the row computes the row's merged LSE itself (the
-// extras' LSEs are a few L2 loads), so no barrier is needed. -inf partials contribute nothing.
-template <int D>
-__device__ __forceinline__ void FoldExtrasElement(const DecodeArgs& args, int64_t row, int d,
-                                                  float& out_v, float& lse_v) {
-  float mx = lse_v;
-#pragma unroll 4
-  for (int e = 0; e < args.num_extra; ++e) {
-    mx = fmaxf(mx, __ldg(args.extra_lse + e * args.extra_rows + row));
-  }
-  const float use = mx == kNegInf ? 0.f : mx;
-  float w = __expf(lse_v - use);
-  float sum = w;
-  float acc = w * out_v;
-#pragma unroll 4
-  for (int e = 0; e < args.num_extra; ++e) {
-    const int64_t er = e * args.extra_rows + row;
-    w = __expf(__ldg(args.extra_lse + er) - use);
-    sum += w;
-    acc = fmaf(w, __ldg(args.extra_out + er * D + d), acc);
-  }
-  out_v = sum > 0.f ? acc / sum : 0.f;
-  lse_v = sum > 0.f ? use + logf(sum) : kNegInf;
-}
-
-// Work counters of the dynamic decode schedule follow the merge counters (in uint32 words).
-constexpr int kQueueOffset = static_cast<int>(kPagedAttentionCounterBytes / 8);
-
-// The fused split merge, run by every decode thread block after it wrote its partials of query
-// token qi, heads (kv_head0 + k) * group + hoff + h for k < KVH, h < G: the last block of the
-// (qi, blockIdx.y) group to finish merges the num_items partials of those heads into final_out /
-// final_lse and resets the counter. Each thread owns 4 dims of one row and folds the partials in
-// with an online max, loading every partial's LSE and output slice together (the loads of 8
-// partials in flight at once), so the merge costs about one L2 round trip per 8 partials after
-// the counter. Partials are read with ld.global.cg (L2; other multiprocessors wrote them).
-// U = partials whose loads are in flight at once (8; 16 for the tensor-core kernel, so its 16
-// splits cost one round trip).
-template <int D, int G, int KVH, int U = 8>
-__device__ __forceinline__ void DecodeFusedMerge(const DecodeArgs& args, int qi, int kv_head0,
-                                                 int hoff) {
-  constexpr int kRows = KVH * G;
-  __shared__ int sm_last;
-  // The block's partial stores, ordered before thread 0's count by the barrier, are released
-  // with it (atom.acq_rel.gpu is cumulative); the last block's thread 0 acquires the others'
-  // partials with the same atomic and the barrier after it passes them on to every thread (the
-  // pattern of CUTLASS's split-K semaphore: one fence-carrying atomic per block, no per-thread
-  // __threadfence on the merge's critical path).
-  __syncthreads();
-  const int tid = threadIdx.x;
-  unsigned int* counter = args.counters + static_cast<int64_t>(qi) * gridDim.y + blockIdx.y;
-  if (tid == 0) {
-    unsigned int ticket;
-    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;\n"
-                 : "=r"(ticket)
-                 : "l"(counter)
-                 : "memory");
-    sm_last = ticket == static_cast<unsigned int>(args.num_items - 1) ? 1 : 0;
-  }
-  __syncthreads();
-  if (sm_last == 0) return;
-  if (!args.merge_in_kernel) {
-    if (tid == 0) {
-      *counter = 0u;
-      if (args.dynamic) counter[kQueueOffset] = 0u;
-    }
-    return;
-  }
-  const int n = args.num_items;
-  constexpr int kLanes4 = D / 4;
-  for (int idx = tid; idx < kRows * kLanes4; idx += blockDim.x) {
-    const int r = idx / kLanes4;
-    const int c = idx % kLanes4;
-    const int64_t row =
-        static_cast<int64_t>(qi) * args.num_heads + (kv_head0 + r / G) * args.group + hoff + r % G;
-    const float* lrow = args.lse + row * n;
-    const float4* orow = reinterpret_cast<const float4*>(args.out + row * n * D) + c;
-    float mx = kNegInf;
-    float sum = 0.f;
-    float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll U
-    for (int p = 0; p < n; ++p) {
-      const float lp = __ldcg(lrow + p);
-      const float4 v = __ldcg(orow + static_cast<int64_t>(p) * kLanes4);
-      const float nm = fmaxf(mx, lp);
-      const float use = nm == kNegInf ? 0.f : nm;  // (all -inf so far: weights 0, no NaN)
-      const float sc = __expf(mx - use);
-      const float w = __expf(lp - use);
-      sum = fmaf(sum, sc, w);
-      a.x = fmaf(w, v.x, a.x * sc);
-      a.y = fmaf(w, v.y, a.y * sc);
-      a.z = fmaf(w, v.z, a.z * sc);
-      a.w = fmaf(w, v.w, a.w * sc);
-      mx = nm;
-    }
-    // Other instances' partials (num_extra), after the splits' (4 extras' loads in flight at
-    // once: one round trip for up to 4).
-#pragma unroll 4
-    for (int e = 0; e < args.num_extra; ++e) {
-      const int64_t er = e * args.extra_rows + row;
-      const float lp = __ldg(args.extra_lse + er);
-      const float4 v = __ldg(reinterpret_cast<const float4*>(args.extra_out + er * D) + c);
-      const float nm = fmaxf(mx, lp);
-      const float use = nm == kNegInf ? 0.f : nm;
-      const float sc = __expf(mx - use);
-      const float w = __expf(lp - use);
-      sum = fmaf(sum, sc, w);
-      a.x = fmaf(w, v.x, a.x * sc);
-      a.y = fmaf(w, v.y, a.y * sc);
-      a.z = fmaf(w, v.z, a.z * sc);
-      a.w = fmaf(w, v.w, a.w * sc);
-      mx = nm;
-    }
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    reinterpret_cast<float4*>(args.final_out + row * D)[c] =
-        make_float4(a.x * inv, a.y * inv, a.z * inv, a.w * inv);
-    if (c == 0) args.final_lse[row] = sum > 0.f ? mx + logf(sum) : kNegInf;
-  }
-  if (tid == 0) {  // ready for the next call on this workspace
-    *counter = 0u;
-    if (args.dynamic) counter[kQueueOffset] = 0u;
-  }
-}
-
-template <int D, int G, int U>
-__global__ void __launch_bounds__(kDecodeThreads) DecodeKernel(const DecodeArgs args) {
-  constexpr int kLanes = D / 8;                     // lanes per token
-  constexpr int kGroups = kDecodeThreads / kLanes;  // token groups per thread block
-  __shared__ float sm_m[kGroups][G];
-  __shared__ float sm_l[kGroups][G];
-  __shared__ float sm_acc[kGroups][G][D];
-
-  const int tid = threadIdx.x;
-  const int sub = tid % kLanes;  // which 8 dims
-  const int grp = tid / kLanes;
-  const int item = blockIdx.x;
-  const int heads_per_cta_group = args.group / G;
-  const int kv_head = blockIdx.y / heads_per_cta_group;
-  const int head0 = kv_head * args.group + (blockIdx.y % heads_per_cta_group) * G;
-  const int qi = blockIdx.z;
-  // This item's key range: blocks [b_first, b_last) (blocks_per_item > 1, whole blocks), or
-  // token rows [chunk * chunk_tokens, +chunk_tokens) of one block (chunks_per_block > 1).
-  const int b_first = (item / args.chunks_per_block) * args.blocks_per_item;
-  const int b_last = min(args.num_blocks, b_first + args.blocks_per_item);
-  const int chunk = item % args.chunks_per_block;
-  const int64_t qpos = static_cast<int64_t>(args.q_start_pos) + qi;
-
-  // Query slice in float32.
-  float qf[G][8];
-#pragma unroll
-  for (int h = 0; h < G; ++h) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(
-        args.q + (static_cast<int64_t>(qi) * args.num_heads + head0 + h) * D + sub * 8);
-    Bf16x8ToFloatScaled(raw, args.scale_log2, qf[h]);
-  }
-
-  float m[G], l[G], acc[G][8];
-#pragma unroll
-  for (int h = 0; h < G; ++h) {
-    m[h] = kNegInf;
-    l[h] = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[h][i] = 0.f;
-  }
-
-  const int row_stride = args.num_kv_heads * D;
-  constexpr int kStep = kGroups * U;  // tokens per thread-block step
-  int64_t key_base = 0;               // key number of the current block's row 0 (causal only)
-  if (args.causal) key_base = KeysBefore(args.blocks, b_first);
-
-  for (int b = b_first; b < b_last; ++b) {
-    const DeviceKvBlock blk = args.blocks[b];
-    const int t_begin = args.chunks_per_block > 1 ? chunk * args.chunk_tokens : 0;
-    const int t_end = args.chunks_per_block > 1 ? min(blk.num_tokens, t_begin + args.chunk_tokens)
-                                                : blk.num_tokens;
-    const uint16_t* kbase = static_cast<const uint16_t*>(blk.k) + kv_head * D + sub * 8;
-    const uint16_t* vbase = static_cast<const uint16_t*>(blk.v) + kv_head * D + sub * 8;
-    auto load = [&](int t_base, uint4(&kr)[U], uint4(&vr)[U]) {
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int tt = t_base + grp + u * kGroups;
-        if (tt < t_end) {
-          kr[u] =
-              __ldg(reinterpret_cast<const uint4*>(kbase + static_cast<int64_t>(tt) * row_stride));
-          vr[u] =
-              __ldg(reinterpret_cast<const uint4*>(vbase + static_cast<int64_t>(tt) * row_stride));
-        } else {
-          kr[u] = make_uint4(0, 0, 0, 0);
-          vr[u] = make_uint4(0, 0, 0, 0);
-        }
-      }
-    };
-    uint4 kr[U], vr[U];
-    if (t_begin < t_end) load(t_begin, kr, vr);
-    // The trip count is the same for every thread (the shuffles below need the whole warp);
-    // tokens past t_end are masked. Loads of the next step are issued before this step's math.
-    for (int t_base = t_begin; t_base < t_end; t_base += kStep) {
-      uint4 kn[U], vn[U];
-      if (t_base + kStep < t_end) load(t_base + kStep, kn, vn);
-      float s[U][G];
-#pragma unroll
-      for (int u = 0; u < U; ++u) LaneScores<G>(qf, kr[u], s[u]);
-      SumLaneScores<kLanes, U, G>(s);
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int tt = t_base + grp + u * kGroups;
-        const bool visible = tt < t_end && !(args.causal && key_base + tt > qpos);
-        if (!visible) {
-#pragma unroll
-          for (int h = 0; h < G; ++h) s[u][h] = kNegInf;
-        }
-      }
-      float vf[U][8];
-#pragma unroll
-      for (int u = 0; u < U; ++u) Bf16x8ToFloat(vr[u], vf[u]);
-#pragma unroll
-      for (int h = 0; h < G; ++h) {
-        float mx = s[0][h];
-#pragma unroll
-        for (int u = 1; u < U; ++u) mx = fmaxf(mx, s[u][h]);
-        const float nm = fmaxf(m[h], mx);
-        const float use = nm == kNegInf ? 0.f : nm;
-        const float corr = exp2f(m[h] - use);
-        m[h] = nm;
-        float p[U];
-        float psum = 0.f;
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          p[u] = exp2f(s[u][h] - use);
-          psum += p[u];
-        }
-        l[h] = l[h] * corr + psum;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          float acc_v = acc[h][i] * corr;
-#pragma unroll
-          for (int u = 0; u < U; ++u) acc_v = fmaf(p[u], vf[u][i], acc_v);
-          acc[h][i] = acc_v;
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        kr[u] = kn[u];
-        vr[u] = vn[u];
-      }
-    }
-    if (args.causal) key_base += blk.num_tokens;
-  }
-
-  // Combine the token groups.
-#pragma unroll
-  for (int h = 0; h < G; ++h) {
-    if (sub == 0) {
-      sm_m[grp][h] = m[h];
-      sm_l[grp][h] = l[h];
-    }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) sm_acc[grp][h][sub * 8 + i] = acc[h][i];
-  }
-  __syncthreads();
-  const bool final_out = args.num_items == 1;
-  for (int idx = tid; idx < G * D; idx += kDecodeThreads) {
-    const int h = idx / D;
-    const int d = idx % D;
-    float mm = kNegInf;
-#pragma unroll
-    for (int gi = 0; gi < kGroups; ++gi) mm = fmaxf(mm, sm_m[gi][h]);
-    const float use = mm == kNegInf ? 0.f : mm;
-    float ll = 0.f, oo = 0.f;
-#pragma unroll
-    for (int gi = 0; gi < kGroups; ++gi) {
-      const float w = exp2f(sm_m[gi][h] - use);
-      ll = fmaf(sm_l[gi][h], w, ll);
-      oo = fmaf(sm_acc[gi][h][d], w, oo);
-    }
-    float out_v = ll > 0.f ? oo / ll : 0.f;
-    float lse_v = ll > 0.f ? (mm + log2f(ll)) * kLn2 : kNegInf;
-    const int64_t row = static_cast<int64_t>(qi) * args.num_heads + head0 + h;
-    if (final_out) {
-      if (args.num_extra > 0) FoldExtrasElement<D>(args, row, d, out_v, lse_v);
-      args.out[row * D + d] = out_v;
-      if (d == 0) args.lse[row] = lse_v;
-    } else {
-      args.out[(row * args.num_items + item) * D + d] = out_v;
-      if (d == 0) args.lse[row * args.num_items + item] = lse_v;
-    }
-  }
-  if (!final_out && args.counters != nullptr) {
-    DecodeFusedMerge<D, G, 1>(args, qi, kv_head, head0 - kv_head * args.group);
-  }
-}
-
-// Decode with a shared-memory pipeline: the same work split and math as DecodeKernel, but K and
-// V steps (kStep tokens) stream through kDecodeStages shared-memory buffers with cp.async, so
-// several steps of loads are in flight without holding them in registers. Dynamic shared memory:
-// DecodeSmemBytes<D, U>() (the combine arrays reuse it after the loop).
-constexpr int kDecodeStages = 4;
-
-template <int D, int U, int T = kDecodeThreads>
-__host__ __device__ constexpr int DecodeStepTokens() {
-  return (T / (D / 8)) * U;
-}
-template <int D, int U, int T = kDecodeThreads>
-__host__ __device__ constexpr int DecodeSmemBytes() {
-  return kDecodeStages * DecodeStepTokens<D, U, T>() * D * 2 * 2;
-}
-
-//
-// KVH > 1: one thread block serves KVH adjacent KV heads (the token groups are split among
-// them: kGroups / KVH token groups per head), so every step copies whole contiguous runs of
-// KVH * D elements per token row instead of one head's D; same bytes per step, same per-thread
-// work. Grid y = (num_kv_heads / KVH) * (group / G).
-// T = threads per block (128, or 256 for more warps per SM at the same shared memory with U=2).
-template <int D, int G, int U, int KVH, int T = kDecodeThreads>
-__global__ void __launch_bounds__(T) DecodeSmemKernel(const DecodeArgs args) {
-  constexpr int kLanes = D / 8;
-  constexpr int kGroups = T / kLanes;
-  static_assert(kGroups % KVH == 0);
-  constexpr int kTg = kGroups / KVH;         // token groups per KV head
-  constexpr int kStep = kTg * U;             // token rows per step
-  constexpr int kRow = KVH * D;              // elements per staged row (KVH heads)
-  constexpr int kStageElems = kStep * kRow;  // one of K or V
-  constexpr int kChunks = kStageElems / 8;   // 16-byte chunks per K (or V) step
-  static_assert(kChunks % T == 0);
-  static_assert(kStageElems == DecodeStepTokens<D, U, T>() * D);
-  static_assert(kGroups * G * (D + 2) * 4 <= DecodeSmemBytes<D, U, T>());
-  extern __shared__ __align__(128) uint16_t dsmem[];  // [stage][K, V][kStep][KVH * D]
-
-  const int tid = threadIdx.x;
-  const int sub = tid % kLanes;
-  const int grp = tid / kLanes;
-  const int hk = grp / kTg;  // which of the block's KV heads
-  const int tg = grp % kTg;  // token group within that head
-  const int item = blockIdx.x;
-  const int heads_per_cta_group = args.group / G;
-  const int kv_head0 = (blockIdx.y / heads_per_cta_group) * KVH;
-  const int kv_head = kv_head0 + hk;
-  const int hoff = (blockIdx.y % heads_per_cta_group) * G;
-  const int head0 = kv_head * args.group + hoff;
-  const int qi = blockIdx.z;
-  // This token's blocks: all of them, or its own run in a batched decode.
-  const DeviceKvBlock* blocks = args.blocks;
-  int num_blocks = args.num_blocks;
-  int blocks_per_item = args.blocks_per_item;
-  if (args.q_block_offsets != nullptr) {
-    const int first = args.q_block_offsets[qi];
-    blocks += first;
-    num_blocks = args.q_block_offsets[qi + 1] - first;
-    blocks_per_item = max(1, (num_blocks + args.num_items - 1) / args.num_items);
-  }
-  const int b_first = (item / args.chunks_per_block) * blocks_per_item;
-  const int b_last = min(num_blocks, b_first + blocks_per_item);
-  const bool chunked = args.chunks_per_block > 1;
-  const int chunk_begin = (item % args.chunks_per_block) * args.chunk_tokens;
-  const int64_t qpos = static_cast<int64_t>(args.q_start_pos) + qi;
-  const int row_stride = args.num_kv_heads * D;
-
-  float qf[G][8];
-#pragma unroll
-  for (int h = 0; h < G; ++h) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(
-        args.q + (static_cast<int64_t>(qi) * args.num_heads + head0 + h) * D + sub * 8);
-    Bf16x8ToFloatScaled(raw, args.scale_log2, qf[h]);
-  }
-  float m[G], l[G], acc[G][8];
-#pragma unroll
-  for (int h = 0; h < G; ++h) {
-    m[h] = kNegInf;
-    l[h] = 0.f;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[h][i] = 0.f;
-  }
-
-  // A cursor over this item's steps: block b, rows [tb, min(tb + kStep, tend)); key0 is the key
-  // number of row 0 of block b. Uniform across the thread block.
-  struct Cursor {
-    int b;
-    int tb;
-    int tend;
-    int64_t key0;
-  };
-  // Dynamic schedule: thread 0 keeps the next chunk number (its atomicAdd issued one grab
-  // ahead, so its latency overlaps a chunk of work) and hands it out through shared memory.
-  __shared__ unsigned int sm_grab;
-  unsigned int grab_next = 0;
-  unsigned int* queue = nullptr;
-  const bool dynamic = args.dynamic != 0;
-  const unsigned int total_chunks =
-      static_cast<unsigned int>(num_blocks) * args.dyn_chunks_per_block;
-  if (dynamic) {
-    queue = args.counters + kQueueOffset + static_cast<int64_t>(qi) * gridDim.y + blockIdx.y;
-    if (tid == 0) grab_next = atomicAdd(queue, 1u);
-  }
-  auto grab = [&](Cursor& c) {  // uniform; moves c to the next non-empty chunk or to the end
-    while (true) {
-      if (tid == 0) {
-        sm_grab = grab_next;
-        grab_next = atomicAdd(queue, 1u);
-      }
-      __syncthreads();
-      const unsigned int k = sm_grab;
-      __syncthreads();
-      if (k >= total_chunks) {
-        c.b = b_last;
-        return;
-      }
-      c.b = static_cast<int>(k / args.dyn_chunks_per_block);
-      c.tb = static_cast<int>(k % args.dyn_chunks_per_block) * args.dyn_chunk_tokens;
-      c.tend = min(blocks[c.b].num_tokens, c.tb + args.dyn_chunk_tokens);
-      if (c.tb < c.tend) return;
-    }
-  };
-  auto settle = [&](Cursor& c) {  // moves to the first non-empty range at or after c.b
-    while (c.b < b_last) {
-      const int n = blocks[c.b].num_tokens;
-      c.tend = chunked ? min(n, chunk_begin + args.chunk_tokens) : n;
-      if (c.tb < c.tend) return;
-      c.key0 += n;
-      ++c.b;
-      c.tb = chunked ? chunk_begin : 0;
-    }
-  };
-  auto advance = [&](Cursor& c) {
-    c.tb += kStep;
-    if (c.tb >= c.tend) {
-      if (dynamic) {
-        grab(c);
-        return;
-      }
-      if (chunked) {
-        c.b = b_last;
-        return;
-      }
-      c.key0 += blocks[c.b].num_tokens;
-      ++c.b;
-      c.tb = 0;
-      settle(c);
-    }
-  };
-  // Where each stage's rows come from (written by thread 0 at issue, read by compute).
-  __shared__ int sm_desc_tb[kDecodeStages];
-  __shared__ int sm_desc_tend[kDecodeStages];
-  __shared__ int64_t sm_desc_key0[kDecodeStages];
-  auto issue = [&](const Cursor& c, int stage) {
-    if (tid == 0) {
-      sm_desc_tb[stage] = c.tb;
-      sm_desc_tend[stage] = c.tend;
-      sm_desc_key0[stage] = c.key0;
-    }
-    const DeviceKvBlock blk = blocks[c.b];
-    const int valid = min(kStep, c.tend - c.tb);
-    const uint16_t* kb = static_cast<const uint16_t*>(blk.k) + kv_head0 * D;
-    const uint16_t* vb = static_cast<const uint16_t*>(blk.v) + kv_head0 * D;
-    const uint32_t base = SmemAddr(dsmem + stage * 2 * kStageElems);
-#pragma unroll
-    for (int it = 0; it < kChunks / T; ++it) {
-      const int i = tid + it * T;
-      const int row = i / (kRow / 8);
-      const int ch = i % (kRow / 8);
-      const bool ok = row < valid;
-      const int64_t off = ok ? static_cast<int64_t>(c.tb + row) * row_stride + ch * 8 : 0;
-      CpAsync16(base + (row * kRow + ch * 8) * 2, kb + off, ok ? 16 : 0);
-      CpAsync16(base + (kStageElems + row * kRow + ch * 8) * 2, vb + off, ok ? 16 : 0);
-    }
-  };
-
-  Cursor load{b_first, chunked ? chunk_begin : 0, 0, 0};
-  if (dynamic) {
-    grab(load);
-  } else {
-    if (args.causal) load.key0 = KeysBefore(blocks, b_first);
-    settle(load);
-  }
-  int issued = 0;  // steps issued (uniform)
-#pragma unroll
-  for (int st = 0; st < kDecodeStages - 1; ++st) {
-    if (load.b < b_last) {
-      issue(load, st);
-      advance(load);
-      ++issued;
-    }
-    CpAsyncCommit();
-  }
-  int stage = 0;
-  for (int computed = 0; computed < issued; ++computed) {
-    CpAsyncWait<kDecodeStages - 2>();
-    __syncthreads();
-    struct {
-      int tb;
-      int tend;
-      int64_t key0;
-    } comp = {sm_desc_tb[stage], sm_desc_tend[stage], sm_desc_key0[stage]};
-    if (load.b < b_last) {
-      issue(load, (stage + kDecodeStages - 1) % kDecodeStages);
-      advance(load);
-      ++issued;
-    }
-    CpAsyncCommit();
-
-    const uint16_t* ks = dsmem + stage * 2 * kStageElems;
-    const uint16_t* vs = ks + kStageElems;
-    float s[U][G];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const uint4 kr =
-          *reinterpret_cast<const uint4*>(ks + (tg + u * kTg) * kRow + hk * D + sub * 8);
-      LaneScores<G>(qf, kr, s[u]);
-    }
-    SumLaneScores<kLanes, U, G>(s);
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int tt = comp.tb + tg + u * kTg;
-      const bool visible = tt < comp.tend && !(args.causal && comp.key0 + tt > qpos);
-      if (!visible) {
-#pragma unroll
-        for (int h = 0; h < G; ++h) s[u][h] = kNegInf;
-      }
-    }
-#pragma unroll
-    for (int h = 0; h < G; ++h) {
-      float mx = s[0][h];
-#pragma unroll
-      for (int u = 1; u < U; ++u) mx = fmaxf(mx, s[u][h]);
-      const float nm = fmaxf(m[h], mx);
-      const float use = nm == kNegInf ? 0.f : nm;
-      const float corr = exp2f(m[h] - use);
-      m[h] = nm;
-      float psum = 0.f;
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        s[u][h] = exp2f(s[u][h] - use);  // s becomes the probability p
-        psum += s[u][h];
-      }
-      l[h] = l[h] * corr + psum;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) acc[h][i] *= corr;
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const uint4 vr =
-          *reinterpret_cast<const uint4*>(vs + (tg + u * kTg) * kRow + hk * D + sub * 8);
-      float vf[8];
-      Bf16x8ToFloat(vr, vf);
-#pragma unroll
-      for (int h = 0; h < G; ++h) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i) acc[h][i] = fmaf(s[u][h], vf[i], acc[h][i]);
-      }
-    }
-    stage = (stage + 1) % kDecodeStages;
-  }
-  if (dynamic && tid == 0) sm_grab = grab_next;  // waits for the last (unused) grab to land
-  CpAsyncWait<0>();
-  __syncthreads();  // the stage buffers become the combine arrays
-
-  float* sm_m = reinterpret_cast<float*>(dsmem);  // [kGroups][G]
-  float* sm_l = sm_m + kGroups * G;               // [kGroups][G]
-  float* sm_acc = sm_l + kGroups * G;             // [kGroups][G][D]
-#pragma unroll
-  for (int h = 0; h < G; ++h) {
-    if (sub == 0) {
-      sm_m[grp * G + h] = m[h];
-      sm_l[grp * G + h] = l[h];
-    }
-#pragma unroll
-    for (int i = 0; i < 8; ++i) sm_acc[(grp * G + h) * D + sub * 8 + i] = acc[h][i];
-  }
-  __syncthreads();
-  const bool final_out = args.num_items == 1;
-  // Token groups hk * kTg .. hk * kTg + kTg - 1 hold KV head kv_head0 + hk.
-  for (int idx = tid; idx < KVH * G * D; idx += T) {
-    const int ck = idx / (G * D);
-    const int h = (idx / D) % G;
-    const int d = idx % D;
-    float mm = kNegInf;
-#pragma unroll
-    for (int t = 0; t < kTg; ++t) mm = fmaxf(mm, sm_m[(ck * kTg + t) * G + h]);
-    const float use = mm == kNegInf ? 0.f : mm;
-    float ll = 0.f, oo = 0.f;
-#pragma unroll
-    for (int t = 0; t < kTg; ++t) {
-      const int gi = ck * kTg + t;
-      const float w = exp2f(sm_m[gi * G + h] - use);
-      ll = fmaf(sm_l[gi * G + h], w, ll);
-      oo = fmaf(sm_acc[(gi * G + h) * D + d], w, oo);
-    }
-    float out_v = ll > 0.f ? oo / ll : 0.f;
-    float lse_v = ll > 0.f ? (mm + log2f(ll)) * kLn2 : kNegInf;
-    const int64_t row =
-        static_cast<int64_t>(qi) * args.num_heads + (kv_head0 + ck) * args.group + hoff + h;
-    if (final_out) {
-      if (args.num_extra > 0) FoldExtrasElement<D>(args, row, d, out_v, lse_v);
-      args.out[row * D + d] = out_v;
-      if (d == 0) args.lse[row] = lse_v;
-    } else {
-      args.out[(row * args.num_items + item) * D + d] = out_v;
-      if (d == 0) args.lse[row * args.num_items + item] = lse_v;
-    }
-  }
-  if (!final_out && args.counters != nullptr) {
-    DecodeFusedMerge<D, G, KVH>(args, qi, kv_head0, hoff);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Decode on tensor cores (decode_kernel = 2): the G (<= 8) query heads of one KV head's group
-// are the rows of one m16n8k16 tile (rows G..15 zero), so S = Q K^T and O += P V are mma.sync
-// over 16 keys at a time and the per-key CUDA-core dot products, shuffles and softmax of the
-// kernels above disappear (per 16 keys and warp: 16 + 16 mma, 2 max shuffles, 4 exp2).
-// Thread block: kDecodeMmaWarps warps, one (work item, KV head, query token) as above; every
-// warp streams its own 16-key slice of each 16 * kDecodeMmaWarps-key step through its own
-// S-stage cp.async pipeline in shared memory (XOR-swizzled rows, so ldmatrix is conflict-free)
-// and keeps its own online softmax, so the main loop has no block-wide barrier; the warps
-// combine through shared memory at the end, then the fused split merge runs as above.
-constexpr int kDecodeMmaWarps = 4;
-constexpr int kDecodeMmaKeys = 16;  // keys per warp per step
-
-// KVH = KV heads per thread block (PagedAttentionParams::decode_mma_kv_heads): kDecodeMmaWarps
-// warps per KV head.
-template <int D, int S, int KVH = 1>
-__host__ __device__ constexpr int DecodeMmaSmemBytes() {
-  return KVH * kDecodeMmaWarps * S * 2 * kDecodeMmaKeys * D * 2;
-}
-
-// The first kDecodeMmaDescCache block descriptors of a thread block's run are copied into shared
-// memory at the start (kDescCache), so moving to the next segment in the load loop costs no
-// dependent global load (measured: each such load stalls the warp that issues the copies for
-// an L2 round trip under full memory traffic).
-constexpr int kDecodeMmaDescCache = 64;
-
-// kDesc = PagedAttentionParams::decode_mma_descriptors (1 cache, 2 global). (Measured and
-// dropped, 2026-11-25: the next segment's descriptor prefetched into registers one segment ahead,
-// 0.2-1 us slower than both.)
-// KVH > 1: the block serves KV heads blockIdx.y * KVH + k, k < KVH, over the same rows, warps
-// [k * kDecodeMmaWarps, (k + 1) * kDecodeMmaWarps) for head k (so the block's copies of one key
-// row are KVH * D contiguous elements); each head combines its own warps, and the fused merge
-// merges all KVH heads' partials.
-// kDesc = 3: the dynamic schedule (PagedAttentionParams::decode_mma_schedule = 2; not causal,
-// one request, KVH 1): every warp takes its own 64-row chunks (chunk k = rows [64 (k % per),
-// 64 (k % per) + 64) of block k / per, per = args.dyn_chunks_per_block): its first two chunks
-// statically (w and w + W for warp w of the W = num_items * kDecodeMmaWarps warps of the head
-// group), then W * 2 + the next value of the head group's work counter (counters[kQueueOffset
-// + ...], zero on entry, reset by the last block), each taken, and its descriptor read, one
-// chunk ahead of its use, so a warp that is served faster streams more rows and the blocks
-// end together.
-template <int D, int G, int S, int kDesc = 1, int KVH = 1>
-__global__ void __launch_bounds__(KVH* kDecodeMmaWarps * 32)
-    DecodeMmaKernel(const DecodeArgs args) {
-  constexpr bool kDescCache = kDesc == 1;
-  constexpr bool kDyn = kDesc == 3;
-  static_assert(!kDyn || KVH == 1);
-  static_assert(G >= 1 && G <= 8);
-  constexpr int NW = KVH * kDecodeMmaWarps;                // warps of the block
-  constexpr int kStep = kDecodeMmaWarps * kDecodeMmaKeys;  // key rows per block step (per head)
-  constexpr int kWarpElems = kDecodeMmaKeys * D;           // one warp's K (or V) slice of a stage
-  constexpr int kChunksPerRow = D / 8;                     // 16-byte chunks per key row
-  constexpr int kCopies = kDecodeMmaKeys * kChunksPerRow / 32;  // per lane, of K (and of V)
-  constexpr int kKSteps = D / 16;                               // k-steps of Q K^T
-  constexpr int kOTiles = D / 8;                                // n-tiles of O
-  static_assert(NW * G * D * 4 + 2 * NW * G * 4 <= DecodeMmaSmemBytes<D, S, KVH>());
-  extern __shared__ __align__(128) uint16_t dsmem[];  // [warp][stage][K, V][16][D]
-
-  const int tid = threadIdx.x;
-  const int warp = tid / 32;
-  const int lane = tid % 32;
-  const int r = lane / 4;  // fragment row = query head of the group (valid when r < G)
-  const int qd = lane % 4;
-  const int wl = warp % kDecodeMmaWarps;  // the warp's 16-row slice of a step
-  const int item = blockIdx.x;
-  const int kv_head = blockIdx.y * KVH + warp / kDecodeMmaWarps;
-  const int head0 = kv_head * G;  // group == G
-  const int qi = blockIdx.z;
-  // PDL (args.pdl): wait here, before any global access, unless the first stages' copies may go
-  // first (pdl 2, static schedule: the wait follows them, below).
-  if (args.pdl == 1 || (args.pdl == 2 && kDyn)) GridDependencyWait();
-  const DeviceKvBlock* blocks = args.blocks;
-  int num_blocks = args.num_blocks;
-  int blocks_per_item = args.blocks_per_item;
-  if (args.q_block_offsets != nullptr) {
-    const int first = args.q_block_offsets[qi];
-    blocks += first;
-    num_blocks = args.q_block_offsets[qi + 1] - first;
-    blocks_per_item = max(1, (num_blocks + args.num_items - 1) / args.num_items);
-  }
-  int b_first = (item / args.chunks_per_block) * blocks_per_item;
-  int b_last = min(num_blocks, b_first + blocks_per_item);
-  const bool chunked = args.chunks_per_block > 1;
-  const int chunk_begin = (item % args.chunks_per_block) * args.chunk_tokens;
-  const int64_t qpos = static_cast<int64_t>(args.q_start_pos) + qi;
-  const int row_stride = args.num_kv_heads * D;
-  int t_first = chunked ? chunk_begin : 0;  // first row of block b_first
-  int b_stop = -1, t_stop = 0;              // token split: block b_stop ends at row t_stop
-  if (args.units_per_block > 0) {
-    const int64_t units = static_cast<int64_t>(num_blocks) * args.units_per_block;
-    const int64_t u0 = units * item / args.num_items;
-    const int64_t u1 = units * (item + 1) / args.num_items;
-    b_first = static_cast<int>(u0 / args.units_per_block);
-    t_first = static_cast<int>(u0 % args.units_per_block) * kDecodeMmaKeys;
-    b_stop = static_cast<int>(u1 / args.units_per_block);
-    t_stop = static_cast<int>(u1 % args.units_per_block) * kDecodeMmaKeys;
-    b_last = min(num_blocks, t_stop > 0 ? b_stop + 1 : b_stop);
-  }
-
-  // Descriptors of blocks [b_first, b_first + kDecodeMmaDescCache) in shared memory.
-  __shared__ const void* sm_dk[kDescCache ? kDecodeMmaDescCache : 1];
-  __shared__ const void* sm_dv[kDescCache ? kDecodeMmaDescCache : 1];
-  __shared__ int sm_dn[kDescCache ? kDecodeMmaDescCache : 1];
-  if constexpr (kDescCache) {
-    const int n_cached = min(kDecodeMmaDescCache, b_last - b_first);
-    for (int i = tid; i < n_cached; i += NW * 32) {
-      const DeviceKvBlock d = blocks[b_first + i];
-      sm_dk[i] = d.k;
-      sm_dv[i] = d.v;
-      sm_dn[i] = d.num_tokens;
-    }
-    __syncthreads();
-  }
-  // (b >= b_first for every cursor position below.)
-  auto cached = [&](int b) { return kDescCache && b - b_first < kDecodeMmaDescCache; };
-  auto num_tokens_of = [&](int b) { return cached(b) ? sm_dn[b - b_first] : blocks[b].num_tokens; };
-
-  float o[kOTiles][4];
-#pragma unroll
-  for (int n = 0; n < kOTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-  float m = kNegInf;  // row r's running max (log2 domain)
-  float l = 0.f;      // this lane's share of row r's sum
-
-  struct Cursor {
-    int b;
-    int tb;
-    int tend;
-    int64_t key0;
-  };
-  auto settle = [&](Cursor& c) {
-    while (c.b < b_last) {
-      const int n = num_tokens_of(c.b);
-      c.tend = chunked ? min(n, chunk_begin + args.chunk_tokens) : n;
-      if (c.b == b_stop) c.tend = min(c.tend, t_stop);  // (the run's last block)
-      if (c.tb < c.tend) return;
-      c.key0 += n;
-      ++c.b;
-      c.tb = chunked ? chunk_begin : 0;
-    }
-  };
-  auto advance = [&](Cursor& c) {
-    c.tb += kStep;
-    if (c.tb >= c.tend) {
-      if (chunked) {
-        c.b = b_last;
-        return;
-      }
-      c.key0 += c.tend;  // (not chunked: the block's token count, or the run ends here)
-      ++c.b;
-      c.tb = 0;
-      settle(c);
-    }
-  };
-  uint16_t* wsmem = dsmem + warp * S * 2 * kWarpElems;
-  auto issue = [&](const Cursor& c, int stage) {
-    const bool in_cache = cached(c.b);
-    const void* kp = in_cache ? sm_dk[c.b - b_first] : blocks[c.b].k;
-    const void* vp = in_cache ? sm_dv[c.b - b_first] : blocks[c.b].v;
-    const int row0 = c.tb + wl * kDecodeMmaKeys;
-    const int valid = min(kDecodeMmaKeys, c.tend - row0);  // may be <= 0
-    const uint16_t* kb = static_cast<const uint16_t*>(kp) + kv_head * D;
-    const uint16_t* vb = static_cast<const uint16_t*>(vp) + kv_head * D;
-    const uint32_t base = SmemAddr(wsmem + stage * 2 * kWarpElems);
-#pragma unroll
-    for (int it = 0; it < kCopies; ++it) {
-      const int i = lane + it * 32;
-      const int row = i / kChunksPerRow;
-      const int ch = i % kChunksPerRow;
-      const bool ok = row < valid;
-      const int64_t off = ok ? static_cast<int64_t>(row0 + row) * row_stride + ch * 8 : 0;
-      const uint32_t dst = base + SwizzledOffset<D>(row, ch) * 2;
-      CpAsync16(dst, kb + off, ok ? 16 : 0);
-      CpAsync16(dst + kWarpElems * 2, vb + off, ok ? 16 : 0);
-    }
-  };
-
-  // Q as the A fragments (loaded after the first stages' copies went out: load_q):
-  // rows r and r + 8; rows >= G and the upper half are zero.
-  uint32_t qa[kKSteps][2];
-  auto load_q = [&]() {
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) {
-      qa[kk][0] = qa[kk][1] = 0u;
-      if (r < G) {
-        const uint32_t* qrow = reinterpret_cast<const uint32_t*>(
-            args.q + (static_cast<int64_t>(qi) * args.num_heads + head0 + r) * D + 16 * kk +
-            2 * qd);
-        qa[kk][0] = qrow[0];
-        qa[kk][1] = qrow[4];  // dims + 8
-      }
-    }
-  };
-  // One 16-row slice of this warp in stage `stage`: `valid` rows are keys (> 0), the first at
-  // key position key_at (causal only).
-  auto compute = [&](int stage, int valid, int64_t key_at) {
-    {
-      const uint16_t* kst = wsmem + stage * 2 * kWarpElems;
-      const uint16_t* vst = kst + kWarpElems;
-      float s[2][4];
-#pragma unroll
-      for (int j = 0; j < 2; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < kKSteps; ++kk) {
-        const int mi = lane >> 3;
-        const int key = 8 * (mi >> 1) + (lane & 7);
-        const int chunk = 2 * kk + (mi & 1);
-        uint32_t b0, b1, b2, b3;
-        LdMatrixX4(SmemAddr(kst + SwizzledOffset<D>(key, chunk)), b0, b1, b2, b3);
-        const uint32_t a[4] = {qa[kk][0], 0u, qa[kk][1], 0u};
-        MmaBf16(s[0], a, b0, b1);
-        MmaBf16(s[1], a, b2, b3);
-      }
-      const bool need_mask =
-          valid < kDecodeMmaKeys || (args.causal && key_at + kDecodeMmaKeys - 1 > qpos);
-      float mx = kNegInf;
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float v = s[j][e] * args.scale_log2;
-          if (need_mask) {
-            const int col = 8 * j + 2 * qd + e;
-            if (col >= valid || (args.causal && key_at + col > qpos)) v = kNegInf;
-          }
-          s[j][e] = v;
-          mx = fmaxf(mx, v);
-        }
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float nm = fmaxf(m, mx);
-      const float use = nm == kNegInf ? 0.f : nm;
-      const float corr = exp2f(m - use);
-      m = nm;
-      const float p00 = exp2f(s[0][0] - use);
-      const float p01 = exp2f(s[0][1] - use);
-      const float p10 = exp2f(s[1][0] - use);
-      const float p11 = exp2f(s[1][1] - use);
-      l = l * corr + ((p00 + p01) + (p10 + p11));
-      const uint32_t pa[4] = {PackBf16(p00, p01), 0u, PackBf16(p10, p11), 0u};
-#pragma unroll
-      for (int n = 0; n < kOTiles; ++n) {
-        o[n][0] *= corr;
-        o[n][1] *= corr;
-      }
-#pragma unroll
-      for (int n = 0; n < kOTiles; n += 2) {
-        const int mi = lane >> 3;
-        const int key = 8 * (mi & 1) + (lane & 7);
-        const int chunk = n + (mi >> 1);
-        uint32_t b0, b1, b2, b3;
-        LdMatrixX4Trans(SmemAddr(vst + SwizzledOffset<D>(key, chunk)), b0, b1, b2, b3);
-        MmaBf16(o[n], pa, b0, b1);
-        MmaBf16(o[n + 1], pa, b2, b3);
-      }
-    }
-  };
-  if constexpr (kDyn) {
-    // Per-warp 64-row chunks (see above); sm_valid[warp][stage] = the valid rows of the slice in
-    // that stage (written by lane 0 at issue, read after the __syncwarp that follows its wait).
-    __shared__ int sm_valid[kDyn ? NW * S : 1];
-    constexpr int kChunk = kDynChunkTokens;
-    const int per = args.dyn_chunks_per_block;
-    const int total = num_blocks * per;
-    const int warps_total = args.num_items * NW;
-    unsigned int* queue = args.counters + kQueueOffset + qi * gridDim.y + blockIdx.y;
-    struct Chunk {
-      int id;  // >= total: none
-      int tb;
-      int n;  // the block's rows
-      const uint16_t* k;
-      const uint16_t* v;
-    };
-    auto fetch = [&](int id) {
-      Chunk ch{id, 0, 0, nullptr, nullptr};
-      if (id < total) {
-        const int b = id / per;
-        ch.tb = (id % per) * kChunk;
-        ch.n = blocks[b].num_tokens;
-        ch.k = static_cast<const uint16_t*>(blocks[b].k) + kv_head * D;
-        ch.v = static_cast<const uint16_t*>(blocks[b].v) + kv_head * D;
-      }
-      return ch;
-    };
-    Chunk cur = fetch(item * NW + wl);
-    Chunk nxt = fetch(item * NW + wl + warps_total);
-    unsigned int pend = 0;  // lane 0: the counter value taken for the chunk after nxt
-    if (lane == 0 && nxt.id < total) pend = atomicAdd(queue, 1u);
-    int j = 0;  // cur's next 16-row slice
-    auto next_chunk = [&]() {
-      cur = nxt;
-      j = 0;
-      if (nxt.id < total) {
-        const int id = 2 * warps_total + static_cast<int>(__shfl_sync(0xffffffffu, pend, 0));
-        nxt = fetch(id);
-        if (lane == 0 && id < total) pend = atomicAdd(queue, 1u);
-      } else {
-        nxt.id = total;
-      }
-    };
-    // Moves to a slice with keys, or to cur.id >= total (done).
-    auto settle_dyn = [&]() {
-      while (cur.id < total && (j == kChunk / kDecodeMmaKeys || cur.tb + 16 * j >= cur.n)) {
-        next_chunk();
-      }
-    };
-    auto issue_dyn = [&](int stage) {
-      const int row0 = cur.tb + kDecodeMmaKeys * j;
-      const int valid = min(kDecodeMmaKeys, cur.n - row0);  // > 0 (settled)
-      if (lane == 0) sm_valid[warp * S + stage] = valid;
-      const uint32_t base = SmemAddr(wsmem + stage * 2 * kWarpElems);
-#pragma unroll
-      for (int it = 0; it < kCopies; ++it) {
-        const int i = lane + it * 32;
-        const int row = i / kChunksPerRow;
-        const int ch = i % kChunksPerRow;
-        const bool ok = row < valid;
-        const int64_t off = ok ? static_cast<int64_t>(row0 + row) * row_stride + ch * 8 : 0;
-        const uint32_t dst = base + SwizzledOffset<D>(row, ch) * 2;
-        CpAsync16(dst, cur.k + off, ok ? 16 : 0);
-        CpAsync16(dst + kWarpElems * 2, cur.v + off, ok ? 16 : 0);
-      }
-      ++j;
-      settle_dyn();
-    };
-    settle_dyn();
-    int issued = 0;
-#pragma unroll
-    for (int st = 0; st < S - 1; ++st) {
-      if (cur.id < total) {
-        issue_dyn(st);
-        ++issued;
-      }
-      CpAsyncCommit();
-    }
-    load_q();
-    int stage = 0;
-    for (int computed = 0; computed < issued; ++computed) {
-      CpAsyncWait<S - 2>();
-      __syncwarp();  // every lane's copies (and lane 0's sm_valid) of this stage are visible
-      const int valid = sm_valid[warp * S + stage];
-      if (cur.id < total) {
-        issue_dyn((stage + S - 1) % S);
-        ++issued;
-      }
-      CpAsyncCommit();
-      compute(stage, valid, 0);
-      stage = (stage + 1) % S;
-    }
-  } else {
-    Cursor load{b_first, t_first, 0, 0};
-    if (args.causal) load.key0 = KeysBefore(blocks, b_first);
-    settle(load);
-    Cursor comp = load;
-    int issued = 0;
-#pragma unroll
-    for (int st = 0; st < S - 1; ++st) {
-      if (load.b < b_last) {
-        issue(load, st);
-        advance(load);
-        ++issued;
-      }
-      CpAsyncCommit();
-    }
-    if (args.pdl == 2) GridDependencyWait();  // (K/V and descriptors are not the previous grid's)
-    load_q();
-    int stage = 0;
-    for (int computed = 0; computed < issued; ++computed) {
-      CpAsyncWait<S - 2>();
-      __syncwarp();  // every lane's copies of this stage landed; the stage refilled below is free
-      if (load.b < b_last) {
-        issue(load, (stage + S - 1) % S);
-        advance(load);
-        ++issued;
-      }
-      CpAsyncCommit();
-      const int row0 = comp.tb + wl * kDecodeMmaKeys;
-      if (row0 < comp.tend) {  // (uniform per warp) some of this warp's 16 rows are keys
-        compute(stage, comp.tend - row0, comp.key0 + row0);
-      }
-      advance(comp);
-      stage = (stage + 1) % S;
-    }
-  }
-  // The keys are done: a PDL-launched next grid may be scheduled (it waits for our completion
-  // before it touches anything we write).
-  GridDependentsLaunch();
-  CpAsyncWait<0>();
-  l += __shfl_xor_sync(0xffffffffu, l, 1);
-  l += __shfl_xor_sync(0xffffffffu, l, 2);
-  __syncthreads();  // every warp is done with its stages: they become the combine arrays
-
-  float* sm_o = reinterpret_cast<float*>(dsmem);  // [NW][G][D]
-  float* sm_m = sm_o + NW * G * D;                // [NW][G]
-  float* sm_l = sm_m + NW * G;                    // [NW][G]
-  if (r < G) {
-#pragma unroll
-    for (int n = 0; n < kOTiles; ++n) {
-      *reinterpret_cast<float2*>(sm_o + (warp * G + r) * D + 8 * n + 2 * qd) =
-          make_float2(o[n][0], o[n][1]);
-    }
-    if (qd == 0) {
-      sm_m[warp * G + r] = m;
-      sm_l[warp * G + r] = l;
-    }
-  }
-  __syncthreads();
-  const bool final_out = args.num_items == 1;
-  for (int idx = tid; idx < KVH * G * D; idx += NW * 32) {
-    const int k = idx / (G * D);  // the block's k-th KV head: warps k * kDecodeMmaWarps + w
-    const int h = (idx / D) % G;
-    const int d = idx % D;
-    const int w0 = k * kDecodeMmaWarps;
-    float mm = kNegInf;
-#pragma unroll
-    for (int w = w0; w < w0 + kDecodeMmaWarps; ++w) mm = fmaxf(mm, sm_m[w * G + h]);
-    const float use = mm == kNegInf ? 0.f : mm;
-    float ll = 0.f, oo = 0.f;
-#pragma unroll
-    for (int w = w0; w < w0 + kDecodeMmaWarps; ++w) {
-      const float wt = exp2f(sm_m[w * G + h] - use);
-      ll = fmaf(sm_l[w * G + h], wt, ll);
-      oo = fmaf(sm_o[(w * G + h) * D + d], wt, oo);
-    }
-    float out_v = ll > 0.f ? oo / ll : 0.f;
-    float lse_v = ll > 0.f ? (mm + log2f(ll)) * kLn2 : kNegInf;
-    const int64_t row = static_cast<int64_t>(qi) * args.num_heads + (blockIdx.y * KVH + k) * G + h;
-    if (final_out) {
-      if (args.num_extra > 0) FoldExtrasElement<D>(args, row, d, out_v, lse_v);
-      args.out[row * D + d] = out_v;
-      if (d == 0) args.lse[row] = lse_v;
-    } else {
-      args.out[(row * args.num_items + item) * D + d] = out_v;
-      if (d == 0) args.lse[row * args.num_items + item] = lse_v;
-    }
-  }
-  if (!final_out && args.counters != nullptr) {
-    // (16 partials' loads in flight: 0.1-0.4 us faster than 8 per call, measured on an H100.)
-    DecodeFusedMerge<D, G, KVH, 16>(args, qi, blockIdx.y * KVH, 0);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Merges. MergeSplitsKernel: one thread block per row; partial p of row r at
-// o + p * o_part_stride + r * o_row_stride (D contiguous floats) and lse + p * l_part_stride +
-// r * l_row_stride. 256 threads: D/4 float4 lanes x (256 / (D/4)) partial groups.
-
-constexpr int kMergeThreads = 256;
-
-template <int D>
-__global__ void __launch_bounds__(kMergeThreads)
-    MergeSplitsKernel(const float* __restrict__ o, int64_t o_part_stride, int64_t o_row_stride,
-                      const float* __restrict__ lse, int64_t l_part_stride, int64_t l_row_stride,
-                      int num_parts, float* __restrict__ out, float* __restrict__ lse_out,
-                      const float* __restrict__ xo, const float* __restrict__ xl, int num_extra,
-                      int64_t x_rows) {
-  // Partials num_parts .. num_parts + num_extra - 1 are the extras (PagedAttentionParams::
-  // num_extra): extra e of this row at xo + (e * x_rows + row) * D and xl + e * x_rows + row.
-  constexpr int kLanes = D / 4;
-  constexpr int kPGroups = kMergeThreads / kLanes;
-  __shared__ float red[kMergeThreads / 32];
-  __shared__ float4 acc_sm[kPGroups][kLanes];
-  __shared__ float w_sm[kPGroups];
-  const int64_t row = blockIdx.x;
-  const int tid = threadIdx.x;
-  const float* lrow = lse + row * l_row_stride;
-
-  // Max LSE over the parts.
-  float mx = kNegInf;
-  for (int p = tid; p < num_parts; p += kMergeThreads) mx = fmaxf(mx, lrow[p * l_part_stride]);
-  for (int e = tid; e < num_extra; e += kMergeThreads) mx = fmaxf(mx, xl[e * x_rows + row]);
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-  if ((tid & 31) == 0) red[tid >> 5] = mx;
-  __syncthreads();
-  mx = red[0];
-#pragma unroll
-  for (int i = 1; i < kMergeThreads / 32; ++i) mx = fmaxf(mx, red[i]);
-  const float use = mx == kNegInf ? 0.f : mx;
-
-  const int lane4 = tid % kLanes;
-  const int pg = tid / kLanes;
-  float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-  float wsum = 0.f;
-  const float* orow = o + row * o_row_stride + lane4 * 4;
-#pragma unroll 4
-  for (int p = pg; p < num_parts; p += kPGroups) {
-    const float w = __expf(lrow[p * l_part_stride] - use);
-    const float4 v = *reinterpret_cast<const float4*>(orow + p * o_part_stride);
-    a.x = fmaf(w, v.x, a.x);
-    a.y = fmaf(w, v.y, a.y);
-    a.z = fmaf(w, v.z, a.z);
-    a.w = fmaf(w, v.w, a.w);
-    wsum += w;
-  }
-  for (int e = pg; e < num_extra; e += kPGroups) {
-    const int64_t er = e * x_rows + row;
-    const float w = __expf(xl[er] - use);
-    const float4 v = *reinterpret_cast<const float4*>(xo + er * D + lane4 * 4);
-    a.x = fmaf(w, v.x, a.x);
-    a.y = fmaf(w, v.y, a.y);
-    a.z = fmaf(w, v.z, a.z);
-    a.w = fmaf(w, v.w, a.w);
-    wsum += w;
-  }
-  acc_sm[pg][lane4] = a;
-  if (lane4 == 0) w_sm[pg] = wsum;
-  __syncthreads();
-  if (pg == 0) {
-    float ws = 0.f;
-    float4 t = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-    for (int i = 0; i < kPGroups; ++i) {
-      const float4 v = acc_sm[i][lane4];
-      t.x += v.x;
-      t.y += v.y;
-      t.z += v.z;
-      t.w += v.w;
-      ws += w_sm[i];
-    }
-    const float inv = ws > 0.f ? 1.f / ws : 0.f;
-    *reinterpret_cast<float4*>(out + row * D + lane4 * 4) =
-        make_float4(t.x * inv, t.y * inv, t.z * inv, t.w * inv);
-    if (lane4 == 0) lse_out[row] = ws > 0.f ? use + logf(ws) : kNegInf;
-  }
-}
-
-// Generic-D n-way merge for head dims other than 64/128 (one thread per output element).
-__global__ void MergeNGenericKernel(const float* __restrict__ o, const float* __restrict__ lse,
-                                    int num_parts, int64_t num_rows, int d_size,
-                                    float* __restrict__ out, float* __restrict__ lse_out) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= num_rows * d_size) return;
-  const int64_t row = idx / d_size;
-  const int d = static_cast<int>(idx % d_size);
-  float mx = kNegInf;
-  for (int p = 0; p < num_parts; ++p) mx = fmaxf(mx, lse[p * num_rows + row]);
-  const float use = mx == kNegInf ? 0.f : mx;
-  float ws = 0.f, acc = 0.f;
-  for (int p = 0; p < num_parts; ++p) {
-    const float w = __expf(lse[p * num_rows + row] - use);
-    ws += w;
-    acc = fmaf(w, o[(p * num_rows + row) * d_size + d], acc);
-  }
-  out[idx] = ws > 0.f ? acc / ws : 0.f;
-  if (d == 0) lse_out[row] = ws > 0.f ? use + logf(ws) : kNegInf;
-}
-
-// In-place two-way merge: a <- merge(a, b). One thread per 4 elements; a row's threads are in
-// one warp (D/4 <= 32 divides 32) or a row spans whole warps with a barrier-free layout where
-// only lane 0 of the row's first warp writes the LSE after every reader of that row has read it.
-__global__ void Merge2Kernel(float* __restrict__ out_a, float* __restrict__ lse_a,
-                             const float* __restrict__ out_b, const float* __restrict__ lse_b,
-                             int64_t num_rows, int d4) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const bool active = idx < num_rows * d4;
-  const int64_t row = active ? idx / d4 : 0;
-  const int c = active ? static_cast<int>(idx % d4) : 0;
-  float la = kNegInf, lb = kNegInf;
-  if (active) {
-    la = lse_a[row];
-    lb = lse_b[row];
-  }
-  const float mx = fmaxf(la, lb);
-  const float use = mx == kNegInf ? 0.f : mx;
-  const float wa = __expf(la - use);
-  const float wb = __expf(lb - use);
-  const float ws = wa + wb;
-  const float inv = ws > 0.f ? 1.f / ws : 0.f;
-  if (active) {
-    float4* pa = reinterpret_cast<float4*>(out_a + row * d4 * 4) + c;
-    const float4 va = *pa;
-    const float4 vb = reinterpret_cast<const float4*>(out_b + row * d4 * 4)[c];
-    *pa = make_float4((wa * va.x + wb * vb.x) * inv, (wa * va.y + wb * vb.y) * inv,
-                      (wa * va.z + wb * vb.z) * inv, (wa * va.w + wb * vb.w) * inv);
-  }
-  __syncthreads();  // every thread of the block has read its rows' lse_a
-  if (active && c == 0) lse_a[row] = ws > 0.f ? use + logf(ws) : kNegInf;
-}
-
-// In-place merge of extra partials into out / lse: (out, lse) <- merge(out, extras), extra e of
-// row r at xo + (e * num_rows + r) * d4 * 4 and xl + e * num_rows + r. Layout as Merge2Kernel: one
-// thread per 4 elements, a row's threads in one thread block, the LSE written after a barrier.
-__global__ void MergeExtrasKernel(float* __restrict__ out, float* __restrict__ lse,
-                                  const float* __restrict__ xo, const float* __restrict__ xl,
-                                  int num_extra, int64_t num_rows, int d4) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const bool active = idx < num_rows * d4;
-  const int64_t row = active ? idx / d4 : 0;
-  const int c = active ? static_cast<int>(idx % d4) : 0;
-  float ws = 0.f, use = 0.f;
-  if (active) {
-    const float l0 = lse[row];
-    float mx = l0;
-    for (int e = 0; e < num_extra; ++e) mx = fmaxf(mx, xl[e * num_rows + row]);
-    use = mx == kNegInf ? 0.f : mx;
-    float4* po = reinterpret_cast<float4*>(out + row * d4 * 4) + c;
-    float w = __expf(l0 - use);
-    const float4 v0 = *po;
-    float4 a = make_float4(w * v0.x, w * v0.y, w * v0.z, w * v0.w);
-    ws = w;
-    for (int e = 0; e < num_extra; ++e) {
-      const int64_t er = e * num_rows + row;
-      w = __expf(xl[er] - use);
-      const float4 v = reinterpret_cast<const float4*>(xo + er * d4 * 4)[c];
-      a.x = fmaf(w, v.x, a.x);
-      a.y = fmaf(w, v.y, a.y);
-      a.z = fmaf(w, v.z, a.z);
-      a.w = fmaf(w, v.w, a.w);
-      ws += w;
-    }
-    const float inv = ws > 0.f ? 1.f / ws : 0.f;
-    *po = make_float4(a.x * inv, a.y * inv, a.z * inv, a.w * inv);
-  }
-  __syncthreads();  // every thread of the block has read its rows' lse
-  if (active && c == 0) lse[row] = ws > 0.f ? use + logf(ws) : kNegInf;
-}
-
-// Fills out with 0 and lse with -inf (a partial over no keys).
-__global__ void FillEmptyKernel(float* out, float* lse, int64_t num_rows, int d_size) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx < num_rows * d_size) out[idx] = 0.f;
-  if (idx < num_rows) lse[idx] = kNegInf;
-}
-
-// Small head dims (16, 32; e.g. tiny test models): one warp per (query token, head), each lane an
-// online softmax over every 32nd key of the concatenated blocks, then a butterfly merge of the
-// lanes' (max, sum, accumulator). CUDA cores, float32; not tuned (the tensor-core and split-KV
-// kernels above need head_dim >= 64). Same conventions as the other kernels (causal,
-// q_block_offsets, out/lse).
-template <int D>
-__global__ void __launch_bounds__(32)
-    SmallHeadKernel(const uint16_t* __restrict__ q, const DeviceKvBlock* __restrict__ blocks,
-                    int num_blocks, const int32_t* __restrict__ q_block_offsets, int num_heads,
-                    int num_kv_heads, float scale, int causal, int q_start_pos,
-                    float* __restrict__ out, float* __restrict__ lse) {
-  const int i = blockIdx.x;  // query token
-  const int h = blockIdx.y;  // query head
-  const int lane = threadIdx.x;
-  const int kvh = h / (num_heads / num_kv_heads);
-  const int64_t row = static_cast<int64_t>(i) * num_heads + h;
-  float qf[D];
-#pragma unroll
-  for (int d = 0; d < D; ++d) {
-    qf[d] = __uint_as_float(static_cast<uint32_t>(q[row * D + d]) << 16);
-  }
-  int b_begin = 0;
-  int b_end = num_blocks;
-  if (q_block_offsets != nullptr) {
-    b_begin = q_block_offsets[i];
-    b_end = q_block_offsets[i + 1];
-  }
-  const int64_t limit = causal ? static_cast<int64_t>(q_start_pos) + i : INT64_MAX;
-  float m = -INFINITY;
-  float l = 0.f;
-  float acc[D];
-#pragma unroll
-  for (int d = 0; d < D; ++d) acc[d] = 0.f;
-  int64_t base = 0;  // key number of the block's first row
-  for (int b = b_begin; b < b_end; ++b) {
-    const DeviceKvBlock blk = blocks[b];
-    const uint16_t* kb = static_cast<const uint16_t*>(blk.k);
-    const uint16_t* vb = static_cast<const uint16_t*>(blk.v);
-    for (int t = lane; t < blk.num_tokens; t += 32) {
-      if (base + t > limit) break;
-      const int64_t off = (static_cast<int64_t>(t) * num_kv_heads + kvh) * D;
-      float s = 0.f;
-#pragma unroll
-      for (int d = 0; d < D; ++d) {
-        s += qf[d] * __uint_as_float(static_cast<uint32_t>(kb[off + d]) << 16);
-      }
-      s *= scale;
-      const float m_new = fmaxf(m, s);
-      const float corr = __expf(m - m_new);  // exp(-inf) = 0 on the first key
-      const float p = __expf(s - m_new);
-      l = l * corr + p;
-#pragma unroll
-      for (int d = 0; d < D; ++d) {
-        acc[d] = acc[d] * corr + p * __uint_as_float(static_cast<uint32_t>(vb[off + d]) << 16);
-      }
-      m = m_new;
-    }
-    base += blk.num_tokens;
-  }
-  // Merge the 32 lanes.
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float m_o = __shfl_xor_sync(0xffffffffu, m, off);
-    const float l_o = __shfl_xor_sync(0xffffffffu, l, off);
-    const float m_new = fmaxf(m, m_o);
-    const float c_self = m == -INFINITY ? 0.f : __expf(m - m_new);
-    const float c_o = m_o == -INFINITY ? 0.f : __expf(m_o - m_new);
-    l = l * c_self + l_o * c_o;
-#pragma unroll
-    for (int d = 0; d < D; ++d) {
-      const float a_o = __shfl_xor_sync(0xffffffffu, acc[d], off);
-      acc[d] = acc[d] * c_self + a_o * c_o;
-    }
-    m = m_new;
-  }
-  if (lane == 0) {
-    const bool empty = !(l > 0.f);
-    const float inv = empty ? 0.f : 1.0f / l;
-#pragma unroll
-    for (int d = 0; d < D; ++d) out[row * D + d] = acc[d] * inv;
-    lse[row] = empty ? -INFINITY : m + logf(l);
-  }
-}
-
-absl::Status LaunchSmallHead(const PagedAttentionParams& p, float scale, cudaStream_t stream);
-
-// ---------------------------------------------------------------------------------------------
-// Host side: validation, configuration, launches.
-
-absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
+// The checks of the shape fields (every field but the pointers; see PagedAttentionPlan).
+absl::Status ValidateShape(const PagedAttentionParams& p, AttentionKernel kernel) {
   if (p.num_q_tokens < 0) {
     return absl::InvalidArgumentError(
         absl::StrFormat("PagedAttention: num_q_tokens = %d < 0", p.num_q_tokens));
@@ -2169,19 +119,6 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
         absl::StrFormat("PagedAttention: prefill_rows_per_warp = %d, supported: 0 (auto), 16, 32",
                         p.prefill_rows_per_warp));
   }
-  if (p.decode_kv_heads_per_block != 0 && p.decode_kv_heads_per_block != 1 &&
-      p.decode_kv_heads_per_block != 2 && p.decode_kv_heads_per_block != 4 &&
-      p.decode_kv_heads_per_block != 8) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "PagedAttention: decode_kv_heads_per_block = %d, supported: 0 (auto), 1, 2, 4, 8",
-        p.decode_kv_heads_per_block));
-  }
-  if (p.decode_kv_heads_per_block > 1 && p.num_kv_heads > 0 &&
-      p.num_kv_heads % p.decode_kv_heads_per_block != 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "PagedAttention: decode_kv_heads_per_block = %d does not divide num_kv_heads = %d",
-        p.decode_kv_heads_per_block, p.num_kv_heads));
-  }
   if (p.q_block_offsets != nullptr) {
     if (p.causal) {
       return absl::InvalidArgumentError(
@@ -2196,17 +133,6 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
           "PagedAttention: num_q_tokens = %d > 65535 with q_block_offsets", p.num_q_tokens));
     }
   }
-  if (p.decode_threads_per_block != 0 && p.decode_threads_per_block != 128 &&
-      p.decode_threads_per_block != 256) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "PagedAttention: decode_threads_per_block = %d, supported: 0 (auto), 128, 256",
-        p.decode_threads_per_block));
-  }
-  if (p.decode_schedule < 0 || p.decode_schedule > 1) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("PagedAttention: decode_schedule = %d, supported: 0 (static), 1 (dynamic)",
-                        p.decode_schedule));
-  }
   if (p.decode_kernel < 0 || p.decode_kernel > 2) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: decode_kernel = %d, supported: 0 (auto), 1 (CUDA cores), 2 (tensor "
@@ -2218,25 +144,11 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
         absl::StrFormat("PagedAttention: decode_mma_stages = %d, supported: 0 (auto), 2, 3, 4",
                         p.decode_mma_stages));
   }
-  if (p.decode_mma_token_split < 0 || p.decode_mma_token_split > 1) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "PagedAttention: decode_mma_token_split = %d, supported: 0, 1", p.decode_mma_token_split));
-  }
-  if (p.decode_mma_schedule < 0 || p.decode_mma_schedule > 2) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "PagedAttention: decode_mma_schedule = %d, supported: 0 (auto), 1 (static), 2 (dynamic)",
-        p.decode_mma_schedule));
-  }
   if (p.pdl < 0 || p.pdl > 2) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: pdl = %d, supported: 0 (off), 1 (wait first), 2 (prefetch K/V, then "
         "wait)",
         p.pdl));
-  }
-  if (p.decode_mma_kv_heads < 0 || p.decode_mma_kv_heads > 2) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("PagedAttention: decode_mma_kv_heads = %d, supported: 0 (auto), 1, 2",
-                        p.decode_mma_kv_heads));
   }
   if (p.decode_mma_descriptors < 0 || p.decode_mma_descriptors > 2) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -2256,6 +168,11 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
     return absl::InvalidArgumentError(
         absl::StrFormat("PagedAttention: num_extra = %d < 0", p.num_extra));
   }
+  return absl::OkStatus();
+}
+
+// The checks of the pointers a call with p's shape needs.
+absl::Status ValidatePointers(const PagedAttentionParams& p) {
   if (p.num_extra > 0 && p.num_q_tokens > 0 && p.extra_out == nullptr) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "PagedAttention: extra_out must not be null with num_extra = %d", p.num_extra));
@@ -2275,233 +192,18 @@ absl::Status Validate(const PagedAttentionParams& p, AttentionKernel kernel) {
   return absl::OkStatus();
 }
 
-struct Config {
-  AttentionKernel kernel = AttentionKernel::kPrefill;
-  int prefill_warps = 4;
-  int prefill_mt = 1;         // prefill: 16-row m-tiles per warp
-  int splits = 1;             // prefill: splits of the block list
-  bool prefill_sm90 = false;  // prefill: the wgmma kernel of prefill_sm90.cu
-  int chunks_per_block = 1;   // decode
-  int chunk_tokens = 0;       // decode
-  int items = 1;              // decode: num_blocks * chunks_per_block
-  int decode_g = 1;
-  int blocks_per_item = 1;              // decode
-  int decode_unroll = 4;                // decode: tokens per token group per step
-  bool decode_smem = true;              // decode: shared-memory pipeline kernel
-  bool decode_fused = false;            // decode: splits merged inside the decode kernel
-  bool decode_dynamic = false;          // decode: blocks take chunks from a work counter
-  int dyn_chunk_tokens = 0;             // decode, dynamic: rows per chunk
-  int dyn_chunks_per_block = 1;         // decode, dynamic
-  int decode_kvh = 1;                   // decode: KV heads per thread block (shared-memory or mma)
-  int decode_threads = kDecodeThreads;  // decode, shared-memory kernel: threads per block
-  bool decode_mma = false;              // decode: the tensor-core kernel (DecodeMmaKernel)
-  int decode_mma_stages = 3;            // decode, tensor-core kernel: pipeline stages per warp
-  int decode_mma_desc = 1;  // decode, tensor-core kernel: decode_mma_descriptors (1-2, resolved)
-  int units_per_block = 0;  // decode, tensor-core kernel, token split: DecodeArgs::units_per_block
-  size_t workspace_bytes = 0;  // kPagedAttentionCounterBytes + partials, or 0
-};
-
-// MT = query m-tiles of 16 rows per warp: 1 -> PrefillKernel, 2 -> PrefillKernel2.
-template <int D, int NW, int MT>
-constexpr auto PrefillKernelFor() {
-  if constexpr (MT == 2) {
-    return PrefillKernel2<D, NW>;
-  } else {
-    return PrefillKernel<D, NW>;
+// The launch configuration of p's shape on the current device. With check_pointers the pointer
+// errors come before any device access, as PagedAttention has always reported them.
+absl::StatusOr<LaunchConfig> ChooseConfig(const PagedAttentionParams& p, AttentionKernel kernel,
+                                          bool check_pointers) {
+  if (absl::Status s = ValidateShape(p, kernel); !s.ok()) return s;
+  if (check_pointers) {
+    if (absl::Status s = ValidatePointers(p); !s.ok()) return s;
   }
-}
-
-template <int D, int NW, int MT>
-int PrefillSmemBytes() {
-  return (4 * kBc * D + (MT == 2 ? 32 * NW * D : 0)) * static_cast<int>(sizeof(uint16_t));
-}
-
-template <int D, int NW, int MT>
-absl::Status PreparePrefill() {
-  // Raise the dynamic shared memory limit once per process (per device would be more exact; all
-  // devices we target are the same kind).
-  static const cudaError_t err = cudaFuncSetAttribute(PrefillKernelFor<D, NW, MT>(),
-                                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                      PrefillSmemBytes<D, NW, MT>());
-  if (err != cudaSuccess) {
-    return absl::InternalError(
-        absl::StrFormat("cudaFuncSetAttribute(prefill): %s", cudaGetErrorString(err)));
-  }
-  return absl::OkStatus();
-}
-
-template <int D, int NW, int MT>
-absl::StatusOr<int> PrefillBlocksPerSmT() {
-  if (absl::Status s = PreparePrefill<D, NW, MT>(); !s.ok()) return s;
-  static int blocks = -1;
-  static cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &blocks, PrefillKernelFor<D, NW, MT>(), NW * 32, PrefillSmemBytes<D, NW, MT>());
-  if (err != cudaSuccess) {
-    return absl::InternalError(absl::StrFormat("cudaOccupancyMaxActiveBlocksPerMultiprocessor: %s",
-                                               cudaGetErrorString(err)));
-  }
-  return blocks;
-}
-
-template <int D, int G, int U, int KVH = 1, int T = kDecodeThreads>
-cudaError_t PrepareDecodeSmem() {
-  static const cudaError_t err =
-      cudaFuncSetAttribute(DecodeSmemKernel<D, G, U, KVH, T>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, DecodeSmemBytes<D, U, T>());
-  return err;
-}
-
-template <int D, int G, int U, bool kSmem>
-absl::StatusOr<int> DecodeBlocksPerSmT() {
-  static int blocks = -1;
-  static cudaError_t err = kSmem ? (PrepareDecodeSmem<D, G, U>() != cudaSuccess
-                                        ? PrepareDecodeSmem<D, G, U>()
-                                        : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                                              &blocks, DecodeSmemKernel<D, G, U, 1>, kDecodeThreads,
-                                              DecodeSmemBytes<D, U>()))
-                                 : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                                       &blocks, DecodeKernel<D, G, U>, kDecodeThreads, 0);
-  if (err != cudaSuccess) {
-    return absl::InternalError(absl::StrFormat("cudaOccupancyMaxActiveBlocksPerMultiprocessor: %s",
-                                               cudaGetErrorString(err)));
-  }
-  return blocks;
-}
-
-template <int D, int U, bool kSmem>
-absl::StatusOr<int> DecodeBlocksPerSmDU(int g) {
-  switch (g) {
-    case 4:
-      return DecodeBlocksPerSmT<D, 4, U, kSmem>();
-    case 2:
-      return DecodeBlocksPerSmT<D, 2, U, kSmem>();
-    default:
-      return DecodeBlocksPerSmT<D, 1, U, kSmem>();
-  }
-}
-
-template <bool kSmem>
-absl::StatusOr<int> DecodeBlocksPerSmS(int d, int g, int u) {
-  if (d == 128) {
-    return u == 2 ? DecodeBlocksPerSmDU<128, 2, kSmem>(g) : DecodeBlocksPerSmDU<128, 4, kSmem>(g);
-  }
-  return u == 2 ? DecodeBlocksPerSmDU<64, 2, kSmem>(g) : DecodeBlocksPerSmDU<64, 4, kSmem>(g);
-}
-
-absl::StatusOr<int> DecodeBlocksPerSm(int d, int g, int u, bool smem) {
-  return smem ? DecodeBlocksPerSmS<true>(d, g, u) : DecodeBlocksPerSmS<false>(d, g, u);
-}
-
-// The tensor-core decode kernel: shapes it serves (else the CUDA-core kernels run).
-bool DecodeMmaSupports(const PagedAttentionParams& p) {
-  const int group = p.num_heads / p.num_kv_heads;
-  return (p.head_dim == 128 || p.head_dim == 64) &&
-         (group == 1 || group == 2 || group == 4 || group == 8);
-}
-
-template <int D, int G, int S, int C, int KVH>
-cudaError_t PrepareDecodeMma() {
-  static const cudaError_t err = cudaFuncSetAttribute(DecodeMmaKernel<D, G, S, C, KVH>,
-                                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                      DecodeMmaSmemBytes<D, S, KVH>());
-  return err;
-}
-
-template <int D, int G, int S, int C, int KVH>
-absl::StatusOr<int> DecodeMmaBlocksPerSmT() {
-  static int blocks = 0;
-  static const cudaError_t err =
-      PrepareDecodeMma<D, G, S, C, KVH>() != cudaSuccess
-          ? PrepareDecodeMma<D, G, S, C, KVH>()
-          : cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, DecodeMmaKernel<D, G, S, C, KVH>,
-                                                          KVH * kDecodeMmaWarps * 32,
-                                                          DecodeMmaSmemBytes<D, S, KVH>());
-  if (err != cudaSuccess) {
-    return absl::InternalError(
-        absl::StrFormat("decode (tensor cores) occupancy: %s", cudaGetErrorString(err)));
-  }
-  return blocks;
-}
-
-// True where DispatchDecodeMma instantiates two KV heads per thread block (head_dim 128, group
-// 4, 2 or 3 stages, descriptors from global memory), given num_kv_heads is even.
-bool DecodeMmaKvh2Supported(int d, int g, int stages, int num_kv_heads) {
-  return d == 128 && g == 4 && (stages == 2 || stages == 3) && num_kv_heads % 2 == 0;
-}
-
-// Calls f(std::integral_constant<int, D>, ..G.., ..S.., ..descriptor mode.., ..KV heads per
-// block..) for the kernel's supported shapes (descriptor modes other than 1, the cache: head_dim
-// 128, group 4 only; 3 = the dynamic schedule; kvh 2: where DecodeMmaKvh2Supported, with descriptor
-// mode 2 whatever desc_mode says).
-template <typename F>
-auto DispatchDecodeMma(int d, int g, int stages, int desc_mode, int kvh, F&& f) {
-  using std::integral_constant;
-  auto with_c = [&](auto dc, auto gc, auto sc) {
-    if constexpr (decltype(dc)::value == 128 && decltype(gc)::value == 4) {
-      if constexpr (decltype(sc)::value == 2 || decltype(sc)::value == 3) {
-        if (kvh == 2) {
-          return f(dc, gc, sc, integral_constant<int, 2>(), integral_constant<int, 2>());
-        }
-      }
-      switch (desc_mode) {
-        case 2:
-          return f(dc, gc, sc, integral_constant<int, 2>(), integral_constant<int, 1>());
-        case 3:
-          return f(dc, gc, sc, integral_constant<int, 3>(), integral_constant<int, 1>());
-        default:
-          break;
-      }
-    }
-    return f(dc, gc, sc, integral_constant<int, 1>(), integral_constant<int, 1>());
-  };
-  auto with_s = [&](auto dc, auto gc) {
-    if constexpr (decltype(dc)::value == 128) {
-      if (stages == 2) return with_c(dc, gc, integral_constant<int, 2>());
-      if (stages == 4) return with_c(dc, gc, integral_constant<int, 4>());
-    }
-    return with_c(dc, gc, integral_constant<int, 3>());
-  };
-  auto with_g = [&](auto dc) {
-    switch (g) {
-      case 8:
-        return with_s(dc, integral_constant<int, 8>());
-      case 4:
-        return with_s(dc, integral_constant<int, 4>());
-      case 2:
-        return with_s(dc, integral_constant<int, 2>());
-      default:
-        return with_s(dc, integral_constant<int, 1>());
-    }
-  };
-  return d == 128 ? with_g(integral_constant<int, 128>()) : with_g(integral_constant<int, 64>());
-}
-
-absl::StatusOr<int> DecodeMmaBlocksPerSm(int d, int g, int stages, int desc_mode, int kvh) {
-  return DispatchDecodeMma(
-      d, g, stages, desc_mode, kvh, [](auto dc, auto gc, auto sc, auto cc, auto kc) {
-        return DecodeMmaBlocksPerSmT<decltype(dc)::value, decltype(gc)::value, decltype(sc)::value,
-                                     decltype(cc)::value, decltype(kc)::value>();
-      });
-}
-
-template <int MT>
-absl::StatusOr<int> PrefillBlocksPerSmM(int d, int nw) {
-  if (d == 128) {
-    return nw == 8 ? PrefillBlocksPerSmT<128, 8, MT>() : PrefillBlocksPerSmT<128, 4, MT>();
-  }
-  return nw == 8 ? PrefillBlocksPerSmT<64, 8, MT>() : PrefillBlocksPerSmT<64, 4, MT>();
-}
-
-absl::StatusOr<int> PrefillBlocksPerSm(int d, int nw, int mt) {
-  return mt == 2 ? PrefillBlocksPerSmM<2>(d, nw) : PrefillBlocksPerSmM<1>(d, nw);
-}
-
-absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKernel kernel) {
-  if (absl::Status s = Validate(p, kernel); !s.ok()) return s;
-  Config c;
+  LaunchConfig c;
   if (p.num_q_tokens == 0 || p.num_blocks == 0) return c;
   if (p.head_dim < 64) return c;  // SmallHeadKernel: no workspace
-  absl::StatusOr<DeviceInfo> info = GetDeviceInfo();
+  absl::StatusOr<internal::DeviceInfo> info = internal::GetDeviceInfo();
   if (!info.ok()) return info.status();
   const int num_sms = std::max(1, info->num_sms);
   if (kernel == AttentionKernel::kAuto) {
@@ -2529,7 +231,8 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
                              ? internal::Sm90PrefillBlocksPerSplit(p)
                              : static_cast<int64_t>((p.num_q_tokens + br - 1) / br) * p.num_heads;
     absl::StatusOr<int> per_sm =
-        c.prefill_sm90 ? 1 : PrefillBlocksPerSm(p.head_dim, c.prefill_warps, c.prefill_mt);
+        c.prefill_sm90 ? 1
+                       : internal::PrefillMmaBlocksPerSm(p.head_dim, c.prefill_warps, c.prefill_mt);
     if (!per_sm.ok()) return per_sm.status();
     const int64_t slots = static_cast<int64_t>(num_sms) * std::max(1, *per_sm);
     int splits = p.num_splits;
@@ -2560,21 +263,12 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
     c.decode_unroll = p.decode_unroll != 0 ? p.decode_unroll : 4;
     const bool batched = p.q_block_offsets != nullptr;
     c.decode_smem = p.decode_pipeline != 1 || batched;
-    c.decode_kvh =
-        c.decode_smem && p.decode_kv_heads_per_block > 1 ? p.decode_kv_heads_per_block : 1;
-    if (c.decode_kvh > 1) c.decode_unroll = 4;  // (instantiated with 4 tokens per step only)
-    if (c.decode_smem && c.decode_kvh == 1 && p.decode_threads_per_block == 256) {
-      c.decode_threads = 256;  // same shared memory per block as 128 threads x 4 tokens
-      c.decode_unroll = 2;
-    }
     // The tensor-core kernel unless the CUDA-core kernels are asked for (decode_kernel = 1), for
     // the shapes it supports: 53-54 us against 57 us for one token over 32K pooled tokens on an
     // H100 (docs/results-gpu.md).
-    c.decode_mma = p.decode_kernel != 1 && DecodeMmaSupports(p);
+    c.decode_mma = p.decode_kernel != 1 && internal::DecodeMmaSupports(p);
     if (c.decode_mma) {
       c.decode_g = group;  // one thread block serves the whole group of a KV head
-      c.decode_kvh = 1;    // (the CUDA-core kernels' tuning does not apply)
-      c.decode_threads = kDecodeThreads;
       c.decode_unroll = 4;
       c.decode_smem = true;
       // Default depth (measured on an H100, one token over 32K pooled tokens, 2-4 stages with and
@@ -2591,22 +285,14 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
       if (p.head_dim != 128) c.decode_mma_stages = 3;  // (other depths instantiated for 128)
       // (Decided below for the default; the occupancy does not depend on it.)
       c.decode_mma_desc = p.decode_mma_descriptors != 0 ? p.decode_mma_descriptors : 1;
-      // Two KV heads per thread block (decode_mma_kv_heads = 2) where instantiated; 4 stages
-      // (256 KiB per block) do not fit, so 3.
-      if (p.decode_mma_kv_heads == 2) {
-        if (c.decode_mma_stages == 4) c.decode_mma_stages = 3;
-        if (DecodeMmaKvh2Supported(p.head_dim, group, c.decode_mma_stages, p.num_kv_heads)) {
-          c.decode_kvh = 2;
-          c.decode_mma_desc = 2;
-        }
-      }
     }
     const int64_t ctas_per_item =
-        static_cast<int64_t>(p.num_kv_heads / c.decode_kvh) * (group / c.decode_g) * p.num_q_tokens;
+        static_cast<int64_t>(p.num_kv_heads) * (group / c.decode_g) * p.num_q_tokens;
     absl::StatusOr<int> per_sm =
-        c.decode_mma ? DecodeMmaBlocksPerSm(p.head_dim, c.decode_g, c.decode_mma_stages,
-                                            c.decode_mma_desc, c.decode_kvh)
-                     : DecodeBlocksPerSm(p.head_dim, c.decode_g, c.decode_unroll, c.decode_smem);
+        c.decode_mma ? internal::DecodeMmaBlocksPerSm(p.head_dim, c.decode_g, c.decode_mma_stages,
+                                                      c.decode_mma_desc)
+                     : internal::DecodeCudaCoreBlocksPerSm(p.head_dim, c.decode_g, c.decode_unroll,
+                                                           c.decode_smem);
     if (!per_sm.ok()) return per_sm.status();
     // About two thread blocks per multiprocessor (capped by occupancy): measured on an H100
     // (docs/results-gpu.md) this beat both a full occupancy wave and finer splits, which only
@@ -2638,100 +324,27 @@ absl::StatusOr<Config> ChooseConfig(const PagedAttentionParams& p, AttentionKern
       c.items =
           static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(target_items, p.num_blocks)));
     }
-    if (c.decode_mma && !batched && p.decode_mma_token_split == 1) {
-      // Items are equal runs of 16-row units across segment boundaries (DecodeArgs).
-      const int upb = (p.max_block_tokens + kDecodeMmaKeys - 1) / kDecodeMmaKeys;
-      const int64_t units = static_cast<int64_t>(p.num_blocks) * upb;
-      c.units_per_block = upb;
-      c.chunks_per_block = 1;
-      c.chunk_tokens = p.max_block_tokens;
-      c.items = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(target_items, units)));
-      // (The most blocks one item touches: for the descriptor-cache default below.)
-      c.blocks_per_item = (p.num_blocks + c.items - 1) / c.items + 1;
-    }
-    // One merge counter (and, dynamic, one work counter) per (query token, head group).
-    const int64_t counters = ctas_per_item;
-    const bool counters_fit = counters <= kQueueOffset;
-    const int dyn_chunk = std::min(kDynChunkTokens, p.max_block_tokens);
-    const int dyn_per_block = (p.max_block_tokens + dyn_chunk - 1) / dyn_chunk;
-    const int64_t dyn_total = static_cast<int64_t>(p.num_blocks) * dyn_per_block;
-    if (p.decode_schedule == 1 && !c.decode_mma && !batched && c.decode_smem && !p.causal &&
-        counters_fit && std::min<int64_t>(target_items, dyn_total) > 1) {
-      // Dynamic: target_items blocks per head group take kDynChunkTokens-row chunks.
-      c.decode_dynamic = true;
-      c.dyn_chunk_tokens = dyn_chunk;
-      c.dyn_chunks_per_block = dyn_per_block;
-      c.items = static_cast<int>(std::min<int64_t>(target_items, dyn_total));
-      c.chunks_per_block = 1;
-      c.blocks_per_item = p.num_blocks;
-    }
+    // One merge counter per (query token, head group).
+    const bool counters_fit = ctas_per_item <= internal::kMaxFusedCounters;
     if (c.items > 1) {
       const int64_t rows = static_cast<int64_t>(p.num_q_tokens) * p.num_heads;
       c.workspace_bytes = static_cast<size_t>(c.items) * rows * (p.head_dim + 1) * sizeof(float);
       c.workspace_bytes = kPagedAttentionCounterBytes + (c.workspace_bytes + 255) / 256 * 256;
-      c.decode_fused = p.decode_merge == 0 && c.items <= kMaxFusedItems && counters_fit;
+      c.decode_fused = p.decode_merge == 0 && c.items <= internal::kMaxFusedItems && counters_fit;
     }
-    if (c.decode_mma && p.decode_mma_descriptors == 0 && c.decode_kvh == 1) {
+    if (c.decode_mma && p.decode_mma_descriptors == 0) {
       // The descriptor cache paid off only with 4 stages (4 warps per SM) and runs of more than
       // 4 segments per thread block (256-token segments: 52.6 vs 53.1 us back to back; 64: 53.4
       // vs 56.1); with 4 segments per block (512) or 2 stages (8 warps per SM) it cost 0.5 us.
       c.decode_mma_desc = c.decode_mma_stages == 4 && c.blocks_per_item > 4 ? 1 : 2;
     }
-    if (c.decode_mma && p.decode_mma_schedule == 2 && c.decode_kvh == 1 && !batched && !p.causal &&
-        p.decode_mma_token_split == 0 && p.head_dim == 128 && group == 4 && c.items > 1 &&
-        counters_fit) {
-      // Dynamic (DecodeMmaKernel, kDesc 3): the same thread blocks; each warp takes 64-row
-      // chunks, its first two statically, then from the head group's work counter.
-      c.decode_dynamic = true;
-      c.decode_mma_desc = 3;
-      c.dyn_chunk_tokens = kDynChunkTokens;
-      c.dyn_chunks_per_block = (p.max_block_tokens + kDynChunkTokens - 1) / kDynChunkTokens;
-      c.chunks_per_block = 1;
-      c.chunk_tokens = p.max_block_tokens;
-      c.blocks_per_item = p.num_blocks;
-    }
   }
   return c;
 }
 
-template <int D, int NW, int MT>
-absl::Status LaunchPrefill(const PagedAttentionParams& p, const Config& c, float scale_log2,
-                           float* out, float* lse, cudaStream_t stream) {
-  if (absl::Status s = PreparePrefill<D, NW, MT>(); !s.ok()) return s;
-  PrefillArgs a;
-  a.q = static_cast<const uint16_t*>(p.q);
-  a.blocks = p.blocks;
-  a.num_blocks = p.num_blocks;
-  a.num_q = p.num_q_tokens;
-  a.num_heads = p.num_heads;
-  a.num_kv_heads = p.num_kv_heads;
-  a.group = p.num_heads / p.num_kv_heads;
-  a.scale_log2 = scale_log2;
-  a.causal = p.causal ? 1 : 0;
-  a.q_start_pos = p.q_start_pos;
-  a.blocks_per_split = (p.num_blocks + c.splits - 1) / c.splits;
-  a.out = out;
-  a.lse = lse;
-  constexpr int kBr = 16 * MT * NW;
-  const dim3 grid((p.num_q_tokens + kBr - 1) / kBr, p.num_heads, c.splits);
-  PrefillKernelFor<D, NW, MT>()<<<grid, NW * 32, PrefillSmemBytes<D, NW, MT>(), stream>>>(a);
-  return LaunchStatus("prefill attention");
-}
-
-template <int MT>
-absl::Status LaunchPrefillM(const PagedAttentionParams& p, const Config& c, float scale_log2,
-                            float* out, float* lse, cudaStream_t stream) {
-  if (p.head_dim == 128) {
-    return c.prefill_warps == 8 ? LaunchPrefill<128, 8, MT>(p, c, scale_log2, out, lse, stream)
-                                : LaunchPrefill<128, 4, MT>(p, c, scale_log2, out, lse, stream);
-  }
-  return c.prefill_warps == 8 ? LaunchPrefill<64, 8, MT>(p, c, scale_log2, out, lse, stream)
-                              : LaunchPrefill<64, 4, MT>(p, c, scale_log2, out, lse, stream);
-}
-
-template <int D, int G, int U>
-absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float scale_log2,
-                          float* out, float* lse, cudaStream_t stream) {
+// The decode kernels' arguments for p under c, partials (several items) to out / lse.
+DecodeArgs MakeDecodeArgs(const PagedAttentionParams& p, const LaunchConfig& c, float scale_log2,
+                          float* out, float* lse) {
   DecodeArgs a;
   a.q = static_cast<const uint16_t*>(p.q);
   a.blocks = p.blocks;
@@ -2752,181 +365,63 @@ absl::Status LaunchDecode(const PagedAttentionParams& p, const Config& c, float 
   a.counters = nullptr;
   a.final_out = p.out;
   a.final_lse = p.lse;
-  a.merge_in_kernel = c.decode_fused ? 1 : 0;
-  a.dynamic = c.decode_dynamic ? 1 : 0;
-  a.dyn_chunk_tokens = c.dyn_chunk_tokens;
-  a.dyn_chunks_per_block = c.dyn_chunks_per_block;
   a.q_block_offsets = p.q_block_offsets;
-  a.units_per_block = c.units_per_block;
   a.extra_out = p.extra_out;
   a.extra_lse = p.extra_lse;
   a.num_extra = p.num_extra;
   a.extra_rows = static_cast<int64_t>(p.num_q_tokens) * p.num_heads;
   a.pdl = p.pdl;
-  if (c.items > 1 && (c.decode_fused || c.decode_dynamic)) {
+  if (c.items > 1 && c.decode_fused) {
     a.counters = static_cast<unsigned int*>(p.workspace);
   }
-  if constexpr (G == 1 && U == 4) {  // (LaunchDecodeD routes the tensor-core kernel here)
-    if (c.decode_mma) {
-      return DispatchDecodeMma(
-          D, a.group, c.decode_mma_stages, c.decode_mma_desc, c.decode_kvh,
-          [&](auto dc, auto gc, auto sc, auto cc, auto kc) {
-            constexpr int kD = decltype(dc)::value;
-            constexpr int kG = decltype(gc)::value;
-            constexpr int kS = decltype(sc)::value;
-            constexpr int kC = decltype(cc)::value;
-            constexpr int kK = decltype(kc)::value;
-            if (cudaError_t err = PrepareDecodeMma<kD, kG, kS, kC, kK>(); err != cudaSuccess) {
-              return absl::InternalError(absl::StrFormat(
-                  "cudaFuncSetAttribute(decode tensor cores): %s", cudaGetErrorString(err)));
-            }
-            const dim3 grid(c.items, p.num_kv_heads / kK, p.num_q_tokens);
-            // One launch path: with pdl > 0 the programmatic-serialization attribute (the
-            // kernel's griddepcontrol.wait then orders it), without it an ordinary launch.
-            cudaLaunchConfig_t config = {};
-            config.gridDim = grid;
-            config.blockDim = dim3(kK * kDecodeMmaWarps * 32);
-            config.dynamicSmemBytes = DecodeMmaSmemBytes<kD, kS, kK>();
-            config.stream = stream;
-            cudaLaunchAttribute attr[1];
-            attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-            attr[0].val.programmaticStreamSerializationAllowed = 1;
-            config.attrs = attr;
-            config.numAttrs = p.pdl > 0 ? 1 : 0;
-            if (cudaError_t err =
-                    cudaLaunchKernelEx(&config, DecodeMmaKernel<kD, kG, kS, kC, kK>, a);
-                err != cudaSuccess) {
-              return absl::InternalError(absl::StrFormat(
-                  "decode attention (tensor cores) launch: %s", cudaGetErrorString(err)));
-            }
-            return LaunchStatus("decode attention (tensor cores)");
-          });
-    }
-  }
-  const dim3 grid(c.items, (p.num_kv_heads / c.decode_kvh) * (a.group / G), p.num_q_tokens);
-  if (c.decode_smem) {
-    auto launch = [&](auto kvh_constant, auto threads_constant) -> absl::Status {
-      constexpr int KVH = decltype(kvh_constant)::value;
-      constexpr int T = decltype(threads_constant)::value;
-      if (cudaError_t err = PrepareDecodeSmem<D, G, U, KVH, T>(); err != cudaSuccess) {
-        return absl::InternalError(
-            absl::StrFormat("cudaFuncSetAttribute(decode): %s", cudaGetErrorString(err)));
-      }
-      DecodeSmemKernel<D, G, U, KVH, T><<<grid, T, DecodeSmemBytes<D, U, T>(), stream>>>(a);
-      return LaunchStatus("decode attention");
-    };
-    using T128 = std::integral_constant<int, kDecodeThreads>;
-    if constexpr (U == 2) {
-      if (c.decode_threads == 256) {
-        return launch(std::integral_constant<int, 1>(), std::integral_constant<int, 256>());
-      }
-    }
-    if constexpr (U == 4) {
-      switch (c.decode_kvh) {
-        case 8:
-          return launch(std::integral_constant<int, 8>(), T128());
-        case 4:
-          return launch(std::integral_constant<int, 4>(), T128());
-        case 2:
-          return launch(std::integral_constant<int, 2>(), T128());
-        default:
-          break;
-      }
-    }
-    return launch(std::integral_constant<int, 1>(), T128());
-  } else {
-    DecodeKernel<D, G, U><<<grid, kDecodeThreads, 0, stream>>>(a);
-  }
-  return LaunchStatus("decode attention");
+  return a;
 }
 
-template <int D, int U>
-absl::Status LaunchDecodeDU(const PagedAttentionParams& p, const Config& c, float scale_log2,
-                            float* out, float* lse, cudaStream_t stream) {
-  switch (c.decode_g) {
-    case 4:
-      return LaunchDecode<D, 4, U>(p, c, scale_log2, out, lse, stream);
-    case 2:
-      return LaunchDecode<D, 2, U>(p, c, scale_log2, out, lse, stream);
-    default:
-      return LaunchDecode<D, 1, U>(p, c, scale_log2, out, lse, stream);
-  }
+// The name of the first shape field (see PagedAttentionPlan::Create) in which a and b differ,
+// or null when they have the same shape.
+const char* ShapeMismatch(const PagedAttentionParams& a, const PagedAttentionParams& b) {
+  // A field added to PagedAttentionParams must be compared here (or named a pointer in
+  // PagedAttentionPlan::Create's comment).
+  static_assert(sizeof(PagedAttentionParams) == 168, "compare the new field below");
+#define TOKENLAKE_SAME(field) \
+  if (a.field != b.field) return #field
+  TOKENLAKE_SAME(num_q_tokens);
+  TOKENLAKE_SAME(num_blocks);
+  TOKENLAKE_SAME(max_block_tokens);
+  TOKENLAKE_SAME(num_heads);
+  TOKENLAKE_SAME(num_kv_heads);
+  TOKENLAKE_SAME(head_dim);
+  TOKENLAKE_SAME(softmax_scale);
+  TOKENLAKE_SAME(causal);
+  TOKENLAKE_SAME(q_start_pos);
+  TOKENLAKE_SAME(num_splits);
+  TOKENLAKE_SAME(prefill_warps);
+  TOKENLAKE_SAME(prefill_rows_per_warp);
+  TOKENLAKE_SAME(prefill_kernel);
+  TOKENLAKE_SAME(decode_unroll);
+  TOKENLAKE_SAME(decode_pipeline);
+  TOKENLAKE_SAME(decode_merge);
+  TOKENLAKE_SAME(decode_kernel);
+  TOKENLAKE_SAME(decode_mma_stages);
+  TOKENLAKE_SAME(decode_mma_descriptors);
+  TOKENLAKE_SAME(pdl);
+  TOKENLAKE_SAME(num_extra);
+#undef TOKENLAKE_SAME
+  if ((a.q_block_offsets == nullptr) != (b.q_block_offsets == nullptr)) return "q_block_offsets";
+  return nullptr;
 }
 
-template <int D>
-absl::Status LaunchDecodeD(const PagedAttentionParams& p, const Config& c, float scale_log2,
-                           float* out, float* lse, cudaStream_t stream) {
-  if (c.decode_mma) return LaunchDecode<D, 1, 4>(p, c, scale_log2, out, lse, stream);
-  return c.decode_unroll == 2 ? LaunchDecodeDU<D, 2>(p, c, scale_log2, out, lse, stream)
-                              : LaunchDecodeDU<D, 4>(p, c, scale_log2, out, lse, stream);
-}
-
-absl::Status LaunchMergeSplits(const float* o, int64_t o_part_stride, int64_t o_row_stride,
-                               const float* l, int64_t l_part_stride, int64_t l_row_stride,
-                               int parts, int64_t rows, int d, float* out, float* lse,
-                               cudaStream_t stream, const float* extra_out = nullptr,
-                               const float* extra_lse = nullptr, int num_extra = 0) {
-  if (rows == 0) return absl::OkStatus();
-  if (d == 128) {
-    MergeSplitsKernel<128><<<rows, kMergeThreads, 0, stream>>>(
-        o, o_part_stride, o_row_stride, l, l_part_stride, l_row_stride, parts, out, lse, extra_out,
-        extra_lse, num_extra, rows);
-  } else {
-    MergeSplitsKernel<64><<<rows, kMergeThreads, 0, stream>>>(
-        o, o_part_stride, o_row_stride, l, l_part_stride, l_row_stride, parts, out, lse, extra_out,
-        extra_lse, num_extra, rows);
-  }
-  return LaunchStatus("merge splits");
-}
-
-// Merges p's extra partials (num_extra > 0) into p.out / p.lse in place (paths that do not fold
-// them into their own merge).
-absl::Status LaunchMergeExtras(const PagedAttentionParams& p, int64_t rows, cudaStream_t stream) {
-  if (p.num_extra == 0 || rows == 0) return absl::OkStatus();
-  const int d4 = p.head_dim / 4;  // (head_dim is 16, 32, 64 or 128: d4 divides 256)
-  const int threads = 256 / d4 * d4;
-  const int64_t n = rows * d4;
-  MergeExtrasKernel<<<static_cast<unsigned>((n + threads - 1) / threads), threads, 0, stream>>>(
-      p.out, p.lse, p.extra_out, p.extra_lse, p.num_extra, rows, d4);
-  return LaunchStatus("merge extra partials");
-}
-
-absl::Status LaunchSmallHead(const PagedAttentionParams& p, float scale, cudaStream_t stream) {
-  const dim3 grid(p.num_q_tokens, p.num_heads);
-  if (p.head_dim == 16) {
-    SmallHeadKernel<16><<<grid, 32, 0, stream>>>(
-        static_cast<const uint16_t*>(p.q), p.blocks, p.num_blocks, p.q_block_offsets, p.num_heads,
-        p.num_kv_heads, scale, p.causal ? 1 : 0, p.q_start_pos, p.out, p.lse);
-  } else {
-    SmallHeadKernel<32><<<grid, 32, 0, stream>>>(
-        static_cast<const uint16_t*>(p.q), p.blocks, p.num_blocks, p.q_block_offsets, p.num_heads,
-        p.num_kv_heads, scale, p.causal ? 1 : 0, p.q_start_pos, p.out, p.lse);
-  }
-  return LaunchStatus("small-head attention");
-}
-
-}  // namespace
-
-absl::StatusOr<size_t> PagedAttentionWorkspaceBytes(const PagedAttentionParams& params,
-                                                    AttentionKernel kernel) {
-  absl::StatusOr<Config> c = ChooseConfig(params, kernel);
-  if (!c.ok()) return c.status();
-  return c->workspace_bytes;
-}
-
-absl::Status PagedAttention(const PagedAttentionParams& p, AttentionKernel kernel,
-                            cudaStream_t stream) {
-  absl::StatusOr<Config> cfg = ChooseConfig(p, kernel);
-  if (!cfg.ok()) return cfg.status();
-  const Config& c = *cfg;
+// Enqueues p under c: the kernel, then the split merge or the fold of extra partials where the
+// kernel does not do them. REQUIRES: p valid (shape and pointers), c = ChooseConfig of p.
+absl::Status Launch(const PagedAttentionParams& p, const LaunchConfig& c, cudaStream_t stream) {
   if (p.num_q_tokens == 0) return absl::OkStatus();
   const int64_t rows = static_cast<int64_t>(p.num_q_tokens) * p.num_heads;
   if (p.num_blocks == 0) {
-    const int64_t n = rows * p.head_dim;
-    FillEmptyKernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(p.out, p.lse, rows,
-                                                                                p.head_dim);
-    if (absl::Status s = LaunchStatus("fill empty partial"); !s.ok()) return s;
-    return LaunchMergeExtras(p, rows, stream);
+    if (absl::Status s = internal::LaunchFillEmpty(p.out, p.lse, rows, p.head_dim, stream);
+        !s.ok()) {
+      return s;
+    }
+    return internal::LaunchMergeExtras(p, rows, stream);
   }
   if (c.workspace_bytes > 0 && (p.workspace == nullptr || p.workspace_bytes < c.workspace_bytes)) {
     return absl::InvalidArgumentError(absl::StrFormat(
@@ -2936,10 +431,10 @@ absl::Status PagedAttention(const PagedAttentionParams& p, AttentionKernel kerne
   const float scale =
       p.softmax_scale > 0.f ? p.softmax_scale : 1.0f / std::sqrt(static_cast<float>(p.head_dim));
   if (p.head_dim < 64) {
-    if (absl::Status s = LaunchSmallHead(p, scale, stream); !s.ok()) return s;
-    return LaunchMergeExtras(p, rows, stream);
+    if (absl::Status s = internal::LaunchSmallHead(p, scale, stream); !s.ok()) return s;
+    return internal::LaunchMergeExtras(p, rows, stream);
   }
-  const float scale_log2 = scale * kLog2e;
+  const float scale_log2 = scale * internal::kLog2e;
   const int d = p.head_dim;
   if (c.kernel == AttentionKernel::kPrefill) {
     float* out = p.out;
@@ -2952,14 +447,13 @@ absl::Status PagedAttention(const PagedAttentionParams& p, AttentionKernel kerne
     if (c.prefill_sm90) {
       s = internal::LaunchSm90Prefill(p, c.splits, scale_log2, out, lse, stream);
     } else {
-      s = c.prefill_mt == 2 ? LaunchPrefillM<2>(p, c, scale_log2, out, lse, stream)
-                            : LaunchPrefillM<1>(p, c, scale_log2, out, lse, stream);
+      s = internal::LaunchPrefillMma(p, c, scale_log2, out, lse, stream);
     }
     if (!s.ok()) return s;
-    if (c.splits == 1) return LaunchMergeExtras(p, rows, stream);
+    if (c.splits == 1) return internal::LaunchMergeExtras(p, rows, stream);
     // Partials are [split][row][D] and [split][row]; the extras join the split merge.
-    return LaunchMergeSplits(out, rows * d, d, lse, rows, 1, c.splits, rows, d, p.out, p.lse,
-                             stream, p.extra_out, p.extra_lse, p.num_extra);
+    return internal::LaunchMergeSplits(out, rows * d, d, lse, rows, 1, c.splits, rows, d, p.out,
+                                       p.lse, stream, p.extra_out, p.extra_lse, p.num_extra);
   }
   float* out = p.out;
   float* lse = p.lse;
@@ -2967,75 +461,47 @@ absl::Status PagedAttention(const PagedAttentionParams& p, AttentionKernel kerne
     out = reinterpret_cast<float*>(static_cast<char*>(p.workspace) + kPagedAttentionCounterBytes);
     lse = out + static_cast<int64_t>(c.items) * rows * d;
   }
-  absl::Status s = d == 128 ? LaunchDecodeD<128>(p, c, scale_log2, out, lse, stream)
-                            : LaunchDecodeD<64>(p, c, scale_log2, out, lse, stream);
+  const DecodeArgs a = MakeDecodeArgs(p, c, scale_log2, out, lse);
+  absl::Status s = c.decode_mma ? internal::LaunchDecodeMma(p, c, a, stream)
+                                : internal::LaunchDecodeCudaCore(p, c, a, stream);
   if (!s.ok() || c.items == 1 || c.decode_fused) return s;
   // Partials are [row][item][D] and [row][item]; the extras join the split merge.
-  return LaunchMergeSplits(out, d, static_cast<int64_t>(c.items) * d, lse, 1, c.items, c.items,
-                           rows, d, p.out, p.lse, stream, p.extra_out, p.extra_lse, p.num_extra);
+  return internal::LaunchMergeSplits(out, d, static_cast<int64_t>(c.items) * d, lse, 1, c.items,
+                                     c.items, rows, d, p.out, p.lse, stream, p.extra_out,
+                                     p.extra_lse, p.num_extra);
 }
 
-absl::Status MergePartials(float* out_a, float* lse_a, const float* out_b, const float* lse_b,
-                           int64_t num_rows, int32_t head_dim, cudaStream_t stream) {
-  if (num_rows < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("MergePartials: num_rows = %d < 0", num_rows));
-  }
-  if (head_dim <= 0 || head_dim % 4 != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("MergePartials: head_dim = %d must be a positive multiple of 4", head_dim));
-  }
-  if (num_rows == 0) return absl::OkStatus();
-  if (out_a == nullptr || lse_a == nullptr || out_b == nullptr || lse_b == nullptr) {
-    return absl::InvalidArgumentError("MergePartials: a pointer is null");
-  }
-  const int d4 = head_dim / 4;
-  const int64_t n = num_rows * d4;
-  // A row's threads must sit in one thread block (the LSE is written after a block barrier).
-  const int threads = d4 <= 256 ? 256 / d4 * d4 : d4;
-  if (threads > 1024) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("MergePartials: head_dim = %d > 4096 is not supported", head_dim));
-  }
-  Merge2Kernel<<<static_cast<unsigned>((n + threads - 1) / threads), threads, 0, stream>>>(
-      out_a, lse_a, out_b, lse_b, num_rows, d4);
-  return LaunchStatus("merge partials");
+}  // namespace
+
+absl::StatusOr<PagedAttentionPlan> PagedAttentionPlan::Create(const PagedAttentionParams& shape,
+                                                              AttentionKernel kernel) {
+  absl::StatusOr<LaunchConfig> c = ChooseConfig(shape, kernel, /*check_pointers=*/false);
+  if (!c.ok()) return c.status();
+  return PagedAttentionPlan(shape, *c);
 }
 
-absl::Status MergePartialsN(const float* outs, const float* lses, int32_t num_partials,
-                            int64_t num_rows, int32_t head_dim, float* out, float* lse,
+absl::Status PagedAttentionPlan::Run(const PagedAttentionParams& params,
+                                     cudaStream_t stream) const {
+  if (const char* field = ShapeMismatch(params, shape_); field != nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PagedAttentionPlan::Run: %s differs from the planned shape", field));
+  }
+  if (absl::Status s = ValidatePointers(params); !s.ok()) return s;
+  return Launch(params, config_, stream);
+}
+
+absl::StatusOr<size_t> PagedAttentionWorkspaceBytes(const PagedAttentionParams& params,
+                                                    AttentionKernel kernel) {
+  absl::StatusOr<LaunchConfig> c = ChooseConfig(params, kernel, /*check_pointers=*/true);
+  if (!c.ok()) return c.status();
+  return c->workspace_bytes;
+}
+
+absl::Status PagedAttention(const PagedAttentionParams& p, AttentionKernel kernel,
                             cudaStream_t stream) {
-  if (num_partials < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("MergePartialsN: num_partials = %d < 0", num_partials));
-  }
-  if (num_rows < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("MergePartialsN: num_rows = %d < 0", num_rows));
-  }
-  if (head_dim <= 0 || head_dim % 4 != 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "MergePartialsN: head_dim = %d must be a positive multiple of 4", head_dim));
-  }
-  if (num_rows == 0) return absl::OkStatus();
-  if (out == nullptr || lse == nullptr ||
-      (num_partials > 0 && (outs == nullptr || lses == nullptr))) {
-    return absl::InvalidArgumentError("MergePartialsN: a pointer is null");
-  }
-  if (num_partials == 0) {
-    const int64_t n = num_rows * head_dim;
-    FillEmptyKernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(out, lse, num_rows,
-                                                                                head_dim);
-    return LaunchStatus("fill empty partial");
-  }
-  if (head_dim == 128 || head_dim == 64) {
-    return LaunchMergeSplits(outs, num_rows * head_dim, head_dim, lses, num_rows, 1, num_partials,
-                             num_rows, head_dim, out, lse, stream);
-  }
-  const int64_t n = num_rows * head_dim;
-  MergeNGenericKernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-      outs, lses, num_partials, num_rows, head_dim, out, lse);
-  return LaunchStatus("merge partials n-way");
+  absl::StatusOr<LaunchConfig> c = ChooseConfig(p, kernel, /*check_pointers=*/true);
+  if (!c.ok()) return c.status();
+  return Launch(p, *c, stream);
 }
 
 }  // namespace tokenlake::attention::cuda

@@ -34,20 +34,24 @@
 //     the splits are merged in the kernel as below. See decode_kernel.
 //   - decode: split-KV, CUDA cores, every (run of segments or segment chunk, KV head) in its own
 //     thread block serving up to 4 query heads of the group, K/V streamed through a 4-stage
-//     cp.async shared-memory pipeline; the splits are merged inside the same kernel by the last
-//     thread block of each (query token, head group) to finish (an atomic counter in the
-//     workspace), or by a second kernel; memory-bandwidth bound; for a few query tokens.
+//     cp.async shared-memory pipeline (or through registers); the splits are merged inside the
+//     same kernel by the last thread block of each (query token, head group) to finish (an
+//     atomic counter in the workspace), or by a second kernel; memory-bandwidth bound; for a few
+//     query tokens, and the fallback for the shapes the tensor-core decode does not take.
 //   - prefill on Hopper (prefill_sm90.cu): wgmma (warpgroup MMA), warp-specialised (a producer
 //     warpgroup streams K/V with cp.async into 3 shared-memory stages, two consumer warpgroups
 //     compute), 128 rows of (query token, query head of one KV head's group) per thread block,
 //     128-key tiles; head_dim 128 and head groups up to 128.
+//   Files by family: prefill_mma.cu, prefill_sm90.cu, decode_mma.cu, decode_cuda_core.cu, merge.cu
+//   (the split merge and MergePartials*), small_head.cu (head_dim 16 and 32); paged_attention.cu
+//   validates, plans and launches.
 //   kAuto picks decode for num_q_tokens <= kDecodeMaxQueryTokens or a batched decode
 //   (q_block_offsets), else prefill; prefill uses the Hopper kernel on a compute-capability-9
 //   device for the shapes it supports (1.77x the mma.sync kernel on an H100 for 1024 new tokens
 //   over 32K cached; docs/results-gpu.md), else the mma.sync kernel (see prefill_kernel).
-//   The decode tuning fields below other than the defaults (they tune the CUDA-core decode
-//   kernels) were all measured slower on an H100 for one token over 32K pooled tokens
-//   (docs/results-gpu.md); they stay for experiments.
+//   The tuning fields below choose among the kernels and depths that the defaults use for some
+//   shape; variants measured slower than the defaults and used by none are deleted
+//   (docs/results-gpu.md, "Variants measured slower").
 //
 // Thread-safety: every function is thread-safe; calls on one stream run in stream order. No
 // function synchronises the stream; errors of the asynchronous kernels show at the caller's next
@@ -154,30 +158,13 @@ struct PagedAttentionParams {
   // query token and thread-block head group, at most 512), then as 1; 1 = a separate merge
   // kernel after the decode kernel.
   int32_t decode_merge = 0;
-  // Decode tuning (shared-memory pipeline only; ignored with decode_pipeline = 1): KV heads each
-  // thread block serves, 1, 2, 4 or 8 (must divide num_kv_heads); with more than one, each
-  // pipeline step copies KVH * head_dim contiguous elements per token row instead of
-  // head_dim, and the step uses 4 tokens per token group. 0 = default (1).
-  int32_t decode_kv_heads_per_block = 0;
-  // Decode: how rows are shared among the thread blocks of a head group. 0 = static (each block
-  // a fixed run of segments or a fixed chunk); 1 = dynamic: blocks take 64-row chunks from an
-  // atomic work counter in the workspace until none is left, so blocks that run faster take more
-  // (the order in which a block's rows are summed, and so the rounding, then varies from run to
-  // run). Dynamic applies to the shared-memory pipeline, not causal, with at most 512 (query
-  // token, head group) pairs; otherwise static.
-  int32_t decode_schedule = 0;
-  // Decode tuning (shared-memory pipeline with one KV head per block only): threads per thread
-  // block, 128 or 256; 256 takes 2 tokens per token group per step (the same shared memory per
-  // block, twice the warps). 0 = default (128).
-  int32_t decode_threads_per_block = 0;
   // Decode implementation: 0 = auto (the tensor-core kernel where it applies, else the CUDA-core
-  // kernels), 1 = the CUDA-core kernels (the decode tuning fields above and below apply to
-  // them), 2 = the tensor-core kernel (the same as 0 today)
+  // kernels), 1 = the CUDA-core kernels (decode_unroll and decode_pipeline apply to them),
+  // 2 = the tensor-core kernel (the same as 0 today)
   // (mma.sync: the group's query heads are the rows of one 16-row tile; every warp streams its
-  // own 16-key slices through its own cp.async pipeline; static schedule; head_dim 64 or 128 and
-  // a group (num_heads / num_kv_heads) of 1, 2, 4 or 8 only: other shapes use the CUDA-core
-  // kernels whatever this says; decode_unroll, decode_pipeline, decode_kv_heads_per_block,
-  // decode_schedule and decode_threads_per_block are ignored by it).
+  // own 16-key slices through its own cp.async pipeline; head_dim 64 or 128 and a group
+  // (num_heads / num_kv_heads) of 1, 2, 4 or 8 only: other shapes use the CUDA-core kernels
+  // whatever this says; decode_unroll and decode_pipeline are ignored by it).
   int32_t decode_kernel = 0;
   // Decode, tensor-core kernel: cp.async pipeline stages per warp (16 keys of K and V each),
   // 2, 3 or 4 (head_dim 128; always 3 for head_dim 64); 0 = default: 2 when max_block_tokens <
@@ -190,27 +177,6 @@ struct PagedAttentionParams {
   // 2 = from global memory at every segment (head_dim 128 and a group of 4 only: other shapes
   // use 1 whatever this says).
   int32_t decode_mma_descriptors = 0;
-  // Decode, tensor-core kernel, one request (no q_block_offsets): 1 = token split: the splits of
-  // a head group are equal runs of 16-row units that may start and end inside a segment (so
-  // 33 splits of 64 512-token segments are 62-63 units each, not 2 or 1 segments); 0 = the
-  // splits are runs of whole segments (or chunks of one segment when there are more splits
-  // than segments).
-  int32_t decode_mma_token_split = 0;
-  // Decode, tensor-core kernel: KV heads per thread block. 0 = default (1); 1; 2 = two KV heads
-  // over the same rows (8 warps; each copy step reads 2 * head_dim contiguous elements per key
-  // row; half the head groups, so twice the splits per group for the same grid), with 2 or 3
-  // stages (4 is taken as 3) and descriptors from global memory, for head_dim 128, a group of 4
-  // and an even num_kv_heads only: other shapes use 1 whatever this says. (0.2-2.1 us slower
-  // than the default on an H100: docs/results-gpu.md, "Variants measured slower".)
-  int32_t decode_mma_kv_heads = 0;
-  // Decode, tensor-core kernel: how rows are shared among the thread blocks of a head group. 0 =
-  // default (1); 1 = static (decode_mma_token_split says how); 2 = dynamic: every warp takes
-  // 64-row chunks, its first two statically, then from an atomic work counter in the workspace,
-  // so warps served faster by memory take more (the summation order, so the rounding, varies
-  // from run to run). Dynamic applies to head_dim 128, a group of 4, not causal, one request
-  // (no q_block_offsets), no token split, one KV head per block and more than one split;
-  // otherwise static. (1-3.5 us slower than static on an H100: docs/results-gpu.md, "Variants".)
-  int32_t decode_mma_schedule = 0;
   // Programmatic dependent launch (PDL, compute capability 9): how the tensor-core decode kernel
   // may overlap the kernel before it on the stream. 0 = off (default): an ordinary launch.
   // 1 = launched with cudaLaunchAttributeProgrammaticStreamSerialization: its thread blocks may
@@ -223,16 +189,17 @@ struct PagedAttentionParams {
   // (pooled segments are immutable once stored), so each warp issues its first pipeline
   // stages' copies before waiting; q, out, lse, the extras and the workspace are still touched
   // only after the wait. Other kernels (prefill, CUDA-core decode, separate merges) launch as
-  // usual whatever this says, and so does the dynamic schedule's wait (it waits first). On a
-  // stream whose previous kernel never signals, the kernel starts when that kernel completes,
-  // as without PDL. In a CUDA graph the launch attribute becomes a programmatic edge.
+  // usual whatever this says. On a stream whose previous kernel never signals, the kernel starts
+  // when that kernel completes, as without PDL. In a CUDA graph the launch attribute becomes a
+  // programmatic edge.
   int32_t pdl = 0;
   // Batched decode: null (every query token sees all blocks), or a device array of
   // num_q_tokens + 1 ascending offsets into `blocks`: query token i (one request's token) then
   // attends to blocks [q_block_offsets[i], q_block_offsets[i + 1]) only, so one launch serves
   // many requests, each with its own block list (q, out and lse rows are the requests). Uses the
-  // decode kernel (shared-memory pipeline, static schedule) whatever num_q_tokens is; each
-  // request's blocks are cut into the same number of splits. Not with causal (InvalidArgument).
+  // decode kernels whatever num_q_tokens is (the CUDA-core ones with their shared-memory
+  // pipeline: decode_pipeline is ignored); each request's blocks are cut into the same number of
+  // splits. Not with causal (InvalidArgument).
   // REQUIRES: 0 <= offsets[0] <= ... <= offsets[num_q_tokens] <= num_blocks (device contents
   // are not checked).
   const int32_t* q_block_offsets = nullptr;
@@ -252,13 +219,81 @@ struct PagedAttentionParams {
   const float* extra_lse = nullptr;
 };
 
+namespace internal {
+
+// How one call runs: the kernel, its tiling and splits, and its workspace. Plain data chosen by
+// PagedAttentionPlan::Create from the call's shape and the device; private to the library (it
+// is here so that a plan is a plain value; its fields may change with the kernels).
+struct LaunchConfig {
+  AttentionKernel kernel = AttentionKernel::kPrefill;
+  int prefill_warps = 4;      // prefill, mma.sync: warps per thread block
+  int prefill_mt = 1;         // prefill: 16-row m-tiles per warp
+  int splits = 1;             // prefill: splits of the block list
+  bool prefill_sm90 = false;  // prefill: the wgmma kernel of prefill_sm90.cu
+  int chunks_per_block = 1;   // decode
+  int chunk_tokens = 0;       // decode
+  int items = 1;              // decode: num_blocks * chunks_per_block
+  int decode_g = 1;
+  int blocks_per_item = 1;     // decode
+  int decode_unroll = 4;       // decode: tokens per token group per step
+  bool decode_smem = true;     // decode: shared-memory pipeline kernel
+  bool decode_fused = false;   // decode: splits merged inside the decode kernel
+  bool decode_mma = false;     // decode: the tensor-core kernel (DecodeMmaKernel)
+  int decode_mma_stages = 3;   // decode, tensor-core kernel: pipeline stages per warp
+  int decode_mma_desc = 1;     // decode, tensor-core kernel: decode_mma_descriptors (1-2, resolved)
+  size_t workspace_bytes = 0;  // kPagedAttentionCounterBytes + partials, or 0
+};
+
+}  // namespace internal
+
+// A launch plan: what PagedAttention chooses for one shape of call (kernel, tiling, split
+// counts, grid, workspace size), computed once and reused by every call of that shape, e.g. the
+// layers of one forward pass, which differ only in their K/V descriptors, queries and outputs
+// (FlashInfer's plan / run). Run enqueues exactly what PagedAttention would for the same params,
+// so results are bit-identical. A plain value (cheap to copy); made for the device that is
+// current at Create, and valid for calls on that device.
+//
+// Thread-safety: Create is thread-safe; Run is const and thread-safe (calls on one stream run in
+// stream order, and calls sharing a workspace must be ordered, as for PagedAttention).
+class PagedAttentionPlan {
+ public:
+  // Plans calls shaped like `shape`: every field of PagedAttentionParams counts except the
+  // pointers q, blocks, out, lse, workspace, extra_out and extra_lse and workspace_bytes; of
+  // q_block_offsets only whether it is null (a batched decode) counts. The pointers may be null
+  // here; Run checks them.
+  // Errors: InvalidArgument for an invalid shape (as PagedAttention, before any device access),
+  // Internal on a CUDA error while reading the device properties.
+  static absl::StatusOr<PagedAttentionPlan> Create(const PagedAttentionParams& shape,
+                                                   AttentionKernel kernel = AttentionKernel::kAuto);
+
+  // The scratch every Run needs (PagedAttentionWorkspaceBytes of the shape): params.workspace
+  // of at least this many bytes, prepared as PagedAttentionParams::workspace says.
+  size_t workspace_bytes() const { return config_.workspace_bytes; }
+
+  // Enqueues params on `stream` as PagedAttention(params, kernel, stream) would.
+  // Errors (nothing is enqueued): InvalidArgument naming the first field in which params'
+  // shape differs from the planned one, a null pointer the call needs, or a workspace smaller
+  // than workspace_bytes(); Internal when a launch fails.
+  // REQUIRES: as PagedAttention.
+  absl::Status Run(const PagedAttentionParams& params, cudaStream_t stream = nullptr) const;
+
+ private:
+  PagedAttentionPlan(const PagedAttentionParams& shape, const internal::LaunchConfig& config)
+      : shape_(shape), config_(config) {}
+
+  PagedAttentionParams shape_;  // (pointers as given to Create; only their shape fields count)
+  internal::LaunchConfig config_;
+};
+
 // Returns the scratch size that PagedAttention(params, kernel) needs on the current device.
 // Errors: InvalidArgument when params' shape is invalid (see PagedAttention), Internal on a
 // CUDA error while reading the device properties.
 absl::StatusOr<size_t> PagedAttentionWorkspaceBytes(
     const PagedAttentionParams& params, AttentionKernel kernel = AttentionKernel::kAuto);
 
-// Enqueues the partial attention described by `params` on `stream`.
+// Enqueues the partial attention described by `params` on `stream`: the same as
+// PagedAttentionPlan::Create(params, kernel) and Run(params, stream), planning at every call (a
+// caller that makes many calls of one shape plans once).
 // Errors (nothing is enqueued): InvalidArgument naming the field when a size is negative,
 // num_heads is not a positive multiple of num_kv_heads, head_dim is not 16, 32, 64 or 128, a tuning
 // field is out of range, a needed pointer is null, or the workspace is too small; Internal when

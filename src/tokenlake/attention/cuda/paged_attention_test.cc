@@ -20,54 +20,11 @@
 #include "tokenlake/attention/attention.h"
 #include "tokenlake/attention/attention_reference.h"
 #include "tokenlake/attention/bf16.h"
+#include "tokenlake/attention/cuda/paged_attention_testing.h"
 #include "tokenlake/attention/cuda/pdl_testing.h"
 
 namespace tokenlake::attention::cuda {
 namespace {
-
-constexpr float kInf = std::numeric_limits<float>::infinity();
-
-bool HaveGpu() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return count > 0;
-}
-
-#define SKIP_WITHOUT_GPU() \
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device"
-
-#define CUDA_OK(expr) ASSERT_EQ((expr), cudaSuccess) << cudaGetErrorString(cudaGetLastError())
-
-// A device buffer freed at scope exit.
-struct DeviceBuffer {
-  void* ptr = nullptr;
-  explicit DeviceBuffer(size_t bytes) {
-    if (bytes > 0 && cudaMalloc(&ptr, bytes) != cudaSuccess) ptr = nullptr;
-  }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  template <typename T>
-  T* as() const {
-    return static_cast<T*>(ptr);
-  }
-};
-
-struct Shape {
-  int num_heads;
-  int num_kv_heads;
-  int head_dim;
-  int block_tokens;
-};
-
-std::string ShapeName(const ::testing::TestParamInfo<Shape>& info) {
-  const Shape& s = info.param;
-  return absl::StrFormat("H%d_KV%d_D%d_S%d", s.num_heads, s.num_kv_heads, s.head_dim,
-                         s.block_tokens);
-}
 
 struct Case {
   Shape shape;
@@ -82,15 +39,9 @@ struct Case {
   int prefill_rows_per_warp = 0;
   int prefill_kernel = 0;  // 0 auto, 1 mma.sync, 2 sm90 wgmma
   int decode_merge = 0;
-  int decode_kvh = 0;
-  int decode_schedule = 0;
-  int decode_threads = 0;
   int decode_kernel = 0;  // 0 auto, 1 CUDA cores, 2 tensor cores
   int decode_mma_stages = 0;
   int decode_mma_descriptors = 0;  // 0 auto, 1 shared-memory cache, 2 global
-  int decode_mma_token_split = 0;  // 1: splits of 16-row units across segments
-  int decode_mma_kv_heads = 0;     // 0 auto, 1, 2 KV heads per thread block
-  int decode_mma_schedule = 0;     // 0 auto, 1 static, 2 dynamic
   float softmax_scale = 0.f;
   int num_extra = 0;  // extra partials merged into the result (PagedAttentionParams::num_extra)
   // PagedAttentionParams::pdl; with pdl > 0 the inputs the kernel may not read before its wait
@@ -103,134 +54,11 @@ std::string Describe(const Case& c) {
   for (int l : c.block_lens) lens += absl::StrFormat("%d,", l);
   return absl::StrFormat(
       "q=%d causal=%d q_start=%d kernel=%d prefill_kernel=%d splits=%d unroll=%d pipeline=%d "
-      "merge=%d kvh=%d schedule=%d threads=%d decode_kernel=%d mma_stages=%d mma_desc=%d "
-      "token_split=%d mma_kvh=%d mma_schedule=%d extras=%d pdl=%d blocks=[%s]",
+      "rows_per_warp=%d merge=%d decode_kernel=%d mma_stages=%d mma_desc=%d extras=%d pdl=%d "
+      "blocks=[%s]",
       c.num_q, c.causal, c.q_start_pos, static_cast<int>(c.kernel), c.prefill_kernel, c.num_splits,
-      c.decode_unroll, c.decode_pipeline, c.decode_merge, c.decode_kvh, c.decode_schedule,
-      c.decode_threads, c.decode_kernel, c.decode_mma_stages, c.decode_mma_descriptors,
-      c.decode_mma_token_split, c.decode_mma_kv_heads, c.decode_mma_schedule, c.num_extra, c.pdl,
-      lens);
-}
-
-// A workspace as the header asks for: counter bytes zero, the rest poisoned with NaN (so a
-// partial read before it is written shows).
-void PrepareWorkspace(void* ws, size_t bytes) {
-  if (bytes == 0) return;
-  ASSERT_GE(bytes, kPagedAttentionCounterBytes);
-  CUDA_OK(cudaMemset(ws, 0, kPagedAttentionCounterBytes));
-  CUDA_OK(cudaMemset(static_cast<char*>(ws) + kPagedAttentionCounterBytes, 0xff,
-                     bytes - kPagedAttentionCounterBytes));
-}
-
-// Expects the workspace's counter bytes to be zero again after a call.
-void ExpectCountersZero(const void* ws, size_t bytes) {
-  if (bytes == 0) return;
-  std::vector<uint32_t> counters(kPagedAttentionCounterBytes / 4);
-  CUDA_OK(cudaMemcpy(counters.data(), ws, kPagedAttentionCounterBytes, cudaMemcpyDeviceToHost));
-  for (size_t i = 0; i < counters.size(); ++i) ASSERT_EQ(counters[i], 0u) << "counter " << i;
-}
-
-// The CPU reference's parameters for a shape's bf16 K/V (defaults for everything else).
-AttentionParams ReferenceParams(const Shape& s) {
-  AttentionParams ap;
-  ap.num_heads = s.num_heads;
-  ap.num_kv_heads = s.num_kv_heads;
-  ap.head_dim = s.head_dim;
-  ap.kv_dtype = KvDtype::kBFloat16;
-  return ap;
-}
-
-// Copies host K/V (`[block][k, v][block_elems]` bf16 bits) to d_kv and the blocks' descriptors
-// (block b over d_kv, lens[b] valid rows) to d_blocks; both buffers are large enough.
-void UploadBlocks(const std::vector<uint16_t>& kv, const std::vector<int>& lens, size_t block_elems,
-                  const DeviceBuffer& d_kv, const DeviceBuffer& d_blocks) {
-  ASSERT_NE(d_kv.ptr, nullptr);
-  CUDA_OK(cudaMemcpy(d_kv.ptr, kv.data(), kv.size() * 2, cudaMemcpyHostToDevice));
-  std::vector<DeviceKvBlock> dev_blocks(lens.size());
-  for (size_t b = 0; b < lens.size(); ++b) {
-    dev_blocks[b].k = d_kv.as<uint16_t>() + (2 * b) * block_elems;
-    dev_blocks[b].v = d_kv.as<uint16_t>() + (2 * b + 1) * block_elems;
-    dev_blocks[b].num_tokens = lens[b];
-  }
-  if (!lens.empty()) {
-    CUDA_OK(cudaMemcpy(d_blocks.ptr, dev_blocks.data(), sizeof(DeviceKvBlock) * lens.size(),
-                       cudaMemcpyHostToDevice));
-  }
-}
-
-// Checks a partial (out [rows][head_dim], lse [rows]) against the float64 reference: every element
-// written (no NaN poison left), rows without keys exactly out 0 and lse -inf, the others' LSE
-// within 2e-3 (relative) and out within a relative L2 error of 1e-2.
-void ExpectMatchesReference(absl::Span<const float> out, absl::Span<const float> lse,
-                            absl::Span<const float> ref_out, absl::Span<const float> ref_lse,
-                            int head_dim) {
-  double err2 = 0, ref2 = 0;
-  for (size_t i = 0; i < out.size(); ++i) {
-    ASSERT_FALSE(std::isnan(out[i])) << "out[" << i << "] not written or NaN";
-    const double d = static_cast<double>(out[i]) - ref_out[i];
-    err2 += d * d;
-    ref2 += static_cast<double>(ref_out[i]) * ref_out[i];
-  }
-  for (size_t r = 0; r < lse.size(); ++r) {
-    ASSERT_FALSE(std::isnan(lse[r])) << "lse[" << r << "] not written or NaN";
-    if (ref_lse[r] == -kInf) {
-      ASSERT_EQ(lse[r], -kInf) << "row " << r;
-      for (int d = 0; d < head_dim; ++d) ASSERT_EQ(out[r * head_dim + d], 0.f) << "row " << r;
-    } else {
-      ASSERT_NEAR(lse[r], ref_lse[r], 2e-3 * std::max(1.0f, std::fabs(ref_lse[r]))) << "row " << r;
-    }
-  }
-  if (ref2 > 0) {
-    EXPECT_LT(std::sqrt(err2 / ref2), 1e-2) << "relative L2 error of out";
-  } else {
-    EXPECT_EQ(err2, 0.0);
-  }
-}
-
-// Draws `num_extra` extra partials for `rows` rows of head_dim (PagedAttentionParams::
-// num_extra layout: extra_out [e][row][d], extra_lse [e][row]): random outputs, LSEs near the
-// reference's (so both weigh in) or -inf (a third of them; a row may have every partial -inf),
-// and replaces (ref_out, ref_lse) by the LSE merge of the reference partial and the extras,
-// computed in float64 from the merge's definition.
-void AddRandomExtras(int num_extra, size_t rows, int head_dim, std::mt19937_64& rng,
-                     std::vector<float>& extra_out, std::vector<float>& extra_lse,
-                     std::vector<float>& ref_out, std::vector<float>& ref_lse) {
-  const size_t ne = static_cast<size_t>(num_extra);
-  std::normal_distribution<float> normal(0.f, 1.f);
-  extra_out.assign(ne * rows * head_dim, 0.f);
-  extra_lse.assign(ne * rows, 0.f);
-  if (ne == 0) return;
-  for (float& v : extra_out) v = normal(rng);
-  for (size_t e = 0; e < ne; ++e) {
-    for (size_t r = 0; r < rows; ++r) {
-      const bool neg_inf = rng() % 3 == 0;
-      const float base = ref_lse[r] == -kInf ? 2.f : ref_lse[r];
-      extra_lse[e * rows + r] = neg_inf ? -kInf : base + 2.f * normal(rng);
-    }
-  }
-  std::vector<double> acc(head_dim);
-  for (size_t r = 0; r < rows; ++r) {
-    double m = ref_lse[r];
-    for (size_t e = 0; e < ne; ++e) m = std::max(m, static_cast<double>(extra_lse[e * rows + r]));
-    if (std::isinf(m)) {  // every partial -inf: out 0, lse -inf
-      for (int d = 0; d < head_dim; ++d) ref_out[r * head_dim + d] = 0.f;
-      ref_lse[r] = -kInf;
-      continue;
-    }
-    double sum = 0;
-    std::fill(acc.begin(), acc.end(), 0.0);
-    auto fold = [&](double l, const float* o) {
-      const double w = std::exp(l - m);  // exp(-inf) = 0: a -inf partial adds nothing
-      sum += w;
-      for (int d = 0; d < head_dim; ++d) acc[d] += w * o[d];
-    };
-    fold(ref_lse[r], ref_out.data() + r * head_dim);
-    for (size_t e = 0; e < ne; ++e) {
-      fold(extra_lse[e * rows + r], extra_out.data() + (e * rows + r) * head_dim);
-    }
-    for (int d = 0; d < head_dim; ++d) ref_out[r * head_dim + d] = static_cast<float>(acc[d] / sum);
-    ref_lse[r] = static_cast<float>(m + std::log(sum));
-  }
+      c.decode_unroll, c.decode_pipeline, c.prefill_rows_per_warp, c.decode_merge, c.decode_kernel,
+      c.decode_mma_stages, c.decode_mma_descriptors, c.num_extra, c.pdl, lens);
 }
 
 // How long the PDL tests' producer holds back the inputs after letting the kernel start.
@@ -290,10 +118,10 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   AddRandomExtras(c.num_extra, rows, s.head_dim, rng, extra_out, extra_lse, ref_out, ref_lse);
   DeviceBuffer d_extra_out(extra_out.size() * 4), d_extra_lse(extra_lse.size() * 4);
   if (ne > 0) {
-    CUDA_OK(cudaMemcpy(d_extra_out.ptr, extra_out.data(), extra_out.size() * 4,
-                       cudaMemcpyHostToDevice));
-    CUDA_OK(cudaMemcpy(d_extra_lse.ptr, extra_lse.data(), extra_lse.size() * 4,
-                       cudaMemcpyHostToDevice));
+    TOKENLAKE_CUDA_OK(cudaMemcpy(d_extra_out.ptr, extra_out.data(), extra_out.size() * 4,
+                                 cudaMemcpyHostToDevice));
+    TOKENLAKE_CUDA_OK(cudaMemcpy(d_extra_lse.ptr, extra_lse.data(), extra_lse.size() * 4,
+                                 cudaMemcpyHostToDevice));
   }
 
   // Device.
@@ -301,9 +129,9 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
       d_blocks(sizeof(DeviceKvBlock) * nb + 16), d_out(q_elems * 4 + 16), d_lse(rows * 4 + 16);
   UploadBlocks(kv, c.block_lens, block_elems, d_kv, d_blocks);
   if (::testing::Test::HasFatalFailure()) return;
-  CUDA_OK(cudaMemcpy(d_q.ptr, q_bf16.data(), q_elems * 2, cudaMemcpyHostToDevice));
-  CUDA_OK(cudaMemset(d_out.ptr, 0xff, q_elems * 4));  // NaN poison
-  CUDA_OK(cudaMemset(d_lse.ptr, 0xff, rows * 4));
+  TOKENLAKE_CUDA_OK(cudaMemcpy(d_q.ptr, q_bf16.data(), q_elems * 2, cudaMemcpyHostToDevice));
+  TOKENLAKE_CUDA_OK(cudaMemset(d_out.ptr, 0xff, q_elems * 4));  // NaN poison
+  TOKENLAKE_CUDA_OK(cudaMemset(d_lse.ptr, 0xff, rows * 4));
 
   PagedAttentionParams p;
   p.q = d_q.ptr;
@@ -325,15 +153,9 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   p.prefill_rows_per_warp = c.prefill_rows_per_warp;
   p.prefill_kernel = c.prefill_kernel;
   p.decode_merge = c.decode_merge;
-  p.decode_kv_heads_per_block = c.decode_kvh;
-  p.decode_schedule = c.decode_schedule;
-  p.decode_threads_per_block = c.decode_threads;
   p.decode_kernel = c.decode_kernel;
   p.decode_mma_stages = c.decode_mma_stages;
   p.decode_mma_descriptors = c.decode_mma_descriptors;
-  p.decode_mma_token_split = c.decode_mma_token_split;
-  p.decode_mma_kv_heads = c.decode_mma_kv_heads;
-  p.decode_mma_schedule = c.decode_mma_schedule;
   p.num_extra = c.num_extra;
   p.extra_out = d_extra_out.as<float>();
   p.extra_lse = d_extra_lse.as<float>();
@@ -353,10 +175,10 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   cudaStream_t stream = nullptr;
   DeviceBuffer d_q_src(c.pdl > 0 ? q_elems * 2 : 0), d_kv_src(c.pdl == 1 ? kv.size() * 2 : 0);
   if (c.pdl > 0) {
-    CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    TOKENLAKE_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     auto delay = [&](void* dst, void* staging, size_t bytes) {
-      CUDA_OK(cudaMemcpy(staging, dst, bytes, cudaMemcpyDeviceToDevice));
-      CUDA_OK(cudaMemset(dst, 0xff, bytes));  // bf16 NaN until the producer writes
+      TOKENLAKE_CUDA_OK(cudaMemcpy(staging, dst, bytes, cudaMemcpyDeviceToDevice));
+      TOKENLAKE_CUDA_OK(cudaMemset(dst, 0xff, bytes));  // bf16 NaN until the producer writes
       const absl::Status st = EnqueueDelayedCopy(dst, staging, bytes, kPdlDelayNs, stream);
       ASSERT_TRUE(st.ok()) << st;
     };
@@ -366,25 +188,16 @@ void RunAndCompare(const Case& c, std::mt19937_64& rng, void* ws = nullptr, size
   }
   const absl::Status st = PagedAttention(p, c.kernel, stream);
   ASSERT_TRUE(st.ok()) << st;
-  CUDA_OK(cudaDeviceSynchronize());
+  TOKENLAKE_CUDA_OK(cudaDeviceSynchronize());
   if (stream != nullptr) {
-    CUDA_OK(cudaStreamDestroy(stream));
+    TOKENLAKE_CUDA_OK(cudaStreamDestroy(stream));
   }
   ExpectCountersZero(ws, ws_bytes);
   if (::testing::Test::HasFatalFailure()) return;
   std::vector<float> out(q_elems), lse(rows);
-  CUDA_OK(cudaMemcpy(out.data(), d_out.ptr, q_elems * 4, cudaMemcpyDeviceToHost));
-  CUDA_OK(cudaMemcpy(lse.data(), d_lse.ptr, rows * 4, cudaMemcpyDeviceToHost));
+  TOKENLAKE_CUDA_OK(cudaMemcpy(out.data(), d_out.ptr, q_elems * 4, cudaMemcpyDeviceToHost));
+  TOKENLAKE_CUDA_OK(cudaMemcpy(lse.data(), d_lse.ptr, rows * 4, cudaMemcpyDeviceToHost));
   ExpectMatchesReference(out, lse, ref_out, ref_lse, s.head_dim);
-}
-
-// 0 (default) or a supported decode_kv_heads_per_block that divides the shape's KV heads.
-int RandomKvHeadsPerBlock(const Shape& s, std::mt19937_64& rng) {
-  std::vector<int> options = {0};
-  for (int k : {1, 2, 4, 8}) {
-    if (s.num_kv_heads % k == 0) options.push_back(k);
-  }
-  return options[rng() % options.size()];
 }
 
 class PagedAttentionGpuTest : public ::testing::TestWithParam<Shape> {};
@@ -392,7 +205,7 @@ class PagedAttentionGpuTest : public ::testing::TestWithParam<Shape> {};
 // Random block lists (part-segments and empty segments anywhere), random query counts, causal
 // and not, both kernels, several split counts.
 TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
-  SKIP_WITHOUT_GPU();
+  TOKENLAKE_SKIP_WITHOUT_GPU();
   const Shape shape = GetParam();
   const uint64_t seed = 1234567 + shape.num_heads * 1000 + shape.head_dim * 10 + shape.block_tokens;
   SCOPED_TRACE(::testing::Message() << "seed=" << seed);
@@ -427,9 +240,6 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
       c.decode_pipeline = static_cast<int>(rng() % 3);             // 0 (default), 1, 2
       c.prefill_rows_per_warp = static_cast<int>(rng() % 3) * 16;  // 0 (default), 16, 32
       c.decode_merge = static_cast<int>(rng() % 2);                // fused, separate kernel
-      c.decode_kvh = RandomKvHeadsPerBlock(shape, rng);
-      c.decode_schedule = static_cast<int>(rng() % 2);       // static, dynamic
-      c.decode_threads = static_cast<int>(rng() % 3) * 128;  // default, 128, 256
       // kDecode: the CUDA-core decode kernels with the random tuning above; kAuto: the default
       // decode kernel (tensor cores where they apply). The tensor-core kernel also runs below.
       c.decode_kernel = k == AttentionKernel::kDecode ? 1 : 0;
@@ -452,18 +262,12 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
     static constexpr int kStages[] = {0, 2, 3, 4};  // default, 2, 3, 4
     c.decode_mma_stages = kStages[rng() % 4];
     c.decode_mma_descriptors = static_cast<int>(rng() % 3);  // default, cached, global
-    c.decode_mma_token_split = static_cast<int>(rng() % 2);
-    c.decode_mma_kv_heads = static_cast<int>(rng() % 3);  // default, 1, 2
-    c.decode_mma_schedule = static_cast<int>(rng() % 3);  // default, static, dynamic
     c.decode_merge = static_cast<int>(rng() % 2);
     RunAndCompare(c, rng);
     if (HasFatalFailure()) return;
     c.decode_kernel = 0;
     c.decode_mma_stages = 0;
     c.decode_mma_descriptors = 0;
-    c.decode_mma_token_split = 0;
-    c.decode_mma_kv_heads = 0;
-    c.decode_mma_schedule = 0;
   }
 }
 
@@ -471,7 +275,7 @@ TEST_P(PagedAttentionGpuTest, MatchesReferenceOnRandomInputs) {
 // last one), tiles of 128 keys with part-segments and empty segments anywhere, causal with
 // q_start_pos and not, automatic and forced splits (merged partials).
 TEST_P(PagedAttentionGpuTest, Sm90PrefillMatchesReferenceOnRandomInputs) {
-  SKIP_WITHOUT_GPU();
+  TOKENLAKE_SKIP_WITHOUT_GPU();
   const Shape shape = GetParam();
   const uint64_t seed = 777 + shape.num_heads * 1000 + shape.head_dim * 10 + shape.block_tokens;
   SCOPED_TRACE(::testing::Message() << "seed=" << seed);
@@ -506,7 +310,7 @@ TEST_P(PagedAttentionGpuTest, Sm90PrefillMatchesReferenceOnRandomInputs) {
 // The two shapes the engine uses: cached prefix (not causal) and the new tokens' own KV (causal
 // from 0), over many full segments.
 TEST_P(PagedAttentionGpuTest, CachedAndNewTokenPartialsMatchReference) {
-  SKIP_WITHOUT_GPU();
+  TOKENLAKE_SKIP_WITHOUT_GPU();
   const Shape shape = GetParam();
   const uint64_t seed = 99 + shape.num_heads + shape.head_dim + shape.block_tokens;
   SCOPED_TRACE(::testing::Message() << "seed=" << seed);
@@ -550,7 +354,7 @@ TEST_P(PagedAttentionGpuTest, CachedAndNewTokenPartialsMatchReference) {
 // workspace reused by every call (its counters must come back to zero and its partials must be
 // rewritten each time), random part-segments and empty segments, causal and not.
 TEST_P(PagedAttentionGpuTest, FusedSplitMergeMatchesReferenceWithReusedWorkspace) {
-  SKIP_WITHOUT_GPU();
+  TOKENLAKE_SKIP_WITHOUT_GPU();
   const Shape shape = GetParam();
   const uint64_t seed = 777 + shape.num_heads * 31 + shape.head_dim + shape.block_tokens;
   SCOPED_TRACE(::testing::Message() << "seed=" << seed);
@@ -581,16 +385,10 @@ TEST_P(PagedAttentionGpuTest, FusedSplitMergeMatchesReferenceWithReusedWorkspace
     c.decode_pipeline = static_cast<int>(rng() % 3);
     for (int merge : {0, 1}) {
       c.decode_merge = merge;
-      c.decode_kvh = RandomKvHeadsPerBlock(shape, rng);
-      c.decode_schedule = static_cast<int>(rng() % 2);       // static, dynamic
-      c.decode_threads = static_cast<int>(rng() % 3) * 128;  // default, 128, 256
       for (int dk : {1, 2}) {  // CUDA cores, tensor cores (random pipeline depth 2, 3, 4)
         c.decode_kernel = dk;
         c.decode_mma_stages = dk == 2 ? 2 + static_cast<int>(rng() % 3) : 0;
         c.decode_mma_descriptors = dk == 2 ? static_cast<int>(rng() % 3) : 0;
-        c.decode_mma_token_split = dk == 2 ? static_cast<int>(rng() % 2) : 0;
-        c.decode_mma_kv_heads = dk == 2 ? static_cast<int>(rng() % 3) : 0;
-        c.decode_mma_schedule = dk == 2 ? static_cast<int>(rng() % 3) : 0;
         c.pdl = dk == 2 ? (trial + merge) % 3 : 0;
         RunAndCompare(c, rng, ws.ptr, kWsBytes);  // fresh random inputs each time
         if (HasFatalFailure()) return;
@@ -599,17 +397,49 @@ TEST_P(PagedAttentionGpuTest, FusedSplitMergeMatchesReferenceWithReusedWorkspace
   }
 }
 
+// Beyond 64 splits (or 512 merge counters) the default decode merges its splits with the separate
+// merge kernel, not in the kernel: 65-120 segments (a few short) and at least as many forced
+// splits, decode_merge left at its default, on both decode kernels, with and without extra
+// partials.
+TEST_P(PagedAttentionGpuTest, DefaultDecodeMergesManySplitsWithTheSeparateKernel) {
+  TOKENLAKE_SKIP_WITHOUT_GPU();
+  const Shape shape = GetParam();
+  if (shape.head_dim < 64) GTEST_SKIP() << "the small-head kernel does not split";
+  const uint64_t seed = 6464 + shape.num_heads * 11 + shape.head_dim + shape.block_tokens;
+  SCOPED_TRACE(::testing::Message() << "seed=" << seed);
+  std::cout << "seed=" << seed << "\n";
+  std::mt19937_64 rng(seed);
+  for (int trial = 0; trial < 4; ++trial) {
+    Case c;
+    c.shape = shape;
+    const int nb = 65 + static_cast<int>(rng() % 56);
+    for (int b = 0; b < nb; ++b) {
+      c.block_lens.push_back(rng() % 8 == 0 ? static_cast<int>(rng() % (shape.block_tokens + 1))
+                                            : shape.block_tokens);
+    }
+    c.num_q = 1 + static_cast<int>(rng() % 2);
+    c.kernel = AttentionKernel::kDecode;
+    c.num_splits = nb + static_cast<int>(rng() % 16);  // one or more splits per segment
+    c.num_extra = static_cast<int>(rng() % 3);
+    for (int dk : {1, 2}) {  // CUDA cores, tensor cores (where the shape allows)
+      c.decode_kernel = dk;
+      RunAndCompare(c, rng);  // fresh random inputs and workspace each time
+      if (HasFatalFailure()) return;
+    }
+  }
+}
+
 // Batched decode: many requests, each one query token over its own random block list (empty
 // lists, part-segments and empty segments included), in one launch through q_block_offsets;
 // every request compared with the reference run on its blocks alone.
-// The tensor-core decode kernel's work splits: runs of whole segments and the token split
-// (equal runs of 16-row units that start and end inside segments), with the descriptor cache and
-// without, at every pipeline depth, on every shape the kernel takes: many segments with
-// part-segments and empty ones anywhere (a run may start or end in a short or empty segment, or
-// hold no keys at all), splits from 1 to 40 (33: the token split's H100 default), causal or not,
-// one reused workspace (counters back to zero after every call).
+// The tensor-core decode kernel's work splits (runs of whole segments, or chunks of one segment
+// when there are more splits than segments), with the descriptor cache and without, at every
+// pipeline depth, on every shape the kernel takes: many segments with part-segments and empty
+// ones anywhere (a run may start or end in a short or empty segment, or hold no keys at all),
+// splits from 1 to 40, causal or not, one reused workspace (counters back to zero after every
+// call).
 TEST_P(PagedAttentionGpuTest, DecodeMmaSplitsMatchReference) {
-  SKIP_WITHOUT_GPU();
+  TOKENLAKE_SKIP_WITHOUT_GPU();
   const Shape shape = GetParam();
   const int group = shape.num_heads / shape.num_kv_heads;
   if ((shape.head_dim != 64 && shape.head_dim != 128) ||
@@ -624,11 +454,8 @@ TEST_P(PagedAttentionGpuTest, DecodeMmaSplitsMatchReference) {
   DeviceBuffer ws(kWsBytes);
   ASSERT_NE(ws.ptr, nullptr);
   PrepareWorkspace(ws.ptr, kWsBytes);
-  for (int token_split : {0, 1}) {
-    // desc 3 stands for two KV heads per thread block (decode_mma_kv_heads = 2: global
-    // descriptors, 4 stages taken as 3; other shapes fall back to one head per block), desc 4
-    // for the dynamic schedule (decode_mma_schedule = 2; static when causal or token split).
-    for (int desc : {1, 2, 3, 4}) {
+  for (int repeat = 0; repeat < 2; ++repeat) {
+    for (int desc : {0, 1, 2}) {  // default, cached, global
       for (int stages = 2; stages <= 4; ++stages) {
         Case c;
         c.shape = shape;
@@ -645,21 +472,13 @@ TEST_P(PagedAttentionGpuTest, DecodeMmaSplitsMatchReference) {
         for (int l : c.block_lens) total += l;
         c.q_start_pos = c.causal ? static_cast<int>(rng() % (total + 2)) : 0;
         c.kernel = AttentionKernel::kDecode;
-        static constexpr int kSplits[] = {0, 1, 3, 16, 33, 40};
+        static constexpr int kSplits[] = {0, 1, 3, 16, 33, 40};  // (also above the segments)
         c.num_splits = kSplits[rng() % 6];
         c.decode_merge = static_cast<int>(rng() % 2);
         c.decode_kernel = 2;
         c.decode_mma_stages = stages;
-        c.decode_mma_descriptors = desc >= 3 ? 0 : desc;
-        c.decode_mma_kv_heads = desc == 3 ? 2 : 0;
-        c.decode_mma_schedule = desc == 4 ? 2 : 0;
-        if (desc == 4 && token_split == 1) {  // (the dynamic schedule is not causal: both)
-          c.decode_mma_token_split = 0;
-          c.causal = false;
-          c.q_start_pos = 0;
-        }
-        c.decode_mma_token_split = token_split;
-        c.pdl = (stages + desc + token_split) % 3;  // off, wait first, prefetch then wait
+        c.decode_mma_descriptors = desc;
+        c.pdl = (stages + desc + repeat) % 3;  // off, wait first, prefetch then wait
         RunAndCompare(c, rng, ws.ptr, kWsBytes);
         if (HasFatalFailure()) return;
       }
@@ -674,7 +493,7 @@ TEST_P(PagedAttentionGpuTest, DecodeMmaSplitsMatchReference) {
 // query (a call that wrote its partials or read its query before its wait would corrupt its
 // own or its predecessor's result), and the counters must be zero at the end.
 TEST_P(PagedAttentionGpuTest, PdlChainedDecodesMatchReference) {
-  SKIP_WITHOUT_GPU();
+  TOKENLAKE_SKIP_WITHOUT_GPU();
   const Shape s = GetParam();
   const uint64_t seed = 5150 + s.num_heads * 17 + s.head_dim + s.block_tokens;
   SCOPED_TRACE(::testing::Message() << "seed=" << seed);
@@ -686,7 +505,7 @@ TEST_P(PagedAttentionGpuTest, PdlChainedDecodesMatchReference) {
   ASSERT_NE(ws.ptr, nullptr);
   PrepareWorkspace(ws.ptr, kWsBytes);
   cudaStream_t stream;
-  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  TOKENLAKE_CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   constexpr int kCalls = 6;
   for (int trial = 0; trial < 3; ++trial) {
     const int nb = 4 + static_cast<int>(rng() % 30);
@@ -726,11 +545,11 @@ TEST_P(PagedAttentionGpuTest, PdlChainedDecodesMatchReference) {
                       .ok());
       // Call 0's query arrives from the delayed producer; the others' are in place.
       void* dst = k == 0 ? d_q_src.ptr : d_q.as<uint16_t>() + k * q_elems;
-      CUDA_OK(cudaMemcpy(dst, q.data(), q_elems * 2, cudaMemcpyHostToDevice));
+      TOKENLAKE_CUDA_OK(cudaMemcpy(dst, q.data(), q_elems * 2, cudaMemcpyHostToDevice));
     }
-    CUDA_OK(cudaMemset(d_q.ptr, 0xff, q_elems * 2));
-    CUDA_OK(cudaMemset(d_out.ptr, 0xff, kCalls * q_elems * 4));
-    CUDA_OK(cudaMemset(d_lse.ptr, 0xff, kCalls * rows * 4));
+    TOKENLAKE_CUDA_OK(cudaMemset(d_q.ptr, 0xff, q_elems * 2));
+    TOKENLAKE_CUDA_OK(cudaMemset(d_out.ptr, 0xff, kCalls * q_elems * 4));
+    TOKENLAKE_CUDA_OK(cudaMemset(d_lse.ptr, 0xff, kCalls * rows * 4));
     const absl::Status delayed =
         EnqueueDelayedCopy(d_q.ptr, d_q_src.ptr, q_elems * 2, kPdlDelayNs, stream);
     ASSERT_TRUE(delayed.ok()) << delayed;
@@ -755,12 +574,12 @@ TEST_P(PagedAttentionGpuTest, PdlChainedDecodesMatchReference) {
       const absl::Status st = PagedAttention(p, AttentionKernel::kDecode, stream);
       ASSERT_TRUE(st.ok()) << st;
     }
-    CUDA_OK(cudaStreamSynchronize(stream));
+    TOKENLAKE_CUDA_OK(cudaStreamSynchronize(stream));
     ExpectCountersZero(ws.ptr, kWsBytes);
     if (HasFatalFailure()) return;
     std::vector<float> out(kCalls * q_elems), lse(kCalls * rows);
-    CUDA_OK(cudaMemcpy(out.data(), d_out.ptr, out.size() * 4, cudaMemcpyDeviceToHost));
-    CUDA_OK(cudaMemcpy(lse.data(), d_lse.ptr, lse.size() * 4, cudaMemcpyDeviceToHost));
+    TOKENLAKE_CUDA_OK(cudaMemcpy(out.data(), d_out.ptr, out.size() * 4, cudaMemcpyDeviceToHost));
+    TOKENLAKE_CUDA_OK(cudaMemcpy(lse.data(), d_lse.ptr, lse.size() * 4, cudaMemcpyDeviceToHost));
     for (int k = 0; k < kCalls; ++k) {
       SCOPED_TRACE(absl::StrFormat("trial %d call %d splits %d blocks %d q %d", trial, k, splits,
                                    nb, num_q));
@@ -770,7 +589,7 @@ TEST_P(PagedAttentionGpuTest, PdlChainedDecodesMatchReference) {
       if (HasFatalFailure()) return;
     }
   }
-  CUDA_OK(cudaStreamDestroy(stream));
+  TOKENLAKE_CUDA_OK(cudaStreamDestroy(stream));
 }
 
 // Extra partials (other instances' partials, num_extra 0..4, random finite or -inf LSEs, rows
@@ -780,7 +599,7 @@ TEST_P(PagedAttentionGpuTest, PdlChainedDecodesMatchReference) {
 // 16/32 shapes) and no keys at all; the decode calls share one reused workspace (counters back
 // to zero after every call).
 TEST_P(PagedAttentionGpuTest, ExtraPartialsMergeIntoTheResultOnEveryPath) {
-  SKIP_WITHOUT_GPU();
+  TOKENLAKE_SKIP_WITHOUT_GPU();
   const Shape shape = GetParam();
   const uint64_t seed = 9090 + shape.num_heads * 13 + shape.head_dim + shape.block_tokens;
   SCOPED_TRACE(::testing::Message() << "seed=" << seed);
@@ -839,7 +658,7 @@ TEST_P(PagedAttentionGpuTest, ExtraPartialsMergeIntoTheResultOnEveryPath) {
 }
 
 TEST_P(PagedAttentionGpuTest, BatchedDecodeMatchesPerRequestReference) {
-  SKIP_WITHOUT_GPU();
+  TOKENLAKE_SKIP_WITHOUT_GPU();
   const Shape s = GetParam();
   const uint64_t seed = 4321 + s.num_heads * 7 + s.head_dim + s.block_tokens;
   SCOPED_TRACE(::testing::Message() << "seed=" << seed);
@@ -904,20 +723,21 @@ TEST_P(PagedAttentionGpuTest, BatchedDecodeMatchesPerRequestReference) {
                     ref_lse);
     DeviceBuffer d_extra_out(extra_out.size() * 4), d_extra_lse(extra_lse.size() * 4);
     if (num_extra > 0) {
-      CUDA_OK(cudaMemcpy(d_extra_out.ptr, extra_out.data(), extra_out.size() * 4,
-                         cudaMemcpyHostToDevice));
-      CUDA_OK(cudaMemcpy(d_extra_lse.ptr, extra_lse.data(), extra_lse.size() * 4,
-                         cudaMemcpyHostToDevice));
+      TOKENLAKE_CUDA_OK(cudaMemcpy(d_extra_out.ptr, extra_out.data(), extra_out.size() * 4,
+                                   cudaMemcpyHostToDevice));
+      TOKENLAKE_CUDA_OK(cudaMemcpy(d_extra_lse.ptr, extra_lse.data(), extra_lse.size() * 4,
+                                   cudaMemcpyHostToDevice));
     }
     DeviceBuffer d_kv(kv.size() * 2 + 16), d_q(q_elems * 2 + 16),
         d_blocks(sizeof(DeviceKvBlock) * std::max(nb, 1) + 16), d_off(offsets.size() * 4 + 16),
         d_out(q_elems * 4 + 16), d_lse(ref_lse.size() * 4 + 16);
     UploadBlocks(kv, lens, block_elems, d_kv, d_blocks);
     if (HasFatalFailure()) return;
-    CUDA_OK(cudaMemcpy(d_q.ptr, q_bf16.data(), q_elems * 2, cudaMemcpyHostToDevice));
-    CUDA_OK(cudaMemcpy(d_off.ptr, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
-    CUDA_OK(cudaMemset(d_out.ptr, 0xff, q_elems * 4));  // NaN poison
-    CUDA_OK(cudaMemset(d_lse.ptr, 0xff, ref_lse.size() * 4));
+    TOKENLAKE_CUDA_OK(cudaMemcpy(d_q.ptr, q_bf16.data(), q_elems * 2, cudaMemcpyHostToDevice));
+    TOKENLAKE_CUDA_OK(
+        cudaMemcpy(d_off.ptr, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+    TOKENLAKE_CUDA_OK(cudaMemset(d_out.ptr, 0xff, q_elems * 4));  // NaN poison
+    TOKENLAKE_CUDA_OK(cudaMemset(d_lse.ptr, 0xff, ref_lse.size() * 4));
     PagedAttentionParams p;
     p.q = d_q.ptr;
     p.num_q_tokens = num_req;
@@ -936,11 +756,10 @@ TEST_P(PagedAttentionGpuTest, BatchedDecodeMatchesPerRequestReference) {
     static constexpr int kSplits[] = {0, 1, 2, 5, 64};
     p.num_splits = kSplits[rng() % 5];
     p.decode_merge = static_cast<int>(rng() % 2);
-    p.decode_threads_per_block = static_cast<int>(rng() % 3) * 128;
     p.decode_kernel = static_cast<int>(rng() % 3);  // auto, CUDA cores, tensor cores
-    SCOPED_TRACE(absl::StrFormat(
-        "requests=%d blocks=%d splits=%d merge=%d threads=%d kernel=%d extras=%d", num_req, nb,
-        p.num_splits, p.decode_merge, p.decode_threads_per_block, p.decode_kernel, num_extra));
+    SCOPED_TRACE(absl::StrFormat("requests=%d blocks=%d splits=%d merge=%d kernel=%d extras=%d",
+                                 num_req, nb, p.num_splits, p.decode_merge, p.decode_kernel,
+                                 num_extra));
     absl::StatusOr<size_t> need = PagedAttentionWorkspaceBytes(p);
     ASSERT_TRUE(need.ok()) << need.status();
     DeviceBuffer d_ws(*need);
@@ -949,11 +768,11 @@ TEST_P(PagedAttentionGpuTest, BatchedDecodeMatchesPerRequestReference) {
     p.workspace_bytes = *need;
     const absl::Status st = PagedAttention(p);
     ASSERT_TRUE(st.ok()) << st;
-    CUDA_OK(cudaDeviceSynchronize());
+    TOKENLAKE_CUDA_OK(cudaDeviceSynchronize());
     ExpectCountersZero(d_ws.ptr, *need);
     std::vector<float> out(q_elems), lse(ref_lse.size());
-    CUDA_OK(cudaMemcpy(out.data(), d_out.ptr, q_elems * 4, cudaMemcpyDeviceToHost));
-    CUDA_OK(cudaMemcpy(lse.data(), d_lse.ptr, lse.size() * 4, cudaMemcpyDeviceToHost));
+    TOKENLAKE_CUDA_OK(cudaMemcpy(out.data(), d_out.ptr, q_elems * 4, cudaMemcpyDeviceToHost));
+    TOKENLAKE_CUDA_OK(cudaMemcpy(lse.data(), d_lse.ptr, lse.size() * 4, cudaMemcpyDeviceToHost));
     for (int r = 0; r < num_req; ++r) {
       SCOPED_TRACE(::testing::Message() << "request " << r);
       const size_t heads = static_cast<size_t>(s.num_heads);
@@ -977,7 +796,7 @@ INSTANTIATE_TEST_SUITE_P(Shapes, PagedAttentionGpuTest,
                          ShapeName);
 
 TEST(PagedAttentionGpuTest, NoBlocksGivesEmptyPartial) {
-  SKIP_WITHOUT_GPU();
+  TOKENLAKE_SKIP_WITHOUT_GPU();
   std::mt19937_64 rng(7);
   Case c;
   c.shape = Shape{8, 2, 128, 64};
@@ -991,7 +810,7 @@ TEST(PagedAttentionGpuTest, NoBlocksGivesEmptyPartial) {
 
 // Merge kernels against the CPU merge of attention.h, with -inf rows mixed in.
 TEST(PagedAttentionGpuTest, MergesMatchCpuMerge) {
-  SKIP_WITHOUT_GPU();
+  TOKENLAKE_SKIP_WITHOUT_GPU();
   const uint64_t seed = 4242;
   SCOPED_TRACE(::testing::Message() << "seed=" << seed);
   std::mt19937_64 rng(seed);
@@ -1017,16 +836,18 @@ TEST(PagedAttentionGpuTest, MergesMatchCpuMerge) {
           MergePartialsInPlace(shape, {absl::MakeSpan(acc_o), absl::MakeSpan(acc_l)}, others).ok());
       DeviceBuffer d_outs(outs.size() * 4), d_lses(lses.size() * 4), d_o(rows * d * 4),
           d_l(rows * 4);
-      CUDA_OK(cudaMemcpy(d_outs.ptr, outs.data(), outs.size() * 4, cudaMemcpyHostToDevice));
-      CUDA_OK(cudaMemcpy(d_lses.ptr, lses.data(), lses.size() * 4, cudaMemcpyHostToDevice));
-      CUDA_OK(cudaMemset(d_o.ptr, 0xff, rows * d * 4));
-      CUDA_OK(cudaMemset(d_l.ptr, 0xff, rows * 4));
+      TOKENLAKE_CUDA_OK(
+          cudaMemcpy(d_outs.ptr, outs.data(), outs.size() * 4, cudaMemcpyHostToDevice));
+      TOKENLAKE_CUDA_OK(
+          cudaMemcpy(d_lses.ptr, lses.data(), lses.size() * 4, cudaMemcpyHostToDevice));
+      TOKENLAKE_CUDA_OK(cudaMemset(d_o.ptr, 0xff, rows * d * 4));
+      TOKENLAKE_CUDA_OK(cudaMemset(d_l.ptr, 0xff, rows * 4));
       ASSERT_TRUE(MergePartialsN(d_outs.as<float>(), d_lses.as<float>(), parts, rows, d,
                                  d_o.as<float>(), d_l.as<float>())
                       .ok());
       std::vector<float> o(rows * d), l(rows);
-      CUDA_OK(cudaMemcpy(o.data(), d_o.ptr, o.size() * 4, cudaMemcpyDeviceToHost));
-      CUDA_OK(cudaMemcpy(l.data(), d_l.ptr, l.size() * 4, cudaMemcpyDeviceToHost));
+      TOKENLAKE_CUDA_OK(cudaMemcpy(o.data(), d_o.ptr, o.size() * 4, cudaMemcpyDeviceToHost));
+      TOKENLAKE_CUDA_OK(cudaMemcpy(l.data(), d_l.ptr, l.size() * 4, cudaMemcpyDeviceToHost));
       for (int64_t r = 0; r < rows; ++r) {
         SCOPED_TRACE(absl::StrFormat("d=%d parts=%d row=%d", d, parts, r));
         if (acc_l[r] == -kInf) {
@@ -1038,13 +859,13 @@ TEST(PagedAttentionGpuTest, MergesMatchCpuMerge) {
       }
       if (parts == 2) {
         // In-place two-way merge: a <- merge(a, b).
-        CUDA_OK(cudaMemcpy(d_o.ptr, outs.data(), rows * d * 4, cudaMemcpyHostToDevice));
-        CUDA_OK(cudaMemcpy(d_l.ptr, lses.data(), rows * 4, cudaMemcpyHostToDevice));
+        TOKENLAKE_CUDA_OK(cudaMemcpy(d_o.ptr, outs.data(), rows * d * 4, cudaMemcpyHostToDevice));
+        TOKENLAKE_CUDA_OK(cudaMemcpy(d_l.ptr, lses.data(), rows * 4, cudaMemcpyHostToDevice));
         ASSERT_TRUE(MergePartials(d_o.as<float>(), d_l.as<float>(), d_outs.as<float>() + rows * d,
                                   d_lses.as<float>() + rows, rows, d)
                         .ok());
-        CUDA_OK(cudaMemcpy(o.data(), d_o.ptr, o.size() * 4, cudaMemcpyDeviceToHost));
-        CUDA_OK(cudaMemcpy(l.data(), d_l.ptr, l.size() * 4, cudaMemcpyDeviceToHost));
+        TOKENLAKE_CUDA_OK(cudaMemcpy(o.data(), d_o.ptr, o.size() * 4, cudaMemcpyDeviceToHost));
+        TOKENLAKE_CUDA_OK(cudaMemcpy(l.data(), d_l.ptr, l.size() * 4, cudaMemcpyDeviceToHost));
         for (int64_t r = 0; r < rows; ++r) {
           if (acc_l[r] == -kInf) {
             ASSERT_EQ(l[r], -kInf);
@@ -1121,11 +942,17 @@ TEST(PagedAttentionArgsTest, RejectsBadShapesWithClearErrors) {
   bad.q_block_offsets = reinterpret_cast<const int32_t*>(&dummy);
   expect_invalid(bad, "q_block_offsets");
   bad = p;
-  bad.decode_threads_per_block = 192;
-  expect_invalid(bad, "decode_threads_per_block");
+  bad.decode_pipeline = 3;
+  expect_invalid(bad, "decode_pipeline");
   bad = p;
-  bad.decode_schedule = 2;
-  expect_invalid(bad, "decode_schedule");
+  bad.decode_unroll = 3;
+  expect_invalid(bad, "decode_unroll");
+  bad = p;
+  bad.prefill_warps = 6;
+  expect_invalid(bad, "prefill_warps");
+  bad = p;
+  bad.prefill_rows_per_warp = 8;
+  expect_invalid(bad, "prefill_rows_per_warp");
   bad = p;
   bad.decode_kernel = 3;
   expect_invalid(bad, "decode_kernel");
@@ -1136,27 +963,13 @@ TEST(PagedAttentionArgsTest, RejectsBadShapesWithClearErrors) {
   bad.decode_mma_descriptors = 3;
   expect_invalid(bad, "decode_mma_descriptors");
   bad = p;
-  bad.decode_mma_token_split = 2;
-  expect_invalid(bad, "decode_mma_token_split");
-  bad.decode_mma_token_split = 0;
-  bad.decode_mma_kv_heads = 3;
-  expect_invalid(bad, "decode_mma_kv_heads");
-  bad.decode_mma_kv_heads = 0;
-  bad.decode_mma_schedule = 3;
-  expect_invalid(bad, "decode_mma_schedule");
-  bad.decode_mma_schedule = 0;
   bad.pdl = 3;
   expect_invalid(bad, "pdl");
   bad.pdl = -1;
   expect_invalid(bad, "pdl");
   bad = p;
-  bad.decode_kv_heads_per_block = 3;
-  expect_invalid(bad, "decode_kv_heads_per_block");
-  bad = p;
-  bad.num_heads = 8;
-  bad.num_kv_heads = 4;
-  bad.decode_kv_heads_per_block = 8;
-  expect_invalid(bad, "does not divide num_kv_heads");
+  bad.num_splits = -1;
+  expect_invalid(bad, "num_splits");
 
   EXPECT_EQ(MergePartials(nullptr, nullptr, nullptr, nullptr, -1, 128).code(),
             absl::StatusCode::kInvalidArgument);
@@ -1169,7 +982,7 @@ TEST(PagedAttentionArgsTest, RejectsBadShapesWithClearErrors) {
 }
 
 TEST(PagedAttentionGpuTest, TooSmallWorkspaceIsInvalidArgument) {
-  SKIP_WITHOUT_GPU();
+  TOKENLAKE_SKIP_WITHOUT_GPU();
   PagedAttentionParams p;
   p.num_q_tokens = 1;
   p.num_blocks = 64;

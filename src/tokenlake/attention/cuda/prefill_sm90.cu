@@ -1,7 +1,7 @@
 // The sm_90a prefill kernel of PagedAttention (see prefill_sm90.h for the design).
 //
-// Numerics as paged_attention.cu: scores in the log2 domain (ex2.approx), float32 softmax, P
-// rounded to bf16 before P V, natural-log LSE = (m2 + log2(l)) * ln(2).
+// Numerics as the other kernels (kernels.h): scores in the log2 domain (ex2.approx), float32
+// softmax, P rounded to bf16 before P V, natural-log LSE = (m2 + log2(l)) * ln(2).
 //
 // Measured on an H100 (docs/results-gpu.md, "Prefill"): each step of the design below
 // paid: warp specialisation (producer warpgroup + mbarriers) over all threads loading with one

@@ -1,6 +1,6 @@
 // Private to the attention_cuda library: the Hopper (sm_90a) prefill kernel of PagedAttention.
 //
-// Same function as the mma.sync prefill kernel in paged_attention.cu (every convention of
+// Same function as the mma.sync prefill kernel in prefill_mma.cu (every convention of
 // paged_attention.h holds: paged blocks with part-segments anywhere, causal with q_start_pos,
 // out = 0 / lse = -inf for rows with no visible key, natural-log LSE), computed with warpgroup
 // MMAs (wgmma.mma_async, bf16 in, f32 accumulate):

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_format.h"
@@ -57,51 +58,62 @@ class GpuEngine::Backend final : public GpuAttentionBackend {
 
   explicit Backend(Setup setup) : s_(std::move(setup)) {}
 
+  // Plans the batch's attention calls once for every layer (they differ between layers only in
+  // their descriptors, queries and outputs) and grows the shared workspace to the largest plan's
+  // need, zeroed, before the forward's first kernel. Call once, before the first Attend.
+  absl::Status Plan(cudaStream_t stream) {
+    size_t ws = 0;
+    auto plan = [&](const acuda::PagedAttentionParams& shape) -> absl::Status {
+      TOKENLAKE_ASSIGN_OR_RETURN(acuda::PagedAttentionPlan p,
+                                 acuda::PagedAttentionPlan::Create(shape));
+      ws = std::max(ws, p.workspace_bytes());
+      plans_.push_back(p);
+      return absl::OkStatus();
+    };
+    if (s_.num_decodes > 0) TOKENLAKE_RETURN_IF_ERROR(plan(DecodeShape()));
+    for (const Prefill& f : s_.prefills) {
+      if (f.count > 0) TOKENLAKE_RETURN_IF_ERROR(plan(PooledShape(f)));
+      TOKENLAKE_RETURN_IF_ERROR(plan(TailShape(f)));
+    }
+    if (ws > s_.workspace->size_bytes()) {
+      TOKENLAKE_RETURN_IF_ERROR(s_.workspace->Reserve(ws));
+      TOKENLAKE_RETURN_IF_ERROR(
+          CudaStatus(cudaMemsetAsync(s_.workspace->get(), 0, s_.workspace->size_bytes(), stream),
+                     "workspace memset"));
+    }
+    planned_ = true;
+    return absl::OkStatus();
+  }
+
   absl::Status Attend(int32_t layer, int32_t n, const uint16_t* q, const uint16_t* k,
                       const uint16_t* v, float* out, cudaStream_t stream) override {
     const LlamaConfig& c = s_.config;
-    if (layer < 0 || layer >= c.num_layers || n != s_.num_tokens) {
-      return absl::InternalError(
-          absl::StrFormat("GpuEngine backend: layer %d / %d tokens, planned %d layers / %d tokens",
-                          layer, n, c.num_layers, s_.num_tokens));
+    if (!planned_ || layer < 0 || layer >= c.num_layers || n != s_.num_tokens) {
+      return absl::InternalError(absl::StrFormat(
+          "GpuEngine backend: layer %d / %d tokens, planned %d layers / %d tokens%s", layer, n,
+          c.num_layers, s_.num_tokens, planned_ ? "" : " (not planned)"));
     }
     const int64_t row_bytes = s_.layout.TokenRowBytes();
     const int64_t qd = int64_t{c.num_heads} * c.head_dim;
     // 1. Every new token's K and V join its sequence's tail: one launch for the batch.
     TOKENLAKE_RETURN_IF_ERROR(AppendKvRows(s_.destinations, n, layer, k, v, row_bytes, stream));
     const acuda::DeviceKvBlock* layer_blocks = s_.blocks + int64_t{layer} * s_.stride;
-    auto params = [&](int32_t row, int32_t num_q) {
-      acuda::PagedAttentionParams p;
+    // The plans in Plan's order; each run swaps in this layer's descriptors, queries, outputs.
+    auto next_plan = plans_.begin();
+    auto run = [&](acuda::PagedAttentionParams& p, int32_t row) -> absl::Status {
       p.q = q + row * qd;
-      p.num_q_tokens = num_q;
-      p.num_heads = c.num_heads;
-      p.num_kv_heads = c.num_kv_heads;
-      p.head_dim = c.head_dim;
-      return p;
-    };
-    auto run = [&](acuda::PagedAttentionParams& p) -> absl::Status {
-      TOKENLAKE_ASSIGN_OR_RETURN(size_t ws, acuda::PagedAttentionWorkspaceBytes(p));
-      if (ws > s_.workspace->size_bytes()) {
-        TOKENLAKE_RETURN_IF_ERROR(s_.workspace->Reserve(ws));
-        TOKENLAKE_RETURN_IF_ERROR(
-            CudaStatus(cudaMemsetAsync(s_.workspace->get(), 0, s_.workspace->size_bytes(), stream),
-                       "workspace memset"));
-      }
       p.workspace = s_.workspace->get();
       p.workspace_bytes = s_.workspace->size_bytes();
-      return acuda::PagedAttention(p, acuda::AttentionKernel::kAuto, stream);
+      return (next_plan++)->Run(p, stream);
     };
     // 2. All decodes in one launch: each row attends to its own blocks (on one device a
     // holder's partial is a run of the kernel's splits, merged inside the kernel).
     if (s_.num_decodes > 0) {
-      acuda::PagedAttentionParams p = params(0, s_.num_decodes);
+      acuda::PagedAttentionParams p = DecodeShape();
       p.blocks = layer_blocks;
-      p.num_blocks = s_.decode_blocks;
-      p.max_block_tokens = s_.layout.segment_tokens;
-      p.q_block_offsets = s_.decode_offsets;
       p.out = out;
       p.lse = s_.lse;
-      TOKENLAKE_RETURN_IF_ERROR(run(p));
+      TOKENLAKE_RETURN_IF_ERROR(run(p, 0));
     }
     // 3. Each prefill chunk: a partial over its pooled blocks, then the causal partial over its
     // tail and new tokens with the pooled partial as an extra (merged by the kernel).
@@ -110,32 +122,59 @@ class GpuEngine::Backend final : public GpuAttentionBackend {
       float* pooled_out = s_.partials;
       float* pooled_lse = s_.partials + rows * c.head_dim;
       if (f.count > 0) {
-        acuda::PagedAttentionParams p = params(f.row, f.num_tokens);
+        acuda::PagedAttentionParams p = PooledShape(f);
         p.blocks = layer_blocks + f.first;
-        p.num_blocks = f.count;
-        p.max_block_tokens = s_.layout.segment_tokens;
         p.out = pooled_out;
         p.lse = pooled_lse;
-        TOKENLAKE_RETURN_IF_ERROR(run(p));
+        TOKENLAKE_RETURN_IF_ERROR(run(p, f.row));
       }
-      acuda::PagedAttentionParams p = params(f.row, f.num_tokens);
+      acuda::PagedAttentionParams p = TailShape(f);
       p.blocks = layer_blocks + f.tail_block;
-      p.num_blocks = 1;
-      p.max_block_tokens = f.tail_tokens;
-      p.causal = true;
-      p.q_start_pos = f.causal_start;
       p.out = out + f.row * qd;
       p.lse = s_.lse;
-      p.num_extra = f.count > 0 ? 1 : 0;
       p.extra_out = f.count > 0 ? pooled_out : nullptr;
       p.extra_lse = f.count > 0 ? pooled_lse : nullptr;
-      TOKENLAKE_RETURN_IF_ERROR(run(p));
+      TOKENLAKE_RETURN_IF_ERROR(run(p, f.row));
     }
     return absl::OkStatus();
   }
 
  private:
+  // The calls' shapes (PagedAttentionPlan::Create): the same for every layer.
+  acuda::PagedAttentionParams Shape(int32_t num_q) const {
+    acuda::PagedAttentionParams p;
+    p.num_q_tokens = num_q;
+    p.num_heads = s_.config.num_heads;
+    p.num_kv_heads = s_.config.num_kv_heads;
+    p.head_dim = s_.config.head_dim;
+    return p;
+  }
+  acuda::PagedAttentionParams DecodeShape() const {
+    acuda::PagedAttentionParams p = Shape(s_.num_decodes);
+    p.num_blocks = s_.decode_blocks;
+    p.max_block_tokens = s_.layout.segment_tokens;
+    p.q_block_offsets = s_.decode_offsets;
+    return p;
+  }
+  acuda::PagedAttentionParams PooledShape(const Prefill& f) const {
+    acuda::PagedAttentionParams p = Shape(f.num_tokens);
+    p.num_blocks = f.count;
+    p.max_block_tokens = s_.layout.segment_tokens;
+    return p;
+  }
+  acuda::PagedAttentionParams TailShape(const Prefill& f) const {
+    acuda::PagedAttentionParams p = Shape(f.num_tokens);
+    p.num_blocks = 1;
+    p.max_block_tokens = f.tail_tokens;
+    p.causal = true;
+    p.q_start_pos = f.causal_start;
+    p.num_extra = f.count > 0 ? 1 : 0;
+    return p;
+  }
+
   Setup s_;
+  std::vector<acuda::PagedAttentionPlan> plans_;  // Plan's, in the order Attend runs them
+  bool planned_ = false;
 };
 
 // The engine's IterationExecutor: per request a device tail of every layer's K and V for the
@@ -517,6 +556,7 @@ absl::StatusOr<std::vector<WorkOutput>> GpuEngine::Executor::Run(
                      .partials = e_->partials_.as<float>(),
                      .lse = e_->merged_lse_.as<float>(),
                      .workspace = &e_->workspace_});
+  TOKENLAKE_RETURN_IF_ERROR(backend.Plan(stream));
 
   std::vector<GpuSequenceInput> inputs;
   inputs.reserve(order.size());
