@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_format.h"
 #include "tokenlake/base/check.h"
 
 namespace tokenlake::sim {
@@ -369,6 +370,19 @@ absl::StatusOr<SimResult> Simulator::Run() {
       sum += inst.window_access_tokens;
     }
     if (sum > 0) access_.push_back(std::move(tail));
+  }
+  // Every request ends done or rejected: one left waiting when nothing remains to happen was
+  // lost by the policy (a bug, never a result to report).
+  int64_t unfinished = 0, first_unfinished = -1;
+  for (size_t i = 0; i < records_.size(); ++i) {
+    if (records_[i].rejected || records_[i].finish_s >= 0) continue;
+    if (unfinished++ == 0) first_unfinished = static_cast<int64_t>(i);
+  }
+  if (unfinished > 0) {
+    return absl::InternalError(absl::StrFormat(
+        "policy %s left %d of %d requests neither finished nor rejected when the simulation "
+        "ran out of events (the first: request %d)",
+        policy_.name(), unfinished, records_.size(), first_unfinished));
   }
   SimResult result;
   result.policy = policy_.name();

@@ -211,7 +211,8 @@ class Simulator {
   // `workload`, `cost` and `policy` must outlive the simulator.
   Simulator(const SimOptions& options, const Workload& workload, const CostModel& cost,
             Policy& policy);
-  // Errors: Policy::Init's, unchanged.
+  // Errors: Policy::Init's, unchanged; Internal when the policy left a request neither
+  // finished nor rejected once nothing remained to happen (a policy bug), naming the first.
   absl::StatusOr<SimResult> Run();
 
   // --- for policies ---

@@ -444,6 +444,37 @@ TEST(PolicyScenarioTest, TokenLakeRequestsWaitForPoolMemoryInsteadOfRunningUnsto
   }
 }
 
+// A later session turn queues by its position in the workload, so it can arrive behind, yet
+// sit ahead of, a request admitted to the pool and prefilling chunk by chunk. When the turn
+// does not fit the pool beside it, the admitted request must go on (only its end frees the
+// memory): each finishes, none is left waiting.
+// Pool: 2 instances x 8 blocks; one block per instance per iteration.
+// - 0: a session's first turn, 1 block, done at once;
+// - 1: its second turn, 13 blocks with its answer, sent when 0 is answered;
+// - 2: 11 blocks with its answer, admitted at its arrival, before 1 arrives, 5 iterations of
+//   prefill: 1 waits for it.
+TEST(PolicyScenarioTest, TokenLakeAdmittedRequestsRunOnWhileAnEarlierQueuedTurnWaitsForMemory) {
+  SimOptions o;
+  o.num_instances = 2;
+  o.kv_capacity_bytes = 8 * kBlockTokens * ModelSpec{}.KvBytesPerToken();
+  o.token_budget = kBlockTokens;
+  Workload w;
+  w.requests.push_back(Req(0, 512, 1, {1}));
+  w.requests.push_back(Req(0, 512 * 12, 4, {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}));
+  w.requests[1].previous_turn = 0;
+  w.requests[1].think_s = 0;
+  w.requests.push_back(Req(1e-4, 512 * 10, 2, {21, 22, 23, 24, 25, 26, 27, 28, 29, 30}));
+  const SimResult r = RunPolicy("tokenlake", w, o);
+  ASSERT_EQ(r.records.size(), 3u);
+  for (const RequestRecord& rec : r.records) {
+    EXPECT_FALSE(rec.rejected);
+    EXPECT_GE(rec.finish_s, 0);
+  }
+  // 2 was admitted first and holds the memory 1 needs: 1's first token comes after 2's end.
+  EXPECT_LT(r.records[2].arrival_s, r.records[1].arrival_s);
+  EXPECT_GT(r.records[1].first_token_s, r.records[2].finish_s);
+}
+
 // Conservation over whole runs of every policy: every request finishes or is rejected, times
 // are ordered, hits are bounded, and the baselines' caches hold no leaked references.
 class ConservationTest : public ::testing::TestWithParam<std::tuple<std::string, int>> {};

@@ -357,16 +357,25 @@ class TokenLakePolicy final : public Policy {
 
   // Admits the queue's head requests to the pool as far as memory allows, first come first
   // served; returns the requests that may be scheduled now (admitted, not running a chunk),
-  // in queue order, enough to fill `free` instances' budget.
+  // in queue order, enough to fill `free` instances' budget. A request that waits for memory
+  // keeps every request behind it from being admitted, but not those admitted already (a
+  // later turn of a session queues by its position in the workload, so it can sit ahead of a
+  // request admitted before it arrived): they hold the memory the waiting one needs, and only
+  // running them to the end frees it.
   std::vector<int64_t> Ready(Simulator& sim, int free) {
     std::vector<int64_t> ready;
     const int64_t budget = static_cast<int64_t>(free) * sched_.chunk_tokens;
     int64_t tokens = 0;
+    bool admitting = true;
     for (auto it = queue_.begin(); it != queue_.end() && tokens < budget;) {
       const int64_t request = *it;
       RequestState& st = state_[request];
-      if (!st.admitted && !AdmitToPool(sim, request)) {
-        if (active_requests_ > 0) break;  // waits for memory, and so does everything behind it
+      if (!st.admitted && (!admitting || !AdmitToPool(sim, request))) {
+        if (!admitting || active_requests_ > 0) {  // waits for memory
+          admitting = false;
+          ++it;
+          continue;
+        }
         // Nothing holds pool memory and it still does not fit: it never will.
         it = queue_.erase(it);
         sim.Reject(request);
