@@ -746,7 +746,12 @@ class TokenLakePolicy final : public Policy {
   std::unique_ptr<SimBatchCost> batch_cost_;
   sched::ElasticSchedulerOptions sched_;
   double decode_budget_s_ = 0;
-  std::set<int64_t> queue_;  // requests waiting for their next prefill chunk, by arrival
+  // Requests waiting for their next prefill chunk, by position in the workload (its nominal
+  // arrival order; a later session turn arrives when its previous one is answered, often long
+  // before its nominal time, and queues behind requests of lower position). Queueing by actual
+  // arrival instead interleaves the running sessions' turns, which then evict each other's
+  // contexts (measured: docs/paper-reproduction.md, SCBench).
+  std::set<int64_t> queue_;
   bool dispatching_ = false;
   std::vector<int64_t> decodes_;         // per instance: decodes placed there
   std::vector<int64_t> decode_context_;  // per instance: their prompt tokens attended there
