@@ -815,6 +815,52 @@ TEST_F(InProcessClusterTest, ForgedRepliesAndCallsWithoutTheSecretAreRefused) {
   }
 }
 
+// A registration carries everything the instance holds: over gRPC's default limit of 4 MiB
+// (about 170,000 segments) it was refused before the coordinator saw it. 200,000 segments in
+// 1,000 chains are taken whole and restored into the lake.
+TEST(CoordinatorRegistrationTest, AFullReportAboveFourMebibytesIsTaken) {
+  const std::string secret = *transport::GenerateClusterSecret();
+  auto c = Coordinator::Create({.lake_instances = 1,
+                                .slots_per_instance = 250'000,
+                                .restore_window = absl::Seconds(30),
+                                .cluster_secret = secret});
+  ASSERT_TRUE(c.ok()) << c.status();
+  v1::RegisterRequest request;
+  request.set_name("big");
+  request.set_transport_port(1);
+  request.set_namespace_name("tokenlake");
+  request.set_segment_tokens(16);
+  request.mutable_state()->set_capacity_slots(250'000);
+  request.mutable_state()->set_used_slots(200'000);
+  std::mt19937_64 rng(7);
+  for (int chain = 0; chain < 1000; ++chain) {
+    uint64_t parent = ~uint64_t{0};
+    for (int k = 0; k < 200; ++k) {
+      v1::Segment* seg = request.mutable_state()->add_segments();
+      seg->set_id(rng() | 1);
+      seg->set_num_tokens(16);
+      seg->set_parent(parent);
+      parent = seg->id();
+    }
+  }
+  ASSERT_GT(request.ByteSizeLong(), size_t{4} << 20);
+  auto channel =
+      grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", (*c)->grpc_port()),
+                                grpc::InsecureChannelCredentials(), GrpcChannelArguments());
+  auto stub = v1::Coordinator::NewStub(channel);
+  grpc::ClientContext ctx;
+  AuthorizeCall(&ctx, secret, "Register");
+  v1::RegisterReply reply;
+  const grpc::Status s = stub->Register(&ctx, request, &reply);
+  ASSERT_TRUE(s.ok()) << s.error_message();
+  EXPECT_EQ(reply.instance_id(), 0);
+  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  while ((*c)->DistinctSegments() < 200'000 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  EXPECT_EQ((*c)->DistinctSegments(), 200'000);
+}
+
 // A flood of connections that send garbage or hold their slot at a live instance's transport
 // used to make the coordinator's probe of it fail, and a failed probe counted as proof that the
 // instance was gone: a caller with the cluster secret could take over its name. Only a definite

@@ -227,6 +227,8 @@ class Coordinator::Impl {
     quota.SetMaxThreads(options_.grpc_max_threads);
     quota.Resize(static_cast<size_t>(options_.grpc_memory_bytes));
     builder.SetResourceQuota(quota);
+    builder.SetMaxReceiveMessageSize(kMaxGrpcMessageBytes);
+    builder.SetMaxSendMessageSize(kMaxGrpcMessageBytes);
     builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, 64);
     builder.AddChannelArgument(GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS, 5'000);
     builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, 300'000);
