@@ -823,7 +823,9 @@ TEST(CoordinatorRegistrationTest, AFullReportAboveFourMebibytesIsTaken) {
   auto c = Coordinator::Create({.lake_instances = 1,
                                 .slots_per_instance = 250'000,
                                 .restore_window = absl::Seconds(30),
-                                .cluster_secret = secret});
+                                .cluster_secret = secret,
+                                // No heartbeats follow: the member must outlive the restore.
+                                .dead_after = absl::Seconds(120)});
   ASSERT_TRUE(c.ok()) << c.status();
   v1::RegisterRequest request;
   request.set_name("big");
@@ -854,7 +856,7 @@ TEST(CoordinatorRegistrationTest, AFullReportAboveFourMebibytesIsTaken) {
   const grpc::Status s = stub->Register(&ctx, request, &reply);
   ASSERT_TRUE(s.ok()) << s.error_message();
   EXPECT_EQ(reply.instance_id(), 0);
-  const absl::Time deadline = absl::Now() + absl::Seconds(20);
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
   while ((*c)->DistinctSegments() < 200'000 && absl::Now() < deadline) {
     absl::SleepFor(absl::Milliseconds(20));
   }
