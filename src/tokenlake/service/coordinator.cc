@@ -17,6 +17,7 @@
 #include "tokenlake/index/segment_id.h"
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/coordinator_metrics.h"
+#include "tokenlake/service/grpc_listener.h"
 #include "tokenlake/service/http_front_end.h"
 #include "tokenlake/service/lake_service.h"
 #include "tokenlake/service/membership.h"
@@ -69,6 +70,12 @@ absl::Status CheckOptions(const CoordinatorOptions& o) {
   }
   if (o.http_max_queued_requests < 1 || o.http_max_connections < 1 || o.http_listen_backlog < 1) {
     return bad("http_max_queued_requests, http_max_connections, http_listen_backlog must be >= 1");
+  }
+  if (o.grpc_max_threads < 4 || o.grpc_memory_bytes < (int64_t{64} << 20)) {
+    return bad("grpc_max_threads must be >= 4 and grpc_memory_bytes >= 64 MiB");
+  }
+  if (!(o.grpc_max_new_connections_per_s > 0) || o.grpc_new_connection_burst < 1) {
+    return bad("grpc_max_new_connections_per_s must be > 0 and grpc_new_connection_burst >= 1");
   }
   if (o.http_max_buffered_bytes < o.max_body_bytes) {
     return bad("http_max_buffered_bytes must be >= max_body_bytes");
@@ -160,18 +167,7 @@ class Coordinator::Impl {
         &lake_, &membership_, &reconciler_, &auth_, tcp_.get(),
         [this](int32_t id, const absl::Status& s) { request_path_->FailPendingOn(id, s); });
 
-    const transport::HostPort grpc_at{.host = options_.grpc_host, .port = options_.grpc_port};
-    grpc::ServerBuilder builder;
-    builder.AddListeningPort(grpc_at.ToString(), GrpcServerCredentials(options_.tls.get()),
-                             &grpc_port_);
-    membership_service_->set_gate(&gate_);
-    builder.RegisterService(membership_service_.get());
-    builder.RegisterService(&lake_service_);
-    grpc_server_ = builder.BuildAndStart();
-    if (grpc_server_ == nullptr || grpc_port_ == 0) {
-      return absl::UnavailableError(
-          absl::StrFormat("Coordinator: cannot serve gRPC on %s", grpc_at.ToString()));
-    }
+    if (absl::Status s = StartGrpc(); !s.ok()) return s;
     auto front_end = OpenAiFrontEnd::Create(
         {.limits = options_.limits, .model_id = options_.model_id, .tokenizer = options_.tokenizer},
         [this](const CompletionRequest& r, const OpenAiFrontEnd::TokenSink& sink) {
@@ -207,9 +203,56 @@ class Coordinator::Impl {
     return absl::OkStatus();
   }
 
+  // The gRPC server (membership and the Lake RPCs) on a port that GrpcListener accepts for it
+  // (grpc_listener.h says why), with its resources bounded: threads and memory (a
+  // ResourceQuota), streams per connection, time to a client's first HTTP/2 settings, idle
+  // connections closed, dead peers found by keepalive pings.
+  absl::Status StartGrpc() {
+    const transport::HostPort grpc_at{.host = options_.grpc_host, .port = options_.grpc_port};
+    auto listener = GrpcListener::Listen({.address = grpc_at,
+                                          .tls = options_.tls.get() != nullptr,
+                                          .max_new_per_s = options_.grpc_max_new_connections_per_s,
+                                          .burst = options_.grpc_new_connection_burst});
+    if (!listener.ok()) {
+      return absl::UnavailableError(absl::StrFormat("Coordinator: cannot serve gRPC on %s: %s",
+                                                    grpc_at.ToString(),
+                                                    listener.status().message()));
+    }
+    grpc_listener_ = std::move(*listener);
+    grpc::ServerBuilder builder;
+    auto acceptor = builder.experimental().AddExternalConnectionAcceptor(
+        grpc::ServerBuilder::experimental_type::ExternalConnectionType::FROM_FD,
+        GrpcServerCredentials(options_.tls.get()));
+    grpc::ResourceQuota quota("tokenlake-coordinator");
+    quota.SetMaxThreads(options_.grpc_max_threads);
+    quota.Resize(static_cast<size_t>(options_.grpc_memory_bytes));
+    builder.SetResourceQuota(quota);
+    builder.SetMaxReceiveMessageSize(kMaxGrpcMessageBytes);
+    builder.SetMaxSendMessageSize(kMaxGrpcMessageBytes);
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, 64);
+    builder.AddChannelArgument(GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS, 5'000);
+    builder.AddChannelArgument(GRPC_ARG_MAX_CONNECTION_IDLE_MS, 300'000);
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIME_MS, 30'000);
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10'000);
+    membership_service_->set_gate(&gate_);
+    builder.RegisterService(membership_service_.get());
+    builder.RegisterService(&lake_service_);
+    grpc_server_ = builder.BuildAndStart();
+    if (grpc_server_ == nullptr) {
+      return absl::UnavailableError(
+          absl::StrFormat("Coordinator: cannot serve gRPC on %s", grpc_at.ToString()));
+    }
+    grpc_port_ = grpc_listener_->port();
+    grpc_listener_->Start(std::move(acceptor));
+    return absl::OkStatus();
+  }
+
   void Shutdown() {
     if (stopping_.exchange(true)) return;
     if (http_ != nullptr) http_->Shutdown();
+    // No connection may be handed to a server that is shut down (gRPC would neither serve nor
+    // close it).
+    if (grpc_listener_ != nullptr) grpc_listener_->Shutdown();
     if (grpc_server_ != nullptr) grpc_server_->Shutdown(absl::ToChronoTime(absl::Now()));
     if (request_path_ != nullptr) {
       request_path_->FailAll(absl::UnavailableError("coordinator shutting down"));
@@ -313,6 +356,7 @@ class Coordinator::Impl {
     s.rebalance_actions = rebalancer_->actions();
     s.routing_overrides = router_.overrides();
     if (http_ != nullptr) s.http = http_->stats();
+    s.grpc_connections = grpc_listener_->stats();
     return s;
   }
 
@@ -349,6 +393,7 @@ class Coordinator::Impl {
   std::unique_ptr<Rebalancer> rebalancer_;
   std::unique_ptr<RequestPath> request_path_;
   std::unique_ptr<MembershipService> membership_service_;
+  std::unique_ptr<GrpcListener> grpc_listener_;
   std::unique_ptr<grpc::Server> grpc_server_;
   std::unique_ptr<OpenAiFrontEnd> openai_;  // its routes borrow it: declared before http_
   std::unique_ptr<HttpFrontEnd> http_;

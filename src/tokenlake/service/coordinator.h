@@ -191,6 +191,13 @@ struct CoordinatorOptions {
   int32_t http_listen_backlog = 4096;
   // HTTP worker threads (handlers; a request reaches one only once it has arrived whole), >= 1.
   int32_t http_threads = 32;
+  // The gRPC server's bounds (grpc_listener.h): new connections handed to it at most this many
+  // a second on average with bursts of this many (beyond that closed at once; established
+  // connections are never affected), its threads and its memory.
+  double grpc_max_new_connections_per_s = 500;
+  int32_t grpc_new_connection_burst = 256;
+  int32_t grpc_max_threads = 256;
+  int64_t grpc_memory_bytes = int64_t{1} << 30;
   // Faults injected on the coordinator's host transport (tests).
   transport::FaultTransport::Options faults;
 

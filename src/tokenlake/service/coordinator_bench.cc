@@ -183,8 +183,8 @@ absl::StatusOr<nlohmann::json> RunCoordinatorBench(
   const auto restore_start = std::chrono::steady_clock::now();
   for (int32_t i = 0; i < o.instances; ++i) {
     SimInstance& sim = *sims[static_cast<size_t>(i)];
-    sim.stub =
-        v1::Coordinator::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+    sim.stub = v1::Coordinator::NewStub(grpc::CreateCustomChannel(
+        target, grpc::InsecureChannelCredentials(), GrpcChannelArguments()));
     sim.reporter = std::make_unique<HoldingsReporter>(&sim, 1000 + static_cast<uint64_t>(i));
     v1::RegisterRequest request;
     request.set_name(absl::StrCat("sim-", i));

@@ -215,6 +215,19 @@ std::string CoordinatorMetricsText(const CoordinatorSnapshot& s) {
            "Connections closed at once: past the connection limit and its overflow allowance.");
   w.Sample("tokenlake_http_connections_refused_total", {},
            static_cast<double>(s.http.connections_refused));
+  w.Family("tokenlake_grpc_connections_total", "counter",
+           "Connections to the gRPC port, by outcome: handed to the gRPC server, closed because "
+           "their first bytes were not a gRPC client's, because none came in time, or because "
+           "new connections came faster than the server takes them.");
+  const std::pair<const char*, int64_t> grpc_outcomes[] = {
+      {"admitted", s.grpc_connections.admitted},
+      {"not_grpc", s.grpc_connections.not_grpc},
+      {"timed_out", s.grpc_connections.timed_out},
+      {"over_rate", s.grpc_connections.over_rate}};
+  for (const auto& [outcome, count] : grpc_outcomes) {
+    w.Sample("tokenlake_grpc_connections_total", {{"outcome", outcome}},
+             static_cast<double>(count));
+  }
   return w.text();
 }
 

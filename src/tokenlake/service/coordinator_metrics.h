@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "tokenlake/lake/lake.h"
+#include "tokenlake/service/grpc_listener.h"
 #include "tokenlake/service/http_front_end.h"
 #include "tokenlake/service/lake_service.h"
 #include "tokenlake/service/membership.h"
@@ -39,6 +40,7 @@ struct CoordinatorSnapshot {
   int64_t routing_overrides = 0;
   Reconciler::Stats reconcile;
   HttpFrontEnd::Stats http;
+  GrpcListener::Stats grpc_connections;
 };
 
 // Fills the snapshot's lake gauges (lake, segments_on, tokens_on) from the lake's counters.

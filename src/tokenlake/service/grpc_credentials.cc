@@ -47,4 +47,11 @@ std::shared_ptr<grpc::ChannelCredentials> GrpcChannelCredentials(
   return grpc::SslCredentials(options);
 }
 
+grpc::ChannelArguments GrpcChannelArguments() {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(kMaxGrpcMessageBytes);
+  args.SetMaxSendMessageSize(kMaxGrpcMessageBytes);
+  return args;
+}
+
 }  // namespace tokenlake::service

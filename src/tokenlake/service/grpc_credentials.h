@@ -36,6 +36,17 @@ struct ClusterTls {
 absl::Status CheckExposure(const std::string& what, const std::string& host, const ClusterTls& tls,
                            bool allow_insecure);
 
+// The largest gRPC message a process of the cluster sends or accepts, on both sides of every
+// channel. A registration carries every segment its instance holds (about 24 bytes each), so
+// gRPC's default receive limit of 4 MiB refused an instance holding more than about 170,000;
+// 64 MiB takes about 2.7 million (an instance that would need more is told so by name when it
+// registers). Messages are only this large from members: the coordinator's memory quota
+// (CoordinatorOptions::grpc_memory_bytes) bounds what any callers may make it hold.
+inline constexpr int kMaxGrpcMessageBytes = 64 << 20;
+
+// Channel arguments for the cluster's gRPC clients: the message limits above.
+grpc::ChannelArguments GrpcChannelArguments();
+
 // Null `tls`: insecure credentials (the clear, for loopback).
 std::shared_ptr<grpc::ServerCredentials> GrpcServerCredentials(const transport::TlsIdentity* tls);
 std::shared_ptr<grpc::ChannelCredentials> GrpcChannelCredentials(const transport::TlsIdentity* tls);

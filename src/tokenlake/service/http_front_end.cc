@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdarg>
 #include <deque>
 #include <thread>
 
@@ -194,6 +195,7 @@ class HttpFrontEnd::Impl {
                            enum MHD_ConnectionNotificationCode code);
   static ssize_t ReadStream(void* cls, uint64_t pos, char* buf, size_t max);
   static void FreeStream(void* cls);
+  static void OnLog(void* cls, const char* format, va_list args);
 
   enum MHD_Result FirstCall(MHD_Connection* c, const char* url, const char* method, void** req_cls);
   enum MHD_Result OnBody(Request& r, const char* data, size_t size);
@@ -283,7 +285,9 @@ absl::Status HttpFrontEnd::Impl::Start() {
   sockaddr_storage bound{};
   socklen_t bound_len = sizeof(bound);
   ::getsockname(*listening, reinterpret_cast<sockaddr*>(&bound), &bound_len);
-  unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME;
+  // The error log carries the one sign of the answers libmicrohttpd gives itself (OnLog).
+  unsigned int flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
+                       MHD_USE_ERROR_LOG;
   if (bound.ss_family == AF_INET6) flags |= MHD_USE_IPv6;
   // libmicrohttpd's own timeout is a backstop for inactivity in any phase (a client that does
   // not read its answer); the watchdog enforces the idle, header and request deadlines.
@@ -296,9 +300,10 @@ absl::Status HttpFrontEnd::Impl::Start() {
   const auto limit = static_cast<unsigned int>(options_.max_connections + overflow +
                                                int64_t{4} * options_.io_threads);
   daemon_ = MHD_start_daemon(
-      flags, 0, &Impl::OnAccept, this, &Impl::OnAccess, this, MHD_OPTION_LISTEN_SOCKET, *listening,
-      MHD_OPTION_THREAD_POOL_SIZE, static_cast<unsigned int>(options_.io_threads),
-      MHD_OPTION_CONNECTION_LIMIT, limit, MHD_OPTION_PER_IP_CONNECTION_LIMIT,
+      flags, 0, &Impl::OnAccept, this, &Impl::OnAccess, this, MHD_OPTION_EXTERNAL_LOGGER,
+      &Impl::OnLog, this, MHD_OPTION_LISTEN_SOCKET, *listening, MHD_OPTION_THREAD_POOL_SIZE,
+      static_cast<unsigned int>(options_.io_threads), MHD_OPTION_CONNECTION_LIMIT, limit,
+      MHD_OPTION_PER_IP_CONNECTION_LIMIT,
       static_cast<unsigned int>(options_.max_connections_per_ip), MHD_OPTION_CONNECTION_TIMEOUT,
       backstop_s, MHD_OPTION_CONNECTION_MEMORY_LIMIT, kConnectionMemory,
       MHD_OPTION_NOTIFY_COMPLETED, &Impl::OnCompleted, this, MHD_OPTION_NOTIFY_CONNECTION,
@@ -656,6 +661,25 @@ ssize_t HttpFrontEnd::Impl::ReadStream(void* cls, uint64_t, char* buf, size_t ma
 }
 
 void HttpFrontEnd::Impl::FreeStream(void* cls) { delete static_cast<RequestPtr*>(cls); }
+
+// libmicrohttpd answers some malformed requests itself, from inside its parser, before any
+// callback of ours sees them (a bad request line 400, an HTTP version it does not speak 505, a
+// request line or header block past its 64 KiB buffer 414 / 431, a malformed header line 400),
+// with HTML bodies it has no hook to replace. Its one report of each is this log line, whose
+// first argument is the status sent: that is what is counted. Every other message is dropped
+// (the server logged nothing before either).
+void HttpFrontEnd::Impl::OnLog(void* cls, const char* format, va_list args) {
+  constexpr std::string_view kOwnAnswer = "Error processing request (HTTP response code is %u";
+  if (format == nullptr || std::string_view(format).substr(0, kOwnAnswer.size()) != kOwnAnswer) {
+    return;
+  }
+  va_list copy;
+  va_copy(copy, args);
+  const unsigned int status = va_arg(copy, unsigned int);
+  va_end(copy);
+  if (status >= 400 && status < 600)
+    static_cast<Impl*>(cls)->CountRejected(static_cast<int>(status));
+}
 
 void HttpFrontEnd::Impl::ResumeLocked(Request& r) {
   if (!r.suspended || r.done) return;

@@ -31,7 +31,10 @@
 //     draining what the client still sends (for up to 2 s or 4 MiB), so that the client reads
 //     the answer instead of a reset.
 // The front end's own answers carry OpenAI's error body (openai_api.h) with "code" the name of
-// the HTTP status sent (http_content.h's HttpStatusName: "payload_too_large" for 413).
+// the HTTP status sent (http_content.h's HttpStatusName: "payload_too_large" for 413), except
+// those libmicrohttpd's parser gives itself (a bad request line, an HTTP version it does not
+// speak, a request line or header block past its 64 KiB buffer, a malformed header line: its
+// HTML bodies, ADR 0014). Every answer of either kind is counted in Stats::rejected.
 //
 // Thread-safety: thread-safe; handlers run on the worker threads, several at once.
 #ifndef TOKENLAKE_SERVICE_HTTP_FRONT_END_H_

@@ -17,6 +17,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <string>
 #include <thread>
 #include <vector>
@@ -286,6 +287,34 @@ TEST_F(HttpFrontEndTest, JsonIsReadWhateverTheContentTypeAndLimitsSayTheirCode) 
   EXPECT_EQ(no_length.JsonCode(), "length_required");
   EXPECT_GE(server_->stats().rejected[413], 1);
   EXPECT_GE(server_->stats().rejected[414], 1);
+}
+
+// Requests libmicrohttpd answers itself, from inside its parser, before any callback of ours:
+// each is counted among the front end's own answers under the status it sent (their bodies are
+// its HTML: docs/adr/0014-http-front-end-on-libmicrohttpd.md).
+TEST_F(HttpFrontEndTest, RequestsTheParserRefusesItselfAreCounted) {
+  Start();
+  const std::pair<std::string, int> cases[] = {
+      {"\x01\x02 not a request line\r\n\r\n", 400},
+      {"GET /ping HTTP/9.9\r\nHost: x\r\n\r\n", 505},
+      {"GET /" + std::string(70000, 'u') + " HTTP/1.1\r\nHost: x\r\n\r\n", 414},
+      {"GET /ping HTTP/1.1\r\nHost: x\r\nX-A: " + std::string(70000, 'a') + "\r\n\r\n", 431},
+      {"GET /ping HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", 400},
+      {"\x01\x02 not a request line\r\n\r\n", 400}};
+  std::map<int, int64_t> expected;
+  for (const auto& [request, status] : cases) {
+    const Response r = Exchange(port_, request);
+    EXPECT_EQ(r.status, status) << request.substr(0, 40);
+    ++expected[status];
+  }
+  const Response ok = Exchange(port_, "GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+  EXPECT_EQ(ok.status, 200);
+  // Counted before the answer is sent; the loop only absorbs a slow machine.
+  const absl::Time deadline = absl::Now() + absl::Seconds(5);
+  while (server_->stats().rejected != expected && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ(server_->stats().rejected, expected);
 }
 
 // Finding 3: a 1 MiB gzip body inflating to 1000 MiB, three at once, and chunked bodies past the

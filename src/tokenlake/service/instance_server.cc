@@ -295,7 +295,8 @@ class InstanceServer::Impl {
   // plane's lake calls). Only the control loop calls it (and Start, before the loop runs).
   void Follow(const transport::HostPort& at) {
     coordinator_ = at;
-    channel_ = grpc::CreateChannel(at.ToString(), GrpcChannelCredentials(options_.tls.get()));
+    channel_ = grpc::CreateCustomChannel(at.ToString(), GrpcChannelCredentials(options_.tls.get()),
+                                         GrpcChannelArguments());
     stub_ = v1::Coordinator::NewStub(channel_);
     if (std::shared_ptr<DataPlane> dp = Data(); dp != nullptr) dp->control->Retarget(at);
   }
@@ -322,6 +323,14 @@ class InstanceServer::Impl {
     *request.mutable_state() = Report(dp, /*registration=*/true);
     request.set_namespace_name(options_.namespace_name);
     request.set_segment_tokens(options_.segment_tokens);
+    if (const size_t bytes = request.ByteSizeLong(); bytes > size_t{kMaxGrpcMessageBytes}) {
+      std::fprintf(stderr,
+                   "tokenlake instance %s: cannot register: the report of the %d segments it "
+                   "holds takes %zu bytes, over the cluster's gRPC message limit of %d\n",
+                   options_.name.c_str(), request.state().segments_size(), bytes,
+                   kMaxGrpcMessageBytes);
+      return false;
+    }
     v1::RegisterReply reply;
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));

@@ -192,8 +192,8 @@ absl::StatusOr<std::unique_ptr<RemoteControlPlane>> RemoteControlPlane::Create(
 }
 
 void RemoteControlPlane::Retarget(const transport::HostPort& coordinator) {
-  auto channel =
-      grpc::CreateChannel(coordinator.ToString(), GrpcChannelCredentials(options_.tls.get()));
+  auto channel = grpc::CreateCustomChannel(
+      coordinator.ToString(), GrpcChannelCredentials(options_.tls.get()), GrpcChannelArguments());
   std::shared_ptr<v1::Lake::Stub> stub = v1::Lake::NewStub(channel);
   absl::MutexLock lock(&stub_mu_);
   stub_ = std::move(stub);
