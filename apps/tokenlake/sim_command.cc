@@ -75,6 +75,7 @@ struct SimFlags {
   double tl_local_evict = 0.5;
   std::string tl_dispatch = "greedy";
   bool tl_dispatch_compare = false;
+  std::string tl_admission = "fcfs";
   int tp = 1;
   int64_t cache_tokens = 0;  // 0 (not given): --kv-gb's sizing
   std::string slo = "p90";
@@ -151,6 +152,7 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   eo.tokenlake.dispatch = f.tl_dispatch == "matching" ? plan::PlannerOptions::Dispatch::kMatching
                                                       : plan::PlannerOptions::Dispatch::kGreedy;
   eo.tokenlake.compare_dispatch = f.tl_dispatch_compare;
+  eo.tokenlake.admit_longest_prefix_first = f.tl_admission == "lpm";
   eo.rate_rps = f.rate;
   if (given.count("--rate") > 0 && f.max_rate) {
     return Usage("--rate and --max-rate are exclusive");
@@ -310,6 +312,7 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   config["tokenlake_decode_budget"] = eo.tokenlake.decode_budget_share;
   config["tokenlake_local_evict"] = eo.tokenlake.local_eviction_min_age_ratio;
   config["tokenlake_dispatch"] = f.tl_dispatch;
+  config["tokenlake_admission"] = f.tl_admission;
 
   const std::string slo_text =
       eo.slo_mode == sim::SloMode::kPerToken
@@ -463,6 +466,10 @@ void SetUpSim(CLI::App& app, int* exit_code) {
                   "matching (a min-cost transportation problem per batch) or greedy (request by "
                   "request) (matching)")
       ->check(CLI::IsMember({"matching", "greedy"}));
+  cmd->add_option("--tl-admission", flags->tl_admission,
+                  "tokenlake: the order in which queued requests are admitted to the pool: fcfs "
+                  "(queue order) or lpm (longest cached prefix first among the first 128) (fcfs)")
+      ->check(CLI::IsMember({"fcfs", "lpm"}));
   cmd->add_flag("--tl-dispatch-compare", flags->tl_dispatch_compare,
                 "tokenlake: also plan every batch with the other dispatch rule (no effect on the "
                 "run) and report both rules' bytes and holders in the JSON's policy_counters");

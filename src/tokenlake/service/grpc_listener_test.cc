@@ -87,7 +87,7 @@ class GrpcListenerTest : public ::testing::Test {
     v1::HeartbeatReply reply;
     grpc::Status s = stub->Heartbeat(&context, request, &reply);
     if (s.ok() && (reply.free_segments_size() != 1 || reply.free_segments(0) != 42)) {
-      return grpc::Status(grpc::StatusCode::INTERNAL, "wrong reply");
+      return {grpc::StatusCode::INTERNAL, "wrong reply"};
     }
     return s;
   }

@@ -677,8 +677,9 @@ void HttpFrontEnd::Impl::OnLog(void* cls, const char* format, va_list args) {
   va_copy(copy, args);
   const unsigned int status = va_arg(copy, unsigned int);
   va_end(copy);
-  if (status >= 400 && status < 600)
+  if (status >= 400 && status < 600) {
     static_cast<Impl*>(cls)->CountRejected(static_cast<int>(status));
+  }
 }
 
 void HttpFrontEnd::Impl::ResumeLocked(Request& r) {

@@ -475,6 +475,48 @@ TEST(PolicyScenarioTest, TokenLakeAdmittedRequestsRunOnWhileAnEarlierQueuedTurnW
   EXPECT_GT(r.records[1].first_token_s, r.records[2].finish_s);
 }
 
+// Admission longest cached prefix first (TokenLakePolicyOptions::admit_longest_prefix_first).
+// Pool: 2 instances x 8 blocks = 16 slots (a request needs its prompt's blocks + 1 for output).
+// - X: 5 blocks, 200 output tokens: holds 6 slots while it decodes;
+// - R0: 6 blocks, one output token: done at once, its 6 blocks stay cached (unpinned);
+// - R1: 10 blocks, cold: needs 11 slots, more than X leaves; it waits at the queue's head;
+// - R2: R0's next turn (R0's 6 blocks + 1), 0.1 s after R0's answer: needs 2 new slots.
+// In queue order R2 waits behind R1; when X ends R1 is admitted first and its blocks evict
+// R0's: R2 hits a part at most. Longest prefix first admits R2 while X still runs (its 6 blocks
+// pinned, 2 new): it hits all of R0's prompt, and R1 follows.
+TEST(PolicyScenarioTest, TokenLakeAdmittingLongestPrefixFirstKeepsASessionsContext) {
+  SimOptions o;
+  o.num_instances = 2;
+  o.kv_capacity_bytes = 8 * kBlockTokens * ModelSpec{}.KvBytesPerToken();
+  Workload w;
+  w.requests.push_back(Req(0, 512 * 5, 200, {1, 2, 3, 4, 5}));
+  w.requests.push_back(Req(0, 512 * 6, 1, {11, 12, 13, 14, 15, 16}));
+  w.requests.push_back(Req(0.05, 512 * 10, 1, {21, 22, 23, 24, 25, 26, 27, 28, 29, 30}));
+  w.requests.push_back(Req(0.06, 512 * 7, 1, {11, 12, 13, 14, 15, 16, 17}));
+  w.requests[3].previous_turn = 1;
+  w.requests[3].think_s = 0.1;
+  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  for (const bool lpm : {false, true}) {
+    SCOPED_TRACE(lpm ? "longest prefix first" : "queue order");
+    TokenLakePolicyOptions to;
+    to.admit_longest_prefix_first = lpm;
+    auto p = MakeTokenLakePolicy(to);
+    ASSERT_TRUE(p.ok()) << p.status();
+    Simulator sim(o, w, cost, **p);
+    auto r = sim.Run();
+    ASSERT_TRUE(r.ok()) << r.status();
+    for (const RequestRecord& rec : r->records) ASSERT_FALSE(rec.rejected);
+    ASSERT_LT(r->records[3].arrival_s, r->records[0].finish_s);  // R2 came while X ran
+    if (lpm) {
+      EXPECT_EQ(r->records[3].cached_tokens, 512 * 6);
+      EXPECT_LT(r->records[3].first_token_s, r->records[2].first_token_s);
+    } else {
+      EXPECT_LT(r->records[3].cached_tokens, 512 * 6);  // R1's blocks evicted R0's
+      EXPECT_GT(r->records[3].first_token_s, r->records[2].first_token_s);
+    }
+  }
+}
+
 // Conservation over whole runs of every policy: every request finishes or is rejected, times
 // are ordered, hits are bounded, and the baselines' caches hold no leaked references.
 class ConservationTest : public ::testing::TestWithParam<std::tuple<std::string, int>> {};

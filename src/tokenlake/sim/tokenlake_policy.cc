@@ -363,6 +363,7 @@ class TokenLakePolicy final : public Policy {
   // request admitted before it arrived): they hold the memory the waiting one needs, and only
   // running them to the end frees it.
   std::vector<int64_t> Ready(Simulator& sim, int free) {
+    if (options_.admit_longest_prefix_first) AdmitLongestPrefixFirst(sim);
     std::vector<int64_t> ready;
     const int64_t budget = static_cast<int64_t>(free) * sched_.chunk_tokens;
     int64_t tokens = 0;
@@ -387,6 +388,26 @@ class TokenLakePolicy final : public Policy {
       ++it;
     }
     return ready;
+  }
+
+  // TokenLakePolicyOptions::admit_longest_prefix_first: the first kLpmWindow queued requests
+  // not yet admitted are admitted longest cached prefix first (ties in queue order) while they
+  // fit; the first that does not fit stops admission, as in queue order.
+  static constexpr int kLpmWindow = 128;
+  void AdmitLongestPrefixFirst(Simulator& sim) {
+    std::vector<std::pair<int64_t, int64_t>> window;  // (-matched tokens, request)
+    for (auto it = queue_.begin();
+         it != queue_.end() && static_cast<int>(window.size()) < kLpmWindow; ++it) {
+      const RequestState& st = state_[*it];
+      if (st.admitted) continue;
+      window.emplace_back(-lake_->Match(st.keys).matched_tokens, *it);
+    }
+    if (window.size() < 2) return;  // queue order decides
+    std::sort(window.begin(), window.end());
+    for (const auto& [neg_matched, request] : window) {
+      (void)neg_matched;
+      if (!AdmitToPool(sim, request)) return;
+    }
   }
 
   bool AdmitToPool(Simulator& sim, int64_t request) {

@@ -77,6 +77,10 @@ struct TokenLakePolicyOptions {
   // (dispatch_batches, dispatch_query_bytes, dispatch_other_query_bytes, dispatch_holders,
   // dispatch_other_holders, dispatch_new_segment_bytes, dispatch_other_new_segment_bytes).
   bool compare_dispatch = false;
+  // Admission to the pool: false, in queue order; true, the first 128 queued requests not yet
+  // admitted go longest cached prefix first (SGLang's "lpm" schedule policy), so that a request
+  // whose prefix is cached is admitted, and pins it, before others evict it.
+  bool admit_longest_prefix_first = false;
   // 0: elastic. P in [1, instances - 1]: the static-split ablation (prefill on instances
   // [0, P), decode on the rest). P >= instances is refused by Init.
   int fixed_prefill_instances = 0;
