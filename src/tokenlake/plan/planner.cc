@@ -67,7 +67,7 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MatchQueries(
     absl::Span<const PlanRequest> reqs, absl::Span<const int32_t> compute,
     absl::Span<const double> holder_work, double work_cap,
     absl::Span<const balance::InstanceState> state, const ModelShape& shape) {
-  const int32_t n = static_cast<int32_t>(state.size());
+  const auto n = static_cast<int32_t>(state.size());
   std::vector<std::vector<int32_t>> pick(reqs.size());
   std::vector<double> forced(n, 0.0);
   struct Run {
@@ -80,7 +80,7 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MatchQueries(
   double flex_work = 0;
   for (size_t ri = 0; ri < reqs.size(); ++ri) {
     const PlanRequest& r = reqs[ri];
-    const double q = static_cast<double>(r.new_tokens);
+    const auto q = static_cast<double>(r.new_tokens);
     pick[ri].assign(r.cached.size(), -1);
     for (size_t si = 0; si < r.cached.size(); ++si) {
       const CachedSegment& s = r.cached[si];
@@ -99,9 +99,10 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MatchQueries(
       const bool extends = !runs.empty() && runs.back().request == static_cast<int32_t>(ri) &&
                            runs.back().end == static_cast<int32_t>(si) &&
                            SameReplicas(r.cached[si - 1], s);
-      if (!extends)
+      if (!extends) {
         runs.push_back(
             Run{static_cast<int32_t>(ri), static_cast<int32_t>(si), static_cast<int32_t>(si), 0});
+      }
       runs.back().end = static_cast<int32_t>(si) + 1;
       runs.back().work += q * s.num_tokens;
       flex_work += q * s.num_tokens;
@@ -109,22 +110,22 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MatchQueries(
   }
   if (runs.empty()) return pick;
 
-  // Integer costs. Within an instance's work cap a unit costs its byte rate, scaled to
-  // [0, kByteScale], times kStep, plus a tie-break below kStep: the instance's tier and its rank
-  // (less plan work, then less load, then an order rotated by the request id). The cap is cut
-  // into kFreeTiers tiers of rising tie-break cost, so that equal-byte choices spread over their
-  // replicas as greedy's least-work rule does. Beyond the cap a unit costs more than any unit
-  // within one, in kOverTiers tiers of `step` units (a quarter of the batch's mean work per
-  // instance) at rising costs and the rank, bytes aside: work goes over a cap only where no
-  // placement within one exists, and then spreads over the replicas by load alone, as greedy's.
+  // Integer costs. Within an instance's work cap a unit costs its byte rate (below), scaled to
+  // [0, kByteScale], times step_cost, plus a tie-break below step_cost: the replica's rank (less
+  // plan work, then less load, then an order rotated by the request id). Beyond the cap a unit
+  // costs more than any unit within one, in kOverTiers tiers of `step` units (a quarter of the
+  // batch's mean work per instance) at rising costs, plus the rank, bytes aside: work goes over
+  // a cap only where no placement within one exists, and then spreads over the replicas by load
+  // alone, as greedy's does.
   constexpr int64_t kByteScale = 1'000'000;
   constexpr int kOverTiers = 8;
-  const int64_t kStep = 64 * static_cast<int64_t>(n);
-  const int64_t over_base = (kByteScale + 2) * kStep;
+  const int64_t step_cost = 64 * static_cast<int64_t>(n);
+  const int64_t over_base = (kByteScale + 2) * step_cost;
   const int64_t overflow_cost = over_base * (kOverTiers + 2);
   // Work in units the solver's int64 arithmetic holds with room.
-  const double max_units = std::min<double>(
-      1 << 20, static_cast<double>(std::numeric_limits<int64_t>::max() / 8 / overflow_cost));
+  const double max_units =
+      std::min<double>(1 << 20, static_cast<double>(std::numeric_limits<int64_t>::max() / 8) /
+                                    static_cast<double>(overflow_cost));
   const double unit = std::max(1.0, std::ceil(flex_work / max_units));
   double batch_work = flex_work;
   for (double f : forced) batch_work += f;
@@ -160,7 +161,7 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MatchQueries(
     rate[ri].assign(n, 0.0);
     for (int32_t h = 0; h < n; ++h) {
       if (h == compute[ri] || tokens_on[h] == 0) continue;
-      const int64_t tokens = static_cast<int64_t>(tokens_on[h]);
+      const auto tokens = static_cast<int64_t>(tokens_on[h]);
       fixed[ri][h] = static_cast<double>(
           std::min(MoveQueriesBytes(shape, r.new_tokens), KvBytes(shape, tokens)));
       rate[ri][h] = fixed[ri][h] / (static_cast<double>(r.new_tokens) * tokens_on[h]);
@@ -204,7 +205,7 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MatchQueries(
       for (size_t o = 0; o < items[k].options.size(); ++o) {
         TransportOption& opt = items[k].options[o];
         const double scaled = max_rate > 0 ? rate[runs[k].request][opt.instance] / max_rate : 0;
-        opt.unit_cost = std::llround(scaled * kByteScale) * kStep + option_rank[k][o];
+        opt.unit_cost = std::llround(scaled * kByteScale) * step_cost + option_rank[k][o];
       }
     }
     TOKENLAKE_ASSIGN_OR_RETURN(TransportSolution trial,
@@ -594,12 +595,12 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
       targets[ri].assign(reqs[ri].new_segments.size(), InstanceId());
       if (options_.dispatch != PlannerOptions::Dispatch::kMatching) continue;
       const InstanceId source(compute[ri]);
-      for (size_t k = 0; k < targets[ri].size(); ++k) {
+      for (InstanceId& target : targets[ri]) {
         TOKENLAKE_ASSIGN_OR_RETURN(std::optional<InstanceId> placed,
                                    balancer_->PlaceNewSegment(source, state));
         if (placed != source) break;
         state[source.value()].used_slots += 1;  // PlaceNewSegment chose it: it has a free slot
-        targets[ri][k] = source;
+        target = source;
       }
     }
     for (size_t ri = 0; ri < reqs.size(); ++ri) {

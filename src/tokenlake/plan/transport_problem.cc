@@ -31,7 +31,7 @@ absl::Status ValidateTiers(const std::vector<CapacityTier>& tiers, int32_t insta
 absl::StatusOr<TransportSolution> SolveTransportProblem(
     absl::Span<const TransportItem> items, absl::Span<const InstanceCapacity> instances,
     int64_t overflow_cost) {
-  const int32_t n = static_cast<int32_t>(instances.size());
+  const auto n = static_cast<int32_t>(instances.size());
   if (overflow_cost < 0) {
     return absl::InvalidArgumentError(
         absl::StrFormat("transport problem: the overflow cost %d is < 0", overflow_cost));

@@ -460,10 +460,10 @@ TEST(PolicyScenarioTest, TokenLakeAdmittedRequestsRunOnWhileAnEarlierQueuedTurnW
   o.token_budget = kBlockTokens;
   Workload w;
   w.requests.push_back(Req(0, 512, 1, {1}));
-  w.requests.push_back(Req(0, 512 * 12, 4, {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}));
+  w.requests.push_back(Req(0, int64_t{512} * 12, 4, {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}));
   w.requests[1].previous_turn = 0;
   w.requests[1].think_s = 0;
-  w.requests.push_back(Req(1e-4, 512 * 10, 2, {21, 22, 23, 24, 25, 26, 27, 28, 29, 30}));
+  w.requests.push_back(Req(1e-4, int64_t{512} * 10, 2, {21, 22, 23, 24, 25, 26, 27, 28, 29, 30}));
   const SimResult r = RunPolicy("tokenlake", w, o);
   ASSERT_EQ(r.records.size(), 3u);
   for (const RequestRecord& rec : r.records) {
@@ -489,10 +489,10 @@ TEST(PolicyScenarioTest, TokenLakeAdmittingLongestPrefixFirstKeepsASessionsConte
   o.num_instances = 2;
   o.kv_capacity_bytes = 8 * kBlockTokens * ModelSpec{}.KvBytesPerToken();
   Workload w;
-  w.requests.push_back(Req(0, 512 * 5, 200, {1, 2, 3, 4, 5}));
-  w.requests.push_back(Req(0, 512 * 6, 1, {11, 12, 13, 14, 15, 16}));
-  w.requests.push_back(Req(0.05, 512 * 10, 1, {21, 22, 23, 24, 25, 26, 27, 28, 29, 30}));
-  w.requests.push_back(Req(0.06, 512 * 7, 1, {11, 12, 13, 14, 15, 16, 17}));
+  w.requests.push_back(Req(0, int64_t{512} * 5, 200, {1, 2, 3, 4, 5}));
+  w.requests.push_back(Req(0, int64_t{512} * 6, 1, {11, 12, 13, 14, 15, 16}));
+  w.requests.push_back(Req(0.05, int64_t{512} * 10, 1, {21, 22, 23, 24, 25, 26, 27, 28, 29, 30}));
+  w.requests.push_back(Req(0.06, int64_t{512} * 7, 1, {11, 12, 13, 14, 15, 16, 17}));
   w.requests[3].previous_turn = 1;
   w.requests[3].think_s = 0.1;
   const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
@@ -508,10 +508,10 @@ TEST(PolicyScenarioTest, TokenLakeAdmittingLongestPrefixFirstKeepsASessionsConte
     for (const RequestRecord& rec : r->records) ASSERT_FALSE(rec.rejected);
     ASSERT_LT(r->records[3].arrival_s, r->records[0].finish_s);  // R2 came while X ran
     if (lpm) {
-      EXPECT_EQ(r->records[3].cached_tokens, 512 * 6);
+      EXPECT_EQ(r->records[3].cached_tokens, int64_t{512} * 6);
       EXPECT_LT(r->records[3].first_token_s, r->records[2].first_token_s);
     } else {
-      EXPECT_LT(r->records[3].cached_tokens, 512 * 6);  // R1's blocks evicted R0's
+      EXPECT_LT(r->records[3].cached_tokens, int64_t{512} * 6);  // R1's blocks evicted R0's
       EXPECT_GT(r->records[3].first_token_s, r->records[2].first_token_s);
     }
   }
