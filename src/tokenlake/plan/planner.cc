@@ -123,9 +123,9 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MatchQueries(
   const int64_t over_base = (kByteScale + 2) * step_cost;
   const int64_t overflow_cost = over_base * (kOverTiers + 2);
   // Work in units the solver's int64 arithmetic holds with room.
+  constexpr int64_t kMaxCost = std::numeric_limits<int64_t>::max() / 8;
   const double max_units =
-      std::min<double>(1 << 20, static_cast<double>(std::numeric_limits<int64_t>::max() / 8) /
-                                    static_cast<double>(overflow_cost));
+      std::min<double>(1 << 20, static_cast<double>(kMaxCost) / static_cast<double>(overflow_cost));
   const double unit = std::max(1.0, std::ceil(flex_work / max_units));
   double batch_work = flex_work;
   for (double f : forced) batch_work += f;
