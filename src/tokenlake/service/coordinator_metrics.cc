@@ -216,13 +216,16 @@ std::string CoordinatorMetricsText(const CoordinatorSnapshot& s) {
   w.Sample("tokenlake_http_connections_refused_total", {},
            static_cast<double>(s.http.connections_refused));
   w.Family("tokenlake_grpc_connections_total", "counter",
-           "Connections to the gRPC port, by outcome: handed to the gRPC server, closed because "
-           "their first bytes were not a gRPC client's, because none came in time, or because "
-           "new connections came faster than the server takes them.");
+           "Connections to the gRPC port, by outcome: handed to the gRPC server after a gRPC "
+           "client's first bytes (admitted) or after none came in time (silent), closed because "
+           "their first bytes were not a gRPC client's, because only part came in time or too "
+           "many waited (timed_out), or because new connections came faster than the server "
+           "takes them.");
   const std::pair<const char*, int64_t> grpc_outcomes[] = {
       {"admitted", s.grpc_connections.admitted},
       {"not_grpc", s.grpc_connections.not_grpc},
       {"timed_out", s.grpc_connections.timed_out},
+      {"silent", s.grpc_connections.silent},
       {"over_rate", s.grpc_connections.over_rate}};
   for (const auto& [outcome, count] : grpc_outcomes) {
     w.Sample("tokenlake_grpc_connections_total", {{"outcome", outcome}},

@@ -98,6 +98,7 @@ GrpcListener::Stats GrpcListener::stats() const {
   return {.admitted = admitted_.load(),
           .not_grpc = not_grpc_.load(),
           .timed_out = timed_out_.load(),
+          .silent = silent_.load(),
           .over_rate = over_rate_.load(),
           .accept_errors = accept_errors_.load()};
 }
@@ -141,11 +142,11 @@ bool GrpcListener::Advance(Waiting& w) {
       return true;
     }
   }
-  HandOver(w);
+  HandOver(w, /*silent=*/false);
   return true;
 }
 
-void GrpcListener::HandOver(Waiting& w) {
+void GrpcListener::HandOver(Waiting& w, bool silent) {
   if (!TakeToken()) {
     over_rate_.fetch_add(1, std::memory_order_relaxed);
     ::close(w.fd);
@@ -161,7 +162,7 @@ void GrpcListener::HandOver(Waiting& w) {
   p.fd = w.fd;
   p.read_buffer = grpc::ByteBuffer(&first, 1);
   acceptor_->HandleNewConnection(&p);
-  admitted_.fetch_add(1, std::memory_order_relaxed);
+  (silent ? silent_ : admitted_).fetch_add(1, std::memory_order_relaxed);
 }
 
 void GrpcListener::Loop() {
@@ -173,8 +174,14 @@ void GrpcListener::Loop() {
     absl::Time wake = now + absl::Milliseconds(100);
     for (auto it = waiting.begin(); it != waiting.end();) {
       if (it->deadline <= now) {
-        timed_out_.fetch_add(1, std::memory_order_relaxed);
-        ::close(it->fd);
+        if (it->have == 0) {
+          // Silent: a gRPC client reconnecting after its server went away may wait for the
+          // server to speak first. gRPC closes it if its HTTP/2 settings never come.
+          HandOver(*it, /*silent=*/true);
+        } else {
+          timed_out_.fetch_add(1, std::memory_order_relaxed);
+          ::close(it->fd);
+        }
         it = waiting.erase(it);
       } else {
         wake = std::min(wake, it->deadline);

@@ -11,8 +11,11 @@
 // checks:
 //   - a connection's first bytes must be what a gRPC client sends first: the HTTP/2 client
 //     preface ("PRI * HTTP/2.0...") in the clear, a TLS handshake record under TLS. Anything
-//     else is closed without reaching gRPC, and so is a connection that has not sent them within
-//     `first_bytes_timeout` (the oldest waiting one is closed when `max_waiting` wait);
+//     else is closed without reaching gRPC, and so is a connection that sent only part of them
+//     within `first_bytes_timeout` (the oldest waiting one is closed when `max_waiting` wait).
+//     One that sent nothing by then goes to gRPC (a gRPC client reconnecting after its server
+//     died may wait for the server to speak first), which closes it if its HTTP/2 settings
+//     never come;
 //   - connections handed to gRPC: at most `max_new_per_s` a second on average with bursts of
 //     `burst`; beyond that a connection is closed at once (gRPC clients reconnect with backoff),
 //     so a flood of well-formed connections costs the server a bounded share of its time.
@@ -44,7 +47,7 @@ struct GrpcListenerOptions {
   // client preface).
   bool tls = false;
   // A connection must send its first bytes within this; at most max_waiting wait at once.
-  absl::Duration first_bytes_timeout = absl::Seconds(2);
+  absl::Duration first_bytes_timeout = absl::Milliseconds(250);
   int32_t max_waiting = 256;
   // Connections handed to gRPC: this many a second on average, bursts of `burst`.
   double max_new_per_s = 500;
@@ -75,6 +78,9 @@ class GrpcListener {
     // set), over the rate.
     int64_t not_grpc = 0;
     int64_t timed_out = 0;
+    // Handed to gRPC after saying nothing within first_bytes_timeout (not in `admitted`; in
+    // `over_rate` instead when over the rate).
+    int64_t silent = 0;
     int64_t over_rate = 0;
     // accept() failures (e.g. out of descriptors; the loop backs off).
     int64_t accept_errors = 0;
@@ -92,7 +98,7 @@ class GrpcListener {
   void Loop();
   // Reads what `w` sent so far; true when it is decided (handed over or closed).
   bool Advance(Waiting& w);
-  void HandOver(Waiting& w);
+  void HandOver(Waiting& w, bool silent);
   bool TakeToken();
 
   const GrpcListenerOptions options_;
@@ -109,6 +115,7 @@ class GrpcListener {
   std::atomic<int64_t> admitted_{0};
   std::atomic<int64_t> not_grpc_{0};
   std::atomic<int64_t> timed_out_{0};
+  std::atomic<int64_t> silent_{0};
   std::atomic<int64_t> over_rate_{0};
   std::atomic<int64_t> accept_errors_{0};
 };
