@@ -5,7 +5,6 @@
 #include "tokenlake/service/election.h"
 
 #include <cstdio>
-#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -16,7 +15,7 @@
 #include "gtest/gtest.h"
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/llama_model.h"
-#include "tokenlake/engine/pool_shape.h"
+#include "tokenlake/service/cluster_testing.h"
 #include "tokenlake/service/coordinator.h"
 #include "tokenlake/service/etcd_testing.h"
 #include "tokenlake/service/instance_server.h"
@@ -27,11 +26,6 @@ namespace tokenlake::service {
 namespace {
 
 using ::testing::HasSubstr;
-
-std::string ModelDir() {
-  const char* d = std::getenv("TOKENLAKE_SOURCE_DIR");
-  return std::string(d != nullptr ? d : ".") + "/tests/fixtures/llama_tiny/model";
-}
 
 TEST(LeaderRecordTest, RoundTripsAndRefusesMalformedRecords) {
   LeaderRecord r;
@@ -54,17 +48,11 @@ class ElectionTest : public ::testing::Test {
     ASSERT_TRUE(etcd.ok()) << etcd.status();
     etcd_server_ = *std::move(etcd);
     etcd_ = *EtcdClient::Create({.endpoint = etcd_server_->endpoint()});
-    auto m = engine::LlamaModel::Load(ModelDir());
+    auto m = engine::LlamaModel::Load(TestModelDir());
     ASSERT_TRUE(m.ok()) << m.status();
     model_ = std::move(*m);
-    options_.limits = {.vocab_size = 512, .context_tokens = 4096, .max_tokens_limit = 64};
-    options_.heartbeat_interval = absl::Milliseconds(50);
-    options_.dead_after = absl::Milliseconds(400);
+    options_ = SmallClusterOptions(model_->config(), secret_);
     options_.attempt_timeout = absl::Seconds(2);
-    options_.lake_instances = 2;
-    options_.slots_per_instance = 256;
-    options_.model = engine::PoolModelShape(model_->config(), attention::KvDtype::kFloat32);
-    options_.cluster_secret = secret_;
     options_.start_as_follower = true;
   }
 
