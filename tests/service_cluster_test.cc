@@ -19,7 +19,6 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -40,6 +39,7 @@
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/engine/prompts.h"
+#include "tokenlake/service/cluster_testing.h"
 #include "tokenlake/service/local_cluster.h"
 #include "tokenlake/service/process.h"
 
@@ -54,12 +54,6 @@ using nlohmann::json;
 using ::testing::HasSubstr;
 
 constexpr int kMaxTokens = 4;
-
-std::string SourceDir() {
-  const char* d = std::getenv("TOKENLAKE_SOURCE_DIR");
-  return d != nullptr ? d : ".";
-}
-std::string ModelDir() { return SourceDir() + "/tests/fixtures/llama_tiny/model"; }
 
 // The model and the reference answers (engine without the pool, one process), shared.
 class Reference {
@@ -79,7 +73,7 @@ class Reference {
 
  private:
   Reference() {
-    model_ = std::move(*engine::LlamaModel::Load(ModelDir()));
+    model_ = std::move(*engine::LlamaModel::Load(TestModelDir()));
     engine_ = std::move(*engine::Engine::Create(model_.get(), {.use_pool = false}));
   }
   std::unique_ptr<engine::LlamaModel> model_;
@@ -142,7 +136,7 @@ double Metric(const LocalCluster& c, const std::string& sample) {
 LocalClusterOptions Options(int instances) {
   LocalClusterOptions o;
   o.binary = TOKENLAKE_BINARY;
-  o.model = ModelDir();
+  o.model = TestModelDir();
   o.instances = instances;
   o.heartbeat_ms = 100;
   o.dead_after_ms = 1000;
@@ -159,7 +153,8 @@ std::unique_ptr<LocalCluster> StartCluster(const LocalClusterOptions& o) {
 TEST(ServiceClusterTest, AnswersMatchTheSingleProcessReference) {
   auto c = StartCluster(Options(2));
   ASSERT_NE(c, nullptr);
-  auto prompts = engine::LoadPromptsJsonl(SourceDir() + "/tests/fixtures/llama_tiny/prompts.jsonl");
+  auto prompts =
+      engine::LoadPromptsJsonl(TestSourceDir() + "/tests/fixtures/llama_tiny/prompts.jsonl");
   ASSERT_TRUE(prompts.ok()) << prompts.status();
   int64_t cached = 0;
   for (int round = 0; round < 2; ++round) {
@@ -613,7 +608,7 @@ bool Healthy(int32_t port, int32_t live, absl::Duration timeout) {
 }
 
 TEST(ServeSupervisionTest, AKilledCoordinatorIsRestartedAndServesAgain) {
-  Serve serve = StartServe(ModelDir(), "restart");
+  Serve serve = StartServe(TestModelDir(), "restart");
   ASSERT_GT(serve.port, 0);
   ASSERT_TRUE(Healthy(serve.port, 2, absl::Seconds(30)));
   const std::vector<int32_t> prompt = Prompt(500);
@@ -651,7 +646,7 @@ TEST(ServeSupervisionTest, ServeExitsNonZeroWhenTheCoordinatorCannotBeRestarted)
   // but a new coordinator cannot start.
   const std::string model = absl::StrCat(::testing::TempDir(), "/serve-model-", ::getpid());
   std::filesystem::remove_all(model);
-  std::filesystem::copy(ModelDir(), model, std::filesystem::copy_options::recursive);
+  std::filesystem::copy(TestModelDir(), model, std::filesystem::copy_options::recursive);
   Serve serve = StartServe(model, "giveup");
   ASSERT_GT(serve.port, 0);
   ASSERT_TRUE(Healthy(serve.port, 2, absl::Seconds(30)));

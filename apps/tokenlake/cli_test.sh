@@ -312,6 +312,11 @@ if "$bin" --help 2>&1 | grep -q coordinator; then
     "$bin" coordinator --model "$model" --kv-dtype f16
   expect "instance rejects a zero data-plane timeout" 2 "data-timeout-ms" -- \
     "$bin" instance --model "$model" --coordinator-port 1 --data-timeout-ms 0
+  expect "instance without an address names --coordinator and --etcd" 2 \
+    "coordinator's address: --coordinator HOST:PORT.*--coordinator-port PORT.*--etcd URL" -- \
+    "$bin" instance --model "$model"
+  expect "instance rejects a coordinator port of 0" 2 "coordinator-port.*not in range" -- \
+    "$bin" instance --model "$model" --coordinator-port 0
 fi
 
 # The tokenizer (only when built with the tokenizer module).

@@ -5,9 +5,10 @@
 // secret comes from the environment (TOKENLAKE_CLUSTER_SECRET, hex; `tokenlake serve` sets it).
 // Across hosts: --coordinator HOST:PORT, --listen HOST[:PORT] (its transports; beyond loopback
 // only with --tls-dir or --insecure), --advertise HOST (what peers dial), --tls-dir DIR. With
-// --etcd URL --cluster NAME it finds and follows the elected coordinator (no --coordinator
-// needed) and holds its name in etcd under a lease: a second process with a live member's name
-// waits until that one is gone, and an instance that loses its lease exits with code 3.
+// --etcd URL --cluster NAME it finds and follows the elected coordinator (--coordinator and
+// --coordinator-port are then optional: an address used only while etcd names no leader) and holds
+// its name in etcd under a lease: a second process with a live member's name waits until that one
+// is gone, and an instance that loses its lease exits with code 3.
 //
 // Exit codes: 0 after a signal, 1 for a runtime error (bad model), 2 for bad flags.
 // Built only with the service module (gRPC, protobuf, libmicrohttpd, cpp-httplib installed).
@@ -62,6 +63,13 @@ struct InstanceFlags {
 
 int RunInstance(const InstanceFlags& f) {
   if (f.exit_with_parent) ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+  // Before the model loads: a missing address is a usage error, not a runtime one.
+  if (f.etcd.empty() && f.coordinator.empty() && f.coordinator_port == 0) {
+    std::cerr << "tokenlake instance: give the coordinator's address: --coordinator HOST:PORT "
+                 "(or --coordinator-port PORT on 127.0.0.1), or --etcd URL to follow the "
+                 "cluster's elected coordinator\n";
+    return 2;
+  }
   auto model = engine::LlamaModel::Load(f.model);
   if (!model.ok()) {
     std::cerr << "tokenlake instance: " << model.status().message() << "\n";
@@ -87,7 +95,8 @@ int RunInstance(const InstanceFlags& f) {
       return 2;
     }
     etcd = *std::move(client);
-    o.coordinator_port = 1;  // until the leader is found
+    // No fixed address needed (o.coordinator_port stays 0 unless --coordinator(-port) gave one):
+    // the instance registers once etcd names the leader.
     o.locate_coordinator = [client = etcd.get(),
                             cluster = f.cluster]() -> absl::StatusOr<transport::HostPort> {
       absl::StatusOr<service::LeaderRecord> r = service::FindLeader(client, cluster);
@@ -122,10 +131,6 @@ int RunInstance(const InstanceFlags& f) {
                      std::string(s.message()).c_str());
       }
     }
-  } else if (f.coordinator.empty() && f.coordinator_port == 0) {
-    std::cerr << "tokenlake instance: give the coordinator's address: --coordinator HOST:PORT "
-                 "(or --coordinator-port PORT on 127.0.0.1)\n";
-    return 2;
   }
   if (!f.coordinator.empty()) {
     absl::StatusOr<transport::HostPort> at = transport::ParseHostPort(f.coordinator);
@@ -200,10 +205,14 @@ void SetUpInstance(CLI::App& app, int* exit_code) {
                   "Checkpoint directory (config.json, and model.safetensors or "
                   "model.safetensors.index.json with its shards)")
       ->required();
-  CLI::Option* coordinator_port = cmd->add_option("--coordinator-port", f->coordinator_port,
-                                                  "Coordinator gRPC port on 127.0.0.1");
-  CLI::Option* coordinator = cmd->add_option("--coordinator", f->coordinator,
-                                             "Coordinator gRPC address HOST:PORT or [IPV6]:PORT");
+  CLI::Option* coordinator_port =
+      cmd->add_option("--coordinator-port", f->coordinator_port,
+                      "Coordinator gRPC port on 127.0.0.1 (this, --coordinator or --etcd)")
+          ->check(CLI::Range(1, 65535));
+  CLI::Option* coordinator =
+      cmd->add_option("--coordinator", f->coordinator,
+                      "Coordinator gRPC address HOST:PORT or [IPV6]:PORT (this, "
+                      "--coordinator-port or --etcd)");
   coordinator->excludes(coordinator_port);
   cmd->add_option("--listen", f->listen,
                   "Address of this instance's transports HOST[:PORT] (0.0.0.0 = every "

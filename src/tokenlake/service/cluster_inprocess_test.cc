@@ -34,9 +34,9 @@
 #include "nlohmann/json.hpp"
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/llama_model.h"
-#include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/index/segment_id.h"
 #include "tokenlake/service/call_auth.h"
+#include "tokenlake/service/cluster_testing.h"
 #include "tokenlake/service/coordinator.h"
 #include "tokenlake/service/instance_server.h"
 #include "tokenlake/service/local_cluster.h"
@@ -110,29 +110,17 @@ std::vector<std::string> OrphanedConnections(const std::vector<int32_t>& ports) 
   return orphans;
 }
 
-std::string ModelDir() {
-  const char* d = std::getenv("TOKENLAKE_SOURCE_DIR");
-  return std::string(d != nullptr ? d : ".") + "/tests/fixtures/llama_tiny/model";
-}
-
 class InProcessClusterTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    auto m = engine::LlamaModel::Load(ModelDir());
+    auto m = engine::LlamaModel::Load(TestModelDir());
     ASSERT_TRUE(m.ok()) << m.status();
     model_ = std::move(*m);
     auto ref = engine::Engine::Create(model_.get(), {.use_pool = false});
     ASSERT_TRUE(ref.ok());
     reference_ = std::move(*ref);
-    options_.limits = {.vocab_size = 512, .context_tokens = 4096, .max_tokens_limit = 64};
-    options_.heartbeat_interval = absl::Milliseconds(50);
-    options_.dead_after = absl::Milliseconds(400);
+    options_ = SmallClusterOptions(model_->config(), secret_);
     options_.attempt_timeout = absl::Seconds(2);
-    const engine::LlamaConfig& c = model_->config();
-    options_.lake_instances = 2;
-    options_.slots_per_instance = 256;
-    options_.model = engine::PoolModelShape(c, attention::KvDtype::kFloat32);
-    options_.cluster_secret = secret_;
     StartCoordinator();
     for (int i = 0; i < 2; ++i) {
       auto s = InstanceServer::Create(model_.get(), {.name = "in-process-" + std::to_string(i),

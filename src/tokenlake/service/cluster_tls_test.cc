@@ -13,7 +13,7 @@
 #include "gtest/gtest.h"
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/llama_model.h"
-#include "tokenlake/engine/pool_shape.h"
+#include "tokenlake/service/cluster_testing.h"
 #include "tokenlake/service/coordinator.h"
 #include "tokenlake/service/grpc_credentials.h"
 #include "tokenlake/service/instance_server.h"
@@ -25,27 +25,16 @@ namespace {
 
 using ::testing::HasSubstr;
 
-std::string ModelDir() {
-  const char* d = std::getenv("TOKENLAKE_SOURCE_DIR");
-  return std::string(d != nullptr ? d : ".") + "/tests/fixtures/llama_tiny/model";
-}
-
 class ClusterTlsTest : public ::testing::Test {
  protected:
   void SetUp() override {
     char tmpl[] = "/tmp/tokenlake-cluster-tls-XXXXXX";
     ASSERT_NE(mkdtemp(tmpl), nullptr);
     dir_ = tmpl;
-    auto m = engine::LlamaModel::Load(ModelDir());
+    auto m = engine::LlamaModel::Load(TestModelDir());
     ASSERT_TRUE(m.ok()) << m.status();
     model_ = std::move(*m);
-    options_.limits = {.vocab_size = 512, .context_tokens = 4096, .max_tokens_limit = 64};
-    options_.heartbeat_interval = absl::Milliseconds(50);
-    options_.dead_after = absl::Milliseconds(400);
-    options_.lake_instances = 2;
-    options_.slots_per_instance = 256;
-    options_.model = engine::PoolModelShape(model_->config(), attention::KvDtype::kFloat32);
-    options_.cluster_secret = secret_;
+    options_ = SmallClusterOptions(model_->config(), secret_);
   }
   void TearDown() override {
     instances_.clear();

@@ -4,8 +4,8 @@
 // answer equals the single-engine reference.
 #include "tokenlake/service/election.h"
 
+#include <atomic>
 #include <cstdio>
-#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -16,7 +16,7 @@
 #include "gtest/gtest.h"
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/llama_model.h"
-#include "tokenlake/engine/pool_shape.h"
+#include "tokenlake/service/cluster_testing.h"
 #include "tokenlake/service/coordinator.h"
 #include "tokenlake/service/etcd_testing.h"
 #include "tokenlake/service/instance_server.h"
@@ -27,11 +27,6 @@ namespace tokenlake::service {
 namespace {
 
 using ::testing::HasSubstr;
-
-std::string ModelDir() {
-  const char* d = std::getenv("TOKENLAKE_SOURCE_DIR");
-  return std::string(d != nullptr ? d : ".") + "/tests/fixtures/llama_tiny/model";
-}
 
 TEST(LeaderRecordTest, RoundTripsAndRefusesMalformedRecords) {
   LeaderRecord r;
@@ -54,17 +49,11 @@ class ElectionTest : public ::testing::Test {
     ASSERT_TRUE(etcd.ok()) << etcd.status();
     etcd_server_ = *std::move(etcd);
     etcd_ = *EtcdClient::Create({.endpoint = etcd_server_->endpoint()});
-    auto m = engine::LlamaModel::Load(ModelDir());
+    auto m = engine::LlamaModel::Load(TestModelDir());
     ASSERT_TRUE(m.ok()) << m.status();
     model_ = std::move(*m);
-    options_.limits = {.vocab_size = 512, .context_tokens = 4096, .max_tokens_limit = 64};
-    options_.heartbeat_interval = absl::Milliseconds(50);
-    options_.dead_after = absl::Milliseconds(400);
+    options_ = SmallClusterOptions(model_->config(), secret_);
     options_.attempt_timeout = absl::Seconds(2);
-    options_.lake_instances = 2;
-    options_.slots_per_instance = 256;
-    options_.model = engine::PoolModelShape(model_->config(), attention::KvDtype::kFloat32);
-    options_.cluster_secret = secret_;
     options_.start_as_follower = true;
   }
 
@@ -134,7 +123,7 @@ TEST_F(ElectionTest, TheFollowerTakesOverAndServesRightAnswersFromTheRebuiltLake
     auto s = InstanceServer::Create(
         model_.get(), {.name = "instance-" + std::to_string(i),
                        .preferred_id = i,
-                       .coordinator_port = 1,  // replaced by the leader's address
+                       // No fixed coordinator address: only the leader named in etcd.
                        .locate_coordinator = [this]() -> absl::StatusOr<transport::HostPort> {
                          absl::StatusOr<LeaderRecord> r = FindLeader(etcd_.get(), "test");
                          if (!r.ok()) return r.status();
@@ -194,6 +183,59 @@ TEST_F(ElectionTest, TheFollowerTakesOverAndServesRightAnswersFromTheRebuiltLake
   auto again = coordinators_[second]->Complete({.prompt = Prompt(9), .max_tokens = 3});
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_EQ(again->cached_tokens, 32);
+}
+
+// An instance under an election needs no fixed coordinator address (coordinator_port 0): it
+// dials nothing and registers nowhere until locate_coordinator names a leader, then registers
+// there. Without a locator the port is required.
+TEST(InstanceWithoutAFixedAddressTest, RegistersOnlyOnceTheLocatorNamesALeader) {
+  auto model = engine::LlamaModel::Load(TestModelDir());
+  ASSERT_TRUE(model.ok()) << model.status();
+  absl::StatusOr<std::unique_ptr<InstanceServer>> bare =
+      InstanceServer::Create(model->get(), {.coordinator_port = 0});
+  EXPECT_EQ(bare.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bare.status().message(), HasSubstr("coordinator_port"));
+  auto nowhere = []() -> absl::StatusOr<transport::HostPort> {
+    return absl::UnavailableError("no leader");
+  };
+  EXPECT_EQ(InstanceServer::Create(model->get(),
+                                   {.coordinator_port = 70000, .locate_coordinator = nowhere})
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+
+  const std::string secret = *transport::GenerateClusterSecret();
+  auto coordinator = Coordinator::Create(SmallClusterOptions((*model)->config(), secret));
+  ASSERT_TRUE(coordinator.ok()) << coordinator.status();
+  std::atomic<int> asked{0};
+  std::atomic<int32_t> leader_port{0};  // 0: no leader named yet
+  auto instance = InstanceServer::Create(
+      model->get(), {.name = "located",
+                     .preferred_id = 0,
+                     .locate_coordinator = [&]() -> absl::StatusOr<transport::HostPort> {
+                       ++asked;
+                       if (leader_port.load() == 0) return absl::UnavailableError("no leader");
+                       return transport::HostPort{.host = "127.0.0.1", .port = leader_port.load()};
+                     },
+                     .slots = 256,
+                     .register_retry = absl::Milliseconds(10),
+                     .cluster_secret = secret});
+  ASSERT_TRUE(instance.ok()) << instance.status();
+  const absl::Time ask_deadline = absl::Now() + absl::Seconds(10);
+  while (asked.load() < 5 && absl::Now() < ask_deadline) absl::SleepFor(absl::Milliseconds(5));
+  EXPECT_GE(asked.load(), 5);
+  EXPECT_EQ((*instance)->registrations(), 0);
+  EXPECT_EQ((*coordinator)->LiveInstances(), 0);
+
+  leader_port = (*coordinator)->grpc_port();
+  const absl::Time live_deadline = absl::Now() + absl::Seconds(20);
+  while ((*coordinator)->LiveInstances() != 1 && absl::Now() < live_deadline) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  EXPECT_EQ((*coordinator)->LiveInstances(), 1);
+  EXPECT_GE((*instance)->registrations(), 1);
+  EXPECT_EQ((*instance)->instance_id(), 0);
+  (*instance)->Shutdown();
 }
 
 }  // namespace

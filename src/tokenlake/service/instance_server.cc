@@ -108,8 +108,12 @@ class InstanceServer::Impl {
     layout_ = engine::PoolSlotLayout(c, options_.segment_tokens, options_.kv_dtype);
     if (absl::Status s = layout_.Validate(); !s.ok()) return s;
     RefreshState();
-    Follow(
-        transport::HostPort{.host = options_.coordinator_host, .port = options_.coordinator_port});
+    // Without a fixed address (port 0, an elected leader only), nothing is dialled until
+    // locate_coordinator names the leader (RegisterOnce).
+    if (options_.coordinator_port != 0) {
+      Follow(transport::HostPort{.host = options_.coordinator_host,
+                                 .port = options_.coordinator_port});
+    }
     control_ = std::thread([this] { ControlLoop(); });
     worker_ = std::thread([this] { WorkLoop(); });
     return absl::OkStatus();
@@ -314,6 +318,7 @@ class InstanceServer::Impl {
 
   bool RegisterOnce() {
     Relocate();
+    if (stub_ == nullptr) return false;  // no leader known yet (and no fixed address)
     std::shared_ptr<DataPlane> dp = Data();
     v1::RegisterRequest request;
     request.set_name(options_.name);
@@ -673,10 +678,12 @@ absl::StatusOr<std::unique_ptr<InstanceServer>> InstanceServer::Create(
     const engine::LlamaModel* model, const InstanceServerOptions& options) {
   if (model == nullptr) return absl::InvalidArgumentError("InstanceServer: model is null");
   if (options.name.empty()) return absl::InvalidArgumentError("InstanceServer: name is empty");
-  if (options.coordinator_port < 1 || options.coordinator_port > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("InstanceServer: coordinator_port must be in [1, 65535], got %d",
-                        options.coordinator_port));
+  const bool located = options.coordinator_port == 0 && options.locate_coordinator != nullptr;
+  if (!located && (options.coordinator_port < 1 || options.coordinator_port > 65535)) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "InstanceServer: coordinator_port must be in [1, 65535] (or 0 with locate_coordinator, "
+        "which then names the leader), got %d",
+        options.coordinator_port));
   }
   if (options.slots < 1 || options.segment_tokens < 1) {
     return absl::InvalidArgumentError("InstanceServer: slots and segment_tokens must be >= 1");

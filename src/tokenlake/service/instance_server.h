@@ -58,13 +58,15 @@ struct InstanceServerOptions {
   std::string name = "instance-0";
   // Instance id asked of the coordinator (-1 = any free one).
   int32_t preferred_id = -1;
-  // The coordinator's gRPC address: host (name or address) and port in [1, 65535].
+  // The coordinator's gRPC address: host (name or address) and port in [1, 65535]. Port 0: no
+  // fixed address, allowed only with locate_coordinator (the instance registers nowhere until
+  // that names a leader).
   std::string coordinator_host = "127.0.0.1";
   int32_t coordinator_port = 0;
   // With several coordinators under an election: where the leader is now (e.g. read from etcd),
   // asked before every registration and whenever the coordinator stops answering; the instance
-  // follows it (registers with the new leader, its lake calls go there). Null: the fixed address
-  // above.
+  // follows it (registers with the new leader, its lake calls go there). A fixed address above
+  // is used only while this names none. Null: the fixed address above, which is then required.
   std::function<absl::StatusOr<transport::HostPort>()> locate_coordinator;
   // Where this instance's transports (host and data plane) listen: a host name or IPv4 / IPv6
   // literal ("0.0.0.0" / "::": every interface), and the host transport's port (0 = any free
