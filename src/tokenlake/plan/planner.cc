@@ -173,16 +173,18 @@ absl::StatusOr<std::vector<std::vector<int32_t>>> MatchQueries(
   for (size_t k = 0; k < runs.size(); ++k) {
     const Run& run = runs[k];
     const PlanRequest& r = reqs[run.request];
-    std::iota(rank_order.begin(), rank_order.end(), 0);
-    const auto rotated = [&](int32_t x) {
-      return (x + n - static_cast<int32_t>(r.request.value() % n)) % n;
-    };
-    std::sort(rank_order.begin(), rank_order.end(), [&](int32_t a, int32_t b) {
-      if (holder_work[a] != holder_work[b]) return holder_work[a] < holder_work[b];
-      if (state[a].load != state[b].load) return state[a].load < state[b].load;
-      return rotated(a) < rotated(b);
-    });
-    for (int32_t i = 0; i < n; ++i) rank[rank_order[i]] = i;
+    if (k == 0 || runs[k - 1].request != run.request) {  // the ranks are per request
+      std::iota(rank_order.begin(), rank_order.end(), 0);
+      const auto rotated = [&](int32_t x) {
+        return (x + n - static_cast<int32_t>(r.request.value() % n)) % n;
+      };
+      std::sort(rank_order.begin(), rank_order.end(), [&](int32_t a, int32_t b) {
+        if (holder_work[a] != holder_work[b]) return holder_work[a] < holder_work[b];
+        if (state[a].load != state[b].load) return state[a].load < state[b].load;
+        return rotated(a) < rotated(b);
+      });
+      for (int32_t i = 0; i < n; ++i) rank[rank_order[i]] = i;
+    }
     items[k].amount = std::max<int64_t>(1, std::llround(run.work / unit));
     for (InstanceId rep : r.cached[run.first].replicas) {
       items[k].options.push_back(TransportOption{rep.value(), 0, rank[rep.value()]});

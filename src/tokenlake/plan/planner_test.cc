@@ -35,6 +35,22 @@ class PlannerTest : public ::testing::Test {
     for (int r : reps) s.replicas.push_back(InstanceId(r));
     return s;
   }
+  // A planner like planner_ (greedy) but with the matching dispatch.
+  std::unique_ptr<Planner> MatchingPlanner(bool compare_dispatch = false) const {
+    PlannerOptions o = planner_->options();
+    o.dispatch = PlannerOptions::Dispatch::kMatching;
+    o.compare_dispatch = compare_dispatch;
+    return *Planner::Create(o, balancer_.get());
+  }
+  // Request 1, computing on instance 2 (of 3), reads s1 (on 0 and 1) and s2 (on 1 only).
+  static PlanRequest ReadsFromTwoHolders() {
+    PlanRequest r;
+    r.request = RequestId(1);
+    r.new_tokens = 1;
+    r.cached = {Seg(1, {0, 1}), Seg(2, {1})};
+    r.preferred_instance = InstanceId(2);
+    return r;
+  }
   std::unique_ptr<balance::Balancer> balancer_;
   std::unique_ptr<Planner> planner_;
 };
@@ -131,12 +147,7 @@ TEST_F(PlannerTest, HeavyHitterQueriesAreSpreadOverItsReplicas) {
 TEST_F(PlannerTest, MatchingServesARequestFromFewerHoldersThanGreedy) {
   PlanBatch b;
   b.dop = 3;
-  PlanRequest r;
-  r.request = RequestId(1);
-  r.new_tokens = 1;
-  r.cached = {Seg(1, {0, 1}), Seg(2, {1})};
-  r.preferred_instance = InstanceId(2);
-  b.requests.push_back(r);
+  b.requests.push_back(ReadsFromTwoHolders());
   for (int i = 0; i < 3; ++i) {
     PlanRequest big;
     big.request = RequestId(10 + i);
@@ -147,11 +158,8 @@ TEST_F(PlannerTest, MatchingServesARequestFromFewerHoldersThanGreedy) {
   }
   auto inst = Instances(3);
   inst[1].load = 10;  // greedy's tie between 0 and 1 goes to 0
-  PlannerOptions o = planner_->options();
-  o.dispatch = PlannerOptions::Dispatch::kMatching;
-  auto matching_planner = *Planner::Create(o, balancer_.get());
   auto greedy = *planner_->GenPlans({b}, inst);
-  auto matched = *matching_planner->GenPlans({b}, inst);
+  auto matched = *MatchingPlanner()->GenPlans({b}, inst);
   ASSERT_EQ(greedy[0].requests[0].compute_instance, InstanceId(2));
   ASSERT_EQ(matched[0].requests[0].compute_instance, InstanceId(2));
   EXPECT_EQ(greedy[0].requests[0].holders.size(), 2u);
@@ -179,11 +187,8 @@ TEST_F(PlannerTest, MatchingLetsProducersKeepTheirFreeSlots) {
   }
   std::vector<InstanceState> inst = {
       {InstanceId(0), 2, 1, 0}, {InstanceId(1), 10, 10, 0}, {InstanceId(2), 10, 8, 0}};
-  PlannerOptions o = planner_->options();
-  o.dispatch = PlannerOptions::Dispatch::kMatching;
-  auto matching_planner = *Planner::Create(o, balancer_.get());
   auto greedy = *planner_->GenPlans({b}, inst);
-  auto matched = *matching_planner->GenPlans({b}, inst);
+  auto matched = *MatchingPlanner()->GenPlans({b}, inst);
   ASSERT_EQ(matched[0].requests[0].compute_instance, InstanceId(1));
   ASSERT_EQ(matched[0].requests[1].compute_instance, InstanceId(0));
   EXPECT_EQ(greedy[0].transfer.new_segment_bytes, 2 * KvBytes(OneLayer(), 512));
@@ -195,19 +200,11 @@ TEST_F(PlannerTest, MatchingLetsProducersKeepTheirFreeSlots) {
 TEST_F(PlannerTest, CompareDispatchCountsBothRulesOnTheSameBatches) {
   PlanBatch b;
   b.dop = 3;
-  PlanRequest r;
-  r.request = RequestId(1);
-  r.new_tokens = 1;
-  r.cached = {Seg(1, {0, 1}), Seg(2, {1})};
-  r.preferred_instance = InstanceId(2);
-  b.requests.push_back(r);
+  b.requests.push_back(ReadsFromTwoHolders());
   auto inst = Instances(3);
   inst[1].load = 10;
-  PlannerOptions o = planner_->options();
-  o.dispatch = PlannerOptions::Dispatch::kMatching;
-  auto matching = *Planner::Create(o, balancer_.get());
-  o.compare_dispatch = true;
-  auto comparing = *Planner::Create(o, balancer_.get());
+  auto matching = MatchingPlanner();
+  auto comparing = MatchingPlanner(/*compare_dispatch=*/true);
   const auto expected = *matching->GenPlans({b}, inst);
   const auto other = *planner_->GenPlans({b}, inst);
   for (int call = 0; call < 2; ++call) {

@@ -392,7 +392,8 @@ class TokenLakePolicy final : public Policy {
 
   // TokenLakePolicyOptions::admit_longest_prefix_first: the first kLpmWindow queued requests
   // not yet admitted are admitted longest cached prefix first (ties in queue order) while they
-  // fit; the first that does not fit stops admission, as in queue order.
+  // fit; at the first that does not, this pass stops, and Ready's admission in queue order
+  // follows as without the option.
   static constexpr int kLpmWindow = 128;
   void AdmitLongestPrefixFirst(Simulator& sim) {
     std::vector<std::pair<int64_t, int64_t>> window;  // (-matched tokens, request)
