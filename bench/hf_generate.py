@@ -6,7 +6,8 @@ the same prompts (written by `tokenlake bench engine --prompts FILE`), all of a 
 requests in one left-padded batch, greedy, exactly max_new_tokens new tokens each, with
 `cache_implementation="static"` (transformers' fastest cache; it may compile the decode step). A
 workload whose static cache does not fit runs in the largest batches that do, one after another
-(reported as `batch_size`). Each workload runs twice; the first run (warm-up, compilation) is
+(reported as `batch_size`); a batch whose activations then run out of device memory is halved
+and the workload run again (the sizes tried are in `out_of_memory_at`). Each workload runs twice; the first run (warm-up, compilation) is
 reported separately from the second (the figure).
 
   python3 bench/hf_generate.py --prompts prompts.json --json hf.json [--cache static|dynamic]
@@ -89,15 +90,23 @@ def main():
         batch = len(prompts)
         while batch > 1 and kv_bytes(config, batch, longest) > room:
             batch = (batch + 1) // 2
-        row = dict(name=w["name"], requests=len(prompts), batch_size=batch, cache=args.cache,
+        row = dict(name=w["name"], requests=len(prompts), cache=args.cache,
                    new_tokens=len(prompts) * max_new)
-        try:
-            row["warmup_seconds"], _ = run_batches(model, prompts, max_new, batch, args.cache)
-            row["seconds"], n = run_batches(model, prompts, max_new, batch, args.cache)
-            row["new_tokens_per_s"] = len(prompts) * max_new / row["seconds"]
-        except torch.cuda.OutOfMemoryError as e:
-            row["error"] = "out of memory: " + str(e).splitlines()[0]
-            torch.cuda.empty_cache()
+        while True:
+            row["batch_size"] = batch
+            try:
+                row["warmup_seconds"], _ = run_batches(model, prompts, max_new, batch, args.cache)
+                row["seconds"], _ = run_batches(model, prompts, max_new, batch, args.cache)
+                row["new_tokens_per_s"] = len(prompts) * max_new / row["seconds"]
+                break
+            except torch.cuda.OutOfMemoryError as e:
+                message = str(e).splitlines()[0]
+            torch.cuda.empty_cache()  # outside the handler: the exception's frames are freed
+            row.setdefault("out_of_memory_at", []).append(batch)
+            if batch == 1:
+                row["error"] = "out of memory: " + message
+                break
+            batch = (batch + 1) // 2
         print(json.dumps(row), file=sys.stderr)
         rows.append(row)
     out = dict(model=spec["model"], transformers=transformers.__version__,

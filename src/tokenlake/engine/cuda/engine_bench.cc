@@ -210,11 +210,12 @@ absl::Status Bench::Decode() {
       const double wall = SecondsSince(t0);
       // Where a pure-decode iteration's time goes: Executor::Run (host work and the forward) and
       // the forward's device time.
-      std::vector<double> run_us, gpu_us, plan_us, finish_us;
+      std::vector<double> run_us, gpu_us, plan_us, finish_us, step_us;
       for (const IterationTiming& t : engine->TakeIterationTimings()) {
         if (t.requests == b && t.tokens == b) {
           plan_us.push_back(t.plan_us);
           finish_us.push_back(t.finish_us);
+          step_us.push_back(t.plan_us + t.run_us + t.finish_us);
         }
       }
       for (const GpuEngine::ForwardTiming& t : engine->TakeForwardTimings()) {
@@ -244,11 +245,16 @@ absl::Status Bench::Decode() {
         TOKENLAKE_RETURN_IF_ERROR(r.status());
         cached += r->cached_tokens;
       }
-      // Request 0's iterations: after the few that prefill what the pool did not serve, all b
-      // requests decode together until the end; the median of its second half is pure decode.
-      const std::vector<double>& its = results[0]->iteration_us;
-      std::vector<double> decode(its.begin() + static_cast<long>(its.size() / 2), its.end() - 1);
-      const double step_s = Median(decode) * 1e-6;
+      // A step: the median whole iteration (control plane, forward, finish) of those in which
+      // all b requests decoded together and nothing else ran. Request 0's iterations are not
+      // used: with many requests, prefill chunks of the others share its early iterations.
+      if (step_us.empty()) {
+        return absl::InternalError(absl::StrFormat(
+            "bench engine: decode batch %d at context %d: no iteration decoded all %d requests "
+            "alone (raise --decode-steps)",
+            b, context, b));
+      }
+      const double step_s = Median(step_us) * 1e-6;
       const double kv_bytes = static_cast<double>(b) * static_cast<double>(kv_token) *
                               static_cast<double>(context + new_tokens / 2);
       const double bound_s = (static_cast<double>(weight_bytes) + kv_bytes) / (copy_gbps_ * 1e9);
@@ -262,7 +268,7 @@ absl::Status Bench::Decode() {
            {"weight_bytes", weight_bytes},
            {"kv_bytes", kv_bytes},
            {"cached_fraction", static_cast<double>(cached) / (static_cast<double>(b) * context)},
-           {"decode_iterations_timed", decode.size()},
+           {"decode_iterations_timed", step_us.size()},
            {"plan_ms", Median(plan_us) * 1e-3},
            {"finish_ms", Median(finish_us) * 1e-3},
            {"forward_run_ms", Median(run_us) * 1e-3},
