@@ -2,6 +2,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <optional>
@@ -338,7 +339,8 @@ class InstanceServer::Impl {
     }
     v1::RegisterReply reply;
     grpc::ClientContext ctx;
-    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));
+    ctx.set_deadline(absl::ToChronoTime(
+        absl::Now() + RegisterDeadline(options_, request.state().segments_size())));
     AuthorizeCall(&ctx, options_.cluster_secret, "Register");
     grpc::Status s = stub_->Register(&ctx, request, &reply);
     if (!s.ok()) {
@@ -674,6 +676,13 @@ class InstanceServer::Impl {
   absl::Duration heartbeat_interval_ ABSL_GUARDED_BY(mu_) = absl::Milliseconds(200);
 };
 
+absl::Duration RegisterDeadline(const InstanceServerOptions& options, int64_t segments) {
+  const absl::Duration most = absl::Minutes(10);
+  const absl::Duration per = options.register_timeout_per_segment;
+  if (per > absl::ZeroDuration() && segments > 0 && segments >= most / per) return most;
+  return std::min(most, options.register_timeout + per * std::max<int64_t>(segments, 0));
+}
+
 absl::StatusOr<std::unique_ptr<InstanceServer>> InstanceServer::Create(
     const engine::LlamaModel* model, const InstanceServerOptions& options) {
   if (model == nullptr) return absl::InvalidArgumentError("InstanceServer: model is null");
@@ -687,6 +696,14 @@ absl::StatusOr<std::unique_ptr<InstanceServer>> InstanceServer::Create(
   }
   if (options.slots < 1 || options.segment_tokens < 1) {
     return absl::InvalidArgumentError("InstanceServer: slots and segment_tokens must be >= 1");
+  }
+  if (options.register_timeout <= absl::ZeroDuration() ||
+      options.register_timeout_per_segment < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "InstanceServer: register_timeout must be > 0 and register_timeout_per_segment >= 0, "
+        "got ",
+        absl::FormatDuration(options.register_timeout), " and ",
+        absl::FormatDuration(options.register_timeout_per_segment)));
   }
   auto impl = std::make_unique<Impl>(model, options);
   if (absl::Status s = impl->Start(); !s.ok()) return s;
