@@ -1,9 +1,8 @@
 #include "tokenlake/store/cuda/cuda_device.h"
 
-#include <signal.h>
-
 #include <algorithm>
 #include <cerrno>
+#include <csignal>
 #include <cstring>
 #include <fstream>
 #include <string>

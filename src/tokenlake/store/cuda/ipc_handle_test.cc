@@ -52,7 +52,9 @@ std::string KnownArenaHandleBytes() {
       "0d0c0b0a"                           // pid
       "8877665544332211"                   // process token
       "101112131415161718191a1b1c1d1e1f";  // device uuid
-  for (int i = 0; i < 64; ++i) hex += absl::BytesToHexString(std::string(1, char(0x80 + i)));
+  for (int i = 0; i < 64; ++i) {
+    hex += absl::BytesToHexString(std::string(1, static_cast<char>(0x80 + i)));
+  }
   hex += "0001000002000000";  // size_bytes
   return absl::HexStringToBytes(hex);
 }

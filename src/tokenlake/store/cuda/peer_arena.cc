@@ -118,7 +118,7 @@ absl::StatusOr<std::unique_ptr<PeerArena>> PeerArena::Open(const ArenaHandle& ha
     // The size is the exporter's word: check it against what CUDA mapped, so that a wrong handle
     // is refused here rather than faulting the device later.
     if (auto range = AllocationRange(data); range.has_value()) {
-      const uintptr_t start = reinterpret_cast<uintptr_t>(data);
+      const auto start = reinterpret_cast<uintptr_t>(data);
       const uintptr_t end = range->first + range->second;
       const uint64_t mapped = end > start ? end - start : 0;
       if (handle.size_bytes > mapped) {

@@ -146,7 +146,7 @@ class IpcEvent {
   IpcEvent(cudaEvent_t event, int device, bool opened)
       : event_(event), device_(device), opened_(opened) {}
 
-  cudaEvent_t const event_;
+  cudaEvent_t event_;  // owned: destroyed with this object
   const int device_;
   const bool opened_;
 };

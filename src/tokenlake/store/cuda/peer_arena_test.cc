@@ -6,13 +6,13 @@
 #include "tokenlake/store/cuda/peer_arena.h"
 
 #include <cuda_runtime_api.h>
-#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <array>
 #include <chrono>
 #include <condition_variable>
+#include <csignal>
 #include <cstdint>
 #include <cstring>
 #include <iostream>
@@ -71,7 +71,7 @@ std::optional<Handle> HandleFlag(const ChildContext& c, const std::string& name,
   }
   auto handle = Handle::Parse(*bytes);
   if (!handle.ok()) {
-    *why = std::string(handle.status().message());
+    *why = handle.status().ToString();
     return std::nullopt;
   }
   return *handle;
@@ -213,6 +213,41 @@ int ChildExport(ChildContext& c) {
   return kChildOk;
 }
 
+// The heart of event-wait: `stream` waits on `event`, then copies `bytes` from `src` to `host`;
+// the copy must stay pending until the child has told the parent "waiting" (the parent holds
+// the event back until then), and then complete with Pattern(seed).
+int WaitThenRead(const ChildContext& c, IpcEvent& event, const uint8_t* src, size_t bytes,
+                 uint64_t seed, cudaStream_t stream, uint8_t* host) {
+  if (absl::Status s = event.StreamWait(stream); !s.ok()) {
+    return c.Fail(kChildCudaError, s.ToString());
+  }
+  cudaError_t err = cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, stream);
+  if (err != cudaSuccess) return c.Fail(kChildCudaError, cudaGetErrorString(err));
+  err = cudaStreamQuery(stream);
+  if (err != cudaErrorNotReady) {
+    return c.Fail(err == cudaSuccess ? kChildEventTooEarly : kChildCudaError,
+                  absl::StrCat("the stream behind the event is not held: ", cudaGetErrorName(err)));
+  }
+  if (!SendLine(kChildFd, "waiting")) return c.Fail(kChildChannel, "cannot tell the parent");
+  const auto deadline = TestClock::now() + kChildDeadline;
+  while ((err = cudaStreamQuery(stream)) == cudaErrorNotReady && TestClock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  if (err == cudaErrorNotReady) {
+    return c.Fail(kChildTimeout, "the parent's copy did not complete within the deadline");
+  }
+  if (err != cudaSuccess) return c.Fail(kChildCudaError, cudaGetErrorString(err));
+  const int64_t diff =
+      FirstDifference(std::vector<uint8_t>(host, host + bytes), Pattern(seed, bytes));
+  if (diff >= 0) {
+    return c.Fail(kChildMismatch, absl::StrFormat("byte %d of the region differs", diff));
+  }
+  if (auto done = event.Query(); !done.ok() || !*done) {
+    return c.Fail(kChildUnexpected, "the event is not complete after the wait");
+  }
+  return kChildOk;
+}
+
 // event-wait: maps --arena and opens --event, which the parent recorded after a copy of
 // Pattern(--seed) into --region that it holds back. The event must not be complete yet; the
 // child's stream waits on it, then copies the region to the host; the child tells the parent
@@ -252,40 +287,11 @@ int ChildEventWait(ChildContext& c) {
   void* host = nullptr;
   cudaError_t err = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
   if (err == cudaSuccess) err = cudaMallocHost(&host, region->bytes);
-  int rc = kChildOk;
-  if (err != cudaSuccess) {
-    rc = c.Fail(kChildCudaError, cudaGetErrorString(err));
-  } else if (absl::Status s = (*event)->StreamWait(stream); !s.ok()) {
-    rc = c.Fail(kChildCudaError, s.ToString());
-  } else if ((err = cudaMemcpyAsync(
-                  host, static_cast<const uint8_t*>((*peer)->data()) + region->offset,
-                  region->bytes, cudaMemcpyDeviceToHost, stream)) != cudaSuccess) {
-    rc = c.Fail(kChildCudaError, cudaGetErrorString(err));
-  } else if ((err = cudaStreamQuery(stream)) != cudaErrorNotReady) {
-    rc = c.Fail(err == cudaSuccess ? kChildEventTooEarly : kChildCudaError,
-                absl::StrCat("the stream behind the event is not held: ", cudaGetErrorName(err)));
-  } else if (!SendLine(kChildFd, "waiting")) {
-    rc = c.Fail(kChildChannel, "cannot tell the parent");
-  } else {
-    const auto deadline = TestClock::now() + kChildDeadline;
-    while ((err = cudaStreamQuery(stream)) == cudaErrorNotReady && TestClock::now() < deadline) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-    if (err == cudaErrorNotReady) {
-      rc = c.Fail(kChildTimeout, "the parent's copy did not complete within the deadline");
-    } else if (err != cudaSuccess) {
-      rc = c.Fail(kChildCudaError, cudaGetErrorString(err));
-    } else {
-      std::vector<uint8_t> got(static_cast<uint8_t*>(host),
-                               static_cast<uint8_t*>(host) + region->bytes);
-      const int64_t diff = FirstDifference(got, Pattern(*seed, region->bytes));
-      if (diff >= 0) {
-        rc = c.Fail(kChildMismatch, absl::StrFormat("byte %d of the region differs", diff));
-      } else if (auto now = (*event)->Query(); !now.ok() || !*now) {
-        rc = c.Fail(kChildUnexpected, "the event is not complete after the wait");
-      }
-    }
-  }
+  const int rc =
+      err != cudaSuccess
+          ? c.Fail(kChildCudaError, cudaGetErrorString(err))
+          : WaitThenRead(c, **event, static_cast<const uint8_t*>((*peer)->data()) + region->offset,
+                         region->bytes, *seed, stream, static_cast<uint8_t*>(host));
   if (rc != kChildOk) ::close(kChildFd);  // the parent stops waiting for "waiting" and releases
   if (stream != nullptr) {
     cudaStreamSynchronize(stream);
