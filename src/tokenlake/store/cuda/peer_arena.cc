@@ -46,7 +46,8 @@ absl::Status OpenError(std::string_view who, cudaError_t err, const IpcOrigin& o
                         origin.pid, where, internal::CudaErrorText(err)));
   }
   return absl::InvalidArgumentError(
-      absl::StrFormat("%s: CUDA refused the handle for %s (not a live export of that process?): %s",
+      absl::StrFormat("%s: CUDA refused the handle for %s (not a live export of that process, or "
+                      "CUDA IPC is not allowed between the two, e.g. separate containers): %s",
                       who, where, internal::CudaErrorText(err)));
 }
 
