@@ -41,9 +41,9 @@ cuda: deps
 	@test -x $(NVCC) || { echo "make cuda: $(NVCC) not found (CUDA 13 is expected under /usr/local/cuda)"; exit 1; }
 	cmake --preset cuda -DTOKENLAKE_BUILD_BENCHMARKS=OFF
 	cmake --build --preset cuda -j $(JOBS) --target tokenlake_attention_cuda tokenlake_store_cuda \
-	  paged_attention_test device_arena_test tokenlake_transport_nccl nccl_channel_test \
-	  nccl_attention_test tokenlake_engine_cuda gpu_engine_test gpu_engine_fixture_test \
-	  gpu_attention_bench gpu_merge_bench gpu_stream_probe gpu_engine_timing \
+	  paged_attention_test device_arena_test peer_arena_test tokenlake_transport_nccl \
+	  nccl_channel_test nccl_attention_test tokenlake_engine_cuda gpu_engine_test \
+	  gpu_engine_fixture_test gpu_attention_bench gpu_merge_bench gpu_stream_probe gpu_engine_timing \
 	  tokenlake
 	ctest --test-dir build/cuda -L gpu --output-on-failure
 	apps/tokenlake/cli_test.sh build/cuda/bin/tokenlake

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU evidence in one run, on the code as committed:
-#   1. every GPU test (the ctest label `gpu`: paged attention, device arena, NCCL transport, the
-#      engine on the GPU against the transformers fixture and against the CPU engine), then
+#   1. every GPU test (the ctest label `gpu`: paged attention, device arena and its sharing
+#      between processes, NCCL transport, the engine on the GPU against the transformers
+#      fixture and against the CPU engine), then
 #      apps/tokenlake/cli_gpu_test.sh (`tokenlake generate --device gpu` against the fixture);
 #   2. bench/gpu_attention.sh: our kernels, PyTorch SDPA on the same shapes in the same run,
 #      and the comparison report (its own profile step is skipped: 3. is the real CLI);
@@ -11,8 +12,8 @@
 # on another machine and copied (build/cuda/bin and build/cuda/devlibs):
 #   cmake --preset cuda -DTOKENLAKE_BUILD_BENCHMARKS=OFF
 #   cmake --build --preset cuda -j2 --target tokenlake paged_attention_test device_arena_test \
-#     gpu_attention_bench gpu_merge_bench nccl_channel_test nccl_attention_test gpu_engine_test \
-#     gpu_engine_fixture_test gpu_checkpoint_test
+#     peer_arena_test gpu_attention_bench gpu_merge_bench nccl_channel_test nccl_attention_test \
+#     gpu_engine_test gpu_engine_fixture_test gpu_checkpoint_test
 #   bash bench/pack_devlibs.sh build/cuda
 # Results go to $OUT (default ./out): the main results as files, the secondary logs packed into
 # one archive.
@@ -26,8 +27,8 @@ git_rev=$(cat build/cuda/REVISION 2>/dev/null || echo unknown)
 echo "revision: $git_rev" | tee "$OUT/extra/revision.txt"
 
 echo "== GPU tests"
-for t in paged_attention_test device_arena_test nccl_channel_test nccl_attention_test \
-  gpu_engine_test gpu_engine_fixture_test gpu_checkpoint_test; do
+for t in paged_attention_test device_arena_test peer_arena_test nccl_channel_test \
+  nccl_attention_test gpu_engine_test gpu_engine_fixture_test gpu_checkpoint_test; do
   timeout 150 "$B/$t" > "$OUT/extra/$t.log" 2>&1
   rc=$?
   echo "$t rc=$rc $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/extra/$t.log" | tr '\n' ' ')"

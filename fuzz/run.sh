@@ -11,7 +11,7 @@ command -v "$CXX" >/dev/null || CXX=clang++
 CXX="$CXX" cmake -S "$root/fuzz" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build "$build" -j2
 for target in openai_request content_decoding mooncake_trace safetensors checkpoint_index \
-    chat_template tokenizer; do
+    ipc_handle chat_template tokenizer; do
   corpus="$build/corpus/$target"
   mkdir -p "$corpus"
   echo "fuzz: $target for ${seconds}s"

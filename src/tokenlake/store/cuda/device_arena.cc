@@ -2,10 +2,13 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstring>
 #include <memory>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
+#include "tokenlake/base/status_macros.h"
+#include "tokenlake/store/cuda/cuda_device.h"
 
 namespace tokenlake::store {
 
@@ -67,6 +70,30 @@ SegmentStore::Options DeviceArena::StoreOptions(size_t slot_bytes, InstanceId in
   options.num_slots = 0;
   options.instance = instance;
   return options;
+}
+
+absl::StatusOr<ArenaHandle> DeviceArena::ExportHandle() const {
+  internal::ScopedCudaDevice on;
+  cudaError_t err = on.Set(device_);
+  cudaIpcMemHandle_t ipc;
+  if (err == cudaSuccess) err = cudaIpcGetMemHandle(&ipc, data_);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    const std::string message = absl::StrFormat(
+        "DeviceArena::ExportHandle: cudaIpcGetMemHandle of the arena of %d bytes "
+        "on device %d: %s",
+        bytes_, device_, internal::CudaErrorText(err));
+    if (err == cudaErrorNotSupported) return absl::FailedPreconditionError(message);
+    if (err == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(message);
+    return absl::InternalError(message);
+  }
+  TOKENLAKE_ASSIGN_OR_RETURN(DeviceUuid uuid, internal::CudaDeviceUuid(device_));
+  ArenaHandle handle;
+  static_assert(sizeof(ipc.reserved) == kCudaIpcHandleBytes);
+  std::memcpy(handle.ipc_handle.data(), ipc.reserved, handle.ipc_handle.size());
+  handle.size_bytes = bytes_;
+  handle.origin = IpcOrigin::ThisProcess(device_, uuid);
+  return handle;
 }
 
 }  // namespace tokenlake::store

@@ -6,6 +6,10 @@
 //       arena->StoreOptions(layout.SlotBytes(), instance)));
 //   // store->SlotData(slot) is a span of DEVICE memory: pass it to kernels / cudaMemcpy only.
 //
+// Other processes on the same machine may map the arena (CUDA IPC): ExportHandle here,
+// PeerArena::Open there (peer_arena.h, which also says how the two synchronise and how long the
+// arena must live).
+//
 // Thread-safety: immutable after Create; all accessors are thread-safe. The memory itself is not
 // synchronised (the SegmentStore's pins say who may read or write a slot).
 #ifndef TOKENLAKE_STORE_CUDA_DEVICE_ARENA_H_
@@ -17,6 +21,7 @@
 
 #include "absl/status/statusor.h"
 #include "tokenlake/base/ids.h"
+#include "tokenlake/store/cuda/ipc_handle.h"
 #include "tokenlake/store/segment_store.h"
 
 namespace tokenlake::store {
@@ -50,6 +55,17 @@ class DeviceArena {
   // Options for a SegmentStore whose slots are `slot_bytes`-byte ranges of this arena
   // (num_slots = 0: as many as fit). The arena must outlive that store.
   SegmentStore::Options StoreOptions(size_t slot_bytes, InstanceId instance = InstanceId()) const;
+
+  // The handle through which another process on this machine maps this arena
+  // (PeerArena::Open): cudaIpcGetMemHandle of the arena's allocation, its size, the device's
+  // ordinal and GPU UUID, and this process's identity. May be called any number of times.
+  // REQUIRES (of the caller's protocol): the arena outlives every peer's mapping
+  // (peer_arena.h, "Lifetime").
+  // cudaMalloc may carve small allocations out of a larger block, and CUDA IPC then shares the
+  // whole block with the peer: arenas meant for export should be a multiple of 2 MiB.
+  // Errors: FailedPrecondition (CUDA IPC not supported on this device or platform),
+  // ResourceExhausted (CUDA out of memory), Internal (another CUDA error).
+  absl::StatusOr<ArenaHandle> ExportHandle() const;
 
  private:
   DeviceArena(void* data, size_t bytes, int device) : data_(data), bytes_(bytes), device_(device) {}
