@@ -70,6 +70,22 @@ TEST(SimulatorTest, ChunkedPrefillSplitsAtTheTokenBudget) {
   EXPECT_NEAR(r.records[0].finish_s, r.records[0].first_token_s, 1e-12);
 }
 
+TEST(SimulatorTest, RequestsArrivingTogetherShareTheFirstStep) {
+  // Three 1,000-token prompts at t = 0 on one instance with an 8,192-token budget: one
+  // iteration prefills all three (an engine builds its batch from every request that is in),
+  // not the first alone and the other two one iteration later.
+  Workload w;
+  for (uint64_t k = 0; k < 3; ++k) w.requests.push_back(Req(0, 1000, 1, {10 * k + 1, 10 * k + 2}));
+  SimOptions o;
+  o.num_instances = 1;
+  const SimResult r = RunPolicy("round-robin", w, o, PaperH100Profile());
+  // Dense over 3,000 tokens (interpolated between 1,024 and 4,096) + three causal attentions.
+  const double dense = 19.8e-3 + (73e-3 - 19.8e-3) * (3000.0 - 1024) / (4096.0 - 1024);
+  const double attn = 3 * 4.0 * 1000 * 500.5 * 131072 / 590e12;
+  for (int k = 0; k < 3; ++k) EXPECT_NEAR(r.records[k].first_token_s, dense + attn, 1e-9) << k;
+  EXPECT_EQ(r.iterations, 1);
+}
+
 // Two requests sharing a two-block (1024-token) prefix, 10 s apart on 2 instances.
 Workload SharedPrefixPair() {
   Workload w;
@@ -361,6 +377,26 @@ TEST(PolicyScenarioTest, TokenLakeMixesAPrefillChunkIntoADecodeInstance) {
   EXPECT_LT(b.first_token_s, 1.1);
   EXPECT_LT(b.finish_s, a.finish_s);
   EXPECT_EQ(b.instance, 0);
+}
+
+TEST(PolicyScenarioTest, TokenLakeBatchesRequestsArrivingTogetherInOneIteration) {
+  // Four 2,048-token prompts (no shared blocks) at t = 0 on one instance: the scheduler sees
+  // all four and fills one 8,192-token iteration with them, as the engine's loop does.
+  Workload w;
+  for (uint64_t k = 0; k < 4; ++k) {
+    w.requests.push_back(Req(0, 2048, 1, {10 * k + 1, 10 * k + 2, 10 * k + 3, 10 * k + 4}));
+  }
+  SimOptions o;
+  o.num_instances = 1;
+  const SimResult r = RunPolicy("tokenlake", w, o);
+  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  const double one_iteration =
+      cost.IterationSeconds(std::vector<SeqWork>(4, SeqWork{.new_tokens = 2048}));
+  for (int k = 0; k < 4; ++k) {
+    ASSERT_FALSE(r.records[k].rejected) << k;
+    EXPECT_NEAR(r.records[k].first_token_s, one_iteration, 1e-9) << k;
+  }
+  EXPECT_EQ(r.iterations, 1);
 }
 
 // Link time of a new segment stored away from its producer (hand-computed). 2 instances with 3

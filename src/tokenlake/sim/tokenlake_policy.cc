@@ -157,8 +157,11 @@ class TokenLakePolicy final : public Policy {
       return sim.Reject(request);
     }
     queue_.insert(request);
-    Dispatch(sim);
   }
+
+  // Scheduled once every request of the instant is queued, so that requests arriving together
+  // can share a batch.
+  void OnArrivalsDone(Simulator& sim) override { Dispatch(sim); }
 
   bool Admit(Simulator& sim, Job& job) override {
     (void)sim, (void)job;
