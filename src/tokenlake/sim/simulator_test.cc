@@ -399,6 +399,29 @@ TEST(PolicyScenarioTest, TokenLakeBatchesRequestsArrivingTogetherInOneIteration)
   EXPECT_EQ(r.iterations, 1);
 }
 
+TEST(PolicyScenarioTest, TokenLakeMixesAQueuedPromptAsSoonAsAPrefillTurnsIntoADecode) {
+  // A (2,048 tokens, 300 output tokens) starts alone at t = 0; B arrives 1 ms later, while A's
+  // prefill runs, and queues. When A's prompt is done A decodes on the only instance, and B's
+  // chunk is mixed into A's very next decode iteration, as the engine's loop batches a waiting
+  // prompt with the running decodes, not after A's 300 decode iterations.
+  Workload w;
+  w.requests.push_back(Req(0, 2048, 300, {1, 2, 3, 4}));
+  w.requests.push_back(Req(0.001, 1024, 2, {5, 6}));
+  SimOptions o;
+  o.num_instances = 1;
+  const SimResult r = RunPolicy("tokenlake", w, o);
+  const RequestRecord& a = r.records[0];
+  const RequestRecord& b = r.records[1];
+  ASSERT_FALSE(a.rejected || b.rejected);
+  ASSERT_GT(b.arrival_s, 0);
+  ASSERT_LT(b.arrival_s, a.first_token_s);
+  // One mixed iteration after A's prefill: dense over 1,025 tokens and the two attentions,
+  // well under 0.1 s; A's decodes alone take over a second.
+  EXPECT_LT(b.first_token_s, a.first_token_s + 0.1);
+  EXPECT_GT(a.finish_s, a.first_token_s + 1.0);
+  EXPECT_LT(b.finish_s, a.finish_s);
+}
+
 // Link time of a new segment stored away from its producer (hand-computed). 2 instances with 3
 // blocks of KV memory each, links of 1 MB/s (so that the copy dominates). A (2,048 tokens, one
 // output token) is computed on instance 0 (the link is too slow for a sequence-parallel

@@ -215,6 +215,9 @@ class TokenLakePolicy final : public Policy {
       return;
     }
     StartDecode(sim, job.request, job.instance);
+    // Its instance now holds a decode: queued prompts may mix into its next iteration (and an
+    // instance that was not free for prefill may be now).
+    Dispatch(sim);
   }
 
   void OnJobDone(Simulator& sim, Job& job) override {
