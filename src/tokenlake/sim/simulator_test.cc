@@ -86,6 +86,20 @@ TEST(SimulatorTest, RequestsArrivingTogetherShareTheFirstStep) {
   EXPECT_EQ(r.iterations, 1);
 }
 
+TEST(SimulatorTest, MakespanRunsFromTheFirstArrivalToTheLastCompletion) {
+  // The first request (1 s) finishes before the second (2 s, three output tokens): the run's
+  // completion time is the second's finish minus 1 s.
+  Workload w;
+  w.requests.push_back(Req(1, 100, 1, {1}));
+  w.requests.push_back(Req(2, 100, 3, {2}));
+  SimOptions o;
+  o.num_instances = 1;
+  const SimResult r = RunPolicy("round-robin", w, o);
+  ASSERT_GT(r.records[1].finish_s, r.records[0].finish_s);
+  EXPECT_DOUBLE_EQ(r.makespan_s, r.records[1].finish_s - 1.0);
+  EXPECT_DOUBLE_EQ(Summarize(r, 0).makespan_s, r.makespan_s);
+}
+
 // Two requests sharing a two-block (1024-token) prefix, 10 s apart on 2 instances.
 Workload SharedPrefixPair() {
   Workload w;
