@@ -469,7 +469,7 @@ void SetUpSim(CLI::App& app, int* exit_code) {
   cmd->add_option("--tl-dispatch", flags->tl_dispatch,
                   "tokenlake: how the planner places queries on replicas and new segments: "
                   "matching (a min-cost transportation problem per batch) or greedy (request by "
-                  "request) (matching)")
+                  "request) (greedy)")
       ->check(CLI::IsMember({"matching", "greedy"}));
   cmd->add_option("--tl-admission", flags->tl_admission,
                   "tokenlake: the order in which queued requests are admitted to the pool: fcfs "
