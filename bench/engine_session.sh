@@ -16,8 +16,12 @@
 #   profile: `tokenlake profile` (the simulator's GPU profile, Llama-3-8B dense layers);
 #   sim:    the simulator's prediction of the llama3-8b workload run (issue 12, item 6): the
 #           bench's prompts as a trace (bench/prompts_to_trace.py), `tokenlake sim --trace ...
-#           --instances 1 --gpu profile.json --model llama-3-8b --policies tokenlake`, beside the
-#           engine's measured seconds in bench_engine_llama3-8b.json (needs bench and profile).
+#           --instances 1 --gpu profile.json --model llama-3-8b --policies tokenlake`, its
+#           completion time (makespan_s) beside the engine's measured seconds in
+#           bench_engine_llama3-8b.json with their ratio (bench/sim_vs_engine.py; needs bench and
+#           profile); then the same with the profile's forward_ms taken from the bench's own
+#           decode phases and prefill (bench/engine_forward_ms.py), a cross-check of the
+#           profile's forward measurement.
 #
 #   bash bench/engine_session.sh OUT_DIR [BUILD_DIR]     # BUILD_DIR: default build/cuda
 #   PARTS="bench hf" MODELS=llama2-7b bash bench/engine_session.sh out
@@ -98,15 +102,29 @@ if wants profile; then
     > "$OUT/profile.log" 2>&1
   stamp "profile rc=$?"
 fi
-if wants sim && [ -f "$OUT/profile.json" ] && [ -f "$OUT/prompts_llama3-8b.json" ]; then
+if wants sim && [ -f "$OUT/profile.json" ] && [ -f "$OUT/prompts_llama3-8b.json" ] &&
+  [ -f "$OUT/bench_engine_llama3-8b.json" ]; then
+  python3 bench/engine_forward_ms.py --bench "$OUT/bench_engine_llama3-8b.json" \
+    --profile "$OUT/profile.json" --out "$OUT/profile_bench_forward.json" \
+    > "$OUT/engine_forward_ms.log" 2>&1
+  stamp "engine_forward_ms rc=$?"
   for w in shared-prefix-64 sixteen-2k; do
     python3 bench/prompts_to_trace.py --prompts "$OUT/prompts_llama3-8b.json" --workload "$w" \
-      --out "$OUT/trace_$w.jsonl" &&
+      --out "$OUT/trace_$w.jsonl" || continue
+    for p in profile profile_bench_forward; do
+      [ -f "$OUT/$p.json" ] || continue
+      prefix=sim_
+      [ "$p" = profile ] || prefix=sim_bench_forward_
       timeout "$STEP_TIMEOUT" "$B/tokenlake" sim --trace "$OUT/trace_$w.jsonl" --instances 1 \
-        --gpu "$OUT/profile.json" --model llama-3-8b --policies tokenlake \
-        --json "$OUT/sim_$w.json" > "$OUT/sim_$w.log" 2>&1
-    stamp "sim $w rc=$?"
-    tail -n 4 "$OUT/sim_$w.log"
+        --gpu "$OUT/$p.json" --model llama-3-8b --policies tokenlake \
+        --json "$OUT/$prefix$w.json" > "$OUT/$prefix$w.log" 2>&1
+      stamp "sim $w with $p.json rc=$?"
+    done
+  done
+  for prefix in sim_ sim_bench_forward_; do
+    echo "the simulator ($prefix*.json) against the engine:"
+    python3 bench/sim_vs_engine.py --bench "$OUT/bench_engine_llama3-8b.json" --sim-dir "$OUT" \
+      --prefix "$prefix" | tee "$OUT/${prefix}vs_engine.txt"
   done
 fi
 stamp "done"

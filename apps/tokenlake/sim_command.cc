@@ -273,6 +273,9 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   config["instances"] = eo.sim.num_instances;
   config["model"] = model->name;
   config["gpu"] = gpu->name;
+  // Which of the profile's tables the cost model charges for an iteration's work besides
+  // attention (sim/cost_model.h: forward_ms when the profile has one).
+  config["gpu_iteration_table"] = gpu->forward_ms.empty() ? "dense_ms" : "forward_ms";
   config["preset"] = f.preset.empty() ? nlohmann::json(nullptr) : nlohmann::json(f.preset);
   config["tensor_parallel"] = tp;
   config["slo_mode"] = std::string(sim::SloModeName(eo.slo_mode));
@@ -327,8 +330,10 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
       workload.name, workload.requests.size(), mean_in, max_in, mean_out,
       sim::MeanRateRps(workload),
       eo.rate_rps > 0 ? absl::StrFormat(", offered %.3f rps", eo.rate_rps) : "",
-      eo.sim.num_instances, gpu->name, tp > 1 ? absl::StrFormat(" (TP %d)", tp) : "", model->name,
-      slo_text);
+      eo.sim.num_instances, gpu->name,
+      absl::StrCat(gpu->forward_ms.empty() ? "" : " (its measured engine forward, forward_ms)",
+                   tp > 1 ? absl::StrFormat(" (TP %d)", tp) : ""),
+      model->name, slo_text);
   auto runs = sim::RunExperiment(workload, cost, eo);
   if (!runs.ok()) {
     std::cerr << "tokenlake sim: " << runs.status().message() << "\n";
@@ -464,7 +469,7 @@ void SetUpSim(CLI::App& app, int* exit_code) {
   cmd->add_option("--tl-dispatch", flags->tl_dispatch,
                   "tokenlake: how the planner places queries on replicas and new segments: "
                   "matching (a min-cost transportation problem per batch) or greedy (request by "
-                  "request) (matching)")
+                  "request) (greedy)")
       ->check(CLI::IsMember({"matching", "greedy"}));
   cmd->add_option("--tl-admission", flags->tl_admission,
                   "tokenlake: the order in which queued requests are admitted to the pool: fcfs "

@@ -109,12 +109,14 @@ struct AttentionTiming {
 absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape& shape,
                                                       int repeats = 50);
 
-// Everything `tokenlake profile` measures, as the simulator's GPU-profile JSON (schema in
+// What `tokenlake profile` measures here, as the simulator's GPU-profile JSON (schema in
 // src/tokenlake/sim/cost_model.h: name, memory_bytes, memory_utilization,
 // activation_reserve_bytes, copy_gbps, gemm_tflops, attn_prefill_tflops, attn_decode_gbps,
 // dense_ms [[tokens, ms], ...]; plus "device", "dense_ms_by_tokens" and a "measured" object with
 // details). Dense layers: Llama-3-8B at `dense_tokens`; GEMM: 8192^3; attention: GQA 32/8,
-// d = 128, 32K cached tokens in 512-token segments, prefill 1024 tokens, decode 1 token.
+// d = 128, 32K cached tokens in 512-token segments, prefill 1024 tokens, decode 1 token. (The
+// command adds forward_ms, the GPU engine's forward without attention, which this library
+// cannot run: apps/tokenlake/profile_command.cc.)
 // Errors: FailedPrecondition without a device; others from the measurements.
 absl::StatusOr<std::string> MeasureGpuProfileJson(const std::vector<int64_t>& dense_tokens,
                                                   int repeats = 10);

@@ -148,23 +148,24 @@ absl::StatusOr<GpuProfile> ParseGpuProfile(const std::string& text, const std::s
     return absl::InvalidArgumentError(
         absl::StrFormat("%s: field 'memory_utilization' must be in (0, 1]", source));
   }
-  if (auto it = j->find("dense_ms"); it != j->end()) {
+  for (auto [key, table] : {std::pair{"dense_ms", &g.dense_ms}, {"forward_ms", &g.forward_ms}}) {
+    auto it = j->find(key);
+    if (it == j->end()) continue;
     if (!it->is_array() || it->empty()) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "%s: field 'dense_ms' must be a non-empty array of [tokens, ms]", source));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("%s: field '%s' must be a non-empty array of [tokens, ms]", source, key));
     }
-    g.dense_ms.clear();
+    table->clear();
     for (size_t i = 0; i < it->size(); ++i) {
       const auto& p = (*it)[i];
       if (!p.is_array() || p.size() != 2 || !p[0].is_number() || !p[1].is_number() ||
           p[0].get<double>() < 1 || p[1].get<double>() <= 0 ||
-          (!g.dense_ms.empty() && p[0].get<double>() <= g.dense_ms.back().first)) {
+          (!table->empty() && p[0].get<double>() <= table->back().first)) {
         return absl::InvalidArgumentError(absl::StrFormat(
-            "%s: field 'dense_ms' element %d must be [tokens >= 1, ms > 0] with tokens "
-            "increasing",
-            source, i));
+            "%s: field '%s' element %d must be [tokens >= 1, ms > 0] with tokens increasing",
+            source, key, i));
       }
-      g.dense_ms.emplace_back(p[0].get<double>(), p[1].get<double>());
+      table->emplace_back(p[0].get<double>(), p[1].get<double>());
     }
   }
   return g;
@@ -182,6 +183,10 @@ std::string GpuProfileToJson(const GpuProfile& g) {
   j["attn_decode_gbps"] = g.attn_decode_gbps;
   j["dense_ms"] = nlohmann::json::array();
   for (auto [t, ms] : g.dense_ms) j["dense_ms"].push_back({t, ms});
+  if (!g.forward_ms.empty()) {
+    j["forward_ms"] = nlohmann::json::array();
+    for (auto [t, ms] : g.forward_ms) j["forward_ms"].push_back({t, ms});
+  }
   return j.dump(2);
 }
 
@@ -307,7 +312,7 @@ double CostModel::AllReduceSeconds(int64_t tokens) const {
 
 double CostModel::DenseSeconds(int64_t tokens) const {
   if (tokens <= 0) return 0;
-  const auto& p = gpu_.dense_ms;
+  const auto& p = gpu_.forward_ms.empty() ? gpu_.dense_ms : gpu_.forward_ms;
   const double x = static_cast<double>(tokens);
   double ms;
   if (p.size() == 1) {

@@ -15,6 +15,10 @@
 //                                           // model's dense layers (all of them) per iteration,
 //                                           // by batch tokens; linear interpolation between
 //                                           // points, linear extrapolation past the last two
+//     "forward_ms": [[1, 6.1], [4096, 103.1]] // optional: the model's whole forward pass but
+//                                           // attention, per iteration by batch tokens, as the
+//                                           // GPU engine runs it (see GpuProfile::forward_ms);
+//                                           // when present it replaces dense_ms
 //   }
 // Model JSON schema (`--model FILE`): {"name", "num_layers", "num_heads", "num_kv_heads",
 //   "head_dim", "hidden", "intermediate", "vocab", "dtype_bytes"}; "dense_ms" in the GPU
@@ -82,12 +86,21 @@ struct GpuProfile {
   double gemm_tflops = 779.273762443103;
   double attn_prefill_tflops = 546.9902184358677;
   double attn_decode_gbps = 2499.585263052424;
-  // (batch tokens, ms) for the default model, increasing in tokens.
+  // (batch tokens, ms) for the default model, increasing in tokens: its dense layers' GEMMs
+  // (cuBLAS, bf16 in and out), all layers, one iteration.
   std::vector<std::pair<double, double>> dense_ms = {
       {1, 5.478400230407715},     {16, 5.582848072052002},    {64, 5.683199882507324},
       {128, 6.007808208465576},   {256, 6.639616012573242},   {512, 9.92255973815918},
       {1024, 18.734079360961914}, {2048, 36.915199279785156}, {4096, 81.364990234375},
       {8192, 158.86233520507813}, {16384, 316.08831787109375}};
+  // (batch tokens, ms) for the default model, increasing in tokens, or empty: one iteration of
+  // the GPU engine's forward pass with attention left out (engine/cuda/gpu_llama.h: the GEMMs
+  // with float32 outputs, RMSNorm, RoPE, SiLU x up, bf16 conversions, embedding, final norm and
+  // LM head), as `tokenlake profile` measures it. An iteration of the engine runs all of that
+  // besides attention, so when present the cost model charges it instead of dense_ms. Empty
+  // in the built-in profiles: the policies are compared on the GEMMs alone (docs/results.md),
+  // the same for every policy.
+  std::vector<std::pair<double, double>> forward_ms;
 };
 
 // The paper-derived H100 profile (TOKENLAKE.md 5.3), the default before the measured one:
@@ -180,8 +193,10 @@ class CostModel {
   // KV cache capacity of one instance in bytes: t x (memory x utilization - activations) -
   // weights.
   int64_t KvCapacityBytes() const;
-  // Dense layers' time for a batch of `tokens` tokens (> 0), seconds; with t > 1 it includes
-  // the tensor-parallel all-reduces (AllReduceSeconds).
+  // An iteration's work besides attention for a batch of `tokens` tokens (> 0), seconds: the
+  // profile's forward_ms when it has one, else its dense_ms (both interpolated linearly, and
+  // scaled to the model by its dense parameters); with t > 1 it includes the tensor-parallel
+  // all-reduces (AllReduceSeconds).
   double DenseSeconds(int64_t tokens) const;
   // The 2 x num_layers all-reduces of one iteration of `tokens` tokens; 0 when t = 1.
   double AllReduceSeconds(int64_t tokens) const;

@@ -42,6 +42,26 @@ TEST(CostModelTest, DenseInterpolatesTheMeasuredProfile) {
   EXPECT_EQ(c.DenseSeconds(0), 0);
 }
 
+TEST(CostModelTest, ForwardTableReplacesTheDenseTableWhenTheProfileHasOne) {
+  GpuProfile g = PaperH100Profile();
+  g.forward_ms = {{1, 10}, {1001, 30}};
+  const CostModel c(ModelSpec{}, g, InterconnectSpec{});
+  EXPECT_NEAR(c.DenseSeconds(1), 10e-3, 1e-12);
+  EXPECT_NEAR(c.DenseSeconds(501), 20e-3, 1e-12);
+  EXPECT_NEAR(c.DenseSeconds(2001), 50e-3, 1e-12);  // extrapolated: 20 ms per 1,000 tokens
+  // Scaled to another model by its dense parameters, as dense_ms is.
+  const CostModel lwm(Lwm7bModel(), g, InterconnectSpec{});
+  EXPECT_NEAR(lwm.DenseSeconds(1) / c.DenseSeconds(1),
+              static_cast<double>(Lwm7bModel().DenseParamCount()) /
+                  static_cast<double>(ModelSpec{}.DenseParamCount()),
+              1e-12);
+  // An iteration charges it over all its tokens, plus the attention.
+  EXPECT_NEAR(c.IterationSeconds({{1000, 0}, {1, 0}}),
+              30e-3 + c.AttentionSeconds(1000, 0) + c.AttentionSeconds(1, 0), 1e-12);
+  // Without it, dense_ms.
+  EXPECT_NEAR(Default().DenseSeconds(1), 6.7e-3, 1e-12);
+}
+
 TEST(CostModelTest, AttentionIsComputeBoundInPrefillAndBandwidthBoundInDecode) {
   const CostModel c = Default();
   // Prefill of 1024 new tokens, no context: 4 x 1024 x (1025 / 2) x (32 x 128 x 32) FLOPs at
@@ -203,6 +223,13 @@ TEST(GpuProfileTest, JsonRoundTripsAndOverridesDefaults) {
   EXPECT_EQ(back->name, "test");
   EXPECT_EQ(back->copy_gbps, 1000);
   EXPECT_EQ(back->dense_ms, g.dense_ms);
+  EXPECT_TRUE(back->forward_ms.empty());
+  EXPECT_EQ(GpuProfileToJson(g).find("forward_ms"), std::string::npos);
+  g.forward_ms = {{1, 3}, {64, 4}};
+  auto with_forward = ParseGpuProfile(GpuProfileToJson(g), "x.json");
+  ASSERT_TRUE(with_forward.ok()) << with_forward.status();
+  EXPECT_EQ(with_forward->forward_ms, g.forward_ms);
+  EXPECT_EQ(with_forward->dense_ms, g.dense_ms);
   auto partial = ParseGpuProfile(R"({"attn_decode_gbps": 100})", "p.json");
   ASSERT_TRUE(partial.ok());
   EXPECT_EQ(partial->attn_decode_gbps, 100);
@@ -238,6 +265,9 @@ TEST(GpuProfileTest, WrongTypesAndValuesNameTheFileAndField) {
            Case{R"({"memory_utilization": 1.5})", "memory_utilization", "(0, 1]"},
            Case{R"({"name": 7})", "name", "must be a string"},
            Case{R"({"dense_ms": [[1, "5"]]})", "dense_ms", "element 0"},
+           Case{R"({"forward_ms": []})", "forward_ms", "non-empty array"},
+           Case{R"({"forward_ms": [[1, 5], [1, 6]]})", "forward_ms", "element 1"},
+           Case{R"({"forward_ms": [[0, 5]]})", "forward_ms", "tokens >= 1"},
        }) {
     auto g = ParseGpuProfile(c.json, "gpu.json");
     EXPECT_EQ(g.status().code(), absl::StatusCode::kInvalidArgument) << c.json;

@@ -119,6 +119,7 @@ Summary Summarize(const SimResult& r, double offered_rps) {
   s.tpot_p50_s = Percentile(tpot, 50);
   s.tpot_p90_s = Percentile(tpot, 90);
   s.hit_rate = prompt > 0 ? static_cast<double>(cached) / static_cast<double>(prompt) : 0;
+  s.makespan_s = r.makespan_s;
   s.throughput_rps = r.makespan_s > 0 ? static_cast<double>(s.completed) / r.makespan_s : 0;
   s.bytes_moved = r.bytes_moved;
   s.bytes_by_kind = r.bytes_by_kind;
@@ -167,6 +168,7 @@ nlohmann::json ToJson(const Summary& s) {
   j["policy"] = s.policy;
   j["offered_rps"] = num(s.offered_rps);
   j["throughput_rps"] = num(s.throughput_rps);
+  j["makespan_s"] = num(s.makespan_s);
   if (s.max_rate_rps) j["max_rate_rps"] = num(*s.max_rate_rps);
   j["hit_rate"] = num(s.hit_rate);
   j["ttft_p50_s"] = num(s.ttft_p50_s);

@@ -1,7 +1,9 @@
 // Summary metrics of a simulation run and their JSON form.
 //
 // Definitions (TOKENLAKE.md 5.4):
-// - throughput_rps: completed requests / (last completion - first arrival).
+// - makespan_s: last completion - first arrival (the run's completion time; for requests that
+//   all arrive at once, the time to serve them all).
+// - throughput_rps: completed requests / makespan_s.
 // - hit_rate: cached prompt tokens / prompt tokens, over requests that were admitted.
 // - TTFT: first token - arrival; TPOT: (finish - first token) / (output - 1), for requests with
 //   more than one output token. Rejected or unfinished requests count as an infinite TTFT and
@@ -73,6 +75,7 @@ struct Summary {
   std::string policy;
   double offered_rps = 0;
   double throughput_rps = 0;
+  double makespan_s = 0;
   std::optional<double> max_rate_rps;  // set by --max-rate
   double hit_rate = 0;
   double ttft_p50_s = 0, ttft_p90_s = 0;

@@ -126,6 +126,30 @@ TEST(ReportTest, PdRowsAreMarkedStateTheirDramStoreAndGetSafeFileNames) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(MetricsTest, MakespanIsLastCompletionMinusFirstArrivalInJsonAndTable) {
+  // Two requests arriving at 2 s and 3 s, finishing at 9.5 s and 7 s: makespan 7.5 s, two
+  // requests completed in it.
+  SimResult r;
+  r.policy = "p";
+  r.busy_s = {1};
+  for (auto [arrival, finish] : {std::pair{2.0, 9.5}, std::pair{3.0, 7.0}}) {
+    RequestRecord x;
+    x.arrival_s = arrival;
+    x.first_token_s = arrival + 1;
+    x.finish_s = finish;
+    x.output_tokens = 2;
+    r.records.push_back(x);
+  }
+  r.makespan_s = 7.5;
+  const Summary s = Summarize(r, 0);
+  EXPECT_DOUBLE_EQ(s.makespan_s, 7.5);
+  EXPECT_DOUBLE_EQ(s.throughput_rps, 2 / 7.5);
+  EXPECT_DOUBLE_EQ(ToJson(s)["makespan_s"].get<double>(), 7.5);
+  const std::string table = FormatTable({PolicyRun{s, r}});
+  EXPECT_NE(table.find("makespan_s"), std::string::npos) << table;
+  EXPECT_NE(table.find(" 7.500"), std::string::npos) << table;
+}
+
 TEST(MetricsTest, SloAttainmentCountsRequestsMeetingBothSlos) {
   SimResult r;
   auto rec = [](double ttft, double finish, int64_t out, bool rejected = false) {

@@ -30,6 +30,7 @@ Simulator::Simulator(const SimOptions& options, const Workload& workload, const 
       options_.kv_capacity_bytes > 0 ? options_.kv_capacity_bytes : cost_.KvCapacityBytes();
   capacity_blocks_ = capacity_bytes / (cost_.model().KvBytesPerToken() * kBlockTokens);
   instances_.resize(static_cast<size_t>(options_.num_instances));
+  start_pending_.assign(static_cast<size_t>(options_.num_instances), false);
   for (int i = 0; i < options_.num_instances; ++i) {
     instances_[i].id = i;
     instances_[i].cache = std::make_unique<BlockCache>(capacity_blocks_);
@@ -51,6 +52,24 @@ void Simulator::Arrive(int64_t request) {
   records_[request].input_tokens = r.input_tokens;
   records_[request].output_tokens = r.output_tokens;
   policy_.OnArrival(*this, request);
+}
+
+void Simulator::Defer(Instance& inst) {
+  if (start_pending_[inst.id]) return;
+  start_pending_[inst.id] = true;
+  deferred_.push_back(inst.id);
+}
+
+void Simulator::StartDeferred() {
+  std::vector<int> ids;
+  while (!deferred_.empty()) {
+    ids.clear();
+    ids.swap(deferred_);
+    for (int id : ids) {
+      start_pending_[id] = false;
+      if (!instances_[id].busy) StartStep(instances_[id]);
+    }
+  }
 }
 
 void Simulator::ReleaseNextTurn(int64_t request) {
@@ -97,14 +116,14 @@ void Simulator::Reject(int64_t request) {
 
 void Simulator::Poke(int instance) {
   Instance& inst = instances_[instance];
-  if (!inst.busy && !inst.waiting.empty()) StartStep(inst);
+  if (!inst.busy && !inst.waiting.empty()) Defer(inst);
 }
 
 void Simulator::ChargeExtra(int instance, double seconds) {
   if (seconds <= 0) return;
   Instance& inst = instances_[instance];
   inst.extra_s += seconds;
-  if (!inst.busy) StartStep(inst);
+  if (!inst.busy) Defer(inst);
 }
 
 void Simulator::ReleaseLocal(Job& job) {
@@ -128,7 +147,7 @@ double Simulator::StepEnd(const Instance& inst, int64_t iters) const {
 
 void Simulator::Wake(Instance& inst) {
   if (!inst.busy) {
-    StartStep(inst);
+    Defer(inst);
     return;
   }
   if (!inst.step_decode_only || inst.step_iters <= 1) return;
@@ -323,21 +342,35 @@ absl::StatusOr<SimResult> Simulator::Run() {
   const double inf = std::numeric_limits<double>::infinity();
   next_sample_s_ = (n > 0 ? reqs.front().arrival_s : 0) + options_.sample_period_s;
   size_t progress_every = std::max<size_t>(1, n / 200);
-  while (next < n || !events_.empty()) {
+  bool arrived = false;  // a request arrived at the instant now_s_
+  while (true) {
     // Later session turns arrive by event (ReleaseNextTurn), not at their nominal time.
     while (next < n && reqs[next].previous_turn >= 0) ++next;
+    double ta = next < n ? reqs[next].arrival_s : inf;
+    double te = events_.empty() ? inf : events_.top().t;
+    if (std::min(ta, te) > now_s_) {
+      // The instant now_s_ is over (every arrival and event at it handled): the policy
+      // schedules what arrived, then the instances woken start their steps, each with all the
+      // work that reached it at this instant (as an engine's scheduler sees every request that
+      // is in when it builds a batch).
+      if (arrived) policy_.OnArrivalsDone(*this);
+      arrived = false;
+      StartDeferred();
+      ta = next < n ? reqs[next].arrival_s : inf;
+      te = events_.empty() ? inf : events_.top().t;
+    }
     if (next >= n && events_.empty()) break;
-    const double ta = next < n ? reqs[next].arrival_s : inf;
-    const double te = events_.empty() ? inf : events_.top().t;
     const double t = std::min(ta, te);
     while (next_sample_s_ <= t) {
       now_s_ = next_sample_s_;
       Sample();
+      StartDeferred();
       next_sample_s_ += options_.sample_period_s;
     }
     now_s_ = t;
     if (ta <= te) {
       Arrive(static_cast<int64_t>(next));
+      arrived = true;
       ++next;
       if (options_.progress && next % progress_every == 0) {
         options_.progress(static_cast<double>(next) / static_cast<double>(n));
@@ -348,6 +381,7 @@ absl::StatusOr<SimResult> Simulator::Run() {
     events_.pop();
     if (e.kind == 2) {
       Arrive(e.request);
+      arrived = true;
       continue;
     }
     Instance& inst = instances_[e.instance];

@@ -11,6 +11,11 @@
 // bulk (exact: a decode iteration's time is linear in the batch's context) and cut at the
 // iteration boundary when new work reaches the instance.
 //
+// Instants: an idle instance that receives work (a delivered job, charged work, a Poke) starts
+// its step once every arrival and event at the current simulated time is handled (requests
+// arriving together, the jobs of one prefill batch), as an engine's scheduler builds its batch
+// from every request that is in: work delivered at one instant shares a step.
+//
 // Cache access (the paper's load-balance quantity: cached context tokens attended): every
 // iteration adds, for each sequence in it, its local context tokens (Job::Context(): the tokens
 // before this iteration's new ones whose attention runs here) to its instance; a policy adds the
@@ -141,7 +146,12 @@ class Policy {
   // Simulator::Run returns them. A policy refuses a setup it cannot serve here, not by CHECK.
   virtual absl::Status Init(Simulator& sim) = 0;
   // A request arrived: create a job and Simulator::Deliver it, or Simulator::Reject it.
+  // Requests with the same arrival time arrive one after the other at that instant; an idle
+  // instance a delivery wakes starts its step only after the last of them (and OnArrivalsDone).
   virtual void OnArrival(Simulator& sim, int64_t request) = 0;
+  // The requests arriving at this instant have all arrived (each through OnArrival): a policy
+  // that batches queued requests itself schedules them here. Default none.
+  virtual void OnArrivalsDone(Simulator& sim) { (void)sim; }
   // May `job` start on its instance now? Sets job.cached_tokens and takes memory. False: it
   // waits (retried at later iterations).
   virtual bool Admit(Simulator& sim, Job& job) = 0;
@@ -225,17 +235,20 @@ class Simulator {
   RequestRecord& record(int64_t request) { return records_[request]; }
   // A new job for `request` on `instance`; owned by the simulator.
   Job* NewJob(int64_t request, int instance);
-  // Makes `job` visible to its instance at `ready_s` (>= now), waking the instance.
+  // Makes `job` visible to its instance at `ready_s` (>= now), waking the instance (an idle one
+  // starts its step at the end of that instant).
   void Deliver(Job* job, double ready_s);
   void Reject(int64_t request);
-  // Adds work (seconds) to `instance`'s next iteration, starting one if it is idle.
+  // Adds work (seconds) to `instance`'s next iteration, starting one at the end of this instant
+  // if it is idle.
   void ChargeExtra(int instance, double seconds);
   // Counts `bytes` moved between instances, under `kind` (e.g. "kv_to_decode").
   void AddBytesMoved(int64_t bytes, const std::string& kind) {
     bytes_moved_ += bytes;
     bytes_by_kind_[kind] += bytes;
   }
-  // An idle instance with waiting jobs tries to admit them now (memory was freed elsewhere).
+  // An idle instance with waiting jobs tries to admit them at the end of this instant (memory
+  // was freed elsewhere).
   void Poke(int instance);
   // Releases a finished job's memory (baselines).
   void ReleaseLocal(Job& job);
@@ -264,6 +277,10 @@ class Simulator {
   void Sample();
   // A request arrives now: its record starts and the policy routes it.
   void Arrive(int64_t request);
+  // `inst` (idle) has work: its step starts at StartDeferred, once every arrival and event of
+  // this instant is handled (see the file comment).
+  void Defer(Instance& inst);
+  void StartDeferred();
   // Sends `request`'s next session turn once `request` finished or was rejected (once).
   void ReleaseNextTurn(int64_t request);
 
@@ -280,6 +297,9 @@ class Simulator {
   std::vector<Instance> instances_;
   std::vector<RequestRecord> records_;
   std::vector<int64_t> next_turn_;  // per request: the request of its next turn, or -1
+  // Idle instances woken at this instant (ids, once each: start_pending_).
+  std::vector<int> deferred_;
+  std::vector<bool> start_pending_;
   std::deque<Job> jobs_;
   std::priority_queue<Event, std::vector<Event>, std::greater<>> events_;
   double next_sample_s_ = 0;

@@ -70,6 +70,36 @@ TEST(SimulatorTest, ChunkedPrefillSplitsAtTheTokenBudget) {
   EXPECT_NEAR(r.records[0].finish_s, r.records[0].first_token_s, 1e-12);
 }
 
+TEST(SimulatorTest, RequestsArrivingTogetherShareTheFirstStep) {
+  // Three 1,000-token prompts at t = 0 on one instance with an 8,192-token budget: one
+  // iteration prefills all three (an engine builds its batch from every request that is in),
+  // not the first alone and the other two one iteration later.
+  Workload w;
+  for (uint64_t k = 0; k < 3; ++k) w.requests.push_back(Req(0, 1000, 1, {10 * k + 1, 10 * k + 2}));
+  SimOptions o;
+  o.num_instances = 1;
+  const SimResult r = RunPolicy("round-robin", w, o, PaperH100Profile());
+  // Dense over 3,000 tokens (interpolated between 1,024 and 4,096) + three causal attentions.
+  const double dense = 19.8e-3 + (73e-3 - 19.8e-3) * (3000.0 - 1024) / (4096.0 - 1024);
+  const double attn = 3 * 4.0 * 1000 * 500.5 * 131072 / 590e12;
+  for (int k = 0; k < 3; ++k) EXPECT_NEAR(r.records[k].first_token_s, dense + attn, 1e-9) << k;
+  EXPECT_EQ(r.iterations, 1);
+}
+
+TEST(SimulatorTest, MakespanRunsFromTheFirstArrivalToTheLastCompletion) {
+  // The first request (1 s) finishes before the second (2 s, three output tokens): the run's
+  // completion time is the second's finish minus 1 s.
+  Workload w;
+  w.requests.push_back(Req(1, 100, 1, {1}));
+  w.requests.push_back(Req(2, 100, 3, {2}));
+  SimOptions o;
+  o.num_instances = 1;
+  const SimResult r = RunPolicy("round-robin", w, o);
+  ASSERT_GT(r.records[1].finish_s, r.records[0].finish_s);
+  EXPECT_DOUBLE_EQ(r.makespan_s, r.records[1].finish_s - 1.0);
+  EXPECT_DOUBLE_EQ(Summarize(r, 0).makespan_s, r.makespan_s);
+}
+
 // Two requests sharing a two-block (1024-token) prefix, 10 s apart on 2 instances.
 Workload SharedPrefixPair() {
   Workload w;
@@ -361,6 +391,49 @@ TEST(PolicyScenarioTest, TokenLakeMixesAPrefillChunkIntoADecodeInstance) {
   EXPECT_LT(b.first_token_s, 1.1);
   EXPECT_LT(b.finish_s, a.finish_s);
   EXPECT_EQ(b.instance, 0);
+}
+
+TEST(PolicyScenarioTest, TokenLakeBatchesRequestsArrivingTogetherInOneIteration) {
+  // Four 2,048-token prompts (no shared blocks) at t = 0 on one instance: the scheduler sees
+  // all four and fills one 8,192-token iteration with them, as the engine's loop does.
+  Workload w;
+  for (uint64_t k = 0; k < 4; ++k) {
+    w.requests.push_back(Req(0, 2048, 1, {10 * k + 1, 10 * k + 2, 10 * k + 3, 10 * k + 4}));
+  }
+  SimOptions o;
+  o.num_instances = 1;
+  const SimResult r = RunPolicy("tokenlake", w, o);
+  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  const double one_iteration =
+      cost.IterationSeconds(std::vector<SeqWork>(4, SeqWork{.new_tokens = 2048}));
+  for (int k = 0; k < 4; ++k) {
+    ASSERT_FALSE(r.records[k].rejected) << k;
+    EXPECT_NEAR(r.records[k].first_token_s, one_iteration, 1e-9) << k;
+  }
+  EXPECT_EQ(r.iterations, 1);
+}
+
+TEST(PolicyScenarioTest, TokenLakeMixesAQueuedPromptAsSoonAsAPrefillTurnsIntoADecode) {
+  // A (2,048 tokens, 300 output tokens) starts alone at t = 0; B arrives 1 ms later, while A's
+  // prefill runs, and queues. When A's prompt is done A decodes on the only instance, and B's
+  // chunk is mixed into A's very next decode iteration, as the engine's loop batches a waiting
+  // prompt with the running decodes, not after A's 300 decode iterations.
+  Workload w;
+  w.requests.push_back(Req(0, 2048, 300, {1, 2, 3, 4}));
+  w.requests.push_back(Req(0.001, 1024, 2, {5, 6}));
+  SimOptions o;
+  o.num_instances = 1;
+  const SimResult r = RunPolicy("tokenlake", w, o);
+  const RequestRecord& a = r.records[0];
+  const RequestRecord& b = r.records[1];
+  ASSERT_FALSE(a.rejected || b.rejected);
+  ASSERT_GT(b.arrival_s, 0);
+  ASSERT_LT(b.arrival_s, a.first_token_s);
+  // One mixed iteration after A's prefill: dense over 1,025 tokens and the two attentions,
+  // well under 0.1 s; A's decodes alone take over a second.
+  EXPECT_LT(b.first_token_s, a.first_token_s + 0.1);
+  EXPECT_GT(a.finish_s, a.first_token_s + 1.0);
+  EXPECT_LT(b.finish_s, a.finish_s);
 }
 
 // Link time of a new segment stored away from its producer (hand-computed). 2 instances with 3

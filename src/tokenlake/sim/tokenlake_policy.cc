@@ -157,8 +157,11 @@ class TokenLakePolicy final : public Policy {
       return sim.Reject(request);
     }
     queue_.insert(request);
-    Dispatch(sim);
   }
+
+  // Scheduled once every request of the instant is queued, so that requests arriving together
+  // can share a batch.
+  void OnArrivalsDone(Simulator& sim) override { Dispatch(sim); }
 
   bool Admit(Simulator& sim, Job& job) override {
     (void)sim, (void)job;
@@ -212,6 +215,9 @@ class TokenLakePolicy final : public Policy {
       return;
     }
     StartDecode(sim, job.request, job.instance);
+    // Its instance now holds a decode: queued prompts may mix into its next iteration (and an
+    // instance that was not free for prefill may be now).
+    Dispatch(sim);
   }
 
   void OnJobDone(Simulator& sim, Job& job) override {

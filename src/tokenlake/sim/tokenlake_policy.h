@@ -8,7 +8,8 @@
 // in the queue while the pool cannot hold them, and is rejected only if it could never fit (a
 // request larger than the pool, with nothing else holding memory).
 //
-// The scheduler, every time instances become free (Policy::OnIdle) or work arrives:
+// The scheduler, every time instances become free (Policy::OnIdle), requests arrive (once all
+// of an instant's are queued: Policy::OnArrivalsDone), a chunk completes or a request finishes:
 // - Prefill: the queued requests, first come first served, form this iteration's chunks on the
 //   instances free for prefill (no decodes): SchedulePrefill's DP picks the batches and their
 //   DoPs (a long prefill over several idle instances is sequence-parallel: its chunk is split
