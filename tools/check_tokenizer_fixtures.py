@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Checks the tokenizer fixtures against Hugging Face's Python libraries (a developer tool).
+
+tools/make_tokenizer_fixtures.py writes tests/fixtures/tokenizer/ with expected answers from
+Hugging Face's tokenizers core (through its Node binding), Jinja2 set up as transformers sets it
+up, and SentencePiece's command-line tools; tokenizer_test and chat_template_test compare
+TokenLake with those answers. This script asks Python's `tokenizers` and `transformers` the same
+questions on the same files, so that the expected answers are known to be what those libraries
+give:
+  - tokenizers.Tokenizer.from_file(tokenizer.json): every encoding (ids) and decoding (text) of
+    the byte-level BPE fixtures;
+  - transformers.AutoTokenizer.from_pretrained(folder): the same encodings and decodings, and
+    every chat of every fixture through apply_chat_template (the rendered text, its ids where
+    the fixture has them, and the refusal where the fixture expects an error);
+  - for spm_llama2, the encodings and decodings through transformers' Llama tokenizer when the
+    `sentencepiece` module is installed (otherwise said and skipped).
+
+  python3 tools/check_tokenizer_fixtures.py [--fixtures tests/fixtures/tokenizer] [--json FILE]
+
+Prints one line per fixture and check with the number compared and the mismatches (the first few
+shown), writes them to --json, and exits 1 if any answer differs, 2 if a library is missing.
+"""
+import argparse
+import json
+import os
+import sys
+
+BPE = ["bpe_llama3", "bpe_gpt2", "bpe_qwen2"]
+SHOWN = 3
+
+
+class Tally:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, fixture, check, compared, mismatches, note=None):
+        row = dict(fixture=fixture, check=check, compared=compared,
+                   mismatches=len(mismatches), examples=mismatches[:SHOWN])
+        if note:
+            row["note"] = note
+        self.rows.append(row)
+        status = "ok" if not mismatches else "MISMATCH"
+        print(f"{fixture:11s} {check:36s} {compared:4d} compared, {len(mismatches):3d} differ"
+              f"  {status}{'  (' + note + ')' if note else ''}")
+        for m in mismatches[:SHOWN]:
+            print("    " + json.dumps(m, ensure_ascii=False)[:400])
+
+
+def check_tokenizers(tally, name, folder, expected):
+    import tokenizers
+    tok = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    bad = []
+    for e in expected["encodings"]:
+        got = tok.encode(e["text"], add_special_tokens=e["add_special_tokens"]).ids
+        if got != e["ids"]:
+            bad.append(dict(text=e["text"], expected=e["ids"], got=got))
+    tally.add(name, "tokenizers encode", len(expected["encodings"]), bad)
+    bad = []
+    for e in expected["decodings"]:
+        got = tok.decode(e["ids"], skip_special_tokens=e["skip_special_tokens"])
+        if got != e["text"]:
+            bad.append(dict(ids=e["ids"], expected=e["text"], got=got))
+    tally.add(name, "tokenizers decode", len(expected["decodings"]), bad)
+
+
+def check_transformers(tally, name, folder, expected, encode=True):
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    if encode:
+        bad = []
+        for e in expected["encodings"]:
+            got = tok(e["text"], add_special_tokens=e["add_special_tokens"])["input_ids"]
+            if got != e["ids"]:
+                bad.append(dict(text=e["text"], expected=e["ids"], got=got))
+        tally.add(name, "transformers encode", len(expected["encodings"]), bad)
+        bad = []
+        for e in expected["decodings"]:
+            got = tok.decode(e["ids"], skip_special_tokens=e["skip_special_tokens"],
+                             clean_up_tokenization_spaces=False)
+            if got != e["text"]:
+                bad.append(dict(ids=e["ids"], expected=e["text"], got=got))
+        tally.add(name, "transformers decode", len(expected["decodings"]), bad)
+    bad = []
+    for c in expected["chats"]:
+        kwargs = dict(add_generation_prompt=c["add_generation_prompt"])
+        try:
+            text = tok.apply_chat_template(c["messages"], tokenize=False, **kwargs)
+        except Exception as e:  # the template's raise_exception: a jinja2 TemplateError
+            if "error" not in c:
+                bad.append(dict(messages=c["messages"], expected=c.get("text"), got_error=str(e)))
+            continue
+        if "error" in c:
+            bad.append(dict(messages=c["messages"], expected_error=c["error"], got=text))
+            continue
+        if text != c["text"]:
+            bad.append(dict(messages=c["messages"], expected=c["text"], got=text))
+            continue
+        if "ids" in c:
+            ids = tok.apply_chat_template(c["messages"], tokenize=True, **kwargs)
+            if not isinstance(ids, list):  # a BatchEncoding in some versions
+                ids = ids["input_ids"]
+            if ids != c["ids"]:
+                bad.append(dict(messages=c["messages"], expected_ids=c["ids"], got_ids=ids))
+    tally.add(name, "transformers apply_chat_template", len(expected["chats"]), bad)
+
+
+def check_chats_without_tokenizer(tally, name, folder, expected):
+    """The chats through transformers' own template renderer, without loading the tokenizer."""
+    from transformers.utils import chat_template_utils
+    with open(os.path.join(folder, "tokenizer_config.json")) as f:
+        config = json.load(f)
+    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token") if k in config}
+    bad = []
+    for c in expected["chats"]:
+        try:
+            rendered, _ = chat_template_utils.render_jinja_template(
+                conversations=[c["messages"]], chat_template=config["chat_template"],
+                add_generation_prompt=c["add_generation_prompt"], **special)
+            text = rendered[0]
+        except Exception as e:
+            if "error" not in c:
+                bad.append(dict(messages=c["messages"], expected=c.get("text"), got_error=str(e)))
+            continue
+        if "error" in c:
+            bad.append(dict(messages=c["messages"], expected_error=c["error"], got=text))
+        elif text != c["text"]:
+            bad.append(dict(messages=c["messages"], expected=c["text"], got=text))
+    tally.add(name, "transformers render_jinja_template", len(expected["chats"]), bad)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fixtures", default=os.path.join(os.path.dirname(__file__), "..", "tests",
+                                                       "fixtures", "tokenizer"))
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    try:
+        import tokenizers
+        import transformers
+    except ImportError as e:
+        print(f"check_tokenizer_fixtures: needs Python's tokenizers and transformers: {e}",
+              file=sys.stderr)
+        return 2
+    print(f"tokenizers {tokenizers.__version__}, transformers {transformers.__version__}")
+    tally = Tally()
+    for name in BPE + ["spm_llama2"]:
+        folder = os.path.join(args.fixtures, name)
+        with open(os.path.join(args.fixtures, name + "_expected.json")) as f:
+            expected = json.load(f)
+        if name in BPE:
+            check_tokenizers(tally, name, folder, expected)
+            check_transformers(tally, name, folder, expected)
+            continue
+        try:
+            import sentencepiece  # noqa: F401  (transformers' Llama tokenizer needs it)
+            check_transformers(tally, name, folder, expected)
+        except ImportError:
+            tally.add(name, "transformers encode/decode", 0, [],
+                      note="skipped: no sentencepiece module")
+            check_chats_without_tokenizer(tally, name, folder, expected)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(tokenizers=tokenizers.__version__,
+                           transformers=transformers.__version__, checks=tally.rows), f,
+                      indent=1, ensure_ascii=False)
+    differ = sum(r["mismatches"] for r in tally.rows)
+    print(f"{sum(r['compared'] for r in tally.rows)} answers compared, {differ} differ")
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
