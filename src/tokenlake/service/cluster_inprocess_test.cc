@@ -962,6 +962,9 @@ TEST_F(InProcessClusterTest, AFloodedLiveInstanceKeepsItsNameUntilItDies) {
 // ("SegmentStore:: Pin ... is not stored on instance k"); the retry hid it. Many clients reach a
 // new shared prefix at the same moment, round after round, so that plans read segments committed
 // an instant earlier by another instance's request. Every answer is right on its first attempt.
+// (The race's deterministic reproductions, which fail when a copy is listed at its Commit, are
+// lake_pending_test and iteration_loop_test's AnotherEnginesPlanNeverReadsACopyWhoseStore...;
+// this is the cluster end to end, with no holder-side wait any more.)
 TEST_F(InProcessClusterTest, ConcurrentFirstUsesOfAPrefixAreServedOnTheFirstAttempt) {
   const char* env = std::getenv("TOKENLAKE_TEST_SEED");
   const uint64_t seed = 915 + (env != nullptr ? std::strtoull(env, nullptr, 10) : 0);
