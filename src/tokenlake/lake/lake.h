@@ -416,9 +416,11 @@ class Lake {
   // coordinator restart, when instances re-register): every reported segment whose parent is in
   // the tree (or is itself restorable from `held`, which may be in any order: parents are
   // inserted first) becomes a replica on `instance`; a segment the tree already lists with the
-  // same parent and length gets an extra replica. Orphans (parent unknown), conflicting ids,
-  // bad lengths and segments beyond the instance's free slots are reported as rejected and
-  // change nothing. Restored segments are unpinned, last accessed now.
+  // same parent and length gets an extra replica. Orphans (parent unknown, or with no visible
+  // copy: pending), conflicting ids, bad lengths and segments beyond the instance's free slots
+  // are reported as rejected and change nothing. A reported segment that is pending on this
+  // very instance is confirmed (its data is there), parents first. Restored segments are
+  // unpinned, last accessed now.
   // Errors: InvalidArgument (unknown instance). O(|held| x depth) worst case.
   absl::StatusOr<RestoreResult> RestoreReplicas(InstanceId instance,
                                                 absl::Span<const HeldSegment> held);
