@@ -1,9 +1,9 @@
-// lake::ControlPlane::ReleaseAndPlan (the fused step between two iterations of a request) over a
-// real lake, and the engine loop's use of the control plane: one plan call per iteration
-// (PlanIteration for the prefill, ReleaseAndPlan after it), one plain Release at the end, and
-// no pin left behind and no second Release when the fused call fails, whichever part of it was
-// applied. (The remote implementation is checked against these semantics in
-// service/lake_rpc_test.cc.)
+// lake::ControlPlane::ReleaseAndPlan (the fused step between two iterations of a request) and
+// PlanBatch over a real lake, and the engine loop's use of the control plane: one PlanBatch call
+// per iteration, one confirm-and-release PlanBatch at the end, every copy it stored confirmed
+// (none dropped), and no pin left behind and no second release when the batch call fails,
+// whichever part of it was applied. (The remote implementation is checked against these
+// semantics in service/lake_rpc_test.cc.)
 #include "tokenlake/lake/control_plane.h"
 
 #include <cstdlib>
@@ -58,6 +58,16 @@ std::vector<int32_t> Tokens(int32_t n, int32_t salt) {
   return t;
 }
 
+// The confirmations of every copy `commit` placed for `request` (its data stored at once).
+std::vector<lake::StoreConfirmation> Confirmations(RequestId request,
+                                                   const lake::CommitResult& commit) {
+  std::vector<lake::StoreConfirmation> out;
+  for (const lake::StoredReplica& st : commit.stored) {
+    out.push_back({request, st.segment, st.instance});
+  }
+  return out;
+}
+
 class ControlPlaneTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -95,6 +105,10 @@ TEST_F(ControlPlaneTest, ReleaseAndPlanReleasesThenPlansAndPinsTheNextIteration)
   ASSERT_TRUE(committed.ok());
   ASSERT_EQ(committed->stored.size(), 2u);  // 40 tokens: two full segments
   EXPECT_EQ(lake_->Stats().pinned_segments, 2);
+  // Pending until the data plane says they are stored (here: at once).
+  EXPECT_EQ(lake_->Stats().pending_copies, 2);
+  ASSERT_TRUE(local_->ConfirmStored(Confirmations(RequestId(1), *committed)).ok());
+  EXPECT_EQ(lake_->Stats().pending_copies, 0);
   // Iteration 2 of request 1 (decode at 41 tokens): the two committed segments are cached.
   lake::IterationRequest next = Prefill(RequestId(1), 41, 0);
   next.prefill = false;
@@ -157,7 +171,7 @@ TEST_F(ControlPlaneTest, PlanBatchReleasesPlansAndReportsPerRequest) {
   const std::vector<RequestId> release = {RequestId(2), RequestId(1), RequestId(3)};
   const std::vector<lake::IterationRequest> requests = {Prefill(RequestId(1), 40, 0),
                                                         Prefill(RequestId(3), 40, 3), bad};
-  auto r = local_->PlanBatch(release, requests);
+  auto r = local_->PlanBatch({}, release, requests);
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_EQ(r->size(), 3u);
   EXPECT_TRUE((*r)[0].status.ok()) << (*r)[0].status;             // released and planned again
@@ -170,8 +184,14 @@ TEST_F(ControlPlaneTest, PlanBatchReleasesPlansAndReportsPerRequest) {
   // A prefill chunk: the whole prompt asked for, cut after the cached prefix.
   auto first = local_->PlanIteration(Prefill(RequestId(5), 40, 5));
   ASSERT_TRUE(first.ok());
-  ASSERT_TRUE(local_->Commit(RequestId(5), first->new_segments).ok());
-  ASSERT_TRUE(local_->Release(RequestId(5)).ok());
+  auto committed = local_->Commit(RequestId(5), first->new_segments);
+  ASSERT_TRUE(committed.ok());
+  // Confirmed with the release, in one call (what a loop that runs dry sends).
+  auto flushed = local_->PlanBatch(Confirmations(RequestId(5), *committed), {RequestId(5)}, {});
+  ASSERT_TRUE(flushed.ok()) << flushed.status();
+  EXPECT_TRUE(flushed->empty());
+  EXPECT_EQ(lake_->Stats().active_requests, 0);
+  EXPECT_EQ(lake_->Stats().pending_copies, 0);
   lake::IterationRequest chunked = Prefill(RequestId(6), 40, 5);
   chunked.max_new_tokens = 5;
   auto c = local_->PlanIteration(chunked);
@@ -228,6 +248,9 @@ class ScriptedControlPlane final : public lake::ControlPlane {
     ++commits;
     return inner_->Commit(request, placements);
   }
+  absl::Status ConfirmStored(absl::Span<const lake::StoreConfirmation> copies) override {
+    return inner_->ConfirmStored(copies);
+  }
   absl::Status Release(RequestId request) override {
     ++releases;
     return inner_->Release(request);
@@ -238,12 +261,21 @@ class ScriptedControlPlane final : public lake::ControlPlane {
     return inner_->ReleaseAndPlan(release, next);
   }
   absl::StatusOr<std::vector<lake::BatchPlanEntry>> PlanBatch(
-      absl::Span<const RequestId> release,
+      absl::Span<const lake::StoreConfirmation> confirm, absl::Span<const RequestId> release,
       absl::Span<const lake::IterationRequest> requests) override {
+    if (requests.empty()) {
+      // Confirm and release only (a loop that ran dry, or cleaning up after a failure).
+      ++release_calls;
+      return inner_->PlanBatch(confirm, release, requests);
+    }
     ++batches;
-    if (batches != fail_at || fault == Fault::kNone) return inner_->PlanBatch(release, requests);
+    if (batches != fail_at || fault == Fault::kNone) {
+      return inner_->PlanBatch(confirm, release, requests);
+    }
+    // Where a fault says the releases were applied, so were the confirmations before them.
     switch (fault) {
       case Fault::kLakeErrorAfterRelease: {
+        EXPECT_TRUE(inner_->ConfirmStored(confirm).ok());
         for (RequestId r : release) EXPECT_TRUE(inner_->Release(r).ok());
         std::vector<lake::BatchPlanEntry> out(requests.size());
         for (lake::BatchPlanEntry& e : out) {
@@ -254,10 +286,11 @@ class ScriptedControlPlane final : public lake::ControlPlane {
       case Fault::kWireBeforeAnything:
         return absl::UnavailableError("scripted: not sent");
       case Fault::kWireAfterRelease:
+        EXPECT_TRUE(inner_->ConfirmStored(confirm).ok());
         for (RequestId r : release) EXPECT_TRUE(inner_->Release(r).ok());
         return absl::DeadlineExceededError("scripted: reply lost after the release");
       case Fault::kWireAfterReleaseAndPlan:
-        EXPECT_TRUE(inner_->PlanBatch(release, requests).ok());
+        EXPECT_TRUE(inner_->PlanBatch(confirm, release, requests).ok());
         return absl::DeadlineExceededError("scripted: reply lost after the plan");
       case Fault::kNone:
         break;
@@ -265,9 +298,10 @@ class ScriptedControlPlane final : public lake::ControlPlane {
     return absl::InternalError("unreachable");
   }
 
-  int32_t batches = 0;
+  int32_t batches = 0;        // PlanBatch calls with requests (iterations)
+  int32_t release_calls = 0;  // PlanBatch calls without requests (confirm and release)
   int32_t plans = 0, commits = 0, releases = 0, fused = 0;
-  int32_t fail_at = 0;  // the fused call (1-based) that fails
+  int32_t fail_at = 0;  // the batch call (1-based) that fails
   Fault fault = Fault::kNone;
 
  private:
@@ -318,7 +352,8 @@ TEST_F(EngineControlCallsTest, OneBatchPlanCallPerIterationAndOneReleaseAtTheEnd
     SCOPED_TRACE(testing::Message() << "max_new_tokens=" << max_new);
     const std::vector<int32_t> prompt = Tokens(40, max_new);
     scripted_->plans = scripted_->commits = scripted_->releases = scripted_->fused = 0;
-    scripted_->batches = 0;
+    scripted_->batches = scripted_->release_calls = 0;
+    const lake::LakeStats before = lake_->Stats();
     auto r = engine_->Generate(RequestId(request++), prompt, max_new);
     ASSERT_TRUE(r.ok()) << r.status();
     EXPECT_EQ(r->tokens, Expected(prompt, max_new));
@@ -327,10 +362,17 @@ TEST_F(EngineControlCallsTest, OneBatchPlanCallPerIterationAndOneReleaseAtTheEnd
     EXPECT_EQ(scripted_->batches, max_new);
     EXPECT_EQ(scripted_->plans, 0);
     EXPECT_EQ(scripted_->fused, 0);
-    EXPECT_EQ(scripted_->releases, 1);
+    EXPECT_EQ(scripted_->releases, 0);       // releases travel in PlanBatch calls
+    EXPECT_EQ(scripted_->release_calls, 1);  // confirm + release when the loop runs dry
     EXPECT_EQ(scripted_->commits, max_new);  // lake::LocalControlPlane commits every iteration
-    EXPECT_EQ(lake_->Stats().active_requests, 0);
-    EXPECT_EQ(lake_->Stats().pinned_segments, 0);
+    const lake::LakeStats after = lake_->Stats();
+    EXPECT_EQ(after.active_requests, 0);
+    EXPECT_EQ(after.pinned_segments, 0);
+    // Every copy the engine stored was confirmed: none pending, none dropped.
+    EXPECT_EQ(after.pending_copies, 0);
+    EXPECT_EQ(after.dropped_pending_copies, before.dropped_pending_copies);
+    EXPECT_EQ(after.confirmed_copies - before.confirmed_copies, r->stored_segments);
+    EXPECT_EQ(after.segments, before.segments + r->stored_segments);
     ASSERT_TRUE(lake_->CheckIntegrity().ok());
   }
 }
@@ -352,9 +394,11 @@ TEST_P(EngineFusedFaultTest, FailedBatchCallLeavesNoPinAndReleasesOnlyWhenUnsure
                                                    : absl::StatusCode::kDeadlineExceeded)
       << r.status();
   EXPECT_EQ(scripted_->batches, fail_at);
-  // After an answered error nothing is pinned, so no Release; after a wire failure one
-  // best-effort Release.
-  EXPECT_EQ(scripted_->releases, fault == Fault::kLakeErrorAfterRelease ? 0 : 1);
+  // After an answered error nothing is pinned, so no release call; after a wire failure one
+  // best-effort confirm-and-release call.
+  EXPECT_EQ(scripted_->release_calls, fault == Fault::kLakeErrorAfterRelease ? 0 : 1);
+  EXPECT_EQ(scripted_->releases, 0);
+  EXPECT_EQ(lake_->Stats().pending_copies, 0);
   EXPECT_EQ(lake_->Stats().active_requests, 0);
   EXPECT_EQ(lake_->Stats().pinned_segments, 0);
   ASSERT_TRUE(lake_->CheckIntegrity().ok());

@@ -1,7 +1,6 @@
 #include "tokenlake/engine/instance_pool.h"
 
 #include <cstring>
-#include <deque>
 #include <string>
 #include <utility>
 
@@ -71,9 +70,6 @@ absl::StatusOr<std::unique_ptr<InstancePool>> InstancePool::Create(const Options
   if (options.endpoint_base < 0) {
     return absl::InvalidArgumentError(
         absl::StrFormat("InstancePool: endpoint_base must be >= 0, got %d", options.endpoint_base));
-  }
-  if (options.missing_segment_grace < absl::ZeroDuration()) {
-    return absl::InvalidArgumentError("InstancePool: missing_segment_grace must be >= 0");
   }
   if (options.change_log_entries < 0) {
     return absl::InvalidArgumentError("InstancePool: change_log_entries must be >= 0");
@@ -236,43 +232,20 @@ absl::Status InstancePool::CheckDriver(InstanceId compute, InstanceId other,
 
 void InstancePool::ServeLoop(InstanceId self) {
   const bool external = options_.external_transport != nullptr;
-  // Attends and pulls waiting for a segment not stored here yet (missing_segment_grace),
-  // oldest first, with the time they give up.
-  std::deque<std::pair<transport::Message, absl::Time>> waiting;
-  // Handles `m`; sets it aside while a segment it names may still arrive. A failed reply send
-  // means the pool is shutting down; nothing else to do.
-  auto serve = [&](transport::Message m, absl::Time give_up) {
-    bool missing = false;
-    transport::Message reply = Handle(m, &missing);
-    if (missing && absl::Now() < give_up) {
-      waiting.emplace_back(std::move(m), give_up);
-      return;
-    }
-    (void)transport_->Send(std::move(reply));
-  };
   while (!stopping_.load()) {
-    absl::Duration wait = external ? absl::Milliseconds(100) : absl::InfiniteDuration();
-    if (!waiting.empty()) wait = absl::Milliseconds(1);
-    absl::StatusOr<transport::Message> m = transport_->Receive(ServerEndpoint(self), wait);
-    if (!m.ok() && m.status().code() != absl::StatusCode::kDeadlineExceeded) {
+    absl::StatusOr<transport::Message> m = transport_->Receive(
+        ServerEndpoint(self), external ? absl::Milliseconds(100) : absl::InfiniteDuration());
+    if (!m.ok()) {
+      if (m.status().code() == absl::StatusCode::kDeadlineExceeded) continue;
       return;  // Cancelled: shut down.
     }
-    if (m.ok()) serve(*std::move(m), absl::Now() + options_.missing_segment_grace);
-    // Retry what was set aside (the message just handled may have been its store).
-    for (size_t n = waiting.size(); n > 0 && !waiting.empty(); --n) {
-      auto [request, give_up] = std::move(waiting.front());
-      waiting.pop_front();
-      serve(std::move(request), give_up);
-    }
+    transport::Message reply = Handle(*m);
+    // A failed reply send means the pool is shutting down; nothing else to do.
+    (void)transport_->Send(std::move(reply));
   }
 }
 
-transport::Message InstancePool::Handle(const transport::Message& request, bool* missing_segment) {
-  auto note_missing = [&](const absl::Status& s) {
-    if (missing_segment != nullptr && s.code() == absl::StatusCode::kNotFound) {
-      *missing_segment = true;
-    }
-  };
+transport::Message InstancePool::Handle(const transport::Message& request) {
   const InstanceId self(request.to.value() - options_.endpoint_base);
   WireReader r(request.payload);
   WireWriter w;
@@ -313,12 +286,8 @@ transport::Message InstancePool::Handle(const transport::Message& request, bool*
         for (size_t i = 0; i < ids.size(); ++i) segs[i] = {SegmentId(ids[i]), tokens[i]};
         const size_t rows = static_cast<size_t>(num_q) * options_.num_heads;
         std::vector<float> out(rows * static_cast<size_t>(options_.layout.head_dim)), lse(rows);
-        s = LocalAttendWithin(self, layer, segs, num_q, q, absl::MakeSpan(out), absl::MakeSpan(lse),
-                              absl::ZeroDuration());
-        if (!s.ok()) {
-          note_missing(s);
-          break;
-        }
+        s = LocalAttend(self, layer, segs, num_q, q, absl::MakeSpan(out), absl::MakeSpan(lse));
+        if (!s.ok()) break;
         w.PutArray<float>(out);
         w.PutArray<float>(lse);
       }
@@ -329,10 +298,7 @@ transport::Message InstancePool::Handle(const transport::Message& request, bool*
       uint64_t id = 0;
       if (absl::Status s = r.Get(&id, "segment id"); !s.ok()) return ErrorReply(request, s);
       absl::StatusOr<store::SlotPin> pin = store(self).Pin(SegmentId(id));
-      if (!pin.ok()) {
-        note_missing(pin.status());
-        return ErrorReply(request, pin.status());
-      }
+      if (!pin.ok()) return ErrorReply(request, pin.status());
       const absl::Span<std::byte> data = pin->data();
       w.PutArray<std::byte>(data);
       const StoredMeta meta = MetaOf(self, SegmentId(id));
@@ -370,39 +336,20 @@ transport::Message InstancePool::Handle(const transport::Message& request, bool*
   }
 }
 
-absl::StatusOr<store::SlotPin> InstancePool::PinWithin(InstanceId holder, SegmentId segment,
-                                                       absl::Duration grace) const {
-  const absl::Time give_up = absl::Now() + grace;
-  while (true) {
-    absl::StatusOr<store::SlotPin> pin = store(holder).Pin(segment);
-    if (pin.ok() || pin.status().code() != absl::StatusCode::kNotFound || absl::Now() >= give_up) {
-      return pin;
-    }
-    absl::SleepFor(absl::Milliseconds(1));
-  }
-}
-
 absl::Status InstancePool::LocalAttend(InstanceId holder, int32_t layer,
                                        absl::Span<const SegmentRef> segments, int32_t num_q,
                                        absl::Span<const float> q, absl::Span<float> out,
                                        absl::Span<float> lse) const {
-  return LocalAttendWithin(holder, layer, segments, num_q, q, out, lse,
-                           options_.missing_segment_grace);
-}
-
-absl::Status InstancePool::LocalAttendWithin(InstanceId holder, int32_t layer,
-                                             absl::Span<const SegmentRef> segments, int32_t num_q,
-                                             absl::Span<const float> q, absl::Span<float> out,
-                                             absl::Span<float> lse, absl::Duration grace) const {
   if (!hosts(holder)) {
     return absl::InvalidArgumentError(
         absl::StrFormat("attend: holder %d out of range", static_cast<int64_t>(holder.value())));
   }
+  store::SegmentStore& st = store(holder);
   std::vector<store::SlotPin> pins;
   std::vector<attention::KvBlock> blocks;
   pins.reserve(segments.size());
   for (const SegmentRef& seg : segments) {
-    absl::StatusOr<store::SlotPin> pin = PinWithin(holder, seg.id, grace);
+    absl::StatusOr<store::SlotPin> pin = st.Pin(seg.id);
     if (!pin.ok()) {
       return absl::Status(pin.status().code(), absl::StrCat("attend on instance ", holder.value(),
                                                             ": ", pin.status().message()));
@@ -592,8 +539,7 @@ absl::StatusOr<std::vector<std::byte>> InstancePool::PullSegment(InstanceId comp
                                                                  StoredMeta* meta) {
   TOKENLAKE_RETURN_IF_ERROR(CheckDriver(compute, holder, "PullSegment"));
   if (compute == holder) {
-    TOKENLAKE_ASSIGN_OR_RETURN(store::SlotPin pin,
-                               PinWithin(holder, segment, options_.missing_segment_grace));
+    TOKENLAKE_ASSIGN_OR_RETURN(store::SlotPin pin, store(holder).Pin(segment));
     const absl::Span<std::byte> data = pin.data();
     if (meta != nullptr) *meta = MetaOf(holder, segment);
     return std::vector<std::byte>(data.begin(), data.end());

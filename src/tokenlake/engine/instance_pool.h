@@ -121,13 +121,6 @@ class InstancePool {
     std::vector<InstanceId> hosted;
     // First endpoint of the pool in the transport's endpoint space, >= 0.
     int32_t endpoint_base = 0;
-    // How long a holder keeps an attend or pull that names a segment it does not hold before
-    // answering NotFound (>= 0). Across processes the lake lists a new copy when its Commit
-    // returns, and the copy reaches the holder a moment later (the committing engine stores
-    // it after Commit): another instance's plan may read it in between. The waiting request is
-    // set aside, not blocking the holder's other messages (the store among them), and retried
-    // as they are handled.
-    absl::Duration missing_segment_grace = absl::ZeroDuration();
     // Changes of each hosted store kept for ChangesSince until ForgetChanges (beyond, they are
     // all forgotten and the reader reports in full; segment_change_log.h). 0: changes are
     // numbered, none kept. >= 0.
@@ -215,8 +208,7 @@ class InstancePool {
                                 absl::Span<const absl::Span<float>> lses);
 
   // The same computation on `holder`'s own store, in the calling thread (the kLocal path and
-  // the server's implementation). Pins the segments for the duration of the call; a segment
-  // not stored yet is waited for up to missing_segment_grace (its store may be on its way).
+  // the server's implementation). Pins the segments for the duration of the call.
   absl::Status LocalAttend(InstanceId holder, int32_t layer, absl::Span<const SegmentRef> segments,
                            int32_t num_q, absl::Span<const float> q, absl::Span<float> out,
                            absl::Span<float> lse) const;
@@ -277,18 +269,7 @@ class InstancePool {
     return i.valid() && i.value() >= 0 && i.value() < options_.num_instances;
   }
   void ServeLoop(InstanceId self);
-  // LocalAttend, waiting up to `grace` for a segment not stored yet (the server thread passes
-  // zero: it must not block the store it would wait for).
-  absl::Status LocalAttendWithin(InstanceId holder, int32_t layer,
-                                 absl::Span<const SegmentRef> segments, int32_t num_q,
-                                 absl::Span<const float> q, absl::Span<float> out,
-                                 absl::Span<float> lse, absl::Duration grace) const;
-  // Pins `segment` on `holder`, retrying a NotFound every millisecond for up to `grace`.
-  absl::StatusOr<store::SlotPin> PinWithin(InstanceId holder, SegmentId segment,
-                                           absl::Duration grace) const;
-  // The reply to `request`. *missing_segment (optional) is set when an attend or pull failed
-  // because a segment it names is not stored here.
-  transport::Message Handle(const transport::Message& request, bool* missing_segment = nullptr);
+  transport::Message Handle(const transport::Message& request);
   absl::Status LocalStore(InstanceId target, SegmentId segment,
                           absl::Span<const std::byte> slot_bytes, StoredMeta meta) const;
   absl::Status LocalFree(InstanceId target, SegmentId segment, uint64_t evicted_at) const;

@@ -122,8 +122,8 @@ absl::Status IterationLoop::Cancel(RequestId id) {
     Active& a = **it;
     if (a.req.id != id) continue;
     // Released now, not with the next PlanBatch: a cancelled request must not keep its prefix
-    // pinned while the loop waits for other work.
-    if (a.holds_pins) control_->Release(id).IgnoreError();  // NotFound: released already
+    // pinned while the loop waits for other work. The copies it stored are confirmed first.
+    if (a.holds_pins) ReleaseNow({id});
     if (a.begun) executor_->EndSequence(id);
     requests_.erase(it);
     if (requests_.empty()) FlushReleases();
@@ -180,7 +180,7 @@ absl::StatusOr<lake::IterationRequest> IterationLoop::MakeRequest(const Active& 
 
 void IterationLoop::Fail(Active& a, absl::Status status, std::vector<LoopResult>& done) {
   if (a.holds_pins) {
-    control_->Release(a.req.id).IgnoreError();
+    ReleaseNow({a.req.id});  // the copies it stored before failing stay (confirmed first)
     a.holds_pins = false;
   }
   if (a.begun) {
@@ -193,8 +193,17 @@ void IterationLoop::Fail(Active& a, absl::Status status, std::vector<LoopResult>
 }
 
 void IterationLoop::FlushReleases() {
-  for (RequestId id : pending_release_) control_->Release(id).IgnoreError();
+  if (pending_release_.empty() && to_confirm_.empty()) return;
+  ReleaseNow(pending_release_);
   pending_release_.clear();
+}
+
+void IterationLoop::ReleaseNow(absl::Span<const RequestId> ids) {
+  // One call: confirm what was stored, then release (a release drops unconfirmed copies).
+  // Answers for ids no longer active (NotFound) are ignored by PlanBatch itself.
+  absl::StatusOr<std::vector<lake::BatchPlanEntry>> r = control_->PlanBatch(to_confirm_, ids, {});
+  // Failed on the wire: the confirmations go again with the next call (harmless if applied).
+  if (r.ok() || !lake::FailedOnTheWire(r.status())) to_confirm_.clear();
 }
 
 absl::Status IterationLoop::Finish(Active& a, const lake::IterationPlan& plan, InstanceId compute,
@@ -234,6 +243,8 @@ absl::Status IterationLoop::Finish(Active& a, const lake::IterationPlan& plan, I
             int64_t bytes,
             executor_->StoreSegment(a.req.id, compute, static_cast<int64_t>(j) * s - a.pooled,
                                     it->second, id, meta));
+        // Stored: the copy becomes visible with the next control-plane call.
+        to_confirm_.push_back({a.req.id, id, it->second});
         ++a.result.stored_segments;
         if (it->second != compute) {
           ++a.result.remote_stored_segments;
@@ -336,7 +347,8 @@ std::vector<LoopResult> IterationLoop::Step() {
     planned.push_back(&a);
   }
   absl::StatusOr<std::vector<lake::BatchPlanEntry>> plans =
-      control_->PlanBatch(release, plan_requests);
+      control_->PlanBatch(to_confirm_, release, plan_requests);
+  if (plans.ok() || !lake::FailedOnTheWire(plans.status())) to_confirm_.clear();
   const int64_t planned_us = NowUs();
   int64_t ran_us = planned_us;
   if (plans.ok() && plans->size() != planned.size()) {
@@ -344,11 +356,12 @@ std::vector<LoopResult> IterationLoop::Step() {
                                                 plans->size(), planned.size()));
   }
   if (!plans.ok()) {
-    // The call may have applied nothing, the releases, or all of it: release every id of it
-    // once more (NotFound, ignored, where nothing is pinned).
-    absl::flat_hash_set<RequestId> again(release.begin(), release.end());
-    for (Active* a : planned) again.insert(a->req.id);
-    for (RequestId id : again) control_->Release(id).IgnoreError();
+    // The call may have applied nothing, the releases, or all of it: confirm and release every
+    // id of it once more (NotFound, ignored, where nothing is pinned).
+    absl::flat_hash_set<RequestId> again_set(release.begin(), release.end());
+    for (Active* a : planned) again_set.insert(a->req.id);
+    const std::vector<RequestId> again(again_set.begin(), again_set.end());
+    ReleaseNow(again);
     for (Active* a : planned) Fail(*a, plans.status(), done);
   }
   // Admitted requests and their plans; waiting ones keep nothing pinned.

@@ -10,7 +10,8 @@
 //      order), under a per-iteration token budget (a prompt is cut into chunks) and a cap on
 //      the requests per iteration; a running request left out keeps its pins (its pooled
 //      segments stay in the pool) and runs in a later iteration;
-//   2. ONE control-plane call for the whole batch (lake::ControlPlane::PlanBatch): it releases the
+//   2. ONE control-plane call for the whole batch (lake::ControlPlane::PlanBatch): it confirms the
+//      copies the previous iterations stored (they become visible to plans), releases the
 //      pins of the requests' previous iterations and of the requests that finished, then plans
 //      and admits each request of the batch: cached prefix, computing instance, per cached
 //      segment the serving replica and action (move queries / pull KV), where the segments this
@@ -20,8 +21,12 @@
 //      find no slot stay in its tail), so the loop never waits on itself;
 //   3. the executor runs the batch: per request its new tokens and its KV context (the plan's
 //      cached segments, its tail), one forward over all of them;
-//   4. per request with new segments: Commit, free the evicted replicas, write the completed
-//      segments where the commit says; the pooled prefix grows and the tail shrinks.
+//   4. per request with new segments: Commit (the copies are placed pending), free the evicted
+//      replicas, write the completed segments where the commit says; the pooled prefix grows
+//      and the tail shrinks. The copies written are confirmed by the next call (step 2, or the
+//      confirm-and-release call of a loop that runs dry, a failure or a Cancel): no plan of
+//      any engine reads a copy before its data is there (lake/control_plane.h). A segment
+//      another request placed and has not confirmed (pending_elsewhere) stays in the tail.
 // A request whose pooled prefix was lost (evicted while it held no pins, or an instance lost)
 // is restarted from what the pool still holds: it is prefilled again over its whole sequence
 // (its generated tokens kept).
@@ -250,8 +255,12 @@ class IterationLoop {
   // Stores and commits what one executed work item completed; advances the request.
   absl::Status Finish(Active& a, const lake::IterationPlan& plan, InstanceId compute,
                       WorkOutput& output, bool want_logits, int64_t end);
-  // Releases the pins of `ids` now (when no iteration follows to carry them).
+  // Confirms and releases the finished requests' pins now (when no iteration follows).
   void FlushReleases();
+  // One call (PlanBatch without requests) that confirms to_confirm_ and releases `ids`;
+  // errors are ignored (the ids were released, or are not active, or the call failed: the
+  // coordinator releases given-up requests, and their unconfirmed copies go with them).
+  void ReleaseNow(absl::Span<const RequestId> ids);
 
   lake::ControlPlane* control_;
   IterationExecutor* executor_;
@@ -260,6 +269,9 @@ class IterationLoop {
   std::deque<std::unique_ptr<Active>> requests_;
   // Ids whose pins the next PlanBatch releases (finished requests).
   std::vector<RequestId> pending_release_;
+  // Copies stored since the last call that carried confirmations (in store order, so a
+  // chain's parents come first); sent with the next PlanBatch.
+  std::vector<lake::StoreConfirmation> to_confirm_;
   int32_t max_batch_seen_ = 0;
   int64_t iterations_ = 0;
   std::vector<IterationTiming> timings_;

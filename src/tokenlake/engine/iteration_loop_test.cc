@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -269,6 +270,9 @@ TEST_P(IterationLoopRandomTest, EveryRequestFinishesWithTheNaiveTokensUnderTheBu
     const lake::LakeStats stats = (*lk)->Stats();
     EXPECT_EQ(stats.active_requests, 0);
     EXPECT_EQ(stats.pinned_segments, 0);
+    // Every copy the loop committed was stored and confirmed.
+    EXPECT_EQ(stats.pending_copies, 0);
+    EXPECT_EQ(stats.dropped_pending_copies, 0);
     ASSERT_TRUE((*lk)->CheckIntegrity().ok());
     std::cout << "requests " << n << ", iterations " << (*loop)->iterations()
               << ", most requests in one iteration " << (*loop)->max_batch_requests_seen()
@@ -542,6 +546,101 @@ TEST(IterationLoopSamplingTest, BadSamplingParametersAndStopTokensAreRefused) {
   r.stop_token_ids = {kVocab};
   s = (*loop)->Submit(r);
   EXPECT_NE(s.message().find("stop token"), std::string::npos) << s;
+}
+
+}  // namespace
+}  // namespace tokenlake::engine
+
+namespace tokenlake::engine {
+namespace {
+
+// An executor that runs `before_store` once, just before the first store it is asked for, and
+// otherwise hands everything to `inner`.
+class InterleavingExecutor final : public IterationExecutor {
+ public:
+  InterleavingExecutor(IterationExecutor* inner, std::function<void()> before_store)
+      : inner_(inner), before_store_(std::move(before_store)) {}
+  absl::Status BeginSequence(RequestId r, int64_t max_tokens) override {
+    return inner_->BeginSequence(r, max_tokens);
+  }
+  DataPlaneCounters EndSequence(RequestId r) override { return inner_->EndSequence(r); }
+  absl::Status DropTailRows(RequestId r, int64_t rows) override {
+    return inner_->DropTailRows(r, rows);
+  }
+  absl::StatusOr<std::vector<WorkOutput>> Run(absl::Span<const IterationWork> batch) override {
+    return inner_->Run(batch);
+  }
+  absl::StatusOr<int64_t> StoreSegment(RequestId r, InstanceId compute, int64_t first_row,
+                                       InstanceId target, SegmentId segment,
+                                       const StoredMeta& meta) override {
+    if (before_store_) std::exchange(before_store_, nullptr)();
+    return inner_->StoreSegment(r, compute, first_row, target, segment, meta);
+  }
+  absl::Status FreeSegment(InstanceId compute, InstanceId target, SegmentId segment,
+                           uint64_t evicted_at) override {
+    return inner_->FreeSegment(compute, target, segment, evicted_at);
+  }
+
+ private:
+  IterationExecutor* inner_;
+  std::function<void()> before_store_;
+};
+
+// Issue 15, finding 9, with two engines over one lake and one data plane: engine A commits the
+// two segments of a prompt and, before it has stored them, engine B plans and runs a request
+// sharing that prefix. B is not told to read A's copies (the fake data plane would answer
+// NotFound: the copies are not there yet): it computes the prefix itself and its answer is
+// right. Once A has stored and confirmed them, B's next request reads them from the pool.
+TEST(IterationLoopTest, AnotherEnginesPlanNeverReadsACopyWhoseStoreIsOnItsWay) {
+  constexpr int32_t kS = 4;
+  ManualClock clock(1);
+  auto lk = lake::Lake::Create(TestLakeOptions(2, kS, 64), &clock);
+  ASSERT_TRUE(lk.ok());
+  lake::LocalControlPlane control(lk->get(), &clock);
+  FakeExecutor data(kS, 2);  // the data plane both engines share
+  const IterationLoopOptions options{.segment_tokens = kS, .salt = 3, .vocab_size = kVocab};
+  auto b_loop = IterationLoop::Create(&control, &data, options);
+  ASSERT_TRUE(b_loop.ok());
+  absl::flat_hash_map<RequestId, LoopResult> got;
+  auto run = [&](IterationLoop& loop) {
+    for (int steps = 0; steps < 100 && !loop.idle(); ++steps) {
+      for (LoopResult& r : loop.Step()) got[r.id] = std::move(r);
+    }
+  };
+  const std::vector<int32_t> shared = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};  // 2 full segments
+  LoopRequest a{.id = RequestId(1), .prompt = shared, .max_new_tokens = 1};
+  LoopRequest b{.id = RequestId(2), .prompt = shared, .max_new_tokens = 3};
+  b.prompt.insert(b.prompt.end(), {11, 12, 13});
+  LoopRequest c{.id = RequestId(3), .prompt = shared, .max_new_tokens = 2};
+  c.prompt.push_back(14);
+  int64_t pending_while_b_ran = -1;
+  InterleavingExecutor a_exec(&data, [&] {
+    // A's commit has placed its copies; their stores have not happened yet.
+    pending_while_b_ran = (*lk)->Stats().pending_copies;
+    ASSERT_TRUE((*b_loop)->Submit(b).ok());
+    run(**b_loop);
+  });
+  auto a_loop = IterationLoop::Create(&control, &a_exec, options);
+  ASSERT_TRUE(a_loop.ok());
+  ASSERT_TRUE((*a_loop)->Submit(a).ok());
+  run(**a_loop);
+  EXPECT_EQ(pending_while_b_ran, 2);
+  ASSERT_TRUE(got.contains(b.id));
+  ASSERT_TRUE(got[b.id].status.ok()) << got[b.id].status;
+  EXPECT_EQ(got[b.id].tokens, Naive(b.prompt, b.max_new_tokens));
+  EXPECT_EQ(got[b.id].cached_tokens, 0);  // B computed the shared prefix itself
+  EXPECT_GE((*lk)->Stats().pending_elsewhere_segments, 2);
+  ASSERT_TRUE(got[a.id].status.ok()) << got[a.id].status;
+  EXPECT_EQ(got[a.id].tokens, Naive(a.prompt, a.max_new_tokens));
+  // A confirmed its copies when its loop ran dry: C hits them.
+  EXPECT_EQ((*lk)->Stats().pending_copies, 0);
+  ASSERT_TRUE((*b_loop)->Submit(c).ok());
+  run(**b_loop);
+  ASSERT_TRUE(got[c.id].status.ok()) << got[c.id].status;
+  EXPECT_EQ(got[c.id].cached_tokens, 2 * kS);
+  EXPECT_EQ(got[c.id].tokens, Naive(c.prompt, c.max_new_tokens));
+  EXPECT_EQ((*lk)->Stats().pinned_segments, 0);
+  ASSERT_TRUE((*lk)->CheckIntegrity().ok()) << (*lk)->CheckIntegrity();
 }
 
 }  // namespace

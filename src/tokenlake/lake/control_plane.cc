@@ -90,7 +90,10 @@ absl::StatusOr<IterationPlan> ControlPlane::ReleaseAndPlan(RequestId release,
 }
 
 absl::StatusOr<std::vector<BatchPlanEntry>> ControlPlane::PlanBatch(
-    absl::Span<const RequestId> release, absl::Span<const IterationRequest> requests) {
+    absl::Span<const StoreConfirmation> confirm, absl::Span<const RequestId> release,
+    absl::Span<const IterationRequest> requests) {
+  // Confirmations first: the releases below drop the copies still pending.
+  if (!confirm.empty()) TOKENLAKE_RETURN_IF_ERROR(ConfirmStored(confirm));
   // Ids not planned here first; a planned request's own pins are released just before it is
   // planned again, so that no other request of the batch can evict its prefix in between.
   absl::flat_hash_set<RequestId> planned;
@@ -143,7 +146,11 @@ absl::StatusOr<IterationPlan> LocalControlPlane::PlanIteration(const IterationRe
 
 absl::StatusOr<lake::CommitResult> LocalControlPlane::Commit(
     RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) {
-  return lake_->Commit(request, placements);
+  return lake_->CommitPending(request, placements);
+}
+
+absl::Status LocalControlPlane::ConfirmStored(absl::Span<const StoreConfirmation> copies) {
+  return lake_->ConfirmStored(copies).status();
 }
 
 absl::Status LocalControlPlane::Release(RequestId request) { return lake_->Release(request); }

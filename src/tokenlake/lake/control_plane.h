@@ -10,18 +10,28 @@
 //                  for the iteration alone (lake::GenPlans, DoP = the pool's instances) and admit
 //                  it (pins the matched prefix): cached prefix, computing instance, per cached
 //                  segment its serving replica and action, where the new segments go;
-//   Commit         the iteration's completed segments become visible (lake::Commit): stored
-//                  where, deduplicated, evicted replicas (which the caller frees);
-//   Release        unpins what the iteration pinned (lake::Release). Always called after a
-//                  successful PlanIteration, also when the iteration failed.
+//   Commit         the iteration's completed segments are placed (lake::CommitPending): where
+//                  each goes, deduplicated ones, evicted replicas (which the caller frees). The
+//                  placed copies are PENDING: no plan names them until they are confirmed;
+//   (stores)       the caller writes each placed copy's KV where the commit says;
+//   confirm        the copies stored are confirmed (lake::ConfirmStored) and become visible:
+//                  carried by the caller's next PlanBatch (`confirm`, applied before anything
+//                  else of the call), or by ConfirmStored;
+//   Release        unpins what the iteration pinned (lake::Release) and drops its copies never
+//                  confirmed. Always called after a successful PlanIteration, also when the
+//                  iteration failed.
+// So a plan never names a copy whose data is not known to be stored (docs/adr/0016): before,
+// the lake listed a new copy when Commit returned, and another engine's plan could read it
+// from its holder while the store was still on its way.
 // The iteration loop (iteration_loop.h) makes ONE PlanBatch call per iteration for its whole
-// batch: it releases what the batch's requests pinned in their previous iterations (and what
-// finished requests pinned), then plans and admits every request of the batch; plus one Commit
-// per request whose iteration completes a segment, and a plain Release for the last pins when
-// the loop runs dry (or after a failure). A request of M generated tokens whose prompt is one
-// chunk thus takes part in M PlanBatch calls. Over the cluster's RemoteControlPlane each call
-// is one gRPC round trip to the coordinator, and a Commit with no placements makes none
-// (lake_rpc.h). The GPU engine runs the same loop.
+// batch: it confirms the copies the previous iterations stored, releases what the batch's
+// requests pinned in their previous iterations (and what finished requests pinned), then plans
+// and admits every request of the batch; plus one Commit per request whose iteration completes
+// a segment, and a PlanBatch without requests (confirm + release) for the last pins when the
+// loop runs dry (or after a failure). A request of M generated tokens whose prompt is one chunk
+// thus takes part in M PlanBatch calls. Over the cluster's RemoteControlPlane each call is one
+// gRPC round trip to the coordinator, and a Commit with no placements makes none (lake_rpc.h).
+// The GPU engine runs the same loop.
 //
 // Errors are those of the lake (InvalidArgument for bad keys, AlreadyExists for an active id,
 // NotFound for an unknown request) plus, remotely, Unavailable / DeadlineExceeded when the
@@ -112,8 +122,17 @@ class ControlPlane {
   virtual int32_t num_instances() const = 0;
   // Match + plan + admit. On error nothing stays admitted.
   virtual absl::StatusOr<IterationPlan> PlanIteration(const IterationRequest& request) = 0;
+  // Places the request's new segments as pending copies (lake::Lake::CommitPending): the
+  // caller stores each copy of CommitResult::stored and then confirms it; until then no plan
+  // names it, and its request's Release drops it.
   virtual absl::StatusOr<lake::CommitResult> Commit(
       RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) = 0;
+  // Makes the named pending copies visible (lake::Lake::ConfirmStored: copies not pending for
+  // their request are ignored). Errors: InvalidArgument (an instance outside the pool), and
+  // remotely Unavailable / DeadlineExceeded / Cancelled (the caller cannot tell whether it was
+  // applied; confirming again is harmless).
+  virtual absl::Status ConfirmStored(absl::Span<const lake::StoreConfirmation> copies) = 0;
+  // Unpins what the request pinned and drops its unconfirmed copies (lake::Lake::Release).
   virtual absl::Status Release(RequestId request) = 0;
 
   // Release(release) followed by PlanIteration(next), in one call (one round trip remotely):
@@ -136,7 +155,9 @@ class ControlPlane {
   virtual absl::StatusOr<IterationPlan> ReleaseAndPlan(RequestId release,
                                                        const IterationRequest& next);
 
-  // One iteration of a whole batch in one call (one round trip remotely): releases the ids of
+  // One iteration of a whole batch in one call (one round trip remotely): confirms the copies of
+  // `confirm` (as ConfirmStored: the stores of earlier iterations, so that the releases below
+  // drop only copies never stored), releases the ids of
   // `release` that no request of `requests` has (finished requests' pins), then, per request in
   // order, releases its own id if listed (the pins of its previous iteration) and plans and
   // admits it (as PlanIteration): no other request of the batch can evict its prefix between
@@ -144,11 +165,14 @@ class ControlPlane {
   // carries that error (as ReleaseAndPlan); a failed release of another id is ignored.
   // Returns one entry per request, in order. The default implementation makes the calls one by
   // one; RemoteControlPlane sends one RPC, which the coordinator runs under its lake lock.
-  // Errors (of the whole call): Unavailable / DeadlineExceeded / Cancelled remotely: the
-  // caller cannot tell what was applied; releasing every id of `release` and `requests` again
-  // cleans up in every case (NotFound answers ignored).
+  // With no requests it only confirms and releases (what a loop that runs dry sends).
+  // Errors (of the whole call): InvalidArgument for a confirmation naming an instance outside
+  // the pool (nothing applied); Unavailable / DeadlineExceeded / Cancelled remotely: the
+  // caller cannot tell what was applied; confirming `confirm` and releasing every id of
+  // `release` and `requests` again cleans up in every case (NotFound answers ignored).
   virtual absl::StatusOr<std::vector<BatchPlanEntry>> PlanBatch(
-      absl::Span<const RequestId> release, absl::Span<const IterationRequest> requests);
+      absl::Span<const lake::StoreConfirmation> confirm, absl::Span<const RequestId> release,
+      absl::Span<const IterationRequest> requests);
 };
 
 // Whether `status` says a control-plane call may not have been applied, or only partly (it
@@ -168,6 +192,7 @@ class LocalControlPlane final : public ControlPlane {
   absl::StatusOr<IterationPlan> PlanIteration(const IterationRequest& request) override;
   absl::StatusOr<lake::CommitResult> Commit(
       RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) override;
+  absl::Status ConfirmStored(absl::Span<const lake::StoreConfirmation> copies) override;
   absl::Status Release(RequestId request) override;
 
  private:

@@ -64,6 +64,12 @@ absl::StatusOr<std::unique_ptr<Lake>> Lake::Create(const LakeOptions& options, C
   tree_options.num_instances = options.num_instances;
   tree_options.reserve_segments = options.reserve_segments;
   TOKENLAKE_ASSIGN_OR_RETURN(lake->tree_, index::PrefixTree::Create(tree_options));
+  // Every change of the tree's copies runs under mu_ (the tree is only changed by the lake's
+  // methods, which hold it).
+  lake->tree_->SetReplicaObserver([l = lake.get()](SegmentId seg, InstanceId x, bool added) {
+    l->mu_.AssertHeld();
+    l->OnTreeReplicaChangeLocked(seg, x, added);
+  });
 
   const int64_t slot_bytes = plan::KvBytes(options.model, options.segment_tokens);
   for (int32_t i = 0; i < options.num_instances; ++i) {
@@ -132,20 +138,9 @@ absl::Status Lake::ValidateRequest(const LakeRequest& r) const {
   return absl::OkStatus();
 }
 
-namespace {
-
-// The cached prefix of `keys` in `tree`: the longest run of keys stored as a path from the root
-// (PrefixTree::Match, which prefetches). A stored id always has the length it was inserted with
-// (Insert rejects a second length), so lengths need no re-check here. Returns the count.
-size_t MatchedPrefix(const index::PrefixTree& tree, absl::Span<const index::SegmentKey> keys) {
-  return static_cast<size_t>(tree.Match(keys).matched_segments);
-}
-
-}  // namespace
-
 index::MatchResult Lake::Match(absl::Span<const index::SegmentKey> keys) const {
   absl::MutexLock lock(&mu_);
-  return tree_->Match(keys);
+  return VisibleMatchLocked(keys);
 }
 
 const std::vector<balance::InstanceState>& Lake::InstanceStatesCache::Get() {
@@ -182,7 +177,7 @@ plan::PlanRequest Lake::ToPlanRequestLocked(const LakeRequest& r) const {
   p.new_tokens = r.new_tokens;
   p.preferred_instance = r.preferred_instance;
   // Match first: it prefetches the chain's nodes, so the Find calls below hit the cache.
-  const size_t n = MatchedPrefix(*tree_, r.keys);
+  const size_t n = static_cast<size_t>(VisibleMatchLocked(r.keys).matched_segments);
   p.cached.resize(n);
   for (size_t i = 0; i < n; ++i) {
     const index::PrefixTree::Node* node = tree_->Find(r.keys[i].id);
@@ -193,6 +188,12 @@ plan::PlanRequest Lake::ToPlanRequestLocked(const LakeRequest& r) const {
       seg.replicas.push_back(node->replicas[0]);  // the common case, without the generic assign
     } else {
       seg.replicas.assign(node->replicas.begin(), node->replicas.end());
+      // A visible segment may also have a pending copy (restored elsewhere): never a holder.
+      if (auto it = pending_.find(node->id); it != pending_.end()) {
+        const InstanceId gone = it->second.instance;
+        seg.replicas.erase(std::remove(seg.replicas.begin(), seg.replicas.end(), gone),
+                           seg.replicas.end());
+      }
     }
   }
   p.new_segments.assign(r.keys.begin() + n, r.keys.end());
@@ -225,7 +226,8 @@ absl::StatusOr<double> Lake::GetCacheLoad(absl::Span<const LakeRequest> requests
   absl::MutexLock lock(&mu_);
   plan::CacheAccess total;
   for (const LakeRequest& r : requests) {
-    total += plan::CacheAccessOf(options_.model, tree_->Match(r.keys).matched_tokens, r.new_tokens);
+    total += plan::CacheAccessOf(options_.model, VisibleMatchLocked(r.keys).matched_tokens,
+                                 r.new_tokens);
   }
   return plan::CacheLoad(total, num_instances(), roofline, batch_seconds);
 }
@@ -286,7 +288,7 @@ absl::StatusOr<std::optional<AdmitResult>> Lake::TryAdmit(const LakeRequest& req
     return absl::AlreadyExistsError(
         absl::StrFormat("TryAdmit: request %d is already active", request.id.value()));
   }
-  const size_t n = MatchedPrefix(*tree_, request.keys);
+  const size_t n = static_cast<size_t>(VisibleMatchLocked(request.keys).matched_segments);
   const int64_t new_segments = static_cast<int64_t>(request.keys.size() - n) + request.extra_slots;
   // Matched segments not pinned yet stop being evictable once this request pins them.
   int64_t newly_pinned = 0;
@@ -303,7 +305,7 @@ absl::StatusOr<std::optional<AdmitResult>> Lake::TryAdmit(const LakeRequest& req
 }
 
 absl::StatusOr<AdmitResult> Lake::AdmitLocked(const LakeRequest& request, int64_t reserve_slots) {
-  const size_t n = MatchedPrefix(*tree_, request.keys);
+  const size_t n = static_cast<size_t>(VisibleMatchLocked(request.keys).matched_segments);
   Active a;
   a.new_tokens = request.new_tokens;
   a.matched.assign(request.keys.begin(), request.keys.begin() + n);
@@ -389,7 +391,7 @@ std::vector<balance::SegmentState> Lake::ReplicatedStatesLocked() const {
   out.reserve(replicated_.size());
   for (SegmentId s : replicated_) {
     const index::PrefixTree::Node* node = tree_->Find(s);
-    if (node == nullptr) continue;
+    if (node == nullptr || pending_.contains(s)) continue;  // a pending copy is not movable
     balance::SegmentState st;
     st.segment = s;
     st.load = tracker_->Load(s);
@@ -458,28 +460,37 @@ bool Lake::EvictOnProducerLocked(InstanceId producer,
   return stores_[producer.value()]->free() > 0;
 }
 
-absl::StatusOr<CommitResult> Lake::Commit(RequestId request,
-                                          absl::Span<const plan::NewSegmentPlacement> placements) {
+absl::Status Lake::ValidatePlacements(RequestId request,
+                                      absl::Span<const plan::NewSegmentPlacement> placements,
+                                      const char* call) const {
   for (size_t i = 0; i < placements.size(); ++i) {
     const plan::NewSegmentPlacement& p = placements[i];
     if (p.request != request) {
-      return Invalid(absl::StrFormat("Commit: placement %d is for request %d, not %d", i,
+      return Invalid(absl::StrFormat("%s: placement %d is for request %d, not %d", call, i,
                                      p.request.value(), request.value()));
     }
-    if (!p.segment.valid()) return Invalid(absl::StrFormat("Commit: placement %d: invalid id", i));
+    if (!p.segment.valid()) {
+      return Invalid(absl::StrFormat("%s: placement %d: invalid id", call, i));
+    }
     if (p.num_tokens < 1 || p.num_tokens > options_.segment_tokens) {
-      return Invalid(absl::StrFormat("Commit: placement %d: num_tokens %d not in [1, %d]", i,
+      return Invalid(absl::StrFormat("%s: placement %d: num_tokens %d not in [1, %d]", call, i,
                                      p.num_tokens, options_.segment_tokens));
     }
     for (InstanceId inst : {p.source, p.target}) {
       if (!inst.valid() || inst.value() < 0 || inst.value() >= num_instances()) {
-        return Invalid(absl::StrFormat("Commit: placement %d: unknown instance %d (pool has %d)", i,
-                                       inst.value(), num_instances()));
+        return Invalid(absl::StrFormat("%s: placement %d: unknown instance %d (pool has %d)", call,
+                                       i, inst.value(), num_instances()));
       }
     }
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<CommitResult> Lake::Commit(RequestId request,
+                                          absl::Span<const plan::NewSegmentPlacement> placements) {
+  TOKENLAKE_RETURN_IF_ERROR(ValidatePlacements(request, placements, "Commit"));
   absl::MutexLock lock(&mu_);
-  return CommitLocked(request, placements);
+  return CommitLocked(request, placements, /*pending=*/false);
 }
 
 absl::StatusOr<CommitResult> Lake::CommitKeys(RequestId request,
@@ -497,7 +508,7 @@ absl::StatusOr<CommitResult> Lake::CommitKeys(RequestId request,
     return absl::NotFoundError(
         absl::StrFormat("CommitKeys: request %d is not active", request.value()));
   }
-  const size_t n = MatchedPrefix(*tree_, keys);
+  const size_t n = static_cast<size_t>(VisibleMatchLocked(keys).matched_segments);
   std::vector<balance::InstanceState> states = InstanceStatesLocked();
   std::vector<plan::NewSegmentPlacement> placements;
   SegmentId parent = n > 0 ? keys[n - 1].id : SegmentId();
@@ -510,11 +521,11 @@ absl::StatusOr<CommitResult> Lake::CommitKeys(RequestId request,
     placements.push_back({request, keys[i].id, parent, keys[i].num_tokens, producer, target});
     parent = keys[i].id;
   }
-  return CommitLocked(request, placements);
+  return CommitLocked(request, placements, /*pending=*/false);
 }
 
 absl::StatusOr<CommitResult> Lake::CommitLocked(
-    RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) {
+    RequestId request, absl::Span<const plan::NewSegmentPlacement> placements, bool pending) {
   auto it = active_.find(request);
   if (it == active_.end()) {
     return absl::NotFoundError(
@@ -538,7 +549,11 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
       reserved_slots_ -= 1;
     }
     if (const index::PrefixTree::Node* node = tree_->Find(p.segment); node != nullptr) {
-      if (node->parent == p.parent && node->num_tokens == p.num_tokens) {
+      if (node->parent == p.parent && node->num_tokens == p.num_tokens && !VisibleLocked(*node)) {
+        // Placed by a request whose store is not confirmed: neither another copy nor a read.
+        result.pending_elsewhere.push_back(p.segment);
+        counters_.pending_elsewhere_segments += 1;
+      } else if (node->parent == p.parent && node->num_tokens == p.num_tokens) {
         PinOneLocked(p.segment);
         active.pinned.push_back(p.segment);
         result.deduplicated.push_back(p.segment);
@@ -549,10 +564,19 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
       }
       continue;
     }
-    if (p.parent.valid() && !tree_->Contains(p.parent)) {
-      result.not_stored.push_back(p.segment);
-      counters_.not_stored_segments += 1;
-      continue;
+    if (p.parent.valid()) {
+      // The parent must be stored, and visible, or (pending) a copy this very request placed.
+      const index::PrefixTree::Node* parent = tree_->Find(p.parent);
+      bool ok = parent != nullptr && VisibleLocked(*parent);
+      if (parent != nullptr && !ok && pending) {
+        auto own = pending_.find(p.parent);
+        ok = own != pending_.end() && own->second.owner == request;
+      }
+      if (!ok) {
+        result.not_stored.push_back(p.segment);
+        counters_.not_stored_segments += 1;
+        continue;
+      }
     }
     // Where: the plan's target if it has room, else where the balancer says, else evict.
     InstanceId where = p.target;
@@ -592,6 +616,10 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
     states.Allocated(where);
     PinOneLocked(p.segment);
     active.pinned.push_back(p.segment);
+    if (pending) {
+      pending_[p.segment] = PendingCopy{request, where};
+      active.pending.push_back(p.segment);
+    }
     result.stored.push_back({p.segment, where});
     if (where != p.source) {
       const int64_t bytes = plan::KvBytes(options_.model, p.num_tokens);
@@ -626,6 +654,7 @@ absl::Status Lake::Release(RequestId request) {
     if (!(load > 0)) continue;
     RecordSegmentLoadLocked(k.id, tree_->Find(k.id), load, now);
   }
+  DropPendingLocked(request, a);
   active_.erase(it);
   return absl::OkStatus();
 }
@@ -674,6 +703,7 @@ absl::StatusOr<RebalanceResult> Lake::Rebalance() {
       tracker_->Forget(w.segment);
       continue;
     }
+    if (pending_.contains(w.segment)) continue;  // its data may not be there yet
     rebalance_heavy_ += w.heavy ? 1 : 0;
     balance::SegmentState st;
     st.segment = w.segment;
@@ -763,6 +793,7 @@ LakeStats Lake::Stats(bool scan_heavy_hitters) const {
   s.pinned_replicas = pinned_replicas_;
   s.reserved_slots = reserved_slots_;
   s.available_slots = AvailableSlotsLocked();
+  s.pending_copies = static_cast<int64_t>(pending_.size());
   s.heavy_hitters = scan_heavy_hitters ? tracker_->CountHeavy() : rebalance_heavy_;
   for (const balance::InstanceState& st : InstanceStatesLocked()) {
     s.instances.push_back(InstanceStats{.instance = st.id,
@@ -777,7 +808,7 @@ LakeStats Lake::Stats(bool scan_heavy_hitters) const {
 
 void Lake::SetReplicaObserver(index::PrefixTree::ReplicaObserver observer) {
   absl::MutexLock lock(&mu_);
-  tree_->SetReplicaObserver(std::move(observer));
+  observer_ = std::move(observer);
 }
 
 absl::Status Lake::CheckIntegrity() const {
@@ -836,6 +867,26 @@ absl::Status Lake::CheckIntegrity() const {
         return absl::InternalError(absl::StrFormat(
             "Lake: request %d pins segment %d, which is not pinned", id.value(), seg.value()));
       }
+    }
+  }
+  for (const auto& [seg, copy] : pending_) {
+    const index::PrefixTree::Node* node = tree_->Find(seg);
+    if (node == nullptr || !node->HasReplicaOn(copy.instance)) {
+      return absl::InternalError(absl::StrFormat(
+          "Lake: segment %d is pending on instance %d, which the tree does not place there",
+          seg.value(), copy.instance.value()));
+    }
+    if (!node->is_pinned()) {
+      return absl::InternalError(
+          absl::StrFormat("Lake: pending segment %d is not pinned", seg.value()));
+    }
+    auto owner = active_.find(copy.owner);
+    if (owner == active_.end() ||
+        std::find(owner->second.pending.begin(), owner->second.pending.end(), seg) ==
+            owner->second.pending.end()) {
+      return absl::InternalError(
+          absl::StrFormat("Lake: segment %d is pending for request %d, which does not list it",
+                          seg.value(), copy.owner.value()));
     }
   }
   return absl::OkStatus();

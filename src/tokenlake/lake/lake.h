@@ -17,6 +17,9 @@
 //                                     stored where the transfer plan said (or, if that instance
 //                                     is full, where the balancer says; evicting cluster-wide if
 //                                     the whole pool is full). They stay pinned by the request.
+//      or, where a data plane writes the KV after the call (the engines, the cluster):
+//      CommitPending(request, placements) places the copies the same way but as PENDING, and
+//      ConfirmStored(...) lists each once its data is known to be stored (see "Pending copies").
 //   6. Release(request)             - unpins everything the request pinned, records accesses
 //                                     (LRU recency) and the heavy-hitter load of its matched
 //                                     segments (new_tokens x segment tokens each).
@@ -48,6 +51,19 @@
 // placement consumes one) or Release. As long as every request is
 // admitted with TryAdmit, every committed segment finds a slot (never not_stored for lack of
 // memory). Rebalance never replicates a pinned segment into a slot that a reservation needs.
+//
+// Pending copies (docs/adr/0016): a copy that CommitPending placed is counted everywhere a
+// copy takes room (its slot is allocated, its node is in the tree and pinned by the committing
+// request, reservations are consumed as by Commit), but it is not VISIBLE: no Match, plan, cache
+// load or admission sees it (the matched prefix ends before the first segment without a visible
+// copy, and a plan never names a pending copy as a holder), Rebalance leaves its segment alone,
+// and a request that commits the same segment meanwhile neither places another copy nor pins
+// or reads this one (CommitResult::pending_elsewhere; it keeps its own KV). ConfirmStored makes
+// the committing request's copies visible, each only once its parent is visible (chain order).
+// A copy still pending when its request is released (Release, or the request dropped by the
+// caller for any reason) is dropped and its slot freed; one lost with its instance (DropInstance,
+// LoseReplica, eviction of an extra copy) is simply gone. So a visible copy is always one whose
+// data was reported stored, or one made by Commit, Rebalance or RestoreReplicas.
 //
 // Load accounting: a segment's heavy-hitter load is recorded at Release (the prefill's queries
 // over its matched prefix) and by RecordQueryLoad (later queries, e.g. decodes, over every
@@ -169,8 +185,12 @@ struct CommitResult {
   // Segments that were already stored (another request committed them first): nothing stored.
   std::vector<SegmentId> deduplicated;
   // Segments that could not be stored: the pool is full of pinned segments, or their parent is
-  // not stored. Not an error: the request just does not leave this cache behind.
+  // not stored (or has no visible copy: it is pending for another request). Not an error: the
+  // request just does not leave this cache behind.
   std::vector<SegmentId> not_stored;
+  // Segments another request placed and has not confirmed yet (pending copies): nothing placed,
+  // nothing pinned, and not readable yet; the caller keeps their KV itself.
+  std::vector<SegmentId> pending_elsewhere;
   // Replicas evicted to make room (a segment evicted whole appears once per replica).
   std::vector<StoredReplica> evicted;
   // Bytes of new segments stored away from their source instance.
@@ -179,6 +199,23 @@ struct CommitResult {
   // one): a copy placed by a later call has a larger number, so a data plane that remembers
   // each copy's number can tell an evicted copy from the same segment placed there again.
   uint64_t sequence = 0;
+};
+
+// One copy that a request's CommitPending placed, reported stored by the data plane.
+struct StoreConfirmation {
+  RequestId request;
+  SegmentId segment;
+  InstanceId instance;
+  friend bool operator==(const StoreConfirmation&, const StoreConfirmation&) = default;
+};
+
+struct ConfirmResult {
+  // Copies that became visible.
+  int64_t confirmed = 0;
+  // Confirmations that changed nothing: the copy is not pending for that request (already
+  // visible, dropped with its request's release, lost with its instance, placed by another
+  // request) or its parent has no visible copy (it stays pending).
+  std::vector<StoreConfirmation> refused;
 };
 
 struct RebalanceResult {
@@ -257,6 +294,13 @@ struct LakeStats {
   int64_t admissions_deferred = 0;
   // Placements stored on their producer by evicting there (eviction step 2).
   int64_t local_evictions = 0;
+  // Pending copies (CommitPending): placed and not yet confirmed now (a gauge); confirmed so
+  // far; dropped unconfirmed at their request's release; and placements that found their
+  // segment pending for another request (CommitResult::pending_elsewhere).
+  int64_t pending_copies = 0;
+  int64_t confirmed_copies = 0;
+  int64_t dropped_pending_copies = 0;
+  int64_t pending_elsewhere_segments = 0;
 };
 
 class Lake {
@@ -324,14 +368,32 @@ class Lake {
   absl::StatusOr<CommitResult> Commit(RequestId request,
                                       absl::Span<const plan::NewSegmentPlacement> placements);
 
+  // Commit whose copies are PENDING (file comment, "Pending copies"): placed, evicted for,
+  // deduplicated, counted and pinned exactly as by Commit, but listed to no plan or match until
+  // ConfirmStored names them, and dropped at the request's Release if it never does.
+  // CommitResult::stored lists the pending copies (the caller stores each, then confirms it).
+  // A placement whose parent is pending for this request is placed (a chain committed in one
+  // iteration); one whose parent is pending for another request is not stored.
+  // Errors: as Commit.
+  absl::StatusOr<CommitResult> CommitPending(
+      RequestId request, absl::Span<const plan::NewSegmentPlacement> placements);
+
+  // The data plane stored these copies: each one pending for its request (on that instance)
+  // becomes visible, in the order given, provided its parent is visible by then (a chain is
+  // confirmed parents first). Anything else is refused and changes nothing (see ConfirmResult):
+  // a late or repeated confirmation is harmless. Errors: InvalidArgument (an instance outside
+  // the pool; nothing is changed).
+  absl::StatusOr<ConfirmResult> ConfirmStored(absl::Span<const StoreConfirmation> copies);
+
   // Convenience: Commit the request's keys beyond its matched prefix, produced on `producer`
   // (placed as the balancer says). Errors as Commit, plus InvalidArgument for a bad producer.
   absl::StatusOr<CommitResult> CommitKeys(RequestId request,
                                           absl::Span<const index::SegmentKey> keys,
                                           InstanceId producer);
 
-  // Unpins everything the request pinned, records accesses and heavy-hitter load.
-  // Errors: NotFound (request not active).
+  // Unpins everything the request pinned, records accesses and heavy-hitter load, and drops
+  // the copies its CommitPending placed that were never confirmed (their slots are free again;
+  // the data plane holds nothing the lake lists). Errors: NotFound (request not active).
   absl::Status Release(RequestId request);
 
   // Records the load of `query_tokens` more queries of an active request over every segment it
@@ -354,9 +416,11 @@ class Lake {
   // coordinator restart, when instances re-register): every reported segment whose parent is in
   // the tree (or is itself restorable from `held`, which may be in any order: parents are
   // inserted first) becomes a replica on `instance`; a segment the tree already lists with the
-  // same parent and length gets an extra replica. Orphans (parent unknown), conflicting ids,
-  // bad lengths and segments beyond the instance's free slots are reported as rejected and
-  // change nothing. Restored segments are unpinned, last accessed now.
+  // same parent and length gets an extra replica. Orphans (parent unknown, or with no visible
+  // copy: pending), conflicting ids, bad lengths and segments beyond the instance's free slots
+  // are reported as rejected and change nothing. A reported segment that is pending on this
+  // very instance is confirmed (its data is there), parents first. Restored segments are
+  // unpinned, last accessed now.
   // Errors: InvalidArgument (unknown instance). O(|held| x depth) worst case.
   absl::StatusOr<RestoreResult> RestoreReplicas(InstanceId instance,
                                                 absl::Span<const HeldSegment> held);
@@ -382,6 +446,7 @@ class Lake {
   // Tells `observer` of every copy the pool gains or loses from now on, whichever call made the
   // change (index::PrefixTree::ReplicaObserver: once per (segment, instance), right after the
   // change). It runs with the lake's lock held and must not call the lake. Empty: none.
+  // A pending copy is told when it is placed (its slot is taken then), not when confirmed.
   void SetReplicaObserver(index::PrefixTree::ReplicaObserver observer);
 
   // The counters and gauges, kept up to date as the pool changes: never a walk of the tree.
@@ -389,8 +454,9 @@ class Lake {
   // `scan_heavy_hitters` is false: then it is the count found by the latest Rebalance, and the
   // call is O(instances) (for a metrics scrape under a lock that plans need).
   LakeStats Stats(bool scan_heavy_hitters = true) const;
-  // The tree's integrity, every store's integrity, and that each store holds exactly the
-  // tree's replicas on its instance. OK or Internal naming the first violation. O(n).
+  // The tree's integrity, every store's integrity, that each store holds exactly the tree's
+  // replicas on its instance, and that every pending copy is in the tree, pinned, and owned by
+  // an active request that lists it. OK or Internal naming the first violation. O(n).
   absl::Status CheckIntegrity() const;
   // Whether `segment` is currently heavy, and its decayed load.
   bool IsHeavyHitter(SegmentId segment) const;
@@ -408,7 +474,14 @@ class Lake {
     std::vector<SegmentId> pinned;           // every pin this request holds
     std::vector<index::SegmentKey> matched;  // its matched prefix at Admit
     int64_t new_tokens = 0;
-    int64_t reserved_slots = 0;  // TryAdmit's reservation not yet consumed by Commit
+    int64_t reserved_slots = 0;      // TryAdmit's reservation not yet consumed by Commit
+    std::vector<SegmentId> pending;  // copies its CommitPending placed, in placement order
+  };
+  // A copy placed by CommitPending, not confirmed yet. A node has at most one (CommitPending
+  // places only new nodes).
+  struct PendingCopy {
+    RequestId owner;
+    InstanceId instance;
   };
   explicit Lake(const LakeOptions& options, Clock* clock);
 
@@ -448,8 +521,27 @@ class Lake {
                              absl::Span<const InstanceId> freed_on,
                              std::vector<StoredReplica>* evicted)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status ValidatePlacements(RequestId request,
+                                  absl::Span<const plan::NewSegmentPlacement> placements,
+                                  const char* call) const;
   absl::StatusOr<CommitResult> CommitLocked(RequestId request,
-                                            absl::Span<const plan::NewSegmentPlacement> placements)
+                                            absl::Span<const plan::NewSegmentPlacement> placements,
+                                            bool pending) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Whether `node` has a copy that is not pending (what plans and matches may see).
+  bool VisibleLocked(const index::PrefixTree::Node& node) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The tree's match of `keys` cut before the first segment without a visible copy.
+  index::MatchResult VisibleMatchLocked(absl::Span<const index::SegmentKey> keys) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Drops the request's copies still pending (at its Release), deepest first.
+  void DropPendingLocked(RequestId request, Active& active) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The tree's replica observer: keeps pending_ exact (a pending copy the tree loses, by any
+  // call, is forgotten), then tells the caller's observer.
+  void OnTreeReplicaChangeLocked(SegmentId segment, InstanceId instance, bool added)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The subtree erase of LoseReplica for the last copy of `segment` (on `instance`); returns
+  // the copies freed on other instances.
+  absl::StatusOr<std::vector<StoredReplica>> EraseSubtreeLocked(SegmentId segment,
+                                                                InstanceId instance)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RefreshReplicatedLocked(SegmentId segment) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Pin / unpin one segment, keeping pinned_replicas_ (replicas of pinned nodes) current.
@@ -488,6 +580,8 @@ class Lake {
   int64_t reserved_slots_ ABSL_GUARDED_BY(mu_) = 0;   // sum of Active::reserved_slots
   uint64_t sequence_ ABSL_GUARDED_BY(mu_) = 0;        // last Commit / Rebalance sequence
   int64_t rebalance_heavy_ ABSL_GUARDED_BY(mu_) = 0;  // heavy hitters at the latest Rebalance
+  absl::flat_hash_map<SegmentId, PendingCopy> pending_ ABSL_GUARDED_BY(mu_);
+  index::PrefixTree::ReplicaObserver observer_ ABSL_GUARDED_BY(mu_);  // the caller's
 };
 
 }  // namespace tokenlake::lake

@@ -11,6 +11,18 @@
 //     outstanding reservations (keys beyond the match at admission plus extra slots, minus
 //     placements committed);
 //   - no Commit ever reports a segment not stored (every admitted request's segments fit).
+// With pending, commits are CommitPending (copies pending until confirmed), random confirmations
+// (in chain order, out of order, for the wrong request) come between the other steps, and the
+// model follows which copies are pending (from the commits' reports and its own rule for
+// confirmations) and additionally checks:
+//   - no plan names a pending copy as a holder, and a plan's cached prefix (and Match) ends
+//     before the first segment without a visible copy;
+//   - a commit's pending_elsewhere segments had no visible copy, its deduplicated ones had;
+//     no eviction or rebalance action touches a pending copy;
+//   - ConfirmStored confirms exactly the copies pending for that request whose parent is
+//     visible, in order; a release drops exactly its request's copies still pending (the
+//     replica map check after the step would see any other difference); pending_copies and
+//     the used slots count them.
 #include <algorithm>
 #include <iostream>
 #include <map>
@@ -35,18 +47,20 @@ struct Params {
   int32_t documents;
   int32_t steps;
   bool try_admit = false;
+  bool pending = false;
 };
 
 class LakeModelTest : public ::testing::TestWithParam<Params> {};
 
 TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
   const Params p = GetParam();
-  const uint64_t seed =
-      9001 + p.instances * 131 + p.slots * 7 + p.documents + (p.try_admit ? 17 : 0);
+  const uint64_t seed = 9001 + p.instances * 131 + p.slots * 7 + p.documents +
+                        (p.try_admit ? 17 : 0) + (p.pending ? 1000 : 0);
   SCOPED_TRACE(testing::Message() << "seed=" << seed);
   std::cout << "seed=" << seed << "\n";
   Rng rng(seed);
   Rng rng2(seed + 1);  // choices added later, kept off rng so the scenarios stay the same
+  Rng rng3(seed + 2);  // the pending runs' confirmations
   ManualClock clock(1);
   LakeOptions o;
   o.num_instances = p.instances;
@@ -98,6 +112,33 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
   int64_t deferred = 0;
   uint64_t next_request = 1;
   int64_t rebalance_actions = 0;
+  // Pending copies (pending runs): segment -> (request, instance), and each request's in
+  // placement order.
+  std::map<uint64_t, std::pair<uint64_t, int32_t>> unconfirmed;
+  std::map<uint64_t, std::vector<uint64_t>> unconfirmed_of;
+  int64_t confirmed = 0, elsewhere = 0, planned_cached = 0;
+  // A segment is visible when it has a copy that is not pending.
+  auto visible = [&](uint64_t seg) {
+    auto it = model.find(seg);
+    if (it == model.end()) return false;
+    auto u = unconfirmed.find(seg);
+    return u == unconfirmed.end() || it->second.size() > 1;
+  };
+  // The visible prefix of `keys`: the tree's match cut before the first invisible segment.
+  auto visible_match = [&](const std::vector<SegmentKey>& keys) {
+    const int32_t n = lake.prefix_tree().Match(keys).matched_segments;
+    int32_t i = 0;
+    while (i < n && visible(keys[static_cast<size_t>(i)].id.value())) ++i;
+    return i;
+  };
+  // Forgets pending copies whose node or copy the model no longer has.
+  auto prune_unconfirmed = [&] {
+    for (auto it = unconfirmed.begin(); it != unconfirmed.end();) {
+      auto m = model.find(it->first);
+      it = (m == model.end() || !m->second.count(it->second.second)) ? unconfirmed.erase(it)
+                                                                     : std::next(it);
+    }
+  };
 
   auto check = [&](int step) {
     absl::Status integrity = lake.CheckIntegrity();
@@ -126,6 +167,7 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
     }
     ASSERT_EQ(observed, placed) << "step " << step;
     LakeStats s = lake.Stats();
+    ASSERT_EQ(s.pending_copies, static_cast<int64_t>(unconfirmed.size())) << "step " << step;
     std::set<uint64_t> pinned;
     for (const auto& [req, pins] : active_pins) {
       for (SegmentId seg : pins) pinned.insert(seg.value());
@@ -170,15 +212,45 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
       std::advance(it, rng.UniformInt(0, static_cast<int64_t>(pending.size()) - 1));
       const uint64_t id = it->first;
       const std::vector<plan::NewSegmentPlacement> placements = it->second;
-      auto c = lake.Commit(RequestId(id), placements);
+      std::set<uint64_t> invisible_before;
+      for (const plan::NewSegmentPlacement& pl : placements) {
+        if (!visible(pl.segment.value())) invisible_before.insert(pl.segment.value());
+        if (pl.parent.valid() && !visible(pl.parent.value())) {
+          invisible_before.insert(pl.parent.value());
+        }
+      }
+      auto c = p.pending ? lake.CommitPending(RequestId(id), placements)
+                         : lake.Commit(RequestId(id), placements);
       pending.erase(it);
       ASSERT_TRUE(c.ok()) << c.status();
       if (p.try_admit) {
-        ASSERT_TRUE(c->not_stored.empty())
-            << "step " << step << ": admitted request " << id << " could not store its segments";
+        // With pending copies a segment is also not stored when its parent is another
+        // request's pending copy (or went the same way in this call).
+        std::set<uint64_t> unplaced(invisible_before);
+        for (SegmentId e : c->pending_elsewhere) unplaced.insert(e.value());
+        for (SegmentId ns : c->not_stored) {
+          const auto pl = std::find_if(placements.begin(), placements.end(),
+                                       [&](const auto& x) { return x.segment == ns; });
+          ASSERT_TRUE(p.pending && pl != placements.end() && pl->parent.valid() &&
+                      unplaced.count(pl->parent.value()))
+              << "step " << step << ": admitted request " << id << " could not store " << ns;
+          unplaced.insert(ns.value());
+        }
         reserved[id] -= std::min<int64_t>(reserved[id], static_cast<int64_t>(placements.size()));
       }
+      for (SegmentId e : c->pending_elsewhere) {
+        ASSERT_TRUE(model.count(e.value()) && invisible_before.count(e.value()))
+            << "step " << step << ": " << e << " reported pending elsewhere";
+        ++elsewhere;
+      }
+      for (SegmentId d : c->deduplicated) {
+        ASSERT_FALSE(invisible_before.count(d.value()))
+            << "step " << step << ": deduplicated against the pending copy of " << d;
+      }
       for (const StoredReplica& e : c->evicted) {
+        auto u = unconfirmed.find(e.segment.value());
+        ASSERT_FALSE(u != unconfirmed.end() && u->second.second == e.instance.value())
+            << "step " << step << ": evicted the pending copy of " << e.segment;
         ASSERT_TRUE(model[e.segment.value()].erase(e.instance.value())) << "step " << step;
         if (model[e.segment.value()].empty()) model.erase(e.segment.value());
       }
@@ -186,6 +258,10 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
         ASSERT_FALSE(model.count(st.segment.value()));
         model[st.segment.value()].insert(st.instance.value());
         active_pins[id].push_back(st.segment);
+        if (p.pending) {
+          unconfirmed[st.segment.value()] = {id, st.instance.value()};
+          unconfirmed_of[id].push_back(st.segment.value());
+        }
       }
       for (const plan::NewSegmentPlacement& pl : placements) {
         model_parent[pl.segment.value()] = pl.parent.valid() ? pl.parent.value() : 0;
@@ -215,6 +291,21 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
       auto plans = lake.GenPlans({Batch{{r}, dop, candidates}});
       ASSERT_TRUE(plans.ok()) << plans.status();
       ASSERT_EQ(static_cast<int32_t>((*plans)[0].instance_group.size()), dop);
+      // The plan reads only visible copies: its cached prefix is the visible match, and no
+      // holder is a pending copy.
+      const int32_t want_cached = visible_match(r.keys);
+      const plan::RequestPlan& rp = (*plans)[0].requests[0];
+      ASSERT_EQ(static_cast<int32_t>(rp.segments.size()), want_cached) << "step " << step;
+      ASSERT_EQ(lake.Match(r.keys).matched_segments, want_cached) << "step " << step;
+      planned_cached += want_cached;
+      for (const plan::SegmentAssignment& a : rp.segments) {
+        ASSERT_TRUE(model.count(a.segment.value()) &&
+                    model[a.segment.value()].count(a.holder.value()))
+            << "step " << step << ": plan reads " << a.segment << " from " << a.holder.value();
+        auto u = unconfirmed.find(a.segment.value());
+        ASSERT_FALSE(u != unconfirmed.end() && u->second.second == a.holder.value())
+            << "step " << step << ": plan reads the pending copy of " << a.segment;
+      }
       for (InstanceId g : (*plans)[0].instance_group) {
         ASSERT_TRUE(candidates.empty() ||
                     std::find(candidates.begin(), candidates.end(), g) != candidates.end())
@@ -244,9 +335,18 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
         active_pins[r.id.value()] = pins;
       }
     } else if (dice < 0.88) {
-      // Release a random active request.
+      // Release a random active request; its copies still pending go, deepest first.
       auto it = active.begin();
       std::advance(it, rng.UniformInt(0, static_cast<int64_t>(active.size()) - 1));
+      const std::vector<uint64_t> mine = unconfirmed_of[it->first];
+      for (auto seg = mine.rbegin(); seg != mine.rend(); ++seg) {
+        auto u = unconfirmed.find(*seg);
+        if (u == unconfirmed.end() || u->second.first != it->first) continue;
+        model[*seg].erase(u->second.second);
+        if (model[*seg].empty()) model.erase(*seg);
+        unconfirmed.erase(u);
+      }
+      unconfirmed_of.erase(it->first);
       ASSERT_TRUE(lake.Release(RequestId(it->first)).ok());
       active_pins.erase(it->first);
       pending.erase(it->first);
@@ -273,11 +373,14 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
       for (auto& [req, pins] : active_pins) {
         std::erase_if(pins, [&](SegmentId seg) { return !model.count(seg.value()); });
       }
+      prune_unconfirmed();
     } else if (dice < 0.95) {
       auto rb = lake.Rebalance();
       ASSERT_TRUE(rb.ok()) << rb.status();
       rebalance_actions += static_cast<int64_t>(rb->actions.size());
       for (const balance::BalanceAction& a : rb->actions) {
+        ASSERT_FALSE(unconfirmed.count(a.segment.value()))
+            << "step " << step << ": " << balance::ToString(a) << " moves a pending copy";
         auto& holders = model[a.segment.value()];
         ASSERT_TRUE(holders.count(a.from.value())) << balance::ToString(a);
         if (a.kind == balance::ActionKind::kDrop) {
@@ -293,6 +396,45 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
     } else {
       clock.AdvanceUs(rng.UniformInt(0, 100'000));
     }
+    if (p.pending && !unconfirmed_of.empty() && rng3.UniformInt(0, 2) != 0) {
+      // The data plane of one request reports stores: usually all in placement order, else a
+      // random selection in random order, now and then one for another request.
+      auto it = unconfirmed_of.begin();
+      std::advance(it, rng3.UniformInt(0, static_cast<int64_t>(unconfirmed_of.size()) - 1));
+      std::vector<StoreConfirmation> copies;
+      for (uint64_t seg : it->second) {
+        auto u = unconfirmed.find(seg);
+        const int32_t x = u != unconfirmed.end() ? u->second.second : 0;
+        if (rng3.UniformInt(0, 3) != 0)
+          copies.push_back({RequestId(it->first), SegmentId(seg), InstanceId(x)});
+      }
+      if (rng3.UniformInt(0, 3) == 0) {
+        for (size_t i = copies.size(); i > 1; --i) {
+          std::swap(copies[i - 1], copies[static_cast<size_t>(rng3.UniformInt(0, i - 1))]);
+        }
+      }
+      if (!copies.empty() && rng3.UniformInt(0, 5) == 0) {
+        copies.push_back(
+            {RequestId(it->first + 1), copies.front().segment, copies.front().instance});
+      }
+      int64_t want = 0;
+      for (const StoreConfirmation& c : copies) {
+        auto u = unconfirmed.find(c.segment.value());
+        if (u == unconfirmed.end() || u->second.first != c.request.value() ||
+            u->second.second != c.instance.value()) {
+          continue;
+        }
+        const uint64_t parent = model_parent[c.segment.value()];
+        if (parent != 0 && !visible(parent)) continue;
+        unconfirmed.erase(u);
+        ++want;
+      }
+      auto r = lake.ConfirmStored(copies);
+      ASSERT_TRUE(r.ok()) << r.status();
+      ASSERT_EQ(r->confirmed, want) << "step " << step;
+      ASSERT_EQ(r->refused.size(), copies.size() - static_cast<size_t>(want));
+      confirmed += want;
+    }
     clock.AdvanceUs(rng.UniformInt(0, 2'000));
     check(step);
     if (HasFatalFailure()) return;
@@ -300,26 +442,44 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
   for (const auto& [req, keys] : active) ASSERT_TRUE(lake.Release(RequestId(req)).ok());
   const LakeStats s = lake.Stats();
   EXPECT_EQ(s.pinned_segments, 0);
+  EXPECT_EQ(s.pending_copies, 0);
+  ASSERT_TRUE(lake.CheckIntegrity().ok()) << lake.CheckIntegrity();
   std::cout << "evicted_replicas=" << s.evicted_replicas << " dedup=" << s.deduplicated_segments
             << " not_stored=" << s.not_stored_segments << " rebalance_actions=" << rebalance_actions
-            << " hit_rate=" << s.hit_rate << " deferred=" << deferred << "\n";
+            << " hit_rate=" << s.hit_rate << " deferred=" << deferred << " confirmed=" << confirmed
+            << " dropped_pending=" << s.dropped_pending_copies << " pending_elsewhere=" << elsewhere
+            << " planned_cached=" << planned_cached << "\n";
   EXPECT_EQ(s.reserved_slots, 0);
   EXPECT_EQ(s.pinned_replicas, 0);
   if (p.try_admit) {
-    EXPECT_EQ(s.not_stored_segments, 0);
+    if (!p.pending) EXPECT_EQ(s.not_stored_segments, 0);
     EXPECT_GT(deferred, 0);  // the pool is small: admission must have made requests wait
+  }
+  if (p.pending) {
+    // Confirmed copies were hit, unconfirmed ones dropped, and concurrent commits met.
+    EXPECT_EQ(s.confirmed_copies, confirmed);
+    EXPECT_GT(confirmed, 0);
+    EXPECT_GT(s.dropped_pending_copies, 0);
+    // Two requests committing one segment at once needs several instances and no admission
+    // (which serialises the small pools' requests).
+    if (p.instances >= 2 && !p.try_admit) EXPECT_GT(elsewhere, 0);
+  } else {
+    EXPECT_EQ(s.confirmed_copies + s.dropped_pending_copies + elsewhere, 0);
   }
   // The scenario must exercise eviction (the pool is small) and hits.
   EXPECT_GT(s.evicted_replicas, 0);
   EXPECT_GT(s.hit_tokens, 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(Sizes, LakeModelTest,
-                         ::testing::Values(Params{1, 4, 3, 300}, Params{2, 6, 6, 400},
-                                           Params{4, 10, 12, 600}, Params{8, 24, 40, 500},
-                                           Params{1, 6, 3, 300, true}, Params{2, 6, 6, 400, true},
-                                           Params{4, 10, 12, 600, true},
-                                           Params{8, 8, 40, 500, true}));
+INSTANTIATE_TEST_SUITE_P(
+    Sizes, LakeModelTest,
+    ::testing::Values(Params{1, 4, 3, 300}, Params{2, 6, 6, 400}, Params{4, 10, 12, 600},
+                      Params{8, 24, 40, 500}, Params{1, 6, 3, 300, true},
+                      Params{2, 6, 6, 400, true}, Params{4, 10, 12, 600, true},
+                      Params{8, 8, 40, 500, true}, Params{1, 6, 3, 300, false, true},
+                      Params{2, 6, 6, 400, false, true}, Params{4, 10, 12, 600, false, true},
+                      Params{8, 24, 40, 500, false, true}, Params{2, 6, 6, 400, true, true},
+                      Params{4, 10, 12, 600, true, true}));
 
 }  // namespace
 }  // namespace tokenlake::lake

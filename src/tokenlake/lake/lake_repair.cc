@@ -57,6 +57,7 @@ absl::StatusOr<RestoreResult> Lake::RestoreReplicas(InstanceId instance,
   // Passes over what is left until one makes no progress: a segment can go in once its parent
   // is in the tree, so parents always go first whatever the order of `held`.
   std::vector<HeldSegment> pending(held.begin(), held.end());
+  std::vector<std::pair<int32_t, SegmentId>> held_pending;  // (depth, id) pending here
   while (!pending.empty()) {
     std::vector<HeldSegment> next;
     for (const HeldSegment& h : pending) {
@@ -65,7 +66,16 @@ absl::StatusOr<RestoreResult> Lake::RestoreReplicas(InstanceId instance,
         if (node->parent != h.parent || node->num_tokens != h.num_tokens) {
           result.rejected.push_back(h.id);
         } else if (node->HasReplicaOn(instance)) {
+          // A copy pending here that the instance reports holding: its data is stored, so it
+          // is confirmed below.
+          if (auto p = pending_.find(h.id); p != pending_.end() && p->second.instance == instance) {
+            held_pending.push_back({node->depth, h.id});
+          }
           ++result.already_listed;
+        } else if (!VisibleLocked(*node) && node->parent.valid() &&
+                   !VisibleLocked(*tree_->Find(node->parent))) {
+          next.push_back(h);  // under a pending copy: maybe once this report restores its parent
+          continue;
         } else if (st.free() == 0) {
           result.rejected.push_back(h.id);
         } else {
@@ -78,8 +88,10 @@ absl::StatusOr<RestoreResult> Lake::RestoreReplicas(InstanceId instance,
         }
         continue;
       }
-      if (h.parent.valid() && !tree_->Contains(h.parent)) {
-        next.push_back(h);  // maybe later in this report
+      if (const index::PrefixTree::Node* parent =
+              h.parent.valid() ? tree_->Find(h.parent) : nullptr;
+          h.parent.valid() && (parent == nullptr || !VisibleLocked(*parent))) {
+        next.push_back(h);  // maybe later in this report (a pending parent counts as absent)
         continue;
       }
       if (!h.id.valid() || h.num_tokens < 1 || h.num_tokens > options_.segment_tokens ||
@@ -102,6 +114,19 @@ absl::StatusOr<RestoreResult> Lake::RestoreReplicas(InstanceId instance,
       break;
     }
     pending = std::move(next);
+  }
+  // Confirm the reported pending copies parents first, each once its parent is visible
+  // (visible copies stay prefix-closed).
+  std::sort(held_pending.begin(), held_pending.end());
+  for (const auto& [depth, id] : held_pending) {
+    auto p = pending_.find(id);
+    if (p == pending_.end() || p->second.instance != instance) continue;
+    const index::PrefixTree::Node* node = tree_->Find(id);
+    const index::PrefixTree::Node* parent =
+        node->parent.valid() ? tree_->Find(node->parent) : nullptr;
+    if (node->parent.valid() && (parent == nullptr || !VisibleLocked(*parent))) continue;
+    pending_.erase(p);
+    counters_.confirmed_copies += 1;
   }
   return result;
 }
@@ -138,14 +163,19 @@ absl::StatusOr<std::vector<StoredReplica>> Lake::LoseReplica(SegmentId segment,
     return absl::NotFoundError(absl::StrFormat("LoseReplica: segment %d has no copy on instance %d",
                                                segment.value(), instance.value()));
   }
-  std::vector<StoredReplica> freed_elsewhere;
   if (node->replicas.size() > 1) {
     const bool pinned = node->is_pinned();
     TOKENLAKE_ASSIGN_OR_RETURN(index::EvictResult r, tree_->RemoveReplica(segment, instance));
     OnReplicasFreedLocked(segment, r.node_erased, r.freed_on, nullptr);
     if (pinned) pinned_replicas_ -= 1;  // a pinned node's copy went
-    return freed_elsewhere;
+    return std::vector<StoredReplica>();
   }
+  return EraseSubtreeLocked(segment, instance);
+}
+
+absl::StatusOr<std::vector<StoredReplica>> Lake::EraseSubtreeLocked(SegmentId segment,
+                                                                    InstanceId instance) {
+  std::vector<StoredReplica> freed_elsewhere;
   // The last copy: the segment and everything under it become unreachable. Erase the subtree
   // leaves first, unpinning as it goes (the requests' pin lists are fixed below). One pass over
   // the tree, each node's answer (under `segment` or not) remembered for its descendants.

@@ -230,6 +230,7 @@ absl::StatusOr<nlohmann::json> RunCoordinatorBench(
     }
     Rng rng(o.seed * 7919 + static_cast<uint64_t>(c));
     std::vector<RequestId> release;
+    std::vector<lake::StoreConfirmation> confirm;  // stored since the last call, as an engine's
     while (!stop_plans.load()) {
       std::vector<lake::IterationRequest> batch;
       for (int32_t r = 0; r < o.batch_requests; ++r) {
@@ -248,9 +249,11 @@ absl::StatusOr<nlohmann::json> RunCoordinatorBench(
       }
       const int ph = phase.load();
       const auto t0 = std::chrono::steady_clock::now();
-      absl::StatusOr<std::vector<lake::BatchPlanEntry>> plans = (*cp)->PlanBatch(release, batch);
+      absl::StatusOr<std::vector<lake::BatchPlanEntry>> plans =
+          (*cp)->PlanBatch(confirm, release, batch);
       const double ms = MsSince(t0);
       release.clear();
+      confirm.clear();
       if (!plans.ok()) {
         ++out.errors;
         continue;
@@ -282,12 +285,13 @@ absl::StatusOr<nlohmann::json> RunCoordinatorBench(
             if (p.segment == st.segment) {
               sims[static_cast<size_t>(st.instance.value())]->Store(st.segment, p.parent,
                                                                     p.num_tokens);
+              confirm.push_back({batch[r].request, st.segment, st.instance});
             }
           }
         }
       }
     }
-    for (RequestId id : release) (*cp)->Release(id).IgnoreError();
+    (*cp)->PlanBatch(confirm, release, {}).IgnoreError();
   };
 
   // ---- The heartbeats (phase 2).

@@ -56,6 +56,18 @@ std::string CoordinatorMetricsText(const CoordinatorSnapshot& s) {
   w.Family("tokenlake_pool_reserved_slots", "gauge",
            "Slots the lake reserves for admitted requests' segments not yet committed.");
   w.Sample("tokenlake_pool_reserved_slots", {}, static_cast<double>(s.lake.reserved_slots));
+  w.Family("tokenlake_pool_pending_copies", "gauge",
+           "Copies placed by commits whose store the engine has not confirmed yet (no plan reads "
+           "them).");
+  w.Sample("tokenlake_pool_pending_copies", {}, static_cast<double>(s.lake.pending_copies));
+  w.Family("tokenlake_pool_confirmed_copies_total", "counter",
+           "Pending copies the engines confirmed stored (then visible to plans).");
+  w.Sample("tokenlake_pool_confirmed_copies_total", {},
+           static_cast<double>(s.lake.confirmed_copies));
+  w.Family("tokenlake_pool_dropped_pending_copies_total", "counter",
+           "Pending copies dropped unconfirmed when their request was released.");
+  w.Sample("tokenlake_pool_dropped_pending_copies_total", {},
+           static_cast<double>(s.lake.dropped_pending_copies));
   w.Family("tokenlake_requests_cancelled_total", "counter",
            "Requests ended early by their client (disconnected, or a stop sequence matched).");
   w.Sample("tokenlake_requests_cancelled_total", {},

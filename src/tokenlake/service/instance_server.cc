@@ -155,7 +155,6 @@ class InstanceServer::Impl {
                                      .reply_timeout = options_.data_timeout,
                                      .external_transport = dp->tcp.get(),
                                      .endpoint_base = 0,
-                                     .missing_segment_grace = options_.missing_segment_grace,
                                      .change_log_entries = kChangeLogEntries};
     po.hosted = {InstanceId(id)};
     auto pool = engine::InstancePool::Create(po);

@@ -101,11 +101,6 @@ struct InstanceServerOptions {
   absl::Duration data_timeout = absl::Seconds(2);
   // Deadline of one call to the coordinator's lake.
   absl::Duration control_timeout = absl::Seconds(5);
-  // How long this instance, as a holder, waits for a segment that another request's plan
-  // reads here but whose store has not arrived yet (engine::InstancePool::Options::
-  // missing_segment_grace: the lake lists a new copy when its Commit returns, before the
-  // committing engine has stored it).
-  absl::Duration missing_segment_grace = absl::Milliseconds(200);
   // The cluster secret (raw bytes; transport/cluster_secret.h), the coordinator's: it
   // authenticates this instance's gRPC calls and its transports' connections. Empty = none.
   std::string cluster_secret;

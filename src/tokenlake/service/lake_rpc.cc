@@ -141,6 +141,7 @@ void ToProto(const lake::CommitResult& in, v1::CommitReply* out) {
   }
   for (SegmentId s : in.deduplicated) out->add_deduplicated(s.value());
   for (SegmentId s : in.not_stored) out->add_not_stored(s.value());
+  for (SegmentId s : in.pending_elsewhere) out->add_pending_elsewhere(s.value());
   for (const lake::StoredReplica& r : in.evicted) {
     v1::Replica* x = out->add_evicted();
     x->set_segment(r.segment.value());
@@ -157,12 +158,25 @@ lake::CommitResult FromProto(const v1::CommitReply& in) {
   }
   for (uint64_t s : in.deduplicated()) out.deduplicated.push_back(SegmentId(s));
   for (uint64_t s : in.not_stored()) out.not_stored.push_back(SegmentId(s));
+  for (uint64_t s : in.pending_elsewhere()) out.pending_elsewhere.push_back(SegmentId(s));
   for (const v1::Replica& r : in.evicted()) {
     out.evicted.push_back({SegmentId(r.segment()), InstanceFromWire(r.instance())});
   }
   out.moved_bytes = in.moved_bytes();
   out.sequence = in.sequence();
   return out;
+}
+
+void ToProto(const lake::StoreConfirmation& in, v1::StoreConfirmation* out) {
+  out->set_request_id(in.request.value());
+  out->set_segment(in.segment.value());
+  out->set_instance(InstanceToWire(in.instance));
+}
+
+lake::StoreConfirmation FromProto(const v1::StoreConfirmation& in) {
+  return lake::StoreConfirmation{.request = RequestId(in.request_id()),
+                                 .segment = SegmentId(in.segment()),
+                                 .instance = InstanceFromWire(in.instance())};
 }
 
 grpc::Status ToGrpc(const absl::Status& s) {
@@ -225,6 +239,7 @@ absl::StatusOr<lake::CommitResult> RemoteControlPlane::Commit(
   if (placements.empty()) return lake::CommitResult{};
   v1::CommitRequest in;
   in.set_request_id(request.value());
+  in.set_pending(true);
   for (const plan::NewSegmentPlacement& p : placements) ToProto(p, in.add_placements());
   v1::CommitReply out;
   grpc::ClientContext ctx;
@@ -232,6 +247,11 @@ absl::StatusOr<lake::CommitResult> RemoteControlPlane::Commit(
   AuthorizeCall(&ctx, options_.cluster_secret, "Commit");
   if (absl::Status s = FromGrpc(Stub()->Commit(&ctx, in, &out), "Commit"); !s.ok()) return s;
   return FromProto(out);
+}
+
+absl::Status RemoteControlPlane::ConfirmStored(absl::Span<const lake::StoreConfirmation> copies) {
+  if (copies.empty()) return absl::OkStatus();
+  return PlanBatch(copies, {}, {}).status();
 }
 
 absl::Status RemoteControlPlane::Release(RequestId request) {
@@ -261,8 +281,10 @@ absl::StatusOr<lake::IterationPlan> RemoteControlPlane::ReleaseAndPlan(
 }
 
 absl::StatusOr<std::vector<lake::BatchPlanEntry>> RemoteControlPlane::PlanBatch(
-    absl::Span<const RequestId> release, absl::Span<const lake::IterationRequest> requests) {
+    absl::Span<const lake::StoreConfirmation> confirm, absl::Span<const RequestId> release,
+    absl::Span<const lake::IterationRequest> requests) {
   v1::PlanBatchRequest in;
+  for (const lake::StoreConfirmation& c : confirm) ToProto(c, in.add_confirm());
   for (RequestId r : release) in.add_release_request_ids(r.value());
   for (const lake::IterationRequest& r : requests) ToProto(r, in.add_plans());
   v1::PlanBatchReply out;

@@ -39,6 +39,8 @@ void ToProto(const plan::NewSegmentPlacement& in, v1::Placement* out);
 plan::NewSegmentPlacement FromProto(const v1::Placement& in, RequestId request);
 void ToProto(const lake::CommitResult& in, v1::CommitReply* out);
 lake::CommitResult FromProto(const v1::CommitReply& in);
+void ToProto(const lake::StoreConfirmation& in, v1::StoreConfirmation* out);
+lake::StoreConfirmation FromProto(const v1::StoreConfirmation& in);
 // The protocol's enums, numbered as ours. An unknown value (from a newer peer) reads as
 // kMoveQueries and as kUnknown.
 v1::HolderAction ToProto(plan::HolderAction action);
@@ -84,8 +86,11 @@ class RemoteControlPlane final : public lake::ControlPlane {
 
   int32_t num_instances() const override { return options_.num_instances; }
   absl::StatusOr<lake::IterationPlan> PlanIteration(const lake::IterationRequest& request) override;
+  // A Commit RPC asking for pending copies (CommitRequest.pending).
   absl::StatusOr<lake::CommitResult> Commit(
       RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) override;
+  // One PlanBatch RPC carrying only the confirmations.
+  absl::Status ConfirmStored(absl::Span<const lake::StoreConfirmation> copies) override;
   absl::Status Release(RequestId request) override;
   // One ReleaseAndPlan RPC (lake::ControlPlane::ReleaseAndPlan; its outcomes).
   absl::StatusOr<lake::IterationPlan> ReleaseAndPlan(RequestId release,
@@ -93,7 +98,7 @@ class RemoteControlPlane final : public lake::ControlPlane {
   // One PlanBatch RPC for a whole iteration (lake::ControlPlane::PlanBatch; its outcomes).
   // Errors: as the RPC's, and DataLoss for a reply with the wrong number of entries.
   absl::StatusOr<std::vector<lake::BatchPlanEntry>> PlanBatch(
-      absl::Span<const RequestId> release,
+      absl::Span<const lake::StoreConfirmation> confirm, absl::Span<const RequestId> release,
       absl::Span<const lake::IterationRequest> requests) override;
 
  private:

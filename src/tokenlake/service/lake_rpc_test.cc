@@ -92,6 +92,7 @@ TEST(LakeRpcTest, PlanAndCommitRoundTrip) {
   c.stored = {{SegmentId(4), InstanceId(0)}};
   c.deduplicated = {SegmentId(5)};
   c.not_stored = {SegmentId(6)};
+  c.pending_elsewhere = {SegmentId(8), SegmentId(9)};
   c.evicted = {{SegmentId(7), InstanceId(2)}};
   c.moved_bytes = 4096;
   c.sequence = 12345678901ULL;
@@ -101,9 +102,15 @@ TEST(LakeRpcTest, PlanAndCommitRoundTrip) {
   EXPECT_EQ(cb.stored, c.stored);
   EXPECT_EQ(cb.deduplicated, c.deduplicated);
   EXPECT_EQ(cb.not_stored, c.not_stored);
+  EXPECT_EQ(cb.pending_elsewhere, c.pending_elsewhere);
   EXPECT_EQ(cb.evicted, c.evicted);
   EXPECT_EQ(cb.moved_bytes, 4096);
   EXPECT_EQ(cb.sequence, 12345678901ULL);
+
+  const lake::StoreConfirmation confirm{RequestId(9), SegmentId(4), InstanceId(1)};
+  v1::StoreConfirmation sw;
+  ToProto(confirm, &sw);
+  EXPECT_EQ(FromProto(sw), confirm);
 }
 
 TEST(LakeRpcTest, StatusCodesMapBothWays) {
@@ -192,6 +199,7 @@ void ExpectSameCommit(const lake::CommitResult& a, const lake::CommitResult& b) 
   EXPECT_EQ(a.stored, b.stored);
   EXPECT_EQ(a.deduplicated, b.deduplicated);
   EXPECT_EQ(a.not_stored, b.not_stored);
+  EXPECT_EQ(a.pending_elsewhere, b.pending_elsewhere);
   EXPECT_EQ(a.evicted, b.evicted);
   EXPECT_EQ(a.moved_bytes, b.moved_bytes);
   EXPECT_EQ(a.sequence, b.sequence);
@@ -251,6 +259,7 @@ class FusedCallTest : public ::testing::TestWithParam<std::tuple<uint32_t, int32
     EXPECT_EQ(Metric(m, "tokenlake_pool_replicas"), st.replicas);
     EXPECT_EQ(Metric(m, "tokenlake_pool_pinned_segments"), st.pinned_segments);
     EXPECT_EQ(Metric(m, "tokenlake_lake_active_requests"), st.active_requests);
+    EXPECT_EQ(Metric(m, "tokenlake_pool_pending_copies"), st.pending_copies);
   }
 
   static constexpr int32_t kS = 4;
@@ -272,7 +281,7 @@ TEST_P(FusedCallTest, ReleaseAndPlanEqualsReleaseThenPlanIterationOnAReferenceLa
     for (int i = 0; i < 24; ++i) d.push_back(static_cast<int32_t>(rng() % 64));
   }
   const uint64_t salt = index::NamespaceSalt(options_.namespace_name);
-  int64_t fused_calls = 0, commits = 0, fused_errors = 0;
+  int64_t fused_calls = 0, commits = 0, fused_errors = 0, confirms = 0;
   for (int64_t r = 1; r <= 40; ++r) {
     SCOPED_TRACE(testing::Message() << "request " << r);
     const RequestId id(r);
@@ -339,6 +348,18 @@ TEST_P(FusedCallTest, ReleaseAndPlanEqualsReleaseThenPlanIterationOnAReferenceLa
         ASSERT_TRUE(cw.ok()) << cw.status();
         ExpectSameCommit(*cg, *cw);
         ++commits;
+        // Most iterations store their copies and confirm them (through a PlanBatch RPC that
+        // carries only confirmations); the others leave them pending, so that the next
+        // release drops them.
+        if (rng() % 4 != 0) {
+          std::vector<lake::StoreConfirmation> stored;
+          for (const lake::StoredReplica& st : cg->stored)
+            stored.push_back({id, st.segment, st.instance});
+          ASSERT_TRUE(remote_->ConfirmStored(stored).ok());
+          ASSERT_TRUE(reference_->ConfirmStored(stored).ok());
+          ++confirms;
+        }
+        ExpectSameLakeState();
       }
       computed = end;
       seq.push_back(static_cast<int32_t>(rng() % 64));
@@ -356,7 +377,10 @@ TEST_P(FusedCallTest, ReleaseAndPlanEqualsReleaseThenPlanIterationOnAReferenceLa
   // The workload exercised what it is about.
   EXPECT_GT(fused_calls, 20);
   EXPECT_GT(commits, 10);
+  EXPECT_GT(confirms, 5);
   EXPECT_GT(fused_errors, 0);
+  EXPECT_GT(lake_->Stats().confirmed_copies, 0);
+  EXPECT_GT(lake_->Stats().dropped_pending_copies, 0);
   const std::string m = coordinator_->MetricsText();
   EXPECT_EQ(Metric(m, "tokenlake_lake_rpcs_total{call=\"release_and_plan\"}"), fused_calls);
   EXPECT_EQ(Metric(m, "tokenlake_lake_rpcs_total{call=\"commit\"}"), commits);

@@ -30,7 +30,10 @@ grpc::Status LakeService::Commit(grpc::ServerContext* ctx, const v1::CommitReque
   std::vector<plan::NewSegmentPlacement> placements;
   for (const v1::Placement& p : request->placements()) placements.push_back(FromProto(p, id));
   absl::MutexLock lake_lock(&lake_->mu);
-  absl::StatusOr<lake::CommitResult> r = lake_->lake->Commit(id, placements);
+  // A peer that predates pending copies (no `pending`) gets the old, immediate listing.
+  absl::StatusOr<lake::CommitResult> r = request->pending()
+                                             ? lake_->lake->CommitPending(id, placements)
+                                             : lake_->lake->Commit(id, placements);
   if (!r.ok()) return ToGrpc(r.status());
   ToProto(*r, reply);
   return grpc::Status::OK;
@@ -70,8 +73,16 @@ grpc::Status LakeService::PlanBatch(grpc::ServerContext* ctx, const v1::PlanBatc
     if (grpc::Status g = gate_->Check(); !g.ok()) return g;
   }
   Count(kPlanBatch);
+  std::vector<lake::StoreConfirmation> confirm;
+  confirm.reserve(static_cast<size_t>(request->confirm_size()));
+  for (const v1::StoreConfirmation& c : request->confirm()) confirm.push_back(FromProto(c));
   absl::MutexLock lake_lock(&lake_->mu);
   lake::Lake& lake = *lake_->lake;
+  // Confirmations first: the releases below drop the copies still pending.
+  if (!confirm.empty()) {
+    absl::StatusOr<lake::ConfirmResult> confirmed = lake.ConfirmStored(confirm);
+    if (!confirmed.ok()) return ToGrpc(confirmed.status());
+  }
   absl::flat_hash_set<uint64_t> planned, own;
   for (const v1::PlanIterationRequest& plan : request->plans()) planned.insert(plan.request_id());
   for (uint64_t id : request->release_request_ids()) {

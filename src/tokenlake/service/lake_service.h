@@ -6,11 +6,14 @@
 //     (NotFound: the request is not active, e.g. the coordinator released a given-up attempt, or
 //     the call is a late duplicate) plans nothing, so no pin is left by a call that arrives after
 //     its attempt was given up;
-//   - PlanBatch: a whole iteration of an engine's batch under one hold of the lock: the releases
+//   - PlanBatch: a whole iteration of an engine's batch under one hold of the lock: the
+//     confirmations of copies the engine stored (lake::Lake::ConfirmStored; they become
+//     visible to plans), the releases
 //     of ids not planned here (a failure ignored), then per request its own release (if listed;
 //     a failure skips its plan, as in ReleaseAndPlan) and its PlanIteration, so that no other
 //     request of the batch can evict its prefix in between;
-//   - Commit and Release as the lake's.
+//   - Commit (CommitPending when the request asks for pending copies, as every current engine
+//     does) and Release as the lake's.
 // A plan's new segments go where the lake says unless that instance is not routable (then to the
 // computing instance, which holds their KV); reads of a rebalance copy not yet confirmed go to
 // its source (Reconciler::RedirectUnconfirmed). Every call must carry a call token made with
