@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <iostream>
 #include <map>
+#include <ranges>
 #include <set>
 #include <tuple>
 
@@ -339,11 +340,11 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
       auto it = active.begin();
       std::advance(it, rng.UniformInt(0, static_cast<int64_t>(active.size()) - 1));
       const std::vector<uint64_t> mine = unconfirmed_of[it->first];
-      for (auto seg = mine.rbegin(); seg != mine.rend(); ++seg) {
-        auto u = unconfirmed.find(*seg);
+      for (const uint64_t seg : std::views::reverse(mine)) {
+        auto u = unconfirmed.find(seg);
         if (u == unconfirmed.end() || u->second.first != it->first) continue;
-        model[*seg].erase(u->second.second);
-        if (model[*seg].empty()) model.erase(*seg);
+        model[seg].erase(u->second.second);
+        if (model[seg].empty()) model.erase(seg);
         unconfirmed.erase(u);
       }
       unconfirmed_of.erase(it->first);
@@ -405,8 +406,9 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
       for (uint64_t seg : it->second) {
         auto u = unconfirmed.find(seg);
         const int32_t x = u != unconfirmed.end() ? u->second.second : 0;
-        if (rng3.UniformInt(0, 3) != 0)
+        if (rng3.UniformInt(0, 3) != 0) {
           copies.push_back({RequestId(it->first), SegmentId(seg), InstanceId(x)});
+        }
       }
       if (rng3.UniformInt(0, 3) == 0) {
         for (size_t i = copies.size(); i > 1; --i) {
@@ -452,7 +454,9 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
   EXPECT_EQ(s.reserved_slots, 0);
   EXPECT_EQ(s.pinned_replicas, 0);
   if (p.try_admit) {
-    if (!p.pending) EXPECT_EQ(s.not_stored_segments, 0);
+    if (!p.pending) {
+      EXPECT_EQ(s.not_stored_segments, 0);
+    }
     EXPECT_GT(deferred, 0);  // the pool is small: admission must have made requests wait
   }
   if (p.pending) {
@@ -462,7 +466,9 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
     EXPECT_GT(s.dropped_pending_copies, 0);
     // Two requests committing one segment at once needs several instances and no admission
     // (which serialises the small pools' requests).
-    if (p.instances >= 2 && !p.try_admit) EXPECT_GT(elsewhere, 0);
+    if (p.instances >= 2 && !p.try_admit) {
+      EXPECT_GT(elsewhere, 0);
+    }
   } else {
     EXPECT_EQ(s.confirmed_copies + s.dropped_pending_copies + elsewhere, 0);
   }

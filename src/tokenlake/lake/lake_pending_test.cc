@@ -63,13 +63,13 @@ std::vector<plan::NewSegmentPlacement> Placements(uint64_t request,
 
 std::vector<SegmentId> Ids(std::initializer_list<uint64_t> ids) {
   std::vector<SegmentId> out;
-  for (uint64_t id : ids) out.push_back(SegmentId(id));
+  for (uint64_t id : ids) out.emplace_back(id);
   return out;
 }
 
 class LakePendingTest : public ::testing::Test {
  protected:
-  void Make(LakeOptions o = Options()) {
+  void Make(const LakeOptions& o = Options()) {
     auto lake = Lake::Create(o, &clock_);
     ASSERT_TRUE(lake.ok()) << lake.status();
     lake_ = std::move(*lake);

@@ -69,7 +69,7 @@ absl::StatusOr<RestoreResult> Lake::RestoreReplicas(InstanceId instance,
           // A copy pending here that the instance reports holding: its data is stored, so it
           // is confirmed below.
           if (auto p = pending_.find(h.id); p != pending_.end() && p->second.instance == instance) {
-            held_pending.push_back({node->depth, h.id});
+            held_pending.emplace_back(node->depth, h.id);
           }
           ++result.already_listed;
         } else if (!VisibleLocked(*node) && node->parent.valid() &&

@@ -158,7 +158,7 @@ lake::CommitResult FromProto(const v1::CommitReply& in) {
   }
   for (uint64_t s : in.deduplicated()) out.deduplicated.push_back(SegmentId(s));
   for (uint64_t s : in.not_stored()) out.not_stored.push_back(SegmentId(s));
-  for (uint64_t s : in.pending_elsewhere()) out.pending_elsewhere.push_back(SegmentId(s));
+  for (uint64_t s : in.pending_elsewhere()) out.pending_elsewhere.emplace_back(s);
   for (const v1::Replica& r : in.evicted()) {
     out.evicted.push_back({SegmentId(r.segment()), InstanceFromWire(r.instance())});
   }

@@ -353,8 +353,9 @@ TEST_P(FusedCallTest, ReleaseAndPlanEqualsReleaseThenPlanIterationOnAReferenceLa
         // release drops them.
         if (rng() % 4 != 0) {
           std::vector<lake::StoreConfirmation> stored;
-          for (const lake::StoredReplica& st : cg->stored)
+          for (const lake::StoredReplica& st : cg->stored) {
             stored.push_back({id, st.segment, st.instance});
+          }
           ASSERT_TRUE(remote_->ConfirmStored(stored).ok());
           ASSERT_TRUE(reference_->ConfirmStored(stored).ok());
           ++confirms;
