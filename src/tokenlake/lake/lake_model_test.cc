@@ -26,7 +26,6 @@
 #include <algorithm>
 #include <iostream>
 #include <map>
-#include <ranges>
 #include <set>
 #include <tuple>
 
@@ -340,7 +339,8 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
       auto it = active.begin();
       std::advance(it, rng.UniformInt(0, static_cast<int64_t>(active.size()) - 1));
       const std::vector<uint64_t> mine = unconfirmed_of[it->first];
-      for (const uint64_t seg : std::views::reverse(mine)) {
+      for (size_t k = mine.size(); k-- > 0;) {
+        const uint64_t seg = mine[k];
         auto u = unconfirmed.find(seg);
         if (u == unconfirmed.end() || u->second.first != it->first) continue;
         model[seg].erase(u->second.second);

@@ -2,7 +2,6 @@
 // CommitPending placed and that become visible only once ConfirmStored says their data is
 // stored, so that no plan ever names a copy whose data may still be on its way.
 #include <algorithm>
-#include <ranges>
 #include <string>
 #include <vector>
 
@@ -82,7 +81,8 @@ index::MatchResult Lake::VisibleMatchLocked(absl::Span<const index::SegmentKey> 
 void Lake::DropPendingLocked(RequestId request, Active& active) {
   // Deepest first: a request's pending chain was placed parents first, and only its owner can
   // place under a pending copy, so each copy's pending children are gone before it.
-  for (const SegmentId seg : std::views::reverse(active.pending)) {
+  for (size_t k = active.pending.size(); k-- > 0;) {
+    const SegmentId seg = active.pending[k];
     auto p = pending_.find(seg);
     if (p == pending_.end() || p->second.owner != request) continue;  // confirmed, or lost
     const InstanceId where = p->second.instance;
