@@ -55,6 +55,16 @@ TokenLakePolicyOptions TokenLakeOptionsFor(const ExperimentOptions& o) {
   return tl;
 }
 
+bool HalvingNoLongerHelps(const Summary& rate, const Summary& half_rate, bool per_token) {
+  auto close = [](double x, double y) {
+    if (!std::isfinite(x) || !std::isfinite(y)) return false;
+    return std::fabs(x - y) <= 0.01 * std::max(std::fabs(x), std::fabs(y));
+  };
+  if (per_token && half_rate.slo_attainment - rate.slo_attainment >= 0.01) return false;
+  return close(rate.ttft_p90_s, half_rate.ttft_p90_s) &&
+         close(rate.tpot_p90_s, half_rate.tpot_p90_s);
+}
+
 bool IsSplitPolicy(const std::string& name) {
   return name == "pd-disagg" || name == "pd-disagg+dram" || name == "tokenlake-static";
 }
@@ -108,15 +118,6 @@ struct RunSpec {
 };
 
 std::string SplitName(int p, int n) { return absl::StrFormat("%dP:%dD", p, n - p); }
-
-// True when P90 TTFT and P90 TPOT of `a` and `b` (one rate and half of it) are within 1%.
-bool Unloaded(const Summary& a, const Summary& b) {
-  auto close = [](double x, double y) {
-    if (!std::isfinite(x) || !std::isfinite(y)) return false;
-    return std::fabs(x - y) <= 0.01 * std::max(std::fabs(x), std::fabs(y));
-  };
-  return close(a.ttft_p90_s, b.ttft_p90_s) && close(a.tpot_p90_s, b.tpot_p90_s);
-}
 
 class Runner {
  public:
@@ -191,9 +192,9 @@ class Runner {
         auto r = run_at(lo);
         if (!r.ok()) return r.status();
         if (meets(r->first)) break;
-        // Halving the rate no longer changes the P90s: requests miss the SLO on their own, at
-        // any rate. (Lower rates would only lengthen the simulated time, and the run.)
-        if (Unloaded(prev, r->first) || i == 11) {
+        // Halving the rate no longer helps: requests miss the SLO on their own, at any rate.
+        // (Lower rates would only lengthen the simulated time, and the run.)
+        if (HalvingNoLongerHelps(prev, r->first, per_token) || i == 11) {
           lo = 0;
           break;
         }

@@ -49,6 +49,13 @@ bool IsSplitPolicy(const std::string& name);
 // (P >= 1, D >= 1, P + D = N), or a split given twice.
 absl::StatusOr<std::vector<int>> ParsePdSplits(const std::string& text, int num_instances);
 
+// The max-rate search's stop rule on its way down (the SLO missed at a rate and at half of it):
+// true when halving the rate from `rate` to `half_rate` no longer helps, so requests miss the
+// SLO on their own at any rate and the search reports 0. That is: P90 TTFT and P90 TPOT within
+// 1% of each other and, with `per_token` (the per-token SLO, met per request, so its attainment
+// can rise while the P90s stay), the share of requests meeting it up by less than 1 point.
+bool HalvingNoLongerHelps(const Summary& rate, const Summary& half_rate, bool per_token);
+
 struct ExperimentOptions {
   // Engine and policy parameters shared by every policy.
   SimOptions sim;
