@@ -15,6 +15,7 @@
 #include <random>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -432,15 +433,20 @@ TEST(TcpTransportAuthTest, PeersWithTheSecretTalkAndOthersAreRefused) {
     }
     // (Without a secret the forger writes its frame blindly; b reads it as a bad answer.)
   }
-  // A raw frame without any handshake.
-  const int fd = RawConnect(b->port());
-  ASSERT_GE(fd, 0);
-  std::vector<unsigned char> h = Header(0, 1, 1);
-  h.push_back(7);
-  h.resize(64, 0);  // as long as an answer to the challenge
-  ASSERT_EQ(::send(fd, h.data(), h.size(), MSG_NOSIGNAL), 64);
-  EXPECT_TRUE(ClosedByPeerWithin(fd, absl::Seconds(5)));
-  ::close(fd);
+  // A raw frame without any handshake: refused, and the refusal names the secret. The forgers'
+  // connections closing may be handled after it and overwrite last_error with their hang-up,
+  // so a second raw frame is sent if the first one's error was overwritten.
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    const int fd = RawConnect(b->port());
+    ASSERT_GE(fd, 0);
+    std::vector<unsigned char> h = Header(0, 1, 1);
+    h.push_back(7);
+    h.resize(64, 0);  // as long as an answer to the challenge
+    ASSERT_EQ(::send(fd, h.data(), h.size(), MSG_NOSIGNAL), 64);
+    EXPECT_TRUE(ClosedByPeerWithin(fd, absl::Seconds(5)));
+    ::close(fd);
+    if (absl::StrContains(b->last_error(), "cluster secret")) break;
+  }
   EXPECT_EQ(b->Receive(InstanceId(1), absl::Milliseconds(300)).status().code(),
             absl::StatusCode::kDeadlineExceeded);
   EXPECT_GE(b->auth_failures(), 3);
