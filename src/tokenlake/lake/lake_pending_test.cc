@@ -13,30 +13,14 @@
 #include "gtest/gtest.h"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/lake/lake.h"
+#include "tokenlake/lake/lake_testing.h"
 
 namespace tokenlake::lake {
 namespace {
 
 using index::SegmentKey;
 
-constexpr int32_t kS = 16;
-
-LakeOptions Options(int32_t instances = 2, int32_t slots = 8) {
-  LakeOptions o;
-  o.num_instances = instances;
-  o.segment_tokens = kS;
-  o.slots_per_instance = slots;
-  o.model = plan::ModelShape{1, 32, 8, 128, 2};
-  o.heavy_hitter.half_life_us = 1'000'000;
-  o.heavy_hitter.min_heavy_load = 0;
-  return o;
-}
-
-std::vector<SegmentKey> Chain(std::initializer_list<uint64_t> ids) {
-  std::vector<SegmentKey> keys;
-  for (uint64_t id : ids) keys.push_back({SegmentId(id), kS});
-  return keys;
-}
+constexpr int32_t kS = kTestSegmentTokens;
 
 LakeRequest Req(uint64_t id, std::vector<SegmentKey> keys, int64_t q = 4) {
   LakeRequest r;
@@ -69,7 +53,7 @@ std::vector<SegmentId> Ids(std::initializer_list<uint64_t> ids) {
 
 class LakePendingTest : public ::testing::Test {
  protected:
-  void Make(const LakeOptions& o = Options()) {
+  void Make(const LakeOptions& o = SmallOptions(2)) {
     auto lake = Lake::Create(o, &clock_);
     ASSERT_TRUE(lake.ok()) << lake.status();
     lake_ = std::move(*lake);
@@ -234,7 +218,7 @@ TEST_F(LakePendingTest, AVisibleCommitNeverHangsUnderAPendingCopy) {
 }
 
 TEST_F(LakePendingTest, APendingCopyLostWithItsInstanceIsGoneAndItsRequestReleasesCleanly) {
-  Make(Options(3));
+  Make(SmallOptions(3));
   ASSERT_TRUE(lake_->Admit(Req(1, Chain({10, 11}))).ok());
   ASSERT_TRUE(lake_->CommitPending(RequestId(1), Placements(1, Chain({10, 11}), 2)).ok());
   ASSERT_TRUE(lake_->DropInstance(InstanceId(2)).ok());
@@ -274,7 +258,7 @@ TEST_F(LakePendingTest, TheHoldingInstancesReportConfirmsAPendingCopy) {
 }
 
 TEST_F(LakePendingTest, ACopyRestoredElsewhereIsReadThereAndThePendingOneNever) {
-  Make(Options(3));
+  Make(SmallOptions(3));
   ASSERT_TRUE(lake_->Admit(Req(1, Chain({10, 11}))).ok());
   ASSERT_TRUE(lake_->CommitPending(RequestId(1), Placements(1, Chain({10, 11}), 1)).ok());
   // Instance 2 reports an old copy of segment 11 alone: its parent has no visible copy, so it
@@ -304,7 +288,7 @@ TEST_F(LakePendingTest, ACopyRestoredElsewhereIsReadThereAndThePendingOneNever) 
 }
 
 TEST_F(LakePendingTest, RebalanceLeavesAPendingSegmentAloneUntilItIsConfirmed) {
-  Make(Options(4, 64));
+  Make(SmallOptions(4, 64));
   ASSERT_TRUE(lake_->Admit(Req(1, Chain({10}))).ok());
   ASSERT_TRUE(lake_->CommitPending(RequestId(1), Placements(1, Chain({10}), 0)).ok());
   // Decode load over the pending segment makes it heavy.
@@ -332,7 +316,7 @@ TEST_F(LakePendingTest, RebalanceLeavesAPendingSegmentAloneUntilItIsConfirmed) {
 }
 
 TEST_F(LakePendingTest, PendingCopiesCountForMemoryAdmission) {
-  Make(Options(1, 4));
+  Make(SmallOptions(1, 4));
   LakeRequest a = Req(1, Chain({10, 11}));
   auto ta = lake_->TryAdmit(a);
   ASSERT_TRUE(ta.ok() && ta->has_value());

@@ -6,32 +6,14 @@
 
 #include "gtest/gtest.h"
 #include "tokenlake/base/clock.h"
+#include "tokenlake/lake/lake_testing.h"
 
 namespace tokenlake::lake {
 namespace {
 
 using index::SegmentKey;
 
-constexpr int32_t kS = 16;  // segment tokens in these tests
-
-LakeOptions SmallOptions(int32_t instances = 4, int32_t slots = 8) {
-  LakeOptions o;
-  o.num_instances = instances;
-  o.segment_tokens = kS;
-  o.slots_per_instance = slots;
-  o.model = plan::ModelShape{1, 32, 8, 128, 2};
-  o.heavy_hitter.half_life_us = 1'000'000;
-  o.heavy_hitter.min_heavy_load = 0;
-  return o;
-}
-
-// A chain of n full segments whose ids start at base (ids are arbitrary but unique per chain
-// position, like real chained hashes).
-std::vector<SegmentKey> Chain(std::initializer_list<uint64_t> ids) {
-  std::vector<SegmentKey> keys;
-  for (uint64_t id : ids) keys.push_back({SegmentId(id), kS});
-  return keys;
-}
+constexpr int32_t kS = kTestSegmentTokens;
 
 LakeRequest Req(uint64_t id, std::vector<SegmentKey> keys, int64_t q) {
   LakeRequest r;
