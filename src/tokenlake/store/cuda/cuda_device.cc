@@ -47,6 +47,8 @@ absl::StatusOr<int> CudaDeviceCount(std::string_view who) {
   return count;
 }
 
+bool HaveCudaDevice() { return CudaDeviceCount("HaveCudaDevice").ok(); }
+
 absl::StatusOr<DeviceUuid> CudaDeviceUuid(int device) {
   cudaDeviceProp prop{};
   const cudaError_t err = cudaGetDeviceProperties(&prop, device);

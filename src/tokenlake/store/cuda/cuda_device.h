@@ -43,6 +43,9 @@ std::string CudaErrorText(cudaError_t error);
 // Errors: FailedPrecondition (no CUDA device, no driver).
 absl::StatusOr<int> CudaDeviceCount(std::string_view who);
 
+// True when this process sees at least one CUDA device (CudaDeviceCount succeeds).
+bool HaveCudaDevice();
+
 // The UUID of this process's device `device` (cudaDeviceProp::uuid).
 // Errors: Internal (a CUDA error).
 absl::StatusOr<DeviceUuid> CudaDeviceUuid(int device);

@@ -10,19 +10,13 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "gtest/gtest.h"
+#include "tokenlake/store/cuda/cuda_device.h"
 #include "tokenlake/store/segment_store.h"
 
 namespace tokenlake::store {
 namespace {
 
-bool HaveGpu() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return count > 0;
-}
+using internal::HaveCudaDevice;
 
 TEST(DeviceArenaTest, RejectsZeroBytesAndNegativeDevice) {
   auto zero = DeviceArena::Create({.bytes = 0});
@@ -34,19 +28,19 @@ TEST(DeviceArenaTest, RejectsZeroBytesAndNegativeDevice) {
 }
 
 TEST(DeviceArenaTest, ReportsMissingDeviceAsFailedPrecondition) {
-  if (HaveGpu()) GTEST_SKIP() << "a GPU is present";
+  if (HaveCudaDevice()) GTEST_SKIP() << "a GPU is present";
   auto arena = DeviceArena::Create({.bytes = 1024});
   EXPECT_EQ(arena.status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
 TEST(DeviceArenaTest, OutOfRangeDeviceIsFailedPrecondition) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
   auto arena = DeviceArena::Create({.bytes = 1024, .device = 1 << 20});
   EXPECT_EQ(arena.status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
 TEST(DeviceArenaTest, HugeAllocationIsResourceExhausted) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
   auto arena = DeviceArena::Create({.bytes = size_t{1} << 50});
   EXPECT_EQ(arena.status().code(), absl::StatusCode::kResourceExhausted);
 }
@@ -57,7 +51,7 @@ TEST(DeviceArenaTest, HugeAllocationIsResourceExhausted) {
 class DeviceArenaStoreTest : public ::testing::TestWithParam<std::pair<size_t, int>> {};
 
 TEST_P(DeviceArenaStoreTest, SlotsAreDisjointDeviceRangesUnderRandomChurn) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
   const auto [slot_bytes, num_slots] = GetParam();
   const uint64_t seed = 0x5eed0000u + slot_bytes + num_slots;
   SCOPED_TRACE(::testing::Message() << "seed=" << seed);

@@ -32,6 +32,7 @@
 #include "absl/strings/str_split.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tokenlake/store/cuda/cuda_device.h"
 #include "tokenlake/store/cuda/device_arena.h"
 #include "tokenlake/store/cuda/ipc_handle.h"
 #include "tokenlake/store/cuda/peer_process_testing.h"
@@ -39,19 +40,12 @@
 namespace tokenlake::store {
 namespace {
 
+using internal::HaveCudaDevice;
+
 using ::testing::HasSubstr;
 
 // A multiple of 2 MiB, as exported arenas should be (device_arena.h).
 constexpr size_t kArenaBytes = size_t{8} << 20;
-
-bool HaveGpu() {
-  int count = 0;
-  if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return count > 0;
-}
 
 // ---------------------------------------------------------------------------------------------
 // The child side. Each mode returns a ChildExit code; objects are destroyed on return, so the
@@ -383,7 +377,7 @@ TEST(PeerProcessTest, ChildPastItsDeadlineIsKilledAndReaped) {
 
 // The child reaches PeerArena::Open and reports its status code through its exit code.
 TEST(PeerProcessTest, ChildReportsTheOpenErrorCodeWithoutADevice) {
-  if (HaveGpu()) GTEST_SKIP() << "a GPU is present (the GPU tests cover the child's opens)";
+  if (HaveCudaDevice()) GTEST_SKIP() << "a GPU is present (the GPU tests cover the child's opens)";
   auto child = Child::Start("open", {"--arena=" + ToHex(WellFormedForeignHandle().Serialize())});
   ASSERT_TRUE(child.ok()) << child.status();
   ExpectExit(**child,
@@ -424,7 +418,7 @@ TEST(PeerArenaTest, OwnHandlesAreRefusedWithoutTouchingCuda) {
 }
 
 TEST(PeerArenaTest, WithoutADeviceOpenAndCreateAreFailedPrecondition) {
-  if (HaveGpu()) GTEST_SKIP() << "a GPU is present";
+  if (HaveCudaDevice()) GTEST_SKIP() << "a GPU is present";
   auto a = PeerArena::Open(WellFormedForeignHandle());
   EXPECT_EQ(a.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(std::string(a.status().message()), HasSubstr("no CUDA device"));
@@ -440,7 +434,7 @@ TEST(PeerArenaTest, WithoutADeviceOpenAndCreateAreFailedPrecondition) {
 // One process, with a GPU.
 
 TEST(PeerArenaTest, ExportedHandleDescribesTheArena) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
   auto arena = DeviceArena::Create({.bytes = kArenaBytes});
   ASSERT_TRUE(arena.ok()) << arena.status();
   auto handle = (*arena)->ExportHandle();
@@ -457,7 +451,7 @@ TEST(PeerArenaTest, ExportedHandleDescribesTheArena) {
 }
 
 TEST(PeerArenaTest, OpeningThisProcessesOwnExportIsInvalidArgument) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
   auto arena = DeviceArena::Create({.bytes = kArenaBytes});
   ASSERT_TRUE(arena.ok()) << arena.status();
   auto handle = (*arena)->ExportHandle();
@@ -479,7 +473,7 @@ TEST(PeerArenaTest, OpeningThisProcessesOwnExportIsInvalidArgument) {
 }
 
 TEST(PeerArenaTest, HandleOfAGpuThisProcessCannotSeeIsFailedPrecondition) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
   ArenaHandle h = WellFormedForeignHandle();
   for (size_t i = 0; i < h.origin.device_uuid.size(); ++i) {
     h.origin.device_uuid[i] = static_cast<uint8_t>(0xe0 + i);  // no real GPU has this UUID
@@ -505,7 +499,7 @@ TEST(PeerArenaTest, HandleOfAGpuThisProcessCannotSeeIsFailedPrecondition) {
 // their own region and copy the parent's region to a third, device to device. Afterwards every
 // byte of the arena is what a host model of those writes says.
 TEST(PeerArenaTest, TwoPeersReadTheParentsBytesAndWriteTheirOwn) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = 0x9ee7a7e4;
   std::cout << "seed=" << seed << "\n";
   SCOPED_TRACE(::testing::Message() << "seed=" << seed);
@@ -563,7 +557,7 @@ TEST(PeerArenaTest, TwoPeersReadTheParentsBytesAndWriteTheirOwn) {
 // checks the child's bytes, writes its own and closes; the child checks them and exits; then
 // the handle names a process that is gone.
 TEST(PeerArenaTest, ParentMapsAChildsArenaWhichIsUnavailableOnceTheChildExits) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = 0xc41d0a7e;
   std::cout << "seed=" << seed << "\n";
   SCOPED_TRACE(::testing::Message() << "seed=" << seed);
@@ -610,7 +604,7 @@ TEST(PeerArenaTest, ParentMapsAChildsArenaWhichIsUnavailableOnceTheChildExits) {
 // A handle with the parent's identity but bytes that CUDA never issued: the child gets
 // InvalidArgument (the exporter is alive, so the handle is bad) and exits with that code.
 TEST(PeerArenaTest, AHandleCudaRefusesIsInvalidArgumentInThePeer) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = 0xbadc0de;
   std::cout << "seed=" << seed << "\n";
   SCOPED_TRACE(::testing::Message() << "seed=" << seed);
@@ -628,7 +622,7 @@ TEST(PeerArenaTest, AHandleCudaRefusesIsInvalidArgumentInThePeer) {
 // A real handle that claims more bytes than the allocation: refused when mapped, rather than a
 // device fault later.
 TEST(PeerArenaTest, AHandleLargerThanItsAllocationIsInvalidArgumentInThePeer) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
   auto arena = DeviceArena::Create({.bytes = kArenaBytes});
   ASSERT_TRUE(arena.ok()) << arena.status();
   auto handle = (*arena)->ExportHandle();
@@ -683,7 +677,7 @@ class GatedStream {
 // enqueues a read, which must stay pending; once the child says so the parent releases its
 // stream, and the child's read completes with the pattern.
 TEST(PeerArenaTest, PeersStreamWaitsOnTheParentsEventBeforeReading) {
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  if (!HaveCudaDevice()) GTEST_SKIP() << "no CUDA device";
   const uint64_t seed = 0xe7e9700d;
   std::cout << "seed=" << seed << "\n";
   SCOPED_TRACE(::testing::Message() << "seed=" << seed);
