@@ -167,6 +167,12 @@ absl::StatusOr<InsertResult> PrefixTree::Insert(SegmentId parent, const SegmentK
   node.depth = depth;
   node.replicas.push_back(holder);
   node.last_access_us = now_us;
+  if (parent.valid()) {
+    Node& p = nodes_.find(parent)->second;
+    node.next_sibling = p.first_child;
+    p.first_child = key.id;
+    if (node.next_sibling.valid()) nodes_.find(node.next_sibling)->second.prev_sibling = key.id;
+  }
   auto [it, ok] = nodes_.emplace(key.id, std::move(node));
   TOKENLAKE_CHECK(ok);
   Index(it->second);
@@ -284,11 +290,20 @@ void PrefixTree::EraseLeafNode(SegmentId id) {
   num_tokens_ -= node.num_tokens;
   if (node.is_pinned()) --num_pinned_;
   const SegmentId parent = node.parent;
+  const SegmentId prev = node.prev_sibling;
+  const SegmentId next = node.next_sibling;
   nodes_.erase(it);
+  if (next.valid()) nodes_.find(next)->second.prev_sibling = prev;
   if (parent.valid()) {
     auto pit = nodes_.find(parent);
     TOKENLAKE_CHECK(pit != nodes_.end(), "a stored node's parent is missing");
     Node& p = pit->second;
+    if (prev.valid()) {
+      nodes_.find(prev)->second.next_sibling = next;
+    } else {
+      TOKENLAKE_CHECK(p.first_child == id, "a first child is not its parent's first_child");
+      p.first_child = next;
+    }
     Unindex(p);
     --p.num_children;
     Index(p);
@@ -473,49 +488,43 @@ absl::StatusOr<DropInstanceResult> PrefixTree::DropInstance(InstanceId instance)
       lost.insert(id);
       continue;
     }
+    if (node.is_pinned()) ++result.dropped_pinned_replicas;
     Unindex(node);
     node.replicas.erase(rit);
     Index(node);
     CountRemoved(node, instance);
   }
   if (lost.empty()) return result;
-  // 2. Everything under a lost node is unreachable: collect lost nodes and their descendants.
-  absl::flat_hash_map<SegmentId, bool> doomed_memo;
-  std::vector<const Node*> doomed;
-  std::vector<SegmentId> path;
-  for (const auto& [id, node] : nodes_) {
-    // Walk up until a node with a known answer, a lost node or the root.
-    path.clear();
-    SegmentId cur = id;
-    bool is_doomed = false;
-    while (cur.valid()) {
-      if (auto m = doomed_memo.find(cur); m != doomed_memo.end()) {
-        is_doomed = m->second;
-        break;
-      }
-      path.push_back(cur);
-      if (lost.contains(cur)) {
-        is_doomed = true;
-        break;
-      }
-      cur = nodes_.find(cur)->second.parent;
-    }
-    for (SegmentId p : path) doomed_memo[p] = is_doomed;
-  }
-  for (const auto& [id, is_doomed] : doomed_memo) {
-    if (is_doomed) doomed.push_back(&nodes_.find(id)->second);
-  }
-  // 3. Erase deepest first so that every erased node is a leaf at that moment.
+  // 2. Everything under a lost node is unreachable: the lost nodes' subtrees (a lost node under
+  //    another is reached once). 3. Erased deepest first, so every erased node is a leaf then.
+  absl::flat_hash_set<SegmentId> doomed;
   std::vector<std::pair<int32_t, SegmentId>> order;
-  order.reserve(doomed.size());
-  for (const Node* node : doomed) {
-    order.emplace_back(node->depth, node->id);
-    for (InstanceId r : node->replicas) {
-      if (r != instance) result.freed_elsewhere.push_back(FreedReplica{node->id, r});
+  std::vector<SegmentId> stack;
+  for (SegmentId top : lost) {
+    if (doomed.contains(top)) continue;
+    stack.push_back(top);
+    while (!stack.empty()) {
+      const SegmentId cur = stack.back();
+      stack.pop_back();
+      if (!doomed.insert(cur).second) continue;
+      const Node& node = nodes_.find(cur)->second;
+      order.emplace_back(node.depth, cur);
+      for (InstanceId r : node.replicas) {
+        if (r != instance) result.freed_elsewhere.push_back(FreedReplica{cur, r});
+      }
+      for (SegmentId c = node.first_child; c.valid(); c = nodes_.find(c)->second.next_sibling) {
+        stack.push_back(c);
+      }
     }
   }
   std::sort(order.begin(), order.end(), std::greater<>());
-  for (const auto& [depth, id] : order) EraseLeafNode(id);
+  for (const auto& [depth, id] : order) {
+    const Node& node = nodes_.find(id)->second;
+    if (node.is_pinned()) {
+      result.dropped_pinned_replicas += static_cast<int64_t>(node.replicas.size());
+    }
+    EraseLeafNode(id);
+  }
   result.erased_segments = static_cast<int64_t>(order.size());
   std::sort(result.freed_elsewhere.begin(), result.freed_elsewhere.end(),
             [](const FreedReplica& a, const FreedReplica& b) {
@@ -540,6 +549,24 @@ absl::Status PrefixTree::SetNumInstances(int32_t num_instances) {
 const PrefixTree::Node* PrefixTree::Find(SegmentId id) const {
   auto it = nodes_.find(id);
   return it == nodes_.end() ? nullptr : &it->second;
+}
+
+std::vector<SegmentId> PrefixTree::SubtreeDeepestFirst(SegmentId root) const {
+  std::vector<SegmentId> out;
+  if (!Contains(root)) return out;
+  // Pre-order (every node before its descendants), reversed.
+  std::vector<SegmentId> stack = {root};
+  while (!stack.empty()) {
+    const SegmentId cur = stack.back();
+    stack.pop_back();
+    out.push_back(cur);
+    for (SegmentId c = nodes_.find(cur)->second.first_child; c.valid();
+         c = nodes_.find(c)->second.next_sibling) {
+      stack.push_back(c);
+    }
+  }
+  std::reverse(out.begin(), out.end());
+  return out;
 }
 
 void PrefixTree::ForEachNode(absl::FunctionRef<void(const Node&)> fn) const {
@@ -619,6 +646,26 @@ absl::Status PrefixTree::CheckIntegrity() const {
     if (node.num_children != expected) {
       return fail(absl::StrFormat("%s records %d children but %d are stored (I2)", Str(id),
                                   node.num_children, expected));
+    }
+    // I8: the list holds num_children distinct nodes naming `id` as parent (distinct because
+    // the walk is bounded by num_children + 1 and every link is checked both ways).
+    int32_t listed = 0;
+    SegmentId prev;
+    for (SegmentId c = node.first_child; c.valid(); c = nodes_.find(c)->second.next_sibling) {
+      auto child = nodes_.find(c);
+      if (child == nodes_.end()) return fail(Str(id) + " lists a child that is not stored (I8)");
+      if (child->second.parent != id) {
+        return fail(Str(id) + " lists " + Str(c) + ", whose parent is another (I8)");
+      }
+      if (child->second.prev_sibling != prev) {
+        return fail(Str(c) + " has a wrong prev_sibling (I8)");
+      }
+      prev = c;
+      if (++listed > node.num_children) return fail(Str(id) + " lists too many children (I8)");
+    }
+    if (listed != node.num_children) return fail(Str(id) + " lists too few children (I8)");
+    if (!node.parent.valid() && (node.prev_sibling.valid() || node.next_sibling.valid())) {
+      return fail(Str(id) + " is a root child with sibling links (I8)");
     }
   }
   if (replicas != num_replicas_) return fail("num_replicas counter is wrong (I5)");

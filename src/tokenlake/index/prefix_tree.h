@@ -27,6 +27,8 @@
 //       replica on x that are leaves with one replica (last copies) or have >= 2 replicas (extras).
 //   I7. pin_count >= 0; a pinned node is never evicted nor erased by this class, except by
 //       DropInstance (instance loss is not optional).
+//   I8. A node's children list (first_child, then next_sibling) holds exactly the stored nodes
+//       naming it as parent, each once, with prev_sibling the reverse link.
 //
 // Errors: every mutating call validates its input (unknown ids, instances out of range, bad
 // lengths) and returns an absl::Status without changing anything; it never crashes on caller
@@ -104,6 +106,9 @@ struct DropInstanceResult {
   int64_t erased_segments = 0;
   // Number of replicas the dropped instance held.
   int64_t dropped_replicas = 0;
+  // Copies removed from pinned nodes: the dropped instance's, and every copy of an erased
+  // pinned node (a lake that counts pinned copies subtracts this).
+  int64_t dropped_pinned_replicas = 0;
 };
 
 class PrefixTree {
@@ -130,6 +135,11 @@ class PrefixTree {
     ReplicaList replicas;
     int64_t last_access_us = 0;  // time of Insert or of the latest Touch
     int64_t access_count = 0;    // number of Touch calls naming this node
+    // The children, as a list threaded through them (invalid ids end it), so that a subtree
+    // is found without a pass over the tree. In unspecified order.
+    SegmentId first_child;
+    SegmentId next_sibling;
+    SegmentId prev_sibling;
 
     bool is_leaf() const { return num_children == 0; }
     bool is_pinned() const { return pin_count > 0; }
@@ -244,6 +254,9 @@ class PrefixTree {
   // The node of `id`, or nullptr. Valid until the next mutating call.
   const Node* Find(SegmentId id) const;
   bool Contains(SegmentId id) const { return Find(id) != nullptr; }
+  // The ids of `root` and of every node under it, each after all of its descendants (so erasing
+  // them in this order erases leaves only); empty if `root` is not stored. O(subtree size).
+  std::vector<SegmentId> SubtreeDeepestFirst(SegmentId root) const;
   // Calls fn for every node, in unspecified order: the order may differ between processes (the
   // hash is seeded per process), so sort what you collect if you need determinism (the
   // simulator does). fn must not mutate the tree.
@@ -262,7 +275,7 @@ class PrefixTree {
   int32_t num_instances() const { return static_cast<int32_t>(per_instance_.size()); }
   int32_t segment_tokens() const { return options_.segment_tokens; }
 
-  // Verifies invariants I1-I7 with a full scan. OK, or Internal naming the first violation.
+  // Verifies invariants I1-I8 with a full scan. OK, or Internal naming the first violation.
   // O(n log n); meant for tests and debugging.
   absl::Status CheckIntegrity() const;
 

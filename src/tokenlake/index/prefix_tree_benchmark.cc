@@ -141,6 +141,28 @@ void BM_PrefixTreeInsert(benchmark::State& state) {
 }
 BENCHMARK(BM_PrefixTreeInsert)->Arg(1 << 16)->Arg(1 << 20)->Unit(benchmark::kMicrosecond);
 
+// The loss of one instance of kInstances in a tree of state.range(0) segments: its chains
+// leave the tree (DropInstance). The coordinator does this under the lake's lock, so it is the
+// longest any plan can wait when an instance dies.
+void BM_PrefixTreeDropInstance(benchmark::State& state) {
+  for (auto _ : state) {
+    state.PauseTiming();
+    Fixture f = BuildTree(state.range(0), 4);
+    state.ResumeTiming();
+    auto r = f.tree->DropInstance(InstanceId(0));
+    TOKENLAKE_CHECK_OK(r.status());
+    benchmark::DoNotOptimize(r);
+    state.PauseTiming();
+    f = Fixture();
+    state.ResumeTiming();
+  }
+}
+BENCHMARK(BM_PrefixTreeDropInstance)
+    ->Arg(1 << 16)
+    ->Arg(1 << 20)
+    ->Iterations(3)
+    ->Unit(benchmark::kMillisecond);
+
 // Cluster-wide eviction: find the LRU unpinned leaf and evict it, in a tree of 1M segments.
 // Every eviction exposes its parent as a new leaf, so the tree never runs dry within the
 // iteration cap.

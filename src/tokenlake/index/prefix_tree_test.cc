@@ -789,6 +789,13 @@ TEST_P(PrefixTreeModelTest, RandomOperationsMatchReferenceModel) {
       ASSERT_EQ(r->erased_segments, static_cast<int64_t>(doomed.size()));
       ASSERT_EQ(static_cast<int64_t>(r->freed_elsewhere.size()), elsewhere);
       ASSERT_EQ(r->dropped_replicas, ref.On(x));
+      int64_t pinned_copies = 0;  // x's copies of pinned survivors, every copy of a pinned doomed
+      for (const auto& [id, v] : ref.nodes) {
+        if (v.pins == 0) continue;
+        pinned_copies += doomed.count(id) ? static_cast<int64_t>(v.replicas.size())
+                                          : static_cast<int64_t>(v.replicas.count(x));
+      }
+      ASSERT_EQ(r->dropped_pinned_replicas, pinned_copies);
       for (const FreedReplica& f : r->freed_elsewhere) --used[f.instance.value()];
       used[x] = 0;
       ++done["drop_instance"];
@@ -814,6 +821,29 @@ TEST_P(PrefixTreeModelTest, RandomOperationsMatchReferenceModel) {
 
     // ---- Compare with the reference and check conservation after every step.
     ASSERT_TRUE(tree.CheckIntegrity().ok()) << tree.CheckIntegrity();
+    {
+      // The subtree of a random id (stored or not): the nodes whose path up reaches it, each
+      // listed after its descendants.
+      const SegmentId root = random_known_id();
+      std::set<SegmentId> under;
+      for (const auto& [id, v] : ref.nodes) {
+        for (SegmentId cur = id; cur.valid(); cur = ref.nodes.at(cur).parent) {
+          if (cur == root) {
+            under.insert(id);
+            break;
+          }
+        }
+      }
+      const std::vector<SegmentId> got = tree.SubtreeDeepestFirst(root);
+      ASSERT_EQ(std::set<SegmentId>(got.begin(), got.end()), under);
+      ASSERT_EQ(got.size(), under.size());
+      std::map<SegmentId, size_t> position;
+      for (size_t i = 0; i < got.size(); ++i) position[got[i]] = i;
+      for (SegmentId id : got) {
+        if (id == root) continue;
+        ASSERT_LT(position.at(id), position.at(ref.nodes.at(id).parent)) << id;
+      }
+    }
     ASSERT_EQ(tree.num_segments(), static_cast<int64_t>(ref.nodes.size()));
     int64_t replicas = 0;
     for (const auto& [id, v] : ref.nodes) {

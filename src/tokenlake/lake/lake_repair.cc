@@ -38,7 +38,7 @@ absl::Status Lake::DropInstance(InstanceId instance) {
   for (auto& [id, a] : active_) {
     std::erase_if(a.pinned, [&](SegmentId seg) { return !tree_->Contains(seg); });
   }
-  pinned_replicas_ = CountPinnedReplicasLocked();
+  pinned_replicas_ -= r.dropped_pinned_replicas;
   const int64_t now = clock_->NowUs();
   instance_load_[instance.value()].Add(-instance_load_[instance.value()].Value(now), now);
   return absl::OkStatus();
@@ -177,34 +177,8 @@ absl::StatusOr<std::vector<StoredReplica>> Lake::EraseSubtreeLocked(SegmentId se
                                                                     InstanceId instance) {
   std::vector<StoredReplica> freed_elsewhere;
   // The last copy: the segment and everything under it become unreachable. Erase the subtree
-  // leaves first, unpinning as it goes (the requests' pin lists are fixed below). One pass over
-  // the tree, each node's answer (under `segment` or not) remembered for its descendants.
-  std::vector<std::pair<int32_t, SegmentId>> doomed;  // (depth, id)
-  absl::flat_hash_map<SegmentId, bool> under;
-  std::vector<SegmentId> path;
-  tree_->ForEachNode([&](const index::PrefixTree::Node& n) {
-    path.clear();
-    bool is_under = false;
-    for (SegmentId cur = n.id; cur.valid();) {
-      if (auto known = under.find(cur); known != under.end()) {
-        is_under = known->second;
-        break;
-      }
-      path.push_back(cur);
-      if (cur == segment) {
-        is_under = true;
-        break;
-      }
-      const index::PrefixTree::Node* up = tree_->Find(cur);
-      cur = up == nullptr ? SegmentId() : up->parent;
-    }
-    for (SegmentId p : path) under[p] = is_under;
-    if (is_under) doomed.push_back({n.depth, n.id});
-  });
-  std::sort(doomed.begin(), doomed.end(), [](const auto& a, const auto& b) {
-    return a.first != b.first ? a.first > b.first : a.second < b.second;
-  });
-  for (const auto& [depth, id] : doomed) {
+  // leaves first, unpinning as it goes (the requests' pin lists are fixed below).
+  for (SegmentId id : tree_->SubtreeDeepestFirst(segment)) {
     const index::PrefixTree::Node* d = tree_->Find(id);
     if (d == nullptr) continue;
     if (d->pin_count > 0) {
