@@ -437,7 +437,7 @@ class Lake {
   // removed; the last copy erases the segment and its whole subtree (their copies elsewhere are
   // freed and returned, for the caller to free on those instances), and running requests lose
   // their pins on the erased segments. Returns the copies freed on other instances. O(1) for a
-  // copy that is not the last; O(segments) (one pass over the tree) for a last copy.
+  // copy that is not the last; O(size of its subtree) for a last copy.
   // Errors: InvalidArgument (unknown instance), NotFound (no such copy).
   absl::StatusOr<std::vector<StoredReplica>> LoseReplica(SegmentId segment, InstanceId instance);
 
