@@ -2,10 +2,13 @@
 # One GPU run: GPU tests, our kernel benchmark, PyTorch SDPA on the same shapes, the
 # `tokenlake profile` JSON, and the comparison. Runs on any machine with an NVIDIA GPU and the
 # project's CUDA build (cmake --preset cuda -B build/cuda), which may be built elsewhere and copied
-# with its non-system libraries in build/cuda/devlibs (see bench/pack_devlibs.sh). Results go to
-# $OUT (default ./out).
+# with its non-system libraries in build/cuda/devlibs (see bench/pack_devlibs.sh).
+#
+#   bash bench/gpu_attention.sh [OUT_DIR]     # OUT_DIR: default ./out; results and logs go there
+#
+# STEP_TIMEOUT (seconds, default 150), TEST_FILTER (a gtest filter) and SKIP_PROFILE=1 adjust it.
 set -u -o pipefail
-OUT=${OUT:-out}
+OUT=${1:-${OUT:-out}}
 mkdir -p "$OUT"
 B=build/cuda/bin
 cuda_lib=$(dirname "$(ls /usr/local/cuda/lib64/libcublas.so.13 2>/dev/null ||

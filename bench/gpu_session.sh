@@ -15,10 +15,12 @@
 #     peer_arena_test gpu_attention_bench gpu_merge_bench nccl_channel_test nccl_attention_test \
 #     gpu_engine_test gpu_engine_fixture_test gpu_checkpoint_test
 #   bash bench/pack_devlibs.sh build/cuda
-# Results go to $OUT (default ./out): the main results as files, the secondary logs packed into
-# one archive.
+#
+#   bash bench/gpu_session.sh [OUT_DIR]     # OUT_DIR: default ./out
+#
+# Results go to OUT_DIR: the main results as files, the secondary logs packed into one archive.
 set -u -o pipefail
-OUT=${OUT:-out}
+OUT=${1:-${OUT:-out}}
 mkdir -p "$OUT"
 B=build/cuda/bin
 export LD_LIBRARY_PATH="$PWD/build/cuda/devlibs:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -39,7 +41,7 @@ timeout 300 bash apps/tokenlake/cli_gpu_test.sh "$B/tokenlake" > "$OUT/extra/cli
 echo "cli_gpu_test.sh rc=$? $(tail -n 1 "$OUT/extra/cli_gpu_test.log")"
 
 echo "== kernels beside SDPA"
-OUT="$OUT/extra/attn" SKIP_PROFILE=1 STEP_TIMEOUT=150 TEST_FILTER='-*' bash bench/gpu_attention.sh \
+SKIP_PROFILE=1 STEP_TIMEOUT=150 TEST_FILTER='-*' bash bench/gpu_attention.sh "$OUT/extra/attn" \
   > "$OUT/extra/gpu_attention.log" 2>&1
 echo "gpu_attention.sh rc=$?"
 cp "$OUT/extra/attn/report.txt" "$OUT/report.txt"

@@ -109,7 +109,7 @@ struct GpuProfile {
 // 1 / 1,024 / 4,096 / 16,384 tokens. Built-in name "h100-paper".
 GpuProfile PaperH100Profile();
 
-// An A100-SXM4-80GB profile built from PUBLISHED specifications (we have no A100 to measure):
+// An A100-SXM4-80GB profile built from PUBLISHED specifications (not measured on an A100):
 // NVIDIA A100 Tensor Core GPU datasheet: 80 GB HBM2e (the device reports 81,920 MiB), 2,039 GB/s,
 // 312 TFLOP/s dense BF16, NVLink 600 GB/s in total (300 GB/s per direction). Each throughput is
 // the A100 peak times the efficiency our MEASURED H100 profile (GpuProfile{}) reaches against
