@@ -66,6 +66,7 @@ def check_tokenizers(tally, name, folder, expected):
 def check_transformers(tally, name, folder, expected, encode=True):
     import transformers
     tok = transformers.AutoTokenizer.from_pretrained(folder)
+    print(f"{name:<11} transformers loads {type(tok).__name__}")
     if encode:
         bad = []
         for e in expected["encodings"]:

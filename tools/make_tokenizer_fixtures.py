@@ -545,8 +545,13 @@ def make_spm_fixture(out, workdir, rng):
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(prefix + ".model", "rb") as src, open(os.path.join(d, "tokenizer.model"), "wb") as dst:
         dst.write(src.read())
+    # The keys a Llama-2 checkpoint's tokenizer_config.json has: its tokenizer class (without it
+    # transformers guesses a tokenizer that neither adds nor strips SentencePiece's dummy prefix)
+    # and the non-legacy handling of text after special tokens.
     config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-              "add_bos_token": True, "add_eos_token": False, "chat_template": LLAMA2_TEMPLATE}
+              "add_bos_token": True, "add_eos_token": False, "legacy": False,
+              "clean_up_tokenization_spaces": False, "tokenizer_class": "LlamaTokenizer",
+              "chat_template": LLAMA2_TEMPLATE}
     with open(os.path.join(d, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, ensure_ascii=False, indent=1)
 
