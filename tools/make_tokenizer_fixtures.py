@@ -545,11 +545,12 @@ def make_spm_fixture(out, workdir, rng):
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(prefix + ".model", "rb") as src, open(os.path.join(d, "tokenizer.model"), "wb") as dst:
         dst.write(src.read())
-    # The keys a Llama-2 checkpoint's tokenizer_config.json has: its tokenizer class (without it
-    # transformers guesses a tokenizer that neither adds nor strips SentencePiece's dummy prefix)
-    # and the non-legacy handling of text after special tokens.
+    # The tokenizer class, as a Llama-2 checkpoint's tokenizer_config.json names it (without it
+    # transformers guesses a tokenizer that neither adds nor strips SentencePiece's dummy
+    # prefix), and "legacy": its SentencePiece behaviour, the dummy prefix always added (the
+    # non-legacy one adds it only to text that does not start with a space).
     config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-              "add_bos_token": True, "add_eos_token": False, "legacy": False,
+              "add_bos_token": True, "add_eos_token": False, "legacy": True,
               "clean_up_tokenization_spaces": False, "tokenizer_class": "LlamaTokenizer",
               "chat_template": LLAMA2_TEMPLATE}
     with open(os.path.join(d, "tokenizer_config.json"), "w", encoding="utf-8") as f:
