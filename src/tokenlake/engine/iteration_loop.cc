@@ -417,7 +417,11 @@ std::vector<LoopResult> IterationLoop::Step() {
     if (!p.ok() && options_.tails_in_pool && absl::IsResourceExhausted(p.status())) {
       // Other requests' tails fill the pool: the youngest one makes room (it restarts).
       for (auto it = requests_.rbegin(); it != requests_.rend() && victim == nullptr; ++it) {
-        if (it->get() != &a && (*it)->has_tail && !(*it)->failed) victim = it->get();
+        // Only a tail with rows frees slots (a fresh or fully pooled one holds none).
+        const Active& v = **it;
+        if (&v != &a && v.has_tail && !v.failed && !v.fresh && v.computed > v.pooled) {
+          victim = it->get();
+        }
       }
     }
     if (victim != nullptr) {
