@@ -33,6 +33,7 @@ struct IterationLoop::Active {
   bool fresh = true;       // the next plan is a prefill (prefill = true: start or restart)
   bool first_plan = true;  // count hits and report cached_tokens once
   bool holds_pins = false;  // an admitted plan not yet released
+  bool has_tail = false;    // tails in the pool: the control plane may hold slots of its tail
   bool failed = false;      // its result went out with an error
   int64_t chunk = 0;        // tokens allotted in the iteration being planned
   InstanceId last_compute;
@@ -70,7 +71,7 @@ IterationLoop::IterationLoop(lake::ControlPlane* control, IterationExecutor* exe
 
 IterationLoop::~IterationLoop() {
   for (const auto& a : requests_) {
-    if (a->holds_pins) pending_release_.push_back(a->req.id);
+    if (a->holds_pins || a->has_tail) pending_release_.push_back(a->req.id);
     if (a->begun) executor_->EndSequence(a->req.id);
   }
   FlushReleases();
@@ -123,7 +124,7 @@ absl::Status IterationLoop::Cancel(RequestId id) {
     if (a.req.id != id) continue;
     // Released now, not with the next PlanBatch: a cancelled request must not keep its prefix
     // pinned while the loop waits for other work. The copies it stored are confirmed first.
-    if (a.holds_pins) ReleaseNow({id});
+    if (a.holds_pins || a.has_tail) ReleaseNow({id});
     if (a.begun) executor_->EndSequence(id);
     requests_.erase(it);
     if (requests_.empty()) FlushReleases();
@@ -175,13 +176,29 @@ absl::StatusOr<lake::IterationRequest> IterationLoop::MakeRequest(const Active& 
                                 .preferred_instance = preferred,
                                 .count_hits = a.fresh && a.first_plan,
                                 .max_new_tokens = a.fresh ? chunk : 0,
-                                .try_admit = options_.memory_admission};
+                                .try_admit = options_.memory_admission,
+                                .tail_in_pool = options_.tails_in_pool};
+}
+
+void IterationLoop::Preempt(Active& victim) {
+  // Its tail's slots go back now (the starving request asks again next iteration); the pins
+  // of an admitted plan it holds go with its next plan, as for any request.
+  if (absl::Status s = control_->ReleaseTail(victim.req.id); !s.ok()) return;
+  victim.has_tail = false;
+  if (victim.begun) {
+    victim.result.data_plane = executor_->EndSequence(victim.req.id);
+    victim.begun = false;
+  }
+  victim.fresh = true;
+  victim.pooled = victim.computed = 0;
+  ++victim.result.restarts;
 }
 
 void IterationLoop::Fail(Active& a, absl::Status status, std::vector<LoopResult>& done) {
-  if (a.holds_pins) {
+  if (a.holds_pins || a.has_tail) {
     ReleaseNow({a.req.id});  // the copies it stored before failing stay (confirmed first)
     a.holds_pins = false;
+    a.has_tail = false;
   }
   if (a.begun) {
     a.result.data_plane = executor_->EndSequence(a.req.id);
@@ -396,12 +413,43 @@ std::vector<LoopResult> IterationLoop::Step() {
     } else {
       p = ir.status();
     }
-    if (!p.ok()) {
+    Active* victim = nullptr;
+    if (!p.ok() && options_.tails_in_pool && absl::IsResourceExhausted(p.status())) {
+      // Other requests' tails fill the pool: the youngest one makes room (it restarts).
+      for (auto it = requests_.rbegin(); it != requests_.rend() && victim == nullptr; ++it) {
+        // Only a tail with rows frees slots (a fresh or fully pooled one holds none).
+        const Active& v = **it;
+        if (&v != &a && v.has_tail && !v.failed && !v.fresh && v.computed > v.pooled) {
+          victim = it->get();
+        }
+      }
+    }
+    if (victim != nullptr) {
+      Preempt(*victim);  // `a` waits and asks again next iteration
+    } else if (!p.ok()) {
       if (lake::FailedOnTheWire(p.status())) a.holds_pins = true;
       Fail(a, p.status(), done);
     } else {
       a.holds_pins = true;
       admitted.push_back({&a, *std::move(p)});
+    }
+  }
+
+  // Copies the plans evicted to make room for tails are freed before any tail is written.
+  for (auto it = admitted.begin(); it != admitted.end();) {
+    Active& a = *it->a;
+    if (!it->plan.tail_slots.empty()) a.has_tail = true;
+    absl::Status freed = absl::OkStatus();
+    for (const lake::StoredReplica& e : it->plan.evicted) {
+      absl::Status f = executor_->FreeSegment(it->plan.compute_instance, e.instance, e.segment,
+                                              it->plan.evicted_at);
+      if (!options_.fixed_compute.valid() && freed.ok()) freed = f;
+    }
+    if (!freed.ok()) {
+      Fail(a, freed, done);
+      it = admitted.erase(it);
+    } else {
+      ++it;
     }
   }
 
@@ -505,7 +553,7 @@ std::vector<LoopResult> IterationLoop::Step() {
     Active& a = **it;
     if (!a.failed &&
         (a.stopped || static_cast<int32_t>(a.result.tokens.size()) == a.req.max_new_tokens)) {
-      if (a.holds_pins) pending_release_.push_back(a.req.id);
+      if (a.holds_pins || a.has_tail) pending_release_.push_back(a.req.id);
       a.result.data_plane = executor_->EndSequence(a.req.id);
       done.push_back(std::move(a.result));
       it = requests_.erase(it);

@@ -79,6 +79,15 @@ struct IterationLoopOptions {
   InstanceId fixed_compute;
   // > 0: prefer computing request r on instance r mod this (spreads the computing instances).
   int32_t rotate_over_instances = 0;
+  // The executor keeps each request's KV tail in slots of the pool that the control plane
+  // accounts (lake::IterationRequest::tail_in_pool; docs/adr/0017): an admitted plan names the
+  // tail's blocks (IterationPlan::tail_slots) and the copies evicted to make room for them,
+  // which the loop frees before the batch runs; a request's tail goes back when it ends
+  // (ReleaseTail, with its pins). When a forced admission finds no room for a tail, the
+  // youngest other request holding a tail is preempted (its tail dropped, its KV recomputed
+  // from what the pool holds when it runs again); with none to preempt the request fails
+  // (ResourceExhausted). Requires a local control plane.
+  bool tails_in_pool = false;
 };
 
 struct LoopRequest {
@@ -177,7 +186,10 @@ class IterationExecutor {
   // order. Errors fail the whole batch.
   virtual absl::StatusOr<std::vector<WorkOutput>> Run(absl::Span<const IterationWork> batch) = 0;
   // Writes tail rows [first_row, first_row + S) of `request` as `segment` on `target`; returns
-  // the bytes written.
+  // the bytes written. With tails in the pool (IterationLoopOptions::tails_in_pool), a target
+  // that is the instance of the tail block holding those rows means the block IS the
+  // segment's slot now (committed in place: lake::CommitResult::in_place), nothing to copy;
+  // after a copy elsewhere the block goes back to its store.
   virtual absl::StatusOr<int64_t> StoreSegment(RequestId request, InstanceId compute,
                                                int64_t first_row, InstanceId target,
                                                SegmentId segment, const StoredMeta& meta) = 0;
@@ -250,6 +262,9 @@ class IterationLoop {
   // The salt of `a`'s segment ids (its own, else the namespace's).
   uint64_t SaltOf(const Active& a) const;
   static int64_t MaxTokens(const Active& a);
+  // Drops `victim`'s tail (tails in the pool, a forced admission found no room): its sequence
+  // restarts from what the pool holds.
+  void Preempt(Active& victim);
   // Fails `a` with `status` and moves it to `done`.
   void Fail(Active& a, absl::Status status, std::vector<LoopResult>& done);
   // Stores and commits what one executed work item completed; advances the request.

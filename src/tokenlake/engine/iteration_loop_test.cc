@@ -19,6 +19,7 @@
 #include "absl/strings/str_format.h"
 #include "gtest/gtest.h"
 #include "tokenlake/base/clock.h"
+#include "tokenlake/base/status_macros.h"
 #include "tokenlake/lake/lake.h"
 
 namespace tokenlake::engine {
@@ -57,16 +58,28 @@ lake::LakeOptions TestLakeOptions(int32_t instances, int32_t s, int32_t slots, i
   return lo;
 }
 
+// With `slots` > 0 the executor keeps tails in the pool (IterationLoopOptions::tails_in_pool)
+// as a device executor does: each instance has `slots` slots, held by stored segments and by
+// tail blocks (one per S rows of a tail, on the instances the plan names), and any slot taken
+// beyond the capacity (the data plane out of step with the lake's accounting) is an error.
 class FakeExecutor final : public IterationExecutor {
  public:
-  FakeExecutor(int32_t segment_tokens, int32_t num_instances)
-      : s_(segment_tokens), stores_(static_cast<size_t>(num_instances)) {}
+  FakeExecutor(int32_t segment_tokens, int32_t num_instances, int32_t slots = 0)
+      : s_(segment_tokens),
+        slots_(slots),
+        stores_(static_cast<size_t>(num_instances)),
+        tail_slots_(static_cast<size_t>(num_instances), 0) {}
 
   absl::Status BeginSequence(RequestId r, int64_t) override {
     tails_[r].clear();
+    blocks_[r].clear();
     return absl::OkStatus();
   }
   DataPlaneCounters EndSequence(RequestId r) override {
+    for (const Block& b : blocks_[r]) {
+      if (b.live) --tail_slots_[static_cast<size_t>(b.instance.value())];
+    }
+    blocks_.erase(r);
     tails_.erase(r);
     decoding_.erase(r);
     return {};
@@ -77,6 +90,15 @@ class FakeExecutor final : public IterationExecutor {
       return absl::InternalError("drop beyond the tail");
     }
     t.erase(t.begin(), t.begin() + rows);
+    if (slots_ > 0) {
+      if (rows % s_ != 0) return absl::InternalError("a tail drop of part of a block");
+      auto& blocks = blocks_[r];
+      for (int64_t i = 0; i < rows / s_ && !blocks.empty(); ++i) {
+        if (blocks.front().live)
+          --tail_slots_[static_cast<size_t>(blocks.front().instance.value())];
+        blocks.erase(blocks.begin());
+      }
+    }
     return absl::OkStatus();
   }
   absl::StatusOr<std::vector<WorkOutput>> Run(absl::Span<const IterationWork> batch) override {
@@ -94,6 +116,27 @@ class FakeExecutor final : public IterationExecutor {
     batches.push_back(b);
     std::vector<WorkOutput> out;
     for (const IterationWork& w : batch) {
+      if (slots_ > 0) {
+        // The tail's blocks: those it has are the plan's first ones, the rest are taken now.
+        auto& blocks = blocks_[w.request];
+        const auto& want = w.plan->tail_slots;
+        const int64_t rows = static_cast<int64_t>(tails_.at(w.request).size() + w.tokens.size());
+        if (static_cast<int64_t>(want.size()) != (rows + s_ - 1) / s_ ||
+            blocks.size() > want.size()) {
+          return absl::InternalError(absl::StrFormat(
+              "request %d: the plan names %d tail blocks for %d rows; the tail has %d",
+              w.request.value(), want.size(), rows, blocks.size()));
+        }
+        for (size_t i = 0; i < want.size(); ++i) {
+          if (i < blocks.size()) {
+            if (blocks[i].instance != want[i]) return absl::InternalError("tail block moved");
+            continue;
+          }
+          blocks.push_back({want[i], true});
+          TOKENLAKE_RETURN_IF_ERROR(Take(want[i], "tail block"));
+          ++tail_slots_[static_cast<size_t>(want[i].value())];
+        }
+      }
       std::vector<int32_t> context;
       for (const plan::SegmentAssignment& a : w.plan->segments) {
         const auto& st = stores_[static_cast<size_t>(a.holder.value())];
@@ -133,6 +176,18 @@ class FakeExecutor final : public IterationExecutor {
     if (first_row < 0 || first_row + s_ > static_cast<int64_t>(t.size())) {
       return absl::InternalError("segment rows outside the tail");
     }
+    if (slots_ > 0) {
+      Block& b = blocks_[r].at(static_cast<size_t>(first_row / s_));
+      if (!b.live) return absl::InternalError("a tail block stored twice");
+      b.live = false;
+      --tail_slots_[static_cast<size_t>(b.instance.value())];
+      if (b.instance == target) {
+        ++in_place;  // the block is the segment's slot now
+      } else {
+        TOKENLAKE_RETURN_IF_ERROR(Take(target, "copy of a tail block"));
+        ++copied;
+      }
+    }
     stores_[static_cast<size_t>(target.value())][segment] =
         std::vector<int32_t>(t.begin() + first_row, t.begin() + first_row + s_);
     return int64_t{s_};
@@ -154,12 +209,37 @@ class FakeExecutor final : public IterationExecutor {
   int64_t open_sequences() const { return static_cast<int64_t>(tails_.size()); }
   // Outputs returned with full logits (the first and last of each request).
   int64_t full_logits = 0;
+  // Tails in the pool: tail blocks committed in place and copied elsewhere; blocks held now.
+  int64_t in_place = 0;
+  int64_t copied = 0;
+  int64_t tail_blocks() const {
+    int64_t n = 0;
+    for (int64_t t : tail_slots_) n += t;
+    return n;
+  }
 
  private:
+  struct Block {
+    InstanceId instance;
+    bool live = true;  // still the tail's (not the segment's slot, not given back)
+  };
+  // A slot of `instance` for `what`: an error beyond its capacity.
+  absl::Status Take(InstanceId instance, const char* what) {
+    const size_t i = static_cast<size_t>(instance.value());
+    if (static_cast<int64_t>(stores_[i].size()) + tail_slots_[i] + 1 > slots_) {
+      return absl::InternalError(
+          absl::StrFormat("instance %d: no slot for a %s (%d segments, %d tail blocks, %d slots)",
+                          instance.value(), what, stores_[i].size(), tail_slots_[i], slots_));
+    }
+    return absl::OkStatus();
+  }
   int32_t s_;
+  int32_t slots_;
   absl::flat_hash_map<RequestId, std::vector<int32_t>> tails_;
   std::set<RequestId> decoding_;  // last ran to the end of its sequence, not finished
   std::vector<absl::flat_hash_map<SegmentId, std::vector<int32_t>>> stores_;
+  std::vector<int64_t> tail_slots_;
+  absl::flat_hash_map<RequestId, std::vector<Block>> blocks_;
 };
 
 struct LoopCase {
@@ -169,6 +249,7 @@ struct LoopCase {
   int64_t max_batch_tokens;
   int32_t max_batch_requests;
   bool memory_admission;
+  bool tails_in_pool = false;
 };
 
 class IterationLoopRandomTest : public testing::TestWithParam<LoopCase> {};
@@ -187,17 +268,17 @@ TEST_P(IterationLoopRandomTest, EveryRequestFinishesWithTheNaiveTokensUnderTheBu
         &clock);
     ASSERT_TRUE(lk.ok()) << lk.status();
     lake::LocalControlPlane control(lk->get(), &clock);
-    FakeExecutor exec(lc.segment_tokens, lc.instances);
-    auto loop =
-        IterationLoop::Create(&control, &exec,
-                              {.segment_tokens = lc.segment_tokens,
-                               .salt = 99,
-                               .max_batch_tokens = lc.max_batch_tokens,
-                               .max_batch_requests = lc.max_batch_requests,
-                               .memory_admission = lc.memory_admission,
-                               .vocab_size = kVocab,
-                               .max_request_tokens = 400,
-                               .rotate_over_instances = (rng() % 2 == 0) ? lc.instances : 0});
+    FakeExecutor exec(lc.segment_tokens, lc.instances, lc.tails_in_pool ? lc.slots : 0);
+    auto loop = IterationLoop::Create(&control, &exec,
+                                      {.segment_tokens = lc.segment_tokens,
+                                       .salt = 99,
+                                       .max_batch_tokens = lc.max_batch_tokens,
+                                       .max_batch_requests = lc.max_batch_requests,
+                                       .memory_admission = lc.memory_admission,
+                                       .vocab_size = kVocab,
+                                       .max_request_tokens = 400,
+                                       .rotate_over_instances = (rng() % 2 == 0) ? lc.instances : 0,
+                                       .tails_in_pool = lc.tails_in_pool});
     ASSERT_TRUE(loop.ok()) << loop.status();
 
     // Requests sharing a few document prefixes, arriving at random iterations.
@@ -274,6 +355,14 @@ TEST_P(IterationLoopRandomTest, EveryRequestFinishesWithTheNaiveTokensUnderTheBu
     EXPECT_EQ(stats.pending_copies, 0);
     EXPECT_EQ(stats.dropped_pending_copies, 0);
     ASSERT_TRUE((*lk)->CheckIntegrity().ok());
+    // Every tail went back, in the lake and in the data plane.
+    EXPECT_EQ(stats.tail_slots, 0);
+    EXPECT_EQ(exec.tail_blocks(), 0);
+    if (lc.tails_in_pool) {
+      EXPECT_EQ(exec.in_place, stats.in_place_commits);
+      std::cout << "tail blocks committed in place " << exec.in_place << ", copied " << exec.copied
+                << "\n";
+    }
     std::cout << "requests " << n << ", iterations " << (*loop)->iterations()
               << ", most requests in one iteration " << (*loop)->max_batch_requests_seen()
               << ", admissions deferred " << stats.admissions_deferred << ", restarts " << restarts
@@ -285,12 +374,17 @@ INSTANTIATE_TEST_SUITE_P(
     Loops, IterationLoopRandomTest,
     testing::Values(LoopCase{1, 4, 512, 2048, 256, true}, LoopCase{2, 4, 512, 7, 3, false},
                     LoopCase{3, 2, 512, 16, 5, true}, LoopCase{2, 4, 6, 32, 8, true},
-                    LoopCase{1, 3, 4, 5, 256, true}, LoopCase{4, 1, 5, 64, 2, false}),
+                    LoopCase{1, 3, 4, 5, 256, true}, LoopCase{4, 1, 5, 64, 2, false},
+                    // Tails in the pool (large pools, then pools the tails contend for).
+                    LoopCase{1, 4, 512, 2048, 256, true, true},
+                    LoopCase{3, 2, 512, 16, 5, true, true}, LoopCase{2, 4, 40, 32, 8, true, true},
+                    LoopCase{1, 2, 50, 16, 6, true, true}),
     [](const testing::TestParamInfo<LoopCase>& p) {
       const LoopCase& c = p.param;
-      return absl::StrFormat("N%d_S%d_Slots%d_Budget%d_Cap%d%s", c.instances, c.segment_tokens,
+      return absl::StrFormat("N%d_S%d_Slots%d_Budget%d_Cap%d%s%s", c.instances, c.segment_tokens,
                              c.slots, c.max_batch_tokens, c.max_batch_requests,
-                             c.memory_admission ? "_Admission" : "");
+                             c.memory_admission ? "_Admission" : "",
+                             c.tails_in_pool ? "_TailsInPool" : "");
     });
 
 // A small pool under memory admission: requests wait for memory (the lake defers them) and all

@@ -63,18 +63,27 @@ absl::StatusOr<IterationPlan> PlanIterationOnLake(lake::Lake& lake, ManualClock*
         absl::StrFormat("PlanIteration: plan caches %d tokens, match said %d", rp.cached_tokens,
                         out.cached_tokens));
   }
+  if (request.tail_in_pool) {
+    // The tail covers the iteration's rows, on the computing instance where it has room.
+    lr.tail_end_tokens = out.end_tokens;
+    lr.tail_instance = rp.compute_instance;
+  }
+  lake::AdmitResult admitted;
   if (request.try_admit) {
-    TOKENLAKE_ASSIGN_OR_RETURN(std::optional<lake::AdmitResult> admitted, lake.TryAdmit(lr));
-    if (!admitted.has_value()) {
+    TOKENLAKE_ASSIGN_OR_RETURN(std::optional<lake::AdmitResult> tried, lake.TryAdmit(lr));
+    if (!tried.has_value()) {
       IterationPlan deferred;
       deferred.admitted = false;
       deferred.end_tokens = out.end_tokens;
       return deferred;
     }
+    admitted = *std::move(tried);
   } else {
-    TOKENLAKE_ASSIGN_OR_RETURN(lake::AdmitResult admitted, lake.Admit(lr));
-    (void)admitted;
+    TOKENLAKE_ASSIGN_OR_RETURN(admitted, lake.Admit(lr));
   }
+  out.tail_slots = std::move(admitted.tail_slots);
+  out.evicted = std::move(admitted.evicted);
+  out.evicted_at = admitted.sequence;
   out.compute_instance = rp.compute_instance;
   out.segments = rp.segments;
   for (const plan::NewSegmentPlacement& p : plans[0].transfer.new_segments) {
@@ -105,6 +114,9 @@ absl::StatusOr<std::vector<BatchPlanEntry>> ControlPlane::PlanBatch(
       continue;
     }
     absl::Status s = Release(r);
+    if (FailedOnTheWire(s)) return s;
+    // Not planned again: the request ended, its tail goes with its pins.
+    s = ReleaseTail(r);
     if (FailedOnTheWire(s)) return s;
   }
   std::vector<BatchPlanEntry> out(requests.size());
@@ -154,5 +166,10 @@ absl::Status LocalControlPlane::ConfirmStored(absl::Span<const StoreConfirmation
 }
 
 absl::Status LocalControlPlane::Release(RequestId request) { return lake_->Release(request); }
+
+absl::Status LocalControlPlane::ReleaseTail(RequestId request) {
+  lake_->ReleaseTail(request);
+  return absl::OkStatus();
+}
 
 }  // namespace tokenlake::lake

@@ -81,6 +81,13 @@ struct IterationRequest {
   // new segments; otherwise nothing is admitted and the plan says admitted = false (the
   // request waits). false = lake::Lake::Admit (segments that find no slot are not stored).
   bool try_admit = false;
+  // The request's KV tail (its rows after the cached prefix) lives in slots of the pool
+  // (lake.h, "Tails in the pool"; docs/adr/0017): an admitted plan makes it cover the
+  // iteration's rows [cached_tokens, end_tokens) on the computing instance where it has room
+  // (IterationPlan::tail_slots), and the request's Commit commits its segments from it (in
+  // place where the placement allows). The tail lasts until ReleaseTail. A local control plane
+  // only: a remote one refuses it (InvalidArgument).
+  bool tail_in_pool = false;
 };
 
 struct IterationPlan {
@@ -105,6 +112,13 @@ struct IterationPlan {
   // false: try_admit found too little memory; nothing was admitted and the rest of the plan
   // is empty (the request waits and asks again).
   bool admitted = true;
+  // tail_in_pool: the instance of each block of the request's tail after this plan, in row
+  // order (block i holds rows [cached_tokens + i S, cached_tokens + (i + 1) S)); empty when
+  // the tail holds nothing. The replicas evicted to make room for its new blocks, which the
+  // caller frees before it writes the tail, and the change sequence number of that eviction.
+  std::vector<InstanceId> tail_slots;
+  std::vector<lake::StoredReplica> evicted;
+  uint64_t evicted_at = 0;
 };
 
 // One request's outcome in a PlanBatch call.
@@ -134,6 +148,9 @@ class ControlPlane {
   virtual absl::Status ConfirmStored(absl::Span<const lake::StoreConfirmation> copies) = 0;
   // Unpins what the request pinned and drops its unconfirmed copies (lake::Lake::Release).
   virtual absl::Status Release(RequestId request) = 0;
+  // Gives back the slots of the request's tail in the pool (lake::Lake::ReleaseTail; see
+  // IterationRequest::tail_in_pool). The default: a control plane without tails, nothing to do.
+  virtual absl::Status ReleaseTail(RequestId /*request*/) { return absl::OkStatus(); }
 
   // Release(release) followed by PlanIteration(next), in one call (one round trip remotely):
   // the engine's step from iteration i of a request to iteration i + 1 (`next.request` is
@@ -158,7 +175,8 @@ class ControlPlane {
   // One iteration of a whole batch in one call (one round trip remotely): confirms the copies of
   // `confirm` (as ConfirmStored: the stores of earlier iterations, so that the releases below
   // drop only copies never stored), releases the ids of
-  // `release` that no request of `requests` has (finished requests' pins), then, per request in
+  // `release` that no request of `requests` has (finished requests' pins, and their tails:
+  // ReleaseTail), then, per request in
   // order, releases its own id if listed (the pins of its previous iteration) and plans and
   // admits it (as PlanIteration): no other request of the batch can evict its prefix between
   // the two. A request whose own release fails (NotFound: not active) is not planned: its entry
@@ -194,6 +212,7 @@ class LocalControlPlane final : public ControlPlane {
       RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) override;
   absl::Status ConfirmStored(absl::Span<const lake::StoreConfirmation> copies) override;
   absl::Status Release(RequestId request) override;
+  absl::Status ReleaseTail(RequestId request) override;
 
  private:
   lake::Lake* lake_;

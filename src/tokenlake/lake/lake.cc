@@ -135,6 +135,15 @@ absl::Status Lake::ValidateRequest(const LakeRequest& r) const {
     return Invalid(absl::StrFormat("request %d: extra_slots must be >= 0, got %d", r.id.value(),
                                    r.extra_slots));
   }
+  if (r.tail_end_tokens < 0 ||
+      (r.tail_end_tokens > 0 && (!r.tail_instance.valid() || r.tail_instance.value() < 0 ||
+                                 r.tail_instance.value() >= num_instances()))) {
+    return Invalid(absl::StrFormat(
+        "request %d: tail_end_tokens %d must be >= 0, and a tail needs an instance of the pool "
+        "(got %d, pool has %d)",
+        r.id.value(), r.tail_end_tokens, r.tail_instance.valid() ? r.tail_instance.value() : -1,
+        num_instances()));
+  }
   return absl::OkStatus();
 }
 
@@ -157,6 +166,10 @@ const std::vector<balance::InstanceState>& Lake::InstanceStatesCache::Get() {
 
 void Lake::InstanceStatesCache::Allocated(InstanceId instance) {
   if (built_) states_[instance.value()].used_slots += 1;
+}
+
+void Lake::InstanceStatesCache::Freed(InstanceId instance) {
+  if (built_) states_[instance.value()].used_slots -= 1;
 }
 
 std::vector<balance::InstanceState> Lake::InstanceStatesLocked() const {
@@ -277,6 +290,21 @@ absl::StatusOr<AdmitResult> Lake::Admit(const LakeRequest& request) {
     return absl::AlreadyExistsError(
         absl::StrFormat("Admit: request %d is already active", request.id.value()));
   }
+  if (request.tail_end_tokens > 0) {
+    // The tail's new blocks need slots that are neither pinned nor another tail's: refuse now
+    // rather than stop half-way (evictions made for a refused admission would be lost).
+    const index::MatchResult match = VisibleMatchLocked(request.keys);
+    const int64_t growth = TailBlocksNeeded(match.matched_tokens, request.tail_end_tokens) -
+                           TailBlocksLocked(request.id);
+    const int64_t room = total_slots_ - pinned_replicas_ - tail_slots_ -
+                         NewlyPinnedLocked(request.keys, match.matched_segments);
+    if (growth > room) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "Admit: request %d: its KV tail needs %d more slots; %d of the pool's %d are neither "
+          "pinned nor other requests' tails",
+          request.id.value(), growth, room, total_slots_));
+    }
+  }
   return AdmitLocked(request, /*reserve_slots=*/0);
 }
 
@@ -288,15 +316,19 @@ absl::StatusOr<std::optional<AdmitResult>> Lake::TryAdmit(const LakeRequest& req
     return absl::AlreadyExistsError(
         absl::StrFormat("TryAdmit: request %d is already active", request.id.value()));
   }
-  const size_t n = static_cast<size_t>(VisibleMatchLocked(request.keys).matched_segments);
-  const int64_t new_segments = static_cast<int64_t>(request.keys.size() - n) + request.extra_slots;
+  const index::MatchResult match = VisibleMatchLocked(request.keys);
+  const size_t n = static_cast<size_t>(match.matched_segments);
+  const bool tail = request.tail_end_tokens > 0;
+  // A tail request's new segments are its tail's blocks: it counts the tail's growth instead.
+  const int64_t new_segments =
+      (tail ? 0 : static_cast<int64_t>(request.keys.size() - n)) + request.extra_slots;
+  const int64_t tail_growth =
+      tail ? TailBlocksNeeded(match.matched_tokens, request.tail_end_tokens) -
+                 TailBlocksLocked(request.id)
+           : 0;
   // Matched segments not pinned yet stop being evictable once this request pins them.
-  int64_t newly_pinned = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const index::PrefixTree::Node* node = tree_->Find(request.keys[i].id);
-    if (!node->is_pinned()) newly_pinned += static_cast<int64_t>(node->replicas.size());
-  }
-  if (new_segments + newly_pinned > AvailableSlotsLocked()) {
+  const int64_t newly_pinned = NewlyPinnedLocked(request.keys, match.matched_segments);
+  if (new_segments + tail_growth + newly_pinned > AvailableSlotsLocked()) {
     counters_.admissions_deferred += 1;
     return std::optional<AdmitResult>();
   }
@@ -320,6 +352,16 @@ absl::StatusOr<AdmitResult> Lake::AdmitLocked(const LakeRequest& request, int64_
   a.reserved_slots = reserve_slots;
   reserved_slots_ += reserve_slots;
   result.reserved_slots = reserve_slots;
+  if (request.tail_end_tokens > 0) {
+    // Checked by the callers (Admit, TryAdmit): there is room for the tail's growth.
+    absl::Status tail = SetTailLocked(request.id, result.matched_tokens, request.tail_end_tokens,
+                                      request.tail_instance, &result);
+    if (!tail.ok()) {
+      return absl::InternalError(
+          absl::StrFormat("Admit: request %d: %s (the admission check found room)",
+                          request.id.value(), tail.message()));
+    }
+  }
   if (request.count_hits) {
     counters_.admitted_requests += 1;
     for (const index::SegmentKey& k : request.keys) counters_.prompt_tokens += k.num_tokens;
@@ -335,7 +377,17 @@ int64_t Lake::AvailableSlots() const {
 }
 
 int64_t Lake::AvailableSlotsLocked() const {
-  return total_slots_ - pinned_replicas_ - reserved_slots_;
+  return total_slots_ - pinned_replicas_ - reserved_slots_ - tail_slots_;
+}
+
+int64_t Lake::NewlyPinnedLocked(absl::Span<const index::SegmentKey> keys,
+                                int32_t matched_segments) const {
+  int64_t newly_pinned = 0;
+  for (int32_t i = 0; i < matched_segments; ++i) {
+    const index::PrefixTree::Node* node = tree_->Find(keys[static_cast<size_t>(i)].id);
+    if (!node->is_pinned()) newly_pinned += static_cast<int64_t>(node->replicas.size());
+  }
+  return newly_pinned;
 }
 
 void Lake::PinOneLocked(SegmentId segment) {
@@ -460,6 +512,24 @@ bool Lake::EvictOnProducerLocked(InstanceId producer,
   return stores_[producer.value()]->free() > 0;
 }
 
+InstanceId Lake::PlaceLocked(InstanceId target, SegmentId must_stay, InstanceStatesCache& states,
+                             std::vector<StoredReplica>* evicted) {
+  if (stores_[target.value()]->free() > 0) return target;
+  while (true) {
+    absl::StatusOr<std::optional<InstanceId>> placed =
+        balancer_->PlaceNewSegment(target, states.Get());
+    TOKENLAKE_CHECK_OK(placed.status());
+    if (placed->has_value()) return **placed;
+    if (EvictOnProducerLocked(target, states.Get(), evicted)) {
+      counters_.local_evictions += 1;
+      return target;
+    }
+    if (!EvictOneLocked(states.Get(), evicted)) return InstanceId();
+    // A new segment's parent may have been an unpinned leaf that just went.
+    if (must_stay.valid() && !tree_->Contains(must_stay)) return InstanceId();
+  }
+}
+
 absl::Status Lake::ValidatePlacements(RequestId request,
                                       absl::Span<const plan::NewSegmentPlacement> placements,
                                       const char* call) const {
@@ -541,10 +611,22 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
   // most of its cost. Loads do not change within the call (the clock does not move), used
   // slots change only by this call's allocations and the evictions it reports.
   InstanceStatesCache states(this, &result.evicted);
+  // A tail request's placements take their rows from its tail's blocks, in order, as long as
+  // the run stays contiguous (lake.h, "Tails in the pool").
+  auto tail_it = tails_.find(request);
+  Tail* tail = tail_it != tails_.end() ? &tail_it->second : nullptr;
+  bool tail_run = tail != nullptr;
   for (const plan::NewSegmentPlacement& p : placements) {
+    const bool from_tail = tail_run && !tail->blocks.empty();
+    if (tail != nullptr && !tail_run) {
+      // After a segment that stays in the tail, the rest stay too.
+      result.not_stored.push_back(p.segment);
+      counters_.not_stored_segments += 1;
+      continue;
+    }
     // Each placement consumes one reserved slot (TryAdmit): from here on the segment is either
-    // pinned (stored or deduplicated) or not stored.
-    if (active.reserved_slots > 0) {
+    // pinned (stored or deduplicated) or not stored. A tail's blocks reserved nothing.
+    if (!from_tail && active.reserved_slots > 0) {
       active.reserved_slots -= 1;
       reserved_slots_ -= 1;
     }
@@ -553,14 +635,17 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
         // Placed by a request whose store is not confirmed: neither another copy nor a read.
         result.pending_elsewhere.push_back(p.segment);
         counters_.pending_elsewhere_segments += 1;
+        if (from_tail) tail_run = false;
       } else if (node->parent == p.parent && node->num_tokens == p.num_tokens) {
         PinOneLocked(p.segment);
         active.pinned.push_back(p.segment);
         result.deduplicated.push_back(p.segment);
         counters_.deduplicated_segments += 1;
+        if (from_tail) PopTailBlockLocked(*tail, &states);  // the pool has these rows
       } else {
         result.not_stored.push_back(p.segment);
         counters_.not_stored_segments += 1;
+        if (from_tail) tail_run = false;
       }
       continue;
     }
@@ -575,31 +660,52 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
       if (!ok) {
         result.not_stored.push_back(p.segment);
         counters_.not_stored_segments += 1;
+        if (from_tail) tail_run = false;
         continue;
       }
     }
-    // Where: the plan's target if it has room, else where the balancer says, else evict.
-    InstanceId where = p.target;
-    if (stores_[where.value()]->free() == 0) {
-      where = InstanceId();
-      while (true) {
-        absl::StatusOr<std::optional<InstanceId>> placed =
-            balancer_->PlaceNewSegment(p.target, states.Get());
-        TOKENLAKE_CHECK_OK(placed.status());
-        if (placed->has_value()) {
-          where = **placed;
-          break;
-        }
-        if (EvictOnProducerLocked(p.target, states.Get(), &result.evicted)) {
-          where = p.target;
-          counters_.local_evictions += 1;
-          break;
-        }
-        if (!EvictOneLocked(states.Get(), &result.evicted)) break;
-        // The segment's parent may have been an unpinned leaf that just went.
-        if (p.parent.valid() && !tree_->Contains(p.parent)) break;
+    if (from_tail) {
+      // The segment's rows are the tail's first block: in place when the plan wants it there,
+      // or when its target is full (no eviction for a copy of data that has a slot already).
+      const TailBlock block = tail->blocks.front();
+      const bool in_place = p.target == block.instance || stores_[p.target.value()]->free() == 0;
+      const InstanceId where = in_place ? block.instance : p.target;
+      absl::StatusOr<index::InsertResult> ins =
+          tree_->Insert(p.parent, index::SegmentKey{p.segment, p.num_tokens}, where, now);
+      if (!ins.ok()) {
+        result.not_stored.push_back(p.segment);
+        counters_.not_stored_segments += 1;
+        tail_run = false;
+        continue;
       }
+      if (in_place) {
+        TOKENLAKE_CHECK_OK(stores_[where.value()]->AssignTail(block.slot, p.segment));
+        tail->blocks.erase(tail->blocks.begin());
+        tail->first_tokens += options_.segment_tokens;
+        tail_slots_ -= 1;
+        result.in_place.push_back(p.segment);
+        counters_.in_place_commits += 1;
+      } else {
+        TOKENLAKE_CHECK_OK(stores_[where.value()]->Allocate(p.segment).status());
+        states.Allocated(where);
+        PopTailBlockLocked(*tail, &states);
+      }
+      PinOneLocked(p.segment);
+      active.pinned.push_back(p.segment);
+      if (pending) {
+        pending_[p.segment] = PendingCopy{request, where};
+        active.pending.push_back(p.segment);
+      }
+      result.stored.push_back({p.segment, where});
+      if (where != p.source) {
+        const int64_t bytes = plan::KvBytes(options_.model, p.num_tokens);
+        result.moved_bytes += bytes;
+        counters_.commit_moved_bytes += bytes;
+      }
+      continue;
     }
+    // Where: the plan's target if it has room, else where the balancer says, else evict.
+    const InstanceId where = PlaceLocked(p.target, p.parent, states, &result.evicted);
     if (!where.valid() || (p.parent.valid() && !tree_->Contains(p.parent))) {
       result.not_stored.push_back(p.segment);
       counters_.not_stored_segments += 1;
@@ -627,6 +733,7 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
       counters_.commit_moved_bytes += bytes;
     }
   }
+  if (tail != nullptr && tail->blocks.empty()) tails_.erase(request);
   return result;
 }
 
@@ -794,6 +901,7 @@ LakeStats Lake::Stats(bool scan_heavy_hitters) const {
   s.reserved_slots = reserved_slots_;
   s.available_slots = AvailableSlotsLocked();
   s.pending_copies = static_cast<int64_t>(pending_.size());
+  s.tail_slots = tail_slots_;
   s.heavy_hitters = scan_heavy_hitters ? tracker_->CountHeavy() : rebalance_heavy_;
   for (const balance::InstanceState& st : InstanceStatesLocked()) {
     s.instances.push_back(InstanceStats{.instance = st.id,
@@ -817,10 +925,11 @@ absl::Status Lake::CheckIntegrity() const {
   for (size_t i = 0; i < stores_.size(); ++i) {
     TOKENLAKE_RETURN_IF_ERROR(stores_[i]->CheckIntegrity());
     const InstanceId inst(static_cast<int32_t>(i));
-    if (stores_[i]->used() != tree_->SegmentsOn(inst)) {
+    const int64_t segments = stores_[i]->used() - stores_[i]->num_tail_slots();
+    if (segments != tree_->SegmentsOn(inst)) {
       return absl::InternalError(
-          absl::StrFormat("Lake: instance %d store holds %d segments, tree says %d", i,
-                          stores_[i]->used(), tree_->SegmentsOn(inst)));
+          absl::StrFormat("Lake: instance %d store holds %d segments, tree says %d", i, segments,
+                          tree_->SegmentsOn(inst)));
     }
     for (SegmentId seg : stores_[i]->Segments()) {
       const index::PrefixTree::Node* node = tree_->Find(seg);
@@ -869,6 +978,7 @@ absl::Status Lake::CheckIntegrity() const {
       }
     }
   }
+  TOKENLAKE_RETURN_IF_ERROR(CheckTailsLocked());
   for (const auto& [seg, copy] : pending_) {
     const index::PrefixTree::Node* node = tree_->Find(seg);
     if (node == nullptr || !node->HasReplicaOn(copy.instance)) {

@@ -65,6 +65,27 @@
 // LoseReplica, eviction of an extra copy) is simply gone. So a visible copy is always one whose
 // data was reported stored, or one made by Commit, Rebalance or RestoreReplicas.
 //
+// Tails in the pool (docs/adr/0017): a request whose LakeRequest names a tail (tail_end_tokens >
+// 0; the GPU engine's) keeps its KV rows after its matched prefix, up to tail_end_tokens, in TAIL
+// SLOTS of the pool: one slot per segment-aligned block of segment_tokens rows, block i holding
+// the rows of the segment that will follow the tail's first i segments (a slot has exactly a
+// segment's layout). Admit / TryAdmit make the tail cover [matched tokens, tail_end_tokens):
+// blocks before the matched prefix are given back (another request stored them), missing ones
+// are taken where a new segment produced on tail_instance would go (evicting as for new
+// segments), and the slots they take are returned in AdmitResult (tail_slots, and the copies
+// evicted for them, which the caller frees). A tail slot is counted as used in its store (never
+// placed on, never evicted) and AvailableSlots() subtracts every tail slot, so TryAdmit waits
+// while tails fill the pool; a tail request reserves nothing for its new segments: each one is
+// its tail's next block already. Its Commit / CommitPending takes its placements as its
+// tail's blocks in order: a segment whose placement targets the block's instance, or whose
+// target has no free slot, is committed IN PLACE (the block becomes the segment's slot:
+// CommitResult::in_place, no data moves); one placed on another instance with room is stored
+// there and the block is given back, as is the block of a deduplicated segment. From the first
+// placement that leaves its block in the tail (pending elsewhere, not stored) on, the rest stay
+// in the tail too (not stored): a tail is the contiguous run of rows after what the pool holds.
+// A tail outlives Release (a running request keeps its KV between iterations) and is given
+// back by ReleaseTail, when the request ends.
+//
 // Load accounting: a segment's heavy-hitter load is recorded at Release (the prefill's queries
 // over its matched prefix) and by RecordQueryLoad (later queries, e.g. decodes, over every
 // segment the request pins); each instance's decayed cache load gets the segment's load divided
@@ -154,6 +175,13 @@ struct LakeRequest {
   // that has no key yet (its generated tokens), held until Release. This is how a running
   // request's whole KV lives in the one pool. Must be >= 0.
   int64_t extra_slots = 0;
+  // > 0: the request's tail is in the pool (file comment, "Tails in the pool") and covers its
+  // rows up to this token (the end of the iteration), taken on tail_instance where it has
+  // room. 0 = no tail in the pool (and any tail the request holds stays as it is). Must be >= 0.
+  int64_t tail_end_tokens = 0;
+  // The instance the tail's new blocks prefer (the computing instance); valid and in the pool
+  // when tail_end_tokens > 0.
+  InstanceId tail_instance;
 };
 
 struct Batch {
@@ -165,17 +193,25 @@ struct Batch {
   std::vector<InstanceId> candidates;
 };
 
+struct StoredReplica {
+  SegmentId segment;
+  InstanceId instance;
+  friend bool operator==(const StoredReplica&, const StoredReplica&) = default;
+};
+
 struct AdmitResult {
   int32_t matched_segments = 0;
   int64_t matched_tokens = 0;  // the request's cached prefix (its hit)
   // TryAdmit only: slots reserved for the request's new segments (keys beyond the match).
   int64_t reserved_slots = 0;
-};
-
-struct StoredReplica {
-  SegmentId segment;
-  InstanceId instance;
-  friend bool operator==(const StoredReplica&, const StoredReplica&) = default;
+  // A tail request (tail_end_tokens > 0): the instance of each block of its tail now, in row
+  // order (block i holds rows [matched_tokens + i S, matched_tokens + (i + 1) S)).
+  std::vector<InstanceId> tail_slots;
+  // Replicas evicted to make room for the tail's new blocks (the caller frees them before it
+  // writes the tail), and the change sequence number of that eviction (CommitResult::sequence;
+  // 0 when nothing was evicted).
+  std::vector<StoredReplica> evicted;
+  uint64_t sequence = 0;
 };
 
 struct CommitResult {
@@ -193,6 +229,9 @@ struct CommitResult {
   std::vector<SegmentId> pending_elsewhere;
   // Replicas evicted to make room (a segment evicted whole appears once per replica).
   std::vector<StoredReplica> evicted;
+  // Of `stored`, the segments committed in place: the request's tail block on that instance
+  // became the segment's slot (its data is there already; nothing to copy).
+  std::vector<SegmentId> in_place;
   // Bytes of new segments stored away from their source instance.
   int64_t moved_bytes = 0;
   // The lake's change sequence number of this call (every Commit and Rebalance takes the next
@@ -299,6 +338,10 @@ struct LakeStats {
   // segment pending for another request (CommitResult::pending_elsewhere).
   int64_t pending_copies = 0;
   int64_t confirmed_copies = 0;
+  // Tails in the pool: slots the requests' tails hold now (a gauge, part of every instance's
+  // used slots), and segments committed in place from a tail so far.
+  int64_t tail_slots = 0;
+  int64_t in_place_commits = 0;
   int64_t dropped_pending_copies = 0;
   int64_t pending_elsewhere_segments = 0;
 };
@@ -341,8 +384,11 @@ class Lake {
 
   // ---- Request lifecycle ----
 
-  // Pins the request's matched prefix. Errors: AlreadyExists (id active), InvalidArgument (bad
-  // keys / new_tokens / invalid id).
+  // Pins the request's matched prefix (and, for a tail request, makes its tail cover the
+  // iteration, evicting unpinned segments as needed). Errors: AlreadyExists (id active),
+  // InvalidArgument (bad keys / new_tokens / invalid id / tail fields), ResourceExhausted (a
+  // tail request whose tail cannot grow: the pool's other slots are pinned or other tails;
+  // nothing changed).
   absl::StatusOr<AdmitResult> Admit(const LakeRequest& request);
 
   // Admit with memory admission: if the pool can hold the request's new segments (the keys
@@ -351,12 +397,21 @@ class Lake {
   // consumes them or Release) and returns the AdmitResult (reserved_slots set). Otherwise
   // returns nullopt and changes nothing (no pin, no hit statistics): the caller should retry
   // once memory is released. A request with more keys than the whole pool's slots never fits.
+  // A tail request counts its tail's growth instead of its new segments (they are its tail's
+  // blocks) and reserves nothing for them.
   // Errors: as Admit.
   absl::StatusOr<std::optional<AdmitResult>> TryAdmit(const LakeRequest& request);
 
   // Slots that can still take a new segment: total slots - replicas of pinned segments -
-  // reserved slots (may be negative if plain Admit over-subscribed the pool). O(1).
+  // reserved slots - tail slots (may be negative if plain Admit over-subscribed the pool). O(1).
   int64_t AvailableSlots() const;
+
+  // Gives back every slot of the request's tail (file comment, "Tails in the pool"): the
+  // request ended (finished, cancelled, failed) or dropped its tail (restarted). OK when it has
+  // none. Does not touch its pins (Release does).
+  void ReleaseTail(RequestId request);
+  // The instance of each block of the request's tail, in row order (empty: none).
+  std::vector<InstanceId> TailSlots(RequestId request) const;
 
   // Stores the request's new segments where `placements` say (normally the plan's
   // transfer.new_segments entries whose request is this one; entries for other requests are
@@ -483,6 +538,16 @@ class Lake {
     RequestId owner;
     InstanceId instance;
   };
+  // One block of a request's tail: a tail slot of `instance`'s store.
+  struct TailBlock {
+    InstanceId instance;
+    SlotId slot;
+  };
+  // A request's tail in the pool: blocks[i] holds rows [first_tokens + i S, ... + S).
+  struct Tail {
+    int64_t first_tokens = 0;
+    std::vector<TailBlock> blocks;
+  };
   explicit Lake(const LakeOptions& options, Clock* clock);
 
   absl::Status ValidateKeys(absl::Span<const index::SegmentKey> keys) const;
@@ -504,6 +569,7 @@ class Lake {
     // REQUIRES: the lake's mu_ is held (it is used inside CommitLocked only).
     const std::vector<balance::InstanceState>& Get() ABSL_NO_THREAD_SAFETY_ANALYSIS;
     void Allocated(InstanceId instance);
+    void Freed(InstanceId instance);
 
    private:
     const Lake* lake_;
@@ -516,6 +582,24 @@ class Lake {
   // `states` is InstanceStatesLocked() now.
   bool EvictOneLocked(absl::Span<const balance::InstanceState> states,
                       std::vector<StoredReplica>* evicted) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Where a new slot produced on `target` goes: target if it has a free slot, else where the
+  // balancer places it, else target after evicting there (locality), else anywhere after
+  // evicting pool-wide (the eviction order in the file comment). Invalid when nothing can go,
+  // or when `must_stay` (valid) was evicted on the way (a new segment's parent).
+  InstanceId PlaceLocked(InstanceId target, SegmentId must_stay, InstanceStatesCache& states,
+                         std::vector<StoredReplica>* evicted) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Slots the request's tail holds now, and how many it would hold covering [from, end).
+  int64_t TailBlocksLocked(RequestId request) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  int64_t TailBlocksNeeded(int64_t from_tokens, int64_t end_tokens) const;
+  // Makes the request's tail cover [from_tokens, end_tokens) (file comment, "Tails in the
+  // pool"); new blocks prefer `instance`. Fills result->tail_slots / evicted / sequence.
+  // Errors: ResourceExhausted when a block finds no slot (the blocks taken so far stay).
+  absl::Status SetTailLocked(RequestId request, int64_t from_tokens, int64_t end_tokens,
+                             InstanceId instance, AdmitResult* result)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Gives back the first block of the request's tail (its rows left the tail).
+  void PopTailBlockLocked(Tail& tail, InstanceStatesCache* states)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Bookkeeping after the tree dropped replicas (frees store slots, updates sets and loads).
   void OnReplicasFreedLocked(SegmentId segment, bool node_erased,
                              absl::Span<const InstanceId> freed_on,
@@ -550,6 +634,12 @@ class Lake {
   absl::StatusOr<AdmitResult> AdmitLocked(const LakeRequest& request, int64_t reserve_slots)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int64_t AvailableSlotsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Replicas of the first `matched_segments` keys' nodes that are not pinned yet (admitting a
+  // request pins them: they stop being evictable).
+  int64_t NewlyPinnedLocked(absl::Span<const index::SegmentKey> keys,
+                            int32_t matched_segments) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The tails agree with the stores' tail slots and with tail_slots_ (CheckIntegrity).
+  absl::Status CheckTailsLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Frees one slot on `producer` for a new segment when locality allows (eviction steps 1-2
   // restricted to the producer). False when it does not apply or nothing there can go.
   // `states` is InstanceStatesLocked() now.
@@ -581,6 +671,8 @@ class Lake {
   uint64_t sequence_ ABSL_GUARDED_BY(mu_) = 0;        // last Commit / Rebalance sequence
   int64_t rebalance_heavy_ ABSL_GUARDED_BY(mu_) = 0;  // heavy hitters at the latest Rebalance
   absl::flat_hash_map<SegmentId, PendingCopy> pending_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<RequestId, Tail> tails_ ABSL_GUARDED_BY(mu_);   // non-empty tails only
+  int64_t tail_slots_ ABSL_GUARDED_BY(mu_) = 0;                       // blocks of all tails
   index::PrefixTree::ReplicaObserver observer_ ABSL_GUARDED_BY(mu_);  // the caller's
 };
 

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "tokenlake/base/status_macros.h"
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/grpc_credentials.h"
 
@@ -59,6 +60,16 @@ void ToProto(const lake::IterationRequest& in, v1::PlanIterationRequest* out) {
   out->set_count_hits(in.count_hits);
   out->set_max_new_tokens(in.max_new_tokens);
   out->set_try_admit(in.try_admit);
+}
+
+// Tails in the pool are a local control plane's (lake::IterationRequest::tail_in_pool): the
+// wire does not carry them, so a request asking for one is refused rather than planned without.
+absl::Status RefuseTail(const lake::IterationRequest& in) {
+  if (!in.tail_in_pool) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "RemoteControlPlane: request %d keeps its KV tail in the pool, which only a local control "
+      "plane serves",
+      in.request.value()));
 }
 
 lake::IterationRequest FromProto(const v1::PlanIterationRequest& in) {
@@ -220,6 +231,7 @@ std::shared_ptr<v1::Lake::Stub> RemoteControlPlane::Stub() const {
 
 absl::StatusOr<lake::IterationPlan> RemoteControlPlane::PlanIteration(
     const lake::IterationRequest& request) {
+  TOKENLAKE_RETURN_IF_ERROR(RefuseTail(request));
   v1::PlanIterationRequest in;
   ToProto(request, &in);
   v1::PlanIterationReply out;
@@ -266,6 +278,7 @@ absl::Status RemoteControlPlane::Release(RequestId request) {
 
 absl::StatusOr<lake::IterationPlan> RemoteControlPlane::ReleaseAndPlan(
     RequestId release, const lake::IterationRequest& next) {
+  TOKENLAKE_RETURN_IF_ERROR(RefuseTail(next));
   v1::ReleaseAndPlanRequest in;
   in.set_release_request_id(release.value());
   ToProto(next, in.mutable_plan());
@@ -283,6 +296,7 @@ absl::StatusOr<lake::IterationPlan> RemoteControlPlane::ReleaseAndPlan(
 absl::StatusOr<std::vector<lake::BatchPlanEntry>> RemoteControlPlane::PlanBatch(
     absl::Span<const lake::StoreConfirmation> confirm, absl::Span<const RequestId> release,
     absl::Span<const lake::IterationRequest> requests) {
+  for (const lake::IterationRequest& r : requests) TOKENLAKE_RETURN_IF_ERROR(RefuseTail(r));
   v1::PlanBatchRequest in;
   for (const lake::StoreConfirmation& c : confirm) ToProto(c, in.add_confirm());
   for (RequestId r : release) in.add_release_request_ids(r.value());

@@ -120,6 +120,62 @@ absl::StatusOr<SlotId> SegmentStore::Allocate(SegmentId segment) {
   return SlotId(slot);
 }
 
+absl::StatusOr<SlotId> SegmentStore::AllocateTail() {
+  absl::MutexLock lock(&mu_);
+  if (free_list_.empty()) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "SegmentStore::AllocateTail: no free slot on instance %d (%d slots, %d tail slots, %d "
+        "pinned)",
+        options_.instance.value(), capacity_, tail_slots_, num_pinned_));
+  }
+  const int32_t slot = free_list_.back();
+  free_list_.pop_back();
+  slots_[slot] = SlotState{.segment = SegmentId(), .pin_count = 0, .tail = true};
+  ++tail_slots_;
+  return SlotId(slot);
+}
+
+absl::Status SegmentStore::AssignTail(SlotId slot, SegmentId segment) {
+  if (!segment.valid()) {
+    return absl::InvalidArgumentError("SegmentStore::AssignTail: the segment id is invalid");
+  }
+  absl::MutexLock lock(&mu_);
+  if (!slot.valid() || slot.value() < 0 || slot.value() >= capacity_ ||
+      !slots_[slot.value()].tail) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("SegmentStore::AssignTail: slot %d on instance %d is not a tail slot",
+                        slot.valid() ? slot.value() : -1, options_.instance.value()));
+  }
+  if (auto it = by_segment_.find(segment); it != by_segment_.end()) {
+    return absl::AlreadyExistsError(
+        absl::StrFormat("SegmentStore::AssignTail: %s is already stored in slot %d on instance %d",
+                        Str(segment), it->second, options_.instance.value()));
+  }
+  slots_[slot.value()] = SlotState{.segment = segment, .pin_count = 0, .tail = false};
+  by_segment_.emplace(segment, slot.value());
+  --tail_slots_;
+  return absl::OkStatus();
+}
+
+absl::Status SegmentStore::FreeTail(SlotId slot) {
+  absl::MutexLock lock(&mu_);
+  if (!slot.valid() || slot.value() < 0 || slot.value() >= capacity_ ||
+      !slots_[slot.value()].tail) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("SegmentStore::FreeTail: slot %d on instance %d is not a tail slot",
+                        slot.valid() ? slot.value() : -1, options_.instance.value()));
+  }
+  slots_[slot.value()].tail = false;
+  free_list_.push_back(slot.value());
+  --tail_slots_;
+  return absl::OkStatus();
+}
+
+int32_t SegmentStore::num_tail_slots() const {
+  absl::MutexLock lock(&mu_);
+  return tail_slots_;
+}
+
 std::optional<SlotId> SegmentStore::Find(SegmentId segment) const {
   absl::MutexLock lock(&mu_);
   auto it = by_segment_.find(segment);
@@ -196,7 +252,7 @@ std::vector<SegmentId> SegmentStore::Segments() const {
 
 int32_t SegmentStore::used() const {
   absl::MutexLock lock(&mu_);
-  return static_cast<int32_t>(by_segment_.size());
+  return static_cast<int32_t>(by_segment_.size()) + tail_slots_;
 }
 
 int32_t SegmentStore::free() const {
@@ -214,9 +270,10 @@ absl::Status SegmentStore::CheckIntegrity() const {
   auto fail = [](const std::string& what) {
     return absl::InternalError("SegmentStore::CheckIntegrity: " + what);
   };
-  if (by_segment_.size() + free_list_.size() != static_cast<size_t>(capacity_)) {
-    return fail(absl::StrFormat("used %d + free %d != capacity %d", by_segment_.size(),
-                                free_list_.size(), capacity_));
+  if (by_segment_.size() + free_list_.size() + static_cast<size_t>(tail_slots_) !=
+      static_cast<size_t>(capacity_)) {
+    return fail(absl::StrFormat("segments %d + tail slots %d + free %d != capacity %d",
+                                by_segment_.size(), tail_slots_, free_list_.size(), capacity_));
   }
   std::vector<char> is_free(slots_.size(), 0);
   for (int32_t slot : free_list_) {
@@ -224,9 +281,18 @@ absl::Status SegmentStore::CheckIntegrity() const {
       return fail(absl::StrFormat("free list holds bad or duplicate slot %d", slot));
     }
     is_free[slot] = 1;
-    if (slots_[slot].segment.valid())
+    if (slots_[slot].segment.valid() || slots_[slot].tail)
       return fail(absl::StrFormat("free slot %d is occupied", slot));
   }
+  int32_t tails = 0;
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    if (!slots_[i].tail) continue;
+    ++tails;
+    if (slots_[i].segment.valid() || slots_[i].pin_count != 0) {
+      return fail(absl::StrFormat("tail slot %d holds a segment or a pin", i));
+    }
+  }
+  if (tails != tail_slots_) return fail("tail slot counter is wrong");
   int32_t pinned = 0, pins = 0;
   for (const auto& [segment, slot] : by_segment_) {
     if (slot < 0 || slot >= capacity_ || is_free[slot] || slots_[slot].segment != segment) {

@@ -11,8 +11,13 @@
 // decision (the lake's prefix tree evicts least-recently-used unpinned leaves, pool-wide) and
 // arrives here as Free.
 //
-// Invariants: used() + free() == capacity(); each stored segment has exactly one slot and each
-// slot at most one segment.
+// Tail slots: a slot may also be held by no segment yet, as part of a running request's KV tail
+// (the rows after its pooled prefix, written by the forward before their segment is committed:
+// docs/adr/0017). A tail slot counts as used; AssignTail makes it a segment's slot in place (no
+// copy), FreeTail gives it back.
+//
+// Invariants: used() + free() == capacity(); used() == segments + tail slots; each stored segment
+// has exactly one slot and each slot at most one segment or one tail.
 //
 // Errors: all calls validate their input and return an absl::Status; a full store is an expected
 // outcome reported as ResourceExhausted (retry after the lake evicted), not a crash.
@@ -124,6 +129,18 @@ class SegmentStore {
   // Number of live pins on `segment` (0 if not stored).
   int32_t PinCount(SegmentId segment) const;
 
+  // Takes a free slot for a request's KV tail (held by no segment; counted as used).
+  // Errors: ResourceExhausted (no free slot: evict first).
+  absl::StatusOr<SlotId> AllocateTail();
+  // The tail slot `slot` becomes `segment`'s slot, its bytes unchanged (a tail block committed in
+  // place). Errors: InvalidArgument (invalid id, or `slot` is not a tail slot), AlreadyExists
+  // (`segment` is stored already; nothing changes).
+  absl::Status AssignTail(SlotId slot, SegmentId segment);
+  // Gives the tail slot `slot` back. Errors: InvalidArgument (`slot` is not a tail slot).
+  absl::Status FreeTail(SlotId slot);
+  // Tail slots held now.
+  int32_t num_tail_slots() const;
+
   // All stored segments (a snapshot), sorted by id so that callers are deterministic.
   std::vector<SegmentId> Segments() const;
 
@@ -142,8 +159,9 @@ class SegmentStore {
   friend class SlotPin;
 
   struct SlotState {
-    SegmentId segment;  // invalid when the slot is free
+    SegmentId segment;  // invalid when the slot is free or a tail slot
     int32_t pin_count = 0;
+    bool tail = false;  // held by a request's tail (segment invalid)
   };
 
   SegmentStore(const Options& options, int32_t capacity);
@@ -157,7 +175,8 @@ class SegmentStore {
   std::vector<int32_t> free_list_ ABSL_GUARDED_BY(mu_);  // free slot indexes (stack)
   absl::flat_hash_map<SegmentId, int32_t> by_segment_ ABSL_GUARDED_BY(mu_);
   int32_t num_pinned_ ABSL_GUARDED_BY(mu_) = 0;
-  int32_t live_pins_ ABSL_GUARDED_BY(mu_) = 0;  // SlotPin objects alive
+  int32_t live_pins_ ABSL_GUARDED_BY(mu_) = 0;   // SlotPin objects alive
+  int32_t tail_slots_ ABSL_GUARDED_BY(mu_) = 0;  // slots with tail = true
 };
 
 }  // namespace tokenlake::store

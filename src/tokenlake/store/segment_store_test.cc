@@ -212,6 +212,32 @@ TEST(SegmentStoreTest, ConcurrentPinsFromSeveralThreadsBalance) {
 }
 
 // ---------------------------------------------------------------------------------------------
+TEST(SegmentStoreTest, TailSlotsCountAsUsedAndBecomeSegmentsInPlace) {
+  auto store = MetaStore(2);
+  absl::StatusOr<SlotId> tail = store->AllocateTail();
+  ASSERT_TRUE(tail.ok()) << tail.status();
+  ASSERT_TRUE(store->Allocate(Seg(1)).ok());
+  EXPECT_EQ(store->used(), 2);
+  EXPECT_EQ(store->free(), 0);
+  EXPECT_EQ(store->num_tail_slots(), 1);
+  EXPECT_EQ(store->Allocate(Seg(2)).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(store->AllocateTail().status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(store->Segments(), ElementsAre(Seg(1)));
+  // Committed in place: the same slot, now the segment's; nothing freed, nothing taken.
+  EXPECT_EQ(store->AssignTail(*tail, Seg(1)).code(), absl::StatusCode::kAlreadyExists);
+  ASSERT_TRUE(store->AssignTail(*tail, Seg(2)).ok());
+  EXPECT_EQ(store->Find(Seg(2)), *tail);
+  EXPECT_EQ(store->num_tail_slots(), 0);
+  EXPECT_EQ(store->used(), 2);
+  EXPECT_EQ(store->FreeTail(*tail).code(), absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(store->Free(Seg(2)).ok());
+  absl::StatusOr<SlotId> again = store->AllocateTail();
+  ASSERT_TRUE(again.ok());
+  ASSERT_TRUE(store->FreeTail(*again).ok());
+  EXPECT_EQ(store->free(), 1);
+  EXPECT_TRUE(store->CheckIntegrity().ok()) << store->CheckIntegrity();
+}
+
 // Randomised model test against a std::map reference.
 
 struct StoreParams {
@@ -239,17 +265,19 @@ TEST_P(SegmentStoreModelTest, RandomOperationsMatchReferenceModel) {
   std::map<SegmentId, int> ref_pins;     // stored segments -> pin count
   std::map<SegmentId, SlotId> ref_slot;  // stored segments -> the slot Allocate gave them
   std::map<SegmentId, std::vector<SlotPin>> pins;
-  int allocs = 0, exhausted = 0, evictions = 0, pinned_max = 0;
+  std::vector<SlotId> ref_tails;  // tail slots held
+  int allocs = 0, exhausted = 0, evictions = 0, pinned_max = 0, assigned = 0;
+  auto used = [&] { return static_cast<int32_t>(ref_pins.size() + ref_tails.size()); };
 
   for (int step = 0; step < 3000; ++step) {
     SCOPED_TRACE(::testing::Message() << "step=" << step);
     const SegmentId id(static_cast<uint64_t>(rng.UniformInt(0, p.universe - 1)));
-    const int64_t op = rng.UniformInt(0, 99);
+    const int64_t op = rng.UniformInt(0, 114);
     if (op < 30) {
       auto r = store.Allocate(id);
       if (ref_pins.count(id)) {
         ASSERT_EQ(r.status().code(), absl::StatusCode::kAlreadyExists);
-      } else if (static_cast<int32_t>(ref_pins.size()) == p.capacity) {
+      } else if (used() == p.capacity) {
         ASSERT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
         ++exhausted;
       } else {
@@ -303,6 +331,49 @@ TEST_P(SegmentStoreModelTest, RandomOperationsMatchReferenceModel) {
       it->second.pop_back();  // RAII release
       --ref_pins[it->first];
       if (it->second.empty()) pins.erase(it);
+    } else if (op >= 100 && op < 106) {
+      // A request's tail takes a slot: it must be one no segment or tail holds.
+      auto r = store.AllocateTail();
+      if (used() == p.capacity) {
+        ASSERT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+        continue;
+      }
+      ASSERT_TRUE(r.ok()) << r.status();
+      for (const auto& [sid, slot] : ref_slot) ASSERT_NE(slot, *r);
+      ASSERT_EQ(std::count(ref_tails.begin(), ref_tails.end(), *r), 0);
+      ref_tails.push_back(*r);
+      // The forward writes the tail's rows.
+      absl::Span<std::byte> data = store.SlotData(*r);
+      std::fill(data.begin(), data.end(), static_cast<std::byte>((r->value() * 7) & 0xff));
+    } else if (op >= 106 && op < 111) {
+      // A tail block committed in place: its bytes become the segment's.
+      if (ref_tails.empty()) {
+        ASSERT_EQ(store.AssignTail(SlotId(0), id).code(), absl::StatusCode::kInvalidArgument);
+        continue;
+      }
+      const size_t k = static_cast<size_t>(rng.UniformInt(0, ref_tails.size() - 1));
+      const SlotId slot = ref_tails[k];
+      const absl::Status st = store.AssignTail(slot, id);
+      if (ref_pins.count(id)) {
+        ASSERT_EQ(st.code(), absl::StatusCode::kAlreadyExists);
+        continue;
+      }
+      ASSERT_TRUE(st.ok()) << st;
+      ref_tails.erase(ref_tails.begin() + static_cast<std::ptrdiff_t>(k));
+      ref_pins[id] = 0;
+      ref_slot[id] = slot;
+      ++assigned;
+      ASSERT_EQ(store.AssignTail(slot, Seg(p.universe + 1)).code(),
+                absl::StatusCode::kInvalidArgument);  // no longer a tail slot
+      absl::Span<std::byte> data = store.SlotData(slot);
+      ASSERT_EQ(data[0], static_cast<std::byte>((slot.value() * 7) & 0xff));
+      std::fill(data.begin(), data.end(), static_cast<std::byte>(id.value() & 0xff));
+    } else if (op >= 111) {
+      if (ref_tails.empty()) continue;
+      const size_t k = static_cast<size_t>(rng.UniformInt(0, ref_tails.size() - 1));
+      ASSERT_TRUE(store.FreeTail(ref_tails[k]).ok());
+      ASSERT_EQ(store.FreeTail(ref_tails[k]).code(), absl::StatusCode::kInvalidArgument);
+      ref_tails.erase(ref_tails.begin() + static_cast<std::ptrdiff_t>(k));
     } else {
       const std::optional<SlotId> got = store.Find(id);
       ASSERT_EQ(got.has_value(), ref_slot.count(id) > 0);
@@ -313,7 +384,8 @@ TEST_P(SegmentStoreModelTest, RandomOperationsMatchReferenceModel) {
     // Compare and check conservation.
     ASSERT_TRUE(store.CheckIntegrity().ok()) << store.CheckIntegrity();
     ASSERT_EQ(store.used() + store.free(), store.capacity());
-    ASSERT_EQ(store.used(), static_cast<int32_t>(ref_pins.size()));
+    ASSERT_EQ(store.used(), used());
+    ASSERT_EQ(store.num_tail_slots(), static_cast<int32_t>(ref_tails.size()));
     int32_t pinned = 0;
     for (const auto& [sid, count] : ref_pins) {
       ASSERT_TRUE(store.Find(sid).has_value());
@@ -329,7 +401,7 @@ TEST_P(SegmentStoreModelTest, RandomOperationsMatchReferenceModel) {
   pins.clear();
   EXPECT_EQ(store.num_pinned(), 0);
   std::cout << "allocs=" << allocs << " exhausted=" << exhausted << " evictions=" << evictions
-            << " max_pinned=" << pinned_max << "\n";
+            << " max_pinned=" << pinned_max << " assigned_tails=" << assigned << "\n";
   EXPECT_GT(allocs, 0);
   EXPECT_GT(evictions, 0);
 }

@@ -127,11 +127,9 @@ class Bench {
 absl::StatusOr<std::unique_ptr<GpuEngine>> Bench::NewEngine() {
   TOKENLAKE_ASSIGN_OR_RETURN(DeviceMemory m, Memory());
   const int64_t slot_bytes = int64_t{o_.segment_tokens} * KvBytesPerToken(config_);
-  // Kept out of the pool: the activations and workspaces (reserve_bytes), and the requests'
-  // tails (at most a token budget of prefill rows plus a segment per running request).
-  reserve_bytes_ = o_.reserve_bytes +
-                   (o_.max_batch_tokens + int64_t{o_.max_batch_requests} * o_.segment_tokens) *
-                       KvBytesPerToken(config_);
+  // Kept out of the pool: the activations and workspaces (reserve_bytes) only; the requests'
+  // tails live in slots of the pool (docs/adr/0017).
+  reserve_bytes_ = o_.reserve_bytes;
   const int64_t slots = (m.free - reserve_bytes_) / slot_bytes;
   if (slots < 16) {
     return absl::ResourceExhaustedError(absl::StrFormat(
@@ -156,7 +154,9 @@ absl::StatusOr<Json> Bench::MemoryNow(const GpuEngine& engine) {
               {"weights_bytes", weights},
               {"pool_bytes", pool_bytes_},
               {"beyond_weights_and_pool_bytes", used - weights - pool_bytes_},
-              {"peak_tail_bytes", engine.peak_tail_bytes()}};
+              // Tails are pool slots: none of their bytes are beyond the pool.
+              {"peak_tail_slots", engine.peak_tail_slots()},
+              {"peak_tail_slot_bytes", engine.peak_tail_slots() * engine.layout().SlotBytes()}};
 }
 
 absl::Status Bench::Peaks() {

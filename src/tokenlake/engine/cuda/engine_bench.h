@@ -89,7 +89,8 @@ struct EngineBenchOptions {
   // Decode-sized batches on SmallBatchGemm (GpuLlamaModel::set_small_batch_kernels) instead of
   // cuBLAS, the model's default.
   bool small_batch_kernels = false;
-  // Device memory kept out of the pool (activations, tails, workspaces).
+  // Device memory kept out of the pool (activations and workspaces; the requests' KV tails are
+  // slots of the pool).
   int64_t reserve_bytes = int64_t{4} << 30;
   uint64_t seed = 1;
   // Non-empty: the workloads' prompts are written there as JSON ({"workloads": [{"name",

@@ -27,13 +27,15 @@ namespace acuda = ::tokenlake::attention::cuda;
 class GpuEngine::Backend final : public GpuAttentionBackend {
  public:
   // A prefill chunk: its rows, its pooled blocks (descriptors [first, first + count) of every
-  // layer) and its tail block (descriptor tail_block: rows [pooled, computed + n)).
+  // layer) and its tail's blocks (descriptors [tail_block, tail_block + tail_count): rows
+  // [pooled, computed + n), S per block, in pool slots).
   struct Prefill {
     int32_t row = 0;
     int32_t num_tokens = 0;
     int32_t first = 0;
     int32_t count = 0;
     int32_t tail_block = 0;
+    int32_t tail_count = 0;
     int32_t tail_tokens = 0;   // computed + n - pooled
     int32_t causal_start = 0;  // computed - pooled: the first new token's row in the tail
   };
@@ -164,8 +166,8 @@ class GpuEngine::Backend final : public GpuAttentionBackend {
   }
   acuda::PagedAttentionParams TailShape(const Prefill& f) const {
     acuda::PagedAttentionParams p = Shape(f.num_tokens);
-    p.num_blocks = 1;
-    p.max_block_tokens = f.tail_tokens;
+    p.num_blocks = f.tail_count;
+    p.max_block_tokens = s_.layout.segment_tokens;
     p.causal = true;
     p.q_start_pos = f.causal_start;
     p.num_extra = f.count > 0 ? 1 : 0;
@@ -177,11 +179,13 @@ class GpuEngine::Backend final : public GpuAttentionBackend {
   bool planned_ = false;
 };
 
-// The engine's IterationExecutor: per request a device tail of every layer's K and V for the
-// rows the pool does not serve yet (absolute token rows [pooled, computed), kept at index row -
-// base of a buffer of `capacity` rows that grows or is compacted as needed, so that a request
-// holds about one prefill chunk plus a segment of KV outside the pool, not its whole sequence);
-// the batch runs as one forward (GpuLlamaModel::ForwardBatch) over the Backend above.
+// The engine's IterationExecutor: per request its KV tail (the rows the pool does not serve
+// yet, absolute token rows [pooled, computed)) in TAIL SLOTS of the pool (docs/adr/0017): block i
+// holds rows [pooled + i S, pooled + (i + 1) S) in a slot of the instance the lake's plan names
+// (IterationPlan::tail_slots), laid out as every slot. A completed segment is committed in place
+// (its block becomes the segment's slot) or copied to the slot of another instance, the block
+// then given back. So the requests' KV needs no device memory beside the pool. The batch runs as
+// one forward (GpuLlamaModel::ForwardBatch) over the Backend above.
 class GpuEngine::Executor final : public IterationExecutor {
  public:
   explicit Executor(GpuEngine* engine) : e_(engine) {}
@@ -189,41 +193,39 @@ class GpuEngine::Executor final : public IterationExecutor {
     if (staging_ != nullptr) cudaFreeHost(staging_);
   }
 
-  // The most device memory the tails held at once (GpuEngine::peak_tail_bytes).
-  int64_t peak_tail_bytes() const { return peak_tail_bytes_; }
+  // The most pool slots the tails held at once (GpuEngine::peak_tail_slots).
+  int64_t peak_tail_slots() const { return peak_tail_slots_; }
 
   absl::Status BeginSequence(RequestId request, int64_t max_tokens) override {
-    const LlamaConfig& c = e_->model_->config();
     auto seq = std::make_unique<Sequence>();
     seq->max_tokens = max_tokens;
-    // Grown (and given back) as the request's iterations need: see EnsureTail.
-    seq->capacity = std::min<int64_t>(max_tokens, e_->layout_.segment_tokens);
-    TOKENLAKE_RETURN_IF_ERROR(seq->tail.Reserve(static_cast<size_t>(
-        int64_t{c.num_layers} * 2 * seq->capacity * e_->layout_.TokenRowBytes())));
-    AddTailBytes(static_cast<int64_t>(seq->tail.size_bytes()));
     sequences_[request] = std::move(seq);
     return absl::OkStatus();
   }
 
   DataPlaneCounters EndSequence(RequestId request) override {
-    // Copies out of the tail may still be queued.
-    cudaStreamSynchronize(e_->model_->stream());
     auto it = sequences_.find(request);
     if (it == sequences_.end()) return {};
     const DataPlaneCounters c = it->second->counters;
-    AddTailBytes(-static_cast<int64_t>(it->second->tail.size_bytes()));
+    // Its blocks go back to their stores; work queued on the stream that reads them runs before
+    // any later write to those slots (one stream).
+    for (TailBlock& b : it->second->blocks) GiveBack(b);
     sequences_.erase(it);
     return c;
   }
 
   absl::Status DropTailRows(RequestId request, int64_t rows) override {
     TOKENLAKE_ASSIGN_OR_RETURN(Sequence * s, Find(request));
-    if (rows < 0 || s->pooled + rows > s->computed) {
+    const int64_t seg = e_->layout_.segment_tokens;
+    if (rows < 0 || rows % seg != 0 || s->pooled + rows > s->computed) {
       return absl::InternalError(
           absl::StrFormat("GpuEngine: dropping %d tail rows of request %d (tail [%d, %d))", rows,
                           request.value(), s->pooled, s->computed));
     }
-    s->pooled += rows;  // absolute rows: the tail's start moves
+    const size_t n = std::min(s->blocks.size(), static_cast<size_t>(rows / seg));
+    for (size_t i = 0; i < n; ++i) GiveBack(s->blocks[i]);
+    s->blocks.erase(s->blocks.begin(), s->blocks.begin() + static_cast<std::ptrdiff_t>(n));
+    s->pooled += rows;
     return absl::OkStatus();
   }
 
@@ -233,30 +235,37 @@ class GpuEngine::Executor final : public IterationExecutor {
                                        InstanceId target, SegmentId segment,
                                        const StoredMeta& /*meta*/) override {
     TOKENLAKE_ASSIGN_OR_RETURN(Sequence * s, Find(request));
-    const LlamaConfig& c = e_->model_->config();
     const attention::KvSlotLayout& layout = e_->layout_;
+    const int64_t seg = layout.segment_tokens;
     const int64_t row = s->pooled + first_row;  // absolute row
-    if (first_row < 0 || row + layout.segment_tokens > s->computed) {
+    const size_t index = static_cast<size_t>(first_row / seg);
+    if (first_row < 0 || first_row % seg != 0 || row + seg > s->computed ||
+        index >= s->blocks.size() || !s->blocks[index].live) {
       return absl::InternalError(
           absl::StrFormat("GpuEngine: segment rows [%d, %d) outside the tail of request %d", row,
-                          row + layout.segment_tokens, request.value()));
+                          row + seg, request.value()));
     }
     if (!target.valid() || target.value() >= e_->options_.num_instances) {
       return absl::InternalError(
           absl::StrFormat("GpuEngine: store on instance %d", target.valid() ? target.value() : -1));
     }
+    TailBlock& block = s->blocks[index];
     store::SegmentStore& st = *e_->instances_[static_cast<size_t>(target.value())].store;
+    if (target == block.instance) {
+      // Committed in place (lake::CommitResult::in_place): the block is the segment's slot.
+      TOKENLAKE_RETURN_IF_ERROR(st.AssignTail(block.slot, segment));
+      block.live = false;
+      AddTailSlots(-1);
+      return layout.SlotBytes();
+    }
     TOKENLAKE_ASSIGN_OR_RETURN(SlotId slot, st.Allocate(segment));
-    std::byte* dst = st.SlotData(slot).data();
-    const int64_t row_bytes = layout.TokenRowBytes();
-    // [layer][kv] blocks of S rows: one strided copy from the tail.
-    TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
-        cudaMemcpy2DAsync(
-            dst, static_cast<size_t>(layout.BlockBytes()),
-            s->tail.as<std::byte>() + (row - s->base) * row_bytes,
-            static_cast<size_t>(s->capacity * row_bytes), static_cast<size_t>(layout.BlockBytes()),
-            static_cast<size_t>(c.num_layers) * 2, cudaMemcpyDeviceToDevice, e_->model_->stream()),
-        "store copy"));
+    // The same layout on both sides: one copy of the whole slot.
+    TOKENLAKE_RETURN_IF_ERROR(
+        CudaStatus(cudaMemcpyAsync(st.SlotData(slot).data(), block.data,
+                                   static_cast<size_t>(layout.SlotBytes()),
+                                   cudaMemcpyDeviceToDevice, e_->model_->stream()),
+                   "store copy"));
+    GiveBack(block);
     return layout.SlotBytes();
   }
 
@@ -273,19 +282,37 @@ class GpuEngine::Executor final : public IterationExecutor {
   }
 
  private:
+  // One block of a tail: a tail slot of `instance`'s store.
+  struct TailBlock {
+    InstanceId instance;
+    SlotId slot;
+    std::byte* data = nullptr;  // the slot's bytes
+    bool live = true;           // still the tail's (not committed in place, not given back)
+  };
   struct Sequence {
-    DeviceBuffer tail;  // [layer][kv][capacity][kv_heads][head_dim] bf16
-    int64_t capacity = 0;
+    std::vector<TailBlock> blocks;  // blocks[i]: rows [pooled + i S, pooled + (i + 1) S)
     int64_t max_tokens = 0;
-    int64_t base = 0;      // the absolute row at tail index 0 (base <= pooled)
     int64_t pooled = 0;    // absolute rows before this are served by the pool
     int64_t computed = 0;  // rows written
     DataPlaneCounters counters;
   };
 
-  // Makes room for `n` more rows after s->computed: moves the live rows [pooled, computed) to
-  // index 0 (base = pooled) and grows the buffer when that is not enough.
-  absl::Status EnsureTail(Sequence* s, int64_t n);
+  // Makes the request's tail the blocks `want` names (the plan's tail_slots) for `rows` rows:
+  // the blocks it has must be the first ones; the others are taken from their instances' free
+  // slots, which the lake's accounting guarantees (else the data plane is out of step with it:
+  // Internal).
+  absl::Status TakeTailBlocks(RequestId request, Sequence* s, absl::Span<const InstanceId> want,
+                              int64_t rows);
+
+  // Gives a live block's slot back to its store. Queued work that reads it runs before any
+  // later write to the slot (one stream).
+  void GiveBack(TailBlock& b) {
+    if (!b.live) return;
+    TOKENLAKE_CHECK_OK(
+        e_->instances_[static_cast<size_t>(b.instance.value())].store->FreeTail(b.slot));
+    b.live = false;
+    AddTailSlots(-1);
+  }
 
   absl::StatusOr<Sequence*> Find(RequestId request) {
     auto it = sequences_.find(request);
@@ -296,65 +323,55 @@ class GpuEngine::Executor final : public IterationExecutor {
     return it->second.get();
   }
 
-  void AddTailBytes(int64_t delta) {
-    tail_bytes_ += delta;
-    peak_tail_bytes_ = std::max(peak_tail_bytes_, tail_bytes_);
+  void AddTailSlots(int64_t delta) {
+    tail_slots_ += delta;
+    peak_tail_slots_ = std::max(peak_tail_slots_, tail_slots_);
   }
 
   GpuEngine* e_;
   absl::flat_hash_map<RequestId, std::unique_ptr<Sequence>> sequences_;
-  int64_t tail_bytes_ = 0;
-  int64_t peak_tail_bytes_ = 0;
+  int64_t tail_slots_ = 0;
+  int64_t peak_tail_slots_ = 0;
   // Pinned host staging of an iteration's descriptors, decode offsets and row destinations (one
   // upload; the previous iteration's forward synchronised the stream, so it is free).
   void* staging_ = nullptr;
   size_t staging_bytes_ = 0;
 };
 
-absl::Status GpuEngine::Executor::EnsureTail(Sequence* s, int64_t n) {
+absl::Status GpuEngine::Executor::TakeTailBlocks(RequestId request, Sequence* s,
+                                                 absl::Span<const InstanceId> want, int64_t rows) {
   const int64_t seg = e_->layout_.segment_tokens;
-  const int64_t live = s->computed - s->pooled;
-  const int64_t needed = live + n;  // rows after a compaction
-  // Grow to what this iteration needs; give back what a prefill chunk took once the request
-  // needs little (a decode needs at most one segment of rows).
-  const bool resize = needed > s->capacity || (s->capacity > 2 * needed && s->capacity > seg);
-  if (!resize && s->computed + n - s->base <= s->capacity) return absl::OkStatus();
-  const LlamaConfig& c = e_->model_->config();
-  const cudaStream_t stream = e_->model_->stream();
-  const int64_t row_bytes = e_->layout_.TokenRowBytes();
-  const int64_t rounded = (std::max(needed, seg) + 15) / 16 * 16;
-  const int64_t new_capacity =
-      resize ? std::max(needed, std::min(s->max_tokens - s->pooled, rounded)) : s->capacity;
-  // Copy the live rows of every [layer][kv] block to index 0 of a buffer of new_capacity rows (a
-  // new one, or the engine's scratch and back when the size stays: the ranges may overlap).
-  DeviceBuffer fresh;
-  DeviceBuffer* dst = resize ? &fresh : &e_->tail_scratch_;
-  TOKENLAKE_RETURN_IF_ERROR(
-      dst->Reserve(static_cast<size_t>(int64_t{c.num_layers} * 2 * new_capacity * row_bytes)));
-  auto copy = [&](std::byte* to, int64_t to_rows, const std::byte* from, int64_t from_rows) {
-    return CudaStatus(
-        cudaMemcpy2DAsync(to, static_cast<size_t>(to_rows * row_bytes), from,
-                          static_cast<size_t>(from_rows * row_bytes),
-                          static_cast<size_t>(live * row_bytes),
-                          static_cast<size_t>(c.num_layers) * 2, cudaMemcpyDeviceToDevice, stream),
-        "tail compaction");
-  };
-  const std::byte* live_rows = s->tail.as<std::byte>() + (s->pooled - s->base) * row_bytes;
-  if (live > 0) {
-    TOKENLAKE_RETURN_IF_ERROR(copy(dst->as<std::byte>(), new_capacity, live_rows, s->capacity));
+  if (static_cast<int64_t>(want.size()) != (rows + seg - 1) / seg ||
+      s->blocks.size() > want.size()) {
+    return absl::InternalError(absl::StrFormat(
+        "GpuEngine: request %d: the plan names %d tail slots for %d rows, the tail holds %d",
+        request.value(), want.size(), rows, s->blocks.size()));
   }
-  if (resize) {
-    // The old buffer may be read by queued work (stores): free it after the stream drains.
-    TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "synchronize"));
-    std::swap(s->tail, fresh);
-    AddTailBytes(static_cast<int64_t>(s->tail.size_bytes()) -
-                 static_cast<int64_t>(fresh.size_bytes()));
-    s->capacity = new_capacity;
-  } else if (live > 0) {
-    TOKENLAKE_RETURN_IF_ERROR(
-        copy(s->tail.as<std::byte>(), s->capacity, dst->as<std::byte>(), new_capacity));
+  for (size_t i = 0; i < want.size(); ++i) {
+    const InstanceId x = want[i];
+    if (!x.valid() || x.value() >= e_->options_.num_instances) {
+      return absl::InternalError(
+          absl::StrFormat("GpuEngine: tail slot on instance %d", x.valid() ? x.value() : -1));
+    }
+    if (i < s->blocks.size()) {
+      if (s->blocks[i].instance != x || !s->blocks[i].live) {
+        return absl::InternalError(absl::StrFormat(
+            "GpuEngine: request %d: tail block %d is on instance %d, the plan says %d",
+            request.value(), i, s->blocks[i].instance.value(), x.value()));
+      }
+      continue;
+    }
+    store::SegmentStore& st = *e_->instances_[static_cast<size_t>(x.value())].store;
+    absl::StatusOr<SlotId> slot = st.AllocateTail();
+    if (!slot.ok()) {
+      return absl::InternalError(absl::StrFormat(
+          "GpuEngine: request %d: no slot on instance %d for a tail block the lake placed there "
+          "(data plane out of step with the lake): %s",
+          request.value(), x.value(), slot.status().message()));
+    }
+    s->blocks.push_back({x, *slot, st.SlotData(*slot).data(), true});
+    AddTailSlots(1);
   }
-  s->base = s->pooled;
   return absl::OkStatus();
 }
 
@@ -388,7 +405,7 @@ absl::StatusOr<std::vector<WorkOutput>> GpuEngine::Executor::Run(
     const int64_t n = static_cast<int64_t>(w.tokens.size());
     if (sq->computed == 0 && sq->pooled == 0) {
       // A (re)started sequence: the pool serves the plan's cached prefix, the tail starts after.
-      sq->base = sq->pooled = sq->computed = w.plan->cached_tokens;
+      sq->pooled = sq->computed = w.plan->cached_tokens;
     }
     if (w.plan->cached_tokens != sq->pooled || w.start_pos != sq->computed ||
         w.start_pos + n > sq->max_tokens) {
@@ -398,7 +415,8 @@ absl::StatusOr<std::vector<WorkOutput>> GpuEngine::Executor::Run(
           w.request.value(), w.start_pos, w.start_pos + n, w.plan->cached_tokens, sq->pooled,
           sq->computed, sq->max_tokens));
     }
-    TOKENLAKE_RETURN_IF_ERROR(EnsureTail(sq, n));
+    TOKENLAKE_RETURN_IF_ERROR(
+        TakeTailBlocks(w.request, sq, w.plan->tail_slots, sq->computed + n - sq->pooled));
     for (const plan::SegmentAssignment& a : w.plan->segments) {
       if (a.holder != w.compute && a.action == plan::HolderAction::kPullKv) ++to_pull;
     }
@@ -413,10 +431,8 @@ absl::StatusOr<std::vector<WorkOutput>> GpuEngine::Executor::Run(
   // moved-queries holder's: on one device the holder's slots are read where they are) and its
   // tail; the descriptors of layer 0 are built, the other layers differ by the layer offset.
   struct Block {
-    const std::byte* base;  // slot (layer offsets added) or tail start (K of layer 0)
+    const std::byte* base;  // the slot (layer offsets added per layer)
     int32_t num_tokens;
-    bool tail;
-    int64_t tail_capacity;  // rows per [layer][kv] of the tail
   };
   std::vector<Block> blocks;
   std::vector<int32_t> decode_offsets{0};
@@ -435,7 +451,7 @@ absl::StatusOr<std::vector<WorkOutput>> GpuEngine::Executor::Run(
     for (const plan::SegmentAssignment& a : w.plan->segments) {
       TOKENLAKE_ASSIGN_OR_RETURN(std::byte * slot, e_->SlotPointer(a.holder, a.segment));
       if (a.holder == w.compute) {
-        blocks.push_back({slot, a.num_tokens, false, 0});
+        blocks.push_back({slot, a.num_tokens});
         any_local = true;
       } else if (a.action == plan::HolderAction::kPullKv) {
         // Pull: a device-to-device copy of the whole slot into the computing instance's scratch
@@ -445,7 +461,7 @@ absl::StatusOr<std::vector<WorkOutput>> GpuEngine::Executor::Run(
             CudaStatus(cudaMemcpyAsync(dst, slot, static_cast<size_t>(slot_bytes),
                                        cudaMemcpyDeviceToDevice, stream),
                        "pull copy"));
-        blocks.push_back({dst, a.num_tokens, false, 0});
+        blocks.push_back({dst, a.num_tokens});
         any_local = true;
         ++sq->counters.pulled_segments;
         sq->counters.pulled_bytes += slot_bytes;
@@ -456,7 +472,7 @@ absl::StatusOr<std::vector<WorkOutput>> GpuEngine::Executor::Run(
           remote.push_back({a.holder, {}});
           it = remote.end() - 1;
         }
-        it->second.push_back({slot, a.num_tokens, false, 0});
+        it->second.push_back({slot, a.num_tokens});
       }
     }
     for (const auto& r : remote) blocks.insert(blocks.end(), r.second.begin(), r.second.end());
@@ -465,32 +481,35 @@ absl::StatusOr<std::vector<WorkOutput>> GpuEngine::Executor::Run(
     sq->counters.local_attend_calls += any_local ? c.num_layers : 0;
     sq->counters.remote_attend_calls += static_cast<int64_t>(remote.size()) * c.num_layers;
     const int32_t count = static_cast<int32_t>(blocks.size()) - first;
+    // The tail (the new tokens included): its blocks of S rows, the last one partly filled.
     const int64_t tail_tokens = sq->computed + n - sq->pooled;
-    std::byte* tail_start = sq->tail.as<std::byte>() + (sq->pooled - sq->base) * row_bytes;
+    const int32_t tail_block = static_cast<int32_t>(blocks.size());
+    for (size_t b = 0; b < sq->blocks.size(); ++b) {
+      const int64_t r = static_cast<int64_t>(b) * seg;
+      blocks.push_back(
+          {sq->blocks[b].data, static_cast<int32_t>(std::min<int64_t>(seg, tail_tokens - r))});
+    }
     if (n == 1) {
-      // The tail (the new token included) in blocks of at most S rows.
-      for (int64_t r = 0; r < tail_tokens; r += seg) {
-        blocks.push_back({tail_start + r * row_bytes,
-                          static_cast<int32_t>(std::min<int64_t>(seg, tail_tokens - r)), true,
-                          sq->capacity});
-      }
       decode_offsets.push_back(static_cast<int32_t>(blocks.size()));
     } else {
       prefills.push_back({.row = row,
                           .num_tokens = n,
                           .first = first,
                           .count = count,
-                          .tail_block = static_cast<int32_t>(blocks.size()),
+                          .tail_block = tail_block,
+                          .tail_count = static_cast<int32_t>(sq->blocks.size()),
                           .tail_tokens = static_cast<int32_t>(tail_tokens),
                           .causal_start = static_cast<int32_t>(sq->computed - sq->pooled)});
-      blocks.push_back({tail_start, static_cast<int32_t>(tail_tokens), true, sq->capacity});
     }
+    // Each new row's K and V go to its block's row (the slot layout: [layer][kv][S][row]).
     for (int32_t t = 0; t < n; ++t) {
+      const int64_t at = sq->computed + t - sq->pooled;
+      const TailBlock& b = sq->blocks[static_cast<size_t>(at / seg)];
       destinations.push_back(
-          {.k0 = reinterpret_cast<uint64_t>(sq->tail.as<std::byte>() +
-                                            (sq->computed - sq->base + t) * row_bytes),
-           .layer_stride = 2 * sq->capacity * row_bytes,
-           .v_offset = sq->capacity * row_bytes});
+          {.k0 = reinterpret_cast<uint64_t>(b.data + layout.BlockOffsetBytes(0, 0) +
+                                            (at % seg) * row_bytes),
+           .layer_stride = layout.BlockOffsetBytes(1, 0) - layout.BlockOffsetBytes(0, 0),
+           .v_offset = layout.BlockOffsetBytes(0, 1) - layout.BlockOffsetBytes(0, 0)});
     }
     row += n;
   }
@@ -517,13 +536,8 @@ absl::StatusOr<std::vector<WorkOutput>> GpuEngine::Executor::Run(
     for (int32_t i = 0; i < stride; ++i) {
       const Block& b = blocks[static_cast<size_t>(i)];
       acuda::DeviceKvBlock& d = desc[static_cast<size_t>(l) * stride + i];
-      if (b.tail) {
-        d.k = b.base + (int64_t{l} * 2 + 0) * b.tail_capacity * row_bytes;
-        d.v = b.base + (int64_t{l} * 2 + 1) * b.tail_capacity * row_bytes;
-      } else {
-        d.k = b.base + layout.BlockOffsetBytes(l, 0);
-        d.v = b.base + layout.BlockOffsetBytes(l, 1);
-      }
+      d.k = b.base + layout.BlockOffsetBytes(l, 0);
+      d.v = b.base + layout.BlockOffsetBytes(l, 1);
       d.num_tokens = b.num_tokens;
       d.reserved = 0;
     }
@@ -659,7 +673,8 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(GpuLlamaModel* mode
            .max_request_tokens = c.max_position_embeddings,
            .pool_tokens =
                int64_t{options.num_instances} * options.slots_per_instance * options.segment_tokens,
-           .rotate_over_instances = options.rotate_compute_instance ? options.num_instances : 0}));
+           .rotate_over_instances = options.rotate_compute_instance ? options.num_instances : 0,
+           .tails_in_pool = true}));
   return e;
 }
 
@@ -764,6 +779,6 @@ std::vector<GpuEngine::ForwardTiming> GpuEngine::TakeForwardTimings() {
 
 std::vector<IterationTiming> GpuEngine::TakeIterationTimings() { return loop_->TakeTimings(); }
 
-int64_t GpuEngine::peak_tail_bytes() const { return executor_->peak_tail_bytes(); }
+int64_t GpuEngine::peak_tail_slots() const { return executor_->peak_tail_slots(); }
 
 }  // namespace tokenlake::engine::cuda

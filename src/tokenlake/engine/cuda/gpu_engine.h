@@ -29,8 +29,11 @@
 // the kernel. A prefill chunk computes one partial over its pooled segments, then the causal
 // partial over its tail and new tokens, into which the kernel merges the pooled one
 // (PagedAttentionParams::num_extra).
-// Segments the iteration completes are copied from the tail into a slot on the instance the
-// plan's placement names, then committed (visible to later requests). The counters of
+// A request's tail lives in slots of the pool (tail slots the lake accounts: docs/adr/0017), so
+// the requests' KV takes no device memory beside the pool. A segment the iteration completes is
+// committed in place when its placement is the instance of its tail block (the block becomes
+// its slot, no copy), else copied into a slot of the instance the placement names (the block
+// goes back); the copy becomes visible to later requests once confirmed. The counters of
 // GpuGenerateResult say how many attend calls, pulls and stores (and bytes) this took.
 //
 // Thread-safety: not thread-safe; one thread calls Generate / GenerateBatch. The model is borrowed
@@ -157,10 +160,10 @@ class GpuEngine {
   // The iteration loop's timings since the last call (IterationLoop::TakeTimings).
   std::vector<IterationTiming> TakeIterationTimings();
 
-  // The most device memory the requests' tails (KV of tokens not yet in pooled segments: a
-  // prefill chunk's rows until its segments are stored, a segment's worth while decoding) held
-  // at once so far, bytes.
-  int64_t peak_tail_bytes() const;
+  // The most pool slots the requests' tails (KV of tokens not yet in pooled segments: a prefill
+  // chunk's rows until its segments are stored, a part-segment while decoding) held at once so
+  // far. They are slots of the pool: the tails take no device memory beside it.
+  int64_t peak_tail_slots() const;
 
   const GpuEngineOptions& options() const { return options_; }
   // The control plane, for tests and statistics.
@@ -198,12 +201,11 @@ class GpuEngine {
   std::vector<ForwardTiming> forward_timings_;
   std::unique_ptr<IterationLoop> loop_;
   // Device scratch reused by every request's forward (the tails are per request).
-  DeviceBuffer pulled_;        // pulled slots
-  DeviceBuffer blocks_;        // DeviceKvBlock descriptors of an iteration
-  DeviceBuffer partials_;      // [partial][n][heads][head_dim] f32, then [partial][n][heads] f32
-  DeviceBuffer merged_lse_;    // [n][heads] f32
-  DeviceBuffer workspace_;     // paged attention workspace (counters zeroed once)
-  DeviceBuffer tail_scratch_;  // a request's live tail rows while its tail is compacted
+  DeviceBuffer pulled_;      // pulled slots
+  DeviceBuffer blocks_;      // DeviceKvBlock descriptors of an iteration
+  DeviceBuffer partials_;    // [partial][n][heads][head_dim] f32, then [partial][n][heads] f32
+  DeviceBuffer merged_lse_;  // [n][heads] f32
+  DeviceBuffer workspace_;   // paged attention workspace (counters zeroed once)
 };
 
 }  // namespace tokenlake::engine::cuda

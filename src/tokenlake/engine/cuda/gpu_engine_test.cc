@@ -255,9 +255,10 @@ LlamaConfig FixedConfig() {
 // iterations, small token budgets so that prompts are prefilled in chunks beside other
 // requests' decodes), teacher-forced with the CPU reference's tokens: every request's logits
 // stay within the bf16 tolerance of the CPU reference whatever the batch and arrival order.
-// Seed 904 has a pool of 40 slots per instance, less than the requests need together: segments
-// often find no slot, so decodes attend over tails longer than a segment (cut into several
-// blocks of the batched decode launch).
+// Seed 904 has a pool of 40 slots per instance, less than the requests need together: the
+// requests' tails (in pool slots) make others wait for memory, are preempted and recomputed,
+// and decodes attend over tails longer than a segment (several blocks of the batched decode
+// launch).
 TEST(GpuEngineBatchTest, EachRequestMatchesTheCpuReferenceWhateverTheBatch) {
   SKIP_WITHOUT_GPU();
   for (uint64_t seed : {901u, 902u, 903u, 904u}) {
@@ -307,9 +308,70 @@ TEST(GpuEngineBatchTest, EachRequestMatchesTheCpuReferenceWhateverTheBatch) {
     int64_t data_segments = 0;
     for (int32_t k = 0; k < (*gpu)->options().num_instances; ++k) {
       data_segments += (*gpu)->store(InstanceId(k)).used();
+      EXPECT_EQ((*gpu)->store(InstanceId(k)).num_tail_slots(), 0);
     }
     EXPECT_EQ(data_segments, (*gpu)->lake().Stats().replicas);
+    EXPECT_EQ((*gpu)->lake().Stats().tail_slots, 0);
   }
+}
+
+// The requests' KV tails live in slots of the pool (docs/adr/0017): every segment a request
+// completes on its computing instance (one instance: all of them) is committed in place, no tail
+// slot is left once the requests end, the data plane's slots are exactly the lake's, and the
+// tails never held more than the pool (many requests, long prompts in one chunk each); the
+// answers are the CPU reference's.
+TEST(GpuEngineTailTest, TailsLiveInPoolSlotsAndSegmentsAreCommittedInPlace) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(911);
+  const LlamaConfig c = RandomConfig(rng);
+  Models m = MakeModels(c, 911);
+  ASSERT_TRUE(m.cpu != nullptr && m.gpu != nullptr);
+  auto cpu = Engine::Create(m.cpu.get(), {.use_pool = false});
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  constexpr int32_t kSlots = 96;
+  auto gpu = GpuEngine::Create(m.gpu.get(), {.num_instances = 1,
+                                             .segment_tokens = 8,
+                                             .slots_per_instance = kSlots,
+                                             .max_batch_tokens = 4096,
+                                             .max_batch_requests = 64});
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  std::vector<GenerateRequest> requests;
+  std::vector<GenerateResult> want;
+  for (int i = 0; i < 12; ++i) {
+    std::vector<int32_t> p(40 + rng() % 60);
+    for (int32_t& t : p) t = static_cast<int32_t>(rng() % c.vocab_size);
+    auto w = (*cpu)->Generate(p, 11);
+    ASSERT_TRUE(w.ok()) << w.status();
+    requests.push_back(
+        {.prompt = p,
+         .max_new_tokens = 11,
+         .force_tokens = std::vector<int32_t>(w->tokens.begin(), w->tokens.end() - 1)});
+    want.push_back(*std::move(w));
+  }
+  auto got = (*gpu)->GenerateBatch(requests);
+  ASSERT_EQ(got.size(), requests.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    SCOPED_TRACE(testing::Message() << "request " << i);
+    ASSERT_TRUE(got[i].ok()) << got[i].status();
+    EXPECT_LE(MaxAbsDiff(got[i]->last_logits, want[i].last_logits),
+              Bf16Tolerance(want[i].last_logits));
+    EXPECT_LE(MaxAbsDiff(got[i]->decode_logits, want[i].decode_logits),
+              Bf16Tolerance(want[i].decode_logits));
+  }
+  const lake::LakeStats st = (*gpu)->lake().Stats();
+  int64_t stored = 0;
+  for (const auto& r : got) stored += r->stored_segments;
+  EXPECT_GT(stored, 0);
+  // One instance: a segment is stored where its rows are, never copied.
+  EXPECT_EQ(st.in_place_commits, stored);
+  EXPECT_EQ(st.tail_slots, 0);
+  EXPECT_EQ((*gpu)->store(InstanceId(0)).num_tail_slots(), 0);
+  EXPECT_EQ((*gpu)->store(InstanceId(0)).used(), st.replicas);
+  EXPECT_GT((*gpu)->peak_tail_slots(), 0);
+  EXPECT_LE((*gpu)->peak_tail_slots(), kSlots);
+  EXPECT_TRUE((*gpu)->lake().CheckIntegrity().ok()) << (*gpu)->lake().CheckIntegrity();
+  std::cout << "peak tail slots " << (*gpu)->peak_tail_slots() << " of " << kSlots
+            << ", deferred admissions " << st.admissions_deferred << "\n";
 }
 
 TEST(GpuEngineTest, RepeatedPromptIsServedFromThePool) {

@@ -1,0 +1,123 @@
+// The tails of the Lake (lake.h, "Tails in the pool"; docs/adr/0017): a running request's KV
+// rows after its pooled prefix kept in slots of the pool, counted like the segments they become.
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+#include "tokenlake/base/check.h"
+#include "tokenlake/lake/lake.h"
+
+namespace tokenlake::lake {
+
+int64_t Lake::TailBlocksNeeded(int64_t from_tokens, int64_t end_tokens) const {
+  const int64_t s = options_.segment_tokens;
+  if (end_tokens <= from_tokens) return 0;
+  return (end_tokens + s - 1) / s - from_tokens / s;
+}
+
+int64_t Lake::TailBlocksLocked(RequestId request) const {
+  auto it = tails_.find(request);
+  return it == tails_.end() ? 0 : static_cast<int64_t>(it->second.blocks.size());
+}
+
+void Lake::PopTailBlockLocked(Tail& tail, InstanceStatesCache* states) {
+  const TailBlock block = tail.blocks.front();
+  TOKENLAKE_CHECK_OK(stores_[block.instance.value()]->FreeTail(block.slot));
+  if (states != nullptr) states->Freed(block.instance);
+  tail.blocks.erase(tail.blocks.begin());
+  tail.first_tokens += options_.segment_tokens;
+  tail_slots_ -= 1;
+}
+
+absl::Status Lake::SetTailLocked(RequestId request, int64_t from_tokens, int64_t end_tokens,
+                                 InstanceId instance, AdmitResult* result) {
+  Tail& t = tails_[request];
+  InstanceStatesCache states(this, &result->evicted);
+  auto free_back = [&] {
+    const TailBlock block = t.blocks.back();
+    TOKENLAKE_CHECK_OK(stores_[block.instance.value()]->FreeTail(block.slot));
+    states.Freed(block.instance);
+    t.blocks.pop_back();
+    tail_slots_ -= 1;
+  };
+  // A tail that starts after the matched prefix belongs to a lost prefix (the request restarts
+  // from what the pool holds): its rows are of no use.
+  if (t.first_tokens > from_tokens) {
+    while (!t.blocks.empty()) free_back();
+  }
+  // Rows the pool now serves (another request stored them) leave the tail.
+  while (!t.blocks.empty() && t.first_tokens < from_tokens) PopTailBlockLocked(t, &states);
+  if (t.blocks.empty()) t.first_tokens = from_tokens;
+  const size_t need = static_cast<size_t>(TailBlocksNeeded(from_tokens, end_tokens));
+  while (t.blocks.size() > need) free_back();
+  absl::Status status = absl::OkStatus();
+  while (t.blocks.size() < need) {
+    const InstanceId where = PlaceLocked(instance, SegmentId(), states, &result->evicted);
+    if (!where.valid()) {
+      status = absl::ResourceExhaustedError(absl::StrFormat(
+          "no slot for block %d of the KV tail of request %d (every other slot is pinned or a "
+          "tail)",
+          t.blocks.size(), request.value()));
+      break;
+    }
+    absl::StatusOr<SlotId> slot = stores_[where.value()]->AllocateTail();
+    TOKENLAKE_CHECK_OK(slot.status());
+    states.Allocated(where);
+    t.blocks.push_back({where, *slot});
+    tail_slots_ += 1;
+  }
+  if (!result->evicted.empty()) result->sequence = ++sequence_;
+  result->tail_slots.clear();
+  for (const TailBlock& b : t.blocks) result->tail_slots.push_back(b.instance);
+  if (t.blocks.empty()) tails_.erase(request);
+  return status;
+}
+
+void Lake::ReleaseTail(RequestId request) {
+  absl::MutexLock lock(&mu_);
+  auto it = tails_.find(request);
+  if (it == tails_.end()) return;
+  while (!it->second.blocks.empty()) PopTailBlockLocked(it->second, nullptr);
+  tails_.erase(it);
+}
+
+std::vector<InstanceId> Lake::TailSlots(RequestId request) const {
+  absl::MutexLock lock(&mu_);
+  std::vector<InstanceId> out;
+  auto it = tails_.find(request);
+  if (it == tails_.end()) return out;
+  for (const TailBlock& b : it->second.blocks) out.push_back(b.instance);
+  return out;
+}
+
+absl::Status Lake::CheckTailsLocked() const {
+  std::vector<int64_t> per_instance(stores_.size(), 0);
+  int64_t total = 0;
+  for (const auto& [id, t] : tails_) {
+    if (t.blocks.empty()) {
+      return absl::InternalError(absl::StrFormat("Lake: request %d has an empty tail", id.value()));
+    }
+    if (t.first_tokens % options_.segment_tokens != 0) {
+      return absl::InternalError(
+          absl::StrFormat("Lake: the tail of request %d starts at row %d, not a segment boundary",
+                          id.value(), t.first_tokens));
+    }
+    for (const TailBlock& b : t.blocks) per_instance[b.instance.value()] += 1;
+    total += static_cast<int64_t>(t.blocks.size());
+  }
+  if (total != tail_slots_) {
+    return absl::InternalError(
+        absl::StrFormat("Lake: tails hold %d slots, %d counted", total, tail_slots_));
+  }
+  for (size_t i = 0; i < stores_.size(); ++i) {
+    if (per_instance[i] != stores_[i]->num_tail_slots()) {
+      return absl::InternalError(
+          absl::StrFormat("Lake: tails hold %d slots of instance %d, its store %d", per_instance[i],
+                          i, stores_[i]->num_tail_slots()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace tokenlake::lake
