@@ -508,7 +508,7 @@ absl::StatusOr<std::vector<WorkOutput>> GpuEngine::Executor::Run(
       destinations.push_back(
           {.k0 = reinterpret_cast<uint64_t>(b.data + layout.BlockOffsetBytes(0, 0) +
                                             (at % seg) * row_bytes),
-           .layer_stride = layout.BlockOffsetBytes(1, 0) - layout.BlockOffsetBytes(0, 0),
+           .layer_stride = 2 * layout.BlockBytes(),  // [layer][kv]: a layer is K and V blocks
            .v_offset = layout.BlockOffsetBytes(0, 1) - layout.BlockOffsetBytes(0, 0)});
     }
     row += n;
