@@ -19,9 +19,7 @@
 #           --instances 1 --gpu profile.json --model llama-3-8b --policies tokenlake`, its
 #           completion time (makespan_s) beside the engine's measured seconds in
 #           bench_engine_llama3-8b.json with their ratio (bench/sim_vs_engine.py; needs bench and
-#           profile); then the same with the profile's forward_ms taken from the bench's own
-#           decode phases and prefill (bench/engine_forward_ms.py), a cross-check of the
-#           profile's forward measurement.
+#           profile: the profile's forward_ms is what the simulator charges per iteration).
 #
 #   bash bench/engine_session.sh OUT_DIR [BUILD_DIR]     # BUILD_DIR: default build/cuda
 #   PARTS="bench hf" MODELS=llama2-7b bash bench/engine_session.sh out
@@ -104,27 +102,16 @@ if wants profile; then
 fi
 if wants sim && [ -f "$OUT/profile.json" ] && [ -f "$OUT/prompts_llama3-8b.json" ] &&
   [ -f "$OUT/bench_engine_llama3-8b.json" ]; then
-  python3 bench/engine_forward_ms.py --bench "$OUT/bench_engine_llama3-8b.json" \
-    --profile "$OUT/profile.json" --out "$OUT/profile_bench_forward.json" \
-    > "$OUT/engine_forward_ms.log" 2>&1
-  stamp "engine_forward_ms rc=$?"
   for w in shared-prefix-64 sixteen-2k; do
     python3 bench/prompts_to_trace.py --prompts "$OUT/prompts_llama3-8b.json" --workload "$w" \
       --out "$OUT/trace_$w.jsonl" || continue
-    for p in profile profile_bench_forward; do
-      [ -f "$OUT/$p.json" ] || continue
-      prefix=sim_
-      [ "$p" = profile ] || prefix=sim_bench_forward_
-      timeout "$STEP_TIMEOUT" "$B/tokenlake" sim --trace "$OUT/trace_$w.jsonl" --instances 1 \
-        --gpu "$OUT/$p.json" --model llama-3-8b --policies tokenlake \
-        --json "$OUT/$prefix$w.json" > "$OUT/$prefix$w.log" 2>&1
-      stamp "sim $w with $p.json rc=$?"
-    done
+    timeout "$STEP_TIMEOUT" "$B/tokenlake" sim --trace "$OUT/trace_$w.jsonl" --instances 1 \
+      --gpu "$OUT/profile.json" --model llama-3-8b --policies tokenlake \
+      --json "$OUT/sim_$w.json" > "$OUT/sim_$w.log" 2>&1
+    stamp "sim $w rc=$?"
   done
-  for prefix in sim_ sim_bench_forward_; do
-    echo "the simulator ($prefix*.json) against the engine:"
-    python3 bench/sim_vs_engine.py --bench "$OUT/bench_engine_llama3-8b.json" --sim-dir "$OUT" \
-      --prefix "$prefix" | tee "$OUT/${prefix}vs_engine.txt"
-  done
+  echo "the simulator (sim_*.json) against the engine:"
+  python3 bench/sim_vs_engine.py --bench "$OUT/bench_engine_llama3-8b.json" --sim-dir "$OUT" \
+    --prefix sim_ | tee "$OUT/sim_vs_engine.txt"
 fi
 stamp "done"

@@ -152,8 +152,8 @@ expect "pd-disagg+dram states its store" 0 \
   "pd-disagg\+dram 1P:1D also uses a host-DRAM KV store: 64.0 GB per prefill instance" -- \
   "$bin" sim --requests 20 --instances 2 --policies pd-disagg+dram --pd-dram-gb 64
 
-# The simulator against the GPU engine's measurements (bench/sim_vs_engine.py and
-# bench/engine_forward_ms.py, which bench/engine_session.sh runs): four requests at once on one
+# The simulator against the GPU engine's measurements (bench/sim_vs_engine.py, which
+# bench/engine_session.sh runs): four requests at once on one
 # instance; bench JSONs whose measured seconds are the simulation's own completion time, twice
 # it, and one naming a workload that was not simulated.
 mkdir -p "$tmp/vs"
@@ -179,27 +179,8 @@ expect "sim_vs_engine: half the engine's time is outside" 1 "0\.500 .*OUTSIDE 15
   python3 "$repo/bench/sim_vs_engine.py" --bench "$tmp/vs/bench_double.json" --sim-dir "$tmp/vs"
 expect "sim_vs_engine: a workload without a simulation is named" 2 "no simulation of 'other'" -- \
   python3 "$repo/bench/sim_vs_engine.py" --bench "$tmp/vs/bench_other.json" --sim-dir "$tmp/vs"
-# engine_forward_ms: decode phases at batch 8 over two contexts (6.0 and 6.2 ms without
-# attention: 6.1), a one-chunk prefill of 1,000 tokens in 0.05 s (minus its attention,
-# 4 x 1000 x 1001 / 2 x (2 heads x 4 x 2 layers) FLOPs at 1 TFLOP/s = 0.032032 ms), a 4-chunk
-# prefill (not used) and a skipped decode row.
-cat >"$tmp/vs/bench_fwd.json" <<'JSON'
-{"commit": "x", "model": {"layers": 2, "heads": 2, "hidden": 8},
- "decode": [{"batch": 8, "phases_with_events": {"gemm_ms": 4, "other_ms": 1.5, "ends_ms": 0.5}},
-            {"batch": 8, "phases_with_events": {"gemm_ms": 4.2, "other_ms": 1.5, "ends_ms": 0.5}},
-            {"batch": 128, "skipped": "does not fit"}],
- "prefill": [{"tokens": 1000, "chunks": 1, "seconds": 0.05},
-             {"tokens": 4000, "chunks": 4, "seconds": 1}]}
-JSON
-echo '{"attn_prefill_tflops": 1}' >"$tmp/vs/profile.json"
-python3 "$repo/bench/engine_forward_ms.py" --bench "$tmp/vs/bench_fwd.json" \
-  --profile "$tmp/vs/profile.json" --out "$tmp/vs/profile_fwd.json" >/dev/null 2>&1
-expect "engine_forward_ms derives forward_ms from the bench" 0 "^ok$" -- \
-  python3 -c 'import json, sys
-f = json.load(open(sys.argv[1]))["forward_ms"]
-ok = [t for t, _ in f] == [8, 1000] and abs(f[0][1] - 6.1) < 1e-9
-ok = ok and abs(f[1][1] - (50 - 0.032032)) < 1e-9
-print("ok" if ok else f)' "$tmp/vs/profile_fwd.json"
+# A profile with a forward_ms table (as `tokenlake profile` measures it): tokens -> ms.
+echo '{"attn_prefill_tflops": 1, "forward_ms": [[8, 6.1], [1000, 49.97]]}' >"$tmp/vs/profile_fwd.json"
 expect "sim charges a profile's forward_ms and says so" 0 "forward_ms" -- \
   "$bin" sim --trace "$tmp/vs/trace_four.jsonl" --instances 1 --policies tokenlake \
   --gpu "$tmp/vs/profile_fwd.json"
