@@ -94,8 +94,9 @@ class FakeExecutor final : public IterationExecutor {
       if (rows % s_ != 0) return absl::InternalError("a tail drop of part of a block");
       auto& blocks = blocks_[r];
       for (int64_t i = 0; i < rows / s_ && !blocks.empty(); ++i) {
-        if (blocks.front().live)
+        if (blocks.front().live) {
           --tail_slots_[static_cast<size_t>(blocks.front().instance.value())];
+        }
         blocks.erase(blocks.begin());
       }
     }
@@ -120,7 +121,7 @@ class FakeExecutor final : public IterationExecutor {
         // The tail's blocks: those it has are the plan's first ones, the rest are taken now.
         auto& blocks = blocks_[w.request];
         const auto& want = w.plan->tail_slots;
-        const int64_t rows = static_cast<int64_t>(tails_.at(w.request).size() + w.tokens.size());
+        const auto rows = static_cast<int64_t>(tails_.at(w.request).size() + w.tokens.size());
         if (static_cast<int64_t>(want.size()) != (rows + s_ - 1) / s_ ||
             blocks.size() > want.size()) {
           return absl::InternalError(absl::StrFormat(
@@ -225,7 +226,7 @@ class FakeExecutor final : public IterationExecutor {
   };
   // A slot of `instance` for `what`: an error beyond its capacity.
   absl::Status Take(InstanceId instance, const char* what) {
-    const size_t i = static_cast<size_t>(instance.value());
+    const auto i = static_cast<size_t>(instance.value());
     if (static_cast<int64_t>(stores_[i].size()) + tail_slots_[i] + 1 > slots_) {
       return absl::InternalError(
           absl::StrFormat("instance %d: no slot for a %s (%d segments, %d tail blocks, %d slots)",

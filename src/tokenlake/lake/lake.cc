@@ -317,7 +317,7 @@ absl::StatusOr<std::optional<AdmitResult>> Lake::TryAdmit(const LakeRequest& req
         absl::StrFormat("TryAdmit: request %d is already active", request.id.value()));
   }
   const index::MatchResult match = VisibleMatchLocked(request.keys);
-  const size_t n = static_cast<size_t>(match.matched_segments);
+  const auto n = static_cast<size_t>(match.matched_segments);
   const bool tail = request.tail_end_tokens > 0;
   // A tail request's new segments are its tail's blocks: it counts the tail's growth instead.
   const int64_t new_segments =
@@ -524,9 +524,9 @@ InstanceId Lake::PlaceLocked(InstanceId target, SegmentId must_stay, InstanceSta
       counters_.local_evictions += 1;
       return target;
     }
-    if (!EvictOneLocked(states.Get(), evicted)) return InstanceId();
+    if (!EvictOneLocked(states.Get(), evicted)) return {};
     // A new segment's parent may have been an unpinned leaf that just went.
-    if (must_stay.valid() && !tree_->Contains(must_stay)) return InstanceId();
+    if (must_stay.valid() && !tree_->Contains(must_stay)) return {};
   }
 }
 

@@ -35,6 +35,7 @@ absl::Status Lake::SetTailLocked(RequestId request, int64_t from_tokens, int64_t
   Tail& t = tails_[request];
   InstanceStatesCache states(this, &result->evicted);
   auto free_back = [&] {
+    mu_.AssertHeld();  // held by this function; tells the analysis inside the lambda
     const TailBlock block = t.blocks.back();
     TOKENLAKE_CHECK_OK(stores_[block.instance.value()]->FreeTail(block.slot));
     states.Freed(block.instance);
@@ -49,7 +50,7 @@ absl::Status Lake::SetTailLocked(RequestId request, int64_t from_tokens, int64_t
   // Rows the pool now serves (another request stored them) leave the tail.
   while (!t.blocks.empty() && t.first_tokens < from_tokens) PopTailBlockLocked(t, &states);
   if (t.blocks.empty()) t.first_tokens = from_tokens;
-  const size_t need = static_cast<size_t>(TailBlocksNeeded(from_tokens, end_tokens));
+  const auto need = static_cast<size_t>(TailBlocksNeeded(from_tokens, end_tokens));
   while (t.blocks.size() > need) free_back();
   absl::Status status = absl::OkStatus();
   while (t.blocks.size() < need) {

@@ -78,16 +78,16 @@ TEST(LakeTailTest, TailSlotsAreUsedSlotsNothingIsPlacedOn) {
 TEST(LakeTailTest, AdmissionWaitsWhileTailsFillThePool) {
   ManualClock clock(1);
   auto lake = MakeLake(&clock, 2, 2);
-  auto a = lake->TryAdmit(TailRequest(1, {}, 3 * kS));
+  auto a = lake->TryAdmit(TailRequest(1, {}, int64_t{3} * kS));
   ASSERT_TRUE(a.ok() && a->has_value());
   ASSERT_TRUE(lake->Release(RequestId(1)).ok());  // between iterations: the tail stays
   // Two slots wanted, one left: request 2 waits; its one-slot tail fits.
-  auto b = lake->TryAdmit(TailRequest(2, {}, 2 * kS));
+  auto b = lake->TryAdmit(TailRequest(2, {}, int64_t{2} * kS));
   ASSERT_TRUE(b.ok());
   EXPECT_FALSE(b->has_value());
   EXPECT_EQ(lake->Stats().admissions_deferred, 1);
   // Plain Admit refuses a tail that cannot grow, naming the need, and changes nothing.
-  auto forced = lake->Admit(TailRequest(2, {}, 2 * kS));
+  auto forced = lake->Admit(TailRequest(2, {}, int64_t{2} * kS));
   EXPECT_EQ(forced.status().code(), absl::StatusCode::kResourceExhausted) << forced.status();
   EXPECT_EQ(lake->Stats().active_requests, 0);
   auto c = lake->TryAdmit(TailRequest(2, {}, kS));
@@ -96,7 +96,7 @@ TEST(LakeTailTest, AdmissionWaitsWhileTailsFillThePool) {
   // Request 1 ends: its slots go back and request 2 can grow.
   lake->ReleaseTail(RequestId(1));
   ASSERT_TRUE(lake->Release(RequestId(2)).ok());
-  auto d = lake->TryAdmit(TailRequest(2, {}, 4 * kS));
+  auto d = lake->TryAdmit(TailRequest(2, {}, int64_t{4} * kS));
   ASSERT_TRUE(d.ok() && d->has_value());
   EXPECT_EQ((*d)->tail_slots.size(), 4u);
   EXPECT_TRUE(lake->CheckIntegrity().ok()) << lake->CheckIntegrity();
@@ -142,7 +142,7 @@ TEST(LakeTailTest, TailsEvictUnpinnedSegmentsAndReportThem) {
   ASSERT_TRUE(lake->Admit({.id = RequestId(1), .keys = {}, .new_tokens = 48}).ok());
   ASSERT_TRUE(lake->CommitKeys(RequestId(1), Chain({1, 2, 3}), InstanceId(0)).ok());
   ASSERT_TRUE(lake->Release(RequestId(1)).ok());
-  auto a = lake->TryAdmit(TailRequest(2, {}, 2 * kS));
+  auto a = lake->TryAdmit(TailRequest(2, {}, int64_t{2} * kS));
   ASSERT_TRUE(a.ok() && a->has_value());
   // The two least recently used leaves go (3, then 2).
   EXPECT_EQ((*a)->evicted, (std::vector<StoredReplica>{{SegmentId(3), InstanceId(0)},
@@ -162,7 +162,7 @@ TEST(LakeTailTest, AfterASegmentThatStaysInTheTailTheRestStayToo) {
   ASSERT_TRUE(lake->CommitPending(RequestId(1),
                                   Placements(1, Chain({1}), 0, InstanceId(0), {InstanceId(0)}))
                   .ok());
-  auto a = lake->TryAdmit(TailRequest(2, keys, 3 * kS));
+  auto a = lake->TryAdmit(TailRequest(2, keys, int64_t{3} * kS));
   ASSERT_TRUE(a.ok() && a->has_value());
   auto c = lake->CommitPending(
       RequestId(2),
@@ -175,7 +175,7 @@ TEST(LakeTailTest, AfterASegmentThatStaysInTheTailTheRestStayToo) {
   // Request 1 confirms; request 2's next iteration matches segment 1: its first block goes.
   ASSERT_TRUE(lake->ConfirmStored({{RequestId(1), SegmentId(1), InstanceId(0)}}).ok());
   ASSERT_TRUE(lake->Release(RequestId(2)).ok());
-  auto b = lake->TryAdmit(TailRequest(2, keys, 3 * kS));
+  auto b = lake->TryAdmit(TailRequest(2, keys, int64_t{3} * kS));
   ASSERT_TRUE(b.ok() && b->has_value());
   EXPECT_EQ((*b)->matched_tokens, kS);
   EXPECT_EQ((*b)->tail_slots.size(), 2u);
@@ -205,8 +205,9 @@ class LakeTailModelTest : public ::testing::TestWithParam<TailParams> {};
 
 TEST_P(LakeTailModelTest, TailsMatchTheModelAndTheAccountingIsExact) {
   TailParams p = GetParam();
-  if (const char* env = std::getenv("TOKENLAKE_TEST_SEED"))
+  if (const char* env = std::getenv("TOKENLAKE_TEST_SEED")) {
     p.seed += std::strtoull(env, nullptr, 10);
+  }
   SCOPED_TRACE(testing::Message() << "seed=" << p.seed);
   std::cout << "seed=" << p.seed << "\n";
   Rng rng(p.seed);
@@ -246,25 +247,26 @@ TEST_P(LakeTailModelTest, TailsMatchTheModelAndTheAccountingIsExact) {
         ASSERT_TRUE(lake->Release(RequestId(id)).ok());
         r.active = false;
       }
-      const int64_t end = r.computed + rng.UniformInt(1, 3 * kS);
-      if (end > 10 * kS) continue;
+      const int64_t end = r.computed + rng.UniformInt(1, int64_t{3} * kS);
+      if (end > int64_t{10} * kS) continue;
       std::vector<index::SegmentKey> keys;
+      keys.reserve(static_cast<size_t>(end / kS));
       for (int32_t i = 0; i < end / kS; ++i) keys.push_back(doc_key(r.doc, i));
       // As the control plane: only segments before the first row to compute may be cached
       // (more matched: the keys are cut there).
-      const int32_t cap = static_cast<int32_t>(r.computed / kS);
+      const auto cap = static_cast<int32_t>(r.computed / kS);
       if (lake->Match(keys).matched_segments > cap) keys.resize(static_cast<size_t>(cap));
       const index::MatchResult m = lake->Match(keys);
       const std::vector<index::SegmentKey>& iter_keys = keys;
       const int64_t need = (end + kS - 1) / kS - m.matched_tokens / kS;
-      const int64_t have = static_cast<int64_t>(model_tails[id].size());
+      const auto have = static_cast<int64_t>(model_tails[id].size());
       int64_t newly_pinned = 0;
       for (int32_t i = 0; i < m.matched_segments; ++i) {
         const index::PrefixTree::Node* node = lake->prefix_tree().Find(iter_keys[i].id);
         if (!node->is_pinned()) newly_pinned += static_cast<int64_t>(node->replicas.size());
       }
       const int64_t available = lake->AvailableSlots();
-      const int32_t compute = static_cast<int32_t>(rng.UniformInt(0, p.instances - 1));
+      const auto compute = static_cast<int32_t>(rng.UniformInt(0, p.instances - 1));
       LakeRequest lr = TailRequest(id, iter_keys, end, compute);
       std::optional<AdmitResult> result;
       if (rng.UniformInt(0, 3) > 0) {
@@ -281,8 +283,8 @@ TEST_P(LakeTailModelTest, TailsMatchTheModelAndTheAccountingIsExact) {
       } else {
         // Plain Admit: refused exactly when slots neither pinned nor tails cannot hold the growth.
         const LakeStats before = lake->Stats();
-        const bool fits = need - have + newly_pinned <=
-                          total - before.pinned_replicas - before.tail_slots;
+        const bool fits =
+            need - have + newly_pinned <= total - before.pinned_replicas - before.tail_slots;
         auto a = lake->Admit(lr);
         ASSERT_EQ(a.ok(), fits) << a.status();
         if (!a.ok()) {
@@ -311,10 +313,10 @@ TEST_P(LakeTailModelTest, TailsMatchTheModelAndTheAccountingIsExact) {
       const uint64_t id = it->first;
       Req& r = it->second;
       if (!r.active) continue;
-      const size_t from = static_cast<size_t>(r.matched / kS);
+      const auto from = static_cast<size_t>(r.matched / kS);
       std::vector<InstanceId> targets;
       for (size_t i = from; i < r.keys.size(); ++i) {
-        targets.push_back(InstanceId(static_cast<int32_t>(rng.UniformInt(0, p.instances - 1))));
+        targets.emplace_back(static_cast<int32_t>(rng.UniformInt(0, p.instances - 1)));
       }
       const std::vector<InstanceId> tail_before = lake->TailSlots(RequestId(id));
       auto placements = Placements(id, r.keys, from, InstanceId(r.compute), targets);
@@ -374,9 +376,11 @@ TEST_P(LakeTailModelTest, TailsMatchTheModelAndTheAccountingIsExact) {
     } else {
       // A request without a tail stores a few segments of a document (fills the pool).
       const uint64_t id = 1'000'000 + static_cast<uint64_t>(step);
-      const int32_t doc = static_cast<int32_t>(rng.UniformInt(0, 5));
+      const auto doc = static_cast<int32_t>(rng.UniformInt(0, 5));
+      const auto num_keys = static_cast<int32_t>(rng.UniformInt(1, 6));
       std::vector<index::SegmentKey> keys;
-      for (int32_t i = 0; i < rng.UniformInt(1, 6); ++i) keys.push_back(doc_key(doc, i));
+      keys.reserve(static_cast<size_t>(num_keys));
+      for (int32_t i = 0; i < num_keys; ++i) keys.push_back(doc_key(doc, i));
       if (!lake->Admit({.id = RequestId(id), .keys = keys, .new_tokens = 1}).ok()) continue;
       ASSERT_TRUE(
           lake->CommitKeys(RequestId(id), keys,

@@ -281,8 +281,9 @@ absl::Status SegmentStore::CheckIntegrity() const {
       return fail(absl::StrFormat("free list holds bad or duplicate slot %d", slot));
     }
     is_free[slot] = 1;
-    if (slots_[slot].segment.valid() || slots_[slot].tail)
+    if (slots_[slot].segment.valid() || slots_[slot].tail) {
       return fail(absl::StrFormat("free slot %d is occupied", slot));
+    }
   }
   int32_t tails = 0;
   for (size_t i = 0; i < slots_.size(); ++i) {

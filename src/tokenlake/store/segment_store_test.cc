@@ -351,7 +351,7 @@ TEST_P(SegmentStoreModelTest, RandomOperationsMatchReferenceModel) {
         ASSERT_EQ(store.AssignTail(SlotId(0), id).code(), absl::StatusCode::kInvalidArgument);
         continue;
       }
-      const size_t k = static_cast<size_t>(rng.UniformInt(0, ref_tails.size() - 1));
+      const auto k = static_cast<size_t>(rng.UniformInt(0, ref_tails.size() - 1));
       const SlotId slot = ref_tails[k];
       const absl::Status st = store.AssignTail(slot, id);
       if (ref_pins.count(id)) {
@@ -370,7 +370,7 @@ TEST_P(SegmentStoreModelTest, RandomOperationsMatchReferenceModel) {
       std::fill(data.begin(), data.end(), static_cast<std::byte>(id.value() & 0xff));
     } else if (op >= 111) {
       if (ref_tails.empty()) continue;
-      const size_t k = static_cast<size_t>(rng.UniformInt(0, ref_tails.size() - 1));
+      const auto k = static_cast<size_t>(rng.UniformInt(0, ref_tails.size() - 1));
       ASSERT_TRUE(store.FreeTail(ref_tails[k]).ok());
       ASSERT_EQ(store.FreeTail(ref_tails[k]).code(), absl::StatusCode::kInvalidArgument);
       ref_tails.erase(ref_tails.begin() + static_cast<std::ptrdiff_t>(k));
