@@ -173,7 +173,7 @@ class GpuLlamaModel {
 
   // Whether batches of up to kSmallBatchMaxRows rows (decoding) run their dense layers on
   // SmallBatchGemm (small_batch_gemm.h, with SiLU*up and the attention output's bf16 rounding
-  // fused) rather than cuBLAS. Off by default: its first measurement was slower than cuBLAS
+  // fused) rather than cuBLAS. Off by default: decode steps measure slower with it
   // (docs/results-engine.md); `tokenlake bench engine --small-batch-gemm` compares the two.
   void set_small_batch_kernels(bool on) { small_batch_kernels_ = on; }
 
