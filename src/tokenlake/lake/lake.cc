@@ -616,6 +616,22 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
   auto tail_it = tails_.find(request);
   Tail* tail = tail_it != tails_.end() ? &tail_it->second : nullptr;
   bool tail_run = tail != nullptr;
+  // A stored copy: pinned for the request, pending until confirmed when asked, and counted.
+  auto record_stored = [&](const plan::NewSegmentPlacement& placed, InstanceId where) {
+    mu_.AssertHeld();  // held by this function; tells the analysis inside the lambda
+    PinOneLocked(placed.segment);
+    active.pinned.push_back(placed.segment);
+    if (pending) {
+      pending_[placed.segment] = PendingCopy{request, where};
+      active.pending.push_back(placed.segment);
+    }
+    result.stored.push_back({placed.segment, where});
+    if (where != placed.source) {
+      const int64_t bytes = plan::KvBytes(options_.model, placed.num_tokens);
+      result.moved_bytes += bytes;
+      counters_.commit_moved_bytes += bytes;
+    }
+  };
   for (const plan::NewSegmentPlacement& p : placements) {
     const bool from_tail = tail_run && !tail->blocks.empty();
     if (tail != nullptr && !tail_run) {
@@ -690,18 +706,7 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
         states.Allocated(where);
         PopTailBlockLocked(*tail, &states);
       }
-      PinOneLocked(p.segment);
-      active.pinned.push_back(p.segment);
-      if (pending) {
-        pending_[p.segment] = PendingCopy{request, where};
-        active.pending.push_back(p.segment);
-      }
-      result.stored.push_back({p.segment, where});
-      if (where != p.source) {
-        const int64_t bytes = plan::KvBytes(options_.model, p.num_tokens);
-        result.moved_bytes += bytes;
-        counters_.commit_moved_bytes += bytes;
-      }
+      record_stored(p, where);
       continue;
     }
     // Where: the plan's target if it has room, else where the balancer says, else evict.
@@ -720,18 +725,7 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
     }
     TOKENLAKE_CHECK_OK(stores_[where.value()]->Allocate(p.segment).status());
     states.Allocated(where);
-    PinOneLocked(p.segment);
-    active.pinned.push_back(p.segment);
-    if (pending) {
-      pending_[p.segment] = PendingCopy{request, where};
-      active.pending.push_back(p.segment);
-    }
-    result.stored.push_back({p.segment, where});
-    if (where != p.source) {
-      const int64_t bytes = plan::KvBytes(options_.model, p.num_tokens);
-      result.moved_bytes += bytes;
-      counters_.commit_moved_bytes += bytes;
-    }
+    record_stored(p, where);
   }
   if (tail != nullptr && tail->blocks.empty()) tails_.erase(request);
   return result;

@@ -259,6 +259,21 @@ LlamaConfig FixedConfig() {
 // requests' tails (in pool slots) make others wait for memory, are preempted and recomputed,
 // and decodes attend over tails longer than a segment (several blocks of the batched decode
 // launch).
+// Each request of a batch's results (in request order) against its CPU reference, within the
+// bf16 tolerance: the prompt's last logits and every decode step's.
+void ExpectBatchMatches(const std::vector<absl::StatusOr<GpuGenerateResult>>& got,
+                        const std::vector<GenerateResult>& want) {
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    SCOPED_TRACE(testing::Message() << "request " << i);
+    ASSERT_TRUE(got[i].ok()) << got[i].status();
+    EXPECT_LE(MaxAbsDiff(got[i]->last_logits, want[i].last_logits),
+              Bf16Tolerance(want[i].last_logits));
+    EXPECT_LE(MaxAbsDiff(got[i]->decode_logits, want[i].decode_logits),
+              Bf16Tolerance(want[i].decode_logits));
+  }
+}
+
 TEST(GpuEngineBatchTest, EachRequestMatchesTheCpuReferenceWhateverTheBatch) {
   SKIP_WITHOUT_GPU();
   for (uint64_t seed : {901u, 902u, 903u, 904u}) {
@@ -292,16 +307,8 @@ TEST(GpuEngineBatchTest, EachRequestMatchesTheCpuReferenceWhateverTheBatch) {
            .force_tokens = std::vector<int32_t>(w->tokens.begin(), w->tokens.end() - 1)});
       want.push_back(*std::move(w));
     }
-    auto got = (*gpu)->GenerateBatch(requests);
-    ASSERT_EQ(got.size(), requests.size());
-    for (size_t i = 0; i < got.size(); ++i) {
-      SCOPED_TRACE(testing::Message() << "request " << i);
-      ASSERT_TRUE(got[i].ok()) << got[i].status();
-      EXPECT_LE(MaxAbsDiff(got[i]->last_logits, want[i].last_logits),
-                Bf16Tolerance(want[i].last_logits));
-      EXPECT_LE(MaxAbsDiff(got[i]->decode_logits, want[i].decode_logits),
-                Bf16Tolerance(want[i].decode_logits));
-    }
+    const auto got = (*gpu)->GenerateBatch(requests);
+    ASSERT_NO_FATAL_FAILURE(ExpectBatchMatches(got, want));
     EXPECT_GT((*gpu)->max_batch_requests_seen(), 1);
     EXPECT_EQ((*gpu)->lake().Stats().pinned_segments, 0);
     EXPECT_TRUE((*gpu)->lake().CheckIntegrity().ok()) << (*gpu)->lake().CheckIntegrity();
@@ -348,16 +355,8 @@ TEST(GpuEngineTailTest, TailsLiveInPoolSlotsAndSegmentsAreCommittedInPlace) {
          .force_tokens = std::vector<int32_t>(w->tokens.begin(), w->tokens.end() - 1)});
     want.push_back(*std::move(w));
   }
-  auto got = (*gpu)->GenerateBatch(requests);
-  ASSERT_EQ(got.size(), requests.size());
-  for (size_t i = 0; i < got.size(); ++i) {
-    SCOPED_TRACE(testing::Message() << "request " << i);
-    ASSERT_TRUE(got[i].ok()) << got[i].status();
-    EXPECT_LE(MaxAbsDiff(got[i]->last_logits, want[i].last_logits),
-              Bf16Tolerance(want[i].last_logits));
-    EXPECT_LE(MaxAbsDiff(got[i]->decode_logits, want[i].decode_logits),
-              Bf16Tolerance(want[i].decode_logits));
-  }
+  const auto got = (*gpu)->GenerateBatch(requests);
+  ASSERT_NO_FATAL_FAILURE(ExpectBatchMatches(got, want));
   const lake::LakeStats st = (*gpu)->lake().Stats();
   int64_t stored = 0;
   for (const auto& r : got) stored += r->stored_segments;
