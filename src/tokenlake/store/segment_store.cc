@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_format.h"
 #include "tokenlake/base/check.h"
+#include "tokenlake/base/status_macros.h"
 
 namespace tokenlake::store {
 namespace {
@@ -140,12 +141,7 @@ absl::Status SegmentStore::AssignTail(SlotId slot, SegmentId segment) {
     return absl::InvalidArgumentError("SegmentStore::AssignTail: the segment id is invalid");
   }
   absl::MutexLock lock(&mu_);
-  if (!slot.valid() || slot.value() < 0 || slot.value() >= capacity_ ||
-      !slots_[slot.value()].tail) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("SegmentStore::AssignTail: slot %d on instance %d is not a tail slot",
-                        slot.valid() ? slot.value() : -1, options_.instance.value()));
-  }
+  TOKENLAKE_RETURN_IF_ERROR(CheckTailSlotLocked("AssignTail", slot));
   if (auto it = by_segment_.find(segment); it != by_segment_.end()) {
     return absl::AlreadyExistsError(
         absl::StrFormat("SegmentStore::AssignTail: %s is already stored in slot %d on instance %d",
@@ -159,16 +155,20 @@ absl::Status SegmentStore::AssignTail(SlotId slot, SegmentId segment) {
 
 absl::Status SegmentStore::FreeTail(SlotId slot) {
   absl::MutexLock lock(&mu_);
-  if (!slot.valid() || slot.value() < 0 || slot.value() >= capacity_ ||
-      !slots_[slot.value()].tail) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("SegmentStore::FreeTail: slot %d on instance %d is not a tail slot",
-                        slot.valid() ? slot.value() : -1, options_.instance.value()));
-  }
+  TOKENLAKE_RETURN_IF_ERROR(CheckTailSlotLocked("FreeTail", slot));
   slots_[slot.value()].tail = false;
   free_list_.push_back(slot.value());
   --tail_slots_;
   return absl::OkStatus();
+}
+
+absl::Status SegmentStore::CheckTailSlotLocked(const char* call, SlotId slot) const {
+  if (slot.valid() && slot.value() >= 0 && slot.value() < capacity_ && slots_[slot.value()].tail) {
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(
+      absl::StrFormat("SegmentStore::%s: slot %d on instance %d is not a tail slot", call,
+                      slot.valid() ? slot.value() : -1, options_.instance.value()));
 }
 
 int32_t SegmentStore::num_tail_slots() const {

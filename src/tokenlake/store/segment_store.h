@@ -166,6 +166,9 @@ class SegmentStore {
 
   SegmentStore(const Options& options, int32_t capacity);
   void Unpin(SlotId slot);
+  // OK if `slot` is a tail slot; else InvalidArgument naming `call`, the slot and the instance.
+  absl::Status CheckTailSlotLocked(const char* call, SlotId slot) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const Options options_;
   const int32_t capacity_;
