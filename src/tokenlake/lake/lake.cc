@@ -294,8 +294,7 @@ absl::StatusOr<AdmitResult> Lake::Admit(const LakeRequest& request) {
     // The tail's new blocks need slots that are neither pinned nor another tail's: refuse now
     // rather than stop half-way (evictions made for a refused admission would be lost).
     const index::MatchResult match = VisibleMatchLocked(request.keys);
-    const int64_t growth = TailBlocksNeeded(match.matched_tokens, request.tail_end_tokens) -
-                           TailBlocksLocked(request.id);
+    const int64_t growth = TailGrowthLocked(request, match.matched_tokens);
     const int64_t room = total_slots_ - pinned_replicas_ - tail_slots_ -
                          NewlyPinnedLocked(request.keys, match.matched_segments);
     if (growth > room) {
@@ -322,10 +321,7 @@ absl::StatusOr<std::optional<AdmitResult>> Lake::TryAdmit(const LakeRequest& req
   // A tail request's new segments are its tail's blocks: it counts the tail's growth instead.
   const int64_t new_segments =
       (tail ? 0 : static_cast<int64_t>(request.keys.size() - n)) + request.extra_slots;
-  const int64_t tail_growth =
-      tail ? TailBlocksNeeded(match.matched_tokens, request.tail_end_tokens) -
-                 TailBlocksLocked(request.id)
-           : 0;
+  const int64_t tail_growth = tail ? TailGrowthLocked(request, match.matched_tokens) : 0;
   // Matched segments not pinned yet stop being evictable once this request pins them.
   const int64_t newly_pinned = NewlyPinnedLocked(request.keys, match.matched_segments);
   if (new_segments + tail_growth + newly_pinned > AvailableSlotsLocked()) {
@@ -696,9 +692,8 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
       }
       if (in_place) {
         TOKENLAKE_CHECK_OK(stores_[where.value()]->AssignTail(block.slot, p.segment));
-        tail->blocks.erase(tail->blocks.begin());
-        tail->first_tokens += options_.segment_tokens;
-        tail_slots_ -= 1;
+        tail_slots_ -= 1;  // the slot is the segment's now
+        DropFirstTailBlockLocked(*tail);
         result.in_place.push_back(p.segment);
         counters_.in_place_commits += 1;
       } else {

@@ -588,18 +588,28 @@ class Lake {
   // or when `must_stay` (valid) was evicted on the way (a new segment's parent).
   InstanceId PlaceLocked(InstanceId target, SegmentId must_stay, InstanceStatesCache& states,
                          std::vector<StoredReplica>* evicted) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  // Slots the request's tail holds now, and how many it would hold covering [from, end).
-  int64_t TailBlocksLocked(RequestId request) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // How many blocks a tail covering [from, end) holds, and how many more than now the request's
+  // tail needs to cover [matched_tokens, request.tail_end_tokens).
   int64_t TailBlocksNeeded(int64_t from_tokens, int64_t end_tokens) const;
+  int64_t TailGrowthLocked(const LakeRequest& request, int64_t matched_tokens) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Makes the request's tail cover [from_tokens, end_tokens) (file comment, "Tails in the
   // pool"); new blocks prefer `instance`. Fills result->tail_slots / evicted / sequence.
   // Errors: ResourceExhausted when a block finds no slot (the blocks taken so far stay).
   absl::Status SetTailLocked(RequestId request, int64_t from_tokens, int64_t end_tokens,
                              InstanceId instance, AdmitResult* result)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Gives `block`'s slot back to its store (and to `states`, when given).
+  void FreeTailBlockLocked(const TailBlock& block, InstanceStatesCache* states)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The tail's first block leaves it (its rows are the pool's now): the tail starts a segment
+  // later. Its slot is the caller's to free or to give to the segment.
+  void DropFirstTailBlockLocked(Tail& tail) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Gives back the first block of the request's tail (its rows left the tail).
   void PopTailBlockLocked(Tail& tail, InstanceStatesCache* states)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The instances of the tail's blocks, in order.
+  static std::vector<InstanceId> TailInstances(const Tail& tail);
   // Bookkeeping after the tree dropped replicas (frees store slots, updates sets and loads).
   void OnReplicasFreedLocked(SegmentId segment, bool node_erased,
                              absl::Span<const InstanceId> freed_on,

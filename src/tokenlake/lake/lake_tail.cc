@@ -16,42 +16,54 @@ int64_t Lake::TailBlocksNeeded(int64_t from_tokens, int64_t end_tokens) const {
   return (end_tokens + s - 1) / s - from_tokens / s;
 }
 
-int64_t Lake::TailBlocksLocked(RequestId request) const {
-  auto it = tails_.find(request);
-  return it == tails_.end() ? 0 : static_cast<int64_t>(it->second.blocks.size());
+int64_t Lake::TailGrowthLocked(const LakeRequest& request, int64_t matched_tokens) const {
+  auto it = tails_.find(request.id);
+  const int64_t held = it == tails_.end() ? 0 : static_cast<int64_t>(it->second.blocks.size());
+  return TailBlocksNeeded(matched_tokens, request.tail_end_tokens) - held;
+}
+
+void Lake::FreeTailBlockLocked(const TailBlock& block, InstanceStatesCache* states) {
+  TOKENLAKE_CHECK_OK(stores_[block.instance.value()]->FreeTail(block.slot));
+  if (states != nullptr) states->Freed(block.instance);
+  tail_slots_ -= 1;
+}
+
+void Lake::DropFirstTailBlockLocked(Tail& tail) {
+  tail.blocks.erase(tail.blocks.begin());
+  tail.first_tokens += options_.segment_tokens;
 }
 
 void Lake::PopTailBlockLocked(Tail& tail, InstanceStatesCache* states) {
-  const TailBlock block = tail.blocks.front();
-  TOKENLAKE_CHECK_OK(stores_[block.instance.value()]->FreeTail(block.slot));
-  if (states != nullptr) states->Freed(block.instance);
-  tail.blocks.erase(tail.blocks.begin());
-  tail.first_tokens += options_.segment_tokens;
-  tail_slots_ -= 1;
+  FreeTailBlockLocked(tail.blocks.front(), states);
+  DropFirstTailBlockLocked(tail);
+}
+
+std::vector<InstanceId> Lake::TailInstances(const Tail& tail) {
+  std::vector<InstanceId> out;
+  out.reserve(tail.blocks.size());
+  for (const TailBlock& b : tail.blocks) out.push_back(b.instance);
+  return out;
 }
 
 absl::Status Lake::SetTailLocked(RequestId request, int64_t from_tokens, int64_t end_tokens,
                                  InstanceId instance, AdmitResult* result) {
   Tail& t = tails_[request];
   InstanceStatesCache states(this, &result->evicted);
-  auto free_back = [&] {
-    mu_.AssertHeld();  // held by this function; tells the analysis inside the lambda
-    const TailBlock block = t.blocks.back();
-    TOKENLAKE_CHECK_OK(stores_[block.instance.value()]->FreeTail(block.slot));
-    states.Freed(block.instance);
-    t.blocks.pop_back();
-    tail_slots_ -= 1;
-  };
   // A tail that starts after the matched prefix belongs to a lost prefix (the request restarts
-  // from what the pool holds): its rows are of no use.
-  if (t.first_tokens > from_tokens) {
-    while (!t.blocks.empty()) free_back();
+  // from what the pool holds): its rows are of no use. Else rows the pool now serves (another
+  // request stored them) leave the tail, and blocks past the iteration's rows go back.
+  const size_t keep = t.first_tokens > from_tokens ? 0 : t.blocks.size();
+  while (t.blocks.size() > keep) {
+    FreeTailBlockLocked(t.blocks.back(), &states);
+    t.blocks.pop_back();
   }
-  // Rows the pool now serves (another request stored them) leave the tail.
   while (!t.blocks.empty() && t.first_tokens < from_tokens) PopTailBlockLocked(t, &states);
   if (t.blocks.empty()) t.first_tokens = from_tokens;
   const auto need = static_cast<size_t>(TailBlocksNeeded(from_tokens, end_tokens));
-  while (t.blocks.size() > need) free_back();
+  while (t.blocks.size() > need) {
+    FreeTailBlockLocked(t.blocks.back(), &states);
+    t.blocks.pop_back();
+  }
   absl::Status status = absl::OkStatus();
   while (t.blocks.size() < need) {
     const InstanceId where = PlaceLocked(instance, SegmentId(), states, &result->evicted);
@@ -69,8 +81,7 @@ absl::Status Lake::SetTailLocked(RequestId request, int64_t from_tokens, int64_t
     tail_slots_ += 1;
   }
   if (!result->evicted.empty()) result->sequence = ++sequence_;
-  result->tail_slots.clear();
-  for (const TailBlock& b : t.blocks) result->tail_slots.push_back(b.instance);
+  result->tail_slots = TailInstances(t);
   if (t.blocks.empty()) tails_.erase(request);
   return status;
 }
@@ -85,11 +96,8 @@ void Lake::ReleaseTail(RequestId request) {
 
 std::vector<InstanceId> Lake::TailSlots(RequestId request) const {
   absl::MutexLock lock(&mu_);
-  std::vector<InstanceId> out;
   auto it = tails_.find(request);
-  if (it == tails_.end()) return out;
-  for (const TailBlock& b : it->second.blocks) out.push_back(b.instance);
-  return out;
+  return it == tails_.end() ? std::vector<InstanceId>() : TailInstances(it->second);
 }
 
 absl::Status Lake::CheckTailsLocked() const {
