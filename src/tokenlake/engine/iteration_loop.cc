@@ -34,8 +34,16 @@ struct IterationLoop::Active {
   bool first_plan = true;  // count hits and report cached_tokens once
   bool holds_pins = false;  // an admitted plan not yet released
   bool has_tail = false;    // tails in the pool: the control plane may hold slots of its tail
-  bool failed = false;      // its result went out with an error
-  int64_t chunk = 0;        // tokens allotted in the iteration being planned
+  // The control plane holds something of it (pins or tail slots) that a release gives back.
+  bool holds_pool() const { return holds_pins || has_tail; }
+  // Its KV is dropped: the next plan prefills its whole sequence again from what the pool holds.
+  void Restart() {
+    fresh = true;
+    pooled = computed = 0;
+    ++result.restarts;
+  }
+  bool failed = false;  // its result went out with an error
+  int64_t chunk = 0;    // tokens allotted in the iteration being planned
   InstanceId last_compute;
   std::unique_ptr<Sampler> sampler;
   bool stopped = false;  // produced a stop token
@@ -71,7 +79,7 @@ IterationLoop::IterationLoop(lake::ControlPlane* control, IterationExecutor* exe
 
 IterationLoop::~IterationLoop() {
   for (const auto& a : requests_) {
-    if (a->holds_pins || a->has_tail) pending_release_.push_back(a->req.id);
+    if (a->holds_pool()) pending_release_.push_back(a->req.id);
     if (a->begun) executor_->EndSequence(a->req.id);
   }
   FlushReleases();
@@ -124,7 +132,7 @@ absl::Status IterationLoop::Cancel(RequestId id) {
     if (a.req.id != id) continue;
     // Released now, not with the next PlanBatch: a cancelled request must not keep its prefix
     // pinned while the loop waits for other work. The copies it stored are confirmed first.
-    if (a.holds_pins || a.has_tail) ReleaseNow({id});
+    if (a.holds_pool()) ReleaseNow({id});
     if (a.begun) executor_->EndSequence(id);
     requests_.erase(it);
     if (requests_.empty()) FlushReleases();
@@ -189,13 +197,11 @@ void IterationLoop::Preempt(Active& victim) {
     victim.result.data_plane = executor_->EndSequence(victim.req.id);
     victim.begun = false;
   }
-  victim.fresh = true;
-  victim.pooled = victim.computed = 0;
-  ++victim.result.restarts;
+  victim.Restart();
 }
 
 void IterationLoop::Fail(Active& a, absl::Status status, std::vector<LoopResult>& done) {
-  if (a.holds_pins || a.has_tail) {
+  if (a.holds_pool()) {
     ReleaseNow({a.req.id});  // the copies it stored before failing stay (confirmed first)
     a.holds_pins = false;
     a.has_tail = false;
@@ -472,9 +478,7 @@ std::vector<LoopResult> IterationLoop::Step() {
       a.result.data_plane = executor_->EndSequence(a.req.id);
       ok = executor_->BeginSequence(a.req.id, MaxTokens(a));
       a.begun = ok.ok();
-      a.fresh = true;
-      a.pooled = a.computed = 0;
-      ++a.result.restarts;
+      a.Restart();
       if (ok.ok()) continue;
     }
     if (ok.ok()) {
@@ -553,7 +557,7 @@ std::vector<LoopResult> IterationLoop::Step() {
     Active& a = **it;
     if (!a.failed &&
         (a.stopped || static_cast<int32_t>(a.result.tokens.size()) == a.req.max_new_tokens)) {
-      if (a.holds_pins || a.has_tail) pending_release_.push_back(a.req.id);
+      if (a.holds_pool()) pending_release_.push_back(a.req.id);
       a.result.data_plane = executor_->EndSequence(a.req.id);
       done.push_back(std::move(a.result));
       it = requests_.erase(it);
