@@ -495,37 +495,25 @@ absl::StatusOr<DropInstanceResult> PrefixTree::DropInstance(InstanceId instance)
     CountRemoved(node, instance);
   }
   if (lost.empty()) return result;
-  // 2. Everything under a lost node is unreachable: the lost nodes' subtrees (a lost node under
-  //    another is reached once). 3. Erased deepest first, so every erased node is a leaf then.
-  absl::flat_hash_set<SegmentId> doomed;
-  std::vector<std::pair<int32_t, SegmentId>> order;
-  std::vector<SegmentId> stack;
-  for (SegmentId top : lost) {
-    if (doomed.contains(top)) continue;
-    stack.push_back(top);
-    while (!stack.empty()) {
-      const SegmentId cur = stack.back();
-      stack.pop_back();
-      if (!doomed.insert(cur).second) continue;
-      const Node& node = nodes_.find(cur)->second;
-      order.emplace_back(node.depth, cur);
+  // 2. Everything under a lost node is unreachable: each lost node's subtree is erased, deepest
+  //    first (so every erased node is a leaf then). A lost node under another goes with that
+  //    one's subtree (its own is empty by then). Taken in id order, so that the erasure order
+  //    does not depend on the hash.
+  std::vector<SegmentId> tops(lost.begin(), lost.end());
+  std::sort(tops.begin(), tops.end());
+  for (SegmentId top : tops) {
+    for (SegmentId id : SubtreeDeepestFirst(top)) {
+      const Node& node = nodes_.find(id)->second;
       for (InstanceId r : node.replicas) {
-        if (r != instance) result.freed_elsewhere.push_back(FreedReplica{cur, r});
+        if (r != instance) result.freed_elsewhere.push_back(FreedReplica{id, r});
       }
-      for (SegmentId c = node.first_child; c.valid(); c = nodes_.find(c)->second.next_sibling) {
-        stack.push_back(c);
+      if (node.is_pinned()) {
+        result.dropped_pinned_replicas += static_cast<int64_t>(node.replicas.size());
       }
+      EraseLeafNode(id);
+      ++result.erased_segments;
     }
   }
-  std::sort(order.begin(), order.end(), std::greater<>());
-  for (const auto& [depth, id] : order) {
-    const Node& node = nodes_.find(id)->second;
-    if (node.is_pinned()) {
-      result.dropped_pinned_replicas += static_cast<int64_t>(node.replicas.size());
-    }
-    EraseLeafNode(id);
-  }
-  result.erased_segments = static_cast<int64_t>(order.size());
   std::sort(result.freed_elsewhere.begin(), result.freed_elsewhere.end(),
             [](const FreedReplica& a, const FreedReplica& b) {
               return std::pair(a.segment, a.instance) < std::pair(b.segment, b.instance);
