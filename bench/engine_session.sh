@@ -9,8 +9,8 @@
 #           workloads (64 requests sharing documents; sixteen 2K prompts), each against the bounds
 #           measured in the same run; writes bench_engine_MODEL.json and the workloads' prompts;
 #   ab:     the small-batch kernel against cuBLAS: `bench engine --sections dense` (every
-#           projection alone at 1-32 rows), then decode at batches 1-8 with --small-batch-gemm
-#           (compare with the bench part's cuBLAS rows);
+#           projection alone at 1-32 rows), then decode at batches 1-8 with the kernel up to 8
+#           rows (--small-batch-rows 8) and with cuBLAS only (--small-batch-rows 0);
 #   hf:     bench/hf_generate.py (transformers' static-cache batched generate) on those prompts;
 #   ckpt:   bench/checkpoint_load.sh (a 13.5 GB sharded bf16 checkpoint from the page cache);
 #   profile: `tokenlake profile` (the simulator's GPU profile, Llama-3-8B dense layers);
@@ -72,10 +72,15 @@ fi
 if wants ab; then
   for m in $MODELS; do
     timeout "$STEP_TIMEOUT" "$B/tokenlake" bench engine --model "$m" --sections dense decode \
-      --decode-batches 1 2 4 8 --decode-contexts 2048 --decode-steps 16 --small-batch-gemm \
+      --decode-batches 1 2 4 8 --decode-contexts 2048 --decode-steps 16 --small-batch-rows 8 \
       --json "$OUT/bench_small_batch_$m.json" > "$OUT/bench_small_batch_$m.log" 2>&1
-    stamp "bench engine --small-batch-gemm $m rc=$?"
+    stamp "bench engine --small-batch-rows 8 $m rc=$?"
     grep -E 'decode: b' "$OUT/bench_small_batch_$m.log" | tr -d '\r'
+    timeout "$STEP_TIMEOUT" "$B/tokenlake" bench engine --model "$m" --sections decode \
+      --decode-batches 1 2 4 8 --decode-contexts 2048 --decode-steps 16 --small-batch-rows 0 \
+      --json "$OUT/bench_cublas_$m.json" > "$OUT/bench_cublas_$m.log" 2>&1
+    stamp "bench engine --small-batch-rows 0 $m rc=$?"
+    grep -E 'decode: b' "$OUT/bench_cublas_$m.log" | tr -d '\r'
   done
 fi
 

@@ -391,8 +391,11 @@ void SetUpEngineBench(CLI::App* bench, int* exit_code) {
   e->add_option("--max-batch-requests", o.max_batch_requests, "Requests in one iteration")
       ->check(CLI::Range(1, 1 << 16))
       ->capture_default_str();
-  e->add_flag("--small-batch-gemm", o.small_batch_kernels,
-              "Run decode-sized dense layers on the engine's small-batch kernel instead of cuBLAS");
+  e->add_option("--small-batch-rows", o.small_batch_rows,
+                "Forwards of at most this many rows run their dense layers on the engine's "
+                "small-batch kernel, larger ones on cuBLAS (0: cuBLAS always)")
+      ->check(CLI::Range(0, 8))
+      ->capture_default_str();
   e->add_option("--seed", o.seed, "Seed of the weights and prompts");
   e->add_option("--prompts", o.prompts_path,
                 "Also write the workloads' prompts as JSON (for bench/hf_generate.py)");

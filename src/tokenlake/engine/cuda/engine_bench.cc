@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <random>
 #include <utility>
@@ -201,8 +202,15 @@ absl::Status Bench::Decode() {
     Say(absl::StrFormat("decode: prefilling %d prompts of %d tokens", most, context));
     for (const auto& r : engine->GenerateBatch(prompts)) TOKENLAKE_RETURN_IF_ERROR(r.status());
     for (int32_t b : batches) {
+      // The requests join a few per iteration: the loop charges a new request's whole prompt
+      // to the token budget (it learns what the pool serves only from the iteration's plan),
+      // so b prompts of `context` tokens take about b * context / budget iterations to start,
+      // the first ones decoding meanwhile. Their extra tokens keep decode_steps iterations in
+      // which all b decode together.
+      const int64_t catch_up =
+          (int64_t{b} * context + o_.max_batch_tokens - 1) / o_.max_batch_tokens + 1;
       std::vector<GenerateRequest> reqs(prompts.begin(), prompts.begin() + b);
-      for (GenerateRequest& r : reqs) r.max_new_tokens = new_tokens;
+      for (GenerateRequest& r : reqs) r.max_new_tokens = new_tokens + catch_up;
       engine->TakeForwardTimings();
       engine->TakeIterationTimings();
       const auto t0 = std::chrono::steady_clock::now();
@@ -211,7 +219,11 @@ absl::Status Bench::Decode() {
       // Where a pure-decode iteration's time goes: Executor::Run (host work and the forward) and
       // the forward's device time.
       std::vector<double> run_us, gpu_us, plan_us, finish_us, step_us;
+      // Every iteration's shape (requests, tokens), counted: shows why a run has few pure
+      // decode iterations when it does.
+      std::map<std::pair<int32_t, int64_t>, int32_t> shapes;
       for (const IterationTiming& t : engine->TakeIterationTimings()) {
+        ++shapes[{t.requests, t.tokens}];
         if (t.requests == b && t.tokens == b) {
           plan_us.push_back(t.plan_us);
           finish_us.push_back(t.finish_us);
@@ -254,9 +266,16 @@ absl::Status Bench::Decode() {
             "alone (raise --decode-steps)",
             b, context, b));
       }
+      Json shapes_json = Json::array();  // [requests, tokens, iterations]
+      for (const auto& [shape, count] : shapes) {
+        shapes_json.push_back({shape.first, shape.second, count});
+      }
       const double step_s = Median(step_us) * 1e-6;
-      const double kv_bytes = static_cast<double>(b) * static_cast<double>(kv_token) *
-                              static_cast<double>(context + new_tokens / 2);
+      // KV read per step: the requests' mean sequence in the middle of the timed steps (they
+      // joined over catch_up iterations and then decoded new_tokens together).
+      const double kv_bytes =
+          static_cast<double>(b) * static_cast<double>(kv_token) *
+          (static_cast<double>(context) + static_cast<double>(catch_up + new_tokens) / 2);
       const double bound_s = (static_cast<double>(weight_bytes) + kv_bytes) / (copy_gbps_ * 1e9);
       rows.push_back(
           {{"batch", b},
@@ -269,6 +288,7 @@ absl::Status Bench::Decode() {
            {"kv_bytes", kv_bytes},
            {"cached_fraction", static_cast<double>(cached) / (static_cast<double>(b) * context)},
            {"decode_iterations_timed", step_us.size()},
+           {"iteration_shapes", shapes_json},
            {"plan_ms", Median(plan_us) * 1e-3},
            {"finish_ms", Median(finish_us) * 1e-3},
            {"forward_run_ms", Median(run_us) * 1e-3},
@@ -487,13 +507,18 @@ absl::Status Bench::Dense() {
           {"cublas_of_copy_bandwidth", weight_bytes / (cublas_ms * 1e-3) / (copy_gbps_ * 1e9)}};
       if (n <= kSmallBatchMaxRows) {
         const bool silu = sh.epilogue == SmallGemmEpilogue::kSiluMulBf16;
-        for (int rows_per_warp : {2, 4}) {
+        const std::pair<const char*, SmallGemmLayout> layouts[] = {
+            {"small_warp_r2", SmallGemmLayout::kWarpRows2},
+            {"small_warp_r4", SmallGemmLayout::kWarpRows4},
+            {"small_block_r4", SmallGemmLayout::kBlockRows4},
+            {"small_block_r8", SmallGemmLayout::kBlockRows8}};
+        for (const auto& [name, layout] : layouts) {
           const double small_ms = time([&](const uint16_t* wp) {
             return SmallBatchGemm(wp, x.get(), SmallGemmInput::kBf16, n, sh.in,
                                   silu ? sh.out / 2 : sh.out, sh.epilogue, y.as<float>(),
-                                  y16.as<uint16_t>(), stream, rows_per_warp);
+                                  y16.as<uint16_t>(), stream, layout);
           });
-          const std::string key = absl::StrFormat("small_r%d", rows_per_warp);
+          const std::string key = name;
           row[key + "_ms"] = small_ms;
           row[key + "_of_copy_bandwidth"] = weight_bytes / (small_ms * 1e-3) / (copy_gbps_ * 1e9);
         }
@@ -550,12 +575,12 @@ absl::StatusOr<Json> Bench::Run() {
   out_["engine"] = {{"segment_tokens", o_.segment_tokens},
                     {"max_batch_tokens", o_.max_batch_tokens},
                     {"max_batch_requests", o_.max_batch_requests},
-                    {"small_batch_kernels", o_.small_batch_kernels},
+                    {"small_batch_rows", o_.small_batch_rows},
                     {"reserve_bytes", o_.reserve_bytes}};
   Say(absl::StrFormat("model %s on %s", o_.model, dev.name));
   TOKENLAKE_RETURN_IF_ERROR(Peaks());
   TOKENLAKE_ASSIGN_OR_RETURN(model_, GpuLlamaModel::CreateRandom(config_, o_.seed, 0.02f, {}));
-  model_->set_small_batch_kernels(o_.small_batch_kernels);
+  model_->set_small_batch_rows(o_.small_batch_rows);
   if (Wants("decode")) TOKENLAKE_RETURN_IF_ERROR(Decode());
   if (Wants("prefill")) TOKENLAKE_RETURN_IF_ERROR(Prefill());
   if (Wants("workload")) TOKENLAKE_RETURN_IF_ERROR(Workloads());

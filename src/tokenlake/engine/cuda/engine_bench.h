@@ -9,9 +9,10 @@
 //             time of the whole iteration) at each batch size and context length, against the
 //             memory bound: (weight bytes + the batch's KV bytes) / copy bandwidth. The contexts
 //             are prefilled once (distinct random prompts); each batch then runs them again
-//             (served from the pool) with decode_steps new tokens, and the figure is the median
-//             of its pure-decode iterations. A combination whose KV does not fit the pool is
-//             reported as skipped, with the bytes it needs;
+//             (served from the pool) with decode_steps new tokens (plus as many as the
+//             iterations the batch takes to join), and the figure is the median of its
+//             pure-decode iterations (every iteration's shape is reported too). A combination whose
+//             KV does not fit the pool is reported as skipped, with the bytes it needs;
 //   prefill:  a fresh prompt of each length, chunked under the engine's token budget: tokens/s
 //             and the model FLOPs (dense GEMMs + causal attention) per second against the GEMM
 //             peak (median of repeats);
@@ -20,7 +21,7 @@
 //             (uncached prefill FLOPs / GEMM peak + every decode step's weight and KV bytes /
 //             copy bandwidth);
 //   dense:    each dense projection of a layer and the LM head alone at 1-32 rows: cuBLAS and
-//             SmallBatchGemm (2 and 4 rows a warp), weight bytes read per second against the
+//             SmallBatchGemm (each SmallGemmLayout), weight bytes read per second against the
 //             copy bandwidth.
 // The decode section also runs each batch once more with the model's phase events on and
 // reports a decode forward's device time by phase (GEMMs, attention, other kernels, ends).
@@ -38,6 +39,7 @@
 
 #include "absl/status/statusor.h"
 #include "nlohmann/json.hpp"
+#include "tokenlake/engine/cuda/small_batch_gemm.h"
 #include "tokenlake/engine/llama_config.h"
 
 namespace tokenlake::engine::cuda {
@@ -86,9 +88,9 @@ struct EngineBenchOptions {
   int32_t segment_tokens = 256;
   int64_t max_batch_tokens = 8192;
   int32_t max_batch_requests = 256;
-  // Decode-sized batches on SmallBatchGemm (GpuLlamaModel::set_small_batch_kernels) instead of
-  // cuBLAS, the model's default.
-  bool small_batch_kernels = false;
+  // Forwards of at most this many rows run their dense layers on SmallBatchGemm
+  // (GpuLlamaModel::set_small_batch_rows; 0 = cuBLAS always).
+  int32_t small_batch_rows = kSmallBatchDefaultRows;
   // Device memory kept out of the pool (activations and workspaces; the requests' KV tails are
   // slots of the pool).
   int64_t reserve_bytes = int64_t{4} << 30;

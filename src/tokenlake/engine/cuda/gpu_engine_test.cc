@@ -120,7 +120,7 @@ TEST_P(GpuEngineRandomTest, MatchesCpuEngineWithinBf16Tolerance) {
   Models m = MakeModels(c, seed);
   ASSERT_TRUE(m.cpu != nullptr && m.gpu != nullptr);
   // Even seeds decode on SmallBatchGemm (small_batch_gemm.h), odd ones on cuBLAS.
-  m.gpu->set_small_batch_kernels(seed % 2 == 0);
+  m.gpu->set_small_batch_rows(seed % 2 == 0 ? kSmallBatchMaxRows : 0);
   std::cout << "small-batch kernels " << (seed % 2 == 0 ? "on" : "off") << "\n";
   auto cpu = Engine::Create(m.cpu.get(), {.use_pool = false});
   ASSERT_TRUE(cpu.ok()) << cpu.status();
@@ -189,7 +189,7 @@ TEST(GpuEngineTest, SmallPoolEvictsAndStaysCorrect) {
   Models m = MakeModels(c, seed);
   ASSERT_TRUE(m.cpu != nullptr && m.gpu != nullptr);
   // Even seeds decode on SmallBatchGemm (small_batch_gemm.h), odd ones on cuBLAS.
-  m.gpu->set_small_batch_kernels(seed % 2 == 0);
+  m.gpu->set_small_batch_rows(seed % 2 == 0 ? kSmallBatchMaxRows : 0);
   std::cout << "small-batch kernels " << (seed % 2 == 0 ? "on" : "off") << "\n";
   auto cpu = Engine::Create(m.cpu.get(), {.use_pool = false});
   ASSERT_TRUE(cpu.ok()) << cpu.status();

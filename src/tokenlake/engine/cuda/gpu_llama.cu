@@ -1,6 +1,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -26,6 +27,8 @@ struct GpuLlamaModel::Layer {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kNormThreads = 512;     // RmsNormKernel's block (at most 1024)
+constexpr int kArgmaxThreads = 1024;  // ArgmaxKernel's block (a power of two)
 
 __device__ __forceinline__ float Bf16Bits(uint16_t bits) {
   return __uint_as_float(static_cast<uint32_t>(bits) << 16);
@@ -38,6 +41,7 @@ __global__ void EmbedKernel(const int32_t* __restrict__ tokens, const uint16_t* 
                             int hidden, float* __restrict__ x) {
   const int t = blockIdx.x;
   const uint16_t* row = embed + static_cast<int64_t>(tokens[t]) * hidden;
+#pragma unroll 8
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
     x[static_cast<int64_t>(t) * hidden + i] = Bf16Bits(row[i]);
   }
@@ -50,22 +54,28 @@ __global__ void RmsNormKernel(const float* __restrict__ x, const float* __restri
                               uint16_t* __restrict__ y) {
   const int64_t r = blockIdx.x;
   const float* xr = x + (rows != nullptr ? static_cast<int64_t>(rows[r]) : r) * hidden;
+  // Unrolled so that each thread's loads are in flight together: with one thread block per
+  // row, a decode step's few rows would otherwise wait on one load at a time.
   float sum = 0.f;
+#pragma unroll 8
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) sum += xr[i] * xr[i];
-  __shared__ float partial[kThreads / 32];
+  __shared__ float partial[32];
   for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
   __syncthreads();
   float total = 0.f;
   for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) total += partial[i];
   const float inv = 1.0f / sqrtf(total / static_cast<float>(hidden) + eps);
+#pragma unroll 8
   for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
     y[r * hidden + i] = ToBf16Bits(w[i] * (xr[i] * inv));
   }
 }
 
 // qkv [n][qd + 2 kvd] f32 -> q [n][qd], k [n][kvd] (RoPE at positions[t], rotate-half) and
-// v [n][kvd], bf16.
+// v [n][kvd], bf16. Grid (n, parts): block (t, y) takes token t's heads y, y + parts, ...
+// (the q heads, then the k heads, then the v heads), so that a few tokens still spread over
+// the device.
 __global__ void RopeSplitKernel(const float* __restrict__ qkv, const float* __restrict__ inv_freq,
                                 const int32_t* __restrict__ positions, int num_heads,
                                 int num_kv_heads, int head_dim, uint16_t* __restrict__ q,
@@ -85,13 +95,22 @@ __global__ void RopeSplitKernel(const float* __restrict__ qkv, const float* __re
     cos_sin[2 * i + 1] = static_cast<float>(sin(angle));
   }
   __syncthreads();
-  const int pairs = (num_heads + num_kv_heads) * half;
-  for (int idx = threadIdx.x; idx < pairs; idx += blockDim.x) {
-    const int head = idx / half;  // q heads first, then k heads
-    const int i = idx % half;
+  const int rotated = num_heads + num_kv_heads;
+  const int parts = static_cast<int>(gridDim.y);
+  const int mine = (rotated + num_kv_heads - static_cast<int>(blockIdx.y) + parts - 1) / parts;
+  const int per_head = half;  // rotated pairs, or v element pairs, of one head
+  for (int idx = threadIdx.x; idx < mine * per_head; idx += blockDim.x) {
+    const int head = static_cast<int>(blockIdx.y) + (idx / per_head) * parts;
+    const int i = idx % per_head;
+    const float* src = row + head * head_dim;  // k heads follow q heads, v heads follow k heads
+    if (head >= rotated) {
+      uint16_t* dst = v + static_cast<int64_t>(t) * kvd + (head - rotated) * head_dim;
+      dst[i] = ToBf16Bits(src[i]);
+      dst[i + half] = ToBf16Bits(src[i + half]);
+      continue;
+    }
     const float c = cos_sin[2 * i];
     const float s = cos_sin[2 * i + 1];
-    const float* src = row + head * head_dim;  // k heads follow q heads in qkv
     const float a = src[i];
     const float b = src[i + half];
     uint16_t* dst = head < num_heads
@@ -99,9 +118,6 @@ __global__ void RopeSplitKernel(const float* __restrict__ qkv, const float* __re
                         : k + static_cast<int64_t>(t) * kvd + (head - num_heads) * head_dim;
     dst[i] = ToBf16Bits(a * c - b * s);
     dst[i + half] = ToBf16Bits(b * c + a * s);
-  }
-  for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
-    v[static_cast<int64_t>(t) * kvd + i] = ToBf16Bits(row[qd + kvd + i]);
   }
 }
 
@@ -127,23 +143,26 @@ __global__ void ToBf16Kernel(const float* __restrict__ in, int64_t n, uint16_t* 
 }
 
 // The first index of the maximum of row blockIdx.x of x [rows][n] (as engine::Argmax) into
-// out[blockIdx.x]. One thread block of kThreads per row.
-__global__ void ArgmaxKernel(const float* __restrict__ x_rows, int n, int32_t* __restrict__ out) {
+// out[blockIdx.x]. One thread block of kArgmaxThreads per row, its loads unrolled (a row is a
+// whole vocabulary, read by one multiprocessor).
+__global__ void __launch_bounds__(kArgmaxThreads)
+    ArgmaxKernel(const float* __restrict__ x_rows, int n, int32_t* __restrict__ out) {
   const float* x = x_rows + static_cast<int64_t>(blockIdx.x) * n;
   float best = -INFINITY;
   int best_i = n;
+#pragma unroll 8
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     if (x[i] > best || (x[i] == best && i < best_i)) {
       best = x[i];
       best_i = i;
     }
   }
-  __shared__ float sv[kThreads];
-  __shared__ int si[kThreads];
+  __shared__ float sv[kArgmaxThreads];
+  __shared__ int si[kArgmaxThreads];
   sv[threadIdx.x] = best;
   si[threadIdx.x] = best_i;
   __syncthreads();
-  for (int off = kThreads / 2; off > 0; off >>= 1) {
+  for (int off = kArgmaxThreads / 2; off > 0; off >>= 1) {
     if (static_cast<int>(threadIdx.x) < off) {
       const float ov = sv[threadIdx.x + off];
       const int oi = si[threadIdx.x + off];
@@ -537,8 +556,7 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
   auto* blas = static_cast<cublasHandle_t>(cublas_);
   // Decode-sized batches read each weight matrix with SmallBatchGemm (fusing SiLU*up into the
   // gate/up projection); larger ones run on cuBLAS.
-  const bool small = small_batch_kernels_ && n <= kSmallBatchMaxRows && h % 8 == 0 && qd % 8 == 0 &&
-                     inter % 8 == 0;
+  const bool small = n <= small_batch_rows_ && h % 8 == 0 && qd % 8 == 0 && inter % 8 == 0;
   // y[rows][out] (+)= x[rows][in] * w^T, beta 0 or 1.
   auto dense = [&](const DeviceBuffer& wt, const DeviceBuffer& x, float* y, int rows, int in,
                    int out, float beta) -> absl::Status {
@@ -571,18 +589,22 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
                  "cudaMemcpyAsync(forward inputs)"));
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(forward_begin_, stream_), "event"));
   Mark(kPhaseEnds);
+  // RoPE's thread blocks per token: enough for a decode batch to cover the device.
+  const unsigned rope_parts =
+      static_cast<unsigned>(std::clamp(256 / n, 1, c.num_heads + 2 * c.num_kv_heads));
   EmbedKernel<<<n, kThreads, 0, stream_>>>(d_tokens, embed_.as<uint16_t>(), h, x_.as<float>());
   TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("embedding"));
   for (int32_t l = 0; l < c.num_layers; ++l) {
     const Layer& w = layers_[static_cast<size_t>(l)];
     Mark(kPhaseOther);
-    RmsNormKernel<<<n, kThreads, 0, stream_>>>(x_.as<float>(), w.input_norm.as<float>(),
-                                               c.rms_norm_eps, h, nullptr, normed_.as<uint16_t>());
+    RmsNormKernel<<<n, kNormThreads, 0, stream_>>>(x_.as<float>(), w.input_norm.as<float>(),
+                                                   c.rms_norm_eps, h, nullptr,
+                                                   normed_.as<uint16_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
     Mark(kPhaseGemm);
     TOKENLAKE_RETURN_IF_ERROR(dense(w.wqkv, normed_, qkv_.as<float>(), n, h, qd + 2 * kvd, 0.f));
     Mark(kPhaseOther);
-    RopeSplitKernel<<<n, kThreads, 0, stream_>>>(
+    RopeSplitKernel<<<dim3(static_cast<unsigned>(n), rope_parts), kThreads, 0, stream_>>>(
         qkv_.as<float>(), inv_freq_.as<float>(), d_positions, c.num_heads, c.num_kv_heads,
         c.head_dim, q_.as<uint16_t>(), k_.as<uint16_t>(), v_.as<uint16_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rope"));
@@ -606,8 +628,9 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
       TOKENLAKE_RETURN_IF_ERROR(dense(w.wo, attn16_, x_.as<float>(), n, qd, h, 1.f));
     }
     Mark(kPhaseOther);
-    RmsNormKernel<<<n, kThreads, 0, stream_>>>(x_.as<float>(), w.post_norm.as<float>(),
-                                               c.rms_norm_eps, h, nullptr, normed_.as<uint16_t>());
+    RmsNormKernel<<<n, kNormThreads, 0, stream_>>>(x_.as<float>(), w.post_norm.as<float>(),
+                                                   c.rms_norm_eps, h, nullptr,
+                                                   normed_.as<uint16_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
     Mark(kPhaseGemm);
     if (small) {
@@ -630,13 +653,14 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
   Mark(kPhaseEnds);
   if (m > 0) {
     // The last token of each sequence that wants logits.
-    RmsNormKernel<<<m, kThreads, 0, stream_>>>(x_.as<float>(), final_norm_.as<float>(),
-                                               c.rms_norm_eps, h, d_rows, head_in_.as<uint16_t>());
+    RmsNormKernel<<<m, kNormThreads, 0, stream_>>>(x_.as<float>(), final_norm_.as<float>(),
+                                                   c.rms_norm_eps, h, d_rows,
+                                                   head_in_.as<uint16_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
     const DeviceBuffer& head = lm_head_.size_bytes() > 0 ? lm_head_ : embed_;
     TOKENLAKE_RETURN_IF_ERROR(dense(head, head_in_, logits_.as<float>(), m, h, c.vocab_size, 0.f));
-    ArgmaxKernel<<<m, kThreads, 0, stream_>>>(logits_.as<float>(), c.vocab_size,
-                                              argmax_.as<int32_t>());
+    ArgmaxKernel<<<m, kArgmaxThreads, 0, stream_>>>(logits_.as<float>(), c.vocab_size,
+                                                    argmax_.as<int32_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("argmax"));
   }
   Mark(-1);
@@ -673,6 +697,10 @@ void GpuLlamaModel::CollectMarks() {
     }
   }
   marks_used_ = 0;
+}
+
+void GpuLlamaModel::set_small_batch_rows(int32_t rows) {
+  small_batch_rows_ = std::clamp(rows, 0, kSmallBatchMaxRows);
 }
 
 void GpuLlamaModel::SetProfiling(bool on) {

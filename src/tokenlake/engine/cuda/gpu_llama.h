@@ -5,7 +5,9 @@
 // checkpoint through pinned staging buffers (weight_upload.h). Dense layers run on cuBLAS
 // (cublasGemmEx: bf16 inputs, float32 accumulation and float32 output; the q/k/v and the gate/up
 // projections are each one GEMM over concatenated weights; o_proj and down_proj accumulate into the
-// float32 residual stream with beta = 1). Small kernels do the rest: embedding gather, RMSNorm
+// float32 residual stream with beta = 1), and forwards of a few rows (small decode batches) on
+// SmallBatchGemm, which streams the weights closer to the memory bandwidth
+// (set_small_batch_rows). Small kernels do the rest: embedding gather, RMSNorm
 // (float32 statistics, bf16 output for the next GEMM), RoPE (the conventions of engine/ops.cc:
 // rotate-half, inverse frequencies from engine::RopeInvFreq, angle = position * inv_freq in
 // float32, cos/sin in double), SiLU(gate) * up. The residual stream x is float32; GEMM inputs
@@ -36,6 +38,7 @@
 #include "absl/types/span.h"
 #include "tokenlake/engine/checkpoint.h"
 #include "tokenlake/engine/cuda/device_buffer.h"
+#include "tokenlake/engine/cuda/small_batch_gemm.h"
 #include "tokenlake/engine/cuda/weight_upload.h"
 #include "tokenlake/engine/llama_config.h"
 #include "tokenlake/engine/safetensors.h"
@@ -171,11 +174,13 @@ class GpuLlamaModel {
   absl::StatusOr<std::vector<float>> Forward(absl::Span<const int32_t> tokens, int64_t start_pos,
                                              GpuAttentionBackend& backend);
 
-  // Whether batches of up to kSmallBatchMaxRows rows (decoding) run their dense layers on
+  // Forwards of at most `rows` rows (decode steps of small batches) run their dense layers on
   // SmallBatchGemm (small_batch_gemm.h, with SiLU*up and the attention output's bf16 rounding
-  // fused) rather than cuBLAS. Off by default: decode steps measure slower with it
-  // (docs/results-engine.md); `tokenlake bench engine --small-batch-gemm` compares the two.
-  void set_small_batch_kernels(bool on) { small_batch_kernels_ = on; }
+  // fused) rather than cuBLAS; 0 = cuBLAS always. Clamped to [0, kSmallBatchMaxRows]. The
+  // default, kSmallBatchDefaultRows, is where it measures faster than cuBLAS on every projection
+  // (docs/results-engine.md); `tokenlake bench engine --small-batch-rows N` compares settings.
+  void set_small_batch_rows(int32_t rows);
+  int32_t small_batch_rows() const { return small_batch_rows_; }
 
   // Device time of the last successful ForwardBatch (from its first kernel to its last), ms.
   double last_forward_gpu_ms() const { return last_forward_gpu_ms_; }
@@ -243,7 +248,7 @@ class GpuLlamaModel {
   DeviceBuffer logits_;   // [m][vocab] f32
   DeviceBuffer argmax_;   // [m] int32
   LoadStats load_stats_;
-  bool small_batch_kernels_ = false;
+  int32_t small_batch_rows_ = kSmallBatchDefaultRows;
   // Profiling.
   bool profiling_ = false;
   std::vector<std::pair<cudaEvent_t, int>> marks_;  // events (reused) and the phase each starts

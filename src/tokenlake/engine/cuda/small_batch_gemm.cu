@@ -121,12 +121,110 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// One thread block: R weight rows against up to N input rows, the reduction over `in` split
+// across all of its threads (each takes every blockDim-th 16-byte chunk of the R rows), then
+// summed across warps in shared memory. Many more thread blocks than the warp-per-rows layout
+// for the same matrix, and every thread's loads of one pass issued together: more bytes in
+// flight per multiprocessor on matrices with few rows (o_proj, down_proj). Plain epilogues:
+// rows [R * block, R * block + R) of out; kSiluMulBf16: gate rows [R/2 * block, + R/2) and the
+// up rows `out` after them.
+template <int N, int R, SmallGemmEpilogue E, bool kF32>
+__global__ void __launch_bounds__(kWarps * 32)
+    SmallGemmBlockKernel(const uint16_t* __restrict__ w, const void* __restrict__ x, int n, int in,
+                         int out, float* __restrict__ y, uint16_t* __restrict__ y16) {
+  constexpr bool kSilu = E == SmallGemmEpilogue::kSiluMulBf16;
+  constexpr int kOutputs = kSilu ? R / 2 : R;  // outputs per block and input row
+  const int first = static_cast<int>(blockIdx.x) * kOutputs;
+  const uint4* rows[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int o = first + (kSilu ? r % kOutputs : r);
+    const int row = (o < out ? o : out - 1) + (kSilu && r >= kOutputs ? out : 0);
+    rows[r] = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(row) * in);
+  }
+  float acc[R][N];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int t = 0; t < N; ++t) acc[r][t] = 0.f;
+  }
+  const int chunks = in / 8;
+  for (int c = static_cast<int>(threadIdx.x); c < chunks; c += kWarps * 32) {
+    uint4 wv[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) wv[r] = __ldcs(rows[r] + c);
+    float wf[R][8];
+#pragma unroll
+    for (int r = 0; r < R; ++r) Widen(wv[r], wf[r]);
+#pragma unroll
+    for (int t = 0; t < N; ++t) {
+      if (t < n) {
+        float xf[8];
+        LoadX<kF32>(x, t, chunks, c, xf);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) acc[r][t] = fmaf(wf[r][i], xf[i], acc[r][t]);
+        }
+      }
+    }
+  }
+  __shared__ float partial[kWarps][R * N];
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int warp = static_cast<int>(threadIdx.x / 32);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+#pragma unroll
+    for (int t = 0; t < N; ++t) {
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], off);
+      }
+      if (lane == 0) partial[warp][r * N + t] = acc[r][t];
+    }
+  }
+  __syncthreads();
+  // Thread i < kOutputs * N finishes output (first + i / N) of input row i % N.
+  const int i = static_cast<int>(threadIdx.x);
+  if (i >= kOutputs * N) return;
+  const int o = first + i / N;
+  const int t = i % N;
+  if (o >= out || t >= n) return;
+  auto sum_of = [&](int r) {
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < kWarps; ++k) s += partial[k][r * N + t];
+    return s;
+  };
+  const float v = sum_of(i / N);
+  float* dst = y + static_cast<int64_t>(t) * out + o;
+  if constexpr (E == SmallGemmEpilogue::kStoreF32) {
+    *dst = v;
+  } else if constexpr (E == SmallGemmEpilogue::kAddF32) {
+    *dst += v;
+  } else {
+    const float u = sum_of(i / N + kOutputs);
+    y16[static_cast<int64_t>(t) * out + o] =
+        __bfloat16_as_ushort(__float2bfloat16_rn(v / (1.0f + expf(-v)) * u));
+  }
+}
+
 template <int N, int R, SmallGemmEpilogue E>
-void Launch(const uint16_t* w, const void* x, bool x_f32, int n, int in, int out, float* y,
-            uint16_t* y16, cudaStream_t stream) {
+void Launch(const uint16_t* w, const void* x, bool x_f32, bool per_block, int n, int in, int out,
+            float* y, uint16_t* y16, cudaStream_t stream) {
   constexpr int kOutputs = E == SmallGemmEpilogue::kSiluMulBf16 ? R / 2 : R;
-  const int warps = (out + kOutputs - 1) / kOutputs;
-  const int blocks = (warps + kWarps - 1) / kWarps;
+  const int groups = (out + kOutputs - 1) / kOutputs;  // of kOutputs outputs
+  if (per_block) {
+    if (x_f32) {
+      SmallGemmBlockKernel<N, R, E, true>
+          <<<groups, kWarps * 32, 0, stream>>>(w, x, n, in, out, y, y16);
+    } else {
+      SmallGemmBlockKernel<N, R, E, false>
+          <<<groups, kWarps * 32, 0, stream>>>(w, x, n, in, out, y, y16);
+    }
+    return;
+  }
+  const int blocks = (groups + kWarps - 1) / kWarps;
   if (x_f32) {
     SmallGemmKernel<N, R, E, true><<<blocks, kWarps * 32, 0, stream>>>(w, x, n, in, out, y, y16);
   } else {
@@ -135,30 +233,36 @@ void Launch(const uint16_t* w, const void* x, bool x_f32, int n, int in, int out
 }
 
 template <int R, SmallGemmEpilogue E>
-void LaunchRows(const uint16_t* w, const void* x, bool x_f32, int n, int in, int out, float* y,
-                uint16_t* y16, cudaStream_t stream) {
+void LaunchRows(const uint16_t* w, const void* x, bool x_f32, bool per_block, int n, int in,
+                int out, float* y, uint16_t* y16, cudaStream_t stream) {
   if (n == 1) {
-    Launch<1, R, E>(w, x, x_f32, n, in, out, y, y16, stream);
+    Launch<1, R, E>(w, x, x_f32, per_block, n, in, out, y, y16, stream);
   } else if (n == 2) {
-    Launch<2, R, E>(w, x, x_f32, n, in, out, y, y16, stream);
+    Launch<2, R, E>(w, x, x_f32, per_block, n, in, out, y, y16, stream);
   } else if (n <= 4) {
-    Launch<4, R, E>(w, x, x_f32, n, in, out, y, y16, stream);
+    Launch<4, R, E>(w, x, x_f32, per_block, n, in, out, y, y16, stream);
   } else {
-    Launch<8, R, E>(w, x, x_f32, n, in, out, y, y16, stream);
+    Launch<8, R, E>(w, x, x_f32, per_block, n, in, out, y, y16, stream);
   }
 }
 
 template <SmallGemmEpilogue E>
 void LaunchEpilogue(const uint16_t* w, const void* x, bool x_f32, int n, int in, int out, float* y,
-                    uint16_t* y16, int rows_per_warp, cudaStream_t stream) {
-  // Four rows a warp where that still leaves a few thread blocks per multiprocessor (132 on the
-  // largest parts today); two otherwise, so that short outputs still spread over the device.
-  constexpr int kOutputsAtFour = E == SmallGemmEpilogue::kSiluMulBf16 ? 2 : 4;
-  if (rows_per_warp == 0) rows_per_warp = out / (kOutputsAtFour * kWarps) >= 256 ? 4 : 2;
-  if (rows_per_warp == 4) {
-    LaunchRows<4, E>(w, x, x_f32, n, in, out, y, y16, stream);
-  } else {
-    LaunchRows<2, E>(w, x, x_f32, n, in, out, y, y16, stream);
+                    uint16_t* y16, SmallGemmLayout layout, cudaStream_t stream) {
+  switch (layout) {
+    case SmallGemmLayout::kAuto:
+    case SmallGemmLayout::kBlockRows4:
+      LaunchRows<4, E>(w, x, x_f32, /*per_block=*/true, n, in, out, y, y16, stream);
+      break;
+    case SmallGemmLayout::kBlockRows8:
+      LaunchRows<8, E>(w, x, x_f32, /*per_block=*/true, n, in, out, y, y16, stream);
+      break;
+    case SmallGemmLayout::kWarpRows2:
+      LaunchRows<2, E>(w, x, x_f32, /*per_block=*/false, n, in, out, y, y16, stream);
+      break;
+    case SmallGemmLayout::kWarpRows4:
+      LaunchRows<4, E>(w, x, x_f32, /*per_block=*/false, n, in, out, y, y16, stream);
+      break;
   }
 }
 
@@ -168,11 +272,11 @@ bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 absl::Status SmallBatchGemm(const uint16_t* w, const void* x, SmallGemmInput input, int32_t n,
                             int32_t in, int32_t out, SmallGemmEpilogue epilogue, float* y,
-                            uint16_t* y16, cudaStream_t stream, int32_t rows_per_warp) {
+                            uint16_t* y16, cudaStream_t stream, SmallGemmLayout layout) {
   const bool silu = epilogue == SmallGemmEpilogue::kSiluMulBf16;
-  if (rows_per_warp != 0 && rows_per_warp != 2 && rows_per_warp != 4) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "SmallBatchGemm: rows_per_warp %d (0 for the default, 2 or 4)", rows_per_warp));
+  if (static_cast<int>(layout) > static_cast<int>(SmallGemmLayout::kBlockRows8)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("SmallBatchGemm: unknown layout %d", static_cast<int>(layout)));
   }
   if (n < 1 || n > kSmallBatchMaxRows || in < 8 || in % 8 != 0 || out < 1 || w == nullptr ||
       x == nullptr || !Aligned16(w) || !Aligned16(x) || (silu ? y16 == nullptr : y == nullptr)) {
@@ -185,15 +289,15 @@ absl::Status SmallBatchGemm(const uint16_t* w, const void* x, SmallGemmInput inp
   switch (epilogue) {
     case SmallGemmEpilogue::kStoreF32:
       LaunchEpilogue<SmallGemmEpilogue::kStoreF32>(w, x, input == SmallGemmInput::kF32, n, in, out,
-                                                   y, y16, rows_per_warp, stream);
+                                                   y, y16, layout, stream);
       break;
     case SmallGemmEpilogue::kAddF32:
       LaunchEpilogue<SmallGemmEpilogue::kAddF32>(w, x, input == SmallGemmInput::kF32, n, in, out, y,
-                                                 y16, rows_per_warp, stream);
+                                                 y16, layout, stream);
       break;
     case SmallGemmEpilogue::kSiluMulBf16:
       LaunchEpilogue<SmallGemmEpilogue::kSiluMulBf16>(w, x, input == SmallGemmInput::kF32, n, in,
-                                                      out, y, y16, rows_per_warp, stream);
+                                                      out, y, y16, layout, stream);
       break;
   }
   return CudaStatus(cudaGetLastError(), "SmallBatchGemm launch");

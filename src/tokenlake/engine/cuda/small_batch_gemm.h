@@ -1,8 +1,10 @@
 // SmallBatchGemm: the model's dense layers at the row counts of decoding (1-8 rows), where the
 // time is reading the weight matrix once and cuBLAS's kernels for these skinny shapes stay well
-// below the device's copy bandwidth. Each warp streams a few weight rows (16-byte loads that
-// bypass L1, so the small input stays there) against every input row, in float32, and writes
-// through one of the epilogues the forward needs, which saves it a pass over the output:
+// below the device's copy bandwidth. A few weight rows are streamed (16-byte loads that bypass
+// L1, so the small input stays there) against every input row, in float32, either by one warp
+// or by a whole thread block that splits the rows' length over its warps (SmallGemmLayout), and
+// the result goes through one of the epilogues the forward needs, which saves it a pass over the
+// output:
 //
 //   kStoreF32:     y[t][o]  = sum_i w[o][i] * x[t][i]                       (float32 out)
 //   kAddF32:       y[t][o] += sum_i w[o][i] * x[t][i]                       (the residual add)
@@ -12,8 +14,9 @@
 // Shapes and layouts: w [rows][in] bf16 bits, row-major (rows = out, or 2 out for kSiluMulBf16);
 // x [n][in] (bf16 bits or float32, see SmallGemmInput); y [n][out] float32; y16 [n][out] bf16 bits.
 // in must be a positive multiple of 8 and w, x 16-byte aligned. Numerics: products and sums in
-// float32 (each lane sums its slice of in, then a butterfly across the warp); bf16 rounding to
-// nearest even. Results differ from cuBLAS's float32-accumulated ones by summation order only.
+// float32 (each thread sums its slice of in, then a butterfly across the warp and, in the block
+// layouts, a sum over the warps); bf16 rounding to nearest even. Results differ from cuBLAS's
+// float32-accumulated ones by summation order only.
 //
 // Thread-safety: enqueues on `stream`; pointers are device pointers borrowed until the
 // enqueued work has run. Not captured state: safe inside a CUDA graph capture.
@@ -30,20 +33,28 @@ namespace tokenlake::engine::cuda {
 
 // The most input rows SmallBatchGemm takes; larger batches go to cuBLAS.
 inline constexpr int kSmallBatchMaxRows = 8;
+// The most rows at which the model uses it by default (GpuLlamaModel::set_small_batch_rows):
+// faster than cuBLAS on every projection up to here, slower at 8 rows.
+inline constexpr int kSmallBatchDefaultRows = 4;
 
 enum class SmallGemmEpilogue : uint8_t { kStoreF32, kAddF32, kSiluMulBf16 };
 // The input rows: bf16 bits, or float32 rounded to bf16 as they are read (which saves the
 // forward a conversion pass: the attention's float32 output feeds o_proj directly).
 enum class SmallGemmInput : uint8_t { kBf16, kF32 };
 
-// rows_per_warp: weight rows each warp streams (2 or 4; 0 picks by the output size). A tuning
-// knob for benchmarks; the results do not depend on it.
+// How the weight rows are shared out: kWarpRowsR, R rows per warp (eight warps a thread block);
+// kBlockRowsR, R rows per thread block, each thread taking every 256th 16-byte chunk of them.
+// A tuning knob for benchmarks; the results differ only by summation order. kAuto is the
+// layout measured fastest at decode shapes (docs/results-engine.md).
+enum class SmallGemmLayout : uint8_t { kAuto, kWarpRows2, kWarpRows4, kBlockRows4, kBlockRows8 };
+
 // Errors: InvalidArgument (n outside [1, kSmallBatchMaxRows], in not a positive multiple of 8,
-//   out < 1, a null or misaligned pointer the epilogue needs, rows_per_warp not 0, 2 or 4),
+//   out < 1, a null or misaligned pointer the epilogue needs, an unknown layout),
 //   Internal (launch failure).
 absl::Status SmallBatchGemm(const uint16_t* w, const void* x, SmallGemmInput input, int32_t n,
                             int32_t in, int32_t out, SmallGemmEpilogue epilogue, float* y,
-                            uint16_t* y16, cudaStream_t stream, int32_t rows_per_warp = 0);
+                            uint16_t* y16, cudaStream_t stream,
+                            SmallGemmLayout layout = SmallGemmLayout::kAuto);
 
 }  // namespace tokenlake::engine::cuda
 

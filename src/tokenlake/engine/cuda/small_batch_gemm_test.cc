@@ -43,8 +43,12 @@ std::vector<T> Download(const DeviceBuffer& b, size_t n) {
   return v;
 }
 
-// Every epilogue, row count and a spread of shapes (outputs that are no multiple of a warp's
-// rows, short and long inputs) against a double-precision reference on the host.
+// Every epilogue, row count, layout and a spread of shapes (outputs that are no multiple of a
+// warp's rows, short and long inputs) against a double-precision reference on the host.
+constexpr SmallGemmLayout kLayouts[] = {SmallGemmLayout::kAuto, SmallGemmLayout::kWarpRows2,
+                                        SmallGemmLayout::kWarpRows4, SmallGemmLayout::kBlockRows4,
+                                        SmallGemmLayout::kBlockRows8};
+
 TEST(SmallBatchGemmTest, MatchesAPlainReferenceOnRandomInputs) {
   SKIP_WITHOUT_GPU();
   const uint64_t seed = std::random_device{}();
@@ -64,62 +68,66 @@ TEST(SmallBatchGemmTest, MatchesAPlainReferenceOnRandomInputs) {
       std::vector<uint16_t> w(static_cast<size_t>(rows) * s.in);
       for (uint16_t& v : w) v = Bf16(uniform(rng) * 0.1f);
       for (int n = 1; n <= kSmallBatchMaxRows; ++n) {
-        SCOPED_TRACE(testing::Message() << "in " << s.in << " out " << s.out << " epilogue "
-                                        << static_cast<int>(e) << " n " << n);
-        // float32 input (rounded to bf16 as it is read) with the residual add, as o_proj uses
-        // it, at even row counts; bf16 input otherwise.
-        const bool f32_input = e == SmallGemmEpilogue::kAddF32 && n % 2 == 0;
-        std::vector<uint16_t> x(static_cast<size_t>(n) * s.in);
-        std::vector<float> x32(x.size());
-        for (size_t i = 0; i < x.size(); ++i) {
-          x32[i] = uniform(rng);
-          x[i] = Bf16(x32[i]);  // the reference reads the input as the kernel must round it
-        }
-        std::vector<float> y0(static_cast<size_t>(n) * s.out);
-        for (float& v : y0) v = uniform(rng);
-        DeviceBuffer dw = Upload(w), dx = f32_input ? Upload(x32) : Upload(x), dy = Upload(y0);
-        DeviceBuffer dy16;
-        ASSERT_TRUE(dy16.Allocate(static_cast<size_t>(n) * s.out * 2).ok());
-        ASSERT_TRUE(SmallBatchGemm(dw.as<uint16_t>(), dx.get(),
-                                   f32_input ? SmallGemmInput::kF32 : SmallGemmInput::kBf16, n,
-                                   s.in, s.out, e, dy.as<float>(), dy16.as<uint16_t>(), nullptr)
-                        .ok());
-        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        const std::vector<float> y = Download<float>(dy, y0.size());
-        const std::vector<uint16_t> y16 = Download<uint16_t>(dy16, y0.size());
-        for (int t = 0; t < n; ++t) {
-          for (int o = 0; o < s.out; ++o) {
-            auto dot = [&](int row, double* magnitude) {
-              double sum = 0;
-              *magnitude = 0;
-              for (int i = 0; i < s.in; ++i) {
-                const double p = Float(w[static_cast<size_t>(row) * s.in + i]) *
-                                 Float(x[static_cast<size_t>(t) * s.in + i]);
-                sum += p;
-                *magnitude += std::fabs(p);
+        for (SmallGemmLayout layout : kLayouts) {
+          SCOPED_TRACE(testing::Message()
+                       << "in " << s.in << " out " << s.out << " epilogue " << static_cast<int>(e)
+                       << " n " << n << " layout " << static_cast<int>(layout));
+          // float32 input (rounded to bf16 as it is read) with the residual add, as o_proj uses
+          // it, at even row counts; bf16 input otherwise.
+          const bool f32_input = e == SmallGemmEpilogue::kAddF32 && n % 2 == 0;
+          std::vector<uint16_t> x(static_cast<size_t>(n) * s.in);
+          std::vector<float> x32(x.size());
+          for (size_t i = 0; i < x.size(); ++i) {
+            x32[i] = uniform(rng);
+            x[i] = Bf16(x32[i]);  // the reference reads the input as the kernel must round it
+          }
+          std::vector<float> y0(static_cast<size_t>(n) * s.out);
+          for (float& v : y0) v = uniform(rng);
+          DeviceBuffer dw = Upload(w), dx = f32_input ? Upload(x32) : Upload(x), dy = Upload(y0);
+          DeviceBuffer dy16;
+          ASSERT_TRUE(dy16.Allocate(static_cast<size_t>(n) * s.out * 2).ok());
+          ASSERT_TRUE(SmallBatchGemm(dw.as<uint16_t>(), dx.get(),
+                                     f32_input ? SmallGemmInput::kF32 : SmallGemmInput::kBf16, n,
+                                     s.in, s.out, e, dy.as<float>(), dy16.as<uint16_t>(), nullptr,
+                                     layout)
+                          .ok());
+          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+          const std::vector<float> y = Download<float>(dy, y0.size());
+          const std::vector<uint16_t> y16 = Download<uint16_t>(dy16, y0.size());
+          for (int t = 0; t < n; ++t) {
+            for (int o = 0; o < s.out; ++o) {
+              auto dot = [&](int row, double* magnitude) {
+                double sum = 0;
+                *magnitude = 0;
+                for (int i = 0; i < s.in; ++i) {
+                  const double p = Float(w[static_cast<size_t>(row) * s.in + i]) *
+                                   Float(x[static_cast<size_t>(t) * s.in + i]);
+                  sum += p;
+                  *magnitude += std::fabs(p);
+                }
+                return sum;
+              };
+              const size_t at = static_cast<size_t>(t) * s.out + o;
+              double mag = 0;
+              const double ref = dot(o, &mag);
+              // float32 sums of `in` terms: a few ulps of the terms' magnitude.
+              const double tol =
+                  1e-6 * mag + 1e-7 * std::sqrt(static_cast<double>(s.in)) * mag + 1e-30;
+              if (e == SmallGemmEpilogue::kStoreF32) {
+                ASSERT_NEAR(y[at], ref, tol) << "t " << t << " o " << o;
+              } else if (e == SmallGemmEpilogue::kAddF32) {
+                ASSERT_NEAR(y[at], y0[at] + ref, tol + 1e-7 * std::fabs(y0[at]))
+                    << "t " << t << " o " << o;
+              } else {
+                double mag_u = 0;
+                const double u = dot(s.out + o, &mag_u);
+                const double want = ref / (1 + std::exp(-ref)) * u;
+                // bf16 rounding of the result (2^-8 relative) plus the sums' error.
+                ASSERT_NEAR(Float(y16[at]), want,
+                            std::fabs(want) * 0.0079 + 1.1 * (tol * std::fabs(u) + mag_u * 1e-6))
+                    << "t " << t << " o " << o;
+                ASSERT_EQ(y[at], y0[at]) << "kSiluMulBf16 wrote y";
               }
-              return sum;
-            };
-            const size_t at = static_cast<size_t>(t) * s.out + o;
-            double mag = 0;
-            const double ref = dot(o, &mag);
-            // float32 sums of `in` terms: a few ulps of the terms' magnitude.
-            const double tol =
-                1e-6 * mag + 1e-7 * std::sqrt(static_cast<double>(s.in)) * mag + 1e-30;
-            if (e == SmallGemmEpilogue::kStoreF32) {
-              ASSERT_NEAR(y[at], ref, tol) << "t " << t << " o " << o;
-            } else if (e == SmallGemmEpilogue::kAddF32) {
-              ASSERT_NEAR(y[at], y0[at] + ref, tol + 1e-7 * std::fabs(y0[at]))
-                  << "t " << t << " o " << o;
-            } else {
-              double mag_u = 0;
-              const double u = dot(s.out + o, &mag_u);
-              const double want = ref / (1 + std::exp(-ref)) * u;
-              // bf16 rounding of the result (2^-8 relative) plus the sums' error.
-              ASSERT_NEAR(Float(y16[at]), want,
-                          std::fabs(want) * 0.0079 + 1.1 * (tol * std::fabs(u) + mag_u * 1e-6))
-                  << "t " << t << " o " << o;
-              ASSERT_EQ(y[at], y0[at]) << "kSiluMulBf16 wrote y";
             }
           }
         }
@@ -150,7 +158,7 @@ TEST(SmallBatchGemmTest, RejectsBadArguments) {
   EXPECT_NE(s.message().find("y16"), std::string::npos) << s;
   EXPECT_FALSE(SmallBatchGemm(w.as<uint16_t>(), x.get(), SmallGemmInput::kBf16, 1, 64, 64,
                               SmallGemmEpilogue::kStoreF32, y.as<float>(), nullptr, nullptr,
-                              /*rows_per_warp=*/3)
+                              static_cast<SmallGemmLayout>(99))
                    .ok());
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 }
