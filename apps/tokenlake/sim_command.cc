@@ -27,7 +27,7 @@
 #include "flag_checks.h"
 #include "nlohmann/json.hpp"
 #include "tokenlake/plan/planner.h"
-#include "tokenlake/sim/cost_model.h"
+#include "tokenlake/sched/cost_model.h"
 #include "tokenlake/sim/experiment.h"
 #include "tokenlake/sim/preset.h"
 #include "tokenlake/sim/report.h"
@@ -274,7 +274,7 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   config["model"] = model->name;
   config["gpu"] = gpu->name;
   // Which of the profile's tables the cost model charges for an iteration's work besides
-  // attention (sim/cost_model.h: forward_ms when the profile has one).
+  // attention (sched/cost_model.h: forward_ms when the profile has one).
   config["gpu_iteration_table"] = gpu->forward_ms.empty() ? "dense_ms" : "forward_ms";
   config["preset"] = f.preset.empty() ? nlohmann::json(nullptr) : nlohmann::json(f.preset);
   config["tensor_parallel"] = tp;
