@@ -51,6 +51,7 @@ struct Flags {
   int segment_tokens = 16;
   uint64_t seed = 1;
   bool rotate_compute = false;
+  std::string routing = "scheduler";
   int rebalance_interval_ms = 1000;
   std::string json_out;
   std::string work_dir = "/tmp";
@@ -131,6 +132,7 @@ int Run(const Flags& f) {
     o.work_dir = f.work_dir;
     o.coordinator_flags = {"--rebalance-interval-ms", std::to_string(f.rebalance_interval_ms)};
     if (f.rotate_compute) o.coordinator_flags.push_back("--rotate-compute");
+    o.coordinator_flags.insert(o.coordinator_flags.end(), {"--routing", f.routing});
     auto c = tokenlake::service::LocalCluster::Start(o);
     if (!c.ok()) {
       std::cerr << "service_load: " << c.status().message() << "\n";
@@ -203,6 +205,8 @@ int Run(const Flags& f) {
       {"pool_replicas", ScrapeMetric(port, "tokenlake_pool_replicas")},
       {"pool_segments", ScrapeMetric(port, "tokenlake_pool_segments")},
       {"rotate_compute", f.rotate_compute},
+      {"routing", f.routing},
+      {"routes_by_scheduler", ScrapeMetric(port, "tokenlake_routes_total{rule=\"scheduler\"}")},
       {"lake_hit_rate", ScrapeMetric(port, "tokenlake_lake_hit_rate")},
       {"remote_attend_calls", ScrapeMetric(port, "tokenlake_remote_attend_calls_total")},
       {"kv_pulled_segments", ScrapeMetric(port, "tokenlake_kv_pulled_segments_total")},
@@ -257,6 +261,9 @@ int main(int argc, char** argv) {
   app.add_option("--seed", f.seed, "Seed of the prompts")->capture_default_str();
   app.add_flag("--rotate-compute", f.rotate_compute,
                "Instances take turns computing (forces queries and KV across processes)");
+  app.add_option("--routing", f.routing, "The coordinator's --routing: scheduler or plan")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"scheduler", "plan"}));
   app.add_option("--rebalance-interval-ms", f.rebalance_interval_ms,
                  "The coordinator's rebalancing period (0 = never)")
       ->capture_default_str();
