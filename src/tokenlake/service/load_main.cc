@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
@@ -233,6 +234,13 @@ int Run(const Flags& f) {
         {"rebalance_copy",
          ScrapeMetric(port, "tokenlake_data_plane_bytes_total{kind=\"rebalance_copy\"}")}}},
       {"reference_single_instance_seconds", ref_seconds}};
+  // Where the requests went (attempts routed per instance id).
+  json routed = json::array();
+  for (int i = 0; i < std::max(f.instances, 1); ++i) {
+    routed.push_back(
+        ScrapeMetric(port, absl::StrCat("tokenlake_instance_routed_total{instance=\"", i, "\"}")));
+  }
+  out["routed_per_instance"] = routed;
   std::cout << out.dump(1) << "\n";
   if (!f.json_out.empty()) std::ofstream(f.json_out) << out.dump(1) << "\n";
   if (cluster != nullptr) cluster->Stop();
