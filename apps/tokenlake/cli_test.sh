@@ -343,6 +343,12 @@ if "$bin" --help 2>&1 | grep -q coordinator; then
     "$bin" coordinator --model "$model" --instances 65
   expect "coordinator rejects a bad KV dtype" 2 "kv-dtype" -- \
     "$bin" coordinator --model "$model" --kv-dtype f16
+  expect "coordinator rejects an unknown routing rule" 2 "routing" -- \
+    "$bin" coordinator --model "$model" --routing nearest
+  expect "coordinator rejects a decode budget outside (0, 1]" 2 "decode-budget" -- \
+    "$bin" coordinator --model "$model" --decode-budget 0
+  expect "coordinator rejects a GPU profile it cannot find" 2 "gpu.*no-such-gpu" -- \
+    "$bin" coordinator --model "$model" --gpu no-such-gpu
   expect "instance rejects a zero data-plane timeout" 2 "data-timeout-ms" -- \
     "$bin" instance --model "$model" --coordinator-port 1 --data-timeout-ms 0
   expect "instance without an address names --coordinator and --etcd" 2 \

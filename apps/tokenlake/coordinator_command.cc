@@ -33,8 +33,10 @@
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_format.h"
 #include "command.h"
+#include "flag_checks.h"
 #include "tokenlake/engine/llama_config.h"
 #include "tokenlake/engine/pool_shape.h"
+#include "tokenlake/sched/cost_model.h"
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/coordinator.h"
 #include "tokenlake/service/election.h"
@@ -59,6 +61,10 @@ struct CoordinatorFlags {
   int rebalance_interval_ms = 1000;
   int rebalance_every = 0;
   bool rotate_compute = false;
+  std::string routing = "scheduler";
+  double slo_tpot = 0.2;
+  double decode_budget = 0.5;
+  std::string gpu = "h100";
   int http_port = 0;
   int grpc_port = 0;
   std::string http_listen;
@@ -126,6 +132,27 @@ int RunCoordinator(const CoordinatorFlags& f) {
   o.rebalance_interval = absl::Milliseconds(f.rebalance_interval_ms);
   o.rebalance_every_requests = f.rebalance_every;
   o.rotate_compute_instance = f.rotate_compute;
+  // The scheduler's cost model: the checkpoint's shape on the instances' GPU profile.
+  absl::StatusOr<service::RoutingRule> rule = service::ParseRoutingRule(f.routing);
+  absl::StatusOr<sched::GpuProfile> gpu = sched::LoadGpuProfile(f.gpu);
+  if (!rule.ok() || !gpu.ok()) {
+    std::cerr << "tokenlake coordinator: " << (!rule.ok() ? "--routing: " : "--gpu: ")
+              << (!rule.ok() ? rule.status() : gpu.status()).message() << "\n";
+    return 2;
+  }
+  o.routing = *rule;
+  o.routing_gpu = *std::move(gpu);
+  o.slo_tpot_s = f.slo_tpot;
+  o.decode_budget_share = f.decode_budget;
+  o.routing_model = {.name = o.model_id,
+                     .num_layers = config->num_layers,
+                     .num_heads = config->num_heads,
+                     .num_kv_heads = config->num_kv_heads,
+                     .head_dim = config->head_dim,
+                     .hidden = config->hidden_size,
+                     .intermediate = config->intermediate_size,
+                     .vocab = config->vocab_size,
+                     .dtype_bytes = f.kv_dtype == "bf16" ? 2 : 4};
   o.http_port = f.http_port;
   o.grpc_port = f.grpc_port;
   for (const auto& [text, host, port] : {std::tuple{&f.http_listen, &o.http_host, &o.http_port},
@@ -283,6 +310,26 @@ void SetUpCoordinator(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_flag("--rotate-compute", f->rotate_compute,
                 "Live instances take turns computing (forces cross-process KV / query traffic)");
+  cmd->add_option("--routing", f->routing,
+                  "Which instance computes (and decodes) a request: scheduler (the elastic "
+                  "scheduler's decode placement under the decode budget, service/router.h) or "
+                  "plan (the lake's plan unless that instance is too busy)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"scheduler", "plan"}));
+  cmd->add_option("--slo-tpot", f->slo_tpot,
+                  "TPOT SLO in seconds; the scheduler's decode budget is --decode-budget x this")
+      ->capture_default_str()
+      ->check(Positive());
+  cmd->add_option("--decode-budget", f->decode_budget,
+                  "Share of --slo-tpot an instance's estimated decode iteration may take (as "
+                  "`tokenlake sim --tl-decode-budget`)")
+      ->capture_default_str()
+      ->check(NumberIn(0, 1, /*open_lo=*/true));
+  cmd->add_option("--gpu", f->gpu,
+                  "The instances' GPU profile for the scheduler's cost model: h100, h100-paper, "
+                  "a100-80gb or a profile JSON file (`tokenlake profile`; as `tokenlake sim "
+                  "--gpu`); the model's shape is the checkpoint's")
+      ->capture_default_str();
   CLI::Option* http_port =
       cmd->add_option("--http-port", f->http_port, "HTTP port on 127.0.0.1 (0 = any)")
           ->capture_default_str();

@@ -1,6 +1,6 @@
 // `tokenlake profile --json OUT`: measures this machine's GPU for the simulator's cost model and
 // writes the GPU-profile JSON that `tokenlake sim --gpu FILE` reads (schema in
-// src/tokenlake/sim/cost_model.h): device copy bandwidth, cuBLAS bf16 GEMM rate, the dense layers
+// src/tokenlake/sched/cost_model.h): device copy bandwidth, cuBLAS bf16 GEMM rate, the dense layers
 // of Llama-3-8B (qkv, o, gate-up, down over 32 layers) by batch tokens, the prefill FLOP/s and
 // decode bytes/s of our paged attention kernels (GQA 32/8, head_dim 128, bf16, 32K-token pooled
 // prefix in 512-token segments), and (forward_ms) the GPU engine's forward pass of Llama-3-8B

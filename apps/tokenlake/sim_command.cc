@@ -27,7 +27,7 @@
 #include "flag_checks.h"
 #include "nlohmann/json.hpp"
 #include "tokenlake/plan/planner.h"
-#include "tokenlake/sim/cost_model.h"
+#include "tokenlake/sched/cost_model.h"
 #include "tokenlake/sim/experiment.h"
 #include "tokenlake/sim/preset.h"
 #include "tokenlake/sim/report.h"
@@ -187,19 +187,19 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
     if (!splits.ok()) return Usage("--pd-splits: " + std::string(splits.status().message()));
     eo.pd_splits = *std::move(splits);
   }
-  auto model = sim::LoadModelSpec(f.model);
+  auto model = sched::LoadModelSpec(f.model);
   if (!model.ok()) return Usage(std::string(model.status().message()));
-  auto gpu = sim::LoadGpuProfile(f.gpu);
+  auto gpu = sched::LoadGpuProfile(f.gpu);
   if (!gpu.ok()) return Usage(std::string(gpu.status().message()));
   if (model->num_kv_heads % tp != 0) {
     return Usage(
         absl::StrFormat("--tp %d must divide the model's %d KV heads", tp, model->num_kv_heads));
   }
-  sim::InterconnectSpec net;
+  sched::InterconnectSpec net;
   net.intra_node_gbps = f.intra_gbps;
   net.inter_node_gbps = f.inter_gbps;
   net.gpus_per_node = gpn;
-  const sim::CostModel cost(*model, *gpu, net, static_cast<int>(tp));
+  const sched::CostModel cost(*model, *gpu, net, static_cast<int>(tp));
 
   sim::Workload workload;
   if (!f.trace.empty() && !f.workload.empty()) {
@@ -274,7 +274,7 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   config["model"] = model->name;
   config["gpu"] = gpu->name;
   // Which of the profile's tables the cost model charges for an iteration's work besides
-  // attention (sim/cost_model.h: forward_ms when the profile has one).
+  // attention (sched/cost_model.h: forward_ms when the profile has one).
   config["gpu_iteration_table"] = gpu->forward_ms.empty() ? "dense_ms" : "forward_ms";
   config["preset"] = f.preset.empty() ? nlohmann::json(nullptr) : nlohmann::json(f.preset);
   config["tensor_parallel"] = tp;

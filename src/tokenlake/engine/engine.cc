@@ -360,6 +360,8 @@ std::vector<std::pair<RequestId, absl::StatusOr<GenerateResult>>> Engine::Step()
 
 bool Engine::idle() const { return pool_ == nullptr || pool_->loop->idle(); }
 
+LoopLoad Engine::Load() const { return pool_ == nullptr ? LoopLoad{} : pool_->loop->Load(); }
+
 int32_t Engine::max_batch_requests_seen() const {
   return pool_ == nullptr ? 0 : pool_->loop->max_batch_requests_seen();
 }

@@ -48,6 +48,7 @@
 #include "tokenlake/balance/balancer.h"
 #include "tokenlake/balance/heavy_hitter.h"
 #include "tokenlake/engine/instance_pool.h"
+#include "tokenlake/engine/iteration_loop.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/engine/sampler.h"
 #include "tokenlake/lake/control_plane.h"
@@ -232,6 +233,8 @@ class Engine {
   bool idle() const;
   // The most requests that ran in one iteration so far (0 without the pool).
   int32_t max_batch_requests_seen() const;
+  // The pending requests by phase (IterationLoop::Load; all zero without the pool).
+  LoopLoad Load() const;
 
   const EngineOptions& options() const { return options_; }
 

@@ -54,6 +54,27 @@ int64_t IterationLoop::MaxTokens(const Active& a) {
   return static_cast<int64_t>(a.req.prompt.size()) + a.req.max_new_tokens;
 }
 
+int64_t IterationLoop::Remaining(const Active& a) {
+  return static_cast<int64_t>(a.seq.size()) - (a.fresh ? 0 : a.computed);
+}
+
+bool IterationLoop::Decoding(const Active& a) { return !a.fresh && Remaining(a) == 1; }
+
+LoopLoad IterationLoop::Load() const {
+  LoopLoad load;
+  for (const auto& a : requests_) {
+    if (Decoding(*a)) {
+      ++load.decode_requests;
+      load.decode_context_tokens += a->computed;
+    } else {
+      ++load.prefill_requests;
+      load.prefill_tokens += Remaining(*a);
+      load.prefill_context_tokens += static_cast<int64_t>(a->seq.size());
+    }
+  }
+  return load;
+}
+
 absl::StatusOr<std::unique_ptr<IterationLoop>> IterationLoop::Create(
     lake::ControlPlane* control, IterationExecutor* executor, const IterationLoopOptions& options) {
   if (control == nullptr || executor == nullptr) {
@@ -336,15 +357,11 @@ std::vector<LoopResult> IterationLoop::Step() {
   // 1. The batch: decodes first, then prefill work in arrival order, under the budgets.
   std::vector<Active*> batch;
   int64_t budget = options_.max_batch_tokens;
-  auto remaining = [](const Active& a) {
-    return static_cast<int64_t>(a.seq.size()) - (a.fresh ? 0 : a.computed);
-  };
   for (int pass = 0; pass < 2; ++pass) {
     for (const auto& a : requests_) {
       if (budget < 1 || static_cast<int32_t>(batch.size()) >= options_.max_batch_requests) break;
-      const bool decode = !a->fresh && remaining(*a) == 1;
-      if (decode != (pass == 0)) continue;
-      const int64_t chunk = std::min(budget, remaining(*a));
+      if (Decoding(*a) != (pass == 0)) continue;
+      const int64_t chunk = std::min(budget, Remaining(*a));
       a->chunk = chunk;
       batch.push_back(a.get());
       budget -= chunk;

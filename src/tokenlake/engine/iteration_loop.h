@@ -208,6 +208,20 @@ struct IterationTiming {
   double finish_us = 0;
 };
 
+// The work a loop holds at one moment (what the cluster's instances report for routing).
+struct LoopLoad {
+  // Requests past their prefill (their next iteration is a decode step) and the sum of their
+  // context: the tokens whose KV exists, which that step attends to.
+  int64_t decode_requests = 0;
+  int64_t decode_context_tokens = 0;
+  // Requests waiting for or in their prefill (a restarted one included): how many, their
+  // tokens still to compute (cache hits not known before their first plan count as to compute),
+  // and the sum of their sequence lengths (their decode context once prefilled).
+  int64_t prefill_requests = 0;
+  int64_t prefill_tokens = 0;
+  int64_t prefill_context_tokens = 0;
+};
+
 class IterationLoop {
  public:
   // Both borrowed, must outlive the loop. Errors: InvalidArgument naming a bad option.
@@ -247,6 +261,8 @@ class IterationLoop {
   // No request queued or running.
   bool idle() const { return requests_.empty(); }
   int64_t num_requests() const { return static_cast<int64_t>(requests_.size()); }
+  // The requests queued or running now, by phase (as the next Step would batch them). O(requests).
+  LoopLoad Load() const;
   // The most requests that ran in one iteration so far, and the iterations run.
   int32_t max_batch_requests_seen() const { return max_batch_seen_; }
   int64_t iterations() const { return iterations_; }
@@ -262,6 +278,10 @@ class IterationLoop {
   // The salt of `a`'s segment ids (its own, else the namespace's).
   uint64_t SaltOf(const Active& a) const;
   static int64_t MaxTokens(const Active& a);
+  // Tokens of `a`'s sequence its next iterations compute (1: a decode step, unless fresh).
+  static int64_t Remaining(const Active& a);
+  // Its next iteration is a decode step.
+  static bool Decoding(const Active& a);
   // Drops `victim`'s tail (tails in the pool, a forced admission found no room): its sequence
   // restarts from what the pool holds.
   void Preempt(Active& victim);

@@ -508,6 +508,43 @@ TEST(IterationLoopTest, CancelReleasesPinsAndTailAndOtherRequestsFinishUnchanged
   EXPECT_EQ(exec.open_sequences(), 0);
 }
 
+TEST(IterationLoopTest, LoadCountsPrefillAndDecodeWorkAsTheNextStepBatchesIt) {
+  ManualClock clock(1);
+  auto lk = lake::Lake::Create(TestLakeOptions(2, 4, 64), &clock);
+  ASSERT_TRUE(lk.ok());
+  lake::LocalControlPlane control(lk->get(), &clock);
+  FakeExecutor exec(4, 2);
+  auto loop = IterationLoop::Create(
+      &control, &exec,
+      {.segment_tokens = 4, .salt = 5, .max_batch_tokens = 8, .vocab_size = kVocab});
+  ASSERT_TRUE(loop.ok());
+  auto load = [&] {
+    const LoopLoad l = (*loop)->Load();
+    return std::vector<int64_t>{l.decode_requests, l.decode_context_tokens, l.prefill_requests,
+                                l.prefill_tokens, l.prefill_context_tokens};
+  };
+  EXPECT_EQ(load(), (std::vector<int64_t>{0, 0, 0, 0, 0}));
+  LoopRequest a{.id = RequestId(1), .max_new_tokens = 3};
+  for (int t = 0; t < 13; ++t) a.prompt.push_back(t % kVocab);
+  ASSERT_TRUE((*loop)->Submit(a).ok());
+  // Queued: its 13 prompt tokens to compute.
+  EXPECT_EQ(load(), (std::vector<int64_t>{0, 0, 1, 13, 13}));
+  (*loop)->Step();  // the first 8 (the batch's token budget)
+  EXPECT_EQ(load(), (std::vector<int64_t>{0, 0, 1, 5, 13}));
+  LoopRequest b{.id = RequestId(2), .prompt = {1, 2, 3}, .max_new_tokens = 2};
+  ASSERT_TRUE((*loop)->Submit(b).ok());
+  EXPECT_EQ(load(), (std::vector<int64_t>{0, 0, 2, 8, 16}));
+  // The last 5 of a and all 3 of b: both produce their first token and decode next, over the
+  // 13 and 3 tokens whose KV exists.
+  (*loop)->Step();
+  EXPECT_EQ(load(), (std::vector<int64_t>{2, 16, 0, 0, 0}));
+  (*loop)->Step();  // one decode step each: b has its 2 tokens and leaves
+  EXPECT_EQ(load(), (std::vector<int64_t>{1, 14, 0, 0, 0}));
+  (*loop)->Step();
+  EXPECT_TRUE((*loop)->idle());
+  EXPECT_EQ(load(), (std::vector<int64_t>{0, 0, 0, 0, 0}));
+}
+
 TEST(IterationLoopTest, RejectsBadRequestsWithClearErrors) {
   ManualClock clock(1);
   lake::LakeOptions lo;

@@ -110,7 +110,7 @@ absl::StatusOr<AttentionTiming> MeasurePagedAttention(const AttentionBenchShape&
                                                       int repeats = 50);
 
 // What `tokenlake profile` measures here, as the simulator's GPU-profile JSON (schema in
-// src/tokenlake/sim/cost_model.h: name, memory_bytes, memory_utilization,
+// src/tokenlake/sched/cost_model.h: name, memory_bytes, memory_utilization,
 // activation_reserve_bytes, copy_gbps, gemm_tflops, attn_prefill_tflops, attn_decode_gbps,
 // dense_ms [[tokens, ms], ...]; plus "device", "dense_ms_by_tokens" and a "measured" object with
 // details). Dense layers: Llama-3-8B at `dense_tokens`; GEMM: 8192^3; attention: GQA 32/8,

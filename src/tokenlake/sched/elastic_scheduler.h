@@ -24,9 +24,9 @@
 //    T, each O(1) from prefix sums; M is capped by grouping adjacent sorted chunks
 //    (max_dp_items).
 // 2. PlaceDecode: decode batches run at DoP 1, one phase per batch. A new decode joins a
-//    decode instance that still meets the decode iteration budget with it: the one holding
-//    most of its context (so that it attends locally), ties to the busiest (best fit, so that
-//    decodes use as few instances as their SLO allows and the rest prefill); when none fits,
+//    decode instance that still meets the decode iteration budget with it: the busiest (best
+//    fit, so that decodes use as few instances as their SLO allows and the rest prefill), ties
+//    to the one holding most of its context (so that it attends locally); when none fits,
 //    an idle instance becomes a decode instance (again the one holding most of its context);
 //    when none is idle, the decode instance with the least work takes it (over budget: the SLO
 //    is infeasible, throughput fallback). Instances without decodes are free for prefill: the
@@ -157,8 +157,8 @@ struct DecodeInstance {
   int64_t mixed_tokens = 0;
   double mixed_attention_s = 0;
   // PlaceDecode only: tokens of the new decode's context that this instance already holds
-  // (where its prefix lives); among the instances where it fits, the decode goes where this is
-  // largest. 0 everywhere = no locality information.
+  // (where its prefix lives); among the equally busy instances where it fits, and among the
+  // idle ones, the decode goes where this is largest. 0 everywhere = no locality information.
   int64_t local_tokens = 0;
 };
 

@@ -55,6 +55,13 @@ absl::Status CheckOptions(const CoordinatorOptions& o) {
   }
   if (o.max_attempts < 1) return bad("max_attempts must be >= 1");
   if (o.balance_abs_threshold < 0) return bad("balance_abs_threshold must be >= 0");
+  if (!(o.slo_tpot_s > 0) || !(o.decode_budget_share > 0 && o.decode_budget_share <= 1)) {
+    return bad(
+        absl::StrFormat("slo_tpot_s must be > 0 and decode_budget_share in (0, 1], got %g and %g",
+                        o.slo_tpot_s, o.decode_budget_share));
+  }
+  if (o.routing_gpu.dense_ms.empty()) return bad("routing_gpu.dense_ms must not be empty");
+  if (o.routing_model.num_kv_heads < 1) return bad("routing_model.num_kv_heads must be >= 1");
   if (o.lake_instances < 1 || o.lake_instances > kMaxInstances) {
     return bad(
         absl::StrFormat("lake_instances %d outside [1, %d]", o.lake_instances, kMaxInstances));
@@ -99,9 +106,14 @@ class Coordinator::Impl {
         reconciler_(&lake_, {.num_instances = options.lake_instances,
                              .started = started_,
                              .restore_window = options.restore_window}),
+        routing_cost_(options.routing_model, options.routing_gpu, sched::InterconnectSpec{}),
+        routing_batch_cost_(routing_cost_, options.model),
         router_({.num_instances = options.lake_instances,
                  .balance_abs_threshold = options.balance_abs_threshold,
-                 .rotate = options.rotate_compute_instance},
+                 .rotate = options.rotate_compute_instance,
+                 .rule = options.routing,
+                 .decode_budget_s = options.slo_tpot_s * options.decode_budget_share,
+                 .cost = &routing_batch_cost_},
                 &lake_, &membership_),
         lake_service_(&lake_, &membership_, &reconciler_, &auth_),
         gate_(options.start_as_follower ? LeaderGate::State::kFollower
@@ -355,6 +367,7 @@ class Coordinator::Impl {
     s.refused_live_name = membership_service_->refused_registrations();
     s.rebalance_actions = rebalancer_->actions();
     s.routing_overrides = router_.overrides();
+    s.routes = router_.decisions();
     if (http_ != nullptr) s.http = http_->stats();
     s.grpc_connections = grpc_listener_->stats();
     return s;
@@ -384,6 +397,9 @@ class Coordinator::Impl {
   GuardedLake lake_;
   Membership membership_;
   Reconciler reconciler_;
+  // The router's cost model (CoordinatorOptions::routing_model, routing_gpu).
+  const sched::CostModel routing_cost_;
+  const sched::CostModelBatchCost routing_batch_cost_;
   Router router_;
   LakeService lake_service_;
   LeaderGate gate_;

@@ -93,11 +93,13 @@
 #include "tokenlake/balance/heavy_hitter.h"
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/plan/cost_model.h"
+#include "tokenlake/sched/cost_model.h"
 #include "tokenlake/service/api_keys.h"
 #include "tokenlake/service/completion_api.h"
 #include "tokenlake/service/grpc_credentials.h"
 #include "tokenlake/service/leader_gate.h"
 #include "tokenlake/service/protocol.h"
+#include "tokenlake/service/router.h"
 #include "tokenlake/tokenizer/tokenizer.h"
 #include "tokenlake/transport/fault_transport.h"
 
@@ -134,8 +136,19 @@ struct CoordinatorOptions {
   // requests (0 = never).
   absl::Duration rebalance_interval = absl::Seconds(1);
   int32_t rebalance_every_requests = 0;
-  // Routing: live instances take turns computing (instead of the lake's plan).
+  // Routing (router.h): live instances take turns computing (instead of the rule below).
   bool rotate_compute_instance = false;
+  // Routing: the rule; kScheduler places each request as the elastic scheduler places a decode
+  // (sched::PlaceDecode) under a decode iteration budget of decode_budget_share x slo_tpot_s
+  // seconds (> 0; share in (0, 1]; the simulator's --slo-tpot and --tl-decode-budget, whose
+  // defaults these are), with the iteration costs of `routing_model` on `routing_gpu` (the
+  // model's shape and the instances' GPU profile, the JSON `tokenlake sim --model / --gpu`
+  // read: sched/cost_model.h; routing_gpu.dense_ms must not be empty). kPlan: the lake's plan.
+  RoutingRule routing = RoutingRule::kScheduler;
+  double slo_tpot_s = 0.2;
+  double decode_budget_share = 0.5;
+  sched::ModelSpec routing_model;
+  sched::GpuProfile routing_gpu;
   // After a restart, segments an instance reports whose parent is unknown are kept (and retried
   // on its heartbeats) for this long, while other instances re-register; later they are freed.
   absl::Duration restore_window = absl::Seconds(5);

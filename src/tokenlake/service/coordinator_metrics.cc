@@ -118,6 +118,16 @@ std::string CoordinatorMetricsText(const CoordinatorSnapshot& s) {
                [&](int32_t i) { return member(i).running; });
   per_instance("tokenlake_instance_routed_total", "counter", "Requests routed per instance.",
                [&](int32_t i) { return member(i).routed; });
+  per_instance("tokenlake_instance_load_requests", "gauge",
+               "Requests the instance runs or will run, as routing sees them (its latest load "
+               "report plus the requests routed to it since).",
+               [&](int32_t i) { return member(i).load_requests; });
+  per_instance("tokenlake_instance_load_context_tokens", "gauge",
+               "Their decode context, tokens (as routing sees it).",
+               [&](int32_t i) { return member(i).load_context_tokens; });
+  per_instance("tokenlake_instance_load_unreported", "gauge",
+               "Requests routed to the instance that its latest load report does not list yet.",
+               [&](int32_t i) { return member(i).unreported_routed; });
   w.Family("tokenlake_transport_bytes_sent_total", "counter",
            "Bytes the coordinator sent to instances over the host transport.");
   w.Sample("tokenlake_transport_bytes_sent_total", {}, static_cast<double>(r.bytes_sent));
@@ -182,6 +192,15 @@ std::string CoordinatorMetricsText(const CoordinatorSnapshot& s) {
   w.Family("tokenlake_routing_overrides_total", "counter",
            "Requests not computed where the lake's plan said (instance not live or too busy).");
   w.Sample("tokenlake_routing_overrides_total", {}, static_cast<double>(s.routing_overrides));
+  w.Family("tokenlake_routes_total", "counter",
+           "Requests routed, by the way their instance was chosen: the elastic scheduler's decode "
+           "placement, the lake's plan (the plan rule, or the scheduler finding no instance), "
+           "rotation.");
+  for (int d = 0; d < Router::kNumDecisions; ++d) {
+    w.Sample("tokenlake_routes_total",
+             {{"rule", Router::DecisionName(static_cast<Router::Decision>(d))}},
+             static_cast<double>(s.routes[static_cast<size_t>(d)]));
+  }
   w.Family("tokenlake_reconcile_total", "counter",
            "Heartbeat reconciliation: segments freed on instances (the lake did not list them), "
            "replicas dropped from the lake (the instance did not hold them), replicas restored.");

@@ -19,6 +19,7 @@
 #include "tokenlake/service/membership.h"
 #include "tokenlake/service/reconciler.h"
 #include "tokenlake/service/request_path.h"
+#include "tokenlake/service/router.h"
 
 namespace tokenlake::service {
 
@@ -38,6 +39,8 @@ struct CoordinatorSnapshot {
   int64_t refused_live_name = 0;
   int64_t rebalance_actions = 0;
   int64_t routing_overrides = 0;
+  // Routes by the way they were decided (Router::Decision).
+  std::array<int64_t, Router::kNumDecisions> routes{};
   Reconciler::Stats reconcile;
   HttpFrontEnd::Stats http;
   GrpcListener::Stats grpc_connections;

@@ -262,6 +262,10 @@ class InstanceServer::Impl {
     state.set_requests_cancelled(cancelled_.load());
     state.set_requests_running(running_.load());
     {
+      absl::MutexLock lock(&load_mu_);
+      if (load_.snapshot() > 0) *state.mutable_load() = load_;
+    }
+    {
       absl::MutexLock lock(&traffic_mu_);
       *state.mutable_traffic() = traffic_;
     }
@@ -464,11 +468,37 @@ class InstanceServer::Impl {
           CancelRequest(*m);
         }
       }
-      if (dp == nullptr || dp->engine->idle()) continue;
-      for (auto& [request, result] : dp->engine->Step()) Complete(*dp, request, result);
+      if (dp == nullptr || dp->engine->idle()) {
+        TakeLoad(dp.get());
+        continue;
+      }
+      auto finished = dp->engine->Step();
+      // Before the replies, which carry it (the finished requests are no longer counted).
+      TakeLoad(dp.get());
+      for (auto& [request, result] : finished) Complete(*dp, request, result);
       SendProgress(*dp);
       running_.store(static_cast<int64_t>(in_flight_.size()));
     }
+  }
+
+  // Snapshots what the engine holds (the worker's, while it waits for work and after every
+  // Step) for the reports: RefreshState copies the latest. `request_ids` may still list
+  // requests that finished in the Step (their replies follow); the coordinator ends those.
+  void TakeLoad(const DataPlane* dp) {
+    v1::InstanceLoad load;
+    load.set_snapshot(++load_snapshots_);
+    for (const auto& [request, f] : in_flight_) load.add_request_ids(request);
+    if (dp != nullptr) {
+      const engine::LoopLoad l = dp->engine->Load();
+      load.set_decode_requests(l.decode_requests);
+      load.set_decode_context_tokens(l.decode_context_tokens);
+      load.set_prefill_requests(l.prefill_requests);
+      load.set_prefill_tokens(l.prefill_tokens);
+      load.set_prefill_context_tokens(l.prefill_context_tokens);
+      load.set_max_batch_requests(dp->engine->options().max_batch_requests);
+    }
+    absl::MutexLock lock(&load_mu_);
+    load_ = std::move(load);
   }
 
   struct InFlight {
@@ -660,6 +690,10 @@ class InstanceServer::Impl {
   // Requests submitted to the engine and not yet answered, by lake request id (worker only).
   absl::flat_hash_map<uint64_t, InFlight> in_flight_;
   std::atomic<int64_t> reconcile_frees_{0};
+  // The worker's snapshots of the engine's load (TakeLoad), numbered from 1.
+  uint64_t load_snapshots_ = 0;  // worker only
+  absl::Mutex load_mu_;
+  v1::InstanceLoad load_ ABSL_GUARDED_BY(load_mu_);
 
   absl::Mutex traffic_mu_;
   v1::InstanceTraffic traffic_ ABSL_GUARDED_BY(traffic_mu_);

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "nlohmann/json.hpp"
@@ -51,6 +52,7 @@ struct Flags {
   int segment_tokens = 16;
   uint64_t seed = 1;
   bool rotate_compute = false;
+  std::string routing = "scheduler";
   int rebalance_interval_ms = 1000;
   std::string json_out;
   std::string work_dir = "/tmp";
@@ -131,6 +133,7 @@ int Run(const Flags& f) {
     o.work_dir = f.work_dir;
     o.coordinator_flags = {"--rebalance-interval-ms", std::to_string(f.rebalance_interval_ms)};
     if (f.rotate_compute) o.coordinator_flags.push_back("--rotate-compute");
+    o.coordinator_flags.insert(o.coordinator_flags.end(), {"--routing", f.routing});
     auto c = tokenlake::service::LocalCluster::Start(o);
     if (!c.ok()) {
       std::cerr << "service_load: " << c.status().message() << "\n";
@@ -203,6 +206,8 @@ int Run(const Flags& f) {
       {"pool_replicas", ScrapeMetric(port, "tokenlake_pool_replicas")},
       {"pool_segments", ScrapeMetric(port, "tokenlake_pool_segments")},
       {"rotate_compute", f.rotate_compute},
+      {"routing", f.routing},
+      {"routes_by_scheduler", ScrapeMetric(port, "tokenlake_routes_total{rule=\"scheduler\"}")},
       {"lake_hit_rate", ScrapeMetric(port, "tokenlake_lake_hit_rate")},
       {"remote_attend_calls", ScrapeMetric(port, "tokenlake_remote_attend_calls_total")},
       {"kv_pulled_segments", ScrapeMetric(port, "tokenlake_kv_pulled_segments_total")},
@@ -229,6 +234,13 @@ int Run(const Flags& f) {
         {"rebalance_copy",
          ScrapeMetric(port, "tokenlake_data_plane_bytes_total{kind=\"rebalance_copy\"}")}}},
       {"reference_single_instance_seconds", ref_seconds}};
+  // Where the requests went (attempts routed per instance id).
+  json routed = json::array();
+  for (int i = 0; i < std::max(f.instances, 1); ++i) {
+    routed.push_back(
+        ScrapeMetric(port, absl::StrCat("tokenlake_instance_routed_total{instance=\"", i, "\"}")));
+  }
+  out["routed_per_instance"] = routed;
   std::cout << out.dump(1) << "\n";
   if (!f.json_out.empty()) std::ofstream(f.json_out) << out.dump(1) << "\n";
   if (cluster != nullptr) cluster->Stop();
@@ -257,6 +269,9 @@ int main(int argc, char** argv) {
   app.add_option("--seed", f.seed, "Seed of the prompts")->capture_default_str();
   app.add_flag("--rotate-compute", f.rotate_compute,
                "Instances take turns computing (forces queries and KV across processes)");
+  app.add_option("--routing", f.routing, "The coordinator's --routing: scheduler or plan")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"scheduler", "plan"}));
   app.add_option("--rebalance-interval-ms", f.rebalance_interval_ms,
                  "The coordinator's rebalancing period (0 = never)")
       ->capture_default_str();

@@ -6,6 +6,14 @@
 
 namespace tokenlake::service {
 
+void Membership::ClearLoad(Member& m) {
+  m.load_snapshot = 0;
+  m.load_ids.clear();
+  m.load_requests = m.load_context_tokens = m.load_prefill_tokens = 0;
+  m.max_batch_requests = 0;
+  m.routed_work.clear();
+}
+
 Membership::Membership(int32_t num_instances, absl::Duration dead_after)
     : num_instances_(num_instances),
       dead_after_(dead_after),
@@ -59,6 +67,8 @@ absl::StatusOr<Membership::Admission> Membership::Register(
   m.transport_port = transport_port;
   m.transport_incarnation = transport_incarnation;
   m.data_port = 0;  // until this incarnation reports its own
+  // A new process numbers its snapshots from 1 and holds none of the requests routed before.
+  ClearLoad(members_[id]);
   ++version_;
   m.last_heartbeat = now;
   ++m.incarnations;
@@ -89,6 +99,19 @@ void Membership::Report(int32_t id, const v1::InstanceState& state) {
   m.traffic = state.traffic();
   m.cancelled = state.requests_cancelled();
   m.running = state.requests_running();
+  if (state.has_load() && state.load().snapshot() > member.load_snapshot) {
+    const v1::InstanceLoad& load = state.load();
+    member.load_snapshot = load.snapshot();
+    member.load_ids.clear();
+    for (uint64_t request : load.request_ids()) {
+      member.load_ids.insert(request);
+      member.routed_work.erase(request);  // counted by the snapshot from now on
+    }
+    member.load_requests = load.decode_requests() + load.prefill_requests();
+    member.load_context_tokens = load.decode_context_tokens() + load.prefill_context_tokens();
+    member.load_prefill_tokens = load.prefill_tokens();
+    member.max_batch_requests = load.max_batch_requests();
+  }
   if (state.transport_error() != m.transport_error) {
     m.transport_error = state.transport_error();
     ++version_;
@@ -107,6 +130,7 @@ Membership::Reaped Membership::Reap(absl::Time now) {
       m.alive = false;
       m.data_port = 0;
       m.used_slots = 0;
+      ClearLoad(members_[i]);
       ++version_;
       ++deaths_;
       out.died.emplace_back(
@@ -173,17 +197,41 @@ void Membership::AddPeers(int32_t to, google::protobuf::RepeatedPtrField<v1::Pee
   }
 }
 
+Membership::Load Membership::LoadLocked(int32_t id) const {
+  const Member& m = members_[id];
+  Load load{.id = id,
+            .in_flight = m.view.in_flight,
+            .routed = m.view.routed,
+            .requests = m.load_requests,
+            .context_tokens = m.load_context_tokens,
+            .prefill_tokens = m.load_prefill_tokens,
+            .max_batch_requests = m.max_batch_requests};
+  // AddRouted never keeps a request the snapshot lists (Report drops those), so each counts once.
+  for (const auto& [request, work] : m.routed_work) {
+    ++load.requests;
+    load.context_tokens += work.context_tokens;
+    load.prefill_tokens += work.prefill_tokens;
+  }
+  return load;
+}
+
 std::vector<Membership::Load> Membership::ReadyLoads(
     const absl::flat_hash_set<int32_t>& excluded) const {
   absl::MutexLock lock(&mu_);
   std::vector<Load> out;
   for (int32_t i = 0; i < num_instances_; ++i) {
-    if (ReadyLocked(i) && !excluded.contains(i)) {
-      out.push_back(
-          {.id = i, .in_flight = members_[i].view.in_flight, .routed = members_[i].view.routed});
-    }
+    if (ReadyLocked(i) && !excluded.contains(i)) out.push_back(LoadLocked(i));
   }
   return out;
+}
+
+void Membership::AddRouted(int32_t id, RequestId request, RoutedWork work) {
+  absl::MutexLock lock(&mu_);
+  if (id < 0 || id >= num_instances_) return;
+  Member& m = members_[id];
+  // Already listed by a snapshot (it arrived before this call): counted there.
+  if (m.load_ids.contains(request.value())) return;
+  m.routed_work[request.value()] = work;
 }
 
 void Membership::BeginRequest(int32_t id) {
@@ -193,10 +241,11 @@ void Membership::BeginRequest(int32_t id) {
   ++members_[id].view.routed;
 }
 
-void Membership::EndRequest(int32_t id) {
+void Membership::EndRequest(int32_t id, RequestId request) {
   absl::MutexLock lock(&mu_);
   if (id < 0 || id >= num_instances_) return;
   --members_[id].view.in_flight;
+  members_[id].routed_work.erase(request.value());
 }
 
 std::vector<MemberView> Membership::Snapshot() const {
@@ -207,6 +256,11 @@ std::vector<MemberView> Membership::Snapshot() const {
     out.push_back(members_[i].view);
     out.back().routable = RoutableLocked(i);
     out.back().ready = ReadyLocked(i);
+    const Load load = LoadLocked(i);
+    out.back().load_requests = load.requests;
+    out.back().load_context_tokens = load.context_tokens;
+    out.back().load_prefill_tokens = load.prefill_tokens;
+    out.back().unreported_routed = static_cast<int64_t>(members_[i].routed_work.size());
   }
   return out;
 }

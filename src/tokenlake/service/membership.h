@@ -9,7 +9,11 @@
 //   - ready (gets requests): routable, and every routable instance has been sent the peers
 //     list since this one became routable with its current data port (membership versions), so
 //     that whoever it sends queries to can answer it.
-// It also counts the requests in flight and routed per instance (routing reads them).
+// It also counts the requests in flight and routed per instance, and keeps each instance's work
+// for routing (router.h): the latest load snapshot it reported (v1::InstanceLoad; an older
+// snapshot arriving later is ignored), plus the requests routed to it (AddRouted) that the
+// snapshot does not list yet, until one lists them or they end (EndRequest). So a burst of
+// requests routed between two reports sees each earlier one of the burst.
 //
 // The decision whether a registration under a live member's name may take its place
 // (incarnation.h) is the caller's: FindLive names the member to check.
@@ -27,10 +31,12 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "tokenlake/base/ids.h"
 #include "tokenlake/service/incarnation.h"
 #include "tokenlake/v1/tokenlake.pb.h"
 
@@ -66,6 +72,12 @@ struct MemberView {
   // Requests cancelled on the instance (this incarnation) and running there, as last reported.
   int64_t cancelled = 0;
   int64_t running = 0;
+  // Its work as routing sees it (Membership::Load's fields of the same names), and the requests
+  // routed to it that its latest load snapshot does not list yet.
+  int64_t load_requests = 0;
+  int64_t load_context_tokens = 0;
+  int64_t load_prefill_tokens = 0;
+  int64_t unreported_routed = 0;
 };
 
 class Membership {
@@ -97,9 +109,10 @@ class Membership {
   // alive member.
   absl::Status Heartbeat(int32_t id, absl::Time now);
 
-  // Takes an alive instance's report (slots, data port, transport health, traffic); ignored for
-  // an instance that is not alive. A change of data port or of transport health bumps the
-  // membership version (a new data port must reach every peer before the instance is ready).
+  // Takes an alive instance's report (slots, data port, transport health, traffic, load
+  // snapshot); ignored for an instance that is not alive. A change of data port or of transport
+  // health bumps the membership version (a new data port must reach every peer before the instance
+  // is ready).
   void Report(int32_t id, const v1::InstanceState& state);
 
   struct Reaped {
@@ -127,13 +140,34 @@ class Membership {
     int32_t id = -1;
     int64_t in_flight = 0;
     int64_t routed = 0;
+    // The requests it runs or will run (each decodes where it is computed): those of its latest
+    // load snapshot, decoding or not, plus those routed to it that the snapshot does not list.
+    int64_t requests = 0;
+    // Their context once prefilled (decode context tokens), and the prompt tokens still to
+    // compute among them.
+    int64_t context_tokens = 0;
+    int64_t prefill_tokens = 0;
+    // The most requests it runs in one iteration, as reported (0: not known).
+    int64_t max_batch_requests = 0;
   };
   // The ready instances not in `excluded`, with their load, by id.
   std::vector<Load> ReadyLoads(const absl::flat_hash_set<int32_t>& excluded) const;
 
-  // A request was sent to / is finished with instance `id` (in flight and routed counts).
+  // What a request routed to an instance brings there: one more request, which decodes there
+  // with `context_tokens` of context once its `prefill_tokens` are computed.
+  struct RoutedWork {
+    int64_t context_tokens = 0;
+    int64_t prefill_tokens = 0;
+  };
+  // Request `request` (its lake id) goes to instance `id`: its work counts in the instance's
+  // Load until a load snapshot of the instance lists it, or EndRequest(id, request), or the
+  // instance dies or registers again. A second call for the same request replaces the first.
+  void AddRouted(int32_t id, RequestId request, RoutedWork work);
+
+  // A request was sent to / is finished with instance `id` (in flight and routed counts; the
+  // end also drops what AddRouted recorded for `request` there).
   void BeginRequest(int32_t id);
-  void EndRequest(int32_t id);
+  void EndRequest(int32_t id, RequestId request);
 
   // Every id's state (index = id), for metrics and health.
   std::vector<MemberView> Snapshot() const;
@@ -143,14 +177,29 @@ class Membership {
  private:
   bool RoutableLocked(int32_t id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool ReadyLocked(int32_t id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Member `id`'s Load (its snapshot plus the routed work the snapshot does not list).
+  Load LoadLocked(int32_t id) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   struct Member {
     MemberView view;
+    // The latest load snapshot (0: none since it registered): its number, the requests it
+    // lists, and its figures (decode + prefill requests, their context, prefill tokens).
+    uint64_t load_snapshot = 0;
+    absl::flat_hash_set<uint64_t> load_ids;
+    int64_t load_requests = 0;
+    int64_t load_context_tokens = 0;
+    int64_t load_prefill_tokens = 0;
+    int64_t max_batch_requests = 0;
+    // Requests routed here (AddRouted) that have not ended, by lake request id.
+    absl::flat_hash_map<uint64_t, RoutedWork> routed_work;
     // Membership versions: the one at which the member became routable with its current data
     // port, and the latest one it was sent the peers of.
     int64_t since_version = 0;
     int64_t seen_version = 0;
   };
+  // Forgets `m`'s load snapshot and routed work (it registered again, or died).
+  static void ClearLoad(Member& m);
+
   const int32_t num_instances_;
   const absl::Duration dead_after_;
   mutable absl::Mutex mu_;

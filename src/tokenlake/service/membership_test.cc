@@ -7,6 +7,7 @@
 #include <iostream>
 #include <map>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -245,7 +246,7 @@ TEST(MembershipTest, RandomOperationsAgreeWithANaiveModel) {
       } else if (op == 7) {  // a request finished
         const int32_t id = pick(0, n - 1);
         if (model.members[static_cast<size_t>(id)].in_flight > 0) {
-          real.EndRequest(id);
+          real.EndRequest(id, RequestId(1));  // no routed work recorded: counts only
           --model.members[static_cast<size_t>(id)].in_flight;
         }
       } else {  // ready loads, some excluded
@@ -305,6 +306,112 @@ TEST(MembershipTest, RandomOperationsAgreeWithANaiveModel) {
         }
       }
       if (HasFatalFailure() || HasFailure()) return;
+    }
+  }
+}
+
+// The load view (Load's requests / context / prefill tokens, MemberView's unreported count and
+// in-flight count) under random routing, ends, load reports (newer, stale, listing some of the
+// routed requests) and re-registrations, against a naive model: a request routed to an instance
+// counts there until a snapshot of it that is not older than the latest taken lists it, it ends,
+// or the instance registers again; the latest snapshot's figures count always.
+TEST(MembershipTest, LoadViewAgreesWithANaiveModelUnderRandomRoutingAndReports) {
+  uint64_t seed = std::random_device{}();
+  if (const char* env = std::getenv("TOKENLAKE_TEST_SEED")) seed = std::strtoull(env, nullptr, 10);
+  std::cout << "seed " << seed << " (TOKENLAKE_TEST_SEED to replay)\n";
+  std::mt19937_64 rng(seed);
+  auto pick = [&](int64_t lo, int64_t hi) {
+    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+  };
+  constexpr int32_t kInstances = 3;
+  Membership m(kInstances, kDeadAfter);
+  struct Routed {
+    int64_t context = 0, prefill = 0;
+    bool seen = false;  // listed by an accepted snapshot since it was routed
+  };
+  struct Model {
+    uint64_t snapshot = 0;
+    std::set<uint64_t> listed;
+    int64_t requests = 0, context = 0, prefill = 0;
+    std::map<uint64_t, Routed> routed;  // not ended
+    int64_t in_flight = 0;
+  };
+  std::vector<Model> model(kInstances);
+  for (int32_t i = 0; i < kInstances; ++i) {
+    ASSERT_TRUE(m.Register(absl::StrCat("i", i), i, 5000 + i, kStart).ok());
+  }
+  uint64_t next_request = 1;
+  for (int step = 0; step < 4000; ++step) {
+    const int32_t id = static_cast<int32_t>(pick(0, kInstances - 1));
+    Model& mm = model[static_cast<size_t>(id)];
+    const int op = static_cast<int>(pick(0, 9));
+    if (op <= 3) {  // route a new request there
+      const uint64_t r = next_request++;
+      const Membership::RoutedWork w{.context_tokens = pick(1, 500),
+                                     .prefill_tokens = pick(1, 500)};
+      m.BeginRequest(id);
+      m.AddRouted(id, RequestId(r), w);
+      ++mm.in_flight;
+      mm.routed[r] = Routed{
+          .context = w.context_tokens, .prefill = w.prefill_tokens, .seen = mm.listed.contains(r)};
+    } else if (op <= 5 && !mm.routed.empty()) {  // one of its requests ends
+      auto it = mm.routed.begin();
+      std::advance(it, pick(0, static_cast<int64_t>(mm.routed.size()) - 1));
+      m.EndRequest(id, RequestId(it->first));
+      --mm.in_flight;
+      mm.routed.erase(it);
+    } else if (op <= 8) {  // a load report: usually newer, sometimes stale
+      v1::InstanceState state = State(6000 + id);
+      v1::InstanceLoad* load = state.mutable_load();
+      const bool stale = mm.snapshot > 0 && pick(0, 4) == 0;
+      const uint64_t number = stale ? pick(1, static_cast<int64_t>(mm.snapshot))
+                                    : mm.snapshot + static_cast<uint64_t>(pick(1, 3));
+      load->set_snapshot(number);
+      std::set<uint64_t> listed;
+      for (const auto& [r, routed] : mm.routed) {
+        if (pick(0, 2) > 0) listed.insert(r);
+      }
+      if (pick(0, 3) == 0) listed.insert(next_request + 1000);  // one this model never routed
+      for (uint64_t r : listed) load->add_request_ids(r);
+      load->set_decode_requests(pick(0, 9));
+      load->set_decode_context_tokens(pick(0, 5000));
+      load->set_prefill_requests(pick(0, 3));
+      load->set_prefill_tokens(pick(0, 2000));
+      load->set_prefill_context_tokens(pick(0, 3000));
+      m.Report(id, state);
+      if (!stale || number > mm.snapshot) {
+        mm.snapshot = number;
+        mm.listed = listed;
+        mm.requests = load->decode_requests() + load->prefill_requests();
+        mm.context = load->decode_context_tokens() + load->prefill_context_tokens();
+        mm.prefill = load->prefill_tokens();
+        for (auto& [r, routed] : mm.routed) routed.seen = routed.seen || listed.contains(r);
+      }
+    } else {  // it registers again (a new process): nothing of its load is known
+      ASSERT_TRUE(m.Register(absl::StrCat("i", id), id, 5000 + id, kStart).ok());
+      const int64_t in_flight = mm.in_flight;
+      const std::map<uint64_t, Routed> routed = mm.routed;
+      mm = Model{};
+      mm.in_flight = in_flight;  // in flight counts outlive incarnations (their waiters end them)
+      for (const auto& [r, unused] : routed) mm.routed[r] = Routed{.seen = true};
+    }
+    const std::vector<MemberView> view = m.Snapshot();
+    for (int32_t i = 0; i < kInstances; ++i) {
+      const Model& e = model[static_cast<size_t>(i)];
+      int64_t requests = e.requests, context = e.context, prefill = e.prefill, unreported = 0;
+      for (const auto& [r, routed] : e.routed) {
+        if (routed.seen) continue;
+        ++requests;
+        ++unreported;
+        context += routed.context;
+        prefill += routed.prefill;
+      }
+      const MemberView& v = view[static_cast<size_t>(i)];
+      ASSERT_EQ(v.load_requests, requests) << "step " << step << " instance " << i;
+      ASSERT_EQ(v.load_context_tokens, context) << "step " << step << " instance " << i;
+      ASSERT_EQ(v.load_prefill_tokens, prefill) << "step " << step << " instance " << i;
+      ASSERT_EQ(v.unreported_routed, unreported) << "step " << step << " instance " << i;
+      ASSERT_EQ(v.in_flight, e.in_flight) << "step " << step << " instance " << i;
     }
   }
 }

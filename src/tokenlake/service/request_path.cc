@@ -245,19 +245,20 @@ absl::StatusOr<CompletionResult> RequestPath::CompleteInner(const CompletionRequ
     if (now >= deadline) break;
     const absl::Time attempt_deadline = std::min(deadline, now + options_.attempt_timeout);
     message.set_deadline_unix_ms(absl::ToUnixMillis(attempt_deadline));
-    RequestId planning_id;
+    // The attempt's lake request id, taken before routing: the router records the request's
+    // work under it (an attempt that finds no instance leaves its id unused).
+    RequestId lake_request;
     {
       absl::MutexLock lock(&mu_);
-      planning_id = RequestId(next_request_id_);
+      lake_request = RequestId(next_request_id_++);
     }
-    absl::StatusOr<int32_t> target = router_->Route(*keys, prompt_tokens, excluded, planning_id);
+    absl::StatusOr<int32_t> target = router_->Route(*keys, prompt_tokens, excluded, lake_request);
     if (!target.ok()) {
       if (failures.empty()) return target.status();
       break;
     }
     const int32_t id = *target;
     uint64_t ticket;
-    RequestId lake_request;
     membership_->BeginRequest(id);
     {
       absl::MutexLock lock(&mu_);
@@ -265,7 +266,6 @@ absl::StatusOr<CompletionResult> RequestPath::CompleteInner(const CompletionRequ
       do {
         ticket = transport::RandomU64();
       } while (ticket == 0 || pending_.count(ticket) > 0);
-      lake_request = RequestId(next_request_id_++);
       pending_[ticket].instance = id;
       if (attempt > 1) ++stats_.failovers;
     }
@@ -287,7 +287,7 @@ absl::StatusOr<CompletionResult> RequestPath::CompleteInner(const CompletionRequ
       result.status = sent;
       pending_.erase(ticket);
     }
-    membership_->EndRequest(id);
+    membership_->EndRequest(id, lake_request);
     if (ended) {
       // The sink stopped the request (or a retry diverged): the instance drops it and releases
       // its pins in the lake (Engine::Cancel). Released here instead, the instance's next plan

@@ -243,7 +243,7 @@ absl::Status PdDisaggPolicy::Init(Simulator& sim) {
 
 void PdDisaggPolicy::OnArrival(Simulator& sim, int64_t request) {
   const Request& r = sim.workload().requests[request];
-  const CostModel& cost = sim.cost();
+  const sched::CostModel& cost = sim.cost();
   const SimOptions& o = sim.options();
   auto& insts = sim.instances();
   const int64_t kv_block_bytes = cost.model().KvBytesPerToken() * kBlockTokens;

@@ -121,7 +121,7 @@ std::string SplitName(int p, int n) { return absl::StrFormat("%dP:%dD", p, n - p
 
 class Runner {
  public:
-  Runner(const Workload& workload, const CostModel& cost, const ExperimentOptions& o,
+  Runner(const Workload& workload, const sched::CostModel& cost, const ExperimentOptions& o,
          std::function<void(const std::string&)> log)
       : workload_(workload), cost_(cost), o_(o), log_(std::move(log)) {}
 
@@ -216,7 +216,7 @@ class Runner {
 
  private:
   const Workload& workload_;
-  const CostModel& cost_;
+  const sched::CostModel& cost_;
   const ExperimentOptions& o_;
   std::function<void(const std::string&)> log_;
 };
@@ -245,7 +245,7 @@ void MarkBestSplits(std::vector<PolicyRun>& runs, const std::vector<RunSpec>& sp
 }  // namespace
 
 absl::StatusOr<std::vector<PolicyRun>> RunExperiment(const Workload& workload,
-                                                     const CostModel& cost,
+                                                     const sched::CostModel& cost,
                                                      const ExperimentOptions& o) {
   if (workload.requests.empty()) return absl::InvalidArgumentError("the workload is empty");
   if (o.rate_rps < 0 || !std::isfinite(o.rate_rps)) {

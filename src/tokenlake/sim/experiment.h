@@ -18,8 +18,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "tokenlake/sched/cost_model.h"
 #include "tokenlake/sim/baselines.h"
-#include "tokenlake/sim/cost_model.h"
 #include "tokenlake/sim/metrics.h"
 #include "tokenlake/sim/simulator.h"
 #include "tokenlake/sim/tokenlake_policy.h"
@@ -98,7 +98,7 @@ struct PolicyRun {
 // Errors: InvalidArgument for an unknown policy or bad options (an empty workload, pd-disagg
 // with one instance, a split out of range, a non-positive rate, no KV memory per instance).
 absl::StatusOr<std::vector<PolicyRun>> RunExperiment(const Workload& workload,
-                                                     const CostModel& cost,
+                                                     const sched::CostModel& cost,
                                                      const ExperimentOptions& options);
 
 }  // namespace tokenlake::sim

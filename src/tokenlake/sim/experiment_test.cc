@@ -23,8 +23,9 @@ Workload SmallChat(int64_t requests = 80) {
   return *std::move(w);
 }
 
-const CostModel& Cost() {
-  static const auto* cost = new CostModel(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+const sched::CostModel& Cost() {
+  static const auto* cost =
+      new sched::CostModel(sched::ModelSpec{}, sched::GpuProfile{}, sched::InterconnectSpec{});
   return *cost;
 }
 
@@ -96,10 +97,10 @@ TEST(ExperimentTest, ASplitOutOfRangeIsRefused) {
 }
 
 TEST(ExperimentTest, NoKvMemoryIsRefusedNamingTheGpu) {
-  GpuProfile small;
+  sched::GpuProfile small;
   small.name = "tiny-gpu";
   small.memory_bytes = int64_t{8} << 30;  // less than Llama-3-8B's weights
-  const CostModel cost(ModelSpec{}, small, InterconnectSpec{});
+  const sched::CostModel cost(sched::ModelSpec{}, small, sched::InterconnectSpec{});
   ExperimentOptions o;
   o.policies = {"round-robin"};
   auto runs = RunExperiment(SmallChat(), cost, o);

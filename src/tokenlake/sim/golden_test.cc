@@ -17,7 +17,7 @@ namespace tokenlake::sim {
 namespace {
 
 std::string RunGolden(const Workload& w) {
-  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  const sched::CostModel cost(sched::ModelSpec{}, sched::GpuProfile{}, sched::InterconnectSpec{});
   ExperimentOptions o;
   o.sim.num_instances = 4;
   o.rate_rps = 5;  // 200 requests in ~40 s

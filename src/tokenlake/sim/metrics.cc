@@ -21,8 +21,8 @@ std::string_view SloModeName(SloMode mode) {
   return mode == SloMode::kPerToken ? "per-token" : "p90";
 }
 
-Batch1Latency Batch1Latencies(const CostModel& cost, int64_t input_tokens, int64_t output_tokens,
-                              int64_t chunk_tokens) {
+Batch1Latency Batch1Latencies(const sched::CostModel& cost, int64_t input_tokens,
+                              int64_t output_tokens, int64_t chunk_tokens) {
   TOKENLAKE_CHECK(input_tokens >= 1 && output_tokens >= 1 && chunk_tokens >= 1);
   Batch1Latency b;
   b.input_token_s =
@@ -49,8 +49,8 @@ bool MeetsPerTokenSlo(const RequestRecord& rec, const Batch1Latency& batch1, dou
   return otl <= factor * batch1.output_token_s;
 }
 
-double PerTokenSloAttainment(const std::vector<RequestRecord>& records, const CostModel& cost,
-                             int64_t chunk_tokens, double factor) {
+double PerTokenSloAttainment(const std::vector<RequestRecord>& records,
+                             const sched::CostModel& cost, int64_t chunk_tokens, double factor) {
   if (records.empty()) return 0;
   int64_t met = 0;
   for (const RequestRecord& rec : records) {

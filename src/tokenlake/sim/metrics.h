@@ -38,7 +38,7 @@
 
 #include "absl/status/statusor.h"
 #include "nlohmann/json.hpp"
-#include "tokenlake/sim/cost_model.h"
+#include "tokenlake/sched/cost_model.h"
 #include "tokenlake/sim/simulator.h"
 
 namespace tokenlake::sim {
@@ -58,15 +58,15 @@ struct Batch1Latency {
   double output_token_s = 0;  // mean decode iteration of the request alone; 0 for one output
 };
 // REQUIRES: input_tokens >= 1, output_tokens >= 1, chunk_tokens >= 1.
-Batch1Latency Batch1Latencies(const CostModel& cost, int64_t input_tokens, int64_t output_tokens,
-                              int64_t chunk_tokens);
+Batch1Latency Batch1Latencies(const sched::CostModel& cost, int64_t input_tokens,
+                              int64_t output_tokens, int64_t chunk_tokens);
 
 // Whether `rec` met both per-token SLOs at `factor` x its batch-1 latencies.
 bool MeetsPerTokenSlo(const RequestRecord& rec, const Batch1Latency& batch1, double factor);
 
 // Share of `records` (all of them; 0 when empty) that met both per-token SLOs.
-double PerTokenSloAttainment(const std::vector<RequestRecord>& records, const CostModel& cost,
-                             int64_t chunk_tokens, double factor);
+double PerTokenSloAttainment(const std::vector<RequestRecord>& records,
+                             const sched::CostModel& cost, int64_t chunk_tokens, double factor);
 
 // cv_cache_access as defined above, from SimResult::cache_access.
 double CacheAccessCv(const std::vector<std::vector<int64_t>>& cache_access);

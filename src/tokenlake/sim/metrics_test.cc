@@ -28,7 +28,7 @@ std::vector<uint64_t> Ids(int64_t tokens, uint64_t first) {
   return ids;
 }
 
-SimResult RunAlone(const Workload& w, const CostModel& cost, SimOptions o,
+SimResult RunAlone(const Workload& w, const sched::CostModel& cost, SimOptions o,
                    const std::function<void(Simulator&)>& before = nullptr) {
   auto p = MakePolicy("round-robin");
   EXPECT_TRUE(p.ok());
@@ -54,7 +54,7 @@ TEST(CacheAccessTest, CvIsTheAccessWeightedMeanOfPerWindowCvs) {
 }
 
 TEST(CacheAccessTest, SimulatorCountsLocalContextTokensAttended) {
-  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  const sched::CostModel cost(sched::ModelSpec{}, sched::GpuProfile{}, sched::InterconnectSpec{});
   SimOptions o;
   o.num_instances = 2;
   Workload w;
@@ -72,7 +72,7 @@ TEST(CacheAccessTest, SimulatorCountsLocalContextTokensAttended) {
 }
 
 TEST(CacheAccessTest, PoliciesAddRemoteAccess) {
-  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  const sched::CostModel cost(sched::ModelSpec{}, sched::GpuProfile{}, sched::InterconnectSpec{});
   SimOptions o;
   o.num_instances = 3;
   Workload w;
@@ -87,7 +87,8 @@ TEST(CacheAccessTest, PoliciesAddRemoteAccess) {
 }
 
 TEST(PerTokenSloTest, Batch1ByHand) {
-  const CostModel cost(ModelSpec{}, PaperH100Profile(), InterconnectSpec{});
+  const sched::CostModel cost(sched::ModelSpec{}, sched::PaperH100Profile(),
+                              sched::InterconnectSpec{});
   const Batch1Latency b = Batch1Latencies(cost, 1024, 3, 8192);
   // Dense 19.8 ms + attention 4 x 1024 x 512.5 x 131072 FLOPs at 590 TFLOP/s, per token.
   EXPECT_NEAR(b.input_token_s, (19.8e-3 + 4.0 * 1024 * 512.5 * 131072 / 590e12) / 1024, 1e-15);
@@ -97,9 +98,9 @@ TEST(PerTokenSloTest, Batch1ByHand) {
 }
 
 TEST(PerTokenSloTest, ALoneRequestOnAnIdleInstanceRunsAtItsBatch1Latencies) {
-  auto gpu = LoadGpuProfile("a100-80gb");
+  auto gpu = sched::LoadGpuProfile("a100-80gb");
   ASSERT_TRUE(gpu.ok());
-  const CostModel cost(Lwm7bModel(), *gpu, InterconnectSpec{}, 2);
+  const sched::CostModel cost(sched::Lwm7bModel(), *gpu, sched::InterconnectSpec{}, 2);
   SimOptions o;
   o.num_instances = 1;
   o.token_budget = 8192;
@@ -160,7 +161,7 @@ TEST(PerTokenSloTest, MaxRateFindsTheP90GoodputAndItHolds) {
     for (uint64_t id : Ids(2048, 1000 + 10 * static_cast<uint64_t>(i))) ids.push_back(id);
     w.requests.push_back(Req(i * 1.0, 6144, 64, ids));
   }
-  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  const sched::CostModel cost(sched::ModelSpec{}, sched::GpuProfile{}, sched::InterconnectSpec{});
   ExperimentOptions o;
   o.sim.num_instances = 2;
   o.policies = {"round-robin", "cache-aware"};

@@ -5,7 +5,7 @@
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "tokenlake/sim/cost_model.h"
+#include "tokenlake/sched/cost_model.h"
 #include "tokenlake/sim/experiment.h"
 #include "tokenlake/sim/workload.h"
 
@@ -31,13 +31,13 @@ TEST(PresetTest, PaperIsFourTp2A100InstancesOfLwm7bUnderThePerTokenSlo) {
   EXPECT_EQ(p->policies, (std::vector<std::string>{"cache-aware", "pd-disagg", "tokenlake"}));
   // Its names resolve to built-ins, and the cost model they make is the paper's server: 8 GPUs
   // on one node, 2 x (81,920 MiB x 0.9 - 4 GiB) - 13.48 GB of weights per instance.
-  auto model = LoadModelSpec(p->model);
-  auto gpu = LoadGpuProfile(p->gpu);
+  auto model = sched::LoadModelSpec(p->model);
+  auto gpu = sched::LoadGpuProfile(p->gpu);
   ASSERT_TRUE(model.ok() && gpu.ok());
-  InterconnectSpec net;
+  sched::InterconnectSpec net;
   net.intra_node_gbps = p->intra_node_gbps;
   net.gpus_per_node = p->gpus_per_node;
-  const CostModel cost(*model, *gpu, net, p->tensor_parallel);
+  const sched::CostModel cost(*model, *gpu, net, p->tensor_parallel);
   EXPECT_NEAR(static_cast<double>(cost.KvCapacityBytes()),
               2 * (85899345920.0 * 0.9 - 4294967296.0) - 2.0 * 6738149376, 1.0);
   EXPECT_TRUE(cost.SameNode(0, p->instances - 1));
@@ -61,10 +61,10 @@ TEST(PresetTest, SmallPaperRunEndToEnd) {
     g.rate_rps = 0.5;
     auto w = GenerateWorkload(g);
     ASSERT_TRUE(w.ok());
-    InterconnectSpec net;
+    sched::InterconnectSpec net;
     net.intra_node_gbps = p->intra_node_gbps;
-    const CostModel cost(*LoadModelSpec(p->model), *LoadGpuProfile(p->gpu), net,
-                         p->tensor_parallel);
+    const sched::CostModel cost(*sched::LoadModelSpec(p->model), *sched::LoadGpuProfile(p->gpu),
+                                net, p->tensor_parallel);
     ExperimentOptions o;
     o.sim.num_instances = p->instances;
     o.sim.token_budget = p->token_budget;

@@ -21,8 +21,8 @@ void Policy::PoolStats(Simulator& sim, int64_t* copies, int64_t* distinct) {
   *distinct = static_cast<int64_t>(ids.size());
 }
 
-Simulator::Simulator(const SimOptions& options, const Workload& workload, const CostModel& cost,
-                     Policy& policy)
+Simulator::Simulator(const SimOptions& options, const Workload& workload,
+                     const sched::CostModel& cost, Policy& policy)
     : options_(options), workload_(workload), cost_(cost), policy_(policy) {
   TOKENLAKE_CHECK(options_.num_instances >= 1);
   TOKENLAKE_CHECK(options_.token_budget >= 1);
@@ -240,7 +240,7 @@ void Simulator::StartStep(Instance& inst) {
     Push(StepEnd(inst, k), 0, inst.id, inst.generation, nullptr);
     return;
   }
-  std::vector<SeqWork> work;
+  std::vector<sched::SeqWork> work;
   work.reserve(inst.running.size());
   for (size_t i = 0; i < inst.running.size(); ++i) {
     if (tokens[i] == 0) continue;

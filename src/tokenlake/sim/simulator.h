@@ -41,8 +41,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "tokenlake/sched/cost_model.h"
 #include "tokenlake/sim/block_cache.h"
-#include "tokenlake/sim/cost_model.h"
 #include "tokenlake/sim/workload.h"
 
 namespace tokenlake::sim {
@@ -219,7 +219,7 @@ struct SimResult {
 class Simulator {
  public:
   // `workload`, `cost` and `policy` must outlive the simulator.
-  Simulator(const SimOptions& options, const Workload& workload, const CostModel& cost,
+  Simulator(const SimOptions& options, const Workload& workload, const sched::CostModel& cost,
             Policy& policy);
   // Errors: Policy::Init's, unchanged; Internal when the policy left a request neither
   // finished nor rejected once nothing remained to happen (a policy bug), naming the first.
@@ -228,7 +228,7 @@ class Simulator {
   // --- for policies ---
   double now() const { return now_s_; }
   const SimOptions& options() const { return options_; }
-  const CostModel& cost() const { return cost_; }
+  const sched::CostModel& cost() const { return cost_; }
   const Workload& workload() const { return workload_; }
   std::vector<Instance>& instances() { return instances_; }
   int64_t kv_capacity_blocks() const { return capacity_blocks_; }
@@ -286,7 +286,7 @@ class Simulator {
 
   SimOptions options_;
   const Workload& workload_;
-  const CostModel& cost_;
+  const sched::CostModel& cost_;
   Policy& policy_;
   double now_s_ = 0;
   uint64_t seq_ = 0;

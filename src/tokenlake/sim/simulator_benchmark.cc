@@ -15,7 +15,7 @@ namespace {
 const char* const kPolicies[] = {"round-robin", "cache-aware", "pd-disagg", "tokenlake"};
 
 void RunPolicy(benchmark::State& state, const Workload& w) {
-  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  const sched::CostModel cost(sched::ModelSpec{}, sched::GpuProfile{}, sched::InterconnectSpec{});
   SimOptions o;
   for (auto _ : state) {
     auto policy = MakePolicy(kPolicies[state.range(0)]);

@@ -26,8 +26,8 @@ Request Req(double t, int64_t input, int64_t output, std::vector<uint64_t> ids) 
 // `gpu` defaults to the built-in (measured) H100; tests whose expectations were computed by hand
 // from the paper-derived profile's numbers pass PaperH100Profile().
 SimResult RunPolicy(const std::string& policy, const Workload& w, SimOptions o,
-                    const GpuProfile& gpu = GpuProfile{}) {
-  const CostModel cost(ModelSpec{}, gpu, InterconnectSpec{});
+                    const sched::GpuProfile& gpu = sched::GpuProfile{}) {
+  const sched::CostModel cost(sched::ModelSpec{}, gpu, sched::InterconnectSpec{});
   auto p = MakePolicy(policy);
   EXPECT_TRUE(p.ok()) << p.status();
   Simulator sim(o, w, cost, **p);
@@ -41,7 +41,7 @@ TEST(SimulatorTest, LoneRequestTimesMatchTheProfileByHand) {
   w.requests.push_back(Req(0, 1024, 3, {1, 2}));
   SimOptions o;
   o.num_instances = 1;
-  const SimResult r = RunPolicy("round-robin", w, o, PaperH100Profile());
+  const SimResult r = RunPolicy("round-robin", w, o, sched::PaperH100Profile());
   const RequestRecord& rec = r.records[0];
   // Prefill: dense 19.8 ms (1024 tokens) + attention 4 x 1024 x 512.5 x 131072 FLOPs at
   // 590 TFLOP/s.
@@ -60,7 +60,7 @@ TEST(SimulatorTest, ChunkedPrefillSplitsAtTheTokenBudget) {
   SimOptions o;
   o.num_instances = 1;
   o.token_budget = 1000;
-  const SimResult r = RunPolicy("round-robin", w, o, PaperH100Profile());
+  const SimResult r = RunPolicy("round-robin", w, o, sched::PaperH100Profile());
   // Chunk 1: 1000 tokens, no context; chunk 2: 500 tokens over 1000.
   const double dense1000 = 6.7e-3 + (19.8e-3 - 6.7e-3) * 999.0 / 1023.0;
   const double dense500 = 6.7e-3 + (19.8e-3 - 6.7e-3) * 499.0 / 1023.0;
@@ -78,7 +78,7 @@ TEST(SimulatorTest, RequestsArrivingTogetherShareTheFirstStep) {
   for (uint64_t k = 0; k < 3; ++k) w.requests.push_back(Req(0, 1000, 1, {10 * k + 1, 10 * k + 2}));
   SimOptions o;
   o.num_instances = 1;
-  const SimResult r = RunPolicy("round-robin", w, o, PaperH100Profile());
+  const SimResult r = RunPolicy("round-robin", w, o, sched::PaperH100Profile());
   // Dense over 3,000 tokens (interpolated between 1,024 and 4,096) + three causal attentions.
   const double dense = 19.8e-3 + (73e-3 - 19.8e-3) * (3000.0 - 1024) / (4096.0 - 1024);
   const double attn = 3 * 4.0 * 1000 * 500.5 * 131072 / 590e12;
@@ -191,7 +191,7 @@ TEST(PolicyScenarioTest, CacheAwareKnobsComeFromItsOptions) {
   CacheAwareOptions ca;
   ca.cache_threshold = 0.7;
   CacheAwarePolicy policy(ca);
-  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  const sched::CostModel cost(sched::ModelSpec{}, sched::GpuProfile{}, sched::InterconnectSpec{});
   SimOptions o;
   o.num_instances = 2;
   const Workload w = SharedPrefixPair();
@@ -269,7 +269,7 @@ TEST(PolicyScenarioTest, PdDisaggDramStoreServesWhatTheGpuCacheEvicted) {
   o.kv_capacity_bytes = 8LL * 512 * 131072;
   const SimResult gpu_only = RunPolicy("pd-disagg", w, o);
   EXPECT_EQ(gpu_only.records[2].cached_tokens, 0);
-  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  const sched::CostModel cost(sched::ModelSpec{}, sched::GpuProfile{}, sched::InterconnectSpec{});
   PdDisaggOptions pd;
   pd.dram_bytes = 1LL << 34;
   PdDisaggPolicy policy(pd);
@@ -292,7 +292,7 @@ TEST(PolicyScenarioTest, PdDisaggRejectsWhatCannotMeetTheTtftSloOnlyWhenAsked) {
   const SimResult plain = RunPolicy("pd-disagg", w, o);
   EXPECT_FALSE(plain.records[0].rejected);
   EXPECT_EQ(Summarize(plain, 1).completed, 1);
-  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  const sched::CostModel cost(sched::ModelSpec{}, sched::GpuProfile{}, sched::InterconnectSpec{});
   PdDisaggOptions pd;
   pd.slo_rejection = true;
   PdDisaggPolicy policy(pd);
@@ -316,7 +316,7 @@ TEST(PolicyScenarioTest, PdDisaggTieWithEmptyQueuesGoesToTheLeastLoadedInstances
   w.requests.push_back(Req(20, 1024, 20, {5, 6}));
   SimOptions o;
   o.num_instances = 4;
-  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  const sched::CostModel cost(sched::ModelSpec{}, sched::GpuProfile{}, sched::InterconnectSpec{});
   PdDisaggOptions pd;
   pd.num_prefill = 2;
   pd.split_in_name = true;
@@ -403,9 +403,9 @@ TEST(PolicyScenarioTest, TokenLakeBatchesRequestsArrivingTogetherInOneIteration)
   SimOptions o;
   o.num_instances = 1;
   const SimResult r = RunPolicy("tokenlake", w, o);
-  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  const sched::CostModel cost(sched::ModelSpec{}, sched::GpuProfile{}, sched::InterconnectSpec{});
   const double one_iteration =
-      cost.IterationSeconds(std::vector<SeqWork>(4, SeqWork{.new_tokens = 2048}));
+      cost.IterationSeconds(std::vector<sched::SeqWork>(4, sched::SeqWork{.new_tokens = 2048}));
   for (int k = 0; k < 4; ++k) {
     ASSERT_FALSE(r.records[k].rejected) << k;
     EXPECT_NEAR(r.records[k].first_token_s, one_iteration, 1e-9) << k;
@@ -453,10 +453,10 @@ TEST(PolicyScenarioTest, TokenLakeWaitsForANewSegmentCopiedOverTheLink) {
   w.requests[1].think_s = 0;
   SimOptions o;
   o.num_instances = 2;
-  o.kv_capacity_bytes = 3 * ModelSpec{}.KvBytesPerToken() * kBlockTokens;
-  InterconnectSpec slow;
+  o.kv_capacity_bytes = 3 * sched::ModelSpec{}.KvBytesPerToken() * kBlockTokens;
+  sched::InterconnectSpec slow;
   slow.intra_node_gbps = 0.001;
-  const CostModel cost(ModelSpec{}, GpuProfile{}, slow);
+  const sched::CostModel cost(sched::ModelSpec{}, sched::GpuProfile{}, slow);
   auto p = MakePolicy("tokenlake");
   ASSERT_TRUE(p.ok());
   Simulator sim(o, w, cost, **p);
@@ -487,7 +487,8 @@ TEST(PolicyScenarioTest, TokenLakeRequestsWaitForPoolMemoryInsteadOfRunningUnsto
   SimOptions o;
   o.num_instances = 2;
   o.kv_capacity_bytes = 4 * kBlockTokens * int64_t{131072};  // 4 blocks of Llama-3-8B KV
-  const CostModel cost(ModelSpec{}, PaperH100Profile(), InterconnectSpec{});
+  const sched::CostModel cost(sched::ModelSpec{}, sched::PaperH100Profile(),
+                              sched::InterconnectSpec{});
   const double lone_prefill_s = cost.PrefillSeconds(2048, 0, o.token_budget);
   for (const int b_segments : {4, 2}) {
     SCOPED_TRACE(::testing::Message() << "B segments=" << b_segments);
@@ -497,7 +498,7 @@ TEST(PolicyScenarioTest, TokenLakeRequestsWaitForPoolMemoryInsteadOfRunningUnsto
     b_ids.resize(static_cast<size_t>(b_segments));
     w.requests.push_back(Req(0, 512 * b_segments, 3, b_ids));
     w.requests.push_back(Req(0, 4096, 3, {21, 22, 23, 24, 25, 26, 27, 28}));
-    const SimResult r = RunPolicy("tokenlake", w, o, PaperH100Profile());
+    const SimResult r = RunPolicy("tokenlake", w, o, sched::PaperH100Profile());
     const RequestRecord& a = r.records[0];
     const RequestRecord& b = r.records[1];
     EXPECT_TRUE(r.records[2].rejected);
@@ -529,7 +530,7 @@ TEST(PolicyScenarioTest, TokenLakeRequestsWaitForPoolMemoryInsteadOfRunningUnsto
 TEST(PolicyScenarioTest, TokenLakeAdmittedRequestsRunOnWhileAnEarlierQueuedTurnWaitsForMemory) {
   SimOptions o;
   o.num_instances = 2;
-  o.kv_capacity_bytes = 8 * kBlockTokens * ModelSpec{}.KvBytesPerToken();
+  o.kv_capacity_bytes = 8 * kBlockTokens * sched::ModelSpec{}.KvBytesPerToken();
   o.token_budget = kBlockTokens;
   Workload w;
   w.requests.push_back(Req(0, 512, 1, {1}));
@@ -560,7 +561,7 @@ TEST(PolicyScenarioTest, TokenLakeAdmittedRequestsRunOnWhileAnEarlierQueuedTurnW
 TEST(PolicyScenarioTest, TokenLakeAdmittingLongestPrefixFirstKeepsASessionsContext) {
   SimOptions o;
   o.num_instances = 2;
-  o.kv_capacity_bytes = 8 * kBlockTokens * ModelSpec{}.KvBytesPerToken();
+  o.kv_capacity_bytes = 8 * kBlockTokens * sched::ModelSpec{}.KvBytesPerToken();
   Workload w;
   w.requests.push_back(Req(0, int64_t{512} * 5, 200, {1, 2, 3, 4, 5}));
   w.requests.push_back(Req(0, int64_t{512} * 6, 1, {11, 12, 13, 14, 15, 16}));
@@ -568,7 +569,7 @@ TEST(PolicyScenarioTest, TokenLakeAdmittingLongestPrefixFirstKeepsASessionsConte
   w.requests.push_back(Req(0.06, int64_t{512} * 7, 1, {11, 12, 13, 14, 15, 16, 17}));
   w.requests[3].previous_turn = 1;
   w.requests[3].think_s = 0.1;
-  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  const sched::CostModel cost(sched::ModelSpec{}, sched::GpuProfile{}, sched::InterconnectSpec{});
   for (const bool lpm : {false, true}) {
     SCOPED_TRACE(lpm ? "longest prefix first" : "queue order");
     TokenLakePolicyOptions to;
@@ -607,7 +608,7 @@ TEST_P(ConservationTest, EveryRequestAccountedAndNoMemoryLeaks) {
     g.seed = seed;
     auto w = GenerateWorkload(g);
     ASSERT_TRUE(w.ok());
-    const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+    const sched::CostModel cost(sched::ModelSpec{}, sched::GpuProfile{}, sched::InterconnectSpec{});
     auto p = MakePolicy(policy);
     ASSERT_TRUE(p.ok());
     SimOptions o;
@@ -658,7 +659,7 @@ TEST(SimulatorTest, TokenLakeUnderThePerTokenSloKeepsDecodesWithinTheirBars) {
   g.seed = 5;
   auto w = GenerateWorkload(g);
   ASSERT_TRUE(w.ok());
-  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  const sched::CostModel cost(sched::ModelSpec{}, sched::GpuProfile{}, sched::InterconnectSpec{});
   SimOptions o;
   o.num_instances = 2;
   auto over_bar = [&](double factor) {
@@ -703,7 +704,7 @@ TEST(SimulatorTest, LaterSessionTurnsArriveAfterThePreviousAnswerPlusThinkTime) 
   EXPECT_EQ(r.records[1].cached_tokens, 1024);  // the first turn's prompt, cached
   EXPECT_GT(r.records[1].finish_s, r.records[1].arrival_s);
   // A rejected turn releases the next one too: the first does not fit (1 block of memory).
-  o.kv_capacity_bytes = ModelSpec{}.KvBytesPerToken() * kBlockTokens;
+  o.kv_capacity_bytes = sched::ModelSpec{}.KvBytesPerToken() * kBlockTokens;
   const SimResult rejected = RunPolicy("round-robin", w, o);
   EXPECT_TRUE(rejected.records[0].rejected);
   EXPECT_DOUBLE_EQ(rejected.records[1].arrival_s, 3);
@@ -713,7 +714,7 @@ TEST(SimulatorTest, LaterSessionTurnsArriveAfterThePreviousAnswerPlusThinkTime) 
 TEST(SimulatorTest, PoliciesRefuseASetupTheyCannotServeWithAnErrorNamingTheSetting) {
   Workload w;
   w.requests.push_back(Req(0, 1024, 3, {1, 2}));
-  const CostModel cost(ModelSpec{}, GpuProfile{}, InterconnectSpec{});
+  const sched::CostModel cost(sched::ModelSpec{}, sched::GpuProfile{}, sched::InterconnectSpec{});
   auto refused = [&](Policy& policy, const SimOptions& o) {
     Simulator sim(o, w, cost, policy);
     absl::StatusOr<SimResult> r = sim.Run();
@@ -723,12 +724,12 @@ TEST(SimulatorTest, PoliciesRefuseASetupTheyCannotServeWithAnErrorNamingTheSetti
   SimOptions o;
   o.num_instances = 2;
   // More KV blocks per instance than the pool counts in 32 bits (2^31 blocks of 64 MiB).
-  o.kv_capacity_bytes = (int64_t{1} << 31) * ModelSpec{}.KvBytesPerToken() * kBlockTokens;
+  o.kv_capacity_bytes = (int64_t{1} << 31) * sched::ModelSpec{}.KvBytesPerToken() * kBlockTokens;
   auto tl = MakeTokenLakePolicy();
   ASSERT_TRUE(tl.ok());
   EXPECT_NE(refused(**tl, o).find("kv_capacity_bytes"), std::string::npos);
   // A large capacity within the limit is accepted.
-  o.kv_capacity_bytes = (int64_t{1} << 20) * ModelSpec{}.KvBytesPerToken() * kBlockTokens;
+  o.kv_capacity_bytes = (int64_t{1} << 20) * sched::ModelSpec{}.KvBytesPerToken() * kBlockTokens;
   {
     auto ok = MakeTokenLakePolicy();
     Simulator sim(o, w, cost, **ok);

@@ -13,33 +13,13 @@
 #include "tokenlake/index/segment_id.h"
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/plan/cost_model.h"
+#include "tokenlake/sched/cost_model.h"
 #include "tokenlake/sched/elastic_scheduler.h"
 #include "tokenlake/sim/links.h"
 #include "tokenlake/sim/metrics.h"
 
 namespace tokenlake::sim {
 namespace {
-
-// The scheduler's latency model over the simulator's cost model.
-class SimBatchCost final : public sched::BatchCostModel {
- public:
-  SimBatchCost(const CostModel& cost, const plan::ModelShape& shape) : cost_(cost), shape_(shape) {}
-  double DenseSeconds(int64_t tokens) const override { return cost_.DenseSeconds(tokens); }
-  double AttentionSeconds(int64_t new_tokens, int64_t context_tokens) const override {
-    return cost_.AttentionSeconds(new_tokens, context_tokens);
-  }
-  // Sequence parallelism: each member sends its queries to the d - 1 others (which hold the
-  // earlier parts' KV) and gets their partial results back.
-  double ParallelSeconds(int64_t tokens, int32_t dop) const override {
-    const int64_t per_member = (tokens + dop - 1) / dop;
-    return cost_.TransferSeconds(plan::MoveQueriesBytes(shape_, per_member) * (dop - 1),
-                                 /*same_node=*/true);
-  }
-
- private:
-  const CostModel& cost_;
-  plan::ModelShape shape_;
-};
 
 class TokenLakePolicy final : public Policy {
  public:
@@ -71,7 +51,7 @@ class TokenLakePolicy final : public Policy {
           "instance: valid values are 1 to %d for %d instances (0 = elastic)",
           options_.fixed_prefill_instances, n - 1, n));
     }
-    const ModelSpec& m = sim.cost().model();
+    const sched::ModelSpec& m = sim.cost().model();
     // The pool counts slots and the model's shape in 32 bits.
     constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max();
     const int64_t blocks = sim.kv_capacity_blocks();
@@ -121,7 +101,7 @@ class TokenLakePolicy final : public Policy {
     chunks_on_.assign(static_cast<size_t>(n), 0);
     budgets_on_.assign(static_cast<size_t>(n), {});
     links_ = std::make_unique<LinkClock>(n);
-    batch_cost_ = std::make_unique<SimBatchCost>(sim.cost(), shape_);
+    batch_cost_ = std::make_unique<sched::CostModelBatchCost>(sim.cost(), shape_);
     sched_.chunk_tokens = sim.options().token_budget;
     sched_.max_dop = options_.max_dop;
     sched_.align_tokens = kBlockTokens;
@@ -236,7 +216,7 @@ class TokenLakePolicy final : public Policy {
     // slowest holder, whose partial attention is the sum over all the batch's queries it serves,
     // plus their queries' and partials' transfer over its link and one round trip per layer,
     // beyond its own compute (overlapped). A chunk also waits for its slowest KV pull.
-    const CostModel& cost = sim.cost();
+    const sched::CostModel& cost = sim.cost();
     holder_attention_s_.assign(sim.instances().size(), 0);
     holder_bytes_.assign(sim.instances().size(), 0);
     double worst = 0;
@@ -267,7 +247,7 @@ class TokenLakePolicy final : public Policy {
                         const std::vector<int64_t>& tokens, int64_t iters) override {
     (void)inst;
     Tick(sim);
-    const CostModel& cost = sim.cost();
+    const sched::CostModel& cost = sim.cost();
     // Query bytes are summed here and counted once per kind (the per-kind counter is a map).
     int64_t decode_query_bytes = 0, prefill_query_bytes = 0;
     for (size_t i = 0; i < jobs.size() && i < tokens.size(); ++i) {
@@ -771,7 +751,7 @@ class TokenLakePolicy final : public Policy {
   std::unique_ptr<lake::Lake> lake_;
   uint64_t salt_ = 0;
   plan::ModelShape shape_;
-  std::unique_ptr<SimBatchCost> batch_cost_;
+  std::unique_ptr<sched::CostModelBatchCost> batch_cost_;
   sched::ElasticSchedulerOptions sched_;
   double decode_budget_s_ = 0;
   // Requests waiting for their next prefill chunk, by position in the workload (its nominal

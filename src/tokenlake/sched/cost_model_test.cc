@@ -1,4 +1,4 @@
-#include "tokenlake/sim/cost_model.h"
+#include "tokenlake/sched/cost_model.h"
 
 #include <cstdlib>
 #include <fstream>
@@ -9,7 +9,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
-namespace tokenlake::sim {
+namespace tokenlake::sched {
 namespace {
 
 using ::testing::HasSubstr;
@@ -326,5 +326,20 @@ TEST(ModelSpecTest, ParsesAndValidates) {
   EXPECT_TRUE(LoadModelSpec("llama-3-8b").ok());
 }
 
+TEST(CostModelBatchCostTest, ChargesTheCostModelAndTheSequenceParallelExchange) {
+  const CostModel c = Default();
+  const plan::ModelShape shape{
+      .num_layers = 2, .num_heads = 4, .num_kv_heads = 2, .head_dim = 8, .dtype_bytes = 2};
+  const CostModelBatchCost b(c, shape);
+  EXPECT_EQ(b.DenseSeconds(1024), c.DenseSeconds(1024));
+  EXPECT_EQ(b.AttentionSeconds(16, 4096), c.AttentionSeconds(16, 4096));
+  // 10 tokens over 3 members: 4 each (rounded up), sent to the 2 others. Per token: queries
+  // 2 layers x 4 heads x 8 x 2 bytes = 128, partials 2 x 4 x (8 x 2 + 4) = 160: 288 bytes;
+  // 4 tokens x 2 others x 288 = 2,304 bytes at 300 GB/s, plus 10 us of latency.
+  EXPECT_DOUBLE_EQ(b.ParallelSeconds(10, 3), 10e-6 + 2304 / 300e9);
+  // One member exchanges nothing.
+  EXPECT_EQ(b.ParallelSeconds(10, 1), 0);
+}
+
 }  // namespace
-}  // namespace tokenlake::sim
+}  // namespace tokenlake::sched

@@ -1,4 +1,4 @@
-#include "tokenlake/sim/cost_model.h"
+#include "tokenlake/sched/cost_model.h"
 
 #include <algorithm>
 #include <cmath>
@@ -11,7 +11,7 @@
 #include "nlohmann/json.hpp"
 #include "tokenlake/base/check.h"
 
-namespace tokenlake::sim {
+namespace tokenlake::sched {
 
 int64_t ModelSpec::DenseParamCount() const {
   const int64_t qkv = hidden * (num_heads + 2 * num_kv_heads) * head_dim;
@@ -389,4 +389,10 @@ double CostModel::TransferSeconds(int64_t bytes, bool same_node) const {
   return net_.latency_us * 1e-6 + static_cast<double>(bytes) / (gbps * 1e9);
 }
 
-}  // namespace tokenlake::sim
+double CostModelBatchCost::ParallelSeconds(int64_t tokens, int32_t dop) const {
+  const int64_t per_member = (tokens + dop - 1) / dop;
+  return cost_.TransferSeconds(plan::MoveQueriesBytes(shape_, per_member) * (dop - 1),
+                               /*same_node=*/true);
+}
+
+}  // namespace tokenlake::sched

@@ -1,5 +1,8 @@
-// The simulator's cost model: model shapes, a GPU profile, the interconnect, and the time of
-// one continuous-batching iteration. Every policy is charged through this one model.
+// The iteration cost model: model shapes, a GPU profile, the interconnect, and the time of one
+// continuous-batching iteration. The simulator charges every policy through this one model, and
+// the elastic scheduler sees it through CostModelBatchCost (its BatchCostModel), in the
+// simulator's `tokenlake` policy and in the running cluster's coordinator (service/router.h)
+// alike.
 //
 // GPU profile JSON schema (what `tokenlake profile` writes; `--gpu FILE` reads it):
 //   {
@@ -26,8 +29,8 @@
 //   the ratio of dense parameters).
 //
 // Thread-safety: immutable after construction; safe to share.
-#ifndef TOKENLAKE_SIM_COST_MODEL_H_
-#define TOKENLAKE_SIM_COST_MODEL_H_
+#ifndef TOKENLAKE_SCHED_COST_MODEL_H_
+#define TOKENLAKE_SCHED_COST_MODEL_H_
 
 #include <cstdint>
 #include <string>
@@ -35,8 +38,10 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "tokenlake/plan/cost_model.h"
+#include "tokenlake/sched/elastic_scheduler.h"
 
-namespace tokenlake::sim {
+namespace tokenlake::sched {
 
 struct ModelSpec {
   std::string name = "llama-3-8b";
@@ -225,6 +230,25 @@ class CostModel {
   double dense_scale_;
 };
 
-}  // namespace tokenlake::sim
+// The scheduler's latency model (BatchCostModel) over a CostModel: dense and attention as the
+// cost model charges them; sequence parallelism as each of the d members sending its queries to
+// the d - 1 others (which hold the earlier parts' KV) and getting their partial results back,
+// over the intra-node link. Borrows `cost`, which must outlive it. Thread-safe (immutable).
+class CostModelBatchCost final : public BatchCostModel {
+ public:
+  CostModelBatchCost(const CostModel& cost, const plan::ModelShape& shape)
+      : cost_(cost), shape_(shape) {}
+  double DenseSeconds(int64_t tokens) const override { return cost_.DenseSeconds(tokens); }
+  double AttentionSeconds(int64_t new_tokens, int64_t context_tokens) const override {
+    return cost_.AttentionSeconds(new_tokens, context_tokens);
+  }
+  double ParallelSeconds(int64_t tokens, int32_t dop) const override;
 
-#endif  // TOKENLAKE_SIM_COST_MODEL_H_
+ private:
+  const CostModel& cost_;
+  plan::ModelShape shape_;
+};
+
+}  // namespace tokenlake::sched
+
+#endif  // TOKENLAKE_SCHED_COST_MODEL_H_
