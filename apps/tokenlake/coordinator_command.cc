@@ -61,7 +61,7 @@ struct CoordinatorFlags {
   int rebalance_interval_ms = 1000;
   int rebalance_every = 0;
   bool rotate_compute = false;
-  std::string routing = "scheduler";
+  std::string routing = "plan";
   double slo_tpot = 0.2;
   double decode_budget = 0.5;
   std::string gpu = "h100";

@@ -143,8 +143,9 @@ struct CoordinatorOptions {
   // seconds (> 0; share in (0, 1]; the simulator's --slo-tpot and --tl-decode-budget, whose
   // defaults these are), with the iteration costs of `routing_model` on `routing_gpu` (the
   // model's shape and the instances' GPU profile, the JSON `tokenlake sim --model / --gpu`
-  // read: sched/cost_model.h; routing_gpu.dense_ms must not be empty). kPlan: the lake's plan.
-  RoutingRule routing = RoutingRule::kScheduler;
+  // read: sched/cost_model.h; routing_gpu.dense_ms must not be empty). kPlan (the default): the
+  // lake's plan.
+  RoutingRule routing = RoutingRule::kPlan;
   double slo_tpot_s = 0.2;
   double decode_budget_share = 0.5;
   sched::ModelSpec routing_model;

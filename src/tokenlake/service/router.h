@@ -3,7 +3,7 @@
 // decodes.
 //
 // Rules (Options::rule):
-//   - kScheduler (the default): the elastic scheduler's decode placement (sched::PlaceDecode,
+//   - kScheduler: the elastic scheduler's decode placement (sched::PlaceDecode,
 //     paper section 6.2) over the candidates' loads: the request joins the busiest instance
 //     whose estimated decode iteration still meets the decode budget with it (best fit), ties
 //     to the one holding most of its prompt's cached prefix (local_tokens: tokens of the
@@ -15,7 +15,8 @@
 //     candidates report. When PlaceDecode finds none (every candidate at that limit), the plan
 //     rule decides. What it does not see: the prefill a request brings to its instance (its
 //     prompt is computed there too), beyond counting the instance as not idle.
-//   - kPlan: the instance the lake's plan for its prefill names (Lake::GenPlans, not admitted:
+//   - kPlan (the default; measured faster on CPU instances, docs/results-service.md): the
+//     instance the lake's plan for its prefill names (Lake::GenPlans, not admitted:
 //     nothing is pinned or counted), unless that instance is not a candidate or has more
 //     requests in flight than the least busy candidate plus `balance_abs_threshold`: then the
 //     least busy candidate (fewest in flight, then fewest routed, then the lowest id).
@@ -76,7 +77,7 @@ class Router {
     int32_t num_instances = 1;
     int32_t balance_abs_threshold = 2;
     bool rotate = false;
-    RoutingRule rule = RoutingRule::kScheduler;
+    RoutingRule rule = RoutingRule::kPlan;
     // kScheduler: the decode iteration budget (seconds, > 0) and the scheduler's cost model
     // (borrowed, outlives the router; null: the plan rule decides every request).
     double decode_budget_s = 0.1;
