@@ -119,9 +119,12 @@ TEST_P(GpuEngineRandomTest, MatchesCpuEngineWithinBf16Tolerance) {
       c.vocab_size, c.tie_word_embeddings, num_instances, s);
   Models m = MakeModels(c, seed);
   ASSERT_TRUE(m.cpu != nullptr && m.gpu != nullptr);
-  // Even seeds decode on SmallBatchGemm (small_batch_gemm.h), odd ones on cuBLAS.
+  // Even seeds decode on SmallBatchGemm (small_batch_gemm.h), odd ones on cuBLAS; seeds 0 and 1
+  // mod 4 replay the small-batch forwards as CUDA graphs.
   m.gpu->set_small_batch_rows(seed % 2 == 0 ? kSmallBatchMaxRows : 0);
-  std::cout << "small-batch kernels " << (seed % 2 == 0 ? "on" : "off") << "\n";
+  m.gpu->set_decode_graphs(seed % 4 < 2);
+  std::cout << "small-batch kernels " << (seed % 2 == 0 ? "on" : "off") << ", graphs "
+            << (seed % 4 < 2 ? "on" : "off") << "\n";
   auto cpu = Engine::Create(m.cpu.get(), {.use_pool = false});
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   auto gpu = GpuEngine::Create(m.gpu.get(), {.num_instances = num_instances,
@@ -188,9 +191,12 @@ TEST(GpuEngineTest, SmallPoolEvictsAndStaysCorrect) {
   c.hidden_size = 128;
   Models m = MakeModels(c, seed);
   ASSERT_TRUE(m.cpu != nullptr && m.gpu != nullptr);
-  // Even seeds decode on SmallBatchGemm (small_batch_gemm.h), odd ones on cuBLAS.
+  // Even seeds decode on SmallBatchGemm (small_batch_gemm.h), odd ones on cuBLAS; seeds 0 and 1
+  // mod 4 replay the small-batch forwards as CUDA graphs.
   m.gpu->set_small_batch_rows(seed % 2 == 0 ? kSmallBatchMaxRows : 0);
-  std::cout << "small-batch kernels " << (seed % 2 == 0 ? "on" : "off") << "\n";
+  m.gpu->set_decode_graphs(seed % 4 < 2);
+  std::cout << "small-batch kernels " << (seed % 2 == 0 ? "on" : "off") << ", graphs "
+            << (seed % 4 < 2 ? "on" : "off") << "\n";
   auto cpu = Engine::Create(m.cpu.get(), {.use_pool = false});
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   // A pool of 144 tokens: every prompt fits (the longest needs 137), their sum does not.

@@ -5,7 +5,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_format.h"
 #include "tokenlake/base/status_macros.h"
@@ -262,6 +264,7 @@ GpuLlamaModel::GpuLlamaModel(const LlamaConfig& config, int device)
 
 GpuLlamaModel::~GpuLlamaModel() {
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
+  ClearGraphs();
   if (host_inputs_ != nullptr) cudaFreeHost(host_inputs_);
   for (auto& m : marks_) cudaEventDestroy(m.first);
   if (forward_begin_ != nullptr) cudaEventDestroy(forward_begin_);
@@ -469,6 +472,7 @@ absl::StatusOr<std::unique_ptr<GpuLlamaModel>> GpuLlamaModel::CreateRandom(
 absl::Status GpuLlamaModel::EnsureActivations(int32_t n, int32_t m) {
   if (n <= act_tokens_ && m <= act_logits_) return absl::OkStatus();
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "synchronize"));
+  ClearGraphs();  // they name the buffers reallocated below
   const size_t h = static_cast<size_t>(config_.hidden_size);
   const size_t vocab = static_cast<size_t>(config_.vocab_size);
   if (n > act_tokens_) {
@@ -594,8 +598,9 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
       static_cast<unsigned>(std::clamp(256 / n, 1, c.num_heads + 2 * c.num_kv_heads));
   EmbedKernel<<<n, kThreads, 0, stream_>>>(d_tokens, embed_.as<uint16_t>(), h, x_.as<float>());
   TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("embedding"));
-  for (int32_t l = 0; l < c.num_layers; ++l) {
-    const Layer& w = layers_[static_cast<size_t>(l)];
+  // A layer's work before its attention (RMSNorm, q/k/v, RoPE) and after it (o_proj, RMSNorm,
+  // gate/up with SiLU, down_proj).
+  auto before_attention = [&](const Layer& w) -> absl::Status {
     Mark(kPhaseOther);
     RmsNormKernel<<<n, kNormThreads, 0, stream_>>>(x_.as<float>(), w.input_norm.as<float>(),
                                                    c.rms_norm_eps, h, nullptr,
@@ -607,10 +612,9 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
     RopeSplitKernel<<<dim3(static_cast<unsigned>(n), rope_parts), kThreads, 0, stream_>>>(
         qkv_.as<float>(), inv_freq_.as<float>(), d_positions, c.num_heads, c.num_kv_heads,
         c.head_dim, q_.as<uint16_t>(), k_.as<uint16_t>(), v_.as<uint16_t>());
-    TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rope"));
-    Mark(kPhaseAttention);
-    TOKENLAKE_RETURN_IF_ERROR(backend.Attend(l, n, q_.as<uint16_t>(), k_.as<uint16_t>(),
-                                             v_.as<uint16_t>(), attn_.as<float>(), stream_));
+    return LaunchCheck("rope");
+  };
+  auto after_attention = [&](const Layer& w) -> absl::Status {
     // x += attn * Wo^T (the attention's float32 output rounded to bf16: by SmallBatchGemm as it
     // reads it, else by a conversion pass before cuBLAS)
     if (small) {
@@ -648,7 +652,50 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
     }
     // x += act * Wdown^T
     Mark(kPhaseGemm);
-    TOKENLAKE_RETURN_IF_ERROR(dense(w.wdown, act16_, x_.as<float>(), n, inter, h, 1.f));
+    return dense(w.wdown, act16_, x_.as<float>(), n, inter, h, 1.f);
+  };
+  // The work between two attentions is the same kernels with the same arguments at every
+  // forward of n rows (their inputs are device buffers): with the small-batch kernels (no
+  // cuBLAS) and no profiling events, each such stretch is captured once per row count as a
+  // CUDA graph and replayed, which saves the launches' host time and the gaps between kernels.
+  const bool graphs = small && decode_graphs_ && !profiling_;
+  auto stretch = [&](int32_t index, const std::function<absl::Status()>& body) -> absl::Status {
+    if (!graphs) return body();
+    const size_t slot = static_cast<size_t>(index) * (kSmallBatchMaxRows + 1) + n;
+    if (graphs_.size() < static_cast<size_t>(c.num_layers + 1) * (kSmallBatchMaxRows + 1)) {
+      graphs_.resize(static_cast<size_t>(c.num_layers + 1) * (kSmallBatchMaxRows + 1), nullptr);
+    }
+    cudaGraphExec_t& exec = graphs_[slot];
+    if (exec == nullptr) {
+      TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
+          cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "begin capture"));
+      const absl::Status captured = body();
+      cudaGraph_t graph = nullptr;
+      const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
+      if (!captured.ok() || ended != cudaSuccess) {
+        if (graph != nullptr) cudaGraphDestroy(graph);
+        TOKENLAKE_RETURN_IF_ERROR(captured);
+        return CudaStatus(ended, "end capture");
+      }
+      const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
+      cudaGraphDestroy(graph);
+      if (made != cudaSuccess) {
+        exec = nullptr;
+        return CudaStatus(made, "cudaGraphInstantiate");
+      }
+    }
+    return CudaStatus(cudaGraphLaunch(exec, stream_), "cudaGraphLaunch");
+  };
+  TOKENLAKE_RETURN_IF_ERROR(stretch(0, [&] { return before_attention(layers_[0]); }));
+  for (int32_t l = 0; l < c.num_layers; ++l) {
+    Mark(kPhaseAttention);
+    TOKENLAKE_RETURN_IF_ERROR(backend.Attend(l, n, q_.as<uint16_t>(), k_.as<uint16_t>(),
+                                             v_.as<uint16_t>(), attn_.as<float>(), stream_));
+    TOKENLAKE_RETURN_IF_ERROR(stretch(l + 1, [&]() -> absl::Status {
+      TOKENLAKE_RETURN_IF_ERROR(after_attention(layers_[static_cast<size_t>(l)]));
+      if (l + 1 == c.num_layers) return absl::OkStatus();
+      return before_attention(layers_[static_cast<size_t>(l) + 1]);
+    }));
   }
   Mark(kPhaseEnds);
   if (m > 0) {
@@ -701,6 +748,15 @@ void GpuLlamaModel::CollectMarks() {
 
 void GpuLlamaModel::set_small_batch_rows(int32_t rows) {
   small_batch_rows_ = std::clamp(rows, 0, kSmallBatchMaxRows);
+}
+
+void GpuLlamaModel::set_decode_graphs(bool on) { decode_graphs_ = on; }
+
+void GpuLlamaModel::ClearGraphs() {
+  for (cudaGraphExec_t& g : graphs_) {
+    if (g != nullptr) cudaGraphExecDestroy(g);
+    g = nullptr;
+  }
 }
 
 void GpuLlamaModel::SetProfiling(bool on) {

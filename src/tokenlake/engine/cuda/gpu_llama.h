@@ -182,6 +182,12 @@ class GpuLlamaModel {
   void set_small_batch_rows(int32_t rows);
   int32_t small_batch_rows() const { return small_batch_rows_; }
 
+  // Whether forwards on the small-batch kernels replay the work between two attentions as CUDA
+  // graphs (captured on a row count's first forward, kept until the activations are
+  // reallocated). On by default; off while profiling events are on. The results are the same
+  // kernels' either way.
+  void set_decode_graphs(bool on);
+
   // Device time of the last successful ForwardBatch (from its first kernel to its last), ms.
   double last_forward_gpu_ms() const { return last_forward_gpu_ms_; }
 
@@ -249,6 +255,12 @@ class GpuLlamaModel {
   DeviceBuffer argmax_;   // [m] int32
   LoadStats load_stats_;
   int32_t small_batch_rows_ = kSmallBatchDefaultRows;
+  bool decode_graphs_ = true;
+  // Destroys the captured graphs (their activations are about to change, or the model goes).
+  void ClearGraphs();
+  // cudaGraphExec_t per (stretch between attentions, row count): index
+  // stretch * (kSmallBatchMaxRows + 1) + rows; null until captured.
+  std::vector<cudaGraphExec_t> graphs_;
   // Profiling.
   bool profiling_ = false;
   std::vector<std::pair<cudaEvent_t, int>> marks_;  // events (reused) and the phase each starts
