@@ -85,6 +85,7 @@ TEST(ClusterRoutingTest, RequestsArrivingTogetherSpreadAsTheSchedulerPlacesDecod
   std::vector<std::vector<int32_t>> prompts;
   for (int r = 0; r < 3; ++r) {
     std::vector<int32_t> p;
+    p.reserve(21);
     for (int t = 0; t < 21; ++t) p.push_back((r * 131 + t * 17 + 5) % 512);
     prompts.push_back(p);
   }

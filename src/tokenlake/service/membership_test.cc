@@ -342,7 +342,7 @@ TEST(MembershipTest, LoadViewAgreesWithANaiveModelUnderRandomRoutingAndReports) 
   }
   uint64_t next_request = 1;
   for (int step = 0; step < 4000; ++step) {
-    const int32_t id = static_cast<int32_t>(pick(0, kInstances - 1));
+    const auto id = static_cast<int32_t>(pick(0, kInstances - 1));
     Model& mm = model[static_cast<size_t>(id)];
     const int op = static_cast<int>(pick(0, 9));
     if (op <= 3) {  // route a new request there

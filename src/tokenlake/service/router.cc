@@ -43,7 +43,7 @@ std::vector<sched::DecodeInstance> DecodeView(absl::Span<const Membership::Load>
     v.context_tokens = c.context_tokens;
     v.idle = c.requests == 0 && c.prefill_tokens == 0;
     v.eligible = true;
-    const size_t id = static_cast<size_t>(c.id);
+    const auto id = static_cast<size_t>(c.id);
     v.local_tokens = c.id >= 0 && id < local_tokens.size() ? local_tokens[id] : 0;
   }
   return view;
@@ -116,7 +116,7 @@ absl::StatusOr<int32_t> Router::Route(absl::Span<const index::SegmentKey> keys,
       const index::PrefixTree::Node* node = lake.prefix_tree().Find(keys[k].id);
       if (node == nullptr) continue;
       for (InstanceId holder : node->replicas) {
-        const size_t h = static_cast<size_t>(holder.value());
+        const auto h = static_cast<size_t>(holder.value());
         if (h < local.size()) local[h] += node->num_tokens;
       }
     }

@@ -180,7 +180,7 @@ class SchedulerRouterTest : public ::testing::Test {
   // Instance `id` reports snapshot `number`: `decodes` decoding requests over `context` tokens,
   // listing `ids`, at most `max_batch` requests an iteration (0: no limit).
   void ReportLoad(int32_t id, uint64_t number, int64_t decodes, int64_t context,
-                  std::vector<uint64_t> ids = {}, int64_t max_batch = 0) {
+                  const std::vector<uint64_t>& ids = {}, int64_t max_batch = 0) {
     v1::InstanceState s;
     s.set_data_port(6000 + id);
     v1::InstanceLoad* load = s.mutable_load();
@@ -194,6 +194,7 @@ class SchedulerRouterTest : public ::testing::Test {
   // The full segments of a prompt of `segments` x 4 tokens starting at token `first`.
   std::vector<index::SegmentKey> Keys(int32_t segments, int32_t first = 0) {
     std::vector<int32_t> tokens;
+    tokens.reserve(static_cast<size_t>(segments) * 4);
     for (int32_t t = 0; t < segments * 4; ++t) tokens.push_back(first + t);
     auto keys = index::ComputeSegmentKeys(1, tokens, 4);
     EXPECT_TRUE(keys.ok());

@@ -28,7 +28,7 @@ std::vector<uint64_t> Ids(int64_t tokens, uint64_t first) {
   return ids;
 }
 
-SimResult RunAlone(const Workload& w, const sched::CostModel& cost, SimOptions o,
+SimResult RunAlone(const Workload& w, const sched::CostModel& cost, const SimOptions& o,
                    const std::function<void(Simulator&)>& before = nullptr) {
   auto p = MakePolicy("round-robin");
   EXPECT_TRUE(p.ok());

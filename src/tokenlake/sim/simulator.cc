@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_format.h"
@@ -21,9 +22,9 @@ void Policy::PoolStats(Simulator& sim, int64_t* copies, int64_t* distinct) {
   *distinct = static_cast<int64_t>(ids.size());
 }
 
-Simulator::Simulator(const SimOptions& options, const Workload& workload,
-                     const sched::CostModel& cost, Policy& policy)
-    : options_(options), workload_(workload), cost_(cost), policy_(policy) {
+Simulator::Simulator(SimOptions options, const Workload& workload, const sched::CostModel& cost,
+                     Policy& policy)
+    : options_(std::move(options)), workload_(workload), cost_(cost), policy_(policy) {
   TOKENLAKE_CHECK(options_.num_instances >= 1);
   TOKENLAKE_CHECK(options_.token_budget >= 1);
   const int64_t capacity_bytes =

@@ -219,7 +219,7 @@ struct SimResult {
 class Simulator {
  public:
   // `workload`, `cost` and `policy` must outlive the simulator.
-  Simulator(const SimOptions& options, const Workload& workload, const sched::CostModel& cost,
+  Simulator(SimOptions options, const Workload& workload, const sched::CostModel& cost,
             Policy& policy);
   // Errors: Policy::Init's, unchanged; Internal when the policy left a request neither
   // finished nor rejected once nothing remained to happen (a policy bug), naming the first.
