@@ -39,20 +39,15 @@ __device__ __forceinline__ void LoadX(const void* x, int64_t t, int chunks, int 
   }
 }
 
-// One warp: R weight rows against up to N input rows (n at run time, n <= N). Plain epilogues:
-// rows [R * warp, R * warp + R) of out; kSiluMulBf16: gate rows [R/2 * warp, + R/2) and the up
-// rows `out` after them.
-template <int N, int R, SmallGemmEpilogue E, bool kF32>
-__global__ void __launch_bounds__(kWarps * 32)
-    SmallGemmKernel(const uint16_t* __restrict__ w, const void* __restrict__ x, int n, int in,
-                    int out, float* __restrict__ y, uint16_t* __restrict__ y16) {
-  constexpr bool kSilu = E == SmallGemmEpilogue::kSiluMulBf16;
-  constexpr int kOutputs = kSilu ? R / 2 : R;  // outputs per warp and input row
-  const int warp = static_cast<int>((blockIdx.x * blockDim.x + threadIdx.x) / 32);
-  const int lane = static_cast<int>(threadIdx.x % 32);
-  const int first = warp * kOutputs;
-  if (first >= out) return;
-  // The weight rows of this warp (clamped in range: a clamped row is computed and not written).
+// This thread's share of R weight rows against up to N input rows (n at run time): the rows
+// of outputs first, first + 1, ... (kSilu: the gate rows, then their up rows `out` further;
+// clamped in range: a clamped row is computed and not written), over their 16-byte chunks
+// start, start + step, ...; acc[r][t] = the partial dot product of row r with input row t.
+template <int N, int R, bool kSilu, bool kF32, int kUnroll>
+__device__ __forceinline__ void AccumulateRows(const uint16_t* __restrict__ w,
+                                               const void* __restrict__ x, int n, int in, int out,
+                                               int first, int start, int step, float (&acc)[R][N]) {
+  constexpr int kOutputs = kSilu ? R / 2 : R;
   const uint4* rows[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -60,15 +55,14 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int row = (o < out ? o : out - 1) + (kSilu && r >= kOutputs ? out : 0);
     rows[r] = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(row) * in);
   }
-  float acc[R][N];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
 #pragma unroll
     for (int t = 0; t < N; ++t) acc[r][t] = 0.f;
   }
   const int chunks = in / 8;
-#pragma unroll 2
-  for (int c = lane; c < chunks; c += 32) {
+#pragma unroll kUnroll
+  for (int c = start; c < chunks; c += step) {
     uint4 wv[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) wv[r] = __ldcs(rows[r] + c);  // streamed: keep x in L1
@@ -88,6 +82,38 @@ __global__ void __launch_bounds__(kWarps * 32)
       }
     }
   }
+}
+
+// Output o of input row t through epilogue E: v = its dot product; u = its up row's
+// (kSiluMulBf16 only).
+template <SmallGemmEpilogue E>
+__device__ __forceinline__ void WriteOutput(float* __restrict__ y, uint16_t* __restrict__ y16,
+                                            int out, int o, int t, float v, float u) {
+  const int64_t at = static_cast<int64_t>(t) * out + o;
+  if constexpr (E == SmallGemmEpilogue::kStoreF32) {
+    y[at] = v;
+  } else if constexpr (E == SmallGemmEpilogue::kAddF32) {
+    y[at] += v;
+  } else {
+    y16[at] = __bfloat16_as_ushort(__float2bfloat16_rn(v / (1.0f + expf(-v)) * u));
+  }
+}
+
+// One warp: R weight rows against up to N input rows (n at run time, n <= N). Plain epilogues:
+// rows [R * warp, R * warp + R) of out; kSiluMulBf16: gate rows [R/2 * warp, + R/2) and the up
+// rows `out` after them.
+template <int N, int R, SmallGemmEpilogue E, bool kF32>
+__global__ void __launch_bounds__(kWarps * 32)
+    SmallGemmKernel(const uint16_t* __restrict__ w, const void* __restrict__ x, int n, int in,
+                    int out, float* __restrict__ y, uint16_t* __restrict__ y16) {
+  constexpr bool kSilu = E == SmallGemmEpilogue::kSiluMulBf16;
+  constexpr int kOutputs = kSilu ? R / 2 : R;  // outputs per warp and input row
+  const int warp = static_cast<int>((blockIdx.x * blockDim.x + threadIdx.x) / 32);
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int first = warp * kOutputs;
+  if (first >= out) return;
+  float acc[R][N];
+  AccumulateRows<N, R, kSilu, kF32, 2>(w, x, n, in, out, first, lane, 32, acc);
 #pragma unroll
   for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -106,17 +132,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
     for (int t = 0; t < N; ++t) {
       if (t >= n) break;
-      float* dst = y + static_cast<int64_t>(t) * out + o;
-      if constexpr (E == SmallGemmEpilogue::kStoreF32) {
-        *dst = acc[i][t];
-      } else if constexpr (E == SmallGemmEpilogue::kAddF32) {
-        *dst += acc[i][t];
-      } else {
-        const float g = acc[i][t];
-        const float u = acc[i + kOutputs][t];
-        y16[static_cast<int64_t>(t) * out + o] =
-            __bfloat16_as_ushort(__float2bfloat16_rn(g / (1.0f + expf(-g)) * u));
-      }
+      // The up row's sum (read by kSiluMulBf16 only; an index in range for the others).
+      WriteOutput<E>(y, y16, out, o, t, acc[i][t], acc[kSilu ? i + kOutputs : i][t]);
     }
   }
 }
@@ -135,40 +152,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr bool kSilu = E == SmallGemmEpilogue::kSiluMulBf16;
   constexpr int kOutputs = kSilu ? R / 2 : R;  // outputs per block and input row
   const int first = static_cast<int>(blockIdx.x) * kOutputs;
-  const uint4* rows[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int o = first + (kSilu ? r % kOutputs : r);
-    const int row = (o < out ? o : out - 1) + (kSilu && r >= kOutputs ? out : 0);
-    rows[r] = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(row) * in);
-  }
   float acc[R][N];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-#pragma unroll
-    for (int t = 0; t < N; ++t) acc[r][t] = 0.f;
-  }
-  const int chunks = in / 8;
-  for (int c = static_cast<int>(threadIdx.x); c < chunks; c += kWarps * 32) {
-    uint4 wv[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) wv[r] = __ldcs(rows[r] + c);
-    float wf[R][8];
-#pragma unroll
-    for (int r = 0; r < R; ++r) Widen(wv[r], wf[r]);
-#pragma unroll
-    for (int t = 0; t < N; ++t) {
-      if (t < n) {
-        float xf[8];
-        LoadX<kF32>(x, t, chunks, c, xf);
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[r][t] = fmaf(wf[r][i], xf[i], acc[r][t]);
-        }
-      }
-    }
-  }
+  AccumulateRows<N, R, kSilu, kF32, 1>(w, x, n, in, out, first, static_cast<int>(threadIdx.x),
+                                       kWarps * 32, acc);
   __shared__ float partial[kWarps][R * N];
   const int lane = static_cast<int>(threadIdx.x % 32);
   const int warp = static_cast<int>(threadIdx.x / 32);
@@ -196,17 +182,9 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int k = 0; k < kWarps; ++k) s += partial[k][r * N + t];
     return s;
   };
-  const float v = sum_of(i / N);
-  float* dst = y + static_cast<int64_t>(t) * out + o;
-  if constexpr (E == SmallGemmEpilogue::kStoreF32) {
-    *dst = v;
-  } else if constexpr (E == SmallGemmEpilogue::kAddF32) {
-    *dst += v;
-  } else {
-    const float u = sum_of(i / N + kOutputs);
-    y16[static_cast<int64_t>(t) * out + o] =
-        __bfloat16_as_ushort(__float2bfloat16_rn(v / (1.0f + expf(-v)) * u));
-  }
+  float up = 0.f;
+  if constexpr (kSilu) up = sum_of(i / N + kOutputs);
+  WriteOutput<E>(y, y16, out, o, t, sum_of(i / N), up);
 }
 
 template <int N, int R, SmallGemmEpilogue E>
