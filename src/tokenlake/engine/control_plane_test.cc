@@ -171,7 +171,7 @@ TEST_F(ControlPlaneTest, PlanBatchReleasesPlansAndReportsPerRequest) {
   const std::vector<RequestId> release = {RequestId(2), RequestId(1), RequestId(3)};
   const std::vector<lake::IterationRequest> requests = {Prefill(RequestId(1), 40, 0),
                                                         Prefill(RequestId(3), 40, 3), bad};
-  auto r = local_->PlanBatch({}, release, requests);
+  auto r = local_->PlanBatch({}, release, requests, 0);
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_EQ(r->size(), 3u);
   EXPECT_TRUE((*r)[0].status.ok()) << (*r)[0].status;             // released and planned again
@@ -187,7 +187,7 @@ TEST_F(ControlPlaneTest, PlanBatchReleasesPlansAndReportsPerRequest) {
   auto committed = local_->Commit(RequestId(5), first->new_segments);
   ASSERT_TRUE(committed.ok());
   // Confirmed with the release, in one call (what a loop that runs dry sends).
-  auto flushed = local_->PlanBatch(Confirmations(RequestId(5), *committed), {RequestId(5)}, {});
+  auto flushed = local_->PlanBatch(Confirmations(RequestId(5), *committed), {RequestId(5)}, {}, 0);
   ASSERT_TRUE(flushed.ok()) << flushed.status();
   EXPECT_TRUE(flushed->empty());
   EXPECT_EQ(lake_->Stats().active_requests, 0);
@@ -262,15 +262,15 @@ class ScriptedControlPlane final : public lake::ControlPlane {
   }
   absl::StatusOr<std::vector<lake::BatchPlanEntry>> PlanBatch(
       absl::Span<const lake::StoreConfirmation> confirm, absl::Span<const RequestId> release,
-      absl::Span<const lake::IterationRequest> requests) override {
+      absl::Span<const lake::IterationRequest> requests, int64_t token_budget) override {
     if (requests.empty()) {
       // Confirm and release only (a loop that ran dry, or cleaning up after a failure).
       ++release_calls;
-      return inner_->PlanBatch(confirm, release, requests);
+      return inner_->PlanBatch(confirm, release, requests, token_budget);
     }
     ++batches;
     if (batches != fail_at || fault == Fault::kNone) {
-      return inner_->PlanBatch(confirm, release, requests);
+      return inner_->PlanBatch(confirm, release, requests, token_budget);
     }
     // Where a fault says the releases were applied, so were the confirmations before them.
     switch (fault) {
@@ -290,7 +290,7 @@ class ScriptedControlPlane final : public lake::ControlPlane {
         for (RequestId r : release) EXPECT_TRUE(inner_->Release(r).ok());
         return absl::DeadlineExceededError("scripted: reply lost after the release");
       case Fault::kWireAfterReleaseAndPlan:
-        EXPECT_TRUE(inner_->PlanBatch(confirm, release, requests).ok());
+        EXPECT_TRUE(inner_->PlanBatch(confirm, release, requests, token_budget).ok());
         return absl::DeadlineExceededError("scripted: reply lost after the plan");
       case Fault::kNone:
         break;

@@ -42,8 +42,9 @@ struct IterationLoop::Active {
     pooled = computed = 0;
     ++result.restarts;
   }
-  bool failed = false;  // its result went out with an error
-  int64_t chunk = 0;    // tokens allotted in the iteration being planned
+  bool failed = false;   // its result went out with an error
+  int64_t chunk = 0;     // tokens allotted in the iteration being planned
+  bool offered = false;  // in the batch being formed
   InstanceId last_compute;
   std::unique_ptr<Sampler> sampler;
   bool stopped = false;  // produced a stop token
@@ -245,7 +246,8 @@ void IterationLoop::FlushReleases() {
 void IterationLoop::ReleaseNow(absl::Span<const RequestId> ids) {
   // One call: confirm what was stored, then release (a release drops unconfirmed copies).
   // Answers for ids no longer active (NotFound) are ignored by PlanBatch itself.
-  absl::StatusOr<std::vector<lake::BatchPlanEntry>> r = control_->PlanBatch(to_confirm_, ids, {});
+  absl::StatusOr<std::vector<lake::BatchPlanEntry>> r =
+      control_->PlanBatch(to_confirm_, ids, {}, 0);
   // Failed on the wire: the confirmations go again with the next call (harmless if applied).
   if (r.ok() || !lake::FailedOnTheWire(r.status())) to_confirm_.clear();
 }
@@ -354,20 +356,40 @@ std::vector<LoopResult> IterationLoop::Step() {
   }
   ++iterations_;
   const int64_t start_us = NowUs();
-  // 1. The batch: decodes first, then prefill work in arrival order, under the budgets.
+  // 1. The batch: decodes first, then prefill work in arrival order, under the budgets; a new
+  // request is charged here as if nothing of it were cached. Only the control plane knows its
+  // cached prefix: it cuts the chunk after that prefix to what the token budget has left
+  // (PlanBatch's token_budget), so the budget is often not spent. New requests that did not fit
+  // are then offered after the rest, for what is left, while the new requests' prompts offered
+  // add up to at most kFreshOfferFactor budgets: mostly-cached prompts join many per iteration,
+  // and the keys one call carries and matches stay bounded.
   std::vector<Active*> batch;
+  const auto full = [&] {
+    return static_cast<int32_t>(batch.size()) >= options_.max_batch_requests;
+  };
   int64_t budget = options_.max_batch_tokens;
+  int64_t offer = options_.max_batch_tokens * kFreshOfferFactor;
   for (int pass = 0; pass < 2; ++pass) {
     for (const auto& a : requests_) {
-      if (budget < 1 || static_cast<int32_t>(batch.size()) >= options_.max_batch_requests) break;
+      if (budget < 1 || full()) break;
       if (Decoding(*a) != (pass == 0)) continue;
       const int64_t chunk = std::min(budget, Remaining(*a));
       a->chunk = chunk;
+      a->offered = true;
       batch.push_back(a.get());
       budget -= chunk;
+      if (a->fresh) offer -= Remaining(*a);
     }
   }
-
+  for (const auto& a : requests_) {
+    if (offer < 1 || full()) break;
+    if (!a->fresh || a->offered) continue;
+    a->chunk = options_.max_batch_tokens;
+    a->offered = true;
+    batch.push_back(a.get());
+    offer -= Remaining(*a);
+  }
+  for (Active* a : batch) a->offered = false;
   // 2. One control-plane call: release what the batch's requests (and finished ones) pinned,
   // plan and admit the batch.
   std::vector<lake::IterationRequest> plan_requests;
@@ -387,7 +409,7 @@ std::vector<LoopResult> IterationLoop::Step() {
     planned.push_back(&a);
   }
   absl::StatusOr<std::vector<lake::BatchPlanEntry>> plans =
-      control_->PlanBatch(to_confirm_, release, plan_requests);
+      control_->PlanBatch(to_confirm_, release, plan_requests, options_.max_batch_tokens);
   if (plans.ok() || !lake::FailedOnTheWire(plans.status())) to_confirm_.clear();
   const int64_t planned_us = NowUs();
   int64_t ran_us = planned_us;

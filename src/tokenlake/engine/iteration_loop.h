@@ -8,8 +8,10 @@
 //   1. the batch: running requests whose next token is their last one to compute (decodes)
 //      first, then prefill work (running prompts' next chunks, then new requests in arrival
 //      order), under a per-iteration token budget (a prompt is cut into chunks) and a cap on
-//      the requests per iteration; a running request left out keeps its pins (its pooled
-//      segments stay in the pool) and runs in a later iteration;
+//      the requests per iteration; the control plane applies the budget to the new requests
+//      after their cached prefixes, which only it knows (so more of them are offered than
+//      the budget could compute uncached); a running request left out keeps its pins (its
+//      pooled segments stay in the pool) and runs in a later iteration;
 //   2. ONE control-plane call for the whole batch (lake::ControlPlane::PlanBatch): it confirms the
 //      copies the previous iterations stored (they become visible to plans), releases the
 //      pins of the requests' previous iterations and of the requests that finished, then plans
@@ -272,6 +274,10 @@ class IterationLoop {
 
  private:
   struct Active;
+  // New requests are offered to the control plane while their prompts add up to at most this
+  // many token budgets (Step, 1.): mostly-cached prompts (cached beyond 1 - 1/8) join at the
+  // budget's full rate, and the keys one plan call carries and matches stay within 8 budgets.
+  static constexpr int64_t kFreshOfferFactor = 8;
   IterationLoop(lake::ControlPlane* control, IterationExecutor* executor,
                 const IterationLoopOptions& options);
   absl::StatusOr<lake::IterationRequest> MakeRequest(const Active& a, int64_t chunk) const;

@@ -440,6 +440,58 @@ TEST(IterationLoopTest, WaitsForMemoryAndNeverHangsOnARequestLargerThanThePool) 
   EXPECT_TRUE((*sized)->Submit(fits).ok());
 }
 
+// Prompts the pool already holds join many per iteration: the budget is charged with what each
+// computes after its cached prefix (known to the control plane), not with its whole prompt. Eight
+// 40-token prompts of 4-token segments, each pooled by an earlier run: a repeat serves 9 segments
+// (36 tokens; the last token is computed) and computes 4, so all eight fit one budget of 40
+// tokens together (32), where charging whole prompts would admit one per iteration.
+TEST(IterationLoopTest, CachedPromptsJoinTogetherUnderTheTokenBudget) {
+  ManualClock clock(1);
+  auto lk = lake::Lake::Create(TestLakeOptions(1, 4, 512), &clock);
+  ASSERT_TRUE(lk.ok());
+  lake::LocalControlPlane control(lk->get(), &clock);
+  FakeExecutor exec(4, 1);
+  auto loop = IterationLoop::Create(
+      &control, &exec,
+      {.segment_tokens = 4, .salt = 5, .max_batch_tokens = 40, .vocab_size = kVocab});
+  ASSERT_TRUE(loop.ok());
+  std::vector<std::vector<int32_t>> prompts(8);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    for (int t = 0; t < 40; ++t)
+      prompts[i].push_back(static_cast<int32_t>((i * 7 + t * 3) % kVocab));
+  }
+  auto run = [&](uint64_t first_id, bool together) {
+    absl::flat_hash_map<RequestId, LoopResult> got;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      ASSERT_TRUE(
+          (*loop)
+              ->Submit({.id = RequestId(first_id + i), .prompt = prompts[i], .max_new_tokens = 2})
+              .ok());
+      for (int steps = 0; !together && !(*loop)->idle() && steps < 100; ++steps) {
+        for (LoopResult& r : (*loop)->Step()) got[r.id] = std::move(r);
+      }
+    }
+    for (int steps = 0; !(*loop)->idle() && steps < 100; ++steps) {
+      for (LoopResult& r : (*loop)->Step()) got[r.id] = std::move(r);
+    }
+    ASSERT_TRUE((*loop)->idle());
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      const LoopResult& r = got[RequestId(first_id + i)];
+      ASSERT_TRUE(r.status.ok()) << r.status;
+      EXPECT_EQ(r.tokens, Naive(prompts[i], 2));
+      EXPECT_EQ(r.cached_tokens, together ? 36 : 0);
+    }
+  };
+  ASSERT_NO_FATAL_FAILURE(run(1, /*together=*/false));
+  const size_t before = exec.batches.size();
+  ASSERT_NO_FATAL_FAILURE(run(101, /*together=*/true));
+  ASSERT_GT(exec.batches.size(), before);
+  const FakeExecutor::Batch& first = exec.batches[before];
+  EXPECT_EQ(first.requests, 8);
+  EXPECT_EQ(first.tokens, 32);
+  for (size_t b = before; b < exec.batches.size(); ++b) EXPECT_LE(exec.batches[b].tokens, 40);
+}
+
 TEST(IterationLoopTest, CancelReleasesPinsAndTailAndOtherRequestsFinishUnchanged) {
   ManualClock clock(1);
   auto lk = lake::Lake::Create(TestLakeOptions(2, 4, 64), &clock);

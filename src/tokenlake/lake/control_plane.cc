@@ -98,9 +98,22 @@ absl::StatusOr<IterationPlan> ControlPlane::ReleaseAndPlan(RequestId release,
   return PlanIteration(next);
 }
 
+bool BatchTokenBudget::Fit(IterationRequest& request) const {
+  if (left_ < 0) return true;
+  if (!request.prefill) return request.end_tokens - request.computed_tokens <= left_;
+  if (left_ < 1) return false;
+  request.max_new_tokens =
+      request.max_new_tokens > 0 ? std::min(request.max_new_tokens, left_) : left_;
+  return true;
+}
+
+void BatchTokenBudget::Charge(int64_t new_tokens) {
+  if (left_ >= 0) left_ = std::max<int64_t>(0, left_ - new_tokens);
+}
+
 absl::StatusOr<std::vector<BatchPlanEntry>> ControlPlane::PlanBatch(
     absl::Span<const StoreConfirmation> confirm, absl::Span<const RequestId> release,
-    absl::Span<const IterationRequest> requests) {
+    absl::Span<const IterationRequest> requests, int64_t token_budget) {
   // Confirmations first: the releases below drop the copies still pending.
   if (!confirm.empty()) TOKENLAKE_RETURN_IF_ERROR(ConfirmStored(confirm));
   // Ids not planned here first; a planned request's own pins are released just before it is
@@ -120,6 +133,7 @@ absl::StatusOr<std::vector<BatchPlanEntry>> ControlPlane::PlanBatch(
     if (FailedOnTheWire(s)) return s;
   }
   std::vector<BatchPlanEntry> out(requests.size());
+  BatchTokenBudget budget(token_budget);
   for (size_t i = 0; i < requests.size(); ++i) {
     if (own.contains(requests[i].request)) {
       absl::Status s = Release(requests[i].request);
@@ -130,9 +144,15 @@ absl::StatusOr<std::vector<BatchPlanEntry>> ControlPlane::PlanBatch(
         continue;
       }
     }
-    absl::StatusOr<IterationPlan> p = PlanIteration(requests[i]);
+    IterationRequest request = requests[i];
+    if (!budget.Fit(request)) {
+      out[i].plan.admitted = false;
+      continue;
+    }
+    absl::StatusOr<IterationPlan> p = PlanIteration(request);
     if (!p.ok() && FailedOnTheWire(p.status())) return p.status();
     if (p.ok()) {
+      if (p->admitted) budget.Charge(p->new_tokens);
       out[i].plan = *std::move(p);
     } else {
       out[i].status = p.status();

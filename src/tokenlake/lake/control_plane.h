@@ -184,13 +184,35 @@ class ControlPlane {
   // Returns one entry per request, in order. The default implementation makes the calls one by
   // one; RemoteControlPlane sends one RPC, which the coordinator runs under its lake lock.
   // With no requests it only confirms and releases (what a loop that runs dry sends).
+  // `token_budget` > 0 bounds the tokens the batch computes (BatchTokenBudget): the requests
+  // take it in order, a prefill's chunk is cut after its cached prefix to what is left (only
+  // the control plane knows how much is cached), and a request that finds too little left is
+  // not planned: its entry is admitted = false with nothing pinned (as a try_admit deferral).
+  // 0 = no budget.
   // Errors (of the whole call): InvalidArgument for a confirmation naming an instance outside
   // the pool (nothing applied); Unavailable / DeadlineExceeded / Cancelled remotely: the
   // caller cannot tell what was applied; confirming `confirm` and releasing every id of
   // `release` and `requests` again cleans up in every case (NotFound answers ignored).
   virtual absl::StatusOr<std::vector<BatchPlanEntry>> PlanBatch(
       absl::Span<const lake::StoreConfirmation> confirm, absl::Span<const RequestId> release,
-      absl::Span<const IterationRequest> requests);
+      absl::Span<const IterationRequest> requests, int64_t token_budget);
+};
+
+// PlanBatch's token budget, taken by its requests in order (every control plane applies it the
+// same way). A prefill fits while at least one token is left, its max_new_tokens cut to what is
+// left; a continuation (not a prefill) fits while its end_tokens - computed_tokens are left.
+// Thread-compatible.
+class BatchTokenBudget {
+ public:
+  // tokens <= 0: no budget (everything fits).
+  explicit BatchTokenBudget(int64_t tokens) : left_(tokens > 0 ? tokens : -1) {}
+  // Whether `request` fits what is left; if so, a prefill's max_new_tokens is cut to it.
+  bool Fit(IterationRequest& request) const;
+  // Takes an admitted plan's new tokens from what is left.
+  void Charge(int64_t new_tokens);
+
+ private:
+  int64_t left_;  // -1: no budget
 };
 
 // Whether `status` says a control-plane call may not have been applied, or only partly (it

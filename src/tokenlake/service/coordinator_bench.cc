@@ -250,7 +250,7 @@ absl::StatusOr<nlohmann::json> RunCoordinatorBench(
       const int ph = phase.load();
       const auto t0 = std::chrono::steady_clock::now();
       absl::StatusOr<std::vector<lake::BatchPlanEntry>> plans =
-          (*cp)->PlanBatch(confirm, release, batch);
+          (*cp)->PlanBatch(confirm, release, batch, 0);
       const double ms = MsSince(t0);
       release.clear();
       confirm.clear();
@@ -291,7 +291,7 @@ absl::StatusOr<nlohmann::json> RunCoordinatorBench(
         }
       }
     }
-    (*cp)->PlanBatch(confirm, release, {}).IgnoreError();
+    (*cp)->PlanBatch(confirm, release, {}, 0).IgnoreError();
   };
 
   // ---- The heartbeats (phase 2).

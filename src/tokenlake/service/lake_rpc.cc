@@ -263,7 +263,7 @@ absl::StatusOr<lake::CommitResult> RemoteControlPlane::Commit(
 
 absl::Status RemoteControlPlane::ConfirmStored(absl::Span<const lake::StoreConfirmation> copies) {
   if (copies.empty()) return absl::OkStatus();
-  return PlanBatch(copies, {}, {}).status();
+  return PlanBatch(copies, {}, {}, 0).status();
 }
 
 absl::Status RemoteControlPlane::Release(RequestId request) {
@@ -295,9 +295,10 @@ absl::StatusOr<lake::IterationPlan> RemoteControlPlane::ReleaseAndPlan(
 
 absl::StatusOr<std::vector<lake::BatchPlanEntry>> RemoteControlPlane::PlanBatch(
     absl::Span<const lake::StoreConfirmation> confirm, absl::Span<const RequestId> release,
-    absl::Span<const lake::IterationRequest> requests) {
+    absl::Span<const lake::IterationRequest> requests, int64_t token_budget) {
   for (const lake::IterationRequest& r : requests) TOKENLAKE_RETURN_IF_ERROR(RefuseTail(r));
   v1::PlanBatchRequest in;
+  in.set_token_budget(token_budget);
   for (const lake::StoreConfirmation& c : confirm) ToProto(c, in.add_confirm());
   for (RequestId r : release) in.add_release_request_ids(r.value());
   for (const lake::IterationRequest& r : requests) ToProto(r, in.add_plans());

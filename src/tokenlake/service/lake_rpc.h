@@ -99,7 +99,7 @@ class RemoteControlPlane final : public lake::ControlPlane {
   // Errors: as the RPC's, and DataLoss for a reply with the wrong number of entries.
   absl::StatusOr<std::vector<lake::BatchPlanEntry>> PlanBatch(
       absl::Span<const lake::StoreConfirmation> confirm, absl::Span<const RequestId> release,
-      absl::Span<const lake::IterationRequest> requests) override;
+      absl::Span<const lake::IterationRequest> requests, int64_t token_budget) override;
 
  private:
   explicit RemoteControlPlane(const Options& options) : options_(options) {}

@@ -390,6 +390,72 @@ TEST_P(FusedCallTest, ReleaseAndPlanEqualsReleaseThenPlanIterationOnAReferenceLa
   }
 }
 
+// PlanBatch's token budget over the wire equals the local control plane's: the requests take
+// it in order, a prefill's chunk is cut after its cached prefix to what is left, and a request
+// that finds nothing left is deferred with nothing pinned. With 4-token segments and a pooled
+// 24-token prompt A: A again serves 5 segments (20 tokens; its last token is computed) and
+// computes 4 of a budget of 10; an uncached prompt B is cut to the 6 left; A for a third id
+// finds nothing left; a continuation of 1 token finds nothing left either.
+TEST_P(FusedCallTest, PlanBatchTokenBudgetIsTakenInOrderAfterCachedPrefixes) {
+  const uint64_t salt = index::NamespaceSalt(options_.namespace_name);
+  auto prefill = [&](uint64_t id, int32_t doc) {
+    std::vector<int32_t> seq;
+    for (int32_t i = 0; i < 24; ++i) seq.push_back((i * 5 + doc * 17) % 64);
+    auto keys = index::ComputeSegmentKeys(salt, seq, kS);
+    EXPECT_TRUE(keys.ok());
+    return lake::IterationRequest{.request = RequestId(id),
+                                  .keys = keys.ok() ? *keys : std::vector<index::SegmentKey>{},
+                                  .max_cached_segments = 23 / kS,
+                                  .end_tokens = 24,
+                                  .prefill = true,
+                                  .preferred_instance = InstanceId(0)};
+  };
+  for (lake::ControlPlane* cp : {static_cast<lake::ControlPlane*>(remote_.get()),
+                                 static_cast<lake::ControlPlane*>(reference_.get())}) {
+    auto first = cp->PlanIteration(prefill(1, 0));
+    ASSERT_TRUE(first.ok()) << first.status();
+    auto committed = cp->Commit(RequestId(1), first->new_segments);
+    ASSERT_TRUE(committed.ok()) << committed.status();
+    std::vector<lake::StoreConfirmation> stored;
+    for (const lake::StoredReplica& st : committed->stored) {
+      stored.push_back({RequestId(1), st.segment, st.instance});
+    }
+    ASSERT_TRUE(cp->PlanBatch(stored, {RequestId(1)}, {}, 0).ok());
+  }
+  const lake::IterationRequest decode{.request = RequestId(5),
+                                      .max_cached_segments = 0,
+                                      .end_tokens = 1,
+                                      .prefill = false,
+                                      .computed_tokens = 0};
+  const std::vector<lake::IterationRequest> batch = {prefill(2, 0), prefill(3, 1), prefill(4, 0),
+                                                     decode};
+  auto got = remote_->PlanBatch({}, {}, batch, 10);
+  auto want = reference_->PlanBatch({}, {}, batch, 10);
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_TRUE(want.ok()) << want.status();
+  ASSERT_EQ(got->size(), 4u);
+  ASSERT_EQ(want->size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    SCOPED_TRACE(testing::Message() << "entry " << i);
+    ASSERT_TRUE((*got)[i].status.ok()) << (*got)[i].status;
+    ASSERT_TRUE((*want)[i].status.ok()) << (*want)[i].status;
+    EXPECT_EQ((*got)[i].plan.admitted, (*want)[i].plan.admitted);
+    if ((*want)[i].plan.admitted) ExpectSamePlan((*got)[i].plan, (*want)[i].plan);
+  }
+  const std::vector<lake::BatchPlanEntry>& e = *want;
+  EXPECT_TRUE(e[0].plan.admitted);
+  EXPECT_EQ(e[0].plan.cached_tokens, 20);
+  EXPECT_EQ(e[0].plan.new_tokens, 4);
+  EXPECT_TRUE(e[1].plan.admitted);
+  EXPECT_EQ(e[1].plan.cached_tokens, 0);
+  EXPECT_EQ(e[1].plan.new_tokens, 6);
+  EXPECT_EQ(e[1].plan.end_tokens, 6);
+  EXPECT_FALSE(e[2].plan.admitted);
+  EXPECT_FALSE(e[3].plan.admitted);
+  ExpectSameLakeState();
+  EXPECT_EQ(lake_->Stats().active_requests, 2);
+}
+
 INSTANTIATE_TEST_SUITE_P(SeedsAndSlots, FusedCallTest,
                          ::testing::Combine(::testing::Values(1u, 2u, 3u),
                                             ::testing::Values(6, 64)));

@@ -16,7 +16,7 @@ grpc::Status LakeService::PlanIteration(grpc::ServerContext* ctx,
   }
   Count(kPlanIteration);
   absl::MutexLock lake_lock(&lake_->mu);
-  return PlanLocked(*request, reply);
+  return PlanLocked(FromProto(*request), reply);
 }
 
 grpc::Status LakeService::Commit(grpc::ServerContext* ctx, const v1::CommitRequest* request,
@@ -63,7 +63,7 @@ grpc::Status LakeService::ReleaseAndPlan(grpc::ServerContext* ctx,
       !released.ok()) {
     return ToGrpc(released);
   }
-  return PlanLocked(request->plan(), reply);
+  return PlanLocked(FromProto(request->plan()), reply);
 }
 
 grpc::Status LakeService::PlanBatch(grpc::ServerContext* ctx, const v1::PlanBatchRequest* request,
@@ -92,13 +92,21 @@ grpc::Status LakeService::PlanBatch(grpc::ServerContext* ctx, const v1::PlanBatc
       lake.Release(RequestId(id)).IgnoreError();
     }
   }
+  lake::BatchTokenBudget budget(request->token_budget());
   for (const v1::PlanIterationRequest& plan : request->plans()) {
     v1::PlanBatchEntry* e = reply->add_entries();
     absl::Status s = absl::OkStatus();
     if (own.contains(plan.request_id())) s = lake.Release(RequestId(plan.request_id()));
+    lake::IterationRequest in = FromProto(plan);
+    if (s.ok() && !budget.Fit(in)) {
+      e->mutable_plan()->set_deferred(true);
+      continue;
+    }
     if (s.ok()) {
-      if (grpc::Status g = PlanLocked(plan, e->mutable_plan()); !g.ok()) {
+      if (grpc::Status g = PlanLocked(in, e->mutable_plan()); !g.ok()) {
         s = absl::Status(static_cast<absl::StatusCode>(g.error_code()), g.error_message());
+      } else if (!e->plan().deferred()) {
+        budget.Charge(e->plan().new_tokens());
       }
     }
     if (!s.ok()) {
@@ -110,9 +118,8 @@ grpc::Status LakeService::PlanBatch(grpc::ServerContext* ctx, const v1::PlanBatc
   return grpc::Status::OK;
 }
 
-grpc::Status LakeService::PlanLocked(const v1::PlanIterationRequest& request,
+grpc::Status LakeService::PlanLocked(const lake::IterationRequest& in,
                                      v1::PlanIterationReply* reply) {
-  lake::IterationRequest in = FromProto(request);
   absl::StatusOr<lake::IterationPlan> plan =
       lake::PlanIterationOnLake(*lake_->lake, &lake_->clock, in);
   if (!plan.ok()) return ToGrpc(plan.status());

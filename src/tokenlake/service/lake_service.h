@@ -69,7 +69,7 @@ class LakeService final : public v1::Lake::Service {
 
  private:
   const LeaderGate* gate_ = nullptr;
-  grpc::Status PlanLocked(const v1::PlanIterationRequest& request, v1::PlanIterationReply* reply)
+  grpc::Status PlanLocked(const lake::IterationRequest& request, v1::PlanIterationReply* reply)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(lake_->mu);
   void Count(Call call) { calls_[call].fetch_add(1, std::memory_order_relaxed); }
 
