@@ -397,8 +397,8 @@ void SetUpEngineBench(CLI::App* bench, int* exit_code) {
       ->check(CLI::Range(0, 8))
       ->capture_default_str();
   e->add_flag("!--no-decode-graphs", o.decode_graphs,
-              "Launch the small-batch forwards' kernels one by one instead of replaying them as "
-              "CUDA graphs");
+              "Launch the kernels of forwards of at most 256 rows one by one instead of replaying "
+              "them as CUDA graphs (one per batch-size bucket)");
   e->add_option("--seed", o.seed, "Seed of the weights and prompts");
   e->add_option("--prompts", o.prompts_path,
                 "Also write the workloads' prompts as JSON (for bench/hf_generate.py)");

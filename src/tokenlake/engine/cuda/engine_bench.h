@@ -91,7 +91,8 @@ struct EngineBenchOptions {
   // Forwards of at most this many rows run their dense layers on SmallBatchGemm
   // (GpuLlamaModel::set_small_batch_rows; 0 = cuBLAS always).
   int32_t small_batch_rows = kSmallBatchDefaultRows;
-  // Replay those forwards as CUDA graphs (GpuLlamaModel::set_decode_graphs).
+  // Replay forwards of at most GpuLlamaModel::kGraphMaxRows rows as CUDA graphs
+  // (GpuLlamaModel::set_decode_graphs).
   bool decode_graphs = true;
   // Device memory kept out of the pool (activations and workspaces; the requests' KV tails are
   // slots of the pool).

@@ -212,6 +212,19 @@ absl::Status CublasStatus(cublasStatus_t st, const char* what) {
 
 absl::Status LaunchCheck(const char* what) { return CudaStatus(cudaGetLastError(), what); }
 
+// The rows a graph-replayed forward of n rows runs its dense stretches over (a batch-size bucket:
+// exact up to 8 rows, then multiples of 8 up to 64 and of 32 up to kGraphMaxRows), or 0 when
+// forwards of n rows are not replayed. A forward padded to its bucket computes the extra rows on
+// token 0 at position 0 and drops them (every kernel of a stretch is row-wise), so one graph
+// serves the bucket's every batch size; a padded GEMM costs about the same as the exact one,
+// since at these sizes it is bound by reading the weights.
+int32_t GraphRows(int32_t n) {
+  if (n <= 8) return n;
+  if (n <= 64) return (n + 7) / 8 * 8;
+  if (n <= GpuLlamaModel::kGraphMaxRows) return (n + 31) / 32 * 32;
+  return 0;
+}
+
 // y[n][out] (f32) = x[n][in] (bf16) * w[out][in]^T (bf16) + beta * y. Row-major on our side is
 // column-major transposed on cuBLAS's: y^T (out x n) = w (out x in, ld in)^T... see below.
 absl::Status Gemm(cublasHandle_t h, const void* w, const void* x, float* y, int n, int in, int out,
@@ -294,6 +307,11 @@ absl::Status GpuLlamaModel::Init() {
   TOKENLAKE_RETURN_IF_ERROR(CublasStatus(cublasCreate(&h), "cublasCreate"));
   cublas_ = h;
   TOKENLAKE_RETURN_IF_ERROR(CublasStatus(cublasSetStream(h, stream_), "cublasSetStream"));
+  // A workspace of our own: cuBLAS calls captured into graphs must not allocate one per graph.
+  TOKENLAKE_RETURN_IF_ERROR(cublas_workspace_.Allocate(kCublasWorkspaceBytes));
+  TOKENLAKE_RETURN_IF_ERROR(CublasStatus(
+      cublasSetWorkspace(h, cublas_workspace_.get(), kCublasWorkspaceBytes), "cublasSetWorkspace"));
+  graphs_.assign(static_cast<size_t>(config_.num_layers + 1) * (kGraphMaxRows + 1), nullptr);
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&forward_begin_), "cudaEventCreate"));
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&forward_end_), "cudaEventCreate"));
   layers_.resize(static_cast<size_t>(config_.num_layers));
@@ -490,6 +508,10 @@ absl::Status GpuLlamaModel::EnsureActivations(int32_t n, int32_t m) {
     TOKENLAKE_RETURN_IF_ERROR(attn16_.Allocate(nn * qd * 2));
     TOKENLAKE_RETURN_IF_ERROR(gate_up_.Allocate(nn * 2 * inter * 4));
     TOKENLAKE_RETURN_IF_ERROR(act16_.Allocate(nn * inter * 2));
+    // A padded forward's extra rows (GraphRows) are never written by the attention: zeros there
+    // rather than whatever the allocation held.
+    TOKENLAKE_RETURN_IF_ERROR(
+        CudaStatus(cudaMemsetAsync(attn_.get(), 0, nn * qd * 4, stream_), "cudaMemsetAsync"));
     act_tokens_ = n;
   }
   if (m > act_logits_) {
@@ -552,7 +574,12 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
   }
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(device_), "cudaSetDevice"));
   const int32_t n = static_cast<int32_t>(total);
-  TOKENLAKE_RETURN_IF_ERROR(EnsureActivations(n, m));
+  // Forwards of at most kGraphMaxRows rows replay the work between two attentions as CUDA graphs
+  // (captured once per stretch and bucket, see GraphRows): those stretches run over `rows` >= n
+  // rows, the attention over the n real ones.
+  const bool graphs = decode_graphs_ && !profiling_ && GraphRows(n) > 0;
+  const int32_t rows = graphs ? GraphRows(n) : n;
+  TOKENLAKE_RETURN_IF_ERROR(EnsureActivations(rows, m));
   const int h = c.hidden_size;
   const int qd = c.num_heads * c.head_dim;
   const int kvd = c.num_kv_heads * c.head_dim;
@@ -560,56 +587,59 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
   auto* blas = static_cast<cublasHandle_t>(cublas_);
   // Decode-sized batches read each weight matrix with SmallBatchGemm (fusing SiLU*up into the
   // gate/up projection); larger ones run on cuBLAS.
-  const bool small = n <= small_batch_rows_ && h % 8 == 0 && qd % 8 == 0 && inter % 8 == 0;
+  const bool small = rows <= small_batch_rows_ && h % 8 == 0 && qd % 8 == 0 && inter % 8 == 0;
   // y[rows][out] (+)= x[rows][in] * w^T, beta 0 or 1.
-  auto dense = [&](const DeviceBuffer& wt, const DeviceBuffer& x, float* y, int rows, int in,
+  auto dense = [&](const DeviceBuffer& wt, const DeviceBuffer& x, float* y, int num_rows, int in,
                    int out, float beta) -> absl::Status {
     if (small) {
-      return SmallBatchGemm(wt.as<uint16_t>(), x.get(), SmallGemmInput::kBf16, rows, in, out,
+      return SmallBatchGemm(wt.as<uint16_t>(), x.get(), SmallGemmInput::kBf16, num_rows, in, out,
                             beta == 0.f ? SmallGemmEpilogue::kStoreF32 : SmallGemmEpilogue::kAddF32,
                             y, nullptr, stream_);
     }
-    return Gemm(blas, wt.get(), x.get(), y, rows, in, out, beta);
+    return Gemm(blas, wt.get(), x.get(), y, num_rows, in, out, beta);
   };
-  // The inputs in one pinned buffer, one copy: tokens, positions, logits rows. (The previous
-  // forward synchronised its stream, so the staging buffer is free.)
+  // The inputs in one pinned buffer, one copy: `rows` tokens, `rows` positions (a graph names
+  // these addresses, so they depend on the bucket only; padding rows are token 0 at position 0),
+  // the logits rows. (The previous forward synchronised its stream, so the staging buffer is
+  // free.)
   auto* host = static_cast<int32_t*>(host_inputs_);
   int32_t row = 0;
   int32_t logits_row = 0;
   for (const GpuSequenceInput& seq : sequences) {
     for (size_t i = 0; i < seq.tokens.size(); ++i) {
       host[row] = seq.tokens[i];
-      host[n + row] = static_cast<int32_t>(seq.start_pos + static_cast<int64_t>(i));
+      host[rows + row] = static_cast<int32_t>(seq.start_pos + static_cast<int64_t>(i));
       ++row;
     }
-    if (seq.logits != GpuSequenceInput::Logits::kNone) host[2 * n + logits_row++] = row - 1;
+    if (seq.logits != GpuSequenceInput::Logits::kNone) host[2 * rows + logits_row++] = row - 1;
   }
+  for (; row < rows; ++row) host[row] = host[rows + row] = 0;
   const int32_t* d_tokens = inputs_.as<int32_t>();
-  const int32_t* d_positions = d_tokens + n;
-  const int32_t* d_rows = d_tokens + 2 * n;
+  const int32_t* d_positions = d_tokens + rows;
+  const int32_t* d_rows = d_tokens + 2 * static_cast<ptrdiff_t>(rows);
   TOKENLAKE_RETURN_IF_ERROR(
-      CudaStatus(cudaMemcpyAsync(inputs_.get(), host, (2 * static_cast<size_t>(n) + m) * 4,
+      CudaStatus(cudaMemcpyAsync(inputs_.get(), host, (2 * static_cast<size_t>(rows) + m) * 4,
                                  cudaMemcpyHostToDevice, stream_),
                  "cudaMemcpyAsync(forward inputs)"));
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(forward_begin_, stream_), "event"));
   Mark(kPhaseEnds);
   // RoPE's thread blocks per token: enough for a decode batch to cover the device.
   const unsigned rope_parts =
-      static_cast<unsigned>(std::clamp(256 / n, 1, c.num_heads + 2 * c.num_kv_heads));
-  EmbedKernel<<<n, kThreads, 0, stream_>>>(d_tokens, embed_.as<uint16_t>(), h, x_.as<float>());
+      static_cast<unsigned>(std::clamp(256 / rows, 1, c.num_heads + 2 * c.num_kv_heads));
+  EmbedKernel<<<rows, kThreads, 0, stream_>>>(d_tokens, embed_.as<uint16_t>(), h, x_.as<float>());
   TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("embedding"));
   // A layer's work before its attention (RMSNorm, q/k/v, RoPE) and after it (o_proj, RMSNorm,
   // gate/up with SiLU, down_proj).
   auto before_attention = [&](const Layer& w) -> absl::Status {
     Mark(kPhaseOther);
-    RmsNormKernel<<<n, kNormThreads, 0, stream_>>>(x_.as<float>(), w.input_norm.as<float>(),
-                                                   c.rms_norm_eps, h, nullptr,
-                                                   normed_.as<uint16_t>());
+    RmsNormKernel<<<rows, kNormThreads, 0, stream_>>>(x_.as<float>(), w.input_norm.as<float>(),
+                                                      c.rms_norm_eps, h, nullptr,
+                                                      normed_.as<uint16_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
     Mark(kPhaseGemm);
-    TOKENLAKE_RETURN_IF_ERROR(dense(w.wqkv, normed_, qkv_.as<float>(), n, h, qd + 2 * kvd, 0.f));
+    TOKENLAKE_RETURN_IF_ERROR(dense(w.wqkv, normed_, qkv_.as<float>(), rows, h, qd + 2 * kvd, 0.f));
     Mark(kPhaseOther);
-    RopeSplitKernel<<<dim3(static_cast<unsigned>(n), rope_parts), kThreads, 0, stream_>>>(
+    RopeSplitKernel<<<dim3(static_cast<unsigned>(rows), rope_parts), kThreads, 0, stream_>>>(
         qkv_.as<float>(), inv_freq_.as<float>(), d_positions, c.num_heads, c.num_kv_heads,
         c.head_dim, q_.as<uint16_t>(), k_.as<uint16_t>(), v_.as<uint16_t>());
     return LaunchCheck("rope");
@@ -620,52 +650,47 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
     if (small) {
       Mark(kPhaseGemm);
       TOKENLAKE_RETURN_IF_ERROR(
-          SmallBatchGemm(w.wo.as<uint16_t>(), attn_.get(), SmallGemmInput::kF32, n, qd, h,
+          SmallBatchGemm(w.wo.as<uint16_t>(), attn_.get(), SmallGemmInput::kF32, rows, qd, h,
                          SmallGemmEpilogue::kAddF32, x_.as<float>(), nullptr, stream_));
     } else {
       Mark(kPhaseOther);
-      const int64_t attn_elems = int64_t{n} * qd;
+      const int64_t attn_elems = int64_t{rows} * qd;
       ToBf16Kernel<<<GridFor(attn_elems), kThreads, 0, stream_>>>(attn_.as<float>(), attn_elems,
                                                                   attn16_.as<uint16_t>());
       TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("to bf16"));
       Mark(kPhaseGemm);
-      TOKENLAKE_RETURN_IF_ERROR(dense(w.wo, attn16_, x_.as<float>(), n, qd, h, 1.f));
+      TOKENLAKE_RETURN_IF_ERROR(dense(w.wo, attn16_, x_.as<float>(), rows, qd, h, 1.f));
     }
     Mark(kPhaseOther);
-    RmsNormKernel<<<n, kNormThreads, 0, stream_>>>(x_.as<float>(), w.post_norm.as<float>(),
-                                                   c.rms_norm_eps, h, nullptr,
-                                                   normed_.as<uint16_t>());
+    RmsNormKernel<<<rows, kNormThreads, 0, stream_>>>(x_.as<float>(), w.post_norm.as<float>(),
+                                                      c.rms_norm_eps, h, nullptr,
+                                                      normed_.as<uint16_t>());
     TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
     Mark(kPhaseGemm);
     if (small) {
       TOKENLAKE_RETURN_IF_ERROR(
-          SmallBatchGemm(w.wgu.as<uint16_t>(), normed_.get(), SmallGemmInput::kBf16, n, h, inter,
+          SmallBatchGemm(w.wgu.as<uint16_t>(), normed_.get(), SmallGemmInput::kBf16, rows, h, inter,
                          SmallGemmEpilogue::kSiluMulBf16, nullptr, act16_.as<uint16_t>(), stream_));
     } else {
       TOKENLAKE_RETURN_IF_ERROR(
-          Gemm(blas, w.wgu.get(), normed_.get(), gate_up_.as<float>(), n, h, 2 * inter, 0.f));
+          Gemm(blas, w.wgu.get(), normed_.get(), gate_up_.as<float>(), rows, h, 2 * inter, 0.f));
       Mark(kPhaseOther);
-      const int64_t act_elems = int64_t{n} * inter;
-      SiluMulKernel<<<GridFor(act_elems), kThreads, 0, stream_>>>(gate_up_.as<float>(), n, inter,
+      const int64_t act_elems = int64_t{rows} * inter;
+      SiluMulKernel<<<GridFor(act_elems), kThreads, 0, stream_>>>(gate_up_.as<float>(), rows, inter,
                                                                   act16_.as<uint16_t>());
       TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("silu"));
     }
     // x += act * Wdown^T
     Mark(kPhaseGemm);
-    return dense(w.wdown, act16_, x_.as<float>(), n, inter, h, 1.f);
+    return dense(w.wdown, act16_, x_.as<float>(), rows, inter, h, 1.f);
   };
   // The work between two attentions is the same kernels with the same arguments at every
-  // forward of n rows (their inputs are device buffers): with the small-batch kernels (no
-  // cuBLAS) and no profiling events, each such stretch is captured once per row count as a
-  // CUDA graph and replayed, which saves the launches' host time and the gaps between kernels.
-  const bool graphs = small && decode_graphs_ && !profiling_;
+  // forward of the same bucket (their inputs are device buffers at fixed addresses): without
+  // profiling events, each such stretch is captured once per bucket as a CUDA graph and
+  // replayed, which saves the launches' host time and the gaps between kernels.
   auto stretch = [&](int32_t index, const std::function<absl::Status()>& body) -> absl::Status {
     if (!graphs) return body();
-    const size_t slot = static_cast<size_t>(index) * (kSmallBatchMaxRows + 1) + n;
-    if (graphs_.size() < static_cast<size_t>(c.num_layers + 1) * (kSmallBatchMaxRows + 1)) {
-      graphs_.resize(static_cast<size_t>(c.num_layers + 1) * (kSmallBatchMaxRows + 1), nullptr);
-    }
-    cudaGraphExec_t& exec = graphs_[slot];
+    cudaGraphExec_t& exec = graphs_[static_cast<size_t>(index) * (kGraphMaxRows + 1) + rows];
     if (exec == nullptr) {
       TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
           cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal), "begin capture"));

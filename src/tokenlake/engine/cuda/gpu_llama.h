@@ -182,10 +182,16 @@ class GpuLlamaModel {
   void set_small_batch_rows(int32_t rows);
   int32_t small_batch_rows() const { return small_batch_rows_; }
 
-  // Whether forwards on the small-batch kernels replay the work between two attentions as CUDA
-  // graphs (captured on a row count's first forward, kept until the activations are
-  // reallocated). On by default; off while profiling events are on. The results are the same
-  // kernels' either way.
+  // Whether forwards of at most kGraphMaxRows rows (decode steps, small prefill chunks) replay
+  // the work between two attentions (o_proj, RMSNorm, gate/up, SiLU, down_proj, the next
+  // layer's RMSNorm, q/k/v, RoPE) as CUDA graphs, one per stretch and batch-size bucket:
+  // exact row counts up to 8, then multiples of 8 up to 64 and of 32 up to kGraphMaxRows; a
+  // forward runs those stretches over its bucket's rows (the extra ones on token 0, dropped),
+  // the attention over its own. Captured on a bucket's first forward, kept until the
+  // activations are reallocated. On by default; off while profiling events are on. Each row's
+  // results are the same kernels' either way, except that cuBLAS may pick another algorithm for
+  // the padded row count (equal within bf16 rounding, as for any other batch).
+  static constexpr int32_t kGraphMaxRows = 256;
   void set_decode_graphs(bool on);
 
   // Device time of the last successful ForwardBatch (from its first kernel to its last), ms.
@@ -258,9 +264,12 @@ class GpuLlamaModel {
   bool decode_graphs_ = true;
   // Destroys the captured graphs (their activations are about to change, or the model goes).
   void ClearGraphs();
-  // cudaGraphExec_t per (stretch between attentions, row count): index
-  // stretch * (kSmallBatchMaxRows + 1) + rows; null until captured.
+  // cudaGraphExec_t per (stretch between attentions, bucket): index
+  // stretch * (kGraphMaxRows + 1) + bucket rows; null until captured. Sized by Init.
   std::vector<cudaGraphExec_t> graphs_;
+  // cuBLAS's workspace, ours so that captured GEMMs share it.
+  static constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
+  DeviceBuffer cublas_workspace_;
   // Profiling.
   bool profiling_ = false;
   std::vector<std::pair<cudaEvent_t, int>> marks_;  // events (reused) and the phase each starts
