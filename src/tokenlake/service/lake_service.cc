@@ -1,8 +1,8 @@
 #include "tokenlake/service/lake_service.h"
 
+#include <string>
 #include <vector>
 
-#include "absl/container/flat_hash_set.h"
 #include "tokenlake/service/lake_rpc.h"
 
 namespace tokenlake::service {
@@ -16,7 +16,10 @@ grpc::Status LakeService::PlanIteration(grpc::ServerContext* ctx,
   }
   Count(kPlanIteration);
   absl::MutexLock lake_lock(&lake_->mu);
-  return PlanLocked(FromProto(*request), reply);
+  absl::StatusOr<lake::IterationPlan> plan = PlanLocked(FromProto(*request));
+  if (!plan.ok()) return ToGrpc(plan.status());
+  ToProto(*plan, reply);
+  return grpc::Status::OK;
 }
 
 grpc::Status LakeService::Commit(grpc::ServerContext* ctx, const v1::CommitRequest* request,
@@ -63,8 +66,49 @@ grpc::Status LakeService::ReleaseAndPlan(grpc::ServerContext* ctx,
       !released.ok()) {
     return ToGrpc(released);
   }
-  return PlanLocked(FromProto(request->plan()), reply);
+  absl::StatusOr<lake::IterationPlan> plan = PlanLocked(FromProto(request->plan()));
+  if (!plan.ok()) return ToGrpc(plan.status());
+  ToProto(*plan, reply);
+  return grpc::Status::OK;
 }
+
+// The lake under the service's lock as a lake::ControlPlane, so that PlanBatch runs the one
+// implementation of the batch protocol (lake::ControlPlane::PlanBatch) with this service's plans
+// (PlanLocked). Lives inside one call that holds the lock.
+class LakeService::LockedPlane final : public lake::ControlPlane {
+ public:
+  explicit LockedPlane(LakeService* service) : s_(service) {}
+  int32_t num_instances() const override {
+    s_->lake_->mu.AssertHeld();
+    return s_->lake_->lake->num_instances();
+  }
+  absl::StatusOr<lake::IterationPlan> PlanIteration(
+      const lake::IterationRequest& request) override {
+    s_->lake_->mu.AssertHeld();
+    return s_->PlanLocked(request);
+  }
+  absl::StatusOr<lake::CommitResult> Commit(
+      RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) override {
+    s_->lake_->mu.AssertHeld();
+    return s_->lake_->lake->CommitPending(request, placements);
+  }
+  absl::Status ConfirmStored(absl::Span<const lake::StoreConfirmation> copies) override {
+    s_->lake_->mu.AssertHeld();
+    return s_->lake_->lake->ConfirmStored(copies).status();
+  }
+  absl::Status Release(RequestId request) override {
+    s_->lake_->mu.AssertHeld();
+    return s_->lake_->lake->Release(request);
+  }
+  absl::Status ReleaseTail(RequestId request) override {
+    s_->lake_->mu.AssertHeld();
+    s_->lake_->lake->ReleaseTail(request);
+    return absl::OkStatus();
+  }
+
+ private:
+  LakeService* const s_;
+};
 
 grpc::Status LakeService::PlanBatch(grpc::ServerContext* ctx, const v1::PlanBatchRequest* request,
                                     v1::PlanBatchReply* reply) {
@@ -76,53 +120,33 @@ grpc::Status LakeService::PlanBatch(grpc::ServerContext* ctx, const v1::PlanBatc
   std::vector<lake::StoreConfirmation> confirm;
   confirm.reserve(static_cast<size_t>(request->confirm_size()));
   for (const v1::StoreConfirmation& c : request->confirm()) confirm.push_back(FromProto(c));
+  std::vector<RequestId> release;
+  release.reserve(static_cast<size_t>(request->release_request_ids_size()));
+  for (uint64_t id : request->release_request_ids()) release.emplace_back(id);
+  std::vector<lake::IterationRequest> requests;
+  requests.reserve(static_cast<size_t>(request->plans_size()));
+  for (const v1::PlanIterationRequest& plan : request->plans()) requests.push_back(FromProto(plan));
   absl::MutexLock lake_lock(&lake_->mu);
-  lake::Lake& lake = *lake_->lake;
-  // Confirmations first: the releases below drop the copies still pending.
-  if (!confirm.empty()) {
-    absl::StatusOr<lake::ConfirmResult> confirmed = lake.ConfirmStored(confirm);
-    if (!confirmed.ok()) return ToGrpc(confirmed.status());
-  }
-  absl::flat_hash_set<uint64_t> planned, own;
-  for (const v1::PlanIterationRequest& plan : request->plans()) planned.insert(plan.request_id());
-  for (uint64_t id : request->release_request_ids()) {
-    if (planned.contains(id)) {
-      own.insert(id);
-    } else {
-      lake.Release(RequestId(id)).IgnoreError();
-    }
-  }
-  lake::BatchTokenBudget budget(request->token_budget());
-  for (const v1::PlanIterationRequest& plan : request->plans()) {
+  LockedPlane plane(this);
+  absl::StatusOr<std::vector<lake::BatchPlanEntry>> entries =
+      plane.PlanBatch(confirm, release, requests, request->token_budget());
+  if (!entries.ok()) return ToGrpc(entries.status());
+  for (const lake::BatchPlanEntry& entry : *entries) {
     v1::PlanBatchEntry* e = reply->add_entries();
-    absl::Status s = absl::OkStatus();
-    if (own.contains(plan.request_id())) s = lake.Release(RequestId(plan.request_id()));
-    lake::IterationRequest in = FromProto(plan);
-    if (s.ok() && !budget.Fit(in)) {
-      e->mutable_plan()->set_deferred(true);
-      continue;
-    }
-    if (s.ok()) {
-      if (grpc::Status g = PlanLocked(in, e->mutable_plan()); !g.ok()) {
-        s = absl::Status(static_cast<absl::StatusCode>(g.error_code()), g.error_message());
-      } else if (!e->plan().deferred()) {
-        budget.Charge(e->plan().new_tokens());
-      }
-    }
-    if (!s.ok()) {
-      e->clear_plan();
-      e->set_status_code(ToProto(s.code()));
-      e->set_error_message(std::string(s.message()));
+    if (entry.status.ok()) {
+      ToProto(entry.plan, e->mutable_plan());
+    } else {
+      e->set_status_code(ToProto(entry.status.code()));
+      e->set_error_message(std::string(entry.status.message()));
     }
   }
   return grpc::Status::OK;
 }
 
-grpc::Status LakeService::PlanLocked(const lake::IterationRequest& in,
-                                     v1::PlanIterationReply* reply) {
+absl::StatusOr<lake::IterationPlan> LakeService::PlanLocked(const lake::IterationRequest& in) {
   absl::StatusOr<lake::IterationPlan> plan =
       lake::PlanIterationOnLake(*lake_->lake, &lake_->clock, in);
-  if (!plan.ok()) return ToGrpc(plan.status());
+  if (!plan.ok()) return plan;
   plan_iterations_.fetch_add(1, std::memory_order_relaxed);
   const std::vector<bool> routable = membership_->RoutableSet();
   auto is_routable = [&](int32_t i) {
@@ -138,8 +162,7 @@ grpc::Status LakeService::PlanLocked(const lake::IterationRequest& in,
   }
   // A copy the rebalancer just ordered may not be there yet: read from its source.
   reconciler_->RedirectUnconfirmed(&*plan, routable);
-  ToProto(*plan, reply);
-  return grpc::Status::OK;
+  return plan;
 }
 
 }  // namespace tokenlake::service

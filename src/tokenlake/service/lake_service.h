@@ -6,12 +6,12 @@
 //     (NotFound: the request is not active, e.g. the coordinator released a given-up attempt, or
 //     the call is a late duplicate) plans nothing, so no pin is left by a call that arrives after
 //     its attempt was given up;
-//   - PlanBatch: a whole iteration of an engine's batch under one hold of the lock: the
-//     confirmations of copies the engine stored (lake::Lake::ConfirmStored; they become
-//     visible to plans), the releases
+//   - PlanBatch: a whole iteration of an engine's batch under one hold of the lock, as
+//     lake::ControlPlane::PlanBatch (the same implementation, over this service's plans): the
+//     confirmations of copies the engine stored (they become visible to plans), the releases
 //     of ids not planned here (a failure ignored), then per request its own release (if listed;
-//     a failure skips its plan, as in ReleaseAndPlan) and its PlanIteration, so that no other
-//     request of the batch can evict its prefix in between;
+//     a failure skips its plan, as in ReleaseAndPlan) and its PlanIteration under the batch's
+//     token budget, so that no other request of the batch can evict its prefix in between;
 //   - Commit (CommitPending when the request asks for pending copies, as every current engine
 //     does) and Release as the lake's.
 // A plan's new segments go where the lake says unless that instance is not routable (then to the
@@ -29,6 +29,8 @@
 #include <atomic>
 #include <cstdint>
 
+#include "absl/status/statusor.h"
+#include "tokenlake/lake/control_plane.h"
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/guarded_lake.h"
 #include "tokenlake/service/leader_gate.h"
@@ -68,8 +70,11 @@ class LakeService final : public v1::Lake::Service {
   void set_gate(const LeaderGate* gate) { gate_ = gate; }
 
  private:
+  class LockedPlane;
   const LeaderGate* gate_ = nullptr;
-  grpc::Status PlanLocked(const lake::IterationRequest& request, v1::PlanIterationReply* reply)
+  // PlanIterationOnLake, then the service's redirects (new segments of an unroutable target to
+  // the caller; reads of an unconfirmed rebalance copy to its source).
+  absl::StatusOr<lake::IterationPlan> PlanLocked(const lake::IterationRequest& request)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(lake_->mu);
   void Count(Call call) { calls_[call].fetch_add(1, std::memory_order_relaxed); }
 
