@@ -382,6 +382,30 @@ if "$bin" --help 2>&1 | grep -q tokenize; then
     expect "serve refuses a tokenizer the model's vocabulary does not cover" 1 \
       "knows ids up to 759, the model's vocabulary has only 512 rows" -- \
       "$bin" serve --model "$tmp/small_vocab" --instances 1 --duration-s 1
+    expect "serve refuses an unknown routing rule, naming the valid ones" 2 \
+      "--routing.*scheduler.*plan" -- \
+      "$bin" serve --model "$fixtures/llama_tiny/model" --routing nearest --duration-s 1
+    expect "serve names a GPU profile it cannot read" 2 "--gpu: .*no-such-gpu.json" -- \
+      "$bin" serve --model "$fixtures/llama_tiny/model" --gpu "$tmp/no-such-gpu.json" \
+      --duration-s 1
+    # serve passes its routing flags to its coordinator: with --routing scheduler a completion
+    # is placed by the scheduler (counted under rule="scheduler" on /metrics).
+    "$bin" serve --model "$fixtures/llama_tiny/model" --instances 2 --routing scheduler \
+      --duration-s 60 --port-file "$tmp/serve.port" --log-dir "$tmp" >/dev/null 2>&1 &
+    serve_pid=$!
+    for _ in $(seq 1 300); do
+      [ -s "$tmp/serve.port" ] && break
+      sleep 0.1
+    done
+    serve_port=$(cat "$tmp/serve.port" 2>/dev/null)
+    curl -s -X POST "http://127.0.0.1:$serve_port/v1/completions" \
+      -H 'Content-Type: application/json' \
+      -d '{"model":"model","prompt":[1,2,3,4,5],"max_tokens":2}' >/dev/null
+    expect "serve --routing scheduler reaches its coordinator" 0 \
+      'tokenlake_routes_total\{rule="scheduler"\} 1' -- \
+      curl -s "http://127.0.0.1:$serve_port/metrics"
+    kill "$serve_pid" 2>/dev/null
+    wait "$serve_pid" 2>/dev/null
   fi
 fi
 

@@ -34,6 +34,7 @@
 #include "absl/strings/str_format.h"
 #include "command.h"
 #include "flag_checks.h"
+#include "routing_flags.h"
 #include "tokenlake/engine/llama_config.h"
 #include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/sched/cost_model.h"
@@ -61,10 +62,7 @@ struct CoordinatorFlags {
   int rebalance_interval_ms = 1000;
   int rebalance_every = 0;
   bool rotate_compute = false;
-  std::string routing = "plan";
-  double slo_tpot = 0.2;
-  double decode_budget = 0.5;
-  std::string gpu = "h100";
+  RoutingFlags routing;
   int http_port = 0;
   int grpc_port = 0;
   std::string http_listen;
@@ -133,8 +131,8 @@ int RunCoordinator(const CoordinatorFlags& f) {
   o.rebalance_every_requests = f.rebalance_every;
   o.rotate_compute_instance = f.rotate_compute;
   // The scheduler's cost model: the checkpoint's shape on the instances' GPU profile.
-  absl::StatusOr<service::RoutingRule> rule = service::ParseRoutingRule(f.routing);
-  absl::StatusOr<sched::GpuProfile> gpu = sched::LoadGpuProfile(f.gpu);
+  absl::StatusOr<service::RoutingRule> rule = service::ParseRoutingRule(f.routing.routing);
+  absl::StatusOr<sched::GpuProfile> gpu = sched::LoadGpuProfile(f.routing.gpu);
   if (!rule.ok() || !gpu.ok()) {
     std::cerr << "tokenlake coordinator: " << (!rule.ok() ? "--routing: " : "--gpu: ")
               << (!rule.ok() ? rule.status() : gpu.status()).message() << "\n";
@@ -142,8 +140,8 @@ int RunCoordinator(const CoordinatorFlags& f) {
   }
   o.routing = *rule;
   o.routing_gpu = *std::move(gpu);
-  o.slo_tpot_s = f.slo_tpot;
-  o.decode_budget_share = f.decode_budget;
+  o.slo_tpot_s = f.routing.slo_tpot;
+  o.decode_budget_share = f.routing.decode_budget;
   o.routing_model = {.name = o.model_id,
                      .num_layers = config->num_layers,
                      .num_heads = config->num_heads,
@@ -310,26 +308,7 @@ void SetUpCoordinator(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_flag("--rotate-compute", f->rotate_compute,
                 "Live instances take turns computing (forces cross-process KV / query traffic)");
-  cmd->add_option("--routing", f->routing,
-                  "Which instance computes (and decodes) a request: scheduler (the elastic "
-                  "scheduler's decode placement under the decode budget, service/router.h) or "
-                  "plan (the lake's plan unless that instance is too busy)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"scheduler", "plan"}));
-  cmd->add_option("--slo-tpot", f->slo_tpot,
-                  "TPOT SLO in seconds; the scheduler's decode budget is --decode-budget x this")
-      ->capture_default_str()
-      ->check(Positive());
-  cmd->add_option("--decode-budget", f->decode_budget,
-                  "Share of --slo-tpot an instance's estimated decode iteration may take (as "
-                  "`tokenlake sim --tl-decode-budget`)")
-      ->capture_default_str()
-      ->check(NumberIn(0, 1, /*open_lo=*/true));
-  cmd->add_option("--gpu", f->gpu,
-                  "The instances' GPU profile for the scheduler's cost model: h100, h100-paper, "
-                  "a100-80gb or a profile JSON file (`tokenlake profile`; as `tokenlake sim "
-                  "--gpu`); the model's shape is the checkpoint's")
-      ->capture_default_str();
+  AddRoutingFlags(cmd, &f->routing);
   CLI::Option* http_port =
       cmd->add_option("--http-port", f->http_port, "HTTP port on 127.0.0.1 (0 = any)")
           ->capture_default_str();

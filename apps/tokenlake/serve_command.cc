@@ -8,6 +8,8 @@
 // that doubles from 0.2 s to 5 s while it keeps failing; the instances re-register and rebuild
 // its prefix tree; each restart is logged), and stops everything on SIGTERM/SIGINT or after
 // --duration-s. The cluster secret is generated here and handed to the children (LocalCluster).
+// The routing flags (routing_flags.h) go to the coordinator; a GPU profile it could not read is
+// refused here, before anything starts.
 //
 // Exit codes: 0 after a signal or the duration, 1 when the cluster does not start or the
 // coordinator cannot be started again (5 failed starts in a row), 2 for bad flags.
@@ -29,7 +31,9 @@
 #include "absl/time/clock.h"
 #include "command.h"
 #include "flag_checks.h"
+#include "routing_flags.h"
 #include "tokenlake/engine/llama_config.h"
+#include "tokenlake/sched/cost_model.h"
 #include "tokenlake/service/local_cluster.h"
 #include "tokenlake/tokenizer/tokenizer.h"
 
@@ -47,6 +51,7 @@ struct ServeFlags {
   double duration_s = 0;
   std::string log_dir = "/tmp";
   std::string port_file;
+  RoutingFlags routing;
 };
 
 // The sum of every sample of metric family `name` on a /metrics page (0 when absent).
@@ -133,8 +138,14 @@ int RunServe(const ServeFlags& f) {
       return 1;
     }
   }
+  // The coordinator would refuse a GPU profile it cannot read, but only in its log.
+  if (absl::StatusOr<sched::GpuProfile> gpu = sched::LoadGpuProfile(f.routing.gpu); !gpu.ok()) {
+    std::cerr << "tokenlake serve: --gpu: " << gpu.status().message() << "\n";
+    return 2;
+  }
   service::LocalClusterOptions o;
   o.binary = service::SelfExecutable();
+  o.coordinator_flags = RoutingFlagArgs(f.routing);
   o.model = std::filesystem::absolute(f.model).string();
   o.instances = f.instances;
   o.http_port = f.port;
@@ -246,6 +257,7 @@ void SetUpServe(CLI::App& app, int* exit_code) {
   cmd->add_option("--log-dir", f->log_dir, "Directory for the processes' logs")
       ->capture_default_str();
   cmd->add_option("--port-file", f->port_file, "Write the HTTP port to this file");
+  AddRoutingFlags(cmd, &f->routing);
   cmd->callback([f, exit_code] { *exit_code = RunServe(*f); });
 }
 
