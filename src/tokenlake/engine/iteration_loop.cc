@@ -26,8 +26,11 @@ int64_t NowUs() {
 
 struct IterationLoop::Active {
   LoopRequest req;
-  std::vector<int32_t> seq;  // prompt + the tokens fed since
-  int64_t pooled = 0;        // tokens of the sequence's prefix held by the pool (multiple of S)
+  std::vector<int32_t> seq;  // prompt + the tokens fed since (it only grows)
+  // The chained keys of seq's first keys.size() full segments, extended as they are needed
+  // (each segment is hashed once, not at every iteration).
+  std::vector<index::SegmentKey> keys;
+  int64_t pooled = 0;      // tokens of the sequence's prefix held by the pool (multiple of S)
   int64_t computed = 0;    // tokens whose KV exists (pool prefix + tail); tail = [pooled, computed)
   bool begun = false;      // the executor has its sequence
   bool fresh = true;       // the next plan is a prefill (prefill = true: start or restart)
@@ -174,8 +177,17 @@ uint64_t IterationLoop::SaltOf(const Active& a) const {
   return a.req.segment_salt != 0 ? a.req.segment_salt : options_.salt;
 }
 
-absl::StatusOr<lake::IterationRequest> IterationLoop::MakeRequest(const Active& a,
-                                                                  int64_t chunk) const {
+std::vector<index::SegmentKey> IterationLoop::KeysOf(Active& a, size_t segments) const {
+  const int32_t s = options_.segment_tokens;
+  for (size_t k = a.keys.size(); k < segments; ++k) {
+    const uint64_t parent = k == 0 ? SaltOf(a) : a.keys.back().id.value();
+    a.keys.push_back(
+        {index::ChainSegmentId(parent, absl::MakeConstSpan(a.seq).subspan(k * s, s)), s});
+  }
+  return {a.keys.begin(), a.keys.begin() + static_cast<ptrdiff_t>(segments)};
+}
+
+absl::StatusOr<lake::IterationRequest> IterationLoop::MakeRequest(Active& a, int64_t chunk) const {
   const int32_t s = options_.segment_tokens;
   const int64_t size = static_cast<int64_t>(a.seq.size());
   // A prefill asks for the whole sequence and lets the control plane cut the chunk after the
@@ -183,11 +195,7 @@ absl::StatusOr<lake::IterationRequest> IterationLoop::MakeRequest(const Active& 
   const int64_t end = a.fresh ? size : std::min(size, a.computed + chunk);
   // Segments that may be served from the pool: only those before the first token to compute.
   const int64_t first_new = a.fresh ? size - 1 : a.computed;
-  const int64_t full = end / s * s;
-  TOKENLAKE_ASSIGN_OR_RETURN(
-      std::vector<index::SegmentKey> keys,
-      index::ComputeSegmentKeys(
-          SaltOf(a), absl::MakeConstSpan(a.seq).subspan(0, static_cast<size_t>(full)), s));
+  std::vector<index::SegmentKey> keys = KeysOf(a, static_cast<size_t>(end / s));
   InstanceId preferred = a.last_compute;
   if (options_.fixed_compute.valid()) {
     preferred = options_.fixed_compute;
@@ -257,11 +265,8 @@ absl::Status IterationLoop::Finish(Active& a, const lake::IterationPlan& plan, I
   const int32_t s = options_.segment_tokens;
   const bool external = options_.fixed_compute.valid();
   // Keys of the full segments up to the iteration's end, cut as the plan was.
-  TOKENLAKE_ASSIGN_OR_RETURN(
-      std::vector<index::SegmentKey> keys,
-      index::ComputeSegmentKeys(
-          SaltOf(a), absl::MakeConstSpan(a.seq).subspan(0, static_cast<size_t>(end / s * s)), s));
-  keys.resize(std::min(keys.size(), static_cast<size_t>(plan.num_keys)));
+  const std::vector<index::SegmentKey> keys =
+      KeysOf(a, std::min(static_cast<size_t>(end / s), static_cast<size_t>(plan.num_keys)));
   a.computed = end;
   {
     TOKENLAKE_ASSIGN_OR_RETURN(lake::CommitResult commit,

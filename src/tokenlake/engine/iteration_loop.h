@@ -280,7 +280,11 @@ class IterationLoop {
   static constexpr int64_t kFreshOfferFactor = 8;
   IterationLoop(lake::ControlPlane* control, IterationExecutor* executor,
                 const IterationLoopOptions& options);
-  absl::StatusOr<lake::IterationRequest> MakeRequest(const Active& a, int64_t chunk) const;
+  // The chained keys of `a`'s first `segments` full segments (REQUIRES: that many in a.seq),
+  // hashing only those a.keys does not hold yet.
+  std::vector<index::SegmentKey> KeysOf(Active& a, size_t segments) const;
+  // The control-plane request for `a`'s next iteration.
+  absl::StatusOr<lake::IterationRequest> MakeRequest(Active& a, int64_t chunk) const;
   // The salt of `a`'s segment ids (its own, else the namespace's).
   uint64_t SaltOf(const Active& a) const;
   static int64_t MaxTokens(const Active& a);
