@@ -84,6 +84,13 @@ __device__ __forceinline__ void AccumulateRows(const uint16_t* __restrict__ w,
   }
 }
 
+// The sum of v over the warp's 32 lanes, in every lane (butterfly).
+__device__ __forceinline__ float WarpSum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
 // Output o of input row t through epilogue E: v = its dot product; u = its up row's
 // (kSiluMulBf16 only).
 template <SmallGemmEpilogue E>
@@ -117,12 +124,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
   for (int r = 0; r < R; ++r) {
 #pragma unroll
-    for (int t = 0; t < N; ++t) {
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], off);
-      }
-    }
+    for (int t = 0; t < N; ++t) acc[r][t] = WarpSum(acc[r][t]);
   }
   if (lane != 0) return;
 #pragma unroll
@@ -162,10 +164,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int r = 0; r < R; ++r) {
 #pragma unroll
     for (int t = 0; t < N; ++t) {
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        acc[r][t] += __shfl_xor_sync(0xffffffffu, acc[r][t], off);
-      }
+      acc[r][t] = WarpSum(acc[r][t]);
       if (lane == 0) partial[warp][r * N + t] = acc[r][t];
     }
   }
