@@ -39,6 +39,12 @@ B="$BUILD/bin"
 export LD_LIBRARY_PATH="$PWD/$BUILD/devlibs:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export TOKENLAKE_SOURCE_DIR=${TOKENLAKE_SOURCE_DIR:-$PWD}
 export PYTHONUNBUFFERED=1
+# The JSONs name the commit the binaries were built from (BUILD/REVISION, written when a build is
+# copied to another machine), not whatever the checkout here is at.
+if [ -z "${TOKENLAKE_REVISION:-}" ] && [ -f "$BUILD/REVISION" ]; then
+  TOKENLAKE_REVISION=$(cat "$BUILD/REVISION")
+  export TOKENLAKE_REVISION
+fi
 wants() { [[ " $PARTS " == *" $1 "* ]]; }
 started=$(date +%s)
 stamp() { echo "[$(($(date +%s) - started)) s] $*"; }

@@ -10,11 +10,15 @@
 # them), and the C/C++ runtime (libc, libm, libdl, libpthread, librt, ld-linux, libgcc_s,
 # libstdc++). Prints the size of the folder and of bin + devlibs together, and fails when that
 # exceeds MAX_MIB (when given).
+# Also writes BUILD_DIR/REVISION (git describe of this checkout).
 # There: export LD_LIBRARY_PATH=$PWD/BUILD_DIR/devlibs:$LD_LIBRARY_PATH
 set -eu
 build=${1:-build/cuda}
 max_mib=${2:-0}
 mkdir -p "$build/devlibs"
+# The commit the binaries were built from, for the benchmarks' JSON on the other machine
+# (TOKENLAKE_REVISION; bench/engine_session.sh reads it).
+if rev=$(git describe --always --dirty 2>/dev/null); then echo "$rev" > "$build/REVISION"; fi
 for b in "$build"/bin/*; do
   [ -x "$b" ] || continue
   ldd "$b" | awk '/=> \//{print $3}' |

@@ -101,15 +101,15 @@ std::string RunText(const char* cmd) {
   return out;
 }
 
-// The commit being measured: git describe, else $TOKENLAKE_REVISION (a copied build tree).
+// The commit being measured: $TOKENLAKE_REVISION when set (a build tree copied to another
+// machine, whose checkout may be at another commit), else git describe of the working directory.
 std::string Commit() {
+  if (const char* env = std::getenv("TOKENLAKE_REVISION"); env != nullptr && *env != '\0') {
+    return env;
+  }
   std::string c = RunText("git describe --always --dirty 2>/dev/null");
   while (!c.empty() && (c.back() == '\n' || c.back() == ' ')) c.pop_back();
-  if (c.empty()) {
-    const char* env = std::getenv("TOKENLAKE_REVISION");
-    c = env != nullptr ? env : "unknown";
-  }
-  return c;
+  return c.empty() ? "unknown" : c;
 }
 
 // Writes a benchmark's JSON (stamped with the commit when it has none) and says where; 0, or 1
