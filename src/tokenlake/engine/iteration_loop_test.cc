@@ -457,8 +457,9 @@ TEST(IterationLoopTest, CachedPromptsJoinTogetherUnderTheTokenBudget) {
   ASSERT_TRUE(loop.ok());
   std::vector<std::vector<int32_t>> prompts(8);
   for (size_t i = 0; i < prompts.size(); ++i) {
-    for (int t = 0; t < 40; ++t)
-      prompts[i].push_back(static_cast<int32_t>((i * 7 + t * 3) % kVocab));
+    for (int32_t t = 0; t < 40; ++t) {
+      prompts[i].push_back((static_cast<int32_t>(i) * 7 + t * 3) % kVocab);
+    }
   }
   auto run = [&](uint64_t first_id, bool together) {
     absl::flat_hash_map<RequestId, LoopResult> got;

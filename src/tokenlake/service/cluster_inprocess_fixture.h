@@ -61,6 +61,7 @@ class InProcessClusterTest : public ::testing::Test {
 
   std::vector<int32_t> Prompt(int seed) {
     std::vector<int32_t> p;
+    p.reserve(47);
     for (int i = 0; i < 40; ++i) p.push_back((i * 37 + 11) % 512);  // shared prefix
     for (int i = 0; i < 7; ++i) p.push_back((seed * 101 + i * 13) % 512);
     return p;

@@ -22,7 +22,6 @@ namespace tokenlake::service {
 namespace {
 
 using ::testing::HasSubstr;
-using ::testing::Not;
 
 // The value of an unlabelled metric on the /metrics page (-1 when absent).
 double Metric(const std::string& page, const std::string& name) {
@@ -121,7 +120,7 @@ TEST_F(InProcessClusterTest, AClientThatHangsUpMidStreamFreesItsRequest) {
   std::string body = "{\"prompt\": [";
   for (int32_t t : Prompt(5)) body += std::to_string(t) + ",";
   body.back() = ']';
-  body += ", \"max_tokens\": 64, \"stream\": true}";
+  body += R"(, "max_tokens": 64, "stream": true})";
   const std::string request = absl::StrCat(
       "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
       "Content-Length: ",
@@ -144,7 +143,7 @@ TEST_F(InProcessClusterTest, AClientThatHangsUpMidStreamFreesItsRequest) {
   }
   EXPECT_THAT(got, HasSubstr("HTTP/1.1 200"));
   EXPECT_THAT(got, HasSubstr("text/event-stream"));
-  EXPECT_THAT(got, testing::Not(HasSubstr("[DONE]")));
+  EXPECT_THAT(got, ::testing::Not(HasSubstr("[DONE]")));
   // Close with a reset, so the server's next write fails at once.
   linger hard{.l_onoff = 1, .l_linger = 0};
   ::setsockopt(fd, SOL_SOCKET, SO_LINGER, &hard, sizeof(hard));

@@ -400,6 +400,7 @@ TEST_P(FusedCallTest, PlanBatchTokenBudgetIsTakenInOrderAfterCachedPrefixes) {
   const uint64_t salt = index::NamespaceSalt(options_.namespace_name);
   auto prefill = [&](uint64_t id, int32_t doc) {
     std::vector<int32_t> seq;
+    seq.reserve(24);
     for (int32_t i = 0; i < 24; ++i) seq.push_back((i * 5 + doc * 17) % 64);
     auto keys = index::ComputeSegmentKeys(salt, seq, kS);
     EXPECT_TRUE(keys.ok());

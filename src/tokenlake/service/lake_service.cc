@@ -137,7 +137,8 @@ grpc::Status LakeService::PlanBatch(grpc::ServerContext* ctx, const v1::PlanBatc
       ToProto(entry.plan, e->mutable_plan());
     } else {
       e->set_status_code(ToProto(entry.status.code()));
-      e->set_error_message(std::string(entry.status.message()));
+      const std::string message(entry.status.message());
+      e->set_error_message(message);
     }
   }
   return grpc::Status::OK;
