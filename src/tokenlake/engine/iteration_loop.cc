@@ -45,9 +45,8 @@ struct IterationLoop::Active {
     pooled = computed = 0;
     ++result.restarts;
   }
-  bool failed = false;   // its result went out with an error
-  int64_t chunk = 0;     // tokens allotted in the iteration being planned
-  bool offered = false;  // in the batch being formed
+  bool failed = false;  // its result went out with an error
+  int64_t chunk = 0;    // tokens allotted in the iteration being planned
   InstanceId last_compute;
   std::unique_ptr<Sampler> sampler;
   bool stopped = false;  // produced a stop token
@@ -374,27 +373,30 @@ std::vector<LoopResult> IterationLoop::Step() {
   };
   int64_t budget = options_.max_batch_tokens;
   int64_t offer = options_.max_batch_tokens * kFreshOfferFactor;
+  // The prefill pass takes every non-decoding request before `stop` (arrival order).
+  size_t stop = requests_.size();
   for (int pass = 0; pass < 2; ++pass) {
-    for (const auto& a : requests_) {
-      if (budget < 1 || full()) break;
-      if (Decoding(*a) != (pass == 0)) continue;
-      const int64_t chunk = std::min(budget, Remaining(*a));
-      a->chunk = chunk;
-      a->offered = true;
-      batch.push_back(a.get());
+    for (size_t i = 0; i < requests_.size(); ++i) {
+      if (budget < 1 || full()) {
+        if (pass == 1) stop = i;
+        break;
+      }
+      Active& a = *requests_[i];
+      if (Decoding(a) != (pass == 0)) continue;
+      const int64_t chunk = std::min(budget, Remaining(a));
+      a.chunk = chunk;
+      batch.push_back(&a);
       budget -= chunk;
-      if (a->fresh) offer -= Remaining(*a);
+      if (a.fresh) offer -= Remaining(a);
     }
   }
-  for (const auto& a : requests_) {
-    if (offer < 1 || full()) break;
-    if (!a->fresh || a->offered) continue;
-    a->chunk = options_.max_batch_tokens;
-    a->offered = true;
-    batch.push_back(a.get());
-    offer -= Remaining(*a);
+  for (size_t i = stop; i < requests_.size() && offer >= 1 && !full(); ++i) {
+    Active& a = *requests_[i];
+    if (!a.fresh) continue;
+    a.chunk = options_.max_batch_tokens;
+    batch.push_back(&a);
+    offer -= Remaining(a);
   }
-  for (Active* a : batch) a->offered = false;
   // 2. One control-plane call: release what the batch's requests (and finished ones) pinned,
   // plan and admit the batch.
   std::vector<lake::IterationRequest> plan_requests;
