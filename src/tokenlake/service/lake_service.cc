@@ -7,6 +7,56 @@
 
 namespace tokenlake::service {
 
+// The lake under the service's lock as a lake::ControlPlane, so that ReleaseAndPlan and PlanBatch
+// run the one implementation of each protocol (lake::ControlPlane's) with this service's plans
+// (PlanLocked). Lives inside one call that holds the lock.
+class LakeService::LockedPlane final : public lake::ControlPlane {
+ public:
+  explicit LockedPlane(LakeService* service) : s_(service) {}
+  int32_t num_instances() const override {
+    s_->lake_->mu.AssertHeld();
+    return s_->lake_->lake->num_instances();
+  }
+  absl::StatusOr<lake::IterationPlan> PlanIteration(
+      const lake::IterationRequest& request) override {
+    s_->lake_->mu.AssertHeld();
+    return s_->PlanLocked(request);
+  }
+  absl::StatusOr<lake::CommitResult> Commit(
+      RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) override {
+    s_->lake_->mu.AssertHeld();
+    return s_->lake_->lake->CommitPending(request, placements);
+  }
+  absl::Status ConfirmStored(absl::Span<const lake::StoreConfirmation> copies) override {
+    s_->lake_->mu.AssertHeld();
+    return s_->lake_->lake->ConfirmStored(copies).status();
+  }
+  absl::Status Release(RequestId request) override {
+    s_->lake_->mu.AssertHeld();
+    return s_->lake_->lake->Release(request);
+  }
+  absl::Status ReleaseTail(RequestId request) override {
+    s_->lake_->mu.AssertHeld();
+    s_->lake_->lake->ReleaseTail(request);
+    return absl::OkStatus();
+  }
+
+ private:
+  LakeService* const s_;
+};
+
+namespace {
+
+// A plan as the reply of PlanIteration / ReleaseAndPlan, or its error.
+grpc::Status PlanReply(const absl::StatusOr<lake::IterationPlan>& plan,
+                       v1::PlanIterationReply* reply) {
+  if (!plan.ok()) return ToGrpc(plan.status());
+  ToProto(*plan, reply);
+  return grpc::Status::OK;
+}
+
+}  // namespace
+
 grpc::Status LakeService::PlanIteration(grpc::ServerContext* ctx,
                                         const v1::PlanIterationRequest* request,
                                         v1::PlanIterationReply* reply) {
@@ -16,10 +66,7 @@ grpc::Status LakeService::PlanIteration(grpc::ServerContext* ctx,
   }
   Count(kPlanIteration);
   absl::MutexLock lake_lock(&lake_->mu);
-  absl::StatusOr<lake::IterationPlan> plan = PlanLocked(FromProto(*request));
-  if (!plan.ok()) return ToGrpc(plan.status());
-  ToProto(*plan, reply);
-  return grpc::Status::OK;
+  return PlanReply(PlanLocked(FromProto(*request)), reply);
 }
 
 grpc::Status LakeService::Commit(grpc::ServerContext* ctx, const v1::CommitRequest* request,
@@ -62,53 +109,11 @@ grpc::Status LakeService::ReleaseAndPlan(grpc::ServerContext* ctx,
   }
   Count(kReleaseAndPlan);
   absl::MutexLock lake_lock(&lake_->mu);
-  if (absl::Status released = lake_->lake->Release(RequestId(request->release_request_id()));
-      !released.ok()) {
-    return ToGrpc(released);
-  }
-  absl::StatusOr<lake::IterationPlan> plan = PlanLocked(FromProto(request->plan()));
-  if (!plan.ok()) return ToGrpc(plan.status());
-  ToProto(*plan, reply);
-  return grpc::Status::OK;
+  LockedPlane plane(this);
+  return PlanReply(
+      plane.ReleaseAndPlan(RequestId(request->release_request_id()), FromProto(request->plan())),
+      reply);
 }
-
-// The lake under the service's lock as a lake::ControlPlane, so that PlanBatch runs the one
-// implementation of the batch protocol (lake::ControlPlane::PlanBatch) with this service's plans
-// (PlanLocked). Lives inside one call that holds the lock.
-class LakeService::LockedPlane final : public lake::ControlPlane {
- public:
-  explicit LockedPlane(LakeService* service) : s_(service) {}
-  int32_t num_instances() const override {
-    s_->lake_->mu.AssertHeld();
-    return s_->lake_->lake->num_instances();
-  }
-  absl::StatusOr<lake::IterationPlan> PlanIteration(
-      const lake::IterationRequest& request) override {
-    s_->lake_->mu.AssertHeld();
-    return s_->PlanLocked(request);
-  }
-  absl::StatusOr<lake::CommitResult> Commit(
-      RequestId request, absl::Span<const plan::NewSegmentPlacement> placements) override {
-    s_->lake_->mu.AssertHeld();
-    return s_->lake_->lake->CommitPending(request, placements);
-  }
-  absl::Status ConfirmStored(absl::Span<const lake::StoreConfirmation> copies) override {
-    s_->lake_->mu.AssertHeld();
-    return s_->lake_->lake->ConfirmStored(copies).status();
-  }
-  absl::Status Release(RequestId request) override {
-    s_->lake_->mu.AssertHeld();
-    return s_->lake_->lake->Release(request);
-  }
-  absl::Status ReleaseTail(RequestId request) override {
-    s_->lake_->mu.AssertHeld();
-    s_->lake_->lake->ReleaseTail(request);
-    return absl::OkStatus();
-  }
-
- private:
-  LakeService* const s_;
-};
 
 grpc::Status LakeService::PlanBatch(grpc::ServerContext* ctx, const v1::PlanBatchRequest* request,
                                     v1::PlanBatchReply* reply) {

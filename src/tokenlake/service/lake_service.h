@@ -2,10 +2,10 @@
 // per-iteration calls on the cluster's one lake (lake/control_plane.h).
 //   - PlanIteration: match + plan + admit one request's iteration;
 //   - ReleaseAndPlan: an iteration's Release and the next one's PlanIteration under one hold of
-//     the lake's lock, so that an engine makes one round trip per iteration; a failed Release
-//     (NotFound: the request is not active, e.g. the coordinator released a given-up attempt, or
-//     the call is a late duplicate) plans nothing, so no pin is left by a call that arrives after
-//     its attempt was given up;
+//     the lake's lock (lake::ControlPlane::ReleaseAndPlan over this service's plans), so that an
+//     engine makes one round trip per iteration; a failed Release (NotFound: the request is not
+//     active, e.g. the coordinator released a given-up attempt, or the call is a late duplicate)
+//     plans nothing, so no pin is left by a call that arrives after its attempt was given up;
 //   - PlanBatch: a whole iteration of an engine's batch under one hold of the lock, as
 //     lake::ControlPlane::PlanBatch (the same implementation, over this service's plans): the
 //     confirmations of copies the engine stored (they become visible to plans), the releases
