@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/strings/str_format.h"
 #include "command.h"
 #include "nlohmann/json.hpp"
 #include "tokenlake/base/clock.h"
@@ -42,6 +43,7 @@
 
 #if defined(TOKENLAKE_HAVE_CUDA)
 #include "tokenlake/engine/cuda/engine_bench.h"
+#include "tokenlake/engine/cuda/gpu_llama.h"
 #endif
 #if defined(TOKENLAKE_HAVE_SERVICE)
 #include "tokenlake/service/coordinator_bench.h"
@@ -394,11 +396,13 @@ void SetUpEngineBench(CLI::App* bench, int* exit_code) {
   e->add_option("--small-batch-rows", o.small_batch_rows,
                 "Forwards of at most this many rows run their dense layers on the engine's "
                 "small-batch kernel, larger ones on cuBLAS (0: cuBLAS always)")
-      ->check(CLI::Range(0, 8))
+      ->check(CLI::Range(0, engine::cuda::kSmallBatchMaxRows))
       ->capture_default_str();
-  e->add_flag("!--no-decode-graphs", o.decode_graphs,
-              "Launch the kernels of forwards of at most 256 rows one by one instead of replaying "
-              "them as CUDA graphs (one per batch-size bucket)");
+  e->add_flag(
+      "!--no-decode-graphs", o.decode_graphs,
+      absl::StrFormat("Launch the kernels of forwards of at most %d rows one by one "
+                      "instead of replaying them as CUDA graphs (one per batch-size bucket)",
+                      engine::cuda::GpuLlamaModel::kGraphMaxRows));
   e->add_option("--seed", o.seed, "Seed of the weights and prompts");
   e->add_option("--prompts", o.prompts_path,
                 "Also write the workloads' prompts as JSON (for bench/hf_generate.py)");

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "CLI/CLI.hpp"
-#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "flag_checks.h"
 
 namespace tokenlake::cli {
@@ -42,11 +42,12 @@ inline void AddRoutingFlags(CLI::App* cmd, RoutingFlags* f) {
       ->capture_default_str();
 }
 
-// The flags as `tokenlake coordinator` arguments.
+// The flags as `tokenlake coordinator` arguments (numbers with every digit a double holds, so
+// the coordinator reads back the very values given).
 inline std::vector<std::string> RoutingFlagArgs(const RoutingFlags& f) {
   return {"--routing",       f.routing,
-          "--slo-tpot",      absl::StrCat(f.slo_tpot),
-          "--decode-budget", absl::StrCat(f.decode_budget),
+          "--slo-tpot",      absl::StrFormat("%.17g", f.slo_tpot),
+          "--decode-budget", absl::StrFormat("%.17g", f.decode_budget),
           "--gpu",           f.gpu};
 }
 
