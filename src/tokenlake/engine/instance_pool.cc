@@ -9,6 +9,7 @@
 #include "absl/time/clock.h"
 #include "tokenlake/base/check.h"
 #include "tokenlake/base/status_macros.h"
+#include "tokenlake/engine/data_rpc.h"
 #include "tokenlake/engine/wire.h"
 
 namespace tokenlake::engine {
@@ -23,32 +24,7 @@ enum Tag : uint32_t {
   kStoreReply = 6,
   kFreeRequest = 7,
   kFreeReply = 8,
-  kErrorReply = 99,
 };
-
-transport::Message ErrorReply(const transport::Message& request, const absl::Status& status) {
-  WireWriter w;
-  w.Put<int32_t>(static_cast<int32_t>(status.code()));
-  const std::string text(status.message());
-  w.PutArray<char>(absl::MakeConstSpan(text.data(), text.size()));
-  return transport::Message{.from = request.to,
-                            .to = request.from,
-                            .tag = kErrorReply,
-                            .correlation_id = request.correlation_id,
-                            .payload = w.Take()};
-}
-
-absl::Status DecodeError(const transport::Message& reply, int32_t endpoint_base) {
-  WireReader r(reply.payload);
-  int32_t code = 0;
-  std::vector<char> text;
-  if (!r.Get(&code, "error code").ok() || !r.GetArray(&text, "error message").ok()) {
-    return absl::DataLossError("malformed error reply");
-  }
-  return absl::Status(static_cast<absl::StatusCode>(code),
-                      absl::StrCat("instance ", reply.from.value() - endpoint_base, ": ",
-                                   std::string(text.begin(), text.end())));
-}
 
 }  // namespace
 
@@ -129,7 +105,8 @@ absl::StatusOr<std::unique_ptr<InstancePool>> InstancePool::Create(const Options
                                                             .num_slots = options.slots_per_instance,
                                                             .instance = InstanceId(i)}));
     pool->instances_.push_back(std::move(inst));
-    pool->drivers_.push_back(std::make_unique<Driver>());
+    pool->drivers_.push_back(std::make_unique<DriverChannel>(
+        pool->transport_, pool->DriverEndpoint(InstanceId(i)), options.endpoint_base));
   }
   for (int32_t i = 0; i < options.num_instances; ++i) {
     if (!hosted[static_cast<size_t>(i)]) continue;
@@ -419,43 +396,12 @@ absl::Status InstancePool::LocalStore(InstanceId target, SegmentId segment,
 
 absl::StatusOr<uint64_t> InstancePool::Send(InstanceId compute, InstanceId target, uint32_t tag,
                                             std::vector<std::byte> payload) {
-  Driver& d = *drivers_[static_cast<size_t>(compute.value())];
-  uint64_t ticket = 0;
-  {
-    absl::MutexLock lock(&d.mu);
-    ticket = d.next_ticket++;
-  }
-  TOKENLAKE_RETURN_IF_ERROR(transport_->Send(transport::Message{.from = DriverEndpoint(compute),
-                                                                .to = ServerEndpoint(target),
-                                                                .tag = tag,
-                                                                .correlation_id = ticket,
-                                                                .payload = std::move(payload)}));
-  return ticket;
+  return drivers_[static_cast<size_t>(compute.value())]->Send(ServerEndpoint(target), tag,
+                                                              std::move(payload));
 }
 
 absl::StatusOr<transport::Message> InstancePool::AwaitReply(InstanceId compute, uint64_t ticket) {
-  Driver& d = *drivers_[static_cast<size_t>(compute.value())];
-  {
-    absl::MutexLock lock(&d.mu);
-    auto it = d.stash.find(ticket);
-    if (it != d.stash.end()) {
-      transport::Message m = std::move(it->second);
-      d.stash.erase(it);
-      if (m.tag == kErrorReply) return DecodeError(m, options_.endpoint_base);
-      return m;
-    }
-  }
-  const absl::Time deadline = absl::Now() + options_.reply_timeout;
-  while (true) {
-    TOKENLAKE_ASSIGN_OR_RETURN(
-        transport::Message m, transport_->Receive(DriverEndpoint(compute), deadline - absl::Now()));
-    if (m.correlation_id == ticket) {
-      if (m.tag == kErrorReply) return DecodeError(m, options_.endpoint_base);
-      return m;
-    }
-    absl::MutexLock lock(&d.mu);
-    d.stash.emplace(m.correlation_id, std::move(m));
-  }
+  return drivers_[static_cast<size_t>(compute.value())]->Await(ticket, options_.reply_timeout);
 }
 
 absl::StatusOr<uint64_t> InstancePool::StartAttend(InstanceId compute, InstanceId holder,

@@ -55,6 +55,7 @@
 #include "tokenlake/attention/attention.h"
 #include "tokenlake/base/check.h"
 #include "tokenlake/base/ids.h"
+#include "tokenlake/engine/data_rpc.h"
 #include "tokenlake/store/segment_change_log.h"
 #include "tokenlake/store/segment_store.h"
 #include "tokenlake/transport/loopback.h"
@@ -257,12 +258,6 @@ class InstancePool {
     // Numbers (generations) and keeps the stores and frees.
     store::SegmentChangeLog changes ABSL_GUARDED_BY(meta_mu);
   };
-  struct Driver {
-    absl::Mutex mu;
-    uint64_t next_ticket ABSL_GUARDED_BY(mu) = 1;
-    // Replies that arrived while waiting for another ticket.
-    absl::flat_hash_map<uint64_t, transport::Message> stash ABSL_GUARDED_BY(mu);
-  };
 
   explicit InstancePool(const Options& options) : options_(options) {}
   bool InRange(InstanceId i) const {
@@ -282,10 +277,10 @@ class InstancePool {
 
   const Options options_;
   std::unique_ptr<transport::LoopbackTransport> loopback_;
-  std::unique_ptr<transport::Transport> wrapper_;     // null without wrap_transport
-  transport::Transport* transport_ = nullptr;         // wrapper_ or loopback_
-  std::vector<std::unique_ptr<Instance>> instances_;  // null for an instance not hosted here
-  std::vector<std::unique_ptr<Driver>> drivers_;      // null for an instance not hosted here
+  std::unique_ptr<transport::Transport> wrapper_;        // null without wrap_transport
+  transport::Transport* transport_ = nullptr;            // wrapper_ or loopback_
+  std::vector<std::unique_ptr<Instance>> instances_;     // null for an instance not hosted here
+  std::vector<std::unique_ptr<DriverChannel>> drivers_;  // null for an instance not hosted here
   std::atomic<bool> stopping_{false};
 };
 
