@@ -88,7 +88,7 @@ struct IterationLoopOptions {
   // (ReleaseTail, with its pins). When a forced admission finds no room for a tail, the
   // youngest other request holding a tail is preempted (its tail dropped, its KV recomputed
   // from what the pool holds when it runs again); with none to preempt the request fails
-  // (ResourceExhausted). Requires a local control plane.
+  // (ResourceExhausted).
   bool tails_in_pool = false;
 };
 

@@ -85,8 +85,7 @@ struct IterationRequest {
   // (lake.h, "Tails in the pool"; docs/adr/0017): an admitted plan makes it cover the
   // iteration's rows [cached_tokens, end_tokens) on the computing instance where it has room
   // (IterationPlan::tail_slots), and the request's Commit commits its segments from it (in
-  // place where the placement allows). The tail lasts until ReleaseTail. A local control plane
-  // only: a remote one refuses it (InvalidArgument).
+  // place where the placement allows). The tail lasts until ReleaseTail.
   bool tail_in_pool = false;
 };
 

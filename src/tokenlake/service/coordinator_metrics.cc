@@ -56,6 +56,9 @@ std::string CoordinatorMetricsText(const CoordinatorSnapshot& s) {
   w.Family("tokenlake_pool_reserved_slots", "gauge",
            "Slots the lake reserves for admitted requests' segments not yet committed.");
   w.Sample("tokenlake_pool_reserved_slots", {}, static_cast<double>(s.lake.reserved_slots));
+  w.Family("tokenlake_pool_tail_slots", "gauge",
+           "Slots held by running requests' KV tails (rows not yet in pooled segments).");
+  w.Sample("tokenlake_pool_tail_slots", {}, static_cast<double>(s.lake.tail_slots));
   w.Family("tokenlake_pool_pending_copies", "gauge",
            "Copies placed by commits whose store the engine has not confirmed yet (no plan reads "
            "them).");
@@ -175,7 +178,8 @@ std::string CoordinatorMetricsText(const CoordinatorSnapshot& s) {
       {"release_and_plan", LakeService::kReleaseAndPlan},
       {"plan_batch", LakeService::kPlanBatch},
       {"commit", LakeService::kCommit},
-      {"release", LakeService::kRelease}};
+      {"release", LakeService::kRelease},
+      {"release_tail", LakeService::kReleaseTail}};
   for (const auto& [call, rpc] : calls) {
     w.Sample("tokenlake_lake_rpcs_total", {{"call", call}}, static_cast<double>(s.lake_calls[rpc]));
   }

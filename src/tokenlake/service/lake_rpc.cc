@@ -60,16 +60,7 @@ void ToProto(const lake::IterationRequest& in, v1::PlanIterationRequest* out) {
   out->set_count_hits(in.count_hits);
   out->set_max_new_tokens(in.max_new_tokens);
   out->set_try_admit(in.try_admit);
-}
-
-// Tails in the pool are a local control plane's (lake::IterationRequest::tail_in_pool): the
-// wire does not carry them, so a request asking for one is refused rather than planned without.
-absl::Status RefuseTail(const lake::IterationRequest& in) {
-  if (!in.tail_in_pool) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrFormat(
-      "RemoteControlPlane: request %d keeps its KV tail in the pool, which only a local control "
-      "plane serves",
-      in.request.value()));
+  out->set_tail_in_pool(in.tail_in_pool);
 }
 
 lake::IterationRequest FromProto(const v1::PlanIterationRequest& in) {
@@ -87,6 +78,7 @@ lake::IterationRequest FromProto(const v1::PlanIterationRequest& in) {
   out.count_hits = in.count_hits();
   out.max_new_tokens = in.max_new_tokens();
   out.try_admit = in.try_admit();
+  out.tail_in_pool = in.tail_in_pool();
   return out;
 }
 
@@ -122,6 +114,13 @@ void ToProto(const lake::IterationPlan& in, v1::PlanIterationReply* out) {
   for (const plan::NewSegmentPlacement& p : in.new_segments) ToProto(p, out->add_new_segments());
   out->set_end_tokens(in.end_tokens);
   out->set_deferred(!in.admitted);
+  for (InstanceId i : in.tail_slots) out->add_tail_slots(InstanceToWire(i));
+  for (const lake::StoredReplica& r : in.evicted) {
+    v1::Replica* x = out->add_evicted();
+    x->set_segment(r.segment.value());
+    x->set_instance(InstanceToWire(r.instance));
+  }
+  out->set_evicted_at(in.evicted_at);
 }
 
 lake::IterationPlan FromProto(const v1::PlanIterationReply& in, RequestId request) {
@@ -141,6 +140,11 @@ lake::IterationPlan FromProto(const v1::PlanIterationReply& in, RequestId reques
   for (const v1::Placement& p : in.new_segments()) {
     out.new_segments.push_back(FromProto(p, request));
   }
+  for (int32_t i : in.tail_slots()) out.tail_slots.push_back(InstanceFromWire(i));
+  for (const v1::Replica& r : in.evicted()) {
+    out.evicted.push_back({SegmentId(r.segment()), InstanceFromWire(r.instance())});
+  }
+  out.evicted_at = in.evicted_at();
   return out;
 }
 
@@ -153,6 +157,7 @@ void ToProto(const lake::CommitResult& in, v1::CommitReply* out) {
   for (SegmentId s : in.deduplicated) out->add_deduplicated(s.value());
   for (SegmentId s : in.not_stored) out->add_not_stored(s.value());
   for (SegmentId s : in.pending_elsewhere) out->add_pending_elsewhere(s.value());
+  for (SegmentId s : in.in_place) out->add_in_place(s.value());
   for (const lake::StoredReplica& r : in.evicted) {
     v1::Replica* x = out->add_evicted();
     x->set_segment(r.segment.value());
@@ -170,6 +175,7 @@ lake::CommitResult FromProto(const v1::CommitReply& in) {
   for (uint64_t s : in.deduplicated()) out.deduplicated.push_back(SegmentId(s));
   for (uint64_t s : in.not_stored()) out.not_stored.push_back(SegmentId(s));
   for (uint64_t s : in.pending_elsewhere()) out.pending_elsewhere.emplace_back(s);
+  for (uint64_t s : in.in_place()) out.in_place.emplace_back(s);
   for (const v1::Replica& r : in.evicted()) {
     out.evicted.push_back({SegmentId(r.segment()), InstanceFromWire(r.instance())});
   }
@@ -231,7 +237,6 @@ std::shared_ptr<v1::Lake::Stub> RemoteControlPlane::Stub() const {
 
 absl::StatusOr<lake::IterationPlan> RemoteControlPlane::PlanIteration(
     const lake::IterationRequest& request) {
-  TOKENLAKE_RETURN_IF_ERROR(RefuseTail(request));
   v1::PlanIterationRequest in;
   ToProto(request, &in);
   v1::PlanIterationReply out;
@@ -276,9 +281,18 @@ absl::Status RemoteControlPlane::Release(RequestId request) {
   return FromGrpc(Stub()->Release(&ctx, in, &out), "Release");
 }
 
+absl::Status RemoteControlPlane::ReleaseTail(RequestId request) {
+  v1::ReleaseRequest in;
+  in.set_request_id(request.value());
+  v1::ReleaseReply out;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.call_timeout));
+  AuthorizeCall(&ctx, options_.cluster_secret, "ReleaseTail");
+  return FromGrpc(Stub()->ReleaseTail(&ctx, in, &out), "ReleaseTail");
+}
+
 absl::StatusOr<lake::IterationPlan> RemoteControlPlane::ReleaseAndPlan(
     RequestId release, const lake::IterationRequest& next) {
-  TOKENLAKE_RETURN_IF_ERROR(RefuseTail(next));
   v1::ReleaseAndPlanRequest in;
   in.set_release_request_id(release.value());
   ToProto(next, in.mutable_plan());
@@ -296,7 +310,6 @@ absl::StatusOr<lake::IterationPlan> RemoteControlPlane::ReleaseAndPlan(
 absl::StatusOr<std::vector<lake::BatchPlanEntry>> RemoteControlPlane::PlanBatch(
     absl::Span<const lake::StoreConfirmation> confirm, absl::Span<const RequestId> release,
     absl::Span<const lake::IterationRequest> requests, int64_t token_budget) {
-  for (const lake::IterationRequest& r : requests) TOKENLAKE_RETURN_IF_ERROR(RefuseTail(r));
   v1::PlanBatchRequest in;
   in.set_token_budget(token_budget);
   for (const lake::StoreConfirmation& c : confirm) ToProto(c, in.add_confirm());

@@ -92,6 +92,8 @@ class RemoteControlPlane final : public lake::ControlPlane {
   // One PlanBatch RPC carrying only the confirmations.
   absl::Status ConfirmStored(absl::Span<const lake::StoreConfirmation> copies) override;
   absl::Status Release(RequestId request) override;
+  // One ReleaseTail RPC (tails in the pool: lake::IterationRequest::tail_in_pool).
+  absl::Status ReleaseTail(RequestId request) override;
   // One ReleaseAndPlan RPC (lake::ControlPlane::ReleaseAndPlan; its outcomes).
   absl::StatusOr<lake::IterationPlan> ReleaseAndPlan(RequestId release,
                                                      const lake::IterationRequest& next) override;

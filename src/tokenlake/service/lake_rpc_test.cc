@@ -4,6 +4,8 @@
 // fails with a clear Unavailable / DeadlineExceeded, never a hang or a crash. Against a real
 // coordinator, RemoteControlPlane's ReleaseAndPlan (one RPC) gives the same plans, commit results,
 // errors and pins as Release + PlanIteration on a reference lake, and an empty Commit makes no RPC.
+// An IterationLoop whose requests keep their KV tails in the pool runs step for step the same
+// over the coordinator as over a local lake.
 #include "tokenlake/service/lake_rpc.h"
 
 #include <iostream>
@@ -15,6 +17,8 @@
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tokenlake/engine/iteration_loop.h"
+#include "tokenlake/engine/iteration_loop_testing.h"
 #include "tokenlake/index/segment_id.h"
 #include "tokenlake/service/coordinator.h"
 
@@ -31,7 +35,8 @@ TEST(LakeRpcTest, IterationRequestRoundTrips) {
                             .preferred_instance = InstanceId(2),
                             .count_hits = false,
                             .max_new_tokens = 64,
-                            .try_admit = true};
+                            .try_admit = true,
+                            .tail_in_pool = true};
   v1::PlanIterationRequest wire;
   ToProto(in, &wire);
   v1::PlanIterationRequest parsed;
@@ -49,6 +54,7 @@ TEST(LakeRpcTest, IterationRequestRoundTrips) {
   EXPECT_FALSE(out.count_hits);
   EXPECT_EQ(out.max_new_tokens, 64);
   EXPECT_TRUE(out.try_admit);
+  EXPECT_TRUE(out.tail_in_pool);
   in.preferred_instance = InstanceId();
   wire.Clear();
   ToProto(in, &wire);
@@ -69,6 +75,9 @@ TEST(LakeRpcTest, PlanAndCommitRoundTrip) {
   plan.new_segments = {
       {RequestId(9), SegmentId(4), SegmentId(), 16, InstanceId(1), InstanceId(0)},
       {RequestId(9), SegmentId(5), SegmentId(4), 16, InstanceId(1), InstanceId(1)}};
+  plan.tail_slots = {InstanceId(1), InstanceId(0), InstanceId(1)};
+  plan.evicted = {{SegmentId(11), InstanceId(0)}};
+  plan.evicted_at = 987654321012ULL;
   v1::PlanIterationReply wire;
   ToProto(plan, &wire);
   const lake::IterationPlan back = FromProto(wire, RequestId(9));
@@ -81,6 +90,9 @@ TEST(LakeRpcTest, PlanAndCommitRoundTrip) {
   EXPECT_FALSE(back.new_segments[0].parent.valid());
   EXPECT_EQ(back.end_tokens, 39);
   EXPECT_TRUE(back.admitted);
+  EXPECT_EQ(back.tail_slots, plan.tail_slots);
+  EXPECT_EQ(back.evicted, plan.evicted);
+  EXPECT_EQ(back.evicted_at, 987654321012ULL);
   lake::IterationPlan deferred;
   deferred.admitted = false;
   wire.Clear();
@@ -93,6 +105,7 @@ TEST(LakeRpcTest, PlanAndCommitRoundTrip) {
   c.deduplicated = {SegmentId(5)};
   c.not_stored = {SegmentId(6)};
   c.pending_elsewhere = {SegmentId(8), SegmentId(9)};
+  c.in_place = {SegmentId(4)};
   c.evicted = {{SegmentId(7), InstanceId(2)}};
   c.moved_bytes = 4096;
   c.sequence = 12345678901ULL;
@@ -103,6 +116,7 @@ TEST(LakeRpcTest, PlanAndCommitRoundTrip) {
   EXPECT_EQ(cb.deduplicated, c.deduplicated);
   EXPECT_EQ(cb.not_stored, c.not_stored);
   EXPECT_EQ(cb.pending_elsewhere, c.pending_elsewhere);
+  EXPECT_EQ(cb.in_place, c.in_place);
   EXPECT_EQ(cb.evicted, c.evicted);
   EXPECT_EQ(cb.moved_bytes, 4096);
   EXPECT_EQ(cb.sequence, 12345678901ULL);
@@ -193,6 +207,13 @@ void ExpectSamePlan(const lake::IterationPlan& a, const lake::IterationPlan& b) 
   EXPECT_EQ(a.compute_instance, b.compute_instance);
   EXPECT_EQ(a.segments, b.segments);
   EXPECT_EQ(a.new_segments, b.new_segments);
+  EXPECT_EQ(a.end_tokens, b.end_tokens);
+  EXPECT_EQ(a.admitted, b.admitted);
+  EXPECT_EQ(a.tail_slots, b.tail_slots);
+  EXPECT_EQ(a.evicted, b.evicted);
+  // Change numbers count the lake's commits, and an empty one is no RPC (RemoteControlPlane)
+  // but a change locally: whether there is one is what both lakes agree on.
+  EXPECT_EQ(a.evicted_at == 0, b.evicted_at == 0);
 }
 
 void ExpectSameCommit(const lake::CommitResult& a, const lake::CommitResult& b) {
@@ -200,6 +221,7 @@ void ExpectSameCommit(const lake::CommitResult& a, const lake::CommitResult& b) 
   EXPECT_EQ(a.deduplicated, b.deduplicated);
   EXPECT_EQ(a.not_stored, b.not_stored);
   EXPECT_EQ(a.pending_elsewhere, b.pending_elsewhere);
+  EXPECT_EQ(a.in_place, b.in_place);
   EXPECT_EQ(a.evicted, b.evicted);
   EXPECT_EQ(a.moved_bytes, b.moved_bytes);
   EXPECT_EQ(a.sequence, b.sequence);
@@ -260,6 +282,7 @@ class FusedCallTest : public ::testing::TestWithParam<std::tuple<uint32_t, int32
     EXPECT_EQ(Metric(m, "tokenlake_pool_pinned_segments"), st.pinned_segments);
     EXPECT_EQ(Metric(m, "tokenlake_lake_active_requests"), st.active_requests);
     EXPECT_EQ(Metric(m, "tokenlake_pool_pending_copies"), st.pending_copies);
+    EXPECT_EQ(Metric(m, "tokenlake_pool_tail_slots"), st.tail_slots);
   }
 
   static constexpr int32_t kS = 4;
@@ -455,6 +478,109 @@ TEST_P(FusedCallTest, PlanBatchTokenBudgetIsTakenInOrderAfterCachedPrefixes) {
   EXPECT_FALSE(e[3].plan.admitted);
   ExpectSameLakeState();
   EXPECT_EQ(lake_->Stats().active_requests, 2);
+}
+
+// The iteration loop with tails in the pool (as the GPU engine runs it) over the coordinator and
+// over a local lake: the same requests, submitted at the same steps, finish at the same steps
+// with the same tokens (the naive model's: the fake executor hashes the KV context the plans
+// give it), the lakes agree after every step (tail slots included), and as many tail blocks
+// are committed in place and copied. With 6 slots per instance requests wait for memory. Then a
+// tail given back on its own (ReleaseTail, as a preemption does) leaves both lakes alike.
+TEST_P(FusedCallTest, AnIterationLoopWithTailsInThePoolRunsTheSameOverTheWire) {
+  using engine::testing_loop::FakeExecutor;
+  using engine::testing_loop::kVocab;
+  const auto [seed, slots] = GetParam();
+  std::cout << "seed=" << seed << " slots=" << slots << "\n";
+  SCOPED_TRACE(testing::Message() << "seed=" << seed << " slots=" << slots);
+  std::mt19937 rng(seed);
+  FakeExecutor over_wire_exec(kS, 2, slots), local_exec(kS, 2, slots);
+  const engine::IterationLoopOptions lo{.segment_tokens = kS,
+                                        .salt = index::NamespaceSalt(options_.namespace_name),
+                                        .max_batch_tokens = 32,
+                                        .max_batch_requests = 6,
+                                        .memory_admission = true,
+                                        .vocab_size = kVocab,
+                                        .pool_tokens = int64_t{2} * slots * kS,
+                                        .rotate_over_instances = 2,
+                                        .tails_in_pool = true};
+  auto over_wire = engine::IterationLoop::Create(remote_.get(), &over_wire_exec, lo);
+  auto local = engine::IterationLoop::Create(reference_.get(), &local_exec, lo);
+  ASSERT_TRUE(over_wire.ok()) << over_wire.status();
+  ASSERT_TRUE(local.ok()) << local.status();
+  std::vector<std::vector<int32_t>> docs(3);
+  for (auto& d : docs) {
+    for (int i = 0; i < 16; ++i) d.push_back(static_cast<int32_t>(rng() % kVocab));
+  }
+  std::vector<engine::LoopRequest> requests;
+  for (uint64_t r = 1; r <= 12; ++r) {
+    const auto& doc = docs[rng() % docs.size()];
+    engine::LoopRequest q{.id = RequestId(r),
+                          .prompt = std::vector<int32_t>(doc.begin(), doc.begin() + 4 + rng() % 12),
+                          .max_new_tokens = 1 + static_cast<int32_t>(rng() % 12)};
+    for (uint32_t i = 0, n = rng() % 8; i < n; ++i) {
+      q.prompt.push_back(static_cast<int32_t>(rng() % kVocab));
+    }
+    requests.push_back(std::move(q));
+  }
+  size_t submitted = 0;
+  int64_t finished = 0;
+  for (int step = 0; step < 2000 && (submitted < requests.size() || !(*local)->idle()); ++step) {
+    SCOPED_TRACE(testing::Message() << "step " << step);
+    for (uint32_t n = rng() % 3; n > 0 && submitted < requests.size(); --n, ++submitted) {
+      ASSERT_TRUE((*over_wire)->Submit(requests[submitted]).ok());
+      ASSERT_TRUE((*local)->Submit(requests[submitted]).ok());
+    }
+    std::vector<engine::LoopResult> got = (*over_wire)->Step();
+    std::vector<engine::LoopResult> want = (*local)->Step();
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < want.size(); ++i) {
+      ASSERT_EQ(got[i].id, want[i].id);
+      EXPECT_EQ(got[i].status.code(), want[i].status.code()) << got[i].status;
+      EXPECT_EQ(got[i].tokens, want[i].tokens) << "request " << want[i].id.value();
+      ASSERT_TRUE(want[i].status.ok()) << want[i].status;
+      const engine::LoopRequest& q = requests[want[i].id.value() - 1];
+      EXPECT_EQ(want[i].tokens, engine::testing_loop::Naive(q.prompt, q.max_new_tokens));
+      ++finished;
+    }
+    ExpectSameLakeState();
+  }
+  EXPECT_EQ(finished, static_cast<int64_t>(requests.size()));
+  EXPECT_TRUE((*over_wire)->idle());
+  EXPECT_EQ(over_wire_exec.in_place, local_exec.in_place);
+  EXPECT_EQ(over_wire_exec.copied, local_exec.copied);
+  EXPECT_GT(local_exec.in_place, 0);
+  EXPECT_EQ(over_wire_exec.tail_blocks(), 0);
+  EXPECT_EQ(lake_->Stats().tail_slots, 0);
+  EXPECT_EQ(lake_->Stats().pinned_segments, 0);
+  std::cout << "in place " << local_exec.in_place << ", copied " << local_exec.copied
+            << ", deferred admissions " << lake_->Stats().admissions_deferred << "\n";
+
+  const std::vector<int32_t> prompt(docs[0].begin(), docs[0].begin() + 11);
+  auto keys = index::ComputeSegmentKeys(lo.salt, absl::MakeConstSpan(prompt).subspan(0, 8), kS);
+  ASSERT_TRUE(keys.ok());
+  const lake::IterationRequest tail_request{.request = RequestId(100),
+                                            .keys = *keys,
+                                            .max_cached_segments = 2,
+                                            .end_tokens = 11,
+                                            .prefill = true,
+                                            .preferred_instance = InstanceId(1),
+                                            .tail_in_pool = true};
+  auto got = remote_->PlanIteration(tail_request);
+  auto want = reference_->PlanIteration(tail_request);
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_TRUE(want.ok()) << want.status();
+  ExpectSamePlan(*got, *want);
+  EXPECT_FALSE(want->tail_slots.empty());
+  ExpectSameLakeState();
+  ASSERT_TRUE(remote_->ReleaseTail(RequestId(100)).ok());
+  ASSERT_TRUE(reference_->ReleaseTail(RequestId(100)).ok());
+  EXPECT_EQ(lake_->Stats().tail_slots, 0);
+  ExpectSameLakeState();
+  ASSERT_TRUE(remote_->Release(RequestId(100)).ok());
+  ASSERT_TRUE(reference_->Release(RequestId(100)).ok());
+  ExpectSameLakeState();
+  EXPECT_EQ(Metric(coordinator_->MetricsText(), "tokenlake_lake_rpcs_total{call=\"release_tail\"}"),
+            1);
 }
 
 INSTANTIATE_TEST_SUITE_P(SeedsAndSlots, FusedCallTest,

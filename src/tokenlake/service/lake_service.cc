@@ -100,6 +100,18 @@ grpc::Status LakeService::Release(grpc::ServerContext* ctx, const v1::ReleaseReq
   return ToGrpc(lake_->lake->Release(RequestId(request->request_id())));
 }
 
+grpc::Status LakeService::ReleaseTail(grpc::ServerContext* ctx, const v1::ReleaseRequest* request,
+                                      v1::ReleaseReply*) {
+  if (grpc::Status a = auth_->Check(ctx, "ReleaseTail"); !a.ok()) return a;
+  if (gate_ != nullptr) {
+    if (grpc::Status g = gate_->Check(); !g.ok()) return g;
+  }
+  Count(kReleaseTail);
+  absl::MutexLock lake_lock(&lake_->mu);
+  lake_->lake->ReleaseTail(RequestId(request->request_id()));
+  return grpc::Status::OK;
+}
+
 grpc::Status LakeService::ReleaseAndPlan(grpc::ServerContext* ctx,
                                          const v1::ReleaseAndPlanRequest* request,
                                          v1::PlanIterationReply* reply) {

@@ -13,7 +13,8 @@
 //     a failure skips its plan, as in ReleaseAndPlan) and its PlanIteration under the batch's
 //     token budget, so that no other request of the batch can evict its prefix in between;
 //   - Commit (CommitPending when the request asks for pending copies, as every current engine
-//     does) and Release as the lake's.
+//     does), Release and ReleaseTail (the slots of a request's KV tail in the pool) as the
+//     lake's.
 // A plan's new segments go where the lake says unless that instance is not routable (then to the
 // computing instance, which holds their KV); reads of a rebalance copy not yet confirmed go to
 // its source (Reconciler::RedirectUnconfirmed). Every call must carry a call token made with
@@ -43,7 +44,15 @@ namespace tokenlake::service {
 class LakeService final : public v1::Lake::Service {
  public:
   // The calls served, by kind (tokenlake_lake_rpcs_total{call=...}).
-  enum Call { kPlanIteration, kCommit, kRelease, kReleaseAndPlan, kPlanBatch, kNumCalls };
+  enum Call {
+    kPlanIteration,
+    kCommit,
+    kRelease,
+    kReleaseAndPlan,
+    kPlanBatch,
+    kReleaseTail,
+    kNumCalls
+  };
 
   // The pointers are borrowed and outlive this.
   LakeService(GuardedLake* lake, Membership* membership, Reconciler* reconciler,
@@ -60,6 +69,8 @@ class LakeService final : public v1::Lake::Service {
                               v1::PlanIterationReply* reply) override;
   grpc::Status PlanBatch(grpc::ServerContext* ctx, const v1::PlanBatchRequest* request,
                          v1::PlanBatchReply* reply) override;
+  grpc::Status ReleaseTail(grpc::ServerContext* ctx, const v1::ReleaseRequest* request,
+                           v1::ReleaseReply* reply) override;
 
   int64_t calls(Call call) const { return calls_[call].load(std::memory_order_relaxed); }
   // Iterations planned (PlanIteration, and each planned entry of ReleaseAndPlan / PlanBatch).
