@@ -67,6 +67,7 @@ absl::StatusOr<Membership::Admission> Membership::Register(
   m.transport_port = transport_port;
   m.transport_incarnation = transport_incarnation;
   m.data_port = 0;  // until this incarnation reports its own
+  m.arena_handle.clear();
   // A new process numbers its snapshots from 1 and holds none of the requests routed before.
   ClearLoad(members_[id]);
   ++version_;
@@ -95,6 +96,17 @@ void Membership::Report(int32_t id, const v1::InstanceState& state) {
   if (state.data_port() > 0 && state.data_port() <= 65535 && state.data_port() != m.data_port) {
     m.data_port = state.data_port();
     member.since_version = ++version_;
+  }
+  if (!state.arena_handle().empty() && state.arena_handle() != m.arena_handle) {
+    if (state.arena_handle().size() <= kMaxArenaHandleBytes) {
+      m.arena_handle = state.arena_handle();
+      member.since_version = ++version_;
+    } else {
+      std::fprintf(stderr,
+                   "tokenlake coordinator: instance %d ('%s') reported an arena handle of %zu "
+                   "bytes (at most %zu): ignored\n",
+                   id, m.name.c_str(), state.arena_handle().size(), kMaxArenaHandleBytes);
+    }
   }
   m.traffic = state.traffic();
   m.cancelled = state.requests_cancelled();
@@ -129,6 +141,7 @@ Membership::Reaped Membership::Reap(absl::Time now) {
     if (m.alive && now - m.last_heartbeat > dead_after_) {
       m.alive = false;
       m.data_port = 0;
+      m.arena_handle.clear();
       m.used_slots = 0;
       ClearLoad(members_[i]);
       ++version_;
@@ -194,6 +207,7 @@ void Membership::AddPeers(int32_t to, google::protobuf::RepeatedPtrField<v1::Pee
     p->set_instance_id(i);
     p->set_data_port(members_[i].view.data_port);
     p->set_data_host(members_[i].view.host);
+    p->set_arena_handle(members_[i].view.arena_handle);
   }
 }
 

@@ -3,12 +3,14 @@
 // An instance registers under its name and gets an id in [0, num_instances) (the one it prefers
 // when free, else the lowest free one; a known name gets its old id back: a new incarnation);
 // heartbeats keep it alive; one silent for more than `dead_after` is declared dead by Reap.
-// Its reports (registration, heartbeats, replies) carry its data-plane port, its slot counts and
+// Its reports (registration, heartbeats, replies) carry its data-plane port (and, for an instance
+// with a device arena, the arena's CUDA IPC handle, relayed to the peers), its slot counts and
 // its transport health:
 //   - routable: alive, with a data port, and no transport error reported;
 //   - ready (gets requests): routable, and every routable instance has been sent the peers
-//     list since this one became routable with its current data port (membership versions), so
-//     that whoever it sends queries to can answer it.
+//     list since this one became routable with its current data port and arena handle
+//     (membership versions), so that whoever it sends queries to can answer it (and has mapped
+//     its arena when they share a GPU).
 // It also counts the requests in flight and routed per instance, and keeps each instance's work
 // for routing (router.h): the latest load snapshot it reported (v1::InstanceLoad; an older
 // snapshot arriving later is ignored), plus the requests routed to it (AddRouted) that the
@@ -58,6 +60,8 @@ struct MemberView {
   std::string transport_incarnation;
   // Data-plane port on `host` (0 until the incarnation reports one).
   int32_t data_port = 0;
+  // Its device arena's CUDA IPC handle (empty until the incarnation reports one, or none).
+  std::string arena_handle;
   absl::Time last_heartbeat;
   int64_t in_flight = 0;
   int64_t routed = 0;
@@ -109,11 +113,13 @@ class Membership {
   // alive member.
   absl::Status Heartbeat(int32_t id, absl::Time now);
 
-  // Takes an alive instance's report (slots, data port, transport health, traffic, load
-  // snapshot); ignored for an instance that is not alive. A change of data port or of transport
-  // health bumps the membership version (a new data port must reach every peer before the instance
-  // is ready).
+  // Takes an alive instance's report (slots, data port, arena handle, transport health,
+  // traffic, load snapshot); ignored for an instance that is not alive. A zero data port or an
+  // empty arena handle changes nothing; a handle over kMaxArenaHandleBytes is ignored. A change
+  // of data port, arena handle or transport health bumps the membership version (a new data
+  // port or handle must reach every peer before the instance is ready).
   void Report(int32_t id, const v1::InstanceState& state);
+  static constexpr size_t kMaxArenaHandleBytes = 1024;
 
   struct Reaped {
     // Members declared dead now, with the reason to fail their requests with.
@@ -132,8 +138,8 @@ class Membership {
   std::vector<bool> RoutableSet() const;
   int32_t ReadyCount() const;
 
-  // The peers (routable instances, their hosts and data ports) to send to instance `to`; records
-  // that `to` has seen the current membership version.
+  // The peers (routable instances, their hosts, data ports and arena handles) to send to
+  // instance `to`; records that `to` has seen the current membership version.
   void AddPeers(int32_t to, google::protobuf::RepeatedPtrField<v1::Peer>* peers);
 
   struct Load {

@@ -20,9 +20,11 @@ namespace {
 constexpr absl::Duration kDeadAfter = absl::Milliseconds(1000);
 const absl::Time kStart = absl::FromUnixSeconds(1'000'000);
 
-v1::InstanceState State(int32_t data_port, const std::string& transport_error = "") {
+v1::InstanceState State(int32_t data_port, const std::string& transport_error = "",
+                        const std::string& arena_handle = "") {
   v1::InstanceState s;
   s.set_data_port(data_port);
+  s.set_arena_handle(arena_handle);
   s.set_transport_error(transport_error);
   s.set_used_slots(3);
   s.set_capacity_slots(10);
@@ -64,6 +66,43 @@ TEST(MembershipTest, AnInstanceIsReadyOnlyOnceEveryRoutablePeerWasSentItsPort) {
   EXPECT_EQ(m.ReadyCount(), 1);
 }
 
+// The arena handle an instance reports reaches every peer with the peers list, and the instance
+// is ready only once they all were sent it (those on its GPU map the arena before it gets
+// requests); a new incarnation starts without one.
+TEST(MembershipTest, AnArenaHandleReachesEveryPeerBeforeTheInstanceIsReady) {
+  Membership m(2, kDeadAfter);
+  ASSERT_EQ(m.Register("a", 0, 5000, kStart)->id, 0);
+  ASSERT_EQ(m.Register("b", 1, 5001, kStart)->id, 1);
+  m.Report(0, State(6000));
+  m.Report(1, State(6001));
+  google::protobuf::RepeatedPtrField<v1::Peer> peers;
+  m.AddPeers(0, &peers);
+  m.AddPeers(1, &peers);
+  ASSERT_TRUE(m.Ready(1));
+  m.Report(1, State(6001, "", "arena-of-b"));
+  EXPECT_FALSE(m.Ready(1));
+  peers.Clear();
+  m.AddPeers(0, &peers);
+  ASSERT_EQ(peers.size(), 2);
+  EXPECT_EQ(peers[0].arena_handle(), "");
+  EXPECT_EQ(peers[1].arena_handle(), "arena-of-b");
+  EXPECT_FALSE(m.Ready(1));  // b itself has not been sent the list since
+  m.AddPeers(1, &peers);
+  EXPECT_TRUE(m.Ready(1));
+  // A report without a handle keeps it; one too long is ignored.
+  m.Report(1, State(6001));
+  m.Report(1, State(6001, "", std::string(Membership::kMaxArenaHandleBytes + 1, 'x')));
+  EXPECT_TRUE(m.Ready(1));
+  EXPECT_EQ(m.Snapshot()[1].arena_handle, "arena-of-b");
+  // A new incarnation of b has no handle until it reports its own.
+  ASSERT_EQ(m.Register("b", 1, 5002, kStart)->id, 1);
+  m.Report(1, State(6002));
+  peers.Clear();
+  m.AddPeers(0, &peers);
+  ASSERT_EQ(peers.size(), 2);
+  EXPECT_EQ(peers[1].arena_handle(), "");
+}
+
 TEST(MembershipTest, SilentInstancesAreReapedAndTheirNameComesBackOnTheSameId) {
   Membership m(2, kDeadAfter);
   ASSERT_EQ(m.Register("a", 1, 5000, kStart)->id, 1);
@@ -102,9 +141,10 @@ struct ModelMember {
   bool alive = false;
   int32_t transport_port = 0;
   int32_t data_port = 0;
+  std::string arena_handle;
   std::string transport_error;
   absl::Time last_heartbeat;
-  int64_t port_set_at = 0;     // event number of the data port's last change
+  int64_t port_set_at = 0;     // event number of the data port's or arena handle's last change
   int64_t peers_sent_at = -1;  // event number of the last AddPeers to it
   int64_t in_flight = 0;
   int64_t routed = 0;
@@ -183,6 +223,7 @@ TEST(MembershipTest, RandomOperationsAgreeWithANaiveModel) {
           m.registered = m.alive = true;
           m.transport_port = port;
           m.data_port = 0;
+          m.arena_handle.clear();
           m.last_heartbeat = now;
           ++m.incarnations;
         }
@@ -196,11 +237,19 @@ TEST(MembershipTest, RandomOperationsAgreeWithANaiveModel) {
         const int32_t ports[] = {0, 7000, 7001, 7002, 70000};
         const int32_t port = ports[pick(0, 4)];
         const std::string error = pick(0, 4) == 0 ? "broken" : "";
-        real.Report(id, State(port, error));
+        const std::string handles[] = {"", "", "gpu0-arena-a", "gpu0-arena-b",
+                                       std::string(Membership::kMaxArenaHandleBytes + 1, 'x')};
+        const std::string& handle = handles[pick(0, 4)];
+        real.Report(id, State(port, error, handle));
         ModelMember& m = model.members[static_cast<size_t>(id)];
         if (m.alive) {
           if (port > 0 && port <= 65535 && port != m.data_port) {
             m.data_port = port;
+            m.port_set_at = model.event;
+          }
+          if (!handle.empty() && handle.size() <= Membership::kMaxArenaHandleBytes &&
+              handle != m.arena_handle) {
+            m.arena_handle = handle;
             m.port_set_at = model.event;
           }
           m.transport_error = error;
@@ -215,6 +264,7 @@ TEST(MembershipTest, RandomOperationsAgreeWithANaiveModel) {
           if (m.alive && now - m.last_heartbeat > kDeadAfter) {
             m.alive = false;
             m.data_port = 0;
+            m.arena_handle.clear();
             ++model.deaths;
             died.push_back(i);
           }
@@ -235,6 +285,8 @@ TEST(MembershipTest, RandomOperationsAgreeWithANaiveModel) {
         EXPECT_EQ(PeerIds(peers), expected);
         for (const v1::Peer& p : peers) {
           EXPECT_EQ(p.data_port(), model.members[static_cast<size_t>(p.instance_id())].data_port);
+          EXPECT_EQ(p.arena_handle(),
+                    model.members[static_cast<size_t>(p.instance_id())].arena_handle);
         }
         model.members[static_cast<size_t>(to)].peers_sent_at = model.event;
       } else if (op == 6) {  // a request sent
@@ -275,6 +327,7 @@ TEST(MembershipTest, RandomOperationsAgreeWithANaiveModel) {
         EXPECT_EQ(v.registered, m.registered) << "instance " << i;
         EXPECT_EQ(v.alive, m.alive) << "instance " << i;
         EXPECT_EQ(v.data_port, m.data_port) << "instance " << i;
+        EXPECT_EQ(v.arena_handle, m.arena_handle) << "instance " << i;
         EXPECT_EQ(v.routable, model.Routable(i)) << "instance " << i;
         EXPECT_EQ(v.ready, model.Ready(i)) << "instance " << i;
         EXPECT_EQ(real.Routable(i), model.Routable(i)) << "instance " << i;
