@@ -17,7 +17,6 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
-#include "tokenlake/engine/instance_pool.h"
 #include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/coordinator.h"
@@ -30,51 +29,23 @@
 namespace tokenlake::service {
 namespace {
 
-// Unacknowledged changes of the store an instance keeps for its reports (beyond, it reports in
-// full): far more than a heartbeat period's.
-constexpr int64_t kChangeLogEntries = int64_t{1} << 16;
-
-// What this instance's store holds and how it changed (holdings_report.h), from its pool.
-class PoolHoldings final : public HoldingsSource {
- public:
-  PoolHoldings(engine::InstancePool* pool, InstanceId self) : pool_(pool), self_(self) {}
-  uint64_t Snapshot(std::vector<lake::HeldSegment>* held) const override {
-    engine::InstancePool::HeldReport r = pool_->HeldWithGeneration(self_);
-    held->reserve(r.segments.size());
-    for (const engine::HeldSegmentInfo& h : r.segments) {
-      held->push_back({.id = h.id, .parent = h.meta.parent, .num_tokens = h.meta.num_tokens});
-    }
-    return r.generation;
-  }
-  std::optional<std::vector<store::SegmentChange>> ChangesSince(uint64_t from) const override {
-    return pool_->ChangesSince(self_, from);
-  }
-  void Forget(uint64_t through) override { pool_->ForgetChanges(self_, through); }
-
- private:
-  engine::InstancePool* const pool_;
-  const InstanceId self_;
-};
-
-// This instance's part of the pool, built once its id and the lake's size are known.
 struct DataPlane {
   int32_t id = -1;
   int32_t lake_instances = 0;
   std::unique_ptr<transport::TcpTransport> tcp;
-  std::unique_ptr<engine::InstancePool> pool;
-  // Reports what the store holds (the control loop's).
-  std::unique_ptr<PoolHoldings> holdings;
-  std::unique_ptr<HoldingsReporter> reporter;
   std::unique_ptr<RemoteControlPlane> control;
-  std::unique_ptr<engine::Engine> engine;  // used by the worker thread only
+  // The hosted store and the engine over it (engine calls: the worker thread only).
+  std::unique_ptr<InstanceBackend> backend;
+  // Reports what the store holds (the control loop's).
+  std::unique_ptr<HoldingsReporter> reporter;
   absl::Mutex peers_mu;
   // id -> data-plane address
   absl::flat_hash_map<int32_t, transport::HostPort> peers ABSL_GUARDED_BY(peers_mu);
 
   ~DataPlane() {
-    engine.reset();
+    reporter.reset();
+    backend.reset();  // the engine, then its store (whose server polls with a timeout)
     if (tcp != nullptr) tcp->Shutdown();
-    pool.reset();  // joins its server thread (it polls with a timeout)
   }
 };
 
@@ -82,8 +53,8 @@ struct DataPlane {
 
 class InstanceServer::Impl {
  public:
-  Impl(const engine::LlamaModel* model, const InstanceServerOptions& options)
-      : model_(model), options_(options) {}
+  Impl(InstanceBackendSpec spec, const InstanceServerOptions& options)
+      : spec_(std::move(spec)), options_(options) {}
   ~Impl() { Shutdown(); }
 
   absl::Status Start() {
@@ -105,8 +76,7 @@ class InstanceServer::Impl {
                                                 .answer_on_incoming = {InstanceId(0)}});
     if (!tcp.ok()) return tcp.status();
     tcp_ = std::move(*tcp);
-    const engine::LlamaConfig& c = model_->config();
-    layout_ = engine::PoolSlotLayout(c, options_.segment_tokens, options_.kv_dtype);
+    layout_ = spec_.layout;
     if (absl::Status s = layout_.Validate(); !s.ok()) return s;
     RefreshState();
     // Without a fixed address (port 0, an elected leader only), nothing is dialled until
@@ -148,23 +118,6 @@ class InstanceServer::Impl {
                                          .secret = options_.cluster_secret});
     if (!tcp.ok()) return tcp.status();
     dp->tcp = std::move(*tcp);
-    engine::InstancePool::Options po{.num_instances = n,
-                                     .layout = layout_,
-                                     .num_heads = model_->config().num_heads,
-                                     .slots_per_instance = options_.slots,
-                                     .reply_timeout = options_.data_timeout,
-                                     .external_transport = dp->tcp.get(),
-                                     .endpoint_base = 0,
-                                     .change_log_entries = kChangeLogEntries};
-    po.hosted = {InstanceId(id)};
-    auto pool = engine::InstancePool::Create(po);
-    if (!pool.ok()) return pool.status();
-    dp->pool = std::move(*pool);
-    // A new, empty store: a new incarnation of what this instance holds.
-    std::random_device rd;
-    const uint64_t incarnation = ((uint64_t{rd()} << 32) | rd()) | 1;
-    dp->holdings = std::make_unique<PoolHoldings>(dp->pool.get(), InstanceId(id));
-    dp->reporter = std::make_unique<HoldingsReporter>(dp->holdings.get(), incarnation);
     auto control = RemoteControlPlane::Create({.coordinator_host = coordinator_.host,
                                                .coordinator_port = coordinator_.port,
                                                .tls = options_.tls.identity,
@@ -173,14 +126,16 @@ class InstanceServer::Impl {
                                                .cluster_secret = options_.cluster_secret});
     if (!control.ok()) return control.status();
     dp->control = std::move(*control);
-    auto eng = engine::Engine::CreateOverPool(
-        model_,
-        {.segment_tokens = options_.segment_tokens, .namespace_name = options_.namespace_name},
-        {.control_plane = dp->control.get(),
-         .pool = dp->pool.get(),
-         .compute_instance = InstanceId(id)});
-    if (!eng.ok()) return eng.status();
-    dp->engine = std::move(*eng);
+    auto backend = spec_.factory({.self = InstanceId(id),
+                                  .lake_instances = n,
+                                  .data_transport = dp->tcp.get(),
+                                  .control = dp->control.get()});
+    if (!backend.ok()) return backend.status();
+    dp->backend = std::move(*backend);
+    // A new, empty store: a new incarnation of what this instance holds.
+    std::random_device rd;
+    const uint64_t incarnation = ((uint64_t{rd()} << 32) | rd()) | 1;
+    dp->reporter = std::make_unique<HoldingsReporter>(dp->backend->holdings(), incarnation);
     {
       absl::MutexLock lock(&mu_);
       data_ = std::move(dp);
@@ -222,7 +177,7 @@ class InstanceServer::Impl {
                     uint64_t generation) {
     for (uint64_t seg : segments) {
       // A pinned copy (being read right now) stays; the next heartbeat asks again.
-      if (dp.pool->FreeIfUnchangedSince(InstanceId(dp.id), SegmentId(seg), generation).ok()) {
+      if (dp.backend->FreeIfUnchangedSince(SegmentId(seg), generation).ok()) {
         reconcile_frees_.fetch_add(1);
       }
     }
@@ -243,8 +198,7 @@ class InstanceServer::Impl {
     v1::InstanceState state;
     std::shared_ptr<DataPlane> dp = Data();
     if (dp != nullptr) {
-      const InstanceId self(dp->id);
-      state.set_used_slots(dp->pool->store(self).used());
+      state.set_used_slots(dp->backend->used_slots());
       state.set_data_port(dp->tcp->port());
     }
     state.set_advertise_host(AdvertiseHost());
@@ -450,7 +404,7 @@ class InstanceServer::Impl {
         in_flight_.clear();
         active = dp;
       }
-      const bool busy = dp != nullptr && !dp->engine->idle();
+      const bool busy = dp != nullptr && !dp->backend->idle();
       // Take what has arrived (a bounded number, so that the loop keeps stepping), waiting only
       // when there is nothing to compute.
       for (int taken = 0; taken < 64; ++taken) {
@@ -468,11 +422,11 @@ class InstanceServer::Impl {
           CancelRequest(*m);
         }
       }
-      if (dp == nullptr || dp->engine->idle()) {
+      if (dp == nullptr || dp->backend->idle()) {
         TakeLoad(dp.get());
         continue;
       }
-      auto finished = dp->engine->Step();
+      auto finished = dp->backend->Step();
       // Before the replies, which carry it (the finished requests are no longer counted).
       TakeLoad(dp.get());
       for (auto& [request, result] : finished) Complete(*dp, request, result);
@@ -489,13 +443,13 @@ class InstanceServer::Impl {
     load.set_snapshot(++load_snapshots_);
     for (const auto& [request, f] : in_flight_) load.add_request_ids(request);
     if (dp != nullptr) {
-      const engine::LoopLoad l = dp->engine->Load();
+      const engine::LoopLoad l = dp->backend->Load();
       load.set_decode_requests(l.decode_requests);
       load.set_decode_context_tokens(l.decode_context_tokens);
       load.set_prefill_requests(l.prefill_requests);
       load.set_prefill_tokens(l.prefill_tokens);
       load.set_prefill_context_tokens(l.prefill_context_tokens);
-      load.set_max_batch_requests(dp->engine->options().max_batch_requests);
+      load.set_max_batch_requests(dp->backend->max_batch_requests());
     }
     absl::MutexLock lock(&load_mu_);
     load_ = std::move(load);
@@ -513,7 +467,7 @@ class InstanceServer::Impl {
   void SendProgress(DataPlane& dp) {
     for (auto& [request, f] : in_flight_) {
       if (!f.stream) continue;
-      const std::optional<engine::Engine::Progress> p = dp.engine->ProgressOf(RequestId(request));
+      const std::optional<engine::Engine::Progress> p = dp.backend->ProgressOf(RequestId(request));
       if (!p.has_value() || static_cast<int32_t>(p->tokens.size()) <= f.reported) continue;
       v1::GenerateProgress progress;
       progress.set_first_index(f.reported);
@@ -532,7 +486,7 @@ class InstanceServer::Impl {
     auto it = in_flight_.find(cancel.request_id());
     if (it == in_flight_.end()) return;  // finished (its answer is on the way) or unknown
     std::shared_ptr<DataPlane> dp = Data();
-    if (dp != nullptr) dp->engine->Cancel(RequestId(cancel.request_id())).IgnoreError();
+    if (dp != nullptr) dp->backend->Cancel(RequestId(cancel.request_id())).IgnoreError();
     in_flight_.erase(it);
     cancelled_.fetch_add(1);
     running_.store(static_cast<int64_t>(in_flight_.size()));
@@ -569,13 +523,13 @@ class InstanceServer::Impl {
     if (absl::ToUnixMillis(absl::Now()) > request.deadline_unix_ms()) {
       return fail(absl::DeadlineExceededError("request expired in the instance's queue"));
     }
-    const engine::LlamaConfig& config = model_->config();
+    const int64_t context = spec_.context_tokens;
     const int64_t total = static_cast<int64_t>(request.prompt_size()) + request.max_tokens();
     if (request.prompt_size() == 0 || request.max_tokens() < 1 ||
-        (config.max_position_embeddings > 0 && total > config.max_position_embeddings)) {
-      return fail(absl::InvalidArgumentError(absl::StrFormat(
-          "prompt of %d tokens with max_tokens %d does not fit the context of %d",
-          request.prompt_size(), request.max_tokens(), config.max_position_embeddings)));
+        (context > 0 && total > context)) {
+      return fail(absl::InvalidArgumentError(
+          absl::StrFormat("prompt of %d tokens with max_tokens %d does not fit the context of %d",
+                          request.prompt_size(), request.max_tokens(), context)));
     }
     if (request.request_id() == 0) {
       return fail(absl::InvalidArgumentError("generate request without a lake request id"));
@@ -598,7 +552,7 @@ class InstanceServer::Impl {
     if (request.has_top_p()) g.sampling.top_p = request.top_p();
     if (request.has_seed()) g.sampling.seed = request.seed();
     g.segment_salt = request.segment_salt();
-    if (absl::Status s = dp->engine->Submit(g); !s.ok()) return fail(s);
+    if (absl::Status s = dp->backend->Submit(g); !s.ok()) return fail(s);
     in_flight_[rid.value()] =
         InFlight{.message = m, .start = absl::Now(), .stream = request.stream()};
   }
@@ -649,19 +603,18 @@ class InstanceServer::Impl {
         !order.ParseFromArray(m.payload.data(), static_cast<int>(m.payload.size()))) {
       return;
     }
-    engine::InstancePool& pool = *dp->pool;
-    const InstanceId self(dp->id);
+    InstanceBackend& backend = *dp->backend;
     for (const v1::RebalanceAction& a : order.actions()) {
       const SegmentId seg(a.segment());
       const InstanceId from = InstanceFromWire(a.from());
       if (a.kind() == v1::REBALANCE_KIND_DROP) {
-        pool.FreeSegment(self, self, seg).IgnoreError();
+        backend.Drop(seg).IgnoreError();
         continue;
       }
       // A kind this instance does not know (a newer coordinator's) is left undone: the lake's
       // reconciliation drops a replica that never appears.
       if (a.kind() != v1::REBALANCE_KIND_REPLICATE && a.kind() != v1::REBALANCE_KIND_MOVE) continue;
-      absl::StatusOr<int64_t> bytes = pool.CopyForRebalance(self, from, seg, a.sequence());
+      absl::StatusOr<int64_t> bytes = backend.CopyForRebalance(from, seg, a.sequence());
       if (!bytes.ok()) continue;
       {
         absl::MutexLock lock(&traffic_mu_);
@@ -674,7 +627,7 @@ class InstanceServer::Impl {
     RefreshState();
   }
 
-  const engine::LlamaModel* model_;
+  const InstanceBackendSpec spec_;
   const InstanceServerOptions options_;
   attention::KvSlotLayout layout_;
   std::unique_ptr<transport::TcpTransport> tcp_;
@@ -719,6 +672,25 @@ absl::Duration RegisterDeadline(const InstanceServerOptions& options, int64_t se
 absl::StatusOr<std::unique_ptr<InstanceServer>> InstanceServer::Create(
     const engine::LlamaModel* model, const InstanceServerOptions& options) {
   if (model == nullptr) return absl::InvalidArgumentError("InstanceServer: model is null");
+  if (options.slots < 1 || options.segment_tokens < 1) {
+    return absl::InvalidArgumentError("InstanceServer: slots and segment_tokens must be >= 1");
+  }
+  const attention::KvSlotLayout layout =
+      engine::PoolSlotLayout(model->config(), options.segment_tokens, options.kv_dtype);
+  return Create({.layout = layout,
+                 .context_tokens = model->config().max_position_embeddings,
+                 .factory = HostBackendFactory({.model = model,
+                                                .layout = layout,
+                                                .slots = options.slots,
+                                                .segment_tokens = options.segment_tokens,
+                                                .namespace_name = options.namespace_name,
+                                                .data_timeout = options.data_timeout})},
+                options);
+}
+
+absl::StatusOr<std::unique_ptr<InstanceServer>> InstanceServer::Create(
+    InstanceBackendSpec spec, const InstanceServerOptions& options) {
+  if (!spec.factory) return absl::InvalidArgumentError("InstanceServer: no backend factory");
   if (options.name.empty()) return absl::InvalidArgumentError("InstanceServer: name is empty");
   const bool located = options.coordinator_port == 0 && options.locate_coordinator != nullptr;
   if (!located && (options.coordinator_port < 1 || options.coordinator_port > 65535)) {
@@ -738,7 +710,7 @@ absl::StatusOr<std::unique_ptr<InstanceServer>> InstanceServer::Create(
         absl::FormatDuration(options.register_timeout), " and ",
         absl::FormatDuration(options.register_timeout_per_segment)));
   }
-  auto impl = std::make_unique<Impl>(model, options);
+  auto impl = std::make_unique<Impl>(std::move(spec), options);
   if (absl::Status s = impl->Start(); !s.ok()) return s;
   return std::unique_ptr<InstanceServer>(new InstanceServer(std::move(impl)));
 }

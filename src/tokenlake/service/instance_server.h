@@ -50,6 +50,7 @@
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/service/grpc_credentials.h"
+#include "tokenlake/service/instance_backend.h"
 
 namespace tokenlake::service {
 
@@ -110,13 +111,27 @@ struct InstanceServerOptions {
 // + segments * options.register_timeout_per_segment, at most 10 minutes.
 absl::Duration RegisterDeadline(const InstanceServerOptions& options, int64_t segments);
 
+// What an instance serves with: the slot layout of its store (reported to the coordinator),
+// the longest sequence it computes (prompt + new tokens; 0 = no limit) and the factory of its
+// backend (instance_backend.h), called at each registration.
+struct InstanceBackendSpec {
+  attention::KvSlotLayout layout;
+  int64_t context_tokens = 0;
+  BackendFactory factory;
+};
+
 class InstanceServer {
  public:
-  // `model` is borrowed and must outlive the server. Starts the transport and the threads;
-  // registration proceeds in the background (see registered()).
+  // The CPU engine over a host pool (HostBackendFactory). `model` is borrowed and must outlive
+  // the server. Starts the transport and the threads; registration proceeds in the background
+  // (see registered()).
   // Errors: InvalidArgument naming a bad option; errors creating the engine or transport.
   static absl::StatusOr<std::unique_ptr<InstanceServer>> Create(
       const engine::LlamaModel* model, const InstanceServerOptions& options);
+  // An instance serving with the backends `spec` makes (of `options`, slots and
+  // segment_tokens must be the backend's). Errors: as above; InvalidArgument without a factory.
+  static absl::StatusOr<std::unique_ptr<InstanceServer>> Create(
+      InstanceBackendSpec spec, const InstanceServerOptions& options);
   ~InstanceServer();
   InstanceServer(const InstanceServer&) = delete;
   InstanceServer& operator=(const InstanceServer&) = delete;
