@@ -29,9 +29,9 @@ absl::Status DecodeError(const transport::Message& reply, int32_t endpoint_base)
   if (!r.Get(&code, "error code").ok() || !r.GetArray(&text, "error message").ok()) {
     return absl::DataLossError("malformed error reply");
   }
-  return absl::Status(static_cast<absl::StatusCode>(code),
-                      absl::StrCat("instance ", reply.from.value() - endpoint_base, ": ",
-                                   std::string(text.begin(), text.end())));
+  return {static_cast<absl::StatusCode>(code),
+          absl::StrCat("instance ", reply.from.value() - endpoint_base, ": ",
+                       std::string(text.begin(), text.end()))};
 }
 
 absl::StatusOr<uint64_t> DriverChannel::Send(InstanceId to, uint32_t tag,

@@ -29,7 +29,6 @@ namespace {
 using testing_loop::FakeExecutor;
 using testing_loop::kVocab;
 using testing_loop::Naive;
-using testing_loop::NextToken;
 
 // A lake of `instances` instances of `slots` segment slots of `s` tokens over a tiny model
 // (its shape only sets the planner's byte costs).

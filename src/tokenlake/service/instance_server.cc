@@ -53,8 +53,8 @@ struct DataPlane {
 
 class InstanceServer::Impl {
  public:
-  Impl(InstanceBackendSpec spec, const InstanceServerOptions& options)
-      : spec_(std::move(spec)), options_(options) {}
+  Impl(InstanceBackendSpec spec, InstanceServerOptions options)
+      : spec_(std::move(spec)), options_(std::move(options)) {}
   ~Impl() { Shutdown(); }
 
   absl::Status Start() {
