@@ -96,14 +96,15 @@ absl::StatusOr<std::unique_ptr<InstancePool>> InstancePool::Create(const Options
       pool->drivers_.push_back(nullptr);
       continue;
     }
-    auto inst = std::make_unique<Instance>(options.change_log_entries);
+    auto inst = std::make_unique<Instance>();
     inst->arena.resize(slot_bytes * static_cast<size_t>(options.slots_per_instance));
-    TOKENLAKE_ASSIGN_OR_RETURN(inst->store,
+    TOKENLAKE_ASSIGN_OR_RETURN(std::unique_ptr<store::SegmentStore> st,
                                store::SegmentStore::Create({.arena = inst->arena.data(),
                                                             .arena_bytes = inst->arena.size(),
                                                             .slot_bytes = slot_bytes,
                                                             .num_slots = options.slots_per_instance,
                                                             .instance = InstanceId(i)}));
+    inst->hosted = std::make_unique<HostedStore>(std::move(st), options.change_log_entries);
     pool->instances_.push_back(std::move(inst));
     pool->drivers_.push_back(std::make_unique<DriverChannel>(
         pool->transport_, pool->DriverEndpoint(InstanceId(i)), options.endpoint_base));
@@ -131,7 +132,7 @@ InstancePool::~InstancePool() {
 
 store::SegmentStore& InstancePool::store(InstanceId i) const {
   TOKENLAKE_CHECK(hosts(i));
-  return *instances_[static_cast<size_t>(i.value())]->store;
+  return instances_[static_cast<size_t>(i.value())]->hosted->slots();
 }
 
 std::vector<HeldSegmentInfo> InstancePool::Held(InstanceId i) const {
@@ -140,61 +141,34 @@ std::vector<HeldSegmentInfo> InstancePool::Held(InstanceId i) const {
 
 InstancePool::HeldReport InstancePool::HeldWithGeneration(InstanceId i) const {
   TOKENLAKE_CHECK(hosts(i));
-  const Instance& inst = *instances_[static_cast<size_t>(i.value())];
-  HeldReport out;
-  absl::MutexLock lock(&inst.meta_mu);
-  out.generation = inst.changes.last();
-  for (SegmentId id : inst.store->Segments()) {
-    auto it = inst.meta.find(id);
-    out.segments.push_back({id, it == inst.meta.end() ? StoredMeta{} : it->second.meta});
-  }
-  return out;
+  return instances_[static_cast<size_t>(i.value())]->hosted->Held();
 }
 
 uint64_t InstancePool::StoreGeneration(InstanceId i) const {
   TOKENLAKE_CHECK(hosts(i));
-  const Instance& inst = *instances_[static_cast<size_t>(i.value())];
-  absl::MutexLock lock(&inst.meta_mu);
-  return inst.changes.last();
+  return instances_[static_cast<size_t>(i.value())]->hosted->Generation();
 }
 
 std::optional<std::vector<store::SegmentChange>> InstancePool::ChangesSince(InstanceId i,
                                                                             uint64_t from) const {
   TOKENLAKE_CHECK(hosts(i));
-  const Instance& inst = *instances_[static_cast<size_t>(i.value())];
-  absl::MutexLock lock(&inst.meta_mu);
-  return inst.changes.Since(from);
+  return instances_[static_cast<size_t>(i.value())]->hosted->ChangesSince(from);
 }
 
 void InstancePool::ForgetChanges(InstanceId i, uint64_t through) {
   TOKENLAKE_CHECK(hosts(i));
-  Instance& inst = *instances_[static_cast<size_t>(i.value())];
-  absl::MutexLock lock(&inst.meta_mu);
-  inst.changes.Trim(through);
+  instances_[static_cast<size_t>(i.value())]->hosted->ForgetChanges(through);
 }
 
 absl::Status InstancePool::FreeIfUnchangedSince(InstanceId i, SegmentId segment,
                                                 uint64_t generation) {
   TOKENLAKE_CHECK(hosts(i));
-  Instance& inst = *instances_[static_cast<size_t>(i.value())];
-  absl::MutexLock lock(&inst.meta_mu);
-  auto it = inst.meta.find(segment);
-  if (it != inst.meta.end() && it->second.generation > generation) {
-    return absl::FailedPreconditionError(
-        absl::StrFormat("free: segment %d was stored again on instance %d since generation %d",
-                        segment.value(), i.value(), generation));
-  }
-  TOKENLAKE_RETURN_IF_ERROR(inst.store->Free(segment));
-  inst.meta.erase(segment);
-  inst.changes.Record({.id = segment, .stored = false});
-  return absl::OkStatus();
+  return instances_[static_cast<size_t>(i.value())]->hosted->FreeIfUnchangedSince(segment,
+                                                                                  generation);
 }
 
 StoredMeta InstancePool::MetaOf(InstanceId holder, SegmentId segment) const {
-  const Instance& inst = *instances_[static_cast<size_t>(holder.value())];
-  absl::MutexLock lock(&inst.meta_mu);
-  auto it = inst.meta.find(segment);
-  return it == inst.meta.end() ? StoredMeta{} : it->second.meta;
+  return instances_[static_cast<size_t>(holder.value())]->hosted->MetaOf(segment);
 }
 
 absl::Status InstancePool::CheckDriver(InstanceId compute, InstanceId other,
@@ -347,20 +321,7 @@ absl::Status InstancePool::LocalAttend(InstanceId holder, int32_t layer,
 
 absl::Status InstancePool::LocalFree(InstanceId target, SegmentId segment,
                                      uint64_t evicted_at) const {
-  Instance& inst = *instances_[static_cast<size_t>(target.value())];
-  absl::MutexLock lock(&inst.meta_mu);
-  if (evicted_at > 0) {
-    auto it = inst.meta.find(segment);
-    if (it != inst.meta.end() && it->second.meta.placement_sequence > evicted_at) {
-      return absl::FailedPreconditionError(absl::StrFormat(
-          "free: segment %d on instance %d was placed again (change %d) after its eviction (%d)",
-          segment.value(), target.value(), it->second.meta.placement_sequence, evicted_at));
-    }
-  }
-  TOKENLAKE_RETURN_IF_ERROR(store(target).Free(segment));
-  inst.meta.erase(segment);
-  inst.changes.Record({.id = segment, .stored = false});
-  return absl::OkStatus();
+  return instances_[static_cast<size_t>(target.value())]->hosted->Free(segment, evicted_at);
 }
 
 absl::Status InstancePool::LocalStore(InstanceId target, SegmentId segment,
@@ -375,23 +336,12 @@ absl::Status InstancePool::LocalStore(InstanceId target, SegmentId segment,
         absl::StrFormat("store: %d bytes for segment %d, a slot holds %d", slot_bytes.size(),
                         segment.value(), options_.layout.SlotBytes()));
   }
-  store::SegmentStore& st = store(target);
-  Instance& inst = *instances_[static_cast<size_t>(target.value())];
-  // Under meta_mu: a local free (LocalFree, FreeIfUnchangedSince) never drops the slot while it
-  // is being written, and the copy's generation is stamped with it.
-  absl::MutexLock lock(&inst.meta_mu);
-  std::optional<SlotId> slot = st.Find(segment);
-  if (!slot.has_value()) {
-    TOKENLAKE_ASSIGN_OR_RETURN(SlotId allocated, st.Allocate(segment));
-    slot = allocated;
-  }
-  const absl::Span<std::byte> data = st.SlotData(*slot);
-  TOKENLAKE_CHECK(data.size() == slot_bytes.size());
-  std::memcpy(data.data(), slot_bytes.data(), slot_bytes.size());
-  const uint64_t generation = inst.changes.Record(
-      {.id = segment, .stored = true, .parent = meta.parent, .num_tokens = meta.num_tokens});
-  inst.meta[segment] = Instance::Entry{.meta = meta, .generation = generation};
-  return absl::OkStatus();
+  return instances_[static_cast<size_t>(target.value())]->hosted->Store(
+      segment, meta, [&](absl::Span<std::byte> data) {
+        TOKENLAKE_CHECK(data.size() == slot_bytes.size());
+        std::memcpy(data.data(), slot_bytes.data(), slot_bytes.size());
+        return absl::OkStatus();
+      });
 }
 
 absl::StatusOr<uint64_t> InstancePool::Send(InstanceId compute, InstanceId target, uint32_t tag,

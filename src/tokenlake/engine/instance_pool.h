@@ -56,6 +56,7 @@
 #include "tokenlake/base/check.h"
 #include "tokenlake/base/ids.h"
 #include "tokenlake/engine/data_rpc.h"
+#include "tokenlake/engine/hosted_store.h"
 #include "tokenlake/store/segment_change_log.h"
 #include "tokenlake/store/segment_store.h"
 #include "tokenlake/transport/loopback.h"
@@ -68,28 +69,12 @@ struct SegmentRef {
   int32_t num_tokens = 0;
 };
 
-// What a store message says about the segment besides its KV: its parent in the chain
-// (invalid for a root child), its token count (0 = unknown) and the control plane's change
-// sequence number of the call that placed this copy (lake::CommitResult::sequence; 0 =
-// unknown).
 // One request's part of a batched attend call: its queries [num_q][num_heads][head_dim] and the
 // segments (held by the call's holder) they read.
 struct AttendGroup {
   absl::Span<const SegmentRef> segments;
   int32_t num_q = 0;
   absl::Span<const float> q;
-};
-
-struct StoredMeta {
-  SegmentId parent;
-  int32_t num_tokens = 0;
-  uint64_t placement_sequence = 0;
-};
-
-// One segment a hosted instance stores, with its metadata.
-struct HeldSegmentInfo {
-  SegmentId id;
-  StoredMeta meta;
 };
 
 class InstancePool {
@@ -149,10 +134,7 @@ class InstancePool {
   // store message did not carry them). REQUIRES: hosts(i).
   std::vector<HeldSegmentInfo> Held(InstanceId i) const;
   // Held(i) and the store generation it reflects, taken together.
-  struct HeldReport {
-    uint64_t generation = 0;
-    std::vector<HeldSegmentInfo> segments;
-  };
+  using HeldReport = HostedStore::HeldReport;
   HeldReport HeldWithGeneration(InstanceId i) const;
   // Store generations of hosted instance `i`: every store (new or overwrite) and every free of
   // a segment takes the next one (its change number); a stored copy is stamped with its store's.
@@ -245,18 +227,10 @@ class InstancePool {
 
  private:
   struct Instance {
-    explicit Instance(int64_t change_log_entries) : changes(change_log_entries) {}
     std::vector<std::byte> arena;
-    std::unique_ptr<store::SegmentStore> store;
+    // The slots over `arena`, their metadata and numbered changes.
+    std::unique_ptr<HostedStore> hosted;
     std::thread server;
-    mutable absl::Mutex meta_mu;
-    struct Entry {
-      StoredMeta meta;
-      uint64_t generation = 0;
-    };
-    absl::flat_hash_map<SegmentId, Entry> meta ABSL_GUARDED_BY(meta_mu);
-    // Numbers (generations) and keeps the stores and frees.
-    store::SegmentChangeLog changes ABSL_GUARDED_BY(meta_mu);
   };
 
   explicit InstancePool(const Options& options) : options_(options) {}
