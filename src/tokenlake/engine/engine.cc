@@ -186,7 +186,15 @@ absl::StatusOr<GenerateResult> Engine::Generate(RequestId request, absl::Span<co
   return std::move(r[0]);
 }
 
-namespace {
+LoopRequest ToLoopRequest(const GenerateRequest& request, RequestId id) {
+  return LoopRequest{.id = id,
+                     .prompt = request.prompt,
+                     .max_new_tokens = request.max_new_tokens,
+                     .force_tokens = request.force_tokens,
+                     .sampling = request.sampling,
+                     .stop_token_ids = request.stop_token_ids,
+                     .segment_salt = request.segment_salt};
+}
 
 GenerateResult ToGenerateResult(LoopResult r) {
   GenerateResult out;
@@ -208,8 +216,6 @@ GenerateResult ToGenerateResult(LoopResult r) {
   return out;
 }
 
-}  // namespace
-
 std::vector<absl::StatusOr<LoopResult>> ServeInArrivalOrder(
     IterationLoop& loop, absl::Span<const GenerateRequest> requests,
     const std::function<absl::Status(const GenerateRequest&)>& check,
@@ -230,14 +236,7 @@ std::vector<absl::StatusOr<LoopResult>> ServeInArrivalOrder(
       const GenerateRequest& r = requests[i];
       const RequestId id = r.id.valid() ? r.id : next_id();
       absl::Status in = check(r);
-      if (in.ok()) {
-        in = loop.Submit({.id = id,
-                          .prompt = r.prompt,
-                          .max_new_tokens = r.max_new_tokens,
-                          .force_tokens = r.force_tokens,
-                          .sampling = r.sampling,
-                          .stop_token_ids = r.stop_token_ids});
-      }
+      if (in.ok()) in = loop.Submit(ToLoopRequest(r, id));
       if (!in.ok()) {
         out[i] = in;
         continue;
@@ -317,13 +316,7 @@ absl::Status Engine::Submit(const GenerateRequest& request) {
   if (pool_ == nullptr) return absl::FailedPreconditionError("Submit: the engine has no pool");
   TOKENLAKE_RETURN_IF_ERROR(CheckInput(request.prompt, request.max_new_tokens));
   const RequestId id = request.id.valid() ? request.id : RequestId(pool_->next_request++);
-  return pool_->loop->Submit({.id = id,
-                              .prompt = request.prompt,
-                              .max_new_tokens = request.max_new_tokens,
-                              .force_tokens = request.force_tokens,
-                              .sampling = request.sampling,
-                              .stop_token_ids = request.stop_token_ids,
-                              .segment_salt = request.segment_salt});
+  return pool_->loop->Submit(ToLoopRequest(request, id));
 }
 
 absl::Status Engine::Cancel(RequestId request) {

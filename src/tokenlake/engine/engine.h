@@ -156,6 +156,11 @@ struct GenerateResult {
   int64_t restarts = 0;
 };
 
+// The loop's request for `request` under id `id`, and a finished request's result: the one
+// conversion of the engines (CPU and GPU) and the cluster's instance backends.
+LoopRequest ToLoopRequest(const GenerateRequest& request, RequestId id);
+GenerateResult ToGenerateResult(LoopResult result);
+
 // What Engine::CreateOverPool runs over (all borrowed, must outlive the engine).
 struct ExternalPool {
   // The lake's calls (e.g. service::RemoteControlPlane).

@@ -443,6 +443,43 @@ TEST(EngineTest, BfloatPoolStaysCloseToTheFloatReference) {
   EXPECT_LT(worst, 5e-2f);  // ... and that costs little
 }
 
+// A request's segment salt (a tenant's) names its segments: the same prompt under another
+// salt finds nothing cached, under the same salt all its full segments, whether it comes
+// through Submit / Step or GenerateBatch.
+TEST(EngineTest, SegmentSaltSeparatesCachesOnEveryPath) {
+  auto model = TinyModel(false, 6);
+  auto eng =
+      Engine::Create(model.get(), {.use_pool = true, .num_instances = 1, .segment_tokens = 4});
+  ASSERT_TRUE(eng.ok()) << eng.status();
+  const std::vector<int32_t> prompt = {5, 9, 13, 2, 44, 17, 8, 1, 60, 33, 21, 7, 3};
+  auto batch = [&](uint64_t salt) {
+    const GenerateRequest r{.prompt = prompt, .max_new_tokens = 2, .segment_salt = salt};
+    std::vector<absl::StatusOr<GenerateResult>> got = (*eng)->GenerateBatch({&r, 1});
+    EXPECT_TRUE(got[0].ok()) << got[0].status();
+    return got[0].ok() ? got[0]->cached_tokens : -1;
+  };
+  auto submitted = [&](uint64_t id, uint64_t salt) -> int64_t {
+    EXPECT_TRUE(
+        (*eng)
+            ->Submit(
+                {.id = RequestId(id), .prompt = prompt, .max_new_tokens = 2, .segment_salt = salt})
+            .ok());
+    for (int steps = 0; steps < 100 && !(*eng)->idle(); ++steps) {
+      for (auto& [rid, r] : (*eng)->Step()) {
+        EXPECT_TRUE(r.ok()) << r.status();
+        if (rid == RequestId(id) && r.ok()) return r->cached_tokens;
+      }
+    }
+    return -1;
+  };
+  EXPECT_EQ(batch(77), 0);
+  EXPECT_EQ(batch(77), 12);
+  EXPECT_EQ(batch(78), 0);
+  EXPECT_EQ(submitted(1000, 79), 0);
+  EXPECT_EQ(submitted(1001, 79), 12);
+  EXPECT_EQ(batch(79), 12);
+}
+
 TEST(EngineTest, RejectsBadInputWithClearErrors) {
   auto model = TinyModel(false, 9);
   for (bool pool : {false, true}) {
