@@ -14,9 +14,11 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "tokenlake/attention/attention.h"
@@ -59,6 +61,15 @@ class InstanceBackend {
   // placed by the lake's change `sequence`; returns the bytes copied.
   virtual absl::StatusOr<int64_t> CopyForRebalance(InstanceId from, SegmentId segment,
                                                    uint64_t sequence) = 0;
+
+  // ---- Device arenas (docs/adr/0018; a host pool has none). ----
+  // The handle of this instance's device arena that the server reports to the coordinator
+  // (store::ArenaHandle's wire format), empty for none.
+  virtual std::string arena_handle() const { return {}; }
+  // The live peers' arena handles (instance id -> handle; peers without one are absent), as
+  // the coordinator's latest peer list has them: a backend maps those on its GPU and unmaps
+  // those gone. Called by the server's control thread whenever the set changes.
+  virtual void SetPeerArenas(const absl::flat_hash_map<int32_t, std::string>& /*handles*/) {}
 };
 
 // What a backend is built over, by the server, at each registration.

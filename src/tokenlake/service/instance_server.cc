@@ -41,6 +41,8 @@ struct DataPlane {
   absl::Mutex peers_mu;
   // id -> data-plane address
   absl::flat_hash_map<int32_t, transport::HostPort> peers ABSL_GUARDED_BY(peers_mu);
+  // id -> device-arena handle, as last given to the backend
+  absl::flat_hash_map<int32_t, std::string> arenas ABSL_GUARDED_BY(peers_mu);
 
   ~DataPlane() {
     reporter.reset();
@@ -150,10 +152,12 @@ class InstanceServer::Impl {
     if (dp == nullptr) return;
     const int32_t n = dp->lake_instances;
     absl::flat_hash_map<int32_t, transport::HostPort> next;
+    absl::flat_hash_map<int32_t, std::string> arenas;
     for (const v1::Peer& p : peers) {
       if (p.instance_id() < 0 || p.instance_id() >= n || p.instance_id() == dp->id) continue;
       next[p.instance_id()] = transport::HostPort{
           .host = p.data_host().empty() ? "127.0.0.1" : p.data_host(), .port = p.data_port()};
+      if (!p.arena_handle().empty()) arenas[p.instance_id()] = p.arena_handle();
     }
     absl::MutexLock lock(&dp->peers_mu);
     for (const auto& [id, port] : dp->peers) {
@@ -169,6 +173,10 @@ class InstanceServer::Impl {
       dp->tcp->SetPeer(InstanceId(n + id), address).IgnoreError();
     }
     dp->peers = std::move(next);
+    if (arenas != dp->arenas) {
+      dp->backend->SetPeerArenas(arenas);
+      dp->arenas = std::move(arenas);
+    }
   }
 
   // Frees what the coordinator found unlisted in its view of this instance at store generation
@@ -199,6 +207,7 @@ class InstanceServer::Impl {
     std::shared_ptr<DataPlane> dp = Data();
     if (dp != nullptr) {
       state.set_used_slots(dp->backend->used_slots());
+      state.set_arena_handle(dp->backend->arena_handle());
       state.set_data_port(dp->tcp->port());
     }
     state.set_advertise_host(AdvertiseHost());
