@@ -135,6 +135,11 @@ store::SegmentStore& InstancePool::store(InstanceId i) const {
   return instances_[static_cast<size_t>(i.value())]->hosted->slots();
 }
 
+HostedStore& InstancePool::hosted(InstanceId i) const {
+  TOKENLAKE_CHECK(hosts(i));
+  return *instances_[static_cast<size_t>(i.value())]->hosted;
+}
+
 std::vector<HeldSegmentInfo> InstancePool::Held(InstanceId i) const {
   return HeldWithGeneration(i).segments;
 }

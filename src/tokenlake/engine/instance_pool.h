@@ -130,6 +130,8 @@ class InstancePool {
   }
   // The store of instance `i`. REQUIRES: hosts(i).
   store::SegmentStore& store(InstanceId i) const;
+  // Its slots with their metadata, generations and change log. REQUIRES: hosts(i).
+  HostedStore& hosted(InstanceId i) const;
   // The segments hosted instance `i` stores, with their metadata (parent, tokens; zero when a
   // store message did not carry them). REQUIRES: hosts(i).
   std::vector<HeldSegmentInfo> Held(InstanceId i) const;

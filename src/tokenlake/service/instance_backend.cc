@@ -6,38 +6,22 @@
 #include "tokenlake/engine/instance_pool.h"
 
 namespace tokenlake::service {
+
+uint64_t HostedStoreHoldings::Snapshot(std::vector<lake::HeldSegment>* held) const {
+  engine::HostedStore::HeldReport r = hosted_->Held();
+  held->reserve(r.segments.size());
+  for (const engine::HeldSegmentInfo& h : r.segments) {
+    held->push_back({.id = h.id, .parent = h.meta.parent, .num_tokens = h.meta.num_tokens});
+  }
+  return r.generation;
+}
+
 namespace {
-
-// Unacknowledged changes of the store an instance keeps for its reports (beyond, it reports in
-// full): far more than a heartbeat period's.
-constexpr int64_t kChangeLogEntries = int64_t{1} << 16;
-
-// What this instance's store holds and how it changed (holdings_report.h), from its pool.
-class PoolHoldings final : public HoldingsSource {
- public:
-  PoolHoldings(engine::InstancePool* pool, InstanceId self) : pool_(pool), self_(self) {}
-  uint64_t Snapshot(std::vector<lake::HeldSegment>* held) const override {
-    engine::InstancePool::HeldReport r = pool_->HeldWithGeneration(self_);
-    held->reserve(r.segments.size());
-    for (const engine::HeldSegmentInfo& h : r.segments) {
-      held->push_back({.id = h.id, .parent = h.meta.parent, .num_tokens = h.meta.num_tokens});
-    }
-    return r.generation;
-  }
-  std::optional<std::vector<store::SegmentChange>> ChangesSince(uint64_t from) const override {
-    return pool_->ChangesSince(self_, from);
-  }
-  void Forget(uint64_t through) override { pool_->ForgetChanges(self_, through); }
-
- private:
-  engine::InstancePool* const pool_;
-  const InstanceId self_;
-};
 
 class HostBackend final : public InstanceBackend {
  public:
   HostBackend(InstanceId self, std::unique_ptr<engine::InstancePool> pool)
-      : self_(self), pool_(std::move(pool)), holdings_(pool_.get(), self) {}
+      : self_(self), pool_(std::move(pool)), holdings_(&pool_->hosted(self)) {}
   ~HostBackend() override {
     engine_.reset();  // before the pool it runs over
   }
@@ -74,7 +58,7 @@ class HostBackend final : public InstanceBackend {
  private:
   const InstanceId self_;
   std::unique_ptr<engine::InstancePool> pool_;
-  PoolHoldings holdings_;
+  HostedStoreHoldings holdings_;
   std::unique_ptr<engine::Engine> engine_;
 };
 
@@ -89,7 +73,7 @@ BackendFactory HostBackendFactory(const HostBackendOptions& options) {
                                      .reply_timeout = options.data_timeout,
                                      .external_transport = ctx.data_transport,
                                      .endpoint_base = 0,
-                                     .change_log_entries = kChangeLogEntries};
+                                     .change_log_entries = kInstanceChangeLogEntries};
     po.hosted = {ctx.self};
     TOKENLAKE_ASSIGN_OR_RETURN(std::unique_ptr<engine::InstancePool> pool,
                                engine::InstancePool::Create(po));

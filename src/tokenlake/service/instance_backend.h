@@ -24,6 +24,7 @@
 #include "tokenlake/attention/attention.h"
 #include "tokenlake/base/ids.h"
 #include "tokenlake/engine/engine.h"
+#include "tokenlake/engine/hosted_store.h"
 #include "tokenlake/engine/iteration_loop.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/lake/control_plane.h"
@@ -71,6 +72,25 @@ class InstanceBackend {
   // those gone. Called by the server's control thread whenever the set changes.
   virtual void SetPeerArenas(const absl::flat_hash_map<int32_t, std::string>& /*handles*/) {}
 };
+
+// What a hosted store holds and how it changed, for the holdings reports (holdings_report.h).
+class HostedStoreHoldings final : public HoldingsSource {
+ public:
+  // `hosted` is borrowed and outlives this.
+  explicit HostedStoreHoldings(engine::HostedStore* hosted) : hosted_(hosted) {}
+  uint64_t Snapshot(std::vector<lake::HeldSegment>* held) const override;
+  std::optional<std::vector<store::SegmentChange>> ChangesSince(uint64_t from) const override {
+    return hosted_->ChangesSince(from);
+  }
+  void Forget(uint64_t through) override { hosted_->ForgetChanges(through); }
+
+ private:
+  engine::HostedStore* const hosted_;
+};
+
+// Unacknowledged changes of the store an instance keeps for its reports (beyond, it reports in
+// full): far more than a heartbeat period's.
+inline constexpr int64_t kInstanceChangeLogEntries = int64_t{1} << 16;
 
 // What a backend is built over, by the server, at each registration.
 struct BackendContext {
