@@ -61,7 +61,7 @@ TEST(HostedStoreTest, MatchesANaiveModelUnderRandomOperations) {
       const StoredMeta meta{.parent = SegmentId(100 + id),
                             .num_tokens = 1 + static_cast<int32_t>(rng() % 4),
                             .placement_sequence = ++sequence};
-      const int32_t used = static_cast<int32_t>(model.size() + tails.size());
+      const auto used = static_cast<int32_t>(model.size() + tails.size());
       switch (rng() % 7) {
         case 0:
         case 1: {  // a store (the write fails now and then)
