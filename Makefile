@@ -42,7 +42,7 @@ cuda: deps
 	cmake --preset cuda -DTOKENLAKE_BUILD_BENCHMARKS=OFF
 	cmake --build --preset cuda -j $(JOBS) --target tokenlake_attention_cuda tokenlake_store_cuda \
 	  paged_attention_test device_arena_test peer_arena_test tokenlake_transport_nccl \
-	  nccl_channel_test nccl_attention_test tokenlake_engine_cuda gpu_engine_test \
+	  nccl_channel_test nccl_attention_test tokenlake_engine_cuda gpu_engine_test device_pool_test \
 	  gpu_engine_fixture_test gpu_attention_bench gpu_merge_bench gpu_stream_probe gpu_engine_timing \
 	  tokenlake
 	ctest --test-dir build/cuda -L gpu --output-on-failure

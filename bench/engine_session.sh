@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU engine's evidence in one run (issue 12's measurements), on the code as built:
 #   tests:  the GPU engine's tests (small_batch_gemm_test, gpu_engine_test, gpu_engine_fixture_test,
-#           gpu_checkpoint_test)
+#           gpu_checkpoint_test, device_pool_test, peer_device_pool_test: two processes)
 #           and apps/tokenlake/cli_gpu_test.sh (`tokenlake generate --device gpu` against the
 #           transformers fixture);
 #   bench:  `tokenlake bench engine` for each model of MODELS (default llama2-7b llama3-8b):
@@ -55,7 +55,8 @@ stamp() { echo "[$(($(date +%s) - started)) s] $*"; }
 } | tee "$OUT/machine.txt"
 
 if wants tests; then
-  for t in small_batch_gemm_test gpu_engine_test gpu_engine_fixture_test gpu_checkpoint_test; do
+  for t in small_batch_gemm_test gpu_engine_test gpu_engine_fixture_test gpu_checkpoint_test \
+    device_pool_test peer_device_pool_test; do
     timeout "$STEP_TIMEOUT" "$B/$t" > "$OUT/$t.log" 2>&1
     stamp "$t rc=$? $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/$t.log" | tr '\n' ' ')"
   done

@@ -104,6 +104,8 @@ struct KvSlotLayout {
   // Byte offset of layer `layer`'s K block (kv == 0) or V block (kv == 1) inside the slot.
   // REQUIRES: 0 <= layer < num_layers, kv in {0, 1}.
   int64_t BlockOffsetBytes(int32_t layer, int kv) const;
+
+  friend bool operator==(const KvSlotLayout&, const KvSlotLayout&) = default;
 };
 
 // Returns the KvBlock of layer `layer` of the slot at `slot` using its first `num_tokens` rows.

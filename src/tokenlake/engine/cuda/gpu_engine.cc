@@ -233,7 +233,7 @@ class GpuEngine::Executor final : public IterationExecutor {
 
   absl::StatusOr<int64_t> StoreSegment(RequestId request, InstanceId /*compute*/, int64_t first_row,
                                        InstanceId target, SegmentId segment,
-                                       const StoredMeta& /*meta*/) override {
+                                       const StoredMeta& meta) override {
     TOKENLAKE_ASSIGN_OR_RETURN(Sequence * s, Find(request));
     const attention::KvSlotLayout& layout = e_->layout_;
     const int64_t seg = layout.segment_tokens;
@@ -245,40 +245,23 @@ class GpuEngine::Executor final : public IterationExecutor {
           absl::StrFormat("GpuEngine: segment rows [%d, %d) outside the tail of request %d", row,
                           row + seg, request.value()));
     }
-    if (!target.valid() || target.value() >= e_->options_.num_instances) {
-      return absl::InternalError(
-          absl::StrFormat("GpuEngine: store on instance %d", target.valid() ? target.value() : -1));
-    }
     TailBlock& block = s->blocks[index];
-    store::SegmentStore& st = *e_->instances_[static_cast<size_t>(target.value())].store;
     if (target == block.instance) {
       // Committed in place (lake::CommitResult::in_place): the block is the segment's slot.
-      TOKENLAKE_RETURN_IF_ERROR(st.AssignTail(block.slot, segment));
+      TOKENLAKE_RETURN_IF_ERROR(e_->pool_->CommitTail(block.instance, block.slot, segment, meta));
       block.live = false;
       AddTailSlots(-1);
       return layout.SlotBytes();
     }
-    TOKENLAKE_ASSIGN_OR_RETURN(SlotId slot, st.Allocate(segment));
-    // The same layout on both sides: one copy of the whole slot.
     TOKENLAKE_RETURN_IF_ERROR(
-        CudaStatus(cudaMemcpyAsync(st.SlotData(slot).data(), block.data,
-                                   static_cast<size_t>(layout.SlotBytes()),
-                                   cudaMemcpyDeviceToDevice, e_->model_->stream()),
-                   "store copy"));
+        e_->pool_->Store(target, segment, block.data, meta, e_->model_->stream()));
     GiveBack(block);
     return layout.SlotBytes();
   }
 
   absl::Status FreeSegment(InstanceId /*compute*/, InstanceId target, SegmentId segment,
-                           uint64_t /*evicted_at*/) override {
-    if (!target.valid() || target.value() >= e_->options_.num_instances) {
-      return absl::InternalError(
-          absl::StrFormat("GpuEngine: free on instance %d", target.valid() ? target.value() : -1));
-    }
-    // Queued copies may still read the slot.
-    TOKENLAKE_RETURN_IF_ERROR(
-        CudaStatus(cudaStreamSynchronize(e_->model_->stream()), "synchronize before a free"));
-    return e_->instances_[static_cast<size_t>(target.value())].store->Free(segment);
+                           uint64_t evicted_at) override {
+    return e_->pool_->Free(target, segment, evicted_at, e_->model_->stream());
   }
 
  private:
@@ -308,8 +291,7 @@ class GpuEngine::Executor final : public IterationExecutor {
   // later write to the slot (one stream).
   void GiveBack(TailBlock& b) {
     if (!b.live) return;
-    TOKENLAKE_CHECK_OK(
-        e_->instances_[static_cast<size_t>(b.instance.value())].store->FreeTail(b.slot));
+    TOKENLAKE_CHECK_OK(e_->pool_->FreeTail(b.instance, b.slot));
     b.live = false;
     AddTailSlots(-1);
   }
@@ -349,27 +331,20 @@ absl::Status GpuEngine::Executor::TakeTailBlocks(RequestId request, Sequence* s,
   }
   for (size_t i = 0; i < want.size(); ++i) {
     const InstanceId x = want[i];
-    if (!x.valid() || x.value() >= e_->options_.num_instances) {
-      return absl::InternalError(
-          absl::StrFormat("GpuEngine: tail slot on instance %d", x.valid() ? x.value() : -1));
-    }
     if (i < s->blocks.size()) {
       if (s->blocks[i].instance != x || !s->blocks[i].live) {
         return absl::InternalError(absl::StrFormat(
             "GpuEngine: request %d: tail block %d is on instance %d, the plan says %d",
-            request.value(), i, s->blocks[i].instance.value(), x.value()));
+            request.value(), i, s->blocks[i].instance.value(), x.valid() ? x.value() : -1));
       }
       continue;
     }
-    store::SegmentStore& st = *e_->instances_[static_cast<size_t>(x.value())].store;
-    absl::StatusOr<SlotId> slot = st.AllocateTail();
+    absl::StatusOr<DeviceSlot> slot = e_->pool_->AllocateTail(x);
     if (!slot.ok()) {
-      return absl::InternalError(absl::StrFormat(
-          "GpuEngine: request %d: no slot on instance %d for a tail block the lake placed there "
-          "(data plane out of step with the lake): %s",
-          request.value(), x.value(), slot.status().message()));
+      return StatusWithPrefix(slot.status(),
+                              absl::StrFormat("GpuEngine: request %d: ", request.value()));
     }
-    s->blocks.push_back({x, *slot, st.SlotData(*slot).data(), true});
+    s->blocks.push_back({x, slot->slot, slot->data, true});
     AddTailSlots(1);
   }
   return absl::OkStatus();
@@ -426,6 +401,16 @@ absl::StatusOr<std::vector<WorkOutput>> GpuEngine::Executor::Run(
   if (to_pull > 0) {
     TOKENLAKE_RETURN_IF_ERROR(e_->pulled_.Reserve(static_cast<size_t>(slot_bytes) * to_pull));
   }
+  // Where every cached segment of the batch is (in forward order), asked of the pool at once.
+  std::vector<SlotRef> refs;
+  for (size_t i : order) {
+    for (const plan::SegmentAssignment& a : batch[i].plan->segments) {
+      refs.push_back({a.holder, a.segment});
+    }
+  }
+  std::vector<const std::byte*> slots(refs.size());
+  TOKENLAKE_RETURN_IF_ERROR(e_->pool_->Resolve(refs, absl::MakeSpan(slots)));
+  size_t next_slot = 0;
 
   // Per request (in forward order): its pooled segments (own and pulled first, then each
   // moved-queries holder's: on one device the holder's slots are read where they are) and its
@@ -449,7 +434,7 @@ absl::StatusOr<std::vector<WorkOutput>> GpuEngine::Executor::Run(
     std::vector<std::pair<InstanceId, std::vector<Block>>> remote;
     bool any_local = false;
     for (const plan::SegmentAssignment& a : w.plan->segments) {
-      TOKENLAKE_ASSIGN_OR_RETURN(std::byte * slot, e_->SlotPointer(a.holder, a.segment));
+      const std::byte* slot = slots[next_slot++];
       if (a.holder == w.compute) {
         blocks.push_back({slot, a.num_tokens});
         any_local = true;
@@ -620,8 +605,7 @@ GpuEngine::~GpuEngine() {
   if (model_ != nullptr) cudaStreamSynchronize(model_->stream());
 }
 
-absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(GpuLlamaModel* model,
-                                                             const GpuEngineOptions& options) {
+absl::Status GpuEngine::CheckOptions(const GpuLlamaModel* model, const GpuEngineOptions& options) {
   if (model == nullptr) return absl::InvalidArgumentError("GpuEngine: model is null");
   if (options.num_instances < 1) {
     return absl::InvalidArgumentError(
@@ -635,67 +619,91 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(GpuLlamaModel* mode
     return absl::InvalidArgumentError(absl::StrFormat(
         "GpuEngine: slots_per_instance must be >= 1, got %d", options.slots_per_instance));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(GpuLlamaModel* model,
+                                                             const GpuEngineOptions& options) {
+  TOKENLAKE_RETURN_IF_ERROR(CheckOptions(model, options));
   std::unique_ptr<GpuEngine> e(new GpuEngine(model, options));
   const LlamaConfig& c = model->config();
   e->layout_ = PoolSlotLayout(c, options.segment_tokens, attention::KvDtype::kBFloat16);
   TOKENLAKE_RETURN_IF_ERROR(e->layout_.Validate());
-  const size_t slot_bytes = static_cast<size_t>(e->layout_.SlotBytes());
-  for (int32_t i = 0; i < options.num_instances; ++i) {
-    Instance inst;
-    TOKENLAKE_ASSIGN_OR_RETURN(
-        inst.arena, store::DeviceArena::Create(
-                        {.bytes = slot_bytes * static_cast<size_t>(options.slots_per_instance),
-                         .device = model->device()}));
-    store::SegmentStore::Options so = inst.arena->StoreOptions(slot_bytes, InstanceId(i));
-    so.num_slots = options.slots_per_instance;
-    TOKENLAKE_ASSIGN_OR_RETURN(inst.store, store::SegmentStore::Create(so));
-    e->instances_.push_back(std::move(inst));
-  }
+  TOKENLAKE_ASSIGN_OR_RETURN(
+      e->own_pool_, SharedDevicePool::Create({.num_instances = options.num_instances,
+                                              .slots_per_instance = options.slots_per_instance,
+                                              .layout = e->layout_,
+                                              .device = model->device()}));
   const lake::LakeOptions lo = PoolLakeOptions(c,
                                                {.num_instances = options.num_instances,
                                                 .segment_tokens = options.segment_tokens,
                                                 .slots_per_instance = options.slots_per_instance},
                                                attention::KvDtype::kBFloat16);
   TOKENLAKE_ASSIGN_OR_RETURN(e->lake_, lake::Lake::Create(lo, &e->clock_));
-  e->control_ = std::make_unique<lake::LocalControlPlane>(e->lake_.get(), &e->clock_);
-  e->salt_ = index::NamespaceSalt(options.namespace_name);
-  e->executor_ = std::make_unique<Executor>(e.get());
-  TOKENLAKE_ASSIGN_OR_RETURN(
-      e->loop_,
-      IterationLoop::Create(
-          e->control_.get(), e->executor_.get(),
-          {.segment_tokens = options.segment_tokens,
-           .salt = e->salt_,
-           .max_batch_tokens = options.max_batch_tokens,
-           .max_batch_requests = options.max_batch_requests,
-           .memory_admission = options.memory_admission,
-           .vocab_size = c.vocab_size,
-           .max_request_tokens = c.max_position_embeddings,
-           .pool_tokens =
-               int64_t{options.num_instances} * options.slots_per_instance * options.segment_tokens,
-           .rotate_over_instances = options.rotate_compute_instance ? options.num_instances : 0,
-           .tails_in_pool = true}));
+  e->own_control_ = std::make_unique<lake::LocalControlPlane>(e->lake_.get(), &e->clock_);
+  e->pool_ = e->own_pool_.get();
+  e->control_ = e->own_control_.get();
+  TOKENLAKE_RETURN_IF_ERROR(e->Start(InstanceId()));
   return e;
 }
 
-const store::SegmentStore& GpuEngine::store(InstanceId instance) const {
-  return *instances_[static_cast<size_t>(instance.value())].store;
+absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::CreateOver(GpuLlamaModel* model,
+                                                                 const GpuEngineOptions& options,
+                                                                 lake::ControlPlane* control,
+                                                                 DevicePool* pool,
+                                                                 InstanceId compute_instance) {
+  TOKENLAKE_RETURN_IF_ERROR(CheckOptions(model, options));
+  if (control == nullptr || pool == nullptr) {
+    return absl::InvalidArgumentError("GpuEngine::CreateOver: control plane or pool is null");
+  }
+  std::unique_ptr<GpuEngine> e(new GpuEngine(model, options));
+  e->layout_ =
+      PoolSlotLayout(model->config(), options.segment_tokens, attention::KvDtype::kBFloat16);
+  TOKENLAKE_RETURN_IF_ERROR(e->layout_.Validate());
+  if (pool->layout() != e->layout_ || pool->num_instances() != options.num_instances) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "GpuEngine::CreateOver: the pool has %d instances of %d-byte slots; the model and "
+        "options need %d instances of %d-byte slots (%d-token segments, bf16)",
+        pool->num_instances(), pool->layout().SlotBytes(), options.num_instances,
+        e->layout_.SlotBytes(), options.segment_tokens));
+  }
+  if (compute_instance.valid() && compute_instance.value() >= options.num_instances) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("GpuEngine::CreateOver: compute_instance %d of a pool of %d",
+                        compute_instance.value(), options.num_instances));
+  }
+  e->pool_ = pool;
+  e->control_ = control;
+  TOKENLAKE_RETURN_IF_ERROR(e->Start(compute_instance));
+  return e;
 }
 
-absl::StatusOr<std::byte*> GpuEngine::SlotPointer(InstanceId instance, SegmentId segment) const {
-  if (!instance.valid() || instance.value() >= options_.num_instances) {
-    return absl::InternalError(
-        absl::StrFormat("GpuEngine: plan names instance %d", instance.value()));
-  }
-  const store::SegmentStore& st = *instances_[static_cast<size_t>(instance.value())].store;
-  std::optional<SlotId> slot = st.Find(segment);
-  if (!slot.has_value()) {
-    return absl::InternalError(absl::StrFormat(
-        "GpuEngine: segment %016x is not stored on instance %d (data plane out of step with the "
-        "lake)",
-        segment.value(), instance.value()));
-  }
-  return st.SlotData(*slot).data();
+absl::Status GpuEngine::Start(InstanceId compute_instance) {
+  const LlamaConfig& c = model_->config();
+  salt_ = index::NamespaceSalt(options_.namespace_name);
+  executor_ = std::make_unique<Executor>(this);
+  TOKENLAKE_ASSIGN_OR_RETURN(
+      loop_,
+      IterationLoop::Create(
+          control_, executor_.get(),
+          {.segment_tokens = options_.segment_tokens,
+           .salt = salt_,
+           .max_batch_tokens = options_.max_batch_tokens,
+           .max_batch_requests = options_.max_batch_requests,
+           .memory_admission = options_.memory_admission,
+           .vocab_size = c.vocab_size,
+           .max_request_tokens = c.max_position_embeddings,
+           .pool_tokens = int64_t{options_.num_instances} * options_.slots_per_instance *
+                          options_.segment_tokens,
+           .fixed_compute = compute_instance,
+           .rotate_over_instances = options_.rotate_compute_instance ? options_.num_instances : 0,
+           .tails_in_pool = true}));
+  return absl::OkStatus();
+}
+
+const store::SegmentStore& GpuEngine::store(InstanceId instance) const {
+  TOKENLAKE_CHECK(own_pool_ != nullptr);
+  return own_pool_->store(instance);
 }
 
 absl::Status GpuEngine::CheckInput(absl::Span<const int32_t> prompt, int32_t max_new_tokens,

@@ -11,10 +11,12 @@
 // the batch's decodes attend in one batched paged-attention launch (each request over its own
 // blocks), and each prefill chunk attends in one or two launches (below).
 //
-// Data plane. Every instance owns a store::DeviceArena (cudaMalloc'd) with a store::SegmentStore
-// slot allocator over it; a slot holds one segment's KV for all layers in bf16, laid out as
-// attention::KvSlotLayout says ([layer][kv][token][kv_head][head_dim]). Control plane: the real
-// lake::Lake (prefix tree, planner, balancer) behind lake::LocalControlPlane.
+// Data plane: a DevicePool (device_pool.h). By default the engine's own SharedDevicePool: every
+// instance owns a store::DeviceArena (cudaMalloc'd) with a store::SegmentStore slot allocator
+// over it; a slot holds one segment's KV for all layers in bf16, laid out as
+// attention::KvSlotLayout says ([layer][kv][token][kv_head][head_dim]). Control plane: by
+// default the real lake::Lake (prefix tree, planner, balancer) behind lake::LocalControlPlane;
+// CreateOver runs the engine over a control plane and a data plane given to it instead.
 //
 // Per request of an iteration, on the computing instance the plan names:
 //   - segments the computing instance holds, and kPullKv segments (their slot is first copied
@@ -51,15 +53,16 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "tokenlake/attention/attention.h"
+#include "tokenlake/base/check.h"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/base/ids.h"
 #include "tokenlake/engine/cuda/device_buffer.h"
+#include "tokenlake/engine/cuda/device_pool.h"
 #include "tokenlake/engine/cuda/gpu_llama.h"
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/iteration_loop.h"
 #include "tokenlake/lake/control_plane.h"
 #include "tokenlake/lake/lake.h"
-#include "tokenlake/store/cuda/device_arena.h"
 #include "tokenlake/store/segment_store.h"
 
 namespace tokenlake::engine::cuda {
@@ -120,6 +123,17 @@ class GpuEngine {
   //   or the lake.
   static absl::StatusOr<std::unique_ptr<GpuEngine>> Create(GpuLlamaModel* model,
                                                            const GpuEngineOptions& options);
+  // The engine over a control plane and a data plane it does not own (both borrowed, must
+  // outlive the engine), as an instance process runs it: the pool's layout must be the model's
+  // at options.segment_tokens in bf16, and its instance count options.num_instances; the
+  // control plane's lake must have the same geometry. With `compute_instance` valid, every
+  // request is computed there (an instance process computes on its own instance); else the
+  // lake chooses. lake() and store() are then unavailable (CHECK).
+  // Errors: as Create; InvalidArgument when the pool does not match the model and options, or
+  // compute_instance is out of range.
+  static absl::StatusOr<std::unique_ptr<GpuEngine>> CreateOver(
+      GpuLlamaModel* model, const GpuEngineOptions& options, lake::ControlPlane* control,
+      DevicePool* pool, InstanceId compute_instance = InstanceId());
   ~GpuEngine();
   GpuEngine(const GpuEngine&) = delete;
   GpuEngine& operator=(const GpuEngine&) = delete;
@@ -166,9 +180,13 @@ class GpuEngine {
   int64_t peak_tail_slots() const;
 
   const GpuEngineOptions& options() const { return options_; }
-  // The control plane, for tests and statistics.
-  const lake::Lake& lake() const { return *lake_; }
-  // Instance i's slot allocator (device slots). REQUIRES: 0 <= i < num_instances.
+  // The engine's own control plane, for tests and statistics. REQUIRES: made by Create.
+  const lake::Lake& lake() const {
+    TOKENLAKE_CHECK(lake_ != nullptr);
+    return *lake_;
+  }
+  // Instance i's slot allocator (device slots) in the engine's own pool.
+  // REQUIRES: made by Create; 0 <= i < num_instances.
   const store::SegmentStore& store(InstanceId instance) const;
   // The slot layout of the pool.
   const attention::KvSlotLayout& layout() const { return layout_; }
@@ -177,13 +195,11 @@ class GpuEngine {
   class Executor;  // the IterationExecutor over the device pool (gpu_engine.cc)
 
  private:
-  struct Instance {
-    std::unique_ptr<store::DeviceArena> arena;
-    std::unique_ptr<store::SegmentStore> store;
-  };
   GpuEngine(GpuLlamaModel* model, const GpuEngineOptions& options);
-  // Device pointer to `segment`'s slot on `instance`, or Internal if it is not there.
-  absl::StatusOr<std::byte*> SlotPointer(InstanceId instance, SegmentId segment) const;
+  // Create's option checks.
+  static absl::Status CheckOptions(const GpuLlamaModel* model, const GpuEngineOptions& options);
+  // Builds the executor and the loop over control_ and pool_.
+  absl::Status Start(InstanceId compute_instance);
   // Generate's input checks.
   absl::Status CheckInput(absl::Span<const int32_t> prompt, int32_t max_new_tokens,
                           absl::Span<const int32_t> force_tokens) const;
@@ -191,10 +207,13 @@ class GpuEngine {
   GpuLlamaModel* model_;
   GpuEngineOptions options_;
   attention::KvSlotLayout layout_;
-  std::vector<Instance> instances_;
   ManualClock clock_{1};
+  // The engine's own pool and lake (Create), or none (CreateOver).
+  std::unique_ptr<SharedDevicePool> own_pool_;
   std::unique_ptr<lake::Lake> lake_;
-  std::unique_ptr<lake::LocalControlPlane> control_;  // over lake_
+  std::unique_ptr<lake::LocalControlPlane> own_control_;  // over lake_
+  DevicePool* pool_ = nullptr;                            // own_pool_ or borrowed
+  lake::ControlPlane* control_ = nullptr;                 // own_control_ or borrowed
   uint64_t salt_ = 0;
   uint64_t next_request_ = 1;
   std::unique_ptr<Executor> executor_;

@@ -14,9 +14,11 @@
 #include "gtest/gtest.h"
 #include "tokenlake/engine/checkpoint_testing.h"
 #include "tokenlake/engine/cuda/gpu_llama.h"
+#include "tokenlake/engine/cuda/gpu_model_testing.h"
 #include "tokenlake/engine/cuda/gpu_test_util.h"
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/llama_model.h"
+#include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/engine/safetensors.h"
 
 namespace tokenlake::engine::cuda {
@@ -26,20 +28,6 @@ using namespace testing_util;  // NOLINT
 
 #define SKIP_WITHOUT_GPU() \
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device"
-
-// Random weights as a safetensors image: uniform in [-a, a] with a = sqrt(3 / fan_in) (unit
-// variance outputs for unit inputs), RMSNorm weights 1 + uniform(-0.2, 0.2).
-std::string RandomCheckpoint(const LlamaConfig& c, uint64_t seed, const std::string& skip = "") {
-  std::mt19937_64 rng(seed);
-  return testing_checkpoint::LlamaCheckpointImage(
-      c,
-      [&](const std::vector<int64_t>& shape, bool norm, std::vector<float>& v) {
-        const float a = norm ? 0.2f : std::sqrt(3.0f / static_cast<float>(shape.back()));
-        std::uniform_real_distribution<float> u(-a, a);
-        for (float& x : v) x = norm ? 1.0f + u(rng) : u(rng);
-      },
-      skip);
-}
 
 LlamaConfig RandomConfig(std::mt19937_64& rng) {
   static constexpr int kHeadDims[] = {16, 64};
@@ -57,25 +45,6 @@ LlamaConfig RandomConfig(std::mt19937_64& rng) {
   c.max_position_embeddings = 4096;
   c.tie_word_embeddings = rng() % 2 == 0;
   return c;
-}
-
-struct Models {
-  std::unique_ptr<LlamaModel> cpu;
-  std::unique_ptr<GpuLlamaModel> gpu;
-};
-
-Models MakeModels(const LlamaConfig& c, uint64_t seed) {
-  Models m;
-  auto file = SafetensorsFile::FromBytes(RandomCheckpoint(c, seed), "random");
-  EXPECT_TRUE(file.ok()) << file.status();
-  if (!file.ok()) return m;
-  auto cpu = LlamaModel::FromSafetensors(c, **file);
-  EXPECT_TRUE(cpu.ok()) << cpu.status();
-  auto gpu = GpuLlamaModel::FromSafetensors(c, **file, {});
-  EXPECT_TRUE(gpu.ok()) << gpu.status();
-  if (cpu.ok()) m.cpu = *std::move(cpu);
-  if (gpu.ok()) m.gpu = *std::move(gpu);
-  return m;
 }
 
 // Prompts sharing prefixes: a few random "documents", each prompt a document's prefix of
@@ -240,20 +209,6 @@ TEST(GpuEngineTest, SmallPoolEvictsAndStaysCorrect) {
   EXPECT_GT((*gpu)->lake().Stats().evicted_replicas, 0);
 }
 
-LlamaConfig FixedConfig() {
-  return LlamaConfig{.vocab_size = 256,
-                     .hidden_size = 128,
-                     .intermediate_size = 192,
-                     .num_layers = 2,
-                     .num_heads = 4,
-                     .num_kv_heads = 2,
-                     .head_dim = 64,
-                     .rms_norm_eps = 1e-5f,
-                     .rope_theta = 10000.0,
-                     .max_position_embeddings = 4096,
-                     .tie_word_embeddings = false};
-}
-
 // A repeated prompt is served from the pool (all full segments before its last token), on one
 // instance and with the second request computed on another instance (same-device path), and
 // gives the same logits as computing it (bf16 KV read back from the slots it was written to).
@@ -265,20 +220,6 @@ LlamaConfig FixedConfig() {
 // requests' tails (in pool slots) make others wait for memory, are preempted and recomputed,
 // and decodes attend over tails longer than a segment (several blocks of the batched decode
 // launch).
-// Each request of a batch's results (in request order) against its CPU reference, within the
-// bf16 tolerance: the prompt's last logits and every decode step's.
-void ExpectBatchMatches(const std::vector<absl::StatusOr<GpuGenerateResult>>& got,
-                        const std::vector<GenerateResult>& want) {
-  ASSERT_EQ(got.size(), want.size());
-  for (size_t i = 0; i < got.size(); ++i) {
-    SCOPED_TRACE(testing::Message() << "request " << i);
-    ASSERT_TRUE(got[i].ok()) << got[i].status();
-    EXPECT_LE(MaxAbsDiff(got[i]->last_logits, want[i].last_logits),
-              Bf16Tolerance(want[i].last_logits));
-    EXPECT_LE(MaxAbsDiff(got[i]->decode_logits, want[i].decode_logits),
-              Bf16Tolerance(want[i].decode_logits));
-  }
-}
 
 TEST(GpuEngineBatchTest, EachRequestMatchesTheCpuReferenceWhateverTheBatch) {
   SKIP_WITHOUT_GPU();
@@ -377,6 +318,87 @@ TEST(GpuEngineTailTest, TailsLiveInPoolSlotsAndSegmentsAreCommittedInPlace) {
   EXPECT_TRUE((*gpu)->lake().CheckIntegrity().ok()) << (*gpu)->lake().CheckIntegrity();
   std::cout << "peak tail slots " << (*gpu)->peak_tail_slots() << " of " << kSlots
             << ", deferred admissions " << st.admissions_deferred << "\n";
+}
+
+// The engine over a control plane and a data plane it is given (CreateOver, as an instance
+// process builds it): a batch over two instances of an outside SharedDevicePool matches the CPU
+// reference; the segments it stored are in that pool's stores, as many as the outside lake
+// lists; a repeat of the batch is served from them. A pool of another shape, or none, is
+// refused.
+TEST(GpuEngineTest, RunsOverAControlPlaneAndPoolItIsGiven) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937_64 rng(921);
+  const LlamaConfig c = FixedConfig();
+  Models m = MakeModels(c, 921);
+  ASSERT_TRUE(m.cpu != nullptr && m.gpu != nullptr);
+  auto cpu = Engine::Create(m.cpu.get(), {.use_pool = false});
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  const GpuEngineOptions options{.num_instances = 2,
+                                 .segment_tokens = 8,
+                                 .slots_per_instance = 64,
+                                 .rotate_compute_instance = true,
+                                 .max_batch_tokens = 96};
+  const attention::KvSlotLayout layout =
+      PoolSlotLayout(c, options.segment_tokens, attention::KvDtype::kBFloat16);
+  auto pool = SharedDevicePool::Create({.num_instances = options.num_instances,
+                                        .slots_per_instance = options.slots_per_instance,
+                                        .layout = layout});
+  ASSERT_TRUE(pool.ok()) << pool.status();
+  ManualClock clock(1);
+  auto lake = lake::Lake::Create(PoolLakeOptions(c,
+                                                 {.num_instances = options.num_instances,
+                                                  .segment_tokens = options.segment_tokens,
+                                                  .slots_per_instance = options.slots_per_instance},
+                                                 attention::KvDtype::kBFloat16),
+                                 &clock);
+  ASSERT_TRUE(lake.ok()) << lake.status();
+  lake::LocalControlPlane control(lake->get(), &clock);
+  auto gpu = GpuEngine::CreateOver(m.gpu.get(), options, &control, pool->get());
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+
+  std::vector<GenerateRequest> requests;
+  std::vector<GenerateResult> want;
+  for (int i = 0; i < 6; ++i) {
+    std::vector<int32_t> p(30 + rng() % 40);
+    for (int32_t& t : p) t = static_cast<int32_t>(rng() % c.vocab_size);
+    auto w = (*cpu)->Generate(p, 5);
+    ASSERT_TRUE(w.ok()) << w.status();
+    requests.push_back(
+        {.prompt = p,
+         .max_new_tokens = 5,
+         .force_tokens = std::vector<int32_t>(w->tokens.begin(), w->tokens.end() - 1)});
+    want.push_back(*std::move(w));
+  }
+  const auto first = (*gpu)->GenerateBatch(requests);
+  ASSERT_NO_FATAL_FAILURE(ExpectBatchMatches(first, want));
+  int64_t used = 0;
+  for (int32_t k = 0; k < options.num_instances; ++k) {
+    used += (*pool)->store(InstanceId(k)).used();
+    EXPECT_EQ((*pool)->store(InstanceId(k)).num_tail_slots(), 0);
+  }
+  EXPECT_GT(used, 0);
+  EXPECT_EQ(used, (*lake)->Stats().replicas);
+  const auto again = (*gpu)->GenerateBatch(requests);
+  ASSERT_NO_FATAL_FAILURE(ExpectBatchMatches(again, want));
+  for (size_t i = 0; i < again.size(); ++i) {
+    EXPECT_GE(again[i]->cached_tokens,
+              (static_cast<int64_t>(requests[i].prompt.size()) - 1) / 8 * 8)
+        << "request " << i;
+  }
+  EXPECT_TRUE((*lake)->CheckIntegrity().ok()) << (*lake)->CheckIntegrity();
+
+  GpuEngineOptions other = options;
+  other.segment_tokens = 16;
+  auto wrong_shape = GpuEngine::CreateOver(m.gpu.get(), other, &control, pool->get());
+  EXPECT_EQ(wrong_shape.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(wrong_shape.status().message().find("16-token segments"), std::string::npos)
+      << wrong_shape.status();
+  other = options;
+  other.num_instances = 3;
+  EXPECT_EQ(GpuEngine::CreateOver(m.gpu.get(), other, &control, pool->get()).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(GpuEngine::CreateOver(m.gpu.get(), options, &control, nullptr).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST(GpuEngineTest, RepeatedPromptIsServedFromThePool) {

@@ -1,0 +1,498 @@
+#include "tokenlake/engine/cuda/peer_device_pool.h"
+
+#include <algorithm>
+#include <string>
+#include <utility>
+
+#include "absl/strings/str_format.h"
+#include "tokenlake/base/check.h"
+#include "tokenlake/base/status_macros.h"
+#include "tokenlake/engine/cuda/device_buffer.h"
+#include "tokenlake/engine/wire.h"
+
+namespace tokenlake::engine::cuda {
+namespace {
+
+// Requests (and their replies, tag + 1). Distinct from InstancePool's, so that both may share
+// one transport's endpoint space.
+enum Tag : uint32_t {
+  kLocate = 41,
+  kAllocateTail = 43,
+  kFreeTail = 45,
+  kCommitTail = 47,
+  kStoreFrom = 49,
+  kFree = 51,
+};
+
+// CUDA IPC shares whole allocation blocks: an exported arena is a multiple of 2 MiB.
+constexpr size_t kArenaGranularity = size_t{2} << 20;
+
+void PutMeta(WireWriter& w, const StoredMeta& meta) {
+  w.Put<uint64_t>(meta.parent.valid() ? meta.parent.value() : 0);
+  w.Put<int32_t>(meta.num_tokens);
+  w.Put<uint64_t>(meta.placement_sequence);
+}
+
+absl::Status GetMeta(WireReader& r, StoredMeta* meta) {
+  uint64_t parent = 0;
+  TOKENLAKE_RETURN_IF_ERROR(r.Get(&parent, "parent"));
+  TOKENLAKE_RETURN_IF_ERROR(r.Get(&meta->num_tokens, "token count"));
+  TOKENLAKE_RETURN_IF_ERROR(r.Get(&meta->placement_sequence, "placement sequence"));
+  meta->parent = parent == 0 ? SegmentId() : SegmentId(parent);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<PeerDevicePool>> PeerDevicePool::Create(const Options& options) {
+  if (options.num_instances < 1) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PeerDevicePool: num_instances must be >= 1, got %d", options.num_instances));
+  }
+  if (!options.self.valid() || options.self.value() >= options.num_instances) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PeerDevicePool: self must be in [0, %d), got %d", options.num_instances,
+                        options.self.valid() ? options.self.value() : -1));
+  }
+  if (options.slots < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PeerDevicePool: slots must be >= 1, got %d", options.slots));
+  }
+  if (options.transport == nullptr) {
+    return absl::InvalidArgumentError("PeerDevicePool: transport is null");
+  }
+  if (options.endpoint_base < 0 ||
+      options.transport->num_endpoints() < options.endpoint_base + 2 * options.num_instances) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PeerDevicePool: the transport has %d endpoints; endpoint_base %d and %d instances need "
+        "%d",
+        options.transport->num_endpoints(), options.endpoint_base, options.num_instances,
+        options.endpoint_base + 2 * options.num_instances));
+  }
+  TOKENLAKE_RETURN_IF_ERROR(options.layout.Validate());
+  std::unique_ptr<PeerDevicePool> pool(new PeerDevicePool(options));
+  pool->slot_bytes_ = options.layout.SlotBytes();
+  const size_t bytes = static_cast<size_t>(pool->slot_bytes_) * static_cast<size_t>(options.slots);
+  TOKENLAKE_ASSIGN_OR_RETURN(
+      pool->arena_, store::DeviceArena::Create({.bytes = (bytes + kArenaGranularity - 1) /
+                                                         kArenaGranularity * kArenaGranularity,
+                                                .device = options.device}));
+  store::SegmentStore::Options so =
+      pool->arena_->StoreOptions(static_cast<size_t>(pool->slot_bytes_), options.self);
+  so.num_slots = options.slots;
+  TOKENLAKE_ASSIGN_OR_RETURN(pool->store_, store::SegmentStore::Create(so));
+  int current = 0;
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaGetDevice(&current), "cudaGetDevice"));
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(options.device), "cudaSetDevice"));
+  const absl::Status stream = CudaStatus(
+      cudaStreamCreateWithFlags(&pool->copy_stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+  cudaSetDevice(current);
+  TOKENLAKE_RETURN_IF_ERROR(stream);
+  pool->driver_ = std::make_unique<DriverChannel>(
+      options.transport,
+      InstanceId(options.endpoint_base + options.num_instances + options.self.value()),
+      options.endpoint_base);
+  pool->server_ = std::thread([p = pool.get()] { p->ServeLoop(); });
+  return pool;
+}
+
+PeerDevicePool::~PeerDevicePool() {
+  stopping_.store(true);
+  if (server_.joinable()) server_.join();
+  if (copy_stream_ != nullptr) {
+    cudaStreamSynchronize(copy_stream_);
+    cudaStreamDestroy(copy_stream_);
+  }
+  absl::MutexLock lock(&mu_);
+  peers_.clear();
+}
+
+absl::StatusOr<store::ArenaHandle> PeerDevicePool::ExportHandle() const {
+  return arena_->ExportHandle();
+}
+
+absl::Status PeerDevicePool::AddPeer(InstanceId peer, const store::ArenaHandle& handle) {
+  if (!peer.valid() || peer.value() >= options_.num_instances || peer == options_.self) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PeerDevicePool::AddPeer: instance %d is not a peer of instance %d (pool of %d)",
+        peer.valid() ? peer.value() : -1, options_.self.value(), options_.num_instances));
+  }
+  TOKENLAKE_ASSIGN_OR_RETURN(std::unique_ptr<store::PeerArena> mapped,
+                             store::PeerArena::Open(handle));
+  const size_t need = static_cast<size_t>(slot_bytes_) * static_cast<size_t>(options_.slots);
+  if (mapped->size_bytes() < need) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PeerDevicePool::AddPeer: instance %d's arena has %d bytes, %d slots of %d bytes need %d",
+        peer.value(), mapped->size_bytes(), options_.slots, slot_bytes_, need));
+  }
+  absl::MutexLock lock(&mu_);
+  peers_[peer] = std::move(mapped);
+  return absl::OkStatus();
+}
+
+void PeerDevicePool::RemovePeer(InstanceId peer) {
+  absl::MutexLock lock(&mu_);
+  peers_.erase(peer);
+}
+
+std::vector<HeldSegmentInfo> PeerDevicePool::Held() const {
+  std::vector<HeldSegmentInfo> out;
+  absl::MutexLock lock(&mu_);
+  for (SegmentId id : store_->Segments()) {
+    auto it = meta_.find(id);
+    out.push_back({id, it == meta_.end() ? StoredMeta{} : it->second});
+  }
+  return out;
+}
+
+absl::Status PeerDevicePool::CheckInstance(InstanceId i, const char* what) const {
+  if (!i.valid() || i.value() >= options_.num_instances) {
+    return absl::InternalError(absl::StrFormat("PeerDevicePool: %s on instance %d of %d", what,
+                                               i.valid() ? i.value() : -1, options_.num_instances));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::pair<std::byte*, size_t>> PeerDevicePool::ArenaOf(InstanceId i) const {
+  if (i == options_.self) {
+    return std::make_pair(static_cast<std::byte*>(arena_->data()), arena_->size_bytes());
+  }
+  absl::MutexLock lock(&mu_);
+  auto it = peers_.find(i);
+  if (it == peers_.end()) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "PeerDevicePool: instance %d's arena is not mapped in instance %d (not on this GPU, or "
+        "not announced yet)",
+        i.value(), options_.self.value()));
+  }
+  return std::make_pair(static_cast<std::byte*>(it->second->data()), it->second->size_bytes());
+}
+
+absl::StatusOr<transport::Message> PeerDevicePool::Call(InstanceId target, uint32_t tag,
+                                                        std::vector<std::byte> payload) {
+  TOKENLAKE_ASSIGN_OR_RETURN(uint64_t ticket,
+                             driver_->Send(ServerEndpoint(target), tag, std::move(payload)));
+  return driver_->Await(ticket, options_.reply_timeout);
+}
+
+// ---- This instance's side. ----
+
+absl::StatusOr<int64_t> PeerDevicePool::LocalOffset(SegmentId segment) const {
+  const std::optional<SlotId> slot = store_->Find(segment);
+  if (!slot.has_value()) {
+    return absl::NotFoundError(
+        absl::StrFormat("segment %016x is not stored on instance %d (data plane out of step with "
+                        "the lake)",
+                        segment.value(), options_.self.value()));
+  }
+  return int64_t{slot->value()} * slot_bytes_;
+}
+
+absl::StatusOr<SlotId> PeerDevicePool::LocalAllocateTail() {
+  absl::StatusOr<SlotId> slot = store_->AllocateTail();
+  if (!slot.ok()) {
+    return absl::InternalError(absl::StrFormat(
+        "no slot on instance %d for a tail block the lake placed there (data plane out of step "
+        "with the lake): %s",
+        options_.self.value(), slot.status().message()));
+  }
+  return slot;
+}
+
+absl::Status PeerDevicePool::LocalCommitTail(SlotId slot, SegmentId segment,
+                                             const StoredMeta& meta) {
+  TOKENLAKE_RETURN_IF_ERROR(store_->AssignTail(slot, segment));
+  absl::MutexLock lock(&mu_);
+  meta_[segment] = meta;
+  return absl::OkStatus();
+}
+
+absl::Status PeerDevicePool::LocalStoreFrom(SegmentId segment, const StoredMeta& meta,
+                                            InstanceId source, int64_t offset) {
+  TOKENLAKE_ASSIGN_OR_RETURN(auto from, ArenaOf(source));
+  if (offset < 0 || static_cast<size_t>(offset + slot_bytes_) > from.second) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("a store from bytes [%d, %d) of instance %d's arena of %d bytes", offset,
+                        offset + slot_bytes_, source.value(), from.second));
+  }
+  // A copy of the segment already here is overwritten (as InstancePool's store).
+  std::optional<SlotId> slot = store_->Find(segment);
+  if (!slot.has_value()) {
+    TOKENLAKE_ASSIGN_OR_RETURN(SlotId fresh, store_->Allocate(segment));
+    slot = fresh;
+  }
+  absl::Status copied = CudaStatus(
+      cudaMemcpyAsync(store_->SlotData(*slot).data(), from.first + offset,
+                      static_cast<size_t>(slot_bytes_), cudaMemcpyDeviceToDevice, copy_stream_),
+      "store copy");
+  if (copied.ok()) copied = CudaStatus(cudaStreamSynchronize(copy_stream_), "store copy");
+  if (!copied.ok()) {
+    (void)store_->Free(segment);
+    return copied;
+  }
+  absl::MutexLock lock(&mu_);
+  meta_[segment] = meta;
+  return absl::OkStatus();
+}
+
+absl::Status PeerDevicePool::LocalFree(SegmentId segment, uint64_t evicted_at) {
+  absl::MutexLock lock(&mu_);
+  auto it = meta_.find(segment);
+  if (evicted_at > 0 && it != meta_.end() && it->second.placement_sequence > evicted_at) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "segment %016x on instance %d was placed again (change %d) after its eviction (change %d)",
+        segment.value(), options_.self.value(), it->second.placement_sequence, evicted_at));
+  }
+  TOKENLAKE_RETURN_IF_ERROR(store_->Free(segment));
+  if (it != meta_.end()) meta_.erase(it);
+  return absl::OkStatus();
+}
+
+// ---- The driver's calls. ----
+
+absl::Status PeerDevicePool::Resolve(absl::Span<const SlotRef> refs,
+                                     absl::Span<const std::byte*> out) {
+  TOKENLAKE_CHECK(refs.size() == out.size());
+  // The peers' segments: one locate per holder, all sent before any reply is awaited.
+  struct Ask {
+    InstanceId holder;
+    std::vector<size_t> at;  // indices into refs
+    uint64_t ticket = 0;
+  };
+  std::vector<Ask> asks;
+  for (size_t i = 0; i < refs.size(); ++i) {
+    TOKENLAKE_RETURN_IF_ERROR(CheckInstance(refs[i].holder, "a read"));
+    if (refs[i].holder == options_.self) {
+      absl::StatusOr<int64_t> offset = LocalOffset(refs[i].segment);
+      if (!offset.ok()) return absl::InternalError(offset.status().message());
+      out[i] = static_cast<const std::byte*>(arena_->data()) + *offset;
+      continue;
+    }
+    auto it = std::find_if(asks.begin(), asks.end(),
+                           [&](const Ask& a) { return a.holder == refs[i].holder; });
+    if (it == asks.end()) {
+      asks.push_back({refs[i].holder, {}, 0});
+      it = asks.end() - 1;
+    }
+    it->at.push_back(i);
+  }
+  for (Ask& a : asks) {
+    std::vector<uint64_t> ids;
+    ids.reserve(a.at.size());
+    for (size_t i : a.at) ids.push_back(refs[i].segment.value());
+    WireWriter w;
+    w.PutArray<uint64_t>(ids);
+    TOKENLAKE_ASSIGN_OR_RETURN(a.ticket,
+                               driver_->Send(ServerEndpoint(a.holder), kLocate, w.Take()));
+  }
+  absl::Status status = absl::OkStatus();
+  for (Ask& a : asks) {
+    // Every reply is taken, even after an error, so that none is left for a later call.
+    absl::StatusOr<transport::Message> reply = driver_->Await(a.ticket, options_.reply_timeout);
+    if (!status.ok()) continue;
+    if (!reply.ok()) {
+      status = reply.status().code() == absl::StatusCode::kNotFound
+                   ? absl::InternalError(reply.status().message())
+                   : reply.status();
+      continue;
+    }
+    WireReader r(reply->payload);
+    std::vector<int64_t> offsets;
+    status = r.GetArray(&offsets, "slot offsets");
+    if (status.ok() && offsets.size() != a.at.size()) {
+      status = absl::DataLossError(absl::StrFormat("locate: %d offsets for %d segments from %d",
+                                                   offsets.size(), a.at.size(), a.holder.value()));
+    }
+    if (!status.ok()) continue;
+    absl::StatusOr<std::pair<std::byte*, size_t>> arena = ArenaOf(a.holder);
+    if (!arena.ok()) {
+      status = arena.status();
+      continue;
+    }
+    for (size_t k = 0; k < a.at.size(); ++k) {
+      if (offsets[k] < 0 || static_cast<size_t>(offsets[k] + slot_bytes_) > arena->second) {
+        status = absl::DataLossError(
+            absl::StrFormat("locate: offset %d from instance %d is outside its arena of %d bytes",
+                            offsets[k], a.holder.value(), arena->second));
+        break;
+      }
+      out[a.at[k]] = arena->first + offsets[k];
+    }
+  }
+  return status;
+}
+
+absl::StatusOr<DeviceSlot> PeerDevicePool::AllocateTail(InstanceId instance) {
+  TOKENLAKE_RETURN_IF_ERROR(CheckInstance(instance, "a tail slot"));
+  TOKENLAKE_ASSIGN_OR_RETURN(auto arena, ArenaOf(instance));
+  if (instance == options_.self) {
+    TOKENLAKE_ASSIGN_OR_RETURN(SlotId slot, LocalAllocateTail());
+    return DeviceSlot{slot, arena.first + int64_t{slot.value()} * slot_bytes_};
+  }
+  TOKENLAKE_ASSIGN_OR_RETURN(transport::Message reply, Call(instance, kAllocateTail, {}));
+  WireReader r(reply.payload);
+  int32_t slot = -1;
+  TOKENLAKE_RETURN_IF_ERROR(r.Get(&slot, "tail slot"));
+  if (slot < 0 || static_cast<size_t>((int64_t{slot} + 1) * slot_bytes_) > arena.second) {
+    return absl::DataLossError(absl::StrFormat("tail slot %d from instance %d is outside its arena",
+                                               slot, instance.value()));
+  }
+  return DeviceSlot{SlotId(slot), arena.first + int64_t{slot} * slot_bytes_};
+}
+
+absl::Status PeerDevicePool::FreeTail(InstanceId instance, SlotId slot) {
+  TOKENLAKE_RETURN_IF_ERROR(CheckInstance(instance, "giving a tail slot back"));
+  if (instance == options_.self) return store_->FreeTail(slot);
+  WireWriter w;
+  w.Put<int32_t>(slot.value());
+  return Call(instance, kFreeTail, w.Take()).status();
+}
+
+absl::Status PeerDevicePool::CommitTail(InstanceId instance, SlotId slot, SegmentId segment,
+                                        const StoredMeta& meta) {
+  TOKENLAKE_RETURN_IF_ERROR(CheckInstance(instance, "a commit in place"));
+  if (instance == options_.self) return LocalCommitTail(slot, segment, meta);
+  WireWriter w;
+  w.Put<int32_t>(slot.value());
+  w.Put<uint64_t>(segment.value());
+  PutMeta(w, meta);
+  return Call(instance, kCommitTail, w.Take()).status();
+}
+
+absl::Status PeerDevicePool::Store(InstanceId target, SegmentId segment, const std::byte* source,
+                                   const StoredMeta& meta, cudaStream_t stream) {
+  TOKENLAKE_RETURN_IF_ERROR(CheckInstance(target, "a store"));
+  // The source is a block of one of the pool's arenas (a tail block): which, and where.
+  InstanceId from;
+  int64_t offset = -1;
+  for (int32_t i = 0; i < options_.num_instances && !from.valid(); ++i) {
+    absl::StatusOr<std::pair<std::byte*, size_t>> arena = ArenaOf(InstanceId(i));
+    if (arena.ok() && source >= arena->first && source < arena->first + arena->second) {
+      from = InstanceId(i);
+      offset = source - arena->first;
+    }
+  }
+  if (!from.valid()) {
+    return absl::InternalError(
+        absl::StrFormat("PeerDevicePool: the source of a store of segment %016x is in no arena of "
+                        "the pool",
+                        segment.value()));
+  }
+  // The holder copies bytes this process wrote: they must have landed first.
+  TOKENLAKE_RETURN_IF_ERROR(
+      CudaStatus(cudaStreamSynchronize(stream), "synchronize before a store"));
+  if (target == options_.self) return LocalStoreFrom(segment, meta, from, offset);
+  WireWriter w;
+  w.Put<uint64_t>(segment.value());
+  PutMeta(w, meta);
+  w.Put<int32_t>(from.value());
+  w.Put<int64_t>(offset);
+  return Call(target, kStoreFrom, w.Take()).status();
+}
+
+absl::Status PeerDevicePool::Free(InstanceId target, SegmentId segment, uint64_t evicted_at,
+                                  cudaStream_t stream) {
+  TOKENLAKE_RETURN_IF_ERROR(CheckInstance(target, "a free"));
+  // Queued work may still read the slot.
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "synchronize before a free"));
+  if (target == options_.self) return LocalFree(segment, evicted_at);
+  WireWriter w;
+  w.Put<uint64_t>(segment.value());
+  w.Put<uint64_t>(evicted_at);
+  return Call(target, kFree, w.Take()).status();
+}
+
+// ---- The server. ----
+
+void PeerDevicePool::ServeLoop() {
+  if (cudaSetDevice(options_.device) != cudaSuccess) cudaGetLastError();
+  while (!stopping_.load()) {
+    absl::StatusOr<transport::Message> m =
+        options_.transport->Receive(ServerEndpoint(options_.self), absl::Milliseconds(100));
+    if (!m.ok()) {
+      if (m.status().code() == absl::StatusCode::kDeadlineExceeded) continue;
+      return;  // Cancelled: the transport shut down.
+    }
+    // A failed reply send means the transport is shutting down; nothing else to do.
+    (void)options_.transport->Send(Handle(*m));
+  }
+}
+
+transport::Message PeerDevicePool::Handle(const transport::Message& request) {
+  WireReader r(request.payload);
+  WireWriter w;
+  absl::Status s = absl::OkStatus();
+  switch (request.tag) {
+    case kLocate: {
+      std::vector<uint64_t> ids;
+      s = r.GetArray(&ids, "segment ids");
+      std::vector<int64_t> offsets;
+      offsets.reserve(ids.size());
+      for (size_t i = 0; s.ok() && i < ids.size(); ++i) {
+        absl::StatusOr<int64_t> offset = LocalOffset(SegmentId(ids[i]));
+        if (offset.ok()) {
+          offsets.push_back(*offset);
+        } else {
+          s = offset.status();
+        }
+      }
+      if (s.ok()) w.PutArray<int64_t>(offsets);
+      break;
+    }
+    case kAllocateTail: {
+      absl::StatusOr<SlotId> slot = LocalAllocateTail();
+      s = slot.status();
+      if (s.ok()) w.Put<int32_t>(slot->value());
+      break;
+    }
+    case kFreeTail: {
+      int32_t slot = -1;
+      s = r.Get(&slot, "tail slot");
+      if (s.ok()) s = store_->FreeTail(SlotId(slot));
+      break;
+    }
+    case kCommitTail: {
+      int32_t slot = -1;
+      uint64_t id = 0;
+      StoredMeta meta;
+      s = r.Get(&slot, "tail slot");
+      if (s.ok()) s = r.Get(&id, "segment id");
+      if (s.ok()) s = GetMeta(r, &meta);
+      if (s.ok()) s = LocalCommitTail(SlotId(slot), SegmentId(id), meta);
+      break;
+    }
+    case kStoreFrom: {
+      uint64_t id = 0;
+      StoredMeta meta;
+      int32_t source = -1;
+      int64_t offset = -1;
+      s = r.Get(&id, "segment id");
+      if (s.ok()) s = GetMeta(r, &meta);
+      if (s.ok()) s = r.Get(&source, "source instance");
+      if (s.ok()) s = r.Get(&offset, "source offset");
+      if (s.ok() && (source < 0 || source >= options_.num_instances)) {
+        s = absl::InvalidArgumentError(absl::StrFormat("store from instance %d", source));
+      }
+      if (s.ok()) s = LocalStoreFrom(SegmentId(id), meta, InstanceId(source), offset);
+      break;
+    }
+    case kFree: {
+      uint64_t id = 0;
+      uint64_t evicted_at = 0;
+      s = r.Get(&id, "segment id");
+      if (s.ok()) s = r.Get(&evicted_at, "evicted at");
+      if (s.ok()) s = LocalFree(SegmentId(id), evicted_at);
+      break;
+    }
+    default:
+      s = absl::InvalidArgumentError(absl::StrFormat("unknown request tag %d", request.tag));
+  }
+  if (!s.ok()) return ErrorReply(request, s);
+  return transport::Message{.from = request.to,
+                            .to = request.from,
+                            .tag = request.tag + 1,
+                            .correlation_id = request.correlation_id,
+                            .payload = w.Take()};
+}
+
+}  // namespace tokenlake::engine::cuda

@@ -1,0 +1,153 @@
+// PeerDevicePool: the DevicePool (device_pool.h) of one instance process on a GPU that other
+// instance processes share (docs/adr/0018). It hosts ONE instance of an N-instance pool: its
+// arena (a store::DeviceArena, exported for the peers), its slot allocator, the metadata of
+// what it stores, and a server thread that answers the peers' requests. Every other instance
+// on the same GPU is reached through its mapped arena (AddPeer: store::PeerArena) and host
+// messages over a transport:
+//   locate  the arena offsets of segments the peer stores (one message per holder per
+//           iteration; the computing instance's kernels then read those slots in place);
+//   tail    a tail slot allocated, given back or committed in place on the peer (the computing
+//           instance's forward writes the block through the mapping);
+//   store   the peer allocates a slot and copies a segment's KV device to device from the
+//           sender's mapped arena, then replies;
+//   free    the peer frees a slot, unless a later control-plane change placed the segment
+//           there again (its placement sequence; as InstancePool::FreeSegment).
+// Calls that name this process's own instance run directly on its store (no message).
+//
+// Ordering between processes (store/cuda/peer_arena.h): a store request is sent after this
+// process's stream synchronised (the holder copies bytes this process wrote); the holder's copy
+// has completed when it replies; a free or a tail given back is sent after the stream that may
+// read the slot synchronised. Slots named by a plan stay allocated while the lake pins them, so
+// a slot read in place is never rewritten meanwhile.
+//
+// Endpoints: the server of instance i is endpoint_base + i and the driver of instance c is
+// endpoint_base + N + c; the transport must host this instance's two endpoints and reach the
+// peers' (a TcpTransport with SetPeer, typically).
+//
+// Thread-safety: the DevicePool calls come from one driver thread; AddPeer, RemovePeer,
+// ExportHandle and the accessors are thread-safe; the server thread runs beside them.
+#ifndef TOKENLAKE_ENGINE_CUDA_PEER_DEVICE_POOL_H_
+#define TOKENLAKE_ENGINE_CUDA_PEER_DEVICE_POOL_H_
+
+#include <cuda_runtime_api.h>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "tokenlake/engine/cuda/device_pool.h"
+#include "tokenlake/engine/data_rpc.h"
+#include "tokenlake/store/cuda/device_arena.h"
+#include "tokenlake/store/cuda/peer_arena.h"
+#include "tokenlake/transport/transport.h"
+
+namespace tokenlake::engine::cuda {
+
+class PeerDevicePool final : public DevicePool {
+ public:
+  struct Options {
+    // Instances of the whole pool, >= 1.
+    int32_t num_instances = 1;
+    // The instance this process hosts, in [0, num_instances).
+    InstanceId self;
+    // Slots of this instance, >= 1 (the arena is slots x layout.SlotBytes(), rounded up to
+    // 2 MiB so that CUDA IPC shares exactly it).
+    int32_t slots = 1;
+    // The slots' layout; must validate and be the same on every instance.
+    attention::KvSlotLayout layout;
+    // CUDA device ordinal of this process.
+    int device = 0;
+    // Borrowed, must outlive the pool; hosts endpoint_base + self and endpoint_base + N + self.
+    transport::Transport* transport = nullptr;
+    // First endpoint of the pool in the transport's endpoint space, >= 0.
+    int32_t endpoint_base = 0;
+    // How long a request to a peer may take before it fails (DeadlineExceeded).
+    absl::Duration reply_timeout = absl::Seconds(10);
+  };
+
+  // Allocates the arena and starts the server thread.
+  // Errors: InvalidArgument naming a bad option; the arena's errors (ResourceExhausted naming
+  // the bytes asked for).
+  static absl::StatusOr<std::unique_ptr<PeerDevicePool>> Create(const Options& options);
+  // Stops the server, unmaps the peers and frees the arena. REQUIRES: no peer still maps it
+  // (peer_arena.h, "Lifetime"), and no work of this process that uses a mapping is pending.
+  ~PeerDevicePool() override;
+  PeerDevicePool(const PeerDevicePool&) = delete;
+  PeerDevicePool& operator=(const PeerDevicePool&) = delete;
+
+  // The handle through which peers map this instance's arena (DeviceArena::ExportHandle).
+  absl::StatusOr<store::ArenaHandle> ExportHandle() const;
+  // Maps the arena of instance `peer` (on this GPU), replacing an earlier mapping of it.
+  // Errors: InvalidArgument (peer out of range or this instance; an arena smaller than the
+  // slots need is refused naming both sizes), PeerArena::Open's errors.
+  absl::Status AddPeer(InstanceId peer, const store::ArenaHandle& handle);
+  // Unmaps `peer`'s arena (a peer that left). REQUIRES: no pending work reads it.
+  void RemovePeer(InstanceId peer);
+
+  InstanceId self() const { return options_.self; }
+  // This instance's slot allocator.
+  const store::SegmentStore& store() const { return *store_; }
+  // What this instance stores, with the metadata its stores carried.
+  std::vector<HeldSegmentInfo> Held() const;
+
+  int32_t num_instances() const override { return options_.num_instances; }
+  const attention::KvSlotLayout& layout() const override { return options_.layout; }
+  absl::Status Resolve(absl::Span<const SlotRef> refs, absl::Span<const std::byte*> out) override;
+  absl::StatusOr<DeviceSlot> AllocateTail(InstanceId instance) override;
+  absl::Status FreeTail(InstanceId instance, SlotId slot) override;
+  absl::Status CommitTail(InstanceId instance, SlotId slot, SegmentId segment,
+                          const StoredMeta& meta) override;
+  absl::Status Store(InstanceId target, SegmentId segment, const std::byte* source,
+                     const StoredMeta& meta, cudaStream_t stream) override;
+  absl::Status Free(InstanceId target, SegmentId segment, uint64_t evicted_at,
+                    cudaStream_t stream) override;
+
+ private:
+  explicit PeerDevicePool(const Options& options) : options_(options) {}
+  InstanceId ServerEndpoint(InstanceId i) const {
+    return InstanceId(options_.endpoint_base + i.value());
+  }
+  // Internal naming `what` unless `i` is in range.
+  absl::Status CheckInstance(InstanceId i, const char* what) const;
+  // Byte 0 of instance i's arena in this process (its own, or a peer's mapping) and its size.
+  // Errors: FailedPrecondition when the peer's arena is not mapped.
+  absl::StatusOr<std::pair<std::byte*, size_t>> ArenaOf(InstanceId i) const;
+  // One request to `target`'s server and its reply.
+  absl::StatusOr<transport::Message> Call(InstanceId target, uint32_t tag,
+                                          std::vector<std::byte> payload);
+
+  // This instance's side of every operation (the server's and the driver's for itself).
+  absl::StatusOr<int64_t> LocalOffset(SegmentId segment) const;
+  absl::StatusOr<SlotId> LocalAllocateTail();
+  absl::Status LocalCommitTail(SlotId slot, SegmentId segment, const StoredMeta& meta);
+  absl::Status LocalStoreFrom(SegmentId segment, const StoredMeta& meta, InstanceId source,
+                              int64_t offset);
+  absl::Status LocalFree(SegmentId segment, uint64_t evicted_at);
+
+  void ServeLoop();
+  transport::Message Handle(const transport::Message& request);
+
+  const Options options_;
+  int64_t slot_bytes_ = 0;
+  std::unique_ptr<store::DeviceArena> arena_;
+  std::unique_ptr<store::SegmentStore> store_;
+  cudaStream_t copy_stream_ = nullptr;  // the server's copies
+  std::unique_ptr<DriverChannel> driver_;
+  mutable absl::Mutex mu_;
+  absl::flat_hash_map<InstanceId, std::unique_ptr<store::PeerArena>> peers_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<SegmentId, StoredMeta> meta_ ABSL_GUARDED_BY(mu_);
+  std::atomic<bool> stopping_{false};
+  std::thread server_;
+};
+
+}  // namespace tokenlake::engine::cuda
+
+#endif  // TOKENLAKE_ENGINE_CUDA_PEER_DEVICE_POOL_H_
