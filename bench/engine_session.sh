@@ -3,7 +3,8 @@
 #   tests:  the GPU engine's tests (small_batch_gemm_test, gpu_engine_test, gpu_engine_fixture_test,
 #           gpu_checkpoint_test, device_pool_test, peer_device_pool_test: two processes)
 #           and apps/tokenlake/cli_gpu_test.sh (`tokenlake generate --device gpu` against the
-#           transformers fixture);
+#           transformers fixture) and cli_gpu_cluster_test.sh (two `tokenlake instance --device
+#           gpu` processes on one GPU behind a coordinator);
 #   bench:  `tokenlake bench engine` for each model of MODELS (default llama2-7b llama3-8b):
 #           decode at batches 1-128 over 2K and 16K contexts, prefill at 4K and 32K tokens, the
 #           workloads (64 requests sharing documents; sixteen 2K prompts), each against the bounds
@@ -63,6 +64,9 @@ if wants tests; then
   timeout "$STEP_TIMEOUT" bash apps/tokenlake/cli_gpu_test.sh "$B/tokenlake" \
     > "$OUT/cli_gpu_test.log" 2>&1
   stamp "cli_gpu_test.sh rc=$? $(tail -n 1 "$OUT/cli_gpu_test.log")"
+  timeout "$STEP_TIMEOUT" bash apps/tokenlake/cli_gpu_cluster_test.sh "$B/tokenlake" \
+    "$OUT/cluster" > "$OUT/cli_gpu_cluster_test.log" 2>&1
+  stamp "cli_gpu_cluster_test.sh rc=$? $(tail -n 1 "$OUT/cli_gpu_cluster_test.log")"
 fi
 
 if wants bench; then

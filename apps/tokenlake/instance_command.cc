@@ -10,6 +10,10 @@
 // its name in etcd under a lease: a second process with a live member's name waits until that one
 // is gone, and an instance that loses its lease exits with code 3.
 //
+// --device gpu [--gpu K] (a CUDA build): the instance's store is a device arena of bf16 slots on
+// GPU K and its engine the GPU engine (service/cuda/gpu_backend.h); instances on the same GPU
+// read each other's slots in place (docs/adr/0018).
+//
 // Exit codes: 0 after a signal, 1 for a runtime error (bad model), 2 for bad flags.
 // Built only with the service module (gRPC, protobuf, libmicrohttpd, cpp-httplib installed).
 #ifdef TOKENLAKE_HAVE_SERVICE
@@ -35,6 +39,10 @@
 #include "tokenlake/service/key_claim.h"
 #include "tokenlake/transport/cluster_secret.h"
 #include "tokenlake/transport/socket_stream.h"
+#if defined(TOKENLAKE_HAVE_GPU_INSTANCE)
+#include "tokenlake/engine/cuda/gpu_llama.h"
+#include "tokenlake/service/cuda/gpu_backend.h"
+#endif
 
 namespace tokenlake::cli {
 namespace {
@@ -59,6 +67,8 @@ struct InstanceFlags {
   std::string kv_dtype = "f32";
   int data_timeout_ms = 2000;
   bool exit_with_parent = false;
+  std::string device = "cpu";
+  int gpu = 0;
 };
 
 int RunInstance(const InstanceFlags& f) {
@@ -70,11 +80,49 @@ int RunInstance(const InstanceFlags& f) {
                  "cluster's elected coordinator\n";
     return 2;
   }
-  auto model = engine::LlamaModel::Load(f.model);
-  if (!model.ok()) {
-    std::cerr << "tokenlake instance: " << model.status().message() << "\n";
-    return 1;
+#if !defined(TOKENLAKE_HAVE_GPU_INSTANCE)
+  if (f.device == "gpu") {
+    std::cerr << "tokenlake instance: --device gpu: this build has no GPU instance backend; "
+                 "build the CLI with CUDA (`cmake --preset cuda && cmake --build --preset cuda "
+                 "--target tokenlake`) and run build/cuda/bin/tokenlake on a machine with an "
+                 "NVIDIA GPU\n";
+    return 2;
   }
+#endif
+  // The model as the chosen device runs it, and the backend spec of the instance server.
+  std::unique_ptr<engine::LlamaModel> cpu_model;
+#if defined(TOKENLAKE_HAVE_GPU_INSTANCE)
+  std::unique_ptr<engine::cuda::GpuLlamaModel> gpu_model;
+#endif
+  service::InstanceBackendSpec spec;
+  if (f.device == "cpu") {
+    auto model = engine::LlamaModel::Load(f.model);
+    if (!model.ok()) {
+      std::cerr << "tokenlake instance: " << model.status().message() << "\n";
+      return 1;
+    }
+    cpu_model = *std::move(model);
+  }
+#if defined(TOKENLAKE_HAVE_GPU_INSTANCE)
+  if (f.device == "gpu") {
+    auto model = engine::cuda::GpuLlamaModel::Load(f.model, {.device = f.gpu});
+    if (!model.ok()) {
+      std::cerr << "tokenlake instance: --device gpu: " << model.status().message() << "\n";
+      return 1;
+    }
+    gpu_model = *std::move(model);
+    const attention::KvSlotLayout layout =
+        service::GpuBackendLayout(gpu_model->config(), f.segment_tokens);
+    spec = {.layout = layout,
+            .context_tokens = gpu_model->config().max_position_embeddings,
+            .factory = service::GpuBackendFactory(
+                {.model = gpu_model.get(),
+                 .slots = f.slots,
+                 .segment_tokens = f.segment_tokens,
+                 .namespace_name = f.namespace_name,
+                 .data_timeout = absl::Milliseconds(f.data_timeout_ms)})};
+  }
+#endif
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
@@ -175,7 +223,8 @@ int RunInstance(const InstanceFlags& f) {
                  transport::kClusterSecretEnv);
   }
   o.cluster_secret = *secret;
-  auto server = service::InstanceServer::Create(model->get(), o);
+  auto server = cpu_model != nullptr ? service::InstanceServer::Create(cpu_model.get(), o)
+                                     : service::InstanceServer::Create(std::move(spec), o);
   if (!server.ok()) {
     std::cerr << "tokenlake instance: " << server.status().message() << "\n";
     return server.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
@@ -246,6 +295,14 @@ void SetUpInstance(CLI::App& app, int* exit_code) {
                   "How long to wait for another instance's data-plane reply")
       ->capture_default_str()
       ->check(IntAtLeast(1));
+  cmd->add_option("--device", f->device,
+                  "Where the instance computes and keeps its slots: cpu (host memory), or gpu "
+                  "(bf16 slots in device memory; a CUDA build)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "gpu"}));
+  cmd->add_option("--gpu", f->gpu, "CUDA device ordinal of --device gpu")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1024));
   cmd->add_flag("--exit-with-parent", f->exit_with_parent, "Exit when the parent process dies");
   cmd->callback([f, exit_code] { *exit_code = RunInstance(*f); });
 }

@@ -777,6 +777,40 @@ std::vector<absl::StatusOr<GpuGenerateResult>> GpuEngine::GenerateBatch(
   return out;
 }
 
+absl::Status GpuEngine::Submit(const GenerateRequest& request) {
+  if (!request.id.valid()) {
+    return absl::InvalidArgumentError("GpuEngine::Submit: the request needs a valid id");
+  }
+  TOKENLAKE_RETURN_IF_ERROR(
+      CheckInput(request.prompt, request.max_new_tokens, request.force_tokens));
+  return loop_->Submit(ToLoopRequest(request, request.id));
+}
+
+std::vector<std::pair<RequestId, absl::StatusOr<GenerateResult>>> GpuEngine::Step() {
+  std::vector<std::pair<RequestId, absl::StatusOr<GenerateResult>>> out;
+  for (LoopResult& r : loop_->Step()) {
+    const RequestId id = r.id;
+    if (r.status.ok()) {
+      out.emplace_back(id, ToGenerateResult(std::move(r)));
+    } else {
+      out.emplace_back(id, std::move(r.status));
+    }
+  }
+  return out;
+}
+
+absl::Status GpuEngine::Cancel(RequestId request) { return loop_->Cancel(request); }
+
+std::optional<Engine::Progress> GpuEngine::ProgressOf(RequestId request) const {
+  const LoopResult* r = loop_->Progress(request);
+  if (r == nullptr) return std::nullopt;
+  return Engine::Progress{.tokens = r->tokens, .cached_tokens = r->cached_tokens};
+}
+
+bool GpuEngine::idle() const { return loop_->idle(); }
+
+LoopLoad GpuEngine::Load() const { return loop_->Load(); }
+
 int32_t GpuEngine::max_batch_requests_seen() const { return loop_->max_batch_requests_seen(); }
 
 std::vector<GpuEngine::ForwardTiming> GpuEngine::TakeForwardTimings() {

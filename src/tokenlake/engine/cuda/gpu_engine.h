@@ -47,7 +47,9 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -154,6 +156,17 @@ class GpuEngine {
   // returns each one's result or error, in order (errors per request as Generate's).
   std::vector<absl::StatusOr<GpuGenerateResult>> GenerateBatch(
       absl::Span<const GenerateRequest> requests);
+  // Continuous serving, one iteration at a time (as engine::Engine's calls of the same names;
+  // an instance process's worker drives them): Submit checks and queues a request (its id
+  // must be valid and unique: the control plane's), Step runs one iteration and returns the
+  // requests that finished in it, Cancel drops a request (its pins and KV tail released),
+  // ProgressOf gives a running request's tokens so far.
+  absl::Status Submit(const GenerateRequest& request);
+  std::vector<std::pair<RequestId, absl::StatusOr<GenerateResult>>> Step();
+  absl::Status Cancel(RequestId request);
+  std::optional<Engine::Progress> ProgressOf(RequestId request) const;
+  bool idle() const;
+  LoopLoad Load() const;
   // The most requests that ran in one iteration so far.
   int32_t max_batch_requests_seen() const;
   // Timing of one iteration's forward (for benchmarks): the rows it computed, how many of its

@@ -22,6 +22,7 @@ enum Tag : uint32_t {
   kCommitTail = 47,
   kStoreFrom = 49,
   kFree = 51,
+  kCopyTo = 53,
 };
 
 // CUDA IPC shares whole allocation blocks: an exported arena is a multiple of 2 MiB.
@@ -80,7 +81,9 @@ absl::StatusOr<std::unique_ptr<PeerDevicePool>> PeerDevicePool::Create(const Opt
   store::SegmentStore::Options so =
       pool->arena_->StoreOptions(static_cast<size_t>(pool->slot_bytes_), options.self);
   so.num_slots = options.slots;
-  TOKENLAKE_ASSIGN_OR_RETURN(pool->store_, store::SegmentStore::Create(so));
+  TOKENLAKE_ASSIGN_OR_RETURN(std::unique_ptr<store::SegmentStore> st,
+                             store::SegmentStore::Create(so));
+  pool->hosted_ = std::make_unique<HostedStore>(std::move(st), options.change_log_entries);
   int current = 0;
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaGetDevice(&current), "cudaGetDevice"));
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaSetDevice(options.device), "cudaSetDevice"));
@@ -135,16 +138,6 @@ void PeerDevicePool::RemovePeer(InstanceId peer) {
   peers_.erase(peer);
 }
 
-std::vector<HeldSegmentInfo> PeerDevicePool::Held() const {
-  std::vector<HeldSegmentInfo> out;
-  absl::MutexLock lock(&mu_);
-  for (SegmentId id : store_->Segments()) {
-    auto it = meta_.find(id);
-    out.push_back({id, it == meta_.end() ? StoredMeta{} : it->second});
-  }
-  return out;
-}
-
 absl::Status PeerDevicePool::CheckInstance(InstanceId i, const char* what) const {
   if (!i.valid() || i.value() >= options_.num_instances) {
     return absl::InternalError(absl::StrFormat("PeerDevicePool: %s on instance %d of %d", what,
@@ -178,7 +171,7 @@ absl::StatusOr<transport::Message> PeerDevicePool::Call(InstanceId target, uint3
 // ---- This instance's side. ----
 
 absl::StatusOr<int64_t> PeerDevicePool::LocalOffset(SegmentId segment) const {
-  const std::optional<SlotId> slot = store_->Find(segment);
+  const std::optional<SlotId> slot = hosted_->slots().Find(segment);
   if (!slot.has_value()) {
     return absl::NotFoundError(
         absl::StrFormat("segment %016x is not stored on instance %d (data plane out of step with "
@@ -189,7 +182,7 @@ absl::StatusOr<int64_t> PeerDevicePool::LocalOffset(SegmentId segment) const {
 }
 
 absl::StatusOr<SlotId> PeerDevicePool::LocalAllocateTail() {
-  absl::StatusOr<SlotId> slot = store_->AllocateTail();
+  absl::StatusOr<SlotId> slot = hosted_->slots().AllocateTail();
   if (!slot.ok()) {
     return absl::InternalError(absl::StrFormat(
         "no slot on instance %d for a tail block the lake placed there (data plane out of step "
@@ -201,10 +194,7 @@ absl::StatusOr<SlotId> PeerDevicePool::LocalAllocateTail() {
 
 absl::Status PeerDevicePool::LocalCommitTail(SlotId slot, SegmentId segment,
                                              const StoredMeta& meta) {
-  TOKENLAKE_RETURN_IF_ERROR(store_->AssignTail(slot, segment));
-  absl::MutexLock lock(&mu_);
-  meta_[segment] = meta;
-  return absl::OkStatus();
+  return hosted_->CommitTail(slot, segment, meta);
 }
 
 absl::Status PeerDevicePool::LocalStoreFrom(SegmentId segment, const StoredMeta& meta,
@@ -215,37 +205,20 @@ absl::Status PeerDevicePool::LocalStoreFrom(SegmentId segment, const StoredMeta&
         absl::StrFormat("a store from bytes [%d, %d) of instance %d's arena of %d bytes", offset,
                         offset + slot_bytes_, source.value(), from.second));
   }
-  // A copy of the segment already here is overwritten (as InstancePool's store).
-  std::optional<SlotId> slot = store_->Find(segment);
-  if (!slot.has_value()) {
-    TOKENLAKE_ASSIGN_OR_RETURN(SlotId fresh, store_->Allocate(segment));
-    slot = fresh;
-  }
-  absl::Status copied = CudaStatus(
-      cudaMemcpyAsync(store_->SlotData(*slot).data(), from.first + offset,
-                      static_cast<size_t>(slot_bytes_), cudaMemcpyDeviceToDevice, copy_stream_),
-      "store copy");
-  if (copied.ok()) copied = CudaStatus(cudaStreamSynchronize(copy_stream_), "store copy");
-  if (!copied.ok()) {
-    (void)store_->Free(segment);
+  // A copy of the segment already here is overwritten (as InstancePool's store); the copy has
+  // completed when the store returns.
+  return hosted_->Store(segment, meta, [&](absl::Span<std::byte> slot) {
+    absl::Status copied = CudaStatus(
+        cudaMemcpyAsync(slot.data(), from.first + offset, static_cast<size_t>(slot_bytes_),
+                        cudaMemcpyDeviceToDevice, copy_stream_),
+        "store copy");
+    if (copied.ok()) copied = CudaStatus(cudaStreamSynchronize(copy_stream_), "store copy");
     return copied;
-  }
-  absl::MutexLock lock(&mu_);
-  meta_[segment] = meta;
-  return absl::OkStatus();
+  });
 }
 
 absl::Status PeerDevicePool::LocalFree(SegmentId segment, uint64_t evicted_at) {
-  absl::MutexLock lock(&mu_);
-  auto it = meta_.find(segment);
-  if (evicted_at > 0 && it != meta_.end() && it->second.placement_sequence > evicted_at) {
-    return absl::FailedPreconditionError(absl::StrFormat(
-        "segment %016x on instance %d was placed again (change %d) after its eviction (change %d)",
-        segment.value(), options_.self.value(), it->second.placement_sequence, evicted_at));
-  }
-  TOKENLAKE_RETURN_IF_ERROR(store_->Free(segment));
-  if (it != meta_.end()) meta_.erase(it);
-  return absl::OkStatus();
+  return hosted_->Free(segment, evicted_at);
 }
 
 // ---- The driver's calls. ----
@@ -342,7 +315,7 @@ absl::StatusOr<DeviceSlot> PeerDevicePool::AllocateTail(InstanceId instance) {
 
 absl::Status PeerDevicePool::FreeTail(InstanceId instance, SlotId slot) {
   TOKENLAKE_RETURN_IF_ERROR(CheckInstance(instance, "giving a tail slot back"));
-  if (instance == options_.self) return store_->FreeTail(slot);
+  if (instance == options_.self) return hosted_->slots().FreeTail(slot);
   WireWriter w;
   w.Put<int32_t>(slot.value());
   return Call(instance, kFreeTail, w.Take()).status();
@@ -402,6 +375,38 @@ absl::Status PeerDevicePool::Free(InstanceId target, SegmentId segment, uint64_t
   return Call(target, kFree, w.Take()).status();
 }
 
+absl::StatusOr<int64_t> PeerDevicePool::CopyFromPeer(InstanceId from, SegmentId segment,
+                                                     uint64_t sequence) {
+  if (!from.valid() || from.value() >= options_.num_instances || from == options_.self) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PeerDevicePool::CopyFromPeer: instance %d is not a peer of instance %d",
+                        from.valid() ? from.value() : -1, options_.self.value()));
+  }
+  // A slot here first; the holder writes it through its mapping of this arena while it pins its
+  // own copy (so the bytes cannot change under the copy), then the slot becomes the segment's.
+  TOKENLAKE_ASSIGN_OR_RETURN(SlotId slot, hosted_->slots().AllocateTail());
+  WireWriter w;
+  w.Put<uint64_t>(segment.value());
+  w.Put<int32_t>(options_.self.value());
+  w.Put<int64_t>(int64_t{slot.value()} * slot_bytes_);
+  absl::StatusOr<transport::Message> copied = Call(from, kCopyTo, w.Take());
+  StoredMeta meta;
+  absl::Status s = copied.status();
+  if (s.ok()) {
+    WireReader r(copied->payload);
+    s = GetMeta(r, &meta);
+  }
+  if (s.ok()) {
+    meta.placement_sequence = sequence;
+    s = hosted_->CommitTail(slot, segment, meta);
+  }
+  if (!s.ok()) {
+    (void)hosted_->slots().FreeTail(slot);
+    return s;
+  }
+  return slot_bytes_;
+}
+
 // ---- The server. ----
 
 void PeerDevicePool::ServeLoop() {
@@ -448,7 +453,7 @@ transport::Message PeerDevicePool::Handle(const transport::Message& request) {
     case kFreeTail: {
       int32_t slot = -1;
       s = r.Get(&slot, "tail slot");
-      if (s.ok()) s = store_->FreeTail(SlotId(slot));
+      if (s.ok()) s = hosted_->slots().FreeTail(SlotId(slot));
       break;
     }
     case kCommitTail: {
@@ -482,6 +487,37 @@ transport::Message PeerDevicePool::Handle(const transport::Message& request) {
       s = r.Get(&id, "segment id");
       if (s.ok()) s = r.Get(&evicted_at, "evicted at");
       if (s.ok()) s = LocalFree(SegmentId(id), evicted_at);
+      break;
+    }
+    case kCopyTo: {
+      // A peer copies one of this instance's segments (a rebalance): written into its slot
+      // through the mapping of its arena while this copy is pinned; its metadata back.
+      uint64_t id = 0;
+      int32_t target = -1;
+      int64_t offset = -1;
+      s = r.Get(&id, "segment id");
+      if (s.ok()) s = r.Get(&target, "target instance");
+      if (s.ok()) s = r.Get(&offset, "target offset");
+      absl::StatusOr<std::pair<std::byte*, size_t>> to =
+          s.ok() ? ArenaOf(InstanceId(target)) : absl::StatusOr<std::pair<std::byte*, size_t>>(s);
+      s = to.status();
+      if (s.ok() && (target == options_.self.value() || offset < 0 ||
+                     static_cast<size_t>(offset + slot_bytes_) > to->second)) {
+        s = absl::InvalidArgumentError(
+            absl::StrFormat("a copy into bytes [%d, %d) of instance %d's arena", offset,
+                            offset + slot_bytes_, target));
+      }
+      absl::StatusOr<store::SlotPin> pin =
+          s.ok() ? hosted_->slots().Pin(SegmentId(id)) : absl::StatusOr<store::SlotPin>(s);
+      s = pin.status();
+      if (s.ok()) {
+        s = CudaStatus(cudaMemcpyAsync(to->first + offset, pin->data().data(),
+                                       static_cast<size_t>(slot_bytes_), cudaMemcpyDeviceToDevice,
+                                       copy_stream_),
+                       "rebalance copy");
+        if (s.ok()) s = CudaStatus(cudaStreamSynchronize(copy_stream_), "rebalance copy");
+      }
+      if (s.ok()) PutMeta(w, hosted_->MetaOf(SegmentId(id)));
       break;
     }
     default:

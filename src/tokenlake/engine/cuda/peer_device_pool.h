@@ -45,6 +45,7 @@
 #include "absl/time/time.h"
 #include "tokenlake/engine/cuda/device_pool.h"
 #include "tokenlake/engine/data_rpc.h"
+#include "tokenlake/engine/hosted_store.h"
 #include "tokenlake/store/cuda/device_arena.h"
 #include "tokenlake/store/cuda/peer_arena.h"
 #include "tokenlake/transport/transport.h"
@@ -71,6 +72,8 @@ class PeerDevicePool final : public DevicePool {
     int32_t endpoint_base = 0;
     // How long a request to a peer may take before it fails (DeadlineExceeded).
     absl::Duration reply_timeout = absl::Seconds(10);
+    // Changes of the store kept for the instance's reports (HostedStore; 0: numbered only).
+    int64_t change_log_entries = 0;
   };
 
   // Allocates the arena and starts the server thread.
@@ -94,9 +97,19 @@ class PeerDevicePool final : public DevicePool {
 
   InstanceId self() const { return options_.self; }
   // This instance's slot allocator.
-  const store::SegmentStore& store() const { return *store_; }
+  const store::SegmentStore& store() const { return hosted_->slots(); }
+  // This instance's slots with their metadata, generations and change log (what the instance
+  // reports to the coordinator, and the frees it decides from those reports).
+  HostedStore& hosted() { return *hosted_; }
   // What this instance stores, with the metadata its stores carried.
-  std::vector<HeldSegmentInfo> Held() const;
+  std::vector<HeldSegmentInfo> Held() const { return hosted_->Held().segments; }
+
+  // Copies `segment` from peer `from` (on this GPU, read through its mapped arena) into this
+  // instance's store (a rebalance replicate or move), with the peer's metadata and the lake's
+  // change `sequence` as its placement; the copy has completed when this returns. Returns the
+  // bytes copied. Errors: the peer's (NotFound: not stored there), FailedPrecondition (its arena
+  // is not mapped), ResourceExhausted (no free slot), CUDA errors.
+  absl::StatusOr<int64_t> CopyFromPeer(InstanceId from, SegmentId segment, uint64_t sequence);
 
   int32_t num_instances() const override { return options_.num_instances; }
   const attention::KvSlotLayout& layout() const override { return options_.layout; }
@@ -138,12 +151,11 @@ class PeerDevicePool final : public DevicePool {
   const Options options_;
   int64_t slot_bytes_ = 0;
   std::unique_ptr<store::DeviceArena> arena_;
-  std::unique_ptr<store::SegmentStore> store_;
+  std::unique_ptr<HostedStore> hosted_;
   cudaStream_t copy_stream_ = nullptr;  // the server's copies
   std::unique_ptr<DriverChannel> driver_;
   mutable absl::Mutex mu_;
   absl::flat_hash_map<InstanceId, std::unique_ptr<store::PeerArena>> peers_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<SegmentId, StoredMeta> meta_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> stopping_{false};
   std::thread server_;
 };

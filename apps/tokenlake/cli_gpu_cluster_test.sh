@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# GPU instance processes end to end (docs/adr/0018; a CUDA build's binary on a machine with an
+# NVIDIA GPU): a `tokenlake coordinator` (bf16 plan costs) and two `tokenlake instance --device
+# gpu` processes sharing GPU 0, over the fixture model tests/fixtures/llama_tiny/model. Checks:
+#   - both instances register and become ready (their arenas relayed and mapped);
+#   - each fixture prompt, sent twice through /v1/completions (greedy), gives the same tokens
+#     as `tokenlake generate --device gpu` on one in-process instance, and its repeat is served
+#     from the pool (cached tokens > 0);
+#   - the instances read each other's slots (tokenlake_remote_attend_calls_total or
+#     tokenlake_kv_pulled_segments_total > 0 on /metrics), and the pool holds segments on both.
+# Exits non-zero naming what failed.
+#
+# Usage: cli_gpu_cluster_test.sh PATH/TO/tokenlake [OUT_DIR]
+set -u -o pipefail
+bin="$1"
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+model="$root/tests/fixtures/llama_tiny/model"
+prompts="$root/tests/fixtures/llama_tiny/prompts.jsonl"
+keep=0
+if [ $# -ge 2 ]; then
+  out="$2"
+  keep=1
+  mkdir -p "$out"
+else
+  out="$(mktemp -d)"
+fi
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+  wait 2>/dev/null
+  [ "$keep" -eq 1 ] || rm -rf "$out"
+}
+trap cleanup EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+
+slots=64
+max_new=4
+export TOKENLAKE_CLUSTER_SECRET
+TOKENLAKE_CLUSTER_SECRET=$(python3 -c 'import secrets; print(secrets.token_hex(32))')
+
+# The reference: one in-process GPU instance, the prompts in order.
+timeout 120 "$bin" generate --model "$model" --prompts "$prompts" --max-new-tokens "$max_new" \
+  --segment-tokens 16 --arrival sequential --device gpu --instances 1 \
+  --json "$out/reference.json" >/dev/null || fail "generate --device gpu (the reference)"
+
+"$bin" coordinator --model "$model" --instances 2 --slots "$slots" --kv-dtype bf16 \
+  --segment-tokens 16 --port-file "$out/coordinator.ports" >"$out/coordinator.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 300); do [ -s "$out/coordinator.ports" ] && break; sleep 0.1; done
+[ -s "$out/coordinator.ports" ] || fail "the coordinator did not write its ports"
+read -r http grpc < <(python3 -c 'import json,sys; p=json.load(open(sys.argv[1])); print(p["http_port"], p["grpc_port"])' "$out/coordinator.ports")
+for i in 0 1; do
+  "$bin" instance --device gpu --gpu 0 --model "$model" --coordinator-port "$grpc" --id "$i" \
+    --name "gpu-$i" --slots "$slots" --segment-tokens 16 --exit-with-parent \
+    >"$out/instance-$i.log" 2>&1 &
+  pids+=($!)
+done
+ready=0
+for _ in $(seq 1 600); do
+  ready=$(curl -s "http://127.0.0.1:$http/healthz" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin).get("live_instances", 0))' 2>/dev/null)
+  [ "${ready:-0}" = "2" ] && break
+  sleep 0.1
+done
+[ "${ready:-0}" = "2" ] || fail "2 GPU instances did not become ready (logs in $out)"
+
+python3 - "$http" "$prompts" "$out/reference.json" "$max_new" <<'PY' || exit 1
+import json, sys, urllib.request
+http, prompts_path, ref_path, max_new = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+prompts = [json.loads(l)["input_ids"] for l in open(prompts_path) if l.strip()]
+ref = json.load(open(ref_path))
+ref_tokens = [r["tokens"] for r in ref["results"]]
+bad = 0
+for i, p in enumerate(prompts):
+    for attempt in (0, 1):
+        body = json.dumps({"model": "model", "prompt": p, "max_tokens": max_new,
+                           "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{http}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        r = json.load(urllib.request.urlopen(req, timeout=60))
+        toks = r["choices"][0].get("tokens")
+        cached = r.get("usage", {}).get("prompt_tokens_details", {}).get("cached_tokens", 0)
+        if toks != ref_tokens[i]:
+            print(f"FAIL: prompt {i} attempt {attempt}: {toks} != generate's {ref_tokens[i]}")
+            bad += 1
+        if attempt == 1 and len(p) > 16 and cached <= 0:
+            print(f"FAIL: prompt {i}: the repeat was not served from the pool")
+            bad += 1
+sys.exit(1 if bad else 0)
+PY
+metrics=$(curl -s "http://127.0.0.1:$http/metrics")
+remote=$(echo "$metrics" | awk '/^tokenlake_remote_attend_calls_total /{a=$2} /^tokenlake_kv_pulled_segments_total /{b=$2} END{print a+b}')
+[ "${remote%.*}" -gt 0 ] 2>/dev/null || fail "no instance read the other's slots (remote attends + pulls = $remote)"
+echo "$metrics" | grep -E '^tokenlake_instance_segments\{' >"$out/segments.txt"
+[ "$(awk '$2 > 0' "$out/segments.txt" | wc -l)" -eq 2 ] || fail "the pool does not hold segments on both instances: $(tr '\n' ' ' <"$out/segments.txt")"
+echo "cli_gpu_cluster_test: 2 GPU instance processes: tokens equal generate's, repeats cached, $remote cross-instance reads"

@@ -1,0 +1,131 @@
+#include "tokenlake/service/cuda/gpu_backend.h"
+
+#include <cstdio>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "tokenlake/base/status_macros.h"
+#include "tokenlake/engine/cuda/gpu_engine.h"
+#include "tokenlake/engine/cuda/peer_device_pool.h"
+#include "tokenlake/engine/pool_shape.h"
+#include "tokenlake/store/cuda/ipc_handle.h"
+
+namespace tokenlake::service {
+namespace {
+
+namespace ecuda = ::tokenlake::engine::cuda;
+
+class GpuBackend final : public InstanceBackend {
+ public:
+  GpuBackend(InstanceId self, std::unique_ptr<ecuda::PeerDevicePool> pool, std::string handle)
+      : self_(self),
+        pool_(std::move(pool)),
+        holdings_(&pool_->hosted()),
+        handle_(std::move(handle)) {}
+  ~GpuBackend() override { engine_.reset(); }
+  void set_engine(std::unique_ptr<ecuda::GpuEngine> engine) { engine_ = std::move(engine); }
+  ecuda::PeerDevicePool* pool() { return pool_.get(); }
+
+  absl::Status Submit(const engine::GenerateRequest& request) override {
+    return engine_->Submit(request);
+  }
+  std::vector<std::pair<RequestId, absl::StatusOr<engine::GenerateResult>>> Step() override {
+    return engine_->Step();
+  }
+  absl::Status Cancel(RequestId request) override { return engine_->Cancel(request); }
+  std::optional<engine::Engine::Progress> ProgressOf(RequestId request) const override {
+    return engine_->ProgressOf(request);
+  }
+  bool idle() const override { return engine_->idle(); }
+  engine::LoopLoad Load() const override { return engine_->Load(); }
+  int32_t max_batch_requests() const override { return engine_->options().max_batch_requests; }
+
+  HoldingsSource* holdings() override { return &holdings_; }
+  int64_t used_slots() const override { return pool_->store().used(); }
+  absl::Status FreeIfUnchangedSince(SegmentId segment, uint64_t generation) override {
+    return pool_->hosted().FreeIfUnchangedSince(segment, generation);
+  }
+  absl::Status Drop(SegmentId segment) override { return pool_->hosted().Free(segment, 0); }
+  absl::StatusOr<int64_t> CopyForRebalance(InstanceId from, SegmentId segment,
+                                           uint64_t sequence) override {
+    return pool_->CopyFromPeer(from, segment, sequence);
+  }
+
+  std::string arena_handle() const override { return handle_; }
+  // Maps the peers' arenas on this GPU; unmaps those gone. A handle from another GPU (or one
+  // that does not parse) is left unmapped: plans that read it fail their request.
+  void SetPeerArenas(const absl::flat_hash_map<int32_t, std::string>& handles) override {
+    for (auto it = mapped_.begin(); it != mapped_.end();) {
+      auto now = handles.find(it->first);
+      if (now == handles.end() || now->second != it->second) {
+        pool_->RemovePeer(InstanceId(it->first));
+        mapped_.erase(it++);
+      } else {
+        ++it;
+      }
+    }
+    for (const auto& [peer, bytes] : handles) {
+      if (mapped_.contains(peer)) continue;
+      absl::StatusOr<store::ArenaHandle> h = store::ArenaHandle::Parse(bytes);
+      absl::Status s = h.status();
+      if (s.ok()) s = pool_->AddPeer(InstanceId(peer), *h);
+      if (!s.ok()) {
+        std::fprintf(stderr, "tokenlake instance %d: the arena of instance %d is not mapped: %s\n",
+                     self_.value(), peer, std::string(s.message()).c_str());
+        continue;
+      }
+      mapped_[peer] = bytes;
+    }
+  }
+
+ private:
+  const InstanceId self_;
+  std::unique_ptr<ecuda::PeerDevicePool> pool_;
+  HostedStoreHoldings holdings_;
+  const std::string handle_;
+  std::unique_ptr<ecuda::GpuEngine> engine_;
+  // Peers mapped now (id -> the handle mapped); the server's control thread only.
+  absl::flat_hash_map<int32_t, std::string> mapped_;
+};
+
+}  // namespace
+
+attention::KvSlotLayout GpuBackendLayout(const engine::LlamaConfig& config,
+                                         int32_t segment_tokens) {
+  return engine::PoolSlotLayout(config, segment_tokens, attention::KvDtype::kBFloat16);
+}
+
+BackendFactory GpuBackendFactory(const GpuBackendOptions& options) {
+  return [options](const BackendContext& ctx) -> absl::StatusOr<std::unique_ptr<InstanceBackend>> {
+    if (options.model == nullptr) return absl::InvalidArgumentError("GPU backend: model is null");
+    const engine::LlamaConfig& c = options.model->config();
+    TOKENLAKE_ASSIGN_OR_RETURN(
+        std::unique_ptr<ecuda::PeerDevicePool> pool,
+        ecuda::PeerDevicePool::Create({.num_instances = ctx.lake_instances,
+                                       .self = ctx.self,
+                                       .slots = options.slots,
+                                       .layout = GpuBackendLayout(c, options.segment_tokens),
+                                       .device = options.model->device(),
+                                       .transport = ctx.data_transport,
+                                       .endpoint_base = 0,
+                                       .reply_timeout = options.data_timeout,
+                                       .change_log_entries = kInstanceChangeLogEntries}));
+    TOKENLAKE_ASSIGN_OR_RETURN(store::ArenaHandle handle, pool->ExportHandle());
+    auto backend = std::make_unique<GpuBackend>(ctx.self, std::move(pool), handle.Serialize());
+    TOKENLAKE_ASSIGN_OR_RETURN(
+        std::unique_ptr<ecuda::GpuEngine> eng,
+        ecuda::GpuEngine::CreateOver(options.model,
+                                     {.num_instances = ctx.lake_instances,
+                                      .segment_tokens = options.segment_tokens,
+                                      .slots_per_instance = options.slots,
+                                      .namespace_name = options.namespace_name,
+                                      .max_batch_tokens = options.max_batch_tokens,
+                                      .max_batch_requests = options.max_batch_requests},
+                                     ctx.control, backend->pool(), ctx.self));
+    backend->set_engine(std::move(eng));
+    return std::unique_ptr<InstanceBackend>(std::move(backend));
+  };
+}
+
+}  // namespace tokenlake::service

@@ -1,0 +1,47 @@
+// The GPU instance backend (service/instance_backend.h; docs/adr/0018): an instance process on a
+// GPU that other instance processes may share. Its store is a PeerDevicePool hosting this
+// instance (a device arena of bf16 slots, exported to the peers through the coordinator, whose
+// arenas it maps as the coordinator announces them), and its engine is the GPU engine over that
+// pool and the coordinator's lake, computing every request on this instance. Peers on another
+// GPU are not reached yet (the host path of the ADR's point 5): their arenas are not mapped,
+// and a plan that names one fails the request with FailedPrecondition.
+//
+// Thread-safety: as InstanceBackend's.
+#ifndef TOKENLAKE_SERVICE_CUDA_GPU_BACKEND_H_
+#define TOKENLAKE_SERVICE_CUDA_GPU_BACKEND_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/time/time.h"
+#include "tokenlake/attention/attention.h"
+#include "tokenlake/engine/cuda/gpu_llama.h"
+#include "tokenlake/engine/llama_config.h"
+#include "tokenlake/service/instance_backend.h"
+
+namespace tokenlake::service {
+
+struct GpuBackendOptions {
+  // Borrowed; outlives the backends; not used by anyone else meanwhile (its stream).
+  engine::cuda::GpuLlamaModel* model = nullptr;
+  // Slots of this instance's device arena, >= 1 (as the coordinator's lake counts).
+  int32_t slots = 1;
+  int32_t segment_tokens = 16;
+  std::string namespace_name = "tokenlake";
+  // How long a request to a peer's data plane may take.
+  absl::Duration data_timeout = absl::Seconds(2);
+  // Continuous batching (engine::cuda::GpuEngineOptions).
+  int64_t max_batch_tokens = 2048;
+  int32_t max_batch_requests = 256;
+};
+
+// The layout of the backend's slots (bf16): InstanceBackendSpec::layout.
+attention::KvSlotLayout GpuBackendLayout(const engine::LlamaConfig& config, int32_t segment_tokens);
+
+// Errors of a backend it makes: the PeerDevicePool's (ResourceExhausted naming the bytes when
+// the arena does not fit the device) and the GPU engine's.
+BackendFactory GpuBackendFactory(const GpuBackendOptions& options);
+
+}  // namespace tokenlake::service
+
+#endif  // TOKENLAKE_SERVICE_CUDA_GPU_BACKEND_H_
