@@ -249,17 +249,22 @@ absl::Status PeerDevicePool::Resolve(absl::Span<const SlotRef> refs,
     }
     it->at.push_back(i);
   }
+  absl::Status status = absl::OkStatus();
   for (Ask& a : asks) {
     std::vector<uint64_t> ids;
     ids.reserve(a.at.size());
     for (size_t i : a.at) ids.push_back(refs[i].segment.value());
     WireWriter w;
     w.PutArray<uint64_t>(ids);
-    TOKENLAKE_ASSIGN_OR_RETURN(a.ticket,
-                               driver_->Send(ServerEndpoint(a.holder), kLocate, w.Take()));
+    absl::StatusOr<uint64_t> ticket = driver_->Send(ServerEndpoint(a.holder), kLocate, w.Take());
+    if (!ticket.ok()) {
+      status = ticket.status();
+      break;
+    }
+    a.ticket = *ticket;
   }
-  absl::Status status = absl::OkStatus();
   for (Ask& a : asks) {
+    if (a.ticket == 0) continue;  // not sent (an earlier send failed)
     // Every reply is taken, even after an error, so that none is left for a later call.
     absl::StatusOr<transport::Message> reply = driver_->Await(a.ticket, options_.reply_timeout);
     if (!status.ok()) continue;
