@@ -43,28 +43,10 @@ timeout 120 "$bin" generate --model "$model" --prompts "$prompts" --max-new-toke
   --segment-tokens 16 --arrival sequential --device gpu --instances 1 \
   --json "$out/reference.json" >/dev/null || fail "generate --device gpu (the reference)"
 
-"$bin" coordinator --model "$model" --instances 2 --slots "$slots" --kv-dtype bf16 \
-  --segment-tokens 16 --port-file "$out/coordinator.ports" >"$out/coordinator.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 300); do [ -s "$out/coordinator.ports" ] && break; sleep 0.1; done
-[ -s "$out/coordinator.ports" ] || fail "the coordinator did not write its ports"
-read -r http grpc < <(python3 -c 'import json,sys; p=json.load(open(sys.argv[1])); print(p["http_port"], p["grpc_port"])' "$out/coordinator.ports")
-for i in 0 1; do
-  "$bin" instance --device gpu --gpu 0 --model "$model" --coordinator-port "$grpc" --id "$i" \
-    --name "gpu-$i" --slots "$slots" --segment-tokens 16 --exit-with-parent \
-    >"$out/instance-$i.log" 2>&1 &
-  pids+=($!)
-done
-ready=0
-for _ in $(seq 1 600); do
-  ready=$(curl -s "http://127.0.0.1:$http/healthz" |
-    python3 -c 'import json,sys; print(json.load(sys.stdin).get("live_instances", 0))' 2>/dev/null)
-  [ "${ready:-0}" = "2" ] && break
-  sleep 0.1
-done
-[ "${ready:-0}" = "2" ] || fail "2 GPU instances did not become ready (logs in $out)"
-
-python3 - "$http" "$prompts" "$out/reference.json" "$max_new" <<'PY' || exit 1
+# check_prompts HTTP_PORT: every fixture prompt twice, greedy: tokens equal the reference's, the
+# repeat served from the pool.
+check_prompts() {
+  python3 - "$1" "$prompts" "$out/reference.json" "$max_new" <<'PY'
 import json, sys, urllib.request
 http, prompts_path, ref_path, max_new = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 prompts = [json.loads(l)["input_ids"] for l in open(prompts_path) if l.strip()]
@@ -88,9 +70,47 @@ for i, p in enumerate(prompts):
             bad += 1
 sys.exit(1 if bad else 0)
 PY
+}
+
+"$bin" coordinator --model "$model" --instances 2 --slots "$slots" --kv-dtype bf16 \
+  --segment-tokens 16 --port-file "$out/coordinator.ports" >"$out/coordinator.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 300); do [ -s "$out/coordinator.ports" ] && break; sleep 0.1; done
+[ -s "$out/coordinator.ports" ] || fail "the coordinator did not write its ports"
+read -r http grpc < <(python3 -c 'import json,sys; p=json.load(open(sys.argv[1])); print(p["http_port"], p["grpc_port"])' "$out/coordinator.ports")
+for i in 0 1; do
+  "$bin" instance --device gpu --gpu 0 --model "$model" --coordinator-port "$grpc" --id "$i" \
+    --name "gpu-$i" --slots "$slots" --segment-tokens 16 --exit-with-parent \
+    >"$out/instance-$i.log" 2>&1 &
+  pids+=($!)
+done
+ready=0
+for _ in $(seq 1 600); do
+  ready=$(curl -s "http://127.0.0.1:$http/healthz" |
+    python3 -c 'import json,sys; print(json.load(sys.stdin).get("live_instances", 0))' 2>/dev/null)
+  [ "${ready:-0}" = "2" ] && break
+  sleep 0.1
+done
+[ "${ready:-0}" = "2" ] || fail "2 GPU instances did not become ready (logs in $out)"
+
+check_prompts "$http" || exit 1
 metrics=$(curl -s "http://127.0.0.1:$http/metrics")
 remote=$(echo "$metrics" | awk '/^tokenlake_remote_attend_calls_total /{a=$2} /^tokenlake_kv_pulled_segments_total /{b=$2} END{print a+b}')
 [ "${remote%.*}" -gt 0 ] 2>/dev/null || fail "no instance read the other's slots (remote attends + pulls = $remote)"
 echo "$metrics" | grep -E '^tokenlake_instance_segments\{' >"$out/segments.txt"
 [ "$(awk '$2 > 0' "$out/segments.txt" | wc -l)" -eq 2 ] || fail "the pool does not hold segments on both instances: $(tr '\n' ' ' <"$out/segments.txt")"
-echo "cli_gpu_cluster_test: 2 GPU instance processes: tokens equal generate's, repeats cached, $remote cross-instance reads"
+echo "ok: 2 GPU instance processes: tokens equal generate's, repeats cached, $remote cross-instance reads"
+for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+wait 2>/dev/null
+pids=()
+
+# The same through `tokenlake serve --device gpu` (its coordinator and two GPU instances).
+"$bin" serve --model "$model" --device gpu --instances 2 --slots "$slots" --segment-tokens 16 \
+  --log-dir "$out" --port-file "$out/serve.port" --duration-s 300 >"$out/serve.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 600); do [ -s "$out/serve.port" ] && break; sleep 0.1; done
+[ -s "$out/serve.port" ] || fail "serve --device gpu did not start (logs in $out: $(tail -n 3 "$out/serve.log"))"
+check_prompts "$(cat "$out/serve.port")" || fail "serve --device gpu answered wrong"
+grep -q '(GPU 0, bf16 slots)' "$out"/tokenlake-instance-0-*.log ||
+  fail "serve's instance 0 does not say it runs on the GPU: $(head -n 3 "$out"/tokenlake-instance-0-*.log)"
+echo "cli_gpu_cluster_test: 2 GPU instance processes (by hand and by serve --device gpu): tokens equal generate's, repeats cached, $remote cross-instance reads"

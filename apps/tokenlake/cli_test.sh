@@ -385,6 +385,13 @@ if "$bin" --help 2>&1 | grep -q tokenize; then
     expect "serve refuses an unknown routing rule, naming the valid ones" 2 \
       "--routing.*scheduler.*plan" -- \
       "$bin" serve --model "$fixtures/llama_tiny/model" --routing nearest --duration-s 1
+    expect "serve rejects an unknown device" 2 "--device.*tpu" -- \
+      "$bin" serve --model "$fixtures/llama_tiny/model" --device tpu --duration-s 1
+    if ! "$bin" generate --help 2>&1 | grep -q "this build: cpu and gpu"; then
+      expect "serve --device gpu in a build without CUDA says how to get one" 2 \
+        "no GPU instance backend.*cmake --preset cuda" -- \
+        "$bin" serve --model "$fixtures/llama_tiny/model" --device gpu --duration-s 1
+    fi
     expect "serve names a GPU profile it cannot read" 2 "--gpu: .*no-such-gpu.json" -- \
       "$bin" serve --model "$fixtures/llama_tiny/model" --gpu "$tmp/no-such-gpu.json" \
       --duration-s 1

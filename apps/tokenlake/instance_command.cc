@@ -229,7 +229,10 @@ int RunInstance(const InstanceFlags& f) {
     std::cerr << "tokenlake instance: " << server.status().message() << "\n";
     return server.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
   }
-  std::fprintf(stderr, "tokenlake instance %s: transport %s, coordinator %s%s\n", o.name.c_str(),
+  const std::string device =
+      f.device == "gpu" ? "GPU " + std::to_string(f.gpu) + ", bf16 slots" : "CPU";
+  std::fprintf(stderr, "tokenlake instance %s (%s): transport %s, coordinator %s%s\n",
+               o.name.c_str(), device.c_str(),
                transport::HostPort{.host = o.listen_host, .port = (*server)->transport_port()}
                    .ToString()
                    .c_str(),

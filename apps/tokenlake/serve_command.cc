@@ -9,7 +9,9 @@
 // its prefix tree; each restart is logged), and stops everything on SIGTERM/SIGINT or after
 // --duration-s. The cluster secret is generated here and handed to the children (LocalCluster).
 // The routing flags (routing_flags.h) go to the coordinator; a GPU profile it could not read is
-// refused here, before anything starts.
+// refused here, before anything starts. --device gpu (a CUDA build) runs every instance on the
+// GPU (the first one CUDA_VISIBLE_DEVICES shows; they map each other's arenas), with bf16 slots,
+// and the coordinator costs plans for bf16.
 //
 // Exit codes: 0 after a signal or the duration, 1 when the cluster does not start or the
 // coordinator cannot be started again (5 failed starts in a row), 2 for bad flags.
@@ -51,6 +53,7 @@ struct ServeFlags {
   double duration_s = 0;
   std::string log_dir = "/tmp";
   std::string port_file;
+  std::string device = "cpu";
   RoutingFlags routing;
 };
 
@@ -143,9 +146,23 @@ int RunServe(const ServeFlags& f) {
     std::cerr << "tokenlake serve: --gpu: " << gpu.status().message() << "\n";
     return 2;
   }
+#if !defined(TOKENLAKE_HAVE_GPU_INSTANCE)
+  if (f.device == "gpu") {
+    std::cerr << "tokenlake serve: --device gpu: this build has no GPU instance backend; build "
+                 "the CLI with CUDA (`cmake --preset cuda && cmake --build --preset cuda "
+                 "--target tokenlake`) and run build/cuda/bin/tokenlake on a machine with an "
+                 "NVIDIA GPU\n";
+    return 2;
+  }
+#endif
   service::LocalClusterOptions o;
   o.binary = service::SelfExecutable();
   o.coordinator_flags = RoutingFlagArgs(f.routing);
+  if (f.device == "gpu") {
+    // GPU instances keep bf16 slots; the coordinator's plan costs must count the same bytes.
+    o.coordinator_flags.insert(o.coordinator_flags.end(), {"--kv-dtype", "bf16"});
+    o.instance_flags = {"--device", "gpu", "--gpu", "0", "--kv-dtype", "bf16"};
+  }
   o.model = std::filesystem::absolute(f.model).string();
   o.instances = f.instances;
   o.http_port = f.port;
@@ -257,6 +274,11 @@ void SetUpServe(CLI::App& app, int* exit_code) {
   cmd->add_option("--log-dir", f->log_dir, "Directory for the processes' logs")
       ->capture_default_str();
   cmd->add_option("--port-file", f->port_file, "Write the HTTP port to this file");
+  cmd->add_option("--device", f->device,
+                  "Where the instances compute and keep their slots: cpu, or gpu (all on the "
+                  "first GPU CUDA_VISIBLE_DEVICES shows; a CUDA build)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "gpu"}));
   AddRoutingFlags(cmd, &f->routing);
   cmd->callback([f, exit_code] { *exit_code = RunServe(*f); });
 }

@@ -179,6 +179,7 @@ absl::Status LocalCluster::StartInstance(int32_t i) {
                                    "--slots",
                                    absl::StrCat(options_.slots),
                                    "--exit-with-parent"};
+  argv.insert(argv.end(), options_.instance_flags.begin(), options_.instance_flags.end());
   auto child = ChildProcess::Spawn(argv, Log(absl::StrCat("instance-", i)), {secret_env_});
   if (!child.ok()) return child.status();
   instances_[i] = std::move(*child);

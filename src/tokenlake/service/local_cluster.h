@@ -42,8 +42,10 @@ struct LocalClusterOptions {
   int32_t dead_after_ms = 600;
   int32_t request_timeout_ms = 30000;
   int32_t attempt_timeout_ms = 10000;
-  // Extra flags for the coordinator (e.g. fault injection).
+  // Extra flags for the coordinator (e.g. fault injection, --kv-dtype) and for every instance
+  // (e.g. --device gpu).
   std::vector<std::string> coordinator_flags;
+  std::vector<std::string> instance_flags;
   // Directory for the port file and the processes' logs (must exist).
   std::string work_dir = "/tmp";
   // How long Start / restarts wait for the cluster to become ready.
