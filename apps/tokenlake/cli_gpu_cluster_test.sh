@@ -105,12 +105,27 @@ wait 2>/dev/null
 pids=()
 
 # The same through `tokenlake serve --device gpu` (its coordinator and two GPU instances).
-"$bin" serve --model "$model" --device gpu --instances 2 --slots "$slots" --segment-tokens 16 \
+# Each instance gets 2% of the GPU; the pool what its weights and a 512 MiB reserve leave.
+"$bin" serve --model "$model" --device gpu --instances 2 --memory-fraction 0.02 --reserve-mib 512 --segment-tokens 16 \
   --log-dir "$out" --port-file "$out/serve.port" --duration-s 300 >"$out/serve.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 600); do [ -s "$out/serve.port" ] && break; sleep 0.1; done
 [ -s "$out/serve.port" ] || fail "serve --device gpu did not start (logs in $out: $(tail -n 3 "$out/serve.log"))"
 check_prompts "$(cat "$out/serve.port")" || fail "serve --device gpu answered wrong"
-grep -q '(GPU 0, bf16 slots)' "$out"/tokenlake-instance-0-*.log ||
+served_slots=$(sed -n 's/.*on GPU 0, \([0-9]*\) slots each.*/\1/p' "$out/serve.log")
+[ "${served_slots:-0}" -gt 1000 ] || fail "serve --memory-fraction 0.02 gave ${served_slots:-no} slots per instance"
+grep -q "(GPU 0, $served_slots bf16 slots)" "$out"/tokenlake-instance-0-*.log ||
   fail "serve's instance 0 does not say it runs on the GPU: $(head -n 3 "$out"/tokenlake-instance-0-*.log)"
-echo "cli_gpu_cluster_test: 2 GPU instance processes (by hand and by serve --device gpu): tokens equal generate's, repeats cached, $remote cross-instance reads"
+for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+wait 2>/dev/null
+pids=()
+
+# A share that leaves no room, and shares that add up to more than the GPU, are refused.
+msg=$("$bin" instance --device gpu --model "$model" --coordinator-port 1 --memory-fraction 0.001 \
+  --reserve-mib 100000 2>&1)
+[ $? -eq 1 ] && echo "$msg" | grep -q "not one slot" ||
+  fail "instance --memory-fraction too small: want exit 1 naming the bytes, got: $msg"
+msg=$("$bin" serve --model "$model" --device gpu --instances 3 --memory-fraction 0.4 --duration-s 1 2>&1)
+[ $? -eq 2 ] && echo "$msg" | grep -q "more than all of it" ||
+  fail "serve with 3 x 0.4 of a GPU: want exit 2, got: $msg"
+echo "cli_gpu_cluster_test: 2 GPU instance processes (by hand and by serve --device gpu --memory-fraction: $served_slots slots each): tokens equal generate's, repeats cached, $remote cross-instance reads"

@@ -356,6 +356,12 @@ if "$bin" --help 2>&1 | grep -q coordinator; then
     "$bin" instance --model "$model"
   expect "instance rejects a coordinator port of 0" 2 "coordinator-port.*not in range" -- \
     "$bin" instance --model "$model" --coordinator-port 0
+  expect "instance --memory-fraction needs --device gpu" 2 "--memory-fraction.*--device gpu" -- \
+    "$bin" instance --model "$model" --coordinator-port 1 --memory-fraction 0.5
+  expect "instance --load-format dummy needs --device gpu" 2 "dummy.*--device gpu" -- \
+    "$bin" instance --model "$model" --coordinator-port 1 --load-format dummy
+  expect "instance rejects a memory fraction above 1" 2 "memory-fraction" -- \
+    "$bin" instance --model "$model" --coordinator-port 1 --device gpu --memory-fraction 1.5
 fi
 
 # The tokenizer (only when built with the tokenizer module).
@@ -387,6 +393,11 @@ if "$bin" --help 2>&1 | grep -q tokenize; then
       "$bin" serve --model "$fixtures/llama_tiny/model" --routing nearest --duration-s 1
     expect "serve rejects an unknown device" 2 "--device.*tpu" -- \
       "$bin" serve --model "$fixtures/llama_tiny/model" --device tpu --duration-s 1
+    expect "serve --memory-fraction needs --device gpu" 2 "--memory-fraction.*--device gpu" -- \
+      "$bin" serve --model "$fixtures/llama_tiny/model" --memory-fraction 0.5 --duration-s 1
+    expect "serve --memory-fraction excludes --slots" 2 "excludes" -- \
+      "$bin" serve --model "$fixtures/llama_tiny/model" --device gpu --memory-fraction 0.5 \
+      --slots 64 --duration-s 1
     if ! "$bin" generate --help 2>&1 | grep -q "this build: cpu and gpu"; then
       expect "serve --device gpu in a build without CUDA says how to get one" 2 \
         "no GPU instance backend.*cmake --preset cuda" -- \

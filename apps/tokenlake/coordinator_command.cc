@@ -349,7 +349,8 @@ void SetUpCoordinator(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--request-timeout-ms", f->request_timeout_ms, "Deadline of one request")
       ->capture_default_str();
-  cmd->add_option("--attempt-timeout-ms", f->attempt_timeout_ms, "Deadline of one attempt")
+  cmd->add_option("--attempt-timeout-ms", f->attempt_timeout_ms,
+                  "An attempt fails over after this long without word from its instance")
       ->capture_default_str();
   cmd->add_option("--max-tokens-limit", f->max_tokens_limit, "Largest max_tokens accepted")
       ->capture_default_str();

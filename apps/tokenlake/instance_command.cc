@@ -12,7 +12,11 @@
 //
 // --device gpu [--gpu K] (a CUDA build): the instance's store is a device arena of bf16 slots on
 // GPU K and its engine the GPU engine (service/cuda/gpu_backend.h); instances on the same GPU
-// read each other's slots in place (docs/adr/0018).
+// read each other's slots in place (docs/adr/0018). --memory-fraction F sizes its pool from its
+// share of the GPU instead of --slots: F of the device's memory, less the weights and
+// --reserve-mib (GpuInstanceSlots); a share too small for one slot is refused, naming the bytes.
+// --load-format dummy draws random weights of the checkpoint folder's config.json instead of
+// reading weights (benchmarks of large shapes without a checkpoint, as other serving engines do).
 //
 // Exit codes: 0 after a signal, 1 for a runtime error (bad model), 2 for bad flags.
 // Built only with the service module (gRPC, protobuf, libmicrohttpd, cpp-httplib installed).
@@ -30,6 +34,7 @@
 #include "absl/time/time.h"
 #include "command.h"
 #include "flag_checks.h"
+#include "tokenlake/engine/llama_config.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/election.h"
@@ -66,13 +71,28 @@ struct InstanceFlags {
   int slots = 1024;
   std::string kv_dtype = "f32";
   int data_timeout_ms = 2000;
+  int64_t max_batch_tokens = 2048;
   bool exit_with_parent = false;
   std::string device = "cpu";
   int gpu = 0;
+  double memory_fraction = -1;  // < 0: --slots
+  int reserve_mib = 4096;
+  std::string load_format = "auto";
 };
 
 int RunInstance(const InstanceFlags& f) {
   if (f.exit_with_parent) ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+  if (f.load_format == "dummy" && f.device != "gpu") {
+    std::cerr << "tokenlake instance: --load-format dummy (random weights) runs on the GPU only; "
+                 "give --device gpu\n";
+    return 2;
+  }
+  if (f.memory_fraction >= 0 && f.device != "gpu") {
+    std::cerr << "tokenlake instance: --memory-fraction sizes a GPU instance's pool; give "
+                 "--device gpu, or --slots on the CPU\n";
+    return 2;
+  }
+  int32_t slots = f.slots;
   // Before the model loads: a missing address is a usage error, not a runtime one.
   if (f.etcd.empty() && f.coordinator.empty() && f.coordinator_port == 0) {
     std::cerr << "tokenlake instance: give the coordinator's address: --coordinator HOST:PORT "
@@ -105,7 +125,18 @@ int RunInstance(const InstanceFlags& f) {
   }
 #if defined(TOKENLAKE_HAVE_GPU_INSTANCE)
   if (f.device == "gpu") {
-    auto model = engine::cuda::GpuLlamaModel::Load(f.model, {.device = f.gpu});
+    absl::StatusOr<std::unique_ptr<engine::cuda::GpuLlamaModel>> model;
+    if (f.load_format == "dummy") {
+      // Random weights of the checkpoint's shape, the same in every instance (seed 1).
+      absl::StatusOr<engine::LlamaConfig> config =
+          engine::LoadLlamaConfig(f.model + "/config.json");
+      model = config.ok()
+                  ? engine::cuda::GpuLlamaModel::CreateRandom(*config, /*seed=*/1,
+                                                              /*scale=*/0.02f, {.device = f.gpu})
+                  : absl::StatusOr<std::unique_ptr<engine::cuda::GpuLlamaModel>>(config.status());
+    } else {
+      model = engine::cuda::GpuLlamaModel::Load(f.model, {.device = f.gpu});
+    }
     if (!model.ok()) {
       std::cerr << "tokenlake instance: --device gpu: " << model.status().message() << "\n";
       return 1;
@@ -113,14 +144,32 @@ int RunInstance(const InstanceFlags& f) {
     gpu_model = *std::move(model);
     const attention::KvSlotLayout layout =
         service::GpuBackendLayout(gpu_model->config(), f.segment_tokens);
+    if (f.memory_fraction >= 0) {
+      // The pool gets what this instance's share of the GPU leaves after the weights and the
+      // reserve (the same sum `serve --memory-fraction` tells the coordinator).
+      absl::StatusOr<int64_t> total = service::GpuTotalMemory(f.gpu);
+      absl::StatusOr<int32_t> fit =
+          total.ok() ? service::GpuInstanceSlots(
+                           *total, f.memory_fraction,
+                           engine::cuda::GpuLlamaModel::WeightDeviceBytes(gpu_model->config()),
+                           int64_t{f.reserve_mib} << 20, layout.SlotBytes())
+                     : absl::StatusOr<int32_t>(total.status());
+      if (!fit.ok()) {
+        std::cerr << "tokenlake instance: --memory-fraction " << f.memory_fraction << ": "
+                  << fit.status().message() << "\n";
+        return 1;
+      }
+      slots = *fit;
+    }
     spec = {.layout = layout,
             .context_tokens = gpu_model->config().max_position_embeddings,
-            .factory = service::GpuBackendFactory(
-                {.model = gpu_model.get(),
-                 .slots = f.slots,
-                 .segment_tokens = f.segment_tokens,
-                 .namespace_name = f.namespace_name,
-                 .data_timeout = absl::Milliseconds(f.data_timeout_ms)})};
+            .factory =
+                service::GpuBackendFactory({.model = gpu_model.get(),
+                                            .slots = slots,
+                                            .segment_tokens = f.segment_tokens,
+                                            .namespace_name = f.namespace_name,
+                                            .data_timeout = absl::Milliseconds(f.data_timeout_ms),
+                                            .max_batch_tokens = f.max_batch_tokens})};
   }
 #endif
   sigset_t signals;
@@ -208,9 +257,10 @@ int RunInstance(const InstanceFlags& f) {
   o.allow_insecure = f.insecure;
   o.namespace_name = f.namespace_name;
   o.segment_tokens = f.segment_tokens;
-  o.slots = f.slots;
+  o.slots = slots;
   o.kv_dtype = f.kv_dtype == "bf16" ? attention::KvDtype::kBFloat16 : attention::KvDtype::kFloat32;
   o.data_timeout = absl::Milliseconds(f.data_timeout_ms);
+  o.max_batch_tokens = f.max_batch_tokens;
   absl::StatusOr<std::string> secret = service::TakeClusterSecretFromEnvironment();
   if (!secret.ok()) {
     std::cerr << "tokenlake instance: " << secret.status().message() << "\n";
@@ -229,8 +279,9 @@ int RunInstance(const InstanceFlags& f) {
     std::cerr << "tokenlake instance: " << server.status().message() << "\n";
     return server.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
   }
-  const std::string device =
-      f.device == "gpu" ? "GPU " + std::to_string(f.gpu) + ", bf16 slots" : "CPU";
+  const std::string device = f.device == "gpu" ? "GPU " + std::to_string(f.gpu) + ", " +
+                                                     std::to_string(slots) + " bf16 slots"
+                                               : "CPU, " + std::to_string(slots) + " slots";
   std::fprintf(stderr, "tokenlake instance %s (%s): transport %s, coordinator %s%s\n",
                o.name.c_str(), device.c_str(),
                transport::HostPort{.host = o.listen_host, .port = (*server)->transport_port()}
@@ -290,10 +341,15 @@ void SetUpInstance(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--segment-tokens", f->segment_tokens, "Tokens per segment (as the coordinator)")
       ->capture_default_str();
-  cmd->add_option("--slots", f->slots, "Segment slots of this instance")->capture_default_str();
+  CLI::Option* slots =
+      cmd->add_option("--slots", f->slots, "Segment slots of this instance")->capture_default_str();
   cmd->add_option("--kv-dtype", f->kv_dtype, "KV dtype: f32 or bf16")
       ->capture_default_str()
       ->check(CLI::IsMember({"f32", "bf16"}));
+  cmd->add_option("--max-batch-tokens", f->max_batch_tokens,
+                  "Tokens computed per iteration (decodes and prompt chunks)")
+      ->capture_default_str()
+      ->check(IntAtLeast(1));
   cmd->add_option("--data-timeout-ms", f->data_timeout_ms,
                   "How long to wait for another instance's data-plane reply")
       ->capture_default_str()
@@ -306,6 +362,21 @@ void SetUpInstance(CLI::App& app, int* exit_code) {
   cmd->add_option("--gpu", f->gpu, "CUDA device ordinal of --device gpu")
       ->capture_default_str()
       ->check(CLI::Range(0, 1024));
+  cmd->add_option("--load-format", f->load_format,
+                  "auto: the checkpoint's weights; dummy: random weights of its config.json's "
+                  "shape (--device gpu; for benchmarks without a checkpoint)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "dummy"}));
+  cmd->add_option("--memory-fraction", f->memory_fraction,
+                  "--device gpu: the share of the GPU's memory this instance takes; its pool gets "
+                  "what the weights and --reserve-mib leave (instead of --slots)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->excludes(slots);
+  cmd->add_option("--reserve-mib", f->reserve_mib,
+                  "--memory-fraction: device memory kept out of the pool for activations, "
+                  "workspaces and the CUDA context")
+      ->capture_default_str()
+      ->check(IntAtLeast(0));
   cmd->add_flag("--exit-with-parent", f->exit_with_parent, "Exit when the parent process dies");
   cmd->callback([f, exit_code] { *exit_code = RunInstance(*f); });
 }

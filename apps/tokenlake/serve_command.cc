@@ -11,7 +11,9 @@
 // The routing flags (routing_flags.h) go to the coordinator; a GPU profile it could not read is
 // refused here, before anything starts. --device gpu (a CUDA build) runs every instance on the
 // GPU (the first one CUDA_VISIBLE_DEVICES shows; they map each other's arenas), with bf16 slots,
-// and the coordinator costs plans for bf16.
+// and the coordinator costs plans for bf16; --memory-fraction F gives each instance F of that
+// GPU's memory (N x F at most 1), its pool what the weights and --reserve-mib leave, and tells
+// the coordinator that many slots per instance.
 //
 // Exit codes: 0 after a signal or the duration, 1 when the cluster does not start or the
 // coordinator cannot be started again (5 failed starts in a row), 2 for bad flags.
@@ -37,6 +39,10 @@
 #include "tokenlake/engine/llama_config.h"
 #include "tokenlake/sched/cost_model.h"
 #include "tokenlake/service/local_cluster.h"
+#if defined(TOKENLAKE_HAVE_GPU_INSTANCE)
+#include "tokenlake/engine/cuda/gpu_llama.h"
+#include "tokenlake/service/cuda/gpu_backend.h"
+#endif
 #include "tokenlake/tokenizer/tokenizer.h"
 
 namespace tokenlake::cli {
@@ -54,6 +60,11 @@ struct ServeFlags {
   std::string log_dir = "/tmp";
   std::string port_file;
   std::string device = "cpu";
+  double memory_fraction = -1;  // < 0: --slots
+  int reserve_mib = 4096;
+  std::string load_format = "auto";
+  int64_t max_batch_tokens = 2048;
+  int request_timeout_ms = 30000;
   RoutingFlags routing;
 };
 
@@ -155,21 +166,63 @@ int RunServe(const ServeFlags& f) {
     return 2;
   }
 #endif
+  int32_t slots = f.slots;
+  if (f.load_format == "dummy" && f.device != "gpu") {
+    std::cerr << "tokenlake serve: --load-format dummy (random weights) runs on the GPU only; "
+                 "give --device gpu\n";
+    return 2;
+  }
+  if (f.memory_fraction >= 0 && f.device != "gpu") {
+    std::cerr << "tokenlake serve: --memory-fraction sizes GPU instances' pools; give --device "
+                 "gpu, or --slots on the CPU\n";
+    return 2;
+  }
+#if defined(TOKENLAKE_HAVE_GPU_INSTANCE)
+  if (f.memory_fraction >= 0) {
+    if (f.memory_fraction * f.instances > 1.0 + 1e-9) {
+      std::cerr << "tokenlake serve: --memory-fraction " << f.memory_fraction << " for each of "
+                << f.instances << " instances on one GPU is more than all of it\n";
+      return 2;
+    }
+    absl::StatusOr<engine::LlamaConfig> config = engine::LoadLlamaConfig(f.model + "/config.json");
+    if (!config.ok()) {
+      std::cerr << "tokenlake serve: " << config.status().message() << "\n";
+      return 1;
+    }
+    absl::StatusOr<int64_t> total = service::GpuTotalMemory(0);
+    absl::StatusOr<int32_t> fit =
+        total.ok() ? service::GpuInstanceSlots(
+                         *total, f.memory_fraction,
+                         engine::cuda::GpuLlamaModel::WeightDeviceBytes(*config),
+                         int64_t{f.reserve_mib} << 20,
+                         service::GpuBackendLayout(*config, f.segment_tokens).SlotBytes())
+                   : absl::StatusOr<int32_t>(total.status());
+    if (!fit.ok()) {
+      std::cerr << "tokenlake serve: --memory-fraction " << f.memory_fraction << ": "
+                << fit.status().message() << "\n";
+      return 1;
+    }
+    slots = *fit;
+  }
+#endif
   service::LocalClusterOptions o;
   o.binary = service::SelfExecutable();
   o.coordinator_flags = RoutingFlagArgs(f.routing);
+  o.instance_flags = {"--max-batch-tokens", std::to_string(f.max_batch_tokens)};
   if (f.device == "gpu") {
     // GPU instances keep bf16 slots; the coordinator's plan costs must count the same bytes.
     o.coordinator_flags.insert(o.coordinator_flags.end(), {"--kv-dtype", "bf16"});
-    o.instance_flags = {"--device", "gpu", "--gpu", "0", "--kv-dtype", "bf16"};
+    o.instance_flags.insert(o.instance_flags.end(), {"--device", "gpu", "--gpu", "0", "--kv-dtype",
+                                                     "bf16", "--load-format", f.load_format});
   }
   o.model = std::filesystem::absolute(f.model).string();
   o.instances = f.instances;
   o.http_port = f.port;
   o.segment_tokens = f.segment_tokens;
-  o.slots = f.slots;
+  o.slots = slots;
   o.heartbeat_ms = f.heartbeat_ms;
   o.dead_after_ms = f.dead_after_ms;
+  o.request_timeout_ms = f.request_timeout_ms;
   o.work_dir = f.log_dir;
   auto cluster = service::LocalCluster::Start(o);
   if (!cluster.ok()) {
@@ -182,6 +235,10 @@ int RunServe(const ServeFlags& f) {
                "tokenlake serve: OpenAI-compatible API at http://127.0.0.1:%d/v1 "
                "(completions, chat/completions, models); /metrics, /healthz\n",
                (*cluster)->http_port(), f.instances, f.log_dir.c_str(), (*cluster)->http_port());
+  if (f.device == "gpu") {
+    std::fprintf(stderr, "tokenlake serve: %d GPU instance processes on GPU 0, %d slots each\n",
+                 f.instances, slots);
+  }
   std::printf("%d\n", (*cluster)->http_port());
   std::fflush(stdout);
   if (!f.port_file.empty()) {
@@ -199,7 +256,7 @@ int RunServe(const ServeFlags& f) {
   // The status line, only for a person watching: a pipe or file gets the port line alone.
   std::optional<StatusLine> status;
   if (::isatty(STDOUT_FILENO) == 1) {
-    status.emplace((*cluster)->http_port(), f.instances, int64_t{f.instances} * f.slots);
+    status.emplace((*cluster)->http_port(), f.instances, int64_t{f.instances} * slots);
   }
   absl::Time next_status = absl::Now();
   while (absl::Now() < end) {
@@ -264,11 +321,16 @@ void SetUpServe(CLI::App& app, int* exit_code) {
       ->check(IntIn(0, 65535));
   cmd->add_option("--segment-tokens", f->segment_tokens, "Tokens per segment")
       ->capture_default_str();
-  cmd->add_option("--slots", f->slots, "Segment slots per instance")->capture_default_str();
+  CLI::Option* slots =
+      cmd->add_option("--slots", f->slots, "Segment slots per instance")->capture_default_str();
   cmd->add_option("--heartbeat-ms", f->heartbeat_ms, "Instance heartbeat period")
       ->capture_default_str();
   cmd->add_option("--dead-after-ms", f->dead_after_ms, "Silence after which an instance is dead")
       ->capture_default_str();
+  cmd->add_option("--request-timeout-ms", f->request_timeout_ms,
+                  "Deadline of one request, all attempts (long prompts under load need more)")
+      ->capture_default_str()
+      ->check(IntAtLeast(1));
   cmd->add_option("--duration-s", f->duration_s, "Stop after this many seconds (0 = on signal)")
       ->capture_default_str();
   cmd->add_option("--log-dir", f->log_dir, "Directory for the processes' logs")
@@ -279,6 +341,25 @@ void SetUpServe(CLI::App& app, int* exit_code) {
                   "first GPU CUDA_VISIBLE_DEVICES shows; a CUDA build)")
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "gpu"}));
+  cmd->add_option("--max-batch-tokens", f->max_batch_tokens,
+                  "Tokens each instance computes per iteration (decodes and prompt chunks)")
+      ->capture_default_str()
+      ->check(IntAtLeast(1));
+  cmd->add_option("--load-format", f->load_format,
+                  "auto: the checkpoint's weights; dummy: random weights of its config.json's "
+                  "shape, the same in every instance (--device gpu; for benchmarks)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "dummy"}));
+  cmd->add_option("--memory-fraction", f->memory_fraction,
+                  "--device gpu: the share of the GPU's memory each instance takes; the pools get "
+                  "what the weights and --reserve-mib leave (instead of --slots)")
+      ->check(CLI::Range(0.0, 1.0))
+      ->excludes(slots);
+  cmd->add_option("--reserve-mib", f->reserve_mib,
+                  "--memory-fraction: device memory each instance keeps out of its pool for "
+                  "activations, workspaces and the CUDA context")
+      ->capture_default_str()
+      ->check(IntAtLeast(0));
   AddRoutingFlags(cmd, &f->routing);
   cmd->callback([f, exit_code] { *exit_code = RunServe(*f); });
 }

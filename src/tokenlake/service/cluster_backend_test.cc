@@ -13,6 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
+#include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/service/cluster_testing.h"
@@ -124,6 +125,113 @@ TEST(ClusterBackendTest, ArenaHandlesReachThePeersBackendsAndLeaveWithTheirInsta
     absl::SleepFor(absl::Milliseconds(10));
   }
   EXPECT_TRUE(told.Latest(0).empty());
+}
+
+// The host backend, every engine step `pause` slower: a request of many steps takes far longer
+// than the coordinator's attempt timeout.
+class SlowBackend final : public InstanceBackend {
+ public:
+  SlowBackend(std::unique_ptr<InstanceBackend> inner, absl::Duration pause)
+      : inner_(std::move(inner)), pause_(pause) {}
+  absl::Status Submit(const engine::GenerateRequest& r) override { return inner_->Submit(r); }
+  std::vector<std::pair<RequestId, absl::StatusOr<engine::GenerateResult>>> Step() override {
+    absl::SleepFor(pause_);
+    return inner_->Step();
+  }
+  absl::Status Cancel(RequestId r) override { return inner_->Cancel(r); }
+  std::optional<engine::Engine::Progress> ProgressOf(RequestId r) const override {
+    return inner_->ProgressOf(r);
+  }
+  bool idle() const override { return inner_->idle(); }
+  engine::LoopLoad Load() const override { return inner_->Load(); }
+  int32_t max_batch_requests() const override { return inner_->max_batch_requests(); }
+  HoldingsSource* holdings() override { return inner_->holdings(); }
+  int64_t used_slots() const override { return inner_->used_slots(); }
+  absl::Status FreeIfUnchangedSince(SegmentId s, uint64_t g) override {
+    return inner_->FreeIfUnchangedSince(s, g);
+  }
+  absl::Status Drop(SegmentId s) override { return inner_->Drop(s); }
+  absl::StatusOr<int64_t> CopyForRebalance(InstanceId from, SegmentId s, uint64_t seq) override {
+    return inner_->CopyForRebalance(from, s, seq);
+  }
+
+ private:
+  std::unique_ptr<InstanceBackend> inner_;
+  const absl::Duration pause_;
+};
+
+// The attempt timeout measures the instance's silence, not a request's length: an instance that
+// reports a long request's progress (tokens or not) every progress_interval keeps its attempt;
+// one that stays silent past the attempt timeout loses it.
+TEST(ClusterBackendTest, ALongRequestKeepsItsAttemptWhileItsInstanceReportsProgress) {
+  auto model = engine::LlamaModel::Load(TestModelDir());
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto reference = engine::Engine::Create(model->get(), {.use_pool = false});
+  ASSERT_TRUE(reference.ok()) << reference.status();
+  std::vector<int32_t> prompt;
+  for (int i = 0; i < 37; ++i) prompt.push_back((i * 29 + 5) % 512);
+  constexpr int32_t kTokens = 24;
+  auto want = (*reference)->Generate(prompt, kTokens);
+  ASSERT_TRUE(want.ok()) << want.status();
+  const std::string secret = *transport::GenerateClusterSecret();
+  CoordinatorOptions co = SmallClusterOptions((*model)->config(), secret);
+  co.lake_instances = 1;
+  co.attempt_timeout = absl::Milliseconds(400);
+  co.max_attempts = 2;
+  auto coordinator = Coordinator::Create(co);
+  ASSERT_TRUE(coordinator.ok()) << coordinator.status();
+  const attention::KvSlotLayout layout =
+      engine::PoolSlotLayout((*model)->config(), co.segment_tokens, attention::KvDtype::kFloat32);
+  // kTokens steps of at least 60 ms: about 1.5 s a request, against 400 ms of silence allowed.
+  const absl::Duration pause = absl::Milliseconds(60);
+  for (const absl::Duration interval : {absl::Milliseconds(50), absl::Seconds(30)}) {
+    SCOPED_TRACE(absl::StrCat("progress_interval ", absl::FormatDuration(interval)));
+    InstanceServerOptions o{.name = "slow",
+                            .preferred_id = 0,
+                            .coordinator_port = (*coordinator)->grpc_port(),
+                            .slots = 256,
+                            .cluster_secret = secret};
+    o.progress_interval = interval;
+    const BackendFactory host = HostBackendFactory({.model = model->get(),
+                                                    .layout = layout,
+                                                    .slots = o.slots,
+                                                    .segment_tokens = o.segment_tokens,
+                                                    .namespace_name = o.namespace_name});
+    auto server = InstanceServer::Create(
+        {.layout = layout,
+         .context_tokens = (*model)->config().max_position_embeddings,
+         .factory =
+             [&](const BackendContext& ctx) -> absl::StatusOr<std::unique_ptr<InstanceBackend>> {
+           absl::StatusOr<std::unique_ptr<InstanceBackend>> inner = host(ctx);
+           if (!inner.ok()) return inner.status();
+           return std::make_unique<SlowBackend>(*std::move(inner), pause);
+         }},
+        o);
+    ASSERT_TRUE(server.ok()) << server.status();
+    const absl::Time deadline = absl::Now() + absl::Seconds(20);
+    while ((*coordinator)->LiveInstances() != 1 && absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+    ASSERT_EQ((*coordinator)->LiveInstances(), 1);
+    const absl::Time start = absl::Now();
+    auto r = (*coordinator)->Complete({.prompt = prompt, .max_tokens = kTokens});
+    if (interval < co.attempt_timeout) {
+      ASSERT_TRUE(r.ok()) << r.status();
+      EXPECT_EQ(r->tokens, want->tokens);
+      EXPECT_EQ(r->attempts, 1);
+      EXPECT_GT(absl::Now() - start, 2 * co.attempt_timeout);
+    } else {
+      // Silent for longer than the attempt timeout: both attempts are given up.
+      ASSERT_FALSE(r.ok()) << "served in " << r->attempts << " attempts";
+      EXPECT_NE(r.status().message().find("nothing heard for"), std::string::npos) << r.status();
+    }
+    (*server)->Shutdown();
+    // The next server takes the same name once the coordinator saw this one die.
+    const absl::Time gone = absl::Now() + absl::Seconds(20);
+    while ((*coordinator)->LiveInstances() != 0 && absl::Now() < gone) {
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+  }
 }
 
 }  // namespace

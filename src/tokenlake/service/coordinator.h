@@ -181,7 +181,9 @@ struct CoordinatorOptions {
   // instance is declared dead (> heartbeat_interval).
   absl::Duration heartbeat_interval = absl::Milliseconds(200);
   absl::Duration dead_after = absl::Seconds(1);
-  // Deadline of one request (all attempts) and of one attempt.
+  // Deadline of one request (all attempts), and how long an attempt may go without word from
+  // its instance (which reports every running request at least every second) before it fails
+  // over.
   absl::Duration request_timeout = absl::Seconds(30);
   absl::Duration attempt_timeout = absl::Seconds(10);
   // Attempts per request, >= 1, and the pause before retrying an attempt that an instance

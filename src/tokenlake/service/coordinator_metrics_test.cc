@@ -56,12 +56,12 @@ TEST(CoordinatorHealthTest, OkDegradedAndUnavailable) {
 
 TEST(CoordinatorMetricsTest, RendersCountersOfEveryPart) {
   CoordinatorSnapshot s;
-  s.members = {Member("a", true), MemberView{}};
+  s.members = {Member("a", true), Member("b", true), MemberView{}};
   s.members[0].in_flight = 3;
   s.members[0].used_slots = 2;
   s.members[0].slot_bytes = 100;
-  s.segments_on = {5, 0};
-  s.tokens_on = {80, 0};
+  s.segments_on = {5, 0, 0};
+  s.tokens_on = {80, 0, 0};
   s.requests.latency = Histogram({0.5, 1}).Read();
   s.requests.requests_by_code = {{200, 7}, {400, 2}};
   s.requests.prompt_tokens = 10;
@@ -74,7 +74,25 @@ TEST(CoordinatorMetricsTest, RendersCountersOfEveryPart) {
   s.members[0].load_requests = 4;
   s.members[0].load_context_tokens = 900;
   s.members[0].unreported_routed = 2;
+  // Two GPU instances' peer messages: summed over the members.
+  s.members[0].traffic.set_locate_messages(3);
+  s.members[1].traffic.set_locate_messages(4);
+  s.members[0].traffic.set_locate_micros(1500);
+  s.members[1].traffic.set_locate_micros(500);
+  s.members[0].traffic.set_in_place_read_bytes(1000);
+  s.members[1].traffic.set_in_place_read_bytes(24);
+  s.members[1].traffic.set_store_messages(2);
+  s.members[1].traffic.set_store_micros(250000);
+  s.members[0].traffic.set_tail_messages(9);
   const std::string text = CoordinatorMetricsText(s);
+  EXPECT_THAT(text,
+              HasSubstr("tokenlake_data_plane_bytes_total{kind=\"kv_read_in_place\"} 1024\n"));
+  EXPECT_THAT(text, HasSubstr("tokenlake_data_plane_peer_messages_total{kind=\"locate\"} 7\n"));
+  EXPECT_THAT(text, HasSubstr("tokenlake_data_plane_peer_messages_total{kind=\"store\"} 2\n"));
+  EXPECT_THAT(text, HasSubstr("tokenlake_data_plane_peer_messages_total{kind=\"tail\"} 9\n"));
+  EXPECT_THAT(text, HasSubstr("tokenlake_data_plane_peer_seconds_total{kind=\"locate\"} 0.002\n"));
+  EXPECT_THAT(text, HasSubstr("tokenlake_data_plane_peer_seconds_total{kind=\"store\"} 0.25\n"));
+  EXPECT_THAT(text, HasSubstr("tokenlake_data_plane_peer_seconds_total{kind=\"tail\"} 0\n"));
   EXPECT_THAT(text, HasSubstr("tokenlake_routes_total{rule=\"scheduler\"} 12\n"));
   EXPECT_THAT(text, HasSubstr("tokenlake_routes_total{rule=\"plan\"} 0\n"));
   EXPECT_THAT(text, HasSubstr("tokenlake_routes_total{rule=\"plan_fallback\"} 1\n"));
@@ -90,7 +108,7 @@ TEST(CoordinatorMetricsTest, RendersCountersOfEveryPart) {
   EXPECT_THAT(text, HasSubstr("tokenlake_instance_used_bytes{instance=\"0\"} 200\n"));
   EXPECT_THAT(text, HasSubstr("tokenlake_instance_segments{instance=\"0\"} 5\n"));
   // An unregistered id has no per-instance samples.
-  EXPECT_THAT(text, ::testing::Not(HasSubstr("instance=\"1\"")));
+  EXPECT_THAT(text, ::testing::Not(HasSubstr("instance=\"2\"")));
   EXPECT_THAT(text, HasSubstr("tokenlake_lake_rpcs_total{call=\"plan_batch\"} 11\n"));
   EXPECT_THAT(text, HasSubstr("tokenlake_refused_total{kind=\"live_name\"} 1\n"));
   EXPECT_THAT(text, HasSubstr("tokenlake_reconcile_total{kind=\"dropped_from_lake\"} 6\n"));

@@ -82,7 +82,9 @@ BackendFactory HostBackendFactory(const HostBackendOptions& options) {
         std::unique_ptr<engine::Engine> eng,
         engine::Engine::CreateOverPool(
             options.model,
-            {.segment_tokens = options.segment_tokens, .namespace_name = options.namespace_name},
+            {.segment_tokens = options.segment_tokens,
+             .namespace_name = options.namespace_name,
+             .max_batch_tokens = options.max_batch_tokens},
             {.control_plane = ctx.control, .pool = backend->pool(), .compute_instance = ctx.self}));
     backend->set_engine(std::move(eng));
     return std::unique_ptr<InstanceBackend>(std::move(backend));

@@ -33,6 +33,22 @@
 
 namespace tokenlake::service {
 
+// Data-plane work of a backend that no one request owns (a GPU instance's messages to the
+// peers on its GPU: docs/adr/0018), totals since the backend was built; times are host wall
+// time, request to reply.
+struct DataPlaneTraffic {
+  // Locate rounds (one message per peer holder per iteration) and the bytes of the peers' slots
+  // then read in place (every layer's).
+  int64_t locate_messages = 0;
+  int64_t in_place_read_bytes = 0;
+  absl::Duration locate_time;
+  // Stores into a peer (the peer copies the block) and tail slots kept on a peer.
+  int64_t store_messages = 0;
+  absl::Duration store_time;
+  int64_t tail_messages = 0;
+  absl::Duration tail_time;
+};
+
 class InstanceBackend {
  public:
   virtual ~InstanceBackend() = default;
@@ -71,6 +87,9 @@ class InstanceBackend {
   // the coordinator's latest peer list has them: a backend maps those on its GPU and unmaps
   // those gone. Called by the server's control thread whenever the set changes.
   virtual void SetPeerArenas(const absl::flat_hash_map<int32_t, std::string>& /*handles*/) {}
+  // This backend's data-plane totals beyond its requests' own counters (none for a host pool,
+  // whose every message belongs to a request). Any thread.
+  virtual DataPlaneTraffic data_plane_traffic() const { return {}; }
 };
 
 // What a hosted store holds and how it changed, for the holdings reports (holdings_report.h).
@@ -120,6 +139,8 @@ struct HostBackendOptions {
   std::string namespace_name = "tokenlake";
   // How long the engine waits for another instance's data-plane reply.
   absl::Duration data_timeout = absl::Seconds(2);
+  // Tokens computed per iteration (engine::EngineOptions::max_batch_tokens), >= 1.
+  int64_t max_batch_tokens = 2048;
 };
 BackendFactory HostBackendFactory(const HostBackendOptions& options);
 

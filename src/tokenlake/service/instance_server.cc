@@ -233,6 +233,17 @@ class InstanceServer::Impl {
       *state.mutable_traffic() = traffic_;
     }
     state.mutable_traffic()->set_reconcile_frees(reconcile_frees_.load());
+    if (dp != nullptr) {
+      const DataPlaneTraffic d = dp->backend->data_plane_traffic();
+      v1::InstanceTraffic* t = state.mutable_traffic();
+      t->set_locate_messages(d.locate_messages);
+      t->set_in_place_read_bytes(d.in_place_read_bytes);
+      t->set_locate_micros(absl::ToInt64Microseconds(d.locate_time));
+      t->set_store_messages(d.store_messages);
+      t->set_store_micros(absl::ToInt64Microseconds(d.store_time));
+      t->set_tail_messages(d.tail_messages);
+      t->set_tail_micros(absl::ToInt64Microseconds(d.tail_time));
+    }
     absl::MutexLock lock(&mu_);
     state_ = std::move(state);
   }
@@ -317,6 +328,14 @@ class InstanceServer::Impl {
           s.error_code() == grpc::StatusCode::UNAUTHENTICATED) {
         std::fprintf(stderr, "tokenlake instance %s: registration refused: %s\n",
                      options_.name.c_str(), s.error_message().c_str());
+      } else if (absl::Now() - last_unreachable_log_ >= absl::Seconds(10)) {
+        // Retried every period; said once in a while, so that an operator sees why it waits.
+        last_unreachable_log_ = absl::Now();
+        std::fprintf(stderr,
+                     "tokenlake instance %s: cannot register with the coordinator at %s "
+                     "yet (retrying): %s\n",
+                     options_.name.c_str(), coordinator_.ToString().c_str(),
+                     s.error_message().c_str());
       }
       return false;
     }
@@ -467,22 +486,29 @@ class InstanceServer::Impl {
   struct InFlight {
     transport::Message message;  // the request (for the reply's addressing)
     absl::Time start;
-    bool stream = false;   // report progress (GenerateProgress) as tokens come
-    int32_t reported = 0;  // tokens reported so far
+    bool stream = false;     // report progress (GenerateProgress) as tokens come
+    int32_t reported = 0;    // tokens reported so far
+    absl::Time last_report;  // of any progress report (or the start)
   };
 
   // Reports the new tokens of every streamed request still running (the finished ones are
-  // answered with all their tokens).
+  // answered with all their tokens), and tells the coordinator that every other request it
+  // has not heard of for progress_interval still runs (a report without tokens).
   void SendProgress(DataPlane& dp) {
+    const absl::Time now = absl::Now();
     for (auto& [request, f] : in_flight_) {
-      if (!f.stream) continue;
-      const std::optional<engine::Engine::Progress> p = dp.backend->ProgressOf(RequestId(request));
-      if (!p.has_value() || static_cast<int32_t>(p->tokens.size()) <= f.reported) continue;
+      std::optional<engine::Engine::Progress> p;
+      if (f.stream) p = dp.backend->ProgressOf(RequestId(request));
+      const bool fresh = p.has_value() && static_cast<int32_t>(p->tokens.size()) > f.reported;
+      if (!fresh && now - f.last_report < options_.progress_interval) continue;
       v1::GenerateProgress progress;
       progress.set_first_index(f.reported);
-      progress.set_cached_tokens(p->cached_tokens);
-      progress.mutable_tokens()->Add(p->tokens.begin() + f.reported, p->tokens.end());
-      f.reported = static_cast<int32_t>(p->tokens.size());
+      if (fresh) {
+        progress.set_cached_tokens(p->cached_tokens);
+        progress.mutable_tokens()->Add(p->tokens.begin() + f.reported, p->tokens.end());
+        f.reported = static_cast<int32_t>(p->tokens.size());
+      }
+      f.last_report = now;
       Send(f.message, kGenerateProgressTag, progress);
     }
   }
@@ -562,8 +588,8 @@ class InstanceServer::Impl {
     if (request.has_seed()) g.sampling.seed = request.seed();
     g.segment_salt = request.segment_salt();
     if (absl::Status s = dp->backend->Submit(g); !s.ok()) return fail(s);
-    in_flight_[rid.value()] =
-        InFlight{.message = m, .start = absl::Now(), .stream = request.stream()};
+    in_flight_[rid.value()] = InFlight{
+        .message = m, .start = absl::Now(), .stream = request.stream(), .last_report = absl::Now()};
   }
 
   // Replies to a finished request and counts its traffic.
@@ -642,8 +668,10 @@ class InstanceServer::Impl {
   std::unique_ptr<transport::TcpTransport> tcp_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Coordinator::Stub> stub_;
-  // The coordinator followed now (the control loop's).
+  // The coordinator followed now, and when it was last said to be unreachable (the control
+  // loop's).
   transport::HostPort coordinator_;
+  absl::Time last_unreachable_log_ = absl::InfinitePast();
   std::thread control_, worker_;
   std::atomic<bool> stopping_{false};
   std::atomic<int64_t> served_{0};
@@ -693,7 +721,8 @@ absl::StatusOr<std::unique_ptr<InstanceServer>> InstanceServer::Create(
                                                 .slots = options.slots,
                                                 .segment_tokens = options.segment_tokens,
                                                 .namespace_name = options.namespace_name,
-                                                .data_timeout = options.data_timeout})},
+                                                .data_timeout = options.data_timeout,
+                                                .max_batch_tokens = options.max_batch_tokens})},
                 options);
 }
 
@@ -701,6 +730,9 @@ absl::StatusOr<std::unique_ptr<InstanceServer>> InstanceServer::Create(
     InstanceBackendSpec spec, const InstanceServerOptions& options) {
   if (!spec.factory) return absl::InvalidArgumentError("InstanceServer: no backend factory");
   if (options.name.empty()) return absl::InvalidArgumentError("InstanceServer: name is empty");
+  if (options.progress_interval <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("InstanceServer: progress_interval must be > 0");
+  }
   const bool located = options.coordinator_port == 0 && options.locate_coordinator != nullptr;
   if (!located && (options.coordinator_port < 1 || options.coordinator_port > 65535)) {
     return absl::InvalidArgumentError(absl::StrFormat(

@@ -100,6 +100,12 @@ struct InstanceServerOptions {
   // a holder that died after accepting the message costs the request this much before it is
   // retried.
   absl::Duration data_timeout = absl::Seconds(2);
+  // Tokens the CPU engine computes per iteration (HostBackendOptions::max_batch_tokens).
+  int64_t max_batch_tokens = 2048;
+  // Every request this instance runs is reported to the coordinator at least this often (its
+  // new tokens, or none: it still runs), so that the coordinator's attempt timeout measures
+  // silence, not a long request's length. Well under the coordinator's attempt timeout.
+  absl::Duration progress_interval = absl::Seconds(1);
   // Deadline of one call to the coordinator's lake.
   absl::Duration control_timeout = absl::Seconds(5);
   // The cluster secret (raw bytes; transport/cluster_secret.h), the coordinator's: it

@@ -176,10 +176,13 @@ void RequestPath::SendCancel(int32_t id, RequestId request) {
       .IgnoreError();
 }
 
-RequestPath::Pending RequestPath::AwaitAttempt(uint64_t ticket, int32_t id, absl::Time deadline,
-                                               absl::Time sent_at, Delivery& delivery,
-                                               const TokenSink& sink, bool* ended) {
+RequestPath::Pending RequestPath::AwaitAttempt(uint64_t ticket, int32_t id,
+                                               absl::Time request_deadline, absl::Time sent_at,
+                                               Delivery& delivery, const TokenSink& sink,
+                                               bool* ended) {
   *ended = false;
+  absl::Time deadline = std::min(request_deadline, sent_at + options_.attempt_timeout);
+  absl::Time heard = sent_at;
   mu_.Lock();
   Pending* p = &pending_[ticket];  // a std::map: stable, and only this waiter erases it
   while (true) {
@@ -188,10 +191,17 @@ RequestPath::Pending RequestPath::AwaitAttempt(uint64_t ticket, int32_t id, absl
     if (p->progress.empty()) break;
     std::vector<v1::GenerateProgress> reports = std::move(p->progress);
     p->progress.clear();
+    // Word from the instance: the attempt lives on. Silence fails it, not its length.
+    heard = absl::Now();
+    deadline = std::min(request_deadline, heard + options_.attempt_timeout);
     mu_.Unlock();
     bool go = true;
     for (const v1::GenerateProgress& g : reports) {
-      if (delivery.cached_tokens < 0) delivery.cached_tokens = g.cached_tokens();
+      // A report before the first token (the instance saying it still runs the request) does
+      // not know the request's hits yet.
+      if (delivery.cached_tokens < 0 && g.tokens_size() > 0) {
+        delivery.cached_tokens = g.cached_tokens();
+      }
       go = go && delivery.Take(g.first_index(), g.tokens(), sink);
     }
     mu_.Lock();
@@ -201,8 +211,13 @@ RequestPath::Pending RequestPath::AwaitAttempt(uint64_t ticket, int32_t id, absl
     }
   }
   if (!p->done && !*ended) {
-    p->status = absl::DeadlineExceededError(absl::StrFormat(
-        "instance %d did not answer within %s", id, absl::FormatDuration(deadline - sent_at)));
+    p->status = absl::DeadlineExceededError(
+        deadline == request_deadline
+            ? absl::StrFormat("instance %d did not answer within %s (the request's deadline)", id,
+                              absl::FormatDuration(deadline - sent_at))
+            : absl::StrFormat("instance %d did not answer within %s (nothing heard for %s)", id,
+                              absl::FormatDuration(deadline - sent_at),
+                              absl::FormatDuration(deadline - heard)));
   }
   Pending result = std::move(*p);
   pending_.erase(ticket);
@@ -281,7 +296,7 @@ absl::StatusOr<CompletionResult> RequestPath::CompleteInner(const CompletionRequ
         absl::MutexLock lock(&mu_);
         stats_.bytes_sent += static_cast<int64_t>(bytes);
       }
-      result = AwaitAttempt(ticket, id, attempt_deadline, now, delivery, sink, &ended);
+      result = AwaitAttempt(ticket, id, deadline, now, delivery, sink, &ended);
     } else {
       absl::MutexLock lock(&mu_);
       result.status = sent;
@@ -336,8 +351,10 @@ absl::StatusOr<CompletionResult> RequestPath::CompleteInner(const CompletionRequ
         return delivery.Finish(id, attempt, stopped ? "stop" : "length", /*cancelled=*/!go);
       }
     }
-    // The attempt failed: its pins in the lake go (the instance may have died holding them).
+    // The attempt failed: its pins in the lake go (the instance may have died holding them),
+    // and an instance that went silent but may still run it is told to drop it.
     ReleaseQuietly(lake_request);
+    if (sent.ok() && !answered_with_error) SendCancel(id, lake_request);
     std::fprintf(stderr, "tokenlake coordinator: attempt %d of request %llu on instance %d: %s\n",
                  attempt, static_cast<unsigned long long>(lake_request.value()), id,
                  std::string(result.status.message()).c_str());

@@ -4,8 +4,10 @@
 // and a random correlation id, so that nobody can guess which reply a request waits for) goes
 // to the computing instance that the Router picks, over the host transport, with a deadline;
 // the reply is accepted only from that instance (the transport delivers an instance's replies
-// only on the connection the coordinator opened to it). An instance that does not answer within
-// `attempt_timeout` is excluded and the request fails over; an instance that answers with an
+// only on the connection the coordinator opened to it). An instance that sends nothing about the
+// request for `attempt_timeout` (it reports every running request's progress, tokens or not, at
+// least every second: an attempt may take as long as its work, not only attempt_timeout) is
+// sent a cancel, excluded, and the request fails over; an instance that answers with an
 // error (e.g. a holder of the plan died: unreachable or past its deadline) is retried after
 // `retry_backoff` x attempt (by then the dead holder is usually marked dead), up to
 // `max_attempts` within `request_timeout`; InvalidArgument from an instance (it judged the
@@ -133,9 +135,10 @@ class RequestPath {
   struct Delivery;
   absl::StatusOr<CompletionResult> CompleteInner(const CompletionRequest& request, absl::Time start,
                                                  const TokenSink& sink);
-  // Waits for attempt `ticket` on instance `id` until it is answered or `deadline`, handing its
-  // progress reports to `delivery` without the lock; *ended when the delivery asked to stop.
-  Pending AwaitAttempt(uint64_t ticket, int32_t id, absl::Time deadline, absl::Time sent_at,
+  // Waits for attempt `ticket` on instance `id` until it is answered, the instance has sent
+  // nothing for attempt_timeout, or `request_deadline`, handing its progress reports to
+  // `delivery` without the lock; *ended when the delivery asked to stop.
+  Pending AwaitAttempt(uint64_t ticket, int32_t id, absl::Time request_deadline, absl::Time sent_at,
                        Delivery& delivery, const TokenSink& sink, bool* ended);
   // Tells instance `id` to stop serving lake request `request` (no reply comes).
   void SendCancel(int32_t id, RequestId request);

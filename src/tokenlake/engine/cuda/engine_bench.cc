@@ -48,13 +48,6 @@ int64_t DecodeWeightBytes(const LlamaConfig& c) {
          4 * int64_t{c.hidden_size} * (2 * c.num_layers + 1);
 }
 
-// All weights on the device.
-int64_t WeightBytes(const LlamaConfig& c) {
-  const int64_t table = int64_t{c.vocab_size} * c.hidden_size;
-  return 2 * (LayerWeightElems(c) + table * (c.tie_word_embeddings ? 1 : 2)) +
-         4 * int64_t{c.hidden_size} * (2 * c.num_layers + 1);
-}
-
 int64_t KvBytesPerToken(const LlamaConfig& c) {
   return int64_t{c.num_layers} * 2 * c.num_kv_heads * c.head_dim * 2;
 }
@@ -150,7 +143,7 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> Bench::NewEngine() {
 absl::StatusOr<Json> Bench::MemoryNow(const GpuEngine& engine) {
   TOKENLAKE_ASSIGN_OR_RETURN(DeviceMemory m, Memory());
   const int64_t used = m.total - m.free - baseline_used_;
-  const int64_t weights = WeightBytes(config_);
+  const int64_t weights = GpuLlamaModel::WeightDeviceBytes(config_);
   return Json{{"used_bytes", used},
               {"weights_bytes", weights},
               {"pool_bytes", pool_bytes_},
@@ -570,8 +563,11 @@ absl::StatusOr<Json> Bench::Run() {
                    {"intermediate", config_.intermediate_size},
                    {"vocab", config_.vocab_size},
                    {"weights", "random, bf16"},
-                   {"weight_bytes", WeightBytes(config_)},
-                   {"kv_bytes_per_token", KvBytesPerToken(config_)}};
+                   {"weight_bytes", GpuLlamaModel::WeightDeviceBytes(config_)},
+                   {"kv_bytes_per_token", KvBytesPerToken(config_)},
+                   // Its config.json, for tools that run the same shape elsewhere (serve's
+                   // --load-format dummy).
+                   {"config", Json::parse(LlamaConfigJson(config_))}};
   out_["engine"] = {
       {"segment_tokens", o_.segment_tokens},         {"max_batch_tokens", o_.max_batch_tokens},
       {"max_batch_requests", o_.max_batch_requests}, {"small_batch_rows", o_.small_batch_rows},

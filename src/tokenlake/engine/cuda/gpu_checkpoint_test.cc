@@ -238,6 +238,16 @@ TEST_P(GpuCheckpointRandomTest, EveryDtypeSingleOrShardedMatchesTheCpuModel) {
               std::set<int32_t>(shard_of.begin(), shard_of.end()).size());
     EXPECT_GT(st.upload.chunks, 0);
     EXPECT_GE(st.total_seconds, st.upload_seconds);
+    // The weights' device bytes, known before loading (pools are sized with them): every
+    // checkpoint tensor as bf16, the norms as f32.
+    int64_t weight_bytes = 0;
+    for (const LlamaTensorSpec& spec : LlamaCheckpointTensors(c)) {
+      int64_t n = 1;
+      for (int64_t d : spec.shape) n *= d;
+      weight_bytes += n * (spec.is_norm() ? 4 : 2);
+    }
+    EXPECT_EQ(st.device_bytes, weight_bytes);
+    EXPECT_EQ(GpuLlamaModel::WeightDeviceBytes(c), weight_bytes);
 
     const std::vector<float> a = GpuLogits(gpu_single->get(), prompt);
     const std::vector<float> b = GpuLogits(gpu_sharded->get(), prompt);

@@ -338,6 +338,17 @@ absl::StatusOr<std::unique_ptr<GpuLlamaModel>> GpuLlamaModel::FromSafetensors(
   return FromCheckpoint(config, *Checkpoint::Borrow(file), options);
 }
 
+int64_t GpuLlamaModel::WeightDeviceBytes(const LlamaConfig& config) {
+  const int64_t h = config.hidden_size;
+  const int64_t qd = int64_t{config.num_heads} * config.head_dim;
+  const int64_t kvd = int64_t{config.num_kv_heads} * config.head_dim;
+  const int64_t inter = config.intermediate_size;
+  const int64_t vocab = config.vocab_size;
+  const int64_t per_layer = 2 * h * 4 + ((qd + 2 * kvd) * h + h * qd + 3 * inter * h) * 2;
+  return vocab * h * 2 * (config.tie_word_embeddings ? 1 : 2) + h * 4 +
+         per_layer * config.num_layers;
+}
+
 absl::StatusOr<std::unique_ptr<GpuLlamaModel>> GpuLlamaModel::FromCheckpoint(
     const LlamaConfig& config, const Checkpoint& checkpoint, const Options& options) {
   const auto start = std::chrono::steady_clock::now();

@@ -148,6 +148,10 @@ class GpuLlamaModel {
   GpuLlamaModel(const GpuLlamaModel&) = delete;
   GpuLlamaModel& operator=(const GpuLlamaModel&) = delete;
 
+  // Bytes of device memory the weights of `config` take (bf16 matrices, f32 norms): what
+  // FromCheckpoint and CreateRandom allocate (LoadStats::device_bytes), known before loading.
+  static int64_t WeightDeviceBytes(const LlamaConfig& config);
+
   const LlamaConfig& config() const { return config_; }
   int device() const { return device_; }
   // The stream every kernel and copy of this model (and its backend) runs on.

@@ -163,9 +163,34 @@ absl::StatusOr<std::pair<std::byte*, size_t>> PeerDevicePool::ArenaOf(InstanceId
 
 absl::StatusOr<transport::Message> PeerDevicePool::Call(InstanceId target, uint32_t tag,
                                                         std::vector<std::byte> payload) {
+  const absl::Time start = absl::Now();
   TOKENLAKE_ASSIGN_OR_RETURN(uint64_t ticket,
                              driver_->Send(ServerEndpoint(target), tag, std::move(payload)));
-  return driver_->Await(ticket, options_.reply_timeout);
+  absl::StatusOr<transport::Message> reply = driver_->Await(ticket, options_.reply_timeout);
+  const absl::Duration took = absl::Now() - start;
+  absl::MutexLock lock(&traffic_mu_);
+  switch (tag) {
+    case kStoreFrom:
+      ++traffic_.store_messages;
+      traffic_.store_bytes += slot_bytes_;
+      traffic_.store_time += took;
+      break;
+    case kAllocateTail:
+    case kFreeTail:
+    case kCommitTail:
+      ++traffic_.tail_messages;
+      traffic_.tail_time += took;
+      break;
+    default:
+      ++traffic_.other_messages;
+      traffic_.other_time += took;
+  }
+  return reply;
+}
+
+PeerDevicePool::Traffic PeerDevicePool::traffic() const {
+  absl::MutexLock lock(&traffic_mu_);
+  return traffic_;
 }
 
 // ---- This instance's side. ----
@@ -250,6 +275,7 @@ absl::Status PeerDevicePool::Resolve(absl::Span<const SlotRef> refs,
     it->at.push_back(i);
   }
   absl::Status status = absl::OkStatus();
+  const absl::Time start = absl::Now();
   for (Ask& a : asks) {
     std::vector<uint64_t> ids;
     ids.reserve(a.at.size());
@@ -296,6 +322,16 @@ absl::Status PeerDevicePool::Resolve(absl::Span<const SlotRef> refs,
       }
       out[a.at[k]] = arena->first + offsets[k];
     }
+  }
+  if (!asks.empty()) {
+    const absl::Duration took = absl::Now() - start;
+    int64_t slots = 0;
+    for (const Ask& a : asks) slots += static_cast<int64_t>(a.at.size());
+    absl::MutexLock lock(&traffic_mu_);
+    traffic_.locate_messages += static_cast<int64_t>(asks.size());
+    traffic_.in_place_slots += slots;
+    traffic_.in_place_bytes += slots * slot_bytes_;
+    traffic_.locate_time += took;
   }
   return status;
 }

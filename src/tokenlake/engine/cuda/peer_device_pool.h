@@ -111,6 +111,29 @@ class PeerDevicePool final : public DevicePool {
   // is not mapped), ResourceExhausted (no free slot), CUDA errors.
   absl::StatusOr<int64_t> CopyFromPeer(InstanceId from, SegmentId segment, uint64_t sequence);
 
+  // What this instance's driver asked of its peers so far (calls on its own instance are not
+  // counted), for the instance's metrics. Times are host wall time, request to reply.
+  struct Traffic {
+    // Locate rounds: messages (one per peer holder per iteration), the peers' slots the kernels
+    // then read in place and their bytes (every layer's), and the rounds' time (all sent, every
+    // reply in).
+    int64_t locate_messages = 0;
+    int64_t in_place_slots = 0;
+    int64_t in_place_bytes = 0;
+    absl::Duration locate_time;
+    // Stores into a peer (it copies the block device to device before it replies).
+    int64_t store_messages = 0;
+    int64_t store_bytes = 0;
+    absl::Duration store_time;
+    // Tail slots allocated, committed in place or given back on a peer.
+    int64_t tail_messages = 0;
+    absl::Duration tail_time;
+    // Frees and rebalance copies asked of a peer.
+    int64_t other_messages = 0;
+    absl::Duration other_time;
+  };
+  Traffic traffic() const;
+
   int32_t num_instances() const override { return options_.num_instances; }
   const attention::KvSlotLayout& layout() const override { return options_.layout; }
   absl::Status Resolve(absl::Span<const SlotRef> refs, absl::Span<const std::byte*> out) override;
@@ -158,6 +181,8 @@ class PeerDevicePool final : public DevicePool {
   absl::flat_hash_map<InstanceId, std::unique_ptr<store::PeerArena>> peers_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> stopping_{false};
   std::thread server_;
+  mutable absl::Mutex traffic_mu_;
+  Traffic traffic_ ABSL_GUARDED_BY(traffic_mu_);
 };
 
 }  // namespace tokenlake::engine::cuda

@@ -1,10 +1,15 @@
 #include "tokenlake/service/cuda/gpu_backend.h"
 
+#include <cuda_runtime.h>
+
+#include <algorithm>
 #include <cstdio>
+#include <limits>
 #include <memory>
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_format.h"
 #include "tokenlake/base/status_macros.h"
 #include "tokenlake/engine/cuda/gpu_engine.h"
 #include "tokenlake/engine/cuda/peer_device_pool.h"
@@ -26,6 +31,17 @@ class GpuBackend final : public InstanceBackend {
   ~GpuBackend() override { engine_.reset(); }
   void set_engine(std::unique_ptr<ecuda::GpuEngine> engine) { engine_ = std::move(engine); }
   ecuda::PeerDevicePool* pool() { return pool_.get(); }
+
+  DataPlaneTraffic data_plane_traffic() const override {
+    const ecuda::PeerDevicePool::Traffic t = pool_->traffic();
+    return {.locate_messages = t.locate_messages,
+            .in_place_read_bytes = t.in_place_bytes,
+            .locate_time = t.locate_time,
+            .store_messages = t.store_messages,
+            .store_time = t.store_time,
+            .tail_messages = t.tail_messages,
+            .tail_time = t.tail_time};
+  }
 
   absl::Status Submit(const engine::GenerateRequest& request) override {
     return engine_->Submit(request);
@@ -126,6 +142,42 @@ BackendFactory GpuBackendFactory(const GpuBackendOptions& options) {
     backend->set_engine(std::move(eng));
     return std::unique_ptr<InstanceBackend>(std::move(backend));
   };
+}
+
+absl::StatusOr<int32_t> GpuInstanceSlots(int64_t total_bytes, double fraction, int64_t weight_bytes,
+                                         int64_t reserve_bytes, int64_t slot_bytes) {
+  if (!(fraction > 0 && fraction <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("the memory fraction must be in (0, 1], not %g", fraction));
+  }
+  if (total_bytes < 0 || weight_bytes < 0 || reserve_bytes < 0 || slot_bytes < 1) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "bad sizes: device %d bytes, weights %d, reserve %d, slot %d (want >= 0, slot >= 1)",
+        total_bytes, weight_bytes, reserve_bytes, slot_bytes));
+  }
+  const auto given = static_cast<int64_t>(fraction * static_cast<double>(total_bytes));
+  const int64_t left = given - weight_bytes - reserve_bytes;
+  if (left < slot_bytes) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "%.2f of the GPU's %.2f GiB is %.2f GiB; the weights take %.2f GiB and the reserve "
+        "%.2f GiB, which leaves %.2f GiB: not one slot of %d bytes; give the instance a larger "
+        "memory fraction or a smaller reserve",
+        fraction, total_bytes / 1073741824.0, given / 1073741824.0, weight_bytes / 1073741824.0,
+        reserve_bytes / 1073741824.0, left / 1073741824.0, slot_bytes));
+  }
+  return static_cast<int32_t>(
+      std::min<int64_t>(left / slot_bytes, std::numeric_limits<int32_t>::max()));
+}
+
+absl::StatusOr<int64_t> GpuTotalMemory(int device) {
+  // Device properties are read without a context (cudaMemGetInfo would make one here, in a
+  // process that may never compute: serve).
+  cudaDeviceProp props{};
+  if (cudaError_t e = cudaGetDeviceProperties(&props, device); e != cudaSuccess) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "no CUDA device %d visible (cudaGetDeviceProperties: %s)", device, cudaGetErrorString(e)));
+  }
+  return static_cast<int64_t>(props.totalGlobalMem);
 }
 
 }  // namespace tokenlake::service

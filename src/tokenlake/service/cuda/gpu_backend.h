@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <string>
 
+#include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "tokenlake/attention/attention.h"
 #include "tokenlake/engine/cuda/gpu_llama.h"
@@ -37,6 +38,20 @@ struct GpuBackendOptions {
 
 // The layout of the backend's slots (bf16): InstanceBackendSpec::layout.
 attention::KvSlotLayout GpuBackendLayout(const engine::LlamaConfig& config, int32_t segment_tokens);
+
+// The slots of an instance given `fraction` of a GPU of `total_bytes`: what is left of that
+// share after the weights (`weight_bytes`, GpuLlamaModel::WeightDeviceBytes) and
+// `reserve_bytes` (the engine's activations and workspaces, the CUDA context), in slots of
+// `slot_bytes`, at most INT32_MAX.
+// Errors: InvalidArgument (fraction not in (0, 1], a negative size, slot_bytes < 1),
+// ResourceExhausted naming the bytes given, the weights', the reserve and the slot size when
+// not one slot fits.
+absl::StatusOr<int32_t> GpuInstanceSlots(int64_t total_bytes, double fraction, int64_t weight_bytes,
+                                         int64_t reserve_bytes, int64_t slot_bytes);
+
+// The memory of CUDA device `device` (as CUDA_VISIBLE_DEVICES numbers them), read without
+// creating a context on it. Errors: FailedPrecondition (no such device, naming it).
+absl::StatusOr<int64_t> GpuTotalMemory(int device);
 
 // Errors of a backend it makes: the PeerDevicePool's (ResourceExhausted naming the bytes when
 // the arena does not fit the device) and the GPU engine's.
