@@ -9,6 +9,10 @@
 #           decode at batches 1-128 over 2K and 16K contexts, prefill at 4K and 32K tokens, the
 #           workloads (64 requests sharing documents; sixteen 2K prompts), each against the bounds
 #           measured in the same run; writes bench_engine_MODEL.json and the workloads' prompts;
+#   cluster: bench/serve_workload.py: bench's first workload (its prompts, its shape with random
+#           weights) through `tokenlake serve --device gpu --instances N` (N = CLUSTER_INSTANCES,
+#           default 2; processes sharing the GPU): completion time and the cross-process data
+#           plane (bytes and time per layer) beside the in-process run; needs bench;
 #   ab:     the small-batch kernel against cuBLAS: `bench engine --sections dense` (every
 #           projection alone at 1-32 rows), then decode at batches 1-8 with the kernel up to 8
 #           rows (--small-batch-rows 8) and with cuBLAS only (--small-batch-rows 0);
@@ -32,7 +36,7 @@
 set -u -o pipefail
 OUT=${1:?usage: bench/engine_session.sh OUT_DIR [BUILD_DIR]}
 BUILD=${2:-build/cuda}
-PARTS=${PARTS:-tests bench ab hf ckpt profile sim}
+PARTS=${PARTS:-tests bench cluster ab hf ckpt profile sim}
 MODELS=${MODELS:-llama2-7b llama3-8b}
 STEP_TIMEOUT=${STEP_TIMEOUT:-300}
 mkdir -p "$OUT"
@@ -77,6 +81,18 @@ if wants bench; then
       > "$OUT/bench_engine_$m.log" 2>&1
     stamp "bench engine $m rc=$?"
     grep -E 'decode:|prefill:|workload|error|Error' "$OUT/bench_engine_$m.log" | tr -d '\r'
+  done
+fi
+
+if wants cluster; then
+  for m in $MODELS; do
+    [ -f "$OUT/bench_engine_$m.json" ] && [ -f "$OUT/prompts_$m.json" ] || continue
+    timeout "$STEP_TIMEOUT" python3 bench/serve_workload.py --bin "$B/tokenlake" \
+      --bench "$OUT/bench_engine_$m.json" --prompts "$OUT/prompts_$m.json" \
+      --instances "${CLUSTER_INSTANCES:-2}" --json "$OUT/serve_workload_$m.json" \
+      --work-dir "$OUT/serve_$m" > "$OUT/serve_workload_$m.log" 2>&1
+    stamp "serve_workload $m rc=$?"
+    grep -E '^workload|^  ' "$OUT/serve_workload_$m.log"
   done
 fi
 
