@@ -168,8 +168,8 @@ TEST(ClusterBackendTest, ALongRequestKeepsItsAttemptWhileItsInstanceReportsProgr
   ASSERT_TRUE(model.ok()) << model.status();
   auto reference = engine::Engine::Create(model->get(), {.use_pool = false});
   ASSERT_TRUE(reference.ok()) << reference.status();
-  std::vector<int32_t> prompt;
-  for (int i = 0; i < 37; ++i) prompt.push_back((i * 29 + 5) % 512);
+  std::vector<int32_t> prompt(37);
+  for (int i = 0; i < 37; ++i) prompt[static_cast<size_t>(i)] = (i * 29 + 5) % 512;
   constexpr int32_t kTokens = 24;
   auto want = (*reference)->Generate(prompt, kTokens);
   ASSERT_TRUE(want.ok()) << want.status();
