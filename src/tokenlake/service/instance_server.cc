@@ -328,17 +328,30 @@ class InstanceServer::Impl {
           s.error_code() == grpc::StatusCode::UNAUTHENTICATED) {
         std::fprintf(stderr, "tokenlake instance %s: registration refused: %s\n",
                      options_.name.c_str(), s.error_message().c_str());
-      } else if (absl::Now() - last_unreachable_log_ >= absl::Seconds(10)) {
-        // Retried every period; said once in a while, so that an operator sees why it waits.
-        last_unreachable_log_ = absl::Now();
-        std::fprintf(stderr,
-                     "tokenlake instance %s: cannot register with the coordinator at %s "
-                     "yet (retrying): %s\n",
-                     options_.name.c_str(), coordinator_.ToString().c_str(),
-                     s.error_message().c_str());
+      } else {
+        const absl::Time now = absl::Now();
+        if (failing_since_ == absl::InfinitePast()) failing_since_ = now;
+        // A channel whose first connection failed (a partition that just healed: no route yet)
+        // was seen to stay unable to finish a TLS handshake with a live coordinator for minutes;
+        // a fresh channel (its own subchannels: GrpcChannelArguments) connects at once.
+        const bool afresh = now - failing_since_ >= kFreshChannelAfter;
+        if (now - last_unreachable_log_ >= absl::Seconds(10)) {
+          // Retried every period; said once in a while, so that an operator sees why it waits.
+          last_unreachable_log_ = now;
+          std::fprintf(stderr,
+                       "tokenlake instance %s: cannot register with the coordinator at %s yet "
+                       "(retrying%s): %s\n",
+                       options_.name.c_str(), coordinator_.ToString().c_str(),
+                       afresh ? " on a new connection" : "", s.error_message().c_str());
+        }
+        if (afresh) {
+          failing_since_ = now;
+          Follow(coordinator_);
+        }
       }
       return false;
     }
+    failing_since_ = absl::InfinitePast();
     takes_holdings_changes_ = reply.takes_holdings_changes();
     if (dp == nullptr || dp->id != reply.instance_id() ||
         dp->lake_instances != reply.lake_instances()) {
@@ -672,6 +685,10 @@ class InstanceServer::Impl {
   // loop's).
   transport::HostPort coordinator_;
   absl::Time last_unreachable_log_ = absl::InfinitePast();
+  // Since when registrations have failed to reach it (InfinitePast: the last one did), and how
+  // long before the control loop gives up on its channel and makes a new one.
+  absl::Time failing_since_ = absl::InfinitePast();
+  static constexpr absl::Duration kFreshChannelAfter = absl::Seconds(5);
   std::thread control_, worker_;
   std::atomic<bool> stopping_{false};
   std::atomic<int64_t> served_{0};
