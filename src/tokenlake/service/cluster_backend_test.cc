@@ -170,21 +170,21 @@ TEST(ClusterBackendTest, ALongRequestKeepsItsAttemptWhileItsInstanceReportsProgr
   ASSERT_TRUE(reference.ok()) << reference.status();
   std::vector<int32_t> prompt(37);
   for (int i = 0; i < 37; ++i) prompt[static_cast<size_t>(i)] = (i * 29 + 5) % 512;
-  constexpr int32_t kTokens = 24;
+  constexpr int32_t kTokens = 32;
   auto want = (*reference)->Generate(prompt, kTokens);
   ASSERT_TRUE(want.ok()) << want.status();
   const std::string secret = *transport::GenerateClusterSecret();
   CoordinatorOptions co = SmallClusterOptions((*model)->config(), secret);
   co.lake_instances = 1;
-  co.attempt_timeout = absl::Milliseconds(400);
+  co.attempt_timeout = absl::Seconds(1);
   co.max_attempts = 2;
   auto coordinator = Coordinator::Create(co);
   ASSERT_TRUE(coordinator.ok()) << coordinator.status();
   const attention::KvSlotLayout layout =
       engine::PoolSlotLayout((*model)->config(), co.segment_tokens, attention::KvDtype::kFloat32);
-  // kTokens steps of at least 60 ms: about 1.5 s a request, against 400 ms of silence allowed.
-  const absl::Duration pause = absl::Milliseconds(60);
-  for (const absl::Duration interval : {absl::Milliseconds(50), absl::Seconds(30)}) {
+  // kTokens steps of at least 100 ms: over 3 s a request, against 1 s of silence allowed.
+  const absl::Duration pause = absl::Milliseconds(100);
+  for (const absl::Duration interval : {absl::Milliseconds(100), absl::Seconds(30)}) {
     SCOPED_TRACE(absl::StrCat("progress_interval ", absl::FormatDuration(interval)));
     InstanceServerOptions o{.name = "slow",
                             .preferred_id = 0,

@@ -37,7 +37,8 @@ inline transport::Message ProtocolMessage(InstanceId from, InstanceId to, uint32
   m.tag = tag;
   m.correlation_id = correlation_id;
   m.payload.resize(bytes.size());
-  std::memcpy(m.payload.data(), bytes.data(), bytes.size());
+  // An empty payload (a message of defaults) has no buffer to copy into.
+  if (!bytes.empty()) std::memcpy(m.payload.data(), bytes.data(), bytes.size());
   return m;
 }
 
