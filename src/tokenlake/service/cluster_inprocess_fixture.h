@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "tokenlake/engine/engine.h"
@@ -47,6 +48,12 @@ class InProcessClusterTest : public ::testing::Test {
 
   void StartCoordinator() {
     auto c = Coordinator::Create(options_);
+    // A restart on the ports of the last coordinator: another test running beside this one may
+    // hold one of them for a moment (an outgoing connection's local port); wait for it.
+    for (int i = 0; i < 100 && !c.ok() && absl::StrContains(c.status().message(), "in use"); ++i) {
+      absl::SleepFor(absl::Milliseconds(100));
+      c = Coordinator::Create(options_);
+    }
     ASSERT_TRUE(c.ok()) << c.status();
     coordinator_ = std::move(*c);
   }
