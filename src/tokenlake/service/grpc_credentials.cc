@@ -51,16 +51,6 @@ grpc::ChannelArguments GrpcChannelArguments() {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(kMaxGrpcMessageBytes);
   args.SetMaxSendMessageSize(kMaxGrpcMessageBytes);
-  // A member that failed to connect (its coordinator restarting, a partition that healed)
-  // tries again within a second or two: gRPC's default backoff grows to two minutes, which kept
-  // healed instances out of their cluster that long.
-  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 200);
-  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 2000);
-  // A connection attempt still gets 5 s (a TLS handshake on a loaded host) before it is given up.
-  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, 5000);
-  // Each channel its own connections: a channel made afresh (an instance that cannot register)
-  // does not inherit another's.
-  args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
   return args;
 }
 

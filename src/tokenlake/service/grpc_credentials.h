@@ -44,8 +44,7 @@ absl::Status CheckExposure(const std::string& what, const std::string& host, con
 // (CoordinatorOptions::grpc_memory_bytes) bounds what any callers may make it hold.
 inline constexpr int kMaxGrpcMessageBytes = 64 << 20;
 
-// Channel arguments for the cluster's gRPC clients: the message limits above, and reconnection
-// after a failure within about 2 s (gRPC's default backoff grows to 2 minutes).
+// Channel arguments for the cluster's gRPC clients: the message limits above.
 grpc::ChannelArguments GrpcChannelArguments();
 
 // Null `tls`: insecure credentials (the clear, for loopback).

@@ -275,10 +275,14 @@ class InstanceServer::Impl {
 
   // Talks to the coordinator at `at` from now on (the control loop's channel and the data
   // plane's lake calls). Only the control loop calls it (and Start, before the loop runs).
-  void Follow(const transport::HostPort& at) {
+  void Follow(const transport::HostPort& at, bool afresh = false) {
     coordinator_ = at;
-    channel_ = grpc::CreateCustomChannel(at.ToString(), GrpcChannelCredentials(options_.tls.get()),
-                                         GrpcChannelArguments());
+    grpc::ChannelArguments args = GrpcChannelArguments();
+    // A channel made afresh must not share the old one's connections (gRPC pools them by
+    // target and arguments): its own argument keeps them apart.
+    if (afresh) args.SetInt("tokenlake.fresh_channel", ++fresh_channels_);
+    channel_ =
+        grpc::CreateCustomChannel(at.ToString(), GrpcChannelCredentials(options_.tls.get()), args);
     stub_ = v1::Coordinator::NewStub(channel_);
     if (std::shared_ptr<DataPlane> dp = Data(); dp != nullptr) dp->control->Retarget(at);
   }
@@ -333,7 +337,7 @@ class InstanceServer::Impl {
         if (failing_since_ == absl::InfinitePast()) failing_since_ = now;
         // A channel whose first connection failed (a partition that just healed: no route yet)
         // was seen to stay unable to finish a TLS handshake with a live coordinator for minutes;
-        // a fresh channel (its own subchannels: GrpcChannelArguments) connects at once.
+        // a fresh channel (its own connections) connects at once.
         const bool afresh = now - failing_since_ >= kFreshChannelAfter;
         if (now - last_unreachable_log_ >= absl::Seconds(10)) {
           // Retried every period; said once in a while, so that an operator sees why it waits.
@@ -346,7 +350,7 @@ class InstanceServer::Impl {
         }
         if (afresh) {
           failing_since_ = now;
-          Follow(coordinator_);
+          Follow(coordinator_, /*afresh=*/true);
         }
       }
       return false;
@@ -689,6 +693,7 @@ class InstanceServer::Impl {
   // long before the control loop gives up on its channel and makes a new one.
   absl::Time failing_since_ = absl::InfinitePast();
   static constexpr absl::Duration kFreshChannelAfter = absl::Seconds(5);
+  int fresh_channels_ = 0;
   std::thread control_, worker_;
   std::atomic<bool> stopping_{false};
   std::atomic<int64_t> served_{0};
