@@ -39,11 +39,10 @@ struct Told {
   }
 };
 
-// The host backend, reporting "arena-of-<id>" as its device arena and recording SetPeerArenas.
-class ArenaReportingBackend final : public InstanceBackend {
+// A backend that passes every call to `inner`; the test backends below change a few.
+class ForwardingBackend : public InstanceBackend {
  public:
-  ArenaReportingBackend(std::unique_ptr<InstanceBackend> inner, InstanceId self, Told* told)
-      : inner_(std::move(inner)), self_(self), told_(told) {}
+  explicit ForwardingBackend(std::unique_ptr<InstanceBackend> inner) : inner_(std::move(inner)) {}
   absl::Status Submit(const engine::GenerateRequest& r) override { return inner_->Submit(r); }
   std::vector<std::pair<RequestId, absl::StatusOr<engine::GenerateResult>>> Step() override {
     return inner_->Step();
@@ -64,6 +63,16 @@ class ArenaReportingBackend final : public InstanceBackend {
   absl::StatusOr<int64_t> CopyForRebalance(InstanceId from, SegmentId s, uint64_t seq) override {
     return inner_->CopyForRebalance(from, s, seq);
   }
+
+ private:
+  std::unique_ptr<InstanceBackend> inner_;
+};
+
+// The host backend, reporting "arena-of-<id>" as its device arena and recording SetPeerArenas.
+class ArenaReportingBackend final : public ForwardingBackend {
+ public:
+  ArenaReportingBackend(std::unique_ptr<InstanceBackend> inner, InstanceId self, Told* told)
+      : ForwardingBackend(std::move(inner)), self_(self), told_(told) {}
   std::string arena_handle() const override { return absl::StrCat("arena-of-", self_.value()); }
   void SetPeerArenas(const absl::flat_hash_map<int32_t, std::string>& handles) override {
     absl::MutexLock lock(&told_->mu);
@@ -71,7 +80,6 @@ class ArenaReportingBackend final : public InstanceBackend {
   }
 
  private:
-  std::unique_ptr<InstanceBackend> inner_;
   const InstanceId self_;
   Told* const told_;
 };
@@ -129,34 +137,16 @@ TEST(ClusterBackendTest, ArenaHandlesReachThePeersBackendsAndLeaveWithTheirInsta
 
 // The host backend, every engine step `pause` slower: a request of many steps takes far longer
 // than the coordinator's attempt timeout.
-class SlowBackend final : public InstanceBackend {
+class SlowBackend final : public ForwardingBackend {
  public:
   SlowBackend(std::unique_ptr<InstanceBackend> inner, absl::Duration pause)
-      : inner_(std::move(inner)), pause_(pause) {}
-  absl::Status Submit(const engine::GenerateRequest& r) override { return inner_->Submit(r); }
+      : ForwardingBackend(std::move(inner)), pause_(pause) {}
   std::vector<std::pair<RequestId, absl::StatusOr<engine::GenerateResult>>> Step() override {
     absl::SleepFor(pause_);
-    return inner_->Step();
-  }
-  absl::Status Cancel(RequestId r) override { return inner_->Cancel(r); }
-  std::optional<engine::Engine::Progress> ProgressOf(RequestId r) const override {
-    return inner_->ProgressOf(r);
-  }
-  bool idle() const override { return inner_->idle(); }
-  engine::LoopLoad Load() const override { return inner_->Load(); }
-  int32_t max_batch_requests() const override { return inner_->max_batch_requests(); }
-  HoldingsSource* holdings() override { return inner_->holdings(); }
-  int64_t used_slots() const override { return inner_->used_slots(); }
-  absl::Status FreeIfUnchangedSince(SegmentId s, uint64_t g) override {
-    return inner_->FreeIfUnchangedSince(s, g);
-  }
-  absl::Status Drop(SegmentId s) override { return inner_->Drop(s); }
-  absl::StatusOr<int64_t> CopyForRebalance(InstanceId from, SegmentId s, uint64_t seq) override {
-    return inner_->CopyForRebalance(from, s, seq);
+    return ForwardingBackend::Step();
   }
 
  private:
-  std::unique_ptr<InstanceBackend> inner_;
   const absl::Duration pause_;
 };
 
