@@ -147,13 +147,9 @@ int RunInstance(const InstanceFlags& f) {
     if (f.memory_fraction >= 0) {
       // The pool gets what this instance's share of the GPU leaves after the weights and the
       // reserve (the same sum `serve --memory-fraction` tells the coordinator).
-      absl::StatusOr<int64_t> total = service::GpuTotalMemory(f.gpu);
       absl::StatusOr<int32_t> fit =
-          total.ok() ? service::GpuInstanceSlots(
-                           *total, f.memory_fraction,
-                           engine::cuda::GpuLlamaModel::WeightDeviceBytes(gpu_model->config()),
-                           int64_t{f.reserve_mib} << 20, layout.SlotBytes())
-                     : absl::StatusOr<int32_t>(total.status());
+          service::GpuShareSlots(gpu_model->config(), f.segment_tokens, f.gpu, f.memory_fraction,
+                                 int64_t{f.reserve_mib} << 20);
       if (!fit.ok()) {
         std::cerr << "tokenlake instance: --memory-fraction " << f.memory_fraction << ": "
                   << fit.status().message() << "\n";

@@ -40,7 +40,6 @@
 #include "tokenlake/sched/cost_model.h"
 #include "tokenlake/service/local_cluster.h"
 #if defined(TOKENLAKE_HAVE_GPU_INSTANCE)
-#include "tokenlake/engine/cuda/gpu_llama.h"
 #include "tokenlake/service/cuda/gpu_backend.h"
 #endif
 #include "tokenlake/tokenizer/tokenizer.h"
@@ -189,14 +188,8 @@ int RunServe(const ServeFlags& f) {
       std::cerr << "tokenlake serve: " << config.status().message() << "\n";
       return 1;
     }
-    absl::StatusOr<int64_t> total = service::GpuTotalMemory(0);
-    absl::StatusOr<int32_t> fit =
-        total.ok() ? service::GpuInstanceSlots(
-                         *total, f.memory_fraction,
-                         engine::cuda::GpuLlamaModel::WeightDeviceBytes(*config),
-                         int64_t{f.reserve_mib} << 20,
-                         service::GpuBackendLayout(*config, f.segment_tokens).SlotBytes())
-                   : absl::StatusOr<int32_t>(total.status());
+    absl::StatusOr<int32_t> fit = service::GpuShareSlots(
+        *config, f.segment_tokens, /*device=*/0, f.memory_fraction, int64_t{f.reserve_mib} << 20);
     if (!fit.ok()) {
       std::cerr << "tokenlake serve: --memory-fraction " << f.memory_fraction << ": "
                 << fit.status().message() << "\n";

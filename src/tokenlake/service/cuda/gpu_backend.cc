@@ -180,4 +180,11 @@ absl::StatusOr<int64_t> GpuTotalMemory(int device) {
   return static_cast<int64_t>(props.totalGlobalMem);
 }
 
+absl::StatusOr<int32_t> GpuShareSlots(const engine::LlamaConfig& config, int32_t segment_tokens,
+                                      int device, double fraction, int64_t reserve_bytes) {
+  TOKENLAKE_ASSIGN_OR_RETURN(int64_t total, GpuTotalMemory(device));
+  return GpuInstanceSlots(total, fraction, ecuda::GpuLlamaModel::WeightDeviceBytes(config),
+                          reserve_bytes, GpuBackendLayout(config, segment_tokens).SlotBytes());
+}
+
 }  // namespace tokenlake::service

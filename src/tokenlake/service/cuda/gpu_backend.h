@@ -53,6 +53,14 @@ absl::StatusOr<int32_t> GpuInstanceSlots(int64_t total_bytes, double fraction, i
 // creating a context on it. Errors: FailedPrecondition (no such device, naming it).
 absl::StatusOr<int64_t> GpuTotalMemory(int device);
 
+// The slots of an instance of `config` (segments of `segment_tokens`, GpuBackendLayout) given
+// `fraction` of CUDA device `device`, less its weights and `reserve_bytes`: GpuTotalMemory and
+// GpuInstanceSlots together, the one sum that `tokenlake instance --memory-fraction` sizes its
+// arena by and `tokenlake serve --memory-fraction` tells the coordinator.
+// Errors: those of GpuTotalMemory and GpuInstanceSlots.
+absl::StatusOr<int32_t> GpuShareSlots(const engine::LlamaConfig& config, int32_t segment_tokens,
+                                      int device, double fraction, int64_t reserve_bytes);
+
 // Errors of a backend it makes: the PeerDevicePool's (ResourceExhausted naming the bytes when
 // the arena does not fit the device) and the GPU engine's.
 BackendFactory GpuBackendFactory(const GpuBackendOptions& options);
