@@ -412,6 +412,11 @@ class Lake {
   void ReleaseTail(RequestId request);
   // The instance of each block of the request's tail, in row order (empty: none).
   std::vector<InstanceId> TailSlots(RequestId request) const;
+  // Gives back, as ReleaseTail, the tails of the requests whose engine runs on `instance` (the
+  // tail_instance of their latest admission): that instance's process is gone (declared dead,
+  // or restarted), so it will never end them. Returns those requests in id order. Their pins
+  // are not touched (Release; the caller's request path releases a failed attempt's).
+  std::vector<RequestId> ReleaseTailsComputedOn(InstanceId instance);
 
   // Stores the request's new segments where `placements` say (normally the plan's
   // transfer.new_segments entries whose request is this one; entries for other requests are
@@ -547,6 +552,8 @@ class Lake {
   struct Tail {
     int64_t first_tokens = 0;
     std::vector<TailBlock> blocks;
+    // The instance whose engine computes the request (its latest admission's tail_instance).
+    InstanceId computing;
   };
   explicit Lake(const LakeOptions& options, Clock* clock);
 

@@ -1,5 +1,6 @@
 // The tails of the Lake (lake.h, "Tails in the pool"; docs/adr/0017): a running request's KV
 // rows after its pooled prefix kept in slots of the pool, counted like the segments they become.
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -48,6 +49,7 @@ std::vector<InstanceId> Lake::TailInstances(const Tail& tail) {
 absl::Status Lake::SetTailLocked(RequestId request, int64_t from_tokens, int64_t end_tokens,
                                  InstanceId instance, AdmitResult* result) {
   Tail& t = tails_[request];
+  t.computing = instance;
   InstanceStatesCache states(this, &result->evicted);
   // A tail that starts after the matched prefix belongs to a lost prefix (the request restarts
   // from what the pool holds): its rows are of no use. Else rows the pool now serves (another
@@ -92,6 +94,22 @@ void Lake::ReleaseTail(RequestId request) {
   if (it == tails_.end()) return;
   while (!it->second.blocks.empty()) PopTailBlockLocked(it->second, nullptr);
   tails_.erase(it);
+}
+
+std::vector<RequestId> Lake::ReleaseTailsComputedOn(InstanceId instance) {
+  absl::MutexLock lock(&mu_);
+  std::vector<RequestId> released;
+  for (auto it = tails_.begin(); it != tails_.end();) {
+    if (it->second.computing != instance) {
+      ++it;
+      continue;
+    }
+    while (!it->second.blocks.empty()) PopTailBlockLocked(it->second, nullptr);
+    released.push_back(it->first);
+    tails_.erase(it++);
+  }
+  std::sort(released.begin(), released.end());
+  return released;
 }
 
 std::vector<InstanceId> Lake::TailSlots(RequestId request) const {

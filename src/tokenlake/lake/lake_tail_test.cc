@@ -194,7 +194,8 @@ TEST(LakeTailTest, AfterASegmentThatStaysInTheTailTheRestStayToo) {
 //   - an admitted tail covers [matched, end); a TryAdmit waits exactly when its growth, the
 //     replicas it newly pins and its reservations exceed AvailableSlots;
 //   - a commit takes its stored and deduplicated segments from the tail's front, as a
-//     contiguous run; a segment in place is on its block's instance, a copy on its target.
+//     contiguous run; a segment in place is on its block's instance, a copy on its target;
+//   - when an instance's engine dies, exactly the tails of the requests it computed go.
 struct TailParams {
   int32_t instances;
   int32_t slots;
@@ -229,7 +230,7 @@ TEST_P(LakeTailModelTest, TailsMatchTheModelAndTheAccountingIsExact) {
   std::map<uint64_t, Req> reqs;
   std::map<uint64_t, std::vector<InstanceId>> model_tails;
   uint64_t next_id = 1;
-  int admitted = 0, deferred = 0, in_place = 0, copied = 0, ended = 0, refused = 0;
+  int admitted = 0, deferred = 0, in_place = 0, copied = 0, ended = 0, refused = 0, died = 0;
 
   for (int step = 0; step < 1500; ++step) {
     SCOPED_TRACE(testing::Message() << "step=" << step);
@@ -373,6 +374,31 @@ TEST_P(LakeTailModelTest, TailsMatchTheModelAndTheAccountingIsExact) {
       model_tails.erase(it->first);
       reqs.erase(it);
       ++ended;
+    } else if (op < 89 && !reqs.empty()) {
+      // The engine of one instance dies: the tails of the requests it computed go (those of the
+      // latest admission's computing instance), the others stay; their failed attempts'
+      // pins go too, as the request path releases them.
+      const auto dead = static_cast<int32_t>(rng.UniformInt(0, p.instances - 1));
+      std::vector<RequestId> want;
+      for (const auto& [id, r] : reqs) {
+        auto tail = model_tails.find(id);
+        if (r.compute == dead && tail != model_tails.end() && !tail->second.empty()) {
+          want.emplace_back(id);
+        }
+      }
+      ASSERT_EQ(lake->ReleaseTailsComputedOn(InstanceId(dead)), want);
+      for (auto it = reqs.begin(); it != reqs.end();) {
+        if (it->second.compute != dead) {
+          ++it;
+          continue;
+        }
+        if (it->second.active) {
+          ASSERT_TRUE(lake->Release(RequestId(it->first)).ok());
+        }
+        model_tails.erase(it->first);
+        it = reqs.erase(it);
+        ++died;
+      }
     } else {
       // A request without a tail stores a few segments of a document (fills the pool).
       const uint64_t id = 1'000'000 + static_cast<uint64_t>(step);
@@ -403,7 +429,8 @@ TEST_P(LakeTailModelTest, TailsMatchTheModelAndTheAccountingIsExact) {
     ASSERT_EQ(st.available_slots, total - st.pinned_replicas - st.reserved_slots - st.tail_slots);
   }
   std::cout << "admitted=" << admitted << " deferred=" << deferred << " refused=" << refused
-            << " in_place=" << in_place << " copied=" << copied << " ended=" << ended << "\n";
+            << " in_place=" << in_place << " copied=" << copied << " ended=" << ended
+            << " died=" << died << "\n";
   EXPECT_GT(admitted, 0);
   EXPECT_GT(in_place, 0);
   if (p.instances > 1) {

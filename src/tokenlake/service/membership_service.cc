@@ -1,5 +1,6 @@
 #include "tokenlake/service/membership_service.h"
 
+#include <cstdio>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -107,7 +108,15 @@ grpc::Status MembershipService::Register(grpc::ServerContext* ctx,
     id = admitted->id;
     if (admitted->rejoin) {
       // A new incarnation of a known instance (it restarted, possibly before it was declared
-      // dead): what was sent to the old one will never be answered; fail it over now.
+      // dead): what was sent to the old one will never be answered; fail it over now, and give
+      // back the KV tails in the pool of the requests the old one computed.
+      const std::vector<RequestId> tails = lake_->lake->ReleaseTailsComputedOn(InstanceId(id));
+      if (!tails.empty()) {
+        std::fprintf(stderr,
+                     "tokenlake coordinator: released the KV tails of %zu requests of instance %d "
+                     "(it restarted)\n",
+                     tails.size(), id);
+      }
       fail_pending_(id, absl::UnavailableError(
                             absl::StrFormat("instance %d ('%s') restarted", id, request->name())));
     }
