@@ -35,6 +35,7 @@ TEST_F(InProcessClusterTest, TheTailsOfTheRequestsOfADeadInstanceGoBackToThePool
   ASSERT_TRUE(cp.ok()) << cp.status();
   // Two requests of 40 rows each (3 blocks of 16) whose engines prefer different instances.
   std::vector<lake::IterationRequest> requests;
+  requests.reserve(2);
   for (int32_t i = 0; i < 2; ++i) {
     requests.push_back({.request = RequestId(0x7a11'0000 + i),
                         .end_tokens = 40,
@@ -46,6 +47,7 @@ TEST_F(InProcessClusterTest, TheTailsOfTheRequestsOfADeadInstanceGoBackToThePool
   ASSERT_TRUE(planned.ok()) << planned.status();
   ASSERT_EQ(planned->size(), 2u);
   std::vector<int32_t> computing;
+  computing.reserve(planned->size());
   for (const lake::BatchPlanEntry& e : *planned) {
     ASSERT_TRUE(e.status.ok()) << e.status;
     ASSERT_TRUE(e.plan.admitted);
