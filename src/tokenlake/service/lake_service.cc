@@ -57,25 +57,26 @@ grpc::Status PlanReply(const absl::StatusOr<lake::IterationPlan>& plan,
 
 }  // namespace
 
-grpc::Status LakeService::PlanIteration(grpc::ServerContext* ctx,
-                                        const v1::PlanIterationRequest* request,
-                                        v1::PlanIterationReply* reply) {
-  if (grpc::Status a = auth_->Check(ctx, "PlanIteration"); !a.ok()) return a;
+grpc::Status LakeService::AcceptCall(grpc::ServerContext* ctx, const char* name, Call call) {
+  if (grpc::Status a = auth_->Check(ctx, name); !a.ok()) return a;
   if (gate_ != nullptr) {
     if (grpc::Status g = gate_->Check(); !g.ok()) return g;
   }
-  Count(kPlanIteration);
+  Count(call);
+  return grpc::Status::OK;
+}
+
+grpc::Status LakeService::PlanIteration(grpc::ServerContext* ctx,
+                                        const v1::PlanIterationRequest* request,
+                                        v1::PlanIterationReply* reply) {
+  if (grpc::Status a = AcceptCall(ctx, "PlanIteration", kPlanIteration); !a.ok()) return a;
   absl::MutexLock lake_lock(&lake_->mu);
   return PlanReply(PlanLocked(FromProto(*request)), reply);
 }
 
 grpc::Status LakeService::Commit(grpc::ServerContext* ctx, const v1::CommitRequest* request,
                                  v1::CommitReply* reply) {
-  if (grpc::Status a = auth_->Check(ctx, "Commit"); !a.ok()) return a;
-  if (gate_ != nullptr) {
-    if (grpc::Status g = gate_->Check(); !g.ok()) return g;
-  }
-  Count(kCommit);
+  if (grpc::Status a = AcceptCall(ctx, "Commit", kCommit); !a.ok()) return a;
   const RequestId id(request->request_id());
   std::vector<plan::NewSegmentPlacement> placements;
   for (const v1::Placement& p : request->placements()) placements.push_back(FromProto(p, id));
@@ -91,22 +92,14 @@ grpc::Status LakeService::Commit(grpc::ServerContext* ctx, const v1::CommitReque
 
 grpc::Status LakeService::Release(grpc::ServerContext* ctx, const v1::ReleaseRequest* request,
                                   v1::ReleaseReply*) {
-  if (grpc::Status a = auth_->Check(ctx, "Release"); !a.ok()) return a;
-  if (gate_ != nullptr) {
-    if (grpc::Status g = gate_->Check(); !g.ok()) return g;
-  }
-  Count(kRelease);
+  if (grpc::Status a = AcceptCall(ctx, "Release", kRelease); !a.ok()) return a;
   absl::MutexLock lake_lock(&lake_->mu);
   return ToGrpc(lake_->lake->Release(RequestId(request->request_id())));
 }
 
 grpc::Status LakeService::ReleaseTail(grpc::ServerContext* ctx, const v1::ReleaseRequest* request,
                                       v1::ReleaseReply*) {
-  if (grpc::Status a = auth_->Check(ctx, "ReleaseTail"); !a.ok()) return a;
-  if (gate_ != nullptr) {
-    if (grpc::Status g = gate_->Check(); !g.ok()) return g;
-  }
-  Count(kReleaseTail);
+  if (grpc::Status a = AcceptCall(ctx, "ReleaseTail", kReleaseTail); !a.ok()) return a;
   absl::MutexLock lake_lock(&lake_->mu);
   lake_->lake->ReleaseTail(RequestId(request->request_id()));
   return grpc::Status::OK;
@@ -115,11 +108,7 @@ grpc::Status LakeService::ReleaseTail(grpc::ServerContext* ctx, const v1::Releas
 grpc::Status LakeService::ReleaseAndPlan(grpc::ServerContext* ctx,
                                          const v1::ReleaseAndPlanRequest* request,
                                          v1::PlanIterationReply* reply) {
-  if (grpc::Status a = auth_->Check(ctx, "ReleaseAndPlan"); !a.ok()) return a;
-  if (gate_ != nullptr) {
-    if (grpc::Status g = gate_->Check(); !g.ok()) return g;
-  }
-  Count(kReleaseAndPlan);
+  if (grpc::Status a = AcceptCall(ctx, "ReleaseAndPlan", kReleaseAndPlan); !a.ok()) return a;
   absl::MutexLock lake_lock(&lake_->mu);
   LockedPlane plane(this);
   return PlanReply(
@@ -129,11 +118,7 @@ grpc::Status LakeService::ReleaseAndPlan(grpc::ServerContext* ctx,
 
 grpc::Status LakeService::PlanBatch(grpc::ServerContext* ctx, const v1::PlanBatchRequest* request,
                                     v1::PlanBatchReply* reply) {
-  if (grpc::Status a = auth_->Check(ctx, "PlanBatch"); !a.ok()) return a;
-  if (gate_ != nullptr) {
-    if (grpc::Status g = gate_->Check(); !g.ok()) return g;
-  }
-  Count(kPlanBatch);
+  if (grpc::Status a = AcceptCall(ctx, "PlanBatch", kPlanBatch); !a.ok()) return a;
   std::vector<lake::StoreConfirmation> confirm;
   confirm.reserve(static_cast<size_t>(request->confirm_size()));
   for (const v1::StoreConfirmation& c : request->confirm()) confirm.push_back(FromProto(c));

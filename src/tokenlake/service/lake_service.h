@@ -88,6 +88,9 @@ class LakeService final : public v1::Lake::Service {
   absl::StatusOr<lake::IterationPlan> PlanLocked(const lake::IterationRequest& request)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(lake_->mu);
   void Count(Call call) { calls_[call].fetch_add(1, std::memory_order_relaxed); }
+  // Every call's prologue: the caller's token for `name`, then the leader gate; counted once
+  // both pass.
+  grpc::Status AcceptCall(grpc::ServerContext* ctx, const char* name, Call call);
 
   GuardedLake* const lake_;
   Membership* const membership_;
