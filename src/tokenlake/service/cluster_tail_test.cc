@@ -1,10 +1,11 @@
 // The KV tails in the pool (lake.h, "Tails in the pool") of the requests that an instance
 // process computed, when that process is gone: nobody else would ever give them back, so the
-// coordinator does (Lake::ReleaseTailsComputedOn) once it declares the instance dead. A
-// coordinator and two instance servers in one process, with real gRPC; the tails are planned
+// coordinator does (Lake::ReleaseTailsComputedOn) once another process registers in its place.
+// A coordinator and two instance servers in one process, with real gRPC; the tails are planned
 // through the coordinator's Lake service as a GPU instance's engine plans them.
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/numbers.h"
@@ -13,6 +14,7 @@
 #include "gtest/gtest.h"
 #include "tokenlake/lake/control_plane.h"
 #include "tokenlake/service/cluster_inprocess_fixture.h"
+#include "tokenlake/service/instance_server.h"
 #include "tokenlake/service/lake_rpc.h"
 
 namespace tokenlake::service {
@@ -28,7 +30,7 @@ double Sample(const std::string& text, const std::string& name) {
   return -1;
 }
 
-TEST_F(InProcessClusterTest, TheTailsOfTheRequestsOfADeadInstanceGoBackToThePool) {
+TEST_F(InProcessClusterTest, TheTailsOfADeadInstancesRequestsGoBackWhenAnotherProcessTakesItsPlace) {
   auto cp = RemoteControlPlane::Create({.coordinator_port = coordinator_->grpc_port(),
                                         .num_instances = 2,
                                         .cluster_secret = secret_});
@@ -59,11 +61,22 @@ TEST_F(InProcessClusterTest, TheTailsOfTheRequestsOfADeadInstanceGoBackToThePool
   const std::string tails = "tokenlake_pool_tail_slots";
   ASSERT_EQ(Sample(coordinator_->MetricsText(), tails), 6);
 
-  // The process that computed the first request dies without a word.
+  // The process that computed the first request dies without a word. Declared dead, it keeps
+  // them (a process that still ran could still write them); once another process takes its
+  // place, they go.
   const int32_t dead = computing[0];
   const int survivors = computing[1] == dead ? 0 : 3;
   instances_[static_cast<size_t>(dead)]->Shutdown();
   WaitForLive(1);
+  EXPECT_EQ(Sample(coordinator_->MetricsText(), tails), 6);
+  auto again = InstanceServer::Create(model_.get(), {.name = "in-process-" + std::to_string(dead),
+                                                     .preferred_id = dead,
+                                                     .coordinator_port = coordinator_->grpc_port(),
+                                                     .slots = 256,
+                                                     .cluster_secret = secret_});
+  ASSERT_TRUE(again.ok()) << again.status();
+  instances_[static_cast<size_t>(dead)] = std::move(*again);
+  WaitForLive(2);
   const absl::Time deadline = absl::Now() + absl::Seconds(10);
   while (Sample(coordinator_->MetricsText(), tails) != survivors && absl::Now() < deadline) {
     absl::SleepFor(absl::Milliseconds(20));

@@ -339,20 +339,8 @@ class Coordinator::Impl {
         }
       }
       for (const auto& [id, why] : reaped.died) {
-        ReleaseTailsOf(id);
         request_path_->FailPendingOn(id, absl::UnavailableError(why));
       }
-    }
-  }
-
-  // The KV tails in the pool of the requests that instance `id` computed: its process is gone,
-  // so it will never give them back (their failed attempts' pins go with the attempts).
-  void ReleaseTailsOf(int32_t id) ABSL_EXCLUSIVE_LOCKS_REQUIRED(lake_.mu) {
-    const std::vector<RequestId> released = lake_.lake->ReleaseTailsComputedOn(InstanceId(id));
-    if (!released.empty()) {
-      std::fprintf(stderr,
-                   "tokenlake coordinator: released the KV tails of %zu requests of instance %d\n",
-                   released.size(), id);
     }
   }
 

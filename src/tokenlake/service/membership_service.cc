@@ -108,8 +108,11 @@ grpc::Status MembershipService::Register(grpc::ServerContext* ctx,
     id = admitted->id;
     if (admitted->rejoin) {
       // A new incarnation of a known instance (it restarted, possibly before it was declared
-      // dead): what was sent to the old one will never be answered; fail it over now, and give
-      // back the KV tails in the pool of the requests the old one computed.
+      // dead): what was sent to the old one will never be answered; fail it over now. The KV
+      // tails in the pool of the requests the old one computed end too: nobody else would end
+      // them (Lake::ReleaseTailsComputedOn: their blocks on this instance are free, those its
+      // engine took on peers stay taken). Not when it is only declared dead: a process that
+      // still runs may still write them.
       const std::vector<RequestId> tails = lake_->lake->ReleaseTailsComputedOn(InstanceId(id));
       if (!tails.empty()) {
         std::fprintf(stderr,
