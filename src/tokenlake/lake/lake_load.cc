@@ -86,7 +86,7 @@ absl::StatusOr<RebalanceResult> Lake::Rebalance() {
     }
     const int64_t pinned_before = pinned ? static_cast<int64_t>(node->replicas.size()) : 0;
     const double load = tracker_->Load(a.segment);
-    const double r = static_cast<double>(node->replicas.size());
+    const auto r = static_cast<double>(node->replicas.size());
     const int32_t tokens = node->num_tokens;
     std::vector<InstanceId> others(node->replicas.begin(), node->replicas.end());
     switch (a.kind) {
