@@ -412,13 +412,11 @@ class Lake {
   void ReleaseTail(RequestId request);
   // The instance of each block of the request's tail, in row order (empty: none).
   std::vector<InstanceId> TailSlots(RequestId request) const;
-  // Ends the tails of the requests whose engine ran on `instance` (the tail_instance of their
-  // latest admission): another process took that instance's place, so nobody will ever end
-  // them. Their blocks on `instance` are given back (those slots went with the old process);
-  // their blocks on other instances stay taken, as orphans that no request owns: those
-  // instances' processes still hold the slots the old process took there, and nothing gives
-  // them back there yet. Returns the requests in id order. Their pins are not touched
-  // (Release; the request path releases a failed attempt's).
+  // Gives back, as ReleaseTail, the tails of the requests whose engine ran on `instance` (the
+  // tail_instance of their latest admission): another process took that instance's place, so
+  // nobody will ever end them (the instances that held blocks of them give those slots back
+  // themselves: PeerDevicePool::ForgetPeerTails). Returns the requests in id order. Their pins
+  // are not touched (Release; the request path releases a failed attempt's).
   std::vector<RequestId> ReleaseTailsComputedOn(InstanceId instance);
 
   // Stores the request's new segments where `placements` say (normally the plan's
@@ -691,10 +689,8 @@ class Lake {
   uint64_t sequence_ ABSL_GUARDED_BY(mu_) = 0;        // last Commit / Rebalance sequence
   int64_t rebalance_heavy_ ABSL_GUARDED_BY(mu_) = 0;  // heavy hitters at the latest Rebalance
   absl::flat_hash_map<SegmentId, PendingCopy> pending_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<RequestId, Tail> tails_ ABSL_GUARDED_BY(mu_);  // non-empty tails only
-  int64_t tail_slots_ ABSL_GUARDED_BY(mu_) = 0;  // blocks of all tails, orphans included
-  // Blocks of ended tails on other instances than their computing one (ReleaseTailsComputedOn).
-  std::vector<TailBlock> orphan_tail_blocks_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<RequestId, Tail> tails_ ABSL_GUARDED_BY(mu_);   // non-empty tails only
+  int64_t tail_slots_ ABSL_GUARDED_BY(mu_) = 0;                       // blocks of all tails
   index::PrefixTree::ReplicaObserver observer_ ABSL_GUARDED_BY(mu_);  // the caller's
 };
 

@@ -104,13 +104,7 @@ std::vector<RequestId> Lake::ReleaseTailsComputedOn(InstanceId instance) {
       ++it;
       continue;
     }
-    for (const TailBlock& b : it->second.blocks) {
-      if (b.instance == instance) {
-        FreeTailBlockLocked(b, nullptr);
-      } else {
-        orphan_tail_blocks_.push_back(b);
-      }
-    }
+    while (!it->second.blocks.empty()) PopTailBlockLocked(it->second, nullptr);
     released.push_back(it->first);
     tails_.erase(it++);
   }
@@ -139,8 +133,6 @@ absl::Status Lake::CheckTailsLocked() const {
     for (const TailBlock& b : t.blocks) per_instance[b.instance.value()] += 1;
     total += static_cast<int64_t>(t.blocks.size());
   }
-  for (const TailBlock& b : orphan_tail_blocks_) per_instance[b.instance.value()] += 1;
-  total += static_cast<int64_t>(orphan_tail_blocks_.size());
   if (total != tail_slots_) {
     return absl::InternalError(
         absl::StrFormat("Lake: tails hold %d slots, %d counted", total, tail_slots_));

@@ -109,10 +109,10 @@ grpc::Status MembershipService::Register(grpc::ServerContext* ctx,
     if (admitted->rejoin) {
       // A new incarnation of a known instance (it restarted, possibly before it was declared
       // dead): what was sent to the old one will never be answered; fail it over now. The KV
-      // tails in the pool of the requests the old one computed end too: nobody else would end
-      // them (Lake::ReleaseTailsComputedOn: their blocks on this instance are free, those its
-      // engine took on peers stay taken). Not when it is only declared dead: a process that
-      // still runs may still write them.
+      // tails in the pool of the requests the old one computed go too: nobody else would end
+      // them, and its peers give back the slots it took there when they see the new process's
+      // arena handle (docs/adr/0018). Not when it is only declared dead: a process that still
+      // runs may still write them.
       const std::vector<RequestId> tails = lake_->lake->ReleaseTailsComputedOn(InstanceId(id));
       if (!tails.empty()) {
         std::fprintf(stderr,

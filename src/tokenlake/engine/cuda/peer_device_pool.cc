@@ -138,6 +138,46 @@ void PeerDevicePool::RemovePeer(InstanceId peer) {
   peers_.erase(peer);
 }
 
+int32_t PeerDevicePool::ForgetPeerTails(InstanceId peer) {
+  std::vector<int32_t> slots;
+  {
+    absl::MutexLock lock(&tails_mu_);
+    for (auto it = peer_tails_.begin(); it != peer_tails_.end();) {
+      if (it->second == peer) {
+        slots.push_back(it->first);
+        peer_tails_.erase(it++);
+      } else {
+        ++it;
+      }
+    }
+  }
+  int32_t freed = 0;
+  for (int32_t slot : slots) freed += hosted_->slots().FreeTail(SlotId(slot)).ok() ? 1 : 0;
+  return freed;
+}
+
+absl::StatusOr<InstanceId> PeerDevicePool::Requester(const transport::Message& request) const {
+  const int32_t c = request.from.value() - options_.endpoint_base - options_.num_instances;
+  if (c < 0 || c >= options_.num_instances || c == options_.self.value()) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "a tail request from endpoint %d, which is no peer's driver", request.from.value()));
+  }
+  return InstanceId(c);
+}
+
+absl::Status PeerDevicePool::TakePeerTail(InstanceId owner, int32_t slot) {
+  absl::MutexLock lock(&tails_mu_);
+  auto it = peer_tails_.find(slot);
+  if (it == peer_tails_.end() || it->second != owner) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "tail slot %d of instance %d is not instance %d's (given back when its process was "
+        "declared gone, or never its)",
+        slot, options_.self.value(), owner.value()));
+  }
+  peer_tails_.erase(it);
+  return absl::OkStatus();
+}
+
 absl::Status PeerDevicePool::CheckInstance(InstanceId i, const char* what) const {
   if (!i.valid() || i.value() >= options_.num_instances) {
     return absl::InternalError(absl::StrFormat("PeerDevicePool: %s on instance %d of %d", what,
@@ -486,14 +526,26 @@ transport::Message PeerDevicePool::Handle(const transport::Message& request) {
       break;
     }
     case kAllocateTail: {
-      absl::StatusOr<SlotId> slot = LocalAllocateTail();
-      s = slot.status();
-      if (s.ok()) w.Put<int32_t>(slot->value());
+      absl::StatusOr<InstanceId> owner = Requester(request);
+      s = owner.status();
+      if (s.ok()) {
+        // Taken and recorded at once, so that a ForgetPeerTails meanwhile cannot miss it.
+        absl::MutexLock lock(&tails_mu_);
+        absl::StatusOr<SlotId> slot = LocalAllocateTail();
+        s = slot.status();
+        if (s.ok()) {
+          peer_tails_[slot->value()] = *owner;
+          w.Put<int32_t>(slot->value());
+        }
+      }
       break;
     }
     case kFreeTail: {
       int32_t slot = -1;
-      s = r.Get(&slot, "tail slot");
+      absl::StatusOr<InstanceId> owner = Requester(request);
+      s = owner.status();
+      if (s.ok()) s = r.Get(&slot, "tail slot");
+      if (s.ok()) s = TakePeerTail(*owner, slot);
       if (s.ok()) s = hosted_->slots().FreeTail(SlotId(slot));
       break;
     }
@@ -501,10 +553,20 @@ transport::Message PeerDevicePool::Handle(const transport::Message& request) {
       int32_t slot = -1;
       uint64_t id = 0;
       StoredMeta meta;
-      s = r.Get(&slot, "tail slot");
+      absl::StatusOr<InstanceId> owner = Requester(request);
+      s = owner.status();
+      if (s.ok()) s = r.Get(&slot, "tail slot");
       if (s.ok()) s = r.Get(&id, "segment id");
       if (s.ok()) s = GetMeta(r, &meta);
-      if (s.ok()) s = LocalCommitTail(SlotId(slot), SegmentId(id), meta);
+      if (s.ok()) s = TakePeerTail(*owner, slot);
+      if (s.ok()) {
+        s = LocalCommitTail(SlotId(slot), SegmentId(id), meta);
+        if (!s.ok()) {
+          // Still the peer's tail slot: its driver gives it back.
+          absl::MutexLock lock(&tails_mu_);
+          peer_tails_[slot] = *owner;
+        }
+      }
       break;
     }
     case kStoreFrom: {

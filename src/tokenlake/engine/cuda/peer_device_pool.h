@@ -24,8 +24,12 @@
 // endpoint_base + N + c; the transport must host this instance's two endpoints and reach the
 // peers' (a TcpTransport with SetPeer, typically).
 //
+// A peer's tail slots here are its own: only its driver commits or gives them back, and when
+// its process is gone they are given back here (ForgetPeerTails).
+//
 // Thread-safety: the DevicePool calls come from one driver thread; AddPeer, RemovePeer,
-// ExportHandle and the accessors are thread-safe; the server thread runs beside them.
+// ForgetPeerTails, ExportHandle and the accessors are thread-safe; the server thread runs
+// beside them.
 #ifndef TOKENLAKE_ENGINE_CUDA_PEER_DEVICE_POOL_H_
 #define TOKENLAKE_ENGINE_CUDA_PEER_DEVICE_POOL_H_
 
@@ -94,6 +98,12 @@ class PeerDevicePool final : public DevicePool {
   absl::Status AddPeer(InstanceId peer, const store::ArenaHandle& handle);
   // Unmaps `peer`'s arena (a peer that left). REQUIRES: no pending work reads it.
   void RemovePeer(InstanceId peer);
+  // Gives back the tail slots that `peer`'s driver took on this instance and has neither
+  // committed nor given back: its process is gone (another process took its place), and the
+  // coordinator's lake has ended the tails of the requests it computed
+  // (lake::Lake::ReleaseTailsComputedOn). Later calls of that driver about those slots are
+  // refused. Returns how many were given back. Thread-safe.
+  int32_t ForgetPeerTails(InstanceId peer);
 
   InstanceId self() const { return options_.self; }
   // This instance's slot allocator.
@@ -170,6 +180,11 @@ class PeerDevicePool final : public DevicePool {
 
   void ServeLoop();
   transport::Message Handle(const transport::Message& request);
+  // The instance whose driver sent `request` (its endpoint is endpoint_base + N + instance).
+  absl::StatusOr<InstanceId> Requester(const transport::Message& request) const;
+  // Takes tail slot `slot` out of `owner`'s tails here, for a commit or a give-back.
+  // Errors: FailedPrecondition when it is not one of `owner`'s (forgotten, or never its).
+  absl::Status TakePeerTail(InstanceId owner, int32_t slot);
 
   const Options options_;
   int64_t slot_bytes_ = 0;
@@ -181,6 +196,9 @@ class PeerDevicePool final : public DevicePool {
   absl::flat_hash_map<InstanceId, std::unique_ptr<store::PeerArena>> peers_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> stopping_{false};
   std::thread server_;
+  absl::Mutex tails_mu_;
+  // Tail slots of this instance that a peer's driver took (slot -> the peer).
+  absl::flat_hash_map<int32_t, InstanceId> peer_tails_ ABSL_GUARDED_BY(tails_mu_);
   mutable absl::Mutex traffic_mu_;
   Traffic traffic_ ABSL_GUARDED_BY(traffic_mu_);
 };

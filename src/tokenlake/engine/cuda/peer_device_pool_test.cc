@@ -135,6 +135,13 @@ int ChildHolder(ChildContext& c) {
     std::optional<std::string> line = c.ReadParentLine(&why);
     if (!line.has_value()) return c.Fail(store::kChildChannel, why);
     if (*line == "exit") break;
+    if (*line == "forget 0") {
+      // Instance 0's process is gone (as the instance's backend is told): its tails here go.
+      const int32_t freed = side->pool->ForgetPeerTails(InstanceId(0));
+      if (!store::SendLine(kChildFd, absl::StrCat(freed, " ", side->pool->store().used()))) {
+        return c.Fail(store::kChildChannel, "forget");
+      }
+    }
     if (*line == "held") {
       std::string out =
           absl::StrCat(side->pool->store().used() - side->pool->store().num_tail_slots());
@@ -314,7 +321,9 @@ TEST(PeerDevicePoolTest, TwoProcessesMatchANaiveModel) {
         absl::Status s = pool.Free(inst, SegmentId(victim), evicted_at, stream);
         if (it == held[i].end()) {
           EXPECT_EQ(s.code(), absl::StatusCode::kNotFound) << s;
-          if (i == 1) EXPECT_NE(s.message().find("instance 1"), std::string::npos) << s;
+          if (i == 1) {
+            EXPECT_NE(s.message().find("instance 1"), std::string::npos) << s;
+          }
         } else if (stale) {
           EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
         } else {
@@ -361,6 +370,42 @@ TEST(PeerDevicePoolTest, TwoProcessesMatchANaiveModel) {
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   for (const Tail& t : tails) ASSERT_TRUE(pool.FreeTail(t.instance, t.slot.slot).ok());
   cudaStreamDestroy(stream);
+}
+
+// A peer's tail slots are its own, and go back when its process is gone: the holder gives back
+// the tail slots that the other process's driver took and neither committed nor gave back, and
+// refuses that driver's later calls about them.
+TEST(PeerDevicePoolTest, TheTailSlotsOfAPeerThatIsGoneAreGivenBack) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  const attention::KvSlotLayout layout = SmallLayout();
+  Pair p;
+  ASSERT_NO_FATAL_FAILURE(StartPair(p, /*slots=*/4, layout));
+  PeerDevicePool& pool = *p.side.pool;
+  const InstanceId holder(1);
+  std::vector<DeviceSlot> tails;
+  for (int k = 0; k < 3; ++k) {
+    absl::StatusOr<DeviceSlot> t = pool.AllocateTail(holder);
+    ASSERT_TRUE(t.ok()) << t.status();
+    tails.push_back(*t);
+  }
+  // One becomes a segment in place (no longer a tail), one is given back, one stays a tail.
+  ASSERT_TRUE(pool.CommitTail(holder, tails[0].slot, SegmentId(7), {.num_tokens = 4}).ok());
+  ASSERT_TRUE(pool.FreeTail(holder, tails[1].slot).ok());
+  // A slot given back is no longer this driver's to give back again.
+  EXPECT_EQ(pool.FreeTail(holder, tails[1].slot).code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE(p.child->SendLine("forget 0"));
+  std::string why;
+  std::optional<std::string> line = p.child->ReadLine(&why);
+  ASSERT_TRUE(line.has_value()) << why;
+  EXPECT_EQ(*line, "1 1") << "freed, then used: only the segment stays";
+  EXPECT_EQ(pool.CommitTail(holder, tails[2].slot, SegmentId(8), {.num_tokens = 4}).code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(pool.FreeTail(holder, tails[2].slot).code(), absl::StatusCode::kFailedPrecondition);
+  // Its slots are the holder's again.
+  for (int k = 0; k < 3; ++k) ASSERT_TRUE(pool.AllocateTail(holder).ok()) << k;
+  const std::map<uint64_t, StoredMeta> theirs = p.ChildHeld();
+  EXPECT_EQ(theirs.size(), 1u);
+  EXPECT_TRUE(theirs.contains(7));
 }
 
 TEST(PeerDevicePoolTest, GpuEngineComputesOverTwoProcessesAndMatchesTheCpuReference) {

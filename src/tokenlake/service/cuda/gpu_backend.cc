@@ -70,8 +70,24 @@ class GpuBackend final : public InstanceBackend {
 
   std::string arena_handle() const override { return handle_; }
   // Maps the peers' arenas on this GPU; unmaps those gone. A handle from another GPU (or one
-  // that does not parse) is left unmapped: plans that read it fail their request.
+  // that does not parse) is left unmapped: plans that read it fail their request. A peer whose
+  // place another process took (a new handle for its id) gets back the tail slots the old
+  // process's driver took here (the coordinator has ended its requests' tails in the lake); a
+  // peer only missing from the list keeps them (it may still run: a coordinator restart or a
+  // missed heartbeat leaves it out for a while).
   void SetPeerArenas(const absl::flat_hash_map<int32_t, std::string>& handles) override {
+    for (const auto& [peer, bytes] : handles) {
+      auto before = seen_.find(peer);
+      if (before != seen_.end() && before->second != bytes) {
+        if (const int32_t freed = pool_->ForgetPeerTails(InstanceId(peer)); freed > 0) {
+          std::fprintf(stderr,
+                       "tokenlake instance %d: gave back %d tail slots of instance %d (another "
+                       "process took its place)\n",
+                       self_.value(), freed, peer);
+        }
+      }
+      seen_[peer] = bytes;
+    }
     for (auto it = mapped_.begin(); it != mapped_.end();) {
       auto now = handles.find(it->first);
       if (now == handles.end() || now->second != it->second) {
@@ -101,8 +117,10 @@ class GpuBackend final : public InstanceBackend {
   HostedStoreHoldings holdings_;
   const std::string handle_;
   std::unique_ptr<ecuda::GpuEngine> engine_;
-  // Peers mapped now (id -> the handle mapped); the server's control thread only.
+  // Peers mapped now (id -> the handle mapped), and the latest handle announced for every peer
+  // ever announced; the server's control thread only.
   absl::flat_hash_map<int32_t, std::string> mapped_;
+  absl::flat_hash_map<int32_t, std::string> seen_;
 };
 
 }  // namespace
