@@ -30,7 +30,7 @@ double Sample(const std::string& text, const std::string& name) {
   return -1;
 }
 
-TEST_F(InProcessClusterTest, TheTailsOfADeadInstancesRequestsGoBackWhenAnotherProcessTakesItsPlace) {
+TEST_F(InProcessClusterTest, TailsOfADeadInstanceGoBackWhenAnotherProcessTakesItsPlace) {
   auto cp = RemoteControlPlane::Create({.coordinator_port = coordinator_->grpc_port(),
                                         .num_instances = 2,
                                         .cluster_secret = secret_});
