@@ -34,16 +34,21 @@ class InProcessClusterTest : public ::testing::Test {
     options_ = SmallClusterOptions(model_->config(), secret_);
     options_.attempt_timeout = absl::Seconds(2);
     StartCoordinator();
-    for (int i = 0; i < 2; ++i) {
-      auto s = InstanceServer::Create(model_.get(), {.name = "in-process-" + std::to_string(i),
-                                                     .preferred_id = i,
-                                                     .coordinator_port = coordinator_->grpc_port(),
-                                                     .slots = 256,
-                                                     .cluster_secret = secret_});
-      ASSERT_TRUE(s.ok()) << s.status();
-      instances_.push_back(std::move(*s));
-    }
+    instances_.resize(2);
+    for (int i = 0; i < 2; ++i) ASSERT_NO_FATAL_FAILURE(StartInstance(i));
     WaitForLive(2);
+  }
+
+  // Starts instance server `i` ("in-process-i", preferring id i) into instances_[i], replacing
+  // whatever was there (a new process in a dead one's place).
+  void StartInstance(int i) {
+    auto s = InstanceServer::Create(model_.get(), {.name = "in-process-" + std::to_string(i),
+                                                   .preferred_id = i,
+                                                   .coordinator_port = coordinator_->grpc_port(),
+                                                   .slots = 256,
+                                                   .cluster_secret = secret_});
+    ASSERT_TRUE(s.ok()) << s.status();
+    instances_[static_cast<size_t>(i)] = std::move(*s);
   }
 
   void StartCoordinator() {

@@ -5,7 +5,6 @@
 // through the coordinator's Lake service as a GPU instance's engine plans them.
 #include <memory>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "absl/strings/numbers.h"
@@ -14,7 +13,6 @@
 #include "gtest/gtest.h"
 #include "tokenlake/lake/control_plane.h"
 #include "tokenlake/service/cluster_inprocess_fixture.h"
-#include "tokenlake/service/instance_server.h"
 #include "tokenlake/service/lake_rpc.h"
 
 namespace tokenlake::service {
@@ -69,13 +67,7 @@ TEST_F(InProcessClusterTest, TailsOfADeadInstanceGoBackWhenAnotherProcessTakesIt
   instances_[static_cast<size_t>(dead)]->Shutdown();
   WaitForLive(1);
   EXPECT_EQ(Sample(coordinator_->MetricsText(), tails), 6);
-  auto again = InstanceServer::Create(model_.get(), {.name = "in-process-" + std::to_string(dead),
-                                                     .preferred_id = dead,
-                                                     .coordinator_port = coordinator_->grpc_port(),
-                                                     .slots = 256,
-                                                     .cluster_secret = secret_});
-  ASSERT_TRUE(again.ok()) << again.status();
-  instances_[static_cast<size_t>(dead)] = std::move(*again);
+  ASSERT_NO_FATAL_FAILURE(StartInstance(dead));
   WaitForLive(2);
   const absl::Time deadline = absl::Now() + absl::Seconds(10);
   while (Sample(coordinator_->MetricsText(), tails) != survivors && absl::Now() < deadline) {

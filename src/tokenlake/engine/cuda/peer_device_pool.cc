@@ -170,8 +170,8 @@ absl::Status PeerDevicePool::TakePeerTail(InstanceId owner, int32_t slot) {
   auto it = peer_tails_.find(slot);
   if (it == peer_tails_.end() || it->second != owner) {
     return absl::FailedPreconditionError(absl::StrFormat(
-        "tail slot %d of instance %d is not instance %d's (given back when its process was "
-        "declared gone, or never its)",
+        "tail slot %d of instance %d is not instance %d's (given back when another process "
+        "took its place, or never its)",
         slot, options_.self.value(), owner.value()));
   }
   peer_tails_.erase(it);
