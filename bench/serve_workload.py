@@ -63,6 +63,8 @@ def main():
     ap.add_argument("--memory-fraction", type=float, help="each instance's share (default 0.9/N)")
     ap.add_argument("--max-batch-tokens", type=int,
                     help="per instance (default: the bench's engine.max_batch_tokens)")
+    ap.add_argument("--segment-tokens", type=int,
+                    help="tokens per segment (default: the bench's engine.segment_tokens)")
     ap.add_argument("--json", required=True, help="where the report goes")
     ap.add_argument("--work-dir", help="model folder and logs (default: a temporary folder)")
     args = ap.parse_args()
@@ -96,13 +98,17 @@ def main():
         json.dump(config, f)
     fraction = args.memory_fraction or 0.9 / args.instances
     batch_tokens = args.max_batch_tokens or bench.get("engine", {}).get("max_batch_tokens", 2048)
+    # The bench's segment size: the GPU kernels and the plans are the bench's only at its size
+    # (serve's default, 16 tokens, is 16x the segments to locate, plan and attend).
+    segment_tokens = args.segment_tokens or bench.get("engine", {}).get("segment_tokens", 16)
     port_file = os.path.join(work, "serve.port")
     if os.path.exists(port_file):
         os.unlink(port_file)
     serve_log = open(os.path.join(work, "serve.log"), "w")
     cmd = [args.bin, "serve", "--model", model_dir, "--device", "gpu", "--load-format", "dummy",
            "--instances", str(args.instances), "--memory-fraction", f"{fraction:.4f}",
-           "--max-batch-tokens", str(batch_tokens), "--request-timeout-ms", "600000",
+           "--max-batch-tokens", str(batch_tokens), "--segment-tokens", str(segment_tokens),
+           "--request-timeout-ms", "600000",
            "--log-dir", work, "--port-file", port_file]
     print("$ " + " ".join(cmd), flush=True)
     # Every request arrives at once: the last ones wait for the others' prefill, longer than
@@ -168,7 +174,7 @@ def main():
                    "seconds_per_layer": s / layers}
     report = {
         "workload": w["name"], "instances": args.instances, "memory_fraction": fraction,
-        "max_batch_tokens": batch_tokens, "requests": len(prompts),
+        "max_batch_tokens": batch_tokens, "segment_tokens": segment_tokens, "requests": len(prompts),
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "seconds": wall,
         "new_tokens_per_s": new_tokens / wall, "pool_hit_rate": cached / prompt_tokens,
         "request_seconds_median": sorted(r[0] for r in results)[len(results) // 2],

@@ -290,7 +290,9 @@ void SetUpCoordinator(CLI::App& app, int* exit_code) {
                   "Model id that GET /v1/models lists (default: the checkpoint folder's name)");
   cmd->add_option("--namespace", f->namespace_name, "Segment-id namespace (same on instances)")
       ->capture_default_str();
-  cmd->add_option("--segment-tokens", f->segment_tokens, "Tokens per segment (same on instances)")
+  cmd->add_option("--segment-tokens", f->segment_tokens,
+                  "Tokens per segment, the same on every instance (GPU instances: 256, as "
+                  "serve --device gpu uses)")
       ->capture_default_str();
   cmd->add_option("--instances", f->instances,
                   "Instances of the lake (ids 0..N-1; run that many `tokenlake instance`)")

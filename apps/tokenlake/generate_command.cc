@@ -39,6 +39,7 @@
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/instance_pool.h"
 #include "tokenlake/engine/llama_model.h"
+#include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/engine/prompts.h"
 #include "tokenlake/lake/lake.h"
 
@@ -67,7 +68,7 @@ struct GenerateFlags {
   int instances = 1;
   bool no_pool = false;
   int max_new_tokens = 8;
-  int segment_tokens = 16;
+  int segment_tokens = 0;  // not given: by --device (engine::kDefault*SegmentTokens)
   int slots_per_instance = 1024;
   std::string kv_dtype = "auto";
   bool rotate = false;
@@ -348,9 +349,13 @@ int RunGpu(const GenerateFlags& f) {
 }
 #endif  // TOKENLAKE_HAVE_CUDA
 
-int RunGenerate(const GenerateFlags& f) {
+int RunGenerate(GenerateFlags f) {
   // The values themselves were checked by CLI11 (SetUpGenerate); here only what involves the
   // build or several flags.
+  if (f.segment_tokens == 0) {
+    f.segment_tokens =
+        f.device == "gpu" ? engine::kDefaultGpuSegmentTokens : engine::kDefaultCpuSegmentTokens;
+  }
   if (f.no_pool && (f.temperature != 0.0f || !f.stop_tokens.empty())) {
     return UsageError("--temperature and --stop-token need the pool (not --no-pool)");
   }
@@ -408,8 +413,8 @@ void SetUpGenerate(CLI::App& app, int* exit_code) {
   cmd->add_option("--max-new-tokens", flags->max_new_tokens, "Tokens to generate per prompt")
       ->capture_default_str()
       ->check(IntAtLeast(1));
-  cmd->add_option("--segment-tokens", flags->segment_tokens, "Tokens per segment (S)")
-      ->capture_default_str()
+  cmd->add_option("--segment-tokens", flags->segment_tokens,
+                  "Tokens per segment (S; default 16, 256 with --device gpu)")
       ->check(IntAtLeast(1));
   cmd->add_option("--slots-per-instance", flags->slots_per_instance, "Segment slots per instance")
       ->capture_default_str()

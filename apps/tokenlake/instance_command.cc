@@ -335,7 +335,9 @@ void SetUpInstance(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--namespace", f->namespace_name, "Segment-id namespace (as the coordinator)")
       ->capture_default_str();
-  cmd->add_option("--segment-tokens", f->segment_tokens, "Tokens per segment (as the coordinator)")
+  cmd->add_option("--segment-tokens", f->segment_tokens,
+                  "Tokens per segment, as the coordinator's (GPU instances: 256 runs the GPU "
+                  "kernels and messages at their size, as serve --device gpu does)")
       ->capture_default_str();
   CLI::Option* slots =
       cmd->add_option("--slots", f->slots, "Segment slots of this instance")->capture_default_str();

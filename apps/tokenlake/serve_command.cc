@@ -37,6 +37,7 @@
 #include "flag_checks.h"
 #include "routing_flags.h"
 #include "tokenlake/engine/llama_config.h"
+#include "tokenlake/engine/pool_shape.h"
 #include "tokenlake/sched/cost_model.h"
 #include "tokenlake/service/local_cluster.h"
 #if defined(TOKENLAKE_HAVE_GPU_INSTANCE)
@@ -51,7 +52,7 @@ struct ServeFlags {
   std::string model;
   int instances = 2;
   int port = 0;
-  int segment_tokens = 16;
+  int segment_tokens = 0;  // not given: by --device (engine::kDefault*SegmentTokens)
   int slots = 1024;
   int heartbeat_ms = 200;
   int dead_after_ms = 1000;
@@ -129,7 +130,11 @@ class StatusLine {
   absl::Time last_time_ = absl::InfinitePast();
 };
 
-int RunServe(const ServeFlags& f) {
+int RunServe(ServeFlags f) {
+  if (f.segment_tokens == 0) {
+    f.segment_tokens =
+        f.device == "gpu" ? engine::kDefaultGpuSegmentTokens : engine::kDefaultCpuSegmentTokens;
+  }
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
@@ -312,8 +317,9 @@ void SetUpServe(CLI::App& app, int* exit_code) {
   cmd->add_option("--port", f->port, "HTTP port on 127.0.0.1 (0 = any, printed)")
       ->capture_default_str()
       ->check(IntIn(0, 65535));
-  cmd->add_option("--segment-tokens", f->segment_tokens, "Tokens per segment")
-      ->capture_default_str();
+  cmd->add_option("--segment-tokens", f->segment_tokens,
+                  "Tokens per segment (default 16; 256 with --device gpu)")
+      ->check(IntIn(1, 1 << 20));
   CLI::Option* slots =
       cmd->add_option("--slots", f->slots, "Segment slots per instance")->capture_default_str();
   cmd->add_option("--heartbeat-ms", f->heartbeat_ms, "Instance heartbeat period")

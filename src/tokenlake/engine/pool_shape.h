@@ -24,6 +24,13 @@ plan::ModelShape PoolModelShape(const LlamaConfig& config, attention::KvDtype kv
 attention::KvSlotLayout PoolSlotLayout(const LlamaConfig& config, int32_t segment_tokens,
                                        attention::KvDtype kv_dtype);
 
+// Tokens per segment where the user names none: 16 on the CPU (the reuse granularity of a host
+// pool); 256 on a GPU, where a segment is a unit of the attention kernels' key loop, of the
+// plans' segment lists and of the data plane's locate and store messages, and 16-token
+// segments make a batched workload about 2.5x slower (docs/results-engine.md).
+inline constexpr int32_t kDefaultCpuSegmentTokens = 16;
+inline constexpr int32_t kDefaultGpuSegmentTokens = 256;
+
 // The size of a pool: instances, tokens per segment, slots per instance.
 struct PoolSize {
   int32_t num_instances = 1;

@@ -41,6 +41,7 @@
 #include "nlohmann/json.hpp"
 #include "tokenlake/engine/cuda/small_batch_gemm.h"
 #include "tokenlake/engine/llama_config.h"
+#include "tokenlake/engine/pool_shape.h"
 
 namespace tokenlake::engine::cuda {
 
@@ -85,7 +86,7 @@ struct EngineBenchOptions {
        .prompt_max = 2048,
        .max_new_tokens = 64}};
   // Engine settings.
-  int32_t segment_tokens = 256;
+  int32_t segment_tokens = kDefaultGpuSegmentTokens;
   int64_t max_batch_tokens = 8192;
   int32_t max_batch_requests = 256;
   // Forwards of at most this many rows run their dense layers on SmallBatchGemm
