@@ -174,14 +174,17 @@ class Runner {
     if (!o_.max_rate) return run;
     sim_options.progress = nullptr;
     double lo = 0, hi = 0;
+    std::optional<Summary> at_lo;  // the run at lo, while lo > 0
     if (meets(base->first)) {
       lo = base_scale;
+      at_lo = base->first;
       hi = base_scale * 2;
       for (int i = 0; i < 12; ++i) {
         auto r = run_at(hi);
         if (!r.ok()) return r.status();
         if (!meets(r->first)) break;
         lo = hi;
+        at_lo = r->first;
         hi *= 2;
       }
     } else {
@@ -191,7 +194,10 @@ class Runner {
       for (int i = 0; i < 12; ++i) {
         auto r = run_at(lo);
         if (!r.ok()) return r.status();
-        if (meets(r->first)) break;
+        if (meets(r->first)) {
+          at_lo = r->first;
+          break;
+        }
         // Halving the rate no longer helps: requests miss the SLO on their own, at any rate.
         // (Lower rates would only lengthen the simulated time, and the run.)
         if (HalvingNoLongerHelps(prev, r->first, per_token) || i == 11) {
@@ -207,10 +213,19 @@ class Runner {
       const double mid = (lo + hi) / 2;
       auto r = run_at(mid);
       if (!r.ok()) return r.status();
-      (meets(r->first) ? lo : hi) = mid;
+      if (meets(r->first)) {
+        lo = mid;
+        at_lo = r->first;
+      } else {
+        hi = mid;
+      }
     }
     summary.max_rate_rps = lo * native_rps;
     if (per_token) summary.goodput_rps = lo * native_rps;
+    if (lo > 0 && at_lo) {
+      summary.cv_cache_access_at_max_rate = at_lo->cv_cache_access;
+      summary.hit_rate_at_max_rate = at_lo->hit_rate;
+    }
     return run;
   }
 

@@ -190,6 +190,10 @@ nlohmann::json ToJson(const Summary& s) {
   j["kv_capacity_bytes_total"] = s.kv_capacity_bytes_total;
   j["cv_cache_access"] = num(s.cv_cache_access);
   if (s.goodput_rps) j["goodput_rps"] = num(*s.goodput_rps);
+  if (s.cv_cache_access_at_max_rate) {
+    j["cv_cache_access_at_max_rate"] = num(*s.cv_cache_access_at_max_rate);
+  }
+  if (s.hit_rate_at_max_rate) j["hit_rate_at_max_rate"] = num(*s.hit_rate_at_max_rate);
   j["slo_attainment"] = num(s.slo_attainment);
   if (!s.pd_split.empty()) {
     j["pd_split"] = s.pd_split;

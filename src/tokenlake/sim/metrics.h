@@ -96,6 +96,11 @@ struct Summary {
   double slo_attainment = 0;
   // Per-token SLO mode with --max-rate: the P90 goodput.
   std::optional<double> goodput_rps;
+  // --max-rate, when some rate met the SLO: the run at max_rate_rps's cv_cache_access and
+  // hit_rate (the fields above are the offered rate's; past the max rate queues, not
+  // placement, decide where the cache is read).
+  std::optional<double> cv_cache_access_at_max_rate;
+  std::optional<double> hit_rate_at_max_rate;
   // PD rows: the split ("7P:9D"), and whether it is its policy's best (RunExperiment).
   std::string pd_split;
   bool best_pd_split = false;

@@ -184,6 +184,12 @@ TEST(PerTokenSloTest, MaxRateFindsTheP90GoodputAndItHolds) {
       const double met = (*check)[0].summary.slo_attainment;
       if (factor == 1.0) {
         EXPECT_GE(met, 0.9) << run.summary.policy;
+        // The search reports that run's hit rate and CV of cache access.
+        ASSERT_TRUE(run.summary.cv_cache_access_at_max_rate.has_value());
+        ASSERT_TRUE(run.summary.hit_rate_at_max_rate.has_value());
+        EXPECT_NEAR(*run.summary.cv_cache_access_at_max_rate,
+                    (*check)[0].summary.cv_cache_access, 1e-9);
+        EXPECT_NEAR(*run.summary.hit_rate_at_max_rate, (*check)[0].summary.hit_rate, 1e-9);
       } else {
         EXPECT_LT(met, 0.9) << run.summary.policy;
       }
@@ -196,6 +202,7 @@ TEST(PerTokenSloTest, MaxRateFindsTheP90GoodputAndItHolds) {
   auto absolute = RunExperiment(w, cost, o);
   ASSERT_TRUE(absolute.ok());
   EXPECT_FALSE((*absolute)[0].summary.goodput_rps.has_value());
+  EXPECT_TRUE((*absolute)[0].summary.cv_cache_access_at_max_rate.has_value());
 }
 
 }  // namespace

@@ -6,11 +6,22 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <optional>
+#include <string>
 
 #include "absl/strings/str_format.h"
 #include "tokenlake/sim/svg.h"
 
 namespace tokenlake::sim {
+
+namespace {
+
+// A value measured at the max rate, or "-" when no rate met the SLO.
+std::string AtMaxRate(const absl::FormatSpec<double>& format, std::optional<double> v) {
+  return v ? absl::StrFormat(format, *v) : "-";
+}
+
+}  // namespace
 
 std::string FormatTable(const std::vector<PolicyRun>& runs) {
   bool with_max = false, with_best = false;
@@ -23,17 +34,25 @@ std::string FormatTable(const std::vector<PolicyRun>& runs) {
   const int w = static_cast<int>(width);
   std::string out = absl::StrFormat(
       "%-*s %9s %9s %s%7s %9s %9s %9s %9s %10s %6s %6s %6s %8s %10s\n", w, "policy", "offered",
-      "thru_rps", with_max ? " max_rps " : "", "hit", "ttft_p50", "ttft_p90", "tpot_p50",
-      "tpot_p90", "moved_GB", "redund", "imbal", "cv_acc", "rejected", "makespan_s");
+      "thru_rps", with_max ? " max_rps hit@max cv@max " : "", "hit", "ttft_p50", "ttft_p90",
+      "tpot_p50", "tpot_p90", "moved_GB", "redund", "imbal", "cv_acc", "rejected", "makespan_s");
   for (const PolicyRun& r : runs) {
     const Summary& s = r.summary;
     out += absl::StrFormat(
         "%-*s %9.3f %9.3f %s%7.3f %9.3f %9.3f %9.4f %9.4f %10.1f %6.2f %6.2f %6.2f %8d %10.3f\n", w,
         s.policy + (s.best_pd_split ? " *" : ""), s.offered_rps, s.throughput_rps,
-        with_max ? absl::StrFormat("%8.3f ", s.max_rate_rps.value_or(0)) : "", s.hit_rate,
-        s.ttft_p50_s, s.ttft_p90_s, s.tpot_p50_s, s.tpot_p90_s,
+        with_max ? absl::StrFormat("%8.3f %7s %6s ", s.max_rate_rps.value_or(0),
+                                   AtMaxRate("%7.3f", s.hit_rate_at_max_rate),
+                                   AtMaxRate("%6.2f", s.cv_cache_access_at_max_rate))
+                 : "",
+        s.hit_rate, s.ttft_p50_s, s.ttft_p90_s, s.tpot_p50_s, s.tpot_p90_s,
         static_cast<double>(s.bytes_moved) / 1e9, s.redundancy, s.load_imbalance, s.cv_cache_access,
         s.rejected, s.makespan_s);
+  }
+  if (with_max) {
+    out +=
+        "hit@max, cv@max: hit rate and CV of cache access in the run at the max rate (the "
+        "other columns: the offered rate's run)\n";
   }
   if (with_best) {
     out += with_max ? "* the best prefill:decode split of its policy: highest max rate\n"
