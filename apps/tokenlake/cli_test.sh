@@ -115,6 +115,13 @@ expect "sim tokenlake refuses more KV blocks than the pool counts, naming the se
   "$bin" sim --workload chat --requests 20 --cache-tokens 100000000000000 --policies tokenlake
 expect "sim refuses --cache-tokens beyond 64-bit bytes" 2 "more KV bytes than 64 bits" -- \
   "$bin" sim --workload chat --requests 20 --cache-tokens 2000000000000000000
+expect "sim refuses an unknown question order, listing the valid ones" 2 \
+  "question order 'random'.*shuffled or by-document" -- \
+  "$bin" sim --workload loogle --requests 12 --question-order random
+expect "sim refuses --question-order for another workload" 2 "loogle only" -- \
+  "$bin" sim --workload chat --requests 12 --question-order by-document
+expect "sim runs LooGLE with each document's questions together" 0 "loogle: 12 requests" -- \
+  "$bin" sim --preset paper --requests 12 --question-order by-document --policies tokenlake
 expect "sim --preset paper runs the paper's setup" 0 \
   "loogle: 12 requests.*4 x A100-SXM4-80GB.*\(TP 2\), lwm-7b; SLO per token" -- \
   "$bin" sim --preset paper --requests 12 --cache-tokens 400000 --json "$tmp/paper.json"

@@ -81,6 +81,7 @@ struct SimFlags {
   std::string slo = "p90";
   double slo_factor = 10;
   int64_t system_prompt_tokens = 6000;
+  std::string question_order = "shuffled";
   bool verbose = false;
 };
 
@@ -205,6 +206,9 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   if (!f.trace.empty() && !f.workload.empty()) {
     return Usage("--trace and --workload are exclusive");
   }
+  if (!f.trace.empty() && given.count("--question-order") > 0) {
+    return Usage("--question-order applies to --workload loogle only, not to a --trace");
+  }
   if (!f.trace.empty()) {
     auto w = sim::ReadMooncakeTrace(f.trace);
     if (!w.ok()) {
@@ -224,6 +228,12 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
     g.num_requests = requests;
     g.seed = static_cast<uint64_t>(seed);
     g.system_prompt_tokens = system_prompt_tokens;
+    auto order = sim::ParseQuestionOrder(f.question_order);
+    if (!order.ok()) return Usage(std::string(order.status().message()));
+    if (given.count("--question-order") > 0 && g.kind != sim::WorkloadKind::kLoogle) {
+      return Usage("--question-order applies to --workload loogle only");
+    }
+    g.question_order = *order;
     auto w = sim::GenerateWorkload(g);
     if (!w.ok()) return Usage(std::string(w.status().message()));
     workload = *std::move(w);
@@ -283,6 +293,7 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   config["cache_tokens"] =
       cache_tokens > 0 ? nlohmann::json(cache_tokens) : nlohmann::json(nullptr);
   if (f.trace.empty()) config["system_prompt_tokens"] = system_prompt_tokens;
+  if (f.trace.empty() && f.workload == "loogle") config["question_order"] = f.question_order;
   config["token_budget"] = eo.sim.token_budget;
   config["max_running"] = eo.sim.max_running;
   config["slo_ttft_s"] = eo.sim.slo_ttft_s;
@@ -380,6 +391,9 @@ void SetUpSim(CLI::App& app, int* exit_code) {
                   "loogle, scbench, sharegpt: tokens of the system prompt on every request "
                   "(default 6000)")
       ->check(IntIn(1, int64_t{1} << 24));
+  cmd->add_option("--question-order", flags->question_order,
+                  "loogle: shuffled (every question in a random order, the default) or "
+                  "by-document (each document's questions one after another)");
   cmd->add_option("--requests", flags->requests,
                   "requests of a built-in workload (default 2000); with --trace, keep its first N")
       ->check(IntIn(1, 10'000'000));

@@ -17,6 +17,13 @@ for c in 200000 400000 800000; do
   timed $D/loogle_$c.txt $B sim --preset paper --workload loogle --requests 6448 --max-rate \
     --cache-tokens $c --policies $P
 done
+# The same with each document's questions one after another (--question-order by-document).
+timed $D/loogle_by_document.txt $B sim --preset paper --workload loogle --requests 6448 --max-rate \
+  --question-order by-document --policies $P
+for c in 200000 400000 800000; do
+  timed $D/loogle_by_document_$c.txt $B sim --preset paper --workload loogle --requests 6448 \
+    --max-rate --question-order by-document --cache-tokens $c --policies $P
+done
 timed $D/sharegpt.txt $B sim --preset paper --workload sharegpt --requests 10000 --max-rate --policies $P
 timed $D/scbench.txt $B sim --preset paper --workload scbench --requests 400 --max-rate --policies $P
 # The three real traces under the paper preset and under the default 16 x H100 cluster, both

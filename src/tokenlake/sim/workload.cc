@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <numeric>
 #include <sstream>
 
 #include "absl/status/status.h"
@@ -112,6 +113,13 @@ absl::StatusOr<Workload> ReadMooncakeTrace(const std::string& path) {
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(absl::StrFormat("cannot open trace file '%s'", path));
   return ParseMooncakeTrace(in, path);
+}
+
+absl::StatusOr<QuestionOrder> ParseQuestionOrder(std::string_view name) {
+  if (name == "shuffled") return QuestionOrder::kShuffled;
+  if (name == "by-document") return QuestionOrder::kByDocument;
+  return absl::InvalidArgumentError(
+      absl::StrFormat("unknown question order '%s' (expected shuffled or by-document)", name));
 }
 
 absl::StatusOr<WorkloadKind> ParseWorkloadKind(std::string_view name) {
@@ -259,19 +267,31 @@ void GeneratePaperWorkload(const GeneratorOptions& o, Rng& rng, uint64_t& next_c
     }
     // One entry per question: arXiv papers one each, the other documents share
     // kOtherQuestions as evenly as possible (22 or 23 each).
+    auto questions_of = [&](int64_t d) -> size_t {
+      const int64_t k = d - kArxiv;
+      return d < kArxiv ? 1 : kOtherQuestions / kOther + (k < kOtherQuestions % kOther ? 1 : 0);
+    };
     std::vector<int64_t> questions;
     for (int64_t d = 0; d < kArxiv + kOther; ++d) {
-      const int64_t k = d - kArxiv;
-      const int64_t n =
-          d < kArxiv ? 1 : kOtherQuestions / kOther + (k < kOtherQuestions % kOther ? 1 : 0);
-      for (int64_t q = 0; q < n; ++q) questions.push_back(d);
+      questions.insert(questions.end(), questions_of(d), d);
     }
+    auto shuffle = [&rng](std::vector<int64_t>& v) {
+      for (size_t i = v.size() - 1; i > 0; --i) {
+        std::swap(v[i], v[static_cast<size_t>(rng.UniformInt(0, static_cast<int64_t>(i)))]);
+      }
+    };
+    std::vector<int64_t> order(docs.size());  // kByDocument: the documents' order in a pass
+    std::iota(order.begin(), order.end(), int64_t{0});
     double t = 0;
     while (static_cast<int64_t>(out.size()) < o.num_requests) {
-      // Each pass: every question once, in a seeded random order.
-      for (size_t i = questions.size() - 1; i > 0; --i) {
-        std::swap(questions[i],
-                  questions[static_cast<size_t>(rng.UniformInt(0, static_cast<int64_t>(i)))]);
+      // Each pass: every question once, in a seeded random order (of questions, or of
+      // documents with each one's questions together).
+      if (o.question_order == QuestionOrder::kShuffled) {
+        shuffle(questions);
+      } else {
+        shuffle(order);
+        questions.clear();
+        for (int64_t d : order) questions.insert(questions.end(), questions_of(d), d);
       }
       for (size_t i = 0; i < questions.size() && static_cast<int64_t>(out.size()) < o.num_requests;
            ++i) {

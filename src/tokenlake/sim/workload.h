@@ -72,8 +72,10 @@ enum class WorkloadKind {
   // 150-350-token answer) and 260 Wikipedia/script documents with 5,932 questions (22 or 23
   // each; question 16-64 tokens, answer 16-128). The questions arrive in a seeded random order
   // (a document is asked about in proportion to its questions), as serving benchmarks sample a
-  // dataset, with Poisson arrivals at rate_rps. More requests than 6,448: further passes, each
-  // in a new order.
+  // dataset, or with QuestionOrder::kByDocument each document's questions one after another
+  // (the documents in a seeded random order), as a client walking the dataset document by
+  // document sends them; Poisson arrivals at rate_rps. More requests than 6,448: further
+  // passes, each in a new order.
   kLoogle,
   // SCBench: sessions over one long shared context each (lognormal, mean 222,280 tokens so that
   // requests average 227K with their history, sigma 0.3, clamped to [32K, 768K]); 1 + Poisson(4.2)
@@ -93,6 +95,11 @@ enum class WorkloadKind {
   kShareGpt,
 };
 
+// kLoogle: the order of the questions (see kLoogle).
+enum class QuestionOrder { kShuffled, kByDocument };
+// Parses "shuffled" / "by-document". InvalidArgument listing both otherwise.
+absl::StatusOr<QuestionOrder> ParseQuestionOrder(std::string_view name);
+
 struct GeneratorOptions {
   // Which shape to generate.
   WorkloadKind kind = WorkloadKind::kChat;
@@ -105,6 +112,8 @@ struct GeneratorOptions {
   // kLoogle, kScbench, kShareGpt: tokens of the system prompt that leads every prompt (> 0).
   // 6,000: the middle of the 4-9K tokens the paper gives for OpenAI o3's system prompt.
   int64_t system_prompt_tokens = 6000;
+  // kLoogle: the order of the questions.
+  QuestionOrder question_order = QuestionOrder::kShuffled;
 };
 
 // Generates a workload. Deterministic for the same options. InvalidArgument on bad options.

@@ -282,6 +282,36 @@ TEST(PaperWorkloadTest, LoogleHasTheDatasetsCountsLengthsAndSharing) {
   }
 }
 
+TEST(PaperWorkloadTest, LoogleByDocumentAsksEachDocumentsQuestionsTogether) {
+  GeneratorOptions o;
+  o.kind = WorkloadKind::kLoogle;
+  o.num_requests = 2 * 6448;  // two passes
+  o.question_order = QuestionOrder::kByDocument;
+  auto w = GenerateWorkload(o);
+  ASSERT_TRUE(w.ok()) << w.status();
+  // Per pass: each document's questions form one run, and every document has one run.
+  for (size_t pass = 0; pass < 2; ++pass) {
+    SCOPED_TRACE(testing::Message() << "pass " << pass);
+    std::map<uint64_t, int64_t> runs, questions;
+    for (size_t i = pass * 6448; i < (pass + 1) * 6448; ++i) {
+      const uint64_t doc = w->requests[i].block_ids[kSystemBlocks];
+      ++questions[doc];
+      if (i == pass * 6448 || w->requests[i - 1].block_ids[kSystemBlocks] != doc) ++runs[doc];
+    }
+    EXPECT_EQ(runs.size(), 776u);
+    for (const auto& [doc, n] : runs) EXPECT_EQ(n, 1) << "document block " << doc;
+    int64_t many = 0;
+    for (const auto& [doc, n] : questions) many += n > 1;
+    EXPECT_EQ(many, 260);
+  }
+  // The two passes visit the documents in different orders.
+  EXPECT_NE(w->requests[0].block_ids[kSystemBlocks], w->requests[6448].block_ids[kSystemBlocks]);
+  EXPECT_EQ(*ParseQuestionOrder("by-document"), QuestionOrder::kByDocument);
+  EXPECT_EQ(*ParseQuestionOrder("shuffled"), QuestionOrder::kShuffled);
+  EXPECT_THAT(std::string(ParseQuestionOrder("random").status().message()),
+              HasSubstr("by-document"));
+}
+
 TEST(PaperWorkloadTest, ScbenchSessionsGrowTurnByTurnOverALongContext) {
   const Workload w = Paper(WorkloadKind::kScbench, 4841);
   ASSERT_EQ(w.requests.size(), 4841u);
