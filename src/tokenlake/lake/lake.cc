@@ -475,6 +475,19 @@ bool Lake::EvictOneLocked(absl::Span<const balance::InstanceState> states,
   return true;
 }
 
+std::optional<SegmentId> Lake::DisplaceableLeafOnLocked(InstanceId instance) const {
+  if (options_.local_eviction_min_age_ratio > 1) return std::nullopt;
+  const std::optional<SegmentId> local = tree_->LruLastCopyLeafOn(instance);
+  const std::optional<SegmentId> global = tree_->LruEvictableLeaf();
+  if (!local.has_value() || !global.has_value()) return std::nullopt;
+  if (*local == *global) return local;
+  const int64_t now = clock_->NowUs();
+  const double local_age = static_cast<double>(now - tree_->Find(*local)->last_access_us);
+  const double global_age = static_cast<double>(now - tree_->Find(*global)->last_access_us);
+  if (local_age < options_.local_eviction_min_age_ratio * global_age) return std::nullopt;
+  return local;
+}
+
 bool Lake::EvictOnProducerLocked(InstanceId producer,
                                  absl::Span<const balance::InstanceState> states,
                                  std::vector<StoredReplica>* evicted) {
@@ -493,15 +506,8 @@ bool Lake::EvictOnProducerLocked(InstanceId producer,
     }
   }
   // 2. The producer's LRU last-copy leaf, unless it is much more recent than the global one.
-  const std::optional<SegmentId> local = tree_->LruLastCopyLeafOn(producer);
-  const std::optional<SegmentId> global = tree_->LruEvictableLeaf();
-  if (!local.has_value() || !global.has_value()) return false;
-  const int64_t now = clock_->NowUs();
-  const double local_age = static_cast<double>(now - tree_->Find(*local)->last_access_us);
-  const double global_age = static_cast<double>(now - tree_->Find(*global)->last_access_us);
-  if (*local != *global && local_age < options_.local_eviction_min_age_ratio * global_age) {
-    return false;
-  }
+  const std::optional<SegmentId> local = DisplaceableLeafOnLocked(producer);
+  if (!local.has_value()) return false;
   absl::StatusOr<index::EvictResult> r = tree_->Evict(*local);
   TOKENLAKE_CHECK_OK(r.status());
   OnReplicasFreedLocked(*local, r->node_erased, r->freed_on, evicted);

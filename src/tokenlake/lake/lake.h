@@ -333,6 +333,8 @@ struct LakeStats {
   int64_t admissions_deferred = 0;
   // Placements stored on their producer by evicting there (eviction step 2).
   int64_t local_evictions = 0;
+  // Cold leaves Rebalance evicted to make way for a replica or a move (see Rebalance).
+  int64_t rebalance_displaced = 0;
   // Pending copies (CommitPending): placed and not yet confirmed now (a gauge); confirmed so
   // far; dropped unconfirmed at their request's release; and placements that found their
   // segment pending for another request (CommitResult::pending_elsewhere).
@@ -466,7 +468,12 @@ class Lake {
 
   // ---- Maintenance ----
 
-  // Rebalances (balance/balancer.h) and applies the actions.
+  // Rebalances (balance/balancer.h) and applies the actions. A full instance whose least
+  // recently used last-copy leaf is cold (as old as local_eviction_min_age_ratio x the pool's
+  // LRU leaf) offers the balancer one slot: a replica or move that lands there first evicts
+  // that leaf, listed as a kDrop action before it. Without it a pool that caching keeps full
+  // could never replicate a heavy hitter, nor spread a hot shared prefix that running requests
+  // pin.
   absl::StatusOr<RebalanceResult> Rebalance();
 
   // The instance is lost: its replicas disappear (segments whose only copy it held are erased
@@ -663,6 +670,11 @@ class Lake {
   // `states` is InstanceStatesLocked() now.
   bool EvictOnProducerLocked(InstanceId producer, absl::Span<const balance::InstanceState> states,
                              std::vector<StoredReplica>* evicted)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The leaf a rebalancing copy may displace on the full `instance` (see Rebalance): its LRU
+  // unpinned last-copy leaf when that is at least local_eviction_min_age_ratio x as old as the
+  // pool's LRU leaf; nullopt otherwise (also when local eviction is off: the ratio is > 1).
+  std::optional<SegmentId> DisplaceableLeafOnLocked(InstanceId instance) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int64_t CountPinnedReplicasLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Adds `load` to `segment`'s heavy-hitter counter and, split evenly, to the decayed load of

@@ -1,9 +1,11 @@
 // The load side of the Lake (lake.h): what each segment and instance serves (the heavy-hitter
 // tracker, fed by query and decode load), and Rebalance, which acts on it.
 #include <algorithm>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
 #include "tokenlake/base/check.h"
@@ -70,11 +72,18 @@ absl::StatusOr<RebalanceResult> Lake::Rebalance() {
   for (balance::SegmentState& st : ReplicatedStatesLocked()) {
     if (!seen.contains(st.segment)) segments.push_back(std::move(st));
   }
-  const std::vector<balance::BalanceAction> actions =
-      balancer_->Rebalance(segments, InstanceStatesLocked());
+  std::vector<balance::InstanceState> states = InstanceStatesLocked();
+  for (balance::InstanceState& st : states) {
+    if (st.used_slots >= st.capacity_slots && DisplaceableLeafOnLocked(st.id).has_value()) {
+      st.used_slots = st.capacity_slots - 1;  // one cold leaf may make way (see lake.h)
+    }
+  }
+  const std::vector<balance::BalanceAction> actions = balancer_->Rebalance(segments, states);
   RebalanceResult result;
   result.sequence = ++sequence_;
+  absl::flat_hash_set<SegmentId> displaced;
   for (const balance::BalanceAction& a : actions) {
+    if (displaced.contains(a.segment)) continue;  // a copy this call made way for went first
     const index::PrefixTree::Node* node = tree_->Find(a.segment);
     if (node == nullptr) {
       return absl::InternalError(
@@ -83,6 +92,16 @@ absl::StatusOr<RebalanceResult> Lake::Rebalance() {
     const bool pinned = node->is_pinned();
     if (pinned && a.kind == balance::ActionKind::kReplicate && AvailableSlotsLocked() <= 0) {
       continue;  // the free slot is promised to an admitted request's new segment
+    }
+    if (a.kind != balance::ActionKind::kDrop && stores_[a.to.value()]->free() <= 0) {
+      const std::optional<SegmentId> leaf = DisplaceableLeafOnLocked(a.to);
+      if (!leaf.has_value()) continue;
+      TOKENLAKE_ASSIGN_OR_RETURN(index::EvictResult e, tree_->Evict(*leaf));
+      OnReplicasFreedLocked(*leaf, e.node_erased, e.freed_on, nullptr);
+      displaced.insert(*leaf);
+      counters_.rebalance_displaced += 1;
+      result.actions.push_back({balance::ActionKind::kDrop, *leaf, a.to, InstanceId()});
+      node = tree_->Find(a.segment);  // (another node went)
     }
     const int64_t pinned_before = pinned ? static_cast<int64_t>(node->replicas.size()) : 0;
     const double load = tracker_->Load(a.segment);

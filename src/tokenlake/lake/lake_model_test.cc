@@ -112,6 +112,7 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
   int64_t deferred = 0;
   uint64_t next_request = 1;
   int64_t rebalance_actions = 0;
+  int64_t displaced = 0;  // last copies Rebalance evicted to make way
   // Pending copies (pending runs): segment -> (request, instance), and each request's in
   // placement order.
   std::map<uint64_t, std::pair<uint64_t, int32_t>> unconfirmed;
@@ -379,7 +380,8 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
       auto rb = lake.Rebalance();
       ASSERT_TRUE(rb.ok()) << rb.status();
       rebalance_actions += static_cast<int64_t>(rb->actions.size());
-      for (const balance::BalanceAction& a : rb->actions) {
+      for (size_t k = 0; k < rb->actions.size(); ++k) {
+        const balance::BalanceAction& a = rb->actions[k];
         ASSERT_FALSE(unconfirmed.count(a.segment.value()))
             << "step " << step << ": " << balance::ToString(a) << " moves a pending copy";
         auto& holders = model[a.segment.value()];
@@ -392,7 +394,27 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
           holders.erase(a.from.value());
           ASSERT_TRUE(holders.insert(a.to.value()).second) << balance::ToString(a);
         }
-        ASSERT_FALSE(holders.empty()) << "last replica dropped by " << balance::ToString(a);
+        if (!holders.empty()) continue;
+        // The last copy goes only to make way on a full instance (lake.h, Rebalance): an
+        // unpinned leaf, and the next action copies onto that instance.
+        const uint64_t seg = a.segment.value();
+        ASSERT_EQ(a.kind, balance::ActionKind::kDrop)
+            << "last replica lost by " << balance::ToString(a);
+        for (const auto& [req, pins] : active_pins) {
+          for (SegmentId pin : pins) {
+            ASSERT_NE(pin.value(), seg) << "step " << step << ": " << balance::ToString(a)
+                                        << " drops a segment pinned by request " << req;
+          }
+        }
+        for (const auto& [child, parent] : model_parent) {
+          ASSERT_FALSE(parent == seg && model.count(child))
+              << "step " << step << ": " << balance::ToString(a) << " drops a segment with a child";
+        }
+        ASSERT_LT(k + 1, rb->actions.size()) << balance::ToString(a) << " makes way for nothing";
+        ASSERT_NE(rb->actions[k + 1].kind, balance::ActionKind::kDrop);
+        ASSERT_EQ(rb->actions[k + 1].to, a.from) << balance::ToString(a);
+        model.erase(seg);
+        ++displaced;
       }
     } else {
       clock.AdvanceUs(rng.UniformInt(0, 100'000));
@@ -450,7 +472,8 @@ TEST_P(LakeModelTest, ReportedChangesMatchThePoolAndConservationHolds) {
             << " not_stored=" << s.not_stored_segments << " rebalance_actions=" << rebalance_actions
             << " hit_rate=" << s.hit_rate << " deferred=" << deferred << " confirmed=" << confirmed
             << " dropped_pending=" << s.dropped_pending_copies << " pending_elsewhere=" << elsewhere
-            << " planned_cached=" << planned_cached << "\n";
+            << " planned_cached=" << planned_cached << " displaced=" << displaced << "\n";
+  EXPECT_EQ(s.rebalance_displaced, displaced);
   EXPECT_EQ(s.reserved_slots, 0);
   EXPECT_EQ(s.pinned_replicas, 0);
   if (p.try_admit) {
