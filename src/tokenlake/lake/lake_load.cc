@@ -94,6 +94,8 @@ absl::StatusOr<RebalanceResult> Lake::Rebalance() {
       continue;  // the free slot is promised to an admitted request's new segment
     }
     if (a.kind != balance::ActionKind::kDrop && stores_[a.to.value()]->free() <= 0) {
+      // Only a replica makes way: a move would trade cached data for a shift of load.
+      if (a.kind == balance::ActionKind::kMove) continue;
       const std::optional<SegmentId> leaf = DisplaceableLeafOnLocked(a.to);
       if (!leaf.has_value()) continue;
       TOKENLAKE_ASSIGN_OR_RETURN(index::EvictResult e, tree_->Evict(*leaf));
