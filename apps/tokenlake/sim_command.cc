@@ -229,7 +229,7 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
     g.seed = static_cast<uint64_t>(seed);
     g.system_prompt_tokens = system_prompt_tokens;
     auto order = sim::ParseQuestionOrder(f.question_order);
-    if (!order.ok()) return Usage(std::string(order.status().message()));
+    if (!order.ok()) return Usage(std::string{order.status().message()});
     if (given.count("--question-order") > 0 && g.kind != sim::WorkloadKind::kLoogle) {
       return Usage("--question-order applies to --workload loogle only");
     }

@@ -482,8 +482,8 @@ std::optional<SegmentId> Lake::DisplaceableLeafOnLocked(InstanceId instance) con
   if (!local.has_value() || !global.has_value()) return std::nullopt;
   if (*local == *global) return local;
   const int64_t now = clock_->NowUs();
-  const double local_age = static_cast<double>(now - tree_->Find(*local)->last_access_us);
-  const double global_age = static_cast<double>(now - tree_->Find(*global)->last_access_us);
+  const auto local_age = static_cast<double>(now - tree_->Find(*local)->last_access_us);
+  const auto global_age = static_cast<double>(now - tree_->Find(*global)->last_access_us);
   if (local_age < options_.local_eviction_min_age_ratio * global_age) return std::nullopt;
   return local;
 }

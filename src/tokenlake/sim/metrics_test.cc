@@ -187,8 +187,8 @@ TEST(PerTokenSloTest, MaxRateFindsTheP90GoodputAndItHolds) {
         // The search reports that run's hit rate and CV of cache access.
         ASSERT_TRUE(run.summary.cv_cache_access_at_max_rate.has_value());
         ASSERT_TRUE(run.summary.hit_rate_at_max_rate.has_value());
-        EXPECT_NEAR(*run.summary.cv_cache_access_at_max_rate,
-                    (*check)[0].summary.cv_cache_access, 1e-9);
+        EXPECT_NEAR(*run.summary.cv_cache_access_at_max_rate, (*check)[0].summary.cv_cache_access,
+                    1e-9);
         EXPECT_NEAR(*run.summary.hit_rate_at_max_rate, (*check)[0].summary.hit_rate, 1e-9);
       } else {
         EXPECT_LT(met, 0.9) << run.summary.policy;

@@ -285,7 +285,7 @@ TEST(PaperWorkloadTest, LoogleHasTheDatasetsCountsLengthsAndSharing) {
 TEST(PaperWorkloadTest, LoogleByDocumentAsksEachDocumentsQuestionsTogether) {
   GeneratorOptions o;
   o.kind = WorkloadKind::kLoogle;
-  o.num_requests = 2 * 6448;  // two passes
+  o.num_requests = int64_t{2} * 6448;  // two passes
   o.question_order = QuestionOrder::kByDocument;
   auto w = GenerateWorkload(o);
   ASSERT_TRUE(w.ok()) << w.status();
