@@ -27,7 +27,8 @@ attention::KvSlotLayout PoolSlotLayout(const LlamaConfig& config, int32_t segmen
 // Tokens per segment where the user names none: 16 on the CPU (the reuse granularity of a host
 // pool); 256 on a GPU, where a segment is a unit of the attention kernels' key loop, of the
 // plans' segment lists and of the data plane's locate and store messages, and 16-token
-// segments make a batched workload about 2.5x slower (docs/results-engine.md).
+// segments make a batched workload about 2.5x slower (docs/results-engine.md). The price: a
+// shared prefix is reused in whole segments, so one shorter than 256 tokens is not.
 inline constexpr int32_t kDefaultCpuSegmentTokens = 16;
 inline constexpr int32_t kDefaultGpuSegmentTokens = 256;
 
