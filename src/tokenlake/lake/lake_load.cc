@@ -89,6 +89,12 @@ absl::StatusOr<RebalanceResult> Lake::Rebalance() {
       return absl::InternalError(
           absl::StrFormat("Rebalance: %s names a segment not stored", balance::ToString(a)));
     }
+    // The balancer planned each action on the state its earlier ones left; one skipped below
+    // (no room) leaves a copy where a later action does not expect it: skip that one too.
+    const auto holds = [&](InstanceId i) {
+      return std::find(node->replicas.begin(), node->replicas.end(), i) != node->replicas.end();
+    };
+    if (!holds(a.from) || (a.kind != balance::ActionKind::kDrop && holds(a.to))) continue;
     const bool pinned = node->is_pinned();
     if (pinned && a.kind == balance::ActionKind::kReplicate && AvailableSlotsLocked() <= 0) {
       continue;  // the free slot is promised to an admitted request's new segment
