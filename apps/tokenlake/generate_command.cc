@@ -68,7 +68,7 @@ struct GenerateFlags {
   int instances = 1;
   bool no_pool = false;
   int max_new_tokens = 8;
-  int segment_tokens = 0;  // not given: by --device (engine::kDefault*SegmentTokens)
+  int segment_tokens = 0;  // not given: engine::DefaultSegmentTokens for --device
   int slots_per_instance = 1024;
   std::string kv_dtype = "auto";
   bool rotate = false;
@@ -353,8 +353,7 @@ int RunGenerate(GenerateFlags f) {
   // The values themselves were checked by CLI11 (SetUpGenerate); here only what involves the
   // build or several flags.
   if (f.segment_tokens == 0) {
-    f.segment_tokens =
-        f.device == "gpu" ? engine::kDefaultGpuSegmentTokens : engine::kDefaultCpuSegmentTokens;
+    f.segment_tokens = engine::DefaultSegmentTokens(f.device == "gpu");
   }
   if (f.no_pool && (f.temperature != 0.0f || !f.stop_tokens.empty())) {
     return UsageError("--temperature and --stop-token need the pool (not --no-pool)");

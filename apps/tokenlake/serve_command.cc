@@ -52,7 +52,7 @@ struct ServeFlags {
   std::string model;
   int instances = 2;
   int port = 0;
-  int segment_tokens = 0;  // not given: by --device (engine::kDefault*SegmentTokens)
+  int segment_tokens = 0;  // not given: engine::DefaultSegmentTokens for --device
   int slots = 1024;
   int heartbeat_ms = 200;
   int dead_after_ms = 1000;
@@ -132,8 +132,7 @@ class StatusLine {
 
 int RunServe(ServeFlags f) {
   if (f.segment_tokens == 0) {
-    f.segment_tokens =
-        f.device == "gpu" ? engine::kDefaultGpuSegmentTokens : engine::kDefaultCpuSegmentTokens;
+    f.segment_tokens = engine::DefaultSegmentTokens(f.device == "gpu");
   }
   sigset_t signals;
   sigemptyset(&signals);

@@ -31,6 +31,10 @@ attention::KvSlotLayout PoolSlotLayout(const LlamaConfig& config, int32_t segmen
 // shared prefix is reused in whole segments, so one shorter than 256 tokens is not.
 inline constexpr int32_t kDefaultCpuSegmentTokens = 16;
 inline constexpr int32_t kDefaultGpuSegmentTokens = 256;
+// The default for a pool on a GPU (`gpu`) or on the CPU.
+inline constexpr int32_t DefaultSegmentTokens(bool gpu) {
+  return gpu ? kDefaultGpuSegmentTokens : kDefaultCpuSegmentTokens;
+}
 
 // The size of a pool: instances, tokens per segment, slots per instance.
 struct PoolSize {

@@ -333,7 +333,7 @@ struct LakeStats {
   int64_t admissions_deferred = 0;
   // Placements stored on their producer by evicting there (eviction step 2).
   int64_t local_evictions = 0;
-  // Cold leaves Rebalance evicted to make way for a replica or a move (see Rebalance).
+  // Cold leaves Rebalance evicted to make way for a replica (see Rebalance).
   int64_t rebalance_displaced = 0;
   // Pending copies (CommitPending): placed and not yet confirmed now (a gauge); confirmed so
   // far; dropped unconfirmed at their request's release; and placements that found their
@@ -470,10 +470,11 @@ class Lake {
 
   // Rebalances (balance/balancer.h) and applies the actions. A full instance whose least
   // recently used last-copy leaf is cold (as old as local_eviction_min_age_ratio x the pool's
-  // LRU leaf) offers the balancer one slot: a replica or move that lands there first evicts
-  // that leaf, listed as a kDrop action before it. Without it a pool that caching keeps full
-  // could never replicate a heavy hitter, nor spread a hot shared prefix that running requests
-  // pin.
+  // LRU leaf) offers the balancer one slot: a replica that lands there first evicts that
+  // leaf, listed as a kDrop action before it (a move there is skipped). Without it a pool that
+  // caching keeps full could never replicate a heavy hitter, nor spread a hot shared prefix
+  // that running requests pin. An action planned on a state that a skipped one did not leave
+  // (its source no longer holds the segment, or its target already does) is skipped too.
   absl::StatusOr<RebalanceResult> Rebalance();
 
   // The instance is lost: its replicas disappear (segments whose only copy it held are erased

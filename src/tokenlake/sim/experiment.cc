@@ -174,7 +174,7 @@ class Runner {
     if (!o_.max_rate) return run;
     sim_options.progress = nullptr;
     double lo = 0, hi = 0;
-    std::optional<Summary> at_lo;  // the run at lo, while lo > 0
+    std::optional<Summary> at_lo;  // the run at lo, once a rate met the SLO
     if (meets(base->first)) {
       lo = base_scale;
       at_lo = base->first;
@@ -222,7 +222,7 @@ class Runner {
     }
     summary.max_rate_rps = lo * native_rps;
     if (per_token) summary.goodput_rps = lo * native_rps;
-    if (lo > 0 && at_lo) {
+    if (at_lo) {
       summary.cv_cache_access_at_max_rate = at_lo->cv_cache_access;
       summary.hit_rate_at_max_rate = at_lo->hit_rate;
     }
