@@ -303,6 +303,16 @@ absl::StatusOr<AdmitResult> Lake::Admit(const LakeRequest& request) {
           "pinned nor other requests' tails",
           request.id.value(), growth, room, total_slots_));
     }
+    if (const int64_t domain_room = DomainRoomLocked(
+            request.tail_instance,
+            absl::MakeConstSpan(request.keys).first(static_cast<size_t>(match.matched_segments)),
+            growth);
+        growth > domain_room) {
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "Admit: request %d: its KV tail needs %d more slots on the device of instance %d; %d "
+          "there are free or hold a copy that can go",
+          request.id.value(), growth, request.tail_instance.value(), domain_room));
+    }
   }
   return AdmitLocked(request, /*reserve_slots=*/0);
 }
@@ -324,7 +334,10 @@ absl::StatusOr<std::optional<AdmitResult>> Lake::TryAdmit(const LakeRequest& req
   const int64_t tail_growth = tail ? TailGrowthLocked(request, match.matched_tokens) : 0;
   // Matched segments not pinned yet stop being evictable once this request pins them.
   const int64_t newly_pinned = NewlyPinnedLocked(request.keys, match.matched_segments);
-  if (new_segments + tail_growth + newly_pinned > AvailableSlotsLocked()) {
+  if (new_segments + tail_growth + newly_pinned > AvailableSlotsLocked() ||
+      (tail_growth > 0 &&
+       tail_growth > DomainRoomLocked(request.tail_instance,
+                                      absl::MakeConstSpan(request.keys).first(n), tail_growth))) {
     counters_.admissions_deferred += 1;
     return std::optional<AdmitResult>();
   }

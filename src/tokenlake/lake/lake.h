@@ -420,6 +420,13 @@ class Lake {
   // themselves: PeerDevicePool::ForgetPeerTails). Returns the requests in id order. Their pins
   // are not touched (Release; the request path releases a failed attempt's).
   std::vector<RequestId> ReleaseTailsComputedOn(InstanceId instance);
+  // Instances whose slots each other's kernels can write in place (instances on one GPU: a
+  // tail's blocks are written by its computing instance's forward, docs/adr/0018) share a
+  // device domain. A tail's new blocks go only to its computing instance's domain (evicting
+  // there when the domain is full); segments go anywhere. domains[i] is instance i's; empty (the
+  // default) is one domain for all. Blocks placed before a change stay where they are.
+  // Errors: InvalidArgument unless `domains` is empty or has num_instances() entries.
+  absl::Status SetDeviceDomains(std::vector<int32_t> domains);
 
   // Stores the request's new segments where `placements` say (normally the plan's
   // transfer.new_segments entries whose request is this one; entries for other requests are
@@ -604,6 +611,20 @@ class Lake {
   // or when `must_stay` (valid) was evicted on the way (a new segment's parent).
   InstanceId PlaceLocked(InstanceId target, SegmentId must_stay, InstanceStatesCache& states,
                          std::vector<StoredReplica>* evicted) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Where a new block of a tail computed on `computing` goes: PlaceLocked's choice in one device
+  // domain; else `computing` if it has a free slot, else the instance of its domain with the most
+  // free slots, else one of them after dropping a copy there (computing first). Invalid when
+  // nothing in the domain can go.
+  InstanceId PlaceTailBlockLocked(InstanceId computing, InstanceStatesCache& states,
+                                  std::vector<StoredReplica>* evicted)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Slots the device domain of `computing` can give a tail's new blocks (PlaceTailBlockLocked):
+  // its free slots plus the copies there that repeated drops would remove, with the segments of
+  // `to_pin` counted as pinned (the admission pins them first). Exact below `enough`; at least
+  // `enough` when the domain's free slots alone reach it (no pass over the tree). With one
+  // domain the callers' pool-wide check is the whole rule: INT64_MAX. Otherwise O(tree).
+  int64_t DomainRoomLocked(InstanceId computing, absl::Span<const index::SegmentKey> to_pin,
+                           int64_t enough) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // How many blocks a tail covering [from, end) holds, and how many more than now the request's
   // tail needs to cover [matched_tokens, request.tail_end_tokens).
   int64_t TailBlocksNeeded(int64_t from_tokens, int64_t end_tokens) const;
@@ -702,8 +723,9 @@ class Lake {
   uint64_t sequence_ ABSL_GUARDED_BY(mu_) = 0;        // last Commit / Rebalance sequence
   int64_t rebalance_heavy_ ABSL_GUARDED_BY(mu_) = 0;  // heavy hitters at the latest Rebalance
   absl::flat_hash_map<SegmentId, PendingCopy> pending_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<RequestId, Tail> tails_ ABSL_GUARDED_BY(mu_);   // non-empty tails only
-  int64_t tail_slots_ ABSL_GUARDED_BY(mu_) = 0;                       // blocks of all tails
+  absl::flat_hash_map<RequestId, Tail> tails_ ABSL_GUARDED_BY(mu_);  // non-empty tails only
+  int64_t tail_slots_ ABSL_GUARDED_BY(mu_) = 0;                      // blocks of all tails
+  std::vector<int32_t> device_domains_ ABSL_GUARDED_BY(mu_);         // SetDeviceDomains; empty: one
   index::PrefixTree::ReplicaObserver observer_ ABSL_GUARDED_BY(mu_);  // the caller's
 };
 

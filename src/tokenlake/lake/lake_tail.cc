@@ -1,9 +1,12 @@
 // The tails of the Lake (lake.h, "Tails in the pool"; docs/adr/0017): a running request's KV
 // rows after its pooled prefix kept in slots of the pool, counted like the segments they become.
 #include <algorithm>
+#include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_format.h"
 #include "tokenlake/base/check.h"
@@ -68,7 +71,7 @@ absl::Status Lake::SetTailLocked(RequestId request, int64_t from_tokens, int64_t
   }
   absl::Status status = absl::OkStatus();
   while (t.blocks.size() < need) {
-    const InstanceId where = PlaceLocked(instance, SegmentId(), states, &result->evicted);
+    const InstanceId where = PlaceTailBlockLocked(instance, states, &result->evicted);
     if (!where.valid()) {
       status = absl::ResourceExhaustedError(absl::StrFormat(
           "no slot for block %d of the KV tail of request %d (every other slot is pinned or a "
@@ -86,6 +89,93 @@ absl::Status Lake::SetTailLocked(RequestId request, int64_t from_tokens, int64_t
   result->tail_slots = TailInstances(t);
   if (t.blocks.empty()) tails_.erase(request);
   return status;
+}
+
+InstanceId Lake::PlaceTailBlockLocked(InstanceId computing, InstanceStatesCache& states,
+                                      std::vector<StoredReplica>* evicted) {
+  if (device_domains_.empty()) return PlaceLocked(computing, SegmentId(), states, evicted);
+  const int32_t domain = device_domains_[computing.value()];
+  std::vector<InstanceId> members{computing};  // the domain, computing first
+  for (int32_t i = 0; i < num_instances(); ++i) {
+    if (i != computing.value() && device_domains_[i] == domain) members.push_back(InstanceId(i));
+  }
+  while (true) {
+    if (stores_[computing.value()]->free() > 0) return computing;
+    InstanceId best;
+    int64_t best_free = 0;
+    for (InstanceId x : members) {
+      if (const int64_t f = stores_[x.value()]->free(); f > best_free) {
+        best = x;
+        best_free = f;
+      }
+    }
+    if (best.valid()) return best;
+    bool dropped = false;
+    for (InstanceId x : members) {
+      const std::optional<SegmentId> victim = tree_->EvictionCandidateOn(x);
+      if (!victim.has_value()) continue;
+      absl::StatusOr<index::EvictResult> r = tree_->RemoveReplica(*victim, x);
+      TOKENLAKE_CHECK_OK(r.status());
+      OnReplicasFreedLocked(*victim, r->node_erased, r->freed_on, evicted);
+      dropped = true;
+      break;
+    }
+    if (!dropped) return {};
+  }
+}
+
+int64_t Lake::DomainRoomLocked(InstanceId computing, absl::Span<const index::SegmentKey> to_pin,
+                               int64_t enough) const {
+  if (device_domains_.empty()) return std::numeric_limits<int64_t>::max();
+  const int32_t domain = device_domains_[computing.value()];
+  auto in_domain = [&](InstanceId x) { return device_domains_[x.value()] == domain; };
+  int64_t room = 0;
+  for (int32_t i = 0; i < num_instances(); ++i) {
+    if (in_domain(InstanceId(i))) room += stores_[i]->free();
+  }
+  if (room >= enough) return room;
+  // What PlaceTailBlockLocked's drops reach: every copy in the domain of an unpinned segment
+  // with a copy outside it; of one with every copy inside, all but one, and that one too once
+  // the segment is a leaf, i.e. when its whole subtree can go (deepest first).
+  absl::flat_hash_set<SegmentId> pinned;
+  for (const index::SegmentKey& k : to_pin) pinned.insert(k.id);
+  std::vector<const index::PrefixTree::Node*> nodes;
+  tree_->ForEachNode([&](const index::PrefixTree::Node& n) { nodes.push_back(&n); });
+  std::sort(nodes.begin(), nodes.end(),
+            [](const auto* a, const auto* b) { return a->depth > b->depth; });
+  absl::flat_hash_set<SegmentId> blocked;  // segments with a child that cannot go
+  for (const index::PrefixTree::Node* n : nodes) {
+    const bool can_drop = !n->is_pinned() && !pinned.contains(n->id);
+    int64_t inside = 0;
+    int64_t outside = 0;
+    for (InstanceId x : n->replicas) (in_domain(x) ? inside : outside) += 1;
+    bool erasable = false;
+    if (can_drop) {
+      if (outside > 0) {
+        room += inside;
+      } else {
+        erasable = !blocked.contains(n->id);
+        room += inside - 1 + (erasable ? 1 : 0);
+      }
+    }
+    if (!erasable && n->parent.valid()) blocked.insert(n->parent);
+  }
+  return room;
+}
+
+absl::Status Lake::SetDeviceDomains(std::vector<int32_t> domains) {
+  if (!domains.empty() && static_cast<int32_t>(domains.size()) != num_instances()) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("SetDeviceDomains: %d domains for a pool of %d instances", domains.size(),
+                        num_instances()));
+  }
+  // One domain for all is the same as none (and keeps PlaceLocked's balancing for tails).
+  if (std::all_of(domains.begin(), domains.end(), [&](int32_t d) { return d == domains[0]; })) {
+    domains.clear();
+  }
+  absl::MutexLock lock(&mu_);
+  device_domains_ = std::move(domains);
+  return absl::OkStatus();
 }
 
 void Lake::ReleaseTail(RequestId request) {

@@ -1,8 +1,10 @@
 #include "tokenlake/service/membership.h"
 
+#include <algorithm>
 #include <cstdio>
 
 #include "absl/strings/str_format.h"
+#include "tokenlake/store/cuda/ipc_handle.h"
 
 namespace tokenlake::service {
 
@@ -260,6 +262,32 @@ void Membership::EndRequest(int32_t id, RequestId request) {
   if (id < 0 || id >= num_instances_) return;
   --members_[id].view.in_flight;
   members_[id].routed_work.erase(request.value());
+}
+
+std::vector<int32_t> Membership::DeviceDomains() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<int32_t> domains(static_cast<size_t>(num_instances_));
+  std::vector<store::DeviceUuid> gpus;  // domain d < gpus.size(): the GPU gpus[d]
+  bool any = false;
+  for (int32_t i = 0; i < num_instances_; ++i) {
+    const std::string& bytes = members_[i].view.arena_handle;
+    any = any || !bytes.empty();
+    absl::StatusOr<store::ArenaHandle> h =
+        bytes.empty() ? absl::NotFoundError("none") : store::ArenaHandle::Parse(bytes);
+    if (!h.ok() || h->origin.device_uuid == store::DeviceUuid{}) {
+      domains[i] = -1;  // alone; numbered below
+      continue;
+    }
+    auto it = std::find(gpus.begin(), gpus.end(), h->origin.device_uuid);
+    domains[i] = static_cast<int32_t>(it - gpus.begin());
+    if (it == gpus.end()) gpus.push_back(h->origin.device_uuid);
+  }
+  if (!any) return {};
+  int32_t next = static_cast<int32_t>(gpus.size());
+  for (int32_t& d : domains) {
+    if (d < 0) d = next++;
+  }
+  return domains;
 }
 
 std::vector<MemberView> Membership::Snapshot() const {

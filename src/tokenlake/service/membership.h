@@ -175,6 +175,13 @@ class Membership {
   void BeginRequest(int32_t id);
   void EndRequest(int32_t id, RequestId request);
 
+  // Device domains for Lake::SetDeviceDomains (index = id): instances whose arena handles name
+  // the same GPU (its UUID) share one, where their processes write each other's slots in place
+  // (docs/adr/0018); every other instance (no handle reported, a handle that does not parse or
+  // names no UUID) is alone in its own. Empty when no instance has reported a handle (a cluster
+  // without GPU instance processes: one domain).
+  std::vector<int32_t> DeviceDomains() const;
+
   // Every id's state (index = id), for metrics and health.
   std::vector<MemberView> Snapshot() const;
   int64_t deaths() const;

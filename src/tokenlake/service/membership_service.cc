@@ -135,6 +135,10 @@ grpc::Status MembershipService::Register(grpc::ServerContext* ctx,
       if (absl::Status s = lake_->lake->DropInstance(InstanceId(id)); !s.ok()) return ToGrpc(s);
     }
     membership_->Report(id, request->state());
+    // A tail's blocks stay on its computing instance's GPU (a new arena handle may name one).
+    if (absl::Status s = lake_->lake->SetDeviceDomains(membership_->DeviceDomains()); !s.ok()) {
+      return ToGrpc(s);
+    }
   }
   // Restored in batches, without holding up the plan path.
   absl::StatusOr<Reconciler::Outcome> outcome =
@@ -167,6 +171,9 @@ grpc::Status MembershipService::Heartbeat(grpc::ServerContext* ctx,
   }
   if (absl::Status s = membership_->Heartbeat(id, absl::Now()); !s.ok()) return ToGrpc(s);
   membership_->Report(id, request->state());
+  if (absl::Status s = lake_->lake->SetDeviceDomains(membership_->DeviceDomains()); !s.ok()) {
+    return ToGrpc(s);
+  }
   // The report is taken without holding the lake's lock here: the reconciler takes it in short
   // batches, so that plans never wait long behind a heartbeat.
   absl::StatusOr<Reconciler::Outcome> outcome =

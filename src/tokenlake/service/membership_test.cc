@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
+#include "tokenlake/store/cuda/ipc_handle.h"
 
 namespace tokenlake::service {
 namespace {
@@ -101,6 +102,42 @@ TEST(MembershipTest, AnArenaHandleReachesEveryPeerBeforeTheInstanceIsReady) {
   m.AddPeers(0, &peers);
   ASSERT_EQ(peers.size(), 2);
   EXPECT_EQ(peers[1].arena_handle(), "");
+}
+
+// A handle as an instance process on the GPU with UUID byte `gpu` exports it (0: no UUID).
+std::string HandleOn(uint8_t gpu, uint32_t pid) {
+  store::ArenaHandle h;
+  h.ipc_handle.fill(7);
+  h.size_bytes = 2 << 20;
+  h.origin.pid = pid;
+  h.origin.process_token = pid * 31 + 1;
+  h.origin.device_uuid.fill(gpu);
+  return h.Serialize();
+}
+
+// Instances on one GPU (the same UUID in their handles) share a device domain; the others are
+// each alone; a cluster without handles has one domain (empty).
+TEST(MembershipTest, DeviceDomainsGroupInstancesByTheGpuOfTheirArenas) {
+  Membership m(5, kDeadAfter);
+  for (int32_t i = 0; i < 5; ++i) {
+    ASSERT_EQ(m.Register(absl::StrCat("i", i), i, 5000 + i, kStart)->id, i);
+    m.Report(i, State(6000 + i));
+  }
+  EXPECT_TRUE(m.DeviceDomains().empty());
+  m.Report(0, State(6000, "", HandleOn(9, 100)));
+  m.Report(1, State(6001, "", HandleOn(4, 101)));
+  m.Report(2, State(6002, "", HandleOn(9, 102)));
+  m.Report(3, State(6003, "", HandleOn(0, 103)));  // no UUID: alone
+  const std::vector<int32_t> d = m.DeviceDomains();
+  ASSERT_EQ(d.size(), 5u);
+  EXPECT_EQ(d[0], d[2]);
+  EXPECT_NE(d[0], d[1]);
+  EXPECT_EQ(std::set<int32_t>(d.begin(), d.end()).size(), 4u);  // {0, 2}, {1}, {3}, {4}
+  // A new incarnation of 2 has no handle until it reports one: alone meanwhile.
+  ASSERT_EQ(m.Register("i2", 2, 5012, kStart)->id, 2);
+  EXPECT_NE(m.DeviceDomains()[2], m.DeviceDomains()[0]);
+  m.Report(2, State(6012, "", HandleOn(4, 112)));
+  EXPECT_EQ(m.DeviceDomains()[2], m.DeviceDomains()[1]);
 }
 
 TEST(MembershipTest, SilentInstancesAreReapedAndTheirNameComesBackOnTheSameId) {
