@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <filesystem>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -57,6 +58,13 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(
   }
   if (options.instances < 1) {
     return absl::InvalidArgumentError("LocalCluster: instances must be >= 1");
+  }
+  // The logs' folder is made as `mkdir -p` would.
+  std::error_code made;
+  std::filesystem::create_directories(options.work_dir, made);
+  if (made) {
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "LocalCluster: cannot make the log folder '%s': %s", options.work_dir, made.message()));
   }
   std::unique_ptr<LocalCluster> c(new LocalCluster(options));
   absl::StatusOr<std::string> secret = transport::GenerateClusterSecret();

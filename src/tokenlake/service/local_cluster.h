@@ -46,7 +46,7 @@ struct LocalClusterOptions {
   // (e.g. --device gpu).
   std::vector<std::string> coordinator_flags;
   std::vector<std::string> instance_flags;
-  // Directory for the port file and the processes' logs (must exist).
+  // Directory for the port file and the processes' logs (made if missing).
   std::string work_dir = "/tmp";
   // How long Start / restarts wait for the cluster to become ready.
   absl::Duration ready_timeout = absl::Seconds(60);
