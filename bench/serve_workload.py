@@ -9,8 +9,9 @@ sent at once to the OpenAI API, and reports beside the in-process figures:
   - completion time, new tokens/s and the pool's hit rate;
   - the instances' cross-process data plane (from the coordinator's /metrics, deltas over the
     run): bytes of the peers' slots read in place after locate rounds, KV pulled, stored on a
-    peer and moved as queries/partials, and the messages and wall time of locate rounds, stores
-    and tail slots, each in total and per layer (divided by the model's layers; a locate round
+    peer, moved as queries/partials and fetched through host staging (--peer-access host), and
+    the messages and wall time of locate rounds, stores, tail slots and fetches, each in total
+    and per layer (divided by the model's layers; a locate round
     serves every layer of an iteration at once).
 
   python3 bench/serve_workload.py --bin build/cuda/bin/tokenlake --bench OUT/bench_engine_M.json \
@@ -65,6 +66,9 @@ def main():
                     help="per instance (default: the bench's engine.max_batch_tokens)")
     ap.add_argument("--segment-tokens", type=int,
                     help="tokens per segment (default: the bench's engine.segment_tokens)")
+    ap.add_argument("--peer-access", choices=["auto", "host"], default="auto",
+                    help="serve's --peer-access: auto reads peers' slots in place (one GPU); host "
+                         "fetches them through host staging, as between GPUs or hosts")
     ap.add_argument("--json", required=True, help="where the report goes")
     ap.add_argument("--work-dir", help="model folder and logs (default: a temporary folder)")
     args = ap.parse_args()
@@ -108,7 +112,7 @@ def main():
     cmd = [args.bin, "serve", "--model", model_dir, "--device", "gpu", "--load-format", "dummy",
            "--instances", str(args.instances), "--memory-fraction", f"{fraction:.4f}",
            "--max-batch-tokens", str(batch_tokens), "--segment-tokens", str(segment_tokens),
-           "--request-timeout-ms", "600000",
+           "--request-timeout-ms", "600000", "--peer-access", args.peer_access,
            "--log-dir", work, "--port-file", port_file]
     print("$ " + " ".join(cmd), flush=True)
     # Every request arrives at once: the last ones wait for the others' prefill, longer than
@@ -164,16 +168,17 @@ def main():
     cached = sum(r[2] for r in results)
     kinds = {"kv_read_in_place": "read in place", "kv_pulled": "pulled",
              "kv_stored_remote": "stored on a peer", "query_out": "queries out",
-             "partial_back": "partials back"}
+             "partial_back": "partials back", "kv_fetched_host_staging": "fetched (host)"}
     bytes_ = {k: delta(f'tokenlake_data_plane_bytes_total{{kind="{k}"}}') for k in kinds}
     peer = {}
-    for k in ("locate", "store", "tail"):
+    for k in ("locate", "store", "tail", "fetch"):
         n = delta(f'tokenlake_data_plane_peer_messages_total{{kind="{k}"}}')
         s = delta(f'tokenlake_data_plane_peer_seconds_total{{kind="{k}"}}')
         peer[k] = {"messages": n, "seconds": s, "mean_ms": 1e3 * s / n if n else None,
                    "seconds_per_layer": s / layers}
     report = {
         "workload": w["name"], "instances": args.instances, "memory_fraction": fraction,
+        "peer_access": args.peer_access,
         "max_batch_tokens": batch_tokens, "segment_tokens": segment_tokens, "requests": len(prompts),
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "seconds": wall,
         "new_tokens_per_s": new_tokens / wall, "pool_hit_rate": cached / prompt_tokens,
@@ -191,7 +196,7 @@ def main():
         report["seconds_over_in_process"] = wall / in_process["seconds"]
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"workload {w['name']}: {args.instances} processes {wall:.2f} s "
+    print(f"workload {w['name']}: {args.instances} processes ({args.peer_access}) {wall:.2f} s "
           f"({new_tokens / wall:.0f} new tokens/s, hit rate {cached / prompt_tokens:.3f})"
           + (f"; one in-process instance {in_process['seconds']:.2f} s" if in_process else ""))
     for k, label in kinds.items():

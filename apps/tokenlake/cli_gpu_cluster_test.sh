@@ -7,7 +7,9 @@
 #     as `tokenlake generate --device gpu` on one in-process instance, and its repeat is served
 #     from the pool (cached tokens > 0);
 #   - the instances read each other's slots (tokenlake_remote_attend_calls_total or
-#     tokenlake_kv_pulled_segments_total > 0 on /metrics), and the pool holds segments on both.
+#     tokenlake_kv_pulled_segments_total > 0 on /metrics), and the pool holds segments on both;
+#   - the same through `serve --device gpu`, and through `serve --peer-access host` (every peer
+#     reached through host staging, as instances on different GPUs or hosts are).
 # Exits non-zero naming what failed.
 #
 # Usage: cli_gpu_cluster_test.sh PATH/TO/tokenlake [OUT_DIR]
@@ -120,6 +122,29 @@ for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
 wait 2>/dev/null
 pids=()
 
+# Host staging (as between GPUs or hosts): `serve --peer-access host` maps no arena; each
+# instance reads the other's segments through fetches into its staging cache, stores carry bytes,
+# and tails stay on the computing instance (the coordinator's device domains). Same answers.
+"$bin" serve --model "$model" --device gpu --instances 2 --slots "$slots" --segment-tokens 16 \
+  --peer-access host --log-dir "$out/host" --port-file "$out/host.port" --duration-s 300 \
+  >"$out/serve-host.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 600); do [ -s "$out/host.port" ] && break; sleep 0.1; done
+[ -s "$out/host.port" ] || fail "serve --peer-access host did not start (logs in $out/host: $(tail -n 3 "$out/serve-host.log"))"
+check_prompts "$(cat "$out/host.port")" || fail "serve --peer-access host answered wrong"
+metrics=$(curl -s "http://127.0.0.1:$(cat "$out/host.port")/metrics")
+host_remote=$(echo "$metrics" | awk '/^tokenlake_remote_attend_calls_total /{a=$2} /^tokenlake_kv_pulled_segments_total /{b=$2} END{print a+b}')
+[ "${host_remote%.*}" -gt 0 ] 2>/dev/null || fail "with host staging no instance read the other's slots (remote attends + pulls = $host_remote)"
+echo "ok: serve --peer-access host: tokens equal generate's, $host_remote cross-instance reads through host staging"
+for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+wait 2>/dev/null
+pids=()
+
+# --peer-access is a GPU instance's choice.
+msg=$("$bin" serve --model "$model" --instances 2 --peer-access host --duration-s 1 2>&1)
+[ $? -eq 2 ] && echo "$msg" | grep -q -- "--device gpu" ||
+  fail "serve --peer-access host on the CPU: want exit 2 naming --device gpu, got: $msg"
+
 # A share that leaves no room, and shares that add up to more than the GPU, are refused.
 msg=$("$bin" instance --device gpu --model "$model" --coordinator-port 1 --memory-fraction 0.001 \
   --reserve-mib 100000 2>&1)
@@ -128,4 +153,4 @@ msg=$("$bin" instance --device gpu --model "$model" --coordinator-port 1 --memor
 msg=$("$bin" serve --model "$model" --device gpu --instances 3 --memory-fraction 0.4 --duration-s 1 2>&1)
 [ $? -eq 2 ] && echo "$msg" | grep -q "more than all of it" ||
   fail "serve with 3 x 0.4 of a GPU: want exit 2, got: $msg"
-echo "cli_gpu_cluster_test: 2 GPU instance processes (by hand and by serve --device gpu --memory-fraction: $served_slots slots each): tokens equal generate's, repeats cached, $remote cross-instance reads"
+echo "cli_gpu_cluster_test: 2 GPU instance processes (by hand and by serve --device gpu --memory-fraction: $served_slots slots each): tokens equal generate's, repeats cached, $remote cross-instance reads; through host staging $host_remote"

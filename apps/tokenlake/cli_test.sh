@@ -369,6 +369,10 @@ if "$bin" --help 2>&1 | grep -q coordinator; then
     "$bin" instance --model "$model" --coordinator-port 1 --load-format dummy
   expect "instance rejects a memory fraction above 1" 2 "memory-fraction" -- \
     "$bin" instance --model "$model" --coordinator-port 1 --device gpu --memory-fraction 1.5
+  expect "instance --peer-access needs --device gpu" 2 "--peer-access.*--device gpu" -- \
+    "$bin" instance --model "$model" --coordinator-port 1 --peer-access host
+  expect "instance rejects an unknown peer access" 2 "peer-access.*ipc" -- \
+    "$bin" instance --model "$model" --coordinator-port 1 --device gpu --peer-access ipc
 fi
 
 # The tokenizer (only when built with the tokenizer module).
@@ -402,6 +406,8 @@ if "$bin" --help 2>&1 | grep -q tokenize; then
       "$bin" serve --model "$fixtures/llama_tiny/model" --device tpu --duration-s 1
     expect "serve --memory-fraction needs --device gpu" 2 "--memory-fraction.*--device gpu" -- \
       "$bin" serve --model "$fixtures/llama_tiny/model" --memory-fraction 0.5 --duration-s 1
+    expect "serve --peer-access needs --device gpu" 2 "--peer-access.*--device gpu" -- \
+      "$bin" serve --model "$fixtures/llama_tiny/model" --peer-access host --duration-s 1
     expect "serve --memory-fraction excludes --slots" 2 "excludes" -- \
       "$bin" serve --model "$fixtures/llama_tiny/model" --device gpu --memory-fraction 0.5 \
       --slots 64 --duration-s 1
@@ -414,9 +420,10 @@ if "$bin" --help 2>&1 | grep -q tokenize; then
       "$bin" serve --model "$fixtures/llama_tiny/model" --gpu "$tmp/no-such-gpu.json" \
       --duration-s 1
     # serve passes its routing flags to its coordinator: with --routing scheduler a completion
-    # is placed by the scheduler (counted under rule="scheduler" on /metrics).
+    # is placed by the scheduler (counted under rule="scheduler" on /metrics). Its log folder is
+    # made if missing.
     "$bin" serve --model "$fixtures/llama_tiny/model" --instances 2 --routing scheduler \
-      --duration-s 60 --port-file "$tmp/serve.port" --log-dir "$tmp" >/dev/null 2>&1 &
+      --duration-s 60 --port-file "$tmp/serve.port" --log-dir "$tmp/serve-logs/a" >/dev/null 2>&1 &
     serve_pid=$!
     for _ in $(seq 1 300); do
       [ -s "$tmp/serve.port" ] && break
@@ -429,6 +436,8 @@ if "$bin" --help 2>&1 | grep -q tokenize; then
     expect "serve --routing scheduler reaches its coordinator" 0 \
       'tokenlake_routes_total\{rule="scheduler"\} 1' -- \
       curl -s "http://127.0.0.1:$serve_port/metrics"
+    expect "serve makes its log folder" 0 "tokenlake-coordinator-.*log" -- \
+      ls "$tmp/serve-logs/a"
     kill "$serve_pid" 2>/dev/null
     wait "$serve_pid" 2>/dev/null
   fi

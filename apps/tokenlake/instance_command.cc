@@ -12,7 +12,8 @@
 //
 // --device gpu [--gpu K] (a CUDA build): the instance's store is a device arena of bf16 slots on
 // GPU K and its engine the GPU engine (service/cuda/gpu_backend.h); instances on the same GPU
-// read each other's slots in place (docs/adr/0018). --memory-fraction F sizes its pool from its
+// read each other's slots in place (docs/adr/0018); those on another GPU or host, or every peer
+// with --peer-access host, through host staging. --memory-fraction F sizes its pool from its
 // share of the GPU instead of --slots: F of the device's memory, less the weights and
 // --reserve-mib (GpuInstanceSlots); a share too small for one slot is refused, naming the bytes.
 // --load-format dummy draws random weights of the checkpoint folder's config.json instead of
@@ -78,6 +79,7 @@ struct InstanceFlags {
   double memory_fraction = -1;  // < 0: --slots
   int reserve_mib = 4096;
   std::string load_format = "auto";
+  std::string peer_access = "auto";
 };
 
 int RunInstance(const InstanceFlags& f) {
@@ -90,6 +92,11 @@ int RunInstance(const InstanceFlags& f) {
   if (f.memory_fraction >= 0 && f.device != "gpu") {
     std::cerr << "tokenlake instance: --memory-fraction sizes a GPU instance's pool; give "
                  "--device gpu, or --slots on the CPU\n";
+    return 2;
+  }
+  if (f.peer_access != "auto" && f.device != "gpu") {
+    std::cerr << "tokenlake instance: --peer-access chooses how a GPU instance reaches its "
+                 "peers; give --device gpu\n";
     return 2;
   }
   int32_t slots = f.slots;
@@ -165,7 +172,8 @@ int RunInstance(const InstanceFlags& f) {
                                             .segment_tokens = f.segment_tokens,
                                             .namespace_name = f.namespace_name,
                                             .data_timeout = absl::Milliseconds(f.data_timeout_ms),
-                                            .max_batch_tokens = f.max_batch_tokens})};
+                                            .max_batch_tokens = f.max_batch_tokens,
+                                            .map_peers = f.peer_access == "auto"})};
   }
 #endif
   sigset_t signals;
@@ -375,6 +383,12 @@ void SetUpInstance(CLI::App& app, int* exit_code) {
                   "workspaces and the CUDA context")
       ->capture_default_str()
       ->check(IntAtLeast(0));
+  cmd->add_option("--peer-access", f->peer_access,
+                  "--device gpu: how peers' slots are read. auto: in place for peers on the same "
+                  "GPU (CUDA IPC), through host staging over TCP for the others; host: through "
+                  "host staging for every peer (processes that may not share GPU memory)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "host"}));
   cmd->add_flag("--exit-with-parent", f->exit_with_parent, "Exit when the parent process dies");
   cmd->callback([f, exit_code] { *exit_code = RunInstance(*f); });
 }

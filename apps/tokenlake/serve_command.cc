@@ -62,6 +62,7 @@ struct ServeFlags {
   std::string device = "cpu";
   double memory_fraction = -1;  // < 0: --slots
   int reserve_mib = 4096;
+  std::string peer_access = "auto";
   std::string load_format = "auto";
   int64_t max_batch_tokens = 2048;
   int request_timeout_ms = 30000;
@@ -180,6 +181,11 @@ int RunServe(ServeFlags f) {
                  "gpu, or --slots on the CPU\n";
     return 2;
   }
+  if (f.peer_access != "auto" && f.device != "gpu") {
+    std::cerr << "tokenlake serve: --peer-access chooses how GPU instances reach each other; "
+                 "give --device gpu\n";
+    return 2;
+  }
 #if defined(TOKENLAKE_HAVE_GPU_INSTANCE)
   if (f.memory_fraction >= 0) {
     if (f.memory_fraction * f.instances > 1.0 + 1e-9) {
@@ -209,8 +215,9 @@ int RunServe(ServeFlags f) {
   if (f.device == "gpu") {
     // GPU instances keep bf16 slots; the coordinator's plan costs must count the same bytes.
     o.coordinator_flags.insert(o.coordinator_flags.end(), {"--kv-dtype", "bf16"});
-    o.instance_flags.insert(o.instance_flags.end(), {"--device", "gpu", "--gpu", "0", "--kv-dtype",
-                                                     "bf16", "--load-format", f.load_format});
+    o.instance_flags.insert(o.instance_flags.end(),
+                            {"--device", "gpu", "--gpu", "0", "--kv-dtype", "bf16", "--load-format",
+                             f.load_format, "--peer-access", f.peer_access});
   }
   o.model = std::filesystem::absolute(f.model).string();
   o.instances = f.instances;
@@ -331,7 +338,7 @@ void SetUpServe(CLI::App& app, int* exit_code) {
       ->check(IntAtLeast(1));
   cmd->add_option("--duration-s", f->duration_s, "Stop after this many seconds (0 = on signal)")
       ->capture_default_str();
-  cmd->add_option("--log-dir", f->log_dir, "Directory for the processes' logs")
+  cmd->add_option("--log-dir", f->log_dir, "Directory for the processes' logs (made if missing)")
       ->capture_default_str();
   cmd->add_option("--port-file", f->port_file, "Write the HTTP port to this file");
   cmd->add_option("--device", f->device,
@@ -358,6 +365,12 @@ void SetUpServe(CLI::App& app, int* exit_code) {
                   "activations, workspaces and the CUDA context")
       ->capture_default_str()
       ->check(IntAtLeast(0));
+  cmd->add_option("--peer-access", f->peer_access,
+                  "--device gpu: how instances read each other's slots. auto: in place (CUDA "
+                  "IPC; one GPU); host: through host staging over TCP, as instances on different "
+                  "GPUs or hosts do")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "host"}));
   AddRoutingFlags(cmd, &f->routing);
   cmd->callback([f, exit_code] { *exit_code = RunServe(*f); });
 }

@@ -96,4 +96,10 @@ StoredMeta HostedStore::MetaOf(SegmentId segment) const {
   return it == meta_.end() ? StoredMeta{} : it->second.meta;
 }
 
+uint64_t HostedStore::GenerationOf(SegmentId segment) const {
+  absl::MutexLock lock(&mu_);
+  auto it = meta_.find(segment);
+  return it == meta_.end() ? 0 : it->second.generation;
+}
+
 }  // namespace tokenlake::engine

@@ -85,6 +85,9 @@ class HostedStore {
   void ForgetChanges(uint64_t through);
   // The metadata of `segment` (zeros when not stored or stored without).
   StoredMeta MetaOf(SegmentId segment) const;
+  // The generation of `segment`'s copy (the change that stored it; 0 when not stored): a copy
+  // stored again gets a new one.
+  uint64_t GenerationOf(SegmentId segment) const;
 
  private:
   struct Entry {

@@ -39,6 +39,13 @@ class WireWriter {
     bytes_.resize(at + values.size() * sizeof(T));
     if (!values.empty()) std::memcpy(bytes_.data() + at, values.data(), values.size() * sizeof(T));
   }
+  // Appends n bytes for the caller to fill (e.g. a device-to-host copy straight into the
+  // message); the span is valid until the next Put, PutArray, Extend or Take.
+  absl::Span<std::byte> Extend(size_t n) {
+    const size_t at = bytes_.size();
+    bytes_.resize(at + n);
+    return absl::MakeSpan(bytes_).subspan(at, n);
+  }
   std::vector<std::byte> Take() { return std::move(bytes_); }
 
  private:
@@ -68,6 +75,8 @@ class WireReader {
     return absl::OkStatus();
   }
   bool done() const { return pos_ == bytes_.size(); }
+  // The bytes not read yet (raw data after the fields).
+  absl::Span<const std::byte> rest() const { return bytes_.subspan(pos_); }
 
  private:
   absl::Status Short(const char* field) const {

@@ -160,34 +160,40 @@ std::string CoordinatorMetricsText(const CoordinatorSnapshot& s) {
   for (const MemberView& m : s.members) rebalance_bytes += m.traffic.rebalance_copy_bytes();
   w.Sample("tokenlake_data_plane_bytes_total", {{"kind", "rebalance_copy"}},
            static_cast<double>(rebalance_bytes));
-  // GPU instances' messages to the peers on their GPU (each instance's totals since it
-  // registered): locate rounds, after which the kernels read the peers' slots in place; stores
-  // the peer copies; tail slots kept on a peer.
+  // GPU instances' messages to their peers (each instance's totals since it registered):
+  // locate rounds, after which the kernels read the peers' slots in place; stores the peer
+  // copies; tail slots kept on a peer; fetches of peers reached through host staging.
   int64_t in_place = 0;
-  int64_t messages[3] = {0, 0, 0};
-  int64_t micros[3] = {0, 0, 0};
+  int64_t fetched = 0;
+  int64_t messages[4] = {0, 0, 0, 0};
+  int64_t micros[4] = {0, 0, 0, 0};
   for (const MemberView& m : s.members) {
     const v1::InstanceTraffic& t = m.traffic;
     in_place += t.in_place_read_bytes();
+    fetched += t.fetched_bytes();
     messages[0] += t.locate_messages();
     messages[1] += t.store_messages();
     messages[2] += t.tail_messages();
+    messages[3] += t.fetch_messages();
     micros[0] += t.locate_micros();
     micros[1] += t.store_micros();
     micros[2] += t.tail_micros();
+    micros[3] += t.fetch_micros();
   }
   w.Sample("tokenlake_data_plane_bytes_total", {{"kind", "kv_read_in_place"}},
            static_cast<double>(in_place));
-  const char* const peer_kinds[3] = {"locate", "store", "tail"};
+  w.Sample("tokenlake_data_plane_bytes_total", {{"kind", "kv_fetched_host_staging"}},
+           static_cast<double>(fetched));
+  const char* const peer_kinds[4] = {"locate", "store", "tail", "fetch"};
   w.Family("tokenlake_data_plane_peer_messages_total", "counter",
-           "Messages GPU instances sent to peers on their GPU, by kind.");
-  for (int k = 0; k < 3; ++k) {
+           "Messages GPU instances sent to their peers, by kind.");
+  for (int k = 0; k < 4; ++k) {
     w.Sample("tokenlake_data_plane_peer_messages_total", {{"kind", peer_kinds[k]}},
              static_cast<double>(messages[k]));
   }
   w.Family("tokenlake_data_plane_peer_seconds_total", "counter",
            "Wall time of those messages, request to reply, by kind.");
-  for (int k = 0; k < 3; ++k) {
+  for (int k = 0; k < 4; ++k) {
     w.Sample("tokenlake_data_plane_peer_seconds_total", {{"kind", peer_kinds[k]}},
              static_cast<double>(micros[k]) / 1e6);
   }

@@ -84,6 +84,10 @@ TEST(CoordinatorMetricsTest, RendersCountersOfEveryPart) {
   s.members[1].traffic.set_store_messages(2);
   s.members[1].traffic.set_store_micros(250000);
   s.members[0].traffic.set_tail_messages(9);
+  s.members[0].traffic.set_fetch_messages(5);
+  s.members[1].traffic.set_fetch_messages(1);
+  s.members[0].traffic.set_fetched_bytes(4096);
+  s.members[1].traffic.set_fetch_micros(3000000);
   const std::string text = CoordinatorMetricsText(s);
   EXPECT_THAT(text,
               HasSubstr("tokenlake_data_plane_bytes_total{kind=\"kv_read_in_place\"} 1024\n"));
@@ -93,6 +97,10 @@ TEST(CoordinatorMetricsTest, RendersCountersOfEveryPart) {
   EXPECT_THAT(text, HasSubstr("tokenlake_data_plane_peer_seconds_total{kind=\"locate\"} 0.002\n"));
   EXPECT_THAT(text, HasSubstr("tokenlake_data_plane_peer_seconds_total{kind=\"store\"} 0.25\n"));
   EXPECT_THAT(text, HasSubstr("tokenlake_data_plane_peer_seconds_total{kind=\"tail\"} 0\n"));
+  EXPECT_THAT(text, HasSubstr("tokenlake_data_plane_peer_messages_total{kind=\"fetch\"} 6\n"));
+  EXPECT_THAT(text, HasSubstr("tokenlake_data_plane_peer_seconds_total{kind=\"fetch\"} 3\n"));
+  EXPECT_THAT(
+      text, HasSubstr("tokenlake_data_plane_bytes_total{kind=\"kv_fetched_host_staging\"} 4096\n"));
   EXPECT_THAT(text, HasSubstr("tokenlake_routes_total{rule=\"scheduler\"} 12\n"));
   EXPECT_THAT(text, HasSubstr("tokenlake_routes_total{rule=\"plan\"} 0\n"));
   EXPECT_THAT(text, HasSubstr("tokenlake_routes_total{rule=\"plan_fallback\"} 1\n"));

@@ -47,6 +47,10 @@ struct DataPlaneTraffic {
   absl::Duration store_time;
   int64_t tail_messages = 0;
   absl::Duration tail_time;
+  // Peers reached through host staging: fetches, the KV bytes they brought, their time.
+  int64_t fetch_messages = 0;
+  int64_t fetched_bytes = 0;
+  absl::Duration fetch_time;
 };
 
 class InstanceBackend {

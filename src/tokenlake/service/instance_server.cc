@@ -243,6 +243,9 @@ class InstanceServer::Impl {
       t->set_store_micros(absl::ToInt64Microseconds(d.store_time));
       t->set_tail_messages(d.tail_messages);
       t->set_tail_micros(absl::ToInt64Microseconds(d.tail_time));
+      t->set_fetch_messages(d.fetch_messages);
+      t->set_fetched_bytes(d.fetched_bytes);
+      t->set_fetch_micros(absl::ToInt64Microseconds(d.fetch_time));
     }
     absl::MutexLock lock(&mu_);
     state_ = std::move(state);

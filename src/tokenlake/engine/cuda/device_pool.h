@@ -59,11 +59,12 @@ class DevicePool {
   virtual const attention::KvSlotLayout& layout() const = 0;
 
   // Device addresses, in this process, of the slots of refs[i].segment on refs[i].holder
-  // (out[i]), for kernels of this GPU to read in place. The lake's pins keep them allocated until
-  // the requests' next plan. One call per iteration (a pool of several processes asks each
-  // holder once). REQUIRES: out.size() == refs.size().
-  // Errors: Internal naming a segment and instance where it is not stored (the data plane is
-  // out of step with the lake) or an instance out of range; a peer's errors.
+  // (out[i]), for kernels of this GPU to read in place, or of copies of them in this process's
+  // device memory (a holder on another GPU or host: PeerDevicePool's host staging), valid until
+  // the next call. The lake's pins keep them allocated until the requests' next plan. One call per
+  // iteration (a pool of several processes asks each holder once). REQUIRES: out.size() ==
+  // refs.size(). Errors: Internal naming a segment and instance where it is not stored (the data
+  // plane is out of step with the lake) or an instance out of range; a peer's errors.
   virtual absl::Status Resolve(absl::Span<const SlotRef> refs,
                                absl::Span<const std::byte*> out) = 0;
 

@@ -4,6 +4,8 @@
 #include <string>
 #include <utility>
 
+#include "absl/container/flat_hash_set.h"
+#include "absl/random/random.h"
 #include "absl/strings/str_format.h"
 #include "tokenlake/base/check.h"
 #include "tokenlake/base/status_macros.h"
@@ -23,6 +25,8 @@ enum Tag : uint32_t {
   kStoreFrom = 49,
   kFree = 51,
   kCopyTo = 53,
+  kFetch = 55,
+  kStoreBytes = 57,
 };
 
 // CUDA IPC shares whole allocation blocks: an exported arena is a multiple of 2 MiB.
@@ -44,6 +48,9 @@ absl::Status GetMeta(WireReader& r, StoredMeta* meta) {
 }
 
 }  // namespace
+
+PeerDevicePool::PeerDevicePool(const Options& options)
+    : options_(options), incarnation_(absl::Uniform<uint64_t>(absl::BitGen(), 1, UINT64_MAX)) {}
 
 absl::StatusOr<std::unique_ptr<PeerDevicePool>> PeerDevicePool::Create(const Options& options) {
   if (options.num_instances < 1) {
@@ -69,6 +76,11 @@ absl::StatusOr<std::unique_ptr<PeerDevicePool>> PeerDevicePool::Create(const Opt
         "%d",
         options.transport->num_endpoints(), options.endpoint_base, options.num_instances,
         options.endpoint_base + 2 * options.num_instances));
+  }
+  if (options.staging_slots < 0 || options.max_fetch_bytes < 1) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "PeerDevicePool: staging_slots must be >= 0 and max_fetch_bytes >= 1, got %d and %d",
+        options.staging_slots, options.max_fetch_bytes));
   }
   TOKENLAKE_RETURN_IF_ERROR(options.layout.Validate());
   std::unique_ptr<PeerDevicePool> pool(new PeerDevicePool(options));
@@ -211,9 +223,11 @@ absl::StatusOr<transport::Message> PeerDevicePool::Call(InstanceId target, uint3
   absl::MutexLock lock(&traffic_mu_);
   switch (tag) {
     case kStoreFrom:
+    case kStoreBytes:
       ++traffic_.store_messages;
       traffic_.store_bytes += slot_bytes_;
       traffic_.store_time += took;
+      traffic_.byte_stores += tag == kStoreBytes ? 1 : 0;
       break;
     case kAllocateTail:
     case kFreeTail:
@@ -226,6 +240,12 @@ absl::StatusOr<transport::Message> PeerDevicePool::Call(InstanceId target, uint3
       traffic_.other_time += took;
   }
   return reply;
+}
+
+bool PeerDevicePool::Mapped(InstanceId i) const {
+  if (i == options_.self) return true;
+  absl::MutexLock lock(&mu_);
+  return peers_.contains(i);
 }
 
 PeerDevicePool::Traffic PeerDevicePool::traffic() const {
@@ -282,6 +302,22 @@ absl::Status PeerDevicePool::LocalStoreFrom(SegmentId segment, const StoredMeta&
   });
 }
 
+absl::Status PeerDevicePool::LocalStoreBytes(SegmentId segment, const StoredMeta& meta,
+                                             absl::Span<const std::byte> kv) {
+  if (kv.size() != static_cast<size_t>(slot_bytes_)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("a store of segment %016x with %d bytes of KV; a slot holds %d",
+                        segment.value(), kv.size(), slot_bytes_));
+  }
+  return hosted_->Store(segment, meta, [&](absl::Span<std::byte> slot) {
+    absl::Status copied = CudaStatus(
+        cudaMemcpyAsync(slot.data(), kv.data(), kv.size(), cudaMemcpyHostToDevice, copy_stream_),
+        "store copy");
+    if (copied.ok()) copied = CudaStatus(cudaStreamSynchronize(copy_stream_), "store copy");
+    return copied;
+  });
+}
+
 absl::Status PeerDevicePool::LocalFree(SegmentId segment, uint64_t evicted_at) {
   return hosted_->Free(segment, evicted_at);
 }
@@ -298,12 +334,17 @@ absl::Status PeerDevicePool::Resolve(absl::Span<const SlotRef> refs,
     uint64_t ticket = 0;
   };
   std::vector<Ask> asks;
+  std::vector<size_t> staged;  // refs of unmapped holders
   for (size_t i = 0; i < refs.size(); ++i) {
     TOKENLAKE_RETURN_IF_ERROR(CheckInstance(refs[i].holder, "a read"));
     if (refs[i].holder == options_.self) {
       absl::StatusOr<int64_t> offset = LocalOffset(refs[i].segment);
       if (!offset.ok()) return absl::InternalError(offset.status().message());
       out[i] = static_cast<const std::byte*>(arena_->data()) + *offset;
+      continue;
+    }
+    if (!Mapped(refs[i].holder)) {
+      staged.push_back(i);
       continue;
     }
     auto it = std::find_if(asks.begin(), asks.end(),
@@ -314,6 +355,9 @@ absl::Status PeerDevicePool::Resolve(absl::Span<const SlotRef> refs,
     }
     it->at.push_back(i);
   }
+  // The staged segments first: their fetches complete before the locates are sent (a locate's
+  // offsets stay valid until the next plan, so the order does not matter for correctness).
+  if (!staged.empty()) TOKENLAKE_RETURN_IF_ERROR(ResolveStaged(refs, staged, out));
   absl::Status status = absl::OkStatus();
   const absl::Time start = absl::Now();
   for (Ask& a : asks) {
@@ -376,6 +420,196 @@ absl::Status PeerDevicePool::Resolve(absl::Span<const SlotRef> refs,
   return status;
 }
 
+absl::Status PeerDevicePool::Fetch(
+    InstanceId holder, absl::Span<const SegmentId> segments, absl::Span<const CopyVersion> have,
+    absl::FunctionRef<absl::Status(size_t, const StoredMeta&, const CopyVersion&,
+                                   absl::Span<const std::byte>)>
+        sink) {
+  TOKENLAKE_CHECK(have.size() == segments.size());
+  const size_t per_reply =
+      std::max<size_t>(1, static_cast<size_t>(options_.max_fetch_bytes / slot_bytes_));
+  struct Part {
+    size_t first = 0, count = 0;
+    uint64_t ticket = 0;
+  };
+  std::vector<Part> parts;
+  for (size_t at = 0; at < segments.size(); at += per_reply) {
+    parts.push_back({at, std::min(per_reply, segments.size() - at), 0});
+  }
+  const absl::Time start = absl::Now();
+  absl::Status status = absl::OkStatus();
+  for (Part& part : parts) {
+    WireWriter w;
+    w.Put<uint64_t>(part.count);
+    for (size_t k = part.first; k < part.first + part.count; ++k) {
+      w.Put<uint64_t>(segments[k].value());
+      w.Put<uint64_t>(have[k].incarnation);
+      w.Put<uint64_t>(have[k].generation);
+    }
+    absl::StatusOr<uint64_t> ticket = driver_->Send(ServerEndpoint(holder), kFetch, w.Take());
+    if (!ticket.ok()) {
+      status = ticket.status();
+      break;
+    }
+    part.ticket = *ticket;
+  }
+  int64_t fetched = 0;
+  for (Part& part : parts) {
+    if (part.ticket == 0) continue;  // not sent (an earlier send failed)
+    // Every reply is taken, even after an error, so that none is left for a later call.
+    absl::StatusOr<transport::Message> reply = driver_->Await(part.ticket, options_.reply_timeout);
+    if (!status.ok()) continue;
+    if (!reply.ok()) {
+      status = reply.status().code() == absl::StatusCode::kNotFound
+                   ? absl::InternalError(reply.status().message())
+                   : reply.status();
+      continue;
+    }
+    WireReader r(reply->payload);
+    uint64_t incarnation = 0, count = 0;
+    status = r.Get(&incarnation, "incarnation");
+    if (status.ok()) status = r.Get(&count, "segment count");
+    if (status.ok() && count != part.count) {
+      status = absl::DataLossError(absl::StrFormat("fetch: %d segments for %d from instance %d",
+                                                   count, part.count, holder.value()));
+    }
+    std::vector<StoredMeta> metas(status.ok() ? part.count : 0);
+    std::vector<uint64_t> generations(metas.size());
+    std::vector<uint8_t> sent(metas.size());
+    size_t with_kv = 0;
+    for (size_t k = 0; status.ok() && k < metas.size(); ++k) {
+      status = GetMeta(r, &metas[k]);
+      if (status.ok()) status = r.Get(&generations[k], "generation");
+      if (status.ok()) status = r.Get(&sent[k], "sent");
+      with_kv += sent[k] != 0 ? 1 : 0;
+    }
+    if (status.ok() && r.rest().size() != with_kv * static_cast<size_t>(slot_bytes_)) {
+      status = absl::DataLossError(
+          absl::StrFormat("fetch: %d bytes of KV for %d slots of %d bytes from instance %d",
+                          r.rest().size(), with_kv, slot_bytes_, holder.value()));
+    }
+    size_t next = 0;
+    for (size_t k = 0; status.ok() && k < metas.size(); ++k) {
+      const CopyVersion version{incarnation, generations[k]};
+      absl::Span<const std::byte> kv;
+      if (sent[k] != 0) {
+        kv = r.rest().subspan(next++ * static_cast<size_t>(slot_bytes_),
+                              static_cast<size_t>(slot_bytes_));
+        ++fetched;
+      } else if (!(version == have[part.first + k])) {
+        status = absl::DataLossError(absl::StrFormat(
+            "fetch: instance %d sent no KV for segment %016x, whose copy this process lacks",
+            holder.value(), segments[part.first + k].value()));
+        break;
+      }
+      status = sink(part.first + k, metas[k], version, kv);
+    }
+  }
+  const absl::Duration took = absl::Now() - start;
+  absl::MutexLock lock(&traffic_mu_);
+  traffic_.fetch_messages += static_cast<int64_t>(parts.size());
+  traffic_.fetched_slots += fetched;
+  traffic_.fetched_bytes += fetched * slot_bytes_;
+  traffic_.fetch_time += took;
+  return status;
+}
+
+absl::Status PeerDevicePool::ResolveStaged(absl::Span<const SlotRef> refs,
+                                           absl::Span<const size_t> at,
+                                           absl::Span<const std::byte*> out) {
+  const uint64_t round = ++staging_round_;
+  // This round's copies, by holder, with the version the cache has of each (if any).
+  struct Ask {
+    InstanceId holder;
+    std::vector<SegmentId> segments;
+    std::vector<CopyVersion> have;
+  };
+  std::vector<Ask> asks;
+  absl::flat_hash_set<std::pair<InstanceId, SegmentId>> seen;
+  for (size_t i : at) {
+    const std::pair<InstanceId, SegmentId> key{refs[i].holder, refs[i].segment};
+    if (!seen.insert(key).second) continue;
+    auto a = std::find_if(asks.begin(), asks.end(),
+                          [&](const Ask& x) { return x.holder == refs[i].holder; });
+    if (a == asks.end()) {
+      asks.push_back({refs[i].holder, {}, {}});
+      a = asks.end() - 1;
+    }
+    a->segments.push_back(refs[i].segment);
+    CopyVersion have;
+    if (auto it = staged_at_.find(key); it != staged_at_.end()) {
+      Staged& e = staged_[static_cast<size_t>(it->second)];
+      e.round = round;  // kept for this round
+      have = e.version;
+    }
+    a->have.push_back(have);
+  }
+  // Room: a batch that reads more than the cache holds grows it (the copies it has move along).
+  const size_t capacity =
+      std::max({seen.size(), static_cast<size_t>(options_.staging_slots), staged_.size()});
+  if (capacity > staged_.size()) {
+    DeviceBuffer grown;
+    TOKENLAKE_RETURN_IF_ERROR(grown.Allocate(capacity * static_cast<size_t>(slot_bytes_)));
+    if (!staged_.empty()) {
+      TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
+          cudaMemcpy(grown.get(), staging_.get(), staged_.size() * static_cast<size_t>(slot_bytes_),
+                     cudaMemcpyDeviceToDevice),
+          "staging cache growth"));
+    }
+    staging_ = std::move(grown);
+    staged_.resize(capacity);
+  }
+  auto base = [&](int32_t k) {
+    return staging_.as<std::byte>() + static_cast<int64_t>(k) * slot_bytes_;
+  };
+  // A slot for a new copy: a free one, else the least recently read one not read this round
+  // (one exists: the capacity covers this round's copies).
+  auto take = [&]() {
+    int32_t pick = -1;
+    for (size_t k = 0; k < staged_.size(); ++k) {
+      if (!staged_[k].segment.valid()) return static_cast<int32_t>(k);
+      if (staged_[k].round != round &&
+          (pick < 0 || staged_[k].round < staged_[static_cast<size_t>(pick)].round)) {
+        pick = static_cast<int32_t>(k);
+      }
+    }
+    TOKENLAKE_CHECK(pick >= 0);
+    Staged& e = staged_[static_cast<size_t>(pick)];
+    staged_at_.erase({e.holder, e.segment});
+    e = Staged{};
+    return pick;
+  };
+  int64_t hits = 0;
+  for (const Ask& a : asks) {
+    TOKENLAKE_RETURN_IF_ERROR(
+        Fetch(a.holder, a.segments, a.have,
+              [&](size_t k, const StoredMeta&, const CopyVersion& version,
+                  absl::Span<const std::byte> kv) -> absl::Status {
+                const std::pair<InstanceId, SegmentId> key{a.holder, a.segments[k]};
+                if (kv.empty()) {
+                  ++hits;  // the cache's copy is the holder's
+                  return absl::OkStatus();
+                }
+                int32_t slot = -1;
+                if (auto it = staged_at_.find(key); it != staged_at_.end()) {
+                  slot = it->second;  // stored again on the holder: replaced in place
+                } else {
+                  slot = take();
+                }
+                TOKENLAKE_RETURN_IF_ERROR(
+                    CudaStatus(cudaMemcpy(base(slot), kv.data(), kv.size(), cudaMemcpyHostToDevice),
+                               "staging copy"));
+                staged_[static_cast<size_t>(slot)] = {a.holder, a.segments[k], version, round};
+                staged_at_[key] = slot;
+                return absl::OkStatus();
+              }));
+  }
+  for (size_t i : at) out[i] = base(staged_at_.at({refs[i].holder, refs[i].segment}));
+  absl::MutexLock lock(&traffic_mu_);
+  traffic_.staged_hits += hits;
+  return absl::OkStatus();
+}
+
 absl::StatusOr<DeviceSlot> PeerDevicePool::AllocateTail(InstanceId instance) {
   TOKENLAKE_RETURN_IF_ERROR(CheckInstance(instance, "a tail slot"));
   TOKENLAKE_ASSIGN_OR_RETURN(auto arena, ArenaOf(instance));
@@ -436,6 +670,16 @@ absl::Status PeerDevicePool::Store(InstanceId target, SegmentId segment, const s
   TOKENLAKE_RETURN_IF_ERROR(
       CudaStatus(cudaStreamSynchronize(stream), "synchronize before a store"));
   if (target == options_.self) return LocalStoreFrom(segment, meta, from, offset);
+  if (!Mapped(target)) {
+    // Another GPU or host: the block's bytes travel in the message.
+    WireWriter w;
+    w.Put<uint64_t>(segment.value());
+    PutMeta(w, meta);
+    absl::Span<std::byte> kv = w.Extend(static_cast<size_t>(slot_bytes_));
+    TOKENLAKE_RETURN_IF_ERROR(CudaStatus(
+        cudaMemcpy(kv.data(), source, kv.size(), cudaMemcpyDeviceToHost), "store staging copy"));
+    return Call(target, kStoreBytes, w.Take()).status();
+  }
   WireWriter w;
   w.Put<uint64_t>(segment.value());
   PutMeta(w, meta);
@@ -462,6 +706,18 @@ absl::StatusOr<int64_t> PeerDevicePool::CopyFromPeer(InstanceId from, SegmentId 
     return absl::InvalidArgumentError(
         absl::StrFormat("PeerDevicePool::CopyFromPeer: instance %d is not a peer of instance %d",
                         from.valid() ? from.value() : -1, options_.self.value()));
+  }
+  if (!Mapped(from)) {
+    // Another GPU or host: fetched through host memory, then stored here.
+    const CopyVersion none;
+    TOKENLAKE_RETURN_IF_ERROR(Fetch(
+        from, {&segment, 1}, {&none, 1},
+        [&](size_t, const StoredMeta& meta, const CopyVersion&, absl::Span<const std::byte> kv) {
+          StoredMeta placed = meta;
+          placed.placement_sequence = sequence;
+          return LocalStoreBytes(segment, placed, kv);
+        }));
+    return slot_bytes_;
   }
   // A slot here first; the holder writes it through its mapping of this arena while it pins its
   // own copy (so the bytes cannot change under the copy), then the slot becomes the segment's.
@@ -621,6 +877,61 @@ transport::Message PeerDevicePool::Handle(const transport::Message& request) {
         if (s.ok()) s = CudaStatus(cudaStreamSynchronize(copy_stream_), "rebalance copy");
       }
       if (s.ok()) PutMeta(w, hosted_->MetaOf(SegmentId(id)));
+      break;
+    }
+    case kFetch: {
+      // A peer on another GPU or host reads segments: the metadata and generation of each copy,
+      // and the KV (copied device to host while the copy is pinned) of those whose copy is not
+      // the one the peer has.
+      uint64_t count = 0;
+      s = r.Get(&count, "segment count");
+      std::vector<uint64_t> ids;
+      std::vector<bool> send;
+      for (uint64_t k = 0; s.ok() && k < count; ++k) {
+        uint64_t id = 0, incarnation = 0, generation = 0;
+        s = r.Get(&id, "segment id");
+        if (s.ok()) s = r.Get(&incarnation, "incarnation");
+        if (s.ok()) s = r.Get(&generation, "generation");
+        if (!s.ok()) break;
+        const uint64_t now = hosted_->GenerationOf(SegmentId(id));
+        if (now == 0) {
+          s = absl::NotFoundError(absl::StrFormat(
+              "segment %016x is not stored on instance %d (data plane out of step with the lake)",
+              id, options_.self.value()));
+          break;
+        }
+        ids.push_back(id);
+        send.push_back(incarnation != incarnation_ || generation != now);
+      }
+      if (!s.ok()) break;
+      w.Put<uint64_t>(incarnation_);
+      w.Put<uint64_t>(ids.size());
+      std::vector<store::SlotPin> pins;
+      for (size_t k = 0; s.ok() && k < ids.size(); ++k) {
+        // Pinned before the generation is read: the bytes sent are that copy's.
+        absl::StatusOr<store::SlotPin> pin = hosted_->slots().Pin(SegmentId(ids[k]));
+        s = pin.status();
+        if (!s.ok()) break;
+        pins.push_back(*std::move(pin));
+        PutMeta(w, hosted_->MetaOf(SegmentId(ids[k])));
+        w.Put<uint64_t>(hosted_->GenerationOf(SegmentId(ids[k])));
+        w.Put<uint8_t>(send[k] ? 1 : 0);
+      }
+      for (size_t k = 0; s.ok() && k < ids.size(); ++k) {
+        if (!send[k]) continue;
+        absl::Span<std::byte> kv = w.Extend(static_cast<size_t>(slot_bytes_));
+        s = CudaStatus(
+            cudaMemcpy(kv.data(), pins[k].data().data(), kv.size(), cudaMemcpyDeviceToHost),
+            "fetch copy");
+      }
+      break;
+    }
+    case kStoreBytes: {
+      uint64_t id = 0;
+      StoredMeta meta;
+      s = r.Get(&id, "segment id");
+      if (s.ok()) s = GetMeta(r, &meta);
+      if (s.ok()) s = LocalStoreBytes(SegmentId(id), meta, r.rest());
       break;
     }
     default:

@@ -14,6 +14,18 @@
 //           there again (its placement sequence; as InstancePool::FreeSegment).
 // Calls that name this process's own instance run directly on its store (no message).
 //
+// A peer whose arena is not mapped here (another GPU or host, or one whose process does not
+// share its arena: docs/adr/0018 point 5) is reached with bytes through host memory:
+//   fetch   the peer copies segments' KV device to host and sends them with their metadata;
+//           they land in this process's staging cache (device memory, kept between iterations:
+//           the next steps of a decode read the same prefix again; each iteration's fetch names
+//           the copies the cache has, and the peer sends only those it has stored since) and
+//           the kernels read them there, so a moved query to such a holder is served by a pull;
+//   bytes   a store carries the block's bytes (copied device to host here, host to device
+//           there), and a rebalance copy from such a peer is a fetch stored here.
+// Its tail slots cannot be written from here (AllocateTail fails FailedPrecondition): the lake
+// keeps a tail on its computing instance's device (lake::Lake::SetDeviceDomains).
+//
 // Ordering between processes (store/cuda/peer_arena.h): a store request is sent after this
 // process's stream synchronised (the holder copies bytes this process wrote); the holder's copy
 // has completed when it replies; a free or a tail given back is sent after the stream that may
@@ -44,9 +56,11 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "tokenlake/engine/cuda/device_buffer.h"
 #include "tokenlake/engine/cuda/device_pool.h"
 #include "tokenlake/engine/data_rpc.h"
 #include "tokenlake/engine/hosted_store.h"
@@ -78,6 +92,13 @@ class PeerDevicePool final : public DevicePool {
     absl::Duration reply_timeout = absl::Seconds(10);
     // Changes of the store kept for the instance's reports (HostedStore; 0: numbered only).
     int64_t change_log_entries = 0;
+    // Slots of the staging cache of unmapped peers' segments, >= 0 (a batch that reads more
+    // grows it to what it reads).
+    int32_t staging_slots = 16;
+    // Largest fetch reply, in bytes (a holder's segments of one iteration are split into
+    // replies of at most this many bytes, at least one slot each; below the transport's payload
+    // limit).
+    int64_t max_fetch_bytes = int64_t{64} << 20;
   };
 
   // Allocates the arena and starts the server thread.
@@ -141,6 +162,15 @@ class PeerDevicePool final : public DevicePool {
     // Frees and rebalance copies asked of a peer.
     int64_t other_messages = 0;
     absl::Duration other_time;
+    // Unmapped peers (host staging): fetches, the slots and bytes they brought, the slots the
+    // staging cache already had, and their time; stores that carried bytes (also counted in
+    // store_*).
+    int64_t fetch_messages = 0;
+    int64_t fetched_slots = 0;
+    int64_t fetched_bytes = 0;
+    int64_t staged_hits = 0;
+    absl::Duration fetch_time;
+    int64_t byte_stores = 0;
   };
   Traffic traffic() const;
 
@@ -157,7 +187,7 @@ class PeerDevicePool final : public DevicePool {
                     cudaStream_t stream) override;
 
  private:
-  explicit PeerDevicePool(const Options& options) : options_(options) {}
+  explicit PeerDevicePool(const Options& options);
   InstanceId ServerEndpoint(InstanceId i) const {
     return InstanceId(options_.endpoint_base + i.value());
   }
@@ -169,6 +199,28 @@ class PeerDevicePool final : public DevicePool {
   // One request to `target`'s server and its reply.
   absl::StatusOr<transport::Message> Call(InstanceId target, uint32_t tag,
                                           std::vector<std::byte> payload);
+  // Whether instance i's arena is mapped here (its own is).
+  bool Mapped(InstanceId i) const;
+  // Resolve's part for unmapped holders: refs[at[k]] are read from the staging cache, fetched
+  // into it first unless it has them.
+  absl::Status ResolveStaged(absl::Span<const SlotRef> refs, absl::Span<const size_t> at,
+                             absl::Span<const std::byte*> out);
+  // A copy of a peer's segment as its holder stored it: the holder's incarnation (a random
+  // token of its pool) and the generation of its copy (HostedStore::GenerationOf).
+  struct CopyVersion {
+    uint64_t incarnation = 0;
+    uint64_t generation = 0;
+    bool operator==(const CopyVersion&) const = default;
+  };
+  // Fetches `segments` from `holder` (replies of at most max_fetch_bytes of KV, all sent before
+  // any is awaited). `have[k]` is the version of segment k this process has (zeros: none): the
+  // holder sends its KV only when its copy is another. `sink(k, meta, version, kv)` gets every
+  // segment; kv is empty when the copy is the one `have[k]` names.
+  absl::Status Fetch(InstanceId holder, absl::Span<const SegmentId> segments,
+                     absl::Span<const CopyVersion> have,
+                     absl::FunctionRef<absl::Status(size_t, const StoredMeta&, const CopyVersion&,
+                                                    absl::Span<const std::byte>)>
+                         sink);
 
   // This instance's side of every operation (the server's and the driver's for itself).
   absl::StatusOr<int64_t> LocalOffset(SegmentId segment) const;
@@ -176,6 +228,8 @@ class PeerDevicePool final : public DevicePool {
   absl::Status LocalCommitTail(SlotId slot, SegmentId segment, const StoredMeta& meta);
   absl::Status LocalStoreFrom(SegmentId segment, const StoredMeta& meta, InstanceId source,
                               int64_t offset);
+  absl::Status LocalStoreBytes(SegmentId segment, const StoredMeta& meta,
+                               absl::Span<const std::byte> kv);
   absl::Status LocalFree(SegmentId segment, uint64_t evicted_at);
 
   void ServeLoop();
@@ -199,6 +253,21 @@ class PeerDevicePool final : public DevicePool {
   absl::Mutex tails_mu_;
   // Tail slots of this instance that a peer's driver took (slot -> the peer).
   absl::flat_hash_map<int32_t, InstanceId> peer_tails_ ABSL_GUARDED_BY(tails_mu_);
+  // The staging cache (driver thread only): slot k of `staging_` holds the KV of
+  // staged_[k].segment's copy on staged_[k].holder, last read in Resolve round staged_[k].round.
+  // Every round asks the holders whether their copies are still those (one message per holder).
+  // (The incarnation below tells a restarted holder's generations from its predecessor's.)
+  struct Staged {
+    InstanceId holder;
+    SegmentId segment;  // invalid: a free slot
+    CopyVersion version;
+    uint64_t round = 0;
+  };
+  DeviceBuffer staging_;
+  std::vector<Staged> staged_;
+  absl::flat_hash_map<std::pair<InstanceId, SegmentId>, int32_t> staged_at_;
+  const uint64_t incarnation_;  // this pool's CopyVersion::incarnation
+  uint64_t staging_round_ = 0;
   mutable absl::Mutex traffic_mu_;
   Traffic traffic_ ABSL_GUARDED_BY(traffic_mu_);
 };

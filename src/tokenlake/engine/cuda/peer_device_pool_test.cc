@@ -10,6 +10,8 @@
 //    of both instances: its segments spill onto instance 1 (stored device to device by the
 //    holder from this process's tail blocks), later requests read them there in place, and
 //    every request's logits match the CPU reference within the bf16 tolerance.
+//  Both with instance 1's arena mapped and without (host staging: copies fetched into a
+//  staging cache, stores carrying bytes, tails kept on instance 0 by the lake's device domains).
 // Skips without a GPU.
 #include "tokenlake/engine/cuda/peer_device_pool.h"
 
@@ -81,8 +83,9 @@ absl::StatusOr<std::string> Announce(const Side& side) {
   return absl::StrCat("port=", side.transport->port(), " handle=", store::ToHex(h.Serialize()));
 }
 
-// Routes the other instance's endpoints to its port and maps its arena.
-absl::Status Meet(Side& side, InstanceId other, const std::string& line) {
+// Routes the other instance's endpoints to its port and maps its arena (unless !map: then the
+// other instance is reached through host staging, as one on another GPU or host is).
+absl::Status Meet(Side& side, InstanceId other, const std::string& line, bool map) {
   int32_t port = 0;
   std::string hex;
   for (absl::string_view field : absl::StrSplit(line, ' ')) {
@@ -99,7 +102,7 @@ absl::Status Meet(Side& side, InstanceId other, const std::string& line) {
   TOKENLAKE_ASSIGN_OR_RETURN(store::ArenaHandle handle, store::ArenaHandle::Parse(*bytes));
   TOKENLAKE_RETURN_IF_ERROR(side.transport->SetPeer(other, port));
   TOKENLAKE_RETURN_IF_ERROR(side.transport->SetPeer(InstanceId(kInstances + other.value()), port));
-  return side.pool->AddPeer(other, handle);
+  return map ? side.pool->AddPeer(other, handle) : absl::OkStatus();
 }
 
 // The child: hosts instance 1 until the parent says "exit" (after it unmapped this arena);
@@ -110,9 +113,10 @@ int ChildHolder(ChildContext& c) {
   const std::optional<uint64_t> layers = c.NumberFlag("layers");
   const std::optional<uint64_t> kv_heads = c.NumberFlag("kv-heads");
   const std::optional<uint64_t> head_dim = c.NumberFlag("head-dim");
-  if (!slots || !segment_tokens || !layers || !kv_heads || !head_dim) {
+  const std::optional<uint64_t> map = c.NumberFlag("map");
+  if (!slots || !segment_tokens || !layers || !kv_heads || !head_dim || !map) {
     return c.Fail(store::kChildUsage,
-                  "needs --slots, --segment-tokens, --layers, --kv-heads, --head-dim");
+                  "needs --slots, --segment-tokens, --layers, --kv-heads, --head-dim, --map");
   }
   const attention::KvSlotLayout layout{.num_layers = static_cast<int32_t>(*layers),
                                        .segment_tokens = static_cast<int32_t>(*segment_tokens),
@@ -127,7 +131,7 @@ int ChildHolder(ChildContext& c) {
   std::string why;
   std::optional<std::string> parent = c.ReadParentLine(&why);
   if (!parent.has_value()) return c.Fail(store::kChildChannel, why);
-  if (absl::Status s = Meet(*side, InstanceId(0), *parent); !s.ok()) {
+  if (absl::Status s = Meet(*side, InstanceId(0), *parent, *map != 0); !s.ok()) {
     return c.Fail(store::kChildUnexpected, s.ToString());
   }
   if (!store::SendLine(kChildFd, "ready")) return c.Fail(store::kChildChannel, "ready");
@@ -193,16 +197,16 @@ struct Pair {
   }
 };
 
-void StartPair(Pair& p, int32_t slots, const attention::KvSlotLayout& layout) {
+void StartPair(Pair& p, int32_t slots, const attention::KvSlotLayout& layout, bool map = true) {
   absl::StatusOr<Side> side = MakeSide(InstanceId(0), slots, layout);
   ASSERT_TRUE(side.ok()) << side.status();
   p.side = *std::move(side);
-  auto child =
-      store::Child::Start("holder", {absl::StrCat("--slots=", slots),
-                                     absl::StrCat("--segment-tokens=", layout.segment_tokens),
-                                     absl::StrCat("--layers=", layout.num_layers),
-                                     absl::StrCat("--kv-heads=", layout.num_kv_heads),
-                                     absl::StrCat("--head-dim=", layout.head_dim)});
+  auto child = store::Child::Start(
+      "holder",
+      {absl::StrCat("--slots=", slots), absl::StrCat("--segment-tokens=", layout.segment_tokens),
+       absl::StrCat("--layers=", layout.num_layers),
+       absl::StrCat("--kv-heads=", layout.num_kv_heads),
+       absl::StrCat("--head-dim=", layout.head_dim), absl::StrCat("--map=", map ? 1 : 0)});
   ASSERT_TRUE(child.ok()) << child.status();
   p.child = *std::move(child);
   std::string why;
@@ -211,7 +215,7 @@ void StartPair(Pair& p, int32_t slots, const attention::KvSlotLayout& layout) {
   absl::StatusOr<std::string> mine = Announce(p.side);
   ASSERT_TRUE(mine.ok()) << mine.status();
   ASSERT_TRUE(p.child->SendLine(*mine));
-  absl::Status met = Meet(p.side, InstanceId(1), *theirs);
+  absl::Status met = Meet(p.side, InstanceId(1), *theirs, map);
   ASSERT_TRUE(met.ok()) << met;
   std::optional<std::string> ready = p.child->ReadLine(&why);
   ASSERT_EQ(ready, std::optional<std::string>("ready")) << why;
@@ -223,16 +227,27 @@ std::vector<std::byte> ReadBack(const std::byte* device, size_t bytes) {
   return host;
 }
 
-TEST(PeerDevicePoolTest, TwoProcessesMatchANaiveModel) {
+// Mapped: the peer's arena is read in place (one GPU). Not mapped: the peer is reached through
+// host staging (as one on another GPU or host): reads fetch its copies into the staging cache,
+// stores carry bytes, and no tail block can be taken there.
+class PeerDevicePoolAccessTest : public ::testing::TestWithParam<bool> {};
+
+INSTANTIATE_TEST_SUITE_P(Access, PeerDevicePoolAccessTest, ::testing::Values(true, false),
+                         [](const ::testing::TestParamInfo<bool>& info) {
+                           return info.param ? "Mapped" : "HostStaging";
+                         });
+
+TEST_P(PeerDevicePoolAccessTest, TwoProcessesMatchANaiveModel) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
-  const uint64_t seed = 31;
+  const bool mapped = GetParam();
+  const uint64_t seed = mapped ? 31 : 33;
   std::cout << "seed=" << seed << "\n";
   std::mt19937_64 rng(seed);
   constexpr int32_t kSlots = 5;
   const attention::KvSlotLayout layout = SmallLayout();
   const size_t slot_bytes = static_cast<size_t>(layout.SlotBytes());
   Pair p;
-  ASSERT_NO_FATAL_FAILURE(StartPair(p, kSlots, layout));
+  ASSERT_NO_FATAL_FAILURE(StartPair(p, kSlots, layout, mapped));
   PeerDevicePool& pool = *p.side.pool;
   cudaStream_t stream = nullptr;
   ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
@@ -266,6 +281,11 @@ TEST(PeerDevicePoolTest, TwoProcessesMatchANaiveModel) {
     switch (rng() % 5) {
       case 0: {  // a tail block of instance 0 (this process) or 1, written through the mapping
         absl::StatusOr<DeviceSlot> t = pool.AllocateTail(inst);
+        if (!mapped && i == 1) {
+          // Its slots cannot be written from here: the lake keeps tails off it.
+          EXPECT_EQ(t.status().code(), absl::StatusCode::kFailedPrecondition) << t.status();
+          break;
+        }
         if (used(i) == kSlots) {
           EXPECT_EQ(t.status().code(), absl::StatusCode::kInternal) << t.status();
           break;
@@ -370,6 +390,20 @@ TEST(PeerDevicePoolTest, TwoProcessesMatchANaiveModel) {
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   for (const Tail& t : tails) ASSERT_TRUE(pool.FreeTail(t.instance, t.slot.slot).ok());
   cudaStreamDestroy(stream);
+  const PeerDevicePool::Traffic t = pool.traffic();
+  std::cout << "locates " << t.locate_messages << ", fetches " << t.fetch_messages << " ("
+            << t.fetched_slots << " slots fetched, " << t.staged_hits << " staged copies reused), "
+            << t.byte_stores << " stores with bytes of " << t.store_messages << "\n";
+  if (mapped) {
+    EXPECT_EQ(t.fetch_messages, 0);
+    EXPECT_GT(t.locate_messages, 0);
+  } else {
+    EXPECT_EQ(t.locate_messages, 0);
+    EXPECT_GT(t.fetched_slots, 0);
+    EXPECT_GT(t.staged_hits, t.fetched_slots) << "the staging cache kept nothing";
+    EXPECT_EQ(t.byte_stores, t.store_messages);
+    EXPECT_GT(t.byte_stores, 0);
+  }
 }
 
 // A peer's tail slots are its own, and go back when its process is gone: the holder gives back
@@ -408,8 +442,9 @@ TEST(PeerDevicePoolTest, TheTailSlotsOfAPeerThatIsGoneAreGivenBack) {
   EXPECT_TRUE(theirs.contains(7));
 }
 
-TEST(PeerDevicePoolTest, GpuEngineComputesOverTwoProcessesAndMatchesTheCpuReference) {
+TEST_P(PeerDevicePoolAccessTest, GpuEngineComputesOverTwoProcessesAndMatchesTheCpuReference) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device";
+  const bool mapped = GetParam();
   using testing_util::MakeModels;
   const uint64_t seed = 32;
   std::cout << "seed=" << seed << "\n";
@@ -427,7 +462,7 @@ TEST(PeerDevicePoolTest, GpuEngineComputesOverTwoProcessesAndMatchesTheCpuRefere
   const attention::KvSlotLayout layout =
       PoolSlotLayout(c, options.segment_tokens, attention::KvDtype::kBFloat16);
   Pair p;
-  ASSERT_NO_FATAL_FAILURE(StartPair(p, options.slots_per_instance, layout));
+  ASSERT_NO_FATAL_FAILURE(StartPair(p, options.slots_per_instance, layout, mapped));
   ManualClock clock(1);
   auto lake = lake::Lake::Create(PoolLakeOptions(c,
                                                  {.num_instances = kInstances,
@@ -436,6 +471,8 @@ TEST(PeerDevicePoolTest, GpuEngineComputesOverTwoProcessesAndMatchesTheCpuRefere
                                                  attention::KvDtype::kBFloat16),
                                  &clock);
   ASSERT_TRUE(lake.ok()) << lake.status();
+  // Unmapped, instance 1 is another device: the tails stay on instance 0.
+  if (!mapped) ASSERT_TRUE((*lake)->SetDeviceDomains({0, 1}).ok());
   lake::LocalControlPlane control(lake->get(), &clock);
   auto gpu =
       GpuEngine::CreateOver(m.gpu.get(), options, &control, p.side.pool.get(), InstanceId(0));
@@ -478,6 +515,15 @@ TEST(PeerDevicePoolTest, GpuEngineComputesOverTwoProcessesAndMatchesTheCpuRefere
   EXPECT_GT(remote, 0) << "no request read instance 1's slots";
   std::cout << "instance 1 holds " << theirs.size() << " segments; the repeat read " << cached
             << " cached tokens, " << remote << " partials or pulls from instance 1\n";
+  const PeerDevicePool::Traffic t = p.side.pool->traffic();
+  std::cout << "fetched " << t.fetched_slots << " slots in " << t.fetch_messages << " fetches ("
+            << t.staged_hits << " reused), stores with bytes " << t.byte_stores
+            << ", tail messages " << t.tail_messages << "\n";
+  if (!mapped) {
+    EXPECT_GT(t.fetched_slots, 0);
+    EXPECT_GT(t.byte_stores, 0);
+    EXPECT_EQ(t.tail_messages, 0);
+  }
 }
 
 }  // namespace

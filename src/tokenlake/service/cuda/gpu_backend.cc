@@ -6,9 +6,11 @@
 #include <cstdio>
 #include <limits>
 #include <memory>
+#include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_format.h"
 #include "tokenlake/base/status_macros.h"
 #include "tokenlake/engine/cuda/gpu_engine.h"
@@ -23,11 +25,15 @@ namespace ecuda = ::tokenlake::engine::cuda;
 
 class GpuBackend final : public InstanceBackend {
  public:
-  GpuBackend(InstanceId self, std::unique_ptr<ecuda::PeerDevicePool> pool, std::string handle)
+  // `handle`: the arena handle announced to the peers (empty: none, every peer reaches this
+  // instance through host staging); map_peers: whether the peers' handles are mapped.
+  GpuBackend(InstanceId self, std::unique_ptr<ecuda::PeerDevicePool> pool, std::string handle,
+             bool map_peers)
       : self_(self),
         pool_(std::move(pool)),
         holdings_(&pool_->hosted()),
-        handle_(std::move(handle)) {}
+        handle_(std::move(handle)),
+        map_peers_(map_peers) {}
   ~GpuBackend() override { engine_.reset(); }
   void set_engine(std::unique_ptr<ecuda::GpuEngine> engine) { engine_ = std::move(engine); }
   ecuda::PeerDevicePool* pool() { return pool_.get(); }
@@ -40,7 +46,10 @@ class GpuBackend final : public InstanceBackend {
             .store_messages = t.store_messages,
             .store_time = t.store_time,
             .tail_messages = t.tail_messages,
-            .tail_time = t.tail_time};
+            .tail_time = t.tail_time,
+            .fetch_messages = t.fetch_messages,
+            .fetched_bytes = t.fetched_bytes,
+            .fetch_time = t.fetch_time};
   }
 
   absl::Status Submit(const engine::GenerateRequest& request) override {
@@ -69,8 +78,9 @@ class GpuBackend final : public InstanceBackend {
   }
 
   std::string arena_handle() const override { return handle_; }
-  // Maps the peers' arenas on this GPU; unmaps those gone. A handle from another GPU (or one
-  // that does not parse) is left unmapped: plans that read it fail their request. A peer whose
+  // Maps the peers' arenas on this GPU; unmaps those gone. A peer whose handle is from another
+  // GPU (or does not parse), or that announced none, is reached through host staging
+  // (PeerDevicePool), as every peer is without map_peers. A peer whose
   // place another process took (a new handle for its id) gets back the tail slots the old
   // process's driver took here (the coordinator has ended its requests' tails in the lake); a
   // peer only missing from the list keeps them (it may still run: a coordinator restart or a
@@ -98,13 +108,17 @@ class GpuBackend final : public InstanceBackend {
       }
     }
     for (const auto& [peer, bytes] : handles) {
-      if (mapped_.contains(peer)) continue;
+      if (!map_peers_ || mapped_.contains(peer)) continue;
       absl::StatusOr<store::ArenaHandle> h = store::ArenaHandle::Parse(bytes);
       absl::Status s = h.status();
       if (s.ok()) s = pool_->AddPeer(InstanceId(peer), *h);
       if (!s.ok()) {
-        std::fprintf(stderr, "tokenlake instance %d: the arena of instance %d is not mapped: %s\n",
-                     self_.value(), peer, std::string(s.message()).c_str());
+        if (unmapped_.insert({peer, bytes}).second) {
+          std::fprintf(stderr,
+                       "tokenlake instance %d: instance %d is reached through host staging (its "
+                       "arena is not mapped: %s)\n",
+                       self_.value(), peer, std::string(s.message()).c_str());
+        }
         continue;
       }
       mapped_[peer] = bytes;
@@ -121,6 +135,9 @@ class GpuBackend final : public InstanceBackend {
   // ever announced; the server's control thread only.
   absl::flat_hash_map<int32_t, std::string> mapped_;
   absl::flat_hash_map<int32_t, std::string> seen_;
+  // Handles that could not be mapped (reported once each).
+  absl::flat_hash_set<std::pair<int32_t, std::string>> unmapped_;
+  const bool map_peers_;
 };
 
 }  // namespace
@@ -146,7 +163,9 @@ BackendFactory GpuBackendFactory(const GpuBackendOptions& options) {
                                        .reply_timeout = options.data_timeout,
                                        .change_log_entries = kInstanceChangeLogEntries}));
     TOKENLAKE_ASSIGN_OR_RETURN(store::ArenaHandle handle, pool->ExportHandle());
-    auto backend = std::make_unique<GpuBackend>(ctx.self, std::move(pool), handle.Serialize());
+    auto backend = std::make_unique<GpuBackend>(
+        ctx.self, std::move(pool), options.map_peers ? handle.Serialize() : std::string(),
+        options.map_peers);
     TOKENLAKE_ASSIGN_OR_RETURN(
         std::unique_ptr<ecuda::GpuEngine> eng,
         ecuda::GpuEngine::CreateOver(options.model,

@@ -34,6 +34,10 @@ struct GpuBackendOptions {
   // Continuous batching (engine::cuda::GpuEngineOptions).
   int64_t max_batch_tokens = 2048;
   int32_t max_batch_requests = 256;
+  // Whether peers on this GPU are mapped and read in place (docs/adr/0018). False: every peer
+  // is reached through host staging, as one on another GPU or host is, and the instance
+  // announces no arena handle (a deployment where processes may not share GPU memory).
+  bool map_peers = true;
 };
 
 // The layout of the backend's slots (bf16): InstanceBackendSpec::layout.
