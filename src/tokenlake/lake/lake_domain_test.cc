@@ -55,25 +55,25 @@ TEST(LakeDomainTest, TailsStayOnTheirDeviceAndWaitWhenItIsFull) {
   auto lake = MakeLake(&clock, 4, 2);
   ASSERT_TRUE(lake->SetDeviceDomains({7, 7, 3, 3}).ok());
   // Three blocks computed on 0: two there, the third on 1 (same device), not on 2 or 3.
-  auto a = lake->TryAdmit(TailRequest(1, {}, 3 * kS, 0));
+  auto a = lake->TryAdmit(TailRequest(1, {}, int64_t{3} * kS, 0));
   ASSERT_TRUE(a.ok() && a->has_value()) << a.status();
   EXPECT_EQ((*a)->tail_slots,
             (std::vector<InstanceId>{InstanceId(0), InstanceId(0), InstanceId(1)}));
   // Two more on device 7: one slot is left there; the pool has 5. TryAdmit waits, Admit refuses
   // naming the device.
-  auto b = lake->TryAdmit(TailRequest(2, {}, 2 * kS, 1));
+  auto b = lake->TryAdmit(TailRequest(2, {}, int64_t{2} * kS, 1));
   ASSERT_TRUE(b.ok()) << b.status();
   EXPECT_FALSE(b->has_value());
-  auto c = lake->Admit(TailRequest(2, {}, 2 * kS, 1));
+  auto c = lake->Admit(TailRequest(2, {}, int64_t{2} * kS, 1));
   ASSERT_EQ(c.status().code(), absl::StatusCode::kResourceExhausted) << c.status();
   EXPECT_NE(c.status().message().find("device of instance 1"), std::string::npos) << c.status();
   // The same tail computed on device 3 fits there.
-  auto d = lake->TryAdmit(TailRequest(3, {}, 2 * kS, 3));
+  auto d = lake->TryAdmit(TailRequest(3, {}, int64_t{2} * kS, 3));
   ASSERT_TRUE(d.ok() && d->has_value()) << d.status();
   EXPECT_EQ((*d)->tail_slots, (std::vector<InstanceId>{InstanceId(3), InstanceId(3)}));
   // One domain again: a tail goes anywhere (instance 2's free slots).
   ASSERT_TRUE(lake->SetDeviceDomains({}).ok());
-  auto e = lake->TryAdmit(TailRequest(4, {}, 3 * kS, 1));
+  auto e = lake->TryAdmit(TailRequest(4, {}, int64_t{3} * kS, 1));
   ASSERT_TRUE(e.ok() && e->has_value()) << e.status();
   EXPECT_EQ((*e)->tail_slots.size(), 3u);
   EXPECT_TRUE(lake->CheckIntegrity().ok()) << lake->CheckIntegrity();
@@ -87,7 +87,7 @@ TEST(LakeDomainTest, TailsEvictOnlyOnTheirDevice) {
   clock.AdvanceUs(10);
   Store(*lake, 101, Chain({5}), 1);  // older than nothing on 0, but on the other device
   clock.AdvanceUs(10);
-  auto a = lake->TryAdmit(TailRequest(1, {}, 2 * kS, 0));
+  auto a = lake->TryAdmit(TailRequest(1, {}, int64_t{2} * kS, 0));
   ASSERT_TRUE(a.ok() && a->has_value()) << a.status();
   EXPECT_EQ((*a)->tail_slots, (std::vector<InstanceId>{InstanceId(0), InstanceId(0)}));
   // The leaf first, then its parent; segment 5 (another device) stays.
@@ -208,6 +208,7 @@ TEST_P(LakeDomainModelTest, TailsStayOnTheirDeviceAndAdmissionMatchesTheModel) {
       const auto n = static_cast<int32_t>(rng.UniformInt(1, 4));
       const auto at = static_cast<int32_t>(rng.UniformInt(0, p.instances - 1));
       std::vector<HeldSegment> held;
+      held.reserve(static_cast<size_t>(n));
       for (int32_t i = 0; i < n; ++i) {
         held.push_back({doc_key(doc, i).id, i > 0 ? doc_key(doc, i - 1).id : SegmentId(), kS});
       }
@@ -216,6 +217,7 @@ TEST_P(LakeDomainModelTest, TailsStayOnTheirDeviceAndAdmissionMatchesTheModel) {
       // A request pins a document's cached prefix for a while.
       const auto doc = static_cast<int32_t>(rng.UniformInt(0, 5));
       std::vector<index::SegmentKey> keys;
+      keys.reserve(3);
       for (int32_t i = 0; i < 3; ++i) keys.push_back(doc_key(doc, i));
       const index::MatchResult m = lake->Match(keys);
       keys.resize(static_cast<size_t>(m.matched_segments));
@@ -224,11 +226,11 @@ TEST_P(LakeDomainModelTest, TailsStayOnTheirDeviceAndAdmissionMatchesTheModel) {
         pinning.push_back(id);
       }
     } else if (op < 55 && !pinning.empty()) {
-      const size_t k = static_cast<size_t>(rng.UniformInt(0, pinning.size() - 1));
+      const auto k = static_cast<size_t>(rng.UniformInt(0, pinning.size() - 1));
       ASSERT_TRUE(lake->Release(RequestId(pinning[k])).ok());
       pinning.erase(pinning.begin() + static_cast<std::ptrdiff_t>(k));
     } else if (op < 65 && !tails.empty()) {
-      const size_t k = static_cast<size_t>(rng.UniformInt(0, tails.size() - 1));
+      const auto k = static_cast<size_t>(rng.UniformInt(0, tails.size() - 1));
       ASSERT_TRUE(lake->Release(RequestId(tails[k])).ok());
       lake->ReleaseTail(RequestId(tails[k]));
       tails.erase(tails.begin() + static_cast<std::ptrdiff_t>(k));
@@ -237,6 +239,7 @@ TEST_P(LakeDomainModelTest, TailsStayOnTheirDeviceAndAdmissionMatchesTheModel) {
       const auto doc = static_cast<int32_t>(rng.UniformInt(0, 5));
       const auto compute = static_cast<int32_t>(rng.UniformInt(0, p.instances - 1));
       std::vector<index::SegmentKey> keys;
+      keys.reserve(3);
       for (int32_t i = 0; i < 3; ++i) keys.push_back(doc_key(doc, i));
       const index::MatchResult m = lake->Match(keys);
       keys.resize(static_cast<size_t>(m.matched_segments));

@@ -97,7 +97,7 @@ InstanceId Lake::PlaceTailBlockLocked(InstanceId computing, InstanceStatesCache&
   const int32_t domain = device_domains_[computing.value()];
   std::vector<InstanceId> members{computing};  // the domain, computing first
   for (int32_t i = 0; i < num_instances(); ++i) {
-    if (i != computing.value() && device_domains_[i] == domain) members.push_back(InstanceId(i));
+    if (i != computing.value() && device_domains_[i] == domain) members.emplace_back(i);
   }
   while (true) {
     if (stores_[computing.value()]->free() > 0) return computing;
@@ -127,11 +127,11 @@ InstanceId Lake::PlaceTailBlockLocked(InstanceId computing, InstanceStatesCache&
 int64_t Lake::DomainRoomLocked(InstanceId computing, absl::Span<const index::SegmentKey> to_pin,
                                int64_t enough) const {
   if (device_domains_.empty()) return std::numeric_limits<int64_t>::max();
-  const int32_t domain = device_domains_[computing.value()];
-  auto in_domain = [&](InstanceId x) { return device_domains_[x.value()] == domain; };
+  std::vector<bool> in_domain(static_cast<size_t>(num_instances()));
   int64_t room = 0;
   for (int32_t i = 0; i < num_instances(); ++i) {
-    if (in_domain(InstanceId(i))) room += stores_[i]->free();
+    in_domain[i] = device_domains_[i] == device_domains_[computing.value()];
+    if (in_domain[i]) room += stores_[i]->free();
   }
   if (room >= enough) return room;
   // What PlaceTailBlockLocked's drops reach: every copy in the domain of an unpinned segment
@@ -148,7 +148,7 @@ int64_t Lake::DomainRoomLocked(InstanceId computing, absl::Span<const index::Seg
     const bool can_drop = !n->is_pinned() && !pinned.contains(n->id);
     int64_t inside = 0;
     int64_t outside = 0;
-    for (InstanceId x : n->replicas) (in_domain(x) ? inside : outside) += 1;
+    for (InstanceId x : n->replicas) (in_domain[x.value()] ? inside : outside) += 1;
     bool erasable = false;
     if (can_drop) {
       if (outside > 0) {

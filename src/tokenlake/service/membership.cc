@@ -283,7 +283,7 @@ std::vector<int32_t> Membership::DeviceDomains() const {
     if (it == gpus.end()) gpus.push_back(h->origin.device_uuid);
   }
   if (!any) return {};
-  int32_t next = static_cast<int32_t>(gpus.size());
+  auto next = static_cast<int32_t>(gpus.size());
   for (int32_t& d : domains) {
     if (d < 0) d = next++;
   }

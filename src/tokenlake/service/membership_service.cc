@@ -171,8 +171,11 @@ grpc::Status MembershipService::Heartbeat(grpc::ServerContext* ctx,
   }
   if (absl::Status s = membership_->Heartbeat(id, absl::Now()); !s.ok()) return ToGrpc(s);
   membership_->Report(id, request->state());
-  if (absl::Status s = lake_->lake->SetDeviceDomains(membership_->DeviceDomains()); !s.ok()) {
-    return ToGrpc(s);
+  {
+    // A tail's blocks stay on its computing instance's GPU (O(instances), a short hold).
+    const std::vector<int32_t> domains = membership_->DeviceDomains();
+    absl::MutexLock lake_lock(&lake_->mu);
+    if (absl::Status s = lake_->lake->SetDeviceDomains(domains); !s.ok()) return ToGrpc(s);
   }
   // The report is taken without holding the lake's lock here: the reconciler takes it in short
   // batches, so that plans never wait long behind a heartbeat.
