@@ -20,21 +20,6 @@ namespace {
 
 constexpr int32_t kS = kTestSegmentTokens;
 
-std::unique_ptr<Lake> MakeLake(ManualClock* clock, int32_t instances, int32_t slots) {
-  auto lake = Lake::Create(SmallOptions(instances, slots), clock);
-  EXPECT_TRUE(lake.ok()) << lake.status();
-  return *std::move(lake);
-}
-
-LakeRequest TailRequest(uint64_t id, std::vector<index::SegmentKey> keys, int64_t end_tokens,
-                        int32_t instance) {
-  return LakeRequest{.id = RequestId(id),
-                     .keys = std::move(keys),
-                     .new_tokens = 1,
-                     .tail_end_tokens = end_tokens,
-                     .tail_instance = InstanceId(instance)};
-}
-
 // Stores `keys` on `instance` through a request that ends at once.
 void Store(Lake& lake, uint64_t id, const std::vector<index::SegmentKey>& keys, int32_t instance) {
   ASSERT_TRUE(lake.Admit({.id = RequestId(id), .keys = keys, .new_tokens = 1}).ok());

@@ -18,22 +18,6 @@ namespace {
 
 constexpr int32_t kS = kTestSegmentTokens;
 
-std::unique_ptr<Lake> MakeLake(ManualClock* clock, int32_t instances, int32_t slots) {
-  auto lake = Lake::Create(SmallOptions(instances, slots), clock);
-  EXPECT_TRUE(lake.ok()) << lake.status();
-  return *std::move(lake);
-}
-
-// A request whose tail covers [match, end_tokens) on `instance`.
-LakeRequest TailRequest(uint64_t id, std::vector<index::SegmentKey> keys, int64_t end_tokens,
-                        int32_t instance = 0) {
-  return LakeRequest{.id = RequestId(id),
-                     .keys = std::move(keys),
-                     .new_tokens = 1,
-                     .tail_end_tokens = end_tokens,
-                     .tail_instance = InstanceId(instance)};
-}
-
 std::vector<plan::NewSegmentPlacement> Placements(uint64_t request,
                                                   const std::vector<index::SegmentKey>& keys,
                                                   size_t from, InstanceId source,

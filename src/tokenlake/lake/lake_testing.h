@@ -1,4 +1,5 @@
-// Test-only: a small lake's options and chains of full segments, shared by the lake's tests.
+// Test-only: a small lake's options, chains of full segments and tail requests, shared by the
+// lake's tests.
 //
 // Thread-safety: pure functions.
 #ifndef TOKENLAKE_LAKE_LAKE_TESTING_H_
@@ -6,8 +7,12 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <memory>
+#include <utility>
 #include <vector>
 
+#include "gtest/gtest.h"
+#include "tokenlake/base/clock.h"
 #include "tokenlake/base/ids.h"
 #include "tokenlake/index/segment_id.h"
 #include "tokenlake/lake/lake.h"
@@ -37,6 +42,23 @@ inline std::vector<index::SegmentKey> Chain(std::initializer_list<uint64_t> ids)
   std::vector<index::SegmentKey> keys;
   for (uint64_t id : ids) keys.push_back({SegmentId(id), kTestSegmentTokens});
   return keys;
+}
+
+// A lake of SmallOptions(instances, slots) on `clock` (a failure is a test failure).
+inline std::unique_ptr<Lake> MakeLake(ManualClock* clock, int32_t instances, int32_t slots) {
+  auto lake = Lake::Create(SmallOptions(instances, slots), clock);
+  EXPECT_TRUE(lake.ok()) << lake.status();
+  return *std::move(lake);
+}
+
+// A request whose tail covers [match, end_tokens), computed on `instance`.
+inline LakeRequest TailRequest(uint64_t id, std::vector<index::SegmentKey> keys, int64_t end_tokens,
+                               int32_t instance = 0) {
+  return LakeRequest{.id = RequestId(id),
+                     .keys = std::move(keys),
+                     .new_tokens = 1,
+                     .tail_end_tokens = end_tokens,
+                     .tail_instance = InstanceId(instance)};
 }
 
 }  // namespace tokenlake::lake
