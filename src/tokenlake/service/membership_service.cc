@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "tokenlake/base/status_macros.h"
 #include "tokenlake/service/incarnation.h"
 #include "tokenlake/service/lake_rpc.h"
 
@@ -135,11 +136,8 @@ grpc::Status MembershipService::Register(grpc::ServerContext* ctx,
       if (absl::Status s = lake_->lake->DropInstance(InstanceId(id)); !s.ok()) return ToGrpc(s);
     }
     membership_->Report(id, request->state());
-    // A tail's blocks stay on its computing instance's GPU (a new arena handle may name one).
-    if (absl::Status s = lake_->lake->SetDeviceDomains(membership_->DeviceDomains()); !s.ok()) {
-      return ToGrpc(s);
-    }
   }
+  if (absl::Status s = UpdateDeviceDomains(); !s.ok()) return ToGrpc(s);
   // Restored in batches, without holding up the plan path.
   absl::StatusOr<Reconciler::Outcome> outcome =
       reconciler_->Report(id, request->state(), /*registration=*/true, absl::Now());
@@ -171,12 +169,7 @@ grpc::Status MembershipService::Heartbeat(grpc::ServerContext* ctx,
   }
   if (absl::Status s = membership_->Heartbeat(id, absl::Now()); !s.ok()) return ToGrpc(s);
   membership_->Report(id, request->state());
-  {
-    // A tail's blocks stay on its computing instance's GPU (O(instances), a short hold).
-    const std::vector<int32_t> domains = membership_->DeviceDomains();
-    absl::MutexLock lake_lock(&lake_->mu);
-    if (absl::Status s = lake_->lake->SetDeviceDomains(domains); !s.ok()) return ToGrpc(s);
-  }
+  if (absl::Status s = UpdateDeviceDomains(); !s.ok()) return ToGrpc(s);
   // The report is taken without holding the lake's lock here: the reconciler takes it in short
   // batches, so that plans never wait long behind a heartbeat.
   absl::StatusOr<Reconciler::Outcome> outcome =
@@ -192,6 +185,20 @@ grpc::Status MembershipService::Heartbeat(grpc::ServerContext* ctx,
   reply->set_holdings_acked_seq(outcome->acked_seq);
   reply->set_full_holdings_wanted(outcome->full_wanted);
   return grpc::Status::OK;
+}
+
+absl::Status MembershipService::UpdateDeviceDomains() {
+  std::vector<int32_t> domains = membership_->DeviceDomains();
+  {
+    absl::MutexLock lock(&domains_mu_);
+    if (domains == device_domains_) return absl::OkStatus();
+  }
+  absl::MutexLock lake_lock(&lake_->mu);
+  domains = membership_->DeviceDomains();  // the latest, now that changes to the lake wait
+  TOKENLAKE_RETURN_IF_ERROR(lake_->lake->SetDeviceDomains(domains));
+  absl::MutexLock lock(&domains_mu_);
+  device_domains_ = std::move(domains);
+  return absl::OkStatus();
 }
 
 }  // namespace tokenlake::service

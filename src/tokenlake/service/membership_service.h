@@ -28,8 +28,11 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "tokenlake/service/call_auth.h"
 #include "tokenlake/service/guarded_lake.h"
@@ -82,6 +85,11 @@ class MembershipService final : public v1::Coordinator::Service {
   void set_gate(const LeaderGate* gate) { gate_ = gate; }
 
  private:
+  // Tells the lake the instances' device domains (Membership::DeviceDomains: a tail's blocks
+  // stay on its computing instance's GPU) when they differ from what it was last told; the
+  // lake's lock is taken only then. REQUIRES: lake_->mu not held (it orders before domains_mu_).
+  absl::Status UpdateDeviceDomains();
+
   const LeaderGate* gate_ = nullptr;
   const Options options_;
   GuardedLake* const lake_;
@@ -91,6 +99,8 @@ class MembershipService final : public v1::Coordinator::Service {
   transport::TcpTransport* const tcp_;
   const FailPending fail_pending_;
   std::atomic<int64_t> refused_registrations_{0};
+  absl::Mutex domains_mu_;
+  std::vector<int32_t> device_domains_ ABSL_GUARDED_BY(domains_mu_);  // what the lake was told
 };
 
 }  // namespace tokenlake::service
