@@ -1,5 +1,7 @@
+#include <cstdlib>
 #include <set>
 #include <sstream>
+#include <string>
 
 #include "absl/container/flat_hash_map.h"
 #include "gtest/gtest.h"
@@ -9,6 +11,7 @@
 #include "tokenlake/base/ids.h"
 #include "tokenlake/base/random.h"
 #include "tokenlake/base/status_macros.h"
+#include "tokenlake/base/test_seed.h"
 
 namespace tokenlake {
 namespace {
@@ -105,6 +108,21 @@ TEST(StatusMacrosTest, PropagateErrorsAndValues) {
 
 TEST(CheckTest, FailureNamesTheCondition) {
   EXPECT_DEATH(TOKENLAKE_CHECK(1 + 1 == 3, "arithmetic"), "1 \\+ 1 == 3: arithmetic");
+}
+
+TEST(TestSeedTest, IsTheBaseMovedByTheEnvironment) {
+  const char* before = std::getenv("TOKENLAKE_TEST_SEED");
+  const std::string saved = before != nullptr ? before : "";
+  unsetenv("TOKENLAKE_TEST_SEED");
+  EXPECT_EQ(TestSeed(41), 41u);
+  setenv("TOKENLAKE_TEST_SEED", "5", 1);
+  EXPECT_EQ(TestSeed(41), 46u);
+  EXPECT_EQ(TestSeed(0), 5u);
+  if (before != nullptr) {
+    setenv("TOKENLAKE_TEST_SEED", saved.c_str(), 1);
+  } else {
+    unsetenv("TOKENLAKE_TEST_SEED");
+  }
 }
 
 }  // namespace

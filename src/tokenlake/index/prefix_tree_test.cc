@@ -13,6 +13,7 @@
 #include "gtest/gtest.h"
 #include "tokenlake/base/check.h"
 #include "tokenlake/base/random.h"
+#include "tokenlake/base/test_seed.h"
 #include "tokenlake/index/segment_id.h"
 
 namespace tokenlake::index {
@@ -497,11 +498,9 @@ class PrefixTreeModelTest : public ::testing::TestWithParam<ModelParams> {};
 TEST_P(PrefixTreeModelTest, RandomOperationsMatchReferenceModel) {
   ModelParams p = GetParam();
   // TOKENLAKE_TEST_SEED=<n> replays or explores other seeds with the same sizes.
-  if (const char* env = std::getenv("TOKENLAKE_TEST_SEED"))
-    p.seed += std::strtoull(env, nullptr, 10);
+  p.seed = TestSeed(p.seed);
   SCOPED_TRACE(::testing::Message() << "seed=" << p.seed << " instances=" << p.num_instances
                                     << " S=" << p.segment_tokens);
-  std::cout << "seed=" << p.seed << "\n";
   Rng rng(p.seed);
   const int32_t n = p.num_instances, s = p.segment_tokens;
   auto created = PrefixTree::Create({.segment_tokens = s, .num_instances = n});

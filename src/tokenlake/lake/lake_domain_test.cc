@@ -12,6 +12,7 @@
 #include "gtest/gtest.h"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/base/random.h"
+#include "tokenlake/base/test_seed.h"
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/lake/lake_testing.h"
 
@@ -164,11 +165,8 @@ int64_t NaiveDroppable(const index::PrefixTree& tree, const std::vector<int32_t>
 
 TEST_P(LakeDomainModelTest, TailsStayOnTheirDeviceAndAdmissionMatchesTheModel) {
   DomainParams p = GetParam();
-  if (const char* env = std::getenv("TOKENLAKE_TEST_SEED")) {
-    p.seed += std::strtoull(env, nullptr, 10);
-  }
+  p.seed = TestSeed(p.seed);
   SCOPED_TRACE(testing::Message() << "seed=" << p.seed);
-  std::cout << "seed=" << p.seed << "\n";
   Rng rng(p.seed);
   ManualClock clock(1);
   auto lake = MakeLake(&clock, p.instances, p.slots);

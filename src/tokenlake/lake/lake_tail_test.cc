@@ -10,6 +10,7 @@
 #include "gtest/gtest.h"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/base/random.h"
+#include "tokenlake/base/test_seed.h"
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/lake/lake_testing.h"
 
@@ -191,11 +192,8 @@ class LakeTailModelTest : public ::testing::TestWithParam<TailParams> {};
 
 TEST_P(LakeTailModelTest, TailsMatchTheModelAndTheAccountingIsExact) {
   TailParams p = GetParam();
-  if (const char* env = std::getenv("TOKENLAKE_TEST_SEED")) {
-    p.seed += std::strtoull(env, nullptr, 10);
-  }
+  p.seed = TestSeed(p.seed);
   SCOPED_TRACE(testing::Message() << "seed=" << p.seed);
-  std::cout << "seed=" << p.seed << "\n";
   Rng rng(p.seed);
   ManualClock clock(1);
   auto lake = MakeLake(&clock, p.instances, p.slots);

@@ -13,6 +13,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tokenlake/base/random.h"
+#include "tokenlake/base/test_seed.h"
 #include "tokenlake/service/openai_front_end.h"
 
 namespace tokenlake::service {
@@ -73,9 +74,7 @@ TEST(ApiKeysTest, TokensInFlightNeverExceedTheKeysLimit) {
   auto keys = ApiKeys::Parse("sk-limited-1 max_tokens_in_flight=100\nsk-open-key-2\n", "k");
   ASSERT_TRUE(keys.ok());
   const ApiKeys& k = **keys;
-  uint64_t seed = 31;
-  if (const char* env = std::getenv("TOKENLAKE_TEST_SEED")) seed += std::strtoull(env, nullptr, 10);
-  std::cout << "seed=" << seed << "\n";
+  const uint64_t seed = TestSeed(31);
   Rng rng(seed);
   std::vector<int64_t> held;
   int64_t sum = 0;

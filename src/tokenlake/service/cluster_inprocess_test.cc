@@ -33,6 +33,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tokenlake/base/test_seed.h"
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/index/segment_id.h"
@@ -908,9 +909,7 @@ TEST_F(InProcessClusterTest, AFloodedLiveInstanceKeepsItsNameUntilItDies) {
 // lake_pending_test and iteration_loop_test's AnotherEnginesPlanNeverReadsACopyWhoseStore...;
 // this is the cluster end to end, with no holder-side wait any more.)
 TEST_F(InProcessClusterTest, ConcurrentFirstUsesOfAPrefixAreServedOnTheFirstAttempt) {
-  const char* env = std::getenv("TOKENLAKE_TEST_SEED");
-  const uint64_t seed = 915 + (env != nullptr ? std::strtoull(env, nullptr, 10) : 0);
-  std::cout << "seed=" << seed << "\n";
+  const uint64_t seed = TestSeed(915);
   std::mt19937_64 rng(seed);
   // Computing instances take turns: requests of one round run on both instances at once.
   options_.rotate_compute_instance = true;

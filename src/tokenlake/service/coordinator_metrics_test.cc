@@ -15,6 +15,7 @@
 #include "nlohmann/json.hpp"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/base/random.h"
+#include "tokenlake/base/test_seed.h"
 
 namespace tokenlake::service {
 namespace {
@@ -133,9 +134,7 @@ double Sample(const std::string& text, const std::string& series) {
 // tree per scrape); after every one of a random run of commits, evictions, pins, restores, lost
 // copies and instances, and rebalances they equal a naive recount over the tree.
 TEST(CoordinatorMetricsTest, LakeGaugesEqualANaiveRecountAfterRandomOperations) {
-  uint64_t seed = 515;
-  if (const char* env = std::getenv("TOKENLAKE_TEST_SEED")) seed += std::strtoull(env, nullptr, 10);
-  std::cout << "seed=" << seed << "\n";
+  const uint64_t seed = TestSeed(515);
   SCOPED_TRACE(testing::Message() << "seed=" << seed);
   Rng rng(seed);
   constexpr int32_t kInstances = 4;

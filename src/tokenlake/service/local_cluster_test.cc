@@ -18,6 +18,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tokenlake/base/random.h"
+#include "tokenlake/base/test_seed.h"
 
 namespace tokenlake::service {
 namespace {
@@ -98,9 +99,7 @@ TEST(ParsePortFileTest, TruncatedAndCorruptedFilesGiveErrorsOrValidPorts) {
       EXPECT_EQ(p->grpc_port, 9090);
     }
   }
-  uint64_t seed = 20261126;
-  if (const char* env = std::getenv("TOKENLAKE_TEST_SEED")) seed += std::strtoull(env, nullptr, 10);
-  std::cout << "seed=" << seed << "\n";
+  const uint64_t seed = TestSeed(20261126);
   Rng rng(seed);
   const std::string alphabet = "{}[]\":,.-+e0123456789 \ntruefalsnl_xyz\\";
   int accepted = 0;

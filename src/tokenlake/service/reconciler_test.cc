@@ -18,6 +18,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tokenlake/base/random.h"
+#include "tokenlake/base/test_seed.h"
 #include "tokenlake/service/guarded_lake.h"
 #include "tokenlake/service/holdings_report.h"
 
@@ -317,9 +318,7 @@ class FakeHoldings final : public HoldingsSource {
 // report; after every step the view's disagreement with the lake is exactly the symmetric
 // difference of the view and the lake's listing.
 TEST(ReconcilerModelTest, TheViewEqualsTheInstanceAfterEveryReportTakenDespiteAnUnreliableNet) {
-  uint64_t seed = 4242;
-  if (const char* env = std::getenv("TOKENLAKE_TEST_SEED")) seed += std::strtoull(env, nullptr, 10);
-  std::cout << "seed=" << seed << "\n";
+  const uint64_t seed = TestSeed(4242);
   SCOPED_TRACE(testing::Message() << "seed=" << seed);
   Rng rng(seed);
   // Chains c = 0..7 of 4 segments: id c * 100 + k + 1, each the parent of the next.

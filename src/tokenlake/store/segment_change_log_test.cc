@@ -8,6 +8,7 @@
 
 #include "gtest/gtest.h"
 #include "tokenlake/base/random.h"
+#include "tokenlake/base/test_seed.h"
 
 namespace tokenlake::store {
 namespace {
@@ -52,9 +53,7 @@ TEST(SegmentChangeLogTest, AnOverflowForgetsEverythingUnacknowledged) {
 }
 
 TEST(SegmentChangeLogTest, RandomRecordsTrimsAndReadsMatchAModel) {
-  uint64_t seed = 77;
-  if (const char* env = std::getenv("TOKENLAKE_TEST_SEED")) seed += std::strtoull(env, nullptr, 10);
-  std::cout << "seed=" << seed << "\n";
+  const uint64_t seed = TestSeed(77);
   SCOPED_TRACE(testing::Message() << "seed=" << seed);
   Rng rng(seed);
   for (int64_t max_entries : {0, 1, 5, 40}) {

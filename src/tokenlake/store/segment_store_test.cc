@@ -11,6 +11,7 @@
 #include "gtest/gtest.h"
 #include "tokenlake/base/check.h"
 #include "tokenlake/base/random.h"
+#include "tokenlake/base/test_seed.h"
 
 namespace tokenlake::store {
 namespace {
@@ -251,10 +252,8 @@ class SegmentStoreModelTest : public ::testing::TestWithParam<StoreParams> {};
 TEST_P(SegmentStoreModelTest, RandomOperationsMatchReferenceModel) {
   StoreParams p = GetParam();
   // TOKENLAKE_TEST_SEED=<n> replays or explores other seeds with the same sizes.
-  if (const char* env = std::getenv("TOKENLAKE_TEST_SEED"))
-    p.seed += std::strtoull(env, nullptr, 10);
+  p.seed = TestSeed(p.seed);
   SCOPED_TRACE(::testing::Message() << "seed=" << p.seed << " capacity=" << p.capacity);
-  std::cout << "seed=" << p.seed << "\n";
   Rng rng(p.seed);
   std::vector<std::byte> arena(static_cast<size_t>(p.capacity) * 16);
   auto created =
