@@ -10,8 +10,8 @@
 #include "tokenlake/base/hash.h"
 #include "tokenlake/base/ids.h"
 #include "tokenlake/base/random.h"
+#include "tokenlake/base/random_testing.h"
 #include "tokenlake/base/status_macros.h"
-#include "tokenlake/base/test_seed.h"
 
 namespace tokenlake {
 namespace {

@@ -1,7 +1,6 @@
 #include "tokenlake/index/prefix_tree.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <iostream>
 #include <map>
 #include <set>
@@ -13,7 +12,7 @@
 #include "gtest/gtest.h"
 #include "tokenlake/base/check.h"
 #include "tokenlake/base/random.h"
-#include "tokenlake/base/test_seed.h"
+#include "tokenlake/base/random_testing.h"
 #include "tokenlake/index/segment_id.h"
 
 namespace tokenlake::index {

@@ -2,7 +2,6 @@
 // instance's kernels, so they go only to instances of its device; admission checks that device's
 // room. Examples, then a randomised test against a naive model of what drops can free.
 #include <algorithm>
-#include <cstdlib>
 #include <iostream>
 #include <map>
 #include <optional>
@@ -12,7 +11,7 @@
 #include "gtest/gtest.h"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/base/random.h"
-#include "tokenlake/base/test_seed.h"
+#include "tokenlake/base/random_testing.h"
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/lake/lake_testing.h"
 

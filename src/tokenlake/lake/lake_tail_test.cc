@@ -1,7 +1,6 @@
 // Tails in the pool (lake.h, "Tails in the pool"): accounting tests, and a randomised model test
 // of tail requests iterating over a shared pool beside requests without tails.
 #include <algorithm>
-#include <cstdlib>
 #include <iostream>
 #include <map>
 #include <optional>
@@ -10,7 +9,7 @@
 #include "gtest/gtest.h"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/base/random.h"
-#include "tokenlake/base/test_seed.h"
+#include "tokenlake/base/random_testing.h"
 #include "tokenlake/lake/lake.h"
 #include "tokenlake/lake/lake_testing.h"
 

@@ -3,8 +3,6 @@
 #include "tokenlake/service/api_keys.h"
 
 #include <atomic>
-#include <cstdlib>
-#include <iostream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -13,7 +11,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tokenlake/base/random.h"
-#include "tokenlake/base/test_seed.h"
+#include "tokenlake/base/random_testing.h"
 #include "tokenlake/service/openai_front_end.h"
 
 namespace tokenlake::service {

@@ -33,7 +33,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
-#include "tokenlake/base/test_seed.h"
+#include "tokenlake/base/random_testing.h"
 #include "tokenlake/engine/engine.h"
 #include "tokenlake/engine/llama_model.h"
 #include "tokenlake/index/segment_id.h"

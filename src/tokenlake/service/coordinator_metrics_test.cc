@@ -3,7 +3,6 @@
 #include "tokenlake/service/coordinator_metrics.h"
 
 #include <cmath>
-#include <cstdlib>
 #include <iostream>
 #include <map>
 #include <string>
@@ -15,7 +14,7 @@
 #include "nlohmann/json.hpp"
 #include "tokenlake/base/clock.h"
 #include "tokenlake/base/random.h"
-#include "tokenlake/base/test_seed.h"
+#include "tokenlake/base/random_testing.h"
 
 namespace tokenlake::service {
 namespace {

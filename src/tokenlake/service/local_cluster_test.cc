@@ -7,7 +7,6 @@
 #include <sys/stat.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -18,7 +17,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tokenlake/base/random.h"
-#include "tokenlake/base/test_seed.h"
+#include "tokenlake/base/random_testing.h"
 
 namespace tokenlake::service {
 namespace {

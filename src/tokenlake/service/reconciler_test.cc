@@ -7,7 +7,6 @@
 #include "tokenlake/service/reconciler.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <iostream>
 #include <map>
 #include <memory>
@@ -18,7 +17,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tokenlake/base/random.h"
-#include "tokenlake/base/test_seed.h"
+#include "tokenlake/base/random_testing.h"
 #include "tokenlake/service/guarded_lake.h"
 #include "tokenlake/service/holdings_report.h"
 

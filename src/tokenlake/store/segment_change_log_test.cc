@@ -2,13 +2,11 @@
 // they are forgotten (trimmed, or dropped when the log overflowed).
 #include "tokenlake/store/segment_change_log.h"
 
-#include <cstdlib>
-#include <iostream>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "tokenlake/base/random.h"
-#include "tokenlake/base/test_seed.h"
+#include "tokenlake/base/random_testing.h"
 
 namespace tokenlake::store {
 namespace {

@@ -1,7 +1,6 @@
 #include "tokenlake/store/segment_store.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <iostream>
 #include <map>
 #include <thread>
@@ -11,7 +10,7 @@
 #include "gtest/gtest.h"
 #include "tokenlake/base/check.h"
 #include "tokenlake/base/random.h"
-#include "tokenlake/base/test_seed.h"
+#include "tokenlake/base/random_testing.h"
 
 namespace tokenlake::store {
 namespace {

@@ -1,9 +1,10 @@
-// TestSeed: the seed of a randomised test, printed, and moved by the environment so that a
-// failure can be replayed and other seeds explored without a rebuild.
+// Test-only (beside random.h, as lake_testing.h beside the lake): TestSeed, the seed of a
+// randomised test, printed, and moved by the environment so that a failure can be replayed and
+// other seeds explored without a rebuild.
 //
 // Thread-safety: reads the environment and writes stdout; call from the test's own thread.
-#ifndef TOKENLAKE_BASE_TEST_SEED_H_
-#define TOKENLAKE_BASE_TEST_SEED_H_
+#ifndef TOKENLAKE_BASE_RANDOM_TESTING_H_
+#define TOKENLAKE_BASE_RANDOM_TESTING_H_
 
 #include <cstdint>
 #include <cstdio>
@@ -24,4 +25,4 @@ inline uint64_t TestSeed(uint64_t base) {
 
 }  // namespace tokenlake
 
-#endif  // TOKENLAKE_BASE_TEST_SEED_H_
+#endif  // TOKENLAKE_BASE_RANDOM_TESTING_H_
