@@ -3,10 +3,12 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <initializer_list>
 #include <sstream>
 #include <type_traits>
 
 #include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
 #include "tokenlake/base/check.h"
@@ -73,6 +75,23 @@ absl::StatusOr<nlohmann::json> ParseObject(const std::string& text, const std::s
   return j;
 }
 
+// Refuses a field of j that is not in `known` (a misspelt field would otherwise leave its
+// default in place without a word), naming `source`, the field and the known ones.
+absl::Status CheckFields(const nlohmann::json& j, std::initializer_list<const char*> known,
+                         const std::string& source) {
+  for (const auto& [key, value] : j.items()) {
+    if (std::find_if(known.begin(), known.end(), [&](const char* k) { return key == k; }) !=
+        known.end()) {
+      continue;
+    }
+    std::string names;
+    for (const char* k : known) absl::StrAppend(&names, names.empty() ? "" : ", ", k);
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s: unknown field '%s' (known: %s)", source, key, names));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::string> ReadFile(const std::string& path) {
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(absl::StrFormat("cannot open '%s'", path));
@@ -97,6 +116,13 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
 absl::StatusOr<ModelSpec> ParseModelSpec(const std::string& text, const std::string& source) {
   auto j = ParseObject(text, source);
   if (!j.ok()) return j.status();
+  if (absl::Status s = CheckFields(*j,
+                                   {"name", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                                    "hidden", "intermediate", "vocab", "dtype_bytes"},
+                                   source);
+      !s.ok()) {
+    return s;
+  }
   ModelSpec m;
   // Bounds far above any real model that keep every product of fields (parameters, KV bytes)
   // inside int64.
@@ -135,6 +161,17 @@ absl::StatusOr<ModelSpec> ParseModelSpec(const std::string& text, const std::str
 absl::StatusOr<GpuProfile> ParseGpuProfile(const std::string& text, const std::string& source) {
   auto j = ParseObject(text, source);
   if (!j.ok()) return j.status();
+  // `tokenlake profile` also writes what it measured and how ("device", "measured",
+  // "dense_ms_by_tokens"): read and ignored.
+  if (absl::Status s =
+          CheckFields(*j,
+                      {"name", "memory_bytes", "memory_utilization", "activation_reserve_bytes",
+                       "copy_gbps", "gemm_tflops", "attn_prefill_tflops", "attn_decode_gbps",
+                       "dense_ms", "forward_ms", "device", "measured", "dense_ms_by_tokens"},
+                      source);
+      !s.ok()) {
+    return s;
+  }
   GpuProfile g;
   TL_GET_STRING(*j, "name", &g.name, source);
   TL_GET(*j, "memory_bytes", &g.memory_bytes, source);

@@ -150,6 +150,11 @@ struct InterconnectSpec {
   double latency_us = 10;
 };
 
+// A model or GPU profile from JSON: the struct's fields by name (those absent keep the struct's
+// defaults). Errors: InvalidArgument naming `source` and the field for text that is not a JSON
+// object, a field of the wrong type or out of range, and a field the struct does not have (a
+// GPU profile may also carry `tokenlake profile`'s "device", "measured" and
+// "dense_ms_by_tokens", which are ignored).
 absl::StatusOr<ModelSpec> ParseModelSpec(const std::string& json_text, const std::string& source);
 absl::StatusOr<GpuProfile> ParseGpuProfile(const std::string& json_text, const std::string& source);
 std::string GpuProfileToJson(const GpuProfile& gpu);

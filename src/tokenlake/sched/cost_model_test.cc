@@ -268,6 +268,9 @@ TEST(GpuProfileTest, WrongTypesAndValuesNameTheFileAndField) {
            Case{R"({"forward_ms": []})", "forward_ms", "non-empty array"},
            Case{R"({"forward_ms": [[1, 5], [1, 6]]})", "forward_ms", "element 1"},
            Case{R"({"forward_ms": [[0, 5]]})", "forward_ms", "tokens >= 1"},
+           // A misspelt field used to leave the default in place without a word.
+           Case{R"({"copy_gbs": 3000})", "copy_gbs", "unknown field"},
+           Case{R"({"name": "g", "Memory_bytes": 1})", "Memory_bytes", "known: name,"},
        }) {
     auto g = ParseGpuProfile(c.json, "gpu.json");
     EXPECT_EQ(g.status().code(), absl::StatusCode::kInvalidArgument) << c.json;
@@ -275,6 +278,12 @@ TEST(GpuProfileTest, WrongTypesAndValuesNameTheFileAndField) {
     EXPECT_THAT(std::string(g.status().message()), HasSubstr(c.field)) << c.json;
     EXPECT_THAT(std::string(g.status().message()), HasSubstr(c.says)) << c.json;
   }
+  // What `tokenlake profile` writes beside the fields is read and ignored.
+  auto measured = ParseGpuProfile(
+      R"({"copy_gbps": 3000, "device": {"name": "x"}, "measured": {}, "dense_ms_by_tokens": {}})",
+      "gpu.json");
+  ASSERT_TRUE(measured.ok()) << measured.status();
+  EXPECT_EQ(measured->copy_gbps, 3000);
   // An integral value written as a float is an integer.
   auto ok = ParseGpuProfile(R"({"memory_bytes": 8.0e10})", "gpu.json");
   ASSERT_TRUE(ok.ok()) << ok.status();
@@ -301,6 +310,8 @@ TEST(ModelSpecTest, WrongTypesAndValuesNameTheFileAndField) {
            Case{R"({"vocab": 0.25})", "vocab", "must be an integer"},
            Case{R"({"intermediate": 0})", "intermediate", "> 0"},
            Case{R"({"name": ["m"]})", "name", "must be a string"},
+           Case{R"({"num_layer": 40})", "num_layer", "unknown field"},
+           Case{R"({"hidden_size": 4096})", "hidden_size", "known: name, num_layers"},
        }) {
     auto m = ParseModelSpec(c.json, "model.json");
     EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument) << c.json;
