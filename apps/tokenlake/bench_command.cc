@@ -403,6 +403,9 @@ void SetUpEngineBench(CLI::App* bench, int* exit_code) {
       absl::StrFormat("Launch the kernels of forwards of at most %d rows one by one "
                       "instead of replaying them as CUDA graphs (one per batch-size bucket)",
                       engine::cuda::GpuLlamaModel::kGraphMaxRows));
+  e->add_flag("!--no-pdl", o.pdl,
+              "Launch the forward's kernels one after another instead of chaining them by "
+              "programmatic dependent launch (each may start while the one before it drains)");
   e->add_option("--seed", o.seed, "Seed of the weights and prompts");
   e->add_option("--prompts", o.prompts_path,
                 "Also write the workloads' prompts as JSON (for bench/hf_generate.py)");

@@ -421,17 +421,9 @@ absl::Status LaunchDecodeMma(const PagedAttentionParams& p, const LaunchConfig& 
         const dim3 grid(c.items, p.num_kv_heads, p.num_q_tokens);
         // One launch path: with pdl > 0 the programmatic-serialization attribute (the
         // kernel's griddepcontrol.wait then orders it), without it an ordinary launch.
-        cudaLaunchConfig_t config = {};
-        config.gridDim = grid;
-        config.blockDim = dim3(kDecodeMmaWarps * 32);
-        config.dynamicSmemBytes = DecodeMmaSmemBytes<kD, kS>();
-        config.stream = stream;
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
-        config.attrs = attr;
-        config.numAttrs = p.pdl > 0 ? 1 : 0;
-        if (cudaError_t err = cudaLaunchKernelEx(&config, DecodeMmaKernel<kD, kG, kS, kC>, a);
+        if (cudaError_t err =
+                LaunchKernel(p.pdl > 0, DecodeMmaKernel<kD, kG, kS, kC>, grid,
+                             dim3(kDecodeMmaWarps * 32), DecodeMmaSmemBytes<kD, kS>(), stream, a);
             err != cudaSuccess) {
           return absl::InternalError(absl::StrFormat("decode attention (tensor cores) launch: %s",
                                                      cudaGetErrorString(err)));

@@ -11,6 +11,7 @@
 
 #include "tokenlake/attention/cuda/kernels.h"
 #include "tokenlake/attention/cuda/paged_attention.h"
+#include "tokenlake/attention/cuda/pdl.cuh"
 
 namespace tokenlake::attention::cuda::internal {
 
@@ -23,17 +24,9 @@ __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, int src
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(src_bytes));
 }
-// Programmatic dependent launch (PTX griddepcontrol, sm_90). Wait: blocks until the grids this
-// one depends on programmatically have completed and their memory is visible (returns at once
-// when the grid was launched without PDL). Launch dependents: this thread block no longer holds
-// back the launch of a PDL-launched next grid (which still waits for our completion before it
-// touches what we write).
-__device__ __forceinline__ void GridDependencyWait() {
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-}
-__device__ __forceinline__ void GridDependentsLaunch() {
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-}
+// Programmatic dependent launch: pdl.cuh.
+using ::tokenlake::attention::cuda::GridDependencyWait;
+using ::tokenlake::attention::cuda::GridDependentsLaunch;
 
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>

@@ -1,6 +1,7 @@
 #include <cuda_runtime.h>
 
 #include "absl/strings/str_format.h"
+#include "tokenlake/attention/cuda/pdl.cuh"
 #include "tokenlake/attention/cuda/pdl_testing.h"
 
 namespace tokenlake::attention::cuda {
@@ -8,7 +9,7 @@ namespace {
 
 __global__ void DelayedCopyKernel(uint4* __restrict__ dst, const uint4* __restrict__ src, size_t n,
                                   int64_t delay_ns) {
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  GridDependentsLaunch();
   uint64_t t0;
   asm volatile("mov.u64 %0, %%globaltimer;\n" : "=l"(t0));
   for (;;) {

@@ -95,6 +95,8 @@ struct EngineBenchOptions {
   // Replay forwards of at most GpuLlamaModel::kGraphMaxRows rows as CUDA graphs
   // (GpuLlamaModel::set_decode_graphs).
   bool decode_graphs = true;
+  // Chain the forward's kernels by programmatic dependent launch (GpuLlamaModel::set_pdl).
+  bool pdl = true;
   // Device memory kept out of the pool (activations and workspaces; the requests' KV tails are
   // slots of the pool).
   int64_t reserve_bytes = int64_t{4} << 30;

@@ -56,6 +56,9 @@ class GpuEngine::Backend final : public GpuAttentionBackend {
     float* partials = nullptr;  // [rows][head_dim] then [rows] f32 (the pooled partial)
     float* lse = nullptr;       // [rows] f32
     DeviceBuffer* workspace = nullptr;
+    // Programmatic dependent launch for the KV append and the decode kernel (the model's
+    // GpuLlamaModel::pdl).
+    bool pdl = false;
   };
 
   explicit Backend(Setup setup) : s_(std::move(setup)) {}
@@ -98,7 +101,8 @@ class GpuEngine::Backend final : public GpuAttentionBackend {
     const int64_t row_bytes = s_.layout.TokenRowBytes();
     const int64_t qd = int64_t{c.num_heads} * c.head_dim;
     // 1. Every new token's K and V join its sequence's tail: one launch for the batch.
-    TOKENLAKE_RETURN_IF_ERROR(AppendKvRows(s_.destinations, n, layer, k, v, row_bytes, stream));
+    TOKENLAKE_RETURN_IF_ERROR(
+        AppendKvRows(s_.destinations, n, layer, k, v, row_bytes, stream, s_.pdl));
     const acuda::DeviceKvBlock* layer_blocks = s_.blocks + int64_t{layer} * s_.stride;
     // The plans in Plan's order; each run swaps in this layer's descriptors, queries, outputs.
     auto next_plan = plans_.begin();
@@ -149,6 +153,8 @@ class GpuEngine::Backend final : public GpuAttentionBackend {
     p.num_heads = s_.config.num_heads;
     p.num_kv_heads = s_.config.num_kv_heads;
     p.head_dim = s_.config.head_dim;
+    // 1, not 2: the kernel before the decode is the KV append, which writes the tails' blocks.
+    p.pdl = s_.pdl ? 1 : 0;
     return p;
   }
   acuda::PagedAttentionParams DecodeShape() const {
@@ -554,7 +560,8 @@ absl::StatusOr<std::vector<WorkOutput>> GpuEngine::Executor::Run(
                      .destinations = reinterpret_cast<const KvRowDestination*>(dev + dest_at),
                      .partials = e_->partials_.as<float>(),
                      .lse = e_->merged_lse_.as<float>(),
-                     .workspace = &e_->workspace_});
+                     .workspace = &e_->workspace_,
+                     .pdl = e_->model_->pdl()});
   TOKENLAKE_RETURN_IF_ERROR(backend.Plan(stream));
 
   std::vector<GpuSequenceInput> inputs;

@@ -89,11 +89,13 @@ TEST_P(GpuEngineRandomTest, MatchesCpuEngineWithinBf16Tolerance) {
   Models m = MakeModels(c, seed);
   ASSERT_TRUE(m.cpu != nullptr && m.gpu != nullptr);
   // Even seeds decode on SmallBatchGemm (small_batch_gemm.h), odd ones on cuBLAS; seeds 0 and 1
-  // mod 4 replay the small-batch forwards as CUDA graphs.
+  // mod 4 replay the small-batch forwards as CUDA graphs; seeds not divisible by 3 chain the
+  // kernels by programmatic dependent launch.
   m.gpu->set_small_batch_rows(seed % 2 == 0 ? kSmallBatchMaxRows : 0);
   m.gpu->set_decode_graphs(seed % 4 < 2);
+  m.gpu->set_pdl(seed % 3 != 0);
   std::cout << "small-batch kernels " << (seed % 2 == 0 ? "on" : "off") << ", graphs "
-            << (seed % 4 < 2 ? "on" : "off") << "\n";
+            << (seed % 4 < 2 ? "on" : "off") << ", pdl " << (seed % 3 != 0 ? "on" : "off") << "\n";
   auto cpu = Engine::Create(m.cpu.get(), {.use_pool = false});
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   auto gpu = GpuEngine::Create(m.gpu.get(), {.num_instances = num_instances,
@@ -161,7 +163,8 @@ TEST(GpuEngineTest, SmallPoolEvictsAndStaysCorrect) {
   Models m = MakeModels(c, seed);
   ASSERT_TRUE(m.cpu != nullptr && m.gpu != nullptr);
   // Even seeds decode on SmallBatchGemm (small_batch_gemm.h), odd ones on cuBLAS; seeds 0 and 1
-  // mod 4 replay the small-batch forwards as CUDA graphs.
+  // mod 4 replay the small-batch forwards as CUDA graphs; seeds not divisible by 3 chain the
+  // kernels by programmatic dependent launch.
   m.gpu->set_small_batch_rows(seed % 2 == 0 ? kSmallBatchMaxRows : 0);
   m.gpu->set_decode_graphs(seed % 4 < 2);
   std::cout << "small-batch kernels " << (seed % 2 == 0 ? "on" : "off") << ", graphs "
@@ -266,6 +269,50 @@ TEST(GpuEngineBatchTest, EachRequestMatchesTheCpuReferenceWhateverTheBatch) {
     }
     EXPECT_EQ(data_segments, (*gpu)->lake().Stats().replicas);
     EXPECT_EQ((*gpu)->lake().Stats().tail_slots, 0);
+  }
+}
+
+// Programmatic dependent launch (GpuLlamaModel::set_pdl) changes when the forward's kernels
+// start, never what they compute: a batch of prefills and decodes run with it on gives bit for
+// bit the tokens and logits of the same batch run with it off (the same kernels in the same
+// order). A kernel that read its input before the kernel writing it had finished would show as
+// a difference.
+TEST(GpuEnginePdlTest, ChainedLaunchesGiveTheSameLogitsBitForBit) {
+  SKIP_WITHOUT_GPU();
+  for (uint64_t seed : {921u, 922u, 923u}) {
+    SCOPED_TRACE(testing::Message() << "seed=" << seed);
+    std::cout << "seed=" << seed << "\n";
+    std::mt19937_64 rng(seed);
+    const LlamaConfig c = RandomConfig(rng);
+    Models m = MakeModels(c, seed);
+    ASSERT_TRUE(m.gpu != nullptr);
+    const GpuEngineOptions options = {.num_instances = 1 + static_cast<int32_t>(rng() % 3),
+                                      .segment_tokens = rng() % 2 == 0 ? 4 : 16,
+                                      .slots_per_instance = 512,
+                                      .rotate_compute_instance = true,
+                                      .max_batch_tokens = 16 + static_cast<int64_t>(rng() % 120),
+                                      .max_batch_requests = 2 + static_cast<int32_t>(rng() % 8)};
+    std::vector<GenerateRequest> requests;
+    for (auto& p : RandomPrompts(rng, c.vocab_size, 10)) {
+      requests.push_back({.prompt = std::move(p),
+                          .max_new_tokens = 1 + static_cast<int32_t>(rng() % 8),
+                          .arrival_iteration = static_cast<int32_t>(rng() % 6)});
+    }
+    std::vector<absl::StatusOr<GpuGenerateResult>> runs[2];
+    for (const bool pdl : {false, true}) {
+      m.gpu->set_pdl(pdl);
+      auto gpu = GpuEngine::Create(m.gpu.get(), options);
+      ASSERT_TRUE(gpu.ok()) << gpu.status();
+      runs[pdl ? 1 : 0] = (*gpu)->GenerateBatch(requests);
+    }
+    for (size_t i = 0; i < requests.size(); ++i) {
+      SCOPED_TRACE(testing::Message() << "request " << i);
+      ASSERT_TRUE(runs[0][i].ok()) << runs[0][i].status();
+      ASSERT_TRUE(runs[1][i].ok()) << runs[1][i].status();
+      EXPECT_EQ(runs[1][i]->tokens, runs[0][i]->tokens);
+      EXPECT_EQ(runs[1][i]->last_logits, runs[0][i]->last_logits);
+      EXPECT_EQ(runs[1][i]->decode_logits, runs[0][i]->decode_logits);
+    }
   }
 }
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/strings/str_format.h"
+#include "tokenlake/attention/cuda/pdl.cuh"
 #include "tokenlake/base/status_macros.h"
 #include "tokenlake/engine/cuda/gpu_llama.h"
 #include "tokenlake/engine/cuda/small_batch_gemm.h"
@@ -28,6 +29,9 @@ struct GpuLlamaModel::Layer {
 
 namespace {
 
+using attention::cuda::GridDependencyWait;
+using attention::cuda::GridDependentsLaunch;
+
 constexpr int kThreads = 256;
 constexpr int kNormThreads = 512;     // RmsNormKernel's block (at most 1024)
 constexpr int kArgmaxThreads = 1024;  // ArgmaxKernel's block (a power of two)
@@ -39,8 +43,17 @@ __device__ __forceinline__ uint16_t ToBf16Bits(float x) {
   return __bfloat16_as_ushort(__float2bfloat16_rn(x));
 }
 
+// The forward's small kernels take part in programmatic dependent launch (pdl.cuh, set_pdl):
+// they let the next kernel be scheduled at once and wait for the previous one before touching
+// anything (they have nothing worth loading before).
+__device__ __forceinline__ void PdlPrologue() {
+  GridDependentsLaunch();
+  GridDependencyWait();
+}
+
 __global__ void EmbedKernel(const int32_t* __restrict__ tokens, const uint16_t* __restrict__ embed,
                             int hidden, float* __restrict__ x) {
+  PdlPrologue();
   const int t = blockIdx.x;
   const uint16_t* row = embed + static_cast<int64_t>(tokens[t]) * hidden;
 #pragma unroll 8
@@ -54,6 +67,7 @@ __global__ void EmbedKernel(const int32_t* __restrict__ tokens, const uint16_t* 
 __global__ void RmsNormKernel(const float* __restrict__ x, const float* __restrict__ w, float eps,
                               int hidden, const int32_t* __restrict__ rows,
                               uint16_t* __restrict__ y) {
+  PdlPrologue();
   const int64_t r = blockIdx.x;
   const float* xr = x + (rows != nullptr ? static_cast<int64_t>(rows[r]) : r) * hidden;
   // Unrolled so that each thread's loads are in flight together: with one thread block per
@@ -82,6 +96,7 @@ __global__ void RopeSplitKernel(const float* __restrict__ qkv, const float* __re
                                 const int32_t* __restrict__ positions, int num_heads,
                                 int num_kv_heads, int head_dim, uint16_t* __restrict__ q,
                                 uint16_t* __restrict__ k, uint16_t* __restrict__ v) {
+  PdlPrologue();
   const int t = blockIdx.x;
   const int half = head_dim / 2;
   const int qd = num_heads * head_dim;
@@ -126,6 +141,7 @@ __global__ void RopeSplitKernel(const float* __restrict__ qkv, const float* __re
 // gate_up [n][2 inter] f32 -> silu(gate) * up [n][inter] bf16.
 __global__ void SiluMulKernel(const float* __restrict__ gate_up, int64_t n, int inter,
                               uint16_t* __restrict__ out) {
+  PdlPrologue();
   const int64_t total = n * inter;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -138,6 +154,7 @@ __global__ void SiluMulKernel(const float* __restrict__ gate_up, int64_t n, int 
 }
 
 __global__ void ToBf16Kernel(const float* __restrict__ in, int64_t n, uint16_t* __restrict__ out) {
+  PdlPrologue();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     out[i] = ToBf16Bits(in[i]);
@@ -149,6 +166,7 @@ __global__ void ToBf16Kernel(const float* __restrict__ in, int64_t n, uint16_t* 
 // whole vocabulary, read by one multiprocessor).
 __global__ void __launch_bounds__(kArgmaxThreads)
     ArgmaxKernel(const float* __restrict__ x_rows, int n, int32_t* __restrict__ out) {
+  PdlPrologue();
   const float* x = x_rows + static_cast<int64_t>(blockIdx.x) * n;
   float best = -INFINITY;
   int best_i = n;
@@ -211,6 +229,14 @@ absl::Status CublasStatus(cublasStatus_t st, const char* what) {
 }
 
 absl::Status LaunchCheck(const char* what) { return CudaStatus(cudaGetLastError(), what); }
+
+// kernel<<<grid, block, 0, stream>>>(args...), PDL-launched when `pdl`; errors name `what`.
+template <typename... Params, typename... Args>
+absl::Status Launch(const char* what, bool pdl, void (*kernel)(Params...), dim3 grid, dim3 block,
+                    cudaStream_t stream, Args... args) {
+  return CudaStatus(attention::cuda::LaunchKernel(pdl, kernel, grid, block, 0, stream, args...),
+                    what);
+}
 
 // The rows a graph-replayed forward of n rows runs its dense stretches over (a batch-size bucket:
 // exact up to 8 rows, then multiples of 8 up to 64 and of 32 up to kGraphMaxRows), or 0 when
@@ -605,7 +631,7 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
     if (small) {
       return SmallBatchGemm(wt.as<uint16_t>(), x.get(), SmallGemmInput::kBf16, num_rows, in, out,
                             beta == 0.f ? SmallGemmEpilogue::kStoreF32 : SmallGemmEpilogue::kAddF32,
-                            y, nullptr, stream_);
+                            y, nullptr, stream_, SmallGemmLayout::kAuto, pdl_);
     }
     return Gemm(blas, wt.get(), x.get(), y, num_rows, in, out, beta);
   };
@@ -637,59 +663,59 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
   // RoPE's thread blocks per token: enough for a decode batch to cover the device.
   const unsigned rope_parts =
       static_cast<unsigned>(std::clamp(256 / rows, 1, c.num_heads + 2 * c.num_kv_heads));
-  EmbedKernel<<<rows, kThreads, 0, stream_>>>(d_tokens, embed_.as<uint16_t>(), h, x_.as<float>());
-  TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("embedding"));
+  TOKENLAKE_RETURN_IF_ERROR(Launch("embedding", pdl_, EmbedKernel, dim3(rows), dim3(kThreads),
+                                   stream_, d_tokens, embed_.as<uint16_t>(), h, x_.as<float>()));
   // A layer's work before its attention (RMSNorm, q/k/v, RoPE) and after it (o_proj, RMSNorm,
   // gate/up with SiLU, down_proj).
   auto before_attention = [&](const Layer& w) -> absl::Status {
     Mark(kPhaseOther);
-    RmsNormKernel<<<rows, kNormThreads, 0, stream_>>>(x_.as<float>(), w.input_norm.as<float>(),
-                                                      c.rms_norm_eps, h, nullptr,
-                                                      normed_.as<uint16_t>());
-    TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
+    TOKENLAKE_RETURN_IF_ERROR(Launch("rmsnorm", pdl_, RmsNormKernel, dim3(rows), dim3(kNormThreads),
+                                     stream_, x_.as<float>(), w.input_norm.as<float>(),
+                                     c.rms_norm_eps, h, nullptr, normed_.as<uint16_t>()));
     Mark(kPhaseGemm);
     TOKENLAKE_RETURN_IF_ERROR(dense(w.wqkv, normed_, qkv_.as<float>(), rows, h, qd + 2 * kvd, 0.f));
     Mark(kPhaseOther);
-    RopeSplitKernel<<<dim3(static_cast<unsigned>(rows), rope_parts), kThreads, 0, stream_>>>(
-        qkv_.as<float>(), inv_freq_.as<float>(), d_positions, c.num_heads, c.num_kv_heads,
-        c.head_dim, q_.as<uint16_t>(), k_.as<uint16_t>(), v_.as<uint16_t>());
-    return LaunchCheck("rope");
+    return Launch("rope", pdl_, RopeSplitKernel, dim3(static_cast<unsigned>(rows), rope_parts),
+                  dim3(kThreads), stream_, qkv_.as<float>(), inv_freq_.as<float>(), d_positions,
+                  c.num_heads, c.num_kv_heads, c.head_dim, q_.as<uint16_t>(), k_.as<uint16_t>(),
+                  v_.as<uint16_t>());
   };
   auto after_attention = [&](const Layer& w) -> absl::Status {
     // x += attn * Wo^T (the attention's float32 output rounded to bf16: by SmallBatchGemm as it
     // reads it, else by a conversion pass before cuBLAS)
     if (small) {
       Mark(kPhaseGemm);
-      TOKENLAKE_RETURN_IF_ERROR(
-          SmallBatchGemm(w.wo.as<uint16_t>(), attn_.get(), SmallGemmInput::kF32, rows, qd, h,
-                         SmallGemmEpilogue::kAddF32, x_.as<float>(), nullptr, stream_));
+      TOKENLAKE_RETURN_IF_ERROR(SmallBatchGemm(w.wo.as<uint16_t>(), attn_.get(),
+                                               SmallGemmInput::kF32, rows, qd, h,
+                                               SmallGemmEpilogue::kAddF32, x_.as<float>(), nullptr,
+                                               stream_, SmallGemmLayout::kAuto, pdl_));
     } else {
       Mark(kPhaseOther);
       const int64_t attn_elems = int64_t{rows} * qd;
-      ToBf16Kernel<<<GridFor(attn_elems), kThreads, 0, stream_>>>(attn_.as<float>(), attn_elems,
-                                                                  attn16_.as<uint16_t>());
-      TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("to bf16"));
+      TOKENLAKE_RETURN_IF_ERROR(Launch("to bf16", pdl_, ToBf16Kernel, dim3(GridFor(attn_elems)),
+                                       dim3(kThreads), stream_, attn_.as<float>(), attn_elems,
+                                       attn16_.as<uint16_t>()));
       Mark(kPhaseGemm);
       TOKENLAKE_RETURN_IF_ERROR(dense(w.wo, attn16_, x_.as<float>(), rows, qd, h, 1.f));
     }
     Mark(kPhaseOther);
-    RmsNormKernel<<<rows, kNormThreads, 0, stream_>>>(x_.as<float>(), w.post_norm.as<float>(),
-                                                      c.rms_norm_eps, h, nullptr,
-                                                      normed_.as<uint16_t>());
-    TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
+    TOKENLAKE_RETURN_IF_ERROR(Launch("rmsnorm", pdl_, RmsNormKernel, dim3(rows), dim3(kNormThreads),
+                                     stream_, x_.as<float>(), w.post_norm.as<float>(),
+                                     c.rms_norm_eps, h, nullptr, normed_.as<uint16_t>()));
     Mark(kPhaseGemm);
     if (small) {
       TOKENLAKE_RETURN_IF_ERROR(
           SmallBatchGemm(w.wgu.as<uint16_t>(), normed_.get(), SmallGemmInput::kBf16, rows, h, inter,
-                         SmallGemmEpilogue::kSiluMulBf16, nullptr, act16_.as<uint16_t>(), stream_));
+                         SmallGemmEpilogue::kSiluMulBf16, nullptr, act16_.as<uint16_t>(), stream_,
+                         SmallGemmLayout::kAuto, pdl_));
     } else {
       TOKENLAKE_RETURN_IF_ERROR(
           Gemm(blas, w.wgu.get(), normed_.get(), gate_up_.as<float>(), rows, h, 2 * inter, 0.f));
       Mark(kPhaseOther);
       const int64_t act_elems = int64_t{rows} * inter;
-      SiluMulKernel<<<GridFor(act_elems), kThreads, 0, stream_>>>(gate_up_.as<float>(), rows, inter,
-                                                                  act16_.as<uint16_t>());
-      TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("silu"));
+      TOKENLAKE_RETURN_IF_ERROR(Launch("silu", pdl_, SiluMulKernel, dim3(GridFor(act_elems)),
+                                       dim3(kThreads), stream_, gate_up_.as<float>(), int64_t{rows},
+                                       inter, act16_.as<uint16_t>()));
     }
     // x += act * Wdown^T
     Mark(kPhaseGemm);
@@ -736,15 +762,14 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
   Mark(kPhaseEnds);
   if (m > 0) {
     // The last token of each sequence that wants logits.
-    RmsNormKernel<<<m, kNormThreads, 0, stream_>>>(x_.as<float>(), final_norm_.as<float>(),
-                                                   c.rms_norm_eps, h, d_rows,
-                                                   head_in_.as<uint16_t>());
-    TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("rmsnorm"));
+    TOKENLAKE_RETURN_IF_ERROR(Launch("rmsnorm", pdl_, RmsNormKernel, dim3(m), dim3(kNormThreads),
+                                     stream_, x_.as<float>(), final_norm_.as<float>(),
+                                     c.rms_norm_eps, h, d_rows, head_in_.as<uint16_t>()));
     const DeviceBuffer& head = lm_head_.size_bytes() > 0 ? lm_head_ : embed_;
     TOKENLAKE_RETURN_IF_ERROR(dense(head, head_in_, logits_.as<float>(), m, h, c.vocab_size, 0.f));
-    ArgmaxKernel<<<m, kArgmaxThreads, 0, stream_>>>(logits_.as<float>(), c.vocab_size,
-                                                    argmax_.as<int32_t>());
-    TOKENLAKE_RETURN_IF_ERROR(LaunchCheck("argmax"));
+    TOKENLAKE_RETURN_IF_ERROR(Launch("argmax", pdl_, ArgmaxKernel, dim3(m), dim3(kArgmaxThreads),
+                                     stream_, logits_.as<float>(), c.vocab_size,
+                                     argmax_.as<int32_t>()));
   }
   Mark(-1);
   return CudaStatus(cudaEventRecord(forward_end_, stream_), "event");
@@ -787,6 +812,11 @@ void GpuLlamaModel::set_small_batch_rows(int32_t rows) {
 }
 
 void GpuLlamaModel::set_decode_graphs(bool on) { decode_graphs_ = on; }
+
+void GpuLlamaModel::set_pdl(bool on) {
+  if (on != pdl_) ClearGraphs();  // their launches carry the setting
+  pdl_ = on;
+}
 
 void GpuLlamaModel::ClearGraphs() {
   for (cudaGraphExec_t& g : graphs_) {

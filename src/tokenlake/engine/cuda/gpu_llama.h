@@ -198,6 +198,16 @@ class GpuLlamaModel {
   static constexpr int32_t kGraphMaxRows = 256;
   void set_decode_graphs(bool on);
 
+  // Whether the forward's kernels are chained by programmatic dependent launch
+  // (attention/cuda/pdl.cuh): each of the forward's own kernels (SmallBatchGemm, RMSNorm, RoPE,
+  // the KV append and the decode attention through the pool backend, ...) may be scheduled
+  // while the kernel before it drains, SmallBatchGemm loading its first weights meanwhile, and
+  // waits for it before touching its outputs; cuBLAS's kernels launch as usual. This hides the
+  // gaps between the many short kernels of a decode step. The results are the same kernels'
+  // either way (bit for bit). On by default; a change drops the captured graphs.
+  void set_pdl(bool on);
+  bool pdl() const { return pdl_; }
+
   // Device time of the last successful ForwardBatch (from its first kernel to its last), ms.
   double last_forward_gpu_ms() const { return last_forward_gpu_ms_; }
 
@@ -274,6 +284,7 @@ class GpuLlamaModel {
   // cuBLAS's workspace, ours so that captured GEMMs share it.
   static constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
   DeviceBuffer cublas_workspace_;
+  bool pdl_ = true;  // set_pdl
   // Profiling.
   bool profiling_ = false;
   std::vector<std::pair<cudaEvent_t, int>> marks_;  // events (reused) and the phase each starts

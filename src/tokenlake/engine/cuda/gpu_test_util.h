@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "gtest/gtest.h"
+#include "tokenlake/engine/cuda/device_buffer.h"
 #include "tokenlake/engine/fixture_test_util.h"
 
 namespace tokenlake::engine::cuda::testing_util {
@@ -20,6 +22,23 @@ inline bool HaveGpu() {
     return false;
   }
   return count > 0;
+}
+
+// A device copy of v (a test failure when the allocation or the copy fails).
+template <typename T>
+DeviceBuffer Upload(const std::vector<T>& v) {
+  DeviceBuffer b;
+  EXPECT_TRUE(b.Allocate(v.size() * sizeof(T)).ok());
+  EXPECT_EQ(cudaMemcpy(b.get(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice),
+            cudaSuccess);
+  return b;
+}
+// The first n elements of b, on the host.
+template <typename T>
+std::vector<T> Download(const DeviceBuffer& b, size_t n) {
+  std::vector<T> v(n);
+  EXPECT_EQ(cudaMemcpy(v.data(), b.get(), n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+  return v;
 }
 
 // The bfloat16 tolerance of the GPU engine's logits against a float32 reference (Hugging Face

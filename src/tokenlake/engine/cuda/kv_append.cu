@@ -1,4 +1,5 @@
 #include "absl/strings/str_format.h"
+#include "tokenlake/attention/cuda/pdl.cuh"
 #include "tokenlake/engine/cuda/kv_append.h"
 
 namespace tokenlake::engine::cuda {
@@ -7,6 +8,8 @@ namespace {
 __global__ void AppendKvKernel(const KvRowDestination* __restrict__ dst, int32_t layer,
                                const uint4* __restrict__ k, const uint4* __restrict__ v,
                                int64_t row_vec) {
+  attention::cuda::GridDependentsLaunch();
+  attention::cuda::GridDependencyWait();
   const int64_t t = blockIdx.x;
   const KvRowDestination d = dst[t];
   auto* dk = reinterpret_cast<uint4*>(d.k0 + static_cast<uint64_t>(layer * d.layer_stride));
@@ -20,7 +23,8 @@ __global__ void AppendKvKernel(const KvRowDestination* __restrict__ dst, int32_t
 }  // namespace
 
 absl::Status AppendKvRows(const KvRowDestination* destinations, int32_t num_rows, int32_t layer,
-                          const void* k, const void* v, int64_t row_bytes, cudaStream_t stream) {
+                          const void* k, const void* v, int64_t row_bytes, cudaStream_t stream,
+                          bool pdl) {
   if (num_rows < 0 || row_bytes <= 0 || row_bytes % 16 != 0) {
     return absl::InvalidArgumentError(
         absl::StrFormat("AppendKvRows: num_rows %d, row_bytes %d (a positive multiple of 16)",
@@ -32,10 +36,11 @@ absl::Status AppendKvRows(const KvRowDestination* destinations, int32_t num_rows
   }
   const int64_t row_vec = row_bytes / 16;
   const int threads = row_vec >= 128 ? 128 : static_cast<int>((row_vec + 31) / 32 * 32);
-  AppendKvKernel<<<num_rows, threads, 0, stream>>>(
-      destinations, layer, static_cast<const uint4*>(k), static_cast<const uint4*>(v), row_vec);
-  const cudaError_t e = cudaGetLastError();
+  const cudaError_t e = attention::cuda::LaunchKernel(
+      pdl, AppendKvKernel, dim3(num_rows), dim3(threads), 0, stream, destinations, layer,
+      static_cast<const uint4*>(k), static_cast<const uint4*>(v), row_vec);
   if (e != cudaSuccess) {
+    cudaGetLastError();
     return absl::InternalError(
         absl::StrFormat("AppendKvRows: launch failed: %s", cudaGetErrorString(e)));
   }

@@ -27,11 +27,13 @@ static_assert(sizeof(KvRowDestination) == 24);
 
 // Copies rows k[t] and v[t] (each `row_bytes` bytes: num_kv_heads * head_dim bf16) of the
 // `num_rows` rows to their destinations at `layer`. row_bytes must be a positive multiple of
-// 16, and every address 16-byte aligned.
+// 16, and every address 16-byte aligned. pdl: launched with programmatic dependent launch
+// (attention/cuda/pdl.cuh; the kernel waits for the one before it before touching anything).
 // Errors: InvalidArgument (num_rows < 0, row_bytes not a positive multiple of 16, a null
 //   pointer with num_rows > 0), Internal (launch failure).
 absl::Status AppendKvRows(const KvRowDestination* destinations, int32_t num_rows, int32_t layer,
-                          const void* k, const void* v, int64_t row_bytes, cudaStream_t stream);
+                          const void* k, const void* v, int64_t row_bytes, cudaStream_t stream,
+                          bool pdl = false);
 
 }  // namespace tokenlake::engine::cuda
 

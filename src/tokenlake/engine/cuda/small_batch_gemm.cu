@@ -3,11 +3,16 @@
 #include <cstdint>
 
 #include "absl/strings/str_format.h"
+#include "tokenlake/attention/cuda/pdl.cuh"
 #include "tokenlake/engine/cuda/device_buffer.h"
 #include "tokenlake/engine/cuda/small_batch_gemm.h"
 
 namespace tokenlake::engine::cuda {
 namespace {
+
+using attention::cuda::GridDependencyWait;
+using attention::cuda::GridDependentsLaunch;
+using attention::cuda::LaunchKernel;
 
 constexpr int kWarps = 8;  // per thread block
 
@@ -61,11 +66,21 @@ __device__ __forceinline__ void AccumulateRows(const uint16_t* __restrict__ w,
     for (int t = 0; t < N; ++t) acc[r][t] = 0.f;
   }
   const int chunks = in / 8;
+  // The first pass's weights are loaded before waiting for the kernel before this one
+  // (programmatic dependent launch, pdl.cuh): they are not its output, and under PDL these
+  // loads overlap its tail. Inputs and outputs are touched only after the wait.
+  uint4 wv[R];
+  if (start < chunks) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) wv[r] = __ldcs(rows[r] + start);  // streamed: keep x in L1
+  }
+  GridDependencyWait();
 #pragma unroll kUnroll
   for (int c = start; c < chunks; c += step) {
-    uint4 wv[R];
+    if (c != start) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) wv[r] = __ldcs(rows[r] + c);  // streamed: keep x in L1
+      for (int r = 0; r < R; ++r) wv[r] = __ldcs(rows[r] + c);
+    }
     float wf[R][8];  // widened once, used by every input row
 #pragma unroll
     for (int r = 0; r < R; ++r) Widen(wv[r], wf[r]);
@@ -115,6 +130,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                     int out, float* __restrict__ y, uint16_t* __restrict__ y16) {
   constexpr bool kSilu = E == SmallGemmEpilogue::kSiluMulBf16;
   constexpr int kOutputs = kSilu ? R / 2 : R;  // outputs per warp and input row
+  GridDependentsLaunch();
   const int warp = static_cast<int>((blockIdx.x * blockDim.x + threadIdx.x) / 32);
   const int lane = static_cast<int>(threadIdx.x % 32);
   const int first = warp * kOutputs;
@@ -153,6 +169,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                          int out, float* __restrict__ y, uint16_t* __restrict__ y16) {
   constexpr bool kSilu = E == SmallGemmEpilogue::kSiluMulBf16;
   constexpr int kOutputs = kSilu ? R / 2 : R;  // outputs per block and input row
+  GridDependentsLaunch();
   const int first = static_cast<int>(blockIdx.x) * kOutputs;
   float acc[R][N];
   AccumulateRows<N, R, kSilu, kF32, 1>(w, x, n, in, out, first, static_cast<int>(threadIdx.x),
@@ -187,60 +204,49 @@ __global__ void __launch_bounds__(kWarps * 32)
 }
 
 template <int N, int R, SmallGemmEpilogue E>
-void Launch(const uint16_t* w, const void* x, bool x_f32, bool per_block, int n, int in, int out,
-            float* y, uint16_t* y16, cudaStream_t stream) {
+cudaError_t Launch(const uint16_t* w, const void* x, bool x_f32, bool per_block, int n, int in,
+                   int out, float* y, uint16_t* y16, bool pdl, cudaStream_t stream) {
   constexpr int kOutputs = E == SmallGemmEpilogue::kSiluMulBf16 ? R / 2 : R;
   const int groups = (out + kOutputs - 1) / kOutputs;  // of kOutputs outputs
+  const dim3 block(kWarps * 32);
   if (per_block) {
-    if (x_f32) {
-      SmallGemmBlockKernel<N, R, E, true>
-          <<<groups, kWarps * 32, 0, stream>>>(w, x, n, in, out, y, y16);
-    } else {
-      SmallGemmBlockKernel<N, R, E, false>
-          <<<groups, kWarps * 32, 0, stream>>>(w, x, n, in, out, y, y16);
-    }
-    return;
+    return x_f32 ? LaunchKernel(pdl, SmallGemmBlockKernel<N, R, E, true>, dim3(groups), block, 0,
+                                stream, w, x, n, in, out, y, y16)
+                 : LaunchKernel(pdl, SmallGemmBlockKernel<N, R, E, false>, dim3(groups), block, 0,
+                                stream, w, x, n, in, out, y, y16);
   }
-  const int blocks = (groups + kWarps - 1) / kWarps;
-  if (x_f32) {
-    SmallGemmKernel<N, R, E, true><<<blocks, kWarps * 32, 0, stream>>>(w, x, n, in, out, y, y16);
-  } else {
-    SmallGemmKernel<N, R, E, false><<<blocks, kWarps * 32, 0, stream>>>(w, x, n, in, out, y, y16);
-  }
+  const dim3 grid((groups + kWarps - 1) / kWarps);
+  return x_f32 ? LaunchKernel(pdl, SmallGemmKernel<N, R, E, true>, grid, block, 0, stream, w, x, n,
+                              in, out, y, y16)
+               : LaunchKernel(pdl, SmallGemmKernel<N, R, E, false>, grid, block, 0, stream, w, x, n,
+                              in, out, y, y16);
 }
 
 template <int R, SmallGemmEpilogue E>
-void LaunchRows(const uint16_t* w, const void* x, bool x_f32, bool per_block, int n, int in,
-                int out, float* y, uint16_t* y16, cudaStream_t stream) {
-  if (n == 1) {
-    Launch<1, R, E>(w, x, x_f32, per_block, n, in, out, y, y16, stream);
-  } else if (n == 2) {
-    Launch<2, R, E>(w, x, x_f32, per_block, n, in, out, y, y16, stream);
-  } else if (n <= 4) {
-    Launch<4, R, E>(w, x, x_f32, per_block, n, in, out, y, y16, stream);
-  } else {
-    Launch<8, R, E>(w, x, x_f32, per_block, n, in, out, y, y16, stream);
-  }
+cudaError_t LaunchRows(const uint16_t* w, const void* x, bool x_f32, bool per_block, int n, int in,
+                       int out, float* y, uint16_t* y16, bool pdl, cudaStream_t stream) {
+  if (n == 1) return Launch<1, R, E>(w, x, x_f32, per_block, n, in, out, y, y16, pdl, stream);
+  if (n == 2) return Launch<2, R, E>(w, x, x_f32, per_block, n, in, out, y, y16, pdl, stream);
+  if (n <= 4) return Launch<4, R, E>(w, x, x_f32, per_block, n, in, out, y, y16, pdl, stream);
+  return Launch<8, R, E>(w, x, x_f32, per_block, n, in, out, y, y16, pdl, stream);
 }
 
 template <SmallGemmEpilogue E>
-void LaunchEpilogue(const uint16_t* w, const void* x, bool x_f32, int n, int in, int out, float* y,
-                    uint16_t* y16, SmallGemmLayout layout, cudaStream_t stream) {
+cudaError_t LaunchEpilogue(const uint16_t* w, const void* x, bool x_f32, int n, int in, int out,
+                           float* y, uint16_t* y16, SmallGemmLayout layout, bool pdl,
+                           cudaStream_t stream) {
   switch (layout) {
     case SmallGemmLayout::kAuto:
     case SmallGemmLayout::kBlockRows4:
-      LaunchRows<4, E>(w, x, x_f32, /*per_block=*/true, n, in, out, y, y16, stream);
-      break;
+      return LaunchRows<4, E>(w, x, x_f32, /*per_block=*/true, n, in, out, y, y16, pdl, stream);
     case SmallGemmLayout::kBlockRows8:
-      LaunchRows<8, E>(w, x, x_f32, /*per_block=*/true, n, in, out, y, y16, stream);
-      break;
+      return LaunchRows<8, E>(w, x, x_f32, /*per_block=*/true, n, in, out, y, y16, pdl, stream);
     case SmallGemmLayout::kWarpRows2:
-      LaunchRows<2, E>(w, x, x_f32, /*per_block=*/false, n, in, out, y, y16, stream);
-      break;
+      return LaunchRows<2, E>(w, x, x_f32, /*per_block=*/false, n, in, out, y, y16, pdl, stream);
     case SmallGemmLayout::kWarpRows4:
-      LaunchRows<4, E>(w, x, x_f32, /*per_block=*/false, n, in, out, y, y16, stream);
-      break;
+      return LaunchRows<4, E>(w, x, x_f32, /*per_block=*/false, n, in, out, y, y16, pdl, stream);
   }
+  return cudaErrorInvalidValue;  // (layouts are checked before)
 }
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -249,7 +255,7 @@ bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 absl::Status SmallBatchGemm(const uint16_t* w, const void* x, SmallGemmInput input, int32_t n,
                             int32_t in, int32_t out, SmallGemmEpilogue epilogue, float* y,
-                            uint16_t* y16, cudaStream_t stream, SmallGemmLayout layout) {
+                            uint16_t* y16, cudaStream_t stream, SmallGemmLayout layout, bool pdl) {
   const bool silu = epilogue == SmallGemmEpilogue::kSiluMulBf16;
   if (static_cast<int>(layout) > static_cast<int>(SmallGemmLayout::kBlockRows8)) {
     return absl::InvalidArgumentError(
@@ -263,21 +269,23 @@ absl::Status SmallBatchGemm(const uint16_t* w, const void* x, SmallGemmInput inp
         n, kSmallBatchMaxRows, in, out, static_cast<const void*>(w), static_cast<const void*>(x),
         silu ? "y16" : "y", silu ? static_cast<const void*>(y16) : static_cast<const void*>(y)));
   }
+  const bool x_f32 = input == SmallGemmInput::kF32;
+  cudaError_t launched = cudaSuccess;
   switch (epilogue) {
     case SmallGemmEpilogue::kStoreF32:
-      LaunchEpilogue<SmallGemmEpilogue::kStoreF32>(w, x, input == SmallGemmInput::kF32, n, in, out,
-                                                   y, y16, layout, stream);
+      launched = LaunchEpilogue<SmallGemmEpilogue::kStoreF32>(w, x, x_f32, n, in, out, y, y16,
+                                                              layout, pdl, stream);
       break;
     case SmallGemmEpilogue::kAddF32:
-      LaunchEpilogue<SmallGemmEpilogue::kAddF32>(w, x, input == SmallGemmInput::kF32, n, in, out, y,
-                                                 y16, layout, stream);
+      launched = LaunchEpilogue<SmallGemmEpilogue::kAddF32>(w, x, x_f32, n, in, out, y, y16, layout,
+                                                            pdl, stream);
       break;
     case SmallGemmEpilogue::kSiluMulBf16:
-      LaunchEpilogue<SmallGemmEpilogue::kSiluMulBf16>(w, x, input == SmallGemmInput::kF32, n, in,
-                                                      out, y, y16, layout, stream);
+      launched = LaunchEpilogue<SmallGemmEpilogue::kSiluMulBf16>(w, x, x_f32, n, in, out, y, y16,
+                                                                 layout, pdl, stream);
       break;
   }
-  return CudaStatus(cudaGetLastError(), "SmallBatchGemm launch");
+  return CudaStatus(launched, "SmallBatchGemm launch");
 }
 
 }  // namespace tokenlake::engine::cuda

@@ -48,13 +48,18 @@ enum class SmallGemmInput : uint8_t { kBf16, kF32 };
 // layout measured fastest at decode shapes (docs/results-engine.md).
 enum class SmallGemmLayout : uint8_t { kAuto, kWarpRows2, kWarpRows4, kBlockRows4, kBlockRows8 };
 
+// pdl: launched with programmatic dependent launch (attention/cuda/pdl.cuh): the kernel may
+// start while the kernel before it on the stream drains, loading its first weights, and waits
+// for that kernel's completion before it reads x or y or writes anything; it lets the kernel
+// after it (if PDL-launched) start the same way. Without pdl an ordinary launch (the kernel
+// still lets a PDL-launched next kernel start early).
 // Errors: InvalidArgument (n outside [1, kSmallBatchMaxRows], in not a positive multiple of 8,
 //   out < 1, a null or misaligned pointer the epilogue needs, an unknown layout),
 //   Internal (launch failure).
 absl::Status SmallBatchGemm(const uint16_t* w, const void* x, SmallGemmInput input, int32_t n,
                             int32_t in, int32_t out, SmallGemmEpilogue epilogue, float* y,
                             uint16_t* y16, cudaStream_t stream,
-                            SmallGemmLayout layout = SmallGemmLayout::kAuto);
+                            SmallGemmLayout layout = SmallGemmLayout::kAuto, bool pdl = false);
 
 }  // namespace tokenlake::engine::cuda
 

@@ -6,6 +6,8 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "tokenlake/attention/bf16.h"
+#include "tokenlake/attention/cuda/pdl_testing.h"
 #include "tokenlake/engine/cuda/device_buffer.h"
 #include "tokenlake/engine/cuda/gpu_test_util.h"
 
@@ -15,39 +17,59 @@ namespace {
 #define SKIP_WITHOUT_GPU() \
   if (!testing_util::HaveGpu()) GTEST_SKIP() << "no CUDA device"
 
-uint16_t Bf16(float f) {  // round to nearest even (finite inputs)
-  uint32_t u = 0;
-  std::memcpy(&u, &f, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-double Float(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f = 0;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-template <typename T>
-DeviceBuffer Upload(const std::vector<T>& v) {
-  DeviceBuffer b;
-  EXPECT_TRUE(b.Allocate(v.size() * sizeof(T)).ok());
-  EXPECT_EQ(cudaMemcpy(b.get(), v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice),
-            cudaSuccess);
-  return b;
-}
-template <typename T>
-std::vector<T> Download(const DeviceBuffer& b, size_t n) {
-  std::vector<T> v(n);
-  EXPECT_EQ(cudaMemcpy(v.data(), b.get(), n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-  return v;
-}
+using attention::Bf16ToFloat;
+using attention::FloatToBf16;
+using testing_util::Download;
+using testing_util::Upload;
 
 // Every epilogue, row count, layout and a spread of shapes (outputs that are no multiple of a
 // warp's rows, short and long inputs) against a double-precision reference on the host.
 constexpr SmallGemmLayout kLayouts[] = {SmallGemmLayout::kAuto, SmallGemmLayout::kWarpRows2,
                                         SmallGemmLayout::kWarpRows4, SmallGemmLayout::kBlockRows4,
                                         SmallGemmLayout::kBlockRows8};
+
+// y and y16 (downloaded after the call) against a double-precision reference over the bf16
+// weights w [rows][in] and input rows x [n][in] (as the kernel must round them), y0 being y
+// before the call.
+void ExpectMatchesReference(const std::vector<uint16_t>& w, const std::vector<uint16_t>& x,
+                            const std::vector<float>& y0, const std::vector<float>& y,
+                            const std::vector<uint16_t>& y16, int n, int in, int out,
+                            SmallGemmEpilogue e) {
+  for (int t = 0; t < n; ++t) {
+    for (int o = 0; o < out; ++o) {
+      auto dot = [&](int row, double* magnitude) {
+        double sum = 0;
+        *magnitude = 0;
+        for (int i = 0; i < in; ++i) {
+          const double p = Bf16ToFloat(w[static_cast<size_t>(row) * in + i]) *
+                           Bf16ToFloat(x[static_cast<size_t>(t) * in + i]);
+          sum += p;
+          *magnitude += std::fabs(p);
+        }
+        return sum;
+      };
+      const size_t at = static_cast<size_t>(t) * out + o;
+      double mag = 0;
+      const double ref = dot(o, &mag);
+      // float32 sums of `in` terms: a few ulps of the terms' magnitude.
+      const double tol = 1e-6 * mag + 1e-7 * std::sqrt(static_cast<double>(in)) * mag + 1e-30;
+      if (e == SmallGemmEpilogue::kStoreF32) {
+        ASSERT_NEAR(y[at], ref, tol) << "t " << t << " o " << o;
+      } else if (e == SmallGemmEpilogue::kAddF32) {
+        ASSERT_NEAR(y[at], y0[at] + ref, tol + 1e-7 * std::fabs(y0[at])) << "t " << t << " o " << o;
+      } else {
+        double mag_u = 0;
+        const double u = dot(out + o, &mag_u);
+        const double want = ref / (1 + std::exp(-ref)) * u;
+        // bf16 rounding of the result (2^-8 relative) plus the sums' error.
+        ASSERT_NEAR(Bf16ToFloat(y16[at]), want,
+                    std::fabs(want) * 0.0079 + 1.1 * (tol * std::fabs(u) + mag_u * 1e-6))
+            << "t " << t << " o " << o;
+        ASSERT_EQ(y[at], y0[at]) << "kSiluMulBf16 wrote y";
+      }
+    }
+  }
+}
 
 TEST(SmallBatchGemmTest, MatchesAPlainReferenceOnRandomInputs) {
   SKIP_WITHOUT_GPU();
@@ -66,7 +88,7 @@ TEST(SmallBatchGemmTest, MatchesAPlainReferenceOnRandomInputs) {
       const bool silu = e == SmallGemmEpilogue::kSiluMulBf16;
       const int rows = silu ? 2 * s.out : s.out;
       std::vector<uint16_t> w(static_cast<size_t>(rows) * s.in);
-      for (uint16_t& v : w) v = Bf16(uniform(rng) * 0.1f);
+      for (uint16_t& v : w) v = FloatToBf16(uniform(rng) * 0.1f);
       for (int n = 1; n <= kSmallBatchMaxRows; ++n) {
         for (SmallGemmLayout layout : kLayouts) {
           SCOPED_TRACE(testing::Message()
@@ -79,7 +101,8 @@ TEST(SmallBatchGemmTest, MatchesAPlainReferenceOnRandomInputs) {
           std::vector<float> x32(x.size());
           for (size_t i = 0; i < x.size(); ++i) {
             x32[i] = uniform(rng);
-            x[i] = Bf16(x32[i]);  // the reference reads the input as the kernel must round it
+            x[i] =
+                FloatToBf16(x32[i]);  // the reference reads the input as the kernel must round it
           }
           std::vector<float> y0(static_cast<size_t>(n) * s.out);
           for (float& v : y0) v = uniform(rng);
@@ -92,48 +115,75 @@ TEST(SmallBatchGemmTest, MatchesAPlainReferenceOnRandomInputs) {
                                      layout)
                           .ok());
           ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-          const std::vector<float> y = Download<float>(dy, y0.size());
-          const std::vector<uint16_t> y16 = Download<uint16_t>(dy16, y0.size());
-          for (int t = 0; t < n; ++t) {
-            for (int o = 0; o < s.out; ++o) {
-              auto dot = [&](int row, double* magnitude) {
-                double sum = 0;
-                *magnitude = 0;
-                for (int i = 0; i < s.in; ++i) {
-                  const double p = Float(w[static_cast<size_t>(row) * s.in + i]) *
-                                   Float(x[static_cast<size_t>(t) * s.in + i]);
-                  sum += p;
-                  *magnitude += std::fabs(p);
-                }
-                return sum;
-              };
-              const size_t at = static_cast<size_t>(t) * s.out + o;
-              double mag = 0;
-              const double ref = dot(o, &mag);
-              // float32 sums of `in` terms: a few ulps of the terms' magnitude.
-              const double tol =
-                  1e-6 * mag + 1e-7 * std::sqrt(static_cast<double>(s.in)) * mag + 1e-30;
-              if (e == SmallGemmEpilogue::kStoreF32) {
-                ASSERT_NEAR(y[at], ref, tol) << "t " << t << " o " << o;
-              } else if (e == SmallGemmEpilogue::kAddF32) {
-                ASSERT_NEAR(y[at], y0[at] + ref, tol + 1e-7 * std::fabs(y0[at]))
-                    << "t " << t << " o " << o;
-              } else {
-                double mag_u = 0;
-                const double u = dot(s.out + o, &mag_u);
-                const double want = ref / (1 + std::exp(-ref)) * u;
-                // bf16 rounding of the result (2^-8 relative) plus the sums' error.
-                ASSERT_NEAR(Float(y16[at]), want,
-                            std::fabs(want) * 0.0079 + 1.1 * (tol * std::fabs(u) + mag_u * 1e-6))
-                    << "t " << t << " o " << o;
-                ASSERT_EQ(y[at], y0[at]) << "kSiluMulBf16 wrote y";
-              }
-            }
-          }
+          ASSERT_NO_FATAL_FAILURE(ExpectMatchesReference(w, x, y0, Download<float>(dy, y0.size()),
+                                                         Download<uint16_t>(dy16, y0.size()), n,
+                                                         s.in, s.out, e));
         }
       }
     }
   }
+}
+
+// Under programmatic dependent launch the kernel may be scheduled while the kernel before it
+// still runs and load weights meanwhile, but must read x and y only once that kernel has
+// completed. Here the kernel before is a producer that lets it start at once and writes x only
+// 100 us later (x holds NaN until then, y the values to add to): an early read shows in the
+// results. Every layout and epilogue, float32 and bf16 inputs.
+TEST(SmallBatchGemmTest, UnderPdlReadsItsInputsOnlyAfterTheKernelBeforeIt) {
+  SKIP_WITHOUT_GPU();
+  const uint64_t seed = std::random_device{}();
+  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> uniform(-1.f, 1.f);
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  struct Shape {
+    int in, out;
+  };
+  for (const Shape s : {Shape{64, 37}, Shape{4096, 1024}, Shape{1000, 9000}}) {
+    for (SmallGemmEpilogue e : {SmallGemmEpilogue::kStoreF32, SmallGemmEpilogue::kAddF32,
+                                SmallGemmEpilogue::kSiluMulBf16}) {
+      const bool silu = e == SmallGemmEpilogue::kSiluMulBf16;
+      std::vector<uint16_t> w(static_cast<size_t>(silu ? 2 * s.out : s.out) * s.in);
+      for (uint16_t& v : w) v = FloatToBf16(uniform(rng) * 0.1f);
+      const DeviceBuffer dw = Upload(w);
+      for (int n : {1, 5}) {
+        for (SmallGemmLayout layout : kLayouts) {
+          SCOPED_TRACE(testing::Message()
+                       << "in " << s.in << " out " << s.out << " epilogue " << static_cast<int>(e)
+                       << " n " << n << " layout " << static_cast<int>(layout));
+          const bool f32_input = e == SmallGemmEpilogue::kAddF32 && layout == kLayouts[0];
+          std::vector<uint16_t> x(static_cast<size_t>(n) * s.in);
+          std::vector<float> x32(x.size());
+          for (size_t i = 0; i < x.size(); ++i) {
+            x32[i] = uniform(rng);
+            x[i] = FloatToBf16(x32[i]);
+          }
+          std::vector<float> y0(static_cast<size_t>(n) * s.out);
+          for (float& v : y0) v = uniform(rng);
+          const DeviceBuffer staged = f32_input ? Upload(x32) : Upload(x);
+          DeviceBuffer dx, dy = Upload(y0), dy16;
+          ASSERT_TRUE(dx.Allocate(staged.size_bytes()).ok());
+          ASSERT_TRUE(dy16.Allocate(static_cast<size_t>(n) * s.out * 2).ok());
+          ASSERT_EQ(cudaMemset(dx.get(), 0xff, dx.size_bytes()), cudaSuccess);  // NaN
+          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+          ASSERT_TRUE(attention::cuda::EnqueueDelayedCopy(dx.get(), staged.get(),
+                                                          staged.size_bytes(), 100'000, stream)
+                          .ok());
+          ASSERT_TRUE(SmallBatchGemm(dw.as<uint16_t>(), dx.get(),
+                                     f32_input ? SmallGemmInput::kF32 : SmallGemmInput::kBf16, n,
+                                     s.in, s.out, e, dy.as<float>(), dy16.as<uint16_t>(), stream,
+                                     layout, /*pdl=*/true)
+                          .ok());
+          ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+          ASSERT_NO_FATAL_FAILURE(ExpectMatchesReference(w, x, y0, Download<float>(dy, y0.size()),
+                                                         Download<uint16_t>(dy16, y0.size()), n,
+                                                         s.in, s.out, e));
+        }
+      }
+    }
+  }
+  ASSERT_EQ(cudaStreamDestroy(stream), cudaSuccess);
 }
 
 TEST(SmallBatchGemmTest, RejectsBadArguments) {
