@@ -1,6 +1,7 @@
 #include "tokenlake/engine/cuda/peer_device_pool.h"
 
 #include <algorithm>
+#include <array>
 #include <string>
 #include <utility>
 
@@ -885,39 +886,43 @@ transport::Message PeerDevicePool::Handle(const transport::Message& request) {
       // the one the peer has.
       uint64_t count = 0;
       s = r.Get(&count, "segment count");
-      std::vector<uint64_t> ids;
-      std::vector<bool> send;
+      // Per segment: its id and the incarnation and generation of the copy the peer has.
+      std::vector<std::array<uint64_t, 3>> asked;
       for (uint64_t k = 0; s.ok() && k < count; ++k) {
-        uint64_t id = 0, incarnation = 0, generation = 0;
-        s = r.Get(&id, "segment id");
-        if (s.ok()) s = r.Get(&incarnation, "incarnation");
-        if (s.ok()) s = r.Get(&generation, "generation");
+        std::array<uint64_t, 3> a{};
+        s = r.Get(&a[0], "segment id");
+        if (s.ok()) s = r.Get(&a[1], "incarnation");
+        if (s.ok()) s = r.Get(&a[2], "generation");
         if (!s.ok()) break;
-        const uint64_t now = hosted_->GenerationOf(SegmentId(id));
-        if (now == 0) {
+        if (hosted_->GenerationOf(SegmentId(a[0])) == 0) {
           s = absl::NotFoundError(absl::StrFormat(
               "segment %016x is not stored on instance %d (data plane out of step with the lake)",
-              id, options_.self.value()));
+              a[0], options_.self.value()));
           break;
         }
-        ids.push_back(id);
-        send.push_back(incarnation != incarnation_ || generation != now);
+        asked.push_back(a);
       }
       if (!s.ok()) break;
       w.Put<uint64_t>(incarnation_);
-      w.Put<uint64_t>(ids.size());
+      w.Put<uint64_t>(asked.size());
       std::vector<store::SlotPin> pins;
-      for (size_t k = 0; s.ok() && k < ids.size(); ++k) {
-        // Pinned before the generation is read: the bytes sent are that copy's.
-        absl::StatusOr<store::SlotPin> pin = hosted_->slots().Pin(SegmentId(ids[k]));
+      std::vector<bool> send;
+      for (size_t k = 0; s.ok() && k < asked.size(); ++k) {
+        const SegmentId id(asked[k][0]);
+        // Pinned before the generation is read, and whether to send decided from that
+        // generation: the bytes sent, or the peer's copy kept, are the pinned copy's (a copy
+        // replaced between the checks above and the pin is sent whole).
+        absl::StatusOr<store::SlotPin> pin = hosted_->slots().Pin(id);
         s = pin.status();
         if (!s.ok()) break;
         pins.push_back(*std::move(pin));
-        PutMeta(w, hosted_->MetaOf(SegmentId(ids[k])));
-        w.Put<uint64_t>(hosted_->GenerationOf(SegmentId(ids[k])));
+        const uint64_t generation = hosted_->GenerationOf(id);
+        send.push_back(asked[k][1] != incarnation_ || asked[k][2] != generation);
+        PutMeta(w, hosted_->MetaOf(id));
+        w.Put<uint64_t>(generation);
         w.Put<uint8_t>(send[k] ? 1 : 0);
       }
-      for (size_t k = 0; s.ok() && k < ids.size(); ++k) {
+      for (size_t k = 0; s.ok() && k < pins.size(); ++k) {
         if (!send[k]) continue;
         absl::Span<std::byte> kv = w.Extend(static_cast<size_t>(slot_bytes_));
         s = CudaStatus(
