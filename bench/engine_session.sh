@@ -15,7 +15,8 @@
 #           plane (bytes and time per layer) beside the in-process run; needs bench;
 #   ab:     the small-batch kernel against cuBLAS: `bench engine --sections dense` (every
 #           projection alone at 1-32 rows), then decode at batches 1-8 with the kernel up to 8
-#           rows (--small-batch-rows 8) and with cuBLAS only (--small-batch-rows 0);
+#           rows (--small-batch-rows 8) and with cuBLAS only (--small-batch-rows 0), and at
+#           batches 1-64 with the kernels launched one after another (--no-pdl);
 #   hf:     bench/hf_generate.py (transformers' static-cache batched generate) on those prompts;
 #   ckpt:   bench/checkpoint_load.sh (a 13.5 GB sharded bf16 checkpoint from the page cache);
 #   profile: `tokenlake profile` (the simulator's GPU profile, Llama-3-8B dense layers);
@@ -108,6 +109,11 @@ if wants ab; then
       --json "$OUT/bench_cublas_$m.json" > "$OUT/bench_cublas_$m.log" 2>&1
     stamp "bench engine --small-batch-rows 0 $m rc=$?"
     grep -E 'decode: b' "$OUT/bench_cublas_$m.log" | tr -d '\r'
+    timeout "$STEP_TIMEOUT" "$B/tokenlake" bench engine --model "$m" --sections decode \
+      --decode-batches 1 4 8 32 64 --decode-contexts 2048 --decode-steps 16 --no-pdl \
+      --json "$OUT/bench_nopdl_$m.json" > "$OUT/bench_nopdl_$m.log" 2>&1
+    stamp "bench engine --no-pdl $m rc=$?"
+    grep -E 'decode: b' "$OUT/bench_nopdl_$m.log" | tr -d '\r'
   done
 fi
 

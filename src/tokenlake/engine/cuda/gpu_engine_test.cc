@@ -163,8 +163,7 @@ TEST(GpuEngineTest, SmallPoolEvictsAndStaysCorrect) {
   Models m = MakeModels(c, seed);
   ASSERT_TRUE(m.cpu != nullptr && m.gpu != nullptr);
   // Even seeds decode on SmallBatchGemm (small_batch_gemm.h), odd ones on cuBLAS; seeds 0 and 1
-  // mod 4 replay the small-batch forwards as CUDA graphs; seeds not divisible by 3 chain the
-  // kernels by programmatic dependent launch.
+  // mod 4 replay the small-batch forwards as CUDA graphs.
   m.gpu->set_small_batch_rows(seed % 2 == 0 ? kSmallBatchMaxRows : 0);
   m.gpu->set_decode_graphs(seed % 4 < 2);
   std::cout << "small-batch kernels " << (seed % 2 == 0 ? "on" : "off") << ", graphs "
