@@ -79,7 +79,8 @@ absl::StatusOr<nlohmann::json> ParseObject(const std::string& text, const std::s
 // default in place without a word), naming `source`, the field and the known ones.
 absl::Status CheckFields(const nlohmann::json& j, std::initializer_list<const char*> known,
                          const std::string& source) {
-  for (const auto& [key, value] : j.items()) {
+  for (const auto& item : j.items()) {
+    const std::string& key = item.key();
     if (std::find_if(known.begin(), known.end(), [&](const char* k) { return key == k; }) !=
         known.end()) {
       continue;
