@@ -8,10 +8,11 @@
 #include <type_traits>
 
 #include "absl/status/status.h"
-#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "nlohmann/json.hpp"
 #include "tokenlake/base/check.h"
+#include "tokenlake/base/status_macros.h"
 
 namespace tokenlake::sched {
 
@@ -85,10 +86,8 @@ absl::Status CheckFields(const nlohmann::json& j, std::initializer_list<const ch
         known.end()) {
       continue;
     }
-    std::string names;
-    for (const char* k : known) absl::StrAppend(&names, names.empty() ? "" : ", ", k);
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%s: unknown field '%s' (known: %s)", source, key, names));
+    return absl::InvalidArgumentError(absl::StrFormat("%s: unknown field '%s' (known: %s)", source,
+                                                      key, absl::StrJoin(known, ", ")));
   }
   return absl::OkStatus();
 }
@@ -117,13 +116,11 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
 absl::StatusOr<ModelSpec> ParseModelSpec(const std::string& text, const std::string& source) {
   auto j = ParseObject(text, source);
   if (!j.ok()) return j.status();
-  if (absl::Status s = CheckFields(*j,
-                                   {"name", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                                    "hidden", "intermediate", "vocab", "dtype_bytes"},
-                                   source);
-      !s.ok()) {
-    return s;
-  }
+  TOKENLAKE_RETURN_IF_ERROR(
+      CheckFields(*j,
+                  {"name", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden",
+                   "intermediate", "vocab", "dtype_bytes"},
+                  source));
   ModelSpec m;
   // Bounds far above any real model that keep every product of fields (parameters, KV bytes)
   // inside int64.
@@ -164,15 +161,12 @@ absl::StatusOr<GpuProfile> ParseGpuProfile(const std::string& text, const std::s
   if (!j.ok()) return j.status();
   // `tokenlake profile` also writes what it measured and how ("device", "measured",
   // "dense_ms_by_tokens"): read and ignored.
-  if (absl::Status s =
-          CheckFields(*j,
-                      {"name", "memory_bytes", "memory_utilization", "activation_reserve_bytes",
-                       "copy_gbps", "gemm_tflops", "attn_prefill_tflops", "attn_decode_gbps",
-                       "dense_ms", "forward_ms", "device", "measured", "dense_ms_by_tokens"},
-                      source);
-      !s.ok()) {
-    return s;
-  }
+  TOKENLAKE_RETURN_IF_ERROR(
+      CheckFields(*j,
+                  {"name", "memory_bytes", "memory_utilization", "activation_reserve_bytes",
+                   "copy_gbps", "gemm_tflops", "attn_prefill_tflops", "attn_decode_gbps",
+                   "dense_ms", "forward_ms", "device", "measured", "dense_ms_by_tokens"},
+                  source));
   GpuProfile g;
   TL_GET_STRING(*j, "name", &g.name, source);
   TL_GET(*j, "memory_bytes", &g.memory_bytes, source);
