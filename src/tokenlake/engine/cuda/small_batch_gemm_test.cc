@@ -28,6 +28,27 @@ constexpr SmallGemmLayout kLayouts[] = {SmallGemmLayout::kAuto, SmallGemmLayout:
                                         SmallGemmLayout::kWarpRows4, SmallGemmLayout::kBlockRows4,
                                         SmallGemmLayout::kBlockRows8};
 
+// n random input rows of `in` values in [-1, 1): as float32 (x32) and rounded to bf16 (x, what
+// the reference reads, as the kernel must round either), and y0 [n][out], y before the call.
+struct Inputs {
+  std::vector<uint16_t> x;
+  std::vector<float> x32;
+  std::vector<float> y0;
+};
+Inputs RandomInputs(std::mt19937_64& rng, int n, int in, int out) {
+  std::uniform_real_distribution<float> uniform(-1.f, 1.f);
+  Inputs r;
+  r.x32.resize(static_cast<size_t>(n) * in);
+  r.x.resize(r.x32.size());
+  for (size_t i = 0; i < r.x.size(); ++i) {
+    r.x32[i] = uniform(rng);
+    r.x[i] = FloatToBf16(r.x32[i]);
+  }
+  r.y0.resize(static_cast<size_t>(n) * out);
+  for (float& v : r.y0) v = uniform(rng);
+  return r;
+}
+
 // y and y16 (downloaded after the call) against a double-precision reference over the bf16
 // weights w [rows][in] and input rows x [n][in] (as the kernel must round them), y0 being y
 // before the call.
@@ -97,16 +118,10 @@ TEST(SmallBatchGemmTest, MatchesAPlainReferenceOnRandomInputs) {
           // float32 input (rounded to bf16 as it is read) with the residual add, as o_proj uses
           // it, at even row counts; bf16 input otherwise.
           const bool f32_input = e == SmallGemmEpilogue::kAddF32 && n % 2 == 0;
-          std::vector<uint16_t> x(static_cast<size_t>(n) * s.in);
-          std::vector<float> x32(x.size());
-          for (size_t i = 0; i < x.size(); ++i) {
-            x32[i] = uniform(rng);
-            x[i] =
-                FloatToBf16(x32[i]);  // the reference reads the input as the kernel must round it
-          }
-          std::vector<float> y0(static_cast<size_t>(n) * s.out);
-          for (float& v : y0) v = uniform(rng);
-          DeviceBuffer dw = Upload(w), dx = f32_input ? Upload(x32) : Upload(x), dy = Upload(y0);
+          const Inputs in = RandomInputs(rng, n, s.in, s.out);
+          const std::vector<uint16_t>& x = in.x;
+          const std::vector<float>& y0 = in.y0;
+          DeviceBuffer dw = Upload(w), dx = f32_input ? Upload(in.x32) : Upload(x), dy = Upload(y0);
           DeviceBuffer dy16;
           ASSERT_TRUE(dy16.Allocate(static_cast<size_t>(n) * s.out * 2).ok());
           ASSERT_TRUE(SmallBatchGemm(dw.as<uint16_t>(), dx.get(),
@@ -153,15 +168,10 @@ TEST(SmallBatchGemmTest, UnderPdlReadsItsInputsOnlyAfterTheKernelBeforeIt) {
                        << "in " << s.in << " out " << s.out << " epilogue " << static_cast<int>(e)
                        << " n " << n << " layout " << static_cast<int>(layout));
           const bool f32_input = e == SmallGemmEpilogue::kAddF32 && layout == kLayouts[0];
-          std::vector<uint16_t> x(static_cast<size_t>(n) * s.in);
-          std::vector<float> x32(x.size());
-          for (size_t i = 0; i < x.size(); ++i) {
-            x32[i] = uniform(rng);
-            x[i] = FloatToBf16(x32[i]);
-          }
-          std::vector<float> y0(static_cast<size_t>(n) * s.out);
-          for (float& v : y0) v = uniform(rng);
-          const DeviceBuffer staged = f32_input ? Upload(x32) : Upload(x);
+          const Inputs in = RandomInputs(rng, n, s.in, s.out);
+          const std::vector<uint16_t>& x = in.x;
+          const std::vector<float>& y0 = in.y0;
+          const DeviceBuffer staged = f32_input ? Upload(in.x32) : Upload(x);
           DeviceBuffer dx, dy = Upload(y0), dy16;
           ASSERT_TRUE(dx.Allocate(staged.size_bytes()).ok());
           ASSERT_TRUE(dy16.Allocate(static_cast<size_t>(n) * s.out * 2).ok());
