@@ -788,7 +788,7 @@ TEST_P(PagedAttentionGpuTest, BatchedDecodeMatchesPerRequestReference) {
 INSTANTIATE_TEST_SUITE_P(Shapes, PagedAttentionGpuTest,
                          ::testing::Values(Shape{4, 4, 64, 16}, Shape{8, 2, 128, 64},
                                            Shape{32, 8, 128, 100}, Shape{8, 1, 64, 256},
-                                           Shape{12, 4, 128, 64},
+                                           Shape{12, 4, 128, 64}, Shape{32, 8, 128, 256},
                                            // Small head dims (SmallHeadKernel): the tiny
                                            // fixture models' shapes (head_dim 16, GQA 2 and 4).
                                            Shape{4, 2, 16, 16}, Shape{4, 1, 16, 5},

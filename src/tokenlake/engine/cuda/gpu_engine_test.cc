@@ -78,7 +78,13 @@ TEST_P(GpuEngineRandomTest, MatchesCpuEngineWithinBf16Tolerance) {
   SCOPED_TRACE(testing::Message() << "seed=" << seed);
   std::cout << "seed=" << seed << "\n";
   std::mt19937_64 rng(seed);
-  const LlamaConfig c = RandomConfig(rng);
+  LlamaConfig c = RandomConfig(rng);
+  // Seeds 4 and 9: hidden and intermediate sizes that are not multiples of 4 (RMSNorm's and
+  // SiLU's plain loops instead of their float4 ones, cuBLAS for every dense layer).
+  if (seed % 5 == 4) {
+    c.hidden_size += 2;
+    c.intermediate_size += 2;
+  }
   const int32_t num_instances = 1 + static_cast<int32_t>(rng() % 3);
   const int32_t s = rng() % 2 == 0 ? 4 : 16;
   std::cout << absl::StrFormat(

@@ -42,6 +42,11 @@ __device__ __forceinline__ float Bf16Bits(uint16_t bits) {
 __device__ __forceinline__ uint16_t ToBf16Bits(float x) {
   return __bfloat16_as_ushort(__float2bfloat16_rn(x));
 }
+// Two values as bf16 bits in one word, lo in the low half (the order of memory).
+__device__ __forceinline__ uint32_t Bf16Pair(float lo, float hi) {
+  return ToBf16Bits(lo) | (static_cast<uint32_t>(ToBf16Bits(hi)) << 16);
+}
+__device__ __forceinline__ float SiluMul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
 // The forward's small kernels take part in programmatic dependent launch (pdl.cuh, set_pdl):
 // they let the next kernel be scheduled at once and wait for the previous one before touching
@@ -63,29 +68,70 @@ __global__ void EmbedKernel(const int32_t* __restrict__ tokens, const uint16_t* 
 }
 
 // y = w * (x / sqrt(mean(x^2) + eps)), one thread block per output row r, reading row
-// rows[r] of x (row r when rows is null); y rounded to bf16.
-__global__ void RmsNormKernel(const float* __restrict__ x, const float* __restrict__ w, float eps,
-                              int hidden, const int32_t* __restrict__ rows,
-                              uint16_t* __restrict__ y) {
-  PdlPrologue();
-  const int64_t r = blockIdx.x;
-  const float* xr = x + (rows != nullptr ? static_cast<int64_t>(rows[r]) : r) * hidden;
-  // Unrolled so that each thread's loads are in flight together: with one thread block per
-  // row, a decode step's few rows would otherwise wait on one load at a time.
-  float sum = 0.f;
-#pragma unroll 8
-  for (int i = threadIdx.x; i < hidden; i += blockDim.x) sum += xr[i] * xr[i];
+// rows[r] of x (row r when rows is null); y rounded to bf16. Rows of up to 16 elements per
+// thread (a multiple of 4) stay in registers as float4s between the sum and the scaling, and
+// the weights, which no kernel writes, are loaded before waiting for the kernel before this one
+// (PDL): after the wait a row costs one load of x and one store. Other rows take the plain loop.
+constexpr int kNormVec = 4;  // float4s per thread
+
+__device__ __forceinline__ float BlockSum(float sum) {
   __shared__ float partial[32];
   for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
   __syncthreads();
   float total = 0.f;
   for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) total += partial[i];
-  const float inv = 1.0f / sqrtf(total / static_cast<float>(hidden) + eps);
-#pragma unroll 8
-  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-    y[r * hidden + i] = ToBf16Bits(w[i] * (xr[i] * inv));
+  return total;
+}
+
+__global__ void __launch_bounds__(kNormThreads)
+    RmsNormKernel(const float* __restrict__ x, const float* __restrict__ w, float eps, int hidden,
+                  const int32_t* __restrict__ rows, uint16_t* __restrict__ y) {
+  GridDependentsLaunch();
+  const int64_t r = blockIdx.x;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int stride = static_cast<int>(blockDim.x);
+  if (hidden % 4 == 0 && hidden <= stride * 4 * kNormVec) {
+    const int vecs = hidden / 4;
+    float4 wv[kNormVec];
+#pragma unroll
+    for (int k = 0; k < kNormVec; ++k) {
+      const int i = tid + k * stride;
+      if (i < vecs) wv[k] = __ldg(reinterpret_cast<const float4*>(w) + i);
+    }
+    GridDependencyWait();
+    const float4* xr = reinterpret_cast<const float4*>(
+        x + (rows != nullptr ? static_cast<int64_t>(rows[r]) : r) * hidden);
+    float4 xv[kNormVec];
+    float sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < kNormVec; ++k) {
+      const int i = tid + k * stride;
+      if (i < vecs) {
+        xv[k] = xr[i];
+        sum += xv[k].x * xv[k].x + xv[k].y * xv[k].y + xv[k].z * xv[k].z + xv[k].w * xv[k].w;
+      }
+    }
+    const float inv = 1.0f / sqrtf(BlockSum(sum) / static_cast<float>(hidden) + eps);
+    uint2* yr = reinterpret_cast<uint2*>(y + r * hidden);
+#pragma unroll
+    for (int k = 0; k < kNormVec; ++k) {
+      const int i = tid + k * stride;
+      if (i < vecs) {
+        yr[i] = make_uint2(Bf16Pair(wv[k].x * (xv[k].x * inv), wv[k].y * (xv[k].y * inv)),
+                           Bf16Pair(wv[k].z * (xv[k].z * inv), wv[k].w * (xv[k].w * inv)));
+      }
+    }
+    return;
   }
+  GridDependencyWait();
+  const float* xr = x + (rows != nullptr ? static_cast<int64_t>(rows[r]) : r) * hidden;
+  float sum = 0.f;
+#pragma unroll 8
+  for (int i = tid; i < hidden; i += stride) sum += xr[i] * xr[i];
+  const float inv = 1.0f / sqrtf(BlockSum(sum) / static_cast<float>(hidden) + eps);
+#pragma unroll 8
+  for (int i = tid; i < hidden; i += stride) y[r * hidden + i] = ToBf16Bits(w[i] * (xr[i] * inv));
 }
 
 // qkv [n][qd + 2 kvd] f32 -> q [n][qd], k [n][kvd] (RoPE at positions[t], rotate-half) and
@@ -96,7 +142,7 @@ __global__ void RopeSplitKernel(const float* __restrict__ qkv, const float* __re
                                 const int32_t* __restrict__ positions, int num_heads,
                                 int num_kv_heads, int head_dim, uint16_t* __restrict__ q,
                                 uint16_t* __restrict__ k, uint16_t* __restrict__ v) {
-  PdlPrologue();
+  GridDependentsLaunch();
   const int t = blockIdx.x;
   const int half = head_dim / 2;
   const int qd = num_heads * head_dim;
@@ -104,7 +150,9 @@ __global__ void RopeSplitKernel(const float* __restrict__ qkv, const float* __re
   const float* row = qkv + static_cast<int64_t>(t) * (qd + 2 * kvd);
   const float pos = static_cast<float>(positions[t]);
   // cos and sin of each frequency once per token (in double, as engine/ops.cc), shared by the
-  // heads: they are most of this kernel's work otherwise.
+  // heads: they are most of this kernel's work otherwise. The positions come from the forward's
+  // input copy, which precedes its first kernel, so this runs before waiting for the kernel
+  // before this one (PDL), under its tail.
   __shared__ float cos_sin[2 * 64];
   for (int i = threadIdx.x; i < half; i += blockDim.x) {
     const double angle = static_cast<double>(pos * inv_freq[i]);
@@ -112,6 +160,7 @@ __global__ void RopeSplitKernel(const float* __restrict__ qkv, const float* __re
     cos_sin[2 * i + 1] = static_cast<float>(sin(angle));
   }
   __syncthreads();
+  GridDependencyWait();
   const int rotated = num_heads + num_kv_heads;
   const int parts = static_cast<int>(gridDim.y);
   const int mine = (rotated + num_kv_heads - static_cast<int>(blockIdx.y) + parts - 1) / parts;
@@ -142,22 +191,41 @@ __global__ void RopeSplitKernel(const float* __restrict__ qkv, const float* __re
 __global__ void SiluMulKernel(const float* __restrict__ gate_up, int64_t n, int inter,
                               uint16_t* __restrict__ out) {
   PdlPrologue();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (inter % 4 == 0) {  // four outputs a thread: 16-byte loads, an 8-byte store
+    const int quads = inter / 4;
+    const int64_t total = n * quads;
+    for (int64_t idx = first; idx < total; idx += stride) {
+      const int64_t t = idx / quads;
+      const int64_t j = idx % quads;
+      const float4 g = reinterpret_cast<const float4*>(gate_up + t * 2 * inter)[j];
+      const float4 u = reinterpret_cast<const float4*>(gate_up + t * 2 * inter + inter)[j];
+      reinterpret_cast<uint2*>(out + t * inter)[j] =
+          make_uint2(Bf16Pair(SiluMul(g.x, u.x), SiluMul(g.y, u.y)),
+                     Bf16Pair(SiluMul(g.z, u.z), SiluMul(g.w, u.w)));
+    }
+    return;
+  }
   const int64_t total = n * inter;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t idx = first; idx < total; idx += stride) {
     const int64_t t = idx / inter;
     const int64_t j = idx % inter;
     const float g = gate_up[t * 2 * inter + j];
     const float u = gate_up[t * 2 * inter + inter + j];
-    out[idx] = ToBf16Bits(g / (1.0f + expf(-g)) * u);
+    out[idx] = ToBf16Bits(SiluMul(g, u));
   }
 }
 
+// in [n] f32 -> out [n] bf16, four elements a thread (16-byte loads, 8-byte stores). n is a
+// multiple of 4 (rows x num_heads x head_dim, head_dim a multiple of 16); in and out are the
+// starts of allocations.
 __global__ void ToBf16Kernel(const float* __restrict__ in, int64_t n, uint16_t* __restrict__ out) {
   PdlPrologue();
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n / 4;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[i] = ToBf16Bits(in[i]);
+    const float4 x = reinterpret_cast<const float4*>(in)[i];
+    reinterpret_cast<uint2*>(out)[i] = make_uint2(Bf16Pair(x.x, x.y), Bf16Pair(x.z, x.w));
   }
 }
 
@@ -692,7 +760,7 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
     } else {
       Mark(kPhaseOther);
       const int64_t attn_elems = int64_t{rows} * qd;
-      TOKENLAKE_RETURN_IF_ERROR(Launch("to bf16", pdl_, ToBf16Kernel, dim3(GridFor(attn_elems)),
+      TOKENLAKE_RETURN_IF_ERROR(Launch("to bf16", pdl_, ToBf16Kernel, dim3(GridFor(attn_elems / 4)),
                                        dim3(kThreads), stream_, attn_.as<float>(), attn_elems,
                                        attn16_.as<uint16_t>()));
       Mark(kPhaseGemm);
@@ -712,8 +780,9 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
       TOKENLAKE_RETURN_IF_ERROR(
           Gemm(blas, w.wgu.get(), normed_.get(), gate_up_.as<float>(), rows, h, 2 * inter, 0.f));
       Mark(kPhaseOther);
-      const int64_t act_elems = int64_t{rows} * inter;
-      TOKENLAKE_RETURN_IF_ERROR(Launch("silu", pdl_, SiluMulKernel, dim3(GridFor(act_elems)),
+      // (A thread takes four outputs when inter is a multiple of 4.)
+      const int64_t act_threads = int64_t{rows} * (inter % 4 == 0 ? inter / 4 : inter);
+      TOKENLAKE_RETURN_IF_ERROR(Launch("silu", pdl_, SiluMulKernel, dim3(GridFor(act_threads)),
                                        dim3(kThreads), stream_, gate_up_.as<float>(), int64_t{rows},
                                        inter, act16_.as<uint16_t>()));
     }
