@@ -63,6 +63,9 @@ struct InstanceState {
   int64_t capacity_slots = 0;  // segment slots of this instance
   int64_t used_slots = 0;      // slots holding a segment (0 <= used <= capacity)
   double load = 0;             // decayed cache load currently served by this instance
+  // Cache access in force: cached tokens attended here per iteration by the plans in force
+  // (plan::AccessLedger). The query planner spreads reads of replicated segments by it.
+  double access_tokens = 0;
 };
 
 // One segment as the balancer sees it (warm, or holding more than one replica).

@@ -95,7 +95,8 @@ absl::StatusOr<std::unique_ptr<Lake>> Lake::Create(const LakeOptions& options, C
   return lake;
 }
 
-Lake::Lake(const LakeOptions& options, Clock* clock) : options_(options), clock_(clock) {}
+Lake::Lake(const LakeOptions& options, Clock* clock)
+    : options_(options), clock_(clock), access_(options.num_instances) {}
 
 Lake::~Lake() = default;
 
@@ -177,9 +178,10 @@ std::vector<balance::InstanceState> Lake::InstanceStatesLocked() const {
   std::vector<balance::InstanceState> out;
   out.reserve(stores_.size());
   for (size_t i = 0; i < stores_.size(); ++i) {
-    out.push_back(balance::InstanceState{InstanceId(static_cast<int32_t>(i)),
-                                         stores_[i]->capacity(), stores_[i]->used(),
-                                         instance_load_[i].Value(now)});
+    const InstanceId id(static_cast<int32_t>(i));
+    out.push_back(balance::InstanceState{id, stores_[i]->capacity(), stores_[i]->used(),
+                                         instance_load_[i].Value(now),
+                                         static_cast<double>(access_.tokens(id))});
   }
   return out;
 }
@@ -269,7 +271,8 @@ absl::StatusOr<std::vector<plan::BatchPlan>> Lake::GenPlans(absl::Span<const Bat
     }
   }
   TOKENLAKE_ASSIGN_OR_RETURN(std::vector<plan::BatchPlan> plans,
-                             planner_->GenPlans(pbs, InstanceStatesLocked()));
+                             planner_->GenPlans(pbs, PlanningStatesLocked(batches)));
+  PlansInForceLocked(plans);
   for (const plan::BatchPlan& p : plans) {
     counters_.plan_query_bytes += p.transfer.query_bytes;
     counters_.plan_kv_pull_bytes += p.transfer.kv_pull_bytes;
@@ -617,6 +620,7 @@ absl::StatusOr<CommitResult> Lake::CommitLocked(
         absl::StrFormat("Commit: request %d is not active", request.value()));
   }
   Active& active = it->second;
+  access_.Erase(request);  // the iteration ran: its plan is no longer in force
   CommitResult result;
   result.sequence = ++sequence_;
   const int64_t now = clock_->NowUs();
@@ -771,6 +775,7 @@ absl::Status Lake::Release(RequestId request) {
   }
   DropPendingLocked(request, a);
   active_.erase(it);
+  access_.Erase(request);
   return absl::OkStatus();
 }
 
@@ -799,7 +804,8 @@ LakeStats Lake::Stats(bool scan_heavy_hitters) const {
                                         .used_slots = st.used_slots,
                                         .free_slots = st.capacity_slots - st.used_slots,
                                         .tokens = tree_->TokensOn(st.id),
-                                        .load = st.load});
+                                        .load = st.load,
+                                        .access_tokens = access_.tokens(st.id)});
   }
   return s;
 }
@@ -812,6 +818,7 @@ void Lake::SetReplicaObserver(index::PrefixTree::ReplicaObserver observer) {
 absl::Status Lake::CheckIntegrity() const {
   absl::MutexLock lock(&mu_);
   TOKENLAKE_RETURN_IF_ERROR(tree_->CheckIntegrity());
+  TOKENLAKE_RETURN_IF_ERROR(access_.CheckIntegrity());
   for (size_t i = 0; i < stores_.size(); ++i) {
     TOKENLAKE_RETURN_IF_ERROR(stores_[i]->CheckIntegrity());
     const InstanceId inst(static_cast<int32_t>(i));

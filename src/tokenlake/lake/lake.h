@@ -91,6 +91,13 @@
 // segment the request pins); each instance's decayed cache load gets the segment's load divided
 // evenly among its replicas.
 //
+// Cache access in force (plan::AccessLedger): every plan GenPlans returns is in force for its
+// request until the request's next plan or its Release (a decode's one plan serves all its
+// iterations); a plan of a request that is not admitted by the next GenPlans call is dropped
+// then (it was never run). The planner spreads reads of replicated segments by each instance's
+// access in force (planner.h, step 3), so that requests planned one at a time still even out
+// the cache access of the pool; a request planned again does not count its own plan in force.
+//
 // Errors (absl::Status, never a crash): InvalidArgument for invalid options (zero instances,
 // segment_tokens 0, slot counts, model shape...), for an unknown instance, a DoP outside
 // [1, num_instances], keys with bad lengths, negative new_tokens; AlreadyExists for admitting an
@@ -121,6 +128,7 @@
 #include "tokenlake/base/ids.h"
 #include "tokenlake/index/prefix_tree.h"
 #include "tokenlake/index/segment_id.h"
+#include "tokenlake/plan/access_ledger.h"
 #include "tokenlake/plan/cost_model.h"
 #include "tokenlake/plan/plan_types.h"
 #include "tokenlake/plan/planner.h"
@@ -295,6 +303,8 @@ struct InstanceStats {
   // Tokens of the segments with a copy here (a segment's tokens count once per copy).
   int64_t tokens = 0;
   double load = 0;  // decayed cache load (query tokens x cached tokens)
+  // Cached tokens attended here per iteration by the plans in force (file comment).
+  int64_t access_tokens = 0;
 };
 
 struct LakeStats {
@@ -703,6 +713,14 @@ class Lake {
   // the instances holding it (`node`, its tree node; null when it is no longer stored).
   void RecordSegmentLoadLocked(SegmentId segment, const index::PrefixTree::Node* node, double load,
                                int64_t now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The planner's view of the pool for plans of `batches`: InstanceStatesLocked(), after the
+  // plans in force of requests not admitted were dropped, less the batches' requests' own plans
+  // in force (a request planned again replaces its plan).
+  std::vector<balance::InstanceState> PlanningStatesLocked(absl::Span<const Batch> batches)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The plans GenPlans returns come into force (AccessLedger).
+  void PlansInForceLocked(absl::Span<const plan::BatchPlan> plans)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const LakeOptions options_;
   Clock* const clock_;
@@ -714,6 +732,7 @@ class Lake {
   std::unique_ptr<balance::Balancer> balancer_;
   std::unique_ptr<plan::Planner> planner_;
   std::vector<balance::DecayingCounter> instance_load_ ABSL_GUARDED_BY(mu_);
+  plan::AccessLedger access_ ABSL_GUARDED_BY(mu_);  // cache access of the plans in force
   absl::flat_hash_set<SegmentId> replicated_ ABSL_GUARDED_BY(mu_);  // nodes with >= 2 replicas
   absl::flat_hash_map<RequestId, Active> active_ ABSL_GUARDED_BY(mu_);
   LakeStats counters_ ABSL_GUARDED_BY(mu_);           // the cumulative counters of Stats()

@@ -43,6 +43,31 @@ void Lake::RecordSegmentLoadLocked(SegmentId segment, const index::PrefixTree::N
   for (InstanceId r : node->replicas) instance_load_[r.value()].Add(share, now);
 }
 
+std::vector<balance::InstanceState> Lake::PlanningStatesLocked(absl::Span<const Batch> batches) {
+  access_.EraseUnless([&](RequestId r) { return active_.contains(r); });
+  std::vector<balance::InstanceState> states = InstanceStatesLocked();
+  if (access_.num_requests() == 0) return states;
+  absl::flat_hash_set<RequestId> seen;
+  for (const Batch& b : batches) {
+    for (const LakeRequest& r : b.requests) {
+      if (!seen.insert(r.id).second) continue;
+      for (balance::InstanceState& st : states) {
+        st.access_tokens -= static_cast<double>(access_.Share(r.id, st.id));
+      }
+    }
+  }
+  return states;
+}
+
+void Lake::PlansInForceLocked(absl::Span<const plan::BatchPlan> plans) {
+  for (const plan::BatchPlan& p : plans) {
+    for (const plan::RequestPlan& rp : p.requests) {
+      // The planner names only instances of the pool, with non-negative token counts.
+      TOKENLAKE_CHECK_OK(access_.Set(rp.request, plan::AccessLedger::SharesOf(rp)));
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Maintenance
 

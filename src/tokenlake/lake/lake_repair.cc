@@ -41,6 +41,7 @@ absl::Status Lake::DropInstance(InstanceId instance) {
   pinned_replicas_ -= r.dropped_pinned_replicas;
   const int64_t now = clock_->NowUs();
   instance_load_[instance.value()].Add(-instance_load_[instance.value()].Value(now), now);
+  access_.DropInstance(instance);
   return absl::OkStatus();
 }
 

@@ -28,6 +28,10 @@ absl::StatusOr<std::unique_ptr<Planner>> Planner::Create(const PlannerOptions& o
     return absl::InvalidArgumentError(
         absl::StrFormat("PlannerOptions.holder_slack must be >= 0, got %g", options.holder_slack));
   }
+  if (!(options.access_slack >= 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PlannerOptions.access_slack must be >= 0, got %g", options.access_slack));
+  }
   return std::unique_ptr<Planner>(new Planner(options, balancer));
 }
 
@@ -57,6 +61,40 @@ bool SameReplicas(const CachedSegment& a, const CachedSegment& b) {
     if (std::find(b.replicas.begin(), b.replicas.end(), r) == b.replicas.end()) return false;
   }
   return true;
+}
+
+// Step 3 under Dispatch::kGreedy (planner.h), rule (a): the reader of a run of `run_tokens`
+// tokens in consecutive segments with the same `replicas`. `uses` marks the instances the
+// request reads from already (or will: its segments with one copy); `access` is each
+// instance's cache access in force plus this call's reads so far, summing to `access_total`.
+int32_t RunReader(absl::Span<const InstanceId> replicas, int64_t run_tokens, int32_t compute,
+                  absl::Span<const char> uses, absl::Span<const double> access, double access_total,
+                  absl::Span<const balance::InstanceState> state, RequestId request, double slack) {
+  const auto n = static_cast<int32_t>(access.size());
+  const double run = static_cast<double>(run_tokens);
+  const double bound = (1 + slack) * (access_total + run) / n + 1e-9;
+  const auto within = [&](int32_t i) { return access[i] + run <= bound; };
+  const auto rotated = [&](int32_t x) {
+    return (x + n - static_cast<int32_t>(request.value() % n)) % n;
+  };
+  // Less access first; ties: the computing instance, an instance the request reads from, the
+  // less loaded, then an order rotated by the request id.
+  const auto better = [&](int32_t i, int32_t cur) {
+    if (cur < 0) return true;
+    if (access[i] != access[cur]) return access[i] < access[cur];
+    if ((i == compute) != (cur == compute)) return i == compute;
+    if (uses[i] != uses[cur]) return uses[i] > uses[cur];
+    if (state[i].load != state[cur].load) return state[i].load < state[cur].load;
+    return rotated(i) < rotated(cur);
+  };
+  int32_t used = -1, least = -1;
+  for (InstanceId rep : replicas) {
+    const int32_t i = rep.value();
+    if (i == compute && within(i)) return i;
+    if (uses[i] && within(i) && better(i, used)) used = i;
+    if (better(i, least)) least = i;
+  }
+  return used >= 0 ? used : least;
 }
 
 // Step 3 under Dispatch::kMatching (planner.h): the serving replica of every (request, cached
@@ -348,6 +386,7 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
   std::vector<int32_t> order(n);
   std::vector<int32_t> seg_holder;
   std::vector<int32_t> holder_slot(n, -1);  // instance -> index in rp.holders (-1: none yet)
+  std::vector<char> uses(n);                // instances the current request reads from
   std::vector<BatchPlan> plans;
   plans.reserve(batches.size());
 
@@ -461,8 +500,22 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
                                  MatchQueries(reqs, compute, holder_work, work_cap, state, shape));
     }
     plan.requests.reserve(reqs.size());
+    // Cache access (tokens attended per iteration) in force on each instance, with this batch's
+    // reads added as they are chosen (the greedy rule's run readers).
+    std::vector<double> access(n);
+    double access_total = 0;
+    for (int32_t i = 0; i < n; ++i) {
+      access[i] = state[i].access_tokens;
+      access_total += access[i];
+    }
     for (size_t ri = 0; ri < reqs.size(); ++ri) {
       const PlanRequest& r = reqs[ri];
+      // Instances this request reads from whatever the dispatch: its segments with one copy.
+      std::fill(uses.begin(), uses.end(), 0);
+      for (const CachedSegment& s : r.cached) {
+        if (s.replicas.size() == 1) uses[s.replicas[0].value()] = 1;
+      }
+      int32_t reader = -1;  // the current run's reader (greedy, several replicas)
       RequestPlan rp;
       rp.request = r.request;
       rp.compute_instance = InstanceId(compute[ri]);
@@ -482,10 +535,16 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
           pick = s.replicas[0].value();
         } else {
           auto fits = [&](int32_t i) { return holder_work[i] + w <= work_cap + 1e-9; };
-          // (a) the computing instance.
-          for (InstanceId rep : s.replicas) {
-            if (rep.value() == compute[ri] && fits(rep.value())) pick = rep.value();
+          if (si == 0 || !SameReplicas(r.cached[si - 1], s)) {
+            int64_t run_tokens = 0;
+            for (size_t k = si; k < r.cached.size() && SameReplicas(r.cached[k], s); ++k) {
+              run_tokens += r.cached[k].num_tokens;
+            }
+            reader = RunReader(s.replicas, run_tokens, compute[ri], uses, access, access_total,
+                               state, r.request, options_.access_slack);
           }
+          // (a) the run's reader.
+          if (fits(reader)) pick = reader;
           // (b) a holder this request already uses.
           if (pick < 0) {
             for (const HolderPlan& h : rp.holders) {
@@ -517,6 +576,9 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
           }
         }
         holder_work[pick] += w;
+        access[pick] += s.num_tokens;
+        access_total += s.num_tokens;
+        uses[pick] = 1;
         rp.segments.push_back(
             SegmentAssignment{s.segment, s.num_tokens, InstanceId(pick), HolderAction::kLocal});
         rp.cached_tokens += s.num_tokens;
@@ -543,6 +605,9 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
         } else {
           h.action = HolderAction::kPullKv;
           h.bytes = KvBytes(shape, h.cached_tokens);
+          // Pulled KV is attended where the request computes.
+          access[h.holder.value()] -= static_cast<double>(h.cached_tokens);
+          access[compute[ri]] += static_cast<double>(h.cached_tokens);
         }
       }
       if (rp.holders.size() > 1 ||
@@ -631,6 +696,7 @@ absl::StatusOr<std::vector<BatchPlan>> Planner::GenPlans(
     plan.transfer.total_bytes =
         plan.transfer.query_bytes + plan.transfer.kv_pull_bytes + plan.transfer.new_segment_bytes;
     // This batch's work now loads its holders for the next batch's decisions.
+    for (int32_t i = 0; i < n; ++i) state[i].access_tokens = access[i];
     for (const RequestPlan& rp : plan.requests) {
       for (const HolderPlan& h : rp.holders) {
         state[h.holder.value()].load +=

@@ -29,9 +29,18 @@
 //        work, less load, then an order rotated by the request id. Beyond a cap work costs more
 //        than any placement within one and spreads over the replicas by load alone. A run the
 //        solver splits is cut on segment boundaries in prefix order, the largest share first.
-//      - kGreedy (default): request by request, segment by segment: the computing instance if
-//        it holds one, else a replica this request already uses, else the replica with the least
-//        work assigned in this plan, skipping replicas over the cap while one fits; the same ties.
+//      - kGreedy (default): request by request, segment by segment: (a) the reader of the
+//        segment's run (its consecutive segments with the same replicas, when it has several;
+//        its one replica otherwise), else (b) a replica this request already uses, else (c) the
+//        replica with the least work assigned in this plan, skipping replicas over the cap while
+//        one fits; the same ties. A run's reader balances the pool's cache access (the cached
+//        tokens attended per iteration, InstanceState::access_tokens: the plans in force, see
+//        plan/access_ledger.h, plus this call's reads so far): the computing instance if its
+//        access with the run's stays within (1 + access_slack) x the pool's mean, else an
+//        instance the request reads from (a replica it used already, or the holder of one of
+//        its single-copy segments) within the same bound, else the replica with the least
+//        access (ties: the computing instance, an instance the request reads from, less load,
+//        an order rotated by the request id).
 //   4. Per (request, remote holder): move the queries if MoveQueriesBytes(q) <=
 //      KvBytes(tokens the holder serves for it), else pull the KV (cost_model.h).
 //   5. Transfer plan: each new segment goes where the Balancer places it, with the computing
@@ -72,6 +81,13 @@ struct PlannerOptions {
   double compute_slack = 0.25;
   // Slack of the per-holder work cap when choosing replicas. Must be >= 0.
   double holder_slack = 0.25;
+  // Greedy dispatch, a run of segments with several replicas (the file comment, step 3 (a)):
+  // the computing instance, or an instance the request reads from anyway, keeps the run while
+  // its cache access in force with the run's stays within (1 + access_slack) x the pool's
+  // mean; otherwise the replica with the least access reads it. 0: any instance above the mean
+  // gives its replicated reads away, which is what evens out the pool's access when requests
+  // are planned one at a time (measured: docs/adr/0019). Must be >= 0.
+  double access_slack = 0;
   // How queries and new segments are dispatched (the file comment, steps 3 and 5).
   enum class Dispatch { kMatching, kGreedy };
   // kGreedy by default: in the simulator the matching moves fewer bytes but serves decodes

@@ -140,14 +140,19 @@ TEST_F(PlannerTest, HeavyHitterQueriesAreSpreadOverItsReplicas) {
   for (auto& [h, c] : per_holder) EXPECT_LE(c, 5) << h;  // 16 / 4 x 1.25
 }
 
-// A request computing on instance 2 reads s1 (on 0 and 1) and s2 (on 1 only). Greedy, in
-// prefix order, serves s1 from the less loaded replica (0) and then needs 1 for s2: two remote
-// holders. The matching sees that holder 1 can serve all of it: one holder, one query move fewer.
-// Three other requests keep the holders' work caps loose.
+// A request computing on instance 2 (of 4) reads s1 (on 0 and 1) and s2 (on 1 and 3). Greedy, in
+// prefix order, gives each run to its replica with the least access (all zero), then the less
+// loaded: s1 from 0, s2 from 3, two remote holders. The matching sees that holder 1 can serve all
+// of it: one holder, one query move fewer. Three other requests keep the holders' work caps loose.
 TEST_F(PlannerTest, MatchingServesARequestFromFewerHoldersThanGreedy) {
   PlanBatch b;
   b.dop = 3;
-  b.requests.push_back(ReadsFromTwoHolders());
+  PlanRequest r;
+  r.request = RequestId(1);
+  r.new_tokens = 1;
+  r.cached = {Seg(1, {0, 1}), Seg(2, {1, 3})};
+  r.preferred_instance = InstanceId(2);
+  b.requests.push_back(r);
   for (int i = 0; i < 3; ++i) {
     PlanRequest big;
     big.request = RequestId(10 + i);
@@ -156,8 +161,8 @@ TEST_F(PlannerTest, MatchingServesARequestFromFewerHoldersThanGreedy) {
     big.preferred_instance = InstanceId(i);
     b.requests.push_back(big);
   }
-  auto inst = Instances(3);
-  inst[1].load = 10;  // greedy's tie between 0 and 1 goes to 0
+  auto inst = Instances(4);
+  inst[1].load = 10;  // greedy's ties between 0 and 1, and 1 and 3, go to 0 and 3
   auto greedy = *planner_->GenPlans({b}, inst);
   auto matched = *MatchingPlanner()->GenPlans({b}, inst);
   ASSERT_EQ(greedy[0].requests[0].compute_instance, InstanceId(2));
@@ -167,6 +172,82 @@ TEST_F(PlannerTest, MatchingServesARequestFromFewerHoldersThanGreedy) {
   EXPECT_EQ(matched[0].requests[0].holders[0].holder, InstanceId(1));
   EXPECT_EQ(greedy[0].transfer.query_bytes - matched[0].transfer.query_bytes,
             MoveQueriesBytes(OneLayer(), 1));
+}
+
+// Greedy reads a replicated run from an instance the request reads from anyway (the holder of its
+// single-copy segment) when none is below the pool's mean access: s1 (on 0 and 1) from 1, which
+// holds s2, though 0 is less loaded. (The request's own context, s3 on its computing instance,
+// keeps the work cap above s1's work.)
+TEST_F(PlannerTest, GreedyReadsAReplicatedRunFromAHolderTheRequestNeedsAnyway) {
+  PlanBatch b;
+  b.dop = 1;
+  b.candidates = {InstanceId(2)};
+  PlanRequest r = ReadsFromTwoHolders();
+  r.cached.push_back(Seg(3, {2}, 8192));
+  b.requests.push_back(r);
+  auto inst = Instances(3);
+  inst[1].load = 10;
+  auto plans = *planner_->GenPlans({b}, inst);
+  const RequestPlan& rp = plans[0].requests[0];
+  ASSERT_EQ(rp.compute_instance, InstanceId(2));
+  EXPECT_EQ(rp.segments[0].holder, InstanceId(1));
+  EXPECT_EQ(rp.segments[1].holder, InstanceId(1));
+  EXPECT_EQ(rp.holders.size(), 2u);  // 1, and the computing instance for s3
+}
+
+// The access in force steers a replicated run: the computing instance keeps it while its access
+// with the run's stays within the pool's mean (access_slack 0), else the replica with the least
+// access reads it.
+TEST_F(PlannerTest, ReplicatedRunGoesWhereTheAccessInForceIsLeast) {
+  PlanBatch b;
+  b.dop = 1;
+  b.candidates = {InstanceId(0)};
+  PlanRequest r;
+  r.request = RequestId(1);
+  r.new_tokens = 1;
+  // The run, then the request's own context on its computing instance (which keeps the work
+  // cap above the run's work).
+  r.cached = {Seg(1, {0, 1, 2, 3}), Seg(2, {0, 1, 2, 3}), Seg(3, {0}, 8192)};
+  b.requests.push_back(r);
+  auto inst = Instances(4);
+  const auto run_holders = [](const std::vector<BatchPlan>& plans) {
+    const RequestPlan& rp = plans[0].requests[0];
+    return std::make_pair(rp.segments[0].holder, rp.segments[1].holder);
+  };
+  // Equal access: the computing instance keeps the run (a tie with every replica).
+  for (auto& st : inst) st.access_tokens = 1000;
+  EXPECT_EQ(run_holders(*planner_->GenPlans({b}, inst)),
+            std::make_pair(InstanceId(0), InstanceId(0)));
+  // The computing instance far above the mean: the least accessed replica reads the whole run.
+  inst[0].access_tokens = 5000;
+  inst[2].access_tokens = 200;
+  EXPECT_EQ(run_holders(*planner_->GenPlans({b}, inst)),
+            std::make_pair(InstanceId(2), InstanceId(2)));
+  // Within (1 + access_slack) x the mean the computing instance keeps it.
+  PlannerOptions o = planner_->options();
+  o.access_slack = 2;
+  auto slack = *Planner::Create(o, balancer_.get());
+  EXPECT_EQ(run_holders(*slack->GenPlans({b}, inst)), std::make_pair(InstanceId(0), InstanceId(0)));
+}
+
+// Requests planned in one call see each other's reads: a shared prefix with a copy on every
+// instance is read from each in turn, however the requests are computed.
+TEST_F(PlannerTest, OneCallSpreadsASharedRunByItsOwnReads) {
+  PlanBatch b;
+  b.dop = 1;
+  b.candidates = {InstanceId(0)};
+  for (int i = 0; i < 8; ++i) {
+    PlanRequest r;
+    r.request = RequestId(i);
+    r.new_tokens = 1;
+    r.cached = {Seg(1, {0, 1, 2, 3})};
+    b.requests.push_back(r);
+  }
+  auto plans = *planner_->GenPlans({b}, Instances(4));
+  std::map<InstanceId, int> per_holder;
+  for (const RequestPlan& rp : plans[0].requests) per_holder[rp.segments[0].holder]++;
+  ASSERT_EQ(per_holder.size(), 4u);
+  for (auto& [h, c] : per_holder) EXPECT_EQ(c, 2) << h;
 }
 
 // Instance 0 has one free slot; instance 1 none; instance 2 two, but fuller. Request 1 computes
