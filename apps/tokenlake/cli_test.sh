@@ -56,6 +56,8 @@ expect "a zero bandwidth in a GPU file names file and field" 2 \
   "$bin" sim --requests 10 --gpu "$tmp/gpu_zero.json"
 expect "an unknown dispatch rule is refused with the valid ones" 2 "tl-dispatch.*matching.*greedy" -- \
   "$bin" sim --requests 10 --policies tokenlake --tl-dispatch best
+expect "a negative access slack is refused naming the flag" 2 "tl-access-slack" -- \
+  "$bin" sim --requests 10 --policies tokenlake --tl-access-slack -0.5
 expect "the matching dispatch runs and reports both rules' bytes" 0 "tokenlake" -- \
   "$bin" sim --workload chat --requests 200 --instances 4 --policies tokenlake \
   --tl-dispatch matching --tl-dispatch-compare --json "$tmp/dispatch.json"

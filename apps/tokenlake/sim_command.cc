@@ -74,6 +74,7 @@ struct SimFlags {
   double tl_decode_budget = 0.5;
   double tl_local_evict = 0.5;
   std::string tl_dispatch = "greedy";
+  double tl_access_slack = 0;
   bool tl_dispatch_compare = false;
   std::string tl_admission = "fcfs";
   int tp = 1;
@@ -153,6 +154,7 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   eo.tokenlake.dispatch = f.tl_dispatch == "matching" ? plan::PlannerOptions::Dispatch::kMatching
                                                       : plan::PlannerOptions::Dispatch::kGreedy;
   eo.tokenlake.compare_dispatch = f.tl_dispatch_compare;
+  eo.tokenlake.access_slack = f.tl_access_slack;
   eo.tokenlake.admit_longest_prefix_first = f.tl_admission == "lpm";
   eo.rate_rps = f.rate;
   if (given.count("--rate") > 0 && f.max_rate) {
@@ -326,6 +328,7 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   config["tokenlake_decode_budget"] = eo.tokenlake.decode_budget_share;
   config["tokenlake_local_evict"] = eo.tokenlake.local_eviction_min_age_ratio;
   config["tokenlake_dispatch"] = f.tl_dispatch;
+  config["tokenlake_access_slack"] = f.tl_access_slack;
   config["tokenlake_admission"] = f.tl_admission;
 
   const std::string slo_text =
@@ -485,6 +488,11 @@ void SetUpSim(CLI::App& app, int* exit_code) {
                   "matching (a min-cost transportation problem per batch) or greedy (request by "
                   "request) (greedy)")
       ->check(CLI::IsMember({"matching", "greedy"}));
+  cmd->add_option("--tl-access-slack", flags->tl_access_slack,
+                  "tokenlake: a request reads a segment with several copies on its own instance "
+                  "while that instance's cache access in force stays within (1 + this) x the "
+                  "pool's mean, else on the copy with the least access (docs/adr/0019) (0)")
+      ->check(NonNegative());
   cmd->add_option("--tl-admission", flags->tl_admission,
                   "tokenlake: the order in which queued requests are admitted to the pool: fcfs "
                   "(queue order) or lpm (longest cached prefix first among the first 128) (fcfs)")

@@ -80,6 +80,7 @@ class TokenLakePolicy final : public Policy {
     lo.local_eviction_min_age_ratio = options_.local_eviction_min_age_ratio;
     lo.planner.dispatch = options_.dispatch;
     lo.planner.compare_dispatch = options_.compare_dispatch;
+    lo.planner.access_slack = options_.access_slack;
     lo.slots_per_instance = static_cast<int32_t>(std::max<int64_t>(1, blocks));
     lo.model.num_layers = static_cast<int32_t>(m.num_layers);
     lo.model.num_heads = static_cast<int32_t>(m.num_heads);

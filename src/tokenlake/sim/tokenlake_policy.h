@@ -78,6 +78,8 @@ struct TokenLakePolicyOptions {
   // (dispatch_batches, dispatch_query_bytes, dispatch_other_query_bytes, dispatch_holders,
   // dispatch_other_holders, dispatch_new_segment_bytes, dispatch_other_new_segment_bytes).
   bool compare_dispatch = false;
+  // plan::PlannerOptions::access_slack.
+  double access_slack = 0;
   // Admission to the pool: false, in queue order; true, the first 128 queued requests not yet
   // admitted go longest cached prefix first (SGLang's "lpm" schedule policy), so that a request
   // whose prefix is cached is admitted, and pins it, before others evict it.
