@@ -26,7 +26,7 @@ timed $D/conversation_pd_dram.txt $B sim --trace $T/conversation_trace.jsonl --m
 # Sensitivity of TokenLake's own knobs, on the conversation trace.
 : >$D/sensitivity.txt
 for flags in "--tl-decode-budget 0.25" "--tl-decode-budget 1" "--tl-max-dop 1" \
-  "--tl-local-evict 2" "--tl-dispatch matching" "--tl-admission lpm"; do
+  "--tl-local-evict 2" "--tl-dispatch matching" "--tl-admission lpm" "--tl-access-slack 0.25"; do
   echo "\$ tokenlake sim --trace conversation_trace.jsonl --max-rate --policies tokenlake $flags" \
     >>$D/sensitivity.txt
   # shellcheck disable=SC2086
