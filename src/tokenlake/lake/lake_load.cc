@@ -44,7 +44,10 @@ void Lake::RecordSegmentLoadLocked(SegmentId segment, const index::PrefixTree::N
 }
 
 std::vector<balance::InstanceState> Lake::PlanningStatesLocked(absl::Span<const Batch> batches) {
-  access_.EraseUnless([&](RequestId r) { return active_.contains(r); });
+  access_.EraseUnless([&](RequestId r) {
+    mu_.AssertHeld();  // held by this function; tells the analysis inside the lambda
+    return active_.contains(r);
+  });
   std::vector<balance::InstanceState> states = InstanceStatesLocked();
   if (access_.num_requests() == 0) return states;
   absl::flat_hash_set<RequestId> seen;

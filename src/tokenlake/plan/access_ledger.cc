@@ -31,7 +31,9 @@ AccessLedger::Shares AccessLedger::SharesOf(const RequestPlan& plan) {
 absl::Status AccessLedger::Set(RequestId request,
                                absl::Span<const std::pair<InstanceId, int64_t>> shares) {
   Shares merged;
-  for (const auto& [instance, tokens] : shares) {
+  for (const std::pair<InstanceId, int64_t>& share : shares) {
+    const InstanceId instance = share.first;
+    const int64_t tokens = share.second;
     if (!instance.valid() || instance.value() < 0 || instance.value() >= num_instances()) {
       return absl::InvalidArgumentError(
           absl::StrFormat("AccessLedger::Set: request %d names instance %d outside [0, %d)",
