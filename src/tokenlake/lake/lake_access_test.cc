@@ -148,10 +148,11 @@ TEST(LakeAccessTest, RequestsPlannedOneAtATimeSpreadAReplicatedPrefix) {
     // The request's own context: 8 segments computed on instance 0 (their work keeps the
     // planner's per-holder work cap above the prefix's).
     std::vector<SegmentKey> keys = prefix;
-    for (uint64_t k = 0; k < 8; ++k)
+    for (uint64_t k = 0; k < 8; ++k) {
       keys.push_back({SegmentId(1000 + r * 10 + k), kTestSegmentTokens});
+    }
     const LakeRequest prefill{
-        .id = RequestId(r), .keys = keys, .new_tokens = 8 * kTestSegmentTokens};
+        .id = RequestId(r), .keys = keys, .new_tokens = int64_t{8} * kTestSegmentTokens};
     ASSERT_TRUE(lake->Admit(prefill).ok());
     auto p = lake->GenPlans({Batch{{prefill}, 1, {InstanceId(0)}}});
     ASSERT_TRUE(p.ok());

@@ -112,8 +112,9 @@ TEST(AccessLedgerTest, MatchesANaiveModelUnderRandomOperations) {
           ASSERT_EQ(ledger.Share(RequestId(r), InstanceId(instance)), tokens);
         }
       }
-      for (int i = 0; i < n; ++i)
+      for (int i = 0; i < n; ++i) {
         ASSERT_EQ(ledger.tokens(InstanceId(i)), sums[i]) << "step " << step;
+      }
     }
   }
 }

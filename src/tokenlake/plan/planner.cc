@@ -71,7 +71,7 @@ int32_t RunReader(absl::Span<const InstanceId> replicas, int64_t run_tokens, int
                   absl::Span<const char> uses, absl::Span<const double> access, double access_total,
                   absl::Span<const balance::InstanceState> state, RequestId request, double slack) {
   const auto n = static_cast<int32_t>(access.size());
-  const double run = static_cast<double>(run_tokens);
+  const auto run = static_cast<double>(run_tokens);
   const double bound = (1 + slack) * (access_total + run) / n + 1e-9;
   const auto within = [&](int32_t i) { return access[i] + run <= bound; };
   const auto rotated = [&](int32_t x) {
