@@ -42,6 +42,25 @@ class PlannerTest : public ::testing::Test {
     o.compare_dispatch = compare_dispatch;
     return *Planner::Create(o, balancer_.get());
   }
+  // `n` requests of `new_tokens` each, reading one segment with a copy on instances 0-3.
+  static PlanBatch ReadersOfOneSegment(int n, int64_t new_tokens, uint64_t segment) {
+    PlanBatch b;
+    b.dop = 1;
+    for (int i = 0; i < n; ++i) {
+      PlanRequest r;
+      r.request = RequestId(i);
+      r.new_tokens = new_tokens;
+      r.cached = {Seg(segment, {0, 1, 2, 3})};
+      b.requests.push_back(r);
+    }
+    return b;
+  }
+  // How many of the plan's requests read their first segment on each holder.
+  static std::map<InstanceId, int> FirstSegmentHolders(const BatchPlan& plan) {
+    std::map<InstanceId, int> per_holder;
+    for (const RequestPlan& rp : plan.requests) per_holder[rp.segments[0].holder]++;
+    return per_holder;
+  }
   // Request 1, computing on instance 2 (of 3), reads s1 (on 0 and 1) and s2 (on 1 only).
   static PlanRequest ReadsFromTwoHolders() {
     PlanRequest r;
@@ -124,18 +143,9 @@ TEST_F(PlannerTest, RemoteHolderChoiceFlipsBetweenPullAndMoveQueriesAtBreakEven)
 }
 
 TEST_F(PlannerTest, HeavyHitterQueriesAreSpreadOverItsReplicas) {
-  PlanBatch b;
-  b.dop = 1;
-  for (int i = 0; i < 16; ++i) {
-    PlanRequest r;
-    r.request = RequestId(i);
-    r.new_tokens = 64;
-    r.cached = {Seg(100, {0, 1, 2, 3})};
-    b.requests.push_back(r);
-  }
+  const PlanBatch b = ReadersOfOneSegment(16, 64, 100);
   auto plans = *planner_->GenPlans({b}, Instances(4));
-  std::map<InstanceId, int> per_holder;
-  for (const RequestPlan& rp : plans[0].requests) per_holder[rp.segments[0].holder]++;
+  const std::map<InstanceId, int> per_holder = FirstSegmentHolders(plans[0]);
   EXPECT_EQ(per_holder.size(), 4u);
   for (auto& [h, c] : per_holder) EXPECT_LE(c, 5) << h;  // 16 / 4 x 1.25
 }
@@ -233,19 +243,10 @@ TEST_F(PlannerTest, ReplicatedRunGoesWhereTheAccessInForceIsLeast) {
 // Requests planned in one call see each other's reads: a shared prefix with a copy on every
 // instance is read from each in turn, however the requests are computed.
 TEST_F(PlannerTest, OneCallSpreadsASharedRunByItsOwnReads) {
-  PlanBatch b;
-  b.dop = 1;
+  PlanBatch b = ReadersOfOneSegment(8, 1, 1);
   b.candidates = {InstanceId(0)};
-  for (int i = 0; i < 8; ++i) {
-    PlanRequest r;
-    r.request = RequestId(i);
-    r.new_tokens = 1;
-    r.cached = {Seg(1, {0, 1, 2, 3})};
-    b.requests.push_back(r);
-  }
   auto plans = *planner_->GenPlans({b}, Instances(4));
-  std::map<InstanceId, int> per_holder;
-  for (const RequestPlan& rp : plans[0].requests) per_holder[rp.segments[0].holder]++;
+  const std::map<InstanceId, int> per_holder = FirstSegmentHolders(plans[0]);
   ASSERT_EQ(per_holder.size(), 4u);
   for (auto& [h, c] : per_holder) EXPECT_EQ(c, 2) << h;
 }
