@@ -6,6 +6,20 @@
 #include "tokenlake/base/check.h"
 
 namespace tokenlake::plan {
+namespace {
+
+// Adds `tokens` to `where`'s share, appending it when it has none.
+void AddShare(AccessLedger::Shares& shares, InstanceId where, int64_t tokens) {
+  auto it =
+      std::find_if(shares.begin(), shares.end(), [&](const auto& s) { return s.first == where; });
+  if (it == shares.end()) {
+    shares.emplace_back(where, tokens);
+  } else {
+    it->second += tokens;
+  }
+}
+
+}  // namespace
 
 AccessLedger::AccessLedger(int32_t num_instances) {
   TOKENLAKE_CHECK(num_instances >= 1);
@@ -16,14 +30,8 @@ AccessLedger::Shares AccessLedger::SharesOf(const RequestPlan& plan) {
   Shares shares;
   for (const HolderPlan& h : plan.holders) {
     if (h.cached_tokens <= 0) continue;
-    const InstanceId where = h.action == HolderAction::kPullKv ? plan.compute_instance : h.holder;
-    auto it =
-        std::find_if(shares.begin(), shares.end(), [&](const auto& s) { return s.first == where; });
-    if (it == shares.end()) {
-      shares.emplace_back(where, h.cached_tokens);
-    } else {
-      it->second += h.cached_tokens;
-    }
+    AddShare(shares, h.action == HolderAction::kPullKv ? plan.compute_instance : h.holder,
+             h.cached_tokens);
   }
   return shares;
 }
@@ -34,7 +42,7 @@ absl::Status AccessLedger::Set(RequestId request,
   for (const std::pair<InstanceId, int64_t>& share : shares) {
     const InstanceId instance = share.first;
     const int64_t tokens = share.second;
-    if (!instance.valid() || instance.value() < 0 || instance.value() >= num_instances()) {
+    if (!InPool(instance)) {
       return absl::InvalidArgumentError(
           absl::StrFormat("AccessLedger::Set: request %d names instance %d outside [0, %d)",
                           request.value(), instance.value(), num_instances()));
@@ -44,14 +52,7 @@ absl::Status AccessLedger::Set(RequestId request,
           absl::StrFormat("AccessLedger::Set: request %d has %d tokens on instance %d",
                           request.value(), tokens, instance.value()));
     }
-    if (tokens == 0) continue;
-    auto it = std::find_if(merged.begin(), merged.end(),
-                           [&](const auto& s) { return s.first == instance; });
-    if (it == merged.end()) {
-      merged.emplace_back(instance, tokens);
-    } else {
-      it->second += tokens;
-    }
+    if (tokens > 0) AddShare(merged, instance, tokens);
   }
   Erase(request);
   if (merged.empty()) return absl::OkStatus();
@@ -68,7 +69,7 @@ void AccessLedger::Erase(RequestId request) {
 }
 
 void AccessLedger::DropInstance(InstanceId instance) {
-  if (!instance.valid() || instance.value() < 0 || instance.value() >= num_instances()) return;
+  if (!InPool(instance)) return;
   std::vector<RequestId> emptied;
   for (auto& [request, shares] : entries_) {
     shares.erase(std::remove_if(shares.begin(), shares.end(),
@@ -81,7 +82,7 @@ void AccessLedger::DropInstance(InstanceId instance) {
 }
 
 int64_t AccessLedger::tokens(InstanceId instance) const {
-  if (!instance.valid() || instance.value() < 0 || instance.value() >= num_instances()) return 0;
+  if (!InPool(instance)) return 0;
   return per_instance_[instance.value()];
 }
 

@@ -71,6 +71,10 @@ class AccessLedger {
   absl::Status CheckIntegrity() const;
 
  private:
+  bool InPool(InstanceId instance) const {
+    return instance.valid() && instance.value() >= 0 && instance.value() < num_instances();
+  }
+
   std::vector<int64_t> per_instance_;
   absl::flat_hash_map<RequestId, Shares> entries_;
 };
