@@ -398,6 +398,11 @@ void SetUpEngineBench(CLI::App* bench, int* exit_code) {
                 "small-batch kernel, larger ones on cuBLAS (0: cuBLAS always)")
       ->check(CLI::Range(0, engine::cuda::kSmallBatchMaxRows))
       ->capture_default_str();
+  e->add_option("--decode-gemm-rows", o.decode_gemm_rows,
+                "Larger forwards of at most this many rows run their dense layers on the "
+                "engine's tensor-core decode GEMM, larger ones on cuBLAS (0: cuBLAS)")
+      ->check(CLI::Range(0, engine::cuda::kDecodeGemmMaxRows))
+      ->capture_default_str();
   e->add_flag(
       "!--no-decode-graphs", o.decode_graphs,
       absl::StrFormat("Launch the kernels of forwards of at most %d rows one by one "

@@ -14,6 +14,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "tokenlake/base/status_macros.h"
+#include "tokenlake/engine/cuda/decode_gemm.h"
 #include "tokenlake/engine/cuda/device_buffer.h"
 #include "tokenlake/engine/cuda/gpu_engine.h"
 #include "tokenlake/engine/cuda/gpu_llama.h"
@@ -421,9 +422,10 @@ absl::Status Bench::Workloads() {
 
 absl::Status Bench::Dense() {
   // Each projection of a layer and the LM head at decode-sized row counts, alone: cuBLAS (as the
-  // forward calls it: bf16 in, float32 out) and SmallBatchGemm (its epilogue for that
-  // projection), the weight bytes read per second against the copy bandwidth. Several copies of
-  // each matrix are cycled so that no call finds its weights in the L2 cache.
+  // forward calls it: bf16 in, float32 out), SmallBatchGemm and DecodeGemm (each with the
+  // forward's epilogue for that projection), the weight bytes read per second against the copy
+  // bandwidth. Several copies of each matrix are cycled so that no call finds its weights in the
+  // L2 cache.
   const LlamaConfig& c = config_;
   const int h = c.hidden_size;
   const int qd = c.num_heads * c.head_dim;
@@ -439,7 +441,7 @@ absl::Status Bench::Dense() {
                           {"gate_up", h, 2 * inter, SmallGemmEpilogue::kSiluMulBf16},
                           {"down", inter, h, SmallGemmEpilogue::kAddF32},
                           {"lm_head", h, c.vocab_size, SmallGemmEpilogue::kStoreF32}};
-  const int rows_list[] = {1, 2, 4, 8, 16, 32};
+  const int rows_list[] = {1, 2, 4, 8, 16, 32, 64};
   constexpr int kReps = 30;
   cudaStream_t stream = model_->stream();
   cublasHandle_t blas = nullptr;
@@ -447,6 +449,13 @@ absl::Status Bench::Dense() {
     return absl::InternalError("bench engine: cublasCreate");
   }
   cublasSetStream(blas, stream);
+  int device = 0;
+  cudaGetDevice(&device);
+  absl::StatusOr<DecodeGemmWorkspace> decode_gemm_workspace = DecodeGemmWorkspace::Create(device);
+  if (!decode_gemm_workspace.ok()) {
+    cublasDestroy(blas);
+    return decode_gemm_workspace.status();
+  }
   cudaEvent_t start = nullptr, stop = nullptr;
   cudaEventCreate(&start);
   cudaEventCreate(&stop);
@@ -458,9 +467,9 @@ absl::Status Bench::Dense() {
         std::max<int64_t>(1, ((int64_t{512} << 20) + weight_bytes - 1) / weight_bytes));
     DeviceBuffer w, x, y, y16;
     status.Update(w.Allocate(static_cast<size_t>(weight_bytes * copies)));
-    status.Update(x.Allocate(static_cast<size_t>(32) * sh.in * 2));
-    status.Update(y.Allocate(static_cast<size_t>(32) * sh.out * 4));
-    status.Update(y16.Allocate(static_cast<size_t>(32) * sh.out * 2));
+    status.Update(x.Allocate(static_cast<size_t>(64) * sh.in * 2));
+    status.Update(y.Allocate(static_cast<size_t>(64) * sh.out * 4));
+    status.Update(y16.Allocate(static_cast<size_t>(64) * sh.out * 2));
     if (!status.ok()) break;
     cudaMemsetAsync(w.get(), 0x3c, w.size_bytes(), stream);  // bf16 0.0116 everywhere
     cudaMemsetAsync(x.get(), 0x3c, x.size_bytes(), stream);
@@ -498,6 +507,23 @@ absl::Status Bench::Dense() {
           {"weight_bytes", weight_bytes},
           {"cublas_ms", cublas_ms},
           {"cublas_of_copy_bandwidth", weight_bytes / (cublas_ms * 1e-3) / (copy_gbps_ * 1e9)}};
+      if (n <= kDecodeGemmMaxRows && sh.in % kDecodeGemmInMultiple == 0) {
+        // The forward's epilogue for this projection (SiLU*up fused for gate/up).
+        const DecodeGemmEpilogue epilogue =
+            sh.epilogue == SmallGemmEpilogue::kStoreF32 ? DecodeGemmEpilogue::kStoreF32
+            : sh.epilogue == SmallGemmEpilogue::kAddF32 ? DecodeGemmEpilogue::kAddF32
+                                                        : DecodeGemmEpilogue::kSiluMulBf16;
+        const int outputs = epilogue == DecodeGemmEpilogue::kSiluMulBf16 ? sh.out / 2 : sh.out;
+        const double mma_ms = time([&](const uint16_t* wp) {
+          return DecodeGemm(wp, x.get(), DecodeGemmInput::kBf16, n, sh.in, outputs, epilogue,
+                            y.as<float>(), y16.as<uint16_t>(), *decode_gemm_workspace, stream,
+                            /*pdl=*/false);
+        });
+        row["decode_gemm_ms"] = mma_ms;
+        row["decode_gemm_of_copy_bandwidth"] = weight_bytes / (mma_ms * 1e-3) / (copy_gbps_ * 1e9);
+        row["decode_gemm_splits"] =
+            DecodeGemmSplits(n, sh.in, outputs, epilogue, *decode_gemm_workspace);
+      }
       if (n <= kSmallBatchMaxRows) {
         const bool silu = sh.epilogue == SmallGemmEpilogue::kSiluMulBf16;
         const std::pair<const char*, SmallGemmLayout> layouts[] = {
@@ -568,17 +594,16 @@ absl::StatusOr<Json> Bench::Run() {
                    // Its config.json, for tools that run the same shape elsewhere (serve's
                    // --load-format dummy).
                    {"config", Json::parse(LlamaConfigJson(config_))}};
-  out_["engine"] = {{"segment_tokens", o_.segment_tokens},
-                    {"max_batch_tokens", o_.max_batch_tokens},
-                    {"max_batch_requests", o_.max_batch_requests},
-                    {"small_batch_rows", o_.small_batch_rows},
-                    {"decode_graphs", o_.decode_graphs},
-                    {"reserve_bytes", o_.reserve_bytes},
-                    {"pdl", o_.pdl}};
+  out_["engine"] = {
+      {"segment_tokens", o_.segment_tokens},         {"max_batch_tokens", o_.max_batch_tokens},
+      {"max_batch_requests", o_.max_batch_requests}, {"small_batch_rows", o_.small_batch_rows},
+      {"decode_gemm_rows", o_.decode_gemm_rows},     {"decode_graphs", o_.decode_graphs},
+      {"reserve_bytes", o_.reserve_bytes},           {"pdl", o_.pdl}};
   Say(absl::StrFormat("model %s on %s", o_.model, dev.name));
   TOKENLAKE_RETURN_IF_ERROR(Peaks());
   TOKENLAKE_ASSIGN_OR_RETURN(model_, GpuLlamaModel::CreateRandom(config_, o_.seed, 0.02f, {}));
   model_->set_small_batch_rows(o_.small_batch_rows);
+  model_->set_decode_gemm_rows(o_.decode_gemm_rows);
   model_->set_decode_graphs(o_.decode_graphs);
   model_->set_pdl(o_.pdl);
   if (Wants("decode")) TOKENLAKE_RETURN_IF_ERROR(Decode());

@@ -39,6 +39,7 @@
 
 #include "absl/status/statusor.h"
 #include "nlohmann/json.hpp"
+#include "tokenlake/engine/cuda/decode_gemm.h"
 #include "tokenlake/engine/cuda/small_batch_gemm.h"
 #include "tokenlake/engine/llama_config.h"
 #include "tokenlake/engine/pool_shape.h"
@@ -92,6 +93,9 @@ struct EngineBenchOptions {
   // Forwards of at most this many rows run their dense layers on SmallBatchGemm
   // (GpuLlamaModel::set_small_batch_rows; 0 = cuBLAS always).
   int32_t small_batch_rows = kSmallBatchDefaultRows;
+  // Larger forwards of at most this many rows run them on DecodeGemm
+  // (GpuLlamaModel::set_decode_gemm_rows; 0 = cuBLAS).
+  int32_t decode_gemm_rows = kDecodeGemmDefaultRows;
   // Replay forwards of at most GpuLlamaModel::kGraphMaxRows rows as CUDA graphs
   // (GpuLlamaModel::set_decode_graphs).
   bool decode_graphs = true;

@@ -13,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "gtest/gtest.h"
 #include "tokenlake/engine/checkpoint_testing.h"
+#include "tokenlake/engine/cuda/decode_gemm.h"
 #include "tokenlake/engine/cuda/gpu_llama.h"
 #include "tokenlake/engine/cuda/gpu_model_testing.h"
 #include "tokenlake/engine/cuda/gpu_test_util.h"
@@ -94,14 +95,19 @@ TEST_P(GpuEngineRandomTest, MatchesCpuEngineWithinBf16Tolerance) {
       c.vocab_size, c.tie_word_embeddings, num_instances, s);
   Models m = MakeModels(c, seed);
   ASSERT_TRUE(m.cpu != nullptr && m.gpu != nullptr);
-  // Even seeds decode on SmallBatchGemm (small_batch_gemm.h), odd ones on cuBLAS; seeds 0 and 1
+  // Even seeds run forwards of up to 8 rows on SmallBatchGemm (small_batch_gemm.h); the other
+  // forwards of up to 64 rows run on DecodeGemm (decode_gemm.h; layers whose input width is a
+  // multiple of 128), except at seeds 3 and 8 mod 10, which leave them to cuBLAS; seeds 0 and 1
   // mod 4 replay the small-batch forwards as CUDA graphs; seeds not divisible by 3 chain the
   // kernels by programmatic dependent launch.
+  const bool decode_gemm = seed % 5 != 3;
   m.gpu->set_small_batch_rows(seed % 2 == 0 ? kSmallBatchMaxRows : 0);
+  m.gpu->set_decode_gemm_rows(decode_gemm ? kDecodeGemmMaxRows : 0);
   m.gpu->set_decode_graphs(seed % 4 < 2);
   m.gpu->set_pdl(seed % 3 != 0);
-  std::cout << "small-batch kernels " << (seed % 2 == 0 ? "on" : "off") << ", graphs "
-            << (seed % 4 < 2 ? "on" : "off") << ", pdl " << (seed % 3 != 0 ? "on" : "off") << "\n";
+  std::cout << "small-batch kernels " << (seed % 2 == 0 ? "on" : "off") << ", decode GEMM "
+            << (decode_gemm ? "on" : "off") << ", graphs " << (seed % 4 < 2 ? "on" : "off")
+            << ", pdl " << (seed % 3 != 0 ? "on" : "off") << "\n";
   auto cpu = Engine::Create(m.cpu.get(), {.use_pool = false});
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   auto gpu = GpuEngine::Create(m.gpu.get(), {.num_instances = num_instances,
@@ -168,7 +174,8 @@ TEST(GpuEngineTest, SmallPoolEvictsAndStaysCorrect) {
   c.hidden_size = 128;
   Models m = MakeModels(c, seed);
   ASSERT_TRUE(m.cpu != nullptr && m.gpu != nullptr);
-  // Even seeds decode on SmallBatchGemm (small_batch_gemm.h), odd ones on cuBLAS; seeds 0 and 1
+  // Even seeds run forwards of up to 8 rows on SmallBatchGemm (small_batch_gemm.h), odd ones on
+  // DecodeGemm (decode_gemm.h), as the larger forwards up to its default 16 rows; seeds 0 and 1
   // mod 4 replay the small-batch forwards as CUDA graphs.
   m.gpu->set_small_batch_rows(seed % 2 == 0 ? kSmallBatchMaxRows : 0);
   m.gpu->set_decode_graphs(seed % 4 < 2);

@@ -405,6 +405,7 @@ absl::Status GpuLlamaModel::Init() {
   TOKENLAKE_RETURN_IF_ERROR(cublas_workspace_.Allocate(kCublasWorkspaceBytes));
   TOKENLAKE_RETURN_IF_ERROR(CublasStatus(
       cublasSetWorkspace(h, cublas_workspace_.get(), kCublasWorkspaceBytes), "cublasSetWorkspace"));
+  TOKENLAKE_ASSIGN_OR_RETURN(decode_gemm_workspace_, DecodeGemmWorkspace::Create(device_));
   graphs_.assign(static_cast<size_t>(config_.num_layers + 1) * (kGraphMaxRows + 1), nullptr);
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&forward_begin_), "cudaEventCreate"));
   TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&forward_end_), "cudaEventCreate"));
@@ -690,8 +691,9 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
   const int kvd = c.num_kv_heads * c.head_dim;
   const int inter = c.intermediate_size;
   auto* blas = static_cast<cublasHandle_t>(cublas_);
-  // Decode-sized batches read each weight matrix with SmallBatchGemm (fusing SiLU*up into the
-  // gate/up projection); larger ones run on cuBLAS.
+  // The smallest batches read each weight matrix with SmallBatchGemm (fusing SiLU*up into the
+  // gate/up projection), decode-sized ones with DecodeGemm where the input width allows; larger
+  // ones run on cuBLAS.
   const bool small = rows <= small_batch_rows_ && h % 8 == 0 && qd % 8 == 0 && inter % 8 == 0;
   // y[rows][out] (+)= x[rows][in] * w^T, beta 0 or 1.
   auto dense = [&](const DeviceBuffer& wt, const DeviceBuffer& x, float* y, int num_rows, int in,
@@ -700,6 +702,11 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
       return SmallBatchGemm(wt.as<uint16_t>(), x.get(), SmallGemmInput::kBf16, num_rows, in, out,
                             beta == 0.f ? SmallGemmEpilogue::kStoreF32 : SmallGemmEpilogue::kAddF32,
                             y, nullptr, stream_, SmallGemmLayout::kAuto, pdl_);
+    }
+    if (num_rows <= decode_gemm_rows_ && in % kDecodeGemmInMultiple == 0) {
+      return DecodeGemm(wt.as<uint16_t>(), x.get(), DecodeGemmInput::kBf16, num_rows, in, out,
+                        beta == 0.f ? DecodeGemmEpilogue::kStoreF32 : DecodeGemmEpilogue::kAddF32,
+                        y, nullptr, decode_gemm_workspace_, stream_, pdl_);
     }
     return Gemm(blas, wt.get(), x.get(), y, num_rows, in, out, beta);
   };
@@ -749,14 +756,19 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
                   v_.as<uint16_t>());
   };
   auto after_attention = [&](const Layer& w) -> absl::Status {
-    // x += attn * Wo^T (the attention's float32 output rounded to bf16: by SmallBatchGemm as it
-    // reads it, else by a conversion pass before cuBLAS)
+    // x += attn * Wo^T (the attention's float32 output rounded to bf16: by SmallBatchGemm or
+    // DecodeGemm as they read it, else by a conversion pass before cuBLAS)
     if (small) {
       Mark(kPhaseGemm);
       TOKENLAKE_RETURN_IF_ERROR(SmallBatchGemm(w.wo.as<uint16_t>(), attn_.get(),
                                                SmallGemmInput::kF32, rows, qd, h,
                                                SmallGemmEpilogue::kAddF32, x_.as<float>(), nullptr,
                                                stream_, SmallGemmLayout::kAuto, pdl_));
+    } else if (rows <= decode_gemm_rows_ && qd % kDecodeGemmInMultiple == 0) {
+      Mark(kPhaseGemm);
+      TOKENLAKE_RETURN_IF_ERROR(DecodeGemm(w.wo.as<uint16_t>(), attn_.get(), DecodeGemmInput::kF32,
+                                           rows, qd, h, DecodeGemmEpilogue::kAddF32, x_.as<float>(),
+                                           nullptr, decode_gemm_workspace_, stream_, pdl_));
     } else {
       Mark(kPhaseOther);
       const int64_t attn_elems = int64_t{rows} * qd;
@@ -776,9 +788,14 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
           SmallBatchGemm(w.wgu.as<uint16_t>(), normed_.get(), SmallGemmInput::kBf16, rows, h, inter,
                          SmallGemmEpilogue::kSiluMulBf16, nullptr, act16_.as<uint16_t>(), stream_,
                          SmallGemmLayout::kAuto, pdl_));
+    } else if (rows <= decode_gemm_rows_ && h % kDecodeGemmInMultiple == 0) {
+      TOKENLAKE_RETURN_IF_ERROR(
+          DecodeGemm(w.wgu.as<uint16_t>(), normed_.get(), DecodeGemmInput::kBf16, rows, h, inter,
+                     DecodeGemmEpilogue::kSiluMulBf16, nullptr, act16_.as<uint16_t>(),
+                     decode_gemm_workspace_, stream_, pdl_));
     } else {
       TOKENLAKE_RETURN_IF_ERROR(
-          Gemm(blas, w.wgu.get(), normed_.get(), gate_up_.as<float>(), rows, h, 2 * inter, 0.f));
+          dense(w.wgu, normed_, gate_up_.as<float>(), rows, h, 2 * inter, 0.f));
       Mark(kPhaseOther);
       // (A thread takes four outputs when inter is a multiple of 4.)
       const int64_t act_threads = int64_t{rows} * (inter % 4 == 0 ? inter / 4 : inter);
@@ -878,6 +895,12 @@ void GpuLlamaModel::CollectMarks() {
 
 void GpuLlamaModel::set_small_batch_rows(int32_t rows) {
   small_batch_rows_ = std::clamp(rows, 0, kSmallBatchMaxRows);
+}
+
+void GpuLlamaModel::set_decode_gemm_rows(int32_t rows) {
+  rows = std::clamp(rows, 0, kDecodeGemmMaxRows);
+  if (rows != decode_gemm_rows_) ClearGraphs();  // they name the GEMMs' kernels
+  decode_gemm_rows_ = rows;
 }
 
 void GpuLlamaModel::set_decode_graphs(bool on) { decode_graphs_ = on; }

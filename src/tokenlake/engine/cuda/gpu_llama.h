@@ -37,6 +37,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "tokenlake/engine/checkpoint.h"
+#include "tokenlake/engine/cuda/decode_gemm.h"
 #include "tokenlake/engine/cuda/device_buffer.h"
 #include "tokenlake/engine/cuda/small_batch_gemm.h"
 #include "tokenlake/engine/cuda/weight_upload.h"
@@ -180,11 +181,20 @@ class GpuLlamaModel {
 
   // Forwards of at most `rows` rows (decode steps of small batches) run their dense layers on
   // SmallBatchGemm (small_batch_gemm.h, with SiLU*up and the attention output's bf16 rounding
-  // fused) rather than cuBLAS; 0 = cuBLAS always. Clamped to [0, kSmallBatchMaxRows]. The
-  // default, kSmallBatchDefaultRows, is where it measures faster than cuBLAS on every projection
-  // (docs/results-engine.md); `tokenlake bench engine --small-batch-rows N` compares settings.
+  // fused); 0 = never. Clamped to [0, kSmallBatchMaxRows]. The default, kSmallBatchDefaultRows,
+  // is where a decode step measures faster on it than on DecodeGemm (docs/results-engine.md);
+  // `tokenlake bench engine --small-batch-rows N` compares settings.
   void set_small_batch_rows(int32_t rows);
   int32_t small_batch_rows() const { return small_batch_rows_; }
+
+  // Forwards of more rows than that and at most `rows` run their dense layers on DecodeGemm
+  // (decode_gemm.h: tensor cores, the weights streamed once, with SiLU*up and the attention
+  // output's bf16 rounding fused) where the layer's input width is a multiple of
+  // kDecodeGemmInMultiple, else on cuBLAS; 0 = cuBLAS. Clamped to [0, kDecodeGemmMaxRows]; the
+  // default, kDecodeGemmDefaultRows, is where it measures faster than cuBLAS on every
+  // projection; `tokenlake bench engine --decode-gemm-rows N` compares settings.
+  void set_decode_gemm_rows(int32_t rows);
+  int32_t decode_gemm_rows() const { return decode_gemm_rows_; }
 
   // Whether forwards of at most kGraphMaxRows rows (decode steps, small prefill chunks) replay
   // the work between two attentions (o_proj, RMSNorm, gate/up, SiLU, down_proj, the next
@@ -275,6 +285,8 @@ class GpuLlamaModel {
   DeviceBuffer argmax_;   // [m] int32
   LoadStats load_stats_;
   int32_t small_batch_rows_ = kSmallBatchDefaultRows;
+  int32_t decode_gemm_rows_ = kDecodeGemmDefaultRows;
+  DecodeGemmWorkspace decode_gemm_workspace_;  // made by Init
   bool decode_graphs_ = true;
   // Destroys the captured graphs (their activations are about to change, or the model goes).
   void ClearGraphs();

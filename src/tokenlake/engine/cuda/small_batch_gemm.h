@@ -31,11 +31,12 @@
 
 namespace tokenlake::engine::cuda {
 
-// The most input rows SmallBatchGemm takes; larger batches go to cuBLAS.
+// The most input rows SmallBatchGemm takes; larger batches go to DecodeGemm or cuBLAS.
 inline constexpr int kSmallBatchMaxRows = 8;
 // The most rows at which the model uses it by default (GpuLlamaModel::set_small_batch_rows):
-// faster than cuBLAS on every projection up to here, slower at 8 rows.
-inline constexpr int kSmallBatchDefaultRows = 4;
+// faster than DecodeGemm (decode_gemm.h) for the decode steps of 1 and 2 rows, slower at 4
+// (docs/results-engine.md).
+inline constexpr int kSmallBatchDefaultRows = 2;
 
 enum class SmallGemmEpilogue : uint8_t { kStoreF32, kAddF32, kSiluMulBf16 };
 // The input rows: bf16 bits, or float32 rounded to bf16 as they are read (which saves the
