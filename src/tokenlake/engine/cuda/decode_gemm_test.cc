@@ -1,7 +1,5 @@
 #include "tokenlake/engine/cuda/decode_gemm.h"
 
-#include <cmath>
-#include <cstdio>
 #include <random>
 #include <string>
 #include <vector>
@@ -9,16 +7,13 @@
 #include "gtest/gtest.h"
 #include "tokenlake/attention/bf16.h"
 #include "tokenlake/attention/cuda/pdl_testing.h"
+#include "tokenlake/base/random_testing.h"
 #include "tokenlake/engine/cuda/device_buffer.h"
 #include "tokenlake/engine/cuda/gpu_test_util.h"
 
 namespace tokenlake::engine::cuda {
 namespace {
 
-#define SKIP_WITHOUT_GPU() \
-  if (!testing_util::HaveGpu()) GTEST_SKIP() << "no CUDA device"
-
-using attention::Bf16ToFloat;
 using attention::FloatToBf16;
 using testing_util::Download;
 using testing_util::Upload;
@@ -37,51 +32,22 @@ std::vector<float> RandomFloats(std::mt19937_64& rng, size_t count) {
   return v;
 }
 
-// y and y16 (after the call) against a double-precision reference over the bf16 w and x
-// [n][in]; y0 is y before the call.
-void ExpectMatchesReference(const std::vector<uint16_t>& w, const std::vector<uint16_t>& x,
-                            const std::vector<float>& y0, const std::vector<float>& y,
-                            const std::vector<uint16_t>& y16, int n, int in, int out,
-                            DecodeGemmEpilogue e) {
-  for (int t = 0; t < n; ++t) {
-    for (int o = 0; o < out; ++o) {
-      auto dot = [&](int row, double* magnitude) {
-        double sum = 0;
-        *magnitude = 0;
-        for (int i = 0; i < in; ++i) {
-          const double p = static_cast<double>(Bf16ToFloat(w[static_cast<size_t>(row) * in + i])) *
-                           Bf16ToFloat(x[static_cast<size_t>(t) * in + i]);
-          sum += p;
-          *magnitude += std::fabs(p);
-        }
-        return sum;
-      };
-      const size_t at = static_cast<size_t>(t) * out + o;
-      double mag = 0;
-      const double ref = dot(o, &mag);
-      // float32 sums of `in` terms (and of the slices' sums): a few ulps of their magnitude.
-      const double tol = 1e-6 * mag + 1e-7 * std::sqrt(static_cast<double>(in)) * mag + 1e-30;
-      if (e == DecodeGemmEpilogue::kStoreF32) {
-        ASSERT_NEAR(y[at], ref, tol) << "t " << t << " o " << o;
-      } else if (e == DecodeGemmEpilogue::kAddF32) {
-        ASSERT_NEAR(y[at], y0[at] + ref, tol + 1e-7 * std::fabs(y0[at])) << "t " << t << " o " << o;
-      } else {
-        double mag_u = 0;
-        const double u = dot(out + o, &mag_u);
-        const double want = ref / (1 + std::exp(-ref)) * u;
-        // bf16 rounding of the result (2^-8 relative) plus the sums' error.
-        ASSERT_NEAR(Bf16ToFloat(y16[at]), want,
-                    std::fabs(want) * 0.0079 + 1.1 * (tol * std::fabs(u) + mag_u * 1e-6))
-            << "t " << t << " o " << o;
-        ASSERT_EQ(y[at], y0[at]) << "kSiluMulBf16 wrote y";
-      }
-    }
-  }
+// The reference's name for DecodeGemm's epilogue e.
+testing_util::DenseEpilogue Reference(DecodeGemmEpilogue e) {
+  if (e == DecodeGemmEpilogue::kStoreF32) return testing_util::DenseEpilogue::kStore;
+  if (e == DecodeGemmEpilogue::kAddF32) return testing_util::DenseEpilogue::kAdd;
+  return testing_util::DenseEpilogue::kSiluMul;
 }
 
 struct Shape {
   int in, out;
 };
+
+// The weights of a call: [out][in], or [2 out][in] (gate rows, then up rows) for kSiluMulBf16.
+std::vector<uint16_t> RandomWeights(std::mt19937_64& rng, Shape s, DecodeGemmEpilogue e) {
+  const int rows = e == DecodeGemmEpilogue::kSiluMulBf16 ? 2 * s.out : s.out;
+  return RandomBf16(rng, static_cast<size_t>(rows) * s.in, 0.1f);
+}
 
 constexpr DecodeGemmEpilogue kEpilogues[] = {
     DecodeGemmEpilogue::kStoreF32, DecodeGemmEpilogue::kAddF32, DecodeGemmEpilogue::kSiluMulBf16};
@@ -121,7 +87,8 @@ void CheckCall(std::mt19937_64& rng, const std::vector<uint16_t>& w, const Devic
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const std::vector<float> y = Download<float>(dy, y0.size());
   const std::vector<uint16_t> y16 = Download<uint16_t>(dy16, y0.size());
-  ASSERT_NO_FATAL_FAILURE(ExpectMatchesReference(w, x, y0, y, y16, n, s.in, s.out, e));
+  ASSERT_NO_FATAL_FAILURE(
+      testing_util::ExpectDenseMatchesReference(w, x, y0, y, y16, n, s.in, s.out, Reference(e)));
   if (pdl_with_late_input) return;
   DeviceBuffer again = Upload(y0);
   DeviceBuffer again16;
@@ -142,9 +109,7 @@ void CheckCall(std::mt19937_64& rng, const std::vector<uint16_t>& w, const Devic
 // same workspace for every call (its counters must be left at zero by each).
 TEST(DecodeGemmTest, MatchesAPlainReferenceOnRandomInputs) {
   SKIP_WITHOUT_GPU();
-  const uint64_t seed = std::random_device{}();
-  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
-  std::mt19937_64 rng(seed);
+  std::mt19937_64 rng(TestSeed(6101));
   absl::StatusOr<DecodeGemmWorkspace> ws = DecodeGemmWorkspace::Create(0);
   ASSERT_TRUE(ws.ok()) << ws.status();
   const Shape shapes[] = {{128, 1},     {128, 130},   {512, 300}, {1024, 4096},
@@ -152,9 +117,7 @@ TEST(DecodeGemmTest, MatchesAPlainReferenceOnRandomInputs) {
   std::uniform_int_distribution<int> bucket(0, 7);
   for (const Shape& s : shapes) {
     for (DecodeGemmEpilogue e : kEpilogues) {
-      const bool silu = e == DecodeGemmEpilogue::kSiluMulBf16;
-      const std::vector<uint16_t> w =
-          RandomBf16(rng, static_cast<size_t>(silu ? 2 * s.out : s.out) * s.in, 0.1f);
+      const std::vector<uint16_t> w = RandomWeights(rng, s, e);
       const DeviceBuffer dw = Upload(w);
       for (int n : {1, 5, 8, 9, 16, 17, 32, 33, 64, 1 + 8 * bucket(rng)}) {
         // float32 input at odd row counts (as o_proj reads the attention's output).
@@ -177,18 +140,14 @@ TEST(DecodeGemmTest, MatchesAPlainReferenceOnRandomInputs) {
 // runs, but must read x and y only once that kernel has completed.
 TEST(DecodeGemmTest, UnderPdlReadsItsInputsOnlyAfterTheKernelBeforeIt) {
   SKIP_WITHOUT_GPU();
-  const uint64_t seed = std::random_device{}();
-  std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
-  std::mt19937_64 rng(seed);
+  std::mt19937_64 rng(TestSeed(6102));
   absl::StatusOr<DecodeGemmWorkspace> ws = DecodeGemmWorkspace::Create(0);
   ASSERT_TRUE(ws.ok()) << ws.status();
   cudaStream_t stream = nullptr;
   ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
   for (const Shape s : {Shape{4096, 1024}, Shape{1024, 30000}}) {
     for (DecodeGemmEpilogue e : kEpilogues) {
-      const bool silu = e == DecodeGemmEpilogue::kSiluMulBf16;
-      const std::vector<uint16_t> w =
-          RandomBf16(rng, static_cast<size_t>(silu ? 2 * s.out : s.out) * s.in, 0.1f);
+      const std::vector<uint16_t> w = RandomWeights(rng, s, e);
       const DeviceBuffer dw = Upload(w);
       for (int n : {7, 32, 64}) {
         for (DecodeGemmInput input : {DecodeGemmInput::kBf16, DecodeGemmInput::kF32}) {

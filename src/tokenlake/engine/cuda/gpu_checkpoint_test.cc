@@ -38,9 +38,6 @@ using namespace testing_util;  // NOLINT
 
 namespace fs = std::filesystem;
 
-#define SKIP_WITHOUT_GPU() \
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device"
-
 std::string FreshDir(const std::string& name) {
   const fs::path p = fs::path(testing::TempDir()) / ("gpu_ckpt_" + name);
   fs::remove_all(p);

@@ -27,9 +27,6 @@ namespace {
 
 using namespace testing_util;  // NOLINT
 
-#define SKIP_WITHOUT_GPU() \
-  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device"
-
 LlamaConfig RandomConfig(std::mt19937_64& rng) {
   static constexpr int kHeadDims[] = {16, 64};
   static constexpr int kGroups[] = {1, 2, 4};

@@ -10,8 +10,13 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "tokenlake/attention/bf16.h"
 #include "tokenlake/engine/cuda/device_buffer.h"
 #include "tokenlake/engine/fixture_test_util.h"
+
+// Skips the current test where no CUDA device is visible.
+#define SKIP_WITHOUT_GPU() \
+  if (!::tokenlake::engine::cuda::testing_util::HaveGpu()) GTEST_SKIP() << "no CUDA device"
 
 namespace tokenlake::engine::cuda::testing_util {
 
@@ -86,6 +91,56 @@ inline float TopMargin(const std::vector<float>& logits) {
     }
   }
   return a - b;
+}
+
+// What a dense-layer kernel's epilogue does with row o of w against input row t (the GEMM tests
+// of SmallBatchGemm and DecodeGemm): y = dot, y += dot, or y16 = bf16(silu(dot) * up), up being
+// row out + o's dot.
+enum class DenseEpilogue : uint8_t { kStore, kAdd, kSiluMul };
+
+// y and y16 (downloaded after the call) against a double-precision reference over the bf16
+// weights w [rows][in] and input rows x [n][in] (as the kernel must round them), y0 being y
+// before the call. Tolerances: float32 sums of `in` terms, a few ulps of the terms' magnitude;
+// for kSiluMul also the bf16 rounding of the result.
+inline void ExpectDenseMatchesReference(const std::vector<uint16_t>& w,
+                                        const std::vector<uint16_t>& x,
+                                        const std::vector<float>& y0, const std::vector<float>& y,
+                                        const std::vector<uint16_t>& y16, int n, int in, int out,
+                                        DenseEpilogue e) {
+  for (int t = 0; t < n; ++t) {
+    for (int o = 0; o < out; ++o) {
+      auto dot = [&](int row, double* magnitude) {
+        double sum = 0;
+        *magnitude = 0;
+        for (int i = 0; i < in; ++i) {
+          const double p =
+              static_cast<double>(attention::Bf16ToFloat(w[static_cast<size_t>(row) * in + i])) *
+              attention::Bf16ToFloat(x[static_cast<size_t>(t) * in + i]);
+          sum += p;
+          *magnitude += std::fabs(p);
+        }
+        return sum;
+      };
+      const size_t at = static_cast<size_t>(t) * out + o;
+      double mag = 0;
+      const double ref = dot(o, &mag);
+      const double tol = 1e-6 * mag + 1e-7 * std::sqrt(static_cast<double>(in)) * mag + 1e-30;
+      if (e == DenseEpilogue::kStore) {
+        ASSERT_NEAR(y[at], ref, tol) << "t " << t << " o " << o;
+      } else if (e == DenseEpilogue::kAdd) {
+        ASSERT_NEAR(y[at], y0[at] + ref, tol + 1e-7 * std::fabs(y0[at])) << "t " << t << " o " << o;
+      } else {
+        double mag_u = 0;
+        const double u = dot(out + o, &mag_u);
+        const double want = ref / (1 + std::exp(-ref)) * u;
+        // bf16 rounding of the result (2^-8 relative) plus the sums' error.
+        ASSERT_NEAR(attention::Bf16ToFloat(y16[at]), want,
+                    std::fabs(want) * 0.0079 + 1.1 * (tol * std::fabs(u) + mag_u * 1e-6))
+            << "t " << t << " o " << o;
+        ASSERT_EQ(y[at], y0[at]) << "the SiLU epilogue wrote y";
+      }
+    }
+  }
 }
 
 // The cached-prefix oracle shared with the CPU engine's tests.

@@ -1,6 +1,5 @@
 #include "tokenlake/engine/cuda/small_batch_gemm.h"
 
-#include <cmath>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -14,10 +13,6 @@
 namespace tokenlake::engine::cuda {
 namespace {
 
-#define SKIP_WITHOUT_GPU() \
-  if (!testing_util::HaveGpu()) GTEST_SKIP() << "no CUDA device"
-
-using attention::Bf16ToFloat;
 using attention::FloatToBf16;
 using testing_util::Download;
 using testing_util::Upload;
@@ -49,47 +44,16 @@ Inputs RandomInputs(std::mt19937_64& rng, int n, int in, int out) {
   return r;
 }
 
-// y and y16 (downloaded after the call) against a double-precision reference over the bf16
-// weights w [rows][in] and input rows x [n][in] (as the kernel must round them), y0 being y
-// before the call.
+// y and y16 against the double-precision reference for SmallBatchGemm's epilogue e.
 void ExpectMatchesReference(const std::vector<uint16_t>& w, const std::vector<uint16_t>& x,
                             const std::vector<float>& y0, const std::vector<float>& y,
                             const std::vector<uint16_t>& y16, int n, int in, int out,
                             SmallGemmEpilogue e) {
-  for (int t = 0; t < n; ++t) {
-    for (int o = 0; o < out; ++o) {
-      auto dot = [&](int row, double* magnitude) {
-        double sum = 0;
-        *magnitude = 0;
-        for (int i = 0; i < in; ++i) {
-          const double p = Bf16ToFloat(w[static_cast<size_t>(row) * in + i]) *
-                           Bf16ToFloat(x[static_cast<size_t>(t) * in + i]);
-          sum += p;
-          *magnitude += std::fabs(p);
-        }
-        return sum;
-      };
-      const size_t at = static_cast<size_t>(t) * out + o;
-      double mag = 0;
-      const double ref = dot(o, &mag);
-      // float32 sums of `in` terms: a few ulps of the terms' magnitude.
-      const double tol = 1e-6 * mag + 1e-7 * std::sqrt(static_cast<double>(in)) * mag + 1e-30;
-      if (e == SmallGemmEpilogue::kStoreF32) {
-        ASSERT_NEAR(y[at], ref, tol) << "t " << t << " o " << o;
-      } else if (e == SmallGemmEpilogue::kAddF32) {
-        ASSERT_NEAR(y[at], y0[at] + ref, tol + 1e-7 * std::fabs(y0[at])) << "t " << t << " o " << o;
-      } else {
-        double mag_u = 0;
-        const double u = dot(out + o, &mag_u);
-        const double want = ref / (1 + std::exp(-ref)) * u;
-        // bf16 rounding of the result (2^-8 relative) plus the sums' error.
-        ASSERT_NEAR(Bf16ToFloat(y16[at]), want,
-                    std::fabs(want) * 0.0079 + 1.1 * (tol * std::fabs(u) + mag_u * 1e-6))
-            << "t " << t << " o " << o;
-        ASSERT_EQ(y[at], y0[at]) << "kSiluMulBf16 wrote y";
-      }
-    }
-  }
+  using testing_util::DenseEpilogue;
+  const DenseEpilogue reference = e == SmallGemmEpilogue::kStoreF32 ? DenseEpilogue::kStore
+                                  : e == SmallGemmEpilogue::kAddF32 ? DenseEpilogue::kAdd
+                                                                    : DenseEpilogue::kSiluMul;
+  testing_util::ExpectDenseMatchesReference(w, x, y0, y, y16, n, in, out, reference);
 }
 
 TEST(SmallBatchGemmTest, MatchesAPlainReferenceOnRandomInputs) {
