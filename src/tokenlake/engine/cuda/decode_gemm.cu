@@ -53,8 +53,9 @@ __device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uin
 // holds which of `in`'s values, as long as weights and inputs agree; so a lane loads 16
 // contiguous bytes of a row (a 16-byte load, where the mma's own layout would take four 4-byte
 // ones) and feeds them to two mmas. In a 64-value step, lane (g, q) (g = lane / 4, q = lane % 4)
-// loads values [16q, 16q + 16) of weight rows g and g + 8 and of input row g as two uint4 each
-// (u = 0, 1); words 2j and 2j + 1 of uint4 u go to mma (u, j)'s slots for k = 2q.. and 2q + 8..
+// loads values [16q, 16q + 16) of weight rows g and g + 8 and of input row g of each 8-row tile
+// as two uint4 each (u = 0, 1); words 2j and 2j + 1 of uint4 u go to mma (u, j)'s slots for k =
+// 2q.. and 2q + 8..
 //
 // Thread block (blockIdx.x, blockIdx.y) computes the 128 "block rows" of row block x (warp w:
 // block rows [16 w, 16 w + 16)) over `in` chunks [s * chunks / splits, (s + 1) * chunks / splits)

@@ -2,12 +2,13 @@
 // There the time is reading the weight matrix once, and cuBLAS's kernels for these skinny
 // shapes leave part of the copy bandwidth unused (too few thread blocks for the matrices of
 // q/k/v and o_proj, a separate split-K reduction for down_proj). Here each thread block streams
-// 128 weight rows over one slice of `in` straight from memory into registers (16-byte loads,
-// two slices in flight), multiplies them by the input rows staged in shared memory
-// (mma.sync m16n8k16, bf16 in, float32 accumulation), and the slices of one block of rows are
-// summed by the last of their thread blocks to finish (a per-row-block counter), in slice
-// order, so results are the same bit for bit from run to run. The epilogue works on the block's
-// sums in shared memory, which saves the forward a pass over the output:
+// 128 weight rows over a slice of `in` straight from memory into registers (16-byte loads, the
+// next 128 values of each row in flight while the current ones are multiplied), multiplies them
+// by the input rows staged in shared memory (mma.sync m16n8k16, bf16 in, float32
+// accumulation); a matrix with few blocks of rows is split along `in`, and the slices of one
+// block of rows are summed by the last of their thread blocks to finish (a per-row-block
+// counter), in slice order, so results are the same bit for bit from run to run. The epilogue works
+// on the block's sums in shared memory, which saves the forward a pass over the output:
 //
 //   kStoreF32:     y[t][o]  = sum_i w[o][i] * x[t][i]
 //   kAddF32:       y[t][o] += sum_i w[o][i] * x[t][i]                (the residual add)
@@ -50,7 +51,8 @@ inline constexpr int kDecodeGemmInMultiple = 128;
 // multiprocessor count; zeroed once at Create, kept zero between calls by the calls.
 class DecodeGemmWorkspace {
  public:
-  // Errors: Internal / ResourceExhausted from the device (names the bytes asked for).
+  // Errors: ResourceExhausted (device memory: about 64 KiB per multiprocessor), Internal
+  // (another CUDA error).
   static absl::StatusOr<DecodeGemmWorkspace> Create(int device);
 
   float* partials() const { return partials_.as<float>(); }
