@@ -236,83 +236,84 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
     }
   }
   __syncthreads();
-  // Output i of this block for input row `row` from block-row values v(r): the epilogue.
-  auto finish = [&](int row, int i, auto&& v) {
-    if constexpr (kSilu) {
-      const int j = tile * kOutRows + i;
-      if (j >= out) return;
-      const float gate = v(i);
-      y16[static_cast<int64_t>(row) * out + j] =
-          __bfloat16_as_ushort(__float2bfloat16_rn(gate / (1.0f + expf(-gate)) * v(i + kOutRows)));
-    } else {
-      const int o = tile * kRowsPerBlock + i;
-      if (o >= out) return;
-      float& dst = y[static_cast<int64_t>(row) * out + o];
-      dst = accumulate ? dst + v(i) : v(i);
+  if (splits > 1) {
+    // Split: this slice's sums to the workspace ([split][input row][block row], block-row runs
+    // of 128 per row block); the last slice of the row block to finish sums them all back into
+    // `sums` in slice order (their stores made visible by the fence before the counter).
+    float* mine = partials + static_cast<int64_t>(tile) * kRowsPerBlock;
+    const int64_t padded = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
+    for (int k = static_cast<int>(threadIdx.x); k < n * kRowsPerBlock; k += kWarps * 32) {
+      const int row = k / kRowsPerBlock;
+      mine[(static_cast<int64_t>(split) * n + row) * padded + k % kRowsPerBlock] =
+          sums[k % kRowsPerBlock][row];
     }
-  };
-  if (splits == 1) {
-    for (int k = static_cast<int>(threadIdx.x); k < n * kOutRows; k += kWarps * 32) {
-      finish(k / kOutRows, k % kOutRows, [&](int r) { return sums[r][k / kOutRows]; });
-    }
-    return;
-  }
-  // Split: this slice's sums to the workspace ([split][input row][block row], block-row runs
-  // of 128 per row block); the last slice of the row block to finish sums them all in slice
-  // order (their stores made visible by the fence before the counter).
-  float* mine = partials + static_cast<int64_t>(tile) * kRowsPerBlock;
-  const int64_t padded = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
-  for (int k = static_cast<int>(threadIdx.x); k < n * kRowsPerBlock; k += kWarps * 32) {
-    const int row = k / kRowsPerBlock;
-    mine[(static_cast<int64_t>(split) * n + row) * padded + k % kRowsPerBlock] =
-        sums[k % kRowsPerBlock][row];
-  }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last_block = atomicAdd(&counters[tile], 1) == splits - 1;
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
-  // The slices summed back into `sums` (each block row for each input row), four block rows a
-  // load (float4), four loads of each slice in flight per thread; then the epilogue.
-  constexpr int kQuads = kRowsPerBlock / 4;
-  const int items = n * kQuads;
-  for (int base = static_cast<int>(threadIdx.x); base < items; base += 4 * kWarps * 32) {
-    float4 total[4];
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last_block = atomicAdd(&counters[tile], 1) == splits - 1;
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();
+    if (threadIdx.x == 0) counters[tile] = 0;  // for the next call (no other block reads it now)
+    // Four block rows a load (float4), four loads of each slice in flight per thread.
+    constexpr int kQuads = kRowsPerBlock / 4;
+    const int items = n * kQuads;
+    for (int base = static_cast<int>(threadIdx.x); base < items; base += 4 * kWarps * 32) {
+      float4 total[4];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) total[k] = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int s = 0; s < splits; ++s) {
+      for (int k = 0; k < 4; ++k) total[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int s = 0; s < splits; ++s) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int i = base + k * kWarps * 32;
+          if (i < items) {
+            const float4 v = __ldcg(reinterpret_cast<const float4*>(
+                mine + (static_cast<int64_t>(s) * n + i / kQuads) * padded + i % kQuads * 4));
+            total[k].x += v.x;
+            total[k].y += v.y;
+            total[k].z += v.z;
+            total[k].w += v.w;
+          }
+        }
+      }
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int i = base + k * kWarps * 32;
         if (i < items) {
-          const float4 v = __ldcg(reinterpret_cast<const float4*>(
-              mine + (static_cast<int64_t>(s) * n + i / kQuads) * padded + i % kQuads * 4));
-          total[k].x += v.x;
-          total[k].y += v.y;
-          total[k].z += v.z;
-          total[k].w += v.w;
+          const int row = i / kQuads;
+          const int r = i % kQuads * 4;
+          sums[r][row] = total[k].x;
+          sums[r + 1][row] = total[k].y;
+          sums[r + 2][row] = total[k].z;
+          sums[r + 3][row] = total[k].w;
         }
       }
     }
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int i = base + k * kWarps * 32;
-      if (i < items) {
-        const int row = i / kQuads;
-        const int r = i % kQuads * 4;
-        sums[r][row] = total[k].x;
-        sums[r + 1][row] = total[k].y;
-        sums[r + 2][row] = total[k].z;
-        sums[r + 3][row] = total[k].w;
-      }
+    __syncthreads();
+  }
+  // The epilogue: output i of this block for input row `row`, from the block rows' sums.
+  for (int k = static_cast<int>(threadIdx.x); k < n * kOutRows; k += kWarps * 32) {
+    const int row = k / kOutRows;
+    const int i = k % kOutRows;
+    if constexpr (kSilu) {
+      const int j = tile * kOutRows + i;
+      if (j >= out) continue;
+      const float gate = sums[i][row];
+      y16[static_cast<int64_t>(row) * out + j] = __bfloat16_as_ushort(
+          __float2bfloat16_rn(gate / (1.0f + expf(-gate)) * sums[i + kOutRows][row]));
+    } else {
+      const int o = tile * kRowsPerBlock + i;
+      if (o >= out) continue;
+      float& dst = y[static_cast<int64_t>(row) * out + o];
+      dst = accumulate ? dst + sums[i][row] : sums[i][row];
     }
   }
-  __syncthreads();
-  for (int k = static_cast<int>(threadIdx.x); k < n * kOutRows; k += kWarps * 32) {
-    finish(k / kOutRows, k % kOutRows, [&](int r) { return sums[r][k / kOutRows]; });
-  }
-  if (threadIdx.x == 0) counters[tile] = 0;
+}
+
+// Thread blocks along the outputs (blockIdx.x): 128 outputs a block, 64 for kSiluMulBf16.
+int32_t RowBlocks(int32_t out, DecodeGemmEpilogue epilogue) {
+  const int32_t per_block =
+      epilogue == DecodeGemmEpilogue::kSiluMulBf16 ? kRowsPerBlock / 2 : kRowsPerBlock;
+  return (out + per_block - 1) / per_block;
 }
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -336,9 +337,7 @@ absl::StatusOr<DecodeGemmWorkspace> DecodeGemmWorkspace::Create(int device) {
 
 int32_t DecodeGemmSplits(int32_t n, int32_t in, int32_t out, DecodeGemmEpilogue epilogue,
                          const DecodeGemmWorkspace& workspace) {
-  const int32_t per_block =
-      epilogue == DecodeGemmEpilogue::kSiluMulBf16 ? kRowsPerBlock / 2 : kRowsPerBlock;
-  const int32_t tiles = (out + per_block - 1) / per_block;
+  const int32_t tiles = RowBlocks(out, epilogue);
   const int32_t chunks = in / kChunk;
   // As many slices as keep the grid within one wave of two blocks per multiprocessor: a
   // matrix with few row blocks (o_proj, down_proj) is read by enough blocks to keep the loads
@@ -367,11 +366,9 @@ absl::Status DecodeGemm(const uint16_t* w, const void* x, DecodeGemmInput input,
         silu ? static_cast<const void*>(y16) : static_cast<const void*>(y),
         static_cast<int>(epilogue), static_cast<int>(input)));
   }
-  const int32_t per_block = silu ? kRowsPerBlock / 2 : kRowsPerBlock;
-  const int32_t tiles = (out + per_block - 1) / per_block;
   const int32_t splits = DecodeGemmSplits(n, in, out, epilogue, workspace);
   const bool accumulate = epilogue == DecodeGemmEpilogue::kAddF32;
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(splits));
+  const dim3 grid(static_cast<unsigned>(RowBlocks(out, epilogue)), static_cast<unsigned>(splits));
   const dim3 block(kWarps * 32);
   auto launch = [&](auto kernel) {
     return LaunchKernel(pdl, kernel, grid, block, 0, stream, w, x, n, in, out, splits, accumulate,
