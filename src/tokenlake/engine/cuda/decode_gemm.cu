@@ -310,13 +310,11 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
 }
 
 // Thread blocks along the outputs (blockIdx.x): 128 outputs a block, 64 for kSiluMulBf16.
-int32_t RowBlocks(int32_t out, DecodeGemmEpilogue epilogue) {
+int32_t RowBlocks(int32_t out, DenseEpilogue epilogue) {
   const int32_t per_block =
-      epilogue == DecodeGemmEpilogue::kSiluMulBf16 ? kRowsPerBlock / 2 : kRowsPerBlock;
+      epilogue == DenseEpilogue::kSiluMulBf16 ? kRowsPerBlock / 2 : kRowsPerBlock;
   return (out + per_block - 1) / per_block;
 }
-
-bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace
 
@@ -335,7 +333,7 @@ absl::StatusOr<DecodeGemmWorkspace> DecodeGemmWorkspace::Create(int device) {
   return ws;
 }
 
-int32_t DecodeGemmSplits(int32_t n, int32_t in, int32_t out, DecodeGemmEpilogue epilogue,
+int32_t DecodeGemmSplits(int32_t n, int32_t in, int32_t out, DenseEpilogue epilogue,
                          const DecodeGemmWorkspace& workspace) {
   const int32_t tiles = RowBlocks(out, epilogue);
   const int32_t chunks = in / kChunk;
@@ -349,11 +347,10 @@ int32_t DecodeGemmSplits(int32_t n, int32_t in, int32_t out, DecodeGemmEpilogue 
   return std::clamp(std::min(by_grid, by_traffic), 1, std::max(chunks, 1));
 }
 
-absl::Status DecodeGemm(const uint16_t* w, const void* x, DecodeGemmInput input, int32_t n,
-                        int32_t in, int32_t out, DecodeGemmEpilogue epilogue, float* y,
-                        uint16_t* y16, const DecodeGemmWorkspace& workspace, cudaStream_t stream,
-                        bool pdl) {
-  const bool silu = epilogue == DecodeGemmEpilogue::kSiluMulBf16;
+absl::Status DecodeGemm(const uint16_t* w, const void* x, DenseInput input, int32_t n, int32_t in,
+                        int32_t out, DenseEpilogue epilogue, float* y, uint16_t* y16,
+                        const DecodeGemmWorkspace& workspace, cudaStream_t stream, bool pdl) {
+  const bool silu = epilogue == DenseEpilogue::kSiluMulBf16;
   if (n < 1 || n > kDecodeGemmMaxRows || in < kChunk || in % kChunk != 0 || out < 1 ||
       w == nullptr || x == nullptr || (silu ? y16 == nullptr : y == nullptr) || !Aligned16(w) ||
       !Aligned16(x) || workspace.num_sms() < 1 || static_cast<int>(epilogue) > 2 ||
@@ -367,7 +364,7 @@ absl::Status DecodeGemm(const uint16_t* w, const void* x, DecodeGemmInput input,
         static_cast<int>(epilogue), static_cast<int>(input)));
   }
   const int32_t splits = DecodeGemmSplits(n, in, out, epilogue, workspace);
-  const bool accumulate = epilogue == DecodeGemmEpilogue::kAddF32;
+  const bool accumulate = epilogue == DenseEpilogue::kAddF32;
   const dim3 grid(static_cast<unsigned>(RowBlocks(out, epilogue)), static_cast<unsigned>(splits));
   const dim3 block(kWarps * 32);
   auto launch = [&](auto kernel) {
@@ -382,7 +379,7 @@ absl::Status DecodeGemm(const uint16_t* w, const void* x, DecodeGemmInput input,
     if (n <= 32) return launch(DecodeGemmKernel<4, kSilu, kF32>);
     return launch(DecodeGemmKernel<8, kSilu, kF32>);
   };
-  const bool f32 = input == DecodeGemmInput::kF32;
+  const bool f32 = input == DenseInput::kF32;
   const cudaError_t launched = silu ? (f32 ? launch_rows(std::true_type{}, std::true_type{})
                                            : launch_rows(std::true_type{}, std::false_type{}))
                                     : (f32 ? launch_rows(std::false_type{}, std::true_type{})

@@ -7,16 +7,12 @@
 // by the input rows staged in shared memory (mma.sync m16n8k16, bf16 in, float32
 // accumulation); a matrix with few blocks of rows is split along `in`, and the slices of one
 // block of rows are summed by the last of their thread blocks to finish (a per-row-block
-// counter), in slice order, so results are the same bit for bit from run to run. The epilogue works
-// on the block's sums in shared memory, which saves the forward a pass over the output:
-//
-//   kStoreF32:     y[t][o]  = sum_i w[o][i] * x[t][i]
-//   kAddF32:       y[t][o] += sum_i w[o][i] * x[t][i]                (the residual add)
-//   kSiluMulBf16:  y16[t][j] = bf16(silu(g) * u), g = row j of w . x[t], u = row out + j
-//                  (w holds the gate rows, then the up rows: [2 out][in])
+// counter), in slice order, so results are the same bit for bit from run to run. The epilogue
+// (DenseEpilogue, dense_layer.h) works on the block's sums in shared memory, which saves the
+// forward a pass over the output.
 //
 // Shapes and layouts: w [out][in] (kSiluMulBf16: [2 out][in]) bf16 bits, row-major; x [n][in]
-// bf16 bits or float32 (DecodeGemmInput); y [n][out] float32; y16 [n][out] bf16 bits. in must be a
+// bf16 bits or float32 (DenseInput); y [n][out] float32; y16 [n][out] bf16 bits. in must be a
 // positive multiple of kDecodeGemmInMultiple; w and x 16-byte aligned. Numerics: bf16 products
 // summed in float32 (in an order that differs from cuBLAS's); SiLU in float32, rounded to bf16 to
 // nearest even.
@@ -34,6 +30,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "tokenlake/engine/cuda/dense_layer.h"
 #include "tokenlake/engine/cuda/device_buffer.h"
 
 namespace tokenlake::engine::cuda {
@@ -67,24 +64,19 @@ class DecodeGemmWorkspace {
   int32_t num_sms_ = 0;
 };
 
-enum class DecodeGemmEpilogue : uint8_t { kStoreF32, kAddF32, kSiluMulBf16 };
-// The input rows: bf16 bits, or float32 rounded to bf16 (to nearest even) as they are staged
-// (which saves the forward a conversion pass: the attention's float32 output feeds o_proj).
-enum class DecodeGemmInput : uint8_t { kBf16, kF32 };
-
 // pdl: launched with programmatic dependent launch (attention/cuda/pdl.cuh): the kernel may
 // start while the kernel before it drains and load its first weights, and waits for that
 // kernel's completion before it reads x or y, or touches the workspace.
 // Errors: InvalidArgument (n outside [1, kDecodeGemmMaxRows], in not a positive multiple of
 //   kDecodeGemmInMultiple, out < 1, a null or misaligned pointer the epilogue needs, an unknown
 //   epilogue or input, a workspace not from Create), Internal (launch failure).
-absl::Status DecodeGemm(const uint16_t* w, const void* x, DecodeGemmInput input, int32_t n,
-                        int32_t in, int32_t out, DecodeGemmEpilogue epilogue, float* y,
-                        uint16_t* y16, const DecodeGemmWorkspace& workspace, cudaStream_t stream,
+absl::Status DecodeGemm(const uint16_t* w, const void* x, DenseInput input, int32_t n, int32_t in,
+                        int32_t out, DenseEpilogue epilogue, float* y, uint16_t* y16,
+                        const DecodeGemmWorkspace& workspace, cudaStream_t stream,
                         bool pdl = false);
 
 // How many slices DecodeGemm cuts `in` into for this call's shape (1: no split), for reports.
-int32_t DecodeGemmSplits(int32_t n, int32_t in, int32_t out, DecodeGemmEpilogue epilogue,
+int32_t DecodeGemmSplits(int32_t n, int32_t in, int32_t out, DenseEpilogue epilogue,
                          const DecodeGemmWorkspace& workspace);
 
 }  // namespace tokenlake::engine::cuda

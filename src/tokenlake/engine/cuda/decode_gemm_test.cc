@@ -32,30 +32,23 @@ std::vector<float> RandomFloats(std::mt19937_64& rng, size_t count) {
   return v;
 }
 
-// The reference's name for DecodeGemm's epilogue e.
-testing_util::DenseEpilogue Reference(DecodeGemmEpilogue e) {
-  if (e == DecodeGemmEpilogue::kStoreF32) return testing_util::DenseEpilogue::kStore;
-  if (e == DecodeGemmEpilogue::kAddF32) return testing_util::DenseEpilogue::kAdd;
-  return testing_util::DenseEpilogue::kSiluMul;
-}
-
 struct Shape {
   int in, out;
 };
 
 // The weights of a call: [out][in], or [2 out][in] (gate rows, then up rows) for kSiluMulBf16.
-std::vector<uint16_t> RandomWeights(std::mt19937_64& rng, Shape s, DecodeGemmEpilogue e) {
-  const int rows = e == DecodeGemmEpilogue::kSiluMulBf16 ? 2 * s.out : s.out;
+std::vector<uint16_t> RandomWeights(std::mt19937_64& rng, Shape s, DenseEpilogue e) {
+  const int rows = e == DenseEpilogue::kSiluMulBf16 ? 2 * s.out : s.out;
   return RandomBf16(rng, static_cast<size_t>(rows) * s.in, 0.1f);
 }
 
-constexpr DecodeGemmEpilogue kEpilogues[] = {
-    DecodeGemmEpilogue::kStoreF32, DecodeGemmEpilogue::kAddF32, DecodeGemmEpilogue::kSiluMulBf16};
+constexpr DenseEpilogue kEpilogues[] = {DenseEpilogue::kStoreF32, DenseEpilogue::kAddF32,
+                                        DenseEpilogue::kSiluMulBf16};
 
 // One call's inputs, result and reference check; `again` repeats the call and expects the same
 // bits (the slices are summed in a fixed order).
 void CheckCall(std::mt19937_64& rng, const std::vector<uint16_t>& w, const DeviceBuffer& dw, int n,
-               Shape s, DecodeGemmEpilogue e, DecodeGemmInput input, const DecodeGemmWorkspace& ws,
+               Shape s, DenseEpilogue e, DenseInput input, const DecodeGemmWorkspace& ws,
                cudaStream_t stream, bool pdl_with_late_input) {
   // float32 inputs (which the kernel must round to bf16) or bf16 ones; x is what the reference
   // reads.
@@ -63,7 +56,7 @@ void CheckCall(std::mt19937_64& rng, const std::vector<uint16_t>& w, const Devic
   std::vector<uint16_t> x(x32.size());
   for (size_t i = 0; i < x.size(); ++i) x[i] = FloatToBf16(x32[i]);
   const std::vector<float> y0 = RandomFloats(rng, static_cast<size_t>(n) * s.out);
-  const DeviceBuffer staged = input == DecodeGemmInput::kF32 ? Upload(x32) : Upload(x);
+  const DeviceBuffer staged = input == DenseInput::kF32 ? Upload(x32) : Upload(x);
   DeviceBuffer dx;
   ASSERT_TRUE(dx.Allocate(staged.size_bytes()).ok());
   if (pdl_with_late_input) {
@@ -88,7 +81,7 @@ void CheckCall(std::mt19937_64& rng, const std::vector<uint16_t>& w, const Devic
   const std::vector<float> y = Download<float>(dy, y0.size());
   const std::vector<uint16_t> y16 = Download<uint16_t>(dy16, y0.size());
   ASSERT_NO_FATAL_FAILURE(
-      testing_util::ExpectDenseMatchesReference(w, x, y0, y, y16, n, s.in, s.out, Reference(e)));
+      testing_util::ExpectDenseMatchesReference(w, x, y0, y, y16, n, s.in, s.out, e));
   if (pdl_with_late_input) return;
   DeviceBuffer again = Upload(y0);
   DeviceBuffer again16;
@@ -97,7 +90,7 @@ void CheckCall(std::mt19937_64& rng, const std::vector<uint16_t>& w, const Devic
                          again16.as<uint16_t>(), ws, stream)
                   .ok());
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  if (e == DecodeGemmEpilogue::kSiluMulBf16) {
+  if (e == DenseEpilogue::kSiluMulBf16) {
     ASSERT_EQ(Download<uint16_t>(again16, y0.size()), y16);
   } else {
     ASSERT_EQ(Download<float>(again, y0.size()), y);
@@ -116,12 +109,12 @@ TEST(DecodeGemmTest, MatchesAPlainReferenceOnRandomInputs) {
                           {4096, 1000}, {256, 17000}, {1408, 77}};
   std::uniform_int_distribution<int> bucket(0, 7);
   for (const Shape& s : shapes) {
-    for (DecodeGemmEpilogue e : kEpilogues) {
+    for (DenseEpilogue e : kEpilogues) {
       const std::vector<uint16_t> w = RandomWeights(rng, s, e);
       const DeviceBuffer dw = Upload(w);
       for (int n : {1, 5, 8, 9, 16, 17, 32, 33, 64, 1 + 8 * bucket(rng)}) {
         // float32 input at odd row counts (as o_proj reads the attention's output).
-        const DecodeGemmInput input = n % 2 == 1 ? DecodeGemmInput::kF32 : DecodeGemmInput::kBf16;
+        const DenseInput input = n % 2 == 1 ? DenseInput::kF32 : DenseInput::kBf16;
         SCOPED_TRACE(testing::Message()
                      << "in " << s.in << " out " << s.out << " epilogue " << static_cast<int>(e)
                      << " input " << static_cast<int>(input) << " n " << n << " splits "
@@ -131,9 +124,9 @@ TEST(DecodeGemmTest, MatchesAPlainReferenceOnRandomInputs) {
     }
   }
   // Matrices with few row blocks are split (what the partial sums and counters are for).
-  EXPECT_GT(DecodeGemmSplits(32, 4096, 1000, DecodeGemmEpilogue::kAddF32, *ws), 1);
-  EXPECT_GT(DecodeGemmSplits(32, 4096, 1000, DecodeGemmEpilogue::kSiluMulBf16, *ws), 1);
-  EXPECT_EQ(DecodeGemmSplits(32, 256, 34000, DecodeGemmEpilogue::kStoreF32, *ws), 1);
+  EXPECT_GT(DecodeGemmSplits(32, 4096, 1000, DenseEpilogue::kAddF32, *ws), 1);
+  EXPECT_GT(DecodeGemmSplits(32, 4096, 1000, DenseEpilogue::kSiluMulBf16, *ws), 1);
+  EXPECT_EQ(DecodeGemmSplits(32, 256, 34000, DenseEpilogue::kStoreF32, *ws), 1);
 }
 
 // Under programmatic dependent launch the kernel may start while the kernel before it still
@@ -146,11 +139,11 @@ TEST(DecodeGemmTest, UnderPdlReadsItsInputsOnlyAfterTheKernelBeforeIt) {
   cudaStream_t stream = nullptr;
   ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
   for (const Shape s : {Shape{4096, 1024}, Shape{1024, 30000}}) {
-    for (DecodeGemmEpilogue e : kEpilogues) {
+    for (DenseEpilogue e : kEpilogues) {
       const std::vector<uint16_t> w = RandomWeights(rng, s, e);
       const DeviceBuffer dw = Upload(w);
       for (int n : {7, 32, 64}) {
-        for (DecodeGemmInput input : {DecodeGemmInput::kBf16, DecodeGemmInput::kF32}) {
+        for (DenseInput input : {DenseInput::kBf16, DenseInput::kF32}) {
           SCOPED_TRACE(testing::Message()
                        << "in " << s.in << " out " << s.out << " epilogue " << static_cast<int>(e)
                        << " input " << static_cast<int>(input) << " n " << n);
@@ -171,8 +164,8 @@ TEST(DecodeGemmTest, RejectsBadArguments) {
   ASSERT_TRUE(x.Allocate(65 * 256 * 2).ok());
   ASSERT_TRUE(y.Allocate(65 * 256 * 4).ok());
   const auto call = [&](int n, int in, int out, const uint16_t* wp, const DecodeGemmWorkspace& s,
-                        DecodeGemmEpilogue e = DecodeGemmEpilogue::kStoreF32) {
-    return DecodeGemm(wp, x.get(), DecodeGemmInput::kBf16, n, in, out, e, y.as<float>(), nullptr, s,
+                        DenseEpilogue e = DenseEpilogue::kStoreF32) {
+    return DecodeGemm(wp, x.get(), DenseInput::kBf16, n, in, out, e, y.as<float>(), nullptr, s,
                       nullptr);
   };
   EXPECT_TRUE(call(1, 256, 256, w.as<uint16_t>(), *ws).ok());
@@ -181,13 +174,12 @@ TEST(DecodeGemmTest, RejectsBadArguments) {
   EXPECT_FALSE(call(1, 192, 256, w.as<uint16_t>(), *ws).ok());  // not a multiple of 128
   EXPECT_FALSE(call(1, 256, 0, w.as<uint16_t>(), *ws).ok());
   EXPECT_FALSE(call(1, 256, 256, w.as<uint16_t>() + 1, *ws).ok());
-  EXPECT_FALSE(call(1, 256, 256, w.as<uint16_t>(), *ws, static_cast<DecodeGemmEpilogue>(7)).ok());
-  EXPECT_FALSE(DecodeGemm(w.as<uint16_t>(), x.get(), static_cast<DecodeGemmInput>(5), 1, 256, 256,
-                          DecodeGemmEpilogue::kStoreF32, y.as<float>(), nullptr, *ws, nullptr)
+  EXPECT_FALSE(call(1, 256, 256, w.as<uint16_t>(), *ws, static_cast<DenseEpilogue>(7)).ok());
+  EXPECT_FALSE(DecodeGemm(w.as<uint16_t>(), x.get(), static_cast<DenseInput>(5), 1, 256, 256,
+                          DenseEpilogue::kStoreF32, y.as<float>(), nullptr, *ws, nullptr)
                    .ok());
   // kSiluMulBf16 needs y16.
-  const absl::Status silu =
-      call(1, 256, 128, w.as<uint16_t>(), *ws, DecodeGemmEpilogue::kSiluMulBf16);
+  const absl::Status silu = call(1, 256, 128, w.as<uint16_t>(), *ws, DenseEpilogue::kSiluMulBf16);
   EXPECT_FALSE(silu.ok());
   EXPECT_NE(silu.message().find("y16"), std::string::npos) << silu;
   const absl::Status s = call(1, 256, 256, w.as<uint16_t>(), DecodeGemmWorkspace());

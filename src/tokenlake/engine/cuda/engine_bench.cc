@@ -434,13 +434,13 @@ absl::Status Bench::Dense() {
   struct Shape {
     const char* name;
     int in, out;
-    SmallGemmEpilogue epilogue;
+    DenseEpilogue epilogue;
   };
-  const Shape shapes[] = {{"qkv", h, qd + 2 * kvd, SmallGemmEpilogue::kStoreF32},
-                          {"o", qd, h, SmallGemmEpilogue::kAddF32},
-                          {"gate_up", h, 2 * inter, SmallGemmEpilogue::kSiluMulBf16},
-                          {"down", inter, h, SmallGemmEpilogue::kAddF32},
-                          {"lm_head", h, c.vocab_size, SmallGemmEpilogue::kStoreF32}};
+  const Shape shapes[] = {{"qkv", h, qd + 2 * kvd, DenseEpilogue::kStoreF32},
+                          {"o", qd, h, DenseEpilogue::kAddF32},
+                          {"gate_up", h, 2 * inter, DenseEpilogue::kSiluMulBf16},
+                          {"down", inter, h, DenseEpilogue::kAddF32},
+                          {"lm_head", h, c.vocab_size, DenseEpilogue::kStoreF32}};
   const int rows_list[] = {1, 2, 4, 8, 16, 32, 64};
   constexpr int kReps = 30;
   cudaStream_t stream = model_->stream();
@@ -491,7 +491,7 @@ absl::Status Bench::Dense() {
       };
       const double cublas_ms = time([&](const uint16_t* wp) {
         const float alpha = 1.f;
-        const float beta = sh.epilogue == SmallGemmEpilogue::kAddF32 ? 1.f : 0.f;
+        const float beta = sh.epilogue == DenseEpilogue::kAddF32 ? 1.f : 0.f;
         return cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, sh.out, n, sh.in, &alpha, wp,
                             CUDA_R_16BF, sh.in, x.get(), CUDA_R_16BF, sh.in, &beta, y.get(),
                             CUDA_R_32F, sh.out, CUBLAS_COMPUTE_32F,
@@ -508,24 +508,19 @@ absl::Status Bench::Dense() {
           {"cublas_ms", cublas_ms},
           {"cublas_of_copy_bandwidth", weight_bytes / (cublas_ms * 1e-3) / (copy_gbps_ * 1e9)}};
       if (n <= kDecodeGemmMaxRows && sh.in % kDecodeGemmInMultiple == 0) {
-        // The forward's epilogue for this projection (SiLU*up fused for gate/up).
-        const DecodeGemmEpilogue epilogue =
-            sh.epilogue == SmallGemmEpilogue::kStoreF32 ? DecodeGemmEpilogue::kStoreF32
-            : sh.epilogue == SmallGemmEpilogue::kAddF32 ? DecodeGemmEpilogue::kAddF32
-                                                        : DecodeGemmEpilogue::kSiluMulBf16;
-        const int outputs = epilogue == DecodeGemmEpilogue::kSiluMulBf16 ? sh.out / 2 : sh.out;
+        const int outputs = sh.epilogue == DenseEpilogue::kSiluMulBf16 ? sh.out / 2 : sh.out;
         const double mma_ms = time([&](const uint16_t* wp) {
-          return DecodeGemm(wp, x.get(), DecodeGemmInput::kBf16, n, sh.in, outputs, epilogue,
+          return DecodeGemm(wp, x.get(), DenseInput::kBf16, n, sh.in, outputs, sh.epilogue,
                             y.as<float>(), y16.as<uint16_t>(), *decode_gemm_workspace, stream,
                             /*pdl=*/false);
         });
         row["decode_gemm_ms"] = mma_ms;
         row["decode_gemm_of_copy_bandwidth"] = weight_bytes / (mma_ms * 1e-3) / (copy_gbps_ * 1e9);
         row["decode_gemm_splits"] =
-            DecodeGemmSplits(n, sh.in, outputs, epilogue, *decode_gemm_workspace);
+            DecodeGemmSplits(n, sh.in, outputs, sh.epilogue, *decode_gemm_workspace);
       }
       if (n <= kSmallBatchMaxRows) {
-        const bool silu = sh.epilogue == SmallGemmEpilogue::kSiluMulBf16;
+        const bool silu = sh.epilogue == DenseEpilogue::kSiluMulBf16;
         const std::pair<const char*, SmallGemmLayout> layouts[] = {
             {"small_warp_r2", SmallGemmLayout::kWarpRows2},
             {"small_warp_r4", SmallGemmLayout::kWarpRows4},
@@ -533,7 +528,7 @@ absl::Status Bench::Dense() {
             {"small_block_r8", SmallGemmLayout::kBlockRows8}};
         for (const auto& [name, layout] : layouts) {
           const double small_ms = time([&](const uint16_t* wp) {
-            return SmallBatchGemm(wp, x.get(), SmallGemmInput::kBf16, n, sh.in,
+            return SmallBatchGemm(wp, x.get(), DenseInput::kBf16, n, sh.in,
                                   silu ? sh.out / 2 : sh.out, sh.epilogue, y.as<float>(),
                                   y16.as<uint16_t>(), stream, layout);
           });

@@ -695,18 +695,22 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
   // gate/up projection), decode-sized ones with DecodeGemm where the input width allows; larger
   // ones run on cuBLAS.
   const bool small = rows <= small_batch_rows_ && h % 8 == 0 && qd % 8 == 0 && inter % 8 == 0;
+  // Whether DecodeGemm takes a layer of `in` inputs at `num_rows` rows.
+  auto decode_gemm = [&](int num_rows, int in) {
+    return num_rows <= decode_gemm_rows_ && in % kDecodeGemmInMultiple == 0;
+  };
   // y[rows][out] (+)= x[rows][in] * w^T, beta 0 or 1.
   auto dense = [&](const DeviceBuffer& wt, const DeviceBuffer& x, float* y, int num_rows, int in,
                    int out, float beta) -> absl::Status {
     if (small) {
-      return SmallBatchGemm(wt.as<uint16_t>(), x.get(), SmallGemmInput::kBf16, num_rows, in, out,
-                            beta == 0.f ? SmallGemmEpilogue::kStoreF32 : SmallGemmEpilogue::kAddF32,
-                            y, nullptr, stream_, SmallGemmLayout::kAuto, pdl_);
+      return SmallBatchGemm(wt.as<uint16_t>(), x.get(), DenseInput::kBf16, num_rows, in, out,
+                            beta == 0.f ? DenseEpilogue::kStoreF32 : DenseEpilogue::kAddF32, y,
+                            nullptr, stream_, SmallGemmLayout::kAuto, pdl_);
     }
-    if (num_rows <= decode_gemm_rows_ && in % kDecodeGemmInMultiple == 0) {
-      return DecodeGemm(wt.as<uint16_t>(), x.get(), DecodeGemmInput::kBf16, num_rows, in, out,
-                        beta == 0.f ? DecodeGemmEpilogue::kStoreF32 : DecodeGemmEpilogue::kAddF32,
-                        y, nullptr, decode_gemm_workspace_, stream_, pdl_);
+    if (decode_gemm(num_rows, in)) {
+      return DecodeGemm(wt.as<uint16_t>(), x.get(), DenseInput::kBf16, num_rows, in, out,
+                        beta == 0.f ? DenseEpilogue::kStoreF32 : DenseEpilogue::kAddF32, y, nullptr,
+                        decode_gemm_workspace_, stream_, pdl_);
     }
     return Gemm(blas, wt.get(), x.get(), y, num_rows, in, out, beta);
   };
@@ -760,15 +764,14 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
     // DecodeGemm as they read it, else by a conversion pass before cuBLAS)
     if (small) {
       Mark(kPhaseGemm);
-      TOKENLAKE_RETURN_IF_ERROR(SmallBatchGemm(w.wo.as<uint16_t>(), attn_.get(),
-                                               SmallGemmInput::kF32, rows, qd, h,
-                                               SmallGemmEpilogue::kAddF32, x_.as<float>(), nullptr,
-                                               stream_, SmallGemmLayout::kAuto, pdl_));
-    } else if (rows <= decode_gemm_rows_ && qd % kDecodeGemmInMultiple == 0) {
+      TOKENLAKE_RETURN_IF_ERROR(SmallBatchGemm(w.wo.as<uint16_t>(), attn_.get(), DenseInput::kF32,
+                                               rows, qd, h, DenseEpilogue::kAddF32, x_.as<float>(),
+                                               nullptr, stream_, SmallGemmLayout::kAuto, pdl_));
+    } else if (decode_gemm(rows, qd)) {
       Mark(kPhaseGemm);
-      TOKENLAKE_RETURN_IF_ERROR(DecodeGemm(w.wo.as<uint16_t>(), attn_.get(), DecodeGemmInput::kF32,
-                                           rows, qd, h, DecodeGemmEpilogue::kAddF32, x_.as<float>(),
-                                           nullptr, decode_gemm_workspace_, stream_, pdl_));
+      TOKENLAKE_RETURN_IF_ERROR(DecodeGemm(w.wo.as<uint16_t>(), attn_.get(), DenseInput::kF32, rows,
+                                           qd, h, DenseEpilogue::kAddF32, x_.as<float>(), nullptr,
+                                           decode_gemm_workspace_, stream_, pdl_));
     } else {
       Mark(kPhaseOther);
       const int64_t attn_elems = int64_t{rows} * qd;
@@ -785,14 +788,14 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
     Mark(kPhaseGemm);
     if (small) {
       TOKENLAKE_RETURN_IF_ERROR(
-          SmallBatchGemm(w.wgu.as<uint16_t>(), normed_.get(), SmallGemmInput::kBf16, rows, h, inter,
-                         SmallGemmEpilogue::kSiluMulBf16, nullptr, act16_.as<uint16_t>(), stream_,
+          SmallBatchGemm(w.wgu.as<uint16_t>(), normed_.get(), DenseInput::kBf16, rows, h, inter,
+                         DenseEpilogue::kSiluMulBf16, nullptr, act16_.as<uint16_t>(), stream_,
                          SmallGemmLayout::kAuto, pdl_));
-    } else if (rows <= decode_gemm_rows_ && h % kDecodeGemmInMultiple == 0) {
-      TOKENLAKE_RETURN_IF_ERROR(
-          DecodeGemm(w.wgu.as<uint16_t>(), normed_.get(), DecodeGemmInput::kBf16, rows, h, inter,
-                     DecodeGemmEpilogue::kSiluMulBf16, nullptr, act16_.as<uint16_t>(),
-                     decode_gemm_workspace_, stream_, pdl_));
+    } else if (decode_gemm(rows, h)) {
+      TOKENLAKE_RETURN_IF_ERROR(DecodeGemm(w.wgu.as<uint16_t>(), normed_.get(), DenseInput::kBf16,
+                                           rows, h, inter, DenseEpilogue::kSiluMulBf16, nullptr,
+                                           act16_.as<uint16_t>(), decode_gemm_workspace_, stream_,
+                                           pdl_));
     } else {
       TOKENLAKE_RETURN_IF_ERROR(
           dense(w.wgu, normed_, gate_up_.as<float>(), rows, h, 2 * inter, 0.f));

@@ -11,6 +11,7 @@
 
 #include "gtest/gtest.h"
 #include "tokenlake/attention/bf16.h"
+#include "tokenlake/engine/cuda/dense_layer.h"
 #include "tokenlake/engine/cuda/device_buffer.h"
 #include "tokenlake/engine/fixture_test_util.h"
 
@@ -93,14 +94,10 @@ inline float TopMargin(const std::vector<float>& logits) {
   return a - b;
 }
 
-// What a dense-layer kernel's epilogue does with row o of w against input row t (the GEMM tests
-// of SmallBatchGemm and DecodeGemm): y = dot, y += dot, or y16 = bf16(silu(dot) * up), up being
-// row out + o's dot.
-enum class DenseEpilogue : uint8_t { kStore, kAdd, kSiluMul };
-
-// y and y16 (downloaded after the call) against a double-precision reference over the bf16
-// weights w [rows][in] and input rows x [n][in] (as the kernel must round them), y0 being y
-// before the call. Tolerances: float32 sums of `in` terms, a few ulps of the terms' magnitude;
+// y and y16 (downloaded after a call of a dense-layer kernel with epilogue e: SmallBatchGemm's
+// or DecodeGemm's tests) against a double-precision reference over the bf16 weights w
+// [rows][in] and input rows x [n][in] (as the kernel must round them), y0 being y before the
+// call. Tolerances: float32 sums of `in` terms, a few ulps of the terms' magnitude;
 // for kSiluMul also the bf16 rounding of the result.
 inline void ExpectDenseMatchesReference(const std::vector<uint16_t>& w,
                                         const std::vector<uint16_t>& x,
@@ -125,9 +122,9 @@ inline void ExpectDenseMatchesReference(const std::vector<uint16_t>& w,
       double mag = 0;
       const double ref = dot(o, &mag);
       const double tol = 1e-6 * mag + 1e-7 * std::sqrt(static_cast<double>(in)) * mag + 1e-30;
-      if (e == DenseEpilogue::kStore) {
+      if (e == DenseEpilogue::kStoreF32) {
         ASSERT_NEAR(y[at], ref, tol) << "t " << t << " o " << o;
-      } else if (e == DenseEpilogue::kAdd) {
+      } else if (e == DenseEpilogue::kAddF32) {
         ASSERT_NEAR(y[at], y0[at] + ref, tol + 1e-7 * std::fabs(y0[at])) << "t " << t << " o " << o;
       } else {
         double mag_u = 0;

@@ -108,13 +108,13 @@ __device__ __forceinline__ float WarpSum(float v) {
 
 // Output o of input row t through epilogue E: v = its dot product; u = its up row's
 // (kSiluMulBf16 only).
-template <SmallGemmEpilogue E>
+template <DenseEpilogue E>
 __device__ __forceinline__ void WriteOutput(float* __restrict__ y, uint16_t* __restrict__ y16,
                                             int out, int o, int t, float v, float u) {
   const int64_t at = static_cast<int64_t>(t) * out + o;
-  if constexpr (E == SmallGemmEpilogue::kStoreF32) {
+  if constexpr (E == DenseEpilogue::kStoreF32) {
     y[at] = v;
-  } else if constexpr (E == SmallGemmEpilogue::kAddF32) {
+  } else if constexpr (E == DenseEpilogue::kAddF32) {
     y[at] += v;
   } else {
     y16[at] = __bfloat16_as_ushort(__float2bfloat16_rn(v / (1.0f + expf(-v)) * u));
@@ -124,11 +124,11 @@ __device__ __forceinline__ void WriteOutput(float* __restrict__ y, uint16_t* __r
 // One warp: R weight rows against up to N input rows (n at run time, n <= N). Plain epilogues:
 // rows [R * warp, R * warp + R) of out; kSiluMulBf16: gate rows [R/2 * warp, + R/2) and the up
 // rows `out` after them.
-template <int N, int R, SmallGemmEpilogue E, bool kF32>
+template <int N, int R, DenseEpilogue E, bool kF32>
 __global__ void __launch_bounds__(kWarps * 32)
     SmallGemmKernel(const uint16_t* __restrict__ w, const void* __restrict__ x, int n, int in,
                     int out, float* __restrict__ y, uint16_t* __restrict__ y16) {
-  constexpr bool kSilu = E == SmallGemmEpilogue::kSiluMulBf16;
+  constexpr bool kSilu = E == DenseEpilogue::kSiluMulBf16;
   constexpr int kOutputs = kSilu ? R / 2 : R;  // outputs per warp and input row
   GridDependentsLaunch();
   const int warp = static_cast<int>((blockIdx.x * blockDim.x + threadIdx.x) / 32);
@@ -163,11 +163,11 @@ __global__ void __launch_bounds__(kWarps * 32)
 // flight per multiprocessor on matrices with few rows (o_proj, down_proj). Plain epilogues:
 // rows [R * block, R * block + R) of out; kSiluMulBf16: gate rows [R/2 * block, + R/2) and the
 // up rows `out` after them.
-template <int N, int R, SmallGemmEpilogue E, bool kF32>
+template <int N, int R, DenseEpilogue E, bool kF32>
 __global__ void __launch_bounds__(kWarps * 32)
     SmallGemmBlockKernel(const uint16_t* __restrict__ w, const void* __restrict__ x, int n, int in,
                          int out, float* __restrict__ y, uint16_t* __restrict__ y16) {
-  constexpr bool kSilu = E == SmallGemmEpilogue::kSiluMulBf16;
+  constexpr bool kSilu = E == DenseEpilogue::kSiluMulBf16;
   constexpr int kOutputs = kSilu ? R / 2 : R;  // outputs per block and input row
   GridDependentsLaunch();
   const int first = static_cast<int>(blockIdx.x) * kOutputs;
@@ -203,10 +203,10 @@ __global__ void __launch_bounds__(kWarps * 32)
   WriteOutput<E>(y, y16, out, o, t, sum_of(i / N), up);
 }
 
-template <int N, int R, SmallGemmEpilogue E>
+template <int N, int R, DenseEpilogue E>
 cudaError_t Launch(const uint16_t* w, const void* x, bool x_f32, bool per_block, int n, int in,
                    int out, float* y, uint16_t* y16, bool pdl, cudaStream_t stream) {
-  constexpr int kOutputs = E == SmallGemmEpilogue::kSiluMulBf16 ? R / 2 : R;
+  constexpr int kOutputs = E == DenseEpilogue::kSiluMulBf16 ? R / 2 : R;
   const int groups = (out + kOutputs - 1) / kOutputs;  // of kOutputs outputs
   const dim3 block(kWarps * 32);
   if (per_block) {
@@ -222,7 +222,7 @@ cudaError_t Launch(const uint16_t* w, const void* x, bool x_f32, bool per_block,
                               in, out, y, y16);
 }
 
-template <int R, SmallGemmEpilogue E>
+template <int R, DenseEpilogue E>
 cudaError_t LaunchRows(const uint16_t* w, const void* x, bool x_f32, bool per_block, int n, int in,
                        int out, float* y, uint16_t* y16, bool pdl, cudaStream_t stream) {
   if (n == 1) return Launch<1, R, E>(w, x, x_f32, per_block, n, in, out, y, y16, pdl, stream);
@@ -231,7 +231,7 @@ cudaError_t LaunchRows(const uint16_t* w, const void* x, bool x_f32, bool per_bl
   return Launch<8, R, E>(w, x, x_f32, per_block, n, in, out, y, y16, pdl, stream);
 }
 
-template <SmallGemmEpilogue E>
+template <DenseEpilogue E>
 cudaError_t LaunchEpilogue(const uint16_t* w, const void* x, bool x_f32, int n, int in, int out,
                            float* y, uint16_t* y16, SmallGemmLayout layout, bool pdl,
                            cudaStream_t stream) {
@@ -249,14 +249,12 @@ cudaError_t LaunchEpilogue(const uint16_t* w, const void* x, bool x_f32, int n, 
   return cudaErrorInvalidValue;  // (layouts are checked before)
 }
 
-bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 }  // namespace
 
-absl::Status SmallBatchGemm(const uint16_t* w, const void* x, SmallGemmInput input, int32_t n,
-                            int32_t in, int32_t out, SmallGemmEpilogue epilogue, float* y,
+absl::Status SmallBatchGemm(const uint16_t* w, const void* x, DenseInput input, int32_t n,
+                            int32_t in, int32_t out, DenseEpilogue epilogue, float* y,
                             uint16_t* y16, cudaStream_t stream, SmallGemmLayout layout, bool pdl) {
-  const bool silu = epilogue == SmallGemmEpilogue::kSiluMulBf16;
+  const bool silu = epilogue == DenseEpilogue::kSiluMulBf16;
   if (static_cast<int>(layout) > static_cast<int>(SmallGemmLayout::kBlockRows8)) {
     return absl::InvalidArgumentError(
         absl::StrFormat("SmallBatchGemm: unknown layout %d", static_cast<int>(layout)));
@@ -269,20 +267,20 @@ absl::Status SmallBatchGemm(const uint16_t* w, const void* x, SmallGemmInput inp
         n, kSmallBatchMaxRows, in, out, static_cast<const void*>(w), static_cast<const void*>(x),
         silu ? "y16" : "y", silu ? static_cast<const void*>(y16) : static_cast<const void*>(y)));
   }
-  const bool x_f32 = input == SmallGemmInput::kF32;
+  const bool x_f32 = input == DenseInput::kF32;
   cudaError_t launched = cudaSuccess;
   switch (epilogue) {
-    case SmallGemmEpilogue::kStoreF32:
-      launched = LaunchEpilogue<SmallGemmEpilogue::kStoreF32>(w, x, x_f32, n, in, out, y, y16,
-                                                              layout, pdl, stream);
+    case DenseEpilogue::kStoreF32:
+      launched = LaunchEpilogue<DenseEpilogue::kStoreF32>(w, x, x_f32, n, in, out, y, y16, layout,
+                                                          pdl, stream);
       break;
-    case SmallGemmEpilogue::kAddF32:
-      launched = LaunchEpilogue<SmallGemmEpilogue::kAddF32>(w, x, x_f32, n, in, out, y, y16, layout,
-                                                            pdl, stream);
+    case DenseEpilogue::kAddF32:
+      launched = LaunchEpilogue<DenseEpilogue::kAddF32>(w, x, x_f32, n, in, out, y, y16, layout,
+                                                        pdl, stream);
       break;
-    case SmallGemmEpilogue::kSiluMulBf16:
-      launched = LaunchEpilogue<SmallGemmEpilogue::kSiluMulBf16>(w, x, x_f32, n, in, out, y, y16,
-                                                                 layout, pdl, stream);
+    case DenseEpilogue::kSiluMulBf16:
+      launched = LaunchEpilogue<DenseEpilogue::kSiluMulBf16>(w, x, x_f32, n, in, out, y, y16,
+                                                             layout, pdl, stream);
       break;
   }
   return CudaStatus(launched, "SmallBatchGemm launch");

@@ -3,16 +3,11 @@
 // below the device's copy bandwidth. A few weight rows are streamed (16-byte loads that bypass
 // L1, so the small input stays there) against every input row, in float32, either by one warp
 // or by a whole thread block that splits the rows' length over its warps (SmallGemmLayout), and
-// the result goes through one of the epilogues the forward needs, which saves it a pass over the
-// output:
-//
-//   kStoreF32:     y[t][o]  = sum_i w[o][i] * x[t][i]                       (float32 out)
-//   kAddF32:       y[t][o] += sum_i w[o][i] * x[t][i]                       (the residual add)
-//   kSiluMulBf16:  y16[t][j] = bf16(silu(g) * u), g = row j of w . x[t], u = row out + j
-//                  (w holds the gate rows, then the up rows: [2 out][in])
+// the result goes through one of the epilogues the forward needs (DenseEpilogue, dense_layer.h),
+// which saves it a pass over the output.
 //
 // Shapes and layouts: w [rows][in] bf16 bits, row-major (rows = out, or 2 out for kSiluMulBf16);
-// x [n][in] (bf16 bits or float32, see SmallGemmInput); y [n][out] float32; y16 [n][out] bf16 bits.
+// x [n][in] (bf16 bits or float32, see DenseInput); y [n][out] float32; y16 [n][out] bf16 bits.
 // in must be a positive multiple of 8 and w, x 16-byte aligned. Numerics: products and sums in
 // float32 (each thread sums its slice of in, then a butterfly across the warp and, in the block
 // layouts, a sum over the warps); bf16 rounding to nearest even. Results differ from cuBLAS's
@@ -28,6 +23,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "tokenlake/engine/cuda/dense_layer.h"
 
 namespace tokenlake::engine::cuda {
 
@@ -37,11 +33,6 @@ inline constexpr int kSmallBatchMaxRows = 8;
 // faster than DecodeGemm (decode_gemm.h) for the decode steps of 1 and 2 rows, slower at 4
 // (docs/results-engine.md).
 inline constexpr int kSmallBatchDefaultRows = 2;
-
-enum class SmallGemmEpilogue : uint8_t { kStoreF32, kAddF32, kSiluMulBf16 };
-// The input rows: bf16 bits, or float32 rounded to bf16 as they are read (which saves the
-// forward a conversion pass: the attention's float32 output feeds o_proj directly).
-enum class SmallGemmInput : uint8_t { kBf16, kF32 };
 
 // How the weight rows are shared out: kWarpRowsR, R rows per warp (eight warps a thread block);
 // kBlockRowsR, R rows per thread block, each thread taking every 256th 16-byte chunk of them.
@@ -57,8 +48,8 @@ enum class SmallGemmLayout : uint8_t { kAuto, kWarpRows2, kWarpRows4, kBlockRows
 // Errors: InvalidArgument (n outside [1, kSmallBatchMaxRows], in not a positive multiple of 8,
 //   out < 1, a null or misaligned pointer the epilogue needs, an unknown layout),
 //   Internal (launch failure).
-absl::Status SmallBatchGemm(const uint16_t* w, const void* x, SmallGemmInput input, int32_t n,
-                            int32_t in, int32_t out, SmallGemmEpilogue epilogue, float* y,
+absl::Status SmallBatchGemm(const uint16_t* w, const void* x, DenseInput input, int32_t n,
+                            int32_t in, int32_t out, DenseEpilogue epilogue, float* y,
                             uint16_t* y16, cudaStream_t stream,
                             SmallGemmLayout layout = SmallGemmLayout::kAuto, bool pdl = false);
 

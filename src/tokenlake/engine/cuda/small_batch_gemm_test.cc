@@ -44,17 +44,7 @@ Inputs RandomInputs(std::mt19937_64& rng, int n, int in, int out) {
   return r;
 }
 
-// y and y16 against the double-precision reference for SmallBatchGemm's epilogue e.
-void ExpectMatchesReference(const std::vector<uint16_t>& w, const std::vector<uint16_t>& x,
-                            const std::vector<float>& y0, const std::vector<float>& y,
-                            const std::vector<uint16_t>& y16, int n, int in, int out,
-                            SmallGemmEpilogue e) {
-  using testing_util::DenseEpilogue;
-  const DenseEpilogue reference = e == SmallGemmEpilogue::kStoreF32 ? DenseEpilogue::kStore
-                                  : e == SmallGemmEpilogue::kAddF32 ? DenseEpilogue::kAdd
-                                                                    : DenseEpilogue::kSiluMul;
-  testing_util::ExpectDenseMatchesReference(w, x, y0, y, y16, n, in, out, reference);
-}
+using testing_util::ExpectDenseMatchesReference;
 
 TEST(SmallBatchGemmTest, MatchesAPlainReferenceOnRandomInputs) {
   SKIP_WITHOUT_GPU();
@@ -66,11 +56,11 @@ TEST(SmallBatchGemmTest, MatchesAPlainReferenceOnRandomInputs) {
     int in, out;
   };
   const Shape shapes[] = {{8, 1}, {64, 37}, {256, 130}, {4096, 4096}, {1000, 9000}, {11008, 300}};
-  const SmallGemmEpilogue epilogues[] = {SmallGemmEpilogue::kStoreF32, SmallGemmEpilogue::kAddF32,
-                                         SmallGemmEpilogue::kSiluMulBf16};
+  const DenseEpilogue epilogues[] = {DenseEpilogue::kStoreF32, DenseEpilogue::kAddF32,
+                                     DenseEpilogue::kSiluMulBf16};
   for (const Shape& s : shapes) {
-    for (SmallGemmEpilogue e : epilogues) {
-      const bool silu = e == SmallGemmEpilogue::kSiluMulBf16;
+    for (DenseEpilogue e : epilogues) {
+      const bool silu = e == DenseEpilogue::kSiluMulBf16;
       const int rows = silu ? 2 * s.out : s.out;
       std::vector<uint16_t> w(static_cast<size_t>(rows) * s.in);
       for (uint16_t& v : w) v = FloatToBf16(uniform(rng) * 0.1f);
@@ -81,7 +71,7 @@ TEST(SmallBatchGemmTest, MatchesAPlainReferenceOnRandomInputs) {
                        << " n " << n << " layout " << static_cast<int>(layout));
           // float32 input (rounded to bf16 as it is read) with the residual add, as o_proj uses
           // it, at even row counts; bf16 input otherwise.
-          const bool f32_input = e == SmallGemmEpilogue::kAddF32 && n % 2 == 0;
+          const bool f32_input = e == DenseEpilogue::kAddF32 && n % 2 == 0;
           const Inputs in = RandomInputs(rng, n, s.in, s.out);
           const std::vector<uint16_t>& x = in.x;
           const std::vector<float>& y0 = in.y0;
@@ -89,14 +79,13 @@ TEST(SmallBatchGemmTest, MatchesAPlainReferenceOnRandomInputs) {
           DeviceBuffer dy16;
           ASSERT_TRUE(dy16.Allocate(static_cast<size_t>(n) * s.out * 2).ok());
           ASSERT_TRUE(SmallBatchGemm(dw.as<uint16_t>(), dx.get(),
-                                     f32_input ? SmallGemmInput::kF32 : SmallGemmInput::kBf16, n,
-                                     s.in, s.out, e, dy.as<float>(), dy16.as<uint16_t>(), nullptr,
-                                     layout)
+                                     f32_input ? DenseInput::kF32 : DenseInput::kBf16, n, s.in,
+                                     s.out, e, dy.as<float>(), dy16.as<uint16_t>(), nullptr, layout)
                           .ok());
           ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-          ASSERT_NO_FATAL_FAILURE(ExpectMatchesReference(w, x, y0, Download<float>(dy, y0.size()),
-                                                         Download<uint16_t>(dy16, y0.size()), n,
-                                                         s.in, s.out, e));
+          ASSERT_NO_FATAL_FAILURE(
+              ExpectDenseMatchesReference(w, x, y0, Download<float>(dy, y0.size()),
+                                          Download<uint16_t>(dy16, y0.size()), n, s.in, s.out, e));
         }
       }
     }
@@ -120,9 +109,9 @@ TEST(SmallBatchGemmTest, UnderPdlReadsItsInputsOnlyAfterTheKernelBeforeIt) {
     int in, out;
   };
   for (const Shape s : {Shape{64, 37}, Shape{4096, 1024}, Shape{1000, 9000}}) {
-    for (SmallGemmEpilogue e : {SmallGemmEpilogue::kStoreF32, SmallGemmEpilogue::kAddF32,
-                                SmallGemmEpilogue::kSiluMulBf16}) {
-      const bool silu = e == SmallGemmEpilogue::kSiluMulBf16;
+    for (DenseEpilogue e :
+         {DenseEpilogue::kStoreF32, DenseEpilogue::kAddF32, DenseEpilogue::kSiluMulBf16}) {
+      const bool silu = e == DenseEpilogue::kSiluMulBf16;
       std::vector<uint16_t> w(static_cast<size_t>(silu ? 2 * s.out : s.out) * s.in);
       for (uint16_t& v : w) v = FloatToBf16(uniform(rng) * 0.1f);
       const DeviceBuffer dw = Upload(w);
@@ -131,7 +120,7 @@ TEST(SmallBatchGemmTest, UnderPdlReadsItsInputsOnlyAfterTheKernelBeforeIt) {
           SCOPED_TRACE(testing::Message()
                        << "in " << s.in << " out " << s.out << " epilogue " << static_cast<int>(e)
                        << " n " << n << " layout " << static_cast<int>(layout));
-          const bool f32_input = e == SmallGemmEpilogue::kAddF32 && layout == kLayouts[0];
+          const bool f32_input = e == DenseEpilogue::kAddF32 && layout == kLayouts[0];
           const Inputs in = RandomInputs(rng, n, s.in, s.out);
           const std::vector<uint16_t>& x = in.x;
           const std::vector<float>& y0 = in.y0;
@@ -145,14 +134,14 @@ TEST(SmallBatchGemmTest, UnderPdlReadsItsInputsOnlyAfterTheKernelBeforeIt) {
                                                           staged.size_bytes(), 100'000, stream)
                           .ok());
           ASSERT_TRUE(SmallBatchGemm(dw.as<uint16_t>(), dx.get(),
-                                     f32_input ? SmallGemmInput::kF32 : SmallGemmInput::kBf16, n,
-                                     s.in, s.out, e, dy.as<float>(), dy16.as<uint16_t>(), stream,
-                                     layout, /*pdl=*/true)
+                                     f32_input ? DenseInput::kF32 : DenseInput::kBf16, n, s.in,
+                                     s.out, e, dy.as<float>(), dy16.as<uint16_t>(), stream, layout,
+                                     /*pdl=*/true)
                           .ok());
           ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-          ASSERT_NO_FATAL_FAILURE(ExpectMatchesReference(w, x, y0, Download<float>(dy, y0.size()),
-                                                         Download<uint16_t>(dy16, y0.size()), n,
-                                                         s.in, s.out, e));
+          ASSERT_NO_FATAL_FAILURE(
+              ExpectDenseMatchesReference(w, x, y0, Download<float>(dy, y0.size()),
+                                          Download<uint16_t>(dy16, y0.size()), n, s.in, s.out, e));
         }
       }
     }
@@ -166,22 +155,22 @@ TEST(SmallBatchGemmTest, RejectsBadArguments) {
   ASSERT_TRUE(w.Allocate(64 * 64 * 2).ok());
   ASSERT_TRUE(x.Allocate(16 * 64 * 2).ok());
   ASSERT_TRUE(y.Allocate(16 * 64 * 4).ok());
-  const auto call = [&](int n, int in, int out, SmallGemmEpilogue e, const uint16_t* wp) {
-    return SmallBatchGemm(wp, x.get(), SmallGemmInput::kBf16, n, in, out, e, y.as<float>(), nullptr,
+  const auto call = [&](int n, int in, int out, DenseEpilogue e, const uint16_t* wp) {
+    return SmallBatchGemm(wp, x.get(), DenseInput::kBf16, n, in, out, e, y.as<float>(), nullptr,
                           nullptr);
   };
-  EXPECT_TRUE(call(1, 64, 64, SmallGemmEpilogue::kStoreF32, w.as<uint16_t>()).ok());
-  EXPECT_FALSE(call(0, 64, 64, SmallGemmEpilogue::kStoreF32, w.as<uint16_t>()).ok());
-  EXPECT_FALSE(call(9, 64, 64, SmallGemmEpilogue::kStoreF32, w.as<uint16_t>()).ok());
-  EXPECT_FALSE(call(1, 60, 64, SmallGemmEpilogue::kStoreF32, w.as<uint16_t>()).ok());
-  EXPECT_FALSE(call(1, 64, 0, SmallGemmEpilogue::kStoreF32, w.as<uint16_t>()).ok());
-  EXPECT_FALSE(call(1, 64, 64, SmallGemmEpilogue::kStoreF32, w.as<uint16_t>() + 1).ok());
+  EXPECT_TRUE(call(1, 64, 64, DenseEpilogue::kStoreF32, w.as<uint16_t>()).ok());
+  EXPECT_FALSE(call(0, 64, 64, DenseEpilogue::kStoreF32, w.as<uint16_t>()).ok());
+  EXPECT_FALSE(call(9, 64, 64, DenseEpilogue::kStoreF32, w.as<uint16_t>()).ok());
+  EXPECT_FALSE(call(1, 60, 64, DenseEpilogue::kStoreF32, w.as<uint16_t>()).ok());
+  EXPECT_FALSE(call(1, 64, 0, DenseEpilogue::kStoreF32, w.as<uint16_t>()).ok());
+  EXPECT_FALSE(call(1, 64, 64, DenseEpilogue::kStoreF32, w.as<uint16_t>() + 1).ok());
   // kSiluMulBf16 needs y16.
-  const absl::Status s = call(1, 64, 32, SmallGemmEpilogue::kSiluMulBf16, w.as<uint16_t>());
+  const absl::Status s = call(1, 64, 32, DenseEpilogue::kSiluMulBf16, w.as<uint16_t>());
   EXPECT_FALSE(s.ok());
   EXPECT_NE(s.message().find("y16"), std::string::npos) << s;
-  EXPECT_FALSE(SmallBatchGemm(w.as<uint16_t>(), x.get(), SmallGemmInput::kBf16, 1, 64, 64,
-                              SmallGemmEpilogue::kStoreF32, y.as<float>(), nullptr, nullptr,
+  EXPECT_FALSE(SmallBatchGemm(w.as<uint16_t>(), x.get(), DenseInput::kBf16, 1, 64, 64,
+                              DenseEpilogue::kStoreF32, y.as<float>(), nullptr, nullptr,
                               static_cast<SmallGemmLayout>(99))
                    .ok());
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
