@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU engine's evidence in one run (issue 12's measurements), on the code as built:
-#   tests:  the GPU engine's tests (small_batch_gemm_test, gpu_engine_test, gpu_engine_fixture_test,
-#           gpu_checkpoint_test, device_pool_test, peer_device_pool_test: two processes)
+#   tests:  the GPU engine's tests (small_batch_gemm_test, decode_gemm_test, gpu_engine_test,
+#           gpu_engine_fixture_test, gpu_checkpoint_test, device_pool_test,
+#           peer_device_pool_test: two processes)
 #           and apps/tokenlake/cli_gpu_test.sh (`tokenlake generate --device gpu` against the
 #           transformers fixture) and cli_gpu_cluster_test.sh (two `tokenlake instance --device
 #           gpu` processes on one GPU behind a coordinator);
@@ -61,8 +62,8 @@ stamp() { echo "[$(($(date +%s) - started)) s] $*"; }
 } | tee "$OUT/machine.txt"
 
 if wants tests; then
-  for t in small_batch_gemm_test gpu_engine_test gpu_engine_fixture_test gpu_checkpoint_test \
-    device_pool_test peer_device_pool_test; do
+  for t in small_batch_gemm_test decode_gemm_test gpu_engine_test gpu_engine_fixture_test \
+    gpu_checkpoint_test device_pool_test peer_device_pool_test; do
     timeout "$STEP_TIMEOUT" "$B/$t" > "$OUT/$t.log" 2>&1
     stamp "$t rc=$? $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$OUT/$t.log" | tr '\n' ' ')"
   done

@@ -403,6 +403,11 @@ void SetUpEngineBench(CLI::App* bench, int* exit_code) {
                 "engine's tensor-core decode GEMM, larger ones on cuBLAS (0: cuBLAS)")
       ->check(CLI::Range(0, engine::cuda::kDecodeGemmMaxRows))
       ->capture_default_str();
+  e->add_option("--decode-gemm-unsplit-rows", o.decode_gemm_unsplit_rows,
+                "Larger forwards of at most this many rows run on that GEMM the layers it reads "
+                "without splitting their input width (gate/up, the LM head)")
+      ->check(CLI::Range(0, engine::cuda::kDecodeGemmMaxRows))
+      ->capture_default_str();
   e->add_flag(
       "!--no-decode-graphs", o.decode_graphs,
       absl::StrFormat("Launch the kernels of forwards of at most %d rows one by one "

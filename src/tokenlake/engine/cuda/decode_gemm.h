@@ -41,6 +41,11 @@ inline constexpr int kDecodeGemmMaxRows = 64;
 // faster than cuBLAS on every projection up to here, slower on some from 32 rows, where the
 // input rows' share of the traffic and the mma work grow (docs/results-engine.md).
 inline constexpr int kDecodeGemmDefaultRows = 16;
+// The most rows at which the model uses it by default on a matrix it reads without splitting
+// `in` (DecodeGemmSplits == 1: enough row blocks to fill the device, as gate/up and the LM
+// head): with no split sums to write and read back it stays faster than cuBLAS to 32 rows there
+// (GpuLlamaModel::set_decode_gemm_unsplit_rows).
+inline constexpr int kDecodeGemmUnsplitDefaultRows = 32;
 // `in` must be a multiple of this (a thread block's step along the rows' length).
 inline constexpr int kDecodeGemmInMultiple = 128;
 

@@ -589,16 +589,21 @@ absl::StatusOr<Json> Bench::Run() {
                    // Its config.json, for tools that run the same shape elsewhere (serve's
                    // --load-format dummy).
                    {"config", Json::parse(LlamaConfigJson(config_))}};
-  out_["engine"] = {
-      {"segment_tokens", o_.segment_tokens},         {"max_batch_tokens", o_.max_batch_tokens},
-      {"max_batch_requests", o_.max_batch_requests}, {"small_batch_rows", o_.small_batch_rows},
-      {"decode_gemm_rows", o_.decode_gemm_rows},     {"decode_graphs", o_.decode_graphs},
-      {"reserve_bytes", o_.reserve_bytes},           {"pdl", o_.pdl}};
+  out_["engine"] = {{"segment_tokens", o_.segment_tokens},
+                    {"max_batch_tokens", o_.max_batch_tokens},
+                    {"max_batch_requests", o_.max_batch_requests},
+                    {"small_batch_rows", o_.small_batch_rows},
+                    {"decode_gemm_rows", o_.decode_gemm_rows},
+                    {"decode_gemm_unsplit_rows", o_.decode_gemm_unsplit_rows},
+                    {"decode_graphs", o_.decode_graphs},
+                    {"reserve_bytes", o_.reserve_bytes},
+                    {"pdl", o_.pdl}};
   Say(absl::StrFormat("model %s on %s", o_.model, dev.name));
   TOKENLAKE_RETURN_IF_ERROR(Peaks());
   TOKENLAKE_ASSIGN_OR_RETURN(model_, GpuLlamaModel::CreateRandom(config_, o_.seed, 0.02f, {}));
   model_->set_small_batch_rows(o_.small_batch_rows);
   model_->set_decode_gemm_rows(o_.decode_gemm_rows);
+  model_->set_decode_gemm_unsplit_rows(o_.decode_gemm_unsplit_rows);
   model_->set_decode_graphs(o_.decode_graphs);
   model_->set_pdl(o_.pdl);
   if (Wants("decode")) TOKENLAKE_RETURN_IF_ERROR(Decode());

@@ -96,6 +96,9 @@ struct EngineBenchOptions {
   // Larger forwards of at most this many rows run them on DecodeGemm
   // (GpuLlamaModel::set_decode_gemm_rows; 0 = cuBLAS).
   int32_t decode_gemm_rows = kDecodeGemmDefaultRows;
+  // And those of at most this many rows, the layers DecodeGemm reads without a split
+  // (GpuLlamaModel::set_decode_gemm_unsplit_rows).
+  int32_t decode_gemm_unsplit_rows = kDecodeGemmUnsplitDefaultRows;
   // Replay forwards of at most GpuLlamaModel::kGraphMaxRows rows as CUDA graphs
   // (GpuLlamaModel::set_decode_graphs).
   bool decode_graphs = true;

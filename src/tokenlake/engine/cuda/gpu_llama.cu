@@ -695,9 +695,12 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
   // gate/up projection), decode-sized ones with DecodeGemm where the input width allows; larger
   // ones run on cuBLAS.
   const bool small = rows <= small_batch_rows_ && h % 8 == 0 && qd % 8 == 0 && inter % 8 == 0;
-  // Whether DecodeGemm takes a layer of `in` inputs at `num_rows` rows.
-  auto decode_gemm = [&](int num_rows, int in) {
-    return num_rows <= decode_gemm_rows_ && in % kDecodeGemmInMultiple == 0;
+  // Whether DecodeGemm takes a layer of `in` inputs and `out` outputs at `num_rows` rows.
+  auto decode_gemm = [&](int num_rows, int in, int out, DenseEpilogue epilogue) {
+    if (in % kDecodeGemmInMultiple != 0) return false;
+    return num_rows <= decode_gemm_rows_ ||
+           (num_rows <= decode_gemm_unsplit_rows_ &&
+            DecodeGemmSplits(num_rows, in, out, epilogue, decode_gemm_workspace_) == 1);
   };
   // y[rows][out] (+)= x[rows][in] * w^T, beta 0 or 1.
   auto dense = [&](const DeviceBuffer& wt, const DeviceBuffer& x, float* y, int num_rows, int in,
@@ -707,10 +710,10 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
                             beta == 0.f ? DenseEpilogue::kStoreF32 : DenseEpilogue::kAddF32, y,
                             nullptr, stream_, SmallGemmLayout::kAuto, pdl_);
     }
-    if (decode_gemm(num_rows, in)) {
-      return DecodeGemm(wt.as<uint16_t>(), x.get(), DenseInput::kBf16, num_rows, in, out,
-                        beta == 0.f ? DenseEpilogue::kStoreF32 : DenseEpilogue::kAddF32, y, nullptr,
-                        decode_gemm_workspace_, stream_, pdl_);
+    const DenseEpilogue epilogue = beta == 0.f ? DenseEpilogue::kStoreF32 : DenseEpilogue::kAddF32;
+    if (decode_gemm(num_rows, in, out, epilogue)) {
+      return DecodeGemm(wt.as<uint16_t>(), x.get(), DenseInput::kBf16, num_rows, in, out, epilogue,
+                        y, nullptr, decode_gemm_workspace_, stream_, pdl_);
     }
     return Gemm(blas, wt.get(), x.get(), y, num_rows, in, out, beta);
   };
@@ -767,7 +770,7 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
       TOKENLAKE_RETURN_IF_ERROR(SmallBatchGemm(w.wo.as<uint16_t>(), attn_.get(), DenseInput::kF32,
                                                rows, qd, h, DenseEpilogue::kAddF32, x_.as<float>(),
                                                nullptr, stream_, SmallGemmLayout::kAuto, pdl_));
-    } else if (decode_gemm(rows, qd)) {
+    } else if (decode_gemm(rows, qd, h, DenseEpilogue::kAddF32)) {
       Mark(kPhaseGemm);
       TOKENLAKE_RETURN_IF_ERROR(DecodeGemm(w.wo.as<uint16_t>(), attn_.get(), DenseInput::kF32, rows,
                                            qd, h, DenseEpilogue::kAddF32, x_.as<float>(), nullptr,
@@ -791,7 +794,7 @@ absl::Status GpuLlamaModel::Enqueue(absl::Span<const GpuSequenceInput> sequences
           SmallBatchGemm(w.wgu.as<uint16_t>(), normed_.get(), DenseInput::kBf16, rows, h, inter,
                          DenseEpilogue::kSiluMulBf16, nullptr, act16_.as<uint16_t>(), stream_,
                          SmallGemmLayout::kAuto, pdl_));
-    } else if (decode_gemm(rows, h)) {
+    } else if (decode_gemm(rows, h, inter, DenseEpilogue::kSiluMulBf16)) {
       TOKENLAKE_RETURN_IF_ERROR(DecodeGemm(w.wgu.as<uint16_t>(), normed_.get(), DenseInput::kBf16,
                                            rows, h, inter, DenseEpilogue::kSiluMulBf16, nullptr,
                                            act16_.as<uint16_t>(), decode_gemm_workspace_, stream_,
@@ -904,6 +907,12 @@ void GpuLlamaModel::set_decode_gemm_rows(int32_t rows) {
   rows = std::clamp(rows, 0, kDecodeGemmMaxRows);
   if (rows != decode_gemm_rows_) ClearGraphs();  // they name the GEMMs' kernels
   decode_gemm_rows_ = rows;
+}
+
+void GpuLlamaModel::set_decode_gemm_unsplit_rows(int32_t rows) {
+  rows = std::clamp(rows, 0, kDecodeGemmMaxRows);
+  if (rows != decode_gemm_unsplit_rows_) ClearGraphs();
+  decode_gemm_unsplit_rows_ = rows;
 }
 
 void GpuLlamaModel::set_decode_graphs(bool on) { decode_graphs_ = on; }

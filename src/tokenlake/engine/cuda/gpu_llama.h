@@ -196,6 +196,14 @@ class GpuLlamaModel {
   void set_decode_gemm_rows(int32_t rows);
   int32_t decode_gemm_rows() const { return decode_gemm_rows_; }
 
+  // Forwards of more rows than that and at most `rows` run on DecodeGemm the layers it reads
+  // without splitting their input width (DecodeGemmSplits == 1: gate/up with SiLU*up, the LM
+  // head), the others on cuBLAS; at most decode_gemm_rows() = no such forwards. Clamped to
+  // [0, kDecodeGemmMaxRows]; default kDecodeGemmUnsplitDefaultRows; `tokenlake bench engine
+  // --decode-gemm-unsplit-rows N` compares settings.
+  void set_decode_gemm_unsplit_rows(int32_t rows);
+  int32_t decode_gemm_unsplit_rows() const { return decode_gemm_unsplit_rows_; }
+
   // Whether forwards of at most kGraphMaxRows rows (decode steps, small prefill chunks) replay
   // the work between two attentions (o_proj, RMSNorm, gate/up, SiLU, down_proj, the next
   // layer's RMSNorm, q/k/v, RoPE) as CUDA graphs, one per stretch and batch-size bucket:
@@ -286,6 +294,7 @@ class GpuLlamaModel {
   LoadStats load_stats_;
   int32_t small_batch_rows_ = kSmallBatchDefaultRows;
   int32_t decode_gemm_rows_ = kDecodeGemmDefaultRows;
+  int32_t decode_gemm_unsplit_rows_ = kDecodeGemmUnsplitDefaultRows;
   DecodeGemmWorkspace decode_gemm_workspace_;  // made by Init
   bool decode_graphs_ = true;
   // Destroys the captured graphs (their activations are about to change, or the model goes).
