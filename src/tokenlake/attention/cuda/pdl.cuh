@@ -38,43 +38,21 @@ __device__ __forceinline__ void GridDependentsLaunch() {
 }
 
 // kernel<<<grid, block, shared_bytes, stream>>>(args...), with the PDL launch attribute when
-// `pdl`, and the grid's thread blocks in clusters of `cluster` blocks (compute capability 9.0:
-// a cluster's blocks run at the same time and may read each other's shared memory; grid must
-// be a multiple of it) unless that is one block. Returns the launch's error
-// (cudaLaunchKernelEx).
+// `pdl`. Returns the launch's error (cudaLaunchKernelEx).
 template <typename... Params, typename... Args>
-cudaError_t LaunchClusterKernel(bool pdl, dim3 cluster, void (*kernel)(Params...), dim3 grid,
-                                dim3 block, size_t shared_bytes, cudaStream_t stream,
-                                Args... args) {
-  cudaLaunchAttribute attr[2];
-  unsigned num_attrs = 0;
-  if (pdl) {
-    attr[num_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[num_attrs++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cluster.x * cluster.y * cluster.z > 1) {
-    attr[num_attrs].id = cudaLaunchAttributeClusterDimension;
-    attr[num_attrs].val.clusterDim.x = cluster.x;
-    attr[num_attrs].val.clusterDim.y = cluster.y;
-    attr[num_attrs++].val.clusterDim.z = cluster.z;
-  }
+cudaError_t LaunchKernel(bool pdl, void (*kernel)(Params...), dim3 grid, dim3 block,
+                         size_t shared_bytes, cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = shared_bytes;
   config.stream = stream;
   config.attrs = attr;
-  config.numAttrs = num_attrs;
+  config.numAttrs = pdl ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
-}
-
-// kernel<<<grid, block, shared_bytes, stream>>>(args...), with the PDL launch attribute when
-// `pdl`. Returns the launch's error (cudaLaunchKernelEx).
-template <typename... Params, typename... Args>
-cudaError_t LaunchKernel(bool pdl, void (*kernel)(Params...), dim3 grid, dim3 block,
-                         size_t shared_bytes, cudaStream_t stream, Args... args) {
-  return LaunchClusterKernel(pdl, dim3(1, 1, 1), kernel, grid, block, shared_bytes, stream,
-                             args...);
 }
 
 }  // namespace tokenlake::attention::cuda

@@ -1,4 +1,3 @@
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -9,20 +8,17 @@
 #include "tokenlake/attention/cuda/pdl.cuh"
 #include "tokenlake/base/status_macros.h"
 #include "tokenlake/engine/cuda/decode_gemm.h"
-#include "tokenlake/engine/cuda/device_buffer.h"
 
 namespace tokenlake::engine::cuda {
 namespace {
 
 using attention::cuda::GridDependencyWait;
 using attention::cuda::GridDependentsLaunch;
-using attention::cuda::LaunchClusterKernel;
+using attention::cuda::LaunchKernel;
 
 constexpr int kWarps = 8;                      // per thread block
 constexpr int kRowsPerBlock = 16 * kWarps;     // weight rows: one m16 tile per warp
 constexpr int kChunk = kDecodeGemmInMultiple;  // values of `in` per pipeline stage
-// The most slices of `in`: a row block's slices are one cluster, whose portable size is 8.
-constexpr int32_t kMaxSplits = 8;
 constexpr int kXStride = kChunk + 8;  // staged input row (bf16): 16 bytes of padding so that
                                       // the fragment loads of eight rows hit distinct banks
 
@@ -67,14 +63,12 @@ __device__ __forceinline__ void Mma(float (&c)[4], uint32_t a0, uint32_t a1, uin
 // r is weight row and output 128 x + r. kSilu: block rows [0, 64) are gate rows 64 x + r, rows
 // [64, 128) their up rows `out` further (weights [2 out][in]), and output 64 x + r is
 // silu(gate) * up. Weight rows past the matrix are read clamped; their outputs are not written.
-// With splits > 1 the blocks of a row block form one cluster (launched as such): each leaves
-// its slice's sums in its shared memory, and block s sums outputs [s * outs / splits,
-// (s + 1) * outs / splits) of all the slices, in slice order, over distributed shared memory.
 template <int NT, bool kSilu, bool kF32>
 __global__ void __launch_bounds__(kWarps * 32, 2)
     DecodeGemmKernel(const uint16_t* __restrict__ w, const void* __restrict__ x, int n, int in,
                      int out, int splits, bool accumulate, float* __restrict__ y,
-                     uint16_t* __restrict__ y16) {
+                     uint16_t* __restrict__ y16, float* __restrict__ partials,
+                     int32_t* __restrict__ counters) {
   GridDependentsLaunch();
   constexpr int kOutRows = kSilu ? kRowsPerBlock / 2 : kRowsPerBlock;  // outputs per block
   constexpr int kSums = 8 * NT;          // input rows a block row is summed for
@@ -85,6 +79,7 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
   __shared__ alignas(16) unsigned char smem[kXBytes > kSumBytes ? kXBytes : kSumBytes];
   auto xs = reinterpret_cast<uint16_t(*)[kSums][kXStride]>(smem);
   auto sums = reinterpret_cast<float(*)[kSumStride]>(smem);
+  __shared__ bool last_block;
   const int lane = static_cast<int>(threadIdx.x % 32);
   const int warp = static_cast<int>(threadIdx.x / 32);
   const int g = lane / 4;
@@ -240,44 +235,78 @@ __global__ void __launch_bounds__(kWarps * 32, 2)
       sums[warp * 16 + g + (e >= 2 ? 8 : 0)][8 * t + 2 * q + (e & 1)] = acc[t][e];
     }
   }
-  // The slices' sum of block row r for input row `row`: this block's own alone, or every
-  // block's of the cluster in slice order.
-  namespace cg = cooperative_groups;
-  auto total = [&](int r, int row) {
-    if (splits == 1) return sums[r][row];
-    float t = 0.f;
-    for (int k = 0; k < splits; ++k) {
-      t += cg::this_cluster().map_shared_rank(&sums[0][0], k)[r * kSumStride + row];
-    }
-    return t;
-  };
-  // The epilogue over this block's share of the outputs (all of them when not split).
+  __syncthreads();
   if (splits > 1) {
-    cg::this_cluster().sync();  // every slice's sums are in its block's shared memory
-  } else {
+    // Split: this slice's sums to the workspace ([split][input row][block row], block-row runs
+    // of 128 per row block); the last slice of the row block to finish sums them all back into
+    // `sums` in slice order (their stores made visible by the fence before the counter).
+    float* mine = partials + static_cast<int64_t>(tile) * kRowsPerBlock;
+    const int64_t padded = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
+    for (int k = static_cast<int>(threadIdx.x); k < n * kRowsPerBlock; k += kWarps * 32) {
+      const int row = k / kRowsPerBlock;
+      mine[(static_cast<int64_t>(split) * n + row) * padded + k % kRowsPerBlock] =
+          sums[k % kRowsPerBlock][row];
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last_block = atomicAdd(&counters[tile], 1) == splits - 1;
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();
+    if (threadIdx.x == 0) counters[tile] = 0;  // for the next call (no other block reads it now)
+    // Four block rows a load (float4), four loads of each slice in flight per thread.
+    constexpr int kQuads = kRowsPerBlock / 4;
+    const int items = n * kQuads;
+    for (int base = static_cast<int>(threadIdx.x); base < items; base += 4 * kWarps * 32) {
+      float4 total[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) total[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int s = 0; s < splits; ++s) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int i = base + k * kWarps * 32;
+          if (i < items) {
+            const float4 v = __ldcg(reinterpret_cast<const float4*>(
+                mine + (static_cast<int64_t>(s) * n + i / kQuads) * padded + i % kQuads * 4));
+            total[k].x += v.x;
+            total[k].y += v.y;
+            total[k].z += v.z;
+            total[k].w += v.w;
+          }
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int i = base + k * kWarps * 32;
+        if (i < items) {
+          const int row = i / kQuads;
+          const int r = i % kQuads * 4;
+          sums[r][row] = total[k].x;
+          sums[r + 1][row] = total[k].y;
+          sums[r + 2][row] = total[k].z;
+          sums[r + 3][row] = total[k].w;
+        }
+      }
+    }
     __syncthreads();
   }
-  const int i_begin = split * kOutRows / splits;
-  const int i_count = (split + 1) * kOutRows / splits - i_begin;
-  for (int k = static_cast<int>(threadIdx.x); k < n * i_count; k += kWarps * 32) {
-    const int row = k / i_count;
-    const int i = i_begin + k % i_count;
+  // The epilogue: output i of this block for input row `row`, from the block rows' sums.
+  for (int k = static_cast<int>(threadIdx.x); k < n * kOutRows; k += kWarps * 32) {
+    const int row = k / kOutRows;
+    const int i = k % kOutRows;
     if constexpr (kSilu) {
       const int j = tile * kOutRows + i;
       if (j >= out) continue;
-      const float gate = total(i, row);
+      const float gate = sums[i][row];
       y16[static_cast<int64_t>(row) * out + j] = __bfloat16_as_ushort(
-          __float2bfloat16_rn(gate / (1.0f + expf(-gate)) * total(i + kOutRows, row)));
+          __float2bfloat16_rn(gate / (1.0f + expf(-gate)) * sums[i + kOutRows][row]));
     } else {
       const int o = tile * kRowsPerBlock + i;
       if (o >= out) continue;
       float& dst = y[static_cast<int64_t>(row) * out + o];
-      const float sum = total(i, row);
-      dst = accumulate ? dst + sum : sum;
+      dst = accumulate ? dst + sums[i][row] : sums[i][row];
     }
   }
-  // (No block leaves while another may still read its shared memory.)
-  if (splits > 1) cg::this_cluster().sync();
 }
 
 // Thread blocks along the outputs (blockIdx.x): 128 outputs a block, 64 for kSiluMulBf16.
@@ -294,6 +323,13 @@ absl::StatusOr<DecodeGemmWorkspace> DecodeGemmWorkspace::Create(int device) {
   TOKENLAKE_RETURN_IF_ERROR(
       CudaStatus(cudaDeviceGetAttribute(&ws.num_sms_, cudaDevAttrMultiProcessorCount, device),
                  "cudaDeviceGetAttribute(multiprocessors)"));
+  const size_t blocks = static_cast<size_t>(ws.max_split_blocks());
+  // A split call has splits x row blocks <= max_split_blocks, n <= 64 rows each.
+  TOKENLAKE_RETURN_IF_ERROR(
+      ws.partials_.Allocate(blocks * kRowsPerBlock * kDecodeGemmMaxRows * sizeof(float)));
+  TOKENLAKE_RETURN_IF_ERROR(ws.counters_.Allocate(blocks * sizeof(int32_t)));
+  TOKENLAKE_RETURN_IF_ERROR(CudaStatus(cudaMemset(ws.counters_.get(), 0, blocks * sizeof(int32_t)),
+                                       "cudaMemset(DecodeGemm counters)"));
   return ws;
 }
 
@@ -304,12 +340,11 @@ int32_t DecodeGemmSplits(int32_t n, int32_t in, int32_t out, DenseEpilogue epilo
   // As many slices as keep the grid within one wave of two blocks per multiprocessor: a
   // matrix with few row blocks (o_proj, down_proj) is read by enough blocks to keep the loads
   // in flight, one with many (gate/up, the LM head) is not split. And few enough that the
-  // slices' sums (4 bytes per weight row and input row each, read across the cluster) stay
-  // within a quarter of a slice's weight bytes (2 per weight row and input value), and that a
-  // row block's slices make one cluster.
-  const int32_t by_grid = 2 * workspace.num_sms() / std::max(tiles, 1);
+  // slices' sums (written and read back: 8 bytes per weight row and input row) stay within a
+  // quarter of the weights' bytes (2 per weight row and input value).
+  const int32_t by_grid = workspace.max_split_blocks() / std::max(tiles, 1);
   const int32_t by_traffic = in / (16 * std::max(n, 1));
-  return std::clamp(std::min({by_grid, by_traffic, kMaxSplits}), 1, std::max(chunks, 1));
+  return std::clamp(std::min(by_grid, by_traffic), 1, std::max(chunks, 1));
 }
 
 absl::Status DecodeGemm(const uint16_t* w, const void* x, DenseInput input, int32_t n, int32_t in,
@@ -333,8 +368,8 @@ absl::Status DecodeGemm(const uint16_t* w, const void* x, DenseInput input, int3
   const dim3 grid(static_cast<unsigned>(RowBlocks(out, epilogue)), static_cast<unsigned>(splits));
   const dim3 block(kWarps * 32);
   auto launch = [&](auto kernel) {
-    return LaunchClusterKernel(pdl, dim3(1, static_cast<unsigned>(splits)), kernel, grid, block, 0,
-                               stream, w, x, n, in, out, splits, accumulate, y, y16);
+    return LaunchKernel(pdl, kernel, grid, block, 0, stream, w, x, n, in, out, splits, accumulate,
+                        y, y16, workspace.partials(), workspace.counters());
   };
   auto launch_rows = [&](auto silu_tag, auto f32_tag) {
     constexpr bool kSilu = decltype(silu_tag)::value;

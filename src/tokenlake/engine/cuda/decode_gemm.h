@@ -5,11 +5,11 @@
 // 128 weight rows over a slice of `in` straight from memory into registers (16-byte loads, the
 // next 128 values of each row in flight while the current ones are multiplied), multiplies them
 // by the input rows staged in shared memory (mma.sync m16n8k16, bf16 in, float32
-// accumulation); a matrix with few blocks of rows is split along `in`, the thread blocks of one
-// block of rows launched as a cluster that sums their slices in slice order through distributed
-// shared memory (each block a share of the outputs), so results are the same bit for bit from
-// run to run and no partial sums go through global memory. The epilogue (DenseEpilogue,
-// dense_layer.h) works on those sums, which saves the forward a pass over the output.
+// accumulation); a matrix with few blocks of rows is split along `in`, and the slices of one
+// block of rows are summed by the last of their thread blocks to finish (a per-row-block
+// counter), in slice order, so results are the same bit for bit from run to run. The epilogue
+// (DenseEpilogue, dense_layer.h) works on the block's sums in shared memory, which saves the
+// forward a pass over the output.
 //
 // Shapes and layouts: w [out][in] (kSiluMulBf16: [2 out][in]) bf16 bits, row-major; x [n][in]
 // bf16 bits or float32 (DenseInput); y [n][out] float32; y16 [n][out] bf16 bits. in must be a
@@ -18,8 +18,8 @@
 // nearest even.
 //
 // Thread-safety: enqueues on `stream`; pointers are device pointers borrowed until the
-// enqueued work has run. Calls keep no state between them. Safe inside a CUDA graph capture.
-// Needs compute capability 9.0 (thread block clusters).
+// enqueued work has run. Calls that share a workspace must run one after another (one stream):
+// the counters are reset by the call that used them. Safe inside a CUDA graph capture.
 #ifndef TOKENLAKE_ENGINE_CUDA_DECODE_GEMM_H_
 #define TOKENLAKE_ENGINE_CUDA_DECODE_GEMM_H_
 
@@ -31,6 +31,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "tokenlake/engine/cuda/dense_layer.h"
+#include "tokenlake/engine/cuda/device_buffer.h"
 
 namespace tokenlake::engine::cuda {
 
@@ -48,16 +49,23 @@ inline constexpr int kDecodeGemmUnsplitDefaultRows = 32;
 // `in` must be a multiple of this (a thread block's step along the rows' length).
 inline constexpr int kDecodeGemmInMultiple = 128;
 
-// What DecodeGemm needs to know of the device: its multiprocessor count, which sets how
-// finely a matrix with few blocks of rows is split. Cheap to copy.
+// Scratch for the split sums and the per-row-block counters, sized for a device's
+// multiprocessor count; zeroed once at Create, kept zero between calls by the calls.
 class DecodeGemmWorkspace {
  public:
-  // Errors: Internal (a CUDA error).
+  // Errors: ResourceExhausted (device memory: about 64 KiB per multiprocessor), Internal
+  // (another CUDA error).
   static absl::StatusOr<DecodeGemmWorkspace> Create(int device);
 
+  float* partials() const { return partials_.as<float>(); }
+  int32_t* counters() const { return counters_.as<int32_t>(); }
   int32_t num_sms() const { return num_sms_; }
+  // The most thread blocks a call launches when it splits `in` (2 per multiprocessor).
+  int32_t max_split_blocks() const { return 2 * num_sms_; }
 
  private:
+  DeviceBuffer partials_;  // float [max_split_blocks][128 rows][kDecodeGemmMaxRows]
+  DeviceBuffer counters_;  // int32 [max_split_blocks]
   int32_t num_sms_ = 0;
 };
 
