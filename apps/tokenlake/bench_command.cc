@@ -405,7 +405,8 @@ void SetUpEngineBench(CLI::App* bench, int* exit_code) {
       ->capture_default_str();
   e->add_option("--decode-gemm-unsplit-rows", o.decode_gemm_unsplit_rows,
                 "Larger forwards of at most this many rows run on that GEMM the layers it reads "
-                "without splitting their input width (gate/up, the LM head)")
+                "without splitting their input width (gate/up, the LM head); at most "
+                "--decode-gemm-rows: none")
       ->check(CLI::Range(0, engine::cuda::kDecodeGemmMaxRows))
       ->capture_default_str();
   e->add_flag(

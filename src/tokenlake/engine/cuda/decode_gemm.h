@@ -43,9 +43,10 @@ inline constexpr int kDecodeGemmMaxRows = 64;
 inline constexpr int kDecodeGemmDefaultRows = 16;
 // The most rows at which the model uses it by default on a matrix it reads without splitting
 // `in` (DecodeGemmSplits == 1: enough row blocks to fill the device, as gate/up and the LM
-// head): with no split sums to write and read back it stays faster than cuBLAS to 32 rows there
-// (GpuLlamaModel::set_decode_gemm_unsplit_rows).
-inline constexpr int kDecodeGemmUnsplitDefaultRows = 32;
+// head; GpuLlamaModel::set_decode_gemm_unsplit_rows). Alone, such matrices stay faster on it
+// than on cuBLAS to 32 rows; until a decode step has been measured faster that way, beside the
+// default in the same run, the default adds no rows (docs/results-engine.md).
+inline constexpr int kDecodeGemmUnsplitDefaultRows = kDecodeGemmDefaultRows;
 // `in` must be a multiple of this (a thread block's step along the rows' length).
 inline constexpr int kDecodeGemmInMultiple = 128;
 

@@ -95,16 +95,18 @@ TEST_P(GpuEngineRandomTest, MatchesCpuEngineWithinBf16Tolerance) {
   // Even seeds run forwards of up to 8 rows on SmallBatchGemm (small_batch_gemm.h); the other
   // forwards of up to 64 rows run on DecodeGemm (decode_gemm.h; layers whose input width is a
   // multiple of 128), except at seeds 3 and 8 mod 10, which leave them to cuBLAS, and 2 and 7,
-  // which keep the model's defaults (every such layer up to 16 rows, the unsplit ones up to 32);
-  // seeds 0 and 1 mod 4 replay the small-batch forwards as CUDA graphs; seeds not divisible by
-  // 3 chain the kernels by programmatic dependent launch.
-  const char* decode_gemm = seed % 5 == 3 ? "off" : seed % 5 == 2 ? "default" : "up to 64 rows";
+  // which run every such layer on it up to 16 rows and the unsplit ones up to 32; seeds 0 and 1
+  // mod 4 replay the small-batch forwards as CUDA graphs; seeds not divisible by 3 chain the
+  // kernels by programmatic dependent launch.
+  const char* decode_gemm = seed % 5 == 3   ? "off"
+                            : seed % 5 == 2 ? "16 rows, unsplit 32"
+                                            : "up to 64 rows";
   m.gpu->set_small_batch_rows(seed % 2 == 0 ? kSmallBatchMaxRows : 0);
-  if (seed % 5 != 2) {
-    const int32_t rows = seed % 5 == 3 ? 0 : kDecodeGemmMaxRows;
-    m.gpu->set_decode_gemm_rows(rows);
-    m.gpu->set_decode_gemm_unsplit_rows(rows);
-  }
+  const int32_t decode_gemm_rows = seed % 5 == 3   ? 0
+                                   : seed % 5 == 2 ? kDecodeGemmDefaultRows
+                                                   : kDecodeGemmMaxRows;
+  m.gpu->set_decode_gemm_rows(decode_gemm_rows);
+  m.gpu->set_decode_gemm_unsplit_rows(seed % 5 == 2 ? 32 : decode_gemm_rows);
   m.gpu->set_decode_graphs(seed % 4 < 2);
   m.gpu->set_pdl(seed % 3 != 0);
   std::cout << "small-batch kernels " << (seed % 2 == 0 ? "on" : "off") << ", decode GEMM "
