@@ -48,6 +48,20 @@ absl::StatusOr<std::unique_ptr<Lake>> Lake::Create(const LakeOptions& options, C
     return Invalid(absl::StrFormat("LakeOptions.local_eviction_min_age_ratio must be >= 0, got %g",
                                    options.local_eviction_min_age_ratio));
   }
+  const HotRunOptions& hot = options.hot_runs;
+  if (!(hot.access_margin >= 0)) {
+    return Invalid(absl::StrFormat("LakeOptions.hot_runs.access_margin must be >= 0, got %g",
+                                   hot.access_margin));
+  }
+  if (!(hot.min_access_share > 0 && hot.min_access_share <= 1)) {
+    return Invalid(absl::StrFormat(
+        "LakeOptions.hot_runs.min_access_share must be in (0, 1], got %g", hot.min_access_share));
+  }
+  if (!(hot.max_instance_share > 0 && hot.max_instance_share <= 1)) {
+    return Invalid(
+        absl::StrFormat("LakeOptions.hot_runs.max_instance_share must be in (0, 1], got %g",
+                        hot.max_instance_share));
+  }
   if (options.reserve_segments < 0) {
     return Invalid(absl::StrFormat("LakeOptions.reserve_segments must be >= 0, got %d",
                                    options.reserve_segments));

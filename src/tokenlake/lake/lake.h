@@ -136,6 +136,21 @@
 
 namespace tokenlake::lake {
 
+// Hot-run replication at planning time (docs/adr/0020, Lake::ReplicateHotRuns).
+struct HotRunOptions {
+  // false: ReplicateHotRuns does nothing.
+  bool enabled = false;
+  // A run's serving holder is hot when its cache access in force exceeds (1 + this) x the
+  // pool's mean. Must be >= 0.
+  double access_margin = 0.25;
+  // ... and the run carries at least this share of that holder's access: its estimated access
+  // (requests pinning it x its tokens / its copies) >= this x the holder's access. In (0, 1].
+  double min_access_share = 0.25;
+  // A copy of a run never takes more than this share of the target instance's slots (runs
+  // longer than that are not copied; the copies it displaces are bounded by it). In (0, 1].
+  double max_instance_share = 0.25;
+};
+
 struct LakeOptions {
   // Number of instances (InstanceIds 0 .. num_instances-1). Must be >= 1.
   int32_t num_instances = 4;
@@ -162,6 +177,8 @@ struct LakeOptions {
   double local_eviction_min_age_ratio = 0.5;
   // Nodes to reserve in the prefix tree up front (0 = grow on demand). Must be >= 0.
   int64_t reserve_segments = 0;
+  // Copies of hot runs decided from the plans in force (ReplicateHotRuns).
+  HotRunOptions hot_runs;
 };
 
 // One request (one iteration of it) as the scheduler describes it.
@@ -493,6 +510,25 @@ class Lake {
   // that running requests pin. An action planned on a state that a skipped one did not leave
   // (its source no longer holds the segment, or its target already does) is skipped too.
   absl::StatusOr<RebalanceResult> Rebalance();
+
+  // Hot-run replication at planning time (docs/adr/0020; off unless options().hot_runs.enabled).
+  // For each request of `plans` (as GenPlans returned them, in force now), each RUN of its plan
+  // (consecutive segments read on one holder, with the same copies) whose holder's cache access
+  // in force exceeds (1 + access_margin) x the pool's mean and whose estimated access (the
+  // requests pinning its first segment x its tokens / its copies) is at least
+  // min_access_share x that holder's access is copied, segment by segment in prefix order, to
+  // the instance with the least access in force below the mean that holds none of it, when the
+  // run fits in max_instance_share of that instance's slots. A copy goes into a free slot, or
+  // displaces the instance's LRU last-copy leaf as Rebalance's copies do (when it is old enough);
+  // a pinned segment is copied only while AvailableSlots() > 0. The copying stops at the first
+  // segment that finds no room (the prefix copied so far stays). At most one copy per run per
+  // call. The copies are extra replicas: Rebalance drops them once their segments are no longer
+  // pinned (they are not heavy), and eviction takes them first. The plans themselves are not
+  // changed (they read the copies they named); later plans may read the new copies (ADR 0019).
+  // Returns the actions applied (kReplicate from the run's holder, and kDrop of displaced
+  // leaves) and the bytes copied, for the caller to move the data. Plans naming requests or
+  // segments no longer in the pool are skipped. No errors but Internal.
+  absl::StatusOr<RebalanceResult> ReplicateHotRuns(absl::Span<const plan::BatchPlan> plans);
 
   // The instance is lost: its replicas disappear (segments whose only copy it held are erased
   // with their subtrees). Errors: InvalidArgument (unknown instance).

@@ -185,6 +185,106 @@ absl::StatusOr<RebalanceResult> Lake::Rebalance() {
   return result;
 }
 
+absl::StatusOr<RebalanceResult> Lake::ReplicateHotRuns(absl::Span<const plan::BatchPlan> plans) {
+  absl::MutexLock lock(&mu_);
+  RebalanceResult result;
+  result.sequence = sequence_;
+  const HotRunOptions& opt = options_.hot_runs;
+  const int32_t n = num_instances();
+  if (!opt.enabled || n < 2) return result;
+  const int64_t now = clock_->NowUs();
+  const auto access = [&](InstanceId i) { return static_cast<double>(access_.tokens(i)); };
+  const auto mean_access = [&] {
+    double sum = 0;
+    for (int32_t i = 0; i < n; ++i) sum += access(InstanceId(i));
+    return sum / n;
+  };
+  // Copies one run (the segments of `run`, read on `holder`); returns whether any was copied.
+  const auto copy_run = [&](absl::Span<const SegmentId> run, InstanceId holder,
+                            const index::PrefixTree::Node& first) -> absl::StatusOr<bool> {
+    mu_.AssertHeld();
+    const double mean = mean_access();
+    const double hot_access = access(holder);
+    if (!(hot_access > (1 + opt.access_margin) * mean)) return false;
+    int64_t run_tokens = 0;
+    for (SegmentId s : run) run_tokens += tree_->Find(s)->num_tokens;
+    const double estimate = static_cast<double>(first.pin_count) * static_cast<double>(run_tokens) /
+                            static_cast<double>(first.replicas.size());
+    if (estimate < opt.min_access_share * hot_access) return false;
+    // The instance with the least access below the mean that holds none of the run.
+    InstanceId target;
+    for (int32_t i = 0; i < n; ++i) {
+      const InstanceId c(i);
+      if (first.HasReplicaOn(c) || !(access(c) < mean)) continue;
+      if (static_cast<double>(run.size()) >
+          opt.max_instance_share * static_cast<double>(stores_[i]->capacity())) {
+        continue;
+      }
+      if (!target.valid() || access(c) < access(target)) target = c;
+    }
+    if (!target.valid()) return false;
+    bool copied = false;
+    for (SegmentId s : run) {
+      const index::PrefixTree::Node* node = tree_->Find(s);
+      if (node == nullptr || pending_.contains(s) || !node->HasReplicaOn(holder)) break;
+      if (node->HasReplicaOn(target)) continue;
+      const bool pinned = node->is_pinned();
+      if (pinned && AvailableSlotsLocked() <= 0) break;  // promised to admitted requests
+      if (stores_[target.value()]->free() <= 0) {
+        const std::optional<SegmentId> leaf = DisplaceableLeafOnLocked(target);
+        if (!leaf.has_value()) break;
+        TOKENLAKE_ASSIGN_OR_RETURN(index::EvictResult e, tree_->Evict(*leaf));
+        OnReplicasFreedLocked(*leaf, e.node_erased, e.freed_on, nullptr);
+        counters_.rebalance_displaced += 1;
+        result.actions.push_back({balance::ActionKind::kDrop, *leaf, target, InstanceId()});
+        node = tree_->Find(s);
+        if (node == nullptr) break;
+        if (pinned && AvailableSlotsLocked() <= 0) break;
+      }
+      const auto r = static_cast<double>(node->replicas.size());
+      const double load = tracker_->Load(s);
+      const std::vector<InstanceId> others(node->replicas.begin(), node->replicas.end());
+      TOKENLAKE_RETURN_IF_ERROR(stores_[target.value()]->Allocate(s).status());
+      TOKENLAKE_RETURN_IF_ERROR(tree_->AddReplica(s, target));
+      for (InstanceId o : others) instance_load_[o.value()].Add(load / (r + 1) - load / r, now);
+      instance_load_[target.value()].Add(load / (r + 1), now);
+      if (pinned) pinned_replicas_ += 1;
+      RefreshReplicatedLocked(s);
+      result.actions.push_back({balance::ActionKind::kReplicate, s, holder, target});
+      result.bytes_moved += plan::KvBytes(options_.model, node->num_tokens);
+      copied = true;
+    }
+    return copied;
+  };
+  std::vector<SegmentId> run;
+  for (const plan::BatchPlan& p : plans) {
+    for (const plan::RequestPlan& rp : p.requests) {
+      if (!active_.contains(rp.request)) continue;
+      size_t i = 0;
+      while (i < rp.segments.size()) {
+        const InstanceId holder = rp.segments[i].holder;
+        const index::PrefixTree::Node* first = tree_->Find(rp.segments[i].segment);
+        run.clear();
+        size_t j = i;
+        for (; j < rp.segments.size() && rp.segments[j].holder == holder; ++j) {
+          const index::PrefixTree::Node* node = tree_->Find(rp.segments[j].segment);
+          if (node == nullptr || first == nullptr || node->replicas != first->replicas) break;
+          run.push_back(rp.segments[j].segment);
+        }
+        if (j == i) j = i + 1;  // a segment no longer stored: skip it
+        i = j;
+        if (run.empty() || first == nullptr || !first->HasReplicaOn(holder)) continue;
+        const index::PrefixTree::Node first_copy = *first;  // the copying changes the tree
+        TOKENLAKE_ASSIGN_OR_RETURN(bool copied, copy_run(run, holder, first_copy));
+        (void)copied;
+      }
+    }
+  }
+  if (!result.actions.empty()) result.sequence = ++sequence_;
+  counters_.rebalance_bytes += result.bytes_moved;
+  return result;
+}
+
 bool Lake::IsHeavyHitter(SegmentId segment) const {
   absl::MutexLock lock(&mu_);
   return tracker_->IsHeavy(segment);
