@@ -75,6 +75,7 @@ struct SimFlags {
   double tl_local_evict = 0.5;
   std::string tl_dispatch = "greedy";
   double tl_access_slack = 0;
+  bool tl_hot_runs = true;
   bool tl_dispatch_compare = false;
   std::string tl_admission = "fcfs";
   int tp = 1;
@@ -155,6 +156,7 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
                                                       : plan::PlannerOptions::Dispatch::kGreedy;
   eo.tokenlake.compare_dispatch = f.tl_dispatch_compare;
   eo.tokenlake.access_slack = f.tl_access_slack;
+  eo.tokenlake.hot_runs = f.tl_hot_runs;
   eo.tokenlake.admit_longest_prefix_first = f.tl_admission == "lpm";
   eo.rate_rps = f.rate;
   if (given.count("--rate") > 0 && f.max_rate) {
@@ -329,6 +331,7 @@ int RunSim(SimFlags f, const std::vector<std::string>& extras, const std::set<st
   config["tokenlake_local_evict"] = eo.tokenlake.local_eviction_min_age_ratio;
   config["tokenlake_dispatch"] = f.tl_dispatch;
   config["tokenlake_access_slack"] = f.tl_access_slack;
+  config["tokenlake_hot_runs"] = f.tl_hot_runs;
   config["tokenlake_admission"] = f.tl_admission;
 
   const std::string slo_text =
@@ -488,6 +491,10 @@ void SetUpSim(CLI::App& app, int* exit_code) {
                   "matching (a min-cost transportation problem per batch) or greedy (request by "
                   "request) (greedy)")
       ->check(CLI::IsMember({"matching", "greedy"}));
+  cmd->add_option("--tl-hot-runs", flags->tl_hot_runs,
+                  "tokenlake: copy a hot run of segments (its holder's cache access in force "
+                  "over the pool's mean) to the instance with the least access when a plan reads "
+                  "it (docs/adr/0020) (true)");
   cmd->add_option("--tl-access-slack", flags->tl_access_slack,
                   "tokenlake: a request reads a segment with several copies on its own instance "
                   "while that instance's cache access in force stays within (1 + this) x the "

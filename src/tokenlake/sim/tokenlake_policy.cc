@@ -81,6 +81,7 @@ class TokenLakePolicy final : public Policy {
     lo.planner.dispatch = options_.dispatch;
     lo.planner.compare_dispatch = options_.compare_dispatch;
     lo.planner.access_slack = options_.access_slack;
+    lo.hot_runs.enabled = options_.hot_runs;
     lo.slots_per_instance = static_cast<int32_t>(std::max<int64_t>(1, blocks));
     lo.model.num_layers = static_cast<int32_t>(m.num_layers);
     lo.model.num_heads = static_cast<int32_t>(m.num_heads);
@@ -525,6 +526,7 @@ class TokenLakePolicy final : public Policy {
     }
     auto plans = lake_->GenPlans(absl::MakeConstSpan(&batch, 1));
     if (!Ok(plans.status())) return;
+    ReplicateHotRuns(sim, *plans);
     const plan::BatchPlan& plan = (*plans)[0];
     std::vector<int> group;
     for (InstanceId g : plan.instance_group) {
@@ -649,6 +651,7 @@ class TokenLakePolicy final : public Policy {
     double ready = sim.now();
     auto plans = lake_->GenPlans(absl::MakeConstSpan(&batch, 1));
     if (Ok(plans.status())) {
+      ReplicateHotRuns(sim, *plans);
       ready = ReadyAt(sim, (*plans)[0].requests[0]);
       for (const plan::HolderPlan& h : (*plans)[0].requests[0].holders) {
         if (h.holder.value() == target) continue;
@@ -665,6 +668,19 @@ class TokenLakePolicy final : public Policy {
     decode_context_[target] += r.input_tokens - decode->remote_context_tokens;
     st.decode_est_context = r.input_tokens - decode->remote_context_tokens;
     sim.Deliver(decode, ready);
+  }
+
+  // The lake's copies of hot runs read by `plans` (docs/adr/0020), moved over the links. The
+  // plans themselves read the copies they named; later plans may read the new ones once landed.
+  void ReplicateHotRuns(Simulator& sim, const std::vector<plan::BatchPlan>& plans) {
+    if (!options_.hot_runs) return;
+    auto copied = lake_->ReplicateHotRuns(plans);
+    if (!Ok(copied.status())) return;
+    if (copied->bytes_moved > 0) sim.AddBytesMoved(copied->bytes_moved, "hot_runs");
+    for (const balance::BalanceAction& a : copied->actions) {
+      if (a.kind == balance::ActionKind::kDrop) continue;
+      CopySegment(sim, a.segment, a.from.value(), a.to.value());
+    }
   }
 
   // Copies `segment`'s KV from `src` to `dst` over the links (LinkClock: serialised per link);

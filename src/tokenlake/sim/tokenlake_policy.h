@@ -80,6 +80,9 @@ struct TokenLakePolicyOptions {
   bool compare_dispatch = false;
   // plan::PlannerOptions::access_slack.
   double access_slack = 0;
+  // Copies of hot runs decided at planning time (lake::Lake::ReplicateHotRuns, docs/adr/0020):
+  // after each GenPlans the policy asks the lake for them and moves them over the links.
+  bool hot_runs = true;
   // Admission to the pool: false, in queue order; true, the first 128 queued requests not yet
   // admitted go longest cached prefix first (SGLang's "lpm" schedule policy), so that a request
   // whose prefix is cached is admitted, and pins it, before others evict it.
