@@ -193,7 +193,10 @@ absl::StatusOr<RebalanceResult> Lake::ReplicateHotRuns(absl::Span<const plan::Ba
   const int32_t n = num_instances();
   if (!opt.enabled || n < 2) return result;
   const int64_t now = clock_->NowUs();
-  const auto access = [&](InstanceId i) { return static_cast<double>(access_.tokens(i)); };
+  const auto access = [&](InstanceId i) {
+    mu_.AssertHeld();  // held by this function; tells the analysis inside the lambda
+    return static_cast<double>(access_.tokens(i));
+  };
   const auto mean_access = [&] {
     double sum = 0;
     for (int32_t i = 0; i < n; ++i) sum += access(InstanceId(i));
