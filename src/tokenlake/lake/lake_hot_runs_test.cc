@@ -199,7 +199,8 @@ TEST(LakeHotRunsTest, CopiesMatchANaiveModelOfTheRule) {
     const int num_docs = 3 + static_cast<int>(rng() % 4);
     for (int d = 0; d < num_docs; ++d) {
       const int len = 1 + static_cast<int>(rng() % (roomy ? 8 : 4));
-      docs.push_back(StoreDocument(*lake, 1000 * (d + 1), len, static_cast<int>(rng() % n)));
+      docs.push_back(StoreDocument(*lake, uint64_t{1000} * static_cast<uint64_t>(d + 1), len,
+                                   static_cast<int>(rng() % n)));
     }
     std::map<uint64_t, int> doc_of;  // active request -> document
     std::set<uint64_t> active;
@@ -220,8 +221,9 @@ TEST(LakeHotRunsTest, CopiesMatchANaiveModelOfTheRule) {
         // The naive model's inputs, read before the call.
         std::vector<double> access(n);
         const LakeStats before = lake->Stats();
-        for (int i = 0; i < n; ++i)
+        for (int i = 0; i < n; ++i) {
           access[i] = static_cast<double>(before.instances[i].access_tokens);
+        }
         std::map<uint64_t, std::set<int>> copies;
         std::map<uint64_t, int> pins;
         for (const plan::SegmentAssignment& a : (*plans)[0].requests[0].segments) {
