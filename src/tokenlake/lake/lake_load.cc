@@ -185,6 +185,19 @@ absl::StatusOr<RebalanceResult> Lake::Rebalance() {
   return result;
 }
 
+namespace {
+
+// Whether two nodes have copies on the same instances (in any order).
+bool SameCopies(const index::PrefixTree::Node& a, const index::PrefixTree::Node& b) {
+  if (a.replicas.size() != b.replicas.size()) return false;
+  for (InstanceId r : a.replicas) {
+    if (!b.HasReplicaOn(r)) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 absl::StatusOr<RebalanceResult> Lake::ReplicateHotRuns(absl::Span<const plan::BatchPlan> plans) {
   absl::MutexLock lock(&mu_);
   RebalanceResult result;
@@ -271,7 +284,7 @@ absl::StatusOr<RebalanceResult> Lake::ReplicateHotRuns(absl::Span<const plan::Ba
         size_t j = i;
         for (; j < rp.segments.size() && rp.segments[j].holder == holder; ++j) {
           const index::PrefixTree::Node* node = tree_->Find(rp.segments[j].segment);
-          if (node == nullptr || first == nullptr || node->replicas != first->replicas) break;
+          if (node == nullptr || first == nullptr || !SameCopies(*node, *first)) break;
           run.push_back(rp.segments[j].segment);
         }
         if (j == i) j = i + 1;  // a segment no longer stored: skip it
