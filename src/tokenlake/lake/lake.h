@@ -744,6 +744,15 @@ class Lake {
   // pool's LRU leaf; nullopt otherwise (also when local eviction is off: the ratio is > 1).
   std::optional<SegmentId> DisplaceableLeafOnLocked(InstanceId instance) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Evicts that leaf from the full `instance` to make way for a copy, recording the drop in
+  // `result`; returns it, or nullopt (nothing displaced) when there is none.
+  absl::StatusOr<std::optional<SegmentId>> DisplaceLeafOnLocked(InstanceId instance,
+                                                                RebalanceResult* result)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Adds a copy of `segment` on `to` (a free slot there): the slot, the tree's replica, the
+  // segment's decode load shared by one more copy, its KV bytes added to result->bytes_moved.
+  absl::Status AddCopyLocked(SegmentId segment, InstanceId to, int64_t now, RebalanceResult* result)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int64_t CountPinnedReplicasLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Adds `load` to `segment`'s heavy-hitter counter and, split evenly, to the decayed load of
   // the instances holding it (`node`, its tree node; null when it is no longer stored).

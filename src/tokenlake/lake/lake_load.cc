@@ -130,13 +130,10 @@ absl::StatusOr<RebalanceResult> Lake::Rebalance() {
     if (a.kind != balance::ActionKind::kDrop && stores_[a.to.value()]->free() <= 0) {
       // Only a replica makes way: a move would trade cached data for a shift of load.
       if (a.kind == balance::ActionKind::kMove) continue;
-      const std::optional<SegmentId> leaf = DisplaceableLeafOnLocked(a.to);
+      TOKENLAKE_ASSIGN_OR_RETURN(const std::optional<SegmentId> leaf,
+                                 DisplaceLeafOnLocked(a.to, &result));
       if (!leaf.has_value()) continue;
-      TOKENLAKE_ASSIGN_OR_RETURN(index::EvictResult e, tree_->Evict(*leaf));
-      OnReplicasFreedLocked(*leaf, e.node_erased, e.freed_on, nullptr);
       displaced.insert(*leaf);
-      counters_.rebalance_displaced += 1;
-      result.actions.push_back({balance::ActionKind::kDrop, *leaf, a.to, InstanceId()});
       node = tree_->Find(a.segment);  // (another node went)
     }
     const int64_t pinned_before = pinned ? static_cast<int64_t>(node->replicas.size()) : 0;
@@ -154,14 +151,9 @@ absl::StatusOr<RebalanceResult> Lake::Rebalance() {
         }
         break;
       }
-      case balance::ActionKind::kReplicate: {
-        TOKENLAKE_RETURN_IF_ERROR(stores_[a.to.value()]->Allocate(a.segment).status());
-        TOKENLAKE_RETURN_IF_ERROR(tree_->AddReplica(a.segment, a.to));
-        for (InstanceId o : others) instance_load_[o.value()].Add(load / (r + 1) - load / r, now);
-        instance_load_[a.to.value()].Add(load / (r + 1), now);
-        result.bytes_moved += plan::KvBytes(options_.model, tokens);
+      case balance::ActionKind::kReplicate:
+        TOKENLAKE_RETURN_IF_ERROR(AddCopyLocked(a.segment, a.to, now, &result));
         break;
-      }
       case balance::ActionKind::kMove: {
         TOKENLAKE_RETURN_IF_ERROR(stores_[a.to.value()]->Allocate(a.segment).status());
         TOKENLAKE_RETURN_IF_ERROR(tree_->AddReplica(a.segment, a.to));
@@ -183,6 +175,35 @@ absl::StatusOr<RebalanceResult> Lake::Rebalance() {
   }
   counters_.rebalance_bytes += result.bytes_moved;
   return result;
+}
+
+absl::StatusOr<std::optional<SegmentId>> Lake::DisplaceLeafOnLocked(InstanceId instance,
+                                                                    RebalanceResult* result) {
+  const std::optional<SegmentId> leaf = DisplaceableLeafOnLocked(instance);
+  if (!leaf.has_value()) return std::nullopt;
+  TOKENLAKE_ASSIGN_OR_RETURN(index::EvictResult e, tree_->Evict(*leaf));
+  OnReplicasFreedLocked(*leaf, e.node_erased, e.freed_on, nullptr);
+  counters_.rebalance_displaced += 1;
+  result->actions.push_back({balance::ActionKind::kDrop, *leaf, instance, InstanceId()});
+  return leaf;
+}
+
+absl::Status Lake::AddCopyLocked(SegmentId segment, InstanceId to, int64_t now,
+                                 RebalanceResult* result) {
+  const index::PrefixTree::Node* node = tree_->Find(segment);
+  if (node == nullptr) {
+    return absl::InternalError(absl::StrFormat("AddCopy: segment %d not stored", segment.value()));
+  }
+  const double load = tracker_->Load(segment);
+  const auto r = static_cast<double>(node->replicas.size());
+  const int32_t tokens = node->num_tokens;
+  const std::vector<InstanceId> others(node->replicas.begin(), node->replicas.end());
+  TOKENLAKE_RETURN_IF_ERROR(stores_[to.value()]->Allocate(segment).status());
+  TOKENLAKE_RETURN_IF_ERROR(tree_->AddReplica(segment, to));
+  for (InstanceId o : others) instance_load_[o.value()].Add(load / (r + 1) - load / r, now);
+  instance_load_[to.value()].Add(load / (r + 1), now);
+  result->bytes_moved += plan::KvBytes(options_.model, tokens);
+  return absl::OkStatus();
 }
 
 namespace {
@@ -215,18 +236,18 @@ absl::StatusOr<RebalanceResult> Lake::ReplicateHotRuns(absl::Span<const plan::Ba
     for (int32_t i = 0; i < n; ++i) sum += access(InstanceId(i));
     return sum / n;
   };
-  // Copies one run (the segments of `run`, read on `holder`); returns whether any was copied.
+  // Copies one run (the segments of `run`, read on `holder`) when the rule says so.
   const auto copy_run = [&](absl::Span<const SegmentId> run, InstanceId holder,
-                            const index::PrefixTree::Node& first) -> absl::StatusOr<bool> {
+                            const index::PrefixTree::Node& first) -> absl::Status {
     mu_.AssertHeld();
     const double mean = mean_access();
     const double hot_access = access(holder);
-    if (!(hot_access > (1 + opt.access_margin) * mean)) return false;
+    if (!(hot_access > (1 + opt.access_margin) * mean)) return absl::OkStatus();
     int64_t run_tokens = 0;
     for (SegmentId s : run) run_tokens += tree_->Find(s)->num_tokens;
     const double estimate = static_cast<double>(first.pin_count) * static_cast<double>(run_tokens) /
                             static_cast<double>(first.replicas.size());
-    if (estimate < opt.min_access_share * hot_access) return false;
+    if (estimate < opt.min_access_share * hot_access) return absl::OkStatus();
     // The instance with the least access below the mean that holds none of the run.
     InstanceId target;
     for (int32_t i = 0; i < n; ++i) {
@@ -238,8 +259,7 @@ absl::StatusOr<RebalanceResult> Lake::ReplicateHotRuns(absl::Span<const plan::Ba
       }
       if (!target.valid() || access(c) < access(target)) target = c;
     }
-    if (!target.valid()) return false;
-    bool copied = false;
+    if (!target.valid()) return absl::OkStatus();
     for (SegmentId s : run) {
       const index::PrefixTree::Node* node = tree_->Find(s);
       if (node == nullptr || pending_.contains(s) || !node->HasReplicaOn(holder)) break;
@@ -247,30 +267,17 @@ absl::StatusOr<RebalanceResult> Lake::ReplicateHotRuns(absl::Span<const plan::Ba
       const bool pinned = node->is_pinned();
       if (pinned && AvailableSlotsLocked() <= 0) break;  // promised to admitted requests
       if (stores_[target.value()]->free() <= 0) {
-        const std::optional<SegmentId> leaf = DisplaceableLeafOnLocked(target);
-        if (!leaf.has_value()) break;
-        TOKENLAKE_ASSIGN_OR_RETURN(index::EvictResult e, tree_->Evict(*leaf));
-        OnReplicasFreedLocked(*leaf, e.node_erased, e.freed_on, nullptr);
-        counters_.rebalance_displaced += 1;
-        result.actions.push_back({balance::ActionKind::kDrop, *leaf, target, InstanceId()});
-        node = tree_->Find(s);
-        if (node == nullptr) break;
+        TOKENLAKE_ASSIGN_OR_RETURN(const std::optional<SegmentId> leaf,
+                                   DisplaceLeafOnLocked(target, &result));
+        if (!leaf.has_value() || tree_->Find(s) == nullptr) break;
         if (pinned && AvailableSlotsLocked() <= 0) break;
       }
-      const auto r = static_cast<double>(node->replicas.size());
-      const double load = tracker_->Load(s);
-      const std::vector<InstanceId> others(node->replicas.begin(), node->replicas.end());
-      TOKENLAKE_RETURN_IF_ERROR(stores_[target.value()]->Allocate(s).status());
-      TOKENLAKE_RETURN_IF_ERROR(tree_->AddReplica(s, target));
-      for (InstanceId o : others) instance_load_[o.value()].Add(load / (r + 1) - load / r, now);
-      instance_load_[target.value()].Add(load / (r + 1), now);
+      TOKENLAKE_RETURN_IF_ERROR(AddCopyLocked(s, target, now, &result));
       if (pinned) pinned_replicas_ += 1;
       RefreshReplicatedLocked(s);
       result.actions.push_back({balance::ActionKind::kReplicate, s, holder, target});
-      result.bytes_moved += plan::KvBytes(options_.model, node->num_tokens);
-      copied = true;
     }
-    return copied;
+    return absl::OkStatus();
   };
   std::vector<SegmentId> run;
   for (const plan::BatchPlan& p : plans) {
@@ -291,8 +298,7 @@ absl::StatusOr<RebalanceResult> Lake::ReplicateHotRuns(absl::Span<const plan::Ba
         i = j;
         if (run.empty() || first == nullptr || !first->HasReplicaOn(holder)) continue;
         const index::PrefixTree::Node first_copy = *first;  // the copying changes the tree
-        TOKENLAKE_ASSIGN_OR_RETURN(bool copied, copy_run(run, holder, first_copy));
-        (void)copied;
+        TOKENLAKE_RETURN_IF_ERROR(copy_run(run, holder, first_copy));
       }
     }
   }
