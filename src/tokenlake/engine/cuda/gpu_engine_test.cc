@@ -98,19 +98,21 @@ TEST_P(GpuEngineRandomTest, MatchesCpuEngineWithinBf16Tolerance) {
   // which run every such layer on it up to 16 rows and the unsplit ones up to 32; seeds 0 and 1
   // mod 4 replay the small-batch forwards as CUDA graphs; seeds not divisible by 3 chain the
   // kernels by programmatic dependent launch.
-  const char* decode_gemm = seed % 5 == 3   ? "off"
-                            : seed % 5 == 2 ? "16 rows, unsplit 32"
-                                            : "up to 64 rows";
+  struct DecodeGemmSetting {
+    const char* name;
+    int32_t rows, unsplit_rows;
+  };
+  const DecodeGemmSetting decode_gemm =
+      seed % 5 == 3   ? DecodeGemmSetting{"off", 0, 0}
+      : seed % 5 == 2 ? DecodeGemmSetting{"16 rows, unsplit 32", kDecodeGemmDefaultRows, 32}
+                      : DecodeGemmSetting{"up to 64 rows", kDecodeGemmMaxRows, kDecodeGemmMaxRows};
   m.gpu->set_small_batch_rows(seed % 2 == 0 ? kSmallBatchMaxRows : 0);
-  const int32_t decode_gemm_rows = seed % 5 == 3   ? 0
-                                   : seed % 5 == 2 ? kDecodeGemmDefaultRows
-                                                   : kDecodeGemmMaxRows;
-  m.gpu->set_decode_gemm_rows(decode_gemm_rows);
-  m.gpu->set_decode_gemm_unsplit_rows(seed % 5 == 2 ? 32 : decode_gemm_rows);
+  m.gpu->set_decode_gemm_rows(decode_gemm.rows);
+  m.gpu->set_decode_gemm_unsplit_rows(decode_gemm.unsplit_rows);
   m.gpu->set_decode_graphs(seed % 4 < 2);
   m.gpu->set_pdl(seed % 3 != 0);
   std::cout << "small-batch kernels " << (seed % 2 == 0 ? "on" : "off") << ", decode GEMM "
-            << decode_gemm << ", graphs " << (seed % 4 < 2 ? "on" : "off") << ", pdl "
+            << decode_gemm.name << ", graphs " << (seed % 4 < 2 ? "on" : "off") << ", pdl "
             << (seed % 3 != 0 ? "on" : "off") << "\n";
   auto cpu = Engine::Create(m.cpu.get(), {.use_pool = false});
   ASSERT_TRUE(cpu.ok()) << cpu.status();

@@ -98,7 +98,7 @@ inline float TopMargin(const std::vector<float>& logits) {
 // or DecodeGemm's tests) against a double-precision reference over the bf16 weights w
 // [rows][in] and input rows x [n][in] (as the kernel must round them), y0 being y before the
 // call. Tolerances: float32 sums of `in` terms, a few ulps of the terms' magnitude;
-// for kSiluMul also the bf16 rounding of the result.
+// for kSiluMulBf16 also the bf16 rounding of the result.
 inline void ExpectDenseMatchesReference(const std::vector<uint16_t>& w,
                                         const std::vector<uint16_t>& x,
                                         const std::vector<float>& y0, const std::vector<float>& y,
